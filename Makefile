@@ -1,0 +1,33 @@
+# omni-fast: `make demo` runs the main job, `make test` runs the tests (each creates or reuses .venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.omni-fast-installed
+
+.PHONY: setup demo bench test test-gpu static cuda-lib clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements-dev.txt scripts/setup_env.sh
+	PYTHON=$(PYTHON) bash scripts/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m omni_fast demo
+
+bench: setup
+	$(PY) -m bench
+
+# The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
+# transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda.
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+static: setup
+	$(PY) -m bench.static_check
+
+cuda-lib:
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2
+
+clean:
+	rm -rf build .pytest_cache

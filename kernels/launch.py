@@ -1,0 +1,128 @@
+"""The one launcher / autotune helper shared by every Triton kernel.
+
+- :func:`launch` starts a kernel on the tensors' device and skips empty grids (T = 0 is a valid call).
+- :func:`autotune` is ``triton.autotune`` on a GPU; under the CPU interpreter (``TRITON_INTERPRET=1``), where
+  ``triton.autotune`` cannot time anything, it runs one fixed config (the first, or ``interpreter_config``).
+- :func:`static_case` registers a kernel with an example signature so the sm_90a static check
+  (``python -m bench.static_check``) can compile it for Hopper on a CPU-only machine.
+- :func:`tuned_config` reads per-device tuned configs from ``omni_fast/configs/<family>/*.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import triton
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs"
+if not CONFIG_DIR.is_dir():  # installed layout: omni_fast/kernels -> omni_fast/configs
+    CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def interpreting() -> bool:
+    """True when ``triton.jit`` functions run on the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device | None = None, **meta) -> None:
+    """Launch ``kernel[grid](*args, **meta)`` on ``device`` (the CUDA device the tensors live on).
+
+    A grid with a zero dimension launches nothing (Triton would raise on it). ``grid`` may be a callable of the
+    meta-parameters, as for autotuned kernels.
+    """
+    if not callable(grid):
+        grid = tuple(int(g) for g in grid)
+        if min(grid) <= 0:
+            return
+    guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta)
+
+
+class _FixedConfigKernel:
+    """Stands in for an autotuned kernel under the interpreter: always launches one config."""
+
+    def __init__(self, fn, config: triton.Config):
+        self.fn = fn
+        self.config = config
+        functools.update_wrapper(self, fn)
+
+    def __getitem__(self, grid):
+        meta = dict(self.config.kwargs)
+        if callable(grid):
+            grid = grid(meta)
+
+        def run(*args, **kwargs):
+            return self.fn[grid](*args, **kwargs, **meta)
+
+        return run
+
+
+def autotune(configs: Sequence[triton.Config], key: Sequence[str], *, interpreter_config: triton.Config | None = None,
+             **kwargs):
+    """``triton.autotune`` on a GPU, one fixed config under the interpreter (see module docstring)."""
+
+    def wrap(fn):
+        if interpreting():
+            return _FixedConfigKernel(fn, interpreter_config or configs[0])
+        return triton.autotune(configs=list(configs), key=list(key), **kwargs)(fn)
+
+    return wrap
+
+
+@dataclass
+class StaticCase:
+    """One kernel specialisation to compile for sm_90a in the static check."""
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+STATIC_CASES: list[StaticCase] = []
+
+
+def static_case(name: str, kernel, signature: dict[str, str], constexprs: dict[str, Any] | None = None, *,
+                num_warps: int = 4, num_stages: int = 3) -> None:
+    """Register ``kernel`` with an example signature (Triton type strings: ``*fp16``, ``i32``, ``constexpr``)."""
+    STATIC_CASES.append(StaticCase(name, kernel, signature, dict(constexprs or {}), num_warps, num_stages))
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """A file-name friendly device name, e.g. ``NVIDIA_H100_80GB_HBM3`` (``cpu`` without CUDA)."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_config_file(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def tuned_config(family: str, file_stem: str, num_tokens: int) -> dict | None:
+    """The tuned launch config for ``num_tokens`` from ``configs/<family>/<file_stem>.json``, or None.
+
+    A file maps token-count buckets (as strings) to config dicts; the bucket nearest ``num_tokens`` wins (the
+    vLLM convention). ``None`` when no file matches: the caller falls back to its default heuristic.
+    """
+    path = CONFIG_DIR / family / f"{file_stem}.json"
+    if not path.is_file():
+        return None
+    table = _load_config_file(str(path))
+    buckets = {int(k): v for k, v in table.items() if k.isdigit()}
+    if not buckets:
+        return None
+    best = min(buckets, key=lambda b: abs(b - num_tokens))
+    return dict(buckets[best])

@@ -1,0 +1,115 @@
+"""TM-RoPE in Triton: multimodal rotary embedding, optionally fused with Qwen3's per-head q/k RMSNorm.
+
+One program per token rotates every q and k head of that token in place. cos/sin are computed in the kernel from
+the token's positions and the fp32 inverse frequencies (no cos/sin cache is materialised), scaled, rounded to the
+activation dtype as transformers does, and applied in fp32 with a single rounding on store.
+
+Shapes: q ``[T, Hq, D]``, k ``[T, Hk, D]`` (unit stride in D; any token/head strides), positions int32/int64
+``[3, T]`` (or ``[T]``: row stride 0), inv_freq fp32 ``[D/2]``, norm weights ``[D]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, static_case
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, n_heads, weight_ptr, eps, cos, sin, offs_j, mask_j,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr, NORM: tl.constexpr):
+    """Rotate (and optionally RMS-normalise) ``n_heads`` heads starting at ``x_ptr``, in place."""
+    if NORM:
+        w1 = tl.load(weight_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + HALF + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+    for h0 in range(0, n_heads, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h[:, None] < n_heads) & mask_j[None, :]
+        ptr1 = x_ptr + offs_h[:, None] * stride_h + offs_j[None, :]
+        x1_raw = tl.load(ptr1, mask=mask, other=0.0)
+        x2_raw = tl.load(ptr1 + HALF, mask=mask, other=0.0)
+        x1 = x1_raw.to(tl.float32)
+        x2 = x2_raw.to(tl.float32)
+        if NORM:
+            # Qwen3 RMSNorm: fp32 statistics over the whole head, cast to the activation dtype, then * weight
+            # (a bf16 x bf16 product is exact in fp32, so one rounding after it equals transformers' bf16 multiply).
+            ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+            r = tl.rsqrt(ms + eps)[:, None]
+            x1 = ((x1 * r).to(x1_raw.dtype).to(tl.float32) * w1[None, :]).to(x1_raw.dtype).to(tl.float32)
+            x2 = ((x2 * r).to(x2_raw.dtype).to(tl.float32) * w2[None, :]).to(x2_raw.dtype).to(tl.float32)
+        # neox rotate-half: out[j] = x[j] cos - x[j+D/2] sin, out[j+D/2] = x[j+D/2] cos + x[j] sin
+        o1 = x1 * cos[None, :] - x2 * sin[None, :]
+        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        tl.store(ptr1, o1.to(x1_raw.dtype), mask=mask)
+        tl.store(ptr1 + HALF, o2.to(x2_raw.dtype), mask=mask)
+
+
+@triton.jit
+def mrope_kernel(
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_pos_row,
+    n_q_heads, n_k_heads, scaling, eps,
+    SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_J)
+    mask_j = offs_j < HALF
+    # The position row that drives each frequency (0 = t, 1 = h, 2 = w).
+    if INTERLEAVED:
+        row = tl.where((offs_j % 3 == 1) & (offs_j < 3 * SEC_H), 1,
+                       tl.where((offs_j % 3 == 2) & (offs_j < 3 * SEC_W), 2, 0))
+    else:
+        row = tl.where(offs_j < SEC_T, 0, tl.where(offs_j < SEC_T + SEC_H, 1, 2))
+    pos = tl.load(pos_ptr + row * stride_pos_row + tok, mask=mask_j, other=0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + offs_j, mask=mask_j, other=0.0)
+    angle = pos * inv_freq  # one fp32 product, as transformers' position.float() * inv_freq
+    # cos/sin in fp32, scaled, then rounded to the activation dtype before use (transformers' cos.to(x.dtype)).
+    act_dtype = q_ptr.dtype.element_ty
+    cos = (tl.cos(angle) * scaling).to(act_dtype).to(tl.float32)
+    sin = (tl.sin(angle) * scaling).to(act_dtype).to(tl.float32)
+    _rotate_heads(q_ptr + tok * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin, offs_j, mask_j,
+                  HALF, BLOCK_H, BLOCK_J, NORM)
+    _rotate_heads(k_ptr + tok * stride_kt, stride_kh, n_k_heads, kw_ptr, eps, cos, sin, offs_j, mask_j,
+                  HALF, BLOCK_H, BLOCK_J, NORM)
+
+
+def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+           mrope_section: list[int], interleaved: bool, attention_scaling: float,
+           q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 0.0) -> None:
+    """Rotate q ``[T, Hq, D]`` and k ``[T, Hk, D]`` in place; with weights, RMS-normalise each head first."""
+    T, n_q, D = q.shape
+    half = D // 2
+    norm = q_weight is not None
+    block_j = triton.next_power_of_2(half)
+    # Keep about 2K elements of each half in flight per head block.
+    block_h = max(1, min(triton.next_power_of_2(max(n_q, k.shape[1])), 2048 // block_j))
+    pos_row_stride = positions.stride(0) if positions.dim() == 2 else 0
+    launch(
+        mrope_kernel, (T,),
+        q, k, positions, inv_freq, q_weight if norm else q, k_weight if norm else k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), pos_row_stride,
+        n_q, k.shape[1], float(attention_scaling), float(eps),
+        SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),
+        INTERLEAVED=bool(interleaved), HALF=half, BLOCK_J=block_j, BLOCK_H=block_h, NORM=norm,
+        num_warps=4, device=q.device,
+    )
+
+
+for _dt in ("bf16", "fp16"):
+    for _norm in (False, True):
+        static_case(
+            f"mrope_kernel[{_dt},D128,norm={_norm}]", mrope_kernel,
+            signature={
+                "q_ptr": f"*{_dt}", "k_ptr": f"*{_dt}", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32",
+                "qw_ptr": f"*{_dt}", "kw_ptr": f"*{_dt}",
+                "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
+                "stride_pos_row": "i32", "n_q_heads": "i32", "n_k_heads": "i32", "scaling": "fp32", "eps": "fp32",
+                "SEC_T": "constexpr", "SEC_H": "constexpr", "SEC_W": "constexpr", "INTERLEAVED": "constexpr",
+                "HALF": "constexpr", "BLOCK_J": "constexpr", "BLOCK_H": "constexpr", "NORM": "constexpr",
+            },
+            constexprs={"SEC_T": 24, "SEC_H": 20, "SEC_W": 20, "INTERLEAVED": True, "HALF": 64, "BLOCK_J": 64,
+                        "BLOCK_H": 32, "NORM": _norm},
+        )

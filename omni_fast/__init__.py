@@ -1,0 +1,13 @@
+"""omni-fast: GPU kernels (Triton, CUDA C++) for fast Qwen-Omni inference.
+
+- :mod:`omni_fast.ops`: the public ops (TM-RoPE, ...), each dispatching to triton | cuda | reference.
+- :func:`use_backend`: pick the backend for a block of code (``with omni_fast.use_backend("reference"):``).
+- :mod:`omni_fast.reference`: pure-PyTorch ground truth; :mod:`omni_fast.kernels`: the Triton kernels.
+"""
+
+from .backend import BACKENDS, use_backend
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "ops", "use_backend", "__version__"]

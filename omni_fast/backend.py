@@ -1,0 +1,90 @@
+"""Backend selection: which implementation of an op runs.
+
+Every public op in :mod:`omni_fast.ops` has up to three implementations:
+
+- ``"triton"``: the Triton kernels in :mod:`omni_fast.kernels` (CUDA tensors, or CPU tensors under the Triton
+  interpreter, ``TRITON_INTERPRET=1``);
+- ``"cuda"``: hand-written CUDA C++ from ``kernels/cuda/`` loaded through CuPy (CUDA tensors, where it exists);
+- ``"reference"``: the pure-PyTorch modules in :mod:`omni_fast.reference` (any device), the ground truth.
+
+The choice, first match wins: the call's ``backend=`` argument, then the innermost
+``with omni_fast.use_backend(...)`` block, then the ``OMNI_FAST_BACKEND`` environment variable, then ``"auto"``.
+``"auto"`` picks triton for CUDA tensors, triton for CPU tensors under the interpreter, else reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterable, Iterator
+
+import torch
+
+BACKENDS = ("triton", "cuda", "reference")
+_CHOICES = BACKENDS + ("auto",)
+_ENV = "OMNI_FAST_BACKEND"
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("omni_fast_backend", default=None)
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or name.lower() not in _CHOICES:
+        raise ValueError(f"{where} must be one of {_CHOICES}, got {name!r}")
+    return name.lower()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on backend ``name`` (``triton``, ``cuda``, ``reference`` or ``auto``)."""
+    token = _current.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    """The backend asked for by the call, the context or the environment (``"auto"`` when none)."""
+    if explicit is not None:
+        return _check_name(explicit, "backend")
+    ctx = _current.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get(_ENV)
+    if env:
+        return _check_name(env, f"environment variable {_ENV}")
+    return "auto"
+
+
+def resolve_backend(
+    op_name: str, tensors: Iterable[torch.Tensor], available: Iterable[str], explicit: str | None = None
+) -> str:
+    """Pick the backend for one call of ``op_name``.
+
+    ``tensors`` are the call's tensor inputs (their device decides ``auto``); ``available`` lists the backends the
+    op implements. Raises ``ValueError`` when the requested backend cannot run these tensors.
+    """
+    available = tuple(available)
+    want = requested_backend(explicit)
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    on_cuda = "cuda" in devices
+    if want == "auto":
+        if on_cuda or triton_interpreter_enabled():
+            want = "triton" if "triton" in available else "reference"
+        else:
+            want = "reference"
+    if want not in available:
+        raise ValueError(f"{op_name}: backend {want!r} is not implemented (available: {available})")
+    if want == "triton" and not on_cuda and not triton_interpreter_enabled():
+        raise ValueError(
+            f"{op_name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU interpreter"
+        )
+    if want == "cuda" and not on_cuda:
+        raise ValueError(f"{op_name}: backend 'cuda' needs CUDA tensors (got devices {sorted(devices)})")
+    return want

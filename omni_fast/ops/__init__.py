@@ -1,0 +1,9 @@
+"""Public ops of omni-fast: one entry point per op, each picking triton | cuda | reference.
+
+See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.ops._dispatch` for the
+``torch.library`` registration that makes every op traceable by ``torch.compile`` and capturable in CUDA graphs.
+"""
+
+from .rope import mrope, qk_norm_mrope
+
+__all__ = ["mrope", "qk_norm_mrope"]

@@ -1,0 +1,64 @@
+"""Test helpers shared by the test suite and the benchmark's CPU correctness pass.
+
+- :data:`DEVICE`: ``cuda`` when a GPU is present, else ``cpu`` (Triton then runs on the interpreter).
+- :data:`KERNEL_DTYPES`: the dtypes kernels are checked in here. The interpreter's bf16 math is wrong, so on a
+  CPU that is fp32 and fp16; on a GPU bf16 joins them.
+- :func:`assert_matches_reference`: FlashAttention's rule. The kernel's error against an fp64 (or fp32) reference
+  may be at most ``factor`` times the error of the reference run in the kernel's dtype, plus a small ``atol``
+  for outputs whose reference error is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,
+                                                                                             torch.float16)
+
+# One unit in the last place at 1.0, per dtype: the floor for "the reference in this dtype was exact".
+_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 2.0**-52}
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return _ULP[dtype]
+
+
+def assert_matches_reference(
+    out: torch.Tensor,
+    ref_exact: torch.Tensor,
+    ref_same_dtype: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float | None = None,
+    name: str = "output",
+) -> None:
+    """``max|out - exact| <= factor * max|ref_same_dtype - exact| + atol`` (all compared in fp64).
+
+    ``ref_exact`` is the reference in fp64/fp32; ``ref_same_dtype`` the reference run in ``out``'s dtype.
+    ``atol`` defaults to 2 ulp of ``out``'s dtype at the output's scale (covers exact-reference corner cases
+    and the interpreter's truncating fp32 -> bf16 stores).
+    """
+    assert out.shape == ref_exact.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref_exact.shape)}"
+    if out.numel() == 0:
+        return
+    o, e, r = out.double(), ref_exact.double(), ref_same_dtype.double()
+    assert torch.isfinite(o).all() == torch.isfinite(e).all(), f"{name}: non-finite values differ from the reference"
+    finite = torch.isfinite(e)
+    err = (o - e)[finite].abs().max().item()
+    ref_err = (r - e)[finite].abs().max().item()
+    scale = max(e[finite].abs().max().item(), 1.0)
+    if atol is None:
+        atol = 2 * ulp(out.dtype) * scale
+    bound = factor * ref_err + atol
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} vs exact exceeds {factor} x reference-in-{out.dtype} error {ref_err:.3e} "
+        f"+ atol {atol:.1e}"
+    )
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``t`` filled with NaN (floats) or -7 (ints): unwritten outputs show up in checks."""
+    if t.is_floating_point():
+        return torch.full_like(t, float("nan"))
+    return torch.full_like(t, -7)

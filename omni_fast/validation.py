@@ -1,0 +1,122 @@
+"""The one validation helper: clear ``TypeError``/``ValueError`` messages that name the offending argument.
+
+Public ops validate their inputs here before dispatching, so kernels can assume well-formed inputs and never
+read out of bounds. Checks that would need a host sync (index ranges of device tensors) are done only when
+the tensor lives on the CPU or when ``check_values=True``; they are skipped while ``torch.compile`` traces or a
+CUDA graph captures.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    ndim: int | Sequence[int] | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | str | None = None,
+    contiguous: bool = False,
+    last_dim_contiguous: bool = False,
+) -> torch.Tensor:
+    """Check one tensor argument and return it.
+
+    ``shape`` entries may be ``None`` (any size). ``device`` is the device the tensor must share (usually the
+    first tensor argument's). Raises ``TypeError`` for a non-tensor or a wrong dtype, ``ValueError`` otherwise.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} must be on device {torch.device(device)}, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+    if last_dim_contiguous and t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must have a unit stride in its last dimension, got strides {t.stride()}")
+    return t
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    """All named tensors share one dtype; returns it."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} must have the same dtype as {first_name} ({first.dtype}), got {t.dtype}")
+    return first.dtype
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer argument within [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def values_checkable(t: torch.Tensor, check_values: bool | None = None) -> bool:
+    """Whether a data-dependent check (which syncs the host on CUDA) may run on ``t`` now."""
+    if _is_tracing():
+        return False
+    if check_values is not None:
+        return check_values
+    return t.device.type == "cpu"
+
+
+def _is_tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_index_range(name: str, t: torch.Tensor, low: int, high: int, *, check_values: bool | None = None) -> None:
+    """Every element of the integer tensor ``t`` lies in ``[low, high)`` (skipped when not checkable)."""
+    if t.numel() == 0 or not values_checkable(t, check_values):
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def check_cu_seqlens(
+    name: str, cu: torch.Tensor, total: int, *, device=None, check_values: bool | None = None
+) -> int:
+    """``cu`` is an int32 ``[B + 1]`` prefix sum starting at 0, non-decreasing, ending at ``total``.
+
+    Returns B. Value checks run when checkable (see :func:`values_checkable`).
+    """
+    check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have at least one entry (the leading 0)")
+    if values_checkable(cu, check_values):
+        c = cu.to("cpu", torch.int64)
+        if int(c[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(c[0])}")
+        if bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {c.tolist()}")
+        if int(c[-1]) != total:
+            raise ValueError(f"{name}[-1] must equal the total number of tokens ({total}), got {int(c[-1])}")
+    return cu.numel() - 1

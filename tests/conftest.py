@@ -1,0 +1,36 @@
+"""Test set-up: without CUDA, every Triton kernel runs on the CPU interpreter.
+
+TRITON_INTERPRET must be set before any ``triton.jit`` decorator runs (it is read at decoration time), so it is
+set here, at import of the conftest, before the tests import omni_fast.kernels.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from omni_fast.testing import DEVICE  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "slow: longer interpreter runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
