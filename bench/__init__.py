@@ -1,0 +1,1 @@
+"""omni-fast microbenchmark suite: ``python -m bench [OPS...] [--preset NAME] [--providers ...]``."""

@@ -1,0 +1,30 @@
+"""What a benchmark case is. Each ``bench/cases/<op>.py`` defines ``cases(preset: str) -> list[Case]``.
+
+A case builds its inputs once on a device and returns, per provider, a zero-argument callable that runs the op
+once (inputs already bound). The harness times each callable with CUDA events (rotating through several input
+copies so the L2 cache does not flatter), and divides ``flops`` and ``bytes`` by the time for TFLOP/s, GB/s and
+% of the measured roofline. ``check`` (optional) runs on a CPU under the Triton interpreter with small shapes,
+to prove the kernel correct once when no GPU is present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    op: str  # op family, e.g. "rope"; the CLI selects by it
+    name: str  # e.g. "thinker T=1024"
+    params: dict  # shape parameters, written to the JSON
+    # setup(device) -> {provider name: zero-arg callable running the op once}. Providers that cannot run there
+    # (a peer not installed) are left out. Called once per copy when the harness rotates inputs.
+    setup: Callable[[torch.device], dict[str, Callable[[], object]]]
+    flops: float = 0.0  # useful floating-point operations of one call
+    bytes: float = 0.0  # fewest bytes one call must move through HBM (inputs read once, outputs written once)
+    bound: str = "memory"  # "memory" or "compute": which roofline the % refers to
+    check: Callable[[], None] | None = None  # small CPU/interpreter correctness check; raises on mismatch
+    tags: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("decode",), ("prefill",)
