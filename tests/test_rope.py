@@ -228,3 +228,13 @@ def test_environment_variable_selects_backend(monkeypatch):
     monkeypatch.setenv("OMNI_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="OMNI_FAST_BACKEND"):
         requested_backend()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_real_shapes_on_gpu(T, dtype):
+    # Thinker (32/4) with 3-row positions, talker (16/2) and MTP (16/8) with 1-D positions, D 128.
+    _check_kernel(T, 32, 4, 128, (24, 20, 20), True, dtype, 3, True)
+    _check_kernel(T, 16, 2, 128, (24, 20, 20), True, dtype, 3, True)
+    _check_kernel(T, 16, 8, 128, (24, 20, 20), True, dtype, 1, True)
