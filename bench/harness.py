@@ -230,9 +230,7 @@ def git_commit() -> str:
 
 def save(result: dict, out_dir: Path) -> Path:
     """Write ``<out>/<device>/<date>-<commit>.{json,md,png}``; returns the JSON path."""
-    from omni_fast.kernels.launch import device_name
-
-    folder = out_dir / device_name(torch.device("cuda"))
+    folder = out_dir / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in result["device"])
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{result['commit']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
