@@ -76,9 +76,26 @@ def _sync():
     torch.cuda.synchronize()
 
 
-def time_ms(fns: Sequence[Callable[[], object]], *, label: str = "", target_ms: float = TARGET_MS) -> float:
-    """Median milliseconds of one call, cycling through ``fns`` (one per input copy), with CUDA events."""
-    # Warm-up: compiles / autotunes on the first call; then estimate the per-call time for the rep count.
+BATCH = 32  # calls enqueued behind one GPU sleep (small enough for the launch queue of a multi-kernel provider)
+GPU_CYCLES_PER_MS = 2.0e6  # >= the clock of current data-centre GPUs, so a sleep lasts at least as long as asked
+
+
+def _gpu_sleep(ms: float) -> None:
+    """Keep the GPU busy for about ``ms`` so the host can queue the next calls ahead of it."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None and ms > 0:
+        sleep(int(ms * GPU_CYCLES_PER_MS))
+
+
+def time_ms(fns: Sequence[Callable[[], object]], *, label: str = "", target_ms: float | None = None) -> dict:
+    """Per-call times of ``fns`` (one per input copy, cycled), in milliseconds.
+
+    Returns ``{"ms": median GPU time per call, "host_ms": wall time per call with the host in the loop}``. GPU times
+    come from CUDA events around each call. Each batch of calls is queued behind a GPU sleep that outlasts the host's
+    launch work, so a small op's time is its GPU time, not the Python launch overhead (``host_ms`` shows that).
+    """
+    target_ms = TARGET_MS if target_ms is None else target_ms
+    # Warm-up: compiles / autotunes on the first call; then the host-side cost per call, with syncs.
     for fn in fns:
         fn()
     _sync()
@@ -87,18 +104,19 @@ def time_ms(fns: Sequence[Callable[[], object]], *, label: str = "", target_ms: 
     for i in range(n_est):
         fns[i % len(fns)]()
     _sync()
-    est_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
-    reps = int(min(max(target_ms / est_ms, 10), 2000))
+    host_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
+    reps = int(min(max(target_ms / host_ms, 10), 2000))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     with nvtx_range(label):
-        for i in range(reps):
-            fn = fns[i % len(fns)]
-            starts[i].record()
-            fn()
-            ends[i].record()
+        for b in range(0, reps, BATCH):
+            _gpu_sleep(1.5 * host_ms * min(BATCH, reps - b) + 0.05)
+            for i in range(b, min(b + BATCH, reps)):
+                starts[i].record()
+                fns[i % len(fns)]()
+                ends[i].record()
     _sync()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"ms": statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), "host_ms": host_ms}
 
 
 def measure_roofline(device: torch.device) -> dict:
@@ -106,12 +124,12 @@ def measure_roofline(device: torch.device) -> dict:
     n = 1 << 30  # 1 GiB per buffer: far beyond L2
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_ms = time_ms([lambda: dst.copy_(src)], label="roofline copy", target_ms=300)
+    copy_ms = time_ms([lambda: dst.copy_(src)], label="roofline copy", target_ms=300)["ms"]
     del src, dst
     m = 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_ms = time_ms([lambda: a @ b], label="roofline matmul", target_ms=500)
+    mm_ms = time_ms([lambda: a @ b], label="roofline matmul", target_ms=500)["ms"]
     del a, b
     torch.cuda.empty_cache()
     return {"copy_gbps": 2 * n / copy_ms / 1e6, "matmul_tflops": 2 * m**3 / mm_ms / 1e9,
@@ -133,8 +151,9 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
         row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": case.bound,
                "flops": case.flops, "bytes": case.bytes, "copies": len(copies)}
         try:
-            ms = time_ms([c[prov] for c in copies], label=f"{case.name}/{prov}")
-            row.update(ms=ms, tflops=case.flops / ms / 1e9, gbps=case.bytes / ms / 1e6)
+            t = time_ms([c[prov] for c in copies], label=f"{case.name}/{prov}")
+            ms = t["ms"]
+            row.update(ms=ms, host_ms=t["host_ms"], tflops=case.flops / ms / 1e9, gbps=case.bytes / ms / 1e6)
             peak = roofline["copy_gbps"] if case.bound == "memory" else roofline["matmul_tflops"]
             row["pct_roofline"] = 100 * (row["gbps"] if case.bound == "memory" else row["tflops"]) / peak
         except Exception as exc:  # a provider failing must not hide the others
@@ -151,9 +170,10 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
 # --- output --------------------------------------------------------------------------------------------------
 
 COLUMNS = [("case", "case", "{}"), ("provider", "provider", "{}"), ("us", "ms", "{:.2f}"),
-           ("TFLOP/s", "tflops", "{:.2f}"), ("GB/s", "gbps", "{:.0f}"), ("% roof", "pct_roofline", "{:.1f}"),
+           ("host us", "host_ms", "{:.1f}"),
+           ("TFLOP/s", "tflops", "{:.3g}"), ("GB/s", "gbps", "{:.0f}"), ("% roof", "pct_roofline", "{:.1f}"),
            ("omni_fast x", "omni_fast_speedup", "{:.2f}")]
-WIDTHS = [34, 16, 10, 8, 8, 7, 11]
+WIDTHS = [30, 14, 9, 8, 8, 8, 7, 11]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -162,7 +182,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)
     if v is None:
         return "-"
-    return fmt.format(v * 1e3 if key == "ms" else v)
+    return fmt.format(v * 1e3 if key in ("ms", "host_ms") else v)
 
 
 def format_row(row: dict) -> str:
@@ -180,7 +200,9 @@ def markdown(result: dict) -> str:
              f"{result['date']}, commit `{result['commit']}`, torch {result['torch']}, triton {result['triton']}, "
              f"preset `{result['preset']}`.", "",
              f"Roofline: copy {rf['copy_gbps']:.0f} GB/s (read + write), bf16 matmul {rf['matmul_tflops']:.0f} "
-             f"TFLOP/s. `omni_fast x` = this provider's time / omni_fast's time (> 1: omni_fast is faster).", "",
+             f"TFLOP/s. `us`: median GPU time per call (CUDA events, host launch work hidden); `host us`: wall time per call "
+             f"with the host in the loop. `omni_fast x` = this provider's time / omni_fast's (> 1: omni_fast faster).",
+             "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in result["rows"]:
         lines.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
@@ -198,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / max(len(provs), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(len(provs), 1) * 0.5 + 4), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(cases) * max(len(provs), 1) + 3), 5.5))
     for i, p in enumerate(provs):
         xs, ys = [], []
         for j, c in enumerate(cases):
@@ -209,8 +231,9 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(xs, ys, width, label=p)
     ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
     ax.set_xticklabels(cases, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("% of roofline (memory: copy GB/s; compute: bf16 matmul)")
-    ax.set_title(f"omni-fast on {result['device']} ({result['commit']})")
+    ax.set_ylabel("% of roofline")
+    ax.set_title(f"omni-fast on {result['device']} ({result['commit']}): % of copy bandwidth or bf16 matmul rate",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -254,11 +277,17 @@ def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), ou
     print(f"Roofline: copy {roofline['copy_gbps']:.0f} GB/s (read + write), bf16 matmul "
           f"{roofline['matmul_tflops']:.0f} TFLOP/s")
     print(header())
+    tty = sys.stdout.isatty()
     rows = []
     for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.name} ({n_copies(case)} input copies) ...", end="\r", flush=True)
+        progress = f"[{i}/{len(cases)}] {case.name} ({n_copies(case)} input copies) ..."
+        if tty:  # a progress line the rows then overwrite
+            print(progress, end="\r", flush=True)
+        else:
+            print(progress, flush=True)
         case_rows = bench_case(case, device, roofline, providers)
-        print(" " * 80, end="\r")
+        if tty:
+            print("\x1b[2K", end="")
         for r in case_rows:
             print(format_row(r), flush=True)
         rows += case_rows

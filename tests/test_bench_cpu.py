@@ -48,3 +48,47 @@ def test_result_writers(tmp_path, monkeypatch):
     assert "| thinker rope T=1 | eager | 50.00 |" in md and "error" in md
     assert path.with_suffix(".png").stat().st_size > 0
     assert "5.00" in harness.format_row(rows[0])  # omni_fast is 5x faster than eager
+
+
+def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
+    """run_gpu end to end on the CPU with a fake CUDA clock: rows, ratios, table and files (no real timing)."""
+    import time
+
+    from bench import harness
+    from bench.case import Case
+
+    class FakeEvent:
+        def __init__(self, **kw):
+            self.t = 0.0
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(harness, "_sync", lambda: None)
+    monkeypatch.setattr(harness, "_gpu_sleep", lambda ms: None)
+    monkeypatch.setattr(harness, "measure_roofline", lambda d: {"copy_gbps": 3000.0, "matmul_tflops": 800.0})
+    monkeypatch.setattr(harness, "TARGET_MS", 1.0)
+
+    def setup(device):
+        x = torch.randn(64)
+
+        def broken():
+            raise RuntimeError("peer not available")
+
+        return {"eager": lambda: x.add(1), "omni_fast": lambda: x.add_(0), "broken": broken}
+
+    case = Case(op="toy", name="toy T=64", params={"T": 64}, setup=setup, flops=64.0, bytes=512.0)
+    rc = harness.run_gpu([case], preset="quick", out_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 1  # the broken provider is reported as an error
+    assert "toy T=64" in out and "omni_fast" in out and "error" in out
+    (saved,) = (tmp_path / "Fake_GPU").glob("*.json")
+    rows = {r["provider"]: r for r in json.loads(saved.read_text())["rows"]}
+    assert rows["omni_fast"]["omni_fast_speedup"] == 1.0
+    assert rows["eager"]["gbps"] > 0 and "pct_roofline" in rows["eager"] and "error" in rows["broken"]
+    assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()

@@ -47,12 +47,11 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _inputs(device, T, hq, hk, three_rows, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(T, hq, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(T, hk, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
-    shape = (3, T) if three_rows else (T,)
-    pos = torch.randint(0, 32768, shape, generator=g).to(device)
+def _inputs(device, T, hq, hk, three_rows, dtype=torch.bfloat16):
+    """Random q ``[T, hq, 128]``, k ``[T, hk, 128]`` (made on the device: fast for big T) and int64 positions."""
+    q = torch.randn(T, hq, HEAD_DIM, device=device, dtype=dtype)
+    k = torch.randn(T, hk, HEAD_DIM, device=device, dtype=dtype)
+    pos = torch.randint(0, 32768, (3, T) if three_rows else (T,), device=device)
     return q, k, pos
 
 
