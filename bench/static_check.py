@@ -55,9 +55,11 @@ def _ptxas() -> str:
     from triton.backends.nvidia import compiler as nv
 
     try:
-        return nv.get_ptxas(90).path
+        tool = nv.get_ptxas(90)
     except TypeError:  # older Triton: get_ptxas() without an arch
-        return nv.get_ptxas().path
+        tool = nv.get_ptxas()
+    # A knobs.NvidiaTool (.path) in recent Triton, a (path, version) tuple in older ones.
+    return tool.path if hasattr(tool, "path") else tool[0]
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
@@ -70,6 +72,11 @@ def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
     log = res.stdout + res.stderr
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed: {log.strip()[-500:]}")
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> tuple[int, int, int]:
+    """(registers, spill bytes, static shared bytes) from a ``ptxas -v`` log of one kernel."""
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     smem = re.search(r"(\d+) bytes smem", log)

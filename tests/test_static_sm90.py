@@ -19,3 +19,15 @@ def test_static_sm90_check_passes():
     assert res.returncode == 0, out
     assert "Static sm_90a check: PASS" in out
     assert "mrope_kernel[bf16,D128,norm=True]" in out
+
+
+def test_report_flags_spills_and_shared_memory():
+    from bench.static_check import H100_SMEM_LIMIT, Report, parse_ptxas_log
+
+    log = ("ptxas info    : Function properties for k\n    0 bytes stack frame, 16 bytes spill stores, 8 bytes spill "
+           "loads\nptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]\n")
+    assert parse_ptxas_log(log) == (255, 24, 1024)
+    assert Report("ok", regs=96, spill_bytes=0, smem=H100_SMEM_LIMIT).ok
+    assert not Report("spill", regs=255, spill_bytes=24, smem=0).ok
+    assert not Report("smem", regs=96, spill_bytes=0, smem=H100_SMEM_LIMIT + 1).ok
+    assert not Report("broken", error="CompilationError: x").ok
