@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 H100_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 
 @dataclass
@@ -111,8 +110,10 @@ def compile_case(case) -> Report:
 
 def import_kernel_modules() -> list[str]:
     """Import every ``omni_fast.kernels.<stem>`` so its ``static_case`` registrations run; returns import errors."""
+    import omni_fast.kernels
+
     errors = []
-    for path in sorted(KERNEL_DIR.glob("*.py")):
+    for path in sorted(Path(omni_fast.kernels.__path__[0]).glob("*.py")):
         if path.stem.startswith("_"):
             continue
         try:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only path")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
 
 
 def test_static_sm90_check_passes():
