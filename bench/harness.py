@@ -3,8 +3,8 @@
 On a GPU, once per run: the roofline of the device (device-to-device copy bandwidth counting read + write, and the
 bf16 8192^3 matmul rate). Then per case and provider: warm-up, then the median of per-call CUDA-event times,
 cycling through several input copies (together >= ~100 MB, at least 4, at most 64) so the L2 cache does not
-flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be); TFLOP/s, GB/s, % of the roofline the case is bound by, and the speed-up of ``omni_fast`` over each other
-provider. Rows stream to the terminal as they are measured; the run is saved as JSON, a markdown table and a PNG.
+flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be);
+TFLOP/s, GB/s, % of the roofline the case is bound by, and the speed-up of ``omni_fast`` over each other provider. Rows stream to the terminal as they are measured; the run is saved as JSON, a markdown table and a PNG.
 
 On a CPU-only machine no timing is taken (it would say nothing about GPU speed): each case's ``check`` runs once
 under the Triton interpreter, then the static sm_90a report is printed.
