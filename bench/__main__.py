@@ -1,0 +1,44 @@
+"""``python -m bench [OPS...] [--preset quick|full] [--providers P ...] [--out DIR]``
+
+Runs the benchmark cases of the named op families (all when none; families are the ``bench/cases/*.py`` names).
+On a GPU: timings, saved under ``DIR/<device>/`` (default ``bench/results``). Without one: correctness checks
+under the Triton interpreter and the static sm_90a report. See :mod:`bench.harness`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("ops", nargs="*", help="op families to run (default: all)")
+    parser.add_argument("--preset", default="quick", choices=("quick", "full"))
+    parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu:  # must precede the first import of any triton.jit kernel
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    from bench import harness
+
+    cases = harness.discover(args.ops, args.preset)
+    if not cases:
+        print("no benchmark cases selected")
+        return 1
+    if gpu:
+        return harness.run_gpu(cases, preset=args.preset, providers=args.providers,
+                               out_dir=args.out or harness.RESULTS_DIR)
+    return harness.run_cpu(cases)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

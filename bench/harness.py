@@ -1,0 +1,328 @@
+"""The benchmark runner behind ``python -m bench`` (see ``bench/__main__.py`` for the command line).
+
+On a GPU, once per run: the roofline of the device (device-to-device copy bandwidth counting read + write, and the
+bf16 8192^3 matmul rate). Then per case and provider: warm-up, then the median of per-call CUDA-event times,
+cycling through several input copies (together >= ~100 MB, at least 4, at most 64) so the L2 cache does not
+flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be);
+TFLOP/s, GB/s, % of the roofline the case is bound by, and the speed-up of ``omni_fast`` over each other provider. Rows stream to the terminal as they are measured; the run is saved as JSON, a markdown table and a PNG.
+
+On a CPU-only machine no timing is taken (it would say nothing about GPU speed): each case's ``check`` runs once
+under the Triton interpreter, then the static sm_90a report is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from bench.case import Case
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+ROTATE_BYTES = 100e6  # input copies together at least this large (H100 L2: 50 MB)
+MIN_COPIES, MAX_COPIES = 4, 64
+TARGET_MS = 200.0  # measured time per provider and case (the rep count follows from it)
+
+try:
+    import nvtx as _nvtx
+
+    def nvtx_range(name: str):
+        """An NVTX range (visible in Nsight Systems); costs nothing when no profiler listens."""
+        return _nvtx.annotate(name)
+except Exception:  # the nvtx package is optional
+    def nvtx_range(name: str):
+        return contextlib.nullcontext()
+
+
+# --- discovery -----------------------------------------------------------------------------------------------
+
+
+def case_modules() -> list[str]:
+    """Op families with a ``bench/cases/<family>.py``."""
+    return sorted(p.stem for p in (BENCH_DIR / "cases").glob("*.py") if not p.stem.startswith("_"))
+
+
+def discover(ops: Sequence[str] = (), preset: str = "quick") -> list[Case]:
+    """Every case of ``preset`` whose op family (module name or ``Case.op``) is in ``ops`` (all when empty)."""
+    known = case_modules()
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        raise SystemExit(f"unknown op family {unknown}; known: {known}")
+    found = []
+    for stem in known:
+        if ops and stem not in ops:
+            continue
+        module = importlib.import_module(f"bench.cases.{stem}")
+        found += [c for c in module.cases(preset) if not ops or c.op in ops or stem in ops]
+    return found
+
+
+# --- timing --------------------------------------------------------------------------------------------------
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+BATCH = 32  # calls enqueued behind one GPU sleep (small enough for the launch queue of a multi-kernel provider)
+GPU_CYCLES_PER_MS = 2.0e6  # >= the clock of current data-centre GPUs, so a sleep lasts at least as long as asked
+
+
+def _gpu_sleep(ms: float) -> None:
+    """Keep the GPU busy for about ``ms`` so the host can queue the next calls ahead of it."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None and ms > 0:
+        sleep(int(ms * GPU_CYCLES_PER_MS))
+
+
+def time_ms(fns: Sequence[Callable[[], object]], *, label: str = "", target_ms: float | None = None) -> dict:
+    """Per-call times of ``fns`` (one per input copy, cycled), in milliseconds.
+
+    Returns ``{"ms": median GPU time per call, "host_ms": wall time per call with the host in the loop}``. GPU times
+    come from CUDA events around each call. Each batch of calls is queued behind a GPU sleep that outlasts the host's
+    launch work, so a small op's time is its GPU time, not the Python launch overhead (``host_ms`` shows that).
+    """
+    target_ms = TARGET_MS if target_ms is None else target_ms
+    # Warm-up: compiles / autotunes on the first call; then the host-side cost per call, with syncs.
+    for fn in fns:
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    n_est = max(len(fns), 5)
+    for i in range(n_est):
+        fns[i % len(fns)]()
+    _sync()
+    host_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
+    reps = int(min(max(target_ms / host_ms, 10), 2000))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for b in range(0, reps, BATCH):
+        _gpu_sleep(1.5 * host_ms * min(BATCH, reps - b) + 0.05)
+        for i in range(b, min(b + BATCH, reps)):
+            with nvtx_range(label):  # one range per call, for Nsight Systems timelines
+                starts[i].record()
+                fns[i % len(fns)]()
+                ends[i].record()
+    _sync()
+    return {"ms": statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), "host_ms": host_ms}
+
+
+def measure_roofline(device: torch.device) -> dict:
+    """Copy bandwidth (GB/s, read + write) and bf16 dense matmul rate (TFLOP/s) of ``device``."""
+    n = 1 << 30  # 1 GiB per buffer: far beyond L2
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms([lambda: dst.copy_(src)], label="roofline copy", target_ms=300)["ms"]
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_ms = time_ms([lambda: a @ b], label="roofline matmul", target_ms=500)["ms"]
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_gbps": 2 * n / copy_ms / 1e6, "matmul_tflops": 2 * m**3 / mm_ms / 1e9,
+            "copy_bytes": 2 * n, "matmul_shape": [m, m, m]}
+
+
+def n_copies(case: Case) -> int:
+    if case.bytes <= 0:
+        return MIN_COPIES
+    return int(min(max(math.ceil(ROTATE_BYTES / case.bytes), MIN_COPIES), MAX_COPIES))
+
+
+def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequence[str] = ()) -> list[dict]:
+    """One row per provider of ``case``: time, TFLOP/s, GB/s, % of roofline, omni_fast speed-up over it."""
+    copies = [case.setup(device) for _ in range(n_copies(case))]
+    names = [p for p in copies[0] if not providers or p in providers]
+    rows = []
+    for prov in names:
+        row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": case.bound,
+               "flops": case.flops, "bytes": case.bytes, "copies": len(copies)}
+        try:
+            t = time_ms([c[prov] for c in copies], label=f"{case.name}/{prov}")
+            ms = t["ms"]
+            row.update(ms=ms, host_ms=t["host_ms"], tflops=case.flops / ms / 1e9, gbps=case.bytes / ms / 1e6)
+            peak = roofline["copy_gbps"] if case.bound == "memory" else roofline["matmul_tflops"]
+            row["pct_roofline"] = 100 * (row["gbps"] if case.bound == "memory" else row["tflops"]) / peak
+        except Exception as exc:  # a provider failing must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+    del copies
+    ref = next((r for r in rows if r["provider"] == "omni_fast" and "ms" in r), None)
+    for r in rows:
+        if ref is not None and "ms" in r:
+            r["omni_fast_speedup"] = r["ms"] / ref["ms"]
+    return rows
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+COLUMNS = [("case", "case", "{}"), ("provider", "provider", "{}"), ("us", "ms", "{:.2f}"),
+           ("host us", "host_ms", "{:.1f}"),
+           ("TFLOP/s", "tflops", "{:.3g}"), ("GB/s", "gbps", "{:.0f}"), ("% roof", "pct_roofline", "{:.1f}"),
+           ("omni_fast x", "omni_fast_speedup", "{:.2f}")]
+WIDTHS = [30, 14, 9, 8, 8, 8, 7, 11]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "ms" and "error" in row:
+        return "error"
+    v = row.get(key)
+    if v is None:
+        return "-"
+    return fmt.format(v * 1e3 if key in ("ms", "host_ms") else v)
+
+
+def format_row(row: dict) -> str:
+    return "  ".join(f"{_cell(row, k, f):<{w}}" if i < 2 else f"{_cell(row, k, f):>{w}}"
+                     for i, ((_, k, f), w) in enumerate(zip(COLUMNS, WIDTHS)))
+
+
+def header() -> str:
+    return "  ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, ((h, _, _), w) in enumerate(zip(COLUMNS, WIDTHS)))
+
+
+def markdown(result: dict) -> str:
+    rf = result["roofline"]
+    lines = [f"# omni-fast benchmark: {result['device']}", "",
+             f"{result['date']}, commit `{result['commit']}`, torch {result['torch']}, triton {result['triton']}, "
+             f"preset `{result['preset']}`.", "",
+             f"Roofline: copy {rf['copy_gbps']:.0f} GB/s (read + write), bf16 matmul {rf['matmul_tflops']:.0f} "
+             f"TFLOP/s. `us`: median GPU time per call (CUDA events, host launch work hidden); `host us`: wall time per call "
+             f"with the host in the loop. `omni_fast x` = this provider's time / omni_fast's (> 1: omni_fast faster).",
+             "",
+             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Grouped bars: % of roofline per case, one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "pct_roofline" in r]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / max(len(provs), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(cases) * max(len(provs), 1) + 3), 5.5))
+    for i, p in enumerate(provs):
+        xs, ys = [], []
+        for j, c in enumerate(cases):
+            v = next((r["pct_roofline"] for r in rows if r["case"] == c and r["provider"] == p), None)
+            if v is not None:
+                xs.append(j + i * width)
+                ys.append(v)
+        ax.bar(xs, ys, width, label=p)
+    ax.set_xticks([j + width * (len(provs) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("% of roofline")
+    ax.set_title(f"omni-fast on {result['device']} ({result['commit']}): % of copy bandwidth or bf16 matmul rate",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH_DIR,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def save(result: dict, out_dir: Path) -> Path:
+    """Write ``<out>/<device>/<date>-<commit>.{json,md,png}``; returns the JSON path."""
+    folder = out_dir / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in result["device"])
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{result['commit']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+    try:
+        plot(result, stem.with_suffix(".png"))
+    except Exception as exc:  # a missing matplotlib must not lose the measurements
+        print(f"(no plot: {exc})")
+    return stem.with_suffix(".json")
+
+
+# --- the two modes -------------------------------------------------------------------------------------------
+
+
+def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), out_dir: Path = RESULTS_DIR) -> int:
+    import triton
+
+    device = torch.device("cuda")
+    print(f"Device {torch.cuda.get_device_name(device)}; measuring the roofline ...", flush=True)
+    roofline = measure_roofline(device)
+    print(f"Roofline: copy {roofline['copy_gbps']:.0f} GB/s (read + write), bf16 matmul "
+          f"{roofline['matmul_tflops']:.0f} TFLOP/s")
+    print(header())
+    tty = sys.stdout.isatty()
+    rows = []
+    for i, case in enumerate(cases, 1):
+        progress = f"[{i}/{len(cases)}] {case.name} ({n_copies(case)} input copies) ..."
+        if tty:  # a progress line the rows then overwrite
+            print(progress, end="\r", flush=True)
+        else:
+            print(progress, flush=True)
+        case_rows = bench_case(case, device, roofline, providers)
+        if tty:
+            print("\x1b[2K", end="")
+        for r in case_rows:
+            print(format_row(r), flush=True)
+        rows += case_rows
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+              "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
+              "roofline": roofline, "rows": rows}
+    path = save(result, out_dir)
+    print(f"Saved {path} (+ .md, .png)")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def run_cpu(cases: list[Case]) -> int:
+    """No GPU: correctness checks under the interpreter, then the static sm_90a report. Returns the exit status."""
+    print("No CUDA GPU found: speed needs a GPU, so no timings are taken here (CPU or interpreter times say "
+          "nothing about GPU speed).")
+    print(f"Checking {len(cases)} cases against their references once under the Triton interpreter:")
+    results: dict[int, str | None] = {}
+    failed = 0
+    for case in cases:
+        if case.check is None:
+            print(f"  {case.name:<40} (no check)")
+            continue
+        key = id(case.check)  # cases sharing one check run it once
+        if key not in results:
+            try:
+                case.check()
+                results[key] = None
+            except Exception as exc:
+                results[key] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        err = results[key]
+        failed += err is not None
+        print(f"  {case.name:<40} {'pass' if err is None else 'FAIL ' + err}", flush=True)
+    print(f"Checks: {'all passed' if not failed else f'{failed} FAILED'}", flush=True)
+    from bench import static_check
+
+    static_rc = static_check.main()
+    return 1 if failed or static_rc else 0

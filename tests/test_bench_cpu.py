@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark CLI on a CPU-only machine: it says timing needs a GPU, checks the rope kernels under
+the interpreter and prints the static sm_90a report. Also the result writers (markdown, JSON, PNG) on a fake run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only path")
+def test_bench_cli_on_cpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "quick"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "speed needs a GPU" in out
+    assert "thinker rope T=1 " in out and "FAIL" not in out
+    assert "Checks: all passed" in out
+    assert "Static sm_90a check: PASS" in out
+
+
+def test_bench_rejects_unknown_op():
+    res = subprocess.run([sys.executable, "-m", "bench", "no_such_op"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "unknown op family" in res.stdout + res.stderr
+
+
+def test_result_writers(tmp_path, monkeypatch):
+    from bench import harness
+
+    rows = [{"op": "rope", "case": "thinker rope T=1", "provider": p, "ms": ms, "tflops": 0.1, "gbps": g,
+             "pct_roofline": g / 30, "bound": "memory", "omni_fast_speedup": ms / 0.01}
+            for p, ms, g in (("eager", 0.05, 100.0), ("omni_fast", 0.01, 500.0))]
+    rows.append({"op": "rope", "case": "thinker rope T=1", "provider": "compile", "error": "RuntimeError: x"})
+    result = {"device": "Fake GPU", "torch": torch.__version__, "triton": "x", "commit": "abc", "date": "today",
+              "preset": "quick", "roofline": {"copy_gbps": 3000.0, "matmul_tflops": 800.0}, "rows": rows}
+    path = harness.save(result, tmp_path)
+    assert json.loads(path.read_text())["rows"][0]["provider"] == "eager"
+    md = path.with_suffix(".md").read_text()
+    assert "| thinker rope T=1 | eager | 50.00 |" in md and "error" in md
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert "5.00" in harness.format_row(rows[0])  # omni_fast is 5x faster than eager
+
+
+def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
+    """run_gpu end to end on the CPU with a fake CUDA clock: rows, ratios, table and files (no real timing)."""
+    import time
+
+    from bench import harness
+    from bench.case import Case
+
+    class FakeEvent:
+        def __init__(self, **kw):
+            self.t = 0.0
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(harness, "_sync", lambda: None)
+    monkeypatch.setattr(harness, "_gpu_sleep", lambda ms: None)
+    monkeypatch.setattr(harness, "measure_roofline", lambda d: {"copy_gbps": 3000.0, "matmul_tflops": 800.0})
+    monkeypatch.setattr(harness, "TARGET_MS", 1.0)
+
+    def setup(device):
+        x = torch.randn(64)
+
+        def broken():
+            raise RuntimeError("peer not available")
+
+        return {"eager": lambda: x.add(1), "omni_fast": lambda: x.add_(0), "broken": broken}
+
+    case = Case(op="toy", name="toy T=64", params={"T": 64}, setup=setup, flops=64.0, bytes=512.0)
+    rc = harness.run_gpu([case], preset="quick", out_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 1  # the broken provider is reported as an error
+    assert "toy T=64" in out and "omni_fast" in out and "error" in out
+    (saved,) = (tmp_path / "Fake_GPU").glob("*.json")
+    rows = {r["provider"]: r for r in json.loads(saved.read_text())["rows"]}
+    assert rows["omni_fast"]["omni_fast_speedup"] == 1.0
+    assert rows["eager"]["gbps"] > 0 and "pct_roofline" in rows["eager"] and "error" in rows["broken"]
+    assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
