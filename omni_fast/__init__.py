@@ -8,7 +8,8 @@
 from .backend import BACKENDS, use_backend
 from . import ops
 from .integrations.transformers import register_transformers
+from .patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "ops", "register_transformers", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "PatchReport", "ops", "patch", "register_transformers", "unpatch", "use_backend", "__version__"]

@@ -1,0 +1,222 @@
+"""``omni_fast.patch(model)``: run a transformers Qwen-Omni model on omni-fast kernels.
+
+What is replaced, and how (transformers' own extension points first, module swaps where none exists):
+
+- MoE experts (Thinker, Talker): ``config._experts_implementation = "omni_fast"`` (the ``ExpertsInterface`` entry
+  registered by :func:`omni_fast.register_transformers`).
+- Attention (every module that dispatches through ``AttentionInterface``): ``config._attn_implementation =
+  "omni_fast"``.
+- q/k RMSNorm + TM-RoPE (Thinker, Talker, code predictor, Code2Wav pre-transformer, Qwen2.5-Omni thinker): the
+  rotary-embedding modules are wrapped to also hand their position ids to the attention layers, whose forward is
+  swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
+  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions.
+
+:func:`unpatch` restores every forward and implementation name. The returned :class:`PatchReport` lists what was
+replaced and what was left as it is.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import ops
+from .backend import requested_backend, use_backend
+from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
+
+PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
+
+# Rotary modules whose forward(x, position_ids) returns (cos, sin), and their section layout.
+_MROPE_ROTARY = {  # class name -> interleaved sections (Qwen3-Omni) or contiguous (Qwen2.5-Omni)
+    "Qwen3OmniMoeThinkerTextRotaryEmbedding": True,
+    "Qwen3OmniMoeTalkerRotaryEmbedding": True,
+    "Qwen2_5OmniRotaryEmbedding": False,
+}
+_PLAIN_ROTARY = {"Qwen3OmniMoeRotaryEmbedding"}  # 1-D RoPE (code predictor, Code2Wav pre-transformer)
+_ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, rotate-half RoPE, AttentionInterface
+    "Qwen3OmniMoeThinkerTextAttention",
+    "Qwen3OmniMoeTalkerCodePredictorAttention",
+    "Qwen3OmniMoeCode2WavAttention",
+    "Qwen2_5OmniAttention",
+}
+_EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` replaced and what it left as it was."""
+
+    replaced: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = ["omni-fast patch report", "  replaced:"] + [f"    {r}" for r in self.replaced]
+        lines += ["  left as is:"] + [f"    {r}" for r in (self.left or ["(nothing)"])]
+        return "\n".join(lines)
+
+
+class RotaryWithPositions(tuple):
+    """``(cos, sin)`` as transformers passes them, plus what the fused kernel needs to compute them itself."""
+
+    def __new__(cls, cos, sin, position_ids, rotary: nn.Module, interleaved: bool | None):
+        obj = super().__new__(cls, (cos, sin))
+        obj.position_ids, obj.rotary, obj.interleaved = position_ids, rotary, interleaved
+        return obj
+
+    def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict]:
+        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`."""
+        pos = self.position_ids
+        half = head_dim // 2
+        if self.interleaved is None or pos.dim() == 2:  # 1-D RoPE: one row for every frequency
+            pos = pos.expand(batch, seq).reshape(-1) if pos.dim() == 2 else pos.expand(3, batch, seq)[0].reshape(-1)
+            section, interleaved = (half, 0, 0), False
+        else:
+            pos = pos.expand(3, batch, seq).reshape(3, -1)
+            section, interleaved = tuple(self.rotary.mrope_section), self.interleaved
+        inv_freq = self.rotary.inv_freq.to(torch.float32).contiguous()
+        return pos, dict(mrope_section=section, interleaved=interleaved, inv_freq=inv_freq,
+                         attention_scaling=float(self.rotary.attention_scaling))
+
+
+def _rotary_forward(self, x, position_ids):
+    cos, sin = self._omni_fast_forward(x, position_ids)
+    return RotaryWithPositions(cos, sin, position_ids, self, _MROPE_ROTARY.get(type(self).__name__))
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                       **kwargs):
+    """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel."""
+    if not isinstance(position_embeddings, RotaryWithPositions):
+        return self._omni_fast_forward(hidden_states, position_embeddings, attention_mask, past_key_values,
+                                       **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batch, seq = hidden_states.shape[:2]
+    d = self.head_dim
+    q = self.q_proj(hidden_states).reshape(batch * seq, -1, d)
+    k = self.k_proj(hidden_states).reshape(batch * seq, -1, d)
+    v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
+    positions, rope = position_embeddings.rope_kwargs(batch, seq, d)
+    with use_backend(self._omni_fast_backend or "auto"):
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        if getattr(q_norm, "weight", None) is not None:
+            eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
+            ops.qk_norm_mrope(q, k, q_norm.weight, k_norm.weight, positions, eps=eps, **rope)
+        else:
+            ops.mrope(q, k, positions, **rope)
+    q = q.view(batch, seq, -1, d).transpose(1, 2)
+    k = k.view(batch, seq, -1, d).transpose(1, 2)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
+
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
+                             self.attention_dropout, scaling=self.scaling,
+                             sliding_window=getattr(self, "sliding_window", None), **kwargs)
+    return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
+
+
+def _root_part(model: nn.Module) -> str:
+    name = type(model).__name__
+    for key, part in (("CodePredictor", "code_predictor"), ("Code2Wav", "code2wav"), ("Token2Wav", "code2wav"),
+                      ("Talker", "talker"), ("Audio", "audio"), ("Vision", "vision")):
+        if key in name:
+            return part
+    return "thinker"
+
+
+def _part_of(root: str, path: str) -> str:
+    """Which part of the model the submodule at ``path`` belongs to (the innermost named part wins)."""
+    part = root
+    for seg in path.split("."):
+        part = {"thinker": "thinker", "talker": "talker", "code_predictor": "code_predictor",
+                "code2wav": "code2wav", "token2wav": "code2wav", "audio_tower": "audio", "visual": "vision"}.get(
+            seg, part)
+    return part
+
+
+def _swap_forward(module: nn.Module, new_forward) -> None:
+    module._omni_fast_forward = module.forward
+    module.forward = types.MethodType(new_forward, module)
+
+
+def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] | None = None) -> PatchReport:
+    """Swap omni-fast kernels into a transformers Qwen3-Omni / Qwen2.5-Omni model (or one of its parts).
+
+    ``parts`` limits the patch to some of ``PARTS`` (all when None); ``backend`` pins the backend of the swapped-in
+    ops (default: auto). Idempotent: a patched model is unpatched first. Returns a :class:`PatchReport`.
+    """
+    wanted = set(PARTS if parts is None else parts)
+    unknown = wanted - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts must be a subset of {PARTS}, got unknown {sorted(unknown)}")
+    if backend is not None:
+        requested_backend(backend)  # validates the name now (ValueError), not at the first forward
+    if getattr(model, "_omni_fast_patched", False):
+        unpatch(model)
+    register_transformers()
+    root = _root_part(model)
+    report = PatchReport()
+    saved_configs: list[tuple[object, str, object]] = []
+    counts: dict[tuple[str, str], int] = {}
+    left: dict[tuple[str, str], int] = {}
+    for path, module in model.named_modules():
+        cls = type(module).__name__
+        part = _part_of(root, path)
+        bucket = counts if part in wanted else left
+        if cls in _MROPE_ROTARY or cls in _PLAIN_ROTARY:
+            if part in wanted:
+                _swap_forward(module, _rotary_forward)
+            bucket[(part, f"{cls}: positions handed to the fused q/k-norm + RoPE kernel")] = 1
+        elif cls in _ROPE_ATTENTION:
+            if part in wanted:
+                _swap_forward(module, _attention_forward)
+                module._omni_fast_backend = backend
+                _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+            key = (part, f"{cls}: q/k norm + TM-RoPE -> omni_fast.ops.qk_norm_mrope, attention -> omni_fast")
+            bucket[key] = bucket.get(key, 0) + 1
+        elif cls in _EXPERTS:
+            if part in wanted:
+                _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
+            key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
+            bucket[key] = bucket.get(key, 0) + 1
+        elif cls.endswith(("AudioAttention", "VisionAttention")):
+            if part in wanted:
+                _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+            key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
+            bucket[key] = bucket.get(key, 0) + 1
+    for (part, what), n in sorted(counts.items()):
+        report.replaced.append(f"[{part}] {what} (x{n})")
+    for (part, what), n in sorted(left.items()):
+        report.left.append(f"[{part}] {what} (x{n}; part not selected)")
+    for part in sorted(wanted - {p for p, _ in counts}):
+        if any(_part_of(root, p) == part for p, _ in model.named_modules()):
+            report.left.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
+    model._omni_fast_patched = True
+    model._omni_fast_saved_configs = saved_configs
+    return report
+
+
+def _set(saved: list, config, attr: str, value: str) -> None:
+    if any(c is config and a == attr for c, a, _ in saved):
+        return
+    saved.append((config, attr, getattr(config, attr, None)))
+    setattr(config, attr, value)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`: original forwards and implementation names come back."""
+    for module in model.modules():
+        if "_omni_fast_forward" in module.__dict__:
+            module.forward = module._omni_fast_forward
+            del module._omni_fast_forward
+            module.__dict__.pop("_omni_fast_backend", None)
+    for config, attr, old in reversed(getattr(model, "_omni_fast_saved_configs", [])):
+        setattr(config, attr, old)
+    model._omni_fast_saved_configs = []
+    model._omni_fast_patched = False
