@@ -59,7 +59,7 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
 def moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
     N, K, num_valid, num_pid_m, top_k,
-    stride_am, stride_be, stride_bn, stride_bk, stride_cm,
+    stride_am, stride_be, stride_bn, stride_cm,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
@@ -90,27 +90,29 @@ def moe_gemm_kernel(
         return
     a_row = pair // top_k if A_PER_TOKEN else pair
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    # Live state across the K loop is kept small: one pointer per A row, a scalar pointer per B matrix and one
+    # int32 offset tile shared by the gate and the up tile (full 64-bit pointer tiles would double registers).
+    a_rows = a_ptr + a_row * stride_am
+    b_base = b_ptr + expert * stride_be
+    b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        up_offset = N * stride_bn
+        b_up_base = b_base + N * stride_bn
     for k0 in range(0, K, BLOCK_SIZE_K):
         mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        b = tl.load(b_base + k0 + b_offs, mask=b_mask, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
-            b_up = tl.load(b_ptrs + up_offset, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            b_up = tl.load(b_up_base + k0 + b_offs, mask=b_mask, other=0.0)
             if UPCAST:
                 b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_SIZE_K
-        b_ptrs += BLOCK_SIZE_K * stride_bk
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_ROUTED_WEIGHT:
@@ -219,7 +221,7 @@ def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num
     precision = "ieee" if (a.dtype == torch.float32 or interpreting()) else "tf32"
     launch(moe_gemm_kernel, grid, a, b, c, topk_weights, sorted_ids, expert_ids, npost,
            N, K, num_valid, num_pid_m, top_k,
-           a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
+           a.stride(0), b.stride(0), b.stride(1), c.stride(0),
            GATED=gated, MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
            DOT_PRECISION=precision, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
            BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"],
@@ -278,7 +280,7 @@ def _gemm_signature(dt: str, w_dt: str) -> dict:
     sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
            "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
            "N": "i32", "K": "i32", "num_valid": "i32", "num_pid_m": "i32", "top_k": "i32",
-           "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_cm": "i32"}
+           "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_cm": "i32"}
     for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "BLOCK_SIZE_M",
                  "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
