@@ -150,26 +150,32 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
                    dtype: torch.dtype) -> dict:
     """The fallback heuristic when no tuned file matches (documented in docs/moe.md).
 
-    Keyed on the mean rows per expert, ``T*k/E``:
+    Keyed on the mean rows per expert, ``T*k/E``; the top-level keys drive the gate/up GEMM (two B tiles and two
+    accumulators: effectively twice BLOCK_SIZE_N wide), ``down`` the second GEMM:
 
-    - <= 16 (decode): BLOCK_M 16 (the smallest tensor-core M), wide K tiles (128) and N tiles of 64 so each
-      program streams a large contiguous slab of one expert's weights: the GEMMs are weight-bandwidth bound.
-    - <= 128: BLOCK_M 32/64, still bandwidth-leaning, GROUP_SIZE_M 8 for weight reuse from L2.
-    - larger (prefill): 64 x 128 x 64 tiles, 8 warps, 3 stages (fits Hopper's shared memory with the gated
-      kernel's two B tiles), GROUP_SIZE_M 8.
-    fp32 halves the K tile (shared memory).
+    - <= 16 (decode): BLOCK_M 16 (the smallest tensor-core M); wide K tiles so each program streams long
+      contiguous runs of one expert's weights: decode is weight-bandwidth bound.
+    - <= 32: BLOCK_M 32. <= 128 and prefill: BLOCK_M 64, 64x64 (gate/up) and 64x128 (down) tiles, 8 warps,
+      GROUP_SIZE_M 8 so consecutive programs share an expert's weight tile in L2.
+
+    Every choice compiles for sm_90a without register spills (``python -m bench.static_check``). fp32 halves K.
     """
     rows = num_tokens * top_k / max(num_experts, 1)
     if rows <= 16:
-        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=8, num_stages=4,
+                   down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4))
     elif rows <= 32:
-        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4,
+                   down=dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
     elif rows <= 128:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
+                   down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3))
     else:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
+                   down=dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=32, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
     if dtype == torch.float32:
         cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
+        cfg["down"]["BLOCK_SIZE_K"] = max(32, cfg["down"]["BLOCK_SIZE_K"] // 2)
     return cfg
 
 
@@ -287,21 +293,20 @@ def _gemm_signature(dt: str, w_dt: str) -> dict:
     return sig
 
 
+# The kernel's shapes (E, H, I) are runtime arguments, so one compile per (dtype, config) covers the thinker
+# (E128, H2048, N768) and the talker (E128, H1024, N384 / N192): one case per tier of default_config, at the
+# thinker's T that selects it (rows per expert 0.06, 25, 64, 256).
+_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
 for _dt in ("bf16", "fp16"):
-    for _label, _E, _H, _I, _k in (("thinker", 128, 2048, 768, 8), ("talker", 128, 1024, 384, 6),
-                                   ("talker_half", 128, 1024, 192, 6)):
-        for _T in (1, 4096):
-            _cfg = default_config(_T, _E, _k, _H, _I, torch.bfloat16)
-            _base = dict(UPCAST=False, DOT_PRECISION="tf32", BLOCK_SIZE_M=_cfg["BLOCK_SIZE_M"],
-                         BLOCK_SIZE_N=_cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=_cfg["BLOCK_SIZE_K"],
-                         GROUP_SIZE_M=_cfg["GROUP_SIZE_M"])
-            static_case(f"moe_gemm_kernel[{_dt},{_label},E{_E},N{_I},H{_H},T{_T},gate_up]", moe_gemm_kernel,
-                        _gemm_signature(_dt, _dt), dict(_base, GATED=True, MUL_ROUTED_WEIGHT=False, A_PER_TOKEN=True),
-                        num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"])
-            static_case(f"moe_gemm_kernel[{_dt},{_label},E{_E},N{_I},H{_H},T{_T},down]", moe_gemm_kernel,
-                        _gemm_signature(_dt, "fp32"),
-                        dict(_base, GATED=False, MUL_ROUTED_WEIGHT=True, A_PER_TOKEN=False),
-                        num_warps=_cfg["num_warps"], num_stages=_cfg["num_stages"])
+    for _T, _tier in _TIERS:
+        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
+        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
+            static_case(
+                f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part}]", moe_gemm_kernel,
+                _gemm_signature(_dt, _dt if _gated else "fp32"),
+                dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
+                     A_PER_TOKEN=_gated, **{k: _c[k] for k in _KEYS[:4]}),
+                num_warps=_c["num_warps"], num_stages=_c["num_stages"])
     for _H in (2048, 1024):
         for _add in (False, True):
             static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add}]", moe_combine_kernel,
