@@ -70,9 +70,20 @@ def test_align_kernel(T, E, k, bs):
     _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E), ids.reshape(-1).long())
 
 
+@pytest.mark.parametrize("T,E,k,bs", [(1, 128, 8, 16), (13, 6, 3, 4), (8, 8, 8, 16), (21, 3, 3, 32)])
+def test_align_kernel_decode_path_is_exactly_the_reference(T, E, k, bs):
+    """Up to 64 pairs, one program aligns in a stable order: bit-identical to the reference."""
+    ids = _ids(T, E, k)
+    emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32)
+    for m in (None, emap):
+        got = ops.moe_align_block_size(ids, bs, E, m, backend="triton")
+        for g, w in zip(got, ref.moe_align_block_size(ids, bs, E, m)):
+            assert torch.equal(g, w)
+
+
 def test_align_kernel_expert_map_and_int64_ids():
     E = 7
-    ids = _ids(21, E, 3).long()
+    ids = _ids(51, E, 3).long()  # 153 pairs: the multi-program path
     emap = torch.tensor([2, -1, 0, -1, 1, -1, -1], dtype=torch.int32, device=DEVICE)
     got = ops.moe_align_block_size(ids, 4, E, emap, backend="triton")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, 4, E, emap), ids.reshape(-1))
