@@ -103,7 +103,8 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
             results[gated] = fastest
         total = results[True][0] + results[False][0]
         if verbose:
-            print(f"  T={T} BLOCK_M={bm}: gate_up {results[True][0] * 1e3:.1f} us, down {results[False][0] * 1e3:.1f} us")
+            up_us, down_us = results[True][0] * 1e3, results[False][0] * 1e3
+            print(f"  T={T} BLOCK_M={bm}: gate_up {up_us:.1f} us, down {down_us:.1f} us")
         if results[True][1] is not None and results[False][1] is not None and (best is None or total < best[0]):
             down = {key: v for key, v in results[False][1].items() if key != "BLOCK_SIZE_M"}
             best = (total, dict(results[True][1], down=down))

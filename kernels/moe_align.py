@@ -15,8 +15,9 @@ one expert's run depends on scheduling, but every pair's GEMM row is computed in
 reads rows by pair index, so the MoE output does not depend on it. No host sync: every size depends on shapes.
 
 Decode (``n <= SMALL = 64`` pairs, e.g. up to 8 thinker tokens): ``_align_small_kernel`` does all of it in one
-program and one launch (no pre-fill either): counts and in-expert ranks from a one-hot ``[n, E]`` tile and its cumulative sum (ascending
-pair order, exactly the reference's output), the padding rows written by the same program.
+program and one launch (no pre-fill either): counts and in-expert ranks from a one-hot ``[n, E]`` tile and its
+cumulative sum (ascending pair order, exactly the reference's output), the padding rows written by the same
+program.
 """
 
 from __future__ import annotations

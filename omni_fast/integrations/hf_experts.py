@@ -8,8 +8,9 @@ grouped GEMMs with SwiGLU and the routed weight fused, the deterministic combine
 Supported layout: transformers' default fused experts (``gate_up_proj [E, 2I, H]`` with gate rows then up rows,
 ``down_proj [E, H, I]``, no bias, not transposed, no post-expert norm, SiLU). Other layouts fall back to the
 module's own (eager) forward, and so does any call that needs gradients (the fused op is inference-only: run
-models under ``torch.no_grad()`` / ``torch.inference_mode()``, as ``generate`` does). Under transformers' expert parallelism, the sentinel id ``num_experts`` marks a
-pair owned by another rank; it is mapped to -1 through an ``expert_map`` so it contributes zero.
+models under ``torch.no_grad()`` / ``torch.inference_mode()``, as ``generate`` does). Under transformers' expert
+parallelism, the sentinel id ``num_experts`` marks a pair owned by another rank; it is mapped to -1 through an
+``expert_map`` so it contributes zero.
 """
 
 from __future__ import annotations
