@@ -6,7 +6,8 @@
 - :func:`moe_block`: router GEMM + routing + fused experts + optional sigmoid-gated shared expert (Qwen3-Omni's
   thinker and talker sparse MoE blocks).
 
-Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output sizes, no host sync);
+Backends: ``reference`` and ``triton`` for all four; ``cuda`` (CUDA C++ through CuPy) for ``topk_softmax`` and
+``moe_align_block_size``. Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output sizes, no host sync);
 value checks of index tensors run only where they cost no sync (CPU tensors, outside tracing).
 """
 
@@ -47,6 +48,13 @@ def _topk_softmax_triton(router_logits, top_k, renormalize):
     from ..kernels import moe_routing
 
     return moe_routing.topk_softmax(router_logits, top_k, renormalize)
+
+
+@_topk_softmax_op.impl("cuda")
+def _topk_softmax_cuda(router_logits, top_k, renormalize):
+    from ..kernels import cuda_moe
+
+    return cuda_moe.topk_softmax(router_logits, top_k, renormalize)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *, backend: str | None = None
@@ -91,6 +99,13 @@ def _align_triton(topk_ids, block_size, num_experts, expert_map):
     from ..kernels import moe_align
 
     return moe_align.moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
+
+
+@_align_op.impl("cuda")
+def _align_cuda(topk_ids, block_size, num_experts, expert_map):
+    from ..kernels import cuda_moe
+
+    return cuda_moe.moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
 
 
 def _check_expert_map(expert_map, num_global: int | None, num_local: int | None, device) -> None:
