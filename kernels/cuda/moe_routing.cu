@@ -139,8 +139,8 @@ extern "C" __global__ void omni_fast_moe_align_scatter_i64(const long long* topk
 }
 
 extern "C" __global__ void omni_fast_moe_fill_i32(int* out, long long count, int value) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += (long long)gridDim.x * blockDim.x)
-    out[i] = value;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += step) out[i] = value;
 }
 
 // One block of OF_MOE_ALIGN_THREADS threads; num_experts <= OF_MOE_ALIGN_THREADS. `expert_map` may be null.
@@ -219,7 +219,8 @@ extern "C" int omni_fast_moe_align_block_size(const void* topk_ids, int ids_int6
   if (err != cudaSuccess || num_entries == 0) return (int)err;
   const int threads = 256;
   const int64_t rows = num_blocks * block_size;
-  const unsigned fill_blocks = (unsigned)((rows + threads - 1) / threads < 4096 ? (rows + threads - 1) / threads : 4096);
+  const int64_t fill_want = (rows + threads - 1) / threads;
+  const unsigned fill_blocks = (unsigned)(fill_want < 4096 ? fill_want : 4096);
   omni_fast_moe_fill_i32<<<fill_blocks, threads, 0, stream>>>(sorted_token_ids, rows, (int)num_entries);
   err = cudaMemsetAsync(workspace, 0, sizeof(int32_t) * num_experts, stream);
   if (err != cudaSuccess) return (int)err;

@@ -7,8 +7,9 @@
   thinker and talker sparse MoE blocks).
 
 Backends: ``reference`` and ``triton`` for all four; ``cuda`` (CUDA C++ through CuPy) for ``topk_softmax`` and
-``moe_align_block_size``. Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output sizes, no host sync);
-value checks of index tensors run only where they cost no sync (CPU tensors, outside tracing).
+``moe_align_block_size``. Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output
+sizes, no host sync); value checks of index tensors run only where they cost no sync (CPU tensors, outside
+tracing).
 """
 
 from __future__ import annotations
