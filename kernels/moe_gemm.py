@@ -27,6 +27,8 @@ Launch configs come from tuned JSON files (:func:`get_config`), else from :func:
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import os
 
@@ -179,8 +181,10 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     return cfg
 
 
+@functools.lru_cache(maxsize=4096)
 def _find_tuned(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device, num_tokens: int
                 ) -> dict | None:
+    """Cached per call shape: the lookup touches the file system, which a decode step must not pay each time."""
     stem = config_file_stem(num_experts, inter, dtype, device)
     cfg = tuned_config(CONFIG_FAMILY, stem, num_tokens)
     if cfg is not None:
@@ -209,7 +213,7 @@ def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter
     if device.type == "cuda":
         cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens)
         if cfg is not None:
-            return cfg
+            return copy.deepcopy(cfg)
     return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
 
 

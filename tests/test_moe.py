@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import omni_fast
 from omni_fast import ops
@@ -63,7 +65,7 @@ def _assert_same_alignment(got, want, flat_ids):
 
 
 @pytest.mark.parametrize("T,E,k,bs", [(0, 4, 2, 16), (1, 128, 8, 16), (13, 6, 3, 4), (40, 5, 5, 8), (7, 9, 2, 1),
-                                      (300, 12, 4, 16), (5, 1, 1, 32)])
+                                      (300, 12, 4, 16), (5, 1, 1, 32), (90, 1, 1, 16), (1100, 3, 2, 64)])
 def test_align_kernel(T, E, k, bs):
     ids = _ids(T, E, k)
     got = ops.moe_align_block_size(ids, bs, E, backend="triton")
@@ -124,6 +126,16 @@ def test_fused_moe_kernel(T, E, k, H, I, dtype):
     w13, w2 = _weights(E, H, I, dtype)
     w = torch.rand(T, k, device=DEVICE)
     _check_fused(x, w13, w2, w, _ids(T, E, k))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(0, 40), E=st.integers(1, 12), H=st.integers(1, 70), I=st.integers(1, 50), data=st.data(),
+       dtype=st.sampled_from(KERNEL_DTYPES))
+def test_fused_moe_kernel_random_shapes(T, E, H, I, data, dtype):
+    k = data.draw(st.integers(1, E))
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _weights(E, H, I, dtype)
+    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k))
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -200,7 +212,7 @@ def _block_weights(E, H, I, Is, dtype):
 
 
 @pytest.mark.parametrize("shared", [0, 40], ids=["thinker", "talker"])
-@pytest.mark.parametrize("T", [1, 11])
+@pytest.mark.parametrize("T", [1, 11, 70])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_moe_block_kernel(shared, T, dtype):
     E, k, H, I = 10, 3, 48, 24
@@ -304,6 +316,8 @@ def test_expert_map_with_fewer_global_experts_than_top_k():
      ValueError, "expert_map"),
     (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(5, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2),
      ValueError, "gate_weight"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2,
+                           out=torch.empty(16, 3).T), ValueError, "out"),
     (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 5),
      ValueError, "top_k"),
     (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2,

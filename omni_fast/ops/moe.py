@@ -289,7 +289,10 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
                      last_dim_contiguous=True)
         check_tensor("shared_gate_weight", shared_gate_weight, dtypes=(x.dtype,), shape=(1, H), device=x.device,
                      last_dim_contiguous=True)
-    out = _check_out(out.reshape(-1, H) if out is not None else None, x)
+    if out is not None:
+        check_tensor("out", out, dtypes=(x.dtype,), shape=tuple(shape), device=x.device, contiguous=True)
+        out = out.view(-1, H)
+    out = _check_out(out, x)
     be = _moe_block_op.resolve((x, gate_weight, w13, w2), backend)
     _moe_block_op(x, gate_weight, w13, w2, top_k, bool(renormalize), shared_w13, shared_w2, shared_gate_weight,
                   activation, expert_map, out, be)
