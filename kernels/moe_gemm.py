@@ -40,7 +40,6 @@ from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, 
 from .moe_align import moe_align_block_size
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_TL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CONFIG_FAMILY = "moe"
 _KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
@@ -92,8 +91,8 @@ def moe_gemm_kernel(
         return
     a_row = pair // top_k if A_PER_TOKEN else pair
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    # Live state across the K loop is kept small: one pointer per A row, a scalar pointer per B matrix and one
-    # int32 offset tile shared by the gate and the up tile (full 64-bit pointer tiles would double registers).
+    # Loop-carried state: one pointer per A row, scalar base pointers for the B matrices and one offset tile that
+    # the gate and the up loads share (the up rows sit N rows after the gate rows of the same expert).
     a_rows = a_ptr + a_row * stride_am
     b_base = b_ptr + expert * stride_be
     b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
