@@ -402,3 +402,25 @@ def test_cuda_align_matches(T, E, k, bs, with_map):
     emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32) if with_map else None
     got = ops.moe_align_block_size(ids, bs, E, emap, backend="cuda")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), ids.reshape(-1).long())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 40, 1000])
+def test_fused_moe_cuda_graph_capture_and_replay(T):
+    """No host sync, fixed sizes: the whole block captures in a CUDA graph and replays on new inputs."""
+    E, k, H, I = 128, 6, 1024, 384
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, 768, torch.bfloat16)
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+
+    def run():
+        return ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg)
+
+    run()  # compile the kernels before capturing
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, run(), rtol=0, atol=0)
