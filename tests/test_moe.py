@@ -424,3 +424,15 @@ def test_fused_moe_cuda_graph_capture_and_replay(T):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, run(), rtol=0, atol=0)
+
+
+def test_bench_cases_build_and_check():
+    from bench.cases import moe as cases
+
+    full = cases.cases("full")
+    assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
+    assert all(c.op == "moe" and c.bytes > 0 and c.flops > 0 for c in full)
+    decode = next(c for c in full if c.name == "thinker experts T=1")
+    assert decode.params["touched_experts"] == 8 and decode.bound == "memory"
+    for check in {c.check for c in full}:
+        check()
