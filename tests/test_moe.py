@@ -231,6 +231,18 @@ def test_moe_block_kernel(shared, T, dtype):
     assert_matches_reference(out.reshape(T, H), exact, same.reshape(T, H), name="moe_block")
 
 
+def test_moe_block_kernel_expert_map_and_no_renorm():
+    E, k, H, I, T = 9, 3, 32, 24, 13
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, 40, torch.float32)
+    emap = torch.where(torch.arange(E) % 2 == 0, torch.arange(E) // 2, -1).to(DEVICE, torch.int32)
+    local = emap >= 0
+    x = torch.randn(T, H, device=DEVICE)
+    kw = dict(renormalize=False, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg, expert_map=emap)
+    out = ops.moe_block(x, g, w13[local], w2[local], k, backend="triton", **kw)
+    want = ops.moe_block(x, g, w13[local], w2[local], k, backend="reference", **kw)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 # --- backends, tracing, bad input --------------------------------------------------------------------------------
 
 
