@@ -4,6 +4,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 ``torch.library`` registration that makes every op traceable by ``torch.compile`` and capturable in CUDA graphs.
 """
 
+from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
 
-__all__ = ["mrope", "qk_norm_mrope"]
+__all__ = ["fused_moe", "moe_align_block_size", "moe_block", "mrope", "qk_norm_mrope", "topk_softmax"]

@@ -1,0 +1,242 @@
+"""Fused-MoE benchmark cases: Qwen3-Omni thinker and talker experts (and the talker's whole sparse block).
+
+Shapes (Qwen3-Omni-30B-A3B): thinker E=128, top-8, H=2048, I=768; talker E=128, top-6, H=1024, I=384, plus a
+sigmoid-gated shared expert of intermediate 768. T in {1, 2, 4, ..., 256, 1024, 4096, 16384} ("full").
+
+Providers (bf16, inference mode):
+
+- ``hf_eager``: transformers' own experts module (the per-expert Python loop), ``hf_grouped_mm`` /
+  ``hf_batched_mm``: the same module with transformers' grouped_mm / batched_mm experts implementations (left
+  out when they cannot run on the device);
+- ``compile``: ``torch.compile`` of the reference (:mod:`omni_fast.reference.moe`);
+- ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels.
+
+Roofline: decode (T <= 256) is memory bound, ``bytes`` = the touched experts' weights (exact count of distinct
+experts in the benchmark's fixed routing) + activations in and out; prefill is compute bound, ``flops`` =
+``2 * T * k * 3 * H * I`` (+ the shared expert and router for the block).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bench.case import Case
+
+MODELS = {
+    # name: (E, top_k, H, I, shared I)
+    "thinker": (128, 8, 2048, 768, 0),
+    "talker": (128, 6, 1024, 384, 768),
+}
+TOKENS = {
+    "quick": (1, 64, 4096),
+    "full": (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
+}
+BLOCK_TOKENS = {"quick": (1,), "full": (1, 16, 256, 4096)}
+DTYPE = torch.bfloat16
+ELEM = 2  # bytes per bf16 element
+
+
+@functools.lru_cache(maxsize=None)
+def _routing(T: int, E: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed routing for a shape (CPU): softmax top-k of seeded random logits; weights fp32, ids int32."""
+    from omni_fast.reference import moe as ref
+
+    gen = torch.Generator().manual_seed(1234 + T)
+    return ref.topk_softmax(torch.randn(T, E, generator=gen), k)
+
+
+def _touched(T: int, E: int, k: int) -> int:
+    return int(torch.unique(_routing(T, E, k)[1]).numel())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    import torch._dynamo
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    return torch.compile(fn, dynamic=False)
+
+
+def _hf_config(E, k, H, I, Is, talker: bool):
+    from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as c
+
+    kw = dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True)
+    if talker:
+        return c.Qwen3OmniMoeTalkerTextConfig(shared_expert_intermediate_size=Is, **kw)
+    return c.Qwen3OmniMoeTextConfig(**kw)
+
+
+def _hf_variants(make_module, probe) -> dict:
+    """transformers modules per experts implementation that run here (one config each; weights shared)."""
+    out = {}
+    try:
+        import transformers  # noqa: F401
+    except Exception:
+        return out
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        try:
+            module = make_module(impl)
+            with torch.inference_mode():
+                probe(module)
+            out[f"hf_{impl}"] = module
+        except Exception:
+            continue
+    return out
+
+
+def _experts_setup(model: str, T: int):
+    E, k, H, I, _ = MODELS[model]
+
+    def setup(device):
+        from omni_fast import ops
+        from omni_fast.reference import moe as ref
+
+        x = torch.randn(T, H, device=device, dtype=DTYPE)
+        w13 = (torch.randn(E, 2 * I, H, device=device, dtype=DTYPE) * H ** -0.5)
+        w2 = (torch.randn(E, H, I, device=device, dtype=DTYPE) * I ** -0.5)
+        w32, ids = (t.to(device) for t in _routing(T, E, k))
+        w = w32.to(DTYPE)  # transformers hands the experts model-dtype routing weights
+        ids64 = ids.long()
+
+        def make(impl):
+            from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+            cfg = _hf_config(E, k, H, I, 0, talker=False)
+            cfg._experts_implementation = impl
+            module = q3.Qwen3OmniMoeThinkerTextExperts(cfg)
+            module.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)
+            module.down_proj = torch.nn.Parameter(w2, requires_grad=False)
+            return module
+
+        hf = _hf_variants(make, lambda m: m(x[:1], ids64[:1], w[:1]))
+        compiled = _compiled(ref.fused_moe)
+        fns = {}
+        for name, module in hf.items():
+            fns[name] = functools.partial(_inference, module, x, ids64, w)
+        fns["compile"] = functools.partial(_inference, compiled, x, w13, w2, w, ids)
+        fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+        return fns
+
+    return setup
+
+
+def _inference(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def _block_setup(T: int):
+    E, k, H, I, Is = MODELS["talker"]
+
+    def setup(device):
+        from omni_fast import ops
+        from omni_fast.reference import moe as ref
+
+        x = torch.randn(T, H, device=device, dtype=DTYPE)
+        g = torch.randn(E, H, device=device, dtype=DTYPE) * H ** -0.5
+        w13 = torch.randn(E, 2 * I, H, device=device, dtype=DTYPE) * H ** -0.5
+        w2 = torch.randn(E, H, I, device=device, dtype=DTYPE) * I ** -0.5
+        sw13 = torch.randn(2 * Is, H, device=device, dtype=DTYPE) * H ** -0.5
+        sw2 = torch.randn(H, Is, device=device, dtype=DTYPE) * Is ** -0.5
+        sg = torch.randn(1, H, device=device, dtype=DTYPE) * H ** -0.5
+
+        def make(impl):
+            from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+            cfg = _hf_config(E, k, H, I, Is, talker=True)
+            cfg._experts_implementation = impl
+            block = q3.Qwen3OmniMoeTalkerTextSparseMoeBlock(cfg).to(device=device, dtype=DTYPE)
+            with torch.no_grad():
+                block.gate.weight.copy_(g)
+                block.experts.gate_up_proj.copy_(w13)
+                block.experts.down_proj.copy_(w2)
+                block.shared_expert.gate_proj.weight.copy_(sw13[:Is])
+                block.shared_expert.up_proj.weight.copy_(sw13[Is:])
+                block.shared_expert.down_proj.weight.copy_(sw2)
+                block.shared_expert_gate.weight.copy_(sg)
+            return block.requires_grad_(False)
+
+        hf = _hf_variants(make, lambda m: m(x[None, :1]))
+        compiled = _compiled(ref.moe_block)
+        fns = {name: functools.partial(_inference, m, x[None]) for name, m in hf.items()}
+        fns["compile"] = functools.partial(_inference, compiled, x, g, w13, w2, k, True, sw13, sw2, sg)
+        fns["omni_fast"] = lambda: ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2,
+                                                 shared_gate_weight=sg, backend="triton")
+        return fns
+
+    return setup
+
+
+def check_fused_moe() -> None:
+    """Kernel vs reference on a tiny shape (fp32, CPU interpreter or GPU)."""
+    from omni_fast import ops
+    from omni_fast.reference import moe as ref
+    from omni_fast.testing import DEVICE, assert_matches_reference
+
+    T, E, k, H, I = 9, 6, 3, 40, 24
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=gen).to(DEVICE)
+    w13 = (torch.randn(E, 2 * I, H, generator=gen) * 0.2).to(DEVICE)
+    w2 = (torch.randn(E, H, I, generator=gen) * 0.2).to(DEVICE)
+    w, ids = ops.topk_softmax(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
+    out = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids)
+    assert_matches_reference(out, exact, ref.fused_moe(x, w13, w2, w, ids), name="fused_moe")
+
+
+def check_moe_block() -> None:
+    """The talker block (with shared expert) vs reference on a tiny shape."""
+    from omni_fast import ops
+    from omni_fast.reference import moe as ref
+    from omni_fast.testing import DEVICE
+
+    T, E, k, H, I, Is = 7, 6, 2, 32, 16, 24
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: (torch.randn(*s, generator=gen) * 0.2).to(DEVICE)  # noqa: E731
+    x, g, w13, w2, sw13, sw2, sg = r(T, H), r(E, H), r(E, 2 * I, H), r(E, H, I), r(2 * Is, H), r(H, Is), r(1, H)
+    out = ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg, backend="triton")
+    torch.testing.assert_close(out, ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg), rtol=1e-4, atol=1e-5)
+
+
+def _experts_case(model: str, T: int) -> Case:
+    E, k, H, I, _ = MODELS[model]
+    touched = _touched(T, E, k)
+    decode = T <= 256
+    return Case(
+        op="moe", name=f"{model} experts T={T}",
+        params=dict(model=model, T=T, E=E, top_k=k, H=H, I=I, touched_experts=touched, dtype="bf16"),
+        setup=_experts_setup(model, T),
+        flops=2.0 * T * k * 3 * H * I,
+        bytes=float(touched * 3 * H * I * ELEM + 2 * T * H * ELEM + T * k * 8),
+        bound="memory" if decode else "compute",
+        check=check_fused_moe,
+        tags=("decode",) if decode else ("prefill",),
+    )
+
+
+def _block_case(T: int) -> Case:
+    E, k, H, I, Is = MODELS["talker"]
+    touched = _touched(T, E, k)
+    decode = T <= 256
+    return Case(
+        op="moe", name=f"talker block T={T}",
+        params=dict(model="talker", block=True, T=T, E=E, top_k=k, H=H, I=I, shared_I=Is, touched_experts=touched,
+                    dtype="bf16"),
+        setup=_block_setup(T),
+        flops=2.0 * T * (k * 3 * H * I + 3 * H * Is + (E + 1) * H),
+        bytes=float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * ELEM + 2 * T * H * ELEM),
+        bound="memory" if decode else "compute",
+        check=check_moe_block,
+        tags=("decode",) if decode else ("prefill",),
+    )
+
+
+def cases(preset: str) -> list[Case]:
+    """Thinker and talker experts at every T of the preset, plus the talker's whole block."""
+    out = [_experts_case(m, T) for m in MODELS for T in TOKENS[preset]]
+    out += [_block_case(T) for T in BLOCK_TOKENS[preset]]
+    return out

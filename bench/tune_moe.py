@@ -1,0 +1,152 @@
+"""Tune the fused-MoE grouped-GEMM launch configs on a GPU and write them as JSON files.
+
+    python -m bench.tune_moe                      # thinker N=768 and talker N=384, N=192; all token buckets
+    python -m bench.tune_moe --n 384 --tokens 1 16 256 4096 --quick
+
+One file per (E, N, dtype, device, Triton version) under ``omni_fast/configs/moe/``, named like
+``E=128,N=768,dtype=bf16,device=NVIDIA_H100_80GB_HBM3,triton=3.6.0.json`` (see
+:func:`omni_fast.kernels.moe_gemm.config_file_stem`), mapping a token-count bucket to a config::
+
+    {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
+           "num_stages": 4, "down": {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, ...}}, "2": {...}, ...}
+
+The top-level keys configure the gate/up GEMM (SwiGLU fused), ``down`` the second GEMM (routed weight fused);
+``BLOCK_SIZE_M`` is shared because it is the alignment block. For each bucket and each ``BLOCK_SIZE_M``, the two
+GEMMs are timed separately over the search space (CUDA events via ``triton.testing.do_bench``, fixed random
+routing), and the ``BLOCK_SIZE_M`` with the smallest sum wins. At run time
+:func:`omni_fast.kernels.moe_gemm.get_config` picks the bucket nearest the call's T; without a file it falls
+back to :func:`omni_fast.kernels.moe_gemm.default_config`.
+
+Needs a CUDA GPU: on a CPU-only machine it prints a message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# (N = expert intermediate) -> (hidden, top_k): the Qwen3-Omni thinker, talker, and the talker with the
+# experts' intermediate split in two (tensor parallel 2).
+SHAPES = {768: (2048, 8), 384: (1024, 6), 192: (1024, 6)}
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
+SMEM_LIMIT = 227 * 1024
+
+
+def search_space(quick: bool, block_m: int, gated: bool, elem: int) -> list[dict]:
+    ns = (32, 64, 128) if quick else (32, 64, 128, 256)
+    ks = (64, 128) if quick else (64, 128, 256)
+    groups = (1, 8) if quick else (1, 8, 16, 32)
+    warps = (4, 8)
+    stages = (3, 4) if quick else (2, 3, 4, 5)
+    out = []
+    for bn, bk, gm, w, st in itertools.product(ns, ks, groups, warps, stages):
+        b_tiles = 2 if gated else 1
+        smem = st * (block_m * bk + b_tiles * bk * bn) * elem
+        if smem > SMEM_LIMIT:
+            continue
+        out.append(dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=w,
+                        num_stages=st))
+    return out
+
+
+def block_ms(T: int, E: int, k: int) -> tuple[int, ...]:
+    rows = T * k / E
+    cands = [16, 32, 64, 128]
+    # Tiles much taller than the mean rows per expert only multiply padding.
+    return tuple(m for m in cands if m <= max(16, 4 * rows))
+
+
+def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quick: bool, verbose: bool) -> dict:
+    import triton.testing
+
+    from omni_fast.kernels import moe_align, moe_gemm
+    from omni_fast.reference import moe as ref
+
+    dev = torch.device("cuda")
+    x = torch.randn(T, H, device=dev, dtype=dtype)
+    w13 = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) * H ** -0.5
+    w2 = torch.randn(E, H, N, device=dev, dtype=dtype) * N ** -0.5
+    weights, ids = ref.topk_softmax(torch.randn(T, E, device=dev), k)
+    n = T * k
+    act = torch.randn(n, N, device=dev, dtype=dtype)
+    y = torch.empty(n, H, device=dev, dtype=dtype)
+    elem = torch.finfo(dtype).bits // 8
+    best = None
+    for bm in block_ms(T, E, k):
+        sorted_ids, expert_ids, npost = moe_align.moe_align_block_size(ids, bm, E)
+        results = {}
+        for gated in (True, False):
+            fastest = (float("inf"), None)
+            for cfg in search_space(quick, bm, gated, elem):
+                a, c, NN, K = (x, act, N, H) if gated else (act, y, H, N)
+                b = w13 if gated else w2
+
+                def run(cfg=cfg, a=a, b=b, c=c, NN=NN, K=K, gated=gated):
+                    moe_gemm._launch_gemm(a, b, c, weights, sorted_ids, expert_ids, npost, NN, K, n, k, gated=gated,
+                                          mul_weight=not gated, a_per_token=gated, cfg=cfg)
+
+                try:
+                    run()
+                    ms = triton.testing.do_bench(run, warmup=5, rep=25)
+                except Exception as exc:  # out of resources etc.: skip the config
+                    if verbose:
+                        print(f"    skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                if ms < fastest[0]:
+                    fastest = (ms, cfg)
+            results[gated] = fastest
+        total = results[True][0] + results[False][0]
+        if verbose:
+            up_us, down_us = results[True][0] * 1e3, results[False][0] * 1e3
+            print(f"  T={T} BLOCK_M={bm}: gate_up {up_us:.1f} us, down {down_us:.1f} us")
+        if results[True][1] is not None and results[False][1] is not None and (best is None or total < best[0]):
+            down = {key: v for key, v in results[False][1].items() if key != "BLOCK_SIZE_M"}
+            best = (total, dict(results[True][1], down=down))
+    if best is None:
+        raise RuntimeError(f"no config ran for T={T}, N={N}")
+    return best[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=sorted(SHAPES, reverse=True), help="expert intermediate sizes")
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(BUCKETS))
+    p.add_argument("--quick", action="store_true", help="a smaller search space")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: omni_fast/configs/moe")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "
+              "the fallback heuristic omni_fast.kernels.moe_gemm.default_config.", file=sys.stderr)
+        return 2
+    from omni_fast.kernels.launch import CONFIG_DIR
+    from omni_fast.kernels.moe_gemm import CONFIG_FAMILY, config_file_stem
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out_dir = args.out_dir or CONFIG_DIR / CONFIG_FAMILY
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for N in args.n:
+        H, k = SHAPES.get(N, (2048, 8))
+        path = out_dir / f"{config_file_stem(args.experts, N, dtype, torch.device('cuda'))}.json"
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        for T in args.tokens:
+            t0 = time.time()
+            table[str(T)] = tune_bucket(T, args.experts, N, H, k, dtype, args.quick, args.verbose)
+            print(f"E={args.experts} N={N} T={T}: {table[str(T)]} ({time.time() - t0:.0f} s)")
+            # Written after every bucket, so an interrupted run keeps what it tuned.
+            ordered = {key: table[key] for key in sorted(table, key=int)}
+            path.write_text(json.dumps(ordered, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

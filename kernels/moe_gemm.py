@@ -1,0 +1,318 @@
+"""Fused MoE in Triton: one grouped-GEMM kernel for both expert GEMMs, and a deterministic combine.
+
+Pipeline of :func:`fused_moe` (x ``[T, H]``, w13 ``[E, 2I, H]``, w2 ``[E, H, I]``, k routed experts per token):
+
+1. :func:`omni_fast.kernels.moe_align.moe_align_block_size` groups the ``T*k`` (token, slot) pairs by expert in
+   runs padded to ``BLOCK_SIZE_M`` rows, so every M tile of the grouped GEMM belongs to one expert.
+2. ``moe_gemm_kernel`` with ``GATED``: ``act[i] = silu(x[i // k] @ w13[e, :I].T) * (x[i // k] @ w13[e, I:].T)``
+   for each pair ``i = t*k + j``: each program loads the A rows of its tile (gathered by token), and the gate and
+   the up tile of w13 (rows ``n`` and ``I + n``), keeps two fp32 accumulators and applies SwiGLU in the fp32
+   epilogue; ``act`` ``[T*k, I]`` is stored in the model dtype (it feeds the next tensor-core GEMM).
+3. ``moe_gemm_kernel`` with ``MUL_ROUTED_WEIGHT``: ``y[i] = (act[i] @ w2[e].T) * topk_weights[i]`` into
+   ``[T*k, H]`` (model dtype).
+4. ``moe_combine_kernel``: ``out[t] = sum_j y[t*k + j]`` in fp32, in slot order ``j = 0..k-1`` (plus an optional
+   addend, e.g. the shared expert), one rounding. No float atomics: the result is bitwise reproducible.
+
+Grouped program ordering: the ``(m, n)`` tile grid is walked in groups of ``GROUP_SIZE_M`` M tiles per N tile, so
+consecutive programs reuse the same weight tile (same expert) from L2. Tiles past ``num_tokens_post_padded``
+exit at once; tiles of an expert not on this rank (``expert_ids == -1``) write zeros. Sizes depend only on shapes
+(no host sync; CUDA-graph safe).
+
+Operands are fed to ``tl.dot`` in their own dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32 inputs use
+``input_precision="ieee"``). Under the CPU interpreter, whose bf16/fp16 dot is not trustworthy, ``UPCAST`` converts
+the loaded tiles to fp32 first; compiled kernels never set it.
+
+Launch configs come from tuned JSON files (:func:`get_config`), else from :func:`default_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import glob
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, tuned_config
+from .moe_align import moe_align_block_size
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+CONFIG_FAMILY = "moe"
+_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in the grouped order: GROUP_SIZE_M M tiles per N tile, column-major."""
+    width = GROUP_SIZE_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_SIZE_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
+    N, K, num_valid, num_pid_m, top_k,
+    stride_am, stride_be, stride_bn, stride_cm,
+    GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    """C[i, :N] for the pairs ``i`` of each expert tile: A rows ``[*, K]``, B = expert weights ``[E, N(x2), K]``.
+
+    GATED: B holds gate rows ``0..N-1`` then up rows ``N..2N-1``; C = silu(A B_gate^T) * (A B_up^T).
+    MUL_ROUTED_WEIGHT: C = (A B^T) * topk_weights[i]. A_PER_TOKEN: A row of pair i is ``i // top_k``.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
+    if pid_m * BLOCK_SIZE_M >= tl.load(npost_ptr):
+        return
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_valid
+    pair = pair.to(tl.int64)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
+    c_mask = row_mask[:, None] & mask_n[None, :]
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:
+        # An expert held by another rank: its pairs contribute zero here.
+        tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
+        return
+    a_row = pair // top_k if A_PER_TOKEN else pair
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    # Loop-carried state: one pointer per A row, scalar base pointers for the B matrices and one offset tile that
+    # the gate and the up loads share (the up rows sit N rows after the gate rows of the same expert).
+    a_rows = a_ptr + a_row * stride_am
+    b_base = b_ptr + expert * stride_be
+    b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+        b_up_base = b_base + N * stride_bn
+    for k0 in range(0, K, BLOCK_SIZE_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        b = tl.load(b_base + k0 + b_offs, mask=b_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b_up = tl.load(b_up_base + k0 + b_offs, mask=b_mask, other=0.0)
+            if UPCAST:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def moe_combine_kernel(y_ptr, add_ptr, out_ptr, H, top_k, stride_add, stride_out,
+                       HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, h] = sum over j = 0..k-1 (in order) of y[t*k + j, h] (+ add[t, h]), fp32 sum, one rounding."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs_h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(top_k):
+        acc += tl.load(y_ptr + (t * top_k + j) * H + offs_h, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        acc += tl.load(add_ptr + t * stride_add + offs_h, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launch configs ----------------------------------------------------------------------------------------------
+
+
+def config_file_stem(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device | None,
+                     triton_version: str | None = None) -> str:
+    """``E=128,N=768,dtype=bf16,device=NVIDIA_H100_80GB_HBM3,triton=3.6.0``: one tuned file per shape/device."""
+    ver = triton_version or triton.__version__
+    return f"E={num_experts},N={inter},dtype={_DTYPE_NAMES[dtype]},device={device_name(device)},triton={ver}"
+
+
+def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
+                   dtype: torch.dtype) -> dict:
+    """The fallback heuristic when no tuned file matches (documented in docs/moe.md).
+
+    Keyed on the mean rows per expert, ``T*k/E``; the top-level keys drive the gate/up GEMM (two B tiles and two
+    accumulators: effectively twice BLOCK_SIZE_N wide), ``down`` the second GEMM:
+
+    - <= 16 (decode): BLOCK_M 16 (the smallest tensor-core M); wide K tiles so each program streams long
+      contiguous runs of one expert's weights: decode is weight-bandwidth bound.
+    - <= 32: BLOCK_M 32. <= 128 and prefill: BLOCK_M 64, 64x64 (gate/up) and 64x128 (down) tiles, 8 warps,
+      GROUP_SIZE_M 8 so consecutive programs share an expert's weight tile in L2.
+
+    Every choice compiles for sm_90a without register spills (``python -m bench.static_check``). fp32 halves K.
+    """
+    rows = num_tokens * top_k / max(num_experts, 1)
+    if rows <= 16:
+        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=8, num_stages=4,
+                   down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4))
+    elif rows <= 32:
+        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4,
+                   down=dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
+    elif rows <= 128:
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
+                   down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3))
+    else:
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
+                   down=dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=32, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
+    if dtype == torch.float32:
+        cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
+        cfg["down"]["BLOCK_SIZE_K"] = max(32, cfg["down"]["BLOCK_SIZE_K"] // 2)
+    return cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def _find_tuned(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device, num_tokens: int
+                ) -> dict | None:
+    """Cached per call shape: the lookup touches the file system, which a decode step must not pay each time."""
+    stem = config_file_stem(num_experts, inter, dtype, device)
+    cfg = tuned_config(CONFIG_FAMILY, stem, num_tokens)
+    if cfg is not None:
+        return cfg
+    # A file tuned with another Triton version on the same device beats the heuristic.
+    prefix = stem.rsplit(",triton=", 1)[0] + ",triton="
+    for path in sorted(glob.glob(os.path.join(glob.escape(str(CONFIG_DIR / CONFIG_FAMILY)), "*.json")),
+                       reverse=True):
+        name = os.path.basename(path)[:-len(".json")]
+        if name.startswith(prefix):
+            return tuned_config(CONFIG_FAMILY, name, num_tokens)
+    return None
+
+
+def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
+               device: torch.device) -> dict:
+    """Tuned config for (E, N=I, dtype, device, triton) and the nearest token bucket, else :func:`default_config`.
+
+    A config has ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``, ``num_stages`` for the gate/up GEMM and
+    optionally a ``"down"`` dict overriding N/K/group/warps/stages for the down GEMM (BLOCK_SIZE_M is shared:
+    it is the alignment block).
+    """
+    if interpreting():
+        # The interpreter runs one program at a time: the heuristic's small-T tiles keep tests fast.
+        return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+    if device.type == "cuda":
+        cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens)
+        if cfg is not None:
+            return copy.deepcopy(cfg)
+    return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+
+
+def _split(cfg: dict) -> tuple[dict, dict]:
+    up = {k: cfg[k] for k in _KEYS}
+    down = dict(up)
+    down.update({k: v for k, v in cfg.get("down", {}).items() if k in _KEYS and k != "BLOCK_SIZE_M"})
+    return up, down
+
+
+def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated,
+                 mul_weight, a_per_token, cfg):
+    num_pid_m = expert_ids.numel()
+    grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
+    precision = "ieee" if (a.dtype == torch.float32 or interpreting()) else "tf32"
+    launch(moe_gemm_kernel, grid, a, b, c, topk_weights, sorted_ids, expert_ids, npost,
+           N, K, num_valid, num_pid_m, top_k,
+           a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+           GATED=gated, MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
+           DOT_PRECISION=precision, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+           BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"],
+           num_stages=cfg["num_stages"], device=a.device)
+
+
+def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, add: torch.Tensor | None = None) -> torch.Tensor:
+    """out ``[T, H]`` = per-token sum of the k rows of y ``[T*k, H]`` (+ add ``[T, H]``), deterministic."""
+    T, H = out.shape
+    block_h = min(1024, triton.next_power_of_2(max(H, 1)))
+    launch(moe_combine_kernel, (T, triton.cdiv(H, block_h)), y, add if add is not None else out, out, H, top_k,
+           add.stride(0) if add is not None else 0, out.stride(0), HAS_ADD=add is not None, BLOCK_H=block_h,
+           num_warps=4, device=out.device)
+    return out
+
+
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str = "silu", expert_map: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, *, add: torch.Tensor | None = None, config: dict | None = None
+              ) -> torch.Tensor:
+    """Routed experts on validated inputs; see the module docstring. Returns out ``[T, H]``.
+
+    hidden_states ``[T, H]`` (unit stride in H), w13 ``[E_local, 2I, H]``, w2 ``[E_local, H, I]`` (unit stride in
+    the last dim), topk_weights ``[T, k]`` (any float dtype), topk_ids int ``[T, k]`` global expert ids,
+    expert_map int32 ``[E_global]`` or None. ``add`` ``[T, H]`` is added before the final rounding (shared
+    expert). ``config`` overrides the launch config (tests).
+    """
+    assert activation == "silu"
+    T, H = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    E_local, two_i, _ = w13.shape
+    inter = two_i // 2
+    E_global = expert_map.numel() if expert_map is not None else E_local
+    if out is None:
+        out = torch.empty_like(hidden_states)
+    if T == 0:
+        return out
+    cfg = config or get_config(T, E_global, top_k, H, inter, hidden_states.dtype, hidden_states.device)
+    up_cfg, down_cfg = _split(cfg)
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.contiguous()
+    sorted_ids, expert_ids, npost = moe_align_block_size(topk_ids, up_cfg["BLOCK_SIZE_M"], E_global, expert_map)
+    n = T * top_k
+    act = torch.empty(n, inter, dtype=hidden_states.dtype, device=hidden_states.device)
+    _launch_gemm(hidden_states, w13, act, topk_weights, sorted_ids, expert_ids, npost, inter, H, n, top_k,
+                 gated=True, mul_weight=False, a_per_token=True, cfg=up_cfg)
+    y = torch.empty(n, H, dtype=hidden_states.dtype, device=hidden_states.device)
+    _launch_gemm(act, w2, y, topk_weights, sorted_ids, expert_ids, npost, H, inter, n, top_k,
+                 gated=False, mul_weight=True, a_per_token=False, cfg=down_cfg)
+    return combine(y, out, top_k, add)
+
+
+# --- static compile cases (sm_90a): the real model shapes ---------------------------------------------------------
+
+def _gemm_signature(dt: str, w_dt: str) -> dict:
+    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
+           "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
+           "N": "i32", "K": "i32", "num_valid": "i32", "num_pid_m": "i32", "top_k": "i32",
+           "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_cm": "i32"}
+    for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "BLOCK_SIZE_M",
+                 "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
+        sig[name] = "constexpr"
+    return sig
+
+
+# The kernel's shapes (E, H, I) are runtime arguments, so one compile per (dtype, config) covers the thinker
+# (E128, H2048, N768) and the talker (E128, H1024, N384 / N192): one case per tier of default_config, at the
+# thinker's T that selects it (rows per expert 0.06, 25, 64, 256).
+_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
+for _dt in ("bf16", "fp16"):
+    for _T, _tier in _TIERS:
+        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
+        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
+            static_case(
+                f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part}]", moe_gemm_kernel,
+                _gemm_signature(_dt, _dt if _gated else "fp32"),
+                dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
+                     A_PER_TOKEN=_gated, **{k: _c[k] for k in _KEYS[:4]}),
+                num_warps=_c["num_warps"], num_stages=_c["num_stages"])
+    for _H in (2048, 1024):
+        for _add in (False, True):
+            static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add}]", moe_combine_kernel,
+                        {"y_ptr": f"*{_dt}", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}", "H": "i32", "top_k": "i32",
+                         "stride_add": "i32", "stride_out": "i32", "HAS_ADD": "constexpr", "BLOCK_H": "constexpr"},
+                        {"HAS_ADD": _add, "BLOCK_H": 1024})

@@ -1,0 +1,450 @@
+"""MoE kernels (Triton; the interpreter on CPU) vs the reference, through the public ops; bad input; tracing."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import omni_fast
+from omni_fast import ops
+from omni_fast.kernels import moe_gemm
+from omni_fast.reference import moe as ref
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+
+GPU_DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def _ids(T, E, k, device=DEVICE):
+    """Distinct experts per token (as top-k gives), int32 [T, k]."""
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.int32, device=device)
+    return torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(device=device, dtype=torch.int32)
+
+
+def _weights(E, H, I, dtype, device=DEVICE):
+    w13 = (torch.randn(E, 2 * I, H) * H ** -0.5).to(device=device, dtype=dtype)
+    w2 = (torch.randn(E, H, I) * I ** -0.5).to(device=device, dtype=dtype)
+    return w13, w2
+
+
+# --- routing -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,E,k", [(0, 8, 2), (1, 128, 8), (13, 6, 6), (33, 12, 4), (7, 5, 3), (70, 3, 1)])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_softmax_kernel(T, E, k, renorm, dtype):
+    logits = torch.randn(T, E, device=DEVICE).to(dtype)
+    w, i = ops.topk_softmax(logits, k, renorm, backend="triton")
+    rw, ri = ref.topk_softmax(logits, k, renorm)
+    assert w.dtype == torch.float32 and i.dtype == torch.int32 and w.shape == (T, k)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7)
+
+
+def test_topk_softmax_kernel_ties_lowest_index_first():
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [5.0, -1.0, 5.0, 5.0, 0.0]],
+                          device=DEVICE)
+    _, i = ops.topk_softmax(logits, 2, backend="triton")
+    assert i.tolist() == [[1, 2], [0, 1], [0, 2]]
+
+
+# --- alignment ---------------------------------------------------------------------------------------------------
+
+
+def _assert_same_alignment(got, want, flat_ids):
+    (s, e, n), (rs, re, rn) = got, want
+    assert s.shape == rs.shape and e.shape == re.shape and n.shape == rn.shape == (1,)
+    assert torch.equal(n, rn) and torch.equal(e, re)
+    sentinel = flat_ids.numel()
+    assert torch.equal(s == sentinel, rs == sentinel)
+    real = s != sentinel
+    # Same expert at every row (order inside an expert's run is unspecified), each pair exactly once.
+    assert torch.equal(flat_ids[s[real].long()], flat_ids[rs[real].long()])
+    assert torch.equal(torch.sort(s[real]).values, torch.arange(sentinel, dtype=torch.int32, device=s.device))
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(0, 4, 2, 16), (1, 128, 8, 16), (13, 6, 3, 4), (40, 5, 5, 8), (7, 9, 2, 1),
+                                      (300, 12, 4, 16), (5, 1, 1, 32), (90, 1, 1, 16), (1100, 3, 2, 64)])
+def test_align_kernel(T, E, k, bs):
+    ids = _ids(T, E, k)
+    got = ops.moe_align_block_size(ids, bs, E, backend="triton")
+    _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E), ids.reshape(-1).long())
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(1, 128, 8, 16), (13, 6, 3, 4), (8, 8, 8, 16), (21, 3, 3, 32)])
+def test_align_kernel_decode_path_is_exactly_the_reference(T, E, k, bs):
+    """Up to 64 pairs, one program aligns in a stable order: bit-identical to the reference."""
+    ids = _ids(T, E, k)
+    emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32)
+    for m in (None, emap):
+        got = ops.moe_align_block_size(ids, bs, E, m, backend="triton")
+        for g, w in zip(got, ref.moe_align_block_size(ids, bs, E, m)):
+            assert torch.equal(g, w)
+
+
+def test_align_kernel_expert_map_and_int64_ids():
+    E = 7
+    ids = _ids(51, E, 3).long()  # 153 pairs: the multi-program path
+    emap = torch.tensor([2, -1, 0, -1, 1, -1, -1], dtype=torch.int32, device=DEVICE)
+    got = ops.moe_align_block_size(ids, 4, E, emap, backend="triton")
+    _assert_same_alignment(got, ref.moe_align_block_size(ids, 4, E, emap), ids.reshape(-1))
+    assert (got[1] == -1).any()
+
+
+def test_align_all_pairs_to_one_expert():
+    ids = torch.full((37, 1), 3, dtype=torch.int32, device=DEVICE)
+    s, e, n = ops.moe_align_block_size(ids, 16, 8, backend="triton")
+    assert int(n[0]) == 48 and e[:3].tolist() == [3, 3, 3] and bool((e[3:] == -1).all())
+
+
+# --- fused_moe ---------------------------------------------------------------------------------------------------
+
+
+def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
+    if config is None:
+        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
+    else:
+        out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
+    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
+    same = ref.fused_moe(x, w13, w2, w, ids, expert_map=expert_map)
+    assert_matches_reference(out, exact, same, name="fused_moe")
+    return out
+
+
+@pytest.mark.parametrize("T,E,k,H,I", [
+    (0, 4, 2, 32, 16),      # no tokens
+    (1, 8, 2, 32, 16),      # decode
+    (13, 6, 3, 40, 24),     # odd T, E not a power of two, H and I not multiples of the tiles
+    (9, 4, 4, 48, 32),      # top_k == E
+    (3, 12, 2, 64, 40),     # most experts get no token
+    (45, 5, 2, 36, 20),     # several M tiles per expert
+])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_fused_moe_kernel(T, E, k, H, I, dtype):
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _weights(E, H, I, dtype)
+    w = torch.rand(T, k, device=DEVICE)
+    _check_fused(x, w13, w2, w, _ids(T, E, k))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(0, 40), E=st.integers(1, 12), H=st.integers(1, 70), I=st.integers(1, 50), data=st.data(),
+       dtype=st.sampled_from(KERNEL_DTYPES))
+def test_fused_moe_kernel_random_shapes(T, E, H, I, data, dtype):
+    k = data.draw(st.integers(1, E))
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _weights(E, H, I, dtype)
+    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_fused_moe_all_tokens_to_one_expert(dtype):
+    T, E, H, I = 21, 6, 32, 24
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _weights(E, H, I, dtype)
+    ids = torch.full((T, 1), 4, dtype=torch.int32, device=DEVICE)
+    _check_fused(x, w13, w2, torch.rand(T, 1, device=DEVICE), ids)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=2, num_warps=4, num_stages=2),
+    dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=32, BLOCK_SIZE_K=16, GROUP_SIZE_M=4, num_warps=4, num_stages=2,
+         down=dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, GROUP_SIZE_M=1)),
+])
+def test_fused_moe_kernel_small_tiles_grouped_order(cfg):
+    """Several K iterations, partial N/K tiles, grouped (m, n) order, separate down-GEMM config."""
+    T, E, k, H, I = 19, 5, 2, 56, 40
+    x = torch.randn(T, H, device=DEVICE)
+    w13, w2 = _weights(E, H, I, torch.float32)
+    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k), config=cfg)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_fused_moe_expert_map(dtype):
+    """Expert parallelism: this rank holds global experts 5, 0, 3 (local 0, 1, 2); the others contribute zero."""
+    T, E, k, H, I = 17, 8, 3, 32, 24
+    emap = torch.full((E,), -1, dtype=torch.int32)
+    emap[[5, 0, 3]] = torch.tensor([0, 1, 2], dtype=torch.int32)
+    emap = emap.to(DEVICE)
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w13, w2 = _weights(3, H, I, dtype)
+    ids = _ids(T, E, k)
+    out = _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), ids, expert_map=emap)
+    # A token routed only to remote experts gets exactly zero.
+    remote_only = ~((emap[ids.long()] >= 0).any(dim=1))
+    assert bool((out[remote_only] == 0).all())
+
+
+def test_fused_moe_out_argument_and_model_dtype_weights():
+    T, E, k, H, I = 6, 4, 2, 32, 16
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.float16)
+    w13, w2 = _weights(E, H, I, torch.float16)
+    w = torch.rand(T, k, device=DEVICE).half()
+    ids = _ids(T, E, k)
+    out = torch.full_like(x, float("nan"))
+    res = ops.fused_moe(x, w13, w2, w, ids, out=out, backend="triton")
+    assert res.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, ops.fused_moe(x, w13, w2, w, ids, backend="reference"), rtol=2e-3, atol=2e-3)
+
+
+def test_fused_moe_is_deterministic():
+    T, E, k, H, I = 40, 6, 3, 32, 16
+    x = torch.randn(T, H, device=DEVICE)
+    w13, w2 = _weights(E, H, I, torch.float32)
+    w, ids = torch.rand(T, k, device=DEVICE), _ids(T, E, k)
+    a = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+    b = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+    assert torch.equal(a, b)
+
+
+# --- moe_block ---------------------------------------------------------------------------------------------------
+
+
+def _block_weights(E, H, I, Is, dtype):
+    g = (torch.randn(E, H) * H ** -0.5).to(DEVICE, dtype)
+    w13, w2 = _weights(E, H, I, dtype)
+    if not Is:
+        return g, w13, w2, None, None, None
+    sw13, sw2 = _weights(1, H, Is, dtype)
+    sg = (torch.randn(1, H) * H ** -0.5).to(DEVICE, dtype)
+    return g, w13, w2, sw13[0], sw2[0], sg
+
+
+@pytest.mark.parametrize("shared", [0, 40], ids=["thinker", "talker"])
+@pytest.mark.parametrize("T", [1, 11, 70])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_moe_block_kernel(shared, T, dtype):
+    E, k, H, I = 10, 3, 48, 24
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, shared, dtype)
+    x = torch.randn(1, T, H, device=DEVICE).to(dtype)
+    out = ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg, backend="triton")
+    same = ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg)
+    # fp64 reference with the same routing decisions (routing in fp64 could flip near-ties).
+    xf = x.reshape(T, H)
+    w, ids = ref.router(xf, g, k)
+    d = torch.float64
+    exact = ref.fused_moe(xf.to(d), w13.to(d), w2.to(d), w.to(d), ids)
+    if shared:
+        exact = exact + ref.shared_expert(xf.to(d), sw13.to(d), sw2.to(d), sg.to(d))
+    assert out.shape == x.shape
+    assert_matches_reference(out.reshape(T, H), exact, same.reshape(T, H), name="moe_block")
+
+
+def test_moe_block_kernel_expert_map_and_no_renorm():
+    E, k, H, I, T = 9, 3, 32, 24, 13
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, 40, torch.float32)
+    emap = torch.where(torch.arange(E) % 2 == 0, torch.arange(E) // 2, -1).to(DEVICE, torch.int32)
+    local = emap >= 0
+    x = torch.randn(T, H, device=DEVICE)
+    kw = dict(renormalize=False, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg, expert_map=emap)
+    out = ops.moe_block(x, g, w13[local], w2[local], k, backend="triton", **kw)
+    want = ops.moe_block(x, g, w13[local], w2[local], k, backend="reference", **kw)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# --- backends, tracing, bad input --------------------------------------------------------------------------------
+
+
+def test_backends_agree_and_context_manager_selects():
+    T, E, k, H, I = 5, 4, 2, 32, 16
+    x = torch.randn(T, H, device=DEVICE)
+    w13, w2 = _weights(E, H, I, torch.float32)
+    w, ids = torch.rand(T, k, device=DEVICE), _ids(T, E, k)
+    with omni_fast.use_backend("reference"):
+        a = ops.fused_moe(x, w13, w2, w, ids)
+    b = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_traces_under_torch_compile():
+    T, E, k, H, I = 4, 4, 2, 32, 16
+    x = torch.randn(T, H, device=DEVICE)
+    g = torch.randn(E, H, device=DEVICE)
+    w13, w2 = _weights(E, H, I, torch.float32)
+
+    def f(x):
+        # An explicit backend: dynamo cannot trace the use_backend() context variable lookup.
+        w, ids = ops.topk_softmax(x @ g.T, k, backend="triton")
+        s, e, n = ops.moe_align_block_size(ids, 16, E, backend="triton")
+        return ops.fused_moe(x, w13, w2, w, ids, backend="triton"), s, n
+
+    out, s, n = torch.compile(f, fullgraph=True, backend="eager")(x)
+    w, ids = ref.topk_softmax(x @ g.T, k)
+    torch.testing.assert_close(out, ref.fused_moe(x, w13, w2, w, ids), rtol=1e-5, atol=1e-5)
+    assert s.shape == ref.moe_align_block_size(ids, 16, E)[0].shape
+
+
+def _good():
+    T, E, k, H, I = 3, 4, 2, 16, 8
+    return dict(hidden_states=torch.randn(T, H), w13=torch.randn(E, 2 * I, H), w2=torch.randn(E, H, I),
+                topk_weights=torch.rand(T, k), topk_ids=torch.tensor([[0, 1], [2, 3], [1, 0]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(topk_ids=torch.tensor([[0, 1], [2, 4], [1, 0]], dtype=torch.int32)), ValueError, "topk_ids"),
+    (dict(topk_ids=torch.tensor([[0, 1], [2, -1], [1, 0]], dtype=torch.int32)), ValueError, "topk_ids"),
+    (dict(topk_ids=torch.zeros(3, 2)), TypeError, "topk_ids"),
+    (dict(topk_ids=torch.zeros(3, 5, dtype=torch.int32)), ValueError, "top_k"),
+    (dict(topk_ids=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "topk_ids"),
+    (dict(topk_weights=torch.rand(3, 3)), ValueError, "topk_weights"),
+    (dict(w13=torch.randn(4, 16, 16).half()), TypeError, "w13"),
+    (dict(w13=torch.randn(4, 15, 16)), ValueError, "w13"),
+    (dict(w13=torch.randn(4, 16, 12)), ValueError, "w13"),
+    (dict(w2=torch.randn(3, 16, 8)), ValueError, "w2"),
+    (dict(w2=torch.randn(4, 16, 9)), ValueError, "w2"),
+    (dict(hidden_states=torch.randn(3, 16, 1)), ValueError, "hidden_states"),
+    (dict(hidden_states=torch.randint(0, 3, (3, 16))), TypeError, "hidden_states"),
+    (dict(activation="gelu"), ValueError, "activation"),
+    (dict(expert_map=torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)), ValueError, "expert_map"),
+    (dict(expert_map=torch.tensor([0, 1, 2, 3], dtype=torch.int64)), TypeError, "expert_map"),
+    (dict(out=torch.empty(3, 15)), ValueError, "out"),
+    (dict(out=torch.empty(3, 16, dtype=torch.float16)), TypeError, "out"),
+])
+def test_fused_moe_bad_input(over, exc, match):
+    args = _good()
+    args.update(over)
+    kw = {key: args.pop(key) for key in ("activation", "expert_map", "out") if key in args}
+    with pytest.raises(exc, match=match):
+        ops.fused_moe(*args.values(), **kw)
+
+
+def test_expert_map_with_fewer_global_experts_than_top_k():
+    a = _good()
+    emap = torch.tensor([0], dtype=torch.int32)  # one global expert but k = 2
+    with pytest.raises(ValueError, match="top_k"):
+        ops.fused_moe(a["hidden_states"], a["w13"], a["w2"], a["topk_weights"], a["topk_ids"], expert_map=emap)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.topk_softmax(torch.randn(3, 4), 5), ValueError, "top_k"),
+    (lambda: ops.topk_softmax(torch.randn(3, 4), 0), ValueError, "top_k"),
+    (lambda: ops.topk_softmax(torch.randn(3, 4, 2), 1), ValueError, "router_logits"),
+    (lambda: ops.topk_softmax(torch.randint(0, 3, (3, 4)), 1), TypeError, "router_logits"),
+    (lambda: ops.moe_align_block_size(torch.tensor([[0, 4]]), 16, 4), ValueError, "topk_ids"),
+    (lambda: ops.moe_align_block_size(torch.tensor([[0, 1]]), 0, 4), ValueError, "block_size"),
+    (lambda: ops.moe_align_block_size(torch.tensor([[0.0, 1.0]]), 16, 4), TypeError, "topk_ids"),
+    (lambda: ops.moe_align_block_size(torch.tensor([[0, 1]]), 16, 4, torch.zeros(3, dtype=torch.int32)),
+     ValueError, "expert_map"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(5, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2),
+     ValueError, "gate_weight"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2,
+                           out=torch.empty(16, 3).T), ValueError, "out"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 5),
+     ValueError, "top_k"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2,
+                           shared_w13=torch.randn(8, 16)), ValueError, "together"),
+    (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(4, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2,
+                           shared_w13=torch.randn(8, 16), shared_w2=torch.randn(16, 5),
+                           shared_gate_weight=torch.randn(1, 16)), ValueError, "shared_w2"),
+])
+def test_other_ops_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --- GPU: bf16 and the real shapes -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,k,H,I,T", [(128, 8, 2048, 768, 1), (128, 8, 2048, 768, 333), (128, 6, 1024, 384, 64),
+                                       (128, 6, 1024, 192, 4096)])
+def test_fused_moe_real_shapes_bf16(E, k, H, I, T):
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    w13, w2 = _weights(E, H, I, torch.bfloat16)
+    logits = torch.randn(T, E, device=DEVICE)
+    w, ids = ops.topk_softmax(logits, k)
+    _check_fused(x, w13, w2, w, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [0, 768])
+def test_moe_block_bf16_gpu(shared):
+    E, k, H, I, T = 128, 6, 1024, 384, 77
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, shared, torch.bfloat16)
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    out = ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg)
+    same = ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg)
+    w, ids = ref.router(x, g, k)
+    d = torch.float64
+    exact = ref.fused_moe(x.to(d), w13.to(d), w2.to(d), w.to(d), ids)
+    if shared:
+        exact = exact + ref.shared_expert(x.to(d), sw13.to(d), sw2.to(d), sg.to(d))
+    assert_matches_reference(out, exact, same)
+
+
+# --- CUDA C++ routing / alignment ---------------------------------------------------------------------------------
+
+
+def test_cuda_sources_compile_for_sm90a(tmp_path):
+    """The nvcc build (C-ABI launchers included) of kernels/cuda/moe_routing.cu for Hopper."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    src = Path(moe_gemm.__file__).resolve().parent / "cuda" / "moe_routing.cu"
+    res = subprocess.run([nvcc, "-arch=sm_90a", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "moe.o")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (333, 128, 6), (17, 60, 60), (5, 256, 32)])
+def test_cuda_topk_softmax_matches(dtype, T, E, k):
+    pytest.importorskip("cupy")
+    logits = torch.randn(T, E, device=DEVICE).to(dtype)
+    w, i = ops.topk_softmax(logits, k, backend="cuda")
+    rw, ri = ref.topk_softmax(logits, k)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7)
+    tw, ti = ops.topk_softmax(logits, k, backend="triton")
+    assert torch.equal(i, ti)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,k,bs", [(1, 128, 8, 16), (4096, 128, 8, 64), (77, 9, 3, 16)])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_cuda_align_matches(T, E, k, bs, with_map):
+    pytest.importorskip("cupy")
+    ids = _ids(T, E, k)
+    emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32) if with_map else None
+    got = ops.moe_align_block_size(ids, bs, E, emap, backend="cuda")
+    _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), ids.reshape(-1).long())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 40, 1000])
+def test_fused_moe_cuda_graph_capture_and_replay(T):
+    """No host sync, fixed sizes: the whole block captures in a CUDA graph and replays on new inputs."""
+    E, k, H, I = 128, 6, 1024, 384
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, 768, torch.bfloat16)
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+
+    def run():
+        return ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg)
+
+    run()  # compile the kernels before capturing
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, run(), rtol=0, atol=0)
+
+
+def test_bench_cases_build_and_check():
+    from bench.cases import moe as cases
+
+    full = cases.cases("full")
+    assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
+    assert all(c.op == "moe" and c.bytes > 0 and c.flops > 0 for c in full)
+    decode = next(c for c in full if c.name == "thinker experts T=1")
+    assert decode.params["touched_experts"] == 8 and decode.bound == "memory"
+    for check in {c.check for c in full}:
+        check()
