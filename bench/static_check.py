@@ -95,8 +95,9 @@ def compile_case(case) -> Report:
 
     rep = Report(case.name)
     try:
-        src = triton.compiler.ASTSource(fn=_jit_function(case.kernel), signature=case.signature,
-                                        constexprs=case.constexprs)
+        fn = _jit_function(case.kernel)
+        src = triton.compiler.ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs,
+                                        attrs=case.attrs(fn.arg_names))
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         ptx = compiled.asm["ptx"]

@@ -49,11 +49,18 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _context_backend() -> str | None:
+    # The innermost use_backend block. torch.compile cannot trace ContextVar.get, and the choice is fixed for a
+    # compiled region anyway, so dynamo takes the value as a constant of the graph.
+    return _current.get()
+
+
 def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for by the call, the context or the environment (``"auto"`` when none)."""
     if explicit is not None:
         return _check_name(explicit, "backend")
-    ctx = _current.get()
+    ctx = _context_backend()
     if ctx is not None:
         return ctx
     env = os.environ.get(_ENV)

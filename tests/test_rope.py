@@ -238,3 +238,15 @@ def test_kernel_real_shapes_on_gpu(T, dtype):
     _check_kernel(T, 32, 4, 128, (24, 20, 20), True, dtype, 3, True)
     _check_kernel(T, 16, 2, 128, (24, 20, 20), True, dtype, 3, True)
     _check_kernel(T, 16, 8, 128, (24, 20, 20), True, dtype, 1, True)
+
+
+def test_use_backend_block_traces_under_torch_compile():
+    q, k = torch.randn(4, 2, 32), torch.randn(4, 1, 32)
+    pos = _positions(4)
+
+    def f(q, k, pos):
+        return omni_fast.ops.mrope(q, k, pos, mrope_section=(6, 5, 5), inplace=False)[0] * 2
+
+    with omni_fast.use_backend("reference"):
+        out = torch.compile(f, fullgraph=True, backend="eager")(q, k, pos)
+        torch.testing.assert_close(out, f(q, k, pos))

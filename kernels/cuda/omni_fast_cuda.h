@@ -39,4 +39,6 @@ int omni_fast_mrope_fp32(OMNI_FAST_MROPE_ARGS);
 }
 #endif
 
+#include "moe.h"  // MoE routing / alignment launchers
+
 #endif  // OMNI_FAST_CUDA_H
