@@ -4,6 +4,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 ``torch.library`` registration that makes every op traceable by ``torch.compile`` and capturable in CUDA graphs.
 """
 
+from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .rope import mrope, qk_norm_mrope
 
-__all__ = ["mrope", "qk_norm_mrope"]
+__all__ = ["flash_attn_varlen", "flash_attn_with_kvcache", "mrope", "qk_norm_mrope"]
