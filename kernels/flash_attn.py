@@ -11,7 +11,8 @@ Design
 - **Online softmax in base 2.** Scores are scaled by ``softmax_scale * log2(e)`` so ``exp2`` replaces ``exp``; the
   running max is clamped to 0 for rows that have seen nothing yet, so fully masked rows never produce NaN.
 - **Key range per block.** Each program visits only the key blocks its rows can see (causal / window bounds,
-  intersected with its split of the keys); the mask is applied per element inside that range.
+  intersected with its split of the keys). Blocks that every row sees entirely run without the per-element mask;
+  only the edge blocks (diagonal, window edges, the sequence end) pay for it.
 - **Split-KV.** With ``SPLIT`` the keys are cut into ``num_splits`` chunks handled by different programs, each
   writing an unnormalised-free partial (normalised output + lse, fp32) that :func:`combine_kernel` merges.
 - **Dtypes.** fp16/bf16 operands go to ``tl.dot`` as they are (fp32 accumulation) on a GPU; under the Triton CPU
@@ -58,11 +59,13 @@ def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_si
 def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
                   stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
                   win_left, win_right, qk_scale, offs_d, mask_d,
-                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  MASKED: tl.constexpr):
     """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
 
     q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
     acc fp32 ``[BLOCK_M, BLOCK_D]``, m_i (running max of base-2 scores) and l_i (running sum) fp32 ``[BLOCK_M]``.
+    ``MASKED=False`` is for key blocks every row of the block sees entirely (no per-element mask needed).
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -73,9 +76,10 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= qpos[:, None] - win_left) \
-            & (offs_n[None, :] <= qpos[:, None] + win_right)
-        s = tl.where(ok, s, float("-inf"))
+        if MASKED:
+            ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= qpos[:, None] - win_left) \
+                & (offs_n[None, :] <= qpos[:, None] + win_right)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at zero weight
         p = tl.math.exp2(s - m_safe[:, None])
@@ -158,14 +162,30 @@ def attn_fwd_kernel(
         lo = tl.maximum(lo, split * split_len)
         hi = tl.minimum(hi, (split + 1) * split_len)
     lo = (lo // BLOCK_N) * BLOCK_N  # aligned start; the mask drops the rows before the true edge
+    # Key blocks that every (real) row of this block sees entirely, [full_lo, full_hi), need no mask: cut
+    # [lo, hi) into masked [lo, mid_lo) + unmasked [mid_lo, mid_hi) + masked [mid_hi, hi).
+    full_lo = tl.maximum(tok_hi + (len_k - len_q) - win_left, 0)
+    full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(tok_lo + (len_k - len_q) + win_right + 1, len_k)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC)
+                                  BLOCK_N, PAGED, UPCAST, PREC, True)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  win_left, win_right, qk_scale, offs_d, mask_d,
+                                  BLOCK_N, PAGED, UPCAST, PREC, False)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  win_left, win_right, qk_scale, offs_d, mask_d,
+                                  BLOCK_N, PAGED, UPCAST, PREC, True)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

@@ -114,6 +114,12 @@ def test_varlen_windows(causal, window):
     _check_varlen([20, 6, 1], [20, 9, 3], 2, 1, 32, torch.float16, causal=causal, window=window)
 
 
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (True, (37, -1)), (False, (20, 33)), (False, (-1, -1))])
+def test_varlen_long_sequences_edge_and_interior_blocks(causal, window):
+    # Long enough for key blocks that every row sees entirely (the unmasked interior) between masked edges.
+    _check_varlen([90, 3, 71], [90, 40, 100], 4, 1, 16, torch.float32, causal=causal, window=window)
+
+
 def test_varlen_empty_rows_give_zeros_and_minus_inf_lse():
     # More queries than keys with a causal mask: the first queries see nothing; sequence 2 has no keys at all.
     cq, ck = _cu([4, 2]), _cu([2, 0])
@@ -205,6 +211,7 @@ def test_kvcache_split_kv(num_splits, Sq):
 
 def test_kvcache_window_and_no_append():
     _check_kvcache(2, 40, 4, 2, 1, 32, torch.float16, [25, 3], window=(5, -1))
+    _check_kvcache(2, 300, 2, 2, 1, 32, torch.float32, [290, 150], window=(100, -1), num_splits=3)
     _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], append=False)
     _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], causal=False)
 
