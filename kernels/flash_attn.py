@@ -238,13 +238,16 @@ def window_bounds(causal: bool, window_size) -> tuple[int, int]:
     return (UNBOUNDED if left < 0 else left), (UNBOUNDED if right < 0 else right)
 
 
-def block_sizes(rows_per_seq: int, head_dim: int) -> tuple[int, int, int, int]:
+def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch; small blocks under the interpreter (fewer numpy ops).
 
     ``rows_per_seq`` = query tokens x GROUP: decode-like launches (few rows) use BLOCK_M 16 and longer key tiles.
+    fp32 inputs (``elem_size`` 4) get half-size tiles and 2 stages so K/V buffers fit in shared memory.
     """
     if interpreting():
         return 16, 16, 4, 1
+    if elem_size > 2:
+        return (16 if rows_per_seq <= 16 else 64), 32, 4, 2
     if rows_per_seq <= 16:
         return 16, 128 if head_dim <= 128 else 64, 4, 3
     if rows_per_seq <= 64:
@@ -269,7 +272,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
     group = Hq // Hk
-    block_m, block_n, warps, stages = block_sizes(rows_per_seq, D)
+    block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
     left, right = window_bounds(causal, window_size)
     varlen_k = cu_k is not None
     paged = block_table is not None

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import attn_fwd, combine
+from .flash_attn import attn_fwd, block_sizes, combine
 from .launch import interpreting, launch, static_case
 
 SPLIT_ALIGN = 128  # split boundaries are multiples of every BLOCK_N, so no key is visited by two splits
@@ -91,8 +91,9 @@ def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_seqlens: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                             block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                            window_left: int, window_right: int, num_splits: int = 0) -> torch.Tensor:
-    """Append (if k/v given) then attend; q ``[B, Sq, Hq, D]`` -> out ``[B, Sq, Hq, D]`` (validated inputs).
+                            window_left: int, window_right: int, num_splits: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append (if k/v given) then attend; q ``[B, Sq, Hq, D]`` -> (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``).
 
     ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks.
     """
@@ -104,7 +105,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     if num_splits <= 0:
         rows = Sq * group
-        block_m = 16 if rows <= 16 else (64 if rows <= 64 else 128)
+        block_m = block_sizes(rows, D, q.element_size())[0]
         num_splits = choose_splits(q.device, triton.cdiv(rows, block_m) * B * Hk, capacity)
     num_splits = max(1, min(num_splits, triton.cdiv(max(capacity, 1), SPLIT_ALIGN)))
     q2 = q.reshape(B * Sq, Hq, D)
@@ -121,7 +122,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
         combine(part_o, part_lse, out, lse)
-    return out.view(B, Sq, Hq, D)
+    return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
 
 
 for _dt in ("bf16", "fp16"):

@@ -179,13 +179,17 @@ def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True
     v = torch.randn_like(k) if append else None
     kw = dict(causal=causal, window_size=window, block_table=bt)
     kc_exact, vc_exact = kc.double(), vc.double()
-    exact = ref.flash_attn_with_kvcache(q.double(), kc_exact, vc_exact, seqlens,
-                                        k=k.double() if append else None, v=v.double() if append else None, **kw)
+    exact, lse_exact = ref.flash_attn_with_kvcache(q.double(), kc_exact, vc_exact, seqlens,
+                                                   k=k.double() if append else None,
+                                                   v=v.double() if append else None, return_lse=True, **kw)
     kc_same, vc_same = kc.clone(), vc.clone()
     same = ref.flash_attn_with_kvcache(q, kc_same, vc_same, seqlens, k=k, v=v, **kw)
-    out = flash_attn_with_kvcache(q, kc, vc, seqlens, k=k, v=v, num_splits=num_splits, backend="triton", **kw)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, seqlens, k=k, v=v, num_splits=num_splits, return_lse=True,
+                                       backend="triton", **kw)
     assert torch.equal(kc, kc_same) and torch.equal(vc, vc_same), "appended cache differs from the reference"
     assert_matches_reference(out, exact, same)
+    assert lse.shape == (B, Hq, Sq)
+    _close_lse(lse, lse_exact)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

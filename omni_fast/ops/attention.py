@@ -48,22 +48,24 @@ def _varlen_triton(*args):
 
 def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale, causal, window_left,
                   window_right, num_splits, backend):
-    return torch.empty_like(q)
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
 @dispatched_op("flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"), fake=_fake_kvcache)
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                 k: torch.Tensor | None, v: torch.Tensor | None, block_table: torch.Tensor | None,
                 softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int,
-                backend: str) -> torch.Tensor:
-    """Append k/v to the caches (in place), attend: out ``[B, Sq, Hq, D]``."""
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append k/v to the caches (in place), attend: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
 
 
 @_kvcache_op.impl("reference")
 def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal, left, right,
                        num_splits):
     return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=causal,
-                                       window_size=(left, right), softmax_scale=scale, block_table=block_table)
+                                       window_size=(left, right), softmax_scale=scale, block_table=block_table,
+                                       return_lse=True)
 
 
 @_kvcache_op.impl("triton")
@@ -165,8 +167,9 @@ def flash_attn_with_kvcache(
     softmax_scale: float | None = None,
     block_table: torch.Tensor | None = None,
     num_splits: int = 0,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+):
     """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
 
     q ``[B, Sq, Hq, D]``; caches ``[B, S, Hk, D]``, or paged ``[num_blocks, block_size, Hk, D]`` with
@@ -174,7 +177,8 @@ def flash_attn_with_kvcache(
     New ``k``/``v`` ``[B, Sq, Hk, D]`` are written into the caches at ``cache_seqlens[b]..`` (in place; cache_seqlens
     itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
     alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
-    split-KV for long caches at small batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``.
+    split-KV for long caches at small batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and
+    with ``return_lse`` ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
@@ -219,8 +223,9 @@ def flash_attn_with_kvcache(
     check_positive_int("num_splits", num_splits, minimum=0)
     tensors = (q, k_cache, v_cache, cache_seqlens)
     be = _kvcache_op.resolve(tensors, backend)
-    return _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, bool(causal), left, right,
-                       int(num_splits), be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, bool(causal), left, right,
+                           int(num_splits), be)
+    return (out, lse) if return_lse else out
 
 
 __all__ = ["MAX_HEAD_DIM", "flash_attn_varlen", "flash_attn_with_kvcache"]
