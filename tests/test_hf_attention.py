@@ -86,6 +86,19 @@ def test_thinker_text_model_left_padding():
 
 
 @torch.no_grad()
+def test_thinker_text_model_packed_position_ids():
+    cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
+    x = torch.randn(1, 9, 32)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])  # three sequences packed in one row
+
+    def run(m):
+        return m(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+
+    _both(model, run)
+
+
+@torch.no_grad()
 def test_talker_model_decode():
     cfg = _text_cfg(cfgs.Qwen3OmniMoeTalkerTextConfig, num_attention_heads=8, num_key_value_heads=1, num_experts=4,
                     num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)

@@ -15,7 +15,9 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
   returns an average over masked keys there, a meaningless value either way). A mask shorter than the keys (a
   static cache's unused tail) marks the extra keys as padding;
 - **packed sequences**: ``cu_seq_lens_q``/``cu_seq_lens_k`` (transformers' FlashAttention kwargs, with
-  ``max_length_q``/``max_length_k``) or ``cu_seqlens`` with batch 1: block-diagonal varlen attention;
+  ``max_length_q``/``max_length_k``) or ``cu_seqlens`` with batch 1: block-diagonal varlen attention; without
+  them, batch-1 ``position_ids`` that restart at 0 (FlashAttention's packing rule in transformers, applied when
+  queries and keys have the same length) split the row into sequences;
 - **any other mask** (a 4-D bool or additive float mask built by the caller): not expressible as FlashAttention
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
@@ -49,6 +51,22 @@ def _max_len(cu: torch.Tensor, given) -> int:
     if given is not None:
         return int(given)
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def _cu_from_positions(position_ids, T: int):
+    """cu_seqlens of sequences packed in one row (positions restarting at 0), or None if not packed.
+
+    FlashAttention's rule in transformers: batch 1, several increasing runs, each starting at position 0.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape != (1, T):
+        return None
+    p = position_ids[0]
+    if torch.equal(p, torch.arange(T, device=p.device) + p[0]):
+        return None
+    starts = (p == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        return None
+    return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
 
 
 def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
@@ -130,6 +148,10 @@ def omni_fast_attention_forward(
         if attention_mask is not None:
             raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
         return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window), None
+    if attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
+        cu = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
+        if cu is not None:  # several sequences packed in one row, told apart by their position ids
+            return _packed(query, key, value, cu, cu, {}, scale, window), None
     if attention_mask is None:
         B, Sk = key.shape[0], key.shape[2]
         lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
