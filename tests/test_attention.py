@@ -261,6 +261,12 @@ def test_traces_under_torch_compile():
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k), f(q, k))
 
+    def f_triton(q, k):
+        return flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True, backend="triton") * 2
+
+    torch.testing.assert_close(torch.compile(f_triton, fullgraph=True, backend="eager")(q, k), f(q, k),
+                               rtol=1e-5, atol=1e-5)
+
     def g(q, kc, vc, lens, kn):
         return flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=kn, backend="reference") + 1
 

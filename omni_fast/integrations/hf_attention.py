@@ -137,6 +137,9 @@ def omni_fast_attention_forward(
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"omni_fast attention does not support {name!r}")
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError("omni_fast attention does not support transformers' continuous batching "
+                                  "(PagedAttentionCache); use omni_fast.ops.flash_attn_with_kvcache with a block_table")
     if dropout and module.training:
         raise ValueError("omni_fast attention is inference-only (dropout > 0 in training mode)")
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
