@@ -40,7 +40,7 @@ MAX_HEAD_DIM = 256
 
 @triton.jit
 def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, offs_d, mask_d,
-             PAGED: tl.constexpr):
+             PAGED: tl.constexpr, ALIGN: tl.constexpr):
     """Load a ``[BLOCK_N, BLOCK_D]`` tile of key/value rows ``offs_n`` of one head (zeros where masked).
 
     Contiguous: row ``n`` is at ``base + n * stride_t``. Paged: logical row ``n`` lives in physical block
@@ -51,6 +51,8 @@ def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_si
         row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
     else:
         row_off = offs_n.to(tl.int64) * stride_t
+    if ALIGN > 1:  # every row starts ALIGN-element aligned: lets the loads vectorise (16-byte accesses)
+        row_off = tl.multiple_of(row_off, [ALIGN])
     ptrs = base_ptr + row_off[:, None] + offs_d[None, :]
     return tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
@@ -60,7 +62,7 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
                   stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
                   win_left, win_right, qk_scale, offs_d, mask_d,
                   BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, ALIGN: tl.constexpr):
     """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
 
     q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
@@ -70,8 +72,10 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, offs_d, mask_d, PAGED)
-        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, offs_d, mask_d, PAGED)
+        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, offs_d, mask_d, PAGED,
+                     ALIGN)
+        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, offs_d, mask_d, PAGED,
+                     ALIGN)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -101,14 +105,16 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_BYTES: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``.
 
     Queries of sequence b: rows ``cu_q[b]..cu_q[b+1]`` (VARLEN_Q) or ``b*seqlen_q ..`` (fixed length). Keys:
     packed rows ``cu_k[b]..`` (VARLEN_K), else cache b with ``seqused_k[b] + k_extra`` rows (contiguous at
     ``b * stride_kb`` or paged through ``bt_ptr``). With NUM_SPLITS > 1, o/lse are fp32 partial buffers with a
-    leading split dimension (strides stride_os / stride_ls).
+    leading split dimension (strides stride_os / stride_ls). ALIGN (elements) / ALIGN_BYTES: the host checked that
+    every base pointer is ALIGN_BYTES-aligned and every row/head/batch stride a multiple of ALIGN, so the kernel may
+    promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -138,6 +144,9 @@ def attn_fwd_kernel(
             k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
             v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
+    if ALIGN > 1:
+        k_base = tl.multiple_of(k_base, [ALIGN_BYTES])
+        v_base = tl.multiple_of(v_base, [ALIGN_BYTES])
 
     # Rows of this block: (token, head-in-group) pairs.
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,8 +157,12 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
-    q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    q_base = q_ptr + q_start.to(tl.int64) * stride_qt
+    q_rows = tok.to(tl.int64) * stride_qt + head * stride_qh
+    if ALIGN > 1:
+        q_base = tl.multiple_of(q_base, [ALIGN_BYTES])
+        q_rows = tl.multiple_of(q_rows, [ALIGN])
+    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -177,21 +190,25 @@ def attn_fwd_kernel(
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True)
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, False)
+                                  BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True)
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh + split * stride_os
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+    o_base = o_ptr + q_start.to(tl.int64) * stride_ot + split * stride_os
+    o_rows = tok.to(tl.int64) * stride_ot + head * stride_oh
+    if ALIGN > 1:
+        o_base = tl.multiple_of(o_base, [ALIGN_BYTES])
+        o_rows = tl.multiple_of(o_rows, [ALIGN])
+    tl.store(o_base + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
     tl.store(lse_ptr + split * stride_ls + head.to(tl.int64) * stride_lh + q_start + tok, lse, mask=mask_r)
 
@@ -246,13 +263,32 @@ def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[i
     """
     if interpreting():
         return 16, 16, 4, 1
+    return gpu_block_sizes(rows_per_seq, head_dim, elem_size)
+
+
+def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """The GPU launch config (see :func:`block_sizes`); also used for the sm_90a static cases.
+
+    Padded head dims (72, 96: BLOCK_D > HEAD_DIM) carry per-element D masks, which push the 128-row config past
+    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup.
+    """
     if elem_size > 2:
         return (16 if rows_per_seq <= 16 else 64), 32, 4, 2
     if rows_per_seq <= 16:
         return 16, 128 if head_dim <= 128 else 64, 4, 3
-    if rows_per_seq <= 64:
+    if rows_per_seq <= 64 or head_dim != triton.next_power_of_2(head_dim):
         return 64, 64, 4, 3
     return 128, 64 if head_dim <= 128 else 32, 8, 3
+
+
+def alignment(tensors, strides) -> int:
+    """Largest ALIGN (elements, <= 16 bytes) dividing every tensor's data pointer and every given stride."""
+    elem = tensors[0].element_size()
+    align = max(1, 16 // elem)
+    while align > 1 and (any(t.data_ptr() % (align * elem) for t in tensors if t.numel())
+                         or any(int(s) % align for s in strides)):
+        align //= 2
+    return align
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -285,6 +321,9 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
     split = num_splits > 1
     grid = (triton.cdiv(rows_per_seq, block_m), batch, Hk * num_splits)
+    align = alignment((q, k, v, out), (q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb,
+                                       stride_vt, stride_vh, out.stride(-3), out.stride(-2),
+                                       out.stride(0) if split else 0))
     launch(
         attn_fwd_kernel, grid,
         q, k, v, out, lse,
@@ -297,7 +336,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         split_len if split else 0,
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
-        UPCAST=interpreting(), PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages, device=q.device,
+        UPCAST=interpreting(), PREC=dot_precision(q.dtype), ALIGN=align, ALIGN_BYTES=align * q.element_size(),
+        num_warps=warps, num_stages=stages, device=q.device,
     )
 
 
@@ -345,7 +385,7 @@ def _register_static_cases() -> None:
         s["qk_scale"] = "fp32"
         s["split_len"] = "i32"
         for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                     "PAGED", "UPCAST", "PREC"):
+                     "PAGED", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
             s[name] = "constexpr"
         return s
 
@@ -363,12 +403,12 @@ def _register_static_cases() -> None:
     ]
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:
-            bm, bn, warps, stages = (128, 64, 8, 3) if rows > 64 else (16, 128, 4, 3)
+            bm, bn, warps, stages = gpu_block_sizes(rows, d)
             static_case(
                 f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
                 {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
                  "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-                 "UPCAST": False, "PREC": "tf32"},
+                 "UPCAST": False, "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
                 num_warps=warps, num_stages=stages)
         static_case(
             f"combine_kernel[{dt},d128]", combine_kernel,

@@ -340,3 +340,18 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     a = flash_attn_varlen(q, k, k, cu, cu, 5, 5, backend="reference")
     b = flash_attn_varlen(q, k, k, cu, cu, 5, 5, softmax_scale=1 / math.sqrt(16), backend="reference")
     assert torch.equal(a, b)
+
+
+def test_alignment_hint_only_when_pointers_and_strides_allow():
+    from omni_fast.kernels.flash_attn import alignment
+
+    buf = torch.zeros(64, 4, 72, dtype=torch.float16)
+    assert alignment((buf,), buf.stride()[:-1]) == 8  # 72-element rows of fp16: 16-byte aligned
+    assert alignment((buf[:, :, 1:],), buf.stride()[:-1]) == 1  # shifted by one element
+    assert alignment((buf,), (buf.stride(0), 4)) == 4
+    assert alignment((torch.zeros(8, 3, 8),), (24, 8)) == 4  # fp32: at most 16 bytes = 4 elements
+    # a misaligned view still runs correctly (no alignment promise is made to the compiler)
+    cu = _cu([9]).to(DEVICE)
+    q = torch.randn(9, 2, 17, device=DEVICE)[:, :, 1:]
+    out = flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True, backend="triton")
+    torch.testing.assert_close(out, ref.flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True), rtol=1e-5, atol=1e-5)
