@@ -88,20 +88,17 @@ def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
     return max(1, splits)
 
 
-def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            cache_seqlens: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                            block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                            window_left: int, window_right: int, num_splits: int = 0
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append (if k/v given) then attend; q ``[B, Sq, Hq, D]`` -> (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``).
+def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
+                      window_left: int, window_right: int, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
-    ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks.
+    Returns (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see
+    :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks.
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
     group = Hq // Hk
-    if k is not None:
-        append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     if num_splits <= 0:
         rows = Sq * group
@@ -112,7 +109,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty(B * Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(Hq, B * Sq, dtype=torch.float32, device=q.device)
     common = dict(batch=B, rows_per_seq=Sq * group, cu_q=None, seqlen_q=Sq, cu_k=None, seqused_k=cache_seqlens,
-                  k_extra=Sq if k is not None else 0, block_table=block_table, softmax_scale=softmax_scale,
+                  k_extra=k_extra, block_table=block_table, softmax_scale=softmax_scale,
                   causal=causal, window_size=(window_left, window_right))
     if num_splits == 1:
         attn_fwd(q2, k_cache, v_cache, out, lse, **common)
@@ -123,6 +120,15 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
         combine(part_o, part_lse, out, lse)
     return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale: float,
+                            causal: bool, window_left: int, window_right: int, num_splits: int = 0):
+    """Append k/v (if given) at ``cache_seqlens``, then :func:`kvcache_attention` over the grown caches."""
+    if k is not None:
+        append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+    return kvcache_attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0, block_table,
+                             softmax_scale, causal, window_left, window_right, num_splits)
 
 
 for _dt in ("bf16", "fp16"):
@@ -137,4 +143,4 @@ for _dt in ("bf16", "fp16"):
              "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "PAGED": "constexpr"},
             {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged}, num_warps=4, num_stages=1)
 
-__all__ = ["append_kv", "append_kv_kernel", "choose_splits", "flash_attn_with_kvcache"]
+__all__ = ["append_kv", "append_kv_kernel", "choose_splits", "flash_attn_with_kvcache", "kvcache_attention"]

@@ -46,24 +46,43 @@ def _varlen_triton(*args):
     return flash_attn.flash_attn_varlen(*args)
 
 
-def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale, causal, window_left,
+@dispatched_op("append_kv_cache_", mutates_args=("k_cache", "v_cache"))
+def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, block_table: torch.Tensor | None, backend: str) -> None:
+    """In place: write k/v ``[B, Sq, Hk, D]`` at cache rows ``cache_seqlens[b] ..``."""
+
+
+@_append_op.impl("reference")
+def _append_reference(k_cache, v_cache, cache_seqlens, k, v, block_table):
+    ref.append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+
+
+@_append_op.impl("triton")
+def _append_triton(*args):
+    from ..kernels import flash_attn_kvcache
+
+    flash_attn_kvcache.append_kv(*args)
+
+
+def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, softmax_scale, causal, window_left,
                   window_right, num_splits, backend):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
-@dispatched_op("flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"), fake=_fake_kvcache)
+# Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
+@dispatched_op("kvcache_attention", fake=_fake_kvcache)
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                k: torch.Tensor | None, v: torch.Tensor | None, block_table: torch.Tensor | None,
-                softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int,
+                k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
+                window_left: int, window_right: int, num_splits: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append k/v to the caches (in place), attend: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
+    """Attend to ``cache_seqlens[b] + k_extra`` cached keys: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
 
 
 @_kvcache_op.impl("reference")
-def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, causal, left, right,
+def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right,
                        num_splits):
-    return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=causal,
+    return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens + k_extra, causal=causal,
                                        window_size=(left, right), softmax_scale=scale, block_table=block_table,
                                        return_lse=True)
 
@@ -72,7 +91,7 @@ def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k, v, block_table, sc
 def _kvcache_triton(*args):
     from ..kernels import flash_attn_kvcache
 
-    return flash_attn_kvcache.flash_attn_with_kvcache(*args)
+    return flash_attn_kvcache.kvcache_attention(*args)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -223,8 +242,10 @@ def flash_attn_with_kvcache(
     check_positive_int("num_splits", num_splits, minimum=0)
     tensors = (q, k_cache, v_cache, cache_seqlens)
     be = _kvcache_op.resolve(tensors, backend)
-    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, k, v, block_table, scale, bool(causal), left, right,
-                           int(num_splits), be)
+    if k is not None:
+        _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, scale, bool(causal), left,
+                           right, int(num_splits), be)
     return (out, lse) if return_lse else out
 
 
