@@ -70,6 +70,24 @@ def test_thinker_text_model_prefill_and_decode():
 
 
 @torch.no_grad()
+def test_thinker_text_model_static_cache():
+    from transformers import StaticCache
+
+    cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
+    x, steps = torch.randn(2, 5, 32), [torch.randn(2, 1, 32) for _ in range(2)]
+
+    def run(m):  # keys are the whole 12-slot cache; the unfilled slots must not be attended
+        cache = StaticCache(config=m.config, max_cache_len=12)
+        outs = [m(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state]
+        for s in steps:
+            outs.append(m(inputs_embeds=s, past_key_values=cache, use_cache=True).last_hidden_state)
+        return tuple(outs)
+
+    _both(model, run)
+
+
+@torch.no_grad()
 def test_thinker_text_model_left_padding():
     cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
@@ -221,5 +239,7 @@ def test_registered_names():
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    from omni_fast.integrations.hf_attention import omni_fast_mask
+
     assert AttentionInterface()["omni_fast"] is omni_fast_attention_forward
-    assert "omni_fast" in ALL_MASK_ATTENTION_FUNCTIONS
+    assert ALL_MASK_ATTENTION_FUNCTIONS["omni_fast"] is omni_fast_mask

@@ -1,9 +1,9 @@
 """transformers ``AttentionInterface`` entry for omni-fast's flash attention (name ``"omni_fast"``).
 
 :func:`register` adds :func:`omni_fast_attention_forward` to transformers' ``AttentionInterface`` and, for the same
-name, transformers' own FlashAttention mask builder (``flash_attention_mask``) to the ``AttentionMaskInterface``:
-models then hand the attention function either no mask (pure causal / sliding-window / bidirectional pattern,
-which the kernel applies itself) or the 2-D padding mask ``[B, kv_len]``.
+name, :func:`omni_fast_mask` (transformers' FlashAttention mask rule, plus static-cache tails) to the
+``AttentionMaskInterface``: models then hand the attention function either no mask (pure causal / sliding-window /
+bidirectional pattern, which the kernel applies itself) or the 2-D padding mask ``[B, kv_len]``.
 
 What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]``, output ``[B, Sq, Hq, D]``):
 
@@ -166,13 +166,32 @@ def omni_fast_attention_forward(
     return _masked_fallback(query, key, value, attention_mask, scale), None
 
 
+def omni_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask builder for ``"omni_fast"``: ``None`` (pure pattern) or a 2-D padding mask ``[B, L]``.
+
+    transformers' FlashAttention rule (``flash_attention_mask``: the 2-D mask, or None when nothing is padded),
+    plus one case FlashAttention leaves to the caller: keys longer than the tokens seen so far (the unfilled tail of
+    a ``StaticCache``) get a mask of the filled length, so the kernel never attends to empty slots.
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                attention_mask=attention_mask, **kwargs)
+    if mask is None:
+        filled = int(q_offset) + q_length - int(kv_offset)
+        if 0 < filled < kv_length:
+            mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    return mask
+
+
 def register(name: str) -> None:
-    """Register :func:`omni_fast_attention_forward` (and FlashAttention-style mask building) under ``name``."""
+    """Register :func:`omni_fast_attention_forward` and :func:`omni_fast_mask` under ``name``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, omni_fast_attention_forward)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, omni_fast_mask)
 
 
-__all__ = ["omni_fast_attention_forward", "register"]
+__all__ = ["omni_fast_attention_forward", "omni_fast_mask", "register"]
