@@ -1,4 +1,4 @@
-"""Public flash-attention ops with FlashAttention-2 semantics: :func:`flash_attn_varlen`, :func:`flash_attn_with_kvcache`.
+"""Public flash-attention ops, FlashAttention-2 semantics: :func:`flash_attn_varlen`, :func:`flash_attn_with_kvcache`.
 
 Drop-in for ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only): packed sequences
 through int32 ``cu_seqlens``, GQA, causal masks aligned bottom-right, sliding windows ``window_size=(left, right)``
