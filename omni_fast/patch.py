@@ -205,8 +205,20 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
 def _set(saved: list, config, attr: str, value: str) -> None:
     if any(c is config and a == attr for c, a, _ in saved):
         return
-    saved.append((config, attr, getattr(config, attr, None)))
+    # transformers keeps the name in `<attr>_internal` behind a setter that maps None to a default; save and
+    # restore the raw value so unpatch gives back exactly what was there.
+    internal = attr + "_internal"
+    saved.append((config, attr, config.__dict__[internal] if internal in config.__dict__ else getattr(config, attr,
+                                                                                                        None)))
     setattr(config, attr, value)
+
+
+def _restore(config, attr: str, old) -> None:
+    internal = attr + "_internal"
+    if internal in config.__dict__:
+        config.__dict__[internal] = old
+    else:
+        setattr(config, attr, old)
 
 
 def unpatch(model: nn.Module) -> None:
@@ -217,6 +229,6 @@ def unpatch(model: nn.Module) -> None:
             del module._omni_fast_forward
             module.__dict__.pop("_omni_fast_backend", None)
     for config, attr, old in reversed(getattr(model, "_omni_fast_saved_configs", [])):
-        setattr(config, attr, old)
+        _restore(config, attr, old)
     model._omni_fast_saved_configs = []
     model._omni_fast_patched = False

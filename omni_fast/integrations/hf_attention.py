@@ -1,5 +1,197 @@
-"""transformers ``AttentionInterface`` entry for omni-fast's flash attention (filled in by the attention work)."""
+"""transformers ``AttentionInterface`` entry for omni-fast's flash attention (name ``"omni_fast"``).
+
+:func:`register` adds :func:`omni_fast_attention_forward` to transformers' ``AttentionInterface`` and, for the same
+name, :func:`omni_fast_mask` (transformers' FlashAttention mask rule, plus static-cache tails) to the
+``AttentionMaskInterface``: models then hand the attention function either no mask (pure causal / sliding-window /
+bidirectional pattern, which the kernel applies itself) or the 2-D padding mask ``[B, kv_len]``.
+
+What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]``, output ``[B, Sq, Hq, D]``):
+
+- **no mask**: causal (``is_causal`` kwarg, else ``module.is_causal``) aligned bottom-right, so keys that include a
+  transformers ``Cache``'s past work for chunked prefill and decoding; ``sliding_window=w`` means the last ``w``
+  keys up to and including the query's own position (``window_size=(w - 1, 0)``; bidirectional ``(w-1, w-1)``);
+- **2-D padding mask** (bool/int ``[B, L]``, 1 = real token): real tokens are packed and run through
+  :func:`omni_fast.ops.flash_attn_varlen` (FlashAttention-2's unpadding); padded query rows return zeros (eager
+  returns an average over masked keys there, a meaningless value either way). A mask shorter than the keys (a
+  static cache's unused tail) marks the extra keys as padding;
+- **packed sequences**: ``cu_seq_lens_q``/``cu_seq_lens_k`` (transformers' FlashAttention kwargs, with
+  ``max_length_q``/``max_length_k``) or ``cu_seqlens`` with batch 1: block-diagonal varlen attention; without
+  them, batch-1 ``position_ids`` that restart at 0 (FlashAttention's packing rule in transformers, applied when
+  queries and keys have the same length) split the row into sequences;
+- **any other mask** (a 4-D bool or additive float mask built by the caller): not expressible as FlashAttention
+  parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
+
+Note: the Qwen-Omni audio and vision encoders only pass ``cu_seq_lens_*`` to implementations whose name contains
+"flash"; under ``"omni_fast"`` they split the packed sequence per window on the host and call this function once
+per window, which is correct (the block-diagonal result) but issues one launch per window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_UNSUPPORTED = ("softcap", "s_aux", "position_bias")
+
+
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    if sliding_window is None or sliding_window <= 0:
+        return (-1, 0) if causal else (-1, -1)
+    w = int(sliding_window) - 1
+    return (w, 0) if causal else (w, w)
+
+
+def _cu_from_kwargs(kwargs: dict):
+    cu_q = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens_q", kwargs.get("cu_seqlens")))
+    cu_k = kwargs.get("cu_seq_lens_k", kwargs.get("cu_seqlens_k", kwargs.get("cu_seqlens", cu_q)))
+    return cu_q, cu_k
+
+
+def _max_len(cu: torch.Tensor, given) -> int:
+    if given is not None:
+        return int(given)
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def _cu_from_positions(position_ids, T: int):
+    """cu_seqlens of sequences packed in one row (positions restarting at 0), or None if not packed.
+
+    FlashAttention's rule in transformers: batch 1, several increasing runs, each starting at position 0.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape != (1, T):
+        return None
+    p = position_ids[0]
+    if torch.equal(p, torch.arange(T, device=p.device) + p[0]):
+        return None
+    starts = (p == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        return None
+    return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+
+
+def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
+    """Batch-1 packed sequences: [1, H, T, D] -> varlen over cu_seqlens."""
+    from ..ops import flash_attn_varlen
+
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seqlens attention expects batch 1 (packed tokens), got batch {query.shape[0]}")
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    out = flash_attn_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                            _max_len(cu_q, kwargs.get("max_length_q")), _max_len(cu_k, kwargs.get("max_length_k")),
+                            softmax_scale=scale, window_size=window)
+    return out[None]
+
+
+def _unpadded(query, key, value, mask2d, scale, window):
+    """Pack the real tokens of a padded batch, run varlen attention, scatter back (zeros on padded queries)."""
+    from ..ops import flash_attn_varlen
+
+    B, Hq, Sq, D = query.shape
+    Sk = key.shape[2]
+    real = mask2d.bool()
+    q_real = real[:, -Sq:]  # the queries are the newest positions of the mask
+    k_real = F.pad(real, (0, Sk - real.shape[1]), value=False) if real.shape[1] < Sk else real[:, -Sk:]
+    q = query.transpose(1, 2)[q_real]  # [Tq, Hq, D]
+    k = key.transpose(1, 2)[k_real]
+    v = value.transpose(1, 2)[k_real]
+    lq, lk = q_real.sum(1), k_real.sum(1)
+    cu_q = F.pad(lq.cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = F.pad(lk.cumsum(0), (1, 0)).to(torch.int32)
+    out = flash_attn_varlen(q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), softmax_scale=scale,
+                            window_size=window)
+    full = query.new_zeros(B, Sq, Hq, D)
+    full[q_real] = out
+    return full
+
+
+def _masked_fallback(query, key, value, mask, scale):
+    """Eager arithmetic with an arbitrary 4-D mask (bool: True = attend; float: additive)."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous()
+
+
+def omni_fast_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`` -> (``[B, Sq, Hq, D]``,
+    None). See the module docstring for the masks it accepts."""
+    from ..ops import flash_attn_with_kvcache
+
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"omni_fast attention does not support {name!r}")
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError("omni_fast attention does not support transformers' continuous batching "
+                                  "(PagedAttentionCache); use omni_fast.ops.flash_attn_with_kvcache with a block_table")
+    if dropout and module.training:
+        raise ValueError("omni_fast attention is inference-only (dropout > 0 in training mode)")
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = _window(sliding_window, causal)
+
+    cu_q, cu_k = _cu_from_kwargs(kwargs)
+    if cu_q is not None:
+        if attention_mask is not None:
+            raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
+        return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window), None
+    if attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
+        cu = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
+        if cu is not None:  # several sequences packed in one row, told apart by their position ids
+            return _packed(query, key, value, cu, cu, {}, scale, window), None
+    if attention_mask is None:
+        B, Sk = key.shape[0], key.shape[2]
+        lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
+        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                                      causal=window[1] == 0, window_size=window, softmax_scale=scale)
+        return out, None
+    if attention_mask.dim() == 2:
+        return _unpadded(query, key, value, attention_mask, scale, window), None
+    return _masked_fallback(query, key, value, attention_mask, scale), None
+
+
+def omni_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask builder for ``"omni_fast"``: ``None`` (pure pattern) or a 2-D padding mask ``[B, L]``.
+
+    transformers' FlashAttention rule (``flash_attention_mask``: the 2-D mask, or None when nothing is padded),
+    plus one case FlashAttention leaves to the caller: keys longer than the tokens seen so far (the unfilled tail of
+    a ``StaticCache``) get a mask of the filled length, so the kernel never attends to empty slots.
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                attention_mask=attention_mask, **kwargs)
+    if mask is None:
+        filled = int(q_offset) + q_length - int(kv_offset)
+        if 0 < filled < kv_length:
+            mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    return mask
 
 
 def register(name: str) -> None:
-    """Register the omni-fast attention forward under ``name``."""
+    """Register :func:`omni_fast_attention_forward` and :func:`omni_fast_mask` under ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, omni_fast_attention_forward)
+    AttentionMaskInterface.register(name, omni_fast_mask)
+
+
+__all__ = ["omni_fast_attention_forward", "omni_fast_mask", "register"]

@@ -4,7 +4,17 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 ``torch.library`` registration that makes every op traceable by ``torch.compile`` and capturable in CUDA graphs.
 """
 
+from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
 
-__all__ = ["fused_moe", "moe_align_block_size", "moe_block", "mrope", "qk_norm_mrope", "topk_softmax"]
+__all__ = [
+    "flash_attn_varlen",
+    "flash_attn_with_kvcache",
+    "fused_moe",
+    "moe_align_block_size",
+    "moe_block",
+    "mrope",
+    "qk_norm_mrope",
+    "topk_softmax",
+]

@@ -1,0 +1,425 @@
+"""Flash attention forward in Triton: one kernel for packed varlen sequences and for KV caches (contiguous/paged).
+
+Semantics are FlashAttention-2's (see :mod:`omni_fast.reference.attention`): block-diagonal packing through
+``cu_seqlens``, bottom-right aligned causal masks and sliding windows, GQA, zeros and ``lse = -inf`` for rows that
+see no key.
+
+Design
+- **Packed GQA.** One program handles one key/value head and ``BLOCK_M`` query *rows*, a row being a (token, query
+  head of the group) pair: ``row = token * GROUP + g``. Every K/V tile is loaded once for all ``GROUP`` query heads
+  that share it, which is what makes decode (one token, GROUP 2..8 heads) read the cache once.
+- **Online softmax in base 2.** Scores are scaled by ``softmax_scale * log2(e)`` so ``exp2`` replaces ``exp``; the
+  running max is clamped to 0 for rows that have seen nothing yet, so fully masked rows never produce NaN.
+- **Key range per block.** Each program visits only the key blocks its rows can see (causal / window bounds,
+  intersected with its split of the keys). Blocks that every row sees entirely run without the per-element mask;
+  only the edge blocks (diagonal, window edges, the sequence end) pay for it.
+- **Split-KV.** With ``SPLIT`` the keys are cut into ``num_splits`` chunks handled by different programs, each
+  writing an unnormalised-free partial (normalised output + lse, fp32) that :func:`combine_kernel` merges.
+- **Dtypes.** fp16/bf16 operands go to ``tl.dot`` as they are (fp32 accumulation) on a GPU; under the Triton CPU
+  interpreter, whose bf16 dot is wrong, they are upcast to fp32 first (the ``UPCAST`` constexpr). fp32 inputs use
+  IEEE fp32 dots (no TF32) so fp32 results stay fp32-accurate.
+- Non-power-of-two head dims (72, 96) are padded to ``BLOCK_D`` by masked loads (zeros do not change the dots).
+
+Shapes: q/out ``[Tq, Hq, D]`` (token and head strides free, unit stride in D), lse fp32 ``[Hq, Tq]``; keys either
+packed ``[Tk, Hk, D]`` with ``cu_seqlens_k`` or per-sequence caches ``[B, S, Hk, D]`` / pages
+``[num_blocks, page, Hk, D]`` with lengths ``seqused_k[b] + k_extra``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting, launch, static_case
+
+LOG2E = 1.4426950408889634
+UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, offs_d, mask_d,
+             PAGED: tl.constexpr, ALIGN: tl.constexpr):
+    """Load a ``[BLOCK_N, BLOCK_D]`` tile of key/value rows ``offs_n`` of one head (zeros where masked).
+
+    Contiguous: row ``n`` is at ``base + n * stride_t``. Paged: logical row ``n`` lives in physical block
+    ``block_table[n // page]`` at offset ``n % page``.
+    """
+    if PAGED:
+        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0).to(tl.int64)
+        row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
+    else:
+        row_off = offs_n.to(tl.int64) * stride_t
+    if ALIGN > 1:  # every row starts ALIGN-element aligned: lets the loads vectorise (16-byte accesses)
+        row_off = tl.multiple_of(row_off, [ALIGN])
+    ptrs = base_ptr + row_off[:, None] + offs_d[None, :]
+    return tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
+                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
+                  win_left, win_right, qk_scale, offs_d, mask_d,
+                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  MASKED: tl.constexpr, ALIGN: tl.constexpr):
+    """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
+
+    q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
+    acc fp32 ``[BLOCK_M, BLOCK_D]``, m_i (running max of base-2 scores) and l_i (running sum) fp32 ``[BLOCK_M]``.
+    ``MASKED=False`` is for key blocks every row of the block sees entirely (no per-element mask needed).
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, offs_d, mask_d, PAGED,
+                     ALIGN)
+        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, offs_d, mask_d, PAGED,
+                     ALIGN)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if MASKED:
+            ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= qpos[:, None] - win_left) \
+                & (offs_n[None, :] <= qpos[:, None] + win_right)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at zero weight
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt,
+    seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_BYTES: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``.
+
+    Queries of sequence b: rows ``cu_q[b]..cu_q[b+1]`` (VARLEN_Q) or ``b*seqlen_q ..`` (fixed length). Keys:
+    packed rows ``cu_k[b]..`` (VARLEN_K), else cache b with ``seqused_k[b] + k_extra`` rows (contiguous at
+    ``b * stride_kb`` or paged through ``bt_ptr``). With NUM_SPLITS > 1, o/lse are fp32 partial buffers with a
+    leading split dimension (strides stride_os / stride_ls). ALIGN (elements) / ALIGN_BYTES: the host checked that
+    every base pointer is ALIGN_BYTES-aligned and every row/head/batch stride a multiple of ALIGN, so the kernel may
+    promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    kvh = pid_z // NUM_SPLITS
+    split = pid_z % NUM_SPLITS
+
+    if VARLEN_Q:
+        q_start = tl.load(cu_q_ptr + b)
+        len_q = tl.load(cu_q_ptr + b + 1) - q_start
+    else:
+        q_start = b * seqlen_q
+        len_q = seqlen_q
+    if pid_m * BLOCK_M >= len_q * GROUP:
+        return
+    if VARLEN_K:
+        k_start = tl.load(cu_k_ptr + b)
+        len_k = tl.load(cu_k_ptr + b + 1) - k_start
+        k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+        v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    else:
+        len_k = tl.load(seqused_k_ptr + b) + k_extra
+        if PAGED:
+            k_base = k_ptr + kvh * stride_kh
+            v_base = v_ptr + kvh * stride_vh
+        else:
+            k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+            v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
+    if ALIGN > 1:
+        k_base = tl.multiple_of(k_base, [ALIGN_BYTES])
+        v_base = tl.multiple_of(v_base, [ALIGN_BYTES])
+
+    # Rows of this block: (token, head-in-group) pairs.
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = offs_r // GROUP
+    head = kvh * GROUP + offs_r % GROUP
+    mask_r = tok < len_q
+    qpos = tok + (len_k - len_q)  # bottom-right alignment
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    q_base = q_ptr + q_start.to(tl.int64) * stride_qt
+    q_rows = tok.to(tl.int64) * stride_qt + head * stride_qh
+    if ALIGN > 1:
+        q_base = tl.multiple_of(q_base, [ALIGN_BYTES])
+        q_rows = tl.multiple_of(q_rows, [ALIGN])
+    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Keys this block can see: [first row's left edge, last row's right edge] within [0, len_k) and this split.
+    tok_lo = (pid_m * BLOCK_M) // GROUP
+    tok_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, len_q - 1)
+    lo = tl.maximum(tok_lo + (len_k - len_q) - win_left, 0)
+    hi = tl.minimum(tok_hi + (len_k - len_q) + win_right + 1, len_k)
+    if NUM_SPLITS > 1:
+        lo = tl.maximum(lo, split * split_len)
+        hi = tl.minimum(hi, (split + 1) * split_len)
+    lo = (lo // BLOCK_N) * BLOCK_N  # aligned start; the mask drops the rows before the true edge
+    # Key blocks that every (real) row of this block sees entirely, [full_lo, full_hi), need no mask: cut
+    # [lo, hi) into masked [lo, mid_lo) + unmasked [mid_lo, mid_hi) + masked [mid_hi, hi).
+    full_lo = tl.maximum(tok_hi + (len_k - len_q) - win_left, 0)
+    full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(tok_lo + (len_k - len_q) + win_right + 1, len_k)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  win_left, win_right, qk_scale, offs_d, mask_d,
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  win_left, win_right, qk_scale, offs_d, mask_d,
+                                  BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  win_left, win_right, qk_scale, offs_d, mask_d,
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_base = o_ptr + q_start.to(tl.int64) * stride_ot + split * stride_os
+    o_rows = tok.to(tl.int64) * stride_ot + head * stride_oh
+    if ALIGN > 1:
+        o_base = tl.multiple_of(o_base, [ALIGN_BYTES])
+        o_rows = tl.multiple_of(o_rows, [ALIGN])
+    tl.store(o_base + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + split * stride_ls + head.to(tl.int64) * stride_lh + q_start + tok, lse, mask=mask_r)
+
+
+@triton.jit
+def combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
+                   stride_pos, stride_pot, stride_poh, stride_pls, stride_plh,
+                   stride_ot, stride_oh, stride_lh,
+                   HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Merge split-KV partials of one (row, head): ``out = sum_s w_s o_s``, ``w_s = exp(lse_s - lse)``.
+
+    Grid ``(Tq, Hq)``. Partials: o fp32 ``[NUM_SPLITS, Tq, Hq, D]`` (normalised per split), lse fp32
+    ``[NUM_SPLITS, Hq, Tq]``; splits that saw no key have lse = -inf and weight 0.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    mask_s = offs_s < NUM_SPLITS
+    lse_s = tl.load(part_lse_ptr + offs_s * stride_pls + h * stride_plh + t, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    po = tl.load(part_o_ptr + offs_s[:, None] * stride_pos + t * stride_pot + h * stride_poh + offs_d[None, :],
+                 mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    seen = total > 0.0
+    out = tl.sum(po * w[:, None], axis=0) / tl.where(seen, total, 1.0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(lse_ptr + h * stride_lh + t, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)),
+                                                  float("-inf")))
+
+
+# --- launch helpers ----------------------------------------------------------------------------------------------
+
+
+def window_bounds(causal: bool, window_size) -> tuple[int, int]:
+    """FlashAttention window ``(left, right)`` (-1 unbounded, causal -> right 0) as kernel ints."""
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0
+    return (UNBOUNDED if left < 0 else left), (UNBOUNDED if right < 0 else right)
+
+
+def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch; small blocks under the interpreter (fewer numpy ops).
+
+    ``rows_per_seq`` = query tokens x GROUP: decode-like launches (few rows) use BLOCK_M 16 and longer key tiles.
+    fp32 inputs (``elem_size`` 4) get half-size tiles and 2 stages so K/V buffers fit in shared memory.
+    """
+    if interpreting():
+        return 16, 16, 4, 1
+    return gpu_block_sizes(rows_per_seq, head_dim, elem_size)
+
+
+def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[int, int, int, int]:
+    """The GPU launch config (see :func:`block_sizes`); also used for the sm_90a static cases.
+
+    Padded head dims (72, 96: BLOCK_D > HEAD_DIM) carry per-element D masks, which push the 128-row config past
+    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup.
+    """
+    if elem_size > 2:
+        return (16 if rows_per_seq <= 16 else 64), 32, 4, 2
+    if rows_per_seq <= 16:
+        return 16, 128 if head_dim <= 128 else 64, 4, 3
+    if rows_per_seq <= 64 or head_dim != triton.next_power_of_2(head_dim):
+        return 64, 64, 4, 3
+    return 128, 64 if head_dim <= 128 else 32, 8, 3
+
+
+def alignment(tensors, strides) -> int:
+    """Largest ALIGN (elements, <= 16 bytes) dividing every tensor's data pointer and every given stride."""
+    elem = tensors[0].element_size()
+    align = max(1, 16 // elem)
+    while align > 1 and (any(t.data_ptr() % (align * elem) for t in tensors if t.numel())
+                         or any(int(s) % align for s in strides)):
+        align //= 2
+    return align
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+             batch: int, rows_per_seq: int, cu_q: torch.Tensor | None, seqlen_q: int,
+             cu_k: torch.Tensor | None, seqused_k: torch.Tensor | None, k_extra: int,
+             block_table: torch.Tensor | None, softmax_scale: float, causal: bool, window_size,
+             num_splits: int = 1, split_len: int = 0) -> None:
+    """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
+
+    q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (varlen) or ``[B|blocks, S|page, Hk, D]`` (caches).
+    With ``num_splits > 1``, out/lse are fp32 partial buffers ``[splits, Tq, Hq, D]`` / ``[splits, Hq, Tq]``.
+    """
+    Hq, D = q.shape[1], q.shape[2]
+    Hk = k.shape[-2]
+    group = Hq // Hk
+    block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
+    left, right = window_bounds(causal, window_size)
+    varlen_k = cu_k is not None
+    paged = block_table is not None
+    dummy = cu_q if cu_q is not None else (cu_k if cu_k is not None else seqused_k)
+    if varlen_k:
+        stride_kb = stride_vb = 0
+        stride_kt, stride_kh, stride_vt, stride_vh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    else:
+        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
+        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
+    split = num_splits > 1
+    grid = (triton.cdiv(rows_per_seq, block_m), batch, Hk * num_splits)
+    align = alignment((q, k, v, out), (q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb,
+                                       stride_vt, stride_vh, out.stride(-3), out.stride(-2),
+                                       out.stride(0) if split else 0))
+    launch(
+        attn_fwd_kernel, grid,
+        q, k, v, out, lse,
+        cu_q if cu_q is not None else dummy, cu_k if varlen_k else dummy,
+        seqused_k if seqused_k is not None else dummy, block_table if paged else dummy,
+        q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        out.stride(-3), out.stride(-2), lse.stride(-2), out.stride(0) if split else 0, lse.stride(0) if split else 0,
+        block_table.stride(0) if paged else 0,
+        seqlen_q, k_extra, k.shape[1] if paged else 1, left, right, float(softmax_scale) * LOG2E,
+        split_len if split else 0,
+        HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
+        UPCAST=interpreting(), PREC=dot_precision(q.dtype), ALIGN=align, ALIGN_BYTES=align * q.element_size(),
+        num_warps=warps, num_stages=stages, device=q.device,
+    )
+
+
+def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge split partials ``[S, Tq, Hq, D]`` / ``[S, Hq, Tq]`` into out ``[Tq, Hq, D]`` and lse ``[Hq, Tq]``."""
+    splits, T, Hq, D = part_o.shape
+    launch(combine_kernel, (T, Hq), part_o, part_lse, out, lse,
+           part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+           out.stride(0), out.stride(1), lse.stride(0),
+           HEAD_DIM=D, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+           BLOCK_D=triton.next_power_of_2(D), num_warps=4, device=out.device)
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                      causal: bool, window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
+
+    ``max_seqlen_q`` sizes the grid (it must be >= every sequence's query length); ``max_seqlen_k`` is unused (the
+    key loop bounds come from cu_seqlens_k on the device).
+    """
+    del max_seqlen_k
+    Tq, Hq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)
+    group = Hq // k.shape[1]
+    attn_fwd(q, k, v, out, lse, batch=cu_seqlens_q.numel() - 1, rows_per_seq=max_seqlen_q * group,
+             cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=None, k_extra=0, block_table=None,
+             softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right))
+    return out, lse
+
+
+# --- sm_90a static compile cases: the real model shapes, bf16 -------------------------------------------------
+
+
+def _register_static_cases() -> None:
+    def sig(dt: str, split: bool) -> dict[str, str]:
+        o = "fp32" if split else dt
+        s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
+             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32"}
+        for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+                     "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
+                     "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
+            s[name] = "i32"
+        s["qk_scale"] = "fp32"
+        s["split_len"] = "i32"
+        for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
+                     "PAGED", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
+            s[name] = "constexpr"
+        return s
+
+    # (name, head_dim, group, rows, varlen, paged, splits)
+    shapes = [
+        ("audio d64 h20 varlen", 64, 1, 1024, True, False, 1),
+        ("vision d72 h16 varlen", 72, 1, 1024, True, False, 1),
+        ("thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1),
+        ("thinker 32/4 d128 decode", 128, 8, 8, False, False, 1),
+        ("thinker 32/4 d128 decode split", 128, 8, 8, False, False, 8),
+        ("thinker 32/4 d128 chunked paged", 128, 8, 4096, False, True, 1),
+        ("talker 16/2 d128 decode paged", 128, 8, 8, False, True, 1),
+        ("mtp 16/8 d128 decode", 128, 2, 2, False, False, 1),
+        ("code2wav d64 h16 window72", 64, 1, 1024, True, False, 1),
+    ]
+    for dt in ("bf16", "fp16"):
+        for name, d, group, rows, varlen, paged, splits in shapes:
+            bm, bn, warps, stages = gpu_block_sizes(rows, d)
+            static_case(
+                f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
+                {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
+                 "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
+                 "UPCAST": False, "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
+                num_warps=warps, num_stages=stages)
+        static_case(
+            f"combine_kernel[{dt},d128]", combine_kernel,
+            {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",
+             **{n: "i32" for n in ("stride_pos", "stride_pot", "stride_poh", "stride_pls", "stride_plh",
+                                   "stride_ot", "stride_oh", "stride_lh")},
+             "HEAD_DIM": "constexpr", "NUM_SPLITS": "constexpr", "SPLITS_P2": "constexpr", "BLOCK_D": "constexpr"},
+            {"HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_P2": 8, "BLOCK_D": 128})
+
+
+_register_static_cases()
+
+__all__ = ["MAX_HEAD_DIM", "attn_fwd", "attn_fwd_kernel", "combine", "combine_kernel", "flash_attn_varlen",
+           "window_bounds"]

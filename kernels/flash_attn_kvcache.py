@@ -1,0 +1,146 @@
+"""Attention against a KV cache in Triton: append the new keys/values, then attend (chunked prefill or decode).
+
+The attention itself is :func:`omni_fast.kernels.flash_attn.attn_fwd_kernel` (the same kernel and inner loop as
+the varlen path), launched with per-sequence caches instead of packed keys. This module adds
+
+- :func:`append_kv_kernel`: writes new k/v ``[B, Sq, Hk, D]`` at rows ``cache_seqlens[b] + s`` of contiguous
+  ``[B, S, Hk, D]`` or paged ``[num_blocks, page, Hk, D]`` caches;
+- the split-KV choice: when few programs would run (small batch, decode) and the cache is long, the keys are cut
+  into chunks processed in parallel and merged by :func:`omni_fast.kernels.flash_attn.combine_kernel`.
+
+Everything stays on the device (no host sync): the number of splits depends on the cache *capacity*, not on the
+current lengths, so the launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attn import attn_fwd, block_sizes, combine
+from .launch import interpreting, launch, static_case
+
+SPLIT_ALIGN = 128  # split boundaries are multiples of every BLOCK_N, so no key is visited by two splits
+MIN_KEYS_PER_SPLIT = 512
+MAX_SPLITS = 32
+
+
+@triton.jit
+def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr,
+                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_bt,
+                     seqlen_new, n_heads, page_size,
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
+    """Grid ``(B * Sq,)``: copy token s of sequence b (all heads) to cache row ``cache_seqlens[b] + s``."""
+    pid = tl.program_id(0)
+    b = pid // seqlen_new
+    s = pid % seqlen_new
+    t = tl.load(seqlens_ptr + b) + s
+    if PAGED:
+        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + t // page_size).to(tl.int64)
+        row_k = blk * stride_kcb + (t % page_size) * stride_kct
+        row_v = blk * stride_vcb + (t % page_size) * stride_vct
+    else:
+        row_k = b.to(tl.int64) * stride_kcb + t.to(tl.int64) * stride_kct
+        row_v = b.to(tl.int64) * stride_vcb + t.to(tl.int64) * stride_vct
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < n_heads) & (offs_d[None, :] < HEAD_DIM)
+    src_k = k_ptr + b.to(tl.int64) * stride_kb + s * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
+    src_v = v_ptr + b.to(tl.int64) * stride_vb + s * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
+    tl.store(kc_ptr + row_k + offs_h[:, None] * stride_kch + offs_d[None, :], tl.load(src_k, mask=mask), mask=mask)
+    tl.store(vc_ptr + row_v + offs_h[:, None] * stride_vch + offs_d[None, :], tl.load(src_v, mask=mask), mask=mask)
+
+
+def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None) -> None:
+    """Write k/v ``[B, Sq, Hk, D]`` into the caches at ``cache_seqlens[b] + s`` (validated inputs)."""
+    B, Sq, Hk, D = k.shape
+    paged = block_table is not None
+    launch(append_kv_kernel, (B * Sq,), k, v, k_cache, v_cache, cache_seqlens,
+           block_table if paged else cache_seqlens,
+           k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           block_table.stride(0) if paged else 0, Sq, Hk, k_cache.shape[1] if paged else 1,
+           HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D), PAGED=paged,
+           num_warps=4, device=k.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
+    """How many key chunks to process in parallel: fill the GPU's SMs when ``programs`` alone would not.
+
+    ``capacity`` is the most keys a sequence can have (cache size), so the choice is static for a cache.
+    """
+    if device.type != "cuda" or interpreting():
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    splits = min(triton.cdiv(2 * sms, max(programs, 1)), capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+    return max(1, splits)
+
+
+def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
+                      window_left: int, window_right: int, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
+
+    Returns (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see
+    :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks.
+    """
+    B, Sq, Hq, D = q.shape
+    Hk = k_cache.shape[2]
+    group = Hq // Hk
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if num_splits <= 0:
+        rows = Sq * group
+        block_m = block_sizes(rows, D, q.element_size())[0]
+        num_splits = choose_splits(q.device, triton.cdiv(rows, block_m) * B * Hk, capacity)
+    num_splits = max(1, min(num_splits, triton.cdiv(max(capacity, 1), SPLIT_ALIGN)))
+    q2 = q.reshape(B * Sq, Hq, D)
+    out = torch.empty(B * Sq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Hq, B * Sq, dtype=torch.float32, device=q.device)
+    common = dict(batch=B, rows_per_seq=Sq * group, cu_q=None, seqlen_q=Sq, cu_k=None, seqused_k=cache_seqlens,
+                  k_extra=k_extra, block_table=block_table, softmax_scale=softmax_scale,
+                  causal=causal, window_size=(window_left, window_right))
+    if num_splits == 1:
+        attn_fwd(q2, k_cache, v_cache, out, lse, **common)
+    else:
+        split_len = triton.cdiv(triton.cdiv(capacity, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+        part_o = torch.empty(num_splits, B * Sq, Hq, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
+        attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
+        combine(part_o, part_lse, out, lse)
+    return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale: float,
+                            causal: bool, window_left: int, window_right: int, num_splits: int = 0):
+    """Append k/v (if given) at ``cache_seqlens``, then :func:`kvcache_attention` over the grown caches."""
+    if k is not None:
+        append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+    return kvcache_attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0, block_table,
+                             softmax_scale, causal, window_left, window_right, num_splits)
+
+
+for _dt in ("bf16", "fp16"):
+    for _paged in (False, True):
+        static_case(
+            f"append_kv_kernel[{_dt},Hk4,d128,paged={_paged}]", append_kv_kernel,
+            {"k_ptr": f"*{_dt}", "v_ptr": f"*{_dt}", "kc_ptr": f"*{_dt}", "vc_ptr": f"*{_dt}",
+             "seqlens_ptr": "*i32", "bt_ptr": "*i32",
+             **{n: "i32" for n in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
+                                   "stride_kcb", "stride_kct", "stride_kch", "stride_vcb", "stride_vct",
+                                   "stride_vch", "stride_bt", "seqlen_new", "n_heads", "page_size")},
+             "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "PAGED": "constexpr"},
+            {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged}, num_warps=4, num_stages=1)
+
+__all__ = ["append_kv", "append_kv_kernel", "choose_splits", "flash_attn_with_kvcache", "kvcache_attention"]

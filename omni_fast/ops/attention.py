@@ -1,0 +1,252 @@
+"""Public flash-attention ops, FlashAttention-2 semantics: :func:`flash_attn_varlen`, :func:`flash_attn_with_kvcache`.
+
+Drop-in for ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only): packed sequences
+through int32 ``cu_seqlens``, GQA, causal masks aligned bottom-right, sliding windows ``window_size=(left, right)``
+(``-1`` unbounded), KV caches contiguous or paged. See :mod:`omni_fast.reference.attention` for the exact rule and
+``docs/attention.md`` for the design.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import attention as ref
+from ..validation import (FLOAT_DTYPES, check_cu_seqlens, check_index_range, check_positive_int, check_same_dtype,
+                          check_tensor, values_checkable)
+from ._dispatch import dispatched_op
+
+MAX_HEAD_DIM = 256
+
+
+# --- ops ------------------------------------------------------------------------------------------------------
+
+
+def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                 window_left, window_right, backend):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@dispatched_op("flash_attn_varlen", fake=_fake_varlen)
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+               causal: bool, window_left: int, window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``)."""
+
+
+@_varlen_op.impl("reference")
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right):
+    return ref.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                 window_size=(left, right), return_lse=True)
+
+
+@_varlen_op.impl("triton")
+def _varlen_triton(*args):
+    from ..kernels import flash_attn
+
+    return flash_attn.flash_attn_varlen(*args)
+
+
+@dispatched_op("append_kv_cache_", mutates_args=("k_cache", "v_cache"))
+def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, block_table: torch.Tensor | None, backend: str) -> None:
+    """In place: write k/v ``[B, Sq, Hk, D]`` at cache rows ``cache_seqlens[b] ..``."""
+
+
+@_append_op.impl("reference")
+def _append_reference(k_cache, v_cache, cache_seqlens, k, v, block_table):
+    ref.append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+
+
+@_append_op.impl("triton")
+def _append_triton(*args):
+    from ..kernels import flash_attn_kvcache
+
+    flash_attn_kvcache.append_kv(*args)
+
+
+def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, softmax_scale, causal, window_left,
+                  window_right, num_splits, backend):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+# Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
+@dispatched_op("kvcache_attention", fake=_fake_kvcache)
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
+                window_left: int, window_right: int, num_splits: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend to ``cache_seqlens[b] + k_extra`` cached keys: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
+
+
+@_kvcache_op.impl("reference")
+def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right,
+                       num_splits):
+    return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens + k_extra, causal=causal,
+                                       window_size=(left, right), softmax_scale=scale, block_table=block_table,
+                                       return_lse=True)
+
+
+@_kvcache_op.impl("triton")
+def _kvcache_triton(*args):
+    from ..kernels import flash_attn_kvcache
+
+    return flash_attn_kvcache.kvcache_attention(*args)
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def _window(window_size) -> tuple[int, int]:
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    for name, w in (("window_size[0]", left), ("window_size[1]", right)):
+        check_positive_int(name, w, minimum=-1)
+    return int(left), int(right)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
+
+
+def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> None:
+    if hq == 0 or hk == 0:
+        raise ValueError(f"{q_name} and {k_name} need at least one head, got {hq} and {hk}")
+    if hq % hk:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
+                         f"({hk}) for GQA")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward).
+
+    q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (fp16/bf16/fp32, one dtype, unit stride in D; Hq a multiple of Hk,
+    D <= 256); cu_seqlens_q/k int32 ``[B + 1]`` prefix sums of the per-sequence lengths; ``max_seqlen_q`` at least
+    the longest query sequence (it sizes the launch grid). ``softmax_scale`` defaults to ``D ** -0.5``; causal
+    masks and windows are aligned bottom-right. Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
+    ``(out, lse)`` with lse fp32 ``[Hq, Tq]`` (natural log; ``-inf`` for rows that see no key, whose output is 0).
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
+    Tq, Hq, D = q.shape
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=q.device, last_dim_contiguous=True)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
+    check_same_dtype(q=q, k=k, v=v)
+    if k.shape[2] != D:
+        raise ValueError(f"k must have head_dim {D} like q, got shape {list(k.shape)}")
+    _check_heads("q", Hq, "k", k.shape[1], D)
+    B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device)
+    if check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device) != B:
+        raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    if values_checkable(cu_seqlens_q) and B > 0:
+        longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        if longest > max_seqlen_q:
+            raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
+    left, right = _window(window_size)
+    scale = _scale(softmax_scale, D)
+    be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
+    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+                          bool(causal), left, right, be)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | int,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    softmax_scale: float | None = None,
+    block_table: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
+
+    q ``[B, Sq, Hq, D]``; caches ``[B, S, Hk, D]``, or paged ``[num_blocks, block_size, Hk, D]`` with
+    ``block_table`` int32 ``[B, max_blocks]``; ``cache_seqlens`` int32 ``[B]`` (or an int) = tokens already cached.
+    New ``k``/``v`` ``[B, Sq, Hk, D]`` are written into the caches at ``cache_seqlens[b]..`` (in place; cache_seqlens
+    itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
+    alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
+    split-KV for long caches at small batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and
+    with ``return_lse`` ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
+    """
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
+    B, Sq, Hq, D = q.shape
+    check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_tensor("v_cache", v_cache, dtypes=FLOAT_DTYPES, shape=tuple(k_cache.shape), device=q.device,
+                 last_dim_contiguous=True)
+    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    n_slots, slot_len, Hk, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"k_cache must have head_dim {D} like q, got shape {list(k_cache.shape)}")
+    _check_heads("q", Hq, "k_cache", Hk, D)
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or both left out)")
+    if k is not None:
+        check_tensor("k", k, dtypes=FLOAT_DTYPES, shape=(B, Sq, Hk, D), device=q.device, last_dim_contiguous=True)
+        check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=(B, Sq, Hk, D), device=q.device, last_dim_contiguous=True)
+        check_same_dtype(q=q, k=k, v=v)
+    if block_table is not None:
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=q.device)
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
+        check_index_range("block_table", block_table, 0, n_slots)
+        capacity = block_table.shape[1] * slot_len
+    else:
+        if n_slots != B:
+            raise ValueError(f"k_cache must have shape [{B}, S, {Hk}, {D}] (one row per sequence), got "
+                             f"{list(k_cache.shape)}")
+        capacity = slot_len
+    appended = Sq if k is not None else 0
+    if capacity - appended < 0:
+        raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
+    if values_checkable(cache_seqlens) and B > 0:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi + appended > capacity:
+            raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens must "
+                             f"fit the cache's {capacity} tokens per sequence")
+    left, right = _window(window_size)
+    scale = _scale(softmax_scale, D)
+    check_positive_int("num_splits", num_splits, minimum=0)
+    tensors = (q, k_cache, v_cache, cache_seqlens)
+    be = _kvcache_op.resolve(tensors, backend)
+    if k is not None:
+        _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, scale, bool(causal), left,
+                           right, int(num_splits), be)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["MAX_HEAD_DIM", "flash_attn_varlen", "flash_attn_with_kvcache"]

@@ -1,0 +1,357 @@
+"""Flash attention: reference mask semantics, kernel vs reference (varlen, KV cache, paged, split-KV), bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import omni_fast
+from omni_fast.ops import flash_attn_varlen, flash_attn_with_kvcache
+from omni_fast.reference import attention as ref
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(lens), device=DEVICE).cumsum(0).to(torch.int32)
+
+
+def _close_lse(lse, lse_ref):
+    """lse: same -inf pattern, finite values within fp32 rounding of the scores."""
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref.float()))
+    fin = torch.isfinite(lse)
+    torch.testing.assert_close(lse[fin], lse_ref.float()[fin], rtol=1e-3, atol=1e-3)
+
+
+# --- reference semantics ------------------------------------------------------------------------------------
+
+
+def test_visible_mask_bottom_right_causal_and_window():
+    # 2 queries against 5 keys: the queries sit at key positions 3 and 4.
+    m = ref.visible(2, 5, -1, 0)
+    assert m.tolist() == [[True, True, True, True, False], [True] * 5]
+    m = ref.visible(2, 5, 1, 0)  # causal window of 2 (transformers' sliding_window=2)
+    assert m.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
+    m = ref.visible(3, 3, 0, 1)
+    assert m.tolist() == [[True, True, False], [False, True, True], [False, False, True]]
+    # More queries than keys, causal: the first queries see nothing.
+    assert ref.visible(3, 1, -1, 0).tolist() == [[False], [False], [True]]
+
+
+def test_varlen_mask_is_block_diagonal():
+    m = ref.varlen_mask(_cu([2, 0, 3]).cpu(), _cu([1, 2, 3]).cpu(), causal=True)
+    expect = torch.zeros(5, 6, dtype=torch.bool)
+    expect[0:2, 0:1] = torch.tensor([[False], [True]])
+    expect[2:5, 3:6] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    assert torch.equal(m, expect)
+
+
+def test_reference_matches_dense_masked_softmax():
+    lens_q, lens_k = [3, 1, 4], [5, 1, 4]
+    q, k, v = torch.randn(8, 4, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16)
+    out, lse = ref.flash_attn_varlen(q, k, v, _cu(lens_q).cpu(), _cu(lens_k).cpu(), 4, 5, causal=True,
+                                     window_size=(2, -1), return_lse=True)
+    mask = ref.varlen_mask(_cu(lens_q).cpu(), _cu(lens_k).cpu(), causal=True, window_size=(2, -1))
+    s = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, 1)) / 4.0
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num()
+    torch.testing.assert_close(out, torch.einsum("hqk,khd->qhd", p, v.repeat_interleave(2, 1)))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+
+
+def test_reference_matches_transformers_eager_attention():
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 4
+
+    B, Hq, Hk, S, P, D = 1, 8, 2, 5, 7, 32
+    q = torch.randn(B, Hq, S, D, dtype=torch.bfloat16)
+    k, v = torch.randn(B, Hk, P + S, D, dtype=torch.bfloat16), torch.randn(B, Hk, P + S, D, dtype=torch.bfloat16)
+    allowed = ref.visible(S, P + S, 3, 0)
+    add = torch.zeros(S, P + S, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    hf, _ = eager_attention_forward(M().eval(), q, k, v, add[None, None], scaling=D ** -0.5)
+    cache_k, cache_v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    ours = ref.flash_attn_with_kvcache(q.transpose(1, 2), cache_k, cache_v, torch.tensor([P + S], dtype=torch.int32),
+                                       window_size=(3, -1))
+    torch.testing.assert_close(ours, hf, rtol=0, atol=0)
+
+
+# --- kernel vs reference: varlen -----------------------------------------------------------------------------
+
+
+def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1), scale=None):
+    cq, ck = _cu(lens_q), _cu(lens_k)
+    q = torch.randn(int(sum(lens_q)), Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(int(sum(lens_k)), Hk, D, dtype=dtype, device=DEVICE)
+    v = torch.randn_like(k)
+    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    kw = dict(softmax_scale=scale, causal=causal, window_size=window, return_lse=True)
+    exact, lse_exact = ref.flash_attn_varlen(q.double(), k.double(), v.double(), cq, ck, mq, mk, **kw)
+    same = ref.flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw)[0]
+    out, lse = flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw, backend="triton")
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
+    assert_matches_reference(out, exact, same)
+    _close_lse(lse, lse_exact)
+
+
+@pytest.mark.parametrize("D,Hq,Hk", [(64, 2, 1), (72, 2, 2), (96, 4, 1), (128, 8, 1)])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_varlen_head_dims_and_gqa(D, Hq, Hk, dtype):
+    _check_varlen([5, 0, 1, 19], [5, 0, 1, 19], Hq, Hk, D, dtype, causal=D != 72)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_varlen_gqa_ratios_causal_tq_ne_tk(group):
+    _check_varlen([3, 7, 1, 0], [9, 7, 4, 2], group, 1, 32, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("causal,window", [(True, (3, -1)), (False, (2, 2)), (False, (0, 0)), (False, (-1, 4)),
+                                           (True, (0, -1)), (False, (5, 0))])
+def test_varlen_windows(causal, window):
+    _check_varlen([20, 6, 1], [20, 9, 3], 2, 1, 32, torch.float16, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (True, (37, -1)), (False, (20, 33)), (False, (-1, -1))])
+def test_varlen_long_sequences_edge_and_interior_blocks(causal, window):
+    # Long enough for key blocks that every row sees entirely (the unmasked interior) between masked edges.
+    _check_varlen([90, 3, 71], [90, 40, 100], 4, 1, 16, torch.float32, causal=causal, window=window)
+
+
+def test_varlen_empty_rows_give_zeros_and_minus_inf_lse():
+    # More queries than keys with a causal mask: the first queries see nothing; sequence 2 has no keys at all.
+    cq, ck = _cu([4, 2]), _cu([2, 0])
+    q, k = torch.randn(6, 2, 16, device=DEVICE), torch.randn(2, 2, 16, device=DEVICE)
+    out, lse = flash_attn_varlen(q, k, k.clone(), cq, ck, 4, 2, causal=True, return_lse=True, backend="triton")
+    assert torch.equal(out[:2], torch.zeros_like(out[:2])) and torch.equal(out[4:], torch.zeros_like(out[4:]))
+    assert torch.isneginf(lse[:, :2]).all() and torch.isneginf(lse[:, 4:]).all() and torch.isfinite(lse[:, 2:4]).all()
+
+
+def test_varlen_no_tokens_and_strided_views():
+    _check_varlen([], [], 2, 1, 16, torch.float32)
+    _check_varlen([0, 0], [0, 3], 2, 1, 16, torch.float32)
+    # q/k/v as strided views of a fused qkv buffer [T, Hq + 2 Hk, D]
+    T, Hq, Hk, D = 9, 4, 2, 24
+    qkv = torch.randn(T, Hq + 2 * Hk, D, device=DEVICE)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hk], qkv[:, Hq + Hk:]
+    cu = _cu([4, 5])
+    out = flash_attn_varlen(q, k, v, cu, cu, 5, 5, causal=True, backend="triton")
+    exp = ref.flash_attn_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 5, 5, causal=True)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lens=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=4),
+       D=st.sampled_from([8, 24, 40]), Hk=st.integers(1, 2), group=st.sampled_from([1, 2, 4, 8]),
+       causal=st.booleans(), left=st.integers(-1, 6), right=st.integers(-1, 6), dtype=st.sampled_from(KERNEL_DTYPES),
+       scale=st.sampled_from([None, 0.3]))
+def test_varlen_random(lens, D, Hk, group, causal, left, right, dtype, scale):
+    lens_q, lens_k = [a for a, _ in lens], [b for _, b in lens]
+    _check_varlen(lens_q, lens_k, Hk * group, Hk, D, dtype, causal=causal, window=(left, right), scale=scale)
+
+
+# --- kernel vs reference: KV cache ---------------------------------------------------------------------------
+
+
+def _paged(cache: torch.Tensor, page: int):
+    """Scatter a contiguous cache [B, S, H, D] into shuffled pages; returns (pages, block_table)."""
+    B, S = cache.shape[:2]
+    nb = S // page
+    perm = torch.randperm(B * nb + 3, device=cache.device)[: B * nb].to(torch.int32)
+    pages = torch.randn(B * nb + 3, page, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
+    pages[perm.long()] = cache.reshape(B * nb, page, *cache.shape[2:])
+    return pages, perm.reshape(B, nb)
+
+
+def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True, window=(-1, -1), page=None,
+                   num_splits=1):
+    kc = torch.randn(B, S, Hk, D, dtype=dtype, device=DEVICE)
+    vc = torch.randn_like(kc)
+    bt = None
+    if page is not None:
+        kc, bt = _paged(kc, page)
+        vc = torch.randn_like(kc)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, Sq, Hk, D, dtype=dtype, device=DEVICE) if append else None
+    v = torch.randn_like(k) if append else None
+    kw = dict(causal=causal, window_size=window, block_table=bt)
+    kc_exact, vc_exact = kc.double(), vc.double()
+    exact, lse_exact = ref.flash_attn_with_kvcache(q.double(), kc_exact, vc_exact, seqlens,
+                                                   k=k.double() if append else None,
+                                                   v=v.double() if append else None, return_lse=True, **kw)
+    kc_same, vc_same = kc.clone(), vc.clone()
+    same = ref.flash_attn_with_kvcache(q, kc_same, vc_same, seqlens, k=k, v=v, **kw)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, seqlens, k=k, v=v, num_splits=num_splits, return_lse=True,
+                                       backend="triton", **kw)
+    assert torch.equal(kc, kc_same) and torch.equal(vc, vc_same), "appended cache differs from the reference"
+    assert_matches_reference(out, exact, same)
+    assert lse.shape == (B, Hq, Sq)
+    _close_lse(lse, lse_exact)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("Hq,Hk,D", [(4, 1, 128), (2, 2, 72)])
+def test_kvcache_chunked_prefill(dtype, Hq, Hk, D):
+    _check_kvcache(3, 48, 7, Hq, Hk, D, dtype, [0, 17, 41])
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_kvcache_decode(group):
+    _check_kvcache(4, 40, 1, group, 1, 64, torch.float16, [0, 1, 22, 39])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_paged(num_splits):
+    _check_kvcache(3, 64, 3, 4, 2, 32, torch.float32, [0, 30, 61], page=16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits,Sq", [(2, 1), (4, 1), (3, 5)])
+def test_kvcache_split_kv(num_splits, Sq):
+    _check_kvcache(2, 300, Sq, 4, 2, 32, torch.float32, [280, 9], num_splits=num_splits)
+
+
+def test_kvcache_window_and_no_append():
+    _check_kvcache(2, 40, 4, 2, 1, 32, torch.float16, [25, 3], window=(5, -1))
+    _check_kvcache(2, 300, 2, 2, 1, 32, torch.float32, [290, 150], window=(100, -1), num_splits=3)
+    _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], append=False)
+    _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], causal=False)
+
+
+def test_kvcache_int_seqlens_and_zero_batch():
+    kc, vc = torch.zeros(2, 8, 1, 16, device=DEVICE), torch.zeros(2, 8, 1, 16, device=DEVICE)
+    q, k = torch.randn(2, 1, 2, 16, device=DEVICE), torch.randn(2, 1, 1, 16, device=DEVICE)
+    out = flash_attn_with_kvcache(q, kc, vc, 0, k=k, v=k.clone(), backend="triton")
+    # One visible key: the output is that key's value for every query head.
+    torch.testing.assert_close(out, k.expand(2, 1, 2, 16))
+    empty = flash_attn_with_kvcache(q[:0], kc[:0], vc[:0], torch.zeros(0, dtype=torch.int32, device=DEVICE),
+                                    backend="triton")
+    assert empty.shape == (0, 1, 2, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(20, 20, 64, 104), (16, 16, 72, 256), (32, 4, 128, 300)])
+def test_bf16_real_head_shapes(shape):
+    Hq, Hk, D, L = shape
+    _check_varlen([L, L // 3, 1], [L, L // 3, 1], Hq, Hk, D, torch.bfloat16, causal=Hq != Hk)
+    _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0)
+
+
+# --- dispatch, tracing, bad input ---------------------------------------------------------------------------
+
+
+def test_backends_agree():
+    cu = _cu([3, 4])
+    q, k = torch.randn(7, 2, 16, device=DEVICE), torch.randn(7, 1, 16, device=DEVICE)
+    with omni_fast.use_backend("reference"):
+        a = flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True)
+    with omni_fast.use_backend("triton"):
+        b = flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_traces_under_torch_compile():
+    cu = _cu([3, 4]).cpu()
+    q, k = torch.randn(7, 2, 16), torch.randn(7, 1, 16)
+
+    def f(q, k):
+        return flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True, backend="reference") * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q, k), f(q, k))
+
+    def f_triton(q, k):
+        return flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True, backend="triton") * 2
+
+    torch.testing.assert_close(torch.compile(f_triton, fullgraph=True, backend="eager")(q, k), f(q, k),
+                               rtol=1e-5, atol=1e-5)
+
+    def g(q, kc, vc, lens, kn):
+        return flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=kn, backend="reference") + 1
+
+    kc = torch.zeros(2, 6, 1, 16)
+    args = (torch.randn(2, 1, 2, 16), torch.tensor([1, 4], dtype=torch.int32), torch.randn(2, 1, 1, 16))
+    out = torch.compile(g, fullgraph=True, backend="eager")(args[0], kc.clone(), kc.clone(), args[1], args[2])
+    torch.testing.assert_close(out, g(args[0], kc.clone(), kc.clone(), args[1], args[2]))
+
+
+def _varlen(**over):
+    a = dict(q=torch.randn(7, 4, 16), k=torch.randn(7, 2, 16), v=torch.randn(7, 2, 16), cu_seqlens_q=_cu([3, 4]).cpu(),
+             cu_seqlens_k=_cu([3, 4]).cpu(), max_seqlen_q=4, max_seqlen_k=4)
+    a.update(over)
+    pos = [a.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+    return flash_attn_varlen(*pos, **a, backend="reference")
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 7])), TypeError, "cu_seqlens_q must have dtype"),
+    (dict(cu_seqlens_k=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError, "total number of tokens"),
+    (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, r"cu_seqlens_q\[0\] must be 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)), ValueError, "entries like cu_seqlens_q"),
+    (dict(k=torch.randn(7, 3, 16), v=torch.randn(7, 3, 16)), ValueError, "multiple of the number of key/value"),
+    (dict(q=torch.randn(7, 4, 264), k=torch.randn(7, 2, 264), v=torch.randn(7, 2, 264)), ValueError, "head_dim"),
+    (dict(k=torch.randn(7, 2, 8), v=torch.randn(7, 2, 8)), ValueError, "head_dim 16"),
+    (dict(v=torch.randn(7, 2, 16, dtype=torch.float16)), TypeError, "same dtype"),
+    (dict(q=torch.randn(7, 4, 16).to(torch.int32)), TypeError, "q must have dtype"),
+    (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
+    (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
+    (dict(window_size=3), ValueError, "window_size must be a pair"),
+    (dict(softmax_scale="x"), TypeError, "softmax_scale"),
+])
+def test_varlen_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _varlen(**over)
+
+
+def _kvcache(**over):
+    a = dict(q=torch.randn(2, 3, 4, 16), k_cache=torch.zeros(2, 8, 2, 16), v_cache=torch.zeros(2, 8, 2, 16),
+             cache_seqlens=torch.tensor([0, 5], dtype=torch.int32), k=torch.randn(2, 3, 2, 16),
+             v=torch.randn(2, 3, 2, 16))
+    a.update(over)
+    pos = [a.pop(n) for n in ("q", "k_cache", "v_cache", "cache_seqlens")]
+    return flash_attn_with_kvcache(*pos, **a, backend="reference")
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(cache_seqlens=torch.tensor([0, 6], dtype=torch.int32)), ValueError, "cache too small"),
+    (dict(k_cache=torch.zeros(2, 2, 2, 16), v_cache=torch.zeros(2, 2, 2, 16)), ValueError, "too few for the 3"),
+    (dict(cache_seqlens=torch.tensor([0, 5])), TypeError, "cache_seqlens must have dtype"),
+    (dict(k_cache=torch.zeros(2, 8, 3, 16), v_cache=torch.zeros(2, 8, 3, 16), k=None, v=None), ValueError,
+     "multiple of the number of key/value"),
+    (dict(k=None), ValueError, "together"),
+    (dict(k=torch.randn(2, 2, 2, 16)), ValueError, "k must have shape"),
+    (dict(v_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), TypeError, "same dtype"),
+    (dict(k_cache=torch.zeros(3, 8, 2, 16), v_cache=torch.zeros(3, 8, 2, 16)), ValueError, "one row per sequence"),
+    (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32)), ValueError, "block_table must lie in"),
+    (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), k_cache=torch.zeros(2, 4, 2, 16),
+          v_cache=torch.zeros(2, 4, 2, 16)), ValueError, "too few|cache too small"),
+    (dict(num_splits=-1), ValueError, "num_splits"),
+])
+def test_kvcache_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _kvcache(**over)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    cu = _cu([5]).cpu()
+    q, k = torch.randn(5, 1, 16), torch.randn(5, 1, 16)
+    a = flash_attn_varlen(q, k, k, cu, cu, 5, 5, backend="reference")
+    b = flash_attn_varlen(q, k, k, cu, cu, 5, 5, softmax_scale=1 / math.sqrt(16), backend="reference")
+    assert torch.equal(a, b)
+
+
+def test_alignment_hint_only_when_pointers_and_strides_allow():
+    from omni_fast.kernels.flash_attn import alignment
+
+    buf = torch.zeros(64, 4, 72, dtype=torch.float16)
+    assert alignment((buf,), buf.stride()[:-1]) == 8  # 72-element rows of fp16: 16-byte aligned
+    assert alignment((buf[:, :, 1:],), buf.stride()[:-1]) == 1  # shifted by one element
+    assert alignment((buf,), (buf.stride(0), 4)) == 4
+    assert alignment((torch.zeros(8, 3, 8),), (24, 8)) == 4  # fp32: at most 16 bytes = 4 elements
+    # a misaligned view still runs correctly (no alignment promise is made to the compiler)
+    cu = _cu([9]).to(DEVICE)
+    q = torch.randn(9, 2, 17, device=DEVICE)[:, :, 1:]
+    out = flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True, backend="triton")
+    torch.testing.assert_close(out, ref.flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True), rtol=1e-5, atol=1e-5)
