@@ -270,7 +270,7 @@ def _new_state(x: torch.Tensor, state: torch.Tensor | None, ctx: int) -> torch.T
     if ctx == 0:
         return x.new_empty(B, C, 0)
     if T >= ctx:
-        return x[..., T - ctx:].contiguous()
+        return x[..., T - ctx:].clone(memory_format=torch.contiguous_format)
     prev = state if state is not None else x.new_zeros(B, C, ctx)
     return torch.cat((prev[..., T:], x), dim=-1)
 
@@ -354,7 +354,7 @@ def _new_state_transposed(x: torch.Tensor, state: torch.Tensor | None, ctx: int)
     if ctx == 0:
         return x.new_empty(B, C, 0)
     if L >= ctx:
-        return x[..., L - ctx:].contiguous()
+        return x[..., L - ctx:].clone(memory_format=torch.contiguous_format)
     return torch.cat((state[..., L:], x), dim=-1)  # validated: state given whenever L < ctx
 
 

@@ -102,7 +102,8 @@ def causal_conv1d(
             y = F.conv1d(h, weight, bias, dilation=dilation, groups=groups).contiguous()
     if residual is not None:
         y = y + residual
-    new_state = full[..., full.shape[-1] - ctx:].contiguous() if ctx > 0 else x.new_empty(x.shape[0], x.shape[1], 0)
+    new_state = (full[..., full.shape[-1] - ctx:].clone(memory_format=torch.contiguous_format) if ctx > 0
+                 else x.new_empty(x.shape[0], x.shape[1], 0))
     return y, new_state
 
 
@@ -135,7 +136,7 @@ def causal_conv_transpose1d(
     if full.shape[-1] < ctx:
         raise ValueError(f"causal_conv_transpose1d: needs at least {ctx} input samples to form a state, "
                          f"got {full.shape[-1]}")
-    new_state = full[..., full.shape[-1] - ctx:].contiguous()
+    new_state = full[..., full.shape[-1] - ctx:].clone(memory_format=torch.contiguous_format)
     return y, new_state
 
 

@@ -4,6 +4,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 ``torch.library`` registration that makes every op traceable by ``torch.compile`` and capturable in CUDA graphs.
 """
 
+from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .rope import mrope, qk_norm_mrope
 
-__all__ = ["mrope", "qk_norm_mrope"]
+__all__ = ["mrope", "qk_norm_mrope", "snake_beta", "causal_conv1d", "causal_conv_transpose1d"]
