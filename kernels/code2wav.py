@@ -213,8 +213,10 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_T": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 32, "BLOCK_T": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
 ]
-# Under the interpreter one small tile keeps the tests quick and exercises the masks.
-_INTERP_GEMM = triton.Config({"BLOCK_N": 16, "BLOCK_T": 16, "BLOCK_K": 16}, num_warps=4)
+# Under the interpreter each program costs a fixed overhead, so fewer, larger tiles run much faster (the tests
+# shrink these to exercise multi-tile grids on small shapes).
+_INTERP_GEMM = triton.Config({"BLOCK_N": 32, "BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4)
+_INTERP_DW = (32, 64)
 
 conv_gemm = autotune(_GEMM_CONFIGS, key=["n_cols", "n_rows_g", "ci_g", "KSIZE", "PHASES"],
                      interpreter_config=_INTERP_GEMM)(conv_gemm_kernel)
@@ -279,7 +281,7 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torc
     """SnakeBeta of x ``[B, C, T]`` (alpha/beta ``[C]``, log space) into a new tensor."""
     B, C, T = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    bc, bt = (16, 32) if interpreting() else (8, 256)
+    bc, bt = _INTERP_DW if interpreting() else (8, 256)
     launch(snake_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc), B), x, alpha, beta, out, C, T,
            *x.stride(), *out.stride(), BLOCK_C=bc, BLOCK_T=bt, num_warps=4, device=x.device)
     return out
@@ -302,7 +304,7 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
     res = residual if residual is not None else out
     common = (T, ctx, n_cols)
     if groups == c_in and groups == c_out and ci_g == 1:
-        bc, bt = (16, 16) if interpreting() else (32, 128)
+        bc, bt = _INTERP_DW if interpreting() else (32, 128)
         launch(dwconv_kernel, (triton.cdiv(n_cols, bt), triton.cdiv(c_out, bc), B),
                x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res, out,
                *common, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
