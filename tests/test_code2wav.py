@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import omni_fast
+import omni_fast.models  # noqa: F401  (not imported by omni_fast itself)
 from omni_fast.reference import code2wav as ref
 from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
 
@@ -154,3 +155,391 @@ def test_reference_transconv_state_continues_exactly(k, s):
         y, state = ref.causal_conv_transpose1d(x[..., a:e], w, b, stride=s, state=state)
         parts.append(y)
     torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-6, atol=1e-6)
+
+
+# --- kernels vs reference ------------------------------------------------------------------------------------
+
+
+def _snake_params(C, dtype):
+    return (torch.randn(C, device=DEVICE) * 0.4).to(dtype), (torch.randn(C, device=DEVICE) * 0.4).to(dtype)
+
+
+def _dbl(v):
+    if v is None or isinstance(v, int):
+        return v
+    if isinstance(v, tuple):
+        return tuple(t.double() for t in v)
+    return v.double()
+
+
+def _check_conv(B, c_in, c_out, T, k, d=1, s=1, groups=1, snake=False, residual=False, state=False,
+                dtype=torch.float32, packed=True):
+    x = torch.randn(B, c_in, T, device=DEVICE).to(dtype)
+    w = (torch.randn(c_out, c_in // groups, k, device=DEVICE) * (1.0 / (c_in // groups * k)) ** 0.5).to(dtype)
+    if packed and groups == 1:
+        w = omni_fast.models.code2wav.pack_conv1d_weight(w)
+    b = torch.randn(c_out, device=DEVICE).to(dtype)
+    kw = dict(stride=s, dilation=d, groups=groups)
+    kw["snake"] = _snake_params(c_in, dtype) if snake else None
+    kw["residual"] = torch.randn(B, c_out, -(-T // s), device=DEVICE).to(dtype) if residual else None
+    kw["state"] = torch.randn(B, c_in, (k - 1) * d, device=DEVICE).to(dtype) if state else None
+    y, st = omni_fast.ops.causal_conv1d(x, w, b, backend="triton", **kw)
+    exact, st_exact = ref.causal_conv1d(x.double(), w.double(), b.double(), **{a: _dbl(v) for a, v in kw.items()})
+    same, _ = ref.causal_conv1d(x, w, b, **kw)
+    assert_matches_reference(y, exact, same, name="y")
+    assert st.shape == st_exact.shape and torch.equal(st.double(), st_exact)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(k=7, d=1, snake=False),  # decoder.0
+    dict(k=7, d=3, snake=True),  # residual unit conv1
+    dict(k=7, d=9, snake=True, state=True),
+    dict(k=1, snake=True, residual=True),  # residual unit conv2
+    dict(k=7, groups=6, c_out=6),  # ConvNeXt depthwise
+    dict(k=7, groups=6, c_out=6, snake=True, residual=True, state=True),
+    dict(k=7, snake=True, c_out=1),  # output conv
+    dict(k=4, s=2, groups=2, c_out=6),  # strided, grouped (transformers' extra right padding)
+])
+def test_kernel_causal_conv1d(case, dtype):
+    case = dict(case)
+    _check_conv(2, 6, case.pop("c_out", 5), 37, dtype=dtype, **case)
+
+
+@pytest.mark.parametrize("T", [0, 1, 2])
+def test_kernel_causal_conv1d_short_inputs(T):
+    _check_conv(1, 6, 5, T, 7, d=3, snake=True, residual=True)
+    _check_conv(1, 6, 5, T, 7, d=3, snake=True, state=True)
+    _check_conv(1, 6, 6, T, 7, groups=6, state=True)
+
+
+def test_kernel_multi_tile_grids(monkeypatch):
+    """Small interpreter tiles: several row, column and channel blocks, partial edges."""
+    from omni_fast.kernels import code2wav as kernels
+
+    monkeypatch.setattr(kernels, "_INTERP_GEMM", kernels.triton.Config({"BLOCK_N": 16, "BLOCK_T": 16, "BLOCK_K": 16}))
+    monkeypatch.setattr(kernels, "_INTERP_DW", (16, 16))
+    _check_conv(2, 37, 35, 41, 7, d=3, snake=True, residual=True, state=True)
+    _check_conv(1, 20, 20, 35, 7, groups=20, snake=True, state=True)
+    _check_convt(2, 37, 9, 7, 5, snake=True, state=True)
+
+
+def test_kernel_unpacked_weights_give_the_same_result():
+    x = torch.randn(2, 6, 19, device=DEVICE)
+    w = torch.randn(5, 6, 7, device=DEVICE)
+    snake = _snake_params(6, torch.float32)
+    a, _ = omni_fast.ops.causal_conv1d(x, w, snake=snake, backend="triton")
+    b, _ = omni_fast.ops.causal_conv1d(x, omni_fast.models.code2wav.pack_conv1d_weight(w), snake=snake,
+                                       backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    wt = torch.randn(6, 5, 8, device=DEVICE)
+    a, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=4, backend="triton")
+    b, _ = omni_fast.ops.causal_conv_transpose1d(x, omni_fast.models.code2wav.pack_conv_transpose1d_weight(wt),
+                                                 stride=4, backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _check_convt(B, c_in, c_out, T, s, m=2, snake=False, state=False, dtype=torch.float32):
+    x = torch.randn(B, c_in, T, device=DEVICE).to(dtype)
+    w = (torch.randn(c_in, c_out, m * s, device=DEVICE) * (1.0 / c_in) ** 0.5).to(dtype)
+    w = omni_fast.models.code2wav.pack_conv_transpose1d_weight(w)
+    b = torch.randn(c_out, device=DEVICE).to(dtype)
+    kw = dict(stride=s, snake=_snake_params(c_in, dtype) if snake else None,
+              state=torch.randn(B, c_in, m - 1, device=DEVICE).to(dtype) if state else None)
+    y, st = omni_fast.ops.causal_conv_transpose1d(x, w, b, backend="triton", **kw)
+    exact, st_exact = ref.causal_conv_transpose1d(x.double(), w.double(), b.double(),
+                                                  **{a: _dbl(v) if a != "stride" else v for a, v in kw.items()})
+    same, _ = ref.causal_conv_transpose1d(x, w, b, **kw)
+    assert_matches_reference(y, exact, same, name="y")
+    assert st.shape == st_exact.shape and torch.equal(st.double(), st_exact)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("s,m,snake,state", [(8, 2, True, False), (5, 2, True, True), (3, 2, False, True),
+                                             (2, 1, False, False), (2, 1, False, True), (4, 3, True, True)])
+def test_kernel_causal_conv_transpose1d(s, m, snake, state, dtype):
+    _check_convt(2, 7, 6, 13, s, m, snake, state, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_kernel_causal_conv_transpose1d_short_inputs(T):
+    _check_convt(1, 6, 5, T, 5, 2, snake=True)
+    _check_convt(1, 6, 5, T, 5, 2, snake=True, state=True)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("T", [1, 67])
+def test_kernel_snake_beta(dtype, T):
+    x = (torch.randn(2, 5, T, device=DEVICE) * 3).to(dtype)
+    alpha, beta = _snake_params(5, dtype)
+    out = omni_fast.ops.snake_beta(x, alpha, beta, backend="triton")
+    assert_matches_reference(out, ref.snake_beta(x.double(), alpha.double(), beta.double()),
+                             ref.snake_beta(x, alpha, beta))
+
+
+def test_kernel_streaming_states_continue_exactly():
+    """Chunks through the Triton convs with carried states equal the one-shot Triton call."""
+    x = torch.randn(2, 6, 29, device=DEVICE)
+    w = torch.randn(5, 6, 7, device=DEVICE) * 0.3
+    wt = torch.randn(6, 5, 6, device=DEVICE) * 0.3
+    snake = _snake_params(6, torch.float32)
+    whole, _ = omni_fast.ops.causal_conv1d(x, w, dilation=3, snake=snake, backend="triton")
+    whole_t, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=3, snake=snake, backend="triton")
+    st = st_t = None
+    parts, parts_t = [], []
+    for a, e in ((0, 1), (1, 2), (2, 11), (11, 29)):
+        y, st = omni_fast.ops.causal_conv1d(x[..., a:e], w, dilation=3, snake=snake, state=st, backend="triton")
+        yt, st_t = omni_fast.ops.causal_conv_transpose1d(x[..., a:e], wt, stride=3, snake=snake, state=st_t,
+                                                        backend="triton")
+        parts.append(y)
+        parts_t.append(yt)
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts_t, -1), whole_t, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_trace_under_torch_compile():
+    x = torch.randn(2, 6, 9)
+    w, wt = torch.randn(5, 6, 7), torch.randn(6, 5, 4)
+    snake = _snake_params(6, torch.float32)
+
+    def f(x, st):
+        y, st2 = omni_fast.ops.causal_conv1d(x, w, snake=snake, state=st, backend="reference")
+        z, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=2, backend="reference")
+        return y * 2, st2, z, omni_fast.ops.snake_beta(x, *snake, backend="reference")
+
+    st = torch.randn(2, 6, 6)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, st), f(x, st))
+
+
+# --- the model: one-shot, streaming ----------------------------------------------------------------------------
+
+
+def _models(layout=0, **over):
+    hf = _hf_model(layout, **over)
+    return hf, omni_fast.models.Code2Wav.from_transformers(hf, backend="reference")
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_model_forward_matches_transformers(layout):
+    hf, model = _models(layout)
+    codes = torch.randint(0, 16, (2, 4, 14))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def test_model_forward_triton_matches_transformers():
+    hf = _hf_model(1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 9))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def test_model_long_input_blocks_the_attention(monkeypatch):
+    """One-shot decodes attend in query blocks through the KV cache: exact at block boundaries too."""
+    from omni_fast.models import code2wav as mod
+
+    monkeypatch.setattr(mod, "_ATTN_BLOCK", 4)
+    hf, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 15))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def _random_chunks(rng, T, max_chunk):
+    sizes = []
+    while sum(sizes) < T:
+        sizes.append(min(rng.choice([0, 1, 1, 2, 3, max_chunk]), T - sum(sizes)))
+    return sizes
+
+
+def _stream(model, codes, sizes):
+    s = model.stream(codes.shape[0])
+    out, i = [], 0
+    for n in sizes:
+        w = s.push(codes[..., i:i + n])
+        assert w.shape[-1] == model.num_samples(i + n) - model.num_samples(i)  # every final sample, no more
+        out.append(w)
+        i += n
+    out.append(s.finish())
+    return torch.cat(out, -1)
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_streaming_equals_one_shot_reference_backend(layout):
+    _, model = _models(layout)
+    rng = random.Random(layout)
+    for trial in range(3):
+        T = rng.randint(1, 17)
+        codes = torch.randint(0, 16, (2, 4, T))
+        whole = model(codes)
+        got = _stream(model, codes, _random_chunks(rng, T, 7))
+        torch.testing.assert_close(got, whole, rtol=1e-4, atol=5e-5)
+
+
+def test_streaming_equals_one_shot_triton_backend():
+    hf = _hf_model(1, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 8))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(_stream(model, codes, [1, 2, 5]), want, rtol=1e-4, atol=5e-5)
+
+
+def test_batched_streams_of_different_lengths_equal_separate_decodes():
+    _, model = _models(0)
+    lengths = [13, 4, 9]
+    codes = torch.randint(0, 16, (3, 4, max(lengths)))
+    wav = _stream(model, codes, [3, 1, 6, 3])
+    for b, n in enumerate(lengths):
+        alone = model(codes[b:b + 1, :, :n])
+        torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
+
+
+def test_stream_state_resumes_in_a_new_stream():
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 10))
+    s = model.stream(1)
+    a = s.push(codes[..., :6])
+    b = model.stream(1, state=s.state).push(codes[..., 6:])
+    torch.testing.assert_close(torch.cat((a, b), -1), model(codes), rtol=1e-4, atol=5e-5)
+
+
+def test_chunked_decode_matches_transformers():
+    hf, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 23))
+    with torch.no_grad():
+        want = hf.chunked_decode(codes, chunk_size=7, left_context_size=3)
+    torch.testing.assert_close(model.chunked_decode(codes, chunk_size=7, left_context_size=3), want, rtol=1e-4,
+                               atol=5e-5)
+
+
+def test_from_state_dict_equals_from_transformers():
+    hf, model = _models(2)
+    sd = {"code2wav." + k: v for k, v in hf.state_dict().items()}
+    other = omni_fast.models.Code2Wav.from_state_dict(hf.config, sd, backend="reference")
+    codes = torch.randint(0, 16, (1, 4, 6))
+    torch.testing.assert_close(other(codes), model(codes), rtol=0, atol=0)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_model_bad_codes():
+    _, model = _models(0)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model(torch.full((1, 4, 3), 16))
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        model(torch.full((1, 4, 3), -1))
+    with pytest.raises(ValueError, match="4 codebooks"):
+        model(torch.zeros(1, 5, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        model(torch.zeros(4, 3, dtype=torch.long))
+    s = model.stream(2)
+    with pytest.raises(ValueError, match="batch size 2"):
+        s.push(torch.zeros(1, 4, 3, dtype=torch.long))
+    s.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        s.push(torch.zeros(2, 4, 1, dtype=torch.long))
+
+
+def test_model_state_from_another_config():
+    _, model = _models(0)
+    _, other = _models(1)
+    s = other.stream(1)
+    s.push(torch.zeros(1, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="another config"):
+        model.stream(1, state=s.state)
+    with pytest.raises(ValueError, match="batch size"):
+        other.stream(2, state=s.state)
+
+
+def test_model_bad_state_dict():
+    hf = _hf_model(0)
+    sd = dict(hf.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        omni_fast.models.Code2Wav.from_state_dict(hf.config, {k: v for k, v in sd.items() if "decoder.0" not in k})
+    with pytest.raises(ValueError, match="the config expects"):
+        omni_fast.models.Code2Wav.from_state_dict(_hf_config(0, decoder_dim=16), sd)
+
+
+def _conv_call(**over):
+    args = dict(x=torch.randn(2, 6, 9), weight=torch.randn(5, 6, 7))
+    args.update(over)
+    return omni_fast.ops.causal_conv1d(args.pop("x"), args.pop("weight"), **args, backend="reference")
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(5, 4, 7)), ValueError, "channel mismatch"),
+    (dict(weight=torch.randn(5, 3, 7), groups=4), ValueError, "groups=4 must divide"),
+    (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
+    (dict(state=torch.randn(2, 6, 5)), ValueError, "state must have shape"),
+    (dict(state=torch.randn(2, 5, 6)), ValueError, "another layer or config"),
+    (dict(state=torch.randn(2, 6, 6), stride=2), ValueError, "stride=1"),
+    (dict(residual=torch.randn(2, 5, 8)), ValueError, "residual must have shape"),
+    (dict(snake=(torch.randn(5), torch.randn(6))), ValueError, "snake alpha must have shape"),
+    (dict(snake=torch.randn(6)), TypeError, "pair"),
+    (dict(weight=torch.randn(5, 6, 7, dtype=torch.float16)), TypeError, "same dtype"),
+    (dict(state=torch.randn(2, 6, 6, dtype=torch.float64)), TypeError, "state must have dtype"),
+    (dict(x=torch.randn(6, 9)), ValueError, "x must have 3 dimensions"),
+    (dict(x=torch.randint(0, 3, (2, 6, 9))), TypeError, "x must have dtype"),
+    (dict(dilation=0), ValueError, "dilation must be in"),
+])
+def test_conv_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _conv_call(**over)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(5, 5, 4)), ValueError, "channel mismatch"),
+    (dict(weight=torch.randn(6, 5, 5)), ValueError, "multiple of stride"),
+    (dict(state=torch.randn(2, 6, 2)), ValueError, "state must have shape"),
+    (dict(x=torch.randn(2, 6, 0)), ValueError, "at least 1 input samples"),
+    (dict(snake=(torch.randn(6), torch.randn(6, dtype=torch.float16))), TypeError, "same dtype"),
+])
+def test_conv_transpose_bad_input(over, exc, match):
+    args = dict(x=torch.randn(2, 6, 9), weight=torch.randn(6, 5, 4))
+    args.update(over)
+    with pytest.raises(exc, match=match):
+        omni_fast.ops.causal_conv_transpose1d(args.pop("x"), args.pop("weight"), stride=2, **args,
+                                              backend="reference")
+
+
+def test_snake_bad_input():
+    with pytest.raises(ValueError, match="snake alpha must have shape"):
+        omni_fast.ops.snake_beta(torch.randn(1, 3, 4), torch.randn(4), torch.randn(3))
+
+
+# --- GPU: bf16 and the real shapes -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,d,snake,residual,groups", [
+    (1024, 1536, 7, 1, False, False, 1), (768, 768, 7, 9, True, False, 1), (96, 96, 1, 1, True, True, 1),
+    (96, 1, 7, 1, True, False, 1), (1024, 1024, 7, 1, False, False, 1024)])
+@pytest.mark.parametrize("state", [False, True])
+def test_gpu_real_shapes_bf16_conv(c_in, c_out, k, d, snake, residual, groups, state):
+    _check_conv(2, c_in, c_out, 333, k, d=d, groups=groups, snake=snake, residual=residual, state=state,
+                dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,r", [(1536, 8), (768, 5), (384, 4), (192, 3)])
+def test_gpu_real_shapes_bf16_conv_transpose(c_in, r):
+    _check_convt(2, c_in, c_in // 2, 77, r, 2, snake=True, state=True, dtype=torch.bfloat16)
+    _check_convt(2, 1024, 1024, 77, 2, 1, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_model_bf16_streaming_equals_one_shot():
+    hf = _hf_model(0).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf.float(), backend="triton").to(dtype=torch.bfloat16)
+    codes = torch.randint(0, 16, (2, 4, 40), device=DEVICE)
+    whole = model(codes)
+    got = _stream(model, codes, [1, 5, 10, 24])
+    torch.testing.assert_close(got.float(), whole.float(), rtol=0, atol=2e-2)
