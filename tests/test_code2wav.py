@@ -543,3 +543,72 @@ def test_gpu_model_bf16_streaming_equals_one_shot():
     whole = model(codes)
     got = _stream(model, codes, [1, 5, 10, 24])
     torch.testing.assert_close(got.float(), whole.float(), rtol=0, atol=2e-2)
+
+
+# --- CUDA-graph readiness ----------------------------------------------------------------------------------------
+
+
+def _state_tensors(st):
+    out = {"pos": st.pos, **{f"conv {k}": v for k, v in st.conv.items()}}
+    for i, kv in enumerate(st.kv):
+        out[f"k{i}"], out[f"v{i}"] = kv
+    return out
+
+
+def test_stream_state_is_updated_in_place_after_the_first_push():
+    """What CUDA-graph replay needs: from the second push on, every state tensor keeps its shape and address."""
+    _, model = _models(0)
+    s = model.stream(2)
+    codes = torch.randint(0, 16, (2, 4, 12))
+    s.push(codes[..., :3])
+    before = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
+    for a, e in ((3, 4), (4, 8), (8, 12)):
+        s.push(codes[..., a:e])
+    after = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
+    assert before == after
+    assert int(s.state.pos) == s.frames == 12
+
+
+def test_graph_bucket_decomposition(monkeypatch):
+    """With graphs on, a push is cut into bucket-sized pieces; any cut gives the one-shot audio (CPU stand-in for
+    the graph: the eager step)."""
+    from omni_fast.models import code2wav as mod
+
+    sizes = []
+
+    class FakeGraph:
+        def __init__(self, stream, frames):
+            self.stream, self.frames = stream, frames
+
+        def __call__(self, codes):
+            assert codes.shape[-1] == self.frames
+            sizes.append(self.frames)
+            return self.stream._step(codes)
+
+    monkeypatch.setattr(mod, "_GraphStep", FakeGraph)
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 20))
+    s = model.stream(1, graph_buckets=(1, 4))
+    s.cuda_graphs = True
+    got = torch.cat([s.push(codes[..., :2]), s.push(codes[..., 2:13]), s.push(codes[..., 13:])], dim=-1)
+    assert sizes == [4, 4, 1, 1, 1, 4, 1, 1, 1]
+    torch.testing.assert_close(got, model(codes), rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
+def test_cuda_graphs_need_cuda():
+    _, model = _models(0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.stream(1, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
+    hf = _hf_model(0).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (batch, 4, 30), device=DEVICE)
+    eager = _stream(model, codes, [2, 1, 10, 17])
+    s = model.stream(batch, cuda_graphs=True)
+    got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)

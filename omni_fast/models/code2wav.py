@@ -50,13 +50,19 @@ def pack_conv_transpose1d_weight(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StreamState:
-    """Everything a stream carries between pushes (per layer), tied to the model config that made it."""
+    """Everything a stream carries between pushes, tied to the model config that made it.
+
+    Every tensor keeps its shape and address from the second push on (updates are in-place copies), which is what
+    lets :class:`Code2WavStream` replay CUDA graphs: the KV caches are fixed ``[B, Hk, W-1, D]`` buffers whose
+    not-yet-written slots (negative positions) are masked, and the RoPE position is a device scalar.
+    """
 
     config: Code2WavConfig
     batch_size: int
-    frames: int = 0  # frames pushed so far (the next frame's RoPE position)
-    kv: list = field(default_factory=list)  # per pre-transformer layer: (k, v) [B, Hk, <= W-1, D] or None
-    conv: dict = field(default_factory=dict)  # per conv layer name: raw left context [B, C_in, ctx] or None
+    pos: torch.Tensor  # int64 0-d device tensor: the position of the next frame
+    kv: list  # per pre-transformer layer: (k, v) [B, Hk, W-1, D] (None when W == 1)
+    conv: dict = field(default_factory=dict)  # per conv layer: raw left context [B, C_in, ctx] (absent at start)
+    frames: int = 0  # frames pushed so far (host copy of pos)
     finished: bool = False
 
 
@@ -152,9 +158,11 @@ class Code2Wav:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=self.dtype)
         return torch.cat(wavs, dim=-1)
 
-    def stream(self, batch_size: int = 1, *, state: StreamState | None = None) -> "Code2WavStream":
-        """A stateful decoder for ``batch_size`` independent streams (optionally resuming ``state``)."""
-        return Code2WavStream(self, batch_size, state)
+    def stream(self, batch_size: int = 1, *, state: StreamState | None = None, cuda_graphs: bool = False,
+               graph_buckets=(1, 2, 4, 8, 16, 32, 64)) -> "Code2WavStream":
+        """A stateful decoder for ``batch_size`` independent streams (optionally taking over ``state``; the
+        stream that produced it must not be used afterwards). See :class:`Code2WavStream` for ``cuda_graphs``."""
+        return Code2WavStream(self, batch_size, state, cuda_graphs=cuda_graphs, graph_buckets=graph_buckets)
 
     def _check_codes(self, codes: torch.Tensor, batch_size: int | None = None) -> None:
         cfg = self.config
@@ -169,13 +177,19 @@ class Code2Wav:
 
 
 class Code2WavStream:
-    """``push(codes [B, G, t]) -> wav [B, 1, n]`` with every sample final so far; ``finish()`` ends the stream."""
+    """``push(codes [B, G, t]) -> wav [B, 1, n]`` with every sample final so far; ``finish()`` ends the stream.
 
-    def __init__(self, model: Code2Wav, batch_size: int, state: StreamState | None = None):
+    ``cuda_graphs=True`` (CUDA only): after the first push (which creates the per-layer states), each push is cut
+    into pieces whose sizes are in ``graph_buckets`` (any chunking gives the same audio) and every piece replays a
+    CUDA graph captured once per bucket for this stream's batch size.
+    """
+
+    def __init__(self, model: Code2Wav, batch_size: int, state: StreamState | None = None, *,
+                 cuda_graphs: bool = False, graph_buckets=(1, 2, 4, 8, 16, 32, 64)):
         self.model = model
         batch_size = check_positive_int("batch_size", batch_size)
         if state is None:
-            state = StreamState(model.config, batch_size, kv=[None] * model.config.num_hidden_layers)
+            state = _new_state(model, batch_size)
         elif not isinstance(state, StreamState):
             raise TypeError(f"state must be a StreamState, got {type(state).__name__}")
         elif state.config != model.config:
@@ -183,11 +197,17 @@ class Code2WavStream:
         elif state.batch_size != batch_size:
             raise ValueError(f"state has batch size {state.batch_size}, the stream {batch_size}")
         else:
-            for name, t in state.conv.items():
-                if t is not None and (t.dtype != model.dtype or t.device != model.device):
+            tensors = dict(state.conv, pos=state.pos)
+            for name, t in tensors.items():
+                if t.device != model.device or (t.is_floating_point() and t.dtype != model.dtype):
                     raise ValueError(f"state tensor {name} has {t.dtype} on {t.device}, the model "
                                      f"{model.dtype} on {model.device}")
         self.state = state
+        if cuda_graphs and model.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graph_buckets = tuple(sorted({check_positive_int("graph bucket", int(b)) for b in graph_buckets}))
+        self._graphs: dict[int, _GraphStep] = {}
 
     @property
     def frames(self) -> int:
@@ -203,53 +223,87 @@ class Code2WavStream:
         B, _, t = codes.shape
         if t == 0:
             return torch.zeros(B, 1, 0, dtype=m.dtype, device=m.device)
-        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes))
-        wav = self._convnet(h.permute(0, 2, 1))
-        st.frames += t
-        return wav
+        if not self.cuda_graphs or st.frames == 0:
+            return self._step(codes)
+        outs, i = [], 0
+        while i < t:
+            n = max([b for b in self.graph_buckets if b <= t - i] or [1])
+            piece = codes[..., i:i + n]
+            if n in self.graph_buckets:
+                graph = self._graphs.get(n)
+                if graph is None:
+                    graph = self._graphs[n] = _GraphStep(self, n)
+                outs.append(graph(piece))
+            else:
+                outs.append(self._step(piece))
+            i += n
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
     def finish(self) -> torch.Tensor:
         """End the stream. Returns the tail ``[B, 1, 0]``: empty, since every layer is causal (module docstring)."""
         self.state.finished = True
+        self._graphs.clear()
         return torch.zeros(self.state.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device)
 
-    # --- pieces ------------------------------------------------------------------------------------------------
+    # --- one step (graph-capturable once every state exists) ---------------------------------------------------
+
+    def _step(self, codes: torch.Tensor) -> torch.Tensor:
+        m, st = self.model, self.state
+        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes))
+        wav = self._convnet(h.permute(0, 2, 1))
+        st.pos += codes.shape[-1]
+        st.frames += codes.shape[-1]
+        return wav
 
     def _pre_transformer(self, h: torch.Tensor) -> torch.Tensor:
         """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches."""
         m, st, cfg = self.model, self.state, self.model.config
+        keep = cfg.sliding_window - 1  # a frame sees the previous W - 1 frames
         outs = []
         for a in range(0, h.shape[1], _ATTN_BLOCK):
             x = h[:, a:a + _ATTN_BLOCK]
-            p0 = st.frames + a
-            q_pos = torch.arange(p0, p0 + x.shape[1], device=h.device)
+            n = x.shape[1]
+            base = st.pos + a
+            q_pos = base + torch.arange(n, device=h.device)
+            k_pos = base - keep + torch.arange(keep + n, device=h.device)
             freqs = q_pos[:, None].float() * m._inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+            mask = _window_mask(q_pos, k_pos, cfg.sliding_window, h.dtype)
             for i in range(cfg.num_hidden_layers):
                 past = st.kv[i]
-                n_past = 0 if past is None else past[0].shape[2]
-                k_pos = torch.arange(p0 - n_past, p0 + x.shape[1], device=h.device)
-                mask = ref.sliding_window_mask(q_pos, k_pos, cfg.sliding_window, h.dtype)
-                x, (k, v) = ref.pre_transformer_layer(cfg, m.sd, f"pre_transformer.layers.{i}.", x, cos, sin, mask,
-                                                      past)
-                keep = cfg.sliding_window - 1  # the next frame sees the previous W - 1 frames
-                st.kv[i] = (k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous()) if keep > 0 else None
+                x, (k, v) = ref.pre_transformer_layer(cfg, m.sd, f"pre_transformer.layers.{i}.", x, cos, sin,
+                                                      mask if past is not None else mask[:, keep:], past)
+                if past is not None:
+                    past[0].copy_(k[:, :, -keep:])
+                    past[1].copy_(v[:, :, -keep:])
             outs.append(x)
         h = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return ref._rms_norm(h, m.sd["pre_transformer.norm.weight"], cfg.rms_norm_eps)
 
+    def _keep_state(self, name: str, new: torch.Tensor) -> None:
+        """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
+        conv = self.state.conv
+        old = conv.get(name)
+        if old is not None and old.shape == new.shape:
+            old.copy_(new)
+        else:
+            conv[name] = new
+
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
-        sd, conv = self.model.sd, self.state.conv
-        y, conv[name] = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
-                                          groups=groups, snake=snake, residual=residual, state=conv.get(name),
-                                          backend=self.model.backend)
+        sd = self.model.sd
+        y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
+                                   groups=groups, snake=snake, residual=residual, state=self.state.conv.get(name),
+                                   backend=self.model.backend)
+        self._keep_state(name, new)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
-        sd, conv = self.model.sd, self.state.conv
-        y, conv[name] = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                                    snake=snake, state=conv.get(name), backend=self.model.backend)
+        sd = self.model.sd
+        y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
+                                             snake=snake, state=self.state.conv.get(name),
+                                             backend=self.model.backend)
+        self._keep_state(name, new)
         return y
 
     def _convnet(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,6 +325,80 @@ class Code2WavStream:
         n = len(cfg.upsample_rates)
         x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
         return x.clamp(min=-1, max=1)
+
+
+def _new_state(model: Code2Wav, batch_size: int) -> StreamState:
+    cfg = model.config
+    keep = cfg.sliding_window - 1
+    kv = []
+    for _ in range(cfg.num_hidden_layers):
+        if keep > 0:
+            shape = (batch_size, cfg.num_key_value_heads, keep, cfg.head_dim)
+            kv.append((torch.zeros(shape, dtype=model.dtype, device=model.device),
+                       torch.zeros(shape, dtype=model.dtype, device=model.device)))
+        else:
+            kv.append(None)
+    return StreamState(cfg, batch_size, pos=torch.zeros((), dtype=torch.long, device=model.device), kv=kv)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[Tq, Tk]``: key j visible to query i iff ``0 <= k_j``, ``q_i - window < k_j <= q_i``
+    (transformers' causal sliding window; negative positions are the KV cache slots not written yet)."""
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    allowed = (k <= q) & (k > q - window) & (k >= 0)
+    return torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill(~allowed,
+                                                                                    torch.finfo(dtype).min)
+
+
+class _GraphStep:
+    """One CUDA graph of :meth:`Code2WavStream._step` for a fixed chunk size (CUDA only).
+
+    Warm-up runs the step once on copies of the state (Triton autotuning, cuBLAS handles) and restores it; capture
+    then records the step on static buffers: codes in, wav out, every state updated in place.
+    """
+
+    def __init__(self, stream: Code2WavStream, frames: int):
+        st = stream.state
+        self.codes = torch.zeros(st.batch_size, stream.model.config.num_quantizers, frames, dtype=torch.long,
+                                 device=stream.model.device)
+        snapshot = _clone_state(st)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stream._step(self.codes)
+        torch.cuda.current_stream().wait_stream(side)
+        _restore_state(st, snapshot)
+        self.graph = torch.cuda.CUDAGraph()
+        frames_before = st.frames
+        with torch.cuda.graph(self.graph):
+            self.out = stream._step(self.codes)
+        st.frames = frames_before  # capture records but does not run the step
+        self.state = st
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        self.codes.copy_(codes)
+        self.graph.replay()
+        self.state.frames += self.codes.shape[-1]
+        return self.out.clone()
+
+
+def _clone_state(st: StreamState) -> dict:
+    snap = {"pos": st.pos.clone(), "frames": st.frames}
+    snap["conv"] = {k: v.clone() for k, v in st.conv.items()}
+    snap["kv"] = [None if kv is None else (kv[0].clone(), kv[1].clone()) for kv in st.kv]
+    return snap
+
+
+def _restore_state(st: StreamState, snap: dict) -> None:
+    st.pos.copy_(snap["pos"])
+    st.frames = snap["frames"]
+    for k, v in snap["conv"].items():
+        st.conv[k].copy_(v)
+    for kv, saved in zip(st.kv, snap["kv"]):
+        if kv is not None:
+            kv[0].copy_(saved[0])
+            kv[1].copy_(saved[1])
 
 
 # --- state dict checks -----------------------------------------------------------------------------------------------
