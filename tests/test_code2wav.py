@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import omni_fast
 import omni_fast.models  # noqa: F401  (not imported by omni_fast itself)
@@ -222,6 +224,42 @@ def test_kernel_multi_tile_grids(monkeypatch):
     _check_conv(2, 37, 35, 41, 7, d=3, snake=True, residual=True, state=True)
     _check_conv(1, 20, 20, 35, 7, groups=20, snake=True, state=True)
     _check_convt(2, 37, 9, 7, 5, snake=True, state=True)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), c_in=st.integers(1, 20), c_out=st.integers(1, 20), T=st.integers(0, 40),
+       k=st.sampled_from([1, 2, 3, 7]), d=st.sampled_from([1, 2, 3, 9]), snake=st.booleans(), residual=st.booleans(),
+       state=st.booleans(), depthwise=st.booleans(), dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kernel_causal_conv1d_random_shapes(B, c_in, c_out, T, k, d, snake, residual, state, depthwise, dtype):
+    groups = c_in if depthwise else 1
+    _check_conv(B, c_in, c_in if depthwise else c_out, T, k, d=d, groups=groups, snake=snake, residual=residual,
+                state=state, dtype=dtype)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), c_in=st.integers(1, 20), c_out=st.integers(1, 12), T=st.integers(1, 20),
+       s=st.integers(1, 8), m=st.integers(1, 3), snake=st.booleans(), state=st.booleans(),
+       dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kernel_causal_conv_transpose1d_random_shapes(B, c_in, c_out, T, s, m, snake, state, dtype):
+    if not state and T < m - 1:
+        T = m - 1 if m > 1 else 1
+    _check_convt(B, c_in, c_out, T, s, m, snake, state, dtype)
+
+
+def test_kernel_non_contiguous_input():
+    """The model feeds the pre-transformer output [B, T, H] to the first transposed conv as a permuted view."""
+    h = torch.randn(2, 11, 8, device=DEVICE)
+    x = h.permute(0, 2, 1)
+    w = torch.randn(8, 8, 2, device=DEVICE)
+    wc = torch.randn(5, 8, 7, device=DEVICE)
+    snake = _snake_params(8, torch.float32)
+    y, _ = omni_fast.ops.causal_conv_transpose1d(x, w, stride=2, backend="triton")
+    want, _ = ref.causal_conv_transpose1d(x.contiguous(), w, stride=2)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y, state = omni_fast.ops.causal_conv1d(x, wc, snake=snake, backend="triton")
+    want, _ = ref.causal_conv1d(x.contiguous(), wc, snake=snake)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert state.is_contiguous() and torch.equal(state, x[..., -6:])
 
 
 def test_kernel_unpacked_weights_give_the_same_result():
