@@ -107,7 +107,7 @@ def _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_pt
 @triton.jit
 def conv_gemm_kernel(
     x_ptr, state_ptr, w_ptr, bias_ptr, alpha_ptr, beta_ptr, res_ptr, out_ptr,
-    t_in, ctx, n_cols, n_rows_g, ci_g, co_g, n_groups, dil, conv_stride, w_off0,
+    t_in, ctx, n_cols, n_cols_bucket, n_rows_g, ci_g, co_g, n_groups, dil, conv_stride, w_off0,
     stride_xb, stride_xc, stride_xt, stride_sb, stride_sc, stride_st,
     stride_wn, stride_wc, stride_wk,
     stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
@@ -116,7 +116,8 @@ def conv_gemm_kernel(
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One ``[BLOCK_N, BLOCK_T]`` output tile of the implicit GEMM (see the module docstring). Grid:
-    ``(cdiv(n_cols, BLOCK_T), cdiv(n_rows_g, BLOCK_N), B * n_groups)``."""
+    ``(cdiv(n_cols, BLOCK_T), cdiv(n_rows_g, BLOCK_N), B * n_groups)``. ``n_cols_bucket`` (unused in the body) is
+    the autotuning key for the length, so a server does not re-tune for every distinct input length."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bg = tl.program_id(2)
@@ -218,8 +219,13 @@ _GEMM_CONFIGS = [
 _INTERP_GEMM = triton.Config({"BLOCK_N": 32, "BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4)
 _INTERP_DW = (32, 64)
 
-conv_gemm = autotune(_GEMM_CONFIGS, key=["n_cols", "n_rows_g", "ci_g", "KSIZE", "PHASES"],
+conv_gemm = autotune(_GEMM_CONFIGS, key=["n_cols_bucket", "n_rows_g", "ci_g", "n_groups", "KSIZE", "PHASES"],
                      interpreter_config=_INTERP_GEMM)(conv_gemm_kernel)
+
+
+def _length_bucket(n: int) -> int:
+    """Power-of-two bucket of an output length (the autotuning key), capped at 4096."""
+    return min(triton.next_power_of_2(max(n, 1)), 4096)
 
 
 def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, *args, device, **meta) -> None:
@@ -302,23 +308,22 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
     has_state = state is not None
     st = state if has_state else x
     res = residual if residual is not None else out
-    common = (T, ctx, n_cols)
     if groups == c_in and groups == c_out and ci_g == 1:
         bc, bt = _INTERP_DW if interpreting() else (32, 128)
         launch(dwconv_kernel, (triton.cdiv(n_cols, bt), triton.cdiv(c_out, bc), B),
                x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res, out,
-               *common, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
+               T, ctx, n_cols, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
                *res.stride(), *out.stride(),
                KSIZE=k, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=snake, RESIDUAL=residual is not None,
                BLOCK_C=bc, BLOCK_T=bt, num_warps=4, device=x.device)
     else:
         co_g = c_out // groups
         _launch_gemm(n_cols, co_g, B * groups,
-               x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res, out,
-               *common, co_g, ci_g, co_g, groups, dilation, stride, 0, *x.stride(), *st.stride(),
-               weight.stride(0), weight.stride(1), weight.stride(2), *res.stride(), *out.stride(),
-               KSIZE=k, PHASES=1, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=snake,
-               RESIDUAL=residual is not None, device=x.device, **_flags(x))
+                     x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res,
+                     out, T, ctx, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
+                     *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2), *res.stride(),
+                     *out.stride(), KSIZE=k, PHASES=1, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=snake,
+                     RESIDUAL=residual is not None, device=x.device, **_flags(x))
     return out, _new_state(x, state, ctx)
 
 
@@ -342,12 +347,12 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
     # Tap j reads input q + j with kernel index (m-1-j) * stride + r: start at the last tap, walk backwards.
     row_stride = weight.stride(1)  # = C_in: rows n = r * C_out + co are evenly spaced in the packed layout
     _launch_gemm(n_cols, stride * c_out, B,
-           x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, out, out,
-           L, ctx, n_cols, stride * c_out, c_in, c_out, 1, 1, 1, (m - 1) * stride * weight.stride(2),
-           *x.stride(), *st.stride(),
-           row_stride, weight.stride(0), -stride * weight.stride(2), *out.stride(), *out.stride(),
-           KSIZE=m, PHASES=stride, HAS_STATE=state is not None, HAS_BIAS=bias is not None, SNAKE=snake,
-           RESIDUAL=False, device=x.device, **_flags(x))
+                 x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, out, out,
+                 L, ctx, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
+                 (m - 1) * stride * weight.stride(2), *x.stride(), *st.stride(),
+                 row_stride, weight.stride(0), -stride * weight.stride(2), *out.stride(), *out.stride(),
+                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, HAS_BIAS=bias is not None, SNAKE=snake,
+                 RESIDUAL=False, device=x.device, **_flags(x))
     return out, _new_state_transposed(x, state, m - 1)
 
 
@@ -363,7 +368,8 @@ def _new_state_transposed(x: torch.Tensor, state: torch.Tensor | None, ctx: int)
 # --- sm_90a static compile cases (the real Code2Wav shapes, bf16 and fp16) ------------------------------------------
 
 _GEMM_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta_ptr", "res_ptr", "out_ptr",
-                   "t_in", "ctx", "n_cols", "n_rows_g", "ci_g", "co_g", "n_groups", "dil", "conv_stride", "w_off0",
+                   "t_in", "ctx", "n_cols", "n_cols_bucket", "n_rows_g", "ci_g", "co_g", "n_groups", "dil",
+                   "conv_stride", "w_off0",
                    "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st",
                    "stride_wn", "stride_wc", "stride_wk",
                    "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot"]
