@@ -253,8 +253,8 @@ def is_packed(weight: torch.Tensor) -> bool:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The packed layout: same shape and values, memory order ``[k][dim0][dim1]`` (dim1 = C_in contiguous for a
-    conv1d weight ``[C_out, C_in, k]``; for a transposed-conv weight ``[C_in, C_out, k]`` see :func:`pack_transposed`)."""
+    """conv1d weight ``[C_out, C_in/g, k]`` in the packed layout: same shape and values, memory order
+    ``[k][C_out][C_in]`` (for a transposed-conv weight ``[C_in, C_out, k]`` see :func:`pack_transposed`)."""
     return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
