@@ -366,6 +366,20 @@ def test_model_forward_matches_transformers(layout):
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
 
 
+def test_model_bf16_error_is_within_transformers_own_bf16_error():
+    """bf16 end to end (reference backend): the error vs the fp32 decode is at most 2x transformers' bf16 error."""
+    hf, _ = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 20))
+    with torch.no_grad():
+        exact = hf(codes)
+        hf_bf16 = hf.to(torch.bfloat16)
+        want = hf_bf16(codes)
+    model = omni_fast.models.Code2Wav.from_transformers(hf_bf16, backend="reference")
+    got = model(codes)
+    assert got.dtype == torch.bfloat16
+    assert_matches_reference(got, exact, want)
+
+
 def test_model_forward_triton_matches_transformers():
     hf = _hf_model(1)
     model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
