@@ -208,6 +208,7 @@ class Code2WavStream:
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_buckets = tuple(sorted({check_positive_int("graph bucket", int(b)) for b in graph_buckets}))
         self._graphs: dict[int, _GraphStep] = {}
+        self._pool = None
 
     @property
     def frames(self) -> int:
@@ -371,7 +372,9 @@ class _GraphStep:
         _restore_state(st, snapshot)
         self.graph = torch.cuda.CUDAGraph()
         frames_before = st.frames
-        with torch.cuda.graph(self.graph):
+        if stream._pool is None:  # one memory pool for all of a stream's buckets: replays never overlap
+            stream._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.graph, pool=stream._pool):
             self.out = stream._step(self.codes)
         st.frames = frames_before  # capture records but does not run the step
         self.state = st
