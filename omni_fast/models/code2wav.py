@@ -82,8 +82,9 @@ class Code2Wav:
         self.sd = sd
         self.dtype = sd["code_embedding.weight"].dtype
         self.device = sd["code_embedding.weight"].device
-        self._inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float,
-                                                                 device=self.device) / cfg.head_dim))
+        # computed on the CPU and moved, as transformers' rotary embedding buffer is (bitwise the same frequencies)
+        self._inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float)
+                                                    / cfg.head_dim))).to(self.device)
 
     # --- construction ------------------------------------------------------------------------------------------
 
