@@ -588,13 +588,18 @@ def test_gpu_real_shapes_bf16_conv_transpose(c_in, r):
 
 
 @pytest.mark.gpu
-def test_gpu_model_bf16_streaming_equals_one_shot():
+def test_gpu_model_bf16_one_shot_and_streamed():
+    """bf16 on the GPU (Triton backend): one-shot and streamed errors vs the fp32 decode stay within a small factor
+    of transformers' own bf16 error."""
     hf = _hf_model(0).to(DEVICE)
-    model = omni_fast.models.Code2Wav.from_transformers(hf.float(), backend="triton").to(dtype=torch.bfloat16)
     codes = torch.randint(0, 16, (2, 4, 40), device=DEVICE)
-    whole = model(codes)
-    got = _stream(model, codes, [1, 5, 10, 24])
-    torch.testing.assert_close(got.float(), whole.float(), rtol=0, atol=2e-2)
+    with torch.no_grad():
+        exact = hf(codes)
+        hf_bf16 = hf.to(torch.bfloat16)
+        want = hf_bf16(codes)
+    model = omni_fast.models.Code2Wav.from_transformers(hf_bf16, backend="triton")
+    assert_matches_reference(model(codes), exact, want, factor=3.0, name="one-shot")
+    assert_matches_reference(_stream(model, codes, [1, 5, 10, 24]), exact, want, factor=3.0, name="streamed")
 
 
 # --- CUDA-graph readiness ----------------------------------------------------------------------------------------
@@ -663,4 +668,5 @@ def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
     eager = _stream(model, codes, [2, 1, 10, 17])
     s = model.stream(batch, cuda_graphs=True)
     got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+    assert len(s._graphs) == 4  # buckets 1, 2, 8, 16
