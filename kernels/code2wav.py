@@ -110,17 +110,23 @@ def conv_gemm_kernel(
     t_in, ctx, n_cols, n_cols_bucket, n_rows_g, ci_g, co_g, n_groups, dil, conv_stride, w_off0,
     stride_xb, stride_xc, stride_xt, stride_sb, stride_sc, stride_st,
     stride_wn, stride_wc, stride_wk,
-    stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
+    stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, stride_ok,
     KSIZE: tl.constexpr, PHASES: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SNAKE: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
 ):
     """One ``[BLOCK_N, BLOCK_T]`` output tile of the implicit GEMM (see the module docstring). Grid:
-    ``(cdiv(n_cols, BLOCK_T), cdiv(n_rows_g, BLOCK_N), B * n_groups)``. ``n_cols_bucket`` (unused in the body) is
-    the autotuning key for the length, so a server does not re-tune for every distinct input length."""
+    ``(cdiv(n_cols, BLOCK_T), cdiv(n_rows_g, BLOCK_N), B * n_groups * SPLIT_K)``. ``n_cols_bucket`` (unused in the
+    body) is the autotuning key for the length, so a server does not re-tune for every distinct input length.
+
+    With ``SPLIT_K > 1`` program ``ks`` reduces the input-channel blocks ``ks, ks + SPLIT_K, ...`` and stores its fp32
+    partial sum at ``out_ptr + ks * stride_ok`` (a workspace); :func:`splitk_reduce_kernel` adds them up. Short
+    streaming chunks have few output tiles, and splitting the reduction spreads the weight read over more SMs."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_bg = tl.program_id(2)
+    pid_z = tl.program_id(2)
+    ks = pid_z % SPLIT_K
+    pid_bg = pid_z // SPLIT_K
     b = (pid_bg // n_groups).to(tl.int64)
     g = pid_bg % n_groups
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,7 +140,7 @@ def conv_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     a = tl.zeros((BLOCK_K,), dtype=tl.float32)
     inv_b = a
-    for c0 in range(0, ci_g, BLOCK_K):
+    for c0 in range(ks * BLOCK_K, ci_g, SPLIT_K * BLOCK_K):
         offs_c = c0 + tl.arange(0, BLOCK_K)
         mask_c = offs_c < ci_g
         if SNAKE:
@@ -153,8 +159,35 @@ def conv_gemm_kernel(
                 acc = tl.dot(w, xt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, xt, acc)
-    _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
-              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, PHASES, HAS_BIAS, RESIDUAL)
+    if SPLIT_K == 1:
+        _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
+                  stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, PHASES, HAS_BIAS, RESIDUAL)
+    else:  # fp32 partial sum into the workspace; bias and residual come with the reduction
+        _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr,
+                  out_ptr + ks * stride_ok, stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
+                  PHASES, False, False)
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, n_ch, n_t,
+                         stride_wsk, stride_wsb, stride_wsc, stride_wst,
+                         stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
+                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Sum the ``SPLIT_K`` fp32 partials ``[SPLIT_K, B, C, T]`` in a fixed order (deterministic), add bias and
+    residual, store. Grid ``(cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
+    b = tl.program_id(2).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_c = offs_c < n_ch
+    mask_t = offs_t < n_t
+    ptrs = ws_ptr + b * stride_wsb + offs_c[:, None] * stride_wsc + offs_t[None, :] * stride_wst
+    mask = mask_c[:, None] & mask_t[None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
+    for k in tl.static_range(SPLIT_K):
+        acc += tl.load(ptrs + k * stride_wsk, mask=mask, other=0.0)
+    _epilogue(acc, b, 0, offs_c, offs_t, mask_c, mask_t, n_ch, n_ch, bias_ptr, res_ptr, out_ptr,
+              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, 1, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -228,19 +261,67 @@ def _length_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 4096)
 
 
-def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, *args, device, **meta) -> None:
-    """Launch the autotuned GEMM kernel; under the interpreter, the fixed small config directly.
+# Short inputs (streaming chunks): a fixed tile with a split reduction instead of the autotuned tiles.
+_SMALL_COLS = 32
+_SMALL_GEMM = triton.Config({"BLOCK_N": 64, "BLOCK_T": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4)
+_MAX_SPLIT_K = 16
+_FORCE_SPLIT_K: int | None = None  # tests: force a split under the interpreter
 
-    (``launch.autotune``'s interpreter stand-in loses the kernel object: ``functools.update_wrapper`` copies the
-    InterpretedFunction's ``fn`` attribute over its own, so it is bypassed here.)
+
+def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
+    """Power-of-two split of the reduction so that ``tiles * split`` programs cover about twice the SMs."""
+    if _FORCE_SPLIT_K is not None:
+        return max(1, min(_FORCE_SPLIT_K, k_blocks))
+    if interpreting() or device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split * 2 <= min(_MAX_SPLIT_K, k_blocks) and tiles * split < target:
+        split *= 2
+    return split
+
+
+def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tuple, *, out: torch.Tensor, bias,
+                 residual, ci_g: int, device, **meta) -> None:
+    """Launch :func:`conv_gemm_kernel`: under the interpreter one fixed config; on a GPU the autotuned kernel, or
+    for short inputs (streaming chunks) a fixed tile with split-K (fp32 workspace + :func:`splitk_reduce_kernel`).
+
+    ``head``: the pointer arguments before ``res_ptr``; ``ints``: the integer arguments from ``t_in`` to
+    ``stride_wk``; residual/output pointers and strides are filled in here. (``launch.autotune``'s interpreter
+    stand-in loses the kernel object -- ``functools.update_wrapper`` copies the InterpretedFunction's ``fn``
+    attribute over its own -- so the interpreter path launches the raw kernel.)
     """
-    if interpreting():
-        cfg = _INTERP_GEMM.kwargs
-        grid = (triton.cdiv(n_cols, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_N"]), n_batch)
-        launch(conv_gemm_kernel, grid, *args, device=device, **meta, **cfg)
-    else:
-        launch(conv_gemm, lambda m: (triton.cdiv(n_cols, m["BLOCK_T"]), triton.cdiv(n_rows, m["BLOCK_N"]), n_batch),
-               *args, device=device, **meta)
+    res = residual if residual is not None else out
+    has_bias = bias is not None
+    small = interpreting() or n_cols <= _SMALL_COLS
+    cfg = (_INTERP_GEMM if interpreting() else _SMALL_GEMM).kwargs
+    split = 1
+    if small:
+        tiles = triton.cdiv(n_cols, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_N"]) * n_batch
+        split = _choose_split_k(tiles, triton.cdiv(ci_g, cfg["BLOCK_K"]), device)
+    if split == 1:
+        full = (*head, res, out, *ints, *res.stride(), *out.stride(), 0)
+        flags = dict(meta, HAS_BIAS=has_bias, RESIDUAL=residual is not None)
+        if small:
+            grid = (triton.cdiv(n_cols, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_N"]), n_batch)
+            extra = {} if interpreting() else dict(num_warps=_SMALL_GEMM.num_warps, num_stages=_SMALL_GEMM.num_stages)
+            launch(conv_gemm_kernel, grid, *full, device=device, **flags, **cfg, **extra)
+        else:
+            launch(conv_gemm, lambda m: (triton.cdiv(n_cols, m["BLOCK_T"]), triton.cdiv(n_rows, m["BLOCK_N"]),
+                                         n_batch), *full, device=device, **flags)
+        return
+    B, c_out, t_out = out.shape
+    ws = torch.empty(split, B, c_out, t_out, device=out.device, dtype=torch.float32)
+    full = (*head, ws, ws, *ints, 0, 0, 0, *ws.stride()[1:], ws.stride(0))
+    grid = (triton.cdiv(n_cols, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_N"]), n_batch * split)
+    extra = {} if interpreting() else dict(num_warps=_SMALL_GEMM.num_warps, num_stages=_SMALL_GEMM.num_stages)
+    launch(conv_gemm_kernel, grid, *full, device=device, **meta, HAS_BIAS=False, RESIDUAL=False, SPLIT_K=split,
+           **cfg, **extra)
+    bc, bt = _INTERP_DW if interpreting() else (32, 128)
+    launch(splitk_reduce_kernel, (triton.cdiv(t_out, bt), triton.cdiv(c_out, bc), B),
+           ws, bias if has_bias else ws, res, out, c_out, t_out, *ws.stride(), *res.stride(), *out.stride(),
+           SPLIT_K=split, HAS_BIAS=has_bias, RESIDUAL=residual is not None, BLOCK_C=bc, BLOCK_T=bt, num_warps=4,
+           device=device)
 
 
 # --- host wrappers -----------------------------------------------------------------------------------------------
@@ -319,11 +400,11 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
     else:
         co_g = c_out // groups
         _launch_gemm(n_cols, co_g, B * groups,
-                     x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res,
-                     out, T, ctx, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
-                     *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2), *res.stride(),
-                     *out.stride(), KSIZE=k, PHASES=1, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=snake,
-                     RESIDUAL=residual is not None, device=x.device, **_flags(x))
+                     (x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
+                     (T, ctx, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
+                      *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
+                     out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
+                     KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=snake, **_flags(x))
     return out, _new_state(x, state, ctx)
 
 
@@ -347,12 +428,12 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
     # Tap j reads input q + j with kernel index (m-1-j) * stride + r: start at the last tap, walk backwards.
     row_stride = weight.stride(1)  # = C_in: rows n = r * C_out + co are evenly spaced in the packed layout
     _launch_gemm(n_cols, stride * c_out, B,
-                 x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, out, out,
-                 L, ctx, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
-                 (m - 1) * stride * weight.stride(2), *x.stride(), *st.stride(),
-                 row_stride, weight.stride(0), -stride * weight.stride(2), *out.stride(), *out.stride(),
-                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, HAS_BIAS=bias is not None, SNAKE=snake,
-                 RESIDUAL=False, device=x.device, **_flags(x))
+                 (x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
+                 (L, ctx, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
+                  (m - 1) * stride * weight.stride(2), *x.stride(), *st.stride(),
+                  row_stride, weight.stride(0), -stride * weight.stride(2)),
+                 out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
+                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, SNAKE=snake, **_flags(x))
     return out, _new_state_transposed(x, state, m - 1)
 
 
@@ -372,9 +453,9 @@ _GEMM_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta
                    "conv_stride", "w_off0",
                    "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st",
                    "stride_wn", "stride_wc", "stride_wk",
-                   "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot"]
+                   "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot", "stride_ok"]
 _GEMM_CONSTEXPRS = ["KSIZE", "PHASES", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "UPCAST", "IEEE", "BLOCK_N",
-                    "BLOCK_T", "BLOCK_K"]
+                    "BLOCK_T", "BLOCK_K", "SPLIT_K"]
 _DW_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta_ptr", "res_ptr", "out_ptr",
                  "t_in", "ctx", "n_cols", "n_ch", "dil", "conv_stride",
                  "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st", "stride_wc",
@@ -397,12 +478,27 @@ def _register_static_cases():
     gemm += [(f"convT r={r}", 2, r, True, True, False) for r in (8, 5, 4, 3)]
     gemm += [("upsample convT k2 s2", 1, 2, True, False, False)]
     cfg = _GEMM_CONFIGS[0]
+    small = _SMALL_GEMM
     for dt in ("bf16", "fp16"):
         for name, k, ph, st, sn, res in gemm:
             static_case(f"code2wav.conv_gemm[{name},{dt},state={st}]", conv_gemm_kernel,
                         _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt),
                         dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=sn, RESIDUAL=res, UPCAST=False,
-                             IEEE=False, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                             IEEE=False, SPLIT_K=1, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            # the streaming path: fixed small tile, split-K partials into an fp32 workspace
+            sig = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
+            sig.update(res_ptr="*fp32", out_ptr="*fp32")
+            static_case(f"code2wav.conv_gemm[{name},{dt},split_k=8]", conv_gemm_kernel, sig,
+                        dict(KSIZE=k, PHASES=ph, HAS_STATE=True, HAS_BIAS=False, SNAKE=sn, RESIDUAL=False,
+                             UPCAST=False, IEEE=False, SPLIT_K=8, **small.kwargs),
+                        num_warps=small.num_warps, num_stages=small.num_stages)
+        reduce_sig = _signature(["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk",
+                                 "stride_wsb", "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt",
+                                 "stride_ob", "stride_oc", "stride_ot"],
+                                ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T"], dt)
+        reduce_sig["ws_ptr"] = "*fp32"
+        static_case(f"code2wav.splitk_reduce[{dt}]", splitk_reduce_kernel, reduce_sig,
+                    dict(SPLIT_K=8, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=32, BLOCK_T=128))
         for st in (False, True):
             static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st}]", dwconv_kernel,
                         _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt),

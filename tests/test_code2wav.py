@@ -262,6 +262,19 @@ def test_kernel_non_contiguous_input():
     assert state.is_contiguous() and torch.equal(state, x[..., -6:])
 
 
+@pytest.mark.parametrize("split", [3])
+def test_kernel_split_k(monkeypatch, split):
+    """The streaming path's split reduction (fp32 partials + a deterministic reduce kernel) equals the reference."""
+    from omni_fast.kernels import code2wav as kernels
+
+    monkeypatch.setattr(kernels, "_INTERP_GEMM", kernels.triton.Config({"BLOCK_N": 16, "BLOCK_T": 16, "BLOCK_K": 16}))
+    monkeypatch.setattr(kernels, "_FORCE_SPLIT_K", split)
+    _check_conv(2, 40, 20, 9, 7, d=3, snake=True, residual=True, state=True)
+    _check_conv(1, 40, 6, 5, 4, s=2, groups=2)
+    _check_convt(2, 40, 9, 6, 5, snake=True, state=True)
+    _check_conv(1, 40, 20, 9, 7, dtype=torch.float16, snake=True, residual=True)
+
+
 def test_kernel_unpacked_weights_give_the_same_result():
     x = torch.randn(2, 6, 19, device=DEVICE)
     w = torch.randn(5, 6, 7, device=DEVICE)
