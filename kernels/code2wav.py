@@ -27,6 +27,8 @@ unpacked weight on the fly (a copy per call: pack once instead).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -268,13 +270,18 @@ _MAX_SPLIT_K = 16
 _FORCE_SPLIT_K: int | None = None  # tests: force a split under the interpreter
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Power-of-two split of the reduction so that ``tiles * split`` programs cover about twice the SMs."""
     if _FORCE_SPLIT_K is not None:
         return max(1, min(_FORCE_SPLIT_K, k_blocks))
     if interpreting() or device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     split = 1
     while split * 2 <= min(_MAX_SPLIT_K, k_blocks) and tiles * split < target:
         split *= 2
