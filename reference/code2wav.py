@@ -166,9 +166,13 @@ class Code2WavConfig:
     @classmethod
     def from_transformers(cls, config) -> "Code2WavConfig":
         """From a ``Qwen3OmniMoeCode2WavConfig`` (default RoPE and SiLU only, as the checkpoint uses)."""
+        # transformers >= 5 keeps RoPE settings in rope_parameters; older releases in rope_theta / rope_scaling
         rope = dict(getattr(config, "rope_parameters", None) or {})
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"Code2Wav: only default RoPE is supported, got {rope.get('rope_type')!r}")
+        scaling = dict(getattr(config, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise ValueError(f"Code2Wav: only default RoPE is supported, got {rope_type!r}")
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Code2Wav: only hidden_act='silu' is supported, got {config.hidden_act!r}")
         heads = config.num_attention_heads
@@ -178,7 +182,7 @@ class Code2WavConfig:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
             sliding_window=config.sliding_window, rms_norm_eps=config.rms_norm_eps,
-            rope_theta=float(rope.get("rope_theta", 10000.0)), attention_bias=bool(config.attention_bias),
+            rope_theta=theta, attention_bias=bool(config.attention_bias),
             upsample_rates=tuple(config.upsample_rates), upsampling_ratios=tuple(config.upsampling_ratios),
             decoder_dim=config.decoder_dim,
         )
