@@ -17,7 +17,8 @@ One GEMM kernel serves both convolutions. Output row ``n``, column ``t``::
   (``r`` = phase inside the block), ``W_j[n, ci] = weight[ci, co, r + (m-1-j) * s]``, stored at sample
   ``q * s + r`` (``PHASES = s``).
 
-Weight layout ("packed", done once at load time by :func:`pack_weight`): the same shape and values as the torch
+Weight layout ("packed", done once at load time by ``omni_fast.ops.code2wav.pack_conv1d_weight`` and
+``pack_conv_transpose1d_weight``): the same shape and values as the torch
 layout, but with memory order ``[k][C_out][C_in]`` (tap-major, C_in contiguous). Each (tap, row tile, C_in tile)
 weight read is then a contiguous run along C_in (coalesced), and for the transposed conv the rows
 ``n = r * C_out + co`` of one tap are a single ``[s * C_out, C_in]`` matrix, so the kernel walks them with one
@@ -332,18 +333,6 @@ def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tupl
 
 
 # --- host wrappers -----------------------------------------------------------------------------------------------
-
-
-def is_packed(weight: torch.Tensor) -> bool:
-    """Whether a conv weight ``[A, B, k]`` has the packed memory order ``[k][A][B]`` (see module docstring)."""
-    a, bb, k = weight.shape
-    return weight.stride(1) == 1 and weight.stride(0) == bb and weight.stride(2) == a * bb
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """conv1d weight ``[C_out, C_in/g, k]`` in the packed layout: same shape and values, memory order
-    ``[k][C_out][C_in]`` (for a transposed-conv weight ``[C_in, C_out, k]`` see :func:`pack_transposed`)."""
-    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
 def pack_transposed(weight: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 
 from .. import ops
+from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
 from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
@@ -35,17 +36,6 @@ from ..validation import INT_DTYPES, check_index_range, check_positive_int, chec
 # Longest query block the pre-transformer attends at once (bounds the explicit [Tq, Tk] mask of one-shot decodes;
 # exact because the attention is windowed and the blocks run through all layers in order with the KV cache).
 _ATTN_BLOCK = 256
-
-
-def pack_conv1d_weight(weight: torch.Tensor) -> torch.Tensor:
-    """conv1d weight ``[C_out, C_in/g, k]`` -> same shape and values, memory order ``[k][C_out][C_in]`` (the Triton
-    kernels' coalesced layout; see omni_fast.kernels.code2wav)."""
-    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-
-
-def pack_conv_transpose1d_weight(weight: torch.Tensor) -> torch.Tensor:
-    """transposed-conv weight ``[C_in, C_out, k]`` -> same shape and values, memory order ``[k][C_out][C_in]``."""
-    return weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
 
 
 @dataclass

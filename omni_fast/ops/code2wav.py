@@ -7,8 +7,8 @@ them (``snake=(alpha, beta)``) and, for ``causal_conv1d``, the residual that fol
 :mod:`omni_fast.reference.code2wav` for the state's exact meaning (raw inputs, before the SnakeBeta).
 
 Weights use the torch layouts (``[C_out, C_in/groups, k]`` and ``[C_in, C_out, k]``); any memory order is accepted,
-and the packed order of :func:`omni_fast.kernels.code2wav.pack_weight` / ``pack_transposed`` (same shape and values)
-is the fast one for the Triton backend: pack once at load time.
+and the packed order of :func:`pack_conv1d_weight` / :func:`pack_conv_transpose1d_weight` (same shape and values,
+memory order ``[k][C_out][C_in]``) is the fast one for the Triton backend: pack once at load time.
 """
 
 from __future__ import annotations
@@ -18,6 +18,17 @@ import torch
 from ..reference import code2wav as ref
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
+
+
+def pack_conv1d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """conv1d weight ``[C_out, C_in/g, k]`` -> same shape and values, memory order ``[k][C_out][C_in]`` (C_in
+    contiguous: the Triton kernels' coalesced layout, see :mod:`omni_fast.kernels.code2wav`)."""
+    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def pack_conv_transpose1d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """transposed-conv weight ``[C_in, C_out, k]`` -> same shape and values, memory order ``[k][C_out][C_in]``."""
+    return weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
 
 
 # --- custom ops ----------------------------------------------------------------------------------------------------
@@ -233,4 +244,5 @@ def causal_conv_transpose1d(
     return _convt_op(x, weight, bias, stride, alpha, beta, state, be)
 
 
-__all__ = ["snake_beta", "causal_conv1d", "causal_conv_transpose1d"]
+__all__ = ["snake_beta", "causal_conv1d", "causal_conv_transpose1d", "pack_conv1d_weight",
+           "pack_conv_transpose1d_weight"]
