@@ -51,9 +51,24 @@ def _snake_params(alpha_ptr, beta_ptr, offs_c, mask_c):
 
 
 @triton.jit
-def _snake(x, a, inv_b):
-    """SnakeBeta on an fp32 tile ``[BLOCK_C, BLOCK_T]`` with per-row parameters from :func:`_snake_params`."""
-    s = tl.sin(x * a[:, None])
+def _sin_fast(x):
+    """sin of fp32 ``x``: a two-constant reduction to [-pi, pi], then the MUFU ``sin.approx.f32`` (abs error
+    ~1e-6, far below fp16/bf16 resolution). ``tl.sin`` is libdevice's accurate ``sinf`` (~20 FP32 instructions with
+    a slow path), and the fused SnakeBeta runs once per tap, so its cost is comparable to the tensor-core work."""
+    k = tl.floor(x * 0.15915494309189535 + 0.5)
+    r = x - k * 6.28125  # 2*pi split: 6.28125 is exact in a few bits, so k * 6.28125 is exact for |k| < 2^15
+    r = r - k * 0.0019353071795864769
+    return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _snake(x, a, inv_b, MODE: tl.constexpr):
+    """SnakeBeta on an fp32 tile ``[BLOCK_C, BLOCK_T]`` with per-row parameters from :func:`_snake_params`.
+    ``MODE`` 1: accurate ``tl.sin``; 2: :func:`_sin_fast` (GPU, 16-bit activations)."""
+    if MODE == 2:
+        s = _sin_fast(x * a[:, None])
+    else:
+        s = tl.sin(x * a[:, None])
     return x + inv_b[:, None] * (s * s)
 
 
@@ -82,7 +97,7 @@ def _load_activated(x_ptr, s_ptr, alpha_ptr, beta_ptr, stride_xc, stride_xt, str
     v = _load_window(x_ptr, s_ptr, stride_xc, stride_xt, stride_sc, stride_st, offs_c, mask_c, pos, ctx, t_in,
                      HAS_STATE)
     if SNAKE:
-        v = _snake(v, a, inv_b)
+        v = _snake(v, a, inv_b, SNAKE)
     return v.to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
@@ -228,7 +243,8 @@ def dwconv_kernel(
 
 @triton.jit
 def snake_kernel(x_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, n_t, stride_xb, stride_xc, stride_xt,
-                 stride_ob, stride_oc, stride_ot, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+                 stride_ob, stride_oc, stride_ot, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                 MODE: tl.constexpr = 1):
     """Elementwise SnakeBeta, a ``[BLOCK_C, BLOCK_T]`` tile. Grid ``(cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
     b = tl.program_id(2).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -236,7 +252,7 @@ def snake_kernel(x_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, n_t, stride_xb, stri
     mask_c = offs_c < n_ch
     a, inv_b = _snake_params(alpha_ptr, beta_ptr, offs_c, mask_c)
     v = _load_window(x_ptr + b * stride_xb, x_ptr, stride_xc, stride_xt, 0, 0, offs_c, mask_c, offs_t, 0, n_t, False)
-    v = _snake(v, a, inv_b)
+    v = _snake(v, a, inv_b, MODE)
     mask = mask_c[:, None] & (offs_t < n_t)[None, :]
     tl.store(out_ptr + b * stride_ob + offs_c[:, None] * stride_oc + offs_t[None, :] * stride_ot,
              v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -345,6 +361,17 @@ def is_packed_transposed(weight: torch.Tensor) -> bool:
     return weight.stride(0) == 1 and weight.stride(1) == ci and weight.stride(2) == ci * co
 
 
+FAST_SIN = True  # on a GPU with fp16/bf16 activations the fused SnakeBeta uses :func:`_sin_fast`
+
+
+def _snake_mode(x: torch.Tensor, on: bool) -> int:
+    """The ``SNAKE`` constexpr: 0 off, 1 accurate sin (fp32, interpreter), 2 fast sin (GPU, fp16/bf16)."""
+    if not on:
+        return 0
+    fast = FAST_SIN and not interpreting() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return 2 if fast else 1
+
+
 def _flags(x: torch.Tensor) -> dict:
     return dict(UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
 
@@ -366,7 +393,8 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torc
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     bc, bt = _INTERP_DW if interpreting() else (8, 256)
     launch(snake_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc), B), x, alpha, beta, out, C, T,
-           *x.stride(), *out.stride(), BLOCK_C=bc, BLOCK_T=bt, num_warps=4, device=x.device)
+           *x.stride(), *out.stride(), BLOCK_C=bc, BLOCK_T=bt, MODE=_snake_mode(x, True), num_warps=4,
+           device=x.device)
     return out
 
 
@@ -391,7 +419,8 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res, out,
                T, ctx, n_cols, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
                *res.stride(), *out.stride(),
-               KSIZE=k, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=snake, RESIDUAL=residual is not None,
+               KSIZE=k, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=_snake_mode(x, snake),
+               RESIDUAL=residual is not None,
                BLOCK_C=bc, BLOCK_T=bt, num_warps=4, device=x.device)
     else:
         co_g = c_out // groups
@@ -400,7 +429,7 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                      (T, ctx, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
                       *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
                      out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
-                     KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=snake, **_flags(x))
+                     KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
     return out, _new_state(x, state, ctx)
 
 
@@ -429,7 +458,7 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
                   (m - 1) * stride * weight.stride(2), *x.stride(), *st.stride(),
                   row_stride, weight.stride(0), -stride * weight.stride(2)),
                  out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
-                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, SNAKE=snake, **_flags(x))
+                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, SNAKE=_snake_mode(x, snake), **_flags(x))
     return out, _new_state_transposed(x, state, m - 1)
 
 
@@ -479,13 +508,14 @@ def _register_static_cases():
         for name, k, ph, st, sn, res in gemm:
             static_case(f"code2wav.conv_gemm[{name},{dt},state={st}]", conv_gemm_kernel,
                         _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt),
-                        dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=sn, RESIDUAL=res, UPCAST=False,
-                             IEEE=False, SPLIT_K=1, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=2 if sn else 0, RESIDUAL=res,
+                             UPCAST=False, IEEE=False, SPLIT_K=1, **cfg.kwargs),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             # the streaming path: fixed small tile, split-K partials into an fp32 workspace
             sig = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
             sig.update(res_ptr="*fp32", out_ptr="*fp32")
             static_case(f"code2wav.conv_gemm[{name},{dt},split_k=8]", conv_gemm_kernel, sig,
-                        dict(KSIZE=k, PHASES=ph, HAS_STATE=True, HAS_BIAS=False, SNAKE=sn, RESIDUAL=False,
+                        dict(KSIZE=k, PHASES=ph, HAS_STATE=True, HAS_BIAS=False, SNAKE=2 if sn else 0, RESIDUAL=False,
                              UPCAST=False, IEEE=False, SPLIT_K=8, **small.kwargs),
                         num_warps=small.num_warps, num_stages=small.num_stages)
         reduce_sig = _signature(["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk",
@@ -502,8 +532,8 @@ def _register_static_cases():
                              BLOCK_T=128))
         static_case(f"code2wav.snake[{dt}]", snake_kernel,
                     _signature(["x_ptr", "alpha_ptr", "beta_ptr", "out_ptr", "n_ch", "n_t", "stride_xb", "stride_xc",
-                                "stride_xt", "stride_ob", "stride_oc", "stride_ot"], ["BLOCK_C", "BLOCK_T"], dt),
-                    dict(BLOCK_C=8, BLOCK_T=256))
+                                "stride_xt", "stride_ob", "stride_oc", "stride_ot"], ["BLOCK_C", "BLOCK_T", "MODE"], dt),
+                    dict(BLOCK_C=8, BLOCK_T=256, MODE=2))
 
 
 _register_static_cases()
