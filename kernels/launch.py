@@ -50,9 +50,10 @@ class _FixedConfigKernel:
     """Stands in for an autotuned kernel under the interpreter: always launches one config."""
 
     def __init__(self, fn, config: triton.Config):
+        functools.update_wrapper(self, fn)
+        # After update_wrapper: it copies the interpreted function's own `fn` attribute over ours.
         self.fn = fn
         self.config = config
-        functools.update_wrapper(self, fn)
 
     def __getitem__(self, grid):
         meta = dict(self.config.kwargs)

@@ -5,10 +5,13 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 """
 
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
+from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
 
 __all__ = [
+    "causal_conv1d",
+    "causal_conv_transpose1d",
     "flash_attn_varlen",
     "flash_attn_with_kvcache",
     "fused_moe",
@@ -16,5 +19,6 @@ __all__ = [
     "moe_block",
     "mrope",
     "qk_norm_mrope",
+    "snake_beta",
     "topk_softmax",
 ]

@@ -1,0 +1,202 @@
+"""Code2Wav benchmark cases (``python -m bench code2wav``): the real config with random bf16 weights.
+
+- streaming latency per chunk at batch 1, chunks of 1, 10 and 25 frames: transformers' module re-decoding 25 frames
+  of left context per chunk (what serving stacks do), torch.compile of the reference doing the same, and omni-fast's
+  stateful stream (no recomputed context);
+- throughput at batch 8, 32 and 64 (10 s of audio per stream, one-shot);
+- one-shot decode of 30 s at batch 1, including transformers' ``chunked_decode`` (chunk 300, left context 25).
+
+ms per code = time / (batch * frames); RTF = time / audio seconds. ``flops`` counts the useful multiply-adds of the
+new frames only (re-decoded context is waste), ``bytes`` the weights read once plus codes in and audio out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bench.case import Case
+
+FRAME_RATE = 12.5  # codes per second
+LEFT_CONTEXT = 25  # frames serving stacks re-decode per chunk
+
+
+def _hf_config(tiny: bool = False):
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig
+
+    if tiny:
+        return Qwen3OmniMoeCode2WavConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                                          intermediate_size=48, num_hidden_layers=1, codebook_size=16,
+                                          num_quantizers=4, decoder_dim=32, sliding_window=5,
+                                          upsampling_ratios=[2], upsample_rates=[2, 3])
+    return Qwen3OmniMoeCode2WavConfig()  # the checkpoint's code2wav config is the class default
+
+
+@functools.lru_cache(maxsize=2)
+def _models(device_str: str, tiny: bool = False):
+    """(transformers module, omni-fast Code2Wav, reference config, state dict), random weights, bf16 on device."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeCode2Wav
+
+    from omni_fast.models import Code2Wav
+    from omni_fast.reference.code2wav import Code2WavConfig
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    hf = Qwen3OmniMoeCode2Wav(_hf_config(tiny)).eval()
+    with torch.no_grad():  # non-trivial SnakeBeta / LayerScale / gamma values
+        for name, p in hf.named_parameters():
+            if name.endswith(("alpha", "beta")):
+                p.uniform_(-0.5, 0.5)
+            elif name.endswith(("gamma", "layer_scale.scale")):
+                p.uniform_(0.05, 0.2)
+            elif tiny and p.dim() > 1:  # fan-in scaled weights: a signal of order 0.1-1 reaches the output
+                fan = p.shape[1] * (p.shape[2] if p.dim() == 3 else 1)
+                p.normal_(0, 1.2 / fan ** 0.5)
+        if tiny:
+            hf.decoder[-1].conv.weight.mul_(0.02)
+    hf = hf.to(device=device_str, dtype=dtype)
+    model = Code2Wav.from_transformers(hf)
+    return hf, model, Code2WavConfig.from_transformers(hf.config), dict(hf.state_dict())
+
+
+def _flops_per_frame(cfg) -> float:
+    """Useful FLOPs (2 x MACs) to decode one new frame (weights x samples per frame, attention over the window)."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    hq, hk = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    layer = H * (2 * hq + 2 * hk) + 3 * H * cfg.intermediate_size + 2 * cfg.sliding_window * hq
+    macs = cfg.num_hidden_layers * layer
+    n = 1.0
+    for f in cfg.upsampling_ratios:
+        n *= f
+        macs += n * (H * H + 7 * H + 8 * H * H)  # transposed conv (k = s: H*H per sample), dwconv, pointwise MLP
+    dim = cfg.decoder_dim
+    macs += n * dim * H * 7
+    for r in cfg.upsample_rates:
+        out = dim // 2
+        n *= r
+        macs += n * 2 * dim * out + n * 3 * (out * out * 7 + out * out)
+        dim = out
+    macs += n * dim * 7
+    return 2.0 * macs
+
+
+def _streaming_case(chunk: int) -> Case:
+    frames_warm = 80  # > the 72-frame window: the KV caches are full, as mid-utterance
+
+    def setup(device):
+        from omni_fast.reference.code2wav import code2wav_forward
+
+        hf, model, cfg, sd = _models(str(device))
+        g = torch.Generator(device="cpu").manual_seed(1)
+        warm = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames_warm), generator=g).to(device)
+        nxt = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, chunk), generator=g).to(device)
+        with_ctx = torch.cat((warm[..., -LEFT_CONTEXT:], nxt), dim=-1)
+        stream = model.stream(1)
+        stream.push(warm)
+        providers = {"omni_fast": lambda: stream.push(nxt)}
+        if device.type == "cuda":
+            graphed = model.stream(1, cuda_graphs=True, graph_buckets=(chunk,))
+            graphed.push(warm[..., :1])  # the first push creates the states; later pushes replay the graph
+            graphed.push(warm[..., 1:])
+            providers["omni_fast_graphs"] = lambda: graphed.push(nxt)
+        compiled = torch.compile(functools.partial(code2wav_forward, cfg, sd))
+
+        def hf_chunk():
+            with torch.no_grad():
+                return hf(with_ctx)[..., LEFT_CONTEXT * cfg.total_upsample:]
+
+        def compiled_chunk():
+            with torch.no_grad():
+                return compiled(with_ctx)[..., LEFT_CONTEXT * cfg.total_upsample:]
+
+        return {"transformers": hf_chunk, "compile": compiled_chunk, **providers}
+
+    cfg = _ref_config()
+    return Case(op="code2wav", name=f"stream chunk={chunk} B=1", params=dict(mode="stream", chunk=chunk, batch=1,
+                                                                            frames=chunk, left_context=LEFT_CONTEXT),
+                setup=setup, flops=_flops_per_frame(cfg) * chunk, bytes=_real_weight_bytes(), bound="memory",
+                check=_check, tags=("stream",))
+
+
+def _oneshot_case(batch: int, seconds: float, chunked: bool) -> Case:
+    frames = int(round(seconds * FRAME_RATE))
+
+    def setup(device):
+        from omni_fast.reference.code2wav import code2wav_forward
+
+        hf, model, cfg, sd = _models(str(device))
+        g = torch.Generator(device="cpu").manual_seed(2)
+        codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, frames), generator=g).to(device)
+        compiled = torch.compile(functools.partial(code2wav_forward, cfg, sd))
+
+        def run(fn):
+            def call():
+                with torch.no_grad():
+                    return fn(codes)
+            return call
+
+        providers = {"transformers": run(hf), "compile": run(compiled), "omni_fast": run(model.forward)}
+        if chunked:
+            providers["transformers_chunked"] = run(hf.chunked_decode)
+            providers["omni_fast_chunked"] = run(model.chunked_decode)
+        return providers
+
+    cfg = _ref_config()
+    return Case(op="code2wav", name=f"decode {seconds:g}s B={batch}",
+                params=dict(mode="oneshot", batch=batch, frames=frames, audio_seconds=seconds * batch),
+                setup=setup, flops=_flops_per_frame(cfg) * frames * batch,
+                bytes=_real_weight_bytes() + batch * frames * (cfg.num_quantizers * 8 + cfg.total_upsample * 2),
+                bound="compute", check=_check, tags=("throughput",))
+
+
+@functools.lru_cache(maxsize=1)
+def _ref_config():
+    from omni_fast.reference.code2wav import Code2WavConfig
+
+    return Code2WavConfig.from_transformers(_hf_config())
+
+
+@functools.lru_cache(maxsize=1)
+def _real_weight_bytes() -> float:
+    """bf16 bytes of every weight but the code embedding (counted from the config, without building the model)."""
+    from omni_fast.models.code2wav import _expected_shapes
+
+    cfg = _ref_config()
+    n = 0
+    for k, shape in _expected_shapes(cfg).items():
+        if k != "code_embedding.weight":
+            p = 1
+            for s in shape:
+                p *= s
+            n += p
+    return 2.0 * n
+
+
+def _check() -> None:
+    """CPU / interpreter: omni-fast (triton backend) equals transformers, one-shot and streamed, on a tiny config."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("the code2wav check needs a GPU or TRITON_INTERPRET=1")
+    hf, _, cfg, _ = _models("cuda" if torch.cuda.is_available() else "cpu", tiny=True)
+    from omni_fast.models import Code2Wav
+
+    model = Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, 9), device=hf.device)
+    with torch.no_grad():
+        want = hf(codes)
+    assert 0.01 < want.abs().mean() < 0.9, "check signal is degenerate"
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=1e-4)
+    s = model.stream(1)
+    got = torch.cat([s.push(codes[..., :2]), s.push(codes[..., 2:3]), s.push(codes[..., 3:])], dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def cases(preset: str = "quick") -> list[Case]:
+    if preset == "quick":
+        return [_streaming_case(10), _oneshot_case(8, 10.0, chunked=False), _oneshot_case(1, 30.0, chunked=True)]
+    out = [_streaming_case(c) for c in (1, 10, 25)]
+    out += [_oneshot_case(b, 10.0, chunked=False) for b in (8, 32, 64)]
+    out.append(_oneshot_case(1, 30.0, chunked=True))
+    return out

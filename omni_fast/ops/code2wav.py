@@ -1,0 +1,248 @@
+"""Public Code2Wav ops: :func:`snake_beta`, :func:`causal_conv1d`, :func:`causal_conv_transpose1d`.
+
+Tensors are channels-first ``[B, C, T]`` like ``nn.Conv1d``. The convolutions follow transformers'
+``Qwen3OmniMoeCausalConvNet`` / ``Qwen3OmniMoeCausalTransConvNet`` exactly and can fuse the SnakeBeta that precedes
+them (``snake=(alpha, beta)``) and, for ``causal_conv1d``, the residual that follows (``residual=``). Both return
+``(y, new_state)`` so a stream carries each layer's left context instead of recomputing it; see
+:mod:`omni_fast.reference.code2wav` for the state's exact meaning (raw inputs, before the SnakeBeta).
+
+Weights use the torch layouts (``[C_out, C_in/groups, k]`` and ``[C_in, C_out, k]``); any memory order is accepted,
+and the packed order of :func:`pack_conv1d_weight` / :func:`pack_conv_transpose1d_weight` (same shape and values,
+memory order ``[k][C_out][C_in]``) is the fast one for the Triton backend: pack once at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import code2wav as ref
+from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
+from ._dispatch import dispatched_op
+
+
+def pack_conv1d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """conv1d weight ``[C_out, C_in/g, k]`` -> same shape and values, memory order ``[k][C_out][C_in]`` (C_in
+    contiguous: the Triton kernels' coalesced layout, see :mod:`omni_fast.kernels.code2wav`)."""
+    return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def pack_conv_transpose1d_weight(weight: torch.Tensor) -> torch.Tensor:
+    """transposed-conv weight ``[C_in, C_out, k]`` -> same shape and values, memory order ``[k][C_out][C_in]``."""
+    return weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+
+
+# --- custom ops ----------------------------------------------------------------------------------------------------
+
+
+def _snake_fake(x, alpha, beta, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@dispatched_op("snake_beta", fake=_snake_fake)
+def _snake_op(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, backend: str) -> torch.Tensor:
+    """SnakeBeta of x ``[B, C, T]``."""
+
+
+@_snake_op.impl("reference")
+def _snake_reference(x, alpha, beta):
+    return ref.snake_beta(x, alpha, beta)
+
+
+@_snake_op.impl("triton")
+def _snake_triton(x, alpha, beta):
+    from ..kernels import code2wav as kernels
+
+    return kernels.snake_beta(x, alpha, beta)
+
+
+def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, backend):
+    B, c_in, T = x.shape
+    ctx = ref.conv1d_context(weight.shape[-1], dilation, stride)
+    y = x.new_empty(B, weight.shape[0], -(-T // stride))
+    return y, x.new_empty(B, c_in, ctx)
+
+
+@dispatched_op("causal_conv1d", fake=_conv_fake)
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
+             groups: int, alpha: torch.Tensor | None, beta: torch.Tensor | None, residual: torch.Tensor | None,
+             state: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal conv1d (+ SnakeBeta in, + residual out); returns (y, new_state)."""
+
+
+@_conv_op.impl("reference")
+def _conv_reference(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state):
+    snake = (alpha, beta) if alpha is not None else None
+    return ref.causal_conv1d(x, weight, bias, stride=stride, dilation=dilation, groups=groups, snake=snake,
+                             residual=residual, state=state)
+
+
+@_conv_op.impl("triton")
+def _conv_triton(*args):
+    from ..kernels import code2wav as kernels
+
+    return kernels.causal_conv1d(*args)
+
+
+def _convt_fake(x, weight, bias, stride, alpha, beta, state, backend):
+    B, c_in, L = x.shape
+    m = weight.shape[-1] // stride
+    full = L + (m - 1 if state is not None else 0)
+    return x.new_empty(B, weight.shape[1], max(full - m + 1, 0) * stride), x.new_empty(B, c_in, m - 1)
+
+
+@dispatched_op("causal_conv_transpose1d", fake=_convt_fake)
+def _convt_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+              alpha: torch.Tensor | None, beta: torch.Tensor | None, state: torch.Tensor | None,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal transposed conv (+ SnakeBeta in); returns (y, new_state)."""
+
+
+@_convt_op.impl("reference")
+def _convt_reference(x, weight, bias, stride, alpha, beta, state):
+    snake = (alpha, beta) if alpha is not None else None
+    return ref.causal_conv_transpose1d(x, weight, bias, stride=stride, snake=snake, state=state)
+
+
+@_convt_op.impl("triton")
+def _convt_triton(*args):
+    from ..kernels import code2wav as kernels
+
+    return kernels.causal_conv_transpose1d(*args)
+
+
+# --- validation ----------------------------------------------------------------------------------------------------
+
+
+def _check_x(x: torch.Tensor) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
+
+
+def _check_snake(snake, channels: int, x: torch.Tensor):
+    if snake is None:
+        return None, None
+    if not isinstance(snake, (tuple, list)) or len(snake) != 2:
+        raise TypeError(f"snake must be a pair (alpha, beta) of [C_in] tensors, got {type(snake).__name__}")
+    alpha, beta = snake
+    check_tensor("snake alpha", alpha, dtypes=FLOAT_DTYPES, shape=(channels,), device=x.device, contiguous=True)
+    check_tensor("snake beta", beta, dtypes=FLOAT_DTYPES, shape=(channels,), device=x.device, contiguous=True)
+    check_same_dtype(x=x, **{"snake alpha": alpha, "snake beta": beta})
+    return alpha, beta
+
+
+def _check_bias(bias, channels: int, x: torch.Tensor):
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=x.device, contiguous=True)
+        check_same_dtype(x=x, bias=bias)
+
+
+def _check_state(state, x: torch.Tensor, ctx: int, what: str):
+    if state is None:
+        return
+    check_tensor("state", state, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    check_same_dtype(x=x, state=state)
+    want = (x.shape[0], x.shape[1], ctx)
+    if tuple(state.shape) != want:
+        raise ValueError(f"state must have shape [B, C_in, context] = {list(want)} for {what}, got "
+                         f"{list(state.shape)} (a state from another layer or config?)")
+
+
+# --- public functions ----------------------------------------------------------------------------------------------
+
+
+def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, *, backend: str | None = None
+               ) -> torch.Tensor:
+    """SnakeBeta ``x + 1 / (exp(beta) + 1e-9) * sin(x * exp(alpha))**2`` of x ``[B, C, T]`` (fp16/bf16/fp32),
+    alpha/beta ``[C]`` in log space, same dtype. Returns a new ``[B, C, T]`` tensor."""
+    _check_x(x)
+    alpha, beta = _check_snake((alpha, beta), x.shape[1], x)
+    be = _snake_op.resolve((x, alpha, beta), backend)
+    return _snake_op(x, alpha, beta, be)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    snake: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' causal conv1d with an optional fused input SnakeBeta and output residual.
+
+    x ``[B, C_in, T]``; weight ``[C_out, C_in/groups, k]``; bias ``[C_out]``; snake ``(alpha, beta)`` ``[C_in]``;
+    residual ``[B, C_out, ceil(T/stride)]``; state ``[B, C_in, (k-1)*dilation]`` raw inputs (``stride=1`` only).
+    All floats in one dtype. Returns ``(y [B, C_out, ceil(T/stride)], new_state [B, C_in, (k-1)*d + 1 - stride])``.
+    """
+    _check_x(x)
+    B, c_in, T = x.shape
+    stride = check_positive_int("stride", stride)
+    dilation = check_positive_int("dilation", dilation)
+    groups = check_positive_int("groups", groups)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    check_same_dtype(x=x, weight=weight)
+    c_out, ci_g, k = weight.shape
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    if ci_g * groups != c_in:
+        raise ValueError(f"channel mismatch: weight expects {ci_g * groups} input channels ({ci_g} per group x "
+                         f"{groups} groups), x has C_in={c_in}")
+    if k < 1:
+        raise ValueError("weight needs a kernel size of at least 1")
+    if stride > (k - 1) * dilation + 1:
+        raise ValueError(f"stride={stride} must not exceed the effective kernel size {(k - 1) * dilation + 1}")
+    _check_bias(bias, c_out, x)
+    alpha, beta = _check_snake(snake, c_in, x)
+    t_out = -(-T // stride)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(B, c_out, t_out), device=x.device)
+        check_same_dtype(x=x, residual=residual)
+    if state is not None and stride != 1:
+        raise ValueError("state (streaming) needs stride=1")
+    _check_state(state, x, ref.conv1d_context(k, dilation, stride), f"k={k}, dilation={dilation}")
+    be = _conv_op.resolve((x, weight), backend)
+    return _conv_op(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, be)
+
+
+def causal_conv_transpose1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    stride: int,
+    snake: tuple[torch.Tensor, torch.Tensor] | None = None,
+    state: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' causal transposed conv (``k - stride`` samples trimmed at both ends), optional input SnakeBeta.
+
+    x ``[B, C_in, L]``; weight ``[C_in, C_out, k]`` with ``k = m * stride`` (Code2Wav: m = 1 or 2); bias
+    ``[C_out]``; snake ``[C_in]`` pairs; state ``[B, C_in, m-1]`` raw inputs. Returns
+    ``(y [B, C_out, (L' - m + 1) * stride], new_state [B, C_in, m-1])`` with ``L' = L (+ m - 1 with a state)``.
+    """
+    _check_x(x)
+    B, c_in, L = x.shape
+    stride = check_positive_int("stride", stride)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    check_same_dtype(x=x, weight=weight)
+    w_in, c_out, k = weight.shape
+    if w_in != c_in:
+        raise ValueError(f"channel mismatch: weight [C_in, C_out, k] expects C_in={w_in}, x has C_in={c_in}")
+    if k % stride:
+        raise ValueError(f"kernel size {k} must be a multiple of stride {stride} (k = m * stride)")
+    m = k // stride
+    _check_bias(bias, c_out, x)
+    alpha, beta = _check_snake(snake, c_in, x)
+    _check_state(state, x, m - 1, f"k={k}, stride={stride}")
+    if state is None and L < m - 1:
+        raise ValueError(f"starting without a state needs at least {m - 1} input samples to form one, got {L}")
+    be = _convt_op.resolve((x, weight), backend)
+    return _convt_op(x, weight, bias, stride, alpha, beta, state, be)
+
+
+__all__ = ["snake_beta", "causal_conv1d", "causal_conv_transpose1d", "pack_conv1d_weight",
+           "pack_conv_transpose1d_weight"]

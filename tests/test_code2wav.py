@@ -1,0 +1,685 @@
+"""Code2Wav: reference vs transformers, kernels vs reference, exact streaming, bad input."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import omni_fast
+import omni_fast.models  # noqa: F401  (not imported by omni_fast itself)
+from omni_fast.reference import code2wav as ref
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig  # noqa: E402
+
+# Tiny configs with different upsample layouts (the real one is ratios (2, 2), rates (8, 5, 4, 3)).
+LAYOUTS = [
+    dict(upsampling_ratios=[2], upsample_rates=[2, 3]),
+    dict(upsampling_ratios=[2, 2], upsample_rates=[3]),
+    dict(upsampling_ratios=[3], upsample_rates=[4, 2]),
+]
+
+
+def _hf_config(layout=0, **over):
+    kw = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, num_hidden_layers=2,
+              codebook_size=16, num_quantizers=4, decoder_dim=32, sliding_window=5, rms_norm_eps=1e-5)
+    kw.update(LAYOUTS[layout])
+    kw.update(over)
+    return Qwen3OmniMoeCode2WavConfig(**kw)
+
+
+def _randomize(module: torch.nn.Module, scale=0.3):
+    """Random weights everywhere (transformers initialises SnakeBeta/LayerScale/gamma to trivial values)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("alpha", "beta")):
+                p.uniform_(-0.5, 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("gamma", "layer_scale.scale")):
+                p.uniform_(0.2, 0.8)
+            else:
+                fan = p.shape[1] * (p.shape[2] if p.dim() == 3 else 1) if p.dim() > 1 else 4
+                p.normal_(0, scale * (3.0 / fan) ** 0.5 * (2 if p.dim() > 1 else 1))
+    return module
+
+
+def _hf_model(layout=0, dtype=torch.float32, **over):
+    m = _randomize(q3.Qwen3OmniMoeCode2Wav(_hf_config(layout, **over)).eval())
+    with torch.no_grad():  # keep the waveform mostly inside the final clamp's [-1, 1]
+        m.decoder[-1].conv.weight.mul_(0.05)
+    return m.to(dtype)
+
+
+# --- reference vs transformers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_snake_beta_matches_transformers(dtype):
+    m = _randomize(q3.Qwen3OmniMoeSnakeBeta(6)).to(dtype)
+    x = torch.randn(2, 6, 11, dtype=dtype) * 3
+    torch.testing.assert_close(ref.snake_beta(x, m.alpha, m.beta), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,d,s,groups", [(7, 1, 1, 1), (7, 3, 1, 1), (7, 9, 1, 1), (1, 1, 1, 1), (7, 1, 1, 6),
+                                          (4, 1, 2, 1), (5, 2, 3, 2)])
+@pytest.mark.parametrize("T", [1, 2, 13])
+def test_reference_causal_conv_matches_transformers(k, d, s, groups, T):
+    m = _randomize(q3.Qwen3OmniMoeCausalConvNet(6, 6 if groups > 1 else 5, k, dilation=d, stride=s, groups=groups))
+    x = torch.randn(2, 6, T)
+    y, _ = ref.causal_conv1d(x, m.conv.weight, m.conv.bias, stride=s, dilation=d, groups=groups)
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 3), (4, 2), (6, 3), (16, 8), (10, 5)])
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_reference_causal_transconv_matches_transformers(k, s, T):
+    m = _randomize(q3.Qwen3OmniMoeCausalTransConvNet(6, 5, k, s))
+    x = torch.randn(2, 6, T)
+    y, st = ref.causal_conv_transpose1d(x, m.conv.weight, m.conv.bias, stride=s)
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+    assert st.shape == (2, 6, k // s - 1)
+
+
+@pytest.mark.parametrize("d", [1, 3, 9])
+def test_reference_residual_unit_matches_transformers(d):
+    m = _randomize(q3.Qwen3OmniMoeCode2WavDecoderResidualUnit(6, d))
+    x = torch.randn(2, 6, 17)
+    y, _ = ref.causal_conv1d(x, m.conv1.conv.weight, m.conv1.conv.bias, dilation=d, snake=(m.act1.alpha, m.act1.beta))
+    y, _ = ref.causal_conv1d(y, m.conv2.conv.weight, m.conv2.conv.bias, snake=(m.act2.alpha, m.act2.beta), residual=x)
+    torch.testing.assert_close(y, m(x), rtol=0, atol=0)
+
+
+def test_reference_convnext_matches_transformers():
+    m = _randomize(q3.Qwen3OmniMoeConvNeXtBlock(8))
+    x = torch.randn(2, 8, 10)
+    dw, _ = ref.causal_conv1d(x, m.dwconv.conv.weight, m.dwconv.conv.bias, groups=8)
+    sd = {"blk." + k: v for k, v in m.state_dict().items()}
+    torch.testing.assert_close(ref.convnext_pointwise(sd, "blk.", x, dw), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+@pytest.mark.parametrize("T", [1, 4, 13])
+def test_reference_code2wav_matches_transformers(layout, T):
+    m = _hf_model(layout)
+    cfg = ref.Code2WavConfig.from_transformers(m.config)
+    codes = torch.randint(0, cfg.codebook_size, (2, cfg.num_quantizers, T))
+    with torch.no_grad():
+        want = m(codes)
+        got = ref.code2wav_forward(cfg, m.state_dict(), codes)
+    assert got.shape == want.shape == (2, 1, cfg.num_samples(T))
+    assert 0.01 < want.abs().mean() < 0.9  # neither silent nor saturated by the clamp
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
+def test_reference_pre_transformer_matches_transformers_hidden_states():
+    m = _hf_model(0)
+    cfg = ref.Code2WavConfig.from_transformers(m.config)
+    emb = torch.randn(2, 11, cfg.hidden_size)
+    with torch.no_grad():
+        want = m.pre_transformer(inputs_embeds=emb).last_hidden_state
+        sd = m.state_dict()
+        pos = torch.arange(11)
+        cos, sin = ref.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, emb.dtype)
+        mask = ref.sliding_window_mask(pos, pos, cfg.sliding_window, emb.dtype)
+        h = emb
+        for i in range(cfg.num_hidden_layers):
+            h, _ = ref.pre_transformer_layer(cfg, sd, f"pre_transformer.layers.{i}.", h, cos, sin, mask)
+        h = ref._rms_norm(h, sd["pre_transformer.norm.weight"], cfg.rms_norm_eps)
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,d", [(7, 1), (7, 3), (1, 1)])
+def test_reference_conv_state_continues_exactly(k, d):
+    w, b = torch.randn(5, 6, k), torch.randn(5)
+    snake = (torch.randn(6) * 0.3, torch.randn(6) * 0.3)
+    x = torch.randn(2, 6, 23)
+    whole, _ = ref.causal_conv1d(x, w, b, dilation=d, snake=snake)
+    state, parts = None, []
+    for a, e in ((0, 1), (1, 8), (8, 8), (8, 23)):
+        y, state = ref.causal_conv1d(x[..., a:e], w, b, dilation=d, snake=snake, state=state)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (4, 2), (10, 5)])
+def test_reference_transconv_state_continues_exactly(k, s):
+    w, b = torch.randn(6, 5, k), torch.randn(5)
+    x = torch.randn(2, 6, 17)
+    whole, _ = ref.causal_conv_transpose1d(x, w, b, stride=s)
+    y0, state = ref.causal_conv_transpose1d(x[..., :3], w, b, stride=s)
+    parts = [y0]
+    for a, e in ((3, 4), (4, 4), (4, 17)):
+        y, state = ref.causal_conv_transpose1d(x[..., a:e], w, b, stride=s, state=state)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-6, atol=1e-6)
+
+
+# --- kernels vs reference ------------------------------------------------------------------------------------
+
+
+def _snake_params(C, dtype):
+    return (torch.randn(C, device=DEVICE) * 0.4).to(dtype), (torch.randn(C, device=DEVICE) * 0.4).to(dtype)
+
+
+def _dbl(v):
+    if v is None or isinstance(v, int):
+        return v
+    if isinstance(v, tuple):
+        return tuple(t.double() for t in v)
+    return v.double()
+
+
+def _check_conv(B, c_in, c_out, T, k, d=1, s=1, groups=1, snake=False, residual=False, state=False,
+                dtype=torch.float32, packed=True):
+    x = torch.randn(B, c_in, T, device=DEVICE).to(dtype)
+    w = (torch.randn(c_out, c_in // groups, k, device=DEVICE) * (1.0 / (c_in // groups * k)) ** 0.5).to(dtype)
+    if packed and groups == 1:
+        w = omni_fast.models.code2wav.pack_conv1d_weight(w)
+    b = torch.randn(c_out, device=DEVICE).to(dtype)
+    kw = dict(stride=s, dilation=d, groups=groups)
+    kw["snake"] = _snake_params(c_in, dtype) if snake else None
+    kw["residual"] = torch.randn(B, c_out, -(-T // s), device=DEVICE).to(dtype) if residual else None
+    kw["state"] = torch.randn(B, c_in, (k - 1) * d, device=DEVICE).to(dtype) if state else None
+    y, st = omni_fast.ops.causal_conv1d(x, w, b, backend="triton", **kw)
+    exact, st_exact = ref.causal_conv1d(x.double(), w.double(), b.double(), **{a: _dbl(v) for a, v in kw.items()})
+    same, _ = ref.causal_conv1d(x, w, b, **kw)
+    assert_matches_reference(y, exact, same, name="y")
+    assert st.shape == st_exact.shape and torch.equal(st.double(), st_exact)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(k=7, d=1, snake=False),  # decoder.0
+    dict(k=7, d=3, snake=True),  # residual unit conv1
+    dict(k=7, d=9, snake=True, state=True),
+    dict(k=1, snake=True, residual=True),  # residual unit conv2
+    dict(k=7, groups=6, c_out=6),  # ConvNeXt depthwise
+    dict(k=7, groups=6, c_out=6, snake=True, residual=True, state=True),
+    dict(k=7, snake=True, c_out=1),  # output conv
+    dict(k=4, s=2, groups=2, c_out=6),  # strided, grouped (transformers' extra right padding)
+])
+def test_kernel_causal_conv1d(case, dtype):
+    case = dict(case)
+    _check_conv(2, 6, case.pop("c_out", 5), 37, dtype=dtype, **case)
+
+
+@pytest.mark.parametrize("T", [0, 1, 2])
+def test_kernel_causal_conv1d_short_inputs(T):
+    _check_conv(1, 6, 5, T, 7, d=3, snake=True, residual=True)
+    _check_conv(1, 6, 5, T, 7, d=3, snake=True, state=True)
+    _check_conv(1, 6, 6, T, 7, groups=6, state=True)
+
+
+def test_kernel_multi_tile_grids(monkeypatch):
+    """Small interpreter tiles: several row, column and channel blocks, partial edges."""
+    from omni_fast.kernels import code2wav as kernels
+
+    monkeypatch.setattr(kernels, "_INTERP_GEMM", kernels.triton.Config({"BLOCK_N": 16, "BLOCK_T": 16, "BLOCK_K": 16}))
+    monkeypatch.setattr(kernels, "_INTERP_DW", (16, 16))
+    _check_conv(2, 37, 35, 41, 7, d=3, snake=True, residual=True, state=True)
+    _check_conv(1, 20, 20, 35, 7, groups=20, snake=True, state=True)
+    _check_convt(2, 37, 9, 7, 5, snake=True, state=True)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), c_in=st.integers(1, 20), c_out=st.integers(1, 20), T=st.integers(0, 40),
+       k=st.sampled_from([1, 2, 3, 7]), d=st.sampled_from([1, 2, 3, 9]), snake=st.booleans(), residual=st.booleans(),
+       state=st.booleans(), depthwise=st.booleans(), dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kernel_causal_conv1d_random_shapes(B, c_in, c_out, T, k, d, snake, residual, state, depthwise, dtype):
+    groups = c_in if depthwise else 1
+    _check_conv(B, c_in, c_in if depthwise else c_out, T, k, d=d, groups=groups, snake=snake, residual=residual,
+                state=state, dtype=dtype)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), c_in=st.integers(1, 20), c_out=st.integers(1, 12), T=st.integers(1, 20),
+       s=st.integers(1, 8), m=st.integers(1, 3), snake=st.booleans(), state=st.booleans(),
+       dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kernel_causal_conv_transpose1d_random_shapes(B, c_in, c_out, T, s, m, snake, state, dtype):
+    if not state and T < m - 1:
+        T = m - 1 if m > 1 else 1
+    _check_convt(B, c_in, c_out, T, s, m, snake, state, dtype)
+
+
+def test_kernel_non_contiguous_input():
+    """The model feeds the pre-transformer output [B, T, H] to the first transposed conv as a permuted view."""
+    h = torch.randn(2, 11, 8, device=DEVICE)
+    x = h.permute(0, 2, 1)
+    w = torch.randn(8, 8, 2, device=DEVICE)
+    wc = torch.randn(5, 8, 7, device=DEVICE)
+    snake = _snake_params(8, torch.float32)
+    y, _ = omni_fast.ops.causal_conv_transpose1d(x, w, stride=2, backend="triton")
+    want, _ = ref.causal_conv_transpose1d(x.contiguous(), w, stride=2)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y, state = omni_fast.ops.causal_conv1d(x, wc, snake=snake, backend="triton")
+    want, _ = ref.causal_conv1d(x.contiguous(), wc, snake=snake)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert state.is_contiguous() and torch.equal(state, x[..., -6:])
+
+
+@pytest.mark.parametrize("split", [3])
+def test_kernel_split_k(monkeypatch, split):
+    """The streaming path's split reduction (fp32 partials + a deterministic reduce kernel) equals the reference."""
+    from omni_fast.kernels import code2wav as kernels
+
+    monkeypatch.setattr(kernels, "_INTERP_GEMM", kernels.triton.Config({"BLOCK_N": 16, "BLOCK_T": 16, "BLOCK_K": 16}))
+    monkeypatch.setattr(kernels, "_FORCE_SPLIT_K", split)
+    _check_conv(2, 40, 20, 9, 7, d=3, snake=True, residual=True, state=True)
+    _check_conv(1, 40, 6, 5, 4, s=2, groups=2)
+    _check_convt(2, 40, 9, 6, 5, snake=True, state=True)
+    _check_conv(1, 40, 20, 9, 7, dtype=torch.float16, snake=True, residual=True)
+
+
+def test_kernel_unpacked_weights_give_the_same_result():
+    x = torch.randn(2, 6, 19, device=DEVICE)
+    w = torch.randn(5, 6, 7, device=DEVICE)
+    snake = _snake_params(6, torch.float32)
+    a, _ = omni_fast.ops.causal_conv1d(x, w, snake=snake, backend="triton")
+    b, _ = omni_fast.ops.causal_conv1d(x, omni_fast.models.code2wav.pack_conv1d_weight(w), snake=snake,
+                                       backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    wt = torch.randn(6, 5, 8, device=DEVICE)
+    a, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=4, backend="triton")
+    b, _ = omni_fast.ops.causal_conv_transpose1d(x, omni_fast.models.code2wav.pack_conv_transpose1d_weight(wt),
+                                                 stride=4, backend="triton")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _check_convt(B, c_in, c_out, T, s, m=2, snake=False, state=False, dtype=torch.float32):
+    x = torch.randn(B, c_in, T, device=DEVICE).to(dtype)
+    w = (torch.randn(c_in, c_out, m * s, device=DEVICE) * (1.0 / c_in) ** 0.5).to(dtype)
+    w = omni_fast.models.code2wav.pack_conv_transpose1d_weight(w)
+    b = torch.randn(c_out, device=DEVICE).to(dtype)
+    kw = dict(stride=s, snake=_snake_params(c_in, dtype) if snake else None,
+              state=torch.randn(B, c_in, m - 1, device=DEVICE).to(dtype) if state else None)
+    y, st = omni_fast.ops.causal_conv_transpose1d(x, w, b, backend="triton", **kw)
+    exact, st_exact = ref.causal_conv_transpose1d(x.double(), w.double(), b.double(),
+                                                  **{a: _dbl(v) if a != "stride" else v for a, v in kw.items()})
+    same, _ = ref.causal_conv_transpose1d(x, w, b, **kw)
+    assert_matches_reference(y, exact, same, name="y")
+    assert st.shape == st_exact.shape and torch.equal(st.double(), st_exact)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("s,m,snake,state", [(8, 2, True, False), (5, 2, True, True), (3, 2, False, True),
+                                             (2, 1, False, False), (2, 1, False, True), (4, 3, True, True)])
+def test_kernel_causal_conv_transpose1d(s, m, snake, state, dtype):
+    _check_convt(2, 7, 6, 13, s, m, snake, state, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_kernel_causal_conv_transpose1d_short_inputs(T):
+    _check_convt(1, 6, 5, T, 5, 2, snake=True)
+    _check_convt(1, 6, 5, T, 5, 2, snake=True, state=True)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("T", [1, 67])
+def test_kernel_snake_beta(dtype, T):
+    x = (torch.randn(2, 5, T, device=DEVICE) * 3).to(dtype)
+    alpha, beta = _snake_params(5, dtype)
+    out = omni_fast.ops.snake_beta(x, alpha, beta, backend="triton")
+    assert_matches_reference(out, ref.snake_beta(x.double(), alpha.double(), beta.double()),
+                             ref.snake_beta(x, alpha, beta))
+
+
+def test_kernel_streaming_states_continue_exactly():
+    """Chunks through the Triton convs with carried states equal the one-shot Triton call."""
+    x = torch.randn(2, 6, 29, device=DEVICE)
+    w = torch.randn(5, 6, 7, device=DEVICE) * 0.3
+    wt = torch.randn(6, 5, 6, device=DEVICE) * 0.3
+    snake = _snake_params(6, torch.float32)
+    whole, _ = omni_fast.ops.causal_conv1d(x, w, dilation=3, snake=snake, backend="triton")
+    whole_t, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=3, snake=snake, backend="triton")
+    st = st_t = None
+    parts, parts_t = [], []
+    for a, e in ((0, 1), (1, 2), (2, 11), (11, 29)):
+        y, st = omni_fast.ops.causal_conv1d(x[..., a:e], w, dilation=3, snake=snake, state=st, backend="triton")
+        yt, st_t = omni_fast.ops.causal_conv_transpose1d(x[..., a:e], wt, stride=3, snake=snake, state=st_t,
+                                                        backend="triton")
+        parts.append(y)
+        parts_t.append(yt)
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts_t, -1), whole_t, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_trace_under_torch_compile():
+    x = torch.randn(2, 6, 9)
+    w, wt = torch.randn(5, 6, 7), torch.randn(6, 5, 4)
+    snake = _snake_params(6, torch.float32)
+
+    def f(x, st):
+        y, st2 = omni_fast.ops.causal_conv1d(x, w, snake=snake, state=st, backend="reference")
+        z, _ = omni_fast.ops.causal_conv_transpose1d(x, wt, stride=2, backend="reference")
+        return y * 2, st2, z, omni_fast.ops.snake_beta(x, *snake, backend="reference")
+
+    st = torch.randn(2, 6, 6)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, st), f(x, st))
+
+
+# --- the model: one-shot, streaming ----------------------------------------------------------------------------
+
+
+def _models(layout=0, **over):
+    hf = _hf_model(layout, **over)
+    return hf, omni_fast.models.Code2Wav.from_transformers(hf, backend="reference")
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_model_forward_matches_transformers(layout):
+    hf, model = _models(layout)
+    codes = torch.randint(0, 16, (2, 4, 14))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def test_model_bf16_error_is_within_transformers_own_bf16_error():
+    """bf16 end to end (reference backend): the error vs the fp32 decode is at most 2x transformers' bf16 error."""
+    hf, _ = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 20))
+    with torch.no_grad():
+        exact = hf(codes)
+        hf_bf16 = hf.to(torch.bfloat16)
+        want = hf_bf16(codes)
+    model = omni_fast.models.Code2Wav.from_transformers(hf_bf16, backend="reference")
+    got = model(codes)
+    assert got.dtype == torch.bfloat16
+    assert_matches_reference(got, exact, want)
+
+
+def test_model_forward_triton_matches_transformers():
+    hf = _hf_model(1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 9))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def test_model_long_input_blocks_the_attention(monkeypatch):
+    """One-shot decodes attend in query blocks through the KV cache: exact at block boundaries too."""
+    from omni_fast.models import code2wav as mod
+
+    monkeypatch.setattr(mod, "_ATTN_BLOCK", 4)
+    hf, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 15))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+
+
+def _random_chunks(rng, T, max_chunk):
+    sizes = []
+    while sum(sizes) < T:
+        sizes.append(min(rng.choice([0, 1, 1, 2, 3, max_chunk]), T - sum(sizes)))
+    return sizes
+
+
+def _stream(model, codes, sizes):
+    s = model.stream(codes.shape[0])
+    out, i = [], 0
+    for n in sizes:
+        w = s.push(codes[..., i:i + n])
+        assert w.shape[-1] == model.num_samples(i + n) - model.num_samples(i)  # every final sample, no more
+        out.append(w)
+        i += n
+    out.append(s.finish())
+    return torch.cat(out, -1)
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_streaming_equals_one_shot_reference_backend(layout):
+    _, model = _models(layout)
+    rng = random.Random(layout)
+    for trial in range(3):
+        T = rng.randint(1, 17)
+        codes = torch.randint(0, 16, (2, 4, T))
+        whole = model(codes)
+        got = _stream(model, codes, _random_chunks(rng, T, 7))
+        torch.testing.assert_close(got, whole, rtol=1e-4, atol=5e-5)
+
+
+def test_streaming_equals_one_shot_triton_backend():
+    hf = _hf_model(1, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 8))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(_stream(model, codes, [1, 2, 5]), want, rtol=1e-4, atol=5e-5)
+
+
+def test_batched_streams_of_different_lengths_equal_separate_decodes():
+    _, model = _models(0)
+    lengths = [13, 4, 9]
+    codes = torch.randint(0, 16, (3, 4, max(lengths)))
+    wav = _stream(model, codes, [3, 1, 6, 3])
+    for b, n in enumerate(lengths):
+        alone = model(codes[b:b + 1, :, :n])
+        torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
+
+
+def test_stream_state_resumes_in_a_new_stream():
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 10))
+    s = model.stream(1)
+    a = s.push(codes[..., :6])
+    b = model.stream(1, state=s.state).push(codes[..., 6:])
+    torch.testing.assert_close(torch.cat((a, b), -1), model(codes), rtol=1e-4, atol=5e-5)
+
+
+def test_chunked_decode_matches_transformers():
+    hf, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 23))
+    with torch.no_grad():
+        want = hf.chunked_decode(codes, chunk_size=7, left_context_size=3)
+    torch.testing.assert_close(model.chunked_decode(codes, chunk_size=7, left_context_size=3), want, rtol=1e-4,
+                               atol=5e-5)
+
+
+def test_from_state_dict_equals_from_transformers():
+    hf, model = _models(2)
+    sd = {"code2wav." + k: v for k, v in hf.state_dict().items()}
+    other = omni_fast.models.Code2Wav.from_state_dict(hf.config, sd, backend="reference")
+    codes = torch.randint(0, 16, (1, 4, 6))
+    torch.testing.assert_close(other(codes), model(codes), rtol=0, atol=0)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_model_bad_codes():
+    _, model = _models(0)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model(torch.full((1, 4, 3), 16))
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        model(torch.full((1, 4, 3), -1))
+    with pytest.raises(ValueError, match="4 codebooks"):
+        model(torch.zeros(1, 5, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        model(torch.zeros(4, 3, dtype=torch.long))
+    s = model.stream(2)
+    with pytest.raises(ValueError, match="batch size 2"):
+        s.push(torch.zeros(1, 4, 3, dtype=torch.long))
+    s.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        s.push(torch.zeros(2, 4, 1, dtype=torch.long))
+
+
+def test_model_state_from_another_config():
+    _, model = _models(0)
+    _, other = _models(1)
+    s = other.stream(1)
+    s.push(torch.zeros(1, 4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="another config"):
+        model.stream(1, state=s.state)
+    with pytest.raises(ValueError, match="batch size"):
+        other.stream(2, state=s.state)
+
+
+def test_model_bad_state_dict():
+    hf = _hf_model(0)
+    sd = dict(hf.state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        omni_fast.models.Code2Wav.from_state_dict(hf.config, {k: v for k, v in sd.items() if "decoder.0" not in k})
+    with pytest.raises(ValueError, match="the config expects"):
+        omni_fast.models.Code2Wav.from_state_dict(_hf_config(0, decoder_dim=16), sd)
+
+
+def _conv_call(**over):
+    args = dict(x=torch.randn(2, 6, 9), weight=torch.randn(5, 6, 7))
+    args.update(over)
+    return omni_fast.ops.causal_conv1d(args.pop("x"), args.pop("weight"), **args, backend="reference")
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(5, 4, 7)), ValueError, "channel mismatch"),
+    (dict(weight=torch.randn(5, 3, 7), groups=4), ValueError, "groups=4 must divide"),
+    (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
+    (dict(state=torch.randn(2, 6, 5)), ValueError, "state must have shape"),
+    (dict(state=torch.randn(2, 5, 6)), ValueError, "another layer or config"),
+    (dict(state=torch.randn(2, 6, 6), stride=2), ValueError, "stride=1"),
+    (dict(residual=torch.randn(2, 5, 8)), ValueError, "residual must have shape"),
+    (dict(snake=(torch.randn(5), torch.randn(6))), ValueError, "snake alpha must have shape"),
+    (dict(snake=torch.randn(6)), TypeError, "pair"),
+    (dict(weight=torch.randn(5, 6, 7, dtype=torch.float16)), TypeError, "same dtype"),
+    (dict(state=torch.randn(2, 6, 6, dtype=torch.float64)), TypeError, "state must have dtype"),
+    (dict(x=torch.randn(6, 9)), ValueError, "x must have 3 dimensions"),
+    (dict(x=torch.randint(0, 3, (2, 6, 9))), TypeError, "x must have dtype"),
+    (dict(dilation=0), ValueError, "dilation must be in"),
+])
+def test_conv_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _conv_call(**over)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(5, 5, 4)), ValueError, "channel mismatch"),
+    (dict(weight=torch.randn(6, 5, 5)), ValueError, "multiple of stride"),
+    (dict(state=torch.randn(2, 6, 2)), ValueError, "state must have shape"),
+    (dict(x=torch.randn(2, 6, 0)), ValueError, "at least 1 input samples"),
+    (dict(snake=(torch.randn(6), torch.randn(6, dtype=torch.float16))), TypeError, "same dtype"),
+])
+def test_conv_transpose_bad_input(over, exc, match):
+    args = dict(x=torch.randn(2, 6, 9), weight=torch.randn(6, 5, 4))
+    args.update(over)
+    with pytest.raises(exc, match=match):
+        omni_fast.ops.causal_conv_transpose1d(args.pop("x"), args.pop("weight"), stride=2, **args,
+                                              backend="reference")
+
+
+def test_snake_bad_input():
+    with pytest.raises(ValueError, match="snake alpha must have shape"):
+        omni_fast.ops.snake_beta(torch.randn(1, 3, 4), torch.randn(4), torch.randn(3))
+
+
+# --- GPU: bf16 and the real shapes -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,d,snake,residual,groups", [
+    (1024, 1536, 7, 1, False, False, 1), (768, 768, 7, 9, True, False, 1), (96, 96, 1, 1, True, True, 1),
+    (96, 1, 7, 1, True, False, 1), (1024, 1024, 7, 1, False, False, 1024)])
+@pytest.mark.parametrize("state", [False, True])
+def test_gpu_real_shapes_bf16_conv(c_in, c_out, k, d, snake, residual, groups, state):
+    _check_conv(2, c_in, c_out, 333, k, d=d, groups=groups, snake=snake, residual=residual, state=state,
+                dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,r", [(1536, 8), (768, 5), (384, 4), (192, 3)])
+def test_gpu_real_shapes_bf16_conv_transpose(c_in, r):
+    _check_convt(2, c_in, c_in // 2, 77, r, 2, snake=True, state=True, dtype=torch.bfloat16)
+    _check_convt(2, 1024, 1024, 77, 2, 1, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_model_bf16_one_shot_and_streamed():
+    """bf16 on the GPU (Triton backend): one-shot and streamed errors vs the fp32 decode stay within a small factor
+    of transformers' own bf16 error."""
+    hf = _hf_model(0).to(DEVICE)
+    codes = torch.randint(0, 16, (2, 4, 40), device=DEVICE)
+    with torch.no_grad():
+        exact = hf(codes)
+        hf_bf16 = hf.to(torch.bfloat16)
+        want = hf_bf16(codes)
+    model = omni_fast.models.Code2Wav.from_transformers(hf_bf16, backend="triton")
+    assert_matches_reference(model(codes), exact, want, factor=3.0, name="one-shot")
+    assert_matches_reference(_stream(model, codes, [1, 5, 10, 24]), exact, want, factor=3.0, name="streamed")
+
+
+# --- CUDA-graph readiness ----------------------------------------------------------------------------------------
+
+
+def _state_tensors(st):
+    out = {"pos": st.pos, **{f"conv {k}": v for k, v in st.conv.items()}}
+    for i, kv in enumerate(st.kv):
+        out[f"k{i}"], out[f"v{i}"] = kv
+    return out
+
+
+def test_stream_state_is_updated_in_place_after_the_first_push():
+    """What CUDA-graph replay needs: from the second push on, every state tensor keeps its shape and address."""
+    _, model = _models(0)
+    s = model.stream(2)
+    codes = torch.randint(0, 16, (2, 4, 12))
+    s.push(codes[..., :3])
+    before = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
+    for a, e in ((3, 4), (4, 8), (8, 12)):
+        s.push(codes[..., a:e])
+    after = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
+    assert before == after
+    assert int(s.state.pos) == s.frames == 12
+
+
+def test_graph_bucket_decomposition(monkeypatch):
+    """With graphs on, a push is cut into bucket-sized pieces; any cut gives the one-shot audio (CPU stand-in for
+    the graph: the eager step)."""
+    from omni_fast.models import code2wav as mod
+
+    sizes = []
+
+    class FakeGraph:
+        def __init__(self, stream, frames):
+            self.stream, self.frames = stream, frames
+
+        def __call__(self, codes):
+            assert codes.shape[-1] == self.frames
+            sizes.append(self.frames)
+            return self.stream._step(codes)
+
+    monkeypatch.setattr(mod, "_GraphStep", FakeGraph)
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 20))
+    s = model.stream(1, graph_buckets=(1, 4))
+    s.cuda_graphs = True
+    got = torch.cat([s.push(codes[..., :2]), s.push(codes[..., 2:13]), s.push(codes[..., 13:])], dim=-1)
+    assert sizes == [4, 4, 1, 1, 1, 4, 1, 1, 1]
+    torch.testing.assert_close(got, model(codes), rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
+def test_cuda_graphs_need_cuda():
+    _, model = _models(0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.stream(1, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
+    hf = _hf_model(0).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (batch, 4, 30), device=DEVICE)
+    eager = _stream(model, codes, [2, 1, 10, 17])
+    s = model.stream(batch, cuda_graphs=True)
+    got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+    assert len(s._graphs) == 4  # buckets 1, 2, 8, 16
