@@ -9,7 +9,8 @@ from .backend import BACKENDS, use_backend
 from . import ops
 from .integrations.transformers import register_transformers
 from .patch import PatchReport, patch, unpatch
+from . import models
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "PatchReport", "ops", "patch", "register_transformers", "unpatch", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "PatchReport", "models", "ops", "patch", "register_transformers", "unpatch", "use_backend", "__version__"]
