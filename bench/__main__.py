@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quick", choices=("quick", "full"))
     parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--no-static", action="store_true",
+                        help="without a GPU: skip the static sm_90a report (python -m bench.static_check prints it)")
     args = parser.parse_args(argv)
 
     import torch
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     if gpu:
         return harness.run_gpu(cases, preset=args.preset, providers=args.providers,
                                out_dir=args.out or harness.RESULTS_DIR)
-    return harness.run_cpu(cases)
+    return harness.run_cpu(cases, static=not args.no_static)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,17 @@ if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an i
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only path")
 def test_bench_cli_on_cpu():
+    # The static report is left out here: tests/test_static_sm90.py runs the same check (and it takes a while).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "quick"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "speed needs a GPU" in out
     assert "thinker rope T=1 " in out and "FAIL" not in out
     assert "Checks: all passed" in out
-    assert "Static sm_90a check: PASS" in out
+    assert "Static sm_90a check" not in out
 
 
 def test_bench_rejects_unknown_op():
