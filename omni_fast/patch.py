@@ -17,6 +17,7 @@ replaced and what was left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -90,9 +91,10 @@ def _rotary_forward(self, x, position_ids):
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
     """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel."""
-    if not isinstance(position_embeddings, RotaryWithPositions):
-        return self._omni_fast_forward(hidden_states, position_embeddings, attention_mask, past_key_values,
-                                       **kwargs)
+    if not isinstance(position_embeddings, RotaryWithPositions) or _autograd_needed(self, hidden_states):
+        # The kernels are inference-only: with autograd recording, run transformers' own (differentiable) forward.
+        return self._omni_fast_forward(hidden_states, position_embeddings=position_embeddings,
+                                       attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     batch, seq = hidden_states.shape[:2]
@@ -101,7 +103,9 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     k = self.k_proj(hidden_states).reshape(batch * seq, -1, d)
     v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
     positions, rope = position_embeddings.rope_kwargs(batch, seq, d)
-    with use_backend(self._omni_fast_backend or "auto"):
+    # Only a backend pinned by patch(backend=...) overrides the caller's use_backend block / OMNI_FAST_BACKEND.
+    pinned = use_backend(self._omni_fast_backend) if self._omni_fast_backend else contextlib.nullcontext()
+    with pinned:
         q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         if getattr(q_norm, "weight", None) is not None:
             eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
@@ -119,6 +123,12 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
                              self.attention_dropout, scaling=self.scaling,
                              sliding_window=getattr(self, "sliding_window", None), **kwargs)
     return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
+
+
+def _autograd_needed(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 def _root_part(model: nn.Module) -> str:

@@ -77,6 +77,27 @@ def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | Non
     return value
 
 
+def check_inference_only(op_name: str, **tensors: torch.Tensor | None) -> None:
+    """Raise when autograd would record a call of an op that has no backward (it would silently give wrong grads)."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if needing:
+        raise ValueError(
+            f"{op_name} is inference-only (no backward), but {', '.join(needing)} require grad: call it under "
+            f"torch.no_grad() / torch.inference_mode(), or use the differentiable omni_fast.reference version"
+        )
+
+
+def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
+    """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
+    if _is_tracing():
+        return
+    if torch._debug_has_internal_overlap(t) == 1:  # 1 = definitely overlapping
+        raise ValueError(f"{name} has internally overlapping memory (an expanded view?): it cannot be written in "
+                         f"place; pass a contiguous copy")
+
+
 def values_checkable(t: torch.Tensor, check_values: bool | None = None) -> bool:
     """Whether a data-dependent check (which syncs the host on CUDA) may run on ``t`` now."""
     if _is_tracing():

@@ -250,3 +250,31 @@ def test_use_backend_block_traces_under_torch_compile():
     with omni_fast.use_backend("reference"):
         out = torch.compile(f, fullgraph=True, backend="eager")(q, k, pos)
         torch.testing.assert_close(out, f(q, k, pos))
+
+
+def test_inference_only_ops_refuse_to_record_autograd():
+    q = torch.randn(3, 2, 32, requires_grad=True)
+    k = torch.randn(3, 1, 32)
+    pos = _positions(3)
+    with pytest.raises(ValueError, match="inference-only.*q require grad"):
+        omni_fast.ops.mrope(q * 1, k, pos, mrope_section=(6, 5, 5), backend="reference")
+    w = torch.ones(32, requires_grad=True)
+    with pytest.raises(ValueError, match="q_weight"):
+        omni_fast.ops.qk_norm_mrope(q.detach().clone(), k, w, w.detach(), pos, mrope_section=(6, 5, 5),
+                                    backend="reference")
+    with torch.no_grad():
+        omni_fast.ops.mrope(q * 1, k, pos, mrope_section=(6, 5, 5), backend="reference")
+
+
+def test_overlapping_inplace_outputs_are_refused():
+    q = torch.randn(3, 1, 32).expand(3, 4, 32)  # four heads aliasing one
+    with pytest.raises(ValueError, match="q has internally overlapping memory"):
+        omni_fast.ops.mrope(q, torch.randn(3, 1, 32), _positions(3), mrope_section=(6, 5, 5), backend="reference")
+    out, _ = omni_fast.ops.mrope(q, torch.randn(3, 1, 32), _positions(3), mrope_section=(6, 5, 5), inplace=False,
+                                 backend="reference")
+    assert out.shape == (3, 4, 32)
+
+
+def test_non_integer_sections_are_refused():
+    with pytest.raises(ValueError, match="mrope_section must be 3 non-negative ints"):
+        _call(mrope_section=(6.0, 5, 5))

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 from ..reference import rope as ref
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_positive_int, check_same_dtype, check_tensor
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_inference_only, check_no_internal_overlap, check_same_dtype,
+                          check_tensor)
 from ._dispatch import dispatched_op
 
 
@@ -64,8 +65,8 @@ def _validate(q, k, positions, mrope_section) -> tuple[torch.Tensor, list[int]]:
         raise ValueError(f"positions must have 3 rows (t, h, w) or be 1-D, got shape {tuple(positions.shape)}")
     if positions.shape[-1] != T:
         raise ValueError(f"positions must have one entry per token (T={T}), got shape {tuple(positions.shape)}")
-    section = [int(s) for s in mrope_section]
-    if len(section) != 3 or any(s < 0 for s in section):
+    section = list(mrope_section)
+    if len(section) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in section):
         raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
     if sum(section) != D // 2:
         raise ValueError(f"mrope_section must sum to head_dim/2 = {D // 2}, got {section} (sum {sum(section)})")
@@ -93,7 +94,11 @@ def mrope(
     """
     positions, section = _validate(q, k, positions, mrope_section)
     inv_freq = _inv_freq(q, theta, inv_freq)
-    if not inplace:
+    check_inference_only("mrope", q=q, k=k)
+    if inplace:
+        check_no_internal_overlap("q", q)
+        check_no_internal_overlap("k", k)
+    else:
         q, k = q.clone(), k.clone()
     be = _mrope_op.resolve((q, k, positions), backend)
     _mrope_op(q, k, positions, inv_freq, section, bool(interleaved), float(attention_scaling), None, None, 0.0, be)
@@ -124,7 +129,11 @@ def qk_norm_mrope(
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     inv_freq = _inv_freq(q, theta, inv_freq)
-    if not inplace:
+    check_inference_only("qk_norm_mrope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
+    if inplace:
+        check_no_internal_overlap("q", q)
+        check_no_internal_overlap("k", k)
+    else:
         q, k = q.clone(), k.clone()
     be = _mrope_op.resolve((q, k, positions), backend)
     _mrope_op(q, k, positions, inv_freq, section, bool(interleaved), float(attention_scaling), q_weight, k_weight,
