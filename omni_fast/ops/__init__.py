@@ -5,5 +5,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 """
 
 from .rope import mrope, qk_norm_mrope
+from .rvq import rvq_embed
+from .sampling import sample
 
-__all__ = ["mrope", "qk_norm_mrope"]
+__all__ = ["mrope", "qk_norm_mrope", "rvq_embed", "sample"]
