@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..reference import rvq as ref
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_tensor
+from ..validation import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_tensor, values_checkable
 from ._dispatch import dispatched_op
 
 
@@ -103,10 +103,11 @@ def rvq_embed(
             if offsets.numel() != G:
                 raise ValueError(f"offsets must have one entry per codebook (G={G}), got {offsets.numel()}")
             check_index_range("offsets", offsets, 0, tables.shape[0], check_values=check_values)
-        for g in range(G):
-            shifted = codes[..., g] if offsets is None else codes[..., g] + offsets[g]
-            check_index_range(f"codes[..., {g}] (+ offsets[{g}])", shifted, 0, tables.shape[0],
-                              check_values=check_values)
+        if values_checkable(codes, check_values):  # no device work at all when the values cannot be checked
+            for g in range(G):
+                shifted = codes[..., g] if offsets is None else codes[..., g] + offsets[g]
+                check_index_range(f"codes[..., {g}] (+ offsets[{g}])", shifted, 0, tables.shape[0],
+                                  check_values=check_values)
     else:
         table_list = list(tables)
         if offsets is not None:

@@ -1,0 +1,6 @@
+"""Model-level building blocks assembled from omni_fast ops."""
+
+from .code_predictor import CodePredictor
+from .talker_step import TalkerStep
+
+__all__ = ["CodePredictor", "TalkerStep"]
