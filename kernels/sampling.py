@@ -1,8 +1,8 @@
 """Token sampling in Triton: transformers' processors + a counter-based Gumbel race, one program per row.
 
-No sort, no host sync, no data-dependent shape: the top-k and top-p thresholds are found by bisection over the
-ORDERED INTEGER KEYS of the fp32 scores (``key = bits ^ 0x7FFFFFFF`` for negatives: monotone in the float order),
-32 passes each. Bisection on keys is exact: the top-k threshold is the k-th largest score itself, and the top-p
+No sort, no host sync, no data-dependent shape: the top-k and top-p thresholds are found by a 16-way search over
+the ORDERED INTEGER KEYS of the fp32 scores (``key = bits ^ 0x7FFFFFFF`` for negatives: monotone in the float
+order): each pass evaluates 16 candidate thresholds at once, so 8 passes cover the 32-bit key. The search is exact: the top-k threshold is the k-th largest score itself, and the top-p
 threshold is the smallest score whose cumulative mass (of all kept scores <= it) exceeds ``1 - top_p``. The draw is
 ``argmax(s + Gumbel)`` with the noise from a 32-bit integer hash of (seed, offset, row, id), bit-identical to
 :mod:`omni_fast.reference.sampling`.
@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .launch import launch, static_case
 
-_INT32_MIN = -2147483648
+NWAY = 16  # candidate thresholds per search pass: 4 bits of the 32-bit key per pass
+PASSES = 8
 
 
 @triton.jit
@@ -88,7 +89,8 @@ def sample_kernel(
     prev_ptr, stride_prev, n_prev, penalty, inv_penalty,
     sup_ptr, n_sup, inv_temperature, top_k, one_minus_top_p,
     GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
-    TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+    TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
+    PASSES: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -112,21 +114,26 @@ def sample_kernel(
     else:
         m = best
         kth = tl.full([], -2147483649, tl.int64)  # keep everything unless top-k narrows it
+        ways = tl.arange(0, NWAY).to(tl.int64)
         if TOP_K:
-            # Largest key t with count(key >= t) >= k: the k-th largest score (ties at it all kept).
+            # Largest key t with count(key >= t) >= k (the k-th largest score; ties at it all kept): an NWAY-ary
+            # search over the int32 key range, NWAY candidate thresholds counted per pass; P(lo) holds, P(hi) not.
             lo = tl.full([], -2147483648, tl.int64)
             hi = tl.full([], 2147483648, tl.int64)
-            for it in range(32):
-                mid = (lo + hi) >> 1
-                cnt = tl.full([], 0, tl.int32)
+            for it in range(PASSES):
+                step = (hi - lo + NWAY - 1) // NWAY
+                t = lo + ways * step
+                cnt = tl.zeros([NWAY], dtype=tl.int32)
                 for b in range(NUM_BLOCKS):
                     offs = b * BLOCK + base
                     x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
                                    inv_temperature, PENALTY, TEMPERATURE)
-                    cnt += tl.sum(((ordered_key(x) >= mid) & (offs < V)).to(tl.int32), 0)
-                ok = cnt >= top_k
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid)
+                    ge = (ordered_key(x)[None, :] >= t[:, None]) & (offs < V)[None, :]
+                    cnt += tl.sum(ge.to(tl.int32), 1)
+                i = tl.max(tl.where((cnt >= top_k) & (t < hi), ways, 0), 0)
+                new_lo = lo + i * step
+                hi = tl.minimum(hi, new_lo + step)
+                lo = new_lo
             kth = lo
         pth = tl.full([], -2147483649, tl.int64)
         if TOP_P:
@@ -137,21 +144,24 @@ def sample_kernel(
                                inv_temperature, PENALTY, TEMPERATURE)
                 z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m), 0.0), 0)
             thr = one_minus_top_p * z
-            # Smallest key u with mass(kept, key <= u) > thr; the max itself is always kept.
+            # Smallest key u with mass(kept, key <= u) > thr; the max itself is always kept (P(hi) holds).
             lo = tl.full([], -2147483649, tl.int64)
             hi = ordered_key(m)
-            for it in range(32):
-                mid = (lo + hi) >> 1
-                s = tl.full([], 0.0, tl.float32)
+            for it in range(PASSES):
+                step = (hi - lo + NWAY - 1) // NWAY
+                t = tl.minimum(lo + (ways + 1) * step, hi)
+                mass = tl.zeros([NWAY], dtype=tl.float32)
                 for b in range(NUM_BLOCKS):
                     offs = b * BLOCK + base
                     x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
                                    inv_temperature, PENALTY, TEMPERATURE)
                     k = ordered_key(x)
-                    s += tl.sum(tl.where((k >= kth) & (k <= mid), tl.exp(x - m), 0.0), 0)
-                ok = s > thr
-                hi = tl.where(ok, mid, hi)
-                lo = tl.where(ok, lo, mid)
+                    e = tl.where(k >= kth, tl.exp(x - m), 0.0)
+                    mass += tl.sum(tl.where(k[None, :] <= t[:, None], e[None, :], 0.0), 1)
+                i = tl.min(tl.where((mass > thr) | (t >= hi), ways, NWAY - 1), 0)
+                new_lo = lo + i * step
+                hi = tl.minimum(new_lo + step, hi)
+                lo = new_lo
             pth = hi
         # The race: argmax(s + Gumbel) over the kept ids, lowest id on ties.
         key = row_key(tl.load(seed_ptr + row * seed_stride), tl.load(offset_ptr + row * offset_stride), row)
@@ -194,6 +204,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
         suppress if n_sup else out, n_sup, 1.0 / float(temperature), int(top_k), 1.0 - float(top_p),
         GREEDY=bool(greedy), PENALTY=penalty_on, TEMPERATURE=float(temperature) != 1.0 and not greedy,
         TOP_K=0 < int(top_k) < V, TOP_P=float(top_p) < 1.0, BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk),
+        NWAY=NWAY, PASSES=PASSES,
         num_warps=8 if blk >= 2048 else 4, device=logits.device,
     )
     return out
@@ -208,9 +219,10 @@ for _dt in ("bf16", "fp32"):
             "prev_ptr": "*i64", "stride_prev": "i32", "n_prev": "i32", "penalty": "fp32", "inv_penalty": "fp32",
             "sup_ptr": "*i64", "n_sup": "i32", "inv_temperature": "fp32", "top_k": "i32", "one_minus_top_p": "fp32",
             "GREEDY": "constexpr", "PENALTY": "constexpr", "TEMPERATURE": "constexpr", "TOP_K": "constexpr",
-            "TOP_P": "constexpr", "BLOCK": "constexpr", "NUM_BLOCKS": "constexpr",
+            "TOP_P": "constexpr", "BLOCK": "constexpr", "NUM_BLOCKS": "constexpr", "NWAY": "constexpr",
+            "PASSES": "constexpr",
         },
         constexprs={"GREEDY": False, "PENALTY": False, "TEMPERATURE": False, "TOP_K": True, "TOP_P": True,
-                    "BLOCK": 2048, "NUM_BLOCKS": 1},
+                    "BLOCK": 2048, "NUM_BLOCKS": 1, "NWAY": NWAY, "PASSES": PASSES},
         num_warps=8,
     )

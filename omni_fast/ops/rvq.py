@@ -14,7 +14,7 @@ from ..validation import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_tens
 from ._dispatch import dispatched_op
 
 
-def _fake(codes, tables, offsets, mean):
+def _fake(codes, tables, offsets, mean, backend):
     return tables[0].new_empty((*codes.shape[:-1], tables[0].shape[-1]))
 
 

@@ -16,7 +16,7 @@ from ..validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
 from ._dispatch import dispatched_op
 
 
-def _fake(logits, temperature, top_k, top_p, suppress, repetition_penalty, prev_ids, seed, offset, greedy):
+def _fake(logits, temperature, top_k, top_p, suppress, repetition_penalty, prev_ids, seed, offset, greedy, backend):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
