@@ -102,17 +102,18 @@ def apply_processors(
     B, V = s.shape
     if prev_ids is not None and repetition_penalty != 1.0 and prev_ids.numel():
         hit = torch.zeros(B, V + 1, dtype=torch.bool, device=s.device)
-        ids = prev_ids.long().clone()
-        ids[(ids < 0) | (ids >= V)] = V  # padding / out-of-vocab: the dropped column, as transformers clamps
+        ids = prev_ids.long()
+        # padding / out-of-vocab ids go to a dropped column, as transformers clamps them (torch.where: no sync)
+        ids = torch.where((ids < 0) | (ids >= V), torch.full_like(ids, V), ids)
         hit.scatter_(1, ids, True)
         hit = hit[:, :V]
         pen = torch.where(s < 0, s * float(repetition_penalty), s * (1.0 / float(repetition_penalty)))
         s = torch.where(hit, pen, s)
     if suppress_ranges is not None:
-        ranges = suppress_ranges.tolist() if isinstance(suppress_ranges, torch.Tensor) else suppress_ranges
+        r = torch.as_tensor(suppress_ranges, dtype=torch.long, device=s.device).reshape(-1, 2)
         j = torch.arange(V, device=s.device)
-        for lo, hi in ranges:
-            s = s.masked_fill((j >= lo) & (j < hi), float("-inf"))
+        hit = ((j[None, :] >= r[:, :1]) & (j[None, :] < r[:, 1:])).any(0)  # [V]; no host round trip
+        s = s.masked_fill(hit, float("-inf"))
     return s
 
 
