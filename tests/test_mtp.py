@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from omni_fast.models import CodePredictor, TalkerStep
-from omni_fast.testing import DEVICE
+from omni_fast.ops import mtp_layers
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -177,6 +178,71 @@ def test_bad_input(kw, err, match):
     c0 = kw.pop("c0", torch.zeros(2, dtype=torch.long))
     with pytest.raises(err, match=match):
         cp.predict_frame(h, c0, **kw)
+
+
+# --- fused layer ops: Triton vs reference ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("N,H", [(0, 32), (1, 8), (5, 40), (3, 1024)])
+def test_add_rms_norm_and_silu_mul_kernels(dtype, N, H):
+    g = torch.Generator().manual_seed(N * H)
+    h = torch.randn(N, H, generator=g).to(DEVICE, dtype)
+    d = torch.randn(N, H, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(H, generator=g) + 1).to(DEVICE, dtype)
+    for delta in (None, d):
+        outs = {}
+        for name, hh, be in (("tri", h.clone(), "triton"), ("same", h.clone(), "reference")):
+            outs[name] = (mtp_layers.add_rms_norm_(hh, delta, w, backend=be), hh)
+        exact = mtp_layers._add_rms_norm_reference(h.double(), None if delta is None else delta.double(), w.double(),
+                                                   1e-6)
+        outs["exact"] = (exact, None)
+        # The residual add rounds to the model dtype, as transformers: the updated h equals the same-dtype reference.
+        torch.testing.assert_close(outs["tri"][1], outs["same"][1], rtol=0, atol=0)
+        assert_matches_reference(outs["tri"][0], outs["exact"][0], outs["same"][0])
+    gu = torch.randn(N, 2 * (H + 3), generator=g).to(DEVICE, dtype)
+    assert_matches_reference(mtp_layers.silu_mul(gu, backend="triton"), mtp_layers._silu_mul_reference(gu.double()),
+                             mtp_layers.silu_mul(gu, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,Hq,Hk,D,L", [(2, 4, 2, 16, 6), (1, 2, 2, 24, 16), (3, 8, 1, 32, 5)])
+def test_cached_attention_kernel(dtype, B, Hq, Hk, D, L):
+    g = torch.Generator().manual_seed(B * D)
+    for start, T in ((0, 2), (0, 1), (2, 1), (L - 2, 2), (L - 1, 1)):
+        q, k, v = (torch.randn(B, T, n, D, generator=g).to(DEVICE, dtype) for n in (Hq, Hk, Hk))
+        kc, vc = (torch.randn(B, Hk, L, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+        kt, vt, ks, vs = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        out = mtp_layers.cached_attention(q, k, v, kt, vt, start=start, backend="triton")
+        same = mtp_layers.cached_attention(q, k, v, ks, vs, start=start, backend="reference")
+        exact = mtp_layers._attn_reference(q.double(), k.double(), v.double(), kc.double(), vc.double(), start,
+                                           D**-0.5)
+        assert torch.equal(kt, ks) and torch.equal(vt, vs)
+        assert_matches_reference(out, exact, same)
+
+
+def test_layer_ops_bad_input_and_trace():
+    q = torch.randn(1, 1, 4, 16)
+    kv = torch.randn(1, 1, 2, 16)
+    cache = torch.zeros(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="start"):
+        mtp_layers.cached_attention(q, kv, kv, cache, cache.clone(), start=4)
+    with pytest.raises(ValueError, match="multiple"):
+        mtp_layers.cached_attention(torch.randn(1, 1, 3, 16), kv, kv, cache, cache.clone(), start=0)
+    with pytest.raises(ValueError, match="k_cache"):
+        mtp_layers.cached_attention(q, kv, kv, torch.zeros(1, 3, 4, 16), cache.clone(), start=0)
+    with pytest.raises(ValueError, match="even"):
+        mtp_layers.silu_mul(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="weight"):
+        mtp_layers.add_rms_norm_(torch.randn(2, 8), None, torch.ones(7))
+    with pytest.raises(TypeError, match="delta"):
+        mtp_layers.add_rms_norm_(torch.randn(2, 8), torch.randn(2, 8).half(), torch.ones(8))
+    fn = torch.compile(lambda a, b, c, kc, vc: mtp_layers.cached_attention(a, b, c, kc, vc, start=1,
+                                                                           backend="reference"),
+                       fullgraph=True, backend="eager")
+    c1, c2 = cache.clone(), cache.clone()
+    torch.testing.assert_close(fn(q, kv, kv, c1, c1.clone()),
+                               mtp_layers.cached_attention(q, kv, kv, c2, c2.clone(), start=1, backend="reference"))
 
 
 # --- GPU: CUDA graph, bf16, real shapes ---------------------------------------------------------------------------

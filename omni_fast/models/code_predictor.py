@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
-from ..reference.rope import rms_norm, rope_inv_freq
+from ..reference.rope import rope_inv_freq
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -272,24 +273,22 @@ class CodePredictor(torch.nn.Module):
         c = self.config
         B, T, H = h.shape
         nq, nk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        end = start + T
-        for layer, (kc, vc) in zip(self.layers, caches):
-            qkv = F.linear(rms_norm(h, layer.input_norm, c.rms_norm_eps), layer.qkv).view(B * T, nq + 2 * nk, d)
+        f = _Fns(h.dtype, backend)
+        eps = c.rms_norm_eps
+        resid = h.reshape(B * T, H).contiguous()  # the residual stream, updated in place by add_rms_norm_
+        x = f.add_rms_norm(resid, None, self.layers[0].input_norm, eps=eps)
+        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, caches)):
+            qkv = F.linear(x, layer.qkv).view(B * T, nq + 2 * nk, d)
             q, k, v = qkv[:, :nq], qkv[:, nq: nq + nk], qkv[:, nq + nk:]
-            # fp64 (exactness tests against transformers only) runs the reference directly: ops take fp16/bf16/fp32.
-            qk = ref_rope.qk_norm_mrope if h.dtype == torch.float64 else partial(ops.qk_norm_mrope, backend=backend)
-            qk(q, k, layer.q_norm, layer.k_norm, consts["pos"][start], eps=c.rms_norm_eps,
-               mrope_section=(d // 2, 0, 0), interleaved=False, inv_freq=consts["inv_freq"])
-            kc[:, :, start:end] = k.view(B, T, nk, d).transpose(1, 2)
-            vc[:, :, start:end] = v.view(B, T, nk, d).transpose(1, 2)
-            qh = q.view(B, T, nq, d).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(qh, kc[:, :, :end], vc[:, :, :end], is_causal=T > 1,
-                                                  scale=d**-0.5, enable_gqa=nq != nk)
-            h = h + F.linear(attn.transpose(1, 2).reshape(B, T, nq * d), layer.o)
-            gu = F.linear(rms_norm(h, layer.post_norm, c.rms_norm_eps), layer.gate_up)
-            gate, up = gu.chunk(2, -1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
-        return rms_norm(h[:, -1], self.norm, c.rms_norm_eps)
+            f.qk_norm_rope(q, k, layer.q_norm, layer.k_norm, consts["pos"][start], eps=eps,
+                           mrope_section=(d // 2, 0, 0), interleaved=False, inv_freq=consts["inv_freq"])
+            attn = f.attention(q.view(B, T, nq, d), k.view(B, T, nk, d), v.view(B, T, nk, d), kc, vc, start=start,
+                               scale=d**-0.5)
+            x = f.add_rms_norm(resid, F.linear(attn.reshape(B * T, nq * d), layer.o), layer.post_norm, eps=eps)
+            mlp = F.linear(f.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            x = f.add_rms_norm(resid, mlp, nxt, eps=eps)
+        return x.view(B, T, H)[:, -1]
 
     # --- CUDA graph -----------------------------------------------------------------------------------------
 
@@ -344,6 +343,24 @@ class _FrameGraph:
             self.seed.fill_(int(seed))
         self.graph.replay()
         return self.codes[:B].clone(), self.next_input[:B].clone()
+
+
+class _Fns:
+    """The layer ops for one dtype/backend. fp64 (exactness tests against transformers only) calls the reference
+    implementations directly: the dispatched ops take fp16/bf16/fp32."""
+
+    def __init__(self, dtype: torch.dtype, backend: str | None):
+        if dtype == torch.float64:
+            self.add_rms_norm = lambda h, delta, w, eps: mtp_layers._add_rms_norm_reference(h, delta, w, eps)
+            self.silu_mul = mtp_layers._silu_mul_reference
+            self.attention = lambda q, k, v, kc, vc, start, scale: mtp_layers._attn_reference(q, k, v, kc, vc, start,
+                                                                                            scale)
+            self.qk_norm_rope = ref_rope.qk_norm_mrope
+        else:
+            self.add_rms_norm = partial(mtp_layers.add_rms_norm_, backend=backend)
+            self.silu_mul = partial(mtp_layers.silu_mul, backend=backend)
+            self.attention = partial(mtp_layers.cached_attention, backend=backend)
+            self.qk_norm_rope = partial(ops.qk_norm_mrope, backend=backend)
 
 
 def _strip(key: str) -> str:
