@@ -101,6 +101,21 @@ def test_same_seed_same_codes_across_backends_and_batch_sizes():
     assert torch.equal(per_row, ref_codes)
 
 
+def test_graph_buckets_emulated_on_cpu():
+    """The bucket path (static buffers, padding to 1/2/4/.../64, 128 above) equals the eager frame."""
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m, emb)
+    g = torch.Generator().manual_seed(1)
+    for B in (3, 1, 70, 3):
+        h = torch.randn(B, 48, generator=g)
+        c0 = torch.randint(0, emb.num_embeddings, (B,), generator=g)
+        for kw in (dict(do_sample=False), dict(seed=21), dict(seed=torch.arange(B) * 7)):
+            eager = cp.predict_frame(h, c0, use_graph=False, backend="reference", **kw)
+            graph = cp.predict_frame(h, c0, use_graph=True, backend="reference", **kw)
+            assert torch.equal(eager[0], graph[0]), (B, kw)
+            torch.testing.assert_close(eager[1], graph[1], rtol=0, atol=0)
+
+
 def test_sampled_codes_respect_top_k():
     m, emb = _hf_predictor(0, torch.float32)
     cp = CodePredictor.from_transformers(m, emb)
