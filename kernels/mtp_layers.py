@@ -78,15 +78,17 @@ def cached_attention_kernel(
     tl.store(kc_ptr + cache_off, k_new, mask=new[:, None] & mask_d[None, :])
     tl.store(vc_ptr + cache_off, v_new, mask=new[:, None] & mask_d[None, :])
     # The key tile: old entries from the cache, new ones straight from registers (no read-after-write).
-    k = tl.where(new[:, None], k_new, tl.load(kc_ptr + cache_off, mask=old[:, None] & mask_d[None, :], other=0.0)).to(tl.float32)
-    v = tl.where(new[:, None], v_new, tl.load(vc_ptr + cache_off, mask=old[:, None] & mask_d[None, :], other=0.0)).to(tl.float32)
+    old_mask = old[:, None] & mask_d[None, :]
+    k = tl.where(new[:, None], k_new, tl.load(kc_ptr + cache_off, mask=old_mask, other=0.0)).to(tl.float32)
+    v = tl.where(new[:, None], v_new, tl.load(vc_ptr + cache_off, mask=old_mask, other=0.0)).to(tl.float32)
     # Query rows: r = t * GROUP + g, head h * GROUP + g of token t.
     offs_r = tl.arange(0, BLOCK_Q)
     t_q = offs_r // GROUP
     g_q = offs_r % GROUP
     valid_q = t_q < T
     q_rows = b * stride_qb + t_q * stride_qt + (h * GROUP + g_q) * stride_qh
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=valid_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    q_mask = valid_q[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale  # [BLOCK_Q, BLOCK_L]
     visible = (offs_l[None, :] <= (start + t_q)[:, None]) & (offs_l[None, :] < end)
     s = tl.where(visible, s, float("-inf"))

@@ -2,7 +2,8 @@
 
 No sort, no host sync, no data-dependent shape: the top-k and top-p thresholds are found by a 16-way search over
 the ORDERED INTEGER KEYS of the fp32 scores (``key = bits ^ 0x7FFFFFFF`` for negatives: monotone in the float
-order): each pass evaluates 16 candidate thresholds at once, so 8 passes cover the 32-bit key. The search is exact: the top-k threshold is the k-th largest score itself, and the top-p
+order): each pass evaluates 16 candidate thresholds at once, so 8 passes cover the 32-bit key. The search is
+exact: the top-k threshold is the k-th largest score itself, and the top-p
 threshold is the smallest score whose cumulative mass (of all kept scores <= it) exceeds ``1 - top_p``. The draw is
 ``argmax(s + Gumbel)`` with the noise from a 32-bit integer hash of (seed, offset, row, id), bit-identical to
 :mod:`omni_fast.reference.sampling`.

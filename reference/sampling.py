@@ -4,7 +4,8 @@ The distribution is transformers' ``generate(do_sample=True)`` with, in its orde
 ``RepetitionPenaltyLogitsProcessor`` -> ``SuppressTokensLogitsProcessor`` (here: id ranges) ->
 ``TemperatureLogitsWarper`` -> ``TopKLogitsWarper`` -> ``TopPLogitsWarper`` -> softmax, on fp32 logits.
 
-- repetition penalty: ``s = s * p if s < 0 else s * fp32(1 / p)`` at every id in ``prev_ids`` (negative ids are padding);
+- repetition penalty: ``s = s * p if s < 0 else s * fp32(1 / p)`` at every id in ``prev_ids`` (negative ids:
+  padding);
 - suppression: ``s = -inf`` for ids in ``[lo, hi)`` of each range;
 - temperature: ``s = s * fp32(1 / T)``: what transformers' ``scores / T`` computes on CUDA, where torch divides
   by a Python scalar as a multiplication by its fp32 reciprocal (on CPU it divides: at most 1 ulp apart);
