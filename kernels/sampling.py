@@ -2,8 +2,8 @@
 
 No sort, no host sync, no data-dependent shape: the top-k and top-p thresholds are found by a 16-way search over
 the ORDERED INTEGER KEYS of the fp32 scores (``key = bits ^ 0x7FFFFFFF`` for negatives: monotone in the float
-order): each pass evaluates 16 candidate thresholds at once, so 8 passes cover the 32-bit key. The search is
-exact: the top-k threshold is the k-th largest score itself, and the top-p
+order): each pass evaluates 16 candidate thresholds at once, so at most 8 passes cover the 32-bit key, fewer
+when the search range (top-k: [min, max]; top-p: [k-th largest, max]) is narrower. The search is exact: the top-k threshold is the k-th largest score itself, and the top-p
 threshold is the smallest score whose cumulative mass (of all kept scores <= it) exceeds ``1 - top_p``. The draw is
 ``argmax(s + Gumbel)`` with the noise from a 32-bit integer hash of (seed, offset, row, id), bit-identical to
 :mod:`omni_fast.reference.sampling`.
@@ -22,7 +22,6 @@ import triton.language as tl
 from .launch import launch, static_case
 
 NWAY = 16  # candidate thresholds per search pass: 4 bits of the 32-bit key per pass
-PASSES = 8
 
 
 @triton.jit
@@ -91,20 +90,21 @@ def sample_kernel(
     sup_ptr, n_sup, inv_temperature, top_k, one_minus_top_p,
     GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
     TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
-    PASSES: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     prev_row_ptr = prev_ptr + row.to(tl.int64) * stride_prev
     base = tl.arange(0, BLOCK)
 
-    # Pass 1: the row max (= the greedy pick; lowest id on ties).
+    # Pass 1: the row max (= the greedy pick; lowest id on ties) and min.
     best = tl.full([], float("-inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32)
+    lowest = tl.full([], float("inf"), tl.float32)
     for b in range(NUM_BLOCKS):
         offs = b * BLOCK + base
         x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
                        inv_temperature, PENALTY, TEMPERATURE)
+        lowest = tl.minimum(lowest, tl.min(tl.where(offs < V, x, float("inf")), 0))
         bm = tl.max(x, 0)
         bi = tl.min(tl.where(x == bm, offs, 2147483647), 0)
         best_idx = tl.where(bm > best, bi, best_idx)
@@ -118,10 +118,10 @@ def sample_kernel(
         ways = tl.arange(0, NWAY).to(tl.int64)
         if TOP_K:
             # Largest key t with count(key >= t) >= k (the k-th largest score; ties at it all kept): an NWAY-ary
-            # search over the int32 key range, NWAY candidate thresholds counted per pass; P(lo) holds, P(hi) not.
-            lo = tl.full([], -2147483648, tl.int64)
-            hi = tl.full([], 2147483648, tl.int64)
-            for it in range(PASSES):
+            # search over [key(min), key(max)], NWAY candidate thresholds counted per pass; P(lo) holds, P(hi) not.
+            lo = ordered_key(lowest)
+            hi = ordered_key(m) + 1
+            while hi - lo > 1:
                 step = (hi - lo + NWAY - 1) // NWAY
                 t = lo + ways * step
                 cnt = tl.zeros([NWAY], dtype=tl.int32)
@@ -145,10 +145,11 @@ def sample_kernel(
                                inv_temperature, PENALTY, TEMPERATURE)
                 z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m), 0.0), 0)
             thr = one_minus_top_p * z
-            # Smallest key u with mass(kept, key <= u) > thr; the max itself is always kept (P(hi) holds).
-            lo = tl.full([], -2147483649, tl.int64)
+            # Smallest key u with mass(kept, key <= u) > thr, searched in [kth, key(max)]: P(kth - 1) fails (nothing
+            # kept lies below kth) and the max itself is always kept (P(hi) holds).
+            lo = kth - 1
             hi = ordered_key(m)
-            for it in range(PASSES):
+            while hi - lo > 1:
                 step = (hi - lo + NWAY - 1) // NWAY
                 t = tl.minimum(lo + (ways + 1) * step, hi)
                 mass = tl.zeros([NWAY], dtype=tl.float32)
@@ -205,7 +206,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
         suppress if n_sup else out, n_sup, 1.0 / float(temperature), int(top_k), 1.0 - float(top_p),
         GREEDY=bool(greedy), PENALTY=penalty_on, TEMPERATURE=float(temperature) != 1.0 and not greedy,
         TOP_K=0 < int(top_k) < V, TOP_P=float(top_p) < 1.0, BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk),
-        NWAY=NWAY, PASSES=PASSES,
+        NWAY=NWAY,
         num_warps=8 if blk >= 2048 else 4, device=logits.device,
     )
     return out
@@ -221,9 +222,8 @@ for _dt in ("bf16", "fp32"):
             "sup_ptr": "*i64", "n_sup": "i32", "inv_temperature": "fp32", "top_k": "i32", "one_minus_top_p": "fp32",
             "GREEDY": "constexpr", "PENALTY": "constexpr", "TEMPERATURE": "constexpr", "TOP_K": "constexpr",
             "TOP_P": "constexpr", "BLOCK": "constexpr", "NUM_BLOCKS": "constexpr", "NWAY": "constexpr",
-            "PASSES": "constexpr",
         },
         constexprs={"GREEDY": False, "PENALTY": False, "TEMPERATURE": False, "TOP_K": True, "TOP_P": True,
-                    "BLOCK": 2048, "NUM_BLOCKS": 1, "NWAY": NWAY, "PASSES": PASSES},
+                    "BLOCK": 2048, "NUM_BLOCKS": 1, "NWAY": NWAY},
         num_warps=8,
     )

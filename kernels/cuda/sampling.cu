@@ -1,5 +1,5 @@
 // Token sampling in CUDA C++: transformers' processors + top-k / top-p thresholds found by a 16-way search over
-// the ordered integer keys of the fp32 scores + a counter-based Gumbel race. Same algorithm, same integer RNG and
+// the ordered integer keys of the fp32 scores (at most 8 passes of 16 candidates) + a counter-based Gumbel race. Same algorithm, same integer RNG and
 // same rounding steps as kernels/sampling.py (Triton) and reference/sampling.py, so the same seed draws the same
 // ids (up to an ulp-level near-tie of two race keys, where logf/expf may round differently across backends).
 //
@@ -13,7 +13,6 @@
 
 #define OF_THREADS 256
 #define OF_NWAY 16
-#define OF_PASSES 8
 #define OF_NEG_INF __int_as_float(0xff800000)  // -inf without <math.h> (NVRTC has no INFINITY)
 
 typedef unsigned int of_u32;
@@ -134,13 +133,15 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
   const of_i64* prev_row = p.prev + (of_i64)row * p.stride_prev;
   const int V = p.V;
 
-  float best = OF_NEG_INF;
-  int idx = 0x7FFFFFFF;
+  float best = OF_NEG_INF, neg_lowest = OF_NEG_INF;
+  int idx = 0x7FFFFFFF, unused = 0;
   for (int j = threadIdx.x; j < V; j += OF_THREADS) {
     float x = of_score(rowp, j, prev_row, p);
     if (x > best || (x == best && j < idx)) { best = x; idx = j; }
+    neg_lowest = fmaxf(neg_lowest, -x);
   }
   of_block_argmax(best, idx);
+  of_block_argmax(neg_lowest, unused);  // the row min, negated
   if (best == OF_NEG_INF) idx = 0;  // every id suppressed: id 0, as torch.argmax
   if (p.greedy) {
     if (threadIdx.x == 0) out[row] = idx;
@@ -150,8 +151,9 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
 
   of_i64 kth = -2147483649ll;
   if (p.top_k_on) {
-    of_i64 lo = -2147483648ll, hi = 2147483648ll;
-    for (int it = 0; it < OF_PASSES; ++it) {
+    // search [key(min), key(max)]: count(key >= lo) >= k holds, count(key >= hi) >= k does not
+    of_i64 lo = of_key(-neg_lowest), hi = of_key(m) + 1;
+    while (hi - lo > 1) {
       const of_i64 step = (hi - lo + OF_NWAY - 1) / OF_NWAY;
       float cnt[OF_NWAY], tot[OF_NWAY];
 #pragma unroll
@@ -184,8 +186,9 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
     }
     of_block_sum(z, zt);
     const float thr = p.one_minus_top_p * zt[0];
-    of_i64 lo = -2147483649ll, hi = of_key(m);
-    for (int it = 0; it < OF_PASSES; ++it) {
+    // search [kth, key(max)]: nothing kept lies below kth; the max is always kept
+    of_i64 lo = kth - 1, hi = of_key(m);
+    while (hi - lo > 1) {
       const of_i64 step = (hi - lo + OF_NWAY - 1) / OF_NWAY;
       float mass[OF_NWAY], tot[OF_NWAY];
 #pragma unroll
