@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import omni_fast
 from omni_fast.reference import rvq as ref_rvq
@@ -105,6 +107,23 @@ def test_triton_ties_multiblock_and_fp16():
     half = (torch.randn(3, 50, generator=g) * 2).half().to(DEVICE)
     a = omni_fast.ops.sample(half, top_k=10, top_p=0.8, seed=2, backend="reference")
     b = omni_fast.ops.sample(half, top_k=10, top_p=0.8, seed=2, backend="triton")
+    assert torch.equal(a, b)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), V=st.integers(1, 300), top_k=st.integers(0, 40), top_p=st.floats(0.05, 1.0),
+       temperature=st.sampled_from([1.0, 0.3, 2.0]), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       ties=st.booleans(), seed=st.integers(-2**63, 2**63 - 1), offset=st.integers(0, 2**40))
+def test_triton_draws_equal_reference_hypothesis(B, V, top_k, top_p, temperature, scale, ties, seed, offset):
+    g = torch.Generator().manual_seed(V * 7 + B)
+    logits = torch.randn(B, V, generator=g) * scale
+    if ties:
+        logits = logits.round()
+    if V > 4:
+        logits[:, 1] = float("-inf")
+    kw = dict(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, offset=offset)
+    a = omni_fast.ops.sample(logits.to(DEVICE), backend="reference", **kw)
+    b = omni_fast.ops.sample(logits.to(DEVICE), backend="triton", **kw)
     assert torch.equal(a, b)
 
 
