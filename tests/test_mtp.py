@@ -5,7 +5,7 @@ CUDA-graph replay (gpu)."""
 import pytest
 import torch
 
-from omni_fast.models import CodePredictor, TalkerStep
+from omni_fast.models import CodePredictor, TalkerStep, install_on_talker
 from omni_fast.ops import mtp_layers
 from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
 
@@ -141,7 +141,7 @@ def test_c0_embed_and_state_dict_paths():
         bare.predict_frame(h, c0)
 
 
-def test_talker_step_matches_prepare_inputs_for_generation():
+def _tiny_talker():
     cp_cfg = dict(TINY[1], rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     tc = dict(vocab_size=40, hidden_size=48, intermediate_size=32, moe_intermediate_size=16,
               shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -153,6 +153,23 @@ def test_talker_step_matches_prepare_inputs_for_generation():
     with torch.no_grad():
         for p in talker.code_predictor.parameters():
             p.normal_(0, 0.3)
+    return talker, cfg
+
+
+def _prepare(talker, cfg, ids, hid, gen_step, tth, pad):
+    B = ids.shape[0]
+    cache = DynamicCache(config=cfg.text_config)
+    zeros = torch.zeros(B, 2, 4, 24, dtype=torch.float64)
+    cache.update(zeros, zeros, 0)
+    with torch.no_grad():
+        return talker.prepare_inputs_for_generation(
+            ids, past_key_values=cache, attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
+            hidden_states=((hid,), None), generation_step=gen_step, trailing_text_hidden=tth, tts_pad_embed=pad,
+            is_first_iteration=False)
+
+
+def test_talker_step_matches_prepare_inputs_for_generation():
+    talker, cfg = _tiny_talker()
     cp = CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings())
     B = 2
     tth = torch.randn(B, 3, 48, dtype=torch.float64)
@@ -161,17 +178,30 @@ def test_talker_step_matches_prepare_inputs_for_generation():
     for gen_step in (0, 2, 3, 5):  # inside the trailing text, and past it (tts_pad)
         ids = torch.randint(0, 40, (B, 5))
         hid = torch.randn(B, 5, 48, dtype=torch.float64)
-        cache = DynamicCache(config=cfg.text_config)
-        zeros = torch.zeros(B, 2, 4, 24, dtype=torch.float64)
-        cache.update(zeros, zeros, 0)
-        with torch.no_grad():
-            want = talker.prepare_inputs_for_generation(
-                ids, past_key_values=cache, attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
-                hidden_states=((hid,), None), generation_step=gen_step, trailing_text_hidden=tth,
-                tts_pad_embed=pad, is_first_iteration=False)
+        want = _prepare(talker, cfg, ids, hid, gen_step, tth, pad)
         codes, embeds = step(hid[:, -1], ids[:, -1], gen_step, do_sample=False, backend="reference")
         assert torch.equal(codes, want["residual_codes"])
         torch.testing.assert_close(embeds, want["inputs_embeds"], rtol=1e-12, atol=1e-12)
+
+
+def test_install_on_talker_is_a_drop_in():
+    talker, cfg = _tiny_talker()
+    B = 3
+    tth = torch.randn(B, 2, 48, dtype=torch.float64)
+    pad = torch.randn(1, 1, 48, dtype=torch.float64)
+    ids = torch.randint(0, 40, (B, 5))
+    hid = torch.randn(B, 5, 48, dtype=torch.float64)
+    wants = [_prepare(talker, cfg, ids, hid, s, tth, pad) for s in (1, 4)]
+    cp = install_on_talker(talker)
+    calls = []
+    frame = cp.predict_frame
+    cp.predict_frame = lambda *a, **k: calls.append(1) or frame(*a, **k)
+    for s, want in zip((1, 4), wants):
+        got = _prepare(talker, cfg, ids, hid, s, tth, pad)
+        assert torch.equal(got["residual_codes"], want["residual_codes"])
+        torch.testing.assert_close(got["inputs_embeds"], want["inputs_embeds"], rtol=1e-12, atol=1e-12)
+        assert set(got) == set(want)
+    assert len(calls) == 2  # the frames ran through omni-fast
 
 
 @pytest.mark.parametrize("kw,err,match", [

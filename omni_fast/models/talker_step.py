@@ -48,3 +48,38 @@ class TalkerStep:
         if codec_sum is None:
             raise ValueError("the code predictor needs the Talker's codec_embedding to build the next input")
         return codes, self.next_input(codec_sum, generation_step)
+
+
+def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | None = None) -> CodePredictor:
+    """Make a transformers ``Qwen3OmniMoeTalkerForConditionalGeneration`` run its per-frame code predictor on
+    omni-fast: ``talker.prepare_inputs_for_generation`` is replaced (on this instance) by one that calls
+    :meth:`CodePredictor.predict_frame` (one graph replay on CUDA) instead of ``code_predictor.generate``, and builds
+    ``inputs_embeds`` / ``residual_codes`` exactly as transformers does. Greedy decoding gives identical results;
+    sampling draws from the same distribution with omni-fast's RNG (a fresh seed per frame from torch's generator).
+    Returns the :class:`CodePredictor` (built from the talker's weights unless given).
+    """
+    cp = code_predictor or CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings())
+    original = talker.prepare_inputs_for_generation
+    parent = super(type(talker), talker).prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            return original(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        hidden_states = kwargs.pop("hidden_states", None)
+        inputs = parent(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                        inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        last_ids = input_ids[:, -1]
+        past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
+        do_sample = bool(talker.code_predictor.generation_config.do_sample)
+        codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
+                                            do_sample=do_sample, top_k=50, top_p=0.8)
+        step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
+        embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
+        inputs["inputs_embeds"] = embeds.to(past_hidden.device)
+        inputs["residual_codes"] = codes.to(input_ids.device)
+        return inputs
+
+    talker.prepare_inputs_for_generation = prepare_inputs_for_generation
+    return cp
