@@ -116,6 +116,20 @@ def test_graph_buckets_emulated_on_cpu():
             torch.testing.assert_close(eager[1], graph[1], rtol=0, atol=0)
 
 
+def test_frame_compiles_fullgraph():
+    m, emb = _hf_predictor(1, torch.float32)
+    cp = CodePredictor.from_transformers(m, emb)
+    h = torch.randn(3, 48)
+    c0 = torch.randint(0, emb.num_embeddings, (3,))
+    seed = torch.tensor([5])
+    sampling = (True, 8, 0.9, 1.0)
+    fn = torch.compile(lambda a, b: cp.frame(a, b, None, seed, sampling, "reference"), fullgraph=True,
+                       backend="eager")
+    got, want = fn(h, c0), cp.frame(h, c0, None, seed, sampling, "reference")
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
 def test_sampled_codes_respect_top_k():
     m, emb = _hf_predictor(0, torch.float32)
     cp = CodePredictor.from_transformers(m, emb)
