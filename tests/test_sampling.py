@@ -144,6 +144,67 @@ def test_gpu_draws_equal_reference(backend, dtype):
         assert (a != b).sum().item() <= 1, kw
 
 
+# --- the CUDA C++ kernel's logic, emulated on the CPU ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_emu(tmp_path_factory):
+    """kernels/cuda/sampling.cu compiled for the host with tests/cuda_emu (threads + barriers for a block)."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the CUDA-kernel emulator")
+    here = Path(__file__).resolve().parent / "cuda_emu"
+    so = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
+                    str(here / "emu.cpp"), "-o", str(so), "-lpthread"], check=True)
+    lib = ctypes.CDLL(str(so))
+    P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+    lib.emu_sample_f32.argtypes = [I, P, P, L, I, P, I, P, I, P, L, I, F, F, P, I, F, I, F, I, I, I, I, I]
+    return lib
+
+
+def _emu_sample(lib, logits, *, temperature=1.0, top_k=0, top_p=1.0, suppress_ranges=None, repetition_penalty=1.0,
+                prev_ids=None, seed=0, offset=0, greedy=False):
+    B, V = logits.shape
+    out = torch.full((B,), -7, dtype=torch.long)
+    seed_t = torch.tensor([seed], dtype=torch.long)
+    off_t = torch.tensor([offset], dtype=torch.long)
+    pen = prev_ids is not None and repetition_penalty != 1.0
+    sup = None if suppress_ranges is None else torch.tensor(suppress_ranges, dtype=torch.long)
+    lib.emu_sample_f32(
+        B, logits.data_ptr(), out.data_ptr(), logits.stride(0), V, seed_t.data_ptr(), 0, off_t.data_ptr(), 0,
+        prev_ids.data_ptr() if pen else out.data_ptr(), prev_ids.stride(0) if pen else 0,
+        prev_ids.shape[1] if pen else 0, repetition_penalty, 1.0 / repetition_penalty,
+        sup.data_ptr() if sup is not None else out.data_ptr(), 0 if sup is None else sup.shape[0], 1.0 / temperature,
+        top_k, 1.0 - top_p, int(greedy), int(pen), int(temperature != 1.0 and not greedy), int(0 < top_k < V),
+        int(top_p < 1.0))
+    return out
+
+
+@pytest.mark.parametrize("V,kw", [
+    (300, dict(top_k=50, top_p=0.8)),
+    (20, dict(top_k=4, top_p=0.6, temperature=0.7)),
+    (130, dict(top_p=0.9, temperature=1.5)),
+    (97, dict(greedy=True, repetition_penalty=1.3, suppress_ranges=[(0, 5), (40, 60)])),
+    (64, dict(top_k=7, repetition_penalty=1.2, suppress_ranges=[(10, 20)])),
+])
+def test_cuda_kernel_logic_emulated(cuda_emu, V, kw):
+    """The CUDA C++ sampler (never run here: no GPU) draws the reference's ids when its blocks run as host threads."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(2, V, generator=g) * 3
+    if V == 64:
+        logits = logits.round()  # ties
+    prev = torch.randint(-1, V, (2, 3), generator=g) if "repetition_penalty" in kw else None
+    got = _emu_sample(cuda_emu, logits, prev_ids=prev, seed=-77, offset=5, **kw)
+    want = ref.sample(logits, prev_ids=prev, seed=torch.tensor([-77]), offset=torch.tensor([5]), **kw)
+    assert torch.equal(got, want)
+
+
 # --- distribution -----------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#ifndef OF_THREADS  // overridable for the CPU emulator (tests/cuda_emu): any multiple of 32
 #define OF_THREADS 256
+#endif
 #define OF_NWAY 16
 #define OF_NEG_INF __int_as_float(0xff800000)  // -inf without <math.h> (NVRTC has no INFINITY)
 
