@@ -77,7 +77,8 @@ def test_fp32_predictor_matches_transformers_and_triton():
     ref_codes, ref_next = cp.predict_frame(h, c0, do_sample=False, backend="reference")
     assert torch.equal(ref_codes[:, 1:], want_codes)
     torch.testing.assert_close(ref_next, want_next, rtol=1e-5, atol=1e-5)
-    tri_codes, tri_next = cp.predict_frame(h.to(DEVICE), c0.to(DEVICE), do_sample=False, backend="triton",
+    cp_dev = CodePredictor.from_state_dict(m.config, m.state_dict(), codec_embedding=emb, device=DEVICE)
+    tri_codes, tri_next = cp_dev.predict_frame(h.to(DEVICE), c0.to(DEVICE), do_sample=False, backend="triton",
                                            use_graph=False)
     assert torch.equal(tri_codes.cpu(), ref_codes)
     torch.testing.assert_close(tri_next.cpu(), ref_next, rtol=1e-5, atol=1e-5)
@@ -91,7 +92,8 @@ def test_same_seed_same_codes_across_backends_and_batch_sizes():
     c0 = torch.randint(0, emb.num_embeddings, (3,), generator=g)
     kw = dict(do_sample=True, top_k=8, top_p=0.9, temperature=0.9, seed=123)
     ref_codes, _ = cp.predict_frame(h, c0, backend="reference", **kw)
-    tri_codes, _ = cp.predict_frame(h.to(DEVICE), c0.to(DEVICE), backend="triton", use_graph=False, **kw)
+    cp_dev = CodePredictor.from_state_dict(m.config, m.state_dict(), codec_embedding=emb, device=DEVICE)
+    tri_codes, _ = cp_dev.predict_frame(h.to(DEVICE), c0.to(DEVICE), backend="triton", use_graph=False, **kw)
     assert torch.equal(ref_codes, tri_codes.cpu())
     part, _ = cp.predict_frame(h[:2], c0[:2], backend="reference", **kw)
     assert torch.equal(part, ref_codes[:2])
@@ -220,6 +222,7 @@ def test_install_on_talker_is_a_drop_in():
 
 @pytest.mark.parametrize("kw,err,match", [
     (dict(h=torch.randn(2, 10)), ValueError, "hidden size"),
+    (dict(h=torch.randn(2, 1, 48)), ValueError, "talker_hidden"),
     (dict(c0=torch.zeros(3, dtype=torch.long)), ValueError, "c0"),
     (dict(c0=torch.zeros(2)), TypeError, "c0"),
     (dict(c0=torch.tensor([0, 1000])), ValueError, "c0"),

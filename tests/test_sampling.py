@@ -103,7 +103,7 @@ def test_triton_ties_multiblock_and_fp16():
         a = omni_fast.ops.sample(logits.to(DEVICE), seed=3, backend="reference", **kw)
         b = omni_fast.ops.sample(logits.to(DEVICE), seed=3, backend="triton", **kw)
         assert torch.equal(a, b), kw
-    assert omni_fast.ops.sample(logits, greedy=True, backend="triton").tolist() == [17, 17]
+    assert omni_fast.ops.sample(logits.to(DEVICE), greedy=True, backend="triton").tolist() == [17, 17]
     half = (torch.randn(3, 50, generator=g) * 2).half().to(DEVICE)
     a = omni_fast.ops.sample(half, top_k=10, top_p=0.8, seed=2, backend="reference")
     b = omni_fast.ops.sample(half, top_k=10, top_p=0.8, seed=2, backend="triton")

@@ -183,8 +183,13 @@ class CodePredictor(torch.nn.Module):
         bucket (sampling settings are baked into the graph: one graph per (bucket, settings)); on a CPU
         ``use_graph=True`` emulates the replay.
         """
-        B, H = talker_hidden.shape
         c = self.config
+        if not isinstance(talker_hidden, torch.Tensor) or talker_hidden.dim() != 2:
+            raise ValueError(f"talker_hidden must be a [B, H] tensor, got {getattr(talker_hidden, 'shape', None)}")
+        B, H = talker_hidden.shape
+        if talker_hidden.device != self.table.device or c0.device != self.table.device:
+            raise ValueError(f"talker_hidden and c0 must be on the model's device {self.table.device}, got "
+                             f"{talker_hidden.device} and {c0.device}")
         if H != c.hidden_size:
             raise ValueError(f"talker_hidden must have hidden size {c.hidden_size}, got {tuple(talker_hidden.shape)}")
         if c0.shape != (B,):
