@@ -23,7 +23,7 @@ def _module(device_index: int):
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=_SRC.read_text(), options=("-std=c++17",), name_expressions=None)
+        return cupy.RawModule(code=_SRC.read_text(), options=("-std=c++17", f"-I{_SRC.parent}"))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, suppress: torch.Tensor | None,

@@ -11,14 +11,13 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#include "sampling.h"
+
 #ifndef OF_THREADS  // overridable for the CPU emulator (tests/cuda_emu): any multiple of 32
 #define OF_THREADS 256
 #endif
 #define OF_NWAY 16
 #define OF_NEG_INF __int_as_float(0xff800000)  // -inf without <math.h> (NVRTC has no INFINITY)
-
-typedef unsigned int of_u32;
-typedef long long of_i64;
 
 __device__ __forceinline__ of_u32 of_fmix32(of_u32 x) {
   x ^= x >> 16;
@@ -51,25 +50,6 @@ __device__ __forceinline__ of_i64 of_key(float x) {
 __device__ __forceinline__ float of_load(const float* p) { return *p; }
 __device__ __forceinline__ float of_load(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ float of_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-struct OfParams {
-  of_i64 stride_row;
-  int V;
-  const of_i64* seed;
-  int seed_stride;
-  const of_i64* offset;
-  int offset_stride;
-  const of_i64* prev;
-  of_i64 stride_prev;
-  int n_prev;
-  float penalty, inv_penalty;
-  const of_i64* sup;
-  int n_sup;
-  float inv_temperature;
-  int top_k;
-  float one_minus_top_p;
-  int greedy, penalty_on, temperature_on, top_k_on, top_p_on;
-};
 
 template <typename T>
 __device__ __forceinline__ float of_score(const T* row, int j, const of_i64* prev_row, const OfParams& p) {
@@ -251,7 +231,6 @@ extern "C" __global__ void __launch_bounds__(OF_THREADS)
 omni_fast_sample_bf16(const __nv_bfloat16* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
 
 #ifndef __CUDACC_RTC__
-// C-ABI launchers. dtype: 0 = fp32, 1 = fp16, 2 = bf16. Returns a cudaError_t.
 extern "C" int omni_fast_sample_launch(const void* logits, of_i64* out, int B, int dtype, const OfParams* p,
                                        cudaStream_t stream) {
   if (B <= 0) return 0;
