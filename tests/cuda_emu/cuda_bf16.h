@@ -2,4 +2,9 @@
 #pragma once
 #include <cstring>
 struct __nv_bfloat16 { unsigned short x; };
-inline float __bfloat162float(__nv_bfloat16 h) { unsigned b = (unsigned)h.x << 16; float f; std::memcpy(&f, &b, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 h) {
+  unsigned b = (unsigned)h.x << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
