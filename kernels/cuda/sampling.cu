@@ -1,7 +1,8 @@
 // Token sampling in CUDA C++: transformers' processors + top-k / top-p thresholds found by a 16-way search over
 // the ordered integer keys of the fp32 scores (at most 8 passes of 16 candidates) + a counter-based Gumbel race.
 // Same algorithm, same integer RNG and same rounding steps as kernels/sampling.py (Triton) and
-// reference/sampling.py, so the same seed draws the same ids (up to an ulp-level near-tie of two race keys, where logf/expf may round differently across backends).
+// reference/sampling.py, so the same seed draws the same ids (up to an ulp-level near-tie of two race keys,
+// where logf/expf may round differently across backends).
 //
 // One block (256 threads) per row. logits [B, V] (row stride given, unit stride in V), seed/offset int64 [1] or
 // [B] (stride 0 or 1), prev_ids int64 [B, L], suppress int64 [R, 2] ranges [lo, hi); out int64 [B].
