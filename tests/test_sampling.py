@@ -254,6 +254,14 @@ def test_rows_independent_of_batch_size(backend):
     assert torch.equal(full[:2], part)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_single_id_and_all_suppressed(backend):
+    kw = dict(top_k=3, top_p=0.5, seed=1, backend=backend)
+    assert omni_fast.ops.sample(torch.randn(0, 10, device=DEVICE), **kw).shape == (0,)
+    assert omni_fast.ops.sample(torch.randn(3, 1, device=DEVICE), **kw).tolist() == [0, 0, 0]
+    assert omni_fast.ops.sample(torch.full((2, 5), float("-inf"), device=DEVICE), **kw).tolist() == [0, 0]
+
+
 def test_offset_changes_draws_and_seed_tensor_equals_int():
     logits = torch.zeros(256, 16)
     a = omni_fast.ops.sample(logits, seed=5, offset=0, backend="reference")
