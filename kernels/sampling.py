@@ -114,6 +114,7 @@ def sample_kernel(
         tl.store(out_ptr + row, best_idx.to(tl.int64))
     else:
         m = best
+        m_exp = tl.where(m == float("-inf"), 0.0, m)  # every id suppressed: no NaN from exp(-inf - -inf)
         kth = tl.full([], -2147483649, tl.int64)  # keep everything unless top-k narrows it
         ways = tl.arange(0, NWAY).to(tl.int64)
         if TOP_K:
@@ -143,7 +144,7 @@ def sample_kernel(
                 offs = b * BLOCK + base
                 x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
                                inv_temperature, PENALTY, TEMPERATURE)
-                z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m), 0.0), 0)
+                z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m_exp), 0.0), 0)
             thr = one_minus_top_p * z
             # Smallest key u with mass(kept, key <= u) > thr, searched in [kth, key(max)]: P(kth - 1) fails (nothing
             # kept lies below kth) and the max itself is always kept (P(hi) holds).
@@ -158,7 +159,7 @@ def sample_kernel(
                     x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
                                    inv_temperature, PENALTY, TEMPERATURE)
                     k = ordered_key(x)
-                    e = tl.where(k >= kth, tl.exp(x - m), 0.0)
+                    e = tl.where(k >= kth, tl.exp(x - m_exp), 0.0)
                     mass += tl.sum(tl.where(k[None, :] <= t[:, None], e[None, :], 0.0), 1)
                 i = tl.min(tl.where((mass > thr) | (t >= hi), ways, NWAY - 1), 0)
                 new_lo = lo + i * step

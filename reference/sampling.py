@@ -127,7 +127,8 @@ def keep_mask(s: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.T
         keep = s >= kth
     if top_p < 1.0:
         m = s.max(-1, keepdim=True).values
-        e = torch.where(keep, torch.exp(s - m), torch.zeros_like(s))
+        m_exp = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # all suppressed: no NaN
+        e = torch.where(keep, torch.exp(s - m_exp), torch.zeros_like(s))
         z = e.sum(-1, keepdim=True)
         masked = torch.where(keep, s, torch.full_like(s, float("-inf")))
         sorted_s, order = torch.sort(masked, dim=-1)

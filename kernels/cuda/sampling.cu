@@ -131,6 +131,7 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
     return;
   }
   const float m = best;
+  const float m_exp = m == OF_NEG_INF ? 0.f : m;  // every id suppressed: no NaN from exp(-inf - -inf)
 
   of_i64 kth = -2147483649ll;
   if (p.top_k_on) {
@@ -165,7 +166,7 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
     for (int i = 0; i < OF_NWAY; ++i) z[i] = 0.f;
     for (int j = threadIdx.x; j < V; j += OF_THREADS) {
       const float x = of_score(rowp, j, prev_row, p);
-      if (of_key(x) >= kth) z[0] += expf(x - m);
+      if (of_key(x) >= kth) z[0] += expf(x - m_exp);
     }
     of_block_sum(z, zt);
     const float thr = p.one_minus_top_p * zt[0];
@@ -180,7 +181,7 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
         const float x = of_score(rowp, j, prev_row, p);
         const of_i64 k = of_key(x);
         if (k < kth) continue;
-        const float e = expf(x - m);
+        const float e = expf(x - m_exp);
 #pragma unroll
         for (int i = 0; i < OF_NWAY; ++i) mass[i] += (k <= min(lo + (i + 1) * step, hi)) ? e : 0.f;
       }
