@@ -320,7 +320,7 @@ def _real_predictor(dtype=torch.bfloat16):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton"])  # the foundation's reference mrope copies host->device per call
 def test_graph_replay_equals_eager(backend):
     m, emb = _real_predictor()
     cp = CodePredictor.from_transformers(m, emb)
