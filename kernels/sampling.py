@@ -213,9 +213,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
     return out
 
 
-for _dt in ("bf16", "fp32"):
+for _dt, _greedy in (("bf16", False), ("fp16", False), ("fp32", False), ("bf16", True)):
     static_case(
-        f"sample_kernel[{_dt},V2048,topk,topp]", sample_kernel,
+        f"sample_kernel[{_dt},V2048,{'greedy' if _greedy else 'topk,topp'}]", sample_kernel,
         signature={
             "logits_ptr": f"*{_dt}", "stride_row": "i32", "V": "i32", "out_ptr": "*i64",
             "seed_ptr": "*i64", "seed_stride": "i32", "offset_ptr": "*i64", "offset_stride": "i32",
@@ -224,7 +224,7 @@ for _dt in ("bf16", "fp32"):
             "GREEDY": "constexpr", "PENALTY": "constexpr", "TEMPERATURE": "constexpr", "TOP_K": "constexpr",
             "TOP_P": "constexpr", "BLOCK": "constexpr", "NUM_BLOCKS": "constexpr", "NWAY": "constexpr",
         },
-        constexprs={"GREEDY": False, "PENALTY": False, "TEMPERATURE": False, "TOP_K": True, "TOP_P": True,
+        constexprs={"GREEDY": _greedy, "PENALTY": False, "TEMPERATURE": False, "TOP_K": True, "TOP_P": True,
                     "BLOCK": 2048, "NUM_BLOCKS": 1, "NWAY": NWAY},
         num_warps=8,
     )
