@@ -160,7 +160,7 @@ def cuda_emu(tmp_path_factory):
         pytest.skip("no g++ to build the CUDA-kernel emulator")
     here = Path(__file__).resolve().parent / "cuda_emu"
     so = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
+    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
                     str(here / "emu.cpp"), "-o", str(so), "-lpthread"], check=True)
     lib = ctypes.CDLL(str(so))
     P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
