@@ -8,6 +8,8 @@ from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
+from .rvq import rvq_embed
+from .sampling import sample
 
 __all__ = [
     "causal_conv1d",
@@ -19,6 +21,8 @@ __all__ = [
     "moe_block",
     "mrope",
     "qk_norm_mrope",
+    "rvq_embed",
+    "sample",
     "snake_beta",
     "topk_softmax",
 ]

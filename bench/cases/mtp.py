@@ -1,0 +1,109 @@
+"""MTP code predictor: one audio frame (prefill + 14 decode steps, sampling, next Talker input) per call.
+
+Providers, at the real shapes (5 layers, hidden 1024, 16 q / 8 kv heads, d 128, SwiGLU 3072, 15 groups x 2048,
+bf16, random weights): ``transformers`` (the code predictor's ``generate`` loop plus the codec-embedding sum,
+exactly as the Talker runs it), ``eager`` (omni-fast's reference frame with a static KV cache), ``compile``
+(``torch.compile(mode="reduce-overhead")`` of that reference frame), ``omni_fast`` (the whole frame replayed as one
+CUDA graph, Triton ops). ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.case import Case
+
+H, INTER, LAYERS, NQ, NKV, D, VOCAB, GROUPS, CODEC_VOCAB = 1024, 3072, 5, 16, 8, 128, 2048, 16, 3072
+
+
+def _step_params() -> int:
+    per_layer = (NQ + 2 * NKV) * D * H + H * NQ * D + 3 * INTER * H
+    return LAYERS * per_layer + VOCAB * H  # + one lm_head per step
+
+
+def _build(device, dtype=torch.bfloat16, cfg_kw=None):
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTalkerCodePredictorConfig
+
+    kw = dict(num_code_groups=GROUPS, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    kw.update(cfg_kw or {})
+    cfg = Qwen3OmniMoeTalkerCodePredictorConfig(**kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = q3.Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration(cfg).to(dtype).eval()
+        emb = torch.nn.Embedding(kw.get("vocab_size", VOCAB) + 1024, cfg.hidden_size).to(dtype)
+    return m, emb
+
+
+def _setup(B: int):
+    def setup(device: torch.device):
+        from omni_fast.models import CodePredictor
+
+        m, emb = _build(device)
+        cp = CodePredictor.from_transformers(m, emb)
+        h = torch.randn(B, H, device=device, dtype=torch.bfloat16)
+        c0 = torch.randint(0, VOCAB, (B,), device=device)
+        seed = torch.tensor([1234], device=device)
+        sampling = (True, 50, 0.8, 1.0)
+
+        @torch.no_grad()
+        def hf():
+            last = emb(c0[:, None])
+            r = m.generate(inputs_embeds=torch.cat((h[:, None], last), 1), max_new_tokens=GROUPS - 1, do_sample=True,
+                           top_k=50, top_p=0.8, output_hidden_states=True, return_dict_in_generate=True)
+            mids = [hid[0] for hid in r.hidden_states[1:]]
+            tail = m.get_input_embeddings()[-1](r.sequences[..., -1:])
+            return torch.cat([last] + mids + [tail], 1).sum(1)
+
+        @torch.no_grad()
+        def eager():
+            return cp.frame(h, c0, None, seed, sampling, "reference")
+
+        compiled = torch.compile(lambda: cp.frame(h, c0, None, seed, sampling, "reference"), mode="reduce-overhead")
+
+        @torch.no_grad()
+        def graph():
+            return cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton")
+
+        providers = {"transformers": hf, "eager": eager, "compile": compiled, "omni_fast": graph}
+        if device.type != "cuda":
+            providers.pop("compile")
+            providers.pop("omni_fast")
+        return providers
+
+    return setup
+
+
+def _check():
+    """Tiny config on the CPU: the Triton frame draws exactly the reference frame's codes (greedy and sampled)."""
+    from omni_fast.models import CodePredictor
+
+    small = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_code_groups=4)
+    m, emb = _build("cpu", torch.float32, small)
+    cp = CodePredictor.from_transformers(m, emb)
+    h = torch.randn(2, 64)
+    c0 = torch.randint(0, 32, (2,))
+    for kw in (dict(do_sample=False), dict(top_k=8, top_p=0.8, seed=3)):
+        a = cp.predict_frame(h, c0, backend="reference", **kw)
+        b = cp.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
+        if not torch.equal(a[0], b[0]):
+            raise AssertionError(f"mtp: triton codes {b[0].tolist()} != reference {a[0].tolist()} ({kw})")
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+
+
+def cases(preset: str) -> list[Case]:
+    batches = (1, 16) if preset == "quick" else (1, 4, 16, 64)
+    step = _step_params()
+    out = []
+    for B in batches:
+        out.append(Case(
+            op="mtp", name=f"frame B={B}", params=dict(B=B, layers=LAYERS, hidden=H, groups=GROUPS, dtype="bf16"),
+            setup=_setup(B),
+            flops=2.0 * step * B * (GROUPS - 1),
+            bytes=2.0 * step * (GROUPS - 1),
+            bound="memory",
+            check=_check if B == batches[0] else None,
+            tags=("decode",),
+        ))
+    return out

@@ -1,0 +1,85 @@
+"""The Talker side of one audio frame: codebooks 1..15 from the code predictor and the Talker's next input.
+
+transformers (``Qwen3OmniMoeTalkerForConditionalGeneration.prepare_inputs_for_generation``) builds the input of
+the Talker's next decode step as
+
+    inputs_embeds = sum_g embed_g(code_g)                        # codebook 0: the Talker's codec embedding
+                  + trailing_text_hidden[:, step]   if step < trailing_text_hidden.shape[1]
+                  + tts_pad_embed                   otherwise
+
+where ``step`` is the Talker's generation step since prefill (0 for the first decode step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .code_predictor import CodePredictor
+
+
+class TalkerStep:
+    """Runs the code predictor for a batch of frames and returns the Talker's next ``inputs_embeds``.
+
+    trailing_text_hidden: ``[B, T_text, H]`` (the projected thinker text hidden states after the first token);
+    tts_pad_embed: ``[B or 1, 1, H]`` (the projected ``tts_pad`` embedding).
+    """
+
+    def __init__(self, code_predictor: CodePredictor, trailing_text_hidden: torch.Tensor,
+                 tts_pad_embed: torch.Tensor):
+        if trailing_text_hidden.dim() != 3 or tts_pad_embed.dim() != 3:
+            raise ValueError("trailing_text_hidden must be [B, T, H] and tts_pad_embed [B or 1, 1, H]")
+        self.code_predictor = code_predictor
+        self.trailing_text_hidden = trailing_text_hidden
+        self.tts_pad_embed = tts_pad_embed
+
+    def text_term(self, generation_step: int) -> torch.Tensor:
+        """``[B or 1, 1, H]``: the trailing text hidden of this step, or ``tts_pad_embed`` past its end."""
+        if generation_step < self.trailing_text_hidden.shape[1]:
+            return self.trailing_text_hidden[:, generation_step].unsqueeze(1)
+        return self.tts_pad_embed
+
+    def next_input(self, codec_sum: torch.Tensor, generation_step: int) -> torch.Tensor:
+        """``[B, 1, H]``: ``codec_sum`` ``[B, H]`` (sum of the 16 codebook embeddings) plus the text term."""
+        return codec_sum.unsqueeze(1) + self.text_term(generation_step).to(codec_sum.device)
+
+    def __call__(self, talker_hidden: torch.Tensor, c0: torch.Tensor, generation_step: int, **sampling):
+        """One frame: ``(codes [B, G], inputs_embeds [B, 1, H])`` (``sampling``: predict_frame's keywords)."""
+        codes, codec_sum = self.code_predictor.predict_frame(talker_hidden, c0, **sampling)
+        if codec_sum is None:
+            raise ValueError("the code predictor needs the Talker's codec_embedding to build the next input")
+        return codes, self.next_input(codec_sum, generation_step)
+
+
+def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | None = None) -> CodePredictor:
+    """Make a transformers ``Qwen3OmniMoeTalkerForConditionalGeneration`` run its per-frame code predictor on
+    omni-fast: ``talker.prepare_inputs_for_generation`` is replaced (on this instance) by one that calls
+    :meth:`CodePredictor.predict_frame` (one graph replay on CUDA) instead of ``code_predictor.generate``, and builds
+    ``inputs_embeds`` / ``residual_codes`` exactly as transformers does. Greedy decoding gives identical results;
+    sampling draws from the same distribution with omni-fast's RNG (a fresh seed per frame from torch's generator).
+    Returns the :class:`CodePredictor` (built from the talker's weights unless given).
+    """
+    cp = code_predictor or CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings())
+    original = talker.prepare_inputs_for_generation
+    parent = super(type(talker), talker).prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            return original(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        hidden_states = kwargs.pop("hidden_states", None)
+        inputs = parent(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                        inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        last_ids = input_ids[:, -1]
+        past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
+        do_sample = bool(talker.code_predictor.generation_config.do_sample)
+        codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
+                                            do_sample=do_sample, top_k=50, top_p=0.8)
+        step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
+        embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
+        inputs["inputs_embeds"] = embeds.to(past_hidden.device)
+        inputs["residual_codes"] = codes.to(input_ids.device)
+        return inputs
+
+    talker.prepare_inputs_for_generation = prepare_inputs_for_generation
+    return cp

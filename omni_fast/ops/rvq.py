@@ -1,0 +1,131 @@
+"""Public RVQ embedding op: :func:`rvq_embed` (gather one row per codebook, sum or mean over codebooks).
+
+See :mod:`omni_fast.reference.rvq` for the exact rule and the two table layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..reference import rvq as ref
+from ..validation import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_tensor, values_checkable
+from ._dispatch import dispatched_op
+
+
+def _fake(codes, tables, offsets, mean, backend):
+    return tables[0].new_empty((*codes.shape[:-1], tables[0].shape[-1]))
+
+
+@dispatched_op("rvq_embed", fake=_fake)
+def _rvq_op(codes: torch.Tensor, tables: list[torch.Tensor], offsets: torch.Tensor | None, mean: bool,
+            backend: str) -> torch.Tensor:
+    """Sum/mean over the last axis of codes of one gathered table row per codebook."""
+
+
+@_rvq_op.impl("reference")
+def _rvq_reference(codes, tables, offsets, mean):
+    single = len(tables) == 1 and codes.shape[-1] > 1 or offsets is not None
+    return ref.rvq_embed(codes, tables[0] if single else tables, reduce="mean" if mean else "sum", offsets=offsets)
+
+
+_LIST_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Element offsets of each table from the first one's data pointer, cached per table set so a warmed-up call
+    # makes no host-to-device copy (and so can be captured in a CUDA graph).
+    key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0)) for t in tables)
+    hit = _LIST_BASES.get(key)
+    if hit is None:
+        size = tables[0].element_size()
+        base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
+        hit = (torch.tensor(base, dtype=torch.long, device=tables[0].device),
+               torch.tensor([t.stride(0) for t in tables], dtype=torch.long, device=tables[0].device))
+        if len(_LIST_BASES) > 256:
+            _LIST_BASES.clear()
+        _LIST_BASES[key] = hit
+    return hit
+
+
+@_rvq_op.impl("triton")
+def _rvq_triton(codes, tables, offsets, mean):
+    from ..kernels import rvq as kernels_rvq
+
+    G = codes.shape[-1]
+    D = tables[0].shape[-1]
+    flat = codes.reshape(-1, G)
+    out = tables[0].new_empty((flat.shape[0], D))
+    if len(tables) == 1 and (G > 1 or offsets is not None):
+        table = tables[0]
+        stride = torch.full((G,), table.stride(0), dtype=torch.long, device=table.device)
+        base = stride * offsets.long() if offsets is not None else torch.zeros_like(stride)
+    else:
+        table = tables[0]
+        base, stride = _list_bases(tables)
+    kernels_rvq.rvq_embed(flat, table, base, stride, bool(mean), out)
+    return out.reshape(*codes.shape[:-1], D)
+
+
+def rvq_embed(
+    codes: torch.Tensor,
+    tables: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    reduce: str = "sum",
+    offsets: torch.Tensor | Sequence[int] | None = None,
+    check_values: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Sum (or mean) over codebooks of one embedding row per codebook; returns ``[..., D]`` in the tables' dtype.
+
+    codes: int32/int64 ``[..., G]`` (codebook axis last). tables: a list of G tensors ``[V_g, D]`` (one per
+    codebook), or one tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros
+    when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
+    the codes live on the CPU (or ``check_values=True``).
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    if isinstance(codes, torch.Tensor) and codes.is_floating_point():
+        raise TypeError(f"codes must be an integer tensor (int32 or int64), got {codes.dtype}")
+    check_tensor("codes", codes, dtypes=INT_DTYPES)
+    if codes.dim() < 1 or codes.shape[-1] < 1:
+        raise ValueError(f"codes must have a codebook axis last with at least one codebook, got {tuple(codes.shape)}")
+    G = codes.shape[-1]
+    if isinstance(tables, torch.Tensor):
+        check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=2, device=codes.device, last_dim_contiguous=True)
+        table_list = [tables]
+        if offsets is not None:
+            offsets = torch.as_tensor(offsets, device=codes.device)
+            if offsets.is_floating_point():
+                raise TypeError(f"offsets must be integers, got {offsets.dtype}")
+            offsets = offsets.reshape(-1)
+            if offsets.numel() != G:
+                raise ValueError(f"offsets must have one entry per codebook (G={G}), got {offsets.numel()}")
+            check_index_range("offsets", offsets, 0, tables.shape[0], check_values=check_values)
+        if values_checkable(codes, check_values):  # no device work at all when the values cannot be checked
+            for g in range(G):
+                shifted = codes[..., g] if offsets is None else codes[..., g] + offsets[g]
+                check_index_range(f"codes[..., {g}] (+ offsets[{g}])", shifted, 0, tables.shape[0],
+                                  check_values=check_values)
+    else:
+        table_list = list(tables)
+        if offsets is not None:
+            raise ValueError("offsets only apply to a single table; with a list of tables give one table per group")
+        if len(table_list) != G:
+            raise ValueError(f"codes have {G} codebooks but {len(table_list)} tables were given")
+        D = None
+        for g, t in enumerate(table_list):
+            check_tensor(f"tables[{g}]", t, dtypes=FLOAT_DTYPES, ndim=2, device=codes.device,
+                         last_dim_contiguous=True)
+            if t.dtype != table_list[0].dtype:
+                raise TypeError(f"tables[{g}] must have dtype {table_list[0].dtype}, got {t.dtype}")
+            if D is not None and t.shape[1] != D:
+                raise ValueError(f"tables[{g}] must have {D} columns like tables[0], got {t.shape[1]}")
+            D = t.shape[1]
+            check_index_range(f"codes[..., {g}]", codes[..., g], 0, t.shape[0], check_values=check_values)
+    be = _rvq_op.resolve([codes, *table_list], backend)
+    return _rvq_op(codes, table_list, offsets, reduce == "mean", be)
+
+
+__all__ = ["rvq_embed"]

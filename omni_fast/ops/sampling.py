@@ -1,0 +1,144 @@
+"""Public sampling op: :func:`sample` (transformers' processors and warpers + a counter-based Gumbel race).
+
+See :mod:`omni_fast.reference.sampling` for the exact distribution and the RNG. No host sync and no data-dependent
+shape on the op path, so a call with tensor ``seed`` / ``offset`` captures in a CUDA graph; the same seed gives the
+same ids on the triton, cuda and reference backends.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..reference import sampling as ref
+from ..validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
+from ._dispatch import dispatched_op
+
+
+def _fake(logits, temperature, top_k, top_p, suppress, repetition_penalty, prev_ids, seed, offset, greedy, backend):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@dispatched_op("sample", fake=_fake)
+def _sample_op(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, suppress: torch.Tensor | None,
+               repetition_penalty: float, prev_ids: torch.Tensor | None, seed: torch.Tensor, offset: torch.Tensor,
+               greedy: bool, backend: str) -> torch.Tensor:
+    """int64 ``[B]``: one id drawn per row of ``logits`` ``[B, V]``."""
+
+
+@_sample_op.impl("reference")
+def _sample_reference(logits, temperature, top_k, top_p, suppress, repetition_penalty, prev_ids, seed, offset,
+                      greedy):
+    return ref.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, suppress_ranges=suppress,
+                      repetition_penalty=repetition_penalty, prev_ids=prev_ids, seed=seed, offset=offset,
+                      greedy=greedy)
+
+
+@_sample_op.impl("triton")
+def _sample_triton(*args):
+    from ..kernels import sampling as kernels_sampling
+
+    return kernels_sampling.sample(*args)
+
+
+@_sample_op.impl("cuda")
+def _sample_cuda(*args):
+    from ..kernels import cuda_sampling
+
+    return cuda_sampling.sample(*args)
+
+
+_RANGE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _suppress_tensor(ranges, device: torch.device) -> torch.Tensor | None:
+    if ranges is None:
+        return None
+    if isinstance(ranges, torch.Tensor):
+        if ranges.is_floating_point():
+            raise TypeError(f"suppress_ranges must be integers, got {ranges.dtype}")
+        check_tensor("suppress_ranges", ranges, dtypes=INT_DTYPES, device=device)
+        if ranges.dim() != 2 or ranges.shape[1] != 2:
+            raise ValueError(f"suppress_ranges must have shape [R, 2] (lo, hi), got {tuple(ranges.shape)}")
+        return ranges.long().contiguous() if ranges.numel() else None
+    pairs = tuple((int(lo), int(hi)) for lo, hi in ranges)
+    if not pairs:
+        return None
+    for lo, hi in pairs:
+        if lo > hi:
+            raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
+    key = (pairs, str(device))
+    t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
+    if t is None:
+        t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
+    return t
+
+
+def _rng_tensor(name: str, value, B: int, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        check_tensor(name, value, device=device)
+        if value.numel() not in (1, B) or value.dim() > 1:
+            raise ValueError(f"{name} must hold one value or one per row (B={B}), got shape {tuple(value.shape)}")
+        return value.reshape(-1).long()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    return torch.tensor([value], dtype=torch.long, device=device)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_ranges: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    prev_ids: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    offset: int | torch.Tensor | None = None,
+    greedy: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Draw one id per row of ``logits`` ``[B, V]`` (fp32/fp16/bf16); returns int64 ``[B]``.
+
+    temperature > 0; top_k >= 0 (0: off); top_p in (0, 1] (1: off); suppress_ranges: ``(lo, hi)`` id ranges set
+    to -inf (a list, or an int tensor ``[R, 2]``); repetition_penalty > 0 applied at ``prev_ids`` (int ``[B, L]``,
+    negative entries are padding). seed / offset: ints or int tensors ``[]``, ``[1]`` or ``[B]`` (device tensors
+    keep a CUDA-graph replay free of host copies; advance ``offset`` between draws). ``seed=None`` takes a seed
+    from torch's default generator. ``greedy``: argmax after penalty and suppression.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
+    B, V = logits.shape
+    if V < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be a positive float, got {repetition_penalty!r}")
+    if prev_ids is not None:
+        if prev_ids.is_floating_point():
+            raise TypeError(f"prev_ids must be an integer tensor, got {prev_ids.dtype}")
+        check_tensor("prev_ids", prev_ids, dtypes=INT_DTYPES, ndim=2, device=logits.device)
+        if prev_ids.shape[0] != B:
+            raise ValueError(f"prev_ids must have one row per logits row (B={B}), got shape {tuple(prev_ids.shape)}")
+        prev_ids = prev_ids.long().contiguous()
+    suppress = _suppress_tensor(suppress_ranges, logits.device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    seed_t = _rng_tensor("seed", seed, B, logits.device)
+    offset_t = _rng_tensor("offset", 0 if offset is None else offset, B, logits.device)
+    be = _sample_op.resolve((logits,), backend)
+    return _sample_op(logits, float(temperature), int(top_k), float(top_p), suppress, float(repetition_penalty),
+                      prev_ids, seed_t, offset_t, bool(greedy), be)
+
+
+__all__ = ["sample"]
