@@ -50,6 +50,18 @@ def mrope_row_of_frequency(half: int, mrope_section: Sequence[int], interleaved:
     return torch.where(j < s_t, 0, torch.where(j < s_t + s_h, 1, 2))
 
 
+_ROW_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _row_of_frequency_on(half: int, section: tuple, interleaved: bool, device: torch.device) -> torch.Tensor:
+    # Cached per device: a host-to-device copy on every call could not be captured in a CUDA graph.
+    key = (half, section, interleaved, str(device))
+    row = _ROW_CACHE.get(key)
+    if row is None:
+        row = _ROW_CACHE.setdefault(key, mrope_row_of_frequency(half, section, interleaved).to(device))
+    return row
+
+
 def mrope_cos_sin(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
@@ -63,7 +75,7 @@ def mrope_cos_sin(
     freqs = pos[..., None].float() * inv_freq.to(device=pos.device, dtype=torch.float)  # [3, T, D/2]
     cos3 = freqs.cos() * attention_scaling
     sin3 = freqs.sin() * attention_scaling
-    row = mrope_row_of_frequency(inv_freq.numel(), mrope_section, interleaved).to(pos.device)
+    row = _row_of_frequency_on(inv_freq.numel(), tuple(int(x) for x in mrope_section), bool(interleaved), pos.device)
     pick = row.view(1, 1, -1).expand(1, pos.shape[1], -1)
     cos = torch.gather(cos3, 0, pick)[0]
     sin = torch.gather(sin3, 0, pick)[0]
