@@ -181,6 +181,7 @@ for _idt in ("i32", "i64"):
 for _map in (False, True):
     static_case(f"_align_prefix_kernel[E128,map={_map}]", _align_prefix_kernel,
                 signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "expert_ids_ptr": "*i32",
-                           "npost_ptr": "*i32", "expert_map_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32", "block_size": "i32",
+                           "npost_ptr": "*i32", "expert_map_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32",
+                           "block_size": "i32",
                            "HAS_MAP": "constexpr", "BLOCK_E": "constexpr", "BLOCK_B": "constexpr"},
                 constexprs={"HAS_MAP": _map, "BLOCK_E": 128, "BLOCK_B": BLOCK_B})
