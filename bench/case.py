@@ -25,6 +25,8 @@ class Case:
     setup: Callable[[torch.device], dict[str, Callable[[], object]]]
     flops: float = 0.0  # useful floating-point operations of one call
     bytes: float = 0.0  # fewest bytes one call must move through HBM (inputs read once, outputs written once)
-    bound: str = "memory"  # "memory" or "compute": which roofline the % refers to
+    # Which roofline the % refers to: "memory", "compute", or "auto" (the one whose floor, bytes / copy bandwidth
+    # or flops / matmul rate on the measured device, is larger: for shapes that cross over between the two).
+    bound: str = "memory"
     check: Callable[[], None] | None = None  # small CPU/interpreter correctness check; raises on mismatch
     tags: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("decode",), ("prefill",)

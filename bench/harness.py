@@ -142,20 +142,31 @@ def n_copies(case: Case) -> int:
     return int(min(max(math.ceil(ROTATE_BYTES / case.bytes), MIN_COPIES), MAX_COPIES))
 
 
+def resolve_bound(case: Case, roofline: dict) -> str:
+    """``case.bound``, with ``"auto"`` resolved to the roof with the larger time floor on this device:
+    ``bytes / copy bandwidth`` vs ``flops / matmul rate``."""
+    if case.bound != "auto":
+        return case.bound
+    memory_ms = case.bytes / roofline["copy_gbps"] / 1e6
+    compute_ms = case.flops / roofline["matmul_tflops"] / 1e9
+    return "memory" if memory_ms >= compute_ms else "compute"
+
+
 def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequence[str] = ()) -> list[dict]:
     """One row per provider of ``case``: time, TFLOP/s, GB/s, % of roofline, omni_fast speed-up over it."""
     copies = [case.setup(device) for _ in range(n_copies(case))]
     names = [p for p in copies[0] if not providers or p in providers]
+    bound = resolve_bound(case, roofline)
     rows = []
     for prov in names:
-        row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": case.bound,
+        row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": bound,
                "flops": case.flops, "bytes": case.bytes, "copies": len(copies)}
         try:
             t = time_ms([c[prov] for c in copies], label=f"{case.name}/{prov}")
             ms = t["ms"]
             row.update(ms=ms, host_ms=t["host_ms"], tflops=case.flops / ms / 1e9, gbps=case.bytes / ms / 1e6)
-            peak = roofline["copy_gbps"] if case.bound == "memory" else roofline["matmul_tflops"]
-            row["pct_roofline"] = 100 * (row["gbps"] if case.bound == "memory" else row["tflops"]) / peak
+            peak = roofline["copy_gbps"] if bound == "memory" else roofline["matmul_tflops"]
+            row["pct_roofline"] = 100 * (row["gbps"] if bound == "memory" else row["tflops"]) / peak
         except Exception as exc:  # a provider failing must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)

@@ -36,6 +36,9 @@ import torch
 SHAPES = {768: (2048, 8), 384: (1024, 6), 192: (1024, 6)}
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
 SMEM_LIMIT = 227 * 1024
+# The checkout's config directory (shipped with the package; see its README.md), not wherever the installed
+# package happens to resolve kernels.launch.CONFIG_DIR.
+OUT_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs" / "moe"
 
 
 def search_space(quick: bool, block_m: int, gated: bool, elem: int) -> list[dict]:
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--tokens", type=int, nargs="+", default=list(BUCKETS))
     p.add_argument("--quick", action="store_true", help="a smaller search space")
-    p.add_argument("--out-dir", type=Path, default=None, help="default: omni_fast/configs/moe")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"default: {OUT_DIR}")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -131,8 +134,11 @@ def main(argv=None) -> int:
     from omni_fast.kernels.moe_gemm import CONFIG_FAMILY, config_file_stem
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out_dir = args.out_dir or CONFIG_DIR / CONFIG_FAMILY
+    out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.resolve() != (CONFIG_DIR / CONFIG_FAMILY).resolve():
+        print(f"note: the installed omni_fast reads tuned configs from {CONFIG_DIR / CONFIG_FAMILY}, not {out_dir}",
+              file=sys.stderr)
     for N in args.n:
         H, k = SHAPES.get(N, (2048, 8))
         path = out_dir / f"{config_file_stem(args.experts, N, dtype, torch.device('cuda'))}.json"

@@ -6,7 +6,8 @@ single expert (see :func:`omni_fast.reference.moe.moe_align_block_size` for the 
 1. ``_align_count_kernel`` (one program per ``CHUNK`` pairs): per-expert counts with integer atomics.
 2. ``_align_prefix_kernel`` (one program): pads each count to a multiple of ``block_size``, an exclusive prefix
    sum gives each expert's first row, ``num_tokens_post_padded`` is the total; every block looks up its expert
-   (through ``expert_map``; -1 past the total). The counts buffer becomes each expert's write cursor.
+   (through ``expert_map``; -1 past the total), and each expert's first row goes to a separate write-cursor
+   buffer (not over the counts, which other warps of the program may still be reading).
 3. ``_align_scatter_kernel`` (one program per ``CHUNK`` pairs): each pair claims a row of its expert with an
    integer ``atomic_add`` on the cursor and writes its flat index there.
 
@@ -48,8 +49,9 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_entries, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _align_prefix_kernel(counts_ptr, expert_ids_ptr, npost_ptr, expert_map_ptr, num_experts, num_blocks,
-                         block_size, HAS_MAP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+def _align_prefix_kernel(counts_ptr, cursor_ptr, expert_ids_ptr, npost_ptr, expert_map_ptr, num_experts,
+                         num_blocks, block_size, HAS_MAP: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_B: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < num_experts
     counts = tl.load(counts_ptr + offs_e, mask=mask_e, other=0)
@@ -58,7 +60,9 @@ def _align_prefix_kernel(counts_ptr, expert_ids_ptr, npost_ptr, expert_map_ptr, 
     start = end - padded
     total = tl.sum(padded, axis=0)
     tl.store(npost_ptr, total)
-    tl.store(counts_ptr + offs_e, start, mask=mask_e)  # the counts become per-expert write cursors
+    # The cursors go to their own buffer: when BLOCK_E is smaller than the program's threads, several warps hold
+    # (and load) the same counts, and without a barrier a lagging warp could read a cursor stored over its count.
+    tl.store(cursor_ptr + offs_e, start, mask=mask_e)
     # Padding experts end at +inf so they never count as "ended before" a block.
     end = tl.where(mask_e, end, 2147483647)
     for b0 in range(0, num_blocks, BLOCK_B):
@@ -146,12 +150,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
         return sorted_ids, expert_ids, npost
     sorted_ids = torch.full((num_blocks * block_size,), n, dtype=torch.int32, device=device)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     grid = (triton.cdiv(n, CHUNK),)
     launch(_align_count_kernel, grid, ids, counts, n, CHUNK=CHUNK, num_warps=4, device=device)
-    launch(_align_prefix_kernel, (1,), counts, expert_ids, npost, emap,
+    launch(_align_prefix_kernel, (1,), counts, cursor, expert_ids, npost, emap,
            num_experts, num_blocks, block_size, HAS_MAP=expert_map is not None,
            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=BLOCK_B, num_warps=4, device=device)
-    launch(_align_scatter_kernel, grid, ids, counts, sorted_ids, n, CHUNK=CHUNK, num_warps=4, device=device)
+    launch(_align_scatter_kernel, grid, ids, cursor, sorted_ids, n, CHUNK=CHUNK, num_warps=4, device=device)
     return sorted_ids, expert_ids, npost
 
 
@@ -175,7 +180,8 @@ for _idt in ("i32", "i64"):
                     num_warps=8)
 for _map in (False, True):
     static_case(f"_align_prefix_kernel[E128,map={_map}]", _align_prefix_kernel,
-                signature={"counts_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
-                           "expert_map_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32", "block_size": "i32",
+                signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "expert_ids_ptr": "*i32",
+                           "npost_ptr": "*i32", "expert_map_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32",
+                           "block_size": "i32",
                            "HAS_MAP": "constexpr", "BLOCK_E": "constexpr", "BLOCK_B": "constexpr"},
                 constexprs={"HAS_MAP": _map, "BLOCK_E": 128, "BLOCK_B": BLOCK_B})

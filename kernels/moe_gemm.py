@@ -31,6 +31,7 @@ import copy
 import functools
 import glob
 import os
+import re
 
 import torch
 import triton
@@ -188,14 +189,21 @@ def _find_tuned(num_experts: int, inter: int, dtype: torch.dtype, device: torch.
     cfg = tuned_config(CONFIG_FAMILY, stem, num_tokens)
     if cfg is not None:
         return cfg
-    # A file tuned with another Triton version on the same device beats the heuristic.
+    # A file tuned with another Triton version on the same device beats the heuristic: the newest version wins.
     prefix = stem.rsplit(",triton=", 1)[0] + ",triton="
-    for path in sorted(glob.glob(os.path.join(glob.escape(str(CONFIG_DIR / CONFIG_FAMILY)), "*.json")),
-                       reverse=True):
-        name = os.path.basename(path)[:-len(".json")]
-        if name.startswith(prefix):
-            return tuned_config(CONFIG_FAMILY, name, num_tokens)
-    return None
+    names = [os.path.basename(path)[:-len(".json")]
+             for path in glob.glob(os.path.join(glob.escape(str(CONFIG_DIR / CONFIG_FAMILY)), "*.json"))]
+    names = [name for name in names if name.startswith(prefix)]
+    if not names:
+        return None
+    newest = max(names, key=lambda name: version_key(name[len(prefix):]))
+    return tuned_config(CONFIG_FAMILY, newest, num_tokens)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """``"3.10.0+git1a2b"`` -> ``(3, 10, 0)``: the leading numeric release, compared as numbers (3.10 > 3.9)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,

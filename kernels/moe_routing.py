@@ -5,6 +5,10 @@ softmax, then picks the k largest probabilities one at a time (max, then the low
 masks it out), so ties go to the lowest expert index. The k picked values are kept in registers and divided by
 their sum (summed in selection order) when renormalising.
 
+NaN ranks above every probability, as in ``torch.sort`` / ``torch.topk``: a row whose softmax is NaN (a NaN or
++inf logit, or every logit -inf) gets ids ``0..k-1`` and NaN weights, exactly as the reference; ids are always
+in ``[0, E)``.
+
 Shapes: logits ``[T, E]`` (any float dtype, unit stride in E), weights fp32 ``[T, k]``, ids int32 ``[T, k]``.
 """
 
@@ -34,7 +38,13 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt,
     p = tl.exp(x - x_max[:, None])
     p = tl.where(mask_e[None, :], p, 0.0)
     p = p / tl.sum(p, axis=1)[:, None]
-    # Padding experts get -1 (below every probability) so they are never picked.
+    # Selection keys: a NaN probability (the whole row is NaN when a logit is NaN or +inf, or all are -inf) ranks
+    # above every probability, as torch.sort / torch.topk rank NaN: such a row picks experts 0..k-1 with NaN
+    # weights, like the reference. No NaN reaches the max / == below (max's NaN handling is unspecified and
+    # NaN == NaN is false, which would leave no hit and an id >= E). Padding experts get -1 (below every
+    # probability) so they are never picked; picked experts get -2. The key 2.0 (above every probability, <= 1)
+    # stands for NaN.
+    p = tl.where(p == p, p, 2.0)
     p = tl.where(mask_e[None, :], p, -1.0)
     offs_k = tl.arange(0, BLOCK_K)
     vals = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -43,7 +53,8 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt,
         best = tl.max(p, axis=1)
         hit = p == best[:, None]
         arg = tl.min(tl.where(hit, offs_e[None, :], BLOCK_E), axis=1)
-        vals = tl.where(offs_k[None, :] == j, best[:, None], vals)
+        val = tl.where(best == 2.0, float("nan"), best)
+        vals = tl.where(offs_k[None, :] == j, val[:, None], vals)
         idxs = tl.where(offs_k[None, :] == j, arg[:, None], idxs)
         p = tl.where(offs_e[None, :] == arg[:, None], -2.0, p)
     if RENORMALIZE:

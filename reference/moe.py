@@ -28,16 +28,20 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = Tr
     """Router logits ``[T, E]`` (any float dtype) -> (weights fp32 ``[T, k]``, ids int32 ``[T, k]``).
 
     fp32 softmax over all E experts, top-k (largest first; ties to the lowest index), then division by
-    the sum of the k selected probabilities when ``renormalize``.
+    the sum of the k selected probabilities when ``renormalize``. Both outputs are contiguous. NaN ranks first:
+    a row with a NaN or +inf logit, or only -inf logits, gets ids ``0..k-1`` and NaN weights.
     """
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     # A stable descending sort is torch.topk with a defined tie order (torch.topk's own order on ties differs
     # between CPU and CUDA); without ties both select the same experts in the same order.
+    # torch.sort (as torch.topk) ranks NaN above every number: a row whose softmax is NaN (a NaN or +inf logit, or
+    # all -inf) selects experts 0..k-1 with NaN weights.
     weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, ids = weights[..., :top_k], ids[..., :top_k]
+    # Contiguous [T, k] (the fake impl's layout), not views into the [T, E] sort buffers.
+    weights, ids = weights[..., :top_k].contiguous(), ids[..., :top_k].to(torch.int32).contiguous()
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    return weights, ids
 
 
 def max_padded_tokens(num_entries: int, num_experts: int, block_size: int) -> int:

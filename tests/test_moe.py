@@ -49,6 +49,88 @@ def test_topk_softmax_kernel_ties_lowest_index_first():
     assert i.tolist() == [[1, 2], [0, 1], [0, 2]]
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+def _nonfinite_logits(E):
+    """Finite rows around every kind of non-finite row: each row's softmax is NaN except the -inf-but-finite-max
+    rows, which route normally."""
+    rows = [torch.randn(E) for _ in range(3)]
+    bad = [
+        [NAN] + [0.5] * (E - 1),  # a NaN logit
+        [0.1] * (E - 1) + [NAN],
+        [INF] + [0.0] * (E - 1),  # +inf logits
+        [0.0] * (E - 2) + [INF, INF],
+        [-INF] * E,  # every logit -inf
+        [INF] + [-INF] * (E - 1),
+        [NAN] * E,
+        [-INF] * (E - 1) + [1.0],  # -inf with a finite maximum: ordinary routing
+        [2.0] + [-INF] * (E - 1),
+    ]
+    for i, row in enumerate(bad):
+        rows.insert(2 * i + 1, torch.tensor(row))
+    return torch.stack(rows).to(DEVICE)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN / inf
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("E,k", [(6, 4), (8, 2), (128, 8), (3, 3)])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_softmax_nonfinite_rows_match_reference(backend, E, k, renorm, dtype):
+    """NaN / +inf / all -inf rows: ids 0..k-1 (NaN ranks first, as torch.sort / torch.topk), NaN weights, like the
+    reference; never an id >= E (which the alignment would use as an atomic address); other rows unaffected."""
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    logits = _nonfinite_logits(E).to(dtype)
+    w, i = ops.topk_softmax(logits, k, renorm, backend=backend)
+    rw, ri = ref.topk_softmax(logits, k, renorm)
+    assert bool(((i >= 0) & (i < E)).all())
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7, equal_nan=True)
+    nan_rows = torch.isnan(torch.softmax(logits.float(), dim=-1)).any(dim=-1)
+    assert bool(torch.isnan(w[nan_rows]).all()) and not bool(torch.isnan(w[~nan_rows]).any())
+    assert (i[nan_rows] == torch.arange(k, dtype=torch.int32, device=i.device)).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("shared", [0, 16], ids=["thinker", "talker"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_moe_block_nonfinite_tokens_do_not_touch_others(shared, dtype):
+    """Tokens whose router row is NaN, +/-inf or all -inf: their output is NaN (as the reference's); every other
+    token's output is finite, matches the reference, and is reproducible bit for bit."""
+    E, k, H, I, T = 6, 2, 32, 16, 70  # 140 pairs: the multi-program alignment path
+    g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, shared, dtype)
+    g = -g.abs()  # every router weight < 0: a +inf token gets all -inf logits
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    bad = torch.tensor([3, 20, 21, 64], device=DEVICE)
+    x[3, 5] = NAN  # NaN logits
+    x[20] = INF  # all logits -inf
+    x[21, 0] = -INF  # all logits +inf
+    x[64, :2] = torch.tensor([INF, -INF])  # +inf - inf = NaN logits
+    kw = dict(shared_w13=sw13, shared_w2=sw2, shared_gate_weight=sg)
+    out = ops.moe_block(x, g, w13, w2, k, backend="triton", **kw)
+    want = ops.moe_block(x, g, w13, w2, k, backend="reference", **kw)
+    good = torch.ones(T, dtype=torch.bool, device=DEVICE)
+    good[bad] = False
+    assert bool(torch.isnan(out[bad]).all()) and bool(torch.isnan(want[bad]).all())
+    assert bool(torch.isfinite(out[good]).all())
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out[good], want[good], rtol=tol, atol=tol)
+    again = ops.moe_block(x, g, w13, w2, k, backend="triton", **kw)
+    torch.testing.assert_close(again, out, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_reference_topk_softmax_outputs_are_contiguous_like_the_fake(renorm):
+    from omni_fast.ops.moe import _topk_softmax_fake
+
+    logits = torch.randn(5, 12)
+    for got, fake in zip(ref.topk_softmax(logits, 3, renorm), _topk_softmax_fake(logits, 3, renorm, "reference")):
+        assert got.is_contiguous() and got.stride() == fake.stride() and got.dtype == fake.dtype
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size()  # not a view into [T, E]
+
+
 # --- alignment ---------------------------------------------------------------------------------------------------
 
 
@@ -186,6 +268,37 @@ def test_fused_moe_out_argument_and_model_dtype_weights():
     res = ops.fused_moe(x, w13, w2, w, ids, out=out, backend="triton")
     assert res.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, ops.fused_moe(x, w13, w2, w, ids, backend="reference"), rtol=2e-3, atol=2e-3)
+
+
+def test_tuned_file_fallback_prefers_the_newest_triton_version(tmp_path, monkeypatch):
+    """Another Triton version's file is used when this version has none: 3.10 beats 3.9 (numeric, not text)."""
+    from omni_fast.kernels import launch
+
+    assert moe_gemm.version_key("3.10.0+git1a2b") == (3, 10, 0) > moe_gemm.version_key("3.9.1") == (3, 9, 1)
+    assert moe_gemm.version_key("nightly") == ()
+    family = tmp_path / moe_gemm.CONFIG_FAMILY
+    family.mkdir()
+    dev = torch.device("cpu")
+    for ver, bm in (("3.9.0", 16), ("3.10.0", 32), ("3.2.0", 64)):
+        stem = moe_gemm.config_file_stem(8, 16, torch.float16, dev, triton_version=ver)
+        (family / f"{stem}.json").write_text('{"1": {"BLOCK_SIZE_M": %d}}' % bm)
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(moe_gemm, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(moe_gemm.triton, "__version__", "9.9.9")  # no file for "this" version
+    find = moe_gemm._find_tuned.__wrapped__  # uncached
+    assert find(8, 16, torch.float16, dev, 1) == {"BLOCK_SIZE_M": 32}
+    assert find(8, 16, torch.bfloat16, dev, 1) is None
+
+
+def test_tuned_config_directory_is_in_the_package():
+    """``omni_fast/configs/moe`` exists in the checkout (so kernels.launch reads it) and bench.tune_moe writes
+    there by default."""
+    from bench import tune_moe
+    from omni_fast.kernels import launch
+
+    assert launch.CONFIG_DIR.name == "configs" and launch.CONFIG_DIR.parent.name == "omni_fast"
+    assert tune_moe.OUT_DIR.resolve() == (launch.CONFIG_DIR / moe_gemm.CONFIG_FAMILY).resolve()
+    assert (tune_moe.OUT_DIR / "README.md").is_file()
 
 
 def test_fused_moe_is_deterministic():
@@ -445,6 +558,63 @@ def test_bench_cases_build_and_check():
     assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
     assert all(c.op == "moe" and c.bytes > 0 and c.flops > 0 for c in full)
     decode = next(c for c in full if c.name == "thinker experts T=1")
-    assert decode.params["touched_experts"] == 8 and decode.bound == "memory"
+    assert decode.params["touched_experts"] == 8 and all(c.bound == "auto" for c in full)
     for check in {c.check for c in full}:
         check()
+
+
+def test_bench_cases_bound_follows_the_numbers():
+    """Which roof binds comes from each case's bytes and flops on the device's roofline, not from T alone:
+    thinker experts at T=1024 (64 rows per expert) are still memory bound on an H100-like roofline, T=16384 is
+    compute bound."""
+    from bench import harness
+    from bench.cases import moe as cases
+
+    roof = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}  # bytes/s 3.0e12, flop/s 8.0e14
+    by_name = {c.name: c for c in cases.cases("full")}
+    for name, c in by_name.items():
+        want = "memory" if c.bytes / 3.0e12 >= c.flops / 8.0e14 else "compute"
+        assert harness.resolve_bound(c, roof) == want, name
+    assert harness.resolve_bound(by_name["thinker experts T=1"], roof) == "memory"
+    assert harness.resolve_bound(by_name["thinker experts T=1024"], roof) == "memory"
+    assert harness.resolve_bound(by_name["thinker experts T=16384"], roof) == "compute"
+    fixed = cases.Case(op="x", name="x", params={}, setup=lambda d: {}, flops=1e15, bytes=1.0, bound="memory")
+    assert harness.resolve_bound(fixed, roof) == "memory"
+
+
+def test_bench_block_case_bytes_use_the_block_routing():
+    """The talker block case counts the experts its own router picks for its (fixed) inputs."""
+    from bench.cases import moe as cases
+
+    E, k, H, I, Is = cases.MODELS["talker"]
+    for T in cases.BLOCK_TOKENS["full"][:3]:
+        x, g, touched = cases._block_inputs(T)
+        assert touched == int(torch.unique(ref.router(x, g, k)[1]).numel())
+        case = next(c for c in cases.cases("full") if c.name == f"talker block T={T}")
+        assert case.params["touched_experts"] == touched
+        assert case.bytes == float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * 2 + 2 * T * H * 2)
+
+
+def test_bench_compile_baseline_is_the_reference_without_host_syncs():
+    """The ``compile`` provider's grouped formulation: same result as the reference, and one graph (no host sync,
+    no data-dependent shapes) under ``torch.compile(fullgraph=True)``."""
+    from bench.cases import moe as cases
+
+    if cases._grouped_mm() is None:
+        pytest.skip("this torch has no grouped_mm")
+    T, E, k, H, I, Is = 13, 6, 3, 32, 16, 24
+    dt = torch.bfloat16  # torch.compile's grouped_mm takes bf16 only
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: (torch.randn(*s, generator=gen) * 0.3).to(DEVICE, dt)  # noqa: E731
+    x, g, w13, w2, sw13, sw2, sg = r(T, H), r(E, H), r(E, 2 * I, H), r(E, H, I), r(2 * Is, H), r(H, Is), r(1, H)
+    try:
+        cases.grouped_experts(x[:1], w13, w2, *ref.router(x[:1], g, k))
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"grouped_mm does not run on {DEVICE}: {exc}")
+    w, ids = ref.router(x, g, k)
+    compiled = torch.compile(cases.grouped_experts, fullgraph=True, dynamic=False, backend="eager")
+    for got in (cases.grouped_experts(x, w13, w2, w, ids), compiled(x, w13, w2, w, ids)):
+        torch.testing.assert_close(got, ref.fused_moe(x, w13, w2, w, ids), rtol=2e-2, atol=2e-2)
+    block = torch.compile(cases.grouped_block, fullgraph=True, dynamic=False, backend="eager")
+    want = ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg)
+    torch.testing.assert_close(block(x, g, w13, w2, k, sw13, sw2, sg), want, rtol=2e-2, atol=2e-2)

@@ -4,7 +4,8 @@
 // topk_softmax: router logits [T, E] (fp32 / fp16 / bf16, row stride `stride_t`, unit stride in E) ->
 //   weights fp32 [T, k], ids int32 [T, k]. One warp per token: lane l holds experts l, l+32, ... (E <= 256).
 //   fp32 softmax over all E (exp(x - max) / sum), then k rounds of a warp arg-max (largest value, lowest index on
-//   ties) that masks the winner out; the k picked values are divided by their sum when `renormalize`.
+//   ties) that masks the winner out; the k picked values are divided by their sum when `renormalize`. NaN ranks
+//   first (torch.sort's order): a row whose softmax is NaN gets ids 0..k-1 and NaN weights; ids are always < E.
 //
 // moe_align_block_size: ids int32/int64 [n = T*k] -> sorted_token_ids int32 [num_blocks * block_size],
 //   expert_ids int32 [num_blocks], num_tokens_post_padded int32 [1]:
@@ -22,6 +23,7 @@
 
 #define OF_MOE_MAX_E_PER_LANE 8   // E <= 256 for topk_softmax
 #define OF_MOE_MAX_K 32
+#define OF_MOE_NAN_KEY 2.f          // topk_softmax's selection key for a NaN probability
 #define OF_MOE_ALIGN_THREADS 1024  // E <= 1024 for the alignment prefix kernel
 
 namespace omni_fast {
@@ -63,8 +65,15 @@ __device__ void topk_softmax_row(const T* logits, long long stride_t, float* wei
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  // Selection keys. NaN ranks above every probability, as in torch.sort / torch.topk: a NaN or +inf logit, or a
+  // row of -inf, makes the whole softmax NaN, and such a row picks experts 0..k-1 with NaN weights, like the
+  // reference. The key 2 (above every probability, <= 1) stands for NaN so that no NaN reaches better(), which
+  // would never pick it (and leave an out-of-range id). Padding experts get -1: never picked.
 #pragma unroll
-  for (int j = 0; j < OF_MOE_MAX_E_PER_LANE; ++j) v[j] = (lane + 32 * j) < E ? v[j] / s : -1.f;  // -1: never picked
+  for (int j = 0; j < OF_MOE_MAX_E_PER_LANE; ++j) {
+    const float q = v[j] / s;
+    v[j] = (lane + 32 * j) < E ? (q == q ? q : OF_MOE_NAN_KEY) : -1.f;
+  }
   float mine_v = 0.f;  // lane r keeps the r-th pick
   int mine_i = 0;
   for (int r = 0; r < k; ++r) {
@@ -79,7 +88,10 @@ __device__ void topk_softmax_row(const T* logits, long long stride_t, float* wei
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
     }
-    if (lane == r) { mine_v = bv; mine_i = bi; }
+    if (lane == r) {
+      mine_v = bv == OF_MOE_NAN_KEY ? __int_as_float(0x7fc00000) : bv;  // the key back to NaN
+      mine_i = bi;
+    }
     if ((bi & 31) == lane) v[bi >> 5] = -2.f;  // masked out for the next rounds
   }
   float denom = 1.f;
