@@ -158,25 +158,29 @@ def conv_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     a = tl.zeros((BLOCK_K,), dtype=tl.float32)
     inv_b = a
-    for c0 in range(ks * BLOCK_K, ci_g, SPLIT_K * BLOCK_K):
-        offs_c = c0 + tl.arange(0, BLOCK_K)
+    # One flat loop over (input-channel block, tap), taps innermost: the same accumulation order as two nested
+    # loops, but a single runtime loop that the software pipeliner can stream through (an unrolled tap loop keeps
+    # KSIZE tiles' addresses and masks live at once and spills; a nested loop pipelines only the short tap loop).
+    n_kb = tl.cdiv(ci_g - ks * BLOCK_K, SPLIT_K * BLOCK_K)
+    for it in range(0, n_kb * KSIZE):
+        kb = it // KSIZE
+        j = it - kb * KSIZE
+        offs_c = (ks + kb * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_c = offs_c < ci_g
-        if SNAKE:
+        if SNAKE:  # per-channel parameters: BLOCK_K values, cheap next to the tile's sin
             a, inv_b = _snake_params(alpha_ptr + g * ci_g, beta_ptr + g * ci_g, offs_c, mask_c)
-        for j in tl.static_range(KSIZE):
-            xt = _load_activated(x_base, s_base, alpha_ptr, beta_ptr, stride_xc, stride_xt, stride_sc, stride_st,
-                                 offs_c, mask_c, offs_t * conv_stride + j * dil, ctx, t_in, a, inv_b, HAS_STATE,
-                                 SNAKE)
-            w = tl.load(w_rows + offs_c[None, :] * stride_wc + j * stride_wk, mask=mask_n[:, None] & mask_c[None, :],
-                        other=0.0)
-            if UPCAST:  # the interpreter's low-precision tl.dot is wrong: do it in fp32 there
-                w = w.to(tl.float32)
-            else:
-                xt = xt.to(w.dtype)
-            if IEEE:
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
+        xt = _load_activated(x_base, s_base, alpha_ptr, beta_ptr, stride_xc, stride_xt, stride_sc, stride_st,
+                             offs_c, mask_c, offs_t * conv_stride + j * dil, ctx, t_in, a, inv_b, HAS_STATE, SNAKE)
+        w = tl.load(w_rows + offs_c[None, :] * stride_wc + j * stride_wk, mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0)
+        if UPCAST:  # the interpreter's low-precision tl.dot is wrong: do it in fp32 there
+            w = w.to(tl.float32)
+        else:
+            xt = xt.to(w.dtype)
+        if IEEE:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
     if SPLIT_K == 1:
         _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
                   stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, PHASES, HAS_BIAS, RESIDUAL)
@@ -260,9 +264,9 @@ def snake_kernel(x_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, n_t, stride_xb, stri
 
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_T": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_T": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_T": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_T": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_T": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 32, "BLOCK_T": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
 ]
@@ -284,6 +288,20 @@ def _length_bucket(n: int) -> int:
 _SMALL_COLS = 32
 _SMALL_GEMM = triton.Config({"BLOCK_N": 64, "BLOCK_T": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4)
 _MAX_SPLIT_K = 16
+# Elementwise tiles hold 8 elements per thread: the split-K reduce keeps SPLIT_K (up to 16) loads of each in
+# flight, the depthwise conv 7 shifted taps (two masked loads each with a state), and larger tiles spill on sm_90
+# (32 x 128 with 4 warps did: 864 B for the reduce, 1-3 KB for the depthwise conv). The depthwise conv uses 8 warps:
+# with 4 (8 x 128) ptxas still spilled its 7 tap weights on fp16 (56 B at 72 registers).
+_DW_BLOCK = (8, 256)
+_DW_WARPS = 8
+_REDUCE_BLOCKS_T = (16, 32, 64, 128)
+
+
+def _reduce_block(t_out: int) -> tuple[int, int]:
+    """``(BLOCK_C, BLOCK_T)`` of :func:`splitk_reduce_kernel`: 1024 elements, the time tile no wider than the
+    (short, streaming) output so few lanes idle."""
+    bt = min(max(triton.next_power_of_2(max(t_out, 1)), _REDUCE_BLOCKS_T[0]), _REDUCE_BLOCKS_T[-1])
+    return 1024 // bt, bt
 _FORCE_SPLIT_K: int | None = None  # tests: force a split under the interpreter
 
 
@@ -341,7 +359,7 @@ def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tupl
     extra = {} if interpreting() else dict(num_warps=_SMALL_GEMM.num_warps, num_stages=_SMALL_GEMM.num_stages)
     launch(conv_gemm_kernel, grid, *full, device=device, **meta, HAS_BIAS=False, RESIDUAL=False, SPLIT_K=split,
            **cfg, **extra)
-    bc, bt = _INTERP_DW if interpreting() else (32, 128)
+    bc, bt = _INTERP_DW if interpreting() else _reduce_block(t_out)
     launch(splitk_reduce_kernel, (triton.cdiv(t_out, bt), triton.cdiv(c_out, bc), B),
            ws, bias if has_bias else ws, res, out, c_out, t_out, *ws.stride(), *res.stride(), *out.stride(),
            SPLIT_K=split, HAS_BIAS=has_bias, RESIDUAL=residual is not None, BLOCK_C=bc, BLOCK_T=bt, num_warps=4,
@@ -414,14 +432,14 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
     st = state if has_state else x
     res = residual if residual is not None else out
     if groups == c_in and groups == c_out and ci_g == 1:
-        bc, bt = _INTERP_DW if interpreting() else (32, 128)
+        bc, bt = _INTERP_DW if interpreting() else _DW_BLOCK
         launch(dwconv_kernel, (triton.cdiv(n_cols, bt), triton.cdiv(c_out, bc), B),
                x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x, res, out,
                T, ctx, n_cols, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
                *res.stride(), *out.stride(),
                KSIZE=k, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=_snake_mode(x, snake),
                RESIDUAL=residual is not None,
-               BLOCK_C=bc, BLOCK_T=bt, num_warps=4, device=x.device)
+               BLOCK_C=bc, BLOCK_T=bt, num_warps=_DW_WARPS, device=x.device)
     else:
         co_g = c_out // groups
         _launch_gemm(n_cols, co_g, B * groups,
@@ -494,42 +512,92 @@ def _signature(names, constexprs, dt):
     return sig
 
 
+# The JIT specialises integer arguments at run time: a value of 1 becomes a constexpr, a multiple of 16 gets a
+# divisibility hint. Code2Wav launches contiguous activations and packed weights with channel counts that are
+# multiples of 16, so the cases declare the same (ones / aligned below); without them every load would be a
+# scalar with its own 64-bit address and the compile would not be the one that runs. Each kernel also keeps one
+# case with no integer specialisation ("any strides": unpacked weights, odd channel counts), which must not spill
+# either.
+_GEMM_ONES = ("stride_wc", "stride_xt", "stride_st", "stride_ot", "stride_rt", "conv_stride", "n_groups")
+_GEMM_ALIGNED = ("ci_g", "n_rows_g", "co_g", "stride_wn", "stride_wk", "w_off0", "stride_xb", "stride_sb",
+                 "stride_rb", "stride_ob")
+
+
+def _specialise(sig: dict, constexprs: dict, ones) -> tuple[dict, dict]:
+    sig, constexprs = dict(sig), dict(constexprs)
+    for name in ones:
+        sig[name] = "constexpr"
+        constexprs[name] = 1
+    return sig, constexprs
+
+
+def _tile_tag(cfg: triton.Config) -> str:
+    kw = cfg.kwargs
+    return f"{kw['BLOCK_N']}x{kw['BLOCK_T']}x{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+
+
 def _register_static_cases():
-    # (name, KSIZE, PHASES, HAS_STATE, SNAKE, RESIDUAL): decoder.0 (1024->1536 k7), a residual unit's dilated k7
-    # (SnakeBeta in) and k1 (SnakeBeta in, residual out), the output conv (96->1, k7), the decoder-block transposed
-    # convs (k=2r: 2 taps, r phases, SnakeBeta in) and the upsample transposed conv (k=s=2: 1 tap).
-    gemm = [("conv k7 1024->1536", 7, 1, False, False, False), ("resunit conv k7 snake", 7, 1, True, True, False),
-            ("resunit conv k1 snake+residual", 1, 1, True, True, True), ("out conv 96->1 k7", 7, 1, True, True, False)]
-    gemm += [(f"convT r={r}", 2, r, True, True, False) for r in (8, 5, 4, 3)]
-    gemm += [("upsample convT k2 s2", 1, 2, True, False, False)]
-    cfg = _GEMM_CONFIGS[0]
-    small = _SMALL_GEMM
+    # (name, KSIZE, PHASES, HAS_STATE, SNAKE, RESIDUAL, extra ones, C_out % 16 == 0): decoder.0 (1024->1536 k7),
+    # a residual unit's dilated k7 (SnakeBeta in; dilation 3 or 9, so not a constexpr) and k1 (SnakeBeta in,
+    # residual out), the output conv (96->1, k7: one output row), the decoder-block transposed convs (k=2r: 2 taps,
+    # r phases, SnakeBeta in) and the upsample transposed conv (k=s=2: 1 tap).
+    gemm = [("conv k7 1024->1536", 7, 1, False, False, False, ("dil",), True),
+            ("resunit conv k7 snake", 7, 1, True, True, False, (), True),
+            ("resunit conv k1 snake+residual", 1, 1, True, True, True, ("dil",), True),
+            ("out conv 96->1 k7", 7, 1, True, True, False, ("dil", "n_rows_g", "co_g"), False)]
+    gemm += [(f"convT r={r}", 2, r, True, True, False, ("dil",), True) for r in (8, 5, 4, 3)]
+    gemm += [("upsample convT k2 s2", 1, 2, True, False, False, ("dil",), True)]
     for dt in ("bf16", "fp16"):
-        for name, k, ph, st, sn, res in gemm:
-            static_case(f"code2wav.conv_gemm[{name},{dt},state={st}]", conv_gemm_kernel,
-                        _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt),
-                        dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=2 if sn else 0, RESIDUAL=res,
-                             UPCAST=False, IEEE=False, SPLIT_K=1, **cfg.kwargs),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            # the streaming path: fixed small tile, split-K partials into an fp32 workspace
-            sig = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
-            sig.update(res_ptr="*fp32", out_ptr="*fp32")
-            static_case(f"code2wav.conv_gemm[{name},{dt},split_k=8]", conv_gemm_kernel, sig,
-                        dict(KSIZE=k, PHASES=ph, HAS_STATE=True, HAS_BIAS=False, SNAKE=2 if sn else 0, RESIDUAL=False,
-                             UPCAST=False, IEEE=False, SPLIT_K=8, **small.kwargs),
-                        num_warps=small.num_warps, num_stages=small.num_stages)
-        reduce_sig = _signature(["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk",
-                                 "stride_wsb", "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt",
-                                 "stride_ob", "stride_oc", "stride_ot"],
-                                ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T"], dt)
+        for name, k, ph, st, sn, res, ones, c16 in gemm:
+            aligned = [a for a in _GEMM_ALIGNED if a not in ones and (c16 or a not in ("stride_rb", "stride_ob"))]
+            flags = dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=2 if sn else 0, RESIDUAL=res,
+                         UPCAST=False, IEEE=False, SPLIT_K=1)
+            base = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
+            # every config the autotuner may pick (bf16; fp16 and the other transposed-conv rates compile to the
+            # same code but for the dtype / the PHASES constant, so they get the first config only)
+            every = dt == "bf16" and name not in ("convT r=5", "convT r=4", "convT r=3")
+            for cfg in (_GEMM_CONFIGS if every else _GEMM_CONFIGS[:1]):
+                sig, cx = _specialise(base, dict(flags, **cfg.kwargs), _GEMM_ONES + ones)
+                static_case(f"code2wav.conv_gemm[{name},{dt},state={st},{_tile_tag(cfg)}]", conv_gemm_kernel, sig,
+                            cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=aligned)
+            # the streaming path: the fixed small tile, split-K partials into an fp32 workspace (whose residual
+            # strides are 0); the worst split is _MAX_SPLIT_K
+            small = _SMALL_GEMM
+            sig = dict(base, res_ptr="*fp32", out_ptr="*fp32")
+            sig, cx = _specialise(sig, dict(flags, HAS_STATE=True, HAS_BIAS=False, RESIDUAL=False,
+                                            SPLIT_K=_MAX_SPLIT_K, **small.kwargs),
+                                  [o for o in _GEMM_ONES + ones if o != "stride_rt"])
+            static_case(f"code2wav.conv_gemm[{name},{dt},split_k={_MAX_SPLIT_K},{_tile_tag(small)}]",
+                        conv_gemm_kernel, sig, cx, num_warps=small.num_warps, num_stages=small.num_stages,
+                        aligned=aligned + ["stride_rc", "stride_rt", "stride_ok"])
+            if dt == "bf16":  # no integer specialisation at all
+                cfg = _GEMM_CONFIGS[0]
+                static_case(f"code2wav.conv_gemm[{name},{dt},any strides,{_tile_tag(cfg)}]", conv_gemm_kernel,
+                            base, dict(flags, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
+                        "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
+                        "stride_ot"]
+        reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T"], dt)
         reduce_sig["ws_ptr"] = "*fp32"
-        static_case(f"code2wav.splitk_reduce[{dt}]", splitk_reduce_kernel, reduce_sig,
-                    dict(SPLIT_K=8, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=32, BLOCK_T=128))
+        for bt in _REDUCE_BLOCKS_T:
+            bc, bt = _reduce_block(bt)
+            flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt)
+            sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
+            static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
+                        aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
+        static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
+                    dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128))
+        dw_sig = _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt)
+        bc, bt = _DW_BLOCK
         for st in (False, True):
-            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st}]", dwconv_kernel,
-                        _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt),
-                        dict(KSIZE=7, HAS_STATE=st, HAS_BIAS=True, SNAKE=False, RESIDUAL=False, BLOCK_C=32,
-                             BLOCK_T=128))
+            flags = dict(KSIZE=7, HAS_STATE=st, HAS_BIAS=True, SNAKE=False, RESIDUAL=False, BLOCK_C=bc, BLOCK_T=bt)
+            sig, cx = _specialise(dw_sig, flags, ("stride_xt", "stride_st", "stride_wc", "stride_rt", "stride_ot",
+                                                  "dil", "conv_stride"))
+            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st}]", dwconv_kernel, sig, cx,
+                        num_warps=_DW_WARPS,
+                        aligned=("n_ch", "stride_xb", "stride_sb", "stride_wk", "stride_rb", "stride_ob"))
+            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st},any strides]", dwconv_kernel, dw_sig,
+                        flags, num_warps=_DW_WARPS)
         static_case(f"code2wav.snake[{dt}]", snake_kernel,
                     _signature(["x_ptr", "alpha_ptr", "beta_ptr", "out_ptr", "n_ch", "n_t", "stride_xb", "stride_xc",
                                 "stride_xt", "stride_ob", "stride_oc", "stride_ot"], ["BLOCK_C", "BLOCK_T", "MODE"], dt),
