@@ -67,9 +67,19 @@ class RotaryWithPositions(tuple):
         obj.position_ids, obj.rotary, obj.interleaved = position_ids, rotary, interleaved
         return obj
 
-    def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict]:
-        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`."""
+    def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict] | None:
+        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`.
+
+        None when the positions are not whole numbers (transformers' ``get_rope_index`` builds float positions;
+        a video at a fractional ``second_per_grid * position_id_per_seconds`` gives fractional ones): the caller
+        then applies transformers' own cos/sin.
+        """
         pos = self.position_ids
+        if pos.is_floating_point():
+            as_int = pos.to(torch.int64)
+            if not torch.equal(as_int.to(pos.dtype), pos):  # one host sync, only for float positions
+                return None
+            pos = as_int
         half = head_dim // 2
         if self.interleaved is None or pos.dim() == 2:  # 1-D RoPE: one row for every frequency
             pos = pos.expand(batch, seq).reshape(-1) if pos.dim() == 2 else pos.expand(3, batch, seq)[0].reshape(-1)
@@ -90,17 +100,19 @@ def _rotary_forward(self, x, position_ids):
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
     """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel."""
-    if not isinstance(position_embeddings, RotaryWithPositions):
-        return self._omni_fast_forward(hidden_states, position_embeddings, attention_mask, past_key_values,
-                                       **kwargs)
+    batch, seq = hidden_states.shape[:2]
+    rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
+                 if isinstance(position_embeddings, RotaryWithPositions) else None)
+    if rope_args is None:
+        cos_sin = tuple(position_embeddings)
+        return self._omni_fast_forward(hidden_states, cos_sin, attention_mask, past_key_values, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    batch, seq = hidden_states.shape[:2]
     d = self.head_dim
     q = self.q_proj(hidden_states).reshape(batch * seq, -1, d)
     k = self.k_proj(hidden_states).reshape(batch * seq, -1, d)
     v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
-    positions, rope = position_embeddings.rope_kwargs(batch, seq, d)
+    positions, rope = rope_args
     with use_backend(self._omni_fast_backend or "auto"):
         q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         if getattr(q_norm, "weight", None) is not None:
@@ -160,6 +172,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     if getattr(model, "_omni_fast_patched", False):
         unpatch(model)
     register_transformers()
+    attention_ready = _attention_registered()
     root = _root_part(model)
     report = PatchReport()
     saved_configs: list[tuple[object, str, object]] = []
@@ -177,29 +190,49 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             if part in wanted:
                 _swap_forward(module, _attention_forward)
                 module._omni_fast_backend = backend
-                _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            key = (part, f"{cls}: q/k norm + TM-RoPE -> omni_fast.ops.qk_norm_mrope, attention -> omni_fast")
+                if attention_ready:
+                    _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+            fused = "q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if getattr(
+                getattr(module, "q_norm", None), "weight", None) is not None else "RoPE -> omni_fast.ops.mrope"
+            key = (part, f"{cls}: {fused}"
+                   + (", attention -> omni_fast" if attention_ready else ""))
             bucket[key] = bucket.get(key, 0) + 1
+            if not attention_ready and part in wanted:
+                key = (part, f"{cls}: attention itself ({_NO_ATTENTION})")
+                left[key] = left.get(key, 0) + 1
         elif cls in _EXPERTS:
             if part in wanted:
                 _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
-            if part in wanted:
+            if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
-            bucket[key] = bucket.get(key, 0) + 1
+                key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
+                counts[key] = counts.get(key, 0) + 1
+            else:
+                key = (part, f"{cls}: attention" + ("" if part not in wanted else f" ({_NO_ATTENTION})"))
+                left[key] = left.get(key, 0) + 1
     for (part, what), n in sorted(counts.items()):
         report.replaced.append(f"[{part}] {what} (x{n})")
     for (part, what), n in sorted(left.items()):
-        report.left.append(f"[{part}] {what} (x{n}; part not selected)")
+        report.left.append(f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")"))
     for part in sorted(wanted - {p for p, _ in counts}):
         if any(_part_of(root, p) == part for p, _ in model.named_modules()):
             report.left.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
     model._omni_fast_patched = True
     model._omni_fast_saved_configs = saved_configs
     return report
+
+
+_NO_ATTENTION = "no omni_fast attention implementation registered: runs as transformers wrote it"
+
+
+def _attention_registered() -> bool:
+    """Whether transformers' ``AttentionInterface`` has an ``"omni_fast"`` entry (the attention work may not)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS
 
 
 def _set(saved: list, config, attr: str, value: str) -> None:
