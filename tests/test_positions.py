@@ -15,7 +15,7 @@ from omni_fast.models.presets import tiny_qwen3_omni_config  # noqa: E402
 
 CFG = tiny_qwen3_omni_config().thinker_config
 SPEC = PositionSpec.from_config(CFG)
-AUDIO_END, VISION_END = 145, 146
+AUDIO_END, VISION_END = SPEC.audio_start_token_id + 1, SPEC.vision_start_token_id + 1
 
 
 def _hf(input_ids, mask, images, videos, audio_lens, seconds, use_audio_in_video):

@@ -21,7 +21,8 @@ TINY_IDS = dict(
     im_start_token_id=150, im_end_token_id=151, tts_pad_token_id=152, tts_bos_token_id=153, tts_eos_token_id=154,
     system_token_id=155, user_token_id=156, assistant_token_id=157,
 )
-TINY_THINKER_IDS = dict(audio_token_id=140, image_token_id=141, video_token_id=142, audio_start_token_id=143,
+# end markers are start + 1, as in the real vocabulary (audio 151669/151670, vision 151652/151653)
+TINY_THINKER_IDS = dict(audio_token_id=140, image_token_id=141, video_token_id=142, audio_start_token_id=146,
                         vision_start_token_id=144,
                         user_token_id=156, position_id_per_seconds=13)
 TINY_VISION_START = TINY_THINKER_IDS["vision_start_token_id"]
@@ -67,7 +68,7 @@ def tiny_qwen3_omni_config(layers: int = 2):
     talker = dict(
         text_config=talker_text, thinker_hidden_size=h, num_code_groups=TINY_GROUPS, accept_hidden_layer=layers,
         spatial_merge_size=2, speaker_id=dict(TINY_SPEAKERS), audio_token_id=140, image_token_id=141,
-        video_token_id=142, vision_start_token_id=TINY_VISION_START, audio_start_token_id=143,
+        video_token_id=142, vision_start_token_id=TINY_VISION_START, audio_start_token_id=146,
         position_id_per_seconds=13,
         code_predictor_config=dict(hidden_size=h, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=1, head_dim=16, vocab_size=TINY_CODEBOOK,
@@ -133,5 +134,5 @@ def tiny_qwen2_5_omni_thinker_config():
                           num_mel_bins=128),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            fullatt_block_indexes=[0]),
-        audio_token_index=140, image_token_index=141, video_token_index=142, audio_start_token_id=143,
+        audio_token_index=140, image_token_index=141, video_token_index=142, audio_start_token_id=146,
         vision_start_token_id=144)

@@ -1,0 +1,165 @@
+"""The thin pipeline (``omni_fast.models.Qwen3Omni``) against transformers' own ``generate`` on a tiny model."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from omni_fast.models.presets import TINY_IDS  # noqa: E402
+from omni_fast.models.qwen3_omni import Qwen3Omni, Request, mel_features  # noqa: E402
+
+GREEDY = dict(max_new_tokens=7, talker_max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Qwen3Omni.random("tiny", patch=False)
+
+
+def _wave(seconds=1.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(16000 * seconds)) / 16000
+    return 0.3 * torch.sin(2 * math.pi * 180 * t) + 0.01 * torch.randn(t.shape, generator=g)
+
+
+def _hf_generate(pipe, req, n_audio=0, n_image=0, **extra):
+    """transformers' Qwen3OmniMoeForConditionalGeneration.generate on the same prompt (greedy, no penalty)."""
+    m = pipe.model
+    ids = torch.tensor([pipe.build_prompt(req, n_audio, n_image)])
+    codes = []
+    real = m.code2wav.chunked_decode
+
+    def record(c, *a, **k):
+        codes.append(c.clone())
+        return real(c, *a, **k)
+
+    m.code2wav.chunked_decode = record
+    try:
+        text, wav = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               thinker_max_new_tokens=GREEDY["max_new_tokens"],
+                               thinker_eos_token_id=TINY_IDS["im_end_token_id"], thinker_do_sample=False,
+                               talker_max_new_tokens=GREEDY["talker_max_new_tokens"], talker_do_sample=False,
+                               talker_repetition_penalty=1.0, **extra)
+    finally:
+        del m.code2wav.chunked_decode
+    return text[0, ids.shape[1]:].tolist(), codes[0], wav.reshape(-1)
+
+
+def _ours(pipe, req, **kw):
+    frames = []
+    decode = pipe.code2wav.decode
+    pipe.code2wav.decode = lambda c: (frames.append(c.clone()), decode(c))[1]
+    try:
+        out = pipe.generate(req, **{**GREEDY, **kw})[0]
+    finally:
+        del pipe.code2wav.decode
+    return out, frames
+
+
+def test_text_prompt_matches_transformers_generate(pipe):
+    req = Request(text=[5, 6, 7, 8, 9])
+    want_ids, want_codes, want_wav = _hf_generate(pipe, req)
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)  # one chunk: transformers' chunked_decode
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+    torch.testing.assert_close(out["audio"], want_wav, rtol=0, atol=0)
+    t = out["timing"]
+    assert t.frames == want_codes.shape[-1] and t.text_tokens == len(want_ids)
+    assert t.audio_seconds == pytest.approx(want_wav.numel() / 24000)
+    assert t.first_packet > 0 and t.rtf > 0 and t.mtp_per_frame > 0 and t.codec_per_code > 0
+
+
+def test_audio_prompt_matches_transformers_generate(pipe):
+    wave = _wave()
+    req = Request(text=[5, 6], audio=wave)
+    feats, fmask = mel_features([wave])
+    from omni_fast.models.positions import audio_tokens
+
+    n_audio = audio_tokens(int(fmask.sum()))
+    want_ids, want_codes, _ = _hf_generate(pipe, req, n_audio=n_audio, input_features=feats,
+                                           feature_attention_mask=fmask)
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+
+
+def test_mel_features_equal_whisper_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    wave = _wave(0.7)
+    feats, fmask = mel_features([wave, wave[:8000]])
+    fe = WhisperFeatureExtractor(feature_size=128)
+    ref = fe(wave.numpy(), sampling_rate=16000, return_tensors="pt", padding=True, truncation=False,
+             return_attention_mask=True)
+    assert feats.shape[1] == 128 and fmask[1].sum() < fmask[0].sum()
+    torch.testing.assert_close(feats[0:1], ref["input_features"])
+
+
+def test_streaming_yields_text_and_audio_chunks(pipe):
+    req = Request(text="hi there")
+    events = list(pipe.stream(req, max_new_tokens=6, talker_max_new_tokens=14, first_chunk=1, chunk=4))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and "text" in kinds
+    audio = [e.audio for e in events if e.kind == "audio"]
+    timing = events[-1].timing
+    assert len(audio) >= 2 and audio[0].numel() <= 1920  # the first packet is one frame
+    assert sum(a.numel() for a in audio) == round(timing.audio_seconds * 24000)
+    assert all(torch.isfinite(a).all() for a in audio)
+    # the first audio chunk comes out before the thinker has finished (talker starts after its first token)
+    assert kinds.index("audio") < max(i for i, k in enumerate(kinds) if k == "text")
+    assert timing.first_packet < timing.total
+
+
+def test_batch_of_requests(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[9, 10, 11, 12, 13, 14]), Request(text=[20], audio=_wave(0.5))]
+    outs = pipe.generate(reqs, **GREEDY, first_chunk=300, chunk=300)
+    assert len(outs) == 3
+    for req, out in zip(reqs, outs):
+        alone = pipe.generate(req, **GREEDY, first_chunk=300, chunk=300)[0]
+        assert out["token_ids"] == alone["token_ids"]
+        assert out["timing"].frames > 0 and out["audio"].numel() > 0
+
+
+def test_image_prompt_runs(pipe):
+    img = torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(0))
+    out = pipe.generate(Request(text=[5], image=img), **GREEDY)[0]
+    assert len(out["token_ids"]) > 0 and out["audio"].numel() > 0
+
+
+def test_patched_pipeline_matches_unpatched(pipe):
+    req = Request(text=[5, 6, 7, 8, 9])
+    want, _ = _ours(pipe, req, first_chunk=300, chunk=300)
+    patched = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer)
+    try:
+        got = patched.generate(req, **GREEDY, first_chunk=300, chunk=300)[0]
+    finally:
+        import omni_fast
+
+        omni_fast.unpatch(pipe.model)
+    assert patched.patch_report is not None and patched.patch_report.replaced
+    assert got["token_ids"] == want["token_ids"]
+    err = (got["audio"] - want["audio"]).norm() / want["audio"].norm()
+    assert err < 1e-3
+
+
+def test_from_pretrained_local_dir(pipe, tmp_path):
+    pipe.model.save_pretrained(tmp_path)
+    loaded = Qwen3Omni.from_pretrained(tmp_path, patch=False, tokenizer=pipe.tokenizer)
+    req = Request(text=[5, 6, 7])
+    a = pipe.generate(req, **GREEDY)[0]
+    b = loaded.generate(req, **GREEDY)[0]
+    assert a["token_ids"] == b["token_ids"] and a["audio"].shape == b["audio"].shape
+    # from_pretrained may pick another attention implementation (sdpa vs eager): rounding-level differences,
+    # which the random-weight vocoder amplifies
+    assert (a["audio"] - b["audio"]).norm() / a["audio"].norm() < 1e-3
+
+
+def test_bad_arguments(pipe, tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        Qwen3Omni.random("huge")
+    with pytest.raises(ValueError, match="speaker"):
+        pipe.generate(Request(text=[5]), speaker="nobody")
+    with pytest.raises(FileNotFoundError):
+        Qwen3Omni.from_pretrained(tmp_path / "missing")
