@@ -17,9 +17,6 @@ import wave
 
 import torch
 
-FULL_GB = 75.0  # the full random-weight model in bf16 (~70 GB) plus activations and caches
-
-
 def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> torch.Tensor:
     """A spoken-like test waveform ``[rate * seconds]`` float32 in [-1, 1]: a glottal-like harmonic source (f0
     ~120 Hz with intonation and vibrato) filtered by moving vowel formants (/a/ -> /i/ -> /u/ ...), cut into
@@ -64,10 +61,10 @@ def _pick_model(args):
     if not torch.cuda.is_available() or args.preset == "tiny":
         return Qwen3Omni.random("tiny", device="cpu" if not torch.cuda.is_available() else "cuda", patch=patch,
                                 backend=backend), "tiny random-weight Qwen3-Omni"
+    from .models.presets import full_thinker_layers
+
     free = torch.cuda.mem_get_info()[0] / 2 ** 30
-    layers = None
-    if free < FULL_GB:  # trim only the thinker's depth (~1.26 GB per layer in bf16)
-        layers = max(1, min(48, int((free - (FULL_GB - 48 * 1.26)) / 1.26)))
+    layers = full_thinker_layers(free)  # trims only the thinker's depth when memory is short
     pipe = Qwen3Omni.random("full", device="cuda", thinker_layers=layers, patch=patch, backend=backend)
     what = "Qwen3-Omni-30B-A3B shapes, random weights" + (f" (thinker trimmed to {layers} of 48 layers: "
                                                           f"{free:.0f} GiB free)" if layers else "")

@@ -163,3 +163,24 @@ def test_bad_arguments(pipe, tmp_path):
         pipe.generate(Request(text=[5]), speaker="nobody")
     with pytest.raises(FileNotFoundError):
         Qwen3Omni.from_pretrained(tmp_path / "missing")
+
+
+def test_full_preset_memory_plan():
+    from omni_fast.models.presets import full_thinker_layers
+
+    assert full_thinker_layers(139.0) is None and full_thinker_layers(75.0) is None
+    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(5.0) == 1
+
+
+def test_bench_pipeline_cases():
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.cases import pipeline
+
+    cases = pipeline.cases("full")
+    assert [c.params["concurrency"] for c in cases] == [1, 4, 6]
+    cases[0].check()  # the tiny pipeline once, vs transformers' generate

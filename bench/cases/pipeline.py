@@ -9,7 +9,7 @@ Two ways to run it:
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
   tokens/s, RTF) next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/``.
 
-GPU only (the full 30B-A3B shapes with random weights need ~70 GB in bf16; with less free memory the thinker is
+GPU only (the full 30B-A3B shapes with random weights need ~72 GiB free in bf16; with less free memory the thinker is
 trimmed to fewer layers and the JSON says so). On a CPU, ``check`` runs the tiny pipeline once against transformers'
 ``generate`` (same text tokens and codes).
 """
@@ -39,12 +39,13 @@ TEXT_TOKENS, FRAMES = 32, 50  # per request: 32 text tokens, 50 codec frames (4 
 
 @functools.lru_cache(maxsize=1)
 def _pipeline(device: str, thinker_layers: int | None = None):
-    """The full-shape random-weight pipeline, built once per process (it is ~70 GB)."""
+    """The full-shape random-weight pipeline, built once per process (65.7 GiB of weights)."""
     from omni_fast.models import Qwen3Omni
 
     if thinker_layers is None:
-        free = torch.cuda.mem_get_info()[0] / 2 ** 30
-        thinker_layers = None if free > 80 else max(1, int((free - 15) / 1.26))
+        from omni_fast.models.presets import full_thinker_layers
+
+        thinker_layers = full_thinker_layers(torch.cuda.mem_get_info()[0] / 2 ** 30)
     pipe = Qwen3Omni.random("full", device=device, thinker_layers=thinker_layers, patch=False)
     pipe.thinker_layers = thinker_layers or 48
     return pipe

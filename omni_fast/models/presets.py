@@ -84,8 +84,9 @@ def tiny_qwen3_omni_config(layers: int = 2):
 def full_qwen3_omni_config(thinker_layers: int | None = None):
     """The Qwen3-Omni-30B-A3B shapes (``/work/shared/qwen-omni-facts.md``); ``thinker_layers`` < 48 trims the thinker.
 
-    Memory (bf16 weights): thinker ~61 GB at 48 layers (~1.26 GB per layer + 0.6 GB embeddings/head), audio encoder
-    ~1.3 GB, vision ~1.1 GB, talker ~6 GB, code predictor ~0.2 GB, Code2Wav ~0.4 GB: ~70 GB in all.
+    Memory (bf16 weights, counted on the meta device): 35.3B parameters = 65.7 GiB: thinker text model 56.3 GiB
+    (1.16 GiB per layer), lm_head 0.6, audio encoder 1.2, vision 1.0, talker 6.2 (code predictor 0.26 of it),
+    Code2Wav 0.4. Add a few GiB for KV caches and activations: ~72 GiB free runs all 48 layers.
     """
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
 
@@ -136,3 +137,17 @@ def tiny_qwen2_5_omni_thinker_config():
                            fullatt_block_indexes=[0]),
         audio_token_index=140, image_token_index=141, video_token_index=142, audio_start_token_id=146,
         vision_start_token_id=144)
+
+
+FULL_WEIGHTS_GIB = 65.7
+THINKER_LAYER_GIB = 1.16
+FULL_HEADROOM_GIB = 6.0  # KV caches, activations, allocator slack
+
+
+def full_thinker_layers(free_gib: float) -> int | None:
+    """Thinker depth for the ``"full"`` preset in ``free_gib`` of device memory: None (all 48) when it fits, else
+    the most layers that do (at least 1); only the thinker is trimmed, every other part keeps its real shape."""
+    if free_gib >= FULL_WEIGHTS_GIB + FULL_HEADROOM_GIB:
+        return None
+    rest = FULL_WEIGHTS_GIB - 48 * THINKER_LAYER_GIB
+    return max(1, min(47, int((free_gib - FULL_HEADROOM_GIB - rest) / THINKER_LAYER_GIB)))

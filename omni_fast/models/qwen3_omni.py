@@ -202,7 +202,7 @@ class Qwen3Omni:
     @classmethod
     def random(cls, preset: str = "tiny", *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                seed: int = 0, thinker_layers: int | None = None, **kwargs) -> "Qwen3Omni":
-        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: ~70 GB in bf16;
+        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16 weights;
         ``thinker_layers`` < 48 trims only the thinker's depth when memory is short)."""
         from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
