@@ -203,6 +203,8 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         elif cls in _EXPERTS:
             if part in wanted:
                 _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
+                if backend is not None:
+                    module._omni_fast_backend = backend
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
@@ -248,7 +250,7 @@ def unpatch(model: nn.Module) -> None:
         if "_omni_fast_forward" in module.__dict__:
             module.forward = module._omni_fast_forward
             del module._omni_fast_forward
-            module.__dict__.pop("_omni_fast_backend", None)
+        module.__dict__.pop("_omni_fast_backend", None)
     for config, attr, old in reversed(getattr(model, "_omni_fast_saved_configs", [])):
         setattr(config, attr, old)
     model._omni_fast_saved_configs = []

@@ -36,12 +36,14 @@ def omni():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the fused ops that run (proves the patched path is taken, not the transformers one)."""
-    calls = {"qk_norm_mrope": 0, "mrope": 0, "fused_moe": 0}
-    for name in calls:
+    calls = {"qk_norm_mrope": 0, "mrope": 0, "fused_moe": 0, "moe_backends": set()}
+    for name in ("qk_norm_mrope", "mrope", "fused_moe"):
         real = getattr(ops, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
+            if _name == "fused_moe":
+                calls["moe_backends"].add(kwargs.get("backend"))
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
@@ -87,7 +89,7 @@ def _generate(model, ids):
 def test_full_model_generate_parity_patch_unpatch(omni, kernel_calls):
     ids = _prompt()
     text0, codes0, wav0 = _generate(omni, ids)
-    assert sum(kernel_calls.values()) == 0
+    assert kernel_calls["qk_norm_mrope"] + kernel_calls["mrope"] + kernel_calls["fused_moe"] == 0
     assert codes0.shape[1] == omni.config.talker_config.num_code_groups and wav0.numel() > 0
 
     report = omni_fast.patch(omni)
@@ -186,8 +188,10 @@ def test_thinker_alone_generate_parity(omni, kernel_calls):
     finally:
         omni_fast.unpatch(thinker)
     assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert kernel_calls["moe_backends"] == {"triton"}  # patch(backend=...) reaches the experts too
     assert torch.equal(got, want)
     assert all(r.startswith(("[thinker]", "[audio]", "[vision]")) for r in report.replaced + report.left)
+    assert not any("_omni_fast_backend" in m.__dict__ for m in thinker.modules())
 
 
 def test_talker_alone_generate_parity(omni, kernel_calls):
