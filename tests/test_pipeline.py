@@ -184,3 +184,32 @@ def test_bench_pipeline_cases():
     cases = pipeline.cases("full")
     assert [c.params["concurrency"] for c in cases] == [1, 4, 6]
     cases[0].check()  # the tiny pipeline once, vs transformers' generate
+
+
+def test_chunked_prefill_matches_one_chunk(pipe):
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reqs = [Request(text=[5, 6, 7], audio=_wave(0.6), image=img), Request(text=[8, 9])]
+    one = pipe.generate(reqs, **GREEDY)
+    chunked = pipe.generate(reqs, **GREEDY, prefill_chunk=5)
+    for a, b in zip(one, chunked):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["timing"].frames == b["timing"].frames
+
+
+def test_image_prompt_matches_transformers_generate(pipe):
+    """Image (vision encoder, DeepStack into the first thinker layers, 3-D positions) vs transformers' generate.
+
+    (Image + audio together cannot be compared: transformers' talker ``get_rope_index`` then reads
+    ``talker_config.audio_config``, which does not exist, and raises.)"""
+    from omni_fast.models.qwen3_omni import _patchify
+
+    img = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
+    req = Request(text=[5, 6], image=img)
+    vcfg = pipe.config.thinker_config.vision_config
+    pixels, grid = _patchify(img, vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    n_image = grid[0] * grid[1] * grid[2] // vcfg.spatial_merge_size ** 2
+    want_ids, want_codes, _ = _hf_generate(pipe, req, n_image=n_image, pixel_values=pixels,
+                                           image_grid_thw=torch.tensor([grid]))
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300, prefill_chunk=7)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)

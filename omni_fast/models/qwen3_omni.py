@@ -265,13 +265,15 @@ class Qwen3Omni:
     def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
                talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
-               left_context: int = 25, seed: int = 0) -> Iterator[Event]:
+               left_context: int = 25, prefill_chunk: int | None = None, seed: int = 0) -> Iterator[Event]:
         """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
         per request with its :class:`RequestTiming`.
 
         Greedy by default (``do_sample``/``talker_do_sample`` switch to transformers' default sampling: thinker
         top-k 50, talker top-k 50 at temperature 0.9, MTP top-k 50 / top-p 0.8). ``first_chunk``/``chunk``/
         ``left_context``: the codec streaming schedule in frames (12.5 frames per second of audio).
+        ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
+        long audio/image prompts; None: one chunk).
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if not reqs:
@@ -305,6 +307,13 @@ class Qwen3Omni:
         if audio_embeds is not None:
             amask = (ids == self.spec.audio_token_id).unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(amask, audio_embeds.to(inputs_embeds.dtype))
+        visual_mask, deepstack = None, None
+        if image_out is not None:  # image embeddings in place; DeepStack features go to thinker layers 0..2
+            visual_mask = ids == self.spec.image_token_id
+            vmask = visual_mask.unsqueeze(-1).expand_as(inputs_embeds)
+            image_embeds = torch.cat(image_out.pooler_output, dim=0).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(vmask, image_embeds)
+            deepstack = [torch.cat(f, dim=0) for f in image_out.deepstack_features]
         pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
                                      audio_feature_lengths=audio_lens)
         pos_i = _int_positions(pos)
@@ -312,15 +321,12 @@ class Qwen3Omni:
         for tm in timings:
             tm.preprocessing = t_pre - t_start
 
-        # ---- thinker prefill
+        # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache(config=thinker.config.text_config)
-        out = thinker.model(input_ids=ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos_i,
-                            past_key_values=cache, use_cache=True, output_hidden_states=True,
-                            mm_encoder_outputs={"image": image_out} if image_out is not None else None,
-                            image_grid_thw=image_grids)
-        hidden_states = out.hidden_states
+        out, hidden_states = self._prefill(thinker.model.language_model, inputs_embeds, mask, pos_i, cache,
+                                           visual_mask, deepstack, prefill_chunk)
         logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
         token = text_sampler(logits)
         t_first = _now(dev)
@@ -463,6 +469,31 @@ class Qwen3Omni:
             yield Event(i, "done", timing=tm)
 
     # ------------------------------------------------------------------------------------------ stage internals
+    @staticmethod
+    def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk):
+        """Thinker prefill through its text model, optionally chunked: each chunk attends to the cache so far and
+        receives the DeepStack rows of its own visual tokens. Returns the last chunk's output and the hidden
+        states of every layer over the whole prompt (``output_hidden_states``: the talker reads two of them)."""
+        B, S, _ = inputs_embeds.shape
+        chunk = S if not chunk or chunk >= S else int(chunk)
+        if deepstack is not None:  # row of each visual token in the (batch-major) DeepStack tensors
+            flat = visual_mask.reshape(-1)
+            rank = (flat.long().cumsum(0) - 1).view(B, S)
+        hiddens, out = None, None
+        for s in range(0, S, chunk):
+            e = min(s + chunk, S)
+            extra = {}
+            if deepstack is not None:
+                vm = visual_mask[:, s:e]
+                rows = rank[:, s:e][vm]
+                extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
+            out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                     position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True,
+                     output_hidden_states=True, **extra)
+            hs = out.hidden_states
+            hiddens = list(hs) if hiddens is None else [torch.cat([a, b], dim=1) for a, b in zip(hiddens, hs)]
+        return out, hiddens
+
     def _text_event(self, i: int, ids: list[int]) -> Event:
         text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
         return Event(i, "text", token_ids=list(ids), text=text)
