@@ -213,3 +213,11 @@ def test_image_prompt_matches_transformers_generate(pipe):
     out, frames = _ours(pipe, req, first_chunk=300, chunk=300, prefill_chunk=7)
     assert out["token_ids"] == want_ids
     assert torch.equal(frames[0], want_codes)
+
+
+def test_static_cache_matches_dynamic(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[8, 9, 10, 11, 12])]
+    a = pipe.generate(reqs, **GREEDY)
+    b = pipe.generate(reqs, **GREEDY, static_cache=True)
+    for x, y in zip(a, b):
+        assert x["token_ids"] == y["token_ids"] and torch.equal(x["audio"], y["audio"])

@@ -265,7 +265,8 @@ class Qwen3Omni:
     def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
                talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
-               left_context: int = 25, prefill_chunk: int | None = None, seed: int = 0) -> Iterator[Event]:
+               left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
+               seed: int = 0) -> Iterator[Event]:
         """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
         per request with its :class:`RequestTiming`.
 
@@ -273,7 +274,8 @@ class Qwen3Omni:
         top-k 50, talker top-k 50 at temperature 0.9, MTP top-k 50 / top-p 0.8). ``first_chunk``/``chunk``/
         ``left_context``: the codec streaming schedule in frames (12.5 frames per second of audio).
         ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
-        long audio/image prompts; None: one chunk).
+        long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
+        ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if not reqs:
@@ -322,9 +324,7 @@ class Qwen3Omni:
             tm.preprocessing = t_pre - t_start
 
         # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=thinker.config.text_config)
+        cache = _new_cache(thinker.config.text_config, static_cache, S + max_new_tokens)
         out, hidden_states = self._prefill(thinker.model.language_model, inputs_embeds, mask, pos_i, cache,
                                            visual_mask, deepstack, prefill_chunk)
         logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
@@ -371,7 +371,7 @@ class Qwen3Omni:
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
                                          audio_feature_lengths=audio_lens)
-        t_cache = DynamicCache(config=talker.config.text_config)
+        t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
                             past_key_values=t_cache, use_cache=True, output_hidden_states=True)
         suppress = _suppress_mask(tcfg, dev)
@@ -603,6 +603,13 @@ class Qwen3Omni:
 
 
 # ---------------------------------------------------------------------------------------------- module helpers
+def _new_cache(config, static: bool, max_len: int):
+    """A transformers KV cache: ``StaticCache`` (preallocated, fixed shapes) or ``DynamicCache`` (grows)."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:
     """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
     integers; a fractional video timestamp keeps them float and transformers' own RoPE runs)."""
