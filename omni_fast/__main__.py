@@ -81,6 +81,11 @@ def demo(args) -> int:
     pipe, what = _pick_model(args)
     build = time.perf_counter() - t0
     on_gpu = pipe.device.type == "cuda"
+    if pipe.tokenizer is None:  # a weights-only checkpoint directory: no tokenizer files next to the weights
+        from .models.qwen3_omni import ByteTokenizer
+
+        pipe.tokenizer = ByteTokenizer(min(pipe.config.thinker_config.text_config.vocab_size - 32, 151000))
+        print("no tokenizer in the checkpoint directory: using a byte-level stand-in (the text will be noise)")
     print(f"omni-fast demo: {what} on {pipe.device} ({build:.1f} s to build)")
     if pipe.patch_report is not None:
         if args.verbose:

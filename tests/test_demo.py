@@ -45,3 +45,20 @@ def test_cli_requires_a_command():
 
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_demo_with_checkpoint_dir(tmp_path):
+    """``--checkpoint DIR``: a local transformers-format directory (here the tiny model, saved; no tokenizer)."""
+    from omni_fast.models import Qwen3Omni
+
+    Qwen3Omni.random("tiny", patch=False).model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "answer.wav"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_fast", "demo", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out),
+         "--max-new-tokens", "4", "--talker-max-new-tokens", "6", "--seconds", "0.5", "--backend", "none"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint" in proc.stdout and "unpatched" in proc.stdout and "byte-level stand-in" in proc.stdout
+    with wave.open(str(out), "rb") as f:
+        assert f.getframerate() == 24000 and f.getnframes() > 0

@@ -208,8 +208,8 @@ def test_talker_alone_generate_parity(omni, kernel_calls):
     def run():
         out = talker.generate(
             inputs_embeds=embeds, trailing_text_hidden=trailing, tts_pad_embed=pad,
-            talker_input_ids=torch.full((1, 9), TINY_IDS["tts_pad_token_id"]), attention_mask=torch.ones(1, 9,
-                                                                                                        dtype=torch.long),
+            talker_input_ids=torch.full((1, 9), TINY_IDS["tts_pad_token_id"]),
+            attention_mask=torch.ones(1, 9, dtype=torch.long),
             max_new_tokens=5, do_sample=False, eos_token_id=eos, output_hidden_states=True,
             return_dict_in_generate=True, suppress_tokens=[i for i in range(vocab - 1024, vocab) if i != eos])
         codes = torch.stack([h[-1] for h in out.hidden_states if h[-1] is not None], dim=1)

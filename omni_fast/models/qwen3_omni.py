@@ -169,7 +169,9 @@ class Qwen3Omni:
         self.tokenizer = tokenizer
         # "\n" (one token in Qwen's vocabulary: 198); a tokenizer, when given, says which id it is
         vocab = thinker_cfg.text_config.vocab_size
-        self.newline_id = (tokenizer.encode("\n")[0] if tokenizer is not None else (198 if vocab > 198 else 10))
+        self.newline_id = next(iter(tokenizer.encode("\n")), None) if tokenizer is not None else None
+        if self.newline_id is None:
+            self.newline_id = 198 if vocab > 198 else 10
         talker = model.talker
         self.code_predictor = pick("CodePredictor", talker.code_predictor,
                                    lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
@@ -195,6 +197,8 @@ class Qwen3Omni:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                if not tokenizer.encode("\n"):  # built without vocabulary files: no real tokenizer there
+                    tokenizer = None
             except Exception:  # noqa: BLE001 - a weights-only directory: the caller passes token ids
                 tokenizer = None
         return cls(model, tokenizer=tokenizer, **kwargs)
@@ -202,8 +206,8 @@ class Qwen3Omni:
     @classmethod
     def random(cls, preset: str = "tiny", *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                seed: int = 0, thinker_layers: int | None = None, **kwargs) -> "Qwen3Omni":
-        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16 weights;
-        ``thinker_layers`` < 48 trims only the thinker's depth when memory is short)."""
+        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16
+        weights; ``thinker_layers`` < 48 trims only the thinker's depth when memory is short)."""
         from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
         from .presets import TINY_TEXT_VOCAB, full_qwen3_omni_config, tiny_qwen3_omni_config
@@ -528,7 +532,8 @@ class Qwen3Omni:
         vcfg = self.config.thinker_config.vision_config
         patches, grids = [], []
         for img in imgs:
-            pv, grid = _patchify(img.to(self.device), vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+            pv, grid = _patchify(img.to(self.device), vcfg.patch_size, vcfg.temporal_patch_size,
+                                 vcfg.spatial_merge_size)
             patches.append(pv)
             grids.append(grid)
         pixel_values = torch.cat(patches).to(self.model.thinker.dtype)
