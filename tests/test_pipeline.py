@@ -221,3 +221,28 @@ def test_static_cache_matches_dynamic(pipe):
     b = pipe.generate(reqs, **GREEDY, static_cache=True)
     for x, y in zip(a, b):
         assert x["token_ids"] == y["token_ids"] and torch.equal(x["audio"], y["audio"])
+
+
+def test_full_shapes_on_meta_device():
+    """The "full" preset builds transformers' modules at the 30B-A3B shapes (on the meta device: no memory), and
+    patch() finds every layer of it."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    import omni_fast
+    from omni_fast.models.presets import FULL_WEIGHTS_GIB, full_qwen3_omni_config
+
+    cfg = full_qwen3_omni_config()
+    with torch.device("meta"):
+        model = q3.Qwen3OmniMoeForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(2 * n / 2 ** 30 - FULL_WEIGHTS_GIB) < 0.1
+    text = cfg.thinker_config.text_config
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size, text.num_hidden_layers) == \
+        (128, 8, 768, 48)
+    talker = cfg.talker_config
+    assert (talker.text_config.num_experts_per_tok, talker.num_code_groups, cfg.code2wav_config.num_quantizers) == \
+        (6, 16, 16)
+    report = omni_fast.patch(model)
+    assert "[thinker] Qwen3OmniMoeThinkerTextExperts: routed experts -> omni_fast fused MoE (x48)" in report.replaced
+    assert "[talker] Qwen3OmniMoeTalkerTextExperts: routed experts -> omni_fast fused MoE (x20)" in report.replaced
+    omni_fast.unpatch(model)
