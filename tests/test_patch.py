@@ -268,27 +268,37 @@ def test_qwen2_5_omni_thinker_generate_parity(kernel_calls):
 
 
 def test_qwen2_5_omni_full_model_patch(kernel_calls):
-    """``Qwen2_5OmniForConditionalGeneration`` (built without talker/Token2Wav: transformers' own ``generate`` of
-    the full model reads ``self.talker`` even in text mode, and Token2Wav (DiT + BigVGAN) has no omni-fast
-    replacement): patching the whole model swaps the thinker's attention RoPE; its greedy text is unchanged."""
+    """``Qwen2_5OmniForConditionalGeneration`` with talker and Token2Wav: the thinker's and the talker's attention
+    RoPE are swapped (contiguous M-RoPE sections), Token2Wav (DiT + BigVGAN) and the encoders are reported as left.
+    Parity: the thinker's greedy ``generate`` and the talker model's hidden states (3-row positions). transformers'
+    full-model ``generate`` needs a speaker file (``speaker_map``: conditioning mels) to make audio, so it is not
+    run here."""
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
-    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
+
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
 
     torch.manual_seed(0)
-    cfg = Qwen2_5OmniConfig(thinker_config=tiny_qwen2_5_omni_thinker_config().to_dict(), enable_audio_output=False)
-    model = _randomize(q25.Qwen2_5OmniForConditionalGeneration(cfg))
+    model = _randomize(q25.Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_omni_config()))
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    emb = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(5))
+    pos = torch.stack([torch.arange(7), torch.arange(7) // 2, torch.arange(7) % 3]).view(3, 1, 7).expand(3, 2, 7)
 
     def run():
-        return model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+        text = model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
                                       do_sample=False, eos_token_id=None)
+        with torch.no_grad():
+            hidden = model.talker.model(inputs_embeds=emb, position_ids=pos).last_hidden_state
+        return text, hidden
 
-    want = run()
+    want_text, want_hidden = run()
     report = omni_fast.patch(model)
     try:
-        got = run()
+        got_text, got_hidden = run()
     finally:
         omni_fast.unpatch(model)
-    assert kernel_calls["mrope"] > 0
-    assert torch.equal(got, want)
-    assert any(r.startswith("[thinker] Qwen2_5OmniAttention") for r in report.replaced)
+    assert kernel_calls["mrope"] > 0 and kernel_calls["qk_norm_mrope"] == 0
+    assert torch.equal(got_text, want_text)
+    torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    replaced, left = "\n".join(report.replaced), "\n".join(report.left)
+    assert "[thinker] Qwen2_5OmniAttention" in replaced and "[talker] Qwen2_5OmniAttention" in replaced
+    assert "[code2wav] no omni-fast replacement yet" in left

@@ -151,3 +151,23 @@ def full_thinker_layers(free_gib: float) -> int | None:
         return None
     rest = FULL_WEIGHTS_GIB - 48 * THINKER_LAYER_GIB
     return max(1, min(47, int((free_gib - FULL_HEADROOM_GIB - rest) / THINKER_LAYER_GIB)))
+
+
+def tiny_qwen2_5_omni_config():
+    """A tiny ``Qwen2_5OmniConfig`` with talker and Token2Wav (DiT + BigVGAN) built, ~0.3M parameters."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
+
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+    talker = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, vocab_size=300, embedding_size=32, rope_parameters=rope,
+                  audio_token_index=140, image_token_index=141, video_token_index=142, vision_start_token_id=144,
+                  audio_start_token_id=146, tts_codec_start_token_id=290, tts_codec_end_token_id=291,
+                  tts_codec_pad_token_id=292, tts_codec_mask_token_id=293, tts_text_start_token_id=150,
+                  tts_text_end_token_id=151, tts_text_pad_token_id=152)
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, emb_dim=16,
+                        enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48], enc_attention_channels=8,
+                        enc_se_channels=8, num_embeds=300, look_ahead_layers=[1], look_backward_layers=[0]),
+        bigvgan_config=dict(upsample_initial_channel=16))
+    return Qwen2_5OmniConfig(thinker_config=tiny_qwen2_5_omni_thinker_config().to_dict(), talker_config=talker,
+                             token2wav_config=token2wav, enable_audio_output=True)
