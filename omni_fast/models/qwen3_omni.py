@@ -376,12 +376,13 @@ class Qwen3Omni:
                                          attention_mask=t_mask, image_grid_thw=image_grids,
                                          audio_feature_lengths=audio_lens)
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
+        # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
-                            past_key_values=t_cache, use_cache=True, output_hidden_states=True)
+                            past_key_values=t_cache, use_cache=True)
         suppress = _suppress_mask(tcfg, dev)
         c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, [], codec_sampler,
                               talker_repetition_penalty)
-        past_hidden = tout.hidden_states[-1][:, -1:]
+        past_hidden = tout.last_hidden_state[:, -1:]
         t_first_codec = _now(dev)
         for i in range(B):
             timings[i].talker_ttft = t_first_codec - t0
@@ -435,16 +436,15 @@ class Qwen3Omni:
                     n_frames[i] += 1
             yield from emit_audio(final=False)
             t0 = _now(dev)
-            text_in = torch.cat([self._trailing(i, step, generated, text_done, embeds_layer, talker, tts_eos,
-                                                tts_pad) for i in range(B)], dim=0)
+            text_in = self._trailing(step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad)
             t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
             p = t_next_pos.view(1, B, 1).expand(3, B, 1)
             tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
-                                past_key_values=tout.past_key_values, use_cache=True, output_hidden_states=True)
+                                past_key_values=tout.past_key_values, use_cache=True)
             t_next_pos = t_next_pos + 1
             c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, codes_hist,
                                   codec_sampler, talker_repetition_penalty)
-            past_hidden = tout.hidden_states[-1][:, -1:]
+            past_hidden = tout.last_hidden_state[:, -1:]
             for i, c in enumerate(c0.tolist()):
                 if not speech_done[i]:
                     codes_hist[i].append(c)
@@ -584,19 +584,23 @@ class Qwen3Omni:
         t_mask = torch.cat([user_mask, mask.new_ones(B, text_hidden.shape[1])], dim=1)
         return embeds, t_mask, t_ids, a_hidden[:, 3:4]
 
-    def _trailing(self, i, step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad):
-        """The text input of talker step ``step`` for request ``i`` (transformers' ``trailing_text_hidden``): the
-        projected embedding of its text token ``step + 1``; once its text has ended (N tokens), tts_eos at step
+    def _trailing(self, step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad):
+        """The text input ``[B, 1, D]`` of talker step ``step`` (transformers' ``trailing_text_hidden``): per request
+        the projected embedding of its text token ``step + 1``; once its text has ended (N tokens), tts_eos at step
         ``N - 2`` and tts_pad after. As in transformers' batch-1 generate, the final token (EOS, or the last one at
         ``max_new_tokens``) is never fed to the talker: its thinker embedding is never computed there."""
-        g = generated[i]
-        if text_done[i]:
+        ids, kind = [], []  # kind: 0 text token, 1 tts_eos, 2 tts_pad
+        for g, done in zip(generated, text_done):
             eos_step = max(len(g) - 2, 0)
-            if step == eos_step:
-                return tts_eos
-            if step > eos_step:
-                return tts_pad
-        return talker.text_projection(embeds_layer(torch.tensor([[g[step + 1]]], device=self.device)))
+            k = 0 if not done or step < eos_step else (1 if step == eos_step else 2)
+            kind.append(k)
+            ids.append(g[step + 1] if k == 0 else 0)
+        if all(k == 2 for k in kind):
+            return tts_pad.expand(len(ids), -1, -1)
+        dev = self.device
+        text = talker.text_projection(embeds_layer(torch.tensor(ids, device=dev)[:, None]))
+        kind_t = torch.tensor(kind, device=dev).view(-1, 1, 1)
+        return torch.where(kind_t == 0, text, torch.where(kind_t == 1, tts_eos, tts_pad))
 
     def _codec_pick(self, logits, suppress, history, sampler, penalty):
         logits = logits.masked_fill(suppress, float("-inf"))
