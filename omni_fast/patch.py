@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .backend import requested_backend, use_backend
+from .backend import requested_backend
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -113,13 +113,14 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     k = self.k_proj(hidden_states).reshape(batch * seq, -1, d)
     v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
     positions, rope = rope_args
-    with use_backend(self._omni_fast_backend or "auto"):
-        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-        if getattr(q_norm, "weight", None) is not None:
-            eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
-            ops.qk_norm_mrope(q, k, q_norm.weight, k_norm.weight, positions, eps=eps, **rope)
-        else:
-            ops.mrope(q, k, positions, **rope)
+    # backend pinned by patch(backend=...), else the ambient choice (use_backend block, env, auto)
+    backend = self.__dict__.get("_omni_fast_backend")
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    if getattr(q_norm, "weight", None) is not None:
+        eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
+        ops.qk_norm_mrope(q, k, q_norm.weight, k_norm.weight, positions, eps=eps, backend=backend, **rope)
+    else:
+        ops.mrope(q, k, positions, backend=backend, **rope)
     q = q.view(batch, seq, -1, d).transpose(1, 2)
     k = k.view(batch, seq, -1, d).transpose(1, 2)
     if past_key_values is not None:

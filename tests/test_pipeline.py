@@ -186,6 +186,34 @@ def test_bench_pipeline_cases():
     cases[0].check()  # the tiny pipeline once, vs transformers' generate
 
 
+def test_bench_pipeline_runner_on_tiny(pipe, monkeypatch):
+    """The GPU benchmark's code paths (harness providers, report runner, markdown), on the tiny model on CPU."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.cases import pipeline
+
+    monkeypatch.setattr(pipeline, "TEXT_TOKENS", 4)
+    monkeypatch.setattr(pipeline, "FRAMES", 3)
+    monkeypatch.setattr(pipeline, "_pipeline", lambda device, layers=None: pipe)
+    import omni_fast
+
+    providers = pipeline.cases("quick")[0].setup(torch.device("cpu"))
+    assert set(providers) == {"omni_fast", "eager", "transformers"}
+    with omni_fast.use_backend("reference"):  # plumbing only: the interpreter would take a minute here
+        for fn in providers.values():
+            fn()
+        result = pipeline.measure((1, 2), repeats=1, pipe=pipe)
+    assert [(r["provider"], r["concurrency"]) for r in result["runs"]] == [
+        ("omni_fast", 1), ("omni_fast", 2), ("eager", 1), ("eager", 2)]
+    assert all(r["first_packet_ms"] > 0 and r["rtf"] > 0 for r in result["runs"])
+    assert "| tech report | 1 | 234 |" in pipeline.markdown(result)
+    omni_fast.unpatch(pipe.model)
+
+
 def test_chunked_prefill_matches_one_chunk(pipe):
     img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     reqs = [Request(text=[5, 6, 7], audio=_wave(0.6), image=img), Request(text=[8, 9])]

@@ -120,10 +120,12 @@ def cases(preset: str) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------ report-style runner
-def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: int = 3) -> dict:
-    """Per-concurrency medians of the per-request timings, patched (omni_fast) and unpatched (eager)."""
-    pipe = _pipeline("cuda", thinker_layers)
-    out = {"device": torch.cuda.get_device_name(), "thinker_layers": pipe.thinker_layers,
+def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: int = 3, pipe=None) -> dict:
+    """Per-concurrency medians of the per-request timings, patched (omni_fast) and unpatched (eager).
+    ``pipe``: a prebuilt pipeline (the tests pass the tiny one); default the full-shape one on the GPU."""
+    pipe = pipe if pipe is not None else _pipeline("cuda", thinker_layers)
+    device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else str(pipe.device)
+    out = {"device": device, "thinker_layers": getattr(pipe, "thinker_layers", None),
            "text_tokens": TEXT_TOKENS, "frames": FRAMES, "report": REPORT, "target": TARGET, "runs": []}
     for patched in (True, False):
         for c in concurrency:
@@ -150,7 +152,7 @@ def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: i
 def markdown(result: dict) -> str:
     keys = ["first_packet_ms", "preprocessing_ms", "thinker_ttft_ms", "talker_ttft_ms", "mtp_per_frame_ms",
             "codec_per_code_ms", "thinker_tokens_per_s", "talker_tokens_per_s", "rtf"]
-    lines = [f"# Qwen3-Omni pipeline, random weights, {result['device']} (thinker {result['thinker_layers']}/48 "
+    lines = [f"# Qwen3-Omni pipeline, random weights, {result['device']} (thinker {result['thinker_layers']} of 48 "
              f"layers; {result['text_tokens']} text tokens, {result['frames']} frames per request)", "",
              "| provider | conc | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for c, ref in REPORT.items():
