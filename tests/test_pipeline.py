@@ -274,3 +274,13 @@ def test_full_shapes_on_meta_device():
     assert "[thinker] Qwen3OmniMoeThinkerTextExperts: routed experts -> omni_fast fused MoE (x48)" in report.replaced
     assert "[talker] Qwen3OmniMoeTalkerTextExperts: routed experts -> omni_fast fused MoE (x20)" in report.replaced
     omni_fast.unpatch(model)
+
+
+def test_sampling_and_repetition_penalty_run(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[8])]
+    outs = pipe.generate(reqs, max_new_tokens=5, talker_max_new_tokens=8, do_sample=True, talker_do_sample=True,
+                         talker_repetition_penalty=1.05, seed=3)
+    again = pipe.generate(reqs, max_new_tokens=5, talker_max_new_tokens=8, do_sample=True, talker_do_sample=True,
+                          talker_repetition_penalty=1.05, seed=3)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in again]  # seeded
+    assert all(o["audio"].numel() > 0 for o in outs)

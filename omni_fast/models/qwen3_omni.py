@@ -349,8 +349,8 @@ class Qwen3Omni:
             t0 = _now(dev)
             thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
             p = next_pos.view(1, B, 1).expand(3, B, 1)
-            o = thinker.model(inputs_embeds=embeds_layer(token[:, None]), attention_mask=thinker_mask,
-                              position_ids=p, past_key_values=cache, use_cache=True)
+            o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]), attention_mask=thinker_mask,
+                                             position_ids=p, past_key_values=cache, use_cache=True)
             nxt = text_sampler(thinker.lm_head(o.last_hidden_state[:, -1]).float())
             nxt = torch.where(torch.tensor(text_done, device=dev), torch.full_like(nxt, eos), nxt)
             token, next_pos = nxt, next_pos + 1
@@ -366,11 +366,11 @@ class Qwen3Omni:
 
         # ---- talker prefill (needs the prompt's hidden states and the first text token only)
         t0 = _now(dev)
-        talker, cp_embed = m.talker, m.talker.get_input_embeddings()
+        talker = m.talker
         proj_special = talker.text_projection(embeds_layer(torch.tensor(
             [[cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]], device=dev)))
         tts_bos, tts_eos, tts_pad = proj_special.chunk(3, dim=1)  # [1, 1, D] each
-        t_embeds, t_mask, t_ids, assistant_first = self._talker_prompt(
+        t_embeds, t_mask, t_ids = self._talker_prompt(
             ids, mask, hidden_states, speaker_id, tts_bos, tts_pad, embeds_layer(token[:, None]))
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
@@ -582,7 +582,7 @@ class Qwen3Omni:
         t_ids = torch.cat([user_ids, torch.full((B, text_hidden.shape[1]), cfg.tts_pad_token_id, device=ids.device)],
                           dim=1)
         t_mask = torch.cat([user_mask, mask.new_ones(B, text_hidden.shape[1])], dim=1)
-        return embeds, t_mask, t_ids, a_hidden[:, 3:4]
+        return embeds, t_mask, t_ids
 
     def _trailing(self, step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad):
         """The text input ``[B, 1, D]`` of talker step ``step`` (transformers' ``trailing_text_hidden``): per request
@@ -605,7 +605,8 @@ class Qwen3Omni:
     def _codec_pick(self, logits, suppress, history, sampler, penalty):
         logits = logits.masked_fill(suppress, float("-inf"))
         if penalty != 1.0 and history and history[0]:
-            idx = torch.tensor(history, device=logits.device)
+            width = max(map(len, history))  # rows that stopped are shorter: pad with a code they already have
+            idx = torch.tensor([h + h[:1] * (width - len(h)) for h in history], device=logits.device)
             got = logits.gather(1, idx)
             logits = logits.scatter(1, idx, torch.where(got < 0, got * penalty, got / penalty))
         return sampler(logits)
