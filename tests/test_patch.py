@@ -124,11 +124,13 @@ def test_patch_is_idempotent_and_unpatch_restores_config(omni):
     second = omni_fast.patch(omni)
     try:
         assert first.replaced == second.replaced and first.left == second.left
+        wrapped = 0
         for module in omni.modules():
             inner = module.__dict__.get("_omni_fast_forward")
-            if inner is not None:  # wrapped once: the saved forward is transformers' own
-                assert "_omni_fast_forward" not in getattr(inner, "__self__", module).__dict__ or \
-                    inner.__func__ is type(module).forward
+            if inner is not None:  # wrapped once: the saved forward is transformers' own, not our wrapper
+                assert inner.__func__ is type(module).forward
+                wrapped += 1
+        assert wrapped > 0
         assert omni.config.thinker_config.text_config._experts_implementation == "omni_fast"
     finally:
         omni_fast.unpatch(omni)
