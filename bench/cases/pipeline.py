@@ -3,8 +3,9 @@
 Two ways to run it:
 
 - ``python -m bench pipeline`` (the harness): one Case per concurrency; providers ``omni_fast`` (the thin pipeline,
-  patched), ``eager`` (the same pipeline on unpatched transformers modules) and ``transformers`` (transformers' own
-  ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy). The harness times a whole request batch per call.
+  patched), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
+  ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
+  and patched by ``omni_fast.patch``). The harness times a whole request batch per call.
 - ``python -m bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
   tokens/s, RTF) next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/``.
@@ -69,11 +70,14 @@ def _run(pipe, reqs, patched: bool):
     return pipe.generate(reqs, max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=FRAMES + 1)
 
 
-def _transformers_generate(pipe, n: int):
-    """transformers' own generate on the same prompts (text only: its processor is not available offline)."""
+def _transformers_generate(pipe, n: int, patched: bool = False):
+    """transformers' own generate on the same prompts (text only: its processor is not available offline),
+    unpatched or patched by ``omni_fast.patch``."""
     import omni_fast
 
-    if getattr(pipe.model, "_omni_fast_patched", False):
+    if patched and not getattr(pipe.model, "_omni_fast_patched", False):
+        omni_fast.patch(pipe.model)
+    elif not patched and getattr(pipe.model, "_omni_fast_patched", False):
         omni_fast.unpatch(pipe.model)
     ids = torch.tensor([pipe.build_prompt(r, 0, 0) for r in _requests(1)] * n, device=pipe.device)
     return pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=TEXT_TOKENS,
@@ -86,7 +90,8 @@ def _setup(concurrency: int):
         pipe = _pipeline(str(device))
         reqs = _requests(concurrency)
         return {"omni_fast": lambda: _run(pipe, reqs, True), "eager": lambda: _run(pipe, reqs, False),
-                "transformers": lambda: _transformers_generate(pipe, concurrency)}
+                "transformers": lambda: _transformers_generate(pipe, concurrency),
+                "transformers_patched": lambda: _transformers_generate(pipe, concurrency, patched=True)}
 
     return setup
 
