@@ -10,7 +10,8 @@ Constraints found while making ``"tiny"`` construct and generate (see ``configur
   ``>= 1024 +`` the codebook size and every codec special id must sit in that top range;
 - ``talker.num_code_groups == code_predictor.num_code_groups == code2wav.num_quantizers``;
   ``code_predictor.vocab_size == code2wav.codebook_size``;
-- ``mrope_section`` sums to ``head_dim // 2`` (thinker and talker), ``accept_hidden_layer <= thinker layers``.
+- ``mrope_section`` sums to ``head_dim // 2`` (thinker and talker), ``accept_hidden_layer <= thinker layers`` (tiny: below it,
+  as in the real model, so the talker reads an inner layer's output).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def tiny_qwen3_omni_config(layers: int = 2):
     talker_text = dict(text, vocab_size=TINY_CODEC_VOCAB, num_experts_per_tok=2, norm_topk_prob=True,
                        shared_expert_intermediate_size=40)
     talker = dict(
-        text_config=talker_text, thinker_hidden_size=h, num_code_groups=TINY_GROUPS, accept_hidden_layer=layers,
+        text_config=talker_text, thinker_hidden_size=h, num_code_groups=TINY_GROUPS, accept_hidden_layer=layers - 1,
         spatial_merge_size=2, speaker_id=dict(TINY_SPEAKERS), audio_token_id=140, image_token_id=141,
         video_token_id=142, vision_start_token_id=TINY_VISION_START, audio_start_token_id=146,
         position_id_per_seconds=13,

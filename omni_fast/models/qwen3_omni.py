@@ -330,7 +330,8 @@ class Qwen3Omni:
         # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
         cache = _new_cache(thinker.config.text_config, static_cache, S + max_new_tokens)
         out, hidden_states = self._prefill(thinker.model.language_model, inputs_embeds, mask, pos_i, cache,
-                                           visual_mask, deepstack, prefill_chunk)
+                                           visual_mask, deepstack, prefill_chunk,
+                                           self.config.talker_config.accept_hidden_layer)
         logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
         token = text_sampler(logits)
         t_first = _now(dev)
@@ -474,29 +475,47 @@ class Qwen3Omni:
 
     # ------------------------------------------------------------------------------------------ stage internals
     @staticmethod
-    def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk):
+    def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
         """Thinker prefill through its text model, optionally chunked: each chunk attends to the cache so far and
-        receives the DeepStack rows of its own visual tokens. Returns the last chunk's output and the hidden
-        states of every layer over the whole prompt (``output_hidden_states``: the talker reads two of them)."""
+        receives the DeepStack rows of its own visual tokens. Returns the last chunk's output and the two hidden
+        states the talker reads over the whole prompt, as ``{0: embeddings, accept_layer: hidden}`` (transformers'
+        ``hidden_states[k]``: the output of layer ``k - 1``, the final-norm output for the last layer), kept by a
+        forward hook instead of recording every layer."""
         B, S, _ = inputs_embeds.shape
         chunk = S if not chunk or chunk >= S else int(chunk)
         if deepstack is not None:  # row of each visual token in the (batch-major) DeepStack tensors
             flat = visual_mask.reshape(-1)
             rank = (flat.long().cumsum(0) - 1).view(B, S)
-        hiddens, out = None, None
-        for s in range(0, S, chunk):
-            e = min(s + chunk, S)
-            extra = {}
-            if deepstack is not None:
-                vm = visual_mask[:, s:e]
-                rows = rank[:, s:e][vm]
-                extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
-            out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                     position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True,
-                     output_hidden_states=True, **extra)
-            hs = out.hidden_states
-            hiddens = list(hs) if hiddens is None else [torch.cat([a, b], dim=1) for a, b in zip(hiddens, hs)]
-        return out, hiddens
+        n_layers = len(lm.layers)
+        kept: list[torch.Tensor] = []
+        hook = None
+        if accept_layer < n_layers:
+            def keep(_module, _args, output):
+                kept.append(output[0] if isinstance(output, tuple) else output)
+
+            hook = lm.layers[accept_layer - 1].register_forward_hook(keep) if accept_layer > 0 else None
+        outs, out = [], None
+        try:
+            for s in range(0, S, chunk):
+                e = min(s + chunk, S)
+                extra = {}
+                if deepstack is not None:
+                    vm = visual_mask[:, s:e]
+                    rows = rank[:, s:e][vm]
+                    extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
+                out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                         position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True, **extra)
+                outs.append(out.last_hidden_state)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if accept_layer == 0:
+            accepted = inputs_embeds
+        elif accept_layer >= n_layers:
+            accepted = torch.cat(outs, dim=1)
+        else:
+            accepted = torch.cat(kept, dim=1)
+        return out, {0: inputs_embeds, accept_layer: accepted}
 
     def _text_event(self, i: int, ids: list[int]) -> Event:
         text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
