@@ -424,9 +424,6 @@ class Qwen3Omni:
         for _ in range(talker_max_new_tokens - 1):
             if all(speech_done):
                 break
-            # the talker's step k reads text token k+1: run the thinker ahead while it can
-            while not all(text_done) and any(len(generated[i]) < step + 2 for i in range(B) if not text_done[i]):
-                yield from thinker_step()
             t0 = _now(dev)
             residual, summed = self.code_predictor.frame(past_hidden, c0, mtp_sampler)
             mtp_time += _now(dev) - t0
@@ -435,7 +432,10 @@ class Qwen3Omni:
             for i in range(B):
                 if not speech_done[i]:
                     n_frames[i] += 1
-            yield from emit_audio(final=False)
+            yield from emit_audio(final=False)  # the frame needs no new text: audio goes out first
+            # the talker's step k reads text token k+1: run the thinker up to it
+            while not all(text_done) and any(len(generated[i]) < step + 2 for i in range(B) if not text_done[i]):
+                yield from thinker_step()
             t0 = _now(dev)
             text_in = self._trailing(step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad)
             t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
