@@ -24,10 +24,10 @@ def _wave(seconds=1.3, seed=0):
     return 0.3 * torch.sin(2 * math.pi * 180 * t) + 0.01 * torch.randn(t.shape, generator=g)
 
 
-def _hf_generate(pipe, req, n_audio=0, n_image=0, **extra):
+def _hf_generate(pipe, req, n_audio=0, n_image=0, video_tokens=0, **extra):
     """transformers' Qwen3OmniMoeForConditionalGeneration.generate on the same prompt (greedy, no penalty)."""
     m = pipe.model
-    ids = torch.tensor([pipe.build_prompt(req, n_audio, n_image)])
+    ids = torch.tensor([pipe.build_prompt(req, n_audio, n_image, video_tokens)])
     codes = []
     real = m.code2wav.chunked_decode
 
@@ -234,7 +234,7 @@ def test_image_prompt_matches_transformers_generate(pipe):
     img = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
     req = Request(text=[5, 6], image=img)
     vcfg = pipe.config.thinker_config.vision_config
-    pixels, grid = _patchify(img, vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    pixels, grid = _patchify(img[None], vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
     n_image = grid[0] * grid[1] * grid[2] // vcfg.spatial_merge_size ** 2
     want_ids, want_codes, _ = _hf_generate(pipe, req, n_image=n_image, pixel_values=pixels,
                                            image_grid_thw=torch.tensor([grid]))
@@ -284,3 +284,26 @@ def test_sampling_and_repetition_penalty_run(pipe):
                           talker_repetition_penalty=1.05, seed=3)
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in again]  # seeded
     assert all(o["audio"].numel() > 0 for o in outs)
+
+
+def test_image_and_video_prompt_matches_transformers_generate(pipe):
+    """An image and a 5-frame video (fractional seconds per grid step: 2 frames at 3 fps) in one prompt: vision
+    encoder for both, DeepStack rows joined in prompt order, 3-D positions; vs transformers' generate."""
+    from omni_fast.models.qwen3_omni import _patchify
+
+    g = torch.Generator().manual_seed(6)
+    img, video = torch.rand(3, 32, 64, generator=g), torch.rand(5, 3, 64, 32, generator=g)
+    req = Request(text=[5, 6], image=img, video=video, video_fps=3.0)
+    vcfg = pipe.config.thinker_config.vision_config
+    args = (vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    img_px, img_grid = _patchify(img[None], *args)
+    vid_px, vid_grid = _patchify(video, *args)
+    n = [g[0] * g[1] * g[2] // vcfg.spatial_merge_size ** 2 for g in (img_grid, vid_grid)]
+    assert vid_grid[0] == 3  # 5 frames padded to 6, 2 per temporal patch
+    want_ids, want_codes, _ = _hf_generate(
+        pipe, req, n_image=n[0], pixel_values=img_px, image_grid_thw=torch.tensor([img_grid]),
+        pixel_values_videos=vid_px, video_grid_thw=torch.tensor([vid_grid]),
+        video_second_per_grid=torch.tensor([2 / 3.0]), video_tokens=n[1])
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)

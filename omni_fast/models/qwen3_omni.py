@@ -37,11 +37,15 @@ SAMPLE_RATE_OUT = 24000
 @dataclass
 class Request:
     """One request: a text prompt (already tokenised ids of the user turn's text, or a string for the demo's
-    byte-level stand-in tokenizer), an optional 16 kHz mono waveform, an optional image ``[3, H, W]`` float."""
+    byte-level stand-in tokenizer), an optional 16 kHz mono waveform, an optional image ``[3, H, W]`` float, an
+    optional video ``[F, 3, H, W]`` float (frames at ``video_fps``; its audio track, if any, is a separate
+    ``audio``: audio-in-video interleaving is not built here)."""
 
     text: str | list[int] = ""
     audio: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    video: torch.Tensor | None = None  # [F, 3, H, W] float frames sampled at `video_fps`
+    video_fps: float = 2.0
 
 
 @dataclass
@@ -233,9 +237,11 @@ class Qwen3Omni:
             raise ValueError("a text prompt needs a tokenizer: pass token ids, or tokenizer= to Qwen3Omni")
         return list(self.tokenizer.encode(text))
 
-    def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int) -> list[int]:
-        """``<im_start>user\\n [<audio_start><audio>*n<audio_end>] [<vision_start><image>*n<vision_end>] text
-        <im_end>\\n<im_start>assistant\\n`` in token ids (``\\n`` is one text token)."""
+    def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int, video_tokens_n: int = 0
+                     ) -> list[int]:
+        """``<im_start>user\\n [<audio_start><audio>*n<audio_end>] [<vision_start><image>*n<vision_end>]
+        [<vision_start><video>*n<vision_end>] text <im_end>\\n<im_start>assistant\\n`` in token ids (``\\n`` is one
+        text token)."""
         c, t = self.config, self.config.thinker_config
         nl = [self.newline_id]
         ids = [c.im_start_token_id, c.user_token_id] + nl
@@ -243,6 +249,8 @@ class Qwen3Omni:
             ids += [t.audio_start_token_id] + [t.audio_token_id] * audio_tokens_n + [t.audio_start_token_id + 1]
         if image_tokens_n:
             ids += [t.vision_start_token_id] + [t.image_token_id] * image_tokens_n + [t.vision_start_token_id + 1]
+        if video_tokens_n:
+            ids += [t.vision_start_token_id] + [t.video_token_id] * video_tokens_n + [t.vision_start_token_id + 1]
         ids += self._encode_text(req.text) + [c.im_end_token_id] + nl
         ids += [c.im_start_token_id, c.assistant_token_id] + nl
         return ids
@@ -301,8 +309,10 @@ class Qwen3Omni:
         thinker = m.thinker
         embeds_layer = thinker.get_input_embeddings()
         audio_embeds, audio_lens, n_audio_tok = self._encode_audio(reqs)
-        image_out, image_grids, n_image_tok = self._encode_images(reqs)
-        prompts = [self.build_prompt(r, n_audio_tok[i], n_image_tok[i]) for i, r in enumerate(reqs)]
+        vis = self._encode_visual(reqs)
+        image_grids, video_grids, seconds = vis["image_grid"], vis["video_grid"], vis["seconds"]
+        prompts = [self.build_prompt(r, n_audio_tok[i], vis["image_tokens"][i], vis["video_tokens"][i])
+                   for i, r in enumerate(reqs)]
         S = max(map(len, prompts))
         ids = torch.zeros(B, S, dtype=torch.long, device=dev)
         mask = torch.zeros(B, S, dtype=torch.long, device=dev)
@@ -313,14 +323,9 @@ class Qwen3Omni:
         if audio_embeds is not None:
             amask = (ids == self.spec.audio_token_id).unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(amask, audio_embeds.to(inputs_embeds.dtype))
-        visual_mask, deepstack = None, None
-        if image_out is not None:  # image embeddings in place; DeepStack features go to thinker layers 0..2
-            visual_mask = ids == self.spec.image_token_id
-            vmask = visual_mask.unsqueeze(-1).expand_as(inputs_embeds)
-            image_embeds = torch.cat(image_out.pooler_output, dim=0).to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(vmask, image_embeds)
-            deepstack = [torch.cat(f, dim=0) for f in image_out.deepstack_features]
+        inputs_embeds, visual_mask, deepstack = self._merge_visual(ids, inputs_embeds, vis)
         pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
+                                     video_grid_thw=video_grids, second_per_grids=seconds,
                                      audio_feature_lengths=audio_lens)
         pos_i = _int_positions(pos)
         t_pre = _now(dev)
@@ -342,7 +347,7 @@ class Qwen3Omni:
         for i in range(B):
             timings[i].thinker_ttft = t_first - t_pre
             yield self._text_event(i, generated[i])
-        next_pos = deltas.to(torch.long).view(B) + mask.sum(-1)  # the next TM-RoPE position (all three rows)
+        next_pos = _int_positions(deltas.view(B) + mask.sum(-1))  # the next TM-RoPE position (all three rows)
         thinker_mask = mask
 
         def thinker_step():
@@ -375,6 +380,7 @@ class Qwen3Omni:
             ids, mask, hidden_states, speaker_id, tts_bos, tts_pad, embeds_layer(token[:, None]))
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
+                                         video_grid_thw=video_grids, second_per_grids=seconds,
                                          audio_feature_lengths=audio_lens)
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
@@ -388,7 +394,7 @@ class Qwen3Omni:
         for i in range(B):
             timings[i].talker_ttft = t_first_codec - t0
         talker_time, talker_steps, mtp_time, codec_time = 0.0, 0, 0.0, 0.0
-        t_next_pos = t_deltas.to(torch.long).view(B) + t_mask.sum(-1)
+        t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
         codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
@@ -542,29 +548,57 @@ class Qwen3Omni:
                 j += 1
         return emb, lens, counts
 
-    def _encode_images(self, reqs):
-        """Patchify ``[3, H, W]`` images (resized to multiples of 32) and run the vision encoder."""
-        imgs = [r.image for r in reqs if r.image is not None]
-        counts = [0] * len(reqs)
-        if not imgs:
-            return None, None, counts
+    def _encode_visual(self, reqs):
+        """Patchify images (``[3, H, W]``) and videos (``[F, 3, H, W]``), run the vision encoder once per kind."""
         vcfg = self.config.thinker_config.vision_config
-        patches, grids = [], []
-        for img in imgs:
-            pv, grid = _patchify(img.to(self.device), vcfg.patch_size, vcfg.temporal_patch_size,
-                                 vcfg.spatial_merge_size)
-            patches.append(pv)
-            grids.append(grid)
-        pixel_values = torch.cat(patches).to(self.model.thinker.dtype)
-        grid_thw = torch.tensor(grids, device=self.device)
-        out = self.model.thinker.model.get_image_features(pixel_values, grid_thw, return_dict=True)
-        j = 0
-        for i, r in enumerate(reqs):
-            if r.image is not None:
-                t, h, w = grids[j]
-                counts[i] = t * h * w // vcfg.spatial_merge_size ** 2
-                j += 1
-        return out, grid_thw, counts
+        merge, dtype = vcfg.spatial_merge_size, self.model.thinker.dtype
+        out = {"image_tokens": [0] * len(reqs), "video_tokens": [0] * len(reqs), "image_grid": None,
+               "video_grid": None, "seconds": None, "image": None, "video": None}
+        for kind in ("image", "video"):
+            items = [(i, getattr(r, kind)) for i, r in enumerate(reqs) if getattr(r, kind) is not None]
+            if not items:
+                continue
+            patches, grids = [], []
+            for i, x in items:
+                frames = x[None] if kind == "image" else x
+                pv, grid = _patchify(frames.to(self.device), vcfg.patch_size, vcfg.temporal_patch_size, merge)
+                patches.append(pv)
+                grids.append(grid)
+                out[f"{kind}_tokens"][i] = grid[0] * grid[1] * grid[2] // merge ** 2
+            grid_thw = torch.tensor(grids, device=self.device)
+            pixels = torch.cat(patches).to(dtype)
+            thinker = self.model.thinker.model
+            get = thinker.get_image_features if kind == "image" else thinker.get_video_features
+            out[kind] = get(pixels, grid_thw, return_dict=True)
+            out[f"{kind}_grid"] = grid_thw
+            if kind == "video":  # seconds per temporal grid step: temporal_patch_size frames at video_fps
+                out["seconds"] = torch.tensor([vcfg.temporal_patch_size / reqs[i].video_fps for i, _ in items])
+        return out
+
+    def _merge_visual(self, ids, inputs_embeds, vis):
+        """Image/video embeddings into their placeholder tokens; the DeepStack features of all visual tokens in
+        prompt order (what transformers' thinker builds) and their mask."""
+        masks, feats = [], []
+        for kind, token in (("image", self.spec.image_token_id), ("video", self.spec.video_token_id)):
+            if vis[kind] is None:
+                continue
+            m = ids == token
+            emb = torch.cat(vis[kind].pooler_output, dim=0).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(m.unsqueeze(-1).expand_as(inputs_embeds), emb)
+            masks.append(m)
+            feats.append([torch.cat(f, dim=0) for f in vis[kind].deepstack_features])
+        if not masks:
+            return inputs_embeds, None, None
+        visual = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        if len(masks) == 1:
+            return inputs_embeds, visual, feats[0]
+        joint = []
+        for layer_feats in zip(*feats):  # rows of both kinds, placed in prompt order
+            rows = layer_feats[0].new_zeros(int(visual.sum()), layer_feats[0].shape[-1])
+            for m, f in zip(masks, layer_feats):
+                rows[m[visual]] = f
+            joint.append(rows)
+        return inputs_embeds, visual, joint
 
     def _talker_prompt(self, ids, mask, hidden_states, speaker_id, tts_bos, tts_pad, first_token_embed):
         """The talker's prompt, as ``Qwen3OmniMoeForConditionalGeneration.generate`` builds it: the user turn
@@ -641,7 +675,8 @@ def _new_cache(config, static: bool, max_len: int):
 
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:
     """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
-    integers; a fractional video timestamp keeps them float and transformers' own RoPE runs)."""
+    integers; a fractional video timestamp keeps them float, for the rest of the request's decode too, and
+    transformers' own RoPE runs). One host sync, at prefill."""
     as_int = pos.to(torch.int64)
     return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
 
@@ -662,18 +697,22 @@ def _suppress_mask(tcfg, device) -> torch.Tensor:
     return mask
 
 
-def _patchify(img: torch.Tensor, patch: int, temporal: int, merge: int):
-    """``[3, H, W]`` float image -> (patches ``[t*h*w, 3*temporal*patch*patch]`` in the merge-block order the
-    Qwen image processor uses, grid ``(1, h, w)``); resized so h and w are multiples of ``merge``."""
+def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int):
+    """``[F, 3, H, W]`` float frames (an image is one frame) -> (patches ``[t*h*w, 3*temporal*patch*patch]`` in the
+    merge-block order the Qwen image/video processors use, grid ``(t, h, w)``): resized so h and w are multiples
+    of ``merge`` patches, frames padded to a multiple of ``temporal`` by repeating the last one (an image is
+    repeated over the temporal patch)."""
     unit = patch * merge
-    H = max(unit, round(img.shape[-2] / unit) * unit)
-    W = max(unit, round(img.shape[-1] / unit) * unit)
-    img = torch.nn.functional.interpolate(img[None].float(), size=(H, W), mode="bilinear", align_corners=False)[0]
-    frames = img[None].expand(temporal, -1, -1, -1)  # an image is repeated over the temporal patch
-    gh, gw = H // patch, W // patch
-    x = frames.reshape(1, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    H = max(unit, round(frames.shape[-2] / unit) * unit)
+    W = max(unit, round(frames.shape[-1] / unit) * unit)
+    frames = torch.nn.functional.interpolate(frames.float(), size=(H, W), mode="bilinear", align_corners=False)
+    pad = (-frames.shape[0]) % temporal
+    if pad:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    gt, gh, gw = frames.shape[0] // temporal, H // patch, W // patch
+    x = frames.reshape(gt, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gh * gw, 3 * temporal * patch * patch), (1, gh, gw)
+    return x.reshape(gt * gh * gw, 3 * temporal * patch * patch), (gt, gh, gw)
 
 
 def _randomize(model, seed: int, scale: float | None):
