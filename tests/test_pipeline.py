@@ -307,3 +307,30 @@ def test_image_and_video_prompt_matches_transformers_generate(pipe):
     out, frames = _ours(pipe, req, first_chunk=300, chunk=300)
     assert out["token_ids"] == want_ids
     assert torch.equal(frames[0], want_codes)
+
+
+def test_audio_in_video_matches_transformers_thinker():
+    """A video with its sound track (audio-in-video: one block, tokens interleaved by time): the pipeline's text
+    equals transformers' thinker ``generate(use_audio_in_video=True)`` on the same prompt. (The full model's
+    generate cannot run it: its talker ``get_rope_index`` reads ``talker_config.audio_config`` and raises.)"""
+    from omni_fast.models.positions import audio_tokens
+    from omni_fast.models.qwen3_omni import _patchify
+
+    pipe = Qwen3Omni.random("tiny", patch=False, seed=1)
+    g = torch.Generator().manual_seed(7)
+    video, wave = torch.rand(4, 3, 32, 64, generator=g), _wave(2.0, seed=8)
+    req = Request(text=[5], video=video, video_fps=2.0, audio=wave, audio_in_video=True)
+    vcfg = pipe.config.thinker_config.vision_config
+    px, grid = _patchify(video, vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    feats, fmask = mel_features([wave])
+    n_audio = audio_tokens(int(fmask.sum()))
+    ids = torch.tensor([pipe.build_prompt(req, n_audio, 0, 0, video_grid=list(grid), seconds=1.0)])
+    assert (ids == 140).sum() == n_audio and (ids == 142).sum() == grid[0] * grid[1] * grid[2] // 4
+    want = pipe.model.thinker.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats, feature_attention_mask=fmask,
+        pixel_values_videos=px, video_grid_thw=torch.tensor([grid]), video_second_per_grid=torch.tensor([1.0]),
+        use_audio_in_video=True, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    out = pipe.generate(req, max_new_tokens=6, talker_max_new_tokens=4)[0]
+    assert out["token_ids"] == want[0, ids.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="audio_in_video"):
+        pipe.generate([req, Request(text=[5], audio=wave)], max_new_tokens=2, talker_max_new_tokens=2)

@@ -38,14 +38,16 @@ SAMPLE_RATE_OUT = 24000
 class Request:
     """One request: a text prompt (already tokenised ids of the user turn's text, or a string for the demo's
     byte-level stand-in tokenizer), an optional 16 kHz mono waveform, an optional image ``[3, H, W]`` float, an
-    optional video ``[F, 3, H, W]`` float (frames at ``video_fps``; its audio track, if any, is a separate
-    ``audio``: audio-in-video interleaving is not built here)."""
+    optional video ``[F, 3, H, W]`` float (frames at ``video_fps``); ``audio_in_video``: the waveform is the
+    video's sound track, and its tokens interleave with the video's by time (``<vision_start><audio_start> ...
+    <audio_end><vision_end>``)."""
 
     text: str | list[int] = ""
     audio: torch.Tensor | None = None
     image: torch.Tensor | None = None
     video: torch.Tensor | None = None  # [F, 3, H, W] float frames sampled at `video_fps`
     video_fps: float = 2.0
+    audio_in_video: bool = False  # `audio` is the video's sound track: its tokens interleave with the video's
 
 
 @dataclass
@@ -237,14 +239,21 @@ class Qwen3Omni:
             raise ValueError("a text prompt needs a tokenizer: pass token ids, or tokenizer= to Qwen3Omni")
         return list(self.tokenizer.encode(text))
 
-    def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int, video_tokens_n: int = 0
-                     ) -> list[int]:
+    def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int, video_tokens_n: int = 0, *,
+                     video_grid: list[int] | None = None, seconds: float | None = None) -> list[int]:
         """``<im_start>user\\n [<audio_start><audio>*n<audio_end>] [<vision_start><image>*n<vision_end>]
         [<vision_start><video>*n<vision_end>] text <im_end>\\n<im_start>assistant\\n`` in token ids (``\\n`` is one
-        text token)."""
+        text token). With ``req.audio_in_video`` the audio and video tokens share one block, interleaved by time
+        (``video_grid`` ``(t, h, w)`` and ``seconds`` per temporal step then say where each video token sits)."""
         c, t = self.config, self.config.thinker_config
         nl = [self.newline_id]
         ids = [c.im_start_token_id, c.user_token_id] + nl
+        if req.audio_in_video:
+            kinds = _audio_video_order(video_grid, seconds, audio_tokens_n, self.spec)
+            ids += [t.vision_start_token_id, t.audio_start_token_id]
+            ids += [t.audio_token_id if k else t.video_token_id for k in kinds]
+            ids += [t.audio_start_token_id + 1, t.vision_start_token_id + 1]
+            audio_tokens_n = video_tokens_n = 0
         if audio_tokens_n:
             ids += [t.audio_start_token_id] + [t.audio_token_id] * audio_tokens_n + [t.audio_start_token_id + 1]
         if image_tokens_n:
@@ -311,7 +320,16 @@ class Qwen3Omni:
         audio_embeds, audio_lens, n_audio_tok = self._encode_audio(reqs)
         vis = self._encode_visual(reqs)
         image_grids, video_grids, seconds = vis["image_grid"], vis["video_grid"], vis["seconds"]
-        prompts = [self.build_prompt(r, n_audio_tok[i], vis["image_tokens"][i], vis["video_tokens"][i])
+        in_video = any(r.audio_in_video for r in reqs)
+        if in_video and any((r.video is not None or r.audio is not None) and not r.audio_in_video for r in reqs):
+            raise ValueError("audio_in_video applies to the whole batch (as transformers' use_audio_in_video): "
+                             "every request with audio or video must set it, or none")
+        if any(r.audio_in_video and (r.audio is None or r.video is None) for r in reqs):
+            raise ValueError("audio_in_video needs both audio and video in the request")
+        vid_of = {i: j for j, i in enumerate(i for i, r in enumerate(reqs) if r.video is not None)}
+        prompts = [self.build_prompt(r, n_audio_tok[i], vis["image_tokens"][i], vis["video_tokens"][i],
+                                     video_grid=None if i not in vid_of else video_grids[vid_of[i]].tolist(),
+                                     seconds=None if i not in vid_of else float(seconds[vid_of[i]]))
                    for i, r in enumerate(reqs)]
         S = max(map(len, prompts))
         ids = torch.zeros(B, S, dtype=torch.long, device=dev)
@@ -326,7 +344,7 @@ class Qwen3Omni:
         inputs_embeds, visual_mask, deepstack = self._merge_visual(ids, inputs_embeds, vis)
         pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
                                      video_grid_thw=video_grids, second_per_grids=seconds,
-                                     audio_feature_lengths=audio_lens)
+                                     audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
         pos_i = _int_positions(pos)
         t_pre = _now(dev)
         for tm in timings:
@@ -381,7 +399,7 @@ class Qwen3Omni:
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
                                          video_grid_thw=video_grids, second_per_grids=seconds,
-                                         audio_feature_lengths=audio_lens)
+                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
@@ -679,6 +697,18 @@ def _int_positions(pos: torch.Tensor) -> torch.Tensor:
     transformers' own RoPE runs). One host sync, at prefill."""
     as_int = pos.to(torch.int64)
     return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
+
+
+def _audio_video_order(grid, seconds: float, n_audio: int, spec: PositionSpec) -> list[bool]:
+    """Token kinds (True = audio) of an audio-in-video block, in the order of their temporal positions: video tokens
+    at ``i * seconds * position_id_per_seconds`` (``h * w / merge**2`` per temporal step), audio tokens at 0, 1, ...;
+    video first on ties (the order ``get_rope_index``'s merge assigns positions in)."""
+    gt, gh, gw = grid
+    per_step = gh * gw // spec.spatial_merge_size ** 2
+    video_t = (torch.arange(gt) * torch.tensor(seconds, dtype=torch.float32) * spec.position_id_per_seconds).float()
+    keys = torch.cat([video_t.repeat_interleave(per_step), torch.arange(n_audio, dtype=torch.float32)])
+    order = torch.sort(keys, stable=True).indices
+    return (order >= gt * per_step).tolist()
 
 
 def _talker_ids(tcfg) -> dict:
