@@ -5,11 +5,13 @@ What is replaced, and how (transformers' own extension points first, module swap
 - MoE experts (Thinker, Talker): ``config._experts_implementation = "omni_fast"`` (the ``ExpertsInterface`` entry
   registered by :func:`omni_fast.register_transformers`).
 - Attention (every module that dispatches through ``AttentionInterface``): ``config._attn_implementation =
-  "omni_fast"``.
+  "omni_fast"``, only when transformers' ``ALL_ATTENTION_FUNCTIONS`` has that entry after
+  :func:`omni_fast.register_transformers`; otherwise the attention stays as it was and the report says so.
 - q/k RMSNorm + TM-RoPE (Thinker, Talker, code predictor, Code2Wav pre-transformer, Qwen2.5-Omni thinker): the
   rotary-embedding modules are wrapped to also hand their position ids to the attention layers, whose forward is
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
-  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions.
+  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
+  positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
 
 :func:`unpatch` restores every forward and implementation name. The returned :class:`PatchReport` lists what was
 replaced and what was left as it is.
