@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--speaker", default="ethan")
     d.add_argument("--verbose", action="store_true", help="print the omni_fast.patch report")
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available():
+        # the Triton kernels on a CPU run on the interpreter; it must be on before the first kernel is decorated
+        os.environ["TRITON_INTERPRET"] = "1"
     if args.command == "demo":
         return demo(args)
     return 2
