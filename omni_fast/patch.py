@@ -5,11 +5,13 @@ What is replaced, and how (transformers' own extension points first, module swap
 - MoE experts (Thinker, Talker): ``config._experts_implementation = "omni_fast"`` (the ``ExpertsInterface`` entry
   registered by :func:`omni_fast.register_transformers`).
 - Attention (every module that dispatches through ``AttentionInterface``): ``config._attn_implementation =
-  "omni_fast"``.
+  "omni_fast"``, only when transformers' ``ALL_ATTENTION_FUNCTIONS`` has that entry after
+  :func:`omni_fast.register_transformers`; otherwise the attention stays as it was and the report says so.
 - q/k RMSNorm + TM-RoPE (Thinker, Talker, code predictor, Code2Wav pre-transformer, Qwen2.5-Omni thinker): the
   rotary-embedding modules are wrapped to also hand their position ids to the attention layers, whose forward is
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
-  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions.
+  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
+  positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
 
 :func:`unpatch` restores every forward and implementation name. The returned :class:`PatchReport` lists what was
 replaced and what was left as it is.
@@ -17,7 +19,6 @@ replaced and what was left as it is.
 
 from __future__ import annotations
 
-import contextlib
 import types
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .backend import requested_backend, use_backend
+from .backend import requested_backend
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -68,9 +69,19 @@ class RotaryWithPositions(tuple):
         obj.position_ids, obj.rotary, obj.interleaved = position_ids, rotary, interleaved
         return obj
 
-    def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict]:
-        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`."""
+    def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict] | None:
+        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`.
+
+        None when the positions are not whole numbers (transformers' ``get_rope_index`` builds float positions;
+        a video at a fractional ``second_per_grid * position_id_per_seconds`` gives fractional ones): the caller
+        then applies transformers' own cos/sin.
+        """
         pos = self.position_ids
+        if pos.is_floating_point():
+            as_int = pos.to(torch.int64)
+            if not torch.equal(as_int.to(pos.dtype), pos):  # one host sync, only for float positions
+                return None
+            pos = as_int
         half = head_dim // 2
         if self.interleaved is None or pos.dim() == 2:  # 1-D RoPE: one row for every frequency
             pos = pos.expand(batch, seq).reshape(-1) if pos.dim() == 2 else pos.expand(3, batch, seq)[0].reshape(-1)
@@ -91,27 +102,29 @@ def _rotary_forward(self, x, position_ids):
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
     """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel."""
-    if not isinstance(position_embeddings, RotaryWithPositions) or _autograd_needed(self, hidden_states):
-        # The kernels are inference-only: with autograd recording, run transformers' own (differentiable) forward.
-        return self._omni_fast_forward(hidden_states, position_embeddings=position_embeddings,
+    batch, seq = hidden_states.shape[:2]
+    rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
+                 if isinstance(position_embeddings, RotaryWithPositions) else None)
+    if rope_args is None or _autograd_needed(self, hidden_states):
+        # transformers' own forward: for positions the kernel cannot take, and with autograd recording (the
+        # kernels are inference-only). Keywords, since the attention classes order their parameters differently.
+        return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
                                        attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    batch, seq = hidden_states.shape[:2]
     d = self.head_dim
     q = self.q_proj(hidden_states).reshape(batch * seq, -1, d)
     k = self.k_proj(hidden_states).reshape(batch * seq, -1, d)
     v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
-    positions, rope = position_embeddings.rope_kwargs(batch, seq, d)
-    # Only a backend pinned by patch(backend=...) overrides the caller's use_backend block / OMNI_FAST_BACKEND.
-    pinned = use_backend(self._omni_fast_backend) if self._omni_fast_backend else contextlib.nullcontext()
-    with pinned:
-        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-        if getattr(q_norm, "weight", None) is not None:
-            eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
-            ops.qk_norm_mrope(q, k, q_norm.weight, k_norm.weight, positions, eps=eps, **rope)
-        else:
-            ops.mrope(q, k, positions, **rope)
+    positions, rope = rope_args
+    # backend pinned by patch(backend=...), else the ambient choice (use_backend block, env, auto)
+    backend = self.__dict__.get("_omni_fast_backend")
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    if getattr(q_norm, "weight", None) is not None:
+        eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
+        ops.qk_norm_mrope(q, k, q_norm.weight, k_norm.weight, positions, eps=eps, backend=backend, **rope)
+    else:
+        ops.mrope(q, k, positions, backend=backend, **rope)
     q = q.view(batch, seq, -1, d).transpose(1, 2)
     k = k.view(batch, seq, -1, d).transpose(1, 2)
     if past_key_values is not None:
@@ -170,6 +183,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     if getattr(model, "_omni_fast_patched", False):
         unpatch(model)
     register_transformers()
+    attention_ready = _attention_registered()
     root = _root_part(model)
     report = PatchReport()
     saved_configs: list[tuple[object, str, object]] = []
@@ -187,29 +201,51 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             if part in wanted:
                 _swap_forward(module, _attention_forward)
                 module._omni_fast_backend = backend
-                _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            key = (part, f"{cls}: q/k norm + TM-RoPE -> omni_fast.ops.qk_norm_mrope, attention -> omni_fast")
+                if attention_ready:
+                    _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+            fused = "q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if getattr(
+                getattr(module, "q_norm", None), "weight", None) is not None else "RoPE -> omni_fast.ops.mrope"
+            key = (part, f"{cls}: {fused}"
+                   + (", attention -> omni_fast" if attention_ready else ""))
             bucket[key] = bucket.get(key, 0) + 1
+            if not attention_ready and part in wanted:
+                key = (part, f"{cls}: attention itself ({_NO_ATTENTION})")
+                left[key] = left.get(key, 0) + 1
         elif cls in _EXPERTS:
             if part in wanted:
                 _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
+                if backend is not None:
+                    module._omni_fast_backend = backend
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
-            if part in wanted:
+            if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
-            bucket[key] = bucket.get(key, 0) + 1
+                key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
+                counts[key] = counts.get(key, 0) + 1
+            else:
+                key = (part, f"{cls}: attention" + ("" if part not in wanted else f" ({_NO_ATTENTION})"))
+                left[key] = left.get(key, 0) + 1
     for (part, what), n in sorted(counts.items()):
         report.replaced.append(f"[{part}] {what} (x{n})")
     for (part, what), n in sorted(left.items()):
-        report.left.append(f"[{part}] {what} (x{n}; part not selected)")
+        report.left.append(f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")"))
     for part in sorted(wanted - {p for p, _ in counts}):
         if any(_part_of(root, p) == part for p, _ in model.named_modules()):
             report.left.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
     model._omni_fast_patched = True
     model._omni_fast_saved_configs = saved_configs
     return report
+
+
+_NO_ATTENTION = "no omni_fast attention implementation registered: runs as transformers wrote it"
+
+
+def _attention_registered() -> bool:
+    """Whether transformers' ``AttentionInterface`` has an ``"omni_fast"`` entry (the attention work may not)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS
 
 
 def _set(saved: list, config, attr: str, value: str) -> None:
@@ -237,7 +273,7 @@ def unpatch(model: nn.Module) -> None:
         if "_omni_fast_forward" in module.__dict__:
             module.forward = module._omni_fast_forward
             del module._omni_fast_forward
-            module.__dict__.pop("_omni_fast_backend", None)
+        module.__dict__.pop("_omni_fast_backend", None)
     for config, attr, old in reversed(getattr(model, "_omni_fast_saved_configs", [])):
         _restore(config, attr, old)
     model._omni_fast_saved_configs = []

@@ -54,8 +54,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         num_local = self.gate_up_proj.shape[0]
         expert_map = torch.arange(num_local + 1, dtype=torch.int32, device=hidden_states.device)
         expert_map[-1] = -1  # the EP sentinel id (== num_local) contributes zero
+    # omni_fast.patch(model, backend=...) pins the backend on the module; otherwise the ambient one (use_backend/env)
     return ops.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-                         activation="silu", expert_map=expert_map)
+                         activation="silu", expert_map=expert_map,
+                         backend=self.__dict__.get("_omni_fast_backend"))
 
 
 def register(name: str) -> None:

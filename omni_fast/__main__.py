@@ -1,0 +1,166 @@
+"""``omni-fast`` / ``python -m omni_fast``: the command line.
+
+``omni-fast demo`` runs the thin Qwen3-Omni pipeline (:class:`omni_fast.models.Qwen3Omni`) on a synthetic request
+(a generated vowel-like spoken waveform and a text prompt), streams the text, writes the speech to a WAV file and
+prints the latency table and where each stage's time went. Without ``--checkpoint`` the model has random weights:
+the tiny one on a CPU, the 30B-A3B shapes on a GPU with the memory for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import wave
+
+import torch
+
+def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> torch.Tensor:
+    """A spoken-like test waveform ``[rate * seconds]`` float32 in [-1, 1]: a glottal-like harmonic source (f0
+    ~120 Hz with intonation and vibrato) filtered by moving vowel formants (/a/ -> /i/ -> /u/ ...), cut into
+    syllables by a ~4 Hz amplitude envelope, with a little breath noise."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(rate * seconds)
+    t = torch.arange(n, dtype=torch.float64) / rate
+    f0 = 120 + 15 * torch.sin(2 * math.pi * 0.4 * t) + 2 * torch.sin(2 * math.pi * 5.5 * t)
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / rate
+    vowels = torch.tensor([[730, 1090, 2440], [270, 2290, 3010], [300, 870, 2240], [530, 1840, 2480]],
+                          dtype=torch.float64)  # /a/ /i/ /u/ /e/ formants (Hz)
+    syllable = (t * 4).long() % len(vowels)
+    formants = vowels[syllable]  # [n, 3]
+    signal = torch.zeros(n, dtype=torch.float64)
+    for h in range(1, 34):  # harmonics up to ~4 kHz, each weighted by the formant resonances at its frequency
+        fh = h * f0
+        gain = sum(1.0 / (1.0 + ((fh - formants[:, k]) / (80.0 + 40 * k)) ** 2) for k in range(3))
+        signal += gain * torch.sin(h * phase) / h ** 0.7
+    envelope = torch.sin(math.pi * (t * 4 % 1.0)).clamp_min(0) ** 0.6
+    envelope *= (t > 0.15) & (t < seconds - 0.1)
+    signal = signal * envelope + 0.01 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return (0.5 * signal / signal.abs().max().clamp_min(1e-9)).float()
+
+
+def write_wav(path: str, audio: torch.Tensor, rate: int = 24000) -> None:
+    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``)."""
+    pcm = (audio.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy().tobytes()
+    with wave.open(path, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm)
+
+
+def _pick_model(args):
+    from .models import Qwen3Omni
+
+    patch = args.backend != "none"
+    backend = None if args.backend in ("auto", "none") else args.backend
+    if args.checkpoint:
+        return Qwen3Omni.from_pretrained(args.checkpoint, patch=patch, backend=backend), "checkpoint " + args.checkpoint
+    if not torch.cuda.is_available() or args.preset == "tiny":
+        return Qwen3Omni.random("tiny", device="cpu" if not torch.cuda.is_available() else "cuda", patch=patch,
+                                backend=backend), "tiny random-weight Qwen3-Omni"
+    from .models.presets import full_thinker_layers
+
+    free = torch.cuda.mem_get_info()[0] / 2 ** 30
+    layers = full_thinker_layers(free)  # trims only the thinker's depth when memory is short
+    pipe = Qwen3Omni.random("full", device="cuda", thinker_layers=layers, patch=patch, backend=backend)
+    what = "Qwen3-Omni-30B-A3B shapes, random weights" + (f" (thinker trimmed to {layers} of 48 layers: "
+                                                          f"{free:.0f} GiB free)" if layers else "")
+    return pipe, what
+
+
+def demo(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .models import Request
+
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    pipe, what = _pick_model(args)
+    build = time.perf_counter() - t0
+    on_gpu = pipe.device.type == "cuda"
+    if pipe.tokenizer is None:  # a weights-only checkpoint directory: no tokenizer files next to the weights
+        from .models.qwen3_omni import ByteTokenizer
+
+        pipe.tokenizer = ByteTokenizer(min(pipe.config.thinker_config.text_config.vocab_size - 32, 151000))
+        print("no tokenizer in the checkpoint directory: using a byte-level stand-in (the text will be noise)")
+    print(f"omni-fast demo: {what} on {pipe.device} ({build:.1f} s to build)")
+    if pipe.patch_report is not None:
+        if args.verbose:
+            print(pipe.patch_report)
+        else:
+            print(f"patched by omni_fast.patch: {len(pipe.patch_report.replaced)} replacements, "
+                  f"{len(pipe.patch_report.left)} items left as transformers wrote them (--verbose lists them)")
+    else:
+        print("unpatched: plain transformers modules")
+    if not on_gpu:
+        print("NOTE: CPU run. The timings below show where time goes in this run; they are NOT speed numbers "
+              "(no GPU, tiny model" + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+              + ").")
+    wave_in = synthetic_speech(args.seconds)
+    req = Request(text=args.prompt, audio=wave_in)
+    print(f"input: {args.seconds:.1f} s synthetic spoken-like waveform (16 kHz) + prompt {args.prompt!r}")
+    print("text: ", end="", flush=True)
+    audio, timing = [], None
+    for ev in pipe.stream(req, max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
+                          speaker=args.speaker):
+        if ev.kind == "text":
+            print(ev.text if ev.text is not None else ev.token_ids, end="", flush=True)
+        elif ev.kind == "audio":
+            audio.append(ev.audio)
+        else:
+            timing = ev.timing
+    print("" if args.checkpoint else "   (random weights: the text and the speech are noise)")
+    wav = torch.cat(audio) if audio else torch.zeros(0)
+    write_wav(args.out, wav)
+    print(f"wrote {args.out}: {wav.numel() / 24000:.2f} s of 24 kHz 16-bit mono audio ({len(audio)} streamed chunks)")
+    print(_latency_table(timing, on_gpu))
+    return 0
+
+
+REPORT = {"preprocessing": 72, "thinker TTFT": 88, "talker TTFT": 57, "MTP per frame": 14, "codec per code": 3,
+          "first audio packet": 234, "thinker tokens/s": 75, "talker tokens/s": 140, "RTF": 0.47}
+
+
+def _latency_table(t, on_gpu: bool) -> str:
+    lines = ["", "latency (this run" + ("" if on_gpu else ", CPU: not speed") + ")   vs technical report (conc. 1)"]
+    for name, value in t.table():
+        ref = REPORT.get(name)
+        ref_s = "" if ref is None else (f"{ref} ms" if "ms" in value else f"{ref}")
+        lines.append(f"  {name:<20} {value:>14}   {ref_s}")
+    total = sum(t.stages.values()) or 1.0
+    lines += ["", f"where the time went ({t.total * 1e3:.1f} ms wall, stages run interleaved):"]
+    for name, sec in sorted(t.stages.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<16} {sec * 1e3:9.1f} ms  {100 * sec / total:5.1f} %  " + "#" * int(40 * sec / total))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-fast", description="omni-fast: fast Qwen-Omni inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="stream speech from the Qwen3-Omni pipeline on a synthetic request")
+    d.add_argument("--checkpoint", help="local transformers-format Qwen3-Omni checkpoint directory (real weights)")
+    d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference", "none"],
+                   help="omni-fast kernel backend; 'none' runs transformers unpatched, to compare")
+    d.add_argument("--preset", default="auto", choices=["auto", "tiny", "full"],
+                   help="random-weight model without --checkpoint (auto: full on a GPU with the memory, else tiny)")
+    d.add_argument("--out", default="out.wav", help="output WAV path (24 kHz, 16-bit mono)")
+    d.add_argument("--max-new-tokens", type=int, default=24, help="thinker text tokens")
+    d.add_argument("--talker-max-new-tokens", type=int, default=40, help="talker codec frames (12.5 per second)")
+    d.add_argument("--prompt", default="Please answer in a friendly voice: what did I just say?")
+    d.add_argument("--seconds", type=float, default=2.0, help="length of the synthetic input waveform")
+    d.add_argument("--speaker", default="ethan")
+    d.add_argument("--verbose", action="store_true", help="print the omni_fast.patch report")
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available():
+        # the Triton kernels on a CPU run on the interpreter; it must be on before the first kernel is decorated
+        os.environ["TRITON_INTERPRET"] = "1"
+    if args.command == "demo":
+        return demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The pipeline's pluggable stages: the MTP code predictor frame step and the streaming Code2Wav decoder.
+
+ONE place picks each implementation: :func:`pick` returns ``omni_fast.models.<Name>`` built from the transformers
+module when omni-fast provides it (``<Name>.from_transformers(module)``), else the transformers-module version
+written here. Both versions have the same small interface:
+
+- code predictor: ``frame(past_hidden [B, 1, H], c0 [B] int64, sampler) -> (residual codes [B, Q-1] int64,
+  summed codec embedding [B, 1, H])`` — one MTP frame step (prefill ``[past_hidden, emb(c0)]`` -> c1, then
+  ``Q-2`` single-token steps), and the talker's next-step input (sum of all ``Q`` codebook embeddings);
+- Code2Wav: ``decode(codes [B, Q, T] int64) -> wav [B, 1, S]`` plus ``total_upsample``; the streaming (left
+  context, chunk schedule) lives in :class:`StreamingCodec`, outside the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] float -> ids [B] int64
+
+
+def pick(name: str, hf_module: nn.Module, fallback: Callable[[nn.Module], object]):
+    """``omni_fast.models.<name>.from_transformers(hf_module)`` if omni-fast provides it, else ``fallback(...)``."""
+    from .. import models
+
+    impl = getattr(models, name, None)
+    if impl is not None and hasattr(impl, "from_transformers"):
+        return impl.from_transformers(hf_module)
+    return fallback(hf_module)
+
+
+class HFCodePredictor:
+    """The MTP frame step on transformers' ``Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`` modules
+    (the same computation its ``generate`` does inside the talker, without the generate machinery)."""
+
+    name = "transformers code predictor (own frame loop)"
+
+    def __init__(self, module: nn.Module, codec_embedding: nn.Module):
+        self.module, self.codec_embedding = module, codec_embedding
+
+    @torch.no_grad()
+    def frame(self, past_hidden: torch.Tensor, c0: torch.Tensor, sampler: Sampler):
+        from transformers.cache_utils import DynamicCache
+
+        cp = self.module
+        embeds = cp.model.get_input_embeddings()  # ModuleList: table g-1 embeds residual code g
+        c0_embed = self.codec_embedding(c0[:, None])
+        cache = DynamicCache(config=cp.config)
+        out = cp.model(inputs_embeds=torch.cat([past_hidden, c0_embed], dim=1), past_key_values=cache,
+                       use_cache=True)
+        codes = [sampler(cp.lm_head[0](out.last_hidden_state[:, -1]).float())]
+        total = c0_embed
+        for g in range(2, len(cp.lm_head) + 1):
+            emb = embeds[g - 2](codes[-1][:, None])
+            total = total + emb
+            out = cp.model(inputs_embeds=emb, past_key_values=out.past_key_values, use_cache=True)
+            codes.append(sampler(cp.lm_head[g - 1](out.last_hidden_state[:, -1]).float()))
+        total = total + embeds[len(cp.lm_head) - 1](codes[-1][:, None])
+        return torch.stack(codes, dim=1), total
+
+
+class HFCode2Wav:
+    """transformers' ``Qwen3OmniMoeCode2Wav`` forward as the codec decoder."""
+
+    name = "transformers Code2Wav"
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.total_upsample = int(module.total_upsample)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.module(codes)
+
+
+class StreamingCodec:
+    """Streams a growing code sequence through a Code2Wav decoder in chunks with left context.
+
+    The first chunk is ``first_chunk`` frames (small: it sets the first-packet latency), later ones ``chunk``
+    frames; each chunk is decoded with up to ``left_context`` earlier frames and their samples are cut off, as
+    transformers' ``chunked_decode`` does (``first_chunk == chunk == 300``, ``left_context == 25`` reproduces it).
+    """
+
+    def __init__(self, decoder, *, first_chunk: int = 1, chunk: int = 12, left_context: int = 25):
+        self.decoder, self.first_chunk, self.chunk, self.left_context = decoder, first_chunk, chunk, left_context
+        self.done = 0  # frames already turned into audio
+
+    def ready(self, frames: int, final: bool) -> bool:
+        """Whether ``frames`` decoded frames make a chunk now (or the rest, at the end)."""
+        want = self.first_chunk if self.done == 0 else self.chunk
+        return frames - self.done >= want or (final and frames > self.done)
+
+    def step(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decode the frames of ``codes [B, Q, T]`` not decoded yet (with left context); returns ``[B, S]``."""
+        start, end = self.done, codes.shape[-1]
+        context = self.left_context if start - self.left_context > 0 else start
+        wav = self.decoder.decode(codes[..., start - context:end])
+        self.done = end
+        return wav[..., context * self.decoder.total_upsample:].reshape(codes.shape[0], -1)

@@ -1,0 +1,757 @@
+"""A thin streaming Qwen3-Omni pipeline on transformers' modules, patched with omni-fast kernels.
+
+``Qwen3Omni`` runs thinker -> talker -> MTP code predictor -> streaming Code2Wav with its own loops (no
+``generate``), so text deltas and audio chunks come out as soon as they exist: the talker starts right after the
+thinker's first token (it needs only the prompt's hidden states and the *embeddings* of the text tokens, one per
+talker step), every codec frame goes through the MTP step at once, and Code2Wav decodes a first small chunk then
+larger ones with left context. A batch of requests runs together (left padding; finished rows idle on pad
+tokens, as transformers does).
+
+Semantics are transformers' ``Qwen3OmniMoeForConditionalGeneration.generate``: with greedy decoding, no repetition
+penalty and one 300-frame codec chunk, the text ids, codes and waveform are the same (``tests/test_pipeline.py``).
+
+Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
+synchronises the device so that the numbers are stage times, not launch times.
+
+Not done yet (see docs/pipeline.md): static KV cache, chunked prefill, CUDA-graph decode; video input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .components import HFCode2Wav, HFCodePredictor, StreamingCodec, pick
+from .positions import PositionSpec, rope_positions
+
+SAMPLE_RATE_IN = 16000
+SAMPLE_RATE_OUT = 24000
+
+
+# ----------------------------------------------------------------------------------------------------- requests
+@dataclass
+class Request:
+    """One request: a text prompt (already tokenised ids of the user turn's text, or a string for the demo's
+    byte-level stand-in tokenizer), an optional 16 kHz mono waveform, an optional image ``[3, H, W]`` float, an
+    optional video ``[F, 3, H, W]`` float (frames at ``video_fps``); ``audio_in_video``: the waveform is the
+    video's sound track, and its tokens interleave with the video's by time (``<vision_start><audio_start> ...
+    <audio_end><vision_end>``)."""
+
+    text: str | list[int] = ""
+    audio: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    video: torch.Tensor | None = None  # [F, 3, H, W] float frames sampled at `video_fps`
+    video_fps: float = 2.0
+    audio_in_video: bool = False  # `audio` is the video's sound track: its tokens interleave with the video's
+
+
+@dataclass
+class RequestTiming:
+    """Per-request latency breakdown, in the technical report's terms (seconds unless noted).
+
+    preprocessing: mel features + audio/vision encoders + prompt embedding; thinker_ttft: thinker prefill to the
+    first text token; talker_ttft: talker prefill to the first codec token (counted from the thinker's first token);
+    mtp_per_frame: mean MTP frame step; codec_per_code: Code2Wav seconds per decoded frame; first_packet: request
+    start to the first audio chunk; thinker/talker tokens_per_s: decode tokens over decode time; rtf: wall time to
+    the last audio sample over the audio duration.
+    """
+
+    preprocessing: float = 0.0
+    thinker_ttft: float = 0.0
+    talker_ttft: float = 0.0
+    mtp_per_frame: float = 0.0
+    codec_per_code: float = 0.0
+    first_packet: float = float("nan")
+    thinker_tokens_per_s: float = 0.0
+    talker_tokens_per_s: float = 0.0
+    rtf: float = float("nan")
+    text_tokens: int = 0
+    frames: int = 0
+    audio_seconds: float = 0.0
+    total: float = 0.0
+    stages: dict = field(default_factory=dict)  # stage -> seconds (shared batch stages counted for every row)
+
+    def table(self) -> list[tuple[str, str]]:
+        ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
+        return [("preprocessing", ms(self.preprocessing)), ("thinker TTFT", ms(self.thinker_ttft)),
+                ("talker TTFT", ms(self.talker_ttft)), ("MTP per frame", ms(self.mtp_per_frame)),
+                ("codec per code", ms(self.codec_per_code)), ("first audio packet", ms(self.first_packet)),
+                ("thinker tokens/s", f"{self.thinker_tokens_per_s:.1f}"),
+                ("talker tokens/s", f"{self.talker_tokens_per_s:.1f}"), ("RTF", f"{self.rtf:.3f}"),
+                ("text tokens", str(self.text_tokens)), ("codec frames", str(self.frames)),
+                ("audio", f"{self.audio_seconds:.2f} s")]
+
+
+@dataclass
+class Event:
+    """What :meth:`Qwen3Omni.stream` yields: a text delta (token ids; ``text`` decoded when a tokenizer is known),
+    an audio chunk (``[S]`` float32 at 24 kHz), or the end of a request (with its timing)."""
+
+    request: int
+    kind: str  # "text" | "audio" | "done"
+    token_ids: list[int] | None = None
+    text: str | None = None
+    audio: torch.Tensor | None = None
+    timing: RequestTiming | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0,
+                 generator: torch.Generator | None = None):
+    """logits ``[B, V]`` -> ids ``[B]``: greedy, or top-k / top-p sampling at ``temperature``."""
+    if not do_sample:
+        return lambda logits: logits.argmax(-1)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / max(temperature, 1e-5)
+        if top_k and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    return sample
+
+
+def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cpu"):
+    """16 kHz waveforms -> ``(input_features [N, 128, F], feature_attention_mask [N, F])`` through transformers'
+    ``WhisperFeatureExtractor`` math (128 mel bins, n_fft 400, hop 160; the Qwen3-Omni processor's audio kwargs:
+    pad to the longest, no truncation). Built from its constructor defaults: nothing is downloaded."""
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE_IN)
+    dev = torch.device(device)
+    out = fe([w.detach().float().cpu().numpy() for w in waveforms], sampling_rate=SAMPLE_RATE_IN, padding=True,
+             truncation=False, return_attention_mask=True, return_tensors="pt",
+             device="cuda" if dev.type == "cuda" else "cpu")
+    return out["input_features"].to(dev), out["attention_mask"].to(dev)
+
+
+class ByteTokenizer:
+    """The demo's stand-in tokenizer for random-weight models: one id per UTF-8 byte, folded into the vocabulary
+    below the special ids (real checkpoints: pass token ids, or a transformers tokenizer as ``tokenizer=``)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.limit for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 32 <= i < 127).decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------------ pipeline
+class Qwen3Omni:
+    """Thinker -> talker -> MTP -> streaming Code2Wav for a transformers ``Qwen3OmniMoeForConditionalGeneration``.
+
+    ``patch``: swap omni-fast kernels in with :func:`omni_fast.patch` (``backend`` pins their backend).
+    """
+
+    def __init__(self, model, *, patch: bool = True, backend: str | None = None, tokenizer=None):
+        import omni_fast
+
+        self.model = model.eval()
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.patch_report = omni_fast.patch(model, backend=backend) if patch else None
+        thinker_cfg = self.config.thinker_config
+        self.spec = PositionSpec.from_config(thinker_cfg)
+        self.tokenizer = tokenizer
+        # "\n" (one token in Qwen's vocabulary: 198); a tokenizer, when given, says which id it is
+        vocab = thinker_cfg.text_config.vocab_size
+        self.newline_id = next(iter(tokenizer.encode("\n")), None) if tokenizer is not None else None
+        if self.newline_id is None:
+            self.newline_id = 198 if vocab > 198 else 10
+        talker = model.talker
+        self.code_predictor = pick("CodePredictor", talker.code_predictor,
+                                   lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
+        self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
+
+    # ---------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> "Qwen3Omni":
+        """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present."""
+        from transformers import Qwen3OmniMoeForConditionalGeneration
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        model = model.to(device)
+        tokenizer = kwargs.pop("tokenizer", None)
+        if tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                if not tokenizer.encode("\n"):  # built without vocabulary files: no real tokenizer there
+                    tokenizer = None
+            except Exception:  # noqa: BLE001 - a weights-only directory: the caller passes token ids
+                tokenizer = None
+        return cls(model, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def random(cls, preset: str = "tiny", *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               seed: int = 0, thinker_layers: int | None = None, **kwargs) -> "Qwen3Omni":
+        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16
+        weights; ``thinker_layers`` < 48 trims only the thinker's depth when memory is short)."""
+        from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+        from .presets import TINY_TEXT_VOCAB, full_qwen3_omni_config, tiny_qwen3_omni_config
+
+        if preset not in ("tiny", "full"):
+            raise ValueError(f"preset must be 'tiny' or 'full', got {preset!r}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        config = tiny_qwen3_omni_config() if preset == "tiny" else full_qwen3_omni_config(thinker_layers)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = q3.Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
+        _randomize(model, seed, scale=0.2 if preset == "tiny" else None)
+        vocab = TINY_TEXT_VOCAB - 32 if preset == "tiny" else 151000
+        kwargs.setdefault("tokenizer", ByteTokenizer(vocab))
+        return cls(model, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ prompting
+    def _encode_text(self, text) -> list[int]:
+        if isinstance(text, (list, tuple)):
+            return list(text)
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass token ids, or tokenizer= to Qwen3Omni")
+        return list(self.tokenizer.encode(text))
+
+    def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int, video_tokens_n: int = 0, *,
+                     video_grid: list[int] | None = None, seconds: float | None = None) -> list[int]:
+        """``<im_start>user\\n [<audio_start><audio>*n<audio_end>] [<vision_start><image>*n<vision_end>]
+        [<vision_start><video>*n<vision_end>] text <im_end>\\n<im_start>assistant\\n`` in token ids (``\\n`` is one
+        text token). With ``req.audio_in_video`` the audio and video tokens share one block, interleaved by time
+        (``video_grid`` ``(t, h, w)`` and ``seconds`` per temporal step then say where each video token sits)."""
+        c, t = self.config, self.config.thinker_config
+        nl = [self.newline_id]
+        ids = [c.im_start_token_id, c.user_token_id] + nl
+        if req.audio_in_video:
+            kinds = _audio_video_order(video_grid, seconds, audio_tokens_n, self.spec)
+            ids += [t.vision_start_token_id, t.audio_start_token_id]
+            ids += [t.audio_token_id if k else t.video_token_id for k in kinds]
+            ids += [t.audio_start_token_id + 1, t.vision_start_token_id + 1]
+            audio_tokens_n = video_tokens_n = 0
+        if audio_tokens_n:
+            ids += [t.audio_start_token_id] + [t.audio_token_id] * audio_tokens_n + [t.audio_start_token_id + 1]
+        if image_tokens_n:
+            ids += [t.vision_start_token_id] + [t.image_token_id] * image_tokens_n + [t.vision_start_token_id + 1]
+        if video_tokens_n:
+            ids += [t.vision_start_token_id] + [t.video_token_id] * video_tokens_n + [t.vision_start_token_id + 1]
+        ids += self._encode_text(req.text) + [c.im_end_token_id] + nl
+        ids += [c.im_start_token_id, c.assistant_token_id] + nl
+        return ids
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def generate(self, requests: Request | list[Request], **kwargs) -> list[dict]:
+        """Run :meth:`stream` to the end; per request: ``token_ids``, ``text``, ``audio`` ``[S]``, ``timing``."""
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        out = [{"token_ids": [], "text": "", "audio": [], "timing": None} for _ in reqs]
+        for ev in self.stream(reqs, **kwargs):
+            o = out[ev.request]
+            if ev.kind == "text":
+                o["token_ids"] += ev.token_ids
+                o["text"] += ev.text or ""
+            elif ev.kind == "audio":
+                o["audio"].append(ev.audio)
+            else:
+                o["timing"] = ev.timing
+        for o in out:
+            o["audio"] = torch.cat(o["audio"]) if o["audio"] else torch.zeros(0)
+        return out
+
+    @torch.no_grad()
+    def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
+               speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
+               talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
+               left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
+               seed: int = 0) -> Iterator[Event]:
+        """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
+        per request with its :class:`RequestTiming`.
+
+        Greedy by default (``do_sample``/``talker_do_sample`` switch to transformers' default sampling: thinker
+        top-k 50, talker top-k 50 at temperature 0.9, MTP top-k 50 / top-p 0.8). ``first_chunk``/``chunk``/
+        ``left_context``: the codec streaming schedule in frames (12.5 frames per second of audio).
+        ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
+        long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
+        ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
+        """
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        if not reqs:
+            return
+        m, cfg, dev = self.model, self.config, self.device
+        tcfg = cfg.talker_config
+        speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
+        if speaker_id is None:
+            raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        text_sampler = make_sampler(do_sample, top_k=50, generator=gen)
+        codec_sampler = make_sampler(talker_do_sample, top_k=50, temperature=0.9, generator=gen)
+        mtp_sampler = make_sampler(talker_do_sample, top_k=50, top_p=0.8, generator=gen)
+        B = len(reqs)
+        timings = [RequestTiming() for _ in reqs]
+        t_start = _now(dev)
+
+        # ---- preprocessing: mel + audio encoder, vision encoder, prompt embeddings, TM-RoPE positions
+        thinker = m.thinker
+        embeds_layer = thinker.get_input_embeddings()
+        audio_embeds, audio_lens, n_audio_tok = self._encode_audio(reqs)
+        vis = self._encode_visual(reqs)
+        image_grids, video_grids, seconds = vis["image_grid"], vis["video_grid"], vis["seconds"]
+        in_video = any(r.audio_in_video for r in reqs)
+        if in_video and any((r.video is not None or r.audio is not None) and not r.audio_in_video for r in reqs):
+            raise ValueError("audio_in_video applies to the whole batch (as transformers' use_audio_in_video): "
+                             "every request with audio or video must set it, or none")
+        if any(r.audio_in_video and (r.audio is None or r.video is None) for r in reqs):
+            raise ValueError("audio_in_video needs both audio and video in the request")
+        vid_of = {i: j for j, i in enumerate(i for i, r in enumerate(reqs) if r.video is not None)}
+        prompts = [self.build_prompt(r, n_audio_tok[i], vis["image_tokens"][i], vis["video_tokens"][i],
+                                     video_grid=None if i not in vid_of else video_grids[vid_of[i]].tolist(),
+                                     seconds=None if i not in vid_of else float(seconds[vid_of[i]]))
+                   for i, r in enumerate(reqs)]
+        S = max(map(len, prompts))
+        ids = torch.zeros(B, S, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):  # left padding, as the Qwen3-Omni processor does
+            ids[i, S - len(p):] = torch.tensor(p, device=dev)
+            mask[i, S - len(p):] = 1
+        inputs_embeds = embeds_layer(ids)
+        if audio_embeds is not None:
+            amask = (ids == self.spec.audio_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(amask, audio_embeds.to(inputs_embeds.dtype))
+        inputs_embeds, visual_mask, deepstack = self._merge_visual(ids, inputs_embeds, vis)
+        pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
+                                     video_grid_thw=video_grids, second_per_grids=seconds,
+                                     audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
+        pos_i = _int_positions(pos)
+        t_pre = _now(dev)
+        for tm in timings:
+            tm.preprocessing = t_pre - t_start
+
+        # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
+        cache = _new_cache(thinker.config.text_config, static_cache, S + max_new_tokens)
+        out, hidden_states = self._prefill(thinker.model.language_model, inputs_embeds, mask, pos_i, cache,
+                                           visual_mask, deepstack, prefill_chunk,
+                                           self.config.talker_config.accept_hidden_layer)
+        logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
+        token = text_sampler(logits)
+        t_first = _now(dev)
+        eos = cfg.im_end_token_id
+        generated = [[int(x)] for x in token.tolist()]
+        text_done = [g[0] == eos or max_new_tokens <= 1 for g in generated]
+        thinker_time, thinker_steps = 0.0, 0
+        for i in range(B):
+            timings[i].thinker_ttft = t_first - t_pre
+            yield self._text_event(i, generated[i])
+        next_pos = _int_positions(deltas.view(B) + mask.sum(-1))  # the next TM-RoPE position (all three rows)
+        thinker_mask = mask
+
+        def thinker_step():
+            nonlocal token, thinker_mask, next_pos, thinker_time, thinker_steps
+            t0 = _now(dev)
+            thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
+            p = next_pos.view(1, B, 1).expand(3, B, 1)
+            o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]), attention_mask=thinker_mask,
+                                             position_ids=p, past_key_values=cache, use_cache=True)
+            nxt = text_sampler(thinker.lm_head(o.last_hidden_state[:, -1]).float())
+            nxt = torch.where(torch.tensor(text_done, device=dev), torch.full_like(nxt, eos), nxt)
+            token, next_pos = nxt, next_pos + 1
+            thinker_time += _now(dev) - t0
+            thinker_steps += 1
+            events = []
+            for i, tid in enumerate(nxt.tolist()):
+                if not text_done[i]:
+                    generated[i].append(tid)
+                    text_done[i] = tid == eos or len(generated[i]) >= max_new_tokens
+                    events.append(self._text_event(i, [tid]))
+            return events
+
+        # ---- talker prefill (needs the prompt's hidden states and the first text token only)
+        t0 = _now(dev)
+        talker = m.talker
+        proj_special = talker.text_projection(embeds_layer(torch.tensor(
+            [[cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]], device=dev)))
+        tts_bos, tts_eos, tts_pad = proj_special.chunk(3, dim=1)  # [1, 1, D] each
+        t_embeds, t_mask, t_ids = self._talker_prompt(
+            ids, mask, hidden_states, speaker_id, tts_bos, tts_pad, embeds_layer(token[:, None]))
+        t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
+                                         attention_mask=t_mask, image_grid_thw=image_grids,
+                                         video_grid_thw=video_grids, second_per_grids=seconds,
+                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
+        t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
+        # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
+        tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
+                            past_key_values=t_cache, use_cache=True)
+        suppress = _suppress_mask(tcfg, dev)
+        c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, [], codec_sampler,
+                              talker_repetition_penalty)
+        past_hidden = tout.last_hidden_state[:, -1:]
+        t_first_codec = _now(dev)
+        for i in range(B):
+            timings[i].talker_ttft = t_first_codec - t0
+        talker_time, talker_steps, mtp_time, codec_time = 0.0, 0, 0.0, 0.0
+        t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
+        codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
+        frames: list[torch.Tensor] = []  # [B, Q] per frame
+        speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
+        n_frames = [0] * B
+        codec = StreamingCodec(self.code2wav, first_chunk=first_chunk, chunk=chunk, left_context=left_context)
+        audio_len = [0] * B
+        step = 0
+
+        def emit_audio(final: bool):
+            nonlocal codec_time
+            if not frames or not codec.ready(len(frames), final):
+                return []
+            t0 = _now(dev)
+            start = codec.done
+            wav = codec.step(torch.stack(frames, dim=-1)).float()
+            codec_time += _now(dev) - t0
+            per_frame = wav.shape[-1] / max(len(frames) - start, 1)
+            events, now = [], time.perf_counter()
+            for i in range(B):
+                # rows that ended keep getting (ignored) frames: cut at their own frame count
+                keep = max(0, min(n_frames[i], len(frames)) - start)
+                if keep == 0:
+                    continue
+                n = wav.shape[-1] if n_frames[i] >= len(frames) else int(round(keep * per_frame))
+                chunk_wav = wav[i, :n].cpu()
+                audio_len[i] += chunk_wav.numel()
+                if math.isnan(timings[i].first_packet):
+                    timings[i].first_packet = now - t_start
+                events.append(Event(i, "audio", audio=chunk_wav))
+            return events
+
+        # ---- interleaved decode: thinker tokens, talker frames (MTP), Codec chunks
+        for _ in range(talker_max_new_tokens - 1):
+            if all(speech_done):
+                break
+            t0 = _now(dev)
+            residual, summed = self.code_predictor.frame(past_hidden, c0, mtp_sampler)
+            mtp_time += _now(dev) - t0
+            frames.append(torch.cat([c0[:, None], residual], dim=1).masked_fill(
+                torch.tensor(speech_done, device=dev)[:, None], 0))
+            for i in range(B):
+                if not speech_done[i]:
+                    n_frames[i] += 1
+            yield from emit_audio(final=False)  # the frame needs no new text: audio goes out first
+            # the talker's step k reads text token k+1: run the thinker up to it
+            while not all(text_done) and any(len(generated[i]) < step + 2 for i in range(B) if not text_done[i]):
+                yield from thinker_step()
+            t0 = _now(dev)
+            text_in = self._trailing(step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad)
+            t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
+            p = t_next_pos.view(1, B, 1).expand(3, B, 1)
+            tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
+                                past_key_values=tout.past_key_values, use_cache=True)
+            t_next_pos = t_next_pos + 1
+            c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, codes_hist,
+                                  codec_sampler, talker_repetition_penalty)
+            past_hidden = tout.last_hidden_state[:, -1:]
+            for i, c in enumerate(c0.tolist()):
+                if not speech_done[i]:
+                    codes_hist[i].append(c)
+                    speech_done[i] = c == tcfg.codec_eos_token_id
+            talker_time += _now(dev) - t0
+            talker_steps += 1
+            step += 1
+        yield from emit_audio(final=True)
+        while not all(text_done):  # text longer than the speech budget
+            yield from thinker_step()
+        t_end = _now(dev)
+
+        for i, tm in enumerate(timings):
+            tm.text_tokens = len(generated[i])
+            tm.frames = n_frames[i]
+            tm.mtp_per_frame = mtp_time / max(len(frames), 1)
+            tm.codec_per_code = codec_time / max(len(frames), 1)
+            tm.thinker_tokens_per_s = thinker_steps / thinker_time if thinker_time else 0.0
+            tm.talker_tokens_per_s = talker_steps / talker_time if talker_time else 0.0
+            tm.audio_seconds = audio_len[i] / SAMPLE_RATE_OUT
+            tm.total = t_end - t_start
+            tm.rtf = tm.total / tm.audio_seconds if tm.audio_seconds else float("nan")
+            tm.stages = {"preprocessing": tm.preprocessing, "thinker prefill": tm.thinker_ttft,
+                         "thinker decode": thinker_time, "talker prefill": tm.talker_ttft,
+                         "talker decode": talker_time, "MTP": mtp_time, "Code2Wav": codec_time}
+            yield Event(i, "done", timing=tm)
+
+    # ------------------------------------------------------------------------------------------ stage internals
+    @staticmethod
+    def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
+        """Thinker prefill through its text model, optionally chunked: each chunk attends to the cache so far and
+        receives the DeepStack rows of its own visual tokens. Returns the last chunk's output and the two hidden
+        states the talker reads over the whole prompt, as ``{0: embeddings, accept_layer: hidden}`` (transformers'
+        ``hidden_states[k]``: the output of layer ``k - 1``, the final-norm output for the last layer), kept by a
+        forward hook instead of recording every layer."""
+        B, S, _ = inputs_embeds.shape
+        chunk = S if not chunk or chunk >= S else int(chunk)
+        if deepstack is not None:  # row of each visual token in the (batch-major) DeepStack tensors
+            flat = visual_mask.reshape(-1)
+            rank = (flat.long().cumsum(0) - 1).view(B, S)
+        n_layers = len(lm.layers)
+        kept: list[torch.Tensor] = []
+        hook = None
+        if accept_layer < n_layers:
+            def keep(_module, _args, output):
+                kept.append(output[0] if isinstance(output, tuple) else output)
+
+            hook = lm.layers[accept_layer - 1].register_forward_hook(keep) if accept_layer > 0 else None
+        outs, out = [], None
+        try:
+            for s in range(0, S, chunk):
+                e = min(s + chunk, S)
+                extra = {}
+                if deepstack is not None:
+                    vm = visual_mask[:, s:e]
+                    rows = rank[:, s:e][vm]
+                    extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
+                out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                         position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True, **extra)
+                outs.append(out.last_hidden_state)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if accept_layer == 0:
+            accepted = inputs_embeds
+        elif accept_layer >= n_layers:
+            accepted = torch.cat(outs, dim=1)
+        else:
+            accepted = torch.cat(kept, dim=1)
+        return out, {0: inputs_embeds, accept_layer: accepted}
+
+    def _text_event(self, i: int, ids: list[int]) -> Event:
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+        return Event(i, "text", token_ids=list(ids), text=text)
+
+    def _encode_audio(self, reqs):
+        """Mel features and the audio encoder for the requests that carry audio (in request order)."""
+        waves = [r.audio for r in reqs if r.audio is not None]
+        counts = [0] * len(reqs)
+        if not waves:
+            return None, None, counts
+        feats, fmask = mel_features(waves, self.device)
+        thinker = self.model.thinker
+        feats = feats.to(thinker.dtype)
+        emb = thinker.model.get_audio_features(feats, feature_attention_mask=fmask, return_dict=True)
+        emb = emb.last_hidden_state
+        lens = fmask.sum(-1)
+        from .positions import audio_tokens
+
+        j = 0
+        for i, r in enumerate(reqs):
+            if r.audio is not None:
+                counts[i] = audio_tokens(int(lens[j]), self.spec.n_window)
+                j += 1
+        return emb, lens, counts
+
+    def _encode_visual(self, reqs):
+        """Patchify images (``[3, H, W]``) and videos (``[F, 3, H, W]``), run the vision encoder once per kind."""
+        vcfg = self.config.thinker_config.vision_config
+        merge, dtype = vcfg.spatial_merge_size, self.model.thinker.dtype
+        out = {"image_tokens": [0] * len(reqs), "video_tokens": [0] * len(reqs), "image_grid": None,
+               "video_grid": None, "seconds": None, "image": None, "video": None}
+        for kind in ("image", "video"):
+            items = [(i, getattr(r, kind)) for i, r in enumerate(reqs) if getattr(r, kind) is not None]
+            if not items:
+                continue
+            patches, grids = [], []
+            for i, x in items:
+                frames = x[None] if kind == "image" else x
+                pv, grid = _patchify(frames.to(self.device), vcfg.patch_size, vcfg.temporal_patch_size, merge)
+                patches.append(pv)
+                grids.append(grid)
+                out[f"{kind}_tokens"][i] = grid[0] * grid[1] * grid[2] // merge ** 2
+            grid_thw = torch.tensor(grids, device=self.device)
+            pixels = torch.cat(patches).to(dtype)
+            thinker = self.model.thinker.model
+            get = thinker.get_image_features if kind == "image" else thinker.get_video_features
+            out[kind] = get(pixels, grid_thw, return_dict=True)
+            out[f"{kind}_grid"] = grid_thw
+            if kind == "video":  # seconds per temporal grid step: temporal_patch_size frames at video_fps
+                out["seconds"] = torch.tensor([vcfg.temporal_patch_size / reqs[i].video_fps for i, _ in items])
+        return out
+
+    def _merge_visual(self, ids, inputs_embeds, vis):
+        """Image/video embeddings into their placeholder tokens; the DeepStack features of all visual tokens in
+        prompt order (what transformers' thinker builds) and their mask."""
+        masks, feats = [], []
+        for kind, token in (("image", self.spec.image_token_id), ("video", self.spec.video_token_id)):
+            if vis[kind] is None:
+                continue
+            m = ids == token
+            emb = torch.cat(vis[kind].pooler_output, dim=0).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(m.unsqueeze(-1).expand_as(inputs_embeds), emb)
+            masks.append(m)
+            feats.append([torch.cat(f, dim=0) for f in vis[kind].deepstack_features])
+        if not masks:
+            return inputs_embeds, None, None
+        visual = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        if len(masks) == 1:
+            return inputs_embeds, visual, feats[0]
+        joint = []
+        for layer_feats in zip(*feats):  # rows of both kinds, placed in prompt order
+            rows = layer_feats[0].new_zeros(int(visual.sum()), layer_feats[0].shape[-1])
+            for m, f in zip(masks, layer_feats):
+                rows[m[visual]] = f
+            joint.append(rows)
+        return inputs_embeds, visual, joint
+
+    def _talker_prompt(self, ids, mask, hidden_states, speaker_id, tts_bos, tts_pad, first_token_embed):
+        """The talker's prompt, as ``Qwen3OmniMoeForConditionalGeneration.generate`` builds it: the user turn
+        (text embeddings -> ``text_projection``, audio/image tokens' thinker hidden at ``accept_hidden_layer`` ->
+        ``hidden_projection``), then ``<im_start>assistant\\n`` + 4 tts pads + tts_bos + the first text token, each
+        added to the codec special embeddings (nothink, think_bos, think_eos, speaker, pad, bos)."""
+        cfg, tcfg, talker = self.config, self.config.talker_config, self.model.talker
+        B, S = ids.shape
+        thinker_embed, thinker_hidden = hidden_states[0], hidden_states[tcfg.accept_hidden_layer]
+        mm = ((ids == cfg.thinker_config.audio_token_id) | (ids == cfg.thinker_config.image_token_id)
+              | (ids == cfg.thinker_config.video_token_id))
+        # user turn tokens: those whose closest preceding <im_start> is followed by the user role
+        pos = torch.arange(S, device=ids.device).expand(B, S)
+        starts = torch.where(ids == cfg.im_start_token_id, pos, torch.full_like(pos, -1)).cummax(-1).values
+        role = ids.gather(1, (starts.clamp_min(0) + 1).clamp_max(S - 1))
+        user = (role == cfg.user_token_id) & mask.bool()
+        user_part = torch.where(mm.unsqueeze(-1), talker.hidden_projection(thinker_hidden),
+                                talker.text_projection(thinker_embed))
+        n_user = user.sum(-1)
+        U = int(n_user.max())
+        order = torch.where(user, S + pos, pos).argsort(-1)[:, -U:]  # user tokens last, in order, right-aligned
+        user_embeds = user_part.gather(1, order.unsqueeze(-1).expand(-1, -1, user_part.shape[-1]))
+        user_ids = ids.gather(1, order)
+        user_mask = (torch.arange(U, device=ids.device) >= (U - n_user).unsqueeze(1)).long()
+        # assistant part: the last 3 prompt tokens are <im_start> assistant \n
+        a_hidden = talker.text_projection(torch.cat([thinker_embed[:, -3:], first_token_embed], dim=1))
+        text_hidden = torch.cat([a_hidden[:, :3], tts_pad.expand(B, 4, -1), tts_bos.expand(B, -1, -1),
+                                 a_hidden[:, 3:4]], dim=1)
+        special = torch.tensor([[tcfg.codec_nothink_id, tcfg.codec_think_bos_id, tcfg.codec_think_eos_id, speaker_id,
+                                 tcfg.codec_pad_id, tcfg.codec_bos_id]], device=ids.device).expand(B, -1)
+        codec_hidden = torch.cat([text_hidden.new_zeros(B, 3, text_hidden.shape[-1]),
+                                  talker.get_input_embeddings()(special)], dim=1)
+        embeds = torch.cat([user_embeds, text_hidden + codec_hidden], dim=1)
+        t_ids = torch.cat([user_ids, torch.full((B, text_hidden.shape[1]), cfg.tts_pad_token_id, device=ids.device)],
+                          dim=1)
+        t_mask = torch.cat([user_mask, mask.new_ones(B, text_hidden.shape[1])], dim=1)
+        return embeds, t_mask, t_ids
+
+    def _trailing(self, step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad):
+        """The text input ``[B, 1, D]`` of talker step ``step`` (transformers' ``trailing_text_hidden``): per request
+        the projected embedding of its text token ``step + 1``; once its text has ended (N tokens), tts_eos at step
+        ``N - 2`` and tts_pad after. As in transformers' batch-1 generate, the final token (EOS, or the last one at
+        ``max_new_tokens``) is never fed to the talker: its thinker embedding is never computed there."""
+        ids, kind = [], []  # kind: 0 text token, 1 tts_eos, 2 tts_pad
+        for g, done in zip(generated, text_done):
+            eos_step = max(len(g) - 2, 0)
+            k = 0 if not done or step < eos_step else (1 if step == eos_step else 2)
+            kind.append(k)
+            ids.append(g[step + 1] if k == 0 else 0)
+        if all(k == 2 for k in kind):
+            return tts_pad.expand(len(ids), -1, -1)
+        dev = self.device
+        text = talker.text_projection(embeds_layer(torch.tensor(ids, device=dev)[:, None]))
+        kind_t = torch.tensor(kind, device=dev).view(-1, 1, 1)
+        return torch.where(kind_t == 0, text, torch.where(kind_t == 1, tts_eos, tts_pad))
+
+    def _codec_pick(self, logits, suppress, history, sampler, penalty):
+        logits = logits.masked_fill(suppress, float("-inf"))
+        if penalty != 1.0 and history and history[0]:
+            width = max(map(len, history))  # rows that stopped are shorter: pad with a code they already have
+            idx = torch.tensor([h + h[:1] * (width - len(h)) for h in history], device=logits.device)
+            got = logits.gather(1, idx)
+            logits = logits.scatter(1, idx, torch.where(got < 0, got * penalty, got / penalty))
+        return sampler(logits)
+
+
+# ---------------------------------------------------------------------------------------------- module helpers
+def _new_cache(config, static: bool, max_len: int):
+    """A transformers KV cache: ``StaticCache`` (preallocated, fixed shapes) or ``DynamicCache`` (grows)."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
+def _int_positions(pos: torch.Tensor) -> torch.Tensor:
+    """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
+    integers; a fractional video timestamp keeps them float, for the rest of the request's decode too, and
+    transformers' own RoPE runs). One host sync, at prefill."""
+    as_int = pos.to(torch.int64)
+    return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
+
+
+def _audio_video_order(grid, seconds: float, n_audio: int, spec: PositionSpec) -> list[bool]:
+    """Token kinds (True = audio) of an audio-in-video block, in the order of their temporal positions: video tokens
+    at ``i * seconds * position_id_per_seconds`` (``h * w / merge**2`` per temporal step), audio tokens at 0, 1, ...;
+    video first on ties (the order ``get_rope_index``'s merge assigns positions in)."""
+    gt, gh, gw = grid
+    per_step = gh * gw // spec.spatial_merge_size ** 2
+    video_t = (torch.arange(gt) * torch.tensor(seconds, dtype=torch.float32) * spec.position_id_per_seconds).float()
+    keys = torch.cat([video_t.repeat_interleave(per_step), torch.arange(n_audio, dtype=torch.float32)])
+    order = torch.sort(keys, stable=True).indices
+    return (order >= gt * per_step).tolist()
+
+
+def _talker_ids(tcfg) -> dict:
+    return dict(image_token_id=tcfg.image_token_id, video_token_id=tcfg.video_token_id,
+                audio_token_id=tcfg.audio_token_id, vision_start_token_id=tcfg.vision_start_token_id,
+                audio_start_token_id=tcfg.audio_start_token_id,
+                position_id_per_seconds=tcfg.position_id_per_seconds)
+
+
+def _suppress_mask(tcfg, device) -> torch.Tensor:
+    """The top 1024 codec ids but codec EOS are never sampled (transformers' ``suppress_tokens``)."""
+    vocab = tcfg.text_config.vocab_size
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[max(vocab - 1024, 0):] = True
+    mask[tcfg.codec_eos_token_id] = False
+    return mask
+
+
+def _patchify(frames: torch.Tensor, patch: int, temporal: int, merge: int):
+    """``[F, 3, H, W]`` float frames (an image is one frame) -> (patches ``[t*h*w, 3*temporal*patch*patch]`` in the
+    merge-block order the Qwen image/video processors use, grid ``(t, h, w)``): resized so h and w are multiples
+    of ``merge`` patches, frames padded to a multiple of ``temporal`` by repeating the last one (an image is
+    repeated over the temporal patch)."""
+    unit = patch * merge
+    H = max(unit, round(frames.shape[-2] / unit) * unit)
+    W = max(unit, round(frames.shape[-1] / unit) * unit)
+    frames = torch.nn.functional.interpolate(frames.float(), size=(H, W), mode="bilinear", align_corners=False)
+    pad = (-frames.shape[0]) % temporal
+    if pad:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    gt, gh, gw = frames.shape[0] // temporal, H // patch, W // patch
+    x = frames.reshape(gt, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, 3 * temporal * patch * patch), (gt, gh, gw)
+
+
+def _randomize(model, seed: int, scale: float | None):
+    """Random weights: N(0, scale) for the tiny model (large enough that routing and attention are not
+    degenerate); for the full model keep transformers' init (std 0.02) and only re-seed."""
+    if scale is None:
+        return
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype))

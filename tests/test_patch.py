@@ -1,0 +1,306 @@
+"""``omni_fast.patch``: patched transformers Qwen-Omni models generate what the unpatched ones do (tiny, fp32).
+
+Every model is transformers' own module built from a tiny config (``omni_fast.models.presets``; nothing is
+downloaded), with random weights large enough that routing and attention are not degenerate. Under the test
+conftest the swapped-in ops run on the Triton interpreter (backend "auto" on CPU with TRITON_INTERPRET=1).
+"""
+
+import pytest
+import torch
+
+import omni_fast
+from omni_fast import ops
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
+
+from omni_fast.models.presets import (  # noqa: E402
+    TINY_CODEC_IDS, TINY_IDS, tiny_qwen2_5_omni_thinker_config, tiny_qwen3_omni_config)
+
+
+def _randomize(model, seed=0, scale=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def omni():
+    torch.manual_seed(0)
+    return _randomize(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config()))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the fused ops that run (proves the patched path is taken, not the transformers one)."""
+    calls = {"qk_norm_mrope": 0, "mrope": 0, "fused_moe": 0, "moe_backends": set()}
+    for name in ("qk_norm_mrope", "mrope", "fused_moe"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            if _name == "fused_moe":
+                calls["moe_backends"].add(kwargs.get("backend"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def _assert_audio_close(got, want):
+    """Audio within tolerance: the random-weight vocoder (SnakeBeta, ~30 convolutions at weight scale 0.2) amplifies
+    fp32 rounding differences of the fused RoPE to ~4e-3 at single samples, so the bound is on the relative L2
+    error over the signal (measured ~7e-5)."""
+    err = (got - want).norm() / want.norm().clamp_min(1e-12)
+    print(f"audio relative L2 error {err.item():.2e}, max abs {(got - want).abs().max().item():.2e}")
+    assert err < 1e-3, err
+
+
+def _prompt(batch=1):
+    i = TINY_IDS
+    rows = [[i["im_start_token_id"], i["user_token_id"], 5 + b, 6, 7, 8 + b, i["im_end_token_id"],
+             i["im_start_token_id"], i["assistant_token_id"]] for b in range(batch)]
+    return torch.tensor(rows)
+
+
+def _generate(model, ids):
+    """Greedy thinker -> talker -> code predictor -> Code2Wav; returns text ids, talker codes, waveform."""
+    codes = []
+    real = model.code2wav.chunked_decode
+
+    def record(c, *a, **k):
+        codes.append(c.clone())
+        return real(c, *a, **k)
+
+    model.code2wav.chunked_decode = record
+    try:
+        text, wav = model.generate(
+            input_ids=ids, thinker_max_new_tokens=6, thinker_eos_token_id=TINY_IDS["im_end_token_id"],
+            thinker_do_sample=False, talker_max_new_tokens=6, talker_do_sample=False,
+            talker_repetition_penalty=1.0)
+    finally:
+        del model.code2wav.chunked_decode
+    return text, codes[0], wav
+
+
+def test_full_model_generate_parity_patch_unpatch(omni, kernel_calls):
+    ids = _prompt()
+    text0, codes0, wav0 = _generate(omni, ids)
+    assert kernel_calls["qk_norm_mrope"] + kernel_calls["mrope"] + kernel_calls["fused_moe"] == 0
+    assert codes0.shape[1] == omni.config.talker_config.num_code_groups and wav0.numel() > 0
+
+    report = omni_fast.patch(omni)
+    try:
+        text1, codes1, wav1 = _generate(omni, ids)
+    finally:
+        omni_fast.unpatch(omni)
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    torch.testing.assert_close(text1, text0, rtol=0, atol=0)
+    torch.testing.assert_close(codes1, codes0, rtol=0, atol=0)
+    _assert_audio_close(wav1, wav0)
+
+    replaced = "\n".join(report.replaced)
+    for part in ("thinker", "talker", "code_predictor", "code2wav"):
+        assert f"[{part}]" in replaced, part
+    assert "[thinker] Qwen3OmniMoeThinkerTextExperts" in replaced
+    assert "[talker] Qwen3OmniMoeTalkerTextExperts" in replaced
+    left = "\n".join(report.left)
+    assert "[audio]" in left and "[vision]" in left
+    assert "omni-fast patch report" in str(report)
+
+    # unpatch restores the exact transformers outputs
+    text2, codes2, wav2 = _generate(omni, ids)
+    assert torch.equal(text2, text0) and torch.equal(codes2, codes0) and torch.equal(wav2, wav0)
+    assert not any("_omni_fast_forward" in m.__dict__ for m in omni.modules())
+
+
+def test_patch_is_idempotent_and_unpatch_restores_config(omni):
+    before = (omni.config.thinker_config.text_config._experts_implementation,
+              omni.config.thinker_config.text_config._attn_implementation)
+    first = omni_fast.patch(omni)
+    second = omni_fast.patch(omni)
+    try:
+        assert first.replaced == second.replaced and first.left == second.left
+        wrapped = 0
+        for module in omni.modules():
+            inner = module.__dict__.get("_omni_fast_forward")
+            if inner is not None:  # wrapped once: the saved forward is transformers' own, not our wrapper
+                assert inner.__func__ is type(module).forward
+                wrapped += 1
+        assert wrapped > 0
+        assert omni.config.thinker_config.text_config._experts_implementation == "omni_fast"
+    finally:
+        omni_fast.unpatch(omni)
+    assert (omni.config.thinker_config.text_config._experts_implementation,
+            omni.config.thinker_config.text_config._attn_implementation) == before
+
+
+def test_parts_limit_the_patch(omni):
+    report = omni_fast.patch(omni, parts=["thinker"])
+    try:
+        assert all(r.startswith("[thinker]") for r in report.replaced)
+        assert any(r.startswith("[talker]") and "part not selected" in r for r in report.left)
+        assert omni.config.talker_config.text_config._experts_implementation != "omni_fast"
+    finally:
+        omni_fast.unpatch(omni)
+
+
+def test_bad_arguments(omni):
+    with pytest.raises(ValueError, match="parts"):
+        omni_fast.patch(omni, parts=["thinker", "decoder"])
+    with pytest.raises(ValueError):
+        omni_fast.patch(omni, backend="nope")
+    assert not getattr(omni, "_omni_fast_patched", False)
+
+
+def test_attention_implementation_only_set_when_registered(omni):
+    """Until an "omni_fast" AttentionInterface entry exists, attention stays on the model's own implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = omni.config.thinker_config.text_config._attn_implementation
+    report = omni_fast.patch(omni)
+    try:
+        now = omni.config.thinker_config.text_config._attn_implementation
+        if "omni_fast" in ALL_ATTENTION_FUNCTIONS:
+            assert now == "omni_fast"
+        else:
+            assert now == before
+            assert any("no omni_fast attention implementation" in r for r in report.left)
+    finally:
+        omni_fast.unpatch(omni)
+
+
+def test_thinker_alone_generate_parity(omni, kernel_calls):
+    thinker = omni.thinker
+    ids = _prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in the batch
+
+    def run():
+        return thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                eos_token_id=None)
+
+    want = run()
+    report = omni_fast.patch(thinker, backend="triton")
+    try:
+        got = run()
+    finally:
+        omni_fast.unpatch(thinker)
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert kernel_calls["moe_backends"] == {"triton"}  # patch(backend=...) reaches the experts too
+    assert torch.equal(got, want)
+    assert all(r.startswith(("[thinker]", "[audio]", "[vision]")) for r in report.replaced + report.left)
+    assert not any("_omni_fast_backend" in m.__dict__ for m in thinker.modules())
+
+
+def test_talker_alone_generate_parity(omni, kernel_calls):
+    """The talker with its code predictor, fed as the full model feeds it: same codebook-0 ids and residual codes."""
+    talker = omni.talker
+    gen = torch.Generator().manual_seed(1)
+    hidden = talker.config.text_config.hidden_size
+    embeds = torch.randn(1, 9, hidden, generator=gen)
+    trailing = torch.randn(1, 3, hidden, generator=gen)
+    pad = torch.randn(1, 1, hidden, generator=gen)
+    vocab = talker.config.text_config.vocab_size
+    eos = TINY_CODEC_IDS["codec_eos_token_id"]
+
+    def run():
+        out = talker.generate(
+            inputs_embeds=embeds, trailing_text_hidden=trailing, tts_pad_embed=pad,
+            talker_input_ids=torch.full((1, 9), TINY_IDS["tts_pad_token_id"]),
+            attention_mask=torch.ones(1, 9, dtype=torch.long),
+            max_new_tokens=5, do_sample=False, eos_token_id=eos, output_hidden_states=True,
+            return_dict_in_generate=True, suppress_tokens=[i for i in range(vocab - 1024, vocab) if i != eos])
+        codes = torch.stack([h[-1] for h in out.hidden_states if h[-1] is not None], dim=1)
+        return out.sequences, codes
+
+    seq0, codes0 = run()
+    report = omni_fast.patch(talker)
+    try:
+        seq1, codes1 = run()
+    finally:
+        omni_fast.unpatch(talker)
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert torch.equal(seq1, seq0) and torch.equal(codes1, codes0)
+    replaced = "\n".join(report.replaced)
+    assert "[talker]" in replaced and "[code_predictor]" in replaced
+
+
+def test_code2wav_alone_parity(omni, kernel_calls):
+    code2wav = omni.code2wav
+    groups, size = omni.config.code2wav_config.num_quantizers, omni.config.code2wav_config.codebook_size
+    codes = torch.randint(0, size, (2, groups, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = code2wav.chunked_decode(codes, chunk_size=4, left_context_size=2)
+        report = omni_fast.patch(code2wav)
+        try:
+            got = code2wav.chunked_decode(codes, chunk_size=4, left_context_size=2)
+        finally:
+            omni_fast.unpatch(code2wav)
+    assert kernel_calls["mrope"] > 0  # the Code2Wav pre-transformer has no q/k norm
+    _assert_audio_close(got, want)
+    assert all(r.startswith("[code2wav]") for r in report.replaced)
+
+
+def test_qwen2_5_omni_thinker_generate_parity(kernel_calls):
+    """Qwen2.5-Omni: no q/k norm, contiguous M-RoPE sections, q/k/v bias -> omni_fast.ops.mrope."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    torch.manual_seed(0)
+    thinker = _randomize(q25.Qwen2_5OmniThinkerForConditionalGeneration(tiny_qwen2_5_omni_thinker_config()))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        return thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                do_sample=False, eos_token_id=None)
+
+    want = run()
+    report = omni_fast.patch(thinker)
+    try:
+        got = run()
+    finally:
+        omni_fast.unpatch(thinker)
+    assert kernel_calls["mrope"] > 0 and kernel_calls["qk_norm_mrope"] == 0
+    assert torch.equal(got, want)
+    assert any("Qwen2_5OmniAttention" in r for r in report.replaced)
+    assert torch.equal(run(), want)
+
+
+def test_qwen2_5_omni_full_model_patch(kernel_calls):
+    """``Qwen2_5OmniForConditionalGeneration`` with talker and Token2Wav: the thinker's and the talker's attention
+    RoPE are swapped (contiguous M-RoPE sections), Token2Wav (DiT + BigVGAN) and the encoders are reported as left.
+    Parity: the thinker's greedy ``generate`` and the talker model's hidden states (3-row positions). transformers'
+    full-model ``generate`` needs a speaker file (``speaker_map``: conditioning mels) to make audio, so it is not
+    run here."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
+
+    torch.manual_seed(0)
+    model = _randomize(q25.Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_omni_config()))
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    emb = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(5))
+    pos = torch.stack([torch.arange(7), torch.arange(7) // 2, torch.arange(7) % 3]).view(3, 1, 7).expand(3, 2, 7)
+
+    def run():
+        text = model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                      do_sample=False, eos_token_id=None)
+        with torch.no_grad():
+            hidden = model.talker.model(inputs_embeds=emb, position_ids=pos).last_hidden_state
+        return text, hidden
+
+    want_text, want_hidden = run()
+    report = omni_fast.patch(model)
+    try:
+        got_text, got_hidden = run()
+    finally:
+        omni_fast.unpatch(model)
+    assert kernel_calls["mrope"] > 0 and kernel_calls["qk_norm_mrope"] == 0
+    assert torch.equal(got_text, want_text)
+    torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    replaced, left = "\n".join(report.replaced), "\n".join(report.left)
+    assert "[thinker] Qwen2_5OmniAttention" in replaced and "[talker] Qwen2_5OmniAttention" in replaced
+    assert "[code2wav] no omni-fast replacement yet" in left

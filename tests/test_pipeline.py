@@ -1,0 +1,336 @@
+"""The thin pipeline (``omni_fast.models.Qwen3Omni``) against transformers' own ``generate`` on a tiny model."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from omni_fast.models.presets import TINY_IDS  # noqa: E402
+from omni_fast.models.qwen3_omni import Qwen3Omni, Request, mel_features  # noqa: E402
+
+GREEDY = dict(max_new_tokens=7, talker_max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Qwen3Omni.random("tiny", patch=False)
+
+
+def _wave(seconds=1.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(16000 * seconds)) / 16000
+    return 0.3 * torch.sin(2 * math.pi * 180 * t) + 0.01 * torch.randn(t.shape, generator=g)
+
+
+def _hf_generate(pipe, req, n_audio=0, n_image=0, video_tokens=0, **extra):
+    """transformers' Qwen3OmniMoeForConditionalGeneration.generate on the same prompt (greedy, no penalty)."""
+    m = pipe.model
+    ids = torch.tensor([pipe.build_prompt(req, n_audio, n_image, video_tokens)])
+    codes = []
+    real = m.code2wav.chunked_decode
+
+    def record(c, *a, **k):
+        codes.append(c.clone())
+        return real(c, *a, **k)
+
+    m.code2wav.chunked_decode = record
+    try:
+        text, wav = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               thinker_max_new_tokens=GREEDY["max_new_tokens"],
+                               thinker_eos_token_id=TINY_IDS["im_end_token_id"], thinker_do_sample=False,
+                               talker_max_new_tokens=GREEDY["talker_max_new_tokens"], talker_do_sample=False,
+                               talker_repetition_penalty=1.0, **extra)
+    finally:
+        del m.code2wav.chunked_decode
+    return text[0, ids.shape[1]:].tolist(), codes[0], wav.reshape(-1)
+
+
+def _ours(pipe, req, **kw):
+    frames = []
+    decode = pipe.code2wav.decode
+    pipe.code2wav.decode = lambda c: (frames.append(c.clone()), decode(c))[1]
+    try:
+        out = pipe.generate(req, **{**GREEDY, **kw})[0]
+    finally:
+        del pipe.code2wav.decode
+    return out, frames
+
+
+def test_text_prompt_matches_transformers_generate(pipe):
+    req = Request(text=[5, 6, 7, 8, 9])
+    want_ids, want_codes, want_wav = _hf_generate(pipe, req)
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)  # one chunk: transformers' chunked_decode
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+    torch.testing.assert_close(out["audio"], want_wav, rtol=0, atol=0)
+    t = out["timing"]
+    assert t.frames == want_codes.shape[-1] and t.text_tokens == len(want_ids)
+    assert t.audio_seconds == pytest.approx(want_wav.numel() / 24000)
+    assert t.first_packet > 0 and t.rtf > 0 and t.mtp_per_frame > 0 and t.codec_per_code > 0
+
+
+def test_audio_prompt_matches_transformers_generate(pipe):
+    wave = _wave()
+    req = Request(text=[5, 6], audio=wave)
+    feats, fmask = mel_features([wave])
+    from omni_fast.models.positions import audio_tokens
+
+    n_audio = audio_tokens(int(fmask.sum()))
+    want_ids, want_codes, _ = _hf_generate(pipe, req, n_audio=n_audio, input_features=feats,
+                                           feature_attention_mask=fmask)
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+
+
+def test_mel_features_equal_whisper_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    wave = _wave(0.7)
+    feats, fmask = mel_features([wave, wave[:8000]])
+    fe = WhisperFeatureExtractor(feature_size=128)
+    ref = fe(wave.numpy(), sampling_rate=16000, return_tensors="pt", padding=True, truncation=False,
+             return_attention_mask=True)
+    assert feats.shape[1] == 128 and fmask[1].sum() < fmask[0].sum()
+    torch.testing.assert_close(feats[0:1], ref["input_features"])
+
+
+def test_streaming_yields_text_and_audio_chunks(pipe):
+    req = Request(text="hi there")
+    events = list(pipe.stream(req, max_new_tokens=6, talker_max_new_tokens=14, first_chunk=1, chunk=4))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and "text" in kinds
+    audio = [e.audio for e in events if e.kind == "audio"]
+    timing = events[-1].timing
+    assert len(audio) >= 2 and audio[0].numel() <= 1920  # the first packet is one frame
+    assert sum(a.numel() for a in audio) == round(timing.audio_seconds * 24000)
+    assert all(torch.isfinite(a).all() for a in audio)
+    # the first audio chunk comes out before the thinker has finished (talker starts after its first token)
+    assert kinds.index("audio") < max(i for i, k in enumerate(kinds) if k == "text")
+    assert timing.first_packet < timing.total
+
+
+def test_batch_of_requests(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[9, 10, 11, 12, 13, 14]), Request(text=[20], audio=_wave(0.5))]
+    outs = pipe.generate(reqs, **GREEDY, first_chunk=300, chunk=300)
+    assert len(outs) == 3
+    for req, out in zip(reqs, outs):
+        alone = pipe.generate(req, **GREEDY, first_chunk=300, chunk=300)[0]
+        assert out["token_ids"] == alone["token_ids"]
+        assert out["timing"].frames > 0 and out["audio"].numel() > 0
+
+
+def test_image_prompt_runs(pipe):
+    img = torch.rand(3, 40, 70, generator=torch.Generator().manual_seed(0))
+    out = pipe.generate(Request(text=[5], image=img), **GREEDY)[0]
+    assert len(out["token_ids"]) > 0 and out["audio"].numel() > 0
+
+
+def test_patched_pipeline_matches_unpatched(pipe):
+    req = Request(text=[5, 6, 7, 8, 9])
+    want, _ = _ours(pipe, req, first_chunk=300, chunk=300)
+    patched = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer)
+    try:
+        got = patched.generate(req, **GREEDY, first_chunk=300, chunk=300)[0]
+    finally:
+        import omni_fast
+
+        omni_fast.unpatch(pipe.model)
+    assert patched.patch_report is not None and patched.patch_report.replaced
+    assert got["token_ids"] == want["token_ids"]
+    err = (got["audio"] - want["audio"]).norm() / want["audio"].norm()
+    assert err < 1e-3
+
+
+def test_from_pretrained_local_dir(pipe, tmp_path):
+    pipe.model.save_pretrained(tmp_path)
+    loaded = Qwen3Omni.from_pretrained(tmp_path, patch=False, tokenizer=pipe.tokenizer)
+    req = Request(text=[5, 6, 7])
+    a = pipe.generate(req, **GREEDY)[0]
+    b = loaded.generate(req, **GREEDY)[0]
+    assert a["token_ids"] == b["token_ids"] and a["audio"].shape == b["audio"].shape
+    # from_pretrained may pick another attention implementation (sdpa vs eager): rounding-level differences,
+    # which the random-weight vocoder amplifies
+    assert (a["audio"] - b["audio"]).norm() / a["audio"].norm() < 1e-3
+
+
+def test_bad_arguments(pipe, tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        Qwen3Omni.random("huge")
+    with pytest.raises(ValueError, match="speaker"):
+        pipe.generate(Request(text=[5]), speaker="nobody")
+    with pytest.raises(FileNotFoundError):
+        Qwen3Omni.from_pretrained(tmp_path / "missing")
+
+
+def test_full_preset_memory_plan():
+    from omni_fast.models.presets import full_thinker_layers
+
+    assert full_thinker_layers(139.0) is None and full_thinker_layers(75.0) is None
+    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(5.0) == 1
+
+
+def test_bench_pipeline_cases():
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.cases import pipeline
+
+    cases = pipeline.cases("full")
+    assert [c.params["concurrency"] for c in cases] == [1, 4, 6]
+    cases[0].check()  # the tiny pipeline once, vs transformers' generate
+
+
+def test_bench_pipeline_runner_on_tiny(pipe, monkeypatch):
+    """The GPU benchmark's code paths (harness providers, report runner, markdown), on the tiny model on CPU."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.cases import pipeline
+
+    monkeypatch.setattr(pipeline, "TEXT_TOKENS", 4)
+    monkeypatch.setattr(pipeline, "FRAMES", 3)
+    monkeypatch.setattr(pipeline, "_pipeline", lambda device, layers=None: pipe)
+    import omni_fast
+
+    providers = pipeline.cases("quick")[0].setup(torch.device("cpu"))
+    assert set(providers) == {"omni_fast", "eager", "transformers", "transformers_patched"}
+    with omni_fast.use_backend("reference"):  # plumbing only: the interpreter would take a minute here
+        for fn in providers.values():
+            fn()
+        result = pipeline.measure((1, 2), repeats=1, pipe=pipe)
+    assert [(r["provider"], r["concurrency"]) for r in result["runs"]] == [
+        ("omni_fast", 1), ("omni_fast", 2), ("eager", 1), ("eager", 2)]
+    assert all(r["first_packet_ms"] > 0 and r["rtf"] > 0 for r in result["runs"])
+    assert "| tech report | 1 | 234 |" in pipeline.markdown(result)
+    omni_fast.unpatch(pipe.model)
+
+
+def test_chunked_prefill_matches_one_chunk(pipe):
+    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reqs = [Request(text=[5, 6, 7], audio=_wave(0.6), image=img), Request(text=[8, 9])]
+    one = pipe.generate(reqs, **GREEDY)
+    chunked = pipe.generate(reqs, **GREEDY, prefill_chunk=5)
+    for a, b in zip(one, chunked):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["timing"].frames == b["timing"].frames
+
+
+def test_image_prompt_matches_transformers_generate(pipe):
+    """Image (vision encoder, DeepStack into the first thinker layers, 3-D positions) vs transformers' generate.
+
+    (Image + audio together cannot be compared: transformers' talker ``get_rope_index`` then reads
+    ``talker_config.audio_config``, which does not exist, and raises.)"""
+    from omni_fast.models.qwen3_omni import _patchify
+
+    img = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
+    req = Request(text=[5, 6], image=img)
+    vcfg = pipe.config.thinker_config.vision_config
+    pixels, grid = _patchify(img[None], vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    n_image = grid[0] * grid[1] * grid[2] // vcfg.spatial_merge_size ** 2
+    want_ids, want_codes, _ = _hf_generate(pipe, req, n_image=n_image, pixel_values=pixels,
+                                           image_grid_thw=torch.tensor([grid]))
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300, prefill_chunk=7)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+
+
+def test_static_cache_matches_dynamic(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[8, 9, 10, 11, 12])]
+    a = pipe.generate(reqs, **GREEDY)
+    b = pipe.generate(reqs, **GREEDY, static_cache=True)
+    for x, y in zip(a, b):
+        assert x["token_ids"] == y["token_ids"] and torch.equal(x["audio"], y["audio"])
+
+
+def test_full_shapes_on_meta_device():
+    """The "full" preset builds transformers' modules at the 30B-A3B shapes (on the meta device: no memory), and
+    patch() finds every layer of it."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    import omni_fast
+    from omni_fast.models.presets import FULL_WEIGHTS_GIB, full_qwen3_omni_config
+
+    cfg = full_qwen3_omni_config()
+    with torch.device("meta"):
+        model = q3.Qwen3OmniMoeForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(2 * n / 2 ** 30 - FULL_WEIGHTS_GIB) < 0.1
+    text = cfg.thinker_config.text_config
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size, text.num_hidden_layers) == \
+        (128, 8, 768, 48)
+    talker = cfg.talker_config
+    assert (talker.text_config.num_experts_per_tok, talker.num_code_groups, cfg.code2wav_config.num_quantizers) == \
+        (6, 16, 16)
+    report = omni_fast.patch(model)
+    assert "[thinker] Qwen3OmniMoeThinkerTextExperts: routed experts -> omni_fast fused MoE (x48)" in report.replaced
+    assert "[talker] Qwen3OmniMoeTalkerTextExperts: routed experts -> omni_fast fused MoE (x20)" in report.replaced
+    omni_fast.unpatch(model)
+
+
+def test_sampling_and_repetition_penalty_run(pipe):
+    reqs = [Request(text=[5, 6, 7]), Request(text=[8])]
+    outs = pipe.generate(reqs, max_new_tokens=5, talker_max_new_tokens=8, do_sample=True, talker_do_sample=True,
+                         talker_repetition_penalty=1.05, seed=3)
+    again = pipe.generate(reqs, max_new_tokens=5, talker_max_new_tokens=8, do_sample=True, talker_do_sample=True,
+                          talker_repetition_penalty=1.05, seed=3)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in again]  # seeded
+    assert all(o["audio"].numel() > 0 for o in outs)
+
+
+def test_image_and_video_prompt_matches_transformers_generate(pipe):
+    """An image and a 5-frame video (fractional seconds per grid step: 2 frames at 3 fps) in one prompt: vision
+    encoder for both, DeepStack rows joined in prompt order, 3-D positions; vs transformers' generate."""
+    from omni_fast.models.qwen3_omni import _patchify
+
+    g = torch.Generator().manual_seed(6)
+    img, video = torch.rand(3, 32, 64, generator=g), torch.rand(5, 3, 64, 32, generator=g)
+    req = Request(text=[5, 6], image=img, video=video, video_fps=3.0)
+    vcfg = pipe.config.thinker_config.vision_config
+    args = (vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    img_px, img_grid = _patchify(img[None], *args)
+    vid_px, vid_grid = _patchify(video, *args)
+    n = [g[0] * g[1] * g[2] // vcfg.spatial_merge_size ** 2 for g in (img_grid, vid_grid)]
+    assert vid_grid[0] == 3  # 5 frames padded to 6, 2 per temporal patch
+    want_ids, want_codes, _ = _hf_generate(
+        pipe, req, n_image=n[0], pixel_values=img_px, image_grid_thw=torch.tensor([img_grid]),
+        pixel_values_videos=vid_px, video_grid_thw=torch.tensor([vid_grid]),
+        video_second_per_grid=torch.tensor([2 / 3.0]), video_tokens=n[1])
+    out, frames = _ours(pipe, req, first_chunk=300, chunk=300)
+    assert out["token_ids"] == want_ids
+    assert torch.equal(frames[0], want_codes)
+
+
+def test_audio_in_video_matches_transformers_thinker():
+    """A video with its sound track (audio-in-video: one block, tokens interleaved by time): the pipeline's text
+    equals transformers' thinker ``generate(use_audio_in_video=True)`` on the same prompt. (The full model's
+    generate cannot run it: its talker ``get_rope_index`` reads ``talker_config.audio_config`` and raises.)"""
+    from omni_fast.models.positions import audio_tokens
+    from omni_fast.models.qwen3_omni import _patchify
+
+    pipe = Qwen3Omni.random("tiny", patch=False, seed=1)
+    g = torch.Generator().manual_seed(7)
+    video, wave = torch.rand(4, 3, 32, 64, generator=g), _wave(2.0, seed=8)
+    req = Request(text=[5], video=video, video_fps=2.0, audio=wave, audio_in_video=True)
+    vcfg = pipe.config.thinker_config.vision_config
+    px, grid = _patchify(video, vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+    feats, fmask = mel_features([wave])
+    n_audio = audio_tokens(int(fmask.sum()))
+    ids = torch.tensor([pipe.build_prompt(req, n_audio, 0, 0, video_grid=list(grid), seconds=1.0)])
+    assert (ids == 140).sum() == n_audio and (ids == 142).sum() == grid[0] * grid[1] * grid[2] // 4
+    want = pipe.model.thinker.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), input_features=feats, feature_attention_mask=fmask,
+        pixel_values_videos=px, video_grid_thw=torch.tensor([grid]), video_second_per_grid=torch.tensor([1.0]),
+        use_audio_in_video=True, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    out = pipe.generate(req, max_new_tokens=6, talker_max_new_tokens=4)[0]
+    assert out["token_ids"] == want[0, ids.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="audio_in_video"):
+        pipe.generate([req, Request(text=[5], audio=wave)], max_new_tokens=2, talker_max_new_tokens=2)
