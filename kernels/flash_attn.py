@@ -252,7 +252,8 @@ def window_bounds(causal: bool, window_size) -> tuple[int, int]:
     left, right = (int(w) for w in window_size)
     if causal:
         right = 0
-    return (UNBOUNDED if left < 0 else left), (UNBOUNDED if right < 0 else right)
+    # Clamp huge finite bounds too (callers pass INT_MAX for "no limit"): the kernel adds them to token indices.
+    return (UNBOUNDED if left < 0 else min(left, UNBOUNDED)), (UNBOUNDED if right < 0 else min(right, UNBOUNDED))
 
 
 def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[int, int, int, int]:

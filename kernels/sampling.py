@@ -50,7 +50,7 @@ def gumbel(key, offs):
     """fp32 Gumbel(0, 1) noise for ids ``offs`` of the row with ``key``: ``-log(-log(u))``, u in (0, 1)."""
     j = fmix32(offs.to(tl.uint32) + 0x7F4A7C15)
     bits = fmix32(key ^ j)
-    u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24; exact
+    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23; exact, u < 1 (see reference)
     return -tl.log(-tl.log(u))
 
 

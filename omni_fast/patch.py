@@ -144,6 +144,19 @@ def _autograd_needed(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
+def _code2wav_forward(original, fast, codebook_size: int):
+    """Code2Wav forward on omni-fast's vocoder. Codes outside ``[0, codebook_size)`` (a talker special token that
+    reached the vocoder) go to transformers' forward, which embeds them into a neighbouring codebook's rows: omni-fast
+    refuses such codes, and the patched model must keep transformers' behaviour. One host sync per call."""
+
+    def forward(codes, **kwargs):
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+            return original(codes, **kwargs)
+        return fast(codes)
+
+    return forward
+
+
 def _root_part(model: nn.Module) -> str:
     name = type(model).__name__
     for key, part in (("CodePredictor", "code_predictor"), ("Code2Wav", "code2wav"), ("Token2Wav", "code2wav"),
@@ -161,6 +174,19 @@ def _part_of(root: str, path: str) -> str:
                 "code2wav": "code2wav", "token2wav": "code2wav", "audio_tower": "audio", "visual": "vision"}.get(
             seg, part)
     return part
+
+
+_MISSING = object()
+
+
+def _remember(module: nn.Module, name: str) -> None:
+    """Save the instance attribute ``name`` (or its absence) for :func:`unpatch`."""
+    module.__dict__.setdefault("_omni_fast_saved_attrs", {}).setdefault(name, module.__dict__.get(name, _MISSING))
+
+
+def _swap_attr(module: nn.Module, name: str, value) -> None:
+    _remember(module, name)
+    object.__setattr__(module, name, value)
 
 
 def _swap_forward(module: nn.Module, new_forward) -> None:
@@ -218,6 +244,20 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
                     module._omni_fast_backend = backend
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
+        elif cls == "Qwen3OmniMoeCode2Wav" and part in wanted:
+            from .models import Code2Wav
+
+            fast = Code2Wav.from_transformers(module, backend=backend)
+            _swap_attr(module, "forward", _code2wav_forward(module.forward, fast, module.config.codebook_size))
+            _swap_attr(module, "chunked_decode", types.MethodType(type(module).chunked_decode, module))
+            counts[(part, f"{cls}: whole vocoder (forward, chunked_decode) -> omni_fast.models.Code2Wav")] = 1
+        elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
+            from .models import install_on_talker
+
+            _remember(module, "prepare_inputs_for_generation")
+            install_on_talker(module)
+            counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
+                                      "(one graph replay per frame on CUDA)")] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
@@ -270,6 +310,11 @@ def _restore(config, attr: str, old) -> None:
 def unpatch(model: nn.Module) -> None:
     """Undo :func:`patch`: original forwards and implementation names come back."""
     for module in model.modules():
+        for name, original in module.__dict__.pop("_omni_fast_saved_attrs", {}).items():
+            if original is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, original)
         if "_omni_fast_forward" in module.__dict__:
             module.forward = module._omni_fast_forward
             del module._omni_fast_forward

@@ -152,7 +152,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = default_scale(D, softmax_scale)
     left, right = normalize_window(causal, window_size)
     extra = Sq if k is not None else 0
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape)  # contiguous, as the kernel's output
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     for b, n in enumerate(cache_seqlens.tolist()):
         n += extra

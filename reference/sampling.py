@@ -77,9 +77,12 @@ def uniform_bits(seed: torch.Tensor, offset: torch.Tensor, rows: int, vocab: int
 
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
-    """fp32 ``[rows, vocab]`` Gumbel(0, 1) noise ``-log(-log(u))``, ``u = (bits >> 8 + 0.5) * 2**-24`` in (0, 1)."""
+    """fp32 ``[rows, vocab]`` Gumbel(0, 1) noise ``-log(-log(u))``, ``u = ((bits >> 9) + 0.5) * 2**-23`` in (0, 1).
+
+    23 bits, not 24: every ``k + 0.5`` with ``k < 2**23`` is exact in fp32, so the largest u is ``1 - 2**-24`` and the
+    noise stays finite (with 24 bits ``2**24 - 0.5`` rounds up to ``2**24``, u = 1 and the noise is +inf)."""
     bits = uniform_bits(seed, offset, rows, vocab)
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (2.0**-24)  # exact in fp32
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)  # exact in fp32, u < 1
     return -torch.log(-torch.log(u))
 
 

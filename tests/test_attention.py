@@ -355,3 +355,29 @@ def test_alignment_hint_only_when_pointers_and_strides_allow():
     q = torch.randn(9, 2, 17, device=DEVICE)[:, :, 1:]
     out = flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True, backend="triton")
     torch.testing.assert_close(out, ref.flash_attn_varlen(q, q, q, cu, cu, 9, 9, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_int_max_window_means_unbounded():
+    import omni_fast
+
+    T, H, D = 37, 2, 16
+    q, k, v = (torch.randn(T, H, D, device=DEVICE) for _ in range(3))
+    cu = torch.tensor([0, 20, T], dtype=torch.int32, device=DEVICE)
+    big = omni_fast.ops.flash_attn_varlen(q, k, v, cu, cu, 20, 20, window_size=(2**31 - 1, 2**31 - 1),
+                                          backend="triton")
+    none = omni_fast.ops.flash_attn_varlen(q, k, v, cu, cu, 20, 20, backend="triton")
+    torch.testing.assert_close(big, none)
+
+
+def test_kvcache_output_is_contiguous_like_its_fake():
+    import omni_fast
+
+    B, S, Hq, Hk, D, Sq = 2, 16, 4, 2, 16, 3
+    q = torch.randn(B, Hq, Sq, D, device=DEVICE).transpose(1, 2)  # transformers' layout: non-contiguous
+    k_cache, v_cache = torch.zeros(B, S, Hk, D, device=DEVICE), torch.zeros(B, S, Hk, D, device=DEVICE)
+    k, v = torch.randn(B, Sq, Hk, D, device=DEVICE), torch.randn(B, Sq, Hk, D, device=DEVICE)
+    seqlens = torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)
+    outs = [omni_fast.ops.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, k=k, v=v,
+                                                  backend=be) for be in ("triton", "reference")]
+    assert all(o.is_contiguous() for o in outs)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)

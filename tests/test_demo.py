@@ -10,9 +10,15 @@ import pytest
 pytest.importorskip("transformers")
 
 
+def _cpu_env() -> dict:
+    """The demo as a user runs it on a CPU: the tiny model, no Triton interpreter (the suite's conftest sets it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
 def test_demo_writes_wav(tmp_path):
     out = tmp_path / "out.wav"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the tiny model, on the CPU
+    env = _cpu_env()
     proc = subprocess.run(
         [sys.executable, "-m", "omni_fast", "demo", "--out", str(out), "--max-new-tokens", "6",
          "--talker-max-new-tokens", "12", "--seconds", "1.0", "--verbose"],
@@ -53,7 +59,7 @@ def test_demo_with_checkpoint_dir(tmp_path):
 
     Qwen3Omni.random("tiny", patch=False).model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "answer.wav"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = _cpu_env()
     proc = subprocess.run(
         [sys.executable, "-m", "omni_fast", "demo", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out),
          "--max-new-tokens", "4", "--talker-max-new-tokens", "6", "--seconds", "0.5", "--backend", "none"],

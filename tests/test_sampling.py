@@ -371,3 +371,28 @@ def test_rvq_compile_traces():
     fn = torch.compile(lambda c: omni_fast.ops.rvq_embed(c, tables, offsets=offs, backend="reference"),
                        fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(codes), ref_rvq.rvq_embed(codes, tables, offsets=offs))
+
+
+def test_gumbel_noise_is_finite_at_the_extreme_bits(monkeypatch):
+    """All-ones random bits must not round u up to 1 (noise +inf would let any kept id win the race)."""
+    from omni_fast.reference import sampling as ref_sampling
+
+    monkeypatch.setattr(ref_sampling, "uniform_bits",
+                        lambda seed, offset, rows, vocab: torch.full((rows, vocab), 0xFFFFFFFF, dtype=torch.long))
+    hi = ref_sampling.gumbel_noise(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 2, 3)
+    monkeypatch.setattr(ref_sampling, "uniform_bits",
+                        lambda seed, offset, rows, vocab: torch.zeros((rows, vocab), dtype=torch.long))
+    lo = ref_sampling.gumbel_noise(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 2, 3)
+    assert torch.isfinite(hi).all() and torch.isfinite(lo).all()
+
+
+def test_strided_per_row_seeds_read_like_contiguous_ones():
+    import omni_fast
+
+    logits = torch.randn(4, 50, device=DEVICE)
+    pairs = torch.randint(0, 2**31, (4, 2), device=DEVICE)
+    kw = dict(top_k=10, top_p=0.9)
+    strided = omni_fast.ops.sample(logits, seed=pairs[:, 0], **kw, backend="triton")
+    contiguous = omni_fast.ops.sample(logits, seed=pairs[:, 0].contiguous(), **kw, backend="triton")
+    reference = omni_fast.ops.sample(logits, seed=pairs[:, 0].contiguous(), **kw, backend="reference")
+    assert torch.equal(strided, contiguous) and torch.equal(contiguous, reference)

@@ -39,7 +39,7 @@ __device__ __forceinline__ of_u32 of_row_key(of_i64 seed, of_i64 offset, int row
 
 __device__ __forceinline__ float of_gumbel(of_u32 key, int j) {
   of_u32 bits = of_fmix32(key ^ of_fmix32((of_u32)j + 0x7F4A7C15u));
-  float u = __fmul_rn(__fadd_rn((float)(bits >> 8), 0.5f), 5.9604644775390625e-08f);  // exact
+  float u = __fmul_rn(__fadd_rn((float)(bits >> 9), 0.5f), 1.1920928955078125e-07f);  // 2^-23: exact, u < 1
   return -logf(-logf(u));
 }
 

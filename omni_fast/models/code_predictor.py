@@ -215,7 +215,7 @@ class CodePredictor(torch.nn.Module):
         if isinstance(seed, torch.Tensor):
             if seed.numel() not in (1, B):
                 raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
-            seed = seed.reshape(-1).to(device=talker_hidden.device, dtype=torch.long)
+            seed = seed.reshape(-1).to(device=talker_hidden.device, dtype=torch.long).contiguous()
         sampling = (bool(do_sample), int(top_k), float(top_p), float(temperature))
         x = talker_hidden.to(self.table.dtype)
         if use_graph is None:

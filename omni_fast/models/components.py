@@ -26,8 +26,12 @@ def pick(name: str, hf_module: nn.Module, fallback: Callable[[nn.Module], object
     from .. import models
 
     impl = getattr(models, name, None)
-    if impl is not None and hasattr(impl, "from_transformers"):
+    # A class opts in by declaring PIPELINE_STAGE = True (it then offers the interface in the module docstring).
+    if impl is not None and getattr(impl, "PIPELINE_STAGE", False):
         return impl.from_transformers(hf_module)
+    # omni_fast.models.CodePredictor / Code2Wav do not offer the stage interface yet (predict_frame samples with
+    # its own RNG; Code2Wav streams exactly with stream()): the transformers modules run here, on the kernels
+    # omni_fast.patch swapped into them (the whole Code2Wav vocoder included).
     return fallback(hf_module)
 
 

@@ -72,9 +72,12 @@ def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | N
                         inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
         last_ids = input_ids[:, -1]
         past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
-        do_sample = bool(talker.code_predictor.generation_config.do_sample)
+        gen = talker.code_predictor.generation_config
+        do_sample = bool(gen.do_sample)
+        # transformers passes top_k=50, top_p=0.8 when sampling; other fields (temperature) come from the config.
         codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
-                                            do_sample=do_sample, top_k=50, top_p=0.8)
+                                            do_sample=do_sample, top_k=50, top_p=0.8,
+                                            temperature=float(getattr(gen, "temperature", None) or 1.0))
         step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
         embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
         inputs["inputs_embeds"] = embeds.to(past_hidden.device)

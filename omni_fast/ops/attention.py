@@ -67,7 +67,8 @@ def _append_triton(*args):
 def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, softmax_scale, causal, window_left,
                   window_right, num_splits, backend):
     B, Sq, Hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
+    return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
