@@ -12,6 +12,13 @@ What is replaced, and how (transformers' own extension points first, module swap
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
   no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
   positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
+- Code2Wav (no extension point): the module's forward runs :class:`omni_fast.models.Code2Wav` (fused conv kernels);
+  its ``chunked_decode`` keeps transformers' chunking on top of that forward.
+- The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
+  ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
+  (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
+
+The kernels are inference-only: with autograd recording, the patched layers run transformers' own forward.
 
 :func:`unpatch` restores every forward and implementation name. The returned :class:`PatchReport` lists what was
 replaced and what was left as it is.
