@@ -151,17 +151,26 @@ def _autograd_needed(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
-def _code2wav_forward(original, fast, codebook_size: int):
-    """Code2Wav forward on omni-fast's vocoder. Codes outside ``[0, codebook_size)`` (a talker special token that
-    reached the vocoder) go to transformers' forward, which embeds them into a neighbouring codebook's rows: omni-fast
-    refuses such codes, and the patched model must keep transformers' behaviour. One host sync per call."""
+def _code2wav_forward(self, codes, **kwargs):
+    """Code2Wav forward on :class:`omni_fast.models.Code2Wav` (bound to the transformers module).
 
-    def forward(codes, **kwargs):
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
-            return original(codes, **kwargs)
-        return fast(codes)
+    The fast model is built from the module's current weights and rebuilt when they change (``.to()``,
+    ``load_state_dict``, a deep copy). Codes outside ``[0, codebook_size)`` (a talker special token that reached the
+    vocoder) go to transformers' forward, which embeds them into a neighbouring codebook's rows: omni-fast refuses
+    such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check.
+    """
+    unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    if unsupported_dtype or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
+        return type(self).forward(self, codes, **kwargs)
+    from .models import Code2Wav
+    from .models.talker_step import weights_key
 
-    return forward
+    key = weights_key(self)
+    cached = self.__dict__.get("_omni_fast_code2wav")
+    if cached is None or cached[0] != key:
+        cached = (key, Code2Wav.from_transformers(self, backend=self.__dict__.get("_omni_fast_backend")))
+        self.__dict__["_omni_fast_code2wav"] = cached
+    return cached[1](codes)
 
 
 def _root_part(model: nn.Module) -> str:
@@ -183,7 +192,20 @@ def _part_of(root: str, path: str) -> str:
     return part
 
 
-_MISSING = object()
+class _Missing:
+    """Marks an instance attribute that did not exist before the patch; survives deepcopy and pickling."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 def _remember(module: nn.Module, name: str) -> None:
@@ -197,8 +219,10 @@ def _swap_attr(module: nn.Module, name: str, value) -> None:
 
 
 def _swap_forward(module: nn.Module, new_forward) -> None:
-    module._omni_fast_forward = module.forward
-    module.forward = types.MethodType(new_forward, module)
+    if "_omni_fast_forward" in module.__dict__:  # already swapped by an enclosing patch: never wrap twice
+        return
+    module._omni_fast_forward = module.forward  # what the swapped forward calls to run transformers' code
+    _swap_attr(module, "forward", types.MethodType(new_forward, module))
 
 
 def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] | None = None) -> PatchReport:
@@ -213,8 +237,12 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         raise ValueError(f"parts must be a subset of {PARTS}, got unknown {sorted(unknown)}")
     if backend is not None:
         requested_backend(backend)  # validates the name now (ValueError), not at the first forward
-    if getattr(model, "_omni_fast_patched", False):
-        unpatch(model)
+    if backend is not None:
+        _check_backend_runs_here(model, backend)
+    # A fresh patch of this tree: undo an earlier one of the tree itself or of any of its parts first.
+    for module in model.modules():
+        if module.__dict__.get("_omni_fast_patched", False):
+            unpatch(module)
     register_transformers()
     attention_ready = _attention_registered()
     root = _root_part(model)
@@ -254,15 +282,16 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         elif cls == "Qwen3OmniMoeCode2Wav" and part in wanted:
             from .models import Code2Wav
 
-            fast = Code2Wav.from_transformers(module, backend=backend)
-            _swap_attr(module, "forward", _code2wav_forward(module.forward, fast, module.config.codebook_size))
-            _swap_attr(module, "chunked_decode", types.MethodType(type(module).chunked_decode, module))
+            if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
+                module.__dict__["_omni_fast_backend"] = backend
+                _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
             counts[(part, f"{cls}: whole vocoder (forward, chunked_decode) -> omni_fast.models.Code2Wav")] = 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 
-            _remember(module, "prepare_inputs_for_generation")
-            install_on_talker(module)
+            if "prepare_inputs_for_generation" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
+                _remember(module, "prepare_inputs_for_generation")
+                install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       "(one graph replay per frame on CUDA)")] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
@@ -295,9 +324,18 @@ def _attention_registered() -> bool:
     return ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS
 
 
+def _check_backend_runs_here(model: nn.Module, backend: str) -> None:
+    """``backend`` can run this model's tensors (a CPU model cannot take 'cuda', nor 'triton' off the interpreter)."""
+    from .backend import resolve_backend
+
+    tensor = next(iter(model.parameters()), None)
+    if tensor is not None:
+        resolve_backend("patch", [tensor], ("triton", "cuda", "reference"), backend)
+
+
 def _set(saved: list, config, attr: str, value: str) -> None:
-    if any(c is config and a == attr for c, a, _ in saved):
-        return
+    if any(c is config and a == attr for c, a, _ in saved) or getattr(config, attr, None) == value:
+        return  # already saved here, or set by an enclosing patch (which restores it)
     # transformers keeps the name in `<attr>_internal` behind a setter that maps None to a default; save and
     # restore the raw value so unpatch gives back exactly what was there.
     internal = attr + "_internal"
@@ -315,18 +353,15 @@ def _restore(config, attr: str, old) -> None:
 
 
 def unpatch(model: nn.Module) -> None:
-    """Undo :func:`patch`: original forwards and implementation names come back."""
+    """Undo :func:`patch` on ``model`` and every part of it patched on its own: original forwards and
+    implementation names come back, and omni-fast's cached fast models are dropped."""
     for module in model.modules():
-        for name, original in module.__dict__.pop("_omni_fast_saved_attrs", {}).items():
+        for config, attr, old in reversed(module.__dict__.get("_omni_fast_saved_configs", [])):
+            _restore(config, attr, old)
+        for name, original in module.__dict__.get("_omni_fast_saved_attrs", {}).items():
             if original is _MISSING:
                 module.__dict__.pop(name, None)
             else:
                 object.__setattr__(module, name, original)
-        if "_omni_fast_forward" in module.__dict__:
-            module.forward = module._omni_fast_forward
-            del module._omni_fast_forward
-        module.__dict__.pop("_omni_fast_backend", None)
-    for config, attr, old in reversed(getattr(model, "_omni_fast_saved_configs", [])):
-        _restore(config, attr, old)
-    model._omni_fast_saved_configs = []
-    model._omni_fast_patched = False
+        for name in [n for n in module.__dict__ if n.startswith("_omni_fast_")]:
+            del module.__dict__[name]  # saved state, cached fast models, pinned backends

@@ -311,3 +311,53 @@ def test_qwen2_5_omni_full_model_patch(kernel_calls):
     replaced, left = "\n".join(report.replaced), "\n".join(report.left)
     assert "[thinker] Qwen2_5OmniAttention" in replaced and "[talker] Qwen2_5OmniAttention" in replaced
     assert "[code2wav] no omni-fast replacement yet" in left
+
+
+def test_nested_patches_deepcopy_and_weight_changes():
+    """Part-then-whole and whole-then-part patches unwind cleanly; a deep copy runs its own weights; the swapped-in
+    vocoder follows in-place weight updates."""
+    import copy
+
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    torch.manual_seed(0)
+    model = _randomize(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config())).eval()
+
+    def swapped():
+        return [n for n, m in model.named_modules() if "forward" in m.__dict__ or "_omni_fast_forward" in m.__dict__]
+
+    omni_fast.patch(model.thinker)
+    omni_fast.patch(model, backend="reference")
+    omni_fast.unpatch(model)
+    assert swapped() == []
+    omni_fast.patch(model, backend="reference")
+    omni_fast.patch(model.thinker, backend="reference")
+    omni_fast.unpatch(model.thinker)
+    omni_fast.unpatch(model)
+    assert swapped() == []
+
+    c2w = model.code2wav
+    codes = torch.randint(0, c2w.config.codebook_size, (1, c2w.config.num_quantizers, 3))
+    with torch.no_grad():
+        omni_fast.patch(c2w, backend="reference")
+        before = c2w(codes)
+        twin = copy.deepcopy(c2w)
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(codes), before)  # the copy runs its own (changed) weights
+        torch.testing.assert_close(c2w(codes), before)  # the original is untouched
+        for p in c2w.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(c2w(codes), twin(codes))  # in-place updates reach the swapped-in vocoder
+        omni_fast.unpatch(twin)
+        omni_fast.unpatch(c2w)
+    torch.testing.assert_close(c2w(codes), twin(codes), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_refuses_a_backend_that_cannot_run_here():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        omni_fast.patch(model, backend="cuda")

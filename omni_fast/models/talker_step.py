@@ -12,6 +12,8 @@ where ``step`` is the Talker's generation step since prefill (0 for the first de
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .code_predictor import CodePredictor
@@ -50,39 +52,66 @@ class TalkerStep:
         return codes, self.next_input(codec_sum, generation_step)
 
 
+def weights_key(*modules: torch.nn.Module) -> tuple:
+    """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
+    built from them (a :class:`CodePredictor`, a ``Code2Wav``) is stale once this changes (``.to()``,
+    ``load_state_dict``, an in-place update)."""
+    return tuple((t.data_ptr(), t.dtype, t.device, t._version)
+                 for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
+    """The talker's :class:`CodePredictor`: the one given to :func:`install_on_talker`, else built from the talker's
+    current weights (rebuilt when they change)."""
+    fixed = talker.__dict__.get("_omni_fast_cp_fixed")
+    if fixed is not None:
+        return fixed
+    key = weights_key(talker.code_predictor, talker.get_input_embeddings())
+    cached = talker.__dict__.get("_omni_fast_cp_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
+        talker.__dict__["_omni_fast_cp_cache"] = cached
+    return cached[1]
+
+
+def _prepare_inputs_with_fast_mtp(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                  is_first_iteration=False, **kwargs):
+    """transformers' ``prepare_inputs_for_generation`` of the talker with the per-frame code predictor on omni-fast.
+
+    Bound to the talker instance (``types.MethodType``), so a deep copy of the talker re-binds to the copy.
+    """
+    if is_first_iteration or not kwargs.get("use_cache", True):
+        return type(self).prepare_inputs_for_generation(
+            self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+    cp = _fast_code_predictor(self)
+    hidden_states = kwargs.pop("hidden_states", None)
+    inputs = super(type(self), self).prepare_inputs_for_generation(
+        input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+        is_first_iteration=is_first_iteration, **kwargs)
+    last_ids = input_ids[:, -1]
+    past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
+    gen = self.code_predictor.generation_config
+    # transformers passes top_k=50, top_p=0.8 when sampling; other fields (temperature) come from the config.
+    codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
+                                        do_sample=bool(gen.do_sample), top_k=50, top_p=0.8,
+                                        temperature=float(getattr(gen, "temperature", None) or 1.0))
+    step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
+    embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
+    inputs["inputs_embeds"] = embeds.to(past_hidden.device)
+    inputs["residual_codes"] = codes.to(input_ids.device)
+    return inputs
+
+
 def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | None = None) -> CodePredictor:
     """Make a transformers ``Qwen3OmniMoeTalkerForConditionalGeneration`` run its per-frame code predictor on
     omni-fast: ``talker.prepare_inputs_for_generation`` is replaced (on this instance) by one that calls
     :meth:`CodePredictor.predict_frame` (one graph replay on CUDA) instead of ``code_predictor.generate``, and builds
     ``inputs_embeds`` / ``residual_codes`` exactly as transformers does. Greedy decoding gives identical results;
     sampling draws from the same distribution with omni-fast's RNG (a fresh seed per frame from torch's generator).
-    Returns the :class:`CodePredictor` (built from the talker's weights unless given).
+    Without ``code_predictor`` it is built from the talker's weights, and rebuilt whenever they change (``.to()``,
+    ``load_state_dict``). Returns the :class:`CodePredictor` in use now.
     """
-    cp = code_predictor or CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings())
-    original = talker.prepare_inputs_for_generation
-    parent = super(type(talker), talker).prepare_inputs_for_generation
-
-    def prepare_inputs_for_generation(input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      is_first_iteration=False, **kwargs):
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            return original(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
-        hidden_states = kwargs.pop("hidden_states", None)
-        inputs = parent(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                        inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
-        last_ids = input_ids[:, -1]
-        past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
-        gen = talker.code_predictor.generation_config
-        do_sample = bool(gen.do_sample)
-        # transformers passes top_k=50, top_p=0.8 when sampling; other fields (temperature) come from the config.
-        codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
-                                            do_sample=do_sample, top_k=50, top_p=0.8,
-                                            temperature=float(getattr(gen, "temperature", None) or 1.0))
-        step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
-        embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
-        inputs["inputs_embeds"] = embeds.to(past_hidden.device)
-        inputs["residual_codes"] = codes.to(input_ids.device)
-        return inputs
-
-    talker.prepare_inputs_for_generation = prepare_inputs_for_generation
-    return cp
+    talker.__dict__["_omni_fast_cp_fixed"] = code_predictor
+    talker.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_with_fast_mtp, talker)
+    return _fast_code_predictor(talker)
