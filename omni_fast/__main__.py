@@ -154,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--speaker", default="ethan")
     d.add_argument("--verbose", action="store_true", help="print the omni_fast.patch report")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.checkpoint and not (os.path.isdir(args.checkpoint)
+                                    and os.path.isfile(os.path.join(args.checkpoint, "config.json"))):
+            d.error(f"--checkpoint {args.checkpoint!r} is not a directory with a config.json (a local "
+                    "transformers-format checkpoint; nothing is downloaded)")
+        if args.backend == "cuda" and not torch.cuda.is_available():
+            d.error("--backend cuda needs a CUDA GPU (use triton, reference or auto on a CPU)")
+        if args.preset == "full" and not args.checkpoint and not torch.cuda.is_available():
+            d.error("--preset full needs a CUDA GPU (the 30B-A3B shapes); use --preset tiny on a CPU")
     if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available():
         # the Triton kernels on a CPU run on the interpreter; it must be on before the first kernel is decorated
         os.environ["TRITON_INTERPRET"] = "1"

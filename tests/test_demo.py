@@ -68,3 +68,15 @@ def test_demo_with_checkpoint_dir(tmp_path):
     assert "checkpoint" in proc.stdout and "unpatched" in proc.stdout and "byte-level stand-in" in proc.stdout
     with wave.open(str(out), "rb") as f:
         assert f.getframerate() == 24000 and f.getnframes() > 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["demo", "--checkpoint", "/no/such/dir"], "not a directory with a config.json"),
+    (["demo", "--backend", "bogus"], "invalid choice"),
+])
+def test_demo_rejects_bad_arguments(argv, match, capsys):
+    from omni_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
