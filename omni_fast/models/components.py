@@ -103,3 +103,28 @@ class StreamingCodec:
         wav = self.decoder.decode(codes[..., start - context:end])
         self.done = end
         return wav[..., context * self.decoder.total_upsample:].reshape(codes.shape[0], -1)
+
+
+class ExactStreamingCodec:
+    """:class:`StreamingCodec`'s interface on :meth:`omni_fast.models.Code2Wav.stream`: each step decodes only the
+    new frames, carrying every layer's state instead of re-decoding ``left_context`` frames, and returns exactly the
+    samples that are final (their concatenation equals the one-shot decode: no seams).
+
+    ``first_chunk`` and ``chunk`` set the schedule as in :class:`StreamingCodec`; there is no left context.
+    """
+
+    def __init__(self, code2wav, batch_size: int, *, first_chunk: int = 1, chunk: int = 12):
+        self.stream = code2wav.stream(batch_size, cuda_graphs=code2wav.device.type == "cuda")
+        self.first_chunk, self.chunk = first_chunk, chunk
+        self.done = 0  # frames already pushed
+
+    def ready(self, frames: int, final: bool) -> bool:
+        want = self.first_chunk if self.done == 0 else self.chunk
+        return frames - self.done >= want or (final and frames > self.done)
+
+    def step(self, codes: torch.Tensor) -> torch.Tensor:
+        """Push the frames of ``codes [B, Q, T]`` not pushed yet; returns the new final samples ``[B, S]``."""
+        start, end = self.done, codes.shape[-1]
+        wav = self.stream.push(codes[..., start:end].contiguous())
+        self.done = end
+        return wav.reshape(codes.shape[0], -1)

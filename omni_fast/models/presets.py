@@ -29,7 +29,7 @@ TINY_THINKER_IDS = dict(audio_token_id=140, image_token_id=141, video_token_id=1
 TINY_VISION_START = TINY_THINKER_IDS["vision_start_token_id"]
 TINY_CODEBOOK = 64
 TINY_GROUPS = 4
-TINY_CODEC_VOCAB = TINY_CODEBOOK + 1024 + 16  # codebook-0 ids, then 1024 suppressed specials (+ slack)
+TINY_CODEC_VOCAB = TINY_CODEBOOK + 1024  # codebook-0 ids, then 1024 specials (suppressed in generation but EOS)
 _CODEC_SPECIAL = TINY_CODEC_VOCAB - 16
 TINY_CODEC_IDS = dict(codec_pad_id=_CODEC_SPECIAL + 0, codec_bos_id=_CODEC_SPECIAL + 1,
                       codec_eos_token_id=_CODEC_SPECIAL + 2, codec_nothink_id=_CODEC_SPECIAL + 7,

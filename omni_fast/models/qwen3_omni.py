@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from .components import HFCode2Wav, HFCodePredictor, StreamingCodec, pick
+from .components import ExactStreamingCodec, HFCode2Wav, HFCodePredictor, StreamingCodec, pick
 from .positions import PositionSpec, rope_positions
 
 SAMPLE_RATE_IN = 16000
@@ -170,6 +170,9 @@ class Qwen3Omni:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.patch_report = omni_fast.patch(model, backend=backend) if patch else None
+        # Patched: the codec streams through omni-fast's stateful Code2Wav (exact, no recomputed left context).
+        self.fast_code2wav = (omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend)
+                              if patch else None)
         thinker_cfg = self.config.thinker_config
         self.spec = PositionSpec.from_config(thinker_cfg)
         self.tokenizer = tokenizer
@@ -417,7 +420,10 @@ class Qwen3Omni:
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
         n_frames = [0] * B
-        codec = StreamingCodec(self.code2wav, first_chunk=first_chunk, chunk=chunk, left_context=left_context)
+        if self.fast_code2wav is not None:  # patched: exact stateful streaming, no re-decoded left context
+            codec = ExactStreamingCodec(self.fast_code2wav, B, first_chunk=first_chunk, chunk=chunk)
+        else:
+            codec = StreamingCodec(self.code2wav, first_chunk=first_chunk, chunk=chunk, left_context=left_context)
         audio_len = [0] * B
         step = 0
 
