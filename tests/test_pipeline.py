@@ -362,3 +362,19 @@ def test_patched_pipeline_streams_exactly(pipe):
     print(f"streamed vs one chunk: relative L2 error {err.item():.2e}")
     assert err < 1e-3, err
     assert isinstance(ExactStreamingCodec, type)
+
+
+def test_patched_pipeline_runs_the_mtp_step_on_omni_fast(pipe):
+    """Patched, the MTP stage is CodePredictor.predict_frame: greedy gives transformers' audio (checked above);
+    sampling runs with omni-fast's RNG and stays within the codebook."""
+    import omni_fast
+    from omni_fast.models.components import OmniCodePredictor
+
+    patched = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer, backend="reference")
+    try:
+        assert isinstance(patched.code_predictor, OmniCodePredictor)
+        out = patched.generate(Request(text=[5, 6, 7]), max_new_tokens=4, talker_max_new_tokens=6, do_sample=True,
+                               talker_do_sample=True, seed=3)[0]
+    finally:
+        omni_fast.unpatch(pipe.model)
+    assert out["audio"].numel() > 0 and torch.isfinite(out["audio"]).all()

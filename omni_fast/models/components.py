@@ -128,3 +128,26 @@ class ExactStreamingCodec:
         wav = self.stream.push(codes[..., start:end].contiguous())
         self.done = end
         return wav.reshape(codes.shape[0], -1)
+
+
+class OmniCodePredictor:
+    """The MTP stage on :meth:`omni_fast.models.CodePredictor.predict_frame`: static KV cache, fused layer kernels,
+    one CUDA-graph replay per frame on a GPU. Same ``frame`` interface as :class:`HFCodePredictor`; the sampler's
+    settings (see ``make_sampler``) are read from its attributes: greedy decoding gives the same codes, sampling
+    draws from the same top-k / top-p distribution with omni-fast's counter-based RNG (a fresh seed per frame from
+    the sampler's generator)."""
+
+    name = "omni-fast CodePredictor (predict_frame)"
+
+    def __init__(self, code_predictor, backend: str | None = None):
+        self.cp, self.backend = code_predictor, backend
+
+    @torch.no_grad()
+    def frame(self, past_hidden: torch.Tensor, c0: torch.Tensor, sampler: Sampler):
+        do_sample = bool(getattr(sampler, "do_sample", False))
+        seed = int(torch.randint(0, 2**62, (), generator=getattr(sampler, "generator", None))) if do_sample else 0
+        codes, summed = self.cp.predict_frame(
+            past_hidden[:, 0], c0, do_sample=do_sample, top_k=getattr(sampler, "top_k", 50),
+            top_p=getattr(sampler, "top_p", 1.0), temperature=getattr(sampler, "temperature", 1.0), seed=seed,
+            backend=self.backend)
+        return codes[:, 1:], summed[:, None]

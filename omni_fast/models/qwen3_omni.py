@@ -26,7 +26,8 @@ from typing import Iterator
 
 import torch
 
-from .components import ExactStreamingCodec, HFCode2Wav, HFCodePredictor, StreamingCodec, pick
+from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniCodePredictor, StreamingCodec,
+                         pick)
 from .positions import PositionSpec, rope_positions
 
 SAMPLE_RATE_IN = 16000
@@ -111,7 +112,11 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
                  generator: torch.Generator | None = None):
     """logits ``[B, V]`` -> ids ``[B]``: greedy, or top-k / top-p sampling at ``temperature``."""
     if not do_sample:
-        return lambda logits: logits.argmax(-1)
+        def greedy(logits: torch.Tensor) -> torch.Tensor:
+            return logits.argmax(-1)
+
+        greedy.do_sample = False
+        return greedy
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         logits = logits / max(temperature, 1e-5)
@@ -125,6 +130,9 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
+    # the settings, for stages that sample on their own (components.OmniCodePredictor)
+    sample.do_sample, sample.top_k, sample.top_p, sample.temperature, sample.generator = (
+        True, top_k, top_p, temperature, generator)
     return sample
 
 
@@ -182,8 +190,12 @@ class Qwen3Omni:
         if self.newline_id is None:
             self.newline_id = 198 if vocab > 198 else 10
         talker = model.talker
-        self.code_predictor = pick("CodePredictor", talker.code_predictor,
-                                   lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
+        if patch:  # the MTP frame step on omni-fast (graph replay per frame on CUDA)
+            self.code_predictor = OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
+                talker.code_predictor, talker.get_input_embeddings()), backend=backend)
+        else:
+            self.code_predictor = pick("CodePredictor", talker.code_predictor,
+                                       lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
         self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
 
     # ---------------------------------------------------------------------------------------------- construction
