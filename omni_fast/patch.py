@@ -285,7 +285,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 module.__dict__["_omni_fast_backend"] = backend
                 _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
-            counts[(part, f"{cls}: whole vocoder (forward, chunked_decode) -> omni_fast.models.Code2Wav")] = 1
+            counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) -> omni_fast.models.Code2Wav")] = 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 

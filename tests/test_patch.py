@@ -248,7 +248,7 @@ def test_code2wav_alone_parity(omni, kernel_calls):
             omni_fast.unpatch(code2wav)
     _assert_audio_close(got, want)
     assert all(r.startswith("[code2wav]") for r in report.replaced)
-    assert any("whole vocoder (forward, chunked_decode) -> omni_fast.models.Code2Wav" in r for r in report.replaced)
+    assert any("whole vocoder (forward; chunked_decode runs on it) -> omni_fast.models.Code2Wav" in r for r in report.replaced)
     assert "forward" not in code2wav.__dict__ and "chunked_decode" not in code2wav.__dict__  # unpatched
 
 
