@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench.case import Case
+from omni_fast.kernels.launch import file_safe
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -264,7 +265,7 @@ def git_commit() -> str:
 
 def save(result: dict, out_dir: Path) -> Path:
     """Write ``<out>/<device>/<date>-<commit>.{json,md,png}``; returns the JSON path."""
-    folder = out_dir / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in result["device"])
+    folder = out_dir / file_safe(result["device"])
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{result['commit']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

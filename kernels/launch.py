@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,14 +20,15 @@ from typing import Any, Callable, Sequence
 import torch
 import triton
 
+from ..backend import triton_interpreter_enabled
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs"
 if not CONFIG_DIR.is_dir():  # installed layout: omni_fast/kernels -> omni_fast/configs
     CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def interpreting() -> bool:
-    """True when ``triton.jit`` functions run on the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# True when ``triton.jit`` functions run on the CPU interpreter (one definition, shared with backend selection).
+interpreting = triton_interpreter_enabled
 
 
 def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device | None = None, **meta) -> None:
@@ -116,7 +116,12 @@ def device_name(device: torch.device | None = None) -> str:
     """A file-name friendly device name, e.g. ``NVIDIA_H100_80GB_HBM3`` (``cpu`` without CUDA)."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    return file_safe(torch.cuda.get_device_name(device))
+
+
+def file_safe(text: str) -> str:
+    """``text`` with everything but letters, digits, ``-``, ``_`` and ``.`` replaced by ``_`` (for file names)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,9 @@ import wave
 
 import torch
 
+from .backend import triton_interpreter_enabled
+
+
 def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> torch.Tensor:
     """A spoken-like test waveform ``[rate * seconds]`` float32 in [-1, 1]: a glottal-like harmonic source (f0
     ~120 Hz with intonation and vibrato) filtered by moving vowel formants (/a/ -> /i/ -> /u/ ...), cut into
@@ -97,7 +100,7 @@ def demo(args) -> int:
         print("unpatched: plain transformers modules")
     if not on_gpu:
         print("NOTE: CPU run. The timings below show where time goes in this run; they are NOT speed numbers "
-              "(no GPU, tiny model" + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+              "(no GPU, tiny model" + (", Triton interpreter" if triton_interpreter_enabled() else "")
               + ").")
     wave_in = synthetic_speech(args.seconds)
     req = Request(text=args.prompt, audio=wave_in)

@@ -89,8 +89,7 @@ def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, rows: int, vocab: int
 def seed_tensor(value, rows: int, device: torch.device, name: str) -> torch.Tensor:
     """An int64 ``[1]`` or ``[rows]`` tensor from an int, a 0-/1-d int tensor or None (0 for offset)."""
     if isinstance(value, torch.Tensor):
-        t = value.reshape(-1)
-        return t if t.dtype == torch.long else t.long()
+        return value.reshape(-1).long().contiguous()  # kernels read one value per row at unit stride
     return torch.tensor([int(value)], dtype=torch.long, device=device)
 
 

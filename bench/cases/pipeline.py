@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.case import Case
+from omni_fast.kernels.launch import file_safe
 
 CONCURRENCY = {"quick": (1,), "full": (1, 4, 6)}
 # Qwen3-Omni technical report (single concurrency, and concurrency 6 where given), ms unless noted.
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         print("check: pass")
         return 0
     result = measure(args.concurrency, args.thinker_layers, args.repeats)
-    folder = args.out / torch.cuda.get_device_name().replace(" ", "_")
+    folder = args.out / file_safe(torch.cuda.get_device_name())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pipeline.json").write_text(json.dumps(result, indent=1))
     (folder / "pipeline.md").write_text(markdown(result))

@@ -82,10 +82,9 @@ def _rng_tensor(name: str, value, B: int, device: torch.device) -> torch.Tensor:
         check_tensor(name, value, device=device)
         if value.numel() not in (1, B) or value.dim() > 1:
             raise ValueError(f"{name} must hold one value or one per row (B={B}), got shape {tuple(value.shape)}")
-        return value.reshape(-1).long().contiguous()  # the kernels read one value per row at unit stride
-    if isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
-    return torch.tensor([value], dtype=torch.long, device=device)
+    return ref.seed_tensor(value, B, device, name)
 
 
 def sample(
