@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omni-fast-installed
 
-.PHONY: setup demo bench test test-gpu static cuda-lib clean
+.PHONY: setup demo bench test test-gpu static cuda-lib peer-wheels clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 static: setup
 	$(PY) -m bench.static_check
+
+# Third-party peers for the GPU benchmark, as wheels in .whl/ (carried to the GPU machine; see BENCHMARKS.md).
+peer-wheels:
+	bash scripts/peer_wheels.sh
 
 cuda-lib:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2

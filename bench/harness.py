@@ -306,10 +306,16 @@ def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), ou
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
               "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "roofline": roofline, "rows": rows}
+              "peers": _peer_versions(), "roofline": roofline, "rows": rows}
     path = save(result, out_dir)
     print(f"Saved {path} (+ .md, .png)")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _peer_versions() -> dict[str, str]:
+    from bench import peers
+
+    return peers.versions()
 
 
 def run_cpu(cases: list[Case], static: bool = True) -> int:

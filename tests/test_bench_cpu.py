@@ -95,3 +95,29 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     assert rows["omni_fast"]["omni_fast_speedup"] == 1.0
     assert rows["eager"]["gbps"] > 0 and "pct_roofline" in rows["eager"] and "error" in rows["broken"]
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
+
+
+def test_peers_are_optional():
+    from bench import peers
+
+    assert set(peers.versions()) <= set(peers.PEER_WHEELS)
+    if not torch.cuda.is_available():
+        assert peers.liger_fused_moe() is None  # a peer is left out, never an error
+
+
+@pytest.mark.gpu
+def test_liger_peer_computes_the_same_moe():
+    """The carried liger-kernel fused MoE computes what omni-fast computes (so the bench compares like for like)."""
+    from bench import peers
+    from omni_fast import ops
+
+    liger = peers.liger_fused_moe()
+    if liger is None:
+        pytest.skip("liger-kernel wheel not carried (make peer-wheels)")
+    T, E, k, H, I = 33, 16, 4, 256, 128
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    w, ids = ops.topk_softmax(torch.randn(T, E, device="cuda"), k)
+    w = w.to(torch.bfloat16)
+    torch.testing.assert_close(liger(x, w13, w2, w, ids), ops.fused_moe(x, w13, w2, w, ids), rtol=2e-2, atol=2e-2)

@@ -13,6 +13,7 @@ Providers (bf16, inference mode):
   Not of the reference itself: its loop over ``torch.unique(ids).tolist()`` syncs with the host and makes dynamo
   specialise (and recompile) on every set of hit experts, which measures the compiler, not a compiled MoE.
   Left out where torch has no ``grouped_mm``;
+- ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`bench.peers`);
 - ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels.
 
 Roofline: ``bytes`` = the touched experts' weights (exact count of distinct experts in the benchmark's fixed
@@ -28,6 +29,7 @@ import functools
 
 import torch
 
+from bench import peers
 from bench.case import Case
 
 MODELS = {
@@ -173,6 +175,9 @@ def _experts_setup(model: str, T: int):
             fns[name] = functools.partial(_inference, module, x, ids64, w)
         if _grouped_mm() is not None:
             fns["compile"] = functools.partial(_inference, _compiled(grouped_experts), x, w13, w2, w, ids)
+        liger = peers.liger_fused_moe()
+        if liger is not None:
+            fns["liger"] = functools.partial(liger, x, w13, w2, w, ids)
         fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
         return fns
 
