@@ -23,6 +23,10 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q -ra tests
 
+# Only the GPU-marked tests (bf16, CUDA C++ through CuPy, CUDA graphs, real shapes); they skip without CUDA.
+test-gpu: setup
+	$(PY) -m pytest -q -ra -m gpu tests
+
 static: setup
 	$(PY) -m bench.static_check
 

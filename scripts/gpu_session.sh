@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU-session stage per device call (each fits the device tool's 10-minute limit); see BENCHMARKS.md.
+#
+#   bash scripts/gpu_session.sh STAGE [ARGS...]
+#
+# Stages (run from the repository root on the GPU machine; logs and results go under $OUT, default ./gpu_out):
+#   env                 versions, GPU, the two measured ceilings are taken by the bench itself
+#   tests [PYTEST...]   the whole suite natively (no interpreter: bf16, CuPy CUDA C++, graphs), 8 workers
+#   sanitize [K...]     compute-sanitizer memcheck over each kernel family's gpu tests (racecheck for the
+#                       shared-memory kernels), one family per K (default: all)
+#   bench [OPS...]      python -m bench OPS --preset full  (results under $OUT/results/<device>/)
+#   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192)
+#   pipeline [ARGS...]  python -m bench.cases.pipeline (concurrency 1, 4, 6)
+#
+# Set-up without a package index: the image's python3 already has torch, triton, transformers, cupy, pytest,
+# hypothesis, pytest-benchmark, pytest-xdist; omni-fast itself is installed editable with --no-deps, and carried
+# peer wheels (.whl/, `make peer-wheels`) go to /tmp/site. Nothing here changes the GPU's settings.
+set -uo pipefail
+STAGE=${1:?stage: env|tests|sanitize|bench|tune|pipeline}
+shift
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+if ! "$PY" -c "import omni_fast.kernels" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$OUT/install.log" 2>&1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+case "$STAGE" in
+  env)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+    ;;
+  tests)
+    "$PY" -m pytest -q -ra -n 8 -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -40
+    exit "${PIPESTATUS[0]}"
+    ;;
+  sanitize)
+    # memcheck needs the caching allocator off to see out-of-bounds accesses inside pooled blocks.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    families=("$@")
+    [ ${#families[@]} -eq 0 ] && families=(rope moe attention sampling mtp code2wav)
+    rc=0
+    for f in "${families[@]}"; do
+      tool=memcheck
+      case "$f" in attention|moe|code2wav) tool=racecheck ;; esac
+      for t in memcheck $([ "$tool" = racecheck ] && echo racecheck); do
+        echo "== $f: $t"
+        compute-sanitizer --tool "$t" --error-exitcode 99 --target-processes all \
+          "$PY" -m pytest -q -x -m gpu -k "$f" -p no:cacheprovider tests >"$OUT/sanitize_${f}_${t}.log" 2>&1
+        r=$?; tail -3 "$OUT/sanitize_${f}_${t}.log"; [ $r -ne 0 ] && rc=$r
+      done
+    done
+    exit $rc
+    ;;
+  bench)
+    "$PY" -m bench "$@" --preset full --out "$OUT/results" 2>&1 | tee "$OUT/bench_$(IFS=_; echo "${*:-all}").log" | tail -60
+    exit "${PIPESTATUS[0]}"
+    ;;
+  tune)
+    ns=("$@"); [ ${#ns[@]} -eq 0 ] && ns=(768 384 192)
+    "$PY" -m bench.tune_moe --n "${ns[@]}" --out-dir "$OUT/configs" 2>&1 | tee "$OUT/tune.log" | tail -30
+    exit "${PIPESTATUS[0]}"
+    ;;
+  pipeline)
+    "$PY" -m bench.cases.pipeline --out "$OUT/results" "$@" 2>&1 | tee "$OUT/pipeline.log" | tail -40
+    exit "${PIPESTATUS[0]}"
+    ;;
+  *) echo "unknown stage $STAGE"; exit 2 ;;
+esac
