@@ -18,6 +18,10 @@ consecutive programs reuse the same weight tile (same expert) from L2. Tiles pas
 exit at once; tiles of an expert not on this rank (``expert_ids == -1``) write zeros. Sizes depend only on shapes
 (no host sync; CUDA-graph safe).
 
+Weight tiles come through pointer loads or, with ``USE_TMA`` in the launch config, through a host-side TMA tensor
+descriptor over the ``[E*N, K]`` view of the weights (:mod:`omni_fast.kernels.tma`; pointers wherever the layout
+does not allow one). The A rows are a gather (scattered tokens) and always use pointers.
+
 Operands are fed to ``tl.dot`` in their own dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32 inputs use
 ``input_precision="ieee"``). Under the CPU interpreter, whose bf16/fp16 dot is not trustworthy, ``UPCAST`` converts
 the loaded tiles to fp32 first; compiled kernels never set it.
