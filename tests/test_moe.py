@@ -29,6 +29,51 @@ def _weights(E, H, I, dtype, device=DEVICE):
     return w13, w2
 
 
+@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
+def weight_path(request, monkeypatch):
+    """Run the fused-MoE GEMMs with the weight tiles read through pointers or through TMA tensor descriptors
+    (``USE_TMA`` in both GEMMs' configs). ``.used`` records, per GEMM launch, whether a descriptor was used (the
+    TMA path falls back to pointers where the layout does not allow a descriptor); ``.config(cfg)`` adds the
+    choice to an explicit config."""
+    use_tma = request.param
+
+    def with_tma(cfg):
+        cfg = dict(cfg, USE_TMA=use_tma)
+        cfg["down"] = dict(cfg.get("down", {}), USE_TMA=use_tma)
+        return cfg
+
+    real_config, real_source, used = moe_gemm.get_config, moe_gemm.weight_source, []
+
+    def weight_source(b, cfg):
+        src = real_source(b, cfg)
+        used.append(src is not b)
+        return src
+
+    monkeypatch.setattr(moe_gemm, "get_config", lambda *a, **kw: with_tma(real_config(*a, **kw)))
+    monkeypatch.setattr(moe_gemm, "weight_source", weight_source)
+    return types.SimpleNamespace(use_tma=use_tma, used=used, config=with_tma)
+
+
+def _tma_expected(path, T, H, I, dtype):
+    """What ``path.used`` must be after one fused_moe call: a descriptor for w13 ``[E, 2I, H]`` when its rows
+    (H elements) are 16-byte multiples, for w2 ``[E, H, I]`` when I elements are; no launch at all for T = 0."""
+    if T == 0:
+        return []
+    elem = torch.finfo(dtype).bits // 8
+    return [path.use_tma and H * elem % 16 == 0, path.use_tma and I * elem % 16 == 0]
+
+
+def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
+    if config is None:
+        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
+    else:
+        out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
+    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
+    same = ref.fused_moe(x, w13, w2, w, ids, expert_map=expert_map)
+    assert_matches_reference(out, exact, same, name="fused_moe")
+    return out
+
+
 # --- routing -----------------------------------------------------------------------------------------------------
 
 
@@ -98,7 +143,7 @@ def test_topk_softmax_nonfinite_rows_match_reference(backend, E, k, renorm, dtyp
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("shared", [0, 16], ids=["thinker", "talker"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_moe_block_nonfinite_tokens_do_not_touch_others(shared, dtype):
+def test_moe_block_nonfinite_tokens_do_not_touch_others(shared, dtype, weight_path):
     """Tokens whose router row is NaN, +/-inf or all -inf: their output is NaN (as the reference's); every other
     token's output is finite, matches the reference, and is reproducible bit for bit."""
     E, k, H, I, T = 6, 2, 32, 16, 70  # 140 pairs: the multi-program alignment path
@@ -183,52 +228,6 @@ def test_align_all_pairs_to_one_expert():
 
 
 # --- fused_moe ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
-def weight_path(request, monkeypatch):
-    """Run the fused-MoE GEMMs with the weight tiles read through pointers or through TMA tensor descriptors
-    (``USE_TMA`` in both GEMMs' configs). ``.used`` records, per GEMM launch, whether a descriptor was used (the
-    TMA path falls back to pointers where the layout does not allow a descriptor); ``.config(cfg)`` adds the
-    choice to an explicit config."""
-    use_tma = request.param
-
-    def with_tma(cfg):
-        cfg = dict(cfg, USE_TMA=use_tma)
-        cfg["down"] = dict(cfg.get("down", {}), USE_TMA=use_tma)
-        return cfg
-
-    real_config, real_source, used = moe_gemm.get_config, moe_gemm.weight_source, []
-
-    def weight_source(b, cfg):
-        src = real_source(b, cfg)
-        used.append(src is not b)
-        return src
-
-    monkeypatch.setattr(moe_gemm, "get_config", lambda *a, **kw: with_tma(real_config(*a, **kw)))
-    monkeypatch.setattr(moe_gemm, "weight_source", weight_source)
-    return types.SimpleNamespace(use_tma=use_tma, used=used, config=with_tma)
-
-
-def _tma_expected(path, T, H, I, dtype):
-    """What ``path.used`` must be after one fused_moe call: a descriptor for w13 ``[E, 2I, H]`` when its rows
-    (H elements) are 16-byte multiples, for w2 ``[E, H, I]`` when I elements are; no launch at all for T = 0."""
-    if T == 0:
-        return []
-    elem = torch.finfo(dtype).bits // 8
-    return [path.use_tma and H * elem % 16 == 0, path.use_tma and I * elem % 16 == 0]
-
-
-
-def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
-    if config is None:
-        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
-    else:
-        out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
-    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
-    same = ref.fused_moe(x, w13, w2, w, ids, expert_map=expert_map)
-    assert_matches_reference(out, exact, same, name="fused_moe")
-    return out
 
 
 @pytest.mark.parametrize("T,E,k,H,I", [
