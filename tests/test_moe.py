@@ -709,6 +709,11 @@ def test_bench_cases_build_and_check():
     assert decode.params["touched_experts"] == 8 and all(c.bound == "auto" for c in full)
     for check in {c.check for c in full}:
         check()
+    # The omni_fast_tma provider: omni_fast's launch config with the TMA weight path in both GEMMs.
+    cfg = cases.tma_config(1, 128, 8, 2048, 768, torch.device("cpu"))
+    plain = moe_gemm.get_config(1, 128, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
+    assert [c["USE_TMA"] for c in moe_gemm._split(cfg)] == [True, True]
+    assert [dict(c, USE_TMA=True) for c in moe_gemm._split(plain)] == list(moe_gemm._split(cfg))
 
 
 def test_bench_cases_bound_follows_the_numbers():
