@@ -3,7 +3,7 @@
 ``python -m bench.static_check`` imports every ``kernels/*.py`` module (each registers its specialisations with
 :func:`omni_fast.kernels.launch.static_case`), compiles each with ``triton.compile(..., target=GPUTarget("cuda",
 90, 32))`` and reports per kernel: registers per thread, spilled bytes, shared memory per block and whether the
-code uses Hopper's ``wgmma`` tensor-core instructions. Exit status 1 when a kernel fails to compile, spills, or
+code uses Hopper's ``wgmma`` tensor-core instructions and its TMA bulk tensor copies (``cp.async.bulk.tensor``). Exit status 1 when a kernel fails to compile, spills, or
 needs more shared memory than an H100 block may have (227 KB).
 
 Registers and spills come from ``ptxas -v`` (the ptxas Triton itself uses) run on the generated PTX: reading
@@ -32,6 +32,7 @@ class Report:
     spill_bytes: int | None = None  # spill stores + spill loads, bytes per thread
     smem: int | None = None  # Triton's dynamic shared memory + ptxas' static shared memory, bytes per block
     wgmma: bool = False
+    tma: bool = False  # the PTX has TMA bulk tensor copies (kernels that load through tensor descriptors)
     error: str | None = None
 
     @property
@@ -104,6 +105,7 @@ def compile_case(case) -> Report:
         rep.regs, rep.spill_bytes, static_smem = _ptxas_usage(ptx)
         rep.smem = int(getattr(compiled.metadata, "shared", 0) or 0) + static_smem
         rep.wgmma = "wgmma" in ptx
+        rep.tma = "cp.async.bulk.tensor" in ptx
     except Exception as exc:  # report every kernel, then fail at the end
         rep.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
     return rep
@@ -133,14 +135,14 @@ def run() -> int:
     print(f"Static sm_90a check: {len(reports)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
           f"memory per block, no spills)")
     width = max([len(r.name) for r in reports] + [6])
-    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  result")
+    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  {'tma':>3}  result")
     for r in reports:
         if r.error:
-            print(f"  {r.name:<{width}}  {'-':>4}  {'-':>7}  {'-':>7}  {'-':>5}  FAIL {r.problems()}")
+            print(f"  {r.name:<{width}}  {'-':>4}  {'-':>7}  {'-':>7}  {'-':>5}  {'-':>3}  FAIL {r.problems()}")
         else:
             verdict = "ok" if r.ok else f"FAIL {r.problems()}"
             print(f"  {r.name:<{width}}  {r.regs:>4}  {r.spill_bytes:>7}  {r.smem:>7}  {'yes' if r.wgmma else 'no':>5}"
-                  f"  {verdict}")
+                  f"  {'yes' if r.tma else 'no':>3}  {verdict}")
     for e in errors:
         print(f"  FAIL import {e}")
     failed = sum(not r.ok for r in reports) + len(errors)

@@ -8,7 +8,10 @@ One file per (E, N, dtype, device, Triton version) under ``omni_fast/configs/moe
 :func:`omni_fast.kernels.moe_gemm.config_file_stem`), mapping a token-count bucket to a config::
 
     {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
-           "num_stages": 4, "down": {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, ...}}, "2": {...}, ...}
+           "num_stages": 4, "USE_TMA": true, "down": {"BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, ...}}, "2": {...}}
+
+``USE_TMA`` picks the weight path of each GEMM: TMA tensor descriptors for the weight tiles (Hopper's bulk tensor
+copies) or pointer loads; both are in the search space, so each shape and bucket keeps whichever is faster.
 
 The top-level keys configure the gate/up GEMM (SwiGLU fused), ``down`` the second GEMM (routed weight fused);
 ``BLOCK_SIZE_M`` is shared because it is the alignment block. For each bucket and each ``BLOCK_SIZE_M``, the two
@@ -42,19 +45,21 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs" / "mo
 
 
 def search_space(quick: bool, block_m: int, gated: bool, elem: int) -> list[dict]:
+    """Launch configs to time for one GEMM: tile sizes, grouping, warps, stages, and the weight path (``USE_TMA``:
+    TMA tensor descriptors or pointer loads; every tile here is within TMA's 256-element box limit)."""
     ns = (32, 64, 128) if quick else (32, 64, 128, 256)
     ks = (64, 128) if quick else (64, 128, 256)
     groups = (1, 8) if quick else (1, 8, 16, 32)
     warps = (4, 8)
     stages = (3, 4) if quick else (2, 3, 4, 5)
     out = []
-    for bn, bk, gm, w, st in itertools.product(ns, ks, groups, warps, stages):
+    for bn, bk, gm, w, st, tma in itertools.product(ns, ks, groups, warps, stages, (False, True)):
         b_tiles = 2 if gated else 1
         smem = st * (block_m * bk + b_tiles * bk * bn) * elem
         if smem > SMEM_LIMIT:
             continue
         out.append(dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=w,
-                        num_stages=st))
+                        num_stages=st, USE_TMA=tma))
     return out
 
 

@@ -18,6 +18,10 @@ consecutive programs reuse the same weight tile (same expert) from L2. Tiles pas
 exit at once; tiles of an expert not on this rank (``expert_ids == -1``) write zeros. Sizes depend only on shapes
 (no host sync; CUDA-graph safe).
 
+Weight tiles come through pointer loads or, with ``USE_TMA`` in the launch config, through a host-side TMA tensor
+descriptor over the ``[E*N, K]`` view of the weights (:mod:`omni_fast.kernels.tma`; pointers wherever the layout
+does not allow one). The A rows are a gather (scattered tokens) and always use pointers.
+
 Operands are fed to ``tl.dot`` in their own dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32 inputs use
 ``input_precision="ieee"``). Under the CPU interpreter, whose bf16/fp16 dot is not trustworthy, ``UPCAST`` converts
 the loaded tiles to fp32 first; compiled kernels never set it.
@@ -39,6 +43,7 @@ import triton.language as tl
 
 from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, tuned_config
 from .moe_align import moe_align_block_size
+from .tma import stacked_matrix_descriptor
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 CONFIG_FAMILY = "moe"
@@ -58,17 +63,50 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
 
 
 @triton.jit
+def _load_b_tiles(b_src, b_base, b_offs, b_up_off, tma_row, k0, mask_k, mask_n,
+                  GATED: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` weight tile(s) at K offset ``k0``: (B, B_up) (B_up is B when not GATED).
+
+    Pointer path: masked loads at ``b_base + k0 + b_offs`` (up tile ``b_up_off`` elements further). TMA path:
+    ``b_src`` is a descriptor over the ``[E*N_rows, K]`` view; rows ``tma_row..+BLOCK_N`` (up tile ``b_up_off``
+    rows further), transposed in shared memory for the dot. Its zero fill covers the K tail; rows past this expert's
+    N belong to the next rows of the view (or are zero past the end) and only reach output columns that are
+    never stored, since column ``n`` of ``A @ B`` reads only row ``n`` of the weights.
+    """
+    if USE_TMA:
+        b = b_src.load([tma_row, k0]).T
+        if GATED:
+            b_up = b_src.load([tma_row + b_up_off, k0]).T
+        else:
+            b_up = b
+    else:
+        b_mask = mask_k[:, None] & mask_n[None, :]
+        b = tl.load(b_base + k0 + b_offs, mask=b_mask, other=0.0)
+        if GATED:
+            b_up = tl.load(b_base + b_up_off + k0 + b_offs, mask=b_mask, other=0.0)
+        else:
+            b_up = b
+    if UPCAST:
+        b = b.to(tl.float32)
+        b_up = b_up.to(tl.float32)
+    return b, b_up
+
+
+@triton.jit
 def moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
+    a_ptr, b_src, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
     N, K, num_valid, num_pid_m, top_k,
     stride_am, stride_be, stride_bn, stride_cm,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
     """C[i, :N] for the pairs ``i`` of each expert tile: A rows ``[*, K]``, B = expert weights ``[E, N(x2), K]``.
 
+    ``b_src`` is a pointer to B or, with USE_TMA, a tensor descriptor over its 2-D view ``[E*N(x2), K]`` with
+    ``[BLOCK_SIZE_N, BLOCK_SIZE_K]`` blocks; its B strides then count rows of that view (``stride_be`` = rows
+    per expert, ``stride_bn`` = 1) instead of elements.
     GATED: B holds gate rows ``0..N-1`` then up rows ``N..2N-1``; C = silu(A B_gate^T) * (A B_up^T).
     MUL_ROUTED_WEIGHT: C = (A B^T) * topk_weights[i]. A_PER_TOKEN: A row of pair i is ``i // top_k``.
     """
@@ -92,28 +130,30 @@ def moe_gemm_kernel(
         return
     a_row = pair // top_k if A_PER_TOKEN else pair
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    # Loop-carried state: one pointer per A row, scalar base pointers for the B matrices and one offset tile that
-    # the gate and the up loads share (the up rows sit N rows after the gate rows of the same expert).
+    # Loop-carried state: one pointer per A row and, on the pointer path, a scalar base pointer for the expert's
+    # weights and one offset tile that the gate and the up loads share (the up rows sit N rows after the gate
+    # rows). The TMA path carries only the tile's first row in the 2-D view (int32, as descriptor coordinates).
     a_rows = a_ptr + a_row * stride_am
-    b_base = b_ptr + expert * stride_be
-    b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
+    if USE_TMA:
+        b_base = b_src
+        b_offs = 0
+        tma_row = (expert * stride_be + pid_n * BLOCK_SIZE_N).to(tl.int32)
+    else:
+        b_base = b_src + expert * stride_be
+        b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
+        tma_row = 0
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-        b_up_base = b_base + N * stride_bn
     for k0 in range(0, K, BLOCK_SIZE_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
-        b_mask = mask_k[:, None] & mask_n[None, :]
-        b = tl.load(b_base + k0 + b_offs, mask=b_mask, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        b, b_up = _load_b_tiles(b_src, b_base, b_offs, N * stride_bn, tma_row, k0, mask_k, mask_n,
+                                GATED, USE_TMA, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
-            b_up = tl.load(b_up_base + k0 + b_offs, mask=b_mask, other=0.0)
-            if UPCAST:
-                b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -226,9 +266,21 @@ def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter
 
 def _split(cfg: dict) -> tuple[dict, dict]:
     up = {k: cfg[k] for k in _KEYS}
+    up["USE_TMA"] = bool(cfg.get("USE_TMA", False))
     down = dict(up)
-    down.update({k: v for k, v in cfg.get("down", {}).items() if k in _KEYS and k != "BLOCK_SIZE_M"})
+    down.update({k: v for k, v in cfg.get("down", {}).items() if k in _KEYS + ("USE_TMA",) and k != "BLOCK_SIZE_M"})
     return up, down
+
+
+def weight_source(b: torch.Tensor, cfg: dict):
+    """What the kernel reads the weights ``b`` ``[E, N(x2), K]`` through: a TMA descriptor over the ``[E*N, K]``
+    view with ``[BLOCK_SIZE_N, BLOCK_SIZE_K]`` blocks when the config asks for ``USE_TMA`` and the layout allows
+    one (:func:`omni_fast.kernels.tma.stacked_matrix_descriptor`), else ``b`` itself (the pointer path)."""
+    if cfg.get("USE_TMA"):
+        desc = stacked_matrix_descriptor(b, (cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]))
+        if desc is not None:
+            return desc
+    return b
 
 
 def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated,
@@ -236,13 +288,17 @@ def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num
     num_pid_m = expert_ids.numel()
     grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
     precision = "ieee" if (a.dtype == torch.float32 or interpreting()) else "tf32"
-    launch(moe_gemm_kernel, grid, a, b, c, topk_weights, sorted_ids, expert_ids, npost,
+    b_src = weight_source(b, cfg)
+    use_tma = b_src is not b
+    # Descriptor coordinates count rows of the [E*N(x2), K] view: expert e starts at row e * b.shape[1].
+    stride_be, stride_bn = (b.shape[1], 1) if use_tma else (b.stride(0), b.stride(1))
+    launch(moe_gemm_kernel, grid, a, b_src, c, topk_weights, sorted_ids, expert_ids, npost,
            N, K, num_valid, num_pid_m, top_k,
-           a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+           a.stride(0), stride_be, stride_bn, c.stride(0),
            GATED=gated, MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
-           DOT_PRECISION=precision, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
-           BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"],
-           num_stages=cfg["num_stages"], device=a.device)
+           DOT_PRECISION=precision, USE_TMA=use_tma, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"],
+           BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], device=a.device)
 
 
 def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,31 +349,42 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
 # --- static compile cases (sm_90a): the real model shapes ---------------------------------------------------------
 
-def _gemm_signature(dt: str, w_dt: str) -> dict:
-    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
+def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) -> dict:
+    """Argument types; ``b_block`` = (BLOCK_N, BLOCK_K) makes ``b_src`` a tensor descriptor (the TMA path)."""
+    b_type = f"tensordesc<{dt}[{b_block[0]}, {b_block[1]}]>" if b_block else f"*{dt}"
+    sig = {"a_ptr": f"*{dt}", "b_src": b_type, "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
            "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
            "N": "i32", "K": "i32", "num_valid": "i32", "num_pid_m": "i32", "top_k": "i32",
            "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_cm": "i32"}
-    for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "BLOCK_SIZE_M",
+    for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "USE_TMA", "BLOCK_SIZE_M",
                  "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
+    if b_block:
+        sig["stride_bn"] = "constexpr"  # 1 on the TMA path, which the JIT specialises as a constant
     return sig
 
 
-# The kernel's shapes (E, H, I) are runtime arguments, so one compile per (dtype, config) covers the thinker
+# The kernel's shapes (E, H, I) are runtime arguments, so one compile per (dtype, config, path) covers the thinker
 # (E128, H2048, N768) and the talker (E128, H1024, N384 / N192): one case per tier of default_config, at the
-# thinker's T that selects it (rows per expert 0.06, 25, 64, 256).
+# thinker's T that selects it (rows per expert 0.06, 25, 64, 256), for the pointer and the TMA weight path. In
+# these shapes N, K and the row strides are multiples of 16, which the JIT's divisibility specialisation sees at
+# run time: the cases declare it (``aligned``) so the compile is the one a real launch gets.
 _TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
 for _dt in ("bf16", "fp16"):
     for _T, _tier in _TIERS:
         _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
         for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
-            static_case(
-                f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part}]", moe_gemm_kernel,
-                _gemm_signature(_dt, _dt if _gated else "fp32"),
-                dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
-                     A_PER_TOKEN=_gated, **{k: _c[k] for k in _KEYS[:4]}),
-                num_warps=_c["num_warps"], num_stages=_c["num_stages"])
+            for _tma in (False, True):
+                _block = (_c["BLOCK_SIZE_N"], _c["BLOCK_SIZE_K"]) if _tma else None
+                _consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
+                               A_PER_TOKEN=_gated, USE_TMA=_tma, **{k: _c[k] for k in _KEYS[:4]})
+                if _tma:
+                    _consts["stride_bn"] = 1
+                static_case(
+                    f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part},{'tma' if _tma else 'ptr'}]",
+                    moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block), _consts,
+                    num_warps=_c["num_warps"], num_stages=_c["num_stages"],
+                    aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
     for _H in (2048, 1024):
         for _add in (False, True):
             static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add}]", moe_combine_kernel,

@@ -1,5 +1,7 @@
 """MoE kernels (Triton; the interpreter on CPU) vs the reference, through the public ops; bad input; tracing."""
 
+import types
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +27,51 @@ def _weights(E, H, I, dtype, device=DEVICE):
     w13 = (torch.randn(E, 2 * I, H) * H ** -0.5).to(device=device, dtype=dtype)
     w2 = (torch.randn(E, H, I) * I ** -0.5).to(device=device, dtype=dtype)
     return w13, w2
+
+
+@pytest.fixture(params=[False, True], ids=["ptr", "tma"])
+def weight_path(request, monkeypatch):
+    """Run the fused-MoE GEMMs with the weight tiles read through pointers or through TMA tensor descriptors
+    (``USE_TMA`` in both GEMMs' configs). ``.used`` records, per GEMM launch, whether a descriptor was used (the
+    TMA path falls back to pointers where the layout does not allow a descriptor); ``.config(cfg)`` adds the
+    choice to an explicit config."""
+    use_tma = request.param
+
+    def with_tma(cfg):
+        cfg = dict(cfg, USE_TMA=use_tma)
+        cfg["down"] = dict(cfg.get("down", {}), USE_TMA=use_tma)
+        return cfg
+
+    real_config, real_source, used = moe_gemm.get_config, moe_gemm.weight_source, []
+
+    def weight_source(b, cfg):
+        src = real_source(b, cfg)
+        used.append(src is not b)
+        return src
+
+    monkeypatch.setattr(moe_gemm, "get_config", lambda *a, **kw: with_tma(real_config(*a, **kw)))
+    monkeypatch.setattr(moe_gemm, "weight_source", weight_source)
+    return types.SimpleNamespace(use_tma=use_tma, used=used, config=with_tma)
+
+
+def _tma_expected(path, T, H, I, dtype):
+    """What ``path.used`` must be after one fused_moe call: a descriptor for w13 ``[E, 2I, H]`` when its rows
+    (H elements) are 16-byte multiples, for w2 ``[E, H, I]`` when I elements are; no launch at all for T = 0."""
+    if T == 0:
+        return []
+    elem = torch.finfo(dtype).bits // 8
+    return [path.use_tma and H * elem % 16 == 0, path.use_tma and I * elem % 16 == 0]
+
+
+def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
+    if config is None:
+        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
+    else:
+        out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
+    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
+    same = ref.fused_moe(x, w13, w2, w, ids, expert_map=expert_map)
+    assert_matches_reference(out, exact, same, name="fused_moe")
+    return out
 
 
 # --- routing -----------------------------------------------------------------------------------------------------
@@ -96,7 +143,7 @@ def test_topk_softmax_nonfinite_rows_match_reference(backend, E, k, renorm, dtyp
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("shared", [0, 16], ids=["thinker", "talker"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_moe_block_nonfinite_tokens_do_not_touch_others(shared, dtype):
+def test_moe_block_nonfinite_tokens_do_not_touch_others(shared, dtype, weight_path):
     """Tokens whose router row is NaN, +/-inf or all -inf: their output is NaN (as the reference's); every other
     token's output is finite, matches the reference, and is reproducible bit for bit."""
     E, k, H, I, T = 6, 2, 32, 16, 70  # 140 pairs: the multi-program alignment path
@@ -183,17 +230,6 @@ def test_align_all_pairs_to_one_expert():
 # --- fused_moe ---------------------------------------------------------------------------------------------------
 
 
-def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
-    if config is None:
-        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
-    else:
-        out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
-    exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
-    same = ref.fused_moe(x, w13, w2, w, ids, expert_map=expert_map)
-    assert_matches_reference(out, exact, same, name="fused_moe")
-    return out
-
-
 @pytest.mark.parametrize("T,E,k,H,I", [
     (0, 4, 2, 32, 16),      # no tokens
     (1, 8, 2, 32, 16),      # decode
@@ -203,25 +239,28 @@ def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="trit
     (45, 5, 2, 36, 20),     # several M tiles per expert
 ])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_fused_moe_kernel(T, E, k, H, I, dtype):
+def test_fused_moe_kernel(T, E, k, H, I, dtype, weight_path):
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     w13, w2 = _weights(E, H, I, dtype)
     w = torch.rand(T, k, device=DEVICE)
     _check_fused(x, w13, w2, w, _ids(T, E, k))
+    assert weight_path.used == _tma_expected(weight_path, T, H, I, dtype)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(T=st.integers(0, 40), E=st.integers(1, 12), H=st.integers(1, 70), I=st.integers(1, 50), data=st.data(),
        dtype=st.sampled_from(KERNEL_DTYPES))
-def test_fused_moe_kernel_random_shapes(T, E, H, I, data, dtype):
+def test_fused_moe_kernel_random_shapes(T, E, H, I, data, dtype, weight_path):
     k = data.draw(st.integers(1, E))
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     w13, w2 = _weights(E, H, I, dtype)
+    weight_path.used.clear()  # one fixture for every hypothesis example
     _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k))
+    assert weight_path.used == _tma_expected(weight_path, T, H, I, dtype)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_fused_moe_all_tokens_to_one_expert(dtype):
+def test_fused_moe_all_tokens_to_one_expert(dtype, weight_path):
     T, E, H, I = 21, 6, 32, 24
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     w13, w2 = _weights(E, H, I, dtype)
@@ -234,16 +273,19 @@ def test_fused_moe_all_tokens_to_one_expert(dtype):
     dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=32, BLOCK_SIZE_K=16, GROUP_SIZE_M=4, num_warps=4, num_stages=2,
          down=dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, GROUP_SIZE_M=1)),
 ])
-def test_fused_moe_kernel_small_tiles_grouped_order(cfg):
-    """Several K iterations, partial N/K tiles, grouped (m, n) order, separate down-GEMM config."""
+def test_fused_moe_kernel_small_tiles_grouped_order(cfg, weight_path):
+    """Several K iterations, partial N/K tiles, grouped (m, n) order, separate down-GEMM config. On the TMA path,
+    gate tiles that run past I read the first up rows and the last expert's tiles run past the end of the weights
+    (zero fill): only output columns that are never stored see them."""
     T, E, k, H, I = 19, 5, 2, 56, 40
     x = torch.randn(T, H, device=DEVICE)
     w13, w2 = _weights(E, H, I, torch.float32)
-    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k), config=cfg)
+    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k), config=weight_path.config(cfg))
+    assert weight_path.used == _tma_expected(weight_path, T, H, I, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_fused_moe_expert_map(dtype):
+def test_fused_moe_expert_map(dtype, weight_path):
     """Expert parallelism: this rank holds global experts 5, 0, 3 (local 0, 1, 2); the others contribute zero."""
     T, E, k, H, I = 17, 8, 3, 32, 24
     emap = torch.full((E,), -1, dtype=torch.int32)
@@ -256,6 +298,7 @@ def test_fused_moe_expert_map(dtype):
     # A token routed only to remote experts gets exactly zero.
     remote_only = ~((emap[ids.long()] >= 0).any(dim=1))
     assert bool((out[remote_only] == 0).all())
+    assert weight_path.used == _tma_expected(weight_path, T, H, I, dtype)
 
 
 def test_fused_moe_out_argument_and_model_dtype_weights():
@@ -301,7 +344,7 @@ def test_tuned_config_directory_is_in_the_package():
     assert (tune_moe.OUT_DIR / "README.md").is_file()
 
 
-def test_fused_moe_is_deterministic():
+def test_fused_moe_is_deterministic(weight_path):
     T, E, k, H, I = 40, 6, 3, 32, 16
     x = torch.randn(T, H, device=DEVICE)
     w13, w2 = _weights(E, H, I, torch.float32)
@@ -309,6 +352,78 @@ def test_fused_moe_is_deterministic():
     a = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
     b = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
     assert torch.equal(a, b)
+
+
+# --- TMA descriptors for the weight tiles -------------------------------------------------------------------------
+
+
+def test_stacked_weight_descriptor_layout_checks():
+    """A descriptor over ``[E, N, K]`` seen as ``[E*N, K]`` exactly when TMA can address it; ``None`` otherwise."""
+    from omni_fast.kernels.tma import matrix_descriptor, stacked_matrix_descriptor
+
+    w = torch.randn(3, 10, 24, dtype=torch.float16)
+    d = stacked_matrix_descriptor(w, (16, 32))
+    assert d is not None and list(d.shape) == [30, 24] and list(d.strides) == [24, 1]
+    assert list(d.block_shape) == [16, 32] and d.base.data_ptr() == w.data_ptr()
+    assert stacked_matrix_descriptor(w[1:], (16, 32)).base.data_ptr() == w[1].data_ptr()  # 480 B offset: aligned
+    flat = torch.randn(3 * 10 * 24 + 1, dtype=torch.float16)
+    rejected = {
+        "base not 16-byte aligned": flat[1:].view(3, 10, 24),
+        "row stride 36 * 2 B": torch.randn(3, 10, 36, dtype=torch.float16),
+        "experts not evenly spaced rows": torch.randn(3, 16, 24, dtype=torch.float16)[:, :10],
+        "last dim not unit-stride": torch.randn(3, 24, 10, dtype=torch.float16).transpose(1, 2),
+        "integer weights": torch.zeros(3, 10, 24, dtype=torch.int32),
+        "no experts": torch.randn(0, 10, 24, dtype=torch.float16),
+    }
+    for why, bad in rejected.items():
+        assert stacked_matrix_descriptor(bad, (16, 32)) is None, why
+    for block in ((16, 24), (512, 32), (16, 4), (0, 32)):  # not a power of two, > 256 rows, 8-byte rows, empty
+        assert matrix_descriptor(w, 30, 24, 24, block) is None, block
+    # Size-1 dimensions may carry any stride: one expert, or one row per expert.
+    one_expert = torch.randn(300).as_strided((1, 10, 24), (7, 24, 1))
+    assert list(stacked_matrix_descriptor(one_expert, (16, 16)).shape) == [10, 24]
+    one_row = torch.randn(4, 32)[:, None, :8]  # [4, 1, 8] with experts 32 elements apart
+    assert list(stacked_matrix_descriptor(one_row, (16, 8)).strides) == [32, 1]
+
+
+@pytest.mark.parametrize("layout", ["unaligned_base", "unaligned_rows", "strided_experts"])
+def test_fused_moe_tma_falls_back_to_pointers(layout):
+    """USE_TMA with weights TMA cannot address: the kernels take the pointer path and stay exact."""
+    T, E, k, H, I = 9, 4, 2, 32, 24
+    dtype = torch.float16
+    w13, w2 = _weights(E, H, I, dtype)
+    if layout == "unaligned_base":
+        buf = torch.empty(w13.numel() + 1, dtype=dtype, device=DEVICE)
+        w13 = buf[1:].view_as(w13).copy_(w13)
+    elif layout == "unaligned_rows":  # H = 36 fp16: 72-byte rows
+        H = 36
+        w13, w2 = _weights(E, H, I, dtype)
+    else:  # every expert's block sits inside a larger allocation
+        w13 = torch.cat([w13, w13[:, :8]], dim=1)[:, : 2 * I]
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    cfg = dict(moe_gemm.default_config(T, E, k, H, I, dtype), USE_TMA=True)
+    up, down = moe_gemm._split(cfg)
+    assert down["USE_TMA"] and moe_gemm.weight_source(w13, up) is w13
+    _check_fused(x, w13, w2, torch.rand(T, k, device=DEVICE), _ids(T, E, k), config=cfg)
+
+
+def test_tuned_config_selects_the_weight_path_per_gemm():
+    """``USE_TMA`` at the top level drives the gate/up GEMM; ``down`` may choose differently; absent = pointers."""
+    base = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+    assert [c["USE_TMA"] for c in moe_gemm._split(base)] == [False, False]
+    assert [c["USE_TMA"] for c in moe_gemm._split(dict(base, USE_TMA=True))] == [True, True]
+    assert [c["USE_TMA"] for c in moe_gemm._split(dict(base, USE_TMA=True, down={"USE_TMA": False}))] == [True,
+                                                                                                         False]
+    assert all(not c.get("USE_TMA", False) for c in moe_gemm._split(moe_gemm.default_config(1, 128, 8, 2048, 768,
+                                                                                             torch.bfloat16)))
+
+
+def test_tune_search_space_includes_the_tma_path():
+    from bench import tune_moe
+
+    space = tune_moe.search_space(True, 16, True, 2)
+    assert {c["USE_TMA"] for c in space} == {False, True}
+    assert all(c["BLOCK_SIZE_N"] <= 256 and c["BLOCK_SIZE_K"] <= 256 for c in space if c["USE_TMA"])
 
 
 # --- moe_block ---------------------------------------------------------------------------------------------------
@@ -327,7 +442,7 @@ def _block_weights(E, H, I, Is, dtype):
 @pytest.mark.parametrize("shared", [0, 40], ids=["thinker", "talker"])
 @pytest.mark.parametrize("T", [1, 11, 70])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_moe_block_kernel(shared, T, dtype):
+def test_moe_block_kernel(shared, T, dtype, weight_path):
     E, k, H, I = 10, 3, 48, 24
     g, w13, w2, sw13, sw2, sg = _block_weights(E, H, I, shared, dtype)
     x = torch.randn(1, T, H, device=DEVICE).to(dtype)
@@ -342,6 +457,7 @@ def test_moe_block_kernel(shared, T, dtype):
         exact = exact + ref.shared_expert(xf.to(d), sw13.to(d), sw2.to(d), sg.to(d))
     assert out.shape == x.shape
     assert_matches_reference(out.reshape(T, H), exact, same.reshape(T, H), name="moe_block")
+    assert weight_path.used and all(u == weight_path.use_tma for u in weight_path.used)  # every shape aligned
 
 
 def test_moe_block_kernel_expert_map_and_no_renorm():
@@ -471,6 +587,38 @@ def test_fused_moe_real_shapes_bf16(E, k, H, I, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("E,k,H,I,T", [(128, 8, 2048, 768, 1), (128, 8, 2048, 768, 4096), (128, 6, 1024, 384, 64),
+                                       (128, 6, 1024, 192, 333)])
+def test_fused_moe_tma_real_shapes_bf16(E, k, H, I, T, weight_path):
+    """Both weight paths on the GPU at the real shapes (descriptors really used: the layouts are aligned), and the
+    TMA output within the reference tolerance of the pointer output's."""
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    w13, w2 = _weights(E, H, I, torch.bfloat16)
+    w, ids = ops.topk_softmax(torch.randn(T, E, device=DEVICE), k)
+    _check_fused(x, w13, w2, w, ids)
+    assert weight_path.used == [weight_path.use_tma] * 2
+
+
+@pytest.mark.gpu
+def test_fused_moe_tma_cuda_graph_replay(weight_path):
+    """Descriptors are encoded on the host at capture; replays on new activations give the eager result."""
+    E, k, H, I, T = 128, 8, 2048, 768, 8
+    x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    w13, w2 = _weights(E, H, I, torch.bfloat16)
+    w, ids = ops.topk_softmax(torch.randn(T, E, device=DEVICE), k)
+    ops.fused_moe(x, w13, w2, w, ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.fused_moe(x, w13, w2, w, ids)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ops.fused_moe(x, w13, w2, w, ids), rtol=0, atol=0)
+    assert all(u == weight_path.use_tma for u in weight_path.used)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shared", [0, 768])
 def test_moe_block_bf16_gpu(shared):
     E, k, H, I, T = 128, 6, 1024, 384, 77
@@ -561,6 +709,11 @@ def test_bench_cases_build_and_check():
     assert decode.params["touched_experts"] == 8 and all(c.bound == "auto" for c in full)
     for check in {c.check for c in full}:
         check()
+    # The omni_fast_tma provider: omni_fast's launch config with the TMA weight path in both GEMMs.
+    cfg = cases.tma_config(1, 128, 8, 2048, 768, torch.device("cpu"))
+    plain = moe_gemm.get_config(1, 128, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
+    assert [c["USE_TMA"] for c in moe_gemm._split(cfg)] == [True, True]
+    assert [dict(c, USE_TMA=True) for c in moe_gemm._split(plain)] == list(moe_gemm._split(cfg))
 
 
 def test_bench_cases_bound_follows_the_numbers():

@@ -3,6 +3,7 @@ Hopper without spills and within the H100's shared memory. Runs in a subprocess 
 (the compile needs real ``triton.jit`` functions); needs no GPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ def test_static_sm90_check_passes():
     assert res.returncode == 0, out
     assert "Static sm_90a check: PASS" in out
     assert "mrope_kernel[bf16,D128,norm=True]" in out
+    # The MoE GEMM's TMA weight path really issues bulk tensor copies (the "tma" column), the pointer path none.
+    rows = re.findall(r"^\s*(moe_gemm_kernel\[[^\]]*,(tma|ptr)\]).*\s(yes|no)\s+ok$", out, re.M)
+    assert {path for _, path, _ in rows} == {"tma", "ptr"}, rows
+    assert all((path == "tma") == (tma == "yes") for _, path, tma in rows), rows
+    assert len(rows) == out.count("moe_gemm_kernel[")  # every GEMM case passed (a failing row has no tma column)
 
 
 def test_report_flags_spills_and_shared_memory():

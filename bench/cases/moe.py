@@ -14,7 +14,10 @@ Providers (bf16, inference mode):
   specialise (and recompile) on every set of hit experts, which measures the compiler, not a compiled MoE.
   Left out where torch has no ``grouped_mm``;
 - ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`bench.peers`);
-- ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels.
+- ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
+- ``omni_fast_tma`` (experts cases): the same kernels and launch config with the weight tiles read through TMA
+  tensor descriptors (``USE_TMA`` forced on in both GEMMs), so a run shows what the TMA path gives at every T before
+  (or without) tuning; where a tuned file already turns it on, the two rows coincide.
 
 Roofline: ``bytes`` = the touched experts' weights (exact count of distinct experts in the benchmark's fixed
 routing; for the block, the routing its router gives on its fixed inputs) + activations in and out; ``flops`` =
@@ -151,6 +154,7 @@ def _experts_setup(model: str, T: int):
 
     def setup(device):
         from omni_fast import ops
+        from omni_fast.kernels import moe_gemm
 
         x = torch.randn(T, H, device=device, dtype=DTYPE)
         w13 = (torch.randn(E, 2 * I, H, device=device, dtype=DTYPE) * H ** -0.5)
@@ -179,9 +183,21 @@ def _experts_setup(model: str, T: int):
         if liger is not None:
             fns["liger"] = functools.partial(liger, x, w13, w2, w, ids)
         fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+        fns["omni_fast_tma"] = functools.partial(moe_gemm.fused_moe, x, w13, w2, w, ids,
+                                                 config=tma_config(T, E, k, H, I, device))
         return fns
 
     return setup
+
+
+def tma_config(T: int, E: int, k: int, H: int, I: int, device: torch.device, dtype: torch.dtype = DTYPE) -> dict:
+    """The launch config ``omni_fast`` uses for this shape, with ``USE_TMA`` on in both GEMMs."""
+    from omni_fast.kernels import moe_gemm
+
+    cfg = moe_gemm.get_config(T, E, k, H, I, dtype, torch.device(device))
+    cfg["USE_TMA"] = True
+    cfg["down"] = dict(cfg.get("down", {}), USE_TMA=True)
+    return cfg
 
 
 def _inference(fn, *args):
@@ -230,8 +246,9 @@ def _block_setup(T: int):
 
 
 def check_fused_moe() -> None:
-    """Kernel vs reference on a tiny shape (fp32, CPU interpreter or GPU)."""
+    """Kernel vs reference on a tiny shape (fp32, CPU interpreter or GPU), pointer and TMA weight paths."""
     from omni_fast import ops
+    from omni_fast.kernels import moe_gemm
     from omni_fast.reference import moe as ref
     from omni_fast.testing import DEVICE, assert_matches_reference
 
@@ -241,9 +258,11 @@ def check_fused_moe() -> None:
     w13 = (torch.randn(E, 2 * I, H, generator=gen) * 0.2).to(DEVICE)
     w2 = (torch.randn(E, H, I, generator=gen) * 0.2).to(DEVICE)
     w, ids = ops.topk_softmax(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
-    out = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
     exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids)
-    assert_matches_reference(out, exact, ref.fused_moe(x, w13, w2, w, ids), name="fused_moe")
+    same = ref.fused_moe(x, w13, w2, w, ids)
+    assert_matches_reference(ops.fused_moe(x, w13, w2, w, ids, backend="triton"), exact, same, name="fused_moe")
+    tma = moe_gemm.fused_moe(x, w13, w2, w, ids, config=tma_config(T, E, k, H, I, DEVICE, x.dtype))
+    assert_matches_reference(tma, exact, same, name="fused_moe (TMA weights)")
 
 
 def check_moe_block() -> None:
