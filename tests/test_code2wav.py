@@ -402,16 +402,63 @@ def test_model_forward_triton_matches_transformers():
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
 
 
-def test_model_long_input_blocks_the_attention(monkeypatch):
-    """One-shot decodes attend in query blocks through the KV cache: exact at block boundaries too."""
-    from omni_fast.models import code2wav as mod
+def _pre_transformer_reference(hf, emb, dtype):
+    """transformers' pre-transformer, computed by ``reference.code2wav`` in ``dtype`` (one shot, explicit mask)."""
+    cfg = ref.Code2WavConfig.from_transformers(hf.config)
+    sd = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    h = emb.to(dtype)
+    pos = torch.arange(h.shape[1])
+    cos, sin = ref.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, dtype)
+    mask = ref.sliding_window_mask(pos, pos, cfg.sliding_window, dtype)
+    for i in range(cfg.num_hidden_layers):
+        h, _ = ref.pre_transformer_layer(cfg, sd, f"pre_transformer.layers.{i}.", h, cos, sin, mask)
+    return ref._rms_norm(h, sd["pre_transformer.norm.weight"], cfg.rms_norm_eps)
 
-    monkeypatch.setattr(mod, "_ATTN_BLOCK", 4)
-    hf, model = _models(0)
-    codes = torch.randint(0, 16, (1, 4, 15))
+
+def _pre_transformer_streamed(model, emb, sizes):
+    """The model's pre-transformer over ``emb`` [B, T, H] pushed in chunks of ``sizes`` frames (one stream)."""
+    s = model.stream(emb.shape[0])
+    out, i = [], 0
+    for n in sizes:
+        out.append(s._pre_transformer(emb[:, i:i + n].clone()))  # it overwrites its input (the residual stream)
+        s.state.pos += n
+        s.state.frames += n
+        i += n
+    return torch.cat(out, 1)
+
+
+# one shot, then chunks shorter than, equal to and longer than the window (72), from both ends
+ONE_SHOT, UP, DOWN = [153], [1, 7, 72, 73], [73, 72, 7, 1]
+
+
+# (the interpreter is slow: the Triton cases split the chunkings between the dtypes)
+@pytest.mark.parametrize("backend,dtype,chunkings", [("reference", torch.float32, [ONE_SHOT, UP, DOWN]),
+                                                     ("triton", torch.float32, [ONE_SHOT, UP]),
+                                                     ("triton", torch.float16, [DOWN])])
+def test_pre_transformer_longer_than_the_window_one_shot_and_streamed(backend, dtype, chunkings):
+    """The real window (72) over 153 frames: one shot and streamed in chunks of 1, 7, 72 and 73 frames equal the
+    reference's one-shot hidden states (FlashAttention's error rule against the fp64 reference)."""
+    hf = _hf_model(0, sliding_window=72, num_hidden_layers=2 if backend == "reference" else 1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf.to(dtype), backend=backend)
+    emb = torch.randn(2 if backend == "reference" else 1, 153, hf.config.hidden_size)
+    with torch.no_grad():
+        exact = _pre_transformer_reference(hf, emb.double(), torch.float64)
+        want = _pre_transformer_reference(hf, emb, dtype)
+        if dtype == torch.float32:  # the reference itself equals transformers' module
+            torch.testing.assert_close(want, hf.pre_transformer(inputs_embeds=emb).last_hidden_state, rtol=1e-5,
+                                       atol=1e-5)
+        for sizes in chunkings:
+            got = _pre_transformer_streamed(model, emb.to(dtype), sizes)
+            assert_matches_reference(got, exact, want, name=f"chunks {sizes}")
+
+
+def test_model_longer_than_the_window_matches_transformers_one_shot_and_streamed():
+    hf, model = _models(0, sliding_window=72)
+    codes = torch.randint(0, 16, (2, 4, 153))
     with torch.no_grad():
         want = hf(codes)
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(_stream(model, codes, [1, 7, 72, 73]), want, rtol=1e-4, atol=5e-5)
 
 
 def _random_chunks(rng, T, max_chunk):
