@@ -300,8 +300,8 @@ class Code2WavStream:
             v_cache[:, :keep].copy_(past_v)
             o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=True,
                                             window_size=(keep, 0), backend=be)
-            past_k.copy_(k_cache.index_select(1, keep_rows))
-            past_v.copy_(v_cache.index_select(1, keep_rows))
+            torch.index_select(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
+            torch.index_select(v_cache, 1, keep_rows, out=past_v)
             o = torch.nn.functional.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
             x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
             mlp = torch.nn.functional.linear(mtp_layers.silu_mul(torch.nn.functional.linear(x, w["gate_up"]),
