@@ -370,6 +370,23 @@ def test_ops_trace_under_torch_compile():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, st), f(x, st))
 
 
+def test_snake_cost_model_recompute_factors():
+    """bench.code2wav_snake_cost (docs/code2wav.md): recompute factor K * ceil(C_out / BLOCK_N), m * ceil(s C_out /
+    BLOCK_N) for transposed convs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` is a folder of the repository
+    from bench.code2wav_snake_cost import conv_costs
+
+    rows = {name: (macs, fused, once) for name, macs, fused, once in conv_costs(ref.Code2WavConfig(), 64)}
+    macs, fused, once = rows["block1 unit d1 k7 768"]
+    assert fused == 7 * 12 * once and macs == 32 * 768 * 768 * 7
+    macs, fused, once = rows["block1 convT 1536->768 k16"]
+    assert fused == 2 * (8 * 768 // 64) * once and macs == 32 * 768 * 1536 * 2
+    assert rows["decoder.0 1024->1536 k7"][1] == 0  # no SnakeBeta
+
+
 # --- the model: one-shot, streaming ----------------------------------------------------------------------------
 
 
