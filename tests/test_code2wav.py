@@ -477,23 +477,16 @@ def test_pre_transformer_longer_than_the_window_one_shot_and_streamed(backend, d
             assert_matches_reference(got, exact, want, name=f"chunks {sizes}")
 
 
-def test_model_longer_than_the_window_matches_transformers_one_shot_and_streamed():
-    hf, model = _models(0, sliding_window=72)
-    codes = torch.randint(0, 16, (2, 4, 153))
+@pytest.mark.parametrize("window,T,sizes", [(72, 153, [1, 7, 72, 73]), (1, 9, [1, 3, 5])])
+def test_model_window_matches_transformers_one_shot_and_streamed(window, T, sizes):
+    """The whole model past the real window (72), and with window 1 (each frame sees itself only; the KV caches
+    are empty ``[B, 0, Hk, D]``), one shot and streamed."""
+    hf, model = _models(0, sliding_window=window)
+    codes = torch.randint(0, 16, (2, 4, T))
     with torch.no_grad():
         want = hf(codes)
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
-    torch.testing.assert_close(_stream(model, codes, [1, 7, 72, 73]), want, rtol=1e-4, atol=5e-5)
-
-
-def test_model_window_of_one_frame_matches_transformers():
-    """sliding_window = 1: every frame attends to itself only, the KV caches are empty ``[B, 0, Hk, D]``."""
-    hf, model = _models(0, sliding_window=1)
-    codes = torch.randint(0, 16, (2, 4, 9))
-    with torch.no_grad():
-        want = hf(codes)
-    torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
-    torch.testing.assert_close(_stream(model, codes, [1, 3, 5]), want, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(_stream(model, codes, sizes), want, rtol=1e-4, atol=5e-5)
 
 
 def _random_chunks(rng, T, max_chunk):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
 from ..ops import mtp_layers
@@ -286,10 +287,11 @@ class Code2WavStream:
         positions = (st.pos + torch.arange(t, device=dev)).repeat(B)  # [B * t], batch-major like the tokens
         eps = cfg.rms_norm_eps
         h = h.reshape(N, H)  # the residual stream, updated in place by add_rms_norm_
-        x = mtp_layers.add_rms_norm_(h, None, m.sd["pre_transformer.layers.0.input_layernorm.weight"], eps=eps,
-                                     backend=be)
+        first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
+                      else "pre_transformer.norm.weight")
+        x = mtp_layers.add_rms_norm_(h, None, m.sd[first_norm], eps=eps, backend=be)
         for i, w in enumerate(m._fused):
-            qkv = torch.nn.functional.linear(x, w["qkv"], w["qkv_bias"]).view(B, t, nq + 2 * nk, D)
+            qkv = F.linear(x, w["qkv"], w["qkv_bias"]).view(B, t, nq + 2 * nk, D)
             q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nk], qkv[:, :, nq + nk:]
             ops.mrope(q.view(N, nq, D), k.view(N, nk, D), positions, mrope_section=(D // 2, 0, 0),
                       interleaved=False, inv_freq=m._inv_freq, backend=be)
@@ -302,10 +304,9 @@ class Code2WavStream:
                                             window_size=(keep, 0), backend=be)
             torch.index_select(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
             torch.index_select(v_cache, 1, keep_rows, out=past_v)
-            o = torch.nn.functional.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
+            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
             x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
-            mlp = torch.nn.functional.linear(mtp_layers.silu_mul(torch.nn.functional.linear(x, w["gate_up"]),
-                                                                 backend=be), w["down"])
+            mlp = F.linear(mtp_layers.silu_mul(F.linear(x, w["gate_up"]), backend=be), w["down"])
             x = mtp_layers.add_rms_norm_(h, w["mlp_scale"] * mlp, w["next_norm"], eps=eps, backend=be)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
