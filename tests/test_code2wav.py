@@ -799,8 +799,12 @@ def test_gpu_cuda_graphs_replay_across_the_window(batch, dtype):
         i += n
     got = torch.cat(out, -1)
     assert sorted(s._graphs) == [1, 2, 8, 64]
-    torch.testing.assert_close(got, eager)  # the same kernels on the same state
-    assert_matches_reference(got, exact, want, factor=3.0, name="graphs vs transformers")
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(got, exact, rtol=1e-4, atol=5e-5)
+    else:  # the same kernels on the same state; loose in case a graph picks another cuBLAS algorithm
+        torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+        assert_matches_reference(got, exact, want, factor=3.0, name="graphs vs transformers")
 
 
 @pytest.mark.gpu
