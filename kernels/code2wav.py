@@ -374,9 +374,18 @@ def pack_transposed(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
 
 
+def packed_transposed_strides(weight: torch.Tensor) -> tuple[int, int, int]:
+    """The strides of the packed layout of a ``[C_in, C_out, k]`` weight: ``(1, C_in, C_in * C_out)``."""
+    ci, co, _ = weight.shape
+    return 1, ci, ci * co
+
+
 def is_packed_transposed(weight: torch.Tensor) -> bool:
-    ci, co, k = weight.shape
-    return weight.stride(0) == 1 and weight.stride(1) == ci and weight.stride(2) == ci * co
+    # Size-1 dims are skipped: their strides address nothing, and torch keeps whatever stride they had (so the
+    # permute-contiguous-permute of a C_in = C_out = 1 weight keeps its torch strides); the launch passes
+    # packed_transposed_strides, which the kernel's row arithmetic (rows n = r * C_out + co) relies on.
+    return all(size == 1 or have == want
+               for size, have, want in zip(weight.shape, weight.stride(), packed_transposed_strides(weight)))
 
 
 FAST_SIN = True  # on a GPU with fp16/bf16 activations the fused SnakeBeta uses :func:`_sin_fast`
@@ -469,12 +478,13 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
     snake = alpha is not None
     st = state if state is not None else x
     # Tap j reads input q + j with kernel index (m-1-j) * stride + r: start at the last tap, walk backwards.
-    row_stride = weight.stride(1)  # = C_in: rows n = r * C_out + co are evenly spaced in the packed layout
+    # rows n = r * C_out + co are evenly spaced (row stride C_in) in the packed layout
+    s_ci, row_stride, s_k = packed_transposed_strides(weight)
     _launch_gemm(n_cols, stride * c_out, B,
                  (x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
                  (L, ctx, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
-                  (m - 1) * stride * weight.stride(2), *x.stride(), *st.stride(),
-                  row_stride, weight.stride(0), -stride * weight.stride(2)),
+                  (m - 1) * stride * s_k, *x.stride(), *st.stride(),
+                  row_stride, s_ci, -stride * s_k),
                  out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
                  KSIZE=m, PHASES=stride, HAS_STATE=state is not None, SNAKE=_snake_mode(x, snake), **_flags(x))
     return out, _new_state_transposed(x, state, m - 1)

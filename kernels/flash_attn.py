@@ -401,6 +401,11 @@ def _register_static_cases() -> None:
         ("talker 16/2 d128 decode paged", 128, 8, 8, False, True, 1),
         ("mtp 16/8 d128 decode", 128, 2, 2, False, False, 1),
         ("code2wav d64 h16 window72", 64, 1, 1024, True, False, 1),
+        # Code2Wav's pre-transformer runs on the KV-cache path (one launch per layer and push); one case per block
+        # config its chunk sizes pick: 1..16 frames, 17..64 (the largest graph bucket), longer (one-shot decodes)
+        ("code2wav d64 h16 window72 kvcache t1", 64, 1, 1, False, False, 1),
+        ("code2wav d64 h16 window72 kvcache t64", 64, 1, 64, False, False, 1),
+        ("code2wav d64 h16 window72 kvcache one-shot", 64, 1, 1024, False, False, 1),
     ]
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:

@@ -98,18 +98,24 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
     )
 
 
+_MROPE_SIGNATURE = {
+    "q_ptr": "*{dt}", "k_ptr": "*{dt}", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32", "qw_ptr": "*{dt}",
+    "kw_ptr": "*{dt}", "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
+    "stride_pos_row": "i32", "n_q_heads": "i32", "n_k_heads": "i32", "scaling": "fp32", "eps": "fp32",
+    "SEC_T": "constexpr", "SEC_H": "constexpr", "SEC_W": "constexpr", "INTERLEAVED": "constexpr",
+    "HALF": "constexpr", "BLOCK_J": "constexpr", "BLOCK_H": "constexpr", "NORM": "constexpr",
+}
+
 for _dt in ("bf16", "fp16"):
+    # Code2Wav's pre-transformer: 1-D positions (one section), 16 q and 16 k heads of 64
+    static_case(f"mrope_kernel[{_dt},D64,1-D,code2wav]", mrope_kernel,
+                signature={k: v.format(dt=_dt) for k, v in _MROPE_SIGNATURE.items()},
+                constexprs={"SEC_T": 32, "SEC_H": 0, "SEC_W": 0, "INTERLEAVED": False, "HALF": 32, "BLOCK_J": 32,
+                            "BLOCK_H": 16, "NORM": False})
     for _norm in (False, True):
         static_case(
             f"mrope_kernel[{_dt},D128,norm={_norm}]", mrope_kernel,
-            signature={
-                "q_ptr": f"*{_dt}", "k_ptr": f"*{_dt}", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32",
-                "qw_ptr": f"*{_dt}", "kw_ptr": f"*{_dt}",
-                "stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32",
-                "stride_pos_row": "i32", "n_q_heads": "i32", "n_k_heads": "i32", "scaling": "fp32", "eps": "fp32",
-                "SEC_T": "constexpr", "SEC_H": "constexpr", "SEC_W": "constexpr", "INTERLEAVED": "constexpr",
-                "HALF": "constexpr", "BLOCK_J": "constexpr", "BLOCK_H": "constexpr", "NORM": "constexpr",
-            },
+            signature={k: v.format(dt=_dt) for k, v in _MROPE_SIGNATURE.items()},
             constexprs={"SEC_T": 24, "SEC_H": 20, "SEC_W": 20, "INTERLEAVED": True, "HALF": 64, "BLOCK_J": 64,
                         "BLOCK_H": 32, "NORM": _norm},
         )

@@ -246,6 +246,14 @@ def test_kernel_causal_conv_transpose1d_random_shapes(B, c_in, c_out, T, s, m, s
     _check_convt(B, c_in, c_out, T, s, m, snake, state, dtype)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_causal_conv_transpose1d_single_channel(dtype):
+    """C_in = C_out = 1: packing cannot change the strides of size-1 dims (torch keeps them), so the packed-layout
+    check and the launch must not read them (found by hypothesis: the kernel read past the weight)."""
+    _check_convt(2, 1, 1, 3, 3, 3, dtype=dtype)
+    _check_convt(1, 1, 1, 5, 2, 2, snake=True, state=True, dtype=dtype)
+
+
 def test_kernel_non_contiguous_input():
     """The model feeds the pre-transformer output [B, T, H] to the first transposed conv as a permuted view."""
     h = torch.randn(2, 11, 8, device=DEVICE)
@@ -362,6 +370,23 @@ def test_ops_trace_under_torch_compile():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, st), f(x, st))
 
 
+def test_snake_cost_model_recompute_factors():
+    """bench.code2wav_snake_cost (docs/code2wav.md): recompute factor K * ceil(C_out / BLOCK_N), m * ceil(s C_out /
+    BLOCK_N) for transposed convs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` is a folder of the repository
+    from bench.code2wav_snake_cost import conv_costs
+
+    rows = {name: (macs, fused, once) for name, macs, fused, once in conv_costs(ref.Code2WavConfig(), 64)}
+    macs, fused, once = rows["block1 unit d1 k7 768"]
+    assert fused == 7 * 12 * once and macs == 32 * 768 * 768 * 7
+    macs, fused, once = rows["block1 convT 1536->768 k16"]
+    assert fused == 2 * (8 * 768 // 64) * once and macs == 32 * 768 * 1536 * 2
+    assert rows["decoder.0 1024->1536 k7"][1] == 0  # no SnakeBeta
+
+
 # --- the model: one-shot, streaming ----------------------------------------------------------------------------
 
 
@@ -402,16 +427,66 @@ def test_model_forward_triton_matches_transformers():
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
 
 
-def test_model_long_input_blocks_the_attention(monkeypatch):
-    """One-shot decodes attend in query blocks through the KV cache: exact at block boundaries too."""
-    from omni_fast.models import code2wav as mod
+def _pre_transformer_reference(hf, emb, dtype):
+    """transformers' pre-transformer, computed by ``reference.code2wav`` in ``dtype`` (one shot, explicit mask)."""
+    cfg = ref.Code2WavConfig.from_transformers(hf.config)
+    sd = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    h = emb.to(dtype)
+    pos = torch.arange(h.shape[1], device=h.device)
+    cos, sin = ref.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, dtype)
+    mask = ref.sliding_window_mask(pos, pos, cfg.sliding_window, dtype)
+    for i in range(cfg.num_hidden_layers):
+        h, _ = ref.pre_transformer_layer(cfg, sd, f"pre_transformer.layers.{i}.", h, cos, sin, mask)
+    return ref._rms_norm(h, sd["pre_transformer.norm.weight"], cfg.rms_norm_eps)
 
-    monkeypatch.setattr(mod, "_ATTN_BLOCK", 4)
-    hf, model = _models(0)
-    codes = torch.randint(0, 16, (1, 4, 15))
+
+def _pre_transformer_streamed(model, emb, sizes):
+    """The model's pre-transformer over ``emb`` [B, T, H] pushed in chunks of ``sizes`` frames (one stream)."""
+    s = model.stream(emb.shape[0])
+    out, i = [], 0
+    for n in sizes:
+        out.append(s._pre_transformer(emb[:, i:i + n].clone()))  # it overwrites its input (the residual stream)
+        s.state.pos += n
+        s.state.frames += n
+        i += n
+    return torch.cat(out, 1)
+
+
+# one shot, then chunks shorter than, equal to and longer than the window (72), from both ends
+ONE_SHOT, UP, DOWN = [153], [1, 7, 72, 73], [73, 72, 7, 1]
+
+
+# (the interpreter is slow: the Triton cases split the chunkings between the dtypes)
+@pytest.mark.parametrize("backend,dtype,chunkings", [("reference", torch.float32, [ONE_SHOT, UP, DOWN]),
+                                                     ("triton", torch.float32, [ONE_SHOT, UP]),
+                                                     ("triton", torch.float16, [DOWN])])
+def test_pre_transformer_longer_than_the_window_one_shot_and_streamed(backend, dtype, chunkings):
+    """The real window (72) over 153 frames: one shot and streamed in chunks of 1, 7, 72 and 73 frames equal the
+    reference's one-shot hidden states (FlashAttention's error rule against the fp64 reference)."""
+    hf = _hf_model(0, sliding_window=72, num_hidden_layers=2 if backend == "reference" else 1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf.to(dtype), backend=backend)
+    emb = torch.randn(2 if backend == "reference" else 1, 153, hf.config.hidden_size)
+    with torch.no_grad():
+        exact = _pre_transformer_reference(hf, emb.double(), torch.float64)
+        want = _pre_transformer_reference(hf, emb, dtype)
+        if dtype == torch.float32:  # the reference itself equals transformers' module
+            torch.testing.assert_close(want, hf.pre_transformer(inputs_embeds=emb).last_hidden_state, rtol=1e-5,
+                                       atol=1e-5)
+        for sizes in chunkings:
+            got = _pre_transformer_streamed(model, emb.to(dtype), sizes)
+            assert_matches_reference(got, exact, want, name=f"chunks {sizes}")
+
+
+@pytest.mark.parametrize("window,T,sizes", [(72, 153, [1, 7, 72, 73]), (1, 9, [1, 3, 5])])
+def test_model_window_matches_transformers_one_shot_and_streamed(window, T, sizes):
+    """The whole model past the real window (72), and with window 1 (each frame sees itself only; the KV caches
+    are empty ``[B, 0, Hk, D]``), one shot and streamed."""
+    hf, model = _models(0, sliding_window=window)
+    codes = torch.randint(0, 16, (2, 4, T))
     with torch.no_grad():
         want = hf(codes)
     torch.testing.assert_close(model(codes), want, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(_stream(model, codes, sizes), want, rtol=1e-4, atol=5e-5)
 
 
 def _random_chunks(rng, T, max_chunk):
@@ -522,6 +597,25 @@ def test_model_state_from_another_config():
         model.stream(1, state=s.state)
     with pytest.raises(ValueError, match="batch size"):
         other.stream(2, state=s.state)
+
+
+def test_model_state_with_bad_kv_caches():
+    _, model = _models(0)
+    s = model.stream(1)
+    s.push(torch.zeros(1, 4, 2, dtype=torch.long))
+    st = s.state
+    k, v = st.kv[0]
+    assert k.shape == (1, 4, 2, 8)  # [B, W-1, Hk, D]
+    st.kv[0] = (k.transpose(1, 2).contiguous(), v)  # the former [B, Hk, W-1, D] layout
+    with pytest.raises(ValueError, match=r"kv\[0\] k has shape \[1, 2, 4, 8\], expected \[1, 4, 2, 8\]"):
+        model.stream(1, state=st)
+    st.kv[0] = (k, v.half())
+    with pytest.raises(ValueError, match=r"kv\[0\] v has torch.float16"):
+        model.stream(1, state=st)
+    st.kv[0] = (k, v)
+    st.kv.pop()
+    with pytest.raises(ValueError, match="1 KV caches, the model 2"):
+        model.stream(1, state=st)
 
 
 def test_model_bad_state_dict():
@@ -683,3 +777,47 @@ def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
     got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
     assert len(s._graphs) == 4  # buckets 1, 2, 8, 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float32), (3, torch.bfloat16), (64, torch.bfloat16)])
+def test_gpu_cuda_graphs_replay_across_the_window(batch, dtype):
+    """Graphs captured while the KV caches are still filling (pos < W-1 = 71) replay correctly once the caches are
+    full and slide: the valid cache length and the rows kept come from the device position at replay time."""
+    hf = _hf_model(0, sliding_window=72).to(DEVICE)
+    codes = torch.randint(0, 16, (batch, 4, 160), device=DEVICE)
+    with torch.no_grad():
+        exact = hf(codes)
+        want = hf.to(dtype)(codes)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    sizes = [1, 8, 8, 1, 64, 3, 75]  # graphs: 8 captured at pos 1, 1 at 17, 64 at 18, 2 at 82; 75 = 64 + 8 + 2 + 1
+    eager = _stream(model, codes, sizes)
+    s = model.stream(batch, cuda_graphs=True)
+    out, i = [], 0
+    for n in sizes:
+        out.append(s.push(codes[..., i:i + n]))
+        i += n
+    got = torch.cat(out, -1)
+    assert sorted(s._graphs) == [1, 2, 8, 64]
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(got, exact, rtol=1e-4, atol=5e-5)
+    else:  # the same kernels on the same state; loose in case a graph picks another cuBLAS algorithm
+        torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+        assert_matches_reference(got, exact, want, factor=3.0, name="graphs vs transformers")
+
+
+@pytest.mark.gpu
+def test_gpu_pre_transformer_real_shapes_bf16():
+    """The real pre-transformer (8 layers, hidden 1024, 16 heads of 64, window 72, MLP 3072) in bf16 on the Triton
+    ops, one shot and streamed across the window, vs the fp64 reference (FlashAttention's rule)."""
+    hf = _hf_model(0, hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, intermediate_size=3072,
+                   num_hidden_layers=8, sliding_window=72).to(DEVICE)
+    emb = torch.randn(2, 153, 1024, device=DEVICE)
+    with torch.no_grad():
+        exact = _pre_transformer_reference(hf, emb.double(), torch.float64)
+        want = _pre_transformer_reference(hf, emb, torch.bfloat16)
+        model = omni_fast.models.Code2Wav.from_transformers(hf.to(torch.bfloat16), backend="triton")
+        for sizes in (ONE_SHOT, UP, DOWN, [1] * 80 + [73]):
+            got = _pre_transformer_streamed(model, emb.to(torch.bfloat16), sizes)
+            assert_matches_reference(got, exact, want, name=f"chunks {sizes[:5]}")

@@ -4,7 +4,9 @@
   of left context per chunk (what serving stacks do), torch.compile of the reference doing the same, and omni-fast's
   stateful stream (no recomputed context);
 - throughput at batch 8, 32 and 64 (10 s of audio per stream, one-shot);
-- one-shot decode of 30 s at batch 1, including transformers' ``chunked_decode`` (chunk 300, left context 25).
+- one-shot decode of 30 s at batch 1, including transformers' ``chunked_decode`` (chunk 300, left context 25);
+- the pre-transformer alone per push (8 layers, window 72, caches full): omni-fast's stream stage (attention,
+  RoPE, norms on omni-fast ops) vs transformers' ``pre_transformer`` re-encoding 25 frames of left context.
 
 ms per code = time / (batch * frames); RTF = time / audio seconds. ``flops`` counts the useful multiply-adds of the
 new frames only (re-decoded context is waste), ``bytes`` the weights read once plus codes in and audio out.
@@ -60,12 +62,18 @@ def _models(device_str: str, tiny: bool = False):
     return hf, model, Code2WavConfig.from_transformers(hf.config), dict(hf.state_dict())
 
 
-def _flops_per_frame(cfg) -> float:
-    """Useful FLOPs (2 x MACs) to decode one new frame (weights x samples per frame, attention over the window)."""
+def _pre_transformer_macs_per_frame(cfg) -> tuple[float, float]:
+    """(weight MACs, attention MACs) of one new frame through the pre-transformer."""
     H, D = cfg.hidden_size, cfg.head_dim
     hq, hk = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
-    layer = H * (2 * hq + 2 * hk) + 3 * H * cfg.intermediate_size + 2 * cfg.sliding_window * hq
-    macs = cfg.num_hidden_layers * layer
+    weights = H * (2 * hq + 2 * hk) + 3 * H * cfg.intermediate_size
+    return cfg.num_hidden_layers * weights, cfg.num_hidden_layers * 2 * cfg.sliding_window * hq
+
+
+def _flops_per_frame(cfg) -> float:
+    """Useful FLOPs (2 x MACs) to decode one new frame (weights x samples per frame, attention over the window)."""
+    H = cfg.hidden_size
+    macs = sum(_pre_transformer_macs_per_frame(cfg))
     n = 1.0
     for f in cfg.upsampling_ratios:
         n *= f
@@ -150,6 +158,40 @@ def _oneshot_case(batch: int, seconds: float, chunked: bool) -> Case:
                 bound="compute", check=_check, tags=("throughput",))
 
 
+def _pre_transformer_case(chunk: int, batch: int) -> Case:
+    frames_warm = 80  # > the 72-frame window: the KV caches are full, as mid-utterance
+
+    def setup(device):
+        hf, model, cfg, _ = _models(str(device))
+        g = torch.Generator(device="cpu").manual_seed(3)
+        warm = torch.randn(batch, frames_warm, cfg.hidden_size, generator=g).to(device, torch.bfloat16)
+        emb = torch.randn(batch, chunk, cfg.hidden_size, generator=g).to(device, torch.bfloat16)
+        with_ctx = torch.cat((warm[:, -LEFT_CONTEXT:], emb), dim=1)
+        stream = model.stream(batch)
+        with torch.no_grad():  # the stream's pre-transformer stage alone (Code2WavStream._step runs it, then convs)
+            stream._pre_transformer(warm)
+        stream.state.pos += frames_warm  # later calls all attend to a full window at the same position
+
+        def omni():
+            with torch.no_grad():
+                return stream._pre_transformer(emb.clone())  # it overwrites its input (the residual stream)
+
+        def hf_chunk():
+            with torch.no_grad():
+                return hf.pre_transformer(inputs_embeds=with_ctx).last_hidden_state[:, LEFT_CONTEXT:]
+
+        return {"transformers": hf_chunk, "omni_fast": omni}
+
+    cfg = _ref_config()
+    weight_macs, attn_macs = _pre_transformer_macs_per_frame(cfg)
+    kv_bytes = cfg.num_hidden_layers * batch * 2 * (cfg.sliding_window - 1) * cfg.num_key_value_heads * cfg.head_dim * 2
+    return Case(op="code2wav", name=f"pre-transformer chunk={chunk} B={batch}",
+                params=dict(mode="pre_transformer", chunk=chunk, batch=batch, frames=chunk,
+                            left_context=LEFT_CONTEXT),
+                setup=setup, flops=2.0 * (weight_macs + attn_macs) * chunk * batch,
+                bytes=2.0 * weight_macs + kv_bytes, bound="auto", check=_check, tags=("pre_transformer",))
+
+
 @functools.lru_cache(maxsize=1)
 def _ref_config():
     from omni_fast.reference.code2wav import Code2WavConfig
@@ -195,8 +237,10 @@ def _check() -> None:
 
 def cases(preset: str = "quick") -> list[Case]:
     if preset == "quick":
-        return [_streaming_case(10), _oneshot_case(8, 10.0, chunked=False), _oneshot_case(1, 30.0, chunked=True)]
+        return [_streaming_case(10), _oneshot_case(8, 10.0, chunked=False), _oneshot_case(1, 30.0, chunked=True),
+                _pre_transformer_case(10, 1)]
     out = [_streaming_case(c) for c in (1, 10, 25)]
+    out += [_pre_transformer_case(c, b) for c, b in ((1, 1), (10, 1), (25, 1), (10, 32))]
     out += [_oneshot_case(b, 10.0, chunked=False) for b in (8, 32, 64)]
     out.append(_oneshot_case(1, 30.0, chunked=True))
     return out

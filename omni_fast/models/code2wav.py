@@ -8,6 +8,9 @@ Why streaming is exact and needs no look-ahead (see docs/code2wav.md): every lay
 
 - The pre-transformer is causal attention over a sliding window of ``W = 72`` frames: a frame needs the keys and
   values of the previous ``W - 1`` frames, kept per layer in a small KV cache; RoPE uses absolute frame positions.
+  It runs on omni-fast ops (``flash_attn_with_kvcache`` with ``window_size=(W-1, 0)``, ``mrope`` with 1-D
+  positions, the fused residual-add + RMSNorm and SiLU-and-mul of the MTP layers); only the projections are
+  ``F.linear`` (cuBLAS) and the LayerScales plain elementwise products.
 - Every ``CausalConvNet`` has stride 1: output ``t`` needs inputs ``t - (k-1)d .. t``; each keeps the last
   ``(k-1)d`` raw inputs (zeros at the start, which is exactly transformers' zero padding since SnakeBeta(0) = 0).
 - A ``CausalTransConvNet`` with ``k = m * s`` trims ``k - s`` samples at both ends, so output block ``q`` depends on
@@ -26,31 +29,30 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
+from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
 from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
-
-# Longest query block the pre-transformer attends at once (bounds the explicit [Tq, Tk] mask of one-shot decodes;
-# exact because the attention is windowed and the blocks run through all layers in order with the KV cache).
-_ATTN_BLOCK = 256
-
 
 @dataclass
 class StreamState:
     """Everything a stream carries between pushes, tied to the model config that made it.
 
     Every tensor keeps its shape and address from the second push on (updates are in-place copies), which is what
-    lets :class:`Code2WavStream` replay CUDA graphs: the KV caches are fixed ``[B, Hk, W-1, D]`` buffers whose
-    not-yet-written slots (negative positions) are masked, and the RoPE position is a device scalar.
+    lets :class:`Code2WavStream` replay CUDA graphs. The KV caches are fixed ``[B, W-1, Hk, D]`` buffers holding the
+    keys/values of the last ``n = min(pos, W-1)`` frames in rows ``0 .. n-1`` (oldest first; the other rows are
+    stale and never read). ``n`` is derived from ``pos``, the RoPE position of the next frame, a device scalar, so
+    nothing about the state lives on the host.
     """
 
     config: Code2WavConfig
     batch_size: int
     pos: torch.Tensor  # int64 0-d device tensor: the position of the next frame
-    kv: list  # per pre-transformer layer: (k, v) [B, Hk, W-1, D] (None when W == 1)
+    kv: list  # per pre-transformer layer: (k, v) [B, W-1, Hk, D] each
     conv: dict = field(default_factory=dict)  # per conv layer: raw left context [B, C_in, ctx] (absent at start)
     frames: int = 0  # frames pushed so far (host copy of pos)
     finished: bool = False
@@ -58,7 +60,9 @@ class StreamState:
 
 class Code2Wav:
     """Code2Wav with omni-fast ops. Weights are a transformers ``Qwen3OmniMoeCode2Wav`` state dict (its names);
-    the conv weights are repacked once here. ``backend`` (None = the usual choice) applies to the conv ops."""
+    the conv weights are repacked once here, and each pre-transformer layer's q/k/v and gate/up projections are
+    concatenated once (one GEMM each; ``sd`` keeps the per-projection names as views of the fused weights).
+    ``backend`` (None = the usual choice) applies to every op."""
 
     def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, backend: str | None = None):
         self.config = cfg = Code2WavConfig.coerce(config)
@@ -69,6 +73,7 @@ class Code2Wav:
             sd[name] = pack_conv1d_weight(sd[name])
         for name in self._transposed_names():
             sd[name] = pack_conv_transpose1d_weight(sd[name])
+        self._fused = [_fuse_layer(cfg, sd, f"pre_transformer.layers.{i}.") for i in range(cfg.num_hidden_layers)]
         self.sd = sd
         self.dtype = sd["code_embedding.weight"].dtype
         self.device = sd["code_embedding.weight"].device
@@ -80,7 +85,8 @@ class Code2Wav:
 
     @classmethod
     def from_transformers(cls, module, *, backend: str | None = None) -> "Code2Wav":
-        """From a transformers ``Qwen3OmniMoeCode2Wav`` (weights shared, not copied, except the packed convs)."""
+        """From a transformers ``Qwen3OmniMoeCode2Wav`` (weights shared, not copied, except the packed convs and the
+        fused q/k/v and gate/up projections)."""
         return cls(Code2WavConfig.from_transformers(module.config), module.state_dict(), backend=backend)
 
     @classmethod
@@ -189,6 +195,16 @@ class Code2WavStream:
             raise ValueError(f"state has batch size {state.batch_size}, the stream {batch_size}")
         else:
             tensors = dict(state.conv, pos=state.pos)
+            if len(state.kv) != model.config.num_hidden_layers:
+                raise ValueError(f"state has {len(state.kv)} KV caches, the model "
+                                 f"{model.config.num_hidden_layers} pre-transformer layers")
+            kv_shape = _kv_shape(model.config, batch_size)
+            for i, (k, v) in enumerate(state.kv):
+                for name, t in ((f"kv[{i}] k", k), (f"kv[{i}] v", v)):
+                    if tuple(t.shape) != kv_shape:
+                        raise ValueError(f"state tensor {name} has shape {list(t.shape)}, expected "
+                                         f"{list(kv_shape)} ([B, W-1, Hk, D])")
+                    tensors[name] = t
             for name, t in tensors.items():
                 if t.device != model.device or (t.is_floating_point() and t.dtype != model.dtype):
                     raise ValueError(f"state tensor {name} has {t.dtype} on {t.device}, the model "
@@ -248,30 +264,51 @@ class Code2WavStream:
         return wav
 
     def _pre_transformer(self, h: torch.Tensor) -> torch.Tensor:
-        """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches."""
+        """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches.
+        ``h`` (contiguous; the fresh code embedding) is the residual stream and is overwritten.
+
+        Each layer's attention runs on a working cache ``[B, W-1+t, Hk, D]``: the state's ``W-1`` rows (the last
+        ``n = min(pos, W-1)`` frames first), ``flash_attn_with_kvcache`` appends the ``t`` new keys at row ``n`` and
+        attends with the causal window ``(W-1, 0)`` (bottom-right aligned: query ``i`` sits at row ``n + i``), then
+        rows ``max(n+t-(W-1), 0) ..`` become the new state. One-shot decodes are the ``n = 0`` case; the kernel
+        visits only the key blocks inside each query block's window, so long inputs cost O(T W), never a T x T mask.
+        Shapes depend on ``t`` only and ``n`` stays on the device: one CUDA graph per chunk size.
+        """
         m, st, cfg = self.model, self.state, self.model.config
+        be = m.backend
+        B, t, H = h.shape
+        N, D = B * t, cfg.head_dim
+        nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
         keep = cfg.sliding_window - 1  # a frame sees the previous W - 1 frames
-        outs = []
-        for a in range(0, h.shape[1], _ATTN_BLOCK):
-            x = h[:, a:a + _ATTN_BLOCK]
-            n = x.shape[1]
-            base = st.pos + a
-            q_pos = base + torch.arange(n, device=h.device)
-            k_pos = base - keep + torch.arange(keep + n, device=h.device)
-            freqs = q_pos[:, None].float() * m._inv_freq
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-            mask = _window_mask(q_pos, k_pos, cfg.sliding_window, h.dtype)
-            for i in range(cfg.num_hidden_layers):
-                past = st.kv[i]
-                x, (k, v) = ref.pre_transformer_layer(cfg, m.sd, f"pre_transformer.layers.{i}.", x, cos, sin,
-                                                      mask if past is not None else mask[:, keep:], past)
-                if past is not None:
-                    past[0].copy_(k[:, :, -keep:])
-                    past[1].copy_(v[:, :, -keep:])
-            outs.append(x)
-        h = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        return ref._rms_norm(h, m.sd["pre_transformer.norm.weight"], cfg.rms_norm_eps)
+        dev = h.device
+        n = st.pos.clamp(max=keep)  # valid cache rows (device scalar: no host sync)
+        cache_seqlens = n.to(torch.int32).repeat(B)
+        keep_rows = (n + t - keep).clamp(min=0) + torch.arange(keep, device=dev)  # rows that become the state
+        positions = (st.pos + torch.arange(t, device=dev)).repeat(B)  # [B * t], batch-major like the tokens
+        eps = cfg.rms_norm_eps
+        h = h.reshape(N, H)  # the residual stream, updated in place by add_rms_norm_
+        first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
+                      else "pre_transformer.norm.weight")
+        x = mtp_layers.add_rms_norm_(h, None, m.sd[first_norm], eps=eps, backend=be)
+        for i, w in enumerate(m._fused):
+            qkv = F.linear(x, w["qkv"], w["qkv_bias"]).view(B, t, nq + 2 * nk, D)
+            q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nk], qkv[:, :, nq + nk:]
+            ops.mrope(q.view(N, nq, D), k.view(N, nk, D), positions, mrope_section=(D // 2, 0, 0),
+                      interleaved=False, inv_freq=m._inv_freq, backend=be)
+            past_k, past_v = st.kv[i]
+            k_cache = torch.empty(B, keep + t, nk, D, dtype=h.dtype, device=dev)
+            v_cache = torch.empty_like(k_cache)
+            k_cache[:, :keep].copy_(past_k)
+            v_cache[:, :keep].copy_(past_v)
+            o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=True,
+                                            window_size=(keep, 0), backend=be)
+            torch.index_select(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
+            torch.index_select(v_cache, 1, keep_rows, out=past_v)
+            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
+            x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
+            mlp = F.linear(mtp_layers.silu_mul(F.linear(x, w["gate_up"]), backend=be), w["down"])
+            x = mtp_layers.add_rms_norm_(h, w["mlp_scale"] * mlp, w["next_norm"], eps=eps, backend=be)
+        return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
     def _keep_state(self, name: str, new: torch.Tensor) -> None:
         """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
@@ -319,28 +356,43 @@ class Code2WavStream:
         return x.clamp(min=-1, max=1)
 
 
+def _kv_shape(cfg: Code2WavConfig, batch_size: int) -> tuple[int, int, int, int]:
+    return (batch_size, cfg.sliding_window - 1, cfg.num_key_value_heads, cfg.head_dim)
+
+
 def _new_state(model: Code2Wav, batch_size: int) -> StreamState:
     cfg = model.config
-    keep = cfg.sliding_window - 1
-    kv = []
-    for _ in range(cfg.num_hidden_layers):
-        if keep > 0:
-            shape = (batch_size, cfg.num_key_value_heads, keep, cfg.head_dim)
-            kv.append((torch.zeros(shape, dtype=model.dtype, device=model.device),
-                       torch.zeros(shape, dtype=model.dtype, device=model.device)))
-        else:
-            kv.append(None)
+    shape = _kv_shape(cfg, batch_size)
+    # zeros, not empty: the stale rows are never attended to, but they are copied around and must stay finite
+    kv = [(torch.zeros(shape, dtype=model.dtype, device=model.device),
+           torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
     return StreamState(cfg, batch_size, pos=torch.zeros((), dtype=torch.long, device=model.device), kv=kv)
 
 
-def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``[Tq, Tk]``: key j visible to query i iff ``0 <= k_j``, ``q_i - window < k_j <= q_i``
-    (transformers' causal sliding window; negative positions are the KV cache slots not written yet)."""
-    q = q_pos[:, None]
-    k = k_pos[None, :]
-    allowed = (k <= q) & (k > q - window) & (k >= 0)
-    return torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill(~allowed,
-                                                                                    torch.finfo(dtype).min)
+def _fuse_layer(cfg: Code2WavConfig, sd: dict, prefix: str) -> dict:
+    """One pre-transformer layer's weights for :meth:`Code2WavStream._pre_transformer`: q/k/v rows concatenated
+    (``[(Hq + 2 Hk) D, H]``) and gate/up rows (``[2 I, H]``, the layout ``silu_mul`` reads); the per-projection
+    entries of ``sd`` are replaced by views of the fused tensors (no second copy). ``next_norm`` is the next
+    layer's input norm, or the final norm after the last layer (the residual add and the norm run fused)."""
+    a, mlp = prefix + "self_attn.", prefix + "mlp."
+    names = [a + "q_proj", a + "k_proj", a + "v_proj"]
+    w = {"qkv": _fuse(sd, [n + ".weight" for n in names]),
+         "qkv_bias": _fuse(sd, [n + ".bias" for n in names]) if cfg.attention_bias else None,
+         "o": sd[a + "o_proj.weight"], "o_bias": sd.get(a + "o_proj.bias") if cfg.attention_bias else None,
+         "gate_up": _fuse(sd, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]), "down": sd[mlp + "down_proj.weight"],
+         "post_norm": sd[prefix + "post_attention_layernorm.weight"],
+         "attn_scale": sd[prefix + "self_attn_layer_scale.scale"], "mlp_scale": sd[prefix + "mlp_layer_scale.scale"]}
+    i = int(prefix.split(".")[-2])
+    w["next_norm"] = sd[f"pre_transformer.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers
+                        else "pre_transformer.norm.weight"]
+    return w
+
+
+def _fuse(sd: dict, names: list[str]) -> torch.Tensor:
+    fused = torch.cat([sd[n] for n in names], 0)
+    for n, part in zip(names, fused.split([sd[n].shape[0] for n in names], 0)):
+        sd[n] = part
+    return fused
 
 
 class _GraphStep:
@@ -380,7 +432,7 @@ class _GraphStep:
 def _clone_state(st: StreamState) -> dict:
     snap = {"pos": st.pos.clone(), "frames": st.frames}
     snap["conv"] = {k: v.clone() for k, v in st.conv.items()}
-    snap["kv"] = [None if kv is None else (kv[0].clone(), kv[1].clone()) for kv in st.kv]
+    snap["kv"] = [(k.clone(), v.clone()) for k, v in st.kv]
     return snap
 
 
@@ -389,10 +441,9 @@ def _restore_state(st: StreamState, snap: dict) -> None:
     st.frames = snap["frames"]
     for k, v in snap["conv"].items():
         st.conv[k].copy_(v)
-    for kv, saved in zip(st.kv, snap["kv"]):
-        if kv is not None:
-            kv[0].copy_(saved[0])
-            kv[1].copy_(saved[1])
+    for (k, v), (saved_k, saved_v) in zip(st.kv, snap["kv"]):
+        k.copy_(saved_k)
+        v.copy_(saved_v)
 
 
 # --- state dict checks -----------------------------------------------------------------------------------------------
