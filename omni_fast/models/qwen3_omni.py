@@ -178,6 +178,8 @@ class Qwen3Omni:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.patch_report = omni_fast.patch(model, backend=backend) if patch else None
+        self.backend = backend
+        self._decoders: dict[str, tuple] = {}  # "thinker"/"talker" -> (weights key, MoeTextDecoder)
         # Patched: the codec streams through omni-fast's stateful Code2Wav (exact, no recomputed left context).
         self.fast_code2wav = (omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend)
                               if patch else None)
@@ -302,7 +304,7 @@ class Qwen3Omni:
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
                talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
                left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
-               seed: int = 0) -> Iterator[Event]:
+               graph_decode: bool | None = None, seed: int = 0) -> Iterator[Event]:
         """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
         per request with its :class:`RequestTiming`.
 
@@ -312,12 +314,17 @@ class Qwen3Omni:
         ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
         long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
         ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
+        ``graph_decode`` (default: patched and on CUDA): thinker and talker decode steps run on omni-fast's
+        :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (own static KV cache, fused ops, one CUDA-graph replay
+        per step on CUDA, eager elsewhere) instead of transformers' text models; prefill stays on transformers.
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if not reqs:
             return
         m, cfg, dev = self.model, self.config, self.device
         tcfg = cfg.talker_config
+        if graph_decode is None:
+            graph_decode = self.patch_report is not None and dev.type == "cuda"
         speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
         if speaker_id is None:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
@@ -382,15 +389,26 @@ class Qwen3Omni:
             yield self._text_event(i, generated[i])
         next_pos = _int_positions(deltas.view(B) + mask.sum(-1))  # the next TM-RoPE position (all three rows)
         thinker_mask = mask
+        thinker_dec = None
+        if graph_decode:  # the prefill KV moves into the decoder's own cache; transformers' cache is dropped
+            thinker_dec = self._decoder("thinker")
+            thinker_dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens,
+                                     fractional_positions=next_pos.is_floating_point())
+            cache = None
 
         def thinker_step():
             nonlocal token, thinker_mask, next_pos, thinker_time, thinker_steps
             t0 = _now(dev)
-            thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
-            p = next_pos.view(1, B, 1).expand(3, B, 1)
-            o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]), attention_mask=thinker_mask,
-                                             position_ids=p, past_key_values=cache, use_cache=True)
-            nxt = text_sampler(thinker.lm_head(o.last_hidden_state[:, -1]).float())
+            if thinker_dec is not None:
+                logits, _ = thinker_dec.step(embeds_layer(token), next_pos)
+            else:
+                thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
+                p = next_pos.view(1, B, 1).expand(3, B, 1)
+                o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]),
+                                                 attention_mask=thinker_mask, position_ids=p, past_key_values=cache,
+                                                 use_cache=True)
+                logits = thinker.lm_head(o.last_hidden_state[:, -1])
+            nxt = text_sampler(logits.float())
             nxt = torch.where(torch.tensor(text_done, device=dev), torch.full_like(nxt, eos), nxt)
             token, next_pos = nxt, next_pos + 1
             thinker_time += _now(dev) - t0
@@ -428,6 +446,12 @@ class Qwen3Omni:
             timings[i].talker_ttft = t_first_codec - t0
         talker_time, talker_steps, mtp_time, codec_time = 0.0, 0, 0.0, 0.0
         t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
+        talker_dec = None
+        if graph_decode:
+            talker_dec = self._decoder("talker")
+            talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
+                                    fractional_positions=t_next_pos.is_floating_point())
+            tout = t_cache = None
         codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
@@ -480,14 +504,18 @@ class Qwen3Omni:
                 yield from thinker_step()
             t0 = _now(dev)
             text_in = self._trailing(step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad)
-            t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
-            p = t_next_pos.view(1, B, 1).expand(3, B, 1)
-            tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
-                                past_key_values=tout.past_key_values, use_cache=True)
+            if talker_dec is not None:
+                logits, hidden = talker_dec.step((summed + text_in)[:, 0], t_next_pos)
+                past_hidden = hidden[:, None]
+            else:
+                t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
+                p = t_next_pos.view(1, B, 1).expand(3, B, 1)
+                tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
+                                    past_key_values=tout.past_key_values, use_cache=True)
+                logits = talker.codec_head(tout.last_hidden_state[:, -1])
+                past_hidden = tout.last_hidden_state[:, -1:]
             t_next_pos = t_next_pos + 1
-            c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, codes_hist,
-                                  codec_sampler, talker_repetition_penalty)
-            past_hidden = tout.last_hidden_state[:, -1:]
+            c0 = self._codec_pick(logits.float(), suppress, codes_hist, codec_sampler, talker_repetition_penalty)
             for i, c in enumerate(c0.tolist()):
                 if not speech_done[i]:
                     codes_hist[i].append(c)
@@ -516,6 +544,24 @@ class Qwen3Omni:
             yield Event(i, "done", timing=tm)
 
     # ------------------------------------------------------------------------------------------ stage internals
+    def _decoder(self, part: str):
+        """The :class:`MoeTextDecoder` of the thinker or the talker, rebuilt when the model's weights change (it
+        shares their tensors, and keeps its captured graphs while they stay)."""
+        from .talker_step import weights_key
+        from .text_decoder import MoeTextDecoder
+
+        if part == "thinker":
+            text_model, head = self.model.thinker.model.language_model, self.model.thinker.lm_head
+        else:
+            text_model, head = self.model.talker.model, self.model.talker.codec_head
+        key = weights_key(text_model, head)
+        got = self._decoders.get(part)
+        if got is None or got[0] != key:
+            self._decoders.pop(part, None)  # free the old decoder's cache before building a new one
+            got = self._decoders[part] = (key, MoeTextDecoder.from_transformers(text_model, head,
+                                                                               backend=self.backend))
+        return got[1]
+
     @staticmethod
     def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
         """Thinker prefill through its text model, optionally chunked: each chunk attends to the cache so far and

@@ -1,0 +1,334 @@
+"""MoeTextDecoder (graph-capturable thinker/talker decode): step logits and hidden states equal transformers' text
+model forward with a KV cache for several steps (batch with left padding, general TM-RoPE rows, StaticCache and
+DynamicCache prefill, fractional positions, dense layers, the talker's shared expert); the pipeline with
+``graph_decode`` gives the same text ids, codes and waveform; bad input; trace; CUDA-graph replay (gpu)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache, StaticCache  # noqa: E402
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
+
+from omni_fast.models.presets import tiny_qwen3_omni_config  # noqa: E402
+from omni_fast.models.text_decoder import MoeTextDecoder  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=2e-5)  # fp32: only summation order differs from transformers
+
+
+def _model(part="thinker", dtype=torch.float32, device="cpu", seed=0, **overrides):
+    """A tiny transformers thinker text model + lm_head, or talker model + codec_head, with random weights."""
+    cfg = tiny_qwen3_omni_config()
+    text_cfg = cfg.thinker_config.text_config if part == "thinker" else cfg.talker_config.text_config
+    for k, v in overrides.items():
+        setattr(text_cfg, k, v)
+    torch.manual_seed(seed)
+    cls = q3.Qwen3OmniMoeThinkerTextModel if part == "thinker" else q3.Qwen3OmniMoeTalkerModel
+    with torch.device(device):
+        m = cls._from_config(text_cfg, dtype=dtype).eval()
+        head = torch.nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False, dtype=dtype)
+    with torch.no_grad():
+        for n, p in list(m.named_parameters()) + list(head.named_parameters()):
+            p.normal_(0, 0.2)
+            if "norm" in n:
+                p.add_(1.0)
+    return m, head
+
+
+def _prefill(m, mask, positions, static=False, seed=1):
+    """transformers' prefill of random embeddings; returns (cache, inputs)."""
+    cfg = m.config
+    g = torch.Generator().manual_seed(seed)
+    B, S = mask.shape
+    dev, dt = m.norm.weight.device, m.norm.weight.dtype
+    x = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev, dt)
+    cache = StaticCache(config=cfg, max_cache_len=S + 8) if static else DynamicCache(config=cfg)
+    with torch.no_grad():
+        m(inputs_embeds=x, attention_mask=mask.to(dev), position_ids=positions.to(dev), past_key_values=cache,
+          use_cache=True)
+    return cache
+
+
+def _left_padded(lengths, S):
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, S - n:] = 1
+    return mask
+
+
+def _text_positions(mask, rows=(0, 0, 0)):
+    """[3, B, S] positions: per row the text position (pad tokens at 0), plus a per-row offset to make the three
+    TM-RoPE rows differ (a general mrope, not just equal rows)."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return torch.stack([pos + r for r in rows])
+
+
+def _compare(m, head, dec, mask, pos3, cache, steps=3, seed=2):
+    """Step both: transformers' text model with the growing mask and cache, and the decoder."""
+    g = torch.Generator().manual_seed(seed)
+    B = mask.shape[0]
+    dev, dt = m.norm.weight.device, m.norm.weight.dtype
+    mask = mask.to(dev)
+    nxt = pos3[:, :, -1].to(dev) + 1
+    for s in range(steps):
+        e = torch.randn(B, m.config.hidden_size, generator=g).to(dev, dt)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        with torch.no_grad():
+            o = m(inputs_embeds=e[:, None], attention_mask=mask, position_ids=nxt[:, :, None], past_key_values=cache,
+                  use_cache=True)
+            want_h = o.last_hidden_state[:, -1]
+            want = head(want_h)
+        p = nxt[0] if s % 2 == 0 and torch.equal(nxt[0], nxt[1]) and torch.equal(nxt[0], nxt[2]) else nxt
+        logits, hidden = dec.step(e, p)
+        torch.testing.assert_close(logits, want, **TOL)
+        torch.testing.assert_close(hidden, want_h, **TOL)
+        nxt = nxt + 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("part", ["thinker", "talker"])
+def test_decode_matches_transformers(part, backend):
+    """Batch 3 (bucket 4) with left padding, 3 decode steps; thinker: DynamicCache, talker (shared expert):
+    StaticCache prefill."""
+    m, head = _model(part)
+    mask = _left_padded([6, 3, 5], 6)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3, static=part == "talker")
+    dec = MoeTextDecoder.from_transformers(m, head, backend=backend)
+    dec.load_prefill(cache, mask, max_new_tokens=4)
+    assert dec.cache_seqlens.tolist() == [6, 3, 5]
+    steps = 3 if backend == "reference" else 2
+    _compare(m, head, dec, mask, pos3, cache, steps=steps)
+    assert dec.cache_seqlens.tolist() == [6 + steps, 3 + steps, 5 + steps]
+
+
+def test_general_mrope_rows_and_state_reuse():
+    """Three different TM-RoPE rows (a prompt after an image: t, h, w differ), a mask with a hole; a second batch
+    of the same bucket and capacity reuses the buffers and starts clean."""
+    m, head = _model("thinker", seed=3)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    for trial in range(2):
+        mask = _left_padded([5, 7], 7)
+        if trial:
+            mask[0, 4] = 0  # any mask pattern: only the valid tokens are moved, in order
+        pos3 = _text_positions(mask, rows=(0, 2, 5))
+        cache = _prefill(m, mask, pos3, seed=10 + trial)
+        dec.load_prefill(cache, mask, max_new_tokens=3)
+        state = dec._state
+        _compare(m, head, dec, mask, pos3, cache, steps=3, seed=20 + trial)
+        if trial == 0:
+            first = state
+    assert dec._state is first  # same (bucket, capacity): buffers reused
+
+
+def test_fractional_positions_match_transformers():
+    """Non-integer positions (video at a fractional timestamp scale) take the PyTorch RoPE, as transformers."""
+    m, head = _model("thinker", seed=4)
+    mask = _left_padded([4, 6], 6)
+    pos3 = _text_positions(mask).double() * 1.5
+    cache = _prefill(m, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    dec.load_prefill(cache, mask, max_new_tokens=3, fractional_positions=True)
+    _compare(m, head, dec, mask, pos3, cache, steps=2)
+
+
+def test_dense_layers_match_transformers():
+    """Configs with dense SwiGLU layers (``mlp_only_layers``) take the dense path."""
+    m, head = _model("thinker", seed=5, mlp_only_layers=[0])
+    assert not hasattr(m.layers[0].mlp, "experts") and hasattr(m.layers[1].mlp, "experts")
+    mask = _left_padded([3, 5], 5)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    dec.load_prefill(cache, mask, max_new_tokens=2)
+    _compare(m, head, dec, mask, pos3, cache, steps=2)
+
+
+def test_batch_of_one_without_padding_and_triton_fp16():
+    """B = 1 (no padding) on the Triton kernels in fp16 against transformers in fp32 (loose: fp16 rounding)."""
+    m, head = _model("talker", seed=6)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3)
+    m16, head16 = _model("talker", seed=6, dtype=torch.float16)
+    cache16 = _prefill(m16, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m16, head16, backend="triton")
+    dec.load_prefill(cache16, mask, max_new_tokens=1)
+    e = torch.randn(1, m.config.hidden_size)
+    nxt = pos3[0, :, -1] + 1
+    logits, _ = dec.step(e.half(), nxt)
+    with torch.no_grad():
+        o = m(inputs_embeds=e[:, None], attention_mask=torch.ones(1, 5, dtype=torch.long),
+              position_ids=nxt.view(1, 1, 1).expand(3, 1, 1), past_key_values=cache, use_cache=True)
+        want = head(o.last_hidden_state[:, -1])
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), want, rtol=2e-2, atol=3e-2)
+
+
+def test_bad_input():
+    m, head = _model("thinker")
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    H = m.config.hidden_size
+    with pytest.raises(RuntimeError, match="load_prefill"):
+        dec.step(torch.zeros(2, H), torch.zeros(2, dtype=torch.long))
+    mask = _left_padded([2, 3], 3)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3)
+    with pytest.raises(ValueError, match="attention_mask"):
+        dec.load_prefill(cache, mask[0], max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.load_prefill(cache, mask, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="layer 0 of the cache"):
+        dec.load_prefill(cache, _left_padded([2, 3, 1], 3), max_new_tokens=1)
+    with pytest.raises(TypeError, match="transformers Cache"):
+        dec.load_prefill(object(), mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match="all 2 layers"):
+        dec.load_prefill(DynamicCache(config=m.config), mask, max_new_tokens=1)
+    dec.load_prefill(cache, mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match="input_embeds"):
+        dec.step(torch.zeros(3, H), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions"):
+        dec.step(torch.zeros(2, H), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="fractional_positions"):
+        dec.step(torch.zeros(2, H), torch.zeros(2))
+    pos = torch.full((2,), 3)
+    for _ in range(dec._state.steps_left):  # capacity is rounded up: fill it
+        dec.step(torch.zeros(2, H), pos)
+    with pytest.raises(RuntimeError, match="KV cache is full"):
+        dec.step(torch.zeros(2, H), pos)
+    with pytest.raises(ValueError, match="no bias"):
+        MoeTextDecoder.from_transformers(m, torch.nn.Linear(H, 4))
+
+
+def test_step_body_traces_fullgraph():
+    """The captured body has no graph breaks (no host sync, fixed shapes): torch.compile traces it whole."""
+    m, head = _model("talker")
+    mask = _left_padded([2, 3], 3)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    dec.load_prefill(cache, mask, max_new_tokens=2)
+    st = dec._state
+    st.x.normal_()
+    st.pos.fill_(3)
+    want = dec._body(st)[0]
+    st.cache_seqlens.sub_(1)  # the same step again
+    got = torch.compile(lambda: dec._body(st), fullgraph=True, backend="eager")()[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------------
+
+
+def test_pipeline_graph_decode_matches_transformers_decode():
+    """Batch 2 with left padding (prompts of different lengths): the same greedy text ids, codes and waveform with
+    the thinker and talker decode on MoeTextDecoder (Triton on the interpreter) as on transformers' text models."""
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    pipe = Qwen3Omni.random("tiny", patch=False)
+    reqs = [Request(text=[5, 6, 7, 8, 9]), Request(text=[11, 12])]
+    kw = dict(max_new_tokens=6, talker_max_new_tokens=6, first_chunk=300, chunk=300)
+    runs = []
+    for graph_decode in (False, True):
+        frames = []
+        decode = pipe.code2wav.decode
+        pipe.code2wav.decode = lambda c: (frames.append(c.clone()), decode(c))[1]
+        try:
+            runs.append((pipe.generate(reqs, graph_decode=graph_decode, **kw), frames))
+        finally:
+            del pipe.code2wav.decode
+    (want, want_codes), (got, got_codes) = runs
+    assert set(pipe._decoders) == {"thinker", "talker"}
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+    assert len(got_codes) == len(want_codes) and all(torch.equal(a, b) for a, b in zip(got_codes, want_codes))
+    for a, b in zip(got, want):
+        assert a["audio"].numel() > 0
+        torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
+
+
+# --- GPU: CUDA-graph replay, bf16, real shapes ------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("part", ["thinker", "talker"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_graph_replay_equals_eager(part, B):
+    """The captured step replays exactly what the eager body computes (same kernels, same buffers)."""
+    m, head = _model(part, dtype=torch.bfloat16, device="cuda")
+    mask = _left_padded([6, 3, 5][:B], 6)
+    pos3 = _text_positions(mask)
+    runs = []
+    for use_graph in (False, True):
+        cache = _prefill(m, mask, pos3)
+        dec = MoeTextDecoder.from_transformers(m, head, backend="triton")
+        dec.load_prefill(cache, mask.cuda(), max_new_tokens=6, use_graph=use_graph)
+        assert (dec._state.graph is not None) == use_graph
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        for s in range(4):
+            e = torch.randn(B, m.config.hidden_size, generator=g).cuda().bfloat16()
+            outs.append(dec.step(e, (pos3[0, :, -1] + 1 + s).cuda()))
+        runs.append(outs)
+    for (le, he), (lg, hg) in zip(*runs):
+        torch.testing.assert_close(lg, le, rtol=0, atol=0)
+        torch.testing.assert_close(hg, he, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_graph_decode_matches_transformers_fp32_cuda():
+    """fp32 on CUDA: graph replay against transformers' forward (tight, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m, head = _model("talker", device="cuda")
+    mask = _left_padded([6, 3], 6)
+    pos3 = _text_positions(mask, rows=(0, 1, 2))
+    cache = _prefill(m, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="triton")
+    dec.load_prefill(cache, mask.cuda(), max_new_tokens=4)
+    assert dec._state.graph is not None
+    _compare(m, head, dec, mask, pos3, cache, steps=3)
+
+
+@pytest.mark.gpu
+def test_real_shapes_graph_bf16():
+    """The thinker's real layer shapes (hidden 2048, 32/4 heads, 128 experts top-8; 2 layers) in bf16: graph replay
+    vs transformers' forward (bf16 rounding: compare the greedy token and a loose bound)."""
+    from omni_fast.models.presets import full_qwen3_omni_config
+
+    cfg = full_qwen3_omni_config(thinker_layers=2).thinker_config.text_config
+    with torch.device("cuda"):
+        m = q3.Qwen3OmniMoeThinkerTextModel._from_config(cfg, dtype=torch.bfloat16).eval()
+        head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=torch.bfloat16)
+    mask = _left_padded([40, 17], 40)
+    pos3 = _text_positions(mask)
+    cache = _prefill(m, mask, pos3)
+    dec = MoeTextDecoder.from_transformers(m, head)
+    dec.load_prefill(cache, mask.cuda(), max_new_tokens=8)
+    g = torch.Generator().manual_seed(0)
+    nxt = pos3[:, :, -1].cuda() + 1
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1).cuda()
+    e = torch.randn(2, cfg.hidden_size, generator=g).cuda().bfloat16()
+    logits, hidden = dec.step(e, nxt[0])
+    with torch.no_grad():
+        o = m(inputs_embeds=e[:, None], attention_mask=full, position_ids=nxt[:, :, None], past_key_values=cache,
+              use_cache=True)
+    err = (hidden.float() - o.last_hidden_state[:, -1].float()).norm() / o.last_hidden_state[:, -1].float().norm()
+    assert err < 2e-2, err
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.gpu
+def test_pipeline_graph_decode_cuda():
+    """The tiny pipeline on CUDA in fp32: graph decode gives transformers' greedy text ids and codes."""
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    pipe = Qwen3Omni.random("tiny", patch=False, device="cuda", dtype=torch.float32)
+    reqs = [Request(text=[5, 6, 7, 8, 9]), Request(text=[11, 12])]
+    kw = dict(max_new_tokens=6, talker_max_new_tokens=6, first_chunk=300, chunk=300)
+    want = pipe.generate(reqs, graph_decode=False, **kw)
+    got = pipe.generate(reqs, graph_decode=True, **kw)
+    assert pipe._decoders["thinker"][1]._state.graph is not None
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a["audio"], b["audio"])
