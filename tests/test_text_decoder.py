@@ -223,19 +223,20 @@ def test_step_body_traces_fullgraph():
 
 def test_pipeline_graph_decode_matches_transformers_decode():
     """Batch 2 with left padding (prompts of different lengths): the same greedy text ids, codes and waveform with
-    the thinker and talker decode on MoeTextDecoder (Triton on the interpreter) as on transformers' text models."""
+    the thinker and talker decode on MoeTextDecoder (Triton on the interpreter) as on transformers' text models;
+    not patched, so graph decode is off by default (CPU) and the default run is transformers' decode."""
     from omni_fast.models.qwen3_omni import Qwen3Omni, Request
 
     pipe = Qwen3Omni.random("tiny", patch=False)
     reqs = [Request(text=[5, 6, 7, 8, 9]), Request(text=[11, 12])]
     kw = dict(max_new_tokens=6, talker_max_new_tokens=6, first_chunk=300, chunk=300)
     runs = []
-    for graph_decode in (False, True):
+    for graph_decode in (False, True):  # graph decode from a StaticCache prefill (the default is a DynamicCache)
         frames = []
         decode = pipe.code2wav.decode
         pipe.code2wav.decode = lambda c: (frames.append(c.clone()), decode(c))[1]
         try:
-            runs.append((pipe.generate(reqs, graph_decode=graph_decode, **kw), frames))
+            runs.append((pipe.generate(reqs, graph_decode=graph_decode, static_cache=graph_decode, **kw), frames))
         finally:
             del pipe.code2wav.decode
     (want, want_codes), (got, got_codes) = runs

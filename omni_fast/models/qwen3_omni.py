@@ -314,7 +314,7 @@ class Qwen3Omni:
         ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
         long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
         ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
-        ``graph_decode`` (default: patched and on CUDA): thinker and talker decode steps run on omni-fast's
+        ``graph_decode`` (default: the model is patched and on CUDA): thinker and talker decode steps run on omni-fast's
         :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (own static KV cache, fused ops, one CUDA-graph replay
         per step on CUDA, eager elsewhere) instead of transformers' text models; prefill stays on transformers.
         """
@@ -323,8 +323,8 @@ class Qwen3Omni:
             return
         m, cfg, dev = self.model, self.config, self.device
         tcfg = cfg.talker_config
-        if graph_decode is None:
-            graph_decode = self.patch_report is not None and dev.type == "cuda"
+        if graph_decode is None:  # patched now (patch() may have been called on the model after construction)
+            graph_decode = dev.type == "cuda" and bool(m.__dict__.get("_omni_fast_patched", False))
         speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
         if speaker_id is None:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
@@ -409,7 +409,7 @@ class Qwen3Omni:
                                                  use_cache=True)
                 logits = thinker.lm_head(o.last_hidden_state[:, -1])
             nxt = text_sampler(logits.float())
-            nxt = torch.where(torch.tensor(text_done, device=dev), torch.full_like(nxt, eos), nxt)
+            nxt = torch.where(_to_device(text_done, dev), torch.full_like(nxt, eos), nxt)
             token, next_pos = nxt, next_pos + 1
             thinker_time += _now(dev) - t0
             thinker_steps += 1
@@ -494,7 +494,7 @@ class Qwen3Omni:
             residual, summed = self.code_predictor.frame(past_hidden, c0, mtp_sampler)
             mtp_time += _now(dev) - t0
             frames.append(torch.cat([c0[:, None], residual], dim=1).masked_fill(
-                torch.tensor(speech_done, device=dev)[:, None], 0))
+                _to_device(speech_done, dev)[:, None], 0))
             for i in range(B):
                 if not speech_done[i]:
                     n_frames[i] += 1
@@ -733,8 +733,8 @@ class Qwen3Omni:
         if all(k == 2 for k in kind):
             return tts_pad.expand(len(ids), -1, -1)
         dev = self.device
-        text = talker.text_projection(embeds_layer(torch.tensor(ids, device=dev)[:, None]))
-        kind_t = torch.tensor(kind, device=dev).view(-1, 1, 1)
+        text = talker.text_projection(embeds_layer(_to_device(ids, dev)[:, None]))
+        kind_t = _to_device(kind, dev).view(-1, 1, 1)
         return torch.where(kind_t == 0, text, torch.where(kind_t == 1, tts_eos, tts_pad))
 
     def _codec_pick(self, logits, suppress, history, sampler, penalty):
@@ -753,6 +753,14 @@ def _new_cache(config, static: bool, max_len: int):
     from transformers.cache_utils import DynamicCache, StaticCache
 
     return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
+    copy (a copy from pageable memory waits for the stream to drain first)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:
