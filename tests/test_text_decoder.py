@@ -248,6 +248,29 @@ def test_pipeline_graph_decode_matches_transformers_decode():
         torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
 
 
+def test_patched_pipeline_graph_decode_on_pinned_backend():
+    """Patched with a pinned backend: graph decode is off by default on a CPU, and on (eager, same body) it uses the
+    pinned backend and gives the same text ids and audio as the patched pipeline's transformers decode."""
+    import omni_fast
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    base = Qwen3Omni.random("tiny", patch=False, seed=2)
+    patched = Qwen3Omni(base.model, patch=True, tokenizer=base.tokenizer, backend="reference")
+    try:
+        reqs = [Request(text=[7, 8, 9]), Request(text=[21, 22, 23, 24])]
+        kw = dict(max_new_tokens=5, talker_max_new_tokens=5, first_chunk=300, chunk=300)
+        want = patched.generate(reqs, **kw)
+        assert not patched._decoders  # default on a CPU: transformers' decode
+        got = patched.generate(reqs, graph_decode=True, **kw)
+        assert patched._decoders["thinker"][1].backend == "reference"
+        again = patched.generate(reqs, graph_decode=True, **kw)  # decoders (and their buffers) are reused
+    finally:
+        omni_fast.unpatch(base.model)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want] == [o["token_ids"] for o in again]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
+
+
 # --- GPU: CUDA-graph replay, bf16, real shapes ------------------------------------------------------------------
 
 

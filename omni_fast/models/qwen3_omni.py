@@ -10,10 +10,16 @@ tokens, as transformers does).
 Semantics are transformers' ``Qwen3OmniMoeForConditionalGeneration.generate``: with greedy decoding, no repetition
 penalty and one 300-frame codec chunk, the text ids, codes and waveform are the same (``tests/test_pipeline.py``).
 
+Decode: patched on CUDA (``graph_decode``), each thinker and talker decode step is one CUDA-graph replay of
+:class:`~omni_fast.models.text_decoder.MoeTextDecoder` (its own static KV cache, taken over from transformers'
+prefill; omni-fast ops; no host sync inside the step); otherwise the step goes through transformers' text models.
+Prefill always runs on transformers' (patched) modules.
+
 Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
 synchronises the device so that the numbers are stage times, not launch times.
 
-Not done yet (see docs/pipeline.md): static KV cache, chunked prefill, CUDA-graph decode; video input.
+Not done yet (see docs/pipeline.md): per step the host still reads the new text ids and codec id (streaming,
+stopping, the talker's next text input) and synchronises for the stage timings; continuous batching.
 """
 
 from __future__ import annotations
