@@ -397,10 +397,12 @@ class Qwen3Omni:
         thinker_mask = mask
         thinker_dec = None
         if graph_decode:  # the prefill KV moves into the decoder's own cache; transformers' cache is dropped
+            t0 = _now(dev)  # counted as decode time (the first batch of a bucket also captures the graph here)
             thinker_dec = self._decoder("thinker")
             thinker_dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens,
                                      fractional_positions=next_pos.is_floating_point())
-            cache = None
+            cache = out = None  # (the prefill output references the cache too)
+            thinker_time += _now(dev) - t0
 
         def thinker_step():
             nonlocal token, thinker_mask, next_pos, thinker_time, thinker_steps
@@ -454,10 +456,12 @@ class Qwen3Omni:
         t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
         talker_dec = None
         if graph_decode:
+            t0 = _now(dev)
             talker_dec = self._decoder("talker")
             talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
                                     fractional_positions=t_next_pos.is_floating_point())
             tout = t_cache = None
+            talker_time += _now(dev) - t0
         codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
