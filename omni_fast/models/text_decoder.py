@@ -61,7 +61,7 @@ class TextDecoderConfig:
 class _Layer:
     """One decoder layer's tensors (views of the transformers module's parameters)."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, config: Any):
         att, mlp = layer.self_attn, layer.mlp
         w = lambda m: None if m is None else m.detach()  # noqa: E731
         self.input_norm = w(layer.input_layernorm.weight)
@@ -73,8 +73,12 @@ class _Layer:
         experts = getattr(mlp, "experts", None)
         self.moe = experts is not None
         if self.moe:
+            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+                raise TypeError(f"expected transformers' fused experts (gate_up_proj [E, 2I, H]), got "
+                                f"{type(experts).__name__}")
             self.router = w(mlp.gate.weight)
-            self.top_k, self.renormalize = int(mlp.gate.top_k), bool(mlp.gate.norm_topk_prob)
+            self.top_k = int(getattr(mlp.gate, "top_k", None) or config.num_experts_per_tok)
+            self.renormalize = bool(getattr(mlp.gate, "norm_topk_prob", config.norm_topk_prob))
             self.w13, self.w2 = w(experts.gate_up_proj), w(experts.down_proj)
             shared = getattr(mlp, "shared_expert", None)
             self.shared_w13 = self.shared_w2 = self.shared_gate = None
@@ -141,7 +145,7 @@ class MoeTextDecoder:
         head = lm_head if isinstance(lm_head, torch.Tensor) else lm_head.weight
         if not isinstance(lm_head, torch.Tensor) and getattr(lm_head, "bias", None) is not None:
             raise ValueError("the head must have no bias (Qwen3-Omni's lm_head and codec_head have none)")
-        layers = [_Layer(layer) for layer in text_model.layers]
+        layers = [_Layer(layer, cfg) for layer in text_model.layers]
         return cls(config, layers, text_model.norm.weight.detach(), head.detach(), rotary.inv_freq.detach(),
                    backend=backend)
 
@@ -197,7 +201,7 @@ class MoeTextDecoder:
         """One token per row: ``input_embeds`` ``[B, H]``, ``positions`` ``[B]`` (text: the 3 TM-RoPE rows are
         equal) or ``[3, B]``. Returns ``(logits [B, V], hidden [B, H])`` in the model dtype (fresh tensors)."""
         st = self._state
-        if st is None or st.batch == 0 and input_embeds.shape[0] != 0:
+        if st is None:
             raise RuntimeError("load_prefill must be called before step")
         B, c = st.batch, self.config
         if input_embeds.shape != (B, c.hidden_size):
