@@ -248,6 +248,32 @@ def test_pipeline_graph_decode_matches_transformers_decode():
         torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
 
 
+def test_pipeline_graph_decode_multimodal_fractional_positions():
+    """A batch of an image + 3 fps video prompt (fractional TM-RoPE positions: the whole batch decodes with float
+    positions through the PyTorch RoPE) and an audio prompt (rope deltas != 0): same text ids, codes and audio."""
+    import math
+
+    import omni_fast
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    pipe = Qwen3Omni.random("tiny", patch=False, seed=3)
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(16000) / 16000
+    wave = 0.3 * torch.sin(2 * math.pi * 180 * t) + 0.01 * torch.randn(t.shape, generator=g)
+    reqs = [Request(text=[5, 6], image=torch.rand(3, 32, 64, generator=g),
+                    video=torch.rand(5, 3, 64, 32, generator=g), video_fps=3.0),
+            Request(text=[7], audio=wave)]
+    kw = dict(max_new_tokens=5, talker_max_new_tokens=5, first_chunk=300, chunk=300)
+    with omni_fast.use_backend("reference"):  # plumbing: the kernels are compared with transformers above
+        want = pipe.generate(reqs, graph_decode=False, **kw)
+        got = pipe.generate(reqs, graph_decode=True, **kw)
+    assert pipe._decoders["thinker"][1]._state.pos.is_floating_point()
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+    for a, b in zip(got, want):
+        assert a["audio"].numel() > 0
+        torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
+
+
 def test_patched_pipeline_graph_decode_on_pinned_backend():
     """Patched with a pinned backend: graph decode is off by default on a CPU, and on (eager, same body) it uses the
     pinned backend and gives the same text ids and audio as the patched pipeline's transformers decode."""
