@@ -248,6 +248,38 @@ def test_pipeline_graph_decode_matches_transformers_decode():
         torch.testing.assert_close(a["audio"], b["audio"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("eos_scale", [1.0, 2.0])
+def test_text_after_speech_matches_transformers_thinker_generate(eos_scale):
+    """Text longer than the speech budget: the thinker's tail runs with the stop check one step behind the device
+    (ids read while the next step runs); with and without graph decode the text equals transformers' thinker
+    ``generate`` (batch 2, left padding, greedy). ``eos_scale`` 2: row 1 emits EOS inside the tail while row 0
+    goes on (its later steps feed EOS, tracked on the device)."""
+    import omni_fast
+    from omni_fast.models.presets import TINY_IDS
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    pipe = Qwen3Omni.random("tiny", patch=False, seed=4)
+    with torch.no_grad():
+        pipe.model.thinker.lm_head.weight[TINY_IDS["im_end_token_id"]] *= eos_scale
+    reqs = [Request(text=[5, 6, 7, 8, 9]), Request(text=[11, 12])]
+    prompts = [pipe.build_prompt(r, 0, 0) for r in reqs]
+    S = max(map(len, prompts))
+    ids = torch.tensor([[0] * (S - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in prompts])
+    eos = TINY_IDS["im_end_token_id"]
+    n = 9
+    hf = pipe.model.thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=eos)[:, S:].tolist()
+    want = [row[:row.index(eos) + 1] if eos in row else row for row in hf]
+    assert (eos in want[1] and len(want[1]) < n == len(want[0])) == (eos_scale == 2.0)
+    for graph_decode in (False, True):
+        with omni_fast.use_backend("reference"):
+            out = pipe.generate(reqs, max_new_tokens=n, talker_max_new_tokens=3, graph_decode=graph_decode)
+        assert [o["token_ids"] for o in out] == want
+        assert max(o["timing"].frames for o in out) <= 2 < max(len(w) for w in want)  # the tail ran
+        assert all(o["timing"].thinker_tokens_per_s > 0 for o in out)
+
+
 def test_pipeline_graph_decode_multimodal_fractional_positions():
     """A batch of an image + 3 fps video prompt (fractional TM-RoPE positions: the whole batch decodes with float
     positions through the PyTorch RoPE) and an audio prompt (rope deltas != 0): same text ids, codes and audio."""

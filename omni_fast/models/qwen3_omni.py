@@ -18,8 +18,9 @@ Prefill always runs on transformers' (patched) modules.
 Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
 synchronises the device so that the numbers are stage times, not launch times.
 
-Not done yet (see docs/pipeline.md): per step the host still reads the new text ids and codec id (streaming,
-stopping, the talker's next text input) and synchronises for the stage timings; continuous batching.
+Not done yet (see docs/pipeline.md): while the talker runs, the host reads each step's text ids and codec id
+(streaming, stopping, the talker's next text input) and synchronises for the stage timings (only the text after
+the speech budget is read one step behind the device); continuous batching.
 """
 
 from __future__ import annotations
@@ -404,9 +405,10 @@ class Qwen3Omni:
             cache = out = None  # (the prefill output references the cache too)
             thinker_time += _now(dev) - t0
 
-        def thinker_step():
-            nonlocal token, thinker_mask, next_pos, thinker_time, thinker_steps
-            t0 = _now(dev)
+        def thinker_launch(done: torch.Tensor) -> torch.Tensor:
+            """Queue one thinker step (no host sync); ``done`` bool ``[B]``: rows finished before it (they get
+            EOS, as transformers pads finished rows). Returns the new ids on the device."""
+            nonlocal token, thinker_mask, next_pos, thinker_steps
             if thinker_dec is not None:
                 logits, _ = thinker_dec.step(embeds_layer(token), next_pos)
             else:
@@ -417,17 +419,53 @@ class Qwen3Omni:
                                                  use_cache=True)
                 logits = thinker.lm_head(o.last_hidden_state[:, -1])
             nxt = text_sampler(logits.float())
-            nxt = torch.where(_to_device(text_done, dev), torch.full_like(nxt, eos), nxt)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             token, next_pos = nxt, next_pos + 1
-            thinker_time += _now(dev) - t0
             thinker_steps += 1
+            return nxt
+
+        def thinker_read(ids: list[int]) -> list[Event]:
+            """The host side of a step: stream the ids of unfinished rows, decide which rows stop."""
             events = []
-            for i, tid in enumerate(nxt.tolist()):
+            for i, tid in enumerate(ids):
                 if not text_done[i]:
                     generated[i].append(tid)
                     text_done[i] = tid == eos or len(generated[i]) >= max_new_tokens
                     events.append(self._text_event(i, [tid]))
             return events
+
+        def thinker_step() -> list[Event]:
+            """One step whose ids the talker needs now: read at once."""
+            nonlocal thinker_time
+            t0 = _now(dev)
+            nxt = thinker_launch(_to_device(text_done, dev))
+            thinker_time += _now(dev) - t0
+            return thinker_read(nxt.tolist())
+
+        def thinker_tail() -> Iterator[Event]:
+            """The text after the speech budget: nothing waits for these ids, so step k+1 is queued before step
+            k's ids (copied to pinned memory without blocking) are read, and the stop check runs on the host one
+            step behind the device; finished rows are tracked on the device meanwhile. The only cost: one step
+            computed after the last row finished, and discarded (it draws from the text sampler's generator, which
+            nothing uses afterwards)."""
+            nonlocal thinker_time
+            t0 = _now(dev)
+            done, pending = _to_device(text_done, dev), None
+            while not all(text_done):
+                queued = None
+                if thinker_steps < max_new_tokens - 1:  # a step is useful while a row may still be unfinished
+                    nxt = thinker_launch(done)
+                    done = done | (nxt == eos)
+                    queued = _AsyncHostCopy(nxt)
+                if pending is None and queued is None:
+                    break
+                if pending is not None:
+                    events = thinker_read(pending.tolist())
+                    thinker_time += time.perf_counter() - t0  # (the consumer's time is not decode time)
+                    yield from events
+                    t0 = time.perf_counter()
+                pending = queued
+            thinker_time += _now(dev) - t0
 
         # ---- talker prefill (needs the prompt's hidden states and the first text token only)
         t0 = _now(dev)
@@ -534,8 +572,7 @@ class Qwen3Omni:
             talker_steps += 1
             step += 1
         yield from emit_audio(final=True)
-        while not all(text_done):  # text longer than the speech budget
-            yield from thinker_step()
+        yield from thinker_tail()  # text longer than the speech budget
         t_end = _now(dev)
 
         for i, tm in enumerate(timings):
@@ -763,6 +800,25 @@ def _new_cache(config, static: bool, max_len: int):
     from transformers.cache_utils import DynamicCache, StaticCache
 
     return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
+class _AsyncHostCopy:
+    """A device tensor's values copied to the host without blocking (pinned memory + an event on CUDA); read with
+    :meth:`tolist`, which waits for that copy only."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self.host, self.event = t, None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
