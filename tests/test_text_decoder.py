@@ -197,6 +197,10 @@ def test_bad_input():
         dec.step(torch.zeros(2, H), pos)
     with pytest.raises(RuntimeError, match="KV cache is full"):
         dec.step(torch.zeros(2, H), pos)
+    dec.release()
+    assert dec.cache_seqlens is None
+    with pytest.raises(RuntimeError, match="load_prefill"):
+        dec.step(torch.zeros(2, H), pos)
     with pytest.raises(ValueError, match="no bias"):
         MoeTextDecoder.from_transformers(m, torch.nn.Linear(H, 4))
 

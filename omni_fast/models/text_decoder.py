@@ -151,7 +151,7 @@ class MoeTextDecoder:
 
     # --- per batch --------------------------------------------------------------------------------------------
 
-    def load_prefill(self, cache: Any, attention_mask: torch.Tensor, *, max_new_tokens: int,
+    def load_prefill(self, cache: Any, attention_mask: torch.Tensor, *, max_new_tokens: int = 256,
                      fractional_positions: bool = False, use_graph: bool | None = None) -> None:
         """Take over transformers' prefill KV for a batch, ready for ``max_new_tokens`` :meth:`step` calls.
 
@@ -221,6 +221,10 @@ class MoeTextDecoder:
             st.logits, st.hidden = self._body(st)
         st.steps_left -= 1
         return st.logits[:B].clone(), st.hidden[:B].clone()
+
+    def release(self) -> None:
+        """Free the KV caches, buffers and captured graph (the next :meth:`load_prefill` allocates anew)."""
+        self._state = None
 
     @property
     def cache_seqlens(self) -> torch.Tensor | None:
