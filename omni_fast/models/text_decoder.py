@@ -222,6 +222,18 @@ class MoeTextDecoder:
         st.steps_left -= 1
         return st.logits[:B].clone(), st.hidden[:B].clone()
 
+    def rewind(self, steps: int = 1) -> None:
+        """Forget the last ``steps`` tokens of every row (``cache_seqlens -= steps``, on the device, no sync): the
+        next :meth:`step` overwrites them. For speculative tokens that were rejected, and benchmarks that repeat one
+        step. Rows must hold at least ``steps`` tokens (not checked on the device)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before rewind")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        st.cache_seqlens.sub_(steps)
+        st.steps_left += steps
+
     def release(self) -> None:
         """Free the KV caches, buffers and captured graph (the next :meth:`load_prefill` allocates anew)."""
         self._state = None
