@@ -205,6 +205,55 @@ def test_bad_input():
         MoeTextDecoder.from_transformers(m, torch.nn.Linear(H, 4))
 
 
+def test_rewind_repeats_a_step():
+    """rewind(n) forgets the last n tokens: the same input then gives the same output (speculative rejection)."""
+    m, head = _model("talker", seed=7)
+    mask = _left_padded([4, 2], 4)
+    cache = _prefill(m, mask, _text_positions(mask))
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    dec.load_prefill(cache, mask, max_new_tokens=2)
+    e, pos = torch.randn(2, m.config.hidden_size), torch.tensor([4, 2])
+    first = dec.step(e, pos)
+    dec.step(torch.randn(2, m.config.hidden_size), pos + 1)
+    dec.rewind(2)
+    assert dec.cache_seqlens.tolist() == [4, 2]
+    again = dec.step(e, pos)
+    torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="steps"):
+        dec.rewind(-1)
+
+
+def test_bench_decode_cases_on_tiny(monkeypatch):
+    """bench/cases/decode.py: the CPU check passes; on tiny shapes every provider computes the same step, and
+    repeated calls decode at the same length (the transformers cache is cropped, the decoder rewound)."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench.cases import decode
+
+    cases = decode.cases("quick")
+    assert [c.name for c in cases] == ["thinker step B=1", "thinker step B=8", "talker step B=1",
+                                       "talker step B=8"]
+    assert all(c.bytes > 0 and c.flops > 0 for c in cases)
+    cases[0].check()
+    real = decode._build
+    monkeypatch.setattr(decode, "PROMPT", 6)
+    monkeypatch.setattr(decode, "_build", lambda part, device, dtype=None, layers=None, tiny=False: real(
+        part, device, torch.float32, tiny=True))
+    import omni_fast
+
+    with omni_fast.use_backend("reference"):
+        providers = cases[3].setup(torch.device("cpu"))
+        assert set(providers) == {"transformers", "eager"}  # omni_fast (graph replay) needs CUDA
+        want = providers["transformers"]()
+        for _ in range(2):
+            torch.testing.assert_close(providers["transformers"](), want, rtol=0, atol=0)
+            torch.testing.assert_close(providers["eager"]()[0], want, **TOL)
+
+
 def test_step_body_traces_fullgraph():
     """The captured body has no graph breaks (no host sync, fixed shapes): torch.compile traces it whole."""
     m, head = _model("talker")
