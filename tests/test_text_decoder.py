@@ -105,11 +105,11 @@ def test_decode_matches_transformers(part, backend):
 
 def test_general_mrope_rows_and_state_reuse():
     """Three different TM-RoPE rows (a prompt after an image: t, h, w differ), a mask with a hole; a second batch
-    of the same bucket and capacity reuses the buffers and starts clean."""
+    of the same bucket with a shorter prompt reuses the buffers and starts clean."""
     m, head = _model("thinker", seed=3)
     dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
     for trial in range(2):
-        mask = _left_padded([5, 7], 7)
+        mask = _left_padded([5, 7], 7) if trial == 0 else _left_padded([5, 4], 5)
         if trial:
             mask[0, 4] = 0  # any mask pattern: only the valid tokens are moved, in order
         pos3 = _text_positions(mask, rows=(0, 2, 5))
@@ -119,7 +119,9 @@ def test_general_mrope_rows_and_state_reuse():
         _compare(m, head, dec, mask, pos3, cache, steps=3, seed=20 + trial)
         if trial == 0:
             first = state
-    assert dec._state is first  # same (bucket, capacity): buffers reused
+    assert dec._state is first  # same bucket, room enough: buffers reused
+    dec.load_prefill(cache, mask, max_new_tokens=200)  # needs a larger cache: new buffers
+    assert dec._state is not first and dec._state.capacity == 256
 
 
 def test_fractional_positions_match_transformers():

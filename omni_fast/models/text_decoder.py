@@ -18,9 +18,10 @@ one ``torch.cuda.CUDAGraph`` replay:
 
 :meth:`MoeTextDecoder.step` takes ``input_embeds [B, H]`` and ``positions [B]`` or ``[3, B]`` and returns
 ``(logits [B, V], hidden [B, H])`` (hidden: the final-norm output, transformers' ``last_hidden_state``). On CUDA
-(``use_graph``) the step is captured once per (batch bucket, cache capacity) and replayed; elsewhere the same body
-runs eagerly on the same static buffers. The weights are the transformers module's own tensors (shared, not
-copied), except the small fused gate/up weights of the talker's shared expert and of dense MLP layers.
+(``use_graph``) the step is captured once per batch bucket (and again only when a batch needs a larger cache than
+the current one) and replayed; elsewhere the same body runs eagerly on the same static buffers. The weights are the
+transformers module's own tensors (shared, not copied), except the small fused gate/up weights of the talker's
+shared expert and of dense MLP layers. One decoder keeps one set of buffers (the latest batch's bucket).
 
 Positions that are not whole numbers (a video at a fractional ``second_per_grid * position_id_per_seconds``) take
 the pure-PyTorch RoPE (:func:`omni_fast.reference.rope.qk_norm_mrope`, transformers' cos/sin math): pass
@@ -92,12 +93,11 @@ class _Layer:
 
 
 class _State:
-    """Static buffers of one (batch bucket, capacity): KV caches, inputs, outputs and the captured graph."""
+    """Static buffers of one batch bucket and cache capacity: KV caches, inputs, outputs and the captured graph."""
 
     def __init__(self, dec: "MoeTextDecoder", bucket: int, capacity: int, fractional: bool):
         c, dev, dt = dec.config, dec.device, dec.dtype
-        self.key = (bucket, capacity, fractional)
-        self.bucket, self.capacity, self.batch = bucket, capacity, 0
+        self.bucket, self.capacity, self.fractional, self.batch = bucket, capacity, fractional, 0
         self.caches = [(torch.zeros(bucket, capacity, c.num_kv_heads, c.head_dim, device=dev, dtype=dt),
                         torch.zeros(bucket, capacity, c.num_kv_heads, c.head_dim, device=dev, dtype=dt))
                        for _ in dec.layers]
@@ -175,16 +175,18 @@ class MoeTextDecoder:
         if use_graph is None:
             use_graph = self.device.type == "cuda" and self.backend != "reference"
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << max(B - 1, 0).bit_length()
-        capacity = -(-(S + max_new_tokens) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        needed = S + max_new_tokens
         st = self._state
-        key = (bucket, capacity, bool(fractional_positions))
-        if st is None or st.key != key or (st.graph is not None) != bool(use_graph):
+        # Reuse the buffers (and the captured graph) when they fit: same bucket and position kind, enough room.
+        if (st is None or st.bucket != bucket or st.fractional != bool(fractional_positions)
+                or st.capacity < needed or (st.graph is not None) != bool(use_graph)):
             self._state = None  # free the previous buffers (and graph) before allocating new ones
+            capacity = -(-needed // CAPACITY_ALIGN) * CAPACITY_ALIGN
             st = self._state = _State(self, bucket, capacity, bool(fractional_positions))
             if use_graph:
                 self._capture(st)
         st.batch = B
-        st.steps_left = capacity - S
+        st.steps_left = st.capacity - S
         valid = attention_mask.to(self.device).bool()
         pos = torch.arange(S, device=self.device).expand(B, S)
         order = torch.where(valid, pos, pos + S).argsort(dim=1, stable=True)  # valid tokens first, in order
