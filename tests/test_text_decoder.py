@@ -185,6 +185,8 @@ def test_bad_input():
         dec.load_prefill(cache, _left_padded([2, 3, 1], 3), max_new_tokens=1)
     with pytest.raises(TypeError, match="transformers Cache"):
         dec.load_prefill(object(), mask, max_new_tokens=1)
+    with pytest.raises(ValueError, match="use_graph needs a CUDA device"):
+        dec.load_prefill(cache, mask, max_new_tokens=1, use_graph=True)
     with pytest.raises(ValueError, match="all 2 layers"):
         dec.load_prefill(DynamicCache(config=m.config), mask, max_new_tokens=1)
     dec.load_prefill(cache, mask, max_new_tokens=1)

@@ -174,6 +174,8 @@ class MoeTextDecoder:
                                  f"[{B}, {c.num_kv_heads}, >= {S}, {c.head_dim}] for attention_mask [{B}, {S}]")
         if use_graph is None:
             use_graph = self.device.type == "cuda" and self.backend != "reference"
+        elif use_graph and self.device.type != "cuda":
+            raise ValueError(f"use_graph needs a CUDA device, the decoder is on {self.device}")
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << max(B - 1, 0).bit_length()
         needed = S + max_new_tokens
         st = self._state
