@@ -13,6 +13,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # 
 
 from omni_fast.models.presets import tiny_qwen3_omni_config  # noqa: E402
 from omni_fast.models.text_decoder import MoeTextDecoder  # noqa: E402
+from omni_fast.testing import randomize_  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=2e-5)  # fp32: only summation order differs from transformers
 
@@ -28,11 +29,7 @@ def _model(part="thinker", dtype=torch.float32, device="cpu", seed=0, **override
     with torch.device(device):
         m = cls._from_config(text_cfg, dtype=dtype).eval()
         head = torch.nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False, dtype=dtype)
-    with torch.no_grad():
-        for n, p in list(m.named_parameters()) + list(head.named_parameters()):
-            p.normal_(0, 0.2)
-            if "norm" in n:
-                p.add_(1.0)
+    randomize_(m, head)
     return m, head
 
 

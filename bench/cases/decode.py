@@ -38,12 +38,10 @@ def _build(part: str, device, dtype=torch.bfloat16, layers: int | None = None, t
     with torch.device(device):
         m = cls._from_config(text, dtype=dtype).eval()
         head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False, dtype=dtype)
-    if tiny:  # transformers' init is too small for a tiny model to route and attend non-trivially
-        with torch.no_grad():
-            for n, p in list(m.named_parameters()) + list(head.named_parameters()):
-                p.normal_(0, 0.2)
-                if "norm" in n:
-                    p.add_(1.0)
+    if tiny:
+        from omni_fast.testing import randomize_
+
+        randomize_(m, head)
     return m, head
 
 
