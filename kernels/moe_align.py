@@ -178,6 +178,14 @@ for _idt in ("i32", "i64"):
                                "BLOCK_B": "constexpr", "FILL": "constexpr"},
                     constexprs={"HAS_MAP": _map, "BLOCK_N": SMALL, "BLOCK_E": 128, "BLOCK_B": FILL, "FILL": FILL},
                     num_warps=8)
+# moe_block's shared expert is a one-expert grouped GEMM: its pairs align with E = 1 (BLOCK_E = 1), at decode sizes
+static_case("_align_small_kernel[i32,E1 shared expert,map=False]", _align_small_kernel,
+            signature={"ids_ptr": "*i32", "sorted_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
+                       "expert_map_ptr": "*i32", "num_entries": "i32", "num_experts": "i32", "num_blocks": "i32",
+                       "block_size": "i32", "HAS_MAP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_E": "constexpr",
+                       "BLOCK_B": "constexpr", "FILL": "constexpr"},
+            constexprs={"HAS_MAP": False, "BLOCK_N": SMALL, "BLOCK_E": 1, "BLOCK_B": FILL, "FILL": FILL},
+            num_warps=8)
 for _map in (False, True):
     static_case(f"_align_prefix_kernel[E128,map={_map}]", _align_prefix_kernel,
                 signature={"counts_ptr": "*i32", "cursor_ptr": "*i32", "expert_ids_ptr": "*i32",

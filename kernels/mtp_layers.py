@@ -145,11 +145,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 for _dt in ("bf16", "fp16"):
-    static_case(f"add_rms_norm_kernel[{_dt},H1024]", add_rms_norm_kernel,
-                signature={"h_ptr": f"*{_dt}", "d_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "y_ptr": f"*{_dt}",
-                           "H": "i32", "stride_h": "i32", "stride_d": "i32", "stride_y": "i32", "eps": "fp32",
-                           "HAS_DELTA": "constexpr", "BLOCK": "constexpr"},
-                constexprs={"HAS_DELTA": True, "BLOCK": 1024})
+    # H1024: the MTP and the talker; H2048: the thinker (omni_fast.models.text_decoder); no delta: a first layer's norm
+    for _H, _delta in ((1024, True), (1024, False), (2048, True), (2048, False)):
+        static_case(f"add_rms_norm_kernel[{_dt},H{_H}{'' if _delta else ',no delta'}]", add_rms_norm_kernel,
+                    signature={"h_ptr": f"*{_dt}", "d_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "y_ptr": f"*{_dt}",
+                               "H": "i32", "stride_h": "i32", "stride_d": "i32", "stride_y": "i32", "eps": "fp32",
+                               "HAS_DELTA": "constexpr", "BLOCK": "constexpr"},
+                    constexprs={"HAS_DELTA": _delta, "BLOCK": _H})
     static_case(f"silu_mul_kernel[{_dt},I3072]", silu_mul_kernel,
                 signature={"gu_ptr": f"*{_dt}", "out_ptr": f"*{_dt}", "I": "i32", "stride_gu": "i32",
                            "stride_out": "i32", "BLOCK": "constexpr"},

@@ -62,3 +62,15 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return torch.full_like(t, float("nan"))
     return torch.full_like(t, -7)
+
+
+@torch.no_grad()
+def randomize_(*modules: torch.nn.Module, std: float = 0.2) -> None:
+    """Random weights for tiny test models, in place: every parameter ~ N(0, std), norm weights ~ 1 + N(0, std).
+    transformers' init (std 0.02, norms at 1) is too small for a tiny model to route and attend non-trivially.
+    Draws from torch's global generator (seed it first)."""
+    for m in modules:
+        for name, p in m.named_parameters():
+            p.normal_(0, std)
+            if "norm" in name:
+                p.add_(1.0)

@@ -204,7 +204,7 @@ def test_bench_pipeline_runner_on_tiny(pipe, monkeypatch):
     import omni_fast
 
     providers = pipeline.cases("quick")[0].setup(torch.device("cpu"))
-    assert set(providers) == {"omni_fast", "eager", "transformers", "transformers_patched"}
+    assert set(providers) == {"omni_fast", "omni_fast_eager_decode", "eager", "transformers", "transformers_patched"}
     with omni_fast.use_backend("reference"):  # plumbing only: the interpreter would take a minute here
         for fn in providers.values():
             fn()

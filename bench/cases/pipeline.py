@@ -3,7 +3,8 @@
 Two ways to run it:
 
 - ``python -m bench pipeline`` (the harness): one Case per concurrency; providers ``omni_fast`` (the thin pipeline,
-  patched), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
+  patched: thinker/talker decode as CUDA-graph replays), ``omni_fast_eager_decode`` (patched, decode steps through
+  transformers' text models), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
   and patched by ``omni_fast.patch``). The harness times a whole request batch per call.
 - ``python -m bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
@@ -61,14 +62,14 @@ def _requests(n: int, seconds: float = 2.0):
             for i in range(n)]
 
 
-def _run(pipe, reqs, patched: bool):
+def _run(pipe, reqs, patched: bool, **kwargs):
     import omni_fast
 
     if patched and not getattr(pipe.model, "_omni_fast_patched", False):
         pipe.patch_report = omni_fast.patch(pipe.model)
     elif not patched and getattr(pipe.model, "_omni_fast_patched", False):
         omni_fast.unpatch(pipe.model)
-    return pipe.generate(reqs, max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=FRAMES + 1)
+    return pipe.generate(reqs, max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=FRAMES + 1, **kwargs)
 
 
 def _transformers_generate(pipe, n: int, patched: bool = False):
@@ -91,6 +92,8 @@ def _setup(concurrency: int):
         pipe = _pipeline(str(device))
         reqs = _requests(concurrency)
         return {"omni_fast": lambda: _run(pipe, reqs, True), "eager": lambda: _run(pipe, reqs, False),
+                # patched, but thinker/talker decode through transformers' text models: what graph decode gains
+                "omni_fast_eager_decode": lambda: _run(pipe, reqs, True, graph_decode=False),
                 "transformers": lambda: _transformers_generate(pipe, concurrency),
                 "transformers_patched": lambda: _transformers_generate(pipe, concurrency, patched=True)}
 

@@ -6,11 +6,13 @@ from .positions import PositionSpec, audio_tokens, rope_positions
 from .presets import full_qwen3_omni_config, tiny_qwen2_5_omni_config, tiny_qwen3_omni_config
 from .qwen3_omni import Event, Qwen3Omni, Request, RequestTiming
 from .talker_step import TalkerStep, install_on_talker
+from .text_decoder import MoeTextDecoder
 
 __all__ = [
     "Code2Wav",
     "CodePredictor",
     "Event",
+    "MoeTextDecoder",
     "PositionSpec",
     "Qwen3Omni",
     "Request",

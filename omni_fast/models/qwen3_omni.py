@@ -10,10 +10,17 @@ tokens, as transformers does).
 Semantics are transformers' ``Qwen3OmniMoeForConditionalGeneration.generate``: with greedy decoding, no repetition
 penalty and one 300-frame codec chunk, the text ids, codes and waveform are the same (``tests/test_pipeline.py``).
 
+Decode: patched on CUDA (``graph_decode``), each thinker and talker decode step is one CUDA-graph replay of
+:class:`~omni_fast.models.text_decoder.MoeTextDecoder` (its own static KV cache, taken over from transformers'
+prefill; omni-fast ops; no host sync inside the step); otherwise the step goes through transformers' text models.
+Prefill always runs on transformers' (patched) modules.
+
 Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
 synchronises the device so that the numbers are stage times, not launch times.
 
-Not done yet (see docs/pipeline.md): static KV cache, chunked prefill, CUDA-graph decode; video input.
+Not done yet (see docs/pipeline.md): while the talker runs, the host reads each step's text ids and codec id
+(streaming, stopping, the talker's next text input) and synchronises for the stage timings (only the text after
+the speech budget is read one step behind the device); continuous batching.
 """
 
 from __future__ import annotations
@@ -178,6 +185,8 @@ class Qwen3Omni:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.patch_report = omni_fast.patch(model, backend=backend) if patch else None
+        self.backend = backend
+        self._decoders: dict[str, tuple] = {}  # "thinker"/"talker" -> (weights key, MoeTextDecoder)
         # Patched: the codec streams through omni-fast's stateful Code2Wav (exact, no recomputed left context).
         self.fast_code2wav = (omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend)
                               if patch else None)
@@ -302,7 +311,7 @@ class Qwen3Omni:
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
                talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
                left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
-               seed: int = 0) -> Iterator[Event]:
+               graph_decode: bool | None = None, seed: int = 0) -> Iterator[Event]:
         """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
         per request with its :class:`RequestTiming`.
 
@@ -312,12 +321,17 @@ class Qwen3Omni:
         ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
         long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
         ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
+        ``graph_decode`` (default: the model is patched and on CUDA): thinker and talker decode steps run on omni-fast's
+        :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (own static KV cache, fused ops, one CUDA-graph replay
+        per step on CUDA, eager elsewhere) instead of transformers' text models; prefill stays on transformers.
         """
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if not reqs:
             return
         m, cfg, dev = self.model, self.config, self.device
         tcfg = cfg.talker_config
+        if graph_decode is None:  # patched now (patch() may have been called on the model after construction)
+            graph_decode = dev.type == "cuda" and bool(m.__dict__.get("_omni_fast_patched", False))
         speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
         if speaker_id is None:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
@@ -382,26 +396,76 @@ class Qwen3Omni:
             yield self._text_event(i, generated[i])
         next_pos = _int_positions(deltas.view(B) + mask.sum(-1))  # the next TM-RoPE position (all three rows)
         thinker_mask = mask
-
-        def thinker_step():
-            nonlocal token, thinker_mask, next_pos, thinker_time, thinker_steps
-            t0 = _now(dev)
-            thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
-            p = next_pos.view(1, B, 1).expand(3, B, 1)
-            o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]), attention_mask=thinker_mask,
-                                             position_ids=p, past_key_values=cache, use_cache=True)
-            nxt = text_sampler(thinker.lm_head(o.last_hidden_state[:, -1]).float())
-            nxt = torch.where(torch.tensor(text_done, device=dev), torch.full_like(nxt, eos), nxt)
-            token, next_pos = nxt, next_pos + 1
+        thinker_dec = None
+        if graph_decode:  # the prefill KV moves into the decoder's own cache; transformers' cache is dropped
+            t0 = _now(dev)  # counted as decode time (the first batch of a bucket also captures the graph here)
+            thinker_dec = self._decoder("thinker")
+            thinker_dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens,
+                                     fractional_positions=next_pos.is_floating_point())
+            cache = out = None  # (the prefill output references the cache too)
             thinker_time += _now(dev) - t0
+
+        def thinker_launch(done: torch.Tensor) -> torch.Tensor:
+            """Queue one thinker step (no host sync); ``done`` bool ``[B]``: rows finished before it (they get
+            EOS, as transformers pads finished rows). Returns the new ids on the device."""
+            nonlocal token, thinker_mask, next_pos, thinker_steps
+            if thinker_dec is not None:
+                logits, _ = thinker_dec.step(embeds_layer(token), next_pos)
+            else:
+                thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
+                p = next_pos.view(1, B, 1).expand(3, B, 1)
+                o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]),
+                                                 attention_mask=thinker_mask, position_ids=p, past_key_values=cache,
+                                                 use_cache=True)
+                logits = thinker.lm_head(o.last_hidden_state[:, -1])
+            nxt = text_sampler(logits.float())
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            token, next_pos = nxt, next_pos + 1
             thinker_steps += 1
+            return nxt
+
+        def thinker_read(ids: list[int]) -> list[Event]:
+            """The host side of a step: stream the ids of unfinished rows, decide which rows stop."""
             events = []
-            for i, tid in enumerate(nxt.tolist()):
+            for i, tid in enumerate(ids):
                 if not text_done[i]:
                     generated[i].append(tid)
                     text_done[i] = tid == eos or len(generated[i]) >= max_new_tokens
                     events.append(self._text_event(i, [tid]))
             return events
+
+        def thinker_step() -> list[Event]:
+            """One step whose ids the talker needs now: read at once."""
+            nonlocal thinker_time
+            t0 = _now(dev)
+            nxt = thinker_launch(_to_device(text_done, dev))
+            thinker_time += _now(dev) - t0
+            return thinker_read(nxt.tolist())
+
+        def thinker_tail() -> Iterator[Event]:
+            """The text after the speech budget: nothing waits for these ids, so step k+1 is queued before step
+            k's ids (copied to pinned memory without blocking) are read, and the stop check runs on the host one
+            step behind the device; finished rows are tracked on the device meanwhile. The only cost: one step
+            computed after the last row finished, and discarded (it draws from the text sampler's generator, which
+            nothing uses afterwards)."""
+            nonlocal thinker_time
+            t0 = _now(dev)
+            done, pending = _to_device(text_done, dev), None
+            while not all(text_done):
+                queued = None
+                if thinker_steps < max_new_tokens - 1:  # a step is useful while a row may still be unfinished
+                    nxt = thinker_launch(done)
+                    done = done | (nxt == eos)
+                    queued = _AsyncHostCopy(nxt)
+                if pending is None and queued is None:
+                    break
+                if pending is not None:
+                    events = thinker_read(pending.tolist())
+                    thinker_time += time.perf_counter() - t0  # (the consumer's time is not decode time)
+                    yield from events
+                    t0 = time.perf_counter()
+                pending = queued
+            thinker_time += _now(dev) - t0
 
         # ---- talker prefill (needs the prompt's hidden states and the first text token only)
         t0 = _now(dev)
@@ -428,6 +492,14 @@ class Qwen3Omni:
             timings[i].talker_ttft = t_first_codec - t0
         talker_time, talker_steps, mtp_time, codec_time = 0.0, 0, 0.0, 0.0
         t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
+        talker_dec = None
+        if graph_decode:
+            t0 = _now(dev)
+            talker_dec = self._decoder("talker")
+            talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
+                                    fractional_positions=t_next_pos.is_floating_point())
+            tout = t_cache = None
+            talker_time += _now(dev) - t0
         codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
@@ -470,7 +542,7 @@ class Qwen3Omni:
             residual, summed = self.code_predictor.frame(past_hidden, c0, mtp_sampler)
             mtp_time += _now(dev) - t0
             frames.append(torch.cat([c0[:, None], residual], dim=1).masked_fill(
-                torch.tensor(speech_done, device=dev)[:, None], 0))
+                _to_device(speech_done, dev)[:, None], 0))
             for i in range(B):
                 if not speech_done[i]:
                     n_frames[i] += 1
@@ -480,14 +552,18 @@ class Qwen3Omni:
                 yield from thinker_step()
             t0 = _now(dev)
             text_in = self._trailing(step, generated, text_done, embeds_layer, talker, tts_eos, tts_pad)
-            t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
-            p = t_next_pos.view(1, B, 1).expand(3, B, 1)
-            tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
-                                past_key_values=tout.past_key_values, use_cache=True)
+            if talker_dec is not None:
+                logits, hidden = talker_dec.step((summed + text_in)[:, 0], t_next_pos)
+                past_hidden = hidden[:, None]
+            else:
+                t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
+                p = t_next_pos.view(1, B, 1).expand(3, B, 1)
+                tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
+                                    past_key_values=tout.past_key_values, use_cache=True)
+                logits = talker.codec_head(tout.last_hidden_state[:, -1])
+                past_hidden = tout.last_hidden_state[:, -1:]
             t_next_pos = t_next_pos + 1
-            c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, codes_hist,
-                                  codec_sampler, talker_repetition_penalty)
-            past_hidden = tout.last_hidden_state[:, -1:]
+            c0 = self._codec_pick(logits.float(), suppress, codes_hist, codec_sampler, talker_repetition_penalty)
             for i, c in enumerate(c0.tolist()):
                 if not speech_done[i]:
                     codes_hist[i].append(c)
@@ -496,8 +572,7 @@ class Qwen3Omni:
             talker_steps += 1
             step += 1
         yield from emit_audio(final=True)
-        while not all(text_done):  # text longer than the speech budget
-            yield from thinker_step()
+        yield from thinker_tail()  # text longer than the speech budget
         t_end = _now(dev)
 
         for i, tm in enumerate(timings):
@@ -516,6 +591,24 @@ class Qwen3Omni:
             yield Event(i, "done", timing=tm)
 
     # ------------------------------------------------------------------------------------------ stage internals
+    def _decoder(self, part: str):
+        """The :class:`MoeTextDecoder` of the thinker or the talker, rebuilt when the model's weights change (it
+        shares their tensors, and keeps its captured graphs while they stay)."""
+        from .talker_step import weights_key
+        from .text_decoder import MoeTextDecoder
+
+        if part == "thinker":
+            text_model, head = self.model.thinker.model.language_model, self.model.thinker.lm_head
+        else:
+            text_model, head = self.model.talker.model, self.model.talker.codec_head
+        key = weights_key(text_model, head)
+        got = self._decoders.get(part)
+        if got is None or got[0] != key:
+            self._decoders.pop(part, None)  # free the old decoder's cache before building a new one
+            got = self._decoders[part] = (key, MoeTextDecoder.from_transformers(text_model, head,
+                                                                               backend=self.backend))
+        return got[1]
+
     @staticmethod
     def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
         """Thinker prefill through its text model, optionally chunked: each chunk attends to the cache so far and
@@ -687,8 +780,8 @@ class Qwen3Omni:
         if all(k == 2 for k in kind):
             return tts_pad.expand(len(ids), -1, -1)
         dev = self.device
-        text = talker.text_projection(embeds_layer(torch.tensor(ids, device=dev)[:, None]))
-        kind_t = torch.tensor(kind, device=dev).view(-1, 1, 1)
+        text = talker.text_projection(embeds_layer(_to_device(ids, dev)[:, None]))
+        kind_t = _to_device(kind, dev).view(-1, 1, 1)
         return torch.where(kind_t == 0, text, torch.where(kind_t == 1, tts_eos, tts_pad))
 
     def _codec_pick(self, logits, suppress, history, sampler, penalty):
@@ -707,6 +800,33 @@ def _new_cache(config, static: bool, max_len: int):
     from transformers.cache_utils import DynamicCache, StaticCache
 
     return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
+class _AsyncHostCopy:
+    """A device tensor's values copied to the host without blocking (pinned memory + an event on CUDA); read with
+    :meth:`tolist`, which waits for that copy only."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self.host, self.event = t, None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
+    copy (a copy from pageable memory waits for the stream to drain first)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:

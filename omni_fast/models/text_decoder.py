@@ -1,0 +1,320 @@
+"""Graph-capturable single-token decode for Qwen3-Omni's MoE text decoders (the thinker and the talker).
+
+transformers decodes one token per call through its text model: a causal mask is built, a cache class is updated
+and 48 (thinker) / 20 (talker) decoder layers run with Python between every kernel. :class:`MoeTextDecoder` does the
+same math on omni-fast ops with fixed shapes and no host sync, so on CUDA one decode step of the whole model is
+one ``torch.cuda.CUDAGraph`` replay:
+
+- its own static KV cache per layer, ``[B, S_max, Hk, D]``, with per-row ``cache_seqlens`` (int32 ``[B]``);
+  :meth:`MoeTextDecoder.load_prefill` copies the KV of transformers' prefill (left-padded, in a ``DynamicCache`` or
+  ``StaticCache``) into it *left-aligned*: row ``i`` holds only its valid tokens, ``cache_seqlens[i]`` = their
+  count. Keys carry their RoPE already, so decode needs no attention mask: each row attends to its
+  ``cache_seqlens[i]`` keys plus the new one, exactly the keys transformers' padding mask leaves visible;
+- per layer: RMSNorm (``add_rms_norm_``, residual add fused), q/k/v projections (cuBLAS), per-head q/k RMSNorm +
+  TM-RoPE (:func:`omni_fast.ops.qk_norm_mrope`, the 3 position rows given per token, interleaved sections),
+  :func:`omni_fast.ops.flash_attn_with_kvcache` (append + attention), o projection, the sparse MoE block
+  (:func:`omni_fast.ops.moe_block`: router, top-k, fused experts, the talker's sigmoid-gated shared expert);
+- final RMSNorm and the head (``lm_head`` / ``codec_head``).
+
+:meth:`MoeTextDecoder.step` takes ``input_embeds [B, H]`` and ``positions [B]`` or ``[3, B]`` and returns
+``(logits [B, V], hidden [B, H])`` (hidden: the final-norm output, transformers' ``last_hidden_state``). On CUDA
+(``use_graph``) the step is captured once per batch bucket (and again only when a batch needs a larger cache than
+the current one) and replayed; elsewhere the same body runs eagerly on the same static buffers. The weights are the
+transformers module's own tensors (shared, not copied), except the small fused gate/up weights of the talker's
+shared expert and of dense MLP layers. One decoder keeps one set of buffers (the latest batch's bucket).
+
+Positions that are not whole numbers (a video at a fractional ``second_per_grid * position_id_per_seconds``) take
+the pure-PyTorch RoPE (:func:`omni_fast.reference.rope.qk_norm_mrope`, transformers' cos/sin math): pass
+``fractional_positions=True`` to :meth:`load_prefill`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import mtp_layers
+from ..reference import rope as ref_rope
+from .code_predictor import BATCH_BUCKETS
+
+CAPACITY_ALIGN = 64  # cache lengths are rounded up to this, so nearby prompt lengths reuse one captured graph
+
+
+@dataclass(frozen=True)
+class TextDecoderConfig:
+    """The shapes of one decoder (read from a transformers text config by :meth:`from_transformers`)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    mrope_section: tuple[int, int, int]
+    interleaved: bool = True
+    attention_scaling: float = 1.0
+
+
+class _Layer:
+    """One decoder layer's tensors (views of the transformers module's parameters)."""
+
+    def __init__(self, layer: torch.nn.Module, config: Any):
+        att, mlp = layer.self_attn, layer.mlp
+        w = lambda m: None if m is None else m.detach()  # noqa: E731
+        self.input_norm = w(layer.input_layernorm.weight)
+        self.post_norm = w(layer.post_attention_layernorm.weight)
+        self.q, self.k, self.v, self.o = (w(p.weight) for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+        self.q_bias, self.k_bias, self.v_bias, self.o_bias = (
+            w(p.bias) for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+        self.q_norm, self.k_norm = w(att.q_norm.weight), w(att.k_norm.weight)
+        experts = getattr(mlp, "experts", None)
+        self.moe = experts is not None
+        if self.moe:
+            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+                raise TypeError(f"expected transformers' fused experts (gate_up_proj [E, 2I, H]), got "
+                                f"{type(experts).__name__}")
+            self.router = w(mlp.gate.weight)
+            self.top_k = int(getattr(mlp.gate, "top_k", None) or config.num_experts_per_tok)
+            self.renormalize = bool(getattr(mlp.gate, "norm_topk_prob", config.norm_topk_prob))
+            self.w13, self.w2 = w(experts.gate_up_proj), w(experts.down_proj)
+            shared = getattr(mlp, "shared_expert", None)
+            self.shared_w13 = self.shared_w2 = self.shared_gate = None
+            if shared is not None:  # the talker: sigmoid-gated shared SwiGLU expert
+                self.shared_w13 = torch.cat([w(shared.gate_proj.weight), w(shared.up_proj.weight)], 0)
+                self.shared_w2 = w(shared.down_proj.weight)
+                self.shared_gate = w(mlp.shared_expert_gate.weight)
+        else:  # a dense SwiGLU layer (mlp_only_layers / decoder_sparse_step configs)
+            self.gate_up = torch.cat([w(mlp.gate_proj.weight), w(mlp.up_proj.weight)], 0)
+            self.down = w(mlp.down_proj.weight)
+
+
+class _State:
+    """Static buffers of one batch bucket and cache capacity: KV caches, inputs, outputs and the captured graph."""
+
+    def __init__(self, dec: "MoeTextDecoder", bucket: int, capacity: int, fractional: bool):
+        c, dev, dt = dec.config, dec.device, dec.dtype
+        self.bucket, self.capacity, self.fractional, self.batch = bucket, capacity, fractional, 0
+        self.caches = [(torch.zeros(bucket, capacity, c.num_kv_heads, c.head_dim, device=dev, dtype=dt),
+                        torch.zeros(bucket, capacity, c.num_kv_heads, c.head_dim, device=dev, dtype=dt))
+                       for _ in dec.layers]
+        self.cache_seqlens = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        self.x = torch.zeros(bucket, c.hidden_size, device=dev, dtype=dt)
+        self.pos = torch.zeros(3, bucket, device=dev, dtype=torch.float64 if fractional else torch.int64)
+        self.steps_left = 0
+        self.graph = None
+        self.logits = self.hidden = None
+
+
+class MoeTextDecoder:
+    """Single-token decode of a Qwen3-Omni MoE text model (thinker or talker) with a static KV cache.
+
+    Build with :meth:`from_transformers`, then per batch: :meth:`load_prefill` after transformers' prefill, and
+    :meth:`step` per token. ``backend`` pins the backend of every op (default: the ambient one).
+    """
+
+    def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor, head: torch.Tensor,
+                 inv_freq: torch.Tensor, *, backend: str | None = None):
+        self.config, self.layers, self.norm, self.head = config, layers, norm, head
+        self.inv_freq = inv_freq.to(torch.float32).contiguous()
+        self.backend = backend
+        self.device, self.dtype = head.device, head.dtype
+        self._state: _State | None = None
+
+    # --- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_transformers(cls, text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor, *,
+                          backend: str | None = None) -> "MoeTextDecoder":
+        """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``) with the thinker's
+        ``lm_head``, or ``Qwen3OmniMoeTalkerModel`` (``talker.model``) with the talker's ``codec_head``. The weights
+        are shared with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
+        cfg = text_model.config
+        rotary = text_model.rotary_emb
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        section = tuple(int(s) for s in getattr(rotary, "mrope_section", None) or (head_dim // 2, 0, 0))
+        config = TextDecoderConfig(
+            hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads, head_dim=head_dim,
+            rms_norm_eps=float(cfg.rms_norm_eps), mrope_section=section,
+            # transformers' Qwen3-Omni rotary always recomposes the sections interleaved (Qwen3-VL style)
+            interleaved=True, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
+        head = lm_head if isinstance(lm_head, torch.Tensor) else lm_head.weight
+        if not isinstance(lm_head, torch.Tensor) and getattr(lm_head, "bias", None) is not None:
+            raise ValueError("the head must have no bias (Qwen3-Omni's lm_head and codec_head have none)")
+        layers = [_Layer(layer, cfg) for layer in text_model.layers]
+        return cls(config, layers, text_model.norm.weight.detach(), head.detach(), rotary.inv_freq.detach(),
+                   backend=backend)
+
+    # --- per batch --------------------------------------------------------------------------------------------
+
+    def load_prefill(self, cache: Any, attention_mask: torch.Tensor, *, max_new_tokens: int = 256,
+                     fractional_positions: bool = False, use_graph: bool | None = None) -> None:
+        """Take over transformers' prefill KV for a batch, ready for ``max_new_tokens`` :meth:`step` calls.
+
+        cache: the ``DynamicCache`` / ``StaticCache`` after the prefill of ``attention_mask`` ``[B, S]`` (1 =
+        token, 0 = padding; any pattern, typically left padding): per row the valid tokens are copied, in order,
+        to the front of the row's cache and ``cache_seqlens[i]`` is their count. ``fractional_positions``: decode
+        positions will be float (non-integer TM-RoPE positions). ``use_graph`` (default: on CUDA, unless the
+        backend is ``"reference"``, whose ops read values on the host) captures the step as a CUDA graph.
+        """
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [B, S], got shape {tuple(attention_mask.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        B, S = attention_mask.shape
+        keys, values = _cache_tensors(cache, len(self.layers))
+        c = self.config
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if k.shape[0] != B or k.shape[1] != c.num_kv_heads or k.shape[3] != c.head_dim or k.shape[2] < S:
+                raise ValueError(f"layer {i} of the cache holds keys of shape {tuple(k.shape)}, expected "
+                                 f"[{B}, {c.num_kv_heads}, >= {S}, {c.head_dim}] for attention_mask [{B}, {S}]")
+        if use_graph is None:
+            use_graph = self.device.type == "cuda" and self.backend != "reference"
+        elif use_graph and self.device.type != "cuda":
+            raise ValueError(f"use_graph needs a CUDA device, the decoder is on {self.device}")
+        bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << max(B - 1, 0).bit_length()
+        needed = S + max_new_tokens
+        st = self._state
+        # Reuse the buffers (and the captured graph) when they fit: same bucket and position kind, enough room.
+        if (st is None or st.bucket != bucket or st.fractional != bool(fractional_positions)
+                or st.capacity < needed or (st.graph is not None) != bool(use_graph)):
+            self._state = None  # free the previous buffers (and graph) before allocating new ones
+            capacity = -(-needed // CAPACITY_ALIGN) * CAPACITY_ALIGN
+            st = self._state = _State(self, bucket, capacity, bool(fractional_positions))
+            if use_graph:
+                self._capture(st)
+        st.batch = B
+        st.steps_left = st.capacity - S
+        valid = attention_mask.to(self.device).bool()
+        pos = torch.arange(S, device=self.device).expand(B, S)
+        order = torch.where(valid, pos, pos + S).argsort(dim=1, stable=True)  # valid tokens first, in order
+        for (kc, vc), k, v in zip(st.caches, keys, values):
+            idx = order[:, :, None, None].expand(B, S, c.num_kv_heads, c.head_dim)
+            kc[:B, :S].copy_(k[:, :, :S].transpose(1, 2).to(self.dtype).gather(1, idx))
+            vc[:B, :S].copy_(v[:, :, :S].transpose(1, 2).to(self.dtype).gather(1, idx))
+        st.cache_seqlens.zero_()
+        st.cache_seqlens[:B].copy_(valid.sum(1))
+        st.x.zero_()
+        st.pos.zero_()
+
+    def step(self, input_embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: ``input_embeds`` ``[B, H]``, ``positions`` ``[B]`` (text: the 3 TM-RoPE rows are
+        equal) or ``[3, B]``. Returns ``(logits [B, V], hidden [B, H])`` in the model dtype (fresh tensors)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before step")
+        B, c = st.batch, self.config
+        if input_embeds.shape != (B, c.hidden_size):
+            raise ValueError(f"input_embeds must be [{B}, {c.hidden_size}], got {tuple(input_embeds.shape)}")
+        if positions.shape not in ((B,), (3, B)):
+            raise ValueError(f"positions must be [{B}] or [3, {B}], got {tuple(positions.shape)}")
+        if positions.is_floating_point() and not st.pos.is_floating_point():
+            raise TypeError("float positions need load_prefill(..., fractional_positions=True)")
+        if st.steps_left <= 0:
+            raise RuntimeError(f"the KV cache is full ({st.capacity} tokens): load_prefill with a larger "
+                               "max_new_tokens")
+        st.x[:B].copy_(input_embeds)
+        st.pos[:, :B].copy_(positions.expand(3, B))
+        if st.graph is not None:
+            st.graph.replay()
+        else:
+            st.logits, st.hidden = self._body(st)
+        st.steps_left -= 1
+        return st.logits[:B].clone(), st.hidden[:B].clone()
+
+    def rewind(self, steps: int = 1) -> None:
+        """Forget the last ``steps`` tokens of every row (``cache_seqlens -= steps``, on the device, no sync): the
+        next :meth:`step` overwrites them. For speculative tokens that were rejected, and benchmarks that repeat one
+        step. Rows must hold at least ``steps`` tokens (not checked on the device)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before rewind")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        st.cache_seqlens.sub_(steps)
+        st.steps_left += steps
+
+    def release(self) -> None:
+        """Free the KV caches, buffers and captured graph (the next :meth:`load_prefill` allocates anew)."""
+        self._state = None
+
+    @property
+    def cache_seqlens(self) -> torch.Tensor | None:
+        """int32 ``[B]``: tokens cached per row (the prefill's valid tokens + the steps taken)."""
+        return None if self._state is None else self._state.cache_seqlens[:self._state.batch]
+
+    # --- the step body (what the CUDA graph captures: no validation on values, no host sync) -------------------
+
+    def _body(self, st: _State) -> tuple[torch.Tensor, torch.Tensor]:
+        c, be = self.config, self.backend
+        nq, nk, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
+        T = st.bucket
+        norm = partial(mtp_layers.add_rms_norm_, eps=eps, backend=be)
+        resid = st.x.clone()  # the residual stream, updated in place by add_rms_norm_
+        x = norm(resid, None, self.layers[0].input_norm)
+        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, st.caches)):
+            q = F.linear(x, layer.q, layer.q_bias).view(T, nq, d)
+            k = F.linear(x, layer.k, layer.k_bias).view(T, nk, d)
+            v = F.linear(x, layer.v, layer.v_bias).view(T, 1, nk, d)
+            self._rope(q, k, layer, st.pos)
+            attn = ops.flash_attn_with_kvcache(q.view(T, 1, nq, d), kc, vc, st.cache_seqlens, k=k.view(T, 1, nk, d),
+                                               v=v, causal=True, softmax_scale=d ** -0.5, backend=be)
+            x = norm(resid, F.linear(attn.view(T, nq * d), layer.o, layer.o_bias), layer.post_norm)
+            if layer.moe:
+                mlp = ops.moe_block(x, layer.router, layer.w13, layer.w2, layer.top_k, renormalize=layer.renormalize,
+                                    shared_w13=layer.shared_w13, shared_w2=layer.shared_w2,
+                                    shared_gate_weight=layer.shared_gate, backend=be)
+            else:
+                mlp = F.linear(mtp_layers.silu_mul(F.linear(x, layer.gate_up), backend=be), layer.down)
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            x = norm(resid, mlp, nxt)
+        st.cache_seqlens.add_(1)  # every layer appended this token
+        return F.linear(x, self.head), x
+
+    def _rope(self, q, k, layer, pos):
+        c = self.config
+        kw = dict(eps=c.rms_norm_eps, mrope_section=c.mrope_section, interleaved=c.interleaved,
+                  attention_scaling=c.attention_scaling, inv_freq=self.inv_freq)
+        if pos.is_floating_point():  # fractional positions: transformers' cos/sin math in PyTorch
+            ref_rope.qk_norm_mrope(q, k, layer.q_norm, layer.k_norm, pos, **kw)
+        else:
+            ops.qk_norm_mrope(q, k, layer.q_norm, layer.k_norm, pos, backend=self.backend, **kw)
+
+    def _capture(self, st: _State) -> None:
+        """Warm up on a side stream (JIT-compiles every kernel), then capture one step; resets the cache lengths
+        (the warm-up steps advanced them) so that :meth:`load_prefill` starts from a clean state."""
+        dev = self.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(st)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        st.cache_seqlens.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            st.logits, st.hidden = self._body(st)
+        st.graph = graph
+        st.cache_seqlens.zero_()
+
+
+def _cache_tensors(cache: Any, n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer keys / values ``[B, Hk, S, D]`` of a transformers cache (``Cache.layers[i].keys`` in
+    transformers >= 4.56; the older ``key_cache`` lists too)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        keys, values = [lay.keys for lay in layers], [lay.values for lay in layers]
+    elif hasattr(cache, "key_cache"):
+        keys, values = list(cache.key_cache), list(cache.value_cache)
+    else:
+        raise TypeError(f"expected a transformers Cache, got {type(cache).__name__}")
+    if len(keys) != n_layers or any(k is None or not isinstance(k, torch.Tensor) or k.dim() != 4 for k in keys):
+        raise ValueError(f"the cache must hold keys of all {n_layers} layers after the prefill")
+    return keys, values
+
+
+__all__ = ["MoeTextDecoder", "TextDecoderConfig"]
