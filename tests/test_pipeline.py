@@ -378,3 +378,26 @@ def test_patched_pipeline_runs_the_mtp_step_on_omni_fast(pipe):
     finally:
         omni_fast.unpatch(pipe.model)
     assert out["audio"].numel() > 0 and torch.isfinite(out["audio"]).all()
+
+
+def test_set_patched_switches_every_stage(pipe):
+    """One pipeline, timed both ways by the benchmark: ``set_patched`` moves the model, the MTP frame step and the
+    codec together (an unpatched pipeline patched later must not keep transformers' MTP and codec)."""
+    import omni_fast
+    from omni_fast.models.components import HFCodePredictor, OmniCodePredictor
+
+    p = Qwen3Omni(pipe.model, patch=False, tokenizer=pipe.tokenizer, backend="reference")
+    try:
+        assert isinstance(p.code_predictor, HFCodePredictor) and p.fast_code2wav is None
+        p.set_patched(True)
+        assert pipe.model.__dict__.get("_omni_fast_patched") and p.patch_report is not None
+        assert isinstance(p.code_predictor, OmniCodePredictor) and p.fast_code2wav is not None
+        fast = p.code_predictor
+        p.set_patched(False)
+        assert not pipe.model.__dict__.get("_omni_fast_patched", False)
+        assert isinstance(p.code_predictor, HFCodePredictor) and p.fast_code2wav is None
+        p.set_patched(True)
+        assert p.code_predictor is fast  # built once, reused
+    finally:
+        if pipe.model.__dict__.get("_omni_fast_patched", False):
+            omni_fast.unpatch(pipe.model)

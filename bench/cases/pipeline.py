@@ -63,12 +63,7 @@ def _requests(n: int, seconds: float = 2.0):
 
 
 def _run(pipe, reqs, patched: bool, **kwargs):
-    import omni_fast
-
-    if patched and not getattr(pipe.model, "_omni_fast_patched", False):
-        pipe.patch_report = omni_fast.patch(pipe.model)
-    elif not patched and getattr(pipe.model, "_omni_fast_patched", False):
-        omni_fast.unpatch(pipe.model)
+    pipe.set_patched(patched)  # every stage follows: patched model, omni-fast MTP step and streaming Code2Wav
     return pipe.generate(reqs, max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=FRAMES + 1, **kwargs)
 
 

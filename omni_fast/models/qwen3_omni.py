@@ -179,17 +179,12 @@ class Qwen3Omni:
     """
 
     def __init__(self, model, *, patch: bool = True, backend: str | None = None, tokenizer=None):
-        import omni_fast
-
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.patch_report = omni_fast.patch(model, backend=backend) if patch else None
         self.backend = backend
         self._decoders: dict[str, tuple] = {}  # "thinker"/"talker" -> (weights key, MoeTextDecoder)
-        # Patched: the codec streams through omni-fast's stateful Code2Wav (exact, no recomputed left context).
-        self.fast_code2wav = (omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend)
-                              if patch else None)
+        self._fast_stages = None  # (OmniCodePredictor, Code2Wav), built on first patch and kept across unpatch
         thinker_cfg = self.config.thinker_config
         self.spec = PositionSpec.from_config(thinker_cfg)
         self.tokenizer = tokenizer
@@ -198,14 +193,43 @@ class Qwen3Omni:
         self.newline_id = next(iter(tokenizer.encode("\n")), None) if tokenizer is not None else None
         if self.newline_id is None:
             self.newline_id = 198 if vocab > 198 else 10
+        self.patch_report = None
+        if patch:
+            self.set_patched(True)
+        else:  # leaves the model as given (a model the caller patched stays patched)
+            self._transformers_stages()
+
+    def set_patched(self, patched: bool) -> None:
+        """Run on omni-fast (``omni_fast.patch`` of the model, plus omni-fast's MTP frame step and exact streaming
+        Code2Wav) or on transformers' modules as they are (``omni_fast.unpatch``). Every stage follows, so one
+        pipeline can be timed both ways."""
+        import omni_fast
+
+        model, backend = self.model, self.backend
         talker = model.talker
-        if patch:  # the MTP frame step on omni-fast (graph replay per frame on CUDA)
-            self.code_predictor = OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
-                talker.code_predictor, talker.get_input_embeddings()), backend=backend)
+        if patched:
+            if not model.__dict__.get("_omni_fast_patched", False):
+                self.patch_report = omni_fast.patch(model, backend=backend)
+            if self._fast_stages is None:
+                self._fast_stages = (
+                    OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
+                        talker.code_predictor, talker.get_input_embeddings()), backend=backend),
+                    omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend))
+            # the MTP frame step on omni-fast (graph replay per frame on CUDA); the codec streams through
+            # omni-fast's stateful Code2Wav (exact, no recomputed left context)
+            self.code_predictor, self.fast_code2wav = self._fast_stages
+            self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
         else:
-            self.code_predictor = pick("CodePredictor", talker.code_predictor,
-                                       lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
-        self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
+            if model.__dict__.get("_omni_fast_patched", False):
+                omni_fast.unpatch(model)
+            self._transformers_stages()
+
+    def _transformers_stages(self) -> None:
+        talker = self.model.talker
+        self.fast_code2wav = None
+        self.code_predictor = pick("CodePredictor", talker.code_predictor,
+                                   lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
+        self.code2wav = pick("Code2Wav", self.model.code2wav, HFCode2Wav)
 
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
