@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .launch import launch, static_case
 from .mtp_gemv import silu_mul_rounded
-from .rope import norm_rope_halves, rope_cos_sin
+from .rope import norm_rope_halves
 
 
 @triton.jit
@@ -74,28 +74,36 @@ def _store_halves(ptr, rows, mask_rows, offs_j, x1, x2, HALF: tl.constexpr, D: t
 
 
 @triton.jit
-def _norm_rope_rows(x1, x2, w_ptr, inv_freq, pos, offs_j, eps, HALF: tl.constexpr, D: tl.constexpr):
-    """Per-head RMSNorm (weight ``w_ptr`` ``[D]``) + 1-D RoPE at fp32 positions ``pos`` ``[R]`` of head rows given
-    as halves; returns the halves rounded to their dtype."""
+def _norm_rope_rows(x1, x2, w_ptr, cos_ptr, sin_ptr, stride_cs, pos, mask_rows, offs_j, eps, HALF: tl.constexpr,
+                    D: tl.constexpr):
+    """Per-head RMSNorm (weight ``w_ptr`` ``[D]``) + 1-D RoPE of head rows given as halves, token row r at position
+    ``pos[r]``: cos/sin are rows of the ``[P, D/2]`` tables (model dtype, as transformers' ``cos.to(x.dtype)``; no
+    trigonometry in the kernel). Returns the halves rounded to their dtype."""
     w1 = tl.load(w_ptr + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
     w2 = tl.load(w_ptr + HALF + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
-    cos, sin = rope_cos_sin(pos[:, None], inv_freq[None, :], 1.0, w_ptr)
+    cs = pos[:, None] * stride_cs + offs_j[None, :]
+    m = mask_rows[:, None] & (offs_j < HALF)[None, :]
+    cos = tl.load(cos_ptr + cs, mask=m, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cs, mask=m, other=0.0).to(tl.float32)
     o1, o2 = norm_rope_halves(x1, x2, w1, w2, cos, sin, eps, D, True)
     return o1.to(x1.dtype), o2.to(x2.dtype)
 
 
 @triton.jit
 def cached_attention_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, qw_ptr, kw_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_cb, stride_ch, stride_cl, stride_ob, stride_ot, stride_oh,
+    stride_cb, stride_ch, stride_cl, stride_ob, stride_ot, stride_oh, stride_cs,
     start, T, n_kv, scale, eps,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, NORM_ROPE: tl.constexpr,
 ):
     """One program per (sequence, kv head). Head rows are handled as two halves (``HALF = ceil(D / 2)``); with
     ``NORM_ROPE`` the new k and the q rows get the per-head RMSNorm and the 1-D RoPE at position = cache slot
-    (token t of this call sits at slot and position ``start + t``) before the cache write / the scores."""
+    (token t of this call sits at slot and position ``start + t``) before the cache write / the scores.
+
+    cos/sin come from small tables (``[P, D/2]``, P >= L) rather than ``tl.cos``/``tl.sin``: the libdevice
+    slow path of the trigonometry (a local array) made this kernel spill on sm_90a."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
@@ -107,8 +115,7 @@ def cached_attention_kernel(
     k1, k2 = _load_halves(k_ptr + b * stride_kb + h * stride_kh, t_new * stride_kt, new, offs_j, HALF, D)
     v1, v2 = _load_halves(v_ptr + b * stride_vb + h * stride_vh, t_new * stride_vt, new, offs_j, HALF, D)
     if NORM_ROPE:
-        inv_freq = tl.load(inv_freq_ptr + offs_j, mask=offs_j < HALF, other=0.0)
-        k1, k2 = _norm_rope_rows(k1, k2, kw_ptr, inv_freq, offs_l.to(tl.float32), offs_j, eps, HALF, D)
+        k1, k2 = _norm_rope_rows(k1, k2, kw_ptr, cos_ptr, sin_ptr, stride_cs, offs_l, new, offs_j, eps, HALF, D)
     cache = b * stride_cb + h * stride_ch
     slots = offs_l * stride_cl
     _store_halves(kc_ptr + cache, slots, new, offs_j, k1, k2, HALF, D)
@@ -128,7 +135,8 @@ def cached_attention_kernel(
     q1, q2 = _load_halves(q_ptr + b * stride_qb, t_q * stride_qt + (h * GROUP + g_q) * stride_qh, valid_q, offs_j,
                           HALF, D)
     if NORM_ROPE:
-        q1, q2 = _norm_rope_rows(q1, q2, qw_ptr, inv_freq, (start + t_q).to(tl.float32), offs_j, eps, HALF, D)
+        q1, q2 = _norm_rope_rows(q1, q2, qw_ptr, cos_ptr, sin_ptr, stride_cs, start + t_q, valid_q, offs_j, eps,
+                                 HALF, D)
     q1 = q1.to(tl.float32)
     q2 = q2.to(tl.float32)
     s = (tl.sum(q1[:, None, :] * k1[None, :, :], 2) + tl.sum(q2[:, None, :] * k2[None, :, :], 2)) * scale
@@ -166,11 +174,11 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, start: int, scale: float, q_norm: torch.Tensor | None = None,
-                     k_norm: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
-                     eps: float = 0.0) -> torch.Tensor:
+                     k_norm: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                     sin: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """q ``[B, T, Hq, d]``, k/v ``[B, T, Hk, d]`` (unit stride in d), caches ``[B, Hk, L, d]`` (contiguous d);
-    with ``q_norm`` / ``k_norm`` ``[d]`` and ``inv_freq`` fp32 ``[d/2]``, q and the new k first get the per-head
-    RMSNorm and 1-D RoPE at positions ``start + t``. Writes k/v at ``start`` and returns the causal attention output
+    with ``q_norm`` / ``k_norm`` ``[d]`` and RoPE tables ``cos`` / ``sin`` ``[P, d/2]`` (row = position, unit
+    stride), q and the new k first get the per-head RMSNorm and 1-D RoPE at positions ``start + t``. Writes k/v at ``start`` and returns the causal attention output
     ``[B, T, Hq, d]``."""
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
@@ -181,11 +189,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     launch(
         cached_attention_kernel, (B, Hk),
         q, k, v, k_cache, v_cache, out, q_norm if norm_rope else q, k_norm if norm_rope else k,
-        inv_freq if norm_rope else q,
+        cos if norm_rope else q, sin if norm_rope else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        int(start), T, Hk, float(scale), float(eps),
+        cos.stride(0) if norm_rope else 0, int(start), T, Hk, float(scale), float(eps),
         GROUP=group, BLOCK_Q=triton.next_power_of_2(T * group), BLOCK_L=triton.next_power_of_2(max(L, 2)), D=D,
         HALF=(D + 1) // 2, BLOCK_HALF=triton.next_power_of_2((D + 1) // 2), NORM_ROPE=norm_rope,
         num_warps=4, device=q.device,
@@ -206,12 +214,11 @@ for _dt in ("bf16", "fp16"):
     for _t in (1, 2):
         for _nr in (False, True):
             _sig = {n: f"*{_dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr", "qw_ptr",
-                                           "kw_ptr")}
-            _sig["inv_freq_ptr"] = "*fp32"
+                                           "kw_ptr", "cos_ptr", "sin_ptr")}
             _sig.update({n: "i32" for n in ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt",
                                              "stride_kh", "stride_vb", "stride_vt", "stride_vh", "stride_cb",
                                              "stride_ch", "stride_cl", "stride_ob", "stride_ot", "stride_oh",
-                                             "start", "T", "n_kv")})
+                                             "stride_cs", "start", "T", "n_kv")})
             _sig.update({"scale": "fp32", "eps": "fp32", "GROUP": "constexpr", "BLOCK_Q": "constexpr",
                          "BLOCK_L": "constexpr", "D": "constexpr", "HALF": "constexpr", "BLOCK_HALF": "constexpr",
                          "NORM_ROPE": "constexpr"})
@@ -221,4 +228,4 @@ for _dt in ("bf16", "fp16"):
                                     "NORM_ROPE": _nr},
                         aligned=("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
                                  "stride_vb", "stride_vt", "stride_vh", "stride_cb", "stride_ch", "stride_cl",
-                                 "stride_ob", "stride_ot", "stride_oh"))
+                                 "stride_ob", "stride_ot", "stride_oh", "stride_cs"))

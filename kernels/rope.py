@@ -18,17 +18,6 @@ from .launch import launch, static_case
 
 
 @triton.jit
-def rope_cos_sin(pos, inv_freq, scaling, act_ptr):
-    """cos/sin of ``pos * inv_freq`` (fp32 positions and inverse frequencies, broadcastable), scaled and rounded to
-    the activation dtype (``act_ptr``'s element type) as transformers' ``cos.to(x.dtype)``; returned as fp32."""
-    angle = pos * inv_freq  # one fp32 product, as transformers' position.float() * inv_freq
-    act_dtype = act_ptr.dtype.element_ty
-    cos = (tl.cos(angle) * scaling).to(act_dtype).to(tl.float32)
-    sin = (tl.sin(angle) * scaling).to(act_dtype).to(tl.float32)
-    return cos, sin
-
-
-@triton.jit
 def norm_rope_halves(x1_raw, x2_raw, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
     """Optional Qwen3 per-head RMSNorm, then neox rotate-half RoPE, of heads given as two halves.
 
@@ -88,7 +77,11 @@ def mrope_kernel(
         row = tl.where(offs_j < SEC_T, 0, tl.where(offs_j < SEC_T + SEC_H, 1, 2))
     pos = tl.load(pos_ptr + row * stride_pos_row + tok, mask=mask_j, other=0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + offs_j, mask=mask_j, other=0.0)
-    cos, sin = rope_cos_sin(pos, inv_freq, scaling, q_ptr)
+    angle = pos * inv_freq  # one fp32 product, as transformers' position.float() * inv_freq
+    # cos/sin in fp32, scaled, then rounded to the activation dtype before use (transformers' cos.to(x.dtype)).
+    act_dtype = q_ptr.dtype.element_ty
+    cos = (tl.cos(angle) * scaling).to(act_dtype).to(tl.float32)
+    sin = (tl.sin(angle) * scaling).to(act_dtype).to(tl.float32)
     _rotate_heads(q_ptr + tok * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin, offs_j, mask_j,
                   HALF, BLOCK_H, BLOCK_J, NORM)
     _rotate_heads(k_ptr + tok * stride_kt, stride_kh, n_k_heads, kw_ptr, eps, cos, sin, offs_j, mask_j,

@@ -249,7 +249,7 @@ class CodePredictor(torch.nn.Module):
         G, V0 = c.num_code_groups, self.codec_vocab_size
         B = x.shape[0]
         do_sample, top_k, top_p, temperature = sampling
-        consts = self._constants(x.device, B)
+        consts = self._constants(x.device, B, x.dtype)
         caches = [(x.new_empty(B, c.num_key_value_heads, G, c.head_dim),
                    x.new_empty(B, c.num_key_value_heads, G, c.head_dim)) for _ in self.layers]
         e0 = F.embedding(c0, self.table[:V0]) if c0_embed is None else c0_embed.to(x.dtype)
@@ -277,17 +277,21 @@ class CodePredictor(torch.nn.Module):
             nxt = rvq(codes_t[:, 1:], self.table, offsets=self.offsets[1:]) + e0
         return codes_t, nxt
 
-    def _constants(self, device, B) -> dict:
-        key = (str(device), B)
+    def _constants(self, device, B, dtype) -> dict:
+        key = (str(device), B, dtype)
         got = self._consts.get(key)
         if got is None:
             c = self.config
             G = c.num_code_groups
+            inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, device)
+            cos, sin = mtp_layers.rope_tables(G, inv_freq, dtype)  # positions 0..G-1 (fused attention)
             got = {
                 "pos": {0: torch.arange(2, device=device).repeat(B)}
                 | {g: torch.full((B,), g, dtype=torch.long, device=device) for g in range(2, G)},
                 "offsets": [torch.tensor([g], dtype=torch.long, device=device) for g in range(G)],
-                "inv_freq": rope_inv_freq(c.head_dim, c.rope_theta, device),
+                "inv_freq": inv_freq,
+                "cos": cos,
+                "sin": sin,
             }
             self._consts[key] = got
         return got
@@ -326,8 +330,8 @@ class CodePredictor(torch.nn.Module):
         for layer, (kc, vc) in zip(self.layers, caches):
             qkv = f.norm_linear(resid, layer.input_norm, layer.qkv, eps=eps, swiglu=False).view(B, T, nq + 2 * nk, d)
             attn = f.attention(qkv[:, :, :nq], qkv[:, :, nq: nq + nk], qkv[:, :, nq + nk:], kc, vc, start=start,
-                               scale=d**-0.5, q_norm=layer.q_norm, k_norm=layer.k_norm, inv_freq=consts["inv_freq"],
-                               eps=eps)
+                               scale=d**-0.5, q_norm=layer.q_norm, k_norm=layer.k_norm, cos=consts["cos"],
+                               sin=consts["sin"], eps=eps)
             f.linear_residual(resid, attn.view(B * T, nq * d), layer.o)
             act = f.norm_linear(resid, layer.post_norm, layer.gate_up, eps=eps, swiglu=True)
             f.linear_residual(resid, act, layer.down)
@@ -418,8 +422,8 @@ class _Fns:
             self.linear_residual = partial(mtp_layers.linear_residual_, backend=backend)
 
 
-def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, inv_freq=None, eps=0.0):
-    return mtp_layers._attn_reference(q, k, v, kc, vc, start, scale, q_norm, k_norm, inv_freq, eps)
+def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, cos=None, sin=None, eps=0.0):
+    return mtp_layers._attn_reference(q, k, v, kc, vc, start, scale, q_norm, k_norm, cos, sin, eps)
 
 
 def _strip(key: str) -> str:

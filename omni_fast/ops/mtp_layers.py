@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reference import rope as ref_rope
 from ..reference.rope import rms_norm
 from ..validation import FLOAT_DTYPES, check_no_internal_overlap, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
@@ -92,29 +91,28 @@ def silu_mul(gu: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     return _silu_mul_op(gu, be)
 
 
-def _fake_attn(q, k, v, k_cache, v_cache, start, scale, q_norm, k_norm, inv_freq, eps, backend):
+def _fake_attn(q, k, v, k_cache, v_cache, start, scale, q_norm, k_norm, cos, sin, eps, backend):
     return q.new_empty(q.shape)
 
 
 @dispatched_op("mtp_cached_attention", mutates_args=("k_cache", "v_cache"), fake=_fake_attn)
 def _attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              start: int, scale: float, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-             inv_freq: torch.Tensor | None, eps: float, backend: str) -> torch.Tensor:
+             cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, backend: str) -> torch.Tensor:
     """Optional q/k norm + 1-D RoPE; write k/v into the caches at start; causal GQA attention of q over the cache."""
 
 
 @_attn_op.impl("reference")
-def _attn_reference(q, k, v, k_cache, v_cache, start, scale, q_norm=None, k_norm=None, inv_freq=None, eps=0.0):
+def _attn_reference(q, k, v, k_cache, v_cache, start, scale, q_norm=None, k_norm=None, cos=None, sin=None,
+                    eps=0.0):
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     end = start + T
     if q_norm is not None:
-        # transformers' q_norm / k_norm + apply_rotary_pos_emb, token t at position start + t.
-        pos = (start + torch.arange(T, device=q.device)).repeat(B)
-        qn, kn = ref_rope.qk_norm_mrope(q.reshape(B * T, Hq, D), k.reshape(B * T, Hk, D), q_norm, k_norm, pos,
-                                        eps=eps, mrope_section=(D // 2, 0, 0), interleaved=False, inplace=False,
-                                        inv_freq=inv_freq)
-        q, k = qn.view(B, T, Hq, D), kn.view(B, T, Hk, D)
+        # transformers' q_norm / k_norm, then apply_rotary_pos_emb in the model dtype (token t at position start + t).
+        c = torch.cat((cos[start:end], cos[start:end]), -1)[None, :, None]  # [1, T, 1, D]
+        s = torch.cat((sin[start:end], sin[start:end]), -1)[None, :, None]
+        q, k = (_rope(rms_norm(x, w, eps).to(x.dtype), c, s) for x, w in ((q, q_norm), (k, k_norm)))
     k_cache[:, :, start:end] = k.transpose(1, 2)
     v_cache[:, :, start:end] = v.transpose(1, 2)
     qh = q.transpose(1, 2)
@@ -127,6 +125,20 @@ def _attn_reference(q, k, v, k_cache, v_cache, start, scale, q_norm=None, k_norm
     return out.transpose(1, 2).contiguous()
 
 
+def _rope(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def rope_tables(positions: int, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin ``[positions, d/2]`` in ``dtype`` for 1-D positions 0..positions-1 (inv_freq fp32 ``[d/2]``),
+    computed as transformers' rotary embedding does (fp32 angles and trigonometry, then cast): the tables
+    :func:`cached_attention` takes."""
+    pos = torch.arange(positions, device=inv_freq.device)
+    freqs = pos[:, None].float() * inv_freq.float()[None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
 @_attn_op.impl("triton")
 def _attn_triton(*args):
     from ..kernels import mtp_layers
@@ -137,7 +149,7 @@ def _attn_triton(*args):
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, *, start: int, scale: float | None = None,
                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                     inv_freq: torch.Tensor | None = None, eps: float = 1e-6,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, eps: float = 1e-6,
                      backend: str | None = None) -> torch.Tensor:
     """Decode attention over a static KV cache.
 
@@ -145,10 +157,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     k_cache / v_cache ``[B, Hk, L, d]`` (contiguous in d; ``start + T <= L``, L <= 64). Writes k/v into the caches,
     returns the causal attention output ``[B, T, Hq, d]``; ``scale`` defaults to ``d ** -0.5``.
 
-    With ``q_norm`` and ``k_norm`` (``[d]``, the model dtype) and ``inv_freq`` (fp32 ``[d/2]``), q and the new k
-    first get Qwen3's per-head RMSNorm (``eps``) and 1-D rotate-half RoPE at position ``start + t`` (the cache slot),
-    as transformers' attention does before its cache update (the MTP code predictor: positions = cache slots);
-    k is cached normalised and rotated, q/k/v themselves are not modified.
+    With ``q_norm`` and ``k_norm`` (``[d]``) and the RoPE tables ``cos`` / ``sin`` (``[P, d/2]``, P >= start + T,
+    row p = position p, see :func:`rope_tables`; all in the model dtype), q and the new k first get Qwen3's per-head
+    RMSNorm (``eps``) and 1-D rotate-half RoPE at position ``start + t`` (the cache slot), as transformers'
+    attention does before its cache update (the MTP code predictor: positions = cache slots); k is cached
+    normalised and rotated, q/k/v themselves are not modified.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, T, Hq, D = q.shape
@@ -167,20 +180,22 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         raise ValueError(f"cached_attention is for short caches (L <= 64), got L = {L}")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + T > L:
         raise ValueError(f"start must be an int with 0 <= start and start + T <= L ({L}), got start={start!r}, T={T}")
-    given = [n for n, t in (("q_norm", q_norm), ("k_norm", k_norm), ("inv_freq", inv_freq)) if t is not None]
-    if given and len(given) != 3:
-        raise ValueError(f"q_norm, k_norm and inv_freq go together (the fused norm + RoPE), got only {given}")
+    given = [n for n, t in (("q_norm", q_norm), ("k_norm", k_norm), ("cos", cos), ("sin", sin)) if t is not None]
+    if given and len(given) != 4:
+        raise ValueError(f"q_norm, k_norm, cos and sin go together (the fused norm + RoPE), got only {given}")
     if given:
         if D % 2:
             raise ValueError(f"head_dim must be even for rotate-half RoPE, got {D}")
         check_tensor("q_norm", q_norm, dtypes=FLOAT_DTYPES, shape=(D,), device=q.device, contiguous=True)
         check_tensor("k_norm", k_norm, dtypes=FLOAT_DTYPES, shape=(D,), device=q.device, contiguous=True)
-        check_same_dtype(q=q, q_norm=q_norm, k_norm=k_norm)
-        check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), shape=(D // 2,), device=q.device,
-                     contiguous=True)
+        check_tensor("cos", cos, dtypes=FLOAT_DTYPES, shape=(None, D // 2), device=q.device, contiguous=True)
+        check_tensor("sin", sin, dtypes=FLOAT_DTYPES, shape=tuple(cos.shape), device=q.device, contiguous=True)
+        check_same_dtype(q=q, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin)
+        if cos.shape[0] < start + T:
+            raise ValueError(f"cos/sin need a row per position up to start + T = {start + T}, got {cos.shape[0]}")
     be = _attn_op.resolve((q, k, v, k_cache, v_cache), backend)
     return _attn_op(q, k, v, k_cache, v_cache, int(start), float(D**-0.5 if scale is None else scale), q_norm, k_norm,
-                    inv_freq, float(eps), be)
+                    cos, sin, float(eps), be)
 
 
 # --- skinny-M linear layers with fused norm / SwiGLU / residual (decode GEMV) -----------------------------------
@@ -277,4 +292,4 @@ def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return resid
 
 
-__all__ = ["add_rms_norm_", "silu_mul", "cached_attention", "norm_linear", "linear_residual_"]
+__all__ = ["add_rms_norm_", "silu_mul", "cached_attention", "rope_tables", "norm_linear", "linear_residual_"]
