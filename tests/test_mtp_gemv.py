@@ -14,6 +14,7 @@ from omni_fast.models import CodePredictor
 from omni_fast.ops import mtp_layers
 from omni_fast.reference.rope import rope_inv_freq
 from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+from test_mtp import _hf_predictor  # noqa: E402 (tests/ is on sys.path: rootdir-relative test modules)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
@@ -134,24 +135,11 @@ def test_rope_tables_match_transformers_rotary_embedding():
 
 # --- the model: fused vs unfused layer paths -----------------------------------------------------------------------
 
-TINY = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_code_groups=5)
-
-
 def _predictor(dtype, fused=True, seed=0):
-    cfg = Qwen3OmniMoeTalkerCodePredictorConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    torch.manual_seed(seed)
-    m = q3.Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration(cfg).to(torch.float64).eval()
-    emb = torch.nn.Embedding(cfg.vocab_size + 7, cfg.hidden_size).to(torch.float64)
-    with torch.no_grad():
-        for p in list(m.parameters()) + list(emb.parameters()):
-            p.normal_(0, 0.3)
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.add_(1.0)
-    cp = CodePredictor.from_state_dict(cfg, m.state_dict(), codec_embedding=emb, dtype=dtype, device=DEVICE,
-                                       fused=fused)
-    return cp
+    """test_mtp's tiny random predictor 0 (fp64 weights: hidden 64, 4 q / 2 kv heads, d 16, 5 groups) in ``dtype``."""
+    m, emb = _hf_predictor(0, torch.float64, seed=seed)
+    return CodePredictor.from_state_dict(m.config, m.state_dict(), codec_embedding=emb, dtype=dtype, device=DEVICE,
+                                         fused=fused)
 
 
 def test_fused_and_unfused_paths_agree():
@@ -166,7 +154,7 @@ def test_fused_and_unfused_paths_agree():
         unfused_ref = cp.predict_frame(h, c0, backend="reference", use_graph=False, fused=False, **kw)
         assert torch.equal(fused_ref[0], unfused_ref[0])
         torch.testing.assert_close(fused_ref[1], unfused_ref[1], rtol=0, atol=0)
-        for fused in (True, False):
+        for fused in (True, False) if kw.get("do_sample") is False else (True,):
             tri = cp.predict_frame(h, c0, backend="triton", use_graph=False, fused=fused, **kw)
             assert torch.equal(tri[0], fused_ref[0]), (fused, kw)
             torch.testing.assert_close(tri[1], fused_ref[1], rtol=1e-5, atol=1e-5)
