@@ -115,23 +115,26 @@ def gemv_kernel(
 
 
 def gemv_blocks(M: int, N: int, K: int) -> dict:
-    """Fixed launch blocks for ``M`` rows, ``N`` output columns, ``K`` inputs (no run-time tuning: graph capture).
+    """Fixed launch config for ``M`` rows, ``N`` output columns, ``K`` inputs (no run-time tuning: graph capture).
 
-    ``M = 1``: no tensor cores; ``BLOCK_N`` 8 for N <= 1024 (128+ programs over the 1024-wide o/down outputs), else
-    16; ``BLOCK_K`` 512 / 256 (a 4096-element weight tile per iteration). ``M > 1``: ``tl.dot`` with ``BLOCK_M``
-    16 / 32 / 64 (M <= 64 reads each weight tile from HBM once), ``BLOCK_N`` 16 (the smallest dot width: the most
-    programs), ``BLOCK_K`` 256 for 16 rows, 128 for wider row tiles (register and shared-memory budget).
+    ``M = 1``: no tensor cores; ``BLOCK_N`` 8 for N <= 1024 (128 programs over the 1024-wide o/down outputs), else
+    16 (qkv 256, lm_head 128, gate/up 192 programs); ``BLOCK_K`` 1024 / 512: an 8192-element (16 KB in bf16) weight
+    tile per iteration and program, so ~2 MB of loads are in flight across the grid (what HBM latency x bandwidth
+    asks for; the reduction loop is not software-pipelined); 8 warps keep that at 32 elements a thread.
+    ``M > 1``: ``tl.dot`` with ``BLOCK_M`` 16 / 32 / 64 (M <= 64 reads each weight tile from HBM once),
+    ``BLOCK_N`` 16 (the smallest dot width: the most programs), ``BLOCK_K`` 256 for 16 rows, 128 for wider row
+    tiles (register and shared-memory budget; the dot loop is pipelined over ``num_stages``), 4 warps.
     """
     if M <= 1:
-        bm = 1
+        bm, warps = 1, 8
         bn = 8 if N <= 1024 else 16
-        bk = 4096 // bn
+        bk = 8192 // bn
     else:
-        bm = 16 if M <= 16 else 32 if M <= 32 else 64
+        bm, warps = (16 if M <= 16 else 32 if M <= 32 else 64), 4
         bn = 16
         bk = 256 if bm == 16 else 128
     bk = max(16, min(bk, triton.next_power_of_2(max(K, 1))))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
 def _launch(x, norm_weight, weight, out, n_out, eps, epilogue):
@@ -141,7 +144,7 @@ def _launch(x, norm_weight, weight, out, n_out, eps, epilogue):
     launch(gemv_kernel, grid, x, norm_weight if norm_weight is not None else weight, weight, out,
            M, n_out, K, x.stride(0), weight.stride(0), out.stride(0), float(eps),
            HAS_NORM=norm_weight is not None, EPILOGUE=epilogue, UPCAST=interpreting(),
-           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, device=x.device, **blocks)
+           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", device=x.device, **blocks)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -178,6 +181,7 @@ for _dt in ("bf16", "fp16"):
     for _m in (1, 16, 64):
         for _name, (_n, _k, _epi, _norm) in _SHAPES.items():
             _b = gemv_blocks(_m, _n, _k)
+            _warps = _b.pop("num_warps")
             static_case(
                 f"gemv_kernel[{_dt},{_name},M{_m}]", gemv_kernel,
                 signature={"x_ptr": f"*{_dt}", "nw_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
@@ -186,5 +190,5 @@ for _dt in ("bf16", "fp16"):
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                            "UPCAST": "constexpr", "DOT_PRECISION": "constexpr"},
                 constexprs={"HAS_NORM": _norm, "EPILOGUE": _epi, "UPCAST": False, "DOT_PRECISION": "tf32", **_b},
-                aligned=("K", "stride_xm", "stride_wn", "stride_om"),
+                num_warps=_warps, aligned=("K", "stride_xm", "stride_wn", "stride_om"),
             )

@@ -79,10 +79,10 @@ def test_gemv_kernels_odd_sizes(M, N, K, swiglu, norm, dtype, seed):
 def test_gemv_blocks_heuristic():
     from omni_fast.kernels.mtp_gemv import gemv_blocks
 
-    assert gemv_blocks(1, 1024, 3072) == dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512)  # down / o: 128 programs
-    assert gemv_blocks(1, 4096, 1024) == dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256)  # qkv: 256 programs
-    assert gemv_blocks(16, 2048, 1024) == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256)  # lm_head, tl.dot
-    assert gemv_blocks(64, 3072, 1024) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128)
+    assert gemv_blocks(1, 1024, 3072) == dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8)  # down/o: 128 programs
+    assert gemv_blocks(1, 4096, 1024) == dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=8)  # qkv: 256 programs
+    assert gemv_blocks(16, 2048, 1024) == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, num_warps=4)  # lm_head, tl.dot
+    assert gemv_blocks(64, 3072, 1024) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, num_warps=4)
     assert gemv_blocks(3, 10, 20)["BLOCK_K"] == 32  # never wider than the (power-of-two) K
 
 
