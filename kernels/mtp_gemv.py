@@ -67,13 +67,17 @@ def _mac(acc, x, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def gemv_kernel(
-    x_ptr, nw_ptr, w_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_om, eps,
-    HAS_NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, out_ptr, idx_ptr, xg_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, stride_gm, eps,
+    HAS_NORM: tl.constexpr, EPILOGUE: tl.constexpr, GATHER: tl.constexpr, STORE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """x ``[M, K]`` (unit stride in K), W ``[N, K]`` (``[2N, K]`` for SWIGLU), out ``[M, N]``; see the module doc."""
+    """x ``[M, K]`` (unit stride in K), W ``[N, K]`` (``[2N, K]`` for SWIGLU), out ``[M, N]``; see the module doc.
+
+    ``GATHER``: x is a table and input row m is ``x[idx[m]]`` (an embedding lookup folded into the prologue); with
+    ``STORE_ROWS`` the programs of the first N block also store the gathered rows into ``xg`` ``[M, K]`` (the
+    residual stream)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,17 +86,23 @@ def gemv_kernel(
     mask_n = offs_n < N
     dt = out_ptr.dtype.element_ty
     rows = offs_m.to(tl.int64)
+    src = rows  # the x row each output row reads
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     w_rows = offs_n.to(tl.int64) * stride_wn
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if HAS_NORM:
-        rstd = _row_rstd(x_ptr, rows, mask_m, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+        rstd = _row_rstd(x_ptr, src, mask_m, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        if STORE_ROWS:
+            if pid_n == 0:  # one copy of the gathered rows (every N block reads the same ones)
+                tl.store(xg_ptr + rows[:, None] * stride_gm + offs_k[None, :], x, mask=x_mask)
         if HAS_NORM:
             # Qwen3 RMSNorm: normalise in fp32, round to the model dtype, multiply by the weight, round again.
             nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -137,27 +147,32 @@ def gemv_blocks(M: int, N: int, K: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
 
 
-def _launch(x, norm_weight, weight, out, n_out, eps, epilogue):
-    M, K = x.shape
+def _launch(x, norm_weight, weight, out, n_out, eps, epilogue, rows=None, gathered=None):
+    M, K = out.shape[0], x.shape[1]
     blocks = gemv_blocks(M, n_out, K)
     grid = (triton.cdiv(n_out, blocks["BLOCK_N"]), triton.cdiv(M, blocks["BLOCK_M"]))
+    gather, store = rows is not None, gathered is not None
     launch(gemv_kernel, grid, x, norm_weight if norm_weight is not None else weight, weight, out,
-           M, n_out, K, x.stride(0), weight.stride(0), out.stride(0), float(eps),
-           HAS_NORM=norm_weight is not None, EPILOGUE=epilogue, UPCAST=interpreting(),
+           rows if gather else out, gathered if store else out,
+           M, n_out, K, x.stride(0), weight.stride(0), out.stride(0), gathered.stride(0) if store else 0, float(eps),
+           HAS_NORM=norm_weight is not None, EPILOGUE=epilogue, GATHER=gather, STORE_ROWS=store,
+           UPCAST=interpreting(),
            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", device=x.device, **blocks)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                swiglu: bool) -> torch.Tensor:
+                swiglu: bool, rows: torch.Tensor | None = None, gathered: torch.Tensor | None = None) -> torch.Tensor:
     """``y = rms_norm(x) * norm_weight @ weight^T`` (no norm when ``norm_weight`` is None).
 
     x ``[M, K]`` (unit stride in K, any row stride), weight ``[N, K]`` (unit stride in K). Returns ``[M, N]``, or
-    with ``swiglu`` (weight = ``[gate; up]``, ``[2I, K]``) ``silu(gate) * up`` ``[M, I]``.
+    with ``swiglu`` (weight = ``[gate; up]``, ``[2I, K]``) ``silu(gate) * up`` ``[M, I]``. With ``rows`` (int
+    ``[M]``), x is a ``[V, K]`` table and row m of the input is ``x[rows[m]]``; the gathered rows are also written
+    to ``gathered`` ``[M, K]``.
     """
-    M = x.shape[0]
+    M = x.shape[0] if rows is None else rows.shape[0]
     n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = x.new_empty(M, n_out)
-    _launch(x, norm_weight, weight, out, n_out, eps, SWIGLU if swiglu else PLAIN)
+    _launch(x, norm_weight, weight, out, n_out, eps, SWIGLU if swiglu else PLAIN, rows, gathered)
     return out
 
 
@@ -169,26 +184,30 @@ def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor)
 
 # --- sm_90a static compile cases: the real MTP shapes (hidden 1024, q/k/v 4096, SwiGLU 3072, lm_head 2048) --------
 
-_SHAPES = {  # name: (N outputs, K, epilogue, norm prologue)
-    "qkv": (4096, 1024, PLAIN, True),
-    "gate_up": (3072, 1024, SWIGLU, True),
-    "o": (1024, 2048, RESIDUAL, False),
-    "down": (1024, 3072, RESIDUAL, False),
-    "lm_head": (2048, 1024, PLAIN, True),
+_SHAPES = {  # name: (N outputs, K, epilogue, norm prologue, embedding gather)
+    "qkv": (4096, 1024, PLAIN, True, False),
+    "qkv+embed": (4096, 1024, PLAIN, True, True),  # a decode step's first layer gathers the codebook embedding
+    "gate_up": (3072, 1024, SWIGLU, True, False),
+    "o": (1024, 2048, RESIDUAL, False, False),
+    "down": (1024, 3072, RESIDUAL, False, False),
+    "lm_head": (2048, 1024, PLAIN, True, False),
 }
 
 for _dt in ("bf16", "fp16"):
     for _m in (1, 16, 64):
-        for _name, (_n, _k, _epi, _norm) in _SHAPES.items():
+        for _name, (_n, _k, _epi, _norm, _gather) in _SHAPES.items():
             _b = gemv_blocks(_m, _n, _k)
             _warps = _b.pop("num_warps")
             static_case(
                 f"gemv_kernel[{_dt},{_name},M{_m}]", gemv_kernel,
                 signature={"x_ptr": f"*{_dt}", "nw_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
+                           "idx_ptr": "*i64", "xg_ptr": f"*{_dt}",
                            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                           "stride_om": "i32", "eps": "fp32", "HAS_NORM": "constexpr", "EPILOGUE": "constexpr",
+                           "stride_om": "i32", "stride_gm": "i32", "eps": "fp32", "HAS_NORM": "constexpr",
+                           "EPILOGUE": "constexpr", "GATHER": "constexpr", "STORE_ROWS": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                            "UPCAST": "constexpr", "DOT_PRECISION": "constexpr"},
-                constexprs={"HAS_NORM": _norm, "EPILOGUE": _epi, "UPCAST": False, "DOT_PRECISION": "tf32", **_b},
-                num_warps=_warps, aligned=("K", "stride_xm", "stride_wn", "stride_om"),
+                constexprs={"HAS_NORM": _norm, "EPILOGUE": _epi, "GATHER": _gather, "STORE_ROWS": _gather, "UPCAST": False,
+                            "DOT_PRECISION": "tf32", **_b},
+                num_warps=_warps, aligned=("K", "stride_xm", "stride_wn", "stride_om", "stride_gm"),
             )

@@ -76,6 +76,26 @@ def test_gemv_kernels_odd_sizes(M, N, K, swiglu, norm, dtype, seed):
     _check_linear_residual(M, N, K, dtype, seed)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("M,swiglu", [(1, False), (5, True), (20, False)])
+def test_norm_linear_gathers_embedding_rows(dtype, M, swiglu):
+    """The decode step's first GEMV gathers the codebook embedding rows itself and writes them to the residual."""
+    g = torch.Generator().manual_seed(M)
+    V, N, K = 37, 24, 72
+    table = _rand(g, V, K + 5, scale=2.0).to(DEVICE, dtype)[:, :K]  # a row-strided table slice, as in the model
+    w = _rand(g, 2 * N if swiglu else N, K, scale=K**-0.5).to(DEVICE, dtype)
+    nw = _rand(g, K, scale=0.3, shift=1.0).to(DEVICE, dtype)
+    ids = torch.randint(0, V, (M,), generator=g).to(DEVICE)
+    got_rows, same_rows = (torch.full((M, K), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2))
+    out = mtp_layers.norm_linear(table, nw, w, swiglu=swiglu, rows=ids, gathered=got_rows, backend="triton")
+    same = mtp_layers.norm_linear(table, nw, w, swiglu=swiglu, rows=ids, gathered=same_rows, backend="reference")
+    exact = mtp_layers._norm_linear_reference(table.double(), nw.double(), w.double(), 1e-6, swiglu, ids)
+    assert torch.equal(got_rows, table[ids]) and torch.equal(same_rows, table[ids])
+    assert_matches_reference(out, exact, same, name="gathered norm_linear")
+    no_copy = mtp_layers.norm_linear(table, nw, w, swiglu=swiglu, rows=ids, backend="triton")
+    torch.testing.assert_close(no_copy, out, rtol=0, atol=0)
+
+
 def test_gemv_blocks_heuristic():
     from omni_fast.kernels.mtp_gemv import gemv_blocks
 
@@ -190,6 +210,27 @@ def test_fused_step_logits_match_reference(dtype):
         assert_matches_reference(logits["tri"][i], logits["exact"][i], logits["same"][i], name=f"logits step {i}")
 
 
+def test_fused_decode_step_gathers_the_embedding():
+    """A decode step given ``(table, ids)`` (the fused path gathers in the first GEMV) equals the step on the looked-up
+    embeddings, on both paths."""
+    cp = _predictor(torch.float32)
+    c, B = cp.config, 4
+    ids = torch.tensor([0, 5, 31, 5], device=DEVICE)
+    table = cp.table[39: 39 + c.vocab_size]  # codebook 1's table (39 = the codec vocabulary of codebook 0)
+    consts = cp._constants(DEVICE, B, torch.float32)
+    outs = []
+    for fused, be, token in ((True, "triton", (table, ids)), (True, "triton", table[ids][:, None]),
+                             (False, "reference", (table, ids))):
+        caches = [(torch.zeros(B, c.num_key_value_heads, c.num_code_groups, c.head_dim, device=DEVICE),
+                   torch.zeros(B, c.num_key_value_heads, c.num_code_groups, c.head_dim, device=DEVICE))
+                  for _ in cp.layers]
+        step = cp._step_fused if fused else cp._step
+        outs.append((step(token, 2, caches, consts, cp.lm_head[1], be), caches[0][0].clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][0], outs[2][0], rtol=1e-5, atol=1e-5)
+
+
 # --- bad input, traces ------------------------------------------------------------------------------------------
 
 
@@ -211,6 +252,14 @@ def test_gemv_bad_input():
         mtp_layers.linear_residual_(torch.randn(2, 5), x, w)
     with pytest.raises(TypeError, match="resid"):
         mtp_layers.linear_residual_(torch.randn(2, 6).half(), x, w)
+    with pytest.raises(ValueError, match="rows"):
+        mtp_layers.norm_linear(x, nw, w, rows=torch.tensor([0, 2]))
+    with pytest.raises(TypeError, match="rows"):
+        mtp_layers.norm_linear(x, nw, w, rows=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="gathered needs rows"):
+        mtp_layers.norm_linear(x, nw, w, gathered=torch.empty(2, 8))
+    with pytest.raises(ValueError, match="gathered"):
+        mtp_layers.norm_linear(x, nw, w, rows=torch.tensor([0, 1, 1]), gathered=torch.empty(2, 8))
     with pytest.raises(ValueError, match="overlapping"):
         mtp_layers.linear_residual_(torch.randn(1, 6).expand(2, 6), x, w)
     q, kv, cache = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 2, 16), torch.zeros(1, 2, 4, 16)
@@ -238,12 +287,14 @@ def test_gemv_ops_trace_fullgraph():
 
     def body(x, resid, cache):
         y = mtp_layers.norm_linear(x, nw, w, swiglu=True, backend="reference")
+        y = y + mtp_layers.norm_linear(x, nw, w, swiglu=True, rows=rows, gathered=x_rows, backend="reference")
         mtp_layers.linear_residual_(resid, y, w[:, :3], backend="reference")
         a = mtp_layers.cached_attention(q, kv, kv, cache, cache.clone(), start=1, q_norm=ones, k_norm=ones, cos=cos,
                                         sin=sin, backend="reference")
         return y, resid, a
 
     fn = torch.compile(body, fullgraph=True, backend="eager")
+    rows, x_rows = torch.tensor([2, 0, 2]), torch.empty(3, 8)
     r1, r2, c1, c2 = torch.randn(3, 6), None, torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
     r2 = r1.clone()
     for a, b in zip(fn(x, r1, c1), body(x, r2, c2)):

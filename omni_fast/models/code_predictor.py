@@ -268,7 +268,7 @@ class CodePredictor(torch.nn.Module):
             codes.append(code)
             if g < G - 1:
                 row0 = V0 + (g - 1) * c.vocab_size
-                h = F.embedding(code, self.table[row0: row0 + c.vocab_size])[:, None]  # [B, 1, H]
+                h = (self.table[row0: row0 + c.vocab_size], code)  # the next token: this codebook's embedding
         codes_t = torch.stack(codes, 1)
         rvq = ref_rvq.rvq_embed if x.dtype == torch.float64 else partial(ops.rvq_embed, backend=backend)
         if c0_embed is None:
@@ -297,9 +297,12 @@ class CodePredictor(torch.nn.Module):
         return got
 
     def _step(self, h, start, caches, consts, lm_head, backend):
-        """Unfused decoder step on tokens ``h`` ``[B, T, H]`` at positions start..start+T-1: the logits ``[B, V]``
-        of the LAST token (cuBLAS matmuls + small fused ops, 9 launches per layer)."""
+        """Unfused decoder step on tokens ``h`` ``[B, T, H]`` at positions start..start+T-1 (or ``(table, ids)``: one
+        token per sequence, ``table[ids]``): the logits ``[B, V]`` of the LAST token (cuBLAS matmuls + small fused
+        ops, 9 launches per layer, plus the embedding gather)."""
         c = self.config
+        if isinstance(h, tuple):
+            h = F.embedding(h[1], h[0])[:, None]  # [B, 1, H]
         B, T, H = h.shape
         nq, nk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         f = _Fns(h.dtype, backend)
@@ -320,15 +323,25 @@ class CodePredictor(torch.nn.Module):
         return F.linear(x.view(B, T, H)[:, -1], lm_head)
 
     def _step_fused(self, h, start, caches, consts, lm_head, backend):
-        """:meth:`_step` with the fused GEMV kernels: 5 launches per layer + the lm_head GEMV (final norm fused)."""
+        """:meth:`_step` with the fused GEMV kernels: 5 launches per layer + the lm_head GEMV (final norm fused); a
+        ``(table, ids)`` token is gathered in the prologue of the first qkv GEMV (no embedding launch)."""
         c = self.config
-        B, T, H = h.shape
         nq, nk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        f = _Fns(h.dtype, backend)
         eps = c.rms_norm_eps
-        resid = h.reshape(B * T, H).contiguous()  # the residual stream, updated in place by linear_residual_
-        for layer, (kc, vc) in zip(self.layers, caches):
-            qkv = f.norm_linear(resid, layer.input_norm, layer.qkv, eps=eps, swiglu=False).view(B, T, nq + 2 * nk, d)
+        if isinstance(h, tuple):
+            table, ids = h
+            B, T, H = ids.shape[0], 1, table.shape[1]
+            resid = table.new_empty(B, H)  # the residual stream, written by the first GEMV's gather
+            first = dict(x=table, rows=ids, gathered=resid)
+        else:
+            B, T, H = h.shape
+            resid = h.reshape(B * T, H).contiguous()  # the residual stream, updated in place by linear_residual_
+            first = dict(x=resid)
+        f = _Fns(resid.dtype, backend)
+        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, caches)):
+            src = first if i == 0 else dict(x=resid)
+            qkv = f.norm_linear(norm_weight=layer.input_norm, weight=layer.qkv, eps=eps, swiglu=False, **src)
+            qkv = qkv.view(B, T, nq + 2 * nk, d)
             attn = f.attention(qkv[:, :, :nq], qkv[:, :, nq: nq + nk], qkv[:, :, nq + nk:], kc, vc, start=start,
                                scale=d**-0.5, q_norm=layer.q_norm, k_norm=layer.k_norm, cos=consts["cos"],
                                sin=consts["sin"], eps=eps)
@@ -411,7 +424,7 @@ class _Fns:
             self.silu_mul = mtp_layers._silu_mul_reference
             self.attention = _reference_attention
             self.qk_norm_rope = ref_rope.qk_norm_mrope
-            self.norm_linear = lambda x, nw, w, eps, swiglu: mtp_layers._norm_linear_reference(x, nw, w, eps, swiglu)
+            self.norm_linear = _reference_norm_linear
             self.linear_residual = mtp_layers._linear_residual_reference
         else:
             self.add_rms_norm = partial(mtp_layers.add_rms_norm_, backend=backend)
@@ -420,6 +433,10 @@ class _Fns:
             self.qk_norm_rope = partial(ops.qk_norm_mrope, backend=backend)
             self.norm_linear = partial(mtp_layers.norm_linear, backend=backend)
             self.linear_residual = partial(mtp_layers.linear_residual_, backend=backend)
+
+
+def _reference_norm_linear(x, norm_weight, weight, eps, swiglu, rows=None, gathered=None):
+    return mtp_layers._norm_linear_reference(x, norm_weight, weight, eps, swiglu, rows, gathered)
 
 
 def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, cos=None, sin=None, eps=0.0):

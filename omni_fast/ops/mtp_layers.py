@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rope import rms_norm
-from ..validation import FLOAT_DTYPES, check_no_internal_overlap, check_same_dtype, check_tensor
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_index_range, check_no_internal_overlap, check_same_dtype,
+                          check_tensor)
 from ._dispatch import dispatched_op
 
 
@@ -201,19 +202,24 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 # --- skinny-M linear layers with fused norm / SwiGLU / residual (decode GEMV) -----------------------------------
 
 
-def _fake_norm_linear(x, norm_weight, weight, eps, swiglu, backend):
+def _fake_norm_linear(x, norm_weight, weight, eps, swiglu, rows, gathered, backend):
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    return x.new_empty(x.shape[0], n)
+    return x.new_empty(x.shape[0] if rows is None else rows.shape[0], n)
 
 
-@dispatched_op("mtp_norm_linear", fake=_fake_norm_linear)
+@dispatched_op("mtp_norm_linear", mutates_args=("gathered",), fake=_fake_norm_linear)
 def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                    swiglu: bool, backend: str) -> torch.Tensor:
-    """rms_norm(x) @ weight^T (optional norm), optionally followed by silu(gate) * up."""
+                    swiglu: bool, rows: torch.Tensor | None, gathered: torch.Tensor | None,
+                    backend: str) -> torch.Tensor:
+    """rms_norm(x[rows]) @ weight^T (optional norm and gather), optionally followed by silu(gate) * up."""
 
 
 @_norm_linear_op.impl("reference")
-def _norm_linear_reference(x, norm_weight, weight, eps, swiglu):
+def _norm_linear_reference(x, norm_weight, weight, eps, swiglu, rows=None, gathered=None):
+    if rows is not None:
+        x = F.embedding(rows, x)
+        if gathered is not None:
+            gathered.copy_(x)
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     y = F.linear(x, weight)
@@ -238,15 +244,32 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, n_rows: int | None = No
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor, *, eps: float = 1e-6,
-                swiglu: bool = False, backend: str | None = None) -> torch.Tensor:
+                swiglu: bool = False, rows: torch.Tensor | None = None, gathered: torch.Tensor | None = None,
+                check_values: bool | None = None, backend: str | None = None) -> torch.Tensor:
     """``F.linear(rms_norm(x) * norm_weight, weight)`` in one kernel (decode-sized ``M``; no norm when None).
 
     x ``[M, K]`` (unit stride in K; any row stride, e.g. the last token of each sequence), norm_weight ``[K]``,
     weight ``[N, K]``; returns ``[M, N]`` in x's dtype. ``swiglu``: weight is the fused ``[gate; up]`` ``[2I, K]``
     and the result is transformers' MLP activation ``silu(gate) * up`` ``[M, I]``. Roundings as transformers'
     RMSNorm + ``nn.Linear`` (+ ``act_fn(gate) * up``).
+
+    ``rows`` (int32/int64 ``[M]``): x is an embedding table ``[V, K]`` and the input is ``F.embedding(rows, x)``,
+    gathered in the kernel's prologue (the next codebook's embedding of a decode step); ``gathered`` ``[M, K]``
+    (optional) receives those rows, un-normalised (the step's residual stream). Row ids are range checked on CPU
+    tensors (or with ``check_values=True``).
     """
     _check_linear(x, weight)
+    M = x.shape[0]
+    if rows is not None:
+        check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1, device=x.device, contiguous=True)
+        check_index_range("rows", rows, 0, x.shape[0], check_values=check_values)
+        M = rows.shape[0]
+    if gathered is not None:
+        if rows is None:
+            raise ValueError("gathered needs rows (it receives the gathered input rows)")
+        check_tensor("gathered", gathered, dtypes=FLOAT_DTYPES, shape=(M, x.shape[1]), device=x.device,
+                     last_dim_contiguous=True)
+        check_same_dtype(x=x, gathered=gathered)
     if norm_weight is not None:
         check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES, shape=(x.shape[1],), device=x.device,
                      contiguous=True)
@@ -255,7 +278,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch
         raise ValueError(f"weight must have an even number of rows (gate and up) for swiglu, got "
                          f"{tuple(weight.shape)}")
     be = _norm_linear_op.resolve((x, weight), backend)
-    return _norm_linear_op(x, norm_weight, weight, float(eps), bool(swiglu), be)
+    return _norm_linear_op(x, norm_weight, weight, float(eps), bool(swiglu), rows, gathered, be)
 
 
 @dispatched_op("mtp_linear_residual_", mutates_args=("resid",))
