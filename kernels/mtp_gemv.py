@@ -6,6 +6,8 @@ weight (``K`` = 1024..3072), with
 - an optional RMSNorm prologue: each program computes the per-row ``rsqrt(mean(x^2) + eps)`` of its ``BLOCK_M`` rows
   (the rows are tiny and stay in L1/L2: re-reading them per N block costs nothing against the weights) and feeds
   ``rms_norm(x) * w_norm`` (rounded like transformers' ``Qwen3OmniMoeRMSNorm``) to the product;
+- an optional embedding gather (``GATHER``): x is a table and input row m is ``x[idx[m]]``, so a decode step's
+  first GEMV reads the sampled code's embedding itself (and, ``STORE_ROWS``, writes it out as the residual stream);
 - an epilogue: ``PLAIN`` (store ``y``), ``SWIGLU`` (the program owns output columns ``j`` of the gate AND the up
   projection, i.e. rows ``j`` and ``N + j`` of the fused ``[2N, K]`` gate/up weight, and stores
   ``silu(gate) * up``), or ``RESIDUAL`` (``out += y`` in place: o-proj / down-proj plus the residual add).
