@@ -18,9 +18,32 @@ from .launch import launch, static_case
 
 
 @triton.jit
+def norm_rope_halves(x1_raw, x2_raw, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """Optional Qwen3 per-head RMSNorm, then neox rotate-half RoPE, of heads given as two halves.
+
+    ``x1_raw`` / ``x2_raw`` ``[rows, half]`` (the activation dtype: elements j and j + D/2 of each head row; masked
+    lanes 0), ``w1`` / ``w2`` fp32 ``[half]`` norm weight halves, ``cos`` / ``sin`` fp32 broadcastable to the
+    halves. Returns the rotated halves in fp32, not yet rounded (the caller rounds once on store).
+    """
+    x1 = x1_raw.to(tl.float32)
+    x2 = x2_raw.to(tl.float32)
+    if NORM:
+        # Qwen3 RMSNorm: fp32 statistics over the whole head, cast to the activation dtype, then * weight
+        # (a bf16 x bf16 product is exact in fp32, so one rounding after it equals transformers' bf16 multiply).
+        ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM
+        r = tl.rsqrt(ms + eps)[:, None]
+        x1 = ((x1 * r).to(x1_raw.dtype).to(tl.float32) * w1[None, :]).to(x1_raw.dtype).to(tl.float32)
+        x2 = ((x2 * r).to(x2_raw.dtype).to(tl.float32) * w2[None, :]).to(x2_raw.dtype).to(tl.float32)
+    # neox rotate-half: out[j] = x[j] cos - x[j+D/2] sin, out[j+D/2] = x[j+D/2] cos + x[j] sin
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotate_heads(x_ptr, stride_h, n_heads, weight_ptr, eps, cos, sin, offs_j, mask_j,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr, NORM: tl.constexpr):
     """Rotate (and optionally RMS-normalise) ``n_heads`` heads starting at ``x_ptr``, in place."""
+    w1 = cos  # placeholders when NORM is off (unused)
+    w2 = sin
     if NORM:
         w1 = tl.load(weight_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)
         w2 = tl.load(weight_ptr + HALF + offs_j, mask=mask_j, other=0.0).to(tl.float32)
@@ -30,18 +53,7 @@ def _rotate_heads(x_ptr, stride_h, n_heads, weight_ptr, eps, cos, sin, offs_j, m
         ptr1 = x_ptr + offs_h[:, None] * stride_h + offs_j[None, :]
         x1_raw = tl.load(ptr1, mask=mask, other=0.0)
         x2_raw = tl.load(ptr1 + HALF, mask=mask, other=0.0)
-        x1 = x1_raw.to(tl.float32)
-        x2 = x2_raw.to(tl.float32)
-        if NORM:
-            # Qwen3 RMSNorm: fp32 statistics over the whole head, cast to the activation dtype, then * weight
-            # (a bf16 x bf16 product is exact in fp32, so one rounding after it equals transformers' bf16 multiply).
-            ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
-            r = tl.rsqrt(ms + eps)[:, None]
-            x1 = ((x1 * r).to(x1_raw.dtype).to(tl.float32) * w1[None, :]).to(x1_raw.dtype).to(tl.float32)
-            x2 = ((x2 * r).to(x2_raw.dtype).to(tl.float32) * w2[None, :]).to(x2_raw.dtype).to(tl.float32)
-        # neox rotate-half: out[j] = x[j] cos - x[j+D/2] sin, out[j+D/2] = x[j+D/2] cos + x[j] sin
-        o1 = x1 * cos[None, :] - x2 * sin[None, :]
-        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        o1, o2 = norm_rope_halves(x1_raw, x2_raw, w1, w2, cos[None, :], sin[None, :], eps, 2 * HALF, NORM)
         tl.store(ptr1, o1.to(x1_raw.dtype), mask=mask)
         tl.store(ptr1 + HALF, o2.to(x2_raw.dtype), mask=mask)
 

@@ -4,7 +4,8 @@ Providers, at the real shapes (5 layers, hidden 1024, 16 q / 8 kv heads, d 128, 
 bf16, random weights): ``transformers`` (the code predictor's ``generate`` loop plus the codec-embedding sum,
 exactly as the Talker runs it), ``eager`` (omni-fast's reference frame with a static KV cache), ``compile``
 (``torch.compile(mode="reduce-overhead")`` of that reference frame), ``omni_fast`` (the whole frame replayed as one
-CUDA graph, Triton ops). ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
+CUDA graph, Triton ops, the fused GEMV layer kernels: 5 launches per layer), ``omni_fast_unfused`` (the same graph
+with cuBLAS matmuls and the small fused ops: 9 launches per layer), so fused vs cuBLAS shows side by side. ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
 """
 
 from __future__ import annotations
@@ -61,21 +62,27 @@ def _setup(B: int):
 
         compiled = torch.compile(lambda: cp.frame(h, c0, None, seed, sampling, "reference"), mode="reduce-overhead")
 
-        @torch.no_grad()
-        def graph():
-            return cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton")
+        def graph(fused: bool):
+            @torch.no_grad()
+            def run():
+                return cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton",
+                                        fused=fused)
 
-        providers = {"transformers": hf, "eager": eager, "compile": compiled, "omni_fast": graph}
+            return run
+
+        providers = {"transformers": hf, "eager": eager, "compile": compiled, "omni_fast": graph(True),
+                     "omni_fast_unfused": graph(False)}
         if device.type != "cuda":
-            providers.pop("compile")
-            providers.pop("omni_fast")
+            for name in ("compile", "omni_fast", "omni_fast_unfused"):
+                providers.pop(name)
         return providers
 
     return setup
 
 
 def _check():
-    """Tiny config on the CPU: the Triton frame draws exactly the reference frame's codes (greedy and sampled)."""
+    """Tiny config on the CPU: the Triton frame (fused and unfused layers) draws exactly the reference frame's codes
+    (greedy and sampled)."""
     from omni_fast.models import CodePredictor
 
     small = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -86,10 +93,12 @@ def _check():
     c0 = torch.randint(0, 32, (2,))
     for kw in (dict(do_sample=False), dict(top_k=8, top_p=0.8, seed=3)):
         a = cp.predict_frame(h, c0, backend="reference", **kw)
-        b = cp.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
-        if not torch.equal(a[0], b[0]):
-            raise AssertionError(f"mtp: triton codes {b[0].tolist()} != reference {a[0].tolist()} ({kw})")
-        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+        for fused in (True, False):
+            b = cp.predict_frame(h, c0, backend="triton", use_graph=False, fused=fused, **kw)
+            if not torch.equal(a[0], b[0]):
+                raise AssertionError(f"mtp: triton codes {b[0].tolist()} != reference {a[0].tolist()} ({kw}, "
+                                     f"fused={fused})")
+            torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
 
 
 def cases(preset: str) -> list[Case]:

@@ -12,9 +12,17 @@ dense decoder: RMSNorm, GQA attention with per-head q/k RMSNorm and 1-D RoPE, Sw
 The KV cache is a static ``[B, Hkv, G, d]`` buffer per layer, fresh every frame (at most G = 16 tokens). Every
 shape and slice of a frame is fixed, so on CUDA the whole frame (prefill + G-2 steps, sampling included) is
 captured as ONE CUDA graph per batch bucket (1, 2, 4, 8, 16, 32, 64) and replayed with no Python per step.
-Ops: :func:`omni_fast.ops.qk_norm_mrope` (q/k norm + RoPE), :func:`omni_fast.ops.sample` (top-k/top-p/greedy with
-a counter-based RNG keyed by (seed, step, row)), :func:`omni_fast.ops.rvq_embed`; matmuls are cuBLAS
-(``F.linear``) and attention over <= 16 keys is SDPA.
+Two layer paths (``fused``, default True):
+
+- fused, 5 launches per layer: ``norm_linear`` (input RMSNorm + qkv GEMV) -> ``cached_attention`` with the q/k
+  RMSNorm + RoPE + cache write fused in -> ``linear_residual_`` (o-proj + residual) -> ``norm_linear`` with the
+  SwiGLU epilogue (post-attention RMSNorm + gate/up GEMV + silu * up) -> ``linear_residual_`` (down + residual);
+  the final norm runs in the prologue of the lm_head GEMV (:mod:`omni_fast.ops.mtp_layers`, Triton GEMV kernels);
+- unfused, 9 per layer: cuBLAS ``F.linear`` for the four matmuls, :func:`omni_fast.ops.qk_norm_mrope`,
+  ``cached_attention``, ``add_rms_norm_`` (x2), ``silu_mul``; kept so a GPU benchmark can compare the two.
+
+Per step both then sample (:func:`omni_fast.ops.sample`: top-k/top-p/greedy with a counter-based RNG keyed by
+(seed, step, row)) and gather the next codebook's embedding; the frame ends with :func:`omni_fast.ops.rvq_embed`.
 """
 
 from __future__ import annotations
@@ -95,8 +103,11 @@ class CodePredictor(torch.nn.Module):
     Build with :meth:`from_transformers` or :meth:`from_state_dict`; run :meth:`predict_frame`.
     """
 
-    def __init__(self, config: Any = None, *, dtype=torch.float32, device="cpu", codec_vocab_size: int = 0):
+    def __init__(self, config: Any = None, *, dtype=torch.float32, device="cpu", codec_vocab_size: int = 0,
+                 fused: bool = True):
         super().__init__()
+        # Fused GEMV layer kernels (5 launches per layer) or the cuBLAS + small-op path (9); see the module doc.
+        self.fused = bool(fused)
         c = self.config = CodePredictorConfig.from_any(config or CodePredictorConfig())
         G, V, H = c.num_code_groups, c.vocab_size, c.hidden_size
         kw = dict(dtype=dtype, device=device)
@@ -117,17 +128,18 @@ class CodePredictor(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: Any, sd: Mapping[str, torch.Tensor], *, codec_embedding=None, dtype=None,
-                        device=None) -> "CodePredictor":
+                        device=None, fused: bool = True) -> "CodePredictor":
         """From a state dict with transformers' key names (``model.layers.{i}.self_attn.q_proj.weight``, ...,
         ``model.codec_embedding.{g}.weight``, ``lm_head.{g}.weight``; a ``talker.code_predictor.`` or
         ``code_predictor.`` prefix is stripped). ``codec_embedding``: the Talker's codebook-0 table (an
-        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``."""
+        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc)."""
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype
         device = device or ref.device
         c0 = _table(codec_embedding)
-        self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0])
+        self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0],
+                   fused=fused)
         c = self.config
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
@@ -151,10 +163,11 @@ class CodePredictor(torch.nn.Module):
         return self
 
     @classmethod
-    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None) -> "CodePredictor":
+    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True
+                          ) -> "CodePredictor":
         """From a transformers ``Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`` (weights copied)
         and optionally the Talker's codebook-0 embedding (``talker.get_input_embeddings()``)."""
-        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding)
+        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused)
 
     # --- one frame ------------------------------------------------------------------------------------------
 
@@ -171,6 +184,7 @@ class CodePredictor(torch.nn.Module):
         c0_embed: torch.Tensor | None = None,
         use_graph: bool | None = None,
         backend: str | None = None,
+        fused: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fill codebooks 1..G-1 for a batch of frames.
 
@@ -181,7 +195,7 @@ class CodePredictor(torch.nn.Module):
         ``next_input`` ``[B, H]``, the sum of the G codebook embeddings (None when codebook 0 cannot be embedded,
         i.e. no ``codec_embedding``). ``use_graph`` (default: on CUDA) replays one captured CUDA graph per batch
         bucket (sampling settings are baked into the graph: one graph per (bucket, settings)); on a CPU
-        ``use_graph=True`` emulates the replay.
+        ``use_graph=True`` emulates the replay. ``fused`` overrides the model's layer path for this call.
         """
         c = self.config
         if not isinstance(talker_hidden, torch.Tensor) or talker_hidden.dim() != 2:
@@ -217,32 +231,35 @@ class CodePredictor(torch.nn.Module):
                 raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
             seed = seed.reshape(-1).to(device=talker_hidden.device, dtype=torch.long).contiguous()
         sampling = (bool(do_sample), int(top_k), float(top_p), float(temperature))
+        fused = self.fused if fused is None else bool(fused)
         x = talker_hidden.to(self.table.dtype)
         if use_graph is None:
             use_graph = talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
         if use_graph and B > 0:
-            return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, backend)
+            return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, backend, fused)
         seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,
                                                                            device=x.device)
-        return self.frame(x, c0.long(), c0_embed, seed_t, sampling, backend)
+        return self.frame(x, c0.long(), c0_embed, seed_t, sampling, backend, fused)
 
     def frame(self, x: torch.Tensor, c0: torch.Tensor, c0_embed: torch.Tensor | None, seed: torch.Tensor,
-              sampling: tuple[bool, int, float, float], backend: str | None = None):
+              sampling: tuple[bool, int, float, float], backend: str | None = None, fused: bool | None = None):
         """The frame body (no validation, no host sync): what the CUDA graph captures. See :meth:`predict_frame`."""
+        fused = self.fused if fused is None else fused
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size
         B = x.shape[0]
         do_sample, top_k, top_p, temperature = sampling
-        consts = self._constants(x.device, B)
+        consts = self._constants(x.device, B, x.dtype)
         caches = [(x.new_empty(B, c.num_key_value_heads, G, c.head_dim),
                    x.new_empty(B, c.num_key_value_heads, G, c.head_dim)) for _ in self.layers]
         e0 = F.embedding(c0, self.table[:V0]) if c0_embed is None else c0_embed.to(x.dtype)
         h = torch.stack((x, e0), 1)  # [B, 2, H] prefill tokens
         codes = [c0]
+        step = self._step_fused if fused else self._step
         for g in range(1, G):
             start = 0 if g == 1 else g
-            h = self._forward(h, start, caches, consts, backend)  # [B, T, H] -> last hidden [B, H]
-            logits = F.linear(h, self.lm_head[g - 1])  # [B, V]; the sampler upcasts to fp32 exactly as transformers
+            logits = step(h, start, caches, consts, self.lm_head[g - 1], backend)  # [B, T, H] -> [B, V]
+            # The sampler upcasts to fp32 exactly as transformers.
             if logits.dtype == torch.float64:
                 logits = logits.float()  # transformers: logits[:, -1].to(float32)
             code = ops.sample(logits, temperature=temperature, top_k=top_k if do_sample else 0,
@@ -251,7 +268,7 @@ class CodePredictor(torch.nn.Module):
             codes.append(code)
             if g < G - 1:
                 row0 = V0 + (g - 1) * c.vocab_size
-                h = F.embedding(code, self.table[row0: row0 + c.vocab_size])[:, None]  # [B, 1, H]
+                h = (self.table[row0: row0 + c.vocab_size], code)  # the next token: this codebook's embedding
         codes_t = torch.stack(codes, 1)
         rvq = ref_rvq.rvq_embed if x.dtype == torch.float64 else partial(ops.rvq_embed, backend=backend)
         if c0_embed is None:
@@ -260,25 +277,32 @@ class CodePredictor(torch.nn.Module):
             nxt = rvq(codes_t[:, 1:], self.table, offsets=self.offsets[1:]) + e0
         return codes_t, nxt
 
-    def _constants(self, device, B) -> dict:
-        key = (str(device), B)
+    def _constants(self, device, B, dtype) -> dict:
+        key = (str(device), B, dtype)
         got = self._consts.get(key)
         if got is None:
             c = self.config
             G = c.num_code_groups
+            inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, device)
+            cos, sin = mtp_layers.rope_tables(G, inv_freq, dtype)  # positions 0..G-1 (fused attention)
             got = {
                 "pos": {0: torch.arange(2, device=device).repeat(B)}
                 | {g: torch.full((B,), g, dtype=torch.long, device=device) for g in range(2, G)},
                 "offsets": [torch.tensor([g], dtype=torch.long, device=device) for g in range(G)],
-                "inv_freq": rope_inv_freq(c.head_dim, c.rope_theta, device),
+                "inv_freq": inv_freq,
+                "cos": cos,
+                "sin": sin,
             }
             self._consts[key] = got
         return got
 
-    def _forward(self, h, start, caches, consts, backend):
-        """Run the decoder on tokens ``h`` ``[B, T, H]`` at positions start..start+T-1; returns the final-normed
-        hidden state of the LAST token ``[B, H]``."""
+    def _step(self, h, start, caches, consts, lm_head, backend):
+        """Unfused decoder step on tokens ``h`` ``[B, T, H]`` at positions start..start+T-1 (or ``(table, ids)``: one
+        token per sequence, ``table[ids]``): the logits ``[B, V]`` of the LAST token (cuBLAS matmuls + small fused
+        ops, 9 launches per layer, plus the embedding gather)."""
         c = self.config
+        if isinstance(h, tuple):
+            h = F.embedding(h[1], h[0])[:, None]  # [B, 1, H]
         B, T, H = h.shape
         nq, nk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         f = _Fns(h.dtype, backend)
@@ -296,26 +320,56 @@ class CodePredictor(torch.nn.Module):
             mlp = F.linear(f.silu_mul(F.linear(x, layer.gate_up)), layer.down)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x = f.add_rms_norm(resid, mlp, nxt, eps=eps)
-        return x.view(B, T, H)[:, -1]
+        return F.linear(x.view(B, T, H)[:, -1], lm_head)
+
+    def _step_fused(self, h, start, caches, consts, lm_head, backend):
+        """:meth:`_step` with the fused GEMV kernels: 5 launches per layer + the lm_head GEMV (final norm fused); a
+        ``(table, ids)`` token is gathered in the prologue of the first qkv GEMV (no embedding launch)."""
+        c = self.config
+        nq, nk, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        eps = c.rms_norm_eps
+        if isinstance(h, tuple):
+            table, ids = h
+            B, T, H = ids.shape[0], 1, table.shape[1]
+            resid = table.new_empty(B, H)  # the residual stream, written by the first GEMV's gather
+            first = dict(x=table, rows=ids, gathered=resid)
+        else:
+            B, T, H = h.shape
+            resid = h.reshape(B * T, H).contiguous()  # the residual stream, updated in place by linear_residual_
+            first = dict(x=resid)
+        f = _Fns(resid.dtype, backend)
+        for i, (layer, (kc, vc)) in enumerate(zip(self.layers, caches)):
+            src = first if i == 0 else dict(x=resid)
+            qkv = f.norm_linear(norm_weight=layer.input_norm, weight=layer.qkv, eps=eps, swiglu=False, **src)
+            qkv = qkv.view(B, T, nq + 2 * nk, d)
+            attn = f.attention(qkv[:, :, :nq], qkv[:, :, nq: nq + nk], qkv[:, :, nq + nk:], kc, vc, start=start,
+                               scale=d**-0.5, q_norm=layer.q_norm, k_norm=layer.k_norm, cos=consts["cos"],
+                               sin=consts["sin"], eps=eps)
+            f.linear_residual(resid, attn.view(B * T, nq * d), layer.o)
+            act = f.norm_linear(resid, layer.post_norm, layer.gate_up, eps=eps, swiglu=True)
+            f.linear_residual(resid, act, layer.down)
+        # Final norm in the lm_head GEMV's prologue, on the last token of each sequence only (a strided view).
+        return f.norm_linear(resid.view(B, T, H)[:, -1], self.norm, lm_head, eps=eps, swiglu=False)
 
     # --- CUDA graph -----------------------------------------------------------------------------------------
 
-    def _graph_frame(self, x, c0, c0_embed, seed, sampling, backend):
+    def _graph_frame(self, x, c0, c0_embed, seed, sampling, backend, fused):
         B = x.shape[0]
         # Buckets 1, 2, 4, ..., 64 (and, above, the next power of two: one batch keeps its RNG row indices).
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << (B - 1).bit_length()
-        key = (bucket, sampling, c0_embed is None, str(x.device), backend)
+        key = (bucket, sampling, c0_embed is None, str(x.device), backend, fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
-                                                    backend)
+                                                    backend, fused)
         return graph.run(x, c0, c0_embed, seed)
 
 
 class _FrameGraph:
     """One captured frame for a batch bucket: static inputs, one ``torch.cuda.CUDAGraph``, static outputs."""
 
-    def __init__(self, model: CodePredictor, bucket: int, device, dtype, embed_c0: bool, sampling, backend):
+    def __init__(self, model: CodePredictor, bucket: int, device, dtype, embed_c0: bool, sampling, backend,
+                 fused: bool):
         H = model.config.hidden_size
         self.bucket = bucket
         self.x = torch.zeros(bucket, H, device=device, dtype=dtype)
@@ -324,7 +378,7 @@ class _FrameGraph:
         # Per-row seeds; row i of the bucket keeps RNG row index i, so padding does not change real rows' draws.
         self.seed = torch.zeros(bucket, dtype=torch.long, device=device)
         run = self._run = lambda: model.frame(self.x, self.c0, self.c0_embed, self.seed, sampling,  # noqa: E731
-                                              backend)
+                                              backend, fused)
         if torch.device(device).type != "cuda":
             # No CUDA: emulate replay (same static buffers, padding and outputs) by running the frame eagerly; this
             # lets the CPU tests cover the bucket logic.
@@ -368,14 +422,25 @@ class _Fns:
         if dtype == torch.float64:
             self.add_rms_norm = lambda h, delta, w, eps: mtp_layers._add_rms_norm_reference(h, delta, w, eps)
             self.silu_mul = mtp_layers._silu_mul_reference
-            self.attention = lambda q, k, v, kc, vc, start, scale: mtp_layers._attn_reference(q, k, v, kc, vc, start,
-                                                                                            scale)
+            self.attention = _reference_attention
             self.qk_norm_rope = ref_rope.qk_norm_mrope
+            self.norm_linear = _reference_norm_linear
+            self.linear_residual = mtp_layers._linear_residual_reference
         else:
             self.add_rms_norm = partial(mtp_layers.add_rms_norm_, backend=backend)
             self.silu_mul = partial(mtp_layers.silu_mul, backend=backend)
             self.attention = partial(mtp_layers.cached_attention, backend=backend)
             self.qk_norm_rope = partial(ops.qk_norm_mrope, backend=backend)
+            self.norm_linear = partial(mtp_layers.norm_linear, backend=backend)
+            self.linear_residual = partial(mtp_layers.linear_residual_, backend=backend)
+
+
+def _reference_norm_linear(x, norm_weight, weight, eps, swiglu, rows=None, gathered=None):
+    return mtp_layers._norm_linear_reference(x, norm_weight, weight, eps, swiglu, rows, gathered)
+
+
+def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, cos=None, sin=None, eps=0.0):
+    return mtp_layers._attn_reference(q, k, v, kc, vc, start, scale, q_norm, k_norm, cos, sin, eps)
 
 
 def _strip(key: str) -> str:

@@ -1,0 +1,215 @@
+"""Skinny-M linear layers of the MTP code predictor with fused prologues and epilogues (decode GEMV / small GEMM).
+
+One kernel, :func:`gemv_kernel`, computes ``x @ W^T`` for ``M = B*T <= 128`` activation rows and a ``[N, K]``
+weight (``K`` = 1024..3072), with
+
+- an optional RMSNorm prologue: each program computes the per-row ``rsqrt(mean(x^2) + eps)`` of its ``BLOCK_M`` rows
+  (the rows are tiny and stay in L1/L2: re-reading them per N block costs nothing against the weights) and feeds
+  ``rms_norm(x) * w_norm`` (rounded like transformers' ``Qwen3OmniMoeRMSNorm``) to the product;
+- an optional embedding gather (``GATHER``): x is a table and input row m is ``x[idx[m]]``, so a decode step's
+  first GEMV reads the sampled code's embedding itself (and, ``STORE_ROWS``, writes it out as the residual stream);
+- an epilogue: ``PLAIN`` (store ``y``), ``SWIGLU`` (the program owns output columns ``j`` of the gate AND the up
+  projection, i.e. rows ``j`` and ``N + j`` of the fused ``[2N, K]`` gate/up weight, and stores
+  ``silu(gate) * up``), or ``RESIDUAL`` (``out += y`` in place: o-proj / down-proj plus the residual add).
+
+Roundings are transformers': the linear output is accumulated in fp32 and rounded once to the model dtype; silu is
+rounded before the multiply by up; the residual add is rounded after the rounded linear output is added.
+
+Decode is memory-bound (every weight byte is read once per step), so the grid is many programs over N (small
+``BLOCK_N``, large ``BLOCK_K``) to spread the weight stream over all SMs; ``M > 1`` uses ``tl.dot`` on ``BLOCK_M``
+(16/32/64) row tiles with fp32 accumulation, ``M = 1`` a broadcast multiply + reduction (no padding of the single
+row to 16). Block sizes are fixed functions of the shape (:func:`gemv_blocks`): nothing is tuned at run time, so
+every launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting, launch, static_case
+
+PLAIN, SWIGLU, RESIDUAL = 0, 1, 2
+
+
+@triton.jit
+def silu_mul_rounded(g, u, dt: tl.constexpr):
+    """``silu(g) * u`` for fp32 values already rounded to ``dt``: silu rounded to ``dt`` first (``F.silu`` on a
+    ``dt`` tensor), then the product rounded once (transformers' ``act_fn(gate) * up``). Returns ``dt``."""
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (s * u).to(dt)
+
+
+@triton.jit
+def _row_rstd(x_ptr, offs_m, mask_m, stride_xm, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``rsqrt(mean(x^2) + eps)`` of the rows ``offs_m`` of ``x`` ``[M, K]`` -> ``[BLOCK_M]``."""
+    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        ss += x * x
+    return tl.rsqrt(tl.sum(ss, 1) / K + eps)
+
+
+@triton.jit
+def _mac(acc, x, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T`` with fp32 accumulation (``tl.dot`` when BM >= 16)."""
+    if x.shape[0] >= 16:
+        if UPCAST:  # the CPU interpreter's fp16/bf16 dot is not trustworthy; compiled kernels never set this
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:
+        # M = 1: products of two model-dtype values are exact in fp32; one fp32 reduction over the K block.
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    return acc
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, nw_ptr, w_ptr, out_ptr, idx_ptr, xg_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, stride_gm, eps,
+    HAS_NORM: tl.constexpr, EPILOGUE: tl.constexpr, GATHER: tl.constexpr, STORE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """x ``[M, K]`` (unit stride in K), W ``[N, K]`` (``[2N, K]`` for SWIGLU), out ``[M, N]``; see the module doc.
+
+    ``GATHER``: x is a table and input row m is ``x[idx[m]]`` (an embedding lookup folded into the prologue); with
+    ``STORE_ROWS`` the programs of the first N block also store the gathered rows into ``xg`` ``[M, K]`` (the
+    residual stream)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dt = out_ptr.dtype.element_ty
+    rows = offs_m.to(tl.int64)
+    src = rows  # the x row each output row reads
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    w_rows = offs_n.to(tl.int64) * stride_wn
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_NORM:
+        rstd = _row_rstd(x_ptr, src, mask_m, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + src[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        if STORE_ROWS:
+            if pid_n == 0:  # one copy of the gathered rows (every N block reads the same ones)
+                tl.store(xg_ptr + rows[:, None] * stride_gm + offs_k[None, :], x, mask=x_mask)
+        if HAS_NORM:
+            # Qwen3 RMSNorm: normalise in fp32, round to the model dtype, multiply by the weight, round again.
+            nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * rstd[:, None]).to(dt).to(tl.float32) * nw[None, :]).to(dt)
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + w_rows[:, None] + offs_k[None, :], mask=w_mask, other=0.0)
+        acc = _mac(acc, x, w, UPCAST, DOT_PRECISION)
+        if EPILOGUE == 1:  # SWIGLU: the matching up rows N + j of the fused gate/up weight
+            w_up = tl.load(w_ptr + N * stride_wn + w_rows[:, None] + offs_k[None, :], mask=w_mask, other=0.0)
+            acc_up = _mac(acc_up, x, w_up, UPCAST, DOT_PRECISION)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    y = acc.to(dt)  # F.linear's one rounding of the fp32 accumulator
+    if EPILOGUE == 1:
+        y = silu_mul_rounded(y.to(tl.float32), acc_up.to(dt).to(tl.float32), dt)
+    elif EPILOGUE == 2:
+        resid = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        y = (resid + y.to(tl.float32)).to(dt)
+    tl.store(out_ptrs, y, mask=out_mask)
+
+
+def gemv_blocks(M: int, N: int, K: int) -> dict:
+    """Fixed launch config for ``M`` rows, ``N`` output columns, ``K`` inputs (no run-time tuning: graph capture).
+
+    ``M = 1``: no tensor cores; ``BLOCK_N`` 8 for N <= 1024 (128 programs over the 1024-wide o/down outputs), else
+    16 (qkv 256, lm_head 128, gate/up 192 programs); ``BLOCK_K`` 1024 / 512: an 8192-element (16 KB in bf16) weight
+    tile per iteration and program, so ~2 MB of loads are in flight across the grid (what HBM latency x bandwidth
+    asks for; the reduction loop is not software-pipelined); 8 warps keep that at 32 elements a thread.
+    ``M > 1``: ``tl.dot`` with ``BLOCK_M`` 16 / 32 / 64 (M <= 64 reads each weight tile from HBM once),
+    ``BLOCK_N`` 16 (the smallest dot width: the most programs), ``BLOCK_K`` 256 for 16 rows, 128 for wider row
+    tiles (register and shared-memory budget; the dot loop is pipelined over ``num_stages``), 4 warps.
+    """
+    if M <= 1:
+        bm, warps = 1, 8
+        bn = 8 if N <= 1024 else 16
+        bk = 8192 // bn
+    else:
+        bm, warps = (16 if M <= 16 else 32 if M <= 32 else 64), 4
+        bn = 16
+        bk = 256 if bm == 16 else 128
+    bk = max(16, min(bk, triton.next_power_of_2(max(K, 1))))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+
+def _launch(x, norm_weight, weight, out, n_out, eps, epilogue, rows=None, gathered=None):
+    M, K = out.shape[0], x.shape[1]
+    blocks = gemv_blocks(M, n_out, K)
+    grid = (triton.cdiv(n_out, blocks["BLOCK_N"]), triton.cdiv(M, blocks["BLOCK_M"]))
+    gather, store = rows is not None, gathered is not None
+    launch(gemv_kernel, grid, x, norm_weight if norm_weight is not None else weight, weight, out,
+           rows if gather else out, gathered if store else out,
+           M, n_out, K, x.stride(0), weight.stride(0), out.stride(0), gathered.stride(0) if store else 0, float(eps),
+           HAS_NORM=norm_weight is not None, EPILOGUE=epilogue, GATHER=gather, STORE_ROWS=store,
+           UPCAST=interpreting(),
+           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", device=x.device, **blocks)
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                swiglu: bool, rows: torch.Tensor | None = None, gathered: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = rms_norm(x) * norm_weight @ weight^T`` (no norm when ``norm_weight`` is None).
+
+    x ``[M, K]`` (unit stride in K, any row stride), weight ``[N, K]`` (unit stride in K). Returns ``[M, N]``, or
+    with ``swiglu`` (weight = ``[gate; up]``, ``[2I, K]``) ``silu(gate) * up`` ``[M, I]``. With ``rows`` (int
+    ``[M]``), x is a ``[V, K]`` table and row m of the input is ``x[rows[m]]``; the gathered rows are also written
+    to ``gathered`` ``[M, K]``.
+    """
+    M = x.shape[0] if rows is None else rows.shape[0]
+    n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    out = x.new_empty(M, n_out)
+    _launch(x, norm_weight, weight, out, n_out, eps, SWIGLU if swiglu else PLAIN, rows, gathered)
+    return out
+
+
+def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``resid += x @ weight^T`` in place; resid ``[M, N]``, x ``[M, K]``, weight ``[N, K]`` (unit stride in the last
+    dims). The product is rounded to the model dtype before the add, the sum rounded again (transformers)."""
+    _launch(x, None, weight, resid, weight.shape[0], 0.0, RESIDUAL)
+
+
+# --- sm_90a static compile cases: the real MTP shapes (hidden 1024, q/k/v 4096, SwiGLU 3072, lm_head 2048) --------
+
+_SHAPES = {  # name: (N outputs, K, epilogue, norm prologue, embedding gather)
+    "qkv": (4096, 1024, PLAIN, True, False),
+    "qkv+embed": (4096, 1024, PLAIN, True, True),  # a decode step's first layer gathers the codebook embedding
+    "gate_up": (3072, 1024, SWIGLU, True, False),
+    "o": (1024, 2048, RESIDUAL, False, False),
+    "down": (1024, 3072, RESIDUAL, False, False),
+    "lm_head": (2048, 1024, PLAIN, True, False),
+}
+
+for _dt in ("bf16", "fp16"):
+    for _m in (1, 16, 64):
+        for _name, (_n, _k, _epi, _norm, _gather) in _SHAPES.items():
+            _b = gemv_blocks(_m, _n, _k)
+            _warps = _b.pop("num_warps")
+            static_case(
+                f"gemv_kernel[{_dt},{_name},M{_m}]", gemv_kernel,
+                signature={"x_ptr": f"*{_dt}", "nw_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
+                           "idx_ptr": "*i64", "xg_ptr": f"*{_dt}",
+                           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                           "stride_om": "i32", "stride_gm": "i32", "eps": "fp32", "HAS_NORM": "constexpr",
+                           "EPILOGUE": "constexpr", "GATHER": "constexpr", "STORE_ROWS": "constexpr",
+                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                           "UPCAST": "constexpr", "DOT_PRECISION": "constexpr"},
+                constexprs={"HAS_NORM": _norm, "EPILOGUE": _epi, "GATHER": _gather, "STORE_ROWS": _gather, "UPCAST": False,
+                            "DOT_PRECISION": "tf32", **_b},
+                num_warps=_warps, aligned=("K", "stride_xm", "stride_wn", "stride_om", "stride_gm"),
+            )
