@@ -30,7 +30,7 @@ def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                causal: bool, window_left: int, window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``)."""
+    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown."""
 
 
 @_varlen_op.impl("reference")
@@ -132,8 +132,8 @@ def flash_attn_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
     *,
     softmax_scale: float | None = None,
     causal: bool = False,
@@ -145,7 +145,9 @@ def flash_attn_varlen(
 
     q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (fp16/bf16/fp32, one dtype, unit stride in D; Hq a multiple of Hk,
     D <= 256); cu_seqlens_q/k int32 ``[B + 1]`` prefix sums of the per-sequence lengths; ``max_seqlen_q`` at least
-    the longest query sequence (it sizes the launch grid). ``softmax_scale`` defaults to ``D ** -0.5``; causal
+    the longest query sequence, or None when unknown (an extension of FlashAttention's API: the launch grid is then
+    sized from the token count, so callers holding cu_seqlens on the GPU need no host sync to get the maximum);
+    ``max_seqlen_k`` is not needed (None allowed). ``softmax_scale`` defaults to ``D ** -0.5``; causal
     masks and windows are aligned bottom-right. Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
     ``(out, lse)`` with lse fp32 ``[Hq, Tq]`` (natural log; ``-inf`` for rows that see no key, whose output is 0).
     """
@@ -160,17 +162,20 @@ def flash_attn_varlen(
     B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device)
     if check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device) != B:
         raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
-    check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
-    check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
-    if values_checkable(cu_seqlens_q) and B > 0:
+    if max_seqlen_q is not None:
+        check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    if max_seqlen_k is not None:
+        check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    if max_seqlen_q is not None and values_checkable(cu_seqlens_q) and B > 0:
         longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         if longest > max_seqlen_q:
             raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
-    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                          bool(causal), left, right, be)
+    # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
+    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
+                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, bool(causal), left, right, be)
     return (out, lse) if return_lse else out
 
 
