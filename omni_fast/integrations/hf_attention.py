@@ -47,10 +47,11 @@ def _cu_from_kwargs(kwargs: dict):
     return cu_q, cu_k
 
 
-def _max_len(cu: torch.Tensor, given) -> int:
-    if given is not None:
-        return int(given)
-    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+def _max_len(given) -> int | None:
+    """The longest sequence when the caller gave it as a Python int, else None: the varlen launch is then sized from
+    the token count, so no host sync is spent computing the maximum (transformers' 4.57-era encoders passed it as a
+    0-d device tensor)."""
+    return int(given) if isinstance(given, int) and not isinstance(given, bool) else None
 
 
 def _cu_from_positions(position_ids, T: int):
@@ -77,13 +78,19 @@ def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
         raise ValueError(f"cu_seqlens attention expects batch 1 (packed tokens), got batch {query.shape[0]}")
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
     out = flash_attn_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
-                            _max_len(cu_q, kwargs.get("max_length_q")), _max_len(cu_k, kwargs.get("max_length_k")),
+                            _max_len(kwargs.get("max_length_q")), _max_len(kwargs.get("max_length_k")),
                             softmax_scale=scale, window_size=window)
     return out[None]
 
 
 def _unpadded(query, key, value, mask2d, scale, window):
-    """Pack the real tokens of a padded batch, run varlen attention, scatter back (zeros on padded queries)."""
+    """Pack the real tokens of a padded batch, run varlen attention, scatter back (zeros on padded queries).
+
+    Host syncs: one ``nonzero`` for the real query rows and, when the keys differ from the queries (a cache), one
+    for the real key rows: the packed token count is data-dependent, so FlashAttention's unpadding cannot avoid
+    them. The gathers/scatter use those index tensors (no further sync) and the launch is sized from the token
+    count, not from the longest sequence (no ``max`` sync).
+    """
     from ..ops import flash_attn_varlen
 
     B, Hq, Sq, D = query.shape
@@ -91,16 +98,18 @@ def _unpadded(query, key, value, mask2d, scale, window):
     real = mask2d.bool()
     q_real = real[:, -Sq:]  # the queries are the newest positions of the mask
     k_real = F.pad(real, (0, Sk - real.shape[1]), value=False) if real.shape[1] < Sk else real[:, -Sk:]
-    q = query.transpose(1, 2)[q_real]  # [Tq, Hq, D]
-    k = key.transpose(1, 2)[k_real]
-    v = value.transpose(1, 2)[k_real]
-    lq, lk = q_real.sum(1), k_real.sum(1)
-    cu_q = F.pad(lq.cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = F.pad(lk.cumsum(0), (1, 0)).to(torch.int32)
-    out = flash_attn_varlen(q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), softmax_scale=scale,
-                            window_size=window)
+    q_b, q_s = q_real.nonzero().unbind(1)  # (batch row, position) of every real query
+    same = Sq == Sk and real.shape[1] >= Sk  # queries and keys are the same rows
+    k_b, k_s = (q_b, q_s) if same else k_real.nonzero().unbind(1)
+    # integer-index gathers of the [B, S, H, D] views: only the real rows are copied, no further sync
+    q = query.transpose(1, 2)[q_b, q_s]  # [Tq, Hq, D]
+    k = key.transpose(1, 2)[k_b, k_s]
+    v = value.transpose(1, 2)[k_b, k_s]
+    cu_q = F.pad(q_real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = F.pad(k_real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    out = flash_attn_varlen(q, k, v, cu_q, cu_k, None, None, softmax_scale=scale, window_size=window)
     full = query.new_zeros(B, Sq, Hq, D)
-    full[q_real] = out
+    full[q_b, q_s] = out
     return full
 
 
