@@ -22,8 +22,9 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
 Note: the Qwen-Omni audio and vision encoders only pass ``cu_seq_lens_*`` to implementations whose name contains
-"flash"; under ``"omni_fast"`` they split the packed sequence per window on the host and call this function once
-per window, which is correct (the block-diagonal result) but issues one launch per window.
+"flash"; under ``"omni_fast"`` transformers' own forward splits the packed sequence per window on the host and
+calls this function once per window (correct, one launch per window). :func:`omni_fast.patch` swaps those
+attention forwards for one that calls this function once with ``cu_seq_lens_*``: one varlen launch per layer.
 """
 
 from __future__ import annotations
