@@ -82,7 +82,8 @@ def test_reference_matches_transformers_eager_attention():
 # --- kernel vs reference: varlen -----------------------------------------------------------------------------
 
 
-def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1), scale=None):
+def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1), scale=None, unknown_max=False):
+    """Kernel vs reference; ``unknown_max``: the kernel gets ``max_seqlen=None`` (the packed grid)."""
     cq, ck = _cu(lens_q), _cu(lens_k)
     q = torch.randn(int(sum(lens_q)), Hq, D, dtype=dtype, device=DEVICE)
     k = torch.randn(int(sum(lens_k)), Hk, D, dtype=dtype, device=DEVICE)
@@ -91,6 +92,8 @@ def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1
     kw = dict(softmax_scale=scale, causal=causal, window_size=window, return_lse=True)
     exact, lse_exact = ref.flash_attn_varlen(q.double(), k.double(), v.double(), cq, ck, mq, mk, **kw)
     same = ref.flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw)[0]
+    if unknown_max:
+        mq = mk = None
     out, lse = flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw, backend="triton")
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
     assert_matches_reference(out, exact, same)
@@ -146,10 +149,28 @@ def test_varlen_no_tokens_and_strided_views():
 @given(lens=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=4),
        D=st.sampled_from([8, 24, 40]), Hk=st.integers(1, 2), group=st.sampled_from([1, 2, 4, 8]),
        causal=st.booleans(), left=st.integers(-1, 6), right=st.integers(-1, 6), dtype=st.sampled_from(KERNEL_DTYPES),
-       scale=st.sampled_from([None, 0.3]))
-def test_varlen_random(lens, D, Hk, group, causal, left, right, dtype, scale):
+       scale=st.sampled_from([None, 0.3]), unknown_max=st.booleans())
+def test_varlen_random(lens, D, Hk, group, causal, left, right, dtype, scale, unknown_max):
     lens_q, lens_k = [a for a, _ in lens], [b for _, b in lens]
-    _check_varlen(lens_q, lens_k, Hk * group, Hk, D, dtype, causal=causal, window=(left, right), scale=scale)
+    _check_varlen(lens_q, lens_k, Hk * group, Hk, D, dtype, causal=causal, window=(left, right), scale=scale,
+                  unknown_max=unknown_max)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_varlen_packed_grid_many_unequal_sequences(group, monkeypatch):
+    """The packed grid (sized by the token count, sequence found by a binary search over cu_seqlens): more
+    sequences than rows per block, empty ones, one spanning several blocks; taken when max_seqlen is None and when
+    it launches fewer programs than the classic grid, not for one long sequence."""
+    from omni_fast.kernels import flash_attn as fa
+
+    grids = []
+    real = fa.attn_fwd
+    monkeypatch.setattr(fa, "attn_fwd", lambda *a, **kw: grids.append(kw["packed_grid"]) or real(*a, **kw))
+    lens = [1] * 12 + [0, 37, 0, 0, 5] + [1] * 6  # 23 sequences; BLOCK_M is 16 under the interpreter
+    for unknown in (True, False):
+        _check_varlen(lens, lens, 2 * group, 2, 16, torch.float32, causal=group > 1, unknown_max=unknown)
+    _check_varlen([40], [40], group, 1, 16, torch.float32)
+    assert grids == [True, True, False]
 
 
 # --- kernel vs reference: KV cache ---------------------------------------------------------------------------
@@ -267,6 +288,12 @@ def test_traces_under_torch_compile():
     torch.testing.assert_close(torch.compile(f_triton, fullgraph=True, backend="eager")(q, k), f(q, k),
                                rtol=1e-5, atol=1e-5)
 
+    def f_no_max(q, k):  # max_seqlen None (the packed grid): no host value needed while tracing either
+        return flash_attn_varlen(q, k, k, cu, cu, None, None, causal=True, backend="triton") * 2
+
+    torch.testing.assert_close(torch.compile(f_no_max, fullgraph=True, backend="eager")(q, k), f(q, k),
+                               rtol=1e-5, atol=1e-5)
+
     def g(q, kc, vc, lens, kn):
         return flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=kn, backend="reference") + 1
 
@@ -296,6 +323,7 @@ def _varlen(**over):
     (dict(v=torch.randn(7, 2, 16, dtype=torch.float16)), TypeError, "same dtype"),
     (dict(q=torch.randn(7, 4, 16).to(torch.int32)), TypeError, "q must have dtype"),
     (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
+    (dict(max_seqlen_q=4.0), TypeError, "max_seqlen_q must be an int"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
     (dict(window_size=3), ValueError, "window_size must be a pair"),
     (dict(softmax_scale="x"), TypeError, "softmax_scale"),

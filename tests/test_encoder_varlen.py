@@ -255,31 +255,41 @@ def test_full_model_patch_swaps_every_encoder_attention():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["audio", "vision"])
 @torch.no_grad()
-def test_gpu_encoder_attention_no_host_sync_bf16():
-    """On CUDA: the patched Qwen3-Omni vision attention layer (d 72 like the real model) runs without a host sync
-    (CUDA sync debug mode "error") and matches eager per frame in bf16."""
-    cfg = cfgs3.Qwen3OmniMoeVisionEncoderConfig(depth=1, hidden_size=1152, intermediate_size=64, num_heads=16,
-                                                patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
-                                                out_hidden_size=64, num_position_embeddings=64,
-                                                deepstack_visual_indexes=[])
-    model = q3.Qwen3OmniMoeVisionEncoder(cfg).to("cuda", torch.bfloat16).eval()
-    attn = model.blocks[0].attn
-    lens = [1024, 1024, 300, 77]
-    cu = torch.tensor([0] + lens, device="cuda").cumsum(0, dtype=torch.int32)
+def test_gpu_encoder_attention_no_host_sync_bf16(kind):
+    """On CUDA, real head shapes: the patched attention layer runs without a host sync (CUDA sync debug mode
+    "error") and matches transformers' eager per-window path in bf16. Audio: 20 heads x 64, 104-token windows and
+    a short tail; vision: 16 heads x 72, frames of 1024/1024/300/77 patches."""
+    if kind == "audio":
+        cfg = cfgs3.Qwen3OmniMoeAudioEncoderConfig(d_model=1280, encoder_attention_heads=20, encoder_layers=1,
+                                                   encoder_ffn_dim=64, output_dim=64)
+        model = q3.Qwen3OmniMoeAudioEncoder(cfg)
+        lens, extra = [104] * 9 + [37], {}
+    else:
+        cfg = cfgs3.Qwen3OmniMoeVisionEncoderConfig(depth=1, hidden_size=1152, intermediate_size=64, num_heads=16,
+                                                    patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                                                    out_hidden_size=64, num_position_embeddings=64,
+                                                    deepstack_visual_indexes=[])
+        model = q3.Qwen3OmniMoeVisionEncoder(cfg)
+        lens = [1024, 1024, 300, 77]
+    model = model.to("cuda", torch.bfloat16).eval()
+    attn = model.layers[0].self_attn if kind == "audio" else model.blocks[0].attn
     T = sum(lens)
-    h = torch.randn(T, 1152, device="cuda", dtype=torch.bfloat16)
-    pos = torch.randn(T, 72, device="cuda")
-    emb = (pos.cos(), pos.sin())
+    if kind == "vision":
+        pos = torch.randn(T, 72, device="cuda")
+        extra = {"position_embeddings": (pos.cos(), pos.sin())}
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0, dtype=torch.int32)
+    h = torch.randn(T, cfg.d_model if kind == "audio" else cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     model.config._attn_implementation = "eager"
-    want = attn(h, cu_seqlens=cu, position_embeddings=emb)
+    want = attn(h, cu_seqlens=cu, **extra)
     omni_fast.patch(model)
     try:
-        attn(h, cu_seqlens=cu, position_embeddings=emb)  # compile outside the checked region
+        attn(h, cu_seqlens=cu, **extra)  # compile outside the checked region
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            got = attn(h, cu_seqlens=cu, position_embeddings=emb)
+            got = attn(h, cu_seqlens=cu, **extra)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     finally:
