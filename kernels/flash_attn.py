@@ -447,7 +447,8 @@ def _register_static_cases() -> None:
                 f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
                 {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
                  "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-                 "PACKED_GRID": name.endswith("packed"), "UPCAST": False, "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
+                 "PACKED_GRID": name.endswith("packed"), "UPCAST": False, "PREC": "tf32", "ALIGN": 8,
+                 "ALIGN_BYTES": 16},
                 num_warps=warps, num_stages=stages)
         static_case(
             f"combine_kernel[{dt},d128]", combine_kernel,
