@@ -187,7 +187,7 @@ def _paged(cache: torch.Tensor, page: int):
 
 
 def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True, window=(-1, -1), page=None,
-                   num_splits=1):
+                   num_splits=1, key_padding_mask=None):
     kc = torch.randn(B, S, Hk, D, dtype=dtype, device=DEVICE)
     vc = torch.randn_like(kc)
     bt = None
@@ -198,7 +198,7 @@ def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True
     q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
     k = torch.randn(B, Sq, Hk, D, dtype=dtype, device=DEVICE) if append else None
     v = torch.randn_like(k) if append else None
-    kw = dict(causal=causal, window_size=window, block_table=bt)
+    kw = dict(causal=causal, window_size=window, block_table=bt, key_padding_mask=key_padding_mask)
     kc_exact, vc_exact = kc.double(), vc.double()
     exact, lse_exact = ref.flash_attn_with_kvcache(q.double(), kc_exact, vc_exact, seqlens,
                                                    k=k.double() if append else None,
@@ -239,6 +239,52 @@ def test_kvcache_window_and_no_append():
     _check_kvcache(2, 300, 2, 2, 1, 32, torch.float32, [290, 150], window=(100, -1), num_splits=3)
     _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], append=False)
     _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], causal=False)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kvcache_key_padding_mask(dtype):
+    """A padded batch in its own layout: left / right padding, holes, a fully padded row; decode, chunked prefill
+    (GQA 4), windows, split-KV, a paged cache, no append. Padding queries give zeros."""
+    B, S = 4, 40
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    mask[0, :7] = False  # left padding
+    mask[1, 20:] = False  # right padding (its queries, the last positions, are padding)
+    mask[2, 3:9] = False  # holes
+    mask[2, 15] = False
+    mask[3] = False  # nothing real
+    lens = [33, 25, 37, 30]
+    _check_kvcache(B, S, 3, 4, 1, 32, dtype, lens, key_padding_mask=mask)
+    _check_kvcache(B, S, 1, 2, 2, 24, dtype, lens, key_padding_mask=mask, window=(5, -1))
+    _check_kvcache(B, S, 3, 2, 1, 16, dtype, lens, key_padding_mask=mask, causal=False, window=(4, 4),
+                   append=False)
+    big = torch.ones(B, 300, dtype=torch.bool, device=DEVICE)
+    big[:, :100] = False
+    big[1, 150:160] = False
+    _check_kvcache(B, 300, 1, 2, 1, 16, dtype, [290, 150, 200, 5], key_padding_mask=big, num_splits=3)
+    _check_kvcache(B, S, 2, 2, 1, 16, dtype, lens, key_padding_mask=mask, page=8)
+
+
+def test_kvcache_key_padding_mask_matches_eager_with_explicit_mask():
+    """The reference's key padding mask == transformers' eager attention with the 4-D mask a padded batch gets
+    (causal & padding, positions of the padded layout), on the rows that are not padding."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 2
+
+    B, S, D = 2, 9, 16
+    q, k, v = torch.randn(B, 4, S, D), torch.randn(B, 2, S, D), torch.randn(B, 2, S, D)
+    real = torch.ones(B, S, dtype=torch.bool)
+    real[0, :3] = False
+    real[1, 4] = False
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool)) & real[:, None, :]
+    add = torch.zeros(B, 1, S, S).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    want, _ = eager_attention_forward(M(), q, k, v, add, D ** -0.5)
+    got = ref.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2).contiguous(),
+                                      v.transpose(1, 2).contiguous(), torch.full((B,), S, dtype=torch.int32),
+                                      key_padding_mask=real)
+    torch.testing.assert_close(got[real], want[real])
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))
 
 
 def test_kvcache_int_seqlens_and_zero_batch():
@@ -356,6 +402,8 @@ def _kvcache(**over):
     (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), k_cache=torch.zeros(2, 4, 2, 16),
           v_cache=torch.zeros(2, 4, 2, 16)), ValueError, "too few|cache too small"),
     (dict(num_splits=-1), ValueError, "num_splits"),
+    (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must have dtype"),
+    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
 ])
 def test_kvcache_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):

@@ -10,10 +10,11 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
 - **no mask**: causal (``is_causal`` kwarg, else ``module.is_causal``) aligned bottom-right, so keys that include a
   transformers ``Cache``'s past work for chunked prefill and decoding; ``sliding_window=w`` means the last ``w``
   keys up to and including the query's own position (``window_size=(w - 1, 0)``; bidirectional ``(w-1, w-1)``);
-- **2-D padding mask** (bool/int ``[B, L]``, 1 = real token): real tokens are packed and run through
-  :func:`omni_fast.ops.flash_attn_varlen` (FlashAttention-2's unpadding); padded query rows return zeros (eager
-  returns an average over masked keys there, a meaningless value either way). A mask shorter than the keys (a
-  static cache's unused tail) marks the extra keys as padding;
+- **2-D padding mask** (bool/int ``[B, L]``, 1 = real token): the batch runs in its padded layout with the mask as
+  the kernel's key padding mask (:func:`omni_fast.ops.flash_attn_with_kvcache` with ``key_padding_mask``; no
+  unpadding gather, no host sync); padded query rows return zeros (eager returns an average over masked keys
+  there, a meaningless value either way). A mask shorter than the keys (a static cache's unused tail) limits the
+  keys to its length;
 - **packed sequences**: ``cu_seq_lens_q``/``cu_seq_lens_k`` (transformers' FlashAttention kwargs, with
   ``max_length_q``/``max_length_k``) or ``cu_seqlens`` with batch 1: block-diagonal varlen attention; without
   them, batch-1 ``position_ids`` that restart at 0 (FlashAttention's packing rule in transformers, applied when
@@ -84,34 +85,26 @@ def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
     return out[None]
 
 
-def _unpadded(query, key, value, mask2d, scale, window):
-    """Pack the real tokens of a padded batch, run varlen attention, scatter back (zeros on padded queries).
+def _padded(query, key, value, mask2d, scale, window):
+    """A padded batch in its own layout: the 2-D mask becomes the kernel's key padding mask (no unpadding).
 
-    Host syncs: one ``nonzero`` for the real query rows and, when the keys differ from the queries (a cache), one
-    for the real key rows: the packed token count is data-dependent, so FlashAttention's unpadding cannot avoid
-    them. The gathers/scatter use those index tensors (no further sync) and the launch is sized from the token
-    count, not from the longest sequence (no ``max`` sync).
+    Keys are the first ``L = min(mask length, Sk)`` rows of each batch row (a mask shorter than the keys: a static
+    cache's unfilled tail), the queries their last ``Sq`` positions, so causal and sliding windows count positions
+    in the padded layout exactly as eager does. Padding queries give zeros (eager returns an average over masked
+    keys there, a meaningless value either way). No host sync: no ``nonzero``, no ``max``.
     """
-    from ..ops import flash_attn_varlen
+    from ..ops import flash_attn_with_kvcache
 
     B, Hq, Sq, D = query.shape
     Sk = key.shape[2]
-    real = mask2d.bool()
-    q_real = real[:, -Sq:]  # the queries are the newest positions of the mask
-    k_real = F.pad(real, (0, Sk - real.shape[1]), value=False) if real.shape[1] < Sk else real[:, -Sk:]
-    q_b, q_s = q_real.nonzero().unbind(1)  # (batch row, position) of every real query
-    same = Sq == Sk and real.shape[1] >= Sk  # queries and keys are the same rows
-    k_b, k_s = (q_b, q_s) if same else k_real.nonzero().unbind(1)
-    # integer-index gathers of the [B, S, H, D] views: only the real rows are copied, no further sync
-    q = query.transpose(1, 2)[q_b, q_s]  # [Tq, Hq, D]
-    k = key.transpose(1, 2)[k_b, k_s]
-    v = value.transpose(1, 2)[k_b, k_s]
-    cu_q = F.pad(q_real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = F.pad(k_real.sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    out = flash_attn_varlen(q, k, v, cu_q, cu_k, None, None, softmax_scale=scale, window_size=window)
-    full = query.new_zeros(B, Sq, Hq, D)
-    full[q_b, q_s] = out
-    return full
+    L = min(mask2d.shape[1], Sk)
+    real = mask2d[:, -L:].bool()
+    if L < Sk:
+        real = F.pad(real, (0, Sk - L), value=False)
+    lens = torch.full((B,), L, dtype=torch.int32, device=query.device)
+    return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                                   causal=window[1] == 0, window_size=window, softmax_scale=scale,
+                                   key_padding_mask=real.contiguous())
 
 
 def _masked_fallback(query, key, value, mask, scale):
@@ -172,7 +165,7 @@ def omni_fast_attention_forward(
                                       causal=window[1] == 0, window_size=window, softmax_scale=scale)
         return out, None
     if attention_mask.dim() == 2:
-        return _unpadded(query, key, value, attention_mask, scale, window), None
+        return _padded(query, key, value, attention_mask, scale, window), None
     return _masked_fallback(query, key, value, attention_mask, scale), None
 
 

@@ -64,8 +64,8 @@ def _append_triton(*args):
     flash_attn_kvcache.append_kv(*args)
 
 
-def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, softmax_scale, causal, window_left,
-                  window_right, num_splits, backend):
+def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, softmax_scale, causal,
+                  window_left, window_right, num_splits, backend):
     B, Sq, Hq, _ = q.shape
     # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -74,25 +74,26 @@ def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, soft
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
 @dispatched_op("kvcache_attention", fake=_fake_kvcache)
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                window_left: int, window_right: int, num_splits: int,
+                k_extra: int, block_table: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
 
 
 @_kvcache_op.impl("reference")
-def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right,
-                       num_splits):
+def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, scale, causal,
+                       left, right, num_splits):
     return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens + k_extra, causal=causal,
                                        window_size=(left, right), softmax_scale=scale, block_table=block_table,
-                                       return_lse=True)
+                                       key_padding_mask=key_padding_mask, return_lse=True)
 
 
 @_kvcache_op.impl("triton")
-def _kvcache_triton(*args):
+def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, *rest):
     from ..kernels import flash_attn_kvcache
 
-    return flash_attn_kvcache.kvcache_attention(*args)
+    return flash_attn_kvcache.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, *rest,
+                                                key_padding_mask=key_padding_mask)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -194,6 +195,7 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_lse: bool = False,
     backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
 
@@ -202,8 +204,11 @@ def flash_attn_with_kvcache(
     New ``k``/``v`` ``[B, Sq, Hk, D]`` are written into the caches at ``cache_seqlens[b]..`` (in place; cache_seqlens
     itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
     alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
-    split-KV for long caches at small batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and
-    with ``return_lse`` ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
+    split-KV for long caches at small batch, 1 = off, n = force n key chunks. ``key_padding_mask`` (an extension
+    of FlashAttention's API): bool ``[B, capacity]``, contiguous, False = padding: padding keys are never attended
+    and a query whose own key position is padding gives zeros (a padded batch in its padded layout: no unpadding,
+    no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``, lse fp32
+    ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
@@ -235,6 +240,9 @@ def flash_attn_with_kvcache(
             raise ValueError(f"k_cache must have shape [{B}, S, {Hk}, {D}] (one row per sequence), got "
                              f"{list(k_cache.shape)}")
         capacity = slot_len
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), shape=(B, capacity), device=q.device,
+                     contiguous=True)
     appended = Sq if k is not None else 0
     if capacity - appended < 0:
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
@@ -250,8 +258,8 @@ def flash_attn_with_kvcache(
     be = _kvcache_op.resolve(tensors, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
-    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, scale, bool(causal), left,
-                           right, int(num_splits), be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, key_padding_mask, scale,
+                           bool(causal), left, right, int(num_splits), be)
     return (out, lse) if return_lse else out
 
 
