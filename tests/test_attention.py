@@ -304,6 +304,11 @@ def test_bf16_real_head_shapes(shape):
     Hq, Hk, D, L = shape
     _check_varlen([L, L // 3, 1], [L, L // 3, 1], Hq, Hk, D, torch.bfloat16, causal=Hq != Hk)
     _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0)
+    mask = torch.ones(2, 4096, dtype=torch.bool, device=DEVICE)
+    mask[0, :1000] = False  # a left-padded row
+    mask[1, 5:9] = False
+    _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0, key_padding_mask=mask)
+    _check_kvcache(2, 512, 300, Hq, Hk, D, torch.bfloat16, [200, 0], key_padding_mask=mask[:, :512])
 
 
 # --- dispatch, tracing, bad input ---------------------------------------------------------------------------
