@@ -104,7 +104,7 @@ def _padded(query, key, value, mask2d, scale, window):
     lens = torch.full((B,), L, dtype=torch.int32, device=query.device)
     return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
                                    causal=window[1] == 0, window_size=window, softmax_scale=scale,
-                                   key_padding_mask=real.contiguous())
+                                   key_padding_mask=real)
 
 
 def _masked_fallback(query, key, value, mask, scale):

@@ -205,10 +205,10 @@ def flash_attn_with_kvcache(
     itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
     alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
     split-KV for long caches at small batch, 1 = off, n = force n key chunks. ``key_padding_mask`` (an extension
-    of FlashAttention's API): bool ``[B, capacity]``, contiguous, False = padding: padding keys are never attended
-    and a query whose own key position is padding gives zeros (a padded batch in its padded layout: no unpadding,
-    no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``, lse fp32
-    ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
+    of FlashAttention's API): bool ``[B, capacity]`` (unit stride along keys), False = padding: padding keys are
+    never attended and a query whose own key position is padding gives zeros (a padded batch in its padded
+    layout: no unpadding, no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``,
+    lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
@@ -242,7 +242,7 @@ def flash_attn_with_kvcache(
         capacity = slot_len
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), shape=(B, capacity), device=q.device,
-                     contiguous=True)
+                     last_dim_contiguous=True)
     appended = Sq if k is not None else 0
     if capacity - appended < 0:
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
