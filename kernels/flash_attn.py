@@ -58,16 +58,17 @@ def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_si
 
 
 @triton.jit
-def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
+def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
                   stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
                   win_left, win_right, qk_scale, offs_d, mask_d,
                   BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  MASKED: tl.constexpr, ALIGN: tl.constexpr):
+                  MASKED: tl.constexpr, ALIGN: tl.constexpr, KEY_MASK: tl.constexpr):
     """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
 
     q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
     acc fp32 ``[BLOCK_M, BLOCK_D]``, m_i (running max of base-2 scores) and l_i (running sum) fp32 ``[BLOCK_M]``.
     ``MASKED=False`` is for key blocks every row of the block sees entirely (no per-element mask needed).
+    ``KEY_MASK``: keys whose byte at ``km_row_ptr[n]`` is 0 (padding) are dropped, in every block.
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -84,6 +85,9 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
             ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= qpos[:, None] - win_left) \
                 & (offs_n[None, :] <= qpos[:, None] + win_right)
             s = tl.where(ok, s, float("-inf"))
+        if KEY_MASK:
+            real = tl.load(km_row_ptr + offs_n, mask=mask_n, other=0) != 0
+            s = tl.where(real[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at zero weight
         p = tl.math.exp2(s - m_safe[:, None])
@@ -96,18 +100,42 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr,
 
 
 @triton.jit
+def _packed_block(cu_q_ptr, pid, num_seqs, search_steps, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(sequence, row block in it) of program ``pid`` of a packed varlen grid, found on the device.
+
+    Sequence ``b`` owns the programs ``first(b) = (cu_q[b] * GROUP) // BLOCK_M + b`` onwards. These ranges never
+    overlap (``first(b + 1) - first(b) >= cdiv(len_b * GROUP, BLOCK_M)``) and all fit below
+    ``(Tq * GROUP) // BLOCK_M + B``, so the grid depends on the token count only: no ``max_seqlen`` (no host sync
+    to get it), and at most ``B`` idle programs however unequal the lengths. ``b`` is the last sequence with
+    ``first(b) <= pid``: a binary search over ``cu_q`` (``search_steps = bit_length(B)`` halvings).
+    """
+    lo = pid * 0
+    hi = lo + num_seqs - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        first = (tl.load(cu_q_ptr + mid) * GROUP) // BLOCK_M + mid
+        take = first <= pid
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    first = (tl.load(cu_q_ptr + lo) * GROUP) // BLOCK_M + lo
+    return lo, pid - first
+
+
+@triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr, km_ptr,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt,
-    seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len,
+    stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km,
+    seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len, num_seqs, search_steps,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
+    KEY_MASK: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_BYTES: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``.
+    """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``, or with PACKED_GRID (VARLEN_Q only)
+    ``((Tq * GROUP) // BLOCK_M + B, 1, Hk * NUM_SPLITS)``: see :func:`_packed_block`.
 
     Queries of sequence b: rows ``cu_q[b]..cu_q[b+1]`` (VARLEN_Q) or ``b*seqlen_q ..`` (fixed length). Keys:
     packed rows ``cu_k[b]..`` (VARLEN_K), else cache b with ``seqused_k[b] + k_extra`` rows (contiguous at
@@ -115,10 +143,15 @@ def attn_fwd_kernel(
     leading split dimension (strides stride_os / stride_ls). ALIGN (elements) / ALIGN_BYTES: the host checked that
     every base pointer is ALIGN_BYTES-aligned and every row/head/batch stride a multiple of ALIGN, so the kernel may
     promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
+    KEY_MASK (caches only): ``km_ptr`` bytes ``[B, capacity]`` (row stride ``stride_km``), 0 = padding: padding keys
+    are never attended, and query rows whose own (key-aligned) position is padding give zeros and ``lse = -inf``.
     """
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
     pid_z = tl.program_id(2)
+    if PACKED_GRID:
+        b, pid_m = _packed_block(cu_q_ptr, tl.program_id(0), num_seqs, search_steps, GROUP, BLOCK_M)
+    else:
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
     kvh = pid_z // NUM_SPLITS
     split = pid_z % NUM_SPLITS
 
@@ -144,6 +177,7 @@ def attn_fwd_kernel(
             k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
             v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
+    km_row_ptr = km_ptr + b.to(tl.int64) * stride_km
     if ALIGN > 1:
         k_base = tl.multiple_of(k_base, [ALIGN_BYTES])
         v_base = tl.multiple_of(v_base, [ALIGN_BYTES])
@@ -187,20 +221,24 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr,
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr,
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr,
+                                  BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
                                   stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN)
+                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
 
     seen = l_i > 0.0
+    if KEY_MASK:  # a padding query: zeros, as a row that sees no key
+        q_real = tl.load(km_row_ptr + qpos, mask=mask_r & (qpos >= 0), other=0) != 0
+        seen = seen & q_real
+        acc = tl.where(q_real[:, None], acc, 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + split * stride_os
@@ -300,11 +338,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
              batch: int, rows_per_seq: int, cu_q: torch.Tensor | None, seqlen_q: int,
              cu_k: torch.Tensor | None, seqused_k: torch.Tensor | None, k_extra: int,
              block_table: torch.Tensor | None, softmax_scale: float, causal: bool, window_size,
-             num_splits: int = 1, split_len: int = 0) -> None:
+             num_splits: int = 1, split_len: int = 0, packed_grid: bool = False,
+             key_mask: torch.Tensor | None = None) -> None:
     """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
 
     q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (varlen) or ``[B|blocks, S|page, Hk, D]`` (caches).
     With ``num_splits > 1``, out/lse are fp32 partial buffers ``[splits, Tq, Hq, D]`` / ``[splits, Hq, Tq]``.
+    ``packed_grid`` (needs ``cu_q``): size the grid from the token count instead of ``rows_per_seq`` (which then
+    only picks the block sizes). ``key_mask`` (caches only): uint8 ``[B, capacity]``, 0 = padding key/query.
     """
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
@@ -321,7 +362,10 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
         stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
     split = num_splits > 1
-    grid = (triton.cdiv(rows_per_seq, block_m), batch, Hk * num_splits)
+    if packed_grid:
+        grid = ((q.shape[0] * group) // block_m + batch, 1, Hk * num_splits)
+    else:
+        grid = (triton.cdiv(rows_per_seq, block_m), batch, Hk * num_splits)
     align = alignment((q, k, v, out), (q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb,
                                        stride_vt, stride_vh, out.stride(-3), out.stride(-2),
                                        out.stride(0) if split else 0))
@@ -330,13 +374,15 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         q, k, v, out, lse,
         cu_q if cu_q is not None else dummy, cu_k if varlen_k else dummy,
         seqused_k if seqused_k is not None else dummy, block_table if paged else dummy,
+        key_mask if key_mask is not None else dummy,
         q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         out.stride(-3), out.stride(-2), lse.stride(-2), out.stride(0) if split else 0, lse.stride(0) if split else 0,
-        block_table.stride(0) if paged else 0,
+        block_table.stride(0) if paged else 0, key_mask.stride(0) if key_mask is not None else 0,
         seqlen_q, k_extra, k.shape[1] if paged else 1, left, right, float(softmax_scale) * LOG2E,
-        split_len if split else 0,
+        split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
+        PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None,
         UPCAST=interpreting(), PREC=dot_precision(q.dtype), ALIGN=align, ALIGN_BYTES=align * q.element_size(),
         num_warps=warps, num_stages=stages, device=q.device,
     )
@@ -357,17 +403,23 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       causal: bool, window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
-    ``max_seqlen_q`` sizes the grid (it must be >= every sequence's query length); ``max_seqlen_k`` is unused (the
-    key loop bounds come from cu_seqlens_k on the device).
+    ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
+    sizes; ``max_seqlen_k`` is unused (the key loop bounds come from cu_seqlens_k on the device). The grid is the
+    packed one (:func:`_packed_block`: sized by the token count) when ``max_seqlen_q`` is unknown or when it has
+    fewer programs than ``cdiv(max_seqlen_q * GROUP, BLOCK_M) * B`` (unequal lengths, many sequences).
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)
     group = Hq // k.shape[1]
-    attn_fwd(q, k, v, out, lse, batch=cu_seqlens_q.numel() - 1, rows_per_seq=max_seqlen_q * group,
+    batch = cu_seqlens_q.numel() - 1
+    rows = (max_seqlen_q if max_seqlen_q >= 0 else Tq) * group
+    block_m = block_sizes(rows, D, q.element_size())[0]
+    packed = max_seqlen_q < 0 or (Tq * group) // block_m + batch < triton.cdiv(rows, block_m) * batch
+    attn_fwd(q, k, v, out, lse, batch=batch, rows_per_seq=rows,
              cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=None, k_extra=0, block_table=None,
-             softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right))
+             softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right), packed_grid=packed)
     return out, lse
 
 
@@ -378,22 +430,23 @@ def _register_static_cases() -> None:
     def sig(dt: str, split: bool) -> dict[str, str]:
         o = "fp32" if split else dt
         s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
-             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32"}
+             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
         for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
                      "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
-                     "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
+                     "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
             s[name] = "i32"
         s["qk_scale"] = "fp32"
-        s["split_len"] = "i32"
+        s.update(split_len="i32", num_seqs="i32", search_steps="i32")
         for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                     "PAGED", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
+                     "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
             s[name] = "constexpr"
         return s
 
-    # (name, head_dim, group, rows, varlen, paged, splits)
+    # (name, head_dim, group, rows, varlen, paged, splits); the patched encoders launch the packed grid, a padded
+    # batch through transformers' 2-D attention mask the key mask
     shapes = [
-        ("audio d64 h20 varlen", 64, 1, 1024, True, False, 1),
-        ("vision d72 h16 varlen", 72, 1, 1024, True, False, 1),
+        ("audio d64 h20 varlen packed", 64, 1, 1024, True, False, 1),
+        ("vision d72 h16 varlen packed", 72, 1, 1024, True, False, 1),
         ("thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1),
         ("thinker 32/4 d128 decode", 128, 8, 8, False, False, 1),
         ("thinker 32/4 d128 decode split", 128, 8, 8, False, False, 8),
@@ -406,6 +459,8 @@ def _register_static_cases() -> None:
         ("code2wav d64 h16 window72 kvcache t1", 64, 1, 1, False, False, 1),
         ("code2wav d64 h16 window72 kvcache t64", 64, 1, 64, False, False, 1),
         ("code2wav d64 h16 window72 kvcache one-shot", 64, 1, 1024, False, False, 1),
+        ("thinker 32/4 d128 padded prefill key mask", 128, 8, 4096, False, False, 1),
+        ("thinker 32/4 d128 padded decode key mask", 128, 8, 8, False, False, 1),
     ]
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:
@@ -414,7 +469,8 @@ def _register_static_cases() -> None:
                 f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
                 {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
                  "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-                 "UPCAST": False, "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
+                 "PACKED_GRID": name.endswith("packed"), "KEY_MASK": name.endswith("key mask"), "UPCAST": False,
+                 "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
                 num_warps=warps, num_stages=stages)
         static_case(
             f"combine_kernel[{dt},d128]", combine_kernel,

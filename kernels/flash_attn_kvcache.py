@@ -90,11 +90,13 @@ def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
 
 def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                       k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                      window_left: int, window_right: int, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      window_left: int, window_right: int, num_splits: int = 0,
+                      key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
     Returns (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see
-    :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks.
+    :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks. ``key_padding_mask``: bool
+    ``[B, capacity]`` (unit stride), False = padding (never attended; a padding query gives zeros).
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -110,7 +112,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     lse = torch.empty(Hq, B * Sq, dtype=torch.float32, device=q.device)
     common = dict(batch=B, rows_per_seq=Sq * group, cu_q=None, seqlen_q=Sq, cu_k=None, seqused_k=cache_seqlens,
                   k_extra=k_extra, block_table=block_table, softmax_scale=softmax_scale,
-                  causal=causal, window_size=(window_left, window_right))
+                  causal=causal, window_size=(window_left, window_right),
+                  key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8))
     if num_splits == 1:
         attn_fwd(q2, k_cache, v_cache, out, lse, **common)
     else:

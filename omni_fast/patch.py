@@ -12,6 +12,11 @@ What is replaced, and how (transformers' own extension points first, module swap
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
   no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
   positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
+- Audio / vision encoder attention (Qwen3-Omni and Qwen2.5-Omni): transformers passes the window/frame boundaries
+  (``cu_seqlens``) to the attention function only under a "flash" implementation name, and otherwise splits the
+  clip per window on the host; the attention modules' forward is swapped for one that calls the ``"omni_fast"``
+  attention function once with ``cu_seq_lens_q/k``: one :func:`omni_fast.ops.flash_attn_varlen` launch per layer,
+  no host sync in omni-fast's code.
 - Code2Wav (no extension point): the module's forward runs :class:`omni_fast.models.Code2Wav` (fused conv kernels);
   its ``chunked_decode`` keeps transformers' chunking on top of that forward.
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
@@ -53,6 +58,14 @@ _ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, ro
     "Qwen2_5OmniAttention",
 }
 _EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
+# Encoder attention over packed windows/frames (forward(hidden_states [T, C], cu_seqlens, ...)): swapped for one
+# varlen launch per layer (transformers passes cu_seqlens to the attention function only under "flash" names).
+_ENCODER_ATTENTION = {
+    "Qwen3OmniMoeAudioAttention",
+    "Qwen3OmniMoeVisionAttention",
+    "Qwen2_5OmniAudioAttention",
+    "Qwen2_5OmniVisionAttention",
+}
 
 
 @dataclass
@@ -143,6 +156,55 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
                              self.attention_dropout, scaling=self.scaling,
                              sliding_window=getattr(self, "sliding_window", None), **kwargs)
     return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
+
+
+def _encoder_qkv(self, hidden_states: torch.Tensor):
+    """q, k, v ``[T, H, D]`` (views of the projections; no copies) of an encoder attention module."""
+    T = hidden_states.shape[0]
+    if hasattr(self, "qkv"):  # Qwen3-Omni vision: one fused projection
+        return self.qkv(hidden_states).reshape(T, 3, self.num_heads, -1).unbind(1)
+    if hasattr(self, "q_proj"):  # audio encoders
+        return tuple(p(hidden_states).reshape(T, self.num_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+    return tuple(p(hidden_states).reshape(T, self.num_heads, -1) for p in (self.q, self.k, self.v))  # Qwen2.5 vision
+
+
+def _encoder_attention_forward(self, hidden_states, cu_seqlens=None, *args, **kwargs):
+    """Encoder attention over all windows (audio) or frames (vision) of a packed clip as ONE varlen launch.
+
+    transformers hands the attention function the window boundaries only under a "flash" implementation name;
+    under any other name it splits q/k/v per window on the host (``cu_seqlens.tolist()``, a sync) and calls it once
+    per window. This forward does what transformers' FlashAttention branch does: it calls the ``"omni_fast"``
+    attention function once with ``cu_seq_lens_q/k``, which runs :func:`omni_fast.ops.flash_attn_varlen` over the
+    whole clip (block-diagonal attention, the model's windows). ``max_seqlen`` when given sizes the launch; without
+    it the grid is sized from the token count (no host sync). Runs transformers' own forward instead with autograd
+    recording, with an explicit ``attention_mask`` (older transformers), without cu_seqlens or rotary embeddings,
+    or when the config's attention implementation is no longer ``"omni_fast"``.
+    """
+    position_embeddings = kwargs.get("position_embeddings")
+    vision = "Vision" in type(self).__name__
+    if (args or cu_seqlens is None or kwargs.get("attention_mask") is not None
+            or self.config._attn_implementation != ATTENTION_NAME or (vision and position_embeddings is None)
+            or _autograd_needed(self, hidden_states)):
+        return self._omni_fast_forward(hidden_states, cu_seqlens, *args, **kwargs)
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("position_embeddings", "attention_mask")}
+    max_seqlen = kwargs.pop("max_seqlen", None)
+    q, k, v = _encoder_qkv(self, hidden_states)
+    if vision:  # the model's own rotary helper (fp32 math, cast back), as transformers' forward applies it
+        cos, sin = position_embeddings
+        q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    attention = ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME]
+    # [T, H, D] -> [1, H, T, D] views: the function's layout; it hands the kernel [T, H, D] views again
+    out, _ = attention(self, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       attention_mask=None, scaling=self.scaling,
+                       dropout=0.0 if not self.training else self.attention_dropout, cu_seq_lens_q=cu_seqlens,
+                       cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen, is_causal=False,
+                       **kwargs)
+    out = out.reshape(hidden_states.shape[0], -1)
+    return (self.out_proj if hasattr(self, "out_proj") else self.proj)(out)
 
 
 def _autograd_needed(module: nn.Module, hidden_states: torch.Tensor) -> bool:
@@ -297,7 +359,13 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-                key = (part, f"{cls}: attention -> omni_fast varlen flash attention")
+                if cls in _ENCODER_ATTENTION:
+                    _swap_forward(module, _encoder_attention_forward)
+                    what = ("attention over all windows/frames -> one omni_fast flash_attn_varlen launch per layer "
+                            "(cu_seqlens)")
+                else:
+                    what = "attention -> omni_fast (per window, as transformers calls it)"
+                key = (part, f"{cls}: {what}")
                 counts[key] = counts.get(key, 0) + 1
             else:
                 key = (part, f"{cls}: attention" + ("" if part not in wanted else f" ({_NO_ATTENTION})"))

@@ -138,13 +138,15 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cache_seqlens: torch.Tensor, *, k: torch.Tensor | None = None,
                             v: torch.Tensor | None = None, causal: bool = True, window_size=(-1, -1),
                             softmax_scale: float | None = None, block_table: torch.Tensor | None = None,
-                            return_lse: bool = False):
+                            key_padding_mask: torch.Tensor | None = None, return_lse: bool = False):
     """Append new k/v to the cache (in place), then attend: q ``[B, Sq, Hq, D]`` -> out ``[B, Sq, Hq, D]``.
 
     Caches are ``[B, S, Hk, D]`` or paged ``[num_blocks, block_size, Hk, D]`` with ``block_table`` int32
     ``[B, max_blocks]``; ``cache_seqlens`` int32 ``[B]`` counts the tokens already cached (not updated here, as in
     FlashAttention). Sequence ``b`` attends to its ``cache_seqlens[b] (+ Sq when k is given)`` keys, the queries
     aligned bottom-right (the new queries are the last positions). lse (with ``return_lse``) is fp32 ``[B, Hq, Sq]``.
+    ``key_padding_mask`` bool ``[B, >= keys]`` (False = padding, an extension of FlashAttention's API): padding keys
+    are never attended, and a query whose own key position is padding gives zeros and ``lse = -inf``.
     """
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
@@ -159,7 +161,13 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if n == 0 or Sq == 0:
             continue
         kb, vb = _cache_rows(k_cache, block_table, b, n), _cache_rows(v_cache, block_table, b, n)
-        out[b], lse[b] = masked_attention(q[b], kb, vb, visible(Sq, n, left, right, q.device), scale)
+        mask = visible(Sq, n, left, right, q.device)
+        if key_padding_mask is not None:
+            real = key_padding_mask[b, :n].bool()
+            pos = torch.arange(Sq, device=q.device) + (n - Sq)  # the queries' key positions
+            q_real = torch.where(pos >= 0, real[pos.clamp(min=0)], False)
+            mask = mask & real[None, :] & q_real[:, None]
+        out[b], lse[b] = masked_attention(q[b], kb, vb, mask, scale)
     return (out, lse) if return_lse else out
 
 

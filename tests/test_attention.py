@@ -82,7 +82,8 @@ def test_reference_matches_transformers_eager_attention():
 # --- kernel vs reference: varlen -----------------------------------------------------------------------------
 
 
-def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1), scale=None):
+def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1), scale=None, unknown_max=False):
+    """Kernel vs reference; ``unknown_max``: the kernel gets ``max_seqlen=None`` (the packed grid)."""
     cq, ck = _cu(lens_q), _cu(lens_k)
     q = torch.randn(int(sum(lens_q)), Hq, D, dtype=dtype, device=DEVICE)
     k = torch.randn(int(sum(lens_k)), Hk, D, dtype=dtype, device=DEVICE)
@@ -91,6 +92,8 @@ def _check_varlen(lens_q, lens_k, Hq, Hk, D, dtype, causal=False, window=(-1, -1
     kw = dict(softmax_scale=scale, causal=causal, window_size=window, return_lse=True)
     exact, lse_exact = ref.flash_attn_varlen(q.double(), k.double(), v.double(), cq, ck, mq, mk, **kw)
     same = ref.flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw)[0]
+    if unknown_max:
+        mq = mk = None
     out, lse = flash_attn_varlen(q, k, v, cq, ck, mq, mk, **kw, backend="triton")
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (Hq, q.shape[0])
     assert_matches_reference(out, exact, same)
@@ -146,10 +149,28 @@ def test_varlen_no_tokens_and_strided_views():
 @given(lens=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=4),
        D=st.sampled_from([8, 24, 40]), Hk=st.integers(1, 2), group=st.sampled_from([1, 2, 4, 8]),
        causal=st.booleans(), left=st.integers(-1, 6), right=st.integers(-1, 6), dtype=st.sampled_from(KERNEL_DTYPES),
-       scale=st.sampled_from([None, 0.3]))
-def test_varlen_random(lens, D, Hk, group, causal, left, right, dtype, scale):
+       scale=st.sampled_from([None, 0.3]), unknown_max=st.booleans())
+def test_varlen_random(lens, D, Hk, group, causal, left, right, dtype, scale, unknown_max):
     lens_q, lens_k = [a for a, _ in lens], [b for _, b in lens]
-    _check_varlen(lens_q, lens_k, Hk * group, Hk, D, dtype, causal=causal, window=(left, right), scale=scale)
+    _check_varlen(lens_q, lens_k, Hk * group, Hk, D, dtype, causal=causal, window=(left, right), scale=scale,
+                  unknown_max=unknown_max)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_varlen_packed_grid_many_unequal_sequences(group, monkeypatch):
+    """The packed grid (sized by the token count, sequence found by a binary search over cu_seqlens): more
+    sequences than rows per block, empty ones, one spanning several blocks; taken when max_seqlen is None and when
+    it launches fewer programs than the classic grid, not for one long sequence."""
+    from omni_fast.kernels import flash_attn as fa
+
+    grids = []
+    real = fa.attn_fwd
+    monkeypatch.setattr(fa, "attn_fwd", lambda *a, **kw: grids.append(kw["packed_grid"]) or real(*a, **kw))
+    lens = [1] * 12 + [0, 37, 0, 0, 5] + [1] * 6  # 23 sequences; BLOCK_M is 16 under the interpreter
+    for unknown in (True, False):
+        _check_varlen(lens, lens, 2 * group, 2, 16, torch.float32, causal=group > 1, unknown_max=unknown)
+    _check_varlen([40], [40], group, 1, 16, torch.float32)
+    assert grids == [True, True, False]
 
 
 # --- kernel vs reference: KV cache ---------------------------------------------------------------------------
@@ -166,7 +187,7 @@ def _paged(cache: torch.Tensor, page: int):
 
 
 def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True, window=(-1, -1), page=None,
-                   num_splits=1):
+                   num_splits=1, key_padding_mask=None):
     kc = torch.randn(B, S, Hk, D, dtype=dtype, device=DEVICE)
     vc = torch.randn_like(kc)
     bt = None
@@ -177,7 +198,7 @@ def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True
     q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=DEVICE)
     k = torch.randn(B, Sq, Hk, D, dtype=dtype, device=DEVICE) if append else None
     v = torch.randn_like(k) if append else None
-    kw = dict(causal=causal, window_size=window, block_table=bt)
+    kw = dict(causal=causal, window_size=window, block_table=bt, key_padding_mask=key_padding_mask)
     kc_exact, vc_exact = kc.double(), vc.double()
     exact, lse_exact = ref.flash_attn_with_kvcache(q.double(), kc_exact, vc_exact, seqlens,
                                                    k=k.double() if append else None,
@@ -220,6 +241,52 @@ def test_kvcache_window_and_no_append():
     _check_kvcache(2, 40, 3, 2, 1, 32, torch.float32, [25, 3], causal=False)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kvcache_key_padding_mask(dtype):
+    """A padded batch in its own layout: left / right padding, holes, a fully padded row; decode, chunked prefill
+    (GQA 4), windows, split-KV, a paged cache, no append. Padding queries give zeros."""
+    B, S = 4, 40
+    mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    mask[0, :7] = False  # left padding
+    mask[1, 20:] = False  # right padding (its queries, the last positions, are padding)
+    mask[2, 3:9] = False  # holes
+    mask[2, 15] = False
+    mask[3] = False  # nothing real
+    lens = [33, 25, 37, 30]
+    _check_kvcache(B, S, 3, 4, 1, 32, dtype, lens, key_padding_mask=mask)
+    _check_kvcache(B, S, 1, 2, 2, 24, dtype, lens, key_padding_mask=mask, window=(5, -1))
+    _check_kvcache(B, S, 3, 2, 1, 16, dtype, lens, key_padding_mask=mask, causal=False, window=(4, 4),
+                   append=False)
+    big = torch.ones(B, 300, dtype=torch.bool, device=DEVICE)
+    big[:, :100] = False
+    big[1, 150:160] = False
+    _check_kvcache(B, 300, 1, 2, 1, 16, dtype, [290, 150, 200, 5], key_padding_mask=big, num_splits=3)
+    _check_kvcache(B, S, 2, 2, 1, 16, dtype, lens, key_padding_mask=mask, page=8)
+
+
+def test_kvcache_key_padding_mask_matches_eager_with_explicit_mask():
+    """The reference's key padding mask == transformers' eager attention with the 4-D mask a padded batch gets
+    (causal & padding, positions of the padded layout), on the rows that are not padding."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
+
+    class M(torch.nn.Module):
+        num_key_value_groups = 2
+
+    B, S, D = 2, 9, 16
+    q, k, v = torch.randn(B, 4, S, D), torch.randn(B, 2, S, D), torch.randn(B, 2, S, D)
+    real = torch.ones(B, S, dtype=torch.bool)
+    real[0, :3] = False
+    real[1, 4] = False
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool)) & real[:, None, :]
+    add = torch.zeros(B, 1, S, S).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    want, _ = eager_attention_forward(M(), q, k, v, add, D ** -0.5)
+    got = ref.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2).contiguous(),
+                                      v.transpose(1, 2).contiguous(), torch.full((B,), S, dtype=torch.int32),
+                                      key_padding_mask=real)
+    torch.testing.assert_close(got[real], want[real])
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))
+
+
 def test_kvcache_int_seqlens_and_zero_batch():
     kc, vc = torch.zeros(2, 8, 1, 16, device=DEVICE), torch.zeros(2, 8, 1, 16, device=DEVICE)
     q, k = torch.randn(2, 1, 2, 16, device=DEVICE), torch.randn(2, 1, 1, 16, device=DEVICE)
@@ -237,6 +304,11 @@ def test_bf16_real_head_shapes(shape):
     Hq, Hk, D, L = shape
     _check_varlen([L, L // 3, 1], [L, L // 3, 1], Hq, Hk, D, torch.bfloat16, causal=Hq != Hk)
     _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0)
+    mask = torch.ones(2, 4096, dtype=torch.bool, device=DEVICE)
+    mask[0, :1000] = False  # a left-padded row
+    mask[1, 5:9] = False
+    _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0, key_padding_mask=mask)
+    _check_kvcache(2, 512, 300, Hq, Hk, D, torch.bfloat16, [200, 0], key_padding_mask=mask[:, :512])
 
 
 # --- dispatch, tracing, bad input ---------------------------------------------------------------------------
@@ -265,6 +337,12 @@ def test_traces_under_torch_compile():
         return flash_attn_varlen(q, k, k, cu, cu, 4, 4, causal=True, backend="triton") * 2
 
     torch.testing.assert_close(torch.compile(f_triton, fullgraph=True, backend="eager")(q, k), f(q, k),
+                               rtol=1e-5, atol=1e-5)
+
+    def f_no_max(q, k):  # max_seqlen None (the packed grid): no host value needed while tracing either
+        return flash_attn_varlen(q, k, k, cu, cu, None, None, causal=True, backend="triton") * 2
+
+    torch.testing.assert_close(torch.compile(f_no_max, fullgraph=True, backend="eager")(q, k), f(q, k),
                                rtol=1e-5, atol=1e-5)
 
     def g(q, kc, vc, lens, kn):
@@ -296,6 +374,7 @@ def _varlen(**over):
     (dict(v=torch.randn(7, 2, 16, dtype=torch.float16)), TypeError, "same dtype"),
     (dict(q=torch.randn(7, 4, 16).to(torch.int32)), TypeError, "q must have dtype"),
     (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
+    (dict(max_seqlen_q=4.0), TypeError, "max_seqlen_q must be an int"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
     (dict(window_size=3), ValueError, "window_size must be a pair"),
     (dict(softmax_scale="x"), TypeError, "softmax_scale"),
@@ -328,6 +407,8 @@ def _kvcache(**over):
     (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), k_cache=torch.zeros(2, 4, 2, 16),
           v_cache=torch.zeros(2, 4, 2, 16)), ValueError, "too few|cache too small"),
     (dict(num_splits=-1), ValueError, "num_splits"),
+    (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must have dtype"),
+    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
 ])
 def test_kvcache_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):

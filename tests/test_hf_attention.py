@@ -104,6 +104,63 @@ def test_thinker_text_model_left_padding():
 
 
 @torch.no_grad()
+def test_thinker_text_model_padding_holes_and_decode():
+    """A 2-D mask with holes (not only left/right padding), then two decode steps: the padded layout with the key
+    padding mask gives eager's result on every real row (windows/causality count layout positions, as eager)."""
+    cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    x, steps = torch.randn(2, 8, 32, generator=g), [torch.randn(2, 1, 32, generator=g) for _ in range(2)]
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 2:4] = 0  # a hole
+    mask[1, :3] = 0  # left padding
+
+    def run(m):
+        cache = DynamicCache(config=m.config)
+        out = m(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+        outs = [out[mask.bool()]]
+        full = mask
+        for s in steps:
+            full = torch.cat([full, torch.ones(2, 1, dtype=torch.long)], 1)
+            outs.append(m(inputs_embeds=s, attention_mask=full, past_key_values=cache,
+                          use_cache=True).last_hidden_state)
+        return tuple(outs)
+
+    _both(model, run)
+
+
+def test_padded_batch_path_makes_no_host_sync(monkeypatch):
+    """A 2-D padding mask reaches the kernel with no host-value read in omni-fast's path (attention function, op
+    dispatch; kernel stubbed, CPU-only value checks off as for CUDA tensors)."""
+    from omni_fast.ops import attention as attn_ops
+
+    class M(torch.nn.Module):
+        is_causal = True
+
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    monkeypatch.setattr(attn_ops, "values_checkable", lambda *a, **k: False)
+    launches = []
+
+    def kernel_stub(q, *args):
+        launches.append(args[5])  # the key padding mask
+        return torch.zeros_like(q), q.new_zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    monkeypatch.setattr(attn_ops._kvcache_op, "_impls", {name: kernel_stub for name in attn_ops._kvcache_op._impls})
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync")
+
+    with torch.no_grad(), monkeypatch.context() as m:
+        for name in ("item", "tolist", "__int__", "__bool__", "__float__", "nonzero"):
+            m.setattr(torch.Tensor, name, no_sync)
+        m.setattr(torch, "nonzero", no_sync)
+        out, _ = omni_fast_attention_forward(M(), q, k, v, mask, scaling=0.25)
+    assert out.shape == (2, 5, 4, 16) and len(launches) == 1 and launches[0].dtype == torch.bool
+
+
+@torch.no_grad()
 def test_thinker_text_model_packed_position_ids():
     cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
@@ -243,3 +300,34 @@ def test_registered_names():
 
     assert AttentionInterface()["omni_fast"] is omni_fast_attention_forward
     assert ALL_MASK_ATTENTION_FUNCTIONS["omni_fast"] is omni_fast_mask
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_padded_batch_no_host_sync_bf16():
+    """On CUDA: a left-padded batch (prefill, then a decode step against the grown keys) through the attention
+    function runs without a host sync (CUDA sync debug mode "error") and matches eager on the real rows."""
+    class M(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 8
+
+    B, S, D = 3, 300, 128
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(B, h, S, D, device=dev, dtype=dt) for h in (32, 4, 4))
+    mask = torch.ones(B, S, dtype=torch.long, device=dev)
+    mask[1, :100] = 0
+    mask[2, :7] = 0
+    real = mask.bool()
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool, device=dev)) & real[:, None, :]
+    add = torch.zeros(B, 1, S, S, device=dev, dtype=dt).masked_fill(~allowed[:, None], torch.finfo(dt).min)
+    want, _ = q3.eager_attention_forward(M(), q, k, v, add, D ** -0.5)
+    for q_len in (S, 1):
+        omni_fast_attention_forward(M(), q[:, :, -q_len:], k, v, mask, scaling=D ** -0.5)  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got, _ = omni_fast_attention_forward(M(), q[:, :, -q_len:], k, v, mask, scaling=D ** -0.5)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        rows = real[:, -q_len:]
+        torch.testing.assert_close(got[rows].float(), want[:, -q_len:][rows].float(), rtol=2e-2, atol=2e-2)

@@ -278,7 +278,7 @@ def test_qwen2_5_omni_thinker_generate_parity(kernel_calls):
 
 def test_qwen2_5_omni_full_model_patch(kernel_calls):
     """``Qwen2_5OmniForConditionalGeneration`` with talker and Token2Wav: the thinker's and the talker's attention
-    RoPE are swapped (contiguous M-RoPE sections), Token2Wav (DiT + BigVGAN) and the encoders are reported as left.
+    RoPE are swapped (contiguous M-RoPE sections), Token2Wav (DiT + BigVGAN) is reported as left.
     Parity: the thinker's greedy ``generate`` and the talker model's hidden states (3-row positions). transformers'
     full-model ``generate`` needs a speaker file (``speaker_map``: conditioning mels) to make audio, so it is not
     run here."""

@@ -11,7 +11,9 @@ Providers (each left out where it cannot run; a provider that raises is dropped 
 ``eager`` the masked PyTorch reference (only where its dense per-sequence scores fit in memory),
 ``sdpa_<backend>`` PyTorch SDPA forced to one backend (math, efficient, flash, cudnn) with the equivalent mask
 (``is_causal`` when that is exact, else a dense bool mask), ``flex`` FlexAttention (compiled) with a block mask,
-``omni_fast`` the Triton kernels.
+``omni_fast`` the Triton kernels; for the encoder shapes also ``omni_fast_nomax`` (``max_seqlen=None``: the packed
+grid the patched encoders launch) and ``omni_fast_per_window`` (one launch per window/frame, what transformers'
+non-flash encoder path makes of an attention function).
 
 flops = 4 * D * Hq * (number of visible query-key pairs): only unmasked work counts. bytes = q, k, v read once and
 the output written once (for decode: the cache dominates, so % of HBM bandwidth is the figure of merit).
@@ -121,6 +123,17 @@ def _varlen_setup(lens: list[int], hq: int, hk: int, d: int, causal: bool, windo
         mx = max(lens)
         fns = {"omni_fast": lambda: ops.flash_attn_varlen(q, k, v, cu, cu, mx, mx, causal=causal, window_size=window,
                                                           backend="triton")}
+        if len(lens) > 1:
+            # what the patched encoders launch (no max_seqlen: grid sized by the token count, no host sync), and
+            # transformers' non-flash encoder path under "omni_fast" before the patch: one launch per window
+            fns["omni_fast_nomax"] = lambda: ops.flash_attn_varlen(q, k, v, cu, cu, None, None, causal=causal,
+                                                                   window_size=window, backend="triton")
+            one = torch.tensor([0], device=device, dtype=torch.int32)
+            splits = [(q[a:a + n], k[a:a + n], v[a:a + n], torch.cat([one, one + n]))
+                      for a, n in zip(cu[:-1].tolist(), lens)]
+            fns["omni_fast_per_window"] = lambda: [
+                ops.flash_attn_varlen(qw, kw, vw, c, c, qw.shape[0], qw.shape[0], causal=causal, window_size=window,
+                                      backend="triton") for qw, kw, vw, c in splits]
         if hq * mx * mx * 4 <= EAGER_LIMIT:
             fns["eager"] = lambda: ref.flash_attn_varlen(q, k, v, cu, cu, mx, mx, causal=causal, window_size=window)
         q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
@@ -188,9 +201,10 @@ def _check_varlen(lens, hq, hk, d, causal, window):
         T = sum(lens)
         q, k, v = torch.randn(T, hq, d), torch.randn(T, hk, d), torch.randn(T, hk, d)
         mx = max(lens)
-        out = ops.flash_attn_varlen(q, k, v, cu, cu, mx, mx, causal=causal, window_size=window, backend="triton")
         exp = ref.flash_attn_varlen(q, k, v, cu, cu, mx, mx, causal=causal, window_size=window)
-        torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+        for m in (mx, None):  # None: the packed grid (no max_seqlen)
+            out = ops.flash_attn_varlen(q, k, v, cu, cu, m, m, causal=causal, window_size=window, backend="triton")
+            torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
 
     return check
 

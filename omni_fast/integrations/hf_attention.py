@@ -10,10 +10,11 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
 - **no mask**: causal (``is_causal`` kwarg, else ``module.is_causal``) aligned bottom-right, so keys that include a
   transformers ``Cache``'s past work for chunked prefill and decoding; ``sliding_window=w`` means the last ``w``
   keys up to and including the query's own position (``window_size=(w - 1, 0)``; bidirectional ``(w-1, w-1)``);
-- **2-D padding mask** (bool/int ``[B, L]``, 1 = real token): real tokens are packed and run through
-  :func:`omni_fast.ops.flash_attn_varlen` (FlashAttention-2's unpadding); padded query rows return zeros (eager
-  returns an average over masked keys there, a meaningless value either way). A mask shorter than the keys (a
-  static cache's unused tail) marks the extra keys as padding;
+- **2-D padding mask** (bool/int ``[B, L]``, 1 = real token): the batch runs in its padded layout with the mask as
+  the kernel's key padding mask (:func:`omni_fast.ops.flash_attn_with_kvcache` with ``key_padding_mask``; no
+  unpadding gather, no host sync); padded query rows return zeros (eager returns an average over masked keys
+  there, a meaningless value either way). A mask shorter than the keys (a static cache's unused tail) limits the
+  keys to its length;
 - **packed sequences**: ``cu_seq_lens_q``/``cu_seq_lens_k`` (transformers' FlashAttention kwargs, with
   ``max_length_q``/``max_length_k``) or ``cu_seqlens`` with batch 1: block-diagonal varlen attention; without
   them, batch-1 ``position_ids`` that restart at 0 (FlashAttention's packing rule in transformers, applied when
@@ -22,8 +23,9 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
 Note: the Qwen-Omni audio and vision encoders only pass ``cu_seq_lens_*`` to implementations whose name contains
-"flash"; under ``"omni_fast"`` they split the packed sequence per window on the host and call this function once
-per window, which is correct (the block-diagonal result) but issues one launch per window.
+"flash"; under ``"omni_fast"`` transformers' own forward splits the packed sequence per window on the host and
+calls this function once per window (correct, one launch per window). :func:`omni_fast.patch` swaps those
+attention forwards for one that calls this function once with ``cu_seq_lens_*``: one varlen launch per layer.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def _cu_from_kwargs(kwargs: dict):
     return cu_q, cu_k
 
 
-def _max_len(cu: torch.Tensor, given) -> int:
-    if given is not None:
-        return int(given)
-    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+def _max_len(given) -> int | None:
+    """The longest sequence when the caller gave it as a Python int, else None: the varlen launch is then sized from
+    the token count, so no host sync is spent computing the maximum (transformers' 4.57-era encoders passed it as a
+    0-d device tensor)."""
+    return int(given) if isinstance(given, int) and not isinstance(given, bool) else None
 
 
 def _cu_from_positions(position_ids, T: int):
@@ -77,31 +80,31 @@ def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
         raise ValueError(f"cu_seqlens attention expects batch 1 (packed tokens), got batch {query.shape[0]}")
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
     out = flash_attn_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
-                            _max_len(cu_q, kwargs.get("max_length_q")), _max_len(cu_k, kwargs.get("max_length_k")),
+                            _max_len(kwargs.get("max_length_q")), _max_len(kwargs.get("max_length_k")),
                             softmax_scale=scale, window_size=window)
     return out[None]
 
 
-def _unpadded(query, key, value, mask2d, scale, window):
-    """Pack the real tokens of a padded batch, run varlen attention, scatter back (zeros on padded queries)."""
-    from ..ops import flash_attn_varlen
+def _padded(query, key, value, mask2d, scale, window):
+    """A padded batch in its own layout: the 2-D mask becomes the kernel's key padding mask (no unpadding).
+
+    Keys are the first ``L = min(mask length, Sk)`` rows of each batch row (a mask shorter than the keys: a static
+    cache's unfilled tail), the queries their last ``Sq`` positions, so causal and sliding windows count positions
+    in the padded layout exactly as eager does. Padding queries give zeros (eager returns an average over masked
+    keys there, a meaningless value either way). No host sync: no ``nonzero``, no ``max``.
+    """
+    from ..ops import flash_attn_with_kvcache
 
     B, Hq, Sq, D = query.shape
     Sk = key.shape[2]
-    real = mask2d.bool()
-    q_real = real[:, -Sq:]  # the queries are the newest positions of the mask
-    k_real = F.pad(real, (0, Sk - real.shape[1]), value=False) if real.shape[1] < Sk else real[:, -Sk:]
-    q = query.transpose(1, 2)[q_real]  # [Tq, Hq, D]
-    k = key.transpose(1, 2)[k_real]
-    v = value.transpose(1, 2)[k_real]
-    lq, lk = q_real.sum(1), k_real.sum(1)
-    cu_q = F.pad(lq.cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = F.pad(lk.cumsum(0), (1, 0)).to(torch.int32)
-    out = flash_attn_varlen(q, k, v, cu_q, cu_k, int(lq.max()), int(lk.max()), softmax_scale=scale,
-                            window_size=window)
-    full = query.new_zeros(B, Sq, Hq, D)
-    full[q_real] = out
-    return full
+    L = min(mask2d.shape[1], Sk)
+    real = mask2d[:, -L:].bool()
+    if L < Sk:
+        real = F.pad(real, (0, Sk - L), value=False)
+    lens = torch.full((B,), L, dtype=torch.int32, device=query.device)
+    return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+                                   causal=window[1] == 0, window_size=window, softmax_scale=scale,
+                                   key_padding_mask=real)
 
 
 def _masked_fallback(query, key, value, mask, scale):
@@ -162,7 +165,7 @@ def omni_fast_attention_forward(
                                       causal=window[1] == 0, window_size=window, softmax_scale=scale)
         return out, None
     if attention_mask.dim() == 2:
-        return _unpadded(query, key, value, attention_mask, scale, window), None
+        return _padded(query, key, value, attention_mask, scale, window), None
     return _masked_fallback(query, key, value, attention_mask, scale), None
 
 

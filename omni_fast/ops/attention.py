@@ -30,7 +30,7 @@ def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                causal: bool, window_left: int, window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``)."""
+    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown."""
 
 
 @_varlen_op.impl("reference")
@@ -64,8 +64,8 @@ def _append_triton(*args):
     flash_attn_kvcache.append_kv(*args)
 
 
-def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, softmax_scale, causal, window_left,
-                  window_right, num_splits, backend):
+def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, softmax_scale, causal,
+                  window_left, window_right, num_splits, backend):
     B, Sq, Hq, _ = q.shape
     # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -74,25 +74,26 @@ def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, soft
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
 @dispatched_op("kvcache_attention", fake=_fake_kvcache)
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                window_left: int, window_right: int, num_splits: int,
+                k_extra: int, block_table: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
 
 
 @_kvcache_op.impl("reference")
-def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right,
-                       num_splits):
+def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, scale, causal,
+                       left, right, num_splits):
     return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens + k_extra, causal=causal,
                                        window_size=(left, right), softmax_scale=scale, block_table=block_table,
-                                       return_lse=True)
+                                       key_padding_mask=key_padding_mask, return_lse=True)
 
 
 @_kvcache_op.impl("triton")
-def _kvcache_triton(*args):
+def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, *rest):
     from ..kernels import flash_attn_kvcache
 
-    return flash_attn_kvcache.kvcache_attention(*args)
+    return flash_attn_kvcache.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, *rest,
+                                                key_padding_mask=key_padding_mask)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -132,8 +133,8 @@ def flash_attn_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
     *,
     softmax_scale: float | None = None,
     causal: bool = False,
@@ -145,7 +146,9 @@ def flash_attn_varlen(
 
     q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (fp16/bf16/fp32, one dtype, unit stride in D; Hq a multiple of Hk,
     D <= 256); cu_seqlens_q/k int32 ``[B + 1]`` prefix sums of the per-sequence lengths; ``max_seqlen_q`` at least
-    the longest query sequence (it sizes the launch grid). ``softmax_scale`` defaults to ``D ** -0.5``; causal
+    the longest query sequence, or None when unknown (an extension of FlashAttention's API: the launch grid is then
+    sized from the token count, so callers holding cu_seqlens on the GPU need no host sync to get the maximum);
+    ``max_seqlen_k`` is not needed (None allowed). ``softmax_scale`` defaults to ``D ** -0.5``; causal
     masks and windows are aligned bottom-right. Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
     ``(out, lse)`` with lse fp32 ``[Hq, Tq]`` (natural log; ``-inf`` for rows that see no key, whose output is 0).
     """
@@ -160,17 +163,20 @@ def flash_attn_varlen(
     B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device)
     if check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device) != B:
         raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
-    check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
-    check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
-    if values_checkable(cu_seqlens_q) and B > 0:
+    if max_seqlen_q is not None:
+        check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    if max_seqlen_k is not None:
+        check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    if max_seqlen_q is not None and values_checkable(cu_seqlens_q) and B > 0:
         longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         if longest > max_seqlen_q:
             raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
-    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                          bool(causal), left, right, be)
+    # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
+    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
+                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, bool(causal), left, right, be)
     return (out, lse) if return_lse else out
 
 
@@ -189,6 +195,7 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_lse: bool = False,
     backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ):
     """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
 
@@ -197,8 +204,11 @@ def flash_attn_with_kvcache(
     New ``k``/``v`` ``[B, Sq, Hk, D]`` are written into the caches at ``cache_seqlens[b]..`` (in place; cache_seqlens
     itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
     alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
-    split-KV for long caches at small batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and
-    with ``return_lse`` ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
+    split-KV for long caches at small batch, 1 = off, n = force n key chunks. ``key_padding_mask`` (an extension
+    of FlashAttention's API): bool ``[B, capacity]`` (unit stride along keys), False = padding: padding keys are
+    never attended and a query whose own key position is padding gives zeros (a padded batch in its padded
+    layout: no unpadding, no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``,
+    lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
@@ -230,6 +240,9 @@ def flash_attn_with_kvcache(
             raise ValueError(f"k_cache must have shape [{B}, S, {Hk}, {D}] (one row per sequence), got "
                              f"{list(k_cache.shape)}")
         capacity = slot_len
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), shape=(B, capacity), device=q.device,
+                     last_dim_contiguous=True)
     appended = Sq if k is not None else 0
     if capacity - appended < 0:
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
@@ -245,8 +258,8 @@ def flash_attn_with_kvcache(
     be = _kvcache_op.resolve(tensors, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
-    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, scale, bool(causal), left,
-                           right, int(num_splits), be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, key_padding_mask, scale,
+                           bool(causal), left, right, int(num_splits), be)
     return (out, lse) if return_lse else out
 
 
