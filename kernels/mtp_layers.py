@@ -185,6 +185,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     L = k_cache.shape[2]
     group = Hq // Hk
     out = q.new_empty(B, T, Hq, D)
+    if T == 0:  # nothing to attend or write (the query tile would be empty)
+        return out
     norm_rope = q_norm is not None
     launch(
         cached_attention_kernel, (B, Hk),

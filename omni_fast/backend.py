@@ -69,6 +69,13 @@ def requested_backend(explicit: str | None = None) -> str:
     return "auto"
 
 
+def graph_capturable(explicit: str | None = None) -> bool:
+    """Whether ops run under this backend choice can be captured in a CUDA graph: every backend but
+    ``"reference"``, whose pure-PyTorch ops read lengths and indices on the host (a sync, which a capture
+    forbids). Model modules use it to pick their CUDA-graph default."""
+    return requested_backend(explicit) != "reference"
+
+
 def resolve_backend(
     op_name: str, tensors: Iterable[torch.Tensor], available: Iterable[str], explicit: str | None = None
 ) -> str:

@@ -98,6 +98,24 @@ def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
                          f"place; pass a contiguous copy")
 
 
+def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """An in-place output ``a`` must not share memory with an input ``b`` that other programs still read while it is
+    written (the result would depend on the launch order)."""
+    if _is_tracing() or a.numel() == 0 or b.numel() == 0:
+        return
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{name_a} must not overlap {name_b} in memory (it is written while {name_b} is read); "
+                         f"pass a copy")
+
+
 def values_checkable(t: torch.Tensor, check_values: bool | None = None) -> bool:
     """Whether a data-dependent check (which syncs the host on CUDA) may run on ``t`` now."""
     if _is_tracing():

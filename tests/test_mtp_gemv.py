@@ -138,6 +138,19 @@ def test_cached_attention_with_norm_rope(dtype, B, Hq, Hk, D, L):
         assert torch.equal(kt[:, :, untouched], kc[:, :, untouched])
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_cached_attention_empty_step(backend):
+    """T = 0 (a valid, empty step) returns an empty output and leaves the caches alone on every backend."""
+    q, k, v = torch.randn(1, 0, 4, 16), torch.randn(1, 0, 2, 16), torch.randn(1, 0, 2, 16)
+    kc, vc = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    k0 = kc.clone()
+    for start in (3, 8):
+        out = mtp_layers.cached_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE),
+                                          start=start, backend=backend)
+        assert out.shape == (1, 0, 4, 16)
+    assert torch.equal(kc, k0)
+
+
 def test_rope_tables_match_transformers_rotary_embedding():
     cfg = Qwen3OmniMoeTalkerCodePredictorConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                 head_dim=16, rope_parameters={"rope_type": "default",
@@ -236,6 +249,15 @@ def test_fused_decode_step_gathers_the_embedding():
 
 def test_gemv_bad_input():
     x, w, nw = torch.randn(2, 8), torch.randn(6, 8), torch.ones(8)
+    sq = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="resid must not overlap x"):
+        mtp_layers.linear_residual_(sq, sq, torch.randn(8, 8))  # other programs would read x while it is written
+    table = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="gathered must not overlap x"):
+        mtp_layers.norm_linear(table, nw, w, rows=torch.tensor([0, 1]), gathered=table[3:5])
+    with pytest.raises(ValueError, match="decode-sized"):
+        mtp_layers.cached_attention(torch.randn(1, 9, 8, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16),
+                                    torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16), start=0)
     with pytest.raises(ValueError, match="weight"):
         mtp_layers.norm_linear(x, nw, torch.randn(6, 7))
     with pytest.raises(ValueError, match="norm_weight"):

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import omni_fast  # noqa: E402
 from omni_fast.models.presets import TINY_IDS  # noqa: E402
 from omni_fast.models.qwen3_omni import Qwen3Omni, Request, mel_features  # noqa: E402
 
@@ -401,3 +402,38 @@ def test_set_patched_switches_every_stage(pipe):
     finally:
         if pipe.model.__dict__.get("_omni_fast_patched", False):
             omni_fast.unpatch(pipe.model)
+
+
+def test_fast_stages_follow_weight_changes(pipe):
+    """The patched pipeline's MTP step and Code2Wav copy (repack) transformers' weights: after an in-place weight
+    edit they are rebuilt, so the audio equals a freshly built pipeline's."""
+    import omni_fast
+
+    req = Request(text=[5, 6, 7, 8, 9])
+    p = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer, backend="reference")
+    saved = {n: t.clone() for n, t in pipe.model.code2wav.state_dict().items()}
+    try:
+        before = p.generate(req, **GREEDY)[0]["audio"]
+        with torch.no_grad():
+            for t in pipe.model.code2wav.parameters():
+                if t.dim() == 3:
+                    t.mul_(1.5)
+        after = p.generate(req, **GREEDY)[0]["audio"]
+        fresh = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer, backend="reference")
+        assert not torch.equal(after, before)
+        torch.testing.assert_close(after, fresh.generate(req, **GREEDY)[0]["audio"], rtol=0, atol=0)
+    finally:
+        pipe.model.code2wav.load_state_dict(saved)
+        omni_fast.unpatch(pipe.model)
+
+
+def test_graph_defaults_follow_the_backend(monkeypatch):
+    """CUDA-graph defaults are off under the reference backend (its ops read values on the host), however it was
+    chosen: argument, use_backend block or environment."""
+    from omni_fast.backend import graph_capturable
+
+    assert graph_capturable() and graph_capturable("triton") and not graph_capturable("reference")
+    with omni_fast.use_backend("reference"):
+        assert not graph_capturable() and graph_capturable("cuda")
+    monkeypatch.setenv("OMNI_FAST_BACKEND", "reference")
+    assert not graph_capturable()

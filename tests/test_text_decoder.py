@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, StaticCache  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
 
+import omni_fast  # noqa: E402
 from omni_fast.models.presets import tiny_qwen3_omni_config  # noqa: E402
 from omni_fast.models.text_decoder import MoeTextDecoder  # noqa: E402
 from omni_fast.testing import randomize_  # noqa: E402
@@ -222,6 +223,51 @@ def test_rewind_repeats_a_step():
     torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="steps"):
         dec.rewind(-1)
+
+
+def test_rewind_keeps_bucket_padding_rows_at_zero():
+    """B = 3 runs in bucket 4: the hidden padding row holds no token, and rewinding must not drive it negative
+    (the next step would then refuse the batch on a CPU, or write before the row on a GPU)."""
+    m, head = _model("thinker")
+    mask = _left_padded([6, 3, 5], 6)
+    pos3 = _text_positions(mask)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
+    dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=4)
+    dec.rewind(1)
+    assert dec._state.cache_seqlens.tolist() == [5, 2, 4, 0]
+    dec.step(torch.randn(3, m.config.hidden_size), pos3[0, :, -1])
+    assert dec._state.cache_seqlens.tolist() == [6, 3, 5, 1]
+
+
+def test_interleaved_streams_get_their_own_decoders():
+    """Two pipeline streams advanced alternately with graph decode give the ids each gives alone: a live stream's
+    decoder (its KV cache) is never handed to another; once a stream ends its decoder is reused."""
+    from omni_fast.models.qwen3_omni import Qwen3Omni, Request
+
+    pipe = Qwen3Omni.random("tiny", patch=False, seed=2)
+    kw = dict(max_new_tokens=6, talker_max_new_tokens=4, first_chunk=300, chunk=300, graph_decode=True)
+    r1, r2 = [Request(text=[5, 6, 7, 8, 9])], [Request(text=[30, 31])]
+
+    def ids(events):
+        return [t for ev in events if ev.kind == "text" for t in ev.token_ids]
+
+    with omni_fast.use_backend("reference"):
+        want1, want2 = ids(pipe.stream(r1, **kw)), ids(pipe.stream(r2, **kw))
+        assert len(pipe._decoders["thinker"][1]) == 1  # sequential streams share one decoder
+        g1, g2 = pipe.stream(r1, **kw), pipe.stream(r2, **kw)
+        got1, got2, live = [], [], {0: g1, 1: g2}
+        while live:
+            for j in list(live):
+                try:
+                    ev = next(live[j])
+                except StopIteration:
+                    del live[j]
+                    continue
+                if ev.kind == "text":
+                    (got1 if j == 0 else got2).extend(ev.token_ids)
+        del g1, g2
+    assert (got1, got2) == (want1, want2)
+    assert len(pipe._decoders["thinker"][1]) == 2
 
 
 def test_bench_decode_cases_on_tiny(monkeypatch):

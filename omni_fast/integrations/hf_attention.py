@@ -98,7 +98,7 @@ def _padded(query, key, value, mask2d, scale, window):
     B, Hq, Sq, D = query.shape
     Sk = key.shape[2]
     L = min(mask2d.shape[1], Sk)
-    real = mask2d[:, -L:].bool()
+    real = mask2d[:, mask2d.shape[1] - L:].bool()  # (not [:, -L:], which is the whole mask when L = 0)
     if L < Sk:
         real = F.pad(real, (0, Sk - L), value=False)
     lens = torch.full((B,), L, dtype=torch.int32, device=query.device)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
 from ..reference import code2wav as ref
@@ -212,6 +213,9 @@ class Code2WavStream:
         self.state = state
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        if cuda_graphs and not graph_capturable(model.backend):
+            raise ValueError("cuda_graphs=True needs the triton or cuda backend (the reference ops read values on "
+                             "the host, which a capture forbids)")
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_buckets = tuple(sorted({check_positive_int("graph bucket", int(b)) for b in graph_buckets}))
         self._graphs: dict[int, _GraphStep] = {}

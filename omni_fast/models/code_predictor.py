@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
@@ -234,7 +235,8 @@ class CodePredictor(torch.nn.Module):
         fused = self.fused if fused is None else bool(fused)
         x = talker_hidden.to(self.table.dtype)
         if use_graph is None:
-            use_graph = talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
+            use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
+                         and graph_capturable(backend))
         if use_graph and B > 0:
             return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, backend, fused)
         seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..backend import graph_capturable
+
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] float -> ids [B] int64
 
 
@@ -114,7 +116,8 @@ class ExactStreamingCodec:
     """
 
     def __init__(self, code2wav, batch_size: int, *, first_chunk: int = 1, chunk: int = 12):
-        self.stream = code2wav.stream(batch_size, cuda_graphs=code2wav.device.type == "cuda")
+        self.stream = code2wav.stream(batch_size, cuda_graphs=code2wav.device.type == "cuda"
+                                      and graph_capturable(code2wav.backend))
         self.first_chunk, self.chunk = first_chunk, chunk
         self.done = 0  # frames already pushed
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -172,6 +173,11 @@ class ByteTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline
+class _Lease:
+    """A token a :meth:`Qwen3Omni.stream` generator holds while it runs; the decoders leased to it are free again
+    once it is gone (the generator finished or was garbage-collected)."""
+
+
 class Qwen3Omni:
     """Thinker -> talker -> MTP -> streaming Code2Wav for a transformers ``Qwen3OmniMoeForConditionalGeneration``.
 
@@ -183,8 +189,9 @@ class Qwen3Omni:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.backend = backend
-        self._decoders: dict[str, tuple] = {}  # "thinker"/"talker" -> (weights key, MoeTextDecoder)
-        self._fast_stages = None  # (OmniCodePredictor, Code2Wav), built on first patch and kept across unpatch
+        # "thinker"/"talker" -> (weights key, [[MoeTextDecoder, weakref to the _Lease of the stream using it]])
+        self._decoders: dict[str, tuple] = {}
+        self._fast_stages = None  # (weights key, OmniCodePredictor, Code2Wav): rebuilt when the weights change
         thinker_cfg = self.config.thinker_config
         self.spec = PositionSpec.from_config(thinker_cfg)
         self.tokenizer = tokenizer
@@ -210,19 +217,31 @@ class Qwen3Omni:
         if patched:
             if not model.__dict__.get("_omni_fast_patched", False):
                 self.patch_report = omni_fast.patch(model, backend=backend)
-            if self._fast_stages is None:
-                self._fast_stages = (
-                    OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
-                        talker.code_predictor, talker.get_input_embeddings()), backend=backend),
-                    omni_fast.models.Code2Wav.from_transformers(model.code2wav, backend=backend))
-            # the MTP frame step on omni-fast (graph replay per frame on CUDA); the codec streams through
-            # omni-fast's stateful Code2Wav (exact, no recomputed left context)
-            self.code_predictor, self.fast_code2wav = self._fast_stages
+            self._refresh_fast_stages()
             self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
         else:
             if model.__dict__.get("_omni_fast_patched", False):
                 omni_fast.unpatch(model)
             self._transformers_stages()
+
+    def _refresh_fast_stages(self) -> None:
+        """The MTP frame step on omni-fast (graph replay per frame on CUDA) and the codec streaming through
+        omni-fast's stateful Code2Wav (exact, no recomputed left context); both copy (repack) the weights, so they
+        are rebuilt when transformers' weights change (``load_state_dict``, ``.to()``, in-place edits)."""
+        import omni_fast
+
+        from .talker_step import weights_key
+
+        talker = self.model.talker
+        key = weights_key(talker.code_predictor, talker.get_input_embeddings(), self.model.code2wav)
+        if self._fast_stages is None or self._fast_stages[0] != key:
+            self._fast_stages = None  # free the old copies first
+            self._fast_stages = (
+                key,
+                OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
+                    talker.code_predictor, talker.get_input_embeddings()), backend=self.backend),
+                omni_fast.models.Code2Wav.from_transformers(self.model.code2wav, backend=self.backend))
+        _, self.code_predictor, self.fast_code2wav = self._fast_stages
 
     def _transformers_stages(self) -> None:
         talker = self.model.talker
@@ -356,6 +375,11 @@ class Qwen3Omni:
         tcfg = cfg.talker_config
         if graph_decode is None:  # patched now (patch() may have been called on the model after construction)
             graph_decode = dev.type == "cuda" and bool(m.__dict__.get("_omni_fast_patched", False))
+        if self.fast_code2wav is not None:
+            self._refresh_fast_stages()
+        # Held by this generator while it runs: the decoders it loads are its own until it ends or is dropped, so
+        # interleaved streams never share a decoder's KV cache.
+        lease = _Lease()
         speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
         if speaker_id is None:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
@@ -423,7 +447,7 @@ class Qwen3Omni:
         thinker_dec = None
         if graph_decode:  # the prefill KV moves into the decoder's own cache; transformers' cache is dropped
             t0 = _now(dev)  # counted as decode time (the first batch of a bucket also captures the graph here)
-            thinker_dec = self._decoder("thinker")
+            thinker_dec = self._decoder("thinker", lease)
             thinker_dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens,
                                      fractional_positions=next_pos.is_floating_point())
             cache = out = None  # (the prefill output references the cache too)
@@ -519,7 +543,7 @@ class Qwen3Omni:
         talker_dec = None
         if graph_decode:
             t0 = _now(dev)
-            talker_dec = self._decoder("talker")
+            talker_dec = self._decoder("talker", lease)
             talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
                                     fractional_positions=t_next_pos.is_floating_point())
             tout = t_cache = None
@@ -615,9 +639,10 @@ class Qwen3Omni:
             yield Event(i, "done", timing=tm)
 
     # ------------------------------------------------------------------------------------------ stage internals
-    def _decoder(self, part: str):
-        """The :class:`MoeTextDecoder` of the thinker or the talker, rebuilt when the model's weights change (it
-        shares their tensors, and keeps its captured graphs while they stay)."""
+    def _decoder(self, part: str, lease: "_Lease"):
+        """A :class:`MoeTextDecoder` of the thinker or the talker that no live stream holds, leased to ``lease``.
+        Decoders share the model's weight tensors and keep their caches and captured graphs between streams; they
+        are rebuilt when the weights change. Interleaved streams get one decoder each."""
         from .talker_step import weights_key
         from .text_decoder import MoeTextDecoder
 
@@ -628,10 +653,15 @@ class Qwen3Omni:
         key = weights_key(text_model, head)
         got = self._decoders.get(part)
         if got is None or got[0] != key:
-            self._decoders.pop(part, None)  # free the old decoder's cache before building a new one
-            got = self._decoders[part] = (key, MoeTextDecoder.from_transformers(text_model, head,
-                                                                               backend=self.backend))
-        return got[1]
+            self._decoders.pop(part, None)  # free the old decoders' caches before building a new one
+            got = self._decoders[part] = (key, [])
+        for entry in got[1]:
+            if entry[1]() is None:  # its stream ended (or was dropped)
+                entry[1] = weakref.ref(lease)
+                return entry[0]
+        dec = MoeTextDecoder.from_transformers(text_model, head, backend=self.backend)
+        got[1].append([dec, weakref.ref(lease)])
+        return dec
 
     @staticmethod
     def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):

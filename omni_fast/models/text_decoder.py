@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
@@ -173,9 +174,11 @@ class MoeTextDecoder:
                 raise ValueError(f"layer {i} of the cache holds keys of shape {tuple(k.shape)}, expected "
                                  f"[{B}, {c.num_kv_heads}, >= {S}, {c.head_dim}] for attention_mask [{B}, {S}]")
         if use_graph is None:
-            use_graph = self.device.type == "cuda" and self.backend != "reference"
+            use_graph = self.device.type == "cuda" and graph_capturable(self.backend)
         elif use_graph and self.device.type != "cuda":
             raise ValueError(f"use_graph needs a CUDA device, the decoder is on {self.device}")
+        elif use_graph and not graph_capturable(self.backend):
+            raise ValueError("use_graph needs the triton or cuda backend (the reference ops read values on the host)")
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << max(B - 1, 0).bit_length()
         needed = S + max_new_tokens
         st = self._state
@@ -229,13 +232,14 @@ class MoeTextDecoder:
     def rewind(self, steps: int = 1) -> None:
         """Forget the last ``steps`` tokens of every row (``cache_seqlens -= steps``, on the device, no sync): the
         next :meth:`step` overwrites them. For speculative tokens that were rejected, and benchmarks that repeat one
-        step. Rows must hold at least ``steps`` tokens (not checked on the device)."""
+        step. A row holding fewer than ``steps`` tokens is emptied (the clamp also keeps the hidden batch-bucket
+        padding rows, which hold none, at 0)."""
         st = self._state
         if st is None:
             raise RuntimeError("load_prefill must be called before rewind")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        st.cache_seqlens.sub_(steps)
+        st.cache_seqlens.sub_(steps).clamp_(min=0)
         st.steps_left += steps
 
     def release(self) -> None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rope import rms_norm
-from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_index_range, check_no_internal_overlap, check_same_dtype,
-                          check_tensor)
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_index_range, check_no_internal_overlap,
+                          check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
 
 
@@ -179,6 +179,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k heads ({Hk})")
     if L > 64:
         raise ValueError(f"cached_attention is for short caches (L <= 64), got L = {L}")
+    if T * (Hq // max(Hk, 1)) > 32:  # the kernel holds a [T * group, L, D/2] tile per program in registers
+        raise ValueError(f"cached_attention is for decode-sized steps: T * (q heads / k heads) must be <= 32, got "
+                         f"T = {T} with {Hq} q heads and {Hk} k heads")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + T > L:
         raise ValueError(f"start must be an int with 0 <= start and start + T <= L ({L}), got start={start!r}, T={T}")
     given = [n for n, t in (("q_norm", q_norm), ("k_norm", k_norm), ("cos", cos), ("sin", sin)) if t is not None]
@@ -270,6 +273,8 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch
         check_tensor("gathered", gathered, dtypes=FLOAT_DTYPES, shape=(M, x.shape[1]), device=x.device,
                      last_dim_contiguous=True)
         check_same_dtype(x=x, gathered=gathered)
+        check_no_internal_overlap("gathered", gathered)
+        check_disjoint("gathered", gathered, "x", x)
     if norm_weight is not None:
         check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES, shape=(x.shape[1],), device=x.device,
                      contiguous=True)
@@ -310,6 +315,8 @@ def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                  last_dim_contiguous=True)
     check_same_dtype(x=x, resid=resid)
     check_no_internal_overlap("resid", resid)
+    check_disjoint("resid", resid, "x", x)
+    check_disjoint("resid", resid, "weight", weight)
     be = _linear_residual_op.resolve((resid, x, weight), backend)
     _linear_residual_op(resid, x, weight, be)
     return resid
