@@ -216,7 +216,8 @@ def test_install_on_talker_is_a_drop_in():
         got = _prepare(talker, cfg, ids, hid, s, tth, pad)
         assert torch.equal(got["residual_codes"], want["residual_codes"])
         torch.testing.assert_close(got["inputs_embeds"], want["inputs_embeds"], rtol=1e-12, atol=1e-12)
-        assert set(got) == set(want)
+        # (transformers 5.17 adds position_ids=None, "prepared in forward"; absent means the same)
+        assert {k for k, v in got.items() if v is not None} == {k for k, v in want.items() if v is not None}
     assert len(calls) == 2  # the frames ran through omni-fast
 
 

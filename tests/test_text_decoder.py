@@ -399,7 +399,7 @@ def test_pipeline_graph_decode_multimodal_fractional_positions():
     with omni_fast.use_backend("reference"):  # plumbing: the kernels are compared with transformers above
         want = pipe.generate(reqs, graph_decode=False, **kw)
         got = pipe.generate(reqs, graph_decode=True, **kw)
-    assert pipe._decoders["thinker"][1]._state.pos.is_floating_point()
+    assert pipe._decoders["thinker"][1][0][0]._state.pos.is_floating_point()
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
     for a, b in zip(got, want):
         assert a["audio"].numel() > 0
@@ -420,7 +420,7 @@ def test_patched_pipeline_graph_decode_on_pinned_backend():
         want = patched.generate(reqs, **kw)
         assert not patched._decoders  # default on a CPU: transformers' decode
         got = patched.generate(reqs, graph_decode=True, **kw)
-        assert patched._decoders["thinker"][1].backend == "reference"
+        assert patched._decoders["thinker"][1][0][0].backend == "reference"
         again = patched.generate(reqs, graph_decode=True, **kw)  # decoders (and their buffers) are reused
     finally:
         omni_fast.unpatch(base.model)
@@ -516,8 +516,8 @@ def test_pipeline_graph_decode_cuda(monkeypatch):
         kw.update(first_chunk=300, chunk=300)
         want = pipe.generate(reqs, graph_decode=False, **kw)
         got = pipe.generate(reqs, graph_decode=True, **kw)
-        assert pipe._decoders["thinker"][1]._state.graph is not None
-        assert pipe._decoders["talker"][1]._state.graph is not None
+        assert pipe._decoders["thinker"][1][0][0]._state.graph is not None
+        assert pipe._decoders["talker"][1][0][0]._state.graph is not None
         assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
         for a, b in zip(got, want):
             torch.testing.assert_close(a["audio"], b["audio"])
@@ -526,7 +526,7 @@ def test_pipeline_graph_decode_cuda(monkeypatch):
         eager = patched.generate(reqs, graph_decode=False, **kw)
         assert not patched._decoders
         default = patched.generate(reqs, **kw)
-        assert patched._decoders["thinker"][1]._state.graph is not None
+        assert patched._decoders["thinker"][1][0][0]._state.graph is not None
     finally:
         omni_fast.unpatch(pipe.model)
     assert [o["token_ids"] for o in default] == [o["token_ids"] for o in eager]

@@ -429,7 +429,7 @@ class Qwen3Omni:
 
         # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
         cache = _new_cache(thinker.config.text_config, static_cache, S + max_new_tokens)
-        out, hidden_states = self._prefill(thinker.model.language_model, inputs_embeds, mask, pos_i, cache,
+        out, hidden_states = self._prefill(thinker_text_model(thinker), inputs_embeds, mask, pos_i, cache,
                                            visual_mask, deepstack, prefill_chunk,
                                            self.config.talker_config.accept_hidden_layer)
         logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
@@ -462,7 +462,7 @@ class Qwen3Omni:
             else:
                 thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
                 p = next_pos.view(1, B, 1).expand(3, B, 1)
-                o = thinker.model.language_model(inputs_embeds=embeds_layer(token[:, None]),
+                o = thinker_text_model(thinker)(inputs_embeds=embeds_layer(token[:, None]),
                                                  attention_mask=thinker_mask, position_ids=p, past_key_values=cache,
                                                  use_cache=True)
                 logits = thinker.lm_head(o.last_hidden_state[:, -1])
@@ -647,7 +647,7 @@ class Qwen3Omni:
         from .text_decoder import MoeTextDecoder
 
         if part == "thinker":
-            text_model, head = self.model.thinker.model.language_model, self.model.thinker.lm_head
+            text_model, head = thinker_text_model(self.model.thinker), self.model.thinker.lm_head
         else:
             text_model, head = self.model.talker.model, self.model.talker.codec_head
         key = weights_key(text_model, head)
@@ -719,7 +719,7 @@ class Qwen3Omni:
         feats, fmask = mel_features(waves, self.device)
         thinker = self.model.thinker
         feats = feats.to(thinker.dtype)
-        emb = thinker.model.get_audio_features(feats, feature_attention_mask=fmask, return_dict=True)
+        emb = thinker.get_audio_features(feats, feature_attention_mask=fmask, return_dict=True)
         emb = emb.last_hidden_state
         lens = fmask.sum(-1)
         from .positions import audio_tokens
@@ -750,7 +750,7 @@ class Qwen3Omni:
                 out[f"{kind}_tokens"][i] = grid[0] * grid[1] * grid[2] // merge ** 2
             grid_thw = torch.tensor(grids, device=self.device)
             pixels = torch.cat(patches).to(dtype)
-            thinker = self.model.thinker.model
+            thinker = self.model.thinker
             get = thinker.get_image_features if kind == "image" else thinker.get_video_features
             out[kind] = get(pixels, grid_thw, return_dict=True)
             out[f"{kind}_grid"] = grid_thw
@@ -766,10 +766,10 @@ class Qwen3Omni:
             if vis[kind] is None:
                 continue
             m = ids == token
-            emb = torch.cat(vis[kind].pooler_output, dim=0).to(inputs_embeds.dtype)
+            emb = _rows(vis[kind].pooler_output).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(m.unsqueeze(-1).expand_as(inputs_embeds), emb)
             masks.append(m)
-            feats.append([torch.cat(f, dim=0) for f in vis[kind].deepstack_features])
+            feats.append([_rows(f) for f in vis[kind].deepstack_features])
         if not masks:
             return inputs_embeds, None, None
         visual = masks[0] if len(masks) == 1 else masks[0] | masks[1]
@@ -849,6 +849,18 @@ class Qwen3Omni:
 
 
 # ---------------------------------------------------------------------------------------------- module helpers
+def thinker_text_model(thinker):
+    """The thinker's text decoder: ``thinker.model.language_model`` (transformers >= 5.2x, where ``thinker.model`` is
+    the multimodal ``Qwen3OmniMoeThinkerModel``) or ``thinker.model`` itself (earlier 5.x, e.g. 5.17)."""
+    return getattr(thinker.model, "language_model", thinker.model)
+
+
+def _rows(features) -> torch.Tensor:
+    """Per-item feature rows as one tensor: transformers returns a tuple/list split per image/video in some
+    versions and one tensor in others."""
+    return features if isinstance(features, torch.Tensor) else torch.cat(tuple(features), dim=0)
+
+
 def _new_cache(config, static: bool, max_len: int):
     """A transformers KV cache: ``StaticCache`` (preallocated, fixed shapes) or ``DynamicCache`` (grows)."""
     from transformers.cache_utils import DynamicCache, StaticCache

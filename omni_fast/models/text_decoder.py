@@ -130,9 +130,10 @@ class MoeTextDecoder:
     @classmethod
     def from_transformers(cls, text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor, *,
                           backend: str | None = None) -> "MoeTextDecoder":
-        """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``) with the thinker's
-        ``lm_head``, or ``Qwen3OmniMoeTalkerModel`` (``talker.model``) with the talker's ``codec_head``. The weights
-        are shared with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
+        """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``; ``thinker.model``
+        in transformers before 5.2x) with the thinker's ``lm_head``, or ``Qwen3OmniMoeTalkerModel``
+        (``talker.model``) with the talker's ``codec_head``. The weights are shared with the module (later in-place
+        updates are seen; ``.to()`` needs a new decoder)."""
         cfg = text_model.config
         rotary = text_model.rotary_emb
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
