@@ -19,9 +19,11 @@ bench: setup
 	$(PY) -m bench
 
 # The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
-# transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda.
+# transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; then the transformers-facing
+# tests again on the GPU image's transformers version (scripts/test_compat.sh, requirements-compat.txt).
 test: setup
 	$(PY) -m pytest -q -ra tests
+	bash scripts/test_compat.sh $(PY)
 
 # Only the GPU-marked tests (bf16, CUDA C++ through CuPy, CUDA graphs, real shapes); they skip without CUDA.
 test-gpu: setup

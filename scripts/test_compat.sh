@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run the transformers-facing tests against the transformers version of the GPU image (requirements-compat.txt),
+# installed with --no-deps into .compat/ (next to, not over, the venv's newer transformers).
+#   bash scripts/test_compat.sh [PYTHON]
+# Without network (nothing to install and none installed before) it says so and exits 0: the main suite has run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+DIR=.compat/$(sha1sum requirements-compat.txt | cut -c1-12)
+if [ ! -f "$DIR/.ok" ]; then
+  rm -rf "$DIR"
+  if ! "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$DIR" -r requirements-compat.txt; then
+    echo "[compat] could not install requirements-compat.txt (offline?): transformers-compat tests NOT run"
+    rm -rf "$DIR"
+    exit 0
+  fi
+  touch "$DIR/.ok"
+fi
+VERSION=$(PYTHONPATH="$DIR" "$PY" -c "import transformers; print(transformers.__version__)")
+echo "[compat] transformers $VERSION"
+PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cacheprovider \
+  tests/test_patch.py tests/test_pipeline.py tests/test_text_decoder.py tests/test_mtp.py \
+  tests/test_encoder_varlen.py tests/test_hf_attention.py tests/test_moe_transformers.py tests/test_demo.py \
+  tests/test_positions.py tests/test_moe_reference.py
