@@ -78,6 +78,9 @@ def _sync():
 
 
 BATCH = 32  # calls enqueued behind one GPU sleep (small enough for the launch queue of a multi-kernel provider)
+# The sleep only has to outlast the host's launch work of a batch; a provider that synchronises inside (a whole
+# pipeline, transformers' generate) would otherwise idle the GPU for the whole batch's host time.
+MAX_SLEEP_MS = 25.0
 GPU_CYCLES_PER_MS = 2.0e6  # >= the clock of current data-centre GPUs, so a sleep lasts at least as long as asked
 
 
@@ -110,7 +113,7 @@ def time_ms(fns: Sequence[Callable[[], object]], *, label: str = "", target_ms: 
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for b in range(0, reps, BATCH):
-        _gpu_sleep(1.5 * host_ms * min(BATCH, reps - b) + 0.05)
+        _gpu_sleep(min(1.5 * host_ms * min(BATCH, reps - b), MAX_SLEEP_MS) + 0.05)
         for i in range(b, min(b + BATCH, reps)):
             with nvtx_range(label):  # one range per call, for Nsight Systems timelines
                 starts[i].record()

@@ -34,3 +34,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_gpu(request):
+    """GPU tests compare fp32 results with transformers' fp32 modules: keep cuBLAS and cuDNN in IEEE fp32 (cuDNN
+    convolutions default to TF32, ~1e-3 relative error, which the fp32 tolerances are not meant to absorb)."""
+    if not HAS_CUDA or "gpu" not in request.keywords:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

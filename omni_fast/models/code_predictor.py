@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable
+from ..backend import graph_capturable, requested_backend
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
@@ -359,7 +359,9 @@ class CodePredictor(torch.nn.Module):
         B = x.shape[0]
         # Buckets 1, 2, 4, ..., 64 (and, above, the next power of two: one batch keeps its RNG row indices).
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << (B - 1).bit_length()
-        key = (bucket, sampling, c0_embed is None, str(x.device), backend, fused)
+        # the backend as requested now (argument, use_backend block or environment): a graph captured under one
+        # ambient choice must not replay under another
+        key = (bucket, sampling, c0_embed is None, str(x.device), requested_backend(backend), fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
