@@ -28,8 +28,8 @@ def _cupy():
         import cupy
     except ImportError as exc:
         raise ImportError(
-            "backend 'cuda' runs the CUDA C++ kernels through CuPy, which is not installed: pip install cupy-cuda12x "
-            "(or use backend='triton')") from exc
+            "backend 'cuda' runs the CUDA C++ kernels through CuPy, which is not installed: pip install "
+            "cupy-cuda12x or cupy-cuda13x (matching the CUDA runtime), or use backend='triton'") from exc
     return cupy
 
 
