@@ -1,0 +1,90 @@
+"""The benchmark's smoke preset: every case of every family built at tiny shapes on the CPU (Triton interpreter)
+and every provider called once, so a provider bug (wrong keyword, CPU tensor on CUDA, a peer API change) shows here
+and not in GPU time. A provider that cannot run on a CPU must say so (``Unavailable``: reported as skipped), never
+raise. No timing is taken."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
+from bench.case import Unavailable  # noqa: E402
+
+FAMILIES = harness.case_modules()
+# Providers that must run (not be skipped) on a CPU, per family: the omni-fast path and its eager baseline.
+MUST_RUN = {"rope": {"omni_fast", "eager", "compile"}, "moe": {"omni_fast", "omni_fast_tma", "hf_eager"},
+            "attention": {"omni_fast", "eager", "sdpa_math"}, "mtp": {"omni_fast", "eager", "transformers"},
+            "code2wav": {"omni_fast", "transformers"}, "decode": {"eager", "transformers"},
+            "pipeline": {"omni_fast", "eager", "transformers"}}
+
+
+def test_every_family_has_a_smoke_preset():
+    assert set(FAMILIES) == set(MUST_RUN), "a new bench family needs a MUST_RUN entry here"
+    import importlib
+
+    for fam in FAMILIES:
+        module = importlib.import_module(f"bench.cases.{fam}")
+        smoke, quick = module.cases("smoke"), module.cases("quick")
+        assert len(smoke) == len(quick), fam  # the quick cases, at tiny shapes
+        assert [c.op for c in smoke] == [c.op for c in quick]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (on a GPU: python -m bench --preset smoke)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoke_preset_calls_every_provider(family):
+    import importlib
+
+    cases = importlib.import_module(f"bench.cases.{family}").cases("smoke")
+    rows = harness.smoke(cases, torch.device("cpu"))
+    failed = [f"{r['case']} / {r['provider']}: {r['detail']}" for r in rows if r["status"] == "FAILED"]
+    assert not failed, "\n".join(failed)
+    for case in cases:
+        ran = {r["provider"] for r in rows if r["case"] == case.name and r["status"] == "ok"}
+        assert MUST_RUN[family] & ran == MUST_RUN[family] & {r["provider"] for r in rows if r["case"] == case.name}
+        assert "omni_fast" in ran or family == "decode", case.name  # decode's omni_fast is a CUDA-graph replay
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all(r["detail"] for r in skipped)  # a skip says why
+
+
+def test_smoke_reports_ok_skipped_and_failed(capsys):
+    from bench.case import Case
+
+    def setup(device):
+        def broken():
+            raise RuntimeError("wrong keyword")
+
+        return {"ok": lambda: None, "gpu_only": Unavailable("needs CUDA"), "broken": broken}
+
+    def bad_setup(device):
+        raise ValueError("no such shape")
+
+    cases = [Case(op="toy", name="toy", params={}, setup=setup), Case(op="toy", name="bad", params={}, setup=bad_setup)]
+    assert harness.run_smoke(cases) == 1
+    out = capsys.readouterr().out
+    assert "toy" in out and "skipped  needs CUDA" in out
+    rows = {(r["case"], r["provider"]): r for r in harness.smoke(cases, "cpu")}
+    assert rows["toy", "ok"]["status"] == "ok" and rows["toy", "gpu_only"]["status"] == "skipped"
+    assert rows["toy", "broken"]["status"] == "FAILED" and "RuntimeError: wrong keyword" in rows["toy", "broken"][
+        "detail"] and "tests/test_bench_smoke.py:" in rows["toy", "broken"]["detail"]
+    assert rows["bad", "(setup)"]["status"] == "FAILED" and "no such shape" in rows["bad", "(setup)"]["detail"]
+    assert harness.run_smoke(cases[:1], providers=("ok", "gpu_only")) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU path of the CLI")
+def test_smoke_cli():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "smoke", "--providers", "omni_fast",
+                          "omni_fast_cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "Smoke run on cpu" in out and "FAILED" not in out.replace("0 FAILED", "")
+    assert "thinker rope T=17" in out and "omni_fast_cuda" in out and "skipped" in out
