@@ -338,6 +338,9 @@ def _describe(exc: BaseException) -> str:
     ours = [f for f in frames if f.filename.startswith(root)]
     where = (ours or frames)[-1] if frames else None
     msg = (str(exc).strip().splitlines() or [""])[0][:200]
+    cause = exc.__cause__
+    if cause is not None:  # e.g. torch.compile's wrapper exceptions: the cause says what went wrong
+        msg += f" <- {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
     loc = f" (at {Path(where.filename).relative_to(root) if where.filename.startswith(root) else where.filename}:" \
           f"{where.lineno})" if where else ""
     return f"{type(exc).__name__}: {msg}{loc}"
