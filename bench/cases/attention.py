@@ -21,7 +21,6 @@ the output written once (for decode: the cache dominates, so % of HBM bandwidth 
 
 from __future__ import annotations
 
-
 import torch
 
 from bench.case import Case, Unavailable, dtype_name
