@@ -102,7 +102,7 @@ def _check():
     (greedy and sampled)."""
     from omni_fast.models import CodePredictor
 
-    small = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+    small = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, num_code_groups=4)
     m, emb = _build("cpu", torch.float32, small)
     cp = CodePredictor.from_transformers(m, emb)
