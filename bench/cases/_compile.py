@@ -3,7 +3,8 @@
 On CUDA: inductor, as configured by the caller (``mode``, ``dynamic``). On a CPU (the smoke preset): dynamo with the
 ``aot_eager`` backend, so the provider's graph capture (dynamo and AOTAutograd tracing, graph breaks, guards) is
 exercised in seconds, without inductor's C++ code generation, which takes ~10 s per graph on a CPU and says nothing
-about the GPU's Triton code; ``mode`` (``reduce-overhead``: CUDA graphs) applies on CUDA only.
+about the GPU's Triton code; shapes are static there, and ``mode`` (``reduce-overhead``: CUDA graphs) and
+``dynamic`` apply on CUDA only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def _cached(fn, device_type: str, mode: str | None, dynamic: bool | None):
     _raise_recompile_limits()
     if device_type == "cuda":
         return torch.compile(fn, dynamic=dynamic, **({"mode": mode} if mode else {}))
-    return torch.compile(fn, dynamic=dynamic, backend="aot_eager")
+    # static shapes: cases sharing a function (one code object) would otherwise turn dynamic on the first
+    # recompile and trace symbolically, which costs seconds more per case on a CPU
+    return torch.compile(fn, dynamic=False, backend="aot_eager")
 
 
 def compiled(fn, device: torch.device | str, *, mode: str | None = None, dynamic: bool | None = False):
