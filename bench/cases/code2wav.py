@@ -161,7 +161,7 @@ def _oneshot_case(batch: int, seconds: float, chunked: bool, tiny: bool = False)
         return providers
 
     cfg = _ref_config(tiny)
-    elem = 4 if tiny else 2
+    elem = 4.0 if tiny else 2.0
     return Case(op="code2wav", name=f"decode {seconds:g}s B={batch}",
                 params=dict(mode="oneshot", batch=batch, frames=frames, audio_seconds=seconds * batch),
                 setup=setup, flops=_flops_per_frame(cfg) * frames * batch,
@@ -193,7 +193,7 @@ def _pre_transformer_case(chunk: int, batch: int, tiny: bool = False, frames_war
         return {"transformers": hf_chunk, "omni_fast": omni}
 
     cfg = _ref_config(tiny)
-    elem = 4 if tiny else 2
+    elem = 4.0 if tiny else 2.0
     weight_macs, attn_macs = _pre_transformer_macs_per_frame(cfg)
     kv_bytes = (cfg.num_hidden_layers * batch * 2 * (cfg.sliding_window - 1) * cfg.num_key_value_heads
                 * cfg.head_dim * elem)

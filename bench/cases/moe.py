@@ -295,7 +295,7 @@ def check_moe_block() -> None:
 
 def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
     E, k, H, I, _ = PRESET_MODELS[preset][model]
-    elem = DTYPES[preset].itemsize
+    elem = float(DTYPES[preset].itemsize)
     touched = _touched(T, E, k)
     decode = T <= 256
     return Case(
@@ -314,7 +314,7 @@ def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
 def _block_case(T: int, preset: str = "quick") -> Case:
     shape, dtype = PRESET_MODELS[preset]["talker"], DTYPES[preset]
     E, k, H, I, Is = shape
-    elem = dtype.itemsize
+    elem = float(dtype.itemsize)
     touched = _block_inputs(T, shape, dtype)[2]
     decode = T <= 256
     return Case(

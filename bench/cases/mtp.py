@@ -122,7 +122,7 @@ def cases(preset: str) -> list[Case]:
     model, batches = MODELS[preset], BATCHES[preset]
     step = _step_params(model["cfg"])
     hidden, _, layers, *_, groups = _dims(model["cfg"])
-    elem = model["dtype"].itemsize
+    elem = float(model["dtype"].itemsize)
     out = []
     for B in batches:
         out.append(Case(
