@@ -90,42 +90,6 @@ def test_smoke_cli():
     assert "thinker rope T=17" in out and "omni_fast_cuda" in out and "skipped" in out
 
 
-def test_timed_run_reports_unavailable_providers_as_skipped(tmp_path, monkeypatch, capsys):
-    """run_gpu (fake CUDA clock, on the CPU): an ``Unavailable`` provider is a "skipped" row with its reason, not an
-    error, and is never called."""
-    import json
-    import time
-
-    from bench.case import Case
-
-    class FakeEvent:
-        def __init__(self, **kw):
-            self.t = 0.0
-
-        def record(self):
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(harness, "_sync", lambda: None)
-    monkeypatch.setattr(harness, "_gpu_sleep", lambda ms: None)
-    monkeypatch.setattr(harness, "measure_roofline", lambda d: {"copy_gbps": 3000.0, "matmul_tflops": 800.0})
-    monkeypatch.setattr(harness, "TARGET_MS", 1.0)
-    x = torch.randn(16)
-    case = Case(op="toy", name="toy", params={}, setup=lambda d: {"omni_fast": lambda: x.add(1),
-                                                                   "peer": Unavailable("needs the peer")},
-                flops=16.0, bytes=128.0)
-    assert harness.run_gpu([case], preset="quick", out_dir=tmp_path) == 0
-    (saved,) = (tmp_path / "Fake_GPU").glob("*.json")
-    rows = {r["provider"]: r for r in json.loads(saved.read_text())["rows"]}
-    assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
-    assert "ms" in rows["omni_fast"]
-    assert "| toy | peer | skipped |" in saved.with_suffix(".md").read_text()
-
-
 def test_decode_smoke_byte_count_matches_the_tiny_config():
     """bench/cases/decode.py counts the smoke cases' bytes from TINY_SHAPES: they must be the tiny model's shapes."""
     from bench.cases import decode
