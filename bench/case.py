@@ -51,11 +51,6 @@ def runnable(providers: dict) -> dict[str, Callable[[], object]]:
     return {name: fn for name, fn in providers.items() if not isinstance(fn, Unavailable)}
 
 
-def needs_cuda(device: torch.device, fn: Callable[[], object], what: str = "needs CUDA"):
-    """``fn`` on a CUDA device, else ``Unavailable(what)``."""
-    return fn if torch.device(device).type == "cuda" else Unavailable(what)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """Short dtype names for case params: ``bf16``, ``fp16``, ``fp32``."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

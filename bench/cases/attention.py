@@ -257,7 +257,8 @@ def _varlen_case(name, lens, hq, hk, d, causal, window, params, tags, dtype=torc
     T = sum(lens)
     params = dict(params, dtype=dtype_name(dtype))
     return Case(op="attention", name=name, params=params, setup=_varlen_setup(lens, hq, hk, d, causal, window, dtype),
-                flops=4.0 * d * hq * pairs, bytes=float(dtype.itemsize) * d * (2 * T * hq + 2 * T * hk), bound="compute",
+                flops=4.0 * d * hq * pairs, bytes=float(dtype.itemsize) * d * (2 * T * hq + 2 * T * hk),
+                bound="compute",
                 check=_check_varlen([5, 3, 9], 2, 1, d, causal, (min(window[0], 4), window[1])), tags=tags)
 
 
