@@ -13,7 +13,8 @@ Two ways to run it:
 
 GPU only (the full 30B-A3B shapes with random weights need ~72 GiB free in bf16; with less free memory the thinker is
 trimmed to fewer layers and the JSON says so). On a CPU, ``check`` runs the tiny pipeline once against transformers'
-``generate`` (same text tokens and codes).
+``generate`` (same text tokens and codes), and the ``smoke`` preset calls every provider once on the tiny pipeline
+(omni-fast's ops on the reference backend there: plumbing only, see ``_setup``).
 """
 
 from __future__ import annotations
