@@ -101,3 +101,20 @@ def test_decode_smoke_byte_count_matches_the_tiny_config():
                 text.head_dim, text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size,
                 getattr(text, "shared_expert_intermediate_size", 0) if part == "talker" else 0, text.vocab_size)
         assert decode.TINY_SHAPES[part] == want, part
+
+
+def test_sdpa_refusal_check_runs():
+    """The SDPA backend pre-check the attention cases use on CUDA runs on this torch (its SDPAParams signature) and
+    gives no verdict without a stated reason (a CPU-only torch refuses every CUDA backend silently)."""
+    from torch.backends.cuda import SDPAParams
+
+    from bench.cases.attention import sdpa_cuda_refusal
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    SDPAParams(q, k, k, mask.float(), 0.0, False, True)  # the signature the check builds (torch >= 2.5)
+    assert not torch.backends.cuda.can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, True, True), False) or \
+        torch.cuda.is_available()
+    for name in ("flash", "efficient", "cudnn"):
+        got = sdpa_cuda_refusal(name, q, k, k, mask, False, True)
+        assert got is None or (isinstance(got, str) and got), name

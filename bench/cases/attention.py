@@ -84,21 +84,49 @@ def _flex():
     return flex_attention, create_block_mask
 
 
+def sdpa_cuda_refusal(name: str, q4, k4, v4, mask, is_causal: bool, gqa: bool) -> str | None:
+    """Why SDPA's ``name`` backend (flash, efficient, cudnn) would refuse these CUDA inputs, or None when it takes
+    them: PyTorch's own dispatch checks (``torch.backends.cuda.can_use_*_attention``, debug on: their warnings give
+    the reason), so a GPU run reports e.g. "flash takes no attn_mask" as a skip rather than as an error. None too
+    when the check cannot run (another torch) or refuses without a reason: the provider then runs and says for
+    itself."""
+    import warnings
+
+    try:
+        from torch.backends.cuda import SDPAParams
+
+        check = {"flash": torch.backends.cuda.can_use_flash_attention,
+                 "efficient": torch.backends.cuda.can_use_efficient_attention,
+                 "cudnn": torch.backends.cuda.can_use_cudnn_attention}[name]
+        if mask is not None and mask.dtype == torch.bool:  # as SDPA does before it picks a backend
+            mask = torch.zeros(mask.shape, dtype=q4.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = check(SDPAParams(q4, k4, v4, mask, 0.0, is_causal, gqa), True)
+    except Exception:  # noqa: BLE001 - no verdict: let the provider run
+        return None
+    reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    if ok or not reasons:  # no stated reason: no verdict either (the run will say)
+        return None
+    return "; ".join(dict.fromkeys(reasons))[:200]
+
+
 def _sdpa(q4, k4, v4, *, mask=None, is_causal=False, scale=None):
     """SDPA providers, one per backend: q4 ``[B, Hq, Lq, D]``, k4/v4 ``[B, Hk, Lk, D]``. Backends that cannot take
-    these inputs are ``Unavailable`` (efficient and cudnn need CUDA; flash and cudnn on CUDA need fp16/bf16)."""
+    these inputs are ``Unavailable``: efficient and cudnn on a CPU; on CUDA, whatever PyTorch's dispatch checks
+    refuse (:func:`sdpa_cuda_refusal`: fp32 for flash, an explicit mask for flash, ...)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gqa = q4.shape[1] != k4.shape[1]
     fns = {}
     cuda = q4.device.type == "cuda"
-    half = q4.dtype in (torch.float16, torch.bfloat16)
     for name in SDPA_BACKENDS:
         if name in ("efficient", "cudnn") and not cuda:
             fns[f"sdpa_{name}"] = Unavailable("needs CUDA")
             continue
-        if name in ("flash", "cudnn") and cuda and not half:
-            fns[f"sdpa_{name}"] = Unavailable("needs fp16/bf16 on CUDA")
+        refusal = sdpa_cuda_refusal(name, q4, k4, v4, mask, is_causal, gqa) if cuda and name != "math" else None
+        if refusal is not None:
+            fns[f"sdpa_{name}"] = Unavailable(refusal)
             continue
         backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
