@@ -113,8 +113,6 @@ def test_sdpa_refusal_check_runs():
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     mask = torch.ones(8, 8, dtype=torch.bool).tril()
     SDPAParams(q, k, k, mask.float(), 0.0, False, True)  # the signature the check builds (torch >= 2.5)
-    assert not torch.backends.cuda.can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, True, True), False) or \
-        torch.cuda.is_available()
     for name in ("flash", "efficient", "cudnn"):
         got = sdpa_cuda_refusal(name, q, k, k, mask, False, True)
         assert got is None or (isinstance(got, str) and got), name
