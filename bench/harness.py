@@ -348,11 +348,14 @@ def _describe(exc: BaseException) -> str:
 
 def smoke(cases: list[Case], device: torch.device | str | None = None, providers: Sequence[str] = (),
           echo: Callable[[dict], None] | None = None) -> list[dict]:
-    """Build every case on ``device`` (default: CUDA when present, else the CPU) and call every provider once.
+    """Build every case on ``device`` (default: CUDA when present, else the CPU) and call every provider once
+    (``compile`` providers trace with ``aot_eager``, see :mod:`bench.cases._compile`).
 
     Returns one row per (case, provider): ``{"case", "provider", "status": "ok" | "skipped" | "FAILED", "detail"}``
     (a case whose setup raises gives one row with provider ``"(setup)"``). ``echo`` sees each row as it is made.
     No timing is taken."""
+    from bench.cases._compile import tracing_only
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
 
@@ -363,7 +366,8 @@ def smoke(cases: list[Case], device: torch.device | str | None = None, providers
 
     for case in cases:
         try:
-            fns = case.setup(device)
+            with tracing_only():  # compile providers: dynamo + aot_eager, not inductor (plumbing, in seconds)
+                fns = case.setup(device)
         except Exception as exc:  # noqa: BLE001 - reported, and the other cases still run
             add(case, "(setup)", "FAILED", _describe(exc))
             continue

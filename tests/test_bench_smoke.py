@@ -116,3 +116,17 @@ def test_sdpa_refusal_check_runs():
     for name in ("flash", "efficient", "cudnn"):
         got = sdpa_cuda_refusal(name, q, k, k, mask, False, True)
         assert got is None or (isinstance(got, str) and got), name
+
+
+def test_compile_providers_trace_only_in_smoke_runs(monkeypatch):
+    """Timed CUDA runs compile with inductor (the caller's mode); a CPU, or the smoke run on any device, traces with
+    aot_eager (no inductor code generation: seconds, not minutes)."""
+    from bench.cases import _compile
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: kw)
+    assert _compile.compiled(lambda: 1, "cuda", mode="reduce-overhead") == {"dynamic": False,
+                                                                            "mode": "reduce-overhead"}
+    assert _compile.compiled(lambda: 2, "cpu", mode="reduce-overhead") == {"dynamic": False, "backend": "aot_eager"}
+    with _compile.tracing_only():
+        assert _compile.compiled(lambda: 3, "cuda", dynamic=None) == {"dynamic": False, "backend": "aot_eager"}
+    assert _compile.compiled(lambda: 4, "cuda", dynamic=None) == {"dynamic": None}
