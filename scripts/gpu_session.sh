@@ -8,8 +8,8 @@
 #   tests [PYTEST...]   the whole suite natively (no interpreter: bf16, CuPy CUDA C++, graphs), 8 workers
 #   sanitize [K...]     compute-sanitizer memcheck over each kernel family's gpu tests (racecheck for the
 #                       shared-memory kernels), one family per K (default: all)
-#   smoke [OPS...]      python -m bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no timing;
-#                       a minute), the pre-flight that catches device-only provider bugs before `bench`
+#   smoke [OPS...]      python -m bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no
+#                       timing), the pre-flight that catches device-only provider bugs before `bench`
 #   bench [OPS...]      python -m bench OPS --preset full  (results under $OUT/results/<device>/)
 #   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192)
 #   pipeline [ARGS...]  python -m bench.cases.pipeline (concurrency 1, 4, 6)
