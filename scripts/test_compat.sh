@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the transformers-facing tests (and the benchmark smoke run: its providers call transformers) against the transformers version of the GPU image (requirements-compat.txt),
-# installed with --no-deps into .compat/ (next to, not over, the venv's newer transformers).
+# Run the transformers-facing tests (and the benchmark smoke run: its providers call transformers) against the
+# transformers version of the GPU image (requirements-compat.txt), installed with --no-deps into .compat/ (next to,
+# not over, the venv's newer transformers).
 #   bash scripts/test_compat.sh [PYTHON]
 # Without network (nothing to install and none installed before) it says so and exits 0: the main suite has run.
 set -euo pipefail
