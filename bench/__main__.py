@@ -1,8 +1,9 @@
-"""``python -m bench [OPS...] [--preset quick|full] [--providers P ...] [--out DIR]``
+"""``python -m bench [OPS...] [--preset quick|full|smoke] [--providers P ...] [--out DIR]``
 
 Runs the benchmark cases of the named op families (all when none; families are the ``bench/cases/*.py`` names).
 On a GPU: timings, saved under ``DIR/<device>/`` (default ``bench/results``). Without one: correctness checks
-under the Triton interpreter and the static sm_90a report. See :mod:`bench.harness`.
+under the Triton interpreter and the static sm_90a report. ``--preset smoke`` (CPU or GPU): every provider called
+once at tiny shapes, reported ok / skipped / FAILED, no timing. See :mod:`bench.harness`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("ops", nargs="*", help="op families to run (default: all)")
-    parser.add_argument("--preset", default="quick", choices=("quick", "full"))
+    parser.add_argument("--preset", default="quick", choices=("quick", "full", "smoke"))
     parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--no-static", action="store_true",
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     if not cases:
         print("no benchmark cases selected")
         return 1
+    if args.preset == "smoke":
+        return harness.run_smoke(cases, providers=args.providers)
     if gpu:
         return harness.run_gpu(cases, preset=args.preset, providers=args.providers,
                                out_dir=args.out or harness.RESULTS_DIR)

@@ -5,6 +5,11 @@ once (inputs already bound). The harness times each callable with CUDA events (r
 copies so the L2 cache does not flatter), and divides ``flops`` and ``bytes`` by the time for TFLOP/s, GB/s and
 % of the measured roofline. ``check`` (optional) runs on a CPU under the Triton interpreter with small shapes,
 to prove the kernel correct once when no GPU is present.
+
+Presets: ``"quick"`` (a few real shapes), ``"full"`` (every shape of the issue) and ``"smoke"`` (the quick cases
+and providers at tiny shapes, fp32: ``python -m bench --preset smoke`` calls every provider once, on a CPU under
+the Triton interpreter, so a provider bug shows before GPU time is spent; never timed). Each module keeps its
+shapes and dtypes in a table per preset and builds every preset's cases through one code path.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ class Case:
     op: str  # op family, e.g. "rope"; the CLI selects by it
     name: str  # e.g. "thinker T=1024"
     params: dict  # shape parameters, written to the JSON
-    # setup(device) -> {provider name: zero-arg callable running the op once}. Providers that cannot run there
-    # (a peer not installed) are left out. Called once per copy when the harness rotates inputs.
+    # setup(device) -> {provider name: zero-arg callable running the op once}. A provider that cannot run there
+    # (a peer not installed, a CUDA-only path on a CPU) is given as ``Unavailable(reason)`` instead (or left out),
+    # so reports say why it is missing. Called once per copy when the harness rotates inputs.
     setup: Callable[[torch.device], dict[str, Callable[[], object]]]
     flops: float = 0.0  # useful floating-point operations of one call
     bytes: float = 0.0  # fewest bytes one call must move through HBM (inputs read once, outputs written once)
@@ -30,3 +36,21 @@ class Case:
     bound: str = "memory"
     check: Callable[[], None] | None = None  # small CPU/interpreter correctness check; raises on mismatch
     tags: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("decode",), ("prefill",)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A provider that cannot run on this device / dtype / install, in place of its callable in ``setup``'s dict
+    (e.g. ``Unavailable("needs CUDA")``); the harness reports it as skipped with ``reason``, never calls it."""
+
+    reason: str
+
+
+def runnable(providers: dict) -> dict[str, Callable[[], object]]:
+    """The providers of a ``setup`` dict that can run (the ``Unavailable`` ones dropped)."""
+    return {name: fn for name, fn in providers.items() if not isinstance(fn, Unavailable)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short dtype names for case params: ``bf16``, ``fp16``, ``fp32``."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

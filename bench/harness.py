@@ -8,6 +8,11 @@ TFLOP/s, GB/s, % of the roofline the case is bound by, and the speed-up of ``omn
 
 On a CPU-only machine no timing is taken (it would say nothing about GPU speed): each case's ``check`` runs once
 under the Triton interpreter, then the static sm_90a report is printed.
+
+The ``smoke`` preset (:func:`run_smoke`, on a CPU or a GPU): every case built at its tiny shapes, every provider
+called once, each reported ok / skipped (its setup says why it cannot run here) / FAILED (with the exception). No
+timing, ever: it exists so a provider bug (a wrong keyword, a tensor on the wrong device, a peer's API change) shows
+in CI on a CPU instead of in scarce GPU time.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from bench.case import Case
+from bench.case import Case, Unavailable
 from omni_fast.kernels.launch import file_safe
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -165,6 +171,10 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
     for prov in names:
         row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": bound,
                "flops": case.flops, "bytes": case.bytes, "copies": len(copies)}
+        if isinstance(copies[0][prov], Unavailable):  # cannot run here: a row that says why
+            row["skipped"] = copies[0][prov].reason
+            rows.append(row)
+            continue
         try:
             t = time_ms([c[prov] for c in copies], label=f"{case.name}/{prov}")
             ms = t["ms"]
@@ -194,6 +204,8 @@ WIDTHS = [30, 14, 9, 8, 8, 8, 7, 11]
 def _cell(row: dict, key: str, fmt: str) -> str:
     if key == "ms" and "error" in row:
         return "error"
+    if key == "ms" and "skipped" in row:
+        return "skipped"
     v = row.get(key)
     if v is None:
         return "-"
@@ -319,6 +331,77 @@ def _peer_versions() -> dict[str, str]:
     from bench import peers
 
     return peers.versions()
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message (at file:line)``: the innermost frame of the traceback in this repository
+    (else the innermost frame), so a smoke failure names the code to fix."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = str(BENCH_DIR.parent)
+    ours = [f for f in frames if f.filename.startswith(root)]
+    where = (ours or frames)[-1] if frames else None
+    msg = (str(exc).strip().splitlines() or [""])[0][:200]
+    cause = exc.__cause__
+    if cause is not None:  # e.g. torch.compile's wrapper exceptions: the cause says what went wrong
+        msg += f" <- {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+    loc = f" (at {Path(where.filename).relative_to(root) if where.filename.startswith(root) else where.filename}:" \
+          f"{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {msg}{loc}"
+
+
+def smoke(cases: list[Case], device: torch.device | str | None = None, providers: Sequence[str] = (),
+          echo: Callable[[dict], None] | None = None) -> list[dict]:
+    """Build every case on ``device`` (default: CUDA when present, else the CPU) and call every provider once
+    (``compile`` providers trace with ``aot_eager``, see :mod:`bench.cases._compile`).
+
+    Returns one row per (case, provider): ``{"case", "provider", "status": "ok" | "skipped" | "FAILED", "detail"}``
+    (a case whose setup raises gives one row with provider ``"(setup)"``). ``echo`` sees each row as it is made.
+    No timing is taken."""
+    from bench.cases._compile import tracing_only
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+
+    def add(case, prov, status, detail=""):
+        rows.append({"op": case.op, "case": case.name, "provider": prov, "status": status, "detail": detail})
+        if echo is not None:
+            echo(rows[-1])
+
+    for case in cases:
+        try:
+            with tracing_only():  # compile providers: dynamo + aot_eager, not inductor (plumbing, in seconds)
+                fns = case.setup(device)
+        except Exception as exc:  # noqa: BLE001 - reported, and the other cases still run
+            add(case, "(setup)", "FAILED", _describe(exc))
+            continue
+        for prov, fn in fns.items():
+            if providers and prov not in providers:
+                continue
+            if isinstance(fn, Unavailable):
+                add(case, prov, "skipped", fn.reason)
+                continue
+            try:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # an asynchronous kernel fault belongs to this provider
+                add(case, prov, "ok")
+            except Exception as exc:  # noqa: BLE001 - a failing provider must not hide the others
+                add(case, prov, "FAILED", _describe(exc))
+        del fns
+    return rows
+
+
+def run_smoke(cases: list[Case], providers: Sequence[str] = ()) -> int:
+    """The smoke run of ``python -m bench --preset smoke``: prints a line per (case, provider) and a summary;
+    returns 1 when any provider (or setup) failed."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"Smoke run on {device}: {len(cases)} cases at tiny shapes, every provider called once (no timing).",
+          flush=True)
+    rows = smoke(cases, device, providers, echo=lambda r: print(
+        f"  {r['case']:<36} {r['provider']:<24} {r['status']:<8} {r['detail']}".rstrip(), flush=True))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "FAILED")}
+    print(f"Smoke: {counts['ok']} ok, {counts['skipped']} skipped, {counts['FAILED']} FAILED", flush=True)
+    return 1 if counts["FAILED"] else 0
 
 
 def run_cpu(cases: list[Case], static: bool = True) -> int:

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("benchmarks need a CUDA GPU", allow_module_level=True)
 
 from bench import harness  # noqa: E402
+from bench.case import runnable  # noqa: E402
 
 PRESET = "quick"
 CASES = harness.discover((), PRESET)
@@ -19,7 +20,7 @@ _COPIES: dict[str, list[dict]] = {}
 
 
 def _providers(case):
-    return list(case.setup(torch.device("cuda")))
+    return list(runnable(case.setup(torch.device("cuda"))))
 
 
 PARAMS = [pytest.param(case, prov, id=f"{case.name}-{prov}") for case in CASES for prov in _providers(case)]

@@ -11,6 +11,8 @@
 #   sanitize [K...]     compute-sanitizer memcheck over each kernel family's small-shape gpu tests (racecheck for
 #                       the shared-memory kernels), one family per K (default: all); graph and real-shape tests are
 #                       left out (capture with the caching allocator off fails; 10-100x slower kernels)
+#   smoke [OPS...]      python -m bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no
+#                       timing), the pre-flight that catches device-only provider bugs before `bench`
 #   bench [OPS...]      python -m bench OPS --preset full  (results under $OUT/results/<device>/)
 #   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192)
 #   pipeline [ARGS...]  python -m bench.cases.pipeline (concurrency 1, 4, 6)
@@ -19,7 +21,7 @@
 # hypothesis, pytest-benchmark, pytest-xdist; omni-fast itself is installed editable with --no-deps, and carried
 # peer wheels (.whl/, `make peer-wheels`) go to /tmp/site. Nothing here changes the GPU's settings.
 set -uo pipefail
-STAGE=${1:?stage: env|static|tests|sanitize|bench|tune|pipeline}
+STAGE=${1:?stage: env|static|tests|sanitize|smoke|bench|tune|pipeline}
 shift
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -66,6 +68,10 @@ case "$STAGE" in
       done
     done
     exit $rc
+    ;;
+  smoke)
+    "$PY" -m bench "$@" --preset smoke 2>&1 | tee "$OUT/smoke.log" | tail -60
+    exit "${PIPESTATUS[0]}"
     ;;
   bench)
     "$PY" -m bench "$@" --preset full --out "$OUT/results" 2>&1 | tee "$OUT/bench_$(IFS=_; echo "${*:-all}").log" | tail -60

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the transformers-facing tests against the transformers version of the GPU image (requirements-compat.txt),
-# installed with --no-deps into .compat/ (next to, not over, the venv's newer transformers).
+# Run the transformers-facing tests (and the benchmark smoke run: its providers call transformers) against the
+# transformers version of the GPU image (requirements-compat.txt), installed with --no-deps into .compat/ (next to,
+# not over, the venv's newer transformers).
 #   bash scripts/test_compat.sh [PYTHON]
 # Without network (nothing to install and none installed before) it says so and exits 0: the main suite has run.
 set -euo pipefail
@@ -21,4 +22,4 @@ echo "[compat] transformers $VERSION"
 PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cacheprovider \
   tests/test_patch.py tests/test_pipeline.py tests/test_text_decoder.py tests/test_mtp.py \
   tests/test_encoder_varlen.py tests/test_hf_attention.py tests/test_moe_transformers.py tests/test_demo.py \
-  tests/test_positions.py tests/test_moe_reference.py
+  tests/test_positions.py tests/test_moe_reference.py tests/test_bench_smoke.py

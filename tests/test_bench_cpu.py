@@ -58,7 +58,7 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     import time
 
     from bench import harness
-    from bench.case import Case
+    from bench.case import Case, Unavailable
 
     class FakeEvent:
         def __init__(self, **kw):
@@ -83,7 +83,8 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
         def broken():
             raise RuntimeError("peer not available")
 
-        return {"eager": lambda: x.add(1), "omni_fast": lambda: x.add_(0), "broken": broken}
+        return {"eager": lambda: x.add(1), "omni_fast": lambda: x.add_(0), "broken": broken,
+                "peer": Unavailable("needs the peer")}  # a "skipped" row with its reason, never called
 
     case = Case(op="toy", name="toy T=64", params={"T": 64}, setup=setup, flops=64.0, bytes=512.0)
     rc = harness.run_gpu([case], preset="quick", out_dir=tmp_path)
@@ -94,6 +95,8 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     rows = {r["provider"]: r for r in json.loads(saved.read_text())["rows"]}
     assert rows["omni_fast"]["omni_fast_speedup"] == 1.0
     assert rows["eager"]["gbps"] > 0 and "pct_roofline" in rows["eager"] and "error" in rows["broken"]
+    assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
+    assert "| toy T=64 | peer | skipped |" in saved.with_suffix(".md").read_text()
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
 
 

@@ -18,10 +18,20 @@ import functools
 
 import torch
 
-from bench.case import Case
+from bench.case import Case, Unavailable
+from bench.cases._compile import compiled
 
 FRAME_RATE = 12.5  # codes per second
 LEFT_CONTEXT = 25  # frames serving stacks re-decode per chunk
+# Per preset: the model (real config in bf16, or the tiny one of the CPU check in fp32), frames pushed before a
+# streaming / pre-transformer case (more than the sliding window, so the KV caches are full, as mid-utterance),
+# streaming chunks, pre-transformer (chunk, batch) pairs and one-shot (batch, seconds, chunked?) decodes.
+PRESETS = {
+    "quick": dict(tiny=False, warm=80, stream=(10,), pre=((10, 1),), oneshot=((8, 10.0, False), (1, 30.0, True))),
+    "full": dict(tiny=False, warm=80, stream=(1, 10, 25), pre=((1, 1), (10, 1), (25, 1), (10, 32)),
+                 oneshot=((8, 10.0, False), (32, 10.0, False), (64, 10.0, False), (1, 30.0, True))),
+    "smoke": dict(tiny=True, warm=8, stream=(2,), pre=((2, 1),), oneshot=((2, 0.8, False), (1, 2.4, True))),
+}
 
 
 def _hf_config(tiny: bool = False):
@@ -89,13 +99,11 @@ def _flops_per_frame(cfg) -> float:
     return 2.0 * macs
 
 
-def _streaming_case(chunk: int) -> Case:
-    frames_warm = 80  # > the 72-frame window: the KV caches are full, as mid-utterance
-
+def _streaming_case(chunk: int, tiny: bool = False, frames_warm: int = 80) -> Case:
     def setup(device):
         from omni_fast.reference.code2wav import code2wav_forward
 
-        hf, model, cfg, sd = _models(str(device))
+        hf, model, cfg, sd = _models(str(device), tiny)
         g = torch.Generator(device="cpu").manual_seed(1)
         warm = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames_warm), generator=g).to(device)
         nxt = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, chunk), generator=g).to(device)
@@ -108,7 +116,9 @@ def _streaming_case(chunk: int) -> Case:
             graphed.push(warm[..., :1])  # the first push creates the states; later pushes replay the graph
             graphed.push(warm[..., 1:])
             providers["omni_fast_graphs"] = lambda: graphed.push(nxt)
-        compiled = torch.compile(functools.partial(code2wav_forward, cfg, sd))
+        else:
+            providers["omni_fast_graphs"] = Unavailable("CUDA graphs need CUDA")
+        forward = compiled(functools.partial(code2wav_forward, cfg, sd), device, dynamic=None)
 
         def hf_chunk():
             with torch.no_grad():
@@ -116,27 +126,27 @@ def _streaming_case(chunk: int) -> Case:
 
         def compiled_chunk():
             with torch.no_grad():
-                return compiled(with_ctx)[..., LEFT_CONTEXT * cfg.total_upsample:]
+                return forward(with_ctx)[..., LEFT_CONTEXT * cfg.total_upsample:]
 
         return {"transformers": hf_chunk, "compile": compiled_chunk, **providers}
 
-    cfg = _ref_config()
+    cfg = _ref_config(tiny)
     return Case(op="code2wav", name=f"stream chunk={chunk} B=1", params=dict(mode="stream", chunk=chunk, batch=1,
                                                                             frames=chunk, left_context=LEFT_CONTEXT),
-                setup=setup, flops=_flops_per_frame(cfg) * chunk, bytes=_real_weight_bytes(), bound="memory",
+                setup=setup, flops=_flops_per_frame(cfg) * chunk, bytes=_real_weight_bytes(tiny), bound="memory",
                 check=_check, tags=("stream",))
 
 
-def _oneshot_case(batch: int, seconds: float, chunked: bool) -> Case:
+def _oneshot_case(batch: int, seconds: float, chunked: bool, tiny: bool = False) -> Case:
     frames = int(round(seconds * FRAME_RATE))
 
     def setup(device):
         from omni_fast.reference.code2wav import code2wav_forward
 
-        hf, model, cfg, sd = _models(str(device))
+        hf, model, cfg, sd = _models(str(device), tiny)
         g = torch.Generator(device="cpu").manual_seed(2)
         codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, frames), generator=g).to(device)
-        compiled = torch.compile(functools.partial(code2wav_forward, cfg, sd))
+        forward = compiled(functools.partial(code2wav_forward, cfg, sd), device, dynamic=None)
 
         def run(fn):
             def call():
@@ -144,28 +154,28 @@ def _oneshot_case(batch: int, seconds: float, chunked: bool) -> Case:
                     return fn(codes)
             return call
 
-        providers = {"transformers": run(hf), "compile": run(compiled), "omni_fast": run(model.forward)}
+        providers = {"transformers": run(hf), "compile": run(forward), "omni_fast": run(model.forward)}
         if chunked:
             providers["transformers_chunked"] = run(hf.chunked_decode)
             providers["omni_fast_chunked"] = run(model.chunked_decode)
         return providers
 
-    cfg = _ref_config()
+    cfg = _ref_config(tiny)
+    elem = 4.0 if tiny else 2.0
     return Case(op="code2wav", name=f"decode {seconds:g}s B={batch}",
                 params=dict(mode="oneshot", batch=batch, frames=frames, audio_seconds=seconds * batch),
                 setup=setup, flops=_flops_per_frame(cfg) * frames * batch,
-                bytes=_real_weight_bytes() + batch * frames * (cfg.num_quantizers * 8 + cfg.total_upsample * 2),
+                bytes=_real_weight_bytes(tiny) + batch * frames * (cfg.num_quantizers * 8 + cfg.total_upsample * elem),
                 bound="compute", check=_check, tags=("throughput",))
 
 
-def _pre_transformer_case(chunk: int, batch: int) -> Case:
-    frames_warm = 80  # > the 72-frame window: the KV caches are full, as mid-utterance
-
+def _pre_transformer_case(chunk: int, batch: int, tiny: bool = False, frames_warm: int = 80) -> Case:
     def setup(device):
-        hf, model, cfg, _ = _models(str(device))
+        hf, model, cfg, _ = _models(str(device), tiny)
+        dtype = next(hf.parameters()).dtype
         g = torch.Generator(device="cpu").manual_seed(3)
-        warm = torch.randn(batch, frames_warm, cfg.hidden_size, generator=g).to(device, torch.bfloat16)
-        emb = torch.randn(batch, chunk, cfg.hidden_size, generator=g).to(device, torch.bfloat16)
+        warm = torch.randn(batch, frames_warm, cfg.hidden_size, generator=g).to(device, dtype)
+        emb = torch.randn(batch, chunk, cfg.hidden_size, generator=g).to(device, dtype)
         with_ctx = torch.cat((warm[:, -LEFT_CONTEXT:], emb), dim=1)
         stream = model.stream(batch)
         with torch.no_grad():  # the stream's pre-transformer stage alone (Code2WavStream._step runs it, then convs)
@@ -182,29 +192,32 @@ def _pre_transformer_case(chunk: int, batch: int) -> Case:
 
         return {"transformers": hf_chunk, "omni_fast": omni}
 
-    cfg = _ref_config()
+    cfg = _ref_config(tiny)
+    elem = 4.0 if tiny else 2.0
     weight_macs, attn_macs = _pre_transformer_macs_per_frame(cfg)
-    kv_bytes = cfg.num_hidden_layers * batch * 2 * (cfg.sliding_window - 1) * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv_bytes = (cfg.num_hidden_layers * batch * 2 * (cfg.sliding_window - 1) * cfg.num_key_value_heads
+                * cfg.head_dim * elem)
     return Case(op="code2wav", name=f"pre-transformer chunk={chunk} B={batch}",
                 params=dict(mode="pre_transformer", chunk=chunk, batch=batch, frames=chunk,
                             left_context=LEFT_CONTEXT),
                 setup=setup, flops=2.0 * (weight_macs + attn_macs) * chunk * batch,
-                bytes=2.0 * weight_macs + kv_bytes, bound="auto", check=_check, tags=("pre_transformer",))
+                bytes=elem * weight_macs + kv_bytes, bound="auto", check=_check, tags=("pre_transformer",))
 
 
-@functools.lru_cache(maxsize=1)
-def _ref_config():
+@functools.lru_cache(maxsize=2)
+def _ref_config(tiny: bool = False):
     from omni_fast.reference.code2wav import Code2WavConfig
 
-    return Code2WavConfig.from_transformers(_hf_config())
+    return Code2WavConfig.from_transformers(_hf_config(tiny))
 
 
-@functools.lru_cache(maxsize=1)
-def _real_weight_bytes() -> float:
-    """bf16 bytes of every weight but the code embedding (counted from the config, without building the model)."""
+@functools.lru_cache(maxsize=2)
+def _real_weight_bytes(tiny: bool = False) -> float:
+    """Bytes of every weight but the code embedding (bf16; fp32 for the tiny config), counted from the config
+    without building the model."""
     from omni_fast.models.code2wav import _expected_shapes
 
-    cfg = _ref_config()
+    cfg = _ref_config(tiny)
     n = 0
     for k, shape in _expected_shapes(cfg).items():
         if k != "code_embedding.weight":
@@ -212,7 +225,7 @@ def _real_weight_bytes() -> float:
             for s in shape:
                 p *= s
             n += p
-    return 2.0 * n
+    return (4.0 if tiny else 2.0) * n
 
 
 def _check() -> None:
@@ -236,11 +249,9 @@ def _check() -> None:
 
 
 def cases(preset: str = "quick") -> list[Case]:
-    if preset == "quick":
-        return [_streaming_case(10), _oneshot_case(8, 10.0, chunked=False), _oneshot_case(1, 30.0, chunked=True),
-                _pre_transformer_case(10, 1)]
-    out = [_streaming_case(c) for c in (1, 10, 25)]
-    out += [_pre_transformer_case(c, b) for c, b in ((1, 1), (10, 1), (25, 1), (10, 32))]
-    out += [_oneshot_case(b, 10.0, chunked=False) for b in (8, 32, 64)]
-    out.append(_oneshot_case(1, 30.0, chunked=True))
+    p = PRESETS[preset]
+    tiny, warm = p["tiny"], p["warm"]
+    out = [_streaming_case(c, tiny, warm) for c in p["stream"]]
+    out += [_pre_transformer_case(c, b, tiny, warm) for c, b in p["pre"]]
+    out += [_oneshot_case(b, s, chunked, tiny) for b, s, chunked in p["oneshot"]]
     return out

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case
+from bench.case import Case, Unavailable, dtype_name
 
 PROMPT = 512
 THINKER_LAYERS = 4
 # part -> (hidden, layers, q heads, kv heads, head_dim, experts, top_k, expert inter, shared inter, vocab)
 SHAPES = {"thinker": (2048, THINKER_LAYERS, 32, 4, 128, 128, 8, 768, 0, 152064),
           "talker": (1024, 20, 16, 2, 128, 128, 6, 384, 768, 3072)}
+# the tiny config's (omni_fast.models.presets.tiny_qwen3_omni_config: 2 layers, fp32) for the smoke preset
+TINY_SHAPES = {"thinker": (32, 2, 2, 1, 16, 8, 2, 24, 0, 160), "talker": (32, 2, 2, 1, 16, 8, 2, 24, 40, 1088)}
+PRESETS = {"quick": dict(tiny=False, prompt=PROMPT, batches=(1, 8)),
+           "full": dict(tiny=False, prompt=PROMPT, batches=(1, 4, 8, 32)),
+           "smoke": dict(tiny=True, prompt=6, batches=(1, 3))}
 
 
 def _build(part: str, device, dtype=torch.bfloat16, layers: int | None = None, tiny: bool = False):
@@ -61,12 +66,12 @@ def _prefill(m, B: int, S: int):
     return cache, mask, pos[:, :, -1] + 1
 
 
-def _setup(part: str, B: int):
+def _setup(part: str, B: int, tiny: bool = False, prompt: int = PROMPT):
     def setup(device: torch.device):
         from omni_fast.models import MoeTextDecoder
 
-        m, head = _build(part, device)
-        cache, mask, nxt = _prefill(m, B, PROMPT)
+        m, head = _build(part, device, torch.float32 if tiny else torch.bfloat16, tiny=tiny)
+        cache, mask, nxt = _prefill(m, B, prompt)
         x = torch.randn(B, m.config.hidden_size, device=device, dtype=m.norm.weight.dtype)
         full_mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
 
@@ -77,33 +82,34 @@ def _setup(part: str, B: int):
             cache.crop(-1)  # back to the prompt (a negative count drops tokens in every transformers version)
             return head(o.last_hidden_state[:, -1])
 
-        providers = {"transformers": hf}
-        for name, use_graph in (("eager", False), ("omni_fast", True)):
-            if use_graph and device.type != "cuda":
-                continue
+        def provider(use_graph: bool):
             dec = MoeTextDecoder.from_transformers(m, head)
             dec.load_prefill(cache, mask, max_new_tokens=8, use_graph=use_graph)
 
-            def step(dec=dec):
+            def step():
                 out = dec.step(x, nxt[0])
                 dec.rewind(1)
                 return out
 
-            providers[name] = step
-        return providers
+            return step
+
+        return {"transformers": hf, "eager": provider(False),
+                "omni_fast": provider(True) if device.type == "cuda" else Unavailable("CUDA-graph replay needs CUDA")}
 
     return setup
 
 
-def _bytes_flops(part: str, B: int) -> tuple[float, float]:
-    H, L, nq, nk, d, E, k, inter, shared, V = SHAPES[part]
+def _bytes_flops(part: str, B: int, tiny: bool = False, prompt: int = PROMPT) -> tuple[float, float]:
+    """(bytes, flops) of one step; bytes at 2 per element (bf16; 4 for the fp32 tiny config)."""
+    H, L, nq, nk, d, E, k, inter, shared, V = (TINY_SHAPES if tiny else SHAPES)[part]
+    elem = 4.0 if tiny else 2.0
     attn = (nq + 2 * nk) * d * H + nq * d * H
     expert = 3 * inter * H
     touched = E * (1 - (1 - k / E) ** B)
     per_layer_read = attn + E * H + touched * expert + 3 * shared * H + (H if shared else 0)
     per_layer_active = attn + E * H + k * expert + 3 * shared * H
-    kv = L * 2 * nk * d * PROMPT * B
-    return 2.0 * (L * per_layer_read + V * H) + 2.0 * kv, 2.0 * B * (L * per_layer_active + V * H)
+    kv = L * 2 * nk * d * prompt * B
+    return elem * (L * per_layer_read + V * H) + elem * kv, 2.0 * B * (L * per_layer_active + V * H)
 
 
 def _check():
@@ -125,14 +131,16 @@ def _check():
 
 
 def cases(preset: str) -> list[Case]:
-    batches = (1, 8) if preset == "quick" else (1, 4, 8, 32)
+    p = PRESETS[preset]
+    tiny, prompt, batches = p["tiny"], p["prompt"], p["batches"]
     out = []
     for part in ("thinker", "talker"):
-        H, L, *_ = SHAPES[part]
+        H, L, *_ = (TINY_SHAPES if tiny else SHAPES)[part]
         for B in batches:
-            nbytes, flops = _bytes_flops(part, B)
+            nbytes, flops = _bytes_flops(part, B, tiny, prompt)
             out.append(Case(op="decode", name=f"{part} step B={B}",
-                            params=dict(part=part, B=B, layers=L, hidden=H, prompt=PROMPT, dtype="bf16"),
-                            setup=_setup(part, B), flops=flops, bytes=nbytes, bound="memory",
+                            params=dict(part=part, B=B, layers=L, hidden=H, prompt=prompt,
+                                        dtype=dtype_name(torch.float32 if tiny else torch.bfloat16)),
+                            setup=_setup(part, B, tiny, prompt), flops=flops, bytes=nbytes, bound="memory",
                             check=_check if (part, B) == ("thinker", batches[0]) else None, tags=("decode",)))
     return out

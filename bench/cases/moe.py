@@ -33,19 +33,26 @@ import functools
 import torch
 
 from bench import peers
-from bench.case import Case
+from bench.case import Case, Unavailable, dtype_name
+from bench.cases._compile import compiled
 
 MODELS = {
     # name: (E, top_k, H, I, shared I)
     "thinker": (128, 8, 2048, 768, 0),
     "talker": (128, 6, 1024, 384, 768),
 }
+# "smoke": the same structure (top-k of many experts, a shared expert on the talker) at tiny sizes; H and I multiples
+# of 4 so fp32 rows meet grouped_mm's 16-byte stride rule on a CPU.
+TINY_MODELS = {"thinker": (8, 2, 64, 32, 0), "talker": (8, 3, 32, 16, 24)}
+PRESET_MODELS = {"quick": MODELS, "full": MODELS, "smoke": TINY_MODELS}
 TOKENS = {
     "quick": (1, 64, 4096),
     "full": (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
+    "smoke": (1, 5, 33),
 }
-BLOCK_TOKENS = {"quick": (1,), "full": (1, 16, 256, 4096)}
+BLOCK_TOKENS = {"quick": (1,), "full": (1, 16, 256, 4096), "smoke": (3,)}
 DTYPE = torch.bfloat16
+DTYPES = {"quick": DTYPE, "full": DTYPE, "smoke": torch.float32}  # bf16 math is wrong on the interpreter
 ELEM = 2  # bytes per bf16 element
 
 
@@ -63,16 +70,17 @@ def _touched(T: int, E: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _block_inputs(T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The block case's fixed x ``[T, H]`` and router weight ``[E, H]`` (bf16, CPU) and the number of distinct
+def _block_inputs(T: int, shape: tuple = MODELS["talker"], dtype: torch.dtype = DTYPE
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The block case's fixed x ``[T, H]`` and router weight ``[E, H]`` (``dtype``, CPU) and the number of distinct
     experts its router picks for them (computed on the CPU: the GPU's bf16 logits may differ in the last bit,
-    which can move a near-tie, but hardly the byte count)."""
+    which can move a near-tie, but hardly the byte count). ``shape``: the talker's (E, top_k, H, I, shared I)."""
     from omni_fast.reference import moe as ref
 
-    E, k, H, _, _ = MODELS["talker"]
+    E, k, H, _, _ = shape
     gen = torch.Generator().manual_seed(4321 + T)
-    x = torch.randn(T, H, generator=gen).to(DTYPE)
-    g = (torch.randn(E, H, generator=gen) * H ** -0.5).to(DTYPE)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    g = (torch.randn(E, H, generator=gen) * H ** -0.5).to(dtype)
     touched = int(torch.unique(ref.router(x, g, k)[1]).numel())
     return x, g, touched
 
@@ -112,16 +120,6 @@ def grouped_block(x, g, w13, w2, top_k: int, sw13, sw2, sg) -> torch.Tensor:
     return grouped_experts(x, w13, w2, weights, ids) + ref.shared_expert(x, sw13, sw2, sg)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    import torch._dynamo
-
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-    return torch.compile(fn, dynamic=False)
-
-
 def _hf_config(E, k, H, I, Is, talker: bool):
     from transformers.models.qwen3_omni_moe import configuration_qwen3_omni_moe as c
 
@@ -132,7 +130,8 @@ def _hf_config(E, k, H, I, Is, talker: bool):
 
 
 def _hf_variants(make_module, probe) -> dict:
-    """transformers modules per experts implementation that run here (one config each; weights shared)."""
+    """transformers modules per experts implementation (one config each; weights shared); an implementation that
+    cannot run here (its probe call raises) is ``Unavailable`` with the reason."""
     out = {}
     try:
         import transformers  # noqa: F401
@@ -144,23 +143,25 @@ def _hf_variants(make_module, probe) -> dict:
             with torch.inference_mode():
                 probe(module)
             out[f"hf_{impl}"] = module
-        except Exception:
-            continue
+        except Exception as exc:  # noqa: BLE001 - e.g. grouped_mm's dtype / stride rules on this device
+            out[f"hf_{impl}"] = Unavailable(f"does not run here: {type(exc).__name__}: "
+                                            f"{(str(exc).splitlines() or [''])[0][:120]}")
     return out
 
 
-def _experts_setup(model: str, T: int):
-    E, k, H, I, _ = MODELS[model]
+def _experts_setup(model: str, T: int, preset: str = "quick"):
+    E, k, H, I, _ = PRESET_MODELS[preset][model]
+    dtype = DTYPES[preset]
 
     def setup(device):
         from omni_fast import ops
         from omni_fast.kernels import moe_gemm
 
-        x = torch.randn(T, H, device=device, dtype=DTYPE)
-        w13 = (torch.randn(E, 2 * I, H, device=device, dtype=DTYPE) * H ** -0.5)
-        w2 = (torch.randn(E, H, I, device=device, dtype=DTYPE) * I ** -0.5)
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        w13 = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H ** -0.5)
+        w2 = (torch.randn(E, H, I, device=device, dtype=dtype) * I ** -0.5)
         w32, ids = (t.to(device) for t in _routing(T, E, k))
-        w = w32.to(DTYPE)  # transformers hands the experts model-dtype routing weights
+        w = w32.to(dtype)  # transformers hands the experts model-dtype routing weights
         ids64 = ids.long()
 
         def make(impl):
@@ -176,15 +177,15 @@ def _experts_setup(model: str, T: int):
         hf = _hf_variants(make, lambda m: m(x[:1], ids64[:1], w[:1]))
         fns = {}
         for name, module in hf.items():
-            fns[name] = functools.partial(_inference, module, x, ids64, w)
-        if _grouped_mm() is not None:
-            fns["compile"] = functools.partial(_inference, _compiled(grouped_experts), x, w13, w2, w, ids)
+            fns[name] = module if isinstance(module, Unavailable) else functools.partial(_inference, module, x,
+                                                                                          ids64, w)
+        fns["compile"] = _compile_provider(grouped_experts, device, x, w13, w2, w, ids)
         liger = peers.liger_fused_moe()
-        if liger is not None:
-            fns["liger"] = functools.partial(liger, x, w13, w2, w, ids)
+        fns["liger"] = (functools.partial(liger, x, w13, w2, w, ids) if liger is not None else
+                        Unavailable("needs CUDA and the liger-kernel wheel (make peer-wheels)"))
         fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
         fns["omni_fast_tma"] = functools.partial(moe_gemm.fused_moe, x, w13, w2, w, ids,
-                                                 config=tma_config(T, E, k, H, I, device))
+                                                 config=tma_config(T, E, k, H, I, device, dtype))
         return fns
 
     return setup
@@ -200,30 +201,43 @@ def tma_config(T: int, E: int, k: int, H: int, I: int, device: torch.device, dty
     return cfg
 
 
+def _compile_provider(fn, device, *args):
+    """The ``compile`` provider: ``fn`` (:func:`grouped_experts` / :func:`grouped_block`) under ``torch.compile``.
+    Its ``grouped_mm`` traces in bf16 only, so at other dtypes (the fp32 smoke preset) it runs on bf16 copies of the
+    tensor arguments."""
+    if _grouped_mm() is None:
+        return Unavailable("this torch has no grouped_mm")
+    args = tuple(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return functools.partial(_inference, compiled(fn, device), *args)
+
+
 def _inference(fn, *args):
     with torch.inference_mode():
         return fn(*args)
 
 
-def _block_setup(T: int):
-    E, k, H, I, Is = MODELS["talker"]
+def _block_setup(T: int, preset: str = "quick"):
+    shape = PRESET_MODELS[preset]["talker"]
+    E, k, H, I, Is = shape
+    dtype = DTYPES[preset]
 
     def setup(device):
         from omni_fast import ops
 
-        x, g = (t.to(device) for t in _block_inputs(T)[:2])  # fixed: the case's byte count is for their routing
-        w13 = torch.randn(E, 2 * I, H, device=device, dtype=DTYPE) * H ** -0.5
-        w2 = torch.randn(E, H, I, device=device, dtype=DTYPE) * I ** -0.5
-        sw13 = torch.randn(2 * Is, H, device=device, dtype=DTYPE) * H ** -0.5
-        sw2 = torch.randn(H, Is, device=device, dtype=DTYPE) * Is ** -0.5
-        sg = torch.randn(1, H, device=device, dtype=DTYPE) * H ** -0.5
+        # fixed inputs: the case's byte count is for their routing
+        x, g = (t.to(device) for t in _block_inputs(T, shape, dtype)[:2])
+        w13 = torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H ** -0.5
+        w2 = torch.randn(E, H, I, device=device, dtype=dtype) * I ** -0.5
+        sw13 = torch.randn(2 * Is, H, device=device, dtype=dtype) * H ** -0.5
+        sw2 = torch.randn(H, Is, device=device, dtype=dtype) * Is ** -0.5
+        sg = torch.randn(1, H, device=device, dtype=dtype) * H ** -0.5
 
         def make(impl):
             from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
             cfg = _hf_config(E, k, H, I, Is, talker=True)
             cfg._experts_implementation = impl
-            block = q3.Qwen3OmniMoeTalkerTextSparseMoeBlock(cfg).to(device=device, dtype=DTYPE)
+            block = q3.Qwen3OmniMoeTalkerTextSparseMoeBlock(cfg).to(device=device, dtype=dtype)
             with torch.no_grad():
                 block.gate.weight.copy_(g)
                 block.experts.gate_up_proj.copy_(w13)
@@ -235,9 +249,9 @@ def _block_setup(T: int):
             return block.requires_grad_(False)
 
         hf = _hf_variants(make, lambda m: m(x[None, :1]))
-        fns = {name: functools.partial(_inference, m, x[None]) for name, m in hf.items()}
-        if _grouped_mm() is not None:
-            fns["compile"] = functools.partial(_inference, _compiled(grouped_block), x, g, w13, w2, k, sw13, sw2, sg)
+        fns = {name: m if isinstance(m, Unavailable) else functools.partial(_inference, m, x[None])
+               for name, m in hf.items()}
+        fns["compile"] = _compile_provider(grouped_block, device, x, g, w13, w2, k, sw13, sw2, sg)
         fns["omni_fast"] = lambda: ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2,
                                                  shared_gate_weight=sg, backend="triton")
         return fns
@@ -279,33 +293,37 @@ def check_moe_block() -> None:
     torch.testing.assert_close(out, ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg), rtol=1e-4, atol=1e-5)
 
 
-def _experts_case(model: str, T: int) -> Case:
-    E, k, H, I, _ = MODELS[model]
+def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
+    E, k, H, I, _ = PRESET_MODELS[preset][model]
+    elem = float(DTYPES[preset].itemsize)
     touched = _touched(T, E, k)
     decode = T <= 256
     return Case(
         op="moe", name=f"{model} experts T={T}",
-        params=dict(model=model, T=T, E=E, top_k=k, H=H, I=I, touched_experts=touched, dtype="bf16"),
-        setup=_experts_setup(model, T),
+        params=dict(model=model, T=T, E=E, top_k=k, H=H, I=I, touched_experts=touched,
+                    dtype=dtype_name(DTYPES[preset])),
+        setup=_experts_setup(model, T, preset),
         flops=2.0 * T * k * 3 * H * I,
-        bytes=float(touched * 3 * H * I * ELEM + 2 * T * H * ELEM + T * k * 8),
+        bytes=float(touched * 3 * H * I * elem + 2 * T * H * elem + T * k * 8),
         bound="auto",
         check=check_fused_moe,
         tags=("decode",) if decode else ("prefill",),
     )
 
 
-def _block_case(T: int) -> Case:
-    E, k, H, I, Is = MODELS["talker"]
-    touched = _block_inputs(T)[2]
+def _block_case(T: int, preset: str = "quick") -> Case:
+    shape, dtype = PRESET_MODELS[preset]["talker"], DTYPES[preset]
+    E, k, H, I, Is = shape
+    elem = float(dtype.itemsize)
+    touched = _block_inputs(T, shape, dtype)[2]
     decode = T <= 256
     return Case(
         op="moe", name=f"talker block T={T}",
         params=dict(model="talker", block=True, T=T, E=E, top_k=k, H=H, I=I, shared_I=Is, touched_experts=touched,
-                    dtype="bf16"),
-        setup=_block_setup(T),
+                    dtype=dtype_name(dtype)),
+        setup=_block_setup(T, preset),
         flops=2.0 * T * (k * 3 * H * I + 3 * H * Is + (E + 1) * H),
-        bytes=float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * ELEM + 2 * T * H * ELEM),
+        bytes=float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * elem + 2 * T * H * elem),
         bound="auto",
         check=check_moe_block,
         tags=("decode",) if decode else ("prefill",),
@@ -314,6 +332,6 @@ def _block_case(T: int) -> Case:
 
 def cases(preset: str) -> list[Case]:
     """Thinker and talker experts at every T of the preset, plus the talker's whole block."""
-    out = [_experts_case(m, T) for m in MODELS for T in TOKENS[preset]]
-    out += [_block_case(T) for T in BLOCK_TOKENS[preset]]
+    out = [_experts_case(m, T, preset) for m in PRESET_MODELS[preset] for T in TOKENS[preset]]
+    out += [_block_case(T, preset) for T in BLOCK_TOKENS[preset]]
     return out

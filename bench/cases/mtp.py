@@ -12,14 +12,31 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case
+from bench.case import Case, dtype_name
+from bench.cases._compile import compiled
 
 H, INTER, LAYERS, NQ, NKV, D, VOCAB, GROUPS, CODEC_VOCAB = 1024, 3072, 5, 16, 8, 128, 2048, 16, 3072
+# Per preset: the code predictor's config (transformers' keyword names; the real one is the config class default
+# but for the groups and RoPE, which _build sets), dtype and batches. "smoke": 1 layer of a tiny predictor, fp32.
+REAL = dict(cfg={}, dtype=torch.bfloat16)
+TINY = dict(cfg=dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, num_code_groups=4), dtype=torch.float32)
+MODELS = {"quick": REAL, "full": REAL, "smoke": TINY}
+BATCHES = {"quick": (1, 16), "full": (1, 4, 16, 64), "smoke": (1, 3)}
 
 
-def _step_params() -> int:
-    per_layer = (NQ + 2 * NKV) * D * H + H * NQ * D + 3 * INTER * H
-    return LAYERS * per_layer + VOCAB * H  # + one lm_head per step
+def _dims(cfg_kw: dict) -> tuple[int, ...]:
+    """(hidden, intermediate, layers, q heads, kv heads, head_dim, vocab, groups) of a config's keywords."""
+    c = cfg_kw
+    return (c.get("hidden_size", H), c.get("intermediate_size", INTER), c.get("num_hidden_layers", LAYERS),
+            c.get("num_attention_heads", NQ), c.get("num_key_value_heads", NKV), c.get("head_dim", D),
+            c.get("vocab_size", VOCAB), c.get("num_code_groups", GROUPS))
+
+
+def _step_params(cfg_kw: dict | None = None) -> int:
+    h, inter, layers, nq, nkv, d, vocab, _ = _dims(cfg_kw or {})
+    per_layer = (nq + 2 * nkv) * d * h + h * nq * d + 3 * inter * h
+    return layers * per_layer + vocab * h  # + one lm_head per step
 
 
 def _build(device, dtype=torch.bfloat16, cfg_kw=None):
@@ -36,21 +53,23 @@ def _build(device, dtype=torch.bfloat16, cfg_kw=None):
     return m, emb
 
 
-def _setup(B: int):
+def _setup(B: int, model: dict = REAL):
+    hidden, *_, vocab, groups = _dims(model["cfg"])
+
     def setup(device: torch.device):
         from omni_fast.models import CodePredictor
 
-        m, emb = _build(device)
+        m, emb = _build(device, model["dtype"], model["cfg"])
         cp = CodePredictor.from_transformers(m, emb)
-        h = torch.randn(B, H, device=device, dtype=torch.bfloat16)
-        c0 = torch.randint(0, VOCAB, (B,), device=device)
+        h = torch.randn(B, hidden, device=device, dtype=model["dtype"])
+        c0 = torch.randint(0, vocab, (B,), device=device)
         seed = torch.tensor([1234], device=device)
         sampling = (True, 50, 0.8, 1.0)
 
         @torch.no_grad()
         def hf():
             last = emb(c0[:, None])
-            r = m.generate(inputs_embeds=torch.cat((h[:, None], last), 1), max_new_tokens=GROUPS - 1, do_sample=True,
+            r = m.generate(inputs_embeds=torch.cat((h[:, None], last), 1), max_new_tokens=groups - 1, do_sample=True,
                            top_k=50, top_p=0.8, output_hidden_states=True, return_dict_in_generate=True)
             mids = [hid[0] for hid in r.hidden_states[1:]]
             tail = m.get_input_embeddings()[-1](r.sequences[..., -1:])
@@ -60,7 +79,8 @@ def _setup(B: int):
         def eager():
             return cp.frame(h, c0, None, seed, sampling, "reference")
 
-        compiled = torch.compile(lambda: cp.frame(h, c0, None, seed, sampling, "reference"), mode="reduce-overhead")
+        compiled_frame = compiled(lambda: cp.frame(h, c0, None, seed, sampling, "reference"), device,
+                                  mode="reduce-overhead", dynamic=None)
 
         def graph(fused: bool):
             @torch.no_grad()
@@ -70,12 +90,9 @@ def _setup(B: int):
 
             return run
 
-        providers = {"transformers": hf, "eager": eager, "compile": compiled, "omni_fast": graph(True),
-                     "omni_fast_unfused": graph(False)}
-        if device.type != "cuda":
-            for name in ("compile", "omni_fast", "omni_fast_unfused"):
-                providers.pop(name)
-        return providers
+        # On a CPU the graph providers run predict_frame's CUDA-graph path emulated (same code, no capture).
+        return {"transformers": hf, "eager": eager, "compile": compiled_frame, "omni_fast": graph(True),
+                "omni_fast_unfused": graph(False)}
 
     return setup
 
@@ -102,15 +119,18 @@ def _check():
 
 
 def cases(preset: str) -> list[Case]:
-    batches = (1, 16) if preset == "quick" else (1, 4, 16, 64)
-    step = _step_params()
+    model, batches = MODELS[preset], BATCHES[preset]
+    step = _step_params(model["cfg"])
+    hidden, _, layers, *_, groups = _dims(model["cfg"])
+    elem = float(model["dtype"].itemsize)
     out = []
     for B in batches:
         out.append(Case(
-            op="mtp", name=f"frame B={B}", params=dict(B=B, layers=LAYERS, hidden=H, groups=GROUPS, dtype="bf16"),
-            setup=_setup(B),
-            flops=2.0 * step * B * (GROUPS - 1),
-            bytes=2.0 * step * (GROUPS - 1),
+            op="mtp", name=f"frame B={B}", params=dict(B=B, layers=layers, hidden=hidden, groups=groups,
+                                                       dtype=dtype_name(model["dtype"])),
+            setup=_setup(B, model),
+            flops=2.0 * step * B * (groups - 1),
+            bytes=elem * step * (groups - 1),
             bound="memory",
             check=_check if B == batches[0] else None,
             tags=("decode",),

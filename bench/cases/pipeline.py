@@ -13,7 +13,8 @@ Two ways to run it:
 
 GPU only (the full 30B-A3B shapes with random weights need ~72 GiB free in bf16; with less free memory the thinker is
 trimmed to fewer layers and the JSON says so). On a CPU, ``check`` runs the tiny pipeline once against transformers'
-``generate`` (same text tokens and codes).
+``generate`` (same text tokens and codes), and the ``smoke`` preset calls every provider once on the tiny pipeline
+(omni-fast's ops on the reference backend there: plumbing only, see ``_setup``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from bench.case import Case
 from omni_fast.kernels.launch import file_safe
 
-CONCURRENCY = {"quick": (1,), "full": (1, 4, 6)}
+CONCURRENCY = {"quick": (1,), "full": (1, 4, 6), "smoke": (1,)}
 # Qwen3-Omni technical report (single concurrency, and concurrency 6 where given), ms unless noted.
 REPORT = {1: {"first_packet_ms": 234, "preprocessing_ms": 72, "thinker_ttft_ms": 88, "talker_ttft_ms": 57,
               "mtp_per_frame_ms": 14, "codec_per_code_ms": 3, "thinker_tokens_per_s": 75, "talker_tokens_per_s": 140,
@@ -38,6 +39,11 @@ REPORT = {1: {"first_packet_ms": 234, "preprocessing_ms": 72, "thinker_ttft_ms":
           6: {"mtp_per_frame_ms": 18, "codec_per_code_ms": 5, "rtf": 0.66}}
 TARGET = {"first_packet_ms": 100, "rtf": 0.1}  # the issue's target on one H100/H200 at concurrency 1
 TEXT_TOKENS, FRAMES = 32, 50  # per request: 32 text tokens, 50 codec frames (4 s of speech)
+# Per preset: the model ("full" shapes, or the tiny CPU one in fp32), (text tokens, frames) per request (None: the
+# module's TEXT_TOKENS, FRAMES) and seconds of audio per request.
+PRESETS = {"quick": dict(tiny=False, sizes=None, audio_seconds=2.0),
+           "full": dict(tiny=False, sizes=None, audio_seconds=2.0),
+           "smoke": dict(tiny=True, sizes=(4, 3), audio_seconds=0.5)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +60,14 @@ def _pipeline(device: str, thinker_layers: int | None = None):
     return pipe
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_pipeline(device: str):
+    """The tiny random-weight pipeline (fp32 on a CPU), for the smoke preset."""
+    from omni_fast.models import Qwen3Omni
+
+    return Qwen3Omni.random("tiny", device=device, dtype=torch.float32, patch=False)
+
+
 def _requests(n: int, seconds: float = 2.0):
     from omni_fast.__main__ import synthetic_speech
     from omni_fast.models import Request
@@ -62,12 +76,13 @@ def _requests(n: int, seconds: float = 2.0):
             for i in range(n)]
 
 
-def _run(pipe, reqs, patched: bool, **kwargs):
+def _run(pipe, reqs, patched: bool, sizes: tuple[int, int] | None = None, **kwargs):
+    text_tokens, frames = sizes or (TEXT_TOKENS, FRAMES)
     pipe.set_patched(patched)  # every stage follows: patched model, omni-fast MTP step and streaming Code2Wav
-    return pipe.generate(reqs, max_new_tokens=TEXT_TOKENS, talker_max_new_tokens=FRAMES + 1, **kwargs)
+    return pipe.generate(reqs, max_new_tokens=text_tokens, talker_max_new_tokens=frames + 1, **kwargs)
 
 
-def _transformers_generate(pipe, n: int, patched: bool = False):
+def _transformers_generate(pipe, n: int, patched: bool = False, sizes: tuple[int, int] | None = None):
     """transformers' own generate on the same prompts (text only: its processor is not available offline),
     unpatched or patched by ``omni_fast.patch``."""
     import omni_fast
@@ -76,23 +91,40 @@ def _transformers_generate(pipe, n: int, patched: bool = False):
         omni_fast.patch(pipe.model)
     elif not patched and getattr(pipe.model, "_omni_fast_patched", False):
         omni_fast.unpatch(pipe.model)
-    ids = torch.tensor([pipe.build_prompt(r, 0, 0) for r in _requests(1)] * n, device=pipe.device)
-    return pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=TEXT_TOKENS,
-                               thinker_do_sample=False, talker_max_new_tokens=FRAMES + 1, talker_do_sample=False,
+    text_tokens, frames = sizes or (TEXT_TOKENS, FRAMES)
+    ids = torch.tensor([pipe.build_prompt(r, 0, 0) for r in _requests(1, 0.1)] * n, device=pipe.device)
+    return pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=text_tokens,
+                               thinker_do_sample=False, talker_max_new_tokens=frames + 1, talker_do_sample=False,
                                speaker="ethan")
 
 
-def _setup(concurrency: int):
+def _setup(concurrency: int, preset: str = "quick"):
+    p = PRESETS[preset]
+    sizes = p["sizes"]
+
     def setup(device):
-        pipe = _pipeline(str(device))
-        reqs = _requests(concurrency)
-        return {"omni_fast": lambda: _run(pipe, reqs, True), "eager": lambda: _run(pipe, reqs, False),
-                # patched, but thinker/talker decode through transformers' text models: what graph decode gains
-                "omni_fast_eager_decode": lambda: _run(pipe, reqs, True, graph_decode=False),
-                "transformers": lambda: _transformers_generate(pipe, concurrency),
-                "transformers_patched": lambda: _transformers_generate(pipe, concurrency, patched=True)}
+        pipe = _tiny_pipeline(str(device)) if p["tiny"] else _pipeline(str(device))
+        reqs = _requests(concurrency, p["audio_seconds"])
+        fns = {"omni_fast": lambda: _run(pipe, reqs, True, sizes), "eager": lambda: _run(pipe, reqs, False, sizes),
+               # patched, but thinker/talker decode through transformers' text models: what graph decode gains
+               "omni_fast_eager_decode": lambda: _run(pipe, reqs, True, sizes, graph_decode=False),
+               "transformers": lambda: _transformers_generate(pipe, concurrency, sizes=sizes),
+               "transformers_patched": lambda: _transformers_generate(pipe, concurrency, patched=True, sizes=sizes)}
+        if torch.device(device).type == "cpu":
+            # Plumbing only on a CPU: omni-fast's ops on the reference backend (the interpreter takes ~30 s per
+            # request here, mostly the vocoder's convolutions; every kernel is smoke-tested in its own family), and
+            # "omni_fast" decodes op by op (graph_decode needs CUDA), like omni_fast_eager_decode.
+            fns = {name: functools.partial(_on_reference, fn) for name, fn in fns.items()}
+        return fns
 
     return setup
+
+
+def _on_reference(fn):
+    import omni_fast
+
+    with omni_fast.use_backend("reference"):
+        return fn()
 
 
 def check() -> None:
@@ -117,9 +149,12 @@ def check() -> None:
 
 
 def cases(preset: str) -> list[Case]:
-    return [Case(op="pipeline", name=f"pipeline conc={c}", params={"concurrency": c, "text_tokens": TEXT_TOKENS,
-                                                                    "frames": FRAMES},
-                 setup=_setup(c), bytes=0.0, flops=0.0, bound="memory", check=check, tags=("e2e",))
+    text_tokens, frames = PRESETS[preset]["sizes"] or (TEXT_TOKENS, FRAMES)
+    return [Case(op="pipeline", name=f"pipeline conc={c}", params={"concurrency": c, "text_tokens": text_tokens,
+                                                                    "frames": frames,
+                                                                    "model": "tiny" if PRESETS[preset]["tiny"]
+                                                                    else "full"},
+                 setup=_setup(c, preset), bytes=0.0, flops=0.0, bound="memory", check=check, tags=("e2e",))
             for c in CONCURRENCY[preset]]
 
 

@@ -11,21 +11,27 @@ report's % is of the measured copy bandwidth.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from bench.case import Case
+from bench.case import Case, Unavailable, dtype_name
+from bench.cases._compile import compiled
 
-# (name, q heads, kv heads, 3-row TM-RoPE positions?) from the Qwen3-Omni-30B-A3B checkpoint.
-MODELS = {"thinker": (32, 4, True), "talker": (16, 2, True), "mtp": (16, 8, False)}
-HEAD_DIM = 128
-SECTION = (24, 20, 20)
+# Per preset: model -> (q heads, kv heads, 3-row TM-RoPE positions?), head_dim, mrope section, dtype. The real
+# shapes are the Qwen3-Omni-30B-A3B checkpoint's; "smoke" keeps their structure (GQA ratios, 3-row vs 1-D
+# positions, a section summing to head_dim / 2) at tiny sizes, fp32 (bf16 math is wrong on the interpreter).
+REAL = dict(models={"thinker": (32, 4, True), "talker": (16, 2, True), "mtp": (16, 8, False)}, head_dim=128,
+            section=(24, 20, 20), dtype=torch.bfloat16)
+TINY = dict(models={"thinker": (4, 2, True), "talker": (2, 1, True), "mtp": (2, 2, False)}, head_dim=32,
+            section=(4, 6, 6), dtype=torch.float32)
+DIMS = {"quick": REAL, "full": REAL, "smoke": TINY}
+MODELS, HEAD_DIM, SECTION = REAL["models"], REAL["head_dim"], REAL["section"]  # the real shapes, for importers
 TOKENS = {
     "quick": {"thinker": (1, 4096), "talker": (1,), "mtp": (2,)},
     "full": {"thinker": (1, 16, 128, 1024, 4096, 8192, 32768), "talker": (1, 16, 256, 2048), "mtp": (1, 2, 32)},
+    "smoke": {"thinker": (1, 17), "talker": (1,), "mtp": (2,)},
 }
-NORM_TOKENS = {"quick": {"thinker": (4096,)}, "full": {"thinker": (1, 1024, 8192), "talker": (1, 256), "mtp": (2,)}}
+NORM_TOKENS = {"quick": {"thinker": (4096,)}, "full": {"thinker": (1, 1024, 8192), "talker": (1, 256), "mtp": (2,)},
+               "smoke": {"thinker": (17,)}}
 
 
 def _has_cupy() -> bool:
@@ -36,69 +42,67 @@ def _has_cupy() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    """One ``torch.compile`` wrapper per reference function, shared by every case (shapes specialise)."""
-    import torch._dynamo
-
-    for knob in ("recompile_limit", "cache_size_limit"):  # one specialisation per benchmarked shape
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-    return torch.compile(fn, dynamic=False)
+def _cuda_provider(device, fn):
+    """The CUDA C++ kernel's provider (it needs CUDA tensors and CuPy to build the kernel)."""
+    if torch.device(device).type != "cuda":
+        return Unavailable("needs CUDA")
+    return fn if _has_cupy() else Unavailable("needs CuPy")
 
 
-def _inputs(device, T, hq, hk, three_rows, dtype=torch.bfloat16):
-    """Random q ``[T, hq, 128]``, k ``[T, hk, 128]`` (made on the device: fast for big T) and int64 positions."""
-    q = torch.randn(T, hq, HEAD_DIM, device=device, dtype=dtype)
-    k = torch.randn(T, hk, HEAD_DIM, device=device, dtype=dtype)
+def _inputs(device, T, hq, hk, three_rows, d, dtype):
+    """Random q ``[T, hq, d]``, k ``[T, hk, d]`` (made on the device: fast for big T) and int64 positions."""
+    q = torch.randn(T, hq, d, device=device, dtype=dtype)
+    k = torch.randn(T, hk, d, device=device, dtype=dtype)
     pos = torch.randint(0, 32768, (3, T) if three_rows else (T,), device=device)
     return q, k, pos
 
 
-def _rope_setup(T, hq, hk, three_rows):
+def _rope_setup(T, hq, hk, three_rows, dims):
+    d, section = dims["head_dim"], dims["section"]
+
     def setup(device):
         from omni_fast import ops
         from omni_fast.reference import rope as ref
 
-        q, k, pos = _inputs(device, T, hq, hk, three_rows)
-        compiled = _compiled(ref.mrope)
-        fns = {
-            "eager": lambda: ref.mrope(q, k, pos, mrope_section=SECTION),
-            "compile": lambda: compiled(q, k, pos, mrope_section=SECTION),
-            "omni_fast": lambda: ops.mrope(q, k, pos, mrope_section=SECTION, backend="triton"),
+        q, k, pos = _inputs(device, T, hq, hk, three_rows, d, dims["dtype"])
+        compiled_fn = compiled(ref.mrope, device)
+        return {
+            "eager": lambda: ref.mrope(q, k, pos, mrope_section=section),
+            "compile": lambda: compiled_fn(q, k, pos, mrope_section=section),
+            "omni_fast": lambda: ops.mrope(q, k, pos, mrope_section=section, backend="triton"),
+            "omni_fast_cuda": _cuda_provider(device, lambda: ops.mrope(q, k, pos, mrope_section=section,
+                                                                       backend="cuda")),
         }
-        if _has_cupy() and torch.device(device).type == "cuda":
-            fns["omni_fast_cuda"] = lambda: ops.mrope(q, k, pos, mrope_section=SECTION, backend="cuda")
-        return fns
 
     return setup
 
 
-def _norm_rope_setup(T, hq, hk, three_rows):
+def _norm_rope_setup(T, hq, hk, three_rows, dims):
+    d, section = dims["head_dim"], dims["section"]
+
     def setup(device):
         from omni_fast import ops
         from omni_fast.reference import rope as ref
 
-        q, k, pos = _inputs(device, T, hq, hk, three_rows)
-        qw = torch.rand(HEAD_DIM, device=device).to(q.dtype)
-        kw = torch.rand(HEAD_DIM, device=device).to(q.dtype)
-        compiled = _compiled(ref.qk_norm_mrope)
+        q, k, pos = _inputs(device, T, hq, hk, three_rows, d, dims["dtype"])
+        qw = torch.rand(d, device=device).to(q.dtype)
+        kw = torch.rand(d, device=device).to(q.dtype)
+        compiled_fn = compiled(ref.qk_norm_mrope, device)
 
         def separate():
             q.copy_(ref.rms_norm(q, qw, 1e-6))
             k.copy_(ref.rms_norm(k, kw, 1e-6))
-            ops.mrope(q, k, pos, mrope_section=SECTION, backend="triton")
+            ops.mrope(q, k, pos, mrope_section=section, backend="triton")
 
-        fns = {
-            "eager": lambda: ref.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=SECTION),
-            "compile": lambda: compiled(q, k, qw, kw, pos, mrope_section=SECTION),
+        return {
+            "eager": lambda: ref.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=section),
+            "compile": lambda: compiled_fn(q, k, qw, kw, pos, mrope_section=section),
             "separate": separate,
-            "omni_fast": lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=SECTION, backend="triton"),
+            "omni_fast": lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=section, backend="triton"),
+            "omni_fast_cuda": _cuda_provider(device, lambda: ops.qk_norm_mrope(q, k, qw, kw, pos,
+                                                                               mrope_section=section,
+                                                                               backend="cuda")),
         }
-        if _has_cupy() and torch.device(device).type == "cuda":
-            fns["omni_fast_cuda"] = lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=SECTION,
-                                                              backend="cuda")
-        return fns
 
     return setup
 
@@ -142,26 +146,28 @@ def _check(norm: bool) -> None:
                 assert_matches_reference(o, e, s, name=f"{n} ({dtype}, {'3-row' if three_rows else '1-D'})")
 
 
-def _bytes(T, hq, hk, three_rows, norm, elem=2):
-    qk = 2 * T * (hq + hk) * HEAD_DIM * elem  # read + write
-    return qk + T * 8 * (3 if three_rows else 1) + (2 * HEAD_DIM * elem if norm else 0)
+def _bytes(T, hq, hk, three_rows, norm, d=HEAD_DIM, elem=2):
+    qk = 2 * T * (hq + hk) * d * elem  # read + write
+    return qk + T * 8 * (3 if three_rows else 1) + (2 * d * elem if norm else 0)
 
 
 def cases(preset: str = "quick") -> list[Case]:
+    dims = DIMS[preset]
+    d, elem = dims["head_dim"], dims["dtype"].itemsize
     out = []
     for norm, table in ((False, TOKENS), (True, NORM_TOKENS)):
         for model, tokens in table[preset].items():
-            hq, hk, three_rows = MODELS[model]
+            hq, hk, three_rows = dims["models"][model]
             for T in tokens:
                 kind = "qk_norm+rope" if norm else "rope"
-                elems = T * (hq + hk) * HEAD_DIM
+                elems = T * (hq + hk) * d
                 out.append(Case(
                     op="rope", name=f"{model} {kind} T={T}",
-                    params=dict(model=model, T=T, q_heads=hq, kv_heads=hk, head_dim=HEAD_DIM, norm=norm,
-                                positions="3xT" if three_rows else "T", dtype="bf16"),
-                    setup=(_norm_rope_setup if norm else _rope_setup)(T, hq, hk, three_rows),
+                    params=dict(model=model, T=T, q_heads=hq, kv_heads=hk, head_dim=d, norm=norm,
+                                positions="3xT" if three_rows else "T", dtype=dtype_name(dims["dtype"])),
+                    setup=(_norm_rope_setup if norm else _rope_setup)(T, hq, hk, three_rows, dims),
                     flops=elems * (3 + (4 if norm else 0)),  # 2 mul + 1 add per element (+ norm)
-                    bytes=_bytes(T, hq, hk, three_rows, norm),
+                    bytes=_bytes(T, hq, hk, three_rows, norm, d, elem),
                     bound="memory",
                     check=check_qk_norm_mrope if norm else check_mrope,
                     tags=("decode",) if T <= 2 else ("prefill",),
