@@ -1,10 +1,11 @@
 """Static sm_90a check: compile every registered Triton kernel for Hopper on any machine (no GPU needed).
 
-``python -m bench.static_check`` imports every ``kernels/*.py`` module (each registers its specialisations with
-:func:`omni_fast.kernels.launch.static_case`), compiles each with ``triton.compile(..., target=GPUTarget("cuda",
-90, 32))`` and reports per kernel: registers per thread, spilled bytes, shared memory per block and whether the
-code uses Hopper's ``wgmma`` tensor-core instructions and its TMA bulk tensor copies (``cp.async.bulk.tensor``). Exit status 1 when a kernel fails to compile, spills, or
-needs more shared memory than an H100 block may have (227 KB).
+``python -m bench.static_check [NAME_SUBSTRING...]`` imports every ``kernels/*.py`` module (each registers its
+specialisations with :func:`omni_fast.kernels.launch.static_case`), compiles each (or those whose name contains a
+given substring) with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and reports per kernel: registers
+per thread, spilled bytes, shared memory per block and whether the code uses Hopper's ``wgmma`` tensor-core
+instructions and its TMA bulk tensor copies (``cp.async.bulk.tensor``). Exit status 1 when a kernel fails to
+compile, spills, or needs more shared memory than an H100 block may have (227 KB).
 
 Registers and spills come from ``ptxas -v`` (the ptxas Triton itself uses) run on the generated PTX: reading
 ``CompiledKernel.n_regs`` would need a CUDA driver. The compile needs real ``triton.jit`` functions, so under
@@ -126,12 +127,14 @@ def import_kernel_modules() -> list[str]:
     return errors
 
 
-def run() -> int:
-    """Compile and print the report; returns the exit status (0 = every kernel passes)."""
+def run(only: list[str] | None = None) -> int:
+    """Compile and print the report; returns the exit status (0 = every kernel passes). ``only``: compile just the
+    specialisations whose name contains one of these substrings."""
     from omni_fast.kernels.launch import STATIC_CASES
 
     errors = import_kernel_modules()
-    reports = [compile_case(c) for c in STATIC_CASES]
+    cases = [c for c in STATIC_CASES if not only or any(s in c.name for s in only)]
+    reports = [compile_case(c) for c in cases]
     print(f"Static sm_90a check: {len(reports)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
           f"memory per block, no spills)")
     width = max([len(r.name) for r in reports] + [6])
@@ -154,7 +157,7 @@ def run_in_subprocess() -> int:
     """Run the check in a fresh interpreter without ``TRITON_INTERPRET`` (needed for real JIT functions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sys.stdout.flush()
-    return subprocess.run([sys.executable, "-m", "bench.static_check"], env=env,
+    return subprocess.run([sys.executable, "-m", "bench.static_check", *sys.argv[1:]], env=env,
                           cwd=str(Path(__file__).resolve().parent.parent)).returncode
 
 
@@ -163,7 +166,7 @@ def main() -> int:
 
     if triton_interpreter_enabled():
         return run_in_subprocess()
-    return run()
+    return run(sys.argv[1:])
 
 
 if __name__ == "__main__":
