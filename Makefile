@@ -20,7 +20,7 @@ bench: setup
 
 # The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
 # transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; then the transformers-facing
-# tests again on the GPU image's transformers version (scripts/test_compat.sh, requirements-compat.txt).
+# tests again on the GPU image's transformers, and the static check compiled by its Triton (scripts/test_compat.sh).
 test: setup
 	$(PY) -m pytest -q -ra tests
 	bash scripts/test_compat.sh $(PY)

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
+TRITON_COMPAT=${TRITON_COMPAT:-triton==3.6.0}
 DIR=.compat/$(sha1sum requirements-compat.txt | cut -c1-12)
 if [ ! -f "$DIR/.ok" ]; then
   rm -rf "$DIR"
@@ -23,3 +24,16 @@ PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cachep
   tests/test_patch.py tests/test_pipeline.py tests/test_text_decoder.py tests/test_mtp.py \
   tests/test_encoder_varlen.py tests/test_hf_attention.py tests/test_moe_transformers.py tests/test_demo.py \
   tests/test_positions.py tests/test_moe_reference.py tests/test_bench_smoke.py
+
+TDIR=.compat/${TRITON_COMPAT//[^A-Za-z0-9.]/_}
+if [ ! -f "$TDIR/.ok" ]; then
+  rm -rf "$TDIR"
+  if ! "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$TDIR" "$TRITON_COMPAT"; then
+    echo "[compat] could not install $TRITON_COMPAT (offline?): static check with it NOT run"
+    rm -rf "$TDIR"
+    exit 0
+  fi
+  touch "$TDIR/.ok"
+fi
+echo "[compat] sm_90a static check with $(PYTHONPATH="$TDIR" "$PY" -c 'import triton; print("triton", triton.__version__)')"
+PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.static_check | grep -v " ok$"
