@@ -155,8 +155,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """Decode attention over a static KV cache.
 
     q ``[B, T, Hq, d]``, k / v ``[B, T, Hk, d]`` (new tokens at positions start..start+T-1, unit stride in d),
-    k_cache / v_cache ``[B, Hk, L, d]`` (contiguous in d; ``start + T <= L``, L <= 64). Writes k/v into the caches,
-    returns the causal attention output ``[B, T, Hq, d]``; ``scale`` defaults to ``d ** -0.5``.
+    k_cache / v_cache ``[B, Hk, L, d]`` (contiguous in d; ``start + T <= L``, L <= 64; decode-sized steps:
+    ``T * Hq / Hk <= 32``, the query rows one program holds). Writes k/v into the caches, returns the causal
+    attention output ``[B, T, Hq, d]``; ``scale`` defaults to ``d ** -0.5``.
 
     With ``q_norm`` and ``k_norm`` (``[d]``) and the RoPE tables ``cos`` / ``sin`` (``[P, d/2]``, P >= start + T,
     row p = position p, see :func:`rope_tables`; all in the model dtype), q and the new k first get Qwen3's per-head
