@@ -100,7 +100,11 @@ def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
 
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """An in-place output ``a`` must not share memory with an input ``b`` that other programs still read while it is
-    written (the result would depend on the launch order)."""
+    written (the result would depend on the launch order).
+
+    Exact for disjoint storages, disjoint address ranges and side-by-side column blocks of one row-major buffer
+    (same row stride, unit column stride: e.g. ``buf[:, :8]`` and ``buf[:, 8:]``); other interleavings whose ranges
+    intersect are refused (conservative; pass a copy)."""
     if _is_tracing() or a.numel() == 0 or b.numel() == 0:
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -111,9 +115,23 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
         return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
     (a0, a1), (b0, b1) = span(a), span(b)
-    if a0 < b1 and b0 < a1:
+    if a0 < b1 and b0 < a1 and not _column_blocks_apart(a, b):
         raise ValueError(f"{name_a} must not overlap {name_b} in memory (it is written while {name_b} is read); "
                          f"pass a copy")
+
+
+def _column_blocks_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are 2-D views with the same row stride and unit column stride whose columns, within
+    that row stride, do not intersect (so no element is shared whatever their rows)."""
+    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size():
+        return False
+    row = a.stride(0)
+    if b.stride(0) != row or a.stride(1) != 1 or b.stride(1) != 1 or row < max(a.shape[1], b.shape[1]):
+        return False
+    ca, cb = a.storage_offset() % row, b.storage_offset() % row
+    if ca + a.shape[1] > row or cb + b.shape[1] > row:  # a row wraps into the next: not a plain column block
+        return False
+    return ca + a.shape[1] <= cb or cb + b.shape[1] <= ca
 
 
 def values_checkable(t: torch.Tensor, check_values: bool | None = None) -> bool:

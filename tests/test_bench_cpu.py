@@ -124,3 +124,28 @@ def test_liger_peer_computes_the_same_moe():
     w, ids = ops.topk_softmax(torch.randn(T, E, device="cuda"), k)
     w = w.to(torch.bfloat16)
     torch.testing.assert_close(liger(x, w13, w2, w, ids), ops.fused_moe(x, w13, w2, w, ids), rtol=2e-2, atol=2e-2)
+
+
+def test_static_check_filter_matching_nothing_fails():
+    """`python -m bench.static_check NAME...` compiles only matching specialisations; a filter that matches none is
+    an error (a typo must not print PASS), and the bench's own arguments never reach it."""
+    from bench import static_check
+
+    assert static_check.main(["no-such-kernel-name"]) == 1
+
+
+def test_compiled_providers_do_not_keep_their_case_alive():
+    import gc
+    import weakref
+
+    from bench.cases import _compile
+
+    class Weights:  # stands for a case copy's weights, held by the provider closure
+        pass
+
+    w = Weights()
+    ref = weakref.ref(w)
+    fn = _compile.compiled(lambda x, w=w: x + 1, "cpu")
+    del fn, w
+    gc.collect()
+    assert ref() is None

@@ -350,3 +350,12 @@ def test_gpu_greedy_matches_transformers_bf16_mostly():
     got, _ = cp.predict_frame(h, c0, do_sample=False)
     # bf16 kernels round differently from cuBLAS/SDPA paths: the first code must agree on nearly every row.
     assert (got[:, 1] == want[:, 0]).float().mean() >= 0.75
+
+
+def test_weights_key_of_inference_tensors():
+    """Modules built under torch.inference_mode (no version counter) still get a weights key."""
+    from omni_fast.models.talker_step import weights_key
+
+    with torch.inference_mode():
+        lin = torch.nn.Linear(4, 4)
+    assert weights_key(lin) == weights_key(lin)

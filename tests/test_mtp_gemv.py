@@ -252,6 +252,8 @@ def test_gemv_bad_input():
     sq = torch.randn(2, 8)
     with pytest.raises(ValueError, match="resid must not overlap x"):
         mtp_layers.linear_residual_(sq, sq, torch.randn(8, 8))  # other programs would read x while it is written
+    buf = torch.randn(3, 16)  # side-by-side column blocks of one buffer share no element: allowed
+    mtp_layers.linear_residual_(buf[:, :8], buf[:, 8:], torch.randn(8, 8), backend="reference")
     table = torch.randn(5, 8)
     with pytest.raises(ValueError, match="gathered must not overlap x"):
         mtp_layers.norm_linear(table, nw, w, rows=torch.tensor([0, 1]), gathered=table[3:5])

@@ -10,7 +10,6 @@ there); ``mode`` (``reduce-overhead``: CUDA graphs) and ``dynamic`` then do not 
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Iterator
 
 import torch
@@ -37,8 +36,9 @@ def _raise_recompile_limits() -> None:
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
 
 
-@functools.lru_cache(maxsize=None)
-def _cached(fn, inductor: bool, mode: str | None, dynamic: bool | None):
+def _compile(fn, inductor: bool, mode: str | None, dynamic: bool | None):
+    # Not cached per fn: setups pass fresh closures that hold a case copy's inputs and weights, which a cache
+    # would keep alive for the whole run (dynamo already caches compiled code per code object).
     _raise_recompile_limits()
     if inductor:
         return torch.compile(fn, dynamic=dynamic, **({"mode": mode} if mode else {}))
@@ -48,6 +48,6 @@ def _cached(fn, inductor: bool, mode: str | None, dynamic: bool | None):
 
 
 def compiled(fn, device: torch.device | str, *, mode: str | None = None, dynamic: bool | None = False):
-    """``torch.compile(fn)`` for ``device`` (see the module docstring); one wrapper per (fn, backend, mode)."""
+    """``torch.compile(fn)`` for ``device`` (see the module docstring)."""
     inductor = torch.device(device).type == "cuda" and not _TRACING_ONLY[0]
-    return _cached(fn, inductor, mode if inductor else None, dynamic if inductor else False)
+    return _compile(fn, inductor, mode if inductor else None, dynamic if inductor else False)

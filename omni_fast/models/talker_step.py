@@ -56,7 +56,8 @@ def weights_key(*modules: torch.nn.Module) -> tuple:
     """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
     built from them (a :class:`CodePredictor`, a ``Code2Wav``) is stale once this changes (``.to()``,
     ``load_state_dict``, an in-place update)."""
-    return tuple((t.data_ptr(), t.dtype, t.device, t._version)
+    # inference tensors (made under torch.inference_mode) have no version counter and cannot change in place
+    return tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version)
                  for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
