@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from bench import peers
 from bench.case import Case, Unavailable
 from omni_fast.kernels.launch import file_safe
 
@@ -323,16 +324,10 @@ def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), ou
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
               "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "peers": _peer_versions(), "roofline": roofline, "rows": rows}
+              "peers": peers.versions(), "roofline": roofline, "rows": rows}
     path = save(result, out_dir)
     print(f"Saved {path} (+ .md, .png)")
     return 1 if any("error" in r for r in rows) else 0
-
-
-def _peer_versions() -> dict[str, str]:
-    from bench import peers
-
-    return peers.versions()
 
 
 def _describe(exc: BaseException) -> str:

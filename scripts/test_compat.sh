@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Run the transformers-facing tests (and the benchmark smoke run: its providers call transformers) against the
-# transformers version of the GPU image (requirements-compat.txt), installed with --no-deps into .compat/ (next to,
-# not over, the venv's newer transformers).
+# The versions of the GPU image, next to (not over) the venv's newer ones, installed with --no-deps into .compat/:
+# - the transformers-facing tests against its transformers (requirements-compat.txt);
+# - the sm_90a static check compiled by its Triton (TRITON_COMPAT below): register use and spills differ between
+#   Triton versions, and the GPU sessions compile with this one.
 #   bash scripts/test_compat.sh [PYTHON]
 # Without network (nothing to install and none installed before) it says so and exits 0: the main suite has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 TRITON_COMPAT=${TRITON_COMPAT:-triton==3.6.0}
-DIR=.compat/$(sha1sum requirements-compat.txt | cut -c1-12)
-if [ ! -f "$DIR/.ok" ]; then
-  rm -rf "$DIR"
-  if ! "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$DIR" -r requirements-compat.txt; then
-    echo "[compat] could not install requirements-compat.txt (offline?): transformers-compat tests NOT run"
-    rm -rf "$DIR"
-    exit 0
+
+# install_once DIR PIP_ARGS...: pip install --no-deps --target DIR (kept while DIR/.ok exists); fails when offline
+install_once() {
+  local dir=$1
+  shift
+  [ -f "$dir/.ok" ] && return 0
+  rm -rf "$dir"
+  if ! "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$dir" "$@"; then
+    rm -rf "$dir"
+    return 1
   fi
-  touch "$DIR/.ok"
+  touch "$dir/.ok"
+}
+
+DIR=.compat/$(sha1sum requirements-compat.txt | cut -c1-12)
+if ! install_once "$DIR" -r requirements-compat.txt; then
+  echo "[compat] could not install requirements-compat.txt (offline?): transformers-compat tests NOT run"
+  exit 0
 fi
 VERSION=$(PYTHONPATH="$DIR" "$PY" -c "import transformers; print(transformers.__version__)")
 echo "[compat] transformers $VERSION"
@@ -26,14 +36,9 @@ PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cachep
   tests/test_positions.py tests/test_moe_reference.py tests/test_bench_smoke.py
 
 TDIR=.compat/${TRITON_COMPAT//[^A-Za-z0-9.]/_}
-if [ ! -f "$TDIR/.ok" ]; then
-  rm -rf "$TDIR"
-  if ! "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$TDIR" "$TRITON_COMPAT"; then
-    echo "[compat] could not install $TRITON_COMPAT (offline?): static check with it NOT run"
-    rm -rf "$TDIR"
-    exit 0
-  fi
-  touch "$TDIR/.ok"
+if ! install_once "$TDIR" "$TRITON_COMPAT"; then
+  echo "[compat] could not install $TRITON_COMPAT (offline?): static check with it NOT run"
+  exit 0
 fi
 echo "[compat] sm_90a static check with $(PYTHONPATH="$TDIR" "$PY" -c 'import triton; print("triton", triton.__version__)')"
 PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.static_check | grep -v " ok$"

@@ -38,6 +38,7 @@ from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
 from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
+from .cuda_graphs import capture
 
 @dataclass
 class StreamState:
@@ -411,18 +412,11 @@ class _GraphStep:
         self.codes = torch.zeros(st.batch_size, stream.model.config.num_quantizers, frames, dtype=torch.long,
                                  device=stream.model.device)
         snapshot = _clone_state(st)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            stream._step(self.codes)
-        torch.cuda.current_stream().wait_stream(side)
-        _restore_state(st, snapshot)
-        self.graph = torch.cuda.CUDAGraph()
-        frames_before = st.frames
         if stream._pool is None:  # one memory pool for all of a stream's buckets: replays never overlap
             stream._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=stream._pool):
-            self.out = stream._step(self.codes)
+        frames_before = st.frames
+        self.graph, self.out = capture(lambda: stream._step(self.codes), stream.model.device, warmup=1,
+                                       pool=stream._pool, after_warmup=lambda: _restore_state(st, snapshot))
         st.frames = frames_before  # capture records but does not run the step
         self.state = st
 

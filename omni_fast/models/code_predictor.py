@@ -40,6 +40,7 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
+from .cuda_graphs import capture
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -389,15 +390,8 @@ class _FrameGraph:
             self.graph = None
             self.codes, self.next_input = run()
             return
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: compiles kernels, fills the constant caches
-                run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.codes, self.next_input = run()
+        # (the warm-up compiles the kernels and fills the constant caches)
+        self.graph, (self.codes, self.next_input) = capture(run, device)
 
     def run(self, x, c0, c0_embed, seed):
         B = x.shape[0]

@@ -201,6 +201,8 @@ class Qwen3Omni:
         if self.newline_id is None:
             self.newline_id = 198 if vocab > 198 else 10
         self.patch_report = None
+        # the re-decoding codec (transformers' module, patched or not), used when the exact stream is not
+        self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
         if patch:
             self.set_patched(True)
         else:  # leaves the model as given (a model the caller patched stays patched)
@@ -212,13 +214,11 @@ class Qwen3Omni:
         pipeline can be timed both ways."""
         import omni_fast
 
-        model, backend = self.model, self.backend
-        talker = model.talker
+        model = self.model
         if patched:
             if not model.__dict__.get("_omni_fast_patched", False):
-                self.patch_report = omni_fast.patch(model, backend=backend)
+                self.patch_report = omni_fast.patch(model, backend=self.backend)
             self._refresh_fast_stages()
-            self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
         else:
             if model.__dict__.get("_omni_fast_patched", False):
                 omni_fast.unpatch(model)
@@ -248,7 +248,6 @@ class Qwen3Omni:
         self.fast_code2wav = None
         self.code_predictor = pick("CodePredictor", talker.code_predictor,
                                    lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
-        self.code2wav = pick("Code2Wav", self.model.code2wav, HFCode2Wav)
 
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod

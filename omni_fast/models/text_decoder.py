@@ -42,6 +42,7 @@ from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
+from .cuda_graphs import capture
 
 CAPACITY_ALIGN = 64  # cache lengths are rounded up to this, so nearby prompt lengths reuse one captured graph
 
@@ -292,18 +293,8 @@ class MoeTextDecoder:
     def _capture(self, st: _State) -> None:
         """Warm up on a side stream (JIT-compiles every kernel), then capture one step; resets the cache lengths
         (the warm-up steps advanced them) so that :meth:`load_prefill` starts from a clean state."""
-        dev = self.device
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._body(st)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        st.cache_seqlens.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            st.logits, st.hidden = self._body(st)
-        st.graph = graph
+        st.graph, (st.logits, st.hidden) = capture(lambda: self._body(st), self.device,
+                                                   after_warmup=st.cache_seqlens.zero_)
         st.cache_seqlens.zero_()
 
 
