@@ -10,8 +10,12 @@ What is replaced, and how (transformers' own extension points first, module swap
 - q/k RMSNorm + TM-RoPE (Thinker, Talker, code predictor, Code2Wav pre-transformer, Qwen2.5-Omni thinker): the
   rotary-embedding modules are wrapped to also hand their position ids to the attention layers, whose forward is
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
-  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
-  positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
+  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions. The kernels take
+  whole-number positions: transformers builds float ones, so the rotary module checks them once per forward (one
+  host sync per forward, none per layer), and ``get_rope_index`` is wrapped to return whole-number results as
+  int64, so ``generate``'s decode steps hand integer positions and need no check at all. Fractional positions (a
+  video at a fractional ``second_per_grid * position_id_per_seconds``) take transformers' cos/sin, as do float
+  positions while tracing for ``torch.compile`` or capturing a CUDA graph (no sync allowed there).
 - Audio / vision encoder attention (Qwen3-Omni and Qwen2.5-Omni): transformers passes the window/frame boundaries
   (``cu_seqlens``) to the attention function only under a "flash" implementation name, and otherwise splits the
   clip per window on the host; the attention modules' forward is swapped for one that calls the ``"omni_fast"``
@@ -22,6 +26,13 @@ What is replaced, and how (transformers' own extension points first, module swap
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
+
+Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
+omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
+attention forwards (fused RoPE), the ``"omni_fast"`` attention function (it reads the calling module's pin, so the
+encoders' varlen launches and transformers' own attention forwards follow too), the experts function, the Code2Wav
+swap and the MTP frame step. An ambient ``use_backend`` block or ``OMNI_FAST_BACKEND`` does not override it;
+``backend=None`` (default) leaves every op on the ambient choice.
 
 The kernels are inference-only: with autograd recording, the patched layers run transformers' own forward.
 
