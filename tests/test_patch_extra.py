@@ -373,8 +373,9 @@ def test_gpu_bf16_thinker_greedy_parity():
 
 
 def _talker_generate(talker, seed=1):
-    """The talker (with its code predictor) fed as the full model feeds it; codebook-0 ids, their logits, and the
-    residual codes ``[frames, G]``."""
+    """The talker (with its code predictor) fed as the full model feeds it. Returns codebook-0 ids ``[steps]``, their
+    logits ``[steps, V]``, and per audio frame its codes ``[frames, G]`` and the talker hidden state ``[frames, H]``
+    the code predictor started from (last layer, last token of the step that chose the frame's codebook 0)."""
     dev, dtype = talker.device, talker.dtype
     gen = torch.Generator().manual_seed(seed)
     hidden = talker.config.text_config.hidden_size
@@ -387,43 +388,83 @@ def _talker_generate(talker, seed=1):
         attention_mask=torch.ones(1, 9, dtype=torch.long, device=dev), max_new_tokens=6, do_sample=False,
         eos_token_id=eos, output_hidden_states=True, output_logits=True, return_dict_in_generate=True,
         suppress_tokens=[i for i in range(vocab - 1024, vocab) if i != eos])
-    codes = torch.cat([h[-1] for h in out.hidden_states if h[-1] is not None])
-    return out.sequences[0], torch.cat(out.logits), codes
+    steps = out.hidden_states  # per step: (all layers' hidden states, the residual codes of the frame or None)
+    frames = [s for s in range(1, len(steps)) if steps[s][-1] is not None]
+    codes = torch.stack([steps[s][-1][0] for s in frames])
+    talker_hidden = torch.stack([steps[s - 1][0][-1][0, -1] for s in frames])
+    return out.sequences[0], torch.cat(out.logits), codes, talker_hidden
+
+
+def _mtp_reference_logits(talker, talker_hidden, codes):
+    """transformers' code predictor (as it is now: unpatched) teacher-forced on one frame: the logits ``[G-1, V]``
+    that choose codes 1..G-1 given ``talker_hidden`` ``[H]`` and the frame's codes ``[G]`` (position g reads the
+    embeddings of codes < g; position g-1's hidden state through ``lm_head[g-1]`` chooses code g)."""
+    cp = talker.code_predictor
+    G = codes.shape[0]
+    tables = cp.model.get_input_embeddings()
+    embeds = [talker_hidden, talker.get_input_embeddings()(codes[0])]
+    embeds += [tables[g - 1](codes[g]) for g in range(1, G - 1)]
+    hidden = cp.model(inputs_embeds=torch.stack(embeds)[None]).last_hidden_state[0]
+    return torch.stack([cp.lm_head[g - 1](hidden[g]) for g in range(1, G)])
+
+
+def assert_mtp_codes_within(talker, codes, talker_hidden, atol: float):
+    """Each frame's residual codes are what transformers' code predictor picks from the same inputs (the talker
+    hidden state and codes the patched run had), up to the first near-tie (top-2 margin below ``2 * atol``)."""
+    for f in range(codes.shape[0]):
+        logits = _mtp_reference_logits(talker, talker_hidden[f], codes[f])
+        assert_greedy_within(logits.argmax(-1), codes[f, 1:], logits, logits, atol)
+
+
+def test_mtp_codes_check_on_cpu(omni):
+    """The GPU test's MTP rule, exact in fp32 on the CPU: the patched talker's residual codes are transformers'
+    code predictor's argmax on the same inputs, frame by frame."""
+    talker = omni.talker
+    with torch.no_grad():
+        omni_fast.patch(talker, backend="reference")
+        try:
+            seq, _, codes, talker_hidden = _talker_generate(talker)
+        finally:
+            omni_fast.unpatch(talker)
+        assert codes.shape[0] >= 2 and torch.equal(codes[:, 0], seq[:codes.shape[0]])
+        assert_mtp_codes_within(talker, codes, talker_hidden, atol=0.0)
+        bad = codes.clone()
+        bad[0, 1] = (bad[0, 1] + 1) % talker.code_predictor.config.vocab_size
+        with pytest.raises(AssertionError):
+            assert_mtp_codes_within(talker, bad, talker_hidden, atol=0.0)
 
 
 @pytest.mark.gpu
 def test_gpu_bf16_talker_codes_parity_and_mtp_graph_replay(monkeypatch):
     """bf16 on CUDA: the patched talker's codebook-0 ids follow the unpatched ones within bf16 near-ties; its
-    residual codes come from the MTP frame step replayed as one CUDA graph per frame, and equal those of the same
-    frame step run eagerly (same kernels, so exactly equal)."""
+    residual codes come from the MTP frame step replayed as one CUDA graph per frame, equal those of the same frame
+    step run eagerly (same kernels: exactly), and are transformers' code predictor's picks on the same inputs up to
+    bf16 near-ties."""
     from omni_fast.models.code_predictor import CodePredictor
 
     model = _omni().to("cuda", torch.bfloat16)
     talker = model.talker
     with torch.no_grad():
-        want_seq, want_logits, want_codes = _talker_generate(talker)
+        want_seq, want_logits, _, _ = _talker_generate(talker)
         omni_fast.patch(talker)
         try:
             replays = []
             real_graph = CodePredictor._graph_frame
             monkeypatch.setattr(CodePredictor, "_graph_frame",
                                 lambda self, *a, **k: replays.append(1) or real_graph(self, *a, **k))
-            got_seq, got_logits, got_codes = _talker_generate(talker)
+            got_seq, got_logits, got_codes, got_hidden = _talker_generate(talker)
             assert replays, "the patched talker did not replay the MTP graph on CUDA"
             real_predict = CodePredictor.predict_frame
             monkeypatch.setattr(CodePredictor, "predict_frame",
                                 lambda self, *a, **k: real_predict(self, *a, **{**k, "use_graph": False}))
-            eager_seq, _, eager_codes = _talker_generate(talker)
+            eager_seq, _, eager_codes, _ = _talker_generate(talker)
         finally:
             omni_fast.unpatch(talker)
-    assert torch.equal(eager_seq, got_seq) and torch.equal(eager_codes, got_codes)  # graph replay == eager
-    n = len(want_logits)
-    assert_greedy_within(want_seq[-n:], got_seq[-n:], want_logits, got_logits, _bf16_logit_atol(want_logits))
-    # the first frame's residual codes: the code predictor's inputs (prefill hidden, codebook 0) agree to rounding;
-    # a random tiny predictor has near-ties, so ask most of them to agree, not all
-    if torch.equal(want_seq[-n], got_seq[-n]):
-        agree = (want_codes[0] == got_codes[0]).float().mean()
-        assert agree >= 0.5, (want_codes[0], got_codes[0])
+        assert torch.equal(eager_seq, got_seq) and torch.equal(eager_codes, got_codes)  # graph replay == eager
+        n = len(want_logits)
+        assert_greedy_within(want_seq[-n:], got_seq[-n:], want_logits, got_logits, _bf16_logit_atol(want_logits))
+        mtp_logits = _mtp_reference_logits(talker, got_hidden[0], got_codes[0])
+        assert_mtp_codes_within(talker, got_codes, got_hidden, _bf16_logit_atol(mtp_logits))
 
 
 @pytest.mark.gpu
