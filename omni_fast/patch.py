@@ -397,7 +397,8 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 _pin(module, backend)
                 _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
-            counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) -> omni_fast.models.Code2Wav")] = 1
+            counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
+                          "-> omni_fast.models.Code2Wav")] = 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 
@@ -462,7 +463,7 @@ def _rotary_users(path: str, rope_kernels: dict[str, str]) -> str:
     return " / ".join(f"omni_fast.ops.{k} kernel" for k in used)
 
 
-_NO_ATTENTION = "no omni_fast attention implementation attention implementation registered: runs as transformers wrote it"
+_NO_ATTENTION = "no omni_fast attention implementation registered: runs as transformers wrote it"
 
 
 def _attention_registered() -> bool:
