@@ -365,7 +365,8 @@ def test_gpu_bf16_thinker_greedy_parity():
 
 def _talker_generate(talker, seed=1):
     """The talker (with its code predictor) fed as the full model feeds it. Returns codebook-0 ids ``[steps]``, their
-    logits ``[steps, V]``, and per audio frame its codes ``[frames, G]`` and the talker hidden state ``[frames, H]``
+    logits over the ids generate may pick (the codebook and codec EOS; the other specials are suppressed, so a
+    near-tie with one of them is none) ``[steps, V']``, and per audio frame its codes ``[frames, G]`` and the talker hidden state ``[frames, H]``
     the code predictor started from (last layer, last token of the step that chose the frame's codebook 0)."""
     dev, dtype = talker.device, talker.dtype
     gen = torch.Generator().manual_seed(seed)
@@ -373,17 +374,19 @@ def _talker_generate(talker, seed=1):
     embeds, trailing, pad = (torch.randn(1, n, hidden, generator=gen).to(dev, dtype) for n in (9, 3, 1))
     vocab = talker.config.text_config.vocab_size
     eos = TINY_CODEC_IDS["codec_eos_token_id"]
+    suppressed = [i for i in range(vocab - 1024, vocab) if i != eos]
     out = talker.generate(
         inputs_embeds=embeds, trailing_text_hidden=trailing, tts_pad_embed=pad,
         talker_input_ids=torch.full((1, 9), TINY_IDS["tts_pad_token_id"], device=dev),
         attention_mask=torch.ones(1, 9, dtype=torch.long, device=dev), max_new_tokens=6, do_sample=False,
         eos_token_id=eos, output_hidden_states=True, output_logits=True, return_dict_in_generate=True,
-        suppress_tokens=[i for i in range(vocab - 1024, vocab) if i != eos])
+        suppress_tokens=suppressed)
+    allowed = sorted(set(range(vocab)) - set(suppressed))
     steps = out.hidden_states  # per step: (all layers' hidden states, the residual codes of the frame or None)
     frames = [s for s in range(1, len(steps)) if steps[s][-1] is not None]
     codes = torch.stack([steps[s][-1][0] for s in frames])
     talker_hidden = torch.stack([steps[s - 1][0][-1][0, -1] for s in frames])
-    return out.sequences[0], torch.cat(out.logits), codes, talker_hidden
+    return out.sequences[0], torch.cat(out.logits)[:, allowed], codes, talker_hidden
 
 
 def _mtp_reference_logits(talker, talker_hidden, codes):
