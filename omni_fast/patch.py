@@ -10,8 +10,12 @@ What is replaced, and how (transformers' own extension points first, module swap
 - q/k RMSNorm + TM-RoPE (Thinker, Talker, code predictor, Code2Wav pre-transformer, Qwen2.5-Omni thinker): the
   rotary-embedding modules are wrapped to also hand their position ids to the attention layers, whose forward is
   swapped for one that calls :func:`omni_fast.ops.qk_norm_mrope` (or :func:`omni_fast.ops.mrope` where a layer has
-  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions (whole-number
-  positions; fractional ones, from a video's timestamps, take transformers' cos/sin for that call).
+  no q/k norm) on the projected q/k: cos/sin are computed inside the kernel from the positions. The kernels take
+  whole-number positions: transformers builds float ones, so the rotary module checks them once per forward (one
+  host sync per forward, none per layer), and ``get_rope_index`` is wrapped to return whole-number results as
+  int64, so ``generate``'s decode steps hand integer positions and need no check at all. Fractional positions (a
+  video at a fractional ``second_per_grid * position_id_per_seconds``) take transformers' cos/sin, as do float
+  positions while tracing for ``torch.compile`` or capturing a CUDA graph (no sync allowed there).
 - Audio / vision encoder attention (Qwen3-Omni and Qwen2.5-Omni): transformers passes the window/frame boundaries
   (``cu_seqlens``) to the attention function only under a "flash" implementation name, and otherwise splits the
   clip per window on the host; the attention modules' forward is swapped for one that calls the ``"omni_fast"``
@@ -22,6 +26,13 @@ What is replaced, and how (transformers' own extension points first, module swap
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
+
+Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
+omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
+attention forwards (fused RoPE), the ``"omni_fast"`` attention function (it reads the calling module's pin, so the
+encoders' varlen launches and transformers' own attention forwards follow too), the experts function, the Code2Wav
+swap and the MTP frame step. An ambient ``use_backend`` block or ``OMNI_FAST_BACKEND`` does not override it;
+``backend=None`` (default) leaves every op on the ambient choice.
 
 The kernels are inference-only: with autograd recording, the patched layers run transformers' own forward.
 
@@ -82,7 +93,11 @@ class PatchReport:
 
 
 class RotaryWithPositions(tuple):
-    """``(cos, sin)`` as transformers passes them, plus what the fused kernel needs to compute them itself."""
+    """``(cos, sin)`` as transformers passes them, plus what the fused kernel needs to compute them itself.
+
+    ``position_ids`` are integer (checked once per model forward by :func:`_rotary_forward`), or None when the
+    kernel cannot take them (fractional positions): the attention layers then apply transformers' cos/sin.
+    """
 
     def __new__(cls, cos, sin, position_ids, rotary: nn.Module, interleaved: bool | None):
         obj = super().__new__(cls, (cos, sin))
@@ -90,18 +105,11 @@ class RotaryWithPositions(tuple):
         return obj
 
     def rope_kwargs(self, batch: int, seq: int, head_dim: int) -> tuple[torch.Tensor, dict] | None:
-        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`.
-
-        None when the positions are not whole numbers (transformers' ``get_rope_index`` builds float positions;
-        a video at a fractional ``second_per_grid * position_id_per_seconds`` gives fractional ones): the caller
-        then applies transformers' own cos/sin.
-        """
+        """Flattened positions (``[3, B*S]`` or ``[B*S]``) and the keyword arguments of :func:`ops.mrope`, or
+        None when the positions are not whole numbers. No host sync: called once per attention layer."""
         pos = self.position_ids
-        if pos.is_floating_point():
-            as_int = pos.to(torch.int64)
-            if not torch.equal(as_int.to(pos.dtype), pos):  # one host sync, only for float positions
-                return None
-            pos = as_int
+        if pos is None:
+            return None
         half = head_dim // 2
         if self.interleaved is None or pos.dim() == 2:  # 1-D RoPE: one row for every frequency
             pos = pos.expand(batch, seq).reshape(-1) if pos.dim() == 2 else pos.expand(3, batch, seq)[0].reshape(-1)
@@ -114,9 +122,52 @@ class RotaryWithPositions(tuple):
                          attention_scaling=float(self.rotary.attention_scaling))
 
 
+def _cannot_read_values(t: torch.Tensor) -> bool:
+    """Reading ``t``'s values on the host is not allowed now: tracing for ``torch.compile``, or capturing a CUDA
+    graph on the current stream (a sync there invalidates the capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _whole_positions(pos: torch.Tensor) -> torch.Tensor | None:
+    """``pos`` as integers, or None when they are fractional (or cannot be looked at now).
+
+    transformers' ``get_rope_index`` builds float positions, and a video at a fractional ``second_per_grid *
+    position_id_per_seconds`` makes them fractional; omni-fast's RoPE kernels take integer positions. Integer
+    positions pass as they are (no sync; :func:`_integer_rope_index` makes the ones of ``generate`` integers); float
+    ones cost ONE host sync per model forward (this runs in the rotary module, once per forward, not per layer).
+    """
+    if not pos.is_floating_point():
+        return pos
+    if _cannot_read_values(pos):
+        return None  # transformers' cos/sin: correct, and no sync inside a capture or a traced graph
+    as_int = pos.to(torch.int64)
+    return as_int if torch.equal(as_int.to(pos.dtype), pos) else None
+
+
 def _rotary_forward(self, x, position_ids):
     cos, sin = self._omni_fast_forward(x, position_ids)
-    return RotaryWithPositions(cos, sin, position_ids, self, _MROPE_ROTARY.get(type(self).__name__))
+    return RotaryWithPositions(cos, sin, _whole_positions(position_ids), self,
+                               _MROPE_ROTARY.get(type(self).__name__))
+
+
+def _integer_rope_index(self, *args, **kwargs):
+    """transformers' ``get_rope_index`` with whole-number results as int64 (same values).
+
+    transformers returns float positions and deltas; every decode step then adds the cached float deltas, so each
+    step's positions would be float and need a host sync to prove them whole. Made integers once here (one sync per
+    prefill, in a function that already reads the prompt on the host), the decode steps' positions are int64 and
+    the patched model's decode path has no host sync of omni-fast's. Fractional results stay float.
+    """
+    out = self._omni_fast_get_rope_index(*args, **kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        return out
+    pos, deltas = out
+    if not (pos.is_floating_point() or deltas.is_floating_point()) or _cannot_read_values(pos):
+        return out
+    whole = [(t == t.trunc()).all() for t in out if t.is_floating_point()]
+    return (pos.to(torch.int64), deltas.to(torch.int64)) if bool(torch.stack(whole).all()) else out
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
@@ -312,6 +363,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     saved_configs: list[tuple[object, str, object]] = []
     counts: dict[tuple[str, str], int] = {}
     left: dict[tuple[str, str], int] = {}
+    rope_kernels = {path: _rope_kernel(m) for path, m in model.named_modules() if type(m).__name__ in _ROPE_ATTENTION}
     for path, module in model.named_modules():
         cls = type(module).__name__
         part = _part_of(root, path)
@@ -319,15 +371,16 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         if cls in _MROPE_ROTARY or cls in _PLAIN_ROTARY:
             if part in wanted:
                 _swap_forward(module, _rotary_forward)
-            bucket[(part, f"{cls}: positions handed to the fused q/k-norm + RoPE kernel")] = 1
+            key = (part, f"{cls}: positions handed to the attention layers' {_rotary_users(path, rope_kernels)}")
+            bucket[key] = 1
         elif cls in _ROPE_ATTENTION:
             if part in wanted:
                 _swap_forward(module, _attention_forward)
-                module._omni_fast_backend = backend
+                _pin(module, backend)
                 if attention_ready:
                     _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            fused = "q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if getattr(
-                getattr(module, "q_norm", None), "weight", None) is not None else "RoPE -> omni_fast.ops.mrope"
+            fused = ("q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if rope_kernels[path] == "qk_norm_mrope"
+                     else "RoPE -> omni_fast.ops.mrope")
             key = (part, f"{cls}: {fused}"
                    + (", attention -> omni_fast" if attention_ready else ""))
             bucket[key] = bucket.get(key, 0) + 1
@@ -337,28 +390,28 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         elif cls in _EXPERTS:
             if part in wanted:
                 _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
-                if backend is not None:
-                    module._omni_fast_backend = backend
+                _pin(module, backend)
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
         elif cls == "Qwen3OmniMoeCode2Wav" and part in wanted:
-            from .models import Code2Wav
-
             if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
-                module.__dict__["_omni_fast_backend"] = backend
+                _pin(module, backend)
                 _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
-            counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) -> omni_fast.models.Code2Wav")] = 1
+            counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
+                          "-> omni_fast.models.Code2Wav")] = 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 
             if "prepare_inputs_for_generation" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 _remember(module, "prepare_inputs_for_generation")
+                _pin(module, backend)  # read by the swapped-in frame step (models.talker_step)
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       "(one graph replay per frame on CUDA)")] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+                _pin(module, backend)  # read by the omni_fast attention function
                 if cls in _ENCODER_ATTENTION:
                     _swap_forward(module, _encoder_attention_forward)
                     what = ("attention over all windows/frames -> one omni_fast flash_attn_varlen launch per layer "
@@ -370,6 +423,12 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             else:
                 key = (part, f"{cls}: attention" + ("" if part not in wanted else f" ({_NO_ATTENTION})"))
                 left[key] = left.get(key, 0) + 1
+        # not elif: the thinker / talker classes that build 3-D positions (also the talker matched above)
+        if part in wanted and callable(getattr(type(module), "get_rope_index", None)) and any(
+                type(m).__name__ in _MROPE_ROTARY for m in module.modules()):
+            if "get_rope_index" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
+                module.__dict__["_omni_fast_get_rope_index"] = module.get_rope_index
+                _swap_attr(module, "get_rope_index", types.MethodType(_integer_rope_index, module))
     for (part, what), n in sorted(counts.items()):
         report.replaced.append(f"[{part}] {what} (x{n})")
     for (part, what), n in sorted(left.items()):
@@ -380,6 +439,28 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     model._omni_fast_patched = True
     model._omni_fast_saved_configs = saved_configs
     return report
+
+
+def _pin(module: nn.Module, backend: str | None) -> None:
+    """Pin ``patch(backend=...)`` on a module whose work patch swapped: every omni-fast entry point the patched
+    model reaches (the swapped forwards, the attention and experts functions, the vocoder and MTP swaps) reads it
+    and passes it as the ops' ``backend=``; None keeps the ambient choice. :func:`unpatch` removes it."""
+    module.__dict__["_omni_fast_backend"] = backend
+
+
+def _rope_kernel(attention: nn.Module) -> str:
+    """The omni-fast op the swapped attention forward calls: with a q/k RMSNorm (a weighted norm; Code2Wav's is
+    ``nn.Identity``) the fused norm + RoPE kernel, else RoPE alone (Qwen2.5-Omni, Code2Wav)."""
+    return "qk_norm_mrope" if getattr(getattr(attention, "q_norm", None), "weight", None) is not None else "mrope"
+
+
+def _rotary_users(path: str, rope_kernels: dict[str, str]) -> str:
+    """Report label: which RoPE op(s) the attention layers beside the rotary module at ``path`` run."""
+    parent = path.rpartition(".")[0]
+    used = sorted({k for p, k in rope_kernels.items() if not parent or p.startswith(parent + ".")})
+    if not used:
+        return "RoPE (no swapped attention layer reads them)"
+    return " / ".join(f"omni_fast.ops.{k} kernel" for k in used)
 
 
 _NO_ATTENTION = "no omni_fast attention implementation registered: runs as transformers wrote it"

@@ -22,6 +22,9 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
 - **any other mask** (a 4-D bool or additive float mask built by the caller): not expressible as FlashAttention
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
+Backend: the one :func:`omni_fast.patch` pinned on the calling module (``module._omni_fast_backend``, from
+``patch(model, backend=...)``), else the ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto).
+
 Note: the Qwen-Omni audio and vision encoders only pass ``cu_seq_lens_*`` to implementations whose name contains
 "flash"; under ``"omni_fast"`` transformers' own forward splits the packed sequence per window on the host and
 calls this function once per window (correct, one launch per window). :func:`omni_fast.patch` swaps those
@@ -72,7 +75,13 @@ def _cu_from_positions(position_ids, T: int):
     return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
 
 
-def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
+def _module_backend(module) -> str | None:
+    """The backend :func:`omni_fast.patch` pinned on ``module`` (``patch(model, backend=...)``), else None: the
+    ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto)."""
+    return getattr(module, "__dict__", {}).get("_omni_fast_backend")
+
+
+def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window, backend=None):
     """Batch-1 packed sequences: [1, H, T, D] -> varlen over cu_seqlens."""
     from ..ops import flash_attn_varlen
 
@@ -81,11 +90,11 @@ def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window):
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
     out = flash_attn_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
                             _max_len(kwargs.get("max_length_q")), _max_len(kwargs.get("max_length_k")),
-                            softmax_scale=scale, window_size=window)
+                            softmax_scale=scale, window_size=window, backend=backend)
     return out[None]
 
 
-def _padded(query, key, value, mask2d, scale, window):
+def _padded(query, key, value, mask2d, scale, window, backend=None):
     """A padded batch in its own layout: the 2-D mask becomes the kernel's key padding mask (no unpadding).
 
     Keys are the first ``L = min(mask length, Sk)`` rows of each batch row (a mask shorter than the keys: a static
@@ -104,7 +113,7 @@ def _padded(query, key, value, mask2d, scale, window):
     lens = torch.full((B,), L, dtype=torch.int32, device=query.device)
     return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
                                    causal=window[1] == 0, window_size=window, softmax_scale=scale,
-                                   key_padding_mask=real)
+                                   key_padding_mask=real, backend=backend)
 
 
 def _masked_fallback(query, key, value, mask, scale):
@@ -148,24 +157,26 @@ def omni_fast_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = _window(sliding_window, causal)
+    backend = _module_backend(module)
 
     cu_q, cu_k = _cu_from_kwargs(kwargs)
     if cu_q is not None:
         if attention_mask is not None:
             raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
-        return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window), None
+        return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window, backend), None
     if attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
         cu = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
         if cu is not None:  # several sequences packed in one row, told apart by their position ids
-            return _packed(query, key, value, cu, cu, {}, scale, window), None
+            return _packed(query, key, value, cu, cu, {}, scale, window, backend), None
     if attention_mask is None:
         B, Sk = key.shape[0], key.shape[2]
         lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
         out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
-                                      causal=window[1] == 0, window_size=window, softmax_scale=scale)
+                                      causal=window[1] == 0, window_size=window, softmax_scale=scale,
+                                      backend=backend)
         return out, None
     if attention_mask.dim() == 2:
-        return _padded(query, key, value, attention_mask, scale, window), None
+        return _padded(query, key, value, attention_mask, scale, window, backend), None
     return _masked_fallback(query, key, value, attention_mask, scale), None
 
 

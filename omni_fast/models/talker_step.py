@@ -96,7 +96,8 @@ def _prepare_inputs_with_fast_mtp(self, input_ids, past_key_values=None, attenti
     # transformers passes top_k=50, top_p=0.8 when sampling; other fields (temperature) come from the config.
     codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
                                         do_sample=bool(gen.do_sample), top_k=50, top_p=0.8,
-                                        temperature=float(getattr(gen, "temperature", None) or 1.0))
+                                        temperature=float(getattr(gen, "temperature", None) or 1.0),
+                                        backend=self.__dict__.get("_omni_fast_backend"))  # patch(backend=...)
     step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
     embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
     inputs["inputs_embeds"] = embeds.to(past_hidden.device)
