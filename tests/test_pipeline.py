@@ -169,10 +169,13 @@ def test_bad_arguments(pipe, tmp_path):
 
 
 def test_full_preset_memory_plan():
-    from omni_fast.models.presets import full_thinker_layers
+    from omni_fast.models.presets import FULL_MIN_FREE_GIB, full_thinker_layers
 
     assert full_thinker_layers(139.0) is None and full_thinker_layers(75.0) is None
-    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(5.0) == 1
+    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(18.0) == 1
+    assert full_thinker_layers(5.0) == 0 and full_thinker_layers(FULL_MIN_FREE_GIB - 0.1) == 0  # use tiny
+    with pytest.raises(ValueError, match="meant for a GPU"):
+        Qwen3Omni.random("full", device="cpu")  # would allocate 131 GiB of fp32 weights
 
 
 def test_bench_pipeline_cases():
