@@ -81,6 +81,8 @@ class RequestTiming:
     (its codec tokens after the first / talker decode time, MTP excluded), ``mtp_per_frame`` (MTP time of the frames
     it was in / its frames), ``codec_per_code`` (Code2Wav time of the chunks that carried its frames / its frames),
     ``rtf`` = ``last_audio / audio_seconds`` (wall time to its last audio sample over its audio duration).
+    ``thinker_decode`` / ``talker_decode``: those decode seconds; ``text_tokens`` / ``talker_tokens`` / ``frames``:
+    the text tokens, codec tokens (codebook 0, codec EOS included) and audio frames the request produced.
 
     ``stages``: the batch-level split (seconds per stage for the whole batch, the same for every request of it; the
     demo's "where the time went"). Without a talker (a text-only checkpoint) the audio fields stay 0 / NaN.
@@ -97,6 +99,8 @@ class RequestTiming:
     thinker_tokens_per_s: float = 0.0
     talker_tokens_per_s: float = 0.0
     rtf: float = float("nan")
+    thinker_decode: float = 0.0  # seconds of the thinker decode steps this request took part in
+    talker_decode: float = 0.0  # seconds of the talker decode steps this request took part in (MTP excluded)
     text_tokens: int = 0
     talker_tokens: int = 0
     frames: int = 0
@@ -645,6 +649,7 @@ class Qwen3Omni:
                 tm.frames = n_frames[i] if n_frames else 0
                 tm.mtp_per_frame = row_mtp[i] / tm.frames if tm.frames else 0.0
                 tm.codec_per_code = row_codec[i] / tm.frames if tm.frames else 0.0
+                tm.thinker_decode, tm.talker_decode = row_thinker[i], row_talker[i]
                 tm.thinker_tokens_per_s = (tm.text_tokens - 1) / row_thinker[i] if row_thinker[i] > 0 else 0.0
                 tm.talker_tokens_per_s = (tm.talker_tokens - 1) / row_talker[i] if row_talker[i] > 0 else 0.0
                 tm.audio_seconds = (audio_len[i] if audio_len else 0) / SAMPLE_RATE_OUT
