@@ -205,6 +205,15 @@ def test_checkpoint_without_talker_streams_text_only():
     want = model.thinker.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), input_features=feats,
                                   feature_attention_mask=fmask, max_new_tokens=6, do_sample=False, eos_token_id=EOS)
     assert ids == want[0, prompt.shape[1]:].tolist()
+    # patched (omni_fast.patch finds the thinker's parts; reference backend: plumbing), the same text
+    patched = Qwen3Omni(model, patch=True, backend="reference", tokenizer=p.tokenizer)
+    try:
+        assert patched.patch_report.replaced and not patched.has_talker
+        assert patched.generate(req, max_new_tokens=6)[0]["token_ids"] == ids
+    finally:
+        import omni_fast
+
+        omni_fast.unpatch(model)
 
 
 # -------------------------------------------------------------------------------------------- checkpoint layouts
