@@ -268,6 +268,59 @@ def test_from_pretrained_real_checkpoint_key_layout(pipe, tmp_path):
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
+# ------------------------------------------------------------------------------------------------------ positions
+def _positions_case(seconds: float):
+    """Two rows: text + audio + image + video, left padded, and one with a hole in its mask."""
+    from omni_fast.models.positions import PositionSpec, audio_tokens
+
+    cfg = tiny_qwen3_omni_config().thinker_config
+    spec = PositionSpec.from_config(cfg)
+    vs, as_ = spec.vision_start_token_id, spec.audio_start_token_id
+    n_audio = audio_tokens(130, spec.n_window)
+    row0 = ([5, 6, as_] + [spec.audio_token_id] * n_audio + [as_ + 1, vs] + [spec.image_token_id] * 2
+            + [vs + 1, 7, vs] + [spec.video_token_id] * 4 + [vs + 1, 8])
+    row1 = [9, 10, vs] + [spec.image_token_id] * 2 + [vs + 1, 11, 12]
+    S = len(row0) + 2
+    ids = torch.zeros(2, S, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0, 2:], mask[0, 2:] = torch.tensor(row0), 1
+    ids[1, :3], ids[1, 4:4 + len(row1) - 3] = torch.tensor(row1[:3]), torch.tensor(row1[3:])
+    mask[1, :3], mask[1, 4:4 + len(row1) - 3] = 1, 1  # a hole at column 3
+    grids = dict(image_grid_thw=torch.tensor([[1, 2, 4], [1, 4, 2]]), video_grid_thw=torch.tensor([[2, 2, 4]]),
+                 audio_feature_lengths=torch.tensor([130]), second_per_grids=torch.tensor([seconds]))
+    return cfg, spec, ids, mask, grids
+
+
+@pytest.mark.parametrize("seconds", [1.0, 0.3])
+def test_positions_read_the_layout_on_the_host_only(seconds):
+    """``rope_positions`` with the layout on the host and the values on another device never reads the device:
+    on the meta device (which has no values to read) it runs; on the CPU it equals transformers' ``get_rope_index``
+    (left padding and a mask with a hole); ``integer=True`` gives int64 unless a video's positions are fractional."""
+    import functools
+    import types
+
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    from omni_fast.models.positions import rope_positions
+
+    cfg, spec, ids, mask, grids = _positions_case(seconds)
+    owner = q3.Qwen3OmniMoePreTrainedModelForConditionalGeneration
+    fake = types.SimpleNamespace(config=cfg, spatial_merge_size=spec.spatial_merge_size)
+    fake.get_llm_pos_ids_for_vision = functools.partial(owner.get_llm_pos_ids_for_vision, fake)
+    want, want_delta = owner.get_rope_index(
+        fake, ids, image_grid_thw=grids["image_grid_thw"], video_grid_thw=grids["video_grid_thw"],
+        attention_mask=mask, use_audio_in_video=False, audio_seqlens=grids["audio_feature_lengths"],
+        second_per_grids=grids["second_per_grids"])
+    got, delta = rope_positions(ids, spec, attention_mask=mask, **grids)
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=0)
+    torch.testing.assert_close(delta, want_delta.to(delta.dtype), rtol=0, atol=0)
+    meta, meta_delta = rope_positions(ids, spec, attention_mask=mask, device="meta", integer=True, **grids)
+    assert meta.device.type == "meta" and meta.shape == got.shape and meta_delta.shape == (2, 1)
+    assert meta.dtype == (torch.int64 if seconds == 1.0 else torch.float32)
+    as_int, int_delta = rope_positions(ids, spec, attention_mask=mask, integer=True, **grids)
+    assert torch.equal(as_int.double(), got.double()) and torch.equal(int_delta.double(), delta.double())
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_full_shapes_stream_one_request_on_gpu():
@@ -307,3 +360,19 @@ def test_bench_pipeline_measure_on_cuda_tiny():
     assert {r["provider"] for r in result["runs"]} == set(pipeline.PROVIDERS)
     assert all(r["rtf"] > 0 and r["total_ms"] > 0 and r["first_packet_ms"] <= r["total_ms"] for r in result["runs"])
     assert "transformers_patched" in pipeline.markdown(result)
+
+
+@pytest.mark.gpu
+def test_positions_from_host_layout_do_not_sync_on_cuda():
+    """The thinker prompt's positions (layout on the host, values on the GPU) run with no host sync."""
+    from omni_fast.models.positions import rope_positions
+
+    _, spec, ids, mask, grids = _positions_case(1.0)
+    want, _ = rope_positions(ids, spec, attention_mask=mask, integer=True, **grids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got, _ = rope_positions(ids, spec, attention_mask=mask, device="cuda", integer=True, **grids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), want)

@@ -168,10 +168,11 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
     return sample
 
 
-def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cpu"):
+def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cpu", *, return_lengths: bool = False):
     """16 kHz waveforms -> ``(input_features [N, 128, F], feature_attention_mask [N, F])`` through transformers'
     ``WhisperFeatureExtractor`` math (128 mel bins, n_fft 400, hop 160; the Qwen3-Omni processor's audio kwargs:
-    pad to the longest, no truncation). Built from its constructor defaults: nothing is downloaded."""
+    pad to the longest, no truncation). Built from its constructor defaults: nothing is downloaded.
+    ``return_lengths``: also the mel frames per waveform ``[N]`` int64 on the host (no device read)."""
     from transformers import WhisperFeatureExtractor
 
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE_IN)
@@ -179,7 +180,10 @@ def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cp
     out = fe([w.detach().float().cpu().numpy() for w in waveforms], sampling_rate=SAMPLE_RATE_IN, padding=True,
              truncation=False, return_attention_mask=True, return_tensors="pt",
              device="cuda" if dev.type == "cuda" else "cpu")
-    return out["input_features"].to(dev), out["attention_mask"].to(dev)
+    feats, fmask = out["input_features"].to(dev), out["attention_mask"].to(dev)
+    if return_lengths:
+        return feats, fmask, out["attention_mask"].cpu().sum(-1)
+    return feats, fmask
 
 
 class ByteTokenizer:
@@ -512,7 +516,8 @@ class Qwen3Omni:
         embeds_layer = thinker.get_input_embeddings()
         audio_embeds, audio_lens, n_audio_tok = self._encode_audio(reqs)
         vis = self._encode_visual(reqs)
-        image_grids, video_grids, seconds = vis["image_grid"], vis["video_grid"], vis["seconds"]
+        # grids on the host (the layout the positions read) and on the device (the vision encoders)
+        image_grids, video_grids, seconds = vis["image_grid_host"], vis["video_grid_host"], vis["seconds"]
         in_video = any(r.audio_in_video for r in reqs)
         if in_video and any((r.video is not None or r.audio is not None) and not r.audio_in_video for r in reqs):
             raise ValueError("audio_in_video applies to the whole batch (as transformers' use_audio_in_video): "
@@ -525,20 +530,22 @@ class Qwen3Omni:
                                      seconds=None if i not in vid_of else float(seconds[vid_of[i]]))
                    for i, r in enumerate(reqs)]
         S = max(map(len, prompts))
-        ids = torch.zeros(B, S, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
+        ids_host = torch.zeros(B, S, dtype=torch.long)
+        mask_host = torch.zeros(B, S, dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding, as the Qwen3-Omni processor does
-            ids[i, S - len(p):] = torch.tensor(p, device=dev)
-            mask[i, S - len(p):] = 1
+            ids_host[i, S - len(p):] = torch.tensor(p)
+            mask_host[i, S - len(p):] = 1
+        ids, mask = _host_to_device(ids_host, dev), _host_to_device(mask_host, dev)
         inputs_embeds = embeds_layer(ids)
         if audio_embeds is not None:
             amask = (ids == self.spec.audio_token_id).unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(amask, audio_embeds.to(inputs_embeds.dtype))
         inputs_embeds, visual_mask, deepstack = self._merge_visual(ids, inputs_embeds, vis)
-        pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
-                                     video_grid_thw=video_grids, second_per_grids=seconds,
-                                     audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
-        pos_i = _int_positions(pos)
+        # the layout from the host copies (no host sync); int64 positions unless a video's are fractional
+        pos_i, deltas = rope_positions(ids_host, self.spec, attention_mask=mask_host, image_grid_thw=image_grids,
+                                       video_grid_thw=video_grids, second_per_grids=seconds,
+                                       audio_feature_lengths=audio_lens, use_audio_in_video=in_video, device=dev,
+                                       integer=True)
         t_pre = _now(dev)
         for tm in timings:
             tm.preprocessing = t_pre - t_start
@@ -676,7 +683,8 @@ class Qwen3Omni:
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
                                          video_grid_thw=video_grids, second_per_grids=seconds,
-                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
+                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video,
+                                         integer=True)
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
@@ -867,12 +875,11 @@ class Qwen3Omni:
         counts = [0] * len(reqs)
         if not waves:
             return None, None, counts
-        feats, fmask = mel_features(waves, self.device)
+        feats, fmask, lens = mel_features(waves, self.device, return_lengths=True)
         thinker = self.model.thinker
         feats = feats.to(thinker.dtype)
         emb = thinker.get_audio_features(feats, feature_attention_mask=fmask, return_dict=True)
         emb = emb.last_hidden_state
-        lens = fmask.sum(-1)
         from .positions import audio_tokens
 
         j = 0
@@ -887,7 +894,8 @@ class Qwen3Omni:
         vcfg = self.config.thinker_config.vision_config
         merge, dtype = vcfg.spatial_merge_size, self.model.thinker.dtype
         out = {"image_tokens": [0] * len(reqs), "video_tokens": [0] * len(reqs), "image_grid": None,
-               "video_grid": None, "seconds": None, "image": None, "video": None}
+               "video_grid": None, "image_grid_host": None, "video_grid_host": None, "seconds": None,
+               "image": None, "video": None}
         for kind in ("image", "video"):
             items = [(i, getattr(r, kind)) for i, r in enumerate(reqs) if getattr(r, kind) is not None]
             if not items:
@@ -905,6 +913,7 @@ class Qwen3Omni:
             get = thinker.get_image_features if kind == "image" else thinker.get_video_features
             out[kind] = get(pixels, grid_thw, return_dict=True)
             out[f"{kind}_grid"] = grid_thw
+            out[f"{kind}_grid_host"] = torch.tensor(grids)
             if kind == "video":  # seconds per temporal grid step: temporal_patch_size frames at video_fps
                 out["seconds"] = torch.tensor([vcfg.temporal_patch_size / reqs[i].video_fps for i, _ in items])
         return out
@@ -1038,6 +1047,13 @@ class _AsyncHostCopy:
         return self.host.tolist()
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned memory + a non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
     copy (a copy from pageable memory waits for the stream to drain first)."""
@@ -1049,7 +1065,10 @@ def _to_device(values: list, device: torch.device) -> torch.Tensor:
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:
     """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
     integers; a fractional video timestamp keeps them float, for the rest of the request's decode too, and
-    transformers' own RoPE runs). One host sync, at prefill."""
+    transformers' own RoPE runs). Integer positions pass through; float ones cost one host sync, at prefill
+    (``rope_positions(..., integer=True)`` returns int64 whenever it can, so only fractional prompts get here)."""
+    if not pos.is_floating_point():
+        return pos
     as_int = pos.to(torch.int64)
     return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
 
