@@ -15,8 +15,10 @@ Decode: patched on CUDA (``graph_decode``), each thinker and talker decode step 
 prefill; omni-fast ops; no host sync inside the step); otherwise the step goes through transformers' text models.
 Prefill always runs on transformers' (patched) modules.
 
-Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
-synchronises the device so that the numbers are stage times, not launch times.
+Timings per request use the technical report's terms, with each request's own clocks (see :class:`RequestTiming`);
+on a GPU every stage boundary synchronises the device so that the numbers are stage times, not launch times.
+Requests and arguments are validated before any work (clear errors naming ``requests[i].<field>``). A checkpoint
+without a talker (``enable_audio_output=False``) streams text only.
 
 Not done yet (see docs/pipeline.md): while the talker runs, the host reads each step's text ids and codec id
 (streaming, stopping, the talker's next text input) and synchronises for the stage timings (only the text after
