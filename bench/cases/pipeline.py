@@ -135,7 +135,8 @@ def _transformers_generate(pipe, reqs, patched: bool = False, sizes: tuple[int, 
 
     def mark(name):
         def hook(*_):
-            marks.setdefault(name, _now(dev))
+            if name not in marks:  # the first call only (no extra sync on later decode steps)
+                marks[name] = _now(dev)
         return hook
 
     hooks = []
