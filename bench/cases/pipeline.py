@@ -6,10 +6,13 @@ Two ways to run it:
   patched: thinker/talker decode as CUDA-graph replays), ``omni_fast_eager_decode`` (patched, decode steps through
   transformers' text models), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
-  and patched by ``omni_fast.patch``). The harness times a whole request batch per call.
+  and patched by ``omni_fast.patch``, on the same requests: the same prompt ids with their audio placeholders and
+  the same mel features). The harness times a whole request batch per call.
 - ``python -m bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
-  tokens/s, RTF) next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/``.
+  tokens/s, RTF, total) for the four providers ``omni_fast``, ``eager``, ``transformers``, ``transformers_patched``
+  next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/`` (what transformers'
+  non-streaming ``generate`` cannot report is n/a, with the reason).
 
 GPU only (the full 30B-A3B shapes with random weights need ~72 GiB free in bf16; with less free memory the thinker is
 trimmed to fewer layers and the JSON says so). On a CPU, ``check`` runs the tiny pipeline once against transformers'
