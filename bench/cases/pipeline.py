@@ -58,7 +58,13 @@ def _pipeline(device: str, thinker_layers: int | None = None):
     if thinker_layers is None:
         from omni_fast.models.presets import full_thinker_layers
 
-        thinker_layers = full_thinker_layers(torch.cuda.mem_get_info()[0] / 2 ** 30)
+        free = torch.cuda.mem_get_info()[0] / 2 ** 30
+        thinker_layers = full_thinker_layers(free)
+        if thinker_layers == 0:
+            from omni_fast.models.presets import FULL_MIN_FREE_GIB
+
+            raise RuntimeError(f"the full-shape pipeline needs ~{FULL_MIN_FREE_GIB:.1f} GiB free even with one thinker "
+                               f"layer; {free:.1f} GiB free")
     pipe = Qwen3Omni.random("full", device=device, thinker_layers=thinker_layers, patch=False)
     pipe.thinker_layers = thinker_layers or 48
     return pipe
