@@ -136,7 +136,7 @@ def test_per_request_clocks_follow_each_request(pipe, monkeypatch):
     (Request(text=[5], image=torch.rand(1, 3, 32, 32)), ValueError, r"requests\[0\]\.image must be \[3, H, W\]"),
     (Request(text=[5], image=torch.zeros(3, 8, 8, dtype=torch.uint8)), TypeError, r"requests\[0\]\.image"),
     (Request(text=[5], video=torch.rand(3, 32, 32)), ValueError, r"requests\[0\]\.video must be \[F, 3, H, W\]"),
-    (Request(text=[5], video=torch.rand(2, 3, 32, 32), video_fps=0.0), ValueError, r"video_fps must be a positive number"),
+    (Request(text=[5], video=torch.rand(2, 3, 32, 32), video_fps=0.0), ValueError, r"video_fps must be a positive"),
     (Request(text=[5], video=torch.rand(2, 3, 32, 32), video_fps=float("nan")), ValueError, r"video_fps"),
     (Request(text=[100000]), ValueError, r"requests\[0\]\.text: token id 100000 outside the vocabulary"),
     (Request(text=[-3]), ValueError, r"requests\[0\]\.text: token id -3 outside"),
