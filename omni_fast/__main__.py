@@ -95,6 +95,8 @@ def demo(args) -> int:
         pipe.tokenizer = ByteTokenizer(min(pipe.config.thinker_config.text_config.vocab_size - 32, 151000))
         print("no tokenizer in the checkpoint directory: using a byte-level stand-in (the text will be noise)")
     print(f"omni-fast demo: {what} on {pipe.device} ({build:.1f} s to build)")
+    if not pipe.has_talker:
+        print("this checkpoint has no talker (enable_audio_output=False): text only, the WAV file stays empty")
     if pipe.patch_report is not None:
         if args.verbose:
             print(pipe.patch_report)
