@@ -121,3 +121,23 @@ def test_demo_falls_back_to_tiny_when_full_shapes_do_not_fit(monkeypatch, capsys
     assert built == [(*want, "cuda")]
     if want[0] == "tiny":
         assert "full shapes do not fit" in capsys.readouterr().out and "tiny" in what
+
+
+def test_demo_with_a_text_only_checkpoint(tmp_path, capsys):
+    """A checkpoint without a talker (``enable_audio_output=False``): the demo streams the text, says there is no
+    audio and writes an empty WAV (in-process: cheap)."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    from omni_fast.__main__ import main
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+
+    cfg = tiny_qwen3_omni_config()
+    cfg.enable_audio_output = False
+    q3.Qwen3OmniMoeForConditionalGeneration._from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "text.wav"
+    assert main(["demo", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--max-new-tokens", "3",
+                 "--seconds", "0.5", "--backend", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "no talker" in text and "thinker TTFT" in text and "0 streamed chunks" in text
+    with wave.open(str(out), "rb") as f:
+        assert f.getnframes() == 0
