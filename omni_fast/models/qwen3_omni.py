@@ -46,7 +46,7 @@ SAMPLE_RATE_OUT = 24000
 # The shortest waveform accepted: one 25 ms STFT window (the mel front end reflect-pads n_fft / 2 on each side,
 # which needs more samples than that; shorter inputs would fail inside numpy/torch padding).
 MIN_AUDIO_SAMPLES = 400
-AUDIO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INPUT_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------- requests
@@ -403,7 +403,7 @@ class Qwen3Omni:
             if isinstance(a, torch.Tensor) and not a.is_floating_point():
                 raise TypeError(f"{name}.audio must be a floating-point waveform in [-1, 1], got {a.dtype} "
                                 "(16-bit PCM: divide by 32768)")
-            check_tensor(f"{name}.audio", a, dtypes=AUDIO_DTYPES)
+            check_tensor(f"{name}.audio", a, dtypes=INPUT_FLOAT_DTYPES)
             if a.dim() != 1:
                 raise ValueError(f"{name}.audio must be a 1-D mono waveform [N] at 16 kHz, got shape "
                                  f"{list(a.shape)} (mix stereo down, e.g. audio.mean(0))")
@@ -415,7 +415,7 @@ class Qwen3Omni:
             x = getattr(r, kind)
             if x is None:
                 continue
-            check_tensor(f"{name}.{kind}", x, dtypes=AUDIO_DTYPES)
+            check_tensor(f"{name}.{kind}", x, dtypes=INPUT_FLOAT_DTYPES)
             if x.dim() != ndim or x.shape[-3] != 3 or min(x.shape) < 1:
                 raise ValueError(f"{name}.{kind} must be {layout} float (RGB), got shape {list(x.shape)}")
         if r.video is not None:
