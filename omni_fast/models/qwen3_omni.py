@@ -28,6 +28,7 @@ the speech budget is read one step behind the device); continuous batching.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import weakref
@@ -392,7 +393,7 @@ class Qwen3Omni:
         if isinstance(r.text, (list, tuple)):
             vocab = self.config.thinker_config.text_config.vocab_size
             for tid in r.text:
-                if isinstance(tid, bool) or not isinstance(tid, int):
+                if isinstance(tid, bool) or not isinstance(tid, numbers.Integral):
                     raise TypeError(f"{name}.text: token ids must be ints, got {type(tid).__name__}")
                 if not 0 <= tid < vocab:
                     raise ValueError(f"{name}.text: token id {tid} outside the vocabulary [0, {vocab})")
