@@ -61,13 +61,18 @@ def _pick_model(args):
     backend = None if args.backend in ("auto", "none") else args.backend
     if args.checkpoint:
         return Qwen3Omni.from_pretrained(args.checkpoint, patch=patch, backend=backend), "checkpoint " + args.checkpoint
+    tiny = "tiny random-weight Qwen3-Omni"
     if not torch.cuda.is_available() or args.preset == "tiny":
         return Qwen3Omni.random("tiny", device="cpu" if not torch.cuda.is_available() else "cuda", patch=patch,
-                                backend=backend), "tiny random-weight Qwen3-Omni"
-    from .models.presets import full_thinker_layers
+                                backend=backend), tiny
+    from .models.presets import FULL_MIN_FREE_GIB, full_thinker_layers
 
     free = torch.cuda.mem_get_info()[0] / 2 ** 30
     layers = full_thinker_layers(free)  # trims only the thinker's depth when memory is short
+    if layers == 0:  # not even one thinker layer with the rest of the real shapes: the tiny model instead
+        print(f"full shapes do not fit: {free:.1f} GiB free on the GPU, the smallest full build (1 thinker layer) "
+              f"needs ~{FULL_MIN_FREE_GIB:.1f} GiB; running the tiny model instead")
+        return Qwen3Omni.random("tiny", device="cuda", patch=patch, backend=backend), tiny + " (full shapes do not fit)"
     pipe = Qwen3Omni.random("full", device="cuda", thinker_layers=layers, patch=patch, backend=backend)
     what = "Qwen3-Omni-30B-A3B shapes, random weights" + (f" (thinker trimmed to {layers} of 48 layers: "
                                                           f"{free:.0f} GiB free)" if layers else "")
@@ -90,6 +95,8 @@ def demo(args) -> int:
         pipe.tokenizer = ByteTokenizer(min(pipe.config.thinker_config.text_config.vocab_size - 32, 151000))
         print("no tokenizer in the checkpoint directory: using a byte-level stand-in (the text will be noise)")
     print(f"omni-fast demo: {what} on {pipe.device} ({build:.1f} s to build)")
+    if not pipe.has_talker:
+        print("this checkpoint has no talker (enable_audio_output=False): text only, the WAV file stays empty")
     if pipe.patch_report is not None:
         if args.verbose:
             print(pipe.patch_report)
@@ -166,12 +173,24 @@ def main(argv: list[str] | None = None) -> int:
             d.error("--backend cuda needs a CUDA GPU (use triton, reference or auto on a CPU)")
         if args.preset == "full" and not args.checkpoint and not torch.cuda.is_available():
             d.error("--preset full needs a CUDA GPU (the 30B-A3B shapes); use --preset tiny on a CPU")
-    if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available():
-        # the Triton kernels on a CPU run on the interpreter; it must be on before the first kernel is decorated
-        os.environ["TRITON_INTERPRET"] = "1"
+    if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available() \
+            and not triton_interpreter_enabled():
+        return _rerun_with_interpreter(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         return demo(args)
     return 2
+
+
+def _rerun_with_interpreter(argv: list[str]) -> int:
+    """``--backend triton`` on a CPU: the kernels must run on Triton's interpreter, which is chosen from
+    ``TRITON_INTERPRET`` when triton is imported and its kernels are decorated. ``import omni_fast`` has already
+    imported triton by the time this runs (``python -m omni_fast`` imports the package first), so setting the
+    variable here would be too late: the command runs again in a fresh interpreter with it set."""
+    import subprocess
+
+    print("--backend triton on a CPU: re-running with TRITON_INTERPRET=1 (Triton's CPU interpreter)", flush=True)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.call([sys.executable, "-m", "omni_fast", *argv], env=env)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,64 @@ def test_demo_rejects_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_demo_triton_backend_on_cpu_runs_on_the_interpreter(tmp_path):
+    """``--backend triton`` on a CPU: ``import omni_fast`` has imported triton before the command line is read, so
+    the demo re-runs itself with ``TRITON_INTERPRET=1`` (setting it in-process crashed in Triton at the first
+    kernel). Smallest settings: one text token and the talker's prefill only (no codec frame: the vocoder's 1920x
+    upsampling takes ~17 s per frame on the interpreter); the thinker's and talker's MoE, RoPE and attention
+    kernels run on the interpreter."""
+    out = tmp_path / "t.wav"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_fast", "demo", "--backend", "triton", "--out", str(out), "--max-new-tokens", "1",
+         "--talker-max-new-tokens", "1", "--seconds", "0.1", "--prompt", "hi"],
+        capture_output=True, text=True, timeout=240, env=_cpu_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "re-running with TRITON_INTERPRET=1" in proc.stdout and "Triton interpreter" in proc.stdout
+    assert "replacements" in proc.stdout and "talker TTFT" in proc.stdout
+    with wave.open(str(out), "rb") as f:
+        assert f.getframerate() == 24000
+
+
+@pytest.mark.parametrize("free_gib,want", [(8.0, ("tiny", None)), (30.0, ("full", 12)), (100.0, ("full", None))])
+def test_demo_falls_back_to_tiny_when_full_shapes_do_not_fit(monkeypatch, capsys, free_gib, want):
+    """On a GPU the demo builds the full shapes with as many thinker layers as fit, and the tiny model (saying
+    why) when not even one layer does (the minimal full build is ~11.2 GiB of weights)."""
+    import argparse
+
+    import torch
+
+    from omni_fast import __main__ as cli
+    from omni_fast.models import Qwen3Omni
+
+    built = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * 2 ** 30), 80 * 2 ** 30))
+    monkeypatch.setattr(Qwen3Omni, "random", classmethod(
+        lambda cls, preset, **kw: built.append((preset, kw.get("thinker_layers"), kw["device"])) or "pipe"))
+    args = argparse.Namespace(checkpoint=None, backend="none", preset="auto")
+    pipe, what = cli._pick_model(args)
+    assert built == [(*want, "cuda")]
+    if want[0] == "tiny":
+        assert "full shapes do not fit" in capsys.readouterr().out and "tiny" in what
+
+
+def test_demo_with_a_text_only_checkpoint(tmp_path, capsys):
+    """A checkpoint without a talker (``enable_audio_output=False``): the demo streams the text, says there is no
+    audio and writes an empty WAV (in-process: cheap)."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    from omni_fast.__main__ import main
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+
+    cfg = tiny_qwen3_omni_config()
+    cfg.enable_audio_output = False
+    q3.Qwen3OmniMoeForConditionalGeneration._from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "text.wav"
+    assert main(["demo", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--max-new-tokens", "3",
+                 "--seconds", "0.5", "--backend", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "no talker" in text and "thinker TTFT" in text and "0 streamed chunks" in text
+    with wave.open(str(out), "rb") as f:
+        assert f.getnframes() == 0

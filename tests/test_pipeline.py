@@ -169,10 +169,13 @@ def test_bad_arguments(pipe, tmp_path):
 
 
 def test_full_preset_memory_plan():
-    from omni_fast.models.presets import full_thinker_layers
+    from omni_fast.models.presets import FULL_MIN_FREE_GIB, full_thinker_layers
 
     assert full_thinker_layers(139.0) is None and full_thinker_layers(75.0) is None
-    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(5.0) == 1
+    assert 30 <= full_thinker_layers(60.0) < 48 and full_thinker_layers(18.0) == 1
+    assert full_thinker_layers(5.0) == 0 and full_thinker_layers(FULL_MIN_FREE_GIB - 0.1) == 0  # use tiny
+    with pytest.raises(ValueError, match="meant for a GPU"):
+        Qwen3Omni.random("full", device="cpu")  # would allocate 131 GiB of fp32 weights
 
 
 def test_bench_pipeline_cases():
@@ -204,17 +207,35 @@ def test_bench_pipeline_runner_on_tiny(pipe, monkeypatch):
     monkeypatch.setattr(pipeline, "_pipeline", lambda device, layers=None: pipe)
     import omni_fast
 
+    monkeypatch.setitem(pipeline.PRESETS, "quick", dict(pipeline.PRESETS["quick"], audio_seconds=0.5))
     providers = pipeline.cases("quick")[0].setup(torch.device("cpu"))
     assert set(providers) == {"omni_fast", "omni_fast_eager_decode", "eager", "transformers", "transformers_patched"}
     with omni_fast.use_backend("reference"):  # plumbing only: the interpreter would take a minute here
-        for fn in providers.values():
-            fn()
-        result = pipeline.measure((1, 2), repeats=1, pipe=pipe)
+        for name, fn in providers.items():
+            got = fn()
+            if name.startswith("transformers"):  # transformers' generate got the same audio as the pipeline
+                assert got[1] is not None
+        result = pipeline.measure((1, 2), repeats=1, pipe=pipe, audio_seconds=0.5)
     assert [(r["provider"], r["concurrency"]) for r in result["runs"]] == [
-        ("omni_fast", 1), ("omni_fast", 2), ("eager", 1), ("eager", 2)]
-    assert all(r["first_packet_ms"] > 0 and r["rtf"] > 0 for r in result["runs"])
-    assert "| tech report | 1 | 234 |" in pipeline.markdown(result)
-    omni_fast.unpatch(pipe.model)
+        (p, c) for p in ("omni_fast", "eager", "transformers", "transformers_patched") for c in (1, 2)]
+    assert all(r["first_packet_ms"] > 0 and r["rtf"] > 0 and r["total_ms"] > 0 for r in result["runs"])
+    for r in result["runs"]:
+        if r["provider"].startswith("transformers"):  # not streaming: what it cannot report is n/a, with a reason
+            assert r["mtp_per_frame_ms"] is None and set(result["na"][r["provider"]]) >= {"mtp_per_frame_ms"}
+            assert r["first_packet_ms"] == r["total_ms"] and r["thinker_ttft_ms"] > 0 and r["talker_ttft_ms"] > 0
+        else:
+            assert r["first_packet_ms"] <= r["total_ms"] and r["mtp_per_frame_ms"] > 0
+    # transformers' generate gets the pipeline's input (the same audio placeholders and mel features): same text
+    reqs = pipeline._requests(2, 0.5)
+    inputs = pipeline._transformers_inputs(pipe, reqs)
+    assert ((inputs["input_ids"] == pipe.spec.audio_token_id).sum(-1) > 0).all()
+    assert inputs["input_features"].shape[0] == 2
+    text, _ = pipeline._transformers_generate(pipe, reqs, sizes=(4, 3))
+    ours = pipeline._run(pipe, reqs, False, (4, 3))
+    assert [t[inputs["input_ids"].shape[1]:].tolist() for t in text] == [o["token_ids"] for o in ours]
+    md = pipeline.markdown(result)
+    assert "| tech report | 1 | 234 |" in md and "| transformers_patched | 2 |" in md and "n/a" in md
+    assert not pipe.model.__dict__.get("_omni_fast_patched", False)  # measure leaves the model unpatched
 
 
 def test_chunked_prefill_matches_one_chunk(pipe):

@@ -6,10 +6,13 @@ Two ways to run it:
   patched: thinker/talker decode as CUDA-graph replays), ``omni_fast_eager_decode`` (patched, decode steps through
   transformers' text models), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
-  and patched by ``omni_fast.patch``). The harness times a whole request batch per call.
+  and patched by ``omni_fast.patch``, on the same requests: the same prompt ids with their audio placeholders and
+  the same mel features). The harness times a whole request batch per call.
 - ``python -m bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
-  tokens/s, RTF) next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/``.
+  tokens/s, RTF, total) for the four providers ``omni_fast``, ``eager``, ``transformers``, ``transformers_patched``
+  next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/`` (what transformers'
+  non-streaming ``generate`` cannot report is n/a, with the reason).
 
 GPU only (the full 30B-A3B shapes with random weights need ~72 GiB free in bf16; with less free memory the thinker is
 trimmed to fewer layers and the JSON says so). On a CPU, ``check`` runs the tiny pipeline once against transformers'
@@ -24,6 +27,7 @@ import functools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,7 +58,13 @@ def _pipeline(device: str, thinker_layers: int | None = None):
     if thinker_layers is None:
         from omni_fast.models.presets import full_thinker_layers
 
-        thinker_layers = full_thinker_layers(torch.cuda.mem_get_info()[0] / 2 ** 30)
+        free = torch.cuda.mem_get_info()[0] / 2 ** 30
+        thinker_layers = full_thinker_layers(free)
+        if thinker_layers == 0:
+            from omni_fast.models.presets import FULL_MIN_FREE_GIB
+
+            raise RuntimeError(f"the full-shape pipeline needs ~{FULL_MIN_FREE_GIB:.1f} GiB free even with one thinker "
+                               f"layer; {free:.1f} GiB free")
     pipe = Qwen3Omni.random("full", device=device, thinker_layers=thinker_layers, patch=False)
     pipe.thinker_layers = thinker_layers or 48
     return pipe
@@ -82,20 +92,116 @@ def _run(pipe, reqs, patched: bool, sizes: tuple[int, int] | None = None, **kwar
     return pipe.generate(reqs, max_new_tokens=text_tokens, talker_max_new_tokens=frames + 1, **kwargs)
 
 
-def _transformers_generate(pipe, n: int, patched: bool = False, sizes: tuple[int, int] | None = None):
-    """transformers' own generate on the same prompts (text only: its processor is not available offline),
-    unpatched or patched by ``omni_fast.patch``."""
+def _transformers_inputs(pipe, reqs) -> dict:
+    """transformers ``generate`` inputs for the same requests the pipeline gets: the same prompt ids (audio
+    placeholders included, left padded), the mel features of the same waveforms (the pipeline's front end:
+    transformers' ``WhisperFeatureExtractor`` built from its constructor, nothing downloaded) and their mask."""
+    from omni_fast.models.positions import audio_tokens
+    from omni_fast.models.qwen3_omni import mel_features
+
+    dev = pipe.device
+    feats, fmask = mel_features([r.audio for r in reqs], dev)
+    n_audio = [audio_tokens(int(n), pipe.spec.n_window) for n in fmask.sum(-1).tolist()]
+    prompts = [pipe.build_prompt(r, n, 0) for r, n in zip(reqs, n_audio)]
+    S = max(map(len, prompts))
+    ids = torch.zeros(len(reqs), S, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, S - len(p):] = torch.tensor(p, device=dev)
+        mask[i, S - len(p):] = 1
+    return dict(input_ids=ids, attention_mask=mask, input_features=feats.to(pipe.model.thinker.dtype),
+                feature_attention_mask=fmask)
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _transformers_generate(pipe, reqs, patched: bool = False, sizes: tuple[int, int] | None = None,
+                           timed: bool = False):
+    """transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate`` (greedy) on the same requests as the
+    pipeline (text + 2 s audio: :func:`_transformers_inputs`), unpatched or patched by ``omni_fast.patch``.
+
+    ``timed``: returns per-request metrics in the pipeline's terms, measured from outside with forward hooks (the
+    model is not changed): ``preprocessing`` = the mel front end (the audio encoder runs inside the thinker's first
+    forward, so it is in thinker TTFT), ``thinker_ttft`` (the first thinker forward), ``talker_ttft`` (the talker's
+    first forward, its prefill: it starts only after all the text), ``codec_per_code`` (``chunked_decode`` time /
+    codes), ``first_packet`` = ``total`` (no streaming: the whole waveform comes out at the end), ``rtf`` = total /
+    the request's audio duration. MTP per frame and tokens/s are not separable from outside ``generate``: None."""
     import omni_fast
 
-    if patched and not getattr(pipe.model, "_omni_fast_patched", False):
-        omni_fast.patch(pipe.model)
-    elif not patched and getattr(pipe.model, "_omni_fast_patched", False):
-        omni_fast.unpatch(pipe.model)
+    model = pipe.model
+    if patched and not getattr(model, "_omni_fast_patched", False):
+        omni_fast.patch(model)
+    elif not patched and getattr(model, "_omni_fast_patched", False):
+        omni_fast.unpatch(model)
     text_tokens, frames = sizes or (TEXT_TOKENS, FRAMES)
-    ids = torch.tensor([pipe.build_prompt(r, 0, 0) for r in _requests(1, 0.1)] * n, device=pipe.device)
-    return pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=text_tokens,
-                               thinker_do_sample=False, talker_max_new_tokens=frames + 1, talker_do_sample=False,
-                               speaker="ethan")
+    dev = pipe.device
+    marks: dict[str, float] = {}
+    codec = [0.0, 0]  # seconds, codes
+
+    def mark(name):
+        def hook(*_):
+            if name not in marks:  # the first call only (no extra sync on later decode steps)
+                marks[name] = _now(dev)
+        return hook
+
+    hooks = []
+    real_decode = model.code2wav.chunked_decode
+    if timed:
+        hooks = [model.thinker.register_forward_hook(mark("thinker_first")),
+                 model.talker.register_forward_pre_hook(mark("talker_start")),
+                 model.talker.register_forward_hook(mark("talker_first"))]
+
+        def decode(codes, *a, **k):
+            t0 = _now(dev)
+            out = real_decode(codes, *a, **k)
+            codec[0] += _now(dev) - t0
+            codec[1] += codes.shape[-1]
+            return out
+
+        model.code2wav.chunked_decode = decode
+    try:
+        t0 = _now(dev)
+        inputs = _transformers_inputs(pipe, reqs)
+        t_pre = _now(dev)
+        text, wavs = model.generate(**inputs, thinker_max_new_tokens=text_tokens, thinker_do_sample=False,
+                                    thinker_eos_token_id=pipe.config.im_end_token_id,
+                                    talker_max_new_tokens=frames + 1, talker_do_sample=False,
+                                    talker_repetition_penalty=1.0, speaker="ethan")
+        t_end = _now(dev)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.code2wav.__dict__.pop("chunked_decode", None)
+    if not timed:
+        return text, wavs
+    total = t_end - t0
+    # transformers >= 5.2x returns one waveform per row in a batch (cut at its own length), [1, 1, S] for one row
+    lengths = ([w.numel() for w in wavs] if isinstance(wavs, (list, tuple))
+               else [wavs.shape[-1]] * len(reqs))
+    rows = []
+    for n in lengths:
+        seconds = n / 24000
+        rows.append({"first_packet_ms": total * 1e3, "preprocessing_ms": (t_pre - t0) * 1e3,
+                     "thinker_ttft_ms": (marks["thinker_first"] - t_pre) * 1e3,
+                     "talker_ttft_ms": (marks["talker_first"] - marks["talker_start"]) * 1e3,
+                     "mtp_per_frame_ms": None,
+                     "codec_per_code_ms": codec[0] / codec[1] * 1e3 if codec[1] else None,
+                     "thinker_tokens_per_s": None, "talker_tokens_per_s": None,
+                     "rtf": total / seconds if seconds else None, "total_ms": total * 1e3})
+    return rows
+
+
+# What the transformers providers cannot report, and why (the markdown prints n/a).
+TRANSFORMERS_NA = {
+    "mtp_per_frame_ms": "inside transformers' talker generate (one call per frame), not timed from outside",
+    "thinker_tokens_per_s": "transformers' generate runs the thinker to the end first; not split from outside",
+    "talker_tokens_per_s": "the talker's generate interleaves the MTP per step; not split from outside",
+    "first_packet_ms": "transformers' generate does not stream: the first packet is the whole waveform (= total)",
+}
 
 
 def _setup(concurrency: int, preset: str = "quick"):
@@ -108,8 +214,8 @@ def _setup(concurrency: int, preset: str = "quick"):
         fns = {"omni_fast": lambda: _run(pipe, reqs, True, sizes), "eager": lambda: _run(pipe, reqs, False, sizes),
                # patched, but thinker/talker decode through transformers' text models: what graph decode gains
                "omni_fast_eager_decode": lambda: _run(pipe, reqs, True, sizes, graph_decode=False),
-               "transformers": lambda: _transformers_generate(pipe, concurrency, sizes=sizes),
-               "transformers_patched": lambda: _transformers_generate(pipe, concurrency, patched=True, sizes=sizes)}
+               "transformers": lambda: _transformers_generate(pipe, reqs, sizes=sizes),
+               "transformers_patched": lambda: _transformers_generate(pipe, reqs, patched=True, sizes=sizes)}
         if torch.device(device).type == "cpu":
             # Plumbing only on a CPU: omni-fast's ops on the reference backend (the interpreter takes ~30 s per
             # request here, mostly the vocoder's convolutions; every kernel is smoke-tested in its own family), and
@@ -159,45 +265,73 @@ def cases(preset: str) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------ report-style runner
-def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: int = 3, pipe=None) -> dict:
-    """Per-concurrency medians of the per-request timings, patched (omni_fast) and unpatched (eager).
+KEYS = ["first_packet_ms", "preprocessing_ms", "thinker_ttft_ms", "talker_ttft_ms", "mtp_per_frame_ms",
+        "codec_per_code_ms", "thinker_tokens_per_s", "talker_tokens_per_s", "rtf", "total_ms"]
+PROVIDERS = ("omni_fast", "eager", "transformers", "transformers_patched")
+
+
+def _pipeline_row(t) -> dict:
+    """One request's :class:`~omni_fast.models.qwen3_omni.RequestTiming` in the report's units."""
+    return {"first_packet_ms": t.first_packet * 1e3, "preprocessing_ms": t.preprocessing * 1e3,
+            "thinker_ttft_ms": t.thinker_ttft * 1e3, "talker_ttft_ms": t.talker_ttft * 1e3,
+            "mtp_per_frame_ms": t.mtp_per_frame * 1e3, "codec_per_code_ms": t.codec_per_code * 1e3,
+            "thinker_tokens_per_s": t.thinker_tokens_per_s, "talker_tokens_per_s": t.talker_tokens_per_s,
+            "rtf": t.rtf, "total_ms": t.total * 1e3}
+
+
+def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: int = 3, pipe=None,
+            providers=PROVIDERS, audio_seconds: float = 2.0, sizes: tuple[int, int] | None = None) -> dict:
+    """Per-concurrency medians of the per-request timings for each provider: the thin pipeline patched
+    (``omni_fast``) and unpatched (``eager``), and transformers' own ``generate`` unpatched (``transformers``) and
+    patched by ``omni_fast.patch`` (``transformers_patched``), all on the same requests (text + ``audio_seconds``
+    of synthetic speech each). Metrics a provider cannot report are None (``result["na"]`` says why).
     ``pipe``: a prebuilt pipeline (the tests pass the tiny one); default the full-shape one on the GPU."""
     pipe = pipe if pipe is not None else _pipeline("cuda", thinker_layers)
+    text_tokens, frames = sizes or (TEXT_TOKENS, FRAMES)
     device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else str(pipe.device)
-    out = {"device": device, "thinker_layers": getattr(pipe, "thinker_layers", None),
-           "text_tokens": TEXT_TOKENS, "frames": FRAMES, "report": REPORT, "target": TARGET, "runs": []}
-    for patched in (True, False):
+    out = {"device": device, "thinker_layers": getattr(pipe, "thinker_layers", None), "audio_seconds": audio_seconds,
+           "text_tokens": text_tokens, "frames": frames, "report": REPORT, "target": TARGET,
+           "na": {"transformers": TRANSFORMERS_NA, "transformers_patched": TRANSFORMERS_NA}, "runs": []}
+    for provider in providers:
         for c in concurrency:
-            reqs = _requests(c)
-            _run(pipe, reqs, patched)  # warm-up (Triton compile, autotune, allocator)
-            rows = []
-            for _ in range(repeats):
-                rows += [r["timing"] for r in _run(pipe, reqs, patched)]
-            med = lambda f: statistics.median(f(t) for t in rows)  # noqa: E731
-            run = {"provider": "omni_fast" if patched else "eager", "concurrency": c,
-                   "first_packet_ms": med(lambda t: t.first_packet * 1e3),
-                   "preprocessing_ms": med(lambda t: t.preprocessing * 1e3),
-                   "thinker_ttft_ms": med(lambda t: t.thinker_ttft * 1e3),
-                   "talker_ttft_ms": med(lambda t: t.talker_ttft * 1e3),
-                   "mtp_per_frame_ms": med(lambda t: t.mtp_per_frame * 1e3),
-                   "codec_per_code_ms": med(lambda t: t.codec_per_code * 1e3),
-                   "thinker_tokens_per_s": med(lambda t: t.thinker_tokens_per_s),
-                   "talker_tokens_per_s": med(lambda t: t.talker_tokens_per_s), "rtf": med(lambda t: t.rtf)}
+            reqs = _requests(c, audio_seconds)
+            if provider in ("omni_fast", "eager"):
+                def once():
+                    return [_pipeline_row(r["timing"]) for r in _run(pipe, reqs, provider == "omni_fast",
+                                                                     (text_tokens, frames))]
+            else:
+                def once():
+                    return _transformers_generate(pipe, reqs, patched=provider == "transformers_patched",
+                                                  sizes=(text_tokens, frames), timed=True)
+            once()  # warm-up (Triton compile, autotune, allocator)
+            rows = [row for _ in range(repeats) for row in once()]
+            run = {"provider": provider, "concurrency": c}
+            for k in KEYS:
+                vals = [r[k] for r in rows if r[k] is not None and r[k] == r[k]]  # (NaN: no audio)
+                run[k] = statistics.median(vals) if vals else None
             out["runs"].append(run)
             print(json.dumps(run), flush=True)
+    if getattr(pipe.model, "_omni_fast_patched", False):
+        import omni_fast
+
+        omni_fast.unpatch(pipe.model)
     return out
 
 
 def markdown(result: dict) -> str:
-    keys = ["first_packet_ms", "preprocessing_ms", "thinker_ttft_ms", "talker_ttft_ms", "mtp_per_frame_ms",
-            "codec_per_code_ms", "thinker_tokens_per_s", "talker_tokens_per_s", "rtf"]
     lines = [f"# Qwen3-Omni pipeline, random weights, {result['device']} (thinker {result['thinker_layers']} of 48 "
-             f"layers; {result['text_tokens']} text tokens, {result['frames']} frames per request)", "",
-             "| provider | conc | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+             f"layers; {result.get('audio_seconds', 2.0):g} s audio + text in, {result['text_tokens']} text tokens, "
+             f"{result['frames']} frames per request)", "",
+             "| provider | conc | " + " | ".join(KEYS) + " |", "|" + "---|" * (len(KEYS) + 2)]
     for c, ref in REPORT.items():
-        lines.append(f"| tech report | {c} | " + " | ".join(str(ref.get(k, "")) for k in keys) + " |")
+        lines.append(f"| tech report | {c} | " + " | ".join(str(ref.get(k, "")) for k in KEYS) + " |")
     for r in result["runs"]:
-        lines.append(f"| {r['provider']} | {r['concurrency']} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
+        lines.append(f"| {r['provider']} | {r['concurrency']} | "
+                     + " | ".join("n/a" if r.get(k) is None else f"{r[k]:.3g}" for k in KEYS) + " |")
+    notes = result.get("na", {}).get("transformers", {})
+    if notes:
+        lines += ["", "n/a / caveats for the transformers providers (transformers' own generate, not streaming):"]
+        lines += [f"- {k}: {v}" for k, v in notes.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -13,10 +13,15 @@ positions, ``[B, 1]`` deltas), for text, audio, image, video and audio-in-video 
   is the run of one modality that closes the merge, not always the overall maximum), padding takes 0.
 
 How it is computed: the layout (where the ``<vision_start>``/``<audio_start>`` markers sit, the token after each
-``<vision_start>``, grid sizes, audio lengths) is read once per row on the host: one small device-to-host copy per
-row, since segment *lengths* decide tensor shapes. The position *values* are built on the device: one vectorised
-``arange``/broadcast per segment (no per-token Python loop; the audio-in-video merge is a stable sort), the running
-start kept as a device scalar, so nothing else syncs.
+``<vision_start>``, grid sizes, audio lengths) is read on the host, since segment *lengths* decide tensor shapes:
+from host copies of ``input_ids`` / ``attention_mask`` / the grids / the audio lengths, made once per batch (one
+device-to-host copy each; none when the caller passes them on the CPU and the positions' ``device`` separately, as
+the pipeline does for the thinker's prompt, which it builds on the host). The position *values* are built on
+``device``: one vectorised ``arange``/broadcast per segment (no per-token Python loop; the audio-in-video merge is
+a stable sort), the running start kept as a device scalar, each row written to a contiguous slice (left/right
+padding; an index tensor for a mask with holes), so nothing else syncs. ``integer=True`` returns int64 positions
+when they are all whole numbers, decided on the host from the layout (only image/video temporal steps can be
+fractional), so the caller needs no device-side check.
 """
 
 from __future__ import annotations
@@ -99,23 +104,30 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
                    image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                    audio_feature_lengths: torch.Tensor | list[int] | None = None,
                    second_per_grids: torch.Tensor | list[float] | None = None,
-                   use_audio_in_video: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   use_audio_in_video: bool = False, device: torch.device | str | None = None,
+                   integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """TM-RoPE positions of a prompt batch, equal to transformers' ``get_rope_index`` of Qwen3-Omni.
 
     input_ids ``[B, S]`` int; attention_mask ``[B, S]`` (1 = token; None = all ones); grids ``[N, 3]`` int (t, h, w
     in patches); audio_feature_lengths: mel frames per audio (``feature_attention_mask.sum(-1)``);
     second_per_grids: seconds per temporal grid step per video. Returns positions ``[3, B, S]`` float32 and deltas
-    ``[B, 1]`` (``max position + 1 - length``), on ``input_ids.device``.
+    ``[B, 1]`` (``max position + 1 - length``), on ``device`` (default ``input_ids.device``; layout inputs on the
+    CPU with a GPU ``device``: no host sync at all). ``integer``: int64 positions and deltas when every position is
+    a whole number (else float32 as above).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-    dev = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
+    dev = torch.device(device) if device is not None else input_ids.device
     if image_grid_thw is None and video_grid_thw is None:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = mask.to(dev, non_blocking=True)
         pos = mask.float().cumsum(-1) - 1
         pos = pos.masked_fill(mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
         deltas = pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - mask.sum(-1, keepdim=True)
-        return pos, deltas
+        return (pos.long(), deltas.long()) if integer else (pos, deltas)
+    # the layout on the host: one copy per input for the whole batch (none for CPU inputs)
+    ids_host = input_ids.cpu()
+    mask_host = torch.ones_like(ids_host) if attention_mask is None else attention_mask.cpu()
 
     images = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
     videos = [] if video_grid_thw is None else [tuple(int(v) for v in g) for g in video_grid_thw.tolist()]
@@ -124,18 +136,30 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
     merge, pps = spec.spatial_merge_size, spec.position_id_per_seconds
     positions = torch.zeros(3, *input_ids.shape, dtype=torch.float32, device=dev)
     deltas = []
+    whole = True  # every position a whole number (decided on the host: only temporal steps can be fractional)
+
+    def temporal(gt: int, *factors) -> torch.Tensor:
+        """``[gt]`` float32 temporal positions ``i * factor * ...`` of a grid (multiplied in transformers' order),
+        computed on the host, then moved to ``dev``."""
+        nonlocal whole
+        t = torch.arange(gt)
+        for f in factors:
+            t = t * f
+        t = t.float()
+        whole = whole and torch.equal(t, t.round())
+        return t.to(dev, non_blocking=True)
+
     image_idx = video_idx = audio_idx = 0
     for row in range(input_ids.shape[0]):
-        keep = mask[row] == 1
-        ids = input_ids[row][keep]
+        keep = mask_host[row] == 1
+        ids = ids_host[row][keep]
         n = ids.numel()
-        # the layout, read once on the host: marker positions and the token after each <vision_start>
+        # the layout (host): marker positions and the token after each <vision_start>
         vs_at = torch.nonzero(ids == spec.vision_start_token_id).flatten()
         after_vs = ids[(vs_at + 1).clamp_max(max(n - 1, 0))]
         as_at = torch.nonzero(ids == spec.audio_start_token_id).flatten()
-        has = torch.stack([(ids == t).any() for t in (spec.image_token_id, spec.video_token_id,
-                                                      spec.audio_token_id)])
-        vs_at, after_vs, as_at, has = vs_at.tolist(), after_vs.tolist(), as_at.tolist(), has.tolist()
+        has = [bool((ids == t).any()) for t in (spec.image_token_id, spec.video_token_id, spec.audio_token_id)]
+        vs_at, after_vs, as_at = vs_at.tolist(), after_vs.tolist(), as_at.tolist()
         has_vision_tokens, has_audio_tokens = has[0] or has[1], has[2]
         n_audio = len(as_at)
         n_image = sum(t == spec.image_token_id for t in after_vs)
@@ -180,7 +204,7 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
                 left_audio -= 1
             elif token_after == spec.image_token_id:
                 gt, gh, gw = images[image_idx]
-                t_index = torch.arange(gt, dtype=torch.float32, device=dev) * pps
+                t_index = temporal(gt, pps)
                 last = _vision(t_index, gh, gw, merge, st_idx)
                 pieces.append(last)
                 st += text_len + bos + gt * gh * gw // merge**2 + eos
@@ -188,7 +212,7 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
                 left_image -= 1
             elif token_after == spec.video_token_id:
                 gt, gh, gw = videos[video_idx]
-                t_index = (torch.arange(gt) * seconds[video_idx] * pps).float().to(dev)
+                t_index = temporal(gt, seconds[video_idx], pps)
                 last = _vision(t_index, gh, gw, merge, st_idx)
                 pieces.append(last)
                 st += text_len + bos + gt * gh * gw // merge**2 + eos
@@ -198,7 +222,7 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
                 a_len = audio_tokens(audios[audio_idx], spec.n_window)
                 audio = _arange3(a_len, st_idx)
                 gt, gh, gw = videos[video_idx]
-                t_index = (torch.arange(gt) * seconds[video_idx] * pps).float().to(dev)
+                t_index = temporal(gt, seconds[video_idx], pps)
                 video = _vision(t_index, gh, gw, merge, st_idx)
                 merged, last = _merge_audio_video(video, audio)
                 pieces.append(merged)
@@ -212,6 +236,13 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
         if st < n:
             pieces.append(_arange3(n - st, start_after(last)))
         row_pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, device=dev)
-        positions[:, row, keep] = row_pos
-        deltas.append(row_pos.max() + 1 - n)
-    return positions, torch.stack(deltas).view(-1, 1)
+        at = torch.nonzero(keep).flatten()
+        if n and at[-1] - at[0] + 1 == n:  # one contiguous block (left or right padding): a slice, no index
+            positions[:, row, int(at[0]):int(at[0]) + n] = row_pos
+        elif n:
+            positions[:, row, at.to(dev, non_blocking=True)] = row_pos
+        deltas.append(row_pos.max() + 1 - n if n else torch.zeros((), device=dev))
+    deltas = torch.stack(deltas).view(-1, 1)
+    if integer and whole:
+        return positions.long(), deltas.long()
+    return positions, deltas

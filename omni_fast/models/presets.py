@@ -42,7 +42,7 @@ def _rope(section):
 
 
 def tiny_qwen3_omni_config(layers: int = 2):
-    """A tiny ``Qwen3OmniMoeConfig`` (thinker + talker + code predictor + Code2Wav, ~1M parameters).
+    """A tiny ``Qwen3OmniMoeConfig`` (thinker + talker + code predictor + Code2Wav, ~0.39M parameters).
 
     Thinker: hidden 32, ``layers`` MoE layers (8 experts, top-2), 2 q / 1 kv heads, head_dim 16, vocab 160;
     audio encoder 1 layer d 32 on 128 mel bins; vision encoder 1 layer, patch 16; talker hidden 32, MoE with a shared
@@ -145,13 +145,21 @@ THINKER_LAYER_GIB = 1.16
 FULL_HEADROOM_GIB = 6.0  # KV caches, activations, allocator slack
 
 
+# Everything but the thinker's decoder layers (lm_head, embeddings, encoders, talker, Code2Wav): 10.0 GiB.
+FULL_REST_GIB = FULL_WEIGHTS_GIB - 48 * THINKER_LAYER_GIB
+# The smallest "full" build: one thinker layer + the rest + headroom (17.2 GiB free).
+FULL_MIN_FREE_GIB = FULL_REST_GIB + THINKER_LAYER_GIB + FULL_HEADROOM_GIB
+
+
 def full_thinker_layers(free_gib: float) -> int | None:
-    """Thinker depth for the ``"full"`` preset in ``free_gib`` of device memory: None (all 48) when it fits, else
-    the most layers that do (at least 1); only the thinker is trimmed, every other part keeps its real shape."""
+    """Thinker depth for the ``"full"`` preset (bf16) in ``free_gib`` of device memory: None (all 48) when it fits,
+    else the most layers that do, and 0 when not even one layer fits (below :data:`FULL_MIN_FREE_GIB`: use the tiny
+    preset). Only the thinker is trimmed; every other part keeps its real shape."""
     if free_gib >= FULL_WEIGHTS_GIB + FULL_HEADROOM_GIB:
         return None
-    rest = FULL_WEIGHTS_GIB - 48 * THINKER_LAYER_GIB
-    return max(1, min(47, int((free_gib - FULL_HEADROOM_GIB - rest) / THINKER_LAYER_GIB)))
+    if free_gib < FULL_MIN_FREE_GIB:
+        return 0
+    return max(1, min(47, int((free_gib - FULL_HEADROOM_GIB - FULL_REST_GIB) / THINKER_LAYER_GIB)))
 
 
 def tiny_qwen2_5_omni_config():

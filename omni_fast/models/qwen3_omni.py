@@ -15,8 +15,10 @@ Decode: patched on CUDA (``graph_decode``), each thinker and talker decode step 
 prefill; omni-fast ops; no host sync inside the step); otherwise the step goes through transformers' text models.
 Prefill always runs on transformers' (patched) modules.
 
-Timings per request use the technical report's terms (see :class:`RequestTiming`); on a GPU every stage boundary
-synchronises the device so that the numbers are stage times, not launch times.
+Timings per request use the technical report's terms, with each request's own clocks (see :class:`RequestTiming`);
+on a GPU every stage boundary synchronises the device so that the numbers are stage times, not launch times.
+Requests and arguments are validated before any work (clear errors naming ``requests[i].<field>``). A checkpoint
+without a talker (``enable_audio_output=False``) streams text only.
 
 Not done yet (see docs/pipeline.md): while the talker runs, the host reads each step's text ids and codec id
 (streaming, stopping, the talker's next text input) and synchronises for the stage timings (only the text after
@@ -26,6 +28,7 @@ the speech budget is read one step behind the device); continuous batching.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import weakref
@@ -36,10 +39,15 @@ import torch
 
 from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniCodePredictor, StreamingCodec,
                          pick)
+from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
 
 SAMPLE_RATE_IN = 16000
 SAMPLE_RATE_OUT = 24000
+# The shortest waveform accepted: one 25 ms STFT window (the mel front end reflect-pads n_fft / 2 on each side,
+# which needs more samples than that; shorter inputs would fail inside numpy/torch padding).
+MIN_AUDIO_SAMPLES = 400
+INPUT_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------- requests
@@ -63,11 +71,24 @@ class Request:
 class RequestTiming:
     """Per-request latency breakdown, in the technical report's terms (seconds unless noted).
 
-    preprocessing: mel features + audio/vision encoders + prompt embedding; thinker_ttft: thinker prefill to the
-    first text token; talker_ttft: talker prefill to the first codec token (counted from the thinker's first token);
-    mtp_per_frame: mean MTP frame step; codec_per_code: Code2Wav seconds per decoded frame; first_packet: request
-    start to the first audio chunk; thinker/talker tokens_per_s: decode tokens over decode time; rtf: wall time to
-    the last audio sample over the audio duration.
+    Every request has its own clocks, from the start of its batch (``stream`` called): ``preprocessing`` (mel
+    features + audio/vision encoders + prompt embedding + positions; batch-wide), ``thinker_ttft`` (thinker prefill
+    to the request's first text token), ``talker_ttft`` (talker prefill to its first codec token, counted from the
+    thinker's first token), ``first_packet`` (start to its first audio chunk out), ``last_audio`` (start to its
+    last audio chunk out), ``last_text`` (start to its last text token), ``total`` (start to the request finished:
+    the later of the two).
+
+    Rates count only the tokens the request itself produced, over the decode time of the steps it took part in (a
+    batch step is charged to every row still running in it; rows that finished idle on pad tokens and are not
+    charged): ``thinker_tokens_per_s`` (its text tokens after the first / thinker decode time), ``talker_tokens_per_s``
+    (its codec tokens after the first / talker decode time, MTP excluded), ``mtp_per_frame`` (MTP time of the frames
+    it was in / its frames), ``codec_per_code`` (Code2Wav time of the chunks that carried its frames / its frames),
+    ``rtf`` = ``last_audio / audio_seconds`` (wall time to its last audio sample over its audio duration).
+    ``thinker_decode`` / ``talker_decode``: those decode seconds; ``text_tokens`` / ``talker_tokens`` / ``frames``:
+    the text tokens, codec tokens (codebook 0, codec EOS included) and audio frames the request produced.
+
+    ``stages``: the batch-level split (seconds per stage for the whole batch, the same for every request of it; the
+    demo's "where the time went"). Without a talker (a text-only checkpoint) the audio fields stay 0 / NaN.
     """
 
     preprocessing: float = 0.0
@@ -76,24 +97,30 @@ class RequestTiming:
     mtp_per_frame: float = 0.0
     codec_per_code: float = 0.0
     first_packet: float = float("nan")
+    last_audio: float = float("nan")
+    last_text: float = 0.0
     thinker_tokens_per_s: float = 0.0
     talker_tokens_per_s: float = 0.0
     rtf: float = float("nan")
+    thinker_decode: float = 0.0  # seconds of the thinker decode steps this request took part in
+    talker_decode: float = 0.0  # seconds of the talker decode steps this request took part in (MTP excluded)
     text_tokens: int = 0
+    talker_tokens: int = 0
     frames: int = 0
     audio_seconds: float = 0.0
     total: float = 0.0
-    stages: dict = field(default_factory=dict)  # stage -> seconds (shared batch stages counted for every row)
+    stages: dict = field(default_factory=dict)  # batch-level stage -> seconds (the same for every row of a batch)
 
     def table(self) -> list[tuple[str, str]]:
         ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
         return [("preprocessing", ms(self.preprocessing)), ("thinker TTFT", ms(self.thinker_ttft)),
                 ("talker TTFT", ms(self.talker_ttft)), ("MTP per frame", ms(self.mtp_per_frame)),
                 ("codec per code", ms(self.codec_per_code)), ("first audio packet", ms(self.first_packet)),
+                ("last audio packet", ms(self.last_audio)),
                 ("thinker tokens/s", f"{self.thinker_tokens_per_s:.1f}"),
                 ("talker tokens/s", f"{self.talker_tokens_per_s:.1f}"), ("RTF", f"{self.rtf:.3f}"),
                 ("text tokens", str(self.text_tokens)), ("codec frames", str(self.frames)),
-                ("audio", f"{self.audio_seconds:.2f} s")]
+                ("audio", f"{self.audio_seconds:.2f} s"), ("total", ms(self.total))]
 
 
 @dataclass
@@ -144,10 +171,11 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
     return sample
 
 
-def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cpu"):
+def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cpu", *, return_lengths: bool = False):
     """16 kHz waveforms -> ``(input_features [N, 128, F], feature_attention_mask [N, F])`` through transformers'
     ``WhisperFeatureExtractor`` math (128 mel bins, n_fft 400, hop 160; the Qwen3-Omni processor's audio kwargs:
-    pad to the longest, no truncation). Built from its constructor defaults: nothing is downloaded."""
+    pad to the longest, no truncation). Built from its constructor defaults: nothing is downloaded.
+    ``return_lengths``: also the mel frames per waveform ``[N]`` int64 on the host (no device read)."""
     from transformers import WhisperFeatureExtractor
 
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE_IN)
@@ -155,7 +183,10 @@ def mel_features(waveforms: list[torch.Tensor], device: torch.device | str = "cp
     out = fe([w.detach().float().cpu().numpy() for w in waveforms], sampling_rate=SAMPLE_RATE_IN, padding=True,
              truncation=False, return_attention_mask=True, return_tensors="pt",
              device="cuda" if dev.type == "cuda" else "cpu")
-    return out["input_features"].to(dev), out["attention_mask"].to(dev)
+    feats, fmask = out["input_features"].to(dev), out["attention_mask"].to(dev)
+    if return_lengths:
+        return feats, fmask, out["attention_mask"].cpu().sum(-1)
+    return feats, fmask
 
 
 class ByteTokenizer:
@@ -201,8 +232,12 @@ class Qwen3Omni:
         if self.newline_id is None:
             self.newline_id = 198 if vocab > 198 else 10
         self.patch_report = None
+        # A checkpoint saved with enable_audio_output=False has no talker and no Code2Wav: text only (no audio
+        # events; the timing's audio fields stay empty).
+        self.has_talker = bool(getattr(model, "has_talker", True)) and hasattr(model, "talker") \
+            and hasattr(model, "code2wav")
         # the re-decoding codec (transformers' module, patched or not), used when the exact stream is not
-        self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav)
+        self.code2wav = pick("Code2Wav", model.code2wav, HFCode2Wav) if self.has_talker else None
         if patch:
             self.set_patched(True)
         else:  # leaves the model as given (a model the caller patched stays patched)
@@ -232,6 +267,9 @@ class Qwen3Omni:
 
         from .talker_step import weights_key
 
+        if not self.has_talker:
+            self.code_predictor = self.fast_code2wav = None
+            return
         talker = self.model.talker
         key = weights_key(talker.code_predictor, talker.get_input_embeddings(), self.model.code2wav)
         if self._fast_stages is None or self._fast_stages[0] != key:
@@ -244,8 +282,11 @@ class Qwen3Omni:
         _, self.code_predictor, self.fast_code2wav = self._fast_stages
 
     def _transformers_stages(self) -> None:
-        talker = self.model.talker
         self.fast_code2wav = None
+        if not self.has_talker:
+            self.code_predictor = None
+            return
+        talker = self.model.talker
         self.code_predictor = pick("CodePredictor", talker.code_predictor,
                                    lambda m: HFCodePredictor(m, talker.get_input_embeddings()))
 
@@ -277,17 +318,30 @@ class Qwen3Omni:
 
     @classmethod
     def random(cls, preset: str = "tiny", *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-               seed: int = 0, thinker_layers: int | None = None, **kwargs) -> "Qwen3Omni":
-        """Random weights: ``"tiny"`` (~0.4M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16
-        weights; ``thinker_layers`` < 48 trims only the thinker's depth when memory is short)."""
+               seed: int = 0, thinker_layers: int | None = None, allow_cpu: bool = False,
+               **kwargs) -> "Qwen3Omni":
+        """Random weights: ``"tiny"`` (~0.39M parameters, CPU) or ``"full"`` (the 30B-A3B shapes: 65.7 GiB of bf16
+        weights; ``thinker_layers`` < 48 trims only the thinker's depth when memory is short, see
+        :func:`~omni_fast.models.presets.full_thinker_layers`). ``"full"`` is for a GPU: on a CPU it raises unless
+        ``allow_cpu=True`` (it would allocate 65.7 GiB in bf16, 131 GiB in fp32, the CPU default)."""
         from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
-        from .presets import TINY_TEXT_VOCAB, full_qwen3_omni_config, tiny_qwen3_omni_config
+        from .presets import (FULL_WEIGHTS_GIB, THINKER_LAYER_GIB, TINY_TEXT_VOCAB, full_qwen3_omni_config,
+                              tiny_qwen3_omni_config)
 
         if preset not in ("tiny", "full"):
             raise ValueError(f"preset must be 'tiny' or 'full', got {preset!r}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if preset == "full":
+            if thinker_layers is not None:
+                check_positive_int("thinker_layers", thinker_layers, maximum=48)
+            if device.type != "cuda" and not allow_cpu:
+                gib = (FULL_WEIGHTS_GIB - (48 - (thinker_layers or 48)) * THINKER_LAYER_GIB) \
+                    * torch.finfo(dtype).bits / 16
+                raise ValueError(f"Qwen3Omni.random('full') builds the 30B-A3B shapes ({gib:.0f} GiB of {dtype} "
+                                 f"weights) on {device}: it is meant for a GPU. Use the 'tiny' preset on a CPU, or "
+                                 "pass allow_cpu=True if you really have the memory")
         config = tiny_qwen3_omni_config() if preset == "tiny" else full_qwen3_omni_config(thinker_layers)
         torch.manual_seed(seed)
         with torch.device(device):
@@ -330,6 +384,61 @@ class Qwen3Omni:
         ids += [c.im_start_token_id, c.assistant_token_id] + nl
         return ids
 
+    # ----------------------------------------------------------------------------------------------- validation
+    def _check_request(self, i: int, r) -> None:
+        """A request's fields, before any work: clear errors naming ``requests[i].<field>``."""
+        name = f"requests[{i}]"
+        if not isinstance(r, Request):
+            raise TypeError(f"{name} must be an omni_fast.models.Request, got {type(r).__name__}")
+        if isinstance(r.text, (list, tuple)):
+            vocab = self.config.thinker_config.text_config.vocab_size
+            for tid in r.text:
+                if isinstance(tid, bool) or not isinstance(tid, numbers.Integral):
+                    raise TypeError(f"{name}.text: token ids must be ints, got {type(tid).__name__}")
+                if not 0 <= tid < vocab:
+                    raise ValueError(f"{name}.text: token id {tid} outside the vocabulary [0, {vocab})")
+        elif not isinstance(r.text, str):
+            raise TypeError(f"{name}.text must be a str or a list of token ids, got {type(r.text).__name__}")
+        if r.audio is not None:
+            a = r.audio
+            if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                raise TypeError(f"{name}.audio must be a floating-point waveform in [-1, 1], got {a.dtype} "
+                                "(16-bit PCM: divide by 32768)")
+            check_tensor(f"{name}.audio", a, dtypes=INPUT_FLOAT_DTYPES)
+            if a.dim() != 1:
+                raise ValueError(f"{name}.audio must be a 1-D mono waveform [N] at 16 kHz, got shape "
+                                 f"{list(a.shape)} (mix stereo down, e.g. audio.mean(0))")
+            if a.numel() < MIN_AUDIO_SAMPLES:
+                raise ValueError(f"{name}.audio has {a.numel()} samples; at least {MIN_AUDIO_SAMPLES} "
+                                 f"({1e3 * MIN_AUDIO_SAMPLES / SAMPLE_RATE_IN:.0f} ms at 16 kHz, one STFT window) "
+                                 "are needed")
+        for kind, ndim, layout in (("image", 3, "[3, H, W]"), ("video", 4, "[F, 3, H, W]")):
+            x = getattr(r, kind)
+            if x is None:
+                continue
+            check_tensor(f"{name}.{kind}", x, dtypes=INPUT_FLOAT_DTYPES)
+            if x.dim() != ndim or x.shape[-3] != 3 or min(x.shape) < 1:
+                raise ValueError(f"{name}.{kind} must be {layout} float (RGB), got shape {list(x.shape)}")
+        if r.video is not None:
+            fps = r.video_fps
+            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+                raise ValueError(f"{name}.video_fps must be a positive number of frames per second, got {fps!r}")
+
+    @staticmethod
+    def _check_stream_args(*, max_new_tokens, talker_max_new_tokens, first_chunk, chunk, left_context,
+                           prefill_chunk, talker_repetition_penalty) -> None:
+        """``max_new_tokens`` >= 1: the first text token is what starts the talker (0 is an error, not an empty
+        answer); ``talker_max_new_tokens`` >= 1 (at most ``talker_max_new_tokens - 1`` frames, as transformers)."""
+        check_positive_int("max_new_tokens", max_new_tokens)
+        check_positive_int("talker_max_new_tokens", talker_max_new_tokens)
+        check_positive_int("first_chunk", first_chunk)
+        check_positive_int("chunk", chunk)
+        check_positive_int("left_context", left_context, minimum=0)
+        if prefill_chunk is not None:
+            check_positive_int("prefill_chunk", prefill_chunk)
+        if not isinstance(talker_repetition_penalty, (int, float)) or not talker_repetition_penalty > 0:
+            raise ValueError(f"talker_repetition_penalty must be > 0, got {talker_repetition_penalty!r}")
+
     # ----------------------------------------------------------------------------------------------- generation
     def generate(self, requests: Request | list[Request], **kwargs) -> list[dict]:
         """Run :meth:`stream` to the end; per request: ``token_ids``, ``text``, ``audio`` ``[S]``, ``timing``."""
@@ -370,6 +479,11 @@ class Qwen3Omni:
         reqs = [requests] if isinstance(requests, Request) else list(requests)
         if not reqs:
             return
+        self._check_stream_args(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
+                                first_chunk=first_chunk, chunk=chunk, left_context=left_context,
+                                prefill_chunk=prefill_chunk, talker_repetition_penalty=talker_repetition_penalty)
+        for i, r in enumerate(reqs):
+            self._check_request(i, r)
         m, cfg, dev = self.model, self.config, self.device
         tcfg = cfg.talker_config
         if graph_decode is None:  # patched now (patch() may have been called on the model after construction)
@@ -379,9 +493,11 @@ class Qwen3Omni:
         # Held by this generator while it runs: the decoders it loads are its own until it ends or is dropped, so
         # interleaved streams never share a decoder's KV cache.
         lease = _Lease()
-        speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
-        if speaker_id is None:
-            raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
+        speaker_id = None
+        if self.has_talker:
+            speaker_id = (tcfg.speaker_id or {}).get(speaker.lower())
+            if speaker_id is None:
+                raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(tcfg.speaker_id or {})}")
         gen = torch.Generator(device=dev).manual_seed(seed)
         text_sampler = make_sampler(do_sample, top_k=50, generator=gen)
         codec_sampler = make_sampler(talker_do_sample, top_k=50, temperature=0.9, generator=gen)
@@ -389,13 +505,22 @@ class Qwen3Omni:
         B = len(reqs)
         timings = [RequestTiming() for _ in reqs]
         t_start = _now(dev)
+        # Per-request clocks: the decode time of the batch steps each row took part in (a row that finished idles
+        # on pad tokens and is not charged), and when its last text token came out.
+        row_thinker, row_talker, row_mtp, row_codec = ([0.0] * B for _ in range(4))
+        last_text = [0.0] * B
+
+        def charge(acc: list[float], dt: float, rows) -> None:
+            for i in rows:
+                acc[i] += dt
 
         # ---- preprocessing: mel + audio encoder, vision encoder, prompt embeddings, TM-RoPE positions
         thinker = m.thinker
         embeds_layer = thinker.get_input_embeddings()
         audio_embeds, audio_lens, n_audio_tok = self._encode_audio(reqs)
         vis = self._encode_visual(reqs)
-        image_grids, video_grids, seconds = vis["image_grid"], vis["video_grid"], vis["seconds"]
+        # grids on the host (the layout the positions read) and on the device (the vision encoders)
+        image_grids, video_grids, seconds = vis["image_grid_host"], vis["video_grid_host"], vis["seconds"]
         in_video = any(r.audio_in_video for r in reqs)
         if in_video and any((r.video is not None or r.audio is not None) and not r.audio_in_video for r in reqs):
             raise ValueError("audio_in_video applies to the whole batch (as transformers' use_audio_in_video): "
@@ -408,29 +533,31 @@ class Qwen3Omni:
                                      seconds=None if i not in vid_of else float(seconds[vid_of[i]]))
                    for i, r in enumerate(reqs)]
         S = max(map(len, prompts))
-        ids = torch.zeros(B, S, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
+        ids_host = torch.zeros(B, S, dtype=torch.long)
+        mask_host = torch.zeros(B, S, dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding, as the Qwen3-Omni processor does
-            ids[i, S - len(p):] = torch.tensor(p, device=dev)
-            mask[i, S - len(p):] = 1
+            ids_host[i, S - len(p):] = torch.tensor(p)
+            mask_host[i, S - len(p):] = 1
+        ids, mask = _host_to_device(ids_host, dev), _host_to_device(mask_host, dev)
         inputs_embeds = embeds_layer(ids)
         if audio_embeds is not None:
             amask = (ids == self.spec.audio_token_id).unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(amask, audio_embeds.to(inputs_embeds.dtype))
         inputs_embeds, visual_mask, deepstack = self._merge_visual(ids, inputs_embeds, vis)
-        pos, deltas = rope_positions(ids, self.spec, attention_mask=mask, image_grid_thw=image_grids,
-                                     video_grid_thw=video_grids, second_per_grids=seconds,
-                                     audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
-        pos_i = _int_positions(pos)
+        # the layout from the host copies (no host sync); int64 positions unless a video's are fractional
+        pos_i, deltas = rope_positions(ids_host, self.spec, attention_mask=mask_host, image_grid_thw=image_grids,
+                                       video_grid_thw=video_grids, second_per_grids=seconds,
+                                       audio_feature_lengths=audio_lens, use_audio_in_video=in_video, device=dev,
+                                       integer=True)
         t_pre = _now(dev)
         for tm in timings:
             tm.preprocessing = t_pre - t_start
 
         # ---- thinker prefill (in chunks of `prefill_chunk` tokens when given)
         cache = _new_cache(thinker.config.text_config, static_cache, S + max_new_tokens)
+        accept_layer = tcfg.accept_hidden_layer if self.has_talker else len(thinker_text_model(thinker).layers)
         out, hidden_states = self._prefill(thinker_text_model(thinker), inputs_embeds, mask, pos_i, cache,
-                                           visual_mask, deepstack, prefill_chunk,
-                                           self.config.talker_config.accept_hidden_layer)
+                                           visual_mask, deepstack, prefill_chunk, accept_layer)
         logits = thinker.lm_head(out.last_hidden_state[:, -1]).float()
         token = text_sampler(logits)
         t_first = _now(dev)
@@ -440,6 +567,7 @@ class Qwen3Omni:
         thinker_time, thinker_steps = 0.0, 0
         for i in range(B):
             timings[i].thinker_ttft = t_first - t_pre
+            last_text[i] = t_first - t_start
             yield self._text_event(i, generated[i])
         next_pos = _int_positions(deltas.view(B) + mask.sum(-1))  # the next TM-RoPE position (all three rows)
         thinker_mask = mask
@@ -450,7 +578,9 @@ class Qwen3Omni:
             thinker_dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens,
                                      fractional_positions=next_pos.is_floating_point())
             cache = out = None  # (the prefill output references the cache too)
-            thinker_time += _now(dev) - t0
+            dt = _now(dev) - t0
+            thinker_time += dt
+            charge(row_thinker, dt, [i for i in range(B) if not text_done[i]])
 
         def thinker_launch(done: torch.Tensor) -> torch.Tensor:
             """Queue one thinker step (no host sync); ``done`` bool ``[B]``: rows finished before it (they get
@@ -473,20 +603,24 @@ class Qwen3Omni:
 
         def thinker_read(ids: list[int]) -> list[Event]:
             """The host side of a step: stream the ids of unfinished rows, decide which rows stop."""
-            events = []
+            events, now = [], time.perf_counter() - t_start  # (the ids are on the host: the step has run)
             for i, tid in enumerate(ids):
                 if not text_done[i]:
                     generated[i].append(tid)
                     text_done[i] = tid == eos or len(generated[i]) >= max_new_tokens
+                    last_text[i] = now
                     events.append(self._text_event(i, [tid]))
             return events
 
         def thinker_step() -> list[Event]:
             """One step whose ids the talker needs now: read at once."""
             nonlocal thinker_time
+            active = [i for i in range(B) if not text_done[i]]
             t0 = _now(dev)
             nxt = thinker_launch(_to_device(text_done, dev))
-            thinker_time += _now(dev) - t0
+            dt = _now(dev) - t0
+            thinker_time += dt
+            charge(row_thinker, dt, active)
             return thinker_read(nxt.tolist())
 
         def thinker_tail() -> Iterator[Event]:
@@ -507,12 +641,39 @@ class Qwen3Omni:
                 if pending is None and queued is None:
                     break
                 if pending is not None:
+                    active = [i for i in range(B) if not text_done[i]]
                     events = thinker_read(pending.tolist())
-                    thinker_time += time.perf_counter() - t0  # (the consumer's time is not decode time)
+                    dt = time.perf_counter() - t0  # (the consumer's time is not decode time)
+                    thinker_time += dt
+                    charge(row_thinker, dt, active)
                     yield from events
                     t0 = time.perf_counter()
                 pending = queued
-            thinker_time += _now(dev) - t0
+            thinker_time += _now(dev) - t0  # (the discarded step: batch time, no row's)
+
+        def finish(codes_hist, n_frames, audio_len, stages) -> Iterator[Event]:
+            """The "done" event of every request, with its own clocks (see :class:`RequestTiming`)."""
+            for i, tm in enumerate(timings):
+                tm.text_tokens = len(generated[i])
+                tm.talker_tokens = len(codes_hist[i]) if codes_hist else 0
+                tm.frames = n_frames[i] if n_frames else 0
+                tm.mtp_per_frame = row_mtp[i] / tm.frames if tm.frames else 0.0
+                tm.codec_per_code = row_codec[i] / tm.frames if tm.frames else 0.0
+                tm.thinker_decode, tm.talker_decode = row_thinker[i], row_talker[i]
+                tm.thinker_tokens_per_s = (tm.text_tokens - 1) / row_thinker[i] if row_thinker[i] > 0 else 0.0
+                tm.talker_tokens_per_s = (tm.talker_tokens - 1) / row_talker[i] if row_talker[i] > 0 else 0.0
+                tm.audio_seconds = (audio_len[i] if audio_len else 0) / SAMPLE_RATE_OUT
+                tm.last_text = last_text[i]
+                tm.total = max(tm.last_text, 0.0 if math.isnan(tm.last_audio) else tm.last_audio)
+                tm.rtf = tm.last_audio / tm.audio_seconds if tm.audio_seconds else float("nan")
+                tm.stages = dict(stages)
+                yield Event(i, "done", timing=tm)
+
+        if not self.has_talker:  # a text-only checkpoint (enable_audio_output=False): no talker, no audio
+            yield from thinker_tail()
+            yield from finish(None, None, None, {"preprocessing": t_pre - t_start, "thinker prefill": t_first - t_pre,
+                                                 "thinker decode": thinker_time})
+            return
 
         # ---- talker prefill (needs the prompt's hidden states and the first text token only)
         t0 = _now(dev)
@@ -525,7 +686,8 @@ class Qwen3Omni:
         t_pos, t_deltas = rope_positions(t_ids, PositionSpec(**{**self.spec.__dict__, **_talker_ids(tcfg)}),
                                          attention_mask=t_mask, image_grid_thw=image_grids,
                                          video_grid_thw=video_grids, second_per_grids=seconds,
-                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video)
+                                         audio_feature_lengths=audio_lens, use_audio_in_video=in_video,
+                                         integer=True)
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
@@ -535,10 +697,13 @@ class Qwen3Omni:
                               talker_repetition_penalty)
         past_hidden = tout.last_hidden_state[:, -1:]
         t_first_codec = _now(dev)
+        talker_prefill = t_first_codec - t0
         for i in range(B):
-            timings[i].talker_ttft = t_first_codec - t0
+            timings[i].talker_ttft = talker_prefill
         talker_time, talker_steps, mtp_time, codec_time = 0.0, 0, 0.0, 0.0
         t_next_pos = _int_positions(t_deltas.view(B) + t_mask.sum(-1))
+        codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
+        speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
         talker_dec = None
         if graph_decode:
             t0 = _now(dev)
@@ -546,10 +711,10 @@ class Qwen3Omni:
             talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
                                     fractional_positions=t_next_pos.is_floating_point())
             tout = t_cache = None
-            talker_time += _now(dev) - t0
-        codes_hist: list[list[int]] = [[int(x)] for x in c0.tolist()]
+            dt = _now(dev) - t0
+            talker_time += dt
+            charge(row_talker, dt, [i for i in range(B) if not speech_done[i]])
         frames: list[torch.Tensor] = []  # [B, Q] per frame
-        speech_done = [c == tcfg.codec_eos_token_id for c in c0.tolist()]
         n_frames = [0] * B
         if self.fast_code2wav is not None:  # patched: exact stateful streaming, no re-decoded left context
             codec = ExactStreamingCodec(self.fast_code2wav, B, first_chunk=first_chunk, chunk=chunk)
@@ -565,9 +730,10 @@ class Qwen3Omni:
             t0 = _now(dev)
             start = codec.done
             wav = codec.step(torch.stack(frames, dim=-1)).float()
-            codec_time += _now(dev) - t0
+            dt = _now(dev) - t0
+            codec_time += dt
             per_frame = wav.shape[-1] / max(len(frames) - start, 1)
-            events, now = [], time.perf_counter()
+            events, rows = [], []
             for i in range(B):
                 # rows that ended keep getting (ignored) frames: cut at their own frame count
                 keep = max(0, min(n_frames[i], len(frames)) - start)
@@ -576,23 +742,30 @@ class Qwen3Omni:
                 n = wav.shape[-1] if n_frames[i] >= len(frames) else int(round(keep * per_frame))
                 chunk_wav = wav[i, :n].cpu()
                 audio_len[i] += chunk_wav.numel()
-                if math.isnan(timings[i].first_packet):
-                    timings[i].first_packet = now - t_start
+                rows.append(i)
                 events.append(Event(i, "audio", audio=chunk_wav))
+            now = time.perf_counter() - t_start  # (the chunks are on the host)
+            for i in rows:
+                timings[i].last_audio = now
+                if math.isnan(timings[i].first_packet):
+                    timings[i].first_packet = now
+            charge(row_codec, dt, rows)
             return events
 
         # ---- interleaved decode: thinker tokens, talker frames (MTP), Codec chunks
         for _ in range(talker_max_new_tokens - 1):
             if all(speech_done):
                 break
+            active = [i for i in range(B) if not speech_done[i]]
             t0 = _now(dev)
             residual, summed = self.code_predictor.frame(past_hidden, c0, mtp_sampler)
-            mtp_time += _now(dev) - t0
+            dt = _now(dev) - t0
+            mtp_time += dt
+            charge(row_mtp, dt, active)
             frames.append(torch.cat([c0[:, None], residual], dim=1).masked_fill(
                 _to_device(speech_done, dev)[:, None], 0))
-            for i in range(B):
-                if not speech_done[i]:
-                    n_frames[i] += 1
+            for i in active:
+                n_frames[i] += 1
             yield from emit_audio(final=False)  # the frame needs no new text: audio goes out first
             # the talker's step k reads text token k+1: run the thinker up to it
             while not all(text_done) and any(len(generated[i]) < step + 2 for i in range(B) if not text_done[i]):
@@ -615,27 +788,17 @@ class Qwen3Omni:
                 if not speech_done[i]:
                     codes_hist[i].append(c)
                     speech_done[i] = c == tcfg.codec_eos_token_id
-            talker_time += _now(dev) - t0
+            dt = _now(dev) - t0
+            talker_time += dt
+            charge(row_talker, dt, active)
             talker_steps += 1
             step += 1
         yield from emit_audio(final=True)
-        yield from thinker_tail()  # text longer than the speech budget
-        t_end = _now(dev)
-
-        for i, tm in enumerate(timings):
-            tm.text_tokens = len(generated[i])
-            tm.frames = n_frames[i]
-            tm.mtp_per_frame = mtp_time / max(len(frames), 1)
-            tm.codec_per_code = codec_time / max(len(frames), 1)
-            tm.thinker_tokens_per_s = thinker_steps / thinker_time if thinker_time else 0.0
-            tm.talker_tokens_per_s = talker_steps / talker_time if talker_time else 0.0
-            tm.audio_seconds = audio_len[i] / SAMPLE_RATE_OUT
-            tm.total = t_end - t_start
-            tm.rtf = tm.total / tm.audio_seconds if tm.audio_seconds else float("nan")
-            tm.stages = {"preprocessing": tm.preprocessing, "thinker prefill": tm.thinker_ttft,
-                         "thinker decode": thinker_time, "talker prefill": tm.talker_ttft,
-                         "talker decode": talker_time, "MTP": mtp_time, "Code2Wav": codec_time}
-            yield Event(i, "done", timing=tm)
+        yield from thinker_tail()  # text longer than the speech budget (the RTF clock has stopped: last_audio)
+        yield from finish(codes_hist, n_frames, audio_len,
+                          {"preprocessing": t_pre - t_start, "thinker prefill": t_first - t_pre,
+                           "thinker decode": thinker_time, "talker prefill": talker_prefill,
+                           "talker decode": talker_time, "MTP": mtp_time, "Code2Wav": codec_time})
 
     # ------------------------------------------------------------------------------------------ stage internals
     def _decoder(self, part: str, lease: "_Lease"):
@@ -715,12 +878,11 @@ class Qwen3Omni:
         counts = [0] * len(reqs)
         if not waves:
             return None, None, counts
-        feats, fmask = mel_features(waves, self.device)
+        feats, fmask, lens = mel_features(waves, self.device, return_lengths=True)
         thinker = self.model.thinker
         feats = feats.to(thinker.dtype)
         emb = thinker.get_audio_features(feats, feature_attention_mask=fmask, return_dict=True)
         emb = emb.last_hidden_state
-        lens = fmask.sum(-1)
         from .positions import audio_tokens
 
         j = 0
@@ -735,7 +897,8 @@ class Qwen3Omni:
         vcfg = self.config.thinker_config.vision_config
         merge, dtype = vcfg.spatial_merge_size, self.model.thinker.dtype
         out = {"image_tokens": [0] * len(reqs), "video_tokens": [0] * len(reqs), "image_grid": None,
-               "video_grid": None, "seconds": None, "image": None, "video": None}
+               "video_grid": None, "image_grid_host": None, "video_grid_host": None, "seconds": None,
+               "image": None, "video": None}
         for kind in ("image", "video"):
             items = [(i, getattr(r, kind)) for i, r in enumerate(reqs) if getattr(r, kind) is not None]
             if not items:
@@ -753,6 +916,7 @@ class Qwen3Omni:
             get = thinker.get_image_features if kind == "image" else thinker.get_video_features
             out[kind] = get(pixels, grid_thw, return_dict=True)
             out[f"{kind}_grid"] = grid_thw
+            out[f"{kind}_grid_host"] = torch.tensor(grids)
             if kind == "video":  # seconds per temporal grid step: temporal_patch_size frames at video_fps
                 out["seconds"] = torch.tensor([vcfg.temporal_patch_size / reqs[i].video_fps for i, _ in items])
         return out
@@ -886,6 +1050,13 @@ class _AsyncHostCopy:
         return self.host.tolist()
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned memory + a non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
     copy (a copy from pageable memory waits for the stream to drain first)."""
@@ -897,7 +1068,10 @@ def _to_device(values: list, device: torch.device) -> torch.Tensor:
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:
     """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
     integers; a fractional video timestamp keeps them float, for the rest of the request's decode too, and
-    transformers' own RoPE runs). One host sync, at prefill."""
+    transformers' own RoPE runs). Integer positions pass through; float ones cost one host sync, at prefill
+    (``rope_positions(..., integer=True)`` returns int64 whenever it can, so only fractional prompts get here)."""
+    if not pos.is_floating_point():
+        return pos
     as_int = pos.to(torch.int64)
     return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
 
