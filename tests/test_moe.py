@@ -532,6 +532,58 @@ def test_tune_search_space_includes_the_tma_path():
     assert all(c["BLOCK_SIZE_N"] <= 256 and c["BLOCK_SIZE_K"] <= 256 for c in space if c["USE_TMA"])
 
 
+def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_path, monkeypatch):
+    """bench.tune_moe's whole CLI on the CPU (interpreter) with a stub timer and a two-config search space (pointer
+    and TMA weight path): every candidate launch runs, the JSON lands in --out-dir, and the op's own lookup
+    (``moe_gemm._find_tuned`` -> ``kernels.launch.tuned_config``, what get_config uses on a GPU) reads it back into a
+    config fused_moe runs with."""
+    import json
+
+    from bench import tune_moe
+    from omni_fast.kernels import launch
+
+    calls = []
+
+    def bench(fn):
+        fn()  # the real launch, on the interpreter
+        calls.append(fn)
+        return 10.0 - len(calls)  # each candidate "faster" than the last: the last (TMA) one wins
+
+    def space(block_m, gated, elem):
+        return [dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4,
+                     num_stages=2, USE_TMA=tma) for tma in (False, True)]
+
+    out = tmp_path / moe_gemm.CONFIG_FAMILY
+    E, N, H, k = 4, 16, 32, 2
+    argv = ["--device", "cpu", "--n", str(N), "--experts", str(E), "--hidden", str(H), "--top-k", str(k),
+            "--tokens", "1", "5", "--dtype", "fp16", "--out-dir", str(out)]
+    assert tune_moe.main(argv, bench=bench, space=space) == 0
+    assert len(calls) == 2 * 2 * 2  # buckets x GEMMs x candidates (BLOCK_M 16 only at these sizes)
+    dev = torch.device("cpu")
+    path = out / f"{moe_gemm.config_file_stem(E, N, torch.float16, dev)}.json"
+    table = json.loads(path.read_text())
+    want = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
+                USE_TMA=True, down=dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
+                                        USE_TMA=True))
+    assert table == {"1": want, "5": want}
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(moe_gemm, "CONFIG_DIR", tmp_path)
+    cfg = moe_gemm._find_tuned.__wrapped__(E, N, torch.float16, dev, 4)
+    assert cfg == want
+    x = torch.randn(3, H, device=DEVICE).to(torch.float16)
+    w13, w2 = _weights(E, H, N, torch.float16)
+    _check_fused(x, w13, w2, torch.rand(3, k, device=DEVICE), _ids(3, E, k), config=cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path of the CLI")
+def test_tuner_cli_without_a_gpu_exits_2(tmp_path, capsys):
+    from bench import tune_moe
+
+    assert tune_moe.main(["--tokens", "1", "--out-dir", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # --- moe_block ---------------------------------------------------------------------------------------------------
 
 
