@@ -1017,7 +1017,9 @@ def test_bench_cases_build_and_check():
     assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
     assert all(c.op == "moe" and c.bytes > 0 and c.flops > 0 for c in full)
     decode = next(c for c in full if c.name == "thinker experts T=1")
-    assert decode.params["touched_experts"] == 8 and all(c.bound == "auto" for c in full)
+    assert decode.params["touched_experts"] == 8
+    # The talker block runs at every T of the issue, like the experts.
+    assert sorted(c.params["T"] for c in full if c.params.get("block")) == sorted(cases.TOKENS["full"])
     for check in {c.check for c in full}:
         check()
     # The omni_fast_tma provider: omni_fast's launch config with the TMA weight path in both GEMMs.
@@ -1027,21 +1029,27 @@ def test_bench_cases_build_and_check():
     assert [dict(c, USE_TMA=True) for c in moe_gemm._split(plain)] == list(moe_gemm._split(cfg))
 
 
-def test_bench_cases_bound_follows_the_numbers():
-    """Which roof binds comes from each case's bytes and flops on the device's roofline, not from T alone:
-    thinker experts at T=1024 (64 rows per expert) are still memory bound on an H100-like roofline, T=16384 is
-    compute bound."""
+def test_bench_cases_bound_is_the_issues_roofline():
+    """% of roofline as the issue defines it: decode (T <= 64) against HBM bandwidth (touched weight bytes),
+    prefill (T >= 4096) against the bf16 matmul rate (FLOPs), set explicitly per case, so the thinker at T=4096
+    (byte floor larger on an H100-like roofline) still reports % of the compute roof. In between the harness
+    picks the larger floor ("auto"): thinker experts at T=1024 are memory bound there."""
     from bench import harness
     from bench.cases import moe as cases
 
     roof = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}  # bytes/s 3.0e12, flop/s 8.0e14
     by_name = {c.name: c for c in cases.cases("full")}
     for name, c in by_name.items():
-        want = "memory" if c.bytes / 3.0e12 >= c.flops / 8.0e14 else "compute"
+        T = c.params["T"]
+        numbers = "memory" if c.bytes / 3.0e12 >= c.flops / 8.0e14 else "compute"
+        want = "memory" if T <= 64 else "compute" if T >= 4096 else numbers
+        assert c.bound == ("memory" if T <= 64 else "compute" if T >= 4096 else "auto"), name
         assert harness.resolve_bound(c, roof) == want, name
-    assert harness.resolve_bound(by_name["thinker experts T=1"], roof) == "memory"
+        assert c.tags == (("decode",) if T <= 64 else ("prefill",) if T >= 4096 else ()), name
+    assert harness.resolve_bound(by_name["thinker experts T=4096"], roof) == "compute"
+    assert by_name["thinker experts T=4096"].bytes / 3.0e12 > by_name["thinker experts T=4096"].flops / 8.0e14
     assert harness.resolve_bound(by_name["thinker experts T=1024"], roof) == "memory"
-    assert harness.resolve_bound(by_name["thinker experts T=16384"], roof) == "compute"
+    assert harness.resolve_bound(by_name["talker block T=16384"], roof) == "compute"
     fixed = cases.Case(op="x", name="x", params={}, setup=lambda d: {}, flops=1e15, bytes=1.0, bound="memory")
     assert harness.resolve_bound(fixed, roof) == "memory"
 
@@ -1057,6 +1065,24 @@ def test_bench_block_case_bytes_use_the_block_routing():
         case = next(c for c in cases.cases("full") if c.name == f"talker block T={T}")
         assert case.params["touched_experts"] == touched
         assert case.bytes == float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * 2 + 2 * T * H * 2)
+
+
+def test_bench_block_liger_provider_composes_the_block():
+    """The block case's ``liger`` provider: liger's fused experts (stubbed here by the reference experts, which
+    take the same arguments) between transformers' router and shared expert equals the whole block; without the
+    liger wheel or CUDA it is reported as unavailable."""
+    from bench.case import Unavailable
+    from bench.cases import moe as cases
+
+    T, E, k, H, I, Is = 7, 6, 2, 32, 16, 24
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: (torch.randn(*s, generator=gen) * 0.2).to(DEVICE)  # noqa: E731
+    x, g, w13, w2, sw13, sw2, sg = r(T, H), r(E, H), r(E, 2 * I, H), r(E, H, I), r(2 * Is, H), r(H, Is), r(1, H)
+    got = cases.liger_block(ref.fused_moe, x, g, w13, w2, k, sw13, sw2, sg)
+    torch.testing.assert_close(got, ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg), rtol=1e-6, atol=1e-6)
+    if not torch.cuda.is_available():
+        fns = cases._block_setup(3, "smoke")(torch.device("cpu"))
+        assert isinstance(fns["liger"], Unavailable)
 
 
 def test_bench_compile_baseline_is_the_reference_without_host_syncs():
