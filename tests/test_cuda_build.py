@@ -100,8 +100,15 @@ def test_each_launcher_is_defined_against_the_public_header():
 
 @needs_nvcc
 @pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
-def test_each_source_compiles_for_sm90a(source, tmp_path):
-    _run(["nvcc", "--std=c++17", "-arch=sm_90a", "-c", str(source), "-o", str(tmp_path / "out.o")])
+def test_each_source_compiles_for_sm90a_without_spills(source, tmp_path):
+    """Each .cu compiles on its own for sm_90a, and ptxas -v reports 0 bytes of spills for every kernel."""
+    res = subprocess.run(["nvcc", "--std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-c", str(source), "-o",
+                          str(tmp_path / "out.o")], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    entries = re.findall(r"Compiling entry function '(\w+)'", res.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    assert entries and len(spills) == len(entries), res.stderr[-3000:]
+    assert all(st == "0" and ld == "0" for st, ld in spills), res.stderr[-3000:]
 
 
 def test_cmake_defaults_to_sm90a_before_project():
