@@ -213,10 +213,10 @@ def _align_dropping_bad_ids(ids, bs, E, expert_map=None):
     return want_s.to(dev), want_e.to(dev), torch.tensor([keep], dtype=torch.int32, device=dev)
 
 
-def _with_bad_ids(T, E, k, dtype, g):
+def _with_bad_ids(T, E, k, dtype, g, device=DEVICE):
     """Random top-k ids with some pairs out of range: E, E + 5, -1, -3 and (int64) 2**32 + 1, which an int32
     truncation would turn into the valid id 1."""
-    ids = _ids(T, E, k).to(dtype)
+    ids = _ids(T, E, k, device).to(dtype)
     bad = [E, E + 5, -1, -3] + ([2 ** 32 + 1] if dtype == torch.int64 else [])
     flat = ids.view(-1)
     where = torch.randperm(flat.numel(), generator=g)[:max(1, flat.numel() // 4)]
@@ -533,7 +533,7 @@ def test_tune_search_space_includes_the_tma_path():
 
 
 def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_path, monkeypatch):
-    """bench.tune_moe's whole CLI on the CPU (interpreter) with a stub timer and a two-config search space (pointer
+    """bench.tune_moe's whole CLI on the CPU (interpreter; on a GPU machine, on the GPU) with a stub timer and a two-config search space (pointer
     and TMA weight path): every candidate launch runs, the JSON lands in --out-dir, and the op's own lookup
     (``moe_gemm._find_tuned`` -> ``kernels.launch.tuned_config``, what get_config uses on a GPU) reads it back into a
     config fused_moe runs with."""
@@ -555,11 +555,11 @@ def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_p
 
     out = tmp_path / moe_gemm.CONFIG_FAMILY
     E, N, H, k = 4, 16, 32, 2
-    argv = ["--device", "cpu", "--n", str(N), "--experts", str(E), "--hidden", str(H), "--top-k", str(k),
+    argv = ["--device", DEVICE.type, "--n", str(N), "--experts", str(E), "--hidden", str(H), "--top-k", str(k),
             "--tokens", "1", "5", "--dtype", "fp16", "--out-dir", str(out)]
     assert tune_moe.main(argv, bench=bench, space=space) == 0
     assert len(calls) == 2 * 2 * 2  # buckets x GEMMs x candidates (BLOCK_M 16 only at these sizes)
-    dev = torch.device("cpu")
+    dev = DEVICE
     path = out / f"{moe_gemm.config_file_stem(E, N, torch.float16, dev)}.json"
     table = json.loads(path.read_text())
     want = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
@@ -936,11 +936,12 @@ def test_cuda_align_logic_emulated(cuda_moe_emulated, T, E, k, bs, with_map):
 
     emap = (torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(torch.int32) if with_map else None)
     for id_dtype in (torch.int32, torch.int64):
-        ids = _ids(T, E, k).to(id_dtype)
+        ids = _ids(T, E, k, "cpu").to(id_dtype)  # host memory: the emulator dereferences the pointers
         got = cuda_moe.moe_align_block_size(ids, bs, E, emap)
         flat = ids.reshape(-1).long()
         _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), flat)
-        _assert_same_alignment(got, moe_align.moe_align_block_size(ids, bs, E, emap), flat)
+        triton_out = moe_align.moe_align_block_size(ids.to(DEVICE), bs, E, None if emap is None else emap.to(DEVICE))
+        _assert_same_alignment(got, tuple(t.cpu() for t in triton_out), flat)
     assert cuda_moe_emulated == ([] if T == 0 else ["omni_fast_moe_align_count_i32", "omni_fast_moe_align_prefix",
                                                     "omni_fast_moe_align_scatter_i32", "omni_fast_moe_align_count_i64",
                                                     "omni_fast_moe_align_prefix", "omni_fast_moe_align_scatter_i64"])
@@ -955,7 +956,7 @@ def test_cuda_align_logic_emulated_drops_out_of_range_ids(cuda_moe_emulated, T, 
     g = torch.Generator().manual_seed(T)
     emap = torch.tensor([2, -1, 0, -4, 1, 3, -1, 5][:E], dtype=torch.int32)
     for id_dtype in (torch.int32, torch.int64):
-        ids = _with_bad_ids(T, E, k, id_dtype, g)
+        ids = _with_bad_ids(T, E, k, id_dtype, g, "cpu")
         for m in (None, emap):
             got = cuda_moe.moe_align_block_size(ids, bs, E, m)
             _assert_same_alignment(got, _align_dropping_bad_ids(ids, bs, E, m), ids.reshape(-1).long())
