@@ -266,6 +266,8 @@ def test_align_kernel_drops_out_of_range_ids(T, E, k, bs, id_dtype):
     for m in (None, emap):
         got = moe_align.moe_align_block_size(ids, bs, E, m)
         want = _align_dropping_bad_ids(ids, bs, E, m)
+        for a, b in zip(ref.moe_align_block_size(ids, bs, E, m), want):  # the reference drops them too
+            assert torch.equal(a, b)
         if T * k <= moe_align.SMALL:
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
@@ -310,8 +312,12 @@ def test_fused_moe_kernel_drops_out_of_range_ids_and_map_values(monkeypatch):
         bad = (ids < 0) | (ids >= E)
         w13, w2 = _weights(E, H, I, torch.float32)
         out = moe_gemm.fused_moe(x, w13, w2, w, ids)
-        # The reference on the same pairs with the bad ones given weight 0 (and a valid id).
+        # The reference on the same pairs with the bad ones given weight 0 (and a valid id); the reference on the
+        # bad ids drops them the same way.
         clean_w, clean_ids = torch.where(bad, 0.0, w), torch.where(bad, 0, ids)
+        # (not bitwise: the extra zero-weight rows change expert 0's GEMM batch)
+        torch.testing.assert_close(ref.fused_moe(x, w13, w2, w, ids), ref.fused_moe(x, w13, w2, clean_w, clean_ids),
+                                   rtol=1e-5, atol=1e-6)
         assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), clean_w.double(),
                                                      clean_ids),
                                  ref.fused_moe(x, w13, w2, clean_w, clean_ids), name="fused_moe bad ids")
@@ -322,6 +328,8 @@ def test_fused_moe_kernel_drops_out_of_range_ids_and_map_values(monkeypatch):
     ids = _ids(T, E, k)
     w13, w2 = _weights(3, H, I, torch.float32)
     out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=emap)
+    torch.testing.assert_close(ref.fused_moe(x, w13, w2, w, ids, expert_map=emap),
+                               ref.fused_moe(x, w13, w2, w, ids, expert_map=clean_map), rtol=0, atol=0)
     assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids,
                                                  expert_map=clean_map),
                              ref.fused_moe(x, w13, w2, w, ids, expert_map=clean_map), name="fused_moe bad map")
@@ -823,7 +831,7 @@ def test_cuda_align_matches(T, E, k, bs, with_map):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("T,E,k,bs", [(3, 128, 8, 16), (600, 60, 6, 64)])
 def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
     """On CUDA the ops skip the (host-syncing) value check: ids outside [0, E) and expert_map values outside
@@ -837,13 +845,13 @@ def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
         got = ops.moe_align_block_size(ids, bs, E, backend=backend)
         _assert_same_alignment(got, _align_dropping_bad_ids(ids, bs, E), ids.reshape(-1).long())
         torch.cuda.synchronize()
-    if backend == "triton":
+    if backend != "cuda":  # fused_moe has no CUDA C++ backend
         H, I = 256, 128
         x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
         w13, w2 = _weights(E, H, I, torch.bfloat16)
         w = torch.rand(T, k, device=DEVICE)
         bad = (ids < 0) | (ids >= E)
-        out = ops.fused_moe(x, w13, w2, w, ids)
+        out = ops.fused_moe(x, w13, w2, w, ids, backend=backend)
         clean_w, clean_ids = torch.where(bad, 0.0, w), torch.where(bad, 0, ids)
         assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), clean_w.double(),
                                                      clean_ids),
@@ -852,7 +860,7 @@ def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
         emap[::3] = E + 4  # past E_local = E
         emap[1::5] = -9
         clean_map = torch.where((emap < 0) | (emap >= E), -1, emap)
-        out = ops.fused_moe(x, w13, w2, w, clean_ids, expert_map=emap)
+        out = ops.fused_moe(x, w13, w2, w, clean_ids, expert_map=emap, backend=backend)
         assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), clean_ids,
                                                      expert_map=clean_map),
                                  ref.fused_moe(x, w13, w2, w, clean_ids, expert_map=clean_map), name="bad map")
