@@ -11,7 +11,9 @@ single expert (see :func:`omni_fast.reference.moe.moe_align_block_size` for the 
 3. ``_align_scatter_kernel`` (one program per ``CHUNK`` pairs): each pair claims a row of its expert with an
    integer ``atomic_add`` on the cursor and writes its flat index there.
 
-Padding rows hold the sentinel ``n`` (pre-filled). Only integer atomics are used; the order of pairs *inside*
+Pairs whose id is outside ``[0, E)`` (not value-checked on CUDA: that would sync) are dropped by every pass:
+no count, no row, no out-of-bounds atomic; negative ``expert_map`` values come out as -1. Padding rows hold the
+sentinel ``n`` (pre-filled). Only integer atomics are used; the order of pairs *inside*
 one expert's run depends on scheduling, but every pair's GEMM row is computed independently and the combine
 reads rows by pair index, so the MoE output does not depend on it. No host sync: every size depends on shapes.
 
