@@ -70,13 +70,27 @@ def block_ms(T: int, E: int, k: int) -> tuple[int, ...]:
     return tuple(m for m in cands if m <= max(16, 4 * rows))
 
 
-def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quick: bool, verbose: bool) -> dict:
+def _do_bench(fn) -> float:
+    """Milliseconds per call of ``fn`` (CUDA events, ``triton.testing.do_bench``)."""
     import triton.testing
 
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quick: bool, verbose: bool, *,
+                device: torch.device | str = "cuda", bench=None, space=None) -> dict:
+    """The best config for T tokens: ``{gate/up keys..., "down": {...}}`` (the JSON file's value for bucket T).
+
+    ``bench(fn) -> ms`` times one launch closure (default :func:`_do_bench`, which needs a GPU); ``space(block_m,
+    gated, elem) -> [config]`` lists the candidates (default :func:`search_space`). Both are injectable so the
+    whole tuner runs in a test on the CPU interpreter with a stub timer and a tiny search space.
+    """
     from omni_fast.kernels import moe_align, moe_gemm
     from omni_fast.reference import moe as ref
 
-    dev = torch.device("cuda")
+    bench = bench or _do_bench
+    space = space or (lambda bm, gated, elem: search_space(quick, bm, gated, elem))
+    dev = torch.device(device)
     x = torch.randn(T, H, device=dev, dtype=dtype)
     w13 = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) * H ** -0.5
     w2 = torch.randn(E, H, N, device=dev, dtype=dtype) * N ** -0.5
@@ -91,7 +105,7 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
         results = {}
         for gated in (True, False):
             fastest = (float("inf"), None)
-            for cfg in search_space(quick, bm, gated, elem):
+            for cfg in space(bm, gated, elem):
                 a, c, NN, K = (x, act, N, H) if gated else (act, y, H, N)
                 b = w13 if gated else w2
 
@@ -101,7 +115,7 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
 
                 try:
                     run()
-                    ms = triton.testing.do_bench(run, warmup=5, rep=25)
+                    ms = bench(run)
                 except Exception as exc:  # out of resources etc.: skip the config
                     if verbose:
                         print(f"    skip {cfg}: {type(exc).__name__}", file=sys.stderr)
@@ -121,7 +135,8 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
     return best[1]
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, bench=None, space=None) -> int:
+    """The CLI. ``bench`` and ``space``: see :func:`tune_bucket` (tests inject a stub timer and a tiny space)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=sorted(SHAPES, reverse=True), help="expert intermediate sizes")
     p.add_argument("--experts", type=int, default=128)
@@ -129,9 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=list(BUCKETS))
     p.add_argument("--quick", action="store_true", help="a smaller search space")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"default: {OUT_DIR}")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default: the model's for --n)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the model's for --n)")
+    p.add_argument("--device", default="cuda", help="default cuda; anything else only for tests (interpreter)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "
               "the fallback heuristic omni_fast.kernels.moe_gemm.default_config.", file=sys.stderr)
         return 2
@@ -146,11 +165,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
     for N in args.n:
         H, k = SHAPES.get(N, (2048, 8))
-        path = out_dir / f"{config_file_stem(args.experts, N, dtype, torch.device('cuda'))}.json"
+        H, k = args.hidden or H, args.top_k or k
+        path = out_dir / f"{config_file_stem(args.experts, N, dtype, device)}.json"
         table = json.loads(path.read_text()) if path.is_file() else {}
         for T in args.tokens:
             t0 = time.time()
-            table[str(T)] = tune_bucket(T, args.experts, N, H, k, dtype, args.quick, args.verbose)
+            table[str(T)] = tune_bucket(T, args.experts, N, H, k, dtype, args.quick, args.verbose, device=device,
+                                        bench=bench, space=space)
             print(f"E={args.experts} N={N} T={T}: {table[str(T)]} ({time.time() - t0:.0f} s)")
             # Written after every bucket, so an interrupted run keeps what it tuned.
             ordered = {key: table[key] for key in sorted(table, key=int)}

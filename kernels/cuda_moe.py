@@ -5,6 +5,10 @@
 kernels run on torch's current stream with raw ``data_ptr()`` values; outputs and scratch are allocated with torch
 (shape-only sizes), nothing is synchronised, so calls can be captured in CUDA graphs once the module is compiled
 (the first call compiles it: make that call before capturing).
+
+Every kernel launch goes through :func:`_run` (and the device check through :func:`_check_device`), so the
+``test_cuda_*_logic_emulated`` tests in ``tests/test_moe.py`` run this module's host code unchanged, with the
+kernels on the CPU emulator (``tests/cuda_emu``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def _run(name: str, device: torch.device, grid, block, args) -> None:
         kernel(grid, block, args)
 
 
+def _check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got {name} on {t.device}")
+
+
 def _ptr(t: torch.Tensor | None):
     import numpy as np
 
@@ -65,8 +74,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     import numpy as np
 
     T, E = router_logits.shape
-    if router_logits.device.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, got router_logits on {router_logits.device}")
+    _check_device("router_logits", router_logits)
     if E > MAX_EXPERTS_TOPK or top_k > MAX_TOP_K:
         raise ValueError(f"backend 'cuda' supports E <= {MAX_EXPERTS_TOPK} and top_k <= {MAX_TOP_K}, got E={E}, "
                          f"top_k={top_k} (use backend='triton')")
@@ -88,8 +96,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     import numpy as np
 
     dev = topk_ids.device
-    if dev.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, got topk_ids on {dev}")
+    _check_device("topk_ids", topk_ids)
     if num_experts > MAX_EXPERTS_ALIGN:
         raise ValueError(f"backend 'cuda' supports num_experts <= {MAX_EXPERTS_ALIGN}, got {num_experts}")
     n = topk_ids.numel()
@@ -103,10 +110,11 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     suffix = _IDS[topk_ids.dtype]
     threads = 256
     grid = (min(4096, (n + threads - 1) // threads),)
-    _run(f"omni_fast_moe_align_count_{suffix}", dev, grid, (threads,), (_ptr(topk_ids), np.int64(n), _ptr(cursor)))
+    _run(f"omni_fast_moe_align_count_{suffix}", dev, grid, (threads,),
+         (_ptr(topk_ids), np.int64(n), np.int32(num_experts), _ptr(cursor)))
     _run("omni_fast_moe_align_prefix", dev, (1,), (MAX_EXPERTS_ALIGN,),
          (_ptr(cursor), np.int32(num_experts), np.int32(block_size), np.int32(num_blocks), _ptr(expert_map),
           _ptr(expert_ids), _ptr(npost)))
     _run(f"omni_fast_moe_align_scatter_{suffix}", dev, grid, (threads,),
-         (_ptr(topk_ids), np.int64(n), _ptr(cursor), _ptr(sorted_ids)))
+         (_ptr(topk_ids), np.int64(n), np.int32(num_experts), _ptr(cursor), _ptr(sorted_ids)))
     return sorted_ids, expert_ids, npost

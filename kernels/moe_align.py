@@ -11,7 +11,9 @@ single expert (see :func:`omni_fast.reference.moe.moe_align_block_size` for the 
 3. ``_align_scatter_kernel`` (one program per ``CHUNK`` pairs): each pair claims a row of its expert with an
    integer ``atomic_add`` on the cursor and writes its flat index there.
 
-Padding rows hold the sentinel ``n`` (pre-filled). Only integer atomics are used; the order of pairs *inside*
+Pairs whose id is outside ``[0, E)`` (not value-checked on CUDA: that would sync) are dropped by every pass:
+no count, no row, no out-of-bounds atomic; negative ``expert_map`` values come out as -1. Padding rows hold the
+sentinel ``n`` (pre-filled). Only integer atomics are used; the order of pairs *inside*
 one expert's run depends on scheduling, but every pair's GEMM row is computed independently and the combine
 reads rows by pair index, so the MoE output does not depend on it. No host sync: every size depends on shapes.
 
@@ -41,10 +43,23 @@ def max_padded_tokens(num_entries: int, num_experts: int, block_size: int) -> in
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, num_entries, CHUNK: tl.constexpr):
-    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+def _valid_pairs(ids_ptr, offs, num_entries, num_experts):
+    """(ids, mask): the pairs at ``offs`` that exist and whose id lies in ``[0, num_experts)``.
+
+    Ids are compared in their loaded type (an int64 id of 2**32 + 3 must not pass as 3). A pair outside the range
+    is dropped like a pair of a remote expert: no row, no count, no out-of-bounds access (the CUDA path skips
+    the host-syncing value check); the combine skips it too.
+    """
     mask = offs < num_entries
     ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+    mask = mask & (ids >= 0) & (ids < num_experts)
+    return tl.where(mask, ids, 0).to(tl.int32), mask
+
+
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, num_entries, num_experts, CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ids, mask = _valid_pairs(ids_ptr, offs, num_entries, num_experts)
     tl.atomic_add(counts_ptr + ids, tl.full((CHUNK,), 1, tl.int32), mask=mask)
 
 
@@ -73,15 +88,15 @@ def _align_prefix_kernel(counts_ptr, cursor_ptr, expert_ids_ptr, npost_ptr, expe
         used = row < total
         if HAS_MAP:
             expert = tl.load(expert_map_ptr + expert, mask=used, other=-1)
-        expert = tl.where(used, expert, -1)
+        # Every negative map value reads as "remote" (-1); values >= E_local are the GEMM's to drop.
+        expert = tl.where(used & (expert >= 0), expert, -1)
         tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < num_blocks)
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, num_entries, CHUNK: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ptr, num_entries, num_experts, CHUNK: tl.constexpr):
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < num_entries
-    ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+    ids, mask = _valid_pairs(ids_ptr, offs, num_entries, num_experts)
     row = tl.atomic_add(cursor_ptr + ids, tl.full((CHUNK,), 1, tl.int32), mask=mask)
     tl.store(sorted_ptr + row, offs, mask=mask)
 
@@ -92,9 +107,8 @@ def _align_small_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, expert_m
                         BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, FILL: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
-    mask_n = offs_n < num_entries
     mask_e = offs_e < num_experts
-    ids = tl.load(ids_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)
+    ids, mask_n = _valid_pairs(ids_ptr, offs_n, num_entries, num_experts)
     onehot = ((ids[:, None] == offs_e[None, :]) & mask_n[:, None]).to(tl.int32)
     counts = tl.sum(onehot, axis=0)
     padded = (counts + block_size - 1) // block_size * block_size
@@ -116,7 +130,7 @@ def _align_small_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, npost_ptr, expert_m
         local = expert
         if HAS_MAP:
             local = tl.load(expert_map_ptr + expert, mask=used, other=-1)
-        tl.store(expert_ids_ptr + offs_b, tl.where(used, local, -1), mask=offs_b < num_blocks)
+        tl.store(expert_ids_ptr + offs_b, tl.where(used & (local >= 0), local, -1), mask=offs_b < num_blocks)
     # Padding rows: past the real pairs of their expert's run, or past the total. Disjoint from the rows the
     # scatter above wrote, so no barrier is needed.
     for r0 in range(0, num_blocks * block_size, FILL):
@@ -152,21 +166,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     grid = (triton.cdiv(n, CHUNK),)
-    launch(_align_count_kernel, grid, ids, counts, n, CHUNK=CHUNK, num_warps=4, device=device)
+    launch(_align_count_kernel, grid, ids, counts, n, num_experts, CHUNK=CHUNK, num_warps=4, device=device)
     launch(_align_prefix_kernel, (1,), counts, cursor, expert_ids, npost, emap,
            num_experts, num_blocks, block_size, HAS_MAP=expert_map is not None,
            BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=BLOCK_B, num_warps=4, device=device)
-    launch(_align_scatter_kernel, grid, ids, cursor, sorted_ids, n, CHUNK=CHUNK, num_warps=4, device=device)
+    launch(_align_scatter_kernel, grid, ids, cursor, sorted_ids, n, num_experts, CHUNK=CHUNK, num_warps=4,
+           device=device)
     return sorted_ids, expert_ids, npost
 
 
 for _idt in ("i32", "i64"):
     static_case(f"_align_count_kernel[{_idt}]", _align_count_kernel,
-                signature={"ids_ptr": f"*{_idt}", "counts_ptr": "*i32", "num_entries": "i32", "CHUNK": "constexpr"},
+                signature={"ids_ptr": f"*{_idt}", "counts_ptr": "*i32", "num_entries": "i32", "num_experts": "i32",
+                           "CHUNK": "constexpr"},
                 constexprs={"CHUNK": CHUNK})
     static_case(f"_align_scatter_kernel[{_idt}]", _align_scatter_kernel,
                 signature={"ids_ptr": f"*{_idt}", "cursor_ptr": "*i32", "sorted_ptr": "*i32", "num_entries": "i32",
-                           "CHUNK": "constexpr"},
+                           "num_experts": "i32", "CHUNK": "constexpr"},
                 constexprs={"CHUNK": CHUNK})
 for _idt in ("i32", "i64"):
     for _map in (False, True):

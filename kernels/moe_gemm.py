@@ -95,7 +95,7 @@ def _load_b_tiles(b_src, b_base, b_offs, b_up_off, tma_row, k0, mask_k, mask_n,
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, b_src, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
-    N, K, num_valid, num_pid_m, top_k,
+    N, K, num_valid, num_pid_m, top_k, num_experts,
     stride_am, stride_be, stride_bn, stride_cm,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
@@ -109,6 +109,7 @@ def moe_gemm_kernel(
     per expert, ``stride_bn`` = 1) instead of elements.
     GATED: B holds gate rows ``0..N-1`` then up rows ``N..2N-1``; C = silu(A B_gate^T) * (A B_up^T).
     MUL_ROUTED_WEIGHT: C = (A B^T) * topk_weights[i]. A_PER_TOKEN: A row of pair i is ``i // top_k``.
+    ``num_experts`` = E_local: tiles whose expert is outside ``[0, E_local)`` store zeros.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
@@ -124,8 +125,9 @@ def moe_gemm_kernel(
     c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
     c_mask = row_mask[:, None] & mask_n[None, :]
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert == -1:
-        # An expert held by another rank: its pairs contribute zero here.
+    if (expert < 0) | (expert >= num_experts):
+        # An expert held by another rank (-1): its pairs contribute zero here. So does an out-of-range expert_map
+        # value (unchecked on CUDA, where the check would sync): no weight outside w13/w2 [E_local] is read.
         tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
         return
     a_row = pair // top_k if A_PER_TOKEN else pair
@@ -164,15 +166,21 @@ def moe_gemm_kernel(
 
 
 @triton.jit
-def moe_combine_kernel(y_ptr, add_ptr, out_ptr, H, top_k, stride_add, stride_out,
+def moe_combine_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, H, top_k, num_experts, stride_add, stride_out,
                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t, h] = sum over j = 0..k-1 (in order) of y[t*k + j, h] (+ add[t, h]), fp32 sum, one rounding."""
+    """out[t, h] = sum over j = 0..k-1 (in order) of y[t*k + j, h] (+ add[t, h]), fp32 sum, one rounding.
+
+    Pairs whose global id ``ids[t*k + j]`` is outside ``[0, num_experts)`` are skipped: the alignment dropped them,
+    so their y rows were never written.
+    """
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in range(top_k):
-        acc += tl.load(y_ptr + (t * top_k + j) * H + offs_h, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(ids_ptr + t * top_k + j) + tl.zeros((BLOCK_H,), dtype=tl.int32)  # the pair's id, per lane
+        ok = mask & (e >= 0) & (e < num_experts)
+        acc += tl.load(y_ptr + (t * top_k + j) * H + offs_h, mask=ok, other=0.0).to(tl.float32)
     if HAS_ADD:
         acc += tl.load(add_ptr + t * stride_add + offs_h, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -293,7 +301,7 @@ def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num
     # Descriptor coordinates count rows of the [E*N(x2), K] view: expert e starts at row e * b.shape[1].
     stride_be, stride_bn = (b.shape[1], 1) if use_tma else (b.stride(0), b.stride(1))
     launch(moe_gemm_kernel, grid, a, b_src, c, topk_weights, sorted_ids, expert_ids, npost,
-           N, K, num_valid, num_pid_m, top_k,
+           N, K, num_valid, num_pid_m, top_k, b.shape[0],
            a.stride(0), stride_be, stride_bn, c.stride(0),
            GATED=gated, MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
            DOT_PRECISION=precision, USE_TMA=use_tma, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"],
@@ -301,12 +309,15 @@ def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], device=a.device)
 
 
-def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, add: torch.Tensor | None = None) -> torch.Tensor:
-    """out ``[T, H]`` = per-token sum of the k rows of y ``[T*k, H]`` (+ add ``[T, H]``), deterministic."""
+def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """out ``[T, H]`` = per-token sum of the k rows of y ``[T*k, H]`` (+ add ``[T, H]``), deterministic; rows of
+    pairs whose id in topk_ids (contiguous ``[T, k]``) is outside ``[0, num_experts)`` are skipped."""
     T, H = out.shape
+    top_k = topk_ids.shape[1]
     block_h = min(1024, triton.next_power_of_2(max(H, 1)))
-    launch(moe_combine_kernel, (T, triton.cdiv(H, block_h)), y, add if add is not None else out, out, H, top_k,
-           add.stride(0) if add is not None else 0, out.stride(0), HAS_ADD=add is not None, BLOCK_H=block_h,
+    launch(moe_combine_kernel, (T, triton.cdiv(H, block_h)), y, topk_ids, add if add is not None else out, out, H,
+           top_k, num_experts, add.stride(0) if add is not None else 0, out.stride(0), HAS_ADD=add is not None, BLOCK_H=block_h,
            num_warps=4, device=out.device)
     return out
 
@@ -344,7 +355,7 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     y = torch.empty(n, H, dtype=hidden_states.dtype, device=hidden_states.device)
     _launch_gemm(act, w2, y, topk_weights, sorted_ids, expert_ids, npost, H, inter, n, top_k,
                  gated=False, mul_weight=True, a_per_token=False, cfg=down_cfg)
-    return combine(y, out, top_k, add)
+    return combine(y, topk_ids, E_global, out, add)
 
 
 # --- static compile cases (sm_90a): the real model shapes ---------------------------------------------------------
@@ -355,7 +366,7 @@ def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) 
     sig = {"a_ptr": f"*{dt}", "b_src": b_type, "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
            "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32",
            "N": "i32", "K": "i32", "num_valid": "i32", "num_pid_m": "i32", "top_k": "i32",
-           "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_cm": "i32"}
+           "num_experts": "i32", "stride_am": "i32", "stride_be": "i32", "stride_bn": "i32", "stride_cm": "i32"}
     for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "USE_TMA", "BLOCK_SIZE_M",
                  "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
@@ -388,6 +399,7 @@ for _dt in ("bf16", "fp16"):
     for _H in (2048, 1024):
         for _add in (False, True):
             static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add}]", moe_combine_kernel,
-                        {"y_ptr": f"*{_dt}", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}", "H": "i32", "top_k": "i32",
-                         "stride_add": "i32", "stride_out": "i32", "HAS_ADD": "constexpr", "BLOCK_H": "constexpr"},
+                        {"y_ptr": f"*{_dt}", "ids_ptr": "*i32", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
+                         "H": "i32", "top_k": "i32", "num_experts": "i32", "stride_add": "i32", "stride_out": "i32",
+                         "HAS_ADD": "constexpr", "BLOCK_H": "constexpr"},
                         {"HAS_ADD": _add, "BLOCK_H": 1024})

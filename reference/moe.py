@@ -67,32 +67,44 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     - ``num_tokens_post_padded`` int32 ``[1]``: the used length of ``sorted_token_ids``.
 
     ``max_padded`` is :func:`max_padded_tokens` rounded up to a whole block; all sizes depend on shapes only.
+
+    Unchecked bad input (the ops check values only where that costs no host sync): a pair whose id is outside
+    ``[0, num_experts)`` is dropped (no row, not counted), and negative ``expert_map`` values read as -1, as in the
+    kernels.
     """
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()
     n = flat.numel()
     num_blocks = -(-max_padded_tokens(n, num_experts, block_size) // block_size)
-    sorted_ids = torch.full((num_blocks * block_size,), n, dtype=torch.int32, device=device)
-    expert_ids = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    rows = num_blocks * block_size
+    # Out-of-range ids go to an extra bucket `num_experts`: sorted last, never given a row.
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, key, torch.ones_like(key))
+    counts = counts_all[:num_experts]
     padded = (counts + block_size - 1) // block_size * block_size
     end = torch.cumsum(padded, 0)
     start = end - padded
     total = end[-1:] if num_experts else torch.zeros(1, dtype=torch.int64, device=device)
     # Stable sort: within one expert, pairs keep ascending flat order.
-    order = torch.sort(flat, stable=True).indices
-    e_sorted = flat[order]
-    first_of_expert = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n, device=device) - first_of_expert[e_sorted]
-    sorted_ids[start[e_sorted] + rank] = order.to(torch.int32)
+    order = torch.sort(key, stable=True).indices
+    k_sorted = key[order]
+    first_of_expert = torch.cumsum(counts_all, 0) - counts_all
+    rank = torch.arange(n, device=device) - first_of_expert[k_sorted]
+    # Dropped pairs write to one spare slot past the end, cut off below.
+    start_all = torch.cat([start, torch.full((1,), rows, dtype=start.dtype, device=device)])
+    row = torch.where(k_sorted < num_experts, start_all[k_sorted] + rank, rows)
+    sorted_ids = torch.full((rows + 1,), n, dtype=torch.int32, device=device)
+    sorted_ids[row] = order.to(torch.int32)
+    sorted_ids = sorted_ids[:rows]
     block_start = torch.arange(num_blocks, device=device) * block_size
     block_expert = torch.searchsorted(end, block_start, right=True)
     used = block_start < total
     block_expert = block_expert.clamp(max=max(num_experts - 1, 0))
     if expert_map is not None:
         block_expert = expert_map.long()[block_expert]
-    expert_ids = torch.where(used, block_expert, torch.full_like(block_expert, -1)).to(torch.int32)
-    return sorted_ids, expert_ids, total.to(torch.int32)
+    expert_ids = torch.where(used & (block_expert >= 0), block_expert, torch.full_like(block_expert, -1))
+    return sorted_ids, expert_ids.to(torch.int32), total.to(torch.int32)
 
 
 def _swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -110,13 +122,20 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     its tokens in the model dtype, times the routing weight (``topk_weights`` as given: transformers passes them
     already rounded to the model dtype), accumulated with ``index_add_`` into a model-dtype ``[T, H]`` output.
     Pairs whose expert maps to -1 through ``expert_map`` contribute nothing. Returns ``[T, H]``.
+
+    Unchecked bad input (as the kernels treat it): ids outside ``[0, E_global)`` and ``expert_map`` values outside
+    ``[-1, E_local)`` act like a remote expert (the pair contributes nothing).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     out = torch.zeros_like(hidden_states)
     ids = topk_ids.long()
+    num_global = expert_map.numel() if expert_map is not None else w13.shape[0]
+    valid = (ids >= 0) & (ids < num_global)
+    ids = torch.where(valid, ids, -1)
     if expert_map is not None:
-        ids = expert_map.long()[ids]
+        ids = torch.where(valid, expert_map.long()[ids.clamp(min=0)], -1)
+    ids = torch.where(ids < w13.shape[0], ids, -1)
     for e in torch.unique(ids[ids >= 0]).tolist():
         slot, token_idx = torch.where(ids.T == e)  # transformers' (slot, token) order: identical GEMM rows
         y = _swiglu_expert(hidden_states[token_idx], w13[e], w2[e])

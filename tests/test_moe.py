@@ -188,9 +188,40 @@ def _assert_same_alignment(got, want, flat_ids):
     sentinel = flat_ids.numel()
     assert torch.equal(s == sentinel, rs == sentinel)
     real = s != sentinel
-    # Same expert at every row (order inside an expert's run is unspecified), each pair exactly once.
+    # Same expert at every row (order inside an expert's run is unspecified), each (kept) pair exactly once.
     assert torch.equal(flat_ids[s[real].long()], flat_ids[rs[real].long()])
-    assert torch.equal(torch.sort(s[real]).values, torch.arange(sentinel, dtype=torch.int32, device=s.device))
+    assert torch.equal(torch.sort(s[real]).values, torch.sort(rs[real]).values)
+    assert torch.unique(s[real]).numel() == int(real.sum())
+
+
+def _align_dropping_bad_ids(ids, bs, E, expert_map=None):
+    """What the kernels must give for ids with values outside ``[0, E)`` (never value-checked on CUDA): those
+    pairs dropped, like pairs of a remote expert. Built from the reference: the bad pairs moved to an extra last
+    expert ``E``, whose run (the last one) is then cut off; negative map values read as -1."""
+    flat = ids.reshape(-1).cpu().long()
+    n = flat.numel()
+    bad = (flat < 0) | (flat >= E)
+    emap = None if expert_map is None else torch.cat([expert_map.cpu(), torch.tensor([-1], dtype=torch.int32)])
+    s, e, npost = ref.moe_align_block_size(torch.where(bad, E, flat), bs, E + 1, emap)
+    keep = int(npost) - -(-int(bad.sum()) // bs) * bs
+    blocks = -(-ref.max_padded_tokens(n, E, bs) // bs)
+    want_s = torch.full((blocks * bs,), n, dtype=torch.int32)
+    want_s[:keep] = s[:keep]
+    want_e = torch.full((blocks,), -1, dtype=torch.int32)
+    want_e[:keep // bs] = e[:keep // bs].clamp(min=-1)
+    dev = ids.device
+    return want_s.to(dev), want_e.to(dev), torch.tensor([keep], dtype=torch.int32, device=dev)
+
+
+def _with_bad_ids(T, E, k, dtype, g, device=DEVICE):
+    """Random top-k ids with some pairs out of range: E, E + 5, -1, -3 and (int64) 2**32 + 1, which an int32
+    truncation would turn into the valid id 1."""
+    ids = _ids(T, E, k, device).to(dtype)
+    bad = [E, E + 5, -1, -3] + ([2 ** 32 + 1] if dtype == torch.int64 else [])
+    flat = ids.view(-1)
+    where = torch.randperm(flat.numel(), generator=g)[:max(1, flat.numel() // 4)]
+    flat[where] = torch.tensor(bad, dtype=dtype)[torch.arange(where.numel()) % len(bad)].to(flat.device)
+    return ids
 
 
 @pytest.mark.parametrize("T,E,k,bs", [(0, 4, 2, 16), (1, 128, 8, 16), (13, 6, 3, 4), (40, 5, 5, 8), (7, 9, 2, 1),
@@ -219,6 +250,89 @@ def test_align_kernel_expert_map_and_int64_ids():
     got = ops.moe_align_block_size(ids, 4, E, emap, backend="triton")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, 4, E, emap), ids.reshape(-1))
     assert (got[1] == -1).any()
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(1, 8, 2, 4), (13, 6, 3, 4), (9, 5, 5, 16), (120, 7, 3, 8)])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_align_kernel_drops_out_of_range_ids(T, E, k, bs, id_dtype):
+    """The kernels themselves (validation bypassed, as on CUDA where ids are not value-checked): a pair whose id
+    is outside [0, E) gets no row and no count and touches no memory outside the buffers; both the one-program
+    decode path (exactly the expected output) and the count/prefix/scatter path (up to order inside a run)."""
+    from omni_fast.kernels import moe_align
+
+    g = torch.Generator().manual_seed(T * 31 + E)
+    ids = _with_bad_ids(T, E, k, id_dtype, g)
+    emap = torch.tensor([2, -1, 0, -4, 1, 3, -1, 5][:E], dtype=torch.int32, device=DEVICE)
+    for m in (None, emap):
+        got = moe_align.moe_align_block_size(ids, bs, E, m)
+        want = _align_dropping_bad_ids(ids, bs, E, m)
+        for a, b in zip(ref.moe_align_block_size(ids, bs, E, m), want):  # the reference drops them too
+            assert torch.equal(a, b)
+        if T * k <= moe_align.SMALL:
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+        else:
+            _assert_same_alignment(got, want, ids.reshape(-1).long())
+        assert int(got[1].min()) >= -1  # negative map values (-4) read as remote
+
+
+def test_align_kernel_audit_example():
+    """moe_align_block_size([[0, 1], [2, 9]], 4, 4) used to put pair 3 (id 9) over pair 0's row."""
+    from omni_fast.kernels import moe_align
+
+    s, e, n = moe_align.moe_align_block_size(torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device=DEVICE), 4, 4)
+    assert s.tolist()[:12] == [0, 4, 4, 4, 1, 4, 4, 4, 2, 4, 4, 4] and e.tolist()[:3] == [0, 1, 2]
+    assert int(n) == 12
+
+
+class _PoisonedEmpty:
+    """Stands in for the ``torch`` module inside kernels.moe_gemm: its float ``empty`` buffers start as NaN, so a
+    row the GEMMs never write (a dropped pair's) would reach the output if the combine read it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, dtype=None, device=None):
+        t = torch.empty(*size, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def test_fused_moe_kernel_drops_out_of_range_ids_and_map_values(monkeypatch):
+    """moe_gemm.fused_moe on unvalidated input: ids outside [0, E_global) and expert_map values outside
+    [-1, E_local) act exactly like a remote expert (the pair contributes zero; no weight outside w13/w2 is read)."""
+    monkeypatch.setattr(moe_gemm, "torch", _PoisonedEmpty())
+    T, E, k, H, I = 7, 6, 3, 32, 16
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, H, device=DEVICE)
+    w = torch.rand(T, k, device=DEVICE)
+    for id_dtype in (torch.int32, torch.int64):
+        ids = _with_bad_ids(T, E, k, id_dtype, g)
+        ids[3] = E + 1  # a token whose every pair is bad: exactly zero
+        bad = (ids < 0) | (ids >= E)
+        w13, w2 = _weights(E, H, I, torch.float32)
+        out = moe_gemm.fused_moe(x, w13, w2, w, ids)
+        # The reference on the same pairs with the bad ones given weight 0 (and a valid id); the reference on the
+        # bad ids drops them the same way.
+        clean_w, clean_ids = torch.where(bad, 0.0, w), torch.where(bad, 0, ids)
+        # (not bitwise: the extra zero-weight rows change expert 0's GEMM batch)
+        torch.testing.assert_close(ref.fused_moe(x, w13, w2, w, ids), ref.fused_moe(x, w13, w2, clean_w, clean_ids),
+                                   rtol=1e-5, atol=1e-6)
+        assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), clean_w.double(),
+                                                     clean_ids),
+                                 ref.fused_moe(x, w13, w2, clean_w, clean_ids), name="fused_moe bad ids")
+        assert bool((out[3] == 0).all())
+    # expert_map values 3 and 7 are past E_local = 3 and -5 is below -1: those experts act as remote.
+    emap = torch.tensor([0, 3, -1, 1, -5, 7], dtype=torch.int32, device=DEVICE)
+    clean_map = torch.where((emap < 0) | (emap >= 3), -1, emap)
+    ids = _ids(T, E, k)
+    w13, w2 = _weights(3, H, I, torch.float32)
+    out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=emap)
+    torch.testing.assert_close(ref.fused_moe(x, w13, w2, w, ids, expert_map=emap),
+                               ref.fused_moe(x, w13, w2, w, ids, expert_map=clean_map), rtol=0, atol=0)
+    assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids,
+                                                 expert_map=clean_map),
+                             ref.fused_moe(x, w13, w2, w, ids, expert_map=clean_map), name="fused_moe bad map")
 
 
 def test_align_all_pairs_to_one_expert():
@@ -424,6 +538,58 @@ def test_tune_search_space_includes_the_tma_path():
     space = tune_moe.search_space(True, 16, True, 2)
     assert {c["USE_TMA"] for c in space} == {False, True}
     assert all(c["BLOCK_SIZE_N"] <= 256 and c["BLOCK_SIZE_K"] <= 256 for c in space if c["USE_TMA"])
+
+
+def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_path, monkeypatch):
+    """bench.tune_moe's whole CLI on the CPU (interpreter; on a GPU machine, on the GPU) with a stub timer and a two-config search space (pointer
+    and TMA weight path): every candidate launch runs, the JSON lands in --out-dir, and the op's own lookup
+    (``moe_gemm._find_tuned`` -> ``kernels.launch.tuned_config``, what get_config uses on a GPU) reads it back into a
+    config fused_moe runs with."""
+    import json
+
+    from bench import tune_moe
+    from omni_fast.kernels import launch
+
+    calls = []
+
+    def bench(fn):
+        fn()  # the real launch, on the interpreter
+        calls.append(fn)
+        return 10.0 - len(calls)  # each candidate "faster" than the last: the last (TMA) one wins
+
+    def space(block_m, gated, elem):
+        return [dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4,
+                     num_stages=2, USE_TMA=tma) for tma in (False, True)]
+
+    out = tmp_path / moe_gemm.CONFIG_FAMILY
+    E, N, H, k = 4, 16, 32, 2
+    argv = ["--device", DEVICE.type, "--n", str(N), "--experts", str(E), "--hidden", str(H), "--top-k", str(k),
+            "--tokens", "1", "5", "--dtype", "fp16", "--out-dir", str(out)]
+    assert tune_moe.main(argv, bench=bench, space=space) == 0
+    assert len(calls) == 2 * 2 * 2  # buckets x GEMMs x candidates (BLOCK_M 16 only at these sizes)
+    dev = DEVICE
+    path = out / f"{moe_gemm.config_file_stem(E, N, torch.float16, dev)}.json"
+    table = json.loads(path.read_text())
+    want = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
+                USE_TMA=True, down=dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=2,
+                                        USE_TMA=True))
+    assert table == {"1": want, "5": want}
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(moe_gemm, "CONFIG_DIR", tmp_path)
+    cfg = moe_gemm._find_tuned.__wrapped__(E, N, torch.float16, dev, 4)
+    assert cfg == want
+    x = torch.randn(3, H, device=DEVICE).to(torch.float16)
+    w13, w2 = _weights(E, H, N, torch.float16)
+    _check_fused(x, w13, w2, torch.rand(3, k, device=DEVICE), _ids(3, E, k), config=cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path of the CLI")
+def test_tuner_cli_without_a_gpu_exits_2(tmp_path, capsys):
+    from bench import tune_moe
+
+    assert tune_moe.main(["--tokens", "1", "--out-dir", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 # --- moe_block ---------------------------------------------------------------------------------------------------
@@ -637,21 +803,6 @@ def test_moe_block_bf16_gpu(shared):
 # --- CUDA C++ routing / alignment ---------------------------------------------------------------------------------
 
 
-def test_cuda_sources_compile_for_sm90a(tmp_path):
-    """The nvcc build (C-ABI launchers included) of kernels/cuda/moe_routing.cu for Hopper."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    src = Path(moe_gemm.__file__).resolve().parent / "cuda" / "moe_routing.cu"
-    res = subprocess.run([nvcc, "-arch=sm_90a", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "moe.o")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,E,k", [(1, 128, 8), (333, 128, 6), (17, 60, 60), (5, 256, 32)])
@@ -675,6 +826,160 @@ def test_cuda_align_matches(T, E, k, bs, with_map):
     emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32) if with_map else None
     got = ops.moe_align_block_size(ids, bs, E, emap, backend="cuda")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), ids.reshape(-1).long())
+    _assert_same_alignment(got, ops.moe_align_block_size(ids, bs, E, emap, backend="triton"),
+                           ids.reshape(-1).long())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("T,E,k,bs", [(3, 128, 8, 16), (600, 60, 6, 64)])
+def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
+    """On CUDA the ops skip the (host-syncing) value check: ids outside [0, E) and expert_map values outside
+    [-1, E_local) reach the kernels, which drop those pairs (no out-of-bounds access; the output as if the
+    pairs were routed to a remote expert)."""
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    g = torch.Generator().manual_seed(T)
+    for id_dtype in (torch.int32, torch.int64):
+        ids = _with_bad_ids(T, E, k, id_dtype, g)
+        got = ops.moe_align_block_size(ids, bs, E, backend=backend)
+        _assert_same_alignment(got, _align_dropping_bad_ids(ids, bs, E), ids.reshape(-1).long())
+        torch.cuda.synchronize()
+    if backend != "cuda":  # fused_moe has no CUDA C++ backend
+        H, I = 256, 128
+        x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+        w13, w2 = _weights(E, H, I, torch.bfloat16)
+        w = torch.rand(T, k, device=DEVICE)
+        bad = (ids < 0) | (ids >= E)
+        out = ops.fused_moe(x, w13, w2, w, ids, backend=backend)
+        clean_w, clean_ids = torch.where(bad, 0.0, w), torch.where(bad, 0, ids)
+        assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), clean_w.double(),
+                                                     clean_ids),
+                                 ref.fused_moe(x, w13, w2, clean_w, clean_ids), name="fused_moe bad ids")
+        emap = torch.arange(E, dtype=torch.int32, device=DEVICE)
+        emap[::3] = E + 4  # past E_local = E
+        emap[1::5] = -9
+        clean_map = torch.where((emap < 0) | (emap >= E), -1, emap)
+        out = ops.fused_moe(x, w13, w2, w, clean_ids, expert_map=emap, backend=backend)
+        assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), clean_ids,
+                                                     expert_map=clean_map),
+                                 ref.fused_moe(x, w13, w2, w, clean_ids, expert_map=clean_map), name="bad map")
+
+
+# --- the CUDA C++ kernels' logic on the CPU emulator (tests/cuda_emu) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _moe_emu_lib(tmp_path_factory):
+    """kernels/cuda/moe_routing.cu compiled for the host with the CUDA emulator tests/cuda_emu/emu.h."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the CUDA-kernel emulator")
+    here = Path(__file__).resolve().parent / "cuda_emu"
+    so = tmp_path_factory.mktemp("cuda_emu_moe") / "emu_moe.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
+                    str(here / "emu_moe.cpp"), "-o", str(so), "-lpthread"], check=True)
+    return ctypes.CDLL(str(so))
+
+
+@pytest.fixture
+def cuda_moe_emulated(_moe_emu_lib, monkeypatch):
+    """kernels/cuda_moe.py's own host code (buffers, grids, blocks, launch order) on CPU tensors, with every
+    kernel launch run by the emulator instead of CuPy. Returns the list of launched kernel names."""
+    import ctypes
+
+    from omni_fast.kernels import cuda_moe
+
+    launched = []
+
+    def run(name, device, grid, block, args):
+        fn = getattr(_moe_emu_lib, f"emu_{name}")
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [
+            ctypes.c_void_p if a.dtype.name == "uint64" else ctypes.c_longlong if a.dtype.name == "int64"
+            else ctypes.c_int for a in args]
+        fn.restype = None
+        launched.append(name)
+        fn(grid[0], block[0], *[int(a) for a in args])
+
+    monkeypatch.setattr(cuda_moe, "_run", run)
+    monkeypatch.setattr(cuda_moe, "_check_device", lambda name, t: None)
+    return launched
+
+
+@pytest.mark.parametrize("T,E,k", [(0, 8, 2), (1, 128, 8), (6, 6, 6), (9, 60, 4), (2, 256, 32), (5, 33, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_topk_softmax_logic_emulated(cuda_moe_emulated, T, E, k, dtype):
+    """The CUDA C++ router (one warp per token, warp arg-max rounds) on the emulator vs the reference: E not a
+    power of two, top_k == E, T = 0/1, T not a multiple of the 4 warps of a block (idle warps), ties, NaN rows."""
+    from omni_fast.kernels import cuda_moe
+
+    g = torch.Generator().manual_seed(T * 7 + E)
+    logits = (torch.randn(T, E, generator=g) * 3).to(dtype)
+    if T >= 6:
+        logits[1] = logits[1].round()  # ties: lowest index first
+        logits[2, E // 2] = float("nan")  # a NaN row: ids 0..k-1, NaN weights
+    for renorm in (True, False):
+        w, i = cuda_moe.topk_softmax(logits, k, renorm)
+        rw, ri = ref.topk_softmax(logits, k, renorm)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert cuda_moe_emulated == ([] if T == 0 else [f"omni_fast_topk_softmax_kernel_{ref_name}"
+                                                    for ref_name in [{torch.float32: "fp32", torch.float16: "fp16",
+                                                                      torch.bfloat16: "bf16"}[dtype]] * 2])
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(0, 4, 2, 16), (1, 128, 8, 16), (13, 6, 6, 4), (70, 9, 3, 8),
+                                      (300, 60, 4, 16), (40, 1, 1, 32)])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_cuda_align_logic_emulated(cuda_moe_emulated, T, E, k, bs, with_map):
+    """The CUDA C++ alignment (atomic counts -> one-block Hillis-Steele scan + binary search per block -> atomic
+    scatter) on the emulator vs the reference and the Triton kernel: T = 0/1, E not a power of two, top_k == E,
+    several count/scatter blocks, one expert, int32 and int64 ids, expert_map with remote experts."""
+    from omni_fast.kernels import cuda_moe, moe_align
+
+    emap = (torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(torch.int32) if with_map else None)
+    for id_dtype in (torch.int32, torch.int64):
+        ids = _ids(T, E, k, "cpu").to(id_dtype)  # host memory: the emulator dereferences the pointers
+        got = cuda_moe.moe_align_block_size(ids, bs, E, emap)
+        flat = ids.reshape(-1).long()
+        _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), flat)
+        triton_out = moe_align.moe_align_block_size(ids.to(DEVICE), bs, E, None if emap is None else emap.to(DEVICE))
+        _assert_same_alignment(got, tuple(t.cpu() for t in triton_out), flat)
+    assert cuda_moe_emulated == ([] if T == 0 else ["omni_fast_moe_align_count_i32", "omni_fast_moe_align_prefix",
+                                                    "omni_fast_moe_align_scatter_i32", "omni_fast_moe_align_count_i64",
+                                                    "omni_fast_moe_align_prefix", "omni_fast_moe_align_scatter_i64"])
+
+
+@pytest.mark.parametrize("T,E,k,bs", [(3, 8, 2, 4), (90, 7, 3, 8)])
+def test_cuda_align_logic_emulated_drops_out_of_range_ids(cuda_moe_emulated, T, E, k, bs):
+    """Unchecked bad ids (E, E + 5, -1, -3, and 2**32 + 1 as int64) on the CUDA alignment: dropped, no
+    out-of-bounds atomics; negative expert_map values read as -1."""
+    from omni_fast.kernels import cuda_moe
+
+    g = torch.Generator().manual_seed(T)
+    emap = torch.tensor([2, -1, 0, -4, 1, 3, -1, 5][:E], dtype=torch.int32)
+    for id_dtype in (torch.int32, torch.int64):
+        ids = _with_bad_ids(T, E, k, id_dtype, g, "cpu")
+        for m in (None, emap):
+            got = cuda_moe.moe_align_block_size(ids, bs, E, m)
+            _assert_same_alignment(got, _align_dropping_bad_ids(ids, bs, E, m), ids.reshape(-1).long())
+
+
+def test_cuda_fill_kernel_emulated(_moe_emu_lib):
+    """omni_fast_moe_fill_i32 (the C-ABI launcher's sentinel fill; the CuPy path fills with torch): a grid-stride
+    loop over more rows than threads."""
+    import ctypes
+
+    out = torch.zeros(1000, dtype=torch.int32)
+    fn = _moe_emu_lib.emu_omni_fast_moe_fill_i32
+    fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+    fn(3, 64, out.data_ptr(), 999, 7)
+    assert bool((out[:999] == 7).all()) and int(out[999]) == 0
 
 
 @pytest.mark.gpu
@@ -706,7 +1011,9 @@ def test_bench_cases_build_and_check():
     assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
     assert all(c.op == "moe" and c.bytes > 0 and c.flops > 0 for c in full)
     decode = next(c for c in full if c.name == "thinker experts T=1")
-    assert decode.params["touched_experts"] == 8 and all(c.bound == "auto" for c in full)
+    assert decode.params["touched_experts"] == 8
+    # The talker block runs at every T of the issue, like the experts.
+    assert sorted(c.params["T"] for c in full if c.params.get("block")) == sorted(cases.TOKENS["full"])
     for check in {c.check for c in full}:
         check()
     # The omni_fast_tma provider: omni_fast's launch config with the TMA weight path in both GEMMs.
@@ -716,21 +1023,27 @@ def test_bench_cases_build_and_check():
     assert [dict(c, USE_TMA=True) for c in moe_gemm._split(plain)] == list(moe_gemm._split(cfg))
 
 
-def test_bench_cases_bound_follows_the_numbers():
-    """Which roof binds comes from each case's bytes and flops on the device's roofline, not from T alone:
-    thinker experts at T=1024 (64 rows per expert) are still memory bound on an H100-like roofline, T=16384 is
-    compute bound."""
+def test_bench_cases_bound_is_the_issues_roofline():
+    """% of roofline as the issue defines it: decode (T <= 64) against HBM bandwidth (touched weight bytes),
+    prefill (T >= 4096) against the bf16 matmul rate (FLOPs), set explicitly per case, so the thinker at T=4096
+    (byte floor larger on an H100-like roofline) still reports % of the compute roof. In between the harness
+    picks the larger floor ("auto"): thinker experts at T=1024 are memory bound there."""
     from bench import harness
     from bench.cases import moe as cases
 
     roof = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}  # bytes/s 3.0e12, flop/s 8.0e14
     by_name = {c.name: c for c in cases.cases("full")}
     for name, c in by_name.items():
-        want = "memory" if c.bytes / 3.0e12 >= c.flops / 8.0e14 else "compute"
+        T = c.params["T"]
+        numbers = "memory" if c.bytes / 3.0e12 >= c.flops / 8.0e14 else "compute"
+        want = "memory" if T <= 64 else "compute" if T >= 4096 else numbers
+        assert c.bound == ("memory" if T <= 64 else "compute" if T >= 4096 else "auto"), name
         assert harness.resolve_bound(c, roof) == want, name
-    assert harness.resolve_bound(by_name["thinker experts T=1"], roof) == "memory"
+        assert c.tags == (("decode",) if T <= 64 else ("prefill",) if T >= 4096 else ()), name
+    assert harness.resolve_bound(by_name["thinker experts T=4096"], roof) == "compute"
+    assert by_name["thinker experts T=4096"].bytes / 3.0e12 > by_name["thinker experts T=4096"].flops / 8.0e14
     assert harness.resolve_bound(by_name["thinker experts T=1024"], roof) == "memory"
-    assert harness.resolve_bound(by_name["thinker experts T=16384"], roof) == "compute"
+    assert harness.resolve_bound(by_name["talker block T=16384"], roof) == "compute"
     fixed = cases.Case(op="x", name="x", params={}, setup=lambda d: {}, flops=1e15, bytes=1.0, bound="memory")
     assert harness.resolve_bound(fixed, roof) == "memory"
 
@@ -746,6 +1059,24 @@ def test_bench_block_case_bytes_use_the_block_routing():
         case = next(c for c in cases.cases("full") if c.name == f"talker block T={T}")
         assert case.params["touched_experts"] == touched
         assert case.bytes == float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * 2 + 2 * T * H * 2)
+
+
+def test_bench_block_liger_provider_composes_the_block():
+    """The block case's ``liger`` provider: liger's fused experts (stubbed here by the reference experts, which
+    take the same arguments) between transformers' router and shared expert equals the whole block; without the
+    liger wheel or CUDA it is reported as unavailable."""
+    from bench.case import Unavailable
+    from bench.cases import moe as cases
+
+    T, E, k, H, I, Is = 7, 6, 2, 32, 16, 24
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: (torch.randn(*s, generator=gen) * 0.2).to(DEVICE)  # noqa: E731
+    x, g, w13, w2, sw13, sw2, sg = r(T, H), r(E, H), r(E, 2 * I, H), r(E, H, I), r(2 * Is, H), r(H, Is), r(1, H)
+    got = cases.liger_block(ref.fused_moe, x, g, w13, w2, k, sw13, sw2, sg)
+    torch.testing.assert_close(got, ref.moe_block(x, g, w13, w2, k, True, sw13, sw2, sg), rtol=1e-6, atol=1e-6)
+    if not torch.cuda.is_available():
+        fns = cases._block_setup(3, "smoke")(torch.device("cpu"))
+        assert isinstance(fns["liger"], Unavailable)
 
 
 def test_bench_compile_baseline_is_the_reference_without_host_syncs():

@@ -60,7 +60,7 @@ def test_moe_block_matches_transformers(dtype, norm, talker):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_router_matches_transformers(dtype):
     cfg = thinker_config(E=12, k=4)
     gate = randomize(q3.Qwen3OmniMoeThinkerTextTopKRouter(cfg), dtype)

@@ -91,3 +91,55 @@ def test_training_mode_falls_back_to_eager(fused_calls):
     out = experts(x, ids, torch.rand(5, 2))
     out.sum().backward()
     assert x.grad is not None and not fused_calls
+
+
+def _ep_rank(full, rank: int, ep_size: int):
+    """An experts module set up as transformers' expert parallelism leaves it on one rank: ``MoEParamShard``
+    (transformers/distributed/expert_parallel.py) shards dim 0 of the weights, sets ``num_experts`` to the local
+    count and ``_is_expert_parallel = True``."""
+    import copy
+
+    local = full.num_experts // ep_size
+    shard = copy.deepcopy(full)
+    with torch.no_grad():
+        shard.gate_up_proj = torch.nn.Parameter(full.gate_up_proj[rank * local:(rank + 1) * local].clone())
+        shard.down_proj = torch.nn.Parameter(full.down_proj[rank * local:(rank + 1) * local].clone())
+    shard.num_experts = local
+    shard._is_expert_parallel = True
+    return shard
+
+
+@pytest.mark.parametrize("ep_size", [2, 3])
+def test_expert_parallel_rank_matches_eager(fused_calls, ep_size):
+    """transformers' AllReduceEP calls each rank's experts with local ids, the off-rank pairs given the sentinel id
+    ``num_local_experts`` and weight 0; the omni_fast forward maps the sentinel to -1 through an expert_map. Per
+    rank it matches the eager forward on the same inputs, and the ranks' outputs sum to the unsharded module's."""
+    torch.manual_seed(0)
+    cfg = Qwen3OmniMoeThinkerConfig(text_config=TEXT)
+    full = _randomize(q3.Qwen3OmniMoeThinkerTextExperts(cfg.text_config))
+    T, k, E = 11, 2, full.num_experts
+    x = torch.randn(T, 32)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    weights = torch.rand(T, k)
+    total = torch.zeros(T, 32)
+    with torch.no_grad():
+        full.config._experts_implementation = "eager"
+        want_full = full(x, ids, weights)
+        for rank in range(ep_size):
+            shard = _ep_rank(full, rank, ep_size)
+            local = shard.num_experts
+            # AllReduceEP's masking (transformers/distributed/expert_parallel.py), without the process group.
+            off_rank = (ids // local) != rank
+            local_ids = torch.where(off_rank, local, ids % local)
+            local_w = weights.masked_fill(off_rank, 0.0)
+            shard.config._experts_implementation = "eager"
+            want = shard(x, local_ids, local_w)
+            shard.config._experts_implementation = "omni_fast"
+            n_calls = len(fused_calls)
+            got = shard(x, local_ids, local_w)
+            assert len(fused_calls) == n_calls + 1, "the omni_fast experts forward did not run"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # Tokens whose experts all live elsewhere: exactly zero.
+            assert bool((got[off_rank.all(dim=1)] == 0).all())
+            total += got
+    torch.testing.assert_close(total, want_full, rtol=1e-5, atol=1e-5)

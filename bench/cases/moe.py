@@ -21,9 +21,14 @@ Providers (bf16, inference mode):
 
 Roofline: ``bytes`` = the touched experts' weights (exact count of distinct experts in the benchmark's fixed
 routing; for the block, the routing its router gives on its fixed inputs) + activations in and out; ``flops`` =
-``2 * T * k * 3 * H * I`` (+ the shared expert and router for the block). Which roof binds depends on the shape
-(decode is memory bound; prefill becomes compute bound only once T*k/E is large enough), so every case has
-``bound="auto"``: the harness reports the % of the larger of the two floors on the measured device roofline.
+``2 * T * k * 3 * H * I`` (+ the shared expert and router for the block). ``bound`` follows the issue's
+definitions (:func:`bound_for`): ``"memory"`` (bytes / HBM bandwidth) for decode, T <= 64; ``"compute"`` (FLOPs /
+bf16 matmul rate) for prefill, T >= 4096, even where the byte floor is the larger one (the thinker at T=4096 on an
+H100-like roofline); ``"auto"`` in between (the larger of the two floors on the measured device).
+
+The block case's ``liger`` provider is liger-kernel's fused experts inside the same block: liger has no router or
+shared-expert op, so router (logits in the model dtype, fp32 softmax top-k, renormalised, cast back) and shared
+expert run as in transformers, around ``LigerFusedMoEFunction``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,12 @@ TOKENS = {
     "full": (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384),
     "smoke": (1, 5, 33),
 }
-BLOCK_TOKENS = {"quick": (1,), "full": (1, 16, 256, 4096), "smoke": (3,)}
+# The talker's whole block (with the shared expert): every T of the issue in "full".
+BLOCK_TOKENS = {"quick": (1,), "full": TOKENS["full"], "smoke": (3,)}
+# The issue's roofline definitions: decode (T <= 64) = touched expert weight bytes / HBM bandwidth, prefill
+# (T >= 4096) = FLOPs / bf16 matmul rate. Between them neither is defined: "auto" (the larger floor).
+DECODE_MAX_T = 64
+PREFILL_MIN_T = 4096
 DTYPE = torch.bfloat16
 DTYPES = {"quick": DTYPE, "full": DTYPE, "smoke": torch.float32}  # bf16 math is wrong on the interpreter
 ELEM = 2  # bytes per bf16 element
@@ -216,6 +226,26 @@ def _inference(fn, *args):
         return fn(*args)
 
 
+def bound_for(T: int) -> str:
+    """The roofline a case's % refers to, as the issue defines it (see the module docstring)."""
+    if T <= DECODE_MAX_T:
+        return "memory"
+    return "compute" if T >= PREFILL_MIN_T else "auto"
+
+
+def _tags(T: int) -> tuple[str, ...]:
+    return ("decode",) if T <= DECODE_MAX_T else ("prefill",) if T >= PREFILL_MIN_T else ()
+
+
+def liger_block(liger, x, g, w13, w2, top_k: int, sw13, sw2, sg) -> torch.Tensor:
+    """The talker block with liger-kernel's fused experts (``liger``: :func:`bench.peers.liger_fused_moe`); router
+    and shared expert as transformers computes them (the routing weights in the model dtype)."""
+    from omni_fast.reference import moe as ref
+
+    weights, ids = ref.router(x, g, top_k)
+    return liger(x, w13, w2, weights.to(x.dtype), ids) + ref.shared_expert(x, sw13, sw2, sg)
+
+
 def _block_setup(T: int, preset: str = "quick"):
     shape = PRESET_MODELS[preset]["talker"]
     E, k, H, I, Is = shape
@@ -252,6 +282,10 @@ def _block_setup(T: int, preset: str = "quick"):
         fns = {name: m if isinstance(m, Unavailable) else functools.partial(_inference, m, x[None])
                for name, m in hf.items()}
         fns["compile"] = _compile_provider(grouped_block, device, x, g, w13, w2, k, sw13, sw2, sg)
+        liger = peers.liger_fused_moe()
+        fns["liger"] = (functools.partial(_inference, functools.partial(liger_block, liger), x, g, w13, w2, k, sw13,
+                                          sw2, sg) if liger is not None else
+                        Unavailable("needs CUDA and the liger-kernel wheel (make peer-wheels)"))
         fns["omni_fast"] = lambda: ops.moe_block(x, g, w13, w2, k, shared_w13=sw13, shared_w2=sw2,
                                                  shared_gate_weight=sg, backend="triton")
         return fns
@@ -297,7 +331,6 @@ def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
     E, k, H, I, _ = PRESET_MODELS[preset][model]
     elem = float(DTYPES[preset].itemsize)
     touched = _touched(T, E, k)
-    decode = T <= 256
     return Case(
         op="moe", name=f"{model} experts T={T}",
         params=dict(model=model, T=T, E=E, top_k=k, H=H, I=I, touched_experts=touched,
@@ -305,9 +338,9 @@ def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
         setup=_experts_setup(model, T, preset),
         flops=2.0 * T * k * 3 * H * I,
         bytes=float(touched * 3 * H * I * elem + 2 * T * H * elem + T * k * 8),
-        bound="auto",
+        bound=bound_for(T),
         check=check_fused_moe,
-        tags=("decode",) if decode else ("prefill",),
+        tags=_tags(T),
     )
 
 
@@ -316,7 +349,6 @@ def _block_case(T: int, preset: str = "quick") -> Case:
     E, k, H, I, Is = shape
     elem = float(dtype.itemsize)
     touched = _block_inputs(T, shape, dtype)[2]
-    decode = T <= 256
     return Case(
         op="moe", name=f"talker block T={T}",
         params=dict(model="talker", block=True, T=T, E=E, top_k=k, H=H, I=I, shared_I=Is, touched_experts=touched,
@@ -324,9 +356,9 @@ def _block_case(T: int, preset: str = "quick") -> Case:
         setup=_block_setup(T, preset),
         flops=2.0 * T * (k * 3 * H * I + 3 * H * Is + (E + 1) * H),
         bytes=float((touched * 3 * H * I + 3 * H * Is + (E + 1) * H) * elem + 2 * T * H * elem),
-        bound="auto",
+        bound=bound_for(T),
         check=check_moe_block,
-        tags=("decode",) if decode else ("prefill",),
+        tags=_tags(T),
     )
 
 

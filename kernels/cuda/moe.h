@@ -32,7 +32,9 @@ int64_t omni_fast_moe_align_num_blocks(int64_t num_entries, int num_experts, int
 //   sorted_token_ids int32 [num_blocks * block_size]: pair indices t*k + j by expert; padding = num_entries;
 //   expert_ids int32 [num_blocks]: each block's expert (expert_map[e] when expert_map != NULL, -1 past the end);
 //   num_tokens_post_padded int32 [1].
-// workspace: int32 [num_experts] scratch. num_experts <= 1024.
+// workspace: int32 [num_experts] scratch. num_experts <= 1024. Ids are not validated on the host (that would
+// sync): a pair whose id is outside [0, num_experts) is dropped (no row, not counted, no out-of-bounds access),
+// and negative expert_map values come out as -1.
 int omni_fast_moe_align_block_size(const void *topk_ids, int ids_int64, int64_t num_entries, int num_experts,
                                    int block_size, const int32_t *expert_map, int32_t *sorted_token_ids,
                                    int32_t *expert_ids, int32_t *num_tokens_post_padded, int32_t *workspace,

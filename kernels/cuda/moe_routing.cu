@@ -9,7 +9,8 @@
 //
 // moe_align_block_size: ids int32/int64 [n = T*k] -> sorted_token_ids int32 [num_blocks * block_size],
 //   expert_ids int32 [num_blocks], num_tokens_post_padded int32 [1]:
-//   1. omni_fast_moe_align_count_*: per-expert counts with integer atomics (counts zeroed beforehand);
+//   1. omni_fast_moe_align_count_*: per-expert counts with integer atomics (counts zeroed beforehand); pairs
+//      whose id is outside [0, E) are dropped here and in 3 (no out-of-bounds atomics on unchecked ids);
 //   2. omni_fast_moe_align_prefix: one block (E <= 1024): padded counts -> inclusive scan -> each expert's first
 //      row (the counts become write cursors), the total, and every block's expert (binary search; through
 //      expert_map; -1 past the total);
@@ -34,9 +35,21 @@ struct bf16_bits { unsigned short v; };
 
 __device__ __forceinline__ float load_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_float(const half_bits* p) {
+#ifdef __CUDA_ARCH__
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->v));
   return f;
+#else
+  // Host compilers (the CPU emulator in tests/cuda_emu): the same conversion in integer arithmetic.
+  const unsigned h = p->v, sign = (h & 0x8000u) << 16, ex = (h >> 10) & 31u;
+  unsigned man = h & 1023u;
+  if (ex == 31u) return __uint_as_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  if (ex != 0u) return __uint_as_float(sign | ((ex + 112u) << 23) | (man << 13));
+  if (man == 0u) return __uint_as_float(sign);
+  unsigned e = 113u;  // subnormal: normalise the mantissa
+  while (!(man & 1024u)) { man <<= 1; --e; }
+  return __uint_as_float(sign | (e << 23) | ((man & 1023u) << 13));
+#endif
 }
 __device__ __forceinline__ float load_float(const bf16_bits* p) { return __uint_as_float(((unsigned)p->v) << 16); }
 
@@ -107,16 +120,26 @@ __device__ void topk_softmax_row(const T* logits, long long stride_t, float* wei
   }
 }
 
+// A pair whose id is outside [0, num_experts) is dropped like a pair of a remote expert: no count, no row, no
+// out-of-bounds atomic (the op skips the host-syncing value check on CUDA). Compared in the id's own type, so an
+// int64 id of 2^32 + 3 does not pass as 3.
 template <typename I>
-__device__ void align_count(const I* topk_ids, long long n, int* counts) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    atomicAdd(counts + (int)topk_ids[i], 1);
+__device__ __forceinline__ bool valid_id(I id, int num_experts) { return id >= 0 && id < (I)num_experts; }
+
+template <typename I>
+__device__ void align_count(const I* topk_ids, long long n, int num_experts, int* counts) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const I id = topk_ids[i];
+    if (valid_id(id, num_experts)) atomicAdd(counts + (int)id, 1);
+  }
 }
 
 template <typename I>
-__device__ void align_scatter(const I* topk_ids, long long n, int* cursor, int* sorted_ids) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    sorted_ids[atomicAdd(cursor + (int)topk_ids[i], 1)] = (int)i;
+__device__ void align_scatter(const I* topk_ids, long long n, int num_experts, int* cursor, int* sorted_ids) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const I id = topk_ids[i];
+    if (valid_id(id, num_experts)) sorted_ids[atomicAdd(cursor + (int)id, 1)] = (int)i;
+  }
 }
 
 }  // namespace moe
@@ -135,19 +158,21 @@ OF_MOE_TOPK_KERNEL(omni_fast_topk_softmax_kernel_fp32, float)
 OF_MOE_TOPK_KERNEL(omni_fast_topk_softmax_kernel_fp16, omni_fast::moe::half_bits)
 OF_MOE_TOPK_KERNEL(omni_fast_topk_softmax_kernel_bf16, omni_fast::moe::bf16_bits)
 
-extern "C" __global__ void omni_fast_moe_align_count_i32(const int* topk_ids, long long n, int* counts) {
-  omni_fast::moe::align_count(topk_ids, n, counts);
+extern "C" __global__ void omni_fast_moe_align_count_i32(const int* topk_ids, long long n, int num_experts,
+                                                         int* counts) {
+  omni_fast::moe::align_count(topk_ids, n, num_experts, counts);
 }
-extern "C" __global__ void omni_fast_moe_align_count_i64(const long long* topk_ids, long long n, int* counts) {
-  omni_fast::moe::align_count(topk_ids, n, counts);
+extern "C" __global__ void omni_fast_moe_align_count_i64(const long long* topk_ids, long long n, int num_experts,
+                                                         int* counts) {
+  omni_fast::moe::align_count(topk_ids, n, num_experts, counts);
 }
-extern "C" __global__ void omni_fast_moe_align_scatter_i32(const int* topk_ids, long long n, int* cursor,
-                                                           int* sorted_ids) {
-  omni_fast::moe::align_scatter(topk_ids, n, cursor, sorted_ids);
+extern "C" __global__ void omni_fast_moe_align_scatter_i32(const int* topk_ids, long long n, int num_experts,
+                                                           int* cursor, int* sorted_ids) {
+  omni_fast::moe::align_scatter(topk_ids, n, num_experts, cursor, sorted_ids);
 }
-extern "C" __global__ void omni_fast_moe_align_scatter_i64(const long long* topk_ids, long long n, int* cursor,
-                                                           int* sorted_ids) {
-  omni_fast::moe::align_scatter(topk_ids, n, cursor, sorted_ids);
+extern "C" __global__ void omni_fast_moe_align_scatter_i64(const long long* topk_ids, long long n, int num_experts,
+                                                           int* cursor, int* sorted_ids) {
+  omni_fast::moe::align_scatter(topk_ids, n, num_experts, cursor, sorted_ids);
 }
 
 extern "C" __global__ void omni_fast_moe_fill_i32(int* out, long long count, int value) {
@@ -184,6 +209,7 @@ extern "C" __global__ void omni_fast_moe_align_prefix(int* counts, int num_exper
         if (s_end[mid] > row) hi = mid; else lo = mid + 1;
       }
       out = expert_map ? expert_map[lo] : lo;
+      if (out < 0) out = -1;  // every negative map value reads as "remote"; values >= E_local: the GEMM drops them
     }
     expert_ids[b] = out;
   }
@@ -240,19 +266,20 @@ extern "C" int omni_fast_moe_align_block_size(const void* topk_ids, int ids_int6
   const unsigned grid = (unsigned)(want < 4096 ? want : 4096);
   if (ids_int64)
     omni_fast_moe_align_count_i64<<<grid, threads, 0, stream>>>(static_cast<const long long*>(topk_ids), num_entries,
-                                                                 workspace);
+                                                                 num_experts, workspace);
   else
     omni_fast_moe_align_count_i32<<<grid, threads, 0, stream>>>(static_cast<const int*>(topk_ids), num_entries,
-                                                                 workspace);
+                                                                 num_experts, workspace);
   omni_fast_moe_align_prefix<<<1, OF_MOE_ALIGN_THREADS, 0, stream>>>(workspace, num_experts, block_size,
                                                                      (int)num_blocks, expert_map, expert_ids,
                                                                      num_tokens_post_padded);
   if (ids_int64)
     omni_fast_moe_align_scatter_i64<<<grid, threads, 0, stream>>>(static_cast<const long long*>(topk_ids),
-                                                                   num_entries, workspace, sorted_token_ids);
+                                                                   num_entries, num_experts, workspace,
+                                                                   sorted_token_ids);
   else
     omni_fast_moe_align_scatter_i32<<<grid, threads, 0, stream>>>(static_cast<const int*>(topk_ids), num_entries,
-                                                                   workspace, sorted_token_ids);
+                                                                   num_experts, workspace, sorted_token_ids);
   return (int)cudaGetLastError();
 }
 #endif  // __CUDACC_RTC__

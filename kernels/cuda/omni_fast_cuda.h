@@ -1,4 +1,7 @@
-// C ABI of libomni_fast_cuda.so: host launchers for the CUDA C++ kernels in kernels/cuda/*.cu.
+// C ABI of libomni_fast_cuda.so: host launchers for the CUDA C++ kernels in kernels/cuda/*.cu. Including this
+// header declares every exported launcher (tests/test_cuda_build.py compiles a C program taking each one's address
+// and links it against the library; each .cu includes the header that declares its launchers, so the compiler
+// checks the definitions against these declarations).
 //
 // Every launcher enqueues its kernel on `stream` and returns a cudaError_t value (0 = success; a launch error or
 // cudaErrorInvalidValue for arguments it cannot handle). Nothing synchronises; all pointers are device pointers
@@ -39,6 +42,7 @@ int omni_fast_mrope_fp32(OMNI_FAST_MROPE_ARGS);
 }
 #endif
 
-#include "moe.h"  // MoE routing / alignment launchers
+#include "moe.h"       // MoE routing / alignment launchers (kernels/cuda/moe_routing.cu)
+#include "sampling.h"  // omni_fast_sample_launch (kernels/cuda/sampling.cu)
 
 #endif  // OMNI_FAST_CUDA_H
