@@ -539,6 +539,109 @@ def test_batched_streams_of_different_lengths_equal_separate_decodes():
         torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
 
 
+def _run_with_resets(model, codes, schedule, stream=None):
+    """Push ``codes [B, G, T]`` in chunks; ``schedule`` = [(frames, rows reset before the push)]. Returns the
+    streamed wav [B, 1, n] and, per row, the (first frame, first sample) of each utterance it decoded."""
+    B = codes.shape[0]
+    s = stream or model.stream(B)
+    outs, starts, i, n = [], [[(0, 0)] for _ in range(B)], 0, 0
+    for frames, rows in schedule:
+        if rows:
+            s.reset(rows)
+            for r in rows:
+                starts[r].append((i, n + s.lead_samples))
+        w = s.push(codes[..., i:i + frames])
+        assert w.shape[-1] == model.num_samples(i + frames) - model.num_samples(i)  # the same for every row
+        for r in rows:  # a reset row's first push starts with its lead, zeros
+            assert not w[r, :, :s.lead_samples].any()
+        outs.append(w)
+        i += frames
+        n += w.shape[-1]
+    return torch.cat(outs, -1), starts
+
+
+def _check_utterances(model, codes, wav, starts, **tol):
+    T = codes.shape[-1]
+    for b, utts in enumerate(starts):
+        for u, (f0, s0) in enumerate(utts):
+            f1 = utts[u + 1][0] if u + 1 < len(utts) else T
+            alone = model(codes[b:b + 1, :, f0:f1])
+            got = wav[b:b + 1, :, s0:s0 + alone.shape[-1]]
+            torch.testing.assert_close(got, alone, **tol, msg=lambda m: f"row {b} utterance {u}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rows_reset_mid_stream_equal_their_separate_one_shot_decodes(backend):
+    """Rows started at different times (reset mid-stream, some twice) give exactly the one-shot decodes of their
+    utterances; the other rows are not disturbed. Window 5 < the utterances, so per-row positions and KV lengths
+    matter (the rows' caches are at different fill levels when they attend)."""
+    if backend == "reference":
+        _, model = _models(0)
+        schedule = [(3, []), (2, []), (4, [1]), (1, [2]), (3, [1, 0]), (6, [])]
+    else:
+        hf = _hf_model(1, num_hidden_layers=1)
+        model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+        schedule = [(2, []), (3, [1]), (1, [0]), (4, [])]
+    T = sum(f for f, _ in schedule)
+    codes = torch.randint(0, 16, (3, 4, T))
+    wav, starts = _run_with_resets(model, codes, schedule)
+    _check_utterances(model, codes, wav, starts, rtol=1e-4, atol=5e-5)
+
+
+def test_reset_rows_forms_and_bad_input():
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (3, 4, 9))
+    s = model.stream(3)
+    s.push(codes[..., :3])
+    s.reset(torch.tensor([False, True, False]))  # a bool mask
+    s.reset(2)  # an index
+    assert s.state.fresh.tolist() == [False, True, True] and s.state.pos.tolist() == [3, 0, 0]
+    s.push(codes[..., 3:5])
+    assert s.state.pos.tolist() == [5, 2, 2] and not s.state.fresh.any() and not s.state.reset_pending
+    s.reset(torch.tensor([0]))  # an index tensor
+    wav = s.push(codes[..., 5:9])
+    assert s.state.pos.tolist() == [4, 6, 6]
+    torch.testing.assert_close(wav[:1, :, s.lead_samples:], model(codes[:1, :, 5:9]), rtol=1e-4, atol=5e-5)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\)"):
+        s.reset([3])
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        s.reset(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="bool mask"):
+        s.reset(True)
+    with pytest.raises(TypeError, match="row indices"):
+        s.reset(["a"])
+    s.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        s.reset([0])
+
+
+def test_stream_state_with_resets_resumes_in_a_new_stream():
+    """A state saved with per-row positions and a reset still pending resumes exactly."""
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 12))
+    s = model.stream(2)
+    a, starts = _run_with_resets(model, codes[..., :7], [(4, []), (3, [1])], stream=s)
+    s.reset([0])  # pending when the state moves
+    resumed = model.stream(2, state=s.state)
+    b = resumed.push(codes[..., 7:])
+    wav = torch.cat((a, b), -1)
+    starts[0].append((7, a.shape[-1] + resumed.lead_samples))
+    _check_utterances(model, codes, wav, starts, rtol=1e-4, atol=5e-5)
+
+
+def test_old_format_stream_state_is_refused():
+    _, model = _models(0)
+    s = model.stream(2)
+    s.push(torch.zeros(2, 4, 2, dtype=torch.long))
+    st = s.state
+    st.pos = st.pos[0].clone()  # the former shared 0-d position
+    with pytest.raises(ValueError, match="former format"):
+        model.stream(2, state=st)
+    st.pos = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"pos must be an int64 \[B\]"):
+        model.stream(2, state=st)
+
+
 def test_stream_state_resumes_in_a_new_stream():
     _, model = _models(0)
     codes = torch.randint(0, 16, (1, 4, 10))
@@ -713,7 +816,7 @@ def test_gpu_model_bf16_one_shot_and_streamed():
 
 
 def _state_tensors(st):
-    out = {"pos": st.pos, **{f"conv {k}": v for k, v in st.conv.items()}}
+    out = {"pos": st.pos, "fresh": st.fresh, **{f"conv {k}": v for k, v in st.conv.items()}}
     for i, kv in enumerate(st.kv):
         out[f"k{i}"], out[f"v{i}"] = kv
     return out
@@ -730,7 +833,7 @@ def test_stream_state_is_updated_in_place_after_the_first_push():
         s.push(codes[..., a:e])
     after = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
     assert before == after
-    assert int(s.state.pos) == s.frames == 12
+    assert s.state.pos.tolist() == [12, 12] and s.frames == 12
 
 
 def test_graph_bucket_decomposition(monkeypatch):
@@ -741,13 +844,13 @@ def test_graph_bucket_decomposition(monkeypatch):
     sizes = []
 
     class FakeGraph:
-        def __init__(self, stream, frames):
-            self.stream, self.frames = stream, frames
+        def __init__(self, stream, frames, fresh=False):
+            self.stream, self.frames, self.fresh = stream, frames, fresh
 
         def __call__(self, codes):
             assert codes.shape[-1] == self.frames
             sizes.append(self.frames)
-            return self.stream._step(codes)
+            return self.stream._step(codes, self.fresh)
 
     monkeypatch.setattr(mod, "_GraphStep", FakeGraph)
     _, model = _models(0)
