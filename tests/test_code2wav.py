@@ -683,7 +683,11 @@ def test_model_bad_codes():
         model(torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match="3 dimensions"):
         model(torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"codes must lie in"):  # check_values=True checks on any device
+        model(torch.full((1, 4, 3), 16), check_values=True)
     s = model.stream(2)
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        s.push(torch.full((2, 4, 1), 99), check_values=True)
     with pytest.raises(ValueError, match="batch size 2"):
         s.push(torch.zeros(1, 4, 3, dtype=torch.long))
     s.finish()
@@ -751,6 +755,7 @@ def _conv_call(**over):
     (dict(x=torch.randn(6, 9)), ValueError, "x must have 3 dimensions"),
     (dict(x=torch.randint(0, 3, (2, 6, 9))), TypeError, "x must have dtype"),
     (dict(dilation=0), ValueError, "dilation must be in"),
+    (dict(weight=torch.randn(5, 6, 0)), ValueError, "kernel size of at least 1"),
 ])
 def test_conv_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):
@@ -762,6 +767,7 @@ def test_conv_bad_input(over, exc, match):
     (dict(weight=torch.randn(6, 5, 5)), ValueError, "multiple of stride"),
     (dict(state=torch.randn(2, 6, 2)), ValueError, "state must have shape"),
     (dict(x=torch.randn(2, 6, 0)), ValueError, "at least 1 input samples"),
+    (dict(weight=torch.randn(6, 5, 0)), ValueError, "kernel size of at least 1"),
     (dict(snake=(torch.randn(6), torch.randn(6, dtype=torch.float16))), TypeError, "same dtype"),
 ])
 def test_conv_transpose_bad_input(over, exc, match):
@@ -795,6 +801,94 @@ def test_gpu_real_shapes_bf16_conv(c_in, c_out, k, d, snake, residual, groups, s
 def test_gpu_real_shapes_bf16_conv_transpose(c_in, r):
     _check_convt(2, c_in, c_in // 2, 77, r, 2, snake=True, state=True, dtype=torch.bfloat16)
     _check_convt(2, 1024, 1024, 77, 2, 1, dtype=torch.bfloat16)
+
+
+def _spy_split_k(monkeypatch):
+    """Record the split-K factors the GEMM launches choose (the streaming path: small tile + splitk_reduce_kernel
+    when the split is > 1)."""
+    from omni_fast.kernels import code2wav as kernels
+
+    splits, choose = [], kernels._choose_split_k
+
+    def spy(*args):
+        splits.append(choose(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(kernels, "_choose_split_k", spy)
+    return splits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 20])
+@pytest.mark.parametrize("c_in,c_out,k,d,snake,residual", [
+    (768, 768, 7, 1, True, True),  # dense k7, SnakeBeta in and a residual out
+    (384, 384, 7, 9, True, False),  # a residual unit's dilated k7
+    (1024, 1536, 7, 1, False, False),  # decoder.0
+    (768, 768, 1, 1, True, True),  # a residual unit's k1
+])
+def test_gpu_streaming_chunks_bf16_conv_split_k(monkeypatch, T, c_in, c_out, k, d, snake, residual):
+    """Streaming-sized chunks (n_cols <= 32: the fixed small tile, split-K partials and splitk_reduce_kernel) at
+    the real shapes in bf16, with a carried state, batch 1 and 4."""
+    splits = _spy_split_k(monkeypatch)
+    for B in (1, 4):
+        _check_conv(B, c_in, c_out, T, k, d=d, snake=snake, residual=residual, state=True, dtype=torch.bfloat16)
+    assert max(splits) > 1  # the split-K path ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 20])
+@pytest.mark.parametrize("c_in,r", [(1536, 8), (768, 5), (384, 4), (192, 3)])
+def test_gpu_streaming_chunks_bf16_conv_transpose_split_k(monkeypatch, T, c_in, r):
+    splits = _spy_split_k(monkeypatch)
+    _check_convt(1, c_in, c_in // 2, T, r, 2, snake=True, state=True, dtype=torch.bfloat16)
+    _check_convt(1, 1024, 1024, T, 2, 1, dtype=torch.bfloat16)  # the x2 upsampler (k = s)
+    assert max(splits) > 1
+
+
+def _real_hf_model():
+    """transformers' Code2Wav with the real config and random weights (fp32; ~0.8 GB). The output conv is scaled
+    so the waveform stays mostly inside the clamp (mean |wav| ~0.13 on 6 frames, nothing clipped)."""
+    torch.manual_seed(0)
+    hf = _randomize(q3.Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig()).eval())
+    with torch.no_grad():
+        hf.decoder[-1].conv.weight.mul_(0.004)
+    return hf.to(DEVICE)
+
+
+@pytest.mark.gpu
+def test_gpu_real_config_one_frame_pushes_bf16(monkeypatch):
+    """The real config (random weights) in bf16 on the Triton backend: 1-frame pushes (split-K convs, the
+    1-query attention) equal the one-shot decode and transformers within bf16 error, also with a row reset
+    mid-stream."""
+    hf = _real_hf_model()
+    codes = torch.randint(0, 2048, (2, 16, 8), device=DEVICE)
+    with torch.no_grad():
+        exact, alone_exact = hf(codes), hf(codes[1:, :, 3:])  # row 1 restarts at frame 3 below
+        assert 0.02 < exact.abs().mean() < 0.5
+        hf = hf.to(torch.bfloat16)
+        want, alone = hf(codes), hf(codes[1:, :, 3:])
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    splits = _spy_split_k(monkeypatch)
+    one_shot = model(codes)
+    assert_matches_reference(one_shot, exact, want, factor=3.0, name="one-shot")
+    streamed = _stream(model, codes, [1] * 8)
+    assert max(splits) > 1
+    assert_matches_reference(streamed, exact, want, factor=3.0, name="1-frame pushes")
+    wav, starts = _run_with_resets(model, codes, [(1, [])] * 3 + [(1, [1])] + [(1, [])] * 4)
+    assert starts[1][1] == (3, model.num_samples(3) + 555)
+    assert_matches_reference(wav[1:, :, starts[1][1][1]:], alone_exact, alone, factor=3.0, name="reset row")
+
+
+@pytest.mark.gpu
+def test_gpu_codes_out_of_range_checked_on_request():
+    """On CUDA the code range is not checked by default (a host sync); check_values=True checks it."""
+    _, model = _models(0)
+    model = model.to(DEVICE)
+    bad = torch.full((1, 4, 3), 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model(bad, check_values=True)
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        model.stream(1).push(bad, check_values=True)
 
 
 @pytest.mark.gpu
@@ -860,6 +954,18 @@ def test_graph_bucket_decomposition(monkeypatch):
     got = torch.cat([s.push(codes[..., :2]), s.push(codes[..., 2:13]), s.push(codes[..., 13:])], dim=-1)
     assert sizes == [4, 4, 1, 1, 1, 4, 1, 1, 1]
     torch.testing.assert_close(got, model(codes), rtol=1e-4, atol=5e-5)
+    # a long-lived stream: reset() keeps its graphs; the first push after it replays a "fresh" graph for its
+    # first piece only, then the usual ones
+    graphs = dict(s._graphs)
+    s.reset([0])
+    assert s._graphs == graphs
+    sizes.clear()
+    more = torch.randint(0, 16, (1, 4, 6))
+    wav = s.push(more)
+    assert sizes == [4, 1, 1] and sorted(s._fresh_graphs) == [4] and s._graphs == graphs
+    torch.testing.assert_close(wav[..., s.lead_samples:], model(more), rtol=1e-4, atol=5e-5)
+    s.finish()
+    assert not s._graphs and not s._fresh_graphs
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
@@ -880,6 +986,22 @@ def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
     got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
     assert len(s._graphs) == 4  # buckets 1, 2, 8, 16
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_stream_with_resets_equals_eager_stream():
+    """Rows reset mid-stream under CUDA graphs (the graphs of the stream are reused across resets; the first push
+    after a reset replays a "fresh" graph) equal the eager stream and the separate one-shot decodes."""
+    hf = _hf_model(0, sliding_window=72).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (3, 4, 100), device=DEVICE)
+    schedule = [(1, []), (8, []), (8, [1]), (1, [2]), (40, [0]), (8, [1, 2]), (34, [])]
+    eager, starts = _run_with_resets(model, codes, schedule)
+    s = model.stream(3, cuda_graphs=True, graph_buckets=(1, 8, 32))
+    got, _ = _run_with_resets(model, codes, schedule, stream=s)
+    assert sorted(s._graphs) == [1, 8, 32] and sorted(s._fresh_graphs) == [1, 8, 32]
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+    _check_utterances(model, codes, got, starts, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.gpu
