@@ -208,6 +208,16 @@ def test_kernel_causal_conv1d(case, dtype):
     _check_conv(2, 6, case.pop("c_out", 5), 37, dtype=dtype, **case)
 
 
+@pytest.mark.parametrize("T", [1, 2, 13])
+@pytest.mark.parametrize("case", [
+    dict(k=5, d=2, s=3, groups=2),  # strided, dilated, grouped (transformers' extra right padding)
+    dict(k=7, d=3, s=2, snake=True, residual=True),
+    dict(k=3, d=9, s=4),  # an effective kernel of 19 with stride 4
+])
+def test_kernel_causal_conv1d_stride_dilation_combinations(case, T):
+    _check_conv(2, 6, 4, T, **case)
+
+
 @pytest.mark.parametrize("T", [0, 1, 2])
 def test_kernel_causal_conv1d_short_inputs(T):
     _check_conv(1, 6, 5, T, 7, d=3, snake=True, residual=True)
@@ -529,6 +539,32 @@ def test_streaming_equals_one_shot_triton_backend():
     torch.testing.assert_close(_stream(model, codes, [1, 2, 5]), want, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("layout,seed", [(0, 10), (2, 11)])
+def test_streaming_random_chunkings_triton_backend(layout, seed):
+    """Random chunkings (sizes 0..5, single frames included) through the Triton kernels equal transformers'
+    one-shot decode sample for sample, first and last chunk included."""
+    hf = _hf_model(layout, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    rng = random.Random(seed)
+    T = rng.randint(6, 10)
+    codes = torch.randint(0, 16, (1, 4, T))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(_stream(model, codes, _random_chunks(rng, T, 5)), want, rtol=1e-4, atol=5e-5)
+
+
+def test_batched_streams_of_different_lengths_triton_backend():
+    hf = _hf_model(0, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    lengths = [7, 3]
+    codes = torch.randint(0, 16, (2, 4, max(lengths)))
+    wav = _stream(model, codes, [2, 1, 4])
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            alone = hf(codes[b:b + 1, :, :n])
+        torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
+
+
 def test_batched_streams_of_different_lengths_equal_separate_decodes():
     _, model = _models(0)
     lengths = [13, 4, 9]
@@ -843,6 +879,43 @@ def test_gpu_streaming_chunks_bf16_conv_transpose_split_k(monkeypatch, T, c_in, 
     _check_convt(1, c_in, c_in // 2, T, r, 2, snake=True, state=True, dtype=torch.bfloat16)
     _check_convt(1, 1024, 1024, T, 2, 1, dtype=torch.bfloat16)  # the x2 upsampler (k = s)
     assert max(splits) > 1
+
+
+@pytest.mark.gpu
+def test_gpu_long_decode_channel_offsets_past_2_31():
+    """A one-shot decode of ~15 min has ``C * T > 2^31`` in the last decoder block (96 channels x 22.4 M samples):
+    the kernels' channel offsets are 64-bit. The tail of each output is checked against the reference continued
+    from a state (causal: the tail depends on the last inputs only). ~13 GB of GPU memory."""
+    from omni_fast.models.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
+
+    dt, tail = torch.bfloat16, 1000
+    C = 96
+    T = (1 << 31) // C + 4096
+    x = torch.randn(1, C, T, device=DEVICE, dtype=dt)
+    w = (torch.randn(C, C, 7, device=DEVICE) / (7 * C) ** 0.5).to(dt)
+    b = torch.randn(C, device=DEVICE).to(dt)
+    snake = _snake_params(C, dt)
+    y, _ = omni_fast.ops.causal_conv1d(x, pack_conv1d_weight(w), b, dilation=9, snake=snake, residual=x,
+                                       backend="triton")
+    ctx = 6 * 9
+    kw = dict(dilation=9, snake=snake, residual=x[..., -tail:], state=x[..., -tail - ctx:-tail])
+    same, _ = ref.causal_conv1d(x[..., -tail:], w, b, **kw)
+    exact, _ = ref.causal_conv1d(x[..., -tail:].double(), w.double(), b.double(),
+                                 **{k: _dbl(v) for k, v in kw.items()})
+    assert_matches_reference(y[..., -tail:], exact, same, name="k7 d9 tail")
+    del y
+    r, L = 3, T // 3 + 1  # the block's transposed conv: 192 -> 96 channels, x3
+    xt = torch.randn(1, 2 * C, L, device=DEVICE, dtype=dt)
+    wt = (torch.randn(2 * C, C, 2 * r, device=DEVICE) / (2 * C) ** 0.5).to(dt)
+    st = torch.randn(1, 2 * C, 1, device=DEVICE, dtype=dt)
+    yt, _ = omni_fast.ops.causal_conv_transpose1d(xt, pack_conv_transpose1d_weight(wt), b, stride=r, state=st,
+                                                  backend="triton")
+    assert yt.shape[-1] * C > 1 << 31
+    nb = tail // r
+    same, _ = ref.causal_conv_transpose1d(xt[..., -nb:], wt, b, stride=r, state=xt[..., -nb - 1:-nb])
+    exact, _ = ref.causal_conv_transpose1d(xt[..., -nb:].double(), wt.double(), b.double(), stride=r,
+                                           state=xt[..., -nb - 1:-nb].double())
+    assert_matches_reference(yt[..., -nb * r:], exact, same, name="transposed tail")
 
 
 def _real_hf_model():
