@@ -6,7 +6,8 @@ cycling through several input copies (together >= ~100 MB, at least 4, at most 6
 flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be);
 TFLOP/s, GB/s, % of the roofline the case is bound by, the speed-up of ``omni_fast`` over each other provider, and
 for cases that declare ``units`` (``bench.case.Case``) the time per unit (e.g. ms per code), the real-time factor
-and audio seconds per second. Rows stream to the terminal as they are measured; the run is saved as JSON, a markdown table and a PNG.
+and audio seconds per second. Rows stream to the terminal as they are measured; the run is saved as JSON, a
+markdown table and a PNG.
 
 On a CPU-only machine no timing is taken (it would say nothing about GPU speed): each case's ``check`` runs once
 under the Triton interpreter, then the static sm_90a report is printed.
