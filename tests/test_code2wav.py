@@ -1041,6 +1041,47 @@ def test_graph_bucket_decomposition(monkeypatch):
     assert not s._graphs and not s._fresh_graphs
 
 
+def test_graph_steps_bookkeeping_with_resets(monkeypatch):
+    """_GraphStep's host bookkeeping (frames, pending resets, the state snapshot restored after warm-up) with a CPU
+    stand-in for the capture: it records nothing, so "capture" runs the step and the snapshot is restored again (a
+    real capture runs the step's Python but none of its kernels); a replay runs the step into the static output."""
+    from omni_fast.models import code2wav as mod
+
+    streams = []
+
+    class StandIn:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):  # the step's kernels only: its host-side updates are not part of a graph
+            st = streams[0].state
+            host = (st.frames, st.reset_pending)
+            self.out.copy_(self.fn())
+            st.frames, st.reset_pending = host
+
+    def fake_capture(fn, device=None, *, warmup=2, pool=None, after_warmup=None):
+        for _ in range(warmup):
+            fn()
+        after_warmup()
+        out = fn()
+        after_warmup()
+        return StandIn(fn, out), out
+
+    monkeypatch.setattr(mod, "capture", fake_capture)
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 16))
+    schedule = [(2, []), (4, []), (4, [1]), (1, [0]), (5, [])]
+    eager, starts = _run_with_resets(model, codes, schedule)
+    s = model.stream(2, graph_buckets=(1, 4))
+    s.cuda_graphs, s._pool = True, object()
+    streams.append(s)
+    got, _ = _run_with_resets(model, codes, schedule, stream=s)
+    assert sorted(s._graphs) == [1, 4] and sorted(s._fresh_graphs) == [1, 4]
+    assert s.frames == 16 and s.state.pos.tolist() == [6, 10] and not s.state.reset_pending
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)  # (the last push runs as pieces 4 + 1)
+    _check_utterances(model, codes, got, starts, rtol=1e-4, atol=5e-5)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
 def test_cuda_graphs_need_cuda():
     _, model = _models(0)
