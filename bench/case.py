@@ -4,7 +4,8 @@ A case builds its inputs once on a device and returns, per provider, a zero-argu
 once (inputs already bound). The harness times each callable with CUDA events (rotating through several input
 copies so the L2 cache does not flatter), and divides ``flops`` and ``bytes`` by the time for TFLOP/s, GB/s and
 % of the measured roofline. ``check`` (optional) runs on a CPU under the Triton interpreter with small shapes,
-to prove the kernel correct once when no GPU is present.
+to prove the kernel correct once when no GPU is present. ``units`` (optional) names the work one call does (codes,
+frames, audio seconds) so the report also gives time per unit, and for audio the real-time factor and throughput.
 
 Presets: ``"quick"`` (a few real shapes), ``"full"`` (every shape of the issue) and ``"smoke"`` (the quick cases
 and providers at tiny shapes, fp32: ``python -m bench --preset smoke`` calls every provider once, on a CPU under
@@ -36,6 +37,10 @@ class Case:
     bound: str = "memory"
     check: Callable[[], None] | None = None  # small CPU/interpreter correctness check; raises on mismatch
     tags: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("decode",), ("prefill",)
+    # Work units one call processes, e.g. ``{"code": 10}`` (codes decoded), ``{"frame": B}`` (MTP frames): the
+    # harness adds ``ms_per_<unit>`` per entry. The unit ``"audio_s"`` (seconds of audio produced) adds ``rtf``
+    # (real-time factor = time / audio seconds) and ``audio_s_per_s`` (throughput) instead.
+    units: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

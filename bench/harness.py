@@ -4,7 +4,10 @@ On a GPU, once per run: the roofline of the device (device-to-device copy bandwi
 bf16 8192^3 matmul rate). Then per case and provider: warm-up, then the median of per-call CUDA-event times,
 cycling through several input copies (together >= ~100 MB, at least 4, at most 64) so the L2 cache does not
 flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be);
-TFLOP/s, GB/s, % of the roofline the case is bound by, and the speed-up of ``omni_fast`` over each other provider. Rows stream to the terminal as they are measured; the run is saved as JSON, a markdown table and a PNG.
+TFLOP/s, GB/s, % of the roofline the case is bound by, the speed-up of ``omni_fast`` over each other provider, and
+for cases that declare ``units`` (``bench.case.Case``) the time per unit (e.g. ms per code), the real-time factor
+and audio seconds per second. Rows stream to the terminal as they are measured; the run is saved as JSON, a
+markdown table and a PNG.
 
 On a CPU-only machine no timing is taken (it would say nothing about GPU speed): each case's ``check`` runs once
 under the Triton interpreter, then the static sm_90a report is printed.
@@ -174,6 +177,8 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
     for prov in names:
         row = {"op": case.op, "case": case.name, "provider": prov, "params": case.params, "bound": bound,
                "flops": case.flops, "bytes": case.bytes, "copies": len(copies)}
+        if case.units:
+            row["units"] = dict(case.units)
         if isinstance(copies[0][prov], Unavailable):  # cannot run here: a row that says why
             row["skipped"] = copies[0][prov].reason
             rows.append(row)
@@ -184,6 +189,7 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
             row.update(ms=ms, host_ms=t["host_ms"], tflops=case.flops / ms / 1e9, gbps=case.bytes / ms / 1e6)
             peak = roofline["copy_gbps"] if bound == "memory" else roofline["matmul_tflops"]
             row["pct_roofline"] = 100 * (row["gbps"] if bound == "memory" else row["tflops"]) / peak
+            row.update(unit_fields(case.units, ms))
         except Exception as exc:  # a provider failing must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
@@ -195,13 +201,39 @@ def bench_case(case: Case, device: torch.device, roofline: dict, providers: Sequ
     return rows
 
 
+AUDIO_UNIT = "audio_s"  # Case.units key for seconds of audio produced per call
+
+
+def unit_fields(units: dict, ms: float) -> dict:
+    """Per-unit fields of a row timed at ``ms`` per call: ``ms_per_<unit>`` for each unit of ``Case.units``, and
+    for ``audio_s`` the real-time factor ``rtf`` (time / audio seconds; < 1 is faster than real time) and
+    ``audio_s_per_s`` (audio seconds produced per second, the throughput)."""
+    out = {}
+    for unit, n in units.items():
+        if n <= 0:
+            continue
+        if unit == AUDIO_UNIT:
+            out["rtf"] = ms / 1e3 / n
+            out["audio_s_per_s"] = n / (ms / 1e3)
+        else:
+            out[f"ms_per_{unit}"] = ms / n
+    return out
+
+
 # --- output --------------------------------------------------------------------------------------------------
 
 COLUMNS = [("case", "case", "{}"), ("provider", "provider", "{}"), ("us", "ms", "{:.2f}"),
            ("host us", "host_ms", "{:.1f}"),
            ("TFLOP/s", "tflops", "{:.3g}"), ("GB/s", "gbps", "{:.0f}"), ("% roof", "pct_roofline", "{:.1f}"),
-           ("omni_fast x", "omni_fast_speedup", "{:.2f}")]
-WIDTHS = [30, 14, 9, 8, 8, 8, 7, 11]
+           ("omni_fast x", "omni_fast_speedup", "{:.2f}"), ("per unit", "per_unit", "{}"), ("RTF", "rtf", "{:.3g}"),
+           ("audio s/s", "audio_s_per_s", "{:.3g}")]
+WIDTHS = [30, 14, 9, 8, 8, 8, 7, 11, 16, 7, 9]
+
+
+def _per_unit(row: dict) -> str | None:
+    """``ms_per_<unit>`` fields as e.g. ``0.123 ms/code`` (None when the case has no units)."""
+    parts = [f"{v:.3g} ms/{k[len('ms_per_'):]}" for k, v in row.items() if k.startswith("ms_per_")]
+    return ", ".join(parts) or None
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -209,6 +241,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return "error"
     if key == "ms" and "skipped" in row:
         return "skipped"
+    if key == "per_unit":
+        return _per_unit(row) or "-"
     v = row.get(key)
     if v is None:
         return "-"
@@ -231,7 +265,10 @@ def markdown(result: dict) -> str:
              f"preset `{result['preset']}`.", "",
              f"Roofline: copy {rf['copy_gbps']:.0f} GB/s (read + write), bf16 matmul {rf['matmul_tflops']:.0f} "
              f"TFLOP/s. `us`: median GPU time per call (CUDA events, host launch work hidden); `host us`: wall time per call "
-             f"with the host in the loop. `omni_fast x` = this provider's time / omni_fast's (> 1: omni_fast faster).",
+             f"with the host in the loop. `omni_fast x` = this provider's time / omni_fast's (> 1: omni_fast faster). "
+             f"`per unit`: time per unit of work (code = one 16-codebook frame of one stream, frame = one MTP "
+             f"frame); `RTF`: time / audio seconds produced (< 1: faster than real time); `audio s/s`: audio "
+             f"seconds produced per second.",
              "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in result["rows"]:

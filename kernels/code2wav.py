@@ -79,13 +79,20 @@ def _load_window(x_ptr, s_ptr, stride_xc, stride_xt, stride_sc, stride_st, offs_
 
     Positions before ``ctx`` come from the state (zeros without one: the causal zero padding), positions past the
     end of x are zeros (transformers' extra right padding of strided convs).
+
+    Channel offsets are 64-bit, computed once per row into a vector of row pointers: ``C * T`` of a long one-shot
+    decode passes 2^31 (96 channels x 22.4 M samples = 15 min of audio in the last decoder block). Time offsets stay
+    32-bit (``T * stride_t < 2^31``: true for channels-first inputs, and for the model's one channels-last view, the
+    pre-transformer output, whose length is in frames), so the per-element address math is unchanged.
     """
     in_x = (pos >= ctx) & (pos < ctx + t_in)
-    v = tl.load(x_ptr + offs_c[:, None] * stride_xc + (pos - ctx)[None, :] * stride_xt,
+    x_rows = x_ptr + offs_c.to(tl.int64) * stride_xc
+    v = tl.load(x_rows[:, None] + ((pos - ctx) * stride_xt)[None, :],
                 mask=mask_c[:, None] & in_x[None, :], other=0.0).to(tl.float32)
     if HAS_STATE:
         in_s = (pos >= 0) & (pos < ctx)
-        v += tl.load(s_ptr + offs_c[:, None] * stride_sc + pos[None, :] * stride_st,
+        s_rows = s_ptr + offs_c.to(tl.int64) * stride_sc
+        v += tl.load(s_rows[:, None] + (pos * stride_st)[None, :],
                      mask=mask_c[:, None] & in_s[None, :], other=0.0).to(tl.float32)
     return v
 
@@ -105,18 +112,20 @@ def _load_activated(x_ptr, s_ptr, alpha_ptr, beta_ptr, stride_xc, stride_xt, str
 def _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
               stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
               PHASES: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Row ``n`` -> (phase ``r``, channel ``co``); add bias and residual in fp32; one rounding on store."""
+    """Row ``n`` -> (phase ``r``, channel ``co``); add bias and residual in fp32; one rounding on store.
+    Channel offsets are 64-bit row pointers, time offsets 32-bit (see :func:`_load_window`)."""
     r = offs_n // co_g
     ch = g * co_g + offs_n % co_g
     t_out = offs_t[None, :] * PHASES + r[:, None]
+    ch64 = ch.to(tl.int64)
     mask = mask_n[:, None] & mask_t[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if RESIDUAL:
-        acc += tl.load(res_ptr + b * stride_rb + ch[:, None] * stride_rc + t_out * stride_rt, mask=mask,
-                       other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * stride_ob + ch[:, None] * stride_oc + t_out * stride_ot,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+        res_rows = res_ptr + b * stride_rb + ch64 * stride_rc
+        acc += tl.load(res_rows[:, None] + t_out * stride_rt, mask=mask, other=0.0).to(tl.float32)
+    out_rows = out_ptr + b * stride_ob + ch64 * stride_oc
+    tl.store(out_rows[:, None] + t_out * stride_ot, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --- kernels -----------------------------------------------------------------------------------------------------
@@ -151,8 +160,9 @@ def conv_gemm_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_n = offs_n < n_rows_g
     mask_t = offs_t < n_cols
-    x_base = x_ptr + b * stride_xb + (g * ci_g) * stride_xc
-    s_base = state_ptr + b * stride_sb + (g * ci_g) * stride_sc
+    c0 = (g * ci_g).to(tl.int64)  # the group's first channel; 64-bit offsets (see _load_window)
+    x_base = x_ptr + b * stride_xb + c0 * stride_xc
+    s_base = state_ptr + b * stride_sb + c0 * stride_sc
     # Tap j's weights start at w_off0 + j * stride_wk (the transposed conv walks its taps backwards).
     w_rows = w_ptr + w_off0 + (g * n_rows_g + offs_n)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -203,7 +213,8 @@ def splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, n_ch, n_t,
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_c = offs_c < n_ch
     mask_t = offs_t < n_t
-    ptrs = ws_ptr + b * stride_wsb + offs_c[:, None] * stride_wsc + offs_t[None, :] * stride_wst
+    ws_rows = ws_ptr + b * stride_wsb + offs_c.to(tl.int64) * stride_wsc  # 64-bit row pointers (_load_window)
+    ptrs = ws_rows[:, None] + (offs_t * stride_wst)[None, :]
     mask = mask_c[:, None] & mask_t[None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
@@ -258,8 +269,8 @@ def snake_kernel(x_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, n_t, stride_xb, stri
     v = _load_window(x_ptr + b * stride_xb, x_ptr, stride_xc, stride_xt, 0, 0, offs_c, mask_c, offs_t, 0, n_t, False)
     v = _snake(v, a, inv_b, MODE)
     mask = mask_c[:, None] & (offs_t < n_t)[None, :]
-    tl.store(out_ptr + b * stride_ob + offs_c[:, None] * stride_oc + offs_t[None, :] * stride_ot,
-             v.to(out_ptr.dtype.element_ty), mask=mask)
+    out_rows = out_ptr + b * stride_ob + offs_c.to(tl.int64) * stride_oc  # 64-bit row pointers (_load_window)
+    tl.store(out_rows[:, None] + (offs_t * stride_ot)[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _GEMM_CONFIGS = [

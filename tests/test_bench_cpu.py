@@ -53,6 +53,25 @@ def test_result_writers(tmp_path, monkeypatch):
     assert "5.00" in harness.format_row(rows[0])  # omni_fast is 5x faster than eager
 
 
+def test_units_give_time_per_unit_rtf_and_throughput(tmp_path):
+    """Case.units -> ms per unit, and for audio seconds the RTF and audio seconds per second, in the JSON rows and
+    the markdown table."""
+    from bench import harness
+
+    assert harness.unit_fields({"code": 10, "audio_s": 0.8}, 2.0) == {"ms_per_code": 0.2, "rtf": 0.0025,
+                                                                    "audio_s_per_s": 400.0}
+    assert harness.unit_fields({"frame": 4}, 1.0) == {"ms_per_frame": 0.25}
+    row = {"op": "code2wav", "case": "stream chunk=10 B=1", "provider": "omni_fast", "ms": 2.0,
+           **harness.unit_fields({"code": 10, "audio_s": 0.8}, 2.0)}
+    plain = {"op": "rope", "case": "rope T=1", "provider": "eager", "ms": 0.01}
+    result = {"device": "Fake GPU", "torch": "x", "triton": "x", "commit": "abc", "date": "today", "preset": "quick",
+              "roofline": {"copy_gbps": 3000.0, "matmul_tflops": 800.0}, "rows": [row, plain]}
+    md = harness.save(result, tmp_path).with_suffix(".md").read_text()
+    assert "| 0.2 ms/code | 0.0025 | 400 |" in md
+    assert "| rope T=1 | eager | 10.00 |" in md and "| - | - | - |" in md  # no units: empty cells
+    assert "0.2 ms/code" in harness.format_row(row)
+
+
 def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     """run_gpu end to end on the CPU with a fake CUDA clock: rows, ratios, table and files (no real timing)."""
     import time
@@ -86,7 +105,8 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
         return {"eager": lambda: x.add(1), "omni_fast": lambda: x.add_(0), "broken": broken,
                 "peer": Unavailable("needs the peer")}  # a "skipped" row with its reason, never called
 
-    case = Case(op="toy", name="toy T=64", params={"T": 64}, setup=setup, flops=64.0, bytes=512.0)
+    case = Case(op="toy", name="toy T=64", params={"T": 64}, setup=setup, flops=64.0, bytes=512.0,
+                units={"code": 8, "audio_s": 0.64})
     rc = harness.run_gpu([case], preset="quick", out_dir=tmp_path)
     out = capsys.readouterr().out
     assert rc == 1  # the broken provider is reported as an error
@@ -95,6 +115,8 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     rows = {r["provider"]: r for r in json.loads(saved.read_text())["rows"]}
     assert rows["omni_fast"]["omni_fast_speedup"] == 1.0
     assert rows["eager"]["gbps"] > 0 and "pct_roofline" in rows["eager"] and "error" in rows["broken"]
+    assert rows["eager"]["ms_per_code"] == rows["eager"]["ms"] / 8 and rows["eager"]["units"]["code"] == 8
+    assert rows["eager"]["rtf"] * rows["eager"]["audio_s_per_s"] == pytest.approx(1.0)
     assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
     assert "| toy T=64 | peer | skipped |" in saved.with_suffix(".md").read_text()
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()

@@ -208,6 +208,16 @@ def test_kernel_causal_conv1d(case, dtype):
     _check_conv(2, 6, case.pop("c_out", 5), 37, dtype=dtype, **case)
 
 
+@pytest.mark.parametrize("T", [1, 2, 13])
+@pytest.mark.parametrize("case", [
+    dict(k=5, d=2, s=3, groups=2),  # strided, dilated, grouped (transformers' extra right padding)
+    dict(k=7, d=3, s=2, snake=True, residual=True),
+    dict(k=3, d=9, s=4),  # an effective kernel of 19 with stride 4
+])
+def test_kernel_causal_conv1d_stride_dilation_combinations(case, T):
+    _check_conv(2, 6, 4, T, **case)
+
+
 @pytest.mark.parametrize("T", [0, 1, 2])
 def test_kernel_causal_conv1d_short_inputs(T):
     _check_conv(1, 6, 5, T, 7, d=3, snake=True, residual=True)
@@ -529,6 +539,32 @@ def test_streaming_equals_one_shot_triton_backend():
     torch.testing.assert_close(_stream(model, codes, [1, 2, 5]), want, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("layout,seed", [(0, 13), (2, 18)])  # seeds drawing [1, 4, 1] and [0, 4, 1] (few pushes)
+def test_streaming_random_chunkings_triton_backend(layout, seed):
+    """Random chunkings (sizes 0..4, single frames included) through the Triton kernels equal transformers'
+    one-shot decode sample for sample, first and last chunk included."""
+    hf = _hf_model(layout, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    rng = random.Random(seed)
+    T = rng.randint(4, 7)
+    codes = torch.randint(0, 16, (1, 4, T))
+    with torch.no_grad():
+        want = hf(codes)
+    torch.testing.assert_close(_stream(model, codes, _random_chunks(rng, T, 4)), want, rtol=1e-4, atol=5e-5)
+
+
+def test_batched_streams_of_different_lengths_triton_backend():
+    hf = _hf_model(0, num_hidden_layers=1)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    lengths = [6, 2]
+    codes = torch.randint(0, 16, (2, 4, max(lengths)))
+    wav = _stream(model, codes, [1, 5])
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            alone = hf(codes[b:b + 1, :, :n])
+        torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
+
+
 def test_batched_streams_of_different_lengths_equal_separate_decodes():
     _, model = _models(0)
     lengths = [13, 4, 9]
@@ -537,6 +573,109 @@ def test_batched_streams_of_different_lengths_equal_separate_decodes():
     for b, n in enumerate(lengths):
         alone = model(codes[b:b + 1, :, :n])
         torch.testing.assert_close(wav[b:b + 1, :, :model.num_samples(n)], alone, rtol=1e-4, atol=5e-5)
+
+
+def _run_with_resets(model, codes, schedule, stream=None):
+    """Push ``codes [B, G, T]`` in chunks; ``schedule`` = [(frames, rows reset before the push)]. Returns the
+    streamed wav [B, 1, n] and, per row, the (first frame, first sample) of each utterance it decoded."""
+    B = codes.shape[0]
+    s = stream or model.stream(B)
+    outs, starts, i, n = [], [[(0, 0)] for _ in range(B)], 0, 0
+    for frames, rows in schedule:
+        if rows:
+            s.reset(rows)
+            for r in rows:
+                starts[r].append((i, n + s.lead_samples))
+        w = s.push(codes[..., i:i + frames])
+        assert w.shape[-1] == model.num_samples(i + frames) - model.num_samples(i)  # the same for every row
+        for r in rows:  # a reset row's first push starts with its lead, zeros
+            assert not w[r, :, :s.lead_samples].any()
+        outs.append(w)
+        i += frames
+        n += w.shape[-1]
+    return torch.cat(outs, -1), starts
+
+
+def _check_utterances(model, codes, wav, starts, **tol):
+    T = codes.shape[-1]
+    for b, utts in enumerate(starts):
+        for u, (f0, s0) in enumerate(utts):
+            f1 = utts[u + 1][0] if u + 1 < len(utts) else T
+            alone = model(codes[b:b + 1, :, f0:f1])
+            got = wav[b:b + 1, :, s0:s0 + alone.shape[-1]]
+            torch.testing.assert_close(got, alone, **tol, msg=lambda m: f"row {b} utterance {u}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rows_reset_mid_stream_equal_their_separate_one_shot_decodes(backend):
+    """Rows started at different times (reset mid-stream, some twice) give exactly the one-shot decodes of their
+    utterances; the other rows are not disturbed. Window 5 < the utterances, so per-row positions and KV lengths
+    matter (the rows' caches are at different fill levels when they attend)."""
+    if backend == "reference":
+        _, model = _models(0)
+        schedule = [(3, []), (2, []), (4, [1]), (1, [2]), (3, [1, 0]), (6, [])]
+    else:
+        hf = _hf_model(1, num_hidden_layers=1)
+        model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+        schedule = [(2, []), (3, [1]), (1, [0]), (4, [])]
+    T = sum(f for f, _ in schedule)
+    codes = torch.randint(0, 16, (3, 4, T))
+    wav, starts = _run_with_resets(model, codes, schedule)
+    _check_utterances(model, codes, wav, starts, rtol=1e-4, atol=5e-5)
+
+
+def test_reset_rows_forms_and_bad_input():
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (3, 4, 9))
+    s = model.stream(3)
+    s.push(codes[..., :3])
+    s.reset(torch.tensor([False, True, False]))  # a bool mask
+    s.reset(2)  # an index
+    assert s.state.fresh.tolist() == [False, True, True] and s.state.pos.tolist() == [3, 0, 0]
+    s.push(codes[..., 3:5])
+    assert s.state.pos.tolist() == [5, 2, 2] and not s.state.fresh.any() and not s.state.reset_pending
+    s.reset(torch.tensor([0]))  # an index tensor
+    wav = s.push(codes[..., 5:9])
+    assert s.state.pos.tolist() == [4, 6, 6]
+    torch.testing.assert_close(wav[:1, :, s.lead_samples:], model(codes[:1, :, 5:9]), rtol=1e-4, atol=5e-5)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\)"):
+        s.reset([3])
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        s.reset(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="bool mask"):
+        s.reset(True)
+    with pytest.raises(TypeError, match="row indices"):
+        s.reset(["a"])
+    s.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        s.reset([0])
+
+
+def test_stream_state_with_resets_resumes_in_a_new_stream():
+    """A state saved with per-row positions and a reset still pending resumes exactly."""
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 12))
+    s = model.stream(2)
+    a, starts = _run_with_resets(model, codes[..., :7], [(4, []), (3, [1])], stream=s)
+    s.reset([0])  # pending when the state moves
+    resumed = model.stream(2, state=s.state)
+    b = resumed.push(codes[..., 7:])
+    wav = torch.cat((a, b), -1)
+    starts[0].append((7, a.shape[-1] + resumed.lead_samples))
+    _check_utterances(model, codes, wav, starts, rtol=1e-4, atol=5e-5)
+
+
+def test_old_format_stream_state_is_refused():
+    _, model = _models(0)
+    s = model.stream(2)
+    s.push(torch.zeros(2, 4, 2, dtype=torch.long))
+    st = s.state
+    st.pos = st.pos[0].clone()  # the former shared 0-d position
+    with pytest.raises(ValueError, match="former format"):
+        model.stream(2, state=st)
+    st.pos = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"pos must be an int64 \[B\]"):
+        model.stream(2, state=st)
 
 
 def test_stream_state_resumes_in_a_new_stream():
@@ -580,7 +719,11 @@ def test_model_bad_codes():
         model(torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match="3 dimensions"):
         model(torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"codes must lie in"):  # check_values=True checks on any device
+        model(torch.full((1, 4, 3), 16), check_values=True)
     s = model.stream(2)
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        s.push(torch.full((2, 4, 1), 99), check_values=True)
     with pytest.raises(ValueError, match="batch size 2"):
         s.push(torch.zeros(1, 4, 3, dtype=torch.long))
     s.finish()
@@ -648,6 +791,7 @@ def _conv_call(**over):
     (dict(x=torch.randn(6, 9)), ValueError, "x must have 3 dimensions"),
     (dict(x=torch.randint(0, 3, (2, 6, 9))), TypeError, "x must have dtype"),
     (dict(dilation=0), ValueError, "dilation must be in"),
+    (dict(weight=torch.randn(5, 6, 0)), ValueError, "kernel size of at least 1"),
 ])
 def test_conv_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):
@@ -659,6 +803,7 @@ def test_conv_bad_input(over, exc, match):
     (dict(weight=torch.randn(6, 5, 5)), ValueError, "multiple of stride"),
     (dict(state=torch.randn(2, 6, 2)), ValueError, "state must have shape"),
     (dict(x=torch.randn(2, 6, 0)), ValueError, "at least 1 input samples"),
+    (dict(weight=torch.randn(6, 5, 0)), ValueError, "kernel size of at least 1"),
     (dict(snake=(torch.randn(6), torch.randn(6, dtype=torch.float16))), TypeError, "same dtype"),
 ])
 def test_conv_transpose_bad_input(over, exc, match):
@@ -694,6 +839,131 @@ def test_gpu_real_shapes_bf16_conv_transpose(c_in, r):
     _check_convt(2, 1024, 1024, 77, 2, 1, dtype=torch.bfloat16)
 
 
+def _spy_split_k(monkeypatch):
+    """Record the split-K factors the GEMM launches choose (the streaming path: small tile + splitk_reduce_kernel
+    when the split is > 1)."""
+    from omni_fast.kernels import code2wav as kernels
+
+    splits, choose = [], kernels._choose_split_k
+
+    def spy(*args):
+        splits.append(choose(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(kernels, "_choose_split_k", spy)
+    return splits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 20])
+@pytest.mark.parametrize("c_in,c_out,k,d,snake,residual", [
+    (768, 768, 7, 1, True, True),  # dense k7, SnakeBeta in and a residual out
+    (384, 384, 7, 9, True, False),  # a residual unit's dilated k7
+    (1024, 1536, 7, 1, False, False),  # decoder.0
+    (768, 768, 1, 1, True, True),  # a residual unit's k1
+])
+def test_gpu_streaming_chunks_bf16_conv_split_k(monkeypatch, T, c_in, c_out, k, d, snake, residual):
+    """Streaming-sized chunks (n_cols <= 32: the fixed small tile, split-K partials and splitk_reduce_kernel) at
+    the real shapes in bf16, with a carried state, batch 1 and 4."""
+    splits = _spy_split_k(monkeypatch)
+    for B in (1, 4):
+        _check_conv(B, c_in, c_out, T, k, d=d, snake=snake, residual=residual, state=True, dtype=torch.bfloat16)
+    assert max(splits) > 1  # the split-K path ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 20])
+@pytest.mark.parametrize("c_in,r", [(1536, 8), (768, 5), (384, 4), (192, 3)])
+def test_gpu_streaming_chunks_bf16_conv_transpose_split_k(monkeypatch, T, c_in, r):
+    splits = _spy_split_k(monkeypatch)
+    _check_convt(1, c_in, c_in // 2, T, r, 2, snake=True, state=True, dtype=torch.bfloat16)
+    _check_convt(1, 1024, 1024, T, 2, 1, dtype=torch.bfloat16)  # the x2 upsampler (k = s)
+    assert max(splits) > 1
+
+
+@pytest.mark.gpu
+def test_gpu_long_decode_channel_offsets_past_2_31():
+    """A one-shot decode of ~15 min has ``C * T > 2^31`` in the last decoder block (96 channels x 22.4 M samples):
+    the kernels' channel offsets are 64-bit. The tail of each output is checked against the reference continued
+    from a state (causal: the tail depends on the last inputs only). ~13 GB of GPU memory."""
+    from omni_fast.models.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
+
+    dt, tail = torch.bfloat16, 1000
+    C = 96
+    T = (1 << 31) // C + 4096
+    x = torch.randn(1, C, T, device=DEVICE, dtype=dt)
+    w = (torch.randn(C, C, 7, device=DEVICE) / (7 * C) ** 0.5).to(dt)
+    b = torch.randn(C, device=DEVICE).to(dt)
+    snake = _snake_params(C, dt)
+    y, _ = omni_fast.ops.causal_conv1d(x, pack_conv1d_weight(w), b, dilation=9, snake=snake, residual=x,
+                                       backend="triton")
+    ctx = 6 * 9
+    kw = dict(dilation=9, snake=snake, residual=x[..., -tail:], state=x[..., -tail - ctx:-tail])
+    same, _ = ref.causal_conv1d(x[..., -tail:], w, b, **kw)
+    exact, _ = ref.causal_conv1d(x[..., -tail:].double(), w.double(), b.double(),
+                                 **{k: _dbl(v) for k, v in kw.items()})
+    assert_matches_reference(y[..., -tail:], exact, same, name="k7 d9 tail")
+    del y
+    r, L = 3, T // 3 + 1  # the block's transposed conv: 192 -> 96 channels, x3
+    xt = torch.randn(1, 2 * C, L, device=DEVICE, dtype=dt)
+    wt = (torch.randn(2 * C, C, 2 * r, device=DEVICE) / (2 * C) ** 0.5).to(dt)
+    st = torch.randn(1, 2 * C, 1, device=DEVICE, dtype=dt)
+    yt, _ = omni_fast.ops.causal_conv_transpose1d(xt, pack_conv_transpose1d_weight(wt), b, stride=r, state=st,
+                                                  backend="triton")
+    assert yt.shape[-1] * C > 1 << 31
+    nb = tail // r
+    same, _ = ref.causal_conv_transpose1d(xt[..., -nb:], wt, b, stride=r, state=xt[..., -nb - 1:-nb])
+    exact, _ = ref.causal_conv_transpose1d(xt[..., -nb:].double(), wt.double(), b.double(), stride=r,
+                                           state=xt[..., -nb - 1:-nb].double())
+    assert_matches_reference(yt[..., -nb * r:], exact, same, name="transposed tail")
+
+
+def _real_hf_model():
+    """transformers' Code2Wav with the real config and random weights (fp32; ~0.8 GB). The output conv is scaled
+    so the waveform stays mostly inside the clamp (mean |wav| ~0.13 on 6 frames, nothing clipped)."""
+    torch.manual_seed(0)
+    hf = _randomize(q3.Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig()).eval())
+    with torch.no_grad():
+        hf.decoder[-1].conv.weight.mul_(0.004)
+    return hf.to(DEVICE)
+
+
+@pytest.mark.gpu
+def test_gpu_real_config_one_frame_pushes_bf16(monkeypatch):
+    """The real config (random weights) in bf16 on the Triton backend: 1-frame pushes (split-K convs, the
+    1-query attention) equal the one-shot decode and transformers within bf16 error, also with a row reset
+    mid-stream."""
+    hf = _real_hf_model()
+    codes = torch.randint(0, 2048, (2, 16, 8), device=DEVICE)
+    with torch.no_grad():
+        exact, alone_exact = hf(codes), hf(codes[1:, :, 3:])  # row 1 restarts at frame 3 below
+        assert 0.02 < exact.abs().mean() < 0.5
+        hf = hf.to(torch.bfloat16)
+        want, alone = hf(codes), hf(codes[1:, :, 3:])
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    splits = _spy_split_k(monkeypatch)
+    one_shot = model(codes)
+    assert_matches_reference(one_shot, exact, want, factor=3.0, name="one-shot")
+    streamed = _stream(model, codes, [1] * 8)
+    assert max(splits) > 1
+    assert_matches_reference(streamed, exact, want, factor=3.0, name="1-frame pushes")
+    wav, starts = _run_with_resets(model, codes, [(1, [])] * 3 + [(1, [1])] + [(1, [])] * 4)
+    assert starts[1][1] == (3, model.num_samples(3) + 555)
+    assert_matches_reference(wav[1:, :, starts[1][1][1]:], alone_exact, alone, factor=3.0, name="reset row")
+
+
+@pytest.mark.gpu
+def test_gpu_codes_out_of_range_checked_on_request():
+    """On CUDA the code range is not checked by default (a host sync); check_values=True checks it."""
+    _, model = _models(0)
+    model = model.to(DEVICE)
+    bad = torch.full((1, 4, 3), 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        model(bad, check_values=True)
+    with pytest.raises(ValueError, match=r"codes must lie in"):
+        model.stream(1).push(bad, check_values=True)
+
+
 @pytest.mark.gpu
 def test_gpu_model_bf16_one_shot_and_streamed():
     """bf16 on the GPU (Triton backend): one-shot and streamed errors vs the fp32 decode stay within a small factor
@@ -713,7 +983,7 @@ def test_gpu_model_bf16_one_shot_and_streamed():
 
 
 def _state_tensors(st):
-    out = {"pos": st.pos, **{f"conv {k}": v for k, v in st.conv.items()}}
+    out = {"pos": st.pos, "fresh": st.fresh, **{f"conv {k}": v for k, v in st.conv.items()}}
     for i, kv in enumerate(st.kv):
         out[f"k{i}"], out[f"v{i}"] = kv
     return out
@@ -730,7 +1000,7 @@ def test_stream_state_is_updated_in_place_after_the_first_push():
         s.push(codes[..., a:e])
     after = {k: (v.data_ptr(), tuple(v.shape)) for k, v in _state_tensors(s.state).items()}
     assert before == after
-    assert int(s.state.pos) == s.frames == 12
+    assert s.state.pos.tolist() == [12, 12] and s.frames == 12
 
 
 def test_graph_bucket_decomposition(monkeypatch):
@@ -741,13 +1011,13 @@ def test_graph_bucket_decomposition(monkeypatch):
     sizes = []
 
     class FakeGraph:
-        def __init__(self, stream, frames):
-            self.stream, self.frames = stream, frames
+        def __init__(self, stream, frames, fresh=False):
+            self.stream, self.frames, self.fresh = stream, frames, fresh
 
         def __call__(self, codes):
             assert codes.shape[-1] == self.frames
             sizes.append(self.frames)
-            return self.stream._step(codes)
+            return self.stream._step(codes, self.fresh)
 
     monkeypatch.setattr(mod, "_GraphStep", FakeGraph)
     _, model = _models(0)
@@ -757,6 +1027,59 @@ def test_graph_bucket_decomposition(monkeypatch):
     got = torch.cat([s.push(codes[..., :2]), s.push(codes[..., 2:13]), s.push(codes[..., 13:])], dim=-1)
     assert sizes == [4, 4, 1, 1, 1, 4, 1, 1, 1]
     torch.testing.assert_close(got, model(codes), rtol=1e-4, atol=5e-5)
+    # a long-lived stream: reset() keeps its graphs; the first push after it replays a "fresh" graph for its
+    # first piece only, then the usual ones
+    graphs = dict(s._graphs)
+    s.reset([0])
+    assert s._graphs == graphs
+    sizes.clear()
+    more = torch.randint(0, 16, (1, 4, 6))
+    wav = s.push(more)
+    assert sizes == [4, 1, 1] and sorted(s._fresh_graphs) == [4] and s._graphs == graphs
+    torch.testing.assert_close(wav[..., s.lead_samples:], model(more), rtol=1e-4, atol=5e-5)
+    s.finish()
+    assert not s._graphs and not s._fresh_graphs
+
+
+def test_graph_steps_bookkeeping_with_resets(monkeypatch):
+    """_GraphStep's host bookkeeping (frames, pending resets, the state snapshot restored after warm-up) with a CPU
+    stand-in for the capture: it records nothing, so "capture" runs the step and the snapshot is restored again (a
+    real capture runs the step's Python but none of its kernels); a replay runs the step into the static output."""
+    from omni_fast.models import code2wav as mod
+
+    streams = []
+
+    class StandIn:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):  # the step's kernels only: its host-side updates are not part of a graph
+            st = streams[0].state
+            host = (st.frames, st.reset_pending)
+            self.out.copy_(self.fn())
+            st.frames, st.reset_pending = host
+
+    def fake_capture(fn, device=None, *, warmup=2, pool=None, after_warmup=None):
+        for _ in range(warmup):
+            fn()
+        after_warmup()
+        out = fn()
+        after_warmup()
+        return StandIn(fn, out), out
+
+    monkeypatch.setattr(mod, "capture", fake_capture)
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (2, 4, 16))
+    schedule = [(2, []), (4, []), (4, [1]), (1, [0]), (5, [])]
+    eager, starts = _run_with_resets(model, codes, schedule)
+    s = model.stream(2, graph_buckets=(1, 4))
+    s.cuda_graphs, s._pool = True, object()
+    streams.append(s)
+    got, _ = _run_with_resets(model, codes, schedule, stream=s)
+    assert sorted(s._graphs) == [1, 4] and sorted(s._fresh_graphs) == [1, 4]
+    assert s.frames == 16 and s.state.pos.tolist() == [6, 10] and not s.state.reset_pending
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)  # (the last push runs as pieces 4 + 1)
+    _check_utterances(model, codes, got, starts, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
@@ -777,6 +1100,22 @@ def test_gpu_cuda_graph_stream_equals_eager_stream(batch):
     got = torch.cat([s.push(codes[..., a:e]) for a, e in ((0, 2), (2, 3), (3, 13), (13, 30))], dim=-1)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
     assert len(s._graphs) == 4  # buckets 1, 2, 8, 16
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_stream_with_resets_equals_eager_stream():
+    """Rows reset mid-stream under CUDA graphs (the graphs of the stream are reused across resets; the first push
+    after a reset replays a "fresh" graph) equal the eager stream and the separate one-shot decodes."""
+    hf = _hf_model(0, sliding_window=72).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (3, 4, 100), device=DEVICE)
+    schedule = [(1, []), (8, []), (8, [1]), (1, [2]), (40, [0]), (8, [1, 2]), (34, [])]
+    eager, starts = _run_with_resets(model, codes, schedule)
+    s = model.stream(3, cuda_graphs=True, graph_buckets=(1, 8, 32))
+    got, _ = _run_with_resets(model, codes, schedule, stream=s)
+    assert sorted(s._graphs) == [1, 8, 32] and sorted(s._fresh_graphs) == [1, 8, 32]
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=5e-5)
+    _check_utterances(model, codes, got, starts, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.gpu

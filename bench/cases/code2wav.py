@@ -8,7 +8,9 @@
 - the pre-transformer alone per push (8 layers, window 72, caches full): omni-fast's stream stage (attention,
   RoPE, norms on omni-fast ops) vs transformers' ``pre_transformer`` re-encoding 25 frames of left context.
 
-ms per code = time / (batch * frames); RTF = time / audio seconds. ``flops`` counts the useful multiply-adds of the
+Every case declares ``units`` (codes = batch x frames per call, and their audio seconds; the pre-transformer cases
+codes only), so the report gives ms per code = time / (batch * frames), RTF = time / audio seconds and audio seconds
+per second next to % of roofline. ``flops`` counts the useful multiply-adds of the
 new frames only (re-decoded context is waste), ``bytes`` the weights read once plus codes in and audio out.
 """
 
@@ -99,6 +101,12 @@ def _flops_per_frame(cfg) -> float:
     return 2.0 * macs
 
 
+def _units(codes: int) -> dict:
+    """``Case.units`` of a call decoding ``codes`` frames in all (batch x frames per stream): ms per code, and the
+    audio they make (1920 samples at 24 kHz = 80 ms per code) for the RTF and audio seconds per second."""
+    return {"code": codes, "audio_s": codes / FRAME_RATE}
+
+
 def _streaming_case(chunk: int, tiny: bool = False, frames_warm: int = 80) -> Case:
     def setup(device):
         from omni_fast.reference.code2wav import code2wav_forward
@@ -134,7 +142,7 @@ def _streaming_case(chunk: int, tiny: bool = False, frames_warm: int = 80) -> Ca
     return Case(op="code2wav", name=f"stream chunk={chunk} B=1", params=dict(mode="stream", chunk=chunk, batch=1,
                                                                             frames=chunk, left_context=LEFT_CONTEXT),
                 setup=setup, flops=_flops_per_frame(cfg) * chunk, bytes=_real_weight_bytes(tiny), bound="memory",
-                check=_check, tags=("stream",))
+                check=_check, tags=("stream",), units=_units(chunk))
 
 
 def _oneshot_case(batch: int, seconds: float, chunked: bool, tiny: bool = False) -> Case:
@@ -166,7 +174,7 @@ def _oneshot_case(batch: int, seconds: float, chunked: bool, tiny: bool = False)
                 params=dict(mode="oneshot", batch=batch, frames=frames, audio_seconds=seconds * batch),
                 setup=setup, flops=_flops_per_frame(cfg) * frames * batch,
                 bytes=_real_weight_bytes(tiny) + batch * frames * (cfg.num_quantizers * 8 + cfg.total_upsample * elem),
-                bound="compute", check=_check, tags=("throughput",))
+                bound="compute", check=_check, tags=("throughput",), units=_units(frames * batch))
 
 
 def _pre_transformer_case(chunk: int, batch: int, tiny: bool = False, frames_warm: int = 80) -> Case:
@@ -201,7 +209,8 @@ def _pre_transformer_case(chunk: int, batch: int, tiny: bool = False, frames_war
                 params=dict(mode="pre_transformer", chunk=chunk, batch=batch, frames=chunk,
                             left_context=LEFT_CONTEXT),
                 setup=setup, flops=2.0 * (weight_macs + attn_macs) * chunk * batch,
-                bytes=elem * weight_macs + kv_bytes, bound="auto", check=_check, tags=("pre_transformer",))
+                bytes=elem * weight_macs + kv_bytes, bound="auto", check=_check, tags=("pre_transformer",),
+                units={"code": chunk * batch})
 
 
 @functools.lru_cache(maxsize=2)

@@ -134,5 +134,6 @@ def cases(preset: str) -> list[Case]:
             bound="memory",
             check=_check if B == batches[0] else None,
             tags=("decode",),
+            units={"frame": B},  # ms per frame (one frame per stream per call)
         ))
     return out

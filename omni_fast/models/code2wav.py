@@ -19,12 +19,20 @@ Why streaming is exact and needs no look-ahead (see docs/code2wav.md): every lay
 
 So the decode of ``T`` frames is a prefix of the decode of any continuation: ``push`` returns exactly the new
 samples (``1920 t`` per ``t`` frames after the first push, ``1920 t - 555`` on the first, with the real config) and
-``finish()`` has no tail to flush. Batched streams advance in lockstep; streams of different lengths can share a
-batch by padding the shorter ones with any codes, then keeping the first :meth:`Code2Wav.num_samples` samples.
+``finish()`` has no tail to flush.
+
+Batches: the rows of a stream are independent streams that push the same number of frames per call (one chunk
+length per push, so shapes stay fixed for CUDA graphs). Each row has its own position (``StreamState.pos [B]``, on
+the device) and its own valid KV-cache length, so :meth:`Code2WavStream.reset` can start a new utterance in some rows
+while the others keep streaming. A reset row's first push returns ``lead_samples`` zeros (555 with the real config:
+the samples a stream's very first push does not return) and then its audio, exactly its one-shot decode.
+Rows whose utterance ended early can keep pushing any codes (e.g. zeros) until reset: the prefix property means
+the samples already returned never change.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -45,19 +53,24 @@ class StreamState:
     """Everything a stream carries between pushes, tied to the model config that made it.
 
     Every tensor keeps its shape and address from the second push on (updates are in-place copies), which is what
-    lets :class:`Code2WavStream` replay CUDA graphs. The KV caches are fixed ``[B, W-1, Hk, D]`` buffers holding the
-    keys/values of the last ``n = min(pos, W-1)`` frames in rows ``0 .. n-1`` (oldest first; the other rows are
-    stale and never read). ``n`` is derived from ``pos``, the RoPE position of the next frame, a device scalar, so
-    nothing about the state lives on the host.
+    lets :class:`Code2WavStream` replay CUDA graphs. The KV caches are fixed ``[B, W-1, Hk, D]`` buffers holding, for
+    row ``b``, the keys/values of its last ``n_b = min(pos[b], W-1)`` frames in rows ``0 .. n_b-1`` (oldest first;
+    the other rows are stale and never read). ``n`` is derived from ``pos``, each row's RoPE position of its next
+    frame, on the device, so nothing about the state's values lives on the host.
+
+    Format 2 (per-row positions): a state of the former format (a shared 0-d ``pos``, no ``fresh``) is refused.
     """
 
     config: Code2WavConfig
     batch_size: int
-    pos: torch.Tensor  # int64 0-d device tensor: the position of the next frame
+    pos: torch.Tensor  # int64 [B] device tensor: each row's position of its next frame
     kv: list  # per pre-transformer layer: (k, v) [B, W-1, Hk, D] each
     conv: dict = field(default_factory=dict)  # per conv layer: raw left context [B, C_in, ctx] (absent at start)
-    frames: int = 0  # frames pushed so far (host copy of pos)
+    # bool [B] device tensor: rows reset since their last push (their next push starts a new utterance mid-stream)
+    fresh: torch.Tensor | None = None
+    frames: int = 0  # frames pushed through the stream so far (host; every row advances by the same count per push)
     finished: bool = False
+    reset_pending: bool = False  # host: some row was reset and has not pushed since (the next push masks its lead)
 
 
 class Code2Wav:
@@ -131,26 +144,33 @@ class Code2Wav:
         return self.config.num_samples(frames)
 
     @torch.no_grad()
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes int ``[B, G, T]`` -> wav ``[B, 1, num_samples(T)]`` in the weights' dtype, as transformers."""
-        self._check_codes(codes)
-        return self.stream(codes.shape[0]).push(codes)
+    def forward(self, codes: torch.Tensor, *, check_values: bool | None = None) -> torch.Tensor:
+        """codes int ``[B, G, T]`` -> wav ``[B, 1, num_samples(T)]`` in the weights' dtype, as transformers.
+
+        ``check_values``: whether to check that every code lies in ``[0, codebook_size)`` (a host sync on CUDA).
+        The default (None) checks CPU tensors only, as every omni-fast op does (:mod:`omni_fast.validation`); an
+        out-of-range code on CUDA is then not caught (the embedding lookup reads out of bounds). Pass True on CUDA
+        to check (never while capturing a CUDA graph)."""
+        self._check_codes(codes, check_values=check_values)
+        return self.stream(codes.shape[0]).push(codes, check_values=False)
 
     __call__ = forward
 
     @torch.no_grad()
-    def chunked_decode(self, codes: torch.Tensor, chunk_size: int = 300, left_context_size: int = 25) -> torch.Tensor:
+    def chunked_decode(self, codes: torch.Tensor, chunk_size: int = 300, left_context_size: int = 25, *,
+                       check_values: bool | None = None) -> torch.Tensor:
         """transformers' ``chunked_decode``: decode chunks of ``chunk_size`` frames, each re-decoding up to
         ``left_context_size`` previous frames and dropping their ``left_context * 1920`` samples. (It differs from
-        the one-shot decode at every chunk boundary; :meth:`stream` is the exact, cheaper way to stream.)"""
-        self._check_codes(codes)
+        the one-shot decode at every chunk boundary; :meth:`stream` is the exact, cheaper way to stream.)
+        ``check_values`` as in :meth:`forward`."""
+        self._check_codes(codes, check_values=check_values)
         chunk_size = check_positive_int("chunk_size", chunk_size)
         left_context_size = check_positive_int("left_context_size", left_context_size, minimum=0)
         wavs, start = [], 0
         while start < codes.shape[-1]:
             end = min(start + chunk_size, codes.shape[-1])
             ctx = left_context_size if start - left_context_size > 0 else start
-            wav = self.forward(codes[..., start - ctx:end])
+            wav = self.forward(codes[..., start - ctx:end], check_values=False)
             wavs.append(wav[..., ctx * self.total_upsample:])
             start = end
         if not wavs:
@@ -160,10 +180,12 @@ class Code2Wav:
     def stream(self, batch_size: int = 1, *, state: StreamState | None = None, cuda_graphs: bool = False,
                graph_buckets=(1, 2, 4, 8, 16, 32, 64)) -> "Code2WavStream":
         """A stateful decoder for ``batch_size`` independent streams (optionally taking over ``state``; the
-        stream that produced it must not be used afterwards). See :class:`Code2WavStream` for ``cuda_graphs``."""
+        stream that produced it must not be used afterwards). See :class:`Code2WavStream` for ``cuda_graphs`` and
+        for reusing one stream across utterances (:meth:`Code2WavStream.reset`)."""
         return Code2WavStream(self, batch_size, state, cuda_graphs=cuda_graphs, graph_buckets=graph_buckets)
 
-    def _check_codes(self, codes: torch.Tensor, batch_size: int | None = None) -> None:
+    def _check_codes(self, codes: torch.Tensor, batch_size: int | None = None, *,
+                     check_values: bool | None = None) -> None:
         cfg = self.config
         if isinstance(codes, torch.Tensor) and codes.is_floating_point():
             raise TypeError(f"codes must be an integer tensor (int32 or int64), got {codes.dtype}")
@@ -172,15 +194,39 @@ class Code2Wav:
             raise ValueError(f"codes must have {cfg.num_quantizers} codebooks (shape [B, G, T]), got {codes.shape[1]}")
         if batch_size is not None and codes.shape[0] != batch_size:
             raise ValueError(f"codes must have batch size {batch_size} (the stream's), got {codes.shape[0]}")
-        check_index_range("codes", codes, 0, cfg.codebook_size)
+        check_index_range("codes", codes, 0, cfg.codebook_size, check_values=check_values)
+
+    def _lead_samples(self, frames: int) -> list[int] | None:
+        """Per decoder block, the lead (samples at the start of a reset row's first push that its one-shot decode
+        does not have; they must read as zeros to the next layer) when that push has ``frames`` frames, plus the
+        final lead; None when the lead of some layer would not fit in the push (see :meth:`Code2WavStream.reset`).
+
+        A transposed conv with ``k = 2r`` and a state yields ``r`` samples per input, one block more than the
+        one-shot decode's trimmed start: lead ``p`` in gives ``(p + 1) r`` out (555 = ((8 * 5 + 5) * 4 + 4) * 3 + 3
+        for the real rates)."""
+        cfg = self.config
+        n = frames * math.prod(cfg.upsampling_ratios)
+        lead, leads = 0, []
+        for r in cfg.upsample_rates:
+            if lead + 1 > n:  # its lead would spill into the next push
+                return None
+            lead, n = (lead + 1) * r, n * r
+            leads.append(lead)
+        return leads
 
 
 class Code2WavStream:
     """``push(codes [B, G, t]) -> wav [B, 1, n]`` with every sample final so far; ``finish()`` ends the stream.
 
+    The ``B`` rows are independent streams that push ``t`` frames each per call (one chunk length for all rows).
+    :meth:`reset` starts a new utterance in chosen rows (zeroes their state and position) while the others go on,
+    so a serving stack keeps one long-lived stream per batch bucket and recycles rows as utterances finish.
+
     ``cuda_graphs=True`` (CUDA only): after the first push (which creates the per-layer states), each push is cut
     into pieces whose sizes are in ``graph_buckets`` (any chunking gives the same audio) and every piece replays a
-    CUDA graph captured once per bucket for this stream's batch size.
+    CUDA graph captured once per bucket for this stream's batch size (plus one per bucket for the first push after a
+    :meth:`reset`, which masks the reset rows' lead). Graphs survive :meth:`reset` (it updates the state in place);
+    :meth:`finish` ends the stream and frees them.
     """
 
     def __init__(self, model: Code2Wav, batch_size: int, state: StreamState | None = None, *,
@@ -196,7 +242,8 @@ class Code2WavStream:
         elif state.batch_size != batch_size:
             raise ValueError(f"state has batch size {state.batch_size}, the stream {batch_size}")
         else:
-            tensors = dict(state.conv, pos=state.pos)
+            _check_state_format(state, batch_size)
+            tensors = dict(state.conv, pos=state.pos, fresh=state.fresh)
             if len(state.kv) != model.config.num_hidden_layers:
                 raise ValueError(f"state has {len(state.kv)} KV caches, the model "
                                  f"{model.config.num_hidden_layers} pre-transformer layers")
@@ -219,63 +266,125 @@ class Code2WavStream:
                              "the host, which a capture forbids)")
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_buckets = tuple(sorted({check_positive_int("graph bucket", int(b)) for b in graph_buckets}))
-        self._graphs: dict[int, _GraphStep] = {}
+        self._graphs: dict[int, _GraphStep] = {}  # per bucket size
+        self._fresh_graphs: dict[int, _GraphStep] = {}  # per bucket size, for the first push after a reset
         self._pool = None
+        # zeros before a reset row's audio (the same for any push length; 555 with the real config)
+        self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
+
+    def _min_reset_frames(self) -> int:
+        """Fewest frames the first push after a reset may have (1 for the real config; more only for layouts
+        with little upsampling before the decoder blocks)."""
+        t = 1
+        while self.model._lead_samples(t) is None:
+            t += 1
+        return t
 
     @property
     def frames(self) -> int:
         return self.state.frames
 
     @torch.no_grad()
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        """Decode the next ``t >= 0`` frames of every stream; returns the new samples ``[B, 1, n]``."""
+    def push(self, codes: torch.Tensor, *, check_values: bool | None = None) -> torch.Tensor:
+        """Decode the next ``t >= 0`` frames of every row; returns the new samples ``[B, 1, n]`` (the same ``n`` for
+        every row: ``num_samples(frames + t) - num_samples(frames)``). ``check_values`` as in
+        :meth:`Code2Wav.forward` (default: CPU codes only)."""
         m, st = self.model, self.state
         if st.finished:
             raise RuntimeError("push after finish(): start a new stream")
-        m._check_codes(codes, st.batch_size)
+        m._check_codes(codes, st.batch_size, check_values=check_values)
         B, _, t = codes.shape
         if t == 0:
             return torch.zeros(B, 1, 0, dtype=m.dtype, device=m.device)
+        fresh = st.reset_pending
+        if fresh and t < self._min_reset_frames():
+            raise ValueError(f"the first push after reset() needs at least {self._min_reset_frames()} frames with "
+                             f"this config's upsampling layout, got {t}")
         if not self.cuda_graphs or st.frames == 0:
-            return self._step(codes)
+            return self._step(codes, fresh)
         outs, i = [], 0
         while i < t:
             n = max([b for b in self.graph_buckets if b <= t - i] or [1])
+            if fresh and n < self._min_reset_frames():  # (never with the real config) one eager piece
+                n = t - i
             piece = codes[..., i:i + n]
             if n in self.graph_buckets:
-                graph = self._graphs.get(n)
+                graphs = self._fresh_graphs if fresh else self._graphs
+                graph = graphs.get(n)
                 if graph is None:
-                    graph = self._graphs[n] = _GraphStep(self, n)
+                    graph = graphs[n] = _GraphStep(self, n, fresh)
                 outs.append(graph(piece))
             else:
-                outs.append(self._step(piece))
+                outs.append(self._step(piece, fresh))
+            fresh = False
             i += n
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
+    @torch.no_grad()
+    def reset(self, rows) -> None:
+        """Start a new utterance in ``rows`` (a bool mask ``[B]`` or row indices: a tensor on any device, a list or
+        an int); the other rows keep streaming. Zeroes those rows' conv and attention states and positions (eager,
+        in place, no host sync for a device mask: the CUDA graphs of this stream stay valid and are reused).
+
+        The reset rows' next push returns, like every row's, ``num_samples(frames + t) - num_samples(frames)``
+        samples: the first :attr:`lead_samples` of them are zeros (the samples a new stream's very first push does
+        not return: 555 with the real config) and the rest is the new utterance's audio, exactly its one-shot
+        decode from then on. That push needs at least one frame (more only for layouts with little upsampling
+        before the decoder blocks). Before the stream's first push every row starts fresh anyway."""
+        st = self.state
+        if st.finished:
+            raise RuntimeError("reset after finish(): start a new stream")
+        mask = _row_mask(rows, st.batch_size, st.pos.device)
+        st.pos.masked_fill_(mask, 0)
+        for k, v in st.kv:
+            k.masked_fill_(mask[:, None, None, None], 0)
+            v.masked_fill_(mask[:, None, None, None], 0)
+        for c in st.conv.values():
+            c.masked_fill_(mask[:, None, None], 0)
+        if st.frames > 0:  # mid-stream: the reset rows' next push masks their lead
+            st.fresh.logical_or_(mask)
+            st.reset_pending = True
+
     def finish(self) -> torch.Tensor:
-        """End the stream. Returns the tail ``[B, 1, 0]``: empty, since every layer is causal (module docstring)."""
+        """End the stream and free its CUDA graphs (to start a new utterance in a long-lived stream, use
+        :meth:`reset` instead). Returns the tail ``[B, 1, 0]``: empty, since every layer is causal."""
         self.state.finished = True
         self._graphs.clear()
+        self._fresh_graphs.clear()
         return torch.zeros(self.state.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device)
 
     # --- one step (graph-capturable once every state exists) ---------------------------------------------------
 
-    def _step(self, codes: torch.Tensor) -> torch.Tensor:
+    def _step(self, codes: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """One push of ``t`` frames. ``fresh``: some rows were reset since their last push (``state.fresh``): mask
+        their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
+        t = codes.shape[-1]
         h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes))
-        wav = self._convnet(h.permute(0, 2, 1))
-        st.pos += codes.shape[-1]
-        st.frames += codes.shape[-1]
+        wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
+        st.pos += t
+        st.frames += t
+        if fresh:
+            st.fresh.zero_()
+            st.reset_pending = False
         return wav
+
+    def _mask_lead(self, x: torch.Tensor, lead: int) -> torch.Tensor:
+        """Zero the first ``lead`` samples of the reset rows of x ``[B, C, T]`` in place: what the one-shot decode
+        does not have reads as the zero padding it has instead (SnakeBeta(0) = 0, so a conv's zero context)."""
+        if lead > 0:
+            x[..., :lead].masked_fill_(self.state.fresh[:, None, None], 0)
+        return x
 
     def _pre_transformer(self, h: torch.Tensor) -> torch.Tensor:
         """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches.
         ``h`` (contiguous; the fresh code embedding) is the residual stream and is overwritten.
 
         Each layer's attention runs on a working cache ``[B, W-1+t, Hk, D]``: the state's ``W-1`` rows (the last
-        ``n = min(pos, W-1)`` frames first), ``flash_attn_with_kvcache`` appends the ``t`` new keys at row ``n`` and
-        attends with the causal window ``(W-1, 0)`` (bottom-right aligned: query ``i`` sits at row ``n + i``), then
-        rows ``max(n+t-(W-1), 0) ..`` become the new state. One-shot decodes are the ``n = 0`` case; the kernel
+        ``n_b = min(pos[b], W-1)`` frames of row ``b`` first), ``flash_attn_with_kvcache`` appends the ``t`` new keys
+        at row ``n_b`` (per-row ``cache_seqlens``) and attends with the causal window ``(W-1, 0)`` (bottom-right
+        aligned: query ``i`` sits at row ``n_b + i``), then rows ``max(n_b+t-(W-1), 0) ..`` become row ``b``'s new
+        state. RoPE positions are per token (``pos[b] + i``). One-shot decodes are the ``n = 0`` case; the kernel
         visits only the key blocks inside each query block's window, so long inputs cost O(T W), never a T x T mask.
         Shapes depend on ``t`` only and ``n`` stays on the device: one CUDA graph per chunk size.
         """
@@ -286,10 +395,12 @@ class Code2WavStream:
         nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
         keep = cfg.sliding_window - 1  # a frame sees the previous W - 1 frames
         dev = h.device
-        n = st.pos.clamp(max=keep)  # valid cache rows (device scalar: no host sync)
-        cache_seqlens = n.to(torch.int32).repeat(B)
-        keep_rows = (n + t - keep).clamp(min=0) + torch.arange(keep, device=dev)  # rows that become the state
-        positions = (st.pos + torch.arange(t, device=dev)).repeat(B)  # [B * t], batch-major like the tokens
+        n = st.pos.clamp(max=keep)  # [B] valid cache rows per row (on the device: no host sync)
+        cache_seqlens = n.to(torch.int32)
+        # per row, the working-cache rows that become its state: [B, W-1] -> gather index [B, W-1, Hk, D]
+        keep_rows = (n + t - keep).clamp(min=0)[:, None] + torch.arange(keep, device=dev)
+        keep_rows = keep_rows[:, :, None, None].expand(B, keep, nk, D)
+        positions = (st.pos[:, None] + torch.arange(t, device=dev)).reshape(-1)  # [B * t], batch-major
         eps = cfg.rms_norm_eps
         h = h.reshape(N, H)  # the residual stream, updated in place by add_rms_norm_
         first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
@@ -307,8 +418,8 @@ class Code2WavStream:
             v_cache[:, :keep].copy_(past_v)
             o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=True,
                                             window_size=(keep, 0), backend=be)
-            torch.index_select(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
-            torch.index_select(v_cache, 1, keep_rows, out=past_v)
+            torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
+            torch.gather(v_cache, 1, keep_rows, out=past_v)
             o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
             x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
             mlp = F.linear(mtp_layers.silu_mul(F.linear(x, w["gate_up"]), backend=be), w["down"])
@@ -340,9 +451,14 @@ class Code2WavStream:
         self._keep_state(name, new)
         return y
 
-    def _convnet(self, x: torch.Tensor) -> torch.Tensor:
-        """The upsamplers and the decoder on x ``[B, H, t]``; returns the new samples ``[B, 1, n]``."""
+    def _convnet(self, x: torch.Tensor, leads: list[int] | None = None) -> torch.Tensor:
+        """The upsamplers and the decoder on x ``[B, H, t]``; returns the new samples ``[B, 1, n]``.
+
+        ``leads`` (a push after a reset, from :meth:`Code2Wav._lead_samples`): per decoder block, the reset rows'
+        lead after its transposed conv, masked before every stateful conv that reads it; the final lead is masked
+        on the output. (Nothing before the first decoder block has a lead: the upsamplers have ``k = s``.)"""
         cfg, sd = self.model.config, self.model.sd
+        mask = (lambda x, i: self._mask_lead(x, leads[i])) if leads is not None else (lambda x, i: x)
         for i, f in enumerate(cfg.upsampling_ratios):
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
@@ -351,14 +467,17 @@ class Code2WavStream:
         x = self._conv("decoder.0.conv", x)
         for i, r in enumerate(cfg.upsample_rates):
             p = f"decoder.{i + 1}.block."
-            x = self._convt(p + "1.conv", x, r, snake=(sd[p + "0.alpha"], sd[p + "0.beta"]))
+            x = mask(self._convt(p + "1.conv", x, r, snake=(sd[p + "0.alpha"], sd[p + "0.beta"])), i)
             for j, d in enumerate((1, 3, 9)):
                 u = f"{p}{j + 2}."
                 y = self._conv(u + "conv1.conv", x, dilation=d, snake=(sd[u + "act1.alpha"], sd[u + "act1.beta"]))
-                x = self._conv(u + "conv2.conv", y, snake=(sd[u + "act2.alpha"], sd[u + "act2.beta"]), residual=x)
+                # conv2 (k1) has no context, so y's lead needs no mask; the unit's output feeds a stateful conv
+                x = mask(self._conv(u + "conv2.conv", y, snake=(sd[u + "act2.alpha"], sd[u + "act2.beta"]),
+                                    residual=x), i)
         n = len(cfg.upsample_rates)
         x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
-        return x.clamp(min=-1, max=1)
+        x = x.clamp(min=-1, max=1)
+        return mask(x, n - 1) if n else x
 
 
 def _kv_shape(cfg: Code2WavConfig, batch_size: int) -> tuple[int, int, int, int]:
@@ -371,7 +490,47 @@ def _new_state(model: Code2Wav, batch_size: int) -> StreamState:
     # zeros, not empty: the stale rows are never attended to, but they are copied around and must stay finite
     kv = [(torch.zeros(shape, dtype=model.dtype, device=model.device),
            torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
-    return StreamState(cfg, batch_size, pos=torch.zeros((), dtype=torch.long, device=model.device), kv=kv)
+    return StreamState(cfg, batch_size, pos=torch.zeros(batch_size, dtype=torch.long, device=model.device), kv=kv,
+                       fresh=torch.zeros(batch_size, dtype=torch.bool, device=model.device))
+
+
+def _check_state_format(state: StreamState, batch_size: int) -> None:
+    """A resumed state has this version's format: per-row positions ``pos [B]`` (int64) and ``fresh [B]`` (bool)."""
+    pos, fresh = getattr(state, "pos", None), getattr(state, "fresh", None)
+    if not isinstance(pos, torch.Tensor) or pos.dim() == 0 or not isinstance(fresh, torch.Tensor):
+        raise ValueError("state has the former format (one position shared by all rows, 0-d pos): this version "
+                         "keeps a position per row (pos [B]) and cannot resume it; start a new stream")
+    if tuple(pos.shape) != (batch_size,) or pos.dtype != torch.int64:
+        raise ValueError(f"state pos must be an int64 [B] = [{batch_size}] tensor, got {pos.dtype} {list(pos.shape)}")
+    if tuple(fresh.shape) != (batch_size,) or fresh.dtype != torch.bool:
+        raise ValueError(f"state fresh must be a bool [B] = [{batch_size}] tensor, got {fresh.dtype} "
+                         f"{list(fresh.shape)}")
+
+
+def _row_mask(rows, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``rows`` (bool mask ``[B]`` or indices: tensor, list, tuple, range or int) -> a bool ``[B]`` mask on
+    ``device``. Indices are range-checked when they are on the host (no sync for device tensors)."""
+    if isinstance(rows, bool):
+        raise TypeError("rows must be a bool mask [B] or row indices, got a bool")
+    if isinstance(rows, int):
+        rows = [rows]
+    if isinstance(rows, (list, tuple, range)):
+        rows = list(rows)
+        if rows and all(isinstance(r, bool) for r in rows):
+            rows = torch.tensor(rows, dtype=torch.bool)
+        elif all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            rows = torch.tensor(rows, dtype=torch.long)
+        else:
+            raise TypeError("rows must be a bool mask [B] or a list of row indices (ints)")
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a bool mask [B] or row indices, got {type(rows).__name__}")
+    if rows.dtype == torch.bool:
+        if tuple(rows.shape) != (batch_size,):
+            raise ValueError(f"rows as a bool mask must have shape [{batch_size}] (the batch), got {list(rows.shape)}")
+        return rows.to(device)
+    check_tensor("rows", rows, dtypes=INT_DTYPES, ndim=1)
+    check_index_range("rows", rows, 0, batch_size)
+    return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill_(0, rows.to(device), True)
 
 
 def _fuse_layer(cfg: Code2WavConfig, sd: dict, prefix: str) -> dict:
@@ -407,7 +566,7 @@ class _GraphStep:
     then records the step on static buffers: codes in, wav out, every state updated in place.
     """
 
-    def __init__(self, stream: Code2WavStream, frames: int):
+    def __init__(self, stream: Code2WavStream, frames: int, fresh: bool = False):
         st = stream.state
         self.codes = torch.zeros(st.batch_size, stream.model.config.num_quantizers, frames, dtype=torch.long,
                                  device=stream.model.device)
@@ -415,20 +574,24 @@ class _GraphStep:
         if stream._pool is None:  # one memory pool for all of a stream's buckets: replays never overlap
             stream._pool = torch.cuda.graph_pool_handle()
         frames_before = st.frames
-        self.graph, self.out = capture(lambda: stream._step(self.codes), stream.model.device, warmup=1,
+        self.graph, self.out = capture(lambda: stream._step(self.codes, fresh), stream.model.device, warmup=1,
                                        pool=stream._pool, after_warmup=lambda: _restore_state(st, snapshot))
         st.frames = frames_before  # capture records but does not run the step
-        self.state = st
+        st.reset_pending = snapshot["reset_pending"]
+        self.state, self.fresh = st, fresh
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         self.codes.copy_(codes)
         self.graph.replay()
         self.state.frames += self.codes.shape[-1]
+        if self.fresh:
+            self.state.reset_pending = False
         return self.out.clone()
 
 
 def _clone_state(st: StreamState) -> dict:
-    snap = {"pos": st.pos.clone(), "frames": st.frames}
+    snap = {"pos": st.pos.clone(), "fresh": st.fresh.clone(), "frames": st.frames,
+            "reset_pending": st.reset_pending}
     snap["conv"] = {k: v.clone() for k, v in st.conv.items()}
     snap["kv"] = [(k.clone(), v.clone()) for k, v in st.kv]
     return snap
@@ -436,7 +599,9 @@ def _clone_state(st: StreamState) -> dict:
 
 def _restore_state(st: StreamState, snap: dict) -> None:
     st.pos.copy_(snap["pos"])
+    st.fresh.copy_(snap["fresh"])
     st.frames = snap["frames"]
+    st.reset_pending = snap["reset_pending"]
     for k, v in snap["conv"].items():
         st.conv[k].copy_(v)
     for (k, v), (saved_k, saved_v) in zip(st.kv, snap["kv"]):

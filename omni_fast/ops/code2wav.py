@@ -230,6 +230,8 @@ def causal_conv_transpose1d(
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     check_same_dtype(x=x, weight=weight)
     w_in, c_out, k = weight.shape
+    if k < 1:
+        raise ValueError("weight needs a kernel size of at least 1")
     if w_in != c_in:
         raise ValueError(f"channel mismatch: weight [C_in, C_out, k] expects C_in={w_in}, x has C_in={c_in}")
     if k % stride:
