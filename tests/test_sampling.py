@@ -351,22 +351,23 @@ def test_per_row_seed_draws_ignore_the_row_position(backend):
     assert shared[0] == alone and len(set(shared.tolist())) > 1
 
 
-def test_default_offset_is_a_cached_device_zero(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_offset_is_a_cached_device_zero(monkeypatch, backend):
     """offset=None makes no tensor per call (a host->device copy would break a CUDA-graph capture): one cached
     zero per device, equal to offset=0."""
     from omni_fast.ops import sampling as ops_sampling
 
     logits = torch.randn(3, 20, device=DEVICE)
     seed = torch.tensor([9], device=DEVICE)
-    want = omni_fast.ops.sample(logits, seed=seed, offset=0, top_k=5, backend="reference")
-    omni_fast.ops.sample(logits, seed=seed, top_k=5, backend="reference")  # warm-up: the zero is made here
+    want = omni_fast.ops.sample(logits, seed=seed, offset=0, top_k=5, backend=backend)
+    omni_fast.ops.sample(logits, seed=seed, top_k=5, backend=backend)  # warm-up: the zero is made here
     zero = ops_sampling._device_zero(logits.device)
 
     def no_new_tensor(*a, **k):
         raise AssertionError("torch.tensor called on the sampler path")
 
     monkeypatch.setattr(torch, "tensor", no_new_tensor)
-    got = omni_fast.ops.sample(logits, seed=seed, top_k=5, backend="reference")
+    got = omni_fast.ops.sample(logits, seed=seed, top_k=5, backend=backend)
     monkeypatch.undo()
     assert torch.equal(got, want)
     assert ops_sampling._device_zero(logits.device) is zero and zero.tolist() == [0]
