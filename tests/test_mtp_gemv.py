@@ -54,8 +54,8 @@ def _check_linear_residual(M, N, K, dtype, seed):
     assert_matches_reference(tri, exact, same, name=f"linear_residual_ M{M} N{N} K{K}")
 
 
-# M = 1 (15 padding rows of the 16-row tile), 3 / 16 (one tile), 17 / 40 / 70 (two to five tiles); K 1030 and 300 are not
-# multiples of any BLOCK_K; N 24 / 33 not multiples of BLOCK_N.
+# M = 1 (15 padding rows of the 16-row tile), 3 / 16 (one tile), 17 / 40 / 70 (two to five tiles); K 1030 and 300 are
+# not multiples of any BLOCK_K; N 24 / 33 not multiples of BLOCK_N.
 SIZES = [(1, 24, 40), (1, 33, 1030), (3, 17, 300), (16, 16, 64), (17, 33, 70), (40, 16, 130), (70, 9, 48)]
 
 

@@ -233,7 +233,7 @@ def test_chi_square_matches_warped_distribution(temperature, top_k, top_p):
     logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, 0.7])
     probs = torch.softmax(_warp(logits[None], temperature, top_k, top_p)[0], -1).double()
     N = 40000
-    # N independent draws in one call: every row has its own RNG stream (the row is part of the key).
+    # N independent draws in one call: one shared seed, so the row index in the key gives every row its own stream.
     ids = omni_fast.ops.sample(logits.expand(N, -1).contiguous(), temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=1234, backend="reference")
     counts = torch.bincount(ids, minlength=10).double()
