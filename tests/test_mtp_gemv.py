@@ -106,7 +106,8 @@ def test_gemv_blocks_heuristic():
     assert gemv_blocks(3, 10, 20)["BLOCK_K"] == 32  # never wider than the (power-of-two) K
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])  # interpreter: no bf16 dot
 def test_gemv_rows_are_batch_invariant(dtype):
     """Row r of every GEMV form is bit-identical whatever the number of rows M in the launch (1, 3, 16, 17, 64):
     plain, norm prologue, SwiGLU, residual epilogue and the embedding gather."""
