@@ -347,6 +347,7 @@ def test_per_row_seed_draws_ignore_the_row_position(backend):
     kw = dict(top_k=40, top_p=0.95, offset=torch.tensor([5], device=DEVICE), backend=backend)
     base = omni_fast.ops.sample(logits, seed=seeds, **kw)
     assert torch.equal(omni_fast.ops.sample(logits[perm], seed=seeds[perm], **kw), base[perm])
+    assert torch.equal(base, omni_fast.ops.sample(logits, seed=seeds, **{**kw, "backend": "reference"}))
     shared = omni_fast.ops.sample(flat.expand(8, -1).contiguous(), seed=7, offset=2, backend=backend)
     assert shared[0] == alone and len(set(shared.tolist())) > 1
 
