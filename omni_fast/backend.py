@@ -12,7 +12,7 @@ The choice, first match wins: the call's ``backend=`` argument, then the innermo
 ``"auto"`` picks triton for CUDA tensors, triton for CPU tensors under the interpreter, else reference.
 
 Fallback: only some ops have a CUDA C++ implementation. A ``"cuda"`` that comes from a ``use_backend`` block, the
-environment variable or a model's ``backend=`` argument (models apply theirs as a ``use_backend`` block) is a
+environment variable or a model-level ``backend=`` applied as a ``use_backend`` block (``CodePredictor``) is a
 preference for the whole run: each op without a CUDA C++ version runs on ``"triton"`` instead. A ``"cuda"``
 passed as an op call's own ``backend=`` argument pins that op: when the op has no CUDA C++ version it is an error.
 """
