@@ -16,10 +16,14 @@ Roundings are transformers': the linear output is accumulated in fp32 and rounde
 rounded before the multiply by up; the residual add is rounded after the rounded linear output is added.
 
 Decode is memory-bound (every weight byte is read once per step), so the grid is many programs over N (small
-``BLOCK_N``, large ``BLOCK_K``) to spread the weight stream over all SMs; ``M > 1`` uses ``tl.dot`` on ``BLOCK_M``
-(16/32/64) row tiles with fp32 accumulation, ``M = 1`` a broadcast multiply + reduction (no padding of the single
-row to 16). Block sizes are fixed functions of the shape (:func:`gemv_blocks`): nothing is tuned at run time, so
-every launch can be captured in a CUDA graph.
+``BLOCK_N``) to spread the weight stream over all SMs. Every M goes through ``tl.dot`` on 16-row M tiles with fp32
+accumulation, and the block sizes depend on K and N only (:func:`gemv_blocks`): a row's reduction order (the K
+blocks, the order inside one ``tl.dot`` tile) is therefore the same whatever the number of rows, so a frame's
+outputs do not depend on the batch it shares a launch with (BATCH INVARIANCE, tested bit-exactly). On sm_90 a
+16-row ``tl.dot`` lowers to ``mma.sync`` m16n8k16, the same instruction sequence per 16-row tile whatever M is.
+The grid is ``(M tiles, N blocks)`` with the M tiles fastest, so the programs that share a weight tile run side by
+side and all but the first read it from L2. Nothing is tuned at run time, so every launch can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -55,16 +59,12 @@ def _row_rstd(x_ptr, offs_m, mask_m, stride_xm, K, eps, BLOCK_M: tl.constexpr, B
 
 @triton.jit
 def _mac(acc, x, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T`` with fp32 accumulation (``tl.dot`` when BM >= 16)."""
-    if x.shape[0] >= 16:
-        if UPCAST:  # the CPU interpreter's fp16/bf16 dot is not trustworthy; compiled kernels never set this
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    else:
-        # M = 1: products of two model-dtype values are exact in fp32; one fp32 reduction over the K block.
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-    return acc
+    """``acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T`` with fp32 accumulation, always ``tl.dot`` (BM = 16): the one
+    reduction order for every M (batch invariance, see the module doc)."""
+    if UPCAST:  # the CPU interpreter's fp16/bf16 dot is not trustworthy; compiled kernels never set this
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -80,8 +80,8 @@ def gemv_kernel(
     ``GATHER``: x is a table and input row m is ``x[idx[m]]`` (an embedding lookup folded into the prologue); with
     ``STORE_ROWS`` the programs of the first N block also store the gathered rows into ``xg`` ``[M, K]`` (the
     residual stream)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # M tiles fastest: programs sharing a weight tile run together (L2 hits)
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -127,32 +127,25 @@ def gemv_kernel(
 
 
 def gemv_blocks(M: int, N: int, K: int) -> dict:
-    """Fixed launch config for ``M`` rows, ``N`` output columns, ``K`` inputs (no run-time tuning: graph capture).
+    """Fixed launch config for ``N`` output columns and ``K`` inputs: the SAME for every ``M`` (batch invariance:
+    a row's reduction order depends on K only; ``M`` is accepted for the callers' convenience and ignored).
 
-    ``M = 1``: no tensor cores; ``BLOCK_N`` 8 for N <= 1024 (128 programs over the 1024-wide o/down outputs), else
-    16 (qkv 256, lm_head 128, gate/up 192 programs); ``BLOCK_K`` 1024 / 512: an 8192-element (16 KB in bf16) weight
-    tile per iteration and program, so ~2 MB of loads are in flight across the grid (what HBM latency x bandwidth
-    asks for; the reduction loop is not software-pipelined); 8 warps keep that at 32 elements a thread.
-    ``M > 1``: ``tl.dot`` with ``BLOCK_M`` 16 / 32 / 64 (M <= 64 reads each weight tile from HBM once),
-    ``BLOCK_N`` 16 (the smallest dot width: the most programs), ``BLOCK_K`` 256 for 16 rows, 128 for wider row
-    tiles (register and shared-memory budget; the dot loop is pipelined over ``num_stages``), 4 warps.
+    ``BLOCK_M`` 16 (the smallest ``tl.dot`` tile; rows beyond M are masked), ``BLOCK_N`` 16 (the smallest dot width:
+    the most programs over N, i.e. the weight stream spread over the most SMs), ``BLOCK_K`` 256 (a 16 x 256 weight
+    tile, 8 KB in bf16, per iteration; the dot loop is software-pipelined over ``num_stages``), 4 warps. At M = 1
+    15 of the 16 tile rows are padding: tensor-core work is free against the weight bytes, but the old M = 1
+    path (8192-element tiles, 8 warps, no padding) had more bytes in flight per program (docs/mtp.md: the
+    unmeasured speed risk).
     """
-    if M <= 1:
-        bm, warps = 1, 8
-        bn = 8 if N <= 1024 else 16
-        bk = 8192 // bn
-    else:
-        bm, warps = (16 if M <= 16 else 32 if M <= 32 else 64), 4
-        bn = 16
-        bk = 256 if bm == 16 else 128
-    bk = max(16, min(bk, triton.next_power_of_2(max(K, 1))))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    del M
+    bk = max(16, min(256, triton.next_power_of_2(max(K, 1))))
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, num_warps=4)
 
 
 def _launch(x, norm_weight, weight, out, n_out, eps, epilogue, rows=None, gathered=None):
     M, K = out.shape[0], x.shape[1]
     blocks = gemv_blocks(M, n_out, K)
-    grid = (triton.cdiv(n_out, blocks["BLOCK_N"]), triton.cdiv(M, blocks["BLOCK_M"]))
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(n_out, blocks["BLOCK_N"]))  # M tiles fastest
     gather, store = rows is not None, gathered is not None
     launch(gemv_kernel, grid, x, norm_weight if norm_weight is not None else weight, weight, out,
            rows if gather else out, gathered if store else out,
@@ -196,12 +189,12 @@ _SHAPES = {  # name: (N outputs, K, epilogue, norm prologue, embedding gather)
 }
 
 for _dt in ("bf16", "fp16"):
-    for _m in (1, 16, 64):
+    for _m in (1,):  # one config for every M (batch invariance): M is a run-time argument only
         for _name, (_n, _k, _epi, _norm, _gather) in _SHAPES.items():
             _b = gemv_blocks(_m, _n, _k)
             _warps = _b.pop("num_warps")
             static_case(
-                f"gemv_kernel[{_dt},{_name},M{_m}]", gemv_kernel,
+                f"gemv_kernel[{_dt},{_name}]", gemv_kernel,
                 signature={"x_ptr": f"*{_dt}", "nw_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
                            "idx_ptr": "*i64", "xg_ptr": f"*{_dt}",
                            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",

@@ -5,8 +5,8 @@ the ORDERED INTEGER KEYS of the fp32 scores (``key = bits ^ 0x7FFFFFFF`` for neg
 order): each pass evaluates 16 candidate thresholds at once, so at most 8 passes cover the 32-bit key, fewer
 when the search range (top-k: [min, max]; top-p: [k-th largest, max]) is narrower. The search is exact: the top-k threshold is the k-th largest score itself, and the top-p
 threshold is the smallest score whose cumulative mass (of all kept scores <= it) exceeds ``1 - top_p``. The draw is
-``argmax(s + Gumbel)`` with the noise from a 32-bit integer hash of (seed, offset, row, id), bit-identical to
-:mod:`omni_fast.reference.sampling`.
+``argmax(s + Gumbel)`` with the noise from a 32-bit integer hash of (seed, offset, stream, id), bit-identical to
+:mod:`omni_fast.reference.sampling` (stream = the row index for one shared seed, 0 for per-row seeds).
 
 Shapes: logits ``[B, V]`` (unit stride in V; fp32/fp16/bf16), seed/offset int64 ``[1]`` or ``[B]``, prev_ids int64
 ``[B, L]``, suppress int64 ``[R, 2]`` ranges ``[lo, hi)``; out int64 ``[B]``. The row is streamed in blocks of
@@ -37,7 +37,8 @@ def fmix32(x):
 
 @triton.jit
 def row_key(seed, offset, row):
-    """uint32 key of one row's draw; seed/offset int64 scalars, row int32 (see reference.sampling.row_key)."""
+    """uint32 key of one row's draw; seed/offset int64 scalars, row int32: the stream index (the row index for a
+    shared seed, 0 for per-row seeds; see reference.sampling.row_key / stream_index)."""
     k = fmix32((seed & 0xFFFFFFFF).to(tl.uint32) + 0x9E3779B9)
     k = fmix32(k ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
     k = fmix32(k ^ (offset & 0xFFFFFFFF).to(tl.uint32))
@@ -167,7 +168,10 @@ def sample_kernel(
                 lo = new_lo
             pth = hi
         # The race: argmax(s + Gumbel) over the kept ids, lowest id on ties.
-        key = row_key(tl.load(seed_ptr + row * seed_stride), tl.load(offset_ptr + row * offset_stride), row)
+        # per-row seeds (seed_stride 1): the row index stays out of the key, so a row draws the same ids wherever it
+        # sits in the batch; one shared seed (stride 0): the row index tells the rows apart
+        stream = tl.where(seed_stride == 0, row, 0)
+        key = row_key(tl.load(seed_ptr + row * seed_stride), tl.load(offset_ptr + row * offset_stride), stream)
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.full([], 0, tl.int32)
         for b in range(NUM_BLOCKS):

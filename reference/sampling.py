@@ -18,8 +18,11 @@ The distribution is transformers' ``generate(do_sample=True)`` with, in its orde
 
 The draw: ``argmax_j (s_j + g_j)`` over the kept ids (the Gumbel-max trick: ``log p_j = s_j - logsumexp`` and
 the constant drops out), ties to the lowest id, with ``g_j = -log(-log(u_j))`` and ``u_j`` from
-:func:`uniform_bits`, a 32-bit integer hash of (seed, offset, row, id). The kernels compute the same integers, so
-the same seed gives the same ids on every backend (up to an ulp-level near-tie of two race keys, where the
+:func:`uniform_bits`, a 32-bit integer hash of (seed, offset, stream, id). ``stream`` is the row index when one
+``seed`` serves the whole batch (rows must differ), and 0 when ``seed`` is a per-row tensor ``[B]`` (B > 1): a
+row's draws then depend only on its own seed, offset and logits, never on where it sits in the batch (the same
+frame at row 0 alone or at row 3 of five draws the same ids). The kernels compute the same integers, so the same
+seed gives the same ids on every backend (up to an ulp-level near-tie of two race keys, where the
 backends' ``log`` may round differently: probability ~1e-6 per draw).
 
 ``greedy=True``: ``argmax s`` after penalty and suppression (transformers applies no warper when not sampling),
@@ -56,7 +59,8 @@ def fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_key(seed: torch.Tensor, offset: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """uint32 (in int64) key of one row's draw: a chain of :func:`fmix32` over seed, offset (both int64) and row."""
+    """uint32 (in int64) key of one row's draw: a chain of :func:`fmix32` over seed, offset (both int64) and the
+    stream index ``row`` (the row index for a shared seed, 0 for per-row seeds: :func:`stream_index`)."""
     k = fmix32(((seed & MASK32) + GOLDEN) & MASK32)
     k = fmix32(k ^ ((seed >> 32) & MASK32))
     k = fmix32(k ^ (offset & MASK32))
@@ -64,13 +68,21 @@ def row_key(seed: torch.Tensor, offset: torch.Tensor, row: torch.Tensor) -> torc
     return fmix32(k ^ (row & MASK32))
 
 
+def stream_index(seed: torch.Tensor, rows: int) -> torch.Tensor:
+    """int64 ``[rows]``: the index mixed into each row's key: the row index when ``seed`` holds one value (shared
+    by the batch: rows must draw differently), zeros when ``seed`` holds one value per row (a row's stream is its
+    own seed; its position in the batch does not matter). With rows = 1 both give 0."""
+    r = torch.arange(rows, device=seed.device, dtype=torch.long)
+    return r if seed.numel() == 1 else torch.zeros_like(r)
+
+
 def uniform_bits(seed: torch.Tensor, offset: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
     """uint32 (in int64) ``[rows, vocab]`` random bits: ``fmix32(key(row) ^ fmix32(id + SALT))``.
 
-    seed, offset: int64 ``[1]`` or ``[rows]``.
+    seed, offset: int64 ``[1]`` or ``[rows]`` (see :func:`stream_index` for what a per-row seed changes).
     """
     dev = seed.device
-    r = torch.arange(rows, device=dev, dtype=torch.long)
+    r = stream_index(seed.reshape(-1), rows)
     key = row_key(seed.long().expand(rows), offset.long().to(dev).expand(rows), r)  # [rows]
     j = fmix32((torch.arange(vocab, device=dev, dtype=torch.long) + INDEX_SALT) & MASK32)  # [vocab]
     return fmix32(key[:, None] ^ j[None, :])

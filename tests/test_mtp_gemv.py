@@ -54,8 +54,8 @@ def _check_linear_residual(M, N, K, dtype, seed):
     assert_matches_reference(tri, exact, same, name=f"linear_residual_ M{M} N{N} K{K}")
 
 
-# M = 1 (broadcast-reduce path), 3 / 16 (BLOCK_M 16), 17 (32), 40 (64), 70 (two row blocks); K 1030 and 300 are not
-# multiples of any BLOCK_K; N 24 / 33 not multiples of BLOCK_N.
+# M = 1 (15 padding rows of the 16-row tile), 3 / 16 (one tile), 17 / 40 / 70 (two to five tiles); K 1030 and 300 are
+# not multiples of any BLOCK_K; N 24 / 33 not multiples of BLOCK_N.
 SIZES = [(1, 24, 40), (1, 33, 1030), (3, 17, 300), (16, 16, 64), (17, 33, 70), (40, 16, 130), (70, 9, 48)]
 
 
@@ -99,11 +99,38 @@ def test_norm_linear_gathers_embedding_rows(dtype, M, swiglu):
 def test_gemv_blocks_heuristic():
     from omni_fast.kernels.mtp_gemv import gemv_blocks
 
-    assert gemv_blocks(1, 1024, 3072) == dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, num_warps=8)  # down/o: 128 programs
-    assert gemv_blocks(1, 4096, 1024) == dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, num_warps=8)  # qkv: 256 programs
-    assert gemv_blocks(16, 2048, 1024) == dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, num_warps=4)  # lm_head, tl.dot
-    assert gemv_blocks(64, 3072, 1024) == dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, num_warps=4)
+    want = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    for M in (1, 3, 16, 17, 64, 128):  # one config for every M: a row's reduction order depends on K only
+        assert gemv_blocks(M, 1024, 3072) == want
+        assert gemv_blocks(M, 4096, 1024) == want
     assert gemv_blocks(3, 10, 20)["BLOCK_K"] == 32  # never wider than the (power-of-two) K
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])  # interpreter: no bf16 dot
+def test_gemv_rows_are_batch_invariant(dtype):
+    """Row r of every GEMV form is bit-identical whatever the number of rows M in the launch (1, 3, 16, 17, 64):
+    plain, norm prologue, SwiGLU, residual epilogue and the embedding gather."""
+    g = torch.Generator().manual_seed(3)
+    K, N = 80, 40
+    x = _rand(g, 64, K).to(dtype).to(DEVICE)
+    nw = _rand(g, K, scale=0.1, shift=1.0).to(dtype).to(DEVICE)
+    w = _rand(g, 2 * N, K, scale=0.2).to(dtype).to(DEVICE)
+    resid = _rand(g, 64, N).to(dtype).to(DEVICE)
+    table = _rand(g, 30, K).to(dtype).to(DEVICE)
+    ids = torch.randint(0, 30, (64,), generator=g).to(DEVICE)
+    outs = {}
+    for M in (1, 3, 16, 17, 64):
+        r = resid[:M].clone()
+        mtp_layers.linear_residual_(r, x[:M], w[:N], backend="triton")
+        outs[M] = (mtp_layers.norm_linear(x[:M], None, w, backend="triton"),
+                   mtp_layers.norm_linear(x[:M], nw, w, eps=1e-6, backend="triton"),
+                   mtp_layers.norm_linear(x[:M], nw, w, eps=1e-6, swiglu=True, backend="triton"),
+                   r,
+                   mtp_layers.norm_linear(table, nw, w, eps=1e-6, rows=ids[:M], backend="triton"))
+    for M, got in outs.items():
+        for a, b in zip(got, outs[64]):
+            assert torch.equal(a, b[:M]), (M, dtype)
 
 
 # --- attention with the q/k norm + RoPE fused in -------------------------------------------------------------------

@@ -172,12 +172,13 @@ def _emu_sample(lib, logits, *, temperature=1.0, top_k=0, top_p=1.0, suppress_ra
                 prev_ids=None, seed=0, offset=0, greedy=False):
     B, V = logits.shape
     out = torch.full((B,), -7, dtype=torch.long)
-    seed_t = torch.tensor([seed], dtype=torch.long)
+    seed_t = seed.long().reshape(-1).contiguous() if isinstance(seed, torch.Tensor) else torch.tensor([seed])
+    seed_stride = 1 if seed_t.numel() > 1 else 0
     off_t = torch.tensor([offset], dtype=torch.long)
     pen = prev_ids is not None and repetition_penalty != 1.0
     sup = None if suppress_ranges is None else torch.tensor(suppress_ranges, dtype=torch.long)
     lib.emu_sample_f32(
-        B, logits.data_ptr(), out.data_ptr(), logits.stride(0), V, seed_t.data_ptr(), 0, off_t.data_ptr(), 0,
+        B, logits.data_ptr(), out.data_ptr(), logits.stride(0), V, seed_t.data_ptr(), seed_stride, off_t.data_ptr(), 0,
         prev_ids.data_ptr() if pen else out.data_ptr(), prev_ids.stride(0) if pen else 0,
         prev_ids.shape[1] if pen else 0, repetition_penalty, 1.0 / repetition_penalty,
         sup.data_ptr() if sup is not None else out.data_ptr(), 0 if sup is None else sup.shape[0], 1.0 / temperature,
@@ -205,6 +206,20 @@ def test_cuda_kernel_logic_emulated(cuda_emu, V, kw):
     assert torch.equal(got, want)
 
 
+def test_cuda_kernel_per_row_seeds_emulated(cuda_emu):
+    """The CUDA C++ kernel keys per-row seeds without the row index, like the reference: equal seeds on equal rows
+    draw equal ids, and every row equals the reference."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 40, generator=g).expand(2, -1).contiguous() * 0.1  # flat: many ids are likely
+    seeds = torch.tensor([7, 7])
+    got = _emu_sample(cuda_emu, logits, seed=seeds, offset=2, top_k=30)
+    want = ref.sample(logits, seed=seeds, offset=torch.tensor([2]), top_k=30)
+    assert torch.equal(got, want) and got[0] == got[1]
+    shared = _emu_sample(cuda_emu, logits, seed=7, offset=2, top_k=30)
+    assert torch.equal(shared, ref.sample(logits, seed=torch.tensor([7]), offset=torch.tensor([2]), top_k=30))
+    assert shared[0] == got[0]  # row 0 of a shared seed = that seed's stream
+
+
 # --- distribution -----------------------------------------------------------------------------------------------
 
 
@@ -218,7 +233,7 @@ def test_chi_square_matches_warped_distribution(temperature, top_k, top_p):
     logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, 0.7])
     probs = torch.softmax(_warp(logits[None], temperature, top_k, top_p)[0], -1).double()
     N = 40000
-    # N independent draws in one call: every row has its own RNG stream (the row is part of the key).
+    # N independent draws in one call: one shared seed, so the row index in the key gives every row its own stream.
     ids = omni_fast.ops.sample(logits.expand(N, -1).contiguous(), temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=1234, backend="reference")
     counts = torch.bincount(ids, minlength=10).double()
@@ -233,6 +248,59 @@ def test_chi_square_matches_warped_distribution(temperature, top_k, top_p):
     tri = omni_fast.ops.sample(logits.expand(n, -1).contiguous().to(DEVICE), temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=1234, backend="triton")
     assert torch.equal(tri.cpu(), ids[:n])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 0.8), (0.8, 0, 0.9), (1.5, 6, 1.0)])
+def test_gpu_chi_square_matches_warped_distribution(backend, temperature, top_k, top_p):
+    """The GPU samplers' draws follow the warped distribution (the reference test's statistic, 200k draws)."""
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, 0.7])
+    probs = torch.softmax(_warp(logits[None], temperature, top_k, top_p)[0], -1).double()
+    N = 200000
+    ids = omni_fast.ops.sample(logits.expand(N, -1).contiguous().cuda(), temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=4321, backend=backend).cpu()
+    counts = torch.bincount(ids, minlength=10).double()
+    assert counts[probs == 0].sum() == 0
+    live = probs > 0
+    expected = probs[live] * N
+    stat = ((counts[live] - expected) ** 2 / expected).sum().item()
+    df = int(live.sum()) - 1
+    assert df == 0 or stat < _chi2_quantile(df), (stat, df)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_sample_captures_in_a_cuda_graph(backend):
+    """ops.sample captured in a CUDA graph (default offset, i.e. the cached zero; and a device offset) replays the
+    eager draws; new seeds written into the static seed buffer give the eager draws of those seeds."""
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    from omni_fast.models.cuda_graphs import capture
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 2048, generator=g) * 3).to("cuda", torch.bfloat16)
+    seeds = torch.arange(16, device="cuda") * 3 + 1
+    offset = torch.tensor([4], device="cuda")
+    kw = dict(top_k=50, top_p=0.8, temperature=0.9, suppress_ranges=[(2000, 2048)], backend=backend)
+
+    def draw():
+        return (omni_fast.ops.sample(logits, seed=seeds, **kw), omni_fast.ops.sample(logits, seed=seeds,
+                                                                                       offset=offset, **kw))
+
+    eager = [t.clone() for t in draw()]
+    graph, out = capture(draw, "cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    seeds.add_(1000)
+    offset.fill_(9)
+    graph.replay()
+    want = [t.clone() for t in draw()]
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    assert not torch.equal(out[1], eager[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -260,6 +328,50 @@ def test_empty_batch_single_id_and_all_suppressed(backend):
     assert omni_fast.ops.sample(torch.randn(0, 10, device=DEVICE), **kw).shape == (0,)
     assert omni_fast.ops.sample(torch.randn(3, 1, device=DEVICE), **kw).tolist() == [0, 0, 0]
     assert omni_fast.ops.sample(torch.full((2, 5), float("-inf"), device=DEVICE), **kw).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_seed_draws_ignore_the_row_position(backend):
+    """Per-row seeds: a row's draw depends on its seed, offset and logits only. Identical logits with seed 7 in
+    rows 0..2 all draw what row 0 alone draws; permuting the rows permutes the draws. One shared seed still gives
+    the rows different streams (the row index is in the key then)."""
+    g = torch.Generator().manual_seed(4)
+    flat = (torch.randn(1, 64, generator=g) * 0.05).to(DEVICE)  # nearly uniform: streams show in the ids
+    same = omni_fast.ops.sample(flat.expand(3, -1).contiguous(), seed=torch.full((3,), 7, device=DEVICE), offset=2,
+                                backend=backend)
+    alone = omni_fast.ops.sample(flat, seed=7, offset=2, backend=backend)
+    assert same.tolist() == [alone.item()] * 3
+    logits = (torch.randn(5, 64, generator=g) * 0.5).to(DEVICE)
+    seeds = torch.tensor([11, 12, 13, 14, 15], device=DEVICE)
+    perm = torch.tensor([3, 0, 4, 1, 2], device=DEVICE)
+    kw = dict(top_k=40, top_p=0.95, offset=torch.tensor([5], device=DEVICE), backend=backend)
+    base = omni_fast.ops.sample(logits, seed=seeds, **kw)
+    assert torch.equal(omni_fast.ops.sample(logits[perm], seed=seeds[perm], **kw), base[perm])
+    assert torch.equal(base, omni_fast.ops.sample(logits, seed=seeds, **{**kw, "backend": "reference"}))
+    shared = omni_fast.ops.sample(flat.expand(8, -1).contiguous(), seed=7, offset=2, backend=backend)
+    assert shared[0] == alone and len(set(shared.tolist())) > 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_offset_is_a_cached_device_zero(monkeypatch, backend):
+    """offset=None makes no tensor per call (a host->device copy would break a CUDA-graph capture): one cached
+    zero per device, equal to offset=0."""
+    from omni_fast.ops import sampling as ops_sampling
+
+    logits = torch.randn(3, 20, device=DEVICE)
+    seed = torch.tensor([9], device=DEVICE)
+    want = omni_fast.ops.sample(logits, seed=seed, offset=0, top_k=5, backend=backend)
+    omni_fast.ops.sample(logits, seed=seed, top_k=5, backend=backend)  # warm-up: the zero is made here
+    zero = ops_sampling._device_zero(logits.device)
+
+    def no_new_tensor(*a, **k):
+        raise AssertionError("torch.tensor called on the sampler path")
+
+    monkeypatch.setattr(torch, "tensor", no_new_tensor)
+    got = omni_fast.ops.sample(logits, seed=seed, top_k=5, backend=backend)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+    assert ops_sampling._device_zero(logits.device) is zero and zero.tolist() == [0]
 
 
 def test_offset_changes_draws_and_seed_tensor_equals_int():

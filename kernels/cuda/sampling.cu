@@ -198,7 +198,9 @@ __device__ void of_sample_row(const T* logits, of_i64* out, const OfParams p) {
   }
 
   const int sr = p.seed_stride ? row : 0, orow = p.offset_stride ? row : 0;
-  const of_u32 key = of_row_key(p.seed[sr], p.offset[orow], row);
+  // per-row seeds: the row index stays out of the key (a row draws the same ids wherever it sits in the batch);
+  // one shared seed: the row index tells the rows apart
+  const of_u32 key = of_row_key(p.seed[sr], p.offset[orow], p.seed_stride ? 0 : row);
   best = OF_NEG_INF;
   idx = 0x7FFFFFFF;
   for (int j = threadIdx.x; j < V; j += OF_THREADS) {

@@ -3,7 +3,9 @@
  * omni_fast_sample_launch draws one id per row of logits [B, V] (unit stride in V; dtype 0 = fp32, 1 = fp16,
  * 2 = bf16) into out (int64 [B]) on `stream`, with transformers' processors (repetition penalty at prev ids,
  * suppressed id ranges [lo, hi), temperature, top-k, top-p) and omni-fast's counter-based Gumbel race keyed by
- * (seed, offset, row, id): the same ids as omni_fast.ops.sample for the same seed. Returns a cudaError_t.
+ * (seed, offset, stream, id), stream = the row index for one shared seed (seed_stride 0) and 0 for per-row seeds
+ * (seed_stride 1: a row's draws do not depend on its place in the batch): the same ids as omni_fast.ops.sample
+ * for the same seed. Returns a cudaError_t.
  */
 #ifndef OMNI_FAST_SAMPLING_H_
 #define OMNI_FAST_SAMPLING_H_

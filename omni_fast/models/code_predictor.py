@@ -22,11 +22,22 @@ Two layer paths (``fused``, default True):
   ``cached_attention``, ``add_rms_norm_`` (x2), ``silu_mul``; kept so a GPU benchmark can compare the two.
 
 Per step both then sample (:func:`omni_fast.ops.sample`: top-k/top-p/greedy with a counter-based RNG keyed by
-(seed, step, row)) and gather the next codebook's embedding; the frame ends with :func:`omni_fast.ops.rvq_embed`.
+(seed, step, and the row index for one shared seed; per-row seeds leave the row index out, so a frame draws the
+same codes wherever it sits in the batch) and gather the next codebook's embedding; the frame ends with
+:func:`omni_fast.ops.rvq_embed` (one fp32 sum of the G embeddings, rounded once, as transformers' ``.sum(1)``).
+
+Batch invariance: on the fused path every kernel computes a row the same way whatever the batch (the GEMVs use one
+tile config for every M; attention, norms and the sampler work per row), so with per-row seeds (or greedy) row i
+of a batch gets bit-identical codes and ``next_input`` to the same frame run alone. The unfused path's cuBLAS
+matmuls pick their algorithm by M and do not promise this.
+
+Backend: ``predict_frame(backend=...)`` applies to the whole frame like a ``use_backend`` block (the ops without a
+CUDA C++ version run on triton under ``"cuda"``: :func:`omni_fast.backend.resolve_backend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -35,12 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable, requested_backend
+from ..backend import graph_capturable, requested_backend, use_backend
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
-from .cuda_graphs import capture
+from .cuda_graphs import capture, weights_key
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -124,6 +135,7 @@ class CodePredictor(torch.nn.Module):
         offs = [0] + [self.codec_vocab_size + g * V for g in range(G - 1)]
         self.register_buffer("offsets", torch.tensor(offs, dtype=torch.long, device=device), persistent=False)
         self._graphs: dict[tuple, _FrameGraph] = {}
+        self._graphs_weights: tuple | None = None  # weights_key(self) the graphs were captured with
         self._consts: dict[tuple, Any] = {}
 
     # --- construction ---------------------------------------------------------------------------------------
@@ -191,13 +203,18 @@ class CodePredictor(torch.nn.Module):
         """Fill codebooks 1..G-1 for a batch of frames.
 
         talker_hidden: ``[B, H]`` (the Talker's last-layer hidden state of the token that produced ``c0``);
-        c0: int ``[B]``. ``c0_embed`` ``[B, H]`` replaces the codebook-0 lookup when the predictor was built
-        without ``codec_embedding``. seed: int or int64 tensor ``[]``/``[B]`` (per-row streams); draws of step g use
-        RNG offset g, so pass a fresh seed per frame. Returns ``codes`` int64 ``[B, G]`` (``codes[:, 0] = c0``) and
-        ``next_input`` ``[B, H]``, the sum of the G codebook embeddings (None when codebook 0 cannot be embedded,
-        i.e. no ``codec_embedding``). ``use_graph`` (default: on CUDA) replays one captured CUDA graph per batch
-        bucket (sampling settings are baked into the graph: one graph per (bucket, settings)); on a CPU
-        ``use_graph=True`` emulates the replay. ``fused`` overrides the model's layer path for this call.
+        c0: int ``[B]``. ``c0_embed`` ``[B, H]`` replaces the codebook-0 lookup (needed when the predictor was
+        built without ``codec_embedding``: the prefill's second token IS the codebook-0 embedding, so a frame
+        cannot run without one or the other; ValueError). seed: int or int64 tensor: one value (``[]``/``[1]``:
+        shared by the batch, rows told apart by their index) or ``[B]`` (per-row streams: a row's codes do not
+        depend on its place in the batch); draws of step g use RNG offset g, so pass a fresh seed per frame.
+        Returns ``codes`` int64 ``[B, G]`` (``codes[:, 0] = c0``) and ``next_input`` ``[B, H]``, the sum of the G
+        codebook embeddings (codebook 0 from ``codec_embedding`` or ``c0_embed``), accumulated in fp32 and
+        rounded once like transformers' ``.sum(1)``. ``use_graph`` (default: on CUDA) replays one captured CUDA
+        graph per batch bucket (sampling settings are baked into the graph: one graph per (bucket, settings);
+        the graphs are dropped when the weights move or change); on a CPU ``use_graph=True`` emulates the replay.
+        ``backend`` runs the whole frame as in a ``use_backend(backend)`` block (per-op fallback from cuda to
+        triton). ``fused`` overrides the model's layer path for this call.
         """
         c = self.config
         if not isinstance(talker_hidden, torch.Tensor) or talker_hidden.dim() != 2:
@@ -213,7 +230,8 @@ class CodePredictor(torch.nn.Module):
         if c0.is_floating_point():
             raise TypeError(f"c0 must be an integer tensor, got {c0.dtype}")
         if c0_embed is None and self.codec_vocab_size == 0:
-            raise ValueError("no codec_embedding was given at construction: pass c0_embed [B, H]")
+            raise ValueError("no codec_embedding was given at construction: the prefill embeds c0, pass c0_embed "
+                             "[B, H]")
         if c0_embed is not None and c0_embed.shape != (B, H):
             raise ValueError(f"c0_embed must have shape [{B}, {H}], got {tuple(c0_embed.shape)}")
         if c0.device.type == "cpu" and self.codec_vocab_size and B:
@@ -235,18 +253,23 @@ class CodePredictor(torch.nn.Module):
         sampling = (bool(do_sample), int(top_k), float(top_p), float(temperature))
         fused = self.fused if fused is None else bool(fused)
         x = talker_hidden.to(self.table.dtype)
-        if use_graph is None:
-            use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
-                         and graph_capturable(backend))
-        if use_graph and B > 0:
-            return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, backend, fused)
-        seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,
-                                                                           device=x.device)
-        return self.frame(x, c0.long(), c0_embed, seed_t, sampling, backend, fused)
+        # The model-level backend is an ambient choice (a use_backend block), not a per-op pin: ops without a CUDA
+        # C++ version fall back to triton under "cuda", and the sampler / RoPE take their CUDA twins.
+        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+            if use_graph is None:
+                use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
+                             and graph_capturable())
+            if use_graph and B > 0:
+                return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, fused)
+            seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,
+                                                                               device=x.device)
+            return self.frame(x, c0.long(), c0_embed, seed_t, sampling, None, fused)
 
     def frame(self, x: torch.Tensor, c0: torch.Tensor, c0_embed: torch.Tensor | None, seed: torch.Tensor,
               sampling: tuple[bool, int, float, float], backend: str | None = None, fused: bool | None = None):
-        """The frame body (no validation, no host sync): what the CUDA graph captures. See :meth:`predict_frame`."""
+        """The frame body (no validation, no host sync): what the CUDA graph captures. See :meth:`predict_frame`.
+
+        ``backend`` here pins every op (a per-op choice: an op without it raises); None takes the ambient one."""
         fused = self.fused if fused is None else fused
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size
@@ -277,7 +300,11 @@ class CodePredictor(torch.nn.Module):
         if c0_embed is None:
             nxt = rvq(codes_t, self.table, offsets=self.offsets)
         else:
-            nxt = rvq(codes_t[:, 1:], self.table, offsets=self.offsets[1:]) + e0
+            # One sum of the G rows (fp32, rounded once, as transformers' cat(...).sum(1)): e0 enters as a [B, H]
+            # table read at row b by frame b, the other codebooks as views of the shared table.
+            tables = [e0.contiguous()] + [self.table[V0 + g * c.vocab_size: V0 + (g + 1) * c.vocab_size]
+                                          for g in range(G - 1)]
+            nxt = rvq(torch.cat((consts["rows"][:, None], codes_t[:, 1:]), 1), tables)
         return codes_t, nxt
 
     def _constants(self, device, B, dtype) -> dict:
@@ -292,6 +319,7 @@ class CodePredictor(torch.nn.Module):
                 "pos": {0: torch.arange(2, device=device).repeat(B)}
                 | {g: torch.full((B,), g, dtype=torch.long, device=device) for g in range(2, G)},
                 "offsets": [torch.tensor([g], dtype=torch.long, device=device) for g in range(G)],
+                "rows": torch.arange(B, device=device),  # c0_embed's row of each frame (the next-input sum)
                 "inv_freq": inv_freq,
                 "cos": cos,
                 "sin": sin,
@@ -356,34 +384,42 @@ class CodePredictor(torch.nn.Module):
 
     # --- CUDA graph -----------------------------------------------------------------------------------------
 
-    def _graph_frame(self, x, c0, c0_embed, seed, sampling, backend, fused):
+    def _graph_frame(self, x, c0, c0_embed, seed, sampling, fused):
         B = x.shape[0]
         # Buckets 1, 2, 4, ..., 64 (and, above, the next power of two: one batch keeps its RNG row indices).
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << (B - 1).bit_length()
+        # A graph reads the weights by address: moved (.to()), reloaded or updated weights make every graph stale.
+        weights = weights_key(self)
+        if weights != self._graphs_weights:
+            self._graphs.clear()
+            self._graphs_weights = weights
+        # One shared seed ([1]: rows keyed by their index) or per-row seeds ([B]: no row index): two graphs.
+        per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
         # ambient choice must not replay under another
-        key = (bucket, sampling, c0_embed is None, str(x.device), requested_backend(backend), fused)
+        key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(), fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
-                                                    backend, fused)
+                                                    fused, per_row)
         return graph.run(x, c0, c0_embed, seed)
 
 
 class _FrameGraph:
     """One captured frame for a batch bucket: static inputs, one ``torch.cuda.CUDAGraph``, static outputs."""
 
-    def __init__(self, model: CodePredictor, bucket: int, device, dtype, embed_c0: bool, sampling, backend,
-                 fused: bool):
+    def __init__(self, model: CodePredictor, bucket: int, device, dtype, embed_c0: bool, sampling, fused: bool,
+                 per_row: bool):
         H = model.config.hidden_size
         self.bucket = bucket
         self.x = torch.zeros(bucket, H, device=device, dtype=dtype)
         self.c0 = torch.zeros(bucket, dtype=torch.long, device=device)
         self.c0_embed = None if embed_c0 else torch.zeros(bucket, H, device=device, dtype=dtype)
-        # Per-row seeds; row i of the bucket keeps RNG row index i, so padding does not change real rows' draws.
-        self.seed = torch.zeros(bucket, dtype=torch.long, device=device)
+        # Per-row seeds [bucket], or one shared seed [1] (row i of the bucket keeps RNG row index i, so padding does
+        # not change the real rows' draws). The ops resolve the ambient backend (predict_frame's use_backend block).
+        self.seed = torch.zeros(bucket if per_row else 1, dtype=torch.long, device=device)
         run = self._run = lambda: model.frame(self.x, self.c0, self.c0_embed, self.seed, sampling,  # noqa: E731
-                                              backend, fused)
+                                              None, fused)
         if torch.device(device).type != "cuda":
             # No CUDA: emulate replay (same static buffers, padding and outputs) by running the frame eagerly; this
             # lets the CPU tests cover the bucket logic.
@@ -400,7 +436,7 @@ class _FrameGraph:
         if self.c0_embed is not None:
             self.c0_embed[:B].copy_(c0_embed)
         if isinstance(seed, torch.Tensor):
-            self.seed[:B].copy_(seed.expand(B) if seed.numel() == 1 else seed)
+            self.seed[:B].copy_(seed)
         else:
             self.seed.fill_(int(seed))
         if self.graph is None:

@@ -1,4 +1,5 @@
-"""The one CUDA-graph capture routine of the model modules (MTP frame, text decode step, Code2Wav stream step)."""
+"""The one CUDA-graph capture routine of the model modules (MTP frame, text decode step, Code2Wav stream step), and
+the weights identity (:func:`weights_key`) their graph caches are keyed on."""
 
 from __future__ import annotations
 
@@ -29,3 +30,12 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
+
+
+def weights_key(*modules: torch.nn.Module) -> tuple:
+    """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
+    built from them (a :class:`CodePredictor`, a ``Code2Wav``), or a CUDA graph that reads them by address, is
+    stale once this changes (``.to()``, ``load_state_dict``, an in-place update)."""
+    # inference tensors (made under torch.inference_mode) have no version counter and cannot change in place
+    return tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version)
+                 for m in modules for t in (*m.parameters(), *m.buffers()))

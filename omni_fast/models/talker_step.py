@@ -17,6 +17,7 @@ import types
 import torch
 
 from .code_predictor import CodePredictor
+from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
 
 
 class TalkerStep:
@@ -46,19 +47,11 @@ class TalkerStep:
 
     def __call__(self, talker_hidden: torch.Tensor, c0: torch.Tensor, generation_step: int, **sampling):
         """One frame: ``(codes [B, G], inputs_embeds [B, 1, H])`` (``sampling``: predict_frame's keywords)."""
+        # codec_sum is never None: the prefill itself embeds c0 (the predictor's codec_embedding or ``c0_embed``
+        # in ``sampling``; predict_frame raises before running without either), and the same row is codebook 0 of
+        # the sum
         codes, codec_sum = self.code_predictor.predict_frame(talker_hidden, c0, **sampling)
-        if codec_sum is None:
-            raise ValueError("the code predictor needs the Talker's codec_embedding to build the next input")
         return codes, self.next_input(codec_sum, generation_step)
-
-
-def weights_key(*modules: torch.nn.Module) -> tuple:
-    """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
-    built from them (a :class:`CodePredictor`, a ``Code2Wav``) is stale once this changes (``.to()``,
-    ``load_state_dict``, an in-place update)."""
-    # inference tensors (made under torch.inference_mode) have no version counter and cannot change in place
-    return tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version)
-                 for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:

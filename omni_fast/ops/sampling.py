@@ -75,6 +75,19 @@ def _suppress_tensor(ranges, device: torch.device) -> torch.Tensor | None:
     return t
 
 
+_ZERO_CACHE: dict[str, torch.Tensor] = {}
+
+
+def _device_zero(device: torch.device) -> torch.Tensor:
+    """int64 ``[1]`` zero on ``device`` (the default offset), made once per device: a warmed-up call with
+    ``offset=None`` then copies nothing host->device, which a CUDA-graph capture forbids. Never written to."""
+    key = str(device)
+    t = _ZERO_CACHE.get(key)
+    if t is None:
+        t = _ZERO_CACHE.setdefault(key, torch.zeros(1, dtype=torch.long, device=device))
+    return t
+
+
 def _rng_tensor(name: str, value, B: int, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.dtype == torch.bool:
@@ -106,8 +119,11 @@ def sample(
     temperature > 0; top_k >= 0 (0: off); top_p in (0, 1] (1: off); suppress_ranges: ``(lo, hi)`` id ranges set
     to -inf (a list, or an int tensor ``[R, 2]``); repetition_penalty > 0 applied at ``prev_ids`` (int ``[B, L]``,
     negative entries are padding). seed / offset: ints or int tensors ``[]``, ``[1]`` or ``[B]`` (device tensors
-    keep a CUDA-graph replay free of host copies; advance ``offset`` between draws). ``seed=None`` takes a seed
-    from torch's default generator. ``greedy``: argmax after penalty and suppression.
+    keep a CUDA-graph replay free of host copies; advance ``offset`` between draws; ``offset=None`` is 0 and
+    copies nothing). One seed value is shared by the batch (rows are told apart by their index); a ``[B]`` seed
+    (B > 1) gives every row its own stream, independent of the row's place in the batch. ``seed=None`` takes a
+    seed from torch's default generator (a host value: not inside a capture). ``greedy``: argmax after penalty
+    and suppression.
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     B, V = logits.shape
@@ -134,7 +150,9 @@ def sample(
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     seed_t = _rng_tensor("seed", seed, B, logits.device)
-    offset_t = _rng_tensor("offset", 0 if offset is None else offset, B, logits.device)
+    # offset=None: a cached device zero (graph-capturable); an int seed/offset is copied to the device per call
+    # (pass device tensors inside a capture)
+    offset_t = _device_zero(logits.device) if offset is None else _rng_tensor("offset", offset, B, logits.device)
     be = _sample_op.resolve((logits,), backend)
     return _sample_op(logits, float(temperature), int(top_k), float(top_p), suppress, float(repetition_penalty),
                       prev_ids, seed_t, offset_t, bool(greedy), be)

@@ -1,0 +1,77 @@
+"""Backend fallback rule (omni_fast.backend.resolve_backend): an ambient "cuda" (use_backend block, environment
+variable, a model's backend= argument) runs each op without a CUDA C++ implementation on triton; an op call's own
+backend="cuda" stays strict. CPU: the resolution logic and real ops on the interpreter; gpu: a whole MTP frame on
+backend "cuda"."""
+
+import pytest
+import torch
+
+import omni_fast
+from omni_fast.backend import resolve_backend
+from omni_fast.ops import mtp_layers
+from omni_fast.testing import DEVICE
+
+TRITON_AND_REF = ("reference", "triton")
+ALL = ("reference", "triton", "cuda")
+
+
+def test_ambient_cuda_falls_back_to_triton_per_op(monkeypatch):
+    x = torch.zeros(2, device=DEVICE)
+    with omni_fast.use_backend("cuda"):
+        assert resolve_backend("op", [x], TRITON_AND_REF) == "triton"
+    monkeypatch.setenv("OMNI_FAST_BACKEND", "cuda")
+    assert resolve_backend("op", [x], TRITON_AND_REF) == "triton"
+    with omni_fast.use_backend("reference"):  # the innermost choice still wins
+        assert resolve_backend("op", [x], TRITON_AND_REF) == "reference"
+    with pytest.raises(ValueError, match="not implemented"):  # no triton to fall back to either
+        resolve_backend("op", [x], ("reference",))
+
+
+def test_explicit_cuda_stays_strict():
+    x = torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"op: backend 'cuda' is not implemented"):
+        resolve_backend("op", [x], TRITON_AND_REF, "cuda")
+    with omni_fast.use_backend("cuda"), pytest.raises(ValueError, match="not implemented"):
+        resolve_backend("op", [x], TRITON_AND_REF, "cuda")
+    if DEVICE.type != "cuda":  # an op that has CUDA C++ still needs CUDA tensors, ambient or not
+        with omni_fast.use_backend("cuda"), pytest.raises(ValueError, match="needs CUDA tensors"):
+            resolve_backend("op", [x], ALL)
+
+
+def test_real_op_under_ambient_cuda_runs_triton():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, generator=g).to(DEVICE)
+    w = torch.randn(16, 32, generator=g).to(DEVICE)
+    nw = torch.ones(32, device=DEVICE)
+    want = mtp_layers.norm_linear(x, nw, w, backend="triton")
+    with omni_fast.use_backend("cuda"):
+        got = mtp_layers.norm_linear(x, nw, w)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="mtp_norm_linear: backend 'cuda' is not implemented"):
+        mtp_layers.norm_linear(x, nw, w, backend="cuda")
+
+
+def test_model_backend_is_applied_as_an_ambient_choice(monkeypatch):
+    """CodePredictor.predict_frame(backend=...) runs the frame inside use_backend(...): the ops get no per-call
+    backend (so "cuda" can fall back per op), and the ambient choice is the model's."""
+    from omni_fast.backend import requested_backend
+    from omni_fast.models import CodePredictor
+    from omni_fast.ops import sampling as ops_sampling
+
+    c = dict(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16, num_code_groups=3)
+    cp = CodePredictor(c, codec_vocab_size=10)
+    with torch.no_grad():
+        for p in cp.parameters():
+            p.normal_(0, 0.3)
+    seen = []
+    real = ops_sampling._sample_op.resolve
+
+    def spy(tensors, backend):
+        seen.append((backend, requested_backend()))
+        return real(tensors, backend)
+
+    monkeypatch.setattr(ops_sampling._sample_op, "resolve", spy)
+    codes, nxt = cp.predict_frame(torch.randn(2, 32), torch.tensor([1, 9]), seed=3, backend="reference")
+    assert codes.shape == (2, 3) and nxt.shape == (2, 32)
+    assert seen == [(None, "reference")] * 2  # G - 1 = 2 draws
