@@ -11,10 +11,11 @@ The choice, first match wins: the call's ``backend=`` argument, then the innermo
 ``with omni_fast.use_backend(...)`` block, then the ``OMNI_FAST_BACKEND`` environment variable, then ``"auto"``.
 ``"auto"`` picks triton for CUDA tensors, triton for CPU tensors under the interpreter, else reference.
 
-Fallback: only some ops have a CUDA C++ implementation. A ``"cuda"`` that comes from a ``use_backend`` block, the
-environment variable or a model-level ``backend=`` applied as a ``use_backend`` block (``CodePredictor``) is a
-preference for the whole run: each op without a CUDA C++ version runs on ``"triton"`` instead. A ``"cuda"``
-passed as an op call's own ``backend=`` argument pins that op: when the op has no CUDA C++ version it is an error.
+Fallback: only some ops have a CUDA C++ implementation (RoPE, MoE routing and alignment, sampling). ``"cuda"``
+means "the CUDA C++ twin where the op has one, triton elsewhere", wherever it comes from (an op call's
+``backend=``, a model's or ``omni_fast.patch``'s ``backend=``, a ``use_backend`` block, the environment). One rule,
+so that a model pinned to ``"cuda"`` runs (its attention and GEMMs are Triton-only) and no context has to be set
+inside traced code. ``DispatchedOp.backends`` lists what an op implements.
 """
 
 from __future__ import annotations
@@ -87,13 +88,12 @@ def resolve_backend(
     """Pick the backend for one call of ``op_name``.
 
     ``tensors`` are the call's tensor inputs (their device decides ``auto``); ``available`` lists the backends the
-    op implements. Raises ``ValueError`` when the requested backend cannot run these tensors. An ambient
-    ``"cuda"`` (context, environment) falls back to ``"triton"`` for an op without a CUDA C++ implementation; an
-    explicit one does not (module doc).
+    op implements. Raises ``ValueError`` when the requested backend cannot run these tensors. ``"cuda"`` falls
+    back to ``"triton"`` for an op without a CUDA C++ implementation (module doc).
     """
     available = tuple(available)
     want = requested_backend(explicit)
-    if want == "cuda" and explicit is None and "cuda" not in available and "triton" in available:
+    if want == "cuda" and "cuda" not in available and "triton" in available:
         want = "triton"
     devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
     on_cuda = "cuda" in devices

@@ -10,6 +10,7 @@ import torch
 
 import omni_fast
 from omni_fast import ops
+from omni_fast.backend import requested_backend
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
@@ -43,7 +44,7 @@ def kernel_calls(monkeypatch):
         def spy(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             if _name == "fused_moe":
-                calls["moe_backends"].add(kwargs.get("backend"))
+                calls["moe_backends"].add(requested_backend(kwargs.get("backend")))  # argument or ambient
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)

@@ -121,6 +121,45 @@ def test_patch_backend_pins_every_op_of_the_full_model(omni, resolved, monkeypat
     assert {be for _, be in resolved} == {"reference"}, resolved
 
 
+def test_a_cuda_pin_takes_the_cuda_twins_and_triton_elsewhere(omni, monkeypatch):
+    """patch(backend="cuda"): an op with a CUDA C++ twin (RoPE, routing, sampling) resolves to "cuda", every other
+    op (attention, GEMMs, MTP layers, convs) to "triton" (omni_fast.backend's one fallback rule) -- never a
+    "backend 'cuda' is not implemented" error. CPU stand-in: the pin is set by hand (patch refuses "cuda" for CPU
+    tensors), and a call that resolves to "cuda" is recorded, then run on triton (the interpreter)."""
+    seen = {}
+    real = DispatchedOp.resolve
+
+    def spy(self, tensors, backend):
+        try:
+            be = real(self, tensors, backend)
+        except ValueError as err:
+            if "needs CUDA tensors" not in str(err):
+                raise
+            be = "cuda"  # what a GPU runs
+        seen.setdefault(self.name, set()).add((be, "cuda" in self.backends))
+        return "triton" if be == "cuda" else be
+
+    extra, block = _qwen3_audio_inputs()
+    ids = _prompt(block)
+    omni_fast.patch(omni, backend="triton")
+    try:
+        for module in omni.modules():
+            if "_omni_fast_backend" in module.__dict__:
+                module.__dict__["_omni_fast_backend"] = "cuda"
+        monkeypatch.setattr(DispatchedOp, "resolve", spy)
+        with torch.no_grad():
+            omni.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=3,
+                          thinker_eos_token_id=TINY_IDS["im_end_token_id"], thinker_do_sample=False,
+                          talker_max_new_tokens=2, talker_do_sample=False, talker_repetition_penalty=1.0, **extra)
+    finally:
+        omni_fast.unpatch(omni)
+    assert {"kvcache_attention", "flash_attn_varlen", "mrope_", "fused_moe_", "mtp_cached_attention", "sample",
+            "causal_conv1d"} <= set(seen), seen
+    for name, outcomes in seen.items():
+        for be, has_cuda in outcomes:
+            assert be == ("cuda" if has_cuda else "triton"), (name, be)
+
+
 def test_patch_backend_pins_the_thinker_on_triton_under_a_reference_context(omni, resolved):
     """The other way round, a thinker part alone: patch(backend="triton") wins over use_backend("reference")."""
     extra, block = _qwen3_audio_inputs()
