@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import itertools
 import os
 import re
 
@@ -396,10 +397,9 @@ for _dt in ("bf16", "fp16"):
                     moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block), _consts,
                     num_warps=_c["num_warps"], num_stages=_c["num_stages"],
                     aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
-    for _H in (2048, 1024):
-        for _add in (False, True):
-            static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add}]", moe_combine_kernel,
-                        {"y_ptr": f"*{_dt}", "ids_ptr": "*i32", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
-                         "H": "i32", "top_k": "i32", "num_experts": "i32", "stride_add": "i32", "stride_out": "i32",
-                         "HAS_ADD": "constexpr", "BLOCK_H": "constexpr"},
-                        {"HAS_ADD": _add, "BLOCK_H": 1024})
+    for _H, _add, _ids in itertools.product((2048, 1024), (False, True), ("i32", "i64")):  # i64: transformers' ids
+        static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add},{_ids}]", moe_combine_kernel,
+                    {"y_ptr": f"*{_dt}", "ids_ptr": f"*{_ids}", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",
+                     "H": "i32", "top_k": "i32", "num_experts": "i32", "stride_add": "i32", "stride_out": "i32",
+                     "HAS_ADD": "constexpr", "BLOCK_H": "constexpr"},
+                    {"HAS_ADD": _add, "BLOCK_H": 1024})

@@ -51,6 +51,7 @@ from torch import nn
 
 from . import ops
 from .backend import requested_backend
+from .validation import values_checkable
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -124,10 +125,8 @@ class RotaryWithPositions(tuple):
 
 def _cannot_read_values(t: torch.Tensor) -> bool:
     """Reading ``t``'s values on the host is not allowed now: tracing for ``torch.compile``, or capturing a CUDA
-    graph on the current stream (a sync there invalidates the capture)."""
-    if torch.compiler.is_compiling():
-        return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    graph (a sync there invalidates the capture)."""
+    return not values_checkable(t, True)
 
 
 def _whole_positions(pos: torch.Tensor) -> torch.Tensor | None:

@@ -421,7 +421,7 @@ class Qwen3Omni:
                 raise ValueError(f"{name}.{kind} must be {layout} float (RGB), got shape {list(x.shape)}")
         if r.video is not None:
             fps = r.video_fps
-            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps <= 0:
                 raise ValueError(f"{name}.video_fps must be a positive number of frames per second, got {fps!r}")
 
     @staticmethod
