@@ -39,15 +39,17 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, offs_d, mask_d,
+def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, num_blocks, offs_d, mask_d,
              PAGED: tl.constexpr, ALIGN: tl.constexpr):
     """Load a ``[BLOCK_N, BLOCK_D]`` tile of key/value rows ``offs_n`` of one head (zeros where masked).
 
     Contiguous: row ``n`` is at ``base + n * stride_t``. Paged: logical row ``n`` lives in physical block
-    ``block_table[n // page]`` at offset ``n % page``.
+    ``block_table[n // page]`` at offset ``n % page``; block numbers are clamped into ``[0, num_blocks)`` so a
+    malformed table (its values are not checked on the GPU) reads some page of the cache, never memory outside it.
     """
     if PAGED:
-        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0).to(tl.int64)
+        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
         row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
     else:
         row_off = offs_n.to(tl.int64) * stride_t
@@ -59,7 +61,7 @@ def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_si
 
 @triton.jit
 def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
+                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, num_blocks, seqlen_k,
                   win_left, win_right, qk_scale, offs_d, mask_d,
                   BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   MASKED: tl.constexpr, ALIGN: tl.constexpr, KEY_MASK: tl.constexpr):
@@ -73,10 +75,10 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, offs_d, mask_d, PAGED,
-                     ALIGN)
-        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, offs_d, mask_d, PAGED,
-                     ALIGN)
+        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, num_blocks, offs_d,
+                     mask_d, PAGED, ALIGN)
+        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, num_blocks, offs_d,
+                     mask_d, PAGED, ALIGN)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -128,6 +130,7 @@ def attn_fwd_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km,
     seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len, num_seqs, search_steps,
+    total_q, kv_limit, num_blocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
@@ -145,6 +148,12 @@ def attn_fwd_kernel(
     promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
     KEY_MASK (caches only): ``km_ptr`` bytes ``[B, capacity]`` (row stride ``stride_km``), 0 = padding: padding keys
     are never attended, and query rows whose own (key-aligned) position is padding give zeros and ``lse = -inf``.
+
+    Memory safety without value checks (the public ops check cu_seqlens / cache_seqlens / block_table values only
+    on the CPU, as a check on CUDA would sync the host): sequence bounds read from ``cu_q`` (``cu_k``) are clamped
+    into ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; cache lengths
+    ``seqused_k[b] + k_extra`` are clamped into ``[0, kv_limit]`` (= the cache capacity); page numbers into
+    ``[0, num_blocks)``. Malformed values thus give defined (if meaningless) results, never out-of-bounds accesses.
     """
     pid_z = tl.program_id(2)
     if PACKED_GRID:
@@ -156,20 +165,21 @@ def attn_fwd_kernel(
     split = pid_z % NUM_SPLITS
 
     if VARLEN_Q:
-        q_start = tl.load(cu_q_ptr + b)
-        len_q = tl.load(cu_q_ptr + b + 1) - q_start
+        q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
+        len_q = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
     else:
         q_start = b * seqlen_q
         len_q = seqlen_q
-    if pid_m * BLOCK_M >= len_q * GROUP:
+    # pid_m < 0: only from the packed grid's search over a decreasing (malformed) cu_seqlens_q
+    if (pid_m < 0) | (pid_m * BLOCK_M >= len_q * GROUP):
         return
     if VARLEN_K:
-        k_start = tl.load(cu_k_ptr + b)
-        len_k = tl.load(cu_k_ptr + b + 1) - k_start
+        k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
+        len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
         k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
         v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     else:
-        len_k = tl.load(seqused_k_ptr + b) + k_extra
+        len_k = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + b) + k_extra, 0), kv_limit)
         if PAGED:
             k_base = k_ptr + kvh * stride_kh
             v_base = v_ptr + kvh * stride_vh
@@ -222,15 +232,15 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
 
@@ -351,6 +361,11 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     Hk = k.shape[-2]
     group = Hq // Hk
     block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
+    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
+    if cu_k is not None:
+        kv_limit = k.shape[0]
+    else:
+        kv_limit = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     left, right = window_bounds(causal, window_size)
     varlen_k = cu_k is not None
     paged = block_table is not None
@@ -380,6 +395,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         block_table.stride(0) if paged else 0, key_mask.stride(0) if key_mask is not None else 0,
         seqlen_q, k_extra, k.shape[1] if paged else 1, left, right, float(softmax_scale) * LOG2E,
         split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
+        q.shape[0], kv_limit, k.shape[0] if paged else 1,
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
         PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None,
@@ -436,7 +452,7 @@ def _register_static_cases() -> None:
                      "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
             s[name] = "i32"
         s["qk_scale"] = "fp32"
-        s.update(split_len="i32", num_seqs="i32", search_steps="i32")
+        s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32")
         for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
                      "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
             s[name] = "constexpr"
