@@ -298,6 +298,27 @@ def test_kvcache_int_seqlens_and_zero_batch():
     assert empty.shape == (0, 1, 2, 16)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), B=st.integers(1, 3), Sq=st.sampled_from([1, 1, 2, 5]), Hk=st.integers(1, 2),
+       group=st.sampled_from([1, 2, 4]), D=st.sampled_from([16, 40, 96]), causal=st.booleans(),
+       left=st.sampled_from([-1, 0, 1, 3, 7]), right=st.sampled_from([-1, 0, 2]),
+       page=st.sampled_from([None, None, 3, 5, 8]), num_splits=st.sampled_from([1, 1, 2, 3]),
+       append=st.sampled_from([True, True, True, False]), dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kvcache_random(data, B, Sq, Hk, group, D, causal, left, right, page, num_splits, append, dtype):
+    """Random KV-cache calls: decode (Sq 1) and chunked prefill (Sq > 1), per-row cache lengths including 0 and
+    full-minus-Sq, GQA, windows, causal or not, head dims incl. 96 (padded to 128), contiguous or paged caches
+    (odd page sizes), split-KV (a long cache when splitting, so the splits really cut it), fp32/fp16."""
+    step = page or 1
+    if num_splits > 1:  # splits are 128-key aligned: only a cache over 128 keys is really cut
+        S = step * -(-260 // step)
+    else:
+        S = step * data.draw(st.integers(-(-max(Sq, 1) // step), 40 // step), label="pages")
+    top = S - Sq if append else S
+    lens = [data.draw(st.one_of(st.just(0), st.just(top), st.integers(0, top)), label=f"len{b}") for b in range(B)]
+    _check_kvcache(B, S, Sq, Hk * group, Hk, D, dtype, lens, append=append, causal=causal, window=(left, right),
+                   page=page, num_splits=num_splits)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(20, 20, 64, 104), (16, 16, 72, 256), (32, 4, 128, 300)])
 def test_bf16_real_head_shapes(shape):
