@@ -442,22 +442,36 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 # --- sm_90a static compile cases: the real model shapes, bf16 -------------------------------------------------
 
 
-def _register_static_cases() -> None:
-    def sig(dt: str, split: bool) -> dict[str, str]:
-        o = "fp32" if split else dt
-        s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
-             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
-        for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
-                     "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
-                     "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
-            s[name] = "i32"
-        s["qk_scale"] = "fp32"
-        s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32")
-        for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                     "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
-            s[name] = "constexpr"
-        return s
+def static_signature(dt: str, split: bool = False) -> dict[str, str]:
+    """The sm_90a static-case signature of :func:`attn_fwd_kernel` for operands of Triton type ``dt`` (``bf16``,
+    ``fp16``, ``fp32``); split-KV partial outputs are fp32."""
+    o = "fp32" if split else dt
+    s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
+         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
+    for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+                 "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
+                 "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
+        s[name] = "i32"
+    s["qk_scale"] = "fp32"
+    s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32")
+    for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
+                 "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
+        s[name] = "constexpr"
+    return s
 
+
+def static_constexprs(dt: str, d: int, group: int, rows: int, varlen: bool, paged: bool, splits: int = 1, *,
+                      packed: bool = False, key_mask: bool = False) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of the launch :func:`attn_fwd` makes for these shapes on a GPU."""
+    elem = 4 if dt == "fp32" else 2
+    bm, bn, warps, stages = gpu_block_sizes(rows, d, elem)
+    return ({"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
+             "BLOCK_D": max(16, triton.next_power_of_2(d)), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
+             "PACKED_GRID": packed, "KEY_MASK": key_mask, "UPCAST": False,
+             "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16}, warps, stages)
+
+
+def _register_static_cases() -> None:
     # (name, head_dim, group, rows, varlen, paged, splits); the patched encoders launch the packed grid, a padded
     # batch through transformers' 2-D attention mask the key mask
     shapes = [
@@ -480,14 +494,11 @@ def _register_static_cases() -> None:
     ]
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:
-            bm, bn, warps, stages = gpu_block_sizes(rows, d)
-            static_case(
-                f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
-                {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
-                 "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-                 "PACKED_GRID": name.endswith("packed"), "KEY_MASK": name.endswith("key mask"), "UPCAST": False,
-                 "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
-                num_warps=warps, num_stages=stages)
+            constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits,
+                                                          packed=name.endswith("packed"),
+                                                          key_mask=name.endswith("key mask"))
+            static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
+                        constexprs, num_warps=warps, num_stages=stages)
         static_case(
             f"combine_kernel[{dt},d128]", combine_kernel,
             {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",

@@ -106,6 +106,14 @@ def test_varlen_head_dims_and_gqa(D, Hq, Hk, dtype):
     _check_varlen([5, 0, 1, 19], [5, 0, 1, 19], Hq, Hk, D, dtype, causal=D != 72)
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_head_dims_above_128(D):
+    """Head dims over 128 (up to MAX_HEAD_DIM 256; 160 is padded to 256): varlen, chunked prefill, paged decode."""
+    _check_varlen([5, 0, 9], [5, 0, 12], 4, 2, D, torch.float32, causal=True)
+    _check_kvcache(2, 24, 3, 4, 1, D, torch.float16, [0, 21])
+    _check_kvcache(2, 24, 1, 2, 2, D, torch.float32, [7, 23], page=8)
+
+
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_varlen_gqa_ratios_causal_tq_ne_tk(group):
     _check_varlen([3, 7, 1, 0], [9, 7, 4, 2], group, 1, 32, torch.float32, causal=True)
@@ -427,6 +435,8 @@ def _kvcache(**over):
     (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32)), ValueError, "block_table must lie in"),
     (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), k_cache=torch.zeros(2, 4, 2, 16),
           v_cache=torch.zeros(2, 4, 2, 16)), ValueError, "too few|cache too small"),
+    (dict(q=torch.randn(2, 3, 4, 264), k_cache=torch.zeros(2, 8, 2, 264), v_cache=torch.zeros(2, 8, 2, 264),
+          k=torch.randn(2, 3, 2, 264), v=torch.randn(2, 3, 2, 264)), ValueError, r"head_dim must be in \[1, 256\]"),
     (dict(num_splits=-1), ValueError, "num_splits"),
     (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must have dtype"),
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
@@ -640,3 +650,26 @@ def test_host_copies_cpu_tensors_as_they_are():
 
     a, b = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([[1, 2]], dtype=torch.int32)
     assert all(x is y for x, y in zip(host_copies(a, b), (a, b)))
+
+
+# --- the benchmark's unmasked-work count ---------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(lens=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=5),
+       causal=st.booleans(), left=st.integers(-1, 12), right=st.integers(-1, 12))
+def test_bench_visible_pairs_equals_reference_mask_count(lens, causal, left, right):
+    """``bench.cases.attention.visible_pairs`` (the FLOP count behind the TFLOP/s the benchmark reports: unmasked
+    work only) summed over sequences == the number of True entries of the reference's packed mask."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # `bench` is a folder of the repository, not an installed package
+        sys.path.insert(0, root)
+    from bench.cases.attention import visible_pairs
+
+    lq, lk = [a for a, _ in lens], [b for _, b in lens]
+    mask = ref.varlen_mask(_cu(lq).cpu(), _cu(lk).cpu(), causal=causal, window_size=(left, right))
+    l, r = ref.normalize_window(causal, (left, right))
+    assert sum(visible_pairs(a, b, l, r) for a, b in zip(lq, lk)) == int(mask.sum())
