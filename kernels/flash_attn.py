@@ -308,7 +308,7 @@ def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[i
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch; small blocks under the interpreter (fewer numpy ops).
 
     ``rows_per_seq`` = query tokens x GROUP: decode-like launches (few rows) use BLOCK_M 16 and longer key tiles.
-    fp32 inputs (``elem_size`` 4) get half-size tiles and 2 stages so K/V buffers fit in shared memory.
+    fp32 inputs (``elem_size`` 4) get 16x32 tiles on 8 warps, 2 stages (see :func:`gpu_block_sizes`).
     """
     if interpreting():
         return 16, 16, 4, 1
@@ -319,10 +319,13 @@ def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tup
     """The GPU launch config (see :func:`block_sizes`); also used for the sm_90a static cases.
 
     Padded head dims (72, 96: BLOCK_D > HEAD_DIM) carry per-element D masks, which push the 128-row config past
-    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup.
+    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup. fp32 (IEEE dots, no tensor-core
+    path on sm_90a) spills with any tile of 32+ rows at 4 warps (sm_90a static check: 64x32 spills 1.6 KB per thread
+    at d 64, 9 KB at d 128, 220 KB at d 256; 32x32 at 8 warps still 1 KB at d 128, 52 KB at d 256), so it uses
+    16x32 tiles on 8 warps at every head dim (74-78 registers at d 128 and d 256, no spills).
     """
     if elem_size > 2:
-        return (16 if rows_per_seq <= 16 else 64), 32, 4, 2
+        return 16, 32, 8, 2
     if rows_per_seq <= 16:
         return 16, 128 if head_dim <= 128 else 64, 4, 3
     if rows_per_seq <= 64 or head_dim != triton.next_power_of_2(head_dim):
@@ -492,6 +495,15 @@ def _register_static_cases() -> None:
         ("thinker 32/4 d128 padded prefill key mask", 128, 8, 4096, False, False, 1),
         ("thinker 32/4 d128 padded decode key mask", 128, 8, 8, False, False, 1),
     ]
+    # Head dims over 128 (no Qwen-Omni model uses them; MAX_HEAD_DIM is 256) in bf16 and fp32; fp32 also at the
+    # thinker's d 128 (fp32 has its own small tiles, see gpu_block_sizes)
+    extra = [(dt, "d256 h8 varlen prefill", 256, 1, 1024, True, False, 1) for dt in ("bf16", "fp32")]
+    extra += [(dt, "d256 8/1 decode", 256, 8, 8, False, False, 1) for dt in ("bf16", "fp32")]
+    extra += [("fp32", "thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1)]
+    for dt, name, d, group, rows, varlen, paged, splits in extra:
+        constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
+        static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
+                    constexprs, num_warps=warps, num_stages=stages)
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:
             constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits,
