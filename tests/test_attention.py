@@ -645,6 +645,35 @@ def test_check_values_forces_value_checks_off_cpu(monkeypatch):
                                atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_gpu_bad_values_unchecked_without_sync_and_checked_on_request():
+    """On CUDA: malformed cache_seqlens pass unchecked with no host sync (CUDA sync debug mode "error") and the
+    overflow stays out of the neighbour's rows; ``check_values=True`` catches them (and bad cu_seqlens)."""
+    dev, dt = "cuda", torch.float16
+    B, S, Hq, Hk, D, Sq = 2, 8, 2, 1, 64, 3
+    kc, vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt), torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+    q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dt)
+    k, v = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt), torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
+    ok = torch.tensor([4, 3], dtype=torch.int32, device=dev)
+    bad = torch.tensor([7, 3], dtype=torch.int32, device=dev)  # 7 + 3 > 8
+    flash_attn_with_kvcache(q, kc.clone(), vc.clone(), ok, k=k, v=v, backend="triton")  # compile first
+    before = kc.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(kc[1, :3], before[1, :3]), "sequence 0's overflow reached sequence 1"
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="cache too small"):
+        flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton", check_values=True)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=dev)
+    x = torch.randn(7, Hq, D, device=dev, dtype=dt)
+    with pytest.raises(ValueError, match="total number of tokens"):
+        flash_attn_varlen(x, x, x, cu, cu, None, None, backend="triton", check_values=True)
+
+
 def test_host_copies_cpu_tensors_as_they_are():
     from omni_fast.validation import host_copies
 
