@@ -39,15 +39,17 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, offs_d, mask_d,
+def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, num_blocks, offs_d, mask_d,
              PAGED: tl.constexpr, ALIGN: tl.constexpr):
     """Load a ``[BLOCK_N, BLOCK_D]`` tile of key/value rows ``offs_n`` of one head (zeros where masked).
 
     Contiguous: row ``n`` is at ``base + n * stride_t``. Paged: logical row ``n`` lives in physical block
-    ``block_table[n // page]`` at offset ``n % page``.
+    ``block_table[n // page]`` at offset ``n % page``; block numbers are clamped into ``[0, num_blocks)`` so a
+    malformed table (its values are not checked on the GPU) reads some page of the cache, never memory outside it.
     """
     if PAGED:
-        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0).to(tl.int64)
+        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
         row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
     else:
         row_off = offs_n.to(tl.int64) * stride_t
@@ -59,7 +61,7 @@ def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_si
 
 @triton.jit
 def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, seqlen_k,
+                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, num_blocks, seqlen_k,
                   win_left, win_right, qk_scale, offs_d, mask_d,
                   BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   MASKED: tl.constexpr, ALIGN: tl.constexpr, KEY_MASK: tl.constexpr):
@@ -73,10 +75,10 @@ def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, offs_d, mask_d, PAGED,
-                     ALIGN)
-        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, offs_d, mask_d, PAGED,
-                     ALIGN)
+        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, num_blocks, offs_d,
+                     mask_d, PAGED, ALIGN)
+        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, num_blocks, offs_d,
+                     mask_d, PAGED, ALIGN)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -128,6 +130,7 @@ def attn_fwd_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km,
     seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len, num_seqs, search_steps,
+    total_q, kv_limit, num_blocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
@@ -145,6 +148,12 @@ def attn_fwd_kernel(
     promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
     KEY_MASK (caches only): ``km_ptr`` bytes ``[B, capacity]`` (row stride ``stride_km``), 0 = padding: padding keys
     are never attended, and query rows whose own (key-aligned) position is padding give zeros and ``lse = -inf``.
+
+    Memory safety without value checks (the public ops check cu_seqlens / cache_seqlens / block_table values only
+    on the CPU, as a check on CUDA would sync the host): sequence bounds read from ``cu_q`` (``cu_k``) are clamped
+    into ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; cache lengths
+    ``seqused_k[b] + k_extra`` are clamped into ``[0, kv_limit]`` (= the cache capacity); page numbers into
+    ``[0, num_blocks)``. Malformed values thus give defined (if meaningless) results, never out-of-bounds accesses.
     """
     pid_z = tl.program_id(2)
     if PACKED_GRID:
@@ -156,20 +165,21 @@ def attn_fwd_kernel(
     split = pid_z % NUM_SPLITS
 
     if VARLEN_Q:
-        q_start = tl.load(cu_q_ptr + b)
-        len_q = tl.load(cu_q_ptr + b + 1) - q_start
+        q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
+        len_q = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
     else:
         q_start = b * seqlen_q
         len_q = seqlen_q
-    if pid_m * BLOCK_M >= len_q * GROUP:
+    # pid_m < 0: only from the packed grid's search over a decreasing (malformed) cu_seqlens_q
+    if (pid_m < 0) | (pid_m * BLOCK_M >= len_q * GROUP):
         return
     if VARLEN_K:
-        k_start = tl.load(cu_k_ptr + b)
-        len_k = tl.load(cu_k_ptr + b + 1) - k_start
+        k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
+        len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
         k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
         v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     else:
-        len_k = tl.load(seqused_k_ptr + b) + k_extra
+        len_k = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + b) + k_extra, 0), kv_limit)
         if PAGED:
             k_base = k_ptr + kvh * stride_kh
             v_base = v_ptr + kvh * stride_vh
@@ -222,15 +232,15 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, len_k,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
                                   win_left, win_right, qk_scale, offs_d, mask_d,
                                   BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
 
@@ -298,7 +308,7 @@ def block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tuple[i
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch; small blocks under the interpreter (fewer numpy ops).
 
     ``rows_per_seq`` = query tokens x GROUP: decode-like launches (few rows) use BLOCK_M 16 and longer key tiles.
-    fp32 inputs (``elem_size`` 4) get half-size tiles and 2 stages so K/V buffers fit in shared memory.
+    fp32 inputs (``elem_size`` 4) get 16x32 tiles on 8 warps, 2 stages (see :func:`gpu_block_sizes`).
     """
     if interpreting():
         return 16, 16, 4, 1
@@ -309,15 +319,20 @@ def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tup
     """The GPU launch config (see :func:`block_sizes`); also used for the sm_90a static cases.
 
     Padded head dims (72, 96: BLOCK_D > HEAD_DIM) carry per-element D masks, which push the 128-row config past
-    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup.
+    255 registers (spills on sm_90a), so they use 64-row blocks with one warpgroup. fp32 (IEEE dots, no tensor-core
+    path on sm_90a) spills with any tile of 32+ rows at 4 warps (sm_90a static check: 64x32 spills 1.6 KB per thread
+    at d 64, 9 KB at d 128, 220 KB at d 256; 32x32 at 8 warps still 1 KB at d 128, 52 KB at d 256), so it uses
+    16x32 tiles on 8 warps at every head dim (74-78 registers at d 128 and d 256, no spills).
     """
     if elem_size > 2:
-        return (16 if rows_per_seq <= 16 else 64), 32, 4, 2
+        return 16, 32, 8, 2
     if rows_per_seq <= 16:
         return 16, 128 if head_dim <= 128 else 64, 4, 3
+    if head_dim > 128:  # 128x32 on 8 warps spills 1.8 KB at d 256 under Triton 3.6 (the GPU image's); 64x64 needs
+        return 64, 32, 8, 3  # 224 KB of shared memory
     if rows_per_seq <= 64 or head_dim != triton.next_power_of_2(head_dim):
         return 64, 64, 4, 3
-    return 128, 64 if head_dim <= 128 else 32, 8, 3
+    return 128, 64, 8, 3
 
 
 def alignment(tensors, strides) -> int:
@@ -351,6 +366,11 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     Hk = k.shape[-2]
     group = Hq // Hk
     block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
+    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
+    if cu_k is not None:
+        kv_limit = k.shape[0]
+    else:
+        kv_limit = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     left, right = window_bounds(causal, window_size)
     varlen_k = cu_k is not None
     paged = block_table is not None
@@ -380,6 +400,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         block_table.stride(0) if paged else 0, key_mask.stride(0) if key_mask is not None else 0,
         seqlen_q, k_extra, k.shape[1] if paged else 1, left, right, float(softmax_scale) * LOG2E,
         split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
+        q.shape[0], kv_limit, k.shape[0] if paged else 1,
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
         PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None,
@@ -426,22 +447,36 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 # --- sm_90a static compile cases: the real model shapes, bf16 -------------------------------------------------
 
 
-def _register_static_cases() -> None:
-    def sig(dt: str, split: bool) -> dict[str, str]:
-        o = "fp32" if split else dt
-        s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
-             "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
-        for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
-                     "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
-                     "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
-            s[name] = "i32"
-        s["qk_scale"] = "fp32"
-        s.update(split_len="i32", num_seqs="i32", search_steps="i32")
-        for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                     "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
-            s[name] = "constexpr"
-        return s
+def static_signature(dt: str, split: bool = False) -> dict[str, str]:
+    """The sm_90a static-case signature of :func:`attn_fwd_kernel` for operands of Triton type ``dt`` (``bf16``,
+    ``fp16``, ``fp32``); split-KV partial outputs are fp32."""
+    o = "fp32" if split else dt
+    s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
+         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
+    for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+                 "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
+                 "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
+        s[name] = "i32"
+    s["qk_scale"] = "fp32"
+    s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32")
+    for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
+                 "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
+        s[name] = "constexpr"
+    return s
 
+
+def static_constexprs(dt: str, d: int, group: int, rows: int, varlen: bool, paged: bool, splits: int = 1, *,
+                      packed: bool = False, key_mask: bool = False) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of the launch :func:`attn_fwd` makes for these shapes on a GPU."""
+    elem = 4 if dt == "fp32" else 2
+    bm, bn, warps, stages = gpu_block_sizes(rows, d, elem)
+    return ({"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
+             "BLOCK_D": max(16, triton.next_power_of_2(d)), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
+             "PACKED_GRID": packed, "KEY_MASK": key_mask, "UPCAST": False,
+             "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16}, warps, stages)
+
+
+def _register_static_cases() -> None:
     # (name, head_dim, group, rows, varlen, paged, splits); the patched encoders launch the packed grid, a padded
     # batch through transformers' 2-D attention mask the key mask
     shapes = [
@@ -462,16 +497,24 @@ def _register_static_cases() -> None:
         ("thinker 32/4 d128 padded prefill key mask", 128, 8, 4096, False, False, 1),
         ("thinker 32/4 d128 padded decode key mask", 128, 8, 8, False, False, 1),
     ]
+    # Head dims over 128 (no Qwen-Omni model uses them; MAX_HEAD_DIM is 256) in bf16 and fp32; fp32 also at the
+    # thinker's d 128 (fp32 has its own small tiles, see gpu_block_sizes)
+    extra = [(dt, "d256 h8 varlen prefill", 256, 1, 1024, True, False, 1) for dt in ("bf16", "fp32")]
+    extra += [(dt, "d256 8/1 decode", 256, 8, 8, False, False, 1) for dt in ("bf16", "fp32")]
+    extra += [("bf16", "d160 h8 varlen prefill", 160, 1, 1024, True, False, 1),
+              ("bf16", "d160 8/1 decode", 160, 8, 8, False, False, 1)]
+    extra += [("fp32", "thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1)]
+    for dt, name, d, group, rows, varlen, paged, splits in extra:
+        constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
+        static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
+                    constexprs, num_warps=warps, num_stages=stages)
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:
-            bm, bn, warps, stages = gpu_block_sizes(rows, d)
-            static_case(
-                f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, sig(dt, splits > 1),
-                {"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
-                 "BLOCK_D": triton.next_power_of_2(d), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-                 "PACKED_GRID": name.endswith("packed"), "KEY_MASK": name.endswith("key mask"), "UPCAST": False,
-                 "PREC": "tf32", "ALIGN": 8, "ALIGN_BYTES": 16},
-                num_warps=warps, num_stages=stages)
+            constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits,
+                                                          packed=name.endswith("packed"),
+                                                          key_mask=name.endswith("key mask"))
+            static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
+                        constexprs, num_warps=warps, num_stages=stages)
         static_case(
             f"combine_kernel[{dt},d128]", combine_kernel,
             {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",

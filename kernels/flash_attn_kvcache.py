@@ -32,23 +32,34 @@ MAX_SPLITS = 32
 def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr,
                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_bt,
-                     seqlen_new, n_heads, page_size,
+                     seqlen_new, n_heads, page_size, capacity, num_blocks,
                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
-    """Grid ``(B * Sq,)``: copy token s of sequence b (all heads) to cache row ``cache_seqlens[b] + s``."""
+    """Grid ``(B * Sq,)``: copy token s of sequence b (all heads) to cache row ``cache_seqlens[b] + s``.
+
+    Rows outside ``[0, capacity)`` and pages outside ``[0, num_blocks)`` are not written: cache_seqlens and
+    block_table values are not checked on the GPU (that would sync the host), and an overflowing sequence must
+    not overwrite its neighbour's rows (contiguous) or memory past the cache (paged). The tokens that do not fit
+    are dropped.
+    """
     pid = tl.program_id(0)
     b = pid // seqlen_new
     s = pid % seqlen_new
     t = tl.load(seqlens_ptr + b) + s
+    ok = (t >= 0) & (t < capacity)
+    t = tl.minimum(tl.maximum(t, 0), capacity - 1)  # in range for the address arithmetic; the store is masked
     if PAGED:
-        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + t // page_size).to(tl.int64)
+        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + t // page_size)
+        ok = ok & (blk >= 0) & (blk < num_blocks)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
         row_k = blk * stride_kcb + (t % page_size) * stride_kct
         row_v = blk * stride_vcb + (t % page_size) * stride_vct
     else:
         row_k = b.to(tl.int64) * stride_kcb + t.to(tl.int64) * stride_kct
         row_v = b.to(tl.int64) * stride_vcb + t.to(tl.int64) * stride_vct
+    heads = tl.where(ok, n_heads, 0)  # none when the row is out of range (a vector mask: the interpreter needs it)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < n_heads) & (offs_d[None, :] < HEAD_DIM)
+    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HEAD_DIM)
     src_k = k_ptr + b.to(tl.int64) * stride_kb + s * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
     src_v = v_ptr + b.to(tl.int64) * stride_vb + s * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
     tl.store(kc_ptr + row_k + offs_h[:, None] * stride_kch + offs_d[None, :], tl.load(src_k, mask=mask), mask=mask)
@@ -56,15 +67,18 @@ def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr,
 
 
 def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None) -> None:
-    """Write k/v ``[B, Sq, Hk, D]`` into the caches at ``cache_seqlens[b] + s`` (validated inputs)."""
+    """Write k/v ``[B, Sq, Hk, D]`` into the caches at ``cache_seqlens[b] + s`` (validated shapes; rows outside the
+    cache's capacity and out-of-range pages are skipped, see :func:`append_kv_kernel`)."""
     B, Sq, Hk, D = k.shape
     paged = block_table is not None
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
     launch(append_kv_kernel, (B * Sq,), k, v, k_cache, v_cache, cache_seqlens,
            block_table if paged else cache_seqlens,
            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           block_table.stride(0) if paged else 0, Sq, Hk, k_cache.shape[1] if paged else 1,
+           block_table.stride(0) if paged else 0, Sq, Hk, k_cache.shape[1] if paged else 1, capacity,
+           k_cache.shape[0] if paged else 1,
            HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D), PAGED=paged,
            num_warps=4, device=k.device)
 
@@ -142,7 +156,8 @@ for _dt in ("bf16", "fp16"):
              "seqlens_ptr": "*i32", "bt_ptr": "*i32",
              **{n: "i32" for n in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
                                    "stride_kcb", "stride_kct", "stride_kch", "stride_vcb", "stride_vct",
-                                   "stride_vch", "stride_bt", "seqlen_new", "n_heads", "page_size")},
+                                   "stride_vch", "stride_bt", "seqlen_new", "n_heads", "page_size", "capacity",
+                                   "num_blocks")},
              "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "PAGED": "constexpr"},
             {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged}, num_warps=4, num_stages=1)
 

@@ -149,6 +149,19 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def host_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU copies (same shapes and dtypes) of integer tensors, moved with ONE device-to-host transfer.
+
+    For value checks of several device tensors at the price of a single host sync (``check_values=True``);
+    tensors already on the CPU are returned as they are.
+    """
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.to(t.dtype).reshape(t.shape) for p, t in zip(parts, tensors)]
+
+
 def check_index_range(name: str, t: torch.Tensor, low: int, high: int, *, check_values: bool | None = None) -> None:
     """Every element of the integer tensor ``t`` lies in ``[low, high)`` (skipped when not checkable)."""
     if t.numel() == 0 or not values_checkable(t, check_values):

@@ -11,6 +11,11 @@ FlashAttention-2 (>= 2.1) semantics, which the Triton kernels in :mod:`omni_fast
 - GQA: query head ``h`` reads key/value head ``h // (Hq // Hk)``;
 - a query row that sees no key (empty window, empty key sequence) outputs zeros and has ``lse = -inf``.
 
+Malformed index values (which the public ops check only on the CPU or with ``check_values=True``) get the kernels'
+memory-safe meaning here too: sequence bounds from cu_seqlens are clamped into ``[0, total]`` (an end before its
+start = empty), cache lengths into ``[0, capacity]``, page numbers into ``[0, num_blocks)`` for reading, and appended
+tokens that fall outside the capacity or on an out-of-range page are dropped.
+
 Arithmetic follows transformers' ``eager_attention_forward`` in the inputs' dtype: ``(q @ k^T) * scale`` in the
 input dtype, masked, softmax in fp32, probabilities cast back to the input dtype, ``p @ v`` in the input dtype. Run on
 fp64 inputs it is the exact answer that kernels are measured against. ``lse`` (natural log, fp32) is the
@@ -84,6 +89,12 @@ def default_scale(head_dim: int, softmax_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
+def _bounds(cu: list[int], b: int, total: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of sequence ``b``, clamped into ``[0, total]`` (end < start = empty), as the kernel."""
+    start = min(max(cu[b], 0), total)
+    return start, min(max(cu[b + 1], start), total)
+
+
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                       softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
@@ -101,7 +112,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        (q0, q1), (k0, k1) = _bounds(cq, b, q.shape[0]), _bounds(ck, b, k.shape[0])
         if q1 == q0 or k1 == k0:
             continue
         mask = visible(q1 - q0, k1 - k0, left, right, q.device)
@@ -114,24 +125,33 @@ def _cache_rows(cache: torch.Tensor, block_table: torch.Tensor | None, b: int, n
     if block_table is None:
         return cache[b, :n]
     page = cache.shape[1]
-    pages = block_table[b, : (n + page - 1) // page].long()
+    pages = block_table[b, : (n + page - 1) // page].long().clamp(0, cache.shape[0] - 1)
     return cache[pages].reshape(-1, *cache.shape[2:])[:n]
+
+
+def _capacity(cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    return cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
-    """Write new k/v ``[B, Sq, Hk, D]`` into the caches at rows ``cache_seqlens[b] ..`` (in place)."""
+    """Write new k/v ``[B, Sq, Hk, D]`` into the caches at rows ``cache_seqlens[b] ..`` (in place).
+
+    Tokens beyond the capacity (or before row 0, or on a page outside the cache) are dropped."""
     B, Sq = k.shape[:2]
     lens = cache_seqlens.tolist()
+    page = k_cache.shape[1]
     for b in range(B):
         for s in range(Sq):
             t = lens[b] + s
+            if not 0 <= t < _capacity(k_cache, block_table):
+                continue
             if block_table is None:
                 k_cache[b, t], v_cache[b, t] = k[b, s], v[b, s]
             else:
-                page = k_cache.shape[1]
                 blk = int(block_table[b, t // page])
-                k_cache[blk, t % page], v_cache[blk, t % page] = k[b, s], v[b, s]
+                if 0 <= blk < k_cache.shape[0]:
+                    k_cache[blk, t % page], v_cache[blk, t % page] = k[b, s], v[b, s]
 
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -157,7 +177,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = q.new_zeros(q.shape)  # contiguous, as the kernel's output
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     for b, n in enumerate(cache_seqlens.tolist()):
-        n += extra
+        n = min(max(n + extra, 0), _capacity(k_cache, block_table))
         if n == 0 or Sq == 0:
             continue
         kb, vb = _cache_rows(k_cache, block_table, b, n), _cache_rows(v_cache, block_table, b, n)

@@ -106,6 +106,14 @@ def test_varlen_head_dims_and_gqa(D, Hq, Hk, dtype):
     _check_varlen([5, 0, 1, 19], [5, 0, 1, 19], Hq, Hk, D, dtype, causal=D != 72)
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_head_dims_above_128(D):
+    """Head dims over 128 (up to MAX_HEAD_DIM 256; 160 is padded to 256): varlen, chunked prefill, paged decode."""
+    _check_varlen([5, 0, 9], [5, 0, 12], 4, 2, D, torch.float32, causal=True)
+    _check_kvcache(2, 24, 3, 4, 1, D, torch.float16, [0, 21])
+    _check_kvcache(2, 24, 1, 2, 2, D, torch.float32, [7, 23], page=8)
+
+
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_varlen_gqa_ratios_causal_tq_ne_tk(group):
     _check_varlen([3, 7, 1, 0], [9, 7, 4, 2], group, 1, 32, torch.float32, causal=True)
@@ -298,6 +306,27 @@ def test_kvcache_int_seqlens_and_zero_batch():
     assert empty.shape == (0, 1, 2, 16)
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), B=st.integers(1, 3), Sq=st.sampled_from([1, 1, 2, 5]), Hk=st.integers(1, 2),
+       group=st.sampled_from([1, 2, 4]), D=st.sampled_from([16, 40, 96]), causal=st.booleans(),
+       left=st.sampled_from([-1, 0, 1, 3, 7]), right=st.sampled_from([-1, 0, 2]),
+       page=st.sampled_from([None, None, 3, 5, 8]), num_splits=st.sampled_from([1, 1, 2, 3]),
+       append=st.sampled_from([True, True, True, False]), dtype=st.sampled_from(KERNEL_DTYPES))
+def test_kvcache_random(data, B, Sq, Hk, group, D, causal, left, right, page, num_splits, append, dtype):
+    """Random KV-cache calls: decode (Sq 1) and chunked prefill (Sq > 1), per-row cache lengths including 0 and
+    full-minus-Sq, GQA, windows, causal or not, head dims incl. 96 (padded to 128), contiguous or paged caches
+    (odd page sizes), split-KV (a long cache when splitting, so the splits really cut it), fp32/fp16."""
+    step = page or 1
+    if num_splits > 1:  # splits are 128-key aligned: only a cache over 128 keys is really cut
+        S = step * -(-260 // step)
+    else:
+        S = step * data.draw(st.integers(-(-max(Sq, 1) // step), 40 // step), label="pages")
+    top = S - Sq if append else S
+    lens = [data.draw(st.one_of(st.just(0), st.just(top), st.integers(0, top)), label=f"len{b}") for b in range(B)]
+    _check_kvcache(B, S, Sq, Hk * group, Hk, D, dtype, lens, append=append, causal=causal, window=(left, right),
+                   page=page, num_splits=num_splits)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(20, 20, 64, 104), (16, 16, 72, 256), (32, 4, 128, 300)])
 def test_bf16_real_head_shapes(shape):
@@ -406,6 +435,8 @@ def _kvcache(**over):
     (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32)), ValueError, "block_table must lie in"),
     (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), k_cache=torch.zeros(2, 4, 2, 16),
           v_cache=torch.zeros(2, 4, 2, 16)), ValueError, "too few|cache too small"),
+    (dict(q=torch.randn(2, 3, 4, 264), k_cache=torch.zeros(2, 8, 2, 264), v_cache=torch.zeros(2, 8, 2, 264),
+          k=torch.randn(2, 3, 2, 264), v=torch.randn(2, 3, 2, 264)), ValueError, r"head_dim must be in \[1, 256\]"),
     (dict(num_splits=-1), ValueError, "num_splits"),
     (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must have dtype"),
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
@@ -462,3 +493,212 @@ def test_kvcache_output_is_contiguous_like_its_fake():
                                                   backend=be) for be in ("triton", "reference")]
     assert all(o.is_contiguous() for o in outs)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+# --- malformed index values: memory-safe kernels, check_values -----------------------------------------------
+
+GUARD = 2  # guard rows/pages on each side of a buffer: NaN where the kernels read, a sentinel where they write
+
+
+def _guarded(shape, fill=None, dtype=torch.float32):
+    """(inner view, whole buffer): ``shape`` rows inside ``GUARD`` rows of ``fill`` (NaN by default) on each side
+    along dim 0; the inner rows are random. An out-of-bounds read shows up as NaN, an out-of-bounds write as a
+    changed guard."""
+    buf = torch.full((shape[0] + 2 * GUARD, *shape[1:]), float("nan") if fill is None else fill, dtype=dtype,
+                     device=DEVICE)
+    inner = buf[GUARD:GUARD + shape[0]]
+    inner.copy_(torch.randn(shape, dtype=dtype, device=DEVICE))
+    return inner, buf
+
+
+def _guards_intact(buf, fill=None):
+    g = torch.cat([buf[:GUARD], buf[-GUARD:]])
+    return bool(torch.isnan(g).all()) if fill is None else bool((g == fill).all())
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_kernels_with_bad_lengths_and_pages_touch_no_neighbour(paged):
+    """cache_seqlens + Sq over the capacity, negative lengths, block_table entries outside the cache (values the
+    public op does not check on a GPU) straight into the launchers: appended tokens that do not fit are dropped (no
+    write into the next sequence's rows or past the cache), lengths are clamped to the capacity, pages to the
+    cache; the outputs are finite and equal the reference's clamped meaning."""
+    from omni_fast.kernels import flash_attn_kvcache as kv
+
+    B, Hq, Hk, D, Sq = 4, 2, 1, 16, 3
+    if paged:
+        page, nb = 4, 5  # capacity 2 pages = 8 rows; entries 5 and -1 point at the guard pages
+        kc, kbuf = _guarded((nb, page, Hk, D))
+        vc, vbuf = _guarded((nb, page, Hk, D))
+        table = torch.tensor([[0, 5], [-1, 2], [3, 4], [1, -9]], dtype=torch.int32, device=DEVICE)
+        lens = [3, 2, 6, 20]
+    else:
+        kc, kbuf = _guarded((B, 8, Hk, D))
+        vc, vbuf = _guarded((B, 8, Hk, D))
+        table = None
+        lens = [7, -2, 6, 20]  # the audit's overflow (7 + 3 > 8), a negative length, the last row past the end
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, Sq, Hq, D, device=DEVICE)
+    k, v = torch.randn(B, Sq, Hk, D, device=DEVICE), torch.randn(B, Sq, Hk, D, device=DEVICE)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    before = kc.clone()
+    kv.append_kv(kc, vc, seqlens, k, v, table)
+    out, lse = kv.kvcache_attention(q, kc, vc, seqlens, Sq, table, D ** -0.5, True, -1, -1, 1)
+    assert _guards_intact(kbuf) and _guards_intact(vbuf), "a write outside the cache"
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any(), "a read outside the cache"
+    ref.append_kv(kc_ref, vc_ref, seqlens, k, v, table)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    if not paged:
+        assert torch.equal(kc[0, :7], before[0, :7]) and torch.equal(kc[0, 7], k[0, 0])  # one token fitted
+        assert torch.equal(kc[1, 1:], before[1, 1:]), "sequence 0's overflow reached sequence 1"
+        assert torch.equal(kc[3], before[3])  # nothing fits at 20
+    exp, lse_exp = ref.flash_attn_with_kvcache(q, kc_ref, vc_ref, seqlens + Sq, block_table=table, return_lse=True)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    _close_lse(lse, lse_exp)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cu_q,cu_k,exact", [
+    ([0, 3, 9], [-4, 2, 12], True),  # ends past the totals, a negative start: clamped to [0, 3, 7] / [0, 2, 6]
+    ([0, 5, 2, 7], [0, 4, 1, 6], False),  # decreasing: an empty sequence and an overlapping one
+    ([0, 1000, -1000, 7], [0, 6, -5, 6], True),  # huge jumps: sequences 0 and 2 clamp to the same rows
+    ([5, 7, 7], [-1, 3, 2], True),  # cu_q[0] != 0: rows 0..4 belong to no sequence and stay unwritten
+])
+def test_varlen_kernel_with_bad_cu_seqlens_stays_in_bounds(packed, cu_q, cu_k, exact):
+    """Malformed cu_seqlens straight into the launcher (both grids): the sequence bounds are clamped into the
+    tensors, no read or write leaves q/k/v/out/lse, rows of no sequence are left as they were; where the clamped
+    sequences do not overlap (or coincide), the result is the reference's on the clamped bounds."""
+    from omni_fast.kernels.flash_attn import attn_fwd
+
+    Tq, Tk, Hq, Hk, D, sentinel = 7, 6, 2, 1, 16, 7.0
+    q, _ = _guarded((Tq, Hq, D))
+    k, _ = _guarded((Tk, Hk, D))
+    v, _ = _guarded((Tk, Hk, D))
+    out, obuf = _guarded((Tq, Hq, D), fill=sentinel)
+    out.fill_(sentinel)
+    lbuf = torch.full((Hq, Tq + 2 * GUARD), sentinel, device=DEVICE)
+    lse = lbuf[:, GUARD:GUARD + Tq]
+    cq, ck = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k))
+    attn_fwd(q, k, v, out, lse, batch=cq.numel() - 1, rows_per_seq=Tq * Hq, cu_q=cq, seqlen_q=0, cu_k=ck,
+             seqused_k=None, k_extra=0, block_table=None, softmax_scale=D ** -0.5, causal=True, window_size=(-1, -1),
+             packed_grid=packed)
+    assert _guards_intact(obuf, sentinel) and bool((lbuf[:, :GUARD] == sentinel).all()) \
+        and bool((lbuf[:, -GUARD:] == sentinel).all()), "a write outside out/lse"
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any(), "a read outside q/k/v"
+    if exact:
+        exp, lse_exp = ref.flash_attn_varlen(q, k, v, cq, ck, None, None, causal=True, return_lse=True)
+        owned = torch.zeros(Tq, dtype=torch.bool, device=DEVICE)
+        for b in range(len(cu_q) - 1):
+            s = min(max(cu_q[b], 0), Tq)
+            owned[s:min(max(cu_q[b + 1], s), Tq)] = True
+        torch.testing.assert_close(out[owned], exp[owned], rtol=1e-5, atol=1e-5)
+        _close_lse(lse[:, owned], lse_exp[:, owned])
+        assert bool((out[~owned] == sentinel).all())
+
+
+def _as_on_gpu(monkeypatch):
+    """Value checks as on a CUDA tensor: skipped unless ``check_values=True``; counts the host copies made."""
+    import omni_fast.ops.attention as ops_attn
+    import omni_fast.validation as validation
+
+    copies = []
+    real_copies = validation.host_copies
+
+    def checkable(t, check_values=None):
+        return False if validation._is_tracing() else bool(check_values)
+
+    def counting(*ts):
+        copies.append(len(ts))
+        return real_copies(*ts)
+
+    for mod in (validation, ops_attn):
+        monkeypatch.setattr(mod, "values_checkable", checkable)
+    monkeypatch.setattr(ops_attn, "host_copies", counting)
+    return copies
+
+
+def test_check_values_forces_value_checks_off_cpu(monkeypatch):
+    """On the device path (simulated: CPU tensors treated as CUDA ones) the value checks are skipped by default and
+    the kernels clamp; ``check_values=True`` runs them all from one host copy; ``False`` skips them on the CPU."""
+    bad_cu = dict(cu_seqlens_q=torch.tensor([0, 3, 9], dtype=torch.int32))  # last != total
+    with pytest.raises(ValueError, match="total number of tokens"):
+        _varlen(**bad_cu)
+    _varlen(**bad_cu, check_values=False)  # CPU, checks off: the reference clamps like the kernel
+    bad_kv = dict(cache_seqlens=torch.tensor([7, 3], dtype=torch.int32))  # 7 + 3 > 8
+    bad_bt = dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32))
+    _kvcache(**bad_kv, check_values=False)
+    copies = _as_on_gpu(monkeypatch)
+    _varlen(**bad_cu)
+    _varlen(max_seqlen_q=3)
+    _kvcache(**bad_kv)
+    _kvcache(**bad_bt)
+    assert copies == []  # no host sync by default
+    for call, over, match in [(_varlen, bad_cu, "total number of tokens"), (_varlen, dict(max_seqlen_q=3),
+                              "max_seqlen_q"), (_kvcache, bad_kv, "cache too small"),
+                              (_kvcache, bad_bt, "block_table must lie in")]:
+        with pytest.raises(ValueError, match=match):
+            call(**over, check_values=True)
+    assert copies == [2, 2, 1, 2]  # one host copy per call, holding every index tensor it checks
+    cu = _cu([3, 4]).cpu()
+    q, k = torch.randn(7, 2, 16), torch.randn(7, 1, 16)
+    out = flash_attn_varlen(q, k, k, cu, cu, 4, 4, check_values=True, backend="triton")
+    torch.testing.assert_close(out, flash_attn_varlen(q, k, k, cu, cu, 4, 4, backend="reference"), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_bad_values_unchecked_without_sync_and_checked_on_request():
+    """On CUDA: malformed cache_seqlens pass unchecked with no host sync (CUDA sync debug mode "error") and the
+    overflow stays out of the neighbour's rows; ``check_values=True`` catches them (and bad cu_seqlens)."""
+    dev, dt = "cuda", torch.float16
+    B, S, Hq, Hk, D, Sq = 2, 8, 2, 1, 64, 3
+    kc, vc = torch.randn(B, S, Hk, D, device=dev, dtype=dt), torch.randn(B, S, Hk, D, device=dev, dtype=dt)
+    q = torch.randn(B, Sq, Hq, D, device=dev, dtype=dt)
+    k, v = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt), torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
+    ok = torch.tensor([4, 3], dtype=torch.int32, device=dev)
+    bad = torch.tensor([7, 3], dtype=torch.int32, device=dev)  # 7 + 3 > 8
+    flash_attn_with_kvcache(q, kc.clone(), vc.clone(), ok, k=k, v=v, backend="triton")  # compile first
+    before = kc.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(kc[1, :3], before[1, :3]), "sequence 0's overflow reached sequence 1"
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="cache too small"):
+        flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton", check_values=True)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=dev)
+    x = torch.randn(7, Hq, D, device=dev, dtype=dt)
+    with pytest.raises(ValueError, match="total number of tokens"):
+        flash_attn_varlen(x, x, x, cu, cu, None, None, backend="triton", check_values=True)
+
+
+def test_host_copies_cpu_tensors_as_they_are():
+    from omni_fast.validation import host_copies
+
+    a, b = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([[1, 2]], dtype=torch.int32)
+    assert all(x is y for x, y in zip(host_copies(a, b), (a, b)))
+
+
+# --- the benchmark's unmasked-work count ---------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(lens=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=5),
+       causal=st.booleans(), left=st.integers(-1, 12), right=st.integers(-1, 12))
+def test_bench_visible_pairs_equals_reference_mask_count(lens, causal, left, right):
+    """``bench.cases.attention.visible_pairs`` (the FLOP count behind the TFLOP/s the benchmark reports: unmasked
+    work only) summed over sequences == the number of True entries of the reference's packed mask."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # `bench` is a folder of the repository, not an installed package
+        sys.path.insert(0, root)
+    from bench.cases.attention import visible_pairs
+
+    lq, lk = [a for a, _ in lens], [b for _, b in lens]
+    mask = ref.varlen_mask(_cu(lq).cpu(), _cu(lk).cpu(), causal=causal, window_size=(left, right))
+    l, r = ref.normalize_window(causal, (left, right))
+    assert sum(visible_pairs(a, b, l, r) for a, b in zip(lq, lk)) == int(mask.sum())

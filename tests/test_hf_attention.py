@@ -70,6 +70,26 @@ def test_thinker_text_model_prefill_and_decode():
 
 
 @torch.no_grad()
+def test_thinker_text_model_chunked_prefill():
+    """Chunked prefill through transformers: multi-token chunks (6, 4, 5 tokens) against a growing DynamicCache,
+    then a decode step; every chunk's queries sit bottom-right against past + new keys."""
+    cfg = _text_cfg(cfgs.Qwen3OmniMoeTextConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    model = q3.Qwen3OmniMoeThinkerTextModel(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    chunks = [torch.randn(2, n, cfg.hidden_size, generator=g) for n in (6, 4, 5, 1)]
+
+    def run(m):
+        cache = DynamicCache(config=m.config)
+        outs = []
+        for x in chunks:
+            outs.append(m(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state)
+        assert cache.get_seq_length() == 16
+        return tuple(outs)
+
+    _both(model, run)
+
+
+@torch.no_grad()
 def test_thinker_text_model_static_cache():
     from transformers import StaticCache
 

@@ -4,6 +4,14 @@ Drop-in for ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` 
 through int32 ``cu_seqlens``, GQA, causal masks aligned bottom-right, sliding windows ``window_size=(left, right)``
 (``-1`` unbounded), KV caches contiguous or paged. See :mod:`omni_fast.reference.attention` for the exact rule and
 ``docs/attention.md`` for the design.
+
+Value checks (cu_seqlens monotonic and ending at the token count, ``max_seqlen_q``, ``cache_seqlens + Sq`` within
+the capacity, ``block_table`` in range) read the index tensors on the host: they run by default only when those
+tensors live on the CPU, never while ``torch.compile`` traces or a CUDA graph captures. ``check_values=True`` runs
+them on any device at the price of one host sync (one device-to-host copy of all index tensors); ``False`` skips
+them. Unchecked malformed values are harmless: the kernels clamp sequence bounds, cache lengths and page numbers
+into the buffers and drop appended tokens that do not fit (see :func:`omni_fast.kernels.flash_attn.attn_fwd_kernel`),
+so they give defined results (zeros for rows that see no key), never out-of-bounds reads or writes.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import torch
 
 from ..reference import attention as ref
 from ..validation import (FLOAT_DTYPES, check_cu_seqlens, check_index_range, check_positive_int, check_same_dtype,
-                          check_tensor, values_checkable)
+                          check_tensor, host_copies, values_checkable)
 from ._dispatch import dispatched_op
 
 MAX_HEAD_DIM = 256
@@ -140,6 +148,7 @@ def flash_attn_varlen(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    check_values: bool | None = None,
     backend: str | None = None,
 ):
     """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward).
@@ -151,6 +160,9 @@ def flash_attn_varlen(
     ``max_seqlen_k`` is not needed (None allowed). ``softmax_scale`` defaults to ``D ** -0.5``; causal
     masks and windows are aligned bottom-right. Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
     ``(out, lse)`` with lse fp32 ``[Hq, Tq]`` (natural log; ``-inf`` for rows that see no key, whose output is 0).
+    ``check_values``: None checks the cu_seqlens values and ``max_seqlen_q`` only on CPU tensors, True on any
+    device (one host sync), False never (see the module docstring: unchecked bad values are memory-safe; query
+    rows outside every sequence, or beyond a too-small ``max_seqlen_q``, are then left unwritten).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     Tq, Hq, D = q.shape
@@ -160,17 +172,23 @@ def flash_attn_varlen(
     if k.shape[2] != D:
         raise ValueError(f"k must have head_dim {D} like q, got shape {list(k.shape)}")
     _check_heads("q", Hq, "k", k.shape[1], D)
-    B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device)
-    if check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device) != B:
-        raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
+    Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
     if max_seqlen_q is not None:
         check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
     if max_seqlen_k is not None:
         check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
-    if max_seqlen_q is not None and values_checkable(cu_seqlens_q) and B > 0:
-        longest = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-        if longest > max_seqlen_q:
-            raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence ({longest})")
+    if values_checkable(cu_seqlens_q, check_values):
+        cu_q, cu_k = host_copies(cu_seqlens_q, cu_seqlens_k)  # one transfer for both
+        check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
+        check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], check_values=True)
+        if max_seqlen_q is not None and B > 0:
+            longest = int((cu_q[1:] - cu_q[:-1]).max())
+            if longest > max_seqlen_q:
+                raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence "
+                                 f"({longest})")
+    if Bk != B:
+        raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
@@ -196,6 +214,7 @@ def flash_attn_with_kvcache(
     return_lse: bool = False,
     backend: str | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    check_values: bool | None = None,
 ):
     """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
 
@@ -208,7 +227,10 @@ def flash_attn_with_kvcache(
     of FlashAttention's API): bool ``[B, capacity]`` (unit stride along keys), False = padding: padding keys are
     never attended and a query whose own key position is padding gives zeros (a padded batch in its padded
     layout: no unpadding, no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``,
-    lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key).
+    lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key). ``check_values``: None checks the cache_seqlens
+    and block_table values only on CPU tensors, True on any device (one host sync), False never (see the module
+    docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and attends to the
+    capacity's keys; out-of-range pages are not written and read as a clamped page).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
@@ -233,7 +255,6 @@ def flash_attn_with_kvcache(
         check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=q.device)
         if block_table.shape[0] != B:
             raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
-        check_index_range("block_table", block_table, 0, n_slots)
         capacity = block_table.shape[1] * slot_len
     else:
         if n_slots != B:
@@ -246,8 +267,11 @@ def flash_attn_with_kvcache(
     appended = Sq if k is not None else 0
     if capacity - appended < 0:
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
-    if values_checkable(cache_seqlens) and B > 0:
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if values_checkable(cache_seqlens, check_values) and B > 0:
+        lens, *table = host_copies(cache_seqlens, *([] if block_table is None else [block_table]))
+        if table:
+            check_index_range("block_table", table[0], 0, n_slots, check_values=True)
+        lo, hi = int(lens.min()), int(lens.max())
         if lo < 0 or hi + appended > capacity:
             raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens must "
                              f"fit the cache's {capacity} tokens per sequence")
