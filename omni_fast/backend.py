@@ -92,7 +92,7 @@ def resolve_backend(
     back to ``"triton"`` for an op without a CUDA C++ implementation (module doc).
     """
     available = tuple(available)
-    want = requested_backend(explicit)
+    want = asked = requested_backend(explicit)
     if want == "cuda" and "cuda" not in available and "triton" in available:
         want = "triton"
     devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
@@ -105,9 +105,9 @@ def resolve_backend(
     if want not in available:
         raise ValueError(f"{op_name}: backend {want!r} is not implemented (available: {available})")
     if want == "triton" and not on_cuda and not triton_interpreter_enabled():
-        raise ValueError(
-            f"{op_name}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU interpreter"
-        )
+        via = " ('cuda' runs triton for this op: it has no CUDA C++ version)" if asked == "cuda" else ""
+        raise ValueError(f"{op_name}: backend 'triton'{via} needs CUDA tensors, or TRITON_INTERPRET=1 to run on the "
+                         "CPU interpreter")
     if want == "cuda" and not on_cuda:
         raise ValueError(f"{op_name}: backend 'cuda' needs CUDA tensors (got devices {sorted(devices)})")
     return want

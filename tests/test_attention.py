@@ -438,6 +438,8 @@ def _kvcache(**over):
     (dict(q=torch.randn(2, 3, 4, 264), k_cache=torch.zeros(2, 8, 2, 264), v_cache=torch.zeros(2, 8, 2, 264),
           k=torch.randn(2, 3, 2, 264), v=torch.randn(2, 3, 2, 264)), ValueError, r"head_dim must be in \[1, 256\]"),
     (dict(num_splits=-1), ValueError, "num_splits"),
+    (dict(block_table=torch.tensor([[0], [0]], dtype=torch.int32), k_cache=torch.zeros(0, 8, 2, 16),
+          v_cache=torch.zeros(0, 8, 2, 16)), ValueError, "no pages"),
     (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must have dtype"),
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
 ])

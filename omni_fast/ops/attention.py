@@ -255,6 +255,8 @@ def flash_attn_with_kvcache(
         check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=q.device)
         if block_table.shape[0] != B:
             raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
+        if n_slots == 0 and block_table.numel() > 0:  # the kernels clamp page numbers into [0, n_slots)
+            raise ValueError("k_cache has no pages (shape[0] == 0) but block_table names some")
         capacity = block_table.shape[1] * slot_len
     else:
         if n_slots != B:

@@ -31,13 +31,14 @@ def _rvq_reference(codes, tables, offsets, mean):
 
 
 _LIST_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_CAPTURED_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # read by a CUDA graph: never evicted
 
 
 def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     # Element offsets of each table from the first one's data pointer, cached per table set so a warmed-up call
     # makes no host-to-device copy (and so can be captured in a CUDA graph).
     key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0)) for t in tables)
-    hit = _LIST_BASES.get(key)
+    hit = _CAPTURED_BASES.get(key) or _LIST_BASES.get(key)
     if hit is None:
         size = tables[0].element_size()
         base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
@@ -46,6 +47,8 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         if len(_LIST_BASES) > 256:
             _LIST_BASES.clear()
         _LIST_BASES[key] = hit
+    if tables[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
     return hit
 
 

@@ -84,7 +84,10 @@ def _device_zero(device: torch.device) -> torch.Tensor:
     key = str(device)
     t = _ZERO_CACHE.get(key)
     if t is None:
-        t = _ZERO_CACHE.setdefault(key, torch.zeros(1, dtype=torch.long, device=device))
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return t  # from the graph's pool, zeroed only on replay: not for eager calls, so not cached
+        t = _ZERO_CACHE.setdefault(key, t)
     return t
 
 
