@@ -386,6 +386,41 @@ def test_patched_pipeline_streams_exactly(pipe):
     assert isinstance(ExactStreamingCodec, type)
 
 
+def test_codec_streams_outlive_requests(pipe):
+    """Patched, a request's Code2Wav stream (its states and, on CUDA, its graphs) is kept for the next request of
+    the same batch size: reset, its lead zeros dropped, the same audio as a new stream; interleaved requests get a
+    stream each."""
+    import omni_fast
+
+    req = Request(text=[5, 6, 7, 8, 9])
+    patched = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer, backend="reference")
+    try:
+        first = patched.generate(req, **GREEDY, first_chunk=1, chunk=3)[0]
+        (stream, _), = patched._codec_streams[1][1]
+        used = stream.frames
+        assert used > 0
+        again = patched.generate(req, **GREEDY, first_chunk=2, chunk=2)[0]
+        assert patched._codec_streams[1][1][0][0] is stream and stream.frames > used  # reused, not rebuilt
+        a, b = patched.stream(req, **GREEDY), patched.stream(req, **GREEDY)
+        events_a = []
+        for e in a:  # up to a's first audio chunk: a holds its codec stream now
+            events_a.append(e)
+            if e.kind == "audio":
+                break
+        events_b = list(b)  # runs while a is suspended: needs a stream of its own
+        events_a += list(a)
+    finally:
+        omni_fast.unpatch(pipe.model)
+    assert again["audio"].shape == first["audio"].shape
+    err = (again["audio"] - first["audio"]).norm() / first["audio"].norm()
+    assert err < 1e-4, err
+    assert len(patched._codec_streams[1][1]) == 2
+    wav = [torch.cat([e.audio for e in ev if e.kind == "audio"]) for ev in (events_a, events_b)]
+    for w in wav:
+        assert w.shape == first["audio"].shape
+        assert (w - first["audio"]).norm() / first["audio"].norm() < 1e-4
+
+
 def test_patched_pipeline_runs_the_mtp_step_on_omni_fast(pipe):
     """Patched, the MTP stage is CodePredictor.predict_frame: greedy gives transformers' audio (checked above);
     sampling runs with omni-fast's RNG and stays within the codebook."""

@@ -113,13 +113,28 @@ class ExactStreamingCodec:
     samples that are final (their concatenation equals the one-shot decode: no seams).
 
     ``first_chunk`` and ``chunk`` set the schedule as in :class:`StreamingCodec`; there is no left context.
+    ``stream``: a long-lived :meth:`new_stream` of this batch size to reuse (with its CUDA graphs: a new utterance
+    then captures nothing); every row is reset, and the reset rows' lead zeros are dropped, so the audio is the
+    same as a new stream's. Default: a new stream.
     """
 
-    def __init__(self, code2wav, batch_size: int, *, first_chunk: int = 1, chunk: int = 12):
-        self.stream = code2wav.stream(batch_size, cuda_graphs=code2wav.device.type == "cuda"
-                                      and graph_capturable(code2wav.backend))
+    def __init__(self, code2wav, batch_size: int, *, first_chunk: int = 1, chunk: int = 12, stream=None):
+        self.drop = 0  # samples to drop from the first push: a reused stream's lead zeros
+        if stream is None or stream._min_reset_frames() > 1:  # (a first push may be a single frame)
+            stream = self.new_stream(code2wav, batch_size)
+        elif stream.frames > 0:
+            stream.reset(list(range(batch_size)))
+            self.drop = stream.lead_samples
+        self.stream = stream
         self.first_chunk, self.chunk = first_chunk, chunk
         self.done = 0  # frames already pushed
+
+    @staticmethod
+    def new_stream(code2wav, batch_size: int):
+        """A :class:`~omni_fast.models.code2wav.Code2WavStream` of ``batch_size`` rows, on CUDA graphs where they
+        can run (a CUDA model on a capturable backend)."""
+        return code2wav.stream(batch_size, cuda_graphs=code2wav.device.type == "cuda"
+                               and graph_capturable(code2wav.backend))
 
     def ready(self, frames: int, final: bool) -> bool:
         want = self.first_chunk if self.done == 0 else self.chunk
@@ -129,6 +144,8 @@ class ExactStreamingCodec:
         """Push the frames of ``codes [B, Q, T]`` not pushed yet; returns the new final samples ``[B, S]``."""
         start, end = self.done, codes.shape[-1]
         wav = self.stream.push(codes[..., start:end].contiguous())
+        if self.drop:
+            wav, self.drop = wav[..., self.drop:], 0
         self.done = end
         return wav.reshape(codes.shape[0], -1)
 

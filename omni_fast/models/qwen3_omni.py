@@ -222,6 +222,8 @@ class Qwen3Omni:
         self.backend = backend
         # "thinker"/"talker" -> (weights key, [[MoeTextDecoder, weakref to the _Lease of the stream using it]])
         self._decoders: dict[str, tuple] = {}
+        # (Code2Wav, {batch size: [[Code2WavStream, weakref to the _Lease of the stream using it]]})
+        self._codec_streams = None
         self._fast_stages = None  # (weights key, OmniCodePredictor, Code2Wav): rebuilt when the weights change
         thinker_cfg = self.config.thinker_config
         self.spec = PositionSpec.from_config(thinker_cfg)
@@ -717,7 +719,8 @@ class Qwen3Omni:
         frames: list[torch.Tensor] = []  # [B, Q] per frame
         n_frames = [0] * B
         if self.fast_code2wav is not None:  # patched: exact stateful streaming, no re-decoded left context
-            codec = ExactStreamingCodec(self.fast_code2wav, B, first_chunk=first_chunk, chunk=chunk)
+            codec = ExactStreamingCodec(self.fast_code2wav, B, first_chunk=first_chunk, chunk=chunk,
+                                        stream=self._codec_stream(B, lease))
         else:
             codec = StreamingCodec(self.code2wav, first_chunk=first_chunk, chunk=chunk, left_context=left_context)
         audio_len = [0] * B
@@ -824,6 +827,22 @@ class Qwen3Omni:
         dec = MoeTextDecoder.from_transformers(text_model, head, backend=self.backend)
         got[1].append([dec, weakref.ref(lease)])
         return dec
+
+    def _codec_stream(self, batch_size: int, lease: "_Lease"):
+        """A Code2Wav stream of ``batch_size`` rows that no live stream holds, leased to ``lease``: streams (their
+        states and CUDA graphs) outlive requests, so a new request captures no graph; dropped when the fast
+        Code2Wav is rebuilt (new weights)."""
+        code2wav = self.fast_code2wav
+        if self._codec_streams is None or self._codec_streams[0] is not code2wav:
+            self._codec_streams = (code2wav, {})
+        entries = self._codec_streams[1].setdefault(batch_size, [])
+        for entry in entries:
+            if entry[1]() is None:  # its request ended (or was dropped)
+                entry[1] = weakref.ref(lease)
+                return entry[0]
+        stream = ExactStreamingCodec.new_stream(code2wav, batch_size)
+        entries.append([stream, weakref.ref(lease)])
+        return stream
 
     @staticmethod
     def _prefill(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
