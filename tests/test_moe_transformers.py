@@ -109,15 +109,15 @@ def _ep_rank(full, rank: int, ep_size: int):
     return shard
 
 
-@pytest.mark.parametrize("ep_size", [2, 3])
-def test_expert_parallel_rank_matches_eager(fused_calls, ep_size):
+@pytest.mark.parametrize("ep_size,k", [(2, 2), (3, 2), (6, 4)])  # (6, 4): top_k > the local experts + 1
+def test_expert_parallel_rank_matches_eager(fused_calls, ep_size, k):
     """transformers' AllReduceEP calls each rank's experts with local ids, the off-rank pairs given the sentinel id
     ``num_local_experts`` and weight 0; the omni_fast forward maps the sentinel to -1 through an expert_map. Per
     rank it matches the eager forward on the same inputs, and the ranks' outputs sum to the unsharded module's."""
     torch.manual_seed(0)
     cfg = Qwen3OmniMoeThinkerConfig(text_config=TEXT)
     full = _randomize(q3.Qwen3OmniMoeThinkerTextExperts(cfg.text_config))
-    T, k, E = 11, 2, full.num_experts
+    T, E = 11, full.num_experts
     x = torch.randn(T, 32)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     weights = torch.rand(T, k)

@@ -52,8 +52,11 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     expert_map = None
     if getattr(self, "_is_expert_parallel", False):
         num_local = self.gate_up_proj.shape[0]
-        expert_map = torch.arange(num_local + 1, dtype=torch.int32, device=hidden_states.device)
-        expert_map[-1] = -1  # the EP sentinel id (== num_local) contributes zero
+        # ids [0, num_local) are this rank's; the EP sentinel id (== num_local) contributes zero. At least top_k
+        # entries: several off-rank pairs of a token share the sentinel, so top_k may exceed num_local + 1.
+        size = max(num_local + 1, top_k_index.shape[-1])
+        expert_map = torch.arange(size, dtype=torch.int32, device=hidden_states.device)
+        expert_map[num_local:] = -1
     # omni_fast.patch(model, backend=...) pins the backend on the module; otherwise the ambient one (use_backend/env)
     return ops.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
                          activation="silu", expert_map=expert_map,
