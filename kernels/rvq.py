@@ -19,7 +19,7 @@ from .launch import launch, static_case
 
 @triton.jit
 def rvq_embed_kernel(
-    codes_ptr, table_ptr, group_base_ptr, group_stride_ptr, out_ptr,
+    codes_ptr, table_ptr, group_base_ptr, group_stride_ptr, group_rows_ptr, out_ptr,
     D, stride_cn, stride_cg, stride_on, scale,
     G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -29,13 +29,15 @@ def rvq_embed_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for g in range(G):
         code = tl.load(codes_ptr + n * stride_cn + g * stride_cg).to(tl.int64)
+        # an out-of-range code (unchecked on CUDA: no host sync) adds nothing instead of reading out of bounds
+        valid = (code >= 0) & (code < tl.load(group_rows_ptr + g))
         row = tl.load(group_base_ptr + g) + code * tl.load(group_stride_ptr + g)
-        acc += tl.load(table_ptr + row + offs_d, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(table_ptr + row + offs_d, mask=offs_d < tl.where(valid, D, 0), other=0.0).to(tl.float32)
     tl.store(out_ptr + n * stride_on + offs_d, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rvq_embed(codes: torch.Tensor, table: torch.Tensor, group_base: torch.Tensor, group_stride: torch.Tensor,
-              mean: bool, out: torch.Tensor) -> None:
+              group_rows: torch.Tensor, mean: bool, out: torch.Tensor) -> None:
     """Write ``out[n] = reduce_g table_flat[group_base[g] + codes[n, g] * group_stride[g] + :D]``.
 
     codes ``[N, G]``; table: the tensor ``group_base`` counts from (element offsets, int64 ``[G]``); out ``[N, D]``.
@@ -45,7 +47,7 @@ def rvq_embed(codes: torch.Tensor, table: torch.Tensor, group_base: torch.Tensor
     block_d = min(triton.next_power_of_2(max(D, 16)), 1024)
     launch(
         rvq_embed_kernel, (N, triton.cdiv(D, block_d)),
-        codes, table, group_base, group_stride, out,
+        codes, table, group_base, group_stride, group_rows, out,
         D, codes.stride(0), codes.stride(1), out.stride(0), (1.0 / G) if mean else 1.0,
         G=G, BLOCK_D=block_d, num_warps=4, device=out.device,
     )
@@ -57,6 +59,7 @@ for _dt in ("bf16", "fp16"):
             f"rvq_embed_kernel[{_dt},G{_g},D1024]", rvq_embed_kernel,
             signature={
                 "codes_ptr": "*i64", "table_ptr": f"*{_dt}", "group_base_ptr": "*i64", "group_stride_ptr": "*i64",
+                "group_rows_ptr": "*i64",
                 "out_ptr": f"*{_dt}", "D": "i32", "stride_cn": "i32", "stride_cg": "i32", "stride_on": "i32",
                 "scale": "fp32", "G": "constexpr", "BLOCK_D": "constexpr",
             },

@@ -476,6 +476,22 @@ def test_rvq_bad_input(call, err, match):
         call(tables, codes)
 
 
+def test_rvq_unchecked_bad_codes_add_nothing():
+    """With the value check off (as on CUDA by default: no host sync), an out-of-range code adds nothing in the
+    Triton kernel instead of reading outside its table (list of tables, and one table with offsets)."""
+    g = torch.Generator().manual_seed(3)
+    tables = [torch.randn(5, 8, generator=g).to(DEVICE) for _ in range(3)]
+    codes = torch.tensor([[1, 5, 2], [-1, 0, 4], [0, 1, 2]], device=DEVICE)  # 5 and -1 are out of range
+    got = omni_fast.ops.rvq_embed(codes, tables, check_values=False, backend="triton")
+    want = torch.stack([tables[0][1] + tables[2][2], tables[1][0] + tables[2][4],
+                        tables[0][0] + tables[1][1] + tables[2][2]])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    big, offs = torch.cat(tables), torch.tensor([0, 5, 10], device=DEVICE)
+    got = omni_fast.ops.rvq_embed(torch.tensor([[1, 2, 5]], device=DEVICE), big, offsets=offs, check_values=False,
+                                  backend="triton")  # 5 + offset 10 = row 15: past the table's 15 rows
+    torch.testing.assert_close(got, (tables[0][1] + tables[1][2])[None], rtol=1e-6, atol=1e-6)
+
+
 def test_rvq_compile_traces():
     tables = torch.randn(12, 4)
     offs = torch.tensor([0, 4, 8])

@@ -114,7 +114,7 @@ class ExactStreamingCodec:
 
     ``first_chunk`` and ``chunk`` set the schedule as in :class:`StreamingCodec`; there is no left context.
     ``stream``: a long-lived :meth:`new_stream` of this batch size to reuse (with its CUDA graphs: a new utterance
-    then captures nothing); every row is reset, and the reset rows' lead zeros are dropped, so the audio is the
+    then captures nothing, once the stream has been reused before); every row is reset, and the reset rows' lead zeros are dropped, so the audio is the
     same as a new stream's. Default: a new stream.
     """
 

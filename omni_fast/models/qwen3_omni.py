@@ -830,7 +830,7 @@ class Qwen3Omni:
 
     def _codec_stream(self, batch_size: int, lease: "_Lease"):
         """A Code2Wav stream of ``batch_size`` rows that no live stream holds, leased to ``lease``: streams (their
-        states and CUDA graphs) outlive requests, so a new request captures no graph; dropped when the fast
+        states and CUDA graphs) outlive requests, so new requests capture no graph (after the stream's first reuse); dropped when the fast
         Code2Wav is rebuilt (new weights)."""
         code2wav = self.fast_code2wav
         if self._codec_streams is None or self._codec_streams[0] is not code2wav:

@@ -30,20 +30,20 @@ def _rvq_reference(codes, tables, offsets, mean):
     return ref.rvq_embed(codes, tables[0] if single else tables, reduce="mean" if mean else "sum", offsets=offsets)
 
 
-_LIST_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_CAPTURED_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # read by a CUDA graph: never evicted
+_LIST_BASES: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_CAPTURED_BASES: dict[tuple, tuple[torch.Tensor, ...]] = {}  # read by a CUDA graph: never evicted
 
 
-def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Element offsets of each table from the first one's data pointer, cached per table set so a warmed-up call
     # makes no host-to-device copy (and so can be captured in a CUDA graph).
-    key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0)) for t in tables)
+    key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0), t.shape[0]) for t in tables)
     hit = _CAPTURED_BASES.get(key) or _LIST_BASES.get(key)
     if hit is None:
         size = tables[0].element_size()
         base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
-        hit = (torch.tensor(base, dtype=torch.long, device=tables[0].device),
-               torch.tensor([t.stride(0) for t in tables], dtype=torch.long, device=tables[0].device))
+        hit = tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device)
+                    for v in (base, [t.stride(0) for t in tables], [t.shape[0] for t in tables]))
         if len(_LIST_BASES) > 256:
             _LIST_BASES.clear()
         _LIST_BASES[key] = hit
@@ -63,11 +63,12 @@ def _rvq_triton(codes, tables, offsets, mean):
     if len(tables) == 1 and (G > 1 or offsets is not None):
         table = tables[0]
         stride = torch.full((G,), table.stride(0), dtype=torch.long, device=table.device)
-        base = stride * offsets.long() if offsets is not None else torch.zeros_like(stride)
+        first = offsets.long() if offsets is not None else torch.zeros_like(stride)  # each group's first row
+        base, rows = stride * first, table.shape[0] - first
     else:
         table = tables[0]
-        base, stride = _list_bases(tables)
-    kernels_rvq.rvq_embed(flat, table, base, stride, bool(mean), out)
+        base, stride, rows = _list_bases(tables)
+    kernels_rvq.rvq_embed(flat, table, base, stride, rows, bool(mean), out)
     return out.reshape(*codes.shape[:-1], D)
 
 
@@ -85,7 +86,8 @@ def rvq_embed(
     codes: int32/int64 ``[..., G]`` (codebook axis last). tables: a list of G tensors ``[V_g, D]`` (one per
     codebook), or one tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros
     when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
-    the codes live on the CPU (or ``check_values=True``).
+    the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel adds
+    nothing for a code outside its group's rows instead of reading out of bounds.
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
