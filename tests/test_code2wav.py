@@ -707,6 +707,21 @@ def test_from_state_dict_equals_from_transformers():
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
+def test_first_push_too_short_for_the_layout_is_refused():
+    """A layout with little upsampling before the decoder makes no sample from one frame: the stream's first push
+    (like the first after a reset) says how many frames it needs instead of failing inside a conv."""
+    _, model = _models(0, upsampling_ratios=[1], upsample_rates=[2, 3])
+    stream = model.stream(1)
+    need = stream._min_reset_frames()
+    assert need > 1
+    codes = torch.randint(0, 16, (1, 4, need + 2))
+    with pytest.raises(ValueError, match=f"first push .* needs at least {need} frames"):
+        stream.push(codes[..., :1])
+    got = torch.cat([stream.push(codes[..., :need])] + [stream.push(codes[..., i:i + 1])
+                                                          for i in range(need, need + 2)], -1)
+    torch.testing.assert_close(got, model(codes), rtol=1e-5, atol=1e-6)
+
+
 def test_model_bad_codes():
     _, model = _models(0)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):

@@ -1,6 +1,7 @@
 """Code2Wav benchmark cases (``python -m bench code2wav``): the real config with random bf16 weights.
 
-- streaming latency per chunk at batch 1, chunks of 1, 10 and 25 frames: transformers' module re-decoding 25 frames
+- streaming latency per chunk at batch 1, chunks of 1, 10 and 25 frames (and chunk 10 at batch 32: streamed serving
+  throughput): transformers' module re-decoding 25 frames
   of left context per chunk (what serving stacks do), torch.compile of the reference doing the same, and omni-fast's
   stateful stream (no recomputed context);
 - throughput at batch 8, 32 and 64 (10 s of audio per stream, one-shot);
@@ -27,12 +28,15 @@ FRAME_RATE = 12.5  # codes per second
 LEFT_CONTEXT = 25  # frames serving stacks re-decode per chunk
 # Per preset: the model (real config in bf16, or the tiny one of the CPU check in fp32), frames pushed before a
 # streaming / pre-transformer case (more than the sliding window, so the KV caches are full, as mid-utterance),
-# streaming chunks, pre-transformer (chunk, batch) pairs and one-shot (batch, seconds, chunked?) decodes.
+# streaming and pre-transformer (chunk, batch) pairs (batch 32: serving throughput while streaming) and one-shot
+# (batch, seconds, chunked?) decodes.
 PRESETS = {
-    "quick": dict(tiny=False, warm=80, stream=(10,), pre=((10, 1),), oneshot=((8, 10.0, False), (1, 30.0, True))),
-    "full": dict(tiny=False, warm=80, stream=(1, 10, 25), pre=((1, 1), (10, 1), (25, 1), (10, 32)),
+    "quick": dict(tiny=False, warm=80, stream=((10, 1),), pre=((10, 1),),
+                  oneshot=((8, 10.0, False), (1, 30.0, True))),
+    "full": dict(tiny=False, warm=80, stream=((1, 1), (10, 1), (25, 1), (10, 32)),
+                 pre=((1, 1), (10, 1), (25, 1), (10, 32)),
                  oneshot=((8, 10.0, False), (32, 10.0, False), (64, 10.0, False), (1, 30.0, True))),
-    "smoke": dict(tiny=True, warm=8, stream=(2,), pre=((2, 1),), oneshot=((2, 0.8, False), (1, 2.4, True))),
+    "smoke": dict(tiny=True, warm=8, stream=((2, 1),), pre=((2, 1),), oneshot=((2, 0.8, False), (1, 2.4, True))),
 }
 
 
@@ -107,20 +111,20 @@ def _units(codes: int) -> dict:
     return {"code": codes, "audio_s": codes / FRAME_RATE}
 
 
-def _streaming_case(chunk: int, tiny: bool = False, frames_warm: int = 80) -> Case:
+def _streaming_case(chunk: int, batch: int = 1, tiny: bool = False, frames_warm: int = 80) -> Case:
     def setup(device):
         from omni_fast.reference.code2wav import code2wav_forward
 
         hf, model, cfg, sd = _models(str(device), tiny)
         g = torch.Generator(device="cpu").manual_seed(1)
-        warm = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, frames_warm), generator=g).to(device)
-        nxt = torch.randint(0, cfg.codebook_size, (1, cfg.num_quantizers, chunk), generator=g).to(device)
+        warm = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, frames_warm), generator=g).to(device)
+        nxt = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, chunk), generator=g).to(device)
         with_ctx = torch.cat((warm[..., -LEFT_CONTEXT:], nxt), dim=-1)
-        stream = model.stream(1)
+        stream = model.stream(batch)
         stream.push(warm)
         providers = {"omni_fast": lambda: stream.push(nxt)}
         if device.type == "cuda":
-            graphed = model.stream(1, cuda_graphs=True, graph_buckets=(chunk,))
+            graphed = model.stream(batch, cuda_graphs=True, graph_buckets=(chunk,))
             graphed.push(warm[..., :1])  # the first push creates the states; later pushes replay the graph
             graphed.push(warm[..., 1:])
             providers["omni_fast_graphs"] = lambda: graphed.push(nxt)
@@ -139,10 +143,10 @@ def _streaming_case(chunk: int, tiny: bool = False, frames_warm: int = 80) -> Ca
         return {"transformers": hf_chunk, "compile": compiled_chunk, **providers}
 
     cfg = _ref_config(tiny)
-    return Case(op="code2wav", name=f"stream chunk={chunk} B=1", params=dict(mode="stream", chunk=chunk, batch=1,
-                                                                            frames=chunk, left_context=LEFT_CONTEXT),
-                setup=setup, flops=_flops_per_frame(cfg) * chunk, bytes=_real_weight_bytes(tiny), bound="memory",
-                check=_check, tags=("stream",), units=_units(chunk))
+    return Case(op="code2wav", name=f"stream chunk={chunk} B={batch}",
+                params=dict(mode="stream", chunk=chunk, batch=batch, frames=chunk, left_context=LEFT_CONTEXT),
+                setup=setup, flops=_flops_per_frame(cfg) * chunk * batch, bytes=_real_weight_bytes(tiny),
+                bound="memory" if batch == 1 else "auto", check=_check, tags=("stream",), units=_units(chunk * batch))
 
 
 def _oneshot_case(batch: int, seconds: float, chunked: bool, tiny: bool = False) -> Case:
@@ -260,7 +264,7 @@ def _check() -> None:
 def cases(preset: str = "quick") -> list[Case]:
     p = PRESETS[preset]
     tiny, warm = p["tiny"], p["warm"]
-    out = [_streaming_case(c, tiny, warm) for c in p["stream"]]
+    out = [_streaming_case(c, b, tiny, warm) for c, b in p["stream"]]
     out += [_pre_transformer_case(c, b, tiny, warm) for c, b in p["pre"]]
     out += [_oneshot_case(b, s, chunked, tiny) for b, s, chunked in p["oneshot"]]
     return out

@@ -273,8 +273,8 @@ class Code2WavStream:
         self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
 
     def _min_reset_frames(self) -> int:
-        """Fewest frames the first push after a reset may have (1 for the real config; more only for layouts
-        with little upsampling before the decoder blocks)."""
+        """Fewest frames the stream's first push, and the first push after a reset, may have (1 for the real config;
+        more only for layouts with little upsampling before the decoder blocks)."""
         t = 1
         while self.model._lead_samples(t) is None:
             t += 1
@@ -297,9 +297,9 @@ class Code2WavStream:
         if t == 0:
             return torch.zeros(B, 1, 0, dtype=m.dtype, device=m.device)
         fresh = st.reset_pending
-        if fresh and t < self._min_reset_frames():
-            raise ValueError(f"the first push after reset() needs at least {self._min_reset_frames()} frames with "
-                             f"this config's upsampling layout, got {t}")
+        if (fresh or st.frames == 0) and t < self._min_reset_frames():
+            raise ValueError(f"the first push (and the first after reset()) needs at least {self._min_reset_frames()} "
+                             f"frames with this config's upsampling layout, got {t}")
         if not self.cuda_graphs or st.frames == 0:
             return self._step(codes, fresh)
         outs, i = [], 0
