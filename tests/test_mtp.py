@@ -323,6 +323,9 @@ def test_install_on_talker_is_a_drop_in():
     (dict(top_p=1.2), ValueError, "top_p"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(seed=torch.zeros(3, dtype=torch.long)), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=True), TypeError, "seed"),
+    (dict(seed=torch.tensor([1.0, 2.0])), TypeError, "seed"),
     (dict(c0_embed=torch.zeros(3, 48)), ValueError, "c0_embed"),
 ])
 def test_bad_input(kw, err, match):
@@ -332,6 +335,17 @@ def test_bad_input(kw, err, match):
     c0 = kw.pop("c0", torch.zeros(2, dtype=torch.long))
     with pytest.raises(err, match=match):
         cp.predict_frame(h, c0, **kw)
+
+
+def test_state_dict_with_another_number_of_codebooks_is_refused():
+    import copy
+
+    m, emb = _hf_predictor(1, torch.float32)
+    for groups in (m.config.num_code_groups - 1, m.config.num_code_groups + 1):
+        cfg = copy.deepcopy(m.config)
+        cfg.num_code_groups = groups
+        with pytest.raises(ValueError, match="num_code_groups"):
+            CodePredictor.from_state_dict(cfg, m.state_dict(), codec_embedding=emb)
 
 
 # --- fused layer ops: Triton vs reference ---------------------------------------------------------------------

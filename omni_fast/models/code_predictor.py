@@ -155,6 +155,11 @@ class CodePredictor(torch.nn.Module):
         self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0],
                    fused=fused)
         c = self.config
+        groups = sum(1 for k in sd if k.startswith("lm_head.") and k.endswith(".weight"))
+        tables = sum(1 for k in sd if k.startswith("model.codec_embedding.") and k.endswith(".weight"))
+        if groups != c.num_code_groups - 1 or tables != c.num_code_groups - 1:
+            raise ValueError(f"state dict has {tables} codec embeddings and {groups} lm_heads, the config's "
+                             f"num_code_groups={c.num_code_groups} needs {c.num_code_groups - 1} of each")
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
@@ -246,6 +251,9 @@ class CodePredictor(torch.nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or (
+                isinstance(seed, torch.Tensor) and (seed.is_floating_point() or seed.dtype == torch.bool)):
+            raise TypeError(f"seed must be an int or an integer tensor, got {seed!r}")
         if isinstance(seed, torch.Tensor):
             if seed.numel() not in (1, B):
                 raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
