@@ -31,6 +31,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def build_cuda_emu(tmp_path_factory):
+    """``build(source)``: ``tests/cuda_emu/<source>`` (a CUDA C++ kernel file included into the host emulator
+    ``emu.h``) compiled for the CPU and loaded with ctypes; skips the test when there is no g++."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    def build(source: str):
+        cxx = shutil.which("g++")
+        if cxx is None:
+            pytest.skip("no g++ to build the CUDA-kernel emulator")
+        here = Path(__file__).resolve().parent / "cuda_emu"
+        so = tmp_path_factory.mktemp("cuda_emu") / (Path(source).stem + ".so")
+        subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
+                        str(here / source), "-o", str(so), "-lpthread"], check=True)
+        return ctypes.CDLL(str(so))
+
+    return build
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

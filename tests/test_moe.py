@@ -870,21 +870,9 @@ def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
 
 
 @pytest.fixture(scope="module")
-def _moe_emu_lib(tmp_path_factory):
+def _moe_emu_lib(build_cuda_emu):
     """kernels/cuda/moe_routing.cu compiled for the host with the CUDA emulator tests/cuda_emu/emu.h."""
-    import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the CUDA-kernel emulator")
-    here = Path(__file__).resolve().parent / "cuda_emu"
-    so = tmp_path_factory.mktemp("cuda_emu_moe") / "emu_moe.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
-                    str(here / "emu_moe.cpp"), "-o", str(so), "-lpthread"], check=True)
-    return ctypes.CDLL(str(so))
+    return build_cuda_emu("emu_moe.cpp")
 
 
 @pytest.fixture

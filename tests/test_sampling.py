@@ -148,21 +148,11 @@ def test_gpu_draws_equal_reference(backend, dtype):
 
 
 @pytest.fixture(scope="module")
-def cuda_emu(tmp_path_factory):
+def cuda_emu(build_cuda_emu):
     """kernels/cuda/sampling.cu compiled for the host with tests/cuda_emu (threads + barriers for a block)."""
     import ctypes
-    import shutil
-    import subprocess
-    from pathlib import Path
 
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the CUDA-kernel emulator")
-    here = Path(__file__).resolve().parent / "cuda_emu"
-    so = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{here}",
-                    str(here / "emu.cpp"), "-o", str(so), "-lpthread"], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_cuda_emu("emu.cpp")
     P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
     lib.emu_sample_f32.argtypes = [I, P, P, L, I, P, I, P, I, P, L, I, F, F, P, I, F, I, F, I, I, I, I, I]
     return lib
