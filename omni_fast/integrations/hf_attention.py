@@ -60,18 +60,19 @@ def _max_len(given) -> int | None:
 
 
 def _cu_from_positions(position_ids, T: int):
-    """cu_seqlens of sequences packed in one row, or None if not packed (one host sync).
+    """cu_seqlens of sequences packed in one row (positions restarting at 0), or None if not packed.
 
-    Eager's packed-sequence rule in transformers (``masking_utils``): batch 1, a new sequence wherever a position
-    is not its predecessor + 1.
+    FlashAttention's rule in transformers: batch 1, several increasing runs, each starting at position 0.
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape != (1, T):
         return None
     p = position_ids[0]
-    breaks = (torch.diff(p) != 1).nonzero().flatten() + 1  # the first index of every sequence but the first
-    if breaks.numel() == 0:
+    if torch.equal(p, torch.arange(T, device=p.device) + p[0]):
         return None
-    return torch.cat([breaks.new_zeros(1), breaks, breaks.new_tensor([T])]).to(torch.int32)
+    starts = (p == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        return None
+    return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
 
 
 def _module_backend(module) -> str | None:
