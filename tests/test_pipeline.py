@@ -421,6 +421,31 @@ def test_codec_streams_outlive_requests(pipe):
         assert (w - first["audio"]).norm() / first["audio"].norm() < 1e-4
 
 
+@pytest.mark.gpu
+def test_codec_stream_reuse_replays_graphs_on_cuda(monkeypatch):
+    """On CUDA (graphs), a reused codec stream gives the same audio as the first request, and from its second reuse
+    on no new graph is captured (the first reuse captures its first-push-after-reset graphs)."""
+    import omni_fast
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    base = Qwen3Omni.random("tiny", patch=False, device="cuda", dtype=torch.float32)
+    pipe = Qwen3Omni(base.model, tokenizer=base.tokenizer)  # patched
+    req = Request(text=[5, 6, 7, 8, 9])
+    kw = dict(**GREEDY, first_chunk=1, chunk=3)
+    try:
+        outs = [pipe.generate(req, **kw)[0]["audio"] for _ in range(2)]
+        (stream, _), = pipe._codec_streams[1][1]
+        assert stream.cuda_graphs and stream._graphs and stream._fresh_graphs
+        graphs = (dict(stream._graphs), dict(stream._fresh_graphs))
+        outs.append(pipe.generate(req, **kw)[0]["audio"])
+        assert (stream._graphs, stream._fresh_graphs) == graphs  # the same graph objects: nothing captured
+    finally:
+        omni_fast.unpatch(base.model)
+    for o in outs[1:]:
+        assert o.shape == outs[0].shape
+        assert (o - outs[0]).norm() / outs[0].norm() < 1e-4
+
+
 def test_patched_pipeline_runs_the_mtp_step_on_omni_fast(pipe):
     """Patched, the MTP stage is CodePredictor.predict_frame: greedy gives transformers' audio (checked above);
     sampling runs with omni-fast's RNG and stays within the codebook."""

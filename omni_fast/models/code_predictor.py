@@ -38,6 +38,7 @@ CUDA C++ version run on triton under ``"cuda"``: :func:`omni_fast.backend.resolv
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -251,9 +252,11 @@ class CodePredictor(torch.nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)) or (
+        if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, torch.Tensor)) or (
                 isinstance(seed, torch.Tensor) and (seed.is_floating_point() or seed.dtype == torch.bool)):
             raise TypeError(f"seed must be an int or an integer tensor, got {seed!r}")
+        if isinstance(seed, numbers.Integral):
+            seed = int(seed)
         if isinstance(seed, torch.Tensor):
             if seed.numel() not in (1, B):
                 raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
@@ -277,7 +280,8 @@ class CodePredictor(torch.nn.Module):
               sampling: tuple[bool, int, float, float], backend: str | None = None, fused: bool | None = None):
         """The frame body (no validation, no host sync): what the CUDA graph captures. See :meth:`predict_frame`.
 
-        ``backend`` here pins every op (a per-op choice: an op without it raises); None takes the ambient one."""
+        ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
+        elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size

@@ -120,10 +120,10 @@ class ExactStreamingCodec:
 
     def __init__(self, code2wav, batch_size: int, *, first_chunk: int = 1, chunk: int = 12, stream=None):
         self.drop = 0  # samples to drop from the first push: a reused stream's lead zeros
-        if stream is None or stream._min_reset_frames() > 1:  # (a first push may be a single frame)
+        if stream is None:
             stream = self.new_stream(code2wav, batch_size)
         elif stream.frames > 0:
-            stream.reset(list(range(batch_size)))
+            stream.reset(torch.ones(batch_size, dtype=torch.bool, device=code2wav.device))  # every row, no copy
             self.drop = stream.lead_samples
         self.stream = stream
         self.first_chunk, self.chunk = first_chunk, chunk
@@ -144,7 +144,7 @@ class ExactStreamingCodec:
         """Push the frames of ``codes [B, Q, T]`` not pushed yet; returns the new final samples ``[B, S]``."""
         start, end = self.done, codes.shape[-1]
         wav = self.stream.push(codes[..., start:end].contiguous())
-        if self.drop:
+        if self.drop and wav.shape[-1]:  # (a push of no frame returns no sample, the lead comes later)
             wav, self.drop = wav[..., self.drop:], 0
         self.done = end
         return wav.reshape(codes.shape[0], -1)

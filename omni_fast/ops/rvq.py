@@ -86,8 +86,10 @@ def rvq_embed(
     codes: int32/int64 ``[..., G]`` (codebook axis last). tables: a list of G tensors ``[V_g, D]`` (one per
     codebook), or one tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros
     when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
-    the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel adds
-    nothing for a code outside its group's rows instead of reading out of bounds.
+    the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel never
+    reads outside the tables: a code that lands outside its table (past the big table's end with ``offsets``, or
+    outside its own table in a list) adds nothing; with ``offsets`` one that only passes its group's end reads the
+    next group's row.
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
