@@ -55,6 +55,15 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+PIN_ATTR = "_omni_fast_backend"  # where omni_fast.patch(model, backend=...) pins its backend on a module
+
+
+def pinned_backend(module) -> str | None:
+    """The backend :func:`omni_fast.patch` pinned on ``module`` (``patch(model, backend=...)``), else None: the
+    ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto)."""
+    return getattr(module, "__dict__", {}).get(PIN_ATTR)
+
+
 @torch.compiler.assume_constant_result
 def _context_backend() -> str | None:
     # The innermost use_backend block. torch.compile cannot trace ContextVar.get, and the choice is fixed for a

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .backend import requested_backend
+from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import values_checkable
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
@@ -188,7 +188,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     v = self.v_proj(hidden_states).view(batch, seq, -1, d).transpose(1, 2)
     positions, rope = rope_args
     # backend pinned by patch(backend=...), else the ambient choice (use_backend block, env, auto)
-    backend = self.__dict__.get("_omni_fast_backend")
+    backend = pinned_backend(self)
     q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
     if getattr(q_norm, "weight", None) is not None:
         eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))
@@ -280,7 +280,7 @@ def _code2wav_forward(self, codes, **kwargs):
     key = weights_key(self)
     cached = self.__dict__.get("_omni_fast_code2wav")
     if cached is None or cached[0] != key:
-        cached = (key, Code2Wav.from_transformers(self, backend=self.__dict__.get("_omni_fast_backend")))
+        cached = (key, Code2Wav.from_transformers(self, backend=pinned_backend(self)))
         self.__dict__["_omni_fast_code2wav"] = cached
     return cached[1](codes)
 
@@ -444,7 +444,7 @@ def _pin(module: nn.Module, backend: str | None) -> None:
     """Pin ``patch(backend=...)`` on a module whose work patch swapped: every omni-fast entry point the patched
     model reaches (the swapped forwards, the attention and experts functions, the vocoder and MTP swaps) reads it
     and passes it as the ops' ``backend=``; None keeps the ambient choice. :func:`unpatch` removes it."""
-    module.__dict__["_omni_fast_backend"] = backend
+    module.__dict__[PIN_ATTR] = backend
 
 
 def _rope_kernel(attention: nn.Module) -> str:

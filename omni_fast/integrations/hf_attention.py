@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import pinned_backend
+
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
 
@@ -73,12 +75,6 @@ def _cu_from_positions(position_ids, T: int):
     if starts.numel() == 0 or int(starts[0]) != 0:
         return None
     return torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
-
-
-def _module_backend(module) -> str | None:
-    """The backend :func:`omni_fast.patch` pinned on ``module`` (``patch(model, backend=...)``), else None: the
-    ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto)."""
-    return getattr(module, "__dict__", {}).get("_omni_fast_backend")
 
 
 def _packed(query, key, value, cu_q, cu_k, kwargs, scale, window, backend=None):
@@ -157,7 +153,7 @@ def omni_fast_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = _window(sliding_window, causal)
-    backend = _module_backend(module)
+    backend = pinned_backend(module)
 
     cu_q, cu_k = _cu_from_kwargs(kwargs)
     if cu_q is not None:

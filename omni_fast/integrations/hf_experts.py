@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import pinned_backend
+
 
 def _supported(module) -> bool:
     act = getattr(module, "act_fn", None)
@@ -60,7 +62,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     # omni_fast.patch(model, backend=...) pins the backend on the module; otherwise the ambient one (use_backend/env)
     return ops.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
                          activation="silu", expert_map=expert_map,
-                         backend=self.__dict__.get("_omni_fast_backend"))
+                         backend=pinned_backend(self))
 
 
 def register(name: str) -> None:

@@ -1079,9 +1079,7 @@ def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
     copy (a copy from pageable memory waits for the stream to drain first)."""
-    if device.type != "cuda":
-        return torch.tensor(values, device=device)
-    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+    return _host_to_device(torch.tensor(values), device)
 
 
 def _int_positions(pos: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import types
 
 import torch
 
+from ..backend import pinned_backend
 from .code_predictor import CodePredictor
 from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
 
@@ -90,7 +91,7 @@ def _prepare_inputs_with_fast_mtp(self, input_ids, past_key_values=None, attenti
     codes, codec_sum = cp.predict_frame(past_hidden.to(cp.table.device), last_ids.to(cp.table.device),
                                         do_sample=bool(gen.do_sample), top_k=50, top_p=0.8,
                                         temperature=float(getattr(gen, "temperature", None) or 1.0),
-                                        backend=self.__dict__.get("_omni_fast_backend"))  # patch(backend=...)
+                                        backend=pinned_backend(self))  # patch(backend=...)
     step = TalkerStep(cp, kwargs["trailing_text_hidden"], kwargs["tts_pad_embed"])
     embeds = step.next_input(codec_sum, kwargs.get("generation_step"))
     inputs["inputs_embeds"] = embeds.to(past_hidden.device)
