@@ -74,3 +74,28 @@ def randomize_(*modules: torch.nn.Module, std: float = 0.2) -> None:
             p.normal_(0, std)
             if "norm" in name:
                 p.add_(1.0)
+
+
+def seeded_weights_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Random weights for a tiny transformers model from a seeded generator (every parameter but the norms
+    ~ N(0, scale), norms left at their init), in eval mode: the same model whatever ran before. Returns it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def run_unpatched_then_patched(model: torch.nn.Module, run, **patch_kwargs):
+    """``run()`` on ``model`` as it is, then under ``omni_fast.patch(model, **patch_kwargs)`` (unpatched again
+    afterwards, whatever happens); returns ``(unpatched result, patched result, PatchReport)``."""
+    import omni_fast
+
+    want = run()
+    report = omni_fast.patch(model, **patch_kwargs)
+    try:
+        got = run()
+    finally:
+        omni_fast.unpatch(model)
+    return want, got, report

@@ -11,6 +11,7 @@ import torch
 import omni_fast
 from omni_fast import ops
 from omni_fast.backend import requested_backend
+from omni_fast.testing import run_unpatched_then_patched, seeded_weights_
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
@@ -19,19 +20,10 @@ from omni_fast.models.presets import (  # noqa: E402
     TINY_CODEC_IDS, TINY_IDS, tiny_qwen2_5_omni_thinker_config, tiny_qwen3_omni_config)
 
 
-def _randomize(model, seed=0, scale=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def omni():
     torch.manual_seed(0)
-    return _randomize(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config()))
+    return seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config()))
 
 
 @pytest.fixture
@@ -190,12 +182,7 @@ def test_thinker_alone_generate_parity(omni, kernel_calls):
         return thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                 eos_token_id=None)
 
-    want = run()
-    report = omni_fast.patch(thinker, backend="triton")
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(thinker)
+    want, got, report = run_unpatched_then_patched(thinker, run, backend="triton")
     assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
     assert kernel_calls["moe_backends"] == {"triton"}  # patch(backend=...) reaches the experts too
     assert torch.equal(got, want)
@@ -258,19 +245,14 @@ def test_qwen2_5_omni_thinker_generate_parity(kernel_calls):
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
 
     torch.manual_seed(0)
-    thinker = _randomize(q25.Qwen2_5OmniThinkerForConditionalGeneration(tiny_qwen2_5_omni_thinker_config()))
+    thinker = seeded_weights_(q25.Qwen2_5OmniThinkerForConditionalGeneration(tiny_qwen2_5_omni_thinker_config()))
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
 
     def run():
         return thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                 do_sample=False, eos_token_id=None)
 
-    want = run()
-    report = omni_fast.patch(thinker)
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(thinker)
+    want, got, report = run_unpatched_then_patched(thinker, run)
     assert kernel_calls["mrope"] > 0 and kernel_calls["qk_norm_mrope"] == 0
     assert torch.equal(got, want)
     assert any("Qwen2_5OmniAttention" in r for r in report.replaced)
@@ -288,7 +270,7 @@ def test_qwen2_5_omni_full_model_patch(kernel_calls):
     from omni_fast.models.presets import tiny_qwen2_5_omni_config
 
     torch.manual_seed(0)
-    model = _randomize(q25.Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_omni_config()))
+    model = seeded_weights_(q25.Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_omni_config()))
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
     emb = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(5))
     pos = torch.stack([torch.arange(7), torch.arange(7) // 2, torch.arange(7) % 3]).view(3, 1, 7).expand(3, 2, 7)
@@ -323,7 +305,7 @@ def test_nested_patches_deepcopy_and_weight_changes():
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
     torch.manual_seed(0)
-    model = _randomize(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config())).eval()
+    model = seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config())).eval()
 
     def swapped():
         return [n for n, m in model.named_modules() if "forward" in m.__dict__ or "_omni_fast_forward" in m.__dict__]

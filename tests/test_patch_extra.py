@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import omni_fast
 from omni_fast.ops._dispatch import DispatchedOp
+from omni_fast.testing import run_unpatched_then_patched, seeded_weights_
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -31,18 +32,9 @@ from omni_fast.models.presets import (  # noqa: E402
 PATCH_MODULE = sys.modules["omni_fast.patch"]  # (``omni_fast.patch`` the attribute is the function)
 
 
-def _randomize(model, seed=0, scale=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model.eval()
-
-
 def _omni(layers=2):
     torch.manual_seed(0)
-    return _randomize(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config(layers)))
+    return seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config(layers)))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +200,7 @@ def test_patched_thinker_forward_has_no_host_sync_per_layer(cuda_like_validation
     sync per forward, not one per layer (the whole-number check runs in the rotary module), integer positions
     none."""
     torch.manual_seed(0)
-    thinker = _randomize(q3.Qwen3OmniMoeThinkerForConditionalGeneration(tiny_qwen3_omni_config(2).thinker_config))
+    thinker = seeded_weights_(q3.Qwen3OmniMoeThinkerForConditionalGeneration(tiny_qwen3_omni_config(2).thinker_config))
     omni_fast.patch(thinker, backend="triton")
     try:
         cache = DynamicCache(config=thinker.config.text_config)
@@ -241,12 +233,7 @@ def test_generate_hands_the_patched_thinker_integer_positions(omni, monkeypatch)
         return thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                 eos_token_id=None)
 
-    want = run()
-    omni_fast.patch(thinker, backend="reference")
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(thinker)
+    want, got, _ = run_unpatched_then_patched(thinker, run, backend="reference")
     assert torch.equal(got, want)
     assert seen and set(seen) == {torch.int64}, seen
     assert "get_rope_index" not in thinker.__dict__  # unpatched
@@ -264,12 +251,7 @@ def test_code_predictor_alone_generate_parity(omni, resolved):
                           output_hidden_states=True, return_dict_in_generate=True)
         return out.sequences
 
-    want = run()
-    report = omni_fast.patch(cp, backend="triton")
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(cp)
+    want, got, report = run_unpatched_then_patched(cp, run, backend="triton")
     assert got.shape == (2, groups - 1) and torch.equal(got, want)
     assert resolved[("mrope_", "triton")] > 0 and resolved[("kvcache_attention", "triton")] > 0
     assert all(r.startswith("[code_predictor]") for r in report.replaced)
@@ -298,12 +280,7 @@ def test_fractional_video_positions_fall_back_inside_a_patched_thinker(omni, res
                                 video_grid_thw=torch.tensor([grid]), video_second_per_grid=torch.tensor([2 / 3.0]),
                                 max_new_tokens=4, do_sample=False, eos_token_id=None)
 
-    want = run()
-    omni_fast.patch(thinker, backend="triton")
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(thinker)
+    want, got, _ = run_unpatched_then_patched(thinker, run, backend="triton")
     assert torch.equal(got, want)
     assert verdicts and all(v is None for v in verdicts)  # every forward took the fallback
     assert resolved[("mrope_", "triton")] == 0
@@ -317,7 +294,7 @@ def test_qwen2_5_omni_thinker_with_audio_parity_and_report(resolved):
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
 
     torch.manual_seed(0)
-    thinker = _randomize(q25.Qwen2_5OmniThinkerForConditionalGeneration(tiny_qwen2_5_omni_thinker_config()))
+    thinker = seeded_weights_(q25.Qwen2_5OmniThinkerForConditionalGeneration(tiny_qwen2_5_omni_thinker_config()))
     encoder = next(m for m in thinker.modules() if type(m).__name__ == "Qwen2_5OmniAudioEncoder")
     extra, block = _audio_inputs(lambda lengths: encoder._get_feat_extract_output_lengths(lengths)[1])
     ids = _prompt(block)
@@ -326,12 +303,7 @@ def test_qwen2_5_omni_thinker_with_audio_parity_and_report(resolved):
         return thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
                                 do_sample=False, eos_token_id=None, **extra)
 
-    want = run()
-    report = omni_fast.patch(thinker, backend="triton")
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(thinker)
+    want, got, report = run_unpatched_then_patched(thinker, run, backend="triton")
     assert torch.equal(got, want)
     assert resolved[("flash_attn_varlen", "triton")] > 0 and resolved[("mrope_", "triton")] > 0
     text = str(report)

@@ -218,6 +218,19 @@ def _chi2_quantile(df: int, z: float = 3.719) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
+def _assert_chi_square(ids: torch.Tensor, probs: torch.Tensor) -> None:
+    """The draws ``ids`` (over the 10-id vocabulary) never hit a zero-probability id and pass Pearson's chi-square
+    test against ``probs`` at the 1e-4 level."""
+    N = ids.numel()
+    counts = torch.bincount(ids, minlength=10).double()
+    assert counts[probs == 0].sum() == 0
+    live = probs > 0
+    expected = probs[live] * N
+    stat = ((counts[live] - expected) ** 2 / expected).sum().item()
+    df = int(live.sum()) - 1
+    assert df == 0 or stat < _chi2_quantile(df), (stat, df)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 0.8), (0.8, 0, 0.9), (1.0, 0, 1.0), (1.5, 6, 1.0)])
 def test_chi_square_matches_warped_distribution(temperature, top_k, top_p):
     logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, 0.7])
@@ -226,13 +239,7 @@ def test_chi_square_matches_warped_distribution(temperature, top_k, top_p):
     # N independent draws in one call: one shared seed, so the row index in the key gives every row its own stream.
     ids = omni_fast.ops.sample(logits.expand(N, -1).contiguous(), temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=1234, backend="reference")
-    counts = torch.bincount(ids, minlength=10).double()
-    assert counts[probs == 0].sum() == 0
-    live = probs > 0
-    expected = probs[live] * N
-    stat = ((counts[live] - expected) ** 2 / expected).sum().item()
-    df = int(live.sum()) - 1
-    assert df == 0 or stat < _chi2_quantile(df), (stat, df)
+    _assert_chi_square(ids, probs)
     # The Triton kernel draws the very same ids (a slice: the interpreter is slow).
     n = 6
     tri = omni_fast.ops.sample(logits.expand(n, -1).contiguous().to(DEVICE), temperature=temperature, top_k=top_k,
@@ -252,13 +259,7 @@ def test_gpu_chi_square_matches_warped_distribution(backend, temperature, top_k,
     N = 200000
     ids = omni_fast.ops.sample(logits.expand(N, -1).contiguous().cuda(), temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=4321, backend=backend).cpu()
-    counts = torch.bincount(ids, minlength=10).double()
-    assert counts[probs == 0].sum() == 0
-    live = probs > 0
-    expected = probs[live] * N
-    stat = ((counts[live] - expected) ** 2 / expected).sum().item()
-    df = int(live.sum()) - 1
-    assert df == 0 or stat < _chi2_quantile(df), (stat, df)
+    _assert_chi_square(ids, probs)
 
 
 @pytest.mark.gpu
