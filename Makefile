@@ -16,7 +16,7 @@ demo: setup
 	$(PY) -m omni_fast demo
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m omni_fast.bench
 
 # The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
 # transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; then the transformers-facing
@@ -30,7 +30,7 @@ test-gpu: setup
 	$(PY) -m pytest -q -ra -m gpu tests
 
 static: setup
-	$(PY) -m bench.static_check
+	$(PY) -m omni_fast.bench.static_check
 
 # Third-party peers for the GPU benchmark, as wheels in .whl/ (carried to the GPU machine; see BENCHMARKS.md).
 peer-wheels:

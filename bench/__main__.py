@@ -1,9 +1,9 @@
-"""``python -m bench [OPS...] [--preset quick|full|smoke] [--providers P ...] [--out DIR]``
+"""``python -m omni_fast.bench [OPS...] [--preset quick|full|smoke] [--providers P ...] [--out DIR]``
 
 Runs the benchmark cases of the named op families (all when none; families are the ``bench/cases/*.py`` names).
 On a GPU: timings, saved under ``DIR/<device>/`` (default ``bench/results``). Without one: correctness checks
 under the Triton interpreter and the static sm_90a report. ``--preset smoke`` (CPU or GPU): every provider called
-once at tiny shapes, reported ok / skipped / FAILED, no timing. See :mod:`bench.harness`.
+once at tiny shapes, reported ok / skipped / FAILED, no timing. See :mod:`omni_fast.bench.harness`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m omni_fast.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("ops", nargs="*", help="op families to run (default: all)")
     parser.add_argument("--preset", default="quick", choices=("quick", "full", "smoke"))
     parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--no-static", action="store_true",
-                        help="without a GPU: skip the static sm_90a report (python -m bench.static_check prints it)")
+                        help="without a GPU: skip the static sm_90a report (python -m omni_fast.bench.static_check prints it)")
     args = parser.parse_args(argv)
 
     import torch
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from bench import harness
+    from omni_fast.bench import harness
 
     cases = harness.discover(args.ops, args.preset)
     if not cases:

@@ -8,7 +8,7 @@ to prove the kernel correct once when no GPU is present. ``units`` (optional) na
 frames, audio seconds) so the report also gives time per unit, and for audio the real-time factor and throughput.
 
 Presets: ``"quick"`` (a few real shapes), ``"full"`` (every shape of the issue) and ``"smoke"`` (the quick cases
-and providers at tiny shapes, fp32: ``python -m bench --preset smoke`` calls every provider once, on a CPU under
+and providers at tiny shapes, fp32: ``python -m omni_fast.bench --preset smoke`` calls every provider once, on a CPU under
 the Triton interpreter, so a provider bug shows before GPU time is spent; never timed). Each module keeps its
 shapes and dtypes in a table per preset and builds every preset's cases through one code path.
 """

@@ -5,7 +5,7 @@ The implicit-GEMM conv kernel activates each input tile once per (row tile, tap)
 config, the MACs and activated elements of every conv and the time each takes at the given rates, so a GPU
 session can plug in measured rates::
 
-    python -m bench.code2wav_snake_cost --mma 4e14 --act 3e12 --block-n 64 128
+    python -m omni_fast.bench.code2wav_snake_cost --mma 4e14 --act 3e12 --block-n 64 128
 """
 
 from __future__ import annotations

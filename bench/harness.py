@@ -1,11 +1,11 @@
-"""The benchmark runner behind ``python -m bench`` (see ``bench/__main__.py`` for the command line).
+"""The benchmark runner behind ``python -m omni_fast.bench`` (see ``bench/__main__.py`` for the command line).
 
 On a GPU, once per run: the roofline of the device (device-to-device copy bandwidth counting read + write, and the
 bf16 8192^3 matmul rate). Then per case and provider: warm-up, then the median of per-call CUDA-event times,
 cycling through several input copies (together >= ~100 MB, at least 4, at most 64) so the L2 cache does not
 flatter mid-size cases (decode-size inputs stay L2-resident, as q/k fresh from the QKV projection would be);
 TFLOP/s, GB/s, % of the roofline the case is bound by, the speed-up of ``omni_fast`` over each other provider, and
-for cases that declare ``units`` (``bench.case.Case``) the time per unit (e.g. ms per code), the real-time factor
+for cases that declare ``units`` (``omni_fast.bench.case.Case``) the time per unit (e.g. ms per code), the real-time factor
 and audio seconds per second. Rows stream to the terminal as they are measured; the run is saved as JSON, a
 markdown table and a PNG.
 
@@ -36,12 +36,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench import peers
-from bench.case import Case, Unavailable
+from omni_fast._layout import REPO_ROOT
+from omni_fast.bench import peers
+from omni_fast.bench.case import Case, Unavailable
 from omni_fast.kernels.launch import file_safe
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+# bench/results in a source checkout; ./bench_results where the suite runs from an installed wheel
+RESULTS_DIR = BENCH_DIR / "results" if (BENCH_DIR.parent / ".git").exists() else Path.cwd() / "bench_results"
 ROTATE_BYTES = 100e6  # input copies together at least this large (H100 L2: 50 MB)
 MIN_COPIES, MAX_COPIES = 4, 64
 TARGET_MS = 200.0  # measured time per provider and case (the rep count follows from it)
@@ -75,7 +77,7 @@ def discover(ops: Sequence[str] = (), preset: str = "quick") -> list[Case]:
     for stem in known:
         if ops and stem not in ops:
             continue
-        module = importlib.import_module(f"bench.cases.{stem}")
+        module = importlib.import_module(f"omni_fast.bench.cases.{stem}")
         found += [c for c in module.cases(preset) if not ops or c.op in ops or stem in ops]
     return found
 
@@ -371,7 +373,7 @@ def _describe(exc: BaseException) -> str:
     """``Type: first line of the message (at file:line)``: the innermost frame of the traceback in this repository
     (else the innermost frame), so a smoke failure names the code to fix."""
     frames = traceback.extract_tb(exc.__traceback__)
-    root = str(BENCH_DIR.parent)
+    root = REPO_ROOT
     ours = [f for f in frames if f.filename.startswith(root)]
     where = (ours or frames)[-1] if frames else None
     msg = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -386,12 +388,12 @@ def _describe(exc: BaseException) -> str:
 def smoke(cases: list[Case], device: torch.device | str | None = None, providers: Sequence[str] = (),
           echo: Callable[[dict], None] | None = None) -> list[dict]:
     """Build every case on ``device`` (default: CUDA when present, else the CPU) and call every provider once
-    (``compile`` providers trace with ``aot_eager``, see :mod:`bench.cases._compile`).
+    (``compile`` providers trace with ``aot_eager``, see :mod:`omni_fast.bench.cases._compile`).
 
     Returns one row per (case, provider): ``{"case", "provider", "status": "ok" | "skipped" | "FAILED", "detail"}``
     (a case whose setup raises gives one row with provider ``"(setup)"``). ``echo`` sees each row as it is made.
     No timing is taken."""
-    from bench.cases._compile import tracing_only
+    from omni_fast.bench.cases._compile import tracing_only
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
@@ -426,7 +428,7 @@ def smoke(cases: list[Case], device: torch.device | str | None = None, providers
 
 
 def run_smoke(cases: list[Case], providers: Sequence[str] = ()) -> int:
-    """The smoke run of ``python -m bench --preset smoke``: prints a line per (case, provider) and a summary;
+    """The smoke run of ``python -m omni_fast.bench --preset smoke``: prints a line per (case, provider) and a summary;
     returns 1 when any provider (or setup) failed."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"Smoke run on {device}: {len(cases)} cases at tiny shapes, every provider called once (no timing).",
@@ -467,7 +469,7 @@ def run_cpu(cases: list[Case], static: bool = True) -> int:
     print(f"Checks: {'all passed' if not failed else f'{failed} FAILED'}", flush=True)
     if not static:
         return 1 if failed else 0
-    from bench import static_check
+    from omni_fast.bench import static_check
 
     static_rc = static_check.main()
     return 1 if failed or static_rc else 0

@@ -2,7 +2,7 @@
 
 The GPU machines cannot reach a package index, so a peer travels as a wheel: ``make peer-wheels`` (here, with
 network) downloads the pinned wheels into ``.whl/`` (git-ignored), the device call carries ``.whl`` and installs
-them with ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` before ``python -m bench``
+them with ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` before ``python -m omni_fast.bench``
 (BENCHMARKS.md has the exact command). Each function returns None when its peer is missing or cannot run here, so
 the suite runs the same with or without them.
 

@@ -1,6 +1,6 @@
 """Static sm_90a check: compile every registered Triton kernel for Hopper on any machine (no GPU needed).
 
-``python -m bench.static_check [NAME_SUBSTRING...]`` imports every ``kernels/*.py`` module (each registers its
+``python -m omni_fast.bench.static_check [NAME_SUBSTRING...]`` imports every ``kernels/*.py`` module (each registers its
 specialisations with :func:`omni_fast.kernels.launch.static_case`), compiles each (or those whose name contains a
 given substring) with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and reports per kernel: registers
 per thread, spilled bytes, shared memory per block and whether the code uses Hopper's ``wgmma`` tensor-core
@@ -22,6 +22,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from omni_fast._layout import REPO_ROOT
 
 H100_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 
@@ -117,7 +119,7 @@ def import_kernel_modules() -> list[str]:
     import omni_fast.kernels
 
     errors = []
-    for path in sorted(Path(omni_fast.kernels.__path__[0]).glob("*.py")):
+    for path in sorted(p for folder in omni_fast.kernels.__path__ for p in Path(folder).glob("*.py")):
         if path.stem.startswith("_"):
             continue
         try:
@@ -160,8 +162,8 @@ def run_in_subprocess(only: list[str]) -> int:
     """Run the check in a fresh interpreter without ``TRITON_INTERPRET`` (needed for real JIT functions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sys.stdout.flush()
-    return subprocess.run([sys.executable, "-m", "bench.static_check", *only], env=env,
-                          cwd=str(Path(__file__).resolve().parent.parent)).returncode
+    return subprocess.run([sys.executable, "-m", "omni_fast.bench.static_check", *only], env=env,
+                          cwd=REPO_ROOT).returncode
 
 
 def main(only: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The benchmark cases under pytest-benchmark: ``pytest bench/ [--benchmark-only] [-k rope]``.
 
 Not part of ``tests/`` (CI never times anything). One test per case and provider; each timed call is followed by a
-``torch.cuda.synchronize()`` so the wall clock covers the GPU work. Skipped without CUDA. ``python -m bench`` is the
+``torch.cuda.synchronize()`` so the wall clock covers the GPU work. Skipped without CUDA. ``python -m omni_fast.bench`` is the
 fuller tool (CUDA events, rotated inputs, roofline %); this exists for pytest-benchmark's comparison and history.
 """
 
@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("benchmarks need a CUDA GPU", allow_module_level=True)
 
-from bench import harness  # noqa: E402
-from bench.case import runnable  # noqa: E402
+from omni_fast.bench import harness  # noqa: E402
+from omni_fast.bench.case import runnable  # noqa: E402
 
 PRESET = "quick"
 CASES = harness.discover((), PRESET)

@@ -1,7 +1,7 @@
 """Tune the fused-MoE grouped-GEMM launch configs on a GPU and write them as JSON files.
 
-    python -m bench.tune_moe                      # thinker N=768 and talker N=384, N=192; all token buckets
-    python -m bench.tune_moe --n 384 --tokens 1 16 256 4096 --quick
+    python -m omni_fast.bench.tune_moe                      # thinker N=768 and talker N=384, N=192; all token buckets
+    python -m omni_fast.bench.tune_moe --n 384 --tokens 1 16 256 4096 --quick
 
 One file per (E, N, dtype, device, Triton version) under ``omni_fast/configs/moe/``, named like
 ``E=128,N=768,dtype=bf16,device=NVIDIA_H100_80GB_HBM3,triton=3.6.0.json`` (see
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+import omni_fast
+
 # (N = expert intermediate) -> (hidden, top_k): the Qwen3-Omni thinker, talker, and the talker with the
 # experts' intermediate split in two (tensor parallel 2).
 SHAPES = {768: (2048, 8), 384: (1024, 6), 192: (1024, 6)}
@@ -41,7 +43,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 
 SMEM_LIMIT = 227 * 1024
 # The checkout's config directory (shipped with the package; see its README.md), not wherever the installed
 # package happens to resolve kernels.launch.CONFIG_DIR.
-OUT_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs" / "moe"
+OUT_DIR = Path(omni_fast.__file__).resolve().parent / "configs" / "moe"
 
 
 def search_space(quick: bool, block_m: int, gated: bool, elem: int) -> list[dict]:
@@ -151,7 +153,7 @@ def main(argv=None, *, bench=None, space=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "
+        print("omni_fast.bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "
               "the fallback heuristic omni_fast.kernels.moe_gemm.default_config.", file=sys.stderr)
         return 2
     from omni_fast.kernels.launch import CONFIG_DIR

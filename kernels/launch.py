@@ -4,7 +4,7 @@
 - :func:`autotune` is ``triton.autotune`` on a GPU; under the CPU interpreter (``TRITON_INTERPRET=1``), where
   ``triton.autotune`` cannot time anything, it runs one fixed config (the first, or ``interpreter_config``).
 - :func:`static_case` registers a kernel with an example signature so the sm_90a static check
-  (``python -m bench.static_check``) can compile it for Hopper on a CPU-only machine.
+  (``python -m omni_fast.bench.static_check``) can compile it for Hopper on a CPU-only machine.
 - :func:`tuned_config` reads per-device tuned configs from ``omni_fast/configs/<family>/*.json``.
 """
 

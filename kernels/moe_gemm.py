@@ -209,7 +209,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     - <= 32: BLOCK_M 32. <= 128 and prefill: BLOCK_M 64, 64x64 (gate/up) and 64x128 (down) tiles, 8 warps,
       GROUP_SIZE_M 8 so consecutive programs share an expert's weight tile in L2.
 
-    Every choice compiles for sm_90a without register spills (``python -m bench.static_check``). fp32 halves K.
+    Every choice compiles for sm_90a without register spills (``python -m omni_fast.bench.static_check``). fp32 halves K.
     """
     rows = num_tokens * top_k / max(num_experts, 1)
     if rows <= 16:

@@ -11,11 +11,11 @@
 #   sanitize [K...]     compute-sanitizer memcheck over each kernel family's small-shape gpu tests (racecheck for
 #                       the shared-memory kernels), one family per K (default: all); graph and real-shape tests are
 #                       left out (capture with the caching allocator off fails; 10-100x slower kernels)
-#   smoke [OPS...]      python -m bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no
+#   smoke [OPS...]      python -m omni_fast.bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no
 #                       timing), the pre-flight that catches device-only provider bugs before `bench`
-#   bench [OPS...]      python -m bench OPS --preset full  (results under $OUT/results/<device>/)
+#   bench [OPS...]      python -m omni_fast.bench OPS --preset full  (results under $OUT/results/<device>/)
 #   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192)
-#   pipeline [ARGS...]  python -m bench.cases.pipeline (concurrency 1, 4, 6)
+#   pipeline [ARGS...]  python -m omni_fast.bench.cases.pipeline (concurrency 1, 4, 6)
 #
 # Set-up without a package index: the image's python3 already has torch, triton, transformers, cupy, pytest,
 # hypothesis, pytest-benchmark, pytest-xdist; omni-fast itself is installed editable with --no-deps, and carried
@@ -44,7 +44,7 @@ case "$STAGE" in
 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
     ;;
   static)
-    "$PY" -m bench.static_check 2>&1 | tee "$OUT/static.log" | tail -30
+    "$PY" -m omni_fast.bench.static_check 2>&1 | tee "$OUT/static.log" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
   tests)
@@ -70,20 +70,20 @@ case "$STAGE" in
     exit $rc
     ;;
   smoke)
-    "$PY" -m bench "$@" --preset smoke 2>&1 | tee "$OUT/smoke.log" | tail -60
+    "$PY" -m omni_fast.bench "$@" --preset smoke 2>&1 | tee "$OUT/smoke.log" | tail -60
     exit "${PIPESTATUS[0]}"
     ;;
   bench)
-    "$PY" -m bench "$@" --preset full --out "$OUT/results" 2>&1 | tee "$OUT/bench_$(IFS=_; echo "${*:-all}").log" | tail -60
+    "$PY" -m omni_fast.bench "$@" --preset full --out "$OUT/results" 2>&1 | tee "$OUT/bench_$(IFS=_; echo "${*:-all}").log" | tail -60
     exit "${PIPESTATUS[0]}"
     ;;
   tune)
     ns=("$@"); [ ${#ns[@]} -eq 0 ] && ns=(768 384 192)
-    "$PY" -m bench.tune_moe --n "${ns[@]}" --out-dir "$OUT/configs" 2>&1 | tee "$OUT/tune.log" | tail -30
+    "$PY" -m omni_fast.bench.tune_moe --n "${ns[@]}" --out-dir "$OUT/configs" 2>&1 | tee "$OUT/tune.log" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
   pipeline)
-    "$PY" -m bench.cases.pipeline --out "$OUT/results" "$@" 2>&1 | tee "$OUT/pipeline.log" | tail -40
+    "$PY" -m omni_fast.bench.cases.pipeline --out "$OUT/results" "$@" 2>&1 | tee "$OUT/pipeline.log" | tail -40
     exit "${PIPESTATUS[0]}"
     ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;

@@ -42,4 +42,4 @@ if ! install_once "$TDIR" "$TRITON_COMPAT"; then
   exit 0
 fi
 echo "[compat] sm_90a static check with $(PYTHONPATH="$TDIR" "$PY" -c 'import triton; print("triton", triton.__version__)')"
-PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.static_check | grep -v " ok$"
+PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m omni_fast.bench.static_check | grep -v " ok$"

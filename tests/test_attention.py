@@ -690,7 +690,7 @@ def test_host_copies_cpu_tensors_as_they_are():
 @given(lens=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=5),
        causal=st.booleans(), left=st.integers(-1, 12), right=st.integers(-1, 12))
 def test_bench_visible_pairs_equals_reference_mask_count(lens, causal, left, right):
-    """``bench.cases.attention.visible_pairs`` (the FLOP count behind the TFLOP/s the benchmark reports: unmasked
+    """``omni_fast.bench.cases.attention.visible_pairs`` (the FLOP count behind the TFLOP/s the benchmark reports: unmasked
     work only) summed over sequences == the number of True entries of the reference's packed mask."""
     import sys
     from pathlib import Path
@@ -698,7 +698,7 @@ def test_bench_visible_pairs_equals_reference_mask_count(lens, causal, left, rig
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:  # `bench` is a folder of the repository, not an installed package
         sys.path.insert(0, root)
-    from bench.cases.attention import visible_pairs
+    from omni_fast.bench.cases.attention import visible_pairs
 
     lq, lk = [a for a, _ in lens], [b for _, b in lens]
     mask = ref.varlen_mask(_cu(lq).cpu(), _cu(lk).cpu(), causal=causal, window_size=(left, right))

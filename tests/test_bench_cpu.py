@@ -37,7 +37,7 @@ def test_bench_rejects_unknown_op():
 
 
 def test_result_writers(tmp_path, monkeypatch):
-    from bench import harness
+    from omni_fast.bench import harness
 
     rows = [{"op": "rope", "case": "thinker rope T=1", "provider": p, "ms": ms, "tflops": 0.1, "gbps": g,
              "pct_roofline": g / 30, "bound": "memory", "omni_fast_speedup": ms / 0.01}
@@ -56,7 +56,7 @@ def test_result_writers(tmp_path, monkeypatch):
 def test_units_give_time_per_unit_rtf_and_throughput(tmp_path):
     """Case.units -> ms per unit, and for audio seconds the RTF and audio seconds per second, in the JSON rows and
     the markdown table."""
-    from bench import harness
+    from omni_fast.bench import harness
 
     assert harness.unit_fields({"code": 10, "audio_s": 0.8}, 2.0) == {"ms_per_code": 0.2, "rtf": 0.0025,
                                                                     "audio_s_per_s": 400.0}
@@ -76,8 +76,8 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     """run_gpu end to end on the CPU with a fake CUDA clock: rows, ratios, table and files (no real timing)."""
     import time
 
-    from bench import harness
-    from bench.case import Case, Unavailable
+    from omni_fast.bench import harness
+    from omni_fast.bench.case import Case, Unavailable
 
     class FakeEvent:
         def __init__(self, **kw):
@@ -123,7 +123,7 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
 
 
 def test_peers_are_optional():
-    from bench import peers
+    from omni_fast.bench import peers
 
     assert set(peers.versions()) <= set(peers.PEER_WHEELS)
     if not torch.cuda.is_available():
@@ -133,7 +133,7 @@ def test_peers_are_optional():
 @pytest.mark.gpu
 def test_liger_peer_computes_the_same_moe():
     """The carried liger-kernel fused MoE computes what omni-fast computes (so the bench compares like for like)."""
-    from bench import peers
+    from omni_fast.bench import peers
     from omni_fast import ops
 
     liger = peers.liger_fused_moe()
@@ -149,9 +149,9 @@ def test_liger_peer_computes_the_same_moe():
 
 
 def test_static_check_filter_matching_nothing_fails():
-    """`python -m bench.static_check NAME...` compiles only matching specialisations; a filter that matches none is
+    """`python -m omni_fast.bench.static_check NAME...` compiles only matching specialisations; a filter that matches none is
     an error (a typo must not print PASS), and the bench's own arguments never reach it."""
-    from bench import static_check
+    from omni_fast.bench import static_check
 
     assert static_check.main(["no-such-kernel-name"]) == 1
 
@@ -160,7 +160,7 @@ def test_compiled_providers_do_not_keep_their_case_alive():
     import gc
     import weakref
 
-    from bench.cases import _compile
+    from omni_fast.bench.cases import _compile
 
     class Weights:  # stands for a case copy's weights, held by the provider closure
         pass

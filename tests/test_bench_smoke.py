@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
-from bench.case import Unavailable  # noqa: E402
+from omni_fast.bench import harness  # noqa: E402
+from omni_fast.bench.case import Unavailable  # noqa: E402
 
 FAMILIES = harness.case_modules()
 # Providers that must run (not be skipped) on a CPU, per family: the omni-fast path and its eager baseline.
@@ -31,18 +31,18 @@ def test_every_family_has_a_smoke_preset():
     import importlib
 
     for fam in FAMILIES:
-        module = importlib.import_module(f"bench.cases.{fam}")
+        module = importlib.import_module(f"omni_fast.bench.cases.{fam}")
         smoke, quick = module.cases("smoke"), module.cases("quick")
         assert len(smoke) == len(quick), fam  # the quick cases, at tiny shapes
         assert [c.op for c in smoke] == [c.op for c in quick]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (on a GPU: python -m bench --preset smoke)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (on a GPU: python -m omni_fast.bench --preset smoke)")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoke_preset_calls_every_provider(family):
     import importlib
 
-    cases = importlib.import_module(f"bench.cases.{family}").cases("smoke")
+    cases = importlib.import_module(f"omni_fast.bench.cases.{family}").cases("smoke")
     rows = harness.smoke(cases, torch.device("cpu"))
     failed = [f"{r['case']} / {r['provider']}: {r['detail']}" for r in rows if r["status"] == "FAILED"]
     assert not failed, "\n".join(failed)
@@ -55,7 +55,7 @@ def test_smoke_preset_calls_every_provider(family):
 
 
 def test_smoke_reports_ok_skipped_and_failed(capsys):
-    from bench.case import Case
+    from omni_fast.bench.case import Case
 
     def setup(device):
         def broken():
@@ -92,7 +92,7 @@ def test_smoke_cli():
 
 def test_decode_smoke_byte_count_matches_the_tiny_config():
     """bench/cases/decode.py counts the smoke cases' bytes from TINY_SHAPES: they must be the tiny model's shapes."""
-    from bench.cases import decode
+    from omni_fast.bench.cases import decode
     from omni_fast.models.presets import tiny_qwen3_omni_config
 
     cfg = tiny_qwen3_omni_config()
@@ -108,7 +108,7 @@ def test_sdpa_refusal_check_runs():
     gives no verdict without a stated reason (a CPU-only torch refuses every CUDA backend silently)."""
     from torch.backends.cuda import SDPAParams
 
-    from bench.cases.attention import sdpa_cuda_refusal
+    from omni_fast.bench.cases.attention import sdpa_cuda_refusal
 
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     mask = torch.ones(8, 8, dtype=torch.bool).tril()
@@ -121,7 +121,7 @@ def test_sdpa_refusal_check_runs():
 def test_compile_providers_trace_only_in_smoke_runs(monkeypatch):
     """Timed CUDA runs compile with inductor (the caller's mode); a CPU, or the smoke run on any device, traces with
     aot_eager (no inductor code generation: seconds, not minutes)."""
-    from bench.cases import _compile
+    from omni_fast.bench.cases import _compile
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: kw)
     assert _compile.compiled(lambda: 1, "cuda", mode="reduce-overhead") == {"dynamic": False,

@@ -381,13 +381,13 @@ def test_ops_trace_under_torch_compile():
 
 
 def test_snake_cost_model_recompute_factors():
-    """bench.code2wav_snake_cost (docs/code2wav.md): recompute factor K * ceil(C_out / BLOCK_N), m * ceil(s C_out /
+    """omni_fast.bench.code2wav_snake_cost (docs/code2wav.md): recompute factor K * ceil(C_out / BLOCK_N), m * ceil(s C_out /
     BLOCK_N) for transposed convs."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` is a folder of the repository
-    from bench.code2wav_snake_cost import conv_costs
+    from omni_fast.bench.code2wav_snake_cost import conv_costs
 
     rows = {name: (macs, fused, once) for name, macs, fused, once in conv_costs(ref.Code2WavConfig(), 64)}
     macs, fused, once = rows["block1 unit d1 k7 768"]

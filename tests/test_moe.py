@@ -448,9 +448,9 @@ def test_tuned_file_fallback_prefers_the_newest_triton_version(tmp_path, monkeyp
 
 
 def test_tuned_config_directory_is_in_the_package():
-    """``omni_fast/configs/moe`` exists in the checkout (so kernels.launch reads it) and bench.tune_moe writes
+    """``omni_fast/configs/moe`` exists in the checkout (so kernels.launch reads it) and omni_fast.bench.tune_moe writes
     there by default."""
-    from bench import tune_moe
+    from omni_fast.bench import tune_moe
     from omni_fast.kernels import launch
 
     assert launch.CONFIG_DIR.name == "configs" and launch.CONFIG_DIR.parent.name == "omni_fast"
@@ -533,7 +533,7 @@ def test_tuned_config_selects_the_weight_path_per_gemm():
 
 
 def test_tune_search_space_includes_the_tma_path():
-    from bench import tune_moe
+    from omni_fast.bench import tune_moe
 
     space = tune_moe.search_space(True, 16, True, 2)
     assert {c["USE_TMA"] for c in space} == {False, True}
@@ -541,13 +541,13 @@ def test_tune_search_space_includes_the_tma_path():
 
 
 def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_path, monkeypatch):
-    """bench.tune_moe's whole CLI on the CPU (interpreter; on a GPU machine, on the GPU) with a stub timer and a two-config search space (pointer
+    """omni_fast.bench.tune_moe's whole CLI on the CPU (interpreter; on a GPU machine, on the GPU) with a stub timer and a two-config search space (pointer
     and TMA weight path): every candidate launch runs, the JSON lands in --out-dir, and the op's own lookup
     (``moe_gemm._find_tuned`` -> ``kernels.launch.tuned_config``, what get_config uses on a GPU) reads it back into a
     config fused_moe runs with."""
     import json
 
-    from bench import tune_moe
+    from omni_fast.bench import tune_moe
     from omni_fast.kernels import launch
 
     calls = []
@@ -585,7 +585,7 @@ def test_tuner_runs_end_to_end_on_the_interpreter_and_its_file_round_trips(tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path of the CLI")
 def test_tuner_cli_without_a_gpu_exits_2(tmp_path, capsys):
-    from bench import tune_moe
+    from omni_fast.bench import tune_moe
 
     assert tune_moe.main(["--tokens", "1", "--out-dir", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -993,7 +993,7 @@ def test_fused_moe_cuda_graph_capture_and_replay(T):
 
 
 def test_bench_cases_build_and_check():
-    from bench.cases import moe as cases
+    from omni_fast.bench.cases import moe as cases
 
     full = cases.cases("full")
     assert len(full) == 2 * len(cases.TOKENS["full"]) + len(cases.BLOCK_TOKENS["full"])
@@ -1016,8 +1016,8 @@ def test_bench_cases_bound_is_the_issues_roofline():
     prefill (T >= 4096) against the bf16 matmul rate (FLOPs), set explicitly per case, so the thinker at T=4096
     (byte floor larger on an H100-like roofline) still reports % of the compute roof. In between the harness
     picks the larger floor ("auto"): thinker experts at T=1024 are memory bound there."""
-    from bench import harness
-    from bench.cases import moe as cases
+    from omni_fast.bench import harness
+    from omni_fast.bench.cases import moe as cases
 
     roof = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}  # bytes/s 3.0e12, flop/s 8.0e14
     by_name = {c.name: c for c in cases.cases("full")}
@@ -1038,7 +1038,7 @@ def test_bench_cases_bound_is_the_issues_roofline():
 
 def test_bench_block_case_bytes_use_the_block_routing():
     """The talker block case counts the experts its own router picks for its (fixed) inputs."""
-    from bench.cases import moe as cases
+    from omni_fast.bench.cases import moe as cases
 
     E, k, H, I, Is = cases.MODELS["talker"]
     for T in cases.BLOCK_TOKENS["full"][:3]:
@@ -1053,8 +1053,8 @@ def test_bench_block_liger_provider_composes_the_block():
     """The block case's ``liger`` provider: liger's fused experts (stubbed here by the reference experts, which
     take the same arguments) between transformers' router and shared expert equals the whole block; without the
     liger wheel or CUDA it is reported as unavailable."""
-    from bench.case import Unavailable
-    from bench.cases import moe as cases
+    from omni_fast.bench.case import Unavailable
+    from omni_fast.bench.cases import moe as cases
 
     T, E, k, H, I, Is = 7, 6, 2, 32, 16, 24
     gen = torch.Generator().manual_seed(1)
@@ -1070,7 +1070,7 @@ def test_bench_block_liger_provider_composes_the_block():
 def test_bench_compile_baseline_is_the_reference_without_host_syncs():
     """The ``compile`` provider's grouped formulation: same result as the reference, and one graph (no host sync,
     no data-dependent shapes) under ``torch.compile(fullgraph=True)``."""
-    from bench.cases import moe as cases
+    from omni_fast.bench.cases import moe as cases
 
     if cases._grouped_mm() is None:
         pytest.skip("this torch has no grouped_mm")

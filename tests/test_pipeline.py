@@ -185,7 +185,7 @@ def test_bench_pipeline_cases():
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.cases import pipeline
+    from omni_fast.bench.cases import pipeline
 
     cases = pipeline.cases("full")
     assert [c.params["concurrency"] for c in cases] == [1, 4, 6]
@@ -200,7 +200,7 @@ def test_bench_pipeline_runner_on_tiny(pipe, monkeypatch):
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.cases import pipeline
+    from omni_fast.bench.cases import pipeline
 
     monkeypatch.setattr(pipeline, "TEXT_TOKENS", 4)
     monkeypatch.setattr(pipeline, "FRAMES", 3)

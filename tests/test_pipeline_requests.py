@@ -352,7 +352,7 @@ def test_bench_pipeline_measure_on_cuda_tiny():
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.cases import pipeline
+    from omni_fast.bench.cases import pipeline
 
     p = Qwen3Omni.random("tiny", device="cuda", dtype=torch.float32, patch=False)
     result = pipeline.measure((1, 2), repeats=1, pipe=p, audio_seconds=0.5, sizes=(4, 3))

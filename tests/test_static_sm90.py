@@ -1,4 +1,4 @@
-"""The sm_90a static check (``python -m bench.static_check``) passes: every registered Triton kernel compiles for
+"""The sm_90a static check (``python -m omni_fast.bench.static_check``) passes: every registered Triton kernel compiles for
 Hopper without spills and within the H100's shared memory. Runs in a subprocess without ``TRITON_INTERPRET``
 (the compile needs real ``triton.jit`` functions); needs no GPU."""
 
@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:  # `bench` is a folder of the repository, not an i
 def test_static_sm90_check_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    res = subprocess.run([sys.executable, "-m", "bench.static_check"], cwd=ROOT, env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench.static_check"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
@@ -30,7 +30,7 @@ def test_static_sm90_check_passes():
 
 
 def test_report_flags_spills_and_shared_memory():
-    from bench.static_check import H100_SMEM_LIMIT, Report, parse_ptxas_log
+    from omni_fast.bench.static_check import H100_SMEM_LIMIT, Report, parse_ptxas_log
 
     log = ("ptxas info    : Function properties for k\n    0 bytes stack frame, 16 bytes spill stores, 8 bytes spill "
            "loads\nptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]\n")

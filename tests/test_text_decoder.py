@@ -279,7 +279,7 @@ def test_bench_decode_cases_on_tiny():
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.cases import decode
+    from omni_fast.bench.cases import decode
 
     cases = decode.cases("quick")
     assert [c.name for c in cases] == ["thinker step B=1", "thinker step B=8", "talker step B=1",
@@ -287,7 +287,7 @@ def test_bench_decode_cases_on_tiny():
     assert all(c.bytes > 0 and c.flops > 0 for c in cases)
     cases[0].check()
     import omni_fast
-    from bench.case import Unavailable
+    from omni_fast.bench.case import Unavailable
 
     tiny = decode.cases("smoke")  # the same cases on the tiny config (fp32, a 6-token prompt)
     assert [c.name for c in tiny] == ["thinker step B=1", "thinker step B=3", "talker step B=1", "talker step B=3"]

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case, Unavailable, dtype_name
-from bench.cases._compile import compiled
+from omni_fast.bench.case import Case, Unavailable, dtype_name
+from omni_fast.bench.cases._compile import compiled
 
 AUDIO = dict(hq=20, hk=20, d=64, window=104)
 VISION = dict(hq=16, hk=16, d=72)

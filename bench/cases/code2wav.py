@@ -1,4 +1,4 @@
-"""Code2Wav benchmark cases (``python -m bench code2wav``): the real config with random bf16 weights.
+"""Code2Wav benchmark cases (``python -m omni_fast.bench code2wav``): the real config with random bf16 weights.
 
 - streaming latency per chunk at batch 1, chunks of 1, 10 and 25 frames (and chunk 10 at batch 32: streamed serving
   throughput): transformers' module re-decoding 25 frames
@@ -21,8 +21,8 @@ import functools
 
 import torch
 
-from bench.case import Case, Unavailable
-from bench.cases._compile import compiled
+from omni_fast.bench.case import Case, Unavailable
+from omni_fast.bench.cases._compile import compiled
 
 FRAME_RATE = 12.5  # codes per second
 LEFT_CONTEXT = 25  # frames serving stacks re-decode per chunk

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case, Unavailable, dtype_name
+from omni_fast.bench.case import Case, Unavailable, dtype_name
 
 PROMPT = 512
 THINKER_LAYERS = 4

@@ -13,7 +13,7 @@ Providers (bf16, inference mode):
   Not of the reference itself: its loop over ``torch.unique(ids).tolist()`` syncs with the host and makes dynamo
   specialise (and recompile) on every set of hit experts, which measures the compiler, not a compiled MoE.
   Left out where torch has no ``grouped_mm``;
-- ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`bench.peers`);
+- ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`omni_fast.bench.peers`);
 - ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
 - ``omni_fast_tma`` (experts cases): the same kernels and launch config with the weight tiles read through TMA
   tensor descriptors (``USE_TMA`` forced on in both GEMMs), so a run shows what the TMA path gives at every T before
@@ -37,9 +37,9 @@ import functools
 
 import torch
 
-from bench import peers
-from bench.case import Case, Unavailable, dtype_name
-from bench.cases._compile import compiled
+from omni_fast.bench import peers
+from omni_fast.bench.case import Case, Unavailable, dtype_name
+from omni_fast.bench.cases._compile import compiled
 
 MODELS = {
     # name: (E, top_k, H, I, shared I)
@@ -238,7 +238,7 @@ def _tags(T: int) -> tuple[str, ...]:
 
 
 def liger_block(liger, x, g, w13, w2, top_k: int, sw13, sw2, sg) -> torch.Tensor:
-    """The talker block with liger-kernel's fused experts (``liger``: :func:`bench.peers.liger_fused_moe`); router
+    """The talker block with liger-kernel's fused experts (``liger``: :func:`omni_fast.bench.peers.liger_fused_moe`); router
     and shared expert as transformers computes them (the routing weights in the model dtype)."""
     from omni_fast.reference import moe as ref
 

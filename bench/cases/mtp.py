@@ -7,7 +7,7 @@ exactly as the Talker runs it), ``eager`` (omni-fast's reference frame with a st
 CUDA graph, Triton ops, the fused GEMV layer kernels: 5 launches per layer), ``omni_fast_unfused`` (the same graph
 with cuBLAS matmuls and the small fused ops: 9 launches per layer), so fused vs cuBLAS shows side by side. ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
 
-Batches: the issue's B in {1, 4, 16, 64} is the "full" preset (``python -m bench mtp --preset full``); the default
+Batches: the issue's B in {1, 4, 16, 64} is the "full" preset (``python -m omni_fast.bench mtp --preset full``); the default
 "quick" preset runs B = 1 and 16 only.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case, dtype_name
-from bench.cases._compile import compiled
+from omni_fast.bench.case import Case, dtype_name
+from omni_fast.bench.cases._compile import compiled
 
 H, INTER, LAYERS, NQ, NKV, D, VOCAB, GROUPS, CODEC_VOCAB = 1024, 3072, 5, 16, 8, 128, 2048, 16, 3072
 # Per preset: the code predictor's config (transformers' keyword names; the real one is the config class default

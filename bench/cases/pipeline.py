@@ -2,13 +2,13 @@
 
 Two ways to run it:
 
-- ``python -m bench pipeline`` (the harness): one Case per concurrency; providers ``omni_fast`` (the thin pipeline,
+- ``python -m omni_fast.bench pipeline`` (the harness): one Case per concurrency; providers ``omni_fast`` (the thin pipeline,
   patched: thinker/talker decode as CUDA-graph replays), ``omni_fast_eager_decode`` (patched, decode steps through
   transformers' text models), ``eager`` (the same pipeline on unpatched transformers modules), ``transformers`` and
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
   and patched by ``omni_fast.patch``, on the same requests: the same prompt ids with their audio placeholders and
   the same mel features). The harness times a whole request batch per call.
-- ``python -m bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
+- ``python -m omni_fast.bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
   tokens/s, RTF, total) for the four providers ``omni_fast``, ``eager``, ``transformers``, ``transformers_patched``
   next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/`` (what transformers'
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.case import Case
+from omni_fast.bench.case import Case
 from omni_fast.kernels.launch import file_safe
 
 CONCURRENCY = {"quick": (1,), "full": (1, 4, 6), "smoke": (1,)}
@@ -339,11 +339,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cases.pipeline")
+    parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.cases.pipeline")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 6])
     parser.add_argument("--thinker-layers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    from omni_fast.bench.harness import RESULTS_DIR
+
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("the pipeline benchmark needs a GPU; running the CPU check instead")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.case import Case, Unavailable, dtype_name
-from bench.cases._compile import compiled
+from omni_fast.bench.case import Case, Unavailable, dtype_name
+from omni_fast.bench.cases._compile import compiled
 
 # Per preset: model -> (q heads, kv heads, 3-row TM-RoPE positions?), head_dim, mrope section, dtype. The real
 # shapes are the Qwen3-Omni-30B-A3B checkpoint's; "smoke" keeps their structure (GQA ratios, 3-row vs 1-D

@@ -1,1 +1,0 @@
-"""omni-fast microbenchmark suite: ``python -m bench [OPS...] [--preset NAME] [--providers ...]``."""
