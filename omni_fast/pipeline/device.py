@@ -1,0 +1,84 @@
+"""Device-side plumbing of the streaming scheduler: stage clocks, host <-> device copies that do not block, KV
+caches, and the leases that give each live stream its own decoders and codec streams."""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+
+def now(device: torch.device) -> float:
+    """A stage clock: ``perf_counter`` after the device has finished its queued work (on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def new_cache(config, static: bool, max_len: int):
+    """A transformers KV cache: ``StaticCache`` (preallocated, fixed shapes) or ``DynamicCache`` (grows)."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_len) if static else DynamicCache(config=config)
+
+
+class AsyncHostCopy:
+    """A device tensor's values copied to the host without blocking (pinned memory + an event on CUDA); read with
+    :meth:`tolist`, which waits for that copy only."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self.host, self.event = t, None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync (pinned memory + a non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: on CUDA through pinned memory and a non-blocking
+    copy (a copy from pageable memory waits for the stream to drain first)."""
+    return host_to_device(torch.tensor(values), device)
+
+
+def int_positions(pos: torch.Tensor) -> torch.Tensor:
+    """The float positions of ``get_rope_index`` as int64 when they are whole numbers (the fused RoPE needs
+    integers; a fractional video timestamp keeps them float, for the rest of the request's decode too, and
+    transformers' own RoPE runs). Integer positions pass through; float ones cost one host sync, at prefill
+    (``rope_positions(..., integer=True)`` returns int64 whenever it can, so only fractional prompts get here)."""
+    if not pos.is_floating_point():
+        return pos
+    as_int = pos.to(torch.int64)
+    return as_int if torch.equal(as_int.to(pos.dtype), pos) else pos
+
+
+class Lease:
+    """A token a ``stream`` generator holds while it runs; what is leased to it (decoders, codec streams) is free
+    again once it is gone (the generator finished or was garbage-collected)."""
+
+
+def lease_from(entries: list, lease: Lease, build):
+    """The first object of ``entries`` (``[[object, weakref to its lease], ...]``) no live stream holds, now
+    leased to ``lease``; else a new one from ``build()``, appended. Objects keep their caches and captured graphs
+    between streams; interleaved streams get one each."""
+    for entry in entries:
+        if entry[1]() is None:  # its stream ended (or was dropped)
+            entry[1] = weakref.ref(lease)
+            return entry[0]
+    obj = build()
+    entries.append([obj, weakref.ref(lease)])
+    return obj
