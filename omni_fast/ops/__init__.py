@@ -5,6 +5,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 """
 
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
+from .bigvgan import anti_aliased_snake
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
@@ -12,6 +13,7 @@ from .rvq import rvq_embed
 from .sampling import sample
 
 __all__ = [
+    "anti_aliased_snake",
     "causal_conv1d",
     "causal_conv_transpose1d",
     "flash_attn_varlen",
