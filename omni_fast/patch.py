@@ -398,6 +398,16 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
                 _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
             counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
                           "-> omni_fast.models.Code2Wav")] = 1
+        elif cls == "Qwen2_5OmniAntiAliasedActivation1d":
+            from .integrations.token2wav import aa_activation_forward, aa_activation_supported
+
+            ok = aa_activation_supported(module)
+            if part in wanted and ok:
+                _swap_forward(module, aa_activation_forward)
+                _pin(module, backend)
+            key = (part, f"{cls}: BigVGAN upsample FIR + SnakeBeta + low-pass FIR "
+                         + ("-> one omni_fast.ops.anti_aliased_snake launch" if ok else "(unsupported variant)"))
+            (bucket if ok else left)[key] = (bucket if ok else left).get(key, 0) + 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 

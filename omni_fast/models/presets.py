@@ -177,6 +177,7 @@ def tiny_qwen2_5_omni_config():
         dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, emb_dim=16,
                         enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48], enc_attention_channels=8,
                         enc_se_channels=8, num_embeds=300, look_ahead_layers=[1], look_backward_layers=[0]),
-        bigvgan_config=dict(upsample_initial_channel=16))
+        # 64 channels: BigVGAN halves them at each of its 6 upsampling layers (16 would reach 0 channels)
+        bigvgan_config=dict(upsample_initial_channel=64))
     return Qwen2_5OmniConfig(thinker_config=tiny_qwen2_5_omni_thinker_config().to_dict(), talker_config=talker,
                              token2wav_config=token2wav, enable_audio_output=True)

@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 
 from ..pipeline.qwen3 import Qwen3Stages
-from ..pipeline.requests import ByteTokenizer, Event, Request
+from ..pipeline.requests import ByteTokenizer, Event, Request, make_sampler
 from ..pipeline.scheduler import StreamOptions, StreamRun
 from ..validation import check_positive_int
 from .components import HFCode2Wav, HFCodePredictor, OmniCodePredictor, pick
@@ -188,6 +188,14 @@ class Qwen3Omni:
         kwargs.setdefault("tokenizer", ByteTokenizer(vocab))
         return cls(model, **kwargs)
 
+    @staticmethod
+    def samplers(opts, generator: torch.Generator):
+        """(text, codec, MTP) samplers for ``stream``'s options: greedy, or transformers' defaults when sampling
+        (thinker top-k 50, talker top-k 50 at temperature 0.9, MTP top-k 50 / top-p 0.8), all on ``generator``."""
+        return (make_sampler(opts.do_sample, top_k=50, generator=generator),
+                make_sampler(opts.talker_do_sample, top_k=50, temperature=0.9, generator=generator),
+                make_sampler(opts.talker_do_sample, top_k=50, top_p=0.8, generator=generator))
+
     # ------------------------------------------------------------------------------------------------ prompting
     def build_prompt(self, req: Request, audio_tokens_n: int, image_tokens_n: int, video_tokens_n: int = 0, *,
                      video_grid: list[int] | None = None, seconds: float | None = None) -> list[int]:
@@ -259,7 +267,7 @@ def _randomize(model, seed: int, scale: float | None):
 from ..pipeline.device import Lease as _Lease  # noqa: E402
 from ..pipeline.multimodal import audio_video_order as _audio_video_order, patchify as _patchify  # noqa: E402
 from ..pipeline.requests import (INPUT_FLOAT_DTYPES, MIN_AUDIO_SAMPLES, SAMPLE_RATE_IN, SAMPLE_RATE_OUT,  # noqa: E402
-                                 RequestTiming, make_sampler, mel_features)
+                                 RequestTiming, mel_features)
 
 __all__ = ["ByteTokenizer", "Event", "INPUT_FLOAT_DTYPES", "MIN_AUDIO_SAMPLES", "Qwen3Omni", "Request", "RequestTiming",
            "SAMPLE_RATE_IN", "SAMPLE_RATE_OUT", "_Lease", "_audio_video_order", "_patchify", "make_sampler",

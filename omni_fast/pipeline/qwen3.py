@@ -18,7 +18,7 @@ from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import audio_video_order, encode_audio, encode_visual, merge_visual
-from .requests import Event, check_request, check_stream_args, make_sampler
+from .requests import Event, check_request, check_stream_args
 from .scheduler import TextDecode
 
 
@@ -98,13 +98,9 @@ class Qwen3Stages:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(speakers)}")
         return sid
 
-    @staticmethod
-    def samplers(opts, gen):
-        """transformers' defaults when sampling: thinker top-k 50, talker top-k 50 at temperature 0.9, MTP
-        top-k 50 / top-p 0.8."""
-        return (make_sampler(opts.do_sample, top_k=50, generator=gen),
-                make_sampler(opts.talker_do_sample, top_k=50, temperature=0.9, generator=gen),
-                make_sampler(opts.talker_do_sample, top_k=50, top_p=0.8, generator=gen))
+    def samplers(self, opts, gen):
+        """The pipeline object's samplers (:meth:`omni_fast.models.Qwen3Omni.samplers`: transformers' defaults)."""
+        return self.pipe.samplers(opts, gen)
 
     def graph_default(self) -> bool:
         """Patched now (patch() may have been called on the model after construction) and on CUDA."""

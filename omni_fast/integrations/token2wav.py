@@ -1,0 +1,40 @@
+"""Qwen2.5-Omni Token2Wav pieces :func:`omni_fast.patch` swaps in (bound to transformers' modules).
+
+- ``Qwen2_5OmniAntiAliasedActivation1d`` (BigVGAN's upsample FIR -> SnakeBeta -> low-pass FIR + decimate, four
+  launches and two double-rate intermediates in transformers) -> one :func:`omni_fast.ops.anti_aliased_snake`.
+
+Anything the op does not cover (another activation than SnakeBeta, different up/down ratios, autograd, an
+unsupported dtype) runs transformers' own forward, so a patched model computes what it did before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import pinned_backend
+
+AA_ACTIVATION = "Qwen2_5OmniAntiAliasedActivation1d"
+
+
+def aa_activation_supported(module) -> bool:
+    """Whether the fused op reproduces ``module`` (a ``Qwen2_5OmniAntiAliasedActivation1d``)."""
+    act, up, down = getattr(module, "act", None), getattr(module, "upsample", None), getattr(module, "downsample", None)
+    if type(act).__name__ != "Qwen2_5OmniSnakeBeta" or up is None or down is None:
+        return False
+    ratio, k_up = int(up.ratio), int(up.filter.numel())
+    return int(down.stride) == ratio and k_up % ratio == 0 and (k_up - ratio) // 2 >= ratio - 1
+
+
+def aa_activation_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``[B, C, T]`` -> ``[B, C, T]``: the whole anti-aliased SnakeBeta in one fused launch (fp32 inside)."""
+    act = self.act
+    if (torch.is_grad_enabled() and (hidden_states.requires_grad or act.alpha.requires_grad)) \
+            or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or act.alpha.dtype != hidden_states.dtype:
+        return self._omni_fast_forward(hidden_states)
+    from .. import ops
+
+    # (the FIRs are non-persistent buffers: a model cast to bf16 casts them too; the op takes them in fp32)
+    return ops.anti_aliased_snake(hidden_states, act.alpha.detach(), act.beta.detach(),
+                                  self.upsample.filter.float(), self.downsample.filter.float(),
+                                  ratio=int(self.upsample.ratio), backend=pinned_backend(self))
