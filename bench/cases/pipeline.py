@@ -343,6 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 6])
     parser.add_argument("--thinker-layers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+                        help="which to run (default: all; the time-boxed GPU session runs omni_fast only)")
     from omni_fast.bench.harness import RESULTS_DIR
 
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
         check()
         print("check: pass")
         return 0
-    result = measure(args.concurrency, args.thinker_layers, args.repeats)
+    result = measure(args.concurrency, args.thinker_layers, args.repeats, providers=args.providers)
     folder = args.out / file_safe(torch.cuda.get_device_name())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pipeline.json").write_text(json.dumps(result, indent=1))
