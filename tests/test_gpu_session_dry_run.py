@@ -91,3 +91,50 @@ def test_calibration_hook_calls_the_cost_model_when_present(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "omni_fast.bench.model", None)  # the module absent: one clear skip
     got = session_tools.calibrate(tmp_path, out, dry=False)
     assert got["status"] == "skipped" and "not in this checkout" in got["reason"]
+
+
+def test_bench_run_keeps_its_measurements_past_a_deadline_or_an_interrupt(tmp_path, monkeypatch):
+    """``python -m omni_fast.bench --deadline-s`` (the session's bench steps): cases past the deadline get a skipped
+    row, an interrupt (the time box's SIGINT) ends the run, and either way the JSON is saved with ``incomplete``;
+    the per-case partial file is gone once the run is saved. GPU calls are stubbed (nothing is timed)."""
+    from omni_fast.bench import harness
+    from omni_fast.bench.case import Case
+
+    meta = {"device": "Fake GPU", "torch": "x", "triton": "x", "cuda": "x", "python": "x", "commit": "abc",
+            "date": "now", "preset": "quick", "peers": {}, "roofline": {"copy_gbps": 1.0, "matmul_tflops": 1.0}}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(harness, "measure_roofline", lambda device: meta["roofline"])
+    monkeypatch.setattr(harness, "run_metadata", lambda device, preset, roofline: dict(meta))
+    cases = [Case("rope", f"case {i}", {}, setup=None) for i in range(4)]
+    clock = [0.0]  # each case takes one "second" of a fake clock: no real timing in the test
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                               perf_counter=time.perf_counter))
+
+    def bench_case(case, device, roofline, providers=()):
+        if case.name == "case 1" and interrupt:
+            raise KeyboardInterrupt
+        clock[0] += 1.0
+        return [{"op": case.op, "case": case.name, "provider": "omni_fast", "ms": 1.0}]
+
+    monkeypatch.setattr(harness, "bench_case", bench_case)
+    for interrupt, deadline, timed in ((False, 1.5, 2), (True, None, 1)):
+        clock[0] = 0.0
+        out = tmp_path / str(interrupt)
+        harness.run_gpu(cases, preset="quick", out_dir=out, deadline_s=deadline)
+        files = list((out / "Fake_GPU").glob("*.json"))
+        assert len(files) == 1 and not files[0].name.startswith("partial-")
+        result = json.loads(files[0].read_text())
+        assert sum("ms" in r for r in result["rows"]) == timed
+        assert ("interrupted" if interrupt else "deadline") in result["incomplete"]
+        assert all("skipped" in r for r in result["rows"] if "ms" not in r) and len(result["rows"]) == 4 - interrupt
+
+
+def test_tuner_reduced_search_starts_next_to_the_fallback_heuristic():
+    from omni_fast.bench import tune_moe
+
+    space = tune_moe.search_space(False, 64, True, 2)
+    default = dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+    picked = tune_moe.nearest_first(space, default, 12)
+    assert len(picked) == 12 and all(tune_moe.nearest_first(space, default, None)[i] == space[i] for i in range(3))
+    assert all(p[k] == v for p in picked[:2] for k, v in default.items())  # the default itself, both weight paths
+    assert {p["USE_TMA"] for p in picked[:2]} == {False, True}
