@@ -137,17 +137,19 @@ def _compile_at(index: int) -> Report:
     return compile_case(STATIC_CASES[index])
 
 
-def compile_all(cases, jobs: int = 1) -> list[Report]:
-    """Reports of ``cases`` (entries of ``STATIC_CASES``), compiled in ``jobs`` forked processes when > 1."""
+def compile_all(cases, jobs: int = 1):
+    """Yields the reports of ``cases`` (entries of ``STATIC_CASES``) in order, as they are compiled (in ``jobs``
+    forked processes when > 1), so a run cut off by a time box still printed what it finished."""
     if jobs <= 1 or len(cases) <= 1:
-        return [compile_case(c) for c in cases]
+        yield from (compile_case(c) for c in cases)
+        return
     import multiprocessing
 
     from omni_fast.kernels.launch import STATIC_CASES
 
     index = {id(c): i for i, c in enumerate(STATIC_CASES)}
     with multiprocessing.get_context("fork").Pool(min(jobs, len(cases))) as pool:
-        return pool.map(_compile_at, [index[id(c)] for c in cases], chunksize=1)
+        yield from pool.imap(_compile_at, [index[id(c)] for c in cases], chunksize=1)
 
 
 def run(only: list[str] | None = None, jobs: int = 1) -> int:
@@ -160,18 +162,19 @@ def run(only: list[str] | None = None, jobs: int = 1) -> int:
     if only and not cases:
         print(f"Static sm_90a check: no kernel specialisation name contains any of {only}")
         return 1
-    reports = compile_all(cases, jobs)
-    print(f"Static sm_90a check: {len(reports)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
-          f"memory per block, no spills)")
-    width = max([len(r.name) for r in reports] + [6])
-    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  {'tma':>3}  result")
-    for r in reports:
+    print(f"Static sm_90a check: {len(cases)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
+          f"memory per block, no spills)", flush=True)
+    width = max([len(c.name) for c in cases] + [6])
+    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  {'tma':>3}  result", flush=True)
+    reports = []
+    for r in compile_all(cases, jobs):
+        reports.append(r)
         if r.error:
             print(f"  {r.name:<{width}}  {'-':>4}  {'-':>7}  {'-':>7}  {'-':>5}  {'-':>3}  FAIL {r.problems()}")
         else:
             verdict = "ok" if r.ok else f"FAIL {r.problems()}"
             print(f"  {r.name:<{width}}  {r.regs:>4}  {r.spill_bytes:>7}  {r.smem:>7}  {'yes' if r.wgmma else 'no':>5}"
-                  f"  {'yes' if r.tma else 'no':>3}  {verdict}")
+                  f"  {'yes' if r.tma else 'no':>3}  {verdict}", flush=True)
     for e in errors:
         print(f"  FAIL import {e}")
     failed = sum(not r.ok for r in reports) + len(errors)
