@@ -13,7 +13,10 @@ pytest.importorskip("transformers")
 def _cpu_env() -> dict:
     """The demo as a user runs it on a CPU: the tiny model, no Triton interpreter (the suite's conftest sets it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # the tree under test first on the path (the demo runs from another folder), whatever else is installed
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
 
 
 def test_demo_writes_wav(tmp_path):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
     Qwen3OmniMoeTalkerCodePredictorConfig, Qwen3OmniMoeTalkerConfig)
 
 TINY = [
@@ -270,7 +271,7 @@ def _prepare(talker, cfg, ids, hid, gen_step, tth, pad):
     cache.update(zeros, zeros, 0)
     with torch.no_grad():
         return talker.prepare_inputs_for_generation(
-            ids, past_key_values=cache, attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
+            ids, **with_cache(cache), attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
             hidden_states=((hid,), None), generation_step=gen_step, trailing_text_hidden=tth, tts_pad_embed=pad,
             is_first_iteration=False)
 
