@@ -60,9 +60,10 @@ SAFE_PEAK_DBFS = -3.0
 def listenable(audio: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     """``audio [S]`` float -> (a version safe to play, a note on what was changed or None).
 
-    Non-finite samples become 0 (a NaN in the weights would otherwise give a NaN file). A waveform whose peak is over
-    full scale (random weights give full-scale noise: ~98 % of samples would clip) is peak-normalised to -3 dBFS;
-    a waveform within [-1, 1] is written as decoded.
+    Non-finite samples become 0 (a NaN in the weights would otherwise give a NaN file). A waveform that reaches full
+    scale (Code2Wav clamps its output to [-1, 1], so a decode that clipped sits at +-1: random weights give
+    full-scale noise, ~98 % of samples clipped) is peak-normalised to -3 dBFS; one below full scale is written as
+    decoded.
     """
     audio = audio.detach().float()
     notes = []
@@ -71,10 +72,10 @@ def listenable(audio: torch.Tensor) -> tuple[torch.Tensor, str | None]:
         notes.append(f"{int((~finite).sum())} non-finite samples set to 0")
         audio = torch.where(finite, audio, torch.zeros_like(audio))
     peak = float(audio.abs().max()) if audio.numel() else 0.0
-    if peak > 1.0:
-        clipped = float((audio.abs() > 1.0).float().mean()) * 100
+    if peak >= 1.0:
+        clipped = float((audio.abs() >= 1.0).float().mean()) * 100
         audio = audio * (10 ** (SAFE_PEAK_DBFS / 20) / peak)
-        notes.append(f"peak {peak:.2f} over full scale ({clipped:.0f} % of samples would clip): "
+        notes.append(f"the decode reaches full scale (peak {peak:.2f}, {clipped:.0f} % of samples clipped): "
                      f"peak-normalised to {SAFE_PEAK_DBFS:g} dBFS")
     return audio, ("; ".join(notes) or None)
 
