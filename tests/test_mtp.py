@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
-from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
     Qwen3OmniMoeTalkerCodePredictorConfig, Qwen3OmniMoeTalkerConfig)
+
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
 
 TINY = [
     dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -26,8 +26,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
 
-from omni_fast.models.presets import (  # noqa: E402
 from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
+from omni_fast.models.presets import (  # noqa: E402
     TINY_CODEC_IDS, TINY_IDS, TINY_THINKER_IDS, tiny_qwen2_5_omni_thinker_config, tiny_qwen3_omni_config)
 
 PATCH_MODULE = sys.modules["omni_fast.patch"]  # (``omni_fast.patch`` the attribute is the function)
