@@ -141,7 +141,8 @@ def _memcheck_step(ctx, d):
 
 
 def _first_light() -> list[Step]:
-    steps = [Step("01_env", "versions and device", 20, _env_step, tools.summarize_env),
+    # env: 30 s, a fresh machine's first imports of torch/transformers/cupy come from a cold disk
+    steps = [Step("01_env", "versions and device", 30, _env_step, tools.summarize_env),
              Step("02_static", "sm_90a static check (image's Triton)", 60, _static_step, tools.summarize_static),
              Step("03_tests", "gpu tests: tests/gpu_first_light.txt", 120, _tests_step,
                   lambda c, d, r: tools.summarize_junit(d, r, expect=None if not c.dry else
@@ -155,7 +156,7 @@ def _first_light() -> list[Step]:
 
 
 def _second_light() -> list[Step]:
-    return [Step("01_env", "versions and device", 15, _env_step, tools.summarize_env),
+    return [Step("01_env", "versions and device", 20, _env_step, tools.summarize_env),
             Step("02_tune_768", "MoE tuning N=768 (thinker)", 75, _tune_step(768, 75), tools.summarize_tune),
             Step("03_tune_384", "MoE tuning N=384 (talker)", 55, _tune_step(384, 55), tools.summarize_tune),
             Step("04_memcheck", "compute-sanitizer memcheck: tests/gpu_memcheck.txt", 70, _memcheck_step,

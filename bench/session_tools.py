@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import platform
 import re
 import shutil
@@ -79,7 +80,9 @@ def collect_env() -> dict:
 
     from omni_fast.bench.harness import git_commit
 
-    info = {"python": platform.python_version(), "commit": git_commit(), "torch": torch.__version__,
+    commit = git_commit()  # the device tool's copy of the tree may come without .git: then the caller's word
+    commit = os.environ.get("OMNI_FAST_COMMIT", commit) if commit == "unknown" else commit
+    info = {"python": platform.python_version(), "commit": commit, "torch": torch.__version__,
             "torch_cuda": torch.version.cuda}
     for mod in ("triton", "transformers", "cupy", "numpy", "xdist", "pytest_timeout", "liger_kernel"):
         info[mod] = _version(mod)
