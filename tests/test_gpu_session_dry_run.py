@@ -138,3 +138,12 @@ def test_tuner_reduced_search_starts_next_to_the_fallback_heuristic():
     assert len(picked) == 12 and all(tune_moe.nearest_first(space, default, None)[i] == space[i] for i in range(3))
     assert all(p[k] == v for p in picked[:2] for k, v in default.items())  # the default itself, both weight paths
     assert {p["USE_TMA"] for p in picked[:2]} == {False, True}
+
+
+def test_list_files_skip_optional_ids_until_their_test_exists(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a comment\n\ntests/test_rope.py::test_kernel_edge_token_counts  # kept\n"
+                   "?tests/test_rope.py::test_kernel_random_shapes[x]\n?tests/test_rope.py::test_not_there\n"
+                   "?tests/test_nowhere.py::test_x\n")
+    assert session_tools.read_ids(ids) == ["tests/test_rope.py::test_kernel_edge_token_counts",
+                                           "tests/test_rope.py::test_kernel_random_shapes[x]"]
