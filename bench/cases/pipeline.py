@@ -8,7 +8,7 @@ Two ways to run it:
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
   and patched by ``omni_fast.patch``, on the same requests: the same prompt ids with their audio placeholders and
   the same mel features). The harness times a whole request batch per call.
-- ``python -m omni_fast.bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
+- ``python -m omni_fast.bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--providers P...] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
   tokens/s, RTF, total) for the four providers ``omni_fast``, ``eager``, ``transformers``, ``transformers_patched``
   next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/`` (what transformers'
