@@ -16,6 +16,7 @@ import torch
 
 from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
+from ..integrations.hf_compat import output_cache, with_cache
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import audio_video_order, encode_audio, encode_visual, merge_visual
 from .requests import Event, check_request, check_stream_args
@@ -234,11 +235,11 @@ class Qwen3Stages:
                             t_embeds.shape[1] + opts.talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=int_positions(t_pos),
-                            past_key_values=t_cache, use_cache=True)
+                            **with_cache(t_cache), use_cache=True)
         self.suppress = suppress_mask(tcfg, dev)
         logits = talker.codec_head(tout.last_hidden_state[:, -1])
         next_pos = int_positions(t_deltas.view(-1) + t_mask.sum(-1))
-        return logits, tout.last_hidden_state[:, -1:], (tout.past_key_values, t_mask, next_pos)
+        return logits, tout.last_hidden_state[:, -1:], (output_cache(tout), t_mask, next_pos)
 
     def talker_decode(self, tctx, opts, graph: bool, lease) -> TextDecode:
         cache, mask, next_pos = tctx
@@ -392,7 +393,7 @@ def prefill_text_model(lm, inputs_embeds, mask, positions, cache, visual_mask, d
                 rows = rank[:, s:e][vm]
                 extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
             out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                     position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True, **extra)
+                     position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
             outs.append(out.last_hidden_state)
     finally:
         if hook is not None:

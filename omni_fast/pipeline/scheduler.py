@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 
+from ..integrations.hf_compat import output_cache, with_cache
 from .device import AsyncHostCopy, Lease, now, to_device
 from .requests import Clocks, Event
 
@@ -74,7 +75,8 @@ class TextDecode:
             self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)
             p = self.next_pos.view(1, B, 1).expand(3, B, 1)
             out = self.text_model(inputs_embeds=embeds, attention_mask=self.mask, position_ids=p,
-                                  past_key_values=self.cache, use_cache=True)
+                                  **with_cache(self.cache), use_cache=True)
+            self.cache = output_cache(out)  # (the same cache object, under either transformers' field name)
             hidden = out.last_hidden_state[:, -1:]
             logits = self.head(hidden[:, 0])
         self.next_pos = self.next_pos + 1
