@@ -436,16 +436,23 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torc
     return out
 
 
-def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state):
+def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None):
     """Dense or depthwise causal conv; arguments as :func:`omni_fast.reference.code2wav.causal_conv1d` (validated).
 
     x ``[B, C_in, T]``, weight ``[C_out, C_in/groups, k]`` (any strides; packed is fastest), state
     ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``.
+
+    ``padding`` (non-causal, no state): ``nn.Conv1d(padding=p)``'s zero padding of ``p`` samples on both sides
+    instead of the causal left context. The kernels read ``cat(zeros[ctx], x)`` and zeros past the end of x, so this
+    is the same kernel with ``ctx = p`` and ``(T + 2p - (k-1)*dilation - 1) // stride + 1`` output columns; returns
+    ``(y, None)``.
     """
     B, c_in, T = x.shape
     c_out, ci_g, k = weight.shape
-    ctx = (k - 1) * dilation + 1 - stride
-    n_cols = -(-T // stride)
+    if padding is None:
+        ctx, n_cols = (k - 1) * dilation + 1 - stride, -(-T // stride)
+    else:
+        ctx, n_cols = padding, max((T + 2 * padding - (k - 1) * dilation - 1) // stride + 1, 0)
     out = torch.empty(B, c_out, n_cols, device=x.device, dtype=x.dtype)
     snake = alpha is not None
     has_state = state is not None
@@ -468,7 +475,7 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                       *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
                      out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
                      KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
-    return out, _new_state(x, state, ctx)
+    return out, (_new_state(x, state, ctx) if padding is None else None)
 
 
 def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):

@@ -412,6 +412,16 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             key = (part, f"{cls}: BigVGAN upsample FIR + SnakeBeta + low-pass FIR "
                          + ("-> one omni_fast.ops.anti_aliased_snake launch" if ok else "(unsupported variant)"))
             (bucket if ok else left)[key] = (bucket if ok else left).get(key, 0) + 1
+        elif cls == "Qwen2_5OmniAMPBlock":
+            from .integrations.token2wav import amp_block_forward, amp_block_supported
+
+            ok = amp_block_supported(module)
+            if part in wanted and ok:
+                _swap_forward(module, amp_block_forward)
+                _pin(module, backend)
+            key = (part, f"{cls}: same-padded convs (+ residual) " + (
+                "-> omni_fast.ops.conv1d on the Code2Wav conv kernels" if ok else "(unsupported variant)"))
+            (bucket if ok else left)[key] = (bucket if ok else left).get(key, 0) + 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 

@@ -95,3 +95,33 @@ def test_bad_input_names_the_argument():
         op(x, a, a, FILTERS[0][:11], FILTERS[1])
     with pytest.raises(ValueError, match="ratio"):
         op(x, a, a, *FILTERS, ratio=0)
+
+
+@pytest.mark.parametrize("B,ci,co,T,k,dil,groups", [(2, 5, 7, 13, 3, 1, 1), (1, 8, 8, 9, 7, 3, 1),
+                                                     (2, 6, 6, 11, 3, 5, 6), (1, 4, 4, 1, 11, 1, 1)])
+def test_same_padded_conv_on_the_code2wav_kernels(B, ci, co, T, k, dil, groups):
+    """BigVGAN's convs (nn.Conv1d, padding = dil * (k - 1) / 2) on the Code2Wav kernels with non-causal padding:
+    dense and depthwise, dilated, one sample, with and without the fused residual."""
+    g = torch.Generator().manual_seed(T * k)
+    conv = torch.nn.Conv1d(ci, co, k, dilation=dil, padding=dil * (k - 1) // 2, groups=groups)
+    x = torch.randn(B, ci, T, generator=g)
+    with torch.no_grad():
+        want = conv(x)
+        res = torch.randn(want.shape, generator=g)
+        for backend in ("triton", "reference"):
+            got = omni_fast.ops.conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
+                                       groups=groups, backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            got = omni_fast.ops.conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
+                                       groups=groups, residual=res, backend=backend)
+            torch.testing.assert_close(got, want + res, atol=1e-5, rtol=1e-5)
+
+
+def test_conv1d_bad_input():
+    x, w = torch.randn(1, 4, 9), torch.randn(5, 4, 3)
+    with pytest.raises(ValueError, match="padding"):
+        omni_fast.ops.conv1d(x, w, padding=-1)
+    with pytest.raises(ValueError, match="channel mismatch"):
+        omni_fast.ops.conv1d(x, torch.randn(5, 3, 3), padding=1)
+    with pytest.raises(ValueError, match="residual"):
+        omni_fast.ops.conv1d(x, w, padding=1, residual=torch.zeros(1, 5, 8))

@@ -2,6 +2,8 @@
 
 - ``Qwen2_5OmniAntiAliasedActivation1d`` (BigVGAN's upsample FIR -> SnakeBeta -> low-pass FIR + decimate, four
   launches and two double-rate intermediates in transformers) -> one :func:`omni_fast.ops.anti_aliased_snake`.
+- ``Qwen2_5OmniAMPBlock`` (BigVGAN's residual units) -> its same-padded convs on the Code2Wav conv kernels
+  (:func:`omni_fast.ops.conv1d`), the residual add fused into the second conv of each pair.
 
 Anything the op does not cover (another activation than SnakeBeta, different up/down ratios, autograd, an
 unsupported dtype) runs transformers' own forward, so a patched model computes what it did before.
@@ -14,6 +16,7 @@ import torch
 from ..backend import pinned_backend
 
 AA_ACTIVATION = "Qwen2_5OmniAntiAliasedActivation1d"
+AMP_BLOCK = "Qwen2_5OmniAMPBlock"
 
 
 def aa_activation_supported(module) -> bool:
@@ -38,3 +41,29 @@ def aa_activation_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return ops.anti_aliased_snake(hidden_states, act.alpha.detach(), act.beta.detach(),
                                   self.upsample.filter.float(), self.downsample.filter.float(),
                                   ratio=int(self.upsample.ratio), backend=pinned_backend(self))
+
+
+def amp_block_supported(module) -> bool:
+    """Whether every conv of the AMP block is a plain ``nn.Conv1d`` with symmetric integer padding."""
+    convs = list(getattr(module, "convs1", [])) + list(getattr(module, "convs2", []))
+    return bool(convs) and all(type(c) is torch.nn.Conv1d and isinstance(c.padding, tuple)
+                               and c.padding_mode == "zeros" for c in convs)
+
+
+def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' AMP block loop with each conv one :func:`omni_fast.ops.conv1d` launch (the second of each pair
+    adds the residual). The activations are the modules themselves (patched separately)."""
+    if (torch.is_grad_enabled() and (hidden_states.requires_grad or self.convs1[0].weight.requires_grad)) \
+            or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or self.convs1[0].weight.dtype != hidden_states.dtype:
+        return self._omni_fast_forward(hidden_states)
+    from .. import ops
+
+    backend = pinned_backend(self)
+    acts1, acts2 = self.activations[::2], self.activations[1::2]
+    for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, acts1, acts2):
+        h = ops.conv1d(act1(hidden_states), conv1.weight, conv1.bias, padding=conv1.padding[0],
+                       dilation=conv1.dilation[0], backend=backend)
+        hidden_states = ops.conv1d(act2(h), conv2.weight, conv2.bias, padding=conv2.padding[0],
+                                   dilation=conv2.dilation[0], residual=hidden_states, backend=backend)
+    return hidden_states

@@ -5,7 +5,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 """
 
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
-from .bigvgan import anti_aliased_snake
+from .bigvgan import anti_aliased_snake, conv1d
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
@@ -16,6 +16,7 @@ __all__ = [
     "anti_aliased_snake",
     "causal_conv1d",
     "causal_conv_transpose1d",
+    "conv1d",
     "flash_attn_varlen",
     "flash_attn_with_kvcache",
     "fused_moe",

@@ -1,16 +1,22 @@
-"""Public BigVGAN ops (Qwen2.5-Omni's Token2Wav vocoder): :func:`anti_aliased_snake`.
+"""Public BigVGAN ops (Qwen2.5-Omni's Token2Wav vocoder): :func:`anti_aliased_snake`, :func:`conv1d`.
 
 Tensors are channels-first ``[B, C, T]`` like ``nn.Conv1d``. The semantics are transformers'
 ``Qwen2_5OmniAntiAliasedActivation1d(Qwen2_5OmniSnakeBeta(C))``; see :mod:`omni_fast.reference.bigvgan`.
+:func:`conv1d` is ``nn.Conv1d`` with symmetric zero padding (BigVGAN's same-length convs) on the Code2Wav conv
+kernels (:mod:`omni_fast.kernels.code2wav`, non-causal padding as a launch parameter), with an optional fused
+output residual.
 """
 
 from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
 from ..reference import bigvgan as ref
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
+from .code2wav import _check_bias, _check_x
 
 
 def _aa_fake(x, alpha, beta, f_up, f_down, ratio, backend):
@@ -63,3 +69,58 @@ def anti_aliased_snake(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                          f"{3 * ratio - 2}")
     be = _aa_op.resolve((x, alpha, beta), backend)
     return _aa_op(x, alpha, beta, filters[0], filters[1], int(ratio), be)
+
+
+def _conv_fake(x, weight, bias, padding, stride, dilation, groups, residual, backend):
+    B, _, T = x.shape
+    return x.new_empty(B, weight.shape[0], max((T + 2 * padding - (weight.shape[-1] - 1) * dilation - 1)
+                                               // stride + 1, 0))
+
+
+@dispatched_op("conv1d_padded", fake=_conv_fake)
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, stride: int,
+             dilation: int, groups: int, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Zero-padded (non-causal) conv1d (+ residual out)."""
+
+
+@_conv_op.impl("reference")
+def _conv_reference(x, weight, bias, padding, stride, dilation, groups, residual):
+    y = F.conv1d(x.float(), weight.float(), None if bias is None else bias.float(), stride=stride, padding=padding,
+                 dilation=dilation, groups=groups)
+    return (y if residual is None else y + residual.float()).to(x.dtype)
+
+
+@_conv_op.impl("triton")
+def _conv_triton(x, weight, bias, padding, stride, dilation, groups, residual):
+    from ..kernels import code2wav as kernels
+
+    return kernels.causal_conv1d(x, weight, bias, stride, dilation, groups, None, None, residual, None,
+                                 padding=padding)[0]
+
+
+def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, padding: int,
+           stride: int = 1, dilation: int = 1, groups: int = 1, residual: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """``nn.Conv1d(padding=padding)`` (zeros on both sides) of x ``[B, C_in, T]``, weight ``[C_out, C_in/groups,
+    k]``, bias ``[C_out]``; ``residual`` ``[B, C_out, T_out]`` added to the output (fp32, one rounding). All floats
+    in one dtype; fp32 accumulation. Returns ``[B, C_out, T_out]``, ``T_out = (T + 2p - (k-1)*dilation - 1) //
+    stride + 1``."""
+    _check_x(x)
+    B, c_in, T = x.shape
+    padding = check_positive_int("padding", padding, minimum=0)
+    stride = check_positive_int("stride", stride)
+    dilation = check_positive_int("dilation", dilation)
+    groups = check_positive_int("groups", groups)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
+    check_same_dtype(x=x, weight=weight)
+    c_out, ci_g, k = weight.shape
+    if c_in % groups or c_out % groups or ci_g * groups != c_in:
+        raise ValueError(f"channel mismatch: weight [{c_out}, {ci_g}, {k}] with groups={groups} does not fit "
+                         f"x's C_in={c_in}")
+    _check_bias(bias, c_out, x)
+    t_out = max((T + 2 * padding - (k - 1) * dilation - 1) // stride + 1, 0)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(B, c_out, t_out), device=x.device)
+        check_same_dtype(x=x, residual=residual)
+    be = _conv_op.resolve((x, weight), backend)
+    return _conv_op(x, weight, bias, padding, stride, dilation, groups, residual, be)
