@@ -6,6 +6,7 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .bigvgan import anti_aliased_snake, conv1d
+from .dit import block_attention
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
 from .rope import mrope, qk_norm_mrope
@@ -14,6 +15,7 @@ from .sampling import sample
 
 __all__ = [
     "anti_aliased_snake",
+    "block_attention",
     "causal_conv1d",
     "causal_conv_transpose1d",
     "conv1d",
