@@ -412,6 +412,17 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
             key = (part, f"{cls}: BigVGAN upsample FIR + SnakeBeta + low-pass FIR "
                          + ("-> one omni_fast.ops.anti_aliased_snake launch" if ok else "(unsupported variant)"))
             (bucket if ok else left)[key] = (bucket if ok else left).get(key, 0) + 1
+        elif cls == "Qwen2_5OmniToken2WavDiTModel":
+            from .integrations.token2wav import dit_attention_forward, set_dit_block
+
+            for layer in module.transformer_blocks:
+                if part in wanted:
+                    set_dit_block(layer.attn, module.block_size, layer.look_backward_block, layer.look_ahead_block)
+                    _swap_forward(layer.attn, dit_attention_forward)
+                    _pin(layer.attn, backend)
+            key = (part, "DiTAttention: block-masked SDPA -> one omni_fast.ops.block_attention launch per layer "
+                         "(paged varlen flash attention)")
+            bucket[key] = bucket.get(key, 0) + len(module.transformer_blocks)
         elif cls == "Qwen2_5OmniAMPBlock":
             from .integrations.token2wav import amp_block_forward, amp_block_supported
 

@@ -4,6 +4,9 @@
   launches and two double-rate intermediates in transformers) -> one :func:`omni_fast.ops.anti_aliased_snake`.
 - ``Qwen2_5OmniAMPBlock`` (BigVGAN's residual units) -> its same-padded convs on the Code2Wav conv kernels
   (:func:`omni_fast.ops.conv1d`), the residual add fused into the second conv of each pair.
+- ``DiTAttention`` (the DiT's block-masked attention, an ``[S, S]`` boolean mask through SDPA in transformers) -> one
+  :func:`omni_fast.ops.block_attention` launch per layer (the block rule from the layer's look-back / look-ahead
+  and the DiT's ``block_size``, set by :func:`set_dit_block`).
 
 Anything the op does not cover (another activation than SnakeBeta, different up/down ratios, autograd, an
 unsupported dtype) runs transformers' own forward, so a patched model computes what it did before.
@@ -67,3 +70,35 @@ def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = ops.conv1d(act2(h), conv2.weight, conv2.bias, padding=conv2.padding[0],
                                    dilation=conv2.dilation[0], residual=hidden_states, backend=backend)
     return hidden_states
+
+
+DIT_BLOCK_ATTR = "_omni_fast_dit_block"  # (block_size, look_backward, look_ahead) on a patched DiTAttention
+
+
+def set_dit_block(attention, block_size: int, look_backward: int, look_ahead: int) -> None:
+    attention.__dict__[DIT_BLOCK_ATTR] = (int(block_size), int(look_backward), int(look_ahead))
+
+
+def dit_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None):
+    """transformers' ``DiTAttention.forward`` (projections, RoPE on the first head only, output projection) with the
+    masked SDPA replaced by :func:`omni_fast.ops.block_attention` (the mask argument is the same rule)."""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or self.to_q.weight.requires_grad) \
+            or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return self._omni_fast_forward(hidden_states, position_embeddings, attention_mask)
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb, deinterleave_head_dim
+
+    from .. import ops
+
+    B = hidden_states.shape[0]
+    q, k, v = (lin(hidden_states).view(B, -1, self.heads, self.inner_dim // self.heads)
+               for lin in (self.to_q, self.to_k, self.to_v))
+    cos, sin = position_embeddings
+    # only the first head gets RoPE (the checkpoint's training quirk), in the interleaved layout
+    q0, k0 = apply_rotary_pos_emb(deinterleave_head_dim(q[:, :, :1].transpose(1, 2)),
+                                  deinterleave_head_dim(k[:, :, :1].transpose(1, 2)), cos, sin)
+    q = torch.cat([q0.transpose(1, 2), q[:, :, 1:]], dim=2).contiguous()
+    k = torch.cat([k0.transpose(1, 2), k[:, :, 1:]], dim=2).contiguous()
+    bs, lb, la = self.__dict__[DIT_BLOCK_ATTR]
+    out = ops.block_attention(q, k, v.contiguous(), block_size=bs, look_backward=lb, look_ahead=la,
+                              backend=pinned_backend(self))
+    return self.to_out[1](self.to_out[0](out.reshape(B, -1, self.inner_dim)))
