@@ -71,9 +71,12 @@ def _validate(q, k, positions, mrope_section) -> tuple[torch.Tensor, list[int]]:
         raise TypeError(f"mrope_section must be a sequence of 3 ints (t, h, w), got {mrope_section!r}")
     if len(mrope_section) != 3:
         raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
-    section = [as_int(f"mrope_section[{i}]", s) for i, s in enumerate(mrope_section)]
+    try:
+        section = [as_int(f"mrope_section[{i}]", s) for i, s in enumerate(mrope_section)]
+    except TypeError:
+        section = [-1]
     if any(s < 0 for s in section):
-        raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {section}")
+        raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
     if sum(section) != D // 2:
         raise ValueError(f"mrope_section must sum to head_dim/2 = {D // 2}, got {section} (sum {sum(section)})")
     return positions.contiguous(), section
