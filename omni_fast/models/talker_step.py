@@ -12,10 +12,9 @@ where ``step`` is the Talker's generation step since prefill (0 for the first de
 
 from __future__ import annotations
 
-import types
-
 import torch
 
+from .._bound import BoundMethod
 from ..backend import pinned_backend
 from .code_predictor import CodePredictor
 from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
@@ -73,7 +72,8 @@ def _prepare_inputs_with_fast_mtp(self, input_ids, past_key_values=None, attenti
                                   is_first_iteration=False, **kwargs):
     """transformers' ``prepare_inputs_for_generation`` of the talker with the per-frame code predictor on omni-fast.
 
-    Bound to the talker instance (``types.MethodType``), so a deep copy of the talker re-binds to the copy.
+    Bound to the talker instance (:class:`omni_fast._bound.BoundMethod`: a deep copy of the talker re-binds to the
+    copy, and a pickled talker loads back).
     """
     if is_first_iteration or not kwargs.get("use_cache", True):
         return type(self).prepare_inputs_for_generation(
@@ -109,5 +109,5 @@ def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | N
     ``load_state_dict``). Returns the :class:`CodePredictor` in use now.
     """
     talker.__dict__["_omni_fast_cp_fixed"] = code_predictor
-    talker.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_with_fast_mtp, talker)
+    talker.prepare_inputs_for_generation = BoundMethod(_prepare_inputs_with_fast_mtp, talker)  # picklable
     return _fast_code_predictor(talker)
