@@ -45,7 +45,14 @@ def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> 
 
 
 def write_wav(path: str, audio: torch.Tensor, rate: int = 24000) -> None:
-    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``)."""
+    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``).
+
+    Non-finite samples (NaN Code2Wav weights give a NaN waveform: its final clamp passes NaN) raise ValueError and
+    nothing is written: a NaN would otherwise become silence or a full-scale click without a word."""
+    if not bool(torch.isfinite(audio).all()):
+        bad = int((~torch.isfinite(audio)).sum())
+        raise ValueError(f"audio has {bad} non-finite (NaN/inf) samples: not writing {path} (non-finite Code2Wav "
+                         f"weights? Qwen3Omni.from_pretrained(check_finite=True) refuses them at load)")
     pcm = (audio.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy().tobytes()
     with wave.open(path, "wb") as f:
         f.setnchannels(1)
@@ -124,7 +131,11 @@ def demo(args) -> int:
             timing = ev.timing
     print("" if args.checkpoint else "   (random weights: the text and the speech are noise)")
     wav = torch.cat(audio) if audio else torch.zeros(0)
-    write_wav(args.out, wav)
+    try:
+        write_wav(args.out, wav)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 1
     print(f"wrote {args.out}: {wav.numel() / 24000:.2f} s of 24 kHz 16-bit mono audio ({len(audio)} streamed chunks)")
     print(_latency_table(timing, on_gpu))
     return 0

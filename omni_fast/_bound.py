@@ -8,6 +8,8 @@ captures what an attribute was before a swap in the same picklable form.
 
 from __future__ import annotations
 
+import inspect
+
 
 class BoundMethod:
     """``fn`` bound to ``instance``: calling it calls ``fn(instance, ...)``; pickles and deep-copies by value
@@ -23,6 +25,17 @@ class BoundMethod:
 
     def __reduce__(self):
         return BoundMethod, (self.__func__, self.__self__)
+
+    # Introspection as a bound method gives it (transformers reads e.g. the parameters of
+    # ``prepare_inputs_for_generation`` to decide what generate may pass).
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(self.__func__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    @property
+    def __name__(self) -> str:
+        return self.__func__.__name__
 
     def __repr__(self) -> str:
         return f"<omni_fast bound method {getattr(self.__func__, '__qualname__', self.__func__)} of " \
