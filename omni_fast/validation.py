@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)  # model-level inputs (the kernels themselves take FLOAT_DTYPES)
 INT_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -51,7 +51,7 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
-from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_bool, check_float, check_positive_int, check_seed,
+from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_float, check_positive_int, check_seed,
                           check_tensor)
 from .cuda_graphs import capture, weights_key
 
@@ -225,7 +225,7 @@ class CodePredictor(torch.nn.Module):
         """
         c = self.config
         dev = self.table.device
-        check_tensor("talker_hidden", talker_hidden, dtypes=FLOAT_DTYPES, ndim=2)
+        check_tensor("talker_hidden", talker_hidden, dtypes=REAL_DTYPES, ndim=2)
         B, H = talker_hidden.shape
         if isinstance(c0, torch.Tensor) and (c0.is_floating_point() or c0.dtype == torch.bool):
             raise TypeError(f"c0 must be an integer tensor, got {c0.dtype}")
@@ -241,7 +241,7 @@ class CodePredictor(torch.nn.Module):
             raise ValueError("no codec_embedding was given at construction: the prefill embeds c0, pass c0_embed "
                              "[B, H]")
         if c0_embed is not None:
-            check_tensor("c0_embed", c0_embed, dtypes=FLOAT_DTYPES, shape=(B, H), device=dev)
+            check_tensor("c0_embed", c0_embed, dtypes=REAL_DTYPES, shape=(B, H), device=dev)
         if c0.device.type == "cpu" and self.codec_vocab_size and B:
             lo, hi = int(c0.min()), int(c0.max())
             if lo < 0 or hi >= self.codec_vocab_size:

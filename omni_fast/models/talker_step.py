@@ -16,7 +16,7 @@ import torch
 
 from .._bound import BoundMethod
 from ..backend import pinned_backend
-from ..validation import FLOAT_DTYPES, check_positive_int, check_tensor
+from ..validation import REAL_DTYPES, check_positive_int, check_tensor
 from .code_predictor import CodePredictor
 from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
 
@@ -30,9 +30,9 @@ class TalkerStep:
 
     def __init__(self, code_predictor: CodePredictor, trailing_text_hidden: torch.Tensor,
                  tts_pad_embed: torch.Tensor):
-        check_tensor("trailing_text_hidden", trailing_text_hidden, dtypes=FLOAT_DTYPES, ndim=3)
+        check_tensor("trailing_text_hidden", trailing_text_hidden, dtypes=REAL_DTYPES, ndim=3)
         B, _, H = trailing_text_hidden.shape
-        check_tensor("tts_pad_embed", tts_pad_embed, dtypes=FLOAT_DTYPES, ndim=3)
+        check_tensor("tts_pad_embed", tts_pad_embed, dtypes=REAL_DTYPES, ndim=3)
         if tts_pad_embed.shape[0] not in (1, B) or tuple(tts_pad_embed.shape[1:]) != (1, H):
             raise ValueError(f"tts_pad_embed must be [B or 1, 1, H] = [{B} or 1, 1, {H}], got "
                              f"{list(tts_pad_embed.shape)}")
@@ -50,7 +50,7 @@ class TalkerStep:
     def next_input(self, codec_sum: torch.Tensor, generation_step: int) -> torch.Tensor:
         """``[B, 1, H]``: ``codec_sum`` ``[B, H]`` (sum of the 16 codebook embeddings) plus the text term."""
         B, _, H = self.trailing_text_hidden.shape
-        check_tensor("codec_sum", codec_sum, dtypes=FLOAT_DTYPES, shape=(B, H))
+        check_tensor("codec_sum", codec_sum, dtypes=REAL_DTYPES, shape=(B, H))
         return codec_sum.unsqueeze(1) + self.text_term(generation_step).to(codec_sum.device)
 
     def __call__(self, talker_hidden: torch.Tensor, c0: torch.Tensor, generation_step: int, **sampling):
@@ -59,7 +59,7 @@ class TalkerStep:
         # in ``sampling``; predict_frame raises before running without either), and the same row is codebook 0 of
         # the sum
         B, _, H = self.trailing_text_hidden.shape
-        check_tensor("talker_hidden", talker_hidden, dtypes=FLOAT_DTYPES, shape=(B, H))
+        check_tensor("talker_hidden", talker_hidden, dtypes=REAL_DTYPES, shape=(B, H))
         check_positive_int("generation_step", generation_step, minimum=0)  # before the frame's work
         codes, codec_sum = self.code_predictor.predict_frame(talker_hidden, c0, **sampling)
         return codes, self.next_input(codec_sum, generation_step)
