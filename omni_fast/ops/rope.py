@@ -65,9 +65,9 @@ def _validate(q, k, positions, mrope_section) -> tuple[torch.Tensor, list[int]]:
         raise ValueError(f"positions must have 3 rows (t, h, w) or be 1-D, got shape {tuple(positions.shape)}")
     if positions.shape[-1] != T:
         raise ValueError(f"positions must have one entry per token (T={T}), got shape {tuple(positions.shape)}")
-    if isinstance(mrope_section, torch.Tensor):
-        mrope_section = mrope_section.tolist() if mrope_section.dim() == 1 else mrope_section
-    if isinstance(mrope_section, (str, bytes)) or not hasattr(mrope_section, "__len__"):
+    if isinstance(mrope_section, torch.Tensor) and mrope_section.dim() == 1:
+        mrope_section = mrope_section.tolist()
+    if isinstance(mrope_section, (str, bytes, torch.Tensor)) or not hasattr(mrope_section, "__len__"):
         raise TypeError(f"mrope_section must be a sequence of 3 ints (t, h, w), got {mrope_section!r}")
     if len(mrope_section) != 3:
         raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
