@@ -53,6 +53,7 @@ from . import ops
 from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import values_checkable
+from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -170,24 +171,19 @@ def _integer_rope_index(self, *args, **kwargs):
     return (pos.to(torch.int64), deltas.to(torch.int64)) if bool(torch.stack(whole).all()) else out
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                       **kwargs):
-    """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel.
-
-    The KV cache arrives as ``cache=`` (transformers >= 5.2x) or ``past_key_values=`` (earlier): either is taken,
-    and handed back to transformers' own forward under the name it declares (a cache passed under the other name
-    would land in ``**kwargs`` and silently never be updated)."""
-    cache = kwargs.pop("cache", None)
-    past_key_values = past_key_values if past_key_values is not None else cache
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+    """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel. The KV cache comes as
+    ``cache`` (transformers >= 5.24) or ``past_key_values`` (older): it is updated here, never handed on to the
+    attention function."""
+    cache = pop_cache(kwargs)
     batch, seq = hidden_states.shape[:2]
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
                  if isinstance(position_embeddings, RotaryWithPositions) else None)
     if rope_args is None or _autograd_needed(self, hidden_states):
         # transformers' own forward: for positions the kernel cannot take, and with autograd recording (the
         # kernels are inference-only). Keywords, since the attention classes order their parameters differently.
-        kwargs[_cache_name(type(self))] = past_key_values
         return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
-                                       attention_mask=attention_mask, **kwargs)
+                                       attention_mask=attention_mask, **with_cache(cache, **kwargs))
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     d = self.head_dim
@@ -205,8 +201,8 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
         ops.mrope(q, k, positions, backend=backend, **rope)
     q = q.view(batch, seq, -1, d).transpose(1, 2)
     k = k.view(batch, seq, -1, d).transpose(1, 2)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -214,13 +210,6 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
                              self.attention_dropout, scaling=self.scaling,
                              sliding_window=getattr(self, "sliding_window", None), **kwargs)
     return self.o_proj(out.reshape(batch, seq, -1).contiguous()), weights
-
-
-def _cache_name(cls) -> str:
-    """The keyword transformers' attention ``cls.forward`` takes its KV cache by (renamed across versions)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _encoder_qkv(self, hidden_states: torch.Tensor):
@@ -380,6 +369,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     _check_module(model, "patch")
     if parts is not None and (isinstance(parts, (str, bytes)) or not hasattr(parts, "__iter__")):
         raise TypeError(f"parts must be an iterable of names from {PARTS}, got {parts!r}")
+    check_transformers_version()  # an older transformers: one clear error here, not a failure deep in a forward
     with _LOCK:
         return _patch(model, backend, parts)
 
