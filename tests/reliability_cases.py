@@ -166,9 +166,10 @@ def main() -> None:
     import sys
 
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    bad = []
+    bad, every = [], {}
     for name, arg, i in cases():
         outcome, detail = run_case(name, arg, i)
+        every[f"{name}|{arg}|{i}"] = outcome
         counts[name][outcome] += 1
         if outcome not in GOOD_OUTCOMES:
             bad.append(f"{name}({arg}=bad[{i}]): {outcome}: {detail}")
@@ -179,6 +180,11 @@ def main() -> None:
     print("TOTAL", dict(total))
     if "-v" in sys.argv:
         print("\n".join(bad))
+    if "--json" in sys.argv:  # every case's outcome, to compare two trees
+        import json
+
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            json.dump(every, f)
 
 
 if __name__ == "__main__":
