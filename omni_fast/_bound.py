@@ -15,24 +15,22 @@ class BoundMethod:
     """``fn`` bound to ``instance``: calling it calls ``fn(instance, ...)``; pickles and deep-copies by value
     (``fn`` by its qualified name, ``instance`` through the memo, so a copy of the module re-binds to the copy)."""
 
-    __slots__ = ("__func__", "__self__", "_like")
+    __slots__ = ("__func__", "__self__")
 
-    def __init__(self, fn, instance, like=None):
-        """``like``: a function whose signature (less its first parameter) this method presents, for a
-        pass-through ``fn(self, *args, **kwargs)`` standing in for it (transformers inspects some of them)."""
-        self.__func__, self.__self__, self._like = fn, instance, like
+    def __init__(self, fn, instance):
+        self.__func__, self.__self__ = fn, instance
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)
 
     def __reduce__(self):
-        return BoundMethod, (self.__func__, self.__self__, self._like)
+        return BoundMethod, (self.__func__, self.__self__)
 
     # Introspection as a bound method gives it (transformers reads e.g. the parameters of
     # ``prepare_inputs_for_generation`` to decide what generate may pass).
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = inspect.signature(self._like if self._like is not None else self.__func__)
+        sig = inspect.signature(self.__func__)
         return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     @property
