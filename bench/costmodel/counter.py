@@ -136,9 +136,8 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
             state["in_triton"] = False
             if unique:
                 for key, attr in (("ld", "unique_loaded"), ("st", "unique_stored")):
-                    if cur[key]:
-                        arrays = [a for a, _ in cur[key]]
-                        size = max(s for _, s in cur[key])
+                    for size in {sz for _, sz in cur[key]}:  # distinct addresses per element size
+                        arrays = [a for a, sz in cur[key] if sz == size]
                         setattr(st, attr, getattr(st, attr) + int(np.unique(np.concatenate(arrays)).size) * size)
             cur.update(stats=None, ld=[], st=[])
 

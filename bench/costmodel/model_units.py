@@ -107,7 +107,7 @@ def model_units() -> list[Unit]:
     out = []
     for B in (1, 64):
         steps_bytes = 2.0 * 15 * _step_params({})  # 15 steps, each reads the 5 layers + one lm_head
-        out.append(Unit(f"mtp-frame-B{B}", "mtp", "graph", launch=lambda B=B: _mtp_call(min(B, 3)),
+        out.append(Unit(f"mtp-frame-B{B}", "mtp", "graph", launch=lambda B=B: _mtp_call(min(B, 3)), warmup=True,
                         min_bytes=steps_bytes, flops=B * steps_bytes, params=dict(B=B)))
     for part, p in (("thinker", THINKER), ("talker", TALKER)):
         for B in (1, 8):

@@ -93,7 +93,7 @@ def by_kernel(all_facts: dict) -> dict[str, dict]:
         k = row["kernel"]
         prev = out.get(k)
         if prev is None or row.get("regs", 1 << 30) > prev.get("regs", -1):
-            out[k] = dict(row, cases=(prev or {}).get("cases", []))
+            out[k] = dict(row, case=name, cases=(prev or {}).get("cases", []))
         out[k]["cases"] = out[k].get("cases", []) + [name]
     return out
 

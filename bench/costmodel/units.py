@@ -7,10 +7,11 @@ Scaling rules (exact; tested in tests/test_cost_model.py):
 - ``heads``: attention programs are independent per (query head, KV head group), so dividing Hq and Hk by ``s``
   (GQA ratio kept) divides every kernel's CTAs, bytes and FLOPs by exactly ``s``.
 - ``inter``: the MoE GEMMs tile the expert intermediate I (gate/up: N = 2I in BLOCK_N-wide column tiles, each
-  program's loads independent of I; down: K = I in BLOCK_K steps, loads linear in I). With I/s a multiple of both
-  block sizes, dividing I (and the shared expert's) by ``s`` divides the GEMMs' bytes and FLOPs by exactly ``s``
-  (and gate/up's CTAs); routing, align and combine kernels do not depend on I and are not scaled. The launch
-  config does not depend on I (``moe_gemm.default_config``).
+  program's loads independent of I; down: K = I in BLOCK_K steps, plus per-program routing metadata that does
+  not depend on I). With I/s a multiple of every block size, each count (bytes, FLOPs, each launch's CTAs) is
+  affine in I, so two traces, at I/s and 2I/s, give the full shape exactly: ``f(I) = f(I/s) + (f(2I/s) -
+  f(I/s)) * (s - 1)``. The shared expert's intermediate scales with the same ``s``. Routing, align and combine
+  kernels do not depend on I. The launch config does not depend on I (``moe_gemm.default_config``).
 
 Scaled traces have no distinct-byte counts (the distinct bytes of a GEMM are not linear in I): their HBM bytes are
 the unit's minimum (``min_bytes``), see :mod:`.predict`.
@@ -35,10 +36,14 @@ class Unit:
     launch: Callable[[], Callable[[], object]]  # builds the tiny-config call (cheap)
     min_bytes: float  # fewest HBM bytes at the real shape (weights / inputs once, outputs once)
     flops: float  # useful FLOPs at the real shape
-    trace: Callable[[], Callable[[], object]] | None = None  # builds the real / scaled call (expensive)
+    # builds the real / scaled call (expensive); for the "inter" rule it takes the divisor (s, then s // 2)
+    trace: Callable[..., Callable[[], object]] | None = None
     scale: dict = field(default_factory=dict)  # {"rule": "heads"|"inter", "s": s, "kernels": [...scaled]}
     unique: bool = True  # count distinct bytes in the trace (memory ~ 8 B per access)
     params: dict = field(default_factory=dict)
+    # {kernel fn name: substring of the static case (omni_fast.kernels.launch.static_case) matching this launch}
+    statics: dict = field(default_factory=dict)
+    warmup: bool = False  # count the second call (a CUDA-graph path captures on its first; the CPU emulates it)
 
 
 def _g(seed=0):
@@ -49,10 +54,18 @@ def _randn(*shape, dtype=BF16, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=_g(seed)) * scale).to(dtype)
 
 
+def _weights(*shape, dtype=BF16, seed=0, scale=1.0, real: bool = False):
+    """Weights of a byte trace: values do not change what is loaded (routing comes from x and the router), so
+    the real shapes get constant weights (cheap to make); tiny ones stay random."""
+    if real:
+        return torch.full(shape, scale, dtype=dtype)
+    return _randn(*shape, dtype=dtype, seed=seed, scale=scale)
+
+
 # --- MoE ------------------------------------------------------------------------------------------------------
 MOE = {"thinker": (128, 8, 2048, 768, 0), "talker": (128, 6, 1024, 384, 768)}  # E, k, H, I, shared I
 MOE_TINY = {"thinker": (8, 2, 64, 32, 0), "talker": (8, 3, 32, 16, 24)}
-MOE_SCALE = {"thinker": 12, "talker": 6}  # I / s = 64 (a multiple of every default BLOCK_N / BLOCK_K)
+MOE_SCALE = {"thinker": 12, "talker": 6}  # I / s = 64 and 2I / s = 128: multiples of every BLOCK_N / BLOCK_K
 
 
 def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
@@ -62,7 +75,9 @@ def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
     I, Is = I // s, Is // s
     x = _randn(T, H, dtype=dtype, seed=T)
     g = _randn(E, H, dtype=dtype, seed=1, scale=H ** -0.5)
-    w13, w2 = _randn(E, 2 * I, H, dtype=dtype, seed=2, scale=0.02), _randn(E, H, I, dtype=dtype, seed=3, scale=0.02)
+    real = E * I * H > 1 << 24
+    w13 = _weights(E, 2 * I, H, dtype=dtype, seed=2, scale=0.02, real=real)
+    w2 = _weights(E, H, I, dtype=dtype, seed=3, scale=0.02, real=real)
     shared = {}
     if Is:
         shared = dict(shared_w13=_randn(2 * Is, H, dtype=dtype, seed=4, scale=0.02),
@@ -88,10 +103,13 @@ def moe_units() -> list[Unit]:
             s = MOE_SCALE[model] if big else 1
             out.append(Unit(
                 f"moe-{model}-T{T}", "moe", "eager" if big else "graph",
-                launch=lambda m=model, T=T: _moe_call(m, T, MOE_TINY[m], torch.float32),
-                trace=lambda m=model, T=T, s=s: _moe_call(m, T, MOE[m], BF16, s),
+                # launches at T=4096 counted at T=600: the same default_config tier (rows per expert > 128 on
+                # the tiny 8 experts, top-2/3) and alignment path, a seventh of the interpreter's time
+                launch=lambda m=model, T=T: _moe_call(m, min(T, 600), MOE_TINY[m], torch.float32),
+                trace=lambda s2=s, m=model, T=T: _moe_call(m, T, MOE[m], BF16, s2),
                 scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]) if s > 1 else {},
-                unique=not big, min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
+                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + ("prefill" if big else "decode") + ",gate_up,ptr"},
+                unique=T == 1 or (model == "talker" and T <= 8), min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
     return out
 
 
@@ -127,6 +145,7 @@ def attention_units() -> list[Unit]:
                     launch=lambda: _varlen_call([33], 4, 2, 16, True, torch.float32),
                     trace=lambda: _varlen_call([T], hq // 4, hk // 4, d, True),
                     scale=dict(rule="heads", s=4, kernels="all"), unique=False,
+                    statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 prefill]"},
                     min_bytes=2 * T * (2 * hq + 2 * hk) * d, flops=_attn_flops([T], hq, d, True),
                     params=dict(T=T, hq=hq, hk=hk, d=d)))
     for B in (1, 8):
@@ -135,6 +154,7 @@ def attention_units() -> list[Unit]:
             out.append(Unit(f"attn-decode-B{B}-{cached // 1024}k", "attention", "graph",
                             launch=lambda B=B: _kvcache_call(B, 40, 4, 2, 16, torch.float32),
                             trace=lambda B=B, c=cached: _kvcache_call(B, c, hq, hk, d), unique=not big,
+                            statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
                             min_bytes=2 * B * (2 * cached * hk * d + 2 * hq * d + 2 * hk * d),
                             flops=4.0 * B * (cached + 1) * hq * d, params=dict(B=B, cache=cached)))
     audio = [104] * 9 + [78]  # 60 s of audio: 780 tokens in 104-token windows
@@ -143,6 +163,7 @@ def attention_units() -> list[Unit]:
         out.append(Unit(f"attn-encoder-{name}", "attention", "eager",
                         launch=lambda: _varlen_call([7, 5], 2, 2, 16, False, torch.float32),
                         trace=lambda lens=lens, h=h, dd=dd: _varlen_call(lens, h, h, dd, False), unique=True,
+                        statics={"attn_fwd_kernel": f"bf16,{name} d{dd}"},
                         min_bytes=2 * 4 * sum(lens) * h * dd, flops=_attn_flops(lens, h, dd, False),
                         params=dict(lens=f"{len(lens)}x~{max(lens)}", heads=h, d=dd)))
     return out
@@ -172,10 +193,12 @@ def small_units() -> list[Unit]:
         out.append(Unit(f"rope-thinker-T{T}", "rope", "graph" if T == 1 else "eager",
                         launch=lambda T=T: _rope_call(min(T, 9), 4, 2, 16, torch.float32, (4, 2, 2)),
                         trace=lambda T=T: _rope_call(T, 32, 4, 128), unique=True,
+                        statics={"mrope_kernel": "bf16,D128,norm=True"},
                         min_bytes=2 * 2 * T * 36 * 128 + 3 * 8 * T, flops=0.0, params=dict(T=T)))
     for name, B, V in (("thinker-B1", 1, 152064), ("mtp-B64", 64, 2048)):
         out.append(Unit(f"sampler-{name}", "sampler", "graph",
                         launch=lambda V=V, B=B: _sample_call(min(B, 3), min(V, 300)),
                         trace=lambda B=B, V=V: _sample_call(B, V), unique=True,
+                        statics={"sample_kernel": "fp32,V2048,topk,topp"},
                         min_bytes=4 * B * V + 8 * B, flops=0.0, params=dict(B=B, V=V)))
     return out
