@@ -208,10 +208,11 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
       contiguous runs of one expert's weights: decode is weight-bandwidth bound.
     - <= 32: BLOCK_M 32. <= 128: BLOCK_M 64, 64x64 tiles, 8 warps, GROUP_SIZE_M 8 so consecutive programs
       share an expert's weight tile in L2.
-    - > 128 (prefill): BLOCK_M 128, gate/up 128x64x64 (wgmma m64n64: shared-memory bound no more; 128x128 spills
-      its two accumulators), down 128x256x64 (wgmma m64n256), 8 warps, 4 stages: vLLM's tuned H100 shape for
-      E=128 at M=4096 (``E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json``) for down; the cost model
-      (``python -m omni_fast.bench.model moe``) predicts the gain.
+    - > 128 (prefill): BLOCK_M 64, gate/up 64x128x64 (wgmma m64n64 instead of the shared-memory-bound m64n32 of
+      64x64 tiles; 128x128 spills its two accumulators), down 64x256x64 (wgmma m64n128), 8 warps, 4 stages.
+      vLLM's tuned H100 shape for E=128 at M=4096 uses 128-row tiles; with 64 rows the alignment pads half as
+      much (12 % instead of 24 % extra MMA at T=4096 on the thinker), which the cost model
+      (``python -m omni_fast.bench.costmodel.whatif``) predicts to be worth more (predicted, not measured).
 
     Every choice compiles for sm_90a without register spills (``python -m omni_fast.bench.static_check``). fp32 halves K.
     """
@@ -225,8 +226,8 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     elif rows <= 128:
         cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
                    down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3))
-    else:  # 128-row tiles: wgmma m64n64 for gate/up (n128 spills its two accumulators), m64n256 for down
-        cfg = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4,
+    else:  # 64x128 gate/up tiles: wgmma m64n64 (64x64 tiles issue m64n32: shared-memory bound), down 64x256
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4,
                    down=dict(BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
     if dtype == torch.float32:
         cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
