@@ -197,14 +197,29 @@ def markdown(rows) -> str:
         table(rows), ""])
 
 
+def update_benchmarks(section: str, path: Path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md") -> None:
+    """Replace the cost-model section of BENCHMARKS.md (up to the next ``## `` heading) or append it."""
+    text = path.read_text()
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m omni_fast.bench.model", description=__doc__.split("\n\n")[1])
     p.add_argument("units", nargs="*")
     p.add_argument("--trace", action="store_true", help="trace bytes at real / scaled shapes (slow)")
     p.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/model/model.json)")
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
+    p.add_argument("--update-benchmarks", action="store_true",
+                   help="write the table into BENCHMARKS.md (replacing its cost-model section)")
     p.add_argument("--write-baseline", action="store_true", help="save launch counts as the CI baseline")
     p.add_argument("--reuse-counts", action="store_true", help="launch counts from launch_counts.json where saved")
+    p.add_argument("--saved-only", action="store_true", help="only the units launch_counts.json has (no counting)")
     p.add_argument("--no-static", action="store_true", help="no sm_90a facts")
     p.add_argument("--static", action="store_true", help="recompile the sm_90a facts (~5 min; else the saved ones)")
     p.add_argument("--calibrate", type=Path, default=None, help="JSON of measured constants / a bench result")
@@ -226,6 +241,12 @@ def main(argv=None) -> int:
     if not units:
         print(f"no unit matches {args.units}")
         return 1
+    if args.saved_only:
+        saved = json.loads(COUNTS.read_text()) if COUNTS.exists() else {}
+        missing = [u.name for u in units if u.name not in saved]
+        if missing:
+            print(f"not counted yet (left out): {missing}")
+        units, args.reuse_counts = [u for u in units if u.name in saved], True
     if args.trace:
         run_traces(units)
     if args.no_static:
@@ -248,6 +269,8 @@ def main(argv=None) -> int:
                                constants.current().as_dict(), "units": rows},
                               indent=1, default=str))
     print(markdown(rows) if args.markdown else table(rows))
+    if args.update_benchmarks:
+        update_benchmarks(markdown(rows))
     print(f"wrote {out} (predicted from a model, not measured)")
     return 0
 

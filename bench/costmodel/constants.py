@@ -23,10 +23,11 @@ class Constants:
     # Streaming multiprocessors of an H100 SXM (NVIDIA Hopper architecture whitepaper: 132 SMs on the SXM5 part).
     sms: int = 132
     # Resident warps one SM needs for a streaming kernel to pull its share of HBM bandwidth. Assumption (Little's
-    # law: ~23 GB/s per SM x ~700 ns DRAM latency = ~16 KB in flight per SM, ~2 KB per warp with 16-byte vector loads
-    # and a few loads in flight; cf. Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper GPU
-    # Architecture"). A launch's bandwidth is derated by min(1, resident warps / (sms * warps_per_sm_full_bw)).
-    warps_per_sm_full_bw: int = 8
+    # law: ~23 GB/s per SM x ~700 ns DRAM latency = ~16 KB in flight per SM, ~4 KB per warp with 16-byte vector
+    # loads and ~8 loads in flight (pipelined stages); cf. Luo et al. 2024, "Benchmarking and Dissecting the Nvidia
+    # Hopper GPU Architecture"). A launch's bandwidth is derated by min(1, resident warps / (sms *
+    # warps_per_sm_full_bw)): ~5.7 GB/s per resident warp.
+    warps_per_sm_full_bw: int = 4
     # Tensor-core issue per SM per clock (dense bf16): 989 TFLOP/s / (132 SMs x 1.83 GHz) = 4096 FLOP/clk (H100
     # whitepaper), against 128 B/clk of shared memory per SM (same). A wgmma m64nNk16 reading A and B from shared
     # memory moves (64*16 + 16*N) * 2 bytes for 2*64*N*16 FLOPs, so below N = 64 it is shared-memory bound:

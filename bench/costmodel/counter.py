@@ -99,6 +99,31 @@ class _TorchCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _as_h100() -> list:
+    """Make device-dependent launch choices as on an H100 (132 SMs) and return what to restore.
+
+    Split-KV decode attention (``flash_attn_kvcache.choose_splits``) splits only on CUDA, by the SM count; under
+    the interpreter it would never split, and the counts (grid, the combine kernel) would not be the GPU's.
+    """
+    import importlib
+
+    mod = importlib.import_module("omni_fast.kernels.flash_attn_kvcache")
+    orig = getattr(mod, "choose_splits", None)
+    if orig is None:
+        return []
+
+    def choose_splits(device, programs, capacity):
+        saved = mod._sm_count, mod.interpreting
+        mod._sm_count, mod.interpreting = (lambda index: 132), (lambda: False)
+        try:
+            return orig(torch.device("cuda", 0), programs, capacity)
+        finally:
+            mod._sm_count, mod.interpreting = saved
+
+    mod.choose_splits = choose_splits
+    return [(mod, "choose_splits", orig)]
+
+
 def _cuda_values_checkable(t, check_values=None) -> bool:
     """``values_checkable`` as on a CUDA tensor: value checks (a kernel + a host sync) only when asked for."""
     return bool(check_values)
@@ -191,6 +216,7 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
                 if name.startswith("omni_fast") and getattr(m, "values_checkable", None) is _validation.values_checkable]
     for m, _ in checkers:
         m.values_checkable = _cuda_values_checkable
+    h100 = _as_h100()
     # omni_fast's custom ops call their backend's implementation directly, so the mode sees the ops inside.
     call0 = DispatchedOp.__call__
     DispatchedOp.__call__ = lambda self, *args: self._impls[args[-1]](*args[:-1])
@@ -204,6 +230,8 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
         ip.InterpretedFunction.run = run0
         for m, fn in checkers:
             m.values_checkable = fn
+        for m, name, fn in h100:
+            setattr(m, name, fn)
         DispatchedOp.__call__ = call0
         for n in saved:  # drop the instance attributes: the class methods show through again
             builder.__dict__.pop(n, None)
