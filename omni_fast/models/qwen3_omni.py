@@ -39,6 +39,7 @@ import torch
 
 from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniCodePredictor, StreamingCodec,
                          pick)
+from ..integrations.hf_compat import output_cache, with_cache
 from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
 
@@ -295,16 +296,27 @@ class Qwen3Omni:
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> "Qwen3Omni":
+                        device: str | torch.device | None = None, strict: bool = True, check_finite: bool = True,
+                        **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
-        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present."""
-        from transformers import Qwen3OmniMoeForConditionalGeneration
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present.
+
+        ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
+        missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
+        truncated shard raise ONE ``ValueError`` (:class:`omni_fast.models.checkpoint.CheckpointError`) listing the
+        problems with their shard files (see :mod:`omni_fast.models.checkpoint`). ``check_finite`` (default):
+        refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
+        NaN)."""
+        from .checkpoint import check_finite as _check_finite
+        from .checkpoint import load_strict
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        model = load_strict(os.fspath(path), strict=bool(strict),
+                            dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        if check_finite and hasattr(model, "code2wav"):
+            _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:
@@ -594,7 +606,7 @@ class Qwen3Omni:
                 thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
                 p = next_pos.view(1, B, 1).expand(3, B, 1)
                 o = thinker_text_model(thinker)(inputs_embeds=embeds_layer(token[:, None]),
-                                                 attention_mask=thinker_mask, position_ids=p, past_key_values=cache,
+                                                 attention_mask=thinker_mask, position_ids=p, **with_cache(cache),
                                                  use_cache=True)
                 logits = thinker.lm_head(o.last_hidden_state[:, -1])
             nxt = text_sampler(logits.float())
@@ -693,7 +705,7 @@ class Qwen3Omni:
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
-                            past_key_values=t_cache, use_cache=True)
+                            **with_cache(t_cache), use_cache=True)
         suppress = _suppress_mask(tcfg, dev)
         c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, [], codec_sampler,
                               talker_repetition_penalty)
@@ -710,7 +722,7 @@ class Qwen3Omni:
         if graph_decode:
             t0 = _now(dev)
             talker_dec = self._decoder("talker", lease)
-            talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
+            talker_dec.load_prefill(output_cache(tout), t_mask, max_new_tokens=talker_max_new_tokens,
                                     fractional_positions=t_next_pos.is_floating_point())
             tout = t_cache = None
             dt = _now(dev) - t0
@@ -782,7 +794,7 @@ class Qwen3Omni:
                 t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
                 p = t_next_pos.view(1, B, 1).expand(3, B, 1)
                 tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
-                                    past_key_values=tout.past_key_values, use_cache=True)
+                                    **with_cache(output_cache(tout)), use_cache=True)
                 logits = talker.codec_head(tout.last_hidden_state[:, -1])
                 past_hidden = tout.last_hidden_state[:, -1:]
             t_next_pos = t_next_pos + 1
@@ -874,7 +886,7 @@ class Qwen3Omni:
                     rows = rank[:, s:e][vm]
                     extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
                 out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                         position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True, **extra)
+                         position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
                 outs.append(out.last_hidden_state)
         finally:
             if hook is not None:
