@@ -68,7 +68,7 @@ def test_key_static_facts_current():
     from omni_fast.bench.costmodel.statics import facts
 
     committed = json.loads(STATICS.read_text())
-    fresh = facts([c.split("[")[0] + "[" for c in KEY_CASES])
+    fresh = facts(KEY_CASES)
     for case in KEY_CASES:
         got = fresh[case]
         assert not got.get("spill_bytes") and got["smem"] <= 227 * 1024, got
