@@ -49,7 +49,8 @@ def _step_call(part: str, B: int):
     randomize_(m, head)
     cache, mask, nxt = _prefill(m, B, 6)
     dec = MoeTextDecoder.from_transformers(m, head, backend="triton")
-    dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=False)
+    # a cache of the real capacity (CACHE tokens): split-KV decode attention (as on an H100) depends on it
+    dec.load_prefill(cache, mask, max_new_tokens=CACHE, use_graph=False)
     x = torch.randn(B, text.hidden_size)
 
     def step():

@@ -152,7 +152,8 @@ def attention_units() -> list[Unit]:
         for cached in (4096, 32768):
             big = B * cached > 4096 * 8
             out.append(Unit(f"attn-decode-B{B}-{cached // 1024}k", "attention", "graph",
-                            launch=lambda B=B: _kvcache_call(B, 40, 4, 2, 16, torch.float32),
+                            # the real cache length: the split-KV choice (as on an H100) depends on it
+                            launch=lambda B=B, c=cached: _kvcache_call(B, c, 4, 2, 16, torch.float32),
                             trace=lambda B=B, c=cached: _kvcache_call(B, c, hq, hk, d), unique=not big,
                             statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
                             min_bytes=2 * B * (2 * cached * hk * d + 2 * hq * d + 2 * hk * d),
