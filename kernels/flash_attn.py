@@ -153,7 +153,7 @@ def attn_fwd_kernel(
         q = q.to(tl.float32)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ALIBI:
-        slope = tl.load(alibi_ptr + b.to(tl.int64) * stride_ab + head, mask=mask_r, other=0.0) * LOG2E
+        slope = tl.load(alibi_ptr + b.to(tl.int64) * stride_ab + head, mask=mask_r, other=0.0) * 1.4426950408889634
 
     # Keys this block can see: [first row's left edge, last row's right edge] within [k_lo, len_k) and this split.
     tok_lo = (pid_m * BLOCK_M) // GROUP
