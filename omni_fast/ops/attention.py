@@ -1,9 +1,11 @@
 """Public flash-attention ops, FlashAttention-2 semantics: :func:`flash_attn_varlen`, :func:`flash_attn_with_kvcache`.
 
-Drop-in for ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only): packed sequences
-through int32 ``cu_seqlens``, GQA, causal masks aligned bottom-right, sliding windows ``window_size=(left, right)``
-(``-1`` unbounded), KV caches contiguous or paged. See :mod:`omni_fast.reference.attention` for the exact rule and
-``docs/attention.md`` for the design.
+The semantics of ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only; the latter with
+flash-attn's positional order and defaults, the FlashAttention-exact entry points are
+:mod:`omni_fast.compat.flash_attn`): packed sequences through int32 ``cu_seqlens``, GQA, causal masks aligned
+bottom-right, sliding windows ``window_size=(left, right)`` (``-1`` unbounded), KV caches contiguous or paged,
+softcap, ALiBi, rotary, left padding, ``cache_batch_idx``. See :mod:`omni_fast.reference.attention` for the exact
+rule and ``docs/attention.md`` for the design.
 
 Value checks (cu_seqlens monotonic and ending at the token count, ``max_seqlen_q``, ``cache_seqlens + Sq`` within
 the capacity, ``block_table`` in range) read the index tensors on the host: they run by default only when those

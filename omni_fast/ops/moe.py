@@ -1,4 +1,5 @@
-"""Public MoE ops (vLLM-compatible signatures): routing, block alignment, fused experts, the whole sparse block.
+"""Public MoE ops, vLLM-style (the exact vLLM signatures: :mod:`omni_fast.compat.vllm`): routing, block alignment,
+fused experts, the whole sparse block.
 
 - :func:`topk_softmax`: router logits ``[T, E]`` -> fp32 weights ``[T, k]``, int32 ids ``[T, k]``.
 - :func:`moe_align_block_size`: group (token, slot) pairs by expert in runs padded to ``block_size``.
