@@ -201,8 +201,9 @@ def test_flash_attn_varlen_func(causal, window, softcap, alibi):
         close_lse(lse[:, qs], lse_exp)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("seqused", [False, True])
-def test_flash_attn_varlen_func_paged(seqused):
+def test_flash_attn_varlen_func_paged(seqused, backend):
     """Paged keys (vLLM's FlashAttention backend): block_table with random pages; cu_seqlens_k gives the key
     counts, or seqused_k replaces them."""
     page, Hq, Hk, D = 4, 4, 2, 16
@@ -214,8 +215,9 @@ def test_flash_attn_varlen_func_paged(seqused):
     q = rand(sum(lens_q), Hq, D)
     cq, ck = _cu(lens_q), _cu(lens_k)
     seqused_k = torch.tensor(used, dtype=torch.int32, device=DEVICE) if seqused else None
-    out = fa.flash_attn_varlen_func(q, pages_k, pages_v, cq, ck, 3, 10, causal=True, block_table=table,
-                                    seqused_k=seqused_k)
+    with omni_fast.use_backend(backend):
+        out = fa.flash_attn_varlen_func(q, pages_k, pages_v, cq, ck, 3, 10, causal=True, block_table=table,
+                                        seqused_k=seqused_k)
     for b in range(3):
         n = used[b] if seqused else lens_k[b]
         keys = pages_k[table[b].long()].reshape(-1, Hk, D)[:n]
@@ -244,18 +246,26 @@ def _tables(S, rd):
     dict(causal=True, append=False),                                 # no new keys
     dict(causal=True, seqlens=None, append=False),                   # cache_seqlens None: the whole cache
 ])
-def test_flash_attn_with_kvcache(case):
-    B, Bc, S, Sq, Hq, Hk, D, page = 2, 3, 16, 3, 4, 2, 32, 4
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_flash_attn_with_kvcache(case, backend):
+    with omni_fast.use_backend(backend):
+        _check_kvcache(case)
+
+
+def _check_kvcache(case):
+    B, Bc, S, Hq, Hk, D, page = 2, 3, 16, case.get("Hq", 4), case.get("Hk", 2), 32, 4
+    Sq = case.get("Sq", 3)
     Snew = case.get("Snew", Sq)
     append = case.get("append", True)
     causal, window = case.get("causal", False), case.get("window", (-1, -1))
-    batch_idx = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE) if case.get("batch_idx") else None
+    batch_idx = torch.tensor(case.get("rows", [2, 0]), dtype=torch.int32, device=DEVICE) \
+        if case.get("batch_idx") else None
     rows = batch_idx.tolist() if batch_idx is not None else list(range(B))
     logical = rand(Bc if batch_idx is not None else B, S, Hk, D)
     logical_v = rand(*logical.shape)
-    lens = [5, 9] if case.get("seqlens", 1) is not None else [S - Snew * append] * B
+    lens = case.get("lens", [5, 9]) if case.get("seqlens", 1) is not None else [S - Snew * append] * B
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE) if case.get("seqlens", 1) is not None else None
-    leftpad = torch.tensor([2, 4], dtype=torch.int32, device=DEVICE) if case.get("leftpad") else None
+    leftpad = torch.tensor(case.get("pads", [2, 4]), dtype=torch.int32, device=DEVICE) if case.get("leftpad") else None
     q = rand(B, Sq, Hq, D)
     k, v = (rand(B, Snew, Hk, D), rand(B, Snew, Hk, D)) if append else (None, None)
     cos = sin = None
@@ -298,6 +308,32 @@ def test_flash_attn_with_kvcache(case):
                              softcap=softcap, slopes=slopes, k_lo=0 if leftpad is None else int(leftpad[b]))
         torch.testing.assert_close(out[b].to(F64), exp, **TOL)
         close_lse(lse[b], lse_exp)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flash_attn_with_kvcache_random_combinations(seed):
+    """Random mixes of every kvcache feature (GQA/MQA, lengths incl. 0 and full, Snew, paged or cache_batch_idx
+    with left padding, rotary either way, windows, softcap, ALiBi, split-KV)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    Sq, Snew = pick([1, 2, 4]), pick([0, 1, 3])
+    lens = [int(torch.randint(0, 16 - Snew + 1, (1,), generator=g)) for _ in range(2)]
+    paged = pick([False, True])
+    case = dict(Sq=Sq, Snew=max(Snew, 1), append=Snew > 0, lens=lens, causal=pick([False, True]),
+                window=pick([(-1, -1), (3, -1), (2, 0), (20, 1)]), softcap=pick([0.0, 1.5]), alibi=pick([False, True]),
+                splits=pick([0, 1, 2]), Hq=pick([2, 4]), Hk=pick([1, 2]), rotary=pick([None, "neox", "gptj"]),
+                paged=paged, batch_idx=not paged and pick([False, True]), rows=pick([[2, 0], [1, 2], [0, 0]]))
+    if case["rotary"] is not None and not case["append"]:
+        case["rotary"] = None  # flash-attn rotates only with new keys
+    if not paged and pick([False, True]):
+        case.update(leftpad=True, pads=[int(torch.randint(0, n + case["append"] * case["Snew"] + 1, (1,),
+                                                         generator=g)) for n in lens])
+    if case["rows"] == [0, 0] and case["append"]:
+        case["rows"] = [0, 1]  # two sequences appending into one cache row: flash-attn leaves the winner undefined
+    _check_kvcache(case)
 
 
 def test_kvcache_int_seqlens_and_single_return():
