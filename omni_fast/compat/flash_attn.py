@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..validation import check_inference_only
+from ..validation import FLOAT_DTYPES, check_inference_only, check_tensor
 
 FLASH_ATTN_VERSION = "2.8"
 
@@ -52,6 +52,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
     """
     _inference_only("flash_attn_func", dropout_p, q=q, k=k, v=v)
+    # named here as flash-attn names them (the KV-cache op below would call them k_cache / v_cache)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_tensor("k", k, shape=(q.shape[0], None, None, q.shape[3]))
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
     out, lse = ops.flash_attn_with_kvcache(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                            return_softmax_lse=True)
