@@ -290,53 +290,23 @@ def _check_kvcache_index(name, t, B: int, device) -> None:
         check_tensor(name, t, dtypes=(torch.int32,), shape=(B,), device=device, contiguous=True)
 
 
-def flash_attn_with_kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    rotary_cos: torch.Tensor | None = None,
-    rotary_sin: torch.Tensor | None = None,
-    cache_seqlens: torch.Tensor | int | None = None,
-    cache_batch_idx: torch.Tensor | None = None,
-    cache_leftpad: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    rotary_interleaved: bool = True,
-    alibi_slopes: torch.Tensor | None = None,
-    num_splits: int = 0,
-    return_softmax_lse: bool = False,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    check_values: bool | None = None,
-    backend: str | None = None,
-):
-    """Attention of new queries against a KV cache: FlashAttention-2's ``flash_attn_with_kvcache`` (forward), with
-    its positional order and defaults (``causal=False``), plus keyword-only extensions.
+def _check_kvcache_values(named: dict, n_slots: int, capacity: int, appended: int) -> None:
+    """Value checks of the KV-cache index tensors (one device-to-host copy for all of them)."""
+    host = dict(zip(named, host_copies(*named.values())))
+    for name in ("block_table", "cache_batch_idx"):
+        if name in host:
+            check_index_range(name, host[name], 0, n_slots, check_values=True)
+    if "cache_seqlens" in host:
+        lo, hi = int(host["cache_seqlens"].min()), int(host["cache_seqlens"].max())
+        if lo < 0 or hi + appended > capacity:
+            raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens "
+                             f"must fit the cache's {capacity} tokens per sequence")
 
-    q ``[B, Sq, Hq, D]``; caches ``[B_cache, S, Hk, D]`` (row ``cache_batch_idx[b]``, default b, per sequence), or
-    paged ``[num_blocks, page, Hk, D]`` with ``block_table`` int32 ``[B, max_blocks]``. ``cache_seqlens`` int32
-    ``[B]`` or an int = tokens already cached (None: the whole capacity; required with k/v). New ``k``/``v``
-    ``[B, Snew, Hk, D]`` (any Snew) are written at ``cache_seqlens[b]..`` (in place; cache_seqlens itself is not
-    advanced) and attended to: sequence b sees keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew``, the queries
-    the last positions (bottom-right). ``rotary_cos/sin`` ``[>= S, R/2]``: the new k is rotated at
-    ``cache_seqlens[b] + s`` and q at ``cache_seqlens[b] + i`` (causal or windowed) or ``cache_seqlens[b]``,
-    GPT-J pairs with ``rotary_interleaved`` else GPT-NeoX halves. ``softcap``, ``alibi_slopes`` (fp32 ``[Hq]`` or
-    ``[B, Hq]``), ``window_size`` as FlashAttention. ``num_splits``: 0 = auto split-KV for long caches at small
-    batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and with ``return_softmax_lse``
-    ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key; FlashAttention stores ``+inf``).
 
-    Extensions (keyword-only): ``key_padding_mask`` bool ``[B, capacity]`` (unit stride along keys), False =
-    padding: padding keys are never attended and a query whose own key position is padding gives zeros (a padded
-    batch in its padded layout: no unpadding, no host sync). ``check_values``: None checks the cache_seqlens,
-    cache_batch_idx and block_table values only on CPU tensors, True on any device (one host sync), False never
-    (see the module docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and
-    attends to the capacity's keys; out-of-range pages and cache rows are clamped). ``backend`` as every op.
-    """
+def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                   block_table, alibi_slopes, key_padding_mask, check_values):
+    """Validate :func:`flash_attn_with_kvcache`'s tensors; returns (cache_seqlens as a tensor or None, capacity,
+    appended token count, the index tensors that choose the backend)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
     check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
@@ -387,17 +357,62 @@ def flash_attn_with_kvcache(
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
     named = {n: t for n, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table),
                                ("cache_batch_idx", cache_batch_idx)) if t is not None}
-    index = tuple(named.values())
-    if index and values_checkable(index[0], check_values) and B > 0:
-        host = dict(zip(named, host_copies(*index)))  # one device-to-host copy for all of them
-        for name in ("block_table", "cache_batch_idx"):
-            if name in host:
-                check_index_range(name, host[name], 0, n_slots, check_values=True)
-        if "cache_seqlens" in host:
-            lo, hi = int(host["cache_seqlens"].min()), int(host["cache_seqlens"].max())
-            if lo < 0 or hi + appended > capacity:
-                raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens "
-                                 f"must fit the cache's {capacity} tokens per sequence")
+    if named and values_checkable(next(iter(named.values())), check_values) and B > 0:
+        _check_kvcache_values(named, n_slots, capacity, appended)
+    return cache_seqlens, capacity, appended, tuple(named.values())
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | int | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    check_values: bool | None = None,
+    backend: str | None = None,
+):
+    """Attention of new queries against a KV cache: FlashAttention-2's ``flash_attn_with_kvcache`` (forward), with
+    its positional order and defaults (``causal=False``), plus keyword-only extensions.
+
+    q ``[B, Sq, Hq, D]``; caches ``[B_cache, S, Hk, D]`` (row ``cache_batch_idx[b]``, default b, per sequence), or
+    paged ``[num_blocks, page, Hk, D]`` with ``block_table`` int32 ``[B, max_blocks]``. ``cache_seqlens`` int32
+    ``[B]`` or an int = tokens already cached (None: the whole capacity; required with k/v). New ``k``/``v``
+    ``[B, Snew, Hk, D]`` (any Snew) are written at ``cache_seqlens[b]..`` (in place; cache_seqlens itself is not
+    advanced) and attended to: sequence b sees keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew``, the queries
+    the last positions (bottom-right). ``rotary_cos/sin`` ``[>= S, R/2]``: the new k is rotated at
+    ``cache_seqlens[b] + s`` and q at ``cache_seqlens[b] + i`` (causal or windowed) or ``cache_seqlens[b]``,
+    GPT-J pairs with ``rotary_interleaved`` else GPT-NeoX halves. ``softcap``, ``alibi_slopes`` (fp32 ``[Hq]`` or
+    ``[B, Hq]``), ``window_size`` as FlashAttention. ``num_splits``: 0 = auto split-KV for long caches at small
+    batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and with ``return_softmax_lse``
+    ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key; FlashAttention stores ``+inf``).
+
+    Extensions (keyword-only): ``key_padding_mask`` bool ``[B, capacity]`` (unit stride along keys), False =
+    padding: padding keys are never attended and a query whose own key position is padding gives zeros (a padded
+    batch in its padded layout: no unpadding, no host sync). ``check_values``: None checks the cache_seqlens,
+    cache_batch_idx and block_table values only on CPU tensors, True on any device (one host sync), False never
+    (see the module docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and
+    attends to the capacity's keys; out-of-range pages and cache rows are clamped). ``backend`` as every op.
+    """
+    cache_seqlens, capacity, appended, index = _check_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+        alibi_slopes, key_padding_mask, check_values)
+    D = q.shape[3]
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
     cap = _softcap(softcap)
