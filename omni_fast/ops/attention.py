@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..reference import attention as ref
-from ..validation import (FLOAT_DTYPES, check_cu_seqlens, check_index_range, check_positive_int, check_same_dtype,
-                          check_tensor, host_copies, values_checkable)
+from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, as_int, check_bool, check_cu_seqlens, check_float,
+                          check_index_range, check_output, check_positive_int, check_same_dtype, check_tensor,
+                          host_copies, values_checkable)
 from ._dispatch import dispatched_op
 
 MAX_HEAD_DIM = 256
@@ -135,17 +136,25 @@ def _window(window_size) -> tuple[int, int]:
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    for name, w in (("window_size[0]", left), ("window_size[1]", right)):
-        check_positive_int(name, w, minimum=-1)
-    return int(left), int(right)
+    return (check_positive_int("window_size[0]", left, minimum=-1, maximum=INT32_MAX),
+            check_positive_int("window_size[1]", right, minimum=-1, maximum=INT32_MAX))
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
+    return check_float("softmax_scale", softmax_scale)  # NaN / inf: backends would disagree
+
+
+def _cache_seqlens(value, B: int, device) -> torch.Tensor:
+    """int32 ``[B]`` cache lengths from a tensor ``[B]``, a 0-d integer tensor or an int (numpy ints too)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype in INT_DTYPES:  # one length for the batch, without a host sync
+            check_index_range("cache_seqlens", value, 0, INT32_MAX + 1)  # CPU only: no sync
+            return value.to(device=device, dtype=torch.int32).reshape(1).expand(B).contiguous()
+        return value
+    n = check_positive_int("cache_seqlens", value, minimum=0, maximum=INT32_MAX)
+    return torch.full((B,), n, dtype=torch.int32, device=device)
 
 
 def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> None:
@@ -159,11 +168,8 @@ def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> N
 
 
 def _softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
-    return float(softcap)
+    """FlashAttention's softcap: a finite float >= 0 (0 = off)."""
+    return check_float("softcap", softcap, minimum=0.0)
 
 
 def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> None:
@@ -232,9 +238,9 @@ def flash_attn_varlen(
     B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
     Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
     if max_seqlen_q is not None:
-        check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
+        max_seqlen_q = check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0, maximum=INT32_MAX)
     if max_seqlen_k is not None:
-        check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
+        max_seqlen_k = check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0, maximum=INT32_MAX)
     if paged:
         _check_block_table(block_table, B, k.shape[0], q.device)
     if seqused_k is not None:
@@ -259,8 +265,8 @@ def flash_attn_varlen(
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
-                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, bool(causal), left, right,
-                          _softcap(softcap), alibi_slopes, block_table, seqused_k, be)
+                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, check_bool("causal", causal), left,
+                          right, _softcap(softcap), alibi_slopes, block_table, seqused_k, be)
     return (out, lse) if return_lse else out
 
 
@@ -319,8 +325,8 @@ def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
     _check_heads("q", Hq, "k_cache", Hk, D)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or both left out)")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if cache_seqlens is not None:
+        cache_seqlens = _cache_seqlens(cache_seqlens, B, q.device)  # an int or a 0-d tensor: one length for all
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when new k/v are appended (where to write them)")
@@ -416,18 +422,27 @@ def flash_attn_with_kvcache(
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
     cap = _softcap(softcap)
-    check_positive_int("num_splits", num_splits, minimum=0)
+    causal = check_bool("causal", causal)
+    rotary_interleaved = check_bool("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
+    num_splits = check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX)
+    if k is not None:  # the caches are written: no self-overlap (an expanded cache), nothing shared with the inputs
+        inputs = dict(q=q, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                      key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, alibi_slopes=alibi_slopes)
+        check_output("k_cache", k_cache, **inputs)
+        check_output("v_cache", v_cache, k_cache=k_cache, **inputs)
     # FlashAttention rotates q causally (at cache_seqlens + i) when the attention is causal or local; windows at
     # least as long as the cache count as unbounded there
-    rot_causal = bool(causal) or 0 <= left < capacity or 0 <= right < capacity
+    rot_causal = causal or 0 <= left < capacity or 0 <= right < capacity
     be = _kvcache_op.resolve((q, k_cache, v_cache) + index, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, rotary_cos, rotary_sin,
-                   bool(rotary_interleaved), be)
+                   rotary_interleaved, be)
     out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended if cache_seqlens is not None else capacity,
                            block_table, key_padding_mask, cache_batch_idx, cache_leftpad, alibi_slopes, rotary_cos,
-                           rotary_sin, scale, bool(causal), left, right, cap, bool(rotary_interleaved), rot_causal,
-                           int(num_splits), be)
+                           rotary_sin, scale, causal, left, right, cap, rotary_interleaved, rot_causal, num_splits,
+                           be)
     return (out, lse) if return_softmax_lse else out
 
 
