@@ -14,7 +14,7 @@ Providers (bf16, inference mode):
   specialise (and recompile) on every set of hit experts, which measures the compiler, not a compiled MoE.
   Left out where torch has no ``grouped_mm``;
 - ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`omni_fast.bench.peers`);
-- ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
+- ``omni_fast``: :func:`omni_fast.ops.moe_experts` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
 - ``omni_fast_tma`` (experts cases): the same kernels and launch config with the weight tiles read through TMA
   tensor descriptors (``USE_TMA`` forced on in both GEMMs), so a run shows what the TMA path gives at every T before
   (or without) tuning; where a tuned file already turns it on, the two rows coincide.
@@ -193,7 +193,7 @@ def _experts_setup(model: str, T: int, preset: str = "quick"):
         liger = peers.liger_fused_moe()
         fns["liger"] = (functools.partial(liger, x, w13, w2, w, ids) if liger is not None else
                         Unavailable("needs CUDA and the liger-kernel wheel (make peer-wheels)"))
-        fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+        fns["omni_fast"] = lambda: ops.moe_experts(x, w13, w2, w, ids, backend="triton")
         fns["omni_fast_tma"] = functools.partial(moe_gemm.fused_moe, x, w13, w2, w, ids,
                                                  config=tma_config(T, E, k, H, I, device, dtype))
         return fns
@@ -305,10 +305,10 @@ def check_fused_moe() -> None:
     x = torch.randn(T, H, generator=gen).to(DEVICE)
     w13 = (torch.randn(E, 2 * I, H, generator=gen) * 0.2).to(DEVICE)
     w2 = (torch.randn(E, H, I, generator=gen) * 0.2).to(DEVICE)
-    w, ids = ops.topk_softmax(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
+    w, ids = ops.route_topk(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
     exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids)
     same = ref.fused_moe(x, w13, w2, w, ids)
-    assert_matches_reference(ops.fused_moe(x, w13, w2, w, ids, backend="triton"), exact, same, name="fused_moe")
+    assert_matches_reference(ops.moe_experts(x, w13, w2, w, ids, backend="triton"), exact, same, name="fused_moe")
     tma = moe_gemm.fused_moe(x, w13, w2, w, ids, config=tma_config(T, E, k, H, I, DEVICE, x.dtype))
     assert_matches_reference(tma, exact, same, name="fused_moe (TMA weights)")
 
