@@ -58,13 +58,13 @@ def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
 
 
 @triton.jit
-def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_k, mask_n, stride_bn, stride_sn,
-                  FORMAT: tl.constexpr, QUANT_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  UPCAST: tl.constexpr, A_DTYPE: tl.constexpr):
+def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
+                  stride_sn, BLOCK_K: tl.constexpr, FORMAT: tl.constexpr, QUANT_N: tl.constexpr,
+                  GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, UPCAST: tl.constexpr, A_DTYPE: tl.constexpr):
     """The ``[BK, BN]`` weight tile of rows ``row0 + offs_n`` at K offset ``k0``, and its per-column scale.
 
     fp8: (e4m3 tile, fp32 scale ``[BN]`` of block row ``srow0 + n // QUANT_N``, column ``k0 // GROUP_K``).
-    int4: (dequantized tile in A's dtype, or fp32 with UPCAST; a placeholder scale of ones): scales / zero
+    int4: (dequantized tile in A's dtype, or fp32 with UPCAST; the fp32 scale, already applied): scales / zero
     points are per row ``row0 + n`` and group ``k0 // GROUP_K``.
     """
     b_mask = mask_k[:, None] & mask_n[None, :]
@@ -73,17 +73,21 @@ def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_
     if FORMAT == "fp8":
         b = tl.load(b_base + rows[None, :] * stride_bn + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
         scale = tl.load(s_base + (srow0 + offs_n // QUANT_N) * stride_sn + g, mask=mask_n, other=0.0)
-        return b, scale
-    kk = k0 + offs_k
-    words = tl.load(b_base + rows[None, :] * stride_bn + (kk // 8)[:, None], mask=b_mask, other=0)
-    q = ((words >> ((kk % 8) * 4)[:, None]) & 0xF) - 8  # arithmetic shift: the mask drops the sign bits
-    if HAS_ZERO:
-        zero = tl.load(z_base + rows * stride_sn + g, mask=mask_n, other=0).to(tl.int32)
-        q = q - zero[None, :]
-    scale = tl.load(s_base + rows * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-    b = q.to(tl.float32) * scale[None, :]
-    if not UPCAST:
-        b = b.to(A_DTYPE)
+    else:
+        # One load of the BK/8 packed words per column, unpacked in registers: word w holds K rows 8w..8w+7.
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        w_mask = (offs_w * 8 < K - k0)[:, None] & mask_n[None, :]
+        words = tl.load(b_base + rows[None, :] * stride_bn + (k0 // 8 + offs_w)[:, None], mask=w_mask, other=0)
+        shifts = tl.arange(0, 8) * 4
+        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # arithmetic shift: the mask drops the sign bits
+        q = tl.reshape(q, (BLOCK_K, q.shape[2])) - 8
+        if HAS_ZERO:
+            zero = tl.load(z_base + rows * stride_sn + g, mask=mask_n, other=0).to(tl.int32)
+            q = q - zero[None, :]
+        scale = tl.load(s_base + rows * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        b = q.to(tl.float32) * scale[None, :]
+        if not UPCAST:
+            b = b.to(A_DTYPE)
     return b, scale
 
 
@@ -126,15 +130,16 @@ def moe_gemm_quant_kernel(
             a_q, a_s = _quant_a_fp8(a, EMULATE_FP8)
         elif UPCAST:
             a = a.to(tl.float32)
-        b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, stride_bn,
-                               stride_sn, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST, a_ptr.dtype.element_ty)
+        b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
+                               stride_sn, BLOCK_SIZE_K, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
+                               a_ptr.dtype.element_ty)
         if FORMAT == "fp8":
             acc += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
         else:
             acc = tl.dot(a, b, acc)
         if GATED:
-            b, b_s = _quant_b_tile(b_base, s_base, z_base, N, up_srow, k0, offs_k, offs_n, mask_k, mask_n,
-                                   stride_bn, stride_sn, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
+            b, b_s = _quant_b_tile(b_base, s_base, z_base, N, up_srow, k0, offs_k, offs_n, mask_k, mask_n, K,
+                                   stride_bn, stride_sn, BLOCK_SIZE_K, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
                                    a_ptr.dtype.element_ty)
             if FORMAT == "fp8":
                 acc_up += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
@@ -194,3 +199,49 @@ def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, 
     return run_experts(hidden_states, "w13", "w2", topk_weights, topk_ids, experts.num_experts,
                        experts.intermediate_size, _gemm_for(experts), torch.bfloat16, expert_map, out, add=add,
                        config=config, adjust=lambda up, down: adjust_config(experts, up, down))
+
+
+# --- static compile cases (sm_90a) ----------------------------------------------------------------------------------
+
+def _signature(dt: str, fmt: str, scale_dt: str, w_dt: str) -> dict:
+    b_dt = "fp8e4nv" if fmt == "fp8" else "i32"
+    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{b_dt}", "s_ptr": f"*{scale_dt}", "z_ptr": "*i8" if fmt == "int4" else
+           f"*{scale_dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}", "sorted_ids_ptr": "*i32",
+           "expert_ids_ptr": "*i32", "npost_ptr": "*i32"}
+    for name in ("N", "K", "num_valid", "num_pid_m", "top_k", "num_experts", "stride_am", "stride_be", "stride_bn",
+                 "stride_se", "stride_sn", "stride_cm", "up_srow"):
+        sig[name] = "i32"
+    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
+                 "EMULATE_FP8", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
+        sig[name] = "constexpr"
+    return sig
+
+
+class _Spec:
+    """The launch-relevant facts of a container, for :func:`adjust_config` in the static cases."""
+
+    def __init__(self, fmt: str, group_k: int):
+        self.format = fmt
+        self.block = (128, group_k) if fmt == "fp8_block" else None
+        self.group_size = group_k if fmt == "int4_w4a16" else None
+
+
+# The thinker's shapes (E128, H2048, I768; the talker's I384 shares every compile: shapes are runtime arguments)
+# at the T of each default_config tier. fp8: 128x128 blocks; int4: group 128 asymmetric (the general case: zero
+# points) and group 32 symmetric. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
+_QUANT_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
+for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4_w4a16", 128, True, _QUANT_TIERS),
+                                 ("int4_w4a16", 32, False, _QUANT_TIERS[::3])):
+    for _T, _tier in _tiers:
+        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
+        adjust_config(_Spec(_fmt, _gk), _up, _down)
+        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
+            _k = _FORMATS[_fmt]
+            _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=_gk, HAS_ZERO=_zero, GATED=_gated,
+                           MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
+                           **{k: _c[k] for k in _KEYS[:4]})
+            _label = f"g{_gk}{',asym' if _zero else ''}" if _k == "int4" else "block128x128"
+            static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,
+                        _signature("bf16", _k, "fp32" if _k == "fp8" else "bf16", "bf16" if _gated else "fp32"),
+                        _consts, num_warps=_c["num_warps"], num_stages=_c["num_stages"],
+                        aligned=("N", "K", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_cm"))

@@ -5,6 +5,12 @@ Tolerance (FlashAttention's rule, :func:`omni_fast.testing.assert_matches_refere
 fp32 reference on the same quantized weights (fp8: and the same per-token-group activation quantization) is at
 most 2x the error of that reference run in the kernel's dtype. The quantization itself is in both, so the bound
 measures the kernel's arithmetic, not the format's loss.
+
+FP8 W8A8 is compared by RMS error instead of max error: the activations are rounded to e4m3 (steps of 2^-4
+relative), and a last-bit difference in an activation (another summation order in the gate/up GEMM) moves it to
+the neighbouring e4m3 value. Such flips hit single elements of both the kernel and the same-dtype reference at
+random places, so a max-error ratio is a coin toss between two flips, while the RMS error measures the whole
+output's arithmetic (measured ratios 0.35-1.6 on the interpreter over seeds and block shapes).
 """
 
 import pytest
@@ -55,7 +61,18 @@ def _to(q, device):
 def _check(out, x, q, weights, ids, expert_map=None):
     exact = rq.fused_moe(x.float(), q, weights.float(), ids, expert_map=expert_map)
     same = rq.fused_moe(x, q, weights, ids, expert_map=expert_map)
-    assert_matches_reference(out, exact, same, name=q.format)
+    _assert_matches(q.format, out, exact, same)
+
+
+def _assert_matches(fmt, out, exact, same, factor=2.0):
+    if fmt != "fp8_block" or out.numel() == 0:
+        assert_matches_reference(out, exact, same, factor=factor, name=fmt)
+        return
+    assert out.shape == exact.shape and torch.isfinite(out).all()
+    rms = (lambda d: d.double().pow(2).mean().sqrt().item())
+    err, ref_err = rms(out.float() - exact), rms(same.float() - exact)
+    atol = 2 * torch.finfo(out.dtype).eps * max(rms(exact), 1e-3)
+    assert err <= factor * ref_err + atol, f"{fmt}: RMS error {err:.3e} > {factor} x {ref_err:.3e} + {atol:.1e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,7 +124,7 @@ def test_moe_block_quant_with_shared_expert(fmt, kw):
     exact = rq.moe_block(x.float(), gate.float(), q, k, True, sw13.float(), sw2.float(), sg.float())
     same = rq.moe_block(x, gate, q, k, True, sw13, sw2, sg)
     assert out.shape == x.shape
-    assert_matches_reference(out, exact, same, name="moe_block")
+    _assert_matches(fmt, out, exact, same)
     ref_out = ops.moe_block(x, gate, q, None, k, backend="reference", **kwargs)
     torch.testing.assert_close(ref_out, same)
 
@@ -121,6 +138,8 @@ def test_fused_moe_quant_bad_input():
         ops.fused_moe(x, q, q.w2, w, ids)
     with pytest.raises(ValueError, match="hidden size"):
         ops.fused_moe(torch.randn(3, 32, device=DEVICE).half(), q, None, w, ids)
+    with pytest.raises(TypeError, match="hidden_states must have dtype"):
+        ops.fused_moe(x.float(), q, None, w, ids)
     with pytest.raises(ValueError, match="topk_ids"):
         ops.fused_moe(x, q, None, w, ids + 5)
     with pytest.raises(ValueError, match="w2 must be None"):

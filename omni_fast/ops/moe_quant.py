@@ -3,8 +3,9 @@
 
 One custom op ``omni_fast::fused_moe_quant_`` (backends ``reference``: dequantize then the float reference, see
 :mod:`omni_fast.reference.moe_quant`; ``triton``: :mod:`omni_fast.kernels.moe_gemm_quant`). The container is
-passed through the op as its tensors plus (format, block_n, group_k, symmetric) so the op stays traceable and
-CUDA-graph capturable. Routing, alignment, ``expert_map`` and the deterministic combine are the float path's.
+passed through the op as its tensors plus (format, block_n, group_k; symmetric = no zero points) so the op stays
+traceable and CUDA-graph capturable. Activations are fp16 or bf16 (the 16-bit models these formats are published for).
+Routing, alignment, ``expert_map`` and the deterministic combine are the float path's.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..reference import moe_quant as ref_quant
-from ..validation import FLOAT_DTYPES, check_positive_int, check_tensor
+from ..validation import check_positive_int, check_tensor
 from ._dispatch import dispatched_op
 from .quant import QuantizedExperts
+
+ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, group_k) -> QuantizedExperts:
@@ -72,7 +75,7 @@ def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, a
     """:func:`omni_fast.ops.fused_moe` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``."""
     from .moe import ACTIVATIONS, _check_expert_map, _check_out, _check_routing
 
-    check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
+    check_tensor("hidden_states", hidden_states, dtypes=ACT_DTYPES, ndim=2, last_dim_contiguous=True)
     check_quantized("w13", experts, w2, hidden_states)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -94,7 +97,7 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
     quantized routed experts with the shared output added in the combine's fp32 sum."""
     from . import moe as float_moe
 
-    check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor("hidden_states", hidden_states, dtypes=ACT_DTYPES, last_dim_contiguous=True)
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
     shape = hidden_states.shape
