@@ -98,8 +98,8 @@ def moe_gemm_quant_kernel(
     stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_cm, up_srow,
     FORMAT: tl.constexpr, QUANT_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
-    EMULATE_FP8: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):
     """:func:`omni_fast.kernels.moe_gemm.moe_gemm_kernel` on quantized B (see the module docstring).
 
@@ -136,7 +136,7 @@ def moe_gemm_quant_kernel(
         if FORMAT == "fp8":
             acc += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b, b_s = _quant_b_tile(b_base, s_base, z_base, N, up_srow, k0, offs_k, offs_n, mask_k, mask_n, K,
                                    stride_bn, stride_sn, BLOCK_SIZE_K, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
@@ -144,7 +144,7 @@ def moe_gemm_quant_kernel(
             if FORMAT == "fp8":
                 acc_up += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
             else:
-                acc_up = tl.dot(a, b, acc_up)
+                acc_up = tl.dot(a, b, acc_up, input_precision=DOT_PRECISION)
     _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
@@ -181,7 +181,8 @@ def _gemm_for(experts):
                a.stride(0), b.stride(0), b.stride(1), s.stride(0), s.stride(1), c.stride(0), up_srow,
                FORMAT=fmt, QUANT_N=quant_n, GROUP_K=_group_k(experts), HAS_ZERO=z is not None, GATED=gated,
                MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
-               EMULATE_FP8=interpreting(), BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+               EMULATE_FP8=interpreting(), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+               BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
                BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"],
                num_stages=cfg["num_stages"], device=a.device)
 
@@ -192,7 +193,7 @@ def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, 
               activation: str = "silu", expert_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
               *, add: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """:func:`omni_fast.kernels.moe_gemm.fused_moe` with quantized experts (validated inputs): x ``[T, H]``
-    fp16/bf16 (fp32 allowed: int4 tiles are then dequantized to fp32), ``experts`` a QuantizedExperts of
+    fp16/bf16/fp32 (int4 tiles are dequantized to x's dtype; fp32 dots in IEEE precision), ``experts`` a QuantizedExperts of
     ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the float heuristic
     (:func:`~omni_fast.kernels.moe_gemm.default_config`, keyed on bf16) with K tiles set by the format."""
     assert activation == "silu"
@@ -212,7 +213,7 @@ def _signature(dt: str, fmt: str, scale_dt: str, w_dt: str) -> dict:
                  "stride_se", "stride_sn", "stride_cm", "up_srow"):
         sig[name] = "i32"
     for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
-                 "EMULATE_FP8", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
+                 "EMULATE_FP8", "DOT_PRECISION", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
     return sig
 
@@ -239,6 +240,7 @@ for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4
             _k = _FORMATS[_fmt]
             _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=_gk, HAS_ZERO=_zero, GATED=_gated,
                            MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
+                           DOT_PRECISION="tf32",
                            **{k: _c[k] for k in _KEYS[:4]})
             _label = f"g{_gk}{',asym' if _zero else ''}" if _k == "int4" else "block128x128"
             static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,

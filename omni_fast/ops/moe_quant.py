@@ -4,7 +4,7 @@
 One custom op ``omni_fast::fused_moe_quant_`` (backends ``reference``: dequantize then the float reference, see
 :mod:`omni_fast.reference.moe_quant`; ``triton``: :mod:`omni_fast.kernels.moe_gemm_quant`). The container is
 passed through the op as its tensors plus (format, block_n, group_k; symmetric = no zero points) so the op stays
-traceable and CUDA-graph capturable. Activations are fp16 or bf16 (the 16-bit models these formats are published for).
+traceable and CUDA-graph capturable. Activations are fp16, bf16 or fp32 (fp32: CPU runs and tests).
 Routing, alignment, ``expert_map`` and the deterministic combine are the float path's.
 """
 
@@ -17,7 +17,7 @@ from ..validation import check_positive_int, check_tensor
 from ._dispatch import dispatched_op
 from .quant import QuantizedExperts
 
-ACT_DTYPES = (torch.float16, torch.bfloat16)
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, group_k) -> QuantizedExperts:
