@@ -193,8 +193,8 @@ def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, 
               activation: str = "silu", expert_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
               *, add: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """:func:`omni_fast.kernels.moe_gemm.fused_moe` with quantized experts (validated inputs): x ``[T, H]``
-    fp16/bf16/fp32 (int4 tiles are dequantized to x's dtype; fp32 dots in IEEE precision), ``experts`` a QuantizedExperts of
-    ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the float heuristic
+    fp16/bf16/fp32 (int4 tiles are dequantized to x's dtype; fp32 dots in IEEE precision), ``experts`` a
+    QuantizedExperts of ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the float heuristic
     (:func:`~omni_fast.kernels.moe_gemm.default_config`, keyed on bf16) with K tiles set by the format."""
     assert activation == "silu"
     return run_experts(hidden_states, "w13", "w2", topk_weights, topk_ids, experts.num_experts,

@@ -41,6 +41,7 @@ from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniC
                          pick)
 from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
+from .quantized import load_quantized, read_quantization_config
 
 SAMPLE_RATE_IN = 16000
 SAMPLE_RATE_OUT = 24000
@@ -297,14 +298,23 @@ class Qwen3Omni:
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
-        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present."""
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present. A checkpoint with
+        FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`);
+        another ``quantization_config`` raises a ValueError naming its method."""
         from transformers import Qwen3OmniMoeForConditionalGeneration
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
+        if quant is not None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            model = load_quantized(str(path), config, quant, dtype=dtype, device=device)
+        else:
+            model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
         model = model.to(device)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:
