@@ -157,3 +157,26 @@ def test_unsupported_quantization_configs_name_the_method(tmp_path):
                                                       "quantization_config": {"quant_method": "gptq", "bits": 4}}))
     with pytest.raises(ValueError, match="quant_method 'gptq'"):
         Qwen3Omni.from_pretrained(tmp_path)
+
+
+def test_quantized_checkpoint_generates_text_and_audio(tmp_path):
+    """The whole pipeline on a W4A16 checkpoint: thinker and talker decode (MoeTextDecoder) on the quantized
+    experts; greedy tokens as transformers' generate of the same model. Unpatched (transformers' attention; the
+    experts still run through omni-fast): the patched attention refuses transformers 5.25's ``cache`` keyword, a
+    failure main shares (tests/test_text_decoder.py::test_patched_pipeline_graph_decode_on_pinned_backend)."""
+    from omni_fast.models import Request
+
+    _, float_dir = _float_checkpoint(tmp_path)
+    _quantize_checkpoint(float_dir, tmp_path / "quant", "int4", symmetric=False)
+    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="triton",
+                                     patch=False)
+    out = omni.generate(Request(text=[5, 6, 7, 8, 9]), max_new_tokens=4, talker_max_new_tokens=4,
+                        graph_decode=True)[0]  # decode steps on MoeTextDecoder (no graph on a CPU)
+    assert len(out["token_ids"]) >= 1 and out["audio"].numel() > 0
+    ids = torch.tensor([omni.build_prompt(Request(text=[5, 6, 7, 8, 9]), 0, 0, 0)])
+    with torch.no_grad():
+        text = omni.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=4,
+                                   thinker_do_sample=False, talker_max_new_tokens=4, talker_do_sample=False,
+                                   talker_repetition_penalty=1.0, return_audio=False)
+    text = text[0] if isinstance(text, tuple) else text
+    assert out["token_ids"] == text[0, ids.shape[1]:].tolist()[:len(out["token_ids"])]
