@@ -8,9 +8,10 @@ and the routed experts on them (dequantize, then :func:`omni_fast.reference.moe.
 - ``int4_w4a16``: weight value ``(q - zero) * scale[n, k // g]``, ``q`` unpacked from compressed-tensors'
   ``pack-quantized`` int32 words (value ``k`` in bits ``4*(k % 8)``, stored ``q + 8``). Activations stay 16-bit.
 
-:func:`quantize_experts` builds containers from float weights (tests, benchmarks); the math mirrors
-compressed-tensors' (symmetric: ``scale = amax / 7.5``... any scale is a valid checkpoint, the tests compare the
-dequantization against compressed-tensors' own ``dequantize``).
+:func:`quantize_experts` builds containers from float weights (tests, benchmarks): fp8 scales ``amax / 448`` per
+block; int4 symmetric ``scale = amax / 7.5``, asymmetric ``(max - min) / 15`` with an integer zero point. Any scale
+makes a valid checkpoint; what must match the libraries is the dequantization, which the tests compare against
+compressed-tensors' own ``dequantize`` and ``unpack_from_int32``.
 """
 
 from __future__ import annotations

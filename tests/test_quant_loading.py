@@ -71,7 +71,7 @@ def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
 
 def _thinker_logits(model, ids):
     with torch.no_grad():
-        return model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        return model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
 @pytest.mark.parametrize("fmt,symmetric", [("fp8", True), ("int4", True), ("int4", False)])
@@ -161,15 +161,12 @@ def test_unsupported_quantization_configs_name_the_method(tmp_path):
 
 def test_quantized_checkpoint_generates_text_and_audio(tmp_path):
     """The whole pipeline on a W4A16 checkpoint: thinker and talker decode (MoeTextDecoder) on the quantized
-    experts; greedy tokens as transformers' generate of the same model. Unpatched (transformers' attention; the
-    experts still run through omni-fast): the patched attention refuses transformers 5.25's ``cache`` keyword, a
-    failure main shares (tests/test_text_decoder.py::test_patched_pipeline_graph_decode_on_pinned_backend)."""
+    experts; greedy tokens as transformers' generate of the same (patched) model."""
     from omni_fast.models import Request
 
     _, float_dir = _float_checkpoint(tmp_path)
     _quantize_checkpoint(float_dir, tmp_path / "quant", "int4", symmetric=False)
-    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="triton",
-                                     patch=False)
+    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="triton")
     out = omni.generate(Request(text=[5, 6, 7, 8, 9]), max_new_tokens=4, talker_max_new_tokens=4,
                         graph_decode=True)[0]  # decode steps on MoeTextDecoder (no graph on a CPU)
     assert len(out["token_ids"]) >= 1 and out["audio"].numel() > 0
