@@ -144,3 +144,19 @@ def test_fused_moe_quant_bad_input():
         ops.fused_moe(x, q, None, w, ids + 5)
     with pytest.raises(ValueError, match="w2 must be None"):
         ops.moe_block(x, torch.randn(2, 64, device=DEVICE).half(), q, q.w2, 1)
+
+
+@pytest.mark.parametrize("fmt,kw", [("fp8_block", dict(block=(16, 32))), ("int4_w4a16", dict(group_size=16))])
+def test_quantized_moe_block_traces_under_torch_compile(fmt, kw):
+    """The container is unpacked into the custom op's tensor arguments: one graph, no break."""
+    torch.manual_seed(5)
+    E, k, H, I = 4, 2, 32, 16
+    q = _experts(fmt, kw, E, H, I)
+    g = (torch.randn(E, H, device=DEVICE) * 0.3).half()
+    x = torch.randn(5, H, device=DEVICE).half()
+
+    def f(x):
+        return ops.moe_block(x, g, q, None, k, backend="triton")
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, f(x), rtol=0, atol=0)
