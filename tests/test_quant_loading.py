@@ -130,9 +130,10 @@ def _dequantized_float_model(float_model, qmodel):
                 w13, w2 = rq.dequantize_experts(q)
                 module.gate_up_proj.copy_(w13)
                 module.down_proj.copy_(w2)
+        qparams = dict(qmodel.named_parameters())
         for name, p in model.named_parameters():
-            if "q_proj" in name and name.startswith("thinker.model.language_model"):
-                p.copy_(dict(qmodel.named_parameters())[name])
+            if name.endswith("q_proj.weight"):  # the thinker's were quantized (the others are equal anyway)
+                p.copy_(qparams[name])
     return model
 
 
