@@ -14,7 +14,8 @@ Supported ``quantization_config`` (config.json):
 Anything else raises a ValueError naming the method. Checkpoint keys are the published layout (per-expert
 ``...mlp.experts.{e}.{gate,up,down}_proj.*``); transformers' own key renamings map them onto the module tree.
 
-Memory: the model is built with a zero expert width (no float expert weights are ever allocated), the non-expert
+Memory: the model is built with a zero expert width (no float expert weights are ever allocated), tensors are
+read from the safetensors memory maps where they are used (one experts module at a time), the non-expert
 tensors are loaded (quantized non-expert linears, e.g. attention projections in a fully-FP8 checkpoint, are
 dequantized to the model dtype: they are a small part of the model), and each experts module gets its
 quantized tensors as buffers (``.to()`` moves them) plus the format facts; :func:`quantized_experts` rebuilds the
@@ -100,14 +101,21 @@ def _checkpoint_files(path: str) -> list[str]:
     return files
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint (memory-mapped by safetensors until copied)."""
-    from safetensors.torch import load_file
+class _Checkpoint:
+    """The checkpoint's tensors by key, read on demand (safetensors memory maps): the experts are read one experts
+    module at a time, so host memory holds at most one module's quantized experts beyond the non-expert weights."""
 
-    out: dict[str, torch.Tensor] = {}
-    for f in _checkpoint_files(path):
-        out.update(load_file(f))
-    return out
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._files = [safe_open(f, framework="pt") for f in _checkpoint_files(path)]
+        self._where = {key: f for f in self._files for key in f.keys()}
+
+    def keys(self):
+        return list(self._where)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
 
 
 def _unpack_zero_rows(zp: torch.Tensor, rows: int) -> torch.Tensor:
@@ -140,11 +148,15 @@ def _expert_tensors(parts: dict, spec: dict) -> tuple[torch.Tensor, ...]:
             None if zero is None else torch.cat(zero[:2]), None if zero is None else zero[2])
 
 
-def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device) -> QuantizedExperts:
-    """{expert index: {proj: {name: tensor}}} (all of 0..E-1) -> a validated container on ``device``."""
+def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device, load=None) -> QuantizedExperts:
+    """{expert index: {proj: {name: tensor, or a key for ``load``}}} (all of 0..E-1) -> a validated container on
+    ``device``."""
     E = len(per_expert)
     if sorted(per_expert) != list(range(E)):
         raise ValueError(f"checkpoint experts are not numbered 0..{E - 1}: {sorted(per_expert)[:8]}...")
+    if load is not None:
+        per_expert = {e: {proj: {name: load(k) for name, k in parts.items()} for proj, parts in projs.items()}
+                      for e, projs in per_expert.items()}
     tensors = [_expert_tensors(per_expert[e], spec) for e in range(E)]
     stacked = [None if col[0] is None else torch.stack(col).to(device).contiguous() for col in zip(*tensors)]
     if spec["format"] == "fp8_block":
@@ -225,29 +237,31 @@ def load_quantized(path: str, config, spec: dict, *, dtype: torch.dtype, device:
             t.moe_intermediate_size = w
     rename = _renamer(model)
     experts: dict[str, dict[int, dict]] = {}
-    linears: dict[str, dict[str, torch.Tensor]] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for key, t in _read_tensors(path).items():
+    linears: dict[str, dict[str, str]] = {}
+    plain: dict[str, str] = {}
+    ckpt = _Checkpoint(path)
+    for key in ckpt.keys():  # sorted into groups by key; tensors are read where they are used
         m = _EXPERT_KEY.match(key)
         if m:
             per = experts.setdefault(m["module"], {}).setdefault(int(m["e"]), {})
-            per.setdefault(m["proj"], {})[m["name"]] = t
+            per.setdefault(m["proj"], {})[m["name"]] = key
         elif key.rsplit(".", 1)[-1] in _QUANT_SUFFIXES:
-            linears.setdefault(key.rsplit(".", 1)[0], {})[key.rsplit(".", 1)[1]] = t
+            linears.setdefault(key.rsplit(".", 1)[0], {})[key.rsplit(".", 1)[1]] = key
         else:
-            plain[key] = t
+            plain[key] = key
     for prefix, parts in linears.items():  # an fp8 linear's e4m3 weight sits next to its weight_scale_inv
         if prefix + ".weight" in plain:
             parts["weight"] = plain.pop(prefix + ".weight")
-    state = {rename(k): v for k, v in plain.items()}
+    state = {rename(k): ckpt[k] for k in plain}
     for prefix, parts in linears.items():
-        state[rename(prefix + ".weight")] = _dequantize_linear(parts, spec, dtype)
+        state[rename(prefix + ".weight")] = _dequantize_linear({n: ckpt[k] for n, k in parts.items()}, spec, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     expert_modules = {}
     for ckpt_prefix, per_expert in experts.items():
         name = rename(ckpt_prefix + ".gate_up_proj").rsplit(".", 1)[0]
         expert_modules[name] = model.get_submodule(name)
-        attach_quantized_experts(expert_modules[name], build_quantized_experts(per_expert, spec, device))
+        attach_quantized_experts(expert_modules[name],
+                                 build_quantized_experts(per_expert, spec, device, load=ckpt.__getitem__))
     float_experts = {n for n in expert_modules for n in (n + ".gate_up_proj", n + ".down_proj")}
     missing = [k for k in missing if k not in float_experts]
     if missing or unexpected:
