@@ -160,3 +160,19 @@ def test_quantized_moe_block_traces_under_torch_compile(fmt, kw):
 
     out = torch.compile(f, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(out, f(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 333, 4096])
+@pytest.mark.parametrize("fmt,kw", [("fp8_block", dict(block=(128, 128))),
+                                    ("int4_w4a16", dict(group_size=128, symmetric=False))], ids=["fp8", "int4"])
+def test_fused_moe_quant_real_shapes_bf16(fmt, kw, T):
+    """The thinker's experts (E 128, top-8, H 2048, I 768) in bf16 on a GPU: decode, mid and prefill tiles."""
+    torch.manual_seed(T)
+    E, k, H, I = 128, 8, 2048, 768
+    q = _experts(fmt, kw, E, H, I)
+    x = torch.randn(T, H, device=DEVICE).bfloat16()
+    weights = torch.rand(T, k, device=DEVICE).bfloat16()
+    ids = _ids(T, E, k)
+    out = ops.fused_moe(x, q, None, weights, ids, backend="triton")
+    _check(out, x, q, weights, ids)
