@@ -43,8 +43,8 @@ def _float_checkpoint(tmp_path):
 
 
 def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
-    """Rewrite a float checkpoint's expert linears (and the thinker's q_proj: a quantized non-expert linear) in
-    ``fmt``'s tensors, and its config with the quantization_config."""
+    """Rewrite a float checkpoint's expert linears (and non-expert linears: the thinker's q_proj, for fp8 the
+    talker's shared expert) in ``fmt``'s tensors, and its config with the quantization_config."""
     from safetensors.torch import load_file, save_file
 
     dst.mkdir()
@@ -53,7 +53,8 @@ def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
     (dst / "config.json").write_text(json.dumps(cfg))
     out = {}
     for key, t in load_file(src / "model.safetensors").items():
-        quantize = ".mlp.experts." in key or (key.startswith("thinker.model.layers.") and "q_proj.weight" in key)
+        quantize = ".mlp.experts." in key or (key.startswith("thinker.model.layers.") and "q_proj.weight" in key) \
+            or (fmt == "fp8" and ".mlp.shared_expert." in key)  # the talker's shared expert, FP8 as published
         if not quantize:
             out[key] = t
             continue
@@ -102,6 +103,12 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
         if a is not None:
             assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                                b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), t
+    # Quantized non-expert linears are dequantized into the model dtype (within e4m3 / int4 rounding).
+    fparams = dict(float_model.named_parameters())
+    for name, p in model.named_parameters():
+        if name.endswith("q_proj.weight") or ".shared_expert." in name:
+            err = (p - fparams[name]).abs().max().item()
+            assert err <= (0.05 if fmt == "fp8" else 0.1) * fparams[name].abs().max().item(), name
     # Patched (the omni_fast experts function) vs the float model with the dequantized weights.
     ids = torch.randint(0, 100, (1, 7))
     got_logits = _thinker_logits(model, ids)
