@@ -297,12 +297,21 @@ class Qwen3Omni:
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> "Qwen3Omni":
+                        device: str | torch.device | None = None, strict: bool = True, check_finite: bool = True,
+                        **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
         from a hub (``local_files_only``). A tokenizer in the directory is loaded when present. A checkpoint with
-        FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`);
-        another ``quantization_config`` raises a ValueError naming its method."""
-        from transformers import Qwen3OmniMoeForConditionalGeneration
+        FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`, which
+        checks its own keys); another ``quantization_config`` raises a ValueError naming its method.
+
+        ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
+        missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
+        truncated shard raise ONE ``ValueError`` (:class:`omni_fast.models.checkpoint.CheckpointError`) listing the
+        problems with their shard files (see :mod:`omni_fast.models.checkpoint`). ``check_finite`` (default):
+        refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
+        NaN)."""
+        from .checkpoint import check_finite as _check_finite
+        from .checkpoint import load_strict
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -313,9 +322,11 @@ class Qwen3Omni:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(path, local_files_only=True)
-            model = load_quantized(str(path), config, quant, dtype=dtype, device=device)
+            model = load_quantized(os.fspath(path), config, quant, dtype=dtype, device=device)
         else:
-            model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+            model = load_strict(os.fspath(path), strict=bool(strict), dtype=dtype)
+        if check_finite and hasattr(model, "code2wav"):
+            _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from ..reference import attention as ref
-from ..validation import (FLOAT_DTYPES, check_cu_seqlens, check_index_range, check_positive_int, check_same_dtype,
-                          check_tensor, host_copies, values_checkable)
+from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, as_int, check_bool, check_cu_seqlens, check_float,
+                          check_index_range, check_output, check_positive_int, check_same_dtype, check_tensor,
+                          host_copies, values_checkable)
 from ._dispatch import dispatched_op
 
 MAX_HEAD_DIM = 256
@@ -112,17 +113,25 @@ def _window(window_size) -> tuple[int, int]:
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    for name, w in (("window_size[0]", left), ("window_size[1]", right)):
-        check_positive_int(name, w, minimum=-1)
-    return int(left), int(right)
+    return (check_positive_int("window_size[0]", left, minimum=-1, maximum=INT32_MAX),
+            check_positive_int("window_size[1]", right, minimum=-1, maximum=INT32_MAX))
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
+    return check_float("softmax_scale", softmax_scale)  # NaN / inf: backends would disagree
+
+
+def _cache_seqlens(value, B: int, device) -> torch.Tensor:
+    """int32 ``[B]`` cache lengths from a tensor ``[B]``, a 0-d integer tensor or an int (numpy ints too)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype in INT_DTYPES:  # one length for the batch, without a host sync
+            check_index_range("cache_seqlens", value, 0, INT32_MAX + 1)  # CPU only: no sync
+            return value.to(device=device, dtype=torch.int32).reshape(1).expand(B).contiguous()
+        return value
+    n = check_positive_int("cache_seqlens", value, minimum=0, maximum=INT32_MAX)
+    return torch.full((B,), n, dtype=torch.int32, device=device)
 
 
 def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> None:
@@ -175,9 +184,9 @@ def flash_attn_varlen(
     B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
     Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
     if max_seqlen_q is not None:
-        check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0)
+        max_seqlen_q = check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0, maximum=INT32_MAX)
     if max_seqlen_k is not None:
-        check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0)
+        max_seqlen_k = check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0, maximum=INT32_MAX)
     if values_checkable(cu_seqlens_q, check_values):
         cu_q, cu_k = host_copies(cu_seqlens_q, cu_seqlens_k)  # one transfer for both
         check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
@@ -194,7 +203,8 @@ def flash_attn_varlen(
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
-                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, bool(causal), left, right, be)
+                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, check_bool("causal", causal), left,
+                          right, be)
     return (out, lse) if return_lse else out
 
 
@@ -242,8 +252,7 @@ def flash_attn_with_kvcache(
     if Dk != D:
         raise ValueError(f"k_cache must have head_dim {D} like q, got shape {list(k_cache.shape)}")
     _check_heads("q", Hq, "k_cache", Hk, D)
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    cache_seqlens = _cache_seqlens(cache_seqlens, B, q.device)
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or both left out)")
@@ -279,13 +288,19 @@ def flash_attn_with_kvcache(
                              f"fit the cache's {capacity} tokens per sequence")
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
-    check_positive_int("num_splits", num_splits, minimum=0)
+    causal = check_bool("causal", causal)
+    num_splits = check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX)
+    if k is not None:  # the caches are written: no self-overlap (an expanded cache), nothing shared with the inputs
+        inputs = dict(q=q, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                      key_padding_mask=key_padding_mask)
+        check_output("k_cache", k_cache, **inputs)
+        check_output("v_cache", v_cache, k_cache=k_cache, **inputs)
     tensors = (q, k_cache, v_cache, cache_seqlens)
     be = _kvcache_op.resolve(tensors, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
     out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, key_padding_mask, scale,
-                           bool(causal), left, right, int(num_splits), be)
+                           causal, left, right, num_splits, be)
     return (out, lse) if return_lse else out
 
 
