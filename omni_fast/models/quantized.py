@@ -283,6 +283,9 @@ def read_quantization_config(path: str) -> dict | None:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         return None
-    with open(cfg_file) as f:
-        qcfg = json.load(f).get("quantization_config")
+    try:
+        with open(cfg_file) as f:
+            qcfg = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: the strict loader reports it, naming the file (models.checkpoint)
     return None if qcfg is None else parse_quantization_config(qcfg)
