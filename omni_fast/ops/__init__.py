@@ -13,6 +13,7 @@ blocks), ``moe_experts`` (routed experts from given weights/ids). ``tests/test_c
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import align_moe_blocks, moe_block, moe_experts, route_topk
+from .quant import QuantizedExperts
 from .rope import mrope, qk_norm_mrope
 from .rvq import rvq_embed
 from .sampling import sample
@@ -33,6 +34,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "QuantizedExperts",
     "align_moe_blocks",
     "causal_conv1d",
     "causal_conv_transpose1d",
