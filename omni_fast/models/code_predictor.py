@@ -118,10 +118,14 @@ class CodePredictor(torch.nn.Module):
     """
 
     def __init__(self, config: Any = None, *, dtype=torch.float32, device="cpu", codec_vocab_size: int = 0,
-                 fused: bool = True):
+                 fused: bool = True, persistent: bool = False):
         super().__init__()
         # Fused GEMV layer kernels (5 launches per layer) or the cuBLAS + small-op path (9); see the module doc.
         self.fused = bool(fused)
+        # Opt-in: the whole frame as ONE launch of the persistent kernel (docs/persistent.md); not yet proven on a
+        # GPU, so the graph-of-kernels path stays the default and the fallback.
+        self.persistent = bool(persistent)
+        self._persistent: dict[tuple, Any] = {}
         c = self.config = CodePredictorConfig.from_any(config or CodePredictorConfig())
         G, V, H = c.num_code_groups, c.vocab_size, c.hidden_size
         kw = dict(dtype=dtype, device=device)
@@ -143,7 +147,7 @@ class CodePredictor(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: Any, sd: Mapping[str, torch.Tensor], *, codec_embedding=None, dtype=None,
-                        device=None, fused: bool = True) -> "CodePredictor":
+                        device=None, fused: bool = True, persistent: bool = False) -> "CodePredictor":
         """From a state dict with transformers' key names (``model.layers.{i}.self_attn.q_proj.weight``, ...,
         ``model.codec_embedding.{g}.weight``, ``lm_head.{g}.weight``; a ``talker.code_predictor.`` or
         ``code_predictor.`` prefix is stripped). ``codec_embedding``: the Talker's codebook-0 table (an
@@ -154,7 +158,7 @@ class CodePredictor(torch.nn.Module):
         device = device or ref.device
         c0 = _table(codec_embedding)
         self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0],
-                   fused=fused)
+                   fused=fused, persistent=persistent)
         c = self.config
         groups = sum(1 for k in sd if k.startswith("lm_head.") and k.endswith(".weight"))
         tables = sum(1 for k in sd if k.startswith("model.codec_embedding.") and k.endswith(".weight"))
@@ -183,11 +187,12 @@ class CodePredictor(torch.nn.Module):
         return self
 
     @classmethod
-    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True
-                          ) -> "CodePredictor":
+    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True,
+                          persistent: bool = False) -> "CodePredictor":
         """From a transformers ``Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`` (weights copied)
         and optionally the Talker's codebook-0 embedding (``talker.get_input_embeddings()``)."""
-        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused)
+        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused,
+                                   persistent=persistent)
 
     # --- one frame ------------------------------------------------------------------------------------------
 
@@ -283,6 +288,9 @@ class CodePredictor(torch.nn.Module):
         ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
         elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
+        if self.persistent and fused and x.dtype != torch.float64 and B_ok(x) and \
+                requested_backend(backend) != "reference":
+            return self._persistent_frame(x, c0, c0_embed, seed, sampling)
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size
         B = x.shape[0]
@@ -318,6 +326,20 @@ class CodePredictor(torch.nn.Module):
                                           for g in range(G - 1)]
             nxt = rvq(torch.cat((consts["rows"][:, None], codes_t[:, 1:]), 1), tables)
         return codes_t, nxt
+
+    def _persistent_frame(self, x, c0, c0_embed, seed, sampling):
+        """The frame as one launch of the persistent kernel (:mod:`omni_fast.models.persistent`), one compiled
+        schedule + workspace per (weights, B, dtype, device, sampling, seed form, codebook-0 source)."""
+        from .persistent import PersistentFrame
+
+        key = (weights_key(self), x.shape[0], x.dtype, str(x.device), sampling, seed.numel() > 1, c0_embed is None)
+        frame = self._persistent.get(key)
+        if frame is None:
+            if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                self._persistent.clear()
+            frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
+                                                            seed.numel() > 1, c0_embed is not None)
+        return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
     def _constants(self, device, B, dtype) -> dict:
         key = (str(device), B, dtype)
@@ -487,6 +509,11 @@ def _reference_norm_linear(x, norm_weight, weight, eps, swiglu, rows=None, gathe
 
 def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, cos=None, sin=None, eps=0.0):
     return mtp_layers._attn_reference(q, k, v, kc, vc, start, scale, q_norm, k_norm, cos, sin, eps)
+
+
+def B_ok(x: torch.Tensor) -> bool:
+    """The persistent kernel's frame needs at least one row (an empty batch takes the op-by-op path)."""
+    return x.shape[0] > 0
 
 
 def _strip(key: str) -> str:
