@@ -18,6 +18,7 @@ from ...kernels.mtp_gemv import gemv_blocks
 from ...kernels.sampling import NWAY, block_size
 from .schedule import FrameShape, build_frame, check_schedule
 
+NUM_WARPS = 4  # the GEMV / attention kernels' warps (the sampler's 8 spill with everything else inlined)
 SPIN_LIMIT = 1 << 26  # spins per wait before the watchdog gives up (~seconds on a GPU: a hang, never a slow frame)
 
 
@@ -57,7 +58,20 @@ class PersistentFrame:
         rows = [table.shape[0] - f for f in first]
         if c0_embed:  # group 0: row b of the e0 buffer (the given embeddings), addressed from the table's pointer
             base[0], rows[0] = (ws["e0"].data_ptr() - table.data_ptr()) // esz, B
-        self.rvq = [torch.tensor(v, dtype=torch.long, device=device) for v in (base, [H] * G, rows)]
+        gb, gs, gr = (torch.tensor(v, dtype=torch.long, device=device) for v in (base, [H] * G, rows))
+        self._keep = (gb, gs, gr)
+        prm = dict(table=_addr(table), resid=_addr(ws["resid"]), e0=_addr(ws["e0"]), codes=_addr(ws["codes"]), B=B,
+                   H=H, cos=_addr(self.cos), sin=_addr(self.sin), stride_cs=self.cos.stride(0), n_q=s.nq, n_kv=s.nk,
+                   L=G, V=V, top_k=int(sampling[1]) if sampling[0] else 0, gb=_addr(gb), gs=_addr(gs), gr=_addr(gr),
+                   seed_stride=1 if per_row else 0)
+        self.params = torch.tensor([prm[k] for k in K.PARAMS], dtype=torch.long, device=device)
+        # 16-byte alignment of every address and every row size / stride the GEMV items use (the kernel's ALIGNED)
+        gemv = [K.OP[o] for o in ("norm", "gather", "swiglu", "o", "down")]
+        rows_ = self.items.cpu()
+        g_rows = rows_[torch.isin(rows_[:, 0], torch.tensor(gemv))]
+        self.aligned = bool((g_rows[:, 6:12] % 16 == 0).all() and (g_rows[:, [14, 15, 16]] % 16 == 0).all()
+                            and all(prm[k] % 16 == 0 for k in ("cos", "sin", "resid", "codes"))
+                            and d % 16 == 0)
         self.grid = 1 if interpreting() else grid
 
     # --- item table ---------------------------------------------------------------------------------------------
@@ -128,12 +142,9 @@ class PersistentFrame:
         grid = self.grid or co_resident_grid(self, x.device)
         compiled = launch(
             K.mtp_frame_kernel, (grid,),
-            self.items, self.items.shape[0], ws["counters"], ws["err"], int(spin_limit),
-            x, c0, c0_embed if c0_embed is not None else x, seed, 1 if seed.numel() > 1 else 0, codes, nxt,
-            m.table, ws["resid"], ws["e0"], ws["codes"], B, H, float(m.config.rms_norm_eps),
-            self.cos, self.sin, self.cos.stride(0), s.nq, s.nk, G, float(d**-0.5),
-            s.vocab, 1.0 / float(temperature), int(top_k), 1.0 - float(top_p),
-            *self.rvq, m.table,
+            self.items, self.items.shape[0], ws["counters"], ws["err"], int(spin_limit), self.params,
+            x, c0, c0_embed if c0_embed is not None else x, seed, codes, nxt,
+            float(m.config.rms_norm_eps), float(d**-0.5), 1.0 / float(temperature), 1.0 - float(top_p),
             BK_H=gemv_blocks(0, 0, H)["BLOCK_K"], BK_O=gemv_blocks(0, 0, s.nq * d)["BLOCK_K"],
             BK_I=gemv_blocks(0, 0, s.inter)["BLOCK_K"], UPCAST=interpreting(),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -144,7 +155,7 @@ class PersistentFrame:
             TOP_K=0 < int(top_k) < s.vocab, TOP_P=float(top_p) < 1.0, S_BLOCK=blk,
             S_NUM_BLOCKS=triton.cdiv(s.vocab, blk), NWAY=NWAY,
             G=G, BLOCK_G=triton.next_power_of_2(G), RVQ_BLOCK=s.rvq_block, BLOCK_H=triton.next_power_of_2(H),
-            num_warps=4, device=x.device,
+            ALIGNED=self.aligned, num_warps=NUM_WARPS, device=x.device,
         )
         if self.grid is None and getattr(self, "_compiled", None) is None:
             # first GPU launch: one program per SM (co-resident whenever the kernel runs at all); from now on the
