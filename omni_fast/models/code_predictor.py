@@ -20,6 +20,10 @@ Two layer paths (``fused``, default True):
   the final norm runs in the prologue of the lm_head GEMV (:mod:`omni_fast.ops.mtp_layers`, Triton GEMV kernels);
 - unfused, 9 per layer: cuBLAS ``F.linear`` for the four matmuls, :func:`omni_fast.ops.qk_norm_mrope`,
   ``cached_attention``, ``add_rms_norm_`` (x2), ``silu_mul``; kept so a GPU benchmark can compare the two.
+- ``persistent=True`` (opt-in, on top of fused): the whole frame (prefill, 14 steps, sampling, next input) as ONE
+  launch of a persistent kernel running an instruction queue with dependency counters (docs/persistent.md); the
+  same tile functions, so the same codes bit for bit on the interpreter. Default off until a GPU run passes its
+  gpu-marked tests.
 
 Per step both then sample (:func:`omni_fast.ops.sample`: top-k/top-p/greedy with a counter-based RNG keyed by
 (seed, step, and the row index for one shared seed; per-row seeds leave the row index out, so a frame draws the
@@ -151,7 +155,9 @@ class CodePredictor(torch.nn.Module):
         """From a state dict with transformers' key names (``model.layers.{i}.self_attn.q_proj.weight``, ...,
         ``model.codec_embedding.{g}.weight``, ``lm_head.{g}.weight``; a ``talker.code_predictor.`` or
         ``code_predictor.`` prefix is stripped). ``codec_embedding``: the Talker's codebook-0 table (an
-        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc)."""
+        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc).
+        ``persistent`` (opt-in, fused path only): the whole frame as ONE launch of the persistent kernel
+        (:mod:`omni_fast.models.persistent`, docs/persistent.md); fp64 and the reference backend keep the op path."""
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype
@@ -288,7 +294,7 @@ class CodePredictor(torch.nn.Module):
         ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
         elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
-        if self.persistent and fused and x.dtype != torch.float64 and B_ok(x) and \
+        if self.persistent and fused and x.dtype != torch.float64 and x.shape[0] > 0 and \
                 requested_backend(backend) != "reference":
             return self._persistent_frame(x, c0, c0_embed, seed, sampling)
         c = self.config
@@ -431,7 +437,8 @@ class CodePredictor(torch.nn.Module):
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
         # ambient choice must not replay under another
-        key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(), fused)
+        key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(), fused,
+               self.persistent)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
@@ -509,11 +516,6 @@ def _reference_norm_linear(x, norm_weight, weight, eps, swiglu, rows=None, gathe
 
 def _reference_attention(q, k, v, kc, vc, start, scale, q_norm=None, k_norm=None, cos=None, sin=None, eps=0.0):
     return mtp_layers._attn_reference(q, k, v, kc, vc, start, scale, q_norm, k_norm, cos, sin, eps)
-
-
-def B_ok(x: torch.Tensor) -> bool:
-    """The persistent kernel's frame needs at least one row (an empty batch takes the op-by-op path)."""
-    return x.shape[0] > 0
 
 
 def _strip(key: str) -> str:

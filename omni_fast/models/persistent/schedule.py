@@ -256,13 +256,11 @@ def check_schedule(sched: Schedule, *, hazards: bool = True) -> dict:
         anc[i] = a
         if it.signal is not None:
             sig_bits[it.signal] |= a | (1 << i)
+    pairs = _check_hazards(items, anc) if hazards else 0
     full = (1 << (len(items) - 1)) - 1
     if items[-1].op != "reset" or anc[-1] != full:
         missing = [i for i in range(len(items) - 1) if not anc[-1] >> i & 1][:5]
         raise ScheduleError(f"the final reset must come after every item; not after {missing}")
-    pairs = 0
-    if hazards:
-        pairs = _check_hazards(items, anc)
     return dict(items=len(items), counters=len(sched.counters), hazard_pairs=pairs, ops=sched.op_counts())
 
 
