@@ -52,13 +52,16 @@ def test_real_schedule_counts():
     sched = build_frame(REAL)
     info = check_schedule(sched, hazards=False)
     s = REAL
-    tiles = lambda n: -(-(-(-n // 16)) // s.tiles)  # noqa: E731  items of 4 column tiles over n columns
-    per_layer_qkv = (s.nq + 2 * s.nk)  # head_dim 128 = 8 tiles: 2 items per head, heads never straddled
+    tiles = lambda n: -(-n // 16)  # noqa: E731  one 16-column tile per item (the default)
+    per_layer_qkv = (s.nq + 2 * s.nk) * 8  # head_dim 128 = 8 tiles per head
     assert info["ops"]["attn_decode"] == 14 * s.layers * s.nk
     assert info["ops"]["o"] == info["ops"]["down"] == 15 * s.layers * tiles(s.hidden)
     assert info["ops"]["swiglu"] == 15 * s.layers * tiles(s.inter)
-    assert info["ops"]["gather"] == 14 * 2 * per_layer_qkv
-    assert info["items"] == len(sched.items) and max(sched.targets()) <= 2 * per_layer_qkv * 2
+    assert info["ops"]["gather"] == 14 * per_layer_qkv
+    # every kv head's counter: its 2 q heads, k and v (8 tiles each)
+    assert info["items"] == len(sched.items) and max(sched.targets()) == max(s.inter // 16, s.vocab // 16)
+    assert info["items"] == 15 * s.layers * (per_layer_qkv + s.nk + 2 * tiles(s.hidden) + tiles(s.inter)) + \
+        15 * (tiles(s.vocab) + 1) + 3
 
 
 def _mutate(sched, fn):

@@ -28,7 +28,7 @@ class PersistentError(RuntimeError):
 
 class PersistentFrame:
     def __init__(self, model, B: int, dtype: torch.dtype, device, sampling: tuple, per_row: bool, c0_embed: bool,
-                 *, tiles: int = 4, grid: int | None = None):
+                 *, tiles: int = 1, grid: int | None = None):
         c = model.config
         self.model, self.B, self.sampling, self.per_row, self.c0_embed = model, B, sampling, per_row, c0_embed
         self.shape = s = FrameShape.of(c, B, tiles=tiles, rvq_block=min(triton.next_power_of_2(max(c.hidden_size, 16)),

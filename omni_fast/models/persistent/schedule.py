@@ -39,7 +39,9 @@ BLOCK_N = 16
 @dataclass(frozen=True)
 class FrameShape:
     """Shapes of one frame: the predictor's config plus the batch ``B``. ``tiles`` = GEMV output tiles (16 columns
-    each) per work item (larger items: fewer counter operations; the tiles themselves are computed the same way)."""
+    each) per work item (larger items: fewer counter operations, but fewer items to spread over the SMs: at B = 1
+    the o / down projections have only 64 tiles, so the default is 1; the tiles themselves are computed the same
+    way whatever the grouping)."""
 
     B: int
     hidden: int
@@ -50,7 +52,7 @@ class FrameShape:
     head_dim: int
     vocab: int
     groups: int
-    tiles: int = 4
+    tiles: int = 1
     rvq_block: int = 1024
 
     @property
@@ -104,18 +106,22 @@ class _Builder:
         self.s = s
         self.items: list[Item] = []
         self.counters: list[str] = []
+        self.signals: list[int] = []  # signallers per counter so far
 
     def counter(self, name: str) -> int:
         self.counters.append(name)
+        self.signals.append(0)
         return len(self.counters) - 1
 
     def add(self, op, args, waits=(), signal=None, reads=(), writes=()):
         self.items.append(Item(op, dict(args), [w for w in waits if w is not None], signal, list(reads),
                                list(writes)))
+        if signal is not None:
+            self.signals[signal] += 1
 
     def done(self, c: int) -> tuple[int, int]:
         """A wait for every signaller of counter ``c`` (all of them are already in the queue)."""
-        return c, sum(1 for it in self.items if it.signal == c)
+        return c, self.signals[c]
 
     def gemv(self, op, name, M, N, K, waits, x, out, extra=None, out_cols=None, counter_of=None):
         """Items over the ``[M, N]`` output in ``tiles``-wide column groups (never across a ``counter_of`` edge)."""
@@ -123,22 +129,24 @@ class _Builder:
         mt = -(-M // BLOCK_M)
         nt = -(-N // BLOCK_N)
         sig_default = self.counter(name) if counter_of is None else None
-        for pid_m in range(mt):
-            r0, r1 = pid_m * BLOCK_M, min(M, (pid_m + 1) * BLOCK_M)
-            n0 = 0
-            while n0 < nt:
-                cnt = min(s.tiles, nt - n0)
-                sig = sig_default
-                if counter_of is not None:
-                    sig, edge = counter_of(n0)  # the counter of tile n0 and the first tile of the next group
-                    cnt = min(cnt, edge - n0)
-                c0, c1 = n0 * BLOCK_N, min(N, (n0 + cnt) * BLOCK_N)
+        # M tiles innermost (as the one-op kernel's grid): the items that read one weight tile sit side by side in
+        # the queue, so all but the first find it in L2
+        n0 = 0
+        while n0 < nt:
+            cnt = min(s.tiles, nt - n0)
+            sig = sig_default
+            if counter_of is not None:
+                sig, edge = counter_of(n0)  # the counter of tile n0 and the first tile of the next group
+                cnt = min(cnt, edge - n0)
+            c0, c1 = n0 * BLOCK_N, min(N, (n0 + cnt) * BLOCK_N)
+            for pid_m in range(mt):
+                r0, r1 = pid_m * BLOCK_M, min(M, (pid_m + 1) * BLOCK_M)
                 reads = [r(r0, r1) for r in x]
                 writes = [w(r0, r1, c0, c1, n0) for w in out]
                 writes = [w for w in writes if w is not None]
                 self.add(op, dict(M=M, N=N, K=K, pid_m=pid_m, pid_n=n0, n_tiles=cnt, **(extra or {})), waits, sig,
                          reads, writes + ([("resid", r0, r1, c0, c1)] if op in ("o", "down") else []))
-                n0 += cnt
+            n0 += cnt
         return sig_default
 
 
