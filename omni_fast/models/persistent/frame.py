@@ -28,8 +28,11 @@ class PersistentError(RuntimeError):
 
 class PersistentFrame:
     def __init__(self, model, B: int, dtype: torch.dtype, device, sampling: tuple, per_row: bool, c0_embed: bool,
-                 *, tiles: int = 1, grid: int | None = None):
+                 *, tiles: int | None = None, grid: int | None = None):
         c = model.config
+        # one 16-column tile per item while there are few rows (spread the weights over every SM), 4 from B > 16
+        # (the rows give enough items; fewer counter operations per frame)
+        tiles = tiles or (1 if B <= 16 else 4)
         self.model, self.B, self.sampling, self.per_row, self.c0_embed = model, B, sampling, per_row, c0_embed
         self.shape = s = FrameShape.of(c, B, tiles=tiles, rvq_block=min(triton.next_power_of_2(max(c.hidden_size, 16)),
                                                                           1024))
