@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omni-fast-installed
 
-.PHONY: setup demo bench test test-gpu static cuda-lib peer-wheels clean
+.PHONY: setup demo bench test test-gpu static selftest cuda-lib peer-wheels clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.py requirements-dev.txt scripts/setup_env.sh
+$(STAMP): pyproject.toml setup.py requirements-dev.txt scripts/setup_env.sh
 	PYTHON=$(PYTHON) bash scripts/setup_env.sh $(VENV)
 	touch $(STAMP)
 
@@ -21,8 +21,12 @@ bench: setup
 # The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
 # transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; then the transformers-facing
 # tests again on the GPU image's transformers, and the static check compiled by its Triton (scripts/test_compat.sh).
+# Then the package as a user installs it (scripts/test_wheel.sh: pip wheel . and pip install . into a fresh venv,
+# selftest from outside the repository). The versions used are printed first (the newest pip resolved).
 test: setup
+	$(PY) scripts/print_versions.py
 	$(PY) -m pytest -q -ra tests
+	bash scripts/test_wheel.sh $(PY)
 	bash scripts/test_compat.sh $(PY)
 
 # Only the GPU-marked tests (bf16, CUDA C++ through CuPy, CUDA graphs, real shapes); they skip without CUDA.
@@ -32,6 +36,10 @@ test-gpu: setup
 static: setup
 	$(PY) -m omni_fast.bench.static_check
 
+# One op per family against the reference: does this installation work?
+selftest: setup
+	$(PY) -m omni_fast.selftest
+
 # Third-party peers for the GPU benchmark, as wheels in .whl/ (carried to the GPU machine; see BENCHMARKS.md).
 peer-wheels:
 	bash scripts/peer_wheels.sh
@@ -40,4 +48,4 @@ cuda-lib:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache

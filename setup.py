@@ -1,46 +1,56 @@
-"""omni-fast: GPU kernels for Qwen-Omni inference.
+"""Build glue for omni-fast; the metadata is in pyproject.toml.
 
-The repository keeps Triton kernels in ``kernels/`` and the pure-PyTorch ground truth in ``reference/``;
-they install as ``omni_fast.kernels`` and ``omni_fast.reference`` (a top-level ``kernels`` package would
-collide with the PyPI package of that name, which transformers imports).
+The repository keeps the Triton kernels in ``kernels/``, the references in ``reference/`` and the benchmark suite in
+``bench/`` (top-level folders, not Python packages: see ``omni_fast/_layout.py``). The wheel ships them as
+``omni_fast.kernels``, ``omni_fast.reference`` and ``omni_fast.bench``: their ``__init__.py`` comes from
+``omni_fast/<name>/`` and ``build_py`` below adds the folder's modules (and sub-packages, and the CUDA C++ sources
+of ``kernels/cuda/``) next to it. An editable install needs none of this: the ``__init__.py`` extends ``__path__``.
 """
 
-from setuptools import setup
+import os
+import shutil
+from glob import glob
 
-PACKAGE_DIR = {
-    "omni_fast": "omni_fast",
-    "omni_fast.kernels": "kernels",
-    "omni_fast.reference": "reference",
-}
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+SOURCE_FOLDERS = {"omni_fast.kernels": "kernels", "omni_fast.reference": "reference", "omni_fast.bench": "bench"}
+DATA_GLOBS = {"kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]}  # shipped beside the modules
 
 
 def _packages():
-    import os
+    """omni_fast's own packages, plus the sub-packages of the source folders (e.g. ``omni_fast.bench.cases``)."""
+    found = ["omni_fast"] + ["omni_fast." + p for p in find_packages("omni_fast")]
+    package_dir = {}
+    for pkg, folder in SOURCE_FOLDERS.items():
+        for sub in find_packages(folder):
+            found.append(f"{pkg}.{sub}")
+            package_dir[f"{pkg}.{sub}"] = os.path.join(folder, *sub.split("."))
+    return sorted(found), package_dir
 
-    found = []
-    for pkg, root in PACKAGE_DIR.items():
-        for dirpath, _dirs, files in os.walk(root):
-            if "__init__.py" in files and "__pycache__" not in dirpath:
-                rel = os.path.relpath(dirpath, root)
-                found.append(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
-    return sorted(found)
+
+class BuildPyWithSourceFolders(build_py):
+    """``build_py`` that also takes ``kernels/*.py``, ``reference/*.py`` and ``bench/*.py`` into their packages."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        folder = SOURCE_FOLDERS.get(package)
+        if folder:
+            modules += [(package, os.path.splitext(os.path.basename(f))[0], f)
+                        for f in sorted(glob(os.path.join(folder, "*.py")))]
+        return modules
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for pkg, folder in SOURCE_FOLDERS.items():
+            for pattern in DATA_GLOBS.get(folder, []):
+                for src in sorted(glob(os.path.join(folder, pattern))):
+                    dst = os.path.join(self.build_lib, *pkg.split("."), os.path.relpath(src, folder))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(src, dst)
 
 
-setup(
-    name="omni-fast",
-    version="0.1.0",
-    description="Triton and CUDA kernels for fast Qwen-Omni inference",
-    python_requires=">=3.10",
-    packages=_packages(),
-    package_dir=PACKAGE_DIR,
-    package_data={"omni_fast.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h"], "omni_fast": ["configs/**/*.json"]},
-    include_package_data=True,
-    install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
-    extras_require={
-        "hf": ["transformers>=5.0"],
-        "cuda": ["cupy-cuda12x"],
-        "bench": ["pytest-benchmark", "nvtx", "matplotlib"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=5.0"],
-    },
-    entry_points={"console_scripts": ["omni-fast=omni_fast.__main__:main"]},
-)
+PACKAGES, PACKAGE_DIR = _packages()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, cmdclass={"build_py": BuildPyWithSourceFolders})

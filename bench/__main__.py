@@ -1,4 +1,4 @@
-"""``python -m omni_fast.bench [OPS...] [--preset quick|full|smoke] [--providers P ...] [--out DIR]``
+"""``python -m omni_fast.bench [OPS...] [--preset quick|full|smoke] [--providers P ...] [--out DIR] [--deadline-s S] [--list]``
 
 Runs the benchmark cases of the named op families (all when none; families are the ``bench/cases/*.py`` names).
 On a GPU: timings, saved under ``DIR/<device>/`` (default ``bench/results``). Without one: correctness checks
@@ -20,6 +20,10 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quick", choices=("quick", "full", "smoke"))
     parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="on a GPU: stop starting new cases after this many seconds (the rest are reported as "
+                             "skipped); what was measured is saved (the time-boxed GPU session uses it)")
+    parser.add_argument("--list", action="store_true", help="list the selected cases (no setup, no timing) and exit")
     parser.add_argument("--no-static", action="store_true",
                         help="without a GPU: skip the static sm_90a report (python -m omni_fast.bench.static_check prints it)")
     args = parser.parse_args(argv)
@@ -37,11 +41,16 @@ def main(argv=None) -> int:
     if not cases:
         print("no benchmark cases selected")
         return 1
+    if args.list:
+        for c in cases:
+            print(f"  {c.op:<10} {c.name:<44} bound={c.bound}")
+        print(f"{len(cases)} cases (preset {args.preset})")
+        return 0
     if args.preset == "smoke":
         return harness.run_smoke(cases, providers=args.providers)
     if gpu:
         return harness.run_gpu(cases, preset=args.preset, providers=args.providers,
-                               out_dir=args.out or harness.RESULTS_DIR)
+                               out_dir=args.out or harness.RESULTS_DIR, deadline_s=args.deadline_s)
     return harness.run_cpu(cases, static=not args.no_static)
 
 

@@ -337,9 +337,22 @@ def save(result: dict, out_dir: Path) -> Path:
 # --- the two modes -------------------------------------------------------------------------------------------
 
 
-def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), out_dir: Path = RESULTS_DIR) -> int:
+def run_metadata(device: torch.device, preset: str, roofline: dict) -> dict:
+    """What a saved run records beside its rows: device, versions, commit, date, preset, peers, roofline."""
     import triton
 
+    return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
+            "peers": peers.versions(), "roofline": roofline}
+
+
+def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), out_dir: Path = RESULTS_DIR,
+            deadline_s: float | None = None) -> int:
+    """Time every case on the GPU and save the run. ``deadline_s``: no case starts after that many seconds (the
+    rest get one row each, skipped "deadline"); an interrupt (SIGINT, e.g. a time box running out) also ends the
+    run early. Either way what was measured is saved, with ``"incomplete"`` saying why."""
+    t0 = time.monotonic()
     device = torch.device("cuda")
     print(f"Device {torch.cuda.get_device_name(device)}; measuring the roofline ...", flush=True)
     roofline = measure_roofline(device)
@@ -347,24 +360,39 @@ def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), ou
           f"{roofline['matmul_tflops']:.0f} TFLOP/s")
     print(header())
     tty = sys.stdout.isatty()
-    rows = []
+    rows, incomplete = [], None
+    meta = run_metadata(device, preset, roofline)
+    # rewritten after every case: a run killed mid-case (a time box) still leaves what it measured
+    partial = out_dir / file_safe(meta["device"]) / f"partial-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for i, case in enumerate(cases, 1):
+        if incomplete is None and deadline_s is not None and time.monotonic() - t0 > deadline_s:
+            incomplete = f"deadline of {deadline_s:g} s reached before case {i} of {len(cases)}"
+            print(f"({incomplete}: the remaining cases are skipped)", flush=True)
+        if incomplete is not None:
+            rows.append({"op": case.op, "case": case.name, "provider": "*", "params": case.params,
+                         "skipped": incomplete})
+            continue
         progress = f"[{i}/{len(cases)}] {case.name} ({n_copies(case)} input copies) ..."
         if tty:  # a progress line the rows then overwrite
             print(progress, end="\r", flush=True)
         else:
             print(progress, flush=True)
-        case_rows = bench_case(case, device, roofline, providers)
+        try:
+            case_rows = bench_case(case, device, roofline, providers)
+        except KeyboardInterrupt:  # the time box ran out: keep what was measured
+            incomplete = f"interrupted during case {i} of {len(cases)}"
+            print(f"({incomplete})", flush=True)
+            continue
         if tty:
             print("\x1b[2K", end="")
         for r in case_rows:
             print(format_row(r), flush=True)
         rows += case_rows
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-              "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "peers": peers.versions(), "roofline": roofline, "rows": rows}
+        partial.write_text(json.dumps(dict(meta, rows=rows, incomplete=f"cut off after case {i} of {len(cases)}")))
+    result = dict(meta, rows=rows, **({"incomplete": incomplete} if incomplete is not None else {}))
     path = save(result, out_dir)
+    partial.unlink(missing_ok=True)
     print(f"Saved {path} (+ .md, .png)")
     return 1 if any("error" in r for r in rows) else 0
 

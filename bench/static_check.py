@@ -1,11 +1,12 @@
 """Static sm_90a check: compile every registered Triton kernel for Hopper on any machine (no GPU needed).
 
-``python -m omni_fast.bench.static_check [NAME_SUBSTRING...]`` imports every ``kernels/*.py`` module (each registers its
+``python -m omni_fast.bench.static_check [NAME_SUBSTRING...] [--jobs N]`` imports every ``kernels/*.py`` module (each registers its
 specialisations with :func:`omni_fast.kernels.launch.static_case`), compiles each (or those whose name contains a
 given substring) with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and reports per kernel: registers
 per thread, spilled bytes, shared memory per block and whether the code uses Hopper's ``wgmma`` tensor-core
 instructions and its TMA bulk tensor copies (``cp.async.bulk.tensor``). Exit status 1 when a kernel fails to
-compile, spills, or needs more shared memory than an H100 block may have (227 KB).
+compile, spills, or needs more shared memory than an H100 block may have (227 KB). ``--jobs N`` compiles in N
+forked processes (the GPU session's static step: ~240 specialisations in its 60 s box).
 
 Registers and spills come from ``ptxas -v`` (the ptxas Triton itself uses) run on the generated PTX: reading
 ``CompiledKernel.n_regs`` would need a CUDA driver. The compile needs real ``triton.jit`` functions, so under
@@ -129,9 +130,31 @@ def import_kernel_modules() -> list[str]:
     return errors
 
 
-def run(only: list[str] | None = None) -> int:
+def _compile_at(index: int) -> Report:
+    """Compile ``STATIC_CASES[index]`` (a forked worker inherits the registrations: only an index crosses over)."""
+    from omni_fast.kernels.launch import STATIC_CASES
+
+    return compile_case(STATIC_CASES[index])
+
+
+def compile_all(cases, jobs: int = 1):
+    """Yields the reports of ``cases`` (entries of ``STATIC_CASES``) in order, as they are compiled (in ``jobs``
+    forked processes when > 1), so a run cut off by a time box still printed what it finished."""
+    if jobs <= 1 or len(cases) <= 1:
+        yield from (compile_case(c) for c in cases)
+        return
+    import multiprocessing
+
+    from omni_fast.kernels.launch import STATIC_CASES
+
+    index = {id(c): i for i, c in enumerate(STATIC_CASES)}
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(cases))) as pool:
+        yield from pool.imap(_compile_at, [index[id(c)] for c in cases], chunksize=1)
+
+
+def run(only: list[str] | None = None, jobs: int = 1) -> int:
     """Compile and print the report; returns the exit status (0 = every kernel passes). ``only``: compile just the
-    specialisations whose name contains one of these substrings."""
+    specialisations whose name contains one of these substrings; ``jobs``: processes compiling in parallel."""
     from omni_fast.kernels.launch import STATIC_CASES
 
     errors = import_kernel_modules()
@@ -139,18 +162,19 @@ def run(only: list[str] | None = None) -> int:
     if only and not cases:
         print(f"Static sm_90a check: no kernel specialisation name contains any of {only}")
         return 1
-    reports = [compile_case(c) for c in cases]
-    print(f"Static sm_90a check: {len(reports)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
-          f"memory per block, no spills)")
-    width = max([len(r.name) for r in reports] + [6])
-    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  {'tma':>3}  result")
-    for r in reports:
+    print(f"Static sm_90a check: {len(cases)} kernel specialisations (limit {H100_SMEM_LIMIT // 1024} KB shared "
+          f"memory per block, no spills)", flush=True)
+    width = max([len(c.name) for c in cases] + [6])
+    print(f"  {'kernel':<{width}}  {'regs':>4}  {'spill B':>7}  {'smem B':>7}  wgmma  {'tma':>3}  result", flush=True)
+    reports = []
+    for r in compile_all(cases, jobs):
+        reports.append(r)
         if r.error:
             print(f"  {r.name:<{width}}  {'-':>4}  {'-':>7}  {'-':>7}  {'-':>5}  {'-':>3}  FAIL {r.problems()}")
         else:
             verdict = "ok" if r.ok else f"FAIL {r.problems()}"
             print(f"  {r.name:<{width}}  {r.regs:>4}  {r.spill_bytes:>7}  {r.smem:>7}  {'yes' if r.wgmma else 'no':>5}"
-                  f"  {'yes' if r.tma else 'no':>3}  {verdict}")
+                  f"  {'yes' if r.tma else 'no':>3}  {verdict}", flush=True)
     for e in errors:
         print(f"  FAIL import {e}")
     failed = sum(not r.ok for r in reports) + len(errors)
@@ -158,23 +182,33 @@ def run(only: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_in_subprocess(only: list[str]) -> int:
+def run_in_subprocess(only: list[str], jobs: int = 1) -> int:
     """Run the check in a fresh interpreter without ``TRITON_INTERPRET`` (needed for real JIT functions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sys.stdout.flush()
-    return subprocess.run([sys.executable, "-m", "omni_fast.bench.static_check", *only], env=env,
-                          cwd=REPO_ROOT).returncode
+    return subprocess.run([sys.executable, "-m", "omni_fast.bench.static_check", *only, "--jobs", str(jobs)],
+                          env=env, cwd=REPO_ROOT).returncode
 
 
-def main(only: list[str] | None = None) -> int:
+def main(only: list[str] | None = None, jobs: int = 1) -> int:
     """The check over every specialisation, or those whose name contains one of ``only``."""
     from omni_fast.backend import triton_interpreter_enabled
 
     only = list(only or [])
     if triton_interpreter_enabled():
-        return run_in_subprocess(only)
-    return run(only)
+        return run_in_subprocess(only, jobs)
+    return run(only, jobs)
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.static_check")
+    parser.add_argument("only", nargs="*", help="compile only specialisations whose name contains one of these")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="compile in this many processes")
+    args = parser.parse_args(argv)
+    return main(args.only, args.jobs)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(_cli(sys.argv[1:]))

@@ -79,20 +79,46 @@ def _do_bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25)
 
 
+def _wall_ms(fn) -> float:
+    """Wall-clock milliseconds per call: the timer off CUDA (``--device cpu``: the session's dry run checks the
+    tuner's plumbing with it; such a number says nothing about speed and lands in no configs folder)."""
+    t0 = time.perf_counter()
+    for _ in range(2):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / 2
+
+
+def nearest_first(configs: list[dict], default: dict, limit: int | None) -> list[dict]:
+    """``configs`` ordered by how many knobs differ from ``default`` (stable: ties keep the search-space order), the
+    first ``limit`` of them (all when None): a reduced search around the fallback heuristic for a short GPU lease."""
+    if limit is None:
+        return configs
+
+    def distance(cfg):
+        return sum(cfg.get(key) != default.get(key) for key in
+                   ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"))
+
+    return sorted(configs, key=distance)[:limit]
+
+
 def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quick: bool, verbose: bool, *,
-                device: torch.device | str = "cuda", bench=None, space=None) -> dict:
+                device: torch.device | str = "cuda", bench=None, space=None, max_configs: int | None = None,
+                deadline: float | None = None) -> dict:
     """The best config for T tokens: ``{gate/up keys..., "down": {...}}`` (the JSON file's value for bucket T).
 
     ``bench(fn) -> ms`` times one launch closure (default :func:`_do_bench`, which needs a GPU); ``space(block_m,
     gated, elem) -> [config]`` lists the candidates (default :func:`search_space`). Both are injectable so the
     whole tuner runs in a test on the CPU interpreter with a stub timer and a tiny search space.
+    ``max_configs``: per GEMM and BLOCK_M, only the candidates nearest the fallback heuristic
+    (:func:`nearest_first`). ``deadline`` (``time.monotonic()``): past it, each GEMM keeps the best of what it timed.
     """
     from omni_fast.kernels import moe_align, moe_gemm
     from omni_fast.reference import moe as ref
 
-    bench = bench or _do_bench
-    space = space or (lambda bm, gated, elem: search_space(quick, bm, gated, elem))
     dev = torch.device(device)
+    bench = bench or (_do_bench if dev.type == "cuda" else _wall_ms)
+    space = space or (lambda bm, gated, elem: search_space(quick, bm, gated, elem))
+    default = moe_gemm.default_config(T, E, k, H, N, dtype)
     x = torch.randn(T, H, device=dev, dtype=dtype)
     w13 = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) * H ** -0.5
     w2 = torch.randn(E, H, N, device=dev, dtype=dtype) * N ** -0.5
@@ -107,7 +133,9 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
         results = {}
         for gated in (True, False):
             fastest = (float("inf"), None)
-            for cfg in space(bm, gated, elem):
+            for cfg in nearest_first(space(bm, gated, elem), default if gated else default["down"], max_configs):
+                if deadline is not None and time.monotonic() > deadline and fastest[1] is not None:
+                    break
                 a, c, NN, K = (x, act, N, H) if gated else (act, y, H, N)
                 b = w13 if gated else w2
 
@@ -148,6 +176,11 @@ def main(argv=None, *, bench=None, space=None) -> int:
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"default: {OUT_DIR}")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (default: the model's for --n)")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the model's for --n)")
+    p.add_argument("--max-configs", type=int, default=None,
+                   help="per GEMM and BLOCK_M, time only the K candidates nearest the fallback heuristic")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop after this many seconds: buckets not started are left out of the file (it is written "
+                        "after every bucket), a bucket in progress keeps the best config it timed")
     p.add_argument("--device", default="cuda", help="default cuda; anything else only for tests (interpreter)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -165,20 +198,24 @@ def main(argv=None, *, bench=None, space=None) -> int:
     if out_dir.resolve() != (CONFIG_DIR / CONFIG_FAMILY).resolve():
         print(f"note: the installed omni_fast reads tuned configs from {CONFIG_DIR / CONFIG_FAMILY}, not {out_dir}",
               file=sys.stderr)
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     for N in args.n:
         H, k = SHAPES.get(N, (2048, 8))
         H, k = args.hidden or H, args.top_k or k
         path = out_dir / f"{config_file_stem(args.experts, N, dtype, device)}.json"
         table = json.loads(path.read_text()) if path.is_file() else {}
         for T in args.tokens:
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"E={args.experts} N={N} T={T}: not tuned (the --budget-s of {args.budget_s:g} s is spent)")
+                continue
             t0 = time.time()
             table[str(T)] = tune_bucket(T, args.experts, N, H, k, dtype, args.quick, args.verbose, device=device,
-                                        bench=bench, space=space)
+                                        bench=bench, space=space, max_configs=args.max_configs, deadline=deadline)
             print(f"E={args.experts} N={N} T={T}: {table[str(T)]} ({time.time() - t0:.0f} s)")
             # Written after every bucket, so an interrupted run keeps what it tuned.
             ordered = {key: table[key] for key in sorted(table, key=int)}
             path.write_text(json.dumps(ordered, indent=1) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {path}" if path.is_file() else f"E={args.experts} N={N}: nothing tuned, no file written")
     return 0
 
 

@@ -5,12 +5,12 @@
 - :mod:`omni_fast.reference`: pure-PyTorch ground truth; :mod:`omni_fast.kernels`: the Triton kernels.
 """
 
+from ._version import __version__
 from .backend import BACKENDS, use_backend
 from . import ops
 from .integrations.transformers import register_transformers
 from .patch import PatchReport, patch, unpatch
 from . import models
 
-__version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "PatchReport", "models", "ops", "patch", "register_transformers", "unpatch", "use_backend", "__version__"]

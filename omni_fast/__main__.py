@@ -45,13 +45,53 @@ def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> 
 
 
 def write_wav(path: str, audio: torch.Tensor, rate: int = 24000) -> None:
-    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``)."""
+    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``); samples outside [-1, 1] clip."""
     pcm = (audio.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy().tobytes()
     with wave.open(path, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(rate)
         f.writeframes(pcm)
+
+
+SAFE_PEAK_DBFS = -3.0
+
+
+def listenable(audio: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """``audio [S]`` float -> (a version safe to play, a note on what was changed or None).
+
+    Non-finite samples become 0 (a NaN in the weights would otherwise give a NaN file). A waveform that reaches full
+    scale (Code2Wav clamps its output to [-1, 1], so a decode that clipped sits at +-1: random weights give
+    full-scale noise, ~98 % of samples clipped) is peak-normalised to -3 dBFS; one below full scale is written as
+    decoded.
+    """
+    audio = audio.detach().float()
+    notes = []
+    finite = torch.isfinite(audio)
+    if not bool(finite.all()):
+        notes.append(f"{int((~finite).sum())} non-finite samples set to 0")
+        audio = torch.where(finite, audio, torch.zeros_like(audio))
+    peak = float(audio.abs().max()) if audio.numel() else 0.0
+    if peak >= 1.0:
+        clipped = float((audio.abs() >= 1.0).float().mean()) * 100
+        audio = audio * (10 ** (SAFE_PEAK_DBFS / 20) / peak)
+        notes.append(f"the decode reaches full scale (peak {peak:.2f}, {clipped:.0f} % of samples clipped): "
+                     f"peak-normalised to {SAFE_PEAK_DBFS:g} dBFS")
+    return audio, ("; ".join(notes) or None)
+
+
+def demo_speakers(args) -> list[str]:
+    """The speaker names the demo's model knows: the checkpoint's ``talker_config.speaker_id`` (read from its
+    config.json), else the random preset's."""
+    from .models.presets import preset_speakers
+
+    if args.checkpoint:
+        import json
+
+        with open(os.path.join(args.checkpoint, "config.json")) as f:
+            talker = json.load(f).get("talker_config") or {}
+        return sorted(talker.get("speaker_id") or {})
+    return preset_speakers()
 
 
 def _pick_model(args):
@@ -124,8 +164,16 @@ def demo(args) -> int:
             timing = ev.timing
     print("" if args.checkpoint else "   (random weights: the text and the speech are noise)")
     wav = torch.cat(audio) if audio else torch.zeros(0)
-    write_wav(args.out, wav)
+    if args.raw_out:
+        import numpy as np
+
+        np.save(args.raw_out, wav.detach().float().cpu().numpy())
+        print(f"wrote {args.raw_out}: the raw decoded waveform, float32 [{wav.numel()}], not normalised")
+    safe, note = listenable(wav)
+    write_wav(args.out, safe)
     print(f"wrote {args.out}: {wav.numel() / 24000:.2f} s of 24 kHz 16-bit mono audio ({len(audio)} streamed chunks)")
+    if note:
+        print(f"  level: {note}" + ("" if args.checkpoint else " (random weights: the speech is noise)"))
     print(_latency_table(timing, on_gpu))
     return 0
 
@@ -161,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--talker-max-new-tokens", type=int, default=40, help="talker codec frames (12.5 per second)")
     d.add_argument("--prompt", default="Please answer in a friendly voice: what did I just say?")
     d.add_argument("--seconds", type=float, default=2.0, help="length of the synthetic input waveform")
-    d.add_argument("--speaker", default="ethan")
+    d.add_argument("--raw-out", metavar="PATH",
+                   help="also save the raw decoded waveform (float32 .npy, not normalised; the WAV is made safe to "
+                        "play: peak-normalised to -3 dBFS when the decode is over full scale)")
+    d.add_argument("--speaker", default="ethan", type=str.lower,
+                   help="voice: " + ", ".join(_preset_speakers()) + " (random weights); with --checkpoint, the "
+                        "names in its config.json (talker_config.speaker_id)")
     d.add_argument("--verbose", action="store_true", help="print the omni_fast.patch report")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -173,12 +226,21 @@ def main(argv: list[str] | None = None) -> int:
             d.error("--backend cuda needs a CUDA GPU (use triton, reference or auto on a CPU)")
         if args.preset == "full" and not args.checkpoint and not torch.cuda.is_available():
             d.error("--preset full needs a CUDA GPU (the 30B-A3B shapes); use --preset tiny on a CPU")
+        speakers = demo_speakers(args)
+        if speakers and args.speaker not in speakers:
+            d.error(f"argument --speaker: invalid choice {args.speaker!r} (choose from {', '.join(speakers)})")
     if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available() \
             and not triton_interpreter_enabled():
         return _rerun_with_interpreter(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         return demo(args)
     return 2
+
+
+def _preset_speakers() -> list[str]:
+    from .models.presets import preset_speakers
+
+    return preset_speakers()
 
 
 def _rerun_with_interpreter(argv: list[str]) -> int:

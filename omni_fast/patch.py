@@ -52,6 +52,7 @@ from torch import nn
 from . import ops
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import values_checkable
+from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -169,9 +170,11 @@ def _integer_rope_index(self, *args, **kwargs):
     return (pos.to(torch.int64), deltas.to(torch.int64)) if bool(torch.stack(whole).all()) else out
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                       **kwargs):
-    """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel."""
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+    """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel. The KV cache comes as
+    ``cache`` (transformers >= 5.24) or ``past_key_values`` (older): it is updated here, never handed on to the
+    attention function."""
+    cache = pop_cache(kwargs)
     batch, seq = hidden_states.shape[:2]
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
                  if isinstance(position_embeddings, RotaryWithPositions) else None)
@@ -179,7 +182,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
         # transformers' own forward: for positions the kernel cannot take, and with autograd recording (the
         # kernels are inference-only). Keywords, since the attention classes order their parameters differently.
         return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
-                                       attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                                       attention_mask=attention_mask, **with_cache(cache, **kwargs))
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     d = self.head_dim
@@ -197,8 +200,8 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
         ops.mrope(q, k, positions, backend=backend, **rope)
     q = q.view(batch, seq, -1, d).transpose(1, 2)
     k = k.view(batch, seq, -1, d).transpose(1, 2)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import eager_attention_forward
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -343,6 +346,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     ``parts`` limits the patch to some of ``PARTS`` (all when None); ``backend`` pins the backend of the swapped-in
     ops (default: auto). Idempotent: a patched model is unpatched first. Returns a :class:`PatchReport`.
     """
+    check_transformers_version()  # an older transformers: one clear error here, not a failure deep in a forward
     wanted = set(PARTS if parts is None else parts)
     unknown = wanted - set(PARTS)
     if unknown:

@@ -3,7 +3,17 @@
 #
 #   bash scripts/gpu_session.sh STAGE [ARGS...]
 #
-# Stages (run from the repository root on the GPU machine; logs and results go under $OUT, default ./gpu_out):
+# The two prepared sessions (one device call each; python -m omni_fast.bench.session, see BENCHMARKS.md):
+#   first-light [--dry-run] [--steps N,M] [--time-scale F]
+#                       ~8 min: versions/device, static sm_90a check, tests/gpu_first_light.txt, the quick bench
+#                       of moe/attention/mtp/code2wav/rope with all peers and the two ceilings, the full-shape
+#                       pipeline at concurrency 1 and 4, the cost-model calibration; each step time-boxed, all
+#                       of it in $OUT/first-light.tar.gz + $OUT/summary.{json,md}. --dry-run: the CPU wiring check
+#   second-light [--dry-run]
+#                       ~3.5 min, after a clean first light: MoE tuning N=768 and 384 (reduced T grid and search),
+#                       compute-sanitizer memcheck over tests/gpu_memcheck.txt
+#
+# Single stages (run from the repository root on the GPU machine; logs and results go under $OUT, default ./gpu_out):
 #   env                 versions, GPU (the two ceilings are measured by the bench itself)
 #   static              the sm_90a static check with the image's Triton (first: a compile failure shows in seconds)
 #   tests [PYTEST...]   the gpu-marked tests natively (bf16, CuPy CUDA C++, CUDA graphs, real shapes), 8 workers;
@@ -21,7 +31,7 @@
 # hypothesis, pytest-benchmark, pytest-xdist; omni-fast itself is installed editable with --no-deps, and carried
 # peer wheels (.whl/, `make peer-wheels`) go to /tmp/site. Nothing here changes the GPU's settings.
 set -uo pipefail
-STAGE=${1:?stage: env|static|tests|sanitize|smoke|bench|tune|pipeline}
+STAGE=${1:?stage: first-light|second-light|env|static|tests|sanitize|smoke|bench|tune|pipeline}
 shift
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -38,6 +48,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 case "$STAGE" in
+  first-light|second-light)
+    exec "$PY" -m omni_fast.bench.session "$STAGE" --out "$OUT" "$@"
+    ;;
   env)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
     "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \

@@ -29,4 +29,5 @@ echo "torch==${TORCH_VERSION}" >"$CONSTRAINTS"
 "${PIP[@]}" -c "$CONSTRAINTS" -r requirements-dev.txt
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 rm -f "$CONSTRAINTS"
-echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available())')"
+echo "[setup] ready (cuda: $("$VENV/bin/python" -c 'import torch; print(torch.cuda.is_available())'))"
+"$VENV/bin/python" scripts/print_versions.py

@@ -20,7 +20,7 @@ def test_bench_cli_on_cpu():
     # The static report is left out here: tests/test_static_sm90.py runs the same check (and it takes a while).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
@@ -31,7 +31,7 @@ def test_bench_cli_on_cpu():
 
 
 def test_bench_rejects_unknown_op():
-    res = subprocess.run([sys.executable, "-m", "bench", "no_such_op"], cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "no_such_op"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and "unknown op family" in res.stdout + res.stderr
 

@@ -82,7 +82,7 @@ def test_smoke_reports_ok_skipped_and_failed(capsys):
 def test_smoke_cli():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "bench", "rope", "--preset", "smoke", "--providers", "omni_fast",
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "smoke", "--providers", "omni_fast",
                           "omni_fast_cuda"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out

@@ -13,7 +13,10 @@ pytest.importorskip("transformers")
 def _cpu_env() -> dict:
     """The demo as a user runs it on a CPU: the tiny model, no Triton interpreter (the suite's conftest sets it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # the tree under test first on the path (the demo runs from another folder), whatever else is installed
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return dict(env, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
 
 
 def test_demo_writes_wav(tmp_path):
@@ -141,3 +144,58 @@ def test_demo_with_a_text_only_checkpoint(tmp_path, capsys):
     assert "no talker" in text and "thinker TTFT" in text and "0 streamed chunks" in text
     with wave.open(str(out), "rb") as f:
         assert f.getnframes() == 0
+
+
+def test_listenable_normalises_clipping_and_drops_non_finite():
+    import torch
+
+    from omni_fast.__main__ import SAFE_PEAK_DBFS, listenable
+
+    quiet = torch.tensor([0.1, -0.99, 0.25])
+    same, note = listenable(quiet)
+    assert note is None and torch.equal(same, quiet)  # within full scale: written as decoded
+    loud = torch.tensor([3.0, -6.0, 0.5, float("nan")])
+    safe, note = listenable(loud)
+    assert torch.isfinite(safe).all() and safe[3] == 0
+    assert abs(float(safe.abs().max()) - 10 ** (SAFE_PEAK_DBFS / 20)) < 1e-6
+    assert "non-finite" in note and "-3 dBFS" in note
+    empty, note = listenable(torch.zeros(0))
+    assert empty.numel() == 0 and note is None
+
+
+def test_unknown_speaker_is_an_argparse_error(capsys):
+    from omni_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--speaker", "nobody"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--speaker" in err and "nobody" in err and "aiden, chelsie, ethan" in err
+
+
+def test_help_lists_speakers(capsys):
+    from omni_fast.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "aiden, chelsie, ethan" in out and "--raw-out" in out
+
+
+def test_demo_random_weights_wav_is_safe_and_raw_kept(tmp_path):
+    import numpy as np
+
+    out, raw = tmp_path / "out.wav", tmp_path / "raw.npy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_fast", "demo", "--out", str(out), "--raw-out", str(raw), "--max-new-tokens", "2",
+         "--talker-max-new-tokens", "6", "--seconds", "0.5", "--speaker", "Chelsie"],
+        capture_output=True, text=True, timeout=120, env=_cpu_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decoded = np.load(raw)
+    with wave.open(str(out), "rb") as f:
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16)
+    assert pcm.size == decoded.size > 0
+    clipped = np.mean(np.abs(pcm) >= 32767)
+    assert clipped < 0.01  # random weights decode to full-scale noise; the file is normalised, not clipped
+    if np.abs(decoded).max() >= 1:
+        assert "peak-normalised to -3 dBFS" in proc.stdout

@@ -12,6 +12,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # 
 
 from omni_fast.integrations.hf_attention import omni_fast_attention_forward  # noqa: E402
 from omni_fast.reference import attention as ref  # noqa: E402
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
 
 omni_fast.register_transformers()
 
@@ -54,9 +55,9 @@ def _prefill_then_decode(model, T=9, steps=2, batch=2):
 
     def run(m):
         cache = DynamicCache(config=m.config)
-        outs = [m(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state]
+        outs = [m(inputs_embeds=x, **with_cache(cache), use_cache=True).last_hidden_state]
         for s in steps_x:
-            outs.append(m(inputs_embeds=s, past_key_values=cache, use_cache=True).last_hidden_state)
+            outs.append(m(inputs_embeds=s, **with_cache(cache), use_cache=True).last_hidden_state)
         return tuple(outs)
 
     return run
@@ -82,7 +83,7 @@ def test_thinker_text_model_chunked_prefill():
         cache = DynamicCache(config=m.config)
         outs = []
         for x in chunks:
-            outs.append(m(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state)
+            outs.append(m(inputs_embeds=x, **with_cache(cache), use_cache=True).last_hidden_state)
         assert cache.get_seq_length() == 16
         return tuple(outs)
 
@@ -99,9 +100,9 @@ def test_thinker_text_model_static_cache():
 
     def run(m):  # keys are the whole 12-slot cache; the unfilled slots must not be attended
         cache = StaticCache(config=m.config, max_cache_len=12)
-        outs = [m(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state]
+        outs = [m(inputs_embeds=x, **with_cache(cache), use_cache=True).last_hidden_state]
         for s in steps:
-            outs.append(m(inputs_embeds=s, past_key_values=cache, use_cache=True).last_hidden_state)
+            outs.append(m(inputs_embeds=s, **with_cache(cache), use_cache=True).last_hidden_state)
         return tuple(outs)
 
     _both(model, run)
@@ -137,12 +138,12 @@ def test_thinker_text_model_padding_holes_and_decode():
 
     def run(m):
         cache = DynamicCache(config=m.config)
-        out = m(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+        out = m(inputs_embeds=x, attention_mask=mask, **with_cache(cache), use_cache=True).last_hidden_state
         outs = [out[mask.bool()]]
         full = mask
         for s in steps:
             full = torch.cat([full, torch.ones(2, 1, dtype=torch.long)], 1)
-            outs.append(m(inputs_embeds=s, attention_mask=full, past_key_values=cache,
+            outs.append(m(inputs_embeds=s, attention_mask=full, **with_cache(cache),
                           use_cache=True).last_hidden_state)
         return tuple(outs)
 

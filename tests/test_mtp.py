@@ -15,6 +15,8 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # 
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
     Qwen3OmniMoeTalkerCodePredictorConfig, Qwen3OmniMoeTalkerConfig)
 
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
+
 TINY = [
     dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, head_dim=16, num_code_groups=5),
@@ -270,7 +272,7 @@ def _prepare(talker, cfg, ids, hid, gen_step, tth, pad):
     cache.update(zeros, zeros, 0)
     with torch.no_grad():
         return talker.prepare_inputs_for_generation(
-            ids, past_key_values=cache, attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
+            ids, **with_cache(cache), attention_mask=torch.ones(B, 5, dtype=torch.long), use_cache=True,
             hidden_states=((hid,), None), generation_step=gen_step, trailing_text_hidden=tth, tts_pad_embed=pad,
             is_first_iteration=False)
 

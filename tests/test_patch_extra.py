@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: E402
 
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
 from omni_fast.models.presets import (  # noqa: E402
     TINY_CODEC_IDS, TINY_IDS, TINY_THINKER_IDS, tiny_qwen2_5_omni_thinker_config, tiny_qwen3_omni_config)
 
@@ -205,12 +206,12 @@ def test_patched_thinker_forward_has_no_host_sync_per_layer(cuda_like_validation
     try:
         cache = DynamicCache(config=thinker.config.text_config)
         with torch.no_grad():
-            thinker.model(input_ids=torch.tensor([[5, 6, 7, 8]]), past_key_values=cache, use_cache=True,
+            thinker.model(input_ids=torch.tensor([[5, 6, 7, 8]]), **with_cache(cache), use_cache=True,
                           position_ids=torch.arange(4.0).view(1, 1, 4).expand(3, 1, 4))
             counts = []
             for pos in (torch.full((3, 1, 1), 4.0), torch.full((3, 1, 1), 5, dtype=torch.long)):
                 with _CountSyncs() as syncs:
-                    thinker.model(input_ids=torch.tensor([[9]]), position_ids=pos, past_key_values=cache,
+                    thinker.model(input_ids=torch.tensor([[9]]), position_ids=pos, **with_cache(cache),
                                   use_cache=True)
                 counts.append(sum(syncs.count.values()))
     finally:
@@ -482,7 +483,7 @@ def test_gpu_patched_decode_step_is_sync_free():
     try:
         cache = DynamicCache(config=thinker.config.text_config)
         with torch.no_grad():
-            thinker.model(input_ids=torch.tensor([[5, 6, 7, 8]], device="cuda"), past_key_values=cache,
+            thinker.model(input_ids=torch.tensor([[5, 6, 7, 8]], device="cuda"), **with_cache(cache),
                           use_cache=True, position_ids=torch.arange(4, device="cuda").view(1, 1, 4).expand(3, 1, 4))
             for step in range(3):  # the first steps compile (and autotune) the decode kernels; the last runs warm
                 pos = torch.full((3, 1, 1), 4 + step, dtype=torch.long, device="cuda")
@@ -491,7 +492,7 @@ def test_gpu_patched_decode_step_is_sync_free():
                 if step == 2:
                     torch.cuda.set_sync_debug_mode("error")
                 try:
-                    thinker.model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True)
+                    thinker.model(input_ids=token, position_ids=pos, **with_cache(cache), use_cache=True)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()

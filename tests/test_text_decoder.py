@@ -15,6 +15,7 @@ import omni_fast  # noqa: E402
 from omni_fast.models.presets import tiny_qwen3_omni_config  # noqa: E402
 from omni_fast.models.text_decoder import MoeTextDecoder  # noqa: E402
 from omni_fast.testing import randomize_  # noqa: E402
+from omni_fast.integrations.hf_compat import with_cache  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=2e-5)  # fp32: only summation order differs from transformers
 
@@ -43,7 +44,7 @@ def _prefill(m, mask, positions, static=False, seed=1):
     x = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev, dt)
     cache = StaticCache(config=cfg, max_cache_len=S + 8) if static else DynamicCache(config=cfg)
     with torch.no_grad():
-        m(inputs_embeds=x, attention_mask=mask.to(dev), position_ids=positions.to(dev), past_key_values=cache,
+        m(inputs_embeds=x, attention_mask=mask.to(dev), position_ids=positions.to(dev), **with_cache(cache),
           use_cache=True)
     return cache
 
@@ -73,7 +74,7 @@ def _compare(m, head, dec, mask, pos3, cache, steps=3, seed=2, tol=TOL):
         e = torch.randn(B, m.config.hidden_size, generator=g).to(dev, dt)
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         with torch.no_grad():
-            o = m(inputs_embeds=e[:, None], attention_mask=mask, position_ids=nxt[:, :, None], past_key_values=cache,
+            o = m(inputs_embeds=e[:, None], attention_mask=mask, position_ids=nxt[:, :, None], **with_cache(cache),
                   use_cache=True)
             want_h = o.last_hidden_state[:, -1]
             want = head(want_h)
@@ -160,7 +161,7 @@ def test_batch_of_one_without_padding_and_triton_fp16():
     logits, _ = dec.step(e.half(), nxt)
     with torch.no_grad():
         o = m(inputs_embeds=e[:, None], attention_mask=torch.ones(1, 5, dtype=torch.long),
-              position_ids=nxt.view(1, 1, 1).expand(3, 1, 1), past_key_values=cache, use_cache=True)
+              position_ids=nxt.view(1, 1, 1).expand(3, 1, 1), **with_cache(cache), use_cache=True)
         want = head(o.last_hidden_state[:, -1])
     assert logits.dtype == torch.float16
     torch.testing.assert_close(logits.float(), want, rtol=2e-2, atol=3e-2)
@@ -494,7 +495,7 @@ def test_real_shapes_graph_bf16():
     e = torch.randn(2, cfg.hidden_size, generator=g).cuda().bfloat16()
     logits, hidden = dec.step(e, nxt[0])
     with torch.no_grad():
-        o = m(inputs_embeds=e[:, None], attention_mask=full, position_ids=nxt[:, :, None], past_key_values=cache,
+        o = m(inputs_embeds=e[:, None], attention_mask=full, position_ids=nxt[:, :, None], **with_cache(cache),
               use_cache=True)
     err = (hidden.float() - o.last_hidden_state[:, -1].float()).norm() / o.last_hidden_state[:, -1].float().norm()
     assert err < 0.1, err

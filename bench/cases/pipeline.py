@@ -8,7 +8,7 @@ Two ways to run it:
   ``transformers_patched`` (transformers' own ``Qwen3OmniMoeForConditionalGeneration.generate``, greedy, unpatched
   and patched by ``omni_fast.patch``, on the same requests: the same prompt ids with their audio placeholders and
   the same mel features). The harness times a whole request batch per call.
-- ``python -m omni_fast.bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--out DIR]``: the latency breakdown
+- ``python -m omni_fast.bench.cases.pipeline [--concurrency 1 4 6] [--thinker-layers N] [--providers P...] [--out DIR]``: the latency breakdown
   of the technical report per request (first audio packet, thinker/talker TTFT, MTP per frame, codec per code,
   tokens/s, RTF, total) for the four providers ``omni_fast``, ``eager``, ``transformers``, ``transformers_patched``
   next to the report's numbers, written as JSON + markdown under ``bench/results/<device>/`` (what transformers'
@@ -343,6 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 6])
     parser.add_argument("--thinker-layers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+                        help="which to run (default: all; the time-boxed GPU session runs omni_fast only)")
     from omni_fast.bench.harness import RESULTS_DIR
 
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
         check()
         print("check: pass")
         return 0
-    result = measure(args.concurrency, args.thinker_layers, args.repeats)
+    result = measure(args.concurrency, args.thinker_layers, args.repeats, providers=args.providers)
     folder = args.out / file_safe(torch.cuda.get_device_name())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pipeline.json").write_text(json.dumps(result, indent=1))

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import pinned_backend
+from .hf_compat import is_paged_cache
 
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
@@ -145,7 +146,9 @@ def omni_fast_attention_forward(
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"omni_fast attention does not support {name!r}")
-    if kwargs.get("cache") is not None:
+    # transformers >= 5.24 may hand the layer's KV cache on as ``cache=`` (already updated by the caller: key/value
+    # include the past). Only the continuous-batching paged cache changes what key/value mean.
+    if is_paged_cache(kwargs.get("cache")):
         raise NotImplementedError("omni_fast attention does not support transformers' continuous batching "
                                   "(PagedAttentionCache); use omni_fast.ops.flash_attn_with_kvcache with a block_table")
     if dropout and module.training:

@@ -20,6 +20,9 @@ def register_transformers() -> None:
     if _registered:
         return
     from . import hf_attention, hf_experts
+    from .hf_compat import check_transformers_version
+
+    check_transformers_version()
 
     hf_experts.register(EXPERTS_NAME)
     hf_attention.register(ATTENTION_NAME)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..backend import graph_capturable
+from ..integrations.hf_compat import output_cache, with_cache
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] float -> ids [B] int64
 
@@ -54,14 +55,14 @@ class HFCodePredictor:
         embeds = cp.model.get_input_embeddings()  # ModuleList: table g-1 embeds residual code g
         c0_embed = self.codec_embedding(c0[:, None])
         cache = DynamicCache(config=cp.config)
-        out = cp.model(inputs_embeds=torch.cat([past_hidden, c0_embed], dim=1), past_key_values=cache,
+        out = cp.model(inputs_embeds=torch.cat([past_hidden, c0_embed], dim=1), **with_cache(cache),
                        use_cache=True)
         codes = [sampler(cp.lm_head[0](out.last_hidden_state[:, -1]).float())]
         total = c0_embed
         for g in range(2, len(cp.lm_head) + 1):
             emb = embeds[g - 2](codes[-1][:, None])
             total = total + emb
-            out = cp.model(inputs_embeds=emb, past_key_values=out.past_key_values, use_cache=True)
+            out = cp.model(inputs_embeds=emb, **with_cache(output_cache(out)), use_cache=True)
             codes.append(sampler(cp.lm_head[g - 1](out.last_hidden_state[:, -1]).float()))
         total = total + embeds[len(cp.lm_head) - 1](codes[-1][:, None])
         return torch.stack(codes, dim=1), total

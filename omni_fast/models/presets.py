@@ -34,7 +34,14 @@ _CODEC_SPECIAL = TINY_CODEC_VOCAB - 16
 TINY_CODEC_IDS = dict(codec_pad_id=_CODEC_SPECIAL + 0, codec_bos_id=_CODEC_SPECIAL + 1,
                       codec_eos_token_id=_CODEC_SPECIAL + 2, codec_nothink_id=_CODEC_SPECIAL + 7,
                       codec_think_bos_id=_CODEC_SPECIAL + 8, codec_think_eos_id=_CODEC_SPECIAL + 9)
-TINY_SPEAKERS = {"ethan": _CODEC_SPECIAL + 10, "chelsie": _CODEC_SPECIAL + 11}
+# the real model's three voices (FULL_SPEAKERS), so every preset takes the same --speaker names
+TINY_SPEAKERS = {"ethan": _CODEC_SPECIAL + 10, "chelsie": _CODEC_SPECIAL + 11, "aiden": _CODEC_SPECIAL + 12}
+FULL_SPEAKERS = {"ethan": 2302, "chelsie": 2301, "aiden": 2303}  # Qwen3-Omni-30B-A3B's talker_config.speaker_id
+
+
+def preset_speakers() -> list[str]:
+    """The speaker names of the random presets (tiny and full have the real model's three)."""
+    return sorted(FULL_SPEAKERS)
 
 
 def _rope(section):
@@ -112,7 +119,7 @@ def full_qwen3_omni_config(thinker_layers: int | None = None):
         text_config=talker_text, thinker_hidden_size=2048, num_code_groups=16, accept_hidden_layer=min(
             24, thinker_layers or 48), spatial_merge_size=2, position_id_per_seconds=13,
         codec_eos_token_id=2150, codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157,
-        codec_pad_id=2148, codec_bos_id=2149, speaker_id={"ethan": 2302, "chelsie": 2301, "aiden": 2303},
+        codec_pad_id=2148, codec_bos_id=2149, speaker_id=dict(FULL_SPEAKERS),
         code_predictor_config=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=5,
                                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=2048,
                                    num_code_groups=16),

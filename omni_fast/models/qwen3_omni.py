@@ -39,6 +39,7 @@ import torch
 
 from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniCodePredictor, StreamingCodec,
                          pick)
+from ..integrations.hf_compat import output_cache, with_cache
 from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
 
@@ -594,7 +595,7 @@ class Qwen3Omni:
                 thinker_mask = torch.cat([thinker_mask, thinker_mask.new_ones(B, 1)], dim=1)
                 p = next_pos.view(1, B, 1).expand(3, B, 1)
                 o = thinker_text_model(thinker)(inputs_embeds=embeds_layer(token[:, None]),
-                                                 attention_mask=thinker_mask, position_ids=p, past_key_values=cache,
+                                                 attention_mask=thinker_mask, position_ids=p, **with_cache(cache),
                                                  use_cache=True)
                 logits = thinker.lm_head(o.last_hidden_state[:, -1])
             nxt = text_sampler(logits.float())
@@ -693,7 +694,7 @@ class Qwen3Omni:
         t_cache = _new_cache(talker.config.text_config, static_cache, t_embeds.shape[1] + talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
         tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=_int_positions(t_pos),
-                            past_key_values=t_cache, use_cache=True)
+                            **with_cache(t_cache), use_cache=True)
         suppress = _suppress_mask(tcfg, dev)
         c0 = self._codec_pick(talker.codec_head(tout.last_hidden_state[:, -1]).float(), suppress, [], codec_sampler,
                               talker_repetition_penalty)
@@ -710,7 +711,7 @@ class Qwen3Omni:
         if graph_decode:
             t0 = _now(dev)
             talker_dec = self._decoder("talker", lease)
-            talker_dec.load_prefill(tout.past_key_values, t_mask, max_new_tokens=talker_max_new_tokens,
+            talker_dec.load_prefill(output_cache(tout), t_mask, max_new_tokens=talker_max_new_tokens,
                                     fractional_positions=t_next_pos.is_floating_point())
             tout = t_cache = None
             dt = _now(dev) - t0
@@ -782,7 +783,7 @@ class Qwen3Omni:
                 t_mask = torch.cat([t_mask, t_mask.new_ones(B, 1)], dim=1)
                 p = t_next_pos.view(1, B, 1).expand(3, B, 1)
                 tout = talker.model(inputs_embeds=summed + text_in, attention_mask=t_mask, position_ids=p,
-                                    past_key_values=tout.past_key_values, use_cache=True)
+                                    **with_cache(output_cache(tout)), use_cache=True)
                 logits = talker.codec_head(tout.last_hidden_state[:, -1])
                 past_hidden = tout.last_hidden_state[:, -1:]
             t_next_pos = t_next_pos + 1
@@ -874,7 +875,7 @@ class Qwen3Omni:
                     rows = rank[:, s:e][vm]
                     extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
                 out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                         position_ids=positions[:, :, s:e], past_key_values=cache, use_cache=True, **extra)
+                         position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
                 outs.append(out.last_hidden_state)
         finally:
             if hook is not None:

@@ -69,21 +69,21 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
     return cached[1]
 
 
-def _prepare_inputs_with_fast_mtp(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                  is_first_iteration=False, **kwargs):
+def _prepare_inputs_with_fast_mtp(self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False,
+                                  **kwargs):
     """transformers' ``prepare_inputs_for_generation`` of the talker with the per-frame code predictor on omni-fast.
 
-    Bound to the talker instance (``types.MethodType``), so a deep copy of the talker re-binds to the copy.
+    Bound to the talker instance (``types.MethodType``), so a deep copy of the talker re-binds to the copy. The
+    cache arrives in ``kwargs`` under the installed release's name (``cache`` from 5.24, ``past_key_values``
+    before) and goes on as given. ``inputs_embeds`` stays a named parameter: ``generate`` inspects the signature
+    for it.
     """
+    named = dict(attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration)
     if is_first_iteration or not kwargs.get("use_cache", True):
-        return type(self).prepare_inputs_for_generation(
-            self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        return type(self).prepare_inputs_for_generation(self, input_ids, **named, **kwargs)
     cp = _fast_code_predictor(self)
     hidden_states = kwargs.pop("hidden_states", None)
-    inputs = super(type(self), self).prepare_inputs_for_generation(
-        input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-        is_first_iteration=is_first_iteration, **kwargs)
+    inputs = super(type(self), self).prepare_inputs_for_generation(input_ids, **named, **kwargs)
     last_ids = input_ids[:, -1]
     past_hidden = hidden_states[0][-1][:, -1]  # last layer, last token
     gen = self.code_predictor.generation_config

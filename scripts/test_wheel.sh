@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The package as a user installs it: `pip wheel .` and `pip install .` (isolated builds), each installed into a fresh
+# venv with the local torch, then `python -m omni_fast.selftest` (one op per family vs the reference) run from
+# outside the repository, so nothing of the source tree is on the path.
+#   bash scripts/test_wheel.sh [PYTHON]     (PYTHON: the project venv's, to learn the torch to use)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${1:-.venv/bin/python}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__)")
+TORCH_DIR=$("$PY" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+VENV_ARGS=()
+case "$TORCH_DIR" in
+  "$REPO"/*) ;;                                    # torch lives in the project venv: install the same one
+  *) VENV_ARGS=(--system-site-packages) ;;         # a GPU image's torch: let the fresh venv see it
+esac
+"$PY" -m venv "${VENV_ARGS[@]}" "$WORK/venv"
+VPY="$WORK/venv/bin/python"
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+echo "torch==${TORCH_VERSION%%+*}" >"$WORK/constraints.txt"
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  "${PIP[@]}" "torch==${TORCH_VERSION%%+*}"        # the local CPU wheel on the project's machines
+fi
+
+echo "[wheel] pip wheel ."
+"$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/dist" "$REPO"
+WHEEL=$(ls "$WORK"/dist/omni_fast-*.whl)
+echo "[wheel] built $(basename "$WHEEL"); installing it into a fresh venv"
+"${PIP[@]}" -c "$WORK/constraints.txt" "$WHEEL"
+(cd "$WORK" && "$VPY" -m omni_fast.selftest)
+(cd "$WORK" && "$VPY" -c "import omni_fast.bench.static_check, omni_fast.kernels.cuda_rope as c; assert c.SOURCE.is_file(), c.SOURCE")
+(cd "$WORK" && "$WORK/venv/bin/omni-fast" --help >/dev/null)
+
+echo "[wheel] pip install . (from the source tree)"
+"${PIP[@]}" --no-deps --force-reinstall "$REPO"
+(cd "$WORK" && "$VPY" -m omni_fast.selftest)
+echo "[wheel] PASS: pip wheel . and pip install . both install a working package"
