@@ -105,6 +105,29 @@ def _gemv(row, eps, DT: tl.constexpr, HAS_NORM: tl.constexpr, EPILOGUE: tl.const
 
 
 @triton.jit
+def _prefetch_weights(row, DT: tl.constexpr, UP: tl.constexpr, LINES: tl.constexpr):
+    """L2 prefetch of a GEMV item's weight rows (its 16 x n_tiles rows, and with ``UP`` the matching up rows of the
+    fused gate/up weight), one ``prefetch.global.L2::evict_last`` per 128-byte line. Issued BEFORE the item's wait:
+    the weights depend on no counter, so HBM keeps streaming while the previous phase drains (docs/persistent.md).
+    ``LINES``: 128-byte lines per weight row, rounded up to a power of two."""
+    w = _ptr(row, 8, DT)
+    N = _int(row, 13)
+    K = _int(row, 14)
+    n0 = _int(row, 18) * 16
+    per_line: tl.constexpr = 1024 // DT.primitive_bitwidth  # elements per 128-byte line
+    for t in range(_int(row, 19)):
+        r = n0 + t * 16 + tl.arange(0, 16)
+        c = tl.arange(0, LINES) * per_line
+        ok = (r < N)[:, None] & (c < K)[None, :]
+        offs = tl.where(ok, r.to(tl.int64)[:, None] * K + c[None, :], 0)
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [w + offs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        if UP:
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                                      [w + N.to(tl.int64) * K + offs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _attention(row, prm, scale, eps, DT: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
                BLOCK_L: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                A: tl.constexpr):
@@ -118,7 +141,8 @@ def _attention(row, prm, scale, eps, DT: tl.constexpr, GROUP: tl.constexpr, BLOC
     q = _ptr(row, 6, DT, A)
     attention_tile(tl.load(row + 12), tl.load(row + 13), q, q + n_q * D, q + (n_q + n_kv) * D,
                    _ptr(row, 7, DT, A), _ptr(row, 8, DT, A), _ptr(row, 9, DT, A), _ptr(row, 10, DT, A),
-                   _ptr(row, 11, DT, A), _ptr(prm, P_COS, DT, A), _ptr(prm, P_SIN, DT, A), T * cols, cols, D, T * cols, cols, D, T * cols, cols, D,
+                   _ptr(row, 11, DT, A), _ptr(prm, P_COS, DT, A), _ptr(prm, P_SIN, DT, A),
+                   T * cols, cols, D, T * cols, cols, D, T * cols, cols, D,
                    n_kv * L * D, L * D, D, T * n_q * D, n_q * D, D, _int(prm, P_STRIDE_CS),
                    _int(row, 14), T, scale, eps, GROUP, BLOCK_Q, BLOCK_L, D, HALF, BLOCK_HALF, True)
 
@@ -186,6 +210,7 @@ def mtp_frame_kernel(
     GREEDY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
     S_BLOCK: tl.constexpr, S_NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
     G: tl.constexpr, BLOCK_G: tl.constexpr, RVQ_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_LINES: tl.constexpr,
 ):
     """One frame (see the module doc). ``prm``: int64 ``[N_PARAMS]`` frame constants (workspace addresses, sizes;
     loaded where used, so they do not hold registers across the loop). ``x``/``c0``/``c0e``/``seed`` are this
@@ -195,6 +220,12 @@ def mtp_frame_kernel(
     step = tl.num_programs(0)
     while i < n_items:
         row = items_ptr + i.to(tl.int64) * 24
+        if PREFETCH:
+            pf = tl.load(row)
+            if pf == 3:
+                _prefetch_weights(row, DT, True, PF_LINES)
+            elif (pf >= 1) & (pf <= 5):
+                _prefetch_weights(row, DT, False, PF_LINES)
         ok = _wait(ctr_ptr, err_ptr, row, 1, i, spin_limit)
         if ok != 0:
             ok = _wait(ctr_ptr, err_ptr, row, 3, i, spin_limit)
@@ -245,7 +276,8 @@ def _static_signature(dt: str) -> dict:
     sig.update({n: "constexpr" for n in ("BK_H", "BK_O", "BK_I", "UPCAST", "DOT_PRECISION", "GROUP", "BLOCK_Q1",
                                          "BLOCK_Q2", "BLOCK_L", "D", "HALF", "BLOCK_HALF", "GREEDY", "TEMPERATURE",
                                          "TOP_K", "TOP_P", "S_BLOCK", "S_NUM_BLOCKS", "NWAY", "G", "BLOCK_G",
-                                         "RVQ_BLOCK", "BLOCK_H", "ALIGNED")})
+                                         "RVQ_BLOCK", "BLOCK_H", "ALIGNED", "PREFETCH",
+                                         "PF_LINES")})
     return sig
 
 
@@ -259,5 +291,5 @@ for _dt in ("bf16", "fp16"):
                                     BLOCK_Q1=2, BLOCK_Q2=4, BLOCK_L=16, D=128, HALF=64, BLOCK_HALF=64,
                                     GREEDY=_greedy, TEMPERATURE=False, TOP_K=not _greedy, TOP_P=not _greedy,
                                     S_BLOCK=2048, S_NUM_BLOCKS=1, NWAY=16, G=16, BLOCK_G=16, RVQ_BLOCK=1024,
-                                    BLOCK_H=1024, ALIGNED=True),
+                                    BLOCK_H=1024, ALIGNED=True, PREFETCH=True, PF_LINES=64),
                     num_warps=4)

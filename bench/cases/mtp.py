@@ -6,7 +6,8 @@ exactly as the Talker runs it), ``eager`` (omni-fast's reference frame with a st
 (``torch.compile(mode="reduce-overhead")`` of that reference frame), ``omni_fast`` (the whole frame replayed as one
 CUDA graph, Triton ops, the fused GEMV layer kernels: 5 launches per layer), ``omni_fast_unfused`` (the same graph
 with cuBLAS matmuls and the small fused ops: 9 launches per layer), so fused vs cuBLAS shows side by side, and
-``persistent`` (issue 16: the whole frame as ONE launch of the persistent kernel, replayed from a graph). ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
+``persistent`` (issue 16: the whole frame as ONE launch of the persistent kernel, replayed from a graph).
+``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
 
 Batches: the issue's B in {1, 4, 16, 64} is the "full" preset (``python -m omni_fast.bench mtp --preset full``); the default
 "quick" preset runs B = 1 and 16 only.

@@ -158,7 +158,9 @@ class PersistentFrame:
             TOP_K=0 < int(top_k) < s.vocab, TOP_P=float(top_p) < 1.0, S_BLOCK=blk,
             S_NUM_BLOCKS=triton.cdiv(s.vocab, blk), NWAY=NWAY,
             G=G, BLOCK_G=triton.next_power_of_2(G), RVQ_BLOCK=s.rvq_block, BLOCK_H=triton.next_power_of_2(H),
-            ALIGNED=self.aligned, num_warps=NUM_WARPS, device=x.device,
+            ALIGNED=self.aligned, PREFETCH=not interpreting(),  # inline PTX: not on the interpreter
+            PF_LINES=triton.next_power_of_2(triton.cdiv(max(H, s.nq * d, s.inter) * x.element_size(), 128)),
+            num_warps=NUM_WARPS, device=x.device,
         )
         if self.grid is None and getattr(self, "_compiled", None) is None:
             # first GPU launch: one program per SM (co-resident whenever the kernel runs at all); from now on the
