@@ -45,7 +45,14 @@ def synthetic_speech(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> 
 
 
 def write_wav(path: str, audio: torch.Tensor, rate: int = 24000) -> None:
-    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``); samples outside [-1, 1] clip."""
+    """``audio [S]`` float in [-1, 1] -> 16-bit mono PCM WAV (stdlib ``wave``); samples outside [-1, 1] clip.
+
+    Non-finite samples raise ValueError and nothing is written (a NaN would silently become a sample value; the
+    demo passes its waveform through :func:`listenable` first, which zeroes them and says so)."""
+    if not bool(torch.isfinite(audio).all()):
+        bad = int((~torch.isfinite(audio)).sum())
+        raise ValueError(f"audio has {bad} non-finite (NaN/inf) samples: not writing {path} (non-finite Code2Wav "
+                         f"weights? Qwen3Omni.from_pretrained(check_finite=True) refuses them at load)")
     pcm = (audio.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16).cpu().numpy().tobytes()
     with wave.open(path, "wb") as f:
         f.setnchannels(1)

@@ -42,7 +42,7 @@ replaced and what was left as it is.
 
 from __future__ import annotations
 
-import types
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
@@ -336,8 +337,24 @@ def _swap_attr(module: nn.Module, name: str, value) -> None:
 def _swap_forward(module: nn.Module, new_forward) -> None:
     if "_omni_fast_forward" in module.__dict__:  # already swapped by an enclosing patch: never wrap twice
         return
-    module._omni_fast_forward = module.forward  # what the swapped forward calls to run transformers' code
-    _swap_attr(module, "forward", types.MethodType(new_forward, module))
+    # what the swapped forward calls to run transformers' code; picklable (see omni_fast._bound)
+    module.__dict__["_omni_fast_forward"] = original_method(module, "forward")
+    _swap_attr(module, "forward", BoundMethod(new_forward, module))
+
+
+# patch / unpatch rewrite the attributes of a whole module tree: one at a time (re-entrant: patch unpatches first)
+_LOCK = threading.RLock()
+_MEMBER = "_omni_fast_member"  # set on every module of a patched tree (the root also has _omni_fast_patched)
+
+
+def _check_module(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers Qwen-Omni model or part), got "
+                        f"{type(model).__name__}")
+    if model.__dict__.get(_MEMBER, False) and not model.__dict__.get("_omni_fast_patched", False):
+        raise ValueError(f"cannot {what} this {type(model).__name__}: it is part of a model patched as a whole; "
+                         f"unpatch that model (omni_fast.unpatch(model)), or patch the whole model with "
+                         f"parts=... instead")
 
 
 def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] | None = None) -> PatchReport:
@@ -345,8 +362,19 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
 
     ``parts`` limits the patch to some of ``PARTS`` (all when None); ``backend`` pins the backend of the swapped-in
     ops (default: auto). Idempotent: a patched model is unpatched first. Returns a :class:`PatchReport`.
+    A part of a model patched as a whole cannot be patched or unpatched on its own (ValueError: unpatch the model,
+    or use ``parts``); patching a model whose parts were patched on their own unpatches those first. Thread-safe
+    (one lock around patch / unpatch); a patched model pickles (``torch.save``) and loads back patched.
     """
+    _check_module(model, "patch")
+    if parts is not None and (isinstance(parts, (str, bytes)) or not hasattr(parts, "__iter__")):
+        raise TypeError(f"parts must be an iterable of names from {PARTS}, got {parts!r}")
     check_transformers_version()  # an older transformers: one clear error here, not a failure deep in a forward
+    with _LOCK:
+        return _patch(model, backend, parts)
+
+
+def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -> PatchReport:
     wanted = set(PARTS if parts is None else parts)
     unknown = wanted - set(PARTS)
     if unknown:
@@ -358,7 +386,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     # A fresh patch of this tree: undo an earlier one of the tree itself or of any of its parts first.
     for module in model.modules():
         if module.__dict__.get("_omni_fast_patched", False):
-            unpatch(module)
+            _unpatch(module)
     register_transformers()
     attention_ready = _attention_registered()
     root = _root_part(model)
@@ -399,7 +427,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         elif cls == "Qwen3OmniMoeCode2Wav" and part in wanted:
             if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 _pin(module, backend)
-                _swap_attr(module, "forward", types.MethodType(_code2wav_forward, module))
+                _swap_attr(module, "forward", BoundMethod(_code2wav_forward, module))
             counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
                           "-> omni_fast.models.Code2Wav")] = 1
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
@@ -430,8 +458,8 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
         if part in wanted and callable(getattr(type(module), "get_rope_index", None)) and any(
                 type(m).__name__ in _MROPE_ROTARY for m in module.modules()):
             if "get_rope_index" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
-                module.__dict__["_omni_fast_get_rope_index"] = module.get_rope_index
-                _swap_attr(module, "get_rope_index", types.MethodType(_integer_rope_index, module))
+                module.__dict__["_omni_fast_get_rope_index"] = original_method(module, "get_rope_index")
+                _swap_attr(module, "get_rope_index", BoundMethod(_integer_rope_index, module))
     for (part, what), n in sorted(counts.items()):
         report.replaced.append(f"[{part}] {what} (x{n})")
     for (part, what), n in sorted(left.items()):
@@ -439,6 +467,9 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     for part in sorted(wanted - {p for p, _ in counts}):
         if any(_part_of(root, p) == part for p, _ in model.named_modules()):
             report.left.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
+    for path, module in model.named_modules():  # the selected parts cannot be (un)patched on their own now
+        if _part_of(root, path) in wanted:
+            module.__dict__[_MEMBER] = True
     model._omni_fast_patched = True
     model._omni_fast_saved_configs = saved_configs
     return report
@@ -506,7 +537,14 @@ def _restore(config, attr: str, old) -> None:
 
 def unpatch(model: nn.Module) -> None:
     """Undo :func:`patch` on ``model`` and every part of it patched on its own: original forwards and
-    implementation names come back, and omni-fast's cached fast models are dropped."""
+    implementation names come back, and omni-fast's cached fast models are dropped. A part of a model patched as a
+    whole raises ValueError (it cannot be restored alone: unpatch the model)."""
+    _check_module(model, "unpatch")
+    with _LOCK:
+        _unpatch(model)
+
+
+def _unpatch(model: nn.Module) -> None:
     for module in model.modules():
         for config, attr, old in reversed(module.__dict__.get("_omni_fast_saved_configs", [])):
             _restore(config, attr, old)

@@ -8,12 +8,17 @@ CUDA graph captures.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)  # model-level inputs (the kernels themselves take FLOAT_DTYPES)
 INT_DTYPES = (torch.int32, torch.int64)
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -67,13 +72,66 @@ def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     return first.dtype
 
 
+def as_int(name: str, value) -> int:
+    """The one rule for integer arguments: a Python int, a numpy integer or a 0-d integer tensor, returned as a
+    Python int. Bools, floats, strings and other tensors raise a ``TypeError`` naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an int (or a 0-d integer tensor), got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        return int(value)
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    return int(value)
+
+
 def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An integer argument within [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """An integer argument (see :func:`as_int`) within [minimum, maximum]; returns it as a Python int."""
+    value = as_int(name, value)
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
+                min_open: bool = False, allow_inf: bool = False) -> float:
+    """A real-number argument: int, float, numpy scalar or 0-d real tensor (not bool, not str), finite unless
+    ``allow_inf`` (NaN never), within ``[minimum, maximum]`` (``(minimum, ...`` with ``min_open``); returns a
+    Python float."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a float (or a 0-d real tensor), got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    low_bad = minimum is not None and (value <= minimum if min_open else value < minimum)
+    if low_bad or (maximum is not None and value > maximum):
+        lo = "" if minimum is None else f"{'(' if min_open else '['}{minimum}, "
+        bound = f"in {lo}{maximum}]" if maximum is not None and minimum is not None else (
+            f"{'>' if min_open else '>='} {minimum}" if maximum is None else f"<= {maximum}")
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: a Python bool, a numpy bool or a 0-d bool tensor (not an int, not a string)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        return bool(value)
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+def check_seed(name: str, value) -> int:
+    """A seed / RNG offset: an integer (see :func:`as_int`) that fits int64."""
+    value = as_int(name, value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name} must fit int64 (in [-2**63, 2**63 - 1]), got {value}")
     return value
 
 
@@ -93,9 +151,30 @@ def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
     if _is_tracing():
         return
-    if torch._debug_has_internal_overlap(t) == 1:  # 1 = definitely overlapping
+    if torch._debug_has_internal_overlap(t) == 1 or not _non_overlapping(t):  # 1 = definitely overlapping
         raise ValueError(f"{name} has internally overlapping memory (an expanded view?): it cannot be written in "
                          f"place; pass a contiguous copy")
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """Sufficient condition for distinct elements at distinct addresses: with the dimensions sorted by stride,
+    each stride exceeds the span of all smaller-stride dimensions (true of every dense or sliced layout)."""
+    dims = sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1)
+    span = 0  # highest offset reachable with the dims seen so far
+    for stride, n in dims:
+        if stride <= span:
+            return False
+        span += (n - 1) * stride
+    return True
+
+
+def check_output(name: str, out: torch.Tensor, **inputs) -> None:
+    """An in-place / ``out=`` tensor: no internally overlapping elements, and no memory shared with any of the
+    named ``inputs`` (None entries are skipped)."""
+    check_no_internal_overlap(name, out)
+    for other, t in inputs.items():
+        if isinstance(t, torch.Tensor):
+            check_disjoint(name, out, other, t)
 
 
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -120,10 +199,25 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
                          f"pass a copy")
 
 
+def _as_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` ``[R, ...]`` as a 2-D ``[R, C]`` view when each row ``t[r]`` is dense (e.g. the heads of a fused qkv
+    projection, ``qkv[:, :, :nq]``), else None."""
+    if t.dim() < 2:
+        return None
+    if t.dim() == 2:
+        return t
+    if t.shape[0] == 0 or not t[0].is_contiguous():
+        return None
+    return t.as_strided((t.shape[0], t[0].numel()), (t.stride(0), 1))
+
+
 def _column_blocks_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` are 2-D views with the same row stride and unit column stride whose columns, within
-    that row stride, do not intersect (so no element is shared whatever their rows)."""
-    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size():
+    """Whether ``a`` and ``b`` are views ``[R, ...]`` with dense rows, the same row stride and unit column stride
+    whose columns, within that row stride, do not intersect (so no element is shared whatever their rows)."""
+    if a.element_size() != b.element_size():
+        return False
+    a, b = _as_rows(a), _as_rows(b)
+    if a is None or b is None:
         return False
     row = a.stride(0)
     if b.stride(0) != row or a.stride(1) != 1 or b.stride(1) != 1 or row < max(a.shape[1], b.shape[1]):

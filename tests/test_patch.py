@@ -315,8 +315,10 @@ def test_nested_patches_deepcopy_and_weight_changes():
     omni_fast.unpatch(model)
     assert swapped() == []
     omni_fast.patch(model, backend="reference")
-    omni_fast.patch(model.thinker, backend="reference")
-    omni_fast.unpatch(model.thinker)
+    with pytest.raises(ValueError, match="part of a model patched as a whole"):  # never half-patched (issue 17)
+        omni_fast.patch(model.thinker, backend="reference")
+    with pytest.raises(ValueError, match="part of a model patched as a whole"):
+        omni_fast.unpatch(model.thinker)
     omni_fast.unpatch(model)
     assert swapped() == []
 

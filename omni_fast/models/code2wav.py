@@ -79,9 +79,14 @@ class Code2Wav:
     concatenated once (one GEMM each; ``sd`` keeps the per-projection names as views of the fused weights).
     ``backend`` (None = the usual choice) applies to every op."""
 
-    def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, backend: str | None = None):
+    def __init__(self, config, state_dict: Mapping[str, torch.Tensor], *, backend: str | None = None,
+                 check_finite: bool = False):
         self.config = cfg = Code2WavConfig.coerce(config)
         _check_state_dict(cfg, state_dict)
+        if check_finite:  # NaN/inf weights give a NaN waveform (the final clamp passes NaN): refuse them here
+            bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise ValueError(f"state_dict has non-finite (NaN/inf) Code2Wav weights: {', '.join(sorted(bad))}")
         self.backend = backend
         sd = {k: v.detach() for k, v in state_dict.items() if k in _expected_shapes(cfg)}
         for name in self._conv_names():
@@ -99,18 +104,20 @@ class Code2Wav:
     # --- construction ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_transformers(cls, module, *, backend: str | None = None) -> "Code2Wav":
+    def from_transformers(cls, module, *, backend: str | None = None, check_finite: bool = False) -> "Code2Wav":
         """From a transformers ``Qwen3OmniMoeCode2Wav`` (weights shared, not copied, except the packed convs and the
-        fused q/k/v and gate/up projections)."""
-        return cls(Code2WavConfig.from_transformers(module.config), module.state_dict(), backend=backend)
+        fused q/k/v and gate/up projections). ``check_finite``: refuse NaN/inf weights (one host sync per tensor)."""
+        return cls(Code2WavConfig.from_transformers(module.config), module.state_dict(), backend=backend,
+                   check_finite=check_finite)
 
     @classmethod
-    def from_state_dict(cls, config, state_dict: Mapping[str, torch.Tensor], *, backend: str | None = None
-                        ) -> "Code2Wav":
+    def from_state_dict(cls, config, state_dict: Mapping[str, torch.Tensor], *, backend: str | None = None,
+                        check_finite: bool = False) -> "Code2Wav":
         """From a config (``Code2WavConfig``, a transformers ``Qwen3OmniMoeCode2WavConfig`` or a dict) and a state
-        dict with transformers' parameter names (a ``code2wav.`` prefix is stripped)."""
+        dict with transformers' parameter names (a ``code2wav.`` prefix is stripped). ``check_finite``: refuse
+        NaN/inf weights."""
         sd = {(k[len("code2wav."):] if k.startswith("code2wav.") else k): v for k, v in state_dict.items()}
-        return cls(config, sd, backend=backend)
+        return cls(config, sd, backend=backend, check_finite=check_finite)
 
     def to(self, device=None, dtype=None) -> "Code2Wav":
         """A copy with the weights on ``device`` / in ``dtype``."""
@@ -416,7 +423,7 @@ class Code2WavStream:
             v_cache = torch.empty_like(k_cache)
             k_cache[:, :keep].copy_(past_k)
             v_cache[:, :keep].copy_(past_v)
-            o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=True,
+            o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True,
                                             window_size=(keep, 0), backend=be)
             torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
             torch.gather(v_cache, 1, keep_rows, out=past_v)

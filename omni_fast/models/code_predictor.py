@@ -42,7 +42,6 @@ CUDA C++ version run on triton under ``"cuda"``: :func:`omni_fast.backend.resolv
 from __future__ import annotations
 
 import contextlib
-import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -56,6 +55,8 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
+from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_float, check_positive_int, check_seed,
+                          check_tensor)
 from .cuda_graphs import capture, weights_key
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -234,45 +235,43 @@ class CodePredictor(torch.nn.Module):
         triton). ``fused`` overrides the model's layer path for this call.
         """
         c = self.config
-        if not isinstance(talker_hidden, torch.Tensor) or talker_hidden.dim() != 2:
-            raise ValueError(f"talker_hidden must be a [B, H] tensor, got {getattr(talker_hidden, 'shape', None)}")
+        dev = self.table.device
+        check_tensor("talker_hidden", talker_hidden, dtypes=REAL_DTYPES, ndim=2)
         B, H = talker_hidden.shape
-        if talker_hidden.device != self.table.device or c0.device != self.table.device:
-            raise ValueError(f"talker_hidden and c0 must be on the model's device {self.table.device}, got "
+        if isinstance(c0, torch.Tensor) and (c0.is_floating_point() or c0.dtype == torch.bool):
+            raise TypeError(f"c0 must be an integer tensor, got {c0.dtype}")
+        check_tensor("c0", c0, dtypes=INT_DTYPES)
+        if talker_hidden.device != dev or c0.device != dev:
+            raise ValueError(f"talker_hidden and c0 must be on the model's device {dev}, got "
                              f"{talker_hidden.device} and {c0.device}")
         if H != c.hidden_size:
             raise ValueError(f"talker_hidden must have hidden size {c.hidden_size}, got {tuple(talker_hidden.shape)}")
         if c0.shape != (B,):
             raise ValueError(f"c0 must have shape [B] = [{B}], got {tuple(c0.shape)}")
-        if c0.is_floating_point():
-            raise TypeError(f"c0 must be an integer tensor, got {c0.dtype}")
         if c0_embed is None and self.codec_vocab_size == 0:
             raise ValueError("no codec_embedding was given at construction: the prefill embeds c0, pass c0_embed "
                              "[B, H]")
-        if c0_embed is not None and c0_embed.shape != (B, H):
-            raise ValueError(f"c0_embed must have shape [{B}, {H}], got {tuple(c0_embed.shape)}")
+        if c0_embed is not None:
+            check_tensor("c0_embed", c0_embed, dtypes=REAL_DTYPES, shape=(B, H), device=dev)
         if c0.device.type == "cpu" and self.codec_vocab_size and B:
             lo, hi = int(c0.min()), int(c0.max())
             if lo < 0 or hi >= self.codec_vocab_size:
                 raise ValueError(f"c0 must lie in [0, {self.codec_vocab_size}), got values in [{lo}, {hi}]")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-        if not (0.0 < float(top_p) <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        do_sample = check_bool("do_sample", do_sample)
+        top_k = check_positive_int("top_k", top_k, minimum=0)
+        top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, min_open=True)
+        temperature = check_float("temperature", temperature, minimum=0.0, min_open=True)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, torch.Tensor)) or (
-                isinstance(seed, torch.Tensor) and (seed.is_floating_point() or seed.dtype == torch.bool)):
-            raise TypeError(f"seed must be an int or an integer tensor, got {seed!r}")
-        if isinstance(seed, numbers.Integral):
-            seed = int(seed)
         if isinstance(seed, torch.Tensor):
-            if seed.numel() not in (1, B):
+            if seed.is_floating_point() or seed.dtype == torch.bool or seed.is_complex():
+                raise TypeError(f"seed must be an int or an integer tensor, got a {seed.dtype} tensor")
+            if seed.numel() not in (1, B) or seed.dim() > 1:
                 raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
             seed = seed.reshape(-1).to(device=talker_hidden.device, dtype=torch.long).contiguous()
-        sampling = (bool(do_sample), int(top_k), float(top_p), float(temperature))
+        else:
+            seed = check_seed("seed", seed)  # ints and numpy ints; outside int64 -> ValueError naming the seed
+        sampling = (do_sample, top_k, top_p, temperature)
         fused = self.fused if fused is None else bool(fused)
         x = talker_hidden.to(self.table.dtype)
         # The model-level backend is an ambient choice (a use_backend block), not a per-op pin: ops without a CUDA

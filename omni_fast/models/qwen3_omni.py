@@ -296,16 +296,27 @@ class Qwen3Omni:
     # ---------------------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> "Qwen3Omni":
+                        device: str | torch.device | None = None, strict: bool = True, check_finite: bool = True,
+                        **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
-        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present."""
-        from transformers import Qwen3OmniMoeForConditionalGeneration
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present.
+
+        ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
+        missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
+        truncated shard raise ONE ``ValueError`` (:class:`omni_fast.models.checkpoint.CheckpointError`) listing the
+        problems with their shard files (see :mod:`omni_fast.models.checkpoint`). ``check_finite`` (default):
+        refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
+        NaN)."""
+        from .checkpoint import check_finite as _check_finite
+        from .checkpoint import load_strict
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        model = load_strict(os.fspath(path), strict=bool(strict),
+                            dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        if check_finite and hasattr(model, "code2wav"):
+            _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None:

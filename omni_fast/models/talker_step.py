@@ -12,11 +12,11 @@ where ``step`` is the Talker's generation step since prefill (0 for the first de
 
 from __future__ import annotations
 
-import types
-
 import torch
 
+from .._bound import BoundMethod
 from ..backend import pinned_backend
+from ..validation import REAL_DTYPES, check_positive_int, check_tensor
 from .code_predictor import CodePredictor
 from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
 
@@ -30,20 +30,27 @@ class TalkerStep:
 
     def __init__(self, code_predictor: CodePredictor, trailing_text_hidden: torch.Tensor,
                  tts_pad_embed: torch.Tensor):
-        if trailing_text_hidden.dim() != 3 or tts_pad_embed.dim() != 3:
-            raise ValueError("trailing_text_hidden must be [B, T, H] and tts_pad_embed [B or 1, 1, H]")
+        check_tensor("trailing_text_hidden", trailing_text_hidden, dtypes=REAL_DTYPES, ndim=3)
+        B, _, H = trailing_text_hidden.shape
+        check_tensor("tts_pad_embed", tts_pad_embed, dtypes=REAL_DTYPES, ndim=3)
+        if tts_pad_embed.shape[0] not in (1, B) or tuple(tts_pad_embed.shape[1:]) != (1, H):
+            raise ValueError(f"tts_pad_embed must be [B or 1, 1, H] = [{B} or 1, 1, {H}], got "
+                             f"{list(tts_pad_embed.shape)}")
         self.code_predictor = code_predictor
         self.trailing_text_hidden = trailing_text_hidden
         self.tts_pad_embed = tts_pad_embed
 
     def text_term(self, generation_step: int) -> torch.Tensor:
         """``[B or 1, 1, H]``: the trailing text hidden of this step, or ``tts_pad_embed`` past its end."""
+        generation_step = check_positive_int("generation_step", generation_step, minimum=0)  # -1 would wrap
         if generation_step < self.trailing_text_hidden.shape[1]:
             return self.trailing_text_hidden[:, generation_step].unsqueeze(1)
         return self.tts_pad_embed
 
     def next_input(self, codec_sum: torch.Tensor, generation_step: int) -> torch.Tensor:
         """``[B, 1, H]``: ``codec_sum`` ``[B, H]`` (sum of the 16 codebook embeddings) plus the text term."""
+        B, _, H = self.trailing_text_hidden.shape
+        check_tensor("codec_sum", codec_sum, dtypes=REAL_DTYPES, shape=(B, H))
         return codec_sum.unsqueeze(1) + self.text_term(generation_step).to(codec_sum.device)
 
     def __call__(self, talker_hidden: torch.Tensor, c0: torch.Tensor, generation_step: int, **sampling):
@@ -51,6 +58,9 @@ class TalkerStep:
         # codec_sum is never None: the prefill itself embeds c0 (the predictor's codec_embedding or ``c0_embed``
         # in ``sampling``; predict_frame raises before running without either), and the same row is codebook 0 of
         # the sum
+        B, _, H = self.trailing_text_hidden.shape
+        check_tensor("talker_hidden", talker_hidden, dtypes=REAL_DTYPES, shape=(B, H))
+        check_positive_int("generation_step", generation_step, minimum=0)  # before the frame's work
         codes, codec_sum = self.code_predictor.predict_frame(talker_hidden, c0, **sampling)
         return codes, self.next_input(codec_sum, generation_step)
 
@@ -73,10 +83,10 @@ def _prepare_inputs_with_fast_mtp(self, input_ids, attention_mask=None, inputs_e
                                   **kwargs):
     """transformers' ``prepare_inputs_for_generation`` of the talker with the per-frame code predictor on omni-fast.
 
-    Bound to the talker instance (``types.MethodType``), so a deep copy of the talker re-binds to the copy. The
-    cache arrives in ``kwargs`` under the installed release's name (``cache`` from 5.24, ``past_key_values``
-    before) and goes on as given. ``inputs_embeds`` stays a named parameter: ``generate`` inspects the signature
-    for it.
+    Bound to the talker instance (:class:`omni_fast._bound.BoundMethod`: a deep copy of the talker re-binds to the
+    copy, and a pickled talker loads back). The cache arrives in ``kwargs`` under the installed release's name
+    (``cache`` from 5.24, ``past_key_values`` before) and goes on as given. ``inputs_embeds`` stays a named
+    parameter: ``generate`` inspects the signature for it (BoundMethod presents this function's signature).
     """
     named = dict(attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration)
     if is_first_iteration or not kwargs.get("use_cache", True):
@@ -109,5 +119,5 @@ def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | N
     ``load_state_dict``). Returns the :class:`CodePredictor` in use now.
     """
     talker.__dict__["_omni_fast_cp_fixed"] = code_predictor
-    talker.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_with_fast_mtp, talker)
+    talker.prepare_inputs_for_generation = BoundMethod(_prepare_inputs_with_fast_mtp, talker)  # picklable
     return _fast_code_predictor(talker)

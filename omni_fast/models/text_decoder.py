@@ -267,8 +267,9 @@ class MoeTextDecoder:
             k = F.linear(x, layer.k, layer.k_bias).view(T, nk, d)
             v = F.linear(x, layer.v, layer.v_bias).view(T, 1, nk, d)
             self._rope(q, k, layer, st.pos)
-            attn = ops.flash_attn_with_kvcache(q.view(T, 1, nq, d), kc, vc, st.cache_seqlens, k=k.view(T, 1, nk, d),
-                                               v=v, causal=True, softmax_scale=d ** -0.5, backend=be)
+            attn = ops.flash_attn_with_kvcache(q.view(T, 1, nq, d), kc, vc, k=k.view(T, 1, nk, d),
+                                               v=v, cache_seqlens=st.cache_seqlens, causal=True,
+                                               softmax_scale=d ** -0.5, backend=be)
             x = norm(resid, F.linear(attn.view(T, nq * d), layer.o, layer.o_bias), layer.post_norm)
             if layer.moe:
                 mlp = ops.moe_block(x, layer.router, layer.w13, layer.w2, layer.top_k, renormalize=layer.renormalize,

@@ -17,6 +17,10 @@ import torch
 
 from ..reference import code2wav as ref
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
+
+# Bound on stride / dilation / kernel span, checked before any allocation: the streaming state holds
+# (k - 1) * dilation samples per channel (Code2Wav's largest is 9 * 9 = 81; a huge dilation would allocate TBs).
+MAX_CONV_SPAN = 2**16
 from ._dispatch import dispatched_op
 
 
@@ -180,12 +184,17 @@ def causal_conv1d(
     """
     _check_x(x)
     B, c_in, T = x.shape
-    stride = check_positive_int("stride", stride)
-    dilation = check_positive_int("dilation", dilation)
-    groups = check_positive_int("groups", groups)
+    stride = check_positive_int("stride", stride, maximum=MAX_CONV_SPAN)
+    dilation = check_positive_int("dilation", dilation, maximum=MAX_CONV_SPAN)
+    groups = check_positive_int("groups", groups, maximum=max(c_in, 1))
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     check_same_dtype(x=x, weight=weight)
     c_out, ci_g, k = weight.shape
+    if c_out == 0:
+        raise ValueError(f"weight must have at least one output channel, got shape {list(weight.shape)}")
+    if (k - 1) * dilation > MAX_CONV_SPAN:
+        raise ValueError(f"dilation={dilation} with kernel size {k} spans {(k - 1) * dilation} samples, more than "
+                         f"{MAX_CONV_SPAN}")
     if c_in % groups or c_out % groups:
         raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
     if ci_g * groups != c_in:
@@ -226,10 +235,12 @@ def causal_conv_transpose1d(
     """
     _check_x(x)
     B, c_in, L = x.shape
-    stride = check_positive_int("stride", stride)
+    stride = check_positive_int("stride", stride, maximum=MAX_CONV_SPAN)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     check_same_dtype(x=x, weight=weight)
     w_in, c_out, k = weight.shape
+    if c_out == 0:
+        raise ValueError(f"weight must have at least one output channel, got shape {list(weight.shape)}")
     if k < 1:
         raise ValueError("weight needs a kernel size of at least 1")
     if w_in != c_in:

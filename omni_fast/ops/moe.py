@@ -1,4 +1,5 @@
-"""Public MoE ops (vLLM-compatible signatures): routing, block alignment, fused experts, the whole sparse block.
+"""Public MoE ops, vLLM-style (the exact vLLM signatures: :mod:`omni_fast.compat.vllm`): routing, block alignment,
+fused experts, the whole sparse block.
 
 - :func:`topk_softmax`: router logits ``[T, E]`` -> fp32 weights ``[T, k]``, int32 ids ``[T, k]``.
 - :func:`moe_align_block_size`: group (token, slot) pairs by expert in runs padded to ``block_size``.
@@ -17,11 +18,15 @@ from __future__ import annotations
 import torch
 
 from ..reference import moe as ref
-from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive_int, check_same_dtype,
-                          check_tensor)
+from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, check_bool, check_index_range, check_output,
+                          check_positive_int, check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
 
 ACTIVATIONS = ref.ACTIVATIONS
+# Size bounds the kernels honour (checked before any allocation): the alignment kernel holds every expert's count
+# in one program, and its int32 outputs index up to max_padded_tokens(T*k, E, block_size).
+MAX_EXPERTS = 4096
+MAX_BLOCK_SIZE = 4096
 
 
 # --- topk_softmax ------------------------------------------------------------------------------------------------
@@ -69,9 +74,10 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = Tr
     E = router_logits.shape[1]
     if E == 0:
         raise ValueError("router_logits must have at least one expert column")
-    check_positive_int("top_k", top_k, maximum=E)
+    top_k = check_positive_int("top_k", top_k, maximum=E)
+    renormalize = check_bool("renormalize", renormalize)
     be = _topk_softmax_op.resolve((router_logits,), backend)
-    return _topk_softmax_op(router_logits, top_k, bool(renormalize), be)
+    return _topk_softmax_op(router_logits, top_k, renormalize, be)
 
 
 # --- moe_align_block_size ----------------------------------------------------------------------------------------
@@ -113,8 +119,8 @@ def _check_expert_map(expert_map, num_global: int | None, num_local: int | None,
     check_tensor("expert_map", expert_map, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
     if num_global is not None and expert_map.numel() != num_global:
         raise ValueError(f"expert_map must have one entry per global expert ({num_global}), got {expert_map.numel()}")
-    if num_local is not None:
-        check_index_range("expert_map", expert_map, -1, num_local)
+    # -1 = remote; without a local count (alignment) the local ids are at most the global ones
+    check_index_range("expert_map", expert_map, -1, num_local if num_local is not None else expert_map.numel())
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int,
@@ -130,8 +136,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     Triton kernel claims rows with integer atomics; the reference keeps ascending order).
     """
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=(1, 2))
-    check_positive_int("block_size", block_size)
-    check_positive_int("num_experts", num_experts)
+    block_size = check_positive_int("block_size", block_size, maximum=MAX_BLOCK_SIZE)
+    num_experts = check_positive_int("num_experts", num_experts, maximum=MAX_EXPERTS)
+    n = topk_ids.numel()
+    padded = -(-ref.max_padded_tokens(n, num_experts, block_size) // block_size) * block_size
+    if padded > INT32_MAX:  # the outputs hold int32 pair indices (and the sentinel T*k)
+        raise ValueError(f"topk_ids has {n} entries: padded to blocks of {block_size} over {num_experts} experts "
+                         f"that is {padded} rows, more than the int32 outputs can index ({INT32_MAX})")
     check_index_range("topk_ids", topk_ids, 0, num_experts)
     if expert_map is not None:
         _check_expert_map(expert_map, num_experts, None, topk_ids.device)
@@ -193,11 +204,14 @@ def _check_routing(topk_weights, topk_ids, T: int, num_global: int, dev) -> None
     check_index_range("topk_ids", topk_ids, 0, num_global)
 
 
-def _check_out(out, hidden_states) -> torch.Tensor:
+def _check_out(out, hidden_states, **inputs) -> torch.Tensor:
+    """``out=``: x's shape and dtype, no self-overlap (an expanded buffer would sum rows onto each other), and no
+    memory shared with x or any other input (``inputs``)."""
     if out is None:
         return torch.empty_like(hidden_states)
     check_tensor("out", out, dtypes=(hidden_states.dtype,), shape=tuple(hidden_states.shape),
                  device=hidden_states.device, last_dim_contiguous=True)
+    check_output("out", out, hidden_states=hidden_states, **inputs)
     return out
 
 
@@ -214,7 +228,8 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     E, num_global, _ = _check_experts(hidden_states, w13, w2, activation, expert_map)
     T = hidden_states.shape[0]
     _check_routing(topk_weights, topk_ids, T, num_global, hidden_states.device)
-    out = _check_out(out, hidden_states)
+    out = _check_out(out, hidden_states, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                     expert_map=expert_map)
     topk_weights, topk_ids = topk_weights.contiguous(), topk_ids.contiguous()
     be = _fused_moe_op.resolve((hidden_states, w13, w2, topk_weights, topk_ids), backend)
     _fused_moe_op(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, out, be)
@@ -275,7 +290,8 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     H = x.shape[1]
     check_tensor("gate_weight", gate_weight, dtypes=(x.dtype,), shape=(num_global, H), device=x.device,
                  last_dim_contiguous=True)
-    check_positive_int("top_k", top_k, maximum=num_global)
+    top_k = check_positive_int("top_k", top_k, maximum=num_global)
+    renormalize = check_bool("renormalize", renormalize)
     shared = (shared_w13, shared_w2, shared_gate_weight)
     if any(s is not None for s in shared):
         if any(s is None for s in shared):
@@ -292,9 +308,10 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     if out is not None:
         check_tensor("out", out, dtypes=(x.dtype,), shape=tuple(shape), device=x.device, contiguous=True)
         out = out.view(-1, H)
-    out = _check_out(out, x)
+    out = _check_out(out, x, gate_weight=gate_weight, w13=w13, w2=w2, shared_w13=shared_w13, shared_w2=shared_w2,
+                     shared_gate_weight=shared_gate_weight, expert_map=expert_map)
     be = _moe_block_op.resolve((x, gate_weight, w13, w2), backend)
-    _moe_block_op(x, gate_weight, w13, w2, top_k, bool(renormalize), shared_w13, shared_w2, shared_gate_weight,
+    _moe_block_op(x, gate_weight, w13, w2, top_k, renormalize, shared_w13, shared_w2, shared_gate_weight,
                   activation, expert_map, out, be)
     return out.reshape(shape)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.rope import rms_norm
-from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_disjoint, check_index_range, check_no_internal_overlap,
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_float, check_index_range, check_output, check_positive_int,
                           check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
 
@@ -57,8 +57,10 @@ def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Ten
         check_same_dtype(h=h, delta=delta)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(H,), device=h.device, contiguous=True)
     check_same_dtype(h=h, weight=weight)
+    eps = check_float("eps", eps, minimum=0.0)
+    check_output("h", h, delta=delta, weight=weight)  # written in place while they are read
     be = _add_rms_norm_op.resolve((h, weight), backend)
-    return _add_rms_norm_op(h, delta, weight, float(eps), be)
+    return _add_rms_norm_op(h, delta, weight, eps, be)
 
 
 def _fake_silu(gu, backend):
@@ -183,8 +185,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if T * (Hq // max(Hk, 1)) > 32:  # the kernel holds a [T * group, L, D/2] tile per program in registers
         raise ValueError(f"cached_attention is for decode-sized steps: T * (q heads / k heads) must be <= 32, got "
                          f"T = {T} with {Hq} q heads and {Hk} k heads")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start + T > L:
+    start = check_positive_int("start", start, minimum=0)
+    if start + T > L:
         raise ValueError(f"start must be an int with 0 <= start and start + T <= L ({L}), got start={start!r}, T={T}")
+    scale = D**-0.5 if scale is None else check_float("scale", scale)
+    eps = check_float("eps", eps, minimum=0.0)
     given = [n for n, t in (("q_norm", q_norm), ("k_norm", k_norm), ("cos", cos), ("sin", sin)) if t is not None]
     if given and len(given) != 4:
         raise ValueError(f"q_norm, k_norm, cos and sin go together (the fused norm + RoPE), got only {given}")
@@ -198,9 +203,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         check_same_dtype(q=q, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin)
         if cos.shape[0] < start + T:
             raise ValueError(f"cos/sin need a row per position up to start + T = {start + T}, got {cos.shape[0]}")
+    inputs = dict(q=q, k=k, v=v, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin)
+    check_output("k_cache", k_cache, **inputs)  # the caches are written while the inputs are read
+    check_output("v_cache", v_cache, k_cache=k_cache, **inputs)
     be = _attn_op.resolve((q, k, v, k_cache, v_cache), backend)
-    return _attn_op(q, k, v, k_cache, v_cache, int(start), float(D**-0.5 if scale is None else scale), q_norm, k_norm,
-                    cos, sin, float(eps), be)
+    return _attn_op(q, k, v, k_cache, v_cache, start, scale, q_norm, k_norm, cos, sin, eps, be)
 
 
 # --- skinny-M linear layers with fused norm / SwiGLU / residual (decode GEMV) -----------------------------------
@@ -274,8 +281,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch
         check_tensor("gathered", gathered, dtypes=FLOAT_DTYPES, shape=(M, x.shape[1]), device=x.device,
                      last_dim_contiguous=True)
         check_same_dtype(x=x, gathered=gathered)
-        check_no_internal_overlap("gathered", gathered)
-        check_disjoint("gathered", gathered, "x", x)
+        check_output("gathered", gathered, x=x, rows=rows, weight=weight, norm_weight=norm_weight)
     if norm_weight is not None:
         check_tensor("norm_weight", norm_weight, dtypes=FLOAT_DTYPES, shape=(x.shape[1],), device=x.device,
                      contiguous=True)
@@ -283,8 +289,9 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"weight must have an even number of rows (gate and up) for swiglu, got "
                          f"{tuple(weight.shape)}")
+    eps = check_float("eps", eps, minimum=0.0)
     be = _norm_linear_op.resolve((x, weight), backend)
-    return _norm_linear_op(x, norm_weight, weight, float(eps), bool(swiglu), rows, gathered, be)
+    return _norm_linear_op(x, norm_weight, weight, eps, bool(swiglu), rows, gathered, be)
 
 
 @dispatched_op("mtp_linear_residual_", mutates_args=("resid",))
@@ -315,9 +322,7 @@ def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     check_tensor("resid", resid, dtypes=FLOAT_DTYPES, shape=(x.shape[0], weight.shape[0]), device=x.device,
                  last_dim_contiguous=True)
     check_same_dtype(x=x, resid=resid)
-    check_no_internal_overlap("resid", resid)
-    check_disjoint("resid", resid, "x", x)
-    check_disjoint("resid", resid, "weight", weight)
+    check_output("resid", resid, x=x, weight=weight)
     be = _linear_residual_op.resolve((resid, x, weight), backend)
     _linear_residual_op(resid, x, weight, be)
     return resid

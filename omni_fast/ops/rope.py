@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 
 from ..reference import rope as ref
-from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_inference_only, check_no_internal_overlap, check_same_dtype,
-                          check_tensor)
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_float, check_inference_only,
+                          check_output, check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
 
 
@@ -65,8 +65,17 @@ def _validate(q, k, positions, mrope_section) -> tuple[torch.Tensor, list[int]]:
         raise ValueError(f"positions must have 3 rows (t, h, w) or be 1-D, got shape {tuple(positions.shape)}")
     if positions.shape[-1] != T:
         raise ValueError(f"positions must have one entry per token (T={T}), got shape {tuple(positions.shape)}")
-    section = list(mrope_section)
-    if len(section) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in section):
+    if isinstance(mrope_section, torch.Tensor) and mrope_section.dim() == 1:
+        mrope_section = mrope_section.tolist()
+    if isinstance(mrope_section, (str, bytes, torch.Tensor)) or not hasattr(mrope_section, "__len__"):
+        raise TypeError(f"mrope_section must be a sequence of 3 ints (t, h, w), got {mrope_section!r}")
+    if len(mrope_section) != 3:
+        raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
+    try:
+        section = [as_int(f"mrope_section[{i}]", s) for i, s in enumerate(mrope_section)]
+    except TypeError:
+        section = [-1]
+    if any(s < 0 for s in section):
         raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(mrope_section)}")
     if sum(section) != D // 2:
         raise ValueError(f"mrope_section must sum to head_dim/2 = {D // 2}, got {section} (sum {sum(section)})")
@@ -94,14 +103,11 @@ def mrope(
     """
     positions, section = _validate(q, k, positions, mrope_section)
     inv_freq = _inv_freq(q, theta, inv_freq)
+    interleaved, scaling = check_bool("interleaved", interleaved), check_float("attention_scaling", attention_scaling)
     check_inference_only("mrope", q=q, k=k)
-    if inplace:
-        check_no_internal_overlap("q", q)
-        check_no_internal_overlap("k", k)
-    else:
-        q, k = q.clone(), k.clone()
+    q, k = _writable(q, k, check_bool("inplace", inplace), positions=positions, inv_freq=inv_freq)
     be = _mrope_op.resolve((q, k, positions), backend)
-    _mrope_op(q, k, positions, inv_freq, section, bool(interleaved), float(attention_scaling), None, None, 0.0, be)
+    _mrope_op(q, k, positions, inv_freq, section, interleaved, scaling, None, None, 0.0, be)
     return q, k
 
 
@@ -126,26 +132,31 @@ def qk_norm_mrope(
     D = q.shape[-1]
     check_tensor("q_weight", q_weight, dtypes=FLOAT_DTYPES, shape=(D,), device=q.device, contiguous=True)
     check_tensor("k_weight", k_weight, dtypes=FLOAT_DTYPES, shape=(D,), device=q.device, contiguous=True)
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    eps = check_float("eps", eps, minimum=0.0)
     inv_freq = _inv_freq(q, theta, inv_freq)
+    interleaved, scaling = check_bool("interleaved", interleaved), check_float("attention_scaling", attention_scaling)
     check_inference_only("qk_norm_mrope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
-    if inplace:
-        check_no_internal_overlap("q", q)
-        check_no_internal_overlap("k", k)
-    else:
-        q, k = q.clone(), k.clone()
+    q, k = _writable(q, k, check_bool("inplace", inplace), positions=positions, inv_freq=inv_freq, q_weight=q_weight,
+                     k_weight=k_weight)
     be = _mrope_op.resolve((q, k, positions), backend)
-    _mrope_op(q, k, positions, inv_freq, section, bool(interleaved), float(attention_scaling), q_weight, k_weight,
-              float(eps), be)
+    _mrope_op(q, k, positions, inv_freq, section, interleaved, scaling, q_weight, k_weight, eps, be)
+    return q, k
+
+
+def _writable(q: torch.Tensor, k: torch.Tensor, inplace: bool, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the kernel writes them: in place, each free of self-overlap and disjoint from the other and from
+    every input (``q is k`` would be rotated twice by one backend and once by another); else fresh copies."""
+    if not inplace:
+        return q.clone(), k.clone()
+    check_output("q", q, **inputs)
+    check_output("k", k, q=q, **inputs)
     return q, k
 
 
 def _inv_freq(q: torch.Tensor, theta: float, inv_freq: torch.Tensor | None) -> torch.Tensor:
     half = q.shape[-1] // 2
     if inv_freq is None:
-        if not theta > 0:
-            raise ValueError(f"theta must be positive, got {theta!r}")
+        theta = check_float("theta", theta, minimum=0.0, min_open=True)
         return ref.rope_inv_freq(q.shape[-1], theta, q.device)
     check_tensor("inv_freq", inv_freq, dtypes=(torch.float32,), shape=(half,), device=q.device, contiguous=True)
     return inv_freq

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import torch
 
-from ..reference import rvq as ref
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_tensor, values_checkable
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_index_range, check_tensor,
+                          values_checkable)
 from ._dispatch import dispatched_op
 
 
@@ -27,7 +27,24 @@ def _rvq_op(codes: torch.Tensor, tables: list[torch.Tensor], offsets: torch.Tens
 @_rvq_op.impl("reference")
 def _rvq_reference(codes, tables, offsets, mean):
     single = len(tables) == 1 and codes.shape[-1] > 1 or offsets is not None
-    return ref.rvq_embed(codes, tables[0] if single else tables, reduce="mean" if mean else "sum", offsets=offsets)
+    G = codes.shape[-1]
+    c = codes.long()
+    if single:  # group g reads row c + first_g of one big table
+        first = offsets.long() if offsets is not None else torch.zeros(G, dtype=torch.long, device=codes.device)
+        rows = tables[0].shape[0] - first
+    else:
+        rows = torch.tensor([t.shape[0] for t in tables], dtype=torch.long, device=codes.device)
+    # The Triton kernel's rule for unchecked codes (check_values=False), so that both backends agree: a code outside
+    # [0, rows_g) adds nothing. Valid codes give exactly omni_fast.reference.rvq.rvq_embed (no host sync here).
+    bad = (c < 0) | (c >= rows)
+    c = torch.where(bad, torch.zeros_like(c), c)
+    if single:
+        emb = torch.nn.functional.embedding(c + first, tables[0])  # [..., G, D]
+    else:
+        emb = torch.stack([torch.nn.functional.embedding(c[..., g], tables[g]) for g in range(G)], dim=-2)
+    emb = torch.where(bad[..., None], torch.zeros((), dtype=emb.dtype, device=emb.device), emb)
+    # torch reduces bf16/fp16 in fp32 and rounds once, as transformers' ``.sum(1)`` / ``.mean(1)``
+    return emb.mean(-2) if mean else emb.sum(-2)
 
 
 _LIST_BASES: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -84,14 +101,15 @@ def rvq_embed(
     """Sum (or mean) over codebooks of one embedding row per codebook; returns ``[..., D]`` in the tables' dtype.
 
     codes: int32/int64 ``[..., G]`` (codebook axis last). tables: a list of G tensors ``[V_g, D]`` (one per
-    codebook), or one tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros
-    when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
+    codebook), a stacked tensor ``[G, V, D]`` (G equal-size codebooks, e.g. the code predictor's tables), or one
+    tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
     the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel never
     reads outside the tables: a code that lands outside its table (past the big table's end with ``offsets``, or
     outside its own table in a list) adds nothing; with ``offsets`` one that only passes its group's end reads the
-    next group's row.
+    next group's row. The reference backend follows the same rule, so unchecked bad codes give the same result on
+    both.
     """
-    if reduce not in ("sum", "mean"):
+    if not isinstance(reduce, str) or reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     if isinstance(codes, torch.Tensor) and codes.is_floating_point():
         raise TypeError(f"codes must be an integer tensor (int32 or int64), got {codes.dtype}")
@@ -99,13 +117,22 @@ def rvq_embed(
     if codes.dim() < 1 or codes.shape[-1] < 1:
         raise ValueError(f"codes must have a codebook axis last with at least one codebook, got {tuple(codes.shape)}")
     G = codes.shape[-1]
+    if check_values is not None:
+        check_values = check_bool("check_values", check_values)
+    if isinstance(tables, torch.Tensor) and tables.dim() == 3:  # stacked [G, V, D]: G equal-size codebooks
+        check_tensor("tables", tables, dtypes=FLOAT_DTYPES, device=codes.device, last_dim_contiguous=True)
+        if tables.shape[0] != G:
+            raise ValueError(f"stacked tables [G, V, D] must have one table per codebook (G={G}), got "
+                             f"{list(tables.shape)}")
+        if offsets is not None:
+            raise ValueError("offsets only apply to a single 2-D table; stacked [G, V, D] tables need none")
+        tables = list(tables.unbind(0))
     if isinstance(tables, torch.Tensor):
-        check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=2, device=codes.device, last_dim_contiguous=True)
+        check_tensor("tables", tables, dtypes=FLOAT_DTYPES, ndim=(2, 3), device=codes.device,
+                     last_dim_contiguous=True)  # (a 3-D one was unbound above)
         table_list = [tables]
         if offsets is not None:
-            offsets = torch.as_tensor(offsets, device=codes.device)
-            if offsets.is_floating_point():
-                raise TypeError(f"offsets must be integers, got {offsets.dtype}")
+            offsets = _offsets(offsets, codes.device)
             offsets = offsets.reshape(-1)
             if offsets.numel() != G:
                 raise ValueError(f"offsets must have one entry per codebook (G={G}), got {offsets.numel()}")
@@ -116,6 +143,9 @@ def rvq_embed(
                 check_index_range(f"codes[..., {g}] (+ offsets[{g}])", shifted, 0, tables.shape[0],
                                   check_values=check_values)
     else:
+        if not isinstance(tables, (list, tuple)):
+            raise TypeError(f"tables must be a tensor [sum V_g, D] or [G, V, D], or a list of G tensors [V_g, D], "
+                            f"got {type(tables).__name__}")
         table_list = list(tables)
         if offsets is not None:
             raise ValueError("offsets only apply to a single table; with a list of tables give one table per group")
@@ -133,6 +163,18 @@ def rvq_embed(
             check_index_range(f"codes[..., {g}]", codes[..., g], 0, t.shape[0], check_values=check_values)
     be = _rvq_op.resolve([codes, *table_list], backend)
     return _rvq_op(codes, table_list, offsets, reduce == "mean", be)
+
+
+def _offsets(offsets, device) -> torch.Tensor:
+    """int ``[G]`` offsets from an integer tensor or a sequence of ints (numpy / 0-d tensor ints too)."""
+    if isinstance(offsets, torch.Tensor):
+        if offsets.is_floating_point() or offsets.dtype == torch.bool or offsets.is_complex():
+            raise TypeError(f"offsets must be integers, got {offsets.dtype}")
+        return offsets.to(device)
+    if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__"):
+        raise TypeError(f"offsets must be an integer tensor or a sequence of ints, got {type(offsets).__name__}")
+    values = [as_int(f"offsets[{i}]", v) for i, v in enumerate(offsets)]
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 __all__ = ["rvq_embed"]

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 from ..reference import sampling as ref
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_tensor
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_float, check_positive_int, check_seed,
+                          check_tensor, values_checkable)
 from ._dispatch import dispatched_op
 
 
@@ -52,22 +53,43 @@ def _sample_cuda(*args):
 _RANGE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _suppress_tensor(ranges, device: torch.device) -> torch.Tensor | None:
+def _check_ranges(pairs, V: int) -> None:
+    """(lo, hi) pairs: lo <= hi, and not every id of the vocabulary suppressed (no id could be drawn)."""
+    for lo, hi in pairs:
+        if lo > hi:
+            raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
+    covered = 0  # ids [0, covered) suppressed so far, merging the ranges in order
+    for lo, hi in sorted(pairs):
+        if lo > covered:
+            return
+        covered = max(covered, hi)
+        if covered >= V:
+            raise ValueError(f"suppress_ranges suppress the whole vocabulary (V={V}): no id could be drawn")
+
+
+def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | None:
     if ranges is None:
         return None
     if isinstance(ranges, torch.Tensor):
-        if ranges.is_floating_point():
+        if ranges.is_floating_point() or ranges.dtype == torch.bool:
             raise TypeError(f"suppress_ranges must be integers, got {ranges.dtype}")
         check_tensor("suppress_ranges", ranges, dtypes=INT_DTYPES, device=device)
         if ranges.dim() != 2 or ranges.shape[1] != 2:
             raise ValueError(f"suppress_ranges must have shape [R, 2] (lo, hi), got {tuple(ranges.shape)}")
+        if ranges.numel() and values_checkable(ranges):  # the list's rules, where the values cost no host sync
+            _check_ranges([tuple(p) for p in ranges.tolist()], V)
         return ranges.long().contiguous() if ranges.numel() else None
-    pairs = tuple((int(lo), int(hi)) for lo, hi in ranges)
+    if isinstance(ranges, (str, bytes)) or not hasattr(ranges, "__iter__"):
+        raise TypeError(f"suppress_ranges must be (lo, hi) pairs or an int tensor [R, 2], got {ranges!r}")
+    pairs = []
+    for i, pair in enumerate(ranges):
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError(f"suppress_ranges[{i}] must be a (lo, hi) pair, got {pair!r}")
+        pairs.append((as_int(f"suppress_ranges[{i}][0]", pair[0]), as_int(f"suppress_ranges[{i}][1]", pair[1])))
+    pairs = tuple(pairs)
     if not pairs:
         return None
-    for lo, hi in pairs:
-        if lo > hi:
-            raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
+    _check_ranges(pairs, V)
     key = (pairs, str(device))
     t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
     if t is None:
@@ -98,8 +120,8 @@ def _rng_tensor(name: str, value, B: int, device: torch.device) -> torch.Tensor:
         check_tensor(name, value, device=device)
         if value.numel() not in (1, B) or value.dim() > 1:
             raise ValueError(f"{name} must hold one value or one per row (B={B}), got shape {tuple(value.shape)}")
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    else:
+        value = check_seed(name, value)  # ints, numpy ints; outside int64 -> ValueError naming it
     return ref.seed_tensor(value, B, device, name)
 
 
@@ -132,24 +154,20 @@ def sample(
     B, V = logits.shape
     if V < 1:
         raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be a positive float, got {repetition_penalty!r}")
+    temperature = check_float("temperature", temperature, minimum=0.0, min_open=True)
+    top_k = check_positive_int("top_k", top_k, minimum=0)  # 0 disables it
+    top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, min_open=True)
+    repetition_penalty = check_float("repetition_penalty", repetition_penalty, minimum=0.0, min_open=True)
+    greedy = check_bool("greedy", greedy)
     if prev_ids is not None:
+        check_tensor("prev_ids", prev_ids)
         if prev_ids.is_floating_point():
             raise TypeError(f"prev_ids must be an integer tensor, got {prev_ids.dtype}")
         check_tensor("prev_ids", prev_ids, dtypes=INT_DTYPES, ndim=2, device=logits.device)
         if prev_ids.shape[0] != B:
             raise ValueError(f"prev_ids must have one row per logits row (B={B}), got shape {tuple(prev_ids.shape)}")
         prev_ids = prev_ids.long().contiguous()
-    suppress = _suppress_tensor(suppress_ranges, logits.device)
+    suppress = _suppress_tensor(suppress_ranges, logits.device, V)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     seed_t = _rng_tensor("seed", seed, B, logits.device)
@@ -157,8 +175,8 @@ def sample(
     # (pass device tensors inside a capture)
     offset_t = _device_zero(logits.device) if offset is None else _rng_tensor("offset", offset, B, logits.device)
     be = _sample_op.resolve((logits,), backend)
-    return _sample_op(logits, float(temperature), int(top_k), float(top_p), suppress, float(repetition_penalty),
-                      prev_ids, seed_t, offset_t, bool(greedy), be)
+    return _sample_op(logits, temperature, min(top_k, V), top_p, suppress, repetition_penalty, prev_ids, seed_t,
+                      offset_t, greedy, be)
 
 
 __all__ = ["sample"]

@@ -1,0 +1,191 @@
+"""The bad-argument sweep of issue 17: every public entry point, one argument replaced by a generated bad value.
+
+Shared by ``tests/test_reliability_sweep.py`` (hypothesis draws from :func:`cases`) and by the before/after count
+(``python tests/reliability_cases.py``, which runs every case once and prints the counts per outcome). A case's
+outcome (:func:`run_case`) is one of:
+
+- ``named``: TypeError/ValueError whose message names the replaced argument (what the issue asks);
+- ``related``: TypeError/ValueError naming another argument the replaced one must agree with (a consistency
+  error: e.g. an empty ``q`` makes "k must have shape [0, *, 8]"; which of the two is wrong is the caller's call);
+- ``ok``: the call ran, and the reference and Triton backends agree (where the op has both);
+- ``unnamed``: TypeError/ValueError that does not name the argument;
+- ``other``: another exception type (IndexError, RuntimeError, AttributeError, ...);
+- ``disagree``: the call ran but the backends differ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+GOOD_OUTCOMES = ("named", "related", "ok")
+
+
+def _t(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(*shape, generator=g).to(dtype)
+    return torch.randint(0, 3, shape, generator=g).to(dtype)
+
+
+def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    """name -> (function(**kwargs), fresh good kwargs, whether to compare backends)."""
+    from omni_fast import ops
+
+    i32 = torch.int32
+    entries = {
+        "mrope": (ops.mrope, lambda: dict(q=_t(3, 2, 8), k=_t(3, 1, 8, seed=1), positions=torch.arange(3),
+                                          mrope_section=(4, 0, 0), interleaved=True, theta=1e4,
+                                          attention_scaling=1.0, inplace=False), True),
+        "qk_norm_mrope": (ops.qk_norm_mrope, lambda: dict(
+            q=_t(3, 2, 8), k=_t(3, 1, 8, seed=1), q_weight=torch.ones(8), k_weight=torch.ones(8),
+            positions=torch.arange(3), eps=1e-6, mrope_section=(4, 0, 0), inplace=False), True),
+        "flash_attn_varlen": (ops.flash_attn_varlen, lambda: dict(
+            q=_t(4, 2, 8), k=_t(4, 1, 8, seed=1), v=_t(4, 1, 8, seed=2),
+            cu_seqlens_q=torch.tensor([0, 1, 4], dtype=i32), cu_seqlens_k=torch.tensor([0, 1, 4], dtype=i32),
+            max_seqlen_q=3, max_seqlen_k=3, softmax_scale=None, causal=True, window_size=(-1, -1)), True),
+        "flash_attn_with_kvcache": (ops.flash_attn_with_kvcache, lambda: dict(
+            q=_t(2, 1, 2, 8), k_cache=_t(2, 5, 1, 8, seed=1), v_cache=_t(2, 5, 1, 8, seed=2),
+            cache_seqlens=torch.tensor([1, 3], dtype=i32), k=_t(2, 1, 1, 8, seed=3), v=_t(2, 1, 1, 8, seed=4),
+            causal=True, window_size=(-1, -1), softmax_scale=None, num_splits=0), True),
+        "topk_softmax": (ops.topk_softmax, lambda: dict(router_logits=_t(3, 6), top_k=2, renormalize=True), True),
+        "moe_align_block_size": (ops.moe_align_block_size, lambda: dict(
+            topk_ids=torch.tensor([[0, 1], [2, 1]], dtype=i32), block_size=4, num_experts=4, expert_map=None),
+            False),  # the order inside an expert's run is unspecified
+        "fused_moe": (ops.fused_moe, lambda: dict(
+            hidden_states=_t(2, 8), w13=_t(4, 8, 8, seed=1) * 0.1, w2=_t(4, 8, 4, seed=2) * 0.1,
+            topk_weights=torch.rand(2, 2), topk_ids=torch.tensor([[0, 1], [2, 3]], dtype=i32), activation="silu",
+            expert_map=None, out=None), True),
+        "moe_block": (ops.moe_block, lambda: dict(
+            hidden_states=_t(2, 8), gate_weight=_t(4, 8, seed=3), w13=_t(4, 8, 8, seed=1) * 0.1,
+            w2=_t(4, 8, 4, seed=2) * 0.1, top_k=2, renormalize=True, out=None), True),
+        "rvq_embed": (ops.rvq_embed, lambda: dict(
+            codes=torch.tensor([[0, 1, 2], [3, 0, 1]]), tables=_t(12, 4), reduce="sum", offsets=[0, 4, 8]), True),
+        "sample": (ops.sample, lambda: dict(
+            logits=_t(2, 10), temperature=0.7, top_k=5, top_p=0.9, suppress_ranges=[(0, 2)],
+            repetition_penalty=1.1, prev_ids=torch.tensor([[1, 3], [4, -1]]), seed=3, offset=0, greedy=False), True),
+        "snake_beta": (ops.snake_beta, lambda: dict(x=_t(1, 4, 6), alpha=_t(4, seed=1), beta=_t(4, seed=2)), True),
+        "causal_conv1d": (ops.causal_conv1d, lambda: dict(x=_t(1, 4, 6), weight=_t(4, 4, 3, seed=1), bias=None,
+                                                          stride=1, dilation=1, groups=1), True),
+    }
+    return entries
+
+
+def _model_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    from omni_fast.models import CodePredictor, TalkerStep
+
+    torch.manual_seed(0)
+    cp = CodePredictor(dict(vocab_size=12, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_code_groups=3),
+                       codec_vocab_size=10)
+    with torch.no_grad():
+        for p in cp.parameters():
+            p.normal_(0, 0.3)
+
+    def frame(**kw):
+        return cp.predict_frame(kw.pop("talker_hidden"), kw.pop("c0"), use_graph=False, **kw)
+
+    def step(**kw):
+        s = TalkerStep(cp, kw.pop("trailing_text_hidden"), kw.pop("tts_pad_embed"))
+        return s(kw.pop("talker_hidden"), kw.pop("c0"), kw.pop("generation_step"), **kw)
+
+    return {
+        "predict_frame": (frame, lambda: dict(talker_hidden=_t(2, 16), c0=torch.tensor([1, 2]), do_sample=True,
+                                              top_k=4, top_p=0.8, temperature=1.0, seed=5), True),
+        "TalkerStep": (step, lambda: dict(trailing_text_hidden=_t(2, 3, 16), tts_pad_embed=_t(1, 1, 16, seed=1),
+                                          talker_hidden=_t(2, 16, seed=2), c0=torch.tensor([1, 2]),
+                                          generation_step=1, do_sample=False, seed=5), True),
+    }
+
+
+def bad_values(good):
+    """Generated bad (or unusual) replacements for an argument whose good value is ``good``."""
+    vals = [None, "x", 1.5, math.nan, math.inf, True, -1, 0, 2**40, 2**64, -(2**63) - 1, np.int64(2),
+            np.float32(1.0), torch.tensor(2), torch.tensor(1.5), [1, 2], object()]
+    if isinstance(good, torch.Tensor):
+        vals += [good.to(torch.float64), good.to(torch.int64) if good.is_floating_point() else good.float(),
+                 good.to(torch.bool), good.reshape(-1), good[None], good[:0]]
+        if good.dim() >= 1 and good.shape[0] > 0:
+            vals.append(good[:1].expand(*good.shape))  # internally overlapping
+    return vals
+
+
+def cases() -> list[tuple[str, str, int]]:
+    """(entry name, argument name, index into bad_values(good)) for every case."""
+    out = []
+    for name, (_, make, _) in {**_entries(), **_model_entries()}.items():
+        for arg, good in make().items():
+            out += [(name, arg, i) for i in range(len(bad_values(good)))]
+    return out
+
+
+def _clone(kw: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_contiguous() else v) for k, v in kw.items()}
+
+
+def run_case(name: str, arg: str, index: int) -> tuple[str, str]:
+    """(outcome, detail) of one case (see the module docstring)."""
+    entries = {**_entries(), **_model_entries()}
+    fn, make, compare = entries[name]
+    kw = make()
+    kw[arg] = bad_values(kw[arg])[index]
+    results = {}
+    for backend in (("reference", "triton") if compare else ("reference",)):
+        try:
+            with torch.no_grad():
+                results[backend] = fn(**_clone(kw), backend=backend)
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            outcome = "named" if arg in msg else "related" if any(a in msg for a in kw) else "unnamed"
+            return outcome, f"{type(e).__name__}: {msg[:160]}"
+        except Exception as e:  # noqa: BLE001 - the sweep classifies every failure
+            return "other", f"{type(e).__name__}: {str(e)[:160]}"
+    random_seed = arg == "seed" and kw[arg] is None  # a fresh seed per call, by design
+    if len(results) == 2 and not random_seed and not _same(results["reference"], results["triton"]):
+        return "disagree", "reference and triton differ"
+    return "ok", ""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point():
+            return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4, equal_nan=True))
+        return bool(torch.equal(a, b))
+    return a == b
+
+
+def main() -> None:
+    import collections
+    import sys
+
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    bad, every = [], {}
+    for name, arg, i in cases():
+        outcome, detail = run_case(name, arg, i)
+        every[f"{name}|{arg}|{i}"] = outcome
+        counts[name][outcome] += 1
+        if outcome not in GOOD_OUTCOMES:
+            bad.append(f"{name}({arg}=bad[{i}]): {outcome}: {detail}")
+    total = collections.Counter()
+    for name, c in counts.items():
+        total.update(c)
+        print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())))
+    print("TOTAL", dict(total))
+    if "-v" in sys.argv:
+        print("\n".join(bad))
+    if "--json" in sys.argv:  # every case's outcome, to compare two trees
+        import json
+
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            json.dump(every, f)
+
+
+if __name__ == "__main__":
+    main()
