@@ -13,16 +13,18 @@ import time
 import pytest
 import torch
 
+from omni_fast.kernels.launch import interpreting
 from omni_fast.models import CodePredictor
 from omni_fast.models.persistent import (FrameShape, PersistentFrame, ScheduleError, build_frame, check_schedule,
                                          co_resident_grid)
+from omni_fast.testing import DEVICE  # the interpreter's CPU, or CUDA on a GPU machine (unmarked tests run there)
 
 SMALL = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, num_code_groups=4)
 REAL = FrameShape(B=1, hidden=1024, inter=3072, layers=5, nq=16, nk=8, head_dim=128, vocab=2048, groups=16)
 
 
-def _models(dtype=torch.float32, device="cpu", cfg=SMALL):
+def _models(dtype=torch.float32, device=DEVICE, cfg=SMALL):
     from omni_fast.bench.cases.mtp import _build
 
     m, emb = _build(device, dtype, cfg)
@@ -109,7 +111,8 @@ def test_checker_rejects_broken_schedules():
 def test_persistent_frame_equals_todays_path(kw):
     torch.manual_seed(0)
     base, pers = _models()
-    h, c0 = torch.randn(3, 64), torch.randint(0, 32, (3,))
+    h, c0 = torch.randn(3, 64, device=DEVICE), torch.randint(0, 32, (3,), device=DEVICE)
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     a = base.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
     b = pers.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -122,9 +125,9 @@ def test_persistent_frame_equals_todays_path(kw):
 def test_persistent_frame_c0_embed_and_fp16():
     torch.manual_seed(1)
     base, pers = _models(torch.float16)
-    h, c0 = torch.randn(2, 64, dtype=torch.float16), torch.randint(0, 32, (2,))
-    e0 = torch.randn(2, 64, dtype=torch.float16)
-    for kw in (dict(do_sample=False), dict(top_k=8, top_p=0.8, seed=torch.tensor([11, 12]))):
+    h, c0 = torch.randn(2, 64, dtype=torch.float16, device=DEVICE), torch.randint(0, 32, (2,), device=DEVICE)
+    e0 = torch.randn(2, 64, dtype=torch.float16, device=DEVICE)
+    for kw in (dict(do_sample=False), dict(top_k=8, top_p=0.8, seed=torch.tensor([11, 12], device=DEVICE))):
         a = base.predict_frame(h, c0, c0_embed=e0, backend="triton", use_graph=False, **kw)
         b = pers.predict_frame(h, c0, c0_embed=e0, backend="triton", use_graph=False, **kw)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -133,7 +136,8 @@ def test_persistent_frame_c0_embed_and_fp16():
 def test_persistent_rows_are_batch_invariant():
     torch.manual_seed(2)
     _, pers = _models()
-    h, c0, seeds = torch.randn(3, 64), torch.randint(0, 32, (3,)), torch.tensor([21, 22, 23])
+    h, c0 = torch.randn(3, 64, device=DEVICE), torch.randint(0, 32, (3,), device=DEVICE)
+    seeds = torch.tensor([21, 22, 23], device=DEVICE)
     full = pers.predict_frame(h, c0, top_k=8, top_p=0.8, seed=seeds, backend="triton", use_graph=False)
     alone = pers.predict_frame(h[1:2], c0[1:2], top_k=8, top_p=0.8, seed=seeds[1:2], backend="triton",
                                use_graph=False)
@@ -143,22 +147,25 @@ def test_persistent_rows_are_batch_invariant():
 def test_reference_backend_and_fp64_keep_the_op_path():
     torch.manual_seed(3)
     _, pers = _models()
-    h, c0 = torch.randn(2, 64), torch.randint(0, 32, (2,))
-    pers.predict_frame(h, c0, do_sample=False, backend="reference")
+    h, c0 = torch.randn(2, 64, device=DEVICE), torch.randint(0, 32, (2,), device=DEVICE)
+    pers.predict_frame(h, c0, do_sample=False, backend="reference", use_graph=False)
     assert not pers._persistent
 
 
 def test_watchdog_flags_a_wait_that_never_completes():
     torch.manual_seed(4)
     _, pers = _models()
-    frame = PersistentFrame(pers, 2, torch.float32, torch.device("cpu"), (False, 0, 1.0, 1.0), False, False)
+    frame = PersistentFrame(pers, 2, torch.float32, torch.device(DEVICE), (False, 0, 1.0, 1.0), False, False)
     victim = next(i for i, it in enumerate(frame.schedule.items) if it.op == "swiglu")
     frame.items[victim, 1:3] = torch.tensor([0, 10**6])  # wait for 10^6 signals of a counter that gets 2
-    h, c0, seed = torch.randn(2, 64), torch.randint(0, 32, (2,)), torch.zeros(1, dtype=torch.long)
+    h, c0 = torch.randn(2, 64, device=DEVICE), torch.randint(0, 32, (2,), device=DEVICE)
+    seed = torch.zeros(1, dtype=torch.long, device=DEVICE)
     t = time.monotonic()
     frame(h, c0, None, seed, spin_limit=20)
     assert time.monotonic() - t < 600
-    assert frame.error() == victim + 1  # the first item that timed out, and the kernel returned
+    # the first item that timed out, and the kernel returned (with several programs on a GPU, one waiting behind
+    # the victim may time out first)
+    assert frame.error() == victim + 1 if interpreting() else frame.error() >= 1
     assert frame.ws["counters"].any()  # left as they were: reset() is the way back
     frame.reset()
     assert frame.error() == 0 and not frame.ws["counters"].any()
@@ -184,7 +191,7 @@ def _count_launches(monkeypatch):
 def test_one_launch_per_frame(monkeypatch):
     torch.manual_seed(5)
     base, pers = _models()
-    h, c0 = torch.randn(2, 64), torch.randint(0, 32, (2,))
+    h, c0 = torch.randn(2, 64, device=DEVICE), torch.randint(0, 32, (2,), device=DEVICE)
     kw = dict(top_k=8, top_p=0.8, seed=9, backend="triton", use_graph=False)
     pers.predict_frame(h, c0, **kw)  # build the schedule (and compile) outside the count
     calls = _count_launches(monkeypatch)
