@@ -100,9 +100,9 @@ def test_counter_moe_t1_kernels_and_bytes():
     T, E, k, H, I = 1, 8, 2, 64, 64
     x, w13, w2 = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
     w, ids = ref.topk_softmax(torch.randn(T, E), k)
-    counts = count_launches(ops.fused_moe, x, w13, w2, w, ids)
+    counts = count_launches(ops.moe_experts, x, w13, w2, w, ids)
     assert summarize(counts)["triton"] == 4 and counts["triton:moe_gemm_kernel"] == 2
-    tr = trace(ops.fused_moe, x, w13, w2, w, ids, bytes=True, unique=True)
+    tr = trace(ops.moe_experts, x, w13, w2, w, ids, bytes=True, unique=True)
     gemm = tr.kernels["triton:moe_gemm_kernel"]
     weights = 4 * k * (2 * I * H + H * I)  # fp32: the two touched experts' weights, each read once
     assert weights <= gemm.unique_loaded <= weights + 4 * (2 * T * k * H + 2 * T * k * I + 64)
