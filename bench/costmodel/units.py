@@ -130,7 +130,7 @@ def _kvcache_call(B, cached, hq, hk, d, dtype=BF16):
     kc, vc = _randn(B, cached + 1, hk, d, dtype=dtype, seed=2), _randn(B, cached + 1, hk, d, dtype=dtype, seed=3)
     kn, vn = _randn(B, 1, hk, d, dtype=dtype, seed=4), _randn(B, 1, hk, d, dtype=dtype, seed=5)
     lens = torch.full((B,), cached, dtype=torch.int32)
-    return lambda: ops.flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=vn, causal=True)
+    return lambda: ops.flash_attn_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens, causal=True)
 
 
 def _attn_flops(lens, hq, d, causal) -> float:
