@@ -89,7 +89,7 @@ def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | Non
     """An integer argument (see :func:`as_int`) within [minimum, maximum]; returns it as a Python int."""
     value = as_int(name, value)
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
