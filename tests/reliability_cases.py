@@ -70,6 +70,9 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "snake_beta": (ops.snake_beta, lambda: dict(x=_t(1, 4, 6), alpha=_t(4, seed=1), beta=_t(4, seed=2)), True),
         "causal_conv1d": (ops.causal_conv1d, lambda: dict(x=_t(1, 4, 6), weight=_t(4, 4, 3, seed=1), bias=None,
                                                           stride=1, dilation=1, groups=1), True),
+        "causal_conv_transpose1d": (ops.causal_conv_transpose1d, lambda: dict(
+            x=_t(1, 4, 5), weight=_t(4, 3, 4, seed=1), bias=_t(3, seed=2), stride=2,
+            snake=(_t(4, seed=3) * 0.1, _t(4, seed=4) * 0.1), state=_t(1, 4, 1, seed=5)), True),
     }
     return entries
 
