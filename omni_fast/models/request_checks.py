@@ -44,7 +44,11 @@ def check_request(req, name: str = "request") -> None:
     if not isinstance(req, Request):
         raise TypeError(f"{name} must be an omni_fast.models.Request, got {type(req).__name__}")
     in_video = check_bool(f"{name}.audio_in_video", req.audio_in_video)
-    check_float(f"{name}.video_fps", req.video_fps, minimum=0.0, min_open=True)
+    try:
+        check_float(f"{name}.video_fps", req.video_fps, minimum=0.0, min_open=True)
+    except ValueError:  # the pipeline's own wording (a non-number stays check_float's TypeError)
+        raise ValueError(f"{name}.video_fps must be a positive number of frames per second, got "
+                         f"{req.video_fps!r}") from None
     for kind in ("audio", "image", "video"):
         x = getattr(req, kind)
         if x is not None and not isinstance(x, torch.Tensor):
