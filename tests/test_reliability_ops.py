@@ -94,23 +94,23 @@ def test_kvcache_refuses_k_cache_is_v_cache_when_appending():
     kc, _ = _cache()
     q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="v_cache must not overlap k_cache"):
-        ops.flash_attn_with_kvcache(q, kc, kc, 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(q, kc, kc, k, k.clone(), cache_seqlens=2)
 
 
 def test_kvcache_refuses_expanded_cache_when_appending():
     kc = torch.randn(1, 6, 1, 8).expand(2, 6, 1, 8)
     q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="k_cache has internally overlapping memory"):
-        ops.flash_attn_with_kvcache(q, kc, torch.randn(2, 6, 1, 8), 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(q, kc, torch.randn(2, 6, 1, 8), k, k.clone(), cache_seqlens=2)
 
 
 def test_kvcache_refuses_q_or_k_aliasing_the_cache():
     kc, vc = _cache()
     k = torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="k_cache must not overlap q"):
-        ops.flash_attn_with_kvcache(kc[:, :1].expand(2, 1, 2, 8), kc, vc, 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(kc[:, :1].expand(2, 1, 2, 8), kc, vc, k, k.clone(), cache_seqlens=2)
     with pytest.raises(ValueError, match="k_cache must not overlap k"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 2, k=kc[:, 2:3], v=k)
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, kc[:, 2:3], k, cache_seqlens=2)
 
 
 def test_kvcache_paged_k_and_v_halves_of_one_buffer_are_accepted():
@@ -118,7 +118,7 @@ def test_kvcache_paged_k_and_v_halves_of_one_buffer_are_accepted():
     kv = torch.randn(3, 2, 4, 1, 8)
     q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8)
     table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
-    ops.flash_attn_with_kvcache(q, kv[:, 0], kv[:, 1], 2, k=k, v=k.clone(), block_table=table)
+    ops.flash_attn_with_kvcache(q, kv[:, 0], kv[:, 1], k, k.clone(), cache_seqlens=2, block_table=table)
 
 
 def test_mtp_cached_attention_and_norm_refuse_aliasing():
@@ -158,7 +158,7 @@ def test_seeds_outside_int64_name_the_seed(seed):
 def test_kvcache_int_cache_seqlens_bounded():
     kc, vc = _cache()
     with pytest.raises(ValueError, match="cache_seqlens must be in"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 2**40)
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, cache_seqlens=2**40)
 
 
 # --- 5/6. one rule for numbers; nonsense refused ------------------------------------------------------------------
@@ -178,8 +178,8 @@ def test_numpy_and_0d_tensor_ints_accepted_everywhere():
     assert all(torch.equal(r, g) for r, g in zip(ref, got))
     kc, vc = _cache()
     q = torch.randn(2, 1, 2, 8)
-    torch.testing.assert_close(ops.flash_attn_with_kvcache(q, kc, vc, np.int32(3)),
-                               ops.flash_attn_with_kvcache(q, kc, vc, 3))
+    torch.testing.assert_close(ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int32(3)),
+                               ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3))
 
 
 @pytest.mark.parametrize("bad", [2.0, True, "2", None])
@@ -209,7 +209,7 @@ def test_mrope_bad_arguments_named(name, kwargs, exc):
 def test_attention_scale_must_be_finite(scale):
     kc, vc = _cache()
     with pytest.raises((TypeError, ValueError), match="softmax_scale"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 1, softmax_scale=scale)
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, cache_seqlens=1, softmax_scale=scale)
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises((TypeError, ValueError), match="softmax_scale"):
         ops.flash_attn_varlen(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), cu, cu, 3, 3,

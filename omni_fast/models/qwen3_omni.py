@@ -42,6 +42,7 @@ from .components import (ExactStreamingCodec, HFCode2Wav, HFCodePredictor, OmniC
 from ..integrations.hf_compat import output_cache, with_cache
 from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
+from .quantized import load_quantized, read_quantization_config
 from .request_checks import checked_generate, checked_stream
 
 SAMPLE_RATE_IN = 16000
@@ -300,7 +301,9 @@ class Qwen3Omni:
                         device: str | torch.device | None = None, strict: bool = True, check_finite: bool = True,
                         **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
-        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present.
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present. A checkpoint with
+        FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`, which
+        checks its own keys); another ``quantization_config`` raises a ValueError naming its method.
 
         ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
         missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
@@ -314,8 +317,15 @@ class Qwen3Omni:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_strict(os.fspath(path), strict=bool(strict),
-                            dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
+        if quant is not None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            model = load_quantized(os.fspath(path), config, quant, dtype=dtype, device=device)
+        else:
+            model = load_strict(os.fspath(path), strict=bool(strict), dtype=dtype)
         if check_finite and hasattr(model, "code2wav"):
             _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)

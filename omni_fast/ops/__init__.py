@@ -7,11 +7,13 @@ See :mod:`omni_fast.backend` for how the backend is chosen and :mod:`omni_fast.o
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
 from .moe import fused_moe, moe_align_block_size, moe_block, topk_softmax
+from .quant import QuantizedExperts
 from .rope import mrope, qk_norm_mrope
 from .rvq import rvq_embed
 from .sampling import sample
 
 __all__ = [
+    "QuantizedExperts",
     "causal_conv1d",
     "causal_conv_transpose1d",
     "flash_attn_varlen",

@@ -1,4 +1,5 @@
-"""Public MoE ops (vLLM-compatible signatures): routing, block alignment, fused experts, the whole sparse block.
+"""Public MoE ops, vLLM-style (the exact vLLM signatures: :mod:`omni_fast.compat.vllm`): routing, block alignment,
+fused experts, the whole sparse block.
 
 - :func:`topk_softmax`: router logits ``[T, E]`` -> fp32 weights ``[T, k]``, int32 ids ``[T, k]``.
 - :func:`moe_align_block_size`: group (token, slot) pairs by expert in runs padded to ``block_size``.
@@ -20,6 +21,8 @@ from ..reference import moe as ref
 from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, check_bool, check_index_range, check_output,
                           check_positive_int, check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
+from .moe_quant import fused_moe_quantized, moe_block_quantized
+from .quant import QuantizedExperts
 
 ACTIVATIONS = ref.ACTIVATIONS
 # Size bounds the kernels honour (checked before any allocation): the alignment kernel holds every expert's count
@@ -223,7 +226,13 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     ``gate_up_proj``), w2 ``[E, H, I]`` (``down_proj``), same dtype; topk_weights float ``[T, k]``; topk_ids int
     ``[T, k]`` global expert ids. ``expert_map`` (int32 ``[E_global]``, values in ``[-1, E)``) maps global ids to
     the rows of w13/w2 held here; pairs routed to -1 contribute zero. Returns ``out`` ``[T, H]``.
+
+    Quantized experts: ``w13`` a :class:`~omni_fast.ops.quant.QuantizedExperts` (FP8 block W8A8 or INT4 W4A16)
+    and ``w2=None`` (:mod:`omni_fast.ops.moe_quant`).
     """
+    if isinstance(w13, QuantizedExperts):
+        return fused_moe_quantized(hidden_states, w13, w2, topk_weights, topk_ids, activation=activation,
+                                   expert_map=expert_map, out=out, backend=backend)
     E, num_global, _ = _check_experts(hidden_states, w13, w2, activation, expert_map)
     T = hidden_states.shape[0]
     _check_routing(topk_weights, topk_ids, T, num_global, hidden_states.device)
@@ -279,7 +288,12 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     the model dtype, fp32 softmax + top-k (+ renormalisation), weights rounded to the model dtype. With
     ``shared_w13 [2Is, H]`` (shared gate_proj rows then up_proj rows), ``shared_w2 [H, Is]`` and
     ``shared_gate_weight [1, H]`` adds the talker's shared expert ``sigmoid(x @ g.T) * SwiGLU_shared(x)``.
+    ``w13`` may be a :class:`~omni_fast.ops.quant.QuantizedExperts` with ``w2=None`` (shared expert in float).
     """
+    if isinstance(w13, QuantizedExperts):
+        return moe_block_quantized(hidden_states, gate_weight, w13, w2, top_k, renormalize=renormalize,
+                                   shared_w13=shared_w13, shared_w2=shared_w2, shared_gate_weight=shared_gate_weight,
+                                   activation=activation, expert_map=expert_map, out=out, backend=backend)
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
