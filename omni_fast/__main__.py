@@ -206,6 +206,9 @@ def _latency_table(t, on_gpu: bool) -> str:
 # decoding or gigabytes of synthetic input.
 MAX_NEW_TOKENS = 100_000
 MAX_SECONDS = 3600.0
+# The shortest input the pipeline takes: one STFT window (models.qwen3_omni.MIN_AUDIO_SAMPLES at 16 kHz; not imported
+# here, that module pulls in transformers).
+MIN_SECONDS = 400 / 16000
 
 
 def _positive_int(maximum: int):
@@ -222,13 +225,14 @@ def _positive_int(maximum: int):
 
 
 def _positive_seconds(text: str) -> float:
-    """argparse ``type=``: a finite number of seconds in (0, MAX_SECONDS]; nan and inf are refused."""
+    """argparse ``type=``: a finite number of seconds in [MIN_SECONDS, MAX_SECONDS]; nan and inf are refused."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (a number of seconds)") from None
-    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds in (0, {MAX_SECONDS:g}], got {text!r}")
+    if not (math.isfinite(value) and MIN_SECONDS <= value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds in [{MIN_SECONDS:g}, {MAX_SECONDS:g}] "
+                                         f"(at least one 25 ms analysis window), got {text!r}")
     return value
 
 

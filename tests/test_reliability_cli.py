@@ -78,7 +78,16 @@ def test_good_values_parse(tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr(cli, "demo", lambda args: seen.append(args) or 0)
-    assert main(["demo", "--max-new-tokens", "1", "--talker-max-new-tokens", "100000", "--seconds", "0.25",
+    assert main(["demo", "--max-new-tokens", "1", "--talker-max-new-tokens", "100000", "--seconds", "0.025",
                  "--out", str(tmp_path / "a.wav"), "--raw-out", str(tmp_path / "a.npy")]) == 0
     a = seen[0]
-    assert (a.max_new_tokens, a.talker_max_new_tokens, a.seconds) == (1, 100000, 0.25)
+    assert (a.max_new_tokens, a.talker_max_new_tokens, a.seconds) == (1, 100000, 0.025)
+
+
+def test_seconds_at_least_one_analysis_window(capsys):
+    """Below one STFT window the pipeline refuses the waveform (a traceback after building the model, before)."""
+    from omni_fast.__main__ import MIN_SECONDS
+    from omni_fast.models.qwen3_omni import MIN_AUDIO_SAMPLES, SAMPLE_RATE_IN
+
+    assert MIN_SECONDS == MIN_AUDIO_SAMPLES / SAMPLE_RATE_IN
+    assert "argument --seconds" in _refused(["--seconds", "0.01"], capsys)
