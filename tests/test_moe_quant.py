@@ -86,10 +86,10 @@ def test_fused_moe_quant_matches_reference(case, T, dtype):
     x = torch.randn(T, H, device=DEVICE).to(dtype)
     weights = torch.rand(T, k, device=DEVICE).to(dtype)
     ids = _ids(T, E, k)
-    out = ops.fused_moe(x, q, None, weights, ids, backend="triton")
+    out = ops.moe_experts(x, q, None, weights, ids, backend="triton")
     assert out.shape == (T, H) and out.dtype == dtype
     _check(out, x, q, weights, ids)
-    ref_out = ops.fused_moe(x, q, None, weights, ids, backend="reference")
+    ref_out = ops.moe_experts(x, q, None, weights, ids, backend="reference")
     torch.testing.assert_close(ref_out, rq.fused_moe(x, q, weights, ids))
 
 
@@ -103,7 +103,7 @@ def test_fused_moe_quant_expert_map_and_out(fmt, kw):
     weights = torch.rand(T, k, device=DEVICE).half()
     ids = _ids(T, E_global, k)
     out = torch.full((T, H), float("nan"), device=DEVICE, dtype=torch.float16)
-    got = ops.fused_moe(x, q, None, weights, ids, expert_map=expert_map, out=out, backend="triton")
+    got = ops.moe_experts(x, q, None, weights, ids, expert_map=expert_map, out=out, backend="triton")
     assert got is out
     _check(out, x, q, weights, ids, expert_map)
 
@@ -135,13 +135,13 @@ def test_fused_moe_quant_bad_input():
     w = torch.rand(3, 1, device=DEVICE).half()
     ids = torch.zeros(3, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="w2 must be None"):
-        ops.fused_moe(x, q, q.w2, w, ids)
+        ops.moe_experts(x, q, q.w2, w, ids)
     with pytest.raises(ValueError, match="hidden size"):
-        ops.fused_moe(torch.randn(3, 32, device=DEVICE).half(), q, None, w, ids)
+        ops.moe_experts(torch.randn(3, 32, device=DEVICE).half(), q, None, w, ids)
     with pytest.raises(TypeError, match="hidden_states must have dtype"):
-        ops.fused_moe(x.double(), q, None, w, ids)
+        ops.moe_experts(x.double(), q, None, w, ids)
     with pytest.raises(ValueError, match="topk_ids"):
-        ops.fused_moe(x, q, None, w, ids + 5)
+        ops.moe_experts(x, q, None, w, ids + 5)
     with pytest.raises(ValueError, match="w2 must be None"):
         ops.moe_block(x, torch.randn(2, 64, device=DEVICE).half(), q, q.w2, 1)
 
@@ -174,5 +174,5 @@ def test_fused_moe_quant_real_shapes_bf16(fmt, kw, T):
     x = torch.randn(T, H, device=DEVICE).bfloat16()
     weights = torch.rand(T, k, device=DEVICE).bfloat16()
     ids = _ids(T, E, k)
-    out = ops.fused_moe(x, q, None, weights, ids, backend="triton")
+    out = ops.moe_experts(x, q, None, weights, ids, backend="triton")
     _check(out, x, q, weights, ids)

@@ -65,18 +65,18 @@ def _moe(T=3, E=4, H=8, I=4, k=2, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_moe_refuses_expanded_out(backend):
+def test_moe_experts_refuses_expanded_out(backend):
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="out has internally overlapping memory"):
-        ops.fused_moe(x, w13, w2, w, ids, out=torch.empty(1, 8).expand(3, 8), backend=backend)
+        ops.moe_experts(x, w13, w2, w, ids, out=torch.empty(1, 8).expand(3, 8), backend=backend)
 
 
-def test_fused_moe_refuses_out_aliasing_an_input():
+def test_moe_experts_refuses_out_aliasing_an_input():
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="out must not overlap hidden_states"):
-        ops.fused_moe(x, w13, w2, w, ids, out=x)
+        ops.moe_experts(x, w13, w2, w, ids, out=x)
     with pytest.raises(ValueError, match="out must not overlap w2"):
-        ops.fused_moe(x, w13, w2, w, ids, out=w2.view(-1)[:24].view(3, 8))
+        ops.moe_experts(x, w13, w2, w, ids, out=w2.view(-1)[:24].view(3, 8))
 
 
 def test_moe_block_refuses_out_aliasing_hidden_states():
@@ -138,13 +138,13 @@ def test_mtp_cached_attention_and_norm_refuse_aliasing():
 def test_moe_align_sizes_bounded_before_allocation(block_size, num_experts, arg):
     ids = torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=arg):
-        ops.moe_align_block_size(ids, block_size, num_experts)
+        ops.align_moe_blocks(ids, block_size, num_experts)
 
 
 def test_moe_align_padded_size_must_fit_int32():
     ids = torch.zeros((), dtype=torch.int32).expand(2**31)  # no memory: the bound is checked from the shape
     with pytest.raises(ValueError, match="topk_ids has 2147483648 entries.*int32"):
-        ops.moe_align_block_size(ids, 4, 8)
+        ops.align_moe_blocks(ids, 4, 8)
 
 
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
@@ -167,14 +167,14 @@ def test_kvcache_int_cache_seqlens_bounded():
 def test_numpy_and_0d_tensor_ints_accepted_everywhere():
     logits = torch.randn(3, 6)
     for top_k in (np.int64(2), np.int32(2), torch.tensor(2)):
-        w, i = ops.topk_softmax(logits, top_k)
+        w, i = ops.route_topk(logits, top_k)
         assert i.shape == (3, 2)
     a = ops.sample(logits, seed=np.int64(7), top_k=np.int64(3))
     assert torch.equal(a, ops.sample(logits, seed=7, top_k=3))
     assert torch.equal(a, ops.sample(logits, seed=torch.tensor(7), top_k=torch.tensor(3)))
     ids = torch.randint(0, 8, (4, 2), dtype=torch.int32)
-    ref = ops.moe_align_block_size(ids, 4, 8)
-    got = ops.moe_align_block_size(ids, np.int64(4), torch.tensor(8))
+    ref = ops.align_moe_blocks(ids, 4, 8)
+    got = ops.align_moe_blocks(ids, np.int64(4), torch.tensor(8))
     assert all(torch.equal(r, g) for r, g in zip(ref, got))
     kc, vc = _cache()
     q = torch.randn(2, 1, 2, 8)
@@ -185,7 +185,7 @@ def test_numpy_and_0d_tensor_ints_accepted_everywhere():
 @pytest.mark.parametrize("bad", [2.0, True, "2", None])
 def test_bools_floats_strings_refused_as_ints(bad):
     with pytest.raises(TypeError, match="top_k must be an int"):
-        ops.topk_softmax(torch.randn(3, 6), bad)
+        ops.route_topk(torch.randn(3, 6), bad)
     with pytest.raises(TypeError, match="top_k must be an int"):
         ops.sample(torch.randn(3, 6), top_k=bad if bad is not None else 1.5)
 
@@ -220,9 +220,9 @@ def test_attention_scale_must_be_finite(scale):
 def test_expert_map_values_out_of_range(bad):
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="expert_map must lie in"):
-        ops.fused_moe(x, w13, w2, w, ids, expert_map=torch.tensor(bad, dtype=torch.int32))
+        ops.moe_experts(x, w13, w2, w, ids, expert_map=torch.tensor(bad, dtype=torch.int32))
     with pytest.raises(ValueError, match="expert_map must lie in"):
-        ops.moe_align_block_size(ids, 4, 4, torch.tensor(bad, dtype=torch.int32))
+        ops.align_moe_blocks(ids, 4, 4, torch.tensor(bad, dtype=torch.int32))
 
 
 def test_sample_suppress_ranges_rules():

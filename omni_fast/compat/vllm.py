@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..ops import moe as _moe
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_positive_int, check_tensor
+from ..ops import moe as _moe  # the native forms (route_topk, align_moe_blocks, moe_experts); not ``ops``: it
+# re-exports this module's topk_softmax / moe_align_block_size and imports it while it initialises
+from ..validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_output, check_positive_int, check_tensor
 
 VLLM_VERSION = "0.11"
 
@@ -77,7 +77,7 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
         topk_weights = torch.ones_like(topk_weights)
     else:
         hidden_in = hidden_states
-    out = ops.fused_moe(hidden_in, w1, w2, topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+    out = _moe.moe_experts(hidden_in, w1, w2, topk_weights, topk_ids, activation=activation, expert_map=expert_map)
     if inplace:  # computed apart, then copied: out never aliases the input it reads
         return hidden_states.copy_(out)
     return out
@@ -94,7 +94,10 @@ def topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, re
     check_tensor("topk_weights", topk_weights, shape=(T, k))
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, shape=(T, k), device=dev)
     check_tensor("token_expert_indices", token_expert_indices, dtypes=(torch.int32,), shape=(T, k), device=dev)
-    weights, ids = ops.topk_softmax(gating_output, k, bool(renormalize))
+    outs = dict(topk_weights=topk_weights, topk_ids=topk_ids, token_expert_indices=token_expert_indices)
+    for name, t in outs.items():  # written in place: no self-overlap, nothing shared with the input or each other
+        check_output(name, t, gating_output=gating_output, **{o: v for o, v in outs.items() if o != name})
+    weights, ids = _moe.route_topk(gating_output, k, check_bool("renormalize", renormalize))
     topk_weights.copy_(weights)
     topk_ids.copy_(ids)
     token_expert_indices.copy_(torch.arange(T * k, dtype=torch.int32, device=dev).view(k, T).t())
@@ -138,18 +141,11 @@ def moe_align_block_size(topk_ids, block_size, num_experts, expert_map=None, pad
     ``L = numel + E * (block_size - 1)`` (see :func:`_padded_length`). ``ignore_invalid_experts``: pairs whose id
     is outside ``[0, num_experts)`` (e.g. -1) are skipped instead of rejected.
     """
-    check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=(1, 2))
-    check_positive_int("block_size", block_size)
-    check_positive_int("num_experts", num_experts)
-    if ignore_invalid_experts:  # the kernels drop out-of-range ids; skip the public op's value check only
-        if expert_map is not None:
-            _moe._check_expert_map(expert_map, num_experts, None, topk_ids.device)
-        ids = topk_ids.contiguous()
-        sorted_ids, expert_ids, npost = _moe._align_op(ids, block_size, num_experts, expert_map,
-                                                       _moe._align_op.resolve((ids,), None))
-    else:
-        sorted_ids, expert_ids, npost = ops.moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
-    length = _padded_length(topk_ids.numel(), num_experts, block_size, bool(pad_sorted_ids))
+    ignore = check_bool("ignore_invalid_experts", ignore_invalid_experts)
+    sorted_ids, expert_ids, npost = _moe._align(topk_ids, block_size, num_experts, expert_map, None,
+                                                check_ids=not ignore)
+    block_size, num_experts = int(block_size), int(num_experts)  # checked by _align (python ints, numpy, 0-d)
+    length = _padded_length(topk_ids.numel(), num_experts, block_size, check_bool("pad_sorted_ids", pad_sorted_ids))
     sorted_ids = sorted_ids[:length]  # ours is rounded up to a whole block: same contents, vLLM's length
     blocks = -(-length // block_size)
     starts = torch.arange(blocks, dtype=torch.int32, device=topk_ids.device) * block_size

@@ -2,7 +2,7 @@
 
 After :func:`register` (called by :func:`omni_fast.register_transformers`), any transformers experts module
 decorated with ``@use_experts_implementation`` runs :func:`experts_forward` when its config has
-``_experts_implementation = "omni_fast"``: one :func:`omni_fast.ops.fused_moe` call (routing alignment, the two
+``_experts_implementation = "omni_fast"``: one :func:`omni_fast.ops.moe_experts` call (routing alignment, the two
 grouped GEMMs with SwiGLU and the routed weight fused, the deterministic combine) instead of the per-expert loop.
 
 Supported layout: transformers' default fused experts (``gate_up_proj [E, 2I, H]`` with gate rows then up rows,
@@ -59,7 +59,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
 
 def _fused(self, hidden_states, top_k_index, top_k_weights, w13, w2, num_local: int) -> torch.Tensor:
-    """One :func:`omni_fast.ops.fused_moe` call (w13 a tensor or a QuantizedExperts with w2 None)."""
+    """One :func:`omni_fast.ops.moe_experts` call (w13 a tensor or a QuantizedExperts with w2 None)."""
     from .. import ops
 
     expert_map = None
@@ -70,9 +70,9 @@ def _fused(self, hidden_states, top_k_index, top_k_weights, w13, w2, num_local: 
         expert_map = torch.arange(size, dtype=torch.int32, device=hidden_states.device)
         expert_map[num_local:] = -1
     # omni_fast.patch(model, backend=...) pins the backend on the module; otherwise the ambient one (use_backend/env)
-    return ops.fused_moe(hidden_states, w13, w2, top_k_weights, top_k_index,
-                         activation="silu", expert_map=expert_map,
-                         backend=pinned_backend(self))
+    return ops.moe_experts(hidden_states, w13, w2, top_k_weights, top_k_index,
+                           activation="silu", expert_map=expert_map,
+                           backend=pinned_backend(self))
 
 
 def register(name: str) -> None:

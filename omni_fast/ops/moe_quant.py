@@ -1,4 +1,4 @@
-"""Fused MoE on quantized experts: what :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` run when
+"""Fused MoE on quantized experts: what :func:`omni_fast.ops.moe_experts` / :func:`omni_fast.ops.moe_block` run when
 ``w13`` is a :class:`~omni_fast.ops.quant.QuantizedExperts` (``w2`` is then None).
 
 One custom op ``omni_fast::fused_moe_quant_`` (backends ``reference``: dequantize then the float reference, see
@@ -72,7 +72,7 @@ def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add,
 
 def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, activation="silu", expert_map=None,
                         out=None, backend=None) -> torch.Tensor:
-    """:func:`omni_fast.ops.fused_moe` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``."""
+    """:func:`omni_fast.ops.moe_experts` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``."""
     from .moe import ACTIVATIONS, _check_expert_map, _check_out, _check_routing
 
     check_tensor("hidden_states", hidden_states, dtypes=ACT_DTYPES, ndim=2, last_dim_contiguous=True)
@@ -93,7 +93,7 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
                         shared_w2=None, shared_gate_weight=None, activation="silu", expert_map=None, out=None,
                         backend=None) -> torch.Tensor:
     """:func:`omni_fast.ops.moe_block` with ``w13`` = QuantizedExperts: router GEMM, :func:`~omni_fast.ops.
-    topk_softmax`, the talker's float shared expert (a one-expert :func:`~omni_fast.ops.fused_moe`), then the
+    route_topk`, the talker's float shared expert (a one-expert :func:`~omni_fast.ops.moe_experts`), then the
     quantized routed experts with the shared output added in the combine's fp32 sum."""
     from . import moe as float_moe
 
@@ -116,7 +116,7 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
         check_tensor("out", out, dtypes=(x.dtype,), shape=tuple(shape), device=x.device, contiguous=True)
     out = torch.empty_like(x) if out is None else out.view(-1, x.shape[1])
     logits = torch.nn.functional.linear(x, gate_weight)
-    weights, ids = float_moe.topk_softmax(logits, top_k, renormalize, backend=backend)
+    weights, ids = float_moe.route_topk(logits, top_k, renormalize, backend=backend)
     weights = weights.to(x.dtype)  # transformers rounds the routing weights to the model dtype
     add = None
     if any(s is not None for s in (shared_w13, shared_w2, shared_gate_weight)):
@@ -126,6 +126,6 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
         # there); its output joins the routed sum before the one rounding (reference: added in the model dtype).
         gate = torch.sigmoid(torch.nn.functional.linear(x, shared_gate_weight))
         zero_ids = torch.zeros(x.shape[0], 1, dtype=torch.int32, device=x.device)
-        add = float_moe.fused_moe(x, shared_w13.unsqueeze(0), shared_w2.unsqueeze(0), gate, zero_ids,
-                                  activation=activation, backend=backend)
+        add = float_moe.moe_experts(x, shared_w13.unsqueeze(0), shared_w2.unsqueeze(0), gate, zero_ids,
+                                    activation=activation, backend=backend)
     return _call(x, experts, weights, ids, expert_map, add, out, backend).reshape(shape)

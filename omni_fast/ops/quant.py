@@ -1,4 +1,4 @@
-"""Quantized expert weights: :class:`QuantizedExperts`, the container :func:`omni_fast.ops.fused_moe` and
+"""Quantized expert weights: :class:`QuantizedExperts`, the container :func:`omni_fast.ops.moe_experts` and
 :func:`omni_fast.ops.moe_block` accept in place of the float ``w13`` / ``w2``.
 
 Formats (``E`` local experts, ``I`` intermediate size, ``H`` hidden size; ``w13`` = gate rows ``0..I-1`` then up
