@@ -95,6 +95,18 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "snake_beta": (ops.snake_beta, lambda: dict(x=_t(1, 4, 6), alpha=_t(4, seed=1), beta=_t(4, seed=2)), True),
         "causal_conv1d": (ops.causal_conv1d, lambda: dict(x=_t(1, 4, 6), weight=_t(4, 4, 3, seed=1), bias=None,
                                                           stride=1, dilation=1, groups=1), True),
+        "causal_conv_transpose1d": (ops.causal_conv_transpose1d, lambda: dict(
+            x=_t(1, 4, 5), weight=_t(4, 3, 4, seed=1), bias=_t(3, seed=2), stride=2,
+            snake=(_t(4, seed=3) * 0.1, _t(4, seed=4) * 0.1), state=_t(1, 4, 1, seed=5)), True),
+        # the quantized-experts container's constructor (validation only: no backend involved)
+        "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
+            format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),
+            w2=torch.randint(0, 2**31 - 1, (2, 16, 2), dtype=i32), w13_scale=torch.rand(2, 32, 1),
+            w2_scale=torch.rand(2, 16, 1), w13_zero=None, w2_zero=None, block=None, group_size=16, symmetric=True),
+            False),
+        "QuantizedExperts.fp8_block": (lambda backend, **kw: ops.QuantizedExperts.fp8_block(**kw), lambda: dict(
+            w13=_t(2, 32, 16).to(torch.float8_e4m3fn), w2=_t(2, 16, 16, seed=1).to(torch.float8_e4m3fn),
+            w13_scale=torch.rand(2, 2, 1), w2_scale=torch.rand(2, 1, 1), block=(16, 16)), False),
     }
     return entries
 

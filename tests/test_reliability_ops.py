@@ -275,3 +275,38 @@ def test_rvq_unchecked_bad_codes_backends_agree(layout):
     torch.testing.assert_close(got["reference"], got["triton"])
     for be in BACKENDS:  # and the valid row still equals the checked call
         torch.testing.assert_close(got[be][0], ops.rvq_embed(codes[:1], tables, backend=be, **kw)[0])
+
+
+# --- Code2Wav convolutions -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["causal_conv1d", "causal_conv_transpose1d"])
+def test_conv_zero_input_channels_refused(op, backend):
+    # torch's conv raised RuntimeError (transposed) or returned [B, 0, T] (conv1d) while Triton returned the bias
+    x = torch.randn(1, 0, 6)
+    if op == "causal_conv1d":
+        call = lambda: ops.causal_conv1d(x, torch.randn(3, 0, 3), torch.randn(3), backend=backend)  # noqa: E731
+    else:
+        call = lambda: ops.causal_conv_transpose1d(x, torch.randn(0, 3, 4), torch.randn(3), stride=2,  # noqa: E731
+                                                   backend=backend)
+    with pytest.raises(ValueError, match=r"x must have at least one input channel"):
+        call()
+
+
+@pytest.mark.parametrize("snake, match", [
+    ((None, torch.zeros(4)), "snake alpha"), ((torch.zeros(3), torch.zeros(4)), "snake alpha"),
+    ((torch.zeros(4), torch.zeros(4, dtype=torch.float64)), "snake beta"), ((torch.zeros(4),) * 3, "snake"),
+    ("ab", "snake"), ({"a": 1, "b": 2}, "snake")])
+def test_conv_transpose_snake_pair_named(snake, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.causal_conv_transpose1d(torch.randn(1, 4, 5), torch.randn(4, 3, 4), stride=2, snake=snake)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weight=torch.randn(4, 3, 4), stride=8), "stride 8"), (dict(weight=torch.randn(4, 3, 0), stride=2), "weight"),
+    (dict(weight=torch.randn(4, 3, 2), stride=2, state=torch.randn(1, 4, 1)), "state"),
+    (dict(weight=torch.randn(4, 3, 4), stride=2, state=torch.randn(1, 4, 1).double()), "state")])
+def test_conv_transpose_bad_shapes_named(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.causal_conv_transpose1d(torch.randn(1, 4, 5), **kwargs)

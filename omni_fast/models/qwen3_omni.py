@@ -43,6 +43,7 @@ from ..integrations.hf_compat import output_cache, with_cache
 from ..validation import check_positive_int, check_tensor
 from .positions import PositionSpec, rope_positions
 from .quantized import load_quantized, read_quantization_config
+from .request_checks import checked_generate, checked_stream
 
 SAMPLE_RATE_IN = 16000
 SAMPLE_RATE_OUT = 24000
@@ -464,6 +465,7 @@ class Qwen3Omni:
             raise ValueError(f"talker_repetition_penalty must be > 0, got {talker_repetition_penalty!r}")
 
     # ----------------------------------------------------------------------------------------------- generation
+    @checked_generate
     def generate(self, requests: Request | list[Request], **kwargs) -> list[dict]:
         """Run :meth:`stream` to the end; per request: ``token_ids``, ``text``, ``audio`` ``[S]``, ``timing``."""
         reqs = [requests] if isinstance(requests, Request) else list(requests)
@@ -481,6 +483,7 @@ class Qwen3Omni:
             o["audio"] = torch.cat(o["audio"]) if o["audio"] else torch.zeros(0)
         return out
 
+    @checked_stream
     @torch.no_grad()
     def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import check_tensor
+from ..validation import check_bool, check_tensor
 
 FORMATS = ("fp8_block", "int4_w4a16")
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -73,6 +73,7 @@ class QuantizedExperts:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        check_bool("symmetric", self.symmetric)  # a flag: "no" or 0 must not pass as one
         if self.format == "fp8_block":
             _validate_fp8(self)
         else:
@@ -82,7 +83,9 @@ class QuantizedExperts:
     @classmethod
     def fp8_block(cls, w13, w2, w13_scale, w2_scale, block=(128, 128)) -> "QuantizedExperts":
         """FP8 block-scaled experts (``weight`` + ``weight_scale_inv`` of a ``quant_method: fp8`` checkpoint)."""
-        return cls("fp8_block", w13, w2, w13_scale, w2_scale, block=tuple(block))
+        # a pair becomes a tuple (the constructor's check names anything else: tuple(None) would not)
+        block = tuple(block) if isinstance(block, (tuple, list)) else block
+        return cls("fp8_block", w13, w2, w13_scale, w2_scale, block=block)
 
     @classmethod
     def int4(cls, w13, w2, w13_scale, w2_scale, group_size=128, w13_zero=None, w2_zero=None,
@@ -161,7 +164,7 @@ def _check_weights(q: QuantizedExperts, dtypes, k_of) -> tuple[int, int, int]:
 
 
 def _validate_fp8(q: QuantizedExperts) -> None:
-    if q.block is None or len(q.block) != 2:
+    if not isinstance(q.block, (tuple, list)) or len(q.block) != 2:
         raise ValueError(f"block must be (block_n, block_k) for fp8_block, got {q.block!r}")
     bn, bk = (_check_pos_int("block[0] (block_n)", q.block[0]), _check_pos_int("block[1] (block_k)", q.block[1]))
     if bk < 16 or bk & (bk - 1):
