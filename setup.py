@@ -53,4 +53,7 @@ class BuildPyWithSourceFolders(build_py):
 
 
 PACKAGES, PACKAGE_DIR = _packages()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, cmdclass={"build_py": BuildPyWithSourceFolders})
+# setuptools' scratch folder: not build/ (CMake's, `make cuda-lib`); scripts/test_wheel.sh empties it first, so a
+# module deleted from the tree never lingers in a wheel.
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, cmdclass={"build_py": BuildPyWithSourceFolders},
+      options={"build": {"build_base": ".pybuild"}})

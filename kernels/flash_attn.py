@@ -31,133 +31,54 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
 from .launch import interpreting, launch, static_case
 
-LOG2E = 1.4426950408889634
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_size, num_blocks, offs_d, mask_d,
-             PAGED: tl.constexpr, ALIGN: tl.constexpr):
-    """Load a ``[BLOCK_N, BLOCK_D]`` tile of key/value rows ``offs_n`` of one head (zeros where masked).
-
-    Contiguous: row ``n`` is at ``base + n * stride_t``. Paged: logical row ``n`` lives in physical block
-    ``block_table[n // page]`` at offset ``n % page``; block numbers are clamped into ``[0, num_blocks)`` so a
-    malformed table (its values are not checked on the GPU) reads some page of the cache, never memory outside it.
-    """
-    if PAGED:
-        blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0)
-        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
-        row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
-    else:
-        row_off = offs_n.to(tl.int64) * stride_t
-    if ALIGN > 1:  # every row starts ALIGN-element aligned: lets the loads vectorise (16-byte accesses)
-        row_off = tl.multiple_of(row_off, [ALIGN])
-    ptrs = base_ptr + row_off[:, None] + offs_d[None, :]
-    return tl.load(ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-
-
-@triton.jit
-def _attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, num_blocks, seqlen_k,
-                  win_left, win_right, qk_scale, offs_d, mask_d,
-                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  MASKED: tl.constexpr, ALIGN: tl.constexpr, KEY_MASK: tl.constexpr):
-    """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
-
-    q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
-    acc fp32 ``[BLOCK_M, BLOCK_D]``, m_i (running max of base-2 scores) and l_i (running sum) fp32 ``[BLOCK_M]``.
-    ``MASKED=False`` is for key blocks every row of the block sees entirely (no per-element mask needed).
-    ``KEY_MASK``: keys whose byte at ``km_row_ptr[n]`` is 0 (padding) are dropped, in every block.
-    """
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        k = _kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, num_blocks, offs_d,
-                     mask_d, PAGED, ALIGN)
-        v = _kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, num_blocks, offs_d,
-                     mask_d, PAGED, ALIGN)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if MASKED:
-            ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= qpos[:, None] - win_left) \
-                & (offs_n[None, :] <= qpos[:, None] + win_right)
-            s = tl.where(ok, s, float("-inf"))
-        if KEY_MASK:
-            real = tl.load(km_row_ptr + offs_n, mask=mask_n, other=0) != 0
-            s = tl.where(real[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing stay at zero weight
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _packed_block(cu_q_ptr, pid, num_seqs, search_steps, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(sequence, row block in it) of program ``pid`` of a packed varlen grid, found on the device.
-
-    Sequence ``b`` owns the programs ``first(b) = (cu_q[b] * GROUP) // BLOCK_M + b`` onwards. These ranges never
-    overlap (``first(b + 1) - first(b) >= cdiv(len_b * GROUP, BLOCK_M)``) and all fit below
-    ``(Tq * GROUP) // BLOCK_M + B``, so the grid depends on the token count only: no ``max_seqlen`` (no host sync
-    to get it), and at most ``B`` idle programs however unequal the lengths. ``b`` is the last sequence with
-    ``first(b) <= pid``: a binary search over ``cu_q`` (``search_steps = bit_length(B)`` halvings).
-    """
-    lo = pid * 0
-    hi = lo + num_seqs - 1
-    for _ in range(search_steps):
-        mid = (lo + hi + 1) // 2
-        first = (tl.load(cu_q_ptr + mid) * GROUP) // BLOCK_M + mid
-        take = first <= pid
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    first = (tl.load(cu_q_ptr + lo) * GROUP) // BLOCK_M + lo
-    return lo, pid - first
-
-
-@triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr, km_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr, km_ptr, cbi_ptr, lp_ptr, alibi_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km,
-    seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, split_len, num_seqs, search_steps,
-    total_q, kv_limit, num_blocks,
+    stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km, stride_ab, stride_cos, stride_sin,
+    seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, softcap_log2, split_len, num_seqs, search_steps,
+    total_q, kv_limit, num_blocks, rot_len,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
-    KEY_MASK: tl.constexpr,
+    KEY_MASK: tl.constexpr, SEQUSED: tl.constexpr, CACHE_IDX: tl.constexpr, LEFTPAD: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
+    ROT_CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_BYTES: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``, or with PACKED_GRID (VARLEN_Q only)
-    ``((Tq * GROUP) // BLOCK_M + B, 1, Hk * NUM_SPLITS)``: see :func:`_packed_block`.
+    ``((Tq * GROUP) // BLOCK_M + B, 1, Hk * NUM_SPLITS)``: see :func:`packed_block`.
 
-    Queries of sequence b: rows ``cu_q[b]..cu_q[b+1]`` (VARLEN_Q) or ``b*seqlen_q ..`` (fixed length). Keys:
-    packed rows ``cu_k[b]..`` (VARLEN_K), else cache b with ``seqused_k[b] + k_extra`` rows (contiguous at
-    ``b * stride_kb`` or paged through ``bt_ptr``). With NUM_SPLITS > 1, o/lse are fp32 partial buffers with a
-    leading split dimension (strides stride_os / stride_ls). ALIGN (elements) / ALIGN_BYTES: the host checked that
-    every base pointer is ALIGN_BYTES-aligned and every row/head/batch stride a multiple of ALIGN, so the kernel may
-    promise it to the compiler (vectorised loads even for d 72, whose head stride the JIT cannot specialise).
+    Queries of sequence b: rows ``cu_q[b]..cu_q[b+1]`` (VARLEN_Q) or ``b*seqlen_q ..`` (fixed length). Key count:
+    ``cu_k[b+1] - cu_k[b]`` (VARLEN_K), replaced by ``seqused_k[b] + k_extra`` with SEQUSED, else ``k_extra``.
+    Key rows: packed from ``cu_k[b]`` (VARLEN_K, not PAGED), paged through ``bt_ptr`` (PAGED: logical rows from 0),
+    or cache row ``b`` (``cache_batch_idx[b]`` with CACHE_IDX) of a contiguous ``[B, S, Hk, D]`` cache. With
+    NUM_SPLITS > 1, o/lse are fp32 partial buffers with a leading split dimension (strides stride_os / stride_ls).
+    ALIGN (elements) / ALIGN_BYTES: the host checked that every base pointer is ALIGN_BYTES-aligned and every
+    row/head/batch stride a multiple of ALIGN, so the kernel may promise it to the compiler.
     KEY_MASK (caches only): ``km_ptr`` bytes ``[B, capacity]`` (row stride ``stride_km``), 0 = padding: padding keys
     are never attended, and query rows whose own (key-aligned) position is padding give zeros and ``lse = -inf``.
+    FlashAttention features: LEFTPAD (keys before ``lp_ptr[b]`` are not attended; positions stay absolute),
+    SOFTCAP (``cap * tanh(s / cap)``), ALIBI (``-slope[b, h] * |p - j|``, slopes row stride ``stride_ab``, 0 for
+    one row), ROT_DIM > 0 (q rotated in-kernel by ``cos/sin[seqused_k[b] (+ token with ROT_CAUSAL)]``).
 
-    Memory safety without value checks (the public ops check cu_seqlens / cache_seqlens / block_table values only
-    on the CPU, as a check on CUDA would sync the host): sequence bounds read from ``cu_q`` (``cu_k``) are clamped
-    into ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; cache lengths
-    ``seqused_k[b] + k_extra`` are clamped into ``[0, kv_limit]`` (= the cache capacity); page numbers into
-    ``[0, num_blocks)``. Malformed values thus give defined (if meaningless) results, never out-of-bounds accesses.
+    Memory safety without value checks: sequence bounds read from ``cu_q`` (``cu_k``) are clamped into
+    ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; key counts into
+    ``[0, kv_limit]`` (= the cache capacity), left padding into ``[0, len_k]``, page numbers and cache rows into
+    ``[0, num_blocks)``, rotary positions into the table. Malformed values give defined results, never
+    out-of-bounds accesses.
     """
     pid_z = tl.program_id(2)
     if PACKED_GRID:
-        b, pid_m = _packed_block(cu_q_ptr, tl.program_id(0), num_seqs, search_steps, GROUP, BLOCK_M)
+        b, pid_m = packed_block(cu_q_ptr, tl.program_id(0), num_seqs, search_steps, GROUP, BLOCK_M)
     else:
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
@@ -173,19 +94,34 @@ def attn_fwd_kernel(
     # pid_m < 0: only from the packed grid's search over a decreasing (malformed) cu_seqlens_q
     if (pid_m < 0) | (pid_m * BLOCK_M >= len_q * GROUP):
         return
+    k_start = b * 0
+    key_room = kv_limit + b * 0
+    len_k = k_extra + b * 0
     if VARLEN_K:
-        k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
-        len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
+        if PAGED:  # cu_seqlens_k only gives the lengths; every sequence's keys start at logical row 0
+            len_k = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+        else:
+            k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
+            len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
+            key_room = kv_limit - k_start
+    if SEQUSED:
+        len_k = tl.load(seqused_k_ptr + b) + k_extra
+    len_k = tl.minimum(tl.maximum(len_k, 0), key_room)
+    if PAGED:
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+    elif VARLEN_K:
         k_base = k_ptr + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
         v_base = v_ptr + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     else:
-        len_k = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + b) + k_extra, 0), kv_limit)
-        if PAGED:
-            k_base = k_ptr + kvh * stride_kh
-            v_base = v_ptr + kvh * stride_vh
-        else:
-            k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-            v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+        cb = b
+        if CACHE_IDX:
+            cb = tl.minimum(tl.maximum(tl.load(cbi_ptr + b), 0), num_blocks - 1)
+        k_base = k_ptr + cb.to(tl.int64) * stride_kb + kvh * stride_kh
+        v_base = v_ptr + cb.to(tl.int64) * stride_vb + kvh * stride_vh
+    k_lo = b * 0
+    if LEFTPAD:
+        k_lo = tl.minimum(tl.maximum(tl.load(lp_ptr + b), 0), len_k)
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
     km_row_ptr = km_ptr + b.to(tl.int64) * stride_km
     if ALIGN > 1:
@@ -207,13 +143,22 @@ def attn_fwd_kernel(
         q_base = tl.multiple_of(q_base, [ALIGN_BYTES])
         q_rows = tl.multiple_of(q_rows, [ALIGN])
     q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    if ROT_DIM > 0:  # FlashAttention's kvcache rotary: q sits at cache_seqlens[b] (+ its token index if causal)
+        rpos = tl.load(seqused_k_ptr + b) + tok * 0
+        if ROT_CAUSAL:
+            rpos += tok
+        q = rotary_rows(q_base + q_rows, q, rpos, cos_ptr, sin_ptr, stride_cos, stride_sin, rot_len, offs_d,
+                        mask_r, ROT_DIM, ROT_INTERLEAVED)
     if UPCAST:
         q = q.to(tl.float32)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALIBI:
+        slope = tl.load(alibi_ptr + b.to(tl.int64) * stride_ab + head, mask=mask_r, other=0.0) * 1.4426950408889634
 
-    # Keys this block can see: [first row's left edge, last row's right edge] within [0, len_k) and this split.
+    # Keys this block can see: [first row's left edge, last row's right edge] within [k_lo, len_k) and this split.
     tok_lo = (pid_m * BLOCK_M) // GROUP
     tok_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, len_q - 1)
-    lo = tl.maximum(tok_lo + (len_k - len_q) - win_left, 0)
+    lo = tl.maximum(tok_lo + (len_k - len_q) - win_left, k_lo)
     hi = tl.minimum(tok_hi + (len_k - len_q) + win_right + 1, len_k)
     if NUM_SPLITS > 1:
         lo = tl.maximum(lo, split * split_len)
@@ -221,7 +166,7 @@ def attn_fwd_kernel(
     lo = (lo // BLOCK_N) * BLOCK_N  # aligned start; the mask drops the rows before the true edge
     # Key blocks that every (real) row of this block sees entirely, [full_lo, full_hi), need no mask: cut
     # [lo, hi) into masked [lo, mid_lo) + unmasked [mid_lo, mid_hi) + masked [mid_hi, hi).
-    full_lo = tl.maximum(tok_hi + (len_k - len_q) - win_left, 0)
+    full_lo = tl.maximum(tok_hi + (len_k - len_q) - win_left, k_lo)
     full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     full_hi = tl.minimum(tok_lo + (len_k - len_q) + win_right + 1, len_k)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
@@ -231,18 +176,19 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
-                                  win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
-                                  win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k,
-                                  win_left, win_right, qk_scale, offs_d, mask_d,
-                                  BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK)
+    # masked edge [lo, mid_lo), unmasked interior [mid_lo, mid_hi), masked edge [mid_hi, hi)
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
+                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
+                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
+                                 BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
+                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
+                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
+                                 BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
+                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
+                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
+                                 BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
 
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key
@@ -354,28 +300,37 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
              cu_k: torch.Tensor | None, seqused_k: torch.Tensor | None, k_extra: int,
              block_table: torch.Tensor | None, softmax_scale: float, causal: bool, window_size,
              num_splits: int = 1, split_len: int = 0, packed_grid: bool = False,
-             key_mask: torch.Tensor | None = None) -> None:
+             key_mask: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
+             leftpad: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+             rotary: tuple | None = None) -> None:
     """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
 
-    q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (varlen) or ``[B|blocks, S|page, Hk, D]`` (caches).
+    q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (packed varlen) or ``[B|blocks, S|page, Hk, D]`` (caches,
+    or paged varlen with ``cu_k`` giving only the lengths). Key count per sequence: ``cu_k`` differences, replaced
+    by ``seqused_k[b] + k_extra`` when ``seqused_k`` is given, else ``k_extra``.
     With ``num_splits > 1``, out/lse are fp32 partial buffers ``[splits, Tq, Hq, D]`` / ``[splits, Hq, Tq]``.
     ``packed_grid`` (needs ``cu_q``): size the grid from the token count instead of ``rows_per_seq`` (which then
     only picks the block sizes). ``key_mask`` (caches only): uint8 ``[B, capacity]``, 0 = padding key/query.
+    ``cache_batch_idx`` int32 ``[B]`` (contiguous caches): the cache row of each sequence. ``leftpad`` int32 ``[B]``:
+    first key of each sequence. ``softcap`` > 0: tanh soft-capping. ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]``.
+    ``rotary``: ``(cos, sin, interleaved, causal)`` to rotate q at ``seqused_k[b] (+ token if causal)``.
     """
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
     group = Hq // Hk
     block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
-    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
-    if cu_k is not None:
-        kv_limit = k.shape[0]
-    else:
-        kv_limit = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    left, right = window_bounds(causal, window_size)
     varlen_k = cu_k is not None
     paged = block_table is not None
-    dummy = cu_q if cu_q is not None else (cu_k if cu_k is not None else seqused_k)
-    if varlen_k:
+    packed_k = varlen_k and not paged
+    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
+    if packed_k:
+        kv_limit = k.shape[0]
+    else:
+        kv_limit = k.shape[1] * (block_table.shape[1] if paged else 1)
+    left, right = window_bounds(causal, window_size)
+    dummy = next(t for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx) if t is not None) \
+        if any(t is not None for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx)) else q
+    if packed_k:
         stride_kb = stride_vb = 0
         stride_kt, stride_kh, stride_vt, stride_vh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
     else:
@@ -389,21 +344,30 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     align = alignment((q, k, v, out), (q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb,
                                        stride_vt, stride_vh, out.stride(-3), out.stride(-2),
                                        out.stride(0) if split else 0))
+    softcap = float(softcap)
+    cos, sin, interleaved, rot_causal = rotary if rotary is not None else (None, None, False, False)
+    opt = (lambda t: dummy if t is None else t)  # noqa: E731 - unused pointers (compiled out by the constexprs)
     launch(
         attn_fwd_kernel, grid,
         q, k, v, out, lse,
-        cu_q if cu_q is not None else dummy, cu_k if varlen_k else dummy,
-        seqused_k if seqused_k is not None else dummy, block_table if paged else dummy,
-        key_mask if key_mask is not None else dummy,
+        opt(cu_q), opt(cu_k), opt(seqused_k), opt(block_table), opt(key_mask), opt(cache_batch_idx), opt(leftpad),
+        opt(alibi_slopes), opt(cos), opt(sin),
         q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         out.stride(-3), out.stride(-2), lse.stride(-2), out.stride(0) if split else 0, lse.stride(0) if split else 0,
         block_table.stride(0) if paged else 0, key_mask.stride(0) if key_mask is not None else 0,
-        seqlen_q, k_extra, k.shape[1] if paged else 1, left, right, float(softmax_scale) * LOG2E,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
+        seqlen_q, k_extra, k.shape[1] if paged else 1, left, right,
+        float(softmax_scale) / softcap if softcap > 0 else float(softmax_scale) * LOG2E, softcap * LOG2E,
         split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
-        q.shape[0], kv_limit, k.shape[0] if paged else 1,
+        q.shape[0], kv_limit, k.shape[0] if (paged or cache_batch_idx is not None) else 1,
+        cos.shape[0] if cos is not None else 1,
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
-        PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None,
+        PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None, SEQUSED=seqused_k is not None,
+        CACHE_IDX=cache_batch_idx is not None, LEFTPAD=leftpad is not None, SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None, ROT_DIM=2 * cos.shape[1] if cos is not None else 0,
+        ROT_INTERLEAVED=bool(interleaved), ROT_CAUSAL=bool(rot_causal),
         UPCAST=interpreting(), PREC=dot_precision(q.dtype), ALIGN=align, ALIGN_BYTES=align * q.element_size(),
         num_warps=warps, num_stages=stages, device=q.device,
     )
@@ -421,26 +385,32 @@ def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                      causal: bool, window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      causal: bool, window_left: int, window_right: int, softcap: float = 0.0,
+                      alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                      seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
     ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
     sizes; ``max_seqlen_k`` is unused (the key loop bounds come from cu_seqlens_k on the device). The grid is the
-    packed one (:func:`_packed_block`: sized by the token count) when ``max_seqlen_q`` is unknown or when it has
+    packed one (:func:`packed_block`: sized by the token count) when ``max_seqlen_q`` is unknown or when it has
     fewer programs than ``cdiv(max_seqlen_q * GROUP, BLOCK_M) * B`` (unequal lengths, many sequences).
+    With ``block_table`` k/v are pages ``[num_blocks, page, Hk, D]`` (sequence b's keys are its logical rows
+    ``0 .. cu_k[b+1] - cu_k[b]``); ``seqused_k`` int32 ``[B]`` replaces the key counts; softcap / alibi_slopes as
+    :func:`attn_fwd`.
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)
-    group = Hq // k.shape[1]
+    group = Hq // k.shape[-2]
     batch = cu_seqlens_q.numel() - 1
     rows = (max_seqlen_q if max_seqlen_q >= 0 else Tq) * group
     block_m = block_sizes(rows, D, q.element_size())[0]
     packed = max_seqlen_q < 0 or (Tq * group) // block_m + batch < triton.cdiv(rows, block_m) * batch
     attn_fwd(q, k, v, out, lse, batch=batch, rows_per_seq=rows,
-             cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=None, k_extra=0, block_table=None,
-             softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right), packed_grid=packed)
+             cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=seqused_k, k_extra=0,
+             block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+             window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes)
     return out, lse
 
 
@@ -452,28 +422,37 @@ def static_signature(dt: str, split: bool = False) -> dict[str, str]:
     ``fp16``, ``fp32``); split-KV partial outputs are fp32."""
     o = "fp32" if split else dt
     s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
-         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8"}
+         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8",
+         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}"}
     for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
                  "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
-                 "stride_km", "seqlen_q", "k_extra", "page_size", "win_left", "win_right"):
+                 "stride_km", "stride_ab", "stride_cos", "stride_sin", "seqlen_q", "k_extra", "page_size",
+                 "win_left", "win_right"):
         s[name] = "i32"
-    s["qk_scale"] = "fp32"
-    s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32")
+    s["qk_scale"] = s["softcap_log2"] = "fp32"
+    s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32",
+             rot_len="i32")
     for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                 "PAGED", "PACKED_GRID", "KEY_MASK", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
+                 "PAGED", "PACKED_GRID", "KEY_MASK", "SEQUSED", "CACHE_IDX", "LEFTPAD", "SOFTCAP", "ALIBI",
+                 "ROT_DIM", "ROT_INTERLEAVED", "ROT_CAUSAL", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
         s[name] = "constexpr"
     return s
 
 
 def static_constexprs(dt: str, d: int, group: int, rows: int, varlen: bool, paged: bool, splits: int = 1, *,
-                      packed: bool = False, key_mask: bool = False) -> tuple[dict, int, int]:
-    """(constexprs, num_warps, num_stages) of the launch :func:`attn_fwd` makes for these shapes on a GPU."""
+                      packed: bool = False, key_mask: bool = False, **features) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of the launch :func:`attn_fwd` makes for these shapes on a GPU.
+
+    ``features`` overrides the FlashAttention-feature constexprs (SOFTCAP, ALIBI, LEFTPAD, CACHE_IDX, ROT_DIM, ...)."""
     elem = 4 if dt == "fp32" else 2
     bm, bn, warps, stages = gpu_block_sizes(rows, d, elem)
     return ({"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
              "BLOCK_D": max(16, triton.next_power_of_2(d)), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-             "PACKED_GRID": packed, "KEY_MASK": key_mask, "UPCAST": False,
-             "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16}, warps, stages)
+             "PACKED_GRID": packed, "KEY_MASK": key_mask, "SEQUSED": not varlen, "CACHE_IDX": False,
+             "LEFTPAD": False, "SOFTCAP": False, "ALIBI": False, "ROT_DIM": 0, "ROT_INTERLEAVED": False,
+             "ROT_CAUSAL": False, "UPCAST": False,
+             "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16, **features},
+            warps, stages)
 
 
 def _register_static_cases() -> None:
@@ -507,6 +486,17 @@ def _register_static_cases() -> None:
     for dt, name, d, group, rows, varlen, paged, splits in extra:
         constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
         static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
+                    constexprs, num_warps=warps, num_stages=stages)
+    # omni_fast.compat.flash_attn features (FlashAttention-2 callers): every score modifier and rotary at once
+    compat = [("kvcache decode rotary+alibi+softcap+leftpad+batch_idx", 128, 8, 8, False, False,
+               dict(SOFTCAP=True, ALIBI=True, LEFTPAD=True, CACHE_IDX=True, ROT_DIM=128, ROT_CAUSAL=True)),
+              ("kvcache prefill rotary interleaved+softcap", 128, 8, 1024, False, False,
+               dict(SOFTCAP=True, ROT_DIM=64, ROT_INTERLEAVED=True, ROT_CAUSAL=True)),
+              ("varlen paged seqused softcap+alibi", 128, 8, 1024, True, True,
+               dict(SEQUSED=True, SOFTCAP=True, ALIBI=True))]
+    for name, d, group, rows, varlen, paged, feats in compat:
+        constexprs, warps, stages = static_constexprs("bf16", d, group, rows, varlen, paged, **feats)
+        static_case(f"attn_fwd_kernel[bf16,{name}]", attn_fwd_kernel, static_signature("bf16"),
                     constexprs, num_warps=warps, num_stages=stages)
     for dt in ("bf16", "fp16"):
         for name, d, group, rows, varlen, paged, splits in shapes:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .flash_attn import attn_fwd, block_sizes, combine
+from .flash_attn_parts import rotary_rows
 from .launch import interpreting, launch, static_case
 
 SPLIT_ALIGN = 128  # split boundaries are multiples of every BLOCK_N, so no key is visited by two splits
@@ -29,24 +30,28 @@ MAX_SPLITS = 32
 
 
 @triton.jit
-def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr,
+def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr, cbi_ptr, cos_ptr, sin_ptr,
                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch, stride_bt,
-                     seqlen_new, n_heads, page_size, capacity, num_blocks,
-                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
-    """Grid ``(B * Sq,)``: copy token s of sequence b (all heads) to cache row ``cache_seqlens[b] + s``.
+                     stride_cos, stride_sin,
+                     seqlen_new, n_heads, page_size, capacity, num_blocks, rot_len,
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                     CACHE_IDX: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr):
+    """Grid ``(B * Snew,)``: copy token s of sequence b (all heads) to cache row ``cache_seqlens[b] + s``.
 
-    Rows outside ``[0, capacity)`` and pages outside ``[0, num_blocks)`` are not written: cache_seqlens and
-    block_table values are not checked on the GPU (that would sync the host), and an overflowing sequence must
-    not overwrite its neighbour's rows (contiguous) or memory past the cache (paged). The tokens that do not fit
-    are dropped.
+    The cache row of sequence b is ``cache_batch_idx[b]`` with CACHE_IDX (contiguous caches), else b. With
+    ROT_DIM > 0 the key is rotated by ``cos/sin[cache_seqlens[b] + s]`` first (FlashAttention's kvcache rotary;
+    v is copied as is). Rows outside ``[0, capacity)``, pages outside ``[0, num_blocks)`` are not written (cache
+    rows are clamped): cache_seqlens, block_table and cache_batch_idx values are not checked on the GPU (that would
+    sync the host), and an overflowing sequence must not overwrite its neighbour's rows (contiguous) or memory past
+    the cache (paged). The tokens that do not fit are dropped.
     """
     pid = tl.program_id(0)
     b = pid // seqlen_new
     s = pid % seqlen_new
-    t = tl.load(seqlens_ptr + b) + s
-    ok = (t >= 0) & (t < capacity)
-    t = tl.minimum(tl.maximum(t, 0), capacity - 1)  # in range for the address arithmetic; the store is masked
+    pos = tl.load(seqlens_ptr + b) + s
+    ok = (pos >= 0) & (pos < capacity)
+    t = tl.minimum(tl.maximum(pos, 0), capacity - 1)  # in range for the address arithmetic; the store is masked
     if PAGED:
         blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + t // page_size)
         ok = ok & (blk >= 0) & (blk < num_blocks)
@@ -54,33 +59,46 @@ def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr,
         row_k = blk * stride_kcb + (t % page_size) * stride_kct
         row_v = blk * stride_vcb + (t % page_size) * stride_vct
     else:
-        row_k = b.to(tl.int64) * stride_kcb + t.to(tl.int64) * stride_kct
-        row_v = b.to(tl.int64) * stride_vcb + t.to(tl.int64) * stride_vct
+        cb = b
+        if CACHE_IDX:
+            cb = tl.minimum(tl.maximum(tl.load(cbi_ptr + b), 0), num_blocks - 1)
+        row_k = cb.to(tl.int64) * stride_kcb + t.to(tl.int64) * stride_kct
+        row_v = cb.to(tl.int64) * stride_vcb + t.to(tl.int64) * stride_vct
     heads = tl.where(ok, n_heads, 0)  # none when the row is out of range (a vector mask: the interpreter needs it)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HEAD_DIM)
     src_k = k_ptr + b.to(tl.int64) * stride_kb + s * stride_ks + offs_h[:, None] * stride_kh + offs_d[None, :]
     src_v = v_ptr + b.to(tl.int64) * stride_vb + s * stride_vs + offs_h[:, None] * stride_vh + offs_d[None, :]
-    tl.store(kc_ptr + row_k + offs_h[:, None] * stride_kch + offs_d[None, :], tl.load(src_k, mask=mask), mask=mask)
+    k = tl.load(src_k, mask=mask)
+    if ROT_DIM > 0:
+        k_rows = k_ptr + b.to(tl.int64) * stride_kb + s * stride_ks + offs_h * stride_kh
+        k = rotary_rows(k_rows, k, pos + offs_h * 0, cos_ptr, sin_ptr, stride_cos, stride_sin, rot_len, offs_d,
+                        offs_h < heads, ROT_DIM, ROT_INTERLEAVED)
+    tl.store(kc_ptr + row_k + offs_h[:, None] * stride_kch + offs_d[None, :], k, mask=mask)
     tl.store(vc_ptr + row_v + offs_h[:, None] * stride_vch + offs_d[None, :], tl.load(src_v, mask=mask), mask=mask)
 
 
-def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None) -> None:
-    """Write k/v ``[B, Sq, Hk, D]`` into the caches at ``cache_seqlens[b] + s`` (validated shapes; rows outside the
-    cache's capacity and out-of-range pages are skipped, see :func:`append_kv_kernel`)."""
-    B, Sq, Hk, D = k.shape
+def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None, cache_batch_idx=None, rotary=None) -> None:
+    """Write k/v ``[B, Snew, Hk, D]`` into the caches at ``cache_seqlens[b] + s`` (validated shapes; rows outside
+    the cache's capacity and out-of-range pages are skipped, see :func:`append_kv_kernel`). ``cache_batch_idx``
+    int32 ``[B]``: cache row per sequence (contiguous caches); ``rotary``: ``(cos, sin, interleaved)`` rotates k."""
+    B, Snew, Hk, D = k.shape
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)
-    launch(append_kv_kernel, (B * Sq,), k, v, k_cache, v_cache, cache_seqlens,
-           block_table if paged else cache_seqlens,
+    cos, sin, interleaved = rotary if rotary is not None else (None, None, False)
+    opt = (lambda t: cache_seqlens if t is None else t)  # noqa: E731 - unused pointers are compiled out
+    launch(append_kv_kernel, (B * Snew,), k, v, k_cache, v_cache, cache_seqlens, opt(block_table),
+           opt(cache_batch_idx), opt(cos), opt(sin),
            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           block_table.stride(0) if paged else 0, Sq, Hk, k_cache.shape[1] if paged else 1, capacity,
-           k_cache.shape[0] if paged else 1,
+           block_table.stride(0) if paged else 0, cos.stride(0) if cos is not None else 0,
+           sin.stride(0) if sin is not None else 0, Snew, Hk, k_cache.shape[1] if paged else 1, capacity,
+           k_cache.shape[0] if (paged or cache_batch_idx is not None) else 1, cos.shape[0] if cos is not None else 1,
            HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D), PAGED=paged,
-           num_warps=4, device=k.device)
+           CACHE_IDX=cache_batch_idx is not None, ROT_DIM=2 * cos.shape[1] if cos is not None else 0,
+           ROT_INTERLEAVED=bool(interleaved), num_warps=4, device=k.device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,15 +120,21 @@ def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
     return max(1, splits)
 
 
-def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                      k_extra: int, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-                      window_left: int, window_right: int, num_splits: int = 0,
-                      key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cache_seqlens: torch.Tensor | None, k_extra: int, block_table: torch.Tensor | None,
+                      softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int = 0,
+                      key_padding_mask: torch.Tensor | None = None, *, cache_batch_idx: torch.Tensor | None = None,
+                      cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
+                      alibi_slopes: torch.Tensor | None = None,
+                      rotary: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
-    Returns (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see
-    :func:`choose_splits`), 1 disables split-KV, n > 1 forces n chunks. ``key_padding_mask``: bool
-    ``[B, capacity]`` (unit stride), False = padding (never attended; a padding query gives zeros).
+    ``cache_seqlens`` None: every sequence has ``k_extra`` keys. Returns (out ``[B, Sq, Hq, D]``, lse fp32
+    ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
+    forces n chunks. ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
+    a padding query gives zeros). ``cache_batch_idx`` / ``cache_leftpad`` int32 ``[B]``, ``softcap``,
+    ``alibi_slopes``, ``rotary = (cos, sin, interleaved, causal)``: FlashAttention's, see
+    :func:`omni_fast.kernels.flash_attn.attn_fwd`.
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -127,7 +151,9 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     common = dict(batch=B, rows_per_seq=Sq * group, cu_q=None, seqlen_q=Sq, cu_k=None, seqused_k=cache_seqlens,
                   k_extra=k_extra, block_table=block_table, softmax_scale=softmax_scale,
                   causal=causal, window_size=(window_left, window_right),
-                  key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8))
+                  key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
+                  cache_batch_idx=cache_batch_idx, leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
+                  rotary=rotary)
     if num_splits == 1:
         attn_fwd(q2, k_cache, v_cache, out, lse, **common)
     else:
@@ -144,7 +170,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_tabl
     """Append k/v (if given) at ``cache_seqlens``, then :func:`kvcache_attention` over the grown caches."""
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
-    return kvcache_attention(q, k_cache, v_cache, cache_seqlens, q.shape[1] if k is not None else 0, block_table,
+    return kvcache_attention(q, k_cache, v_cache, cache_seqlens, k.shape[1] if k is not None else 0, block_table,
                              softmax_scale, causal, window_left, window_right, num_splits)
 
 
@@ -153,12 +179,14 @@ for _dt in ("bf16", "fp16"):
         static_case(
             f"append_kv_kernel[{_dt},Hk4,d128,paged={_paged}]", append_kv_kernel,
             {"k_ptr": f"*{_dt}", "v_ptr": f"*{_dt}", "kc_ptr": f"*{_dt}", "vc_ptr": f"*{_dt}",
-             "seqlens_ptr": "*i32", "bt_ptr": "*i32",
+             "seqlens_ptr": "*i32", "bt_ptr": "*i32", "cbi_ptr": "*i32", "cos_ptr": f"*{_dt}", "sin_ptr": f"*{_dt}",
              **{n: "i32" for n in ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
                                    "stride_kcb", "stride_kct", "stride_kch", "stride_vcb", "stride_vct",
-                                   "stride_vch", "stride_bt", "seqlen_new", "n_heads", "page_size", "capacity",
-                                   "num_blocks")},
-             "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "PAGED": "constexpr"},
-            {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged}, num_warps=4, num_stages=1)
+                                   "stride_vch", "stride_bt", "stride_cos", "stride_sin", "seqlen_new", "n_heads",
+                                   "page_size", "capacity", "num_blocks", "rot_len")},
+             **{n: "constexpr" for n in ("HEAD_DIM", "BLOCK_H", "BLOCK_D", "PAGED", "CACHE_IDX", "ROT_DIM",
+                                         "ROT_INTERLEAVED")}},
+            {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged, "CACHE_IDX": False,
+             "ROT_DIM": 0 if _paged else 128, "ROT_INTERLEAVED": False}, num_warps=4, num_stages=1)
 
 __all__ = ["append_kv", "append_kv_kernel", "choose_splits", "flash_attn_with_kvcache", "kvcache_attention"]

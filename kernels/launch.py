@@ -31,11 +31,12 @@ if not CONFIG_DIR.is_dir():  # installed layout: omni_fast/kernels -> omni_fast/
 interpreting = triton_interpreter_enabled
 
 
-def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device | None = None, **meta) -> None:
+def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device | None = None, **meta):
     """Launch ``kernel[grid](*args, **meta)`` on ``device`` (the CUDA device the tensors live on).
 
     A grid with a zero dimension launches nothing (Triton would raise on it). ``grid`` may be a callable of the
-    meta-parameters, as for autotuned kernels.
+    meta-parameters, as for autotuned kernels. Returns what the launch returns (Triton: the compiled kernel, whose
+    registers / shared memory size the persistent kernel's co-residency check reads).
     """
     if not callable(grid):
         grid = tuple(int(g) for g in grid)
@@ -43,7 +44,7 @@ def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device |
             return
     guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        kernel[grid](*args, **meta)
+        return kernel[grid](*args, **meta)
 
 
 class _FixedConfigKernel:

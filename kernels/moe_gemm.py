@@ -64,6 +64,38 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(c_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, N, num_valid, stride_cm,
+               BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+    """The rows and columns of tile (pid_m, pid_n) of a grouped GEMM (shared by the float and quantized kernels).
+
+    Returns (pair int64 ``[BM]``: the (token, slot) pair of each row, row_mask, offs_n ``[BN]``, mask_n, c_ptrs /
+    c_mask ``[BM, BN]`` of the output tile, expert int64: the tile's local expert, -1 when held elsewhere).
+    """
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_valid
+    pair = pair.to(tl.int64)
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
+    c_mask = row_mask[:, None] & mask_n[None, :]
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    return pair, row_mask, offs_n, mask_n, c_ptrs, c_mask, expert
+
+
+@triton.jit
+def _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask,
+                GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr):
+    """The fp32 epilogue: SwiGLU (GATED: silu(acc) * acc_up) or the routed weight, one rounding to C's dtype."""
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * w[:, None]
+    tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _load_b_tiles(b_src, b_base, b_offs, b_up_off, tma_row, k0, mask_k, mask_n,
                   GATED: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
     """The ``[BLOCK_K, BLOCK_N]`` weight tile(s) at K offset ``k0``: (B, B_up) (B_up is B when not GATED).
@@ -112,20 +144,11 @@ def moe_gemm_kernel(
     MUL_ROUTED_WEIGHT: C = (A B^T) * topk_weights[i]. A_PER_TOKEN: A row of pair i is ``i // top_k``.
     ``num_experts`` = E_local: tiles whose expert is outside ``[0, E_local)`` store zeros.
     """
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
     if pid_m * BLOCK_SIZE_M >= tl.load(npost_ptr):
         return
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    row_mask = pair < num_valid
-    pair = pair.to(tl.int64)
-    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    mask_n = offs_n < N
-    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
-    c_mask = row_mask[:, None] & mask_n[None, :]
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    pair, row_mask, offs_n, mask_n, c_ptrs, c_mask, expert = _tile_rows(
+        c_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, N, num_valid, stride_cm, BLOCK_SIZE_M, BLOCK_SIZE_N)
     if (expert < 0) | (expert >= num_experts):
         # An expert held by another rank (-1): its pairs contribute zero here. So does an out-of-range expert_map
         # value (unchecked on CUDA, where the check would sync): no weight outside w13/w2 [E_local] is read.
@@ -146,8 +169,7 @@ def moe_gemm_kernel(
         b_offs = offs_n[None, :] * stride_bn + offs_k[:, None]
         tma_row = 0
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
     for k0 in range(0, K, BLOCK_SIZE_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
@@ -158,12 +180,7 @@ def moe_gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    if MUL_ROUTED_WEIGHT:
-        w = tl.load(topk_weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
-        acc = acc * w[:, None]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
 @triton.jit
@@ -206,8 +223,13 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
 
     - <= 16 (decode): BLOCK_M 16 (the smallest tensor-core M); wide K tiles so each program streams long
       contiguous runs of one expert's weights: decode is weight-bandwidth bound.
-    - <= 32: BLOCK_M 32. <= 128 and prefill: BLOCK_M 64, 64x64 (gate/up) and 64x128 (down) tiles, 8 warps,
-      GROUP_SIZE_M 8 so consecutive programs share an expert's weight tile in L2.
+    - <= 32: BLOCK_M 32. <= 128: BLOCK_M 64, 64x64 tiles, 8 warps, GROUP_SIZE_M 8 so consecutive programs
+      share an expert's weight tile in L2.
+    - > 128 (prefill): BLOCK_M 64, gate/up 64x128x64 (wgmma m64n64 instead of the shared-memory-bound m64n32 of
+      64x64 tiles; 128x128 spills its two accumulators), down 64x256x64 (wgmma m64n128), 8 warps, 4 stages.
+      vLLM's tuned H100 shape for E=128 at M=4096 uses 128-row tiles; with 64 rows the alignment pads half as
+      much (12 % instead of 24 % extra MMA at T=4096 on the thinker), which the cost model
+      (``python -m omni_fast.bench.costmodel.whatif``) predicts to be worth more (predicted, not measured).
 
     Every choice compiles for sm_90a without register spills (``python -m omni_fast.bench.static_check``). fp32 halves K.
     """
@@ -221,9 +243,9 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     elif rows <= 128:
         cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
                    down=dict(BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3))
-    else:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
-                   down=dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=32, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
+    else:  # 64x128 gate/up tiles: wgmma m64n64 (64x64 tiles issue m64n32: shared-memory bound), down 64x256
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4,
+                   down=dict(BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4))
     if dtype == torch.float32:
         cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
         cfg["down"]["BLOCK_SIZE_K"] = max(32, cfg["down"]["BLOCK_SIZE_K"] // 2)
@@ -335,27 +357,43 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     expert). ``config`` overrides the launch config (tests).
     """
     assert activation == "silu"
+    E_local, two_i, _ = w13.shape
+    return run_experts(hidden_states, w13, w2, topk_weights, topk_ids, E_local, two_i // 2, _launch_gemm,
+                       hidden_states.dtype, expert_map, out, add=add, config=config)
+
+
+def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, inter: int, gemm,
+                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None):
+    """The fused-MoE pipeline around a grouped-GEMM launcher ``gemm`` (shared by the float and the quantized
+    experts): launch config, alignment, gate/up GEMM + SwiGLU into ``act [T*k, I]``, down GEMM + routed weight
+    into ``y [T*k, H]``, deterministic combine into ``out [T, H]``.
+
+    ``gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated, mul_weight,
+    a_per_token, cfg)`` with ``b`` = ``w13`` or ``w2`` as given (opaque here). ``config_dtype`` keys the launch
+    config; ``adjust(up_cfg, down_cfg)``, when given, edits the split configs in place (e.g. BLOCK_SIZE_K = the
+    quantization group) before the alignment, which uses ``up_cfg["BLOCK_SIZE_M"]``.
+    """
     T, H = hidden_states.shape
     top_k = topk_ids.shape[1]
-    E_local, two_i, _ = w13.shape
-    inter = two_i // 2
-    E_global = expert_map.numel() if expert_map is not None else E_local
+    E_global = expert_map.numel() if expert_map is not None else num_local
     if out is None:
         out = torch.empty_like(hidden_states)
     if T == 0:
         return out
-    cfg = config or get_config(T, E_global, top_k, H, inter, hidden_states.dtype, hidden_states.device)
+    cfg = config or get_config(T, E_global, top_k, H, inter, config_dtype, hidden_states.device)
     up_cfg, down_cfg = _split(cfg)
+    if adjust is not None:
+        adjust(up_cfg, down_cfg)
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     sorted_ids, expert_ids, npost = moe_align_block_size(topk_ids, up_cfg["BLOCK_SIZE_M"], E_global, expert_map)
     n = T * top_k
     act = torch.empty(n, inter, dtype=hidden_states.dtype, device=hidden_states.device)
-    _launch_gemm(hidden_states, w13, act, topk_weights, sorted_ids, expert_ids, npost, inter, H, n, top_k,
-                 gated=True, mul_weight=False, a_per_token=True, cfg=up_cfg)
+    gemm(hidden_states, w13, act, topk_weights, sorted_ids, expert_ids, npost, inter, H, n, top_k,
+         gated=True, mul_weight=False, a_per_token=True, cfg=up_cfg)
     y = torch.empty(n, H, dtype=hidden_states.dtype, device=hidden_states.device)
-    _launch_gemm(act, w2, y, topk_weights, sorted_ids, expert_ids, npost, H, inter, n, top_k,
-                 gated=False, mul_weight=True, a_per_token=False, cfg=down_cfg)
+    gemm(act, w2, y, topk_weights, sorted_ids, expert_ids, npost, H, inter, n, top_k,
+         gated=False, mul_weight=True, a_per_token=False, cfg=down_cfg)
     return combine(y, topk_ids, E_global, out, add)
 
 

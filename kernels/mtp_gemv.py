@@ -79,9 +79,24 @@ def gemv_kernel(
 
     ``GATHER``: x is a table and input row m is ``x[idx[m]]`` (an embedding lookup folded into the prologue); with
     ``STORE_ROWS`` the programs of the first N block also store the gathered rows into ``xg`` ``[M, K]`` (the
-    residual stream)."""
-    pid_m = tl.program_id(0)  # M tiles fastest: programs sharing a weight tile run together (L2 hits)
-    pid_n = tl.program_id(1)
+    residual stream). One program computes one ``(M tile, N block)`` tile (:func:`gemv_tile`)."""
+    # M tiles fastest: programs sharing a weight tile run together (L2 hits)
+    gemv_tile(tl.program_id(0), tl.program_id(1), x_ptr, nw_ptr, w_ptr, out_ptr, idx_ptr, xg_ptr,
+              M, N, K, stride_xm, stride_wn, stride_om, stride_gm, eps, HAS_NORM, EPILOGUE, GATHER, STORE_ROWS,
+              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
+
+
+@triton.jit
+def gemv_tile(
+    pid_m, pid_n, x_ptr, nw_ptr, w_ptr, out_ptr, idx_ptr, xg_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, stride_gm, eps,
+    HAS_NORM: tl.constexpr, EPILOGUE: tl.constexpr, GATHER: tl.constexpr, STORE_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The ``(pid_m, pid_n)`` output tile of :func:`gemv_kernel` (rows ``pid_m * BLOCK_M ...``, columns
+    ``pid_n * BLOCK_N ...``): shared by the one-tile-per-program launch and the persistent frame kernel
+    (:mod:`.mtp_persistent`), so both compute every tile with the same instructions."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M

@@ -104,8 +104,25 @@ def cached_attention_kernel(
 
     cos/sin come from small tables (``[P, D/2]``, P >= L) rather than ``tl.cos``/``tl.sin``: the libdevice
     slow path of the trigonometry (a local array) made this kernel spill on sm_90a."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+    attention_tile(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, qw_ptr, kw_ptr,
+                   cos_ptr, sin_ptr, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+                   stride_vt, stride_vh, stride_cb, stride_ch, stride_cl, stride_ob, stride_ot, stride_oh, stride_cs,
+                   start, T, scale, eps, GROUP, BLOCK_Q, BLOCK_L, D, HALF, BLOCK_HALF, NORM_ROPE)
+
+
+@triton.jit
+def attention_tile(
+    b, h, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_cb, stride_ch, stride_cl, stride_ob, stride_ot, stride_oh, stride_cs,
+    start, T, scale, eps,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, NORM_ROPE: tl.constexpr,
+):
+    """Sequence ``b``, kv head ``h`` of :func:`cached_attention_kernel` (shared with the persistent frame kernel,
+    :mod:`.mtp_persistent`)."""
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
     offs_l = tl.arange(0, BLOCK_L)
     offs_j = tl.arange(0, BLOCK_HALF)
     end = start + T

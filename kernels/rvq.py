@@ -23,8 +23,19 @@ def rvq_embed_kernel(
     D, stride_cn, stride_cg, stride_on, scale,
     G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rvq_tile(tl.program_id(0), tl.program_id(1), codes_ptr, table_ptr, group_base_ptr, group_stride_ptr,
+             group_rows_ptr, out_ptr, D, stride_cn, stride_cg, stride_on, scale, G, BLOCK_D)
+
+
+@triton.jit
+def rvq_tile(
+    n, pid_d, codes_ptr, table_ptr, group_base_ptr, group_stride_ptr, group_rows_ptr, out_ptr,
+    D, stride_cn, stride_cg, stride_on, scale,
+    G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row ``n``, D block ``pid_d`` of :func:`rvq_embed_kernel` (shared with the persistent frame kernel)."""
+    n = n.to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for g in range(G):

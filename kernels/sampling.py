@@ -92,7 +92,21 @@ def sample_kernel(
     GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
     TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    sample_row(tl.program_id(0), logits_ptr, stride_row, V, out_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
+               prev_ptr, stride_prev, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature, top_k,
+               one_minus_top_p, GREEDY, PENALTY, TEMPERATURE, TOP_K, TOP_P, BLOCK, NUM_BLOCKS, NWAY)
+
+
+@triton.jit
+def sample_row(
+    row, logits_ptr, stride_row, V, out_ptr,
+    seed_ptr, seed_stride, offset_ptr, offset_stride,
+    prev_ptr, stride_prev, n_prev, penalty, inv_penalty,
+    sup_ptr, n_sup, inv_temperature, top_k, one_minus_top_p,
+    GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
+    TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
+):
+    """Row ``row`` of :func:`sample_kernel` (shared with the persistent frame kernel, :mod:`.mtp_persistent`)."""
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     prev_row_ptr = prev_ptr + row.to(tl.int64) * stride_prev
     base = tl.arange(0, BLOCK)

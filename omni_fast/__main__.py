@@ -202,21 +202,81 @@ def _latency_table(t, on_gpu: bool) -> str:
     return "\n".join(lines)
 
 
+# Bounds of the demo's numeric options: generous, but a typo (an extra zero or three) cannot ask for hours of
+# decoding or gigabytes of synthetic input.
+MAX_NEW_TOKENS = 100_000
+MAX_SECONDS = 3600.0
+# The shortest input the pipeline takes: one STFT window (models.qwen3_omni.MIN_AUDIO_SAMPLES at 16 kHz; not imported
+# here, that module pulls in transformers).
+MIN_SECONDS = 400 / 16000
+
+
+def _positive_int(maximum: int):
+    """argparse ``type=``: a positive integer <= maximum (argparse names the option in its error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a positive integer)") from None
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer in [1, {maximum}], got {value}")
+        return value
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse ``type=``: a finite number of seconds in [MIN_SECONDS, MAX_SECONDS]; nan and inf are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (a number of seconds)") from None
+    if not (math.isfinite(value) and MIN_SECONDS <= value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds in [{MIN_SECONDS:g}, {MAX_SECONDS:g}] "
+                                         f"(at least one 25 ms analysis window), got {text!r}")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """argparse ``type=``: a file path that can be written: not empty, not a directory, in an existing, writable
+    folder (checked before the model is built, so a typo does not cost a whole run)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a file path, got an empty string")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file path")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist ({folder})")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} is not writable ({folder})")
+    return text
+
+
+def _checkpoint_dir(text: str) -> str:
+    """argparse ``type=``: a local checkpoint directory holding a config.json (nothing is downloaded)."""
+    if not (os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json"))):
+        what = "a file" if os.path.isfile(text) else "missing" if not os.path.exists(text) else "without a config.json"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory with a config.json ({what}; a local "
+                                         "transformers-format checkpoint; nothing is downloaded)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni-fast", description="omni-fast: fast Qwen-Omni inference")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="stream speech from the Qwen3-Omni pipeline on a synthetic request")
-    d.add_argument("--checkpoint", help="local transformers-format Qwen3-Omni checkpoint directory (real weights)")
+    d.add_argument("--checkpoint", type=_checkpoint_dir,
+                   help="local transformers-format Qwen3-Omni checkpoint directory (real weights)")
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference", "none"],
                    help="omni-fast kernel backend; 'none' runs transformers unpatched, to compare")
     d.add_argument("--preset", default="auto", choices=["auto", "tiny", "full"],
                    help="random-weight model without --checkpoint (auto: full on a GPU with the memory, else tiny)")
-    d.add_argument("--out", default="out.wav", help="output WAV path (24 kHz, 16-bit mono)")
-    d.add_argument("--max-new-tokens", type=int, default=24, help="thinker text tokens")
-    d.add_argument("--talker-max-new-tokens", type=int, default=40, help="talker codec frames (12.5 per second)")
+    d.add_argument("--out", default="out.wav", type=_output_file, help="output WAV path (24 kHz, 16-bit mono)")
+    d.add_argument("--max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=24, help="thinker text tokens")
+    d.add_argument("--talker-max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=40,
+                   help="talker codec frames (12.5 per second)")
     d.add_argument("--prompt", default="Please answer in a friendly voice: what did I just say?")
-    d.add_argument("--seconds", type=float, default=2.0, help="length of the synthetic input waveform")
-    d.add_argument("--raw-out", metavar="PATH",
+    d.add_argument("--seconds", type=_positive_seconds, default=2.0, help="length of the synthetic input waveform")
+    d.add_argument("--raw-out", metavar="PATH", type=_output_file,
                    help="also save the raw decoded waveform (float32 .npy, not normalised; the WAV is made safe to "
                         "play: peak-normalised to -3 dBFS when the decode is over full scale)")
     d.add_argument("--speaker", default="ethan", type=str.lower,
@@ -225,15 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--verbose", action="store_true", help="print the omni_fast.patch report")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        if args.checkpoint and not (os.path.isdir(args.checkpoint)
-                                    and os.path.isfile(os.path.join(args.checkpoint, "config.json"))):
-            d.error(f"--checkpoint {args.checkpoint!r} is not a directory with a config.json (a local "
-                    "transformers-format checkpoint; nothing is downloaded)")
         if args.backend == "cuda" and not torch.cuda.is_available():
             d.error("--backend cuda needs a CUDA GPU (use triton, reference or auto on a CPU)")
         if args.preset == "full" and not args.checkpoint and not torch.cuda.is_available():
             d.error("--preset full needs a CUDA GPU (the 30B-A3B shapes); use --preset tiny on a CPU")
-        speakers = demo_speakers(args)
+        try:
+            speakers = demo_speakers(args)
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # unreadable / malformed config.json
+            d.error(f"argument --checkpoint: cannot read the speakers from {args.checkpoint}/config.json "
+                    f"({type(e).__name__}: {e})")
         if speakers and args.speaker not in speakers:
             d.error(f"argument --speaker: invalid choice {args.speaker!r} (choose from {', '.join(speakers)})")
     if args.command == "demo" and args.backend == "triton" and not torch.cuda.is_available() \

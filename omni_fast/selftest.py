@@ -33,8 +33,8 @@ def _cases(torch, ops, dev):
                                                          backend=be)])
 
     def moe(be):
-        weights, ids = ops.topk_softmax(logits, 2, backend=be)
-        return ops.fused_moe(x, w13, w2, weights, ids, backend=be)
+        weights, ids = ops.route_topk(logits, 2, backend=be)
+        return ops.moe_experts(x, w13, w2, weights, ids, backend=be)
 
     return [
         ("rope", rope),

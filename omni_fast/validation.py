@@ -72,6 +72,11 @@ def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
     return first.dtype
 
 
+def _is_numpy_bool(value) -> bool:
+    # numpy's bool scalar is ``numpy.bool_`` (numpy 1) or ``numpy.bool`` (numpy 2); numpy is not imported here.
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
 def as_int(name: str, value) -> int:
     """The one rule for integer arguments: a Python int, a numpy integer or a 0-d integer tensor, returned as a
     Python int. Bools, floats, strings and other tensors raise a ``TypeError`` naming ``name``."""
@@ -80,7 +85,7 @@ def as_int(name: str, value) -> int:
             raise TypeError(f"{name} must be an int (or a 0-d integer tensor), got a {value.dtype} tensor of shape "
                             f"{tuple(value.shape)}")
         return int(value)
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     return int(value)
 
@@ -89,7 +94,7 @@ def check_positive_int(name: str, value, *, minimum: int = 1, maximum: int | Non
     """An integer argument (see :func:`as_int`) within [minimum, maximum]; returns it as a Python int."""
     value = as_int(name, value)
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
@@ -104,7 +109,7 @@ def check_float(name: str, value, *, minimum: float | None = None, maximum: floa
             raise TypeError(f"{name} must be a float (or a 0-d real tensor), got a {value.dtype} tensor of shape "
                             f"{tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
@@ -122,7 +127,7 @@ def check_bool(name: str, value) -> bool:
     """A flag: a Python bool, a numpy bool or a 0-d bool tensor (not an int, not a string)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
         return bool(value)
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or _is_numpy_bool(value):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 

@@ -114,8 +114,8 @@ def _swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torc
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, activation: str = "silu", expert_map: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              topk_ids: torch.Tensor, activation: str = "silu", expert_map: torch.Tensor | None = None, *,
+              expert=_swiglu_expert) -> torch.Tensor:
     """The routed experts: x ``[T, H]``, w13 ``[E, 2I, H]``, w2 ``[E, H, I]``, weights ``[T, k]``, ids ``[T, k]``.
 
     Exactly ``Qwen3OmniMoeThinkerTextExperts.forward``: for each hit expert in ascending order, the SwiGLU MLP of
@@ -125,6 +125,9 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
     Unchecked bad input (as the kernels treat it): ids outside ``[0, E_global)`` and ``expert_map`` values outside
     ``[-1, E_local)`` act like a remote expert (the pair contributes nothing).
+
+    ``expert(x_rows, w13[e], w2[e])`` computes one expert's MLP (the quantized reference swaps in one that
+    quantizes its activations, :mod:`omni_fast.reference.moe_quant`).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -138,7 +141,7 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     ids = torch.where(ids < w13.shape[0], ids, -1)
     for e in torch.unique(ids[ids >= 0]).tolist():
         slot, token_idx = torch.where(ids.T == e)  # transformers' (slot, token) order: identical GEMM rows
-        y = _swiglu_expert(hidden_states[token_idx], w13[e], w2[e])
+        y = expert(hidden_states[token_idx], w13[e], w2[e])
         y = y * topk_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

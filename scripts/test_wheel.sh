@@ -25,6 +25,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" "torch==${TORCH_VERSION%%+*}"        # the local CPU wheel on the project's machines
 fi
 
+rm -rf .pybuild  # setuptools' scratch folder (setup.py): no stale module from an earlier build in the wheel
 echo "[wheel] pip wheel ."
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/dist" "$REPO"
 WHEEL=$(ls "$WORK"/dist/omni_fast-*.whl)

@@ -31,6 +31,24 @@ def _t(*shape, dtype=torch.float32, seed=0):
     return torch.randint(0, 3, shape, generator=g).to(dtype)
 
 
+def _under_backend(fn: Callable) -> Callable:
+    """A peer-signature function (no ``backend`` argument) called with ``backend=`` under :func:`use_backend`."""
+    def call(backend, **kw):
+        from omni_fast import use_backend
+
+        with use_backend(backend):
+            return fn(**kw)
+    return call
+
+
+def _vllm_topk_softmax(backend, **kw):
+    """vLLM's out-parameter ``topk_softmax``; returns the three filled tensors to compare the backends."""
+    from omni_fast import ops
+
+    _under_backend(ops.topk_softmax)(backend, **kw)
+    return kw["topk_weights"], kw["topk_ids"], kw["token_expert_indices"]
+
+
 def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
     """name -> (function(**kwargs), fresh good kwargs, whether to compare backends)."""
     from omni_fast import ops
@@ -51,14 +69,21 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
             q=_t(2, 1, 2, 8), k_cache=_t(2, 5, 1, 8, seed=1), v_cache=_t(2, 5, 1, 8, seed=2),
             cache_seqlens=torch.tensor([1, 3], dtype=i32), k=_t(2, 1, 1, 8, seed=3), v=_t(2, 1, 1, 8, seed=4),
             causal=True, window_size=(-1, -1), softmax_scale=None, num_splits=0), True),
-        "topk_softmax": (ops.topk_softmax, lambda: dict(router_logits=_t(3, 6), top_k=2, renormalize=True), True),
-        "moe_align_block_size": (ops.moe_align_block_size, lambda: dict(
+        "route_topk": (ops.route_topk, lambda: dict(router_logits=_t(3, 6), top_k=2, renormalize=True), True),
+        "align_moe_blocks": (ops.align_moe_blocks, lambda: dict(
             topk_ids=torch.tensor([[0, 1], [2, 1]], dtype=i32), block_size=4, num_experts=4, expert_map=None),
             False),  # the order inside an expert's run is unspecified
-        "fused_moe": (ops.fused_moe, lambda: dict(
+        "moe_experts": (ops.moe_experts, lambda: dict(
             hidden_states=_t(2, 8), w13=_t(4, 8, 8, seed=1) * 0.1, w2=_t(4, 8, 4, seed=2) * 0.1,
             topk_weights=torch.rand(2, 2), topk_ids=torch.tensor([[0, 1], [2, 3]], dtype=i32), activation="silu",
             expert_map=None, out=None), True),
+        # vLLM's forms (the same objects as omni_fast.compat.vllm's): no backend argument, run under use_backend
+        "topk_softmax": (_vllm_topk_softmax, lambda: dict(
+            topk_weights=torch.empty(3, 2), topk_ids=torch.empty(3, 2, dtype=i32),
+            token_expert_indices=torch.empty(3, 2, dtype=i32), gating_output=_t(3, 6), renormalize=False), True),
+        "moe_align_block_size": (_under_backend(ops.moe_align_block_size), lambda: dict(
+            topk_ids=torch.tensor([[0, 1], [2, 1]], dtype=i32), block_size=4, num_experts=4, expert_map=None,
+            pad_sorted_ids=False, ignore_invalid_experts=False), False),  # order inside a run is unspecified
         "moe_block": (ops.moe_block, lambda: dict(
             hidden_states=_t(2, 8), gate_weight=_t(4, 8, seed=3), w13=_t(4, 8, 8, seed=1) * 0.1,
             w2=_t(4, 8, 4, seed=2) * 0.1, top_k=2, renormalize=True, out=None), True),
@@ -70,6 +95,18 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "snake_beta": (ops.snake_beta, lambda: dict(x=_t(1, 4, 6), alpha=_t(4, seed=1), beta=_t(4, seed=2)), True),
         "causal_conv1d": (ops.causal_conv1d, lambda: dict(x=_t(1, 4, 6), weight=_t(4, 4, 3, seed=1), bias=None,
                                                           stride=1, dilation=1, groups=1), True),
+        "causal_conv_transpose1d": (ops.causal_conv_transpose1d, lambda: dict(
+            x=_t(1, 4, 5), weight=_t(4, 3, 4, seed=1), bias=_t(3, seed=2), stride=2,
+            snake=(_t(4, seed=3) * 0.1, _t(4, seed=4) * 0.1), state=_t(1, 4, 1, seed=5)), True),
+        # the quantized-experts container's constructor (validation only: no backend involved)
+        "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
+            format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),
+            w2=torch.randint(0, 2**31 - 1, (2, 16, 2), dtype=i32), w13_scale=torch.rand(2, 32, 1),
+            w2_scale=torch.rand(2, 16, 1), w13_zero=None, w2_zero=None, block=None, group_size=16, symmetric=True),
+            False),
+        "QuantizedExperts.fp8_block": (lambda backend, **kw: ops.QuantizedExperts.fp8_block(**kw), lambda: dict(
+            w13=_t(2, 32, 16).to(torch.float8_e4m3fn), w2=_t(2, 16, 16, seed=1).to(torch.float8_e4m3fn),
+            w13_scale=torch.rand(2, 2, 1), w2_scale=torch.rand(2, 1, 1), block=(16, 16)), False),
     }
     return entries
 

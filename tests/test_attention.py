@@ -213,7 +213,8 @@ def _check_kvcache(B, S, Sq, Hq, Hk, D, dtype, lens, *, append=True, causal=True
                                                    v=v.double() if append else None, return_lse=True, **kw)
     kc_same, vc_same = kc.clone(), vc.clone()
     same = ref.flash_attn_with_kvcache(q, kc_same, vc_same, seqlens, k=k, v=v, **kw)
-    out, lse = flash_attn_with_kvcache(q, kc, vc, seqlens, k=k, v=v, num_splits=num_splits, return_lse=True,
+    out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, num_splits=num_splits,
+                                       return_softmax_lse=True,
                                        backend="triton", **kw)
     assert torch.equal(kc, kc_same) and torch.equal(vc, vc_same), "appended cache differs from the reference"
     assert_matches_reference(out, exact, same)
@@ -298,10 +299,11 @@ def test_kvcache_key_padding_mask_matches_eager_with_explicit_mask():
 def test_kvcache_int_seqlens_and_zero_batch():
     kc, vc = torch.zeros(2, 8, 1, 16, device=DEVICE), torch.zeros(2, 8, 1, 16, device=DEVICE)
     q, k = torch.randn(2, 1, 2, 16, device=DEVICE), torch.randn(2, 1, 1, 16, device=DEVICE)
-    out = flash_attn_with_kvcache(q, kc, vc, 0, k=k, v=k.clone(), backend="triton")
+    out = flash_attn_with_kvcache(q, kc, vc, k, k.clone(), cache_seqlens=0, causal=True, backend="triton")
     # One visible key: the output is that key's value for every query head.
     torch.testing.assert_close(out, k.expand(2, 1, 2, 16))
-    empty = flash_attn_with_kvcache(q[:0], kc[:0], vc[:0], torch.zeros(0, dtype=torch.int32, device=DEVICE),
+    empty = flash_attn_with_kvcache(q[:0], kc[:0], vc[:0], cache_seqlens=torch.zeros(0, dtype=torch.int32,
+                                                                                     device=DEVICE),
                                     backend="triton")
     assert empty.shape == (0, 1, 2, 16)
 
@@ -375,7 +377,7 @@ def test_traces_under_torch_compile():
                                rtol=1e-5, atol=1e-5)
 
     def g(q, kc, vc, lens, kn):
-        return flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=kn, backend="reference") + 1
+        return flash_attn_with_kvcache(q, kc, vc, kn, kn, cache_seqlens=lens, causal=True, backend="reference") + 1
 
     kc = torch.zeros(2, 6, 1, 16)
     args = (torch.randn(2, 1, 2, 16), torch.tensor([1, 4], dtype=torch.int32), torch.randn(2, 1, 1, 16))
@@ -418,7 +420,7 @@ def _kvcache(**over):
              cache_seqlens=torch.tensor([0, 5], dtype=torch.int32), k=torch.randn(2, 3, 2, 16),
              v=torch.randn(2, 3, 2, 16))
     a.update(over)
-    pos = [a.pop(n) for n in ("q", "k_cache", "v_cache", "cache_seqlens")]
+    pos = [a.pop(n) for n in ("q", "k_cache", "v_cache")]
     return flash_attn_with_kvcache(*pos, **a, backend="reference")
 
 
@@ -429,7 +431,8 @@ def _kvcache(**over):
     (dict(k_cache=torch.zeros(2, 8, 3, 16), v_cache=torch.zeros(2, 8, 3, 16), k=None, v=None), ValueError,
      "multiple of the number of key/value"),
     (dict(k=None), ValueError, "together"),
-    (dict(k=torch.randn(2, 2, 2, 16)), ValueError, "k must have shape"),
+    (dict(k=torch.randn(2, 3, 2, 8)), ValueError, "k must have shape"),
+    (dict(k=torch.randn(2, 2, 2, 16)), ValueError, "v must have shape"),  # k may be longer/shorter than q
     (dict(v_cache=torch.zeros(2, 8, 2, 16, dtype=torch.float16)), TypeError, "same dtype"),
     (dict(k_cache=torch.zeros(3, 8, 2, 16), v_cache=torch.zeros(3, 8, 2, 16)), ValueError, "one row per sequence"),
     (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32)), ValueError, "block_table must lie in"),
@@ -491,7 +494,8 @@ def test_kvcache_output_is_contiguous_like_its_fake():
     k_cache, v_cache = torch.zeros(B, S, Hk, D, device=DEVICE), torch.zeros(B, S, Hk, D, device=DEVICE)
     k, v = torch.randn(B, Sq, Hk, D, device=DEVICE), torch.randn(B, Sq, Hk, D, device=DEVICE)
     seqlens = torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)
-    outs = [omni_fast.ops.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, k=k, v=v,
+    outs = [omni_fast.ops.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=seqlens,
+                                                  causal=True,
                                                   backend=be) for be in ("triton", "reference")]
     assert all(o.is_contiguous() for o in outs)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
@@ -658,18 +662,19 @@ def test_gpu_bad_values_unchecked_without_sync_and_checked_on_request():
     k, v = torch.randn(B, Sq, Hk, D, device=dev, dtype=dt), torch.randn(B, Sq, Hk, D, device=dev, dtype=dt)
     ok = torch.tensor([4, 3], dtype=torch.int32, device=dev)
     bad = torch.tensor([7, 3], dtype=torch.int32, device=dev)  # 7 + 3 > 8
-    flash_attn_with_kvcache(q, kc.clone(), vc.clone(), ok, k=k, v=v, backend="triton")  # compile first
+    flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=ok, causal=True, backend="triton")  # compile first
     before = kc.clone()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton")
+        out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=bad, causal=True, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(kc[1, :3], before[1, :3]), "sequence 0's overflow reached sequence 1"
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="cache too small"):
-        flash_attn_with_kvcache(q, kc, vc, bad, k=k, v=v, backend="triton", check_values=True)
+        flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=bad, causal=True, backend="triton",
+                                check_values=True)
     cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=dev)
     x = torch.randn(7, Hq, D, device=dev, dtype=dt)
     with pytest.raises(ValueError, match="total number of tokens"):

@@ -65,7 +65,7 @@ def _tma_expected(path, T, H, I, dtype):
 
 def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="triton"):
     if config is None:
-        out = ops.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
+        out = ops.moe_experts(x, w13, w2, w, ids, expert_map=expert_map, backend=backend)
     else:
         out = moe_gemm.fused_moe(x, w13, w2, w, ids, expert_map=expert_map, config=config)
     exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids, expert_map=expert_map)
@@ -82,7 +82,7 @@ def _check_fused(x, w13, w2, w, ids, expert_map=None, config=None, backend="trit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_topk_softmax_kernel(T, E, k, renorm, dtype):
     logits = torch.randn(T, E, device=DEVICE).to(dtype)
-    w, i = ops.topk_softmax(logits, k, renorm, backend="triton")
+    w, i = ops.route_topk(logits, k, renorm, backend="triton")
     rw, ri = ref.topk_softmax(logits, k, renorm)
     assert w.dtype == torch.float32 and i.dtype == torch.int32 and w.shape == (T, k)
     assert torch.equal(i, ri)
@@ -92,7 +92,7 @@ def test_topk_softmax_kernel(T, E, k, renorm, dtype):
 def test_topk_softmax_kernel_ties_lowest_index_first():
     logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [5.0, -1.0, 5.0, 5.0, 0.0]],
                           device=DEVICE)
-    _, i = ops.topk_softmax(logits, 2, backend="triton")
+    _, i = ops.route_topk(logits, 2, backend="triton")
     assert i.tolist() == [[1, 2], [0, 1], [0, 2]]
 
 
@@ -130,7 +130,7 @@ def test_topk_softmax_nonfinite_rows_match_reference(backend, E, k, renorm, dtyp
     if backend == "cuda":
         pytest.importorskip("cupy")
     logits = _nonfinite_logits(E).to(dtype)
-    w, i = ops.topk_softmax(logits, k, renorm, backend=backend)
+    w, i = ops.route_topk(logits, k, renorm, backend=backend)
     rw, ri = ref.topk_softmax(logits, k, renorm)
     assert bool(((i >= 0) & (i < E)).all())
     assert torch.equal(i, ri)
@@ -228,7 +228,7 @@ def _with_bad_ids(T, E, k, dtype, g, device=DEVICE):
                                       (300, 12, 4, 16), (5, 1, 1, 32), (90, 1, 1, 16), (1100, 3, 2, 64)])
 def test_align_kernel(T, E, k, bs):
     ids = _ids(T, E, k)
-    got = ops.moe_align_block_size(ids, bs, E, backend="triton")
+    got = ops.align_moe_blocks(ids, bs, E, backend="triton")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E), ids.reshape(-1).long())
 
 
@@ -238,7 +238,7 @@ def test_align_kernel_decode_path_is_exactly_the_reference(T, E, k, bs):
     ids = _ids(T, E, k)
     emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32)
     for m in (None, emap):
-        got = ops.moe_align_block_size(ids, bs, E, m, backend="triton")
+        got = ops.align_moe_blocks(ids, bs, E, m, backend="triton")
         for g, w in zip(got, ref.moe_align_block_size(ids, bs, E, m)):
             assert torch.equal(g, w)
 
@@ -247,7 +247,7 @@ def test_align_kernel_expert_map_and_int64_ids():
     E = 7
     ids = _ids(51, E, 3).long()  # 153 pairs: the multi-program path
     emap = torch.tensor([2, -1, 0, -1, 1, -1, -1], dtype=torch.int32, device=DEVICE)
-    got = ops.moe_align_block_size(ids, 4, E, emap, backend="triton")
+    got = ops.align_moe_blocks(ids, 4, E, emap, backend="triton")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, 4, E, emap), ids.reshape(-1))
     assert (got[1] == -1).any()
 
@@ -337,11 +337,11 @@ def test_fused_moe_kernel_drops_out_of_range_ids_and_map_values(monkeypatch):
 
 def test_align_all_pairs_to_one_expert():
     ids = torch.full((37, 1), 3, dtype=torch.int32, device=DEVICE)
-    s, e, n = ops.moe_align_block_size(ids, 16, 8, backend="triton")
+    s, e, n = ops.align_moe_blocks(ids, 16, 8, backend="triton")
     assert int(n[0]) == 48 and e[:3].tolist() == [3, 3, 3] and bool((e[3:] == -1).all())
 
 
-# --- fused_moe ---------------------------------------------------------------------------------------------------
+# --- moe_experts -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("T,E,k,H,I", [
@@ -422,9 +422,9 @@ def test_fused_moe_out_argument_and_model_dtype_weights():
     w = torch.rand(T, k, device=DEVICE).half()
     ids = _ids(T, E, k)
     out = torch.full_like(x, float("nan"))
-    res = ops.fused_moe(x, w13, w2, w, ids, out=out, backend="triton")
+    res = ops.moe_experts(x, w13, w2, w, ids, out=out, backend="triton")
     assert res.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(out, ops.fused_moe(x, w13, w2, w, ids, backend="reference"), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out, ops.moe_experts(x, w13, w2, w, ids, backend="reference"), rtol=2e-3, atol=2e-3)
 
 
 def test_tuned_file_fallback_prefers_the_newest_triton_version(tmp_path, monkeypatch):
@@ -463,8 +463,8 @@ def test_fused_moe_is_deterministic(weight_path):
     x = torch.randn(T, H, device=DEVICE)
     w13, w2 = _weights(E, H, I, torch.float32)
     w, ids = torch.rand(T, k, device=DEVICE), _ids(T, E, k)
-    a = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
-    b = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+    a = ops.moe_experts(x, w13, w2, w, ids, backend="triton")
+    b = ops.moe_experts(x, w13, w2, w, ids, backend="triton")
     assert torch.equal(a, b)
 
 
@@ -647,8 +647,8 @@ def test_backends_agree_and_context_manager_selects():
     w13, w2 = _weights(E, H, I, torch.float32)
     w, ids = torch.rand(T, k, device=DEVICE), _ids(T, E, k)
     with omni_fast.use_backend("reference"):
-        a = ops.fused_moe(x, w13, w2, w, ids)
-    b = ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+        a = ops.moe_experts(x, w13, w2, w, ids)
+    b = ops.moe_experts(x, w13, w2, w, ids, backend="triton")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -660,9 +660,9 @@ def test_traces_under_torch_compile():
 
     def f(x):
         # An explicit backend: dynamo cannot trace the use_backend() context variable lookup.
-        w, ids = ops.topk_softmax(x @ g.T, k, backend="triton")
-        s, e, n = ops.moe_align_block_size(ids, 16, E, backend="triton")
-        return ops.fused_moe(x, w13, w2, w, ids, backend="triton"), s, n
+        w, ids = ops.route_topk(x @ g.T, k, backend="triton")
+        s, e, n = ops.align_moe_blocks(ids, 16, E, backend="triton")
+        return ops.moe_experts(x, w13, w2, w, ids, backend="triton"), s, n
 
     out, s, n = torch.compile(f, fullgraph=True, backend="eager")(x)
     w, ids = ref.topk_softmax(x @ g.T, k)
@@ -701,25 +701,25 @@ def test_fused_moe_bad_input(over, exc, match):
     args.update(over)
     kw = {key: args.pop(key) for key in ("activation", "expert_map", "out") if key in args}
     with pytest.raises(exc, match=match):
-        ops.fused_moe(*args.values(), **kw)
+        ops.moe_experts(*args.values(), **kw)
 
 
 def test_expert_map_with_fewer_global_experts_than_top_k():
     a = _good()
     emap = torch.tensor([0], dtype=torch.int32)  # one global expert but k = 2
     with pytest.raises(ValueError, match="top_k"):
-        ops.fused_moe(a["hidden_states"], a["w13"], a["w2"], a["topk_weights"], a["topk_ids"], expert_map=emap)
+        ops.moe_experts(a["hidden_states"], a["w13"], a["w2"], a["topk_weights"], a["topk_ids"], expert_map=emap)
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda: ops.topk_softmax(torch.randn(3, 4), 5), ValueError, "top_k"),
-    (lambda: ops.topk_softmax(torch.randn(3, 4), 0), ValueError, "top_k"),
-    (lambda: ops.topk_softmax(torch.randn(3, 4, 2), 1), ValueError, "router_logits"),
-    (lambda: ops.topk_softmax(torch.randint(0, 3, (3, 4)), 1), TypeError, "router_logits"),
-    (lambda: ops.moe_align_block_size(torch.tensor([[0, 4]]), 16, 4), ValueError, "topk_ids"),
-    (lambda: ops.moe_align_block_size(torch.tensor([[0, 1]]), 0, 4), ValueError, "block_size"),
-    (lambda: ops.moe_align_block_size(torch.tensor([[0.0, 1.0]]), 16, 4), TypeError, "topk_ids"),
-    (lambda: ops.moe_align_block_size(torch.tensor([[0, 1]]), 16, 4, torch.zeros(3, dtype=torch.int32)),
+    (lambda: ops.route_topk(torch.randn(3, 4), 5), ValueError, "top_k"),
+    (lambda: ops.route_topk(torch.randn(3, 4), 0), ValueError, "top_k"),
+    (lambda: ops.route_topk(torch.randn(3, 4, 2), 1), ValueError, "router_logits"),
+    (lambda: ops.route_topk(torch.randint(0, 3, (3, 4)), 1), TypeError, "router_logits"),
+    (lambda: ops.align_moe_blocks(torch.tensor([[0, 4]]), 16, 4), ValueError, "topk_ids"),
+    (lambda: ops.align_moe_blocks(torch.tensor([[0, 1]]), 0, 4), ValueError, "block_size"),
+    (lambda: ops.align_moe_blocks(torch.tensor([[0.0, 1.0]]), 16, 4), TypeError, "topk_ids"),
+    (lambda: ops.align_moe_blocks(torch.tensor([[0, 1]]), 16, 4, torch.zeros(3, dtype=torch.int32)),
      ValueError, "expert_map"),
     (lambda: ops.moe_block(torch.randn(3, 16), torch.randn(5, 16), torch.randn(4, 16, 16), torch.randn(4, 16, 8), 2),
      ValueError, "gate_weight"),
@@ -748,7 +748,7 @@ def test_fused_moe_real_shapes_bf16(E, k, H, I, T):
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
     w13, w2 = _weights(E, H, I, torch.bfloat16)
     logits = torch.randn(T, E, device=DEVICE)
-    w, ids = ops.topk_softmax(logits, k)
+    w, ids = ops.route_topk(logits, k)
     _check_fused(x, w13, w2, w, ids)
 
 
@@ -760,7 +760,7 @@ def test_fused_moe_tma_real_shapes_bf16(E, k, H, I, T, weight_path):
     TMA output within the reference tolerance of the pointer output's."""
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
     w13, w2 = _weights(E, H, I, torch.bfloat16)
-    w, ids = ops.topk_softmax(torch.randn(T, E, device=DEVICE), k)
+    w, ids = ops.route_topk(torch.randn(T, E, device=DEVICE), k)
     _check_fused(x, w13, w2, w, ids)
     assert weight_path.used == [weight_path.use_tma] * 2
 
@@ -771,16 +771,16 @@ def test_fused_moe_tma_cuda_graph_replay(weight_path):
     E, k, H, I, T = 128, 8, 2048, 768, 8
     x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
     w13, w2 = _weights(E, H, I, torch.bfloat16)
-    w, ids = ops.topk_softmax(torch.randn(T, E, device=DEVICE), k)
-    ops.fused_moe(x, w13, w2, w, ids)
+    w, ids = ops.route_topk(torch.randn(T, E, device=DEVICE), k)
+    ops.moe_experts(x, w13, w2, w, ids)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ops.fused_moe(x, w13, w2, w, ids)
+        out = ops.moe_experts(x, w13, w2, w, ids)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, ops.fused_moe(x, w13, w2, w, ids), rtol=0, atol=0)
+    torch.testing.assert_close(out, ops.moe_experts(x, w13, w2, w, ids), rtol=0, atol=0)
     assert all(u == weight_path.use_tma for u in weight_path.used)
 
 
@@ -809,11 +809,11 @@ def test_moe_block_bf16_gpu(shared):
 def test_cuda_topk_softmax_matches(dtype, T, E, k):
     pytest.importorskip("cupy")
     logits = torch.randn(T, E, device=DEVICE).to(dtype)
-    w, i = ops.topk_softmax(logits, k, backend="cuda")
+    w, i = ops.route_topk(logits, k, backend="cuda")
     rw, ri = ref.topk_softmax(logits, k)
     assert torch.equal(i, ri)
     torch.testing.assert_close(w, rw, rtol=2e-6, atol=1e-7)
-    tw, ti = ops.topk_softmax(logits, k, backend="triton")
+    tw, ti = ops.route_topk(logits, k, backend="triton")
     assert torch.equal(i, ti)
 
 
@@ -824,9 +824,9 @@ def test_cuda_align_matches(T, E, k, bs, with_map):
     pytest.importorskip("cupy")
     ids = _ids(T, E, k)
     emap = torch.where(torch.arange(E) % 3 == 1, -1, torch.arange(E) // 2).to(DEVICE, torch.int32) if with_map else None
-    got = ops.moe_align_block_size(ids, bs, E, emap, backend="cuda")
+    got = ops.align_moe_blocks(ids, bs, E, emap, backend="cuda")
     _assert_same_alignment(got, ref.moe_align_block_size(ids, bs, E, emap), ids.reshape(-1).long())
-    _assert_same_alignment(got, ops.moe_align_block_size(ids, bs, E, emap, backend="triton"),
+    _assert_same_alignment(got, ops.align_moe_blocks(ids, bs, E, emap, backend="triton"),
                            ids.reshape(-1).long())
 
 
@@ -842,16 +842,16 @@ def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
     g = torch.Generator().manual_seed(T)
     for id_dtype in (torch.int32, torch.int64):
         ids = _with_bad_ids(T, E, k, id_dtype, g)
-        got = ops.moe_align_block_size(ids, bs, E, backend=backend)
+        got = ops.align_moe_blocks(ids, bs, E, backend=backend)
         _assert_same_alignment(got, _align_dropping_bad_ids(ids, bs, E), ids.reshape(-1).long())
         torch.cuda.synchronize()
-    if backend != "cuda":  # fused_moe has no CUDA C++ backend
+    if backend != "cuda":  # moe_experts has no CUDA C++ backend
         H, I = 256, 128
         x = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
         w13, w2 = _weights(E, H, I, torch.bfloat16)
         w = torch.rand(T, k, device=DEVICE)
         bad = (ids < 0) | (ids >= E)
-        out = ops.fused_moe(x, w13, w2, w, ids, backend=backend)
+        out = ops.moe_experts(x, w13, w2, w, ids, backend=backend)
         clean_w, clean_ids = torch.where(bad, 0.0, w), torch.where(bad, 0, ids)
         assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), clean_w.double(),
                                                      clean_ids),
@@ -860,7 +860,7 @@ def test_gpu_out_of_range_ids_are_dropped(backend, T, E, k, bs):
         emap[::3] = E + 4  # past E_local = E
         emap[1::5] = -9
         clean_map = torch.where((emap < 0) | (emap >= E), -1, emap)
-        out = ops.fused_moe(x, w13, w2, w, clean_ids, expert_map=emap, backend=backend)
+        out = ops.moe_experts(x, w13, w2, w, clean_ids, expert_map=emap, backend=backend)
         assert_matches_reference(out, ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), clean_ids,
                                                      expert_map=clean_map),
                                  ref.fused_moe(x, w13, w2, w, clean_ids, expert_map=clean_map), name="bad map")

@@ -30,13 +30,13 @@ def _randomize(model, scale=0.15):
 def fused_calls(monkeypatch):
     omni_fast.register_transformers()
     calls = []
-    real = ops.fused_moe
+    real = ops.moe_experts
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "fused_moe", spy)
+    monkeypatch.setattr(ops, "moe_experts", spy)
     return calls
 
 

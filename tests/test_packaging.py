@@ -118,6 +118,9 @@ def test_version_single_sourced():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    import shutil
+
+    shutil.rmtree(ROOT / ".pybuild", ignore_errors=True)  # setuptools' scratch folder: no stale modules
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
     if res.returncode != 0 and "No module named" in res.stderr and "setuptools" in res.stderr:

@@ -29,13 +29,13 @@ def omni():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the fused ops that run (proves the patched path is taken, not the transformers one)."""
-    calls = {"qk_norm_mrope": 0, "mrope": 0, "fused_moe": 0, "moe_backends": set()}
-    for name in ("qk_norm_mrope", "mrope", "fused_moe"):
+    calls = {"qk_norm_mrope": 0, "mrope": 0, "moe_experts": 0, "moe_backends": set()}
+    for name in ("qk_norm_mrope", "mrope", "moe_experts"):
         real = getattr(ops, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
-            if _name == "fused_moe":
+            if _name == "moe_experts":
                 calls["moe_backends"].add(requested_backend(kwargs.get("backend")))  # argument or ambient
             return _real(*args, **kwargs)
 
@@ -82,7 +82,7 @@ def _generate(model, ids):
 def test_full_model_generate_parity_patch_unpatch(omni, kernel_calls):
     ids = _prompt()
     text0, codes0, wav0 = _generate(omni, ids)
-    assert kernel_calls["qk_norm_mrope"] + kernel_calls["mrope"] + kernel_calls["fused_moe"] == 0
+    assert kernel_calls["qk_norm_mrope"] + kernel_calls["mrope"] + kernel_calls["moe_experts"] == 0
     assert codes0.shape[1] == omni.config.talker_config.num_code_groups and wav0.numel() > 0
 
     # The vocoder's Triton kernels take minutes under the interpreter at 1920x upsampling: the whole-model run
@@ -95,7 +95,7 @@ def test_full_model_generate_parity_patch_unpatch(omni, kernel_calls):
         omni_fast.unpatch(omni.code2wav)
         omni_fast.unpatch(omni)
     report.replaced += report_c2w.replaced
-    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["moe_experts"] > 0
     torch.testing.assert_close(text1, text0, rtol=0, atol=0)
     torch.testing.assert_close(codes1, codes0, rtol=0, atol=0)
     _assert_audio_close(wav1, wav0)
@@ -183,7 +183,7 @@ def test_thinker_alone_generate_parity(omni, kernel_calls):
                                 eos_token_id=None)
 
     want, got, report = run_unpatched_then_patched(thinker, run, backend="triton")
-    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["moe_experts"] > 0
     assert kernel_calls["moe_backends"] == {"triton"}  # patch(backend=...) reaches the experts too
     assert torch.equal(got, want)
     assert all(r.startswith(("[thinker]", "[audio]", "[vision]")) for r in report.replaced + report.left)
@@ -217,7 +217,7 @@ def test_talker_alone_generate_parity(omni, kernel_calls):
         seq1, codes1 = run()
     finally:
         omni_fast.unpatch(talker)
-    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["fused_moe"] > 0
+    assert kernel_calls["qk_norm_mrope"] > 0 and kernel_calls["moe_experts"] > 0
     assert torch.equal(seq1, seq0) and torch.equal(codes1, codes0)
     replaced = "\n".join(report.replaced)
     assert "[talker]" in replaced and "[code_predictor]" in replaced

@@ -65,18 +65,18 @@ def _moe(T=3, E=4, H=8, I=4, k=2, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_moe_refuses_expanded_out(backend):
+def test_moe_experts_refuses_expanded_out(backend):
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="out has internally overlapping memory"):
-        ops.fused_moe(x, w13, w2, w, ids, out=torch.empty(1, 8).expand(3, 8), backend=backend)
+        ops.moe_experts(x, w13, w2, w, ids, out=torch.empty(1, 8).expand(3, 8), backend=backend)
 
 
-def test_fused_moe_refuses_out_aliasing_an_input():
+def test_moe_experts_refuses_out_aliasing_an_input():
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="out must not overlap hidden_states"):
-        ops.fused_moe(x, w13, w2, w, ids, out=x)
+        ops.moe_experts(x, w13, w2, w, ids, out=x)
     with pytest.raises(ValueError, match="out must not overlap w2"):
-        ops.fused_moe(x, w13, w2, w, ids, out=w2.view(-1)[:24].view(3, 8))
+        ops.moe_experts(x, w13, w2, w, ids, out=w2.view(-1)[:24].view(3, 8))
 
 
 def test_moe_block_refuses_out_aliasing_hidden_states():
@@ -94,23 +94,23 @@ def test_kvcache_refuses_k_cache_is_v_cache_when_appending():
     kc, _ = _cache()
     q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="v_cache must not overlap k_cache"):
-        ops.flash_attn_with_kvcache(q, kc, kc, 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(q, kc, kc, k, k.clone(), cache_seqlens=2)
 
 
 def test_kvcache_refuses_expanded_cache_when_appending():
     kc = torch.randn(1, 6, 1, 8).expand(2, 6, 1, 8)
     q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="k_cache has internally overlapping memory"):
-        ops.flash_attn_with_kvcache(q, kc, torch.randn(2, 6, 1, 8), 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(q, kc, torch.randn(2, 6, 1, 8), k, k.clone(), cache_seqlens=2)
 
 
 def test_kvcache_refuses_q_or_k_aliasing_the_cache():
     kc, vc = _cache()
     k = torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="k_cache must not overlap q"):
-        ops.flash_attn_with_kvcache(kc[:, :1].expand(2, 1, 2, 8), kc, vc, 2, k=k, v=k.clone())
+        ops.flash_attn_with_kvcache(kc[:, :1].expand(2, 1, 2, 8), kc, vc, k, k.clone(), cache_seqlens=2)
     with pytest.raises(ValueError, match="k_cache must not overlap k"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 2, k=kc[:, 2:3], v=k)
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, kc[:, 2:3], k, cache_seqlens=2)
 
 
 def test_kvcache_paged_k_and_v_halves_of_one_buffer_are_accepted():
@@ -118,7 +118,7 @@ def test_kvcache_paged_k_and_v_halves_of_one_buffer_are_accepted():
     kv = torch.randn(3, 2, 4, 1, 8)
     q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8)
     table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
-    ops.flash_attn_with_kvcache(q, kv[:, 0], kv[:, 1], 2, k=k, v=k.clone(), block_table=table)
+    ops.flash_attn_with_kvcache(q, kv[:, 0], kv[:, 1], k, k.clone(), cache_seqlens=2, block_table=table)
 
 
 def test_mtp_cached_attention_and_norm_refuse_aliasing():
@@ -138,13 +138,13 @@ def test_mtp_cached_attention_and_norm_refuse_aliasing():
 def test_moe_align_sizes_bounded_before_allocation(block_size, num_experts, arg):
     ids = torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=arg):
-        ops.moe_align_block_size(ids, block_size, num_experts)
+        ops.align_moe_blocks(ids, block_size, num_experts)
 
 
 def test_moe_align_padded_size_must_fit_int32():
     ids = torch.zeros((), dtype=torch.int32).expand(2**31)  # no memory: the bound is checked from the shape
     with pytest.raises(ValueError, match="topk_ids has 2147483648 entries.*int32"):
-        ops.moe_align_block_size(ids, 4, 8)
+        ops.align_moe_blocks(ids, 4, 8)
 
 
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
@@ -157,8 +157,8 @@ def test_seeds_outside_int64_name_the_seed(seed):
 
 def test_kvcache_int_cache_seqlens_bounded():
     kc, vc = _cache()
-    with pytest.raises(ValueError, match="cache_seqlens must be in"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 2**40)
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0 and <= "):
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, cache_seqlens=2**40)
 
 
 # --- 5/6. one rule for numbers; nonsense refused ------------------------------------------------------------------
@@ -167,25 +167,25 @@ def test_kvcache_int_cache_seqlens_bounded():
 def test_numpy_and_0d_tensor_ints_accepted_everywhere():
     logits = torch.randn(3, 6)
     for top_k in (np.int64(2), np.int32(2), torch.tensor(2)):
-        w, i = ops.topk_softmax(logits, top_k)
+        w, i = ops.route_topk(logits, top_k)
         assert i.shape == (3, 2)
     a = ops.sample(logits, seed=np.int64(7), top_k=np.int64(3))
     assert torch.equal(a, ops.sample(logits, seed=7, top_k=3))
     assert torch.equal(a, ops.sample(logits, seed=torch.tensor(7), top_k=torch.tensor(3)))
     ids = torch.randint(0, 8, (4, 2), dtype=torch.int32)
-    ref = ops.moe_align_block_size(ids, 4, 8)
-    got = ops.moe_align_block_size(ids, np.int64(4), torch.tensor(8))
+    ref = ops.align_moe_blocks(ids, 4, 8)
+    got = ops.align_moe_blocks(ids, np.int64(4), torch.tensor(8))
     assert all(torch.equal(r, g) for r, g in zip(ref, got))
     kc, vc = _cache()
     q = torch.randn(2, 1, 2, 8)
-    torch.testing.assert_close(ops.flash_attn_with_kvcache(q, kc, vc, np.int32(3)),
-                               ops.flash_attn_with_kvcache(q, kc, vc, 3))
+    torch.testing.assert_close(ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int32(3)),
+                               ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3))
 
 
 @pytest.mark.parametrize("bad", [2.0, True, "2", None])
 def test_bools_floats_strings_refused_as_ints(bad):
     with pytest.raises(TypeError, match="top_k must be an int"):
-        ops.topk_softmax(torch.randn(3, 6), bad)
+        ops.route_topk(torch.randn(3, 6), bad)
     with pytest.raises(TypeError, match="top_k must be an int"):
         ops.sample(torch.randn(3, 6), top_k=bad if bad is not None else 1.5)
 
@@ -209,7 +209,7 @@ def test_mrope_bad_arguments_named(name, kwargs, exc):
 def test_attention_scale_must_be_finite(scale):
     kc, vc = _cache()
     with pytest.raises((TypeError, ValueError), match="softmax_scale"):
-        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, 1, softmax_scale=scale)
+        ops.flash_attn_with_kvcache(torch.randn(2, 1, 2, 8), kc, vc, cache_seqlens=1, softmax_scale=scale)
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises((TypeError, ValueError), match="softmax_scale"):
         ops.flash_attn_varlen(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), cu, cu, 3, 3,
@@ -220,9 +220,9 @@ def test_attention_scale_must_be_finite(scale):
 def test_expert_map_values_out_of_range(bad):
     x, w13, w2, w, ids = _moe()
     with pytest.raises(ValueError, match="expert_map must lie in"):
-        ops.fused_moe(x, w13, w2, w, ids, expert_map=torch.tensor(bad, dtype=torch.int32))
+        ops.moe_experts(x, w13, w2, w, ids, expert_map=torch.tensor(bad, dtype=torch.int32))
     with pytest.raises(ValueError, match="expert_map must lie in"):
-        ops.moe_align_block_size(ids, 4, 4, torch.tensor(bad, dtype=torch.int32))
+        ops.align_moe_blocks(ids, 4, 4, torch.tensor(bad, dtype=torch.int32))
 
 
 def test_sample_suppress_ranges_rules():
@@ -275,3 +275,38 @@ def test_rvq_unchecked_bad_codes_backends_agree(layout):
     torch.testing.assert_close(got["reference"], got["triton"])
     for be in BACKENDS:  # and the valid row still equals the checked call
         torch.testing.assert_close(got[be][0], ops.rvq_embed(codes[:1], tables, backend=be, **kw)[0])
+
+
+# --- Code2Wav convolutions -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["causal_conv1d", "causal_conv_transpose1d"])
+def test_conv_zero_input_channels_refused(op, backend):
+    # torch's conv raised RuntimeError (transposed) or returned [B, 0, T] (conv1d) while Triton returned the bias
+    x = torch.randn(1, 0, 6)
+    if op == "causal_conv1d":
+        call = lambda: ops.causal_conv1d(x, torch.randn(3, 0, 3), torch.randn(3), backend=backend)  # noqa: E731
+    else:
+        call = lambda: ops.causal_conv_transpose1d(x, torch.randn(0, 3, 4), torch.randn(3), stride=2,  # noqa: E731
+                                                   backend=backend)
+    with pytest.raises(ValueError, match=r"x must have at least one input channel"):
+        call()
+
+
+@pytest.mark.parametrize("snake, match", [
+    ((None, torch.zeros(4)), "snake alpha"), ((torch.zeros(3), torch.zeros(4)), "snake alpha"),
+    ((torch.zeros(4), torch.zeros(4, dtype=torch.float64)), "snake beta"), ((torch.zeros(4),) * 3, "snake"),
+    ("ab", "snake"), ({"a": 1, "b": 2}, "snake")])
+def test_conv_transpose_snake_pair_named(snake, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.causal_conv_transpose1d(torch.randn(1, 4, 5), torch.randn(4, 3, 4), stride=2, snake=snake)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weight=torch.randn(4, 3, 4), stride=8), "stride 8"), (dict(weight=torch.randn(4, 3, 0), stride=2), "weight"),
+    (dict(weight=torch.randn(4, 3, 2), stride=2, state=torch.randn(1, 4, 1)), "state"),
+    (dict(weight=torch.randn(4, 3, 4), stride=2, state=torch.randn(1, 4, 1).double()), "state")])
+def test_conv_transpose_bad_shapes_named(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.causal_conv_transpose1d(torch.randn(1, 4, 5), **kwargs)

@@ -39,3 +39,31 @@ def test_report_flags_spills_and_shared_memory():
     assert not Report("spill", regs=255, spill_bytes=24, smem=0).ok
     assert not Report("smem", regs=96, spill_bytes=0, smem=H100_SMEM_LIMIT + 1).ok
     assert not Report("broken", error="CompilationError: x").ok
+
+
+def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
+    """FP8 W8A8 GEMMs use Hopper's e4m3 wgmma at the prefill tiles (BLOCK_M 64); the INT4 ones bf16 wgmma."""
+    code = (
+        "import re, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from omni_fast.bench.static_check import _jit_function\n"
+        "from omni_fast.kernels import moe_gemm_quant\n"
+        "from omni_fast.kernels.launch import STATIC_CASES\n"
+        "for c in STATIC_CASES:\n"
+        "    if 'moe_gemm_quant_kernel' in c.name and 'prefill' in c.name:\n"
+        "        fn = _jit_function(c.kernel)\n"
+        "        src = triton.compiler.ASTSource(fn=fn, signature=c.signature, constexprs=c.constexprs,\n"
+        "                                        attrs=c.attrs(fn.arg_names))\n"
+        "        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
+        "                           options={'num_warps': c.num_warps, 'num_stages': c.num_stages})\n"
+        "        print(c.name, sorted(set(re.findall(r'wgmma\\.mma_async\\S*', k.asm['ptx']))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("moe_gemm_quant_kernel")]
+    fp8 = [ln for ln in lines if "fp8_block" in ln]
+    int4 = [ln for ln in lines if "int4_w4a16" in ln]
+    assert fp8 and int4, res.stdout
+    assert all(".e4m3.e4m3" in ln for ln in fp8), fp8
+    assert all(".bf16.bf16" in ln for ln in int4), int4

@@ -222,7 +222,8 @@ def _kvcache_setup(B: int, new: int, cached: int, hq: int, hk: int, d: int, dtyp
         kc, vc = _rand(device, dtype, B, S, hk, d), _rand(device, dtype, B, S, hk, d)
         q = _rand(device, dtype, B, new, hq, d)
         lens = torch.full((B,), S, dtype=torch.int32, device=device)  # keys already in place: time attention alone
-        fns = {"omni_fast": lambda: ops.flash_attn_with_kvcache(q, kc, vc, lens, causal=True, backend="triton")}
+        fns = {"omni_fast": lambda: ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
+                                                                backend="triton")}
         fns["eager"] = ((lambda: ref.flash_attn_with_kvcache(q, kc, vc, lens, causal=True))
                         if hq * new * S * 4 * B <= EAGER_LIMIT else Unavailable("its dense fp32 scores would not fit"))
         q4, k4, v4 = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
@@ -272,7 +273,8 @@ def _check_kvcache(B, new, cached, hq, hk, d):
         q, kn, vn = torch.randn(B, new, hq, d), torch.randn(B, new, hk, d), torch.randn(B, new, hk, d)
         lens = torch.full((B,), cached, dtype=torch.int32)
         k2, v2 = kc.clone(), vc.clone()
-        out = ops.flash_attn_with_kvcache(q, kc, vc, lens, k=kn, v=vn, num_splits=2, backend="triton")
+        out = ops.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=True, num_splits=2,
+                                          backend="triton")
         exp = ref.flash_attn_with_kvcache(q, k2, v2, lens, k=kn, v=vn)
         torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
 

@@ -14,7 +14,10 @@ Providers (bf16, inference mode):
   specialise (and recompile) on every set of hit experts, which measures the compiler, not a compiled MoE.
   Left out where torch has no ``grouped_mm``;
 - ``liger``: liger-kernel's Triton fused MoE (experts cases; when its wheel was carried, see :mod:`omni_fast.bench.peers`);
-- ``omni_fast``: :func:`omni_fast.ops.fused_moe` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
+- ``omni_fast``: :func:`omni_fast.ops.moe_experts` / :func:`omni_fast.ops.moe_block` on the Triton kernels;
+- ``omni_fast_fp8`` / ``omni_fast_int4`` (experts cases): the same experts quantized once (FP8 block-scaled W8A8,
+  128x128 blocks; INT4 W4A16 group 128, asymmetric) through :func:`omni_fast.ops.moe_experts` with a
+  ``QuantizedExperts``; their decode bytes are in the case's params (``bytes_fp8``, ``bytes_int4``);
 - ``omni_fast_tma`` (experts cases): the same kernels and launch config with the weight tiles read through TMA
   tensor descriptors (``USE_TMA`` forced on in both GEMMs), so a run shows what the TMA path gives at every T before
   (or without) tuning; where a tuned file already turns it on, the two rows coincide.
@@ -193,12 +196,54 @@ def _experts_setup(model: str, T: int, preset: str = "quick"):
         liger = peers.liger_fused_moe()
         fns["liger"] = (functools.partial(liger, x, w13, w2, w, ids) if liger is not None else
                         Unavailable("needs CUDA and the liger-kernel wheel (make peer-wheels)"))
-        fns["omni_fast"] = lambda: ops.fused_moe(x, w13, w2, w, ids, backend="triton")
+        fns["omni_fast"] = lambda: ops.moe_experts(x, w13, w2, w, ids, backend="triton")
         fns["omni_fast_tma"] = functools.partial(moe_gemm.fused_moe, x, w13, w2, w, ids,
                                                  config=tma_config(T, E, k, H, I, device, dtype))
+        fns.update(quantized_providers(x, w13, w2, w, ids))
         return fns
 
     return setup
+
+
+def int4_group(H: int, I: int) -> int:
+    """The W4A16 group the benchmark uses: 128 (the published one) where it divides H and I, else the largest
+    power of two >= 16 that does (tiny smoke shapes)."""
+    g = 128
+    while g > 16 and (H % g or I % g):
+        g //= 2
+    return g
+
+
+def quantized_providers(x, w13, w2, w, ids) -> dict:
+    """``omni_fast_fp8`` (FP8 block-scaled W8A8, 128x128 blocks) and ``omni_fast_int4`` (W4A16, group
+    :func:`int4_group`, asymmetric: the AWQ-style general case) on the same experts quantized once at setup;
+    ``ops.moe_experts`` with a QuantizedExperts. FP8 needs e4m3 tensor cores (sm_89+) on a GPU."""
+    from omni_fast import ops
+    from omni_fast.reference import moe_quant as rq
+
+    H, I = w2.shape[1], w2.shape[2]
+    out = {}
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        out["omni_fast_fp8"] = Unavailable("FP8 W8A8 needs sm_89+ (e4m3 tensor cores)")
+    else:
+        fp8 = rq.quantize_experts(w13, w2, "fp8_block", block=(128, 128))
+        out["omni_fast_fp8"] = lambda: ops.moe_experts(x, fp8, None, w, ids, backend="triton")
+    int4 = rq.quantize_experts(w13, w2, "int4_w4a16", group_size=int4_group(H, I), symmetric=False,
+                               scale_dtype=x.dtype)
+    out["omni_fast_int4"] = lambda: ops.moe_experts(x, int4, None, w, ids, backend="triton")
+    return out
+
+
+def quantized_bytes(touched: int, T: int, k: int, H: int, I: int, act_elem: float) -> dict:
+    """Decode bytes per format (the touched experts' weights, scales, zero points + activations in/out + routing),
+    the roofline numerator of the quantized providers (the case's ``bytes`` is the bf16 one)."""
+    acts = 2 * T * H * act_elem + T * k * 8
+    cdiv = (lambda a, b: -(-a // b))
+    fp8_scales = 4 * (2 * cdiv(I, 128) * cdiv(H, 128) + cdiv(H, 128) * cdiv(I, 128))
+    g = int4_group(H, I)
+    int4_meta = (3 * H * I // g) * (act_elem + 1)  # a 16-bit scale and an int8 zero point per group
+    return {"bytes_fp8": float(touched * (3 * H * I + fp8_scales) + acts),
+            "bytes_int4": float(touched * (3 * H * I / 2 + int4_meta) + acts)}
 
 
 def tma_config(T: int, E: int, k: int, H: int, I: int, device: torch.device, dtype: torch.dtype = DTYPE) -> dict:
@@ -305,10 +350,10 @@ def check_fused_moe() -> None:
     x = torch.randn(T, H, generator=gen).to(DEVICE)
     w13 = (torch.randn(E, 2 * I, H, generator=gen) * 0.2).to(DEVICE)
     w2 = (torch.randn(E, H, I, generator=gen) * 0.2).to(DEVICE)
-    w, ids = ops.topk_softmax(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
+    w, ids = ops.route_topk(torch.randn(T, E, generator=gen).to(DEVICE), k, backend="triton")
     exact = ref.fused_moe(x.double(), w13.double(), w2.double(), w.double(), ids)
     same = ref.fused_moe(x, w13, w2, w, ids)
-    assert_matches_reference(ops.fused_moe(x, w13, w2, w, ids, backend="triton"), exact, same, name="fused_moe")
+    assert_matches_reference(ops.moe_experts(x, w13, w2, w, ids, backend="triton"), exact, same, name="fused_moe")
     tma = moe_gemm.fused_moe(x, w13, w2, w, ids, config=tma_config(T, E, k, H, I, DEVICE, x.dtype))
     assert_matches_reference(tma, exact, same, name="fused_moe (TMA weights)")
 
@@ -334,7 +379,7 @@ def _experts_case(model: str, T: int, preset: str = "quick") -> Case:
     return Case(
         op="moe", name=f"{model} experts T={T}",
         params=dict(model=model, T=T, E=E, top_k=k, H=H, I=I, touched_experts=touched,
-                    dtype=dtype_name(DTYPES[preset])),
+                    dtype=dtype_name(DTYPES[preset]), **quantized_bytes(touched, T, k, H, I, elem)),
         setup=_experts_setup(model, T, preset),
         flops=2.0 * T * k * 3 * H * I,
         bytes=float(touched * 3 * H * I * elem + 2 * T * H * elem + T * k * 8),

@@ -5,7 +5,9 @@ bf16, random weights): ``transformers`` (the code predictor's ``generate`` loop 
 exactly as the Talker runs it), ``eager`` (omni-fast's reference frame with a static KV cache), ``compile``
 (``torch.compile(mode="reduce-overhead")`` of that reference frame), ``omni_fast`` (the whole frame replayed as one
 CUDA graph, Triton ops, the fused GEMV layer kernels: 5 launches per layer), ``omni_fast_unfused`` (the same graph
-with cuBLAS matmuls and the small fused ops: 9 launches per layer), so fused vs cuBLAS shows side by side. ``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
+with cuBLAS matmuls and the small fused ops: 9 launches per layer), so fused vs cuBLAS shows side by side, and
+``persistent`` (issue 16: the whole frame as ONE launch of the persistent kernel, replayed from a graph).
+``bytes`` is the weights read per step x 15 steps, so % of roofline is the HBM floor.
 
 Batches: the issue's B in {1, 4, 16, 64} is the "full" preset (``python -m omni_fast.bench mtp --preset full``); the default
 "quick" preset runs B = 1 and 16 only.
@@ -64,6 +66,7 @@ def _setup(B: int, model: dict = REAL):
 
         m, emb = _build(device, model["dtype"], model["cfg"])
         cp = CodePredictor.from_transformers(m, emb)
+        cp_persistent = CodePredictor.from_transformers(m, emb, persistent=True)  # issue 16: one launch per frame
         h = torch.randn(B, hidden, device=device, dtype=model["dtype"])
         c0 = torch.randint(0, vocab, (B,), device=device)
         seed = torch.tensor([1234], device=device)
@@ -85,17 +88,17 @@ def _setup(B: int, model: dict = REAL):
         compiled_frame = compiled(lambda: cp.frame(h, c0, None, seed, sampling, "reference"), device,
                                   mode="reduce-overhead", dynamic=None)
 
-        def graph(fused: bool):
+        def graph(fused: bool, model=cp):
             @torch.no_grad()
             def run():
-                return cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton",
-                                        fused=fused)
+                return model.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton",
+                                           fused=fused)
 
             return run
 
         # On a CPU the graph providers run predict_frame's CUDA-graph path emulated (same code, no capture).
         return {"transformers": hf, "eager": eager, "compile": compiled_frame, "omni_fast": graph(True),
-                "omni_fast_unfused": graph(False)}
+                "omni_fast_unfused": graph(False), "persistent": graph(True, cp_persistent)}
 
     return setup
 
@@ -109,6 +112,7 @@ def _check():
                  num_key_value_heads=2, head_dim=16, num_code_groups=4)
     m, emb = _build("cpu", torch.float32, small)
     cp = CodePredictor.from_transformers(m, emb)
+    cp_persistent = CodePredictor.from_transformers(m, emb, persistent=True)
     h = torch.randn(2, 64)
     c0 = torch.randint(0, 32, (2,))
     for kw in (dict(do_sample=False), dict(top_k=8, top_p=0.8, seed=3)):
@@ -119,6 +123,10 @@ def _check():
                 raise AssertionError(f"mtp: triton codes {b[0].tolist()} != reference {a[0].tolist()} ({kw}, "
                                      f"fused={fused})")
             torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+        fused = cp.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
+        one = cp_persistent.predict_frame(h, c0, backend="triton", use_graph=False, **kw)
+        if not (torch.equal(fused[0], one[0]) and torch.equal(fused[1], one[1])):
+            raise AssertionError(f"mtp: the persistent frame differs from the fused one ({kw})")
 
 
 def cases(preset: str) -> list[Case]:

@@ -108,8 +108,8 @@ def _padded(query, key, value, mask2d, scale, window, backend=None):
     if L < Sk:
         real = F.pad(real, (0, Sk - L), value=False)
     lens = torch.full((B,), L, dtype=torch.int32, device=query.device)
-    return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
-                                   causal=window[1] == 0, window_size=window, softmax_scale=scale,
+    return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   cache_seqlens=lens, causal=window[1] == 0, window_size=window, softmax_scale=scale,
                                    key_padding_mask=real, backend=backend)
 
 
@@ -168,9 +168,8 @@ def omni_fast_attention_forward(
         if cu is not None:  # several sequences packed in one row, told apart by their position ids
             return _packed(query, key, value, cu, cu, {}, scale, window, backend), None
     if attention_mask is None:
-        B, Sk = key.shape[0], key.shape[2]
-        lens = torch.full((B,), Sk, dtype=torch.int32, device=query.device)
-        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lens,
+        # cache_seqlens None: every row attends to all Sk keys (no lengths tensor to build)
+        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                       causal=window[1] == 0, window_size=window, softmax_scale=scale,
                                       backend=backend)
         return out, None

@@ -2,7 +2,7 @@
 
 After :func:`register` (called by :func:`omni_fast.register_transformers`), any transformers experts module
 decorated with ``@use_experts_implementation`` runs :func:`experts_forward` when its config has
-``_experts_implementation = "omni_fast"``: one :func:`omni_fast.ops.fused_moe` call (routing alignment, the two
+``_experts_implementation = "omni_fast"``: one :func:`omni_fast.ops.moe_experts` call (routing alignment, the two
 grouped GEMMs with SwiGLU and the routed weight fused, the deterministic combine) instead of the per-expert loop.
 
 Supported layout: transformers' default fused experts (``gate_up_proj [E, 2I, H]`` with gate rows then up rows,
@@ -44,25 +44,35 @@ def _eager_forward(module):
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts forward with transformers' signature: x ``[T, H]``, ids ``[T, k]``, weights ``[T, k]`` -> ``[T, H]``."""
+    from ..models.quantized import quantized_experts
+
+    quant = quantized_experts(self)
+    if quant is not None:  # quantized experts (models.quantized): only the fused op can run them
+        return _fused(self, hidden_states, top_k_index, top_k_weights, quant, None, quant.num_experts)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj))
     if needs_grad or not _supported(self):
         # The fused op has no autograd formula: training (or an unsupported layout) takes the eager loop.
         return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    return _fused(self, hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                  self.gate_up_proj.shape[0])
+
+
+def _fused(self, hidden_states, top_k_index, top_k_weights, w13, w2, num_local: int) -> torch.Tensor:
+    """One :func:`omni_fast.ops.moe_experts` call (w13 a tensor or a QuantizedExperts with w2 None)."""
     from .. import ops
 
     expert_map = None
     if getattr(self, "_is_expert_parallel", False):
-        num_local = self.gate_up_proj.shape[0]
         # ids [0, num_local) are this rank's; the EP sentinel id (== num_local) contributes zero. At least top_k
         # entries: several off-rank pairs of a token share the sentinel, so top_k may exceed num_local + 1.
         size = max(num_local + 1, top_k_index.shape[-1])
         expert_map = torch.arange(size, dtype=torch.int32, device=hidden_states.device)
         expert_map[num_local:] = -1
     # omni_fast.patch(model, backend=...) pins the backend on the module; otherwise the ambient one (use_backend/env)
-    return ops.fused_moe(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-                         activation="silu", expert_map=expert_map,
-                         backend=pinned_backend(self))
+    return ops.moe_experts(hidden_states, w13, w2, top_k_weights, top_k_index,
+                           activation="silu", expert_map=expert_map,
+                           backend=pinned_backend(self))
 
 
 def register(name: str) -> None:

@@ -423,7 +423,7 @@ class Code2WavStream:
             v_cache = torch.empty_like(k_cache)
             k_cache[:, :keep].copy_(past_k)
             v_cache[:, :keep].copy_(past_v)
-            o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=True,
+            o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True,
                                             window_size=(keep, 0), backend=be)
             torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
             torch.gather(v_cache, 1, keep_rows, out=past_v)

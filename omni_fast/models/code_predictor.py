@@ -20,6 +20,10 @@ Two layer paths (``fused``, default True):
   the final norm runs in the prologue of the lm_head GEMV (:mod:`omni_fast.ops.mtp_layers`, Triton GEMV kernels);
 - unfused, 9 per layer: cuBLAS ``F.linear`` for the four matmuls, :func:`omni_fast.ops.qk_norm_mrope`,
   ``cached_attention``, ``add_rms_norm_`` (x2), ``silu_mul``; kept so a GPU benchmark can compare the two.
+- ``persistent=True`` (opt-in, on top of fused): the whole frame (prefill, 14 steps, sampling, next input) as ONE
+  launch of a persistent kernel running an instruction queue with dependency counters (docs/persistent.md); the
+  same tile functions, so the same codes bit for bit on the interpreter. Default off until a GPU run passes its
+  gpu-marked tests.
 
 Per step both then sample (:func:`omni_fast.ops.sample`: top-k/top-p/greedy with a counter-based RNG keyed by
 (seed, step, and the row index for one shared seed; per-row seeds leave the row index out, so a frame draws the
@@ -119,10 +123,14 @@ class CodePredictor(torch.nn.Module):
     """
 
     def __init__(self, config: Any = None, *, dtype=torch.float32, device="cpu", codec_vocab_size: int = 0,
-                 fused: bool = True):
+                 fused: bool = True, persistent: bool = False):
         super().__init__()
         # Fused GEMV layer kernels (5 launches per layer) or the cuBLAS + small-op path (9); see the module doc.
         self.fused = bool(fused)
+        # Opt-in: the whole frame as ONE launch of the persistent kernel (docs/persistent.md); not yet proven on a
+        # GPU, so the graph-of-kernels path stays the default and the fallback.
+        self.persistent = bool(persistent)
+        self._persistent: dict[tuple, Any] = {}
         c = self.config = CodePredictorConfig.from_any(config or CodePredictorConfig())
         G, V, H = c.num_code_groups, c.vocab_size, c.hidden_size
         kw = dict(dtype=dtype, device=device)
@@ -144,18 +152,20 @@ class CodePredictor(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: Any, sd: Mapping[str, torch.Tensor], *, codec_embedding=None, dtype=None,
-                        device=None, fused: bool = True) -> "CodePredictor":
+                        device=None, fused: bool = True, persistent: bool = False) -> "CodePredictor":
         """From a state dict with transformers' key names (``model.layers.{i}.self_attn.q_proj.weight``, ...,
         ``model.codec_embedding.{g}.weight``, ``lm_head.{g}.weight``; a ``talker.code_predictor.`` or
         ``code_predictor.`` prefix is stripped). ``codec_embedding``: the Talker's codebook-0 table (an
-        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc)."""
+        ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc).
+        ``persistent`` (opt-in, fused path only): the whole frame as ONE launch of the persistent kernel
+        (:mod:`omni_fast.models.persistent`, docs/persistent.md); fp64 and the reference backend keep the op path."""
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype
         device = device or ref.device
         c0 = _table(codec_embedding)
         self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0],
-                   fused=fused)
+                   fused=fused, persistent=persistent)
         c = self.config
         groups = sum(1 for k in sd if k.startswith("lm_head.") and k.endswith(".weight"))
         tables = sum(1 for k in sd if k.startswith("model.codec_embedding.") and k.endswith(".weight"))
@@ -184,11 +194,12 @@ class CodePredictor(torch.nn.Module):
         return self
 
     @classmethod
-    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True
-                          ) -> "CodePredictor":
+    def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True,
+                          persistent: bool = False) -> "CodePredictor":
         """From a transformers ``Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`` (weights copied)
         and optionally the Talker's codebook-0 embedding (``talker.get_input_embeddings()``)."""
-        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused)
+        return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused,
+                                   persistent=persistent)
 
     # --- one frame ------------------------------------------------------------------------------------------
 
@@ -282,6 +293,9 @@ class CodePredictor(torch.nn.Module):
         ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
         elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
+        if self.persistent and fused and x.dtype != torch.float64 and x.shape[0] > 0 and \
+                requested_backend(backend) != "reference":
+            return self._persistent_frame(x, c0, c0_embed, seed, sampling)
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size
         B = x.shape[0]
@@ -317,6 +331,20 @@ class CodePredictor(torch.nn.Module):
                                           for g in range(G - 1)]
             nxt = rvq(torch.cat((consts["rows"][:, None], codes_t[:, 1:]), 1), tables)
         return codes_t, nxt
+
+    def _persistent_frame(self, x, c0, c0_embed, seed, sampling):
+        """The frame as one launch of the persistent kernel (:mod:`omni_fast.models.persistent`), one compiled
+        schedule + workspace per (weights, B, dtype, device, sampling, seed form, codebook-0 source)."""
+        from .persistent import PersistentFrame
+
+        key = (weights_key(self), x.shape[0], x.dtype, str(x.device), sampling, seed.numel() > 1, c0_embed is None)
+        frame = self._persistent.get(key)
+        if frame is None:
+            if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                self._persistent.clear()
+            frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
+                                                            seed.numel() > 1, c0_embed is not None)
+        return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
     def _constants(self, device, B, dtype) -> dict:
         key = (str(device), B, dtype)
@@ -408,7 +436,8 @@ class CodePredictor(torch.nn.Module):
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
         # ambient choice must not replay under another
-        key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(), fused)
+        key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
+               self.persistent, fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,

@@ -42,6 +42,8 @@ from ..pipeline.scheduler import StreamOptions, StreamRun
 from ..validation import check_positive_int
 from .components import HFCode2Wav, HFCodePredictor, OmniCodePredictor, pick
 from .positions import PositionSpec
+from .quantized import load_quantized, read_quantization_config
+from .request_checks import checked_generate, checked_stream
 
 
 class Qwen3Omni:
@@ -133,7 +135,9 @@ class Qwen3Omni:
                         device: str | torch.device | None = None, strict: bool = True, check_finite: bool = True,
                         **kwargs) -> "Qwen3Omni":
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
-        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present.
+        from a hub (``local_files_only``). A tokenizer in the directory is loaded when present. A checkpoint with
+        FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`, which
+        checks its own keys); another ``quantization_config`` raises a ValueError naming its method.
 
         ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
         missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
@@ -147,8 +151,15 @@ class Qwen3Omni:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_strict(os.fspath(path), strict=bool(strict),
-                            dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
+        if quant is not None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            model = load_quantized(os.fspath(path), config, quant, dtype=dtype, device=device)
+        else:
+            model = load_strict(os.fspath(path), strict=bool(strict), dtype=dtype)
         if check_finite and hasattr(model, "code2wav"):
             _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
@@ -215,6 +226,7 @@ class Qwen3Omni:
                                               video_grid=video_grid, seconds=seconds)
 
     # ----------------------------------------------------------------------------------------------- generation
+    @checked_generate
     def generate(self, requests: Request | list[Request], **kwargs) -> list[dict]:
         """Run :meth:`stream` to the end; per request: ``token_ids``, ``text``, ``audio`` ``[S]``, ``timing``."""
         reqs = [requests] if isinstance(requests, Request) else list(requests)
@@ -232,6 +244,7 @@ class Qwen3Omni:
             o["audio"] = torch.cat(o["audio"]) if o["audio"] else torch.zeros(0)
         return out
 
+    @checked_stream
     @torch.no_grad()
     def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
                speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,

@@ -43,6 +43,7 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
 from .cuda_graphs import capture
+from .quantized import quantized_experts
 
 CAPACITY_ALIGN = 64  # cache lengths are rounded up to this, so nearby prompt lengths reuse one captured graph
 
@@ -76,13 +77,14 @@ class _Layer:
         experts = getattr(mlp, "experts", None)
         self.moe = experts is not None
         if self.moe:
-            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            quant = quantized_experts(experts)  # FP8 / INT4 experts of a quantized checkpoint (models.quantized)
+            if quant is None and not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
                 raise TypeError(f"expected transformers' fused experts (gate_up_proj [E, 2I, H]), got "
                                 f"{type(experts).__name__}")
             self.router = w(mlp.gate.weight)
             self.top_k = int(getattr(mlp.gate, "top_k", None) or config.num_experts_per_tok)
             self.renormalize = bool(getattr(mlp.gate, "norm_topk_prob", config.norm_topk_prob))
-            self.w13, self.w2 = w(experts.gate_up_proj), w(experts.down_proj)
+            self.w13, self.w2 = (quant, None) if quant is not None else (w(experts.gate_up_proj), w(experts.down_proj))
             shared = getattr(mlp, "shared_expert", None)
             self.shared_w13 = self.shared_w2 = self.shared_gate = None
             if shared is not None:  # the talker: sigmoid-gated shared SwiGLU expert
@@ -267,8 +269,9 @@ class MoeTextDecoder:
             k = F.linear(x, layer.k, layer.k_bias).view(T, nk, d)
             v = F.linear(x, layer.v, layer.v_bias).view(T, 1, nk, d)
             self._rope(q, k, layer, st.pos)
-            attn = ops.flash_attn_with_kvcache(q.view(T, 1, nq, d), kc, vc, st.cache_seqlens, k=k.view(T, 1, nk, d),
-                                               v=v, causal=True, softmax_scale=d ** -0.5, backend=be)
+            attn = ops.flash_attn_with_kvcache(q.view(T, 1, nq, d), kc, vc, k=k.view(T, 1, nk, d),
+                                               v=v, cache_seqlens=st.cache_seqlens, causal=True,
+                                               softmax_scale=d ** -0.5, backend=be)
             x = norm(resid, F.linear(attn.view(T, nq * d), layer.o, layer.o_bias), layer.post_norm)
             if layer.moe:
                 mlp = ops.moe_block(x, layer.router, layer.w13, layer.w2, layer.top_k, renormalize=layer.renormalize,

@@ -1,9 +1,11 @@
 """Public flash-attention ops, FlashAttention-2 semantics: :func:`flash_attn_varlen`, :func:`flash_attn_with_kvcache`.
 
-Drop-in for ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only): packed sequences
-through int32 ``cu_seqlens``, GQA, causal masks aligned bottom-right, sliding windows ``window_size=(left, right)``
-(``-1`` unbounded), KV caches contiguous or paged. See :mod:`omni_fast.reference.attention` for the exact rule and
-``docs/attention.md`` for the design.
+The semantics of ``flash_attn.flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` (forward only; the latter with
+flash-attn's positional order and defaults, the FlashAttention-exact entry points are
+:mod:`omni_fast.compat.flash_attn`): packed sequences through int32 ``cu_seqlens``, GQA, causal masks aligned
+bottom-right, sliding windows ``window_size=(left, right)`` (``-1`` unbounded), KV caches contiguous or paged,
+softcap, ALiBi, rotary, left padding, ``cache_batch_idx``. See :mod:`omni_fast.reference.attention` for the exact
+rule and ``docs/attention.md`` for the design.
 
 Value checks (cu_seqlens monotonic and ending at the token count, ``max_seqlen_q``, ``cache_seqlens + Sq`` within
 the capacity, ``block_table`` in range) read the index tensors on the host: they run by default only when those
@@ -31,21 +33,25 @@ MAX_HEAD_DIM = 256
 
 
 def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 window_left, window_right, backend):
+                 window_left, window_right, softcap, alibi_slopes, block_table, seqused_k, backend):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @dispatched_op("flash_attn_varlen", fake=_fake_varlen)
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-               causal: bool, window_left: int, window_right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+               block_table: torch.Tensor | None, seqused_k: torch.Tensor | None,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown."""
 
 
 @_varlen_op.impl("reference")
-def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right):
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi_slopes,
+                      block_table, seqused_k):
     return ref.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
-                                 window_size=(left, right), return_lse=True)
+                                 window_size=(left, right), return_lse=True, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k)
 
 
 @_varlen_op.impl("triton")
@@ -57,24 +63,30 @@ def _varlen_triton(*args):
 
 @dispatched_op("append_kv_cache_", mutates_args=("k_cache", "v_cache"))
 def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, block_table: torch.Tensor | None, backend: str) -> None:
-    """In place: write k/v ``[B, Sq, Hk, D]`` at cache rows ``cache_seqlens[b] ..``."""
+               v: torch.Tensor, block_table: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
+               rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None, rotary_interleaved: bool,
+               backend: str) -> None:
+    """In place: write k (rotated when cos/sin are given) / v ``[B, Snew, Hk, D]`` at rows ``cache_seqlens[b] ..``."""
+
+
+def _rotary(cos, sin, interleaved, *more):
+    return None if cos is None else (cos, sin, interleaved, *more)
 
 
 @_append_op.impl("reference")
-def _append_reference(k_cache, v_cache, cache_seqlens, k, v, block_table):
-    ref.append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+def _append_reference(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, cos, sin, interleaved):
+    ref.append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, _rotary(cos, sin, interleaved))
 
 
 @_append_op.impl("triton")
-def _append_triton(*args):
+def _append_triton(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, cos, sin, interleaved):
     from ..kernels import flash_attn_kvcache
 
-    flash_attn_kvcache.append_kv(*args)
+    flash_attn_kvcache.append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx,
+                                 _rotary(cos, sin, interleaved))
 
 
-def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, softmax_scale, causal,
-                  window_left, window_right, num_splits, backend):
+def _fake_kvcache(q, *args):
     B, Sq, Hq, _ = q.shape
     # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
     return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -82,27 +94,38 @@ def _fake_kvcache(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_
 
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
 @dispatched_op("kvcache_attention", fake=_fake_kvcache)
-def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
                 k_extra: int, block_table: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-                softmax_scale: float, causal: bool, window_left: int, window_right: int, num_splits: int,
+                cache_batch_idx: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+                alibi_slopes: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                rotary_interleaved: bool, rotary_causal: bool, num_splits: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attend to ``cache_seqlens[b] + k_extra`` cached keys: (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
+    """Attend to ``cache_seqlens[b] + k_extra`` cached keys (``k_extra`` without cache_seqlens): (out
+    ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
 
 
 @_kvcache_op.impl("reference")
-def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, scale, causal,
-                       left, right, num_splits):
-    return ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens + k_extra, causal=causal,
-                                       window_size=(left, right), softmax_scale=scale, block_table=block_table,
-                                       key_padding_mask=key_padding_mask, return_lse=True)
+def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
+                       cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
+                       rot_causal, num_splits):
+    return ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
+                                 window_size=(left, right), softmax_scale=scale, block_table=block_table,
+                                 key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
+                                 cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 rotary=_rotary(cos, sin, interleaved, rot_causal))
 
 
 @_kvcache_op.impl("triton")
-def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, *rest):
+def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
+                    cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
+                    rot_causal, num_splits):
     from ..kernels import flash_attn_kvcache
 
-    return flash_attn_kvcache.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, *rest,
-                                                key_padding_mask=key_padding_mask)
+    return flash_attn_kvcache.kvcache_attention(
+        q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right, num_splits,
+        key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+        softcap=softcap, alibi_slopes=alibi_slopes, rotary=_rotary(cos, sin, interleaved, rot_causal))
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -144,6 +167,27 @@ def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> N
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
 
 
+def _softcap(softcap) -> float:
+    """FlashAttention's softcap: a finite float >= 0 (0 = off)."""
+    return check_float("softcap", softcap, minimum=0.0)
+
+
+def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> None:
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=device,
+                     last_dim_contiguous=True)
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes must have shape [{Hq}] or [{B}, {Hq}], got {list(alibi_slopes.shape)}")
+
+
+def _check_block_table(block_table, B: int, n_pages: int, device) -> None:
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=device)
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
+    if n_pages == 0 and block_table.numel() > 0:  # the kernels clamp page numbers into [0, n_pages)
+        raise ValueError("the paged cache has no pages (shape[0] == 0) but block_table names some")
+
+
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,17 +201,26 @@ def flash_attn_varlen(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
     check_values: bool | None = None,
     backend: str | None = None,
 ):
-    """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward).
+    """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward;
+    the FlashAttention-exact signature is :func:`omni_fast.compat.flash_attn.flash_attn_varlen_func`).
 
     q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (fp16/bf16/fp32, one dtype, unit stride in D; Hq a multiple of Hk,
     D <= 256); cu_seqlens_q/k int32 ``[B + 1]`` prefix sums of the per-sequence lengths; ``max_seqlen_q`` at least
     the longest query sequence, or None when unknown (an extension of FlashAttention's API: the launch grid is then
     sized from the token count, so callers holding cu_seqlens on the GPU need no host sync to get the maximum);
     ``max_seqlen_k`` is not needed (None allowed). ``softmax_scale`` defaults to ``D ** -0.5``; causal
-    masks and windows are aligned bottom-right. Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
+    masks and windows are aligned bottom-right. ``softcap > 0``: scores ``softcap * tanh(s / softcap)``;
+    ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]``: bias ``-slope * |i + Lk - Lq - j|``. ``block_table`` int32
+    ``[B, max_blocks]``: k/v are pages ``[num_blocks, page, Hk, D]`` and sequence b's keys are its logical rows
+    ``0 .. cu_seqlens_k[b+1] - cu_seqlens_k[b]``; ``seqused_k`` int32 ``[B]`` replaces those key counts (vLLM's
+    paged prefill). Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse``
     ``(out, lse)`` with lse fp32 ``[Hq, Tq]`` (natural log; ``-inf`` for rows that see no key, whose output is 0).
     ``check_values``: None checks the cu_seqlens values and ``max_seqlen_q`` only on CPU tensors, True on any
     device (one host sync), False never (see the module docstring: unchecked bad values are memory-safe; query
@@ -175,22 +228,31 @@ def flash_attn_varlen(
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     Tq, Hq, D = q.shape
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=q.device, last_dim_contiguous=True)
+    paged = block_table is not None
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4 if paged else 3, device=q.device, last_dim_contiguous=True)
     check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
     check_same_dtype(q=q, k=k, v=v)
-    if k.shape[2] != D:
+    if k.shape[-1] != D:
         raise ValueError(f"k must have head_dim {D} like q, got shape {list(k.shape)}")
-    _check_heads("q", Hq, "k", k.shape[1], D)
+    _check_heads("q", Hq, "k", k.shape[-2], D)
     B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
     Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
     if max_seqlen_q is not None:
         max_seqlen_q = check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0, maximum=INT32_MAX)
     if max_seqlen_k is not None:
         max_seqlen_k = check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0, maximum=INT32_MAX)
+    if paged:
+        _check_block_table(block_table, B, k.shape[0], q.device)
+    if seqused_k is not None:
+        check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
+    _check_alibi(alibi_slopes, B, Hq, q.device)
     if values_checkable(cu_seqlens_q, check_values):
-        cu_q, cu_k = host_copies(cu_seqlens_q, cu_seqlens_k)  # one transfer for both
+        cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
         check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
-        check_cu_seqlens("cu_seqlens_k", cu_k, k.shape[0], check_values=True)
+        # paged: cu_seqlens_k only counts keys (its total is not k's first dim)
+        check_cu_seqlens("cu_seqlens_k", cu_k, int(cu_k[-1]) if paged else k.shape[0], check_values=True)
+        if table:
+            check_index_range("block_table", table[0], 0, k.shape[0], check_values=True)
         if max_seqlen_q is not None and B > 0:
             longest = int((cu_q[1:] - cu_q[:-1]).max())
             if longest > max_seqlen_q:
@@ -204,44 +266,53 @@ def flash_attn_varlen(
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
                           -1 if max_seqlen_k is None else int(max_seqlen_k), scale, check_bool("causal", causal), left,
-                          right, be)
+                          right, _softcap(softcap), alibi_slopes, block_table, seqused_k, be)
     return (out, lse) if return_lse else out
 
 
-def flash_attn_with_kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor | int,
-    *,
-    k: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    causal: bool = True,
-    window_size: tuple[int, int] = (-1, -1),
-    softmax_scale: float | None = None,
-    block_table: torch.Tensor | None = None,
-    num_splits: int = 0,
-    return_lse: bool = False,
-    backend: str | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    check_values: bool | None = None,
-):
-    """Attention of new queries against a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``, forward).
+def _check_rotary(rotary_cos, rotary_sin, q, k, capacity: int) -> None:
+    """FlashAttention's rotary rules: both tables or none, only with new k/v, ``[>= capacity, R/2]`` in q's dtype,
+    ``R`` a multiple of 16 and at most head_dim."""
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together (or both left out)")
+    if rotary_cos is None:
+        return
+    if k is None:
+        raise ValueError("rotary_cos/rotary_sin need new k and v to append (FlashAttention rotates q and the new k)")
+    check_tensor("rotary_cos", rotary_cos, dtypes=(q.dtype,), ndim=2, device=q.device, last_dim_contiguous=True)
+    check_tensor("rotary_sin", rotary_sin, dtypes=(q.dtype,), shape=tuple(rotary_cos.shape), device=q.device,
+                 last_dim_contiguous=True)
+    rot_dim = 2 * rotary_cos.shape[1]
+    if rot_dim % 16 or not 0 < rot_dim <= q.shape[-1]:
+        raise ValueError(f"rotary_cos must be [seqlen_ro, rotary_dim / 2] with rotary_dim a multiple of 16 and at "
+                         f"most head_dim {q.shape[-1]}, got shape {list(rotary_cos.shape)}")
+    if rotary_cos.shape[0] < capacity:
+        raise ValueError(f"rotary_cos must have at least as many rows ({rotary_cos.shape[0]}) as the cache "
+                         f"capacity ({capacity})")
 
-    q ``[B, Sq, Hq, D]``; caches ``[B, S, Hk, D]``, or paged ``[num_blocks, block_size, Hk, D]`` with
-    ``block_table`` int32 ``[B, max_blocks]``; ``cache_seqlens`` int32 ``[B]`` (or an int) = tokens already cached.
-    New ``k``/``v`` ``[B, Sq, Hk, D]`` are written into the caches at ``cache_seqlens[b]..`` (in place; cache_seqlens
-    itself is not advanced) and attended to. The queries are the last positions of each sequence (bottom-right
-    alignment), so ``causal=True`` covers chunked prefill (Sq > 1) and decode (Sq = 1). ``num_splits``: 0 = auto
-    split-KV for long caches at small batch, 1 = off, n = force n key chunks. ``key_padding_mask`` (an extension
-    of FlashAttention's API): bool ``[B, capacity]`` (unit stride along keys), False = padding: padding keys are
-    never attended and a query whose own key position is padding gives zeros (a padded batch in its padded
-    layout: no unpadding, no host sync). Returns out ``[B, Sq, Hq, D]``, and with ``return_lse`` ``(out, lse)``,
-    lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key). ``check_values``: None checks the cache_seqlens
-    and block_table values only on CPU tensors, True on any device (one host sync), False never (see the module
-    docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and attends to the
-    capacity's keys; out-of-range pages are not written and read as a clamped page).
-    """
+
+def _check_kvcache_index(name, t, B: int, device) -> None:
+    if t is not None:
+        check_tensor(name, t, dtypes=(torch.int32,), shape=(B,), device=device, contiguous=True)
+
+
+def _check_kvcache_values(named: dict, n_slots: int, capacity: int, appended: int) -> None:
+    """Value checks of the KV-cache index tensors (one device-to-host copy for all of them)."""
+    host = dict(zip(named, host_copies(*named.values())))
+    for name in ("block_table", "cache_batch_idx"):
+        if name in host:
+            check_index_range(name, host[name], 0, n_slots, check_values=True)
+    if "cache_seqlens" in host:
+        lo, hi = int(host["cache_seqlens"].min()), int(host["cache_seqlens"].max())
+        if lo < 0 or hi + appended > capacity:
+            raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens "
+                             f"must fit the cache's {capacity} tokens per sequence")
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                   block_table, alibi_slopes, key_padding_mask, check_values):
+    """Validate :func:`flash_attn_with_kvcache`'s tensors; returns (cache_seqlens as a tensor or None, capacity,
+    appended token count, the index tensors that choose the backend)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     B, Sq, Hq, D = q.shape
     check_tensor("k_cache", k_cache, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
@@ -252,56 +323,127 @@ def flash_attn_with_kvcache(
     if Dk != D:
         raise ValueError(f"k_cache must have head_dim {D} like q, got shape {list(k_cache.shape)}")
     _check_heads("q", Hq, "k_cache", Hk, D)
-    cache_seqlens = _cache_seqlens(cache_seqlens, B, q.device)
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or both left out)")
+    if cache_seqlens is not None:
+        cache_seqlens = _cache_seqlens(cache_seqlens, B, q.device)  # an int or a 0-d tensor: one length for all
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when new k/v are appended (where to write them)")
+    else:
+        check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(B,), device=q.device,
+                     contiguous=True)
     if k is not None:
-        check_tensor("k", k, dtypes=FLOAT_DTYPES, shape=(B, Sq, Hk, D), device=q.device, last_dim_contiguous=True)
-        check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=(B, Sq, Hk, D), device=q.device, last_dim_contiguous=True)
+        check_tensor("k", k, dtypes=FLOAT_DTYPES, shape=(B, None, Hk, D), device=q.device, last_dim_contiguous=True)
+        check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
         check_same_dtype(q=q, k=k, v=v)
+    _check_kvcache_index("cache_batch_idx", cache_batch_idx, B, q.device)
+    _check_kvcache_index("cache_leftpad", cache_leftpad, B, q.device)
     if block_table is not None:
-        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=q.device)
-        if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
-        if n_slots == 0 and block_table.numel() > 0:  # the kernels clamp page numbers into [0, n_slots)
-            raise ValueError("k_cache has no pages (shape[0] == 0) but block_table names some")
+        _check_block_table(block_table, B, n_slots, q.device)
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx is not supported with a paged cache (block_table), as in FlashAttention")
+        if cache_leftpad is not None:
+            raise ValueError("cache_leftpad is not supported with a paged cache (block_table), as in FlashAttention")
         capacity = block_table.shape[1] * slot_len
     else:
-        if n_slots != B:
-            raise ValueError(f"k_cache must have shape [{B}, S, {Hk}, {D}] (one row per sequence), got "
-                             f"{list(k_cache.shape)}")
+        if cache_batch_idx is None and n_slots != B:
+            raise ValueError(f"k_cache must have shape [{B}, S, {Hk}, {D}] (one row per sequence; or pass "
+                             f"cache_batch_idx), got {list(k_cache.shape)}")
+        if cache_batch_idx is not None and n_slots == 0 and B > 0:
+            raise ValueError("k_cache has no rows (shape[0] == 0) but cache_batch_idx names some")
         capacity = slot_len
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), shape=(B, capacity), device=q.device,
                      last_dim_contiguous=True)
-    appended = Sq if k is not None else 0
+    _check_alibi(alibi_slopes, B, Hq, q.device)
+    _check_rotary(rotary_cos, rotary_sin, q, k, capacity)
+    appended = k.shape[1] if k is not None else 0
     if capacity - appended < 0:
         raise ValueError(f"the cache holds {capacity} tokens per sequence, too few for the {appended} appended ones")
-    if values_checkable(cache_seqlens, check_values) and B > 0:
-        lens, *table = host_copies(cache_seqlens, *([] if block_table is None else [block_table]))
-        if table:
-            check_index_range("block_table", table[0], 0, n_slots, check_values=True)
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < 0 or hi + appended > capacity:
-            raise ValueError(f"cache too small: cache_seqlens (in [{lo}, {hi}]) + {appended} appended tokens must "
-                             f"fit the cache's {capacity} tokens per sequence")
+    named = {n: t for n, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table),
+                               ("cache_batch_idx", cache_batch_idx)) if t is not None}
+    if named and values_checkable(next(iter(named.values())), check_values) and B > 0:
+        _check_kvcache_values(named, n_slots, capacity, appended)
+    return cache_seqlens, capacity, appended, tuple(named.values())
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | int | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    check_values: bool | None = None,
+    backend: str | None = None,
+):
+    """Attention of new queries against a KV cache: FlashAttention-2's ``flash_attn_with_kvcache`` (forward), with
+    its positional order and defaults (``causal=False``), plus keyword-only extensions.
+
+    q ``[B, Sq, Hq, D]``; caches ``[B_cache, S, Hk, D]`` (row ``cache_batch_idx[b]``, default b, per sequence), or
+    paged ``[num_blocks, page, Hk, D]`` with ``block_table`` int32 ``[B, max_blocks]``. ``cache_seqlens`` int32
+    ``[B]`` or an int = tokens already cached (None: the whole capacity; required with k/v). New ``k``/``v``
+    ``[B, Snew, Hk, D]`` (any Snew) are written at ``cache_seqlens[b]..`` (in place; cache_seqlens itself is not
+    advanced) and attended to: sequence b sees keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew``, the queries
+    the last positions (bottom-right). ``rotary_cos/sin`` ``[>= S, R/2]``: the new k is rotated at
+    ``cache_seqlens[b] + s`` and q at ``cache_seqlens[b] + i`` (causal or windowed) or ``cache_seqlens[b]``,
+    GPT-J pairs with ``rotary_interleaved`` else GPT-NeoX halves. ``softcap``, ``alibi_slopes`` (fp32 ``[Hq]`` or
+    ``[B, Hq]``), ``window_size`` as FlashAttention. ``num_splits``: 0 = auto split-KV for long caches at small
+    batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and with ``return_softmax_lse``
+    ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key; FlashAttention stores ``+inf``).
+
+    Extensions (keyword-only): ``key_padding_mask`` bool ``[B, capacity]`` (unit stride along keys), False =
+    padding: padding keys are never attended and a query whose own key position is padding gives zeros (a padded
+    batch in its padded layout: no unpadding, no host sync). ``check_values``: None checks the cache_seqlens,
+    cache_batch_idx and block_table values only on CPU tensors, True on any device (one host sync), False never
+    (see the module docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and
+    attends to the capacity's keys; out-of-range pages and cache rows are clamped). ``backend`` as every op.
+    """
+    cache_seqlens, capacity, appended, index = _check_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+        alibi_slopes, key_padding_mask, check_values)
+    D = q.shape[3]
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
+    cap = _softcap(softcap)
     causal = check_bool("causal", causal)
+    rotary_interleaved = check_bool("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
     num_splits = check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX)
     if k is not None:  # the caches are written: no self-overlap (an expanded cache), nothing shared with the inputs
         inputs = dict(q=q, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
-                      key_padding_mask=key_padding_mask)
+                      key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, alibi_slopes=alibi_slopes)
         check_output("k_cache", k_cache, **inputs)
         check_output("v_cache", v_cache, k_cache=k_cache, **inputs)
-    tensors = (q, k_cache, v_cache, cache_seqlens)
-    be = _kvcache_op.resolve(tensors, backend)
+    # FlashAttention rotates q causally (at cache_seqlens + i) when the attention is causal or local; windows at
+    # least as long as the cache count as unbounded there
+    rot_causal = causal or 0 <= left < capacity or 0 <= right < capacity
+    be = _kvcache_op.resolve((q, k_cache, v_cache) + index, backend)
     if k is not None:
-        _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, be)
-    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended, block_table, key_padding_mask, scale,
-                           causal, left, right, num_splits, be)
-    return (out, lse) if return_lse else out
+        _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, rotary_cos, rotary_sin,
+                   rotary_interleaved, be)
+    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended if cache_seqlens is not None else capacity,
+                           block_table, key_padding_mask, cache_batch_idx, cache_leftpad, alibi_slopes, rotary_cos,
+                           rotary_sin, scale, causal, left, right, cap, rotary_interleaved, rot_causal, num_splits,
+                           be)
+    return (out, lse) if return_softmax_lse else out
 
 
 __all__ = ["MAX_HEAD_DIM", "flash_attn_varlen", "flash_attn_with_kvcache"]

@@ -133,6 +133,13 @@ def _check_snake(snake, channels: int, x: torch.Tensor):
     return alpha, beta
 
 
+def _check_channels(x: torch.Tensor) -> None:
+    # torch's conv refuses C_in = 0 (or, for conv1d, returns a wrong-shaped result) while the Triton kernels
+    # return the bias alone: refuse it up front so the backends cannot disagree.
+    if x.shape[1] == 0:
+        raise ValueError(f"x must have at least one input channel (C_in), got shape {list(x.shape)}")
+
+
 def _check_bias(bias, channels: int, x: torch.Tensor):
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=x.device, contiguous=True)
@@ -183,6 +190,7 @@ def causal_conv1d(
     All floats in one dtype. Returns ``(y [B, C_out, ceil(T/stride)], new_state [B, C_in, (k-1)*d + 1 - stride])``.
     """
     _check_x(x)
+    _check_channels(x)
     B, c_in, T = x.shape
     stride = check_positive_int("stride", stride, maximum=MAX_CONV_SPAN)
     dilation = check_positive_int("dilation", dilation, maximum=MAX_CONV_SPAN)
@@ -234,6 +242,7 @@ def causal_conv_transpose1d(
     ``(y [B, C_out, (L' - m + 1) * stride], new_state [B, C_in, m-1])`` with ``L' = L (+ m - 1 with a state)``.
     """
     _check_x(x)
+    _check_channels(x)
     B, c_in, L = x.shape
     stride = check_positive_int("stride", stride, maximum=MAX_CONV_SPAN)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)

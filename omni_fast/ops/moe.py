@@ -1,15 +1,20 @@
-"""Public MoE ops (vLLM-compatible signatures): routing, block alignment, fused experts, the whole sparse block.
+"""Native MoE ops: routing, block alignment, fused experts, the whole sparse block.
 
-- :func:`topk_softmax`: router logits ``[T, E]`` -> fp32 weights ``[T, k]``, int32 ids ``[T, k]``.
-- :func:`moe_align_block_size`: group (token, slot) pairs by expert in runs padded to ``block_size``.
-- :func:`fused_moe`: the routed SwiGLU experts, ``w13 [E, 2I, H]`` (gate rows then up rows), ``w2 [E, H, I]``.
+- :func:`route_topk`: router logits ``[T, E]`` -> fp32 weights ``[T, k]``, int32 ids ``[T, k]``.
+- :func:`align_moe_blocks`: group (token, slot) pairs by expert in runs padded to ``block_size``.
+- :func:`moe_experts`: the routed SwiGLU experts, ``w13 [E, 2I, H]`` (gate rows then up rows), ``w2 [E, H, I]``.
 - :func:`moe_block`: router GEMM + routing + fused experts + optional sigmoid-gated shared expert (Qwen3-Omni's
   thinker and talker sparse MoE blocks).
 
-Backends: ``reference`` and ``triton`` for all four; ``cuda`` (CUDA C++ through CuPy) for ``topk_softmax`` and
-``moe_align_block_size``. Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output
-sizes, no host sync); value checks of index tensors run only where they cost no sync (CPU tensors, outside
-tracing).
+The names are not vLLM's on purpose: a function that carries a peer's name behaves like the peer's (issue 14).
+vLLM's ``topk_softmax`` / ``moe_align_block_size`` (``omni_fast.ops`` re-exports them), ``fused_experts``,
+``fused_topk`` and ``moe_sum`` live in :mod:`omni_fast.compat.vllm`, built on these.
+
+Backends: ``reference`` and ``triton`` for all four; ``cuda`` (CUDA C++ through CuPy) for ``route_topk`` and
+``align_moe_blocks``. The ``torch.library`` op names (``omni_fast::topk_softmax``,
+``omni_fast::moe_align_block_size``, ``omni_fast::fused_moe_``) are kept: internal, and in our namespace, not vLLM's.
+Semantics: :mod:`omni_fast.reference.moe`. Everything is CUDA-graph safe (fixed output sizes, no host sync); value
+checks of index tensors run only where they cost no sync (CPU tensors, outside tracing).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from ..reference import moe as ref
 from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, check_bool, check_index_range, check_output,
                           check_positive_int, check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
+from .moe_quant import fused_moe_quantized, moe_block_quantized
+from .quant import QuantizedExperts
 
 ACTIVATIONS = ref.ACTIVATIONS
 # Size bounds the kernels honour (checked before any allocation): the alignment kernel holds every expert's count
@@ -28,7 +35,7 @@ MAX_EXPERTS = 4096
 MAX_BLOCK_SIZE = 4096
 
 
-# --- topk_softmax ------------------------------------------------------------------------------------------------
+# --- route_topk --------------------------------------------------------------------------------------------------
 
 
 def _topk_softmax_fake(router_logits, top_k, renormalize, backend):
@@ -62,8 +69,8 @@ def _topk_softmax_cuda(router_logits, top_k, renormalize):
     return cuda_moe.topk_softmax(router_logits, top_k, renormalize)
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *, backend: str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool = True, *, backend: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``[T, E]`` (fp16/bf16/fp32) -> (weights fp32 ``[T, k]``, ids int32 ``[T, k]``).
 
     Softmax in fp32 over all E experts, the k largest (largest first, ties to the lowest expert index), divided by
@@ -79,7 +86,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = Tr
     return _topk_softmax_op(router_logits, top_k, renormalize, be)
 
 
-# --- moe_align_block_size ----------------------------------------------------------------------------------------
+# --- align_moe_blocks --------------------------------------------------------------------------------------------
 
 
 def _align_fake(topk_ids, block_size, num_experts, expert_map, backend):
@@ -122,9 +129,9 @@ def _check_expert_map(expert_map, num_global: int | None, num_local: int | None,
     check_index_range("expert_map", expert_map, -1, num_local if num_local is not None else expert_map.numel())
 
 
-def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int,
-                         expert_map: torch.Tensor | None = None, *, backend: str | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def align_moe_blocks(topk_ids: torch.Tensor, block_size: int, num_experts: int,
+                     expert_map: torch.Tensor | None = None, *, backend: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids int ``[T, k]`` -> (sorted_token_ids, expert_ids, num_tokens_post_padded), all int32.
 
     ``sorted_token_ids`` ``[max_padded]``: the flat pair indices ``t*k + j`` grouped by expert, each expert's
@@ -134,6 +141,12 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     a block: sizes depend on shapes only. The order of pairs inside one expert's run is unspecified (the
     Triton kernel claims rows with integer atomics; the reference keeps ascending order).
     """
+    return _align(topk_ids, block_size, num_experts, expert_map, backend)
+
+
+def _align(topk_ids, block_size, num_experts, expert_map, backend, check_ids: bool = True):
+    """:func:`align_moe_blocks`; ``check_ids=False`` (vLLM's ``ignore_invalid_experts``) skips the range check of
+    topk_ids: the kernels drop pairs whose id is outside ``[0, num_experts)``."""
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=(1, 2))
     block_size = check_positive_int("block_size", block_size, maximum=MAX_BLOCK_SIZE)
     num_experts = check_positive_int("num_experts", num_experts, maximum=MAX_EXPERTS)
@@ -142,7 +155,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     if padded > INT32_MAX:  # the outputs hold int32 pair indices (and the sentinel T*k)
         raise ValueError(f"topk_ids has {n} entries: padded to blocks of {block_size} over {num_experts} experts "
                          f"that is {padded} rows, more than the int32 outputs can index ({INT32_MAX})")
-    check_index_range("topk_ids", topk_ids, 0, num_experts)
+    if check_ids:
+        check_index_range("topk_ids", topk_ids, 0, num_experts)
     if expert_map is not None:
         _check_expert_map(expert_map, num_experts, None, topk_ids.device)
     topk_ids = topk_ids.contiguous()
@@ -150,14 +164,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
     return _align_op(topk_ids, block_size, num_experts, expert_map, be)
 
 
-# --- fused_moe ---------------------------------------------------------------------------------------------------
+# --- moe_experts -------------------------------------------------------------------------------------------------
 
 
 @dispatched_op("fused_moe_", mutates_args=("out",))
 def _fused_moe_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str, expert_map: torch.Tensor | None, out: torch.Tensor,
                   backend: str) -> None:
-    """out = the routed experts' weighted sum (see :func:`fused_moe`)."""
+    """out = the routed experts' weighted sum (see :func:`moe_experts`)."""
 
 
 @_fused_moe_op.impl("reference")
@@ -214,16 +228,22 @@ def _check_out(out, hidden_states, **inputs) -> torch.Tensor:
     return out
 
 
-def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, activation: str = "silu", expert_map: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+def moe_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, *, activation: str = "silu", expert_map: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """The routed SwiGLU experts: ``out[t] = sum_j w[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))``, e = ids[t,j].
 
     hidden_states ``[T, H]`` (fp16/bf16/fp32), w13 ``[E, 2I, H]`` (gate rows then up rows; transformers'
     ``gate_up_proj``), w2 ``[E, H, I]`` (``down_proj``), same dtype; topk_weights float ``[T, k]``; topk_ids int
     ``[T, k]`` global expert ids. ``expert_map`` (int32 ``[E_global]``, values in ``[-1, E)``) maps global ids to
     the rows of w13/w2 held here; pairs routed to -1 contribute zero. Returns ``out`` ``[T, H]``.
+
+    Quantized experts: ``w13`` a :class:`~omni_fast.ops.quant.QuantizedExperts` (FP8 block W8A8 or INT4 W4A16)
+    and ``w2=None`` (:mod:`omni_fast.ops.moe_quant`).
     """
+    if isinstance(w13, QuantizedExperts):
+        return fused_moe_quantized(hidden_states, w13, w2, topk_weights, topk_ids, activation=activation,
+                                   expert_map=expert_map, out=out, backend=backend)
     E, num_global, _ = _check_experts(hidden_states, w13, w2, activation, expert_map)
     T = hidden_states.shape[0]
     _check_routing(topk_weights, topk_ids, T, num_global, hidden_states.device)
@@ -275,11 +295,16 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
               backend: str | None = None) -> torch.Tensor:
     """Qwen3-Omni's sparse MoE block on x ``[..., H]``; returns ``[..., H]``.
 
-    gate_weight ``[E_global, H]`` (the router), w13/w2 as in :func:`fused_moe`. Routing as transformers: logits in
+    gate_weight ``[E_global, H]`` (the router), w13/w2 as in :func:`moe_experts`. Routing as transformers: logits in
     the model dtype, fp32 softmax + top-k (+ renormalisation), weights rounded to the model dtype. With
     ``shared_w13 [2Is, H]`` (shared gate_proj rows then up_proj rows), ``shared_w2 [H, Is]`` and
     ``shared_gate_weight [1, H]`` adds the talker's shared expert ``sigmoid(x @ g.T) * SwiGLU_shared(x)``.
+    ``w13`` may be a :class:`~omni_fast.ops.quant.QuantizedExperts` with ``w2=None`` (shared expert in float).
     """
+    if isinstance(w13, QuantizedExperts):
+        return moe_block_quantized(hidden_states, gate_weight, w13, w2, top_k, renormalize=renormalize,
+                                   shared_w13=shared_w13, shared_w2=shared_w2, shared_gate_weight=shared_gate_weight,
+                                   activation=activation, expert_map=expert_map, out=out, backend=backend)
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
@@ -315,4 +340,4 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     return out.reshape(shape)
 
 
-__all__ = ["fused_moe", "moe_align_block_size", "moe_block", "topk_softmax"]
+__all__ = ["align_moe_blocks", "moe_block", "moe_experts", "route_topk"]

@@ -1,0 +1,130 @@
+"""Whole-model units of the cost model: thinker / talker decode steps, the MTP frame and Code2Wav streaming pushes.
+
+Launches are counted on tiny configs with the real layer counts and structure (48 thinker layers, 20 talker
+layers, 5 MTP layers with 16 code groups, Code2Wav's 8 pre-transformer layers, 2 upsamplers and 4 decoder blocks);
+widths do not change how many kernels run. Bytes are not traced here (a real-width step needs tens of GB of
+weights on the CPU); the model uses the analytic minimum (weights read once, KV cache read once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .units import Unit
+
+THINKER = dict(H=2048, L=48, nq=32, nk=4, d=128, E=128, k=8, I=768, Is=0, V=152064)
+TALKER = dict(H=1024, L=20, nq=16, nk=2, d=128, E=128, k=6, I=384, Is=768, V=3072)
+CACHE = 4096  # KV tokens each decode step attends to (the issue's "cache 4k")
+
+
+def step_min(p: dict, B: int, cache: int = CACHE) -> tuple[float, float]:
+    """(bytes, FLOPs) of one decode step at bf16: weights (attention, router, the experts B tokens touch in
+    expectation, shared expert, head) + the KV cache read once."""
+    H, L, nq, nk, d, E, k, I, Is, V = (p[x] for x in ("H", "L", "nq", "nk", "d", "E", "k", "I", "Is", "V"))
+    attn = (nq + 2 * nk) * d * H + nq * d * H
+    touched = E * (1 - (1 - k / E) ** B)
+    read = L * (attn + E * H + touched * 3 * I * H + 3 * Is * H + (H if Is else 0)) + V * H
+    active = L * (attn + E * H + k * 3 * I * H + 3 * Is * H) + V * H
+    kv = L * 2 * nk * d * cache * B
+    return 2.0 * (read + kv), 2.0 * B * active + 4.0 * B * L * nq * d * cache
+
+
+def _step_call(part: str, B: int):
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    from omni_fast.bench.cases.decode import _prefill
+    from omni_fast.models import MoeTextDecoder
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+    from omni_fast.testing import randomize_
+
+    cfg = tiny_qwen3_omni_config(layers=THINKER["L"])
+    if part == "thinker":
+        text, cls = cfg.thinker_config.text_config, q3.Qwen3OmniMoeThinkerTextModel
+    else:
+        text, cls = cfg.talker_config.text_config, q3.Qwen3OmniMoeTalkerModel
+        text.num_hidden_layers = TALKER["L"]
+    torch.manual_seed(0)
+    m = cls._from_config(text, dtype=torch.float32).eval()
+    head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+    randomize_(m, head)
+    cache, mask, nxt = _prefill(m, B, 6)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="triton")
+    # a cache of the real capacity (CACHE tokens): split-KV decode attention (as on an H100) depends on it
+    dec.load_prefill(cache, mask, max_new_tokens=CACHE, use_graph=False)
+    x = torch.randn(B, text.hidden_size)
+
+    def step():
+        dec.step(x, nxt[0])
+        dec.rewind(1)
+
+    return step
+
+
+def _mtp_call(B: int):
+    from omni_fast.bench.cases.mtp import _build
+    from omni_fast.models import CodePredictor
+
+    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, num_code_groups=16)
+    m, emb = _build("cpu", torch.float32, kw)
+    cp = CodePredictor.from_transformers(m, emb)
+    h, c0 = torch.randn(B, 64), torch.randint(0, 64, (B,))
+    seed = torch.tensor([1234])
+    return lambda: cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton",
+                                    fused=True)
+
+
+def _code2wav_call(B: int, frames: int):
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeCode2Wav
+
+    from omni_fast.models import Code2Wav
+
+    # the real structure (8 layers, window 72, ratios 2x2, rates 8,5,4,3, 16 quantizers), tiny widths
+    cfg = Qwen3OmniMoeCode2WavConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                                     intermediate_size=48, num_hidden_layers=8, codebook_size=16, num_quantizers=16,
+                                     decoder_dim=32, sliding_window=72)
+    torch.manual_seed(0)
+    model = Code2Wav.from_transformers(Qwen3OmniMoeCode2Wav(cfg).eval())
+    g = torch.Generator().manual_seed(1)
+    warm = torch.randint(0, 16, (B, 16, 30), generator=g)
+    nxt = torch.randint(0, 16, (B, 16, frames), generator=g)
+    stream = model.stream(B)
+    stream.push(warm)
+    return lambda: stream.push(nxt)
+
+
+def _code2wav_min(B: int, frames: int) -> tuple[float, float]:
+    from omni_fast.bench.cases.code2wav import _flops_per_frame, _real_weight_bytes
+    from omni_fast.reference.code2wav import Code2WavConfig
+
+    cfg = Code2WavConfig()
+    return _real_weight_bytes(False) + B * frames * (16 * 8 + 1920 * 2), _flops_per_frame(cfg) * B * frames
+
+
+def model_units() -> list[Unit]:
+    from omni_fast.bench.cases.mtp import _step_params
+
+    out = []
+    for B in (1, 64):
+        steps_bytes = 2.0 * 15 * _step_params({})  # 15 steps, each reads the 5 layers + one lm_head
+        out.append(Unit(f"mtp-frame-B{B}", "mtp", "graph", launch=lambda B=B: _mtp_call(min(B, 3)), warmup=True,
+                        min_bytes=steps_bytes, flops=B * steps_bytes, params=dict(B=B)))
+    for part, p in (("thinker", THINKER), ("talker", TALKER)):
+        for B in (1, 8):
+            nbytes, flops = step_min(p, B)
+            out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
+                            min_bytes=nbytes, flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE)))
+    for B in (1, 32):
+        for frames in (1, 4):
+            nbytes, flops = _code2wav_min(B, frames)
+            out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "eager",
+                            launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f),
+                            min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames)))
+    return out
+
+
+def all_units() -> list[Unit]:
+    from .units import attention_units, moe_units, small_units
+
+    return moe_units() + attention_units() + small_units() + model_units()

@@ -1,0 +1,205 @@
+"""The units of work the cost model reports, each as (a) a tiny-config call for launch counting (the real layer
+counts, tiny widths: launches do not depend on widths) and (b) where cheap enough, a real-shape (or exactly scaled)
+call whose loads / stores / dots the instrumented interpreter counts.
+
+Scaling rules (exact; tested in tests/test_cost_model.py):
+
+- ``heads``: attention programs are independent per (query head, KV head group), so dividing Hq and Hk by ``s``
+  (GQA ratio kept) divides every kernel's CTAs, bytes and FLOPs by exactly ``s``.
+- ``inter``: the MoE GEMMs tile the expert intermediate I (gate/up: N = 2I in BLOCK_N-wide column tiles, each
+  program's loads independent of I; down: K = I in BLOCK_K steps, plus per-program routing metadata that does
+  not depend on I). With I/s a multiple of every block size, each count (bytes, FLOPs, each launch's CTAs) is
+  affine in I, so two traces, at I/s and 2I/s, give the full shape exactly: ``f(I) = f(I/s) + (f(2I/s) -
+  f(I/s)) * (s - 1)``. The shared expert's intermediate scales with the same ``s``. Routing, align and combine
+  kernels do not depend on I. The launch config does not depend on I (``moe_gemm.default_config``).
+
+Scaled traces have no distinct-byte counts (the distinct bytes of a GEMM are not linear in I): their HBM bytes are
+the unit's minimum (``min_bytes``), see :mod:`.predict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BF16 = torch.bfloat16
+
+
+@dataclass
+class Unit:
+    name: str
+    group: str  # moe, attention, rope, sampler, mtp, step, code2wav
+    mode: str  # "graph" (runs inside a CUDA graph) or "eager"
+    launch: Callable[[], Callable[[], object]]  # builds the tiny-config call (cheap)
+    min_bytes: float  # fewest HBM bytes at the real shape (weights / inputs once, outputs once)
+    flops: float  # useful FLOPs at the real shape
+    # builds the real / scaled call (expensive); for the "inter" rule it takes the divisor (s, then s // 2)
+    trace: Callable[..., Callable[[], object]] | None = None
+    scale: dict = field(default_factory=dict)  # {"rule": "heads"|"inter", "s": s, "kernels": [...scaled]}
+    unique: bool = True  # count distinct bytes in the trace (memory ~ 8 B per access)
+    params: dict = field(default_factory=dict)
+    # {kernel fn name: substring of the static case (omni_fast.kernels.launch.static_case) matching this launch}
+    statics: dict = field(default_factory=dict)
+    warmup: bool = False  # count the second call (a CUDA-graph path captures on its first; the CPU emulates it)
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=BF16, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=_g(seed)) * scale).to(dtype)
+
+
+def _weights(*shape, dtype=BF16, seed=0, scale=1.0, real: bool = False):
+    """Weights of a byte trace: values do not change what is loaded (routing comes from x and the router), so
+    the real shapes get constant weights (cheap to make); tiny ones stay random."""
+    if real:
+        return torch.full(shape, scale, dtype=dtype)
+    return _randn(*shape, dtype=dtype, seed=seed, scale=scale)
+
+
+# --- MoE ------------------------------------------------------------------------------------------------------
+MOE = {"thinker": (128, 8, 2048, 768, 0), "talker": (128, 6, 1024, 384, 768)}  # E, k, H, I, shared I
+MOE_TINY = {"thinker": (8, 2, 64, 32, 0), "talker": (8, 3, 32, 16, 24)}
+MOE_SCALE = {"thinker": 12, "talker": 6}  # I / s = 64 and 2I / s = 128: multiples of every BLOCK_N / BLOCK_K
+
+
+def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
+    from omni_fast import ops
+
+    E, k, H, I, Is = dims
+    I, Is = I // s, Is // s
+    x = _randn(T, H, dtype=dtype, seed=T)
+    g = _randn(E, H, dtype=dtype, seed=1, scale=H ** -0.5)
+    real = E * I * H > 1 << 24
+    w13 = _weights(E, 2 * I, H, dtype=dtype, seed=2, scale=0.02, real=real)
+    w2 = _weights(E, H, I, dtype=dtype, seed=3, scale=0.02, real=real)
+    shared = {}
+    if Is:
+        shared = dict(shared_w13=_randn(2 * Is, H, dtype=dtype, seed=4, scale=0.02),
+                      shared_w2=_randn(H, Is, dtype=dtype, seed=5, scale=0.02),
+                      shared_gate_weight=_randn(1, H, dtype=dtype, seed=6, scale=0.02))
+    return lambda: ops.moe_block(x, g, w13, w2, k, **shared)
+
+
+def _moe_min(model: str, T: int) -> tuple[float, float]:
+    E, k, H, I, Is = MOE[model]
+    touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts of T random top-k picks
+    nbytes = 2 * (touched * 3 * I * H + E * H + 3 * Is * H + 2 * T * H)
+    flops = 2 * T * (k * 3 * I * H + E * H + 3 * Is * H)
+    return nbytes, flops
+
+
+def moe_units() -> list[Unit]:
+    out = []
+    for model in ("thinker", "talker"):
+        for T in (1, 8, 64, 4096):
+            nbytes, flops = _moe_min(model, T)
+            big = T >= 4096
+            s = MOE_SCALE[model] if big else 1
+            out.append(Unit(
+                f"moe-{model}-T{T}", "moe", "eager" if big else "graph",
+                # launches at T=4096 counted at T=600: the same default_config tier (rows per expert > 128 on
+                # the tiny 8 experts, top-2/3) and alignment path, a seventh of the interpreter's time
+                launch=lambda m=model, T=T: _moe_call(m, min(T, 600), MOE_TINY[m], torch.float32),
+                trace=lambda s2=s, m=model, T=T: _moe_call(m, T, MOE[m], BF16, s2),
+                scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]) if s > 1 else {},
+                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + ("prefill" if big else "decode") + ",gate_up,ptr"},
+                unique=T == 1 or (model == "talker" and T <= 8), min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
+    return out
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+def _varlen_call(lens, hq, hk, d, causal, dtype=BF16):
+    from omni_fast import ops
+
+    total = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    q, k, v = (_randn(total, h, d, dtype=dtype, seed=i) for i, h in enumerate((hq, hk, hk)))
+    return lambda: ops.flash_attn_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
+
+
+def _kvcache_call(B, cached, hq, hk, d, dtype=BF16):
+    from omni_fast import ops
+
+    q = _randn(B, 1, hq, d, dtype=dtype, seed=1)
+    kc, vc = _randn(B, cached + 1, hk, d, dtype=dtype, seed=2), _randn(B, cached + 1, hk, d, dtype=dtype, seed=3)
+    kn, vn = _randn(B, 1, hk, d, dtype=dtype, seed=4), _randn(B, 1, hk, d, dtype=dtype, seed=5)
+    lens = torch.full((B,), cached, dtype=torch.int32)
+    return lambda: ops.flash_attn_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens, causal=True)
+
+
+def _attn_flops(lens, hq, d, causal) -> float:
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lens)
+    return 4.0 * pairs * hq * d
+
+
+def attention_units() -> list[Unit]:
+    out = []
+    T, hq, hk, d = 4096, 32, 4, 128
+    out.append(Unit("attn-prefill-4096", "attention", "eager",
+                    launch=lambda: _varlen_call([33], 4, 2, 16, True, torch.float32),
+                    trace=lambda: _varlen_call([T], hq // 4, hk // 4, d, True),
+                    scale=dict(rule="heads", s=4, kernels="all"), unique=False,
+                    statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 prefill]"},
+                    min_bytes=2 * T * (2 * hq + 2 * hk) * d, flops=_attn_flops([T], hq, d, True),
+                    params=dict(T=T, hq=hq, hk=hk, d=d)))
+    for B in (1, 8):
+        for cached in (4096, 32768):
+            big = B * cached > 4096 * 8
+            out.append(Unit(f"attn-decode-B{B}-{cached // 1024}k", "attention", "graph",
+                            # the real cache length: the split-KV choice (as on an H100) depends on it
+                            launch=lambda B=B, c=cached: _kvcache_call(B, c, 4, 2, 16, torch.float32),
+                            trace=lambda B=B, c=cached: _kvcache_call(B, c, hq, hk, d), unique=not big,
+                            statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
+                            min_bytes=2 * B * (2 * cached * hk * d + 2 * hq * d + 2 * hk * d),
+                            flops=4.0 * B * (cached + 1) * hq * d, params=dict(B=B, cache=cached)))
+    audio = [104] * 9 + [78]  # 60 s of audio: 780 tokens in 104-token windows
+    vision = [1024, 1024]  # two temporal patches of a 512x512 frame pair (32x32 patches each)
+    for name, lens, h, dd in (("audio", audio, 20, 64), ("vision", vision, 16, 72)):
+        out.append(Unit(f"attn-encoder-{name}", "attention", "eager",
+                        launch=lambda: _varlen_call([7, 5], 2, 2, 16, False, torch.float32),
+                        trace=lambda lens=lens, h=h, dd=dd: _varlen_call(lens, h, h, dd, False), unique=True,
+                        statics={"attn_fwd_kernel": f"bf16,{name} d{dd}"},
+                        min_bytes=2 * 4 * sum(lens) * h * dd, flops=_attn_flops(lens, h, dd, False),
+                        params=dict(lens=f"{len(lens)}x~{max(lens)}", heads=h, d=dd)))
+    return out
+
+
+# --- RoPE, sampler ----------------------------------------------------------------------------------------------
+def _rope_call(T, hq, hk, d, dtype=BF16, section=(24, 20, 20)):
+    from omni_fast import ops
+
+    q, k = _randn(T, hq, d, dtype=dtype, seed=1), _randn(T, hk, d, dtype=dtype, seed=2)
+    qw, kw = _randn(d, dtype=dtype, seed=3), _randn(d, dtype=dtype, seed=4)
+    pos = torch.arange(T).expand(3, T).contiguous()
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # precomputed, as the models do
+    return lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=section, inv_freq=inv_freq)
+
+
+def _sample_call(B, V, dtype=torch.float32):
+    from omni_fast import ops
+
+    logits = _randn(B, V, dtype=dtype, seed=7)
+    return lambda: ops.sample(logits, top_k=50, top_p=0.8, seed=1)
+
+
+def small_units() -> list[Unit]:
+    out = []
+    for T in (1, 4096):
+        out.append(Unit(f"rope-thinker-T{T}", "rope", "graph" if T == 1 else "eager",
+                        launch=lambda T=T: _rope_call(min(T, 9), 4, 2, 16, torch.float32, (4, 2, 2)),
+                        trace=lambda T=T: _rope_call(T, 32, 4, 128), unique=True,
+                        statics={"mrope_kernel": "bf16,D128,norm=True"},
+                        min_bytes=2 * 2 * T * 36 * 128 + 3 * 8 * T, flops=0.0, params=dict(T=T)))
+    for name, B, V in (("thinker-B1", 1, 152064), ("mtp-B64", 64, 2048)):
+        out.append(Unit(f"sampler-{name}", "sampler", "graph",
+                        launch=lambda V=V, B=B: _sample_call(min(B, 3), min(V, 300)),
+                        trace=lambda B=B, V=V: _sample_call(B, V), unique=True,
+                        statics={"sample_kernel": "fp32,V2048,topk,topp"},
+                        min_bytes=4 * B * V + 8 * B, flops=0.0, params=dict(B=B, V=V)))
+    return out

@@ -1,0 +1,249 @@
+"""Fused MoE on quantized experts (:class:`omni_fast.ops.quant.QuantizedExperts`): FP8 W8A8 block-scaled and INT4
+W4A16, in the pipeline of :mod:`omni_fast.kernels.moe_gemm` (same alignment, tile order, SwiGLU / routed-weight
+epilogue and deterministic combine: :func:`~omni_fast.kernels.moe_gemm.run_experts`); only the K loop differs.
+
+``fp8_block`` (``FORMAT="fp8"``): ``BLOCK_SIZE_K`` = the weight block's ``bk`` (= the activation group), so each K
+tile is one activation group and one weight-scale column. Per tile, the A rows are quantized in registers: scale
+``a_s = max(amax_row, 1e-10) / 448``, ``a_q = e4m3(a / a_s)`` (no separate quantization launch, no A copy); the
+e4m3 x e4m3 dot (FP8 wgmma on sm_90a) gives fp32 partial sums that are scaled by ``a_s[m] * w_s[n // bn]`` and
+added to the fp32 accumulator. (The scale differs per K tile, so the partial product cannot accumulate inside
+the dot.)
+
+``int4_w4a16`` (``FORMAT="int4"``): ``BLOCK_SIZE_K`` divides the group, so one scale (and zero point) per column
+per tile. The packed words are read straight from compressed-tensors' layout (``[N, K/8]`` int32, value ``k`` in
+bits ``4*(k % 8)``), each nibble is unpacked with integer shifts, ``(q - 8 - zero) * scale`` in fp32, rounded to
+the activation dtype and fed to the fp16/bf16 tensor cores.
+
+Under the CPU interpreter (``UPCAST``), A and dequantized B are fp32; the interpreter's fp32 -> e4m3 conversion
+does not carry a mantissa round-up into the exponent (7.94 -> 4, not 8), so ``EMULATE_FP8`` first rounds to the
+e4m3 grid with exact fp32 arithmetic, which makes the conversion exact. Compiled kernels never set either.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting, launch, static_case
+from .moe_gemm import _KEYS, _grouped_tile, _split, _store_tile, _tile_rows, default_config, run_experts
+
+FP8_MAX = 448.0
+_FORMATS = {"fp8_block": "fp8", "int4_w4a16": "int4"}
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest e4m3 value (ties to even), exactly, in fp32 arithmetic.
+
+    The step of x's binade is ``2^(e - 3)`` (3 mantissa bits), ``e`` = max(exponent, -6) (subnormals share the
+    step of the lowest binade); adding and subtracting ``1.5 * 2^23`` rounds ``x / step`` to an integer.
+    """
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23
+    return ((x / step + magic) - magic) * step
+
+
+@triton.jit
+def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
+    """A tile ``[BM, BK]`` (one activation group per row) -> (e4m3 tile, fp32 row scales ``[BM]``)."""
+    a = a.to(tl.float32)
+    a_s = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
+    x = tl.minimum(tl.maximum(a / a_s[:, None], -448.0), 448.0)
+    if EMULATE_FP8:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv), a_s
+
+
+@triton.jit
+def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
+                  stride_sn, BLOCK_K: tl.constexpr, FORMAT: tl.constexpr, QUANT_N: tl.constexpr,
+                  GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, UPCAST: tl.constexpr, A_DTYPE: tl.constexpr):
+    """The ``[BK, BN]`` weight tile of rows ``row0 + offs_n`` at K offset ``k0``, and its per-column scale.
+
+    fp8: (e4m3 tile, fp32 scale ``[BN]`` of block row ``srow0 + n // QUANT_N``, column ``k0 // GROUP_K``).
+    int4: (dequantized tile in A's dtype, or fp32 with UPCAST; the fp32 scale, already applied): scales / zero
+    points are per row ``row0 + n`` and group ``k0 // GROUP_K``.
+    """
+    b_mask = mask_k[:, None] & mask_n[None, :]
+    rows = row0 + offs_n
+    g = k0 // GROUP_K
+    if FORMAT == "fp8":
+        b = tl.load(b_base + rows[None, :] * stride_bn + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
+        scale = tl.load(s_base + (srow0 + offs_n // QUANT_N) * stride_sn + g, mask=mask_n, other=0.0)
+    else:
+        # One load of the BK/8 packed words per column, unpacked in registers: word w holds K rows 8w..8w+7.
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        w_mask = (offs_w * 8 < K - k0)[:, None] & mask_n[None, :]
+        words = tl.load(b_base + rows[None, :] * stride_bn + (k0 // 8 + offs_w)[:, None], mask=w_mask, other=0)
+        shifts = tl.arange(0, 8) * 4
+        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # arithmetic shift: the mask drops the sign bits
+        q = tl.reshape(q, (BLOCK_K, q.shape[2])) - 8
+        if HAS_ZERO:
+            zero = tl.load(z_base + rows * stride_sn + g, mask=mask_n, other=0).to(tl.int32)
+            q = q - zero[None, :]
+        scale = tl.load(s_base + rows * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        b = q.to(tl.float32) * scale[None, :]
+        if not UPCAST:
+            b = b.to(A_DTYPE)
+    return b, scale
+
+
+@triton.jit
+def moe_gemm_quant_kernel(
+    a_ptr, b_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
+    N, K, num_valid, num_pid_m, top_k, num_experts,
+    stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_cm, up_srow,
+    FORMAT: tl.constexpr, QUANT_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
+    GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+):
+    """:func:`omni_fast.kernels.moe_gemm.moe_gemm_kernel` on quantized B (see the module docstring).
+
+    B ``[E, N(x2), K]`` e4m3 (fp8) or ``[E, N(x2), K/8]`` int32 (int4), element strides ``stride_be``,
+    ``stride_bn``; scales (and int4 zero points, same shape) ``[E, rows, K/GROUP_K]`` with strides ``stride_se``,
+    ``stride_sn`` (unit stride along groups). GATED: up rows start at row N of B and at scale row ``up_srow``
+    (fp8: ``ceil(N / QUANT_N)``; int4: N).
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    if pid_m * BLOCK_SIZE_M >= tl.load(npost_ptr):
+        return
+    pair, row_mask, offs_n, mask_n, c_ptrs, c_mask, expert = _tile_rows(
+        c_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, N, num_valid, stride_cm, BLOCK_SIZE_M, BLOCK_SIZE_N)
+    if (expert < 0) | (expert >= num_experts):  # held elsewhere (or out of range): zeros, no weight read
+        tl.store(c_ptrs, tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty), mask=c_mask)
+        return
+    a_rows = a_ptr + (pair // top_k if A_PER_TOKEN else pair) * stride_am
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    b_base = b_ptr + expert * stride_be
+    s_base = s_ptr + expert * stride_se
+    z_base = z_ptr + expert * stride_se
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
+    for k0 in range(0, K, BLOCK_SIZE_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        if FORMAT == "fp8":
+            a_q, a_s = _quant_a_fp8(a, EMULATE_FP8)
+        elif UPCAST:
+            a = a.to(tl.float32)
+        b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
+                               stride_sn, BLOCK_SIZE_K, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
+                               a_ptr.dtype.element_ty)
+        if FORMAT == "fp8":
+            acc += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b, b_s = _quant_b_tile(b_base, s_base, z_base, N, up_srow, k0, offs_k, offs_n, mask_k, mask_n, K,
+                                   stride_bn, stride_sn, BLOCK_SIZE_K, FORMAT, QUANT_N, GROUP_K, HAS_ZERO, UPCAST,
+                                   a_ptr.dtype.element_ty)
+            if FORMAT == "fp8":
+                acc_up += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
+            else:
+                acc_up = tl.dot(a, b, acc_up, input_precision=DOT_PRECISION)
+    _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
+
+
+# --- launch -------------------------------------------------------------------------------------------------------
+
+
+def _group_k(experts) -> int:
+    return experts.block[1] if experts.format == "fp8_block" else experts.group_size
+
+
+def adjust_config(experts, up_cfg: dict, down_cfg: dict) -> None:
+    """K tiles follow the quantization: fp8 ``BLOCK_SIZE_K`` = the block's ``bk`` (one activation group per
+    tile); int4 ``BLOCK_SIZE_K`` = min(tile K, group) (one scale per column per tile). No TMA (pointer loads)."""
+    gk = _group_k(experts)
+    for cfg in (up_cfg, down_cfg):
+        cfg["BLOCK_SIZE_K"] = gk if experts.format == "fp8_block" else min(cfg["BLOCK_SIZE_K"], gk)
+        cfg["USE_TMA"] = False
+
+
+def _gemm_for(experts):
+    """The ``gemm`` launcher :func:`run_experts` calls, bound to ``experts`` (``b`` is "w13" or "w2")."""
+    fmt = _FORMATS[experts.format]
+
+    def gemm(a, which, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated,
+             mul_weight, a_per_token, cfg):
+        b, s = getattr(experts, which), getattr(experts, which + "_scale")
+        z = getattr(experts, which + "_zero")
+        quant_n = experts.block[0] if fmt == "fp8" else 1
+        up_srow = -(-N // quant_n) if fmt == "fp8" else N
+        num_pid_m = expert_ids.numel()
+        grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
+        launch(moe_gemm_quant_kernel, grid, a, b, s, z if z is not None else s, c, topk_weights, sorted_ids,
+               expert_ids, npost, N, K, num_valid, num_pid_m, top_k, b.shape[0],
+               a.stride(0), b.stride(0), b.stride(1), s.stride(0), s.stride(1), c.stride(0), up_srow,
+               FORMAT=fmt, QUANT_N=quant_n, GROUP_K=_group_k(experts), HAS_ZERO=z is not None, GATED=gated,
+               MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
+               EMULATE_FP8=interpreting(), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+               BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+               BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"], device=a.device)
+
+    return gemm
+
+
+def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: str = "silu", expert_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
+              *, add: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """:func:`omni_fast.kernels.moe_gemm.fused_moe` with quantized experts (validated inputs): x ``[T, H]``
+    fp16/bf16/fp32 (int4 tiles are dequantized to x's dtype; fp32 dots in IEEE precision), ``experts`` a
+    QuantizedExperts of ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the float heuristic
+    (:func:`~omni_fast.kernels.moe_gemm.default_config`, keyed on bf16) with K tiles set by the format."""
+    assert activation == "silu"
+    return run_experts(hidden_states, "w13", "w2", topk_weights, topk_ids, experts.num_experts,
+                       experts.intermediate_size, _gemm_for(experts), torch.bfloat16, expert_map, out, add=add,
+                       config=config, adjust=lambda up, down: adjust_config(experts, up, down))
+
+
+# --- static compile cases (sm_90a) ----------------------------------------------------------------------------------
+
+def _signature(dt: str, fmt: str, scale_dt: str, w_dt: str) -> dict:
+    b_dt = "fp8e4nv" if fmt == "fp8" else "i32"
+    sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{b_dt}", "s_ptr": f"*{scale_dt}", "z_ptr": "*i8" if fmt == "int4" else
+           f"*{scale_dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}", "sorted_ids_ptr": "*i32",
+           "expert_ids_ptr": "*i32", "npost_ptr": "*i32"}
+    for name in ("N", "K", "num_valid", "num_pid_m", "top_k", "num_experts", "stride_am", "stride_be", "stride_bn",
+                 "stride_se", "stride_sn", "stride_cm", "up_srow"):
+        sig[name] = "i32"
+    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
+                 "EMULATE_FP8", "DOT_PRECISION", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
+        sig[name] = "constexpr"
+    return sig
+
+
+class _Spec:
+    """The launch-relevant facts of a container, for :func:`adjust_config` in the static cases."""
+
+    def __init__(self, fmt: str, group_k: int):
+        self.format = fmt
+        self.block = (128, group_k) if fmt == "fp8_block" else None
+        self.group_size = group_k if fmt == "int4_w4a16" else None
+
+
+# The thinker's shapes (E128, H2048, I768; the talker's I384 shares every compile: shapes are runtime arguments)
+# at the T of each default_config tier. fp8: 128x128 blocks; int4: group 128 asymmetric (the general case: zero
+# points) and group 32 symmetric. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
+_QUANT_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
+for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4_w4a16", 128, True, _QUANT_TIERS),
+                                 ("int4_w4a16", 32, False, _QUANT_TIERS[::3])):
+    for _T, _tier in _tiers:
+        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
+        adjust_config(_Spec(_fmt, _gk), _up, _down)
+        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
+            _k = _FORMATS[_fmt]
+            _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=_gk, HAS_ZERO=_zero, GATED=_gated,
+                           MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
+                           DOT_PRECISION="tf32",
+                           **{k: _c[k] for k in _KEYS[:4]})
+            _label = f"g{_gk}{',asym' if _zero else ''}" if _k == "int4" else "block128x128"
+            static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,
+                        _signature("bf16", _k, "fp32" if _k == "fp8" else "bf16", "bf16" if _gated else "fp32"),
+                        _consts, num_warps=_c["num_warps"], num_stages=_c["num_stages"],
+                        aligned=("N", "K", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_cm"))

@@ -1,0 +1,145 @@
+"""FlashAttention-2 (flash-attn 2.8, ``flash_attn.flash_attn_interface``) entry points on omni-fast kernels.
+
+Every function has flash-attn 2.8's parameter names, positional order and defaults, and returns what it returns:
+``out``; with ``return_attn_probs=True`` ``(out, softmax_lse, S_dmask)`` where ``S_dmask`` is the empty tensor
+flash-attn returns without dropout; ``flash_attn_with_kvcache`` with ``return_softmax_lse=True`` ``(out,
+softmax_lse)``. lse is fp32, ``[B, Hq, Sq]`` (fixed-length and KV-cache calls) or ``[Hq, Tq]`` (varlen).
+
+Semantics (one kernel family, :mod:`omni_fast.kernels.flash_attn`): causal masks and windows aligned bottom-right
+(``-1`` = unbounded), GQA/MQA, ``softcap`` (``cap * tanh(s / cap)``), ``alibi_slopes`` fp32 ``[Hq]`` or
+``[B, Hq]`` (bias ``-slope * |i + Lk - Lq - j|``), paged keys through ``block_table`` (any page size), the KV-cache
+call's in-place append of k/v of any length, ``cache_batch_idx``, ``cache_leftpad``, rotary embedding of q and the
+new k (``rotary_cos``/``rotary_sin``/``rotary_interleaved``), ``num_splits``. All of it happens inside the
+kernels: no extra launch, no host sync.
+
+Inference only: ``dropout_p > 0`` raises ``ValueError``; so does a call autograd would record (inputs that
+require grad with grad mode on), as there is no backward. ``deterministic`` is accepted and has no effect (the
+forward is deterministic). Differences to flash-attn are listed in ``docs/compat.md`` (rows that see no key have
+``lse = -inf`` where flash-attn stores ``+inf``; with ``causal=True`` and ALiBi flash-attn's kernel adds
+``slope * j`` instead of the documented bias, which gives the same output but an lse shifted per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..validation import FLOAT_DTYPES, check_inference_only, check_tensor
+
+FLASH_ATTN_VERSION = "2.8"
+
+
+def _inference_only(name: str, dropout_p, **tensors) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p must be 0.0: omni_fast.compat.flash_attn.{name} is inference-only (no dropout, "
+                         f"no backward), got {dropout_p}")
+    check_inference_only(name, **tensors)
+
+
+def _probs(out, lse, q, return_attn_probs: bool):
+    """flash-attn's return arity: ``out`` or ``(out, lse, S_dmask)`` (S_dmask empty without dropout)."""
+    if not return_attn_probs:
+        return out
+    return out, lse, torch.empty((0,), dtype=q.dtype, device=q.device)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]`` -> out ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``).
+
+    Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
+    """
+    _inference_only("flash_attn_func", dropout_p, q=q, k=k, v=v)
+    # named here as flash-attn names them (the KV-cache op below would call them k_cache / v_cache)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
+    check_tensor("k", k, shape=(q.shape[0], None, None, q.shape[3]))
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
+    out, lse = ops.flash_attn_with_kvcache(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                           return_softmax_lse=True)
+    return _probs(out, lse, q, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv ``[B, S, 3, H, D]`` -> out ``[B, S, H, D]`` (views of qkv, no copy)."""
+    _check_packed("qkv", qkv, 5, 3)
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[B, Sq, Hq, D]``, kv ``[B, Sk, 2, Hk, D]`` -> out ``[B, Sq, Hq, D]``."""
+    _check_packed("kv", kv, 5, 2)
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, seqused_k=None):
+    """Packed sequences: q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (or pages ``[num_blocks, page, Hk, D]`` with
+    ``block_table`` int32 ``[B, max_blocks]``), cu_seqlens int32 ``[B + 1]`` -> out ``[Tq, Hq, D]``
+    (lse ``[Hq, Tq]``).
+
+    ``seqused_k`` (keyword-only, not in flash-attn 2.8's Python signature; its C++ op and vLLM's fork take it):
+    int32 ``[B]`` key counts replacing ``cu_seqlens_k``'s. ``max_seqlen_q`` may also be None (omni-fast extension:
+    the grid is then sized by the token count, no host sync).
+    """
+    _inference_only("flash_attn_varlen_func", dropout_p, q=q, k=k, v=v)
+    out, lse = ops.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                     return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     block_table=block_table, seqused_k=seqused_k)
+    return _probs(out, lse, q, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv ``[T, 3, H, D]``, one cu_seqlens for queries and keys -> out ``[T, H, D]``."""
+    _check_packed("qkv", qkv, 4, 3)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q ``[Tq, Hq, D]``, kv ``[Tk, 2, Hk, D]`` -> out ``[Tq, Hq, D]``."""
+    _check_packed("kv", kv, 4, 2)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Append k/v (any length, rotated by rotary_cos/sin when given) to the cache at ``cache_seqlens`` in place,
+    then attend q ``[B, Sq, Hq, D]`` to keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out
+    ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
+    check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
+    return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                                       window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                                       return_softmax_lse)
+
+
+def _check_packed(name: str, t, ndim: int, n: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim or t.shape[-3] != n:
+        dims = ("B, S, " if ndim == 5 else "T, ") + f"{n}, H, D"
+        raise ValueError(f"{name} must have shape [{dims}], got {list(t.shape)}")
+
+
+__all__ = ["FLASH_ATTN_VERSION", "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
+           "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_with_kvcache"]

@@ -1,0 +1,249 @@
+"""omni_fast.compat.vllm: vLLM's fused-MoE signatures and documented behaviour, on omni-fast kernels.
+
+Expected values are written out here densely (fp64 SwiGLU experts, softmax top-k, the alignment's invariants);
+no vLLM code is used. Tiny shapes: under the CPU interpreter the Triton kernels run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from omni_fast.compat import vllm
+from omni_fast.testing import DEVICE
+
+_REQ = inspect.Parameter.empty
+SIGNATURES = {
+    "fused_experts": [("hidden_states", _REQ), ("w1", _REQ), ("w2", _REQ), ("topk_weights", _REQ),
+                      ("topk_ids", _REQ), ("inplace", False), ("activation", "silu"),
+                      ("apply_router_weight_on_input", False), ("global_num_experts", -1), ("expert_map", None),
+                      ("quant_config", None), ("allow_deep_gemm", False)],
+    "fused_topk": [("hidden_states", _REQ), ("gating_output", _REQ), ("topk", _REQ), ("renormalize", _REQ),
+                   ("indices_type", None)],
+    "topk_softmax": [("topk_weights", _REQ), ("topk_ids", _REQ), ("token_expert_indices", _REQ),
+                     ("gating_output", _REQ), ("renormalize", False)],
+    "moe_align_block_size": [("topk_ids", _REQ), ("block_size", _REQ), ("num_experts", _REQ), ("expert_map", None),
+                             ("pad_sorted_ids", False), ("ignore_invalid_experts", False)],
+    "moe_sum": [("input", _REQ), ("output", _REQ)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_is_vllm(name):
+    params = list(inspect.signature(getattr(vllm, name)).parameters.values())
+    assert [(p.name, p.default) for p in params] == SIGNATURES[name]
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+# --- dense expectations -----------------------------------------------------------------------------------------
+
+
+def dense_experts(x, w1, w2, weights, ids, expert_map=None, weight_on_input=False):
+    """fp64: out[t] = sum_j w[t,j] * W2_e (silu(W1g_e x) * W1u_e x), e the local id (pairs of remote experts: 0)."""
+    x, w1, w2, weights = x.double(), w1.double(), w2.double(), weights.double()
+    inter = w1.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j]) if expert_map is None else int(expert_map[int(ids[t, j])])
+            if e < 0:
+                continue
+            xin = x[t] * weights[t, j] if weight_on_input else x[t]
+            h = w1[e] @ xin
+            y = w2[e] @ (torch.nn.functional.silu(h[:inter]) * h[inter:])
+            out[t] += y if weight_on_input else weights[t, j] * y
+    return out
+
+
+def _moe_inputs(T=5, H=32, inter=16, E=4, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(DEVICE)
+    w1 = (torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5).to(DEVICE)
+    w2 = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).to(DEVICE)
+    logits = torch.randn(T, E, generator=g).to(DEVICE)
+    return x, w1, w2, logits
+
+
+# --- routing ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_topk_and_topk_softmax(renormalize):
+    x, _, _, logits = _moe_inputs(T=6, E=8)
+    w, ids, tei = vllm.fused_topk(x, logits, 3, renormalize)
+    probs = torch.softmax(logits.double(), -1)
+    exp_w, exp_ids = probs.topk(3, -1)
+    if renormalize:
+        exp_w = exp_w / exp_w.sum(-1, keepdim=True)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and tei.dtype == torch.int32
+    assert torch.equal(ids.long(), exp_ids)
+    torch.testing.assert_close(w.double(), exp_w, rtol=1e-5, atol=1e-6)
+    T = x.shape[0]
+    assert torch.equal(tei, torch.tensor([[j * T + t for j in range(3)] for t in range(T)], dtype=torch.int32))
+    # the out-parameter form fills what it is given and returns None; renormalize defaults to False
+    w2_, ids2, tei2 = torch.empty_like(w), torch.empty_like(ids), torch.empty_like(tei)
+    assert vllm.topk_softmax(w2_, ids2, tei2, logits) is None
+    torch.testing.assert_close(w2_.double(), probs.topk(3, -1).values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids2, ids) and torch.equal(tei2, tei)
+
+
+def test_fused_topk_indices_type():
+    x, _, _, logits = _moe_inputs()
+    _, ids, _ = vllm.fused_topk(x, logits, 2, False, indices_type=torch.int64)
+    assert ids.dtype == torch.int64
+
+
+# --- alignment --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,k,E,block,pad", [(5, 2, 4, 4, False), (5, 2, 4, 4, True), (1, 2, 8, 16, False),
+                                              (7, 3, 5, 3, True), (0, 2, 4, 4, False)])
+def test_moe_align_block_size_layout(T, k, E, block, pad):
+    ids = torch.randint(0, E, (T, k), dtype=torch.int32, device=DEVICE)
+    numel = T * k
+    sorted_ids, expert_ids, npost = vllm.moe_align_block_size(ids, block, E, pad_sorted_ids=pad)
+    length = numel + E * (block - 1)
+    if pad:
+        length = -(-length // block) * block
+    if numel < E:
+        length = min(numel * block, length)
+    assert sorted_ids.shape == (length,) and sorted_ids.dtype == torch.int32
+    assert expert_ids.shape == (-(-length // block),) and npost.shape == (1,)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
+    used = int(((counts + block - 1) // block * block).sum())
+    assert int(npost) == used
+    assert bool((sorted_ids[used:] == numel).all()), "padding past the used length is the sentinel numel"
+    assert bool((expert_ids[-(-used // block):] == 0).all()), "unused blocks hold 0, as vLLM's wrapper"
+    flat = ids.reshape(-1)
+    seen = sorted_ids[:used][sorted_ids[:used] < numel]
+    assert sorted(seen.tolist()) == list(range(numel)), "every pair exactly once"
+    for blk in range(used // block):
+        rows = sorted_ids[blk * block:(blk + 1) * block]
+        real = rows[rows < numel].long()
+        assert bool((flat[real] == expert_ids[blk]).all())
+
+
+def test_moe_align_expert_map_and_invalid_ids():
+    E = 4
+    ids = torch.tensor([[0, 3], [1, -1], [3, 2]], dtype=torch.int32, device=DEVICE)
+    emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)  # experts 1 and 3 live here
+    sorted_ids, expert_ids, npost = vllm.moe_align_block_size(ids, 2, E, emap, ignore_invalid_experts=True)
+    used = int(npost)
+    assert used == 2 * 4  # experts 0, 1, 2, 3 have one pair each (the -1 pair is skipped) -> 4 blocks of 2
+    assert expert_ids[:used // 2].tolist() == [-1, 0, -1, 1]
+    assert 3 not in sorted_ids[:used].tolist(), "the invalid pair (index 3) is dropped"
+    with pytest.raises(ValueError, match="topk_ids"):
+        vllm.moe_align_block_size(ids, 2, E, emap)
+
+
+# --- experts ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_experts(inplace):
+    x, w1, w2, logits = _moe_inputs()
+    w, ids, _ = vllm.fused_topk(x, logits, 2, True)
+    exp = dense_experts(x, w1, w2, w, ids)
+    h = x.clone()
+    out = vllm.fused_experts(h, w1, w2, w, ids, inplace)
+    torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-4)
+    if inplace:
+        assert out is h
+    else:
+        assert torch.equal(h, x)
+
+
+def test_fused_experts_expert_map_and_router_weight_on_input():
+    x, w1, w2, logits = _moe_inputs(E=6)
+    w, ids, _ = vllm.fused_topk(x, logits, 2, False)
+    emap = torch.tensor([-1, 0, 1, -1, 2, 3], dtype=torch.int32, device=DEVICE)
+    local1, local2 = w1[:4].contiguous(), w2[:4].contiguous()
+    out = vllm.fused_experts(x, local1, local2, w, ids, global_num_experts=6, expert_map=emap)
+    torch.testing.assert_close(out.double(), dense_experts(x, local1, local2, w, ids, emap), rtol=1e-4, atol=1e-4)
+    w1_, ids1, _ = vllm.fused_topk(x, logits, 1, False)
+    out = vllm.fused_experts(x, w1[:6], w2[:6], w1_, ids1, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w1_, ids1, weight_on_input=True),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_moe_sum():
+    inp = torch.randn(4, 3, 8, device=DEVICE)
+    out = torch.empty(4, 8, device=DEVICE)
+    assert vllm.moe_sum(inp, out) is None
+    torch.testing.assert_close(out, inp.sum(1))
+
+
+# --- torch.compile, CUDA graphs ---------------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph():
+    x, w1, w2, logits = _moe_inputs()
+
+    def f(x, logits):
+        w, ids, _ = vllm.fused_topk(x, logits, 2, True)
+        s, e, n = vllm.moe_align_block_size(ids, 4, 4)
+        return vllm.fused_experts(x, w1, w2, w, ids).sum() + s.sum() + e.sum() + n.sum()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, logits), f(x, logits))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_moe():
+    dev, dt = "cuda", torch.bfloat16
+    x, w1, w2, logits = (t.to(dev) for t in _moe_inputs(T=16, H=256, inter=128, E=8))
+    x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+
+    def step():
+        w, ids, _ = vllm.fused_topk(x, logits, 2, True)
+        return vllm.fused_experts(x, w1, w2, w, ids)
+
+    eager = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.testing.assert_close(out, eager)
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+
+def _bad_calls():
+    x, w1, w2, logits = _moe_inputs()
+    w = torch.full((5, 2), 0.5)
+    ids = torch.zeros(5, 2, dtype=torch.int32)
+    quant = SimpleNamespace(use_fp8_w8a8=True, quant_dtype=torch.float8_e4m3fn)
+    return [
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, quant_config=quant), NotImplementedError, "use_fp8_w8a8"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, global_num_experts=7), ValueError, "global_num_experts"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True), ValueError, "top-1"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, activation="relu"), ValueError, "activation"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids + 9), ValueError, "topk_ids"),
+        (lambda: vllm.fused_experts(x[:, :8], w1, w2, w, ids), ValueError, "w13|w1"),
+        (lambda: vllm.topk_softmax(w, ids, ids.clone(), logits[:4]), ValueError, "topk_weights must have shape"),
+        (lambda: vllm.topk_softmax(w, ids, ids.long(), logits), TypeError, "token_expert_indices must have dtype"),
+        (lambda: vllm.fused_topk(x[:4], logits, 2, True), ValueError, "gating_output"),
+        (lambda: vllm.fused_topk(x, logits, 9, True), ValueError, "topk"),
+        (lambda: vllm.moe_align_block_size(ids, 0, 4), ValueError, "block_size"),
+        (lambda: vllm.moe_align_block_size(ids.float(), 4, 4), TypeError, "topk_ids must have dtype"),
+        (lambda: vllm.moe_sum(torch.zeros(4, 3, 8), torch.zeros(4, 7)), ValueError, "output must have shape"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(13))
+def test_bad_input_names_the_argument(i):
+    call, exc, match = _bad_calls()[i]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_unquantized_config_object_is_accepted():
+    x, w1, w2, logits = _moe_inputs()
+    w, ids, _ = vllm.fused_topk(x, logits, 2, True)
+    plain = SimpleNamespace(use_fp8_w8a8=False, use_int8_w8a8=False, quant_dtype=None, w1_bias=None)
+    torch.testing.assert_close(vllm.fused_experts(x, w1, w2, w, ids, quant_config=plain),
+                               vllm.fused_experts(x, w1, w2, w, ids))

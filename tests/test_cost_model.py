@@ -1,0 +1,151 @@
+"""The cost model's CI gate (``python -m omni_fast.bench.model``; bench/costmodel/).
+
+- Launch counts of every cheap unit (tiny configs, the real layer counts) must not grow past the committed
+  baseline ``bench/results/model/launch_baseline.json`` (regenerate with ``--write-baseline`` when a change
+  legitimately adds kernels, and say why in the commit).
+- The committed sm_90a facts have no spills and no block over the H100's shared memory, and a few key
+  specialisations recompiled here still match them (so the committed facts stay current).
+- The counter counts what it should, and the byte-scaling rules the expensive traces use are exact.
+No timing anywhere: the predictions are a model, not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omni_fast.bench.costmodel.counter import count_launches, summarize, trace
+from omni_fast.bench.costmodel.model_units import all_units
+from omni_fast.bench.model import BASELINE, STATICS, _scaled
+
+CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64", "attn-prefill-4096",
+         "attn-decode-B1-4k", "attn-decode-B8-4k", "attn-encoder-audio", "attn-encoder-vision", "rope-thinker-T1",
+         "sampler-thinker-B1", "sampler-mtp-B64", "thinker-step-B1", "talker-step-B1"]
+SLOW = ["mtp-frame-B1", "code2wav-push-B1-F1"]  # minutes each on the interpreter
+UNITS = {u.name: u for u in all_units()}
+
+
+def _check_against_baseline(name: str) -> None:
+    baseline = json.loads(BASELINE.read_text())
+    if name not in baseline:
+        pytest.skip(f"{name} has no committed baseline yet: python -m omni_fast.bench.model {name} --write-baseline")
+    base = baseline[name]
+    got = count_launches(UNITS[name].launch(), warmup=UNITS[name].warmup)
+    b, g = summarize(base), summarize(got)
+    grown = {k: (base.get(k, 0), v) for k, v in got.items() if v > base.get(k, 0)}
+    assert g["total"] <= b["total"] and g["triton"] <= b["triton"], (
+        f"{name}: launches grew from {b} to {g}; kernels that grew (baseline, now): {grown}")
+
+
+@pytest.mark.parametrize("name", CHEAP)
+def test_launches_within_baseline(name):
+    _check_against_baseline(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_launches_within_baseline_slow(name):
+    _check_against_baseline(name)
+
+
+def test_baseline_covers_the_cheap_units():
+    assert set(CHEAP) <= set(json.loads(BASELINE.read_text()))
+
+
+def test_committed_static_facts_pass_the_gate():
+    from omni_fast.bench.costmodel.constants import current
+
+    facts = json.loads(STATICS.read_text())
+    bad = {n: f for n, f in facts.items() if f.get("error") or f.get("spill_bytes") or
+           (f.get("smem") or 0) > current().smem_per_block}
+    assert not bad, f"kernels that fail to compile, spill or pass {current().smem_per_block} B shared memory: {bad}"
+
+
+KEY_CASES = ["moe_gemm_kernel[bf16,E128 N768/384/192,decode,gate_up,ptr]",
+             "attn_fwd_kernel[bf16,thinker 32/4 d128 decode]", "sample_kernel[bf16,V2048,topk,topp]"]
+
+
+def test_key_static_facts_current():
+    from omni_fast.bench.costmodel.statics import facts
+
+    committed = json.loads(STATICS.read_text())
+    fresh = facts(KEY_CASES)
+    for case in KEY_CASES:
+        got = fresh[case]
+        assert not got.get("spill_bytes") and got["smem"] <= 227 * 1024, got
+        for key in ("regs", "smem", "tensor_core"):
+            assert got[key] == committed[case][key], (
+                f"{case}: {key} {committed[case][key]} committed, {got[key]} now: rerun "
+                f"python -m omni_fast.bench.model --static")
+
+
+def test_counter_sees_triton_and_torch_kernels_not_views():
+    x = torch.randn(6, 8)
+
+    def fn():
+        y = x.view(2, 24).t().contiguous()  # view + transpose: no kernel; contiguous: one copy kernel
+        return torch.empty(3), y + 1, x.sum().item()
+
+    tr = trace(fn)
+    assert tr.launches() == {"aten:clone": 1, "aten:add": 1, "aten:sum": 1}
+    assert tr.syncs == 1
+
+
+def test_counter_moe_t1_kernels_and_bytes():
+    from omni_fast import ops
+    from omni_fast.reference import moe as ref
+
+    T, E, k, H, I = 1, 8, 2, 64, 64
+    x, w13, w2 = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    w, ids = ref.topk_softmax(torch.randn(T, E), k)
+    counts = count_launches(ops.moe_experts, x, w13, w2, w, ids)
+    assert summarize(counts)["triton"] == 4 and counts["triton:moe_gemm_kernel"] == 2
+    tr = trace(ops.moe_experts, x, w13, w2, w, ids, bytes=True, unique=True)
+    gemm = tr.kernels["triton:moe_gemm_kernel"]
+    weights = 4 * k * (2 * I * H + H * I)  # fp32: the two touched experts' weights, each read once
+    assert weights <= gemm.unique_loaded <= weights + 4 * (2 * T * k * H + 2 * T * k * I + 64)
+    assert gemm.flops >= 2 * T * k * 3 * I * H  # padded to BLOCK_M rows
+
+
+def _stats(fn):
+    return {n: s.as_dict() for n, s in trace(fn, bytes=True).kernels.items()}
+
+
+def test_heads_scaling_rule_is_exact():
+    from omni_fast.bench.costmodel.units import _varlen_call
+
+    small = _stats(_varlen_call([37, 20], 2, 1, 16, True, torch.float32))
+    big = _stats(_varlen_call([37, 20], 6, 3, 16, True, torch.float32))
+    scaled = _scaled(small, dict(rule="heads", s=3, kernels="all"))
+    for f in ("loaded", "stored", "flops", "ctas"):
+        assert scaled["triton:attn_fwd_kernel"][f] == big["triton:attn_fwd_kernel"][f], f
+
+
+def test_inter_scaling_rule_is_exact():
+    from omni_fast.bench.costmodel.units import _moe_call
+
+    dims = (8, 2, 64, 256, 256)  # E, k, H, I, shared I; I/4 multiples of BLOCK_N 64, BLOCK_K 64 (fp32, T=3)
+    big = _stats(_moe_call("talker", 3, dims, torch.float32))
+    small = _stats(_moe_call("talker", 3, dims, torch.float32, s=4))
+    half = _stats(_moe_call("talker", 3, dims, torch.float32, s=2))
+    scaled = _scaled(small, dict(rule="inter", s=4, kernels=["triton:moe_gemm_kernel"]), half)
+    for name, k in big.items():
+        for f in ("loaded", "stored", "flops", "ctas", "launches"):
+            assert scaled[name][f] == k[f], (name, f)
+
+
+def test_prediction_model():
+    from omni_fast.bench.costmodel import constants
+    from omni_fast.bench.costmodel.predict import predict
+
+    c = constants.calibrate()
+    unit = dict(mode="graph", min_bytes=3e9, flops=0.0, traced=False, kernels={"triton:a": {"launches": 10}})
+    p = predict(unit, {}, c)
+    assert p["floor_s"] == pytest.approx(1e-3) and p["predicted_s"] == pytest.approx(1e-3 + 10 * c.graph_node_s)
+    eager = predict(dict(unit, mode="eager", min_bytes=0.0), {}, c)
+    assert eager["predicted_s"] == pytest.approx(10 * c.eager_triton_s)
+    fast = constants.calibrate({"roofline": {"copy_gbps": 6000.0}})
+    assert predict(unit, {}, fast)["floor_s"] == pytest.approx(0.5e-3)
+    constants.calibrate()

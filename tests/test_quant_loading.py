@@ -1,0 +1,187 @@
+"""Quantized Qwen3-Omni checkpoints (FP8 block, compressed-tensors W4A16): tiny random checkpoints written here in
+the published layout (config.json with its quantization_config; per-expert safetensors keys), loaded with
+``Qwen3Omni.from_pretrained``; the experts stay quantized and run through omni-fast's fused MoE."""
+
+import json
+
+import pytest
+import torch
+
+import omni_fast
+from omni_fast.models import Qwen3Omni, tiny_qwen3_omni_config
+from omni_fast.models.quantized import parse_quantization_config, quantized_experts
+from omni_fast.reference import moe_quant as rq
+from omni_fast.testing import seeded_weights_
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+GROUP = 16
+
+
+def _int4_config(symmetric: bool) -> dict:
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=GROUP))
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                             quantization_status="compressed", ignore=["lm_head"])
+    return cfg.model_dump(mode="json")
+
+
+def _float_checkpoint(tmp_path):
+    """A tiny float Qwen3-Omni saved by transformers (its published key layout); experts 32 wide so that W4A16
+    groups of 16 divide both GEMMs' K."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    config = tiny_qwen3_omni_config()
+    config.thinker_config.text_config.moe_intermediate_size = 32
+    config.talker_config.text_config.moe_intermediate_size = 32
+    model = seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=torch.float32))
+    model.save_pretrained(tmp_path / "float")
+    return model, tmp_path / "float"
+
+
+def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
+    """Rewrite a float checkpoint's expert linears (and non-expert linears: the thinker's q_proj, for fp8 the
+    talker's shared expert) in ``fmt``'s tensors, and its config with the quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = FP8_CONFIG if fmt == "fp8" else _int4_config(symmetric)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    out = {}
+    for key, t in load_file(src / "model.safetensors").items():
+        quantize = ".mlp.experts." in key or (key.startswith("thinker.model.layers.") and "q_proj.weight" in key) \
+            or (fmt == "fp8" and ".mlp.shared_expert." in key)  # the talker's shared expert, FP8 as published
+        if not quantize:
+            out[key] = t
+            continue
+        prefix = key[:-len("weight")]
+        if fmt == "fp8":
+            out[key], out[prefix + "weight_scale_inv"] = rq.quantize_fp8_block(t, (128, 128))
+        else:
+            packed, scale, zero = rq.quantize_int4(t, GROUP, symmetric, torch.bfloat16)
+            out[prefix + "weight_packed"], out[prefix + "weight_scale"] = packed, scale
+            out[prefix + "weight_shape"] = torch.tensor(list(t.shape))
+            if zero is not None:
+                out[prefix + "weight_zero_point"] = pack_to_int32(zero, 4, packed_dim=0)
+    save_file(out, dst / "model.safetensors")
+
+
+def _thinker_logits(model, ids):
+    with torch.no_grad():
+        return model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("fp8", True), ("int4", True), ("int4", False)])
+def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
+    float_model, float_dir = _float_checkpoint(tmp_path)
+    qdir = tmp_path / "quant"
+    _quantize_checkpoint(float_dir, qdir, fmt, symmetric)
+    omni = Qwen3Omni.from_pretrained(qdir, dtype=torch.float32, device="cpu", backend="triton")
+    model = omni.model
+    experts = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Experts")]
+    assert len(experts) == 4  # thinker and talker, 2 layers each
+    for name, module in experts:
+        q = quantized_experts(module)
+        assert q is not None and q.format == ("fp8_block" if fmt == "fp8" else "int4_w4a16"), name
+        assert module.gate_up_proj is None and module.down_proj is None  # no float copy of the experts
+        assert q.symmetric == symmetric and q.num_experts == 8 and q.intermediate_size == 32
+    assert not any(".experts." in n for n, _ in model.named_parameters())
+    # The containers hold exactly the checkpoint's quantization of the float experts.
+    fl = dict(float_model.named_modules())
+    module_name, module = experts[0]
+    ref = rq.quantize_experts(fl[module_name].gate_up_proj.detach(), fl[module_name].down_proj.detach(),
+                              "fp8_block" if fmt == "fp8" else "int4_w4a16", group_size=GROUP, symmetric=symmetric,
+                              scale_dtype=torch.bfloat16)
+    got = quantized_experts(module)
+    for t in ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero"):
+        a, b = getattr(got, t), getattr(ref, t)
+        assert (a is None) == (b is None), t
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), t
+    # Quantized non-expert linears are dequantized into the model dtype (within e4m3 / int4 rounding).
+    fparams = dict(float_model.named_parameters())
+    for name, p in model.named_parameters():
+        if name.endswith("q_proj.weight") or ".shared_expert." in name:
+            err = (p - fparams[name]).abs().max().item()
+            assert err <= (0.05 if fmt == "fp8" else 0.1) * fparams[name].abs().max().item(), name
+    # Patched (the omni_fast experts function) vs the float model with the dequantized weights.
+    ids = torch.randint(0, 100, (1, 7))
+    got_logits = _thinker_logits(model, ids)
+    expected = _dequantized_float_model(float_model, model)
+    want = _thinker_logits(expected, ids) if fmt == "int4" else None
+    if want is not None:  # W4A16: weights-only, fp32 activations: the float model with dequantized weights
+        torch.testing.assert_close(got_logits, want, rtol=1e-4, atol=1e-4)
+    # Through the reference backend (dequantize + per-token-group activation fake-quant for fp8): same logits.
+    omni_fast.patch(model, backend="reference")
+    torch.testing.assert_close(_thinker_logits(model, ids), got_logits, rtol=1e-4, atol=1e-4)
+    # Unpatched, the quantized experts still run through omni-fast (transformers' eager loop cannot run them).
+    omni_fast.unpatch(model)
+    torch.testing.assert_close(_thinker_logits(model, ids), got_logits, rtol=1e-4, atol=1e-4)
+
+
+def _dequantized_float_model(float_model, qmodel):
+    """A copy of the float model with the quantized model's weights dequantized (experts, q_proj)."""
+    import copy
+
+    model = copy.deepcopy(float_model)
+    with torch.no_grad():
+        qmods = dict(qmodel.named_modules())
+        for name, module in model.named_modules():
+            q = quantized_experts(qmods[name]) if name in qmods else None
+            if q is not None:
+                w13, w2 = rq.dequantize_experts(q)
+                module.gate_up_proj.copy_(w13)
+                module.down_proj.copy_(w2)
+        qparams = dict(qmodel.named_parameters())
+        for name, p in model.named_parameters():
+            if name.endswith("q_proj.weight"):  # the thinker's were quantized (the others are equal anyway)
+                p.copy_(qparams[name])
+    return model
+
+
+def test_unsupported_quantization_configs_name_the_method(tmp_path):
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
+        parse_quantization_config({"quant_method": "awq", "bits": 4})
+    with pytest.raises(ValueError, match="quant_method 'fp8'.*activation_scheme='static'"):
+        parse_quantization_config(dict(FP8_CONFIG, activation_scheme="static"))
+    with pytest.raises(ValueError, match="quant_method 'fp8'.*weight_block_size=None"):
+        parse_quantization_config({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"})
+    fp8_ct = _int4_config(True)
+    fp8_ct["format"] = "float-quantized"
+    for group in fp8_ct["config_groups"].values():
+        group["weights"].update(num_bits=8, type="float", strategy="channel", group_size=None)
+        group["format"] = "float-quantized"
+    with pytest.raises(ValueError, match="compressed-tensors.*format 'float-quantized'"):
+        parse_quantization_config(fp8_ct)
+    assert parse_quantization_config(_int4_config(False)) == {"format": "int4_w4a16", "group_size": GROUP,
+                                                              "symmetric": False}
+    # from_pretrained refuses before building anything
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe",
+                                                      "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        Qwen3Omni.from_pretrained(tmp_path)
+
+
+def test_quantized_checkpoint_generates_text_and_audio(tmp_path):
+    """The whole pipeline on a W4A16 checkpoint: thinker and talker decode (MoeTextDecoder) on the quantized
+    experts; greedy tokens as transformers' generate of the same (patched) model."""
+    from omni_fast.models import Request
+
+    _, float_dir = _float_checkpoint(tmp_path)
+    _quantize_checkpoint(float_dir, tmp_path / "quant", "int4", symmetric=False)
+    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="triton")
+    out = omni.generate(Request(text=[5, 6, 7, 8, 9]), max_new_tokens=4, talker_max_new_tokens=4,
+                        graph_decode=True)[0]  # decode steps on MoeTextDecoder (no graph on a CPU)
+    assert len(out["token_ids"]) >= 1 and out["audio"].numel() > 0
+    ids = torch.tensor([omni.build_prompt(Request(text=[5, 6, 7, 8, 9]), 0, 0, 0)])
+    with torch.no_grad():
+        text = omni.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), thinker_max_new_tokens=4,
+                                   thinker_do_sample=False, talker_max_new_tokens=4, talker_do_sample=False,
+                                   talker_repetition_penalty=1.0, return_audio=False)
+    text = text[0] if isinstance(text, tuple) else text
+    assert out["token_ids"] == text[0, ids.shape[1]:].tolist()[:len(out["token_ids"])]
