@@ -494,7 +494,7 @@ def _patch_token2wav_piece(module: nn.Module, cls: str, wanted: bool, backend, b
                 _pin(layer.attn, backend)
         key, n = (part, f"DiTAttention: block-masked SDPA {what}"), len(module.transformer_blocks)
     elif cls == "Qwen2_5OmniAMPBlock":
-        swap, what = t2w.label("-> omni_fast.ops.conv1d on the Code2Wav conv kernels", t2w.amp_block_supported(module))
+        swap, what = t2w.label("-> omni_fast.ops.padded_conv1d on the Code2Wav conv kernels", t2w.amp_block_supported(module))
         if wanted and swap:
             _swap_forward(module, t2w.amp_block_forward)
             _pin(module, backend)

@@ -98,6 +98,16 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "causal_conv_transpose1d": (ops.causal_conv_transpose1d, lambda: dict(
             x=_t(1, 4, 5), weight=_t(4, 3, 4, seed=1), bias=_t(3, seed=2), stride=2,
             snake=(_t(4, seed=3) * 0.1, _t(4, seed=4) * 0.1), state=_t(1, 4, 1, seed=5)), True),
+        # Qwen2.5-Omni Token2Wav ops (BigVGAN activation and convs, the DiT's block attention)
+        "anti_aliased_snake": (ops.anti_aliased_snake, lambda: dict(
+            x=_t(1, 3, 9), alpha=_t(3, seed=1) * 0.1, beta=_t(3, seed=2) * 0.1, up_filter=torch.rand(12),
+            down_filter=torch.rand(12), ratio=2), True),
+        "padded_conv1d": (ops.padded_conv1d, lambda: dict(
+            x=_t(1, 4, 7), weight=_t(5, 4, 3, seed=1), bias=_t(5, seed=2), padding=1, stride=1, dilation=1,
+            groups=1, residual=None), True),
+        "block_attention": (ops.block_attention, lambda: dict(
+            q=_t(1, 6, 2, 8), k=_t(1, 6, 1, 8, seed=1), v=_t(1, 6, 1, 8, seed=2), block_size=2, look_backward=1,
+            look_ahead=0, softmax_scale=None), True),
         # the quantized-experts container's constructor (validation only: no backend involved)
         "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
             format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),

@@ -109,10 +109,10 @@ def test_same_padded_conv_on_the_code2wav_kernels(B, ci, co, T, k, dil, groups):
         want = conv(x)
         res = torch.randn(want.shape, generator=g)
         for backend in ("triton", "reference"):
-            got = omni_fast.ops.conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
+            got = omni_fast.ops.padded_conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
                                        groups=groups, backend=backend)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            got = omni_fast.ops.conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
+            got = omni_fast.ops.padded_conv1d(x, conv.weight, conv.bias, padding=conv.padding[0], dilation=dil,
                                        groups=groups, residual=res, backend=backend)
             torch.testing.assert_close(got, want + res, atol=1e-5, rtol=1e-5)
 
@@ -120,8 +120,8 @@ def test_same_padded_conv_on_the_code2wav_kernels(B, ci, co, T, k, dil, groups):
 def test_conv1d_bad_input():
     x, w = torch.randn(1, 4, 9), torch.randn(5, 4, 3)
     with pytest.raises(ValueError, match="padding"):
-        omni_fast.ops.conv1d(x, w, padding=-1)
+        omni_fast.ops.padded_conv1d(x, w, padding=-1)
     with pytest.raises(ValueError, match="channel mismatch"):
-        omni_fast.ops.conv1d(x, torch.randn(5, 3, 3), padding=1)
+        omni_fast.ops.padded_conv1d(x, torch.randn(5, 3, 3), padding=1)
     with pytest.raises(ValueError, match="residual"):
-        omni_fast.ops.conv1d(x, w, padding=1, residual=torch.zeros(1, 5, 8))
+        omni_fast.ops.padded_conv1d(x, w, padding=1, residual=torch.zeros(1, 5, 8))

@@ -3,7 +3,7 @@
 - ``Qwen2_5OmniAntiAliasedActivation1d`` (BigVGAN's upsample FIR -> SnakeBeta -> low-pass FIR + decimate, four
   launches and two double-rate intermediates in transformers) -> one :func:`omni_fast.ops.anti_aliased_snake`.
 - ``Qwen2_5OmniAMPBlock`` (BigVGAN's residual units) -> its same-padded convs on the Code2Wav conv kernels
-  (:func:`omni_fast.ops.conv1d`), the residual add fused into the second conv of each pair.
+  (:func:`omni_fast.ops.padded_conv1d`), the residual add fused into the second conv of each pair.
 - ``DiTAttention`` (the DiT's block-masked attention, an ``[S, S]`` boolean mask through SDPA in transformers) -> one
   :func:`omni_fast.ops.block_attention` launch per layer (the block rule from the layer's look-back / look-ahead
   and the DiT's ``block_size``, set by :func:`set_dit_block`).
@@ -69,7 +69,7 @@ def amp_block_supported(module) -> bool:
 
 
 def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """transformers' AMP block loop with each conv one :func:`omni_fast.ops.conv1d` launch (the second of each pair
+    """transformers' AMP block loop with each conv one :func:`omni_fast.ops.padded_conv1d` launch (the second of each pair
     adds the residual). The activations are the modules themselves (patched separately)."""
     if (torch.is_grad_enabled() and (hidden_states.requires_grad or self.convs1[0].weight.requires_grad)) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
@@ -80,9 +80,9 @@ def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     backend = pinned_backend(self)
     acts1, acts2 = self.activations[::2], self.activations[1::2]
     for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, acts1, acts2):
-        h = ops.conv1d(act1(hidden_states), conv1.weight, conv1.bias, padding=conv1.padding[0],
+        h = ops.padded_conv1d(act1(hidden_states), conv1.weight, conv1.bias, padding=conv1.padding[0],
                        dilation=conv1.dilation[0], backend=backend)
-        hidden_states = ops.conv1d(act2(h), conv2.weight, conv2.bias, padding=conv2.padding[0],
+        hidden_states = ops.padded_conv1d(act2(h), conv2.weight, conv2.bias, padding=conv2.padding[0],
                                    dilation=conv2.dilation[0], residual=hidden_states, backend=backend)
     return hidden_states
 

@@ -1,4 +1,4 @@
-"""Public BigVGAN ops (Qwen2.5-Omni's Token2Wav vocoder): :func:`anti_aliased_snake`, :func:`conv1d`.
+"""Public BigVGAN ops (Qwen2.5-Omni's Token2Wav vocoder): :func:`anti_aliased_snake`, :func:`padded_conv1d`.
 
 Tensors are channels-first ``[B, C, T]`` like ``nn.Conv1d``. The semantics are transformers'
 ``Qwen2_5OmniAntiAliasedActivation1d(Qwen2_5OmniSnakeBeta(C))``; see :mod:`omni_fast.reference.bigvgan`.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..reference import bigvgan as ref
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
-from .code2wav import _check_bias, _check_x
+from .code2wav import MAX_CONV_SPAN, _check_bias, _check_x
 
 
 def _aa_fake(x, alpha, beta, f_up, f_down, ratio, backend):
@@ -98,7 +98,7 @@ def _conv_triton(x, weight, bias, padding, stride, dilation, groups, residual):
                                  padding=padding)[0]
 
 
-def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, padding: int,
+def padded_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, padding: int,
            stride: int = 1, dilation: int = 1, groups: int = 1, residual: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """``nn.Conv1d(padding=padding)`` (zeros on both sides) of x ``[B, C_in, T]``, weight ``[C_out, C_in/groups,
@@ -107,9 +107,10 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     stride + 1``."""
     _check_x(x)
     B, c_in, T = x.shape
-    padding = check_positive_int("padding", padding, minimum=0)
-    stride = check_positive_int("stride", stride)
-    dilation = check_positive_int("dilation", dilation)
+    # bounded before anything is sized from them, as the causal convs' (MAX_CONV_SPAN)
+    padding = check_positive_int("padding", padding, minimum=0, maximum=MAX_CONV_SPAN)
+    stride = check_positive_int("stride", stride, maximum=MAX_CONV_SPAN)
+    dilation = check_positive_int("dilation", dilation, maximum=MAX_CONV_SPAN)
     groups = check_positive_int("groups", groups)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     check_same_dtype(x=x, weight=weight)

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
+from .attention import _scale
+
+MAX_BLOCK = 2**16  # bound on block_size / look_backward / look_ahead (Qwen2.5-Omni's DiT: block 24, look 1-2)
 
 
 def block_mask(seq_len: int, block_size: int, look_backward: int, look_ahead: int, device=None) -> torch.Tensor:
@@ -93,10 +96,11 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_
     check_same_dtype(q=q, k=k, v=v)
     if k.shape[2] != v.shape[2] or k.shape[2] < 1 or H % k.shape[2]:
         raise ValueError(f"k/v heads ({k.shape[2]}, {v.shape[2]}) must be equal and divide q's {H}")
-    block_size = check_positive_int("block_size", block_size)
-    look_backward = check_positive_int("look_backward", look_backward, minimum=0)
-    look_ahead = check_positive_int("look_ahead", look_ahead, minimum=0)
-    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    # bounded before the block table is sized from them (a huge block or look-around would allocate TBs)
+    block_size = check_positive_int("block_size", block_size, maximum=MAX_BLOCK)
+    look_backward = check_positive_int("look_backward", look_backward, minimum=0, maximum=MAX_BLOCK)
+    look_ahead = check_positive_int("look_ahead", look_ahead, minimum=0, maximum=MAX_BLOCK)
+    scale = _scale(softmax_scale, D)
     if B * S == 0:
         return torch.empty_like(q)
     be = _op.resolve((q, k, v), backend)
