@@ -99,3 +99,15 @@ def run_unpatched_then_patched(model: torch.nn.Module, run, **patch_kwargs):
     finally:
         omni_fast.unpatch(model)
     return want, got, report
+
+
+def assert_graph_replay_matches(run) -> None:
+    """Run ``run()`` eagerly, capture it in a CUDA graph, replay, and assert the replayed output equals the eager one
+    (the check every "captures in a CUDA graph" test makes; CUDA only)."""
+    eager = run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.testing.assert_close(out, eager)

@@ -16,7 +16,7 @@ import torch
 import omni_fast
 from omni_fast import reference
 from omni_fast.compat import flash_attn as fa
-from omni_fast.testing import DEVICE
+from omni_fast.testing import DEVICE, assert_graph_replay_matches
 
 F64 = torch.float64
 TOL = dict(rtol=2e-4, atol=2e-4)
@@ -412,13 +412,7 @@ def test_cuda_graph_capture_varlen_paged():
     used = torch.tensor([30, 20], dtype=torch.int32, device=dev)
     run = (lambda: fa.flash_attn_varlen_func(q, pages, pages, cq, ck, 3, 64, causal=True, block_table=table,  # noqa
                                              seqused_k=used))
-    eager = run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    graph.replay()
-    torch.testing.assert_close(out, eager)
+    assert_graph_replay_matches(run)
 
 
 # --- inference only, bad input ----------------------------------------------------------------------------------

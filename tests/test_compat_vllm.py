@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from omni_fast.compat import vllm
-from omni_fast.testing import DEVICE
+from omni_fast.testing import DEVICE, assert_graph_replay_matches
 
 _REQ = inspect.Parameter.empty
 SIGNATURES = {
@@ -200,13 +200,7 @@ def test_cuda_graph_capture_moe():
         w, ids, _ = vllm.fused_topk(x, logits, 2, True)
         return vllm.fused_experts(x, w1, w2, w, ids)
 
-    eager = step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
-    torch.testing.assert_close(out, eager)
+    assert_graph_replay_matches(step)
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
