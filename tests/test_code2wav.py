@@ -581,7 +581,7 @@ def _random_chunks(rng, T, max_chunk):
 
 
 def _stream(model, codes, sizes):
-    s = model.stream(codes.shape[0])
+    s = model.stream(codes.shape[0], cuda_graphs=False)  # eager (on CUDA graphs are the default)
     out, i = [], 0
     for n in sizes:
         w = s.push(codes[..., i:i + n])
@@ -653,7 +653,7 @@ def _run_with_resets(model, codes, schedule, stream=None):
     """Push ``codes [B, G, T]`` in chunks; ``schedule`` = [(frames, rows reset before the push)]. Returns the
     streamed wav [B, 1, n] and, per row, the (first frame, first sample) of each utterance it decoded."""
     B = codes.shape[0]
-    s = stream or model.stream(B)
+    s = stream or model.stream(B, cuda_graphs=False)
     outs, starts, i, n = [], [[(0, 0)] for _ in range(B)], 0, 0
     for frames, rows in schedule:
         if rows:
@@ -1176,6 +1176,35 @@ def test_cuda_graphs_need_cuda():
     _, model = _models(0)
     with pytest.raises(ValueError, match="CUDA device"):
         model.stream(1, cuda_graphs=True)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
+def test_cuda_graphs_default_off_on_cpu():
+    _, model = _models(0)
+    for m in (model, omni_fast.models.Code2Wav.from_transformers(_hf_model(0), backend="triton")):
+        assert not m.stream(2).cuda_graphs and not m.stream(2, cuda_graphs=False).cuda_graphs
+
+
+@pytest.mark.gpu
+def test_gpu_stream_uses_cuda_graphs_by_default():
+    """On CUDA a stream replays CUDA graphs unless told not to (``cuda_graphs=False``), and the replays equal the
+    eager stream; the reference backend (host reads, not capturable) stays eager."""
+    hf = _hf_model(0).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 30), device=DEVICE)
+    sizes = [1, 4, 4, 21]
+    eager = _stream(model, codes, sizes)
+    s = model.stream(2)
+    assert s.cuda_graphs and not model.stream(2, cuda_graphs=False).cuda_graphs
+    out, i = [], 0
+    for n in sizes:
+        out.append(s.push(codes[..., i:i + n]))
+        i += n
+    assert sorted(s._graphs) == [1, 4, 16]  # 21 = 16 + 4 + 1; the first push (states created) runs eagerly
+    out.append(s.finish())
+    torch.testing.assert_close(torch.cat(out, -1), eager, rtol=1e-4, atol=5e-5)
+    ref_model = omni_fast.models.Code2Wav.from_transformers(hf, backend="reference")
+    assert not ref_model.stream(2).cuda_graphs
 
 
 @pytest.mark.gpu
