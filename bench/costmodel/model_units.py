@@ -118,7 +118,8 @@ def model_units() -> list[Unit]:
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
-            out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "eager",
+            # streaming replays CUDA graphs by default on CUDA (Code2WavStream, cuda_graphs=None)
+            out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "graph",
                             launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f),
                             min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames)))
     return out
