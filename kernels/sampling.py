@@ -225,7 +225,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
     if B and sampling_chunked.applies(V, int(top_k) if flags["TOP_K"] else 0, bool(greedy)):
         # several CTAs per row, one pass over the logits (kernels/sampling_chunked.py)
         return sampling_chunked.sample(
-            logits, out=out, seed=seed, offset=offset, penalty_args=penalty_args, sup=(suppress if n_sup else out, n_sup),
+            logits, out=out, seed=seed, offset=offset, penalty_args=penalty_args,
+            sup=(suppress if n_sup else out, n_sup),
             inv_temperature=1.0 / float(temperature), top_k=int(top_k), one_minus_top_p=1.0 - float(top_p),
             flags=flags, fallback=dict(BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk), NWAY=NWAY))
     launch(

@@ -181,11 +181,31 @@ def _rope_call(T, hq, hk, d, dtype=BF16, section=(24, 20, 20)):
     return lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=section, inv_freq=inv_freq)
 
 
-def _sample_call(B, V, dtype=torch.float32):
+def _sample_call(B, V, dtype=torch.float32, chunk: int | None = None):
+    """``chunk``: run the two-stage sampler (kernels/sampling_chunked.py) on chunks of this many ids (the tiny
+    launch config of a large vocabulary: the same kernels as at 4096-id chunks, a fraction of the interpreter's
+    time)."""
+    import contextlib
+
     from omni_fast import ops
+    from omni_fast.kernels import sampling_chunked
 
     logits = _randn(B, V, dtype=dtype, seed=7)
-    return lambda: ops.sample(logits, top_k=50, top_p=0.8, seed=1)
+
+    @contextlib.contextmanager
+    def chunks():
+        saved = sampling_chunked.CHUNK
+        sampling_chunked.CHUNK = chunk or saved
+        try:
+            yield
+        finally:
+            sampling_chunked.CHUNK = saved
+
+    def call():
+        with chunks():
+            return ops.sample(logits, top_k=50, top_p=0.8, seed=1)
+
+    return call
 
 
 def small_units() -> list[Unit]:
@@ -197,9 +217,12 @@ def small_units() -> list[Unit]:
                         statics={"mrope_kernel": "bf16,D128,norm=True"},
                         min_bytes=2 * 2 * T * 36 * 128 + 3 * 8 * T, flops=0.0, params=dict(T=T)))
     for name, B, V in (("thinker-B1", 1, 152064), ("mtp-B64", 64, 2048)):
+        chunk = 128 if V > 4096 else None  # the two-stage sampler (kernels/sampling_chunked.py), at 128-id chunks
         out.append(Unit(f"sampler-{name}", "sampler", "graph",
-                        launch=lambda V=V, B=B: _sample_call(min(B, 3), min(V, 300)),
+                        launch=lambda V=V, B=B, c=chunk: _sample_call(min(B, 3), min(V, 300), chunk=c),
                         trace=lambda B=B, V=V: _sample_call(B, V), unique=True,
-                        statics={"sample_kernel": "fp32,V2048,topk,topp"},
+                        statics={"sample_kernel": "fp32,V2048,topk,topp",
+                                 "chunk_topk_kernel": "chunk_topk[fp32,V152064,topk,topp]",
+                                 "combine_kernel": "combine[fp32,V152064,topk,topp]"},
                         min_bytes=4 * B * V + 8 * B, flops=0.0, params=dict(B=B, V=V)))
     return out
