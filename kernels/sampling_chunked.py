@@ -4,11 +4,11 @@
 search passes, the top-p mass, up to 8 top-p search passes, the race). With top-k on (``0 < top_k <= KC``) or
 greedy, and a vocabulary of several chunks (the thinker's 152064 ids), this module instead runs:
 
-1. :func:`chunk_topk_kernel`, grid ``(cdiv(V, CHUNK), B)``: each program scores its ``CHUNK`` ids (penalty,
+1. :func:`sample_chunk_topk_kernel`, grid ``(cdiv(V, CHUNK), B)``: each program scores its ``CHUNK`` ids (penalty,
    suppression, temperature: :func:`.sampling.row_scores`) and writes its ``KC`` largest as packed int64 keys
    ``ordered_key(s) << 32 | (2^32 - 1 - id)`` (sorted by score, then lowest id first) to a workspace ``[B, n_chunks,
    KC]``; greedy writes the chunk's largest key only. One pass over the logits, ``n_chunks`` CTAs per row.
-2. :func:`combine_kernel`, grid ``(B,)``: the ``KC`` largest of the ``n_chunks * KC`` candidates. Every id of the
+2. :func:`sample_combine_kernel`, grid ``(B,)``: the ``KC`` largest of the ``n_chunks * KC`` candidates. Every id of the
    row's top-k is among its chunk's ``KC`` candidates (``k <= KC``), so the k-th largest candidate is the row's k-th
    largest score exactly, and the kept set (``s >= kth``) is among the candidates -- unless ties at the threshold
    overflow: a chunk whose smallest candidate still reaches the threshold (it may hold more), or more than ``KC``
@@ -32,7 +32,7 @@ import triton.language as tl
 from .launch import launch, static_case
 from .sampling import gumbel, ordered_key, row_key, row_scores, sample_row
 
-FALLBACK = True  # tests: False marks overflowing rows with -1 instead of sampling them (combine_kernel)
+FALLBACK = True  # tests: False marks overflowing rows with -1 instead of sampling them (sample_combine_kernel)
 KC = 64  # candidates kept per chunk: the largest top_k this path serves (a power of two: tl.topk)
 CHUNK = 4096  # ids per stage-1 program (= the single-CTA kernel's block)
 
@@ -52,7 +52,7 @@ def _unpack(p):
 
 
 @triton.jit
-def chunk_topk_kernel(
+def sample_chunk_topk_kernel(
     logits_ptr, stride_row, V, ws_ptr, n_chunks,
     prev_ptr, stride_prev, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature,
     GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, CHUNK: tl.constexpr, KC: tl.constexpr,
@@ -73,7 +73,7 @@ def chunk_topk_kernel(
 
 
 @triton.jit
-def combine_kernel(
+def sample_combine_kernel(
     ws_ptr, n_chunks, logits_ptr, stride_row, V, out_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride,
     prev_ptr, stride_prev, n_prev, penalty, inv_penalty,
@@ -141,9 +141,9 @@ def sample(logits, *, out, seed, offset, penalty_args: tuple, sup: tuple, inv_te
     n_chunks = triton.cdiv(V, CHUNK)
     ws = torch.empty(B, n_chunks, KC, dtype=torch.int64, device=logits.device)
     common = dict(GREEDY=flags["GREEDY"], PENALTY=flags["PENALTY"], TEMPERATURE=flags["TEMPERATURE"])
-    launch(chunk_topk_kernel, (n_chunks, B), logits, logits.stride(0), V, ws, n_chunks, *penalty_args, *sup,
+    launch(sample_chunk_topk_kernel, (n_chunks, B), logits, logits.stride(0), V, ws, n_chunks, *penalty_args, *sup,
            inv_temperature, **common, CHUNK=CHUNK, KC=KC, num_warps=8, device=logits.device)
-    launch(combine_kernel, (B,), ws, n_chunks, logits, logits.stride(0), V, out,
+    launch(sample_combine_kernel, (B,), ws, n_chunks, logits, logits.stride(0), V, out,
            seed, 1 if seed.numel() > 1 else 0, offset, 1 if offset.numel() > 1 else 0, *penalty_args, *sup,
            inv_temperature, top_k, one_minus_top_p, **common, TOP_P=flags["TOP_P"], KC=KC,
            NCAND=triton.next_power_of_2(n_chunks * KC), NCH=triton.next_power_of_2(n_chunks), **fallback,
@@ -167,10 +167,10 @@ def _register_static_cases() -> None:
     for dt in ("fp32", "bf16"):
         for greedy in (False, True):
             tag = "greedy" if greedy else "topk,topp"
-            static_case(f"sampling_chunked.chunk_topk[{dt},V152064,{tag}]", chunk_topk_kernel,
+            static_case(f"sampling_chunked.chunk_topk[{dt},V152064,{tag}]", sample_chunk_topk_kernel,
                         dict(s1, logits_ptr=f"*{dt}"),
                         dict(GREEDY=greedy, PENALTY=False, TEMPERATURE=True, CHUNK=CHUNK, KC=KC), num_warps=8)
-            static_case(f"sampling_chunked.combine[{dt},V152064,{tag}]", combine_kernel,
+            static_case(f"sampling_chunked.combine[{dt},V152064,{tag}]", sample_combine_kernel,
                         dict(s2, logits_ptr=f"*{dt}"),
                         dict(GREEDY=greedy, PENALTY=False, TEMPERATURE=True, TOP_P=True, KC=KC,
                              NCAND=triton.next_power_of_2(n_chunks * KC), NCH=triton.next_power_of_2(n_chunks),

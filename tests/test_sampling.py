@@ -139,7 +139,7 @@ def test_chunked_draws_equal_reference(small_chunks, monkeypatch, kw):
         b = omni_fast.ops.sample(logits, prev_ids=prev, seed=seed, offset=9, backend="triton", **kw)
         assert torch.equal(a, b), (kw, a, b)
     counts = count_launches(lambda: omni_fast.ops.sample(logits, prev_ids=prev, seed=1, backend="triton", **kw))
-    assert counts.get("triton:chunk_topk_kernel") == 1 and counts.get("triton:combine_kernel") == 1
+    assert counts.get("triton:sample_chunk_topk_kernel") == 1 and counts.get("triton:sample_combine_kernel") == 1
     assert "triton:sample_kernel" not in counts
 
 

@@ -222,7 +222,7 @@ def small_units() -> list[Unit]:
                         launch=lambda V=V, B=B, c=chunk: _sample_call(min(B, 3), min(V, 300), chunk=c),
                         trace=lambda B=B, V=V: _sample_call(B, V), unique=True,
                         statics={"sample_kernel": "fp32,V2048,topk,topp",
-                                 "chunk_topk_kernel": "chunk_topk[fp32,V152064,topk,topp]",
-                                 "combine_kernel": "combine[fp32,V152064,topk,topp]"},
+                                 "sample_chunk_topk_kernel": "chunk_topk[fp32,V152064,topk,topp]",
+                                 "sample_combine_kernel": "combine[fp32,V152064,topk,topp]"},
                         min_bytes=4 * B * V + 8 * B, flops=0.0, params=dict(B=B, V=V)))
     return out
