@@ -1,0 +1,335 @@
+"""The MoE text decoder's decode step (the talker's, and the thinker's) in THREE launches per layer.
+
+Today's step runs ~24 kernels per layer (norm, q/k/v GEMMs, q/k norm + TM-RoPE, KV append, attention (+ split
+combine), o GEMM, norm, router GEMM, top-k, alignment, 4 grouped GEMMs, combines, the shared gate). Here a layer is
+
+1. :func:`qkv_phase_kernel`, grid ``(M tiles, n_q + 2 n_kv)``: one program per (16-row tile, head) computes the
+   head's q, k or v columns with the input RMSNorm in the prologue (:func:`.mtp_gemv.gemv_tile`, ``BLOCK_N`` = head
+   dim), then, per row, the per-head q/k RMSNorm + TM-RoPE (:func:`.rope.mrope_cos_sin`,
+   :func:`.rope.norm_rope_halves`) and the KV-cache append at slot ``cache_seqlens[b]`` (k, v) or q in place. A
+   program owns whole heads, so nothing crosses programs.
+2. :func:`attn_phase_kernel`, grid ``(B, n_q)``: one program per (row, q head) attends over the row's
+   ``cache_seqlens[b] + 1`` keys (:func:`.flash_attn_parts.attend_range`), then multiplies its head's output by its
+   ``[H, D]`` slice of the o weight (``gemv_tile``) into an fp32 partial ``[H]``. The LAST program of the row to
+   finish (a gpu-scope acq_rel counter: no program ever waits) sums the ``n_q`` partials in head order, rounds once
+   (the o projection's rounding), adds the residual and resets the counter.
+3. :func:`moe_phase_kernel`, grid ``(B, parts)``: every program of a row computes the post-attention RMSNorm and
+   the router logits (``gemv_tile``) and the softmax top-k (:func:`.moe_routing.topk_softmax_rows`), the same
+   instructions in every program, so all agree on the routing; then program ``p`` computes one ``BI``-wide chunk of
+   the intermediate of one routed slot (or of the shared expert): SwiGLU of its gate/up rows (``gemv_tile``
+   ``SWIGLU``) and the down projection of that chunk into an fp32 partial ``[H]``. The last program of the row
+   combines: per slot ``round(sum_chunks * routing weight)``, plus ``round(sum_chunks * sigmoid(shared gate))``, one
+   rounding, the residual add (transformers' roundings, as :func:`.moe_gemm.fused_moe` + combine).
+
+No program waits on another (the "last block reduces" pattern of split-K semaphores), so there is no co-residency
+requirement and no deadlock; every reduction runs in a fixed order in one program, so the result does not depend on
+which program finished last (deterministic, and batch invariant: each row is computed by its own programs with
+instructions that do not depend on the batch). Roundings differ from today's ops path only in fp32 summation order
+(o projection split over heads, down projection over chunks, attention key blocks), i.e. an ulp of the model dtype
+on the logits. Design, launches and predicted time: docs/persistent.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attn_parts import attend_range
+from .launch import interpreting, launch, static_case
+from .moe_routing import topk_softmax_rows
+from .mtp_gemv import PLAIN as _PLAIN, SWIGLU as _SWIGLU, gemv_tile
+from .rope import mrope_cos_sin, norm_rope_halves
+
+PLAIN, SWIGLU = tl.constexpr(_PLAIN), tl.constexpr(_SWIGLU)
+LOG2E = 1.4426950408889634
+BLOCK_M = 16  # rows per program of the qkv phase (one tl.dot M tile)
+
+
+@triton.jit
+def qkv_phase_kernel(
+    x_ptr, nw_ptr, wq_ptr, wk_ptr, wv_ptr, qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, pos_ptr, inv_freq_ptr, qw_ptr,
+    kw_ptr, M, H, n_q, n_kv, stride_x, stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """x (the residual) ``[M, H]``; wq ``[n_q D, H]``, wk / wv ``[n_kv D, H]``; qkv ``[M, (n_q + 2 n_kv) D]``
+    (q heads, k heads, v heads); caches ``[B, S, n_kv, D]`` (strides ``stride_cb`` / ``stride_ct``, unit head
+    stride D); positions int ``[3, M]``; inv_freq fp32 ``[D/2]``; q/k norm weights ``[D]``."""
+    pid_m = tl.program_id(0)
+    j = tl.program_id(1)  # q heads, then k heads, then v heads
+    DT: tl.constexpr = qkv_ptr.dtype.element_ty
+    kind = (j >= n_q).to(tl.int32) + (j >= n_q + n_kv).to(tl.int32)  # 0 q, 1 k, 2 v
+    n = j - tl.where(kind == 0, 0, tl.where(kind == 1, n_q, n_q + n_kv))  # head index within its projection
+    sec = (j - n) * D  # the projection's first column in qkv
+    width = tl.where(kind == 0, n_q, n_kv) * D
+    w = wq_ptr
+    nw = qw_ptr
+    cache = vc_ptr
+    if kind == 1:
+        w = wk_ptr
+        nw = kw_ptr
+        cache = kc_ptr
+    if kind == 2:
+        w = wv_ptr
+    gemv_tile(pid_m, n, x_ptr, nw_ptr, w, qkv_ptr + sec, seqlens_ptr, x_ptr, M, width, H, stride_x, H, stride_qkv,
+              0, eps, True, PLAIN, False, False, 16, D, BLOCK_K, UPCAST, DOT_PRECISION)
+    tl.debug_barrier()  # the head tile written above is re-read below by other threads of this program
+    offs_j = tl.arange(0, BLOCK_J)
+    mask_j = offs_j < HALF
+    w1 = tl.load(nw + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+    w2 = tl.load(nw + HALF + offs_j, mask=mask_j, other=0.0).to(tl.float32)
+    for r in range(0, 16):
+        row = pid_m * 16 + r
+        if row < M:
+            p = qkv_ptr + row.to(tl.int64) * stride_qkv + sec + n * D + offs_j[None, :]
+            x1 = tl.load(p, mask=mask_j[None, :], other=0.0)
+            x2 = tl.load(p + HALF, mask=mask_j[None, :], other=0.0)
+            if kind < 2:
+                cos, sin = mrope_cos_sin(pos_ptr, stride_pos_row, row.to(tl.int64), inv_freq_ptr, offs_j, mask_j,
+                                         scaling, DT, SEC_T, SEC_H, SEC_W, INTERLEAVED)
+                o1, o2 = norm_rope_halves(x1, x2, w1, w2, cos[None, :], sin[None, :], eps, 2 * HALF, True)
+                x1 = o1.to(DT)
+                x2 = o2.to(DT)
+            if kind == 0:
+                tl.store(p, x1, mask=mask_j[None, :])
+                tl.store(p + HALF, x2, mask=mask_j[None, :])
+            else:
+                # slot cache_seqlens[row]; a full cache drops the token (as append_kv_kernel), never overflows
+                slot = tl.load(seqlens_ptr + row)
+                slots = offs_j[None, :] * 0 + slot  # a vector mask (the interpreter needs it)
+                ok = mask_j[None, :] & (slots >= 0) & (slots < capacity)
+                slot = tl.minimum(tl.maximum(slot, 0), capacity - 1).to(tl.int64)
+                c = cache + row.to(tl.int64) * stride_cb + slot * stride_ct + n * D + offs_j[None, :]
+                tl.store(c, x1, mask=ok)
+                tl.store(c + HALF, x2, mask=ok)
+
+
+@triton.jit
+def _add_rows_to_residual(part_ptr, n_rows, resid_ptr, H, DT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``resid = round(resid + round(sum_r part[r]))``: fp32 rows ``[n_rows, H]`` summed in row order."""
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for r in range(n_rows):
+        acc += tl.load(part_ptr + r * H + offs, mask=mask, other=0.0)
+    x = tl.load(resid_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(resid_ptr + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
+
+
+@triton.jit
+def attn_phase_kernel(
+    qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, resid_ptr, ctr_ptr,
+    H, n_q, stride_qkv, stride_o, stride_resid, stride_cb, stride_ct, capacity, qk_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """q from the qkv buffer (after the qkv phase), caches ``[B, S, n_kv, D]`` already holding this token at
+    ``cache_seqlens[b]``; o ``[B, n_q D]`` (model dtype), part fp32 ``[B, n_q, H]``, ctr int32 ``[B]`` (zero
+    between launches); wo ``[H, n_q D]``; resid ``[B, H]`` updated in place. ``qk_scale`` = scale * log2(e)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
+    offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile
+    offs_d = tl.arange(0, D)
+    mask_d = offs_d < D
+    first = (offs_r == 0)[:, None] & mask_d[None, :]
+    q = tl.load(qkv_ptr + b * stride_qkv + h * D + offs_r[:, None] * 0 + offs_d[None, :], mask=first, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qpos = offs_r * 0 + len_k - 1
+    kv = b * stride_cb + (h // GROUP) * D
+    acc = tl.zeros((16, D), dtype=tl.float32)
+    m_i = tl.full((16,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((16,), dtype=tl.float32)
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, 0, len_k, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
+                                 seqlens_ptr, 0, stride_ct, 0, stride_ct, 1, 1, len_k, 0, capacity, 0, qk_scale, 0.0,
+                                 tl.zeros((16,), dtype=tl.float32), offs_d, mask_d, BLOCK_N, False, UPCAST, PREC,
+                                 True, 1, False, False, False)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_row = o_ptr + b * stride_o + h * D
+    tl.store(o_row + offs_r[:, None] * 0 + offs_d[None, :], out.to(DT), mask=first)
+    tl.debug_barrier()  # the head's output row is re-read by the o-projection below (other threads)
+    part = part_ptr + (b * n_q + h) * H
+    for n in range(0, tl.cdiv(H, BLOCK_NO)):
+        gemv_tile(0, n, o_row, wo_ptr, wo_ptr + h * D, part, seqlens_ptr, o_row, 1, H, D, stride_o, n_q * D, H, 0,
+                  0.0, False, PLAIN, False, False, 16, BLOCK_NO, D, UPCAST, PREC)
+    # every thread's partial is written before the release; the last program's acquire sees all n_q partials
+    tl.debug_barrier()
+    done = tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if done == n_q - 1:
+        tl.debug_barrier()
+        _add_rows_to_residual(part_ptr + b * n_q * H, n_q, resid_ptr + b * stride_resid, H, DT, BLOCK_H)
+        tl.store(ctr_ptr + b, 0)  # ready for the next layer / step (a kernel boundary orders it)
+
+
+@triton.jit
+def _moe_combine_row(resid_row, nw_ptr, sg_ptr, lrow, part_ptr, vals, H, stride_resid, n_chunks, n_shared, eps,
+                     DT: tl.constexpr, TOP_K: tl.constexpr, SHARED: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_TK: tl.constexpr, BK_H: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The last program of a row: ``resid += round(sum_j round(y_j * w_j) + round(y_s * sigmoid(x.g)))`` with
+    ``y`` the fp32 sums of the chunk partials (``part_ptr``: this row's ``[parts, H]``)."""
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    offs_k = tl.arange(0, BLOCK_TK)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        wj = tl.sum(tl.where(offs_k[None, :] == j, vals, 0.0)).to(DT).to(tl.float32)  # transformers rounds it
+        s = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for c in range(n_chunks):
+            s += tl.load(part_ptr + (j * n_chunks + c) * H + offs, mask=mask, other=0.0)
+        acc += (s * wj).to(DT).to(tl.float32)
+    if SHARED:
+        # the shared expert's gate logit x.g (normalised x, rounded like F.linear), then sigmoid rounded to DT
+        gemv_tile(0, 0, resid_row, nw_ptr, sg_ptr, lrow + BLOCK_E, sg_ptr, resid_row, 1, 1, H, stride_resid, H, 16,
+                  0, eps, True, PLAIN, False, False, 16, 16, BK_H, UPCAST, PREC)
+        tl.debug_barrier()
+        g = tl.load(lrow + BLOCK_E).to(tl.float32)
+        gate = (1.0 / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+        s = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for c in range(n_shared):
+            s += tl.load(part_ptr + (TOP_K * n_chunks + c) * H + offs, mask=mask, other=0.0)
+        acc += (s * gate).to(DT).to(tl.float32)
+    x = tl.load(resid_row + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(resid_row + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
+
+
+@triton.jit
+def moe_phase_kernel(
+    resid_ptr, nw_ptr, router_ptr, w13_ptr, w2_ptr, sw13_ptr, sw2_ptr, sg_ptr, logit_ptr, act_ptr, part_ptr, ctr_ptr,
+    H, E, I, IS, stride_resid, n_chunks, n_shared, act_width, eps,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_TK: tl.constexpr, BI: tl.constexpr, BK_H: tl.constexpr, BN_H: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """resid ``[B, H]`` (updated in place), post-attention norm weight ``[H]``, router ``[E, H]``, w13 ``[E, 2I, H]``,
+    w2 ``[E, H, I]``, shared sw13 ``[2 IS, H]`` / sw2 ``[H, IS]`` / gate ``[1, H]``; scratch per (row, program):
+    logits ``[BLOCK_E + 16]`` (model dtype), act ``[act_width]`` (model dtype), part fp32 ``[H]``; ctr int32 ``[B]``.
+    Program ``p < TOP_K * n_chunks`` takes chunk ``p % n_chunks`` of slot ``p // n_chunks``, the others chunk
+    ``p - TOP_K * n_chunks`` of the shared expert."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    DT: tl.constexpr = resid_ptr.dtype.element_ty
+    x = resid_ptr + b * stride_resid
+    slot = b * P + p
+    lrow = logit_ptr + slot * (BLOCK_E + 16)
+    # 1. router logits of the normalised row (every program: the same instructions, the same routing)
+    for n in range(0, tl.cdiv(E, 16)):
+        gemv_tile(0, n, x, nw_ptr, router_ptr, lrow, router_ptr, x, 1, E, H, stride_resid, H, 16, 0, eps, True,
+                  PLAIN, False, False, 16, 16, BK_H, UPCAST, PREC)
+    tl.debug_barrier()
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    logits = tl.load(lrow + offs_e[None, :], mask=mask_e[None, :], other=float("-inf")).to(tl.float32)
+    vals, ids = topk_softmax_rows(logits, tl.zeros((1,), dtype=tl.int32) == 0, offs_e, mask_e, TOP_K, RENORMALIZE,
+                                  BLOCK_E, BLOCK_TK)
+    # 2. this program's chunk: SwiGLU of BI intermediate columns, then their share of the down projection
+    c = p - TOP_K * n_chunks  # a shared-expert chunk ...
+    w1 = sw13_ptr
+    w2 = sw2_ptr
+    width = IS
+    if p < TOP_K * n_chunks:  # ... or chunk c of routed slot j
+        j = p // n_chunks
+        c = p % n_chunks
+        e = tl.sum(tl.where(tl.arange(0, BLOCK_TK)[None, :] == j, ids, 0)).to(tl.int64)
+        w1 = w13_ptr + e * (2 * I * H)
+        w2 = w2_ptr + e * (H * I)
+        width = I
+    arow = act_ptr + slot * act_width
+    gemv_tile(0, c, x, nw_ptr, w1, arow, w1, x, 1, width, H, stride_resid, H, act_width, 0, eps, True, SWIGLU,
+              False, False, 16, BI, BK_H, UPCAST, PREC)
+    tl.debug_barrier()
+    k_chunk = tl.minimum(width - c * BI, BI)
+    prow = part_ptr + slot * H
+    for n in range(0, tl.cdiv(H, BN_H)):
+        gemv_tile(0, n, arow + c * BI, nw_ptr, w2 + c * BI, prow, w2, arow, 1, H, k_chunk, act_width, width, H, 0,
+                  0.0, False, PLAIN, False, False, 16, BN_H, BI, UPCAST, PREC)
+    # 3. the last program of the row combines (release of every thread's partial / acquire of all of them)
+    tl.debug_barrier()
+    done = tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel", scope="gpu")
+    if done == P - 1:
+        tl.debug_barrier()
+        _moe_combine_row(x, nw_ptr, sg_ptr, lrow, part_ptr + b * P * H, vals, H, stride_resid, n_chunks, n_shared,
+                         eps, DT, TOP_K, SHARED, BLOCK_E, BLOCK_TK, BK_H, BLOCK_H, UPCAST, PREC)
+        tl.store(ctr_ptr + b, 0)
+
+
+# --- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bk(K: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(max(K, 1))))
+
+
+def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm,
+              eps: float, mrope_section, interleaved: bool, scaling: float) -> None:
+    """Phase 1 (see the module doc). x ``[M, H]``, qkv ``[M, (n_q + 2 n_kv) D]`` (contiguous), caches
+    ``[>= M, S, n_kv, D]`` (contiguous), cache_seqlens int32 ``[>= M]``, positions int64 ``[3, M]``."""
+    M, H = x.shape
+    D = q_norm.shape[0]
+    n_q, n_kv = wq.shape[0] // D, wk.shape[0] // D
+    launch(qkv_phase_kernel, (triton.cdiv(M, BLOCK_M), n_q + 2 * n_kv), x, norm_weight, wq, wk, wv, qkv, k_cache,
+           v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm, M, H, n_q, n_kv, x.stride(0), qkv.stride(0),
+           k_cache.stride(0), k_cache.stride(1), positions.stride(0), k_cache.shape[1], float(scaling), float(eps),
+           D=D, HALF=D // 2, BLOCK_J=triton.next_power_of_2(D // 2), BLOCK_K=_bk(H),
+           SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),
+           INTERLEAVED=bool(interleaved), UPCAST=interpreting(), DOT_PRECISION=_prec(x.dtype), num_warps=4,
+           device=x.device)
+
+
+def attn_phase(qkv, k_cache, v_cache, cache_seqlens, o, wo, part, resid, counters, scale: float) -> None:
+    """Phase 2. o ``[M, n_q D]``, part fp32 ``[M, n_q, H]``, counters int32 ``[M]`` (zero), resid ``[M, H]``."""
+    M, H = resid.shape
+    n_q, D = part.shape[1], k_cache.shape[3]
+    group = n_q // k_cache.shape[2]
+    launch(attn_phase_kernel, (M, n_q), qkv, k_cache, v_cache, cache_seqlens, o, wo, part, resid, counters,
+           H, n_q, qkv.stride(0), o.stride(0), resid.stride(0), k_cache.stride(0), k_cache.stride(1),
+           k_cache.shape[1], float(scale) * LOG2E, GROUP=group, D=D, BLOCK_N=64 if D <= 128 else 32,
+           BLOCK_NO=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
+           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
+
+
+def moe_layout(top_k: int, inter: int, shared_inter: int, block_i: int) -> tuple[int, int, int]:
+    """(routed chunks per slot, shared chunks, programs per row) for chunks of ``block_i`` intermediate columns."""
+    n_chunks, n_shared = triton.cdiv(inter, block_i), triton.cdiv(shared_inter, block_i) if shared_inter else 0
+    return n_chunks, n_shared, top_k * n_chunks + n_shared
+
+
+def moe_block_i(inter: int, shared_inter: int) -> int:
+    """Intermediate columns per program: 128 at the real shapes (I 384 / 768: 3 + 6 chunks), smaller when tiny."""
+    return max(16, min(128, triton.next_power_of_2(max(inter, shared_inter or 1))))
+
+
+def moe_phase(resid, norm_weight, router, w13, w2, shared_w13, shared_w2, shared_gate, top_k: int,
+              renormalize: bool, logits, act, part, counters, eps: float) -> None:
+    """Phase 3. Scratch from :func:`moe_scratch_shapes`; counters int32 ``[M]`` (zero)."""
+    M, H = resid.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    shared = shared_w13 is not None
+    shared_inter = shared_w13.shape[0] // 2 if shared else 0
+    bi = moe_block_i(inter, shared_inter)
+    n_chunks, n_shared, parts = moe_layout(top_k, inter, shared_inter, bi)
+    launch(moe_phase_kernel, (M, parts), resid, norm_weight, router, w13, w2,
+           shared_w13 if shared else w13, shared_w2 if shared else w2, shared_gate if shared else router,
+           logits, act, part, counters, H, E, inter, shared_inter, resid.stride(0), n_chunks, n_shared,
+           act.shape[-1], float(eps), TOP_K=int(top_k), RENORMALIZE=bool(renormalize), SHARED=shared,
+           BLOCK_E=triton.next_power_of_2(E), BLOCK_TK=triton.next_power_of_2(top_k), BI=bi, BK_H=_bk(H),
+           BN_H=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
+           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
+
+
+def moe_scratch_shapes(M: int, H: int, E: int, top_k: int, inter: int, shared_inter: int):
+    """Shapes of (logits [model dtype], act [model dtype], part [fp32]) for :func:`moe_phase`."""
+    bi = moe_block_i(inter, shared_inter)
+    _, _, parts = moe_layout(top_k, inter, shared_inter, bi)
+    width = triton.cdiv(max(inter, shared_inter), bi) * bi
+    return (M, parts, triton.next_power_of_2(E) + 16), (M, parts, width), (M, parts, H)
