@@ -2,7 +2,8 @@
 
 Three Triton launches per layer (:mod:`omni_fast.kernels.talker_fused`: qkv + q/k norm + TM-RoPE + KV append;
 attention + o projection + residual; RMSNorm + router + top-k + experts + shared expert + combine + residual), plus
-per step: the residual copy of the input, the final RMSNorm, the head GEMM and the cache-length increment. Static
+per step: the residual copy of the input, the final RMSNorm, the head (a batch-invariant GEMV) and the
+cache-length increment. Static
 shapes, no host sync: the step is captured in a CUDA graph like the ops path. Design: docs/persistent.md.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
     from .text_decoder import MoeTextDecoder, _State
@@ -59,6 +59,7 @@ class FusedWorkspace:
 def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of the bucket's rows (what the CUDA graph captures). Returns ``(logits, hidden)``."""
     from ..kernels import talker_fused as tf
+    from ..kernels.mtp_gemv import norm_linear
     from ..kernels.mtp_layers import add_rms_norm_
 
     c = dec.config
@@ -74,4 +75,5 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
                      ws.counters[1], c.rms_norm_eps)
     st.cache_seqlens.add_(1)  # every layer appended this token
     x = add_rms_norm_(resid, None, dec.norm, c.rms_norm_eps)
-    return F.linear(x, dec.head), x
+    # the head as the batch-invariant GEMV (cuBLAS / torch's mm may pick a different reduction per batch size)
+    return norm_linear(x, None, dec.head, 0.0, False), x
