@@ -165,19 +165,20 @@ def attn_phase_kernel(
         tl.store(ctr_ptr + b, 0)  # ready for the next layer / step (a kernel boundary orders it)
 
 
-@triton.jit
-def _moe_combine_row(resid_row, nw_ptr, sg_ptr, lrow, part_ptr, vals, H, stride_resid, n_chunks, n_shared, eps,
+@triton.jit(noinline=True)
+def _moe_combine_row(resid_row, nw_ptr, sg_ptr, lrow, part_ptr, H, stride_resid, n_chunks, n_shared, eps,
                      DT: tl.constexpr, TOP_K: tl.constexpr, SHARED: tl.constexpr, BLOCK_E: tl.constexpr,
                      BLOCK_TK: tl.constexpr, BK_H: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
                      PREC: tl.constexpr):
     """The last program of a row: ``resid += round(sum_j round(y_j * w_j) + round(y_s * sigmoid(x.g)))`` with
-    ``y`` the fp32 sums of the chunk partials (``part_ptr``: this row's ``[parts, H]``)."""
+    ``y`` the fp32 sums of the chunk partials (``part_ptr``: this row's ``[parts, H]``) and ``w_j`` the routing
+    weights, already rounded to the model dtype, at ``lrow[BLOCK_E + 16 + j]`` (a noinline function takes scalars
+    only: noinline keeps this tail's registers out of the main body, which spilled with it inlined)."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
-    offs_k = tl.arange(0, BLOCK_TK)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        wj = tl.sum(tl.where(offs_k[None, :] == j, vals, 0.0)).to(DT).to(tl.float32)  # transformers rounds it
+        wj = tl.load(lrow + BLOCK_E + 16 + j).to(tl.float32)
         s = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for c in range(n_chunks):
             s += tl.load(part_ptr + (j * n_chunks + c) * H + offs, mask=mask, other=0.0)
@@ -207,7 +208,7 @@ def moe_phase_kernel(
 ):
     """resid ``[B, H]`` (updated in place), post-attention norm weight ``[H]``, router ``[E, H]``, w13 ``[E, 2I, H]``,
     w2 ``[E, H, I]``, shared sw13 ``[2 IS, H]`` / sw2 ``[H, IS]`` / gate ``[1, H]``; scratch per (row, program):
-    logits ``[BLOCK_E + 16]`` (model dtype), act ``[act_width]`` (model dtype), part fp32 ``[H]``; ctr int32 ``[B]``.
+    logits ``[BLOCK_E + 32]`` (model dtype), act ``[act_width]`` (model dtype), part fp32 ``[H]``; ctr int32 ``[B]``.
     Program ``p < TOP_K * n_chunks`` takes chunk ``p % n_chunks`` of slot ``p // n_chunks``, the others chunk
     ``p - TOP_K * n_chunks`` of the shared expert."""
     b = tl.program_id(0).to(tl.int64)
@@ -216,7 +217,7 @@ def moe_phase_kernel(
     DT: tl.constexpr = resid_ptr.dtype.element_ty
     x = resid_ptr + b * stride_resid
     slot = b * P + p
-    lrow = logit_ptr + slot * (BLOCK_E + 16)
+    lrow = logit_ptr + slot * (BLOCK_E + 32)  # E logits, the shared gate logit at BLOCK_E, weights at BLOCK_E + 16
     # 1. router logits of the normalised row (every program: the same instructions, the same routing)
     for n in range(0, tl.cdiv(E, 16)):
         gemv_tile(0, n, x, nw_ptr, router_ptr, lrow, router_ptr, x, 1, E, H, stride_resid, H, 16, 0, eps, True,
@@ -240,8 +241,9 @@ def moe_phase_kernel(
         w2 = w2_ptr + e * (H * I)
         width = I
     arow = act_ptr + slot * act_width
-    gemv_tile(0, c, x, nw_ptr, w1, arow, w1, x, 1, width, H, stride_resid, H, act_width, 0, eps, True, SWIGLU,
-              False, False, 16, BI, BK_H, UPCAST, PREC)
+    for t in range(0, BI // 16):  # 16-column tiles: the MTP GEMV's proven tile (16 x BK_H, two accumulators)
+        gemv_tile(0, c * (BI // 16) + t, x, nw_ptr, w1, arow, w1, x, 1, width, H, stride_resid, H, act_width, 0,
+                  eps, True, SWIGLU, False, False, 16, 16, BK_H, UPCAST, PREC)
     tl.debug_barrier()
     k_chunk = tl.minimum(width - c * BI, BI)
     prow = part_ptr + slot * H
@@ -252,8 +254,11 @@ def moe_phase_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel", scope="gpu")
     if done == P - 1:
+        offs_k = tl.arange(0, BLOCK_TK)
+        # transformers rounds the routing weights to the model dtype
+        tl.store(lrow + BLOCK_E + 16 + offs_k[None, :], vals.to(DT), mask=offs_k[None, :] < TOP_K)
         tl.debug_barrier()
-        _moe_combine_row(x, nw_ptr, sg_ptr, lrow, part_ptr + b * P * H, vals, H, stride_resid, n_chunks, n_shared,
+        _moe_combine_row(x, nw_ptr, sg_ptr, lrow, part_ptr + b * P * H, H, stride_resid, n_chunks, n_shared,
                          eps, DT, TOP_K, SHARED, BLOCK_E, BLOCK_TK, BK_H, BLOCK_H, UPCAST, PREC)
         tl.store(ctr_ptr + b, 0)
 
@@ -332,4 +337,53 @@ def moe_scratch_shapes(M: int, H: int, E: int, top_k: int, inter: int, shared_in
     bi = moe_block_i(inter, shared_inter)
     _, _, parts = moe_layout(top_k, inter, shared_inter, bi)
     width = triton.cdiv(max(inter, shared_inter), bi) * bi
-    return (M, parts, triton.next_power_of_2(E) + 16), (M, parts, width), (M, parts, H)
+    return (M, parts, triton.next_power_of_2(E) + 32), (M, parts, width), (M, parts, H)
+
+
+# --- sm_90a static compile cases: the real talker (H 1024, 16 q / 2 kv heads of 128, 128 experts top-6, I 384,
+# shared I 768) and thinker (H 2048, 32 / 4 heads, top-8, I 768, no shared expert) -------------------------------
+
+def _sig(names_ptr: dict, ints: tuple, floats: tuple, consts: tuple) -> dict:
+    sig = dict(names_ptr)
+    sig.update({n: "i32" for n in ints})
+    sig.update({n: "fp32" for n in floats})
+    sig.update({n: "constexpr" for n in consts})
+    return sig
+
+
+def _register_static_cases() -> None:
+    dt = "bf16"
+    for part, H, nq, nk, E, k, inter, shared in (("talker", 1024, 16, 2, 128, 6, 384, 768),
+                                                 ("thinker", 2048, 32, 4, 128, 8, 768, 0)):
+        ptr = {n: f"*{dt}" for n in ("x_ptr", "nw_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "qkv_ptr", "kc_ptr", "vc_ptr")}
+        ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}")
+        static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", qkv_phase_kernel,
+                    _sig(ptr, ("M", "H", "n_q", "n_kv", "stride_x", "stride_qkv", "stride_cb", "stride_ct",
+                               "stride_pos_row", "capacity"), ("scaling", "eps"),
+                         ("D", "HALF", "BLOCK_J", "BLOCK_K", "SEC_T", "SEC_H", "SEC_W", "INTERLEAVED", "UPCAST",
+                          "DOT_PRECISION")),
+                    dict(D=128, HALF=64, BLOCK_J=64, BLOCK_K=256, SEC_T=24, SEC_H=20, SEC_W=20, INTERLEAVED=True,
+                         UPCAST=False, DOT_PRECISION="tf32"),
+                    aligned=("H", "stride_x", "stride_qkv", "stride_cb", "stride_ct"))
+        ptr = {n: f"*{dt}" for n in ("qkv_ptr", "kc_ptr", "vc_ptr", "o_ptr", "wo_ptr", "resid_ptr")}
+        ptr.update(seqlens_ptr="*i32", part_ptr="*fp32", ctr_ptr="*i32")
+        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", attn_phase_kernel,
+                    _sig(ptr, ("H", "n_q", "stride_qkv", "stride_o", "stride_resid", "stride_cb", "stride_ct",
+                               "capacity"), ("qk_scale",),
+                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_H", "UPCAST", "PREC")),
+                    dict(GROUP=nq // nk, D=128, BLOCK_N=64, BLOCK_NO=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
+                    aligned=("H", "stride_qkv", "stride_o", "stride_resid", "stride_cb", "stride_ct"))
+        ptr = {n: f"*{dt}" for n in ("resid_ptr", "nw_ptr", "router_ptr", "w13_ptr", "w2_ptr", "sw13_ptr", "sw2_ptr",
+                                     "sg_ptr", "logit_ptr", "act_ptr")}
+        ptr.update(part_ptr="*fp32", ctr_ptr="*i32")
+        static_case(f"moe_phase_kernel[{dt},{part} H{H} E{E} k{k} I{inter}{f' shared {shared}' if shared else ''}]",
+                    moe_phase_kernel,
+                    _sig(ptr, ("H", "E", "I", "IS", "stride_resid", "n_chunks", "n_shared", "act_width"), ("eps",),
+                         ("TOP_K", "RENORMALIZE", "SHARED", "BLOCK_E", "BLOCK_TK", "BI", "BK_H", "BN_H", "BLOCK_H",
+                          "UPCAST", "PREC")),
+                    dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=128, BK_H=256,
+                         BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
+                    aligned=("H", "I", "IS", "stride_resid", "act_width"))
+
+
+_register_static_cases()

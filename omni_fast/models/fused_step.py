@@ -27,6 +27,8 @@ def unsupported(dec: "MoeTextDecoder") -> str | None:
     for i, layer in enumerate(dec.layers):
         if not layer.moe:
             return f"layer {i} is dense (mlp_only_layers): the fused step needs MoE layers"
+        if layer.top_k > 16:
+            return f"layer {i} routes to {layer.top_k} experts (the fused step supports top_k <= 16)"
         if layer.w2 is None:
             return f"layer {i} has quantized experts: the fused step needs float experts"
         if any(t is not None for t in (layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias)):
