@@ -49,16 +49,20 @@ BLOCK_M = 16  # rows per program of the qkv phase (one tl.dot M tile)
 @triton.jit
 def qkv_phase_kernel(
     x_ptr, nw_ptr, wq_ptr, wk_ptr, wv_ptr, qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, pos_ptr, inv_freq_ptr, qw_ptr,
-    kw_ptr, M, H, n_q, n_kv, stride_x, stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps,
+    kw_ptr, ctr_ptr, M, H, n_q, n_kv, stride_x, stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """x (the residual) ``[M, H]``; wq ``[n_q D, H]``, wk / wv ``[n_kv D, H]``; qkv ``[M, (n_q + 2 n_kv) D]``
     (q heads, k heads, v heads); caches ``[B, S, n_kv, D]`` (strides ``stride_cb`` / ``stride_ct``, unit head
-    stride D); positions int ``[3, M]``; inv_freq fp32 ``[D/2]``; q/k norm weights ``[D]``."""
+    stride D); positions int ``[3, M]``; inv_freq fp32 ``[D/2]``; q/k norm weights ``[D]``; ctr int32
+    ``[M tiles, n_q + 2 n_kv]`` (zero between launches). Program ``(pid_m, j * D/16 + t)`` computes the 16-column
+    tile t of head j; the head's last tile to finish runs the per-row epilogue (norm, RoPE, cache append)."""
     pid_m = tl.program_id(0)
-    j = tl.program_id(1)  # q heads, then k heads, then v heads
+    TPH: tl.constexpr = D // 16  # 16-column GEMV tiles per head (every SM streams weights at B = 1)
+    j = tl.program_id(1) // TPH  # q heads, then k heads, then v heads
+    t = tl.program_id(1) % TPH
     DT: tl.constexpr = qkv_ptr.dtype.element_ty
     kind = (j >= n_q).to(tl.int32) + (j >= n_q + n_kv).to(tl.int32)  # 0 q, 1 k, 2 v
     n = j - tl.where(kind == 0, 0, tl.where(kind == 1, n_q, n_q + n_kv))  # head index within its projection
@@ -73,9 +77,27 @@ def qkv_phase_kernel(
         cache = kc_ptr
     if kind == 2:
         w = wv_ptr
-    gemv_tile(pid_m, n, x_ptr, nw_ptr, w, qkv_ptr + sec, seqlens_ptr, x_ptr, M, width, H, stride_x, H, stride_qkv,
-              0, eps, True, PLAIN, False, False, 16, D, BLOCK_K, UPCAST, DOT_PRECISION)
-    tl.debug_barrier()  # the head tile written above is re-read below by other threads of this program
+    gemv_tile(pid_m, n * TPH + t, x_ptr, nw_ptr, w, qkv_ptr + sec, seqlens_ptr, x_ptr, M, width, H, stride_x, H,
+              stride_qkv, 0, eps, True, PLAIN, False, False, 16, 16, BLOCK_K, UPCAST, DOT_PRECISION)
+    # release this tile; the head's last tile (acquire: it sees every tile of the head) finishes the head
+    tl.debug_barrier()
+    head_ctr = ctr_ptr + pid_m * (tl.num_programs(1) // TPH) + j
+    done = tl.atomic_add(head_ctr, 1, sem="acq_rel", scope="gpu")
+    if done == TPH - 1:
+        tl.debug_barrier()
+        _qkv_epilogue(qkv_ptr, cache, nw, seqlens_ptr, pos_ptr, inv_freq_ptr, pid_m, M, kind, sec + n * D, n,
+                      stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps, DT, HALF, BLOCK_J,
+                      SEC_T, SEC_H, SEC_W, INTERLEAVED)
+        tl.store(head_ctr, 0)
+
+
+@triton.jit(noinline=True)
+def _qkv_epilogue(qkv_ptr, cache, nw, seqlens_ptr, pos_ptr, inv_freq_ptr, pid_m, M, kind, col, n, stride_qkv,
+                  stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps, DT: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_J: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
+    """Rows of M tile ``pid_m``, one head (columns ``col..col + 2 HALF`` of qkv): q/k RMSNorm + TM-RoPE (kind 0 / 1),
+    then q back in place, k / v (kind 1 / 2) into the cache at slot ``cache_seqlens[row]``."""
     offs_j = tl.arange(0, BLOCK_J)
     mask_j = offs_j < HALF
     w1 = tl.load(nw + offs_j, mask=mask_j, other=0.0).to(tl.float32)
@@ -83,7 +105,7 @@ def qkv_phase_kernel(
     for r in range(0, 16):
         row = pid_m * 16 + r
         if row < M:
-            p = qkv_ptr + row.to(tl.int64) * stride_qkv + sec + n * D + offs_j[None, :]
+            p = qkv_ptr + row.to(tl.int64) * stride_qkv + col + offs_j[None, :]
             x1 = tl.load(p, mask=mask_j[None, :], other=0.0)
             x2 = tl.load(p + HALF, mask=mask_j[None, :], other=0.0)
             if kind < 2:
@@ -101,7 +123,7 @@ def qkv_phase_kernel(
                 slots = offs_j[None, :] * 0 + slot  # a vector mask (the interpreter needs it)
                 ok = mask_j[None, :] & (slots >= 0) & (slots < capacity)
                 slot = tl.minimum(tl.maximum(slot, 0), capacity - 1).to(tl.int64)
-                c = cache + row.to(tl.int64) * stride_cb + slot * stride_ct + n * D + offs_j[None, :]
+                c = cache + row.to(tl.int64) * stride_cb + slot * stride_ct + n * 2 * HALF + offs_j[None, :]
                 tl.store(c, x1, mask=ok)
                 tl.store(c + HALF, x2, mask=ok)
 
@@ -275,14 +297,15 @@ def _bk(K: int) -> int:
 
 
 def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm,
-              eps: float, mrope_section, interleaved: bool, scaling: float) -> None:
+              counters, eps: float, mrope_section, interleaved: bool, scaling: float) -> None:
     """Phase 1 (see the module doc). x ``[M, H]``, qkv ``[M, (n_q + 2 n_kv) D]`` (contiguous), caches
-    ``[>= M, S, n_kv, D]`` (contiguous), cache_seqlens int32 ``[>= M]``, positions int64 ``[3, M]``."""
+    ``[>= M, S, n_kv, D]`` (contiguous), cache_seqlens int32 ``[>= M]``, positions int64 ``[3, M]``, counters
+    int32 ``[cdiv(M, 16) * (n_q + 2 n_kv)]`` (zero)."""
     M, H = x.shape
     D = q_norm.shape[0]
     n_q, n_kv = wq.shape[0] // D, wk.shape[0] // D
-    launch(qkv_phase_kernel, (triton.cdiv(M, BLOCK_M), n_q + 2 * n_kv), x, norm_weight, wq, wk, wv, qkv, k_cache,
-           v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm, M, H, n_q, n_kv, x.stride(0), qkv.stride(0),
+    launch(qkv_phase_kernel, (triton.cdiv(M, BLOCK_M), (n_q + 2 * n_kv) * (D // 16)), x, norm_weight, wq, wk, wv, qkv,
+           k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm, counters, M, H, n_q, n_kv, x.stride(0), qkv.stride(0),
            k_cache.stride(0), k_cache.stride(1), positions.stride(0), k_cache.shape[1], float(scaling), float(eps),
            D=D, HALF=D // 2, BLOCK_J=triton.next_power_of_2(D // 2), BLOCK_K=_bk(H),
            SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),
@@ -356,7 +379,8 @@ def _register_static_cases() -> None:
     for part, H, nq, nk, E, k, inter, shared in (("talker", 1024, 16, 2, 128, 6, 384, 768),
                                                  ("thinker", 2048, 32, 4, 128, 8, 768, 0)):
         ptr = {n: f"*{dt}" for n in ("x_ptr", "nw_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "qkv_ptr", "kc_ptr", "vc_ptr")}
-        ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}")
+        ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}",
+                   ctr_ptr="*i32")
         static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", qkv_phase_kernel,
                     _sig(ptr, ("M", "H", "n_q", "n_kv", "stride_x", "stride_qkv", "stride_cb", "stride_ct",
                                "stride_pos_row", "capacity"), ("scaling", "eps"),

@@ -56,6 +56,8 @@ class FusedWorkspace:
         self.moe_part = torch.empty(part, device=dev, dtype=torch.float32)
         # per-row arrival counters of the two reducing phases; each phase's last program resets its row to 0
         self.counters = torch.zeros(2, bucket, device=dev, dtype=torch.int32)
+        # per (16-row tile, head) counters of the qkv phase (its last 16-column tile finishes the head)
+        self.head_counters = torch.zeros(-(-bucket // 16) * (nq + 2 * nk), device=dev, dtype=torch.int32)
 
 
 def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,7 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
     resid = st.x.clone()  # the residual stream, updated in place by phases 2 and 3
     for layer, (kc, vc) in zip(dec.layers, st.caches):
         tf.qkv_phase(resid, layer.input_norm, layer.q, layer.k, layer.v, ws.qkv, kc, vc, st.cache_seqlens, st.pos,
-                     dec.inv_freq, layer.q_norm, layer.k_norm, c.rms_norm_eps, c.mrope_section, c.interleaved,
+                     dec.inv_freq, layer.q_norm, layer.k_norm, ws.head_counters, c.rms_norm_eps, c.mrope_section, c.interleaved,
                      c.attention_scaling)
         tf.attn_phase(ws.qkv, kc, vc, st.cache_seqlens, ws.o, layer.o, ws.attn_part, resid, ws.counters[0],
                       c.head_dim ** -0.5)
