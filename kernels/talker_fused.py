@@ -128,32 +128,51 @@ def _qkv_epilogue(qkv_ptr, cache, nw, seqlens_ptr, pos_ptr, inv_freq_ptr, pid_m,
                 tl.store(c + HALF, x2, mask=ok)
 
 
-@triton.jit
-def _add_rows_to_residual(part_ptr, n_rows, resid_ptr, H, DT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``resid = round(resid + round(sum_r part[r]))``: fp32 rows ``[n_rows, H]`` summed in row order."""
+@triton.jit(noinline=True)
+def _merge_heads_to_residual(part_ptr, lse_ptr, n_q, S, resid_ptr, H, DT: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
+    """The last program of a row: ``resid = round(resid + round(sum_h sum_s w_hs y_hs))``, ``y_hs`` the fp32 o
+    projection ``[H]`` of head h's split-s output (``part_ptr`` ``[n_q, S, H]``) and ``w_hs`` the split's softmax
+    share (base-2 lse ``[n_q, S]``: ``2^(lse_s - max) / sum``; a split that saw no key has lse -inf, weight 0). In
+    head, then split order: deterministic. With S = 1 every weight is exactly 1."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
+    offs_s = tl.arange(0, BLOCK_S)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for r in range(n_rows):
-        acc += tl.load(part_ptr + r * H + offs, mask=mask, other=0.0)
+    for h in range(n_q):
+        lse = tl.load(lse_ptr + h * S + offs_s, mask=offs_s < S, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        total = tl.sum(w, 0)
+        w = w / tl.where(total > 0.0, total, 1.0)
+        for s in range(S):
+            ws = tl.sum(tl.where(offs_s == s, w, 0.0), 0)
+            acc += ws * tl.load(part_ptr + (h * S + s) * H + offs, mask=mask, other=0.0)
     x = tl.load(resid_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(resid_ptr + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
 
 
 @triton.jit
 def attn_phase_kernel(
-    qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, resid_ptr, ctr_ptr,
-    H, n_q, stride_qkv, stride_o, stride_resid, stride_cb, stride_ct, capacity, qk_scale,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, lse_ptr, resid_ptr, ctr_ptr,
+    H, n_q, stride_qkv, stride_resid, stride_cb, stride_ct, capacity, split_len, qk_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    """q from the qkv buffer (after the qkv phase), caches ``[B, S, n_kv, D]`` already holding this token at
-    ``cache_seqlens[b]``; o ``[B, n_q D]`` (model dtype), part fp32 ``[B, n_q, H]``, ctr int32 ``[B]`` (zero
-    between launches); wo ``[H, n_q D]``; resid ``[B, H]`` updated in place. ``qk_scale`` = scale * log2(e)."""
+    """Grid ``(B, n_q, S)``. q from the qkv buffer (after the qkv phase), caches ``[B, L, n_kv, D]`` already
+    holding this token at ``cache_seqlens[b]``; program (b, h, s) attends to keys ``[s split_len, (s+1) split_len)``
+    of the row's ``cache_seqlens[b] + 1`` and projects its (split-normalised) output by head h's ``[H, D]`` slice of
+    wo ``[H, n_q D]`` (the o projection is linear, so the split merge can follow it). Scratch: o ``[B, S, n_q, D]``
+    (model dtype), part fp32 ``[B, n_q, S, H]``, lse fp32 ``[B, n_q, S]``; ctr int32 ``[B]`` (zero between
+    launches); resid ``[B, H]`` updated in place by the row's last program. ``qk_scale`` = scale * log2(e)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    s = tl.program_id(2)
+    S = tl.num_programs(2)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
+    lo = tl.minimum(s * split_len, len_k)
+    hi = tl.minimum(lo + split_len, len_k)
     offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile
     offs_d = tl.arange(0, D)
     mask_d = offs_d < D
@@ -166,24 +185,28 @@ def attn_phase_kernel(
     acc = tl.zeros((16, D), dtype=tl.float32)
     m_i = tl.full((16,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((16,), dtype=tl.float32)
-    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, 0, len_k, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
+    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, lo, hi, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
                                  seqlens_ptr, 0, stride_ct, 0, stride_ct, 1, 1, len_k, 0, capacity, 0, qk_scale, 0.0,
                                  tl.zeros((16,), dtype=tl.float32), offs_d, mask_d, BLOCK_N, False, UPCAST, PREC,
                                  True, 1, False, False, False)
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_row = o_ptr + b * stride_o + h * D
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    row = (b * n_q + h) * S + s  # this program's (row, head, split)
+    tl.store(lse_ptr + row + offs_r * 0, lse, mask=offs_r == 0)
+    o_row = o_ptr + ((b * S + s) * n_q + h) * D
     tl.store(o_row + offs_r[:, None] * 0 + offs_d[None, :], out.to(DT), mask=first)
     tl.debug_barrier()  # the head's output row is re-read by the o-projection below (other threads)
-    part = part_ptr + (b * n_q + h) * H
     for n in range(0, tl.cdiv(H, BLOCK_NO)):
-        gemv_tile(0, n, o_row, wo_ptr, wo_ptr + h * D, part, seqlens_ptr, o_row, 1, H, D, stride_o, n_q * D, H, 0,
-                  0.0, False, PLAIN, False, False, 16, BLOCK_NO, D, UPCAST, PREC)
-    # every thread's partial is written before the release; the last program's acquire sees all n_q partials
+        gemv_tile(0, n, o_row, wo_ptr, wo_ptr + h * D, part_ptr + row * H, seqlens_ptr, o_row, 1, H, D, D, n_q * D,
+                  H, 0, 0.0, False, PLAIN, False, False, 16, BLOCK_NO, D, UPCAST, PREC)
+    # every thread's partial is written before the release; the last program's acquire sees all of the row's
     tl.debug_barrier()
     done = tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel", scope="gpu")
-    if done == n_q - 1:
+    if done == n_q * S - 1:
         tl.debug_barrier()
-        _add_rows_to_residual(part_ptr + b * n_q * H, n_q, resid_ptr + b * stride_resid, H, DT, BLOCK_H)
+        _merge_heads_to_residual(part_ptr + b * n_q * S * H, lse_ptr + b * n_q * S, n_q, S,
+                                 resid_ptr + b * stride_resid, H, DT, BLOCK_S, BLOCK_H)
         tl.store(ctr_ptr + b, 0)  # ready for the next layer / step (a kernel boundary orders it)
 
 
@@ -250,6 +273,10 @@ def moe_phase_kernel(
     logits = tl.load(lrow + offs_e[None, :], mask=mask_e[None, :], other=float("-inf")).to(tl.float32)
     vals, ids = topk_softmax_rows(logits, tl.zeros((1,), dtype=tl.int32) == 0, offs_e, mask_e, TOP_K, RENORMALIZE,
                                   BLOCK_E, BLOCK_TK)
+    offs_k = tl.arange(0, BLOCK_TK)
+    # the routing weights, rounded to the model dtype as transformers does, for the combine (kept in this
+    # program's scratch row rather than in registers across the expert work)
+    tl.store(lrow + BLOCK_E + 16 + offs_k[None, :], vals.to(DT), mask=offs_k[None, :] < TOP_K)
     # 2. this program's chunk: SwiGLU of BI intermediate columns, then their share of the down projection
     c = p - TOP_K * n_chunks  # a shared-expert chunk ...
     w1 = sw13_ptr
@@ -258,7 +285,7 @@ def moe_phase_kernel(
     if p < TOP_K * n_chunks:  # ... or chunk c of routed slot j
         j = p // n_chunks
         c = p % n_chunks
-        e = tl.sum(tl.where(tl.arange(0, BLOCK_TK)[None, :] == j, ids, 0)).to(tl.int64)
+        e = tl.sum(tl.where(offs_k[None, :] == j, ids, 0)).to(tl.int64)
         w1 = w13_ptr + e * (2 * I * H)
         w2 = w2_ptr + e * (H * I)
         width = I
@@ -276,9 +303,6 @@ def moe_phase_kernel(
     tl.debug_barrier()
     done = tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel", scope="gpu")
     if done == P - 1:
-        offs_k = tl.arange(0, BLOCK_TK)
-        # transformers rounds the routing weights to the model dtype
-        tl.store(lrow + BLOCK_E + 16 + offs_k[None, :], vals.to(DT), mask=offs_k[None, :] < TOP_K)
         tl.debug_barrier()
         _moe_combine_row(x, nw_ptr, sg_ptr, lrow, part_ptr + b * P * H, H, stride_resid, n_chunks, n_shared,
                          eps, DT, TOP_K, SHARED, BLOCK_E, BLOCK_TK, BK_H, BLOCK_H, UPCAST, PREC)
@@ -313,16 +337,34 @@ def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, 
            device=x.device)
 
 
-def attn_phase(qkv, k_cache, v_cache, cache_seqlens, o, wo, part, resid, counters, scale: float) -> None:
-    """Phase 2. o ``[M, n_q D]``, part fp32 ``[M, n_q, H]``, counters int32 ``[M]`` (zero), resid ``[M, H]``."""
+MAX_SPLITS = 8
+MIN_KEYS_PER_SPLIT = 512
+SPLIT_ALIGN = 64  # split boundaries are multiples of the key block: no key is visited by two splits
+
+
+def attn_splits(capacity: int) -> tuple[int, int]:
+    """(splits, keys per split) of the attention phase: from the cache CAPACITY only (not the batch, not the
+    current lengths), so a row's result does not depend on the batch it shares a step with and the launch is static
+    (graph-capturable). Up to 8 splits of >= 512 keys: B x n_q x S programs stream the KV cache (16 x 8 = 128 at
+    B = 1 on the talker)."""
+    splits = max(1, min(MAX_SPLITS, capacity // MIN_KEYS_PER_SPLIT))
+    return splits, triton.cdiv(triton.cdiv(capacity, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def attn_phase(qkv, k_cache, v_cache, cache_seqlens, o, wo, part, lse, resid, counters, scale: float) -> None:
+    """Phase 2. o ``[M, S, n_q, D]``, part fp32 ``[M, n_q, S, H]``, lse fp32 ``[M, n_q, S]`` (S from
+    :func:`attn_splits`), counters int32 ``[M]`` (zero), resid ``[M, H]``."""
     M, H = resid.shape
-    n_q, D = part.shape[1], k_cache.shape[3]
-    group = n_q // k_cache.shape[2]
-    launch(attn_phase_kernel, (M, n_q), qkv, k_cache, v_cache, cache_seqlens, o, wo, part, resid, counters,
-           H, n_q, qkv.stride(0), o.stride(0), resid.stride(0), k_cache.stride(0), k_cache.stride(1),
-           k_cache.shape[1], float(scale) * LOG2E, GROUP=group, D=D, BLOCK_N=64 if D <= 128 else 32,
-           BLOCK_NO=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
-           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
+    n_q, S, D = part.shape[1], part.shape[2], k_cache.shape[3]
+    capacity = k_cache.shape[1]
+    splits, split_len = attn_splits(capacity)
+    assert splits == S
+    launch(attn_phase_kernel, (M, n_q, S), qkv, k_cache, v_cache, cache_seqlens, o, wo, part, lse, resid, counters,
+           H, n_q, qkv.stride(0), resid.stride(0), k_cache.stride(0), k_cache.stride(1), capacity, split_len,
+           float(scale) * LOG2E, GROUP=n_q // k_cache.shape[2], D=D, BLOCK_N=SPLIT_ALIGN,
+           BLOCK_NO=min(64, max(16, triton.next_power_of_2(H))), BLOCK_S=triton.next_power_of_2(S),
+           BLOCK_H=triton.next_power_of_2(H), UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4,
+           device=resid.device)
 
 
 def moe_layout(top_k: int, inter: int, shared_inter: int, block_i: int) -> tuple[int, int, int]:
@@ -332,8 +374,10 @@ def moe_layout(top_k: int, inter: int, shared_inter: int, block_i: int) -> tuple
 
 
 def moe_block_i(inter: int, shared_inter: int) -> int:
-    """Intermediate columns per program: 128 at the real shapes (I 384 / 768: 3 + 6 chunks), smaller when tiny."""
-    return max(16, min(128, triton.next_power_of_2(max(inter, shared_inter or 1))))
+    """Intermediate columns per program: 32 at the real shapes (talker I 384 / shared 768: 6 x 12 + 24 = 96 programs
+    per row, enough to stream the experts on most SMs at B = 1; each program also re-reads the 256 KB router from
+    L2, the price of agreeing on the routing without a wait), 16 when tiny."""
+    return max(16, min(32, triton.next_power_of_2(max(inter, shared_inter or 1))))
 
 
 def moe_phase(resid, norm_weight, router, w13, w2, shared_w13, shared_w2, shared_gate, top_k: int,
@@ -390,13 +434,14 @@ def _register_static_cases() -> None:
                          UPCAST=False, DOT_PRECISION="tf32"),
                     aligned=("H", "stride_x", "stride_qkv", "stride_cb", "stride_ct"))
         ptr = {n: f"*{dt}" for n in ("qkv_ptr", "kc_ptr", "vc_ptr", "o_ptr", "wo_ptr", "resid_ptr")}
-        ptr.update(seqlens_ptr="*i32", part_ptr="*fp32", ctr_ptr="*i32")
-        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", attn_phase_kernel,
-                    _sig(ptr, ("H", "n_q", "stride_qkv", "stride_o", "stride_resid", "stride_cb", "stride_ct",
-                               "capacity"), ("qk_scale",),
-                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_H", "UPCAST", "PREC")),
-                    dict(GROUP=nq // nk, D=128, BLOCK_N=64, BLOCK_NO=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
-                    aligned=("H", "stride_qkv", "stride_o", "stride_resid", "stride_cb", "stride_ct"))
+        ptr.update(seqlens_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32", ctr_ptr="*i32")
+        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128,8 splits]", attn_phase_kernel,
+                    _sig(ptr, ("H", "n_q", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "capacity",
+                               "split_len"), ("qk_scale",),
+                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_S", "BLOCK_H", "UPCAST", "PREC")),
+                    dict(GROUP=nq // nk, D=128, BLOCK_N=64, BLOCK_NO=64, BLOCK_S=8, BLOCK_H=H, UPCAST=False,
+                         PREC="tf32"),
+                    aligned=("H", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "split_len"))
         ptr = {n: f"*{dt}" for n in ("resid_ptr", "nw_ptr", "router_ptr", "w13_ptr", "w2_ptr", "sw13_ptr", "sw2_ptr",
                                      "sg_ptr", "logit_ptr", "act_ptr")}
         ptr.update(part_ptr="*fp32", ctr_ptr="*i32")
@@ -405,7 +450,7 @@ def _register_static_cases() -> None:
                     _sig(ptr, ("H", "E", "I", "IS", "stride_resid", "n_chunks", "n_shared", "act_width"), ("eps",),
                          ("TOP_K", "RENORMALIZE", "SHARED", "BLOCK_E", "BLOCK_TK", "BI", "BK_H", "BN_H", "BLOCK_H",
                           "UPCAST", "PREC")),
-                    dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=128, BK_H=256,
+                    dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=32, BK_H=256,
                          BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
                     aligned=("H", "I", "IS", "stride_resid", "act_width"))
 

@@ -21,11 +21,11 @@ from test_text_decoder import _left_padded, _model, _prefill, _text_positions  #
 TALKER = dict(num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=3)
 
 
-def _decoders(m, head, mask, pos3, fused_flags=(False, True), backend="triton", **kw):
+def _decoders(m, head, mask, pos3, fused_flags=(False, True), backend="triton", max_new_tokens=4, **kw):
     out = []
     for fused in fused_flags:
         dec = MoeTextDecoder.from_transformers(m, head, backend=backend, fused=fused)
-        dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=4, **kw)
+        dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=max_new_tokens, **kw)
         out.append(dec)
     return out
 
@@ -41,24 +41,42 @@ def _steps(decs, B, H, pos, steps, seed=5, dtype=torch.float32):
     return outs
 
 
-def test_fused_step_matches_ops_path_greedy_tokens():
+@pytest.mark.parametrize("max_new_tokens", [4, 1100])
+def test_fused_step_matches_ops_path_greedy_tokens(max_new_tokens):
     """Batch 3 (bucket 4), left padding (cache lengths 6 / 3 / 5), three different TM-RoPE rows, 3 steps: the
-    greedy tokens are identical, logits and hidden equal up to summation order; the counters end at zero."""
+    greedy tokens are identical, logits and hidden equal up to summation order; the counters end at zero. A cache
+    of 1152 takes 2 attention splits (the second one empty: weight 0)."""
     m, head = _model("talker", seed=3, **TALKER)
     mask = _left_padded([6, 3, 5], 6)
     pos3 = _text_positions(mask, rows=(0, 1, 3))
-    ops, fused = _decoders(m, head, mask, pos3)
+    ops, fused = _decoders(m, head, mask, pos3, max_new_tokens=max_new_tokens)
+    assert fused._state.fused.attn_part.shape[2] == (1 if max_new_tokens == 4 else 2)
     want, got = _steps([ops, fused], 3, m.config.hidden_size, pos3[:, :, -1] + 1, steps=3)
     for (lw, hw), (lg, hg) in zip(want, got):
         assert torch.equal(lg.argmax(-1), lw.argmax(-1))
         torch.testing.assert_close(lg, lw, rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(hg, hw, rtol=1e-5, atol=2e-5)
     assert fused.cache_seqlens.tolist() == [9, 6, 8]
-    assert fused._state.fused.counters.abs().sum().item() == 0  # each phase's last program reset its row
+    ws = fused._state.fused
+    assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0  # reset by the last programs
     # the KV caches hold the same keys / values
     for (kc, vc), (kf, vf) in zip(ops._state.caches, fused._state.caches):
         torch.testing.assert_close(kf[:3, :9], kc[:3, :9], rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(vf[:3, :9], vc[:3, :9], rtol=1e-5, atol=2e-5)
+
+
+def test_fused_step_long_cache_two_splits():
+    """700 / 300 cached tokens in a 1152-token cache: row 0's keys span both attention splits (merged by their
+    lse), row 1's only the first."""
+    m, head = _model("talker", seed=8, **TALKER)
+    mask = _left_padded([700, 300], 700)
+    pos3 = _text_positions(mask)
+    ops, fused = _decoders(m, head, mask, pos3, max_new_tokens=400)
+    assert fused._state.fused.attn_part.shape[2] == 2
+    (lw, hw), (lg, hg) = (o[0] for o in _steps([ops, fused], 2, m.config.hidden_size, pos3[0, :, -1] + 1, 1))
+    assert torch.equal(lg.argmax(-1), lw.argmax(-1))
+    torch.testing.assert_close(lg, lw, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(hg, hw, rtol=1e-5, atol=2e-5)
 
 
 def test_fused_step_fp16_greedy_tokens():
@@ -145,13 +163,16 @@ def test_three_launches_per_layer():
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
-def _real_talker(device, layers=4):
+def _real_talker(device, layers=4, tiny=False):
     from omni_fast.bench.cases.decode import _build, _prefill as bench_prefill
 
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: F401
 
-    m, head = _build("talker", device)
+    m, head = _build("talker", device, tiny=tiny, dtype=torch.float32 if tiny else torch.bfloat16)
     m.layers = m.layers[:layers]  # the real layer shapes; decode is per-layer linear
+    m.config.num_hidden_layers = layers
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = m.config.layer_types[:layers]
     return m, head, bench_prefill
 
 

@@ -39,8 +39,8 @@ def unsupported(dec: "MoeTextDecoder") -> str | None:
 class FusedWorkspace:
     """Scratch buffers of one batch bucket (shared by every layer: the layers run one after another)."""
 
-    def __init__(self, dec: "MoeTextDecoder", bucket: int):
-        from ..kernels.talker_fused import moe_scratch_shapes
+    def __init__(self, dec: "MoeTextDecoder", bucket: int, capacity: int):
+        from ..kernels.talker_fused import attn_splits, moe_scratch_shapes
 
         c, dev, dt = dec.config, dec.device, dec.dtype
         nq, nk, d, H = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
@@ -48,8 +48,10 @@ class FusedWorkspace:
         E, two_i, _ = lay.w13.shape
         shared_inter = lay.shared_w13.shape[0] // 2 if lay.shared_w13 is not None else 0
         self.qkv = torch.empty(bucket, (nq + 2 * nk) * d, device=dev, dtype=dt)
-        self.o = torch.empty(bucket, nq * d, device=dev, dtype=dt)
-        self.attn_part = torch.empty(bucket, nq, H, device=dev, dtype=torch.float32)
+        S = attn_splits(capacity)[0]  # split-KV: fp32 partials of B x n_q x S x H (32 MB at B = 64 on the talker)
+        self.o = torch.empty(bucket, S, nq, d, device=dev, dtype=dt)
+        self.attn_part = torch.empty(bucket, nq, S, H, device=dev, dtype=torch.float32)
+        self.attn_lse = torch.empty(bucket, nq, S, device=dev, dtype=torch.float32)
         lg, act, part = moe_scratch_shapes(bucket, H, E, lay.top_k, two_i // 2, shared_inter)
         self.logits = torch.empty(lg, device=dev, dtype=dt)
         self.act = torch.empty(act, device=dev, dtype=dt)
@@ -72,7 +74,8 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
         tf.qkv_phase(resid, layer.input_norm, layer.q, layer.k, layer.v, ws.qkv, kc, vc, st.cache_seqlens, st.pos,
                      dec.inv_freq, layer.q_norm, layer.k_norm, ws.head_counters, c.rms_norm_eps, c.mrope_section, c.interleaved,
                      c.attention_scaling)
-        tf.attn_phase(ws.qkv, kc, vc, st.cache_seqlens, ws.o, layer.o, ws.attn_part, resid, ws.counters[0],
+        tf.attn_phase(ws.qkv, kc, vc, st.cache_seqlens, ws.o, layer.o, ws.attn_part, ws.attn_lse, resid,
+                      ws.counters[0],
                       c.head_dim ** -0.5)
         tf.moe_phase(resid, layer.post_norm, layer.router, layer.w13, layer.w2, layer.shared_w13, layer.shared_w2,
                      layer.shared_gate, layer.top_k, layer.renormalize, ws.logits, ws.act, ws.moe_part,

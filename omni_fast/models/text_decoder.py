@@ -112,7 +112,7 @@ class _State:
         self.pos = torch.zeros(3, bucket, device=dev, dtype=torch.float64 if fractional else torch.int64)
         self.steps_left = 0
         # the phase-fused step's scratch (``fused=True``; integer positions and a Triton-capable backend only)
-        self.fused = FusedWorkspace(dec, bucket) if dec._fused_active(fractional) else None
+        self.fused = FusedWorkspace(dec, bucket, capacity) if dec._fused_active(fractional) else None
         self.graph = None
         self.logits = self.hidden = None
 
