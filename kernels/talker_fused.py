@@ -49,7 +49,8 @@ BLOCK_M = 16  # rows per program of the qkv phase (one tl.dot M tile)
 @triton.jit
 def qkv_phase_kernel(
     x_ptr, nw_ptr, wq_ptr, wk_ptr, wv_ptr, qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, pos_ptr, inv_freq_ptr, qw_ptr,
-    kw_ptr, ctr_ptr, M, H, n_q, n_kv, stride_x, stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling, eps,
+    kw_ptr, ctr_ptr, M, H, n_q, n_kv, stride_x, stride_qkv, stride_cb, stride_ct, stride_pos_row, capacity, scaling,
+    eps,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -329,7 +330,8 @@ def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, 
     D = q_norm.shape[0]
     n_q, n_kv = wq.shape[0] // D, wk.shape[0] // D
     launch(qkv_phase_kernel, (triton.cdiv(M, BLOCK_M), (n_q + 2 * n_kv) * (D // 16)), x, norm_weight, wq, wk, wv, qkv,
-           k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm, counters, M, H, n_q, n_kv, x.stride(0), qkv.stride(0),
+           k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm, counters, M, H, n_q, n_kv,
+           x.stride(0), qkv.stride(0),
            k_cache.stride(0), k_cache.stride(1), positions.stride(0), k_cache.shape[1], float(scaling), float(eps),
            D=D, HALF=D // 2, BLOCK_J=triton.next_power_of_2(D // 2), BLOCK_K=_bk(H),
            SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),

@@ -195,8 +195,10 @@ def _real_talker(device, layers=4, tiny=False):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 8])
 def test_gpu_real_config_bf16_matches_ops_path(B):
-    """The real talker layer shapes in bf16 (4 of 20 layers, prompt 300 with left padding): greedy tokens as the ops
-    path (up to near-ties), logits within bf16 rounding over 3 steps."""
+    """The real talker layer shapes in bf16 (4 of 20 layers, prompt 1200 with left padding in a 2240-token cache: 4
+    attention splits, the keys in 3 of them): greedy tokens as the ops path except near-ties, logits and hidden
+    within bf16 rounding (relative norm; loose like the thinker's bf16 test: a router near-tie may flip an expert),
+    over 3 steps."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
@@ -204,20 +206,24 @@ def test_gpu_real_config_bf16_matches_ops_path(B):
     decs = []
     for fused in (False, True):
         torch.manual_seed(0)  # the same prompt (the bench prefill draws random embeddings) for both decoders
-        cache, mask, nxt = prefill(m, B, 300)
+        cache, mask, nxt = prefill(m, B, 1200)
         dec = MoeTextDecoder.from_transformers(m, head, fused=fused)
-        dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=False)
+        dec.load_prefill(cache, mask, max_new_tokens=1000, use_graph=False)
         decs.append(dec)
     g = torch.Generator(device=dev).manual_seed(0)
     for _ in range(3):
         e = torch.randn(B, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
         (lw, hw), (lg, hg) = (d.step(e, nxt[0]) for d in decs)
-        torch.testing.assert_close(lg.float(), lw.float(), rtol=5e-2, atol=5e-2)
+        for got, want in ((lg, lw), (hg, hw)):
+            err = (got.float() - want.float()).norm() / want.float().norm()
+            assert err < 0.1, err
         top2 = lw.float().topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 0.1
+        clear = (top2[:, 0] - top2[:, 1]) > 0.02 * lw.float().abs().max()
         assert torch.equal(lg.argmax(-1)[clear], lw.argmax(-1)[clear])
         nxt = nxt + 1
-    assert decs[1]._state.fused.counters.abs().sum().item() == 0
+    ws = decs[1]._state.fused
+    assert ws.attn_part.shape[2] == 4
+    assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0
 
 
 @pytest.mark.gpu

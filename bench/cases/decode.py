@@ -4,7 +4,8 @@ Providers (bf16, random weights, a prompt of ``PROMPT`` tokens already in the KV
 text model's forward with its ``DynamicCache`` and padding mask, then the head: what the pipeline runs without
 ``graph_decode``; the new token is cropped off the cache after each call), ``eager``
 (:class:`omni_fast.models.MoeTextDecoder`'s step body run op by op), ``omni_fast`` (the same step replayed as
-one CUDA graph) and ``fused`` (``MoeTextDecoder(fused=True)``: 3 phase-fused launches per layer, graph-replayed). Each omni-fast call rewinds the cache by one token, so every call decodes at the same length.
+one CUDA graph) and ``fused`` (``MoeTextDecoder(fused=True)``: 3 phase-fused launches per layer, graph-replayed).
+Each omni-fast call rewinds the cache by one token, so every call decodes at the same length.
 The thinker is trimmed to ``THINKER_LAYERS`` layers (1.16 GiB each; decode time is per-layer linear, plus the
 0.6 GiB lm_head); the talker has all 20.
 

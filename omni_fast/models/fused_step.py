@@ -72,8 +72,8 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
     resid = st.x.clone()  # the residual stream, updated in place by phases 2 and 3
     for layer, (kc, vc) in zip(dec.layers, st.caches):
         tf.qkv_phase(resid, layer.input_norm, layer.q, layer.k, layer.v, ws.qkv, kc, vc, st.cache_seqlens, st.pos,
-                     dec.inv_freq, layer.q_norm, layer.k_norm, ws.head_counters, c.rms_norm_eps, c.mrope_section, c.interleaved,
-                     c.attention_scaling)
+                     dec.inv_freq, layer.q_norm, layer.k_norm, ws.head_counters, c.rms_norm_eps, c.mrope_section,
+                     c.interleaved, c.attention_scaling)
         tf.attn_phase(ws.qkv, kc, vc, st.cache_seqlens, ws.o, layer.o, ws.attn_part, ws.attn_lse, resid,
                       ws.counters[0],
                       c.head_dim ** -0.5)

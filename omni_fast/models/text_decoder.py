@@ -154,8 +154,8 @@ class MoeTextDecoder:
                           backend: str | None = None, fused: bool = False) -> "MoeTextDecoder":
         """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``; ``thinker.model``
         in transformers before 5.2x) with the thinker's ``lm_head``, or ``Qwen3OmniMoeTalkerModel``
-        (``talker.model``) with the talker's ``codec_head``; ``fused``: see the class doc. The weights are shared with the module (later in-place
-        updates are seen; ``.to()`` needs a new decoder)."""
+        (``talker.model``) with the talker's ``codec_head``; ``fused``: see the class doc. The weights are shared
+        with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
         cfg = text_model.config
         rotary = text_model.rotary_emb
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
