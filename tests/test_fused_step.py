@@ -93,6 +93,19 @@ def test_fused_step_two_row_tiles():
     assert fused._state.fused.head_counters.abs().sum().item() == 0
 
 
+def test_fused_step_thinker_without_shared_expert():
+    """The thinker's decoder (no shared expert, top-2) takes the same fused step."""
+    m, head = _model("thinker", seed=10)
+    mask = _left_padded([4, 2], 4)
+    pos3 = _text_positions(mask, rows=(0, 2, 1))
+    ops, fused = _decoders(m, head, mask, pos3)
+    assert fused._state.fused is not None and getattr(m.layers[0].mlp, "shared_expert", None) is None
+    (lw, hw), (lg, hg) = (o[0] for o in _steps([ops, fused], 2, m.config.hidden_size, pos3[0, :, -1] + 1, 1))
+    assert torch.equal(lg.argmax(-1), lw.argmax(-1))
+    torch.testing.assert_close(lg, lw, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(hg, hw, rtol=1e-5, atol=2e-5)
+
+
 def test_fused_step_fp16_greedy_tokens():
     """fp16 (the interpreter upcasts the dots): greedy tokens as the ops path, logits within fp16 rounding."""
     m, head = _model("talker", seed=4, dtype=torch.float16, **TALKER)
