@@ -23,6 +23,9 @@ What is replaced, and how (transformers' own extension points first, module swap
   no host sync in omni-fast's code.
 - Code2Wav (no extension point): the module's forward runs :class:`omni_fast.models.Code2Wav` (fused conv kernels);
   its ``chunked_decode`` keeps transformers' chunking on top of that forward.
+- Qwen2.5-Omni's talker decode (no extension point): the talker text model's forward hands transformers' prefill KV
+  to :class:`omni_fast.models.MoeTextDecoder` and runs every later step on it
+  (:mod:`omni_fast.integrations.qwen25_talker`).
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
@@ -441,6 +444,13 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       "(one graph replay per frame on CUDA)")] = 1
+        elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:
+            from .integrations.qwen25_talker import talker_model_forward
+
+            _swap_forward(module, talker_model_forward)
+            _pin(module, backend)  # the decoder's ops (models.MoeTextDecoder)
+            counts[(part, f"{cls}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
+                          "(dense SwiGLU, q/k/v bias, contiguous M-RoPE; one graph replay per token on CUDA)")] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
