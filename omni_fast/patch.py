@@ -444,13 +444,10 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       "(one graph replay per frame on CUDA)")] = 1
-        elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:
-            from .integrations.qwen25_talker import talker_model_forward
+        elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:  # decode steps -> models.MoeTextDecoder
+            from .integrations.qwen25_talker import install
 
-            _swap_forward(module, talker_model_forward)
-            _pin(module, backend)  # the decoder's ops (models.MoeTextDecoder)
-            counts[(part, f"{cls}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
-                          "(dense SwiGLU, q/k/v bias, contiguous M-RoPE; one graph replay per token on CUDA)")] = 1
+            counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend)))] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)

@@ -118,4 +118,13 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
     return BaseModelOutputWithPast(last_hidden_state=hidden[:, None], **{cache_keyword(): cache})
 
 
-__all__ = ["FastTalkerCache", "fast_decoder", "talker_model_forward"]
+def install(model: torch.nn.Module, swap_forward, pin) -> str:
+    """What :func:`omni_fast.patch` does to a ``Qwen2_5OmniTalkerModel`` (``swap_forward(module, fn)`` /
+    ``pin(module)``: patch's own helpers, undone by ``unpatch``); returns the report line."""
+    swap_forward(model, talker_model_forward)
+    pin(model)  # the decoder's ops run on patch(backend=...)
+    return (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
+            "(dense SwiGLU, q/k/v bias, contiguous M-RoPE; one graph replay per token on CUDA)")
+
+
+__all__ = ["FastTalkerCache", "fast_decoder", "install", "talker_model_forward"]
