@@ -48,7 +48,7 @@ def test_block_attention_bad_input():
 @pytest.mark.parametrize("codes", [3, 13])  # one partial block / two blocks, the second partial
 def test_patched_dit_ode_solve_matches_transformers(codes, monkeypatch):
     """The whole flow-matching solve (RK4 steps, classifier-free guidance doubling the batch, batch 2) with the DiT
-    attention swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
+    attention and the AdaLN modulations swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
     from omni_fast.integrations import token2wav
     from omni_fast.models.presets import tiny_qwen2_5_omni_config
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
@@ -74,6 +74,9 @@ def test_patched_dit_ode_solve_matches_transformers(codes, monkeypatch):
     report = omni_fast.patch(t2w, backend="triton")
     try:
         assert any(r.startswith("[code2wav] DiTAttention") and "(x2)" in r for r in report.replaced)
+        assert any("Qwen2_5_OmniAdaLayerNormZero: LayerNorm + shift/scale" in r and "(x2)" in r
+                   for r in report.replaced)  # the fused AdaLN modulation (ops.ada_layer_norm) too
+        assert any("Qwen2_5_OmniAdaLayerNormZero_Final:" in r for r in report.replaced)
         got = solve()
     finally:
         omni_fast.unpatch(t2w)
