@@ -92,7 +92,7 @@ def demo_speakers(args) -> list[str]:
     config.json), else the random preset's."""
     from .models.presets import preset_speakers
 
-    if args.model == "qwen2.5-omni":  # the voices of spk_dict.pt (transformers' speaker_map), else the random pair
+    if getattr(args, "model", "qwen3-omni") == "qwen2.5-omni":  # spk_dict.pt voices, else the random pair
         if not args.checkpoint:
             return ["chelsie", "ethan"]
         path = os.path.join(args.checkpoint, "spk_dict.pt")
@@ -111,7 +111,7 @@ def _pick_model(args):
 
     patch = args.backend != "none"
     backend = None if args.backend in ("auto", "none") else args.backend
-    if args.model == "qwen2.5-omni":
+    if getattr(args, "model", "qwen3-omni") == "qwen2.5-omni":  # (callers building args by hand may omit it)
         if args.checkpoint:
             return (Qwen25Omni.from_pretrained(args.checkpoint, patch=patch, backend=backend),
                     "Qwen2.5-Omni checkpoint " + args.checkpoint)
