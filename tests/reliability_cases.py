@@ -108,6 +108,8 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "block_attention": (ops.block_attention, lambda: dict(
             q=_t(1, 6, 2, 8), k=_t(1, 6, 1, 8, seed=1), v=_t(1, 6, 1, 8, seed=2), block_size=2, look_backward=1,
             look_ahead=0, softmax_scale=None), True),
+        "ada_layer_norm": (ops.ada_layer_norm, lambda: dict(
+            x=_t(2, 5, 7), shift=_t(2, 7, seed=1), scale=_t(2, 7, seed=2), eps=1e-6), True),
         # the quantized-experts container's constructor (validation only: no backend involved)
         "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
             format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),
