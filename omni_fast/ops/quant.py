@@ -50,6 +50,7 @@ Everything stays quantized in memory: nothing here holds a dequantized copy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -159,8 +160,9 @@ class QuantizedExperts:
                                  self.w13_input_scale, self.w2_input_scale) if t is not None)
 
     def nbytes(self) -> int:
-        """Bytes held in memory (weights, scales, zero points)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes held in memory (weights, scales, zero points; a broadcast view counts its distinct elements)."""
+        return sum(math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+                   for t in self.tensors())
 
     def select(self, index: int) -> "QuantizedExperts":
         """A one-expert container of expert ``index`` (the shared expert path, tests)."""
