@@ -11,8 +11,9 @@ be installed: any object with those attributes works). Layouts, as vLLM's Triton
 ``use_fp8_w8a8`` -- ``w1`` float8_e4m3fn ``[E, 2I, H]`` (gate rows then up rows), ``w2`` ``[E, H, I]``, and
 
 - ``block_shape=[bn, bk]``: ``w1_scale`` fp32 ``[E, cdiv(2I, bn), cdiv(H, bk)]``, ``w2_scale`` ``[E, cdiv(H, bn),
-  cdiv(I, bk)]``; activations dynamic per token and ``bk`` group -> ``fp8_block`` (zero-copy; needs ``I % bn ==
-  0`` so that no scale block straddles gate and up, and ``bk`` a power of two >= 16).
+  cdiv(I, bk)]``; activations dynamic per token and ``bk`` group (``a1_scale`` / ``a2_scale`` ignored, as vLLM
+  does) -> ``fp8_block`` (zero-copy; needs ``I % bn == 0`` so that no scale block straddles gate and up, and
+  ``bk`` a power of two >= 16).
 - no ``block_shape``: ``w1_scale`` per tensor (``E`` values: ``[E]``, ``[E, 1]`` or ``[E, 1, 1]``; gate and up
   share it, as vLLM requantizes them) or per channel (``[E, 2I]`` or ``[E, 2I, 1]``), ``w2_scale`` likewise; ``a1_scale``
   / ``a2_scale`` static per-tensor (one value each) or None for dynamic activations -> ``fp8_channel`` (zero-copy:
@@ -108,19 +109,14 @@ def _fp8(w1, w2, cfg) -> QuantizedExperts:
         bn, bk = bs
         if bool(_get(cfg, "per_act_token_quant")):
             raise ValueError("per_act_token_quant and block_shape exclude each other (vLLM: 'illegal quantization')")
-        if a1 is not None or a2 is not None:
-            raise NotImplementedError("a1_scale / a2_scale with block_shape: static activation scales are not "
-                                      "supported with block-scaled FP8 (activations are quantized per token group)")
+        # a1_scale / a2_scale are ignored here, as vLLM does (its per-token-group quantization recomputes them)
         if bn < 1 or bk < 16 or bk & (bk - 1):
             raise ValueError(f"block_shape must be [block_n >= 1, block_k a power of two >= 16], got {bs}")
         if inter % bn:
             raise ValueError(f"block_shape[0] = {bn} must divide I = w1.shape[1] // 2 = {inter} (a w1_scale block "
                              "straddling the gate and up rows is not supported)")
         return QuantizedExperts.fp8_block(w1, w2, s1, s2, (bn, bk))
-    a1, a2 = _input_scale("a1_scale", a1, E), _input_scale("a2_scale", a2, E)
-    if (a1 is None) != (a2 is None):
-        raise NotImplementedError("a1_scale and a2_scale: one static and one dynamic activation scale is not "
-                                  "supported (give both or neither)")
+    a1, a2 = _input_scale("a1_scale", a1, E), _input_scale("a2_scale", a2, E)  # each GEMM on its own
     return QuantizedExperts.fp8_channel(w1, w2, _row_scale("w1_scale", s1, E, two_i),
                                         _row_scale("w2_scale", s2, E, hidden), a1, a2)
 

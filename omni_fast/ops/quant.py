@@ -39,8 +39,8 @@ vLLM's ``use_fp8_w8a8`` without ``block_shape``):
   channel ``weight_scale [N, 1]`` stacked). A per-tensor scale is the same scale on every row of its linear: a
   broadcast view (stride 0 along the rows, e.g. ``s[:, None, None].expand(E, H, 1)``) is accepted, so no per-row
   copy is made; the weight value is ``w * scale[n]`` either way.
-- ``w13_input_scale`` / ``w2_input_scale``: None for dynamic per-token activations (scale ``amax(row) / 448``
-  over the whole K row, computed inside the GEMM), or fp32 ``[E]`` static per-tensor scales (the checkpoint's
+- ``w13_input_scale`` / ``w2_input_scale`` (each GEMM on its own): None for dynamic per-token activations (scale
+  ``amax(row) / 448`` over the whole K row, computed inside the GEMM), or fp32 ``[E]`` static per-tensor scales (the checkpoint's
   ``input_scale``; a broadcast ``[1]`` -> ``[E]`` view is accepted). Activations are ``e4m3(x / s)`` (clamped
   to +-448); the e4m3 x e4m3 products accumulate in fp32 over the whole K (the scales are constant along K) and
   are scaled once by ``a_s * w_s[n]``.
@@ -129,8 +129,8 @@ class QuantizedExperts:
 
     @property
     def static_input(self) -> bool:
-        """fp8_channel with static activation scales."""
-        return self.w13_input_scale is not None
+        """fp8_channel with static activation scales (for both GEMMs)."""
+        return self.w13_input_scale is not None and self.w2_input_scale is not None
 
     # -- shape facts ----------------------------------------------------------------------------------------------
     @property
@@ -175,7 +175,8 @@ class QuantizedExperts:
     def __repr__(self) -> str:
         E, inter, hidden = self.shape
         extra = {"fp8_block": f"block={self.block}",
-                 "fp8_channel": f"activations={'static' if self.static_input else 'dynamic per token'}"}.get(
+                 "fp8_channel": "activations=" + "/".join("dynamic per token" if a is None else "static" for a in (
+                     self.w13_input_scale, self.w2_input_scale))}.get(
             self.format, f"group_size={self.group_size}, symmetric={self.symmetric}")
         return f"QuantizedExperts({self.format}, E={E}, I={inter}, H={hidden}, {extra}, {self.nbytes()} bytes)"
 
@@ -231,9 +232,6 @@ def _validate_fp8_channel(q: QuantizedExperts) -> None:
     # broadcast views (per-tensor scales) are fine: the kernel reads them through their strides
     check_tensor("w13_scale", q.w13_scale, dtypes=(torch.float32,), device=dev, shape=(E, 2 * inter, 1))
     check_tensor("w2_scale", q.w2_scale, dtypes=(torch.float32,), device=dev, shape=(E, hidden, 1))
-    if (q.w13_input_scale is None) != (q.w2_input_scale is None):
-        raise ValueError("w13_input_scale and w2_input_scale must be given together (static activations) or both "
-                         "be None (dynamic per-token activations)")
     for name in ("w13_input_scale", "w2_input_scale"):
         if getattr(q, name) is not None:
             check_tensor(name, getattr(q, name), dtypes=(torch.float32,), device=dev, shape=(E,))
