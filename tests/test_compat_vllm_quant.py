@@ -219,3 +219,18 @@ def test_bad_quantized_input_names_the_argument(i):
     call, exc, match = _bad_calls()[i]
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_quantized_fused_experts_under_torch_compile():
+    """The mapping (views, the zero-point unpack) and the quantized op trace into one graph."""
+    (w1, s1, _), (w2, s2, _) = _fp8_channel_weights(True)
+    (b1, bs1, z1, _), (b2, bs2, z2, _) = _int4_weights(16, True, torch.float32)
+    x, w, ids = _routing(8)
+    fp8 = _cfg(use_fp8_w8a8=True, w1_scale=s1, w2_scale=s2, a1_scale=torch.tensor([0.01], device=DEVICE))
+    int4 = _cfg(use_int4_w4a16=True, block_shape=[0, 16], w1_scale=bs1, w2_scale=bs2, w1_zp=z1, w2_zp=z2)
+
+    def f(x):
+        return vllm.fused_experts(x, w1, w2, w, ids, quant_config=fp8) + vllm.fused_experts(x, b1, b2, w, ids,
+                                                                                           quant_config=int4)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), f(x), rtol=0, atol=0)
