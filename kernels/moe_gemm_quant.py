@@ -156,19 +156,19 @@ def moe_gemm_quant_kernel(
     z_base = z_ptr + expert * stride_se
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
-    a_s = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)
+    row_s = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)  # fp8c's activation scales (loop-invariant)
     if FORMAT == "fp8c":
         if STATIC_A:
-            a_s += tl.load(as_ptr + expert * stride_ase)
+            row_s += tl.load(as_ptr + expert * stride_ase)
         else:
-            a_s = _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_SIZE_M, BLOCK_SIZE_K)
+            row_s = _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_SIZE_M, BLOCK_SIZE_K)
     for k0 in range(0, K, BLOCK_SIZE_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
         if FORMAT == "fp8":
             a_q, a_s = _quant_a_fp8(a, EMULATE_FP8)
         elif FORMAT == "fp8c":
-            a_q = _quant_a_rows(a, a_s, EMULATE_FP8)
+            a_q = _quant_a_rows(a, row_s, EMULATE_FP8)
         elif UPCAST:
             a = a.to(tl.float32)
         b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
@@ -192,10 +192,10 @@ def moe_gemm_quant_kernel(
                 acc_up = tl.dot(a, b, acc_up, input_precision=DOT_PRECISION)
     if FORMAT == "fp8c":  # the constant-along-K scales, once: a_s per row, w_s per output column (gate, up)
         w_s = tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)
-        acc = acc * (a_s[:, None] * w_s[None, :])
+        acc = acc * (row_s[:, None] * w_s[None, :])
         if GATED:
             w_s = tl.load(s_base + (up_srow + offs_n) * stride_sn, mask=mask_n, other=0.0)
-            acc_up = acc_up * (a_s[:, None] * w_s[None, :])
+            acc_up = acc_up * (row_s[:, None] * w_s[None, :])
     _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
