@@ -176,7 +176,9 @@ def test_quantized_moe_block_traces_under_torch_compile(fmt, kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 333, 4096])
 @pytest.mark.parametrize("fmt,kw", [("fp8_block", dict(block=(128, 128))),
-                                    ("int4_w4a16", dict(group_size=128, symmetric=False))], ids=["fp8", "int4"])
+                                    ("int4_w4a16", dict(group_size=128, symmetric=False)),
+                                    ("fp8_channel", dict()), ("fp8_channel", dict(per_tensor=True, static=True))],
+                         ids=["fp8", "int4", "fp8ch", "fp8t-static"])
 def test_fused_moe_quant_real_shapes_bf16(fmt, kw, T):
     """The thinker's experts (E 128, top-8, H 2048, I 768) in bf16 on a GPU: decode, mid and prefill tiles."""
     torch.manual_seed(T)
