@@ -1,4 +1,4 @@
-"""vLLM fused-MoE entry points on omni-fast kernels (unquantized path).
+"""vLLM fused-MoE entry points on omni-fast kernels (unquantized, FP8 W8A8 and INT4 W4A16).
 
 Signatures of vLLM's current release line (read from ``vllm/model_executor/layers/fused_moe/fused_moe.py``,
 ``moe_align_block_size.py`` and ``vllm/_custom_ops.py``, v0.11-era sources, commit ``13cb3e4``):
