@@ -126,6 +126,6 @@ def model_units() -> list[Unit]:
 
 
 def all_units() -> list[Unit]:
-    from .units import attention_units, moe_units, small_units
+    from .units import attention_units, moe_units, quant_moe_units, small_units
 
-    return moe_units() + attention_units() + small_units() + model_units()
+    return moe_units() + quant_moe_units() + attention_units() + small_units() + model_units()
