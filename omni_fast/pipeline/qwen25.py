@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integrations.hf_compat import output_cache, with_cache
+from ..integrations.hf_compat import output_cache, thinker_multimodal, thinker_text_model, with_cache
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .requests import Event, check_request, check_stream_args, mel_features
 from .scheduler import TextDecode
@@ -202,7 +202,7 @@ class Qwen25Stages:
         if waves:
             feats, fmask, lens = mel_features(waves, dev, return_lengths=True)
             feats = feats.to(thinker.dtype)
-            n_tok = thinker.model.audio_tower._get_feat_extract_output_lengths(lens)[1].tolist()
+            n_tok = thinker_multimodal(thinker).audio_tower._get_feat_extract_output_lengths(lens)[1].tolist()
             it = iter(n_tok)
             counts = [next(it) if r.audio is not None else 0 for r in reqs]
         prompts = [self.build_prompt(r, n) for r, n in zip(reqs, counts)]
@@ -212,7 +212,7 @@ class Qwen25Stages:
         for i, p in enumerate(prompts):
             ids_host[i, S - len(p):] = torch.tensor(p)
             mask_host[i, S - len(p):] = 1
-        pos, deltas = thinker.model.get_rope_index(ids_host, None, None, mask_host, False, lens, None)
+        pos, deltas = thinker_multimodal(thinker).get_rope_index(ids_host, None, None, mask_host, False, lens, None)
         return Prompt25(host_to_device(ids_host, dev), host_to_device(mask_host, dev), int_positions(pos.to(dev)),
                         deltas.to(dev), feats, fmask, None if lens is None else lens.to(dev))
 
@@ -228,7 +228,7 @@ class Qwen25Stages:
     def thinker_decode(self, prompt: Prompt25, ctx: dict, opts, graph: bool, lease) -> ReplyRecorder:
         B = prompt.ids.shape[0]
         next_pos = int_positions(prompt.deltas.view(B) + prompt.mask.sum(-1))
-        lm, head = self.thinker.model.language_model, self.thinker.lm_head
+        lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
         if not graph:
             self.recorder = ReplyRecorder(TextDecode(lm, head, next_pos, cache=ctx["cache"], mask=prompt.mask))
         else:
@@ -327,7 +327,7 @@ class Qwen25Stages:
         from ..models.cuda_graphs import weights_key
         from ..models.text_decoder import MoeTextDecoder
 
-        lm, head = self.thinker.model.language_model, self.thinker.lm_head
+        lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
         key = weights_key(lm, head)
         got = self.pipe._decoders.get("thinker")
         if got is None or got[0] != key:
