@@ -45,7 +45,7 @@ def attn_fwd_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km, stride_ab, stride_cos, stride_sin,
     seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, softcap_log2, split_len, num_seqs, search_steps,
-    total_q, kv_limit, num_blocks, rot_len,
+    total_q, kv_limit, num_blocks, rot_len, empty_lse, alibi_lse_shift,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
@@ -69,6 +69,12 @@ def attn_fwd_kernel(
     FlashAttention features: LEFTPAD (keys before ``lp_ptr[b]`` are not attended; positions stay absolute),
     SOFTCAP (``cap * tanh(s / cap)``), ALIBI (``-slope[b, h] * |p - j|``, slopes row stride ``stride_ab``, 0 for
     one row), ROT_DIM > 0 (q rotated in-kernel by ``cos/sin[seqused_k[b] (+ token with ROT_CAUSAL)]``).
+
+    LSE conventions (runtime values, no extra specialisation): rows that see no key store ``empty_lse`` (-inf,
+    or +inf as flash-attn 2.8 stores it; split-KV partials always get -inf, the combine writes ``empty_lse``);
+    ``alibi_lse_shift`` = 1 adds ``slope * (p - k_lo)`` to the lse of every row that saw a key: flash-attn's
+    causal kernel adds the bias ``slope * (j - k_lo)`` instead of ``-slope * (p - j)`` (equal under a causal mask
+    up to that per-row constant, so the output is the same and only the lse moves).
 
     Memory safety without value checks: sequence bounds read from ``cu_q`` (``cu_k``) are clamped into
     ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; key counts into
@@ -196,7 +202,10 @@ def attn_fwd_kernel(
         seen = seen & q_real
         acc = tl.where(q_real[:, None], acc, 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse2 = m_i + tl.math.log2(tl.where(seen, l_i, 1.0))
+    if ALIBI:  # slope is in base 2 here, like m_i
+        lse2 += (alibi_lse_shift * (qpos - k_lo)).to(tl.float32) * slope
+    lse = tl.where(seen, lse2 / 1.4426950408889634, empty_lse)
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + split * stride_os
     o_rows = tok.to(tl.int64) * stride_ot + head * stride_oh
     if ALIGN > 1:
@@ -210,13 +219,14 @@ def attn_fwd_kernel(
 @triton.jit
 def combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
                    stride_pos, stride_pot, stride_poh, stride_pls, stride_plh,
-                   stride_ot, stride_oh, stride_lh,
+                   stride_ot, stride_oh, stride_lh, empty_lse,
                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """Merge split-KV partials of one (row, head): ``out = sum_s w_s o_s``, ``w_s = exp(lse_s - lse)``.
 
     Grid ``(Tq, Hq)``. Partials: o fp32 ``[NUM_SPLITS, Tq, Hq, D]`` (normalised per split), lse fp32
-    ``[NUM_SPLITS, Hq, Tq]``; splits that saw no key have lse = -inf and weight 0.
+    ``[NUM_SPLITS, Hq, Tq]``; splits that saw no key have lse = -inf and weight 0; a row no split saw gets zeros
+    and ``empty_lse``.
     """
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -234,8 +244,7 @@ def combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
     seen = total > 0.0
     out = tl.sum(po * w[:, None], axis=0) / tl.where(seen, total, 1.0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(lse_ptr + h * stride_lh + t, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)),
-                                                  float("-inf")))
+    tl.store(lse_ptr + h * stride_lh + t, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), empty_lse))
 
 
 # --- launch helpers ----------------------------------------------------------------------------------------------
@@ -302,7 +311,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
              num_splits: int = 1, split_len: int = 0, packed_grid: bool = False,
              key_mask: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
              leftpad: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-             rotary: tuple | None = None) -> None:
+             rotary: tuple | None = None, empty_lse: float = float("-inf"),
+             alibi_lse_shift: bool = False) -> None:
     """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
 
     q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (packed varlen) or ``[B|blocks, S|page, Hk, D]`` (caches,
@@ -314,6 +324,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     ``cache_batch_idx`` int32 ``[B]`` (contiguous caches): the cache row of each sequence. ``leftpad`` int32 ``[B]``:
     first key of each sequence. ``softcap`` > 0: tanh soft-capping. ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]``.
     ``rotary``: ``(cos, sin, interleaved, causal)`` to rotate q at ``seqused_k[b] (+ token if causal)``.
+    ``empty_lse`` (the lse of rows that see no key; split partials always use -inf) and ``alibi_lse_shift``
+    (flash-attn's causal-ALiBi lse): see :func:`attn_fwd_kernel`.
     """
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
@@ -361,7 +373,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         float(softmax_scale) / softcap if softcap > 0 else float(softmax_scale) * LOG2E, softcap * LOG2E,
         split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
         q.shape[0], kv_limit, k.shape[0] if (paged or cache_batch_idx is not None) else 1,
-        cos.shape[0] if cos is not None else 1,
+        cos.shape[0] if cos is not None else 1, float("-inf") if split else float(empty_lse), int(alibi_lse_shift),
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
         PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None, SEQUSED=seqused_k is not None,
@@ -373,12 +385,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     )
 
 
-def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge split partials ``[S, Tq, Hq, D]`` / ``[S, Hq, Tq]`` into out ``[Tq, Hq, D]`` and lse ``[Hq, Tq]``."""
+def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            empty_lse: float = float("-inf")) -> None:
+    """Merge split partials ``[S, Tq, Hq, D]`` / ``[S, Hq, Tq]`` into out ``[Tq, Hq, D]`` and lse ``[Hq, Tq]``
+    (``empty_lse`` for rows that no split saw)."""
     splits, T, Hq, D = part_o.shape
     launch(combine_kernel, (T, Hq), part_o, part_lse, out, lse,
            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-           out.stride(0), out.stride(1), lse.stride(0),
+           out.stride(0), out.stride(1), lse.stride(0), float(empty_lse),
            HEAD_DIM=D, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
            BLOCK_D=triton.next_power_of_2(D), num_warps=4, device=out.device)
 
@@ -387,7 +401,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                       causal: bool, window_left: int, window_right: int, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-                      seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      seqused_k: torch.Tensor | None = None, fa_lse: bool = False,
+                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
     ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
@@ -396,7 +411,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     fewer programs than ``cdiv(max_seqlen_q * GROUP, BLOCK_M) * B`` (unequal lengths, many sequences).
     With ``block_table`` k/v are pages ``[num_blocks, page, Hk, D]`` (sequence b's keys are its logical rows
     ``0 .. cu_k[b+1] - cu_k[b]``); ``seqused_k`` int32 ``[B]`` replaces the key counts; softcap / alibi_slopes as
-    :func:`attn_fwd`.
+    :func:`attn_fwd`. ``fa_lse``: +inf (flash-attn's value) instead of -inf for rows that see no key;
+    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`).
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
@@ -410,7 +426,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     attn_fwd(q, k, v, out, lse, batch=batch, rows_per_seq=rows,
              cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=seqused_k, k_extra=0,
              block_table=block_table, softmax_scale=softmax_scale, causal=causal,
-             window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes)
+             window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes,
+             empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift)
     return out, lse
 
 
@@ -431,7 +448,7 @@ def static_signature(dt: str, split: bool = False) -> dict[str, str]:
         s[name] = "i32"
     s["qk_scale"] = s["softcap_log2"] = "fp32"
     s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32",
-             rot_len="i32")
+             rot_len="i32", empty_lse="fp32", alibi_lse_shift="i32")
     for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
                  "PAGED", "PACKED_GRID", "KEY_MASK", "SEQUSED", "CACHE_IDX", "LEFTPAD", "SOFTCAP", "ALIBI",
                  "ROT_DIM", "ROT_INTERLEAVED", "ROT_CAUSAL", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
@@ -509,7 +526,7 @@ def _register_static_cases() -> None:
             f"combine_kernel[{dt},d128]", combine_kernel,
             {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",
              **{n: "i32" for n in ("stride_pos", "stride_pot", "stride_poh", "stride_pls", "stride_plh",
-                                   "stride_ot", "stride_oh", "stride_lh")},
+                                   "stride_ot", "stride_oh", "stride_lh")}, "empty_lse": "fp32",
              "HEAD_DIM": "constexpr", "NUM_SPLITS": "constexpr", "SPLITS_P2": "constexpr", "BLOCK_D": "constexpr"},
             {"HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_P2": 8, "BLOCK_D": 128})
 

@@ -126,7 +126,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       key_padding_mask: torch.Tensor | None = None, *, cache_batch_idx: torch.Tensor | None = None,
                       cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None,
-                      rotary: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      rotary: tuple | None = None, empty_lse: float = float("-inf"),
+                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
     ``cache_seqlens`` None: every sequence has ``k_extra`` keys. Returns (out ``[B, Sq, Hq, D]``, lse fp32
@@ -134,7 +135,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     forces n chunks. ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
     a padding query gives zeros). ``cache_batch_idx`` / ``cache_leftpad`` int32 ``[B]``, ``softcap``,
     ``alibi_slopes``, ``rotary = (cos, sin, interleaved, causal)``: FlashAttention's, see
-    :func:`omni_fast.kernels.flash_attn.attn_fwd`.
+    :func:`omni_fast.kernels.flash_attn.attn_fwd`; ``empty_lse`` (lse of rows that see no key) and
+    ``alibi_lse_shift`` (flash-attn's causal-ALiBi lse) as there.
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -153,15 +155,15 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                   causal=causal, window_size=(window_left, window_right),
                   key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
                   cache_batch_idx=cache_batch_idx, leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
-                  rotary=rotary)
+                  rotary=rotary, alibi_lse_shift=alibi_lse_shift)
     if num_splits == 1:
-        attn_fwd(q2, k_cache, v_cache, out, lse, **common)
+        attn_fwd(q2, k_cache, v_cache, out, lse, empty_lse=empty_lse, **common)
     else:
         split_len = triton.cdiv(triton.cdiv(capacity, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
         part_o = torch.empty(num_splits, B * Sq, Hq, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
-        combine(part_o, part_lse, out, lse)
+        combine(part_o, part_lse, out, lse, empty_lse)
     return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
 
 
