@@ -42,7 +42,9 @@ from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
+from ..validation import check_bool
 from .cuda_graphs import capture
+from .fused_step import FusedWorkspace, fused_body, unsupported as fused_unsupported
 from .quantized import quantized_experts
 
 CAPACITY_ALIGN = 64  # cache lengths are rounded up to this, so nearby prompt lengths reuse one captured graph
@@ -109,6 +111,8 @@ class _State:
         self.x = torch.zeros(bucket, c.hidden_size, device=dev, dtype=dt)
         self.pos = torch.zeros(3, bucket, device=dev, dtype=torch.float64 if fractional else torch.int64)
         self.steps_left = 0
+        # the phase-fused step's scratch (``fused=True``; integer positions and a Triton-capable backend only)
+        self.fused = FusedWorkspace(dec, bucket, capacity) if dec._fused_active(fractional) else None
         self.graph = None
         self.logits = self.hidden = None
 
@@ -118,25 +122,40 @@ class MoeTextDecoder:
 
     Build with :meth:`from_transformers`, then per batch: :meth:`load_prefill` after transformers' prefill, and
     :meth:`step` per token. ``backend`` pins the backend of every op (default: the ambient one).
+
+    ``fused=True`` (opt-in, not yet run on a GPU) runs each layer as three phase-fused Triton launches
+    (:mod:`omni_fast.kernels.talker_fused`: qkv + q/k norm + TM-RoPE + KV append; attention + o projection +
+    residual; norm + router + top-k + experts + shared expert + combine + residual) instead of ~24 ops: needs MoE
+    layers with float experts, no attention biases and a power-of-two head_dim (else ValueError). Steps with
+    fractional positions, and the ``"reference"`` backend, keep the ops path (the default and the fallback).
+    docs/persistent.md has the design and the launch counts.
     """
 
     def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor, head: torch.Tensor,
-                 inv_freq: torch.Tensor, *, backend: str | None = None):
+                 inv_freq: torch.Tensor, *, backend: str | None = None, fused: bool = False):
         self.config, self.layers, self.norm, self.head = config, layers, norm, head
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.backend = backend
         self.device, self.dtype = head.device, head.dtype
+        self.fused = check_bool("fused", fused)
+        why = fused_unsupported(self) if self.fused else None
+        if why is not None:
+            raise ValueError(f"fused=True is not available for this decoder: {why}")
         self._state: _State | None = None
+
+    def _fused_active(self, fractional: bool) -> bool:
+        """Whether a state's steps take the phase-fused path."""
+        return self.fused and not fractional and self.backend != "reference"
 
     # --- construction ---------------------------------------------------------------------------------------
 
     @classmethod
     def from_transformers(cls, text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor, *,
-                          backend: str | None = None) -> "MoeTextDecoder":
+                          backend: str | None = None, fused: bool = False) -> "MoeTextDecoder":
         """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``; ``thinker.model``
         in transformers before 5.2x) with the thinker's ``lm_head``, or ``Qwen3OmniMoeTalkerModel``
-        (``talker.model``) with the talker's ``codec_head``. The weights are shared with the module (later in-place
-        updates are seen; ``.to()`` needs a new decoder)."""
+        (``talker.model``) with the talker's ``codec_head``; ``fused``: see the class doc. The weights are shared
+        with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
         cfg = text_model.config
         rotary = text_model.rotary_emb
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -152,7 +171,7 @@ class MoeTextDecoder:
             raise ValueError("the head must have no bias (Qwen3-Omni's lm_head and codec_head have none)")
         layers = [_Layer(layer, cfg) for layer in text_model.layers]
         return cls(config, layers, text_model.norm.weight.detach(), head.detach(), rotary.inv_freq.detach(),
-                   backend=backend)
+                   backend=backend, fused=fused)
 
     # --- per batch --------------------------------------------------------------------------------------------
 
@@ -258,6 +277,8 @@ class MoeTextDecoder:
     # --- the step body (what the CUDA graph captures: no validation on values, no host sync) -------------------
 
     def _body(self, st: _State) -> tuple[torch.Tensor, torch.Tensor]:
+        if st.fused is not None:
+            return fused_body(self, st, st.fused)
         c, be = self.config, self.backend
         nq, nk, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         T = st.bucket
