@@ -186,10 +186,11 @@ def attn_phase_kernel(
     acc = tl.zeros((16, D), dtype=tl.float32)
     m_i = tl.full((16,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((16,), dtype=tl.float32)
-    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, lo, hi, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
-                                 seqlens_ptr, 0, stride_ct, 0, stride_ct, 1, 1, len_k, 0, capacity, 0, qk_scale, 0.0,
-                                 tl.zeros((16,), dtype=tl.float32), offs_d, mask_d, BLOCK_N, False, UPCAST, PREC,
-                                 True, 1, False, False, False)
+    acc, m_i, l_i, _ = attend_range(acc, m_i, l_i, q, qpos, lo, hi, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
+                                    seqlens_ptr, 0, stride_ct, 0, stride_ct, 1, 1, len_k, 0, capacity, 0, qk_scale,
+                                    0.0, tl.zeros((16,), dtype=tl.float32), offs_d, mask_d,
+                                    None, None, None, None,  # no second head-dim tile (acc2, q2, offs_d2, mask_d2)
+                                    BLOCK_N, False, UPCAST, PREC, True, 1, False, False, False, 0)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
