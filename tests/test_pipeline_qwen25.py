@@ -3,6 +3,8 @@
 .generate`` on the tiny random model (greedy): the same text ids, talker codes and waveform; and its bad-input
 errors."""
 
+import functools
+
 import pytest
 import torch
 
@@ -59,6 +61,25 @@ def test_stream_matches_transformers_generate(patched, monkeypatch):
     codes, n = seen[0]
     assert codes[0, 0, :n[0]].tolist() == [c for c in want_codes if c not in (291, 292)][:n[0]] == want_codes[:n[0]]
     assert torch.equal(out["audio"], want_wav)
+
+
+def test_generate_mask_drop_detection():
+    """hf_compat's feature check agrees with what the installed ``generate`` does: a tiny decoder-only model given an
+    all-ones mask sees it in its forward (5.17) or sees None (5.25); a padded mask always reaches it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from omni_fast.integrations.hf_compat import generate_drops_all_ones_mask, generate_passes_mask
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, pad_token_id=0)).eval()
+    seen, real = [], model.forward
+    model.forward = functools.wraps(real)(lambda *a, **k: seen.append(k.get("attention_mask")) or real(*a, **k))
+    for mask in (torch.ones(1, 3, dtype=torch.long), torch.tensor([[0, 1, 1]])):
+        seen.clear()
+        model.generate(torch.tensor([[3, 4, 5]]), attention_mask=mask, max_new_tokens=1, do_sample=False)
+        assert (seen[0] is not None) == generate_passes_mask(mask)
+    assert generate_drops_all_ones_mask() == (not generate_passes_mask(torch.ones(1, 3)))
 
 
 def test_bad_input():

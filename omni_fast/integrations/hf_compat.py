@@ -4,6 +4,8 @@
   forwards, ``prepare_inputs_for_generation``) and the outputs' ``past_key_values`` field to ``cache``; the old names
   still work there with a FutureWarning until 5.40. omni-fast passes and reads whichever the installed release
   defines, found from the model outputs' fields (no version-number parsing).
+- ``generate``'s attention mask: transformers >= 5.2x drops an all-ones mask before the model's first forward
+  (5.17 passes it through): see :func:`generate_drops_all_ones_mask`.
 - The supported floor: :func:`check_transformers_version` (called by :func:`omni_fast.patch` and
   :func:`omni_fast.register_transformers`) refuses an older release with one error naming both versions.
 """
@@ -65,8 +67,24 @@ def is_paged_cache(cache) -> bool:
     return any(c.__name__ == "PagedAttentionCache" for c in type(cache).__mro__)
 
 
-__all__ = ["MIN_TRANSFORMERS", "cache_keyword", "check_transformers_version", "is_paged_cache", "output_cache",
-           "pop_cache", "with_cache"]
+@functools.lru_cache(maxsize=None)
+def generate_drops_all_ones_mask() -> bool:
+    """Whether ``GenerationMixin.generate`` drops an all-ones (no padding) ``attention_mask`` before calling the
+    model (decoder-only models, unless flash attention runs on a static cache): True on transformers 5.25, False on
+    5.17, which passes the mask to every forward. Models whose forward does something only when it gets a mask see
+    the difference: the Qwen2.5-Omni talker adds the codec pad / BOS embeddings to its last two prompt rows only
+    then. Detected by the ``GenerationConfig._mask_length`` slot that came with the drop (generate records the
+    dropped mask's length there), not by the version number; tests/test_pipeline_qwen25.py checks it against
+    ``generate`` itself."""
+    from transformers import GenerationConfig
+
+    return any("_mask_length" in getattr(c, "__annotations__", {}) for c in GenerationConfig.__mro__)
+
+
+def generate_passes_mask(mask) -> bool:
+    """Whether ``generate``, given the 2-D 0/1 ``attention_mask`` ``mask`` ``[B, S]``, hands the model a mask at all
+    (False only for an all-ones mask on a release that drops it; reads ``mask`` back to the host once then)."""
+    return not generate_drops_all_ones_mask() or not bool(mask.all())
 
 
 def thinker_text_model(thinker):
@@ -79,3 +97,8 @@ def thinker_multimodal(thinker):
     """The module holding the encoders (``audio_tower``, ``visual``) and ``get_rope_index``: ``thinker.model`` on
     transformers >= 5.2x, the thinker itself on earlier 5.x (where ``thinker.model`` is the text model)."""
     return thinker.model if hasattr(thinker.model, "audio_tower") else thinker
+
+
+__all__ = ["MIN_TRANSFORMERS", "cache_keyword", "check_transformers_version", "generate_drops_all_ones_mask",
+           "generate_passes_mask", "is_paged_cache", "output_cache", "pop_cache", "thinker_multimodal",
+           "thinker_text_model", "with_cache"]

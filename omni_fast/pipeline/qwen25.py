@@ -11,7 +11,8 @@ its ``generate``:
   text model; every step's final-norm hidden state + input embedding is kept (transformers'
   ``thinker_reply_part``);
 - talker: its prompt as ``generate`` builds it (prompt hidden + embeddings with the multimodal rows zeroed, the
-  speaker's text BOS, the first reply row; codec pad / BOS embeddings added to the last two; positions from the
+  speaker's text BOS, the first reply row; codec pad / BOS embeddings added to the last two when generate
+  passes the talker a mask (``hf_compat.generate_passes_mask``); positions from the
   talker's ``get_rope_index`` minus the left padding), then one codec token per step: input
   ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a row's text
   has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integrations.hf_compat import output_cache, thinker_multimodal, thinker_text_model, with_cache
+from ..integrations.hf_compat import (generate_passes_mask, output_cache, thinker_multimodal, thinker_text_model,
+                                      with_cache)
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .requests import Event, check_request, check_stream_args, mel_features
 from .scheduler import TextDecode
@@ -260,9 +262,10 @@ class Qwen25Stages:
         ctx["embeds"] = ctx["hidden"] = None
         codec = talker.get_input_embeddings()
         special = torch.tensor([talker.codec_pad_token, talker.codec_bos_token], device=dev)
-        if not bool(prompt.mask.all()):
+        if generate_passes_mask(prompt.mask):
             # transformers' talker forward adds the codec pad / BOS embeddings only when it gets an attention mask,
-            # and generate (5.2x) drops an all-ones mask: a batch without padding runs without them (one host read)
+            # and generate drops an all-ones mask on some releases (hf_compat): then a batch without padding runs
+            # without them
             inputs[:, -2:] += codec(special)[None]
         text_ids = torch.cat([prompt.ids, bos_ids, first_token[:, None]], dim=1)
         mask = torch.cat([prompt.mask, prompt.mask.new_ones(B, 2)], dim=1)
