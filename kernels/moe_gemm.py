@@ -214,8 +214,40 @@ def config_file_stem(num_experts: int, inter: int, dtype: torch.dtype, device: t
     return f"E={num_experts},N={inter},dtype={_DTYPE_NAMES[dtype]},device={device_name(device)},triton={ver}"
 
 
+# One program per SM of an H100 SXM (132 SMs): the decode tier shrinks its N tiles until a launch has this many.
+TARGET_CTAS = 132
+MIN_BLOCK_N = 16  # the narrowest tensor-core dot
+
+
+def fill_grid(cfg: dict, num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int) -> dict:
+    """Grid fill at decode (``BLOCK_SIZE_M`` 16, the decode tier of :func:`default_config`): halve each GEMM's
+    ``BLOCK_SIZE_N`` (64 -> 32 -> 16) until its launch has at least :data:`TARGET_CTAS` programs, and use 4 warps
+    for a tile 32 or fewer columns wide (16-byte loads per thread). Edits and returns ``cfg``.
+
+    The programs counted are the grid's: ``M tiles x N tiles`` with ``M tiles`` = the alignment's block count
+    ``ceil(max_padded(T*k, E, 16) / 16)`` (= ``T*k`` when every pair can have its own expert, as at T = 1), an
+    upper bound on the tiles with work that depends on shapes only. Narrower tiles read the same weight bytes
+    (each program streams ``BLOCK_N`` rows of one expert), only spread over more SMs; every row's K reduction is
+    unchanged (same ``BLOCK_SIZE_K`` steps), so results do not depend on the choice. At the real shapes
+    (predicted by ``python -m omni_fast.bench.model``, not measured): talker T=1 routed gate/up 36 -> 144
+    programs, down 96 -> 192, shared expert gate/up 12 -> 48, down 16 -> 64; thinker T=1 gate/up 96 -> 192.
+    """
+    if cfg["BLOCK_SIZE_M"] != 16:
+        return cfg
+    pairs = num_tokens * top_k
+    m_tiles = -(-(pairs + min(num_experts, pairs) * 15) // 16)
+    for part, n in ((cfg, inter), (cfg["down"], hidden)):
+        bn = part["BLOCK_SIZE_N"]
+        while bn > MIN_BLOCK_N and m_tiles * -(-n // bn) < TARGET_CTAS:
+            bn //= 2
+        if bn != part["BLOCK_SIZE_N"]:
+            part["BLOCK_SIZE_N"] = bn
+            part["num_warps"] = 4
+    return cfg
+
+
 def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
-                   dtype: torch.dtype) -> dict:
+                   dtype: torch.dtype, fill: bool = False) -> dict:
     """The fallback heuristic when no tuned file matches (documented in docs/moe.md).
 
     Keyed on the mean rows per expert, ``T*k/E``; the top-level keys drive the gate/up GEMM (two B tiles and two
@@ -231,7 +263,9 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
       much (12 % instead of 24 % extra MMA at T=4096 on the thinker), which the cost model
       (``python -m omni_fast.bench.costmodel.whatif``) predicts to be worth more (predicted, not measured).
 
-    Every choice compiles for sm_90a without register spills (``python -m omni_fast.bench.static_check``). fp32 halves K.
+    ``fill`` (the float experts): decode-tier N tiles narrowed so that every SM gets a program
+    (:func:`fill_grid`). Every choice compiles for sm_90a without register spills
+    (``python -m omni_fast.bench.static_check``). fp32 halves K.
     """
     rows = num_tokens * top_k / max(num_experts, 1)
     if rows <= 16:
@@ -249,7 +283,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     if dtype == torch.float32:
         cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
         cfg["down"]["BLOCK_SIZE_K"] = max(32, cfg["down"]["BLOCK_SIZE_K"] // 2)
-    return cfg
+    return fill_grid(cfg, num_tokens, num_experts, top_k, hidden, inter) if fill else cfg
 
 
 @functools.lru_cache(maxsize=4096)
@@ -278,21 +312,22 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
-               device: torch.device) -> dict:
+               device: torch.device, fill: bool = False) -> dict:
     """Tuned config for (E, N=I, dtype, device, triton) and the nearest token bucket, else :func:`default_config`.
 
     A config has ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``, ``num_stages`` for the gate/up GEMM and
     optionally a ``"down"`` dict overriding N/K/group/warps/stages for the down GEMM (BLOCK_SIZE_M is shared:
-    it is the alignment block).
+    it is the alignment block). ``fill``: the heuristic's decode tiles fill the SMs (:func:`fill_grid`); a tuned
+    file is taken as it is.
     """
     if interpreting():
         # The interpreter runs one program at a time: the heuristic's small-T tiles keep tests fast.
-        return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+        return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
     if device.type == "cuda":
         cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens)
         if cfg is not None:
             return copy.deepcopy(cfg)
-    return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+    return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
 
 
 def _split(cfg: dict) -> tuple[dict, dict]:
@@ -359,11 +394,12 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     assert activation == "silu"
     E_local, two_i, _ = w13.shape
     return run_experts(hidden_states, w13, w2, topk_weights, topk_ids, E_local, two_i // 2, _launch_gemm,
-                       hidden_states.dtype, expert_map, out, add=add, config=config)
+                       hidden_states.dtype, expert_map, out, add=add, config=config, fill=True)
 
 
 def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, inter: int, gemm,
-                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None):
+                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None,
+                fill: bool = False):
     """The fused-MoE pipeline around a grouped-GEMM launcher ``gemm`` (shared by the float and the quantized
     experts): launch config, alignment, gate/up GEMM + SwiGLU into ``act [T*k, I]``, down GEMM + routed weight
     into ``y [T*k, H]``, deterministic combine into ``out [T, H]``.
@@ -371,7 +407,8 @@ def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, 
     ``gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated, mul_weight,
     a_per_token, cfg)`` with ``b`` = ``w13`` or ``w2`` as given (opaque here). ``config_dtype`` keys the launch
     config; ``adjust(up_cfg, down_cfg)``, when given, edits the split configs in place (e.g. BLOCK_SIZE_K = the
-    quantization group) before the alignment, which uses ``up_cfg["BLOCK_SIZE_M"]``.
+    quantization group) before the alignment, which uses ``up_cfg["BLOCK_SIZE_M"]``. ``fill``: decode tiles
+    that fill the SMs when the heuristic chooses (:func:`fill_grid`; the float experts).
     """
     T, H = hidden_states.shape
     top_k = topk_ids.shape[1]
@@ -380,7 +417,7 @@ def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, 
         out = torch.empty_like(hidden_states)
     if T == 0:
         return out
-    cfg = config or get_config(T, E_global, top_k, H, inter, config_dtype, hidden_states.device)
+    cfg = config or get_config(T, E_global, top_k, H, inter, config_dtype, hidden_states.device, fill)
     up_cfg, down_cfg = _split(cfg)
     if adjust is not None:
         adjust(up_cfg, down_cfg)
@@ -419,22 +456,41 @@ def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) 
 # thinker's T that selects it (rows per expert 0.06, 25, 64, 256), for the pointer and the TMA weight path. In
 # these shapes N, K and the row strides are multiples of 16, which the JIT's divisibility specialisation sees at
 # run time: the cases declare it (``aligned``) so the compile is the one a real launch gets.
+# The decode tier's grid-fill tiles (fill_grid) at T=1 of the thinker, the talker and the talker's shared expert
+# (one expert, I 768) are extra cases, one per (GEMM, BLOCK_N): "decode-fill n<BLOCK_N>".
 _TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
+
+
+def _static_tiles():
+    """(tier label, gemm part, split config, gated) of every static case."""
+    out = []
+    for T, tier in _TIERS:
+        up, down = _split(default_config(T, 128, 8, 2048, 768, torch.bfloat16))
+        out += [(tier, "gate_up", up, True), (tier, "down", down, False)]
+    base = _split(default_config(1, 128, 8, 2048, 768, torch.bfloat16))
+    seen = set()
+    for shape in ((128, 8, 2048, 768), (128, 6, 1024, 384), (1, 1, 1024, 768)):
+        filled = _split(default_config(1, *shape, torch.bfloat16, True))
+        for part, c, b, gated in zip(("gate_up", "down"), filled, base, (True, False)):
+            if c != b and (part, c["BLOCK_SIZE_N"]) not in seen:
+                seen.add((part, c["BLOCK_SIZE_N"]))
+                out.append((f"decode-fill n{c['BLOCK_SIZE_N']}", part, c, gated))
+    return out
+
+
 for _dt in ("bf16", "fp16"):
-    for _T, _tier in _TIERS:
-        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
-        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
-            for _tma in (False, True):
-                _block = (_c["BLOCK_SIZE_N"], _c["BLOCK_SIZE_K"]) if _tma else None
-                _consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
-                               A_PER_TOKEN=_gated, USE_TMA=_tma, **{k: _c[k] for k in _KEYS[:4]})
-                if _tma:
-                    _consts["stride_bn"] = 1
-                static_case(
-                    f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part},{'tma' if _tma else 'ptr'}]",
-                    moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block), _consts,
-                    num_warps=_c["num_warps"], num_stages=_c["num_stages"],
-                    aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
+    for _tier, _part, _c, _gated in _static_tiles():
+        for _tma in (False, True):
+            _block = (_c["BLOCK_SIZE_N"], _c["BLOCK_SIZE_K"]) if _tma else None
+            _consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
+                           A_PER_TOKEN=_gated, USE_TMA=_tma, **{k: _c[k] for k in _KEYS[:4]})
+            if _tma:
+                _consts["stride_bn"] = 1
+            static_case(
+                f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part},{'tma' if _tma else 'ptr'}]",
+                moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block), _consts,
+                num_warps=_c["num_warps"], num_stages=_c["num_stages"],
+                aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
     for _H, _add, _ids in itertools.product((2048, 1024), (False, True), ("i32", "i64")):  # i64: transformers' ids
         static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add},{_ids}]", moe_combine_kernel,
                     {"y_ptr": f"*{_dt}", "ids_ptr": f"*{_ids}", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",

@@ -94,6 +94,14 @@ def _moe_min(model: str, T: int) -> tuple[float, float]:
     return nbytes, flops
 
 
+def _moe_tier(model: str, T: int) -> str:
+    """The static case of the unit's gate/up launches: prefill, decode, or at T=1 the grid-fill tiles
+    (``moe_gemm.fill_grid``: 16 columns on the talker, 32 on the thinker)."""
+    if T >= 4096:
+        return "prefill"
+    return {"talker": "decode-fill n16", "thinker": "decode-fill n32"}[model] if T == 1 else "decode"
+
+
 def moe_units() -> list[Unit]:
     out = []
     for model in ("thinker", "talker"):
@@ -108,7 +116,7 @@ def moe_units() -> list[Unit]:
                 launch=lambda m=model, T=T: _moe_call(m, min(T, 600), MOE_TINY[m], torch.float32),
                 trace=lambda s2=s, m=model, T=T: _moe_call(m, T, MOE[m], BF16, s2),
                 scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]) if s > 1 else {},
-                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + ("prefill" if big else "decode") + ",gate_up,ptr"},
+                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + _moe_tier(model, T) + ",gate_up,ptr"},
                 unique=T == 1 or (model == "talker" and T <= 8), min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
     return out
 
