@@ -90,3 +90,31 @@ def test_moe_block_with_shared_expert_fill_is_deterministic():
     assert torch.equal(a, b)
     want = ops.moe_block(x, gate, w13, w2, k, backend="reference", **shared)
     torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,k,H,I,Is", [(128, 6, 1024, 384, 768), (128, 8, 2048, 768, 0)])
+def test_gpu_decode_fill_real_shapes_bf16(E, k, H, I, Is):
+    """T=1 at the real talker (with its shared expert) and thinker shapes, bf16, on the fill tiles (the heuristic:
+    no tuned file for this device is assumed; the config is forced): against the reference, and run-to-run equal."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, H, generator=g).to(DEVICE, torch.bfloat16)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(DEVICE, torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(DEVICE, torch.bfloat16)
+    w = torch.rand(1, k, generator=g).to(DEVICE)
+    ids = torch.randperm(E, generator=g)[:k].reshape(1, k).to(DEVICE, torch.int32)
+    cfg = moe_gemm.default_config(1, E, k, H, I, torch.bfloat16, fill=True)
+    out = moe_gemm.fused_moe(x, w13, w2, w, ids, config=cfg)
+    d = torch.float64
+    assert_matches_reference(out, ref.fused_moe(x.to(d), w13.to(d), w2.to(d), w.to(d), ids),
+                             ref.fused_moe(x, w13, w2, w, ids), name="fused_moe fill bf16")
+    assert torch.equal(out, moe_gemm.fused_moe(x, w13, w2, w, ids, config=cfg))
+    if Is:
+        sw13 = (torch.randn(1, 2 * Is, H, generator=g) * H ** -0.5).to(DEVICE, torch.bfloat16)
+        sw2 = (torch.randn(1, H, Is, generator=g) * Is ** -0.5).to(DEVICE, torch.bfloat16)
+        zero = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+        gate = torch.rand(1, 1, generator=g).to(DEVICE)
+        scfg = moe_gemm.default_config(1, 1, 1, H, Is, torch.bfloat16, fill=True)
+        got = moe_gemm.fused_moe(x, sw13, sw2, gate, zero, config=scfg)
+        assert_matches_reference(got, ref.fused_moe(x.to(d), sw13.to(d), sw2.to(d), gate.to(d), zero),
+                                 ref.fused_moe(x, sw13, sw2, gate, zero), name="shared expert fill bf16")
