@@ -87,7 +87,8 @@ def _code2wav_call(B: int, frames: int, layers: int = 8, warm: int = 30):
 
     # the real structure (8 layers, window 72, ratios 2x2, rates 8,5,4,3, 16 quantizers), tiny widths
     cfg = Qwen3OmniMoeCode2WavConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                                     intermediate_size=48, num_hidden_layers=layers, codebook_size=16, num_quantizers=16,
+                                     intermediate_size=48, num_hidden_layers=layers, codebook_size=16,
+                                     num_quantizers=16,
                                      decoder_dim=32, sliding_window=72)
     torch.manual_seed(0)
     model = Code2Wav.from_transformers(Qwen3OmniMoeCode2Wav(cfg).eval())
@@ -122,7 +123,8 @@ def model_units() -> list[Unit]:
         for B in (1, 8):
             nbytes, flops = step_min(p, B)
             out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
-                            cheap_count=True, min_bytes=nbytes, flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE)))
+                            cheap_count=True, min_bytes=nbytes, flops=flops,
+                            params=dict(B=B, layers=p["L"], cache=CACHE)))
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
