@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, launch, static_case
+from .launch import interpreting, launch, static_case, tile_counters
 
 PLAIN, SWIGLU, RESIDUAL = 0, 1, 2
 
@@ -199,8 +199,6 @@ def gemv_residual_splitk_kernel(
 SPLIT_K_ENABLED = os.environ.get("OMNI_FAST_GEMV_SPLITK", "") == "1"
 TARGET_CTAS = 132  # one program per SM of an H100 SXM
 MAX_SPLITS = 8
-_COUNTERS: dict = {}  # device -> int32 tile counters, zero between launches (each launch resets what it used)
-_MAX_TILES = 1 << 14
 
 
 def gemv_splits(N: int, K: int, blocks: dict | None = None) -> tuple[int, int]:
@@ -219,19 +217,11 @@ def gemv_splits(N: int, K: int, blocks: dict | None = None) -> tuple[int, int]:
     return triton.cdiv(k_blocks, per), per * blocks["BLOCK_K"]
 
 
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    cnt = _COUNTERS.get(device)
-    if cnt is None:
-        cnt = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    assert tiles <= cnt.numel()
-    return cnt
-
-
 def _launch_splitk(x, weight, resid, splits: int, k_split: int, blocks: dict) -> None:
     M, N = resid.shape
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]), splits)
     ws = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    launch(gemv_residual_splitk_kernel, grid, x, weight, resid, ws, _counters(x.device, grid[0] * grid[1]),
+    launch(gemv_residual_splitk_kernel, grid, x, weight, resid, ws, tile_counters(x.device, grid[0] * grid[1]),
            M, N, x.shape[1], k_split, x.stride(0), weight.stride(0), resid.stride(0), SPLITS=splits,
            BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
            num_warps=blocks["num_warps"], UPCAST=interpreting(),

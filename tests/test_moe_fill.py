@@ -118,3 +118,79 @@ def test_gpu_decode_fill_real_shapes_bf16(E, k, H, I, Is):
         got = moe_gemm.fused_moe(x, sw13, sw2, gate, zero, config=scfg)
         assert_matches_reference(got, ref.fused_moe(x.to(d), sw13.to(d), sw2.to(d), gate.to(d), zero),
                                  ref.fused_moe(x, sw13, sw2, gate, zero), name="shared expert fill bf16")
+
+
+# --- opt-in split-K (moe_gemm.SPLIT_K_ENABLED) ----------------------------------------------------------------------
+
+
+def test_split_k_reaches_the_target_for_the_shared_expert(monkeypatch):
+    """Opt-in: the one-expert shared expert (I 768, H 1024) at T=1: gate/up 48 -> 144 programs (3 splits of K
+    1024), down 64 -> 192 (3 of 768); the routed experts' grids are full without it; off, no SPLIT_K at all."""
+    assert "SPLIT_K" not in moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True)
+    monkeypatch.setattr(moe_gemm, "SPLIT_K_ENABLED", True)
+    up, down = moe_gemm._split(moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True))
+    assert (up["SPLIT_K"], down["SPLIT_K"]) == (3, 3)
+    assert (_grid(up, 1, 1, 1, 768) * 3, _grid(down, 1, 1, 1, 1024) * 3) == (144, 192)
+    for E, k, H, I in ((128, 6, 1024, 384), (128, 8, 2048, 768)):
+        up, down = moe_gemm._split(moe_gemm.default_config(1, E, k, H, I, torch.bfloat16, fill=True))
+        assert up["SPLIT_K"] == down["SPLIT_K"] == 1
+
+
+@pytest.mark.parametrize("T,E,k,H,I", [(0, 1, 1, 200, 150), (1, 1, 1, 200, 150), (3, 1, 1, 257, 130),
+                                       (2, 8, 2, 200, 150), (1, 5, 3, 131, 97)])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_fused_moe_split_k_matches_reference(T, E, k, H, I, dtype):
+    """Split-K forced at odd sizes (K not a multiple of BLOCK_K, the last split partial; T = 0 / 1 / 3; one
+    expert and several): against the reference, bitwise run-to-run, counters back to zero, close to unsplit."""
+    from omni_fast.kernels import launch
+
+    g = torch.Generator().manual_seed(T + E + H)
+    x = torch.randn(T, H, generator=g).to(DEVICE, dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(DEVICE, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(DEVICE, dtype)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE, torch.int32) if T else \
+        torch.zeros(0, k, dtype=torch.int32, device=DEVICE)
+    plain = moe_gemm.default_config(max(T, 1), E, k, H, I, dtype, fill=True)
+    cfg = dict(plain, SPLIT_K=3, down=dict(plain["down"], SPLIT_K=2))
+    out = moe_gemm.fused_moe(x, w13, w2, w, ids, config=cfg)
+    d = torch.float64
+    assert_matches_reference(out, ref.fused_moe(x.to(d), w13.to(d), w2.to(d), w.to(d), ids),
+                             ref.fused_moe(x, w13, w2, w, ids), name="fused_moe split-K")
+    assert torch.equal(out, moe_gemm.fused_moe(x, w13, w2, w, ids, config=cfg))
+    assert not launch._TILE_COUNTERS.get(torch.device(DEVICE), torch.zeros(1)).any()
+    torch.testing.assert_close(out, moe_gemm.fused_moe(x, w13, w2, w, ids, config=plain), rtol=0,
+                               atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_shared_expert_split_k_bf16(monkeypatch):
+    """The opt-in split-K on the GPU at the talker's shared-expert shape (T=1, I 768): against the reference,
+    20 runs bit-identical (last-arriver reduction), counters zero, and a CUDA-graph replay equal to eager."""
+    from omni_fast.kernels import launch
+
+    monkeypatch.setattr(moe_gemm, "SPLIT_K_ENABLED", True)
+    g = torch.Generator().manual_seed(2)
+    H, Is = 1024, 768
+    x = torch.randn(1, H, generator=g).to(DEVICE, torch.bfloat16)
+    sw13 = (torch.randn(1, 2 * Is, H, generator=g) * H ** -0.5).to(DEVICE, torch.bfloat16)
+    sw2 = (torch.randn(1, H, Is, generator=g) * Is ** -0.5).to(DEVICE, torch.bfloat16)
+    zero = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    gate = torch.rand(1, 1, generator=g).to(DEVICE)
+    cfg = moe_gemm.default_config(1, 1, 1, H, Is, torch.bfloat16, fill=True)
+    assert cfg["SPLIT_K"] == 3
+    out = moe_gemm.fused_moe(x, sw13, sw2, gate, zero, config=cfg)
+    d = torch.float64
+    assert_matches_reference(out, ref.fused_moe(x.to(d), sw13.to(d), sw2.to(d), gate.to(d), zero),
+                             ref.fused_moe(x, sw13, sw2, gate, zero), name="shared expert split-K bf16")
+    for _ in range(20):
+        assert torch.equal(out, moe_gemm.fused_moe(x, sw13, sw2, gate, zero, config=cfg))
+    torch.cuda.synchronize()
+    assert not launch._TILE_COUNTERS[x.device].any()
+    static = torch.empty_like(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_gemm.fused_moe(x, sw13, sw2, gate, zero, out=static, config=cfg)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, out)

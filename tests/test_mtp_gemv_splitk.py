@@ -6,7 +6,7 @@ replay (gpu)."""
 import pytest
 import torch
 
-from omni_fast.kernels import mtp_gemv
+from omni_fast.kernels import launch, mtp_gemv
 from omni_fast.ops import mtp_layers
 from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
 
@@ -43,7 +43,7 @@ def test_splitk_residual_matches_reference(M, N, K, dtype):
     mtp_layers.linear_residual_(same, x, w, backend="reference")
     mtp_layers._linear_residual_reference(exact, x.double(), w.double())
     assert_matches_reference(tri, exact, same, name=f"split-K linear_residual_ M{M} N{N} K{K}")
-    assert not mtp_gemv._COUNTERS.get(torch.device(DEVICE), torch.zeros(1)).any()  # every tile reset its counter
+    assert not launch._TILE_COUNTERS.get(torch.device(DEVICE), torch.zeros(1)).any()  # every tile reset its counter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -92,7 +92,7 @@ def test_gpu_splitk_real_shapes_bf16(M):
             mtp_gemv.linear_residual_(r, x, w, split_k=True)
             assert torch.equal(r, tri)
         torch.cuda.synchronize()
-        assert not mtp_gemv._COUNTERS[x.device].any()
+        assert not launch._TILE_COUNTERS[x.device].any()
         static = resid.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
