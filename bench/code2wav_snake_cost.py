@@ -6,6 +6,10 @@ config, the MACs and activated elements of every conv and the time each takes at
 session can plug in measured rates::
 
     python -m omni_fast.bench.code2wav_snake_cost --mma 4e14 --act 3e12 --block-n 64 128
+
+``--thresholds``: per SnakeBeta conv of a streaming push, the batch from which the kernels pre-activate the input
+instead (omni_fast.kernels.code2wav_preact, its model and rates), and the predicted conv time of a push before
+(always fused) and after (the choice) at the given batches and push lengths. Predicted from a model, not measured.
 """
 
 from __future__ import annotations
@@ -42,12 +46,57 @@ def conv_costs(cfg: Code2WavConfig, block_n: int) -> list[tuple[str, int, int, i
     return rows
 
 
+def conv_shapes(cfg: Code2WavConfig, frames: int) -> list[tuple[str, dict]]:
+    """Per SnakeBeta conv of a streaming push of ``frames`` frames (states carried): the per-row shape arguments of
+    :func:`omni_fast.kernels.code2wav_preact.predicted_times` (bf16)."""
+    out = []
+    t = frames * math.prod(cfg.upsampling_ratios)
+    dim = cfg.decoder_dim
+    for i, r in enumerate(cfg.upsample_rates):
+        o = dim // 2
+        out.append((f"block{i + 1} convT {dim}->{o} k{2 * r}", dict(c_in=dim, t_window=t + 1, taps=2, rows=r * o,
+                                                                   weight_numel=dim * o * 2 * r, n_cols=t)))
+        t *= r
+        for d in (1, 3, 9):
+            out.append((f"block{i + 1} unit d{d} k7 {o}", dict(c_in=o, t_window=t + 6 * d, taps=7, rows=o,
+                                                              weight_numel=o * o * 7, n_cols=t)))
+            out.append((f"block{i + 1} unit d{d} k1 {o}", dict(c_in=o, t_window=t, taps=1, rows=o,
+                                                              weight_numel=o * o, n_cols=t)))
+        dim = o
+    out.append((f"output {dim}->1 k7", dict(c_in=dim, t_window=t + 6, taps=7, rows=1, weight_numel=dim * 7, n_cols=t)))
+    return [(n, dict(sh, elt=2)) for n, sh in out]
+
+
+def thresholds(batches=(1, 8, 32), frames=(1, 4)) -> None:
+    from omni_fast.kernels import code2wav_preact as pre
+
+    cfg = Code2WavConfig()
+    for f in frames:
+        shapes = conv_shapes(cfg, f)
+        print(f"push of {f} frame(s), bf16 (predicted from a model, not measured):")
+        for name, sh in shapes:
+            th = pre.batch_threshold(**sh)
+            print(f"  {name:<28} recompute x{pre.recompute_factor(sh['taps'], sh['rows']):4}   pre-activated from "
+                  f"batch {th if th is not None else '- (always fused)'}")
+        for b in batches:
+            times = [pre.predicted_times(b, **sh) for _, sh in shapes]
+            before = sum(t[0] for t in times)
+            after = sum(min(t) for t in times)
+            n = sum(t[1] < t[0] for t in times)
+            print(f"  B={b:<3} SnakeBeta convs: fused {before * 1e6:8.1f} us -> {after * 1e6:8.1f} us "
+                  f"({n} of {len(times)} pre-activated, +{n} launches)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mma", type=float, default=4e14, help="tensor-core MAC/s (default: 800 TFLOP/s bf16)")
     p.add_argument("--act", type=float, default=3e12, help="activated elements/s (MUFU sin + ~10-15 issue slots)")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--thresholds", action="store_true", help="pre-activation batch thresholds (module doc)")
     args = p.parse_args(argv)
+    if args.thresholds:
+        thresholds()
+        return
     cfg = Code2WavConfig()
     for bn in args.block_n:
         rows = conv_costs(cfg, bn)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune, interpreting, launch, static_case
+from .launch import autotune, interpreting, launch
 
 SNAKE_EPS = 1e-9
 
@@ -257,18 +257,22 @@ def dwconv_kernel(
 
 
 @triton.jit
-def snake_kernel(x_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, n_t, stride_xb, stride_xc, stride_xt,
-                 stride_ob, stride_oc, stride_ot, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-                 MODE: tl.constexpr = 1):
-    """Elementwise SnakeBeta, a ``[BLOCK_C, BLOCK_T]`` tile. Grid ``(cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
+def snake_kernel(x_ptr, state_ptr, alpha_ptr, beta_ptr, out_ptr, n_ch, t_in, ctx, stride_xb, stride_xc, stride_xt,
+                 stride_sb, stride_sc, stride_st, stride_ob, stride_oc, stride_ot, BLOCK_C: tl.constexpr,
+                 BLOCK_T: tl.constexpr, MODE: tl.constexpr = 1, HAS_STATE: tl.constexpr = False):
+    """Elementwise SnakeBeta of ``cat(state, x)`` (``ctx`` state samples, then ``t_in`` of x; ``ctx = 0`` without a
+    state), a ``[BLOCK_C, BLOCK_T]`` tile of the ``[B, C, ctx + t_in]`` output. Grid
+    ``(cdiv(ctx + t_in, BLOCK_T), cdiv(C, BLOCK_C), B)``. The same fp32 math and rounding as the conv's fused
+    SnakeBeta (:func:`_load_activated`), so a conv on this output equals the fused conv bit for bit."""
     b = tl.program_id(2).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_c = offs_c < n_ch
     a, inv_b = _snake_params(alpha_ptr, beta_ptr, offs_c, mask_c)
-    v = _load_window(x_ptr + b * stride_xb, x_ptr, stride_xc, stride_xt, 0, 0, offs_c, mask_c, offs_t, 0, n_t, False)
+    v = _load_window(x_ptr + b * stride_xb, state_ptr + b * stride_sb, stride_xc, stride_xt, stride_sc, stride_st,
+                     offs_c, mask_c, offs_t, ctx, t_in, HAS_STATE)
     v = _snake(v, a, inv_b, MODE)
-    mask = mask_c[:, None] & (offs_t < n_t)[None, :]
+    mask = mask_c[:, None] & (offs_t < ctx + t_in)[None, :]
     out_rows = out_ptr + b * stride_ob + offs_c.to(tl.int64) * stride_oc  # 64-bit row pointers (_load_window)
     tl.store(out_rows[:, None] + (offs_t * stride_ot)[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -425,14 +429,18 @@ def _new_state(x: torch.Tensor, state: torch.Tensor | None, ctx: int) -> torch.T
     return torch.cat((prev[..., T:], x), dim=-1)
 
 
-def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """SnakeBeta of x ``[B, C, T]`` (alpha/beta ``[C]``, log space) into a new tensor."""
+def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+               state: torch.Tensor | None = None) -> torch.Tensor:
+    """SnakeBeta of x ``[B, C, T]`` (alpha/beta ``[C]``, log space) into a new contiguous tensor; with ``state``
+    ``[B, C, ctx]``, of ``cat(state, x)`` (``[B, C, ctx + T]``: the pre-activated input of a streaming conv)."""
     B, C, T = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ctx = state.shape[-1] if state is not None else 0
+    out = torch.empty(B, C, ctx + T, device=x.device, dtype=x.dtype)
+    st = state if state is not None else x
     bc, bt = _INTERP_DW if interpreting() else (8, 256)
-    launch(snake_kernel, (triton.cdiv(T, bt), triton.cdiv(C, bc), B), x, alpha, beta, out, C, T,
-           *x.stride(), *out.stride(), BLOCK_C=bc, BLOCK_T=bt, MODE=_snake_mode(x, True), num_warps=4,
-           device=x.device)
+    launch(snake_kernel, (triton.cdiv(ctx + T, bt), triton.cdiv(C, bc), B), x, st, alpha, beta, out, C, T, ctx,
+           *x.stride(), *st.stride(), *out.stride(), BLOCK_C=bc, BLOCK_T=bt, MODE=_snake_mode(x, True),
+           HAS_STATE=state is not None, num_warps=4, device=x.device)
     return out
 
 
@@ -469,10 +477,12 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                BLOCK_C=bc, BLOCK_T=bt, num_warps=_DW_WARPS, device=x.device)
     else:
         co_g = c_out // groups
+        xin, st, t_in, ctx_in, has_state, snake = _preactivated(
+            x, state, alpha, beta, snake, ctx, dict(taps=k, rows=co_g, weight_numel=weight.numel(), n_cols=n_cols))
         _launch_gemm(n_cols, co_g, B * groups,
-                     (x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
-                     (T, ctx, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
-                      *x.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
+                     (xin, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
+                     (t_in, ctx_in, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
+                      *xin.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
                      out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
                      KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
     return out, (_new_state(x, state, ctx) if padding is None else None)
@@ -493,19 +503,35 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
     full = L + ctx
     n_cols = max(full - m + 1, 0)
     out = torch.empty(B, c_out, n_cols * stride, device=x.device, dtype=x.dtype)
-    snake = alpha is not None
-    st = state if state is not None else x
+    xin, st, t_in, ctx_in, has_state, snake = _preactivated(
+        x, state, alpha, beta, alpha is not None, ctx,
+        dict(taps=m, rows=stride * c_out, weight_numel=weight.numel(), n_cols=n_cols))
     # Tap j reads input q + j with kernel index (m-1-j) * stride + r: start at the last tap, walk backwards.
     # rows n = r * C_out + co are evenly spaced (row stride C_in) in the packed layout
     s_ci, row_stride, s_k = packed_transposed_strides(weight)
     _launch_gemm(n_cols, stride * c_out, B,
-                 (x, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
-                 (L, ctx, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
-                  (m - 1) * stride * s_k, *x.stride(), *st.stride(),
+                 (xin, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
+                 (t_in, ctx_in, n_cols, _length_bucket(n_cols), stride * c_out, c_in, c_out, 1, 1, 1,
+                  (m - 1) * stride * s_k, *xin.stride(), *st.stride(),
                   row_stride, s_ci, -stride * s_k),
                  out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
-                 KSIZE=m, PHASES=stride, HAS_STATE=state is not None, SNAKE=_snake_mode(x, snake), **_flags(x))
+                 KSIZE=m, PHASES=stride, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
     return out, _new_state_transposed(x, state, m - 1)
+
+
+def _preactivated(x, state, alpha, beta, snake: bool, ctx: int, shape: dict):
+    """The GEMM's input ``(x, state, t_in, ctx, HAS_STATE, SNAKE)``: unchanged (the SnakeBeta fused), or, where
+    :func:`.code2wav_preact.use_preactivation` picks it, ``cat(state, x)`` activated once into a buffer (read
+    from position 0: no state, ``ctx = 0``; without a state the causal zero padding stays, as SnakeBeta(0) = 0)."""
+    from . import code2wav_preact
+
+    has_state = state is not None
+    B, c_in, T = x.shape
+    window = T + (ctx if has_state else 0)
+    if not snake or not code2wav_preact.use_preactivation(B, c_in, window, elt=x.element_size(), **shape):
+        return x, (state if has_state else x), T, ctx, has_state, snake
+    act = snake_beta(x, alpha, beta, state)
+    return act, act, window, (0 if has_state else ctx), False, False
 
 
 def _new_state_transposed(x: torch.Tensor, state: torch.Tensor | None, ctx: int) -> torch.Tensor:
@@ -515,121 +541,3 @@ def _new_state_transposed(x: torch.Tensor, state: torch.Tensor | None, ctx: int)
     if L >= ctx:
         return x[..., L - ctx:].clone(memory_format=torch.contiguous_format)
     return torch.cat((state[..., L:], x), dim=-1)  # validated: state given whenever L < ctx
-
-
-# --- sm_90a static compile cases (the real Code2Wav shapes, bf16 and fp16) ------------------------------------------
-
-_GEMM_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta_ptr", "res_ptr", "out_ptr",
-                   "t_in", "ctx", "n_cols", "n_cols_bucket", "n_rows_g", "ci_g", "co_g", "n_groups", "dil",
-                   "conv_stride", "w_off0",
-                   "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st",
-                   "stride_wn", "stride_wc", "stride_wk",
-                   "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot", "stride_ok"]
-_GEMM_CONSTEXPRS = ["KSIZE", "PHASES", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "UPCAST", "IEEE", "BLOCK_N",
-                    "BLOCK_T", "BLOCK_K", "SPLIT_K"]
-_DW_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta_ptr", "res_ptr", "out_ptr",
-                 "t_in", "ctx", "n_cols", "n_ch", "dil", "conv_stride",
-                 "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st", "stride_wc",
-                 "stride_wk", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot"]
-_DW_CONSTEXPRS = ["KSIZE", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "BLOCK_C", "BLOCK_T"]
-
-
-def _signature(names, constexprs, dt):
-    sig = {n: (f"*{dt}" if n.endswith("_ptr") else "i32") for n in names}
-    sig.update({n: "constexpr" for n in constexprs})
-    return sig
-
-
-# The JIT specialises integer arguments at run time: a value of 1 becomes a constexpr, a multiple of 16 gets a
-# divisibility hint. Code2Wav launches contiguous activations and packed weights with channel counts that are
-# multiples of 16, so the cases declare the same (ones / aligned below); without them every load would be a
-# scalar with its own 64-bit address and the compile would not be the one that runs. Each kernel also keeps one
-# case with no integer specialisation ("any strides": unpacked weights, odd channel counts), which must not spill
-# either.
-_GEMM_ONES = ("stride_wc", "stride_xt", "stride_st", "stride_ot", "stride_rt", "conv_stride", "n_groups")
-_GEMM_ALIGNED = ("ci_g", "n_rows_g", "co_g", "stride_wn", "stride_wk", "w_off0", "stride_xb", "stride_sb",
-                 "stride_rb", "stride_ob")
-
-
-def _specialise(sig: dict, constexprs: dict, ones) -> tuple[dict, dict]:
-    sig, constexprs = dict(sig), dict(constexprs)
-    for name in ones:
-        sig[name] = "constexpr"
-        constexprs[name] = 1
-    return sig, constexprs
-
-
-def _tile_tag(cfg: triton.Config) -> str:
-    kw = cfg.kwargs
-    return f"{kw['BLOCK_N']}x{kw['BLOCK_T']}x{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
-
-
-def _register_static_cases():
-    # (name, KSIZE, PHASES, HAS_STATE, SNAKE, RESIDUAL, extra ones, C_out % 16 == 0): decoder.0 (1024->1536 k7),
-    # a residual unit's dilated k7 (SnakeBeta in; dilation 3 or 9, so not a constexpr) and k1 (SnakeBeta in,
-    # residual out), the output conv (96->1, k7: one output row), the decoder-block transposed convs (k=2r: 2 taps,
-    # r phases, SnakeBeta in) and the upsample transposed conv (k=s=2: 1 tap).
-    gemm = [("conv k7 1024->1536", 7, 1, False, False, False, ("dil",), True),
-            ("resunit conv k7 snake", 7, 1, True, True, False, (), True),
-            ("resunit conv k1 snake+residual", 1, 1, True, True, True, ("dil",), True),
-            ("out conv 96->1 k7", 7, 1, True, True, False, ("dil", "n_rows_g", "co_g"), False)]
-    gemm += [(f"convT r={r}", 2, r, True, True, False, ("dil",), True) for r in (8, 5, 4, 3)]
-    gemm += [("upsample convT k2 s2", 1, 2, True, False, False, ("dil",), True)]
-    for dt in ("bf16", "fp16"):
-        for name, k, ph, st, sn, res, ones, c16 in gemm:
-            aligned = [a for a in _GEMM_ALIGNED if a not in ones and (c16 or a not in ("stride_rb", "stride_ob"))]
-            flags = dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=2 if sn else 0, RESIDUAL=res,
-                         UPCAST=False, IEEE=False, SPLIT_K=1)
-            base = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
-            # every config the autotuner may pick (bf16; fp16 and the other transposed-conv rates compile to the
-            # same code but for the dtype / the PHASES constant, so they get the first config only)
-            every = dt == "bf16" and name not in ("convT r=5", "convT r=4", "convT r=3")
-            for cfg in (_GEMM_CONFIGS if every else _GEMM_CONFIGS[:1]):
-                sig, cx = _specialise(base, dict(flags, **cfg.kwargs), _GEMM_ONES + ones)
-                static_case(f"code2wav.conv_gemm[{name},{dt},state={st},{_tile_tag(cfg)}]", conv_gemm_kernel, sig,
-                            cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=aligned)
-            # the streaming path: the fixed small tile, split-K partials into an fp32 workspace (whose residual
-            # strides are 0); the worst split is _MAX_SPLIT_K
-            small = _SMALL_GEMM
-            sig = dict(base, res_ptr="*fp32", out_ptr="*fp32")
-            sig, cx = _specialise(sig, dict(flags, HAS_STATE=True, HAS_BIAS=False, RESIDUAL=False,
-                                            SPLIT_K=_MAX_SPLIT_K, **small.kwargs),
-                                  [o for o in _GEMM_ONES + ones if o != "stride_rt"])
-            static_case(f"code2wav.conv_gemm[{name},{dt},split_k={_MAX_SPLIT_K},{_tile_tag(small)}]",
-                        conv_gemm_kernel, sig, cx, num_warps=small.num_warps, num_stages=small.num_stages,
-                        aligned=aligned + ["stride_rc", "stride_rt", "stride_ok"])
-            if dt == "bf16":  # no integer specialisation at all
-                cfg = _GEMM_CONFIGS[0]
-                static_case(f"code2wav.conv_gemm[{name},{dt},any strides,{_tile_tag(cfg)}]", conv_gemm_kernel,
-                            base, dict(flags, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
-                        "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
-                        "stride_ot"]
-        reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T"], dt)
-        reduce_sig["ws_ptr"] = "*fp32"
-        for bt in _REDUCE_BLOCKS_T:
-            bc, bt = _reduce_block(bt)
-            flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt)
-            sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
-            static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
-                        aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
-        static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
-                    dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128))
-        dw_sig = _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt)
-        bc, bt = _DW_BLOCK
-        for st in (False, True):
-            flags = dict(KSIZE=7, HAS_STATE=st, HAS_BIAS=True, SNAKE=False, RESIDUAL=False, BLOCK_C=bc, BLOCK_T=bt)
-            sig, cx = _specialise(dw_sig, flags, ("stride_xt", "stride_st", "stride_wc", "stride_rt", "stride_ot",
-                                                  "dil", "conv_stride"))
-            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st}]", dwconv_kernel, sig, cx,
-                        num_warps=_DW_WARPS,
-                        aligned=("n_ch", "stride_xb", "stride_sb", "stride_wk", "stride_rb", "stride_ob"))
-            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st},any strides]", dwconv_kernel, dw_sig,
-                        flags, num_warps=_DW_WARPS)
-        static_case(f"code2wav.snake[{dt}]", snake_kernel,
-                    _signature(["x_ptr", "alpha_ptr", "beta_ptr", "out_ptr", "n_ch", "n_t", "stride_xb", "stride_xc",
-                                "stride_xt", "stride_ob", "stride_oc", "stride_ot"], ["BLOCK_C", "BLOCK_T", "MODE"], dt),
-                    dict(BLOCK_C=8, BLOCK_T=256, MODE=2))
-
-
-_register_static_cases()

@@ -27,15 +27,20 @@ packed ``[Tk, Hk, D]`` with ``cu_seqlens_k`` or per-sequence caches ``[B, S, Hk,
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
-from .launch import interpreting, launch, static_case
+from .launch import interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
+# Split head dims (72 = 64 + 16 instead of a 128-wide padded tile, see head_tiles): opt-in until a GPU run passes
+# tests/test_attention.py's gpu-marked split-head-dim test (project rule for new fast paths).
+SPLIT_HEAD_DIM = os.environ.get("OMNI_FAST_SPLIT_HEAD_DIM", "") == "1"
 
 
 @triton.jit
@@ -45,9 +50,9 @@ def attn_fwd_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km, stride_ab, stride_cos, stride_sin,
     seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, softcap_log2, split_len, num_seqs, search_steps,
-    total_q, kv_limit, num_blocks, rot_len,
+    total_q, kv_limit, num_blocks, rot_len, empty_lse, alibi_lse_shift,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
     KEY_MASK: tl.constexpr, SEQUSED: tl.constexpr, CACHE_IDX: tl.constexpr, LEFTPAD: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
@@ -69,6 +74,12 @@ def attn_fwd_kernel(
     FlashAttention features: LEFTPAD (keys before ``lp_ptr[b]`` are not attended; positions stay absolute),
     SOFTCAP (``cap * tanh(s / cap)``), ALIBI (``-slope[b, h] * |p - j|``, slopes row stride ``stride_ab``, 0 for
     one row), ROT_DIM > 0 (q rotated in-kernel by ``cos/sin[seqused_k[b] (+ token with ROT_CAUSAL)]``).
+
+    LSE conventions (runtime values, no extra specialisation): rows that see no key store ``empty_lse`` (-inf,
+    or +inf as flash-attn 2.8 stores it; split-KV partials always get -inf, the combine writes ``empty_lse``);
+    ``alibi_lse_shift`` = 1 adds ``slope * (p - k_lo)`` to the lse of every row that saw a key: flash-attn's
+    causal kernel adds the bias ``slope * (j - k_lo)`` instead of ``-slope * (p - j)`` (equal under a causal mask
+    up to that per-row constant, so the output is the same and only the lse moves).
 
     Memory safety without value checks: sequence bounds read from ``cu_q`` (``cu_k``) are clamped into
     ``[0, total_q]`` (``[0, kv_limit]`` = Tk), an end before its start meaning an empty sequence; key counts into
@@ -151,6 +162,19 @@ def attn_fwd_kernel(
                         mask_r, ROT_DIM, ROT_INTERLEAVED)
     if UPCAST:
         q = q.to(tl.float32)
+    # Split head dim (BLOCK_D2 > 0, e.g. d 72 = 64 + 16 instead of one 128-wide padded tile): the second tile
+    offs_d2 = None
+    mask_d2 = None
+    q2 = None
+    acc2 = None
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        mask_d2 = offs_d2 < HEAD_DIM
+        q2 = tl.load(q_base + q_rows[:, None] + offs_d2[None, :], mask=mask_r[:, None] & mask_d2[None, :],
+                     other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ALIBI:
         slope = tl.load(alibi_ptr + b.to(tl.int64) * stride_ab + head, mask=mask_r, other=0.0) * 1.4426950408889634
@@ -177,26 +201,27 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # masked edge [lo, mid_lo), unmasked interior [mid_lo, mid_hi), masked edge [mid_hi, hi)
-    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
-                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
-                                 BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
-    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
-                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
-                                 BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
-    acc, m_i, l_i = attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
-                                 stride_kb, stride_kt, stride_vb, stride_vt, page_size, num_blocks, len_k, k_lo,
-                                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
-                                 BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI)
+    args = (k_base, v_base, bt_row_ptr, km_row_ptr, stride_kb, stride_kt, stride_vb, stride_vt, page_size,
+            num_blocks, len_k, k_lo, win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d)
+    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, *args, acc2, q2, offs_d2, mask_d2,
+                                       BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
+    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, *args, acc2, q2, offs_d2, mask_d2,
+                                       BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
+    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, *args, acc2, q2, offs_d2, mask_d2,
+                                       BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
 
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key
         q_real = tl.load(km_row_ptr + qpos, mask=mask_r & (qpos >= 0), other=0) != 0
         seen = seen & q_real
         acc = tl.where(q_real[:, None], acc, 0.0)
+        if BLOCK_D2 > 0:
+            acc2 = tl.where(q_real[:, None], acc2, 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse2 = m_i + tl.math.log2(tl.where(seen, l_i, 1.0))
+    if ALIBI:  # slope is in base 2 here, like m_i
+        lse2 += (alibi_lse_shift * (qpos - k_lo)).to(tl.float32) * slope
+    lse = tl.where(seen, lse2 / 1.4426950408889634, empty_lse)
     o_base = o_ptr + q_start.to(tl.int64) * stride_ot + split * stride_os
     o_rows = tok.to(tl.int64) * stride_ot + head * stride_oh
     if ALIGN > 1:
@@ -204,22 +229,30 @@ def attn_fwd_kernel(
         o_rows = tl.multiple_of(o_rows, [ALIGN])
     tl.store(o_base + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=mask_r[:, None] & mask_d[None, :])
+    if BLOCK_D2 > 0:
+        out2 = acc2 / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(o_base + o_rows[:, None] + offs_d2[None, :], out2.to(o_ptr.dtype.element_ty),
+                 mask=mask_r[:, None] & mask_d2[None, :])
     tl.store(lse_ptr + split * stride_ls + head.to(tl.int64) * stride_lh + q_start + tok, lse, mask=mask_r)
 
 
 @triton.jit
 def combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
                    stride_pos, stride_pot, stride_poh, stride_pls, stride_plh,
-                   stride_ot, stride_oh, stride_lh,
+                   stride_ot, stride_oh, stride_lh, empty_lse,
                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                    BLOCK_D: tl.constexpr):
-    """Merge split-KV partials of one (row, head): ``out = sum_s w_s o_s``, ``w_s = exp(lse_s - lse)``.
+    """Merge split-KV partials of one (row, head, BLOCK_D-wide slice of D): ``out = sum_s w_s o_s``,
+    ``w_s = exp(lse_s - lse)``.
 
-    Grid ``(Tq, Hq)``. Partials: o fp32 ``[NUM_SPLITS, Tq, Hq, D]`` (normalised per split), lse fp32
-    ``[NUM_SPLITS, Hq, Tq]``; splits that saw no key have lse = -inf and weight 0.
+    Grid ``(Tq, Hq, cdiv(D, BLOCK_D))``: at decode (few rows x heads) D is cut into slices so the grid still fills
+    the SMs; every slice recomputes the split weights (NUM_SPLITS values) and the first one stores the lse. Partials: o fp32 ``[NUM_SPLITS, Tq, Hq, D]`` (normalised per split), lse fp32
+    ``[NUM_SPLITS, Hq, Tq]``; splits that saw no key have lse = -inf and weight 0; a row no split saw gets zeros
+    and ``empty_lse``.
     """
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    c = tl.program_id(2)
     offs_s = tl.arange(0, SPLITS_P2)
     mask_s = offs_s < NUM_SPLITS
     lse_s = tl.load(part_lse_ptr + offs_s * stride_pls + h * stride_plh + t, mask=mask_s, other=float("-inf"))
@@ -227,15 +260,15 @@ def combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe)
     total = tl.sum(w, axis=0)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     po = tl.load(part_o_ptr + offs_s[:, None] * stride_pos + t * stride_pot + h * stride_poh + offs_d[None, :],
                  mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     seen = total > 0.0
     out = tl.sum(po * w[:, None], axis=0) / tl.where(seen, total, 1.0)
     tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(lse_ptr + h * stride_lh + t, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)),
-                                                  float("-inf")))
+    if c == 0:
+        tl.store(lse_ptr + h * stride_lh + t, tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), empty_lse))
 
 
 # --- launch helpers ----------------------------------------------------------------------------------------------
@@ -281,6 +314,22 @@ def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tup
     return 128, 64, 8, 3
 
 
+def head_tiles(head_dim: int, split: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dim's tile widths (powers of two, tl.arange needs them).
+
+    One tile (BLOCK_D2 = 0) padded to the next power of two, unless ``split`` (default SPLIT_HEAD_DIM) and two
+    tiles are narrower: the largest power of two below D plus the next power of two (>= 16, tl.dot's minimum K)
+    of the rest. d 72 / 80: 64 + 16 = 80 columns instead of 128; d 96: 64 + 32; d 160: 128 + 32. Every dot over D
+    (q.k) then costs two dots that sum, every dot into D (p.v) two accumulators.
+    """
+    full = max(16, triton.next_power_of_2(head_dim))
+    if not (SPLIT_HEAD_DIM if split is None else split) or full == head_dim:
+        return full, 0
+    first = full // 2
+    second = max(16, triton.next_power_of_2(head_dim - first))
+    return (first, second) if first + second < full else (full, 0)
+
+
 def alignment(tensors, strides) -> int:
     """Largest ALIGN (elements, <= 16 bytes) dividing every tensor's data pointer and every given stride."""
     elem = tensors[0].element_size()
@@ -302,7 +351,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
              num_splits: int = 1, split_len: int = 0, packed_grid: bool = False,
              key_mask: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
              leftpad: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-             rotary: tuple | None = None) -> None:
+             rotary: tuple | None = None, empty_lse: float = float("-inf"),
+             alibi_lse_shift: bool = False) -> None:
     """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
 
     q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (packed varlen) or ``[B|blocks, S|page, Hk, D]`` (caches,
@@ -314,11 +364,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     ``cache_batch_idx`` int32 ``[B]`` (contiguous caches): the cache row of each sequence. ``leftpad`` int32 ``[B]``:
     first key of each sequence. ``softcap`` > 0: tanh soft-capping. ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]``.
     ``rotary``: ``(cos, sin, interleaved, causal)`` to rotate q at ``seqused_k[b] (+ token if causal)``.
+    ``empty_lse`` (the lse of rows that see no key; split partials always use -inf) and ``alibi_lse_shift``
+    (flash-attn's causal-ALiBi lse): see :func:`attn_fwd_kernel`.
     """
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
     group = Hq // Hk
     block_m, block_n, warps, stages = block_sizes(rows_per_seq, D, q.element_size())
+    block_d, block_d2 = head_tiles(D, None if rotary is None else False)  # rotary works on one tile
     varlen_k = cu_k is not None
     paged = block_table is not None
     packed_k = varlen_k and not paged
@@ -361,9 +414,9 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         float(softmax_scale) / softcap if softcap > 0 else float(softmax_scale) * LOG2E, softcap * LOG2E,
         split_len if split else 0, batch, batch.bit_length() if packed_grid else 0,
         q.shape[0], kv_limit, k.shape[0] if (paged or cache_batch_idx is not None) else 1,
-        cos.shape[0] if cos is not None else 1,
+        cos.shape[0] if cos is not None else 1, float("-inf") if split else float(empty_lse), int(alibi_lse_shift),
         HEAD_DIM=D, GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
+        BLOCK_D=block_d, BLOCK_D2=block_d2, VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
         PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None, SEQUSED=seqused_k is not None,
         CACHE_IDX=cache_batch_idx is not None, LEFTPAD=leftpad is not None, SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None, ROT_DIM=2 * cos.shape[1] if cos is not None else 0,
@@ -373,21 +426,41 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     )
 
 
-def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge split partials ``[S, Tq, Hq, D]`` / ``[S, Hq, Tq]`` into out ``[Tq, Hq, D]`` and lse ``[Hq, Tq]``."""
+def combine(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            empty_lse: float = float("-inf")) -> None:
+    """Merge split partials ``[S, Tq, Hq, D]`` / ``[S, Hq, Tq]`` into out ``[Tq, Hq, D]`` and lse ``[Hq, Tq]``
+    (``empty_lse`` for rows that no split saw)."""
     splits, T, Hq, D = part_o.shape
-    launch(combine_kernel, (T, Hq), part_o, part_lse, out, lse,
+    block_d = combine_block_d(T * Hq, D, splits)
+    launch(combine_kernel, (T, Hq, triton.cdiv(D, block_d)), part_o, part_lse, out, lse,
            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-           out.stride(0), out.stride(1), lse.stride(0),
+           out.stride(0), out.stride(1), lse.stride(0), float(empty_lse),
            HEAD_DIM=D, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-           BLOCK_D=triton.next_power_of_2(D), num_warps=4, device=out.device)
+           BLOCK_D=block_d, num_warps=4, device=out.device)
+
+
+COMBINE_TARGET_CTAS = 128  # about one CTA per SM of an H100 (132): what the combine's grid aims at
+COMBINE_MAX_TILE = 4096  # partial elements one program holds (4 warps: 32 fp32 values a thread; 64 x 128 took 168
+                         # registers on sm_90a, 64 x 64 takes 80)
+
+
+def combine_block_d(rows: int, head_dim: int, splits: int = 1) -> int:
+    """Width of the D slice one combine program merges: all of D (padded to a power of two) when ``rows``
+    (tokens x query heads) alone give COMBINE_TARGET_CTAS programs, else narrower (down to 16) so that
+    ``rows x slices`` does (decode at B = 1 has 32 rows on the thinker, 16 on the talker); also narrow enough
+    that the ``[splits, slice]`` tile stays within COMBINE_MAX_TILE elements. From shapes only."""
+    block_d = triton.next_power_of_2(head_dim)
+    slices = triton.next_power_of_2(triton.cdiv(COMBINE_TARGET_CTAS, max(rows, 1)))
+    block_d = min(block_d // slices, max(COMBINE_MAX_TILE // triton.next_power_of_2(splits), 16))
+    return max(16, block_d)
 
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                       causal: bool, window_left: int, window_right: int, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-                      seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      seqused_k: torch.Tensor | None = None, fa_lse: bool = False,
+                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
     ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
@@ -396,7 +469,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     fewer programs than ``cdiv(max_seqlen_q * GROUP, BLOCK_M) * B`` (unequal lengths, many sequences).
     With ``block_table`` k/v are pages ``[num_blocks, page, Hk, D]`` (sequence b's keys are its logical rows
     ``0 .. cu_k[b+1] - cu_k[b]``); ``seqused_k`` int32 ``[B]`` replaces the key counts; softcap / alibi_slopes as
-    :func:`attn_fwd`.
+    :func:`attn_fwd`. ``fa_lse``: +inf (flash-attn's value) instead of -inf for rows that see no key;
+    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`).
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
@@ -410,111 +484,13 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     attn_fwd(q, k, v, out, lse, batch=batch, rows_per_seq=rows,
              cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=seqused_k, k_extra=0,
              block_table=block_table, softmax_scale=softmax_scale, causal=causal,
-             window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes)
+             window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes,
+             empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift)
     return out, lse
 
 
-# --- sm_90a static compile cases: the real model shapes, bf16 -------------------------------------------------
-
-
-def static_signature(dt: str, split: bool = False) -> dict[str, str]:
-    """The sm_90a static-case signature of :func:`attn_fwd_kernel` for operands of Triton type ``dt`` (``bf16``,
-    ``fp16``, ``fp32``); split-KV partial outputs are fp32."""
-    o = "fp32" if split else dt
-    s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
-         "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8",
-         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}"}
-    for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
-                 "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
-                 "stride_km", "stride_ab", "stride_cos", "stride_sin", "seqlen_q", "k_extra", "page_size",
-                 "win_left", "win_right"):
-        s[name] = "i32"
-    s["qk_scale"] = s["softcap_log2"] = "fp32"
-    s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32",
-             rot_len="i32")
-    for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "VARLEN_Q", "VARLEN_K",
-                 "PAGED", "PACKED_GRID", "KEY_MASK", "SEQUSED", "CACHE_IDX", "LEFTPAD", "SOFTCAP", "ALIBI",
-                 "ROT_DIM", "ROT_INTERLEAVED", "ROT_CAUSAL", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
-        s[name] = "constexpr"
-    return s
-
-
-def static_constexprs(dt: str, d: int, group: int, rows: int, varlen: bool, paged: bool, splits: int = 1, *,
-                      packed: bool = False, key_mask: bool = False, **features) -> tuple[dict, int, int]:
-    """(constexprs, num_warps, num_stages) of the launch :func:`attn_fwd` makes for these shapes on a GPU.
-
-    ``features`` overrides the FlashAttention-feature constexprs (SOFTCAP, ALIBI, LEFTPAD, CACHE_IDX, ROT_DIM, ...)."""
-    elem = 4 if dt == "fp32" else 2
-    bm, bn, warps, stages = gpu_block_sizes(rows, d, elem)
-    return ({"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
-             "BLOCK_D": max(16, triton.next_power_of_2(d)), "VARLEN_Q": varlen, "VARLEN_K": varlen, "PAGED": paged,
-             "PACKED_GRID": packed, "KEY_MASK": key_mask, "SEQUSED": not varlen, "CACHE_IDX": False,
-             "LEFTPAD": False, "SOFTCAP": False, "ALIBI": False, "ROT_DIM": 0, "ROT_INTERLEAVED": False,
-             "ROT_CAUSAL": False, "UPCAST": False,
-             "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16, **features},
-            warps, stages)
-
-
-def _register_static_cases() -> None:
-    # (name, head_dim, group, rows, varlen, paged, splits); the patched encoders launch the packed grid, a padded
-    # batch through transformers' 2-D attention mask the key mask
-    shapes = [
-        ("audio d64 h20 varlen packed", 64, 1, 1024, True, False, 1),
-        ("vision d72 h16 varlen packed", 72, 1, 1024, True, False, 1),
-        ("thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1),
-        ("thinker 32/4 d128 decode", 128, 8, 8, False, False, 1),
-        ("thinker 32/4 d128 decode split", 128, 8, 8, False, False, 8),
-        ("thinker 32/4 d128 chunked paged", 128, 8, 4096, False, True, 1),
-        ("talker 16/2 d128 decode paged", 128, 8, 8, False, True, 1),
-        ("mtp 16/8 d128 decode", 128, 2, 2, False, False, 1),
-        ("code2wav d64 h16 window72", 64, 1, 1024, True, False, 1),
-        # Code2Wav's pre-transformer runs on the KV-cache path (one launch per layer and push); one case per block
-        # config its chunk sizes pick: 1..16 frames, 17..64 (the largest graph bucket), longer (one-shot decodes)
-        ("code2wav d64 h16 window72 kvcache t1", 64, 1, 1, False, False, 1),
-        ("code2wav d64 h16 window72 kvcache t64", 64, 1, 64, False, False, 1),
-        ("code2wav d64 h16 window72 kvcache one-shot", 64, 1, 1024, False, False, 1),
-        ("thinker 32/4 d128 padded prefill key mask", 128, 8, 4096, False, False, 1),
-        ("thinker 32/4 d128 padded decode key mask", 128, 8, 8, False, False, 1),
-    ]
-    # Head dims over 128 (no Qwen-Omni model uses them; MAX_HEAD_DIM is 256) in bf16 and fp32; fp32 also at the
-    # thinker's d 128 (fp32 has its own small tiles, see gpu_block_sizes)
-    extra = [(dt, "d256 h8 varlen prefill", 256, 1, 1024, True, False, 1) for dt in ("bf16", "fp32")]
-    extra += [(dt, "d256 8/1 decode", 256, 8, 8, False, False, 1) for dt in ("bf16", "fp32")]
-    extra += [("bf16", "d160 h8 varlen prefill", 160, 1, 1024, True, False, 1),
-              ("bf16", "d160 8/1 decode", 160, 8, 8, False, False, 1)]
-    extra += [("fp32", "thinker 32/4 d128 prefill", 128, 8, 1024, True, False, 1)]
-    for dt, name, d, group, rows, varlen, paged, splits in extra:
-        constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
-        static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
-                    constexprs, num_warps=warps, num_stages=stages)
-    # omni_fast.compat.flash_attn features (FlashAttention-2 callers): every score modifier and rotary at once
-    compat = [("kvcache decode rotary+alibi+softcap+leftpad+batch_idx", 128, 8, 8, False, False,
-               dict(SOFTCAP=True, ALIBI=True, LEFTPAD=True, CACHE_IDX=True, ROT_DIM=128, ROT_CAUSAL=True)),
-              ("kvcache prefill rotary interleaved+softcap", 128, 8, 1024, False, False,
-               dict(SOFTCAP=True, ROT_DIM=64, ROT_INTERLEAVED=True, ROT_CAUSAL=True)),
-              ("varlen paged seqused softcap+alibi", 128, 8, 1024, True, True,
-               dict(SEQUSED=True, SOFTCAP=True, ALIBI=True))]
-    for name, d, group, rows, varlen, paged, feats in compat:
-        constexprs, warps, stages = static_constexprs("bf16", d, group, rows, varlen, paged, **feats)
-        static_case(f"attn_fwd_kernel[bf16,{name}]", attn_fwd_kernel, static_signature("bf16"),
-                    constexprs, num_warps=warps, num_stages=stages)
-    for dt in ("bf16", "fp16"):
-        for name, d, group, rows, varlen, paged, splits in shapes:
-            constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits,
-                                                          packed=name.endswith("packed"),
-                                                          key_mask=name.endswith("key mask"))
-            static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
-                        constexprs, num_warps=warps, num_stages=stages)
-        static_case(
-            f"combine_kernel[{dt},d128]", combine_kernel,
-            {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": f"*{dt}", "lse_ptr": "*fp32",
-             **{n: "i32" for n in ("stride_pos", "stride_pot", "stride_poh", "stride_pls", "stride_plh",
-                                   "stride_ot", "stride_oh", "stride_lh")},
-             "HEAD_DIM": "constexpr", "NUM_SPLITS": "constexpr", "SPLITS_P2": "constexpr", "BLOCK_D": "constexpr"},
-            {"HEAD_DIM": 128, "NUM_SPLITS": 8, "SPLITS_P2": 8, "BLOCK_D": 128})
-
-
-_register_static_cases()
+# the sm_90a static compile cases of attn_fwd_kernel / combine_kernel (registered on import)
+from . import flash_attn_static  # noqa: E402,F401
 
 __all__ = ["MAX_HEAD_DIM", "attn_fwd", "attn_fwd_kernel", "combine", "combine_kernel", "flash_attn_varlen",
            "window_bounds"]

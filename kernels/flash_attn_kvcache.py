@@ -25,8 +25,12 @@ from .flash_attn_parts import rotary_rows
 from .launch import interpreting, launch, static_case
 
 SPLIT_ALIGN = 128  # split boundaries are multiples of every BLOCK_N, so no key is visited by two splits
-MIN_KEYS_PER_SPLIT = 512
-MAX_SPLITS = 32
+MAX_SPLITS = 64  # the combine kernel holds [MAX_SPLITS, BLOCK_D] fp32 partials (64 x 128: 64 registers a thread)
+# The split choice's time model (H100 SXM, the same figures as bench/costmodel/constants.py): HBM bandwidth and the
+# fixed cost of the extra combine kernel (one CUDA-graph node, ~1.3 us, plus its short run).
+HBM_BYTES_PER_S = 3.0e12
+COMBINE_FIXED_S = 2.0e-6
+SPLIT_SLACK = 0.05  # prefer fewer splits when the modelled time is within 5 % of the best
 
 
 @triton.jit
@@ -106,18 +110,47 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_splits(device: torch.device, programs: int, capacity: int) -> int:
-    """How many key chunks to process in parallel: fill the GPU's SMs when ``programs`` alone would not.
+def effective_splits(capacity: int, splits: int) -> tuple[int, int]:
+    """(splits that hold keys, split length): ``splits`` chunks of ``capacity`` keys rounded to SPLIT_ALIGN; asking
+    for more chunks than there are SPLIT_ALIGN blocks, or a count whose last chunks would be empty, gives fewer."""
+    blocks = triton.cdiv(max(capacity, 1), SPLIT_ALIGN)
+    per_split = triton.cdiv(blocks, max(1, min(splits, blocks)))
+    return triton.cdiv(blocks, per_split), per_split * SPLIT_ALIGN
 
-    ``capacity`` is the most keys a sequence can have (cache size), so the choice is static for a cache.
+
+def split_time(programs: int, splits: int, sms: int, kv_bytes: int, part_bytes: int) -> float:
+    """Modelled seconds of a split-KV launch: ``kv_bytes`` (all programs' keys and values) plus ``splits`` x
+    ``part_bytes`` of fp32 partials (written and read back) at HBM speed times the wave efficiency (one CTA per SM,
+    the decode config's occupancy), plus the combine's fixed cost when ``splits > 1``."""
+    ctas = programs * splits
+    waves = triton.cdiv(ctas, sms)
+    efficiency = ctas / (waves * sms)
+    t = (kv_bytes + (splits * part_bytes if splits > 1 else 0)) / (HBM_BYTES_PER_S * efficiency)
+    return t + (COMBINE_FIXED_S if splits > 1 else 0.0)
+
+
+def choose_splits(device: torch.device, programs: int, capacity: int, *, kv_bytes: int = 0,
+                  part_bytes: int = 0) -> int:
+    """How many key chunks to process in parallel (flash-decoding): fill the GPU's SMs when ``programs`` alone
+    would not.
+
+    ``capacity`` is the most keys a sequence can have (the cache size), so the choice is static for a cache: no
+    cache_seqlens value is read (no host sync, CUDA-graph safe). Among the split counts that give distinct chunk
+    lengths (:func:`effective_splits`, at most MAX_SPLITS), the one with the least :func:`split_time` wins:
+    ``kv_bytes`` the keys/values every program reads at full capacity, ``part_bytes`` the partial (o, lse) bytes one
+    split adds (0: only the fill counts). The fewest splits within SPLIT_SLACK of the best time win (more
+    CTAs than one wave, e.g. 33 x 32 at B = 8 instead of 4 x 32, buy little and cost partial bytes).
     """
     if device.type != "cuda" or interpreting():
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    programs = max(programs, 1)
     if programs >= sms:
         return 1
-    splits = min(triton.cdiv(2 * sms, max(programs, 1)), capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
-    return max(1, splits)
+    counts = sorted({effective_splits(capacity, want)[0] for want in range(1, MAX_SPLITS + 1)})
+    times = {n: split_time(programs, n, sms, kv_bytes, part_bytes) for n in counts}
+    best = min(times.values())
+    return next(n for n in counts if times[n] <= best * (1 + SPLIT_SLACK))
 
 
 def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -126,15 +159,18 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       key_padding_mask: torch.Tensor | None = None, *, cache_batch_idx: torch.Tensor | None = None,
                       cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None,
-                      rotary: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      rotary: tuple | None = None, empty_lse: float = float("-inf"),
+                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
     ``cache_seqlens`` None: every sequence has ``k_extra`` keys. Returns (out ``[B, Sq, Hq, D]``, lse fp32
     ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
-    forces n chunks. ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
+    asks for n chunks (of SPLIT_ALIGN-multiple lengths; fewer when the capacity has fewer such chunks or the last
+    ones would be empty, see :func:`effective_splits`). ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
     a padding query gives zeros). ``cache_batch_idx`` / ``cache_leftpad`` int32 ``[B]``, ``softcap``,
     ``alibi_slopes``, ``rotary = (cos, sin, interleaved, causal)``: FlashAttention's, see
-    :func:`omni_fast.kernels.flash_attn.attn_fwd`.
+    :func:`omni_fast.kernels.flash_attn.attn_fwd`; ``empty_lse`` (lse of rows that see no key) and
+    ``alibi_lse_shift`` (flash-attn's causal-ALiBi lse) as there.
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -143,8 +179,10 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if num_splits <= 0:
         rows = Sq * group
         block_m = block_sizes(rows, D, q.element_size())[0]
-        num_splits = choose_splits(q.device, triton.cdiv(rows, block_m) * B * Hk, capacity)
-    num_splits = max(1, min(num_splits, triton.cdiv(max(capacity, 1), SPLIT_ALIGN)))
+        num_splits = choose_splits(q.device, triton.cdiv(rows, block_m) * B * Hk, capacity,
+                                   kv_bytes=2 * B * Hk * capacity * D * k_cache.element_size(),
+                                   part_bytes=2 * B * Sq * Hq * (D + 1) * 4)
+    num_splits, split_len = effective_splits(capacity, num_splits)
     q2 = q.reshape(B * Sq, Hq, D)
     out = torch.empty(B * Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(Hq, B * Sq, dtype=torch.float32, device=q.device)
@@ -153,15 +191,14 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                   causal=causal, window_size=(window_left, window_right),
                   key_mask=None if key_padding_mask is None else key_padding_mask.view(torch.uint8),
                   cache_batch_idx=cache_batch_idx, leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
-                  rotary=rotary)
+                  rotary=rotary, alibi_lse_shift=alibi_lse_shift)
     if num_splits == 1:
-        attn_fwd(q2, k_cache, v_cache, out, lse, **common)
+        attn_fwd(q2, k_cache, v_cache, out, lse, empty_lse=empty_lse, **common)
     else:
-        split_len = triton.cdiv(triton.cdiv(capacity, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
         part_o = torch.empty(num_splits, B * Sq, Hq, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
-        combine(part_o, part_lse, out, lse)
+        combine(part_o, part_lse, out, lse, empty_lse)
     return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
 
 
@@ -189,4 +226,4 @@ for _dt in ("bf16", "fp16"):
             {"HEAD_DIM": 128, "BLOCK_H": 4, "BLOCK_D": 128, "PAGED": _paged, "CACHE_IDX": False,
              "ROT_DIM": 0 if _paged else 128, "ROT_INTERLEAVED": False}, num_warps=4, num_stages=1)
 
-__all__ = ["append_kv", "append_kv_kernel", "choose_splits", "flash_attn_with_kvcache", "kvcache_attention"]
+__all__ = ["append_kv", "append_kv_kernel", "choose_splits", "effective_splits", "split_time", "flash_attn_with_kvcache", "kvcache_attention"]

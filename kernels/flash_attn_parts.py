@@ -45,14 +45,18 @@ def tanh(x):
 
 
 @triton.jit
-def scores(q, k, qpos, offs_n, qk_scale, softcap_log2, slope,
-           PREC: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+def scores(q, k, q2, k2, qpos, offs_n, qk_scale, softcap_log2, slope,
+           PREC: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BLOCK_D2: tl.constexpr):
     """Base-2 scores ``[BLOCK_M, BLOCK_N]`` of q against a key tile, softcap and ALiBi applied (unmasked).
 
     ``qk_scale``: ``scale * log2(e)``, or ``scale / cap`` with SOFTCAP (then ``softcap_log2 = cap * log2(e)``).
-    ``slope``: fp32 ``[BLOCK_M]`` ALiBi slopes of the rows, already times ``log2(e)``.
+    ``slope``: fp32 ``[BLOCK_M]`` ALiBi slopes of the rows, already times ``log2(e)``. With ``BLOCK_D2 > 0`` the
+    head dim is split in two tiles (q/k the first BLOCK_D dims, q2/k2 the next BLOCK_D2): two dots, one sum.
     """
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if BLOCK_D2 > 0:
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
+    s = s * qk_scale
     if SOFTCAP:
         s = softcap_log2 * tanh(s)
     if ALIBI:
@@ -63,17 +67,19 @@ def scores(q, k, qpos, offs_n, qk_scale, softcap_log2, slope,
 @triton.jit
 def attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_row_ptr,
                  stride_kblk, stride_kt, stride_vblk, stride_vt, page_size, num_blocks, seqlen_k, k_lo,
-                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d,
+                 win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d, acc2, q2, offs_d2, mask_d2,
                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                  MASKED: tl.constexpr, ALIGN: tl.constexpr, KEY_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                 ALIBI: tl.constexpr):
+                 ALIBI: tl.constexpr, BLOCK_D2: tl.constexpr):
     """The shared inner loop: fold key rows ``[lo, hi)`` into the online-softmax state (acc, m_i, l_i).
 
     q: ``[BLOCK_M, BLOCK_D]`` (already in the dot dtype); qpos: int32 ``[BLOCK_M]`` key-aligned query positions.
     acc fp32 ``[BLOCK_M, BLOCK_D]``, m_i (running max of base-2 scores) and l_i (running sum) fp32 ``[BLOCK_M]``.
     ``MASKED=False`` is for key blocks every row of the block sees entirely (no per-element mask needed).
     ``k_lo``: keys before it are left padding (never attended). ``KEY_MASK``: keys whose byte at
-    ``km_row_ptr[n]`` is 0 (padding) are dropped, in every block.
+    ``km_row_ptr[n]`` is 0 (padding) are dropped, in every block. ``BLOCK_D2 > 0``: the head dim's second tile
+    (dims ``offs_d2``; q2 and its accumulator acc2 ``[BLOCK_M, BLOCK_D2]``), else acc2/q2/offs_d2/mask_d2 are None.
+    Returns (acc, m_i, l_i, acc2).
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -82,10 +88,20 @@ def attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_
                     mask_d, PAGED, ALIGN)
         v = kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, num_blocks, offs_d,
                     mask_d, PAGED, ALIGN)
+        k2 = None
+        v2 = None
+        if BLOCK_D2 > 0:
+            k2 = kv_tile(k_base, bt_row_ptr, offs_n, mask_n, stride_kblk, stride_kt, page_size, num_blocks, offs_d2,
+                         mask_d2, PAGED, ALIGN)
+            v2 = kv_tile(v_base, bt_row_ptr, offs_n, mask_n, stride_vblk, stride_vt, page_size, num_blocks, offs_d2,
+                         mask_d2, PAGED, ALIGN)
+            if UPCAST:
+                k2 = k2.to(tl.float32)
+                v2 = v2.to(tl.float32)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = scores(q, k, qpos, offs_n, qk_scale, softcap_log2, slope, PREC, SOFTCAP, ALIBI)
+        s = scores(q, k, q2, k2, qpos, offs_n, qk_scale, softcap_log2, slope, PREC, SOFTCAP, ALIBI, BLOCK_D2)
         if MASKED:
             ok = (offs_n[None, :] < seqlen_k) & (offs_n[None, :] >= k_lo) \
                 & (offs_n[None, :] >= qpos[:, None] - win_left) & (offs_n[None, :] <= qpos[:, None] + win_right)
@@ -100,8 +116,10 @@ def attend_range(acc, m_i, l_i, q, qpos, lo, hi, k_base, v_base, bt_row_ptr, km_
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        if BLOCK_D2 > 0:
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PREC)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, acc2
 
 
 @triton.jit

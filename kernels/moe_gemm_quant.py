@@ -14,6 +14,13 @@ per tile. The packed words are read straight from compressed-tensors' layout (``
 bits ``4*(k % 8)``), each nibble is unpacked with integer shifts, ``(q - 8 - zero) * scale`` in fp32, rounded to
 the activation dtype and fed to the fp16/bf16 tensor cores.
 
+``fp8_channel`` (``FORMAT="fp8c"``): one weight scale per output row and one activation scale per A row that
+are constant along K, so the e4m3 x e4m3 partial products accumulate inside the dot (fp32) over the whole K and
+are scaled once at the end by ``a_s[m] * w_s[n]`` (the fp8_block path's K loop with a degenerate group of the
+whole K would re-scale every tile for nothing). Dynamic activations: a first pass over the K tiles of the
+program's A rows finds each row's amax (per token for gate/up, per (token, expert) row for down; A is re-read,
+from L2 at decode sizes), ``a_s = max(amax, 1e-10) / 448``; ``STATIC_A``: ``a_s`` = the expert's input scale.
+
 Under the CPU interpreter (``UPCAST``), A and dequantized B are fp32; the interpreter's fp32 -> e4m3 conversion
 does not carry a mantissa round-up into the exponent (7.94 -> 4, not 8), so ``EMULATE_FP8`` first rounds to the
 e4m3 grid with exact fp32 arithmetic, which makes the conversion exact. Compiled kernels never set either.
@@ -29,7 +36,7 @@ from .launch import interpreting, launch, static_case
 from .moe_gemm import _KEYS, _grouped_tile, _split, _store_tile, _tile_rows, default_config, run_experts
 
 FP8_MAX = 448.0
-_FORMATS = {"fp8_block": "fp8", "int4_w4a16": "int4"}
+_FORMATS = {"fp8_block": "fp8", "int4_w4a16": "int4", "fp8_channel": "fp8c"}
 
 
 @triton.jit
@@ -58,12 +65,33 @@ def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
 
 
 @triton.jit
+def _quant_a_rows(a, a_s, EMULATE_FP8: tl.constexpr):
+    """A tile ``[BM, BK]`` with fixed fp32 row scales ``[BM]`` -> e4m3 tile (fp8_channel)."""
+    x = tl.minimum(tl.maximum(a.to(tl.float32) / a_s[:, None], -448.0), 448.0)
+    if EMULATE_FP8:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dynamic per-row activation scale: ``max(amax over the K row, 1e-10) / 448`` (fp32 ``[BM]``)."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_mask[:, None] & (offs_k < K - k0)[None, :]
+        a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+    return tl.maximum(amax, 1e-10) / 448.0
+
+
+@triton.jit
 def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
                   stride_sn, BLOCK_K: tl.constexpr, FORMAT: tl.constexpr, QUANT_N: tl.constexpr,
                   GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, UPCAST: tl.constexpr, A_DTYPE: tl.constexpr):
     """The ``[BK, BN]`` weight tile of rows ``row0 + offs_n`` at K offset ``k0``, and its per-column scale.
 
     fp8: (e4m3 tile, fp32 scale ``[BN]`` of block row ``srow0 + n // QUANT_N``, column ``k0 // GROUP_K``).
+    fp8c: (e4m3 tile, 1.0): its per-row scales are applied after the K loop.
     int4: (dequantized tile in A's dtype, or fp32 with UPCAST; the fp32 scale, already applied): scales / zero
     points are per row ``row0 + n`` and group ``k0 // GROUP_K``.
     """
@@ -73,6 +101,9 @@ def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_
     if FORMAT == "fp8":
         b = tl.load(b_base + rows[None, :] * stride_bn + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
         scale = tl.load(s_base + (srow0 + offs_n // QUANT_N) * stride_sn + g, mask=mask_n, other=0.0)
+    elif FORMAT == "fp8c":  # the row scales are applied once after the K loop
+        b = tl.load(b_base + rows[None, :] * stride_bn + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
+        scale = 1.0
     else:
         # One load of the BK/8 packed words per column, unpacked in registers: word w holds K rows 8w..8w+7.
         offs_w = tl.arange(0, BLOCK_K // 8)
@@ -93,10 +124,11 @@ def _quant_b_tile(b_base, s_base, z_base, row0, srow0, k0, offs_k, offs_n, mask_
 
 @triton.jit
 def moe_gemm_quant_kernel(
-    a_ptr, b_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
+    a_ptr, b_ptr, s_ptr, z_ptr, as_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
     N, K, num_valid, num_pid_m, top_k, num_experts,
-    stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_cm, up_srow,
+    stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_ase, stride_cm, up_srow,
     FORMAT: tl.constexpr, QUANT_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
+    STATIC_A: tl.constexpr,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
     EMULATE_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
@@ -106,7 +138,8 @@ def moe_gemm_quant_kernel(
     B ``[E, N(x2), K]`` e4m3 (fp8) or ``[E, N(x2), K/8]`` int32 (int4), element strides ``stride_be``,
     ``stride_bn``; scales (and int4 zero points, same shape) ``[E, rows, K/GROUP_K]`` with strides ``stride_se``,
     ``stride_sn`` (unit stride along groups). GATED: up rows start at row N of B and at scale row ``up_srow``
-    (fp8: ``ceil(N / QUANT_N)``; int4: N).
+    (fp8: ``ceil(N / QUANT_N)``; int4, fp8c: N). fp8c: scales ``[E, rows, 1]`` (any strides: per-tensor scales
+    are stride-0 views); STATIC_A: the activation scale is ``as_ptr[expert * stride_ase]``, else per A row.
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
     if pid_m * BLOCK_SIZE_M >= tl.load(npost_ptr):
@@ -123,11 +156,19 @@ def moe_gemm_quant_kernel(
     z_base = z_ptr + expert * stride_se
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
+    row_s = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)  # fp8c's activation scales (loop-invariant)
+    if FORMAT == "fp8c":
+        if STATIC_A:
+            row_s += tl.load(as_ptr + expert * stride_ase)
+        else:
+            row_s = _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_SIZE_M, BLOCK_SIZE_K)
     for k0 in range(0, K, BLOCK_SIZE_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
         if FORMAT == "fp8":
             a_q, a_s = _quant_a_fp8(a, EMULATE_FP8)
+        elif FORMAT == "fp8c":
+            a_q = _quant_a_rows(a, row_s, EMULATE_FP8)
         elif UPCAST:
             a = a.to(tl.float32)
         b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
@@ -135,6 +176,8 @@ def moe_gemm_quant_kernel(
                                a_ptr.dtype.element_ty)
         if FORMAT == "fp8":
             acc += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
+        elif FORMAT == "fp8c":
+            acc = tl.dot(a_q, b, acc)
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
@@ -143,8 +186,16 @@ def moe_gemm_quant_kernel(
                                    a_ptr.dtype.element_ty)
             if FORMAT == "fp8":
                 acc_up += tl.dot(a_q, b) * (a_s[:, None] * b_s[None, :])
+            elif FORMAT == "fp8c":
+                acc_up = tl.dot(a_q, b, acc_up)
             else:
                 acc_up = tl.dot(a, b, acc_up, input_precision=DOT_PRECISION)
+    if FORMAT == "fp8c":  # the constant-along-K scales, once: a_s per row, w_s per output column (gate, up)
+        w_s = tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)
+        acc = acc * (row_s[:, None] * w_s[None, :])
+        if GATED:
+            w_s = tl.load(s_base + (up_srow + offs_n) * stride_sn, mask=mask_n, other=0.0)
+            acc_up = acc_up * (row_s[:, None] * w_s[None, :])
     _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
@@ -152,15 +203,18 @@ def moe_gemm_quant_kernel(
 
 
 def _group_k(experts) -> int:
-    return experts.block[1] if experts.format == "fp8_block" else experts.group_size
+    """The K granularity of the scales (fp8_channel: none; 0 stands for "the whole K")."""
+    return {"fp8_block": (experts.block or (0, 0))[1], "int4_w4a16": experts.group_size}.get(experts.format, 0)
 
 
 def adjust_config(experts, up_cfg: dict, down_cfg: dict) -> None:
     """K tiles follow the quantization: fp8 ``BLOCK_SIZE_K`` = the block's ``bk`` (one activation group per
-    tile); int4 ``BLOCK_SIZE_K`` = min(tile K, group) (one scale per column per tile). No TMA (pointer loads)."""
+    tile); int4 ``BLOCK_SIZE_K`` = min(tile K, group) (one scale per column per tile); fp8_channel keeps the float
+    heuristic's K tile. No TMA (pointer loads)."""
     gk = _group_k(experts)
     for cfg in (up_cfg, down_cfg):
-        cfg["BLOCK_SIZE_K"] = gk if experts.format == "fp8_block" else min(cfg["BLOCK_SIZE_K"], gk)
+        if experts.format != "fp8_channel":  # fp8_channel: scales constant along K, the float K tile stays
+            cfg["BLOCK_SIZE_K"] = gk if experts.format == "fp8_block" else min(cfg["BLOCK_SIZE_K"], gk)
         cfg["USE_TMA"] = False
 
 
@@ -172,14 +226,18 @@ def _gemm_for(experts):
              mul_weight, a_per_token, cfg):
         b, s = getattr(experts, which), getattr(experts, which + "_scale")
         z = getattr(experts, which + "_zero")
+        a_scale = getattr(experts, which + "_input_scale")
         quant_n = experts.block[0] if fmt == "fp8" else 1
         up_srow = -(-N // quant_n) if fmt == "fp8" else N
         num_pid_m = expert_ids.numel()
         grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
-        launch(moe_gemm_quant_kernel, grid, a, b, s, z if z is not None else s, c, topk_weights, sorted_ids,
+        launch(moe_gemm_quant_kernel, grid, a, b, s, z if z is not None else s,
+               a_scale if a_scale is not None else s, c, topk_weights, sorted_ids,
                expert_ids, npost, N, K, num_valid, num_pid_m, top_k, b.shape[0],
-               a.stride(0), b.stride(0), b.stride(1), s.stride(0), s.stride(1), c.stride(0), up_srow,
-               FORMAT=fmt, QUANT_N=quant_n, GROUP_K=_group_k(experts), HAS_ZERO=z is not None, GATED=gated,
+               a.stride(0), b.stride(0), b.stride(1), s.stride(0), s.stride(1),
+               a_scale.stride(0) if a_scale is not None else 0, c.stride(0), up_srow,
+               FORMAT=fmt, QUANT_N=quant_n, GROUP_K=max(_group_k(experts), 1), HAS_ZERO=z is not None,
+               STATIC_A=a_scale is not None, GATED=gated,
                MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
                EMULATE_FP8=interpreting(), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
@@ -205,14 +263,14 @@ def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, 
 # --- static compile cases (sm_90a) ----------------------------------------------------------------------------------
 
 def _signature(dt: str, fmt: str, scale_dt: str, w_dt: str) -> dict:
-    b_dt = "fp8e4nv" if fmt == "fp8" else "i32"
+    b_dt = "fp8e4nv" if fmt in ("fp8", "fp8c") else "i32"
     sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{b_dt}", "s_ptr": f"*{scale_dt}", "z_ptr": "*i8" if fmt == "int4" else
-           f"*{scale_dt}", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}", "sorted_ids_ptr": "*i32",
-           "expert_ids_ptr": "*i32", "npost_ptr": "*i32"}
+           f"*{scale_dt}", "as_ptr": "*fp32", "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
+           "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "npost_ptr": "*i32"}
     for name in ("N", "K", "num_valid", "num_pid_m", "top_k", "num_experts", "stride_am", "stride_be", "stride_bn",
-                 "stride_se", "stride_sn", "stride_cm", "up_srow"):
+                 "stride_se", "stride_sn", "stride_ase", "stride_cm", "up_srow"):
         sig[name] = "i32"
-    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
+    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "STATIC_A", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
                  "EMULATE_FP8", "DOT_PRECISION", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
     return sig
@@ -229,21 +287,23 @@ class _Spec:
 
 # The thinker's shapes (E128, H2048, I768; the talker's I384 shares every compile: shapes are runtime arguments)
 # at the T of each default_config tier. fp8: 128x128 blocks; int4: group 128 asymmetric (the general case: zero
-# points) and group 32 symmetric. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
+# points) and group 32 symmetric; fp8_channel: per-channel weights, dynamic per-token activations. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
 _QUANT_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
 for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4_w4a16", 128, True, _QUANT_TIERS),
-                                 ("int4_w4a16", 32, False, _QUANT_TIERS[::3])):
+                                 ("int4_w4a16", 32, False, _QUANT_TIERS[::3]),
+                                 ("fp8_channel", 0, False, _QUANT_TIERS[::3])):
     for _T, _tier in _tiers:
         _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
         adjust_config(_Spec(_fmt, _gk), _up, _down)
         for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
             _k = _FORMATS[_fmt]
-            _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=_gk, HAS_ZERO=_zero, GATED=_gated,
+            _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=max(_gk, 1), HAS_ZERO=_zero,
+                           STATIC_A=False, GATED=_gated,
                            MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
                            DOT_PRECISION="tf32",
                            **{k: _c[k] for k in _KEYS[:4]})
-            _label = f"g{_gk}{',asym' if _zero else ''}" if _k == "int4" else "block128x128"
+            _label = {"int4": f"g{_gk}{',asym' if _zero else ''}", "fp8": "block128x128"}.get(_k, "channel,dynamic")
             static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,
-                        _signature("bf16", _k, "fp32" if _k == "fp8" else "bf16", "bf16" if _gated else "fp32"),
+                        _signature("bf16", _k, "bf16" if _k == "int4" else "fp32", "bf16" if _gated else "fp32"),
                         _consts, num_warps=_c["num_warps"], num_stages=_c["num_stages"],
                         aligned=("N", "K", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_cm"))

@@ -22,17 +22,11 @@ from .launch import launch, static_case
 
 
 @triton.jit
-def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt, num_experts,
-                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_t = offs_t < num_tokens
-    mask_e = offs_e < num_experts
-    rows = offs_t.to(tl.int64)
-    x = tl.load(logits_ptr + rows[:, None] * stride_lt + offs_e[None, :],
-                mask=mask_t[:, None] & mask_e[None, :], other=float("-inf")).to(tl.float32)
+def topk_softmax_rows(x, mask_t, offs_e, mask_e, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Softmax + top-k (+ renormalisation) of fp32 logits ``x`` ``[BLOCK_T, BLOCK_E]`` (padding experts -inf):
+    returns (fp32 weights, int32 ids) ``[BLOCK_T, BLOCK_K]`` (see the module doc). Shared by
+    :func:`topk_softmax_kernel` and the talker's fused MoE phase (:mod:`.talker_fused`)."""
     x = tl.where(mask_t[:, None], x, 0.0)  # rows past T: finite values, no inf - inf
     x_max = tl.max(x, axis=1)
     p = tl.exp(x - x_max[:, None])
@@ -47,8 +41,8 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt,
     p = tl.where(p == p, p, 2.0)
     p = tl.where(mask_e[None, :], p, -1.0)
     offs_k = tl.arange(0, BLOCK_K)
-    vals = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    idxs = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    vals = tl.zeros((x.shape[0], BLOCK_K), dtype=tl.float32)
+    idxs = tl.zeros((x.shape[0], BLOCK_K), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         best = tl.max(p, axis=1)
         hit = p == best[:, None]
@@ -59,6 +53,23 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt,
         p = tl.where(offs_e[None, :] == arg[:, None], -2.0, p)
     if RENORMALIZE:
         vals = vals / tl.sum(vals, axis=1)[:, None]
+    return vals, idxs
+
+
+@triton.jit
+def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt, num_experts,
+                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_t = offs_t < num_tokens
+    mask_e = offs_e < num_experts
+    rows = offs_t.to(tl.int64)
+    x = tl.load(logits_ptr + rows[:, None] * stride_lt + offs_e[None, :],
+                mask=mask_t[:, None] & mask_e[None, :], other=float("-inf")).to(tl.float32)
+    vals, idxs = topk_softmax_rows(x, mask_t, offs_e, mask_e, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     out_off = rows[:, None] * TOP_K + offs_k[None, :]
     out_mask = mask_t[:, None] & (offs_k[None, :] < TOP_K)
     tl.store(weights_ptr + out_off, vals, mask=out_mask)

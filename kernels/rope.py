@@ -59,16 +59,11 @@ def _rotate_heads(x_ptr, stride_h, n_heads, weight_ptr, eps, cos, sin, offs_j, m
 
 
 @triton.jit
-def mrope_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_pos_row,
-    n_q_heads, n_k_heads, scaling, eps,
-    SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_J)
-    mask_j = offs_j < HALF
+def mrope_cos_sin(pos_ptr, stride_pos_row, tok, inv_freq_ptr, offs_j, mask_j, scaling, act_dtype: tl.constexpr,
+                  SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """TM-RoPE cos/sin fp32 ``[BLOCK_J]`` of token ``tok`` (positions ``[3, T]``, row stride ``stride_pos_row``),
+    scaled and rounded to ``act_dtype`` as transformers does (shared by :func:`mrope_kernel` and the talker's fused
+    qkv phase, :mod:`.talker_fused`)."""
     # The position row that drives each frequency (0 = t, 1 = h, 2 = w).
     if INTERLEAVED:
         row = tl.where((offs_j % 3 == 1) & (offs_j < 3 * SEC_H), 1,
@@ -79,9 +74,24 @@ def mrope_kernel(
     inv_freq = tl.load(inv_freq_ptr + offs_j, mask=mask_j, other=0.0)
     angle = pos * inv_freq  # one fp32 product, as transformers' position.float() * inv_freq
     # cos/sin in fp32, scaled, then rounded to the activation dtype before use (transformers' cos.to(x.dtype)).
-    act_dtype = q_ptr.dtype.element_ty
     cos = (tl.cos(angle) * scaling).to(act_dtype).to(tl.float32)
     sin = (tl.sin(angle) * scaling).to(act_dtype).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def mrope_kernel(
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_pos_row,
+    n_q_heads, n_k_heads, scaling, eps,
+    SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_J)
+    mask_j = offs_j < HALF
+    cos, sin = mrope_cos_sin(pos_ptr, stride_pos_row, tok, inv_freq_ptr, offs_j, mask_j, scaling,
+                             q_ptr.dtype.element_ty, SEC_T, SEC_H, SEC_W, INTERLEAVED)
     _rotate_heads(q_ptr + tok * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin, offs_j, mask_j,
                   HALF, BLOCK_H, BLOCK_J, NORM)
     _rotate_heads(k_ptr + tok * stride_kt, stride_kh, n_k_heads, kw_ptr, eps, cos, sin, offs_j, mask_j,

@@ -216,6 +216,19 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
     blk = block_size(V)
     penalty_on = prev_ids is not None and prev_ids.numel() > 0 and repetition_penalty != 1.0
     n_sup = 0 if suppress is None else suppress.shape[0]
+    flags = dict(GREEDY=bool(greedy), PENALTY=penalty_on, TEMPERATURE=float(temperature) != 1.0 and not greedy,
+                 TOP_K=0 < int(top_k) < V, TOP_P=float(top_p) < 1.0)
+    penalty_args = (prev_ids if penalty_on else out, prev_ids.stride(0) if penalty_on else 0,
+                    prev_ids.shape[1] if penalty_on else 0, float(repetition_penalty), 1.0 / float(repetition_penalty))
+    from . import sampling_chunked  # (imports this module)
+
+    if B and sampling_chunked.applies(V, int(top_k) if flags["TOP_K"] else 0, bool(greedy)):
+        # several CTAs per row, one pass over the logits (kernels/sampling_chunked.py)
+        return sampling_chunked.sample(
+            logits, out=out, seed=seed, offset=offset, penalty_args=penalty_args,
+            sup=(suppress if n_sup else out, n_sup),
+            inv_temperature=1.0 / float(temperature), top_k=int(top_k), one_minus_top_p=1.0 - float(top_p),
+            flags=flags, fallback=dict(BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk), NWAY=NWAY))
     launch(
         sample_kernel, (B,),
         logits, logits.stride(0), V, out,
@@ -223,9 +236,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
         prev_ids if penalty_on else out, prev_ids.stride(0) if penalty_on else 0,
         prev_ids.shape[1] if penalty_on else 0, float(repetition_penalty), 1.0 / float(repetition_penalty),
         suppress if n_sup else out, n_sup, 1.0 / float(temperature), int(top_k), 1.0 - float(top_p),
-        GREEDY=bool(greedy), PENALTY=penalty_on, TEMPERATURE=float(temperature) != 1.0 and not greedy,
-        TOP_K=0 < int(top_k) < V, TOP_P=float(top_p) < 1.0, BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk),
-        NWAY=NWAY,
+        **flags, BLOCK=blk, NUM_BLOCKS=triton.cdiv(V, blk), NWAY=NWAY,
         num_warps=8 if blk >= 2048 else 4, device=logits.device,
     )
     return out

@@ -92,6 +92,11 @@ def demo_speakers(args) -> list[str]:
     config.json), else the random preset's."""
     from .models.presets import preset_speakers
 
+    if getattr(args, "model", "qwen3-omni") == "qwen2.5-omni":  # spk_dict.pt voices, else the random pair
+        if not args.checkpoint:
+            return ["chelsie", "ethan"]
+        path = os.path.join(args.checkpoint, "spk_dict.pt")
+        return sorted(k.lower() for k in torch.load(path, weights_only=True)) if os.path.isfile(path) else []
     if args.checkpoint:
         import json
 
@@ -102,10 +107,17 @@ def demo_speakers(args) -> list[str]:
 
 
 def _pick_model(args):
-    from .models import Qwen3Omni
+    from .models import Qwen3Omni, Qwen25Omni
 
     patch = args.backend != "none"
     backend = None if args.backend in ("auto", "none") else args.backend
+    if getattr(args, "model", "qwen3-omni") == "qwen2.5-omni":  # (callers building args by hand may omit it)
+        if args.checkpoint:
+            return (Qwen25Omni.from_pretrained(args.checkpoint, patch=patch, backend=backend),
+                    "Qwen2.5-Omni checkpoint " + args.checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return Qwen25Omni.random("tiny", device=device, patch=patch, backend=backend), \
+            "tiny random-weight Qwen2.5-Omni"
     if args.checkpoint:
         return Qwen3Omni.from_pretrained(args.checkpoint, patch=patch, backend=backend), "checkpoint " + args.checkpoint
     tiny = "tiny random-weight Qwen3-Omni"
@@ -264,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni-fast", description="omni-fast: fast Qwen-Omni inference")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="stream speech from the Qwen3-Omni pipeline on a synthetic request")
+    d.add_argument("--model", default="qwen3-omni", choices=["qwen3-omni", "qwen2.5-omni"],
+                   help="model family (qwen2.5-omni: thinker, talker, Token2Wav; random weights: the tiny preset)")
     d.add_argument("--checkpoint", type=_checkpoint_dir,
                    help="local transformers-format Qwen3-Omni checkpoint directory (real weights)")
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "reference", "none"],
@@ -287,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         if args.backend == "cuda" and not torch.cuda.is_available():
             d.error("--backend cuda needs a CUDA GPU (use triton, reference or auto on a CPU)")
+        if args.model == "qwen2.5-omni" and args.preset == "full" and not args.checkpoint:
+            d.error("--preset full: the Qwen2.5-Omni demo has only the tiny random preset (or --checkpoint)")
         if args.preset == "full" and not args.checkpoint and not torch.cuda.is_available():
             d.error("--preset full needs a CUDA GPU (the 30B-A3B shapes); use --preset tiny on a CPU")
         try:

@@ -23,6 +23,9 @@ What is replaced, and how (transformers' own extension points first, module swap
   no host sync in omni-fast's code.
 - Code2Wav (no extension point): the module's forward runs :class:`omni_fast.models.Code2Wav` (fused conv kernels);
   its ``chunked_decode`` keeps transformers' chunking on top of that forward.
+- Qwen2.5-Omni's talker decode (no extension point): the talker text model's forward hands transformers' prefill KV
+  to :class:`omni_fast.models.MoeTextDecoder` and runs every later step on it
+  (:mod:`omni_fast.integrations.qwen25_talker`).
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
@@ -72,6 +75,8 @@ _ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, ro
     "Qwen2_5OmniAttention",
 }
 _EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
+_TOKEN2WAV = {"Qwen2_5OmniAntiAliasedActivation1d", "Qwen2_5OmniAMPBlock", "Qwen2_5OmniToken2WavDiTModel",
+              "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final"}
 # Encoder attention over packed windows/frames (forward(hidden_states [T, C], cu_seqlens, ...)): swapped for one
 # varlen launch per layer (transformers passes cu_seqlens to the attention function only under "flash" names).
 _ENCODER_ATTENTION = {
@@ -430,8 +435,10 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 _swap_attr(module, "forward", BoundMethod(_code2wav_forward, module))
             counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
                           "-> omni_fast.models.Code2Wav")] = 1
-        elif cls in ("Qwen2_5OmniAntiAliasedActivation1d", "Qwen2_5OmniAMPBlock", "Qwen2_5OmniToken2WavDiTModel"):
-            _patch_token2wav_piece(module, cls, part in wanted, backend, bucket, left, part)
+        elif cls in _TOKEN2WAV:  # Qwen2.5-Omni Token2Wav (opt-in until GPU-tested): integrations.token2wav
+            from .integrations import token2wav
+
+            token2wav.patch_piece(module, cls, part in wanted, backend, bucket, left, part, _swap_forward, _pin)
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 
@@ -441,6 +448,10 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       "(one graph replay per frame on CUDA)")] = 1
+        elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:  # decode steps -> models.MoeTextDecoder
+            from .integrations.qwen25_talker import install
+
+            counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend)))] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
@@ -477,36 +488,6 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
     return report
 
 
-
-def _patch_token2wav_piece(module: nn.Module, cls: str, wanted: bool, backend, bucket: dict, left: dict,
-                           part: str) -> None:
-    """Qwen2.5-Omni Token2Wav: BigVGAN's anti-aliased activations and AMP-block convs, the DiT's block attention
-    (see :mod:`omni_fast.integrations.token2wav`; opt-in until GPU-tested)."""
-    from .integrations import token2wav as t2w
-
-    if cls == "Qwen2_5OmniToken2WavDiTModel":
-        swap, what = t2w.label("-> one omni_fast.ops.block_attention launch per layer (paged varlen flash "
-                               "attention)", True)
-        for layer in module.transformer_blocks:
-            if wanted and swap:
-                t2w.set_dit_block(layer.attn, module.block_size, layer.look_backward_block, layer.look_ahead_block)
-                _swap_forward(layer.attn, t2w.dit_attention_forward)
-                _pin(layer.attn, backend)
-        key, n = (part, f"DiTAttention: block-masked SDPA {what}"), len(module.transformer_blocks)
-    elif cls == "Qwen2_5OmniAMPBlock":
-        swap, what = t2w.label("-> omni_fast.ops.padded_conv1d on the Code2Wav conv kernels", t2w.amp_block_supported(module))
-        if wanted and swap:
-            _swap_forward(module, t2w.amp_block_forward)
-            _pin(module, backend)
-        key, n = (part, f"{cls}: same-padded convs (+ residual) {what}"), 1
-    else:
-        swap, what = t2w.label("-> one omni_fast.ops.anti_aliased_snake launch", t2w.aa_activation_supported(module))
-        if wanted and swap:
-            _swap_forward(module, t2w.aa_activation_forward)
-            _pin(module, backend)
-        key, n = (part, f"{cls}: BigVGAN upsample FIR + SnakeBeta + low-pass FIR {what}"), 1
-    target = bucket if swap else left
-    target[key] = target.get(key, 0) + n
 
 def _pin(module: nn.Module, backend: str | None) -> None:
     """Pin ``patch(backend=...)`` on a module whose work patch swapped: every omni-fast entry point the patched

@@ -11,6 +11,11 @@ FlashAttention-2 (>= 2.1) semantics, which the Triton kernels in :mod:`omni_fast
 - GQA: query head ``h`` reads key/value head ``h // (Hq // Hk)``;
 - a query row that sees no key (empty window, empty key sequence) outputs zeros and has ``lse = -inf``.
 
+flash-attn 2.8's own lse conventions (what ``omni_fast.compat.flash_attn`` returns), with ``fa_lse=True``: rows
+that see no key have ``lse = +inf``; ``alibi_lse_shift=True`` (flash-attn's *causal* kernel, which adds the bias
+``slope * (j - k_lo)`` instead of ``-slope * (p - j)``) adds ``slope * (p - k_lo)`` to the lse of every row that
+saw a key. The output is the same either way.
+
 Malformed index values (which the public ops check only on the CPU or with ``check_values=True``) get the kernels'
 memory-safe meaning here too: sequence bounds from cu_seqlens are clamped into ``[0, total]`` (an end before its
 start = empty), cache lengths into ``[0, capacity]``, page numbers into ``[0, num_blocks)`` for reading, and appended
@@ -132,9 +137,11 @@ def _slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
 
 
-def _attend(q, kb, vb, b, left, right, scale, softcap, alibi_slopes, k_lo: int = 0, extra_mask=None):
+def _attend(q, kb, vb, b, left, right, scale, softcap, alibi_slopes, k_lo: int = 0, extra_mask=None,
+            alibi_lse_shift: bool = False):
     """One sequence: q ``[Lq, Hq, D]`` against keys ``kb`` ``[Lk, Hk, D]`` (positions 0..Lk-1, bottom-right
-    aligned), keys before ``k_lo`` (left padding) invisible; returns (out, lse)."""
+    aligned), keys before ``k_lo`` (left padding) invisible; returns (out, lse) (``alibi_lse_shift``: see the
+    module docstring)."""
     Lq, Lk = q.shape[0], kb.shape[0]
     mask = visible(Lq, Lk, left, right, q.device)
     mask[:, :k_lo] = False
@@ -144,14 +151,24 @@ def _attend(q, kb, vb, b, left, right, scale, softcap, alibi_slopes, k_lo: int =
     bias = None
     if slopes is not None:
         bias = alibi_bias(slopes, torch.arange(Lq, device=q.device) + (Lk - Lq), torch.arange(Lk, device=q.device))
-    return masked_attention(q, kb, vb, mask, scale, softcap=softcap, bias=bias)
+    out, lse = masked_attention(q, kb, vb, mask, scale, softcap=softcap, bias=bias)
+    if slopes is not None and alibi_lse_shift:
+        qpos = torch.arange(Lq, device=q.device) + (Lk - Lq - k_lo)
+        lse = lse + slopes.to(torch.float32)[:, None] * qpos.to(torch.float32)[None, :]
+    return out, lse
+
+
+def _empty_lse(lse: torch.Tensor, fa_lse: bool) -> torch.Tensor:
+    """flash-attn's ``+inf`` for rows that see no key when ``fa_lse`` (else the native ``-inf``)."""
+    return lse.masked_fill(lse == float("-inf"), float("inf")) if fa_lse else lse
 
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                       softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                       return_lse: bool = False, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                      block_table: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None):
+                      block_table: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
+                      fa_lse: bool = False, alibi_lse_shift: bool = False):
     """Packed variable-length attention: q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``, cu_seqlens int32 ``[B + 1]``.
 
     Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse`` also lse fp32 ``[Hq, Tq]``. ``max_seqlen_*``
@@ -159,6 +176,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     ``O(Hq * Lq * Lk)`` of the largest sequence, not of the whole pack. FlashAttention's extras: ``softcap``,
     ``alibi_slopes`` fp32 ``[Hq]`` / ``[B, Hq]``, ``block_table`` (k/v are pages ``[num_blocks, page, Hk, D]``,
     sequence b's keys its logical rows ``0 .. cu_k[b+1] - cu_k[b]``), ``seqused_k`` int32 ``[B]`` (key counts).
+    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (module docstring).
     """
     del max_seqlen_q, max_seqlen_k
     scale = default_scale(q.shape[-1], softmax_scale)
@@ -179,7 +197,9 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             kb, vb = k[k0:k1], v[k0:k1]
         if q1 == q0 or kb.shape[0] == 0:
             continue
-        out[q0:q1], lse[:, q0:q1] = _attend(q[q0:q1], kb, vb, b, left, right, scale, softcap, alibi_slopes)
+        out[q0:q1], lse[:, q0:q1] = _attend(q[q0:q1], kb, vb, b, left, right, scale, softcap, alibi_slopes,
+                                            alibi_lse_shift=alibi_lse_shift)
+    lse = _empty_lse(lse, fa_lse)
     return (out, lse) if return_lse else out
 
 
@@ -231,7 +251,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_table: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                       cache_batch_idx: torch.Tensor | None = None, cache_leftpad: torch.Tensor | None = None,
                       softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-                      rotary: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      rotary: tuple | None = None, fa_lse: bool = False,
+                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to the caches' first ``cache_seqlens[b] + k_extra`` keys (``k_extra`` alone when
     ``cache_seqlens`` is None), the caches only read. Returns (out ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``).
 
@@ -239,7 +260,7 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     stay absolute). ``rotary = (cos, sin, interleaved, causal)``: q rotated at ``cache_seqlens[b] + i`` (causal) or
     ``cache_seqlens[b]``. ``key_padding_mask`` bool ``[B, >= keys]`` (False = padding, an extension of
     FlashAttention's API): padding keys are never attended, and a query whose own key position is padding gives
-    zeros and ``lse = -inf``.
+    zeros and ``lse = -inf``. ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (module docstring).
     """
     B, Sq, Hq, D = q.shape
     scale = default_scale(D, softmax_scale)
@@ -270,8 +291,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             q_real = torch.where(pos >= 0, real[pos.clamp(min=0)], False)
             extra = real[None, :] & q_real[:, None]
         out[b], lse[b] = _attend(qb, kb, vb, b, left, right, scale, softcap, alibi_slopes,
-                                 k_lo=min(max(pads[b], 0), n), extra_mask=extra)
-    return out, lse
+                                 k_lo=min(max(pads[b], 0), n), extra_mask=extra, alibi_lse_shift=alibi_lse_shift)
+    return out, _empty_lse(lse, fa_lse)
 
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

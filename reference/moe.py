@@ -141,7 +141,8 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     ids = torch.where(ids < w13.shape[0], ids, -1)
     for e in torch.unique(ids[ids >= 0]).tolist():
         slot, token_idx = torch.where(ids.T == e)  # transformers' (slot, token) order: identical GEMM rows
-        y = expert(hidden_states[token_idx], w13[e], w2[e])
+        # an expert function with ``takes_index`` also gets e (per-expert static activation scales)
+        y = expert(hidden_states[token_idx], w13[e], w2[e], *((e,) if getattr(expert, "takes_index", False) else ()))
         y = y * topk_weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

@@ -5,6 +5,9 @@ and the routed experts on them (dequantize, then :func:`omni_fast.reference.moe.
   K group (:func:`fake_quant_fp8_groups`): e4m3 with scale ``max(amax, 1e-10) / 448``, round to nearest even.
   The reference runs each expert on the fake-quantized activations (what the W8A8 kernel multiplies), so it
   models the format, not just the weights.
+- ``fp8_channel``: weight value ``w * scale[n]`` (per output channel; a per-tensor scale is the same on every row);
+  activations fake-quantized per token over the whole K row (dynamic, :func:`fake_quant_fp8_groups` with one
+  group) or with the expert's static per-tensor ``input_scale`` (:func:`fake_quant_fp8_static`).
 - ``int4_w4a16``: weight value ``(q - zero) * scale[n, k // g]``, ``q`` unpacked from compressed-tensors'
   ``pack-quantized`` int32 words (value ``k`` in bits ``4*(k % 8)``, stored ``q + 8``). Activations stay 16-bit.
 
@@ -69,6 +72,29 @@ def fake_quant_fp8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
 
 
+def fake_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x ``[n, K]`` quantized to e4m3 with one static fp32 scale (0-d or ``[1]``), dequantized: fp32 ``[n, K]``."""
+    s = scale.float().reshape(())
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+
+# --- FP8 per channel / per tensor ---------------------------------------------------------------------------------
+
+
+def dequantize_fp8_channel(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp8 ``[..., N, K]`` with fp32 scales ``[..., N, 1]`` (per channel) or ``[..., 1]`` / broadcastable (per
+    tensor) -> fp32 ``[..., N, K]``."""
+    return w.float() * scale.float()
+
+
+def quantize_fp8_channel(w: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """float ``[..., N, K]`` -> (e4m3, fp32 scale ``[..., N, 1]`` amax/448 per row, or ``[..., 1, 1]`` per tensor
+    over the last two dims)."""
+    dims = (-2, -1) if per_tensor else (-1,)
+    scale = w.float().abs().amax(dim=dims, keepdim=True).clamp(min=FP8_EPS) / FP8_MAX
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 # --- INT4 pack-quantized ------------------------------------------------------------------------------------------
 
 
@@ -118,10 +144,13 @@ def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = True, scale_dty
 
 
 def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, format: str, *, block=(128, 128), group_size: int = 128,
-                     symmetric: bool = True, scale_dtype: torch.dtype = torch.float32):
+                     symmetric: bool = True, scale_dtype: torch.dtype = torch.float32, per_tensor: bool = False,
+                     input_scales: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Float experts w13 ``[E, 2I, H]`` / w2 ``[E, H, I]`` -> :class:`QuantizedExperts` of ``format``.
 
     fp8_block quantizes gate_proj and up_proj separately (their own block grids, as a checkpoint holds them).
+    fp8_channel: per row, or with ``per_tensor`` one scale per linear (gate, up, down) held as broadcast views;
+    ``input_scales`` = (w13 ``[E]``, w2 ``[E]``) static activation scales, else dynamic.
     """
     from omni_fast.ops.quant import QuantizedExperts
 
@@ -131,11 +160,21 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, format: str, *, block=
         q2, s2 = quantize_fp8_block(w2, block)
         return QuantizedExperts.fp8_block(torch.cat([qg, qu], 1), q2, torch.cat([sg, su], 1).contiguous(),
                                           s2.contiguous(), block)
+    if format == "fp8_channel":
+        inter = w13.shape[1] // 2
+        parts = [quantize_fp8_channel(w, per_tensor) for w in (w13[:, :inter], w13[:, inter:], w2)]
+        if per_tensor:  # one scale per linear, broadcast over its rows (a view: no per-row copy)
+            s13 = torch.cat([parts[0][1].expand(-1, inter, 1), parts[1][1].expand(-1, inter, 1)], 1)
+            s2 = parts[2][1].expand(-1, w2.shape[1], 1)
+        else:
+            s13, s2 = torch.cat([parts[0][1], parts[1][1]], 1), parts[2][1]
+        a13, a2 = (None, None) if input_scales is None else input_scales
+        return QuantizedExperts.fp8_channel(torch.cat([parts[0][0], parts[1][0]], 1), parts[2][0], s13, s2, a13, a2)
     if format == "int4_w4a16":
         p13, s13, z13 = quantize_int4(w13, group_size, symmetric, scale_dtype)
         p2, s2, z2 = quantize_int4(w2, group_size, symmetric, scale_dtype)
         return QuantizedExperts.int4(p13, p2, s13, s2, group_size, z13, z2, symmetric=symmetric)
-    raise ValueError(f"format must be 'fp8_block' or 'int4_w4a16', got {format!r}")
+    raise ValueError(f"format must be 'fp8_block', 'fp8_channel' or 'int4_w4a16', got {format!r}")
 
 
 def dequantize_experts(q, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +186,8 @@ def dequantize_experts(q, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
         w13 = torch.cat([dequantize_fp8_block(q.w13[:, :inter], q.w13_scale[:, :nb], q.block),
                          dequantize_fp8_block(q.w13[:, inter:], q.w13_scale[:, nb:], q.block)], 1)
         w2 = dequantize_fp8_block(q.w2, q.w2_scale, q.block)
+    elif q.format == "fp8_channel":
+        w13, w2 = dequantize_fp8_channel(q.w13, q.w13_scale), dequantize_fp8_channel(q.w2, q.w2_scale)
     else:
         w13 = dequantize_int4(q.w13, q.w13_scale, q.w13_zero, q.group_size, hidden)
         w2 = dequantize_int4(q.w2, q.w2_scale, q.w2_zero, q.group_size, inter)
@@ -164,16 +205,39 @@ def _w8a8_expert(group: int):
     return expert
 
 
+def _w8a8_channel_expert(a13: torch.Tensor | None, a2: torch.Tensor | None):
+    """fp8_channel: activations per token over the whole row (dynamic) or with expert e's static scales."""
+
+    def quant(x, scales, e):
+        return (fake_quant_fp8_groups(x, max(x.shape[1], 1)) if scales is None else
+                fake_quant_fp8_static(x, scales[e])).to(x.dtype)
+
+    def expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(quant(x, a13, e), w13).chunk(2, dim=-1)
+        return F.linear(quant(F.silu(gate) * up, a2, e), w2)
+
+    expert.takes_index = True
+    return expert
+
+
+def _expert_fn(experts):
+    if experts.format == "fp8_block":
+        return _w8a8_expert(experts.block[1])
+    if experts.format == "fp8_channel":
+        return _w8a8_channel_expert(experts.w13_input_scale, experts.w2_input_scale)
+    return ref._swiglu_expert
+
+
 def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: str = "silu", expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts on quantized weights, in ``hidden_states.dtype``: dequantize, then
-    :func:`omni_fast.reference.moe.fused_moe` (fp8_block: with activations fake-quantized per token group).
+    :func:`omni_fast.reference.moe.fused_moe` (fp8: with activations fake-quantized as the format says).
 
     Pass fp32 ``hidden_states`` for the "exact" result that the kernels' tolerances are measured against.
     """
     w13, w2 = dequantize_experts(experts, hidden_states.dtype)
-    expert = _w8a8_expert(experts.block[1]) if experts.format == "fp8_block" else ref._swiglu_expert
-    return ref.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, expert=expert)
+    return ref.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map,
+                         expert=_expert_fn(experts))
 
 
 def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, experts, top_k: int,

@@ -49,6 +49,70 @@ def _vllm_topk_softmax(backend, **kw):
     return kw["topk_weights"], kw["topk_ids"], kw["token_expert_indices"]
 
 
+def _fp8_channel_moe(backend, hidden_states, w13_scale, w2_scale, topk_weights, topk_ids):
+    """ops.moe_experts on fp8_channel experts built from the swept scales (fixed e4m3 weights)."""
+    from omni_fast import ops
+
+    w13, w2 = _t(4, 32, 16, seed=1).to(torch.float8_e4m3fn), _t(4, 16, 16, seed=2).to(torch.float8_e4m3fn)
+    experts = ops.QuantizedExperts.fp8_channel(w13, w2, w13_scale, w2_scale)
+    return ops.moe_experts(hidden_states, experts, None, topk_weights, topk_ids, backend=backend)
+
+
+def _vllm_quant(kind: str):
+    """compat.vllm.fused_experts with a quant_config (use_fp8_w8a8 or use_int4_w4a16) of the given tensors."""
+    from types import SimpleNamespace
+
+    def call(backend, hidden_states, w1, w2, topk_weights, topk_ids, **q):
+        from omni_fast.compat import vllm
+
+        cfg = SimpleNamespace(use_fp8_w8a8=kind == "fp8", use_int4_w4a16=kind == "int4", per_act_token_quant=False,
+                              **{n: q.get(n) for n in ("w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale",
+                                                        "a2_scale", "block_shape")})
+        return _under_backend(vllm.fused_experts)(backend, hidden_states=hidden_states, w1=w1, w2=w2,
+                                                   topk_weights=topk_weights, topk_ids=topk_ids, quant_config=cfg)
+    return call
+
+
+def _quant_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    """The quantized-experts entries of :func:`_entries`."""
+    from omni_fast import ops
+
+    i32 = torch.int32
+    return {
+        # the quantized-experts container's constructor (validation only: no backend involved)
+        "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
+            format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),
+            w2=torch.randint(0, 2**31 - 1, (2, 16, 2), dtype=i32), w13_scale=torch.rand(2, 32, 1),
+            w2_scale=torch.rand(2, 16, 1), w13_zero=None, w2_zero=None, block=None, group_size=16, symmetric=True),
+            False),
+        "QuantizedExperts.fp8_block": (lambda backend, **kw: ops.QuantizedExperts.fp8_block(**kw), lambda: dict(
+            w13=_t(2, 32, 16).to(torch.float8_e4m3fn), w2=_t(2, 16, 16, seed=1).to(torch.float8_e4m3fn),
+            w13_scale=torch.rand(2, 2, 1), w2_scale=torch.rand(2, 1, 1), block=(16, 16)), False),
+        "QuantizedExperts.fp8_channel": (lambda backend, **kw: ops.QuantizedExperts.fp8_channel(**kw), lambda: dict(
+            w13=_t(2, 32, 16).to(torch.float8_e4m3fn), w2=_t(2, 16, 16, seed=1).to(torch.float8_e4m3fn),
+            w13_scale=torch.rand(2, 32, 1), w2_scale=torch.rand(2, 16, 1), w13_input_scale=torch.rand(2) / 100,
+            w2_input_scale=torch.rand(2) / 100), False),
+        # the quantized experts through moe_experts (fp8_channel, dynamic activations), compared across backends
+        "moe_experts[fp8_channel]": (_fp8_channel_moe, lambda: dict(
+            hidden_states=_t(3, 16), w13_scale=torch.rand(4, 32, 1) / 100 + 1e-3,
+            w2_scale=torch.rand(4, 16, 1) / 100 + 1e-3, topk_weights=torch.rand(3, 2),
+            topk_ids=torch.tensor([[0, 3], [1, 2], [3, 1]], dtype=i32)), True),
+        # vLLM's quantized fused_experts, the quant_config's tensors as arguments
+        "compat.vllm.fused_experts[fp8]": (_vllm_quant("fp8"), lambda: dict(
+            hidden_states=_t(3, 16), w1=_t(4, 32, 16, seed=1).to(torch.float8_e4m3fn),
+            w2=_t(4, 16, 16, seed=2).to(torch.float8_e4m3fn), topk_weights=torch.rand(3, 2),
+            topk_ids=torch.tensor([[0, 3], [1, 2], [3, 1]], dtype=i32), w1_scale=torch.rand(4, 32) / 100 + 1e-3,
+            w2_scale=torch.rand(4) / 100 + 1e-3, a1_scale=torch.tensor([0.01]), a2_scale=None,
+            block_shape=None), True),
+        "compat.vllm.fused_experts[int4]": (_vllm_quant("int4"), lambda: dict(
+            hidden_states=_t(3, 32), w1=torch.randint(0, 256, (4, 32, 16), dtype=torch.uint8),
+            w2=torch.randint(0, 256, (4, 32, 8), dtype=torch.uint8), topk_weights=torch.rand(3, 2),
+            topk_ids=torch.tensor([[0, 3], [1, 2], [3, 1]], dtype=i32), w1_scale=torch.rand(4, 32, 2) / 100,
+            w2_scale=torch.rand(4, 32, 1) / 100, w1_zp=torch.randint(0, 256, (4, 16, 2), dtype=torch.uint8),
+            w2_zp=torch.randint(0, 256, (4, 16, 1), dtype=torch.uint8), block_shape=[0, 16]), True),
+    }
+
+
 def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
     """name -> (function(**kwargs), fresh good kwargs, whether to compare backends)."""
     from omni_fast import ops
@@ -108,15 +172,9 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "block_attention": (ops.block_attention, lambda: dict(
             q=_t(1, 6, 2, 8), k=_t(1, 6, 1, 8, seed=1), v=_t(1, 6, 1, 8, seed=2), block_size=2, look_backward=1,
             look_ahead=0, softmax_scale=None), True),
-        # the quantized-experts container's constructor (validation only: no backend involved)
-        "QuantizedExperts": (lambda backend, **kw: ops.QuantizedExperts(**kw), lambda: dict(
-            format="int4_w4a16", w13=torch.randint(0, 2**31 - 1, (2, 32, 2), dtype=i32),
-            w2=torch.randint(0, 2**31 - 1, (2, 16, 2), dtype=i32), w13_scale=torch.rand(2, 32, 1),
-            w2_scale=torch.rand(2, 16, 1), w13_zero=None, w2_zero=None, block=None, group_size=16, symmetric=True),
-            False),
-        "QuantizedExperts.fp8_block": (lambda backend, **kw: ops.QuantizedExperts.fp8_block(**kw), lambda: dict(
-            w13=_t(2, 32, 16).to(torch.float8_e4m3fn), w2=_t(2, 16, 16, seed=1).to(torch.float8_e4m3fn),
-            w13_scale=torch.rand(2, 2, 1), w2_scale=torch.rand(2, 1, 1), block=(16, 16)), False),
+        "ada_layer_norm": (ops.ada_layer_norm, lambda: dict(
+            x=_t(2, 5, 7), shift=_t(2, 7, seed=1), scale=_t(2, 7, seed=2), eps=1e-6), True),
+        **_quant_entries(),
     }
     return entries
 

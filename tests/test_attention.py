@@ -243,6 +243,73 @@ def test_kvcache_split_kv(num_splits, Sq):
     _check_kvcache(2, 300, Sq, 4, 2, 32, torch.float32, [280, 9], num_splits=num_splits)
 
 
+def test_kvcache_split_kv_padded_head_dim():
+    """d 72 (padded to 128) through the split combine's D slices (4 rows: 16-wide slices, the last one masked)."""
+    _check_kvcache(1, 300, 1, 4, 1, 72, torch.float32, [287], num_splits=3)
+
+
+@pytest.fixture
+def as_h100(monkeypatch):
+    """Split-KV choices as on an H100 (132 SMs; under the interpreter choose_splits never splits); returns the
+    list of the split counts chosen."""
+    from omni_fast.kernels import flash_attn_kvcache as fkv
+
+    orig, chosen = fkv.choose_splits, []
+
+    def choose(device, programs, capacity, **kw):
+        saved = fkv._sm_count, fkv.interpreting
+        fkv._sm_count, fkv.interpreting = (lambda index: 132), (lambda: False)
+        try:
+            chosen.append(orig(torch.device("cuda", 0), programs, capacity, **kw))
+        finally:
+            fkv._sm_count, fkv.interpreting = saved
+        return chosen[-1]
+
+    monkeypatch.setattr(fkv, "choose_splits", choose)
+    return chosen
+
+
+@pytest.mark.parametrize("lens,page", [([0], None), ([1], None), ([522], None), ([0, 1, 300, 522], None),
+                                       ([0, 1, 300, 517], 16)])
+def test_kvcache_split_kv_auto(as_h100, lens, page):
+    """num_splits=0 at small batch splits the keys (flash-decoding) as on an H100: odd cache length (523: four
+    full 128-key chunks and a partial one), cache_seqlens 0 and 1, per-row different lengths, a paged cache."""
+    S = 528 if page else 523
+    _check_kvcache(len(lens), S, 1, 8, 1, 32, torch.float32, lens, num_splits=0, page=page)
+    assert as_h100 and as_h100[-1] > 1, as_h100
+
+
+def test_kvcache_split_kv_explicit_is_honoured():
+    """An explicit num_splits is used (trimmed to the chunks that hold keys: 300 keys have three 128-key chunks)."""
+    from omni_fast.kernels.flash_attn_kvcache import effective_splits
+
+    assert effective_splits(300, 64) == (3, 128) and effective_splits(300, 2) == (2, 256)
+    assert effective_splits(4096, 3) == (3, 1408) and effective_splits(1, 5) == (1, 128)
+    _check_kvcache(2, 300, 1, 4, 2, 32, torch.float32, [299, 0], num_splits=64)
+
+
+def test_choose_splits_fills_the_gpu_from_shapes_only(monkeypatch):
+    """The automatic choice at 132 SMs (the cost model's thinker / talker decode shapes): B=1 fills the SMs, B=8
+    stays within one wave, a full GPU or a one-chunk cache does not split. Inputs are shapes only (no
+    cache_seqlens values: CUDA-graph safe)."""
+    from omni_fast.kernels import flash_attn_kvcache as fkv
+
+    monkeypatch.setattr(fkv, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(fkv, "interpreting", lambda: False)
+    dev = torch.device("cuda", 0)
+
+    def pick(B, hq, hk, cap, d=128):
+        return fkv.choose_splits(dev, B * hk, cap, kv_bytes=2 * B * hk * cap * d * 2,
+                                 part_bytes=2 * B * hq * (d + 1) * 4)
+
+    assert pick(1, 32, 4, 4097) == 33 and pick(1, 32, 4, 4096) == 32   # thinker: 132 / 128 CTAs (was 32)
+    assert pick(1, 16, 2, 4097) == 33                                   # talker: 66 CTAs (was 16)
+    assert pick(8, 32, 4, 4097) == 4                                    # 128 CTAs, one wave
+    assert pick(64, 32, 4, 4097) == 1 and pick(1, 32, 4, 128) == 1
+    assert all(pick(1, 16, 2, cap) <= fkv.MAX_SPLITS for cap in (1, 300, 4097, 32769, 1 << 20))
+    assert fkv.choose_splits(torch.device("cpu"), 1, 1 << 20) == 1
+
+
 def test_kvcache_window_and_no_append():
     _check_kvcache(2, 40, 4, 2, 1, 32, torch.float16, [25, 3], window=(5, -1))
     _check_kvcache(2, 300, 2, 2, 1, 32, torch.float32, [290, 150], window=(100, -1), num_splits=3)
@@ -340,6 +407,44 @@ def test_bf16_real_head_shapes(shape):
     mask[1, 5:9] = False
     _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0, key_padding_mask=mask)
     _check_kvcache(2, 512, 300, Hq, Hk, D, torch.bfloat16, [200, 0], key_padding_mask=mask[:, :512])
+
+
+@pytest.fixture
+def split_head_dim(monkeypatch):
+    """The opt-in split head dim (kernels.flash_attn.SPLIT_HEAD_DIM: d 72 as a 64 + 16 tile pair)."""
+    from omni_fast.kernels import flash_attn as fa
+
+    monkeypatch.setattr(fa, "SPLIT_HEAD_DIM", True)
+
+
+def test_head_tiles():
+    from omni_fast.kernels.flash_attn import head_tiles
+
+    assert [head_tiles(d, True) for d in (72, 80, 96, 112, 128, 160, 40, 24, 8)] == [
+        (64, 16), (64, 16), (64, 32), (128, 0), (128, 0), (128, 32), (32, 16), (32, 0), (16, 0)]
+    assert head_tiles(72, False) == (128, 0)
+
+
+@pytest.mark.parametrize("D", [72, 80, 96, 40, 160])
+def test_split_head_dim_matches_reference(split_head_dim, D):
+    """Split head dims on the interpreter: varlen (GQA, causal, an empty sequence), KV cache with split-KV and a
+    paged cache, key padding mask; fp32 and fp16."""
+    _check_varlen([5, 0, 9], [5, 0, 9], 4, 2, D, torch.float32, causal=True)
+    _check_varlen([7, 3], [7, 3], 2, 2, D, torch.float16, causal=False)
+    _check_kvcache(2, 300, 2, 4, 2, D, torch.float32, [280, 0], num_splits=3)
+    mask = torch.ones(2, 48, dtype=torch.bool, device=DEVICE)
+    mask[0, :5] = False
+    _check_kvcache(2, 48, 3, 2, 1, D, torch.float16, [30, 41], page=16, key_padding_mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16, 16, 72, 1024), (16, 16, 80, 300), (8, 8, 96, 256)])
+def test_bf16_split_head_dim_gpu(split_head_dim, shape):
+    """The opt-in split head dim at the vision encoders' real shapes (Qwen3-Omni d 72, Qwen2.5-Omni d 80), bf16:
+    it becomes the default once this passes on a GPU."""
+    Hq, Hk, D, L = shape
+    _check_varlen([L, L // 3, 1], [L, L // 3, 1], Hq, Hk, D, torch.bfloat16, causal=False)
+    _check_kvcache(2, 4096, 1, Hq, Hk, D, torch.bfloat16, [4000, 17], num_splits=0)
 
 
 # --- dispatch, tracing, bad input ---------------------------------------------------------------------------

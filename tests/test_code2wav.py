@@ -366,6 +366,80 @@ def test_kernel_streaming_states_continue_exactly():
     torch.testing.assert_close(torch.cat(parts_t, -1), whole_t, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=[True, False], ids=["preact", "fused"])
+def snake_path(request, monkeypatch):
+    """Force every SnakeBeta conv onto one path: activated once into a buffer (the large-batch path,
+    kernels/code2wav_preact.py) or fused into the GEMM's input load (the small-batch path)."""
+    from omni_fast.kernels import code2wav_preact
+
+    monkeypatch.setattr(code2wav_preact, "FORCE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_both_snake_paths_match_reference(snake_path, dtype):
+    """Odd lengths, one sample, batch > 1, with and without a streaming state, residual, dilation, strided and
+    transposed convs: each path against the reference."""
+    _check_conv(2, 11, 9, 13, 7, d=3, snake=True, residual=True, state=True, dtype=dtype)
+    _check_conv(1, 11, 9, 1, 7, d=3, snake=True, state=True, dtype=dtype)
+    _check_conv(3, 6, 5, 1, 7, snake=True, dtype=dtype)
+    _check_conv(2, 10, 7, 9, 1, snake=True, residual=True, state=True, dtype=dtype)
+    _check_conv(2, 8, 6, 11, 4, s=2, groups=2, snake=True, dtype=dtype)
+    _check_convt(2, 7, 6, 13, 5, 2, snake=True, state=True, dtype=dtype)
+    _check_convt(3, 7, 6, 1, 3, 3, snake=True, state=True, dtype=dtype)
+    _check_convt(2, 5, 4, 7, 4, 2, snake=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_preactivated_equals_fused_exactly(monkeypatch, dtype):
+    """The pre-activated path does the fused path's fp32 SnakeBeta and rounding: the same bits, streaming states
+    included (checked chunk by chunk, with the states carried)."""
+    from omni_fast.kernels import code2wav_preact
+
+    x = (torch.randn(3, 12, 23, device=DEVICE) * 2).to(dtype)
+    w = omni_fast.models.code2wav.pack_conv1d_weight((torch.randn(10, 12, 7, device=DEVICE) * 0.2).to(dtype))
+    wt = omni_fast.models.code2wav.pack_conv_transpose1d_weight((torch.randn(12, 5, 6, device=DEVICE) * 0.2)
+                                                                .to(dtype))
+    res = torch.randn(3, 10, 23, device=DEVICE).to(dtype)
+    snake = _snake_params(12, dtype)
+
+    def run(force):
+        monkeypatch.setattr(code2wav_preact, "FORCE", force)
+        st = st_t = None
+        outs = []
+        for a, e in ((0, 1), (1, 4), (4, 11), (11, 23)):
+            y, st = omni_fast.ops.causal_conv1d(x[..., a:e], w, dilation=3, snake=snake, residual=res[..., a:e],
+                                                state=st, backend="triton")
+            yt, st_t = omni_fast.ops.causal_conv_transpose1d(x[..., a:e], wt, stride=3, snake=snake, state=st_t,
+                                                             backend="triton")
+            outs += [y, st, yt, st_t]
+        outs.append(omni_fast.ops.causal_conv1d(x, w, snake=snake, backend="triton")[0])  # no state: zero padding
+        return outs
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
+def test_preactivation_choice_follows_the_batch():
+    """The model's choice on the real config's shapes (bf16, one-frame pushes): every conv fused at batch 1; at
+    batch 32 the k7 residual convs and the transposed convs pre-activated; the k1 convs of the last two blocks
+    (recompute factor 2-3, below the break-even) always fused. The rates are the cost model's."""
+    from omni_fast.bench.code2wav_snake_cost import conv_shapes
+    from omni_fast.bench.costmodel.constants import DEFAULT
+    from omni_fast.kernels import code2wav_preact as pre
+
+    assert pre.HBM_BYTES_PER_S == DEFAULT.hbm_bytes_per_s and pre.NODE_S == DEFAULT.graph_node_s
+    assert pre.MMA_MACS_PER_S == DEFAULT.mma_flops_per_s / 2
+    shapes = conv_shapes(ref.Code2WavConfig(), 1)
+    assert len(shapes) == 29
+    for name, sh in shapes:
+        assert not pre.use_preactivation(1, **sh), name
+        if "k7 " in name or "convT" in name:
+            assert pre.use_preactivation(32, **sh), name
+        if name.startswith(("block3", "block4")) and " k1 " in name:
+            assert pre.batch_threshold(**sh) is None, name
+
+
 def test_ops_trace_under_torch_compile():
     x = torch.randn(2, 6, 9)
     w, wt = torch.randn(5, 6, 7), torch.randn(6, 5, 4)
@@ -507,7 +581,7 @@ def _random_chunks(rng, T, max_chunk):
 
 
 def _stream(model, codes, sizes):
-    s = model.stream(codes.shape[0])
+    s = model.stream(codes.shape[0], cuda_graphs=False)  # eager (on CUDA graphs are the default)
     out, i = [], 0
     for n in sizes:
         w = s.push(codes[..., i:i + n])
@@ -579,7 +653,7 @@ def _run_with_resets(model, codes, schedule, stream=None):
     """Push ``codes [B, G, T]`` in chunks; ``schedule`` = [(frames, rows reset before the push)]. Returns the
     streamed wav [B, 1, n] and, per row, the (first frame, first sample) of each utterance it decoded."""
     B = codes.shape[0]
-    s = stream or model.stream(B)
+    s = stream or model.stream(B, cuda_graphs=False)
     outs, starts, i, n = [], [[(0, 0)] for _ in range(B)], 0, 0
     for frames, rows in schedule:
         if rows:
@@ -1102,6 +1176,35 @@ def test_cuda_graphs_need_cuda():
     _, model = _models(0)
     with pytest.raises(ValueError, match="CUDA device"):
         model.stream(1, cuda_graphs=True)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
+def test_cuda_graphs_default_off_on_cpu():
+    _, model = _models(0)
+    for m in (model, omni_fast.models.Code2Wav.from_transformers(_hf_model(0), backend="triton")):
+        assert not m.stream(2).cuda_graphs and not m.stream(2, cuda_graphs=False).cuda_graphs
+
+
+@pytest.mark.gpu
+def test_gpu_stream_uses_cuda_graphs_by_default():
+    """On CUDA a stream replays CUDA graphs unless told not to (``cuda_graphs=False``), and the replays equal the
+    eager stream; the reference backend (host reads, not capturable) stays eager."""
+    hf = _hf_model(0).to(DEVICE)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 16, (2, 4, 30), device=DEVICE)
+    sizes = [1, 4, 4, 21]
+    eager = _stream(model, codes, sizes)
+    s = model.stream(2)
+    assert s.cuda_graphs and not model.stream(2, cuda_graphs=False).cuda_graphs
+    out, i = [], 0
+    for n in sizes:
+        out.append(s.push(codes[..., i:i + n]))
+        i += n
+    assert sorted(s._graphs) == [1, 4, 16]  # 21 = 16 + 4 + 1; the first push (states created) runs eagerly
+    out.append(s.finish())
+    torch.testing.assert_close(torch.cat(out, -1), eager, rtol=1e-4, atol=5e-5)
+    ref_model = omni_fast.models.Code2Wav.from_transformers(hf, backend="reference")
+    assert not ref_model.stream(2).cuda_graphs
 
 
 @pytest.mark.gpu

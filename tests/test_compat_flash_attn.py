@@ -25,12 +25,23 @@ TOL = dict(rtol=2e-4, atol=2e-4)
 # --- FlashAttention's documented semantics, written out densely in fp64 ------------------------------------------
 
 
-def naive(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, slopes=None, k_lo=0):
-    """q ``[Lq, Hq, D]``, k/v ``[Lk, Hk, D]`` -> (out ``[Lq, Hq, D]``, lse ``[Hq, Lq]``), fp64.
+def fa_is_causal(causal, window, seqlen_k):
+    """flash-attn 2.8's host rule (flash_api.cpp): window bounds >= seqlen_k (k's length, the cache capacity or
+    max_seqlen_k) are unbounded, causal sets right = 0, and the kernel is the causal one when left is unbounded
+    and right is 0."""
+    left, right = (-1 if w >= seqlen_k else w for w in window)
+    return left < 0 and (0 if causal else right) == 0
+
+
+def naive(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, slopes=None, k_lo=0, seqlen_k=None):
+    """q ``[Lq, Hq, D]``, k/v ``[Lk, Hk, D]`` -> (out ``[Lq, Hq, D]``, lse ``[Hq, Lq]``), fp64, as flash-attn 2.8.
 
     Query i sits at key position ``i + Lk - Lq`` (bottom-right); it sees keys ``p - left .. p + right`` (-1 =
     unbounded, causal: right = 0) from ``k_lo`` on; scores ``scale * q.k``, then ``softcap * tanh(s / softcap)``,
-    then ``- slope * |p - j|``. Rows that see nothing: zeros, lse -inf.
+    then the ALiBi bias: ``- slope * |p - j|`` as documented, except where flash-attn runs its causal kernel
+    (:func:`fa_is_causal`, ``seqlen_k`` default Lk), which adds ``slope * (j - k_lo)`` (its key columns start at
+    the left padding): the same softmax, another lse. Rows that see nothing: zeros and lse ``+inf`` (flash-attn's
+    value, softmax.h / the early exit of flash_fwd_kernel.h / the split-KV combine).
     """
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
     Lq, Hq, D = q.shape
@@ -42,13 +53,16 @@ def naive(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, sl
         s = softcap * torch.tanh(s / softcap)
     p_ = torch.arange(Lq)[:, None] + Lk - Lq
     j = torch.arange(Lk)[None, :]
-    if slopes is not None:
+    if slopes is not None and fa_is_causal(causal, window, Lk if seqlen_k is None else seqlen_k):
+        s = s + slopes.to(F64)[:, None, None] * (j - k_lo)
+    elif slopes is not None:
         s = s - slopes.to(F64)[:, None, None] * (p_ - j).abs()
     left, right = window
     right = 0 if causal else right
     ok = (j >= k_lo) & ((j >= p_ - left) if left >= 0 else True) & ((j <= p_ + right) if right >= 0 else True)
     s = s.masked_fill(~torch.as_tensor(ok), float("-inf"))
     lse = torch.logsumexp(s, -1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     prob = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     return torch.einsum("hqk,khd->qhd", prob, vv), lse
 
@@ -71,6 +85,7 @@ def rope(x, cos, sin, pos, interleaved):
 def close_lse(got, exp):
     inf = torch.isinf(exp)
     assert torch.equal(torch.isinf(got), inf)
+    assert torch.equal(got[inf].to(F64), exp[inf])  # the sign too: +inf, as flash-attn
     torch.testing.assert_close(got[~inf].to(F64), exp[~inf], **TOL)
 
 
@@ -196,7 +211,7 @@ def test_flash_attn_varlen_func(causal, window, softcap, alibi):
         if lens_q[b] == 0:
             continue
         exp, lse_exp = naive(q[qs], k[ks], v[ks], causal=causal, window=window, softcap=softcap,
-                             slopes=None if slopes is None else slopes[b])
+                             slopes=None if slopes is None else slopes[b], seqlen_k=max(lens_k))
         torch.testing.assert_close(out[qs].to(F64), exp, **TOL)
         close_lse(lse[:, qs], lse_exp)
 
@@ -305,7 +320,8 @@ def _check_kvcache(case):
         if cos is not None:
             qb = rope(qb, cos, sin, torch.arange(Sq) * local + lens[b], interleaved)
         exp, lse_exp = naive(qb, exp_k[rows[b], :n], exp_v[rows[b], :n], causal=causal, window=window,
-                             softcap=softcap, slopes=slopes, k_lo=0 if leftpad is None else int(leftpad[b]))
+                             softcap=softcap, slopes=slopes, k_lo=0 if leftpad is None else int(leftpad[b]),
+                             seqlen_k=S)
         torch.testing.assert_close(out[b].to(F64), exp, **TOL)
         close_lse(lse[b], lse_exp)
 
@@ -334,6 +350,78 @@ def test_flash_attn_with_kvcache_random_combinations(seed):
     if case["rows"] == [0, 0] and case["append"]:
         case["rows"] = [0, 1]  # two sequences appending into one cache row: flash-attn leaves the winner undefined
     _check_kvcache(case)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rows_without_keys_give_zeros_and_plus_inf(splits, backend):
+    """flash-attn 2.8 writes out = 0 and lse = +inf for a query row that sees no key, in every path: the
+    fixed-length kernel (rows above a causal diagonal with Sq > Sk), varlen (an empty key sequence) and the
+    KV cache (cache_seqlens 0 without new keys, split-KV or not). The native ops keep their documented -inf."""
+    Hq, Hk, D = 2, 1, 16
+    with omni_fast.use_backend(backend):
+        q, k = rand(1, 5, Hq, D), rand(1, 2, Hk, D)
+        out, lse, _ = fa.flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
+        assert torch.equal(lse[0, :, :3], torch.full((Hq, 3), float("inf"), device=DEVICE))
+        assert torch.isfinite(lse[0, :, 3:]).all() and not out[0, :3].any()
+
+        qv, kv = rand(3, Hq, D), rand(2, Hk, D)
+        out, lse, _ = fa.flash_attn_varlen_func(qv, kv, kv, _cu([2, 1]), _cu([0, 2]), 2, 2, return_attn_probs=True)
+        assert torch.equal(lse[:, :2], torch.full((Hq, 2), float("inf"), device=DEVICE)) and not out[:2].any()
+        assert torch.isfinite(lse[:, 2]).all()
+        native = omni_fast.ops.flash_attn_varlen(qv, kv, kv, _cu([2, 1]), _cu([0, 2]), 2, 2, return_lse=True)[1]
+        assert torch.equal(native[:, :2], torch.full((Hq, 2), float("-inf"), device=DEVICE))
+
+        kc = rand(2, 300, Hk, D)
+        seqlens = torch.tensor([0, 257], dtype=torch.int32, device=DEVICE)
+        qc = rand(2, 1, Hq, D)
+        out, lse = fa.flash_attn_with_kvcache(qc, kc, kc, cache_seqlens=seqlens, num_splits=splits,
+                                              return_softmax_lse=True)
+        assert torch.equal(lse[0], torch.full((Hq, 1), float("inf"), device=DEVICE)) and not out[0].any()
+        exp, lse_exp = naive(qc[1], kc[1, :257], kc[1, :257])
+        torch.testing.assert_close(out[1].to(F64), exp, **TOL)
+        close_lse(lse[1], lse_exp)
+        native = omni_fast.ops.flash_attn_with_kvcache(qc, kc, kc, cache_seqlens=seqlens, num_splits=splits,
+                                                       return_softmax_lse=True)[1]
+        assert torch.equal(native[0], torch.full((Hq, 1), float("-inf"), device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("causal,window,causal_kernel", [
+    (True, (-1, -1), True),     # causal: flash-attn's causal kernel, bias slope * (j - leftpad)
+    (False, (-1, 0), True),     # window (-1, 0) is causal in flash-attn too
+    (True, (40, -1), True),     # a left window as long as the cache counts as unbounded: causal again
+    (True, (5, -1), False),     # a real left window: the local kernel, documented bias -slope * |p - j|
+    (False, (-1, -1), False),   # non-causal: documented bias
+])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_alibi_lse_is_flash_attns(causal, window, causal_kernel, splits, backend):
+    """The lse with ALiBi equals flash-attn 2.8's: under its causal kernel the bias is ``slope * (j - leftpad)``
+    (written here directly: logsumexp over the visible keys of ``scale * q.k + slope * (j - leftpad)``), else
+    ``-slope * |p - j|``; the outputs agree either way."""
+    B, S, Sq, Hq, Hk, D = 2, 40, 3, 4, 2, 16
+    lens, pads = [20, 33], [0, 6]
+    q, kc, vc = rand(B, Sq, Hq, D), rand(B, S, Hk, D), rand(B, S, Hk, D)
+    slopes = torch.rand(B, Hq, device=DEVICE)
+    with omni_fast.use_backend(backend):
+        out, lse = fa.flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+            cache_leftpad=torch.tensor(pads, dtype=torch.int32, device=DEVICE), causal=causal, window_size=window,
+            alibi_slopes=slopes, num_splits=splits, return_softmax_lse=True)
+    assert fa_is_causal(causal, window, S) == causal_kernel
+    for b in range(B):
+        n, lp = lens[b], pads[b]
+        qq, kk = q[b].to(F64), kc[b, :n].repeat_interleave(Hq // Hk, 1).to(F64)
+        s = torch.einsum("qhd,khd->hqk", qq, kk) * D ** -0.5
+        p_, j = torch.arange(Sq)[:, None] + n - Sq, torch.arange(n)[None, :]
+        sl = slopes[b].to(F64)[:, None, None]
+        s = s + (sl * (j - lp) if causal_kernel else -sl * (p_ - j).abs())
+        left, right = window
+        right = 0 if causal else right
+        ok = (j >= lp) & ((j >= p_ - left) if left >= 0 else True) & ((j <= p_ + right) if right >= 0 else True)
+        torch.testing.assert_close(lse[b].to(F64), torch.logsumexp(s.masked_fill(~ok, float("-inf")), -1), **TOL)
+        exp, _ = naive(q[b], kc[b, :n], vc[b, :n], causal=causal, window=window, slopes=slopes[b], k_lo=lp)
+        torch.testing.assert_close(out[b].to(F64), exp, **TOL)
 
 
 def test_kvcache_int_seqlens_and_single_return():

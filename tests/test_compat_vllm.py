@@ -210,9 +210,9 @@ def _bad_calls():
     x, w1, w2, logits = _moe_inputs()
     w = torch.full((5, 2), 0.5)
     ids = torch.zeros(5, 2, dtype=torch.int32)
-    quant = SimpleNamespace(use_fp8_w8a8=True, quant_dtype=torch.float8_e4m3fn)
+    quant = SimpleNamespace(use_int8_w8a8=True, quant_dtype=torch.int8)
     return [
-        (lambda: vllm.fused_experts(x, w1, w2, w, ids, quant_config=quant), NotImplementedError, "use_fp8_w8a8"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, quant_config=quant), NotImplementedError, "use_int8_w8a8"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, global_num_experts=7), ValueError, "global_num_experts"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True), ValueError, "top-1"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, activation="relu"), ValueError, "activation"),

@@ -20,7 +20,8 @@ from omni_fast.bench.costmodel.counter import count_launches, count_unit, skip_k
 from omni_fast.bench.costmodel.model_units import all_units
 from omni_fast.bench.model import BASELINE, STATICS, _scaled
 
-CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64", "attn-prefill-4096",
+CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64", "moe-thinker-fp8-T1",
+         "moe-talker-int4-T64", "attn-prefill-4096",
          "attn-decode-B1-4k", "attn-decode-B8-4k", "attn-encoder-audio", "attn-encoder-vision", "rope-thinker-T1",
          "sampler-thinker-B1", "sampler-mtp-B64",
          # counted with the kernels skipped (Unit.cheap_count, test_cheap_count_equals_executed_count): seconds

@@ -199,3 +199,42 @@ def test_demo_random_weights_wav_is_safe_and_raw_kept(tmp_path):
     assert clipped < 0.01  # random weights decode to full-scale noise; the file is normalised, not clipped
     if np.abs(decoded).max() >= 1:
         assert "peak-normalised to -3 dBFS" in proc.stdout
+
+
+def test_demo_qwen2_5_omni_writes_wav(tmp_path):
+    """``--model qwen2.5-omni``: the tiny random Qwen2.5-Omni (thinker, talker, Token2Wav) end to end on the CPU."""
+    out = tmp_path / "out.wav"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_fast", "demo", "--model", "qwen2.5-omni", "--out", str(out),
+         "--max-new-tokens", "4", "--talker-max-new-tokens", "6", "--seconds", "0.5", "--verbose"],
+        capture_output=True, text=True, timeout=120, env=_cpu_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "Qwen2.5-Omni" in text and "NOT speed" in text and "first audio packet" in text
+    assert "Qwen2_5OmniTalkerModel: decode steps" in text  # the patch report
+    with wave.open(str(out), "rb") as f:
+        assert f.getframerate() == 24000 and f.getnframes() > 0
+
+
+def test_demo_qwen2_5_omni_checkpoint_dir(tmp_path):
+    """``--model qwen2.5-omni --checkpoint DIR``: the tiny model saved with its voices (spk_dict.pt)."""
+    import torch
+
+    from omni_fast.models import Qwen25Omni
+
+    pipe = Qwen25Omni.random(patch=False)
+    pipe.model.save_pretrained(tmp_path / "ckpt")
+    torch.save(pipe.speakers, tmp_path / "ckpt" / "spk_dict.pt")
+    out = tmp_path / "a.wav"
+    argv = [sys.executable, "-m", "omni_fast", "demo", "--model", "qwen2.5-omni", "--checkpoint",
+            str(tmp_path / "ckpt"), "--out", str(out), "--max-new-tokens", "3", "--talker-max-new-tokens", "4",
+            "--seconds", "0.5", "--backend", "none"]
+    proc = subprocess.run(argv + ["--speaker", "chelsie"], capture_output=True, text=True, timeout=120,
+                          env=_cpu_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Qwen2.5-Omni checkpoint" in proc.stdout and "unpatched" in proc.stdout
+    with wave.open(str(out), "rb") as f:
+        assert f.getnframes() > 0
+    bad = subprocess.run(argv + ["--speaker", "nobody"], capture_output=True, text=True, timeout=60,
+                         env=_cpu_env(), cwd=tmp_path)
+    assert bad.returncode == 2 and "argument --speaker: invalid choice 'nobody'" in bad.stderr

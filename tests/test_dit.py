@@ -48,7 +48,7 @@ def test_block_attention_bad_input():
 @pytest.mark.parametrize("codes", [3, 13])  # one partial block / two blocks, the second partial
 def test_patched_dit_ode_solve_matches_transformers(codes, monkeypatch):
     """The whole flow-matching solve (RK4 steps, classifier-free guidance doubling the batch, batch 2) with the DiT
-    attention swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
+    attention and the AdaLN modulations swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
     from omni_fast.integrations import token2wav
     from omni_fast.models.presets import tiny_qwen2_5_omni_config
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
@@ -74,8 +74,64 @@ def test_patched_dit_ode_solve_matches_transformers(codes, monkeypatch):
     report = omni_fast.patch(t2w, backend="triton")
     try:
         assert any(r.startswith("[code2wav] DiTAttention") and "(x2)" in r for r in report.replaced)
+        assert any("Qwen2_5_OmniAdaLayerNormZero: LayerNorm + shift/scale" in r and "(x2)" in r
+                   for r in report.replaced)  # the fused AdaLN modulation (ops.ada_layer_norm) too
+        assert any("Qwen2_5_OmniAdaLayerNormZero_Final:" in r for r in report.replaced)
         got = solve()
     finally:
         omni_fast.unpatch(t2w)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # measured max |diff| 2.4e-7 (values ~4)
     assert torch.equal(solve(), want)
+
+
+# ------------------------------------------------------------------------------------------ AdaLN modulation
+def _ada_transformers(x, shift, scale):
+    """transformers' ``Qwen2_5_OmniAdaLayerNormZero_Final`` math (its LayerNorm module, then the modulation)."""
+    norm = torch.nn.LayerNorm(x.shape[-1], elementwise_affine=False, eps=1e-6)
+    return norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+def test_ada_layer_norm_reference_matches_transformers_module():
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    mod = q25.Qwen2_5_OmniAdaLayerNormZero(24).eval()
+    x, emb = torch.randn(2, 7, 24), torch.randn(2, 24)
+    with torch.no_grad():
+        want, *_ = mod(x, emb=emb)
+        shift, scale = mod.linear(mod.silu(emb)).chunk(6, dim=1)[:2]
+        got = omni_fast.ops.ada_layer_norm(x, shift.contiguous(), scale.contiguous(), backend="reference")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("B,T,C", [(2, 13, 24), (1, 1, 7), (3, 5, 130), (1, 0, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ada_layer_norm_kernel_matches_reference(B, T, C, dtype):
+    """The fused kernel (interpreter) vs the reference: odd widths, one frame, an empty clip, batch > 1; the shift
+    / scale rows follow each batch element."""
+    from omni_fast.testing import assert_matches_reference
+
+    g = torch.Generator().manual_seed(B * 100 + T + C)
+    x = (torch.randn(B, T, C, generator=g) * 3 + 1).to(dtype)
+    shift, scale = (torch.randn(B, C, generator=g).to(dtype) for _ in range(2))
+    out = omni_fast.ops.ada_layer_norm(x, shift, scale, backend="triton")
+    assert out.shape == x.shape and out.dtype == dtype
+    if B * T == 0:
+        return
+    exact = _ada_transformers(x.double(), shift.double(), scale.double())
+    same = omni_fast.ops.ada_layer_norm(x, shift, scale, backend="reference") if dtype == torch.float32 else \
+        _ada_transformers(x.float(), shift.float(), scale.float()).to(dtype)
+    assert_matches_reference(out, exact, same, factor=2.0, atol=1e-5 if dtype == torch.float32 else None)
+
+
+def test_ada_layer_norm_bad_input():
+    x, m = torch.randn(2, 3, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="shift"):
+        omni_fast.ops.ada_layer_norm(x, torch.randn(1, 8), m)
+    with pytest.raises(ValueError, match="scale"):
+        omni_fast.ops.ada_layer_norm(x, m, torch.randn(2, 9))
+    with pytest.raises(TypeError, match="scale"):
+        omni_fast.ops.ada_layer_norm(x, m, m.half())
+    with pytest.raises(ValueError, match="eps"):
+        omni_fast.ops.ada_layer_norm(x, m, m, eps=-1.0)
+    with pytest.raises(ValueError, match="x"):
+        omni_fast.ops.ada_layer_norm(x[0], m, m)

@@ -33,6 +33,11 @@ CASES = [
     ("int4_w4a16", dict(group_size=32, symmetric=False), 96, 64),
     ("int4_w4a16", dict(group_size=128, symmetric=False), 256, 128),
     ("int4_w4a16", dict(group_size=16, symmetric=True), 80, 48),
+    ("fp8_channel", dict(), 200, 136),
+    ("fp8_channel", dict(per_tensor=True), 70, 40),
+    ("fp8_channel", dict(static=True), 100, 72),
+    ("fp8_channel", dict(per_tensor=True, static=True), 37, 24),
+    ("fp8_channel", dict(static="w13"), 48, 40),  # static gate/up input, dynamic down input
 ]
 
 
@@ -46,6 +51,11 @@ def _experts(fmt, kw, E, H, I, seed=0):
     g = torch.Generator().manual_seed(seed)
     w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
     w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    kw = dict(kw)
+    static = kw.pop("static", False)
+    if static:  # static activation scales near amax/448 of randn inputs and of the SwiGLU rows
+        grow = 1 + 0.1 * torch.arange(E, dtype=torch.float32)
+        kw["input_scales"] = (3.0 / 448 * grow, None if static == "w13" else 0.4 / 448 * grow)
     q = rq.quantize_experts(w13, w2, fmt, **kw)
     return q if DEVICE.type == "cpu" else _to(q, DEVICE)
 
@@ -55,7 +65,8 @@ def _to(q, device):
 
     mv = (lambda t: None if t is None else t.to(device))
     return QuantizedExperts(q.format, mv(q.w13), mv(q.w2), mv(q.w13_scale), mv(q.w2_scale), mv(q.w13_zero),
-                            mv(q.w2_zero), q.block, q.group_size, q.symmetric)
+                            mv(q.w2_zero), q.block, q.group_size, q.symmetric, mv(q.w13_input_scale),
+                            mv(q.w2_input_scale))
 
 
 def _check(out, x, q, weights, ids, expert_map=None):
@@ -65,7 +76,7 @@ def _check(out, x, q, weights, ids, expert_map=None):
 
 
 def _assert_matches(fmt, out, exact, same, factor=2.0):
-    if fmt != "fp8_block" or out.numel() == 0:
+    if not fmt.startswith("fp8") or out.numel() == 0:
         assert_matches_reference(out, exact, same, factor=factor, name=fmt)
         return
     assert out.shape == exact.shape and torch.isfinite(out).all()
@@ -165,7 +176,9 @@ def test_quantized_moe_block_traces_under_torch_compile(fmt, kw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 333, 4096])
 @pytest.mark.parametrize("fmt,kw", [("fp8_block", dict(block=(128, 128))),
-                                    ("int4_w4a16", dict(group_size=128, symmetric=False))], ids=["fp8", "int4"])
+                                    ("int4_w4a16", dict(group_size=128, symmetric=False)),
+                                    ("fp8_channel", dict()), ("fp8_channel", dict(per_tensor=True, static=True))],
+                         ids=["fp8", "int4", "fp8ch", "fp8t-static"])
 def test_fused_moe_quant_real_shapes_bf16(fmt, kw, T):
     """The thinker's experts (E 128, top-8, H 2048, I 768) in bf16 on a GPU: decode, mid and prefill tiles."""
     torch.manual_seed(T)

@@ -83,7 +83,7 @@ def test_container_shapes_and_roundtrip():
 def _replace(q, **kw):
     fields = dict(format=q.format, w13=q.w13, w2=q.w2, w13_scale=q.w13_scale, w2_scale=q.w2_scale,
                   w13_zero=q.w13_zero, w2_zero=q.w2_zero, block=q.block, group_size=q.group_size,
-                  symmetric=q.symmetric)
+                  symmetric=q.symmetric, w13_input_scale=q.w13_input_scale, w2_input_scale=q.w2_input_scale)
     fields.update(kw)
     return QuantizedExperts(**fields)
 
@@ -121,3 +121,55 @@ def test_container_validation_names_the_argument():
         _replace(q4, w2_zero=q4.w2_zero.to(torch.int32))
     with pytest.raises(ValueError, match="block is for fp8_block"):
         _replace(q4, block=(128, 128))
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_fp8_channel_dequant_matches_compressed_tensors(strategy):
+    torch.manual_seed(2)
+    N, K = 37, 83
+    w = torch.randn(N, K) * 2
+    q, scale = rq.quantize_fp8_channel(w, per_tensor=strategy == "tensor")
+    # compressed-tensors' own scale shapes: [N, 1] per channel, [1] per tensor
+    ct_scale = scale.reshape(N, 1) if strategy == "channel" else scale.reshape(1)
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True)
+    theirs = ct_forward.dequantize(q, ct_scale, None, args=args, dtype=torch.float32)
+    torch.testing.assert_close(rq.dequantize_fp8_channel(q, scale), theirs, rtol=0, atol=0)
+    # and their quantization of w with that scale is ours
+    assert torch.equal(ct_forward.quantize(w, ct_scale, None, args=args, dtype=torch.float8_e4m3fn).view(torch.uint8),
+                       q.view(torch.uint8))
+
+
+def test_fp8_activation_fake_quant_matches_compressed_tensors():
+    """Dynamic per-token (FP8_DYNAMIC's input_activations) and static per-tensor (FP8's, input_scale)."""
+    torch.manual_seed(3)
+    x = torch.randn(6, 70) * 3
+    x[2] = 0
+    token = QuantizationArgs(num_bits=8, type="float", strategy="token", symmetric=True, dynamic=True)
+    scale = (x.abs().amax(-1, keepdim=True).clamp(min=rq.FP8_EPS) / rq.FP8_MAX)
+    theirs = ct_forward.fake_quantize(x, scale, None, token)
+    torch.testing.assert_close(rq.fake_quant_fp8_groups(x, x.shape[1]), theirs, rtol=0, atol=0)
+    tensor = QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True)
+    s = torch.tensor([0.004])
+    torch.testing.assert_close(rq.fake_quant_fp8_static(x, s), ct_forward.fake_quantize(x, s, None, tensor),
+                               rtol=0, atol=0)
+
+
+def test_fp8_channel_container_validation():
+    w13, w2 = torch.randn(3, 64, 48), torch.randn(3, 48, 32)
+    q = rq.quantize_experts(w13, w2, "fp8_channel", per_tensor=True)
+    assert q.w2_scale.stride(1) == 0 and q.shape == (3, 32, 48)  # per-tensor scales: broadcast views, no copy
+    w13d, _ = rq.dequantize_experts(q)
+    torch.testing.assert_close(w13d, w13, rtol=2 ** -4, atol=1e-6)
+    with pytest.raises(ValueError, match="w13_scale must have shape"):
+        _replace(q, w13_scale=torch.ones(3, 64))
+    with pytest.raises(TypeError, match="w2_scale must have dtype"):
+        _replace(q, w2_scale=q.w2_scale.half())
+    half = _replace(q, w13_input_scale=torch.ones(3))  # each GEMM static or dynamic on its own
+    assert not half.static_input and "static/dynamic per token" in repr(half)
+    with pytest.raises(ValueError, match="w2_input_scale must have shape"):
+        _replace(q, w13_input_scale=torch.ones(3), w2_input_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="input_scale are for fp8_channel"):
+        _replace(_fp8_parts(), w13_input_scale=torch.ones(2), w2_input_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="not used by fp8_channel"):
+        _replace(q, block=(128, 128))
+    assert "dynamic per token" in repr(q)

@@ -29,6 +29,22 @@ def _int4_config(symmetric: bool) -> dict:
     return cfg.model_dump(mode="json")
 
 
+def _fp8_ct_config(strategy: str, static: bool) -> dict:
+    """compressed-tensors float-quantized: llm-compressor's FP8_DYNAMIC (channel weights, dynamic per-token
+    activations) or FP8 (per-tensor weights, static per-tensor activations) scheme."""
+    acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor" if static else "token",
+                            dynamic=not static)
+    scheme = QuantizationScheme(targets=["Linear"], input_activations=acts, weights=QuantizationArgs(
+        num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False))
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
+                             quantization_status="compressed", ignore=["lm_head"])
+    return cfg.model_dump(mode="json")
+
+
+FP8C = {"fp8c": ("channel", False), "fp8t": ("tensor", True)}  # test names -> (weight strategy, static input)
+INPUT_SCALE = 0.01  # a static activation scale (the same for gate_proj and up_proj: one input, as observed)
+
+
 def _float_checkpoint(tmp_path):
     """A tiny float Qwen3-Omni saved by transformers (its published key layout); experts 32 wide so that W4A16
     groups of 16 divide both GEMMs' K."""
@@ -49,18 +65,25 @@ def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
 
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = FP8_CONFIG if fmt == "fp8" else _int4_config(symmetric)
+    cfg["quantization_config"] = FP8_CONFIG if fmt == "fp8" else _fp8_ct_config(*FP8C[fmt]) if fmt in FP8C else \
+        _int4_config(symmetric)
     (dst / "config.json").write_text(json.dumps(cfg))
     out = {}
     for key, t in load_file(src / "model.safetensors").items():
         quantize = ".mlp.experts." in key or (key.startswith("thinker.model.layers.") and "q_proj.weight" in key) \
-            or (fmt == "fp8" and ".mlp.shared_expert." in key)  # the talker's shared expert, FP8 as published
+            or (fmt != "int4" and ".mlp.shared_expert." in key)  # the talker's shared expert, FP8 as published
         if not quantize:
             out[key] = t
             continue
         prefix = key[:-len("weight")]
         if fmt == "fp8":
             out[key], out[prefix + "weight_scale_inv"] = rq.quantize_fp8_block(t, (128, 128))
+        elif fmt in FP8C:  # compressed-tensors' names and shapes: weight_scale [N, 1] / [1], input_scale [1]
+            strategy, static = FP8C[fmt]
+            out[key], scale = rq.quantize_fp8_channel(t, per_tensor=strategy == "tensor")
+            out[prefix + "weight_scale"] = scale.reshape(-1, 1) if strategy == "channel" else scale.reshape(1)
+            if static:
+                out[prefix + "input_scale"] = torch.tensor([INPUT_SCALE])
         else:
             packed, scale, zero = rq.quantize_int4(t, GROUP, symmetric, torch.bfloat16)
             out[prefix + "weight_packed"], out[prefix + "weight_scale"] = packed, scale
@@ -75,7 +98,11 @@ def _thinker_logits(model, ids):
         return model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-@pytest.mark.parametrize("fmt,symmetric", [("fp8", True), ("int4", True), ("int4", False)])
+_FORMAT_OF = {"fp8": "fp8_block", "int4": "int4_w4a16", "fp8c": "fp8_channel", "fp8t": "fp8_channel"}
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("fp8", True), ("int4", True), ("int4", False), ("fp8c", True),
+                                           ("fp8t", True)])
 def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
     float_model, float_dir = _float_checkpoint(tmp_path)
     qdir = tmp_path / "quant"
@@ -86,18 +113,25 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
     assert len(experts) == 4  # thinker and talker, 2 layers each
     for name, module in experts:
         q = quantized_experts(module)
-        assert q is not None and q.format == ("fp8_block" if fmt == "fp8" else "int4_w4a16"), name
+        assert q is not None and q.format == _FORMAT_OF[fmt], name
+        assert q.static_input == (fmt == "fp8t"), name
         assert module.gate_up_proj is None and module.down_proj is None  # no float copy of the experts
         assert q.symmetric == symmetric and q.num_experts == 8 and q.intermediate_size == 32
     assert not any(".experts." in n for n, _ in model.named_parameters())
     # The containers hold exactly the checkpoint's quantization of the float experts.
     fl = dict(float_model.named_modules())
     module_name, module = experts[0]
+    extra = {}
+    if fmt in FP8C:
+        extra = dict(per_tensor=FP8C[fmt][0] == "tensor")
+        if FP8C[fmt][1]:
+            extra["input_scales"] = (torch.full((8,), INPUT_SCALE), torch.full((8,), INPUT_SCALE))
+    else:
+        extra = dict(group_size=GROUP, symmetric=symmetric, scale_dtype=torch.bfloat16)
     ref = rq.quantize_experts(fl[module_name].gate_up_proj.detach(), fl[module_name].down_proj.detach(),
-                              "fp8_block" if fmt == "fp8" else "int4_w4a16", group_size=GROUP, symmetric=symmetric,
-                              scale_dtype=torch.bfloat16)
+                              _FORMAT_OF[fmt], **extra)
     got = quantized_experts(module)
-    for t in ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero"):
+    for t in ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero", "w13_input_scale", "w2_input_scale"):
         a, b = getattr(got, t), getattr(ref, t)
         assert (a is None) == (b is None), t
         if a is not None:
@@ -108,7 +142,7 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
     for name, p in model.named_parameters():
         if name.endswith("q_proj.weight") or ".shared_expert." in name:
             err = (p - fparams[name]).abs().max().item()
-            assert err <= (0.05 if fmt == "fp8" else 0.1) * fparams[name].abs().max().item(), name
+            assert err <= (0.1 if fmt == "int4" else 0.05) * fparams[name].abs().max().item(), name
     # Patched (the omni_fast experts function) vs the float model with the dequantized weights.
     ids = torch.randint(0, 100, (1, 7))
     got_logits = _thinker_logits(model, ids)

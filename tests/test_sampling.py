@@ -110,6 +110,78 @@ def test_triton_ties_multiblock_and_fp16():
     assert torch.equal(a, b)
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The two-stage sampler (kernels/sampling_chunked.py) at interpreter-sized chunks: 128 ids, 16 candidates
+    each (the GPU's 4096 / 64 cost ~20 s per chunk on the interpreter); V > 128 then runs several chunks."""
+    from omni_fast.kernels import sampling_chunked
+
+    monkeypatch.setattr(sampling_chunked, "CHUNK", 128)
+    monkeypatch.setattr(sampling_chunked, "KC", 16)
+    return sampling_chunked
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=10, top_p=0.8), dict(top_k=16, top_p=1.0, temperature=0.6),
+                                dict(top_k=1), dict(greedy=True),
+                                dict(top_k=5, top_p=0.7, repetition_penalty=1.5, suppress_ranges=[(0, 3), (130, 140)])])
+def test_chunked_draws_equal_reference(small_chunks, monkeypatch, kw):
+    """Several CTAs per row (3 chunks, the last one partial), per-row and shared seeds: the fast branch alone
+    (FALLBACK off: no row overflows on random logits) draws the reference's ids, and only its two kernels run."""
+    from omni_fast.bench.costmodel.counter import count_launches
+
+    monkeypatch.setattr(small_chunks, "FALLBACK", False)
+    g = torch.Generator().manual_seed(3)
+    B, V = 3, 300
+    logits = (torch.randn(B, V, generator=g) * 3).to(DEVICE)
+    prev = torch.randint(-1, V, (B, 4), generator=g).to(DEVICE) if "repetition_penalty" in kw else None
+    for seed in (torch.tensor([5, 6, 7], device=DEVICE), 11):
+        a = omni_fast.ops.sample(logits, prev_ids=prev, seed=seed, offset=9, backend="reference", **kw)
+        b = omni_fast.ops.sample(logits, prev_ids=prev, seed=seed, offset=9, backend="triton", **kw)
+        assert torch.equal(a, b), (kw, a, b)
+    counts = count_launches(lambda: omni_fast.ops.sample(logits, prev_ids=prev, seed=1, backend="triton", **kw))
+    assert counts.get("triton:sample_chunk_topk_kernel") == 1 and counts.get("triton:sample_combine_kernel") == 1
+    assert "triton:sample_kernel" not in counts
+
+
+def test_chunked_ties_take_the_multipass_fallback(small_chunks, monkeypatch):
+    """Ties at the k-th score that overflow a chunk's candidates (or all but fewer than k ids suppressed) are seen
+    (FALLBACK off: -1) and sampled by the multi-pass path in the same kernel (FALLBACK on: the reference's ids);
+    rows without overflow take the fast branch in the same launch."""
+    g = torch.Generator().manual_seed(4)
+    V = 400
+    logits = torch.randn(4, V, generator=g) * 3
+    logits[0] = torch.randint(-2, 3, (V,), generator=g).float()  # ~80 ids tie at each value: overflow
+    logits[0, 333] = 7.0
+    logits[1, :] = float("-inf")
+    logits[1, [5, 250]] = 1.0  # 2 finite ids < k
+    logits = logits.to(DEVICE)
+    kw = dict(top_k=12, top_p=0.9, seed=torch.tensor([1, 2, 3, 4], device=DEVICE))
+    monkeypatch.setattr(small_chunks, "FALLBACK", False)
+    marked = omni_fast.ops.sample(logits, backend="triton", **kw)
+    assert marked[0] == -1 and marked[1] == -1 and (marked[2:] >= 0).all()
+    monkeypatch.setattr(small_chunks, "FALLBACK", True)
+    got = omni_fast.ops.sample(logits, backend="triton", **kw)
+    assert torch.equal(got, omni_fast.ops.sample(logits, backend="reference", **kw))
+    assert torch.equal(got[2:], marked[2:])
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # the patch is constant
+@given(B=st.integers(1, 2), V=st.integers(129, 420), top_k=st.integers(1, 16), top_p=st.floats(0.05, 1.0),
+       temperature=st.sampled_from([1.0, 0.3, 2.0]), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       ties=st.booleans(), seed=st.integers(-2**63, 2**63 - 1))
+def test_chunked_draws_equal_reference_hypothesis(small_chunks, B, V, top_k, top_p, temperature, scale, ties, seed):
+    g = torch.Generator().manual_seed(V * 7 + B)
+    logits = torch.randn(B, V, generator=g) * scale
+    if ties:
+        logits = logits.round()
+    logits[:, 1] = float("-inf")
+    kw = dict(top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, offset=3)
+    a = omni_fast.ops.sample(logits.to(DEVICE), backend="reference", **kw)
+    b = omni_fast.ops.sample(logits.to(DEVICE), backend="triton", **kw)
+    assert torch.equal(a, b)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 3), V=st.integers(1, 300), top_k=st.integers(0, 40), top_p=st.floats(0.05, 1.0),
        temperature=st.sampled_from([1.0, 0.3, 2.0]), scale=st.sampled_from([0.01, 1.0, 30.0]),
@@ -142,6 +214,39 @@ def test_gpu_draws_equal_reference(backend, dtype):
         b = omni_fast.ops.sample(logits, prev_ids=prev, seed=seeds, offset=3, backend=backend, **kw)
         # The backends' log/exp may round differently: allow a rare near-tie flip, never more.
         assert (a != b).sum().item() <= 1, kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_chunked_sampler_real_vocab(dtype):
+    """The two-stage sampler at the thinker's vocabulary (152064 ids: 38 chunks of 4096, 64 candidates each) equals
+    the reference (a rare near-tie flip allowed, as above), tie rows included (the in-kernel fallback), and replays
+    in a CUDA graph."""
+    from omni_fast.kernels import sampling_chunked
+    from omni_fast.models.cuda_graphs import capture
+
+    g = torch.Generator().manual_seed(0)
+    V = 152064
+    logits = torch.randn(8, V, generator=g) * 3
+    logits[7] = torch.randint(-2, 3, (V,), generator=g).float()  # ties at the k-th score: the fallback
+    logits = logits.to("cuda", dtype)
+    seeds = torch.arange(8, device="cuda") * 7 + 1
+    assert sampling_chunked.applies(V, 50, False)
+    for kw in (dict(top_k=50, top_p=0.8), dict(top_k=50, top_p=0.8, temperature=0.7, repetition_penalty=1.3,
+                                               prev_ids=torch.randint(0, V, (8, 6), device="cuda")),
+               dict(top_k=1), dict(greedy=True)):
+        a = omni_fast.ops.sample(logits, seed=seeds, offset=3, backend="reference", **kw)
+        b = omni_fast.ops.sample(logits, seed=seeds, offset=3, backend="triton", **kw)
+        assert (a != b).sum().item() <= 1, kw
+
+    def draw():
+        return omni_fast.ops.sample(logits, seed=seeds, top_k=50, top_p=0.8, backend="triton")
+
+    eager = draw().clone()
+    graph, out = capture(draw, "cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
 
 
 # --- the CUDA C++ kernel's logic, emulated on the CPU ------------------------------------------------------------

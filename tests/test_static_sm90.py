@@ -42,7 +42,7 @@ def test_report_flags_spills_and_shared_memory():
 
 
 def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
-    """FP8 W8A8 GEMMs use Hopper's e4m3 wgmma at the prefill tiles (BLOCK_M 64); the INT4 ones bf16 wgmma."""
+    """FP8 W8A8 GEMMs (block and per channel) use Hopper's e4m3 wgmma at the prefill tiles (BLOCK_M 64); INT4 bf16."""
     code = (
         "import re, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -62,7 +62,7 @@ def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("moe_gemm_quant_kernel")]
-    fp8 = [ln for ln in lines if "fp8_block" in ln]
+    fp8 = [ln for ln in lines if "fp8_block" in ln or "fp8_channel" in ln]
     int4 = [ln for ln in lines if "int4_w4a16" in ln]
     assert fp8 and int4, res.stdout
     assert all(".e4m3.e4m3" in ln for ln in fp8), fp8

@@ -120,7 +120,7 @@ def _streaming_case(chunk: int, batch: int = 1, tiny: bool = False, frames_warm:
         warm = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, frames_warm), generator=g).to(device)
         nxt = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, chunk), generator=g).to(device)
         with_ctx = torch.cat((warm[..., -LEFT_CONTEXT:], nxt), dim=-1)
-        stream = model.stream(batch)
+        stream = model.stream(batch, cuda_graphs=False)  # eager (graphs are the default on CUDA)
         stream.push(warm)
         providers = {"omni_fast": lambda: stream.push(nxt)}
         if device.type == "cuda":
@@ -189,7 +189,7 @@ def _pre_transformer_case(chunk: int, batch: int, tiny: bool = False, frames_war
         warm = torch.randn(batch, frames_warm, cfg.hidden_size, generator=g).to(device, dtype)
         emb = torch.randn(batch, chunk, cfg.hidden_size, generator=g).to(device, dtype)
         with_ctx = torch.cat((warm[:, -LEFT_CONTEXT:], emb), dim=1)
-        stream = model.stream(batch)
+        stream = model.stream(batch, cuda_graphs=False)  # eager (graphs are the default on CUDA)
         with torch.no_grad():  # the stream's pre-transformer stage alone (Code2WavStream._step runs it, then convs)
             stream._pre_transformer(warm)
         stream.state.pos += frames_warm  # later calls all attend to a full window at the same position

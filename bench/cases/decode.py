@@ -3,8 +3,9 @@
 Providers (bf16, random weights, a prompt of ``PROMPT`` tokens already in the KV cache): ``transformers`` (the
 text model's forward with its ``DynamicCache`` and padding mask, then the head: what the pipeline runs without
 ``graph_decode``; the new token is cropped off the cache after each call), ``eager``
-(:class:`omni_fast.models.MoeTextDecoder`'s step body run op by op) and ``omni_fast`` (the same step replayed as
-one CUDA graph). Each omni-fast call rewinds the cache by one token, so every call decodes at the same length.
+(:class:`omni_fast.models.MoeTextDecoder`'s step body run op by op), ``omni_fast`` (the same step replayed as
+one CUDA graph) and ``fused`` (``MoeTextDecoder(fused=True)``: 3 phase-fused launches per layer, graph-replayed).
+Each omni-fast call rewinds the cache by one token, so every call decodes at the same length.
 The thinker is trimmed to ``THINKER_LAYERS`` layers (1.16 GiB each; decode time is per-layer linear, plus the
 0.6 GiB lm_head); the talker has all 20.
 
@@ -82,8 +83,8 @@ def _setup(part: str, B: int, tiny: bool = False, prompt: int = PROMPT):
             cache.crop(-1)  # back to the prompt (a negative count drops tokens in every transformers version)
             return head(o.last_hidden_state[:, -1])
 
-        def provider(use_graph: bool):
-            dec = MoeTextDecoder.from_transformers(m, head)
+        def provider(use_graph: bool, fused: bool = False):
+            dec = MoeTextDecoder.from_transformers(m, head, fused=fused)
             dec.load_prefill(cache, mask, max_new_tokens=8, use_graph=use_graph)
 
             def step():
@@ -93,8 +94,12 @@ def _setup(part: str, B: int, tiny: bool = False, prompt: int = PROMPT):
 
             return step
 
+        graph = device.type == "cuda"
+        no_graph = Unavailable("CUDA-graph replay needs CUDA")
         return {"transformers": hf, "eager": provider(False),
-                "omni_fast": provider(True) if device.type == "cuda" else Unavailable("CUDA-graph replay needs CUDA")}
+                "omni_fast": provider(True) if graph else no_graph,
+                # the phase-fused step (3 launches per layer), graph-replayed
+                "fused": provider(True, fused=True) if graph else no_graph}
 
     return setup
 

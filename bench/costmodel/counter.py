@@ -112,11 +112,11 @@ def _as_h100() -> list:
     if orig is None:
         return []
 
-    def choose_splits(device, programs, capacity):
+    def choose_splits(device, programs, capacity, **kw):
         saved = mod._sm_count, mod.interpreting
         mod._sm_count, mod.interpreting = (lambda index: 132), (lambda: False)
         try:
-            return orig(torch.device("cuda", 0), programs, capacity)
+            return orig(torch.device("cuda", 0), programs, capacity, **kw)
         finally:
             mod._sm_count, mod.interpreting = saved
 

@@ -128,13 +128,14 @@ def model_units() -> list[Unit]:
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
-            out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "eager",
+            # streaming replays CUDA graphs by default on CUDA (Code2WavStream, cuda_graphs=None)
+            out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "graph",
                             launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f), cheap_count=True,
                             min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames)))
     return out
 
 
 def all_units() -> list[Unit]:
-    from .units import attention_units, moe_units, small_units
+    from .units import attention_units, moe_units, quant_moe_units, small_units
 
-    return moe_units() + attention_units() + small_units() + model_units()
+    return moe_units() + quant_moe_units() + attention_units() + small_units() + model_units()

@@ -89,10 +89,12 @@ def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
     return lambda: ops.moe_block(x, g, w13, w2, k, **shared)
 
 
-def _moe_min(model: str, T: int) -> tuple[float, float]:
+def _moe_min(model: str, T: int, expert_bytes: float = 2.0) -> tuple[float, float]:
+    """(bytes, FLOPs) at the real shape; ``expert_bytes`` per routed-expert weight (bf16 2; quantized formats:
+    :data:`QUANT_BYTES`), everything else bf16."""
     E, k, H, I, Is = MOE[model]
     touched = E * (1 - (1 - k / E) ** T)  # expected distinct experts of T random top-k picks
-    nbytes = 2 * (touched * 3 * I * H + E * H + 3 * Is * H + 2 * T * H)
+    nbytes = expert_bytes * touched * 3 * I * H + 2 * (E * H + 3 * Is * H + 2 * T * H)
     flops = 2 * T * (k * 3 * I * H + E * H + 3 * Is * H)
     return nbytes, flops
 
@@ -121,6 +123,67 @@ def moe_units() -> list[Unit]:
                 scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]) if s > 1 else {},
                 statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + _moe_tier(model, T) + ",gate_up,ptr"},
                 unique=T == 1 or (model == "talker" and T <= 8), min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
+    return out
+
+
+# The published formats: fp8 block 128x128 (Qwen's FP8 checkpoints: e4m3 + one fp32 scale per block), int4 g128
+# asymmetric (AWQ-style: half a byte + a bf16 scale and an int8 zero point per 128 weights).
+QUANT_FORMATS = {"fp8": dict(format="fp8_block", block=(128, 128)),
+                 "int4": dict(format="int4_w4a16", group_size=128, symmetric=False, scale_dtype=BF16)}
+QUANT_BYTES = {"fp8": 1 + 4 / (128 * 128), "int4": 0.5 + (2 + 1) / 128}
+
+
+def _quant_experts(fmt: str, E: int, I: int, H: int, real: bool):
+    """A QuantizedExperts of ``fmt`` (tiny: quantized random weights; real: constant tensors of the format's
+    dtypes and shapes built directly, since values do not change what is loaded)."""
+    from omni_fast.ops import QuantizedExperts
+    from omni_fast.reference import moe_quant as rq
+
+    kw = dict(QUANT_FORMATS[fmt])
+    if not real:  # tiny widths: groups of 16 (launches do not depend on the group size)
+        kw.update(group_size=16) if fmt == "int4" else None
+        return rq.quantize_experts(_randn(E, 2 * I, H, dtype=torch.float32, seed=2, scale=0.02),
+                                   _randn(E, H, I, dtype=torch.float32, seed=3, scale=0.02), kw.pop("format"), **kw)
+    if fmt == "fp8":
+        w = [torch.full((E, n, k), 0.5).to(torch.float8_e4m3fn) for n, k in ((2 * I, H), (H, I))]
+        s = [torch.full((E, -(-n // 128), -(-k // 128)), 1e-3) for n, k in ((2 * I, H), (H, I))]
+        return QuantizedExperts.fp8_block(w[0], w[1], s[0].contiguous(), s[1], (128, 128))
+    w = [torch.full((E, n, k // 8), 0x12345678, dtype=torch.int32) for n, k in ((2 * I, H), (H, I))]
+    s = [torch.full((E, n, k // 128), 1e-3, dtype=BF16) for n, k in ((2 * I, H), (H, I))]
+    z = [torch.zeros(E, n, k // 128, dtype=torch.int8) for n, k in ((2 * I, H), (H, I))]
+    return QuantizedExperts.int4(w[0], w[1], s[0], s[1], 128, z[0], z[1], symmetric=False)
+
+
+def _quant_moe_call(fmt: str, T: int, dims, dtype):
+    from omni_fast import ops
+
+    E, k, H, I, Is = dims
+    x = _randn(T, H, dtype=dtype, seed=T)
+    g = _randn(E, H, dtype=dtype, seed=1, scale=H ** -0.5)
+    experts = _quant_experts(fmt, E, I, H, real=E * I * H > 1 << 24)
+    shared = {}
+    if Is:  # the talker's shared expert stays in the model dtype
+        shared = dict(shared_w13=_randn(2 * Is, H, dtype=dtype, seed=4, scale=0.02),
+                      shared_w2=_randn(H, Is, dtype=dtype, seed=5, scale=0.02),
+                      shared_gate_weight=_randn(1, H, dtype=dtype, seed=6, scale=0.02))
+    return lambda: ops.moe_block(x, g, experts, None, k, **shared)
+
+
+def quant_moe_units() -> list[Unit]:
+    """Quantized routed experts (fp8 block W8A8, int4 g128 W4A16) at decode T = 1 (byte-traced) and 64."""
+    out = []
+    for fmt in QUANT_FORMATS:
+        label = "fp8_block,bf16,block128x128" if fmt == "fp8" else "int4_w4a16,bf16,g128,asym"
+        for model in ("thinker", "talker"):
+            for T in (1, 64):
+                nbytes, flops = _moe_min(model, T, QUANT_BYTES[fmt])
+                out.append(Unit(
+                    f"moe-{model}-{fmt}-T{T}", "moe", "graph",
+                    launch=lambda f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE_TINY[m], torch.float32),
+                    trace=(lambda f=fmt, m=model: _quant_moe_call(f, 1, MOE[m], BF16)) if T == 1 else None,
+                    statics={"moe_gemm_quant_kernel": f"{label},decode,gate_up"},
+                    unique=True, min_bytes=nbytes, flops=flops,
+                    params=dict(T=T, E=MOE[model][0], k=MOE[model][1], format=QUANT_FORMATS[fmt]["format"])))
     return out
 
 
@@ -192,11 +255,31 @@ def _rope_call(T, hq, hk, d, dtype=BF16, section=(24, 20, 20)):
     return lambda: ops.qk_norm_mrope(q, k, qw, kw, pos, mrope_section=section, inv_freq=inv_freq)
 
 
-def _sample_call(B, V, dtype=torch.float32):
+def _sample_call(B, V, dtype=torch.float32, chunk: int | None = None):
+    """``chunk``: run the two-stage sampler (kernels/sampling_chunked.py) on chunks of this many ids (the tiny
+    launch config of a large vocabulary: the same kernels as at 4096-id chunks, a fraction of the interpreter's
+    time)."""
+    import contextlib
+
     from omni_fast import ops
+    from omni_fast.kernels import sampling_chunked
 
     logits = _randn(B, V, dtype=dtype, seed=7)
-    return lambda: ops.sample(logits, top_k=50, top_p=0.8, seed=1)
+
+    @contextlib.contextmanager
+    def chunks():
+        saved = sampling_chunked.CHUNK
+        sampling_chunked.CHUNK = chunk or saved
+        try:
+            yield
+        finally:
+            sampling_chunked.CHUNK = saved
+
+    def call():
+        with chunks():
+            return ops.sample(logits, top_k=50, top_p=0.8, seed=1)
+
+    return call
 
 
 def small_units() -> list[Unit]:
@@ -208,9 +291,12 @@ def small_units() -> list[Unit]:
                         statics={"mrope_kernel": "bf16,D128,norm=True"},
                         min_bytes=2 * 2 * T * 36 * 128 + 3 * 8 * T, flops=0.0, params=dict(T=T)))
     for name, B, V in (("thinker-B1", 1, 152064), ("mtp-B64", 64, 2048)):
+        chunk = 128 if V > 4096 else None  # the two-stage sampler (kernels/sampling_chunked.py), at 128-id chunks
         out.append(Unit(f"sampler-{name}", "sampler", "graph",
-                        launch=lambda V=V, B=B: _sample_call(min(B, 3), min(V, 300)),
+                        launch=lambda V=V, B=B, c=chunk: _sample_call(min(B, 3), min(V, 300), chunk=c),
                         trace=lambda B=B, V=V: _sample_call(B, V), unique=True,
-                        statics={"sample_kernel": "fp32,V2048,topk,topp"},
+                        statics={"sample_kernel": "fp32,V2048,topk,topp",
+                                 "sample_chunk_topk_kernel": "chunk_topk[fp32,V152064,topk,topp]",
+                                 "sample_combine_kernel": "combine[fp32,V152064,topk,topp]"},
                         min_bytes=4 * B * V + 8 * B, flops=0.0, params=dict(B=B, V=V)))
     return out

@@ -14,9 +14,15 @@ kernels: no extra launch, no host sync.
 
 Inference only: ``dropout_p > 0`` raises ``ValueError``; so does a call autograd would record (inputs that
 require grad with grad mode on), as there is no backward. ``deterministic`` is accepted and has no effect (the
-forward is deterministic). Differences to flash-attn are listed in ``docs/compat.md`` (rows that see no key have
-``lse = -inf`` where flash-attn stores ``+inf``; with ``causal=True`` and ALiBi flash-attn's kernel adds
-``slope * j`` instead of the documented bias, which gives the same output but an lse shifted per row).
+forward is deterministic). Differences to flash-attn are listed in ``docs/compat.md``.
+
+The lse is flash-attn 2.8's exactly (``flash_attn_lse=True`` of the native ops, inside the kernels, no extra
+launch): rows that see no key give zeros and ``lse = +inf`` (fixed-length, varlen and KV-cache calls, split-KV
+or not); under flash-attn's causal rule (``causal=True``, or ``window_size=(-1, 0)``, with windows at least as
+long as the keys counting as unbounded) its kernel adds the ALiBi bias as ``slope * (j - cache_leftpad)``
+instead of the documented ``-slope * |i + Lk - Lq - j|``: the same output, an lse larger by
+``slope * (i + Lk - Lq - cache_leftpad)``, which is what is returned here too. Non-causal ALiBi (windows
+included) uses the documented bias in both.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
     out, lse = ops.flash_attn_with_kvcache(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                           return_softmax_lse=True)
+                                           return_softmax_lse=True, flash_attn_lse=True)
     return _probs(out, lse, q, return_attn_probs)
 
 
@@ -94,7 +100,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = ops.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                      return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes,
-                                     block_table=block_table, seqused_k=seqused_k)
+                                     block_table=block_table, seqused_k=seqused_k, flash_attn_lse=True)
     return _probs(out, lse, q, return_attn_probs)
 
 
@@ -129,7 +135,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                        window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
-                                       return_softmax_lse)
+                                       return_softmax_lse, flash_attn_lse=True)
 
 
 def _check_packed(name: str, t, ndim: int, n: int) -> None:

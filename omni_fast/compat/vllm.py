@@ -1,4 +1,4 @@
-"""vLLM fused-MoE entry points on omni-fast kernels (unquantized path).
+"""vLLM fused-MoE entry points on omni-fast kernels (unquantized, FP8 W8A8 and INT4 W4A16).
 
 Signatures of vLLM's current release line (read from ``vllm/model_executor/layers/fused_moe/fused_moe.py``,
 ``moe_align_block_size.py`` and ``vllm/_custom_ops.py``, v0.11-era sources, commit ``13cb3e4``):
@@ -14,8 +14,9 @@ Signatures of vLLM's current release line (read from ``vllm/model_executor/layer
   ignore_invalid_experts=False)`` -> ``(sorted_ids, expert_ids, num_tokens_post_pad)`` with vLLM's sizes
 - ``moe_sum(input, output)`` -> None
 
-Weights: ``w1`` ``[E, 2I, H]`` (gate rows then up rows, vLLM's ``w13``), ``w2`` ``[E, H, I]``. Quantized MoE
-(``quant_config`` with a quantized dtype, biases) arrives with the quantized-MoE issue: such calls raise
+Weights: ``w1`` ``[E, 2I, H]`` (gate rows then up rows, vLLM's ``w13``), ``w2`` ``[E, H, I]``. Quantized MoE:
+``quant_config`` with ``use_fp8_w8a8`` (block-scaled, per-channel or per-tensor) or ``use_int4_w4a16`` and vLLM's
+scale / zero-point layouts (:mod:`omni_fast.compat.vllm_quant`); other quantized schemes and biases raise
 ``NotImplementedError``. Differences to vLLM are listed in ``docs/compat.md``.
 """
 
@@ -25,26 +26,10 @@ import torch
 
 from ..ops import moe as _moe  # the native forms (route_topk, align_moe_blocks, moe_experts); not ``ops``: it
 # re-exports this module's topk_softmax / moe_align_block_size and imports it while it initialises
+from . import vllm_quant as _vq
 from ..validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_output, check_positive_int, check_tensor
 
 VLLM_VERSION = "0.11"
-
-_QUANT_FLAGS = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16", "use_mxfp4_w4a4",
-                "use_nvfp4_w4a4")
-
-
-def _check_unquantized(quant_config) -> None:
-    """Raise for a quantized ``FusedMoEQuantConfig`` (read by attribute; vLLM need not be installed)."""
-    if quant_config is None:
-        return
-    set_flags = [f for f in _QUANT_FLAGS if getattr(quant_config, f, False)]
-    for name in ("quant_dtype", "ocp_mx_scheme", "w1_bias", "w2_bias", "w1_scale", "w2_scale"):
-        if getattr(quant_config, name, None) is not None:
-            set_flags.append(name)
-    if set_flags:
-        raise NotImplementedError(f"quant_config sets {', '.join(set_flags)}: quantized MoE is not supported by "
-                                  f"omni_fast.compat.vllm.fused_experts yet (unquantized path only)")
-
 
 def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, activation="silu",
                   apply_router_weight_on_input=False, global_num_experts=-1, expert_map=None, quant_config=None,
@@ -55,11 +40,14 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
     int32 ``[global_num_experts]`` maps global ids to local rows of w1/w2 (-1 = not here: contributes zero).
     ``inplace``: the result is written into hidden_states (and returned). ``apply_router_weight_on_input``
     (top-1 only, as vLLM): the router weight scales the expert's input instead of its output.
-    ``allow_deep_gemm`` has no effect (DeepGEMM is an fp8 path).
+    ``allow_deep_gemm`` has no effect (DeepGEMM is an fp8 path). ``quant_config``: a ``FusedMoEQuantConfig`` (or
+    any object with its attributes) with ``use_fp8_w8a8`` / ``use_int4_w4a16`` and vLLM's layouts, mapped onto
+    :class:`omni_fast.ops.QuantizedExperts` (:mod:`omni_fast.compat.vllm_quant`); w1 is then vLLM's quantized
+    ``[E, 2I, H]`` (int4: ``[E, 2I, H/2]`` bytes).
     """
-    _check_unquantized(quant_config)
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     check_tensor("w1", w1, ndim=3)
+    experts = _vq.experts_from_vllm(w1, w2, quant_config) if _vq.is_quantized(quant_config) else None
     if isinstance(global_num_experts, bool) or not isinstance(global_num_experts, int):
         raise TypeError(f"global_num_experts must be an int, got {type(global_num_experts).__name__}")
     expected = expert_map.numel() if isinstance(expert_map, torch.Tensor) else w1.shape[0]
@@ -77,7 +65,12 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, 
         topk_weights = torch.ones_like(topk_weights)
     else:
         hidden_in = hidden_states
-    out = _moe.moe_experts(hidden_in, w1, w2, topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+    if experts is not None:  # the container holds both GEMMs' weights
+        out = _moe.moe_experts(hidden_in, experts, None, topk_weights, topk_ids, activation=activation,
+                               expert_map=expert_map)
+    else:
+        out = _moe.moe_experts(hidden_in, w1, w2, topk_weights, topk_ids, activation=activation,
+                               expert_map=expert_map)
     if inplace:  # computed apart, then copied: out never aliases the input it reads
         return hidden_states.copy_(out)
     return out

@@ -67,3 +67,15 @@ def is_paged_cache(cache) -> bool:
 
 __all__ = ["MIN_TRANSFORMERS", "cache_keyword", "check_transformers_version", "is_paged_cache", "output_cache",
            "pop_cache", "with_cache"]
+
+
+def thinker_text_model(thinker):
+    """The thinker's text decoder: ``thinker.model.language_model`` (transformers >= 5.2x, where ``thinker.model`` is
+    the multimodal ``*ThinkerModel``) or ``thinker.model`` itself (earlier 5.x, e.g. 5.17)."""
+    return getattr(thinker.model, "language_model", thinker.model)
+
+
+def thinker_multimodal(thinker):
+    """The module holding the encoders (``audio_tower``, ``visual``) and ``get_rope_index``: ``thinker.model`` on
+    transformers >= 5.2x, the thinker itself on earlier 5.x (where ``thinker.model`` is the text model)."""
+    return thinker.model if hasattr(thinker.model, "audio_tower") else thinker

@@ -117,3 +117,54 @@ def dit_attention_forward(self, hidden_states, position_embeddings=None, attenti
     out = ops.block_attention(q, k, v.contiguous(), block_size=bs, look_backward=lb, look_ahead=la,
                               backend=pinned_backend(self))
     return self.to_out[1](self.to_out[0](out.reshape(B, -1, self.inner_dim)))
+
+
+ADA_NORMS = ("Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final")
+
+
+def ada_norm_forward(self, hidden_states, emb=None):
+    """transformers' AdaLN (zero / final): the timestep projection as it is, then LayerNorm + shift / scale in one
+    :func:`omni_fast.ops.ada_layer_norm` launch. Returns what transformers' forward returns."""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or self.linear.weight.requires_grad) \
+            or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) or hidden_states.dim() != 3:
+        return self._omni_fast_forward(hidden_states, emb)
+    from .. import ops
+
+    mod = self.linear(self.silu(emb))
+    final = type(self).__name__.endswith("_Final")
+    parts = mod.chunk(2 if final else 6, dim=1)
+    scale, shift = (parts[0], parts[1]) if final else (parts[1], parts[0])
+    out = ops.ada_layer_norm(hidden_states.contiguous(), shift.contiguous(), scale.contiguous(),
+                             eps=self.norm.eps, backend=pinned_backend(self))
+    return out if final else (out, parts[2], parts[3], parts[4], parts[5])
+
+
+def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,
+                pin) -> None:
+    """What :func:`omni_fast.patch` does to one Token2Wav module (``swap_forward(module, fn)`` / ``pin(module,
+    backend)``: patch's own helpers); adds the report line to ``bucket`` (swapped) or ``left``."""
+    if cls == "Qwen2_5OmniToken2WavDiTModel":
+        swap, what = label("-> one omni_fast.ops.block_attention launch per layer (paged varlen flash "
+                           "attention)", True)
+        for layer in module.transformer_blocks:
+            if wanted and swap:
+                set_dit_block(layer.attn, module.block_size, layer.look_backward_block, layer.look_ahead_block)
+                swap_forward(layer.attn, dit_attention_forward)
+                pin(layer.attn, backend)
+        key, n = (part, f"DiTAttention: block-masked SDPA {what}"), len(module.transformer_blocks)
+    else:
+        fn, what, ok = {
+            AMP_BLOCK: (amp_block_forward, "same-padded convs (+ residual) -> omni_fast.ops.padded_conv1d on the "
+                        "Code2Wav conv kernels", amp_block_supported(module)),
+            AA_ACTIVATION: (aa_activation_forward, "BigVGAN upsample FIR + SnakeBeta + low-pass FIR -> one "
+                            "omni_fast.ops.anti_aliased_snake launch", aa_activation_supported(module)),
+        }.get(cls, (ada_norm_forward, "LayerNorm + shift/scale modulation -> one omni_fast.ops.ada_layer_norm "
+                    "launch", True))
+        done, rest = what.split(" -> ")
+        swap, how = label("-> " + rest, ok)
+        if wanted and swap:
+            swap_forward(module, fn)
+            pin(module, backend)
+        key, n = (part, f"{cls}: {done} {how}"), 1
+    target = bucket if swap else left
+    target[key] = target.get(key, 0) + n

@@ -159,7 +159,7 @@ class Code2Wav:
         out-of-range code on CUDA is then not caught (the embedding lookup reads out of bounds). Pass True on CUDA
         to check (never while capturing a CUDA graph)."""
         self._check_codes(codes, check_values=check_values)
-        return self.stream(codes.shape[0]).push(codes, check_values=False)
+        return self.stream(codes.shape[0], cuda_graphs=False).push(codes, check_values=False)
 
     __call__ = forward
 
@@ -184,7 +184,7 @@ class Code2Wav:
             return codes.new_zeros(codes.shape[0], 1, 0, dtype=self.dtype)
         return torch.cat(wavs, dim=-1)
 
-    def stream(self, batch_size: int = 1, *, state: StreamState | None = None, cuda_graphs: bool = False,
+    def stream(self, batch_size: int = 1, *, state: StreamState | None = None, cuda_graphs: bool | None = None,
                graph_buckets=(1, 2, 4, 8, 16, 32, 64)) -> "Code2WavStream":
         """A stateful decoder for ``batch_size`` independent streams (optionally taking over ``state``; the
         stream that produced it must not be used afterwards). See :class:`Code2WavStream` for ``cuda_graphs`` and
@@ -229,7 +229,9 @@ class Code2WavStream:
     :meth:`reset` starts a new utterance in chosen rows (zeroes their state and position) while the others go on,
     so a serving stack keeps one long-lived stream per batch bucket and recycles rows as utterances finish.
 
-    ``cuda_graphs=True`` (CUDA only): after the first push (which creates the per-layer states), each push is cut
+    ``cuda_graphs`` (default None: on for a model on a CUDA device whose backend can be captured, i.e. not
+    ``"reference"``, outside ``torch.compile``; off on the CPU; ``False`` opts out, ``True`` insists and raises where
+    it cannot run): after the first push (which creates the per-layer states), each push is cut
     into pieces whose sizes are in ``graph_buckets`` (any chunking gives the same audio) and every piece replays a
     CUDA graph captured once per bucket for this stream's batch size (plus one per bucket for the first push after a
     :meth:`reset`, which masks the reset rows' lead). Graphs survive :meth:`reset` (it updates the state in place);
@@ -237,7 +239,7 @@ class Code2WavStream:
     """
 
     def __init__(self, model: Code2Wav, batch_size: int, state: StreamState | None = None, *,
-                 cuda_graphs: bool = False, graph_buckets=(1, 2, 4, 8, 16, 32, 64)):
+                 cuda_graphs: bool | None = None, graph_buckets=(1, 2, 4, 8, 16, 32, 64)):
         self.model = model
         batch_size = check_positive_int("batch_size", batch_size)
         if state is None:
@@ -266,6 +268,9 @@ class Code2WavStream:
                     raise ValueError(f"state tensor {name} has {t.dtype} on {t.device}, the model "
                                      f"{model.dtype} on {model.device}")
         self.state = state
+        if cuda_graphs is None:  # the default: graphs wherever they can be captured
+            cuda_graphs = (model.device.type == "cuda" and graph_capturable(model.backend)
+                           and not torch.compiler.is_compiling())
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         if cuda_graphs and not graph_capturable(model.backend):

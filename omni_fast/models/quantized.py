@@ -10,6 +10,13 @@ Supported ``quantization_config`` (config.json):
   with compressed-tensors' own ``QuantizationConfig``): ``X.weight_packed`` int32 ``[N, K/8]``, ``X.weight_scale``
   ``[N, K/g]``, ``X.weight_zero_point`` int32 ``[ceil(N/8), K/g]`` (asymmetric; packed along N, unpacked here to
   int8 ``[N, K/g]``), ``X.weight_shape`` -> ``int4_w4a16`` experts.
+- ``{"quant_method": "compressed-tensors", "format": "float-quantized", ...}`` with one scheme of 8-bit float
+  weights, strategy ``tensor`` or ``channel`` (llm-compressor's FP8 / FP8_DYNAMIC), and 8-bit float input
+  activations either dynamic per ``token`` or static per ``tensor``: ``X.weight`` float8_e4m3fn ``[N, K]``,
+  ``X.weight_scale`` ``[1]`` (tensor) or ``[N, 1]`` (channel), ``X.input_scale`` ``[1]`` (static) ->
+  ``fp8_channel`` experts. Per-tensor scales are written out per row at load (``2I + H`` fp32 per expert, ~0.1%
+  of its FP8 weights); the static input scale of gate_proj and up_proj (one input, so llm-compressor observes the
+  same amax for both) is their max, as vLLM does.
 
 Anything else raises a ValueError naming the method. Checkpoint keys are the published layout (per-expert
 ``...mlp.experts.{e}.{gate,up,down}_proj.*``); transformers' own key renamings map them onto the module tree.
@@ -37,9 +44,10 @@ from ..reference import moe_quant as rq
 
 _EXPERT_KEY = re.compile(r"^(?P<module>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
                          r"(?P<name>weight|weight_scale_inv|weight_packed|weight_scale|weight_zero_point|"
-                         r"weight_shape)$")
-_QUANT_SUFFIXES = ("weight_scale_inv", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-_BUFFERS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero")
+                         r"weight_shape|input_scale)$")
+_QUANT_SUFFIXES = ("weight_scale_inv", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                   "input_scale")
+_BUFFERS = ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero", "w13_input_scale", "w2_input_scale")
 
 
 # --- quantization_config ------------------------------------------------------------------------------------------
@@ -62,7 +70,7 @@ def parse_quantization_config(qcfg: dict) -> dict:
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qcfg)
     raise ValueError(f"quantization_config quant_method {method!r} is not supported by omni-fast (supported: 'fp8' "
-                     "block-scaled e4m3, 'compressed-tensors' pack-quantized W4A16)")
+                     "block-scaled e4m3, 'compressed-tensors' pack-quantized W4A16 and float-quantized FP8)")
 
 
 def _parse_compressed_tensors(qcfg: dict) -> dict:
@@ -75,10 +83,12 @@ def _parse_compressed_tensors(qcfg: dict) -> dict:
     fmt = cfg.format
     bad = None
     if len(schemes) != 1:
-        bad = f"{len(schemes)} config_groups (one W4A16 scheme expected)"
+        bad = f"{len(schemes)} config_groups (one scheme expected)"
     else:
         w, a = schemes[0].weights, schemes[0].input_activations
         fmt = getattr(schemes[0], "format", None) or fmt
+        if fmt == "float-quantized":
+            return _parse_float_quantized(w, a)
         if fmt != "pack-quantized":
             bad = f"format {fmt!r}"
         elif w is None or w.num_bits != 4 or w.type != "int" or w.strategy != "group":
@@ -89,6 +99,28 @@ def _parse_compressed_tensors(qcfg: dict) -> dict:
         raise ValueError(f"quantization_config quant_method 'compressed-tensors' is supported for pack-quantized "
                          f"W4A16 (4-bit int weights, group strategy, 16-bit activations); this one has {bad}")
     return {"format": "int4_w4a16", "group_size": int(w.group_size), "symmetric": bool(w.symmetric)}
+
+
+def _parse_float_quantized(w, a) -> dict:
+    """compressed-tensors ``float-quantized``: FP8 weights per tensor / channel, FP8 activations per token
+    (dynamic) or per tensor (static)."""
+    bad = None
+    if w is None or w.num_bits != 8 or w.type != "float" or w.strategy not in ("tensor", "channel") \
+            or not w.symmetric or w.dynamic:
+        bad = ("weights other than static symmetric 8-bit float per tensor / channel (got strategy "
+               f"{getattr(w, 'strategy', None)!r})")
+    elif a is None:
+        bad = "no input activation scheme (weight-only FP8)"
+    elif a.num_bits != 8 or a.type != "float" or not a.symmetric or \
+            (a.strategy, bool(a.dynamic)) not in (("token", True), ("tensor", False)):
+        bad = (f"input activations {a.type} {a.num_bits}-bit strategy {a.strategy!r} dynamic={a.dynamic!r} (dynamic "
+               "per token or static per tensor expected)")
+    if bad is not None:
+        raise ValueError(f"quantization_config quant_method 'compressed-tensors' format 'float-quantized' is "
+                         f"supported for FP8 W8A8 (per-tensor / per-channel e4m3 weights, e4m3 activations dynamic "
+                         f"per token or static per tensor); this one has {bad}")
+    return {"format": "fp8_channel", "weight_strategy": str(w.strategy), "static_input": not a.dynamic,
+            "symmetric": True}
 
 
 # --- tensors ------------------------------------------------------------------------------------------------------
@@ -127,25 +159,40 @@ def _dequantize_linear(parts: dict[str, torch.Tensor], spec: dict, dtype: torch.
     """A quantized non-expert linear's tensors -> its float weight ``[N, K]`` in ``dtype``."""
     if spec["format"] == "fp8_block":
         return rq.dequantize_fp8_block(parts["weight"], parts["weight_scale_inv"], spec["block"]).to(dtype)
+    if spec["format"] == "fp8_channel":  # weight_scale [1] or [N, 1] broadcasts; the input_scale is dropped
+        return rq.dequantize_fp8_channel(parts["weight"], parts["weight_scale"]).to(dtype)
     N, K = (int(v) for v in parts["weight_shape"].tolist())
     zero = parts.get("weight_zero_point")
     zero = None if zero is None else _unpack_zero_rows(zero, N)
     return rq.dequantize_int4(parts["weight_packed"], parts["weight_scale"], zero, spec["group_size"], K).to(dtype)
 
 
+def _row_scales(p: dict) -> torch.Tensor:
+    """A float-quantized linear's weight_scale (``[1]`` per tensor or ``[N, 1]``) as fp32 ``[N, 1]``."""
+    return p["weight_scale"].float().reshape(-1, 1).expand(p["weight"].shape[0], 1)
+
+
 def _expert_tensors(parts: dict, spec: dict) -> tuple[torch.Tensor, ...]:
-    """One expert's {proj: {name: tensor}} -> (w13, w2, w13_scale, w2_scale, w13_zero | None, w2_zero | None)."""
+    """One expert's {proj: {name: tensor}} -> (w13, w2, w13_scale, w2_scale, w13_zero | None, w2_zero | None,
+    w13_input_scale | None, w2_input_scale | None)."""
     g, u, d = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
     if spec["format"] == "fp8_block":
         return (torch.cat([g["weight"], u["weight"]]), d["weight"],
                 torch.cat([g["weight_scale_inv"], u["weight_scale_inv"]]).float(), d["weight_scale_inv"].float(),
-                None, None)
+                None, None, None, None)
+    if spec["format"] == "fp8_channel":
+        a13 = a2 = None
+        if spec["static_input"]:  # one input feeds gate and up: one scale (their max, as vLLM)
+            a13 = torch.maximum(g["input_scale"].float().reshape(()), u["input_scale"].float().reshape(()))
+            a2 = d["input_scale"].float().reshape(())
+        return (torch.cat([g["weight"], u["weight"]]), d["weight"], torch.cat([_row_scales(g), _row_scales(u)]),
+                _row_scales(d).contiguous(), None, None, a13, a2)
     zero = None
     if not spec["symmetric"]:
         zero = [_unpack_zero_rows(p["weight_zero_point"], int(p["weight_shape"][0])) for p in (g, u, d)]
     return (torch.cat([g["weight_packed"], u["weight_packed"]]), d["weight_packed"],
             torch.cat([g["weight_scale"], u["weight_scale"]]), d["weight_scale"],
-            None if zero is None else torch.cat(zero[:2]), None if zero is None else zero[2])
+            None if zero is None else torch.cat(zero[:2]), None if zero is None else zero[2], None, None)
 
 
 def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device, load=None) -> QuantizedExperts:
@@ -161,6 +208,8 @@ def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device, loa
     stacked = [None if col[0] is None else torch.stack(col).to(device).contiguous() for col in zip(*tensors)]
     if spec["format"] == "fp8_block":
         return QuantizedExperts.fp8_block(*stacked[:4], block=spec["block"])
+    if spec["format"] == "fp8_channel":
+        return QuantizedExperts.fp8_channel(*stacked[:4], stacked[6], stacked[7])
     return QuantizedExperts.int4(*stacked[:4], group_size=spec["group_size"], w13_zero=stacked[4],
                                  w2_zero=stacked[5], symmetric=spec["symmetric"])
 
@@ -187,7 +236,7 @@ def quantized_experts(module: torch.nn.Module) -> QuantizedExperts | None:
         return None
     tensors = {name: getattr(module, f"quant_{name}") for name in _BUFFERS}
     return QuantizedExperts(facts["format"], **tensors, block=facts["block"], group_size=facts["group_size"],
-                            symmetric=facts["symmetric"])
+                            symmetric=facts["symmetric"])  # (input scales: None buffers unless static fp8)
 
 
 # --- the model ----------------------------------------------------------------------------------------------------

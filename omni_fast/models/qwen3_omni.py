@@ -272,7 +272,11 @@ class Qwen3Omni:
                              talker_repetition_penalty=talker_repetition_penalty, first_chunk=first_chunk,
                              chunk=chunk, left_context=left_context, prefill_chunk=prefill_chunk,
                              static_cache=static_cache, graph_decode=graph_decode, seed=seed)
-        yield from StreamRun(Qwen3Stages(self), reqs, opts).events()
+        yield from StreamRun(self.stages(), reqs, opts).events()
+
+    def stages(self):
+        """The stage adapter of this model family (:mod:`omni_fast.pipeline`)."""
+        return Qwen3Stages(self)
 
 
 def _randomize(model, seed: int, scale: float | None):

@@ -1,4 +1,5 @@
-"""Graph-capturable single-token decode for Qwen3-Omni's MoE text decoders (the thinker and the talker).
+"""Graph-capturable single-token decode for Qwen-Omni text decoders: Qwen3-Omni's MoE thinker and talker, and
+Qwen2.5-Omni's dense talker (config switches, one step body: see :class:`TextDecoderConfig`).
 
 transformers decodes one token per call through its text model: a causal mask is built, a cache class is updated
 and 48 (thinker) / 20 (talker) decoder layers run with Python between every kernel. :class:`MoeTextDecoder` does the
@@ -10,11 +11,15 @@ one ``torch.cuda.CUDAGraph`` replay:
   ``StaticCache``) into it *left-aligned*: row ``i`` holds only its valid tokens, ``cache_seqlens[i]`` = their
   count. Keys carry their RoPE already, so decode needs no attention mask: each row attends to its
   ``cache_seqlens[i]`` keys plus the new one, exactly the keys transformers' padding mask leaves visible;
-- per layer: RMSNorm (``add_rms_norm_``, residual add fused), q/k/v projections (cuBLAS), per-head q/k RMSNorm +
-  TM-RoPE (:func:`omni_fast.ops.qk_norm_mrope`, the 3 position rows given per token, interleaved sections),
+- per layer: RMSNorm (``add_rms_norm_``, residual add fused), q/k/v projections (cuBLAS, with their biases where
+  the model has them), per-head q/k RMSNorm + TM-RoPE (:func:`omni_fast.ops.qk_norm_mrope`, the 3 position rows
+  given per token, interleaved sections; Qwen2.5-Omni: no q/k norm, :func:`omni_fast.ops.mrope` with contiguous
+  sections),
   :func:`omni_fast.ops.flash_attn_with_kvcache` (append + attention), o projection, the sparse MoE block
-  (:func:`omni_fast.ops.moe_block`: router, top-k, fused experts, the talker's sigmoid-gated shared expert);
-- final RMSNorm and the head (``lm_head`` / ``codec_head``).
+  (:func:`omni_fast.ops.moe_block`: router, top-k, fused experts, the talker's sigmoid-gated shared expert) or a
+  dense SwiGLU MLP (gate/up as one GEMM, :func:`omni_fast.ops.mtp_layers.silu_mul`, down);
+- final RMSNorm and the head (``lm_head`` / ``codec_head``; optional: without one, ``step`` returns no logits and
+  the caller applies its own head, as transformers' Qwen2.5-Omni talker does outside its text model).
 
 :meth:`MoeTextDecoder.step` takes ``input_embeds [B, H]`` and ``positions [B]`` or ``[3, B]`` and returns
 ``(logits [B, V], hidden [B, H])`` (hidden: the final-norm output, transformers' ``last_hidden_state``). On CUDA
@@ -30,6 +35,7 @@ the pure-PyTorch RoPE (:func:`omni_fast.reference.rope.qk_norm_mrope`, transform
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -42,8 +48,11 @@ from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
+from ..validation import check_bool
 from .cuda_graphs import capture
+from .fused_step import FusedWorkspace, fused_body, unsupported as fused_unsupported
 from .quantized import quantized_experts
+from ..validation import check_positive_int
 
 CAPACITY_ALIGN = 64  # cache lengths are rounded up to this, so nearby prompt lengths reuse one captured graph
 
@@ -58,8 +67,13 @@ class TextDecoderConfig:
     head_dim: int
     rms_norm_eps: float
     mrope_section: tuple[int, int, int]
-    interleaved: bool = True
+    interleaved: bool = True  # Qwen3-Omni's interleaved TM-RoPE sections; False: Qwen2.5-Omni's contiguous ones
     attention_scaling: float = 1.0
+    qk_norm: bool = True  # per-head q/k RMSNorm before RoPE (Qwen3-Omni); Qwen2.5-Omni has none
+
+
+# Rotary classes whose M-RoPE sections are contiguous (t | h | w blocks); every other one interleaves them.
+CONTIGUOUS_ROTARY = frozenset({"Qwen2_5OmniRotaryEmbedding"})
 
 
 class _Layer:
@@ -73,7 +87,8 @@ class _Layer:
         self.q, self.k, self.v, self.o = (w(p.weight) for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
         self.q_bias, self.k_bias, self.v_bias, self.o_bias = (
             w(p.bias) for p in (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
-        self.q_norm, self.k_norm = w(att.q_norm.weight), w(att.k_norm.weight)
+        norms = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+        self.q_norm, self.k_norm = (w(n.weight) if getattr(n, "weight", None) is not None else None for n in norms)
         experts = getattr(mlp, "experts", None)
         self.moe = experts is not None
         if self.moe:
@@ -91,7 +106,12 @@ class _Layer:
                 self.shared_w13 = torch.cat([w(shared.gate_proj.weight), w(shared.up_proj.weight)], 0)
                 self.shared_w2 = w(shared.down_proj.weight)
                 self.shared_gate = w(mlp.shared_expert_gate.weight)
-        else:  # a dense SwiGLU layer (mlp_only_layers / decoder_sparse_step configs)
+        else:  # a dense SwiGLU layer (mlp_only_layers / decoder_sparse_step configs; Qwen2.5-Omni's Qwen2MLP)
+            act = getattr(config, "hidden_act", "silu")
+            if act != "silu" or any(getattr(p, "bias", None) is not None for p in (mlp.gate_proj, mlp.up_proj,
+                                                                                   mlp.down_proj)):
+                raise ValueError(f"the dense MLP must be SwiGLU without biases (hidden_act 'silu'), got hidden_act "
+                                 f"{act!r}")
             self.gate_up = torch.cat([w(mlp.gate_proj.weight), w(mlp.up_proj.weight)], 0)
             self.down = w(mlp.down_proj.weight)
 
@@ -109,34 +129,54 @@ class _State:
         self.x = torch.zeros(bucket, c.hidden_size, device=dev, dtype=dt)
         self.pos = torch.zeros(3, bucket, device=dev, dtype=torch.float64 if fractional else torch.int64)
         self.steps_left = 0
+        # the phase-fused step's scratch (``fused=True``; integer positions and a Triton-capable backend only)
+        self.fused = FusedWorkspace(dec, bucket, capacity) if dec._fused_active(fractional) else None
         self.graph = None
         self.logits = self.hidden = None
 
 
 class MoeTextDecoder:
-    """Single-token decode of a Qwen3-Omni MoE text model (thinker or talker) with a static KV cache.
+    """Single-token decode of a Qwen-Omni text model (Qwen3-Omni's MoE thinker or talker, Qwen2.5-Omni's dense
+    talker) with a static KV cache.
 
     Build with :meth:`from_transformers`, then per batch: :meth:`load_prefill` after transformers' prefill, and
     :meth:`step` per token. ``backend`` pins the backend of every op (default: the ambient one).
+
+    ``fused=True`` (opt-in, not yet run on a GPU) runs each layer as three phase-fused Triton launches
+    (:mod:`omni_fast.kernels.talker_fused`: qkv + q/k norm + TM-RoPE + KV append; attention + o projection +
+    residual; norm + router + top-k + experts + shared expert + combine + residual) instead of ~24 ops: needs MoE
+    layers with float experts, no attention biases and a power-of-two head_dim (else ValueError). Steps with
+    fractional positions, and the ``"reference"`` backend, keep the ops path (the default and the fallback).
+    docs/persistent.md has the design and the launch counts.
     """
 
-    def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor, head: torch.Tensor,
-                 inv_freq: torch.Tensor, *, backend: str | None = None):
+    def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor,
+                 head: torch.Tensor | None, inv_freq: torch.Tensor, *, backend: str | None = None,
+                 fused: bool = False):
         self.config, self.layers, self.norm, self.head = config, layers, norm, head
         self.inv_freq = inv_freq.to(torch.float32).contiguous()
         self.backend = backend
-        self.device, self.dtype = head.device, head.dtype
+        self.device, self.dtype = norm.device, (head if head is not None else layers[0].q).dtype
+        self.fused = check_bool("fused", fused)
+        why = fused_unsupported(self) if self.fused else None
+        if why is not None:
+            raise ValueError(f"fused=True is not available for this decoder: {why}")
         self._state: _State | None = None
+
+    def _fused_active(self, fractional: bool) -> bool:
+        """Whether a state's steps take the phase-fused path."""
+        return self.fused and not fractional and self.backend != "reference"
 
     # --- construction ---------------------------------------------------------------------------------------
 
     @classmethod
-    def from_transformers(cls, text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor, *,
-                          backend: str | None = None) -> "MoeTextDecoder":
+    def from_transformers(cls, text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor | None, *,
+                          backend: str | None = None, fused: bool = False) -> "MoeTextDecoder":
         """From transformers' ``Qwen3OmniMoeThinkerTextModel`` (``thinker.model.language_model``; ``thinker.model``
-        in transformers before 5.2x) with the thinker's ``lm_head``, or ``Qwen3OmniMoeTalkerModel``
-        (``talker.model``) with the talker's ``codec_head``. The weights are shared with the module (later in-place
-        updates are seen; ``.to()`` needs a new decoder)."""
+        in transformers before 5.2x) with the thinker's ``lm_head``, ``Qwen3OmniMoeTalkerModel`` (``talker.model``)
+        with the talker's ``codec_head``, or ``Qwen2_5OmniTalkerModel`` (``talker.model``: dense SwiGLU, q/k/v bias,
+        no q/k norm, contiguous M-RoPE) with ``codec_head`` or None (no logits); ``fused``: see the class doc. The
+        weights are shared with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
         cfg = text_model.config
         rotary = text_model.rotary_emb
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -145,14 +185,19 @@ class MoeTextDecoder:
             hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
             num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads, head_dim=head_dim,
             rms_norm_eps=float(cfg.rms_norm_eps), mrope_section=section,
-            # transformers' Qwen3-Omni rotary always recomposes the sections interleaved (Qwen3-VL style)
-            interleaved=True, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
-        head = lm_head if isinstance(lm_head, torch.Tensor) else lm_head.weight
-        if not isinstance(lm_head, torch.Tensor) and getattr(lm_head, "bias", None) is not None:
-            raise ValueError("the head must have no bias (Qwen3-Omni's lm_head and codec_head have none)")
+            # transformers' Qwen3-Omni rotary always recomposes the sections interleaved (Qwen3-VL style),
+            # Qwen2.5-Omni's in contiguous t | h | w blocks
+            interleaved=type(rotary).__name__ not in CONTIGUOUS_ROTARY,
+            attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+            raise ValueError(f"only full-attention layers are supported, got layer_types {cfg.layer_types}")
+        head = lm_head if lm_head is None or isinstance(lm_head, torch.Tensor) else lm_head.weight
+        if isinstance(lm_head, torch.nn.Module) and getattr(lm_head, "bias", None) is not None:
+            raise ValueError("the head must have no bias (Qwen-Omni's lm_head and codec_head have none)")
         layers = [_Layer(layer, cfg) for layer in text_model.layers]
-        return cls(config, layers, text_model.norm.weight.detach(), head.detach(), rotary.inv_freq.detach(),
-                   backend=backend)
+        config = dataclasses.replace(config, qk_norm=layers[0].q_norm is not None)
+        return cls(config, layers, text_model.norm.weight.detach(), None if head is None else head.detach(),
+                   rotary.inv_freq.detach(), backend=backend, fused=fused)
 
     # --- per batch --------------------------------------------------------------------------------------------
 
@@ -210,7 +255,8 @@ class MoeTextDecoder:
 
     def step(self, input_embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row: ``input_embeds`` ``[B, H]``, ``positions`` ``[B]`` (text: the 3 TM-RoPE rows are
-        equal) or ``[3, B]``. Returns ``(logits [B, V], hidden [B, H])`` in the model dtype (fresh tensors)."""
+        equal) or ``[3, B]``. Returns ``(logits [B, V], hidden [B, H])`` in the model dtype (fresh tensors;
+        logits None for a decoder built without a head)."""
         st = self._state
         if st is None:
             raise RuntimeError("load_prefill must be called before step")
@@ -231,7 +277,7 @@ class MoeTextDecoder:
         else:
             st.logits, st.hidden = self._body(st)
         st.steps_left -= 1
-        return st.logits[:B].clone(), st.hidden[:B].clone()
+        return None if st.logits is None else st.logits[:B].clone(), st.hidden[:B].clone()
 
     def rewind(self, steps: int = 1) -> None:
         """Forget the last ``steps`` tokens of every row (``cache_seqlens -= steps``, on the device, no sync): the
@@ -246,6 +292,33 @@ class MoeTextDecoder:
         st.cache_seqlens.sub_(steps).clamp_(min=0)
         st.steps_left += steps
 
+    def reserve(self, steps: int) -> None:
+        """Make room for ``steps`` more :meth:`step` calls, keeping every cached token: when the cache is too small,
+        new buffers of the needed capacity are allocated (and the step re-captured when it was), and the KV copied.
+        For callers that do not know the decode length at :meth:`load_prefill` (transformers' ``generate``)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before reserve")
+        steps = check_positive_int("steps", steps, minimum=0)
+        if st.steps_left >= steps:
+            return
+        used = st.capacity - st.steps_left
+        capacity = -(-(used + steps) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        new = _State(self, st.bucket, capacity, st.fractional)
+        if st.graph is not None:
+            self._capture(new)  # on the fresh (zero) buffers, as load_prefill does, before the KV comes in
+        for (kc, vc), (nk, nv) in zip(st.caches, new.caches):
+            nk[:, :st.capacity].copy_(kc)
+            nv[:, :st.capacity].copy_(vc)
+        new.cache_seqlens.copy_(st.cache_seqlens)
+        new.batch, new.steps_left = st.batch, capacity - used
+        self._state = new
+
+    @property
+    def steps_left(self) -> int:
+        """How many more :meth:`step` calls the cache has room for (0 before :meth:`load_prefill`)."""
+        return 0 if self._state is None else self._state.steps_left
+
     def release(self) -> None:
         """Free the KV caches, buffers and captured graph (the next :meth:`load_prefill` allocates anew)."""
         self._state = None
@@ -258,6 +331,8 @@ class MoeTextDecoder:
     # --- the step body (what the CUDA graph captures: no validation on values, no host sync) -------------------
 
     def _body(self, st: _State) -> tuple[torch.Tensor, torch.Tensor]:
+        if st.fused is not None:
+            return fused_body(self, st, st.fused)
         c, be = self.config, self.backend
         nq, nk, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         T = st.bucket
@@ -282,13 +357,19 @@ class MoeTextDecoder:
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x = norm(resid, mlp, nxt)
         st.cache_seqlens.add_(1)  # every layer appended this token
-        return F.linear(x, self.head), x
+        return (None if self.head is None else F.linear(x, self.head)), x
 
     def _rope(self, q, k, layer, pos):
         c = self.config
         kw = dict(eps=c.rms_norm_eps, mrope_section=c.mrope_section, interleaved=c.interleaved,
                   attention_scaling=c.attention_scaling, inv_freq=self.inv_freq)
-        if pos.is_floating_point():  # fractional positions: transformers' cos/sin math in PyTorch
+        if layer.q_norm is None:  # Qwen2.5-Omni: RoPE alone
+            del kw["eps"]
+            if pos.is_floating_point():
+                ref_rope.mrope(q, k, pos, **kw)
+            else:
+                ops.mrope(q, k, pos, backend=self.backend, **kw)
+        elif pos.is_floating_point():  # fractional positions: transformers' cos/sin math in PyTorch
             ref_rope.qk_norm_mrope(q, k, layer.q_norm, layer.k_norm, pos, **kw)
         else:
             ops.qk_norm_mrope(q, k, layer.q_norm, layer.k_norm, pos, backend=self.backend, **kw)

@@ -33,7 +33,8 @@ MAX_HEAD_DIM = 256
 
 
 def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 window_left, window_right, softcap, alibi_slopes, block_table, seqused_k, backend):
+                 window_left, window_right, softcap, alibi_slopes, block_table, seqused_k, fa_lse, alibi_lse_shift,
+                 backend):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -41,17 +42,19 @@ def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
-               block_table: torch.Tensor | None, seqused_k: torch.Tensor | None,
+               block_table: torch.Tensor | None, seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool,
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown."""
+    """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown;
+    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (see :mod:`omni_fast.reference.attention`)."""
 
 
 @_varlen_op.impl("reference")
 def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi_slopes,
-                      block_table, seqused_k):
+                      block_table, seqused_k, fa_lse, alibi_lse_shift):
     return ref.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
                                  window_size=(left, right), return_lse=True, softcap=softcap,
-                                 alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k)
+                                 alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k,
+                                 fa_lse=fa_lse, alibi_lse_shift=alibi_lse_shift)
 
 
 @_varlen_op.impl("triton")
@@ -99,33 +102,35 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 cache_batch_idx: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
                 alibi_slopes: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
                 softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                rotary_interleaved: bool, rotary_causal: bool, num_splits: int,
+                rotary_interleaved: bool, rotary_causal: bool, num_splits: int, fa_lse: bool, alibi_lse_shift: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys (``k_extra`` without cache_seqlens): (out
-    ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``)."""
+    ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``); ``fa_lse`` / ``alibi_lse_shift`` as :func:`_varlen_op`."""
 
 
 @_kvcache_op.impl("reference")
 def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
                        cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
-                       rot_causal, num_splits):
+                       rot_causal, num_splits, fa_lse, alibi_lse_shift):
     return ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
                                  window_size=(left, right), softmax_scale=scale, block_table=block_table,
                                  key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
                                  cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 rotary=_rotary(cos, sin, interleaved, rot_causal))
+                                 rotary=_rotary(cos, sin, interleaved, rot_causal), fa_lse=fa_lse,
+                                 alibi_lse_shift=alibi_lse_shift)
 
 
 @_kvcache_op.impl("triton")
 def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
                     cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
-                    rot_causal, num_splits):
+                    rot_causal, num_splits, fa_lse, alibi_lse_shift):
     from ..kernels import flash_attn_kvcache
 
     return flash_attn_kvcache.kvcache_attention(
         q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right, num_splits,
         key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-        softcap=softcap, alibi_slopes=alibi_slopes, rotary=_rotary(cos, sin, interleaved, rot_causal))
+        softcap=softcap, alibi_slopes=alibi_slopes, rotary=_rotary(cos, sin, interleaved, rot_causal),
+        empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -165,6 +170,24 @@ def _check_heads(q_name: str, hq: int, k_name: str, hk: int, head_dim: int) -> N
                          f"({hk}) for GQA")
     if not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def _fa_causal_alibi(alibi_slopes, causal: bool, left: int, right: int, seqlen_k: int | None) -> bool:
+    """Whether flash-attn 2.8 runs its *causal* kernel, whose ALiBi bias is ``slope * (j - leftpad)`` (the lse then
+    differs from the documented bias's by ``slope * (i + Lk - Lq - leftpad)`` per row).
+
+    flash-attn's host rule (``flash_api.cpp``): a window bound ``>= seqlen_k`` (the key tensor's length, the cache
+    capacity, or ``max_seqlen_k``) is unbounded, ``causal`` sets the right bound to 0, and the attention is causal
+    when the left bound is unbounded and the right one 0 (``causal=False`` with ``window_size=(-1, 0)`` too).
+    """
+    if alibi_slopes is None:
+        return False
+    if seqlen_k is not None:
+        left = -1 if left >= seqlen_k else left
+        right = -1 if right >= seqlen_k else right
+    if causal:
+        right = 0
+    return left < 0 and right == 0
 
 
 def _softcap(softcap) -> float:
@@ -207,6 +230,7 @@ def flash_attn_varlen(
     seqused_k: torch.Tensor | None = None,
     check_values: bool | None = None,
     backend: str | None = None,
+    flash_attn_lse: bool = False,
 ):
     """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward;
     the FlashAttention-exact signature is :func:`omni_fast.compat.flash_attn.flash_attn_varlen_func`).
@@ -225,6 +249,9 @@ def flash_attn_varlen(
     ``check_values``: None checks the cu_seqlens values and ``max_seqlen_q`` only on CPU tensors, True on any
     device (one host sync), False never (see the module docstring: unchecked bad values are memory-safe; query
     rows outside every sequence, or beyond a too-small ``max_seqlen_q``, are then left unwritten).
+    ``flash_attn_lse=True``: the lse exactly as flash-attn 2.8 returns it (``+inf`` for rows that see no key; under
+    a causal mask with ALiBi, flash-attn's kernel bias ``slope * j``, which moves each row's lse by
+    ``slope * (i + Lk - Lq)``); the output is the same. :mod:`omni_fast.compat.flash_attn` sets it.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     Tq, Hq, D = q.shape
@@ -262,11 +289,14 @@ def flash_attn_varlen(
         raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
     left, right = _window(window_size)
     scale = _scale(softmax_scale, D)
+    causal = check_bool("causal", causal)
+    fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
     out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
-                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, check_bool("causal", causal), left,
-                          right, _softcap(softcap), alibi_slopes, block_table, seqused_k, be)
+                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, causal, left,
+                          right, _softcap(softcap), alibi_slopes, block_table, seqused_k, fa_lse,
+                          fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, max_seqlen_k), be)
     return (out, lse) if return_lse else out
 
 
@@ -392,6 +422,7 @@ def flash_attn_with_kvcache(
     key_padding_mask: torch.Tensor | None = None,
     check_values: bool | None = None,
     backend: str | None = None,
+    flash_attn_lse: bool = False,
 ):
     """Attention of new queries against a KV cache: FlashAttention-2's ``flash_attn_with_kvcache`` (forward), with
     its positional order and defaults (``causal=False``), plus keyword-only extensions.
@@ -406,7 +437,8 @@ def flash_attn_with_kvcache(
     GPT-J pairs with ``rotary_interleaved`` else GPT-NeoX halves. ``softcap``, ``alibi_slopes`` (fp32 ``[Hq]`` or
     ``[B, Hq]``), ``window_size`` as FlashAttention. ``num_splits``: 0 = auto split-KV for long caches at small
     batch, 1 = off, n = force n key chunks. Returns out ``[B, Sq, Hq, D]``, and with ``return_softmax_lse``
-    ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key; FlashAttention stores ``+inf``).
+    ``(out, lse)``, lse fp32 ``[B, Hq, Sq]`` (``-inf`` for rows that see no key; FlashAttention stores ``+inf``: see
+    ``flash_attn_lse``).
 
     Extensions (keyword-only): ``key_padding_mask`` bool ``[B, capacity]`` (unit stride along keys), False =
     padding: padding keys are never attended and a query whose own key position is padding gives zeros (a padded
@@ -414,6 +446,10 @@ def flash_attn_with_kvcache(
     cache_batch_idx and block_table values only on CPU tensors, True on any device (one host sync), False never
     (see the module docstring: unchecked, a sequence that overflows the cache drops the tokens that do not fit and
     attends to the capacity's keys; out-of-range pages and cache rows are clamped). ``backend`` as every op.
+    ``flash_attn_lse=True``: the lse exactly as flash-attn 2.8 returns it (``+inf`` for rows that see no key; with
+    ALiBi under flash-attn's causal rule, its kernel's bias ``slope * (j - cache_leftpad)``, which moves each row's
+    lse by ``slope * (i + Lk - Lq - cache_leftpad)``; the output is the same). :mod:`omni_fast.compat.flash_attn`
+    sets it.
     """
     cache_seqlens, capacity, appended, index = _check_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
@@ -425,6 +461,7 @@ def flash_attn_with_kvcache(
     causal = check_bool("causal", causal)
     rotary_interleaved = check_bool("rotary_interleaved", rotary_interleaved)
     return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
+    fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
     num_splits = check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX)
     if k is not None:  # the caches are written: no self-overlap (an expanded cache), nothing shared with the inputs
         inputs = dict(q=q, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
@@ -442,7 +479,7 @@ def flash_attn_with_kvcache(
     out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended if cache_seqlens is not None else capacity,
                            block_table, key_padding_mask, cache_batch_idx, cache_leftpad, alibi_slopes, rotary_cos,
                            rotary_sin, scale, causal, left, right, cap, rotary_interleaved, rot_causal, num_splits,
-                           be)
+                           fa_lse, fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, capacity), be)
     return (out, lse) if return_softmax_lse else out
 
 

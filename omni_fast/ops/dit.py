@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
+from ..validation import FLOAT_DTYPES, check_float, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
 from .attention import _scale
 
@@ -105,3 +105,48 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_
         return torch.empty_like(q)
     be = _op.resolve((q, k, v), backend)
     return _op(q, k, v, block_size, look_backward, look_ahead, scale, be)
+
+
+def _ada_fake(x, shift, scale, eps, backend):
+    return torch.empty_like(x)
+
+
+@dispatched_op("dit_ada_layer_norm", fake=_ada_fake)
+def _ada_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` over ``[B, T, C]``."""
+
+
+@_ada_op.impl("reference")
+def _ada_reference(x, shift, scale, eps):
+    from ..reference import dit as ref
+
+    return ref.ada_layer_norm(x, shift, scale, eps)
+
+
+@_ada_op.impl("triton")
+def _ada_triton(x, shift, scale, eps):
+    from ..kernels import dit as kernels
+
+    return kernels.ada_layer_norm(x, shift, scale, eps)
+
+
+MAX_ADA_CHANNELS = 8192  # one row per program in registers (Qwen2.5-Omni's DiT: 1024)
+
+
+def ada_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float = 1e-6,
+                   backend: str | None = None) -> torch.Tensor:
+    """The DiT's AdaLN modulation in one launch: ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (LayerNorm
+    without affine weights, fp32 statistics, as transformers' ``Qwen2_5_OmniAdaLayerNormZero`` / ``_Final`` and
+    the decoder layer's ``ff_norm``). x ``[B, T, C]`` contiguous (fp16/bf16/fp32); shift / scale ``[B, C]``
+    contiguous, x's dtype. Returns a new ``[B, T, C]`` tensor in x's dtype."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3, contiguous=True)
+    B, T, C = x.shape
+    for name, t in (("shift", shift), ("scale", scale)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, shape=(B, C), device=x.device, contiguous=True)
+    check_same_dtype(x=x, shift=shift, scale=scale)
+    check_positive_int("C (x.shape[-1])", C, maximum=MAX_ADA_CHANNELS)
+    eps = check_float("eps", eps, minimum=0.0)
+    if B * T == 0:
+        return torch.empty_like(x)
+    be = _ada_op.resolve((x, shift, scale), backend)
+    return _ada_op(x, shift, scale, eps, be)

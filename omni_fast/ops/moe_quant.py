@@ -20,33 +20,39 @@ from .quant import QuantizedExperts
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, group_k) -> QuantizedExperts:
+def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, group_k, a13=None,
+             a2=None) -> QuantizedExperts:
     if fmt == "fp8_block":
         return QuantizedExperts.fp8_block(w13, w2, w13_scale, w2_scale, (block_n, group_k))
+    if fmt == "fp8_channel":
+        return QuantizedExperts.fp8_channel(w13, w2, w13_scale, w2_scale, a13, a2)
     return QuantizedExperts.int4(w13, w2, w13_scale, w2_scale, group_k, w13_zero, w2_zero)
 
 
 @dispatched_op("fused_moe_quant_", mutates_args=("out",))
 def _fused_moe_quant_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
                         w2_scale: torch.Tensor, w13_zero: torch.Tensor | None, w2_zero: torch.Tensor | None,
-                        fmt: str, block_n: int, group_k: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        fmt: str, block_n: int, group_k: int, w13_input_scale: torch.Tensor | None,
+                        w2_input_scale: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                         expert_map: torch.Tensor | None, add: torch.Tensor | None, out: torch.Tensor,
                         backend: str) -> None:
     """out = the routed quantized experts' weighted sum (+ add)."""
 
 
 @_fused_moe_quant_op.impl("reference")
-def _reference(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, topk_weights, topk_ids, expert_map, add, out):
-    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k)
+def _reference(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, topk_weights, topk_ids, expert_map,
+               add, out):
+    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2)
     y = ref_quant.fused_moe(x, experts, topk_weights, topk_ids, "silu", expert_map)
     out.copy_(y if add is None else y + add)
 
 
 @_fused_moe_quant_op.impl("triton")
-def _triton(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, topk_weights, topk_ids, expert_map, add, out):
+def _triton(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, topk_weights, topk_ids, expert_map, add,
+            out):
     from ..kernels import moe_gemm_quant
 
-    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k)
+    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2)
     moe_gemm_quant.fused_moe(x, experts, topk_weights, topk_ids, "silu", expert_map, out, add=add)
 
 
@@ -63,10 +69,11 @@ def check_quantized(name: str, experts, w2, hidden_states: torch.Tensor) -> None
 def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add, out, backend) -> torch.Tensor:
     q = experts
     block_n = q.block[0] if q.format == "fp8_block" else 1
-    group_k = q.block[1] if q.format == "fp8_block" else q.group_size
+    group_k = {"fp8_block": (q.block or (0, 0))[1], "int4_w4a16": q.group_size}.get(q.format, 0)
     be = _fused_moe_quant_op.resolve((x,) + q.tensors(), backend)
     _fused_moe_quant_op(x, q.w13, q.w2, q.w13_scale, q.w2_scale, q.w13_zero, q.w2_zero, q.format, block_n,
-                        group_k, topk_weights, topk_ids, expert_map, add, out, be)
+                        group_k, q.w13_input_scale, q.w2_input_scale, topk_weights, topk_ids, expert_map, add, out,
+                        be)
     return out
 
 

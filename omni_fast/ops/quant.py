@@ -30,18 +30,34 @@ llm-compressor writes GPTQ / AWQ models):
 - The weight value is ``(q - zero) * scale`` (``zero`` = 0 when symmetric), dequantized in registers and fed to
   fp16/bf16 tensor cores.
 
+``"fp8_channel"`` -- FP8 W8A8 with per-output-channel or per-tensor weight scales (compressed-tensors
+``float-quantized``, strategies ``channel`` / ``tensor``, as llm-compressor's FP8_DYNAMIC / FP8 schemes write it;
+vLLM's ``use_fp8_w8a8`` without ``block_shape``):
+
+- ``w13`` ``float8_e4m3fn [E, 2I, H]``, ``w2`` ``float8_e4m3fn [E, H, I]``.
+- ``w13_scale`` fp32 ``[E, 2I, 1]``, ``w2_scale`` fp32 ``[E, H, 1]``: one scale per output row (compressed-tensors'
+  channel ``weight_scale [N, 1]`` stacked). A per-tensor scale is the same scale on every row of its linear: a
+  broadcast view (stride 0 along the rows, e.g. ``s[:, None, None].expand(E, H, 1)``) is accepted, so no per-row
+  copy is made; the weight value is ``w * scale[n]`` either way.
+- ``w13_input_scale`` / ``w2_input_scale`` (each GEMM on its own): None for dynamic per-token activations (scale
+  ``amax(row) / 448`` over the whole K row, computed inside the GEMM), or fp32 ``[E]`` static per-tensor scales (the checkpoint's
+  ``input_scale``; a broadcast ``[1]`` -> ``[E]`` view is accepted). Activations are ``e4m3(x / s)`` (clamped
+  to +-448); the e4m3 x e4m3 products accumulate in fp32 over the whole K (the scales are constant along K) and
+  are scaled once by ``a_s * w_s[n]``.
+
 Everything stays quantized in memory: nothing here holds a dequantized copy.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..validation import check_bool, check_tensor
 
-FORMATS = ("fp8_block", "int4_w4a16")
+FORMATS = ("fp8_block", "int4_w4a16", "fp8_channel")
 FP8_DTYPES = (torch.float8_e4m3fn,)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,13 +85,20 @@ class QuantizedExperts:
     block: tuple[int, int] | None = None
     group_size: int | None = None
     symmetric: bool = True
+    w13_input_scale: torch.Tensor | None = None
+    w2_input_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         check_bool("symmetric", self.symmetric)  # a flag: "no" or 0 must not pass as one
+        if self.format != "fp8_channel" and (self.w13_input_scale is not None or self.w2_input_scale is not None):
+            raise ValueError(f"w13_input_scale / w2_input_scale are for fp8_channel (static activation scales); "
+                             f"{self.format} quantizes activations {'per token group' if self.format == 'fp8_block' else 'not at all'}")
         if self.format == "fp8_block":
             _validate_fp8(self)
+        elif self.format == "fp8_channel":
+            _validate_fp8_channel(self)
         else:
             _validate_int4(self)
 
@@ -95,6 +118,19 @@ class QuantizedExperts:
             symmetric = w13_zero is None and w2_zero is None
         return cls("int4_w4a16", w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, group_size=group_size,
                    symmetric=symmetric)
+
+    @classmethod
+    def fp8_channel(cls, w13, w2, w13_scale, w2_scale, w13_input_scale=None, w2_input_scale=None
+                    ) -> "QuantizedExperts":
+        """FP8 experts with per-channel (or broadcast per-tensor) weight scales; activations dynamic per token
+        (input scales None) or static per tensor (fp32 ``[E]`` input scales)."""
+        return cls("fp8_channel", w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
+                   w2_input_scale=w2_input_scale)
+
+    @property
+    def static_input(self) -> bool:
+        """fp8_channel with static activation scales (for both GEMMs)."""
+        return self.w13_input_scale is not None and self.w2_input_scale is not None
 
     # -- shape facts ----------------------------------------------------------------------------------------------
     @property
@@ -120,24 +156,28 @@ class QuantizedExperts:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor held (for device / dispatch checks)."""
-        return tuple(t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero)
-                     if t is not None)
+        return tuple(t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero,
+                                 self.w13_input_scale, self.w2_input_scale) if t is not None)
 
     def nbytes(self) -> int:
-        """Bytes held in memory (weights, scales, zero points)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes held in memory (weights, scales, zero points; a broadcast view counts its distinct elements)."""
+        return sum(math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+                   for t in self.tensors())
 
     def select(self, index: int) -> "QuantizedExperts":
         """A one-expert container of expert ``index`` (the shared expert path, tests)."""
         pick = (lambda t: None if t is None else t[index:index + 1])
         return QuantizedExperts(self.format, pick(self.w13), pick(self.w2), pick(self.w13_scale),
                                 pick(self.w2_scale), pick(self.w13_zero), pick(self.w2_zero), self.block,
-                                self.group_size, self.symmetric)
+                                self.group_size, self.symmetric, pick(self.w13_input_scale),
+                                pick(self.w2_input_scale))
 
     def __repr__(self) -> str:
         E, inter, hidden = self.shape
-        extra = f"block={self.block}" if self.format == "fp8_block" else \
-            f"group_size={self.group_size}, symmetric={self.symmetric}"
+        extra = {"fp8_block": f"block={self.block}",
+                 "fp8_channel": "activations=" + "/".join("dynamic per token" if a is None else "static" for a in (
+                     self.w13_input_scale, self.w2_input_scale))}.get(
+            self.format, f"group_size={self.group_size}, symmetric={self.symmetric}")
         return f"QuantizedExperts({self.format}, E={E}, I={inter}, H={hidden}, {extra}, {self.nbytes()} bytes)"
 
 
@@ -180,6 +220,21 @@ def _validate_fp8(q: QuantizedExperts) -> None:
                  shape=(E, 2 * _cdiv(inter, bn), _cdiv(hidden, bk)))
     check_tensor("w2_scale", q.w2_scale, dtypes=(torch.float32,), device=dev, contiguous=True,
                  shape=(E, _cdiv(hidden, bn), _cdiv(inter, bk)))
+
+
+def _validate_fp8_channel(q: QuantizedExperts) -> None:
+    if q.block is not None or q.group_size is not None:
+        raise ValueError("block / group_size are not used by fp8_channel (one scale per output channel)")
+    if q.w13_zero is not None or q.w2_zero is not None or not q.symmetric:
+        raise ValueError("w13_zero / w2_zero: fp8_channel is a symmetric scheme (no zero points)")
+    E, inter, hidden = _check_weights(q, FP8_DTYPES, lambda k: k)
+    dev = q.w13.device
+    # broadcast views (per-tensor scales) are fine: the kernel reads them through their strides
+    check_tensor("w13_scale", q.w13_scale, dtypes=(torch.float32,), device=dev, shape=(E, 2 * inter, 1))
+    check_tensor("w2_scale", q.w2_scale, dtypes=(torch.float32,), device=dev, shape=(E, hidden, 1))
+    for name in ("w13_input_scale", "w2_input_scale"):
+        if getattr(q, name) is not None:
+            check_tensor(name, getattr(q, name), dtypes=(torch.float32,), device=dev, shape=(E,))
 
 
 def _validate_int4(q: QuantizedExperts) -> None:

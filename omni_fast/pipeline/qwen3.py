@@ -16,17 +16,11 @@ import torch
 
 from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
-from ..integrations.hf_compat import output_cache, with_cache
+from ..integrations.hf_compat import output_cache, thinker_text_model, with_cache
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import audio_video_order, encode_audio, encode_visual, merge_visual
 from .requests import Event, check_request, check_stream_args
 from .scheduler import TextDecode
-
-
-def thinker_text_model(thinker):
-    """The thinker's text decoder: ``thinker.model.language_model`` (transformers >= 5.2x, where ``thinker.model`` is
-    the multimodal ``Qwen3OmniMoeThinkerModel``) or ``thinker.model`` itself (earlier 5.x, e.g. 5.17)."""
-    return getattr(thinker.model, "language_model", thinker.model)
 
 
 def talker_ids(tcfg) -> dict:

@@ -19,8 +19,13 @@ The adapter (one per model family, e.g. :class:`omni_fast.pipeline.qwen3.Qwen3St
 - ``frame(hidden [B, 1, H], c0 [B], sampler) -> (codes [B, Q], feedback [B, 1, H])`` (the frame's codebooks and
   the talker's codec input for the next step); ``talker_input(step, generated, text_done) -> [B, 1, H]`` (the text
   side of talker step ``step``);
-- ``codec(batch, lease, opts)`` (``ready(n_frames, final)``, ``step(codes [B, Q, T]) -> wav [B, S]``, ``done``);
-  ``codec_pick(logits, history, sampler, penalty) -> [B]``.
+- ``codec(batch, lease, opts)`` (``ready(n_frames, final)``, ``step(codes [B, Q, T]) -> wav [B, S]``, ``done``;
+  a codec with ``takes_lengths`` gets ``step(codes, frames_per_row)``); ``codec_pick(logits, history, sampler,
+  penalty) -> [B]``;
+- optional: ``text_ahead`` (default 1): talker step ``k`` needs text tokens ``0 .. k + text_ahead`` (Qwen2.5-Omni:
+  2, its talker reads the thinker's hidden state of token ``k + 1``, known once token ``k + 2`` is); and
+  ``codec_stop_ids`` (default ``(codec_eos,)``): the codec ids that end a row's speech; ``last_code_is_frame``
+  (default False): the talker's last code is a whole frame (one codebook; Qwen3-Omni's needs an MTP pass).
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class StreamRun:
         gen = torch.Generator(device=self.dev).manual_seed(opts.seed)
         self.text_sampler, self.codec_sampler, self.frame_sampler = adapter.samplers(opts, gen)
         self.thinker_time, self.thinker_steps = 0.0, 0
+        self.text_ahead = getattr(adapter, "text_ahead", 1)
+        self.codec_stops = set(getattr(adapter, "codec_stop_ids", (adapter.codec_eos,)))
 
     # ------------------------------------------------------------------------------------------------- thinker
     def events(self) -> Iterator[Event]:
@@ -202,6 +209,7 @@ class StreamRun:
     def _talk(self, prompt, ctx) -> Iterator[Event]:
         """Talker prefill, then the interleaved decode: thinker tokens, talker frames, codec chunks."""
         a, o, B, dev, clk = self.a, self.o, self.B, self.dev, self.clocks
+        yield from self._text_up_to(-1)
         t0 = now(dev)
         logits, hidden, tctx = a.talker_prefill(prompt, ctx, self.token, self.speaker_id, o)
         c0 = a.codec_pick(logits.float(), [], self.codec_sampler, o.talker_repetition_penalty)
@@ -210,7 +218,7 @@ class StreamRun:
             tm.talker_ttft = talker_prefill
         self.talker_time, self.frame_time, self.codec_time = 0.0, 0.0, 0.0
         self.codes_hist = [[int(x)] for x in c0.tolist()]
-        speech_done = [c == a.codec_eos for c in c0.tolist()]
+        speech_done = [c in self.codec_stops for c in c0.tolist()]
         t0 = now(dev) if self.graph else 0.0
         talker = a.talker_decode(tctx, o, self.graph, self.lease)
         if self.graph:
@@ -233,10 +241,7 @@ class StreamRun:
             for i in active:
                 self.n_frames[i] += 1
             yield from self._emit_audio(final=False)  # the frame needs no new text: audio goes out first
-            # the talker's step k reads text token k+1: run the thinker up to it
-            while not all(self.text_done) and any(len(self.generated[i]) < step + 2
-                                                  for i in range(B) if not self.text_done[i]):
-                yield from self._thinker_step()
+            yield from self._text_up_to(step)
             t0 = now(dev)
             text_in = a.talker_input(step, self.generated, self.text_done)
             logits, hidden = talker.step(feedback + text_in)
@@ -244,15 +249,27 @@ class StreamRun:
             for i, c in enumerate(c0.tolist()):
                 if not speech_done[i]:
                     self.codes_hist[i].append(c)
-                    speech_done[i] = c == a.codec_eos
+                    speech_done[i] = c in self.codec_stops
             dt = now(dev) - t0
             self.talker_time += dt
             clk.charge(clk.talker, dt, active)
+        if getattr(a, "last_code_is_frame", False) and not all(speech_done):
+            # one codebook (Qwen2.5-Omni): the last code is a whole frame, as in transformers' generate
+            self.frames.append(c0[:, None].masked_fill(to_device(speech_done, dev)[:, None], 0))
+            for i in range(B):
+                self.n_frames[i] += not speech_done[i]
         yield from self._emit_audio(final=True)
         yield from self._thinker_tail()  # text longer than the speech budget (the RTF clock has stopped)
         yield from self._finish(self.codes_hist, self.n_frames, self.audio_len,
                                 self._stages(**{"talker prefill": talker_prefill, "talker decode": self.talker_time,
                                                 "MTP": self.frame_time, "Code2Wav": self.codec_time}))
+
+    def _text_up_to(self, step: int) -> Iterator[Event]:
+        """Run the thinker until talker step ``step`` (-1: its prefill) has its text input: the talker's step k
+        reads text token k+1 (Qwen3-Omni: its embedding; ``text_ahead`` = 2: the thinker's hidden state there)."""
+        while not all(self.text_done) and any(len(self.generated[i]) < step + 1 + self.text_ahead
+                                              for i in range(self.B) if not self.text_done[i]):
+            yield from self._thinker_step()
 
     def _emit_audio(self, final: bool) -> list[Event]:
         """The codec chunk the schedule allows now (if any), cut per row at the row's own frame count (rows that
@@ -262,7 +279,9 @@ class StreamRun:
             return []
         t0 = now(self.dev)
         start = codec.done
-        wav = codec.step(torch.stack(frames, dim=-1)).float()
+        codes = torch.stack(frames, dim=-1)
+        wav = (codec.step(codes, list(self.n_frames)) if getattr(codec, "takes_lengths", False)
+               else codec.step(codes)).float()
         dt = now(self.dev) - t0
         self.codec_time += dt
         per_frame = wav.shape[-1] / max(len(frames) - start, 1)

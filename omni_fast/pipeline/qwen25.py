@@ -1,0 +1,336 @@
+"""The Qwen2.5-Omni stage adapter of the streaming scheduler (:mod:`omni_fast.pipeline.scheduler`).
+
+Stages on transformers' ``Qwen2_5OmniForConditionalGeneration`` modules (patched or not), with the semantics of
+its ``generate``:
+
+- prompt: ``<im_start>user\\n [<audio_start><audio>*n<audio_end>] text <im_end>\\n<im_start>assistant\\n`` (text and
+  audio requests; images and videos: transformers' ``generate``, patched);
+- thinker prefill: the thinker's own forward (audio encoder, embeddings, M-RoPE positions from its
+  ``get_rope_index``), keeping the two hidden states the talker reads (embeddings, final-norm output); decode steps
+  on omni-fast's :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (graph replay on CUDA) or transformers'
+  text model; every step's final-norm hidden state + input embedding is kept (transformers'
+  ``thinker_reply_part``);
+- talker: its prompt as ``generate`` builds it (prompt hidden + embeddings with the multimodal rows zeroed, the
+  speaker's text BOS, the first reply row; codec pad / BOS embeddings added to the last two; positions from the
+  talker's ``get_rope_index`` minus the left padding), then one codec token per step: input
+  ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a row's text
+  has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
+  (:mod:`omni_fast.integrations.qwen25_talker`), else on transformers';
+- codec: Token2Wav (DiT ODE solve + BigVGAN), per row on that row's codes, as ``generate`` runs it, once the
+  speech has ended (the DiT attends to neighbouring blocks in both directions: no exact streaming).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..integrations.hf_compat import output_cache, thinker_multimodal, thinker_text_model, with_cache
+from .device import host_to_device, int_positions, lease_from, new_cache, to_device
+from .requests import Event, check_request, check_stream_args, mel_features
+from .scheduler import TextDecode
+
+REAL_CHAT_IDS = dict(im_start=151644, im_end=151645, user=872, assistant=77091, newline=198)
+
+
+def chat_ids(vocab: int) -> dict:
+    """Chat-template ids: Qwen's vocabulary, or the tiny random preset's (``TINY_IDS``) in a small one."""
+    if vocab > REAL_CHAT_IDS["im_start"]:
+        return dict(REAL_CHAT_IDS)
+    from ..models.presets import TINY_IDS
+
+    return dict(im_start=TINY_IDS["im_start_token_id"], im_end=TINY_IDS["im_end_token_id"],
+                user=TINY_IDS["user_token_id"], assistant=TINY_IDS["assistant_token_id"], newline=10)
+
+
+@dataclass
+class Prompt25:
+    """The batch's prompt: ids / mask ``[B, S]`` (left padded), positions ``[3, B, S]``, deltas ``[B, 1]``, mel
+    features and their mask (None without audio), and the audio feature lengths (the positions read them)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    deltas: torch.Tensor
+    features: torch.Tensor | None
+    feature_mask: torch.Tensor | None
+    audio_lengths: torch.Tensor | None
+
+
+class ReplyRecorder:
+    """A thinker :class:`TextDecode` that keeps, per step, final-norm hidden + input embedding ``[B, 1, D]``."""
+
+    def __init__(self, decode: TextDecode):
+        self.decode, self.reply = decode, []
+
+    def step(self, embeds: torch.Tensor):
+        logits, hidden = self.decode.step(embeds)
+        self.reply.append(hidden + embeds)
+        return logits, hidden
+
+
+class ProjectedDecode:
+    """The talker's decode: its input (codec embedding + text row, thinker width) through
+    ``thinker_to_talker_proj`` first, as transformers' talker forward does."""
+
+    def __init__(self, decode: TextDecode, proj):
+        self.decode, self.proj = decode, proj
+
+    def step(self, embeds: torch.Tensor):
+        return self.decode.step(self.proj(embeds))
+
+
+class Token2WavCodec:
+    """Token2Wav on each row's own codes once the speech has ended (``takes_lengths``: the scheduler passes the
+    rows' frame counts). Codes outside the DiT's codec vocabulary raise ValueError naming ``codes``."""
+
+    takes_lengths = True
+
+    def __init__(self, token2wav, speaker: dict, num_steps: int):
+        self.token2wav, self.speaker, self.num_steps, self.done = token2wav, speaker, num_steps, 0
+        self.vocab = token2wav.config.dit_config.num_embeds
+
+    def ready(self, n_frames: int, final: bool) -> bool:
+        return final
+
+    def step(self, codes: torch.Tensor, frames_per_row: list[int]) -> torch.Tensor:
+        rows = []
+        cond = self.speaker["cond"].float()[None].to(codes.device)
+        ref = self.speaker["ref_mel"].float()[None].to(codes.device)
+        for i, n in enumerate(frames_per_row):
+            row = codes[i, 0, :n][None]
+            if n and int(row.max()) >= self.vocab:
+                raise ValueError(f"codes: the talker produced code {int(row.max())}, outside Token2Wav's codec "
+                                 f"vocabulary [0, {self.vocab}) (dit_config.num_embeds): mismatched checkpoint parts")
+            wav = self.token2wav(row, conditioning=cond, reference_mel=ref, num_steps=self.num_steps) if n else \
+                codes.new_zeros(0, dtype=torch.float32)
+            rows.append(wav.reshape(-1).float())
+        self.done = codes.shape[-1]
+        out = torch.zeros(len(rows), max((r.numel() for r in rows), default=0), device=codes.device)
+        for i, r in enumerate(rows):
+            out[i, :r.numel()] = r
+        return out
+
+
+class Qwen25Stages:
+    """The Qwen2.5-Omni adapter over the pipeline ``pipe`` (a :class:`omni_fast.models.Qwen25Omni`)."""
+
+    family = "qwen2.5-omni"
+    text_ahead = 2  # talker step k reads the thinker's hidden state at text token k + 1
+    last_code_is_frame = True  # one codebook: talker_max_new_tokens codes, as transformers' generate
+
+    def __init__(self, pipe):
+        self.pipe, self.model, self.config = pipe, pipe.model, pipe.config
+        self.device, self.has_talker, self.tokenizer = pipe.device, pipe.has_talker, pipe.tokenizer
+        self.thinker = self.model.thinker
+        self.tcfg = self.config.thinker_config
+        self.text_eos = pipe.text_eos
+        self.ids = chat_ids(self.tcfg.text_config.vocab_size)
+        if pipe.newline_id is not None:
+            self.ids["newline"] = pipe.newline_id
+        if self.has_talker:
+            talker = self.model.talker
+            self.codec_eos = talker.codec_eos_token
+            self.codec_stop_ids = (talker.codec_eos_token, talker.codec_pad_token)  # generate's [8292, 8294]
+        else:
+            self.codec_eos = None
+        self.embeds_layer = self.thinker.get_input_embeddings()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def validate(self, reqs, opts) -> None:
+        check_stream_args(max_new_tokens=opts.max_new_tokens, talker_max_new_tokens=opts.talker_max_new_tokens,
+                          first_chunk=opts.first_chunk, chunk=opts.chunk, left_context=opts.left_context,
+                          prefill_chunk=opts.prefill_chunk, talker_repetition_penalty=opts.talker_repetition_penalty)
+        for i, r in enumerate(reqs):
+            check_request(i, r, self.tcfg.text_config.vocab_size)
+            for kind in ("image", "video"):
+                if getattr(r, kind) is not None:
+                    raise ValueError(f"requests[{i}].{kind}: the Qwen2.5-Omni pipeline takes text and audio; run "
+                                     "images and videos through transformers' generate (omni_fast.patch(model))")
+        if self.has_talker:
+            dit = self.config.token2wav_config.dit_config
+            most = dit.max_position_embeddings // dit.repeats  # mel frames = repeats x codes, plus the reference
+            if opts.talker_max_new_tokens > most:
+                raise ValueError(f"talker_max_new_tokens must be <= {most} (Token2Wav's DiT takes at most "
+                                 f"{dit.max_position_embeddings} mel frames, {dit.repeats} per code), got "
+                                 f"{opts.talker_max_new_tokens}")
+
+    def speaker_id(self, speaker: str) -> str:
+        """The speaker's name as the model knows it (case-insensitive)."""
+        names = {name.lower(): name for name in self.pipe.speakers}
+        name = names.get(speaker.lower())
+        if name is None:
+            raise ValueError(f"speaker: unknown speaker {speaker!r}; known: {sorted(self.pipe.speakers)}")
+        return name
+
+    def samplers(self, opts, gen):
+        return self.pipe.samplers(opts, gen)
+
+    def graph_default(self) -> bool:
+        return self.device.type == "cuda" and bool(self.model.__dict__.get("_omni_fast_patched", False))
+
+    def begin(self) -> None:
+        pass
+
+    def text_event(self, i: int, ids: list[int]) -> Event:
+        tok = self.tokenizer
+        return Event(i, "text", token_ids=list(ids), text=tok.decode(ids) if tok is not None else None)
+
+    # ----------------------------------------------------------------------------------------------- thinker
+    def _encode_text(self, text) -> list[int]:
+        if isinstance(text, (list, tuple)):
+            return list(text)
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass token ids, or tokenizer= to the pipeline")
+        return list(self.tokenizer.encode(text))
+
+    def build_prompt(self, req, audio_tokens_n: int) -> list[int]:
+        c, t = self.ids, self.tcfg
+        ids = [c["im_start"], c["user"], c["newline"]]
+        if audio_tokens_n:
+            ids += [t.audio_start_token_id] + [t.audio_token_index] * audio_tokens_n + [t.audio_start_token_id + 1]
+        ids += self._encode_text(req.text) + [c["im_end"], c["newline"], c["im_start"], c["assistant"], c["newline"]]
+        return ids
+
+    def prepare(self, reqs) -> Prompt25:
+        """Mel features, the prompt ids (left padded) and the thinker's M-RoPE positions."""
+        dev, thinker = self.device, self.thinker
+        waves = [r.audio for r in reqs if r.audio is not None]
+        feats = fmask = lens = None
+        counts = [0] * len(reqs)
+        if waves:
+            feats, fmask, lens = mel_features(waves, dev, return_lengths=True)
+            feats = feats.to(thinker.dtype)
+            n_tok = thinker_multimodal(thinker).audio_tower._get_feat_extract_output_lengths(lens)[1].tolist()
+            it = iter(n_tok)
+            counts = [next(it) if r.audio is not None else 0 for r in reqs]
+        prompts = [self.build_prompt(r, n) for r, n in zip(reqs, counts)]
+        B, S = len(reqs), max(map(len, prompts))
+        ids_host = torch.zeros(B, S, dtype=torch.long)
+        mask_host = torch.zeros(B, S, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids_host[i, S - len(p):] = torch.tensor(p)
+            mask_host[i, S - len(p):] = 1
+        pos, deltas = thinker_multimodal(thinker).get_rope_index(ids_host, None, None, mask_host, False, lens, None)
+        return Prompt25(host_to_device(ids_host, dev), host_to_device(mask_host, dev), int_positions(pos.to(dev)),
+                        deltas.to(dev), feats, fmask, None if lens is None else lens.to(dev))
+
+    def thinker_prefill(self, prompt: Prompt25, opts):
+        cache = new_cache(self.tcfg.text_config, opts.static_cache, prompt.ids.shape[1] + opts.max_new_tokens)
+        audio = {} if prompt.features is None else dict(input_features=prompt.features,
+                                                        feature_attention_mask=prompt.feature_mask)
+        out = self.thinker(input_ids=prompt.ids, attention_mask=prompt.mask, position_ids=prompt.positions,
+                           use_cache=True, output_hidden_states=True, **with_cache(cache, **audio))
+        hidden = out.hidden_states
+        return out.logits[:, -1].float(), {"cache": output_cache(out), "embeds": hidden[0], "hidden": hidden[-1]}
+
+    def thinker_decode(self, prompt: Prompt25, ctx: dict, opts, graph: bool, lease) -> ReplyRecorder:
+        B = prompt.ids.shape[0]
+        next_pos = int_positions(prompt.deltas.view(B) + prompt.mask.sum(-1))
+        lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
+        if not graph:
+            self.recorder = ReplyRecorder(TextDecode(lm, head, next_pos, cache=ctx["cache"], mask=prompt.mask))
+        else:
+            dec = self._decoder(lease)
+            dec.load_prefill(ctx["cache"], prompt.mask, max_new_tokens=opts.max_new_tokens,
+                             fractional_positions=next_pos.is_floating_point())
+            ctx["cache"] = None
+            self.recorder = ReplyRecorder(TextDecode(None, None, next_pos, decoder=dec))
+        return self.recorder
+
+    def embed(self, token: torch.Tensor) -> torch.Tensor:
+        return self.embeds_layer(token[:, None])
+
+    # ------------------------------------------------------------------------------------------------ talker
+    def talker_prefill(self, prompt: Prompt25, ctx: dict, first_token, speaker: str, opts):
+        """The talker prefill on the prompt ``generate`` builds (see the module docstring)."""
+        talker, dev = self.model.talker, self.device
+        rec = self.recorder
+        if not rec.reply:  # every row ended at its first token: the reply row of that token is still needed
+            rec.step(self.embed(first_token))
+        B, S = prompt.ids.shape
+        t = self.tcfg
+        multimodal = ((prompt.ids == t.audio_token_index) | (prompt.ids == t.image_token_index)
+                      | (prompt.ids == t.video_token_index))
+        embeds = ctx["embeds"].masked_fill(multimodal[..., None], 0)
+        bos = self.pipe.speakers[speaker]["bos_token"]
+        bos_ids = torch.full((B, 1), int(bos), dtype=torch.long, device=dev)
+        inputs = torch.cat([ctx["hidden"] + embeds, self.embed(bos_ids[:, 0]), rec.reply[0]], dim=1)
+        ctx["embeds"] = ctx["hidden"] = None
+        codec = talker.get_input_embeddings()
+        special = torch.tensor([talker.codec_pad_token, talker.codec_bos_token], device=dev)
+        if not bool(prompt.mask.all()):
+            # transformers' talker forward adds the codec pad / BOS embeddings only when it gets an attention mask,
+            # and generate (5.2x) drops an all-ones mask: a batch without padding runs without them (one host read)
+            inputs[:, -2:] += codec(special)[None]
+        text_ids = torch.cat([prompt.ids, bos_ids, first_token[:, None]], dim=1)
+        mask = torch.cat([prompt.mask, prompt.mask.new_ones(B, 2)], dim=1)
+        pos, deltas = talker.get_rope_index(text_ids.cpu(), None, None, mask.cpu(), False,
+                                            None if prompt.audio_lengths is None else prompt.audio_lengths.cpu(), None)
+        deltas = deltas.to(dev) - (1 - mask).sum(-1, keepdim=True)  # the left padding, as transformers discounts it
+        cache = new_cache(talker.config, opts.static_cache, S + 2 + opts.talker_max_new_tokens)
+        out = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), attention_mask=mask,
+                           position_ids=int_positions(pos.to(dev)), use_cache=True, **with_cache(cache))
+        hidden = out.last_hidden_state[:, -1:]
+        next_pos = int_positions(deltas.view(B) + S + 2)
+        self.tts = [self.embed(torch.full((B,), i, dtype=torch.long, device=dev))
+                    for i in (talker.text_eos_token, talker.text_pad_token)]
+        return talker.codec_head(hidden[:, 0]).float(), hidden, (output_cache(out), mask, next_pos)
+
+    def talker_decode(self, tctx, opts, graph: bool, lease) -> ProjectedDecode:
+        """transformers' talker text model with its cache: on omni-fast's decoder (one graph replay per step on
+        CUDA) when the model is patched (the prefill handed it the KV), else transformers' own decode."""
+        cache, mask, next_pos = tctx
+        talker = self.model.talker
+        return ProjectedDecode(TextDecode(talker.model, talker.codec_head, next_pos, cache=cache, mask=mask),
+                               talker.thinker_to_talker_proj)
+
+    def frame(self, hidden, c0, sampler):
+        """One codebook: the frame is ``c0``; the talker's codec input is its embedding ``[B, 1, D]``."""
+        return c0[:, None], self.model.talker.get_input_embeddings()(c0[:, None])
+
+    def talker_input(self, step: int, generated: list, text_done: list) -> torch.Tensor:
+        """The text row of talker step ``step`` ``[B, 1, D]``: the reply row of text token ``step + 1``; once a
+        row's text has ended (N tokens), the text EOS embedding at step ``N - 2`` and the pad embedding after."""
+        eos, pad = self.tts
+        rows = []
+        for i, (g, done) in enumerate(zip(generated, text_done)):
+            eos_step = max(len(g) - 2, 0)
+            if not done or step < eos_step:
+                rows.append(self.recorder.reply[step + 1][i])
+            else:
+                rows.append((eos if step == eos_step else pad)[i])
+        return torch.stack(rows)
+
+    def codec(self, batch: int, lease, opts):
+        return Token2WavCodec(self.model.token2wav, self.pipe.speakers[self.speaker_id(opts.speaker)],
+                              self.pipe.token2wav_steps)
+
+    def codec_pick(self, logits, history, sampler, penalty):
+        """The next codec id: codec BOS suppressed, the repetition penalty over each row's codes so far (and the
+        prompt's mask / pad / BOS codes, which transformers' penalty also sees)."""
+        talker = self.model.talker
+        logits = logits.clone()
+        logits[:, talker.codec_bos_token] = float("-inf")
+        if penalty != 1.0:
+            prompt = [talker.codec_mask_token, talker.codec_pad_token, talker.codec_bos_token]
+            rows = [prompt + list(h) for h in history] if history else [prompt] * logits.shape[0]
+            width = max(map(len, rows))
+            idx = torch.tensor([h + h[:1] * (width - len(h)) for h in rows], device=logits.device)
+            got = logits.gather(1, idx)
+            logits = logits.scatter(1, idx, torch.where(got < 0, got * penalty, got / penalty))
+        return sampler(logits)
+
+    def _decoder(self, lease):
+        """A thinker :class:`MoeTextDecoder` no live stream holds (rebuilt when the weights change)."""
+        from ..models.cuda_graphs import weights_key
+        from ..models.text_decoder import MoeTextDecoder
+
+        lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
+        key = weights_key(lm, head)
+        got = self.pipe._decoders.get("thinker")
+        if got is None or got[0] != key:
+            self.pipe._decoders.pop("thinker", None)
+            got = self.pipe._decoders["thinker"] = (key, [])
+        return lease_from(got[1], lease, lambda: MoeTextDecoder.from_transformers(lm, head, backend=self.pipe.backend))
