@@ -228,7 +228,7 @@ def _ref_config(tiny: bool = False):
 def _real_weight_bytes(tiny: bool = False) -> float:
     """Bytes of every weight but the code embedding (bf16; fp32 for the tiny config), counted from the config
     without building the model."""
-    from omni_fast.models.code2wav import _expected_shapes
+    from omni_fast.models.code2wav_weights import _expected_shapes
 
     cfg = _ref_config(tiny)
     n = 0
