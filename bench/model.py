@@ -105,13 +105,13 @@ def kernel_facts(statics: dict, hints: dict) -> dict[str, dict]:
 def count_units(units, reuse: bool = False) -> dict:
     """``{unit: {"counts": {kernel: launches}, "syncs": n}}`` on the tiny configs, saved to ``COUNTS`` after each
     unit (``reuse``: take the saved ones where present)."""
-    from omni_fast.bench.costmodel.counter import trace
+    from omni_fast.bench.costmodel.counter import count_unit
 
     saved = json.loads(COUNTS.read_text()) if COUNTS.exists() else {}
     out = {}
     for u in units:
         if not (reuse and u.name in saved):
-            tr = trace(u.launch(), warmup=u.warmup)
+            tr = count_unit(u)
             saved[u.name] = {"counts": tr.launches(), "syncs": tr.syncs}
             RESULTS.mkdir(parents=True, exist_ok=True)
             on_disk = json.loads(COUNTS.read_text()) if COUNTS.exists() else {}  # another run may have added some

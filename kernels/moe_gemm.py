@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, tuned_config
+from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, tile_counters, tuned_config
 from .moe_align import moe_align_block_size
 from .tma import stacked_matrix_descriptor
 
@@ -126,6 +126,31 @@ def _load_b_tiles(b_src, b_base, b_offs, b_up_off, tma_row, k0, mask_k, mask_n,
 
 
 @triton.jit
+def _split_k_fixup(acc, acc_up, ws_ptr, cnt_ptr, tile, pid_s, offs_ws, ws_mask, ws_stride,
+                   SPLITS: tl.constexpr, GATED: tl.constexpr):
+    """Split-K: store this program's fp32 partial(s) (``ws[s]``, and ``ws[SPLITS + s]`` for the up GEMM), then
+    take a ticket on the tile's counter (CTA barrier, acq_rel gpu-scope atomic: cumulative over the barrier). The
+    program that draws the last ticket gets the partials summed in split order (bitwise the same whoever finishes
+    last) and resets the counter; returns (last, acc, acc_up)."""
+    tl.store(ws_ptr + pid_s * ws_stride + offs_ws, acc, mask=ws_mask)
+    if GATED:
+        tl.store(ws_ptr + (SPLITS + pid_s) * ws_stride + offs_ws, acc_up, mask=ws_mask)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = ticket == SPLITS - 1
+    if last:
+        acc = tl.zeros(acc.shape, dtype=tl.float32)
+        acc_up = tl.zeros(acc.shape, dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(ws_ptr + s * ws_stride + offs_ws, mask=ws_mask, other=0.0, cache_modifier=".cg")
+            if GATED:
+                acc_up += tl.load(ws_ptr + (SPLITS + s) * ws_stride + offs_ws, mask=ws_mask, other=0.0,
+                                  cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last, acc, acc_up
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr, b_src, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, npost_ptr,
     N, K, num_valid, num_pid_m, top_k, num_experts,
@@ -133,7 +158,7 @@ def moe_gemm_kernel(
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, ws_ptr, cnt_ptr, k_split, SPLIT_K: tl.constexpr,
 ):
     """C[i, :N] for the pairs ``i`` of each expert tile: A rows ``[*, K]``, B = expert weights ``[E, N(x2), K]``.
 
@@ -143,8 +168,14 @@ def moe_gemm_kernel(
     GATED: B holds gate rows ``0..N-1`` then up rows ``N..2N-1``; C = silu(A B_gate^T) * (A B_up^T).
     MUL_ROUTED_WEIGHT: C = (A B^T) * topk_weights[i]. A_PER_TOKEN: A row of pair i is ``i // top_k``.
     ``num_experts`` = E_local: tiles whose expert is outside ``[0, E_local)`` store zeros.
+    ``SPLIT_K`` > 1 (opt-in, decode grid fill): the grid has SPLIT_K programs per tile (splits outermost), each
+    over ``k_split`` of K, reduced by :func:`_split_k_fixup` into fp32 workspace ``ws`` ``[SPLIT_K (x2 GATED),
+    num_pid_m * BLOCK_SIZE_M, N]`` before the same epilogue.
     """
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    tiles = num_pid_m * tl.cdiv(N, BLOCK_SIZE_N)
+    pid = tl.program_id(0)
+    pid_s = pid // tiles
+    pid_m, pid_n = _grouped_tile(pid % tiles, num_pid_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
     if pid_m * BLOCK_SIZE_M >= tl.load(npost_ptr):
         return
     pair, row_mask, offs_n, mask_n, c_ptrs, c_mask, expert = _tile_rows(
@@ -170,8 +201,12 @@ def moe_gemm_kernel(
         tma_row = 0
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
-    for k0 in range(0, K, BLOCK_SIZE_K):
-        mask_k = offs_k < K - k0
+    k_lo, k_hi = 0, K
+    if SPLIT_K > 1:
+        k_lo = pid_s * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_SIZE_K):
+        mask_k = offs_k < k_hi - k0
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -180,7 +215,14 @@ def moe_gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-    _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
+    if SPLIT_K > 1:
+        offs_ws = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M))[:, None] * N + offs_n[None, :]
+        last, acc, acc_up = _split_k_fixup(acc, acc_up, ws_ptr, cnt_ptr, pid % tiles, pid_s, offs_ws, c_mask,
+                                           num_pid_m * BLOCK_SIZE_M * N, SPLIT_K, GATED)
+        if last:
+            _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
+    else:
+        _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
 @triton.jit
@@ -214,8 +256,54 @@ def config_file_stem(num_experts: int, inter: int, dtype: torch.dtype, device: t
     return f"E={num_experts},N={inter},dtype={_DTYPE_NAMES[dtype]},device={device_name(device)},triton={ver}"
 
 
+# One program per SM of an H100 SXM (132 SMs): the decode tier shrinks its N tiles until a launch has this many.
+TARGET_CTAS = 132
+MIN_BLOCK_N = 16  # the narrowest tensor-core dot
+# Then split K (deterministic last-arriver reduction, no extra launch) where 16-column tiles are still too few
+# (the talker's one-expert shared expert). Opt-in until a GPU run passes tests/test_moe_fill.py's gpu split-K test:
+# OMNI_FAST_MOE_SPLITK=1 before import, or SPLIT_K_ENABLED = True.
+SPLIT_K_ENABLED = os.environ.get("OMNI_FAST_MOE_SPLITK", "") == "1"
+MAX_SPLITS = 8
+
+
+def fill_grid(cfg: dict, num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int) -> dict:
+    """Grid fill at decode (``BLOCK_SIZE_M`` 16, the decode tier of :func:`default_config`): halve each GEMM's
+    ``BLOCK_SIZE_N`` (64 -> 32 -> 16) until its launch has at least :data:`TARGET_CTAS` programs, and use 4 warps
+    for a tile 32 or fewer columns wide (16-byte loads per thread). Edits and returns ``cfg``.
+
+    The programs counted are the grid's: ``M tiles x N tiles`` with ``M tiles`` = the alignment's block count
+    ``ceil(max_padded(T*k, E, 16) / 16)`` (= ``T*k`` when every pair can have its own expert, as at T = 1), an
+    upper bound on the tiles with work that depends on shapes only. Narrower tiles read the same weight bytes
+    (each program streams ``BLOCK_N`` rows of one expert), only spread over more SMs; every row's K reduction is
+    unchanged (same ``BLOCK_SIZE_K`` steps), so results do not depend on the choice. At the real shapes
+    (predicted by ``python -m omni_fast.bench.model``, not measured): talker T=1 routed gate/up 36 -> 144
+    programs, down 96 -> 192, shared expert gate/up 12 -> 48, down 16 -> 64; thinker T=1 gate/up 96 -> 192.
+    With :data:`SPLIT_K_ENABLED` (opt-in), a GEMM still short of the target also gets ``SPLIT_K`` (the fewest
+    splits reaching it, whole ``BLOCK_SIZE_K`` steps; :func:`_split_k_fixup`): the shared expert's gate/up 48 -> 144
+    (3 splits of K 1024), down 64 -> 192 (3 of 768). Deterministic, but the fp32 partials are added in another
+    order than one program's sum.
+    """
+    if cfg["BLOCK_SIZE_M"] != 16:
+        return cfg
+    pairs = num_tokens * top_k
+    m_tiles = -(-(pairs + min(num_experts, pairs) * 15) // 16)
+    for part, n, k in ((cfg, inter, hidden), (cfg["down"], hidden, inter)):
+        bn = part["BLOCK_SIZE_N"]
+        while bn > MIN_BLOCK_N and m_tiles * -(-n // bn) < TARGET_CTAS:
+            bn //= 2
+        if bn != part["BLOCK_SIZE_N"]:
+            part["BLOCK_SIZE_N"] = bn
+            part["num_warps"] = 4
+        tiles = m_tiles * -(-n // bn)
+        if SPLIT_K_ENABLED and tiles < TARGET_CTAS:
+            splits = _k_splits(min(MAX_SPLITS, -(-TARGET_CTAS // tiles)), k, part["BLOCK_SIZE_K"])[0]
+            if splits > 1:
+                part["SPLIT_K"] = splits
+    return cfg
+
+
 def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int,
-                   dtype: torch.dtype) -> dict:
+                   dtype: torch.dtype, fill: bool = False) -> dict:
     """The fallback heuristic when no tuned file matches (documented in docs/moe.md).
 
     Keyed on the mean rows per expert, ``T*k/E``; the top-level keys drive the gate/up GEMM (two B tiles and two
@@ -231,7 +319,9 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
       much (12 % instead of 24 % extra MMA at T=4096 on the thinker), which the cost model
       (``python -m omni_fast.bench.costmodel.whatif``) predicts to be worth more (predicted, not measured).
 
-    Every choice compiles for sm_90a without register spills (``python -m omni_fast.bench.static_check``). fp32 halves K.
+    ``fill`` (the float experts): decode-tier N tiles narrowed so that every SM gets a program
+    (:func:`fill_grid`). Every choice compiles for sm_90a without register spills
+    (``python -m omni_fast.bench.static_check``). fp32 halves K.
     """
     rows = num_tokens * top_k / max(num_experts, 1)
     if rows <= 16:
@@ -249,7 +339,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
     if dtype == torch.float32:
         cfg["BLOCK_SIZE_K"] = max(32, cfg["BLOCK_SIZE_K"] // 2)
         cfg["down"]["BLOCK_SIZE_K"] = max(32, cfg["down"]["BLOCK_SIZE_K"] // 2)
-    return cfg
+    return fill_grid(cfg, num_tokens, num_experts, top_k, hidden, inter) if fill else cfg
 
 
 @functools.lru_cache(maxsize=4096)
@@ -278,21 +368,22 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
-               device: torch.device) -> dict:
+               device: torch.device, fill: bool = False) -> dict:
     """Tuned config for (E, N=I, dtype, device, triton) and the nearest token bucket, else :func:`default_config`.
 
     A config has ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``, ``num_stages`` for the gate/up GEMM and
     optionally a ``"down"`` dict overriding N/K/group/warps/stages for the down GEMM (BLOCK_SIZE_M is shared:
-    it is the alignment block).
+    it is the alignment block). ``fill``: the heuristic's decode tiles fill the SMs (:func:`fill_grid`); a tuned
+    file is taken as it is.
     """
     if interpreting():
         # The interpreter runs one program at a time: the heuristic's small-T tiles keep tests fast.
-        return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+        return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
     if device.type == "cuda":
         cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens)
         if cfg is not None:
             return copy.deepcopy(cfg)
-    return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype)
+    return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
 
 
 def _split(cfg: dict) -> tuple[dict, dict]:
@@ -300,6 +391,7 @@ def _split(cfg: dict) -> tuple[dict, dict]:
     up["USE_TMA"] = bool(cfg.get("USE_TMA", False))
     down = dict(up)
     down.update({k: v for k, v in cfg.get("down", {}).items() if k in _KEYS + ("USE_TMA",) and k != "BLOCK_SIZE_M"})
+    up["SPLIT_K"], down["SPLIT_K"] = cfg.get("SPLIT_K", 1), cfg.get("down", {}).get("SPLIT_K", 1)
     return up, down
 
 
@@ -317,7 +409,13 @@ def weight_source(b: torch.Tensor, cfg: dict):
 def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated,
                  mul_weight, a_per_token, cfg):
     num_pid_m = expert_ids.numel()
-    grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
+    splits, k_split = _k_splits(cfg.get("SPLIT_K", 1), K, cfg["BLOCK_SIZE_K"])
+    grid = (num_pid_m * triton.cdiv(N, cfg["BLOCK_SIZE_N"]) * splits,)
+    ws, cnt = c, sorted_ids  # unused without SPLIT_K
+    if splits > 1:
+        ws = torch.empty((2 if gated else 1) * splits, num_pid_m * cfg["BLOCK_SIZE_M"], N, dtype=torch.float32,
+                         device=a.device)
+        cnt = tile_counters(a.device, grid[0] // splits)
     precision = "ieee" if (a.dtype == torch.float32 or interpreting()) else "tf32"
     b_src = weight_source(b, cfg)
     use_tma = b_src is not b
@@ -329,7 +427,18 @@ def _launch_gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num
            GATED=gated, MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
            DOT_PRECISION=precision, USE_TMA=use_tma, BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"],
            BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
+           ws_ptr=ws, cnt_ptr=cnt, k_split=k_split, SPLIT_K=splits,
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], device=a.device)
+
+
+def _k_splits(want: int, K: int, block_k: int) -> tuple[int, int]:
+    """(splits, K per split): at most ``want`` splits of whole ``block_k`` steps, none empty; (1, K) for 1."""
+    k_blocks = triton.cdiv(K, block_k)
+    want = max(1, min(want, k_blocks))
+    if want == 1:
+        return 1, K
+    per = triton.cdiv(k_blocks, want)
+    return triton.cdiv(k_blocks, per), per * block_k
 
 
 def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor,
@@ -359,11 +468,12 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     assert activation == "silu"
     E_local, two_i, _ = w13.shape
     return run_experts(hidden_states, w13, w2, topk_weights, topk_ids, E_local, two_i // 2, _launch_gemm,
-                       hidden_states.dtype, expert_map, out, add=add, config=config)
+                       hidden_states.dtype, expert_map, out, add=add, config=config, fill=True)
 
 
 def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, inter: int, gemm,
-                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None):
+                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None,
+                fill: bool = False):
     """The fused-MoE pipeline around a grouped-GEMM launcher ``gemm`` (shared by the float and the quantized
     experts): launch config, alignment, gate/up GEMM + SwiGLU into ``act [T*k, I]``, down GEMM + routed weight
     into ``y [T*k, H]``, deterministic combine into ``out [T, H]``.
@@ -371,7 +481,8 @@ def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, 
     ``gemm(a, b, c, topk_weights, sorted_ids, expert_ids, npost, N, K, num_valid, top_k, *, gated, mul_weight,
     a_per_token, cfg)`` with ``b`` = ``w13`` or ``w2`` as given (opaque here). ``config_dtype`` keys the launch
     config; ``adjust(up_cfg, down_cfg)``, when given, edits the split configs in place (e.g. BLOCK_SIZE_K = the
-    quantization group) before the alignment, which uses ``up_cfg["BLOCK_SIZE_M"]``.
+    quantization group) before the alignment, which uses ``up_cfg["BLOCK_SIZE_M"]``. ``fill``: decode tiles
+    that fill the SMs when the heuristic chooses (:func:`fill_grid`; the float experts).
     """
     T, H = hidden_states.shape
     top_k = topk_ids.shape[1]
@@ -380,7 +491,7 @@ def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, 
         out = torch.empty_like(hidden_states)
     if T == 0:
         return out
-    cfg = config or get_config(T, E_global, top_k, H, inter, config_dtype, hidden_states.device)
+    cfg = config or get_config(T, E_global, top_k, H, inter, config_dtype, hidden_states.device, fill)
     up_cfg, down_cfg = _split(cfg)
     if adjust is not None:
         adjust(up_cfg, down_cfg)
@@ -399,7 +510,7 @@ def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, 
 
 # --- static compile cases (sm_90a): the real model shapes ---------------------------------------------------------
 
-def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) -> dict:
+def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None, split: bool = False) -> dict:
     """Argument types; ``b_block`` = (BLOCK_N, BLOCK_K) makes ``b_src`` a tensor descriptor (the TMA path)."""
     b_type = f"tensordesc<{dt}[{b_block[0]}, {b_block[1]}]>" if b_block else f"*{dt}"
     sig = {"a_ptr": f"*{dt}", "b_src": b_type, "c_ptr": f"*{dt}", "topk_weights_ptr": f"*{w_dt}",
@@ -409,6 +520,8 @@ def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) 
     for name in ("GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST", "DOT_PRECISION", "USE_TMA", "BLOCK_SIZE_M",
                  "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
+    # split-K: the fp32 workspace and the tile counters; without it the launcher passes C and sorted_ids (unused)
+    sig.update(ws_ptr="*fp32" if split else f"*{dt}", cnt_ptr="*i32", k_split="i32", SPLIT_K="constexpr")
     if b_block:
         sig["stride_bn"] = "constexpr"  # 1 on the TMA path, which the JIT specialises as a constant
     return sig
@@ -419,22 +532,45 @@ def _gemm_signature(dt: str, w_dt: str, b_block: tuple[int, int] | None = None) 
 # thinker's T that selects it (rows per expert 0.06, 25, 64, 256), for the pointer and the TMA weight path. In
 # these shapes N, K and the row strides are multiples of 16, which the JIT's divisibility specialisation sees at
 # run time: the cases declare it (``aligned``) so the compile is the one a real launch gets.
+# The decode tier's grid-fill tiles (fill_grid) at T=1 of the thinker, the talker and the talker's shared expert
+# (one expert, I 768) are extra cases, one per (GEMM, BLOCK_N): "decode-fill n<BLOCK_N>".
 _TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
+
+
+def _static_tiles():
+    """(tier label, gemm part, split config, gated) of every static case."""
+    out = []
+    for T, tier in _TIERS:
+        up, down = _split(default_config(T, 128, 8, 2048, 768, torch.bfloat16))
+        out += [(tier, "gate_up", up, True), (tier, "down", down, False)]
+    base = _split(default_config(1, 128, 8, 2048, 768, torch.bfloat16))
+    seen = set()
+    for shape in ((128, 8, 2048, 768), (128, 6, 1024, 384), (1, 1, 1024, 768)):
+        filled = _split(default_config(1, *shape, torch.bfloat16, True))
+        for part, c, b, gated in zip(("gate_up", "down"), filled, base, (True, False)):
+            if c != b and (part, c["BLOCK_SIZE_N"]) not in seen:
+                seen.add((part, c["BLOCK_SIZE_N"]))
+                out.append((f"decode-fill n{c['BLOCK_SIZE_N']}", part, c, gated))
+    # the opt-in split-K (SPLIT_K_ENABLED) of the shared expert's 16-column tiles: 3 splits each
+    for part, c, gated in zip(("gate_up", "down"), _split(default_config(1, 1, 1, 1024, 768, torch.bfloat16, True)),
+                              (True, False)):
+        out.append((f"decode-fill n{c['BLOCK_SIZE_N']} split3", part, dict(c, SPLIT_K=3), gated))
+    return out
+
+
 for _dt in ("bf16", "fp16"):
-    for _T, _tier in _TIERS:
-        _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
-        for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
-            for _tma in (False, True):
-                _block = (_c["BLOCK_SIZE_N"], _c["BLOCK_SIZE_K"]) if _tma else None
-                _consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
-                               A_PER_TOKEN=_gated, USE_TMA=_tma, **{k: _c[k] for k in _KEYS[:4]})
-                if _tma:
-                    _consts["stride_bn"] = 1
-                static_case(
-                    f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part},{'tma' if _tma else 'ptr'}]",
-                    moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block), _consts,
-                    num_warps=_c["num_warps"], num_stages=_c["num_stages"],
-                    aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
+    for _tier, _part, _c, _gated in _static_tiles():
+        for _tma in (False, True):
+            _block = (_c["BLOCK_SIZE_N"], _c["BLOCK_SIZE_K"]) if _tma else None
+            _consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=_gated, MUL_ROUTED_WEIGHT=not _gated,
+                           A_PER_TOKEN=_gated, USE_TMA=_tma, SPLIT_K=_c["SPLIT_K"], **{k: _c[k] for k in _KEYS[:4]})
+            if _tma:
+                _consts["stride_bn"] = 1
+            static_case(
+                f"moe_gemm_kernel[{_dt},E128 N768/384/192,{_tier},{_part},{'tma' if _tma else 'ptr'}]",
+                moe_gemm_kernel, _gemm_signature(_dt, _dt if _gated else "fp32", _block, _c["SPLIT_K"] > 1), _consts,
+                num_warps=_c["num_warps"], num_stages=_c["num_stages"],
+                aligned=("N", "K", "stride_am", "stride_be", "stride_cm") + (() if _tma else ("stride_bn",)))
     for _H, _add, _ids in itertools.product((2048, 1024), (False, True), ("i32", "i64")):  # i64: transformers' ids
         static_case(f"moe_combine_kernel[{_dt},H{_H},add={_add},{_ids}]", moe_combine_kernel,
                     {"y_ptr": f"*{_dt}", "ids_ptr": f"*{_ids}", "add_ptr": f"*{_dt}", "out_ptr": f"*{_dt}",

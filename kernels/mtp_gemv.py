@@ -28,11 +28,13 @@ CUDA graph.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, launch, static_case
+from .launch import interpreting, launch, static_case, tile_counters
 
 PLAIN, SWIGLU, RESIDUAL = 0, 1, 2
 
@@ -141,6 +143,91 @@ def gemv_tile(
     tl.store(out_ptrs, y, mask=out_mask)
 
 
+@triton.jit
+def gemv_residual_splitk_kernel(
+    x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_split, stride_xm, stride_wn, stride_om,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``out += round(x @ W^T)`` (the ``RESIDUAL`` form) with K split over ``SPLITS`` programs per output tile.
+
+    Grid ``(M tiles, N blocks, SPLITS)``. Program ``s`` accumulates the K range ``[s*k_split, (s+1)*k_split)`` in
+    fp32 (``tl.dot`` over ``BLOCK_K`` steps, as :func:`gemv_tile`) and stores it to ``ws[s]`` (fp32 ``[SPLITS, M,
+    N]``); then (CTA barrier, one acq_rel gpu-scope ticket on the tile's counter) the program that draws the last
+    ticket sums ``ws[0..SPLITS-1]`` in that fixed order, rounds once, adds the residual (rounded again, as the
+    unsplit kernel) and resets the counter to 0 for the next launch. Which program finishes last does not change
+    the sum's order: the result is deterministic, and the split depends on N and K only (batch invariant).
+    """
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    rows = offs_m.to(tl.int64)
+    w_rows = offs_n.to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = _mac(acc, x, w, UPCAST, DOT_PRECISION)
+    tile_mask = mask_m[:, None] & mask_n[None, :]
+    ws_tile = rows[:, None] * N + offs_n[None, :]
+    tl.store(ws_ptr + pid_s * M * N + ws_tile, acc, mask=tile_mask)
+    # every thread's partial is stored before the ticket (CTA barrier, then a gpu-scope acq_rel atomic by the
+    # signalling thread: cumulative over what the barrier ordered; the last ticket's acquire sees every partial)
+    tl.debug_barrier()
+    tile = pid_m * tl.num_programs(1) + pid_n
+    ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLITS - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):  # fixed order: bitwise the same whoever finishes last
+            total += tl.load(ws_ptr + s * M * N + ws_tile, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        dt = out_ptr.dtype.element_ty
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        resid = tl.load(out_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (resid + total.to(dt).to(tl.float32)).to(dt), mask=tile_mask)
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+# Split-K of the residual GEMVs (o-proj, down-proj: N = 1024 -> 64 programs of 16 columns on 132 SMs). Opt-in until
+# a GPU run passes test_mtp_gemv.py's gpu-marked split-K test (project rule for new fast paths): set
+# OMNI_FAST_GEMV_SPLITK=1 before import, or SPLIT_K_ENABLED = True. Off, the launches are exactly today's.
+SPLIT_K_ENABLED = os.environ.get("OMNI_FAST_GEMV_SPLITK", "") == "1"
+TARGET_CTAS = 132  # one program per SM of an H100 SXM
+MAX_SPLITS = 8
+
+
+def gemv_splits(N: int, K: int, blocks: dict | None = None) -> tuple[int, int]:
+    """(splits, K per split) for a residual GEMV of ``N`` outputs and ``K`` inputs: the fewest splits that give
+    :data:`TARGET_CTAS` programs at one M tile (``N`` blocks x splits), each split a whole number of ``BLOCK_K``
+    steps, no empty split; (1, K) when the N blocks alone fill the SMs. From N and K only (batch invariance).
+    At the real MTP shapes (predicted): o-proj K 2048 -> 3 splits of 768, down K 3072 -> 3 of 1024 (192
+    programs each instead of 64)."""
+    blocks = blocks or gemv_blocks(1, N, K)
+    n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+    k_blocks = triton.cdiv(K, blocks["BLOCK_K"])
+    want = min(MAX_SPLITS, k_blocks, triton.cdiv(TARGET_CTAS, max(n_blocks, 1)))
+    if want <= 1:
+        return 1, K
+    per = triton.cdiv(k_blocks, want)
+    return triton.cdiv(k_blocks, per), per * blocks["BLOCK_K"]
+
+
+def _launch_splitk(x, weight, resid, splits: int, k_split: int, blocks: dict) -> None:
+    M, N = resid.shape
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]), splits)
+    ws = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    launch(gemv_residual_splitk_kernel, grid, x, weight, resid, ws, tile_counters(x.device, grid[0] * grid[1]),
+           M, N, x.shape[1], k_split, x.stride(0), weight.stride(0), resid.stride(0), SPLITS=splits,
+           BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+           num_warps=blocks["num_warps"], UPCAST=interpreting(),
+           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", device=x.device)
+
+
 def gemv_blocks(M: int, N: int, K: int) -> dict:
     """Fixed launch config for ``N`` output columns and ``K`` inputs: the SAME for every ``M`` (batch invariance:
     a row's reduction order depends on K only; ``M`` is accepted for the callers' convenience and ignored).
@@ -186,10 +273,22 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, weight: torch
     return out
 
 
-def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, split_k: bool | None = None
+                     ) -> None:
     """``resid += x @ weight^T`` in place; resid ``[M, N]``, x ``[M, K]``, weight ``[N, K]`` (unit stride in the last
-    dims). The product is rounded to the model dtype before the add, the sum rounded again (transformers)."""
-    _launch(x, None, weight, resid, weight.shape[0], 0.0, RESIDUAL)
+    dims). The product is rounded to the model dtype before the add, the sum rounded again (transformers).
+    ``split_k`` (default :data:`SPLIT_K_ENABLED`): K split over several programs per tile when the N blocks
+    alone leave SMs idle (:func:`gemv_splits`, :func:`gemv_residual_splitk_kernel`): deterministic and batch
+    invariant, but not bitwise today's one-program sum (fp32 partials added in another order)."""
+    N, K = weight.shape
+    if split_k if split_k is not None else SPLIT_K_ENABLED:
+        blocks = gemv_blocks(resid.shape[0], N, K)
+        splits, k_split = gemv_splits(N, K, blocks)
+        if splits > 1:
+            if resid.shape[0] and N:
+                _launch_splitk(x, weight, resid, splits, k_split, blocks)
+            return
+    _launch(x, None, weight, resid, N, 0.0, RESIDUAL)
 
 
 # --- sm_90a static compile cases: the real MTP shapes (hidden 1024, q/k/v 4096, SwiGLU 3072, lm_head 2048) --------
@@ -221,3 +320,17 @@ for _dt in ("bf16", "fp16"):
                             "DOT_PRECISION": "tf32", **_b},
                 num_warps=_warps, aligned=("K", "stride_xm", "stride_wn", "stride_om", "stride_gm"),
             )
+    for _name in ("o", "down"):  # the split-K residual GEMV (opt-in) at the shapes it splits
+        _n, _k = _SHAPES[_name][:2]
+        _b = gemv_blocks(1, _n, _k)
+        _warps = _b.pop("num_warps")
+        static_case(
+            f"gemv_residual_splitk_kernel[{_dt},{_name},splits={gemv_splits(_n, _k)[0]}]", gemv_residual_splitk_kernel,
+            signature={"x_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "out_ptr": f"*{_dt}", "ws_ptr": "*fp32",
+                       "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32", "stride_xm": "i32",
+                       "stride_wn": "i32", "stride_om": "i32", "SPLITS": "constexpr", "BLOCK_M": "constexpr",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr",
+                       "DOT_PRECISION": "constexpr"},
+            constexprs={"SPLITS": gemv_splits(_n, _k)[0], "UPCAST": False, "DOT_PRECISION": "tf32", **_b},
+            num_warps=_warps, aligned=("N", "K", "k_split", "stride_xm", "stride_wn", "stride_om"),
+        )

@@ -237,8 +237,24 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
             builder.__dict__.pop(n, None)
 
 
+@contextlib.contextmanager
+def skip_kernels(skip: bool = True):
+    """With ``skip``: Triton launches reach ``InterpretedFunction.run`` (where they are counted) but no program
+    runs; their outputs keep whatever the allocation held. Build a cheap-count unit's call under it too (its set-up,
+    e.g. a stream's warm-up push, runs kernels)."""
+    from triton.runtime import interpreter as ip
+
+    run0 = ip.InterpretedFunction.run
+    if skip:
+        ip.InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    try:
+        yield
+    finally:
+        ip.InterpretedFunction.run = run0
+
+
 def trace(fn: Callable, *args, bytes: bool = False, unique: bool = False, torch_ops: bool = True,
-          warmup: bool = False, **kwargs) -> Trace:
+          warmup: bool = False, execute: bool = True, **kwargs) -> Trace:
     """Run ``fn(*args, **kwargs)`` once and return its :class:`Trace` (see the module docstring).
 
     ``warmup``: call it once untraced first (a CUDA-graph path captures on its first call, and on a CPU its
@@ -247,30 +263,53 @@ def trace(fn: Callable, *args, bytes: bool = False, unique: bool = False, torch_
 
     ``bytes``: instrument loads / stores / dots (slower); ``unique``: also count distinct bytes per launch
     (slower still, memory ~ 8 bytes per access); ``torch_ops``: count aten ops too.
+
+    ``execute=False`` (launch counts only, the cheap count): Triton kernels are counted where they are launched
+    but not run (torch ops still run, on whatever the skipped kernels left in their outputs). The counts are the
+    same as executing whenever the Python between launches does not branch on a Triton kernel's output: no host
+    sync reads one and no shape is computed from one (syncs on inputs, e.g. a CPU-side value check, are fine).
+    That holds for graph-captured and streaming code (sizes depend on shapes only, no host sync on results: the
+    CUDA-graph-safety rule); it is not checked here, so a unit opts in (``Unit.cheap_count``) only once
+    tests/test_cost_model.py has compared the two counts on it or on the same code at fewer steps.
     """
+    if not execute and (bytes or unique):
+        raise ValueError("execute=False counts launches only: bytes / unique need the kernels to run")
     from omni_fast.backend import triton_interpreter_enabled
 
     if not triton_interpreter_enabled():
         raise RuntimeError("trace() instruments the Triton interpreter: set TRITON_INTERPRET=1 before importing "
                            "omni_fast kernels (as a CPU-only machine does)")
-    if warmup:
-        with torch.no_grad():
-            fn(*args, **kwargs)
     tr = Trace()
-    state = {"in_triton": False}
-    mode = _TorchCounter(tr, state) if torch_ops else contextlib.nullcontext()
-    with torch.no_grad(), _instrument(tr, state, bytes, unique), mode:
-        fn(*args, **kwargs)
+    with skip_kernels(not execute):
+        if warmup:  # skipping kernels, the value checks (of garbage) are skipped as on CUDA here too
+            scratch = _instrument(Trace(), {"in_triton": False}, False, False) if not execute else \
+                contextlib.nullcontext()
+            with torch.no_grad(), scratch:
+                fn(*args, **kwargs)
+        state = {"in_triton": False}
+        mode = _TorchCounter(tr, state) if torch_ops else contextlib.nullcontext()
+        with torch.no_grad(), _instrument(tr, state, bytes, unique), mode:
+            fn(*args, **kwargs)
     return tr
 
 
-def count_launches(fn: Callable, *args, torch_ops: bool = True, warmup: bool = True, **kwargs) -> dict[str, int]:
+def count_unit(unit) -> Trace:
+    """The launch-count trace of a cost-model unit (:class:`omni_fast.bench.costmodel.units.Unit`): its tiny call
+    built and counted with the kernels run, or skipped (set-up included) when ``unit.cheap_count``."""
+    with skip_kernels(unit.cheap_count):
+        fn = unit.launch()
+    return trace(fn, warmup=unit.warmup, execute=not unit.cheap_count)
+
+
+def count_launches(fn: Callable, *args, torch_ops: bool = True, warmup: bool = True, execute: bool = True,
+                   **kwargs) -> dict[str, int]:
     """``{kernel name: launches}`` of one call ``fn(*args, **kwargs)``: ``triton:<fn>`` and ``aten:<op>`` keys.
 
     Calls ``fn`` once to warm up (``warmup=False``: not), then once counted, under the Triton interpreter (CPU).
     ``torch_ops=False`` counts Triton kernels only. ``fn`` must be repeatable (rewind a KV cache inside it).
+    ``execute=False``: the cheap count (see :func:`trace`).
     """
-    return trace(fn, *args, torch_ops=torch_ops, warmup=warmup, **kwargs).launches()
+    return trace(fn, *args, torch_ops=torch_ops, warmup=warmup, execute=execute, **kwargs).launches()
 
 
 def summarize(counts: dict[str, int]) -> dict[str, int]:

@@ -29,7 +29,8 @@ def step_min(p: dict, B: int, cache: int = CACHE) -> tuple[float, float]:
     return 2.0 * (read + kv), 2.0 * B * active + 4.0 * B * L * nq * d * cache
 
 
-def _step_call(part: str, B: int):
+def _step_call(part: str, B: int, layers: int | None = None):
+    """One tiny decode step (the real layer count unless ``layers``: tests compare counts on fewer)."""
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
     from omni_fast.bench.cases.decode import _prefill
@@ -37,12 +38,12 @@ def _step_call(part: str, B: int):
     from omni_fast.models.presets import tiny_qwen3_omni_config
     from omni_fast.testing import randomize_
 
-    cfg = tiny_qwen3_omni_config(layers=THINKER["L"])
+    cfg = tiny_qwen3_omni_config(layers=layers or THINKER["L"])
     if part == "thinker":
         text, cls = cfg.thinker_config.text_config, q3.Qwen3OmniMoeThinkerTextModel
     else:
         text, cls = cfg.talker_config.text_config, q3.Qwen3OmniMoeTalkerModel
-        text.num_hidden_layers = TALKER["L"]
+        text.num_hidden_layers = layers or TALKER["L"]
     torch.manual_seed(0)
     m = cls._from_config(text, dtype=torch.float32).eval()
     head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False)
@@ -60,21 +61,25 @@ def _step_call(part: str, B: int):
     return step
 
 
-def _mtp_call(B: int):
+def _mtp_call(B: int, layers: int = 5, groups: int = 16, persistent: bool = False):
+    """The tiny MTP frame (the real 5 layers and 16 code groups unless given: tests compare counts on fewer);
+    ``persistent``: issue 16's one-launch frame (``CodePredictor(persistent=True)``, opt-in)."""
     from omni_fast.bench.cases.mtp import _build
     from omni_fast.models import CodePredictor
 
-    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, num_code_groups=16)
+    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, num_code_groups=groups)
     m, emb = _build("cpu", torch.float32, kw)
-    cp = CodePredictor.from_transformers(m, emb)
+    cp = CodePredictor.from_transformers(m, emb, persistent=persistent)
     h, c0 = torch.randn(B, 64), torch.randint(0, 64, (B,))
     seed = torch.tensor([1234])
     return lambda: cp.predict_frame(h, c0, top_k=50, top_p=0.8, seed=seed, use_graph=True, backend="triton",
                                     fused=True)
 
 
-def _code2wav_call(B: int, frames: int):
+def _code2wav_call(B: int, frames: int, layers: int = 8, warm: int = 30):
+    """A tiny Code2Wav stream warmed up with ``warm`` frames, then the push of ``frames`` (the real 8 layers unless
+    given: tests compare counts on fewer)."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeCode2Wav
 
@@ -82,12 +87,13 @@ def _code2wav_call(B: int, frames: int):
 
     # the real structure (8 layers, window 72, ratios 2x2, rates 8,5,4,3, 16 quantizers), tiny widths
     cfg = Qwen3OmniMoeCode2WavConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                                     intermediate_size=48, num_hidden_layers=8, codebook_size=16, num_quantizers=16,
+                                     intermediate_size=48, num_hidden_layers=layers, codebook_size=16,
+                                     num_quantizers=16,
                                      decoder_dim=32, sliding_window=72)
     torch.manual_seed(0)
     model = Code2Wav.from_transformers(Qwen3OmniMoeCode2Wav(cfg).eval())
     g = torch.Generator().manual_seed(1)
-    warm = torch.randint(0, 16, (B, 16, 30), generator=g)
+    warm = torch.randint(0, 16, (B, 16, warm), generator=g)
     nxt = torch.randint(0, 16, (B, 16, frames), generator=g)
     stream = model.stream(B)
     stream.push(warm)
@@ -109,18 +115,22 @@ def model_units() -> list[Unit]:
     for B in (1, 64):
         steps_bytes = 2.0 * 15 * _step_params({})  # 15 steps, each reads the 5 layers + one lm_head
         out.append(Unit(f"mtp-frame-B{B}", "mtp", "graph", launch=lambda B=B: _mtp_call(min(B, 3)), warmup=True,
-                        min_bytes=steps_bytes, flops=B * steps_bytes, params=dict(B=B)))
+                        cheap_count=True, min_bytes=steps_bytes, flops=B * steps_bytes, params=dict(B=B)))
+        out.append(Unit(f"mtp-frame-persistent-B{B}", "mtp", "graph", warmup=True, cheap_count=True,
+                        launch=lambda B=B: _mtp_call(min(B, 3), persistent=True),
+                        min_bytes=steps_bytes, flops=B * steps_bytes, params=dict(B=B, persistent=True)))
     for part, p in (("thinker", THINKER), ("talker", TALKER)):
         for B in (1, 8):
             nbytes, flops = step_min(p, B)
             out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
-                            min_bytes=nbytes, flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE)))
+                            cheap_count=True, min_bytes=nbytes, flops=flops,
+                            params=dict(B=B, layers=p["L"], cache=CACHE)))
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
             # streaming replays CUDA graphs by default on CUDA (Code2WavStream, cuda_graphs=None)
             out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "graph",
-                            launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f),
+                            launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f), cheap_count=True,
                             min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames)))
     return out
 

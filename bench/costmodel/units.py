@@ -44,6 +44,9 @@ class Unit:
     # {kernel fn name: substring of the static case (omni_fast.kernels.launch.static_case) matching this launch}
     statics: dict = field(default_factory=dict)
     warmup: bool = False  # count the second call (a CUDA-graph path captures on its first; the CPU emulates it)
+    # count launches without running the Triton kernels (counter.trace(execute=False)): only for units whose
+    # Python never branches on a kernel's output, checked against the executed count in tests/test_cost_model.py
+    cheap_count: bool = False
 
 
 def _g(seed=0):
@@ -96,6 +99,14 @@ def _moe_min(model: str, T: int, expert_bytes: float = 2.0) -> tuple[float, floa
     return nbytes, flops
 
 
+def _moe_tier(model: str, T: int) -> str:
+    """The static case of the unit's gate/up launches: prefill, decode, or at T=1 the grid-fill tiles
+    (``moe_gemm.fill_grid``: 16 columns on the talker, 32 on the thinker)."""
+    if T >= 4096:
+        return "prefill"
+    return {"talker": "decode-fill n16", "thinker": "decode-fill n32"}[model] if T == 1 else "decode"
+
+
 def moe_units() -> list[Unit]:
     out = []
     for model in ("thinker", "talker"):
@@ -107,10 +118,10 @@ def moe_units() -> list[Unit]:
                 f"moe-{model}-T{T}", "moe", "eager" if big else "graph",
                 # launches at T=4096 counted at T=600: the same default_config tier (rows per expert > 128 on
                 # the tiny 8 experts, top-2/3) and alignment path, a seventh of the interpreter's time
-                launch=lambda m=model, T=T: _moe_call(m, min(T, 600), MOE_TINY[m], torch.float32),
+                launch=lambda m=model, T=T: _moe_call(m, min(T, 600), MOE_TINY[m], torch.float32), cheap_count=big,
                 trace=lambda s2=s, m=model, T=T: _moe_call(m, T, MOE[m], BF16, s2),
                 scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]) if s > 1 else {},
-                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + ("prefill" if big else "decode") + ",gate_up,ptr"},
+                statics={"moe_gemm_kernel": "bf16,E128 N768/384/192," + _moe_tier(model, T) + ",gate_up,ptr"},
                 unique=T == 1 or (model == "talker" and T <= 8), min_bytes=nbytes, flops=flops, params=dict(T=T, E=MOE[model][0], k=MOE[model][1])))
     return out
 
