@@ -75,7 +75,7 @@ def run_traces(units) -> dict:
         if u.trace is None:
             continue
         t0 = time.time()
-        tr = trace(u.trace(), bytes=True, unique=u.unique)
+        tr = trace(u.trace(), bytes=True, unique=u.unique, warmup=u.warmup)
         kernels = {n: s.as_dict() for n, s in tr.kernels.items()}
         half = None
         if u.scale.get("rule") == "inter":  # the second point of the affine rule: I * 2 / s

@@ -29,8 +29,9 @@ def step_min(p: dict, B: int, cache: int = CACHE) -> tuple[float, float]:
     return 2.0 * (read + kv), 2.0 * B * active + 4.0 * B * L * nq * d * cache
 
 
-def _step_call(part: str, B: int, layers: int | None = None):
-    """One tiny decode step (the real layer count unless ``layers``: tests compare counts on fewer)."""
+def _step_call(part: str, B: int, layers: int | None = None, fused: bool = False):
+    """One tiny decode step (the real layer count unless ``layers``: tests compare counts on fewer); ``fused``:
+    issue 16's phase-fused step (``MoeTextDecoder(fused=True)``, opt-in: three launches per layer)."""
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
 
     from omni_fast.bench.cases.decode import _prefill
@@ -49,7 +50,7 @@ def _step_call(part: str, B: int, layers: int | None = None):
     head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False)
     randomize_(m, head)
     cache, mask, nxt = _prefill(m, B, 6)
-    dec = MoeTextDecoder.from_transformers(m, head, backend="triton")
+    dec = MoeTextDecoder.from_transformers(m, head, backend="triton", fused=fused)
     # a cache of the real capacity (CACHE tokens): split-KV decode attention (as on an H100) depends on it
     dec.load_prefill(cache, mask, max_new_tokens=CACHE, use_graph=False)
     x = torch.randn(B, text.hidden_size)
@@ -125,6 +126,10 @@ def model_units() -> list[Unit]:
             out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
                             cheap_count=True, min_bytes=nbytes, flops=flops,
                             params=dict(B=B, layers=p["L"], cache=CACHE)))
+            if part == "talker":
+                out.append(Unit(f"talker-step-fused-B{B}", "step", "graph", cheap_count=True,
+                                launch=lambda B=B: _step_call("talker", B, fused=True), min_bytes=nbytes,
+                                flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE, fused=True)))
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
