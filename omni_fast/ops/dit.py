@@ -45,19 +45,28 @@ def block_pages(batch: int, seq_len: int, block_size: int, look_backward: int, l
     return cu.to(torch.int32), table.to(torch.int32), used.to(torch.int32)
 
 
-def _fake(q, k, v, block_size, look_backward, look_ahead, softmax_scale, backend):
+def _fake(q, k, v, block_size, look_backward, look_ahead, softmax_scale, seq_lens, backend):
     return torch.empty_like(q)
 
 
 @dispatched_op("dit_block_attention", fake=_fake)
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, look_backward: int, look_ahead: int,
-        softmax_scale: float, backend: str) -> torch.Tensor:
-    """Block-masked attention over ``[B, S, H, D]``."""
+        softmax_scale: float, seq_lens: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Block-masked attention over ``[B, S, H, D]`` (keys at or past ``seq_lens[b]`` masked when given)."""
+
+
+def _lens_clamped(seq_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``seq_lens`` clamped into ``[1, S]`` on the device (no host sync: the values are never read on the host)."""
+    return seq_lens.long().clamp(1, max(seq_len, 1))
 
 
 @_op.impl("reference")
-def _reference(q, k, v, block_size, look_backward, look_ahead, softmax_scale):
+def _reference(q, k, v, block_size, look_backward, look_ahead, softmax_scale, seq_lens):
     mask = block_mask(q.shape[1], block_size, look_backward, look_ahead, q.device)
+    if seq_lens is not None:  # [B, 1, S, S]: padding keys masked; a query row left with no key sees every key
+        pos = torch.arange(q.shape[1], device=q.device)
+        mask = mask[None] & (pos[None, None, :] < _lens_clamped(seq_lens, q.shape[1])[:, None, None])
+        mask = (mask | ~mask.any(-1, keepdim=True))[:, None]
     rep = q.shape[2] // k.shape[2]  # GQA: each k/v head serves `rep` query heads
     k, v = (t.repeat_interleave(rep, dim=2).transpose(1, 2).float() for t in (k, v))
     out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k, v, attn_mask=mask, scale=softmax_scale)
@@ -65,7 +74,7 @@ def _reference(q, k, v, block_size, look_backward, look_ahead, softmax_scale):
 
 
 @_op.impl("triton")
-def _triton(q, k, v, block_size, look_backward, look_ahead, softmax_scale):
+def _triton(q, k, v, block_size, look_backward, look_ahead, softmax_scale, seq_lens):
     from ..kernels import flash_attn as kernels
 
     B, S, H, D = q.shape
@@ -73,6 +82,10 @@ def _triton(q, k, v, block_size, look_backward, look_ahead, softmax_scale):
     if S % block_size:  # whole pages: one copy, padding rows unread
         k, v = (F.pad(t, (0, 0, 0, 0, 0, nb * block_size - S)) for t in (k, v))
     cu, table, used = block_pages(B, S, block_size, look_backward, look_ahead, q.device)
+    if seq_lens is not None:  # pages lo..hi are contiguous keys: the valid ones are the first len - lo * bs
+        lo = table[:, 0].long() - torch.arange(B * nb, device=q.device) // nb * nb
+        valid = _lens_clamped(seq_lens, S).repeat_interleave(nb) - lo * block_size
+        used = torch.minimum(used, valid.clamp_min(1).to(torch.int32))  # >= 1: a padding block stays finite
     out = torch.empty(B * S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(H, B * S, device=q.device, dtype=torch.float32)
     pages = (B * nb, block_size, k.shape[2], D)
@@ -84,11 +97,15 @@ def _triton(q, k, v, block_size, look_backward, look_ahead, softmax_scale):
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, look_backward: int = 0,
-                    look_ahead: int = 0, softmax_scale: float | None = None,
+                    look_ahead: int = 0, softmax_scale: float | None = None, seq_lens: torch.Tensor | None = None,
                     backend: str | None = None) -> torch.Tensor:
     """The DiT's block-masked, non-causal attention: q/k/v ``[B, S, H, D]`` (contiguous, one float dtype; k/v may
     have fewer heads, GQA) -> ``[B, S, H, D]``. Query ``i`` sees key ``j`` iff ``-look_backward <= j // block_size
-    - i // block_size <= look_ahead``. One kernel launch for the whole batch (see the module docstring)."""
+    - i // block_size <= look_ahead``. One kernel launch for the whole batch (see the module docstring).
+
+    ``seq_lens`` (int32/int64 ``[B]`` on q's device, values in ``[1, S]``; optional): sequence ``b`` is padded past
+    ``seq_lens[b]``: its keys there are masked out, so rows ``i < seq_lens[b]`` equal the attention of the unpadded
+    sequence; rows past it are finite but unspecified. Read on the device only (no host sync: CUDA-graph safe)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=True)
     B, S, H, D = q.shape
     for name, t in (("k", k), ("v", v)):
@@ -100,11 +117,13 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_
     block_size = check_positive_int("block_size", block_size, maximum=MAX_BLOCK)
     look_backward = check_positive_int("look_backward", look_backward, minimum=0, maximum=MAX_BLOCK)
     look_ahead = check_positive_int("look_ahead", look_ahead, minimum=0, maximum=MAX_BLOCK)
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, dtypes=(torch.int32, torch.int64), shape=(B,), device=q.device)
     scale = _scale(softmax_scale, D)
     if B * S == 0:
         return torch.empty_like(q)
     be = _op.resolve((q, k, v), backend)
-    return _op(q, k, v, block_size, look_backward, look_ahead, scale, be)
+    return _op(q, k, v, block_size, look_backward, look_ahead, scale, seq_lens, be)
 
 
 def _ada_fake(x, shift, scale, eps, backend):

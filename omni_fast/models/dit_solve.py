@@ -1,0 +1,188 @@
+"""Qwen2.5-Omni Token2Wav DiT: the whole ODE solve (every RK4 step of transformers' ``RungeKutta4ODESolver``, every
+DiT forward of every step) as ONE CUDA graph per length bucket.
+
+transformers' ``Qwen2_5OmniToken2WavDiTModel.sample`` runs ``4 * (num_steps - 1)`` DiT forwards from Python (each a
+few hundred launches), recomputing step-invariant work every time (the ECAPA speaker encoder on the reference
+mel, the code embeddings, the RoPE table, the ``[S, S]`` block mask). Here:
+
+- the speaker encoder runs once, eagerly, before the graph (its input, the reference mel, has its own length);
+- the graph holds everything else: code embeddings and RoPE once, then every step's four DiT forwards with the
+  CFG batch (``2B`` rows) and the RK4 arithmetic written exactly as transformers writes it (same expression
+  order, so the same fp32 roundings), time points from ``torch.linspace`` + the sway formula on the device;
+- the mel length ``L = codes * repeats`` is padded to the bucket's ``S``; attention masks keys past ``L``
+  (:func:`omni_fast.ops.block_attention` ``seq_lens``, a device tensor: no host sync), and every other DiT op is
+  row-wise, so rows ``< L`` are the unpadded solve's. Two lengths of one bucket replay the same graph.
+- the initial noise is drawn with transformers' own call (``torch.randn([B, L, mel_dim])`` on the global RNG)
+  outside the graph, so a seed gives transformers' noise.
+
+Without CUDA, "replay" runs the captured function eagerly on the same static buffers (the bucket, padding and
+length logic stay testable on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..validation import check_positive_int, check_tensor
+from .cuda_graphs import capture, weights_key
+
+CODE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # codec tokens per solve (mel frames = x repeats)
+_CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
+
+
+def bucket_for(codes: int, buckets=CODE_BUCKETS) -> int:
+    """The smallest bucket holding ``codes`` codec tokens (beyond the largest: the next power of two)."""
+    return next((b for b in sorted(buckets) if b >= codes), None) or 1 << (codes - 1).bit_length()
+
+
+def _attention(attn, h, cos, sin, lens, block, backend):
+    """transformers' ``DiTAttention`` (RoPE on the first head only, interleaved layout) with the block-masked SDPA
+    as one :func:`omni_fast.ops.block_attention` launch that masks keys past ``lens`` ([rows] int32)."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb, deinterleave_head_dim
+
+    from .. import ops
+
+    B = h.shape[0]
+    q, k, v = (lin(h).view(B, -1, attn.heads, attn.inner_dim // attn.heads) for lin in (attn.to_q, attn.to_k,
+                                                                                       attn.to_v))
+    q0, k0 = apply_rotary_pos_emb(deinterleave_head_dim(q[:, :, :1].transpose(1, 2)),
+                                  deinterleave_head_dim(k[:, :, :1].transpose(1, 2)), cos, sin)
+    q = torch.cat([q0.transpose(1, 2), q[:, :, 1:]], dim=2).contiguous()
+    k = torch.cat([k0.transpose(1, 2), k[:, :, 1:]], dim=2).contiguous()
+    out = ops.block_attention(q, k, v.contiguous(), block_size=block[0], look_backward=block[1],
+                              look_ahead=block[2], seq_lens=lens, backend=backend)
+    return attn.to_out[1](attn.to_out[0](out.reshape(B, -1, attn.inner_dim)))
+
+
+def _dit_forward(dit, x, t, static, backend):
+    """One DiT forward (``Qwen2_5OmniToken2WavDiTModel.forward``) on the solve's precomputed step invariants.
+    x ``[B, S, mel]``, t 0-dim; returns the velocity ``[B, S, mel]`` (CFG-guided when the solve uses CFG)."""
+    cfg = static["cfg"]
+    rows = x.shape[0] * (2 if cfg else 1)
+    time_embedding = dit.time_embed(t.repeat(rows))
+    h = torch.cat([x, x], dim=0) if cfg else x
+    h = dit.input_embed.proj(torch.cat((h, static["spk"], static["code"], static["cond"]), dim=-1))
+    cos, sin = static["rope"]
+    for layer in dit.transformer_blocks:
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(h, emb=time_embedding)
+        block = (dit.block_size, layer.look_backward_block, layer.look_ahead_block)
+        h = h + gate_msa.unsqueeze(1) * _attention(layer.attn, norm, cos, sin, static["lens"], block, backend)
+        norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
+    out = dit.proj_out(dit.norm_out(h, time_embedding))
+    if not cfg:
+        return out
+    guided, null = torch.chunk(out, 2, dim=0)
+    return guided + (guided - null) * static["guidance_scale"]
+
+
+def _invariants(dit, code, cond, spk, lens, guidance_scale):
+    """The step-invariant DiT inputs, built on the device: code embeddings (CFG: real / dropped), the repeated
+    speaker conditioning, the encoded reference mel, RoPE, the per-row lengths."""
+    S = code.shape[1] * dit.repeats
+    cfg = guidance_scale >= 1e-5  # transformers' test (``guidance_scale < 1e-5``: no CFG)
+    code_embed = dit.text_embed(code, drop_code=False)
+    cond = cond.unsqueeze(1).repeat(1, S, 1)
+    if cfg:
+        code_embed = torch.cat([code_embed, dit.text_embed(code, drop_code=True)], dim=0)
+        cond = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+        lens = torch.cat([lens, lens])
+    spk = spk.unsqueeze(1).repeat(1, S, 1)
+    position_ids = torch.arange(S, device=code.device)[None, :].repeat(spk.shape[0], 1)
+    rope = dit.rotary_embed(spk, position_ids)
+    return dict(cfg=cfg, code=code_embed, cond=cond, spk=spk, rope=rope, lens=lens, guidance_scale=guidance_scale)
+
+
+def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: float, sway_coefficient,
+          backend: str | None = None) -> torch.Tensor:
+    """The ODE solve of ``sample`` (RK4, ``num_steps`` time points), no host sync: the function the graph captures.
+
+    noise ``[B, S, mel]`` (the initial state, padded), code long ``[B, S / repeats]``, cond ``[B, enc_emb_dim]``
+    (``sample``'s ``conditioning``), spk ``[B or 2B, enc_dim]`` (the speaker encoder's output on the reference mel,
+    with the CFG zero rows), lens int32 ``[B]`` (real mel frames). Returns the final state ``[B, S, mel]``."""
+    static = _invariants(dit, code, cond, spk, lens, guidance_scale)
+    times = torch.linspace(0, 1, num_steps, device=code.device, dtype=cond.dtype)
+    if sway_coefficient is not None:
+        times += sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+    f = lambda t, y: _dit_forward(dit, y, t, static, backend)  # noqa: E731
+    one_third, two_thirds = 1 / 3, 2 / 3
+    y = noise
+    for i in range(num_steps - 1):  # RungeKutta4ODESolver._rk4_step, term for term (the same fp32 roundings)
+        t0, t1 = times[i], times[i + 1]
+        dt = t1 - t0
+        k1 = f(t0, y)
+        k2 = f(t0 + dt * one_third, y + dt * k1 * one_third)
+        k3 = f(t0 + dt * two_thirds, y + dt * (k2 - k1 * one_third))
+        k4 = f(t1, y + dt * (k1 - k2 + k3))
+        y = y + (k1 + 3 * (k2 + k3) + k4) * dt / 8
+    return y
+
+
+class _SolveGraph:
+    """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend): static inputs, the
+    graph, the static output."""
+
+    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend):
+        cfg = dit.config
+        S = codes * dit.repeats
+        self.noise = torch.zeros(batch, S, dit.mel_dim, device=device, dtype=dtype)
+        self.code = torch.zeros(batch, codes, device=device, dtype=torch.long)
+        self.cond = torch.zeros(batch, cfg.enc_emb_dim, device=device, dtype=dtype)
+        self.spk = torch.zeros(spk_rows, cfg.enc_dim, device=device, dtype=dtype)
+        self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
+        steps, guidance, sway = settings
+        self._run = lambda: solve(dit, self.noise, self.code, self.cond, self.spk, self.lens,  # noqa: E731
+                                  num_steps=steps, guidance_scale=guidance, sway_coefficient=sway, backend=backend)
+        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
+            self.graph, self.out = None, self._run()
+            return
+        self.graph, self.out = capture(self._run, device)
+
+    def run(self, noise, code, cond, spk, length):
+        L, n = noise.shape[1], code.shape[1]
+        self.noise.zero_()
+        self.noise[:, :L].copy_(noise)
+        self.code.zero_()
+        self.code[:, :n].copy_(code)
+        self.cond.copy_(cond)
+        self.spk.copy_(spk)
+        self.lens.fill_(length)
+        if self.graph is None:
+            self.out.copy_(self._run())
+        else:
+            self.graph.replay()
+        return self.out[:, :L].clone()
+
+
+def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
+           sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavDiTModel.sample`` on a per-bucket graph: conditioning ``[B, enc_emb_dim]``,
+    reference_mel ``[B, T_ref, mel_dim]``, code long ``[B, n]`` -> mel ``[B, mel_dim, n * repeats]`` (the same noise
+    as transformers for a given seed: drawn by the same ``torch.randn`` call)."""
+    check_tensor("code", code, dtypes=(torch.int64, torch.int32), ndim=2)
+    B, n = code.shape
+    check_positive_int("code length", n)
+    check_tensor("reference_mel", reference_mel, ndim=3, shape=(B, None, dit.mel_dim))
+    check_tensor("conditioning", conditioning, ndim=2, shape=(B, dit.config.enc_emb_dim))
+    steps = check_positive_int("num_steps", num_steps, minimum=2)
+    L = n * dit.repeats
+    if L > dit.config.max_position_embeddings:
+        raise ValueError(f"Requested mel length ({L}) exceeds `dit_config.max_position_embeddings` "
+                         f"({dit.config.max_position_embeddings}). Provide shorter `quantized_code`.")
+    noise = torch.randn([B, L, dit.mel_dim], dtype=reference_mel.dtype, device=code.device)  # transformers' draw
+    cfg = guidance_scale >= 1e-5
+    ref = torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0) if cfg else reference_mel
+    spk = dit.input_embed.spk_encoder(ref)  # step-invariant: once per solve, outside the graph
+    codes = bucket_for(n, buckets)
+    settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
+    cache = dit.__dict__.setdefault(_CACHE, {})
+    weights = weights_key(dit)
+    if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
+        cache.clear()
+        cache["weights"] = weights
+    key = (B, codes, settings, conditioning.dtype, str(code.device), backend)
+    graph = cache.get(key)
+    if graph is None:
+        graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
+                                         backend)
+    return graph.run(noise, code, conditioning, spk, L).permute(0, 2, 1)

@@ -1,0 +1,142 @@
+"""Qwen2.5-Omni Token2Wav: the DiT's whole ODE solve as one (per length bucket) CUDA graph
+(:mod:`omni_fast.models.dit_solve`) against transformers' ``Qwen2_5OmniToken2WavDiTModel.sample`` on a tiny random
+DiT with a small block (so the block mask and the bucket padding both matter). On the CPU the graph's replay is
+emulated (the captured function on the same static buffers); the gpu-marked test captures for real."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from omni_fast.models import dit_solve  # noqa: E402
+from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noqa: E402
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig  # noqa: E402
+
+
+def _dit(device="cpu"):
+    config = Qwen2_5OmniDiTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=16,
+                                  emb_dim=16, enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48],
+                                  enc_attention_channels=8, enc_se_channels=8, num_embeds=300, block_size=4,
+                                  look_ahead_layers=[1], look_backward_layers=[0, 2], max_position_embeddings=256)
+    torch.manual_seed(0)
+    dit = q25.Qwen2_5OmniToken2WavDiTModel._from_config(config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # N(0, 0.2): AdaLN / gates / projections all away from their zero init
+        for name, p in dit.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return dit.to(device)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return _dit()
+
+
+def _inputs(dit, B, n, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    code = torch.randint(0, 300, (B, n), generator=g)
+    cond = torch.randn(B, dit.config.enc_emb_dim, generator=g)
+    ref = torch.randn(B, 9, dit.mel_dim, generator=g)
+    return cond.to(device), ref.to(device), code.to(device)
+
+
+def _hf(dit, cond, ref, code, seed, **kw):
+    torch.manual_seed(seed)
+    return dit.sample(cond, ref, code, **kw)
+
+
+def _ours(dit, cond, ref, code, seed, **kw):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return dit_solve.sample(dit, cond, ref, code, **kw)
+
+
+def _eager(dit, cond, ref, code, seed, num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0):
+    """The solve function uncaptured and unpadded (lens = the real length)."""
+    torch.manual_seed(seed)
+    B, L = code.shape[0], code.shape[1] * dit.repeats
+    noise = torch.randn([B, L, dit.mel_dim], dtype=ref.dtype, device=code.device)
+    with torch.no_grad():
+        r = torch.cat([ref, torch.zeros_like(ref)]) if guidance_scale >= 1e-5 else ref
+        spk = dit.input_embed.spk_encoder(r)
+        lens = torch.full((B,), L, dtype=torch.int32, device=code.device)
+        y = dit_solve.solve(dit, noise, code, cond, spk, lens, num_steps=num_steps, guidance_scale=guidance_scale,
+                            sway_coefficient=sway_coefficient)
+    return y.permute(0, 2, 1)
+
+
+# fp32 throughout; padding changes GEMM shapes and the attention kernel sums in another order (~1e-7 relative per
+# op), carried through 3 layers x 4 evaluations x (steps - 1): 1e-4 absolute on mels of magnitude ~1-10.
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,n,steps,guidance", [(1, 5, 4, 0.5), (2, 7, 3, 0.5), (1, 1, 2, 0.0), (3, 3, 4, 0.7)])
+def test_graph_solve_matches_transformers_and_eager(dit, B, n, steps, guidance):
+    cond, ref, code = _inputs(dit, B, n)
+    kw = dict(num_steps=steps, guidance_scale=guidance)
+    want = _hf(dit, cond, ref, code, 7, **kw)
+    got = _ours(dit, cond, ref, code, 7, buckets=(4, 8), **kw)
+    eager = _eager(dit, cond, ref, code, 7, **kw)
+    assert got.shape == want.shape == (B, dit.mel_dim, n * dit.repeats)
+    assert want.abs().max() > 0.5  # a real solve, not a near-zero field
+    torch.testing.assert_close(eager, want, **TOL)
+    torch.testing.assert_close(got, eager, **TOL)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_two_lengths_share_one_bucket_graph(dit):
+    dit.__dict__.pop(dit_solve._CACHE, None)
+    for n in (5, 7, 6):  # codes 5 / 7 / 6 -> mel 10 / 14 / 12, all in bucket 8 (16 frames)
+        cond, ref, code = _inputs(dit, 2, n, seed=n)
+        want = _hf(dit, cond, ref, code, n, num_steps=3)
+        got = _ours(dit, cond, ref, code, n, num_steps=3, buckets=(8,))
+        torch.testing.assert_close(got, want, **TOL)
+    graphs = [k for k in dit.__dict__[dit_solve._CACHE] if k != "weights"]
+    assert len(graphs) == 1 and graphs[0][1] == 8
+
+
+def test_sway_none_and_beyond_the_largest_bucket(dit):
+    cond, ref, code = _inputs(dit, 1, 11)
+    want = _hf(dit, cond, ref, code, 3, num_steps=3, sway_coefficient=None)
+    got = _ours(dit, cond, ref, code, 3, num_steps=3, sway_coefficient=None, buckets=(4,))  # -> bucket 16
+    torch.testing.assert_close(got, want, **TOL)
+    assert dit_solve.bucket_for(11, (4,)) == 16 and dit_solve.bucket_for(4, (4, 8)) == 4
+
+
+def test_new_weights_drop_the_graphs(dit):
+    cond, ref, code = _inputs(dit, 1, 3)
+    _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,))
+    before = dit.__dict__[dit_solve._CACHE]["weights"]
+    with torch.no_grad():
+        dit.proj_out.bias.add_(0.0)  # in-place update: version bump
+    _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,))
+    assert dit.__dict__[dit_solve._CACHE]["weights"] != before
+
+
+def test_bad_input(dit):
+    cond, ref, code = _inputs(dit, 1, 3)
+    with pytest.raises(ValueError, match="num_steps"):
+        dit_solve.sample(dit, cond, ref, code, num_steps=1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        dit_solve.sample(dit, cond, ref, torch.zeros(1, 200, dtype=torch.long))
+    with pytest.raises((TypeError, ValueError), match="code"):
+        dit_solve.sample(dit, cond, ref, code.float())
+    with pytest.raises(ValueError, match="reference_mel"):
+        dit_solve.sample(dit, cond, ref[..., :3], code)
+
+
+@pytest.mark.gpu
+def test_graph_replay_equals_eager_on_cuda():
+    """Real capture: the replayed solve equals the eager (uncaptured, unpadded) solve and transformers' sample."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dit = _dit("cuda")
+    for B, n in ((1, 5), (2, 7), (2, 6)):  # the last two share bucket 8
+        cond, ref, code = _inputs(dit, B, n, device="cuda")
+        want = _hf(dit, cond, ref, code, 5, num_steps=4)
+        eager = _eager(dit, cond, ref, code, 5, num_steps=4)
+        got = _ours(dit, cond, ref, code, 5, num_steps=4, buckets=(8,))
+        assert dit.__dict__[dit_solve._CACHE][(B, 8, (4, 0.5, -1.0), torch.float32, "cuda:0", None)].graph is not None
+        torch.testing.assert_close(got, eager, **TOL)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # TF32 / cuDNN paths may differ from SDPA's
