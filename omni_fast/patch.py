@@ -347,6 +347,15 @@ def _swap_forward(module: nn.Module, new_forward) -> None:
     _swap_attr(module, "forward", BoundMethod(new_forward, module))
 
 
+def _swap_sample(module: nn.Module, new_sample) -> None:
+    """The Token2Wav DiT's ``sample`` (its whole ODE solve) -> ``new_sample``; transformers' stays callable as
+    ``module._omni_fast_sample``."""
+    if "_omni_fast_sample" in module.__dict__:
+        return
+    module.__dict__["_omni_fast_sample"] = original_method(module, "sample")
+    _swap_attr(module, "sample", BoundMethod(new_sample, module))
+
+
 # patch / unpatch rewrite the attributes of a whole module tree: one at a time (re-entrant: patch unpatches first)
 _LOCK = threading.RLock()
 _MEMBER = "_omni_fast_member"  # set on every module of a patched tree (the root also has _omni_fast_patched)
@@ -438,7 +447,8 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
         elif cls in _TOKEN2WAV:  # Qwen2.5-Omni Token2Wav (opt-in until GPU-tested): integrations.token2wav
             from .integrations import token2wav
 
-            token2wav.patch_piece(module, cls, part in wanted, backend, bucket, left, part, _swap_forward, _pin)
+            token2wav.patch_piece(module, cls, part in wanted, backend, bucket, left, part, _swap_forward, _pin,
+                                  swap_sample=_swap_sample)
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 

@@ -135,3 +135,23 @@ def test_ada_layer_norm_bad_input():
         omni_fast.ops.ada_layer_norm(x, m, m, eps=-1.0)
     with pytest.raises(ValueError, match="x"):
         omni_fast.ops.ada_layer_norm(x[0], m, m)
+
+
+@pytest.mark.parametrize("B,S,bs,lb,la,lens", [(2, 16, 4, 1, 1, (10, 7)), (1, 9, 4, 0, 1, (1,)), (3, 12, 5, 1, 0, (12, 5, 2))])
+def test_block_attention_seq_lens_equals_the_unpadded_sequence(B, S, bs, lb, la, lens):
+    """Padding past seq_lens[b] never reaches rows < seq_lens[b]: they equal the attention of the unpadded sequence;
+    rows past it stay finite."""
+    g = torch.Generator().manual_seed(S)
+    q, k, v = (torch.randn(B, S, 2, 16, generator=g) for _ in range(3))
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    for backend in ("triton", "reference"):
+        got = omni_fast.ops.block_attention(q, k, v, block_size=bs, look_backward=lb, look_ahead=la,
+                                            seq_lens=seq_lens, backend=backend)
+        assert torch.isfinite(got).all()
+        for b, L in enumerate(lens):
+            want = omni_fast.ops.block_attention(q[b:b + 1, :L].contiguous(), k[b:b + 1, :L].contiguous(),
+                                                 v[b:b + 1, :L].contiguous(), block_size=bs, look_backward=lb,
+                                                 look_ahead=la, backend="reference")
+            torch.testing.assert_close(got[b:b + 1, :L], want, atol=2e-6, rtol=1e-5)
+    with pytest.raises((TypeError, ValueError), match="seq_lens"):
+        omni_fast.ops.block_attention(q, k, v, block_size=bs, seq_lens=seq_lens.float())

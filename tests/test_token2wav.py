@@ -63,6 +63,8 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, monkeypatch
         blocks = [r for r in report.replaced if "Qwen2_5OmniAMPBlock" in r]
         assert blocks and "omni_fast.ops.padded_conv1d" in blocks[0]
         assert any(r.startswith("[code2wav] DiTAttention") for r in report.replaced)
+        assert any("sample: the whole RK4 ODE solve" in r for r in report.replaced)
+        assert "sample" in model.token2wav.code2wav_dit_model.__dict__
         got = _token2wav(model)
     finally:
         omni_fast.unpatch(model)
@@ -72,6 +74,7 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, monkeypatch
     # the measured error, far below any audible difference, and still catches a wrong tap or a wrong mask.
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert not any("forward" in a.__dict__ for a in acts)
+    assert "sample" not in model.token2wav.code2wav_dit_model.__dict__
     assert torch.equal(_token2wav(model), want)  # unpatched again: transformers' own numbers, bit for bit
 
 

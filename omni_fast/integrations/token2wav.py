@@ -139,10 +139,34 @@ def ada_norm_forward(self, hidden_states, emb=None):
     return out if final else (out, parts[2], parts[3], parts[4], parts[5])
 
 
+def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps=10,
+               guidance_scale=0.5, sway_coefficient=-1.0):
+    """transformers' ``Qwen2_5OmniToken2WavDiTModel.sample`` as :func:`omni_fast.models.dit_solve.sample`: the whole
+    ODE solve replayed as one CUDA graph per length bucket (the same noise and steps for a given seed). A float
+    dtype other than fp16/bf16/fp32 runs transformers' own sample."""
+    if reference_mel_spectrogram.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return self._omni_fast_sample(conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
+                                      guidance_scale, sway_coefficient)
+    from ..models import dit_solve
+
+    with torch.no_grad():  # (transformers' sample is @torch.no_grad too)
+        return dit_solve.sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
+                                guidance_scale, sway_coefficient, backend=pinned_backend(self))
+
+
 def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,
-                pin) -> None:
+                pin, swap_sample=None) -> None:
     """What :func:`omni_fast.patch` does to one Token2Wav module (``swap_forward(module, fn)`` / ``pin(module,
-    backend)``: patch's own helpers); adds the report line to ``bucket`` (swapped) or ``left``."""
+    backend)`` / ``swap_sample(module, fn)``: patch's own helpers); adds the report line to ``bucket`` (swapped)
+    or ``left``."""
+    if cls == "Qwen2_5OmniToken2WavDiTModel" and swap_sample is not None:
+        swap, what = label("-> one CUDA graph per length bucket (omni_fast.models.dit_solve)", True)
+        if wanted and swap:
+            swap_sample(module, dit_sample)
+            pin(module, backend)
+        target = bucket if swap else left
+        key = (part, f"{cls}.sample: the whole RK4 ODE solve {what}")
+        target[key] = target.get(key, 0) + 1
     if cls == "Qwen2_5OmniToken2WavDiTModel":
         swap, what = label("-> one omni_fast.ops.block_attention launch per layer (paged varlen flash "
                            "attention)", True)

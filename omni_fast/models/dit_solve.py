@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from .cuda_graphs import capture, weights_key
 
@@ -180,7 +181,8 @@ def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
         cache.clear()
         cache["weights"] = weights
-    key = (B, codes, settings, conditioning.dtype, str(code.device), backend)
+    # the backend as requested now: a graph captured under one ambient choice must not replay under another
+    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend())
     graph = cache.get(key)
     if graph is None:
         graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
