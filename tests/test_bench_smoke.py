@@ -23,7 +23,7 @@ FAMILIES = harness.case_modules()
 MUST_RUN = {"rope": {"omni_fast", "eager", "compile"}, "moe": {"omni_fast", "omni_fast_tma", "hf_eager"},
             "attention": {"omni_fast", "eager", "sdpa_math"}, "mtp": {"omni_fast", "eager", "transformers"},
             "code2wav": {"omni_fast", "transformers"}, "decode": {"eager", "transformers"},
-            "pipeline": {"omni_fast", "eager", "transformers"}}
+            "pipeline": {"omni_fast", "eager", "transformers"}, "token2wav": {"omni_fast", "transformers"}}
 
 
 def test_every_family_has_a_smoke_preset():
