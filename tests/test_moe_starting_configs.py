@@ -38,9 +38,20 @@ def on_gpu(monkeypatch):
         monkeypatch.setattr(moe_gemm, "interpreting", lambda: False)
         monkeypatch.setattr(moe_gemm, "device_name", lambda device=None: name.replace(" ", "_"))
         monkeypatch.setattr(triton, "__version__", version)
+        monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", True)  # OMNI_FAST_MOE_STARTING_CONFIGS=1
         moe_gemm._find_tuned.cache_clear()
     yield use
     moe_gemm._find_tuned.cache_clear()
+
+
+def test_untuned_starting_points_are_opt_in(on_gpu, monkeypatch):
+    """Without OMNI_FAST_MOE_STARTING_CONFIGS=1 the untuned files are skipped: the heuristic (no TMA) runs."""
+    on_gpu("NVIDIA H100 80GB HBM3", "3.6.0")
+    monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", False)
+    moe_gemm._find_tuned.cache_clear()
+    args = (4096, 128, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
+    assert moe_gemm.get_config(*args) == moe_gemm.default_config(4096, 128, 8, 2048, 768, torch.bfloat16)
+    assert not moe_gemm.get_config(*args).get("USE_TMA")
 
 
 @pytest.mark.parametrize("device", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
