@@ -10,7 +10,7 @@ path's fp32 SnakeBeta and rounding to the activation dtype.
 
 The choice (:func:`use_preactivation`) compares two predicted times of the conv (a model, not measured; the
 constants below are the cost model's, ``omni_fast/bench/costmodel/constants.py``, and the SnakeBeta rate of
-``bench/code2wav_snake_cost.py``; tests/test_code2wav.py checks they agree)::
+``bench/code2wav_snake_cost.py``; tests/test_code2wav_ops.py checks they agree)::
 
     fused  = max(weight bytes / HBM, MACs / MMA + R * E / ACT)
     preact = NODE + 2 * E * elt / HBM + E / ACT + max(weight bytes / HBM, MACs / MMA)

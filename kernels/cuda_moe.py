@@ -7,7 +7,7 @@ kernels run on torch's current stream with raw ``data_ptr()`` values; outputs an
 (the first call compiles it: make that call before capturing).
 
 Every kernel launch goes through :func:`_run` (and the device check through :func:`_check_device`), so the
-``test_cuda_*_logic_emulated`` tests in ``tests/test_moe.py`` run this module's host code unchanged, with the
+``test_cuda_*_logic_emulated`` tests in ``tests/test_moe_cuda.py`` run this module's host code unchanged, with the
 kernels on the CPU emulator (``tests/cuda_emu``).
 """
 

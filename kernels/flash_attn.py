@@ -39,7 +39,7 @@ from .launch import interpreting, launch
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
 # Split head dims (72 = 64 + 16 instead of a 128-wide padded tile, see head_tiles): opt-in until a GPU run passes
-# tests/test_attention.py's gpu-marked split-head-dim test (project rule for new fast paths).
+# tests/test_attention_kvcache.py's gpu-marked split-head-dim test (project rule for new fast paths).
 SPLIT_HEAD_DIM = os.environ.get("OMNI_FAST_SPLIT_HEAD_DIM", "") == "1"
 
 

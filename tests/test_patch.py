@@ -86,7 +86,7 @@ def test_full_model_generate_parity_patch_unpatch(omni, kernel_calls):
     assert codes0.shape[1] == omni.config.talker_config.num_code_groups and wav0.numel() > 0
 
     # The vocoder's Triton kernels take minutes under the interpreter at 1920x upsampling: the whole-model run
-    # swaps it on the reference backend (test_code2wav.py proves its kernels, test_code2wav_alone_parity the swap).
+    # swaps it on the reference backend (test_code2wav_ops.py proves its kernels, test_code2wav_alone_parity the swap).
     report = omni_fast.patch(omni, parts=("thinker", "talker", "code_predictor", "audio", "vision"))
     report_c2w = omni_fast.patch(omni.code2wav, backend="reference")
     try:
@@ -229,7 +229,7 @@ def test_code2wav_alone_parity(omni, kernel_calls):
     codes = torch.randint(0, size, (2, groups, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = code2wav.chunked_decode(codes, chunk_size=4, left_context_size=2)
-        report = omni_fast.patch(code2wav, backend="reference")  # Triton Code2Wav: tests/test_code2wav.py
+        report = omni_fast.patch(code2wav, backend="reference")  # Triton Code2Wav: tests/test_code2wav_ops.py
         try:
             got = code2wav.chunked_decode(codes, chunk_size=4, left_context_size=2)
         finally:

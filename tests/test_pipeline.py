@@ -133,7 +133,7 @@ def test_patched_pipeline_matches_unpatched(pipe):
     req = Request(text=[5, 6, 7, 8, 9])
     want, _ = _ours(pipe, req, first_chunk=300, chunk=300)
     # reference backend: the swapped-in vocoder's kernels take minutes under the Triton interpreter at 1920x
-    # upsampling (tests/test_code2wav.py and tests/test_patch.py cover the kernels).
+    # upsampling (tests/test_code2wav_ops.py and tests/test_patch.py cover the kernels).
     patched = Qwen3Omni(pipe.model, patch=True, tokenizer=pipe.tokenizer, backend="reference")
     try:
         got = patched.generate(req, **GREEDY, first_chunk=300, chunk=300)[0]
@@ -379,7 +379,7 @@ def test_patched_pipeline_streams_exactly(pipe):
     streamed = torch.cat(chunks)
     assert streamed.shape == one["audio"].shape
     # fp32 rounding differs between chunkings (other GEMM shapes); the random-weight vocoder amplifies it at
-    # single samples, so the bound is on the relative L2 error (the exact property is tested in test_code2wav.py)
+    # single samples, so the bound is on the relative L2 error (the exact property is tested in test_code2wav_stream.py)
     err = (streamed - one["audio"]).norm() / one["audio"].norm()
     print(f"streamed vs one chunk: relative L2 error {err.item():.2e}")
     assert err < 1e-3, err

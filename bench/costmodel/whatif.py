@@ -55,12 +55,17 @@ def _facts(cfg: dict, part: str) -> dict:
     up, down = mg._split(cfg)
     c = up if part == "gate_up" else down
     gated = part == "gate_up"
+    tma = bool(c.get("USE_TMA"))  # the weight tiles through a tensor descriptor, as the launcher passes them
     consts = dict(UPCAST=False, DOT_PRECISION="tf32", GATED=gated, MUL_ROUTED_WEIGHT=not gated, A_PER_TOKEN=gated,
-                  USE_TMA=False, **{key: c[key] for key in mg._KEYS[:4]})
+                  USE_TMA=tma, SPLIT_K=c["SPLIT_K"], **{key: c[key] for key in mg._KEYS[:4]})
+    if tma:
+        consts["stride_bn"] = 1
+    block = (c["BLOCK_SIZE_N"], c["BLOCK_SIZE_K"]) if tma else None
     fn = sc._jit_function(mg.moe_gemm_kernel)
     case = sc.importlib.import_module("omni_fast.kernels.launch").StaticCase(
-        "whatif", fn, mg._gemm_signature("bf16", "bf16" if gated else "fp32"), consts, c["num_warps"],
-        c["num_stages"], ("N", "K", "stride_am", "stride_be", "stride_cm", "stride_bn"))
+        "whatif", fn, mg._gemm_signature("bf16", "bf16" if gated else "fp32", block, c["SPLIT_K"] > 1), consts,
+        c["num_warps"], c["num_stages"],
+        ("N", "K", "stride_am", "stride_be", "stride_cm") + (() if tma else ("stride_bn",)))
     src = triton.compiler.ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs,
                                     attrs=case.attrs(fn.arg_names))
     comp = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -69,7 +74,8 @@ def _facts(cfg: dict, part: str) -> dict:
     regs, spill, ss = sc._ptxas_usage(ptx)
     smem = comp.metadata.shared + ss
     return dict(regs=regs, spill_bytes=spill, smem=smem, num_warps=c["num_warps"],
-                occupancy=occupancy(regs, smem, c["num_warps"]), tensor_core=tensor_core(ptx))
+                occupancy=occupancy(regs, smem, c["num_warps"]), tensor_core=tensor_core(ptx),
+                tma="cp.async.bulk.tensor" in ptx)
 
 
 OLD_PREFILL = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3,

@@ -1,0 +1,94 @@
+"""The RVQ embedding op: reference vs the Code2Wav/talker sums, Triton vs reference, bad input, compile trace."""
+
+import pytest
+import torch
+
+import omni_fast
+from omni_fast.reference import rvq as ref_rvq
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+
+transformers = pytest.importorskip("transformers")
+
+
+# --- RVQ embedding ------------------------------------------------------------------------------------------------
+
+
+def test_rvq_reference_matches_code2wav_and_talker_sum():
+    g = torch.Generator().manual_seed(0)
+    G, V, D = 4, 11, 8
+    emb = torch.nn.Embedding(G * V, D)
+    offset = (torch.arange(G) * V).view(1, G, 1)
+    codes = torch.randint(0, V, (2, G, 5), generator=g)  # Code2Wav layout [B, G, T]
+    want = emb(codes + offset).mean(1)  # Qwen3OmniMoeCode2Wav: code_embedding(codes + code_offset).mean(1)
+    got = ref_rvq.rvq_embed(codes.transpose(1, 2), emb.weight, reduce="mean", offsets=offset.flatten())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    tables = [torch.randn(v, D, dtype=torch.bfloat16, generator=g) for v in (13, 11, 11, 11)]
+    c = torch.stack([torch.randint(0, t.shape[0], (6,), generator=g) for t in tables], -1)
+    want = torch.cat([tables[i][c[:, i:i + 1]] for i in range(4)], 1).sum(1)  # the Talker's codec_hiddens.sum(1)
+    torch.testing.assert_close(ref_rvq.rvq_embed(c, tables), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("N,G,D", [(0, 3, 16), (1, 1, 8), (7, 16, 40), (5, 4, 1100)])
+def test_rvq_triton_matches_reference(dtype, N, G, D):
+    g = torch.Generator().manual_seed(N + G)
+    tables = [torch.randn(5 + i, D, generator=g).to(DEVICE, dtype) for i in range(G)]
+    codes = torch.stack([torch.randint(0, 5 + i, (N, 2), generator=g) for i in range(G)], -1).to(DEVICE)
+    big = torch.randn(9 * G, D, generator=g).to(DEVICE, dtype)
+    offs = torch.arange(G) * 9
+    bcodes = torch.randint(0, 9, (N, G), generator=g).to(DEVICE).int()
+    for got, args, kw in [
+        (omni_fast.ops.rvq_embed(codes, tables, backend="triton"), (codes, tables), {}),
+        (omni_fast.ops.rvq_embed(bcodes, big, offsets=offs, reduce="mean", backend="triton"), (bcodes, big),
+         dict(offsets=offs, reduce="mean")),
+    ]:
+        exact = ref_rvq.rvq_embed(args[0], [t.double() for t in args[1]] if isinstance(args[1], list)
+                                  else args[1].double(), **kw)
+        same = ref_rvq.rvq_embed(*args, **kw)
+        assert_matches_reference(got, exact, same)
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda t, c: omni_fast.ops.rvq_embed(c + 100, t), ValueError, "codes"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c - 100, t), ValueError, "codes"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c[:, :2], t), ValueError, "codebooks"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c.float(), t), TypeError, "codes"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, t, reduce="max"), ValueError, "reduce"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, torch.cat(t), offsets=[0, 5]), ValueError, "offsets"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, torch.cat(t), offsets=[0, 5, 100]), ValueError, "offsets"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, t, offsets=[0, 5, 10]), ValueError, "offsets"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, [t[0], t[1], torch.randn(5, 3)]), ValueError, "tables"),
+    (lambda t, c: omni_fast.ops.rvq_embed(c, [t[0], t[1], t[2].half()]), TypeError, "tables"),
+])
+def test_rvq_bad_input(call, err, match):
+    tables = [torch.randn(5, 4) for _ in range(3)]
+    codes = torch.randint(0, 5, (2, 3))
+    with pytest.raises(err, match=match):
+        call(tables, codes)
+
+
+def test_rvq_unchecked_bad_codes_add_nothing():
+    """With the value check off (as on CUDA by default: no host sync), an out-of-range code adds nothing in the
+    Triton kernel instead of reading outside its table (list of tables, and one table with offsets)."""
+    g = torch.Generator().manual_seed(3)
+    tables = [torch.randn(5, 8, generator=g).to(DEVICE) for _ in range(3)]
+    codes = torch.tensor([[1, 5, 2], [-1, 0, 4], [0, 1, 2]], device=DEVICE)  # 5 and -1 are out of range
+    got = omni_fast.ops.rvq_embed(codes, tables, check_values=False, backend="triton")
+    want = torch.stack([tables[0][1] + tables[2][2], tables[1][0] + tables[2][4],
+                        tables[0][0] + tables[1][1] + tables[2][2]])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    big, offs = torch.cat(tables), torch.tensor([0, 5, 10], device=DEVICE)
+    got = omni_fast.ops.rvq_embed(torch.tensor([[1, 2, 5]], device=DEVICE), big, offsets=offs, check_values=False,
+                                  backend="triton")  # 5 + offset 10 = row 15: past the table's 15 rows
+    torch.testing.assert_close(got, (tables[0][1] + tables[1][2])[None], rtol=1e-6, atol=1e-6)
+
+
+def test_rvq_compile_traces():
+    tables = torch.randn(12, 4)
+    offs = torch.tensor([0, 4, 8])
+    codes = torch.randint(0, 4, (3, 3))
+    fn = torch.compile(lambda c: omni_fast.ops.rvq_embed(c, tables, offsets=offs, backend="reference"),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(codes), ref_rvq.rvq_embed(codes, tables, offsets=offs))
+
+
