@@ -36,9 +36,11 @@ def _configs(tiny: bool):
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (Qwen2_5OmniBigVGANConfig,
                                                                              Qwen2_5OmniDiTConfig)
 
-    if tiny:
+    if tiny:  # the tiny DiT of the presets; a 2-stage BigVGAN with one AMP block (the interpreter run stays short)
         t2w = tiny_qwen2_5_omni_config().token2wav_config
-        return t2w.dit_config, t2w.bigvgan_config
+        return t2w.dit_config, Qwen2_5OmniBigVGANConfig(
+            mel_dim=t2w.bigvgan_config.mel_dim, upsample_initial_channel=16, resblock_kernel_sizes=[3],
+            resblock_dilation_sizes=[[1, 3, 5]], upsample_rates=[2, 2], upsample_kernel_sizes=[4, 4])
     return Qwen2_5OmniDiTConfig(), Qwen2_5OmniBigVGANConfig()
 
 
