@@ -140,6 +140,7 @@ def test_graph_replay_equals_eager_on_cuda():
         want = _hf(dit, cond, ref, code, 5, num_steps=4)
         eager = _eager(dit, cond, ref, code, 5, num_steps=4)
         got = _ours(dit, cond, ref, code, 5, num_steps=4, buckets=(8,))
-        assert dit.__dict__[dit_solve._CACHE][(B, 8, (4, 0.5, -1.0), torch.float32, "cuda:0", "auto")].graph is not None
+        graphs = [g for k, g in dit.__dict__[dit_solve._CACHE].items() if k != "weights" and k[0] == B]
+        assert len(graphs) == 1 and graphs[0].graph is not None  # captured, one graph for bucket 8
         torch.testing.assert_close(got, eager, **TOL)
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # TF32 / cuDNN paths may differ from SDPA's
