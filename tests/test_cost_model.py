@@ -30,7 +30,8 @@ CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64",
          "talker-step-fused-B1", "talker-step-fused-B8",
          "mtp-frame-B1", "mtp-frame-B64", "mtp-frame-persistent-B1", "mtp-frame-persistent-B64",
          "code2wav-push-B1-F1", "code2wav-push-B1-F4", "code2wav-push-B32-F1", "code2wav-push-B32-F4",
-         "moe-thinker-T4096", "moe-talker-T4096"]
+         "moe-thinker-T4096", "moe-talker-T4096",
+         "dit-step-T500", "bigvgan-amp-block-C768-T2500"]
 UNITS = {u.name: u for u in all_units()}
 
 

@@ -143,4 +143,77 @@ def model_units() -> list[Unit]:
 def all_units() -> list[Unit]:
     from .units import attention_units, moe_units, quant_moe_units, small_units
 
-    return moe_units() + quant_moe_units() + attention_units() + small_units() + model_units()
+    return (moe_units() + quant_moe_units() + attention_units() + small_units() + model_units()
+            + token2wav_units())
+
+
+# --- Qwen2.5-Omni Token2Wav (issue 19) -----------------------------------------------------------------------------
+
+DIT_CODES = 250  # codec tokens of one solve (500 mel frames, 5 s of audio): the bench's quick case
+AMP = dict(C=768, T=2500, k=3)  # BigVGAN's first AMP block (after the first x5 upsampler) on 500 mel frames
+
+
+def _dit_step_call():
+    """One DiT forward of the graph-captured solve (CFG batch 2 rows), tiny widths, the real 22 layers and their
+    look-ahead / look-back pattern; 7 codes -> 14 mel frames (two blocks of 8)."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
+
+    from omni_fast.models import dit_solve
+
+    real = Qwen2_5OmniDiTConfig()
+    cfg = Qwen2_5OmniDiTConfig(hidden_size=32, num_hidden_layers=real.num_hidden_layers, num_attention_heads=2,
+                               head_dim=16, emb_dim=16, enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48],
+                               enc_attention_channels=8, enc_se_channels=8, num_embeds=300, block_size=8,
+                               look_ahead_layers=real.look_ahead_layers, look_backward_layers=real.look_backward_layers)
+    torch.manual_seed(0)
+    dit = q25.Qwen2_5OmniToken2WavDiTModel._from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    code = torch.randint(0, 300, (1, 7), generator=g)
+    x = torch.randn(1, 14, cfg.mel_dim, generator=g)
+    with torch.no_grad():
+        spk = torch.randn(2, cfg.enc_dim, generator=g)
+        static = dit_solve._invariants(dit, code, torch.randn(1, cfg.enc_emb_dim, generator=g), spk,
+                                       torch.tensor([14], dtype=torch.int32), 0.5)
+    t = torch.tensor(0.3)
+
+    def call():
+        with torch.no_grad():
+            return dit_solve._dit_forward(dit, x, t, static, None)
+    return call
+
+
+def _amp_block_call():
+    """One BigVGAN AMP block (3 dilations x (activation, conv, activation, conv + residual)) with the omni-fast
+    swaps (integrations.token2wav), tiny channels."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    from omni_fast.bench.cases.token2wav import _swap_bigvgan
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.block = q25.Qwen2_5OmniAMPBlock(8, AMP["k"], (1, 3, 5)).eval()
+    _swap_bigvgan(holder)
+    x = torch.randn(1, 8, 20, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        with torch.no_grad():
+            return holder.block(x)
+    return call
+
+
+def token2wav_units() -> list[Unit]:
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
+
+    from omni_fast.bench.cases.token2wav import _dit_costs
+
+    cfg = Qwen2_5OmniDiTConfig()
+    L = DIT_CODES * cfg.repeats
+    flops, weights = _dit_costs(cfg, 2, L)
+    C, T, k = AMP["C"], AMP["T"], AMP["k"]
+    amp_w = 6 * (C * C * k + C)  # 6 convs (fp32)
+    return [Unit(f"dit-step-T{L}", "token2wav", "graph", launch=_dit_step_call, cheap_count=True,
+                 min_bytes=weights + 4.0 * 2 * L * cfg.mel_dim * 2, flops=flops,
+                 params=dict(codes=DIT_CODES, mel_frames=L, rows=2, layers=cfg.num_hidden_layers)),
+            Unit(f"bigvgan-amp-block-C{C}-T{T}", "token2wav", "eager", launch=_amp_block_call, cheap_count=True,
+                 min_bytes=4.0 * (amp_w + 2 * C * T), flops=2.0 * 6 * C * C * k * T, params=dict(AMP))]
