@@ -166,7 +166,7 @@ def attn_fwd_kernel(
     offs_d2 = None
     mask_d2 = None
     q2 = None
-    acc2 = None
+    acc2 = tl.zeros([1], dtype=tl.float32)  # placeholder: Triton 3.6 cannot return None from attend_range
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         mask_d2 = offs_d2 < HEAD_DIM
@@ -201,14 +201,23 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # masked edge [lo, mid_lo), unmasked interior [mid_lo, mid_hi), masked edge [mid_hi, hi)
-    args = (k_base, v_base, bt_row_ptr, km_row_ptr, stride_kb, stride_kt, stride_vb, stride_vt, page_size,
-            num_blocks, len_k, k_lo, win_left, win_right, qk_scale, softcap_log2, slope, offs_d, mask_d)
-    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, lo, mid_lo, *args, acc2, q2, offs_d2, mask_d2,
-                                       BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
-    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, mid_lo, mid_hi, *args, acc2, q2, offs_d2, mask_d2,
-                                       BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
-    acc, m_i, l_i, acc2 = attend_range(acc, m_i, l_i, q, qpos, mid_hi, hi, *args, acc2, q2, offs_d2, mask_d2,
-                                       BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
+    # the key-side arguments are spelled out in each call: Triton 3.6 (the GPU image's) cannot compile a starred
+    # tuple followed by more positional arguments
+    acc, m_i, l_i, acc2 = attend_range(
+        acc, m_i, l_i, q, qpos, lo, mid_lo, k_base, v_base, bt_row_ptr, km_row_ptr, stride_kb, stride_kt, stride_vb,
+        stride_vt, page_size, num_blocks, len_k, k_lo, win_left, win_right, qk_scale, softcap_log2, slope, offs_d,
+        mask_d, acc2, q2, offs_d2, mask_d2,
+        BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
+    acc, m_i, l_i, acc2 = attend_range(
+        acc, m_i, l_i, q, qpos, mid_lo, mid_hi, k_base, v_base, bt_row_ptr, km_row_ptr, stride_kb, stride_kt, stride_vb,
+        stride_vt, page_size, num_blocks, len_k, k_lo, win_left, win_right, qk_scale, softcap_log2, slope, offs_d,
+        mask_d, acc2, q2, offs_d2, mask_d2,
+        BLOCK_N, PAGED, UPCAST, PREC, False, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
+    acc, m_i, l_i, acc2 = attend_range(
+        acc, m_i, l_i, q, qpos, mid_hi, hi, k_base, v_base, bt_row_ptr, km_row_ptr, stride_kb, stride_kt, stride_vb,
+        stride_vt, page_size, num_blocks, len_k, k_lo, win_left, win_right, qk_scale, softcap_log2, slope, offs_d,
+        mask_d, acc2, q2, offs_d2, mask_d2,
+        BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
 
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key

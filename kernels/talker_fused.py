@@ -189,7 +189,7 @@ def attn_phase_kernel(
     acc, m_i, l_i, _ = attend_range(acc, m_i, l_i, q, qpos, lo, hi, kc_ptr + kv, vc_ptr + kv, seqlens_ptr,
                                     seqlens_ptr, 0, stride_ct, 0, stride_ct, 1, 1, len_k, 0, capacity, 0, qk_scale,
                                     0.0, tl.zeros((16,), dtype=tl.float32), offs_d, mask_d,
-                                    None, None, None, None,  # no second head-dim tile (acc2, q2, offs_d2, mask_d2)
+                                    tl.zeros((1,), dtype=tl.float32), None, None, None,  # no 2nd head-dim tile
                                     BLOCK_N, False, UPCAST, PREC, True, 1, False, False, False, 0)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -322,6 +322,12 @@ def _bk(K: int) -> int:
     return max(16, min(256, triton.next_power_of_2(max(K, 1))))
 
 
+def _moe_bk(H: int) -> int:
+    """The MoE phase's K tile over the hidden size: 128 above H 1024 (the thinker's H 2048 at 256 needs 255
+    registers on Triton 3.9 and spills 16 B on 3.6; 128: 167 registers, no spills); the talker keeps 256."""
+    return _bk(H) if H <= 1024 else min(_bk(H), 128)
+
+
 def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, positions, inv_freq, q_norm, k_norm,
               counters, eps: float, mrope_section, interleaved: bool, scaling: float) -> None:
     """Phase 1 (see the module doc). x ``[M, H]``, qkv ``[M, (n_q + 2 n_kv) D]`` (contiguous), caches
@@ -397,7 +403,7 @@ def moe_phase(resid, norm_weight, router, w13, w2, shared_w13, shared_w2, shared
            shared_w13 if shared else w13, shared_w2 if shared else w2, shared_gate if shared else router,
            logits, act, part, counters, H, E, inter, shared_inter, resid.stride(0), n_chunks, n_shared,
            act.shape[-1], float(eps), TOP_K=int(top_k), RENORMALIZE=bool(renormalize), SHARED=shared,
-           BLOCK_E=triton.next_power_of_2(E), BLOCK_TK=triton.next_power_of_2(top_k), BI=bi, BK_H=_bk(H),
+           BLOCK_E=triton.next_power_of_2(E), BLOCK_TK=triton.next_power_of_2(top_k), BI=bi, BK_H=_moe_bk(H),
            BN_H=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
            UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
 
@@ -453,7 +459,7 @@ def _register_static_cases() -> None:
                     _sig(ptr, ("H", "E", "I", "IS", "stride_resid", "n_chunks", "n_shared", "act_width"), ("eps",),
                          ("TOP_K", "RENORMALIZE", "SHARED", "BLOCK_E", "BLOCK_TK", "BI", "BK_H", "BN_H", "BLOCK_H",
                           "UPCAST", "PREC")),
-                    dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=32, BK_H=256,
+                    dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=32, BK_H=_moe_bk(H),
                          BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
                     aligned=("H", "I", "IS", "stride_resid", "act_width"))
 
