@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import omni_fast
-from omni_fast.testing import seeded_weights_
+from omni_fast.testing import run_unpatched_then_patched, seeded_weights_
 
 pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -68,16 +68,6 @@ def generate(model, ids, mask=None, talker_tokens=10, **extra):
     return text, codes[0], wav
 
 
-def patched_and_unpatched(model, run, **patch_kwargs):
-    want = run()
-    report = omni_fast.patch(model, **patch_kwargs)
-    try:
-        got = run()
-    finally:
-        omni_fast.unpatch(model)
-    return want, got, report
-
-
 def test_talker_decode_steps_match_transformers(model):
     """The talker text model called as generate calls it (an empty DynamicCache at the prefill, then one token a
     step with the cache it returned): hidden states of the prefill and of 4 decode steps, left-padded batch of 2."""
@@ -99,7 +89,7 @@ def test_talker_decode_steps_match_transformers(model):
                 cache = output_cache(out)
         return torch.stack(hidden), cache
 
-    (want, _), (got, cache), report = patched_and_unpatched(model, run)
+    (want, _), (got, cache), report = run_unpatched_then_patched(model, run)
     assert isinstance(cache, qwen25_talker.FastTalkerCache) and cache.get_seq_length() == 6 + 4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32; the kernels sum in another order
     assert any("[talker] Qwen2_5OmniTalkerModel: decode steps" in r for r in report.replaced)
@@ -114,7 +104,7 @@ def test_generate_greedy_codes_identical_left_padded_batch(model, decode_steps, 
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    (text0, codes0, wav0), (text1, codes1, wav1), _ = patched_and_unpatched(
+    (text0, codes0, wav0), (text1, codes1, wav1), _ = run_unpatched_then_patched(
         model, lambda: generate(model, ids, mask), backend="triton")
     assert len(decode_steps) == codes0.shape[1] - 1 - (ids.shape[1] + 2)  # every decode step after the prefill
     assert torch.equal(text1, text0) and torch.equal(codes1, codes0)
@@ -162,7 +152,7 @@ def _inputs(model, kind):
 @pytest.mark.parametrize("kind", ["audio", "image", "video_with_audio"])
 def test_generate_multimodal_parity(model, decode_steps, kind):
     ids, extra = _inputs(model, kind)
-    (text0, codes0, wav0), (text1, codes1, wav1), _ = patched_and_unpatched(
+    (text0, codes0, wav0), (text1, codes1, wav1), _ = run_unpatched_then_patched(
         model, lambda: generate(model, ids, **extra), backend="triton")
     assert decode_steps and torch.equal(text1, text0) and torch.equal(codes1, codes0)
     assert torch.equal(wav1, wav0)
@@ -178,7 +168,7 @@ def test_generate_with_token2wav_swapped(model, decode_steps, monkeypatch):
 
     monkeypatch.setattr(token2wav, "ENABLED", True)
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
-    (text0, codes0, wav0), (text1, codes1, wav1), report = patched_and_unpatched(
+    (text0, codes0, wav0), (text1, codes1, wav1), report = run_unpatched_then_patched(
         model, lambda: generate(model, ids, talker_tokens=6), backend="reference")
     assert torch.equal(text1, text0) and torch.equal(codes1, codes0)
     assert 0 < wav0.abs().max() < 1  # not clamped: a real comparison

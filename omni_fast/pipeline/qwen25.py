@@ -31,7 +31,7 @@ from ..integrations.hf_compat import (generate_passes_mask, output_cache, thinke
                                       with_cache)
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .requests import Event, check_request, check_stream_args, mel_features
-from .scheduler import TextDecode
+from .scheduler import StageAdapter, TextDecode
 
 REAL_CHAT_IDS = dict(im_start=151644, im_end=151645, user=872, assistant=77091, newline=198)
 
@@ -115,7 +115,7 @@ class Token2WavCodec:
         return out
 
 
-class Qwen25Stages:
+class Qwen25Stages(StageAdapter):
     """The Qwen2.5-Omni adapter over the pipeline ``pipe`` (a :class:`omni_fast.models.Qwen25Omni`)."""
 
     family = "qwen2.5-omni"
@@ -165,12 +165,6 @@ class Qwen25Stages:
         if name is None:
             raise ValueError(f"speaker: unknown speaker {speaker!r}; known: {sorted(self.pipe.speakers)}")
         return name
-
-    def samplers(self, opts, gen):
-        return self.pipe.samplers(opts, gen)
-
-    def graph_default(self) -> bool:
-        return self.device.type == "cuda" and bool(self.model.__dict__.get("_omni_fast_patched", False))
 
     def begin(self) -> None:
         pass

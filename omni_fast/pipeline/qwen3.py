@@ -20,7 +20,7 @@ from ..integrations.hf_compat import output_cache, thinker_text_model, with_cach
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import audio_video_order, encode_audio, encode_visual, merge_visual
 from .requests import Event, check_request, check_stream_args
-from .scheduler import TextDecode
+from .scheduler import StageAdapter, TextDecode
 
 
 def talker_ids(tcfg) -> dict:
@@ -64,7 +64,7 @@ class ThinkerContext:
     hidden_states: dict
 
 
-class Qwen3Stages:
+class Qwen3Stages(StageAdapter):
     """The Qwen3-Omni adapter over the pipeline ``pipe`` (a :class:`omni_fast.models.Qwen3Omni`)."""
 
     family = "qwen3-omni"
@@ -92,14 +92,6 @@ class Qwen3Stages:
         if sid is None:
             raise ValueError(f"unknown speaker {speaker!r}; known: {sorted(speakers)}")
         return sid
-
-    def samplers(self, opts, gen):
-        """The pipeline object's samplers (:meth:`omni_fast.models.Qwen3Omni.samplers`: transformers' defaults)."""
-        return self.pipe.samplers(opts, gen)
-
-    def graph_default(self) -> bool:
-        """Patched now (patch() may have been called on the model after construction) and on CUDA."""
-        return self.device.type == "cuda" and bool(self.model.__dict__.get("_omni_fast_patched", False))
 
     def begin(self) -> None:
         if self.pipe.fast_code2wav is not None:

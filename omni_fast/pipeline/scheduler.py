@@ -60,6 +60,18 @@ class StreamOptions:
     seed: int = 0
 
 
+class StageAdapter:
+    """What every model family's stage adapter shares (``pipe``, ``model`` and ``device`` set by the subclass)."""
+
+    def samplers(self, opts, gen):
+        """The pipeline object's samplers (transformers' defaults for the family)."""
+        return self.pipe.samplers(opts, gen)
+
+    def graph_default(self) -> bool:
+        """Patched now (patch() may have been called on the model after construction) and on CUDA."""
+        return self.device.type == "cuda" and bool(self.model.__dict__.get("_omni_fast_patched", False))
+
+
 class TextDecode:
     """One decode step of a decoder-only text model (thinker or talker) after its prefill: on omni-fast's decoder
     (own static KV cache, one graph replay per step on CUDA) when ``decoder`` is given, else on transformers'
