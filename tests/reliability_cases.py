@@ -73,6 +73,36 @@ def _vllm_quant(kind: str):
     return call
 
 
+def _vllm_builder(name: str):
+    """compat.vllm.fused_experts with ``quant_config=<name>(**builder args)`` (vLLM v0.11's quant_config builders):
+    a bad builder argument is named by the builder or, for layouts, by fused_experts."""
+    def call(backend, hidden_states, w1, w2, topk_weights, topk_ids, **q):
+        from omni_fast.compat import vllm
+
+        cfg = getattr(vllm, name)(**q)
+        return _under_backend(vllm.fused_experts)(backend, hidden_states=hidden_states, w1=w1, w2=w2,
+                                                   topk_weights=topk_weights, topk_ids=topk_ids, quant_config=cfg)
+    return call
+
+
+def _builder_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    """The fp8 / int4 quant_config builders of compat.vllm (run through fused_experts, compared across backends)."""
+    i32 = torch.int32
+    routing = lambda: dict(topk_weights=torch.rand(3, 2), topk_ids=torch.tensor([[0, 3], [1, 2], [3, 1]], dtype=i32))
+    return {
+        "compat.vllm.fp8_w8a8_moe_quant_config": (_vllm_builder("fp8_w8a8_moe_quant_config"), lambda: dict(
+            hidden_states=_t(3, 16), w1=_t(4, 32, 16, seed=1).to(torch.float8_e4m3fn),
+            w2=_t(4, 16, 16, seed=2).to(torch.float8_e4m3fn), **routing(), w1_scale=torch.rand(4, 32) / 100 + 1e-3,
+            w2_scale=torch.rand(4, 16) / 100 + 1e-3, a1_scale=torch.tensor([0.01]), a2_scale=None,
+            per_act_token_quant=True, per_out_ch_quant=True, block_shape=None), True),
+        "compat.vllm.int4_w4a16_moe_quant_config": (_vllm_builder("int4_w4a16_moe_quant_config"), lambda: dict(
+            hidden_states=_t(3, 32), w1=torch.randint(0, 256, (4, 32, 16), dtype=torch.uint8),
+            w2=torch.randint(0, 256, (4, 32, 8), dtype=torch.uint8), **routing(), w1_scale=torch.rand(4, 32, 2) / 100,
+            w2_scale=torch.rand(4, 32, 1) / 100, w1_zp=torch.randint(0, 256, (4, 16, 2), dtype=torch.uint8),
+            w2_zp=torch.randint(0, 256, (4, 16, 1), dtype=torch.uint8), block_shape=[0, 16]), True),
+    }
+
+
 def _quant_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
     """The quantized-experts entries of :func:`_entries`."""
     from omni_fast import ops
@@ -175,6 +205,7 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "ada_layer_norm": (ops.ada_layer_norm, lambda: dict(
             x=_t(2, 5, 7), shift=_t(2, 7, seed=1), scale=_t(2, 7, seed=2), eps=1e-6), True),
         **_quant_entries(),
+        **_builder_entries(),
     }
     return entries
 

@@ -13,6 +13,8 @@ Signatures of vLLM's current release line (read from ``vllm/model_executor/layer
 - ``moe_align_block_size(topk_ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False,
   ignore_invalid_experts=False)`` -> ``(sorted_ids, expert_ids, num_tokens_post_pad)`` with vLLM's sizes
 - ``moe_sum(input, output)`` -> None
+- the ``quant_config`` builders of ``fused_moe/config.py`` (``fp8_w8a8_moe_quant_config``,
+  ``int4_w4a16_moe_quant_config``, ``FusedMoEQuantConfig``, ...): :mod:`omni_fast.compat.vllm_config`
 
 Weights: ``w1`` ``[E, 2I, H]`` (gate rows then up rows, vLLM's ``w13``), ``w2`` ``[E, H, I]``. Quantized MoE:
 ``quant_config`` with ``use_fp8_w8a8`` (block-scaled, per-channel or per-tensor) or ``use_int4_w4a16`` and vLLM's
@@ -27,6 +29,10 @@ import torch
 from ..ops import moe as _moe  # the native forms (route_topk, align_moe_blocks, moe_experts); not ``ops``: it
 # re-exports this module's topk_softmax / moe_align_block_size and imports it while it initialises
 from . import vllm_quant as _vq
+from .vllm_config import (FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEQuantConfig, FusedMoEQuantDesc, GroupShape,
+                          biased_moe_quant_config, fp8_w8a8_moe_quant_config, int4_w4a16_moe_quant_config,
+                          int8_w8a8_moe_quant_config, int8_w8a16_moe_quant_config, mxfp4_w4a4_moe_quant_config,
+                          nvfp4_moe_quant_config)
 from ..validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_output, check_positive_int, check_tensor
 
 VLLM_VERSION = "0.11"
@@ -154,4 +160,9 @@ def moe_sum(input, output):  # noqa: A002 - vLLM's parameter name
     torch.sum(input, dim=1, out=output)
 
 
-__all__ = ["VLLM_VERSION", "fused_experts", "fused_topk", "moe_align_block_size", "moe_sum", "topk_softmax"]
+__all__ = ["VLLM_VERSION", "fused_experts", "fused_topk", "moe_align_block_size", "moe_sum", "topk_softmax",
+           # vLLM's quant_config builders (vllm/model_executor/layers/fused_moe/config.py): omni_fast.compat.vllm_config
+           "FUSED_MOE_UNQUANTIZED_CONFIG", "FusedMoEQuantConfig", "FusedMoEQuantDesc", "GroupShape",
+           "biased_moe_quant_config", "fp8_w8a8_moe_quant_config", "int4_w4a16_moe_quant_config",
+           "int8_w8a8_moe_quant_config", "int8_w8a16_moe_quant_config", "mxfp4_w4a4_moe_quant_config",
+           "nvfp4_moe_quant_config"]

@@ -1,0 +1,185 @@
+"""vLLM v0.11's quant_config builders in omni_fast.compat.vllm (omni_fast/compat/vllm_config.py): vLLM's exact
+signatures (written out below from ``vllm/model_executor/layers/fused_moe/config.py`` of the v0.11 line), vLLM's
+property values for the same arguments, and ``fused_experts`` results bitwise equal to passing the same tensors in
+an attribute object (the existing way, tests/test_compat_vllm_quant.py)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_compat_vllm_quant import E, H, INTER, _cfg, _fp8_block_weights, _fp8_channel_weights  # noqa: E402
+from test_compat_vllm_quant import _int4_weights, _routing  # noqa: E402
+
+from omni_fast.compat import vllm  # noqa: E402
+from omni_fast.testing import DEVICE  # noqa: E402
+
+# vLLM v0.11's parameters, in order, with their defaults (inspect.Parameter.empty = required)
+_R = inspect.Parameter.empty
+SIGNATURES = {
+    "fp8_w8a8_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", None), ("a2_scale", None),
+                                  ("per_act_token_quant", False), ("per_out_ch_quant", False),
+                                  ("block_shape", None)],
+    "int4_w4a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", _R), ("w2_zp", _R),
+                                    ("block_shape", None)],
+    "int8_w8a8_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", _R), ("a2_scale", _R),
+                                   ("per_act_token_quant", False)],
+    "int8_w8a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", _R), ("w2_zp", _R),
+                                    ("block_shape", None)],
+    "mxfp4_w4a4_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", None), ("a2_scale", None),
+                                    ("w1_bias", None), ("w2_bias", None), ("block_shape", None)],
+    "nvfp4_moe_quant_config": [("g1_alphas", _R), ("g2_alphas", _R), ("a1_gscale", _R), ("a2_gscale", _R),
+                               ("w1_scale", _R), ("w2_scale", _R)],
+    "biased_moe_quant_config": [("w1_bias", _R), ("w2_bias", _R)],
+}
+MAKE = [("quant_dtype", None), ("per_act_token_quant", False), ("per_out_ch_quant", False), ("block_shape", None)] + [
+    (n, None) for n in ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "g1_alphas", "g2_alphas", "a1_gscale",
+                        "a2_gscale", "w1_bias", "w2_bias", "w1_zp", "w2_zp")]
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_is_vllms(name):
+    params = inspect.signature(getattr(vllm, name)).parameters.values()
+    assert [(p.name, p.default) for p in params] == SIGNATURES[name]
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def test_make_signature_is_vllms():
+    params = inspect.signature(vllm.FusedMoEQuantConfig.make).parameters.values()
+    assert [(p.name, p.default) for p in params] == MAKE
+
+
+@pytest.mark.parametrize("name", ["int8_w8a8_moe_quant_config", "int8_w8a16_moe_quant_config",
+                                  "mxfp4_w4a4_moe_quant_config", "nvfp4_moe_quant_config", "biased_moe_quant_config"])
+def test_unsupported_builders_raise_naming_themselves(name):
+    args = [torch.ones(1)] * sum(d is _R for _, d in SIGNATURES[name])
+    with pytest.raises(NotImplementedError, match=name):
+        getattr(vllm, name)(*args)
+
+
+# --- vLLM's property values ---------------------------------------------------------------------------------------
+
+
+def test_fp8_block_properties():
+    s1, s2 = torch.ones(E, 1, 1), torch.ones(E, 1, 1)
+    cfg = vllm.fp8_w8a8_moe_quant_config(s1, s2, block_shape=[128, 128])
+    assert cfg.use_fp8_w8a8 and cfg.is_quantized and cfg.is_block_quantized and cfg.block_shape == [128, 128]
+    assert not (cfg.per_act_token_quant or cfg.per_out_ch_quant or cfg.is_per_tensor or cfg.use_int4_w4a16)
+    assert cfg.quant_dtype == torch.float8_e4m3fn and cfg.w1_scale is s1 and cfg.w2_scale is s2
+    assert cfg.a1_scale is None and cfg.w1_zp is None and cfg.w1_bias is None
+    assert cfg.config_name(torch.bfloat16) == "fp8_w8a8"
+    assert cfg.scale_shape(5, 300) == (5, 3) and cfg.batched_scale_shape(4, 5, 300) == (4, 5, 3)
+    assert vllm.fp8_w8a8_moe_quant_config(s1, s2, block_shape=(128, 64)).block_shape == [128, 64]
+
+
+def test_fp8_channel_and_tensor_properties():
+    s, a = torch.ones(E, 8), torch.ones(1)
+    tok = vllm.fp8_w8a8_moe_quant_config(s, s, per_act_token_quant=True, per_out_ch_quant=True)
+    assert tok.per_act_token_quant and tok.is_per_act_token and tok.per_out_ch_quant and tok.block_shape is None
+    assert tok.scale_shape(5, 300) == (5, 1)
+    ten = vllm.fp8_w8a8_moe_quant_config(s, s, a1_scale=a, a2_scale=a)
+    assert ten.is_per_tensor and not ten.per_act_token_quant and ten.a1_scale is a and ten.a2_scale is a
+    assert ten.scale_shape(5, 300) == (1, 1)
+
+
+def test_int4_properties():
+    s, z = torch.ones(E, 8, 2), torch.zeros(E, 4, 2, dtype=torch.uint8)
+    cfg = vllm.int4_w4a16_moe_quant_config(s, s, z, None, block_shape=[0, 128])
+    assert cfg.use_int4_w4a16 and not cfg.use_fp8_w8a8 and cfg.quant_dtype is None and not cfg.is_quantized
+    assert cfg.block_shape == [0, 128] and cfg.w1_zp is z and cfg.w2_zp is None and cfg.w1_scale is s
+    assert cfg.config_name(torch.float16) == "int4_w4a16" and cfg.scale_shape(5, 300) is None
+
+
+def test_unquantized_config():
+    cfg = vllm.FUSED_MOE_UNQUANTIZED_CONFIG
+    assert not (cfg.is_quantized or cfg.use_fp8_w8a8 or cfg.use_int4_w4a16) and cfg.block_shape is None
+    assert cfg.config_name(torch.float32) == "float32" and cfg.config_name(torch.bfloat16) is None
+    x, w, ids = _routing()
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(E, 2 * INTER, H, generator=g).to(DEVICE) / 10
+    w2 = torch.randn(E, H, INTER, generator=g).to(DEVICE) / 10
+    torch.testing.assert_close(vllm.fused_experts(x, w1, w2, w, ids, quant_config=cfg),
+                               vllm.fused_experts(x, w1, w2, w, ids), rtol=0, atol=0)
+
+
+def test_make_flags_of_other_schemes():
+    assert vllm.FusedMoEQuantConfig.make(torch.int8).use_int8_w8a8
+    assert vllm.FusedMoEQuantConfig.make("mxfp4").use_mxfp4_w4a4
+    assert vllm.FusedMoEQuantConfig.make("nvfp4").use_nvfp4_w4a4
+
+
+# --- fused_experts: the builder's config == the same tensors in an attribute object ------------------------------
+
+
+def _schemes():
+    """(name, w1, w2, builder config, attribute-object config) for every supported scheme."""
+    (b1, b2), (bs1, bs2), _ = _fp8_block_weights(16, 32)
+    (c1, cs1, _), (c2, cs2, _) = _fp8_channel_weights(False)
+    (t1, ts1, _), (t2, ts2, _) = _fp8_channel_weights(True)
+    a1, a2 = torch.tensor([3.0 / 448], device=DEVICE), torch.tensor([0.3 / 448], device=DEVICE)
+    (i1, is1, iz1, _), (i2, is2, iz2, _) = _int4_weights(16, True, torch.float32)
+    (j1, js1, _, _), (j2, js2, _, _) = _int4_weights(16, False, torch.float32)
+    f = vllm.fp8_w8a8_moe_quant_config
+    i = vllm.int4_w4a16_moe_quant_config
+    return [
+        ("fp8_block", b1, b2, f(bs1, bs2, block_shape=[16, 32]),
+         _cfg(use_fp8_w8a8=True, block_shape=[16, 32], w1_scale=bs1, w2_scale=bs2)),
+        ("fp8_channel_per_token", c1, c2, f(cs1, cs2, per_act_token_quant=True),
+         _cfg(use_fp8_w8a8=True, per_act_token_quant=True, w1_scale=cs1, w2_scale=cs2)),
+        ("fp8_tensor_static", t1, t2, f(ts1, ts2, a1, a2),
+         _cfg(use_fp8_w8a8=True, w1_scale=ts1, w2_scale=ts2, a1_scale=a1, a2_scale=a2)),
+        ("fp8_tensor_dynamic", t1, t2, f(ts1, ts2), _cfg(use_fp8_w8a8=True, w1_scale=ts1, w2_scale=ts2)),
+        ("int4_zero_points", i1, i2, i(is1, is2, iz1, iz2, [0, 16]),
+         _cfg(use_int4_w4a16=True, block_shape=[0, 16], w1_scale=is1, w2_scale=is2, w1_zp=iz1, w2_zp=iz2)),
+        ("int4_symmetric", j1, j2, i(js1, js2, None, None, block_shape=[0, 16]),
+         _cfg(use_int4_w4a16=True, block_shape=[0, 16], w1_scale=js1, w2_scale=js2)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_builder_config_equals_attribute_config(index):
+    name, w1, w2, built, attrs = _schemes()[index]
+    x, w, ids = _routing(11)
+    out = vllm.fused_experts(x, w1, w2, w, ids, quant_config=built)
+    torch.testing.assert_close(out, vllm.fused_experts(x, w1, w2, w, ids, quant_config=attrs), rtol=0, atol=0,
+                               msg=name)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(w1_scale=[1.0]), TypeError, "w1_scale must be a torch.Tensor"),
+    (dict(a2_scale=0.1), TypeError, "a2_scale must be a torch.Tensor"),
+    (dict(per_act_token_quant=1), TypeError, "per_act_token_quant must be a bool"),
+    (dict(per_out_ch_quant="no"), TypeError, "per_out_ch_quant must be a bool"),
+    (dict(block_shape=[128]), ValueError, "block_shape must be None or a list of two ints"),
+    (dict(block_shape=[128, 1.5]), TypeError, "block_shape must be an int"),
+    (dict(block_shape=[128, 128], per_act_token_quant=True), ValueError, "block_shape excludes per_act_token"),
+])
+def test_bad_builder_arguments_are_named(kw, exc, match):
+    args = dict(w1_scale=torch.ones(E), w2_scale=torch.ones(E))
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        vllm.fp8_w8a8_moe_quant_config(**args)
+
+
+def test_bad_int4_builder_arguments_are_named():
+    s = torch.ones(E, 8, 2)
+    with pytest.raises(TypeError, match="w2_zp must be a torch.Tensor"):
+        vllm.int4_w4a16_moe_quant_config(s, s, None, 3)
+    with pytest.raises(ValueError, match="block_shape"):
+        vllm.int4_w4a16_moe_quant_config(s, s, None, None, block_shape="0,128")
+
+
+def test_layout_errors_come_from_fused_experts_in_vllms_names():
+    (w1, s1, _), (w2, s2, _) = _fp8_channel_weights(False)
+    x, w, ids = _routing()
+    cfg = vllm.fp8_w8a8_moe_quant_config(s1[:, :5], s2, per_act_token_quant=True)
+    with pytest.raises(ValueError, match="w1_scale must have shape"):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=cfg)
