@@ -250,11 +250,13 @@ def moe_combine_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, H, top_k, num_experts, 
 # --- launch configs ----------------------------------------------------------------------------------------------
 
 
-def config_file_stem(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device | None,
+def config_file_stem(num_experts: int, inter: int, dtype: torch.dtype | str, device: torch.device | None,
                      triton_version: str | None = None) -> str:
-    """``E=128,N=768,dtype=bf16,device=NVIDIA_H100_80GB_HBM3,triton=3.6.0``: one tuned file per shape/device."""
-    ver = triton_version or triton.__version__
-    return f"E={num_experts},N={inter},dtype={_DTYPE_NAMES[dtype]},device={device_name(device)},triton={ver}"
+    """``E=128,N=768,dtype=bf16,device=NVIDIA_H100_80GB_HBM3,triton=3.6.0``: one tuned file per shape/device.
+    A str ``dtype`` is a quantized format's tag in vLLM's spelling, e.g. ``fp8_w8a8,block_shape=[128,128]``
+    (:func:`omni_fast.kernels.moe_gemm_quant.config_key`): the same lookup, files of their own."""
+    ver, tag = triton_version or triton.__version__, dtype if isinstance(dtype, str) else _DTYPE_NAMES[dtype]
+    return f"E={num_experts},N={inter},dtype={tag},device={device_name(device)},triton={ver}"
 
 
 # One program per SM of an H100 SXM (132 SMs): the decode tier shrinks its N tiles until a launch has this many.
@@ -382,7 +384,7 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
-def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
+def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype | str,
                device: torch.device, fill: bool = False) -> dict:
     """Tuned config for (E, N=I, dtype, device, triton) and the nearest token bucket, else :func:`default_config`.
 
@@ -487,7 +489,7 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
 
 def run_experts(hidden_states, w13, w2, topk_weights, topk_ids, num_local: int, inter: int, gemm,
-                config_dtype: torch.dtype, expert_map=None, out=None, *, add=None, config=None, adjust=None,
+                config_dtype: torch.dtype | str, expert_map=None, out=None, *, add=None, config=None, adjust=None,
                 fill: bool = False):
     """The fused-MoE pipeline around a grouped-GEMM launcher ``gemm`` (shared by the float and the quantized
     experts): launch config, alignment, gate/up GEMM + SwiGLU into ``act [T*k, I]``, down GEMM + routed weight

@@ -247,16 +247,29 @@ def _gemm_for(experts):
     return gemm
 
 
+def config_key(experts) -> str:
+    """The format's tag in the tuned-config file names (vLLM's ``dtype=`` / ``block_shape=`` spelling):
+    ``fp8_w8a8,block_shape=[bn,bk]`` (fp8_block), ``fp8_w8a8`` (fp8_channel), ``int4_w4a16`` (any group size: the K
+    tile follows the group in :func:`adjust_config`). Looked up by :func:`omni_fast.kernels.moe_gemm.get_config`
+    exactly as the bf16 files (``configs/moe/E=..,N=..,dtype=<key>,device=..,triton=...json``; untuned starting
+    points only with ``OMNI_FAST_MOE_STARTING_CONFIGS=1``); no file: the bf16 heuristic (never the bf16 files, whose
+    tiles were chosen for 16-bit weights)."""
+    if experts.format == "fp8_block":
+        return "fp8_w8a8,block_shape=[{},{}]".format(*experts.block)
+    return "fp8_w8a8" if experts.format == "fp8_channel" else "int4_w4a16"
+
+
 def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: str = "silu", expert_map: torch.Tensor | None = None, out: torch.Tensor | None = None,
               *, add: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """:func:`omni_fast.kernels.moe_gemm.fused_moe` with quantized experts (validated inputs): x ``[T, H]``
     fp16/bf16/fp32 (int4 tiles are dequantized to x's dtype; fp32 dots in IEEE precision), ``experts`` a
-    QuantizedExperts of ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the float heuristic
-    (:func:`~omni_fast.kernels.moe_gemm.default_config`, keyed on bf16) with K tiles set by the format."""
+    QuantizedExperts of ``E_local`` experts; returns ``out [T, H]`` in x's dtype. Launch configs: the format's tuned
+    file (:func:`config_key`), else the float heuristic (:func:`~omni_fast.kernels.moe_gemm.default_config`, keyed on
+    bf16), with K tiles set by the format (:func:`adjust_config`)."""
     assert activation == "silu"
     return run_experts(hidden_states, "w13", "w2", topk_weights, topk_ids, experts.num_experts,
-                       experts.intermediate_size, _gemm_for(experts), torch.bfloat16, expert_map, out, add=add,
+                       experts.intermediate_size, _gemm_for(experts), config_key(experts), expert_map, out, add=add,
                        config=config, adjust=lambda up, down: adjust_config(experts, up, down))
 
 

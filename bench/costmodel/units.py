@@ -126,11 +126,25 @@ def moe_units() -> list[Unit]:
     return out
 
 
-# The published formats: fp8 block 128x128 (Qwen's FP8 checkpoints: e4m3 + one fp32 scale per block), int4 g128
-# asymmetric (AWQ-style: half a byte + a bf16 scale and an int8 zero point per 128 weights).
+# The published formats: fp8 block 128x128 (Qwen's FP8 checkpoints: e4m3 + one fp32 scale per block), fp8 per
+# channel (compressed-tensors' float-quantized "channel" strategy: one fp32 scale per output row, activations
+# dynamic per token), int4 g128 asymmetric (AWQ-style: half a byte + a bf16 scale and an int8 zero point per 128
+# weights).
 QUANT_FORMATS = {"fp8": dict(format="fp8_block", block=(128, 128)),
+                 "fp8_channel": dict(format="fp8_channel"),
                  "int4": dict(format="int4_w4a16", group_size=128, symmetric=False, scale_dtype=BF16)}
 QUANT_BYTES = {"fp8": 1 + 4 / (128 * 128), "int4": 0.5 + (2 + 1) / 128}
+QUANT_LABELS = {"fp8": "fp8_block,bf16,block128x128", "fp8_channel": "fp8_channel,bf16,channel,dynamic",
+                "int4": "int4_w4a16,bf16,g128,asym"}
+
+
+def quant_bytes(fmt: str, model: str) -> float:
+    """Bytes per routed-expert weight of ``fmt``: fp8_channel's fp32 row scales are ``2I + H`` per expert over its
+    ``3IH`` weights (0.3 % on the thinker), the others per group / block (:data:`QUANT_BYTES`)."""
+    if fmt == "fp8_channel":
+        _, _, H, I, _ = MOE[model]
+        return 1 + 4 * (2 * I + H) / (3 * I * H)
+    return QUANT_BYTES[fmt]
 
 
 def _quant_experts(fmt: str, E: int, I: int, H: int, real: bool):
@@ -144,8 +158,11 @@ def _quant_experts(fmt: str, E: int, I: int, H: int, real: bool):
         kw.update(group_size=16) if fmt == "int4" else None
         return rq.quantize_experts(_randn(E, 2 * I, H, dtype=torch.float32, seed=2, scale=0.02),
                                    _randn(E, H, I, dtype=torch.float32, seed=3, scale=0.02), kw.pop("format"), **kw)
-    if fmt == "fp8":
+    if fmt in ("fp8", "fp8_channel"):
         w = [torch.full((E, n, k), 0.5).to(torch.float8_e4m3fn) for n, k in ((2 * I, H), (H, I))]
+        if fmt == "fp8_channel":
+            return QuantizedExperts.fp8_channel(w[0], w[1], torch.full((E, 2 * I, 1), 1e-3),
+                                                torch.full((E, H, 1), 1e-3))
         s = [torch.full((E, -(-n // 128), -(-k // 128)), 1e-3) for n, k in ((2 * I, H), (H, I))]
         return QuantizedExperts.fp8_block(w[0], w[1], s[0].contiguous(), s[1], (128, 128))
     w = [torch.full((E, n, k // 8), 0x12345678, dtype=torch.int32) for n, k in ((2 * I, H), (H, I))]
@@ -170,19 +187,19 @@ def _quant_moe_call(fmt: str, T: int, dims, dtype):
 
 
 def quant_moe_units() -> list[Unit]:
-    """Quantized routed experts (fp8 block W8A8, int4 g128 W4A16) at decode T = 1 (byte-traced) and 64."""
+    """Quantized routed experts (fp8 block W8A8, fp8 per-channel W8A8, int4 g128 W4A16) at decode T = 1 / 8 / 64,
+    each byte-traced at the real shape (distinct bytes where T <= 8)."""
     out = []
     for fmt in QUANT_FORMATS:
-        label = "fp8_block,bf16,block128x128" if fmt == "fp8" else "int4_w4a16,bf16,g128,asym"
         for model in ("thinker", "talker"):
-            for T in (1, 64):
-                nbytes, flops = _moe_min(model, T, QUANT_BYTES[fmt])
+            for T in (1, 8, 64):
+                nbytes, flops = _moe_min(model, T, quant_bytes(fmt, model))
                 out.append(Unit(
                     f"moe-{model}-{fmt}-T{T}", "moe", "graph",
                     launch=lambda f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE_TINY[m], torch.float32),
-                    trace=(lambda f=fmt, m=model: _quant_moe_call(f, 1, MOE[m], BF16)) if T == 1 else None,
-                    statics={"moe_gemm_quant_kernel": f"{label},decode,gate_up"},
-                    unique=True, min_bytes=nbytes, flops=flops,
+                    trace=lambda f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE[m], BF16),
+                    statics={"moe_gemm_quant_kernel": f"{QUANT_LABELS[fmt]},decode,gate_up"},
+                    unique=T <= 8, min_bytes=nbytes, flops=flops,
                     params=dict(T=T, E=MOE[model][0], k=MOE[model][1], format=QUANT_FORMATS[fmt]["format"])))
     return out
 
