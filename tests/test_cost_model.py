@@ -138,6 +138,21 @@ def test_inter_scaling_rule_is_exact():
             assert scaled[name][f] == k[f], (name, f)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_channel", "int4"])
+def test_quant_inter_scaling_rule_is_exact(fmt):
+    """The quantized units' scaled traces (QUANT_SCALE): the routed GEMM's counts are affine in I."""
+    from omni_fast.bench.costmodel.units import _quant_moe_call
+
+    dims = (8, 2, 128, 512, 0)  # E, k, H, I, shared I; I/4 = 128, I/2 = 256: whole K tiles, blocks, groups
+    big = _stats(_quant_moe_call(fmt, 3, dims, torch.float32))
+    small = _stats(_quant_moe_call(fmt, 3, dims, torch.float32, s=4))
+    half = _stats(_quant_moe_call(fmt, 3, dims, torch.float32, s=2))
+    scaled = _scaled(small, dict(rule="inter", s=4, kernels=["triton:moe_gemm_quant_kernel"]), half)
+    for name, k in big.items():
+        for f in ("loaded", "stored", "flops", "ctas", "launches"):
+            assert scaled[name][f] == k[f], (name, f)
+
+
 def test_prediction_model():
     from omni_fast.bench.costmodel import constants
     from omni_fast.bench.costmodel.predict import predict

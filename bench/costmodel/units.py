@@ -171,10 +171,17 @@ def _quant_experts(fmt: str, E: int, I: int, H: int, real: bool):
     return QuantizedExperts.int4(w[0], w[1], s[0], s[1], 128, z[0], z[1], symmetric=False)
 
 
-def _quant_moe_call(fmt: str, T: int, dims, dtype):
+# The thinker's quantized traces at T > 1 run at I / 6 = 128 and 2I / 6 = 256 (the "inter" rule, routed GEMMs only:
+# the multiples of 128 keep the 128-wide K tiles, fp8 blocks and int4 groups whole, so every count is affine in I);
+# in full they take 30-60 min each on the interpreter. The talker's I = 384 has no such pair below itself.
+QUANT_SCALE = {"thinker": 6, "talker": 1}
+
+
+def _quant_moe_call(fmt: str, T: int, dims, dtype, s: int = 1):
     from omni_fast import ops
 
     E, k, H, I, Is = dims
+    I = I // s  # the routed experts only; the talker's bf16 shared expert keeps its width
     x = _randn(T, H, dtype=dtype, seed=T)
     g = _randn(E, H, dtype=dtype, seed=1, scale=H ** -0.5)
     experts = _quant_experts(fmt, E, I, H, real=E * I * H > 1 << 24)
@@ -188,18 +195,21 @@ def _quant_moe_call(fmt: str, T: int, dims, dtype):
 
 def quant_moe_units() -> list[Unit]:
     """Quantized routed experts (fp8 block W8A8, fp8 per-channel W8A8, int4 g128 W4A16) at decode T = 1 / 8 / 64,
-    each byte-traced at the real shape (distinct bytes where T <= 8)."""
+    byte-traced at the real shape (distinct bytes where T <= 8), the thinker's T > 1 by the exact "inter" rule
+    (:data:`QUANT_SCALE`)."""
     out = []
     for fmt in QUANT_FORMATS:
         for model in ("thinker", "talker"):
             for T in (1, 8, 64):
                 nbytes, flops = _moe_min(model, T, quant_bytes(fmt, model))
+                s = QUANT_SCALE[model] if T > 1 else 1
                 out.append(Unit(
                     f"moe-{model}-{fmt}-T{T}", "moe", "graph",
                     launch=lambda f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE_TINY[m], torch.float32),
-                    trace=lambda f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE[m], BF16),
+                    trace=lambda s2=s, f=fmt, m=model, T=T: _quant_moe_call(f, T, MOE[m], BF16, s2),
+                    scale=dict(rule="inter", s=s, kernels=["triton:moe_gemm_quant_kernel"]) if s > 1 else {},
                     statics={"moe_gemm_quant_kernel": f"{QUANT_LABELS[fmt]},decode,gate_up"},
-                    unique=T <= 8, min_bytes=nbytes, flops=flops,
+                    unique=T <= 8 and s == 1, min_bytes=nbytes, flops=flops,
                     params=dict(T=T, E=MOE[model][0], k=MOE[model][1], format=QUANT_FORMATS[fmt]["format"])))
     return out
 
