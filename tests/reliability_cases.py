@@ -171,9 +171,17 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
             groups=1, residual=None), True),
         "block_attention": (ops.block_attention, lambda: dict(
             q=_t(1, 6, 2, 8), k=_t(1, 6, 1, 8, seed=1), v=_t(1, 6, 1, 8, seed=2), block_size=2, look_backward=1,
-            look_ahead=0, softmax_scale=None), True),
+            look_ahead=0, softmax_scale=None, plan=None), True),
+        "block_attention_plan": (lambda backend, **kw: ops.block_attention_plan(**kw), lambda: dict(
+            batch=2, seq_len=6, block_size=2, look_backward=1, look_ahead=0,
+            seq_lens=torch.tensor([6, 3], dtype=i32)), False),
         "ada_layer_norm": (ops.ada_layer_norm, lambda: dict(
             x=_t(2, 5, 7), shift=_t(2, 7, seed=1), scale=_t(2, 7, seed=2), eps=1e-6), True),
+        "gated_ada_layer_norm": (ops.gated_ada_layer_norm, lambda: dict(
+            x=_t(2, 5, 7), delta=_t(2, 5, 7, seed=3), gate=_t(2, 7, seed=4), shift=_t(2, 7, seed=1),
+            scale=_t(2, 7, seed=2), eps=1e-6), True),
+        "dit_qkv_rope": (ops.dit_qkv_rope, lambda: dict(
+            qkv=_t(2, 5, 24), cos=_t(1, 5, 4, seed=1), sin=_t(1, 5, 4, seed=2), heads=2), True),
         **_quant_entries(),
     }
     return entries

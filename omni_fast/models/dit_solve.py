@@ -21,10 +21,13 @@ length logic stay testable on the CPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
+from . import dit_layers
 from .cuda_graphs import capture, weights_key
 
 CODE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # codec tokens per solve (mel frames = x repeats)
@@ -34,6 +37,13 @@ _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus 
 def bucket_for(codes: int, buckets=CODE_BUCKETS) -> int:
     """The smallest bucket holding ``codes`` codec tokens (beyond the largest: the next power of two)."""
     return next((b for b in sorted(buckets) if b >= codes), None) or 1 << (codes - 1).bit_length()
+
+
+def _page_aligned(codes: int, dit) -> int:
+    """``codes`` rounded up so that the padded mel length ``codes * repeats`` is whole attention blocks (the block
+    attention then reads K/V as pages in place, no per-layer padding copy; the extra rows are masked padding)."""
+    step = dit.block_size // math.gcd(dit.block_size, dit.repeats)
+    return -(-codes // step) * step
 
 
 def _attention(attn, h, cos, sin, lens, block, backend):
@@ -63,6 +73,18 @@ def _dit_forward(dit, x, t, static, backend):
     time_embedding = dit.time_embed(t.repeat(rows))
     h = torch.cat([x, x], dim=0) if cfg else x
     h = dit.input_embed.proj(torch.cat((h, static["spk"], static["code"], static["cond"]), dim=-1))
+    if static["fused"] is not None:  # 9 launches per layer (omni_fast.models.dit_layers)
+        out = dit.proj_out(dit_layers.layers_forward(dit, h, time_embedding, static, backend))
+    else:
+        out = _unfused_layers(dit, h, time_embedding, static, backend)
+    if not cfg:
+        return out
+    guided, null = torch.chunk(out, 2, dim=0)
+    return guided + (guided - null) * static["guidance_scale"]
+
+
+def _unfused_layers(dit, h, time_embedding, static, backend):
+    """The layers module by module (a DiT :func:`dit_layers.fusable` refuses, e.g. a linear without bias)."""
     cos, sin = static["rope"]
     for layer in dit.transformer_blocks:
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(h, emb=time_embedding)
@@ -70,11 +92,7 @@ def _dit_forward(dit, x, t, static, backend):
         h = h + gate_msa.unsqueeze(1) * _attention(layer.attn, norm, cos, sin, static["lens"], block, backend)
         norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
-    out = dit.proj_out(dit.norm_out(h, time_embedding))
-    if not cfg:
-        return out
-    guided, null = torch.chunk(out, 2, dim=0)
-    return guided + (guided - null) * static["guidance_scale"]
+    return dit.proj_out(dit.norm_out(h, time_embedding))
 
 
 def _invariants(dit, code, cond, spk, lens, guidance_scale):
@@ -91,7 +109,10 @@ def _invariants(dit, code, cond, spk, lens, guidance_scale):
     spk = spk.unsqueeze(1).repeat(1, S, 1)
     position_ids = torch.arange(S, device=code.device)[None, :].repeat(spk.shape[0], 1)
     rope = dit.rotary_embed(spk, position_ids)
-    return dict(cfg=cfg, code=code_embed, cond=cond, spk=spk, rope=rope, lens=lens, guidance_scale=guidance_scale)
+    fused = dit_layers.fuse_weights(dit) if dit_layers.fusable(dit) else None  # (no device work once built)
+    plans = dit_layers.attention_plans(dit, spk.shape[0], S, lens) if fused is not None else None
+    return dict(cfg=cfg, code=code_embed, cond=cond, spk=spk, rope=rope, lens=lens, guidance_scale=guidance_scale,
+                fused=fused, plans=plans)
 
 
 def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: float, sway_coefficient,
@@ -174,7 +195,9 @@ def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance
     cfg = guidance_scale >= 1e-5
     ref = torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0) if cfg else reference_mel
     spk = dit.input_embed.spk_encoder(ref)  # step-invariant: once per solve, outside the graph
-    codes = bucket_for(n, buckets)
+    codes = _page_aligned(bucket_for(n, buckets), dit)
+    if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
+        dit_layers.fuse_weights(dit)
     settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
     cache = dit.__dict__.setdefault(_CACHE, {})
     weights = weights_key(dit)
