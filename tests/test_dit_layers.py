@@ -171,6 +171,16 @@ def test_fuse_weights_shares_storage_and_follows_updates():
     assert again is not fused and again.mod_weight.dtype == torch.float64
 
 
+def test_fused_model_still_saves_and_loads(tmp_path):
+    """Parameters that are slices of one storage survive transformers' save_pretrained / from_pretrained."""
+    dit = _dit(2)
+    dit_layers.fuse_weights(dit)
+    dit.save_pretrained(tmp_path)
+    back = q25.Qwen2_5OmniToken2WavDiTModel.from_pretrained(tmp_path)
+    want = dit.state_dict()
+    assert all(torch.equal(t, want[name]) for name, t in back.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------- whole forward
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_fused_forward_matches_transformers(backend):
@@ -215,3 +225,24 @@ def test_nine_launches_per_layer():
                 return dit_solve._dit_forward(dit, x, torch.tensor(0.3), static, None)
         return summarize(count_launches(call))["total"]
     assert total(3) - total(2) == 9
+
+
+@pytest.mark.gpu
+def test_fused_pieces_on_cuda():
+    """The two new kernels compiled for real (fp32 / fp16 / bf16) at the real DiT's widths (C 1024, 16 heads x 64)
+    against their references. (The fused forward inside the captured solve: test_dit_solve's gpu test.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, delta = (torch.randn(2, 37, 1024, generator=g).to("cuda", dtype) for _ in range(2))
+        mod = torch.randn(2, 6 * 1024, generator=g).to("cuda", dtype)
+        args = (x, delta, mod[:, :1024], mod[:, 1024:2048], mod[:, 2048:3072])
+        for got, want in zip(ops.gated_ada_layer_norm(*args, backend="triton"),
+                             ops.gated_ada_layer_norm(*args, backend="reference")):
+            torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=2e-2)
+        qkv = torch.randn(2, 37, 3 * 1024, generator=g).to("cuda", dtype)
+        cos, sin = (torch.randn(1, 37, 64, generator=g).to("cuda", dtype) for _ in range(2))
+        for got, want in zip(ops.dit_qkv_rope(qkv, cos, sin, heads=16, backend="triton"),
+                             ops.dit_qkv_rope(qkv, cos, sin, heads=16, backend="reference")):
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
