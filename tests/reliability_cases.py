@@ -165,7 +165,7 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         # Qwen2.5-Omni Token2Wav ops (BigVGAN activation and convs, the DiT's block attention)
         "anti_aliased_snake": (ops.anti_aliased_snake, lambda: dict(
             x=_t(1, 3, 9), alpha=_t(3, seed=1) * 0.1, beta=_t(3, seed=2) * 0.1, up_filter=torch.rand(12),
-            down_filter=torch.rand(12), ratio=2), True),
+            down_filter=torch.rand(12), ratio=2, seq_lens=None), True),
         "padded_conv1d": (ops.padded_conv1d, lambda: dict(
             x=_t(1, 4, 7), weight=_t(5, 4, 3, seed=1), bias=_t(5, seed=2), padding=1, stride=1, dilation=1,
             groups=1, residual=None), True),
