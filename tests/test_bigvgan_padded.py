@@ -80,3 +80,68 @@ def test_unsupported_variant_is_refused():
     model.activation_post.act = torch.nn.Identity()
     with pytest.raises(ValueError, match="BigVGAN"):
         bigvgan_padded.vocode(model, torch.zeros(1, model.config.mel_dim, 4), torch.tensor([4]))
+
+
+def _token2wav(device="cpu"):
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    cfg = tiny_qwen2_5_omni_config().token2wav_config
+    torch.manual_seed(0)
+    t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # N(0, 0.05): the waveform stays inside BigVGAN's [-1, 1] clamp (not saturated)
+        for name, p in t2w.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return t2w.to(device)
+
+
+def _synth_inputs(t2w, codes, device="cpu"):
+    dc = t2w.config.dit_config
+    g = torch.Generator().manual_seed(codes)
+    code = torch.randint(0, 290, (1, codes), generator=g)
+    return (code.to(device), torch.randn(1, dc.enc_emb_dim, generator=g).to(device),
+            torch.randn(1, 10, dc.mel_dim, generator=g).to(device))
+
+
+def test_solve_and_vocoder_in_one_graph_equal_transformers_token2wav():
+    """``dit_solve.synthesize`` (DiT solve + padded BigVGAN in one per-bucket graph, emulated on the CPU) against
+    transformers' ``Qwen2_5OmniToken2WavModel.forward``: two code lengths sharing one bucket (the vocoder sees the
+    padding), the same noise for a seed."""
+    from omni_fast.models import dit_solve
+
+    t2w = _token2wav()
+    dit, voc = t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model
+    for codes in (5, 3):
+        code, cond, ref_mel = _synth_inputs(t2w, codes)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            want = t2w(code, cond, ref_mel, num_steps=2)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            got = dit_solve.synthesize(dit, voc, cond, ref_mel, code, num_steps=2, buckets=(8,), backend="reference")
+        assert got.shape == (1, want.numel()) and 1e-3 < want.abs().max() < 1
+        torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)  # fp32; the DiT solve's tolerance
+    graphs = [k for k in dit.__dict__[dit_solve._CACHE + "_wave"] if k != "weights"]
+    assert len(graphs) == 1  # one graph for both lengths
+
+
+@pytest.mark.gpu
+def test_solve_and_vocoder_graph_on_cuda():
+    """Real capture of the DiT solve + padded vocoder: equals transformers' Token2Wav forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from omni_fast.models import dit_solve
+
+    t2w = _token2wav("cuda")
+    for codes in (5, 3):
+        code, cond, ref_mel = _synth_inputs(t2w, codes, "cuda")
+        torch.manual_seed(11)
+        with torch.no_grad():
+            want = t2w(code, cond, ref_mel, num_steps=3)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            got = dit_solve.synthesize(t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model, cond, ref_mel, code,
+                                       num_steps=3, buckets=(8,))
+        torch.testing.assert_close(got[0].cpu(), want, atol=1e-3, rtol=1e-3)  # TF32 / cuDNN paths

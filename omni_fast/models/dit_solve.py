@@ -27,7 +27,7 @@ import torch
 
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
-from . import dit_layers
+from . import bigvgan_padded, dit_layers
 from .cuda_graphs import capture, weights_key
 
 CODE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # codec tokens per solve (mel frames = x repeats)
@@ -141,10 +141,10 @@ def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: 
 
 
 class _SolveGraph:
-    """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend): static inputs, the
-    graph, the static output."""
+    """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend), optionally followed by
+    the vocoder on the padded mel (:func:`synthesize`): static inputs, the graph, the static outputs."""
 
-    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend):
+    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None):
         cfg = dit.config
         S = codes * dit.repeats
         self.noise = torch.zeros(batch, S, dit.mel_dim, device=device, dtype=dtype)
@@ -153,14 +153,21 @@ class _SolveGraph:
         self.spk = torch.zeros(spk_rows, cfg.enc_dim, device=device, dtype=dtype)
         self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
         steps, guidance, sway = settings
-        self._run = lambda: solve(dit, self.noise, self.code, self.cond, self.spk, self.lens,  # noqa: E731
-                                  num_steps=steps, guidance_scale=guidance, sway_coefficient=sway, backend=backend)
-        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
-            self.graph, self.out = None, self._run()
-            return
-        self.graph, self.out = capture(self._run, device)
 
-    def run(self, noise, code, cond, spk, length):
+        def run():
+            y = solve(dit, self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
+                      guidance_scale=guidance, sway_coefficient=sway, backend=backend)
+            if vocoder is None:
+                return (y,)
+            return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
+        self._run = run
+        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
+            self.graph, self.out = None, run()
+            return
+        self.graph, self.out = capture(run, device)
+
+    def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
+        """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors."""
         L, n = noise.shape[1], code.shape[1]
         self.noise.zero_()
         self.noise[:, :L].copy_(noise)
@@ -170,17 +177,17 @@ class _SolveGraph:
         self.spk.copy_(spk)
         self.lens.fill_(length)
         if self.graph is None:
-            self.out.copy_(self._run())
+            for static, new in zip(self.out, self._run()):
+                static.copy_(new)
         else:
             self.graph.replay()
-        return self.out[:, :L].clone()
+        per = self.out[1].shape[-1] // self.noise.shape[1] if len(self.out) > 1 else 0
+        return (self.out[0][:, :L].clone(),) + tuple(w[:, :L * per].clone() for w in self.out[1:])
 
 
-def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
-           sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
-    """``Qwen2_5OmniToken2WavDiTModel.sample`` on a per-bucket graph: conditioning ``[B, enc_emb_dim]``,
-    reference_mel ``[B, T_ref, mel_dim]``, code long ``[B, n]`` -> mel ``[B, mel_dim, n * repeats]`` (the same noise
-    as transformers for a given seed: drawn by the same ``torch.randn`` call)."""
+def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets, backend,
+           vocoder=None):
+    """The graph lookup and replay shared by :func:`sample` and :func:`synthesize`."""
     check_tensor("code", code, dtypes=(torch.int64, torch.int32), ndim=2)
     B, n = code.shape
     check_positive_int("code length", n)
@@ -199,15 +206,37 @@ def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance
     if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
         dit_layers.fuse_weights(dit)
     settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
-    cache = dit.__dict__.setdefault(_CACHE, {})
-    weights = weights_key(dit)
+    # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
+    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", {})
+    weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
         cache.clear()
         cache["weights"] = weights
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
-    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend())
+    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder))
     graph = cache.get(key)
     if graph is None:
         graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
-                                         backend)
-    return graph.run(noise, code, conditioning, spk, L).permute(0, 2, 1)
+                                         backend, vocoder)
+    return graph.run(noise, code, conditioning, spk, L)
+
+
+def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
+           sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavDiTModel.sample`` on a per-bucket graph: conditioning ``[B, enc_emb_dim]``,
+    reference_mel ``[B, T_ref, mel_dim]``, code long ``[B, n]`` -> mel ``[B, mel_dim, n * repeats]`` (the same noise
+    as transformers for a given seed: drawn by the same ``torch.randn`` call)."""
+    return _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets,
+                  backend)[0].permute(0, 2, 1)
+
+
+def synthesize(dit, vocoder, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
+               sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavModel.forward`` (the DiT solve, then the BigVGAN ``vocoder``) with BOTH in one graph
+    per bucket: the vocoder runs on the padded mel with the device-side length
+    (:func:`omni_fast.models.bigvgan_padded.vocode`). Arguments as :func:`sample`; returns the waveform ``[B, n *
+    repeats * prod(upsample_rates)]`` on the device (transformers: ``.squeeze().cpu()`` of it)."""
+    if not bigvgan_padded.supported(vocoder):
+        raise ValueError("vocoder: this BigVGAN variant is not covered by the padded vocoder")
+    return _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets,
+                  backend, vocoder)[1]
