@@ -27,20 +27,19 @@ packed ``[Tk, Hk, D]`` with ``cu_seqlens_k`` or per-sequence caches ``[B, S, Hk,
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import fast_paths
 from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
 from .launch import interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
 # Split head dims (72 = 64 + 16 instead of a 128-wide padded tile, see head_tiles): opt-in until a GPU run passes
-# tests/test_attention_kvcache.py's gpu-marked split-head-dim test (project rule for new fast paths).
-SPLIT_HEAD_DIM = os.environ.get("OMNI_FAST_SPLIT_HEAD_DIM", "") == "1"
+# tests/test_attention_kvcache.py's gpu-marked split-head-dim test (project rule for new fast paths): the
+# "split_head_dim" fast path of omni_fast.fast_paths (OMNI_FAST_SPLIT_HEAD_DIM=1).
 
 
 @triton.jit
@@ -326,13 +325,13 @@ def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tup
 def head_tiles(head_dim: int, split: bool | None = None) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): the head dim's tile widths (powers of two, tl.arange needs them).
 
-    One tile (BLOCK_D2 = 0) padded to the next power of two, unless ``split`` (default SPLIT_HEAD_DIM) and two
+    One tile (BLOCK_D2 = 0) padded to the next power of two, unless ``split`` (default: the ``split_head_dim`` fast path) and two
     tiles are narrower: the largest power of two below D plus the next power of two (>= 16, tl.dot's minimum K)
     of the rest. d 72 / 80: 64 + 16 = 80 columns instead of 128; d 96: 64 + 32; d 160: 128 + 32. Every dot over D
     (q.k) then costs two dots that sum, every dot into D (p.v) two accumulators.
     """
     full = max(16, triton.next_power_of_2(head_dim))
-    if not (SPLIT_HEAD_DIM if split is None else split) or full == head_dim:
+    if not (fast_paths.enabled("split_head_dim") if split is None else split) or full == head_dim:
         return full, 0
     first = full // 2
     second = max(16, triton.next_power_of_2(head_dim - first))

@@ -457,7 +457,7 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 _pin(module, backend)  # read by the swapped-in frame step (models.talker_step)
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
-                                      "(one graph replay per frame on CUDA)")] = 1
+                                      + _frame_words())] = 1
         elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:  # decode steps -> models.MoeTextDecoder
             from .integrations.qwen25_talker import install
 
@@ -497,6 +497,15 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
     model._omni_fast_saved_configs = saved_configs
     return report
 
+
+
+def _frame_words() -> str:
+    """How the MTP frame runs, by the ``persistent_mtp`` fast path (read per frame; this is the setting now)."""
+    from . import fast_paths
+
+    if fast_paths.enabled("persistent_mtp"):
+        return "(persistent frame: one launch per frame, fast path persistent_mtp)"
+    return "(one graph replay per frame on CUDA; persistent frame off: opt-in fast path persistent_mtp)"
 
 
 def _pin(module: nn.Module, backend: str | None) -> None:

@@ -320,14 +320,16 @@ class Qwen25Stages(StageAdapter):
         return sampler(logits)
 
     def _decoder(self, lease):
-        """A thinker :class:`MoeTextDecoder` no live stream holds (rebuilt when the weights change)."""
+        """A thinker :class:`MoeTextDecoder` no live stream holds (rebuilt when the weights change or the
+        ``fused_step`` fast path is switched; Qwen2.5-Omni's dense thinker keeps the ops path under it)."""
+        from .. import fast_paths
         from ..models.cuda_graphs import weights_key
-        from ..models.text_decoder import MoeTextDecoder
+        from ..models.text_decoder import opt_in_decoder
 
         lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
-        key = weights_key(lm, head)
+        key = (weights_key(lm, head), fast_paths.enabled("fused_step"))
         got = self.pipe._decoders.get("thinker")
         if got is None or got[0] != key:
             self.pipe._decoders.pop("thinker", None)
             got = self.pipe._decoders["thinker"] = (key, [])
-        return lease_from(got[1], lease, lambda: MoeTextDecoder.from_transformers(lm, head, backend=self.pipe.backend))
+        return lease_from(got[1], lease, lambda: opt_in_decoder(lm, head, backend=self.pipe.backend))

@@ -321,22 +321,24 @@ class Qwen3Stages(StageAdapter):
     def _decoder(self, part: str, lease):
         """A :class:`MoeTextDecoder` of the thinker or the talker that no live stream holds, leased to ``lease``.
         Decoders share the model's weight tensors and keep their caches and captured graphs between streams; they
-        are rebuilt when the weights change. Interleaved streams get one decoder each."""
+        are rebuilt when the weights change, or when the ``fused_step`` fast path is switched (the phase-fused step
+        where the decoder supports it: :func:`~omni_fast.models.text_decoder.opt_in_decoder`). Interleaved streams
+        get one decoder each."""
+        from .. import fast_paths
         from ..models.talker_step import weights_key
-        from ..models.text_decoder import MoeTextDecoder
+        from ..models.text_decoder import opt_in_decoder
 
         if part == "thinker":
             text_model, head = thinker_text_model(self.model.thinker), self.model.thinker.lm_head
         else:
             text_model, head = self.model.talker.model, self.model.talker.codec_head
-        key = weights_key(text_model, head)
+        key = (weights_key(text_model, head), fast_paths.enabled("fused_step"))
         decoders = self.pipe._decoders  # part -> (weights key, [[decoder, weakref to its lease], ...])
         got = decoders.get(part)
         if got is None or got[0] != key:
             decoders.pop(part, None)  # free the old decoders' caches before building a new one
             got = decoders[part] = (key, [])
-        return lease_from(got[1], lease, lambda: MoeTextDecoder.from_transformers(text_model, head,
-                                                                                   backend=self.pipe.backend))
+        return lease_from(got[1], lease, lambda: opt_in_decoder(text_model, head, backend=self.pipe.backend))
 
     def _codec_stream(self, batch_size: int, lease):
         """A Code2Wav stream of ``batch_size`` rows that no live stream holds, leased to ``lease``: streams (their
