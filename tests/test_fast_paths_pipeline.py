@@ -17,7 +17,7 @@ from omni_fast.models import Code2Wav  # noqa: E402
 from omni_fast.models.qwen3_omni import Qwen3Omni, Request  # noqa: E402
 from omni_fast.pipeline.qwen3 import Qwen3Stages  # noqa: E402
 
-RUN = dict(max_new_tokens=5, talker_max_new_tokens=6, first_chunk=300, chunk=300, graph_decode=True)
+RUN = dict(max_new_tokens=3, talker_max_new_tokens=3, first_chunk=300, chunk=300, graph_decode=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def _run(pipe, monkeypatch):
         return out
 
     monkeypatch.setattr(Qwen3Stages, "frame", spy)
+    pipe._codec_streams = None  # a fresh codec stream: a reused one matches a new one to 1e-4, not bit for bit
     out = pipe.generate(Request(text=[5, 6, 7, 8, 9]), **RUN)[0]
     monkeypatch.setattr(Qwen3Stages, "frame", real)
     return out["token_ids"], torch.stack(codes), out["audio"]
