@@ -27,7 +27,7 @@ CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64",
          # counted with the kernels skipped (Unit.cheap_count, test_cheap_count_equals_executed_count): seconds
          # each, where running the kernels took 1-30 min on the interpreter
          "thinker-step-B1", "talker-step-B1", "thinker-step-B8", "talker-step-B8",
-         "talker-step-fused-B1", "talker-step-fused-B8",
+         "talker-step-fused-B1", "talker-step-fused-B8", "thinker-step-fused-B1", "thinker-step-fused-B8",
          "mtp-frame-B1", "mtp-frame-B64", "mtp-frame-persistent-B1", "mtp-frame-persistent-B64",
          "code2wav-push-B1-F1", "code2wav-push-B1-F4", "code2wav-push-B32-F1", "code2wav-push-B32-F4",
          "moe-thinker-T4096", "moe-talker-T4096",
@@ -162,7 +162,7 @@ def _both_counts(build, warmup=False):
 
 
 @pytest.mark.parametrize("kind", ["mtp", "mtp-persistent", "code2wav", "moe", "talker-step",
-                                  "talker-step-fused"])
+                                  "talker-step-fused", "thinker-step-fused"])
 def test_cheap_count_equals_executed_count(kind):
     """The rule behind ``Unit.cheap_count``: launch counts do not depend on values, so skipping the Triton programs
     (and the set-up's) counts the same launches. Checked on the cheap-count units' code at fewer steps (the MTP
@@ -178,7 +178,8 @@ def test_cheap_count_equals_executed_count(kind):
                      "code2wav": (lambda: _code2wav_call(1, 1, layers=1, warm=2), False),
                      "moe": (lambda: _moe_call("talker", 40, MOE_TINY["talker"], torch.float32), False),
                      "talker-step": (lambda: _step_call("talker", 2, layers=2), False),
-                     "talker-step-fused": (lambda: _step_call("talker", 2, layers=2, fused=True), False)}[kind]
+                     "talker-step-fused": (lambda: _step_call("talker", 2, layers=2, fused=True), False),
+                     "thinker-step-fused": (lambda: _step_call("thinker", 2, layers=2, fused=True), False)}[kind]
     executed, cheap = _both_counts(build, warmup)
     assert cheap == executed and summarize(cheap)["triton"] > 0
 
@@ -187,4 +188,4 @@ def test_cheap_count_units_are_flagged():
     """The units too slow to count with the kernels run use the cheap count (so the gate above stays cheap)."""
     slow = [n for n in UNITS if n.startswith(("mtp-frame", "code2wav-push", "bigvgan-")) or "-step-" in n or
             n.endswith("T4096") and n.startswith("moe-")]
-    assert len(slow) == 18 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
+    assert len(slow) == 20 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
