@@ -81,7 +81,7 @@ def _register_static_cases() -> None:
         constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
         static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
                     constexprs, num_warps=warps, num_stages=stages)
-    # split head dims (opt-in SPLIT_HEAD_DIM, head_tiles): the encoders' d 72 (Qwen3-Omni vision) / d 80
+    # split head dims (opt-in fast path split_head_dim, head_tiles): the encoders' d 72 (Qwen3-Omni vision) / d 80
     # (Qwen2.5-Omni vision) as 64 + 16, d 96 as 64 + 32, d 160 as 128 + 32
     split = [(dt, f"d{d} h16 varlen packed split-d", d, 1, 1024, True, False, 1)
              for dt in ("bf16", "fp16") for d in (72, 80, 96)]
