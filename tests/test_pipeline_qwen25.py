@@ -29,7 +29,8 @@ def _generate_inputs(pipe, reqs) -> tuple[torch.Tensor, dict]:
     prompt = pipe.stages().prepare(reqs)
     kw = {}
     if any(r.audio is not None for r in reqs):
-        kw["input_features"], kw["feature_attention_mask"] = mel_features([r.audio for r in reqs if r.audio is not None])
+        kw["input_features"], kw["feature_attention_mask"] = mel_features([r.audio for r in reqs
+                                                                           if r.audio is not None])
     vcfg = pipe.config.thinker_config.vision_config
     for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
         items = [getattr(r, kind) for r in reqs if getattr(r, kind) is not None]

@@ -9,16 +9,16 @@ its ``generate``:
   one block in Qwen2.5-Omni's processor order, chunks of ``seconds_per_chunk`` seconds:
   :func:`~omni_fast.pipeline.multimodal.chunked_audio_video_order`);
 - thinker prefill: the thinker's own forward (audio and vision encoders, embeddings; M-RoPE positions from its
-  ``get_rope_index`` with the grids, ``use_audio_in_video`` and seconds per grid ``generate`` passes), keeping the two hidden states the talker reads (embeddings, final-norm output); decode steps
-  on omni-fast's :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (graph replay on CUDA) or transformers'
-  text model; every step's final-norm hidden state + input embedding is kept (transformers'
-  ``thinker_reply_part``);
+  ``get_rope_index`` with the grids, ``use_audio_in_video`` and seconds per grid that ``generate`` passes), keeping
+  the two hidden states the talker reads (embeddings, final-norm output); decode steps on omni-fast's
+  :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (graph replay on CUDA) or transformers' text model; every
+  step's final-norm hidden state + input embedding is kept (transformers' ``thinker_reply_part``);
 - talker: its prompt as ``generate`` builds it (prompt hidden + embeddings with the multimodal rows zeroed, the
-  speaker's text BOS, the first reply row; codec pad / BOS embeddings added to the last two when generate
-  passes the talker a mask (``hf_compat.generate_passes_mask``); positions from the
-  talker's ``get_rope_index`` minus the left padding), then one codec token per step: input
-  ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a row's text
-  has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
+  speaker's text BOS, the first reply row; when generate passes the talker a mask
+  (``hf_compat.generate_passes_mask``) codec pad / BOS embeddings added to the last two rows and positions from
+  the talker's ``get_rope_index`` minus the left padding, else positions 0, 1, ...), then one codec token per
+  step: input ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a
+  row's text has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
   (:mod:`omni_fast.integrations.qwen25_talker`), else on transformers';
 - codec: Token2Wav (DiT ODE solve + BigVGAN), per row on that row's codes, as ``generate`` runs it, once the
   speech has ended (the DiT attends to neighbouring blocks in both directions: no exact streaming).
