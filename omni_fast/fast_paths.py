@@ -8,7 +8,8 @@ it does and the gpu-marked test ids that must pass before it becomes the default
   CUDA graph capture or ``torch.compile`` trace could trip on);
 - ``enable(name, on=True)``: switch it now; also a context manager that restores the previous setting on exit
   (``with fast_paths.enable("fused_step"): ...``);
-- ``status()``: one row per path (name, env var, on/off, default, what it does, gpu tests).
+- ``status()``: one row per path (name, env var, on/off, default, what it does, gpu tests);
+  ``print(omni_fast.fast_paths.table())`` shows them.
 
 The environment variables keep their meaning: ``OMNI_FAST_<X>=1`` in the environment when omni-fast is imported
 turns the path on (any other value, or none, leaves it off); ``enable`` overrides it afterwards. Switches are read
@@ -69,7 +70,8 @@ PATHS: tuple[FastPath, ...] = (
              "(docs/persistent.md)",
              ("tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[1]",
               "tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[8]",
-              "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager")),
+              "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager",
+              "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path")),
 )
 
 _BY_NAME = {p.name: p for p in PATHS}
@@ -128,4 +130,13 @@ def names() -> list[str]:
     return [p.name for p in PATHS]
 
 
-__all__ = ["FastPath", "PATHS", "enable", "enabled", "names", "status"]
+def table() -> str:
+    """:func:`status` as text: one path per line (name, on/off, env var, what), then the gpu tests it needs."""
+    lines = []
+    for row in status():
+        lines.append(f"{row['name']:<22} {'on ' if row['enabled'] else 'off'}  {row['env']}=1  {row['what']}")
+        lines += [f"{'':<28}needs on a GPU: {test_id}" for test_id in row["gpu_tests"]]
+    return "\n".join(lines)
+
+
+__all__ = ["FastPath", "PATHS", "enable", "enabled", "names", "status", "table"]

@@ -111,6 +111,14 @@ def test_kernels_read_the_registry(fast_path):
     assert token2wav.label("x", True) == (True, "x")
 
 
+def test_status_table():
+    import omni_fast
+
+    assert omni_fast.fast_paths is fast_paths
+    out = fast_paths.table()
+    assert all(f"{p.env}=1" in out for p in fast_paths.PATHS) and "needs on a GPU: tests/" in out
+
+
 def test_reading_a_switch_compiles_without_a_graph_break():
     """A plain Python bool: ``torch.compile(fullgraph=True)`` traces through it (and guards on it)."""
     def f(x):

@@ -192,12 +192,13 @@ def test_three_launches_per_layer():
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
-def _real_talker(device, layers=4, tiny=False):
+def _real_talker(device, layers=4, tiny=False, part="talker"):
     from omni_fast.bench.cases.decode import _build, _prefill as bench_prefill
 
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: F401
 
-    m, head = _build("talker", device, tiny=tiny, dtype=torch.float32 if tiny else torch.bfloat16)
+    m, head = _build(part, device, tiny=tiny, dtype=torch.float32 if tiny else torch.bfloat16,
+                     layers=layers if part == "thinker" else None)
     m.layers = m.layers[:layers]  # the real layer shapes; decode is per-layer linear
     m.config.num_hidden_layers = layers
     if getattr(m.config, "layer_types", None):
@@ -212,10 +213,21 @@ def test_gpu_real_config_bf16_matches_ops_path(B):
     attention splits, the keys in 3 of them): greedy tokens as the ops path except near-ties, logits and hidden
     within bf16 rounding (relative norm; loose like the thinker's bf16 test: a router near-tie may flip an expert),
     over 3 steps."""
+    _check_real_config("talker", B)
+
+
+@pytest.mark.gpu
+def test_gpu_thinker_real_config_bf16_matches_ops_path():
+    """The same on the real thinker layer shapes (4 of 48 layers: H 2048, 32 / 4 heads, 128 experts top-8, no
+    shared expert; the fast path fused_step runs the thinker's decoder too), B = 1."""
+    _check_real_config("thinker", 1)
+
+
+def _check_real_config(part, B):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
-    m, head, prefill = _real_talker(dev)
+    m, head, prefill = _real_talker(dev, part=part)
     decs = []
     for fused in (False, True):
         torch.manual_seed(0)  # the same prompt (the bench prefill draws random embeddings) for both decoders
