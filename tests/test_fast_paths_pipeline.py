@@ -110,3 +110,55 @@ def test_qwen25_dense_talker_keeps_the_ops_path_under_fused_step(fast_path):
     line, = [r for r in report.replaced if "Qwen2_5OmniTalkerModel" in r]
     assert "phase-fused step off (opt-in fast path fused_step)" in line
     assert fast_paths.enabled("fused_step") is False
+
+
+def test_opt_in_decoder_falls_back_where_the_fused_step_cannot_run(fast_path, monkeypatch):
+    """fused_step on: a supported decoder is fused; the ambient reference backend, and a CPU without the Triton
+    interpreter ("auto" resolves to the reference ops there), keep the ops path; a dense decoder is not fused and
+    says why. Same for the persistent MTP frame (op path on a CPU without the interpreter)."""
+    from omni_fast.models import text_decoder
+    from omni_fast.models.text_decoder import opt_in_decoder
+    from test_text_decoder import _left_padded, _model, _prefill, _text_positions
+
+    m, head = _model("thinker", seed=5)
+    mask = _left_padded([3, 2], 3)
+    pos3 = _text_positions(mask)
+    fast_path("fused_step")
+
+    def state(**kw):
+        dec = opt_in_decoder(m, head)
+        dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=2, **kw)
+        return dec
+
+    assert state()._state.fused is not None
+    with omni_fast.use_backend("reference"):
+        assert state()._state.fused is None
+    monkeypatch.setattr(text_decoder, "triton_interpreter_enabled", lambda: False)
+    dec = state()
+    assert dec.fused and dec._state.fused is None
+    dense, dhead = _model("thinker", seed=5, mlp_only_layers=[0])
+    dec = opt_in_decoder(dense, dhead)
+    assert not dec.fused and "layer 0 is dense" in dec.fused_fallback
+    fast_path("fused_step", False)
+    dec = opt_in_decoder(m, head)
+    assert not dec.fused and dec.fused_fallback is None
+
+
+def test_persistent_frame_needs_triton_to_run(monkeypatch):
+    """persistent on a CPU tensor: the op path under the ambient reference backend and without the interpreter."""
+    from omni_fast.models import code_predictor as cpm
+    from test_persistent import _models
+
+    _, cp = _models(device="cpu")
+    ran = []
+    monkeypatch.setattr(cpm.CodePredictor, "_persistent_frame", lambda self, *a: ran.append(1) or 1 / 0)
+    h, c0 = torch.randn(2, cp.config.hidden_size), torch.zeros(2, dtype=torch.long)
+    with omni_fast.use_backend("reference"):
+        cp.predict_frame(h, c0, use_graph=False)
+        monkeypatch.setattr(cpm, "triton_interpreter_enabled", lambda: False)
+        cp.predict_frame(h, c0, use_graph=False, backend="triton")  # (the ops themselves still interpret)
+    assert not ran
+    monkeypatch.setattr(cpm, "triton_interpreter_enabled", lambda: True)
+    with pytest.raises(ZeroDivisionError):  # and with it, the persistent frame
+        cp.predict_frame(h, c0, use_graph=False, backend="triton")
+    assert ran

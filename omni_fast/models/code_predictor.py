@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable, requested_backend, use_backend
+from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled, use_backend
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
@@ -293,8 +293,9 @@ class CodePredictor(torch.nn.Module):
         ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
         elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
+        # (a CPU tensor without the interpreter resolves "auto" to the reference ops: the op path then)
         if self.persistent and fused and x.dtype != torch.float64 and x.shape[0] > 0 and \
-                requested_backend(backend) != "reference":
+                requested_backend(backend) != "reference" and (x.is_cuda or triton_interpreter_enabled()):
             return self._persistent_frame(x, c0, c0_embed, seed, sampling)
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size

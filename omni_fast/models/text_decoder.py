@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable
+from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
@@ -166,8 +166,10 @@ class MoeTextDecoder:
         self._state: _State | None = None
 
     def _fused_active(self, fractional: bool) -> bool:
-        """Whether a state's steps take the phase-fused path."""
-        return self.fused and not fractional and self.backend != "reference"
+        """Whether a state's steps take the phase-fused path: not under the reference backend (pinned or ambient),
+        nor on a CPU without the Triton interpreter (where "auto" resolves to the reference ops)."""
+        return self.fused and not fractional and requested_backend(self.backend) != "reference" and \
+            (self.device.type == "cuda" or triton_interpreter_enabled())
 
     # --- construction ---------------------------------------------------------------------------------------
 
