@@ -11,7 +11,7 @@ its output) in a work folder; after every step the folder is packed into ``$OUT/
 off early still returns what finished), beside ``$OUT/summary.json`` and ``$OUT/summary.md``: three files.
 
 ``first-light`` (~8 min on an H100): versions and device; the sm_90a static check with the image's Triton; the gpu
-tests of ``tests/gpu_first_light.txt``; the quick benchmark cases of moe, attention, mtp, code2wav and rope with
+tests of ``tests/gpu_first_light.txt``; the quick benchmark cases of moe, attention, mtp, code2wav, rope and decode with
 every peer in the image and the two measured ceilings (one process per family); the full-shape pipeline at
 concurrency 1 and 4; the cost model's calibration (:mod:`omni_fast.bench.session_tools`). ``second-light``
 (~3.5 min, after a clean first light): MoE tuning for N = 768 and 384 on a reduced T grid, and compute-sanitizer
@@ -44,7 +44,8 @@ from omni_fast.bench import session_tools as tools
 GRACE_S = 5.0  # between SIGINT (pytest and the bench save what they have) and SIGKILL when a box runs out
 FIRST_LIGHT_TESTS = Path(REPO_ROOT, "tests", "gpu_first_light.txt")
 MEMCHECK_TESTS = Path(REPO_ROOT, "tests", "gpu_memcheck.txt")
-BENCH_BOXES = {"moe": 50, "attention": 40, "code2wav": 35, "mtp": 25, "rope": 25}  # seconds; 175 in all
+# seconds; 200 in all. decode: today's talker / thinker step vs the phase-fused step (issue 16) and its PDL variant
+BENCH_BOXES = {"moe": 45, "attention": 35, "code2wav": 35, "mtp": 25, "rope": 20, "decode": 40}
 DRY_STATIC = "rvq"  # the dry run compiles only the specialisations whose name holds this (plumbing, in seconds)
 
 
@@ -149,7 +150,7 @@ def _first_light() -> list[Step]:
                                                         len(tools.read_ids(FIRST_LIGHT_TESTS))))]
     steps += [Step(f"04_bench_{f}", f"bench {f} (quick, all peers, ceilings)", box, _bench_step(f),
                    tools.summarize_bench) for f, box in BENCH_BOXES.items()]
-    steps += [Step("05_pipeline", "pipeline, full shapes, concurrency 1 and 4", 90, _pipeline_step,
+    steps += [Step("05_pipeline", "pipeline, full shapes, concurrency 1 and 4", 70, _pipeline_step,
                    tools.summarize_pipeline),
               Step("06_calibrate", "cost-model calibration", 30, _calibrate_step, tools.summarize_json_file)]
     return steps
