@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -134,11 +135,21 @@ def _tune_step(n, box):
     return argv
 
 
+SANITIZER_UNAVAILABLE = "SANITIZER UNAVAILABLE on this machine"
+
+
 def _memcheck_step(ctx, d):
     if ctx.dry:  # no sanitizer on a CPU: check that every listed id is collected
         return [ctx.py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider"] + tools.read_ids(MEMCHECK_TESTS)
-    return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", "--target-processes", "all",
-            *_pytest(ctx, d, MEMCHECK_TESTS, per_test_s=30, extra=["-x"])]
+    run = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", "--target-processes", "all",
+           *_pytest(ctx, d, MEMCHECK_TESTS, per_test_s=30, extra=["-x"])]
+    # A 5-second probe first: some machines' sanitizer refuses the device ("Device not supported", error 999 on
+    # gVisor, device/KINDS.md); then the step says so and ends instead of failing every test after a long start.
+    probe = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99", ctx.py, "-c",
+             "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"]
+    return ["bash", "-c", f"{shlex.join(probe)} >{shlex.quote(str(d / 'probe.log'))} 2>&1 || "
+            f"{{ echo \"{SANITIZER_UNAVAILABLE} (probe exit $?)\"; tail -5 {shlex.quote(str(d / 'probe.log'))}; "
+            f"exit 3; }}; exec {shlex.join(run)}"]
 
 
 def _first_light() -> list[Step]:
