@@ -72,6 +72,10 @@ PATHS: tuple[FastPath, ...] = (
               "tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[8]",
               "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager",
               "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path")),
+    FastPath("fused_pdl", "OMNI_FAST_PDL",
+             "the phase-fused step's three launches per layer chained by programmatic dependent launch, each "
+             "phase prefetching its weights into L2 before the wait (sm_90+; kernels/talker_fused.py)",
+             ("tests/test_fused_step.py::test_gpu_pdl_phases_equal_plain_launches",)),
 )
 
 _BY_NAME = {p.name: p for p in PATHS}

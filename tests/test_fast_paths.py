@@ -13,7 +13,7 @@ from omni_fast import fast_paths
 from omni_fast._layout import REPO_ROOT
 
 NAMES = ["gemv_splitk", "moe_splitk", "moe_starting_configs", "split_head_dim", "token2wav", "persistent_mtp",
-         "fused_step"]
+         "fused_step", "fused_pdl"]
 
 
 def _first_light_ids() -> set[str]:
@@ -25,7 +25,7 @@ def test_table_rows():
     assert fast_paths.names() == NAMES
     first_light = _first_light_ids()
     for p in fast_paths.PATHS:
-        assert p.env == "OMNI_FAST_" + {"gemv_splitk": "GEMV_SPLITK", "moe_splitk": "MOE_SPLITK"}.get(
+        assert p.env == "OMNI_FAST_" + {"fused_pdl": "PDL"}.get(
             p.name, p.name.upper()), p
         assert p.default is False and p.what and p.gpu_tests, p
         for test_id in p.gpu_tests:
@@ -94,11 +94,11 @@ def test_environment_variables_at_import():
 
 def test_kernels_read_the_registry(fast_path):
     from omni_fast.integrations import token2wav
-    from omni_fast.kernels import flash_attn, moe_gemm, mtp_gemv
+    from omni_fast.kernels import flash_attn, moe_gemm, mtp_gemv, talker_fused
 
     for module, old in ((mtp_gemv, "SPLIT_K_ENABLED"), (moe_gemm, "SPLIT_K_ENABLED"),
                         (moe_gemm, "STARTING_CONFIGS_ENABLED"), (flash_attn, "SPLIT_HEAD_DIM"),
-                        (token2wav, "ENABLED")):
+                        (token2wav, "ENABLED"), (talker_fused, "PDL_ENABLED")):
         assert not hasattr(module, old), f"{module.__name__}.{old}: one switch per path (omni_fast.fast_paths)"
     assert flash_attn.head_tiles(72) == (128, 0)
     assert "SPLIT_K" not in moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True)
