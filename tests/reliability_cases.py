@@ -10,7 +10,9 @@ outcome (:func:`run_case`) is one of:
 - ``ok``: the call ran, and the reference and Triton backends agree (where the op has both);
 - ``unnamed``: TypeError/ValueError that does not name the argument;
 - ``other``: another exception type (IndexError, RuntimeError, AttributeError, ...);
-- ``disagree``: the call ran but the backends differ.
+- ``disagree``: the call ran but the backends differ;
+- ``oob``: the call wrote outside a tensor it or the case allocated (guard bytes around every tensor allocated while
+  the case runs: :func:`omni_fast.testing.guarded_allocations`), so the sweep is also an out-of-bounds-write fuzzer.
 """
 
 from __future__ import annotations
@@ -233,6 +235,15 @@ def _clone(kw: dict) -> dict:
 
 def run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     """(outcome, detail) of one case (see the module docstring)."""
+    from omni_fast.testing import guarded_allocations
+
+    with guarded_allocations() as guards:
+        outcome = _run_case(name, arg, index)
+    bad = guards.violations()
+    return ("oob", "; ".join(bad)[:300]) if bad else outcome
+
+
+def _run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     entries = {**_entries(), **_model_entries()}
     fn, make, compare = entries[name]
     kw = make()
