@@ -79,6 +79,19 @@ def test_fused_decode_step_writes_inside_its_tensors():
     assert g.violations() == []
 
 
+def test_code2wav_stream_writes_inside_its_tensors():
+    """Code2Wav streaming through the Triton kernels (a batch of 2, chunks of 1 / 2 / 5 frames: conv states,
+    the sliding-window KV cache, the SnakeBeta-fused convs and transposed convs) keeps every guard."""
+    import omni_fast.models
+    from _code2wav_helpers import _hf_model, _stream
+
+    hf = _hf_model(1, num_hidden_layers=1)
+    with guarded_allocations() as g:
+        model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+        _stream(model, torch.randint(0, 16, (2, 4, 8)), [1, 2, 5])
+    assert len(g.slabs) > 10 and g.violations() == []
+
+
 # --- GPU: the same checks at the real shapes (the memcheck stand-in where compute-sanitizer refuses the device) ---
 
 
