@@ -469,7 +469,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       causal: bool, window_left: int, window_right: int, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                       seqused_k: torch.Tensor | None = None, fa_lse: bool = False,
-                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_lse_shift: bool = False, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
     ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
@@ -479,11 +480,12 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     With ``block_table`` k/v are pages ``[num_blocks, page, Hk, D]`` (sequence b's keys are its logical rows
     ``0 .. cu_k[b+1] - cu_k[b]``); ``seqused_k`` int32 ``[B]`` replaces the key counts; softcap / alibi_slopes as
     :func:`attn_fwd`. ``fa_lse``: +inf (flash-attn's value) instead of -inf for rows that see no key;
-    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`).
+    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`). ``out``: ``[Tq, Hq, D]``
+    of q's dtype (unit stride in D) to store into instead of a new tensor.
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)
     group = Hq // k.shape[-2]
     batch = cu_seqlens_q.numel() - 1
