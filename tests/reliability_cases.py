@@ -76,8 +76,8 @@ def _vllm_quant(kind: str):
 def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
     """vLLM's FlashAttention fork (omni_fast.compat.vllm_flash_attn), called the way vLLM's backend calls it.
 
-    Not swept: the arguments whose every non-None value is a NotImplementedError by design (``s_aux``, ``q_v``,
-    ``cp_*``) and the sparse stubs (NotImplementedError whatever the arguments)."""
+    Not swept: the arguments whose every non-None value is a NotImplementedError by design (``q_v``, ``cp_*``;
+    ``s_aux`` under FA2) and the sparse stubs (NotImplementedError whatever the arguments)."""
     from omni_fast.compat import vllm_flash_attn as vfa
 
     i32 = torch.int32
@@ -89,7 +89,7 @@ def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], 
             seqused_k=torch.tensor([2, 5], dtype=i32), max_seqlen_k=5, softmax_scale=None, causal=True,
             window_size=None, block_table=torch.tensor([[2, 0], [1, 0]], dtype=i32), softcap=0.0,
             scheduler_metadata=None, q_descale=torch.ones(2, 1), num_splits=0, fa_version=3,
-            return_softmax_lse=True), True),
+            return_softmax_lse=True, s_aux=_t(2, seed=3)), True),
         # packed k/v with cu_seqlens_k (vLLM's encoder attention), FA2
         "compat.vllm_flash_attn.flash_attn_varlen_func[packed]": (
             _under_backend(vfa.flash_attn_varlen_func), lambda: dict(

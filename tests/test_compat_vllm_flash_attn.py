@@ -328,7 +328,8 @@ def test_out_sharing_k_storage_is_rejected():
     (dict(num_splits=2), NotImplementedError, "num_splits"),
     (dict(num_splits=-1), ValueError, "num_splits"),
     (dict(s_aux=lambda kw: torch.zeros(2)), NotImplementedError, "s_aux"),
-    (dict(s_aux=lambda kw: torch.zeros(2), fa_version=3), NotImplementedError, "s_aux"),
+    (dict(s_aux=lambda kw: torch.zeros(3), fa_version=3), ValueError, "s_aux"),
+    (dict(s_aux=lambda kw: torch.zeros(2, dtype=torch.int32), fa_version=3), TypeError, "s_aux"),
     (dict(q_v=lambda kw: kw["q"]), NotImplementedError, "q_v"),
     (dict(cp_world_size=2), NotImplementedError, "cp_world_size"),
     (dict(q_descale=1.0), TypeError, "q_descale"),
@@ -342,6 +343,47 @@ def test_out_sharing_k_storage_is_rejected():
 def test_bad_input_names_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):
         vfa.flash_attn_varlen_func(**_varlen_kw(**over))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_fa3_sinks_match_the_dense_definition(paged):
+    """s_aux (FA3's attention sinks): per head one more logit s_h, unscaled, in the softmax denominator with a
+    zero value: out_i = sum_j e^{x_ij} v_j / (sum_j e^{x_ij} + e^{s_h}), lse_i = log(sum_j e^{x_ij} + e^{s_h});
+    rows that see no key (causal, Sq > Sk; an empty sequence): zeros and lse = s_h."""
+    Hq, Hk, D, scale = 4, 2, 16, 0.3
+    lens_q, lens_k = [5, 2, 3], [3, 0, 9]
+    q = rand(sum(lens_q), Hq, D)
+    sinks = torch.randn(Hq, device=DEVICE).to(torch.bfloat16)  # the fork's dtype
+    if paged:
+        pk, pv, table, k, v = _paged(lens_k, 4, Hk, D)
+        kw = dict(k=pk, v=pv, block_table=table, seqused_k=torch.tensor(lens_k, dtype=I32, device=DEVICE))
+    else:
+        k, v = rand(sum(lens_k), Hk, D), rand(sum(lens_k), Hk, D)
+        kw = dict(k=k, v=v, cu_seqlens_k=cu(lens_k))
+    out, lse = vfa.flash_attn_varlen_func(q=q, max_seqlen_q=5, cu_seqlens_q=cu(lens_q), max_seqlen_k=9, **kw,
+                                          softmax_scale=scale, causal=True, return_softmax_lse=True, fa_version=3,
+                                          s_aux=sinks)
+    s64 = sinks.double()
+    cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
+    for b in range(3):
+        qb, kb, vb = (t.double() for t in (q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]))
+        Lq, Lk = qb.shape[0], kb.shape[0]
+        x = torch.einsum("qhd,khd->hqk", qb, kb.repeat_interleave(Hq // Hk, 1)) * scale
+        visible = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + Lk - Lq
+        x = x.masked_fill(~visible, float("-inf"))
+        denom = torch.exp(x).sum(-1) + torch.exp(s64)[:, None]
+        exp = torch.einsum("hqk,khd->qhd", torch.exp(x) / denom[..., None], vb.repeat_interleave(Hq // Hk, 1))
+        torch.testing.assert_close(out[cq[b]:cq[b + 1]].double(), exp, **TOL)
+        torch.testing.assert_close(lse[:, cq[b]:cq[b + 1]].double(), torch.log(denom), **TOL)
+    assert torch.equal(lse[:, :2].double(), s64[:, None].expand(Hq, 2))  # rows 0, 1 see no key
+
+
+def test_huge_softcap_keeps_the_scores():
+    """softcap far above the scores: cap * tanh(s / cap) = s (the kernel's tanh is accurate for small |x|)."""
+    kw = _varlen_kw()
+    for cap in (1e6, 2.0 ** 40):
+        got = vfa.flash_attn_varlen_func(**kw, softcap=cap)
+        torch.testing.assert_close(got, vfa.flash_attn_varlen_func(**kw), **TOL)
 
 
 def test_fa3_ignores_dropout_and_the_hints():
@@ -379,12 +421,13 @@ def test_torch_compile_fullgraph_paged_with_out():
     pages_k, pages_v, table, k, v = _paged(lens_k, page, Hk, D)
     q, cq = rand(sum(lens_q), Hq, D), cu(lens_q)
     seqused = torch.tensor(lens_k, dtype=I32, device=DEVICE)
+    sinks = rand(Hq)
 
     def f(q, pk, pv, table, seqused, out):
         vfa.flash_attn_varlen_func(q=q, k=pk, v=pv, out=out, cu_seqlens_q=cq, max_seqlen_q=3, seqused_k=seqused,
                                    max_seqlen_k=11, causal=True, block_table=table, fa_version=3)
         o, lse = vfa.flash_attn_varlen_func(q, pk, pv, 3, cq, 11, None, seqused, block_table=table, causal=True,
-                                            return_softmax_lse=True)
+                                            return_softmax_lse=True, fa_version=3, s_aux=sinks)
         return out * 2, o, lse
 
     want = f(q, pages_k, pages_v, table, seqused, torch.empty_like(q))
@@ -392,7 +435,7 @@ def test_torch_compile_fullgraph_paged_with_out():
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, pages_k, pages_v, table, seqused, out)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
-    torch.testing.assert_close(out, want[1])  # the compiled graph wrote the caller's buffer
+    torch.testing.assert_close(out * 2, want[0])  # the compiled graph wrote the caller's buffer
 
 
 def test_module_swap_recipe(monkeypatch):

@@ -18,12 +18,14 @@ Semantics (the fork's): returns ``out``, or ``(out, softmax_lse)`` with ``return
 ``cu_seqlens_k``), as vLLM calls it. ``fa_version`` 2 or 3 run the same kernels; the version decides what the fork
 decides: FA2 returns flash-attn 2.8's lse (``+inf`` for rows that see no key), rejects ``num_splits > 1`` and
 ``s_aux``, and runs no dropout (``dropout_p > 0`` raises here: inference only); FA3 returns ``-inf`` for such rows
-(its ``softmax.h``), rejects ALiBi and ignores ``dropout_p`` (it takes none), ``num_splits`` is a hint.
+(its ``softmax.h``), rejects ALiBi and ignores ``dropout_p`` (it takes none), ``num_splits`` is a hint, and
+``s_aux`` ``[Hq]`` adds attention sinks: one logit per head (natural log, not scaled) joins the softmax
+denominator as a key with a zero value, inside the kernel (FA3's ``finalize_aux``: out and lse include it, a row
+without keys gets zeros and ``lse = s_aux[h]``); the fork wants it bf16, any float dtype is accepted here.
 ``scheduler_metadata`` is accepted and ignored (it only schedules FA3's CTAs); ``q_descale`` / ``k_descale`` /
 ``v_descale`` are ignored for fp16/bf16 tensors (FA3 reads them only for fp8 ones; vLLM always passes them).
 
-Not implemented (``NotImplementedError`` naming the argument): fp8 q/k/v (FA3's descaled fp8 attention), ``s_aux``
-(FA3's attention sinks), ``q_v``, context parallelism (``cp_world_size > 1``), ``fa_version=4``, the sparse
+Not implemented (``NotImplementedError`` naming the argument): fp8 q/k/v (FA3's descaled fp8 attention), ``q_v``, context parallelism (``cp_world_size > 1``), ``fa_version=4``, the sparse
 functions. Differences to the fork are listed in ``docs/compat.md``.
 """
 
@@ -34,7 +36,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from .. import ops
-from ..validation import check_bool, check_float, check_inference_only, check_positive_int
+from ..validation import FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_positive_int, check_tensor
 
 __version__ = "2.7.2.post1"  # the fork's package version at the commits named above
 VLLM_FLASH_ATTN_COMMIT = "617264c1c7955c9e84817654ebeedff069f3c5f1"
@@ -150,20 +152,22 @@ def _not_implemented(q, k, q_v, cp_world_size, cp_rank, cp_tot_seqused_k) -> Non
                                       f"implemented in omni_fast.compat.vllm_flash_attn; pass fp16/bf16 tensors")
 
 
+class FA2Unsupported(NotImplementedError, ValueError):
+    """What the fork's FA2 path refuses (``s_aux``, ``num_splits > 1``, ...): the fork's NotImplementedError, and a
+    ValueError too, as the refusal is of an argument combination (``fa_version=2`` with that argument)."""
+
+
 def _fa2_rules(fa: int, scheduler_metadata, q_descale, k_descale, v_descale, s_aux, num_splits: int) -> None:
-    """The fork's FA2 refusals (``fa_version=2``), and what FA3 would run but omni-fast does not (``s_aux``)."""
+    """The fork's FA2 refusals (``fa_version=2``)."""
     if fa == 2:
         if scheduler_metadata is not None and q_descale is not None and k_descale is not None \
                 and v_descale is not None:
-            raise NotImplementedError("FA2 does not support scheduler_metadata, q_descale, k_descale, v_descale "
-                                      "(all four given)")
+            raise FA2Unsupported("FA2 (fa_version=2) does not support scheduler_metadata, q_descale, k_descale, "
+                                 "v_descale (all four given)")
         if s_aux is not None:
-            raise NotImplementedError("FA2 does not support s_aux")
+            raise FA2Unsupported("FA2 (fa_version=2) does not support s_aux (attention sinks: use fa_version=3)")
         if num_splits > 1:
-            raise NotImplementedError(f"FA2 does not support num_splits > 1, got num_splits={num_splits}")
-    elif s_aux is not None:
-        raise NotImplementedError("s_aux (FA3's attention sinks) is not implemented in "
-                                  "omni_fast.compat.vllm_flash_attn")
+            raise FA2Unsupported(f"FA2 (fa_version=2) does not support num_splits > 1, got num_splits={num_splits}")
 
 
 def _dropout(fa: int, dropout_p) -> None:
@@ -209,7 +213,8 @@ def flash_attn_varlen_func(
     """Packed sequences, vLLM's call: q ``[Tq, Hq, D]``, cu_seqlens_q int32 ``[B + 1]``; keys either packed k/v
     ``[Tk, Hk, D]`` with ``cu_seqlens_k`` int32 ``[B + 1]``, or paged k/v ``[num_blocks, page, Hk, D]`` with
     ``block_table`` int32 ``[B, max_blocks]`` and ``seqused_k`` int32 ``[B]`` (keys of sequence b: its first
-    ``seqused_k[b]`` logical rows). Causal masks and windows bottom-right, GQA/MQA, softcap, ALiBi (FA2).
+    ``seqused_k[b]`` logical rows). Causal masks and windows bottom-right, GQA/MQA, softcap, ALiBi (FA2),
+    attention sinks ``s_aux`` (FA3).
     Returns out ``[Tq, Hq, D]`` (``out`` itself when given), with ``return_softmax_lse`` also lse fp32
     ``[Hq, Tq]``. See the module docstring for the fa_version rules and what is not implemented.
     """
@@ -231,6 +236,8 @@ def flash_attn_varlen_func(
     if seqused_k is not None and block_table is None:
         # the fork hands its kernel an uninitialised cu_seqlens_k here (key offsets undefined): refused
         raise ValueError("seqused_k without block_table: packed k/v need cu_seqlens_k (seqused_k is for paged k/v)")
+    if s_aux is not None and isinstance(q, torch.Tensor) and q.dim() == 3:  # the fork's s_aux check, any float
+        check_tensor("s_aux", s_aux, dtypes=FLOAT_DTYPES, shape=(q.shape[1],), device=q.device, contiguous=True)
     if fa == 3 and alibi_slopes is not None:
         raise ValueError("alibi_slopes is not supported with fa_version=3 (as in the fork: Alibi is not supported "
                          "in FA3); use fa_version=2")
@@ -242,7 +249,7 @@ def flash_attn_varlen_func(
                                      max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
                                      window_size=_window(window_size), return_lse=True, softcap=softcap,
                                      alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k,
-                                     flash_attn_lse=fa == 2, out=out)
+                                     flash_attn_lse=fa == 2, out=out, sinks=s_aux)
     return (res, lse) if return_softmax_lse else res
 
 

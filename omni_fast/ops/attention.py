@@ -32,9 +32,7 @@ MAX_HEAD_DIM = 256
 # --- ops ------------------------------------------------------------------------------------------------------
 
 
-def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 window_left, window_right, softcap, alibi_slopes, block_table, seqused_k, fa_lse, alibi_lse_shift,
-                 backend):
+def _fake_varlen(q, *args):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -43,18 +41,19 @@ def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: 
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
                block_table: torch.Tensor | None, seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               sinks: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown;
-    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (see :mod:`omni_fast.reference.attention`)."""
+    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (see :mod:`omni_fast.reference.attention`);
+    ``sinks`` ``[Hq]``: attention sinks (FA3's ``s_aux``)."""
 
 
 @_varlen_op.impl("reference")
 def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi_slopes,
-                      block_table, seqused_k, fa_lse, alibi_lse_shift):
+                      block_table, seqused_k, fa_lse, alibi_lse_shift, sinks):
     return ref.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
                                  window_size=(left, right), return_lse=True, softcap=softcap,
                                  alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k,
-                                 fa_lse=fa_lse, alibi_lse_shift=alibi_lse_shift)
+                                 fa_lse=fa_lse, alibi_lse_shift=alibi_lse_shift, sinks=sinks)
 
 
 @_varlen_op.impl("triton")
@@ -75,8 +74,8 @@ def _varlen_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                    causal: bool, window_left: int, window_right: int, softcap: float,
                    alibi_slopes: torch.Tensor | None, block_table: torch.Tensor | None,
-                   seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool, out: torch.Tensor,
-                   backend: str) -> torch.Tensor:
+                   seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool,
+                   sinks: torch.Tensor | None, out: torch.Tensor, backend: str) -> torch.Tensor:
     """:func:`_varlen_op` writing out ``[Tq, Hq, D]`` (any strides with a unit stride in D) in place; returns lse."""
 
 
@@ -299,6 +298,7 @@ def flash_attn_varlen(
     backend: str | None = None,
     flash_attn_lse: bool = False,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward;
     the FlashAttention-exact signature is :func:`omni_fast.compat.flash_attn.flash_attn_varlen_func`).
@@ -321,7 +321,10 @@ def flash_attn_varlen(
     a causal mask with ALiBi, flash-attn's kernel bias ``slope * j``, which moves each row's lse by
     ``slope * (i + Lk - Lq)``); the output is the same. :mod:`omni_fast.compat.flash_attn` sets it.
     ``out``: a ``[Tq, Hq, D]`` tensor of q's dtype (unit stride in D, sharing no memory with an input) the kernel
-    writes the result into and that is returned (vLLM's ``out=``); no extra copy.
+    writes the result into and that is returned (vLLM's ``out=``); no extra copy. ``sinks`` ``[Hq]`` (any float
+    dtype, unit stride): attention sinks as FA3's ``s_aux``, one logit per head joining the softmax denominator
+    with a zero value (out and lse include it; a row that sees no key gives zeros and ``lse = sink``); not with
+    ``flash_attn_lse`` (flash-attn 2.8 has none).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     Tq, Hq, D = q.shape
@@ -343,6 +346,10 @@ def flash_attn_varlen(
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
     _check_alibi(alibi_slopes, B, Hq, q.device)
+    if sinks is not None:
+        check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, shape=(Hq,), device=q.device, contiguous=True)
+        if flash_attn_lse is True:
+            raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
     if values_checkable(cu_seqlens_q, check_values):
         cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
         check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
@@ -363,13 +370,13 @@ def flash_attn_varlen(
     fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
     if out is not None:
         _check_out(out, q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
-                   seqused_k=seqused_k, alibi_slopes=alibi_slopes)
+                   seqused_k=seqused_k, alibi_slopes=alibi_slopes, sinks=sinks)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
             -1 if max_seqlen_k is None else int(max_seqlen_k), scale, causal, left, right, _softcap(softcap),
             alibi_slopes, block_table, seqused_k, fa_lse,
-            fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, max_seqlen_k))
+            fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, max_seqlen_k), sinks)
     if out is None:
         out, lse = _varlen_op(*args, be)
     else:
