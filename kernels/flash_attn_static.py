@@ -16,7 +16,8 @@ def static_signature(dt: str, split: bool = False) -> dict[str, str]:
     o = "fp32" if split else dt
     s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
          "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8",
-         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "sink_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}"}
+         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "sink_ptr": f"*{dt}", "cos_ptr": f"*{dt}",
+         "sin_ptr": f"*{dt}"}
     for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
                  "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
                  "stride_km", "stride_ab", "stride_cos", "stride_sin", "seqlen_q", "k_extra", "page_size",

@@ -25,8 +25,9 @@ without keys gets zeros and ``lse = s_aux[h]``); the fork wants it bf16, any flo
 ``scheduler_metadata`` is accepted and ignored (it only schedules FA3's CTAs); ``q_descale`` / ``k_descale`` /
 ``v_descale`` are ignored for fp16/bf16 tensors (FA3 reads them only for fp8 ones; vLLM always passes them).
 
-Not implemented (``NotImplementedError`` naming the argument): fp8 q/k/v (FA3's descaled fp8 attention), ``q_v``, context parallelism (``cp_world_size > 1``), ``fa_version=4``, the sparse
-functions. Differences to the fork are listed in ``docs/compat.md``.
+Not implemented (``NotImplementedError`` naming the argument): fp8 q/k/v (FA3's descaled fp8 attention),
+``q_v``, context parallelism (``cp_world_size > 1``), ``fa_version=4``, the sparse functions. Differences to the
+fork are listed in ``docs/compat.md``.
 """
 
 from __future__ import annotations
@@ -328,6 +329,6 @@ def sparse_attn_varlen_func(q, k, v, block_count, block_offset, column_count, co
                               "sparsity) is not implemented in omni_fast.compat.vllm_flash_attn")
 
 
-__all__ = ["DEFAULT_FA_VERSION", "VLLM_FLASH_ATTN_COMMIT", "fa_version_unsupported_reason", "flash_attn_varlen_func",
-           "flash_attn_with_kvcache", "get_scheduler_metadata", "is_fa_version_supported", "sparse_attn_func",
-           "sparse_attn_varlen_func"]
+__all__ = ["DEFAULT_FA_VERSION", "FA2Unsupported", "VLLM_FLASH_ATTN_COMMIT", "fa_version_unsupported_reason",
+           "flash_attn_varlen_func", "flash_attn_with_kvcache", "get_scheduler_metadata", "is_fa_version_supported",
+           "sparse_attn_func", "sparse_attn_varlen_func"]
