@@ -165,7 +165,7 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
     ``cache_seqlens`` None: every sequence has ``k_extra`` keys. Returns (out ``[B, Sq, Hq, D]``, lse fp32
-    ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
+    ``[Hq, B, Sq]``: head-major, as the kernels write it; a caller that wants ``[B, Hq, Sq]`` transposes). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
     asks for n chunks (of SPLIT_ALIGN-multiple lengths; fewer when the capacity has fewer such chunks or the last
     ones would be empty, see :func:`effective_splits`). ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
     a padding query gives zeros). ``cache_batch_idx`` / ``cache_leftpad`` int32 ``[B]``, ``softcap``,
@@ -207,7 +207,7 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
         combine(part_o, part_lse, out, lse, empty_lse)
-    lse = lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
+    lse = lse.view(Hq, B, Sq)
     if given is not None:
         if given.data_ptr() != out.data_ptr():
             given.copy_(out.view(B, Sq, Hq, D))

@@ -27,16 +27,24 @@ which program finished last (deterministic, and batch invariant: each row is com
 instructions that do not depend on the batch). Roundings differ from today's ops path only in fp32 summation order
 (o projection split over heads, down projection over chunks, attention key blocks), i.e. an ulp of the model dtype
 on the logits. Design, launches and predicted time: docs/persistent.md.
+
+Programmatic dependent launch (opt-in, ``PDL_ENABLED`` / ``OMNI_FAST_PDL=1``, sm_90+): every phase starts with
+:func:`.launch.pdl_enter` and is launched with ``launch_pdl``, so the next phase's launch and CTA rasterisation
+overlap this one's tail instead of following its completion (the data dependence is unchanged: each phase waits
+for the previous kernel's completion before its first access). Off by default until a GPU run passes
+tests/test_fused_step.py's gpu-marked PDL test (the project's rule for new fast paths).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .flash_attn_parts import attend_range
-from .launch import interpreting, launch, static_case
+from .launch import interpreting, launch, pdl_enter, pdl_meta, static_case
 from .moe_routing import topk_softmax_rows
 from .mtp_gemv import PLAIN as _PLAIN, SWIGLU as _SWIGLU, gemv_tile
 from .rope import mrope_cos_sin, norm_rope_halves
@@ -44,6 +52,7 @@ from .rope import mrope_cos_sin, norm_rope_halves
 PLAIN, SWIGLU = tl.constexpr(_PLAIN), tl.constexpr(_SWIGLU)
 LOG2E = 1.4426950408889634
 BLOCK_M = 16  # rows per program of the qkv phase (one tl.dot M tile)
+PDL_ENABLED = os.environ.get("OMNI_FAST_PDL", "") == "1"  # see the module doc
 
 
 @triton.jit
@@ -53,13 +62,14 @@ def qkv_phase_kernel(
     eps,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """x (the residual) ``[M, H]``; wq ``[n_q D, H]``, wk / wv ``[n_kv D, H]``; qkv ``[M, (n_q + 2 n_kv) D]``
     (q heads, k heads, v heads); caches ``[B, S, n_kv, D]`` (strides ``stride_cb`` / ``stride_ct``, unit head
     stride D); positions int ``[3, M]``; inv_freq fp32 ``[D/2]``; q/k norm weights ``[D]``; ctr int32
     ``[M tiles, n_q + 2 n_kv]`` (zero between launches). Program ``(pid_m, j * D/16 + t)`` computes the 16-column
     tile t of head j; the head's last tile to finish runs the per-row epilogue (norm, RoPE, cache append)."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     TPH: tl.constexpr = D // 16  # 16-column GEMV tiles per head (every SM streams weights at B = 1)
     j = tl.program_id(1) // TPH  # q heads, then k heads, then v heads
@@ -158,7 +168,7 @@ def attn_phase_kernel(
     qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, lse_ptr, resid_ptr, ctr_ptr,
     H, n_q, stride_qkv, stride_resid, stride_cb, stride_ct, capacity, split_len, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, n_q, S)``. q from the qkv buffer (after the qkv phase), caches ``[B, L, n_kv, D]`` already
     holding this token at ``cache_seqlens[b]``; program (b, h, s) attends to keys ``[s split_len, (s+1) split_len)``
@@ -166,6 +176,7 @@ def attn_phase_kernel(
     wo ``[H, n_q D]`` (the o projection is linear, so the split merge can follow it). Scratch: o ``[B, S, n_q, D]``
     (model dtype), part fp32 ``[B, n_q, S, H]``, lse fp32 ``[B, n_q, S]``; ctr int32 ``[B]`` (zero between
     launches); resid ``[B, H]`` updated in place by the row's last program. ``qk_scale`` = scale * log2(e)."""
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -251,13 +262,14 @@ def moe_phase_kernel(
     H, E, I, IS, stride_resid, n_chunks, n_shared, act_width, eps,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_TK: tl.constexpr, BI: tl.constexpr, BK_H: tl.constexpr, BN_H: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """resid ``[B, H]`` (updated in place), post-attention norm weight ``[H]``, router ``[E, H]``, w13 ``[E, 2I, H]``,
     w2 ``[E, H, I]``, shared sw13 ``[2 IS, H]`` / sw2 ``[H, IS]`` / gate ``[1, H]``; scratch per (row, program):
     logits ``[BLOCK_E + 32]`` (model dtype), act ``[act_width]`` (model dtype), part fp32 ``[H]``; ctr int32 ``[B]``.
     Program ``p < TOP_K * n_chunks`` takes chunk ``p % n_chunks`` of slot ``p // n_chunks``, the others chunk
     ``p - TOP_K * n_chunks`` of the shared expert."""
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -343,7 +355,7 @@ def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, 
            D=D, HALF=D // 2, BLOCK_J=triton.next_power_of_2(D // 2), BLOCK_K=_bk(H),
            SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),
            INTERLEAVED=bool(interleaved), UPCAST=interpreting(), DOT_PRECISION=_prec(x.dtype), num_warps=4,
-           device=x.device)
+           device=x.device, **pdl_meta(PDL_ENABLED, x.device))
 
 
 MAX_SPLITS = 8
@@ -373,7 +385,7 @@ def attn_phase(qkv, k_cache, v_cache, cache_seqlens, o, wo, part, lse, resid, co
            float(scale) * LOG2E, GROUP=n_q // k_cache.shape[2], D=D, BLOCK_N=SPLIT_ALIGN,
            BLOCK_NO=min(64, max(16, triton.next_power_of_2(H))), BLOCK_S=triton.next_power_of_2(S),
            BLOCK_H=triton.next_power_of_2(H), UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4,
-           device=resid.device)
+           device=resid.device, **pdl_meta(PDL_ENABLED, resid.device))
 
 
 def moe_layout(top_k: int, inter: int, shared_inter: int, block_i: int) -> tuple[int, int, int]:
@@ -405,7 +417,8 @@ def moe_phase(resid, norm_weight, router, w13, w2, shared_w13, shared_w2, shared
            act.shape[-1], float(eps), TOP_K=int(top_k), RENORMALIZE=bool(renormalize), SHARED=shared,
            BLOCK_E=triton.next_power_of_2(E), BLOCK_TK=triton.next_power_of_2(top_k), BI=bi, BK_H=_moe_bk(H),
            BN_H=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
-           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
+           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device,
+           **pdl_meta(PDL_ENABLED, resid.device))
 
 
 def moe_scratch_shapes(M: int, H: int, E: int, top_k: int, inter: int, shared_inter: int):
@@ -429,38 +442,40 @@ def _sig(names_ptr: dict, ints: tuple, floats: tuple, consts: tuple) -> dict:
 
 def _register_static_cases() -> None:
     dt = "bf16"
-    for part, H, nq, nk, E, k, inter, shared in (("talker", 1024, 16, 2, 128, 6, 384, 768),
-                                                 ("thinker", 2048, 32, 4, 128, 8, 768, 0)):
+    for part, H, nq, nk, E, k, inter, shared, pdl in (("talker", 1024, 16, 2, 128, 6, 384, 768, False),
+                                                      ("thinker", 2048, 32, 4, 128, 8, 768, 0, False),
+                                                      ("talker", 1024, 16, 2, 128, 6, 384, 768, True)):
+        tag = ",pdl" if pdl else ""  # the PDL variants: the same code behind griddepcontrol.wait / launch_dependents
         ptr = {n: f"*{dt}" for n in ("x_ptr", "nw_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "qkv_ptr", "kc_ptr", "vc_ptr")}
         ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}",
                    ctr_ptr="*i32")
-        static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", qkv_phase_kernel,
+        static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128{tag}]", qkv_phase_kernel,
                     _sig(ptr, ("M", "H", "n_q", "n_kv", "stride_x", "stride_qkv", "stride_cb", "stride_ct",
                                "stride_pos_row", "capacity"), ("scaling", "eps"),
                          ("D", "HALF", "BLOCK_J", "BLOCK_K", "SEC_T", "SEC_H", "SEC_W", "INTERLEAVED", "UPCAST",
-                          "DOT_PRECISION")),
+                          "DOT_PRECISION", "PDL")),
                     dict(D=128, HALF=64, BLOCK_J=64, BLOCK_K=256, SEC_T=24, SEC_H=20, SEC_W=20, INTERLEAVED=True,
-                         UPCAST=False, DOT_PRECISION="tf32"),
+                         UPCAST=False, DOT_PRECISION="tf32", PDL=pdl),
                     aligned=("H", "stride_x", "stride_qkv", "stride_cb", "stride_ct"))
         ptr = {n: f"*{dt}" for n in ("qkv_ptr", "kc_ptr", "vc_ptr", "o_ptr", "wo_ptr", "resid_ptr")}
         ptr.update(seqlens_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32", ctr_ptr="*i32")
-        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128,8 splits]", attn_phase_kernel,
+        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128,8 splits{tag}]", attn_phase_kernel,
                     _sig(ptr, ("H", "n_q", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "capacity",
                                "split_len"), ("qk_scale",),
-                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_S", "BLOCK_H", "UPCAST", "PREC")),
+                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_S", "BLOCK_H", "UPCAST", "PREC", "PDL")),
                     dict(GROUP=nq // nk, D=128, BLOCK_N=64, BLOCK_NO=64, BLOCK_S=8, BLOCK_H=H, UPCAST=False,
-                         PREC="tf32"),
+                         PREC="tf32", PDL=pdl),
                     aligned=("H", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "split_len"))
         ptr = {n: f"*{dt}" for n in ("resid_ptr", "nw_ptr", "router_ptr", "w13_ptr", "w2_ptr", "sw13_ptr", "sw2_ptr",
                                      "sg_ptr", "logit_ptr", "act_ptr")}
         ptr.update(part_ptr="*fp32", ctr_ptr="*i32")
-        static_case(f"moe_phase_kernel[{dt},{part} H{H} E{E} k{k} I{inter}{f' shared {shared}' if shared else ''}]",
-                    moe_phase_kernel,
+        static_case(f"moe_phase_kernel[{dt},{part} H{H} E{E} k{k} I{inter}{f' shared {shared}' if shared else ''}"
+                    f"{tag}]", moe_phase_kernel,
                     _sig(ptr, ("H", "E", "I", "IS", "stride_resid", "n_chunks", "n_shared", "act_width"), ("eps",),
                          ("TOP_K", "RENORMALIZE", "SHARED", "BLOCK_E", "BLOCK_TK", "BI", "BK_H", "BN_H", "BLOCK_H",
-                          "UPCAST", "PREC")),
+                          "UPCAST", "PREC", "PDL")),
                     dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=32, BK_H=_moe_bk(H),
-                         BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
+                         BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32", PDL=pdl),
                     aligned=("H", "I", "IS", "stride_resid", "act_width"))
 
 

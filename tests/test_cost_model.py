@@ -65,6 +65,18 @@ def test_committed_static_facts_pass_the_gate():
     assert not bad, f"kernels that fail to compile, spill or pass {current().smem_per_block} B shared memory: {bad}"
 
 
+def test_committed_static_facts_cover_every_registered_case():
+    """Every kernel specialisation the sm_90a static check registers has committed facts (a new kernel without
+    them would be invisible to the model and to the spill / shared-memory gate above)."""
+    from omni_fast.bench import static_check as sc
+    from omni_fast.kernels.launch import STATIC_CASES
+
+    sc.import_kernel_modules()
+    missing = sorted({c.name for c in STATIC_CASES} - set(json.loads(STATICS.read_text())))
+    assert not missing, (f"no committed sm_90a facts for {missing}: python -m omni_fast.bench.costmodel.statics "
+                         f"<name> and merge them into {STATICS.name} (or python -m omni_fast.bench.model --static)")
+
+
 KEY_CASES = ["moe_gemm_kernel[bf16,E128 N768/384/192,decode,gate_up,ptr]",
              "attn_fwd_kernel[bf16,thinker 32/4 d128 decode]", "sample_kernel[bf16,V2048,topk,topp]"]
 

@@ -262,3 +262,44 @@ def test_gpu_fused_graph_replay_equals_eager():
         outs.append(res)
     for (le, he), (lg, hg) in zip(*outs):
         assert torch.equal(le, lg) and torch.equal(he, hg)
+
+
+def test_pdl_is_off_where_it_cannot_run():
+    """PDL (opt-in, OMNI_FAST_PDL=1 / talker_fused.PDL_ENABLED) never reaches a launch on the CPU interpreter or a
+    non-CUDA device: the phases keep their plain launch (and the interpreter never sees griddepcontrol)."""
+    from omni_fast.kernels.launch import pdl_meta
+
+    assert pdl_meta(True, torch.device("cpu")) == {"PDL": False}
+    assert pdl_meta(False, torch.device("cpu")) == {"PDL": False}
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_phases_equal_plain_launches(monkeypatch):
+    """The three phases launched with programmatic dependent launch (sm_90+) give bit-identical logits and hidden
+    states to plain launches, eager and graph-replayed (PDL changes when a kernel starts, never what it computes:
+    each phase waits for the previous kernel before touching memory); the counters end at zero."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs an sm_90+ GPU")
+    from omni_fast.kernels import talker_fused
+
+    dev = torch.device("cuda")
+    m, head, prefill = _real_talker(dev, layers=2)
+    outs = []
+    for pdl, use_graph in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(talker_fused, "PDL_ENABLED", pdl)
+        torch.manual_seed(0)
+        cache, mask, nxt = prefill(m, 8, 64)
+        dec = MoeTextDecoder.from_transformers(m, head, fused=True)
+        dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=use_graph)
+        g = torch.Generator(device=dev).manual_seed(1)
+        res = []
+        for _ in range(2):
+            e = torch.randn(8, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+            res.append(dec.step(e, nxt[0]))
+            nxt = nxt + 1
+        ws = dec._state.fused
+        assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0
+        outs.append(res)
+    for other in outs[1:]:
+        for (lw, hw), (lg, hg) in zip(outs[0], other):
+            assert torch.equal(lw, lg) and torch.equal(hw, hg)

@@ -120,8 +120,8 @@ def _append_triton(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_bat
 
 def _fake_kvcache(q, *args):
     B, Sq, Hq, _ = q.shape
-    # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
-    return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout); lse head-major
+    return q.new_empty(q.shape), q.new_empty((Hq, B, Sq), dtype=torch.float32)
 
 
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
@@ -134,19 +134,22 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 rotary_interleaved: bool, rotary_causal: bool, num_splits: int, fa_lse: bool, alibi_lse_shift: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys (``k_extra`` without cache_seqlens): (out
-    ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``); ``fa_lse`` / ``alibi_lse_shift`` as :func:`_varlen_op`."""
+    ``[B, Sq, Hq, D]``, lse fp32 ``[Hq, B, Sq]``, the kernel's head-major layout: the public function transposes it
+    only when the caller asks for it, so decode steps at B > 1 pay no copy launch per layer); ``fa_lse`` /
+    ``alibi_lse_shift`` as :func:`_varlen_op`."""
 
 
 @_kvcache_op.impl("reference")
 def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
                        cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
                        rot_causal, num_splits, fa_lse, alibi_lse_shift):
-    return ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
-                                 window_size=(left, right), softmax_scale=scale, block_table=block_table,
-                                 key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
-                                 cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 rotary=_rotary(cos, sin, interleaved, rot_causal), fa_lse=fa_lse,
-                                 alibi_lse_shift=alibi_lse_shift)
+    out, lse = ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
+                                     window_size=(left, right), softmax_scale=scale, block_table=block_table,
+                                     key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
+                                     cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     rotary=_rotary(cos, sin, interleaved, rot_causal), fa_lse=fa_lse,
+                                     alibi_lse_shift=alibi_lse_shift)
+    return out, lse.transpose(0, 1).contiguous()  # the op's head-major lse
 
 
 @_kvcache_op.impl("triton")
@@ -164,7 +167,7 @@ def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, ke
 
 def _fake_kvcache_out(q, *args):
     B, Sq, Hq, _ = q.shape
-    return q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return q.new_empty((Hq, B, Sq), dtype=torch.float32)  # head-major, as _kvcache_op's
 
 
 # The out= form of _kvcache_op (vLLM's fork): same arguments plus ``out``; returns the lse.
@@ -178,7 +181,7 @@ def _kvcache_out_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     rotary_causal: bool, num_splits: int, fa_lse: bool, alibi_lse_shift: bool, out: torch.Tensor,
                     backend: str) -> torch.Tensor:
     """:func:`_kvcache_op` writing out ``[B, Sq, Hq, D]`` in place (the kernel stores into it when B and Sq
-    collapse into one token dimension, else one copy); returns lse ``[B, Hq, Sq]``."""
+    collapse into one token dimension, else one copy); returns the head-major lse ``[Hq, B, Sq]``."""
 
 
 @_kvcache_out_op.impl("reference")
@@ -575,7 +578,7 @@ def flash_attn_with_kvcache(
         out, lse = _kvcache_op(*args, be)
     else:
         lse = _kvcache_out_op(*args, out, be)
-    return (out, lse) if return_softmax_lse else out
+    return (out, lse.transpose(0, 1).contiguous()) if return_softmax_lse else out
 
 
 __all__ = ["MAX_HEAD_DIM", "flash_attn_varlen", "flash_attn_with_kvcache"]
