@@ -449,3 +449,39 @@ def test_module_swap_recipe(monkeypatch):
     from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
 
     assert flash_attn_varlen_func is vfa.flash_attn_varlen_func and is_fa_version_supported(3)
+
+
+# --- GPU: bf16 kernels (sinks, out=) against the reference, and vLLM's call inside a CUDA graph --------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fa_version", [2, 3])
+def test_gpu_vllm_paged_call_bf16_and_cuda_graph(fa_version):
+    """vLLM's decode/prefill call (paged bf16 cache of 16-token pages, GQA 32/4, d 128, out= a slice of the output
+    buffer, FA3 with sinks) against the reference in fp32, then captured in a CUDA graph and replayed."""
+    dev, dt = "cuda", torch.bfloat16
+    B, Hq, Hk, D, page = 3, 32, 4, 128, 16
+    lens_k, lens_q = [700, 33, 1], [1, 17, 1]
+    pk = torch.randn(200, page, Hk, D, device=dev, dtype=dt)
+    pv = torch.randn(200, page, Hk, D, device=dev, dtype=dt)
+    table = torch.randperm(200, device=dev)[:3 * 45].view(3, 45).to(I32)
+    q = torch.randn(sum(lens_q), Hq, D, device=dev, dtype=dt)
+    cq = torch.tensor([0, 1, 18, 19], dtype=I32, device=dev)
+    seqused = torch.tensor(lens_k, dtype=I32, device=dev)
+    sinks = torch.randn(Hq, device=dev, dtype=dt) if fa_version == 3 else None
+    buf = torch.zeros(sum(lens_q) + 5, Hq, D, device=dev, dtype=dt)
+
+    def run():
+        vfa.flash_attn_varlen_func(q=q, k=pk, v=pv, out=buf[:sum(lens_q)], cu_seqlens_q=cq, max_seqlen_q=17,
+                                   seqused_k=seqused, max_seqlen_k=700, softmax_scale=D ** -0.5, causal=True,
+                                   window_size=(-1, -1), block_table=table, softcap=0, fa_version=fa_version,
+                                   scheduler_metadata=None, s_aux=sinks, num_splits=0)
+        return buf.clone()
+
+    got = run()[:sum(lens_q)]
+    exp = ref.flash_attn_varlen(q.float(), pk.float(), pv.float(), cq, cq, 17, 700, causal=True, block_table=table,
+                                seqused_k=seqused, sinks=None if sinks is None else sinks.float())
+    torch.testing.assert_close(got.float(), exp, rtol=2e-2, atol=2e-2)
+    from omni_fast.testing import assert_graph_replay_matches
+
+    assert_graph_replay_matches(run)
