@@ -239,9 +239,10 @@ def test_cascade_form_lse_merges_to_the_full_attention():
 # --- the KV-cache function -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("splits", [0, 1, 3])
-def test_kvcache_matches_reference_and_writes_out(paged, splits):
+def test_kvcache_matches_reference_and_writes_out(paged, splits, backend):
     """Append k/v at cache_seqlens, causal with Sq != cache length, GQA; contiguous or paged (random table)
     caches; out= written in place; lse flash-attn 2.8's (the fork ran its FA2 kernel whatever fa_version)."""
     B, Sq, Hq, Hk, D, cap = 2, 3, 4, 2, 16, 24
@@ -255,8 +256,9 @@ def test_kvcache_matches_reference_and_writes_out(paged, splits):
         kc, vc, table = rand(B, cap, Hk, D), rand(B, cap, Hk, D), None
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = torch.empty_like(q)
-    res, lse = vfa.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True,
-                                           num_splits=splits, return_softmax_lse=True, out=out, fa_version=3)
+    with omni_fast.use_backend(backend):
+        res, lse = vfa.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True,
+                                               num_splits=splits, return_softmax_lse=True, out=out, fa_version=3)
     assert res is out
     ref.append_kv(kc_ref, vc_ref, lens, k, v, table, None, None)
     exp, exp_lse = ref.kvcache_attention(q, kc_ref, vc_ref, lens, 2, causal=True, block_table=table, fa_lse=True)
@@ -345,8 +347,9 @@ def test_bad_input_names_the_argument(over, exc, match):
         vfa.flash_attn_varlen_func(**_varlen_kw(**over))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_fa3_sinks_match_the_dense_definition(paged):
+def test_fa3_sinks_match_the_dense_definition(paged, backend):
     """s_aux (FA3's attention sinks): per head one more logit s_h, unscaled, in the softmax denominator with a
     zero value: out_i = sum_j e^{x_ij} v_j / (sum_j e^{x_ij} + e^{s_h}), lse_i = log(sum_j e^{x_ij} + e^{s_h});
     rows that see no key (causal, Sq > Sk; an empty sequence): zeros and lse = s_h."""
@@ -360,9 +363,10 @@ def test_fa3_sinks_match_the_dense_definition(paged):
     else:
         k, v = rand(sum(lens_k), Hk, D), rand(sum(lens_k), Hk, D)
         kw = dict(k=k, v=v, cu_seqlens_k=cu(lens_k))
-    out, lse = vfa.flash_attn_varlen_func(q=q, max_seqlen_q=5, cu_seqlens_q=cu(lens_q), max_seqlen_k=9, **kw,
-                                          softmax_scale=scale, causal=True, return_softmax_lse=True, fa_version=3,
-                                          s_aux=sinks)
+    with omni_fast.use_backend(backend):
+        out, lse = vfa.flash_attn_varlen_func(q=q, max_seqlen_q=5, cu_seqlens_q=cu(lens_q), max_seqlen_k=9, **kw,
+                                              softmax_scale=scale, causal=True, return_softmax_lse=True,
+                                              fa_version=3, s_aux=sinks)
     s64 = sinks.double()
     cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
     for b in range(3):

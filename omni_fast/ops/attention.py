@@ -351,7 +351,7 @@ def flash_attn_varlen(
     _check_alibi(alibi_slopes, B, Hq, q.device)
     if sinks is not None:
         check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, shape=(Hq,), device=q.device, contiguous=True)
-        if flash_attn_lse is True:
+        if check_bool("flash_attn_lse", flash_attn_lse):
             raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
     if values_checkable(cu_seqlens_q, check_values):
         cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
