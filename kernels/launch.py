@@ -183,6 +183,23 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def prefetch_l2(ptr, rows, row_bytes, stride_bytes, BLOCK_R: tl.constexpr, LINES: tl.constexpr):
+    """Hint the GPU to bring ``rows`` x ``row_bytes`` bytes at ``ptr`` (row stride ``stride_bytes``) into L2: one
+    ``prefetch.global.L2`` per 128-byte line, addresses clamped into the region (never out of bounds). No data comes
+    back and nothing a kernel computes can change (L2 is the point of coherence, a prefetch is only a hint), so it
+    may run before :func:`pdl_enter`'s wait: a PDL kernel streams its weights into L2 while the previous kernel
+    drains. Compiled code only (inline PTX): callers guard it with their ``PDL`` constexpr."""
+    base = ptr.to(tl.pointer_type(tl.int8))
+    for r0 in range(0, rows, BLOCK_R):
+        r = tl.minimum(r0 + tl.arange(0, BLOCK_R), rows - 1).to(tl.int64)
+        for c0 in range(0, row_bytes, LINES * 128):
+            c = tl.minimum(c0 + tl.arange(0, LINES) * 128, row_bytes - 1).to(tl.int64)
+            lines = base + r[:, None] * stride_bytes + c[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

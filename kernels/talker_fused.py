@@ -31,7 +31,8 @@ on the logits. Design, launches and predicted time: docs/persistent.md.
 Programmatic dependent launch (opt-in, ``PDL_ENABLED`` / ``OMNI_FAST_PDL=1``, sm_90+): every phase starts with
 :func:`.launch.pdl_enter` and is launched with ``launch_pdl``, so the next phase's launch and CTA rasterisation
 overlap this one's tail instead of following its completion (the data dependence is unchanged: each phase waits
-for the previous kernel's completion before its first access). Off by default until a GPU run passes
+for the previous kernel's completion before its first data access), and each phase first streams its weights into
+L2 (:func:`.launch.prefetch_l2`, a hint: weights only, plus the split's KV rows) so they arrive during that tail. Off by default until a GPU run passes
 tests/test_fused_step.py's gpu-marked PDL test (the project's rule for new fast paths).
 """
 
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .flash_attn_parts import attend_range
-from .launch import interpreting, launch, pdl_enter, pdl_meta, static_case
+from .launch import interpreting, launch, pdl_enter, pdl_meta, prefetch_l2, static_case
 from .moe_routing import topk_softmax_rows
 from .mtp_gemv import PLAIN as _PLAIN, SWIGLU as _SWIGLU, gemv_tile
 from .rope import mrope_cos_sin, norm_rope_halves
@@ -69,7 +70,6 @@ def qkv_phase_kernel(
     stride D); positions int ``[3, M]``; inv_freq fp32 ``[D/2]``; q/k norm weights ``[D]``; ctr int32
     ``[M tiles, n_q + 2 n_kv]`` (zero between launches). Program ``(pid_m, j * D/16 + t)`` computes the 16-column
     tile t of head j; the head's last tile to finish runs the per-row epilogue (norm, RoPE, cache append)."""
-    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     TPH: tl.constexpr = D // 16  # 16-column GEMV tiles per head (every SM streams weights at B = 1)
     j = tl.program_id(1) // TPH  # q heads, then k heads, then v heads
@@ -88,6 +88,11 @@ def qkv_phase_kernel(
         cache = kc_ptr
     if kind == 2:
         w = wv_ptr
+    if PDL:  # this program's 16 weight rows into L2 while the previous kernel drains (index math only above)
+        if pid_m == 0:
+            ES: tl.constexpr = DT.primitive_bitwidth // 8
+            prefetch_l2(w + (n * TPH + t) * 16 * H, 16, H * ES, H * ES, 16, 16)
+    pdl_enter(PDL)
     gemv_tile(pid_m, n * TPH + t, x_ptr, nw_ptr, w, qkv_ptr + sec, seqlens_ptr, x_ptr, M, width, H, stride_x, H,
               stride_qkv, 0, eps, True, PLAIN, False, False, 16, 16, BLOCK_K, UPCAST, DOT_PRECISION)
     # release this tile; the head's last tile (acquire: it sees every tile of the head) finishes the head
@@ -163,6 +168,21 @@ def _merge_heads_to_residual(part_ptr, lse_ptr, n_q, S, resid_ptr, H, DT: tl.con
     tl.store(resid_ptr + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
 
 
+@triton.jit(noinline=True)
+def _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, lo, hi, H, n_q, stride_cb, stride_ct,
+                   GROUP: tl.constexpr, D: tl.constexpr, DT: tl.constexpr):
+    """PDL only: the program's keys/values ``[lo, hi)`` (one program per kv head) and, from row 0's programs, a
+    1/S share of head h's ``[H, D]`` o-weight slice, into L2 before the wait."""
+    ES: tl.constexpr = DT.primitive_bitwidth // 8
+    if h % GROUP == 0:
+        kv = b * stride_cb + lo * stride_ct + (h // GROUP) * D
+        prefetch_l2(kc_ptr + kv, hi - lo, D * ES, stride_ct * ES, 64, 2)
+        prefetch_l2(vc_ptr + kv, hi - lo, D * ES, stride_ct * ES, 64, 2)
+    if b == 0:
+        per = tl.cdiv(H, S)
+        prefetch_l2(wo_ptr + (s * per) * (n_q * D) + h * D, tl.minimum(per, H - s * per), D * ES, n_q * D * ES, 64, 2)
+
+
 @triton.jit
 def attn_phase_kernel(
     qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, lse_ptr, resid_ptr, ctr_ptr,
@@ -176,15 +196,19 @@ def attn_phase_kernel(
     wo ``[H, n_q D]`` (the o projection is linear, so the split merge can follow it). Scratch: o ``[B, S, n_q, D]``
     (model dtype), part fp32 ``[B, n_q, S, H]``, lse fp32 ``[B, n_q, S]``; ctr int32 ``[B]`` (zero between
     launches); resid ``[B, H]`` updated in place by the row's last program. ``qk_scale`` = scale * log2(e)."""
-    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.program_id(2)
     S = tl.num_programs(2)
     DT: tl.constexpr = o_ptr.dtype.element_ty
+    # cache_seqlens is written only by the step's last torch op (many kernels back), so it may be read before the
+    # PDL wait (a kernel's CTAs start only after the previous kernel's passed their own wait)
     len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
     lo = tl.minimum(s * split_len, len_k)
     hi = tl.minimum(lo + split_len, len_k)
+    if PDL:
+        _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, lo, hi, H, n_q, stride_cb, stride_ct, GROUP, D, DT)
+    pdl_enter(PDL)
     offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile
     offs_d = tl.arange(0, D)
     mask_d = offs_d < D
@@ -256,6 +280,17 @@ def _moe_combine_row(resid_row, nw_ptr, sg_ptr, lrow, part_ptr, H, stride_resid,
     tl.store(resid_row + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
 
 
+@triton.jit(noinline=True)
+def _moe_prefetch(router_ptr, b, p, P, H, E, DT: tl.constexpr):
+    """PDL only, row 0's programs: a 1/P share of the router ``[E, H]`` into L2 before the wait. The routed experts
+    are known only after routing; the shared expert's chunk is left out: a second prefetch call here makes the
+    MoE phase spill 20 B on sm_90a (168 registers either way; inlined, 210 registers and one CTA less per SM)."""
+    if b == 0:
+        ES: tl.constexpr = DT.primitive_bitwidth // 8
+        per = tl.cdiv(E, P)
+        prefetch_l2(router_ptr + (p * per) * H, tl.minimum(per, E - p * per), H * ES, H * ES, 16, 16)
+
+
 @triton.jit
 def moe_phase_kernel(
     resid_ptr, nw_ptr, router_ptr, w13_ptr, w2_ptr, sw13_ptr, sw2_ptr, sg_ptr, logit_ptr, act_ptr, part_ptr, ctr_ptr,
@@ -269,11 +304,13 @@ def moe_phase_kernel(
     logits ``[BLOCK_E + 32]`` (model dtype), act ``[act_width]`` (model dtype), part fp32 ``[H]``; ctr int32 ``[B]``.
     Program ``p < TOP_K * n_chunks`` takes chunk ``p % n_chunks`` of slot ``p // n_chunks``, the others chunk
     ``p - TOP_K * n_chunks`` of the shared expert."""
-    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     P = tl.num_programs(1)
     DT: tl.constexpr = resid_ptr.dtype.element_ty
+    if PDL:
+        _moe_prefetch(router_ptr, b, p, P, H, E, DT)
+    pdl_enter(PDL)
     x = resid_ptr + b * stride_resid
     slot = b * P + p
     lrow = logit_ptr + slot * (BLOCK_E + 32)  # E logits, the shared gate logit at BLOCK_E, weights at BLOCK_E + 16
@@ -444,7 +481,8 @@ def _register_static_cases() -> None:
     dt = "bf16"
     for part, H, nq, nk, E, k, inter, shared, pdl in (("talker", 1024, 16, 2, 128, 6, 384, 768, False),
                                                       ("thinker", 2048, 32, 4, 128, 8, 768, 0, False),
-                                                      ("talker", 1024, 16, 2, 128, 6, 384, 768, True)):
+                                                      ("talker", 1024, 16, 2, 128, 6, 384, 768, True),
+                                                      ("thinker", 2048, 32, 4, 128, 8, 768, 0, True)):
         tag = ",pdl" if pdl else ""  # the PDL variants: the same code behind griddepcontrol.wait / launch_dependents
         ptr = {n: f"*{dt}" for n in ("x_ptr", "nw_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "qkv_ptr", "kc_ptr", "vc_ptr")}
         ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}",

@@ -70,8 +70,9 @@ def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
 
 
 def test_pdl_phases_issue_griddepcontrol():
-    """The fused decode phases compiled with PDL start with griddepcontrol.wait and launch_dependents (Hopper
-    programmatic dependent launch); without it, neither instruction is emitted (the default launch is unchanged)."""
+    """The fused decode phases compiled with PDL prefetch their weights into L2, then griddepcontrol.wait and
+    launch_dependents (Hopper programmatic dependent launch); without it, none of these is emitted (the default
+    launch is unchanged)."""
     code = (
         "import re, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -85,7 +86,8 @@ def test_pdl_phases_issue_griddepcontrol():
         "                                        attrs=c.attrs(fn.arg_names))\n"
         "        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
         "                           options={'num_warps': c.num_warps, 'num_stages': c.num_stages})\n"
-        "        print('CASE', c.name, '|', ' '.join(sorted(set(re.findall(r'griddepcontrol\\.\\w+', k.asm['ptx'])))))\n")
+        "        found = re.findall(r'griddepcontrol\\.\\w+|prefetch\\.global\\.L2', k.asm['ptx'])\n"
+        "        print('CASE', c.name, '|', ' '.join(sorted(set(found))))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -93,5 +95,7 @@ def test_pdl_phases_issue_griddepcontrol():
     rows = [ln[5:].split(" | ") for ln in res.stdout.splitlines() if ln.startswith("CASE ")]
     assert len(rows) == 6, res.stdout
     for name, found in rows:
-        want = "griddepcontrol.launch_dependents griddepcontrol.wait" if name.endswith(",pdl]") else ""
+        # PDL: the wait, the trigger, and the weight prefetch into L2 ahead of the wait
+        want = ("griddepcontrol.launch_dependents griddepcontrol.wait prefetch.global.L2" if name.endswith(",pdl]")
+                else "")
         assert found.strip() == want, (name, found)

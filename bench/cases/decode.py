@@ -148,7 +148,7 @@ def cases(preset: str) -> list[Case]:
     p = PRESETS[preset]
     tiny, prompt, batches = p["tiny"], p["prompt"], p["batches"]
     out = []
-    for part in ("thinker", "talker"):
+    for part in ("talker", "thinker"):  # the talker first: a deadline-cut run (the first-light box) keeps it
         H, L, *_ = (TINY_SHAPES if tiny else SHAPES)[part]
         for B in batches:
             nbytes, flops = _bytes_flops(part, B, tiny, prompt)
