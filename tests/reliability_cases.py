@@ -10,7 +10,9 @@ outcome (:func:`run_case`) is one of:
 - ``ok``: the call ran, and the reference and Triton backends agree (where the op has both);
 - ``unnamed``: TypeError/ValueError that does not name the argument;
 - ``other``: another exception type (IndexError, RuntimeError, AttributeError, ...);
-- ``disagree``: the call ran but the backends differ.
+- ``disagree``: the call ran but the backends differ;
+- ``oob``: the call wrote outside a tensor it or the case allocated (guard bytes around every tensor allocated while
+  the case runs: :func:`omni_fast.testing.guarded_allocations`), so the sweep is also an out-of-bounds-write fuzzer.
 """
 
 from __future__ import annotations
@@ -71,6 +73,46 @@ def _vllm_quant(kind: str):
         return _under_backend(vllm.fused_experts)(backend, hidden_states=hidden_states, w1=w1, w2=w2,
                                                    topk_weights=topk_weights, topk_ids=topk_ids, quant_config=cfg)
     return call
+
+
+def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    """vLLM's FlashAttention fork (omni_fast.compat.vllm_flash_attn), called the way vLLM's backend calls it.
+
+    Not swept: the arguments whose every non-None value is a NotImplementedError by design (``q_v``, ``cp_*``;
+    ``s_aux`` under FA2) and the sparse stubs (NotImplementedError whatever the arguments)."""
+    from omni_fast.compat import vllm_flash_attn as vfa
+
+    i32 = torch.int32
+    return {
+        # paged k/v through block_table + seqused_k, out= the output buffer (FA3: num_splits is a hint)
+        "compat.vllm_flash_attn.flash_attn_varlen_func": (_under_backend(vfa.flash_attn_varlen_func), lambda: dict(
+            q=_t(4, 2, 8), k=_t(3, 4, 1, 8, seed=1), v=_t(3, 4, 1, 8, seed=2), out=torch.empty(4, 2, 8),
+            cu_seqlens_q=torch.tensor([0, 1, 4], dtype=i32), max_seqlen_q=3,
+            seqused_k=torch.tensor([2, 5], dtype=i32), max_seqlen_k=5, softmax_scale=None, causal=True,
+            window_size=None, block_table=torch.tensor([[2, 0], [1, 0]], dtype=i32), softcap=0.0,
+            scheduler_metadata=None, q_descale=torch.ones(2, 1), num_splits=0, fa_version=3,
+            return_softmax_lse=True, s_aux=_t(2, seed=3)), True),
+        # packed k/v with cu_seqlens_k (vLLM's encoder attention), FA2
+        "compat.vllm_flash_attn.flash_attn_varlen_func[packed]": (
+            _under_backend(vfa.flash_attn_varlen_func), lambda: dict(
+                q=_t(4, 2, 8), k=_t(5, 1, 8, seed=1), v=_t(5, 1, 8, seed=2), max_seqlen_q=3,
+                cu_seqlens_q=torch.tensor([0, 1, 4], dtype=i32), max_seqlen_k=3,
+                cu_seqlens_k=torch.tensor([0, 2, 5], dtype=i32), dropout_p=0.0, causal=False, window_size=(1, 1),
+                alibi_slopes=torch.rand(2), fa_version=2), True),
+        "compat.vllm_flash_attn.flash_attn_with_kvcache": (_under_backend(vfa.flash_attn_with_kvcache), lambda: dict(
+            q=_t(2, 1, 2, 8), k_cache=_t(2, 5, 1, 8, seed=1), v_cache=_t(2, 5, 1, 8, seed=2),
+            k=_t(2, 1, 1, 8, seed=3), v=_t(2, 1, 1, 8, seed=4), cache_seqlens=torch.tensor([1, 3], dtype=i32),
+            causal=True, num_splits=0, return_softmax_lse=True, out=torch.empty(2, 1, 2, 8), fa_version=2), True),
+        "compat.vllm_flash_attn.get_scheduler_metadata": (lambda backend, **kw: vfa.get_scheduler_metadata(**kw),
+                                                          lambda: dict(
+            batch_size=2, max_seqlen_q=3, max_seqlen_k=9, num_heads_q=4, num_heads_kv=2, headdim=16,
+            cache_seqlens=torch.tensor([5, 9], dtype=i32), page_size=16, causal=True, window_size=(-1, -1),
+            num_splits=0), False),
+        "compat.vllm_flash_attn.is_fa_version_supported": (
+            lambda backend, **kw: vfa.is_fa_version_supported(**kw), lambda: dict(fa_version=3, device=None), False),
+        "compat.vllm_flash_attn.fa_version_unsupported_reason": (
+            lambda backend, **kw: vfa.fa_version_unsupported_reason(**kw), lambda: dict(fa_version=2), False),
+    }
 
 
 def _quant_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
@@ -183,6 +225,7 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "dit_qkv_rope": (ops.dit_qkv_rope, lambda: dict(
             qkv=_t(2, 5, 24), cos=_t(1, 5, 4, seed=1), sin=_t(1, 5, 4, seed=2), heads=2), True),
         **_quant_entries(),
+        **_vllm_flash_attn_entries(),
     }
     return entries
 
@@ -241,6 +284,15 @@ def _clone(kw: dict) -> dict:
 
 def run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     """(outcome, detail) of one case (see the module docstring)."""
+    from omni_fast.testing import guarded_allocations
+
+    with guarded_allocations() as guards:
+        outcome = _run_case(name, arg, index)
+    bad = guards.violations()
+    return ("oob", "; ".join(bad)[:300]) if bad else outcome
+
+
+def _run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     entries = {**_entries(), **_model_entries()}
     fn, make, compare = entries[name]
     kw = make()

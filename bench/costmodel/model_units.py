@@ -126,10 +126,11 @@ def model_units() -> list[Unit]:
             out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
                             cheap_count=True, min_bytes=nbytes, flops=flops,
                             params=dict(B=B, layers=p["L"], cache=CACHE)))
-            if part == "talker":
-                out.append(Unit(f"talker-step-fused-B{B}", "step", "graph", cheap_count=True,
-                                launch=lambda B=B: _step_call("talker", B, fused=True), min_bytes=nbytes,
-                                flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE, fused=True)))
+            # issue 16's phase-fused step (opt-in fast path fused_step), the thinker's too (its stretch goal: the
+            # same kernels without the shared expert)
+            out.append(Unit(f"{part}-step-fused-B{B}", "step", "graph", cheap_count=True,
+                            launch=lambda part=part, B=B: _step_call(part, B, fused=True), min_bytes=nbytes,
+                            flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE, fused=True)))
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
