@@ -58,12 +58,14 @@ PATHS: tuple[FastPath, ...] = (
     FastPath("token2wav", "OMNI_FAST_TOKEN2WAV",
              "patch() swaps in the Qwen2.5-Omni Token2Wav pieces (BigVGAN, DiT attention/AdaLN, the DiT solve as "
              "one CUDA graph; omni_fast/integrations/token2wav.py)",
-             ("tests/test_dit_solve.py::test_graph_replay_equals_eager_on_cuda",)),
+             ("tests/test_dit_solve.py::test_graph_replay_equals_eager_on_cuda",
+              "tests/test_dit_layers.py::test_fused_pieces_on_cuda")),
     FastPath("persistent_mtp", "OMNI_FAST_PERSISTENT_MTP",
              "the MTP frame as ONE persistent launch (CodePredictor(persistent=True)) wherever the pipeline or "
              "patch() builds the code predictor (docs/persistent.md)",
              ("tests/test_persistent.py::test_gpu_persistent_matches_fused_bf16[1]",
-              "tests/test_persistent.py::test_gpu_watchdog_with_a_full_grid")),
+              "tests/test_persistent.py::test_gpu_watchdog_with_a_full_grid",
+              "tests/test_guarded_allocations.py::test_gpu_persistent_mtp_real_shapes_writes_inside[64]")),
     FastPath("fused_step", "OMNI_FAST_FUSED_STEP",
              "thinker and talker decode steps as 3 phase-fused launches per layer (MoeTextDecoder(fused=True)) "
              "where the pipeline or patch() builds a decoder; decoders it cannot run keep the ops path "
@@ -71,7 +73,8 @@ PATHS: tuple[FastPath, ...] = (
              ("tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[1]",
               "tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[8]",
               "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager",
-              "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path")),
+              "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path",
+              "tests/test_guarded_allocations.py::test_gpu_fused_decode_step_real_shapes_writes_inside[8]")),
     FastPath("fused_pdl", "OMNI_FAST_PDL",
              "the phase-fused step's three launches per layer chained by programmatic dependent launch, each "
              "phase prefetching its weights into L2 before the wait (sm_90+; kernels/talker_fused.py)",
