@@ -184,6 +184,9 @@ def summarize_junit(d: Path, rec: dict, expect: int | None = None) -> dict:
 
 def summarize_memcheck(ctx, d: Path, rec: dict) -> dict:
     log = (d / "log.txt").read_text(errors="replace")
+    if "SANITIZER UNAVAILABLE" in log:  # the probe failed: no memcheck possible here (not a test failure)
+        tail = log[log.index("SANITIZER UNAVAILABLE"):].strip().splitlines()
+        return {"status": "skipped", "sanitizer": "unavailable", "reason": " | ".join(tail[:6])[:400]}
     errors = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log)]
     collected = re.search(r"(\d+) tests? collected", log)
     if not (d / "junit.xml").is_file() and collected:  # the dry run: --collect-only

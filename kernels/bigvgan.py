@@ -24,13 +24,17 @@ from .launch import interpreting, launch, static_case
 
 
 @triton.jit
-def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, n_ch, t_in, t_out,
+def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, lens_ptr, n_ch, t_in, t_out,
                     stride_xb, stride_xc, stride_xt, stride_ob, stride_oc, stride_ot,
                     RATIO: tl.constexpr, K_UP: tl.constexpr, K_DOWN: tl.constexpr, P_X: tl.constexpr,
                     P_U: tl.constexpr, P_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-                    MODE: tl.constexpr):
-    """Grid ``(cdiv(t_out, BLOCK_T), cdiv(C, BLOCK_C), B)``; x ``[B, C, t_in]`` -> out ``[B, C, t_out]``."""
+                    MODE: tl.constexpr, HAS_LENS: tl.constexpr):
+    """Grid ``(cdiv(t_out, BLOCK_T), cdiv(C, BLOCK_C), B)``; x ``[B, C, t_in]`` -> out ``[B, C, t_out]``.
+    HAS_LENS (``t_out == t_in``): row b is ``lens[b]`` samples long (clamped to ``[1, t_in]``): the replicate
+    padding starts there and the outputs past it are zeros."""
     b = tl.program_id(2).to(tl.int64)
+    if HAS_LENS:
+        t_in = tl.minimum(tl.maximum(tl.load(lens_ptr + b).to(tl.int32), 1), t_in)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_c = offs_c < n_ch
@@ -61,6 +65,8 @@ def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, n_c
             u += f.to(tl.float32)[None, :] * v
         act = _snake(u * RATIO, a, inv_b, MODE)
         acc += tl.load(fdown_ptr + kd).to(tl.float32) * act
+    if HAS_LENS:  # (the next conv's zero padding at the real end)
+        acc = tl.where((offs_t < t_in)[None, :], acc, 0.0)
     out_rows = out_ptr + b * stride_ob + offs_c.to(tl.int64) * stride_oc
     tl.store(out_rows[:, None] + (offs_t * stride_ot)[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_c[:, None] & mask_t[None, :])
@@ -72,8 +78,10 @@ _GPU_TILE = (4, 128)  # 72 registers, no spills on sm_90a (8 x 128: 255 + 2.4 KB
 
 
 def anti_aliased_snake(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, f_up: torch.Tensor,
-                       f_down: torch.Tensor, ratio: int, *, tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """Arguments as :func:`omni_fast.reference.bigvgan.anti_aliased_snake` (validated by the op); FIRs fp32."""
+                       f_down: torch.Tensor, ratio: int, *, tile: tuple[int, int] | None = None,
+                       seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Arguments as :func:`omni_fast.reference.bigvgan.anti_aliased_snake` (validated by the op); FIRs fp32;
+    seq_lens int ``[B]`` (only where the output length is T)."""
     from ..reference.bigvgan import output_length, pads
 
     B, C, T = x.shape
@@ -83,22 +91,25 @@ def anti_aliased_snake(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
     out = x.new_empty(B, C, t_out)
     bc, bt = tile or (_INTERP_TILE if interpreting() else _GPU_TILE)
     launch(aa_snake_kernel, (triton.cdiv(t_out, bt), triton.cdiv(C, bc), B), x, alpha, beta, f_up, f_down, out,
-           C, T, t_out, *x.stride(), *out.stride(), RATIO=ratio, K_UP=k_up, K_DOWN=k_down, P_X=p_x, P_U=p_u,
-           P_D=p_d, BLOCK_C=bc, BLOCK_T=bt, MODE=_snake_mode(x, True), num_warps=4, device=x.device)
+           x if seq_lens is None else seq_lens, C, T, t_out, *x.stride(), *out.stride(), RATIO=ratio, K_UP=k_up,
+           K_DOWN=k_down, P_X=p_x, P_U=p_u, P_D=p_d, BLOCK_C=bc, BLOCK_T=bt, MODE=_snake_mode(x, True),
+           HAS_LENS=seq_lens is not None, num_warps=4, device=x.device)
     return out
 
 
 def _register_static_cases():
     # contiguous activations (time stride 1, as the JIT specialises it), BigVGAN's 12-tap ratio-2 filters
-    names = ["x_ptr", "alpha_ptr", "beta_ptr", "fup_ptr", "fdown_ptr", "out_ptr", "n_ch", "t_in", "t_out",
-             "stride_xb", "stride_xc", "stride_xt", "stride_ob", "stride_oc", "stride_ot"]
-    for dt in ("bf16", "fp16"):
+    names = ["x_ptr", "alpha_ptr", "beta_ptr", "fup_ptr", "fdown_ptr", "out_ptr", "lens_ptr", "n_ch", "t_in",
+             "t_out", "stride_xb", "stride_xc", "stride_xt", "stride_ob", "stride_oc", "stride_ot"]
+    for dt, lens in (("bf16", False), ("fp16", False), ("fp32", True)):
         sig = {n: (f"*{dt}" if n.endswith("_ptr") else "i32") for n in names}
-        sig.update(fup_ptr="*fp32", fdown_ptr="*fp32", stride_xt="constexpr", stride_ot="constexpr")
+        sig.update(fup_ptr="*fp32", fdown_ptr="*fp32", lens_ptr="*i32", stride_xt="constexpr",
+                   stride_ot="constexpr")
         cx = dict(stride_xt=1, stride_ot=1, RATIO=2, K_UP=12, K_DOWN=12, P_X=5, P_U=15, P_D=5,
-                  BLOCK_C=_GPU_TILE[0], BLOCK_T=_GPU_TILE[1], MODE=2)
+                  BLOCK_C=_GPU_TILE[0], BLOCK_T=_GPU_TILE[1], MODE=2, HAS_LENS=lens)
         sig.update({k: "constexpr" for k in cx})
-        static_case(f"bigvgan.aa_snake[{dt},12 taps]", aa_snake_kernel, sig, cx, num_warps=4)
+        static_case(f"bigvgan.aa_snake[{dt},12 taps{',seq_lens' if lens else ''}]", aa_snake_kernel, sig, cx,
+                    num_warps=4)
 
 
 _register_static_cases()

@@ -27,26 +27,25 @@ packed ``[Tk, Hk, D]`` with ``cu_seqlens_k`` or per-sequence caches ``[B, S, Hk,
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import fast_paths
 from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
 from .launch import interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
 # Split head dims (72 = 64 + 16 instead of a 128-wide padded tile, see head_tiles): opt-in until a GPU run passes
-# tests/test_attention_kvcache.py's gpu-marked split-head-dim test (project rule for new fast paths).
-SPLIT_HEAD_DIM = os.environ.get("OMNI_FAST_SPLIT_HEAD_DIM", "") == "1"
+# tests/test_attention_kvcache.py's gpu-marked split-head-dim test (project rule for new fast paths): the
+# "split_head_dim" fast path of omni_fast.fast_paths (OMNI_FAST_SPLIT_HEAD_DIM=1).
 
 
 @triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr, km_ptr, cbi_ptr, lp_ptr, alibi_ptr, cos_ptr, sin_ptr,
+    cu_q_ptr, cu_k_ptr, seqused_k_ptr, bt_ptr, km_ptr, cbi_ptr, lp_ptr, alibi_ptr, sink_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_lh, stride_os, stride_ls, stride_bt, stride_km, stride_ab, stride_cos, stride_sin,
     seqlen_q, k_extra, page_size, win_left, win_right, qk_scale, softcap_log2, split_len, num_seqs, search_steps,
@@ -55,8 +54,8 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr, PACKED_GRID: tl.constexpr,
     KEY_MASK: tl.constexpr, SEQUSED: tl.constexpr, CACHE_IDX: tl.constexpr, LEFTPAD: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    ROT_CAUSAL: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, SINK: tl.constexpr, ROT_DIM: tl.constexpr,
+    ROT_INTERLEAVED: tl.constexpr, ROT_CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, ALIGN_BYTES: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q * GROUP, BLOCK_M), B, Hk * NUM_SPLITS)``, or with PACKED_GRID (VARLEN_Q only)
@@ -73,7 +72,9 @@ def attn_fwd_kernel(
     are never attended, and query rows whose own (key-aligned) position is padding give zeros and ``lse = -inf``.
     FlashAttention features: LEFTPAD (keys before ``lp_ptr[b]`` are not attended; positions stay absolute),
     SOFTCAP (``cap * tanh(s / cap)``), ALIBI (``-slope[b, h] * |p - j|``, slopes row stride ``stride_ab``, 0 for
-    one row), ROT_DIM > 0 (q rotated in-kernel by ``cos/sin[seqused_k[b] (+ token with ROT_CAUSAL)]``).
+    one row), ROT_DIM > 0 (q rotated in-kernel by ``cos/sin[seqused_k[b] (+ token with ROT_CAUSAL)]``). SINK
+    (FA3's attention sinks, NUM_SPLITS == 1 only): ``sink_ptr[h]`` (natural-log logit, any float dtype) joins the
+    softmax denominator as a key with a zero value: out and lse include it, a row without keys gets lse = sink.
 
     LSE conventions (runtime values, no extra specialisation): rows that see no key store ``empty_lse`` (-inf,
     or +inf as flash-attn 2.8 stores it; split-KV partials always get -inf, the combine writes ``empty_lse``);
@@ -219,6 +220,16 @@ def attn_fwd_kernel(
         mask_d, acc2, q2, offs_d2, mask_d2,
         BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
 
+    if SINK:  # the sink as one more key (value 0): rescale to the new maximum, add its exp2 to the denominator
+        sink = tl.load(sink_ptr + head, mask=mask_r, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row without keys: no NaN
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        if BLOCK_D2 > 0:
+            acc2 = acc2 * alpha[:, None]
+        m_i = m_new
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key
         q_real = tl.load(km_row_ptr + qpos, mask=mask_r & (qpos >= 0), other=0) != 0
@@ -326,13 +337,13 @@ def gpu_block_sizes(rows_per_seq: int, head_dim: int, elem_size: int = 2) -> tup
 def head_tiles(head_dim: int, split: bool | None = None) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): the head dim's tile widths (powers of two, tl.arange needs them).
 
-    One tile (BLOCK_D2 = 0) padded to the next power of two, unless ``split`` (default SPLIT_HEAD_DIM) and two
+    One tile (BLOCK_D2 = 0) padded to the next power of two, unless ``split`` (default: the ``split_head_dim`` fast path) and two
     tiles are narrower: the largest power of two below D plus the next power of two (>= 16, tl.dot's minimum K)
     of the rest. d 72 / 80: 64 + 16 = 80 columns instead of 128; d 96: 64 + 32; d 160: 128 + 32. Every dot over D
     (q.k) then costs two dots that sum, every dot into D (p.v) two accumulators.
     """
     full = max(16, triton.next_power_of_2(head_dim))
-    if not (SPLIT_HEAD_DIM if split is None else split) or full == head_dim:
+    if not (fast_paths.enabled("split_head_dim") if split is None else split) or full == head_dim:
         return full, 0
     first = full // 2
     second = max(16, triton.next_power_of_2(head_dim - first))
@@ -361,7 +372,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
              key_mask: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
              leftpad: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
              rotary: tuple | None = None, empty_lse: float = float("-inf"),
-             alibi_lse_shift: bool = False) -> None:
+             alibi_lse_shift: bool = False, sinks: torch.Tensor | None = None) -> None:
     """Launch :func:`attn_fwd_kernel` (see its docstring); shared by the varlen and the KV-cache entry points.
 
     q/out are ``[Tq, Hq, D]`` views; k/v ``[Tk, Hk, D]`` (packed varlen) or ``[B|blocks, S|page, Hk, D]`` (caches,
@@ -374,8 +385,11 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     first key of each sequence. ``softcap`` > 0: tanh soft-capping. ``alibi_slopes`` fp32 ``[Hq]`` or ``[B, Hq]``.
     ``rotary``: ``(cos, sin, interleaved, causal)`` to rotate q at ``seqused_k[b] (+ token if causal)``.
     ``empty_lse`` (the lse of rows that see no key; split partials always use -inf) and ``alibi_lse_shift``
-    (flash-attn's causal-ALiBi lse): see :func:`attn_fwd_kernel`.
+    (flash-attn's causal-ALiBi lse): see :func:`attn_fwd_kernel`. ``sinks`` ``[Hq]`` (unit stride): attention
+    sinks, without split-KV.
     """
+    if sinks is not None and num_splits > 1:
+        raise ValueError("sinks need num_splits == 1 (the split-KV combine has no sink)")
     Hq, D = q.shape[1], q.shape[2]
     Hk = k.shape[-2]
     group = Hq // Hk
@@ -413,7 +427,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         attn_fwd_kernel, grid,
         q, k, v, out, lse,
         opt(cu_q), opt(cu_k), opt(seqused_k), opt(block_table), opt(key_mask), opt(cache_batch_idx), opt(leftpad),
-        opt(alibi_slopes), opt(cos), opt(sin),
+        opt(alibi_slopes), opt(sinks), opt(cos), opt(sin),
         q.stride(0), q.stride(1), stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         out.stride(-3), out.stride(-2), lse.stride(-2), out.stride(0) if split else 0, lse.stride(0) if split else 0,
         block_table.stride(0) if paged else 0, key_mask.stride(0) if key_mask is not None else 0,
@@ -428,7 +442,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         BLOCK_D=block_d, BLOCK_D2=block_d2, VARLEN_Q=cu_q is not None, VARLEN_K=varlen_k, PAGED=paged,
         PACKED_GRID=packed_grid, KEY_MASK=key_mask is not None, SEQUSED=seqused_k is not None,
         CACHE_IDX=cache_batch_idx is not None, LEFTPAD=leftpad is not None, SOFTCAP=softcap > 0,
-        ALIBI=alibi_slopes is not None, ROT_DIM=2 * cos.shape[1] if cos is not None else 0,
+        ALIBI=alibi_slopes is not None, SINK=sinks is not None, ROT_DIM=2 * cos.shape[1] if cos is not None else 0,
         ROT_INTERLEAVED=bool(interleaved), ROT_CAUSAL=bool(rot_causal),
         UPCAST=interpreting(), PREC=dot_precision(q.dtype), ALIGN=align, ALIGN_BYTES=align * q.element_size(),
         num_warps=warps, num_stages=stages, device=q.device,
@@ -469,7 +483,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       causal: bool, window_left: int, window_right: int, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                       seqused_k: torch.Tensor | None = None, fa_lse: bool = False,
-                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_lse_shift: bool = False, sinks: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention (validated inputs): returns (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``).
 
     ``max_seqlen_q`` (>= every sequence's query length, or -1 when unknown) sizes the grid and picks the block
@@ -479,11 +494,12 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     With ``block_table`` k/v are pages ``[num_blocks, page, Hk, D]`` (sequence b's keys are its logical rows
     ``0 .. cu_k[b+1] - cu_k[b]``); ``seqused_k`` int32 ``[B]`` replaces the key counts; softcap / alibi_slopes as
     :func:`attn_fwd`. ``fa_lse``: +inf (flash-attn's value) instead of -inf for rows that see no key;
-    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`).
+    ``alibi_lse_shift``: flash-attn's causal-ALiBi lse (see :func:`attn_fwd_kernel`). ``sinks`` ``[Hq]``: FA3's
+    attention sinks. ``out``: ``[Tq, Hq, D]`` of q's dtype (unit stride in D) to store into instead of a new tensor.
     """
     del max_seqlen_k
     Tq, Hq, D = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse = torch.empty(Hq, Tq, dtype=torch.float32, device=q.device)
     group = Hq // k.shape[-2]
     batch = cu_seqlens_q.numel() - 1
@@ -494,7 +510,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
              cu_q=cu_seqlens_q, seqlen_q=0, cu_k=cu_seqlens_k, seqused_k=seqused_k, k_extra=0,
              block_table=block_table, softmax_scale=softmax_scale, causal=causal,
              window_size=(window_left, window_right), packed_grid=packed, softcap=softcap, alibi_slopes=alibi_slopes,
-             empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift)
+             empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift, sinks=sinks)
     return out, lse
 
 

@@ -160,17 +160,19 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
                       alibi_slopes: torch.Tensor | None = None,
                       rotary: tuple | None = None, empty_lse: float = float("-inf"),
-                      alibi_lse_shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_lse_shift: bool = False, out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q ``[B, Sq, Hq, D]`` to ``cache_seqlens[b] + k_extra`` cached keys (validated inputs; caches only read).
 
     ``cache_seqlens`` None: every sequence has ``k_extra`` keys. Returns (out ``[B, Sq, Hq, D]``, lse fp32
-    ``[B, Hq, Sq]``). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
+    ``[Hq, B, Sq]``: head-major, as the kernels write it; a caller that wants ``[B, Hq, Sq]`` transposes). ``num_splits``: 0 picks automatically (see :func:`choose_splits`), 1 disables split-KV, n > 1
     asks for n chunks (of SPLIT_ALIGN-multiple lengths; fewer when the capacity has fewer such chunks or the last
     ones would be empty, see :func:`effective_splits`). ``key_padding_mask``: bool ``[B, capacity]`` (unit stride), False = padding (never attended;
     a padding query gives zeros). ``cache_batch_idx`` / ``cache_leftpad`` int32 ``[B]``, ``softcap``,
     ``alibi_slopes``, ``rotary = (cos, sin, interleaved, causal)``: FlashAttention's, see
     :func:`omni_fast.kernels.flash_attn.attn_fwd`; ``empty_lse`` (lse of rows that see no key) and
-    ``alibi_lse_shift`` (flash-attn's causal-ALiBi lse) as there.
+    ``alibi_lse_shift`` (flash-attn's causal-ALiBi lse) as there. ``out``: ``[B, Sq, Hq, D]`` of q's dtype to
+    write into (stored into directly when B and Sq collapse into one token dimension, else copied once).
     """
     B, Sq, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -184,7 +186,13 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                    part_bytes=2 * B * Sq * Hq * (D + 1) * 4)
     num_splits, split_len = effective_splits(capacity, num_splits)
     q2 = q.reshape(B * Sq, Hq, D)
-    out = torch.empty(B * Sq, Hq, D, dtype=q.dtype, device=q.device)
+    given = out
+    try:  # the caller's buffer as the kernel's [tokens, Hq, D] view (fails for a layout B, Sq do not collapse in)
+        out = given.view(B * Sq, Hq, D) if given is not None else None
+    except RuntimeError:
+        out = None
+    if out is None:
+        out = torch.empty(B * Sq, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(Hq, B * Sq, dtype=torch.float32, device=q.device)
     common = dict(batch=B, rows_per_seq=Sq * group, cu_q=None, seqlen_q=Sq, cu_k=None, seqused_k=cache_seqlens,
                   k_extra=k_extra, block_table=block_table, softmax_scale=softmax_scale,
@@ -199,7 +207,12 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         part_lse = torch.empty(num_splits, Hq, B * Sq, dtype=torch.float32, device=q.device)
         attn_fwd(q2, k_cache, v_cache, part_o, part_lse, num_splits=num_splits, split_len=split_len, **common)
         combine(part_o, part_lse, out, lse, empty_lse)
-    return out.view(B, Sq, Hq, D), lse.view(Hq, B, Sq).transpose(0, 1).contiguous()
+    lse = lse.view(Hq, B, Sq)
+    if given is not None:
+        if given.data_ptr() != out.data_ptr():
+            given.copy_(out.view(B, Sq, Hq, D))
+        return given, lse
+    return out.view(B, Sq, Hq, D), lse
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale: float,

@@ -40,8 +40,14 @@ def kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_siz
 
 @triton.jit
 def tanh(x):
-    """tanh through exp2 (saturates to +-1 without NaN for large |x|; fp32)."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+    """tanh, fp32: through exp2 for ``|x| >= 1/4`` (saturates to +-1 without NaN for large |x|), its odd Taylor
+    series to ``x^9`` below, where ``1 - 2 / (e^2x + 1)`` cancels (an absolute error of an ulp of 1, so a relative
+    one of ``eps / |x|``: a softcap far above the scores, e.g. 1e6, made ``cap * tanh(s / cap)`` lose all of s).
+    Series truncation error at 1/4: ``1382/155925 x^10`` ~ 1e-8 relative."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    via_exp = 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+    return tl.where(tl.abs(x) < 0.25, series, via_exp)
 
 
 @triton.jit

@@ -16,7 +16,8 @@ def static_signature(dt: str, split: bool = False) -> dict[str, str]:
     o = "fp32" if split else dt
     s = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{o}", "lse_ptr": "*fp32",
          "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "seqused_k_ptr": "*i32", "bt_ptr": "*i32", "km_ptr": "*u8",
-         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}"}
+         "cbi_ptr": "*i32", "lp_ptr": "*i32", "alibi_ptr": "*fp32", "sink_ptr": f"*{dt}", "cos_ptr": f"*{dt}",
+         "sin_ptr": f"*{dt}"}
     for name in ("stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
                  "stride_vh", "stride_ot", "stride_oh", "stride_lh", "stride_os", "stride_ls", "stride_bt",
                  "stride_km", "stride_ab", "stride_cos", "stride_sin", "seqlen_q", "k_extra", "page_size",
@@ -26,7 +27,7 @@ def static_signature(dt: str, split: bool = False) -> dict[str, str]:
     s.update(split_len="i32", num_seqs="i32", search_steps="i32", total_q="i32", kv_limit="i32", num_blocks="i32",
              rot_len="i32", empty_lse="fp32", alibi_lse_shift="i32")
     for name in ("HEAD_DIM", "GROUP", "NUM_SPLITS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_D2", "VARLEN_Q", "VARLEN_K",
-                 "PAGED", "PACKED_GRID", "KEY_MASK", "SEQUSED", "CACHE_IDX", "LEFTPAD", "SOFTCAP", "ALIBI",
+                 "PAGED", "PACKED_GRID", "KEY_MASK", "SEQUSED", "CACHE_IDX", "LEFTPAD", "SOFTCAP", "ALIBI", "SINK",
                  "ROT_DIM", "ROT_INTERLEAVED", "ROT_CAUSAL", "UPCAST", "PREC", "ALIGN", "ALIGN_BYTES"):
         s[name] = "constexpr"
     return s
@@ -43,7 +44,7 @@ def static_constexprs(dt: str, d: int, group: int, rows: int, varlen: bool, page
     return ({"HEAD_DIM": d, "GROUP": group, "NUM_SPLITS": splits, "BLOCK_M": bm, "BLOCK_N": bn,
              "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_D2": 0, "VARLEN_Q": varlen, "VARLEN_K": varlen,
              "PAGED": paged, "PACKED_GRID": packed, "KEY_MASK": key_mask, "SEQUSED": not varlen, "CACHE_IDX": False,
-             "LEFTPAD": False, "SOFTCAP": False, "ALIBI": False, "ROT_DIM": 0, "ROT_INTERLEAVED": False,
+             "LEFTPAD": False, "SOFTCAP": False, "ALIBI": False, "SINK": False, "ROT_DIM": 0, "ROT_INTERLEAVED": False,
              "ROT_CAUSAL": False, "UPCAST": False,
              "PREC": "ieee" if dt == "fp32" else "tf32", "ALIGN": 16 // elem, "ALIGN_BYTES": 16, **features},
             warps, stages)
@@ -81,7 +82,7 @@ def _register_static_cases() -> None:
         constexprs, warps, stages = static_constexprs(dt, d, group, rows, varlen, paged, splits)
         static_case(f"attn_fwd_kernel[{dt},{name}]", attn_fwd_kernel, static_signature(dt, splits > 1),
                     constexprs, num_warps=warps, num_stages=stages)
-    # split head dims (opt-in SPLIT_HEAD_DIM, head_tiles): the encoders' d 72 (Qwen3-Omni vision) / d 80
+    # split head dims (opt-in fast path split_head_dim, head_tiles): the encoders' d 72 (Qwen3-Omni vision) / d 80
     # (Qwen2.5-Omni vision) as 64 + 16, d 96 as 64 + 32, d 160 as 128 + 32
     split = [(dt, f"d{d} h16 varlen packed split-d", d, 1, 1024, True, False, 1)
              for dt in ("bf16", "fp16") for d in (72, 80, 96)]
@@ -98,7 +99,10 @@ def _register_static_cases() -> None:
               ("kvcache prefill rotary interleaved+softcap", 128, 8, 1024, False, False,
                dict(SOFTCAP=True, ROT_DIM=64, ROT_INTERLEAVED=True, ROT_CAUSAL=True)),
               ("varlen paged seqused softcap+alibi", 128, 8, 1024, True, True,
-               dict(SEQUSED=True, SOFTCAP=True, ALIBI=True))]
+               dict(SEQUSED=True, SOFTCAP=True, ALIBI=True)),
+              # omni_fast.compat.vllm_flash_attn: vLLM's FA3 call with attention sinks (s_aux)
+              ("varlen paged seqused sinks", 128, 8, 1024, True, True, dict(SEQUSED=True, SINK=True)),
+              ("varlen paged seqused sinks decode", 128, 8, 8, True, True, dict(SEQUSED=True, SINK=True))]
     for name, d, group, rows, varlen, paged, feats in compat:
         constexprs, warps, stages = static_constexprs("bf16", d, group, rows, varlen, paged, **feats)
         static_case(f"attn_fwd_kernel[bf16,{name}]", attn_fwd_kernel, static_signature("bf16"),

@@ -6,6 +6,7 @@
 - :func:`static_case` registers a kernel with an example signature so the sm_90a static check
   (``python -m omni_fast.bench.static_check``) can compile it for Hopper on a CPU-only machine.
 - :func:`tuned_config` reads per-device tuned configs from ``omni_fast/configs/<family>/*.json``.
+- :func:`pdl_enter` / :func:`pdl_meta`: Hopper programmatic dependent launch (PDL) for kernels that opt in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..backend import triton_interpreter_enabled
 
@@ -163,3 +166,50 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if cnt is None:
         cnt = _TILE_COUNTERS[device] = torch.zeros(MAX_TILE_COUNTERS, dtype=torch.int32, device=device)
     return cnt
+
+
+# --- programmatic dependent launch (Hopper) -------------------------------------------------------------------------
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First statement of a kernel launched with :func:`pdl_meta`. With ``PDL``: wait until the previous kernel in
+    the stream has completed and its writes are visible (``griddepcontrol.wait``: nothing of this kernel may read
+    or write the previous one's data before it), then let the next kernel start launching
+    (``griddepcontrol.launch_dependents``), so its CTAs are resident and past their launch when this one ends.
+    Waiting first keeps at most two kernels resident at a time. The wait is transitive (the previous kernel passed
+    its own wait before it could complete), so a chain of PDL kernels keeps stream order. Without ``PDL`` nothing
+    is emitted (the CPU interpreter has no griddepcontrol)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptr, rows, row_bytes, stride_bytes, BLOCK_R: tl.constexpr, LINES: tl.constexpr):
+    """Hint the GPU to bring ``rows`` x ``row_bytes`` bytes at ``ptr`` (row stride ``stride_bytes``) into L2: one
+    ``prefetch.global.L2`` per 128-byte line, addresses clamped into the region (never out of bounds). No data comes
+    back and nothing a kernel computes can change (L2 is the point of coherence, a prefetch is only a hint), so it
+    may run before :func:`pdl_enter`'s wait: a PDL kernel streams its weights into L2 while the previous kernel
+    drains. Compiled code only (inline PTX): callers guard it with their ``PDL`` constexpr."""
+    base = ptr.to(tl.pointer_type(tl.int8))
+    for r0 in range(0, rows, BLOCK_R):
+        r = tl.minimum(r0 + tl.arange(0, BLOCK_R), rows - 1).to(tl.int64)
+        for c0 in range(0, row_bytes, LINES * 128):
+            c = tl.minimum(c0 + tl.arange(0, LINES) * 128, row_bytes - 1).to(tl.int64)
+            lines = base + r[:, None] * stride_bytes + c[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_meta(enabled: bool, device: torch.device) -> dict:
+    """Launch keywords of a kernel that starts with :func:`pdl_enter`: ``PDL`` (its constexpr) and Triton's
+    ``launch_pdl`` option when ``enabled`` and the device can (CUDA, sm_90+, not the interpreter); else PDL off, the
+    plain launch (the same code as before the option existed)."""
+    if not (enabled and device.type == "cuda" and not interpreting()):
+        return {"PDL": False}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"PDL": True, "launch_pdl": True} if _capability(index)[0] >= 9 else {"PDL": False}

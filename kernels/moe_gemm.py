@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fast_paths
 from .launch import CONFIG_DIR, device_name, interpreting, launch, static_case, tile_counters, tuned_config
 from .moe_align import moe_align_block_size
 from .tma import stacked_matrix_descriptor
@@ -264,8 +265,7 @@ TARGET_CTAS = 132
 MIN_BLOCK_N = 16  # the narrowest tensor-core dot
 # Then split K (deterministic last-arriver reduction, no extra launch) where 16-column tiles are still too few
 # (the talker's one-expert shared expert). Opt-in until a GPU run passes tests/test_moe_fill.py's gpu split-K test:
-# OMNI_FAST_MOE_SPLITK=1 before import, or SPLIT_K_ENABLED = True.
-SPLIT_K_ENABLED = os.environ.get("OMNI_FAST_MOE_SPLITK", "") == "1"
+# the fast path "moe_splitk" of omni_fast.fast_paths (OMNI_FAST_MOE_SPLITK=1, or fast_paths.enable("moe_splitk")).
 MAX_SPLITS = 8
 
 
@@ -281,13 +281,14 @@ def fill_grid(cfg: dict, num_tokens: int, num_experts: int, top_k: int, hidden: 
     unchanged (same ``BLOCK_SIZE_K`` steps), so results do not depend on the choice. At the real shapes
     (predicted by ``python -m omni_fast.bench.model``, not measured): talker T=1 routed gate/up 36 -> 144
     programs, down 96 -> 192, shared expert gate/up 12 -> 48, down 16 -> 64; thinker T=1 gate/up 96 -> 192.
-    With :data:`SPLIT_K_ENABLED` (opt-in), a GEMM still short of the target also gets ``SPLIT_K`` (the fewest
+    With the ``moe_splitk`` fast path (opt-in), a GEMM still short of the target also gets ``SPLIT_K`` (the fewest
     splits reaching it, whole ``BLOCK_SIZE_K`` steps; :func:`_split_k_fixup`): the shared expert's gate/up 48 -> 144
     (3 splits of K 1024), down 64 -> 192 (3 of 768). Deterministic, but the fp32 partials are added in another
     order than one program's sum.
     """
     if cfg["BLOCK_SIZE_M"] != 16:
         return cfg
+    split_k = fast_paths.enabled("moe_splitk")  # read per call: a toggle applies to the next config
     pairs = num_tokens * top_k
     m_tiles = -(-(pairs + min(num_experts, pairs) * 15) // 16)
     for part, n, k in ((cfg, inter, hidden), (cfg["down"], hidden, inter)):
@@ -298,7 +299,7 @@ def fill_grid(cfg: dict, num_tokens: int, num_experts: int, top_k: int, hidden: 
             part["BLOCK_SIZE_N"] = bn
             part["num_warps"] = 4
         tiles = m_tiles * -(-n // bn)
-        if SPLIT_K_ENABLED and tiles < TARGET_CTAS:
+        if split_k and tiles < TARGET_CTAS:
             splits = _k_splits(min(MAX_SPLITS, -(-TARGET_CTAS // tiles)), k, part["BLOCK_SIZE_K"])[0]
             if splits > 1:
                 part["SPLIT_K"] = splits
@@ -347,31 +348,33 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, i
 
 # The shipped UNTUNED starting points (configs/moe/*.json with an "UNTUNED" provenance: public vLLM figures + the
 # sm_90a static check, never run on a GPU) turn on the TMA weight path at large T, so they are opt-in until a GPU
-# run passes their tests (the project rule for new fast paths); files written by bench.tune_moe are always used.
-STARTING_CONFIGS_ENABLED = os.environ.get("OMNI_FAST_MOE_STARTING_CONFIGS", "") == "1"
+# run passes their tests (the project rule for new fast paths: the "moe_starting_configs" fast path of
+# omni_fast.fast_paths, OMNI_FAST_MOE_STARTING_CONFIGS=1); files written by bench.tune_moe are always used.
 
 
-def _usable_config_file(stem: str) -> bool:
+def _usable_config_file(stem: str, starting: bool) -> bool:
     path = CONFIG_DIR / CONFIG_FAMILY / f"{stem}.json"
-    if STARTING_CONFIGS_ENABLED or not path.is_file():
+    if starting or not path.is_file():
         return True
     with open(path) as f:
         return not str(json.load(f).get("provenance", "")).startswith("UNTUNED")
 
 
 @functools.lru_cache(maxsize=4096)
-def _find_tuned(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device, num_tokens: int
-                ) -> dict | None:
-    """Cached per call shape: the lookup touches the file system, which a decode step must not pay each time."""
+def _find_tuned(num_experts: int, inter: int, dtype: torch.dtype, device: torch.device, num_tokens: int,
+                starting: bool = False) -> dict | None:
+    """Cached per call shape: the lookup touches the file system, which a decode step must not pay each time.
+    ``starting``: the untuned starting-point files count too (the ``moe_starting_configs`` fast path; part of the
+    cache key, so switching it applies to the next lookup)."""
     stem = config_file_stem(num_experts, inter, dtype, device)
-    cfg = tuned_config(CONFIG_FAMILY, stem, num_tokens) if _usable_config_file(stem) else None
+    cfg = tuned_config(CONFIG_FAMILY, stem, num_tokens) if _usable_config_file(stem, starting) else None
     if cfg is not None:
         return cfg
     # A file tuned with another Triton version on the same device beats the heuristic: the newest version wins.
     prefix = stem.rsplit(",triton=", 1)[0] + ",triton="
     names = [os.path.basename(path)[:-len(".json")]
              for path in glob.glob(os.path.join(glob.escape(str(CONFIG_DIR / CONFIG_FAMILY)), "*.json"))]
-    names = [name for name in names if name.startswith(prefix) and _usable_config_file(name)]
+    names = [name for name in names if name.startswith(prefix) and _usable_config_file(name, starting)]
     if not names:
         return None
     newest = max(names, key=lambda name: version_key(name[len(prefix):]))
@@ -397,7 +400,8 @@ def get_config(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter
         # The interpreter runs one program at a time: the heuristic's small-T tiles keep tests fast.
         return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
     if device.type == "cuda":
-        cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens)
+        cfg = _find_tuned(num_experts, inter, dtype, device, num_tokens,
+                          fast_paths.enabled("moe_starting_configs"))
         if cfg is not None:
             return copy.deepcopy(cfg)
     return default_config(num_tokens, num_experts, top_k, hidden, inter, dtype, fill)
@@ -568,7 +572,7 @@ def _static_tiles():
             if c != b and (part, c["BLOCK_SIZE_N"]) not in seen:
                 seen.add((part, c["BLOCK_SIZE_N"]))
                 out.append((f"decode-fill n{c['BLOCK_SIZE_N']}", part, c, gated))
-    # the opt-in split-K (SPLIT_K_ENABLED) of the shared expert's 16-column tiles: 3 splits each
+    # the opt-in split-K (the moe_splitk fast path) of the shared expert's 16-column tiles: 3 splits each
     for part, c, gated in zip(("gate_up", "down"), _split(default_config(1, 1, 1, 1024, 768, torch.bfloat16, True)),
                               (True, False)):
         out.append((f"decode-fill n{c['BLOCK_SIZE_N']} split3", part, dict(c, SPLIT_K=3), gated))

@@ -28,12 +28,11 @@ CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import fast_paths
 from .launch import interpreting, launch, static_case, tile_counters
 
 PLAIN, SWIGLU, RESIDUAL = 0, 1, 2
@@ -194,9 +193,9 @@ def gemv_residual_splitk_kernel(
 
 
 # Split-K of the residual GEMVs (o-proj, down-proj: N = 1024 -> 64 programs of 16 columns on 132 SMs). Opt-in until
-# a GPU run passes test_mtp_gemv.py's gpu-marked split-K test (project rule for new fast paths): set
-# OMNI_FAST_GEMV_SPLITK=1 before import, or SPLIT_K_ENABLED = True. Off, the launches are exactly today's.
-SPLIT_K_ENABLED = os.environ.get("OMNI_FAST_GEMV_SPLITK", "") == "1"
+# a GPU run passes test_mtp_gemv_splitk.py's gpu-marked split-K test (project rule for new fast paths): the fast
+# path "gemv_splitk" of omni_fast.fast_paths (OMNI_FAST_GEMV_SPLITK=1, or fast_paths.enable("gemv_splitk")). Off,
+# the launches are exactly today's.
 TARGET_CTAS = 132  # one program per SM of an H100 SXM
 MAX_SPLITS = 8
 
@@ -277,11 +276,11 @@ def linear_residual_(resid: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      ) -> None:
     """``resid += x @ weight^T`` in place; resid ``[M, N]``, x ``[M, K]``, weight ``[N, K]`` (unit stride in the last
     dims). The product is rounded to the model dtype before the add, the sum rounded again (transformers).
-    ``split_k`` (default :data:`SPLIT_K_ENABLED`): K split over several programs per tile when the N blocks
+    ``split_k`` (default: the ``gemv_splitk`` fast path): K split over several programs per tile when the N blocks
     alone leave SMs idle (:func:`gemv_splits`, :func:`gemv_residual_splitk_kernel`): deterministic and batch
     invariant, but not bitwise today's one-program sum (fp32 partials added in another order)."""
     N, K = weight.shape
-    if split_k if split_k is not None else SPLIT_K_ENABLED:
+    if split_k if split_k is not None else fast_paths.enabled("gemv_splitk"):
         blocks = gemv_blocks(resid.shape[0], N, K)
         splits, k_split = gemv_splits(N, K, blocks)
         if splits > 1:

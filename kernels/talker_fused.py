@@ -27,6 +27,14 @@ which program finished last (deterministic, and batch invariant: each row is com
 instructions that do not depend on the batch). Roundings differ from today's ops path only in fp32 summation order
 (o projection split over heads, down projection over chunks, attention key blocks), i.e. an ulp of the model dtype
 on the logits. Design, launches and predicted time: docs/persistent.md.
+
+Programmatic dependent launch (opt-in fast path ``fused_pdl`` of :mod:`omni_fast.fast_paths`, ``OMNI_FAST_PDL=1``;
+sm_90+): every phase starts with
+:func:`.launch.pdl_enter` and is launched with ``launch_pdl``, so the next phase's launch and CTA rasterisation
+overlap this one's tail instead of following its completion (the data dependence is unchanged: each phase waits
+for the previous kernel's completion before its first data access), and each phase first streams its weights into
+L2 (:func:`.launch.prefetch_l2`, a hint: weights only, plus the split's KV rows) so they arrive during that tail. Off by default until a GPU run passes
+tests/test_fused_step.py's gpu-marked PDL test (the project's rule for new fast paths).
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import fast_paths
 from .flash_attn_parts import attend_range
-from .launch import interpreting, launch, static_case
+from .launch import interpreting, launch, pdl_enter, pdl_meta, prefetch_l2, static_case
 from .moe_routing import topk_softmax_rows
 from .mtp_gemv import PLAIN as _PLAIN, SWIGLU as _SWIGLU, gemv_tile
 from .rope import mrope_cos_sin, norm_rope_halves
@@ -53,7 +62,7 @@ def qkv_phase_kernel(
     eps,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """x (the residual) ``[M, H]``; wq ``[n_q D, H]``, wk / wv ``[n_kv D, H]``; qkv ``[M, (n_q + 2 n_kv) D]``
     (q heads, k heads, v heads); caches ``[B, S, n_kv, D]`` (strides ``stride_cb`` / ``stride_ct``, unit head
@@ -78,6 +87,11 @@ def qkv_phase_kernel(
         cache = kc_ptr
     if kind == 2:
         w = wv_ptr
+    if PDL:  # this program's 16 weight rows into L2 while the previous kernel drains (index math only above)
+        if pid_m == 0:
+            ES: tl.constexpr = DT.primitive_bitwidth // 8
+            prefetch_l2(w + (n * TPH + t) * 16 * H, 16, H * ES, H * ES, 16, 16)
+    pdl_enter(PDL)
     gemv_tile(pid_m, n * TPH + t, x_ptr, nw_ptr, w, qkv_ptr + sec, seqlens_ptr, x_ptr, M, width, H, stride_x, H,
               stride_qkv, 0, eps, True, PLAIN, False, False, 16, 16, BLOCK_K, UPCAST, DOT_PRECISION)
     # release this tile; the head's last tile (acquire: it sees every tile of the head) finishes the head
@@ -153,12 +167,27 @@ def _merge_heads_to_residual(part_ptr, lse_ptr, n_q, S, resid_ptr, H, DT: tl.con
     tl.store(resid_ptr + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
 
 
+@triton.jit(noinline=True)
+def _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, lo, hi, H, n_q, stride_cb, stride_ct,
+                   GROUP: tl.constexpr, D: tl.constexpr, DT: tl.constexpr):
+    """PDL only: the program's keys/values ``[lo, hi)`` (one program per kv head) and, from row 0's programs, a
+    1/S share of head h's ``[H, D]`` o-weight slice, into L2 before the wait."""
+    ES: tl.constexpr = DT.primitive_bitwidth // 8
+    if h % GROUP == 0:
+        kv = b * stride_cb + lo * stride_ct + (h // GROUP) * D
+        prefetch_l2(kc_ptr + kv, hi - lo, D * ES, stride_ct * ES, 64, 2)
+        prefetch_l2(vc_ptr + kv, hi - lo, D * ES, stride_ct * ES, 64, 2)
+    if b == 0:
+        per = tl.cdiv(H, S)
+        prefetch_l2(wo_ptr + (s * per) * (n_q * D) + h * D, tl.minimum(per, H - s * per), D * ES, n_q * D * ES, 64, 2)
+
+
 @triton.jit
 def attn_phase_kernel(
     qkv_ptr, kc_ptr, vc_ptr, seqlens_ptr, o_ptr, wo_ptr, part_ptr, lse_ptr, resid_ptr, ctr_ptr,
     H, n_q, stride_qkv, stride_resid, stride_cb, stride_ct, capacity, split_len, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(B, n_q, S)``. q from the qkv buffer (after the qkv phase), caches ``[B, L, n_kv, D]`` already
     holding this token at ``cache_seqlens[b]``; program (b, h, s) attends to keys ``[s split_len, (s+1) split_len)``
@@ -171,9 +200,14 @@ def attn_phase_kernel(
     s = tl.program_id(2)
     S = tl.num_programs(2)
     DT: tl.constexpr = o_ptr.dtype.element_ty
+    # cache_seqlens is written only by the step's last torch op (many kernels back), so it may be read before the
+    # PDL wait (a kernel's CTAs start only after the previous kernel's passed their own wait)
     len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
     lo = tl.minimum(s * split_len, len_k)
     hi = tl.minimum(lo + split_len, len_k)
+    if PDL:
+        _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, lo, hi, H, n_q, stride_cb, stride_ct, GROUP, D, DT)
+    pdl_enter(PDL)
     offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile
     offs_d = tl.arange(0, D)
     mask_d = offs_d < D
@@ -245,13 +279,24 @@ def _moe_combine_row(resid_row, nw_ptr, sg_ptr, lrow, part_ptr, H, stride_resid,
     tl.store(resid_row + offs, (x + acc.to(DT).to(tl.float32)).to(DT), mask=mask)
 
 
+@triton.jit(noinline=True)
+def _moe_prefetch(router_ptr, b, p, P, H, E, DT: tl.constexpr):
+    """PDL only, row 0's programs: a 1/P share of the router ``[E, H]`` into L2 before the wait. The routed experts
+    are known only after routing; the shared expert's chunk is left out: a second prefetch call here makes the
+    MoE phase spill 20 B on sm_90a (168 registers either way; inlined, 210 registers and one CTA less per SM)."""
+    if b == 0:
+        ES: tl.constexpr = DT.primitive_bitwidth // 8
+        per = tl.cdiv(E, P)
+        prefetch_l2(router_ptr + (p * per) * H, tl.minimum(per, E - p * per), H * ES, H * ES, 16, 16)
+
+
 @triton.jit
 def moe_phase_kernel(
     resid_ptr, nw_ptr, router_ptr, w13_ptr, w2_ptr, sw13_ptr, sw2_ptr, sg_ptr, logit_ptr, act_ptr, part_ptr, ctr_ptr,
     H, E, I, IS, stride_resid, n_chunks, n_shared, act_width, eps,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_TK: tl.constexpr, BI: tl.constexpr, BK_H: tl.constexpr, BN_H: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """resid ``[B, H]`` (updated in place), post-attention norm weight ``[H]``, router ``[E, H]``, w13 ``[E, 2I, H]``,
     w2 ``[E, H, I]``, shared sw13 ``[2 IS, H]`` / sw2 ``[H, IS]`` / gate ``[1, H]``; scratch per (row, program):
@@ -262,6 +307,9 @@ def moe_phase_kernel(
     p = tl.program_id(1)
     P = tl.num_programs(1)
     DT: tl.constexpr = resid_ptr.dtype.element_ty
+    if PDL:
+        _moe_prefetch(router_ptr, b, p, P, H, E, DT)
+    pdl_enter(PDL)
     x = resid_ptr + b * stride_resid
     slot = b * P + p
     lrow = logit_ptr + slot * (BLOCK_E + 32)  # E logits, the shared gate logit at BLOCK_E, weights at BLOCK_E + 16
@@ -343,7 +391,7 @@ def qkv_phase(x, norm_weight, wq, wk, wv, qkv, k_cache, v_cache, cache_seqlens, 
            D=D, HALF=D // 2, BLOCK_J=triton.next_power_of_2(D // 2), BLOCK_K=_bk(H),
            SEC_T=int(mrope_section[0]), SEC_H=int(mrope_section[1]), SEC_W=int(mrope_section[2]),
            INTERLEAVED=bool(interleaved), UPCAST=interpreting(), DOT_PRECISION=_prec(x.dtype), num_warps=4,
-           device=x.device)
+           device=x.device, **pdl_meta(fast_paths.enabled("fused_pdl"), x.device))
 
 
 MAX_SPLITS = 8
@@ -373,7 +421,7 @@ def attn_phase(qkv, k_cache, v_cache, cache_seqlens, o, wo, part, lse, resid, co
            float(scale) * LOG2E, GROUP=n_q // k_cache.shape[2], D=D, BLOCK_N=SPLIT_ALIGN,
            BLOCK_NO=min(64, max(16, triton.next_power_of_2(H))), BLOCK_S=triton.next_power_of_2(S),
            BLOCK_H=triton.next_power_of_2(H), UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4,
-           device=resid.device)
+           device=resid.device, **pdl_meta(fast_paths.enabled("fused_pdl"), resid.device))
 
 
 def moe_layout(top_k: int, inter: int, shared_inter: int, block_i: int) -> tuple[int, int, int]:
@@ -405,7 +453,8 @@ def moe_phase(resid, norm_weight, router, w13, w2, shared_w13, shared_w2, shared
            act.shape[-1], float(eps), TOP_K=int(top_k), RENORMALIZE=bool(renormalize), SHARED=shared,
            BLOCK_E=triton.next_power_of_2(E), BLOCK_TK=triton.next_power_of_2(top_k), BI=bi, BK_H=_moe_bk(H),
            BN_H=min(64, max(16, triton.next_power_of_2(H))), BLOCK_H=triton.next_power_of_2(H),
-           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device)
+           UPCAST=interpreting(), PREC=_prec(resid.dtype), num_warps=4, device=resid.device,
+           **pdl_meta(fast_paths.enabled("fused_pdl"), resid.device))
 
 
 def moe_scratch_shapes(M: int, H: int, E: int, top_k: int, inter: int, shared_inter: int):
@@ -429,38 +478,41 @@ def _sig(names_ptr: dict, ints: tuple, floats: tuple, consts: tuple) -> dict:
 
 def _register_static_cases() -> None:
     dt = "bf16"
-    for part, H, nq, nk, E, k, inter, shared in (("talker", 1024, 16, 2, 128, 6, 384, 768),
-                                                 ("thinker", 2048, 32, 4, 128, 8, 768, 0)):
+    for part, H, nq, nk, E, k, inter, shared, pdl in (("talker", 1024, 16, 2, 128, 6, 384, 768, False),
+                                                      ("thinker", 2048, 32, 4, 128, 8, 768, 0, False),
+                                                      ("talker", 1024, 16, 2, 128, 6, 384, 768, True),
+                                                      ("thinker", 2048, 32, 4, 128, 8, 768, 0, True)):
+        tag = ",pdl" if pdl else ""  # the PDL variants: the same code behind griddepcontrol.wait / launch_dependents
         ptr = {n: f"*{dt}" for n in ("x_ptr", "nw_ptr", "wq_ptr", "wk_ptr", "wv_ptr", "qkv_ptr", "kc_ptr", "vc_ptr")}
         ptr.update(seqlens_ptr="*i32", pos_ptr="*i64", inv_freq_ptr="*fp32", qw_ptr=f"*{dt}", kw_ptr=f"*{dt}",
                    ctr_ptr="*i32")
-        static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128]", qkv_phase_kernel,
+        static_case(f"qkv_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128{tag}]", qkv_phase_kernel,
                     _sig(ptr, ("M", "H", "n_q", "n_kv", "stride_x", "stride_qkv", "stride_cb", "stride_ct",
                                "stride_pos_row", "capacity"), ("scaling", "eps"),
                          ("D", "HALF", "BLOCK_J", "BLOCK_K", "SEC_T", "SEC_H", "SEC_W", "INTERLEAVED", "UPCAST",
-                          "DOT_PRECISION")),
+                          "DOT_PRECISION", "PDL")),
                     dict(D=128, HALF=64, BLOCK_J=64, BLOCK_K=256, SEC_T=24, SEC_H=20, SEC_W=20, INTERLEAVED=True,
-                         UPCAST=False, DOT_PRECISION="tf32"),
+                         UPCAST=False, DOT_PRECISION="tf32", PDL=pdl),
                     aligned=("H", "stride_x", "stride_qkv", "stride_cb", "stride_ct"))
         ptr = {n: f"*{dt}" for n in ("qkv_ptr", "kc_ptr", "vc_ptr", "o_ptr", "wo_ptr", "resid_ptr")}
         ptr.update(seqlens_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32", ctr_ptr="*i32")
-        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128,8 splits]", attn_phase_kernel,
+        static_case(f"attn_phase_kernel[{dt},{part} H{H} {nq}/{nk} d128,8 splits{tag}]", attn_phase_kernel,
                     _sig(ptr, ("H", "n_q", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "capacity",
                                "split_len"), ("qk_scale",),
-                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_S", "BLOCK_H", "UPCAST", "PREC")),
+                         ("GROUP", "D", "BLOCK_N", "BLOCK_NO", "BLOCK_S", "BLOCK_H", "UPCAST", "PREC", "PDL")),
                     dict(GROUP=nq // nk, D=128, BLOCK_N=64, BLOCK_NO=64, BLOCK_S=8, BLOCK_H=H, UPCAST=False,
-                         PREC="tf32"),
+                         PREC="tf32", PDL=pdl),
                     aligned=("H", "stride_qkv", "stride_resid", "stride_cb", "stride_ct", "split_len"))
         ptr = {n: f"*{dt}" for n in ("resid_ptr", "nw_ptr", "router_ptr", "w13_ptr", "w2_ptr", "sw13_ptr", "sw2_ptr",
                                      "sg_ptr", "logit_ptr", "act_ptr")}
         ptr.update(part_ptr="*fp32", ctr_ptr="*i32")
-        static_case(f"moe_phase_kernel[{dt},{part} H{H} E{E} k{k} I{inter}{f' shared {shared}' if shared else ''}]",
-                    moe_phase_kernel,
+        static_case(f"moe_phase_kernel[{dt},{part} H{H} E{E} k{k} I{inter}{f' shared {shared}' if shared else ''}"
+                    f"{tag}]", moe_phase_kernel,
                     _sig(ptr, ("H", "E", "I", "IS", "stride_resid", "n_chunks", "n_shared", "act_width"), ("eps",),
                          ("TOP_K", "RENORMALIZE", "SHARED", "BLOCK_E", "BLOCK_TK", "BI", "BK_H", "BN_H", "BLOCK_H",
-                          "UPCAST", "PREC")),
+                          "UPCAST", "PREC", "PDL")),
                     dict(TOP_K=k, RENORMALIZE=True, SHARED=bool(shared), BLOCK_E=E, BLOCK_TK=8, BI=32, BK_H=_moe_bk(H),
-                         BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32"),
+                         BN_H=64, BLOCK_H=H, UPCAST=False, PREC="tf32", PDL=pdl),
                     aligned=("H", "I", "IS", "stride_resid", "act_width"))
 
 

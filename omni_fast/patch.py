@@ -30,6 +30,11 @@ What is replaced, and how (transformers' own extension points first, module swap
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
 
+Opt-in fast paths (:mod:`omni_fast.fast_paths`): ``persistent_mtp`` makes the swapped-in MTP frame step one
+persistent launch (read per frame); ``fused_step`` gives Qwen2.5-Omni's talker decoder the phase-fused step where
+it applies (the dense talker does not: it keeps the ops path, and the report says why); ``token2wav`` swaps the
+Qwen2.5-Omni Token2Wav pieces in. The report names each path's setting.
+
 Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
 omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
 attention forwards (fused RoPE), the ``"omni_fast"`` attention function (it reads the calling module's pin, so the
@@ -457,7 +462,7 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 _pin(module, backend)  # read by the swapped-in frame step (models.talker_step)
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
-                                      "(one graph replay per frame on CUDA)")] = 1
+                                      + _frame_words())] = 1
         elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:  # decode steps -> models.MoeTextDecoder
             from .integrations.qwen25_talker import install
 
@@ -497,6 +502,15 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
     model._omni_fast_saved_configs = saved_configs
     return report
 
+
+
+def _frame_words() -> str:
+    """How the MTP frame runs, by the ``persistent_mtp`` fast path (read per frame; this is the setting now)."""
+    from . import fast_paths
+
+    if fast_paths.enabled("persistent_mtp"):
+        return "(persistent frame: one launch per frame, fast path persistent_mtp)"
+    return "(one graph replay per frame on CUDA; persistent frame off: opt-in fast path persistent_mtp)"
 
 
 def _pin(module: nn.Module, backend: str | None) -> None:

@@ -3,12 +3,16 @@
 - :data:`DEVICE`: ``cuda`` when a GPU is present, else ``cpu`` (Triton then runs on the interpreter).
 - :data:`KERNEL_DTYPES`: the dtypes kernels are checked in here. The interpreter's bf16 math is wrong, so on a
   CPU that is fp32 and fp16; on a GPU bf16 joins them.
+- :func:`guarded_allocations`: tensors allocated inside a block get guard bytes before and after; writes out of
+  bounds show up in ``violations()`` (memcheck for writes where no sanitizer runs).
 - :func:`assert_matches_reference`: FlashAttention's rule. The kernel's error against an fp64 (or fp32) reference
   may be at most ``factor`` times the error of the reference run in the kernel's dtype, plus a small ``atol``
   for outputs whose reference error is zero.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -111,3 +115,94 @@ def assert_graph_replay_matches(run) -> None:
         out = run()
     graph.replay()
     torch.testing.assert_close(out, eager)
+
+
+# --- guarded allocations: out-of-bounds writes caught without compute-sanitizer ------------------------------------
+GUARD_BYTE = 0xA5
+_GUARDED = ("empty", "zeros", "ones", "full", "empty_like", "zeros_like")
+
+
+class GuardedAllocations:
+    """What :func:`guarded_allocations` allocated: ``(base, guard elements, elements, label)`` per tensor."""
+
+    def __init__(self, guard_bytes: int):
+        self.guard_bytes = guard_bytes
+        self.slabs: list[tuple[torch.Tensor, int, int, str]] = []
+
+    def alloc(self, empty, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A contiguous ``shape`` tensor in the middle of a slab whose guard bytes before and after are GUARD_BYTE."""
+        shape = tuple(int(s) for s in shape)
+        n = 1
+        for s in shape:
+            n *= s
+        es = empty((), dtype=dtype).element_size()
+        g = -(-self.guard_bytes // es)
+        base = empty(g + n + g, dtype=dtype, device=device)
+        base.view(torch.uint8).fill_(GUARD_BYTE)
+        self.slabs.append((base, g, n, f"{list(shape)} {dtype} on {base.device}"))
+        return base[g:g + n].view(shape)
+
+    def violations(self) -> list[str]:
+        """The slabs whose guards changed: a kernel wrote before the start or past the end of a tensor."""
+        bad = []
+        for base, g, n, label in self.slabs:
+            b = base.view(torch.uint8)
+            es = base.element_size()
+            for side, part in (("before its start", b[:g * es]), ("past its end", b[(g + n) * es:])):
+                if not bool((part == GUARD_BYTE).all()):
+                    bad.append(f"a write {side}: tensor {label}")
+        return bad
+
+
+def _guarded_size(args) -> tuple:
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+
+
+@contextlib.contextmanager
+def guarded_allocations(guard_bytes: int = 4096, device_type: str | None = None):
+    """Inside the block, ``torch.empty / zeros / ones / full / empty_like / zeros_like`` (contiguous, strided, no
+    ``out=``; tensors on ``device_type`` if given) return views into slabs with ``guard_bytes`` of GUARD_BYTE before
+    and after; yields a :class:`GuardedAllocations` whose ``violations()`` lists every tensor a kernel wrote outside.
+    The check compute-sanitizer's memcheck makes for writes, where no sanitizer runs (the CPU interpreter, whose
+    out-of-bounds stores land silently in host memory, and GPU machines whose sanitizer refuses the device).
+    Reads out of bounds are not seen. Allocations made before the block (weights, caches) are not guarded."""
+    rec = GuardedAllocations(guard_bytes)
+    orig = {name: getattr(torch, name) for name in _GUARDED}
+    empty = orig["empty"]
+
+    def plain(kw) -> bool:
+        return (kw.get("out") is None and kw.get("layout", torch.strided) == torch.strided and not
+                kw.get("requires_grad") and not kw.get("pin_memory") and
+                kw.get("memory_format") in (None, torch.contiguous_format))
+
+    def wanted(device) -> bool:
+        return device_type is None or torch.device(device if device is not None else "cpu").type == device_type
+
+    def factory(name, fill):
+        def alloc(*args, **kw):
+            if (name == "full" and len(args) != 2) or "size" in kw or not plain(kw) or not wanted(kw.get("device")):
+                return orig[name](*args, **kw)
+            size, value = (tuple(args[0]), args[1]) if name == "full" else (_guarded_size(args), fill)
+            dtype = kw.get("dtype") or (orig["full"]((), value).dtype if name == "full" else torch.get_default_dtype())
+            t = rec.alloc(empty, size, dtype, kw.get("device"))
+            return t if value is None else t.fill_(value)
+        return alloc
+
+    def like(name, fill):
+        def alloc(t, **kw):
+            if not (plain(kw) and t.is_contiguous() and t.layout == torch.strided) or not wanted(kw.get("device",
+                                                                                                         t.device)):
+                return orig[name](t, **kw)
+            out = rec.alloc(empty, t.shape, kw.get("dtype") or t.dtype, kw.get("device") or t.device)
+            return out if fill is None else out.fill_(fill)
+        return alloc
+
+    fns = {"empty": factory("empty", None), "zeros": factory("zeros", 0), "ones": factory("ones", 1),
+           "full": factory("full", None), "empty_like": like("empty_like", None), "zeros_like": like("zeros_like", 0)}
+    for name, fn in fns.items():
+        setattr(torch, name, fn)
+    try:
+        yield rec
+    finally:
+        for name, fn in orig.items():
+            setattr(torch, name, fn)

@@ -67,13 +67,15 @@ def varlen_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causa
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, *, softcap: float = 0.0,
-                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, *, softcap: float = 0.0, bias: torch.Tensor | None = None,
+                     sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q ``[Lq, Hq, D]`` over k, v ``[Lk, Hk, D]`` with a bool mask ``[Lq, Lk]`` (or ``[Hq, Lq, Lk]``).
 
     ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)``; ``bias`` (fp32 ``[Hq, Lq, Lk]``, e.g.
-    ALiBi) is added after the cap, before the mask (FlashAttention's order). Returns (out ``[Lq, Hq, D]`` in q's
-    dtype, lse fp32 ``[Hq, Lq]``); rows without a visible key give zeros and ``-inf``.
+    ALiBi) is added after the cap, before the mask (FlashAttention's order). ``sinks`` ``[Hq]`` (FA3's ``s_aux``):
+    one more logit per head, never masked, whose value is zero: a virtual key that only enlarges the softmax
+    denominator (and the lse). Returns (out ``[Lq, Hq, D]`` in q's dtype, lse fp32 ``[Hq, Lq]``); rows without a
+    visible key give zeros and ``-inf`` (the sink's logit with ``sinks``).
     """
     Lq, Hq, D = q.shape
     Lk, Hk, _ = k.shape
@@ -89,9 +91,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         s = s + bias.to(stat_dtype)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # the virtual key, last column; its probability is dropped with its zero value
+        s = torch.cat([s, sinks.to(stat_dtype)[:, None, None].expand(Hq, Lq, 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)  # -inf where nothing is visible
     # torch's softmax, as eager attention; an all-masked row would be NaN there, here it is zeros.
-    p = torch.where(torch.isfinite(lse)[..., None], torch.softmax(s, dim=-1), 0.0)
+    p = torch.where(torch.isfinite(lse)[..., None], torch.softmax(s, dim=-1), 0.0)[..., :Lk]
     out = torch.matmul(p.to(q.dtype), vv)  # [Hq, Lq, D]
     return out.transpose(0, 1).contiguous(), lse.to(torch.float32)
 
@@ -138,7 +142,7 @@ def _slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
 
 
 def _attend(q, kb, vb, b, left, right, scale, softcap, alibi_slopes, k_lo: int = 0, extra_mask=None,
-            alibi_lse_shift: bool = False):
+            alibi_lse_shift: bool = False, sinks=None):
     """One sequence: q ``[Lq, Hq, D]`` against keys ``kb`` ``[Lk, Hk, D]`` (positions 0..Lk-1, bottom-right
     aligned), keys before ``k_lo`` (left padding) invisible; returns (out, lse) (``alibi_lse_shift``: see the
     module docstring)."""
@@ -151,7 +155,7 @@ def _attend(q, kb, vb, b, left, right, scale, softcap, alibi_slopes, k_lo: int =
     bias = None
     if slopes is not None:
         bias = alibi_bias(slopes, torch.arange(Lq, device=q.device) + (Lk - Lq), torch.arange(Lk, device=q.device))
-    out, lse = masked_attention(q, kb, vb, mask, scale, softcap=softcap, bias=bias)
+    out, lse = masked_attention(q, kb, vb, mask, scale, softcap=softcap, bias=bias, sinks=sinks)
     if slopes is not None and alibi_lse_shift:
         qpos = torch.arange(Lq, device=q.device) + (Lk - Lq - k_lo)
         lse = lse + slopes.to(torch.float32)[:, None] * qpos.to(torch.float32)[None, :]
@@ -168,7 +172,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                       return_lse: bool = False, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
                       block_table: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
-                      fa_lse: bool = False, alibi_lse_shift: bool = False):
+                      fa_lse: bool = False, alibi_lse_shift: bool = False, sinks: torch.Tensor | None = None):
     """Packed variable-length attention: q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``, cu_seqlens int32 ``[B + 1]``.
 
     Returns out ``[Tq, Hq, D]`` (q's dtype), and with ``return_lse`` also lse fp32 ``[Hq, Tq]``. ``max_seqlen_*``
@@ -176,7 +180,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     ``O(Hq * Lq * Lk)`` of the largest sequence, not of the whole pack. FlashAttention's extras: ``softcap``,
     ``alibi_slopes`` fp32 ``[Hq]`` / ``[B, Hq]``, ``block_table`` (k/v are pages ``[num_blocks, page, Hk, D]``,
     sequence b's keys its logical rows ``0 .. cu_k[b+1] - cu_k[b]``), ``seqused_k`` int32 ``[B]`` (key counts).
-    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (module docstring).
+    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (module docstring). ``sinks`` ``[Hq]``: FA3's
+    attention sinks (see :func:`masked_attention`; a sequence without keys then gets zeros and ``lse = sink``).
     """
     del max_seqlen_q, max_seqlen_k
     scale = default_scale(q.shape[-1], softmax_scale)
@@ -195,10 +200,10 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             if used is not None:
                 k1 = min(k0 + max(used[b], 0), k.shape[0])
             kb, vb = k[k0:k1], v[k0:k1]
-        if q1 == q0 or kb.shape[0] == 0:
+        if q1 == q0 or (kb.shape[0] == 0 and sinks is None):
             continue
         out[q0:q1], lse[:, q0:q1] = _attend(q[q0:q1], kb, vb, b, left, right, scale, softcap, alibi_slopes,
-                                            alibi_lse_shift=alibi_lse_shift)
+                                            alibi_lse_shift=alibi_lse_shift, sinks=sinks)
     lse = _empty_lse(lse, fa_lse)
     return (out, lse) if return_lse else out
 

@@ -53,6 +53,18 @@ def build_cuda_emu(tmp_path_factory):
     return build
 
 
+@pytest.fixture
+def fast_path():
+    """``fast_path(name, on=True)``: switch an opt-in fast path (:mod:`omni_fast.fast_paths`) for this test only;
+    every switch is undone, last first, when the test ends."""
+    from omni_fast import fast_paths
+
+    switches = []
+    yield lambda name, on=True: switches.append(fast_paths.enable(name, on))
+    for switch in reversed(switches):
+        switch.__exit__(None, None, None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ outcome (:func:`run_case`) is one of:
 - ``ok``: the call ran, and the reference and Triton backends agree (where the op has both);
 - ``unnamed``: TypeError/ValueError that does not name the argument;
 - ``other``: another exception type (IndexError, RuntimeError, AttributeError, ...);
-- ``disagree``: the call ran but the backends differ.
+- ``disagree``: the call ran but the backends differ;
+- ``oob``: the call wrote outside a tensor it or the case allocated (guard bytes around every tensor allocated while
+  the case runs: :func:`omni_fast.testing.guarded_allocations`), so the sweep is also an out-of-bounds-write fuzzer.
 """
 
 from __future__ import annotations
@@ -100,6 +102,46 @@ def _builder_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
             w2=torch.randint(0, 256, (4, 32, 8), dtype=torch.uint8), **routing(), w1_scale=torch.rand(4, 32, 2) / 100,
             w2_scale=torch.rand(4, 32, 1) / 100, w1_zp=torch.randint(0, 256, (4, 16, 2), dtype=torch.uint8),
             w2_zp=torch.randint(0, 256, (4, 16, 1), dtype=torch.uint8), block_shape=[0, 16]), True),
+    }
+
+
+def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
+    """vLLM's FlashAttention fork (omni_fast.compat.vllm_flash_attn), called the way vLLM's backend calls it.
+
+    Not swept: the arguments whose every non-None value is a NotImplementedError by design (``q_v``, ``cp_*``;
+    ``s_aux`` under FA2) and the sparse stubs (NotImplementedError whatever the arguments)."""
+    from omni_fast.compat import vllm_flash_attn as vfa
+
+    i32 = torch.int32
+    return {
+        # paged k/v through block_table + seqused_k, out= the output buffer (FA3: num_splits is a hint)
+        "compat.vllm_flash_attn.flash_attn_varlen_func": (_under_backend(vfa.flash_attn_varlen_func), lambda: dict(
+            q=_t(4, 2, 8), k=_t(3, 4, 1, 8, seed=1), v=_t(3, 4, 1, 8, seed=2), out=torch.empty(4, 2, 8),
+            cu_seqlens_q=torch.tensor([0, 1, 4], dtype=i32), max_seqlen_q=3,
+            seqused_k=torch.tensor([2, 5], dtype=i32), max_seqlen_k=5, softmax_scale=None, causal=True,
+            window_size=None, block_table=torch.tensor([[2, 0], [1, 0]], dtype=i32), softcap=0.0,
+            scheduler_metadata=None, q_descale=torch.ones(2, 1), num_splits=0, fa_version=3,
+            return_softmax_lse=True, s_aux=_t(2, seed=3)), True),
+        # packed k/v with cu_seqlens_k (vLLM's encoder attention), FA2
+        "compat.vllm_flash_attn.flash_attn_varlen_func[packed]": (
+            _under_backend(vfa.flash_attn_varlen_func), lambda: dict(
+                q=_t(4, 2, 8), k=_t(5, 1, 8, seed=1), v=_t(5, 1, 8, seed=2), max_seqlen_q=3,
+                cu_seqlens_q=torch.tensor([0, 1, 4], dtype=i32), max_seqlen_k=3,
+                cu_seqlens_k=torch.tensor([0, 2, 5], dtype=i32), dropout_p=0.0, causal=False, window_size=(1, 1),
+                alibi_slopes=torch.rand(2), fa_version=2), True),
+        "compat.vllm_flash_attn.flash_attn_with_kvcache": (_under_backend(vfa.flash_attn_with_kvcache), lambda: dict(
+            q=_t(2, 1, 2, 8), k_cache=_t(2, 5, 1, 8, seed=1), v_cache=_t(2, 5, 1, 8, seed=2),
+            k=_t(2, 1, 1, 8, seed=3), v=_t(2, 1, 1, 8, seed=4), cache_seqlens=torch.tensor([1, 3], dtype=i32),
+            causal=True, num_splits=0, return_softmax_lse=True, out=torch.empty(2, 1, 2, 8), fa_version=2), True),
+        "compat.vllm_flash_attn.get_scheduler_metadata": (lambda backend, **kw: vfa.get_scheduler_metadata(**kw),
+                                                          lambda: dict(
+            batch_size=2, max_seqlen_q=3, max_seqlen_k=9, num_heads_q=4, num_heads_kv=2, headdim=16,
+            cache_seqlens=torch.tensor([5, 9], dtype=i32), page_size=16, causal=True, window_size=(-1, -1),
+            num_splits=0), False),
+        "compat.vllm_flash_attn.is_fa_version_supported": (
+            lambda backend, **kw: vfa.is_fa_version_supported(**kw), lambda: dict(fa_version=3, device=None), False),
+        "compat.vllm_flash_attn.fa_version_unsupported_reason": (
+            lambda backend, **kw: vfa.fa_version_unsupported_reason(**kw), lambda: dict(fa_version=2), False),
     }
 
 
@@ -195,17 +237,26 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         # Qwen2.5-Omni Token2Wav ops (BigVGAN activation and convs, the DiT's block attention)
         "anti_aliased_snake": (ops.anti_aliased_snake, lambda: dict(
             x=_t(1, 3, 9), alpha=_t(3, seed=1) * 0.1, beta=_t(3, seed=2) * 0.1, up_filter=torch.rand(12),
-            down_filter=torch.rand(12), ratio=2), True),
+            down_filter=torch.rand(12), ratio=2, seq_lens=None), True),
         "padded_conv1d": (ops.padded_conv1d, lambda: dict(
             x=_t(1, 4, 7), weight=_t(5, 4, 3, seed=1), bias=_t(5, seed=2), padding=1, stride=1, dilation=1,
             groups=1, residual=None), True),
         "block_attention": (ops.block_attention, lambda: dict(
             q=_t(1, 6, 2, 8), k=_t(1, 6, 1, 8, seed=1), v=_t(1, 6, 1, 8, seed=2), block_size=2, look_backward=1,
-            look_ahead=0, softmax_scale=None), True),
+            look_ahead=0, softmax_scale=None, plan=None), True),
+        "block_attention_plan": (lambda backend, **kw: ops.block_attention_plan(**kw), lambda: dict(
+            batch=2, seq_len=6, block_size=2, look_backward=1, look_ahead=0,
+            seq_lens=torch.tensor([6, 3], dtype=i32)), False),
         "ada_layer_norm": (ops.ada_layer_norm, lambda: dict(
             x=_t(2, 5, 7), shift=_t(2, 7, seed=1), scale=_t(2, 7, seed=2), eps=1e-6), True),
+        "gated_ada_layer_norm": (ops.gated_ada_layer_norm, lambda: dict(
+            x=_t(2, 5, 7), delta=_t(2, 5, 7, seed=3), gate=_t(2, 7, seed=4), shift=_t(2, 7, seed=1),
+            scale=_t(2, 7, seed=2), eps=1e-6), True),
+        "dit_qkv_rope": (ops.dit_qkv_rope, lambda: dict(
+            qkv=_t(2, 5, 24), cos=_t(1, 5, 4, seed=1), sin=_t(1, 5, 4, seed=2), heads=2), True),
         **_quant_entries(),
         **_builder_entries(),
+        **_vllm_flash_attn_entries(),
     }
     return entries
 
@@ -264,6 +315,15 @@ def _clone(kw: dict) -> dict:
 
 def run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     """(outcome, detail) of one case (see the module docstring)."""
+    from omni_fast.testing import guarded_allocations
+
+    with guarded_allocations() as guards:
+        outcome = _run_case(name, arg, index)
+    bad = guards.violations()
+    return ("oob", "; ".join(bad)[:300]) if bad else outcome
+
+
+def _run_case(name: str, arg: str, index: int) -> tuple[str, str]:
     entries = {**_entries(), **_model_entries()}
     fn, make, compare = entries[name]
     kw = make()

@@ -204,11 +204,9 @@ def test_bf16_real_head_shapes(shape):
 
 
 @pytest.fixture
-def split_head_dim(monkeypatch):
-    """The opt-in split head dim (kernels.flash_attn.SPLIT_HEAD_DIM: d 72 as a 64 + 16 tile pair)."""
-    from omni_fast.kernels import flash_attn as fa
-
-    monkeypatch.setattr(fa, "SPLIT_HEAD_DIM", True)
+def split_head_dim(fast_path):
+    """The opt-in split head dim (the split_head_dim fast path: d 72 as a 64 + 16 tile pair)."""
+    fast_path("split_head_dim")  # OMNI_FAST_SPLIT_HEAD_DIM=1
 
 
 def test_head_tiles():

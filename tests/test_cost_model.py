@@ -27,7 +27,7 @@ CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64",
          # counted with the kernels skipped (Unit.cheap_count, test_cheap_count_equals_executed_count): seconds
          # each, where running the kernels took 1-30 min on the interpreter
          "thinker-step-B1", "talker-step-B1", "thinker-step-B8", "talker-step-B8",
-         "talker-step-fused-B1", "talker-step-fused-B8",
+         "talker-step-fused-B1", "talker-step-fused-B8", "thinker-step-fused-B1", "thinker-step-fused-B8",
          "mtp-frame-B1", "mtp-frame-B64", "mtp-frame-persistent-B1", "mtp-frame-persistent-B64",
          "code2wav-push-B1-F1", "code2wav-push-B1-F4", "code2wav-push-B32-F1", "code2wav-push-B32-F4",
          "moe-thinker-T4096", "moe-talker-T4096",
@@ -63,6 +63,18 @@ def test_committed_static_facts_pass_the_gate():
     bad = {n: f for n, f in facts.items() if f.get("error") or f.get("spill_bytes") or
            (f.get("smem") or 0) > current().smem_per_block}
     assert not bad, f"kernels that fail to compile, spill or pass {current().smem_per_block} B shared memory: {bad}"
+
+
+def test_committed_static_facts_cover_every_registered_case():
+    """Every kernel specialisation the sm_90a static check registers has committed facts (a new kernel without
+    them would be invisible to the model and to the spill / shared-memory gate above)."""
+    from omni_fast.bench import static_check as sc
+    from omni_fast.kernels.launch import STATIC_CASES
+
+    sc.import_kernel_modules()
+    missing = sorted({c.name for c in STATIC_CASES} - set(json.loads(STATICS.read_text())))
+    assert not missing, (f"no committed sm_90a facts for {missing}: python -m omni_fast.bench.costmodel.statics "
+                         f"<name> and merge them into {STATICS.name} (or python -m omni_fast.bench.model --static)")
 
 
 KEY_CASES = ["moe_gemm_kernel[bf16,E128 N768/384/192,decode,gate_up,ptr]",
@@ -177,7 +189,7 @@ def _both_counts(build, warmup=False):
 
 
 @pytest.mark.parametrize("kind", ["mtp", "mtp-persistent", "code2wav", "moe", "talker-step",
-                                  "talker-step-fused"])
+                                  "talker-step-fused", "thinker-step-fused"])
 def test_cheap_count_equals_executed_count(kind):
     """The rule behind ``Unit.cheap_count``: launch counts do not depend on values, so skipping the Triton programs
     (and the set-up's) counts the same launches. Checked on the cheap-count units' code at fewer steps (the MTP
@@ -193,7 +205,8 @@ def test_cheap_count_equals_executed_count(kind):
                      "code2wav": (lambda: _code2wav_call(1, 1, layers=1, warm=2), False),
                      "moe": (lambda: _moe_call("talker", 40, MOE_TINY["talker"], torch.float32), False),
                      "talker-step": (lambda: _step_call("talker", 2, layers=2), False),
-                     "talker-step-fused": (lambda: _step_call("talker", 2, layers=2, fused=True), False)}[kind]
+                     "talker-step-fused": (lambda: _step_call("talker", 2, layers=2, fused=True), False),
+                     "thinker-step-fused": (lambda: _step_call("thinker", 2, layers=2, fused=True), False)}[kind]
     executed, cheap = _both_counts(build, warmup)
     assert cheap == executed and summarize(cheap)["triton"] > 0
 
@@ -202,4 +215,4 @@ def test_cheap_count_units_are_flagged():
     """The units too slow to count with the kernels run use the cheap count (so the gate above stays cheap)."""
     slow = [n for n in UNITS if n.startswith(("mtp-frame", "code2wav-push", "bigvgan-")) or "-step-" in n or
             n.endswith("T4096") and n.startswith("moe-")]
-    assert len(slow) == 18 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
+    assert len(slow) == 20 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)

@@ -46,14 +46,13 @@ def test_block_attention_bad_input():
 
 
 @pytest.mark.parametrize("codes", [3, 13])  # one partial block / two blocks, the second partial
-def test_patched_dit_ode_solve_matches_transformers(codes, monkeypatch):
+def test_patched_dit_ode_solve_matches_transformers(codes, fast_path):
     """The whole flow-matching solve (RK4 steps, classifier-free guidance doubling the batch, batch 2) with the DiT
     attention and the AdaLN modulations swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
-    from omni_fast.integrations import token2wav
     from omni_fast.models.presets import tiny_qwen2_5_omni_config
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
 
-    monkeypatch.setattr(token2wav, "ENABLED", True)  # opt-in until GPU-tested
+    fast_path("token2wav")  # opt-in until GPU-tested
     cfg = tiny_qwen2_5_omni_config().token2wav_config
     torch.manual_seed(0)
     t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()

@@ -192,12 +192,13 @@ def test_three_launches_per_layer():
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
-def _real_talker(device, layers=4, tiny=False):
+def _real_talker(device, layers=4, tiny=False, part="talker"):
     from omni_fast.bench.cases.decode import _build, _prefill as bench_prefill
 
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3  # noqa: F401
 
-    m, head = _build("talker", device, tiny=tiny, dtype=torch.float32 if tiny else torch.bfloat16)
+    m, head = _build(part, device, tiny=tiny, dtype=torch.float32 if tiny else torch.bfloat16,
+                     layers=layers if part == "thinker" else None)
     m.layers = m.layers[:layers]  # the real layer shapes; decode is per-layer linear
     m.config.num_hidden_layers = layers
     if getattr(m.config, "layer_types", None):
@@ -212,10 +213,21 @@ def test_gpu_real_config_bf16_matches_ops_path(B):
     attention splits, the keys in 3 of them): greedy tokens as the ops path except near-ties, logits and hidden
     within bf16 rounding (relative norm; loose like the thinker's bf16 test: a router near-tie may flip an expert),
     over 3 steps."""
+    _check_real_config("talker", B)
+
+
+@pytest.mark.gpu
+def test_gpu_thinker_real_config_bf16_matches_ops_path():
+    """The same on the real thinker layer shapes (4 of 48 layers: H 2048, 32 / 4 heads, 128 experts top-8, no
+    shared expert; the fast path fused_step runs the thinker's decoder too), B = 1."""
+    _check_real_config("thinker", 1)
+
+
+def _check_real_config(part, B):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     dev = torch.device("cuda")
-    m, head, prefill = _real_talker(dev)
+    m, head, prefill = _real_talker(dev, part=part)
     decs = []
     for fused in (False, True):
         torch.manual_seed(0)  # the same prompt (the bench prefill draws random embeddings) for both decoders
@@ -262,3 +274,42 @@ def test_gpu_fused_graph_replay_equals_eager():
         outs.append(res)
     for (le, he), (lg, hg) in zip(*outs):
         assert torch.equal(le, lg) and torch.equal(he, hg)
+
+
+def test_pdl_is_off_where_it_cannot_run():
+    """PDL (opt-in fast path fused_pdl, OMNI_FAST_PDL=1) never reaches a launch on the CPU interpreter or a
+    non-CUDA device: the phases keep their plain launch (and the interpreter never sees griddepcontrol)."""
+    from omni_fast.kernels.launch import pdl_meta
+
+    assert pdl_meta(True, torch.device("cpu")) == {"PDL": False}
+    assert pdl_meta(False, torch.device("cpu")) == {"PDL": False}
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_phases_equal_plain_launches(fast_path):
+    """The three phases launched with programmatic dependent launch (sm_90+) give bit-identical logits and hidden
+    states to plain launches, eager and graph-replayed (PDL changes when a kernel starts, never what it computes:
+    each phase waits for the previous kernel before touching memory); the counters end at zero."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs an sm_90+ GPU")
+    dev = torch.device("cuda")
+    m, head, prefill = _real_talker(dev, layers=2)
+    outs = []
+    for pdl, use_graph in ((False, False), (True, False), (True, True)):
+        fast_path("fused_pdl", pdl)
+        torch.manual_seed(0)
+        cache, mask, nxt = prefill(m, 8, 64)
+        dec = MoeTextDecoder.from_transformers(m, head, fused=True)
+        dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=use_graph)
+        g = torch.Generator(device=dev).manual_seed(1)
+        res = []
+        for _ in range(2):
+            e = torch.randn(8, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+            res.append(dec.step(e, nxt[0]))
+            nxt = nxt + 1
+        ws = dec._state.fused
+        assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0
+        outs.append(res)
+    for other in outs[1:]:
+        for (lw, hw), (lg, hg) in zip(outs[0], other):
+            assert torch.equal(lw, lg) and torch.equal(hw, hg)

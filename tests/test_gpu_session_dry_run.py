@@ -147,3 +147,18 @@ def test_list_files_skip_optional_ids_until_their_test_exists(tmp_path):
                    "?tests/test_nowhere.py::test_x\n")
     assert session_tools.read_ids(ids) == ["tests/test_rope.py::test_kernel_edge_token_counts",
                                            "tests/test_rope.py::test_kernel_random_shapes[x]"]
+
+
+def test_memcheck_step_probes_the_sanitizer_first(tmp_path):
+    """The memcheck step starts with a 5-second sanitizer probe; where the sanitizer refuses the device (gVisor
+    machines: "Device not supported"), the step ends at once and its summary says "unavailable" (skipped), not a
+    test failure, so the session keeps its time for the rest."""
+    ctx = session.Ctx(dry=False, work=tmp_path, py=sys.executable, scale=1.0)
+    argv = session._memcheck_step(ctx, tmp_path)
+    assert argv[:2] == ["bash", "-c"] and argv[2].count("compute-sanitizer") == 2
+    assert argv[2].index("probe.log") < argv[2].index("exec compute-sanitizer")
+    (tmp_path / "log.txt").write_text(f"{session.SANITIZER_UNAVAILABLE} (probe exit 255)\n"
+                                      "========= Error: Device not supported\n")
+    got = session_tools.summarize_memcheck(ctx, tmp_path, {"status": "failed"})
+    assert got["status"] == "skipped" and got["sanitizer"] == "unavailable"
+    assert "Device not supported" in got["reason"]

@@ -120,14 +120,14 @@ def test_gpu_decode_fill_real_shapes_bf16(E, k, H, I, Is):
                                  ref.fused_moe(x, sw13, sw2, gate, zero), name="shared expert fill bf16")
 
 
-# --- opt-in split-K (moe_gemm.SPLIT_K_ENABLED) ----------------------------------------------------------------------
+# --- opt-in split-K (the moe_splitk fast path) ----------------------------------------------------------------------------
 
 
-def test_split_k_reaches_the_target_for_the_shared_expert(monkeypatch):
+def test_split_k_reaches_the_target_for_the_shared_expert(fast_path):
     """Opt-in: the one-expert shared expert (I 768, H 1024) at T=1: gate/up 48 -> 144 programs (3 splits of K
     1024), down 64 -> 192 (3 of 768); the routed experts' grids are full without it; off, no SPLIT_K at all."""
     assert "SPLIT_K" not in moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True)
-    monkeypatch.setattr(moe_gemm, "SPLIT_K_ENABLED", True)
+    fast_path("moe_splitk")  # OMNI_FAST_MOE_SPLITK=1
     up, down = moe_gemm._split(moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True))
     assert (up["SPLIT_K"], down["SPLIT_K"]) == (3, 3)
     assert (_grid(up, 1, 1, 1, 768) * 3, _grid(down, 1, 1, 1, 1024) * 3) == (144, 192)
@@ -164,12 +164,12 @@ def test_fused_moe_split_k_matches_reference(T, E, k, H, I, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_shared_expert_split_k_bf16(monkeypatch):
+def test_gpu_shared_expert_split_k_bf16(fast_path):
     """The opt-in split-K on the GPU at the talker's shared-expert shape (T=1, I 768): against the reference,
     20 runs bit-identical (last-arriver reduction), counters zero, and a CUDA-graph replay equal to eager."""
     from omni_fast.kernels import launch
 
-    monkeypatch.setattr(moe_gemm, "SPLIT_K_ENABLED", True)
+    fast_path("moe_splitk")  # OMNI_FAST_MOE_SPLITK=1
     g = torch.Generator().manual_seed(2)
     H, Is = 1024, 768
     x = torch.randn(1, H, generator=g).to(DEVICE, torch.bfloat16)

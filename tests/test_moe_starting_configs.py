@@ -32,23 +32,22 @@ def test_shipped_files_match_the_generator_and_say_untuned():
 
 
 @pytest.fixture
-def on_gpu(monkeypatch):
+def on_gpu(monkeypatch, fast_path):
     """get_config as on a CUDA device called ``name`` under Triton ``version`` (no GPU needed)."""
     def use(name: str, version: str):
         monkeypatch.setattr(moe_gemm, "interpreting", lambda: False)
         monkeypatch.setattr(moe_gemm, "device_name", lambda device=None: name.replace(" ", "_"))
         monkeypatch.setattr(triton, "__version__", version)
-        monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", True)  # OMNI_FAST_MOE_STARTING_CONFIGS=1
+        fast_path("moe_starting_configs")  # OMNI_FAST_MOE_STARTING_CONFIGS=1
         moe_gemm._find_tuned.cache_clear()
     yield use
     moe_gemm._find_tuned.cache_clear()
 
 
-def test_untuned_starting_points_are_opt_in(on_gpu, monkeypatch):
+def test_untuned_starting_points_are_opt_in(on_gpu, fast_path):
     """Without OMNI_FAST_MOE_STARTING_CONFIGS=1 the untuned files are skipped: the heuristic (no TMA) runs."""
     on_gpu("NVIDIA H100 80GB HBM3", "3.6.0")
-    monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", False)
-    moe_gemm._find_tuned.cache_clear()
+    fast_path("moe_starting_configs", False)  # (part of the lookup's cache key: no cache_clear needed)
     args = (4096, 128, 8, 2048, 768, torch.bfloat16, torch.device("cpu"))
     assert moe_gemm.get_config(*args) == moe_gemm.default_config(4096, 128, 8, 2048, 768, torch.bfloat16)
     assert not moe_gemm.get_config(*args).get("USE_TMA")

@@ -62,14 +62,14 @@ def test_splitk_is_deterministic_and_batch_invariant(dtype):
         assert torch.equal(got, outs[40][:M]), M
 
 
-def test_splitk_off_by_default_is_todays_launch(monkeypatch):
+def test_splitk_off_by_default_is_todays_launch(fast_path):
     """Opt-in: without the flag the residual GEMV is today's one-kernel path, bit for bit."""
     resid, x, w = _inputs(3, 24, 600, torch.float32, seed=9)
     a, b = resid.clone(), resid.clone()
     mtp_layers.linear_residual_(a, x, w, backend="triton")
     mtp_gemv._launch(x, None, w, b, 24, 0.0, mtp_gemv.RESIDUAL)
     assert torch.equal(a, b)
-    monkeypatch.setattr(mtp_gemv, "SPLIT_K_ENABLED", True)
+    fast_path("gemv_splitk")  # OMNI_FAST_GEMV_SPLITK=1
     c = resid.clone()
     mtp_layers.linear_residual_(c, x, w, backend="triton")
     torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)

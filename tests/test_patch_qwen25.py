@@ -158,15 +158,13 @@ def test_generate_multimodal_parity(model, decode_steps, kind):
     assert torch.equal(wav1, wav0)
 
 
-def test_generate_with_token2wav_swapped(model, decode_steps, monkeypatch):
+def test_generate_with_token2wav_swapped(model, decode_steps, fast_path):
     """Token2Wav's fused pieces switched on too (opt-in until GPU-tested), on the reference backend (the fused
     kernels on the interpreter take minutes at this waveform length; kernel vs reference: tests/test_bigvgan.py,
     test_dit.py, test_token2wav.py): same text and codes; the waveform within 1e-6 absolute. Why that bound: fp32 end to end, the fused ops add the same terms in another order (~1e-7
     relative per op) through the DiT's RK4 steps and BigVGAN's 6 upsampling stages (tests/test_token2wav.py
     measured 2.3e-9 on a peak of 6.2e-3); 1e-6 is far below audibility and still catches a wrong tap or mask."""
-    from omni_fast.integrations import token2wav
-
-    monkeypatch.setattr(token2wav, "ENABLED", True)
+    fast_path("token2wav")
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
     (text0, codes0, wav0), (text1, codes1, wav1), report = run_unpatched_then_patched(
         model, lambda: generate(model, ids, talker_tokens=6), backend="reference")

@@ -67,3 +67,35 @@ def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
     assert fp8 and int4, res.stdout
     assert all(".e4m3.e4m3" in ln for ln in fp8), fp8
     assert all(".bf16.bf16" in ln for ln in int4), int4
+
+
+def test_pdl_phases_issue_griddepcontrol():
+    """The fused decode phases compiled with PDL prefetch their weights into L2, then griddepcontrol.wait and
+    launch_dependents (Hopper programmatic dependent launch); without it, none of these is emitted (the default
+    launch is unchanged)."""
+    code = (
+        "import re, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from omni_fast.bench.static_check import _jit_function\n"
+        "from omni_fast.kernels import talker_fused\n"
+        "from omni_fast.kernels.launch import STATIC_CASES\n"
+        "for c in STATIC_CASES:\n"
+        "    if '_phase_kernel' in c.name and 'talker' in c.name:\n"
+        "        fn = _jit_function(c.kernel)\n"
+        "        src = triton.compiler.ASTSource(fn=fn, signature=c.signature, constexprs=c.constexprs,\n"
+        "                                        attrs=c.attrs(fn.arg_names))\n"
+        "        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
+        "                           options={'num_warps': c.num_warps, 'num_stages': c.num_stages})\n"
+        "        found = re.findall(r'griddepcontrol\\.\\w+|prefetch\\.global\\.L2', k.asm['ptx'])\n"
+        "        print('CASE', c.name, '|', ' '.join(sorted(set(found))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [ln[5:].split(" | ") for ln in res.stdout.splitlines() if ln.startswith("CASE ")]
+    assert len(rows) == 6, res.stdout
+    for name, found in rows:
+        # PDL: the wait, the trigger, and the weight prefetch into L2 ahead of the wait
+        want = ("griddepcontrol.launch_dependents griddepcontrol.wait prefetch.global.L2" if name.endswith(",pdl]")
+                else "")
+        assert found.strip() == want, (name, found)

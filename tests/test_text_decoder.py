@@ -283,17 +283,18 @@ def test_bench_decode_cases_on_tiny():
     from omni_fast.bench.cases import decode
 
     cases = decode.cases("quick")
-    assert [c.name for c in cases] == ["thinker step B=1", "thinker step B=8", "talker step B=1",
-                                       "talker step B=8"]
+    # the talker first (a deadline-cut first-light run keeps it)
+    assert [c.name for c in cases] == ["talker step B=1", "talker step B=8", "thinker step B=1",
+                                       "thinker step B=8"]
     assert all(c.bytes > 0 and c.flops > 0 for c in cases)
-    cases[0].check()
+    cases[2].check()
     import omni_fast
     from omni_fast.bench.case import Unavailable
 
     tiny = decode.cases("smoke")  # the same cases on the tiny config (fp32, a 6-token prompt)
-    assert [c.name for c in tiny] == ["thinker step B=1", "thinker step B=3", "talker step B=1", "talker step B=3"]
+    assert [c.name for c in tiny] == ["talker step B=1", "talker step B=3", "thinker step B=1", "thinker step B=3"]
     with omni_fast.use_backend("reference"):
-        providers = tiny[3].setup(torch.device("cpu"))
+        providers = tiny[1].setup(torch.device("cpu"))
         assert isinstance(providers.pop("omni_fast"), Unavailable)  # graph replay needs CUDA
         want = providers["transformers"]()
         for _ in range(2):

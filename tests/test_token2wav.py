@@ -48,10 +48,8 @@ def test_token2wav_pieces_are_opt_in(model):
         omni_fast.unpatch(model)
 
 
-def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, monkeypatch):
-    from omni_fast.integrations import token2wav
-
-    monkeypatch.setattr(token2wav, "ENABLED", True)
+def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, fast_path):
+    fast_path("token2wav")  # OMNI_FAST_TOKEN2WAV=1
     want = _token2wav(model)
     assert 0 < want.abs().max() < 1  # not clamped: a real comparison
     acts = [mod for mod in model.modules() if type(mod).__name__ == "Qwen2_5OmniAntiAliasedActivation1d"]
@@ -78,10 +76,8 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, monkeypatch
     assert torch.equal(_token2wav(model), want)  # unpatched again: transformers' own numbers, bit for bit
 
 
-def test_unsupported_activation_variant_is_left_and_reported(monkeypatch):
-    from omni_fast.integrations import token2wav
-
-    monkeypatch.setattr(token2wav, "ENABLED", True)
+def test_unsupported_activation_variant_is_left_and_reported(fast_path):
+    fast_path("token2wav")
     act = q25.Qwen2_5OmniAntiAliasedActivation1d(torch.nn.Tanh())  # not SnakeBeta: the fused op does not apply
     holder = torch.nn.Module()
     holder.token2wav = torch.nn.Module()

@@ -126,10 +126,11 @@ def model_units() -> list[Unit]:
             out.append(Unit(f"{part}-step-B{B}", "step", "graph", launch=lambda part=part, B=B: _step_call(part, B),
                             cheap_count=True, min_bytes=nbytes, flops=flops,
                             params=dict(B=B, layers=p["L"], cache=CACHE)))
-            if part == "talker":
-                out.append(Unit(f"talker-step-fused-B{B}", "step", "graph", cheap_count=True,
-                                launch=lambda B=B: _step_call("talker", B, fused=True), min_bytes=nbytes,
-                                flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE, fused=True)))
+            # issue 16's phase-fused step (opt-in fast path fused_step), the thinker's too (its stretch goal: the
+            # same kernels without the shared expert)
+            out.append(Unit(f"{part}-step-fused-B{B}", "step", "graph", cheap_count=True,
+                            launch=lambda part=part, B=B: _step_call(part, B, fused=True), min_bytes=nbytes,
+                            flops=flops, params=dict(B=B, layers=p["L"], cache=CACHE, fused=True)))
     for B in (1, 32):
         for frames in (1, 4):
             nbytes, flops = _code2wav_min(B, frames)
@@ -155,7 +156,9 @@ AMP = dict(C=768, T=2500, k=3)  # BigVGAN's first AMP block (after the first x5 
 
 def _dit_step_call():
     """One DiT forward of the graph-captured solve (CFG batch 2 rows), tiny widths, the real 22 layers and their
-    look-ahead / look-back pattern; 7 codes -> 14 mel frames (two blocks of 8)."""
+    look-ahead / look-back pattern; 7 codes -> 14 mel frames, padded as the solve's bucket is to whole attention
+    blocks (16 frames = two blocks of 8, lens 14). The step invariants (code embeddings, RoPE, the fused weights,
+    the attention plans) are built once per solve, outside the counted call."""
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
 
@@ -169,8 +172,9 @@ def _dit_step_call():
     torch.manual_seed(0)
     dit = q25.Qwen2_5OmniToken2WavDiTModel._from_config(cfg, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(1)
-    code = torch.randint(0, 300, (1, 7), generator=g)
-    x = torch.randn(1, 14, cfg.mel_dim, generator=g)
+    codes = dit_solve._page_aligned(7, dit)
+    code = torch.randint(0, 300, (1, codes), generator=g)
+    x = torch.randn(1, codes * cfg.repeats, cfg.mel_dim, generator=g)
     with torch.no_grad():
         spk = torch.randn(2, cfg.enc_dim, generator=g)
         static = dit_solve._invariants(dit, code, torch.randn(1, cfg.enc_emb_dim, generator=g), spk,

@@ -249,16 +249,19 @@ def attention_units() -> list[Unit]:
                     statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 prefill]"},
                     min_bytes=2 * T * (2 * hq + 2 * hk) * d, flops=_attn_flops([T], hq, d, True),
                     params=dict(T=T, hq=hq, hk=hk, d=d)))
-    for B in (1, 8):
-        for cached in (4096, 32768):
-            big = B * cached > 4096 * 8
-            out.append(Unit(f"attn-decode-B{B}-{cached // 1024}k", "attention", "graph",
-                            # the real cache length: the split-KV choice (as on an H100) depends on it
-                            launch=lambda B=B, c=cached: _kvcache_call(B, c, 4, 2, 16, torch.float32),
-                            trace=lambda B=B, c=cached: _kvcache_call(B, c, hq, hk, d), unique=not big,
-                            statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
-                            min_bytes=2 * B * (2 * cached * hk * d + 2 * hq * d + 2 * hk * d),
-                            flops=4.0 * B * (cached + 1) * hq * d, params=dict(B=B, cache=cached)))
+    # thinker (32 q / 4 kv heads) at 4k and 32k caches; the talker (16 q / 2 kv heads, the same head dim and kernel
+    # specialisation) at 4k: half the KV bytes per row, so its grid fill at B=1 is the harder case
+    for who, qh, kh, caches in (("", hq, hk, (4096, 32768)), ("talker-", 16, 2, (4096,))):
+        for B in (1, 8):
+            for cached in caches:
+                big = B * cached > 4096 * 8
+                out.append(Unit(f"attn-decode-{who}B{B}-{cached // 1024}k", "attention", "graph",
+                                # the real cache length: the split-KV choice (as on an H100) depends on it
+                                launch=lambda B=B, c=cached: _kvcache_call(B, c, 4, 2, 16, torch.float32),
+                                trace=lambda B=B, c=cached, qh=qh, kh=kh: _kvcache_call(B, c, qh, kh, d),
+                                unique=not big, statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
+                                min_bytes=2 * B * (2 * cached * kh * d + 2 * qh * d + 2 * kh * d),
+                                flops=4.0 * B * (cached + 1) * qh * d, params=dict(B=B, cache=cached, hq=qh, hk=kh)))
     audio = [104] * 9 + [78]  # 60 s of audio: 780 tokens in 104-token windows
     vision = [1024, 1024]  # two temporal patches of a 512x512 frame pair (32x32 patches each)
     for name, lens, h, dd in (("audio", audio, 20, 64), ("vision", vision, 16, 72)):

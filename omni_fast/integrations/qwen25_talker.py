@@ -46,14 +46,17 @@ class FastTalkerCache:
 
 def fast_decoder(model: torch.nn.Module):
     """The :class:`MoeTextDecoder` of a ``Qwen2_5OmniTalkerModel``, built from its current weights (no head: the
-    outer talker applies ``codec_head``) and rebuilt when they change (``.to()``, ``load_state_dict``)."""
-    from ..models import MoeTextDecoder
+    outer talker applies ``codec_head``) and rebuilt when they change (``.to()``, ``load_state_dict``) or the
+    ``fused_step`` fast path is switched (:func:`~omni_fast.models.text_decoder.opt_in_decoder`: the phase-fused
+    step only where the decoder supports it; the dense talker keeps the ops path)."""
+    from .. import fast_paths
     from ..models.cuda_graphs import weights_key
+    from ..models.text_decoder import opt_in_decoder
 
-    key = weights_key(model)
+    key = (weights_key(model), fast_paths.enabled("fused_step"))
     cached = model.__dict__.get("_omni_fast_talker_decoder")
     if cached is None or cached[0] != key:
-        cached = (key, MoeTextDecoder.from_transformers(model, None, backend=pinned_backend(model)))
+        cached = (key, opt_in_decoder(model, None, backend=pinned_backend(model)))
         model.__dict__["_omni_fast_talker_decoder"] = cached
     return cached[1]
 
@@ -121,10 +124,17 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
 def install(model: torch.nn.Module, swap_forward, pin) -> str:
     """What :func:`omni_fast.patch` does to a ``Qwen2_5OmniTalkerModel`` (``swap_forward(module, fn)`` /
     ``pin(module)``: patch's own helpers, undone by ``unpatch``); returns the report line."""
+    from .. import fast_paths
+
     swap_forward(model, talker_model_forward)
     pin(model)  # the decoder's ops run on patch(backend=...)
-    return (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
+    line = (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
             "(dense SwiGLU, q/k/v bias, contiguous M-RoPE; one graph replay per token on CUDA)")
+    if not fast_paths.enabled("fused_step"):
+        return line + "; phase-fused step off (opt-in fast path fused_step)"
+    why = fast_decoder(model).fused_fallback  # built now (cached) to say whether the fused step applies
+    return line + ("; phase-fused step (fast path fused_step): 3 launches per layer" if why is None
+                   else f"; fast path fused_step not applicable, ops path kept: {why}")
 
 
 __all__ = ["FastTalkerCache", "fast_decoder", "install", "talker_model_forward"]

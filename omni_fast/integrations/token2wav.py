@@ -14,23 +14,22 @@ unsupported dtype) runs transformers' own forward, so a patched model computes w
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import fast_paths
 from ..backend import pinned_backend
 
 # New fast paths are opt-in until a GPU run passes their gpu-marked tests (project rule): patch() swaps these pieces
-# in only when ENABLED (or OMNI_FAST_TOKEN2WAV=1 at import); otherwise it lists them under "left as is".
-ENABLED = os.environ.get("OMNI_FAST_TOKEN2WAV", "") == "1"
-OPT_IN = "opt-in until GPU-tested: omni_fast.integrations.token2wav.ENABLED = True"
+# in only when the "token2wav" fast path is on (omni_fast.fast_paths; OMNI_FAST_TOKEN2WAV=1); otherwise it lists
+# them under "left as is".
+OPT_IN = "opt-in until GPU-tested: OMNI_FAST_TOKEN2WAV=1 or omni_fast.fast_paths.enable('token2wav')"
 
 
 def label(done: str, supported: bool) -> tuple[bool, str]:
     """(swap it?, the report's words) for a Token2Wav piece whose replacement is ``done``."""
     if not supported:
         return False, "(unsupported variant)"
-    return (True, done) if ENABLED else (False, f"({OPT_IN})")
+    return (True, done) if fast_paths.enabled("token2wav") else (False, f"({OPT_IN})")
 
 
 AA_ACTIVATION = "Qwen2_5OmniAntiAliasedActivation1d"

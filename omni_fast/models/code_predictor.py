@@ -50,13 +50,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable, requested_backend, use_backend
+from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled, use_backend
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
 from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_float, check_positive_int, check_seed,
-                          check_tensor)
+                          check_tensor, values_checkable)
 from .cuda_graphs import capture, weights_key
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -253,7 +253,7 @@ class CodePredictor(torch.nn.Module):
                              "[B, H]")
         if c0_embed is not None:
             check_tensor("c0_embed", c0_embed, dtypes=REAL_DTYPES, shape=(B, H), device=dev)
-        if c0.device.type == "cpu" and self.codec_vocab_size and B:
+        if self.codec_vocab_size and B and values_checkable(c0):  # a value check syncs: CPU tensors only
             lo, hi = int(c0.min()), int(c0.max())
             if lo < 0 or hi >= self.codec_vocab_size:
                 raise ValueError(f"c0 must lie in [0, {self.codec_vocab_size}), got values in [{lo}, {hi}]")
@@ -293,8 +293,9 @@ class CodePredictor(torch.nn.Module):
         ``backend`` here is every op's ``backend=`` (``"cuda"``: the CUDA C++ twin where an op has one, triton
         elsewhere); None takes the ambient one."""
         fused = self.fused if fused is None else fused
+        # (a CPU tensor without the interpreter resolves "auto" to the reference ops: the op path then)
         if self.persistent and fused and x.dtype != torch.float64 and x.shape[0] > 0 and \
-                requested_backend(backend) != "reference":
+                requested_backend(backend) != "reference" and (x.is_cuda or triton_interpreter_enabled()):
             return self._persistent_frame(x, c0, c0_embed, seed, sampling)
         c = self.config
         G, V0 = c.num_code_groups, self.codec_vocab_size

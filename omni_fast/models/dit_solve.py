@@ -21,10 +21,13 @@ length logic stay testable on the CPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
+from . import bigvgan_padded, dit_layers
 from .cuda_graphs import capture, weights_key
 
 CODE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # codec tokens per solve (mel frames = x repeats)
@@ -34,6 +37,13 @@ _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus 
 def bucket_for(codes: int, buckets=CODE_BUCKETS) -> int:
     """The smallest bucket holding ``codes`` codec tokens (beyond the largest: the next power of two)."""
     return next((b for b in sorted(buckets) if b >= codes), None) or 1 << (codes - 1).bit_length()
+
+
+def _page_aligned(codes: int, dit) -> int:
+    """``codes`` rounded up so that the padded mel length ``codes * repeats`` is whole attention blocks (the block
+    attention then reads K/V as pages in place, no per-layer padding copy; the extra rows are masked padding)."""
+    step = dit.block_size // math.gcd(dit.block_size, dit.repeats)
+    return -(-codes // step) * step
 
 
 def _attention(attn, h, cos, sin, lens, block, backend):
@@ -63,6 +73,18 @@ def _dit_forward(dit, x, t, static, backend):
     time_embedding = dit.time_embed(t.repeat(rows))
     h = torch.cat([x, x], dim=0) if cfg else x
     h = dit.input_embed.proj(torch.cat((h, static["spk"], static["code"], static["cond"]), dim=-1))
+    if static["fused"] is not None:  # 9 launches per layer (omni_fast.models.dit_layers)
+        out = dit.proj_out(dit_layers.layers_forward(dit, h, time_embedding, static, backend))
+    else:
+        out = _unfused_layers(dit, h, time_embedding, static, backend)
+    if not cfg:
+        return out
+    guided, null = torch.chunk(out, 2, dim=0)
+    return guided + (guided - null) * static["guidance_scale"]
+
+
+def _unfused_layers(dit, h, time_embedding, static, backend):
+    """The layers module by module (a DiT :func:`dit_layers.fusable` refuses, e.g. a linear without bias)."""
     cos, sin = static["rope"]
     for layer in dit.transformer_blocks:
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(h, emb=time_embedding)
@@ -70,11 +92,7 @@ def _dit_forward(dit, x, t, static, backend):
         h = h + gate_msa.unsqueeze(1) * _attention(layer.attn, norm, cos, sin, static["lens"], block, backend)
         norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
-    out = dit.proj_out(dit.norm_out(h, time_embedding))
-    if not cfg:
-        return out
-    guided, null = torch.chunk(out, 2, dim=0)
-    return guided + (guided - null) * static["guidance_scale"]
+    return dit.proj_out(dit.norm_out(h, time_embedding))
 
 
 def _invariants(dit, code, cond, spk, lens, guidance_scale):
@@ -91,7 +109,10 @@ def _invariants(dit, code, cond, spk, lens, guidance_scale):
     spk = spk.unsqueeze(1).repeat(1, S, 1)
     position_ids = torch.arange(S, device=code.device)[None, :].repeat(spk.shape[0], 1)
     rope = dit.rotary_embed(spk, position_ids)
-    return dict(cfg=cfg, code=code_embed, cond=cond, spk=spk, rope=rope, lens=lens, guidance_scale=guidance_scale)
+    fused = dit_layers.fuse_weights(dit) if dit_layers.fusable(dit) else None  # (no device work once built)
+    plans = dit_layers.attention_plans(dit, spk.shape[0], S, lens) if fused is not None else None
+    return dict(cfg=cfg, code=code_embed, cond=cond, spk=spk, rope=rope, lens=lens, guidance_scale=guidance_scale,
+                fused=fused, plans=plans)
 
 
 def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: float, sway_coefficient,
@@ -120,10 +141,10 @@ def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: 
 
 
 class _SolveGraph:
-    """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend): static inputs, the
-    graph, the static output."""
+    """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend), optionally followed by
+    the vocoder on the padded mel (:func:`synthesize`): static inputs, the graph, the static outputs."""
 
-    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend):
+    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None):
         cfg = dit.config
         S = codes * dit.repeats
         self.noise = torch.zeros(batch, S, dit.mel_dim, device=device, dtype=dtype)
@@ -132,14 +153,21 @@ class _SolveGraph:
         self.spk = torch.zeros(spk_rows, cfg.enc_dim, device=device, dtype=dtype)
         self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
         steps, guidance, sway = settings
-        self._run = lambda: solve(dit, self.noise, self.code, self.cond, self.spk, self.lens,  # noqa: E731
-                                  num_steps=steps, guidance_scale=guidance, sway_coefficient=sway, backend=backend)
-        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
-            self.graph, self.out = None, self._run()
-            return
-        self.graph, self.out = capture(self._run, device)
 
-    def run(self, noise, code, cond, spk, length):
+        def run():
+            y = solve(dit, self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
+                      guidance_scale=guidance, sway_coefficient=sway, backend=backend)
+            if vocoder is None:
+                return (y,)
+            return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
+        self._run = run
+        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
+            self.graph, self.out = None, run()
+            return
+        self.graph, self.out = capture(run, device)
+
+    def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
+        """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors."""
         L, n = noise.shape[1], code.shape[1]
         self.noise.zero_()
         self.noise[:, :L].copy_(noise)
@@ -149,17 +177,17 @@ class _SolveGraph:
         self.spk.copy_(spk)
         self.lens.fill_(length)
         if self.graph is None:
-            self.out.copy_(self._run())
+            for static, new in zip(self.out, self._run()):
+                static.copy_(new)
         else:
             self.graph.replay()
-        return self.out[:, :L].clone()
+        per = self.out[1].shape[-1] // self.noise.shape[1] if len(self.out) > 1 else 0
+        return (self.out[0][:, :L].clone(),) + tuple(w[:, :L * per].clone() for w in self.out[1:])
 
 
-def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
-           sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
-    """``Qwen2_5OmniToken2WavDiTModel.sample`` on a per-bucket graph: conditioning ``[B, enc_emb_dim]``,
-    reference_mel ``[B, T_ref, mel_dim]``, code long ``[B, n]`` -> mel ``[B, mel_dim, n * repeats]`` (the same noise
-    as transformers for a given seed: drawn by the same ``torch.randn`` call)."""
+def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets, backend,
+           vocoder=None):
+    """The graph lookup and replay shared by :func:`sample` and :func:`synthesize`."""
     check_tensor("code", code, dtypes=(torch.int64, torch.int32), ndim=2)
     B, n = code.shape
     check_positive_int("code length", n)
@@ -174,17 +202,41 @@ def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance
     cfg = guidance_scale >= 1e-5
     ref = torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0) if cfg else reference_mel
     spk = dit.input_embed.spk_encoder(ref)  # step-invariant: once per solve, outside the graph
-    codes = bucket_for(n, buckets)
+    codes = _page_aligned(bucket_for(n, buckets), dit)
+    if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
+        dit_layers.fuse_weights(dit)
     settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
-    cache = dit.__dict__.setdefault(_CACHE, {})
-    weights = weights_key(dit)
+    # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
+    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", {})
+    weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
         cache.clear()
         cache["weights"] = weights
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
-    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend())
+    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder))
     graph = cache.get(key)
     if graph is None:
         graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
-                                         backend)
-    return graph.run(noise, code, conditioning, spk, L).permute(0, 2, 1)
+                                         backend, vocoder)
+    return graph.run(noise, code, conditioning, spk, L)
+
+
+def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
+           sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavDiTModel.sample`` on a per-bucket graph: conditioning ``[B, enc_emb_dim]``,
+    reference_mel ``[B, T_ref, mel_dim]``, code long ``[B, n]`` -> mel ``[B, mel_dim, n * repeats]`` (the same noise
+    as transformers for a given seed: drawn by the same ``torch.randn`` call)."""
+    return _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets,
+                  backend)[0].permute(0, 2, 1)
+
+
+def synthesize(dit, vocoder, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,
+               sway_coefficient=-1.0, *, buckets=CODE_BUCKETS, backend: str | None = None) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavModel.forward`` (the DiT solve, then the BigVGAN ``vocoder``) with BOTH in one graph
+    per bucket: the vocoder runs on the padded mel with the device-side length
+    (:func:`omni_fast.models.bigvgan_padded.vocode`). Arguments as :func:`sample`; returns the waveform ``[B, n *
+    repeats * prod(upsample_rates)]`` on the device (transformers: ``.squeeze().cpu()`` of it)."""
+    if not bigvgan_padded.supported(vocoder):
+        raise ValueError("vocoder: this BigVGAN variant is not covered by the padded vocoder")
+    return _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sway_coefficient, buckets,
+                  backend, vocoder)[1]

@@ -101,10 +101,11 @@ class Qwen3Omni:
     def _refresh_fast_stages(self) -> None:
         """The MTP frame step on omni-fast (graph replay per frame on CUDA) and the codec streaming through
         omni-fast's stateful Code2Wav (exact, no recomputed left context); both copy (repack) the weights, so they
-        are rebuilt when transformers' weights change (``load_state_dict``, ``.to()``, in-place edits)."""
+        are rebuilt when transformers' weights change (``load_state_dict``, ``.to()``, in-place edits). The MTP
+        frame is one persistent launch while the ``persistent_mtp`` fast path is on (read here, before each stream)."""
         import omni_fast
 
-        from .talker_step import weights_key
+        from .talker_step import follow_fast_paths, weights_key
 
         if not self.has_talker:
             self.code_predictor = self.fast_code2wav = None
@@ -119,6 +120,7 @@ class Qwen3Omni:
                     talker.code_predictor, talker.get_input_embeddings()), backend=self.backend),
                 omni_fast.models.Code2Wav.from_transformers(self.model.code2wav, backend=self.backend))
         _, self.code_predictor, self.fast_code2wav = self._fast_stages
+        follow_fast_paths(self.code_predictor.cp)
 
     def _transformers_stages(self) -> None:
         self.fast_code2wav = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import fast_paths
 from .._bound import BoundMethod
 from ..backend import pinned_backend
 from ..validation import REAL_DTYPES, check_positive_int, check_tensor
@@ -66,8 +67,9 @@ class TalkerStep:
 
 
 def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
-    """The talker's :class:`CodePredictor`: the one given to :func:`install_on_talker`, else built from the talker's
-    current weights (rebuilt when they change)."""
+    """The talker's :class:`CodePredictor`: the one given to :func:`install_on_talker` (used as it is), else built
+    from the talker's current weights (rebuilt when they change), its frame persistent while the ``persistent_mtp``
+    fast path is on (:mod:`omni_fast.fast_paths`; read per frame, so switching it applies to the next frame)."""
     fixed = talker.__dict__.get("_omni_fast_cp_fixed")
     if fixed is not None:
         return fixed
@@ -76,7 +78,14 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
     if cached is None or cached[0] != key:
         cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
         talker.__dict__["_omni_fast_cp_cache"] = cached
-    return cached[1]
+    return follow_fast_paths(cached[1])
+
+
+def follow_fast_paths(cp: CodePredictor) -> CodePredictor:
+    """``cp`` with its ``persistent`` setting from the ``persistent_mtp`` fast path (a plain attribute: the
+    persistent frames and captured graphs are cached per setting, nothing is rebuilt when it flips back)."""
+    cp.persistent = fast_paths.enabled("persistent_mtp")
+    return cp
 
 
 def _prepare_inputs_with_fast_mtp(self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False,

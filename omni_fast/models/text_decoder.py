@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import graph_capturable
+from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
@@ -161,11 +161,15 @@ class MoeTextDecoder:
         why = fused_unsupported(self) if self.fused else None
         if why is not None:
             raise ValueError(f"fused=True is not available for this decoder: {why}")
+        # why the "fused_step" fast path left this decoder on the ops path (set by opt_in_decoder; None otherwise)
+        self.fused_fallback: str | None = None
         self._state: _State | None = None
 
     def _fused_active(self, fractional: bool) -> bool:
-        """Whether a state's steps take the phase-fused path."""
-        return self.fused and not fractional and self.backend != "reference"
+        """Whether a state's steps take the phase-fused path: not under the reference backend (pinned or ambient),
+        nor on a CPU without the Triton interpreter (where "auto" resolves to the reference ops)."""
+        return self.fused and not fractional and requested_backend(self.backend) != "reference" and \
+            (self.device.type == "cuda" or triton_interpreter_enabled())
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -382,6 +386,24 @@ class MoeTextDecoder:
         st.cache_seqlens.zero_()
 
 
+def opt_in_decoder(text_model: torch.nn.Module, lm_head: torch.nn.Module | torch.Tensor | None, *,
+                   backend: str | None = None) -> MoeTextDecoder:
+    """:meth:`MoeTextDecoder.from_transformers` as the pipeline and ``patch`` build it: with the phase-fused step
+    where the ``fused_step`` fast path is on (:mod:`omni_fast.fast_paths`, ``OMNI_FAST_FUSED_STEP=1``) and the
+    decoder supports it. A decoder it cannot run (dense layers, quantized experts, attention biases, ...) keeps the
+    ops path with no error; ``decoder.fused_fallback`` then says why (None otherwise)."""
+    from .. import fast_paths
+
+    dec = MoeTextDecoder.from_transformers(text_model, lm_head, backend=backend)
+    if fast_paths.enabled("fused_step"):
+        why = fused_unsupported(dec)
+        if why is None:
+            dec.fused = True  # read when load_prefill builds the state: nothing built yet
+        else:
+            dec.fused_fallback = why
+    return dec
+
+
 def _cache_tensors(cache: Any, n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer keys / values ``[B, Hk, S, D]`` of a transformers cache (``Cache.layers[i].keys`` in
     transformers >= 4.56; the older ``key_cache`` lists too)."""
@@ -397,4 +419,4 @@ def _cache_tensors(cache: Any, n_layers: int) -> tuple[list[torch.Tensor], list[
     return keys, values
 
 
-__all__ = ["MoeTextDecoder", "TextDecoderConfig"]
+__all__ = ["MoeTextDecoder", "TextDecoderConfig", "opt_in_decoder"]

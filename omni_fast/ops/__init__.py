@@ -13,7 +13,7 @@ blocks), ``moe_experts`` (routed experts from given weights/ids). ``tests/test_c
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .bigvgan import anti_aliased_snake, padded_conv1d
 from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
-from .dit import ada_layer_norm, block_attention
+from .dit import ada_layer_norm, block_attention, block_attention_plan, dit_qkv_rope, gated_ada_layer_norm
 from .moe import align_moe_blocks, moe_block, moe_experts, route_topk
 from .quant import QuantizedExperts
 from .rope import mrope, qk_norm_mrope
@@ -39,6 +39,9 @@ __all__ = [
     "anti_aliased_snake",
     "ada_layer_norm",
     "block_attention",
+    "block_attention_plan",
+    "dit_qkv_rope",
+    "gated_ada_layer_norm",
     "padded_conv1d",
     "QuantizedExperts",
     "align_moe_blocks",

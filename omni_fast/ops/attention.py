@@ -32,9 +32,7 @@ MAX_HEAD_DIM = 256
 # --- ops ------------------------------------------------------------------------------------------------------
 
 
-def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 window_left, window_right, softcap, alibi_slopes, block_table, seqused_k, fa_lse, alibi_lse_shift,
-                 backend):
+def _fake_varlen(q, *args):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -43,18 +41,19 @@ def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: 
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
                block_table: torch.Tensor | None, seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               sinks: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed varlen attention: (out ``[Tq, Hq, D]``, lse fp32 ``[Hq, Tq]``); ``max_seqlen_*`` -1 = unknown;
-    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (see :mod:`omni_fast.reference.attention`)."""
+    ``fa_lse`` / ``alibi_lse_shift``: flash-attn's lse conventions (see :mod:`omni_fast.reference.attention`);
+    ``sinks`` ``[Hq]``: attention sinks (FA3's ``s_aux``)."""
 
 
 @_varlen_op.impl("reference")
 def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi_slopes,
-                      block_table, seqused_k, fa_lse, alibi_lse_shift):
+                      block_table, seqused_k, fa_lse, alibi_lse_shift, sinks):
     return ref.flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
                                  window_size=(left, right), return_lse=True, softcap=softcap,
                                  alibi_slopes=alibi_slopes, block_table=block_table, seqused_k=seqused_k,
-                                 fa_lse=fa_lse, alibi_lse_shift=alibi_lse_shift)
+                                 fa_lse=fa_lse, alibi_lse_shift=alibi_lse_shift, sinks=sinks)
 
 
 @_varlen_op.impl("triton")
@@ -62,6 +61,36 @@ def _varlen_triton(*args):
     from ..kernels import flash_attn
 
     return flash_attn.flash_attn_varlen(*args)
+
+
+def _fake_varlen_out(q, *args):
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+# The out= form (vLLM's FlashAttention fork writes into the caller's buffer): the kernel stores into ``out`` itself,
+# no copy. Same arguments as _varlen_op plus ``out``; returns the lse only (a custom op cannot return its input).
+@dispatched_op("flash_attn_varlen_out", mutates_args=("out",), fake=_fake_varlen_out)
+def _varlen_out_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                   causal: bool, window_left: int, window_right: int, softcap: float,
+                   alibi_slopes: torch.Tensor | None, block_table: torch.Tensor | None,
+                   seqused_k: torch.Tensor | None, fa_lse: bool, alibi_lse_shift: bool,
+                   sinks: torch.Tensor | None, out: torch.Tensor, backend: str) -> torch.Tensor:
+    """:func:`_varlen_op` writing out ``[Tq, Hq, D]`` (any strides with a unit stride in D) in place; returns lse."""
+
+
+@_varlen_out_op.impl("reference")
+def _varlen_out_reference(*args):
+    o, lse = _varlen_reference(*args[:-1])
+    args[-1].copy_(o)
+    return lse
+
+
+@_varlen_out_op.impl("triton")
+def _varlen_out_triton(*args):
+    from ..kernels import flash_attn
+
+    return flash_attn.flash_attn_varlen(*args[:-1], out=args[-1])[1]
 
 
 @dispatched_op("append_kv_cache_", mutates_args=("k_cache", "v_cache"))
@@ -91,8 +120,8 @@ def _append_triton(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_bat
 
 def _fake_kvcache(q, *args):
     B, Sq, Hq, _ = q.shape
-    # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout)
-    return q.new_empty(q.shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    # contiguous like the kernel's output, whatever q's strides (inductor checks the fake's layout); lse head-major
+    return q.new_empty(q.shape), q.new_empty((Hq, B, Sq), dtype=torch.float32)
 
 
 # Reads the caches only (the append is its own mutating op), so torch.compile never copies a cache for it.
@@ -105,32 +134,66 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 rotary_interleaved: bool, rotary_causal: bool, num_splits: int, fa_lse: bool, alibi_lse_shift: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys (``k_extra`` without cache_seqlens): (out
-    ``[B, Sq, Hq, D]``, lse fp32 ``[B, Hq, Sq]``); ``fa_lse`` / ``alibi_lse_shift`` as :func:`_varlen_op`."""
+    ``[B, Sq, Hq, D]``, lse fp32 ``[Hq, B, Sq]``, the kernel's head-major layout: the public function transposes it
+    only when the caller asks for it, so decode steps at B > 1 pay no copy launch per layer); ``fa_lse`` /
+    ``alibi_lse_shift`` as :func:`_varlen_op`."""
 
 
 @_kvcache_op.impl("reference")
 def _kvcache_reference(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
                        cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
                        rot_causal, num_splits, fa_lse, alibi_lse_shift):
-    return ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
-                                 window_size=(left, right), softmax_scale=scale, block_table=block_table,
-                                 key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
-                                 cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 rotary=_rotary(cos, sin, interleaved, rot_causal), fa_lse=fa_lse,
-                                 alibi_lse_shift=alibi_lse_shift)
+    out, lse = ref.kvcache_attention(q, k_cache, v_cache, cache_seqlens, k_extra, causal=causal,
+                                     window_size=(left, right), softmax_scale=scale, block_table=block_table,
+                                     key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
+                                     cache_leftpad=cache_leftpad, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     rotary=_rotary(cos, sin, interleaved, rot_causal), fa_lse=fa_lse,
+                                     alibi_lse_shift=alibi_lse_shift)
+    return out, lse.transpose(0, 1).contiguous()  # the op's head-major lse
 
 
 @_kvcache_op.impl("triton")
 def _kvcache_triton(q, k_cache, v_cache, cache_seqlens, k_extra, block_table, key_padding_mask, cache_batch_idx,
                     cache_leftpad, alibi_slopes, cos, sin, scale, causal, left, right, softcap, interleaved,
-                    rot_causal, num_splits, fa_lse, alibi_lse_shift):
+                    rot_causal, num_splits, fa_lse, alibi_lse_shift, out=None):
     from ..kernels import flash_attn_kvcache
 
     return flash_attn_kvcache.kvcache_attention(
         q, k_cache, v_cache, cache_seqlens, k_extra, block_table, scale, causal, left, right, num_splits,
         key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
         softcap=softcap, alibi_slopes=alibi_slopes, rotary=_rotary(cos, sin, interleaved, rot_causal),
-        empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift)
+        empty_lse=float("inf") if fa_lse else float("-inf"), alibi_lse_shift=alibi_lse_shift, out=out)
+
+
+def _fake_kvcache_out(q, *args):
+    B, Sq, Hq, _ = q.shape
+    return q.new_empty((Hq, B, Sq), dtype=torch.float32)  # head-major, as _kvcache_op's
+
+
+# The out= form of _kvcache_op (vLLM's fork): same arguments plus ``out``; returns the lse.
+@dispatched_op("kvcache_attention_out", mutates_args=("out",), fake=_fake_kvcache_out)
+def _kvcache_out_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_seqlens: torch.Tensor | None, k_extra: int, block_table: torch.Tensor | None,
+                    key_padding_mask: torch.Tensor | None, cache_batch_idx: torch.Tensor | None,
+                    cache_leftpad: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                    rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None, softmax_scale: float,
+                    causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+                    rotary_causal: bool, num_splits: int, fa_lse: bool, alibi_lse_shift: bool, out: torch.Tensor,
+                    backend: str) -> torch.Tensor:
+    """:func:`_kvcache_op` writing out ``[B, Sq, Hq, D]`` in place (the kernel stores into it when B and Sq
+    collapse into one token dimension, else one copy); returns the head-major lse ``[Hq, B, Sq]``."""
+
+
+@_kvcache_out_op.impl("reference")
+def _kvcache_out_reference(*args):
+    o, lse = _kvcache_reference(*args[:-1])
+    args[-1].copy_(o)
+    return lse
+
+
+@_kvcache_out_op.impl("triton")
+def _kvcache_out_triton(*args):
+    return _kvcache_triton(*args[:-1], out=args[-1])[1]
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -190,6 +253,12 @@ def _fa_causal_alibi(alibi_slopes, causal: bool, left: int, right: int, seqlen_k
     return left < 0 and right == 0
 
 
+def _check_out(out, q, **inputs) -> None:
+    """``out=``: q's shape, dtype and device, a unit stride in D, no self-overlap, nothing shared with an input."""
+    check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device, last_dim_contiguous=True)
+    check_output("out", out, q=q, **inputs)
+
+
 def _softcap(softcap) -> float:
     """FlashAttention's softcap: a finite float >= 0 (0 = off)."""
     return check_float("softcap", softcap, minimum=0.0)
@@ -231,6 +300,8 @@ def flash_attn_varlen(
     check_values: bool | None = None,
     backend: str | None = None,
     flash_attn_lse: bool = False,
+    out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention over packed variable-length sequences (FlashAttention-2's ``flash_attn_varlen_func``, forward;
     the FlashAttention-exact signature is :func:`omni_fast.compat.flash_attn.flash_attn_varlen_func`).
@@ -252,6 +323,11 @@ def flash_attn_varlen(
     ``flash_attn_lse=True``: the lse exactly as flash-attn 2.8 returns it (``+inf`` for rows that see no key; under
     a causal mask with ALiBi, flash-attn's kernel bias ``slope * j``, which moves each row's lse by
     ``slope * (i + Lk - Lq)``); the output is the same. :mod:`omni_fast.compat.flash_attn` sets it.
+    ``out``: a ``[Tq, Hq, D]`` tensor of q's dtype (unit stride in D, sharing no memory with an input) the kernel
+    writes the result into and that is returned (vLLM's ``out=``); no extra copy. ``sinks`` ``[Hq]`` (any float
+    dtype, unit stride): attention sinks as FA3's ``s_aux``, one logit per head joining the softmax denominator
+    with a zero value (out and lse include it; a row that sees no key gives zeros and ``lse = sink``); not with
+    ``flash_attn_lse`` (flash-attn 2.8 has none).
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
     Tq, Hq, D = q.shape
@@ -273,6 +349,10 @@ def flash_attn_varlen(
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
     _check_alibi(alibi_slopes, B, Hq, q.device)
+    if sinks is not None:
+        check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, shape=(Hq,), device=q.device, contiguous=True)
+        if check_bool("flash_attn_lse", flash_attn_lse):
+            raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
     if values_checkable(cu_seqlens_q, check_values):
         cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
         check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
@@ -291,12 +371,19 @@ def flash_attn_varlen(
     scale = _scale(softmax_scale, D)
     causal = check_bool("causal", causal)
     fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
+    if out is not None:
+        _check_out(out, q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+                   seqused_k=seqused_k, alibi_slopes=alibi_slopes, sinks=sinks)
     be = _varlen_op.resolve((q, k, v, cu_seqlens_q, cu_seqlens_k), backend)
     # -1 = unknown (custom-op schemas take no Optional[int] here without a schema change for every backend)
-    out, lse = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
-                          -1 if max_seqlen_k is None else int(max_seqlen_k), scale, causal, left,
-                          right, _softcap(softcap), alibi_slopes, block_table, seqused_k, fa_lse,
-                          fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, max_seqlen_k), be)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
+            -1 if max_seqlen_k is None else int(max_seqlen_k), scale, causal, left, right, _softcap(softcap),
+            alibi_slopes, block_table, seqused_k, fa_lse,
+            fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, max_seqlen_k), sinks)
+    if out is None:
+        out, lse = _varlen_op(*args, be)
+    else:
+        lse = _varlen_out_op(*args, out, be)
     return (out, lse) if return_lse else out
 
 
@@ -423,6 +510,7 @@ def flash_attn_with_kvcache(
     check_values: bool | None = None,
     backend: str | None = None,
     flash_attn_lse: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """Attention of new queries against a KV cache: FlashAttention-2's ``flash_attn_with_kvcache`` (forward), with
     its positional order and defaults (``causal=False``), plus keyword-only extensions.
@@ -449,7 +537,8 @@ def flash_attn_with_kvcache(
     ``flash_attn_lse=True``: the lse exactly as flash-attn 2.8 returns it (``+inf`` for rows that see no key; with
     ALiBi under flash-attn's causal rule, its kernel's bias ``slope * (j - cache_leftpad)``, which moves each row's
     lse by ``slope * (i + Lk - Lq - cache_leftpad)``; the output is the same). :mod:`omni_fast.compat.flash_attn`
-    sets it.
+    sets it. ``out``: a ``[B, Sq, Hq, D]`` tensor of q's dtype (unit stride in D, sharing no memory with an input
+    or the caches) written in place and returned (vLLM's fork's ``out=``).
     """
     cache_seqlens, capacity, appended, index = _check_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
@@ -472,15 +561,24 @@ def flash_attn_with_kvcache(
     # FlashAttention rotates q causally (at cache_seqlens + i) when the attention is causal or local; windows at
     # least as long as the cache count as unbounded there
     rot_causal = causal or 0 <= left < capacity or 0 <= right < capacity
+    if out is not None:
+        _check_out(out, q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                   block_table=block_table, key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
+                   cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   alibi_slopes=alibi_slopes)
     be = _kvcache_op.resolve((q, k_cache, v_cache) + index, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, rotary_cos, rotary_sin,
                    rotary_interleaved, be)
-    out, lse = _kvcache_op(q, k_cache, v_cache, cache_seqlens, appended if cache_seqlens is not None else capacity,
-                           block_table, key_padding_mask, cache_batch_idx, cache_leftpad, alibi_slopes, rotary_cos,
-                           rotary_sin, scale, causal, left, right, cap, rotary_interleaved, rot_causal, num_splits,
-                           fa_lse, fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, capacity), be)
-    return (out, lse) if return_softmax_lse else out
+    args = (q, k_cache, v_cache, cache_seqlens, appended if cache_seqlens is not None else capacity, block_table,
+            key_padding_mask, cache_batch_idx, cache_leftpad, alibi_slopes, rotary_cos, rotary_sin, scale, causal,
+            left, right, cap, rotary_interleaved, rot_causal, num_splits, fa_lse,
+            fa_lse and _fa_causal_alibi(alibi_slopes, causal, left, right, capacity))
+    if out is None:
+        out, lse = _kvcache_op(*args, be)
+    else:
+        lse = _kvcache_out_op(*args, out, be)
+    return (out, lse.transpose(0, 1).contiguous()) if return_softmax_lse else out
 
 
 __all__ = ["MAX_HEAD_DIM", "flash_attn_varlen", "flash_attn_with_kvcache"]

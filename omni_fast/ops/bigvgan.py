@@ -19,37 +19,47 @@ from ._dispatch import dispatched_op
 from .code2wav import MAX_CONV_SPAN, _check_bias, _check_x
 
 
-def _aa_fake(x, alpha, beta, f_up, f_down, ratio, backend):
+def _aa_fake(x, alpha, beta, f_up, f_down, ratio, seq_lens, backend):
     B, C, T = x.shape
     return x.new_empty(B, C, ref.output_length(T, ratio, f_down.numel()) if T else 0)
 
 
 @dispatched_op("anti_aliased_snake", fake=_aa_fake)
 def _aa_op(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, f_up: torch.Tensor, f_down: torch.Tensor,
-           ratio: int, backend: str) -> torch.Tensor:
-    """Upsample FIR -> SnakeBeta -> low-pass FIR + decimate of x ``[B, C, T]``."""
+           ratio: int, seq_lens: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Upsample FIR -> SnakeBeta -> low-pass FIR + decimate of x ``[B, C, T]`` (rows ``seq_lens[b]`` long)."""
 
 
 @_aa_op.impl("reference")
-def _aa_reference(x, alpha, beta, f_up, f_down, ratio):
-    return ref.anti_aliased_snake(x, alpha, beta, f_up, f_down, ratio)
+def _aa_reference(x, alpha, beta, f_up, f_down, ratio, seq_lens):
+    if seq_lens is None:
+        return ref.anti_aliased_snake(x, alpha, beta, f_up, f_down, ratio)
+    out = torch.zeros_like(x)  # each row as the unpadded signal it is, zeros past it
+    for b, n in enumerate(seq_lens.clamp(1, x.shape[-1]).tolist()):
+        out[b, :, :n] = ref.anti_aliased_snake(x[b:b + 1, :, :n], alpha, beta, f_up, f_down, ratio)[0]
+    return out
 
 
 @_aa_op.impl("triton")
-def _aa_triton(x, alpha, beta, f_up, f_down, ratio):
+def _aa_triton(x, alpha, beta, f_up, f_down, ratio, seq_lens):
     from ..kernels import bigvgan as kernels
 
-    return kernels.anti_aliased_snake(x, alpha, beta, f_up, f_down, ratio)
+    return kernels.anti_aliased_snake(x, alpha, beta, f_up, f_down, ratio, seq_lens=seq_lens)
 
 
 def anti_aliased_snake(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, up_filter: torch.Tensor,
-                       down_filter: torch.Tensor, *, ratio: int = 2, backend: str | None = None) -> torch.Tensor:
+                       down_filter: torch.Tensor, *, ratio: int = 2, seq_lens: torch.Tensor | None = None,
+                       backend: str | None = None) -> torch.Tensor:
     """BigVGAN's anti-aliased SnakeBeta of x ``[B, C, T]`` (fp16/bf16/fp32), computed in fp32, rounded once.
 
     alpha/beta ``[C]`` (log space, x's dtype); ``up_filter`` ``[K_up]`` / ``down_filter`` ``[K_down]`` float32 FIRs
     (transformers' ``upsample.filter`` / ``downsample.filter``, any shape with that many elements), ``K_up`` a
     multiple of ``ratio``. Returns ``[B, C, T_out]`` (``T_out = T`` for the even BigVGAN filters) in x's dtype.
-    """
+
+    ``seq_lens`` (int32/int64 ``[B]`` on x's device, values in ``[1, T]``, only where ``T_out = T``; optional): row
+    ``b`` is a signal of ``seq_lens[b]`` samples padded to T: its output there equals the unpadded signal's (the
+    replicate padding starts at the real end), and is ZERO past it (the zero padding the next conv expects). Read
+    on the device only in the Triton kernel (CUDA-graph safe)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
     C = x.shape[1]
     check_tensor("alpha", alpha, dtypes=FLOAT_DTYPES, shape=(C,), device=x.device, contiguous=True)
@@ -67,8 +77,13 @@ def anti_aliased_snake(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
     if k_up % ratio or (k_up - ratio) // 2 < ratio - 1:
         raise ValueError(f"up_filter has {k_up} taps: it needs a multiple of ratio={ratio}, at least "
                          f"{3 * ratio - 2}")
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, dtypes=(torch.int32, torch.int64), shape=(x.shape[0],), device=x.device,
+                     contiguous=True)
+        if x.shape[-1] and ref.output_length(x.shape[-1], int(ratio), filters[1].numel()) != x.shape[-1]:
+            raise ValueError("seq_lens needs filters whose output length is the input's (down_filter taps even)")
     be = _aa_op.resolve((x, alpha, beta), backend)
-    return _aa_op(x, alpha, beta, filters[0], filters[1], int(ratio), be)
+    return _aa_op(x, alpha, beta, filters[0], filters[1], int(ratio), seq_lens, be)
 
 
 def _conv_fake(x, weight, bias, padding, stride, dilation, groups, residual, backend):

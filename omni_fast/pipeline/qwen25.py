@@ -3,19 +3,22 @@
 Stages on transformers' ``Qwen2_5OmniForConditionalGeneration`` modules (patched or not), with the semantics of
 its ``generate``:
 
-- prompt: ``<im_start>user\\n [<audio_start><audio>*n<audio_end>] text <im_end>\\n<im_start>assistant\\n`` (text and
-  audio requests; images and videos: transformers' ``generate``, patched);
-- thinker prefill: the thinker's own forward (audio encoder, embeddings, M-RoPE positions from its
-  ``get_rope_index``), keeping the two hidden states the talker reads (embeddings, final-norm output); decode steps
-  on omni-fast's :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (graph replay on CUDA) or transformers'
-  text model; every step's final-norm hidden state + input embedding is kept (transformers'
-  ``thinker_reply_part``);
+- prompt: ``<im_start>user\\n [audio] [image] [video] text <im_end>\\n<im_start>assistant\\n`` (the media blocks of
+  :func:`~omni_fast.pipeline.multimodal.media_ids`, shared with Qwen3-Omni; images and videos patchified by
+  :func:`~omni_fast.pipeline.multimodal.patchify_visual`; with ``audio_in_video`` the video and its sound track share
+  one block in Qwen2.5-Omni's processor order, chunks of ``seconds_per_chunk`` seconds:
+  :func:`~omni_fast.pipeline.multimodal.chunked_audio_video_order`);
+- thinker prefill: the thinker's own forward (audio and vision encoders, embeddings; M-RoPE positions from its
+  ``get_rope_index`` with the grids, ``use_audio_in_video`` and seconds per grid that ``generate`` passes), keeping
+  the two hidden states the talker reads (embeddings, final-norm output); decode steps on omni-fast's
+  :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (graph replay on CUDA) or transformers' text model; every
+  step's final-norm hidden state + input embedding is kept (transformers' ``thinker_reply_part``);
 - talker: its prompt as ``generate`` builds it (prompt hidden + embeddings with the multimodal rows zeroed, the
-  speaker's text BOS, the first reply row; codec pad / BOS embeddings added to the last two when generate
-  passes the talker a mask (``hf_compat.generate_passes_mask``); positions from the
-  talker's ``get_rope_index`` minus the left padding), then one codec token per step: input
-  ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a row's text
-  has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
+  speaker's text BOS, the first reply row; when generate passes the talker a mask
+  (``hf_compat.generate_passes_mask``) codec pad / BOS embeddings added to the last two rows and positions from
+  the talker's ``get_rope_index`` minus the left padding, else positions 0, 1, ...), then one codec token per
+  step: input ``thinker_to_talker_proj(codec embedding + reply row k + 1)`` (text EOS embedding, then pad, once a
+  row's text has ended). The talker's text model decodes on omni-fast's decoder when the model is patched
   (:mod:`omni_fast.integrations.qwen25_talker`), else on transformers';
 - codec: Token2Wav (DiT ODE solve + BigVGAN), per row on that row's codes, as ``generate`` runs it, once the
   speech has ended (the DiT attends to neighbouring blocks in both directions: no exact streaming).
@@ -29,7 +32,8 @@ import torch
 
 from ..integrations.hf_compat import (generate_passes_mask, output_cache, thinker_multimodal, thinker_text_model,
                                       with_cache)
-from .device import host_to_device, int_positions, lease_from, new_cache, to_device
+from .device import host_to_device, int_positions, lease_from, new_cache
+from .multimodal import batch_audio_in_video, chunked_audio_video_order, media_ids, patchify_visual
 from .requests import Event, check_request, check_stream_args, mel_features
 from .scheduler import StageAdapter, TextDecode
 
@@ -48,16 +52,19 @@ def chat_ids(vocab: int) -> dict:
 
 @dataclass
 class Prompt25:
-    """The batch's prompt: ids / mask ``[B, S]`` (left padded), positions ``[3, B, S]``, deltas ``[B, 1]``, mel
-    features and their mask (None without audio), and the audio feature lengths (the positions read them)."""
+    """The batch's prompt: ids / mask ``[B, S]`` (left padded), positions ``[3, B, S]``, deltas ``[B, 1]``;
+    ``media``: the thinker forward's encoder inputs on the device (``input_features`` / ``feature_attention_mask``,
+    ``pixel_values`` / ``image_grid_thw``, ``pixel_values_videos`` / ``video_grid_thw``, those present); ``layout``:
+    the arguments after ``attention_mask`` of ``get_rope_index`` on the host (image grids ``[n, 3]``, video grids,
+    ``use_audio_in_video``, mel frames per audio ``[n_audio]``, seconds per video grid step ``[n_video]``; None
+    where absent), which the talker's positions read again."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     deltas: torch.Tensor
-    features: torch.Tensor | None
-    feature_mask: torch.Tensor | None
-    audio_lengths: torch.Tensor | None
+    media: dict
+    layout: tuple
 
 
 class ReplyRecorder:
@@ -146,10 +153,7 @@ class Qwen25Stages(StageAdapter):
                           prefill_chunk=opts.prefill_chunk, talker_repetition_penalty=opts.talker_repetition_penalty)
         for i, r in enumerate(reqs):
             check_request(i, r, self.tcfg.text_config.vocab_size)
-            for kind in ("image", "video"):
-                if getattr(r, kind) is not None:
-                    raise ValueError(f"requests[{i}].{kind}: the Qwen2.5-Omni pipeline takes text and audio; run "
-                                     "images and videos through transformers' generate (omni_fast.patch(model))")
+        batch_audio_in_video(reqs)
         if self.has_talker:
             dit = self.config.token2wav_config.dit_config
             most = dit.max_position_embeddings // dit.repeats  # mel frames = repeats x codes, plus the reference
@@ -181,43 +185,62 @@ class Qwen25Stages(StageAdapter):
             raise ValueError("a text prompt needs a tokenizer: pass token ids, or tokenizer= to the pipeline")
         return list(self.tokenizer.encode(text))
 
-    def build_prompt(self, req, audio_tokens_n: int) -> list[int]:
+    def build_prompt(self, req, audio_tokens_n: int, image_tokens_n: int = 0, video_tokens_n: int = 0, *,
+                     video_grid: list[int] | None = None, seconds: float | None = None) -> list[int]:
+        """The prompt's token ids (module docstring). With ``req.audio_in_video``, ``video_grid`` ``(t, h, w)`` and
+        ``seconds`` per temporal step place the video's tokens among its sound track's."""
         c, t = self.ids, self.tcfg
+        kinds = None
+        if req.audio_in_video:
+            kinds = chunked_audio_video_order(video_grid, seconds, audio_tokens_n, t.vision_config.spatial_merge_size,
+                                              t.position_id_per_seconds, t.seconds_per_chunk)
         ids = [c["im_start"], c["user"], c["newline"]]
-        if audio_tokens_n:
-            ids += [t.audio_start_token_id] + [t.audio_token_index] * audio_tokens_n + [t.audio_start_token_id + 1]
+        ids += media_ids(t, audio_tokens_n, image_tokens_n, video_tokens_n, kinds)
         ids += self._encode_text(req.text) + [c["im_end"], c["newline"], c["im_start"], c["assistant"], c["newline"]]
         return ids
 
-    def prepare(self, reqs) -> Prompt25:
-        """Mel features, the prompt ids (left padded) and the thinker's M-RoPE positions."""
-        dev, thinker = self.device, self.thinker
+    def _audio(self, reqs):
+        """Mel features of the requests with audio: (thinker keywords, mel frames per audio on the host or None,
+        audio tokens per request)."""
         waves = [r.audio for r in reqs if r.audio is not None]
-        feats = fmask = lens = None
-        counts = [0] * len(reqs)
-        if waves:
-            feats, fmask, lens = mel_features(waves, dev, return_lengths=True)
-            feats = feats.to(thinker.dtype)
-            n_tok = thinker_multimodal(thinker).audio_tower._get_feat_extract_output_lengths(lens)[1].tolist()
-            it = iter(n_tok)
-            counts = [next(it) if r.audio is not None else 0 for r in reqs]
-        prompts = [self.build_prompt(r, n) for r, n in zip(reqs, counts)]
+        if not waves:
+            return {}, None, [0] * len(reqs)
+        feats, fmask, lens = mel_features(waves, self.device, return_lengths=True)
+        n_tok = iter(thinker_multimodal(self.thinker).audio_tower._get_feat_extract_output_lengths(lens)[1].tolist())
+        counts = [next(n_tok) if r.audio is not None else 0 for r in reqs]
+        return dict(input_features=feats.to(self.thinker.dtype), feature_attention_mask=fmask), lens, counts
+
+    def prepare(self, reqs) -> Prompt25:
+        """Mel features, patchified images / videos, the prompt ids (left padded) and the thinker's M-RoPE
+        positions (``get_rope_index`` with what ``generate`` passes it)."""
+        dev, thinker = self.device, self.thinker
+        in_video = batch_audio_in_video(reqs)
+        media, lens, counts = self._audio(reqs)
+        vis = patchify_visual(self.tcfg.vision_config, dev, reqs)
+        for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if vis[f"{kind}_pixels"] is not None:
+                media.update({pixels: vis[f"{kind}_pixels"], f"{kind}_grid_thw": vis[f"{kind}_grid"]})
+        videos = iter(range(len(reqs)))
+        video_of = [next(videos) if r.video is not None else None for r in reqs]
+        prompts = [self.build_prompt(r, counts[i], vis["image_tokens"][i], vis["video_tokens"][i],
+                                     video_grid=None if j is None else vis["video_grid_host"][j].tolist(),
+                                     seconds=None if j is None else float(vis["seconds"][j]))
+                   for i, (r, j) in enumerate(zip(reqs, video_of))]
         B, S = len(reqs), max(map(len, prompts))
         ids_host = torch.zeros(B, S, dtype=torch.long)
         mask_host = torch.zeros(B, S, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids_host[i, S - len(p):] = torch.tensor(p)
             mask_host[i, S - len(p):] = 1
-        pos, deltas = thinker_multimodal(thinker).get_rope_index(ids_host, None, None, mask_host, False, lens, None)
+        layout = (vis["image_grid_host"], vis["video_grid_host"], in_video, lens, vis["seconds"])
+        pos, deltas = thinker_multimodal(thinker).get_rope_index(ids_host, *layout[:2], mask_host, *layout[2:])
         return Prompt25(host_to_device(ids_host, dev), host_to_device(mask_host, dev), int_positions(pos.to(dev)),
-                        deltas.to(dev), feats, fmask, None if lens is None else lens.to(dev))
+                        deltas.to(dev), media, layout)
 
     def thinker_prefill(self, prompt: Prompt25, opts):
         cache = new_cache(self.tcfg.text_config, opts.static_cache, prompt.ids.shape[1] + opts.max_new_tokens)
-        audio = {} if prompt.features is None else dict(input_features=prompt.features,
-                                                        feature_attention_mask=prompt.feature_mask)
         out = self.thinker(input_ids=prompt.ids, attention_mask=prompt.mask, position_ids=prompt.positions,
-                           use_cache=True, output_hidden_states=True, **with_cache(cache, **audio))
+                           use_cache=True, output_hidden_states=True, **with_cache(cache, **prompt.media))
         hidden = out.hidden_states
         return out.logits[:, -1].float(), {"cache": output_cache(out), "embeds": hidden[0], "hidden": hidden[-1]}
 
@@ -256,16 +279,15 @@ class Qwen25Stages(StageAdapter):
         ctx["embeds"] = ctx["hidden"] = None
         codec = talker.get_input_embeddings()
         special = torch.tensor([talker.codec_pad_token, talker.codec_bos_token], device=dev)
-        if generate_passes_mask(prompt.mask):
+        passes_mask = generate_passes_mask(prompt.mask)
+        if passes_mask:
             # transformers' talker forward adds the codec pad / BOS embeddings only when it gets an attention mask,
             # and generate drops an all-ones mask on some releases (hf_compat): then a batch without padding runs
             # without them
             inputs[:, -2:] += codec(special)[None]
         text_ids = torch.cat([prompt.ids, bos_ids, first_token[:, None]], dim=1)
         mask = torch.cat([prompt.mask, prompt.mask.new_ones(B, 2)], dim=1)
-        pos, deltas = talker.get_rope_index(text_ids.cpu(), None, None, mask.cpu(), False,
-                                            None if prompt.audio_lengths is None else prompt.audio_lengths.cpu(), None)
-        deltas = deltas.to(dev) - (1 - mask).sum(-1, keepdim=True)  # the left padding, as transformers discounts it
+        pos, deltas = self._talker_positions(prompt, text_ids, mask, passes_mask)
         cache = new_cache(talker.config, opts.static_cache, S + 2 + opts.talker_max_new_tokens)
         out = talker.model(inputs_embeds=talker.thinker_to_talker_proj(inputs), attention_mask=mask,
                            position_ids=int_positions(pos.to(dev)), use_cache=True, **with_cache(cache))
@@ -274,6 +296,21 @@ class Qwen25Stages(StageAdapter):
         self.tts = [self.embed(torch.full((B,), i, dtype=torch.long, device=dev))
                     for i in (talker.text_eos_token, talker.text_pad_token)]
         return talker.codec_head(hidden[:, 0]).float(), hidden, (output_cache(out), mask, next_pos)
+
+    def _talker_positions(self, prompt: Prompt25, text_ids, mask, passes_mask: bool):
+        """The talker prefill's M-RoPE positions ``[3, B, S + 2]`` and deltas ``[B, 1]`` (the next position is
+        ``delta + S + 2``): its ``get_rope_index`` on the text ids (the prompt's media layout: grids, audio in
+        video, seconds per grid), the left padding discounted, as transformers' talker forward computes them. That
+        forward computes them only when it gets an attention mask: when ``generate`` drops an all-ones one
+        (hf_compat) its text model counts positions 0, 1, ... instead, in all three rows, also for images and
+        videos."""
+        B, S2 = text_ids.shape
+        if not passes_mask:
+            pos = torch.arange(S2, device=self.device).view(1, 1, S2).expand(3, B, S2)
+            return pos, torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        layout = prompt.layout
+        pos, deltas = self.model.talker.get_rope_index(text_ids.cpu(), *layout[:2], mask.cpu(), *layout[2:])
+        return pos, deltas.to(self.device) - (1 - mask).sum(-1, keepdim=True)  # the left padding discounted
 
     def talker_decode(self, tctx, opts, graph: bool, lease) -> ProjectedDecode:
         """transformers' talker text model with its cache: on omni-fast's decoder (one graph replay per step on
@@ -320,14 +357,16 @@ class Qwen25Stages(StageAdapter):
         return sampler(logits)
 
     def _decoder(self, lease):
-        """A thinker :class:`MoeTextDecoder` no live stream holds (rebuilt when the weights change)."""
+        """A thinker :class:`MoeTextDecoder` no live stream holds (rebuilt when the weights change or the
+        ``fused_step`` fast path is switched; Qwen2.5-Omni's dense thinker keeps the ops path under it)."""
+        from .. import fast_paths
         from ..models.cuda_graphs import weights_key
-        from ..models.text_decoder import MoeTextDecoder
+        from ..models.text_decoder import opt_in_decoder
 
         lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
-        key = weights_key(lm, head)
+        key = (weights_key(lm, head), fast_paths.enabled("fused_step"))
         got = self.pipe._decoders.get("thinker")
         if got is None or got[0] != key:
             self.pipe._decoders.pop("thinker", None)
             got = self.pipe._decoders["thinker"] = (key, [])
-        return lease_from(got[1], lease, lambda: MoeTextDecoder.from_transformers(lm, head, backend=self.pipe.backend))
+        return lease_from(got[1], lease, lambda: opt_in_decoder(lm, head, backend=self.pipe.backend))

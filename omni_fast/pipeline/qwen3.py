@@ -18,7 +18,8 @@ from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
 from ..integrations.hf_compat import output_cache, thinker_text_model, with_cache
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
-from .multimodal import audio_video_order, encode_audio, encode_visual, merge_visual
+from .multimodal import (audio_video_order, batch_audio_in_video, encode_audio, encode_visual, media_ids,
+                         merge_visual)
 from .requests import Event, check_request, check_stream_args
 from .scheduler import StageAdapter, TextDecode
 
@@ -115,21 +116,10 @@ class Qwen3Stages(StageAdapter):
         [<vision_start><video>*n<vision_end>] text <im_end>\\n<im_start>assistant\\n`` in token ids (``\\n`` is one
         text token). With ``req.audio_in_video`` the audio and video tokens share one block, interleaved by time
         (``video_grid`` ``(t, h, w)`` and ``seconds`` per temporal step then say where each video token sits)."""
-        c, t = self.config, self.config.thinker_config
-        nl = [self.newline_id]
+        c, nl = self.config, [self.newline_id]
+        kinds = audio_video_order(video_grid, seconds, audio_tokens_n, self.spec) if req.audio_in_video else None
         ids = [c.im_start_token_id, c.user_token_id] + nl
-        if req.audio_in_video:
-            kinds = audio_video_order(video_grid, seconds, audio_tokens_n, self.spec)
-            ids += [t.vision_start_token_id, t.audio_start_token_id]
-            ids += [t.audio_token_id if k else t.video_token_id for k in kinds]
-            ids += [t.audio_start_token_id + 1, t.vision_start_token_id + 1]
-            audio_tokens_n = video_tokens_n = 0
-        if audio_tokens_n:
-            ids += [t.audio_start_token_id] + [t.audio_token_id] * audio_tokens_n + [t.audio_start_token_id + 1]
-        if image_tokens_n:
-            ids += [t.vision_start_token_id] + [t.image_token_id] * image_tokens_n + [t.vision_start_token_id + 1]
-        if video_tokens_n:
-            ids += [t.vision_start_token_id] + [t.video_token_id] * video_tokens_n + [t.vision_start_token_id + 1]
+        ids += media_ids(c.thinker_config, audio_tokens_n, image_tokens_n, video_tokens_n, kinds)
         ids += self._encode_text(req.text) + [c.im_end_token_id] + nl
         ids += [c.im_start_token_id, c.assistant_token_id] + nl
         return ids
@@ -139,16 +129,11 @@ class Qwen3Stages(StageAdapter):
     def prepare(self, reqs) -> Prompt:
         """Mel + audio encoder, vision encoder, the prompt's embeddings and TM-RoPE positions."""
         dev = self.device
+        in_video = batch_audio_in_video(reqs)  # (checks the batch before any work)
         audio_embeds, audio_lens, n_audio_tok = encode_audio(self.model, self.spec, dev, reqs)
         vis = encode_visual(self.model, dev, reqs)
         # grids on the host (the layout the positions read) and on the device (the vision encoders)
         image_grids, video_grids, seconds = vis["image_grid_host"], vis["video_grid_host"], vis["seconds"]
-        in_video = any(r.audio_in_video for r in reqs)
-        if in_video and any((r.video is not None or r.audio is not None) and not r.audio_in_video for r in reqs):
-            raise ValueError("audio_in_video applies to the whole batch (as transformers' use_audio_in_video): "
-                             "every request with audio or video must set it, or none")
-        if any(r.audio_in_video and (r.audio is None or r.video is None) for r in reqs):
-            raise ValueError("audio_in_video needs both audio and video in the request")
         vid_of = {i: j for j, i in enumerate(i for i, r in enumerate(reqs) if r.video is not None)}
         prompts = [self.build_prompt(r, n_audio_tok[i], vis["image_tokens"][i], vis["video_tokens"][i],
                                      video_grid=None if i not in vid_of else video_grids[vid_of[i]].tolist(),
@@ -321,22 +306,24 @@ class Qwen3Stages(StageAdapter):
     def _decoder(self, part: str, lease):
         """A :class:`MoeTextDecoder` of the thinker or the talker that no live stream holds, leased to ``lease``.
         Decoders share the model's weight tensors and keep their caches and captured graphs between streams; they
-        are rebuilt when the weights change. Interleaved streams get one decoder each."""
+        are rebuilt when the weights change, or when the ``fused_step`` fast path is switched (the phase-fused step
+        where the decoder supports it: :func:`~omni_fast.models.text_decoder.opt_in_decoder`). Interleaved streams
+        get one decoder each."""
+        from .. import fast_paths
         from ..models.talker_step import weights_key
-        from ..models.text_decoder import MoeTextDecoder
+        from ..models.text_decoder import opt_in_decoder
 
         if part == "thinker":
             text_model, head = thinker_text_model(self.model.thinker), self.model.thinker.lm_head
         else:
             text_model, head = self.model.talker.model, self.model.talker.codec_head
-        key = weights_key(text_model, head)
+        key = (weights_key(text_model, head), fast_paths.enabled("fused_step"))
         decoders = self.pipe._decoders  # part -> (weights key, [[decoder, weakref to its lease], ...])
         got = decoders.get(part)
         if got is None or got[0] != key:
             decoders.pop(part, None)  # free the old decoders' caches before building a new one
             got = decoders[part] = (key, [])
-        return lease_from(got[1], lease, lambda: MoeTextDecoder.from_transformers(text_model, head,
-                                                                                   backend=self.pipe.backend))
+        return lease_from(got[1], lease, lambda: opt_in_decoder(text_model, head, backend=self.pipe.backend))
 
     def _codec_stream(self, batch_size: int, lease):
         """A Code2Wav stream of ``batch_size`` rows that no live stream holds, leased to ``lease``: streams (their

@@ -1,0 +1,149 @@
+"""The opt-in fast paths: one table, one switch per path.
+
+New fast paths stay off until a GPU run passes their gpu-marked tests (the project rule); the proven path is the
+default and the fallback. Every such switch lives here, in :data:`PATHS`: its name, its environment variable, what
+it does and the gpu-marked test ids that must pass before it becomes the default.
+
+- ``enabled(name)``: is it on now (a plain Python bool: reading it costs a dict lookup, no host sync, nothing a
+  CUDA graph capture or ``torch.compile`` trace could trip on);
+- ``enable(name, on=True)``: switch it now; also a context manager that restores the previous setting on exit
+  (``with fast_paths.enable("fused_step"): ...``);
+- ``status()``: one row per path (name, env var, on/off, default, what it does, gpu tests);
+  ``print(omni_fast.fast_paths.table())`` shows them.
+
+The environment variables keep their meaning: ``OMNI_FAST_<X>=1`` in the environment when omni-fast is imported
+turns the path on (any other value, or none, leaves it off); ``enable`` overrides it afterwards. Switches are read
+where work is set up or launched (the kernel's config, the decoder's construction), so a CUDA graph or a compiled
+function keeps the path it was captured with; the model-level paths (``persistent_mtp``, ``fused_step``) are read
+when the pipeline / ``patch`` builds its code predictor or decoder (cached per setting).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .validation import check_bool
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """One opt-in fast path: ``name`` (the registry key), ``env`` (``=1`` turns it on at import), ``what`` (one
+    line), ``gpu_tests`` (pytest ids, all in tests/gpu_first_light.txt, that must pass on a GPU before the path
+    becomes the default) and ``default`` (False for every path until then)."""
+
+    name: str
+    env: str
+    what: str
+    gpu_tests: tuple[str, ...]
+    default: bool = False
+
+
+PATHS: tuple[FastPath, ...] = (
+    FastPath("gemv_splitk", "OMNI_FAST_GEMV_SPLITK",
+             "split-K of the MTP residual GEMVs (o/down projections) over more programs per column tile "
+             "(kernels/mtp_gemv.py)",
+             ("tests/test_mtp_gemv_splitk.py::test_gpu_splitk_real_shapes_bf16[1]",)),
+    FastPath("moe_splitk", "OMNI_FAST_MOE_SPLITK",
+             "split-K of the decode MoE GEMMs still short of one program per SM (the talker's shared expert; "
+             "kernels/moe_gemm.py)",
+             ("tests/test_moe_fill.py::test_gpu_shared_expert_split_k_bf16",)),
+    FastPath("moe_starting_configs", "OMNI_FAST_MOE_STARTING_CONFIGS",
+             "the shipped UNTUNED H100/H200 MoE configs (TMA weight path at large T; omni_fast/configs/moe)",
+             ("tests/test_moe_cuda.py::test_fused_moe_tma_real_shapes_bf16[tma-128-8-2048-768-4096]",)),
+    FastPath("split_head_dim", "OMNI_FAST_SPLIT_HEAD_DIM",
+             "attention head dims 72/80/96 as two power-of-two tiles instead of one padded one "
+             "(kernels/flash_attn.py)",
+             ("tests/test_attention_kvcache.py::test_bf16_split_head_dim_gpu[shape0]",)),
+    FastPath("token2wav", "OMNI_FAST_TOKEN2WAV",
+             "patch() swaps in the Qwen2.5-Omni Token2Wav pieces (BigVGAN, DiT attention/AdaLN, the DiT solve as "
+             "one CUDA graph; omni_fast/integrations/token2wav.py)",
+             ("tests/test_dit_solve.py::test_graph_replay_equals_eager_on_cuda",
+              "tests/test_dit_layers.py::test_fused_pieces_on_cuda")),
+    FastPath("persistent_mtp", "OMNI_FAST_PERSISTENT_MTP",
+             "the MTP frame as ONE persistent launch (CodePredictor(persistent=True)) wherever the pipeline or "
+             "patch() builds the code predictor (docs/persistent.md)",
+             ("tests/test_persistent.py::test_gpu_persistent_matches_fused_bf16[1]",
+              "tests/test_persistent.py::test_gpu_watchdog_with_a_full_grid",
+              "tests/test_guarded_allocations.py::test_gpu_persistent_mtp_real_shapes_writes_inside[64]")),
+    FastPath("fused_step", "OMNI_FAST_FUSED_STEP",
+             "thinker and talker decode steps as 3 phase-fused launches per layer (MoeTextDecoder(fused=True)) "
+             "where the pipeline or patch() builds a decoder; decoders it cannot run keep the ops path "
+             "(docs/persistent.md)",
+             ("tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[1]",
+              "tests/test_fused_step.py::test_gpu_real_config_bf16_matches_ops_path[8]",
+              "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager",
+              "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path",
+              "tests/test_guarded_allocations.py::test_gpu_fused_decode_step_real_shapes_writes_inside[8]")),
+    FastPath("fused_pdl", "OMNI_FAST_PDL",
+             "the phase-fused step's three launches per layer chained by programmatic dependent launch, each "
+             "phase prefetching its weights into L2 before the wait (sm_90+; kernels/talker_fused.py)",
+             ("tests/test_fused_step.py::test_gpu_pdl_phases_equal_plain_launches",)),
+)
+
+_BY_NAME = {p.name: p for p in PATHS}
+
+
+def _from_env(path: FastPath) -> bool:
+    value = os.environ.get(path.env)
+    return path.default if value is None else value == "1"
+
+
+_STATE: dict[str, bool] = {p.name: _from_env(p) for p in PATHS}
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or name not in _BY_NAME:
+        raise ValueError(f"name must be one of {sorted(_BY_NAME)}, got {name!r}")
+    return name
+
+
+def enabled(name: str) -> bool:
+    """Whether the fast path ``name`` is on (a plain bool; see the module doc)."""
+    on = _STATE.get(name) if isinstance(name, str) else None  # (no try/except: torch.compile traces this)
+    if on is None:
+        _check_name(name)
+    return on
+
+
+class enable:  # noqa: N801 - used like a function (and like torch.set_grad_enabled, as a context manager)
+    """Turn the fast path ``name`` on (``on=False``: off) now. As a context manager it restores the previous
+    setting on exit: ``with enable("persistent_mtp"): ...``."""
+
+    def __init__(self, name: str, on: bool = True):
+        self.name = _check_name(name)
+        on = check_bool("on", on)
+        self.previous = _STATE[name]
+        _STATE[name] = on
+
+    def __enter__(self) -> "enable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _STATE[self.name] = self.previous
+
+    def __repr__(self) -> str:
+        return f"enable({self.name!r}, {_STATE[self.name]})"
+
+
+def status() -> list[dict]:
+    """One row per fast path: ``name``, ``env``, ``enabled`` (now), ``default``, ``what``, ``gpu_tests``."""
+    return [dict(name=p.name, env=p.env, enabled=_STATE[p.name], default=p.default, what=p.what,
+                 gpu_tests=list(p.gpu_tests)) for p in PATHS]
+
+
+def names() -> list[str]:
+    """The registered fast paths' names."""
+    return [p.name for p in PATHS]
+
+
+def table() -> str:
+    """:func:`status` as text: one path per line (name, on/off, env var, what), then the gpu tests it needs."""
+    lines = []
+    for row in status():
+        lines.append(f"{row['name']:<22} {'on ' if row['enabled'] else 'off'}  {row['env']}=1  {row['what']}")
+        lines += [f"{'':<28}needs on a GPU: {test_id}" for test_id in row["gpu_tests"]]
+    return "\n".join(lines)
+
+
+__all__ = ["FastPath", "PATHS", "enable", "enabled", "names", "status", "table"]

@@ -1,0 +1,132 @@
+"""The registry of opt-in fast paths (``omni_fast.fast_paths``): the table, ``enabled`` / ``enable`` / ``status``,
+bad names, the environment variables, and that the kernels read the registry (no module constants left)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from omni_fast import fast_paths
+from omni_fast._layout import REPO_ROOT
+
+NAMES = ["gemv_splitk", "moe_splitk", "moe_starting_configs", "split_head_dim", "token2wav", "persistent_mtp",
+         "fused_step", "fused_pdl"]
+
+
+def _first_light_ids() -> set[str]:
+    with open(os.path.join(REPO_ROOT, "tests", "gpu_first_light.txt")) as f:
+        return {line.split("#")[0].strip() for line in f if line.strip() and not line.startswith(("#", "?"))}
+
+
+def test_table_rows():
+    assert fast_paths.names() == NAMES
+    first_light = _first_light_ids()
+    for p in fast_paths.PATHS:
+        assert p.env == "OMNI_FAST_" + {"fused_pdl": "PDL"}.get(
+            p.name, p.name.upper()), p
+        assert p.default is False and p.what and p.gpu_tests, p
+        for test_id in p.gpu_tests:
+            assert test_id in first_light, f"{p.name}: {test_id} is not a (required) first-light id"
+            path, func = test_id.split("::")
+            func = func.split("[")[0]
+            with open(os.path.join(REPO_ROOT, path)) as f:
+                src = f.read()
+            # (the gpu marker itself: tests/test_gpu_session_dry_run.py collects every first-light id)
+            assert re.search(rf"^def {func}\(", src, re.M), test_id
+
+
+def test_enable_as_function_and_context_manager():
+    assert not fast_paths.enabled("fused_step")
+    with fast_paths.enable("fused_step") as switch:
+        assert fast_paths.enabled("fused_step") is True
+        with fast_paths.enable("fused_step", False):
+            assert fast_paths.enabled("fused_step") is False
+        assert fast_paths.enabled("fused_step") is True
+        assert "fused_step" in repr(switch)
+    assert fast_paths.enabled("fused_step") is False
+    switch = fast_paths.enable("persistent_mtp")  # a plain call switches it and stays
+    try:
+        assert fast_paths.enabled("persistent_mtp")
+        row = {r["name"]: r for r in fast_paths.status()}["persistent_mtp"]
+        assert row["enabled"] is True and row["default"] is False and row["env"] == "OMNI_FAST_PERSISTENT_MTP"
+        assert row["gpu_tests"] and row["what"]
+    finally:
+        switch.__exit__(None, None, None)
+    assert not fast_paths.enabled("persistent_mtp")
+    assert [r["name"] for r in fast_paths.status()] == NAMES
+
+
+def test_fixture_switches_for_one_test(fast_path):
+    fast_path("token2wav")
+    fast_path("token2wav", False)
+    fast_path("split_head_dim")
+    assert not fast_paths.enabled("token2wav") and fast_paths.enabled("split_head_dim")
+
+
+def test_bad_names_and_values():
+    for bad in ("fused", "", None, 3, ["fused_step"]):
+        with pytest.raises(ValueError, match="name must be one of"):
+            fast_paths.enabled(bad)
+        with pytest.raises(ValueError, match="name must be one of"):
+            fast_paths.enable(bad)
+    with pytest.raises(TypeError, match="on must be a bool"):
+        fast_paths.enable("fused_step", "yes")
+    with pytest.raises(TypeError, match="on"):
+        fast_paths.enable("fused_step", 1)
+    assert not fast_paths.enabled("fused_step")
+
+
+def test_environment_variables_at_import():
+    """``OMNI_FAST_<X>=1`` when omni-fast is imported turns a path on; another value (or none) leaves it off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNI_FAST_")}
+    env.update({p.env: "1" for p in fast_paths.PATHS if p.name != "token2wav"}, OMNI_FAST_TOKEN2WAV="true",
+               PYTHONPATH=REPO_ROOT)
+    code = ("from omni_fast import fast_paths\n"
+            "print(sorted(r['name'] for r in fast_paths.status() if r['enabled']))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(sorted(n for n in NAMES if n != "token2wav"))
+
+
+def test_kernels_read_the_registry(fast_path):
+    from omni_fast.integrations import token2wav
+    from omni_fast.kernels import flash_attn, moe_gemm, mtp_gemv, talker_fused
+
+    for module, old in ((mtp_gemv, "SPLIT_K_ENABLED"), (moe_gemm, "SPLIT_K_ENABLED"),
+                        (moe_gemm, "STARTING_CONFIGS_ENABLED"), (flash_attn, "SPLIT_HEAD_DIM"),
+                        (token2wav, "ENABLED"), (talker_fused, "PDL_ENABLED")):
+        assert not hasattr(module, old), f"{module.__name__}.{old}: one switch per path (omni_fast.fast_paths)"
+    assert flash_attn.head_tiles(72) == (128, 0)
+    assert "SPLIT_K" not in moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True)
+    assert token2wav.label("x", True) == (False, f"({token2wav.OPT_IN})")
+    fast_path("split_head_dim")
+    fast_path("moe_splitk")
+    fast_path("token2wav")
+    assert flash_attn.head_tiles(72) == (64, 16)
+    assert moe_gemm.default_config(1, 1, 1, 1024, 768, torch.bfloat16, fill=True)["SPLIT_K"] == 3
+    assert token2wav.label("x", True) == (True, "x")
+
+
+def test_status_table():
+    import omni_fast
+
+    assert omni_fast.fast_paths is fast_paths
+    out = fast_paths.table()
+    assert all(f"{p.env}=1" in out for p in fast_paths.PATHS) and "needs on a GPU: tests/" in out
+
+
+def test_reading_a_switch_compiles_without_a_graph_break():
+    """A plain Python bool: ``torch.compile(fullgraph=True)`` traces through it (and guards on it)."""
+    def f(x):
+        return x * 2 if fast_paths.enabled("fused_step") else x + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), x + 1)
+    with fast_paths.enable("fused_step"):
+        assert torch.equal(compiled(x), x * 2)
+    assert torch.equal(compiled(x), x + 1)
