@@ -84,13 +84,13 @@ def test_quantized_lookup_never_takes_the_bf16_file(on_gpu):
     assert all(_get(key) == _heuristic() for _, _, key in FORMATS)
 
 
-def test_untuned_starting_points_need_the_switch(on_gpu, monkeypatch):
+def test_untuned_starting_points_need_the_switch(on_gpu, fast_path):
+    """The bf16 files' switch (the ``moe_starting_configs`` fast path, OMNI_FAST_MOE_STARTING_CONFIGS=1)."""
     key = FORMATS[0][2]
     _write(on_gpu, key, {"provenance": "UNTUNED starting point: test", "8": TUNED})
-    monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", False)
+    fast_path("moe_starting_configs", False)
     assert _get(key) == _heuristic()
-    monkeypatch.setattr(moe_gemm, "STARTING_CONFIGS_ENABLED", True)
-    moe_gemm._find_tuned.cache_clear()
+    fast_path("moe_starting_configs")
     assert _get(key) == TUNED
 
 
