@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from omni_fast.bench.case import Case, Unavailable, dtype_name
+from omni_fast.integrations.hf_compat import with_cache  # the cache keyword of the installed transformers
 
 PROMPT = 512
 THINKER_LAYERS = 4
@@ -64,7 +65,7 @@ def _prefill(m, B: int, S: int):
     cache = DynamicCache(config=m.config)
     with torch.no_grad():
         m(inputs_embeds=torch.randn(B, S, m.config.hidden_size, device=dev, dtype=dt), attention_mask=mask,
-          position_ids=pos, past_key_values=cache, use_cache=True)
+          position_ids=pos, **with_cache(cache, use_cache=True))
     return cache, mask, pos[:, :, -1] + 1
 
 
@@ -80,7 +81,7 @@ def _setup(part: str, B: int, tiny: bool = False, prompt: int = PROMPT):
         @torch.no_grad()
         def hf():
             o = m(inputs_embeds=x[:, None], attention_mask=full_mask, position_ids=nxt[:, :, None],
-                  past_key_values=cache, use_cache=True)
+                  **with_cache(cache, use_cache=True))
             cache.crop(-1)  # back to the prompt (a negative count drops tokens in every transformers version)
             return head(o.last_hidden_state[:, -1])
 
@@ -136,7 +137,7 @@ def _check():
         got, _ = dec.step(x, nxt[0])
         with torch.no_grad():
             o = m(inputs_embeds=x[:, None], attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1),
-                  position_ids=nxt[:, :, None], past_key_values=cache, use_cache=True)
+                  position_ids=nxt[:, :, None], **with_cache(cache, use_cache=True))
             want = head(o.last_hidden_state[:, -1])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
