@@ -217,7 +217,8 @@ def kvcache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k, v, block_table, softmax_scale: float,
                             causal: bool, window_left: int, window_right: int, num_splits: int = 0):
-    """Append k/v (if given) at ``cache_seqlens``, then :func:`kvcache_attention` over the grown caches."""
+    """Append k/v (if given) at ``cache_seqlens``, then :func:`kvcache_attention` over the grown caches. Returns
+    (out ``[B, Sq, Hq, D]``, lse fp32 ``[Hq, B, Sq]``: head-major, as :func:`kvcache_attention`)."""
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
     return kvcache_attention(q, k_cache, v_cache, cache_seqlens, k.shape[1] if k is not None else 0, block_table,

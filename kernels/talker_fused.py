@@ -200,14 +200,15 @@ def attn_phase_kernel(
     s = tl.program_id(2)
     S = tl.num_programs(2)
     DT: tl.constexpr = o_ptr.dtype.element_ty
-    # cache_seqlens is written only by the step's last torch op (many kernels back), so it may be read before the
-    # PDL wait (a kernel's CTAs start only after the previous kernel's passed their own wait)
+    if PDL:  # the prefetch's key range from a read before the wait: a hint only, recomputed below after it
+        pre_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
+        pre_lo = tl.minimum(s * split_len, pre_k)
+        _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, pre_lo, tl.minimum(pre_lo + split_len, pre_k), H, n_q,
+                       stride_cb, stride_ct, GROUP, D, DT)
+    pdl_enter(PDL)
     len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
     lo = tl.minimum(s * split_len, len_k)
     hi = tl.minimum(lo + split_len, len_k)
-    if PDL:
-        _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, lo, hi, H, n_q, stride_cb, stride_ct, GROUP, D, DT)
-    pdl_enter(PDL)
     offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile
     offs_d = tl.arange(0, D)
     mask_d = offs_d < D

@@ -93,7 +93,9 @@ _STATE: dict[str, bool] = {p.name: _from_env(p) for p in PATHS}
 
 
 def _check_name(name) -> str:
-    if not isinstance(name, str) or name not in _BY_NAME:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (one of {sorted(_BY_NAME)}), got {type(name).__name__}")
+    if name not in _BY_NAME:
         raise ValueError(f"name must be one of {sorted(_BY_NAME)}, got {name!r}")
     return name
 

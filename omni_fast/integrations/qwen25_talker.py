@@ -53,7 +53,7 @@ def fast_decoder(model: torch.nn.Module):
     from ..models.cuda_graphs import weights_key
     from ..models.text_decoder import opt_in_decoder
 
-    key = (weights_key(model), fast_paths.enabled("fused_step"))
+    key = (weights_key(model), fast_paths.enabled("fused_step"), fast_paths.enabled("fused_pdl"))
     cached = model.__dict__.get("_omni_fast_talker_decoder")
     if cached is None or cached[0] != key:
         cached = (key, opt_in_decoder(model, None, backend=pinned_backend(model)))

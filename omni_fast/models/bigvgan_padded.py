@@ -32,7 +32,8 @@ def supported(bigvgan) -> bool:
     acts = [bigvgan.activation_post] + [a for blk in bigvgan.resblocks for a in blk.activations]
     ups = [u[0] for u in bigvgan.ups]
     return all(aa_activation_supported(a) for a in acts) and all(
-        u.kernel_size[0] - u.stride[0] in (u.stride[0], u.stride[0] + 1) and u.padding[0] == (u.kernel_size[0] -
+        u.kernel_size[0] - u.stride[0] in (u.stride[0], u.stride[0] + 1) and (u.kernel_size[0] - u.stride[0]) % 2 == 0
+        and u.padding[0] == (u.kernel_size[0] -
         u.stride[0]) // 2 and u.output_padding[0] == 0 and u.dilation[0] == 1 for u in ups)
 
 

@@ -364,7 +364,8 @@ class Qwen25Stages(StageAdapter):
         from ..models.text_decoder import opt_in_decoder
 
         lm, head = thinker_text_model(self.thinker), self.thinker.lm_head
-        key = (weights_key(lm, head), fast_paths.enabled("fused_step"))
+        key = (weights_key(lm, head), fast_paths.enabled("fused_step"),
+               fast_paths.enabled("fused_pdl"))  # the PDL setting is captured in the decoder's graph
         got = self.pipe._decoders.get("thinker")
         if got is None or got[0] != key:
             self.pipe._decoders.pop("thinker", None)

@@ -317,7 +317,8 @@ class Qwen3Stages(StageAdapter):
             text_model, head = thinker_text_model(self.model.thinker), self.model.thinker.lm_head
         else:
             text_model, head = self.model.talker.model, self.model.talker.codec_head
-        key = (weights_key(text_model, head), fast_paths.enabled("fused_step"))
+        key = (weights_key(text_model, head), fast_paths.enabled("fused_step"),
+               fast_paths.enabled("fused_pdl"))  # the PDL setting is captured in the decoder's graph
         decoders = self.pipe._decoders  # part -> (weights key, [[decoder, weakref to its lease], ...])
         got = decoders.get(part)
         if got is None or got[0] != key:
