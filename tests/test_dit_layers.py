@@ -13,24 +13,13 @@ from omni_fast.models import dit_layers, dit_solve  # noqa: E402
 from omni_fast.reference import dit as ref_dit  # noqa: E402
 from omni_fast.testing import assert_matches_reference  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noqa: E402
-from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig  # noqa: E402
+from test_dit_solve import _dit as _tiny_dit  # noqa: E402  (one tiny random DiT for both files)
 
 ops = omni_fast.ops
 
 
 def _dit(layers=3):
-    cfg = Qwen2_5OmniDiTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, head_dim=16,
-                               emb_dim=16, enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48],
-                               enc_attention_channels=8, enc_se_channels=8, num_embeds=300, block_size=4,
-                               look_ahead_layers=[1], look_backward_layers=[0, 2], max_position_embeddings=256)
-    torch.manual_seed(0)
-    dit = q25.Qwen2_5OmniToken2WavDiTModel._from_config(cfg, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return dit
+    return _tiny_dit(layers=layers)
 
 
 # ------------------------------------------------------------------------------------ gated residual + AdaLN

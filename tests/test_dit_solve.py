@@ -13,8 +13,9 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noq
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig  # noqa: E402
 
 
-def _dit(device="cpu"):
-    config = Qwen2_5OmniDiTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=16,
+def _dit(device="cpu", layers=3):
+    """The tiny random DiT of the Token2Wav tests (test_dit_layers.py uses it too)."""
+    config = Qwen2_5OmniDiTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, head_dim=16,
                                   emb_dim=16, enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48],
                                   enc_attention_channels=8, enc_se_channels=8, num_embeds=300, block_size=4,
                                   look_ahead_layers=[1], look_backward_layers=[0, 2], max_position_embeddings=256)

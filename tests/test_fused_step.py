@@ -251,6 +251,22 @@ def _check_real_config(part, B):
     assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0
 
 
+def _two_fused_steps(m, head, prefill, dev, use_graph: bool):
+    """A fused decoder on the bench prefill (B = 8, prompt 64, seeded) and its outputs of two bf16 steps:
+    ``(decoder, [(logits, hidden), ...])``."""
+    torch.manual_seed(0)
+    cache, mask, nxt = prefill(m, 8, 64)
+    dec = MoeTextDecoder.from_transformers(m, head, fused=True)
+    dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=use_graph)
+    g = torch.Generator(device=dev).manual_seed(1)
+    res = []
+    for _ in range(2):
+        e = torch.randn(8, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+        res.append(dec.step(e, nxt[0]))
+        nxt = nxt + 1
+    return dec, res
+
+
 @pytest.mark.gpu
 def test_gpu_fused_graph_replay_equals_eager():
     """The fused step captured in a CUDA graph (static shapes, no host sync) replays to the eager result."""
@@ -260,17 +276,8 @@ def test_gpu_fused_graph_replay_equals_eager():
     m, head, prefill = _real_talker(dev, layers=2)
     outs = []
     for use_graph in (False, True):
-        torch.manual_seed(0)
-        cache, mask, nxt = prefill(m, 8, 64)
-        dec = MoeTextDecoder.from_transformers(m, head, fused=True)
-        dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=use_graph)
+        dec, res = _two_fused_steps(m, head, prefill, dev, use_graph)
         assert (dec._state.graph is not None) == use_graph
-        g = torch.Generator(device=dev).manual_seed(1)
-        res = []
-        for _ in range(2):
-            e = torch.randn(8, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
-            res.append(dec.step(e, nxt[0]))
-            nxt = nxt + 1
         outs.append(res)
     for (le, he), (lg, hg) in zip(*outs):
         assert torch.equal(le, lg) and torch.equal(he, hg)
@@ -297,16 +304,7 @@ def test_gpu_pdl_phases_equal_plain_launches(fast_path):
     outs = []
     for pdl, use_graph in ((False, False), (True, False), (True, True)):
         fast_path("fused_pdl", pdl)
-        torch.manual_seed(0)
-        cache, mask, nxt = prefill(m, 8, 64)
-        dec = MoeTextDecoder.from_transformers(m, head, fused=True)
-        dec.load_prefill(cache, mask, max_new_tokens=4, use_graph=use_graph)
-        g = torch.Generator(device=dev).manual_seed(1)
-        res = []
-        for _ in range(2):
-            e = torch.randn(8, m.config.hidden_size, device=dev, generator=g).to(torch.bfloat16)
-            res.append(dec.step(e, nxt[0]))
-            nxt = nxt + 1
+        dec, res = _two_fused_steps(m, head, prefill, dev, use_graph)
         ws = dec._state.fused
         assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0
         outs.append(res)

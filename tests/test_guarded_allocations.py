@@ -38,13 +38,9 @@ def test_guards_leave_other_calls_alone():
 
 
 def _mtp(persistent: bool):
-    from omni_fast.bench.cases.mtp import _build
-    from omni_fast.models import CodePredictor
+    from test_persistent import _models  # the persistent tests' small predictor (today's path, persistent)
 
-    cfg = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, num_code_groups=4)
-    m, emb = _build(DEVICE, torch.float32, cfg)
-    return CodePredictor.from_transformers(m, emb, persistent=persistent)
+    return _models()[1 if persistent else 0]
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["today", "persistent"])

@@ -2,6 +2,7 @@
 Hopper without spills and within the H100's shared memory. Runs in a subprocess without ``TRITON_INTERPRET``
 (the compile needs real ``triton.jit`` functions); needs no GPU."""
 
+import json
 import os
 import re
 import subprocess
@@ -41,30 +42,40 @@ def test_report_flags_spills_and_shared_memory():
     assert not Report("broken", error="CompilationError: x").ok
 
 
-def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
-    """FP8 W8A8 GEMMs (block and per channel) use Hopper's e4m3 wgmma at the prefill tiles (BLOCK_M 64); INT4 bf16."""
+def _ptx_matches(module: str, *name_parts: str, pattern: str) -> dict[str, list[str]]:
+    """{static case name: sorted distinct matches of ``pattern`` in its sm_90a PTX} for the registered cases of
+    ``omni_fast.kernels.<module>`` whose name holds every one of ``name_parts`` (compiled in a subprocess without
+    the interpreter)."""
     code = (
-        "import re, triton\n"
+        "import json, re, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
         "from omni_fast.bench.static_check import _jit_function\n"
-        "from omni_fast.kernels import moe_gemm_quant\n"
+        f"from omni_fast.kernels import {module}\n"
         "from omni_fast.kernels.launch import STATIC_CASES\n"
+        "out = {}\n"
         "for c in STATIC_CASES:\n"
-        "    if 'moe_gemm_quant_kernel' in c.name and 'prefill' in c.name:\n"
+        f"    if all(p in c.name for p in {list(name_parts)!r}):\n"
         "        fn = _jit_function(c.kernel)\n"
         "        src = triton.compiler.ASTSource(fn=fn, signature=c.signature, constexprs=c.constexprs,\n"
         "                                        attrs=c.attrs(fn.arg_names))\n"
         "        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
         "                           options={'num_warps': c.num_warps, 'num_stages': c.num_stages})\n"
-        "        print(c.name, sorted(set(re.findall(r'wgmma\\.mma_async\\S*', k.asm['ptx']))))\n")
+        f"        out[c.name] = sorted(set(re.findall({pattern!r}, k.asm['ptx'])))\n"
+        "print('RESULT', json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("moe_gemm_quant_kernel")]
+    return json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+
+def test_quantized_moe_gemm_issues_fp8_wgmma_at_prefill_tiles():
+    """FP8 W8A8 GEMMs (block and per channel) use Hopper's e4m3 wgmma at the prefill tiles (BLOCK_M 64); INT4 bf16."""
+    found = _ptx_matches("moe_gemm_quant", "moe_gemm_quant_kernel", "prefill", pattern=r"wgmma\.mma_async\S*")
+    lines = [f"{name} {wgmma}" for name, wgmma in found.items()]
     fp8 = [ln for ln in lines if "fp8_block" in ln or "fp8_channel" in ln]
     int4 = [ln for ln in lines if "int4_w4a16" in ln]
-    assert fp8 and int4, res.stdout
+    assert fp8 and int4, found
     assert all(".e4m3.e4m3" in ln for ln in fp8), fp8
     assert all(".bf16.bf16" in ln for ln in int4), int4
 
@@ -73,27 +84,10 @@ def test_pdl_phases_issue_griddepcontrol():
     """The fused decode phases compiled with PDL prefetch their weights into L2, then griddepcontrol.wait and
     launch_dependents (Hopper programmatic dependent launch); without it, none of these is emitted (the default
     launch is unchanged)."""
-    code = (
-        "import re, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from omni_fast.bench.static_check import _jit_function\n"
-        "from omni_fast.kernels import talker_fused\n"
-        "from omni_fast.kernels.launch import STATIC_CASES\n"
-        "for c in STATIC_CASES:\n"
-        "    if '_phase_kernel' in c.name and 'talker' in c.name:\n"
-        "        fn = _jit_function(c.kernel)\n"
-        "        src = triton.compiler.ASTSource(fn=fn, signature=c.signature, constexprs=c.constexprs,\n"
-        "                                        attrs=c.attrs(fn.arg_names))\n"
-        "        k = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
-        "                           options={'num_warps': c.num_warps, 'num_stages': c.num_stages})\n"
-        "        found = re.findall(r'griddepcontrol\\.\\w+|prefetch\\.global\\.L2', k.asm['ptx'])\n"
-        "        print('CASE', c.name, '|', ' '.join(sorted(set(found))))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = [ln[5:].split(" | ") for ln in res.stdout.splitlines() if ln.startswith("CASE ")]
-    assert len(rows) == 6, res.stdout
+    found = _ptx_matches("talker_fused", "_phase_kernel", "talker",
+                         pattern=r"griddepcontrol\.\w+|prefetch\.global\.L2")
+    rows = [(name, " ".join(m)) for name, m in found.items()]
+    assert len(rows) == 6, found
     for name, found in rows:
         # PDL: the wait, the trigger, and the weight prefetch into L2 ahead of the wait
         want = ("griddepcontrol.launch_dependents griddepcontrol.wait prefetch.global.L2" if name.endswith(",pdl]")
