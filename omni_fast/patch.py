@@ -81,7 +81,7 @@ _ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, ro
 }
 _EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
 _TOKEN2WAV = {"Qwen2_5OmniAntiAliasedActivation1d", "Qwen2_5OmniAMPBlock", "Qwen2_5OmniToken2WavDiTModel",
-              "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final"}
+              "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final", "Qwen2_5OmniToken2WavModel"}
 # Encoder attention over packed windows/frames (forward(hidden_states [T, C], cu_seqlens, ...)): swapped for one
 # varlen launch per layer (transformers passes cu_seqlens to the attention function only under "flash" names).
 _ENCODER_ATTENTION = {
