@@ -33,7 +33,8 @@ What is replaced, and how (transformers' own extension points first, module swap
 Opt-in fast paths (:mod:`omni_fast.fast_paths`): ``persistent_mtp`` makes the swapped-in MTP frame step one
 persistent launch (read per frame); ``fused_step`` gives Qwen2.5-Omni's talker decoder the phase-fused step where
 it applies (the dense talker does not: it keeps the ops path, and the report says why); ``token2wav`` swaps the
-Qwen2.5-Omni Token2Wav pieces in. The report names each path's setting.
+Qwen2.5-Omni Token2Wav pieces in and routes ``Qwen2_5OmniToken2WavModel.forward`` to the DiT solve + BigVGAN in one
+graph per length bucket (:mod:`omni_fast.integrations.token2wav_synth`). The report names each path's setting.
 
 Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
 omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
