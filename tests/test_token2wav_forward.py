@@ -112,6 +112,23 @@ def test_calls_the_graph_does_not_cover_run_transformers_forward(t2w, patched, m
     assert _graphs(t2w) == graphs
 
 
+def test_patched_model_pickles_and_deep_copies_after_a_call(t2w, patched):
+    """The graph caches (closures, static buffers bound to this module) pickle and copy as EMPTY caches: a saved or
+    copied patched Token2Wav loads back patched and builds its own graphs."""
+    import copy
+    import io
+
+    want = _call(t2w, 3, num_steps=2)
+    assert _graphs(t2w)
+    buf = io.BytesIO()
+    torch.save(t2w, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(t2w)):
+        assert twin.forward.__self__ is twin and not _graphs(twin)
+        torch.testing.assert_close(_call(twin, 3, num_steps=2), want, **TOL)
+        assert twin.__dict__[token2wav_synth.FALLBACK_ATTR] is None and len(_graphs(twin)) == 1
+
+
 def test_refusal_reasons(t2w):
     code, cond, ref = _synth_inputs(t2w, 3)
     ok = (code, cond, ref, 2, 0.5, -1.0)
