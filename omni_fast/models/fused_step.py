@@ -83,4 +83,4 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
     st.cache_seqlens.add_(1)  # every layer appended this token
     x = add_rms_norm_(resid, None, dec.norm, c.rms_norm_eps)
     # the head as the batch-invariant GEMV (cuBLAS / torch's mm may pick a different reduction per batch size)
-    return norm_linear(x, None, dec.head, 0.0, False), x
+    return (None if dec.head is None else norm_linear(x, None, dec.head, 0.0, False)), x  # headless: the caller's
