@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..backend import pinned_backend
 from .hf_compat import cache_keyword, output_cache, pop_cache, with_cache
@@ -106,6 +105,13 @@ def fast_decoder(model: torch.nn.Module):
         cached = (key, opt_in_decoder(model, None, backend=pinned_backend(model)))
         model.__dict__[DECODER_ATTR] = cached
     return cached[1]
+
+
+def prefill_forward(model: torch.nn.Module):
+    """What runs a prefill on ``model`` without the takeover: transformers' forward (with the patched kernels) when
+    patch swapped the takeover in, else the module itself. For callers with their own decoder (the pipeline), which
+    load the KV of a transformers cache themselves."""
+    return model.__dict__.get("_omni_fast_forward", model) if type(model).__name__ in FAMILIES else model
 
 
 def _family(model) -> Family:
@@ -189,6 +195,8 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
     extra = {}
     if _hidden_request(model, kwargs or {}) == "last":  # the tied last entry; the per-layer ones are not kept
         extra["hidden_states"] = (None,) * len(model.layers) + (hidden,)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
     return BaseModelOutputWithPast(last_hidden_state=hidden, **extra, **{cache_keyword(): cache})
 
 
@@ -209,4 +217,4 @@ def install(model: torch.nn.Module, swap_forward, pin) -> str:
 
 
 __all__ = ["DECODER_ATTR", "FAMILIES", "Family", "FastTalkerCache", "INITIAL_STEPS", "THINKER_NOT_TAKEN_OVER",
-           "fast_decoder", "install", "text_model_forward"]
+           "fast_decoder", "install", "prefill_forward", "text_model_forward"]
