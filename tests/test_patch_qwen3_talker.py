@@ -1,5 +1,5 @@
-"""Qwen3-Omni's talker decode through ``omni_fast.patch``: transformers' ``generate`` hands the talker text model's
-prefill KV to :class:`omni_fast.models.MoeTextDecoder` and runs every later step on it
+"""Qwen3-Omni's thinker and talker decode through ``omni_fast.patch``: transformers' ``generate`` hands the text
+models' prefill KV to :class:`omni_fast.models.MoeTextDecoder` and runs every later step on it
 (:mod:`omni_fast.integrations.decode_takeover`), on by default; the phase-fused step with the opt-in ``fused_step``
 fast path. Tiny random model (fp32), kernels on the CPU's Triton interpreter."""
 
@@ -24,7 +24,8 @@ PARTS = ("thinker", "talker", "code_predictor")  # Code2Wav unpatched: same code
 @pytest.fixture(scope="module")
 def omni():
     torch.manual_seed(0)
-    return seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config()))
+    # 3 layers: the thinker's accept_hidden_layer (2) is a middle layer, and layer 1's output is not kept
+    return seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config(layers=3)))
 
 
 @pytest.fixture
@@ -55,8 +56,9 @@ def _generate(model):
 
 
 def test_generate_fused_on_and_off_equal_unpatched(omni, decoders, fast_path):
-    """Greedy generate (return_audio): the talker's decode steps on the decoder, ops path (default) and phase-fused
-    step (fused_step), give transformers' text ids, talker codes and waveform bit for bit."""
+    """Greedy generate (return_audio): the thinker's and the talker's decode steps on their decoders, ops path
+    (default) and phase-fused step (fused_step), give transformers' text ids, talker codes and waveform bit for bit
+    (the thinker's steps hand the talker hidden states 0 and accept_hidden_layer)."""
     text0, codes0, wav0 = _generate(omni)
     assert not decoders and codes0.shape[-1] > 2
     results, lines = [], []
@@ -65,19 +67,26 @@ def test_generate_fused_on_and_off_equal_unpatched(omni, decoders, fast_path):
         report = omni_fast.patch(omni, parts=PARTS)
         try:
             results.append(_generate(omni))
-            dec = decode_takeover.fast_decoder(omni.talker.model)
+            talker = decode_takeover.fast_decoder(omni.talker.model)
+            thinker = decode_takeover.fast_decoder(omni.thinker.model.language_model)
         finally:
             omni_fast.unpatch(omni)
-        assert decoders and all(d is dec for d in decoders), fused  # every talker step ran on the decoder
-        assert dec.fused is fused and (dec._state.fused is not None) is fused and dec.fused_fallback is None
+        assert set(map(id, decoders)) == {id(talker), id(thinker)}, fused  # every decode step ran on a decoder
+        assert decoders.count(thinker) == 3 and decoders.count(talker) > 2  # 4 text tokens; 5 codec frames at most
+        for dec in (talker, thinker):
+            assert dec.fused is fused and (dec._state.fused is not None) is fused and dec.fused_fallback is None
+        accept = omni.config.talker_config.accept_hidden_layer
+        assert thinker.record_layers == {accept} == {2} and not talker.record_layers
         decoders.clear()
-        lines.append([r for r in report.replaced if "Qwen3OmniMoeTalkerModel" in r])
+        lines.append([r for r in report.replaced if "Qwen3OmniMoeTalkerModel" in r or "ThinkerTextModel" in r])
     for text, codes, wav in results:
         assert torch.equal(text, text0) and torch.equal(codes, codes0) and torch.equal(wav, wav0)
-    (off,), (on,) = lines
+    (off_thinker, off), (on_thinker, on) = sorted(lines[0], reverse=True), sorted(lines[1], reverse=True)
     assert off.startswith("[talker] Qwen3OmniMoeTalkerModel: decode steps after transformers' prefill -> "
                           "omni_fast.models.MoeTextDecoder") and "phase-fused step off (opt-in fast path" in off
-    assert "phase-fused step (fast path fused_step): 3 launches per layer" in on
+    assert off_thinker.startswith("[thinker] Qwen3OmniMoeThinkerTextModel: decode steps")
+    assert "hidden states 0, 2, 3 per step" in off_thinker
+    assert "phase-fused step (fast path fused_step): 3 launches per layer" in on and on_thinker
     # unpatch restores transformers' forward and drops the cached decoder
     talker = omni.talker.model
     assert "forward" not in talker.__dict__ and not any(k.startswith("_omni_fast") for k in talker.__dict__)
@@ -109,7 +118,7 @@ def _inputs():
 def test_decode_steps_answer_the_last_hidden_state(omni, decoders):
     """Left-padded batch of 2, output_hidden_states=True as generate asks: the decode steps' hidden states match
     transformers' (fp32; the kernels sum in another order), ``hidden_states[-1]`` is the last hidden state (what the
-    talker reads) and the per-layer entries are None."""
+    talker reads), entry 0 the step's input and the layer outputs in between None (not kept for the talker)."""
     talker = omni.talker.model
     prompt, steps, mask = _inputs()
     (want, outs0), (got, outs1), _ = run_unpatched_then_patched(
@@ -121,7 +130,7 @@ def test_decode_steps_answer_the_last_hidden_state(omni, decoders):
     assert output_cache(last).get_seq_length() == 6 + len(steps)
     hs = last.hidden_states
     assert len(hs) == len(outs0[-1].hidden_states) == len(talker.layers) + 1
-    assert hs[-1] is last.last_hidden_state and all(h is None for h in hs[:-1])
+    assert hs[-1] is last.last_hidden_state and torch.equal(hs[0], steps[-1]) and all(h is None for h in hs[1:-1])
 
 
 @pytest.mark.parametrize("case", ["no_cache", "attentions", "middle_hidden_state", "autograd"])
@@ -149,12 +158,30 @@ def test_fallbacks_run_transformers_forward(omni, decoders, case):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the patched RoPE / experts kernels
 
 
-def test_thinker_is_not_taken_over(omni):
-    """The thinker's text model keeps transformers' forward (decode_takeover.THINKER_NOT_TAKEN_OVER says why)."""
-    omni_fast.patch(omni, parts=("thinker",), backend="reference")
-    try:
-        text_model = omni.thinker.model.language_model
-        assert "_omni_fast_forward" not in text_model.__dict__
-    finally:
-        omni_fast.unpatch(omni)
-    assert "accept_hidden_layer" in decode_takeover.THINKER_NOT_TAKEN_OVER
+def test_thinker_generate_hidden_states(omni, decoders):
+    """The thinker's own generate asking for hidden states: patched as part of the whole model, the decode steps
+    answer entries 0, accept_hidden_layer and N (others None); patched alone, every entry. Same ids as transformers,
+    hidden states within fp32 rounding."""
+    thinker = omni.thinker
+    ids = torch.tensor([[TINY_IDS["im_start_token_id"], TINY_IDS["user_token_id"], 5, 6, 7, 8]])
+
+    def run():
+        with torch.no_grad():
+            out = thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                   do_sample=False, output_hidden_states=True, return_dict_in_generate=True)
+        return out.sequences, out.hidden_states
+
+    (seq0, hs0), (seq1, hs1), _ = run_unpatched_then_patched(omni, run, parts=("thinker",))
+    accept, n = omni.config.talker_config.accept_hidden_layer, 3
+    assert torch.equal(seq1, seq0) and len(decoders) == 2 and len(hs1) == 3
+    for step0, step1 in zip(hs0[1:], hs1[1:]):  # the decode steps (entry 0 of hs is the prefill's)
+        for i, (a, b) in enumerate(zip(step0, step1)):
+            if i in (0, accept % (n + 1), n):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            else:
+                assert b is None
+    decoders.clear()
+    (_, hs0), (seq1, hs1), _ = run_unpatched_then_patched(thinker, run)
+    assert torch.equal(seq1, seq0) and len(decoders) == 2
+    for step0, step1 in zip(hs0[1:], hs1[1:]):
+        torch.testing.assert_close(torch.stack(step1), torch.stack(step0), rtol=1e-5, atol=1e-5)

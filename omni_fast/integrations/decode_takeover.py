@@ -1,38 +1,41 @@
 """Decode takeover: a transformers text model's ``generate`` decode steps on omni-fast's
-:class:`~omni_fast.models.MoeTextDecoder` (what :func:`omni_fast.patch` swaps into the talkers' text models).
+:class:`~omni_fast.models.MoeTextDecoder` (what :func:`omni_fast.patch` swaps into the text models below).
 
 transformers' ``generate`` runs a text model once per token: a causal mask, a ``DynamicCache`` update and every
 decoder layer with Python between the kernels. The swapped ``forward`` of the text model lets transformers run the
-prefill (its attention and MoE already on omni-fast's kernels), then hands the prefill's KV to a
-:class:`~omni_fast.models.MoeTextDecoder` built from the same weights. Every decode step after that is one
+prefill (its attention and MoE already on omni-fast's kernels; DeepStack rows included), then hands the prefill's KV
+to a :class:`~omni_fast.models.MoeTextDecoder` built from the same weights. Every decode step after that is one
 :meth:`~omni_fast.models.MoeTextDecoder.step`: one CUDA-graph replay on CUDA, three launches per layer with the
-opt-in ``fused_step`` fast path (where the decoder supports it: MoE layers, no attention biases).
+opt-in ``fused_step`` fast path (where the decoder supports it: MoE layers, float experts, no attention biases).
 
 One mechanism, the per-family differences as data (:class:`Family`, :data:`FAMILIES`):
 
 - ``Qwen2_5OmniTalkerModel`` (Qwen2.5-Omni's talker text model): dense SwiGLU, q/k/v bias, no q/k norm, contiguous
-  M-RoPE; the fused step does not apply (dense layers).
+  M-RoPE; the fused step does not apply (dense layers). Asked for hidden states, it falls back.
 - ``Qwen3OmniMoeTalkerModel`` (Qwen3-Omni's talker text model): MoE with the sigmoid-gated shared expert, q/k
-  RMSNorm, interleaved M-RoPE; the fused step applies. Its ``generate`` asks every step for hidden states
-  (``output_hidden_states=True``) and reads only the last entry (``hidden_states[-1]``: the final-norm output,
-  transformers ties it to ``last_hidden_state``) as the code predictor's input. The decode steps answer with that
-  entry and ``None`` for the others (transformers' convention for unselected layers): the per-layer residuals would
-  cost one copy per layer per step, and nothing in the talker's ``generate`` reads them. A selection
-  (``output_hidden_states=[...]``) of anything but the last entry keeps transformers' forward.
+  RMSNorm, interleaved M-RoPE. Its ``generate`` asks every step for hidden states and reads ``hidden_states[-1]``
+  (the final-norm output, tied to ``last_hidden_state``) as the code predictor's input.
+- ``Qwen3OmniMoeThinkerTextModel`` (Qwen3-Omni's thinker text model, under ``Qwen3OmniMoeThinkerModel``, which
+  keeps its embeddings, ``rope_deltas`` and positions). When ``generate`` speaks it asks the thinker for every
+  step's hidden states and builds the talker's input from entries 0 (the input embeddings) and
+  ``accept_hidden_layer`` (a middle layer's output).
+
+Hidden states: a decode step asked for them returns transformers' layout (N + 1 entries) with the entries
+:func:`answered_hidden_states` names and None for the others (transformers' convention for unselected layers):
+entry 0 and N are free, each middle layer output costs one ``[B, H]`` copy per step in the captured step
+(``MoeTextDecoder.record_layers``), so only the one the talker reads is kept when patch sees the whole model
+(every layer for a thinker patched alone). A request (``output_hidden_states=[...]``) for an entry not kept, at the
+prefill, keeps transformers' forward for the whole generation.
 
 transformers carries the cache between the steps; once the decoder holds the KV, the cache it carries is a
 :class:`FastTalkerCache` (the decoder and the number of tokens seen, padding included as in a ``DynamicCache``: the
-outer talker forward builds the decode positions from ``get_seq_length()``). The codec head, the projections and
-the positions stay transformers' own code (the outer ``*TalkerForConditionalGeneration.forward`` is not replaced).
+outer forward builds the decode positions from ``get_seq_length()``). The heads, projections and positions stay
+transformers' own code (the outer ``*ForConditionalGeneration.forward`` is not replaced).
 
 transformers' forward runs instead (and keeps its own cache) when: no cache object is passed in (a plain forward),
 the cache passed in already holds tokens (a continued prompt) or is not a ``DynamicCache`` / ``StaticCache``,
-``use_cache=False``, attentions or router logits are asked for, hidden states are asked for from a family that does
-not answer them (Qwen2.5) or beyond the last entry, deepstack visual embeddings are passed, or autograd is
-recording.
-
-The Qwen3-Omni THINKER is not taken over (its decode stays on transformers' per-op path, patched kernels): see
-:data:`THINKER_NOT_TAKEN_OVER`.
+``use_cache=False``, attentions or router logits are asked for, hidden states are asked for that the family does not
+keep (above), or autograd is recording.
 """
 
 from __future__ import annotations
@@ -47,21 +50,14 @@ from .hf_compat import cache_keyword, output_cache, pop_cache, with_cache
 INITIAL_STEPS = 512  # decode room at the prefill; doubled (one re-capture) whenever generate runs past it
 DECODER_ATTR = "_omni_fast_talker_decoder"  # (key, MoeTextDecoder) cached on the text model (unpatch drops it)
 
-THINKER_NOT_TAKEN_OVER = (
-    "Qwen3-Omni's thinker decode stays on transformers' per-op path (its attention, RoPE and experts on omni-fast "
-    "kernels): when generate speaks (return_audio) it asks the thinker for every step's hidden states and builds "
-    "the talker's input from entry 0 (the input embeddings) and entry accept_hidden_layer (a middle layer's "
-    "residual), which the decoder's step does not return yet (it would record those two per step in its static "
-    "buffers); and its forward sits under Qwen3OmniMoeThinkerModel, whose rope_deltas / deepstack bookkeeping the "
-    "takeover would have to mirror. The pipeline (omni_fast.models.Qwen3Omni) runs the thinker on the decoder.")
-
 
 @dataclass(frozen=True)
 class Family:
     """What differs between the text models the takeover serves.
 
     ``words``: the report's description of the decoder it builds; ``answers_hidden_states``: whether decode steps
-    asked for ``output_hidden_states`` answer with the last entry (the rest None) instead of falling back."""
+    asked for ``output_hidden_states`` answer (with the entries :func:`answered_hidden_states` names, the rest
+    None) instead of falling back to transformers' forward."""
 
     words: str
     answers_hidden_states: bool
@@ -69,9 +65,11 @@ class Family:
 
 FAMILIES = {
     "Qwen2_5OmniTalkerModel": Family("dense SwiGLU, q/k/v bias, contiguous M-RoPE", answers_hidden_states=False),
-    "Qwen3OmniMoeTalkerModel": Family("MoE + sigmoid-gated shared expert, q/k norm, interleaved M-RoPE; hidden "
-                                      "states: the last entry (what generate reads)", answers_hidden_states=True),
+    "Qwen3OmniMoeTalkerModel": Family("MoE + sigmoid-gated shared expert, q/k norm, interleaved M-RoPE",
+                                      answers_hidden_states=True),
+    "Qwen3OmniMoeThinkerTextModel": Family("MoE, q/k norm, interleaved M-RoPE", answers_hidden_states=True),
 }
+HIDDEN_ATTR = "_omni_fast_hidden_layers"  # set by install: the layer outputs a family's decode steps record
 
 
 class FastTalkerCache:
@@ -92,17 +90,21 @@ class FastTalkerCache:
 
 def fast_decoder(model: torch.nn.Module):
     """The :class:`MoeTextDecoder` of a text model in :data:`FAMILIES`, built from its current weights (no head: the
-    outer talker applies ``codec_head``) and rebuilt when they change (``.to()``, ``load_state_dict``) or the
-    ``fused_step`` / ``fused_pdl`` fast paths are switched (:func:`~omni_fast.models.text_decoder.opt_in_decoder`:
-    the phase-fused step only where the decoder supports it)."""
+    outer model applies ``codec_head`` / ``lm_head``), recording the layer outputs :func:`answered_hidden_states`
+    names, and rebuilt when the weights change (``.to()``, ``load_state_dict``) or the ``fused_step`` /
+    ``fused_pdl`` fast paths are switched (:func:`~omni_fast.models.text_decoder.opt_in_decoder`: the phase-fused
+    step only where the decoder supports it)."""
     from .. import fast_paths
     from ..models.cuda_graphs import weights_key
     from ..models.text_decoder import opt_in_decoder
 
-    key = (weights_key(model), fast_paths.enabled("fused_step"), fast_paths.enabled("fused_pdl"))
+    record = frozenset(i for i in answered_hidden_states(model) if 0 < i < len(model.layers))
+    key = (weights_key(model), fast_paths.enabled("fused_step"), fast_paths.enabled("fused_pdl"), record)
     cached = model.__dict__.get(DECODER_ATTR)
     if cached is None or cached[0] != key:
-        cached = (key, opt_in_decoder(model, None, backend=pinned_backend(model)))
+        dec = opt_in_decoder(model, None, backend=pinned_backend(model))
+        dec.record_layers = record
+        cached = (key, dec)
         model.__dict__[DECODER_ATTR] = cached
     return cached[1]
 
@@ -118,18 +120,35 @@ def _family(model) -> Family:
     return FAMILIES[type(model).__name__]
 
 
-def _hidden_request(model, kwargs) -> str | None:
-    """None (not asked), ``"last"`` (asked, and the family answers with the last entry) or ``"refuse"``."""
+def answered_hidden_states(model) -> frozenset[int]:
+    """The ``hidden_states`` indices the decode steps of ``model`` return (empty: the family answers none).
+
+    0 (the step's input embeddings) and N (the final-norm output, transformers' tied last entry) cost nothing; the
+    layer outputs in between are copied every step, so only those :func:`install` chose are kept: none for the
+    talker (its generate reads ``hidden_states[-1]``), the talker's ``accept_hidden_layer`` for the thinker of a
+    whole Qwen3-Omni model (its generate reads entries 0 and ``accept_hidden_layer``), every layer for a thinker
+    patched alone (its ``accept_hidden_layer`` is in the talker's config)."""
+    if not _family(model).answers_hidden_states:
+        return frozenset()
+    return frozenset({0, len(model.layers)}) | frozenset(model.__dict__.get(HIDDEN_ATTR, ()))
+
+
+def _hidden_request(model, kwargs) -> frozenset[int] | str | None:
+    """None (not asked), the indices to answer, or ``"refuse"`` (asked for what the decode steps do not keep)."""
     asked = kwargs.get("output_hidden_states", model.config.output_hidden_states)
     if asked is None or asked is False:
         return None
-    if not _family(model).answers_hidden_states:
+    answered = answered_hidden_states(model)
+    if not answered:
         return "refuse"
     if asked is True:
-        return "last"
+        return answered
     n = len(model.layers) + 1  # the input embeddings, then every layer's output
     picks = [asked] if isinstance(asked, int) else list(asked)
-    return "last" if picks and all(isinstance(i, int) and i % n == n - 1 for i in picks) else "refuse"
+    if not picks or not all(isinstance(i, int) and -n <= i < n for i in picks):
+        return "refuse"
+    picks = frozenset(i % n for i in picks)
+    return picks if picks <= answered else "refuse"
 
 
 def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
@@ -142,7 +161,7 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
     if kwargs.get("output_attentions", cfg.output_attentions) or kwargs.get(
             "output_router_logits", getattr(cfg, "output_router_logits", False)):
         return False
-    if _hidden_request(model, kwargs) == "refuse" or kwargs.get("deepstack_visual_embeds") is not None:
+    if _hidden_request(model, kwargs) == "refuse":
         return False
     return not (torch.is_grad_enabled() and (inputs_embeds.requires_grad or any(
         p.requires_grad for p in model.parameters())))
@@ -193,22 +212,34 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
     cache.seen += 1
     hidden = hidden[:, None]
     extra = {}
-    if _hidden_request(model, kwargs or {}) == "last":  # the tied last entry; the per-layer ones are not kept
-        extra["hidden_states"] = (None,) * len(model.layers) + (hidden,)
+    asked = _hidden_request(model, kwargs or {})
+    if isinstance(asked, frozenset):  # transformers' layout: N + 1 entries, None where not kept
+        n = len(model.layers)
+        extra["hidden_states"] = tuple(
+            None if i not in asked else inputs_embeds if i == 0 else hidden if i == n else dec.recorded(i)[:, None]
+            for i in range(n + 1))
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     return BaseModelOutputWithPast(last_hidden_state=hidden, **extra, **{cache_keyword(): cache})
 
 
-def install(model: torch.nn.Module, swap_forward, pin) -> str:
+def install(model: torch.nn.Module, swap_forward, pin, root: torch.nn.Module | None = None) -> str:
     """What :func:`omni_fast.patch` does to a text model in :data:`FAMILIES` (``swap_forward(module, fn)`` /
-    ``pin(module)``: patch's own helpers, undone by ``unpatch``); returns the report line."""
+    ``pin(module)``: patch's own helpers, undone by ``unpatch``; ``root``: the model being patched, whose talker
+    config names the thinker layer the talker reads); returns the report line."""
     from .. import fast_paths
 
     swap_forward(model, text_model_forward)
     pin(model)  # the decoder's ops run on patch(backend=...)
+    n = len(model.layers)
+    if type(model).__name__ == "Qwen3OmniMoeThinkerTextModel":
+        accept = getattr(getattr(getattr(root, "config", None), "talker_config", None), "accept_hidden_layer", None)
+        model.__dict__[HIDDEN_ATTR] = tuple(range(1, n)) if accept is None else (int(accept) % (n + 1),)
+    kept = sorted(answered_hidden_states(model))
+    hidden = ("" if not kept else "; hidden states " + ("all" if len(kept) == n + 1 else ", ".join(map(str, kept)))
+              + " per step")
     line = (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
-            f"({_family(model).words}; one graph replay per token on CUDA)")
+            f"({_family(model).words}{hidden}; one graph replay per token on CUDA)")
     if not fast_paths.enabled("fused_step"):
         return line + "; phase-fused step off (opt-in fast path fused_step)"
     why = fast_decoder(model).fused_fallback  # built now (cached) to say whether the fused step applies
@@ -216,5 +247,5 @@ def install(model: torch.nn.Module, swap_forward, pin) -> str:
                    else f"; fast path fused_step not applicable, ops path kept: {why}")
 
 
-__all__ = ["DECODER_ATTR", "FAMILIES", "Family", "FastTalkerCache", "INITIAL_STEPS", "THINKER_NOT_TAKEN_OVER",
-           "fast_decoder", "install", "prefill_forward", "text_model_forward"]
+__all__ = ["DECODER_ATTR", "FAMILIES", "Family", "FastTalkerCache", "HIDDEN_ATTR", "INITIAL_STEPS",
+           "answered_hidden_states", "fast_decoder", "install", "prefill_forward", "text_model_forward"]

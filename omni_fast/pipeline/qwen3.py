@@ -368,8 +368,8 @@ def prefill_text_model(lm, inputs_embeds, mask, positions, cache, visual_mask, d
                 vm = visual_mask[:, s:e]
                 rows = rank[:, s:e][vm]
                 extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
-            out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                     position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
+            out = prefill_forward(lm)(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                                      position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
             outs.append(out.last_hidden_state)
     finally:
         if hook is not None:
