@@ -37,11 +37,11 @@ def decoders(monkeypatch):
     return ran
 
 
-def _generate(model):
+def _generate(model, device="cpu"):
     """Greedy thinker -> talker -> MTP -> Code2Wav on a batch of 2: (text ids, talker codes, both waveforms)."""
     i = TINY_IDS
     ids = torch.tensor([[i["im_start_token_id"], i["user_token_id"], 5 + b, 6, 7, 8 + b, i["im_end_token_id"],
-                         i["im_start_token_id"], i["assistant_token_id"]] for b in range(2)])
+                         i["im_start_token_id"], i["assistant_token_id"]] for b in range(2)], device=device)
     codes = []
     real = model.code2wav.chunked_decode
     model.code2wav.chunked_decode = lambda c, *a, **k: codes.append(c.clone()) or real(c, *a, **k)
@@ -185,3 +185,24 @@ def test_thinker_generate_hidden_states(omni, decoders):
     assert torch.equal(seq1, seq0) and len(decoders) == 2
     for step0, step1 in zip(hs0[1:], hs1[1:]):
         torch.testing.assert_close(torch.stack(step1), torch.stack(step0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_thinker_and_talker_graph_decode(omni):
+    """On CUDA (fp32) the thinker's and talker's decode steps are CUDA-graph replays of their decoders: the same
+    greedy text and codes as transformers on the same GPU, the same waveform (Code2Wav unpatched)."""
+    import copy
+
+    m = copy.deepcopy(omni).cuda()
+    want = _generate(m, "cuda")
+    omni_fast.patch(m, parts=PARTS)
+    try:
+        got = _generate(m, "cuda")
+        for text_model in (m.thinker.model.language_model, m.talker.model):
+            st = decode_takeover.fast_decoder(text_model)._state
+            assert st is not None and st.graph is not None  # captured, replayed per step
+    finally:
+        omni_fast.unpatch(m)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=0)
+

@@ -150,6 +150,10 @@ class MoeTextDecoder:
     layers with float experts, no attention biases and a power-of-two head_dim (else ValueError). Steps with
     fractional positions, and the ``"reference"`` backend, keep the ops path (the default and the fallback).
     docs/persistent.md has the design and the launch counts.
+
+    ``record_layers`` (set before :meth:`load_prefill`): layer outputs (transformers' ``hidden_states[i]``,
+    ``0 < i < N``) each step also keeps, read with :meth:`recorded`; one ``[B, H]`` copy per index per step. The
+    decode takeover of ``patch`` sets it to what ``generate`` reads (the thinker's ``accept_hidden_layer``).
     """
 
     def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor,
