@@ -34,9 +34,8 @@ What is replaced, and how (transformers' own extension points first, module swap
 Opt-in fast paths (:mod:`omni_fast.fast_paths`): ``persistent_mtp`` makes the swapped-in MTP frame step one
 persistent launch (read per frame); ``fused_step`` gives those decoders the phase-fused step where it applies
 (Qwen3-Omni's MoE thinker and talker: 3 launches per layer; Qwen2.5-Omni's dense talker keeps the ops path, and the
-report says why); ``token2wav`` swaps the Qwen2.5-Omni Token2Wav pieces in and routes
-``Qwen2_5OmniToken2WavModel.forward`` to the DiT solve + BigVGAN in one graph per length bucket
-(:mod:`omni_fast.integrations.token2wav_synth`). The report names each path's setting.
+report says why); ``token2wav`` swaps the Qwen2.5-Omni Token2Wav pieces in, and its forward for the DiT solve +
+BigVGAN in one graph per length bucket (:mod:`omni_fast.integrations.token2wav_synth`). The report names each path.
 
 Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
 omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
