@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import fast_paths
-from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
+from .flash_attn_parts import LOG2E, add_sink, attend_range, clamped_span, packed_block, rotary_rows
 from .launch import interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
@@ -42,6 +42,7 @@ MAX_HEAD_DIM = 256
 # "split_head_dim" fast path of omni_fast.fast_paths (OMNI_FAST_SPLIT_HEAD_DIM=1).
 
 
+# Stays long: its key set-up, q load or key range as jit helpers moved sm_90a registers (d256 decode 200 -> 158).
 @triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -98,8 +99,7 @@ def attn_fwd_kernel(
     split = pid_z % NUM_SPLITS
 
     if VARLEN_Q:
-        q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
-        len_q = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
+        q_start, len_q = clamped_span(cu_q_ptr, b, total_q)
     else:
         q_start = b * seqlen_q
         len_q = seqlen_q
@@ -113,8 +113,7 @@ def attn_fwd_kernel(
         if PAGED:  # cu_seqlens_k only gives the lengths; every sequence's keys start at logical row 0
             len_k = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
         else:
-            k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
-            len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
+            k_start, len_k = clamped_span(cu_k_ptr, b, kv_limit)
             key_room = kv_limit - k_start
     if SEQUSED:
         len_k = tl.load(seqused_k_ptr + b) + k_extra
@@ -220,16 +219,8 @@ def attn_fwd_kernel(
         mask_d, acc2, q2, offs_d2, mask_d2,
         BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
 
-    if SINK:  # the sink as one more key (value 0): rescale to the new maximum, add its exp2 to the denominator
-        sink = tl.load(sink_ptr + head, mask=mask_r, other=0.0).to(tl.float32) * 1.4426950408889634
-        m_new = tl.maximum(m_i, sink)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row without keys: no NaN
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
-        acc = acc * alpha[:, None]
-        if BLOCK_D2 > 0:
-            acc2 = acc2 * alpha[:, None]
-        m_i = m_new
+    if SINK:  # the sink as one more key (value 0)
+        acc, acc2, m_i, l_i = add_sink(acc, acc2, m_i, l_i, sink_ptr, head, mask_r, BLOCK_D2)
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key
         q_real = tl.load(km_row_ptr + qpos, mask=mask_r & (qpos >= 0), other=0) != 0
