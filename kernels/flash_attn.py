@@ -355,6 +355,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _key_layout(k: torch.Tensor, v: torch.Tensor, cu_k, block_table) -> tuple[int, tuple[int, ...]]:
+    """(the most keys a sequence can have, the k/v strides ``(kb, kt, kh, vb, vt, vh)``) of :func:`attn_fwd`'s keys:
+    packed ``[Tk, Hk, D]`` (``cu_k`` without ``block_table``: the key count, no batch stride) or a cache
+    ``[B|blocks, S|page, Hk, D]`` (its capacity, contiguous or paged)."""
+    if cu_k is not None and block_table is None:
+        return k.shape[0], (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+    capacity = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    return capacity, (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+
+
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
              batch: int, rows_per_seq: int, cu_q: torch.Tensor | None, seqlen_q: int,
              cu_k: torch.Tensor | None, seqused_k: torch.Tensor | None, k_extra: int,
@@ -388,21 +398,10 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     block_d, block_d2 = head_tiles(D, None if rotary is None else False)  # rotary works on one tile
     varlen_k = cu_k is not None
     paged = block_table is not None
-    packed_k = varlen_k and not paged
-    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
-    if packed_k:
-        kv_limit = k.shape[0]
-    else:
-        kv_limit = k.shape[1] * (block_table.shape[1] if paged else 1)
+    kv_limit, (stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh) = _key_layout(k, v, cu_k, block_table)
     left, right = window_bounds(causal, window_size)
     dummy = next(t for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx) if t is not None) \
         if any(t is not None for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx)) else q
-    if packed_k:
-        stride_kb = stride_vb = 0
-        stride_kt, stride_kh, stride_vt, stride_vh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
-    else:
-        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
-        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
     split = num_splits > 1
     if packed_grid:
         grid = ((q.shape[0] * group) // block_m + batch, 1, Hk * num_splits)
