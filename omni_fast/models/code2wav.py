@@ -46,7 +46,7 @@ from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _new_state, _restore_state,
-                             _row_mask)
+                             _row_mask, _stacked_kv)
 from .code2wav_weights import _check_state_dict, _expected_shapes, _fuse_layer
 from .cuda_graphs import capture
 
@@ -395,47 +395,62 @@ class Code2WavStream:
         first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
                       else "pre_transformer.norm.weight")
         x = mtp_layers.add_rms_norm_(h, None, m.sd[first_norm], eps=eps, backend=be)
+        stack = _stacked_kv(st)
+        if stack is not None:  # every layer's working cache in one buffer: one copy in here, one gather out below
+            work = torch.empty(stack.shape[:3] + (keep + t,) + stack.shape[4:], dtype=h.dtype, device=dev)
+            work[:, :, :, :keep].copy_(stack)
         for i, w in enumerate(m._fused):
             qkv = F.linear(x, w["qkv"], w["qkv_bias"]).view(B, t, nq + 2 * nk, D)
             q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nk], qkv[:, :, nq + nk:]
             ops.mrope(q.view(N, nq, D), k.view(N, nk, D), positions, mrope_section=(D // 2, 0, 0),
                       interleaved=False, inv_freq=m._inv_freq, backend=be)
             past_k, past_v = st.kv[i]
-            k_cache = torch.empty(B, keep + t, nk, D, dtype=h.dtype, device=dev)
-            v_cache = torch.empty_like(k_cache)
-            k_cache[:, :keep].copy_(past_k)
-            v_cache[:, :keep].copy_(past_v)
+            if stack is not None:
+                k_cache, v_cache = work[0, i], work[1, i]
+            else:
+                k_cache = torch.empty(B, keep + t, nk, D, dtype=h.dtype, device=dev)
+                v_cache = torch.empty_like(k_cache)
+                k_cache[:, :keep].copy_(past_k)
+                v_cache[:, :keep].copy_(past_v)
             o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True,
                                             window_size=(keep, 0), backend=be)
-            torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
-            torch.gather(v_cache, 1, keep_rows, out=past_v)
-            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
-            x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
+            if stack is None:
+                torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
+                torch.gather(v_cache, 1, keep_rows, out=past_v)
+            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])  # o / down carry the layer scales
+            x = mtp_layers.add_rms_norm_(h, o, w["post_norm"], eps=eps, backend=be)
             mlp = F.linear(mtp_layers.silu_mul(F.linear(x, w["gate_up"]), backend=be), w["down"])
-            x = mtp_layers.add_rms_norm_(h, w["mlp_scale"] * mlp, w["next_norm"], eps=eps, backend=be)
+            x = mtp_layers.add_rms_norm_(h, mlp, w["next_norm"], eps=eps, backend=be)
+        if stack is not None:  # each layer's new state, all in one gather (in place: fixed addresses for graphs)
+            torch.gather(work, 3, keep_rows.expand(stack.shape), out=stack)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
     def _keep_state(self, name: str, new: torch.Tensor) -> None:
         """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
         conv = self.state.conv
         old = conv.get(name)
+        if new is old:  # the op updated it in place (update_state)
+            return
         if old is not None and old.shape == new.shape:
-            old.copy_(new)
+            if new.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to copy
+                old.copy_(new)
         else:
             conv[name] = new
 
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
         sd = self.model.sd
+        state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
-                                   groups=groups, snake=snake, residual=residual, state=self.state.conv.get(name),
-                                   backend=self.model.backend)
+                                   groups=groups, snake=snake, residual=residual, state=state,
+                                   update_state=state is not None, backend=self.model.backend)
         self._keep_state(name, new)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
         sd = self.model.sd
+        state = self.state.conv.get(name)
         y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                             snake=snake, state=self.state.conv.get(name),
+                                             snake=snake, state=state, update_state=state is not None,
                                              backend=self.model.backend)
         self._keep_state(name, new)
         return y

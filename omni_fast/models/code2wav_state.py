@@ -33,6 +33,10 @@ class StreamState:
     batch_size: int
     pos: torch.Tensor  # int64 [B] device tensor: each row's position of its next frame
     kv: list  # per pre-transformer layer: (k, v) [B, W-1, Hk, D] each
+    # [2, layers, B, W-1, Hk, D]: the storage of every kv entry (kv[i] = (kv_stack[0, i], kv_stack[1, i])), so a
+    # push moves all layers' caches with one copy in and one gather out; None (or kv entries that are not these
+    # views) -> one copy and one gather per layer and tensor
+    kv_stack: torch.Tensor | None = None
     conv: dict = field(default_factory=dict)  # per conv layer: raw left context [B, C_in, ctx] (absent at start)
     # bool [B] device tensor: rows reset since their last push (their next push starts a new utterance mid-stream)
     fresh: torch.Tensor | None = None
@@ -49,10 +53,24 @@ def _new_state(model: Code2Wav, batch_size: int) -> StreamState:
     cfg = model.config
     shape = _kv_shape(cfg, batch_size)
     # zeros, not empty: the stale rows are never attended to, but they are copied around and must stay finite
-    kv = [(torch.zeros(shape, dtype=model.dtype, device=model.device),
-           torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
+    stack = torch.zeros((2, cfg.num_hidden_layers) + shape, dtype=model.dtype, device=model.device)
+    kv = [(stack[0, i], stack[1, i]) for i in range(cfg.num_hidden_layers)]
     return StreamState(cfg, batch_size, pos=torch.zeros(batch_size, dtype=torch.long, device=model.device), kv=kv,
-                       fresh=torch.zeros(batch_size, dtype=torch.bool, device=model.device))
+                       fresh=torch.zeros(batch_size, dtype=torch.bool, device=model.device), kv_stack=stack)
+
+
+def _stacked_kv(st: StreamState) -> torch.Tensor | None:
+    """``st.kv_stack`` when every ``st.kv`` entry is still its view (host-side pointer checks, no sync), else None."""
+    stack = st.kv_stack
+    if stack is None or stack.dim() != 6 or stack.shape[1] != len(st.kv):
+        return None
+    for i, pair in enumerate(st.kv):
+        for j, t in enumerate(pair):
+            view = stack[j, i]
+            if (t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride()
+                    or t.dtype != stack.dtype):
+                return None
+    return stack
 
 
 def _check_state_format(state: StreamState, batch_size: int) -> None:
