@@ -135,6 +135,7 @@ def evaluate(units, statics: dict | None = None, traces: dict | None = None, cou
         statics = kernel_facts(all_statics, u.statics)
         counts = counted[u.name]["counts"]
         row = dict(unit=u.name, group=u.group, mode=u.mode, params=u.params, min_bytes=u.min_bytes, flops=u.flops,
+                   math=u.math,
                    launch_counts=counts, syncs=counted[u.name]["syncs"], traced=u.name in traces)
         if row["traced"]:
             kernels = {n: dict(k) for n, k in traces[u.name]["kernels"].items()}

@@ -145,3 +145,47 @@ def test_graph_replay_equals_eager_on_cuda():
         assert len(graphs) == 1 and graphs[0].graph is not None  # captured, one graph for bucket 8
         torch.testing.assert_close(got, eager, **TOL)
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # TF32 / cuDNN paths may differ from SDPA's
+
+
+def test_tf32_fast_path_wraps_the_solve_and_keys_its_graph(dit, fast_path, monkeypatch):
+    """dit_tf32: the solve runs with cuBLAS fp32 GEMMs as TF32 (the flag seen inside the DiT forward, restored
+    after), in its own graph (a graph keeps the math it was captured with); off: IEEE fp32 as transformers. On the
+    CPU the flag changes nothing, so the result is the same."""
+    seen = []
+    forward = dit_solve._dit_forward
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.cuda.matmul.fp32_precision)
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(dit_solve, "_dit_forward", spy)
+    dit.__dict__.pop(dit_solve._CACHE, None)  # (the fixture's DiT may hold other tests' graphs)
+    cond, ref, code = _inputs(dit, 1, 3)
+    before = torch.backends.cuda.matmul.fp32_precision
+    plain = _ours(dit, cond, ref, code, 5, num_steps=2, backend="reference")
+    assert seen and set(seen) == {before}
+    seen.clear()
+    fast_path("dit_tf32", True)
+    fast = _ours(dit, cond, ref, code, 5, num_steps=2, backend="reference")
+    assert seen and set(seen) == {"tf32"} and torch.backends.cuda.matmul.fp32_precision == before
+    keys = [k for k in dit.__dict__[dit_solve._CACHE] if k != "weights"]
+    assert sorted(k[-1] for k in keys) == [False, True]  # two graphs: fp32 and tf32
+    torch.testing.assert_close(fast, plain, atol=0, rtol=0)  # (CPU: the flag is CUDA's)
+
+
+@pytest.mark.gpu
+def test_tf32_solve_close_to_fp32_on_cuda(fast_path):
+    """dit_tf32 on a GPU: the TF32 solve stays within 2e-2 of the fp32 solve (10-bit mantissa inputs, fp32
+    accumulation, 3 RK4 steps of a tiny random DiT); the fp32 graph is untouched by it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dit = _dit("cuda")
+    cond, ref, code = _inputs(dit, 2, 7, device="cuda")
+    fp32 = _ours(dit, cond, ref, code, 5, num_steps=4)
+    fast_path("dit_tf32", True)
+    tf32 = _ours(dit, cond, ref, code, 5, num_steps=4)
+    fast_path("dit_tf32", False)
+    again = _ours(dit, cond, ref, code, 5, num_steps=4)
+    assert torch.equal(again, fp32)
+    err = (tf32 - fp32).abs().max() / fp32.abs().max()
+    assert err < 2e-2

@@ -12,7 +12,8 @@ import torch
 from omni_fast import fast_paths
 from omni_fast._layout import REPO_ROOT
 
-NAMES = ["gemv_splitk", "moe_splitk", "moe_starting_configs", "split_head_dim", "token2wav", "persistent_mtp",
+NAMES = ["gemv_splitk", "moe_splitk", "moe_starting_configs", "split_head_dim", "token2wav", "dit_tf32",
+         "persistent_mtp",
          "fused_step", "fused_pdl"]
 
 

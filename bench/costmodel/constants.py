@@ -38,6 +38,9 @@ class Constants:
     # peaks at ~660 of ~990 dense TFLOP/s). Kernels whose dots compile to neither use FMA: 1/16 of the rate.
     mma_sync_fraction: float = 0.66
     fma_fraction: float = 1 / 16
+    # TF32 tensor-core GEMMs (fp32 storage, 10-bit mantissa inputs): half the bf16 rate (H100 SXM datasheet: 494.7
+    # vs 989.4 dense TFLOP/s).
+    tf32_fraction: float = 0.5
     # Gap per kernel inside a CUDA graph, seconds: ~1.3 us on an H100 (Hazy Research, "Look Ma, No Bubbles!",
     # May 2025: launch + drain + ramp of back-to-back kernels even when graph-replayed).
     graph_node_s: float = 1.3e-6

@@ -216,8 +216,11 @@ def token2wav_units() -> list[Unit]:
     flops, weights = _dit_costs(cfg, 2, L)
     C, T, k = AMP["C"], AMP["T"], AMP["k"]
     amp_w = 6 * (C * C * k + C)  # 6 convs (fp32)
-    return [Unit(f"dit-step-T{L}", "token2wav", "graph", launch=_dit_step_call, cheap_count=True,
-                 min_bytes=weights + 4.0 * 2 * L * cfg.mel_dim * 2, flops=flops,
-                 params=dict(codes=DIT_CODES, mel_frames=L, rows=2, layers=cfg.num_hidden_layers)),
+    dit = dict(launch=_dit_step_call, cheap_count=True, min_bytes=weights + 4.0 * 2 * L * cfg.mel_dim * 2,
+               flops=flops, params=dict(codes=DIT_CODES, mel_frames=L, rows=2, layers=cfg.num_hidden_layers))
+    # transformers' fp32 (IEEE: the FMA units), and the opt-in fast path dit_tf32 (cuBLAS GEMMs as TF32)
+    return [Unit(f"dit-step-T{L}", "token2wav", "graph", math="fp32", **dit),
+            Unit(f"dit-step-tf32-T{L}", "token2wav", "graph", math="tf32", **dit),
             Unit(f"bigvgan-amp-block-C{C}-T{T}", "token2wav", "eager", launch=_amp_block_call, cheap_count=True,
-                 min_bytes=4.0 * (amp_w + 2 * C * T), flops=2.0 * 6 * C * C * k * T, params=dict(AMP))]
+                 min_bytes=4.0 * (amp_w + 2 * C * T), flops=2.0 * 6 * C * C * k * T, math="fp32",
+                 params=dict(AMP))]

@@ -16,7 +16,8 @@ cost (``eager_triton_s`` / ``eager_aten_s``), plus ``sync_s`` per host sync. Tor
 no bytes (small glue). A unit with no byte trace: its kernels' GPU work is the floor spread evenly, so
 predicted = ``floor + n * graph_node_s`` (graph) or ``max(n_host_cost, floor + n * graph_node_s)`` (eager).
 
-Floor: ``max(min_bytes / hbm_bytes_per_s, flops / mma_flops_per_s)``; ``floor_pct = 100 * floor / predicted``.
+Floor: ``max(min_bytes / hbm_bytes_per_s, flops / mma_flops_per_s)`` (the rate x ``fma_fraction`` for a unit whose
+GEMMs run in IEEE fp32, ``math="fp32"``: the FMA units; x ``tf32_fraction`` for ``"tf32"``); ``floor_pct = 100 * floor / predicted``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def assign_hbm(kernels: dict[str, dict], min_bytes: float) -> None:
 def predict(unit: dict, statics: dict[str, dict], c: Constants | None = None) -> dict:
     """Predicted seconds of a unit row (``kernels``, ``mode``, ``min_bytes``, ``flops``, ``syncs``, ``traced``)."""
     c = c or current()
-    floor = max(unit["min_bytes"] / c.hbm_bytes_per_s, unit["flops"] / c.mma_flops_per_s)
+    rate = c.mma_flops_per_s * {"fp32": c.fma_fraction, "tf32": c.tf32_fraction}.get(unit.get("math"), 1.0)
+    floor = max(unit["min_bytes"] / c.hbm_bytes_per_s, unit["flops"] / rate)
     kernels = unit["kernels"]
     n = sum(k["launches"] for k in kernels.values())
     host = sum(k["launches"] * (c.eager_triton_s if name.startswith("triton:") else c.eager_aten_s)

@@ -47,6 +47,10 @@ class Unit:
     # count launches without running the Triton kernels (counter.trace(execute=False)): only for units whose
     # Python never branches on a kernel's output, checked against the executed count in tests/test_cost_model.py
     cheap_count: bool = False
+    # the GEMMs' math: "bf16" (tensor cores, the default), "fp32" (IEEE fp32, torch's default matmul without TF32:
+    # the FMA units, rate x fma_fraction; the Qwen2.5-Omni Token2Wav runs so, as transformers does) or "tf32"
+    # (rate x tf32_fraction): the floor's compute rate
+    math: str = "bf16"
 
 
 def _g(seed=0):

@@ -21,10 +21,12 @@ length logic stay testable on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from .. import fast_paths
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from . import bigvgan_padded, dit_layers
@@ -148,11 +150,28 @@ def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: 
     return y
 
 
+@contextlib.contextmanager
+def _matmul_math(tf32: bool):
+    """cuBLAS fp32 GEMMs as TF32 inside (fast path ``dit_tf32``), restored after; a captured graph keeps the math
+    it was captured with. Nothing changes on the CPU (the flag is CUDA's)."""
+    if not tf32:
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "tf32") if hasattr(m, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(m, name)
+    setattr(m, name, value)
+    try:
+        yield
+    finally:
+        setattr(m, name, old)
+
+
 class _SolveGraph:
     """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend), optionally followed by
     the vocoder on the padded mel (:func:`synthesize`): static inputs, the graph, the static outputs."""
 
-    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None):
+    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None, tf32=False):
         cfg = dit.config
         S = codes * dit.repeats
         self.noise = torch.zeros(batch, S, dit.mel_dim, device=device, dtype=dtype)
@@ -168,11 +187,13 @@ class _SolveGraph:
             if vocoder is None:
                 return (y,)
             return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
-        self._run = run
+        self._run, self.tf32 = run, tf32
         if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
-            self.graph, self.out = None, run()
+            with _matmul_math(tf32):
+                self.graph, self.out = None, run()
             return
-        self.graph, self.out = capture(run, device)
+        with _matmul_math(tf32):
+            self.graph, self.out = capture(run, device)
 
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors."""
@@ -185,7 +206,9 @@ class _SolveGraph:
         self.spk.copy_(spk)
         self.lens.fill_(length)
         if self.graph is None:
-            for static, new in zip(self.out, self._run()):
+            with _matmul_math(self.tf32):
+                fresh = self._run()
+            for static, new in zip(self.out, fresh):
                 static.copy_(new)
         else:
             self.graph.replay()
@@ -221,11 +244,13 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
         cache.clear()
         cache["weights"] = weights
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
-    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder))
+    tf32 = fast_paths.enabled("dit_tf32") and conditioning.dtype == torch.float32
+    key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
+           tf32)
     graph = cache.get(key)
     if graph is None:
         graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
-                                         backend, vocoder)
+                                         backend, vocoder, tf32)
     return graph.run(noise, code, conditioning, spk, L)
 
 
