@@ -19,15 +19,14 @@ bench: setup
 	$(PY) -m omni_fast.bench
 
 # The whole suite: kernels vs references (Triton interpreter on a CPU, native on a GPU), references vs
-# transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; then the transformers-facing
-# tests again on the GPU image's transformers, and the static check compiled by its Triton (scripts/test_compat.sh).
-# Then the package as a user installs it (scripts/test_wheel.sh: pip wheel . and pip install . into a fresh venv,
-# selftest from outside the repository). The versions used are printed first (the newest pip resolved).
+# transformers, the sm_90a static check and the CMake/nvcc build of kernels/cuda; beside it (second core, printed
+# after the suite: scripts/test_all.sh) the transformers-facing tests again on the GPU image's transformers and the
+# static check compiled by its Triton (scripts/test_compat.sh), then the package as a user installs it
+# (scripts/test_wheel.sh: pip wheel . and pip install . into a fresh venv, selftest from outside the repository).
+# The versions used are printed first (the newest pip resolved). OMNI_FAST_TEST_SERIAL=1: one part after another.
 test: setup
 	$(PY) scripts/print_versions.py
-	$(PY) -m pytest -q -ra tests
-	bash scripts/test_wheel.sh $(PY)
-	bash scripts/test_compat.sh $(PY)
+	bash scripts/test_all.sh $(PY)
 
 # Only the GPU-marked tests (bf16, CUDA C++ through CuPy, CUDA graphs, real shapes); they skip without CUDA.
 test-gpu: setup

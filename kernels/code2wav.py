@@ -418,9 +418,16 @@ def _flags(x: torch.Tensor) -> dict:
     return dict(UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
 
 
-def _new_state(x: torch.Tensor, state: torch.Tensor | None, ctx: int) -> torch.Tensor:
-    """The last ``ctx`` raw samples of ``cat(state or zeros, x)``."""
+def _new_state(x: torch.Tensor, state: torch.Tensor | None, ctx: int, update_state: bool = False) -> torch.Tensor:
+    """The last ``ctx`` raw samples of ``cat(state or zeros, x)``; ``update_state``: written into ``state`` (after
+    the conv that read it, stream-ordered; one copy when ``T >= ctx``) and an empty placeholder returned."""
     B, C, T = x.shape
+    if update_state:
+        if ctx and T >= ctx:
+            state.copy_(x[..., T - ctx:])
+        elif ctx:  # the shifted old context overlaps its destination: through a fresh tensor
+            state.copy_(torch.cat((state[..., T:], x), dim=-1))
+        return x.new_empty(0)
     if ctx == 0:
         return x.new_empty(B, C, 0)
     if T >= ctx:
@@ -444,11 +451,13 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
     return out
 
 
-def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None):
+def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None, *,
+                  update_state: bool = False):
     """Dense or depthwise causal conv; arguments as :func:`omni_fast.reference.code2wav.causal_conv1d` (validated).
 
     x ``[B, C_in, T]``, weight ``[C_out, C_in/groups, k]`` (any strides; packed is fastest), state
-    ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``.
+    ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``;
+    ``update_state``: the new state is written into ``state`` and an empty placeholder returned.
 
     ``padding`` (non-causal, no state): ``nn.Conv1d(padding=p)``'s zero padding of ``p`` samples on both sides
     instead of the causal left context. The kernels read ``cat(zeros[ctx], x)`` and zeros past the end of x, so this
@@ -485,10 +494,10 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                       *xin.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
                      out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
                      KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
-    return out, (_new_state(x, state, ctx) if padding is None else None)
+    return out, (_new_state(x, state, ctx, update_state) if padding is None else None)
 
 
-def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
+def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state, *, update_state: bool = False):
     """Causal transposed conv (k = m * stride); arguments as the reference's (validated).
 
     x ``[B, C_in, L]``, weight ``[C_in, C_out, k]`` (packed with :func:`pack_transposed` to avoid a copy), state
@@ -516,6 +525,8 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state):
                   row_stride, s_ci, -stride * s_k),
                  out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
                  KSIZE=m, PHASES=stride, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
+    if update_state:  # (validated: a state is given; as a conv1d state with the transposed conv's context)
+        return out, _new_state(x, state, m - 1, True)
     return out, _new_state_transposed(x, state, m - 1)
 
 

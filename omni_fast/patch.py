@@ -23,17 +23,18 @@ What is replaced, and how (transformers' own extension points first, module swap
   no host sync in omni-fast's code.
 - Code2Wav (no extension point): the module's forward runs :class:`omni_fast.models.Code2Wav` (fused conv kernels);
   its ``chunked_decode`` keeps transformers' chunking on top of that forward.
-- Qwen2.5-Omni's talker decode (no extension point): the talker text model's forward hands transformers' prefill KV
-  to :class:`omni_fast.models.MoeTextDecoder` and runs every later step on it
-  (:mod:`omni_fast.integrations.qwen25_talker`).
+- Decode (no extension point): the text model of the Qwen3-Omni thinker and talker and of the Qwen2.5-Omni talker
+  hands transformers' prefill KV to :class:`omni_fast.models.MoeTextDecoder` and runs every later ``generate`` step
+  on it, returning the hidden states ``generate`` reads (:mod:`omni_fast.integrations.decode_takeover`; greedy
+  text and codes identical to transformers' on the CPU).
 - The MTP code predictor's per-frame ``generate`` (no extension point): the talker's
   ``prepare_inputs_for_generation`` calls :meth:`omni_fast.models.CodePredictor.predict_frame` instead
   (:func:`omni_fast.models.install_on_talker`; greedy decoding is identical, sampling uses omni-fast's RNG).
 
 Opt-in fast paths (:mod:`omni_fast.fast_paths`): ``persistent_mtp`` makes the swapped-in MTP frame step one
-persistent launch (read per frame); ``fused_step`` gives Qwen2.5-Omni's talker decoder the phase-fused step where
-it applies (the dense talker does not: it keeps the ops path, and the report says why); ``token2wav`` swaps the
-Qwen2.5-Omni Token2Wav pieces in. The report names each path's setting.
+persistent launch (read per frame); ``fused_step`` gives those decoders the phase-fused step where it applies
+(Qwen3-Omni's MoE thinker and talker: 3 launches per layer; Qwen2.5-Omni's dense talker keeps the ops path, and the
+report says why); ``token2wav`` swaps the Qwen2.5-Omni Token2Wav pieces in. The report names each path's setting.
 
 Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
 omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
@@ -79,6 +80,8 @@ _ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, ro
     "Qwen3OmniMoeCode2WavAttention",
     "Qwen2_5OmniAttention",
 }
+# Text models whose generate decode steps run on models.MoeTextDecoder (integrations.decode_takeover)
+_TAKEOVER = {"Qwen2_5OmniTalkerModel", "Qwen3OmniMoeTalkerModel", "Qwen3OmniMoeThinkerTextModel"}
 _EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
 _TOKEN2WAV = {"Qwen2_5OmniAntiAliasedActivation1d", "Qwen2_5OmniAMPBlock", "Qwen2_5OmniToken2WavDiTModel",
               "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final"}
@@ -463,10 +466,10 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
                                       + _frame_words())] = 1
-        elif cls == "Qwen2_5OmniTalkerModel" and part in wanted:  # decode steps -> models.MoeTextDecoder
-            from .integrations.qwen25_talker import install
+        elif cls in _TAKEOVER and part in wanted:  # decode steps -> models.MoeTextDecoder
+            from .integrations.decode_takeover import install
 
-            counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend)))] = 1
+            counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend), root=model))] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             if part in wanted and attention_ready:
                 _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)

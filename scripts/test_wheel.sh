@@ -25,9 +25,15 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" "torch==${TORCH_VERSION%%+*}"        # the local CPU wheel on the project's machines
 fi
 
-rm -rf .pybuild  # setuptools' scratch folder (setup.py): no stale module from an earlier build in the wheel
+# Built from a copy of the tree (what a clean clone holds, without the venvs and build folders): setuptools' scratch
+# folder (.pybuild, setup.py) then starts empty, and is not shared with the suite's own wheel test, which
+# scripts/test_all.sh runs at the same time.
+SRC="$WORK/src"
+mkdir -p "$SRC"
+tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.compat --exclude=./.pybuild --exclude=./build \
+  --exclude=./dist --exclude=./.whl --exclude=./.pytest_cache --exclude='*.egg-info' -cf - . | tar -C "$SRC" -xf -
 echo "[wheel] pip wheel ."
-"$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/dist" "$REPO"
+"$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/dist" "$SRC"
 WHEEL=$(ls "$WORK"/dist/omni_fast-*.whl)
 echo "[wheel] built $(basename "$WHEEL"); installing it into a fresh venv"
 "${PIP[@]}" -c "$WORK/constraints.txt" "$WHEEL"
@@ -35,7 +41,7 @@ echo "[wheel] built $(basename "$WHEEL"); installing it into a fresh venv"
 (cd "$WORK" && "$VPY" -c "import omni_fast.bench.static_check, omni_fast.kernels.cuda_rope as c; assert c.SOURCE.is_file(), c.SOURCE")
 (cd "$WORK" && "$WORK/venv/bin/omni-fast" --help >/dev/null)
 
-echo "[wheel] pip install . (from the source tree)"
-"${PIP[@]}" --no-deps --force-reinstall "$REPO"
+echo "[wheel] pip install . (from the source tree's copy)"
+"${PIP[@]}" --no-deps --force-reinstall "$SRC"
 (cd "$WORK" && "$VPY" -m omni_fast.selftest)
 echo "[wheel] PASS: pip wheel . and pip install . both install a working package"

@@ -178,6 +178,42 @@ def test_kernel_streaming_states_continue_exactly():
     torch.testing.assert_close(torch.cat(parts_t, -1), whole_t, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_update_state_writes_the_new_state_in_place(backend):
+    """``update_state=True`` gives the same output and, in ``state`` itself, the state the plain call returns, for
+    chunks longer and shorter than the context (the shorter one shifts the old context), conv and transposed."""
+    x = torch.randn(2, 6, 29, device=DEVICE)
+    w = torch.randn(5, 6, 7, device=DEVICE) * 0.3
+    wt = torch.randn(6, 5, 6, device=DEVICE) * 0.3
+    snake = _snake_params(6, torch.float32)
+    st, st_t = torch.randn(2, 6, 18, device=DEVICE), torch.randn(2, 6, 1, device=DEVICE)
+    for a, e in ((0, 1), (1, 2), (2, 11), (11, 29)):
+        chunk = x[..., a:e]
+        y, new = omni_fast.ops.causal_conv1d(chunk, w, dilation=3, snake=snake, state=st, backend=backend)
+        buf = st.clone()
+        y2, same = omni_fast.ops.causal_conv1d(chunk, w, dilation=3, snake=snake, state=buf, update_state=True,
+                                               backend=backend)
+        assert same is buf and torch.equal(y2, y) and torch.equal(buf, new)
+        yt, new_t = omni_fast.ops.causal_conv_transpose1d(chunk, wt, stride=3, snake=snake, state=st_t,
+                                                          backend=backend)
+        buf_t = st_t.clone()
+        yt2, same_t = omni_fast.ops.causal_conv_transpose1d(chunk, wt, stride=3, snake=snake, state=buf_t,
+                                                            update_state=True, backend=backend)
+        assert same_t is buf_t and torch.equal(yt2, yt) and torch.equal(buf_t, new_t)
+        st, st_t = new, new_t
+
+
+def test_update_state_bad_input():
+    x, w = torch.randn(1, 4, 8, device=DEVICE), torch.randn(4, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="update_state=True needs a state"):
+        omni_fast.ops.causal_conv1d(x, w, update_state=True)
+    with pytest.raises(TypeError, match="update_state"):
+        omni_fast.ops.causal_conv1d(x, w, state=torch.zeros(1, 4, 2, device=DEVICE), update_state=1)
+    buf = torch.zeros(1, 4, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="state must not overlap x"):  # column 1 is read as x while written
+        omni_fast.ops.causal_conv1d(buf[..., 1:9], w, state=buf[..., :2], update_state=True)
+
+
 @pytest.fixture(params=[True, False], ids=["preact", "fused"])
 def snake_path(request, monkeypatch):
     """Force every SnakeBeta conv onto one path: activated once into a buffer (the large-batch path,

@@ -162,3 +162,30 @@ def test_persistent_frame_needs_triton_to_run(monkeypatch):
     with pytest.raises(ZeroDivisionError):  # and with it, the persistent frame
         cp.predict_frame(h, c0, use_graph=False, backend="triton")
     assert ran
+
+
+def test_an_own_persistent_setting_wins_over_the_fast_path(base, fast_path):
+    """The pipeline re-reads persistent_mtp before each stream (``_refresh_fast_stages``): a code predictor whose
+    ``persistent`` was set by hand keeps it whichever way the switch goes; ``None`` hands it back to the switch."""
+    pipe = Qwen3Omni(base.model, tokenizer=base.tokenizer)
+    try:
+        cp = pipe.code_predictor.cp
+        for own in (True, False):
+            cp.persistent = own
+            for on in (False, True):
+                fast_path("persistent_mtp", on)
+                pipe._refresh_fast_stages()
+                assert pipe.code_predictor.cp is cp and cp.persistent is own, (own, on)
+        cp.persistent = None
+        for on in (False, True):
+            fast_path("persistent_mtp", on)
+            pipe._refresh_fast_stages()
+            assert cp.persistent is on
+        # constructor argument: the object's own choice too
+        from omni_fast.models import CodePredictor
+
+        talker = base.model.talker
+        own = CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings(), persistent=False)
+        assert own.follow_fast_path().persistent is False
+    finally:
+        omni_fast.unpatch(base.model)

@@ -106,6 +106,39 @@ def test_fused_step_thinker_without_shared_expert():
     torch.testing.assert_close(hg, hw, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_recorded_layer_outputs_are_transformers_hidden_states(fused):
+    """``record_layers={i}``: each step keeps the residual after layer i - 1, transformers' ``hidden_states[i]``
+    (what the decode takeover hands generate); ops path and fused step, 3 layers, left-padded batch of 2."""
+    from transformers import DynamicCache
+
+    from omni_fast.integrations.hf_compat import with_cache
+
+    m, head = _model("talker", seed=4, num_hidden_layers=3, **TALKER)
+    mask = _left_padded([4, 2], 4)
+    pos3 = _text_positions(mask)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="triton", fused=fused)
+    dec.record_layers = frozenset({1, 2})
+    dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=2)
+    e = torch.randn(2, 1, m.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    pos = pos3[:, :, -1:] + 1
+    _, hidden = dec.step(e[:, 0], pos[:, :, 0])
+    cache = DynamicCache(config=m.config)  # transformers: the same prefill, then the same token
+    with torch.no_grad():
+        m(inputs_embeds=torch.randn(2, 4, m.config.hidden_size, generator=torch.Generator().manual_seed(1)),
+          attention_mask=mask, position_ids=pos3, use_cache=True, **with_cache(cache))
+        out = m(inputs_embeds=e, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                position_ids=pos, use_cache=True, output_hidden_states=True, **with_cache(cache))
+    for i in (1, 2):
+        torch.testing.assert_close(dec.recorded(i), out.hidden_states[i][:, 0], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(hidden, out.hidden_states[3][:, 0], rtol=1e-5, atol=2e-5)
+    with pytest.raises(KeyError, match="not recorded"):
+        dec.recorded(3)
+    dec.record_layers = frozenset({3})  # N is the step's hidden, 0 its input: nothing to record
+    with pytest.raises(ValueError, match="record_layers"):
+        dec.load_prefill(_prefill(m, mask, pos3), mask)
+
+
 def test_fused_step_fp16_greedy_tokens():
     """fp16 (the interpreter upcasts the dots): greedy tokens as the ops path, logits within fp16 rounding."""
     m, head = _model("talker", seed=4, dtype=torch.float16, **TALKER)

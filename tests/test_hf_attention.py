@@ -352,3 +352,41 @@ def test_gpu_padded_batch_no_host_sync_bf16():
             torch.cuda.set_sync_debug_mode("default")
         rows = real[:, -q_len:]
         torch.testing.assert_close(got[rows].float(), want[:, -q_len:][rows].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["causal", "padded", "packed", "window"])
+def test_autograd_runs_through_the_pure_pytorch_path(case):
+    """The kernels have no backward: with autograd recording, the attention function gives eager's output AND
+    eager's gradients (no mask / 2-D padding mask / packed cu_seqlens / sliding window)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hk, S, D = (1 if case == "packed" else 2), 4, 2, 7, 8
+    q, k, v = (torch.randn(B, h, S, D, generator=g, requires_grad=True) for h in (Hq, Hk, Hk))
+    module = torch.nn.Module()
+    module.is_causal = True
+    kwargs, mask4 = {}, torch.ones(B, 1, S, S, dtype=torch.bool).tril()
+    mask2 = None
+    if case == "padded":
+        mask2 = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+        mask4 = mask4 & mask2.bool()[:, None, None, :]
+    elif case == "packed":
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+        block = torch.zeros(S, S, dtype=torch.bool)
+        block[:3, :3] = block[3:, 3:] = True
+        mask4 = mask4 & block
+    elif case == "window":
+        kwargs = dict(sliding_window=3)
+        mask4 = mask4 & torch.ones(S, S, dtype=torch.bool).triu(-2)
+    out, _ = omni_fast_attention_forward(module, q, k, v, mask2, scaling=D ** -0.5, **kwargs)
+    kk, vv = (t.repeat_interleave(Hq // Hk, dim=1) for t in (k, v))
+    scores = (q @ kk.transpose(2, 3) * D ** -0.5).masked_fill(~mask4, torch.finfo(q.dtype).min)  # eager's rule
+    expect = (torch.softmax(scores, dim=-1) @ vv).transpose(1, 2)
+    real = torch.ones(B, S, dtype=torch.bool)
+    if case == "padded":  # the padded query rows: meaningless either way, left out of the loss (as a loss masks them)
+        real[0, :2] = False
+    w = real[:, :, None, None].float()
+    grads = torch.autograd.grad((out.square() * w).sum(), (q, k, v))
+    torch.testing.assert_close(out * w, expect * w, rtol=1e-5, atol=1e-6)
+    e_grads = torch.autograd.grad((expect.square() * w).sum(), (q, k, v))
+    for got, want in zip(grads, e_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noqa: E402
 
-from omni_fast.integrations import qwen25_talker  # noqa: E402
+from omni_fast.integrations import decode_takeover, qwen25_talker  # noqa: E402
 from omni_fast.integrations.hf_compat import output_cache, with_cache  # noqa: E402
 from omni_fast.models import MoeTextDecoder  # noqa: E402
 from omni_fast.models.presets import tiny_qwen2_5_omni_config  # noqa: E402
@@ -100,7 +100,7 @@ def test_generate_greedy_codes_identical_left_padded_batch(model, decode_steps, 
     """Batch of 2 prompts (left padded): same text tokens, same talker codes, same waveform (Token2Wav is not
     swapped by default: same codes and noise give transformers' waveform bit for bit). The decoder's cache starts
     with room for 3 steps: generate runs past it and the cache grows (``MoeTextDecoder.reserve``)."""
-    monkeypatch.setattr(qwen25_talker, "INITIAL_STEPS", 3)
+    monkeypatch.setattr(decode_takeover, "INITIAL_STEPS", 3)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0

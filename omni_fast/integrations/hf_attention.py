@@ -22,6 +22,10 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
 - **any other mask** (a 4-D bool or additive float mask built by the caller): not expressible as FlashAttention
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
+Autograd: the kernels have no backward, so a call that autograd records (grad enabled and query/key/value
+requiring grad: fine-tuning through a patched model) runs the same masks in pure PyTorch (the reference's masked
+attention; one host sync for cu_seqlens), and the gradients flow as through eager attention.
+
 Backend: the one :func:`omni_fast.patch` pinned on the calling module (``module._omni_fast_backend``, from
 ``patch(model, backend=...)``), else the ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto).
 
@@ -127,6 +131,35 @@ def _masked_fallback(query, key, value, mask, scale):
     return torch.matmul(p, v).transpose(1, 2).contiguous()
 
 
+def _differentiable(query, key, value, attention_mask, cu_q, cu_k, scale, window):
+    """The same attention in pure PyTorch (the reference's masked attention), for calls that autograd records: the
+    kernels have no backward. Masks as the kernel paths read them (cu_seqlens, a 2-D padding mask in the padded
+    layout, none); a 4-D mask takes :func:`_masked_fallback`, itself differentiable."""
+    from ..reference.attention import masked_attention, varlen_mask, visible
+
+    def one(q, k, v, mask):  # [Hq, Sq, D] / [Hk, Sk, D] -> [Sq, Hq, D]
+        # a query without a visible key (left padding) sees every key instead: its output is meaningless either
+        # way (the kernel gives zeros, eager an average), and an all-masked softmax row would send NaN gradients
+        mask = mask | ~mask.any(-1, keepdim=True)
+        return masked_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale)[0]
+
+    causal = window[1] == 0
+    if cu_q is not None:
+        return one(query[0], key[0], value[0], varlen_mask(cu_q, cu_k, causal=causal, window_size=window))[None]
+    B, _, Sq, _ = query.shape
+    Sk = key.shape[2]
+    pattern = visible(Sq, Sk, window[0], 0 if causal else window[1], query.device)
+    if attention_mask is not None and attention_mask.dim() == 2:  # padded keys, as :func:`_padded` reads them
+        L = min(attention_mask.shape[1], Sk)
+        real = F.pad(attention_mask[:, attention_mask.shape[1] - L:].bool(), (0, Sk - L), value=False)
+        return torch.stack([one(query[b], key[b], value[b], pattern & real[b][None]) for b in range(B)])
+    return torch.stack([one(query[b], key[b], value[b], pattern) for b in range(B)])
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def omni_fast_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -159,6 +192,12 @@ def omni_fast_attention_forward(
     backend = pinned_backend(module)
 
     cu_q, cu_k = _cu_from_kwargs(kwargs)
+    if _records_grad(query, key, value) and (attention_mask is None or attention_mask.dim() == 2):
+        if cu_q is None and attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
+            cu_q = cu_k = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
+        if cu_q is not None and attention_mask is not None:
+            raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
+        return _differentiable(query, key, value, attention_mask, cu_q, cu_k, scale, window), None
     if cu_q is not None:
         if attention_mask is not None:
             raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")

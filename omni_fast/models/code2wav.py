@@ -66,6 +66,10 @@ class StreamState:
     batch_size: int
     pos: torch.Tensor  # int64 [B] device tensor: each row's position of its next frame
     kv: list  # per pre-transformer layer: (k, v) [B, W-1, Hk, D] each
+    # [2, layers, B, W-1, Hk, D]: the storage of every kv entry (kv[i] = (kv_stack[0, i], kv_stack[1, i])), so a
+    # push moves all layers' caches with one copy in and one gather out; None (or kv entries that are not these
+    # views) -> one copy and one gather per layer and tensor
+    kv_stack: torch.Tensor | None = None
     conv: dict = field(default_factory=dict)  # per conv layer: raw left context [B, C_in, ctx] (absent at start)
     # bool [B] device tensor: rows reset since their last push (their next push starts a new utterance mid-stream)
     fresh: torch.Tensor | None = None
@@ -419,47 +423,62 @@ class Code2WavStream:
         first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
                       else "pre_transformer.norm.weight")
         x = mtp_layers.add_rms_norm_(h, None, m.sd[first_norm], eps=eps, backend=be)
+        stack = _stacked_kv(st)
+        if stack is not None:  # every layer's working cache in one buffer: one copy in here, one gather out below
+            work = torch.empty(stack.shape[:3] + (keep + t,) + stack.shape[4:], dtype=h.dtype, device=dev)
+            work[:, :, :, :keep].copy_(stack)
         for i, w in enumerate(m._fused):
             qkv = F.linear(x, w["qkv"], w["qkv_bias"]).view(B, t, nq + 2 * nk, D)
             q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nk], qkv[:, :, nq + nk:]
             ops.mrope(q.view(N, nq, D), k.view(N, nk, D), positions, mrope_section=(D // 2, 0, 0),
                       interleaved=False, inv_freq=m._inv_freq, backend=be)
             past_k, past_v = st.kv[i]
-            k_cache = torch.empty(B, keep + t, nk, D, dtype=h.dtype, device=dev)
-            v_cache = torch.empty_like(k_cache)
-            k_cache[:, :keep].copy_(past_k)
-            v_cache[:, :keep].copy_(past_v)
+            if stack is not None:
+                k_cache, v_cache = work[0, i], work[1, i]
+            else:
+                k_cache = torch.empty(B, keep + t, nk, D, dtype=h.dtype, device=dev)
+                v_cache = torch.empty_like(k_cache)
+                k_cache[:, :keep].copy_(past_k)
+                v_cache[:, :keep].copy_(past_v)
             o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True,
                                             window_size=(keep, 0), backend=be)
-            torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
-            torch.gather(v_cache, 1, keep_rows, out=past_v)
-            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])
-            x = mtp_layers.add_rms_norm_(h, w["attn_scale"] * o, w["post_norm"], eps=eps, backend=be)
+            if stack is None:
+                torch.gather(k_cache, 1, keep_rows, out=past_k)  # in place: fixed addresses for CUDA graphs
+                torch.gather(v_cache, 1, keep_rows, out=past_v)
+            o = F.linear(o.reshape(N, nq * D), w["o"], w["o_bias"])  # o / down carry the layer scales
+            x = mtp_layers.add_rms_norm_(h, o, w["post_norm"], eps=eps, backend=be)
             mlp = F.linear(mtp_layers.silu_mul(F.linear(x, w["gate_up"]), backend=be), w["down"])
-            x = mtp_layers.add_rms_norm_(h, w["mlp_scale"] * mlp, w["next_norm"], eps=eps, backend=be)
+            x = mtp_layers.add_rms_norm_(h, mlp, w["next_norm"], eps=eps, backend=be)
+        if stack is not None:  # each layer's new state, all in one gather (in place: fixed addresses for graphs)
+            torch.gather(work, 3, keep_rows.expand(stack.shape), out=stack)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
     def _keep_state(self, name: str, new: torch.Tensor) -> None:
         """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
         conv = self.state.conv
         old = conv.get(name)
+        if new is old:  # the op updated it in place (update_state)
+            return
         if old is not None and old.shape == new.shape:
-            old.copy_(new)
+            if new.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to copy
+                old.copy_(new)
         else:
             conv[name] = new
 
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
         sd = self.model.sd
+        state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
-                                   groups=groups, snake=snake, residual=residual, state=self.state.conv.get(name),
-                                   backend=self.model.backend)
+                                   groups=groups, snake=snake, residual=residual, state=state,
+                                   update_state=state is not None, backend=self.model.backend)
         self._keep_state(name, new)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
         sd = self.model.sd
+        state = self.state.conv.get(name)
         y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                             snake=snake, state=self.state.conv.get(name),
+                                             snake=snake, state=state, update_state=state is not None,
                                              backend=self.model.backend)
         self._keep_state(name, new)
         return y
@@ -501,10 +520,24 @@ def _new_state(model: Code2Wav, batch_size: int) -> StreamState:
     cfg = model.config
     shape = _kv_shape(cfg, batch_size)
     # zeros, not empty: the stale rows are never attended to, but they are copied around and must stay finite
-    kv = [(torch.zeros(shape, dtype=model.dtype, device=model.device),
-           torch.zeros(shape, dtype=model.dtype, device=model.device)) for _ in range(cfg.num_hidden_layers)]
+    stack = torch.zeros((2, cfg.num_hidden_layers) + shape, dtype=model.dtype, device=model.device)
+    kv = [(stack[0, i], stack[1, i]) for i in range(cfg.num_hidden_layers)]
     return StreamState(cfg, batch_size, pos=torch.zeros(batch_size, dtype=torch.long, device=model.device), kv=kv,
-                       fresh=torch.zeros(batch_size, dtype=torch.bool, device=model.device))
+                       fresh=torch.zeros(batch_size, dtype=torch.bool, device=model.device), kv_stack=stack)
+
+
+def _stacked_kv(st: StreamState) -> torch.Tensor | None:
+    """``st.kv_stack`` when every ``st.kv`` entry is still its view (host-side pointer checks, no sync), else None."""
+    stack = st.kv_stack
+    if stack is None or stack.dim() != 6 or stack.shape[1] != len(st.kv):
+        return None
+    for i, pair in enumerate(st.kv):
+        for j, t in enumerate(pair):
+            view = stack[j, i]
+            if (t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride()
+                    or t.dtype != stack.dtype):
+                return None
+    return stack
 
 
 def _check_state_format(state: StreamState, batch_size: int) -> None:

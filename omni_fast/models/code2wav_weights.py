@@ -13,16 +13,24 @@ from ..reference.code2wav import Code2WavConfig
 def _fuse_layer(cfg: Code2WavConfig, sd: dict, prefix: str) -> dict:
     """One pre-transformer layer's weights for :meth:`Code2WavStream._pre_transformer`: q/k/v rows concatenated
     (``[(Hq + 2 Hk) D, H]``) and gate/up rows (``[2 I, H]``, the layout ``silu_mul`` reads); the per-projection
-    entries of ``sd`` are replaced by views of the fused tensors (no second copy). ``next_norm`` is the next
+    entries of ``sd`` are replaced by views of the fused tensors (no second copy); ``o`` / ``down`` carry the layer
+    scales (see below). ``next_norm`` is the next
     layer's input norm, or the final norm after the last layer (the residual add and the norm run fused)."""
     a, mlp = prefix + "self_attn.", prefix + "mlp."
     names = [a + "q_proj", a + "k_proj", a + "v_proj"]
     w = {"qkv": _fuse(sd, [n + ".weight" for n in names]),
          "qkv_bias": _fuse(sd, [n + ".bias" for n in names]) if cfg.attention_bias else None,
-         "o": sd[a + "o_proj.weight"], "o_bias": sd.get(a + "o_proj.bias") if cfg.attention_bias else None,
-         "gate_up": _fuse(sd, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]), "down": sd[mlp + "down_proj.weight"],
-         "post_norm": sd[prefix + "post_attention_layernorm.weight"],
-         "attn_scale": sd[prefix + "self_attn_layer_scale.scale"], "mlp_scale": sd[prefix + "mlp_layer_scale.scale"]}
+         "gate_up": _fuse(sd, [mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+         "post_norm": sd[prefix + "post_attention_layernorm.weight"]}
+    # The layer scales (per output channel) folded into o_proj / down_proj once: scale * (W x + b) = (scale W) x +
+    # scale b, so the residual add takes the GEMM's output as it is (no elementwise launch per sub-layer). A copy of
+    # these two weights (the only ones of the pre-transformer not shared with the state dict); the rounding of
+    # scale * W is one rounding of the weight dtype, the order of the reference's own rounding of scale * o.
+    attn_scale, mlp_scale = sd[prefix + "self_attn_layer_scale.scale"], sd[prefix + "mlp_layer_scale.scale"]
+    o_bias = sd.get(a + "o_proj.bias") if cfg.attention_bias else None
+    w["o"] = sd[a + "o_proj.weight"] * attn_scale[:, None]
+    w["o_bias"] = o_bias * attn_scale if o_bias is not None else None
+    w["down"] = sd[mlp + "down_proj.weight"] * mlp_scale[:, None]
     i = int(prefix.split(".")[-2])
     w["next_norm"] = sd[f"pre_transformer.layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.num_hidden_layers
                         else "pre_transformer.norm.weight"]

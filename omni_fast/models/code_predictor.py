@@ -123,13 +123,16 @@ class CodePredictor(torch.nn.Module):
     """
 
     def __init__(self, config: Any = None, *, dtype=torch.float32, device="cpu", codec_vocab_size: int = 0,
-                 fused: bool = True, persistent: bool = False):
+                 fused: bool = True, persistent: bool | None = None):
         super().__init__()
         # Fused GEMV layer kernels (5 launches per layer) or the cuBLAS + small-op path (9); see the module doc.
         self.fused = bool(fused)
         # Opt-in: the whole frame as ONE launch of the persistent kernel (docs/persistent.md); not yet proven on a
-        # GPU, so the graph-of-kernels path stays the default and the fallback.
-        self.persistent = bool(persistent)
+        # GPU, so the graph-of-kernels path stays the default and the fallback. True / False set here (or assigned
+        # later) is this object's own choice and wins over the persistent_mtp fast path; None follows the fast path
+        # where the pipeline / patch apply it (follow_fast_path), and is off elsewhere.
+        self._persistent_own: bool | None = None if persistent is None else bool(persistent)
+        self._persistent_followed = False
         self._persistent: dict[tuple, Any] = {}
         c = self.config = CodePredictorConfig.from_any(config or CodePredictorConfig())
         G, V, H = c.num_code_groups, c.vocab_size, c.hidden_size
@@ -152,13 +155,15 @@ class CodePredictor(torch.nn.Module):
 
     @classmethod
     def from_state_dict(cls, config: Any, sd: Mapping[str, torch.Tensor], *, codec_embedding=None, dtype=None,
-                        device=None, fused: bool = True, persistent: bool = False) -> "CodePredictor":
+                        device=None, fused: bool = True, persistent: bool | None = None) -> "CodePredictor":
         """From a state dict with transformers' key names (``model.layers.{i}.self_attn.q_proj.weight``, ...,
         ``model.codec_embedding.{g}.weight``, ``lm_head.{g}.weight``; a ``talker.code_predictor.`` or
         ``code_predictor.`` prefix is stripped). ``codec_embedding``: the Talker's codebook-0 table (an
         ``nn.Embedding`` or a ``[V0, H]`` tensor), needed to embed ``c0``. ``fused``: the layer path (module doc).
         ``persistent`` (opt-in, fused path only): the whole frame as ONE launch of the persistent kernel
-        (:mod:`omni_fast.models.persistent`, docs/persistent.md); fp64 and the reference backend keep the op path."""
+        (:mod:`omni_fast.models.persistent`, docs/persistent.md); fp64 and the reference backend keep the op path.
+        None (default): off, unless the pipeline / ``patch`` that built it follow the ``persistent_mtp`` fast path
+        (:attr:`persistent`)."""
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype
@@ -195,11 +200,31 @@ class CodePredictor(torch.nn.Module):
 
     @classmethod
     def from_transformers(cls, module: torch.nn.Module, codec_embedding=None, *, fused: bool = True,
-                          persistent: bool = False) -> "CodePredictor":
+                          persistent: bool | None = None) -> "CodePredictor":
         """From a transformers ``Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration`` (weights copied)
         and optionally the Talker's codebook-0 embedding (``talker.get_input_embeddings()``)."""
         return cls.from_state_dict(module.config, module.state_dict(), codec_embedding=codec_embedding, fused=fused,
                                    persistent=persistent)
+
+    @property
+    def persistent(self) -> bool:
+        """Whether frames run as one persistent launch: this object's own setting (constructor or assignment) when
+        it has one, else the ``persistent_mtp`` fast path as :meth:`follow_fast_path` last read it (False when
+        never). Assigning True / False makes it this object's own choice, which the fast path no longer changes;
+        assigning None hands it back to the fast path."""
+        return self._persistent_followed if self._persistent_own is None else self._persistent_own
+
+    @persistent.setter
+    def persistent(self, value: bool | None) -> None:
+        self._persistent_own = None if value is None else bool(value)
+
+    def follow_fast_path(self) -> "CodePredictor":
+        """Read the ``persistent_mtp`` fast path (:mod:`omni_fast.fast_paths`) for :attr:`persistent` (the pipeline
+        and ``patch`` call this before each stream / frame); an own setting still wins. Returns self."""
+        from .. import fast_paths
+
+        self._persistent_followed = fast_paths.enabled("persistent_mtp")
+        return self
 
     # --- one frame ------------------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
 
     c = dec.config
     resid = st.x.clone()  # the residual stream, updated in place by phases 2 and 3
-    for layer, (kc, vc) in zip(dec.layers, st.caches):
+    for i, (layer, (kc, vc)) in enumerate(zip(dec.layers, st.caches)):
         tf.qkv_phase(resid, layer.input_norm, layer.q, layer.k, layer.v, ws.qkv, kc, vc, st.cache_seqlens, st.pos,
                      dec.inv_freq, layer.q_norm, layer.k_norm, ws.head_counters, c.rms_norm_eps, c.mrope_section,
                      c.interleaved, c.attention_scaling)
@@ -80,7 +80,9 @@ def fused_body(dec: "MoeTextDecoder", st: "_State", ws: FusedWorkspace) -> tuple
         tf.moe_phase(resid, layer.post_norm, layer.router, layer.w13, layer.w2, layer.shared_w13, layer.shared_w2,
                      layer.shared_gate, layer.top_k, layer.renormalize, ws.logits, ws.act, ws.moe_part,
                      ws.counters[1], c.rms_norm_eps)
+        if i + 1 in st.recorded:  # transformers' hidden_states[i + 1]: the residual after layer i
+            st.recorded[i + 1].copy_(resid)
     st.cache_seqlens.add_(1)  # every layer appended this token
     x = add_rms_norm_(resid, None, dec.norm, c.rms_norm_eps)
     # the head as the batch-invariant GEMV (cuBLAS / torch's mm may pick a different reduction per batch size)
-    return norm_linear(x, None, dec.head, 0.0, False), x
+    return (None if dec.head is None else norm_linear(x, None, dec.head, 0.0, False)), x  # headless: the caller's

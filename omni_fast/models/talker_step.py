@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import fast_paths
 from .._bound import BoundMethod
 from ..backend import pinned_backend
 from ..validation import REAL_DTYPES, check_positive_int, check_tensor
@@ -82,10 +81,11 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
 
 
 def follow_fast_paths(cp: CodePredictor) -> CodePredictor:
-    """``cp`` with its ``persistent`` setting from the ``persistent_mtp`` fast path (a plain attribute: the
-    persistent frames and captured graphs are cached per setting, nothing is rebuilt when it flips back)."""
-    cp.persistent = fast_paths.enabled("persistent_mtp")
-    return cp
+    """``cp`` with its ``persistent`` setting from the ``persistent_mtp`` fast path, unless ``cp`` has its own
+    (``CodePredictor(persistent=True/False)`` or ``cp.persistent = ...``: the object's explicit setting wins; see
+    :attr:`CodePredictor.persistent`). The persistent frames and captured graphs are cached per setting: nothing is
+    rebuilt when it flips back."""
+    return cp.follow_fast_path()
 
 
 def _prepare_inputs_with_fast_mtp(self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False,

@@ -129,6 +129,8 @@ class _State:
         self.x = torch.zeros(bucket, c.hidden_size, device=dev, dtype=dt)
         self.pos = torch.zeros(3, bucket, device=dev, dtype=torch.float64 if fractional else torch.int64)
         self.steps_left = 0
+        # the residual after layer i - 1 (transformers' hidden_states[i]) per recorded index, copied every step
+        self.recorded = {i: torch.zeros(bucket, c.hidden_size, device=dev, dtype=dt) for i in sorted(dec.record_layers)}
         # the phase-fused step's scratch (``fused=True``; integer positions and a Triton-capable backend only)
         self.fused = FusedWorkspace(dec, bucket, capacity) if dec._fused_active(fractional) else None
         self.graph = None
@@ -148,6 +150,10 @@ class MoeTextDecoder:
     layers with float experts, no attention biases and a power-of-two head_dim (else ValueError). Steps with
     fractional positions, and the ``"reference"`` backend, keep the ops path (the default and the fallback).
     docs/persistent.md has the design and the launch counts.
+
+    ``record_layers`` (set before :meth:`load_prefill`): layer outputs (transformers' ``hidden_states[i]``,
+    ``0 < i < N``) each step also keeps, read with :meth:`recorded`; one ``[B, H]`` copy per index per step. The
+    decode takeover of ``patch`` sets it to what ``generate`` reads (the thinker's ``accept_hidden_layer``).
     """
 
     def __init__(self, config: TextDecoderConfig, layers: list[_Layer], norm: torch.Tensor,
@@ -163,6 +169,10 @@ class MoeTextDecoder:
             raise ValueError(f"fused=True is not available for this decoder: {why}")
         # why the "fused_step" fast path left this decoder on the ops path (set by opt_in_decoder; None otherwise)
         self.fused_fallback: str | None = None
+        # transformers' hidden_states indices 1 .. N-1 (the output of layer i - 1) each step also keeps, read back
+        # with recorded(i); set before load_prefill. Index 0 (the input) and N (the final-norm output, step's
+        # hidden) need no copy. One [bucket, H] copy per index per step.
+        self.record_layers: frozenset[int] = frozenset()
         self._state: _State | None = None
 
     def _fused_active(self, fractional: bool) -> bool:
@@ -236,8 +246,13 @@ class MoeTextDecoder:
         needed = S + max_new_tokens
         st = self._state
         # Reuse the buffers (and the captured graph) when they fit: same bucket and position kind, enough room.
+        bad = [i for i in self.record_layers if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 < i < len(self.layers)]
+        if bad:
+            raise ValueError(f"record_layers must hold layer outputs 1 .. {len(self.layers) - 1}, got {sorted(bad)}")
         if (st is None or st.bucket != bucket or st.fractional != bool(fractional_positions)
-                or st.capacity < needed or (st.graph is not None) != bool(use_graph)):
+                or st.capacity < needed or (st.graph is not None) != bool(use_graph)
+                or set(st.recorded) != set(self.record_layers)):
             self._state = None  # free the previous buffers (and graph) before allocating new ones
             capacity = -(-needed // CAPACITY_ALIGN) * CAPACITY_ALIGN
             st = self._state = _State(self, bucket, capacity, bool(fractional_positions))
@@ -318,6 +333,16 @@ class MoeTextDecoder:
         new.batch, new.steps_left = st.batch, capacity - used
         self._state = new
 
+    def recorded(self, index: int) -> torch.Tensor:
+        """transformers' ``hidden_states[index]`` of the last :meth:`step`: the residual after layer ``index - 1``,
+        ``[B, H]`` (a fresh tensor); ``index`` must be in :attr:`record_layers` (KeyError otherwise)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before recorded")
+        if index not in st.recorded:
+            raise KeyError(f"hidden state {index} is not recorded (record_layers {sorted(st.recorded)})")
+        return st.recorded[index][:st.batch].clone()
+
     @property
     def steps_left(self) -> int:
         """How many more :meth:`step` calls the cache has room for (0 before :meth:`load_prefill`)."""
@@ -360,6 +385,8 @@ class MoeTextDecoder:
                 mlp = F.linear(mtp_layers.silu_mul(F.linear(x, layer.gate_up), backend=be), layer.down)
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             x = norm(resid, mlp, nxt)
+            if i + 1 in st.recorded:  # resid is layer i's output now
+                st.recorded[i + 1].copy_(resid)
         st.cache_seqlens.add_(1)  # every layer appended this token
         return (None if self.head is None else F.linear(x, self.head)), x
 

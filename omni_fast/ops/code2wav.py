@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import code2wav as ref
-from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
+from ..validation import (FLOAT_DTYPES, check_bool, check_output, check_positive_int, check_same_dtype,
+                          check_tensor)
 
 # Bound on stride / dilation / kernel span, checked before any allocation: the streaming state holds
 # (k - 1) * dilation samples per channel (Code2Wav's largest is 9 * 9 = 81; a huge dilation would allocate TBs).
@@ -59,59 +60,79 @@ def _snake_triton(x, alpha, beta):
     return kernels.snake_beta(x, alpha, beta)
 
 
-def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, backend):
+# ``update_state``: the new state is written into ``state`` in place (declared mutated) and the op's second output
+# is an empty placeholder: a stream then moves its context with one copy, not a fresh tensor plus a copy into its
+# fixed buffer (one launch fewer per stateful conv; the state's address stays fixed for CUDA graphs).
+
+
+def _state_result(x, ctx: int, update_state: bool) -> torch.Tensor:
+    return x.new_empty(0) if update_state else x.new_empty(x.shape[0], x.shape[1], ctx)
+
+
+def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, backend):
     B, c_in, T = x.shape
     ctx = ref.conv1d_context(weight.shape[-1], dilation, stride)
     y = x.new_empty(B, weight.shape[0], -(-T // stride))
-    return y, x.new_empty(B, c_in, ctx)
+    return y, _state_result(x, ctx, update_state)
 
 
-@dispatched_op("causal_conv1d", fake=_conv_fake)
+@dispatched_op("causal_conv1d", mutates_args=("state",), fake=_conv_fake)
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
              groups: int, alpha: torch.Tensor | None, beta: torch.Tensor | None, residual: torch.Tensor | None,
-             state: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal conv1d (+ SnakeBeta in, + residual out); returns (y, new_state)."""
+             state: torch.Tensor | None, update_state: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal conv1d (+ SnakeBeta in, + residual out); returns (y, new_state or an empty placeholder)."""
+
+
+def _kept(new: torch.Tensor, state, update_state: bool) -> torch.Tensor:
+    """The reference backend's state result under ``update_state`` (copied into ``state``)."""
+    if not update_state:
+        return new
+    state.copy_(new)
+    return new.new_empty(0)
 
 
 @_conv_op.impl("reference")
-def _conv_reference(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state):
+def _conv_reference(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state):
     snake = (alpha, beta) if alpha is not None else None
-    return ref.causal_conv1d(x, weight, bias, stride=stride, dilation=dilation, groups=groups, snake=snake,
-                             residual=residual, state=state)
+    y, new = ref.causal_conv1d(x, weight, bias, stride=stride, dilation=dilation, groups=groups, snake=snake,
+                               residual=residual, state=state)
+    return y, _kept(new, state, update_state)
 
 
 @_conv_op.impl("triton")
-def _conv_triton(*args):
+def _conv_triton(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state):
     from ..kernels import code2wav as kernels
 
-    return kernels.causal_conv1d(*args)
+    return kernels.causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state,
+                                 update_state=update_state)
 
 
-def _convt_fake(x, weight, bias, stride, alpha, beta, state, backend):
+def _convt_fake(x, weight, bias, stride, alpha, beta, state, update_state, backend):
     B, c_in, L = x.shape
     m = weight.shape[-1] // stride
     full = L + (m - 1 if state is not None else 0)
-    return x.new_empty(B, weight.shape[1], max(full - m + 1, 0) * stride), x.new_empty(B, c_in, m - 1)
+    return x.new_empty(B, weight.shape[1], max(full - m + 1, 0) * stride), _state_result(x, m - 1, update_state)
 
 
-@dispatched_op("causal_conv_transpose1d", fake=_convt_fake)
+@dispatched_op("causal_conv_transpose1d", mutates_args=("state",), fake=_convt_fake)
 def _convt_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
               alpha: torch.Tensor | None, beta: torch.Tensor | None, state: torch.Tensor | None,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal transposed conv (+ SnakeBeta in); returns (y, new_state)."""
+              update_state: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal transposed conv (+ SnakeBeta in); returns (y, new_state or an empty placeholder)."""
 
 
 @_convt_op.impl("reference")
-def _convt_reference(x, weight, bias, stride, alpha, beta, state):
+def _convt_reference(x, weight, bias, stride, alpha, beta, state, update_state):
     snake = (alpha, beta) if alpha is not None else None
-    return ref.causal_conv_transpose1d(x, weight, bias, stride=stride, snake=snake, state=state)
+    y, new = ref.causal_conv_transpose1d(x, weight, bias, stride=stride, snake=snake, state=state)
+    return y, _kept(new, state, update_state)
 
 
 @_convt_op.impl("triton")
-def _convt_triton(*args):
+def _convt_triton(x, weight, bias, stride, alpha, beta, state, update_state):
     from ..kernels import code2wav as kernels
 
-    return kernels.causal_conv_transpose1d(*args)
+    return kernels.causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state, update_state=update_state)
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
@@ -146,15 +167,21 @@ def _check_bias(bias, channels: int, x: torch.Tensor):
         check_same_dtype(x=x, bias=bias)
 
 
-def _check_state(state, x: torch.Tensor, ctx: int, what: str):
+def _check_state(state, x: torch.Tensor, ctx: int, what: str, update_state=False, **inputs):
+    update_state = check_bool("update_state", update_state)
     if state is None:
-        return
+        if update_state:
+            raise ValueError("update_state=True needs a state to update (the first push of a stream has none)")
+        return False
     check_tensor("state", state, dtypes=FLOAT_DTYPES, ndim=3, device=x.device)
     check_same_dtype(x=x, state=state)
     want = (x.shape[0], x.shape[1], ctx)
     if tuple(state.shape) != want:
         raise ValueError(f"state must have shape [B, C_in, context] = {list(want)} for {what}, got "
                          f"{list(state.shape)} (a state from another layer or config?)")
+    if update_state:  # written in place: it must not share memory with what the op reads
+        check_output("state", state, x=x, **{k: v for k, v in inputs.items() if v is not None})
+    return update_state
 
 
 # --- public functions ----------------------------------------------------------------------------------------------
@@ -181,6 +208,7 @@ def causal_conv1d(
     snake: tuple[torch.Tensor, torch.Tensor] | None = None,
     residual: torch.Tensor | None = None,
     state: torch.Tensor | None = None,
+    update_state: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' causal conv1d with an optional fused input SnakeBeta and output residual.
@@ -188,6 +216,8 @@ def causal_conv1d(
     x ``[B, C_in, T]``; weight ``[C_out, C_in/groups, k]``; bias ``[C_out]``; snake ``(alpha, beta)`` ``[C_in]``;
     residual ``[B, C_out, ceil(T/stride)]``; state ``[B, C_in, (k-1)*dilation]`` raw inputs (``stride=1`` only).
     All floats in one dtype. Returns ``(y [B, C_out, ceil(T/stride)], new_state [B, C_in, (k-1)*d + 1 - stride])``.
+    ``update_state=True``: the new state is written into ``state`` in place (it must not overlap any input) and
+    returned as ``state`` itself (a stream's fixed buffer: one copy per push, no new tensor).
     """
     _check_x(x)
     _check_channels(x)
@@ -220,9 +250,11 @@ def causal_conv1d(
         check_same_dtype(x=x, residual=residual)
     if state is not None and stride != 1:
         raise ValueError("state (streaming) needs stride=1")
-    _check_state(state, x, ref.conv1d_context(k, dilation, stride), f"k={k}, dilation={dilation}")
+    update_state = _check_state(state, x, ref.conv1d_context(k, dilation, stride), f"k={k}, dilation={dilation}",
+                                update_state, weight=weight, bias=bias, residual=residual, alpha=alpha, beta=beta)
     be = _conv_op.resolve((x, weight), backend)
-    return _conv_op(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, be)
+    y, new = _conv_op(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, be)
+    return y, (state if update_state else new)
 
 
 def causal_conv_transpose1d(
@@ -233,6 +265,7 @@ def causal_conv_transpose1d(
     stride: int,
     snake: tuple[torch.Tensor, torch.Tensor] | None = None,
     state: torch.Tensor | None = None,
+    update_state: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' causal transposed conv (``k - stride`` samples trimmed at both ends), optional input SnakeBeta.
@@ -240,6 +273,7 @@ def causal_conv_transpose1d(
     x ``[B, C_in, L]``; weight ``[C_in, C_out, k]`` with ``k = m * stride`` (Code2Wav: m = 1 or 2); bias
     ``[C_out]``; snake ``[C_in]`` pairs; state ``[B, C_in, m-1]`` raw inputs. Returns
     ``(y [B, C_out, (L' - m + 1) * stride], new_state [B, C_in, m-1])`` with ``L' = L (+ m - 1 with a state)``.
+    ``update_state=True``: the new state is written into ``state`` in place (as :func:`causal_conv1d`).
     """
     _check_x(x)
     _check_channels(x)
@@ -259,11 +293,13 @@ def causal_conv_transpose1d(
     m = k // stride
     _check_bias(bias, c_out, x)
     alpha, beta = _check_snake(snake, c_in, x)
-    _check_state(state, x, m - 1, f"k={k}, stride={stride}")
+    update_state = _check_state(state, x, m - 1, f"k={k}, stride={stride}", update_state, weight=weight,
+                                bias=bias, alpha=alpha, beta=beta)
     if state is None and L < m - 1:
         raise ValueError(f"starting without a state needs at least {m - 1} input samples to form one, got {L}")
     be = _convt_op.resolve((x, weight), backend)
-    return _convt_op(x, weight, bias, stride, alpha, beta, state, be)
+    y, new = _convt_op(x, weight, bias, stride, alpha, beta, state, update_state, be)
+    return y, (state if update_state else new)
 
 
 __all__ = ["snake_beta", "causal_conv1d", "causal_conv_transpose1d", "pack_conv1d_weight",

@@ -16,6 +16,7 @@ import torch
 
 from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
+from ..integrations.decode_takeover import prefill_forward
 from ..integrations.hf_compat import output_cache, thinker_text_model, with_cache
 from .device import host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import (audio_video_order, batch_audio_in_video, encode_audio, encode_visual, media_ids,
@@ -205,8 +206,9 @@ class Qwen3Stages(StageAdapter):
         t_cache = new_cache(talker.config.text_config, opts.static_cache,
                             t_embeds.shape[1] + opts.talker_max_new_tokens)
         # (transformers hands the MTP `hidden_states[-1]`, which is the final-norm output, i.e. last_hidden_state)
-        tout = talker.model(inputs_embeds=t_embeds, attention_mask=t_mask, position_ids=int_positions(t_pos),
-                            **with_cache(t_cache), use_cache=True)
+        # transformers' own forward: the pipeline's decoder takes the KV (patch's decode takeover would take it first)
+        tout = prefill_forward(talker.model)(inputs_embeds=t_embeds, attention_mask=t_mask,
+                                             position_ids=int_positions(t_pos), **with_cache(t_cache), use_cache=True)
         self.suppress = suppress_mask(tcfg, dev)
         logits = talker.codec_head(tout.last_hidden_state[:, -1])
         next_pos = int_positions(t_deltas.view(-1) + t_mask.sum(-1))
@@ -366,8 +368,8 @@ def prefill_text_model(lm, inputs_embeds, mask, positions, cache, visual_mask, d
                 vm = visual_mask[:, s:e]
                 rows = rank[:, s:e][vm]
                 extra = dict(visual_pos_masks=vm, deepstack_visual_embeds=[d[rows] for d in deepstack])
-            out = lm(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
-                     position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
+            out = prefill_forward(lm)(inputs_embeds=inputs_embeds[:, s:e], attention_mask=mask[:, :e],
+                                      position_ids=positions[:, :, s:e], use_cache=True, **with_cache(cache, **extra))
             outs.append(out.last_hidden_state)
     finally:
         if hook is not None:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make test` after the version print: the suite in the foreground and, on the second core, the GPU image's versions
+# (scripts/test_compat.sh) then the package as users install it (scripts/test_wheel.sh), logged to a file and printed
+# after the suite. Every part runs whatever the others did; the exit status is non-zero when any part failed.
+#   bash scripts/test_all.sh [PYTHON]
+# Why in parallel: the suite is mostly the single-threaded Triton interpreter, and the compat + wheel parts were ~15
+# of the ~35 minutes of a sequential run on 2 cores. The wheel test builds from a copy of the tree (test_wheel.sh), so
+# it never shares setuptools' scratch folder with the suite's own wheel test. OMNI_FAST_TEST_SERIAL=1 runs the three
+# parts one after another instead (the output is then in order as it comes).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+
+side() {  # the compat and wheel parts; prints "[side] rc=N" last
+  local rc=0
+  bash scripts/test_compat.sh "$PY" || rc=$?
+  bash scripts/test_wheel.sh "$PY" || rc=$?
+  return "$rc"
+}
+
+if [ "${OMNI_FAST_TEST_SERIAL:-0}" = 1 ]; then
+  rc=0
+  "$PY" -m pytest -q -ra tests || rc=$?
+  side || rc=$?
+  exit "$rc"
+fi
+
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+# One thread for the side part: the suite keeps torch's own thread count (its tensor ops are the multi-threaded part).
+(OMP_NUM_THREADS=1 side >"$LOG" 2>&1) &
+SIDE=$!
+suite_rc=0
+"$PY" -m pytest -q -ra tests || suite_rc=$?
+side_rc=0
+wait "$SIDE" || side_rc=$?
+echo "==== transformers / Triton of the GPU image (scripts/test_compat.sh), then the wheel (scripts/test_wheel.sh) ===="
+cat "$LOG"
+echo "==== suite exit status $suite_rc, compat + wheel exit status $side_rc ===="
+[ "$suite_rc" -eq 0 ] && [ "$side_rc" -eq 0 ]
