@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .. import fast_paths
-from .flash_attn_parts import LOG2E, attend_range, packed_block, rotary_rows
+from .flash_attn_parts import LOG2E, add_sink, attend_range, clamped_span, packed_block, rotary_rows
 from .launch import interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
@@ -42,6 +42,7 @@ MAX_HEAD_DIM = 256
 # "split_head_dim" fast path of omni_fast.fast_paths (OMNI_FAST_SPLIT_HEAD_DIM=1).
 
 
+# Stays long: its key set-up, q load or key range as jit helpers moved sm_90a registers (d256 decode 200 -> 158).
 @triton.jit
 def attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -98,8 +99,7 @@ def attn_fwd_kernel(
     split = pid_z % NUM_SPLITS
 
     if VARLEN_Q:
-        q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
-        len_q = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
+        q_start, len_q = clamped_span(cu_q_ptr, b, total_q)
     else:
         q_start = b * seqlen_q
         len_q = seqlen_q
@@ -113,8 +113,7 @@ def attn_fwd_kernel(
         if PAGED:  # cu_seqlens_k only gives the lengths; every sequence's keys start at logical row 0
             len_k = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
         else:
-            k_start = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), kv_limit)
-            len_k = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k_start), kv_limit) - k_start
+            k_start, len_k = clamped_span(cu_k_ptr, b, kv_limit)
             key_room = kv_limit - k_start
     if SEQUSED:
         len_k = tl.load(seqused_k_ptr + b) + k_extra
@@ -220,16 +219,8 @@ def attn_fwd_kernel(
         mask_d, acc2, q2, offs_d2, mask_d2,
         BLOCK_N, PAGED, UPCAST, PREC, True, ALIGN, KEY_MASK, SOFTCAP, ALIBI, BLOCK_D2)
 
-    if SINK:  # the sink as one more key (value 0): rescale to the new maximum, add its exp2 to the denominator
-        sink = tl.load(sink_ptr + head, mask=mask_r, other=0.0).to(tl.float32) * 1.4426950408889634
-        m_new = tl.maximum(m_i, sink)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row without keys: no NaN
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
-        acc = acc * alpha[:, None]
-        if BLOCK_D2 > 0:
-            acc2 = acc2 * alpha[:, None]
-        m_i = m_new
+    if SINK:  # the sink as one more key (value 0)
+        acc, acc2, m_i, l_i = add_sink(acc, acc2, m_i, l_i, sink_ptr, head, mask_r, BLOCK_D2)
     seen = l_i > 0.0
     if KEY_MASK:  # a padding query: zeros, as a row that sees no key
         q_real = tl.load(km_row_ptr + qpos, mask=mask_r & (qpos >= 0), other=0) != 0
@@ -364,6 +355,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _key_layout(k: torch.Tensor, v: torch.Tensor, cu_k, block_table) -> tuple[int, tuple[int, ...]]:
+    """(the most keys a sequence can have, the k/v strides ``(kb, kt, kh, vb, vt, vh)``) of :func:`attn_fwd`'s keys:
+    packed ``[Tk, Hk, D]`` (``cu_k`` without ``block_table``: the key count, no batch stride) or a cache
+    ``[B|blocks, S|page, Hk, D]`` (its capacity, contiguous or paged)."""
+    if cu_k is not None and block_table is None:
+        return k.shape[0], (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+    capacity = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    return capacity, (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+
+
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
              batch: int, rows_per_seq: int, cu_q: torch.Tensor | None, seqlen_q: int,
              cu_k: torch.Tensor | None, seqused_k: torch.Tensor | None, k_extra: int,
@@ -397,21 +398,10 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     block_d, block_d2 = head_tiles(D, None if rotary is None else False)  # rotary works on one tile
     varlen_k = cu_k is not None
     paged = block_table is not None
-    packed_k = varlen_k and not paged
-    # the most keys a sequence can have: the packed key count, or the cache capacity (contiguous or paged)
-    if packed_k:
-        kv_limit = k.shape[0]
-    else:
-        kv_limit = k.shape[1] * (block_table.shape[1] if paged else 1)
+    kv_limit, (stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh) = _key_layout(k, v, cu_k, block_table)
     left, right = window_bounds(causal, window_size)
     dummy = next(t for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx) if t is not None) \
         if any(t is not None for t in (cu_q, cu_k, seqused_k, block_table, cache_batch_idx)) else q
-    if packed_k:
-        stride_kb = stride_vb = 0
-        stride_kt, stride_kh, stride_vt, stride_vh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
-    else:
-        stride_kb, stride_kt, stride_kh = k.stride(0), k.stride(1), k.stride(2)
-        stride_vb, stride_vt, stride_vh = v.stride(0), v.stride(1), v.stride(2)
     split = num_splits > 1
     if packed_grid:
         grid = ((q.shape[0] * group) // block_m + batch, 1, Hk * num_splits)

@@ -178,4 +178,29 @@ def rotary_rows(row_ptrs, x, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, rot_
     return tl.where(m, rot, xf).to(x.dtype)
 
 
-__all__ = ["LOG2E", "attend_range", "kv_tile", "packed_block", "rotary_rows", "scores", "tanh"]
+@triton.jit
+def clamped_span(cu_ptr, b, limit):
+    """(start, length) of sequence ``b`` from the prefix sums ``cu_ptr``, clamped into ``[0, limit]`` (an end before
+    its start: an empty sequence), so malformed values never address outside the buffer."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), limit)
+    length = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), start), limit) - start
+    return start, length
+
+
+@triton.jit
+def add_sink(acc, acc2, m_i, l_i, sink_ptr, head, mask_r, BLOCK_D2: tl.constexpr):
+    """FA3's attention sink ``sink_ptr[head]`` (natural log) as one more key with a zero value: rescale to the new
+    maximum and add its exp2 to the denominator. Returns (acc, acc2, m_i, l_i)."""
+    sink = tl.load(sink_ptr + head, mask=mask_r, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink)
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row without keys: no NaN
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+    acc = acc * alpha[:, None]
+    if BLOCK_D2 > 0:
+        acc2 = acc2 * alpha[:, None]
+    return acc, acc2, m_new, l_i
+
+
+__all__ = ["LOG2E", "add_sink", "attend_range", "clamped_span", "kv_tile", "packed_block", "rotary_rows", "scores",
+           "tanh"]

@@ -98,6 +98,68 @@ def sample_kernel(
 
 
 @triton.jit
+def topk_key(row_ptr, base, ways, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature,
+             lowest, m, top_k, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr,
+             NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr):
+    """:func:`sample_row`'s top-k threshold: the ordered key of the k-th largest score (``lowest`` / ``m``: the
+    row's min and max scores); ids with a key at or above it are kept."""
+    # Largest key t with count(key >= t) >= k (the k-th largest score; ties at it all kept): an NWAY-ary
+    # search over [key(min), key(max)], NWAY candidate thresholds counted per pass; P(lo) holds, P(hi) not.
+    lo = ordered_key(lowest)
+    hi = ordered_key(m) + 1
+    while hi - lo > 1:
+        step = (hi - lo + NWAY - 1) // NWAY
+        t = lo + ways * step
+        cnt = tl.zeros([NWAY], dtype=tl.int32)
+        for b in range(NUM_BLOCKS):
+            offs = b * BLOCK + base
+            x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
+                           inv_temperature, PENALTY, TEMPERATURE)
+            ge = (ordered_key(x)[None, :] >= t[:, None]) & (offs < V)[None, :]
+            cnt += tl.sum(ge.to(tl.int32), 1)
+        i = tl.max(tl.where((cnt >= top_k) & (t < hi), ways, 0), 0)
+        new_lo = lo + i * step
+        hi = tl.minimum(hi, new_lo + step)
+        lo = new_lo
+    return lo
+
+
+@triton.jit
+def topp_key(row_ptr, base, ways, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature,
+             m, m_exp, kth, one_minus_top_p, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr,
+             NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr):
+    """:func:`sample_row`'s top-p threshold among the top-k survivors (keys ``>= kth``): the smallest ordered key
+    whose kept mass at or below it exceeds ``(1 - top_p)`` of the total; ids with a key at or above it are kept."""
+    z = tl.full([], 0.0, tl.float32)
+    for b in range(NUM_BLOCKS):
+        offs = b * BLOCK + base
+        x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
+                       inv_temperature, PENALTY, TEMPERATURE)
+        z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m_exp), 0.0), 0)
+    thr = one_minus_top_p * z
+    # Smallest key u with mass(kept, key <= u) > thr, searched in [kth, key(max)]: P(kth - 1) fails (nothing
+    # kept lies below kth) and the max itself is always kept (P(hi) holds).
+    lo = kth - 1
+    hi = ordered_key(m)
+    while hi - lo > 1:
+        step = (hi - lo + NWAY - 1) // NWAY
+        t = tl.minimum(lo + (ways + 1) * step, hi)
+        mass = tl.zeros([NWAY], dtype=tl.float32)
+        for b in range(NUM_BLOCKS):
+            offs = b * BLOCK + base
+            x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
+                           inv_temperature, PENALTY, TEMPERATURE)
+            k = ordered_key(x)
+            e = tl.where(k >= kth, tl.exp(x - m_exp), 0.0)
+            mass += tl.sum(tl.where(k[None, :] <= t[:, None], e[None, :], 0.0), 1)
+        i = tl.min(tl.where((mass > thr) | (t >= hi), ways, NWAY - 1), 0)
+        new_lo = lo + i * step
+        hi = tl.minimum(new_lo + step, hi)
+        lo = new_lo
+    return hi
+
+
+@triton.jit
 def sample_row(
     row, logits_ptr, stride_row, V, out_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride,
@@ -133,54 +195,13 @@ def sample_row(
         kth = tl.full([], -2147483649, tl.int64)  # keep everything unless top-k narrows it
         ways = tl.arange(0, NWAY).to(tl.int64)
         if TOP_K:
-            # Largest key t with count(key >= t) >= k (the k-th largest score; ties at it all kept): an NWAY-ary
-            # search over [key(min), key(max)], NWAY candidate thresholds counted per pass; P(lo) holds, P(hi) not.
-            lo = ordered_key(lowest)
-            hi = ordered_key(m) + 1
-            while hi - lo > 1:
-                step = (hi - lo + NWAY - 1) // NWAY
-                t = lo + ways * step
-                cnt = tl.zeros([NWAY], dtype=tl.int32)
-                for b in range(NUM_BLOCKS):
-                    offs = b * BLOCK + base
-                    x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
-                                   inv_temperature, PENALTY, TEMPERATURE)
-                    ge = (ordered_key(x)[None, :] >= t[:, None]) & (offs < V)[None, :]
-                    cnt += tl.sum(ge.to(tl.int32), 1)
-                i = tl.max(tl.where((cnt >= top_k) & (t < hi), ways, 0), 0)
-                new_lo = lo + i * step
-                hi = tl.minimum(hi, new_lo + step)
-                lo = new_lo
-            kth = lo
+            kth = topk_key(row_ptr, base, ways, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
+                           inv_temperature, lowest, m, top_k, PENALTY, TEMPERATURE, BLOCK, NUM_BLOCKS, NWAY)
         pth = tl.full([], -2147483649, tl.int64)
         if TOP_P:
-            z = tl.full([], 0.0, tl.float32)
-            for b in range(NUM_BLOCKS):
-                offs = b * BLOCK + base
-                x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
-                               inv_temperature, PENALTY, TEMPERATURE)
-                z += tl.sum(tl.where(ordered_key(x) >= kth, tl.exp(x - m_exp), 0.0), 0)
-            thr = one_minus_top_p * z
-            # Smallest key u with mass(kept, key <= u) > thr, searched in [kth, key(max)]: P(kth - 1) fails (nothing
-            # kept lies below kth) and the max itself is always kept (P(hi) holds).
-            lo = kth - 1
-            hi = ordered_key(m)
-            while hi - lo > 1:
-                step = (hi - lo + NWAY - 1) // NWAY
-                t = tl.minimum(lo + (ways + 1) * step, hi)
-                mass = tl.zeros([NWAY], dtype=tl.float32)
-                for b in range(NUM_BLOCKS):
-                    offs = b * BLOCK + base
-                    x = row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
-                                   inv_temperature, PENALTY, TEMPERATURE)
-                    k = ordered_key(x)
-                    e = tl.where(k >= kth, tl.exp(x - m_exp), 0.0)
-                    mass += tl.sum(tl.where(k[None, :] <= t[:, None], e[None, :], 0.0), 1)
-                i = tl.min(tl.where((mass > thr) | (t >= hi), ways, NWAY - 1), 0)
-                new_lo = lo + i * step
-                hi = tl.minimum(new_lo + step, hi)
-                lo = new_lo
-            pth = hi
+            pth = topp_key(row_ptr, base, ways, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup,
+                           inv_temperature, m, m_exp, kth, one_minus_top_p, PENALTY, TEMPERATURE, BLOCK, NUM_BLOCKS,
+                           NWAY)
         # The race: argmax(s + Gumbel) over the kept ids, lowest id on ties.
         # per-row seeds (seed_stride 1): the row index stays out of the key, so a row draws the same ids wherever it
         # sits in the batch; one shared seed (stride 0): the row index tells the rows apart

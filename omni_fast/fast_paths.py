@@ -57,9 +57,12 @@ PATHS: tuple[FastPath, ...] = (
              ("tests/test_attention_kvcache.py::test_bf16_split_head_dim_gpu[shape0]",)),
     FastPath("token2wav", "OMNI_FAST_TOKEN2WAV",
              "patch() swaps in the Qwen2.5-Omni Token2Wav pieces (BigVGAN, DiT attention/AdaLN, the DiT solve as "
-             "one CUDA graph; omni_fast/integrations/token2wav.py)",
+             "one CUDA graph) and routes Token2Wav's forward to the solve + vocoder in one graph per bucket "
+             "(omni_fast/integrations/token2wav.py, token2wav_synth.py)",
              ("tests/test_dit_solve.py::test_graph_replay_equals_eager_on_cuda",
-              "tests/test_dit_layers.py::test_fused_pieces_on_cuda")),
+              "tests/test_dit_layers.py::test_fused_pieces_on_cuda",
+              "tests/test_bigvgan_padded.py::test_solve_and_vocoder_graph_on_cuda",
+              "tests/test_token2wav_forward.py::test_patched_forward_graph_on_cuda")),
     FastPath("persistent_mtp", "OMNI_FAST_PERSISTENT_MTP",
              "the MTP frame as ONE persistent launch (CodePredictor(persistent=True)) wherever the pipeline or "
              "patch() builds the code predictor (docs/persistent.md)",

@@ -34,7 +34,8 @@ What is replaced, and how (transformers' own extension points first, module swap
 Opt-in fast paths (:mod:`omni_fast.fast_paths`): ``persistent_mtp`` makes the swapped-in MTP frame step one
 persistent launch (read per frame); ``fused_step`` gives those decoders the phase-fused step where it applies
 (Qwen3-Omni's MoE thinker and talker: 3 launches per layer; Qwen2.5-Omni's dense talker keeps the ops path, and the
-report says why); ``token2wav`` swaps the Qwen2.5-Omni Token2Wav pieces in. The report names each path's setting.
+report says why); ``token2wav`` swaps the Qwen2.5-Omni Token2Wav pieces in, and its forward for the DiT solve +
+BigVGAN in one graph per length bucket (:mod:`omni_fast.integrations.token2wav_synth`). The report names each path.
 
 Backend: ``patch(model, backend=X)`` pins X on every module it swaps (``module._omni_fast_backend``), and every
 omni-fast entry point the patched model reaches reads it and passes it as the ops' ``backend=``: the swapped
@@ -63,6 +64,7 @@ from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
+from .integrations.patch_parts import part_of as _part_of, report_lines, root_part as _root_part
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -84,7 +86,7 @@ _ROPE_ATTENTION = {  # attention classes: q/k projections, optional q/k norm, ro
 _TAKEOVER = {"Qwen2_5OmniTalkerModel", "Qwen3OmniMoeTalkerModel", "Qwen3OmniMoeThinkerTextModel"}
 _EXPERTS = {"Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts"}
 _TOKEN2WAV = {"Qwen2_5OmniAntiAliasedActivation1d", "Qwen2_5OmniAMPBlock", "Qwen2_5OmniToken2WavDiTModel",
-              "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final"}
+              "Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final", "Qwen2_5OmniToken2WavModel"}
 # Encoder attention over packed windows/frames (forward(hidden_states [T, C], cu_seqlens, ...)): swapped for one
 # varlen launch per layer (transformers passes cu_seqlens to the attention function only under "flash" names).
 _ENCODER_ATTENTION = {
@@ -302,25 +304,6 @@ def _code2wav_forward(self, codes, **kwargs):
     return cached[1](codes)
 
 
-def _root_part(model: nn.Module) -> str:
-    name = type(model).__name__
-    for key, part in (("CodePredictor", "code_predictor"), ("Code2Wav", "code2wav"), ("Token2Wav", "code2wav"),
-                      ("Talker", "talker"), ("Audio", "audio"), ("Vision", "vision")):
-        if key in name:
-            return part
-    return "thinker"
-
-
-def _part_of(root: str, path: str) -> str:
-    """Which part of the model the submodule at ``path`` belongs to (the innermost named part wins)."""
-    part = root
-    for seg in path.split("."):
-        part = {"thinker": "thinker", "talker": "talker", "code_predictor": "code_predictor",
-                "code2wav": "code2wav", "token2wav": "code2wav", "audio_tower": "audio", "visual": "vision"}.get(
-            seg, part)
-    return part
-
-
 class _Missing:
     """Marks an instance attribute that did not exist before the patch; survives deepcopy and pickling."""
 
@@ -410,10 +393,22 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
         if module.__dict__.get("_omni_fast_patched", False):
             _unpatch(module)
     register_transformers()
-    attention_ready = _attention_registered()
     root = _root_part(model)
-    report = PatchReport()
     saved_configs: list[tuple[object, str, object]] = []
+    counts, left = _patch_modules(model, root, wanted, backend, saved_configs)
+    report = PatchReport(*report_lines(model, root, wanted, counts, left))
+    for path, module in model.named_modules():  # the selected parts cannot be (un)patched on their own now
+        if _part_of(root, path) in wanted:
+            module.__dict__[_MEMBER] = True
+    model._omni_fast_patched = True
+    model._omni_fast_saved_configs = saved_configs
+    return report
+
+
+def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None, saved_configs: list):
+    """Swap omni-fast work into every module of the ``wanted`` parts; returns the report's tallies
+    ``{(part, what): n}`` (replaced, left as transformers wrote it), which name the other parts' modules too."""
+    attention_ready = _attention_registered()
     counts: dict[tuple[str, str], int] = {}
     left: dict[tuple[str, str], int] = {}
     rope_kernels = {path: _rope_kernel(m) for path, m in model.named_modules() if type(m).__name__ in _ROPE_ATTENTION}
@@ -427,19 +422,8 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
             key = (part, f"{cls}: positions handed to the attention layers' {_rotary_users(path, rope_kernels)}")
             bucket[key] = 1
         elif cls in _ROPE_ATTENTION:
-            if part in wanted:
-                _swap_forward(module, _attention_forward)
-                _pin(module, backend)
-                if attention_ready:
-                    _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-            fused = ("q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if rope_kernels[path] == "qk_norm_mrope"
-                     else "RoPE -> omni_fast.ops.mrope")
-            key = (part, f"{cls}: {fused}"
-                   + (", attention -> omni_fast" if attention_ready else ""))
-            bucket[key] = bucket.get(key, 0) + 1
-            if not attention_ready and part in wanted:
-                key = (part, f"{cls}: attention itself ({_NO_ATTENTION})")
-                left[key] = left.get(key, 0) + 1
+            _patch_rope_attention(module, part, part in wanted, backend, attention_ready, rope_kernels[path],
+                                  saved_configs, bucket, left)
         elif cls in _EXPERTS:
             if part in wanted:
                 _set(saved_configs, module.config, "_experts_implementation", EXPERTS_NAME)
@@ -471,40 +455,52 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
 
             counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend), root=model))] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
-            if part in wanted and attention_ready:
-                _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
-                _pin(module, backend)  # read by the omni_fast attention function
-                if cls in _ENCODER_ATTENTION:
-                    _swap_forward(module, _encoder_attention_forward)
-                    what = ("attention over all windows/frames -> one omni_fast flash_attn_varlen launch per layer "
-                            "(cu_seqlens)")
-                else:
-                    what = "attention -> omni_fast (per window, as transformers calls it)"
-                key = (part, f"{cls}: {what}")
-                counts[key] = counts.get(key, 0) + 1
-            else:
-                key = (part, f"{cls}: attention" + ("" if part not in wanted else f" ({_NO_ATTENTION})"))
-                left[key] = left.get(key, 0) + 1
+            _patch_encoder_attention(module, part, part in wanted, backend, attention_ready, saved_configs, counts,
+                                     left)
         # not elif: the thinker / talker classes that build 3-D positions (also the talker matched above)
         if part in wanted and callable(getattr(type(module), "get_rope_index", None)) and any(
                 type(m).__name__ in _MROPE_ROTARY for m in module.modules()):
             if "get_rope_index" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 module.__dict__["_omni_fast_get_rope_index"] = original_method(module, "get_rope_index")
                 _swap_attr(module, "get_rope_index", BoundMethod(_integer_rope_index, module))
-    for (part, what), n in sorted(counts.items()):
-        report.replaced.append(f"[{part}] {what} (x{n})")
-    for (part, what), n in sorted(left.items()):
-        report.left.append(f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")"))
-    for part in sorted(wanted - {p for p, _ in counts}):
-        if any(_part_of(root, p) == part for p, _ in model.named_modules()):
-            report.left.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
-    for path, module in model.named_modules():  # the selected parts cannot be (un)patched on their own now
-        if _part_of(root, path) in wanted:
-            module.__dict__[_MEMBER] = True
-    model._omni_fast_patched = True
-    model._omni_fast_saved_configs = saved_configs
-    return report
+    return counts, left
 
+
+def _patch_rope_attention(module, part, selected, backend, attention_ready, rope_kernel, saved_configs, bucket, left):
+    """An attention layer with RoPE (q/k norm): the fused forward, and the omni_fast attention when registered."""
+    cls = type(module).__name__
+    if selected:
+        _swap_forward(module, _attention_forward)
+        _pin(module, backend)
+        if attention_ready:
+            _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+    fused = ("q/k norm + RoPE -> omni_fast.ops.qk_norm_mrope" if rope_kernel == "qk_norm_mrope"
+             else "RoPE -> omni_fast.ops.mrope")
+    key = (part, f"{cls}: {fused}"
+           + (", attention -> omni_fast" if attention_ready else ""))
+    bucket[key] = bucket.get(key, 0) + 1
+    if not attention_ready and selected:
+        key = (part, f"{cls}: attention itself ({_NO_ATTENTION})")
+        left[key] = left.get(key, 0) + 1
+
+
+def _patch_encoder_attention(module, part, selected, backend, attention_ready, saved_configs, counts, left):
+    """An audio / vision encoder attention: one varlen launch per layer where the forward is swapped."""
+    cls = type(module).__name__
+    if selected and attention_ready:
+        _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
+        _pin(module, backend)  # read by the omni_fast attention function
+        if cls in _ENCODER_ATTENTION:
+            _swap_forward(module, _encoder_attention_forward)
+            what = ("attention over all windows/frames -> one omni_fast flash_attn_varlen launch per layer "
+                    "(cu_seqlens)")
+        else:
+            what = "attention -> omni_fast (per window, as transformers calls it)"
+        key = (part, f"{cls}: {what}")
+        counts[key] = counts.get(key, 0) + 1
+    else:
+        key = (part, f"{cls}: attention" + ("" if not selected else f" ({_NO_ATTENTION})"))
+        left[key] = left.get(key, 0) + 1
 
 
 def _frame_words() -> str:

@@ -158,19 +158,28 @@ def test_generate_multimodal_parity(model, decode_steps, kind):
     assert torch.equal(wav1, wav0)
 
 
-def test_generate_with_token2wav_swapped(model, decode_steps, fast_path):
-    """Token2Wav's fused pieces switched on too (opt-in until GPU-tested), on the reference backend (the fused
-    kernels on the interpreter take minutes at this waveform length; kernel vs reference: tests/test_bigvgan.py,
-    test_dit.py, test_token2wav.py): same text and codes; the waveform within 1e-6 absolute. Why that bound: fp32 end to end, the fused ops add the same terms in another order (~1e-7
-    relative per op) through the DiT's RK4 steps and BigVGAN's 6 upsampling stages (tests/test_token2wav.py
-    measured 2.3e-9 on a peak of 6.2e-3); 1e-6 is far below audibility and still catches a wrong tap or mask."""
+def test_generate_with_token2wav_swapped(model, decode_steps, fast_path, monkeypatch):
+    """Token2Wav switched on too (opt-in until GPU-tested): its forward runs ``dit_solve.synthesize`` (DiT solve +
+    padded BigVGAN, one graph per bucket: emulated here), on the reference backend (the Triton vocoder on the
+    interpreter over a padded bucket takes minutes; kernel vs reference: tests/test_bigvgan*.py, test_dit*.py,
+    test_token2wav*.py): same text and codes; the waveform within 1e-6 absolute. Why that bound: fp32 end to end,
+    the padded solve and vocoder add the same terms in another order (~1e-7 relative per op) through the DiT's RK4
+    steps and BigVGAN's 6 upsampling stages (tests/test_token2wav_forward.py measured 1.9e-9 on a peak of 6.2e-3);
+    1e-6 is far below audibility and still catches a wrong tap, mask or padding leak."""
+    from omni_fast.models import dit_solve
+
     fast_path("token2wav")
+    calls = []
+    real = dit_solve.synthesize
+    monkeypatch.setattr(dit_solve, "synthesize", lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(4))
     (text0, codes0, wav0), (text1, codes1, wav1), report = run_unpatched_then_patched(
         model, lambda: generate(model, ids, talker_tokens=6), backend="reference")
     assert torch.equal(text1, text0) and torch.equal(codes1, codes0)
+    assert len(calls) == 1 and wav1.shape == wav0.shape == (calls[0][1] * 2 * 240,)  # the forward ran synthesize
     assert 0 < wav0.abs().max() < 1  # not clamped: a real comparison
     torch.testing.assert_close(wav1, wav0, atol=1e-6, rtol=0)
+    assert any("Qwen2_5OmniToken2WavModel.forward" in r for r in report.replaced)
     assert any("AntiAliasedActivation1d" in r for r in report.replaced)
 
 

@@ -55,6 +55,11 @@ def _generate(model, device="cpu"):
     return text, codes[0], torch.cat([w.flatten() for w in wav])  # a batch gives one waveform per row
 
 
+def _thinker_text(omni):
+    """The thinker's text model (transformers >= 5.2x nests it as ``language_model``; 5.17 has it as ``model``)."""
+    return getattr(omni.thinker.model, "language_model", omni.thinker.model)
+
+
 def test_generate_fused_on_and_off_equal_unpatched(omni, decoders, fast_path):
     """Greedy generate (return_audio): the thinker's and the talker's decode steps on their decoders, ops path
     (default) and phase-fused step (fused_step), give transformers' text ids, talker codes and waveform bit for bit
@@ -68,7 +73,7 @@ def test_generate_fused_on_and_off_equal_unpatched(omni, decoders, fast_path):
         try:
             results.append(_generate(omni))
             talker = decode_takeover.fast_decoder(omni.talker.model)
-            thinker = decode_takeover.fast_decoder(omni.thinker.model.language_model)
+            thinker = decode_takeover.fast_decoder(_thinker_text(omni))
         finally:
             omni_fast.unpatch(omni)
         assert set(map(id, decoders)) == {id(talker), id(thinker)}, fused  # every decode step ran on a decoder
@@ -199,7 +204,7 @@ def test_gpu_thinker_and_talker_graph_decode(omni):
     omni_fast.patch(m, parts=PARTS)
     try:
         got = _generate(m, "cuda")
-        for text_model in (m.thinker.model.language_model, m.talker.model):
+        for text_model in (_thinker_text(m), m.talker.model):
             st = decode_takeover.fast_decoder(text_model)._state
             assert st is not None and st.graph is not None  # captured, replayed per step
     finally:

@@ -24,8 +24,9 @@ def model():
     return m
 
 
-def _token2wav(m, codes=3, steps=2):
-    """transformers' Token2Wav forward (DiT ODE solve + BigVGAN) on fixed random inputs, the same noise each call."""
+def _token2wav(m, codes=3, steps=2, forward=None):
+    """``forward`` (default: the model's Token2Wav forward, DiT ODE solve + BigVGAN) on fixed random inputs, the same
+    noise each call."""
     dit = m.config.token2wav_config.dit_config
     g = torch.Generator().manual_seed(1)
     code = torch.randint(0, 290, (1, codes), generator=g)
@@ -33,7 +34,7 @@ def _token2wav(m, codes=3, steps=2):
     ref_mel = torch.randn(1, 10, dit.mel_dim, generator=g)
     torch.manual_seed(123)  # the ODE's initial noise (torch.randn inside sample)
     with torch.no_grad():
-        return m.token2wav(code, cond, ref_mel, num_steps=steps)
+        return (forward or m.token2wav)(code, cond, ref_mel, num_steps=steps)
 
 
 def test_token2wav_pieces_are_opt_in(model):
@@ -63,7 +64,10 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, fast_path):
         assert any(r.startswith("[code2wav] DiTAttention") for r in report.replaced)
         assert any("sample: the whole RK4 ODE solve" in r for r in report.replaced)
         assert "sample" in model.token2wav.code2wav_dit_model.__dict__
-        got = _token2wav(model)
+        assert any(r.startswith("[code2wav] Qwen2_5OmniToken2WavModel.forward") for r in report.replaced)
+        # the pieces as transformers' forward reaches them (what the swapped forward falls back to); the swapped
+        # forward itself (dit_solve.synthesize): tests/test_token2wav_forward.py
+        got = _token2wav(model, forward=model.token2wav._omni_fast_forward)
     finally:
         omni_fast.unpatch(model)
     # fp32 end to end; the fused ops sum the same terms in another order (fp32 rounding, ~1e-7 relative per op),
@@ -71,7 +75,7 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, fast_path):
     # 2.3e-9 on a waveform of max |x| 6.2e-3 (4e-7 relative). The bound is 1e-6 absolute (1.6e-4 of the peak): 400x
     # the measured error, far below any audible difference, and still catches a wrong tap or a wrong mask.
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert not any("forward" in a.__dict__ for a in acts)
+    assert not any("forward" in a.__dict__ for a in acts) and "forward" not in model.token2wav.__dict__
     assert "sample" not in model.token2wav.code2wav_dit_model.__dict__
     assert torch.equal(_token2wav(model), want)  # unpatched again: transformers' own numbers, bit for bit
 

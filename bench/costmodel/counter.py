@@ -135,18 +135,9 @@ def _masked_ptrs(ptrs, mask) -> np.ndarray:
     return data[m] if m is not None else data.reshape(-1)
 
 
-@contextlib.contextmanager
-def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
-    """Patch the interpreter's launch entry and (optionally) its memory ops and dots for the duration."""
-    from triton.runtime import interpreter as ip
-
-    from omni_fast.ops._dispatch import DispatchedOp
-
-    run0 = ip.InterpretedFunction.run
-    builder = ip.interpreter_builder
-    saved = {n: getattr(builder, n) for n in ("create_masked_load", "create_masked_store", "create_dot",
-                                              "create_atomic_rmw", "create_atomic_cas", "set_grid_dim")}
-    cur: dict = {"stats": None, "ld": [], "st": []}
+def _launch_hook(tr: Trace, state: dict, cur: dict, unique: bool, run0):
+    """The interpreter's launch entry: counts the launch on its kernel's stats (``cur`` holds them while it runs)
+    and, with ``unique``, the distinct addresses the launch loaded and stored."""
 
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
@@ -165,6 +156,13 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
                         arrays = [a for a, sz in cur[key] if sz == size]
                         setattr(st, attr, getattr(st, attr) + int(np.unique(np.concatenate(arrays)).size) * size)
             cur.update(stats=None, ld=[], st=[])
+
+    return run
+
+
+def _builder_hooks(cur: dict, unique: bool, saved: dict) -> dict:
+    """Interpreter builder methods (by name) that count the running launch's CTAs, bytes loaded / stored (atomics
+    both) and dot flops into ``cur["stats"]``, then call the ``saved`` originals."""
 
     def set_grid_dim(nx, ny, nz):
         if cur["stats"] is not None:
@@ -210,7 +208,24 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
         account("st", ptr, None)
         return saved["create_atomic_cas"](ptr, cmp, val, *rest)
 
-    ip.InterpretedFunction.run = run
+    return {"set_grid_dim": set_grid_dim, "create_masked_load": load, "create_masked_store": store,
+            "create_dot": dot, "create_atomic_rmw": rmw, "create_atomic_cas": cas}
+
+
+@contextlib.contextmanager
+def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
+    """Patch the interpreter's launch entry and (optionally) its memory ops and dots for the duration."""
+    from triton.runtime import interpreter as ip
+
+    from omni_fast.ops._dispatch import DispatchedOp
+
+    run0 = ip.InterpretedFunction.run
+    builder = ip.interpreter_builder
+    saved = {n: getattr(builder, n) for n in ("create_masked_load", "create_masked_store", "create_dot",
+                                              "create_atomic_rmw", "create_atomic_cas", "set_grid_dim")}
+    cur: dict = {"stats": None, "ld": [], "st": []}
+    hooks = _builder_hooks(cur, unique, saved)
+    ip.InterpretedFunction.run = _launch_hook(tr, state, cur, unique, run0)
     # Data-dependent input checks run only on CPU tensors (omni_fast.validation.values_checkable): count as on CUDA.
     checkers = [(m, m.values_checkable) for name, m in list(sys.modules.items())
                 if name.startswith("omni_fast") and getattr(m, "values_checkable", None) is _validation.values_checkable]
@@ -220,10 +235,10 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
     # omni_fast's custom ops call their backend's implementation directly, so the mode sees the ops inside.
     call0 = DispatchedOp.__call__
     DispatchedOp.__call__ = lambda self, *args: self._impls[args[-1]](*args[:-1])
-    builder.set_grid_dim = set_grid_dim
+    builder.set_grid_dim = hooks["set_grid_dim"]
     if count_bytes:
-        builder.create_masked_load, builder.create_masked_store, builder.create_dot = load, store, dot
-        builder.create_atomic_rmw, builder.create_atomic_cas = rmw, cas
+        for n in ("create_masked_load", "create_masked_store", "create_dot", "create_atomic_rmw", "create_atomic_cas"):
+            setattr(builder, n, hooks[n])
     try:
         yield
     finally:

@@ -49,6 +49,7 @@ def _facts(cfg: dict, part: str) -> dict:
 
     from omni_fast.bench import static_check as sc
     from omni_fast.kernels import moe_gemm as mg
+    from omni_fast.kernels.moe_gemm_static import _gemm_signature
 
     from .statics import occupancy, tensor_core
 
@@ -63,7 +64,7 @@ def _facts(cfg: dict, part: str) -> dict:
     block = (c["BLOCK_SIZE_N"], c["BLOCK_SIZE_K"]) if tma else None
     fn = sc._jit_function(mg.moe_gemm_kernel)
     case = sc.importlib.import_module("omni_fast.kernels.launch").StaticCase(
-        "whatif", fn, mg._gemm_signature("bf16", "bf16" if gated else "fp32", block, c["SPLIT_K"] > 1), consts,
+        "whatif", fn, _gemm_signature("bf16", "bf16" if gated else "fp32", block, c["SPLIT_K"] > 1), consts,
         c["num_warps"], c["num_stages"],
         ("N", "K", "stride_am", "stride_be", "stride_cm") + (() if tma else ("stride_bn",)))
     src = triton.compiler.ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs,

@@ -18,6 +18,7 @@ import torch
 
 from .. import fast_paths
 from ..backend import pinned_backend
+from . import token2wav_synth
 
 # New fast paths are opt-in until a GPU run passes their gpu-marked tests (project rule): patch() swaps these pieces
 # in only when the "token2wav" fast path is on (omni_fast.fast_paths; OMNI_FAST_TOKEN2WAV=1); otherwise it lists
@@ -158,6 +159,9 @@ def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dic
     """What :func:`omni_fast.patch` does to one Token2Wav module (``swap_forward(module, fn)`` / ``pin(module,
     backend)`` / ``swap_sample(module, fn)``: patch's own helpers); adds the report line to ``bucket`` (swapped)
     or ``left``."""
+    if cls == token2wav_synth.CLASS:  # its whole forward -> dit_solve.synthesize
+        token2wav_synth.patch_forward(module, wanted, backend, bucket, left, part, swap_forward, pin, label)
+        return
     if cls == "Qwen2_5OmniToken2WavDiTModel" and swap_sample is not None:
         swap, what = label("-> one CUDA graph per length bucket (omni_fast.models.dit_solve)", True)
         if wanted and swap:

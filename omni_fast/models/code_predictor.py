@@ -259,6 +259,31 @@ class CodePredictor(torch.nn.Module):
         ``backend`` runs the whole frame as in a ``use_backend(backend)`` block (per-op fallback from cuda to
         triton). ``fused`` overrides the model's layer path for this call.
         """
+        self._check_frame_inputs(talker_hidden, c0, c0_embed)
+        B = talker_hidden.shape[0]
+        do_sample = check_bool("do_sample", do_sample)
+        top_k = check_positive_int("top_k", top_k, minimum=0)
+        top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, min_open=True)
+        temperature = check_float("temperature", temperature, minimum=0.0, min_open=True)
+        seed = _frame_seed(seed, B, talker_hidden.device)
+        sampling = (do_sample, top_k, top_p, temperature)
+        fused = self.fused if fused is None else bool(fused)
+        x = talker_hidden.to(self.table.dtype)
+        # The model-level backend is an ambient choice (a use_backend block), not a per-op pin: ops without a CUDA
+        # C++ version fall back to triton under "cuda", and the sampler / RoPE take their CUDA twins.
+        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+            if use_graph is None:
+                use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
+                             and graph_capturable())
+            if use_graph and B > 0:
+                return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, fused)
+            seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,
+                                                                               device=x.device)
+            return self.frame(x, c0.long(), c0_embed, seed_t, sampling, None, fused)
+
+    def _check_frame_inputs(self, talker_hidden: torch.Tensor, c0: torch.Tensor, c0_embed) -> None:
+        """:meth:`predict_frame`'s tensors: dtypes, shapes, the model's device, ``c0`` in the codec vocabulary
+        (a value check: CPU tensors only)."""
         c = self.config
         dev = self.table.device
         check_tensor("talker_hidden", talker_hidden, dtypes=REAL_DTYPES, ndim=2)
@@ -282,34 +307,6 @@ class CodePredictor(torch.nn.Module):
             lo, hi = int(c0.min()), int(c0.max())
             if lo < 0 or hi >= self.codec_vocab_size:
                 raise ValueError(f"c0 must lie in [0, {self.codec_vocab_size}), got values in [{lo}, {hi}]")
-        do_sample = check_bool("do_sample", do_sample)
-        top_k = check_positive_int("top_k", top_k, minimum=0)
-        top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, min_open=True)
-        temperature = check_float("temperature", temperature, minimum=0.0, min_open=True)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        if isinstance(seed, torch.Tensor):
-            if seed.is_floating_point() or seed.dtype == torch.bool or seed.is_complex():
-                raise TypeError(f"seed must be an int or an integer tensor, got a {seed.dtype} tensor")
-            if seed.numel() not in (1, B) or seed.dim() > 1:
-                raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
-            seed = seed.reshape(-1).to(device=talker_hidden.device, dtype=torch.long).contiguous()
-        else:
-            seed = check_seed("seed", seed)  # ints and numpy ints; outside int64 -> ValueError naming the seed
-        sampling = (do_sample, top_k, top_p, temperature)
-        fused = self.fused if fused is None else bool(fused)
-        x = talker_hidden.to(self.table.dtype)
-        # The model-level backend is an ambient choice (a use_backend block), not a per-op pin: ops without a CUDA
-        # C++ version fall back to triton under "cuda", and the sampler / RoPE take their CUDA twins.
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            if use_graph is None:
-                use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
-                             and graph_capturable())
-            if use_graph and B > 0:
-                return self._graph_frame(x, c0.long(), c0_embed, seed, sampling, fused)
-            seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.long,
-                                                                               device=x.device)
-            return self.frame(x, c0.long(), c0_embed, seed_t, sampling, None, fused)
 
     def frame(self, x: torch.Tensor, c0: torch.Tensor, c0_embed: torch.Tensor | None, seed: torch.Tensor,
               sampling: tuple[bool, int, float, float], backend: str | None = None, fused: bool | None = None):
@@ -558,3 +555,19 @@ def _table(codec_embedding) -> torch.Tensor | None:
     if isinstance(codec_embedding, torch.Tensor):
         return codec_embedding.detach()
     raise TypeError(f"codec_embedding must be an nn.Embedding or a [V0, H] tensor, got {type(codec_embedding)}")
+
+
+def _frame_seed(seed, B: int, device: torch.device) -> int | torch.Tensor:
+    """:meth:`CodePredictor.predict_frame`'s seed: None draws one; an int (numpy ints too) is checked; an integer
+    tensor of one value or ``[B]`` becomes int64 ``[1]`` / ``[B]`` on ``device``."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.dtype == torch.bool or seed.is_complex():
+            raise TypeError(f"seed must be an int or an integer tensor, got a {seed.dtype} tensor")
+        if seed.numel() not in (1, B) or seed.dim() > 1:
+            raise ValueError(f"seed must hold one value or one per row (B={B}), got shape {tuple(seed.shape)}")
+        seed = seed.reshape(-1).to(device=device, dtype=torch.long).contiguous()
+    else:
+        seed = check_seed("seed", seed)  # ints and numpy ints; outside int64 -> ValueError naming the seed
+    return seed

@@ -34,6 +34,14 @@ CODE_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # codec tokens per
 _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
 
 
+class _GraphCache(dict):
+    """The per-DiT graph cache: pickles and deep-copies as an EMPTY cache (captured graphs, their static buffers and
+    closures are bound to this module's weights and device: a saved / copied patched model rebuilds its own)."""
+
+    def __reduce__(self):
+        return _GraphCache, ()
+
+
 def bucket_for(codes: int, buckets=CODE_BUCKETS) -> int:
     """The smallest bucket holding ``codes`` codec tokens (beyond the largest: the next power of two)."""
     return next((b for b in sorted(buckets) if b >= codes), None) or 1 << (codes - 1).bit_length()
@@ -207,7 +215,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
         dit_layers.fuse_weights(dit)
     settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
     # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
-    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", {})
+    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", _GraphCache())
     weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
         cache.clear()

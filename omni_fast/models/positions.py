@@ -119,123 +119,18 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
     dev = torch.device(device) if device is not None else input_ids.device
     if image_grid_thw is None and video_grid_thw is None:
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        mask = mask.to(dev, non_blocking=True)
-        pos = mask.float().cumsum(-1) - 1
-        pos = pos.masked_fill(mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
-        deltas = pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - mask.sum(-1, keepdim=True)
-        return (pos.long(), deltas.long()) if integer else (pos, deltas)
+        return _text_positions(input_ids, attention_mask, dev, integer)
     # the layout on the host: one copy per input for the whole batch (none for CPU inputs)
     ids_host = input_ids.cpu()
     mask_host = torch.ones_like(ids_host) if attention_mask is None else attention_mask.cpu()
-
-    images = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
-    videos = [] if video_grid_thw is None else [tuple(int(v) for v in g) for g in video_grid_thw.tolist()]
-    audios = [] if audio_feature_lengths is None else [int(a) for a in torch.as_tensor(audio_feature_lengths).tolist()]
-    seconds = None if second_per_grids is None else torch.as_tensor(second_per_grids).cpu().float()
-    merge, pps = spec.spatial_merge_size, spec.position_id_per_seconds
+    media = _Media(spec, image_grid_thw, video_grid_thw, audio_feature_lengths, second_per_grids, dev)
     positions = torch.zeros(3, *input_ids.shape, dtype=torch.float32, device=dev)
     deltas = []
-    whole = True  # every position a whole number (decided on the host: only temporal steps can be fractional)
-
-    def temporal(gt: int, *factors) -> torch.Tensor:
-        """``[gt]`` float32 temporal positions ``i * factor * ...`` of a grid (multiplied in transformers' order),
-        computed on the host, then moved to ``dev``."""
-        nonlocal whole
-        t = torch.arange(gt)
-        for f in factors:
-            t = t * f
-        t = t.float()
-        whole = whole and torch.equal(t, t.round())
-        return t.to(dev, non_blocking=True)
-
-    image_idx = video_idx = audio_idx = 0
     for row in range(input_ids.shape[0]):
         keep = mask_host[row] == 1
         ids = ids_host[row][keep]
         n = ids.numel()
-        # the layout (host): marker positions and the token after each <vision_start>
-        vs_at = torch.nonzero(ids == spec.vision_start_token_id).flatten()
-        after_vs = ids[(vs_at + 1).clamp_max(max(n - 1, 0))]
-        as_at = torch.nonzero(ids == spec.audio_start_token_id).flatten()
-        has = [bool((ids == t).any()) for t in (spec.image_token_id, spec.video_token_id, spec.audio_token_id)]
-        vs_at, after_vs, as_at = vs_at.tolist(), after_vs.tolist(), as_at.tolist()
-        has_vision_tokens, has_audio_tokens = has[0] or has[1], has[2]
-        n_audio = len(as_at)
-        n_image = sum(t == spec.image_token_id for t in after_vs)
-        n_video = sum(t == (spec.audio_start_token_id if use_audio_in_video else spec.video_token_id)
-                      for t in after_vs)
-        left_image, left_video, left_audio = n_image, n_video, n_audio
-        segments = n_image + n_audio + (0 if use_audio_in_video else n_video)
-
-        pieces: list[torch.Tensor] = []
-        last = None  # the last piece transformers appended (its max starts the next run)
-        st = 0
-        zero = torch.zeros((), dtype=torch.float32, device=dev)
-
-        def start_after(piece):
-            return zero if piece is None else piece.max() + 1
-
-        for _ in range(segments):
-            st_idx = start_after(last)
-            ed_vs = next((p for p in vs_at if p >= st), None) if has_vision_tokens and (
-                left_video > 0 or left_image > 0) else None
-            ed_as = next((p for p in as_at if p >= st), None) if has_audio_tokens and left_audio > 0 else None
-            ed_vs = n + 1 if ed_vs is None else ed_vs
-            ed_as = n + 1 if ed_as is None else ed_as
-            min_ed = min(ed_vs, ed_as)
-            text_len = min_ed - st
-            if text_len:
-                last = _arange3(text_len, st_idx)
-                pieces.append(last)
-                st_idx = st_idx + text_len
-            in_video = min_ed == ed_vs and ed_vs + 1 == ed_as
-            bos = eos = 2 if in_video else 1
-            last = _arange3(bos, st_idx)
-            pieces.append(last)
-            st_idx = st_idx + bos
-            token_after = after_vs[vs_at.index(ed_vs)] if ed_vs in vs_at else None
-            if min_ed == ed_as:  # audio
-                a_len = audio_tokens(audios[audio_idx], spec.n_window)
-                last = _arange3(a_len, st_idx)
-                pieces.append(last)
-                st += text_len + bos + a_len + eos
-                audio_idx += 1
-                left_audio -= 1
-            elif token_after == spec.image_token_id:
-                gt, gh, gw = images[image_idx]
-                t_index = temporal(gt, pps)
-                last = _vision(t_index, gh, gw, merge, st_idx)
-                pieces.append(last)
-                st += text_len + bos + gt * gh * gw // merge**2 + eos
-                image_idx += 1
-                left_image -= 1
-            elif token_after == spec.video_token_id:
-                gt, gh, gw = videos[video_idx]
-                t_index = temporal(gt, seconds[video_idx], pps)
-                last = _vision(t_index, gh, gw, merge, st_idx)
-                pieces.append(last)
-                st += text_len + bos + gt * gh * gw // merge**2 + eos
-                video_idx += 1
-                left_video -= 1
-            elif in_video:
-                a_len = audio_tokens(audios[audio_idx], spec.n_window)
-                audio = _arange3(a_len, st_idx)
-                gt, gh, gw = videos[video_idx]
-                t_index = temporal(gt, seconds[video_idx], pps)
-                video = _vision(t_index, gh, gw, merge, st_idx)
-                merged, last = _merge_audio_video(video, audio)
-                pieces.append(merged)
-                st += text_len + bos + a_len + gt * gh * gw // merge**2 + eos
-                audio_idx += 1
-                video_idx += 1
-                left_video -= 1
-                left_audio -= 1
-            last = _arange3(eos, start_after(last))
-            pieces.append(last)
-        if st < n:
-            pieces.append(_arange3(n - st, start_after(last)))
-        row_pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, device=dev)
+        row_pos = _row_positions(ids, spec, media, use_audio_in_video, dev)
         at = torch.nonzero(keep).flatten()
         if n and at[-1] - at[0] + 1 == n:  # one contiguous block (left or right padding): a slice, no index
             positions[:, row, int(at[0]):int(at[0]) + n] = row_pos
@@ -243,6 +138,134 @@ def rope_positions(input_ids: torch.Tensor, spec: PositionSpec, *, attention_mas
             positions[:, row, at.to(dev, non_blocking=True)] = row_pos
         deltas.append(row_pos.max() + 1 - n if n else torch.zeros((), device=dev))
     deltas = torch.stack(deltas).view(-1, 1)
-    if integer and whole:
+    if integer and media.whole:
         return positions.long(), deltas.long()
     return positions, deltas
+
+
+def _text_positions(input_ids, attention_mask, dev, integer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without image/video grids: every kept token (audio included) at ``cumsum(mask) - 1`` on all three rows,
+    padding at 1 (:func:`rope_positions`' result)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    mask = mask.to(dev, non_blocking=True)
+    pos = mask.float().cumsum(-1) - 1
+    pos = pos.masked_fill(mask == 0, 1).unsqueeze(0).expand(3, -1, -1)
+    deltas = pos.max(0)[0].max(-1, keepdim=True)[0] + 1 - mask.sum(-1, keepdim=True)
+    return (pos.long(), deltas.long()) if integer else (pos, deltas)
+
+
+class _Media:
+    """The batch's images, videos and audios on the host, taken in prompt order (transformers' running indices),
+    and whether every temporal position so far is a whole number (only temporal steps can be fractional)."""
+
+    def __init__(self, spec: PositionSpec, image_grid_thw, video_grid_thw, audio_feature_lengths, second_per_grids,
+                 dev: torch.device):
+        self.images = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
+        self.videos = [] if video_grid_thw is None else [tuple(int(v) for v in g) for g in video_grid_thw.tolist()]
+        self.audios = ([] if audio_feature_lengths is None
+                       else [int(a) for a in torch.as_tensor(audio_feature_lengths).tolist()])
+        self.seconds = None if second_per_grids is None else torch.as_tensor(second_per_grids).cpu().float()
+        self.merge, self.pps, self.n_window, self.dev = (spec.spatial_merge_size, spec.position_id_per_seconds,
+                                                         spec.n_window, dev)
+        self.image_idx = self.video_idx = self.audio_idx = 0
+        self.whole = True
+
+    def temporal(self, gt: int, *factors) -> torch.Tensor:
+        """``[gt]`` float32 temporal positions ``i * factor * ...`` of a grid (multiplied in transformers' order),
+        computed on the host, then moved to the device."""
+        t = torch.arange(gt)
+        for f in factors:
+            t = t * f
+        t = t.float()
+        self.whole = self.whole and torch.equal(t, t.round())
+        return t.to(self.dev, non_blocking=True)
+
+    def audio(self, st_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The next audio from ``st_idx``: (positions ``[3, tokens]``, tokens)."""
+        a_len = audio_tokens(self.audios[self.audio_idx], self.n_window)
+        self.audio_idx += 1
+        return _arange3(a_len, st_idx), a_len
+
+    def vision(self, st_idx: torch.Tensor, video: bool) -> tuple[torch.Tensor, int]:
+        """The next image (or video) grid from ``st_idx``: (positions ``[3, tokens]``, tokens)."""
+        if video:
+            gt, gh, gw = self.videos[self.video_idx]
+            t_index = self.temporal(gt, self.seconds[self.video_idx], self.pps)
+            self.video_idx += 1
+        else:
+            gt, gh, gw = self.images[self.image_idx]
+            t_index = self.temporal(gt, self.pps)
+            self.image_idx += 1
+        return _vision(t_index, gh, gw, self.merge, st_idx), gt * gh * gw // self.merge**2
+
+
+def _row_positions(ids: torch.Tensor, spec: PositionSpec, media: _Media, use_audio_in_video: bool,
+                   dev: torch.device) -> torch.Tensor:
+    """``[3, n]`` float32 positions of one row's kept tokens ``ids`` ``[n]`` (host), transformers' segment walk."""
+    n = ids.numel()
+    # the layout (host): marker positions and the token after each <vision_start>
+    vs_at = torch.nonzero(ids == spec.vision_start_token_id).flatten()
+    after_vs = ids[(vs_at + 1).clamp_max(max(n - 1, 0))]
+    as_at = torch.nonzero(ids == spec.audio_start_token_id).flatten()
+    has = [bool((ids == t).any()) for t in (spec.image_token_id, spec.video_token_id, spec.audio_token_id)]
+    vs_at, after_vs, as_at = vs_at.tolist(), after_vs.tolist(), as_at.tolist()
+    has_vision_tokens, has_audio_tokens = has[0] or has[1], has[2]
+    n_audio = len(as_at)
+    n_image = sum(t == spec.image_token_id for t in after_vs)
+    n_video = sum(t == (spec.audio_start_token_id if use_audio_in_video else spec.video_token_id) for t in after_vs)
+    left_image, left_video, left_audio = n_image, n_video, n_audio
+    segments = n_image + n_audio + (0 if use_audio_in_video else n_video)
+
+    pieces: list[torch.Tensor] = []
+    last = None  # the last piece transformers appended (its max starts the next run)
+    st = 0
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+
+    def start_after(piece):
+        return zero if piece is None else piece.max() + 1
+
+    for _ in range(segments):
+        st_idx = start_after(last)
+        ed_vs = next((p for p in vs_at if p >= st), None) if has_vision_tokens and (
+            left_video > 0 or left_image > 0) else None
+        ed_as = next((p for p in as_at if p >= st), None) if has_audio_tokens and left_audio > 0 else None
+        ed_vs = n + 1 if ed_vs is None else ed_vs
+        ed_as = n + 1 if ed_as is None else ed_as
+        min_ed = min(ed_vs, ed_as)
+        text_len = min_ed - st
+        if text_len:
+            last = _arange3(text_len, st_idx)
+            pieces.append(last)
+            st_idx = st_idx + text_len
+        in_video = min_ed == ed_vs and ed_vs + 1 == ed_as
+        bos = eos = 2 if in_video else 1
+        last = _arange3(bos, st_idx)
+        pieces.append(last)
+        st_idx = st_idx + bos
+        token_after = after_vs[vs_at.index(ed_vs)] if ed_vs in vs_at else None
+        if min_ed == ed_as:  # audio
+            last, a_len = media.audio(st_idx)
+            pieces.append(last)
+            st += text_len + bos + a_len + eos
+            left_audio -= 1
+        elif token_after in (spec.image_token_id, spec.video_token_id):
+            last, v_len = media.vision(st_idx, video=token_after != spec.image_token_id)
+            pieces.append(last)
+            st += text_len + bos + v_len + eos
+            if token_after == spec.image_token_id:
+                left_image -= 1
+            else:
+                left_video -= 1
+        elif in_video:
+            audio, a_len = media.audio(st_idx)
+            video, v_len = media.vision(st_idx, video=True)
+            merged, last = _merge_audio_video(video, audio)
+            pieces.append(merged)
+            st += text_len + bos + a_len + v_len + eos
+            left_video -= 1
+            left_audio -= 1
+        last = _arange3(eos, start_after(last))
+        pieces.append(last)
+    if st < n:
+        pieces.append(_arange3(n - st, start_after(last)))
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, device=dev)

@@ -280,6 +280,51 @@ def _check_block_table(block_table, B: int, n_pages: int, device) -> None:
         raise ValueError("the paged cache has no pages (shape[0] == 0) but block_table names some")
 
 
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqused_k,
+                  alibi_slopes, sinks, flash_attn_lse, check_values) -> tuple[int | None, int | None]:
+    """Validate :func:`flash_attn_varlen`'s tensors (values as ``check_values`` says); returns
+    (max_seqlen_q, max_seqlen_k) as ints or None."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
+    Tq, Hq, D = q.shape
+    paged = block_table is not None
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4 if paged else 3, device=q.device, last_dim_contiguous=True)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
+    check_same_dtype(q=q, k=k, v=v)
+    if k.shape[-1] != D:
+        raise ValueError(f"k must have head_dim {D} like q, got shape {list(k.shape)}")
+    _check_heads("q", Hq, "k", k.shape[-2], D)
+    B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
+    Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
+    if max_seqlen_q is not None:
+        max_seqlen_q = check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0, maximum=INT32_MAX)
+    if max_seqlen_k is not None:
+        max_seqlen_k = check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0, maximum=INT32_MAX)
+    if paged:
+        _check_block_table(block_table, B, k.shape[0], q.device)
+    if seqused_k is not None:
+        check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
+    _check_alibi(alibi_slopes, B, Hq, q.device)
+    if sinks is not None:
+        check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, shape=(Hq,), device=q.device, contiguous=True)
+        if check_bool("flash_attn_lse", flash_attn_lse):
+            raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
+    if values_checkable(cu_seqlens_q, check_values):
+        cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
+        check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
+        # paged: cu_seqlens_k only counts keys (its total is not k's first dim)
+        check_cu_seqlens("cu_seqlens_k", cu_k, int(cu_k[-1]) if paged else k.shape[0], check_values=True)
+        if table:
+            check_index_range("block_table", table[0], 0, k.shape[0], check_values=True)
+        if max_seqlen_q is not None and B > 0:
+            longest = int((cu_q[1:] - cu_q[:-1]).max())
+            if longest > max_seqlen_q:
+                raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence "
+                                 f"({longest})")
+    if Bk != B:
+        raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    return max_seqlen_q, max_seqlen_k
+
+
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -329,46 +374,11 @@ def flash_attn_varlen(
     with a zero value (out and lse include it; a row that sees no key gives zeros and ``lse = sink``); not with
     ``flash_attn_lse`` (flash-attn 2.8 has none).
     """
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, last_dim_contiguous=True)
-    Tq, Hq, D = q.shape
-    paged = block_table is not None
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4 if paged else 3, device=q.device, last_dim_contiguous=True)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
-    check_same_dtype(q=q, k=k, v=v)
-    if k.shape[-1] != D:
-        raise ValueError(f"k must have head_dim {D} like q, got shape {list(k.shape)}")
-    _check_heads("q", Hq, "k", k.shape[-2], D)
-    B = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device=q.device, check_values=False)
-    Bk = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device=q.device, check_values=False)
-    if max_seqlen_q is not None:
-        max_seqlen_q = check_positive_int("max_seqlen_q", max_seqlen_q, minimum=0, maximum=INT32_MAX)
-    if max_seqlen_k is not None:
-        max_seqlen_k = check_positive_int("max_seqlen_k", max_seqlen_k, minimum=0, maximum=INT32_MAX)
-    if paged:
-        _check_block_table(block_table, B, k.shape[0], q.device)
-    if seqused_k is not None:
-        check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,), shape=(B,), device=q.device, contiguous=True)
-    _check_alibi(alibi_slopes, B, Hq, q.device)
-    if sinks is not None:
-        check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES, shape=(Hq,), device=q.device, contiguous=True)
-        if check_bool("flash_attn_lse", flash_attn_lse):
-            raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
-    if values_checkable(cu_seqlens_q, check_values):
-        cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
-        check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
-        # paged: cu_seqlens_k only counts keys (its total is not k's first dim)
-        check_cu_seqlens("cu_seqlens_k", cu_k, int(cu_k[-1]) if paged else k.shape[0], check_values=True)
-        if table:
-            check_index_range("block_table", table[0], 0, k.shape[0], check_values=True)
-        if max_seqlen_q is not None and B > 0:
-            longest = int((cu_q[1:] - cu_q[:-1]).max())
-            if longest > max_seqlen_q:
-                raise ValueError(f"max_seqlen_q ({max_seqlen_q}) is smaller than the longest query sequence "
-                                 f"({longest})")
-    if Bk != B:
-        raise ValueError(f"cu_seqlens_k must have {B + 1} entries like cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    max_seqlen_q, max_seqlen_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               block_table, seqused_k, alibi_slopes, sinks, flash_attn_lse,
+                                               check_values)
     left, right = _window(window_size)
-    scale = _scale(softmax_scale, D)
+    scale = _scale(softmax_scale, q.shape[2])
     causal = check_bool("causal", causal)
     fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
     if out is not None:
@@ -485,6 +495,24 @@ def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
     return cache_seqlens, capacity, appended, tuple(named.values())
 
 
+def _kvcache_scalars(window_size, softmax_scale, head_dim: int, softcap, causal, rotary_interleaved,
+                     return_softmax_lse, flash_attn_lse, num_splits) -> tuple:
+    """:func:`flash_attn_with_kvcache`'s scalars, checked in order: (left, right, scale, softcap, causal, ...)."""
+    return (*_window(window_size), _scale(softmax_scale, head_dim), _softcap(softcap), check_bool("causal", causal),
+            check_bool("rotary_interleaved", rotary_interleaved),
+            check_bool("return_softmax_lse", return_softmax_lse), check_bool("flash_attn_lse", flash_attn_lse),
+            check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX))
+
+
+def _check_kvcache_writes(q, k_cache, v_cache, k, v, out, **index) -> None:
+    """The caches when k/v are appended (no self-overlap: an expanded cache), then ``out=``: nothing shared."""
+    if k is not None:
+        check_output("k_cache", k_cache, q=q, k=k, v=v, **index)
+        check_output("v_cache", v_cache, k_cache=k_cache, q=q, k=k, v=v, **index)
+    if out is not None:
+        _check_out(out, q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, **index)
+
+
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -543,29 +571,15 @@ def flash_attn_with_kvcache(
     cache_seqlens, capacity, appended, index = _check_kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
         alibi_slopes, key_padding_mask, check_values)
-    D = q.shape[3]
-    left, right = _window(window_size)
-    scale = _scale(softmax_scale, D)
-    cap = _softcap(softcap)
-    causal = check_bool("causal", causal)
-    rotary_interleaved = check_bool("rotary_interleaved", rotary_interleaved)
-    return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
-    fa_lse = check_bool("flash_attn_lse", flash_attn_lse)
-    num_splits = check_positive_int("num_splits", num_splits, minimum=0, maximum=INT32_MAX)
-    if k is not None:  # the caches are written: no self-overlap (an expanded cache), nothing shared with the inputs
-        inputs = dict(q=q, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
-                      key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, alibi_slopes=alibi_slopes)
-        check_output("k_cache", k_cache, **inputs)
-        check_output("v_cache", v_cache, k_cache=k_cache, **inputs)
-    # FlashAttention rotates q causally (at cache_seqlens + i) when the attention is causal or local; windows at
-    # least as long as the cache count as unbounded there
+    left, right, scale, cap, causal, rotary_interleaved, return_softmax_lse, fa_lse, num_splits = _kvcache_scalars(
+        window_size, softmax_scale, q.shape[3], softcap, causal, rotary_interleaved, return_softmax_lse,
+        flash_attn_lse, num_splits)
+    _check_kvcache_writes(q, k_cache, v_cache, k, v, out, cache_seqlens=cache_seqlens, block_table=block_table,
+                          key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
+                          cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                          alibi_slopes=alibi_slopes)
+    # FlashAttention rotates q causally (at cache_seqlens + i) when causal or local (a window >= the cache: unbounded)
     rot_causal = causal or 0 <= left < capacity or 0 <= right < capacity
-    if out is not None:
-        _check_out(out, q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                   block_table=block_table, key_padding_mask=key_padding_mask, cache_batch_idx=cache_batch_idx,
-                   cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   alibi_slopes=alibi_slopes)
     be = _kvcache_op.resolve((q, k_cache, v_cache) + index, backend)
     if k is not None:
         _append_op(k_cache, v_cache, cache_seqlens, k, v, block_table, cache_batch_idx, rotary_cos, rotary_sin,

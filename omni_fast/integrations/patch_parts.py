@@ -1,0 +1,38 @@
+"""Which part of a Qwen-Omni model a submodule belongs to, and the :class:`omni_fast.patch.PatchReport` lines built
+from :func:`omni_fast.patch`'s tallies (pure functions: no module is changed here)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def root_part(model: nn.Module) -> str:
+    """The part the patched module itself is (a whole model counts as its thinker)."""
+    name = type(model).__name__
+    for key, part in (("CodePredictor", "code_predictor"), ("Code2Wav", "code2wav"), ("Token2Wav", "code2wav"),
+                      ("Talker", "talker"), ("Audio", "audio"), ("Vision", "vision")):
+        if key in name:
+            return part
+    return "thinker"
+
+
+def part_of(root: str, path: str) -> str:
+    """Which part of the model the submodule at ``path`` belongs to (the innermost named part wins)."""
+    part = root
+    for seg in path.split("."):
+        part = {"thinker": "thinker", "talker": "talker", "code_predictor": "code_predictor",
+                "code2wav": "code2wav", "token2wav": "code2wav", "audio_tower": "audio", "visual": "vision"}.get(
+            seg, part)
+    return part
+
+
+def report_lines(model: nn.Module, root: str, wanted: set, counts: dict, left: dict) -> tuple[list, list]:
+    """(replaced, left) report lines from the tallies ``{(part, what): n}``; a selected part with nothing replaced
+    that the model has is named as left."""
+    replaced = [f"[{part}] {what} (x{n})" for (part, what), n in sorted(counts.items())]
+    kept = [f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")")
+            for (part, what), n in sorted(left.items())]
+    for part in sorted(wanted - {p for p, _ in counts}):
+        if any(part_of(root, p) == part for p, _ in model.named_modules()):
+            kept.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
+    return replaced, kept
