@@ -14,8 +14,8 @@ off early still returns what finished), beside ``$OUT/summary.json`` and ``$OUT/
 tests of ``tests/gpu_first_light.txt``; the quick benchmark cases of moe, attention, mtp, code2wav, rope and decode with
 every peer in the image and the two measured ceilings (one process per family); the full-shape pipeline at
 concurrency 1 and 4; the cost model's calibration (:mod:`omni_fast.bench.session_tools`). ``second-light``
-(~3.5 min, after a clean first light): MoE tuning for N = 768 and 384 on a reduced T grid, and compute-sanitizer
-memcheck over ``tests/gpu_memcheck.txt``.
+(~6.5 min, after a clean first light): MoE tuning for N = 768 and 384 on a reduced T grid, compute-sanitizer
+memcheck over ``tests/gpu_memcheck.txt``, then the same tuning for the FP8 block-scaled experts.
 
 ``--dry-run`` (a CPU, in CI: ``tests/test_gpu_session_dry_run.py``): every step in a wiring-only form (tiny
 inputs, ``--list`` / ``--collect-only`` / the interpreter; listed test ids must all be collected and gpu-marked),
@@ -123,12 +123,14 @@ def _calibrate_step(ctx, d):
             "--json", str(d / "calibration.json")] + (["--dry-run"] if ctx.dry else [])
 
 
-def _tune_step(n, box):
+def _tune_step(n, box, fmt=None):
     def argv(ctx, d):
         base = [ctx.py, "-m", "omni_fast.bench.tune_moe", "--n", str(n), "--out-dir", str(d / "configs")]
+        if fmt:  # quantized experts: the kernel's tile rules, the sm_90a static prune (a process per core)
+            base += ["--format", fmt, "--jobs", str(os.cpu_count() or 1)]
         if ctx.dry:  # the tuner's whole path on the interpreter at toy sizes, one candidate per GEMM
-            return base + ["--device", "cpu", "--experts", "4", "--hidden", "32", "--top-k", "2", "--tokens", "3",
-                           "--dtype", "fp16", "--max-configs", "1"]
+            return base + ["--device", "cpu", "--experts", "4", "--hidden", "128" if fmt else "32", "--top-k", "2",
+                           "--tokens", "3", "--dtype", "fp16", "--max-configs", "1"]
         # T: the cost model's MoE units (prefill 4096 first: its fallback tiles are the known-bad ones, then decode)
         return base + ["--tokens", "4096", "1", "64", "8", "--max-configs", "12",
                        "--budget-s", f"{max(ctx.box(box) - 15, 5):.0f}"]
@@ -172,7 +174,13 @@ def _second_light() -> list[Step]:
             Step("02_tune_768", "MoE tuning N=768 (thinker)", 75, _tune_step(768, 75), tools.summarize_tune),
             Step("03_tune_384", "MoE tuning N=384 (talker)", 55, _tune_step(384, 55), tools.summarize_tune),
             Step("04_memcheck", "compute-sanitizer memcheck: tests/gpu_memcheck.txt", 70, _memcheck_step,
-                 tools.summarize_memcheck, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})]
+                 tools.summarize_memcheck, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
+            # FP8 block 128x128 (Qwen's published FP8 checkpoints) only: fp8_channel and int4 would take another
+            # ~2.5 min and keep the heuristic meanwhile (docs/moe.md); after memcheck, so a slow tune costs itself
+            Step("05_tune_fp8_768", "MoE tuning fp8 block N=768 (thinker)", 90, _tune_step(768, 90, "fp8_block"),
+                 tools.summarize_tune),
+            Step("06_tune_fp8_384", "MoE tuning fp8 block N=384 (talker)", 70, _tune_step(384, 70, "fp8_block"),
+                 tools.summarize_tune)]
 
 
 SESSIONS = {"first-light": _first_light, "second-light": _second_light}

@@ -20,7 +20,13 @@ routing), and the ``BLOCK_SIZE_M`` with the smallest sum wins. At run time
 :func:`omni_fast.kernels.moe_gemm.get_config` picks the bucket nearest the call's T; without a file it falls
 back to :func:`omni_fast.kernels.moe_gemm.default_config`.
 
-Needs a CUDA GPU: on a CPU-only machine it prints a message and exits with status 2.
+Quantized experts (``--format fp8_block|fp8_channel|int4_w4a16``): the same loop over the quantized kernel's two
+GEMMs, a search space that keeps its tile constraints, pruned by the sm_90a static compile, and a file named with
+the format's tag (vLLM's ``dtype=fp8_w8a8,block_shape=[128,128]`` / ``dtype=fp8_w8a8`` / ``dtype=int4_w4a16``);
+see :mod:`omni_fast.bench.tune_moe_quant`.
+
+Needs a CUDA GPU: on a CPU-only machine it prints a message and exits with status 2. ``--device cpu`` (tests and
+the GPU session's dry run, on the interpreter at toy sizes) checks the wiring with a wall-clock timer.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -101,9 +109,60 @@ def nearest_first(configs: list[dict], default: dict, limit: int | None) -> list
     return sorted(configs, key=distance)[:limit]
 
 
+def _float_problem(T, E, N, H, k, dtype, dev):
+    """(w13, w2, launcher, fallback config, adjust) of the float experts."""
+    from omni_fast.kernels import moe_gemm
+
+    w13 = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) * H ** -0.5
+    w2 = torch.randn(E, H, N, device=dev, dtype=dtype) * N ** -0.5
+    return w13, w2, moe_gemm._launch_gemm, moe_gemm.default_config(T, E, k, H, N, dtype), None
+
+
+def _quant_problem(T, E, N, H, k, dtype, dev, quant: dict):
+    """The same for quantized experts (``quant``: format, block, group_size): random experts quantized once; the
+    fallback is what the kernel runs without a file (the bf16 heuristic, K tiles set by the format)."""
+    from omni_fast.bench import tune_moe_quant as tq
+    from omni_fast.kernels import moe_gemm, moe_gemm_quant
+
+    experts = tq.random_experts(quant["format"], E, N, H, dev, block=quant["block"], group_size=quant["group_size"],
+                                scale_dtype=dtype)
+    up, down = moe_gemm._split(moe_gemm.default_config(T, E, k, H, N, torch.bfloat16))
+    moe_gemm_quant.adjust_config(experts, up, down)
+    default = dict(up, down={key: v for key, v in down.items() if key != "BLOCK_SIZE_M"})
+
+    def adjust(up_cfg, down_cfg):
+        moe_gemm_quant.adjust_config(experts, up_cfg, down_cfg)
+
+    return "w13", "w2", moe_gemm_quant._gemm_for(experts), default, adjust
+
+
+def _candidates(configs: list[dict], default: dict, limit: int | None, prune, gated: bool) -> list[dict]:
+    """:func:`nearest_first`, then ``prune`` (when given) over the nearest first so up to ``limit`` survive."""
+    ordered = nearest_first(configs, default, len(configs))
+    if prune is None:
+        return ordered[:limit] if limit is not None else ordered
+    kept, start = [], 0
+    step = limit or len(ordered)
+    while start < len(ordered) and (limit is None or len(kept) < limit):
+        kept += prune(ordered[start:start + step], gated)
+        start += step
+    return kept[:limit] if limit is not None else kept
+
+
+def _adjusted(cfg: dict, adjust, gated: bool) -> dict:
+    """The config the kernel launches for candidate ``cfg`` (``adjust``: the quantized format's tile rules,
+    which leave the quantized search space unchanged)."""
+    cfg = dict(cfg, SPLIT_K=cfg.get("SPLIT_K", 1))
+    if adjust is not None:
+        up, down = dict(cfg), dict(cfg)
+        adjust(up, down)
+        cfg = up if gated else down
+    return cfg
+
+
 def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quick: bool, verbose: bool, *,
                 device: torch.device | str = "cuda", bench=None, space=None, max_configs: int | None = None,
-                deadline: float | None = None) -> dict:
+                deadline: float | None = None, quant: dict | None = None, prune=None) -> dict:
     """The best config for T tokens: ``{gate/up keys..., "down": {...}}`` (the JSON file's value for bucket T).
 
     ``bench(fn) -> ms`` times one launch closure (default :func:`_do_bench`, which needs a GPU); ``space(block_m,
@@ -111,17 +170,19 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
     whole tuner runs in a test on the CPU interpreter with a stub timer and a tiny search space.
     ``max_configs``: per GEMM and BLOCK_M, only the candidates nearest the fallback heuristic
     (:func:`nearest_first`). ``deadline`` (``time.monotonic()``): past it, each GEMM keeps the best of what it timed.
+    ``quant`` (``{"format", "block", "group_size"}``): tune the quantized kernel instead
+    (:mod:`omni_fast.bench.tune_moe_quant`); ``prune(configs, gated) -> configs`` drops candidates before timing
+    (the quantized mode's sm_90a static prune), applied to the nearest ones first so ``max_configs`` survive.
     """
-    from omni_fast.kernels import moe_align, moe_gemm
+    from omni_fast.kernels import moe_align
     from omni_fast.reference import moe as ref
 
     dev = torch.device(device)
     bench = bench or (_do_bench if dev.type == "cuda" else _wall_ms)
     space = space or (lambda bm, gated, elem: search_space(quick, bm, gated, elem))
-    default = moe_gemm.default_config(T, E, k, H, N, dtype)
     x = torch.randn(T, H, device=dev, dtype=dtype)
-    w13 = torch.randn(E, 2 * N, H, device=dev, dtype=dtype) * H ** -0.5
-    w2 = torch.randn(E, H, N, device=dev, dtype=dtype) * N ** -0.5
+    w13, w2, gemm, default, adjust = (_float_problem(T, E, N, H, k, dtype, dev) if quant is None else
+                                      _quant_problem(T, E, N, H, k, dtype, dev, quant))
     weights, ids = ref.topk_softmax(torch.randn(T, E, device=dev), k)
     n = T * k
     act = torch.randn(n, N, device=dev, dtype=dtype)
@@ -133,15 +194,17 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
         results = {}
         for gated in (True, False):
             fastest = (float("inf"), None)
-            for cfg in nearest_first(space(bm, gated, elem), default if gated else default["down"], max_configs):
+            for cfg in _candidates(space(bm, gated, elem), default if gated else default["down"], max_configs,
+                                   prune, gated):
                 if deadline is not None and time.monotonic() > deadline and fastest[1] is not None:
                     break
                 a, c, NN, K = (x, act, N, H) if gated else (act, y, H, N)
                 b = w13 if gated else w2
+                run_cfg = _adjusted(cfg, adjust, gated)
 
-                def run(cfg=cfg, a=a, b=b, c=c, NN=NN, K=K, gated=gated):
-                    moe_gemm._launch_gemm(a, b, c, weights, sorted_ids, expert_ids, npost, NN, K, n, k, gated=gated,
-                                          mul_weight=not gated, a_per_token=gated, cfg=cfg)
+                def run(cfg=run_cfg, a=a, b=b, c=c, NN=NN, K=K, gated=gated):
+                    gemm(a, b, c, weights, sorted_ids, expert_ids, npost, NN, K, n, k, gated=gated,
+                         mul_weight=not gated, a_per_token=gated, cfg=cfg)
 
                 try:
                     run()
@@ -165,6 +228,18 @@ def tune_bucket(T: int, E: int, N: int, H: int, k: int, dtype: torch.dtype, quic
     return best[1]
 
 
+def _quant_setup(args, fmt: str, space):
+    """(quant, space, prune, file tag) of the quantized mode (:mod:`omni_fast.bench.tune_moe_quant`)."""
+    from omni_fast.bench import tune_moe_quant as tq
+    from omni_fast.kernels.moe_gemm_quant import config_key
+
+    quant = dict(format=fmt, block=tuple(args.block), group_size=args.group_size)
+    gk = tq.group_k(fmt, quant["block"], args.group_size)
+    space = space or (lambda bm, gated, elem: tq.search_space(fmt, gk, args.quick, bm, gated, elem))
+    prune = None if args.no_prune else tq.StaticPrune(fmt, gk, fmt == "int4_w4a16", args.dtype, args.jobs)
+    return quant, space, prune, config_key(types.SimpleNamespace(format=fmt, block=quant["block"]))
+
+
 def main(argv=None, *, bench=None, space=None) -> int:
     """The CLI. ``bench`` and ``space``: see :func:`tune_bucket` (tests inject a stub timer and a tiny space)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,8 +257,19 @@ def main(argv=None, *, bench=None, space=None) -> int:
                    help="stop after this many seconds: buckets not started are left out of the file (it is written "
                         "after every bucket), a bucket in progress keeps the best config it timed")
     p.add_argument("--device", default="cuda", help="default cuda; anything else only for tests (interpreter)")
+    p.add_argument("--format", default=None, help="quantized experts: fp8_block, fp8_channel or int4_w4a16 (int4); "
+                   "default: the float experts in --dtype")
+    p.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("BN", "BK"), help="fp8_block's block")
+    p.add_argument("--group-size", type=int, default=128, help="int4_w4a16's group (asymmetric)")
+    p.add_argument("--no-prune", action="store_true", help="quantized: skip the sm_90a static prune")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the static prune")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    from omni_fast.bench import tune_moe_quant as tq
+
+    fmt = tq.ALIASES.get(args.format, args.format)
+    if fmt is not None and fmt not in tq.FORMATS:
+        p.error(f"--format must be one of {tq.FORMATS} (or int4, fp8), got {args.format!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("omni_fast.bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "
@@ -193,6 +279,9 @@ def main(argv=None, *, bench=None, space=None) -> int:
     from omni_fast.kernels.moe_gemm import CONFIG_FAMILY, config_file_stem
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    quant, prune, tag = None, None, dtype
+    if fmt is not None:
+        quant, space, prune, tag = _quant_setup(args, fmt, space)
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if out_dir.resolve() != (CONFIG_DIR / CONFIG_FAMILY).resolve():
@@ -202,7 +291,7 @@ def main(argv=None, *, bench=None, space=None) -> int:
     for N in args.n:
         H, k = SHAPES.get(N, (2048, 8))
         H, k = args.hidden or H, args.top_k or k
-        path = out_dir / f"{config_file_stem(args.experts, N, dtype, device)}.json"
+        path = out_dir / f"{config_file_stem(args.experts, N, tag, device)}.json"
         table = json.loads(path.read_text()) if path.is_file() else {}
         for T in args.tokens:
             if deadline is not None and time.monotonic() > deadline:
@@ -210,7 +299,12 @@ def main(argv=None, *, bench=None, space=None) -> int:
                 continue
             t0 = time.time()
             table[str(T)] = tune_bucket(T, args.experts, N, H, k, dtype, args.quick, args.verbose, device=device,
-                                        bench=bench, space=space, max_configs=args.max_configs, deadline=deadline)
+                                        bench=bench, space=space, max_configs=args.max_configs, deadline=deadline,
+                                        quant=quant, prune=prune)
+            if prune is not None:
+                print(f"  {len(prune.dropped)} candidates pruned by the sm_90a static check" +
+                      "".join(f"\n    {cfg}: {why}" for cfg, why in prune.dropped if args.verbose))
+                prune.dropped.clear()
             print(f"E={args.experts} N={N} T={T}: {table[str(T)]} ({time.time() - t0:.0f} s)")
             # Written after every bucket, so an interrupted run keeps what it tuned.
             ordered = {key: table[key] for key in sorted(table, key=int)}

@@ -10,8 +10,9 @@
 #                       pipeline at concurrency 1 and 4, the cost-model calibration; each step time-boxed, all
 #                       of it in $OUT/first-light.tar.gz + $OUT/summary.{json,md}. --dry-run: the CPU wiring check
 #   second-light [--dry-run]
-#                       ~3.5 min, after a clean first light: MoE tuning N=768 and 384 (reduced T grid and search),
-#                       compute-sanitizer memcheck over tests/gpu_memcheck.txt
+#                       ~6.5 min, after a clean first light: MoE tuning N=768 and 384 (reduced T grid and search),
+#                       compute-sanitizer memcheck over tests/gpu_memcheck.txt, then the fp8 block-scaled experts'
+#                       tuning N=768 and 384 (same grid, sm_90a static prune)
 #
 # Single stages (run from the repository root on the GPU machine; logs and results go under $OUT, default ./gpu_out):
 #   env                 versions, GPU (the two ceilings are measured by the bench itself)
@@ -24,7 +25,8 @@
 #   smoke [OPS...]      python -m omni_fast.bench OPS --preset smoke: every provider once at tiny shapes on the GPU (no
 #                       timing), the pre-flight that catches device-only provider bugs before `bench`
 #   bench [OPS...]      python -m omni_fast.bench OPS --preset full  (results under $OUT/results/<device>/)
-#   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192)
+#   tune [N...]         bench/tune_moe.py for the given expert intermediate sizes (default 768 384 192);
+#                       TUNE_FORMAT=fp8_block|fp8_channel|int4_w4a16 tunes the quantized experts instead
 #   pipeline [ARGS...]  python -m omni_fast.bench.cases.pipeline (concurrency 1, 4, 6)
 #
 # Set-up without a package index: the image's python3 already has torch, triton, transformers, cupy, pytest,
@@ -92,7 +94,8 @@ case "$STAGE" in
     ;;
   tune)
     ns=("$@"); [ ${#ns[@]} -eq 0 ] && ns=(768 384 192)
-    "$PY" -m omni_fast.bench.tune_moe --n "${ns[@]}" --out-dir "$OUT/configs" 2>&1 | tee "$OUT/tune.log" | tail -30
+    "$PY" -m omni_fast.bench.tune_moe --n "${ns[@]}" ${TUNE_FORMAT:+--format "$TUNE_FORMAT"} --out-dir "$OUT/configs" \
+      2>&1 | tee "$OUT/tune${TUNE_FORMAT:+_$TUNE_FORMAT}.log" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
   pipeline)

@@ -150,6 +150,26 @@ def test_inter_scaling_rule_is_exact():
             assert scaled[name][f] == k[f], (name, f)
 
 
+@pytest.mark.parametrize("model,I,s", [("thinker", 512, 4), ("talker", 384, 3)])
+def test_inter_scaling_rule_is_exact_with_the_real_shapes_grid_fill(model, I, s):
+    """The bf16 units' scaled traces (MOE_SCALE; thinker T=8/64/4096, talker T=4096): the scaled calls take the
+    launch config of the real I, here one whose decode-tier grid fill (moe_gemm.fill_grid) differs at I/s; and
+    an odd ``s`` takes its second point at divisor s / 2, as ``bench.model.run_traces`` does."""
+    from omni_fast.bench.costmodel.units import _moe_call
+    from omni_fast.kernels import moe_gemm
+
+    T, dims = 24, (32, 2, 64, I, 384 if model == "talker" else 0)  # 33 M tiles: BLOCK_N 64 at I, 32 at I / s
+    small_cfg = moe_gemm.default_config(T, 32, 2, 64, I // s, torch.float32, fill=True)
+    assert small_cfg != moe_gemm.default_config(T, 32, 2, 64, I, torch.float32, fill=True)  # the case at stake
+    big = _stats(_moe_call(model, T, dims, torch.float32))
+    small = _stats(_moe_call(model, T, dims, torch.float32, s=s))
+    half = _stats(_moe_call(model, T, dims, torch.float32, s=s // 2 if s % 2 == 0 else s / 2))
+    scaled = _scaled(small, dict(rule="inter", s=s, kernels=["triton:moe_gemm_kernel"]), half)
+    for name, k in big.items():
+        for f in ("loaded", "stored", "flops", "ctas", "launches"):
+            assert scaled[name][f] == k[f], (name, f)
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_channel", "int4"])
 def test_quant_inter_scaling_rule_is_exact(fmt):
     """The quantized units' scaled traces (QUANT_SCALE): the routed GEMM's counts are affine in I."""

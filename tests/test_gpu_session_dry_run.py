@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+import triton
 
 from omni_fast._layout import REPO_ROOT
 from omni_fast.bench import session, session_tools
@@ -53,8 +54,11 @@ def test_dry_runs_wire_every_step_into_the_bundle(tmp_path):
             assert steps["06_calibrate"]["status"] in ("ok", "skipped")
         else:
             assert steps["04_memcheck"]["collected"] >= len(session_tools.read_ids(session.MEMCHECK_TESTS))
-            for key in ("02_tune_768", "03_tune_384"):
+            for key in ("02_tune_768", "03_tune_384", "05_tune_fp8_768", "06_tune_fp8_384"):
                 assert [v for v in steps[key]["configs"].values()] == [["3"]]
+            for key, n in (("05_tune_fp8_768", 768), ("06_tune_fp8_384", 384)):  # the quantized lookup's file name
+                assert list(steps[key]["configs"]) == [
+                    f"E=4,N={n},dtype=fp8_w8a8,block_shape=[128,128],device=cpu,triton={triton.__version__}.json"]
 
 
 def test_a_step_past_its_box_is_stopped_and_the_session_goes_on(tmp_path):

@@ -11,7 +11,10 @@ Scaling rules (exact; tested in tests/test_cost_model.py):
   not depend on I). With I/s a multiple of every block size, each count (bytes, FLOPs, each launch's CTAs) is
   affine in I, so two traces, at I/s and 2I/s, give the full shape exactly: ``f(I) = f(I/s) + (f(2I/s) -
   f(I/s)) * (s - 1)``. The shared expert's intermediate scales with the same ``s``. Routing, align and combine
-  kernels do not depend on I. The launch config does not depend on I (``moe_gemm.default_config``).
+  kernels do not depend on I. The launch config is pinned to the real shape's: ``moe_gemm.default_config``
+  does not depend on I, but its decode-tier grid fill (``moe_gemm.fill_grid``) does, so the scaled calls look
+  their config up at the real I (:func:`_real_shape_config`). ``s`` may be odd: the second point is then at
+  divisor ``s / 2`` (the talker's I = 384: 128 and 256 at ``s`` = 3).
 
 Scaled traces have no distinct-byte counts (the distinct bytes of a GEMM are not linear in I): their HBM bytes are
 the unit's minimum (``min_bytes``), see :mod:`.predict`.
@@ -19,6 +22,7 @@ the unit's minimum (``min_bytes``), see :mod:`.predict`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -72,14 +76,48 @@ def _weights(*shape, dtype=BF16, seed=0, scale=1.0, real: bool = False):
 # --- MoE ------------------------------------------------------------------------------------------------------
 MOE = {"thinker": (128, 8, 2048, 768, 0), "talker": (128, 6, 1024, 384, 768)}  # E, k, H, I, shared I
 MOE_TINY = {"thinker": (8, 2, 64, 32, 0), "talker": (8, 3, 32, 16, 24)}
-MOE_SCALE = {"thinker": 12, "talker": 6}  # I / s = 64 and 2I / s = 128: multiples of every BLOCK_N / BLOCK_K
+# I / s and 2I / s = 128 and 256: multiples of every BLOCK_N / BLOCK_K of every default_config tier (the prefill
+# tier's gate/up BLOCK_N is 128, so 64 would leave a partial tile whose CTAs and dot FLOPs are not affine in I).
+MOE_SCALE = {"thinker": 6, "talker": 3}
 
 
-def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
+def _divide(n: int, s: float) -> int:
+    """``n / s`` where it is a whole number (the scaling rules need exact widths)."""
+    q = n / s
+    if q != int(q):
+        raise ValueError(f"{n} / {s} is not a whole number")
+    return int(q)
+
+
+@contextlib.contextmanager
+def _real_shape_config(s: float):
+    """The float MoE's launch configs looked up at ``s`` times the intermediate size of each call (the real shape
+    of a scaled trace; routed and shared experts are scaled alike), so the tiles do not change with the scale."""
+    from omni_fast.kernels import moe_gemm
+
+    if s == 1:
+        yield
+        return
+    get_config = moe_gemm.get_config
+
+    def scaled(num_tokens, num_experts, top_k, hidden, inter, *args, **kwargs):
+        real = inter * s
+        if real != round(real):
+            raise ValueError(f"{inter} * {s} is not a whole number")
+        return get_config(num_tokens, num_experts, top_k, hidden, int(round(real)), *args, **kwargs)
+
+    moe_gemm.get_config = scaled
+    try:
+        yield
+    finally:
+        moe_gemm.get_config = get_config
+
+
+def _moe_call(model: str, T: int, dims, dtype, s: float = 1):
     from omni_fast import ops
 
     E, k, H, I, Is = dims
-    I, Is = I // s, Is // s
+    I, Is = _divide(I, s), _divide(Is, s)
     x = _randn(T, H, dtype=dtype, seed=T)
     g = _randn(E, H, dtype=dtype, seed=1, scale=H ** -0.5)
     real = E * I * H > 1 << 24
@@ -90,7 +128,12 @@ def _moe_call(model: str, T: int, dims, dtype, s: int = 1):
         shared = dict(shared_w13=_randn(2 * Is, H, dtype=dtype, seed=4, scale=0.02),
                       shared_w2=_randn(H, Is, dtype=dtype, seed=5, scale=0.02),
                       shared_gate_weight=_randn(1, H, dtype=dtype, seed=6, scale=0.02))
-    return lambda: ops.moe_block(x, g, w13, w2, k, **shared)
+
+    def call():
+        with _real_shape_config(s):
+            return ops.moe_block(x, g, w13, w2, k, **shared)
+
+    return call
 
 
 def _moe_min(model: str, T: int, expert_bytes: float = 2.0) -> tuple[float, float]:
@@ -117,7 +160,9 @@ def moe_units() -> list[Unit]:
         for T in (1, 8, 64, 4096):
             nbytes, flops = _moe_min(model, T)
             big = T >= 4096
-            s = MOE_SCALE[model] if big else 1
+            # traced at the real shape: T=1 and the talker's decode; the rest by the exact "inter" rule (at the
+            # real shape the thinker's T=8 / 64 take 30-60 min each on the interpreter)
+            s = MOE_SCALE[model] if big or (model == "thinker" and T > 1) else 1
             out.append(Unit(
                 f"moe-{model}-T{T}", "moe", "eager" if big else "graph",
                 # launches at T=4096 counted at T=600: the same default_config tier (rows per expert > 128 on
