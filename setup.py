@@ -53,7 +53,7 @@ class BuildPyWithSourceFolders(build_py):
 
 
 PACKAGES, PACKAGE_DIR = _packages()
-# setuptools' scratch folder: not build/ (CMake's, `make cuda-lib`); scripts/test_wheel.sh empties it first, so a
-# module deleted from the tree never lingers in a wheel.
+# setuptools' scratch folder: not build/ (CMake's, `make cuda-lib`); scripts/test_wheel.sh builds from a fresh copy
+# of the tree (and the suite's wheel test empties it first), so a module deleted from the tree never lingers in a wheel.
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR, cmdclass={"build_py": BuildPyWithSourceFolders},
       options={"build": {"build_base": ".pybuild"}})

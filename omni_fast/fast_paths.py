@@ -64,8 +64,10 @@ PATHS: tuple[FastPath, ...] = (
               "tests/test_bigvgan_padded.py::test_solve_and_vocoder_graph_on_cuda",
               "tests/test_token2wav_forward.py::test_patched_forward_graph_on_cuda")),
     FastPath("dit_tf32", "OMNI_FAST_DIT_TF32",
-             "the Qwen2.5-Omni Token2Wav DiT solve's cuBLAS GEMMs as TF32 instead of transformers' IEEE fp32 (the "
-             "FMA units): PREDICTED ~8x less GEMM time; not bit-equal to transformers (omni_fast/models/dit_solve.py)",
+             "the Qwen2.5-Omni Token2Wav solve's cuBLAS GEMMs (the DiT's, and the vocoder's inside synthesize's "
+             "graph) as TF32 instead of transformers' IEEE fp32 (the FMA units): PREDICTED ~6x less DiT step time; "
+             "not bit-equal to transformers; the cuBLAS flag is process-wide while the solve runs or is captured "
+             "(omni_fast/models/dit_solve.py)",
              ("tests/test_dit_solve.py::test_tf32_solve_close_to_fp32_on_cuda",)),
     FastPath("persistent_mtp", "OMNI_FAST_PERSISTENT_MTP",
              "the MTP frame as ONE persistent launch (CodePredictor(persistent=True)) wherever the pipeline or "

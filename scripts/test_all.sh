@@ -26,14 +26,21 @@ if [ "${OMNI_FAST_TEST_SERIAL:-0}" = 1 ]; then
 fi
 
 LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
+SIDE=
+# On exit (an interrupted run included) the side part goes too: it runs in its own process group (set -m), killed
+# whole; a non-interactive shell would otherwise leave its pytest / pip running after a Ctrl-C.
+trap '[ -n "$SIDE" ] && kill -- -"$SIDE" 2>/dev/null; rm -f "$LOG"' EXIT
+trap 'exit 130' INT TERM
 # One thread for the side part: the suite keeps torch's own thread count (its tensor ops are the multi-threaded part).
+set -m
 (OMP_NUM_THREADS=1 side >"$LOG" 2>&1) &
 SIDE=$!
+set +m
 suite_rc=0
 "$PY" -m pytest -q -ra tests || suite_rc=$?
 side_rc=0
 wait "$SIDE" || side_rc=$?
+SIDE=
 echo "==== transformers / Triton of the GPU image (scripts/test_compat.sh), then the wheel (scripts/test_wheel.sh) ===="
 cat "$LOG"
 echo "==== suite exit status $suite_rc, compat + wheel exit status $side_rc ===="

@@ -25,13 +25,22 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" "torch==${TORCH_VERSION%%+*}"        # the local CPU wheel on the project's machines
 fi
 
-# Built from a copy of the tree (what a clean clone holds, without the venvs and build folders): setuptools' scratch
-# folder (.pybuild, setup.py) then starts empty, and is not shared with the suite's own wheel test, which
-# scripts/test_all.sh runs at the same time.
+# Built from a copy of the tree (what a clean clone holds: the files git tracks or would add, not the venvs, caches
+# and build folders): setuptools' scratch folder (.pybuild, setup.py) then starts empty and is not shared with the
+# suite's own wheel test, which scripts/test_all.sh runs at the same time. The list comes from git (the suite keeps
+# writing caches: a plain tar of the tree could see a file change or vanish); a file listed but gone is skipped.
 SRC="$WORK/src"
 mkdir -p "$SRC"
-tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.compat --exclude=./.pybuild --exclude=./build \
-  --exclude=./dist --exclude=./.whl --exclude=./.pytest_cache --exclude='*.egg-info' -cf - . | tar -C "$SRC" -xf -
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git -C "$REPO" ls-files -z --cached --others --exclude-standard >"$WORK/files"
+  # exit 1 is tar's "a file changed as we read it" (a listed file the suite rewrites): the copy is still whole
+  tar -C "$REPO" --null --ignore-failed-read -T "$WORK/files" -cf "$WORK/src.tar" || [ $? -eq 1 ]
+  tar -C "$SRC" -xf "$WORK/src.tar"
+else
+  tar -C "$REPO" --exclude=./.venv --exclude=./.compat --exclude=./.pybuild --exclude=./build --exclude=./dist \
+    --exclude=./.whl --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.hypothesis \
+    --exclude=.benchmarks -cf - . | tar -C "$SRC" -xf -
+fi
 echo "[wheel] pip wheel ."
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/dist" "$SRC"
 WHEEL=$(ls "$WORK"/dist/omni_fast-*.whl)

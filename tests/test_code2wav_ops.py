@@ -182,12 +182,12 @@ def test_kernel_streaming_states_continue_exactly():
 def test_update_state_writes_the_new_state_in_place(backend):
     """``update_state=True`` gives the same output and, in ``state`` itself, the state the plain call returns, for
     chunks longer and shorter than the context (the shorter one shifts the old context), conv and transposed."""
-    x = torch.randn(2, 6, 29, device=DEVICE)
+    x = torch.randn(2, 6, 52, device=DEVICE)
     w = torch.randn(5, 6, 7, device=DEVICE) * 0.3
     wt = torch.randn(6, 5, 6, device=DEVICE) * 0.3
     snake = _snake_params(6, torch.float32)
     st, st_t = torch.randn(2, 6, 18, device=DEVICE), torch.randn(2, 6, 1, device=DEVICE)
-    for a, e in ((0, 1), (1, 2), (2, 11), (11, 29)):
+    for a, e in ((0, 1), (1, 2), (2, 11), (11, 29), (29, 52)):  # shorter than, equal to, longer than the context
         chunk = x[..., a:e]
         y, new = omni_fast.ops.causal_conv1d(chunk, w, dilation=3, snake=snake, state=st, backend=backend)
         buf = st.clone()

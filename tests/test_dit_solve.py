@@ -169,7 +169,7 @@ def test_tf32_fast_path_wraps_the_solve_and_keys_its_graph(dit, fast_path, monke
     fast = _ours(dit, cond, ref, code, 5, num_steps=2, backend="reference")
     assert seen and set(seen) == {"tf32"} and torch.backends.cuda.matmul.fp32_precision == before
     keys = [k for k in dit.__dict__[dit_solve._CACHE] if k != "weights"]
-    assert sorted(k[-1] for k in keys) == [False, True]  # two graphs: fp32 and tf32
+    assert sorted(k[-2] for k in keys) == [False, True]  # two graphs: fp32 and tf32
     torch.testing.assert_close(fast, plain, atol=0, rtol=0)  # (CPU: the flag is CUDA's)
 
 

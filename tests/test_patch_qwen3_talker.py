@@ -193,6 +193,27 @@ def test_thinker_generate_hidden_states(omni, decoders):
         torch.testing.assert_close(torch.stack(step1), torch.stack(step0), rtol=1e-5, atol=1e-5)
 
 
+def test_thinker_beam_search_and_crop(omni, decoders):
+    """Beam search reorders the taken-over cache (``reorder_cache`` -> ``MoeTextDecoder.reorder_rows``): the same
+    sequences as transformers; ``crop`` rewinds it as DynamicCache.crop does."""
+    ids = torch.tensor([[TINY_IDS["im_start_token_id"], TINY_IDS["user_token_id"], 5, 6, 7, 8]])
+
+    def run():
+        with torch.no_grad():
+            return omni.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                         do_sample=False, num_beams=3, num_return_sequences=3)
+
+    want, got, _ = run_unpatched_then_patched(omni, run, parts=("thinker",))
+    assert torch.equal(got, want) and len(decoders) >= 3
+    cache = decode_takeover.FastTalkerCache(decoders[-1], 9)
+    before = decoders[-1].cache_seqlens.clone()
+    cache.crop(-2)
+    assert cache.get_seq_length() == 7 and torch.equal(decoders[-1].cache_seqlens, (before - 2).clamp(min=0))
+    cache.crop(9)  # longer than held: nothing
+    assert cache.get_seq_length() == 7
+    decoders.clear()
+
+
 @pytest.mark.gpu
 def test_gpu_thinker_and_talker_graph_decode(omni):
     """On CUDA (fp32) the thinker's and talker's decode steps are CUDA-graph replays of their decoders: the same

@@ -84,6 +84,17 @@ class FastTalkerCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: each row continues from row ``beam_idx[b]`` (``DynamicCache.reorder_cache``'s contract)."""
+        self.decoder.reorder_rows(beam_idx)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop ``-max_length``), as ``DynamicCache.crop``."""
+        keep = max_length if max_length >= 0 else self.seen + max_length
+        if 0 <= keep < self.seen:
+            self.decoder.rewind(self.seen - keep)
+            self.seen = keep
+
     def __repr__(self) -> str:
         return f"FastTalkerCache(seen={self.seen})"
 
@@ -198,7 +209,8 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
         inputs_embeds = model.get_input_embeddings()(input_ids)
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] != 1:
         raise ValueError(f"inputs_embeds: omni-fast's decode takeover takes one token per row after the prefill, "
-                         f"got shape {tuple(inputs_embeds.shape)}")
+                         f"got shape {tuple(inputs_embeds.shape)} (a continued prompt or assisted decoding on a "
+                         f"cache the decoder holds: pass a fresh cache, or omni_fast.unpatch the model)")
     B = inputs_embeds.shape[0]
     if position_ids is None:
         pos = torch.full((3, B), cache.seen, dtype=torch.long, device=inputs_embeds.device)

@@ -22,9 +22,10 @@ What the function handles (query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`
 - **any other mask** (a 4-D bool or additive float mask built by the caller): not expressible as FlashAttention
   parameters, so it falls back to the masked reference computation (eager arithmetic with that mask).
 
-Autograd: the kernels have no backward, so a call that autograd records (grad enabled and query/key/value
-requiring grad: fine-tuning through a patched model) runs the same masks in pure PyTorch (the reference's masked
-attention; one host sync for cu_seqlens), and the gradients flow as through eager attention.
+Autograd: the kernels have no backward. A call that autograd records (grad enabled and query/key/value requiring
+grad: a model from ``from_pretrained`` called outside ``torch.no_grad``, or fine-tuning through a patched model)
+returns the kernel's output and, only if a backward runs, recomputes the same masks in pure PyTorch from the saved
+q/k/v (the reference's masked attention; one host sync for cu_seqlens) and backpropagates through that.
 
 Backend: the one :func:`omni_fast.patch` pinned on the calling module (``module._omni_fast_backend``, from
 ``patch(model, backend=...)``), else the ambient choice (``use_backend`` block, ``OMNI_FAST_BACKEND``, auto).
@@ -174,8 +175,6 @@ def omni_fast_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query ``[B, Hq, Sq, D]``, key/value ``[B, Hk, Sk, D]`` -> (``[B, Sq, Hq, D]``,
     None). See the module docstring for the masks it accepts."""
-    from ..ops import flash_attn_with_kvcache
-
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"omni_fast attention does not support {name!r}")
@@ -192,29 +191,58 @@ def omni_fast_attention_forward(
     backend = pinned_backend(module)
 
     cu_q, cu_k = _cu_from_kwargs(kwargs)
-    if _records_grad(query, key, value) and (attention_mask is None or attention_mask.dim() == 2):
-        if cu_q is None and attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
-            cu_q = cu_k = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
-        if cu_q is not None and attention_mask is not None:
-            raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
-        return _differentiable(query, key, value, attention_mask, cu_q, cu_k, scale, window), None
+    if cu_q is not None and attention_mask is not None:
+        raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
+    if cu_q is None and attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
+        # several sequences packed in one row, told apart by their position ids (no max lengths given then)
+        cu_q = cu_k = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
+        kwargs = {}
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return _masked_fallback(query, key, value, attention_mask, scale), None  # (pure PyTorch: differentiable)
+
+    def kernel(q, k, v):
+        return _kernel_attention(q, k, v, attention_mask, cu_q, cu_k, kwargs, scale, window, backend)
+
+    if _records_grad(query, key, value):
+        def recompute(q, k, v):
+            return _differentiable(q, k, v, attention_mask, cu_q, cu_k, scale, window)
+        return _KernelWithRecomputedGrad.apply(query, key, value, kernel, recompute), None
+    return kernel(query, key, value), None
+
+
+def _kernel_attention(query, key, value, mask2d, cu_q, cu_k, kwargs, scale, window, backend):
+    """The kernel launch for a packed batch (cu_seqlens), no mask, or a 2-D padding mask."""
+    from ..ops import flash_attn_with_kvcache
+
     if cu_q is not None:
-        if attention_mask is not None:
-            raise ValueError("omni_fast attention takes either cu_seqlens or an attention_mask, not both")
-        return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window, backend), None
-    if attention_mask is None and query.shape[0] == 1 and 1 < query.shape[2] == key.shape[2]:
-        cu = _cu_from_positions(kwargs.get("position_ids"), query.shape[2])
-        if cu is not None:  # several sequences packed in one row, told apart by their position ids
-            return _packed(query, key, value, cu, cu, {}, scale, window, backend), None
-    if attention_mask is None:
+        return _packed(query, key, value, cu_q, cu_k, kwargs, scale, window, backend)
+    if mask2d is None:
         # cache_seqlens None: every row attends to all Sk keys (no lengths tensor to build)
-        out = flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                      causal=window[1] == 0, window_size=window, softmax_scale=scale,
-                                      backend=backend)
-        return out, None
-    if attention_mask.dim() == 2:
-        return _padded(query, key, value, attention_mask, scale, window, backend), None
-    return _masked_fallback(query, key, value, attention_mask, scale), None
+        return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                       causal=window[1] == 0, window_size=window, softmax_scale=scale,
+                                       backend=backend)
+    return _padded(query, key, value, mask2d, scale, window, backend)
+
+
+class _KernelWithRecomputedGrad(torch.autograd.Function):
+    """The kernel's output forward; backward recomputes the attention in pure PyTorch (:func:`_differentiable`)
+    from the saved q/k/v and backpropagates through that (FlashAttention's recompute idea, with the reference's
+    arithmetic): forward stays as fast as without autograd, and only a backward pays the O(S^2) recompute."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, kernel, recompute):
+        ctx.save_for_backward(query, key, value)
+        ctx.recompute = recompute
+        return kernel(query, key, value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.recompute(*saved)
+        wanted = [t for t in saved if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if t.requires_grad else None for t in saved) + (None, None)
 
 
 def omni_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,

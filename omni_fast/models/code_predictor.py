@@ -212,7 +212,9 @@ class CodePredictor(torch.nn.Module):
         it has one, else the ``persistent_mtp`` fast path as :meth:`follow_fast_path` last read it (False when
         never). Assigning True / False makes it this object's own choice, which the fast path no longer changes;
         assigning None hands it back to the fast path."""
-        return self._persistent_followed if self._persistent_own is None else self._persistent_own
+        own = self.__dict__.get("_persistent_own", self.__dict__.get("persistent"))  # (a pickle of an older version
+        # kept a plain ``persistent`` attribute: it counts as the object's own setting)
+        return self.__dict__.get("_persistent_followed", False) if own is None else bool(own)
 
     @persistent.setter
     def persistent(self, value: bool | None) -> None:

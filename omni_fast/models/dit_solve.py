@@ -245,8 +245,11 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
         cache["weights"] = weights
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
     tf32 = fast_paths.enabled("dit_tf32") and conditioning.dtype == torch.float32
+    # the ambient cuBLAS fp32 math too: a graph captured under the user's own TF32 setting keeps it when replayed
+    m = torch.backends.cuda.matmul
+    ambient = getattr(m, "fp32_precision", None) or m.allow_tf32
     key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
-           tf32)
+           tf32, ambient)
     graph = cache.get(key)
     if graph is None:
         graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,

@@ -311,6 +311,22 @@ class MoeTextDecoder:
         st.cache_seqlens.sub_(steps).clamp_(min=0)
         st.steps_left += steps
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Row ``b`` takes row ``index[b]``'s cached tokens (KV, lengths, recorded layer outputs): beam search's
+        cache reorder. index int ``[B]`` (the batch of :meth:`load_prefill`), on the decoder's device; in place
+        (gathered through a copy: the buffers keep their addresses, so a captured graph stays valid)."""
+        st = self._state
+        if st is None:
+            raise RuntimeError("load_prefill must be called before reorder_rows")
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != st.batch \
+                or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be an int tensor [B] = [{st.batch}], got "
+                             f"{getattr(index, 'dtype', type(index).__name__)} {list(getattr(index, 'shape', []))}")
+        index = index.to(self.device)
+        B = st.batch
+        for t in [c for pair in st.caches for c in pair] + [st.cache_seqlens] + list(st.recorded.values()):
+            t[:B].copy_(t[:B].index_select(0, index))
+
     def reserve(self, steps: int) -> None:
         """Make room for ``steps`` more :meth:`step` calls, keeping every cached token: when the cache is too small,
         new buffers of the needed capacity are allocated (and the step re-captured when it was), and the KV copied.
