@@ -208,13 +208,19 @@ def test_bad_input():
         MoeTextDecoder.from_transformers(m, torch.nn.Linear(H, 4))
 
 
-def test_rewind_repeats_a_step():
-    """rewind(n) forgets the last n tokens: the same input then gives the same output (speculative rejection)."""
+def _talker_rows_4_2(max_new_tokens: int):
+    """A tiny talker's decoder after the prefill of a left-padded batch of 2 rows (4 and 2 tokens)."""
     m, head = _model("talker", seed=7)
     mask = _left_padded([4, 2], 4)
     cache = _prefill(m, mask, _text_positions(mask))
     dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
-    dec.load_prefill(cache, mask, max_new_tokens=2)
+    dec.load_prefill(cache, mask, max_new_tokens=max_new_tokens)
+    return m, dec
+
+
+def test_rewind_repeats_a_step():
+    """rewind(n) forgets the last n tokens: the same input then gives the same output (speculative rejection)."""
+    m, dec = _talker_rows_4_2(2)
     e, pos = torch.randn(2, m.config.hidden_size), torch.tensor([4, 2])
     first = dec.step(e, pos)
     dec.step(torch.randn(2, m.config.hidden_size), pos + 1)
@@ -537,11 +543,7 @@ def test_pipeline_graph_decode_cuda(monkeypatch):
 def test_reorder_rows_moves_each_rows_cache():
     """reorder_rows (beam search's cache reorder): after index [1, 0] row 0 continues from row 1's tokens, exactly
     as row 1 would have; [0, 0] duplicates a row; bad indices name the argument."""
-    m, head = _model("talker", seed=7)
-    mask = _left_padded([4, 2], 4)
-    cache = _prefill(m, mask, _text_positions(mask))
-    dec = MoeTextDecoder.from_transformers(m, head, backend="reference")
-    dec.load_prefill(cache, mask, max_new_tokens=3)
+    m, dec = _talker_rows_4_2(3)
     e, pos = torch.randn(2, m.config.hidden_size), torch.tensor([4, 2])
     before = dec.step(e, pos)[0]
     dec.rewind(1)

@@ -154,6 +154,12 @@ def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_c
                                 guidance_scale, sway_coefficient, backend=pinned_backend(self))
 
 
+def count_line(bucket: dict, left: dict, swapped: bool, key: tuple, n: int = 1) -> None:
+    """Add ``n`` to the report line ``key`` in ``bucket`` (swapped) or ``left`` (left as is)."""
+    target = bucket if swapped else left
+    target[key] = target.get(key, 0) + n
+
+
 def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,
                 pin, swap_sample=None) -> None:
     """What :func:`omni_fast.patch` does to one Token2Wav module (``swap_forward(module, fn)`` / ``pin(module,
@@ -167,9 +173,7 @@ def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dic
         if wanted and swap:
             swap_sample(module, dit_sample)
             pin(module, backend)
-        target = bucket if swap else left
-        key = (part, f"{cls}.sample: the whole RK4 ODE solve {what}")
-        target[key] = target.get(key, 0) + 1
+        count_line(bucket, left, swap, (part, f"{cls}.sample: the whole RK4 ODE solve {what}"))
     if cls == "Qwen2_5OmniToken2WavDiTModel":
         swap, what = label("-> one omni_fast.ops.block_attention launch per layer (paged varlen flash "
                            "attention)", True)
@@ -193,5 +197,4 @@ def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dic
             swap_forward(module, fn)
             pin(module, backend)
         key, n = (part, f"{cls}: {done} {how}"), 1
-    target = bucket if swap else left
-    target[key] = target.get(key, 0) + n
+    count_line(bucket, left, swap, key, n)

@@ -127,6 +127,6 @@ def patch_forward(module, wanted: bool, backend, bucket: dict, left: dict, part:
     if wanted and swap:
         swap_forward(module, token2wav_forward)
         pin(module, backend)
-    target = bucket if swap else left
-    key = (part, f"{CLASS}.forward: DiT ODE solve + BigVGAN vocoder {what}")
-    target[key] = target.get(key, 0) + 1
+    from .token2wav import count_line
+
+    count_line(bucket, left, swap, (part, f"{CLASS}.forward: DiT ODE solve + BigVGAN vocoder {what}"))
