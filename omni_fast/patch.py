@@ -62,7 +62,7 @@ from torch import nn
 from . import ops
 from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
-from .validation import values_checkable
+from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
 from .integrations.patch_parts import part_of as _part_of, report_lines, root_part as _root_part
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
@@ -194,7 +194,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     batch, seq = hidden_states.shape[:2]
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
                  if isinstance(position_embeddings, RotaryWithPositions) else None)
-    if rope_args is None or _autograd_needed(self, hidden_states):
+    if rope_args is None or records_grad(hidden_states, module=self):
         # transformers' own forward: for positions the kernel cannot take, and with autograd recording (the
         # kernels are inference-only). Keywords, since the attention classes order their parameters differently.
         return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
@@ -253,7 +253,7 @@ def _encoder_attention_forward(self, hidden_states, cu_seqlens=None, *args, **kw
     vision = "Vision" in type(self).__name__
     if (args or cu_seqlens is None or kwargs.get("attention_mask") is not None
             or self.config._attn_implementation != ATTENTION_NAME or (vision and position_embeddings is None)
-            or _autograd_needed(self, hidden_states)):
+            or records_grad(hidden_states, module=self)):
         return self._omni_fast_forward(hidden_states, cu_seqlens, *args, **kwargs)
     import sys
 
@@ -274,12 +274,6 @@ def _encoder_attention_forward(self, hidden_states, cu_seqlens=None, *args, **kw
                        **kwargs)
     out = out.reshape(hidden_states.shape[0], -1)
     return (self.out_proj if hasattr(self, "out_proj") else self.proj)(out)
-
-
-def _autograd_needed(module: nn.Module, hidden_states: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 def _code2wav_forward(self, codes, **kwargs):

@@ -152,6 +152,15 @@ def check_inference_only(op_name: str, **tensors: torch.Tensor | None) -> None:
         )
 
 
+def records_grad(*tensors: torch.Tensor, module: torch.nn.Module | None = None) -> bool:
+    """Whether autograd would record a call on ``tensors`` (and ``module``'s parameters): the kernels have no
+    backward, so such a call takes a differentiable path (transformers' forward, or a PyTorch recompute)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors) or (
+        module is not None and any(p.requires_grad for p in module.parameters()))
+
+
 def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
     if _is_tracing():

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import pinned_backend
+from ..validation import records_grad
 from .hf_compat import cache_keyword, output_cache, pop_cache, with_cache
 
 INITIAL_STEPS = 512  # decode room at the prefill; doubled (one re-capture) whenever generate runs past it
@@ -174,8 +175,7 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
         return False
     if _hidden_request(model, kwargs) == "refuse":
         return False
-    return not (torch.is_grad_enabled() and (inputs_embeds.requires_grad or any(
-        p.requires_grad for p in model.parameters())))
+    return not records_grad(inputs_embeds, module=model)
 
 
 def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,

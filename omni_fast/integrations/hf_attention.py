@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import pinned_backend
+from ..validation import records_grad
 from .hf_compat import is_paged_cache
 
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
@@ -157,10 +158,6 @@ def _differentiable(query, key, value, attention_mask, cu_q, cu_k, scale, window
     return torch.stack([one(query[b], key[b], value[b], pattern) for b in range(B)])
 
 
-def _records_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def omni_fast_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -203,7 +200,7 @@ def omni_fast_attention_forward(
     def kernel(q, k, v):
         return _kernel_attention(q, k, v, attention_mask, cu_q, cu_k, kwargs, scale, window, backend)
 
-    if _records_grad(query, key, value):
+    if records_grad(query, key, value):
         def recompute(q, k, v):
             return _differentiable(q, k, v, attention_mask, cu_q, cu_k, scale, window)
         return _KernelWithRecomputedGrad.apply(query, key, value, kernel, recompute), None
