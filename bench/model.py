@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model"
@@ -275,6 +276,34 @@ def main(argv=None) -> int:
         update_benchmarks(markdown(rows))
     print(f"wrote {out} (predicted from a model, not measured)")
     return 0
+
+
+def calibrate(measurements) -> dict:
+    """The GPU session's calibration hook (first light's ``06_calibrate``, :func:`omni_fast.bench.session_tools.
+    calibrate`): the constants the session's measured JSONs imply, as a dict of every constant. Each bench family's
+    result carries the two measured ceilings (``roofline``: copy GB/s, bf16 matmul TFLOP/s); their median over the
+    families replaces ``hbm_bytes_per_s`` / ``mma_flops_per_s`` (files without a roofline, e.g. ``pipeline.json``,
+    or unreadable ones are left out). Nothing global changes: ``--calibrate FILE`` applies the result."""
+    import statistics
+
+    from omni_fast.bench.costmodel import constants
+
+    roofs = {}
+    for f in measurements:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("roofline"), dict):
+            roofs[str(f)] = data["roofline"]
+    merged = {}
+    for key in ("copy_gbps", "matmul_tflops"):
+        seen = [float(r[key]) for r in roofs.values() if isinstance(r.get(key), (int, float))]
+        if seen:
+            merged[key] = statistics.median(seen)
+    calibrated = replace(constants.DEFAULT, **constants.measured_values({"roofline": merged}))
+    return {"note": "measured ceilings of this GPU run; apply with python -m omni_fast.bench.model --calibrate",
+            "roofline": merged, "from": sorted(roofs), "constants": calibrated.as_dict()}
 
 
 if __name__ == "__main__":

@@ -200,6 +200,43 @@ def test_prediction_model():
     constants.calibrate()
 
 
+def test_session_calibration_hook_reads_the_bench_ceilings(tmp_path):
+    """First light's 06_calibrate finds ``omni_fast.bench.model.calibrate`` (without it the step is skipped on the
+    GPU): the median of the bench families' measured ceilings sets the bandwidth / matmul constants, files without
+    a roofline are left out, nothing global changes, and the session's calibration.json applies with --calibrate."""
+    import json
+
+    from omni_fast.bench import model, session_tools
+    from omni_fast.bench.costmodel import constants
+
+    files = []
+    for i, (gbps, tflops) in enumerate(((2900.0, 700.0), (3100.0, 760.0), (3000.0, 720.0))):
+        d = tmp_path / f"04_bench_f{i}" / "results" / "NVIDIA_H100"
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"roofline": {"copy_gbps": gbps, "matmul_tflops": tflops}}))
+        files.append(d / "run.json")
+    pipe = tmp_path / "05_pipeline" / "results" / "NVIDIA_H100"
+    pipe.mkdir(parents=True)
+    (pipe / "pipeline.json").write_text(json.dumps({"runs": []}))
+    before = constants.current()
+    out = tmp_path / "06_calibrate" / "calibration.json"
+    out.parent.mkdir()
+    rec = session_tools.calibrate(tmp_path, out, dry=False)
+    assert rec["status"] == "ok", rec
+    got = rec["constants"]
+    assert got["from"] == sorted(str(f) for f in files)
+    assert got["constants"]["hbm_bytes_per_s"] == pytest.approx(3000e9)
+    assert got["constants"]["mma_flops_per_s"] == pytest.approx(720e12)
+    assert constants.current() is before
+    out.write_text(json.dumps(rec))
+    try:
+        applied = constants.calibrate(out)
+        assert applied.hbm_bytes_per_s == pytest.approx(3000e9) and applied.sms == constants.DEFAULT.sms
+    finally:
+        constants.calibrate()
+    assert model.calibrate([pipe / "pipeline.json"])["roofline"] == {}
+
+
 def _both_counts(build, warmup=False):
     """(executed, cheap) launch counts of the call ``build()`` returns (the cheap one built with kernels skipped)."""
     executed = trace(build(), warmup=warmup).launches()

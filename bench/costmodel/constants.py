@@ -82,18 +82,28 @@ def calibrate(measured: dict | str | Path | None = None, **overrides) -> Constan
     GB/s, matmul TFLOP/s) sets ``hbm_bytes_per_s`` and ``mma_flops_per_s``.
     """
     global _current
-    values: dict = {}
     if isinstance(measured, (str, Path)):
         measured = json.loads(Path(measured).read_text())
-    if measured:
-        roof = measured.get("roofline") if isinstance(measured.get("roofline"), dict) else None
-        if roof:
-            if "copy_gbps" in roof:
-                values["hbm_bytes_per_s"] = float(roof["copy_gbps"]) * 1e9
-            if "matmul_tflops" in roof:
-                values["mma_flops_per_s"] = float(roof["matmul_tflops"]) * 1e12
-        names = {f.name for f in fields(Constants)}
-        values.update({k: v for k, v in measured.items() if k in names})
+    values = measured_values(measured or {})
     values.update(overrides)
     _current = replace(DEFAULT, **values)
     return _current
+
+
+def measured_values(measured: dict) -> dict:
+    """The constant fields a measurement sets (see :func:`calibrate`): a bench result's ``roofline`` (copy GB/s ->
+    ``hbm_bytes_per_s``, bf16 matmul TFLOP/s -> ``mma_flops_per_s``) and any field named as in :class:`Constants`;
+    a nested ``constants`` dict (the GPU session's ``calibration.json``) is read the same way, and wins."""
+    values: dict = {}
+    if isinstance(measured.get("constants"), dict):
+        return {**measured_values({k: v for k, v in measured.items() if k != "constants"}),
+                **measured_values(measured["constants"])}
+    roof = measured.get("roofline") if isinstance(measured.get("roofline"), dict) else None
+    if roof:
+        if roof.get("copy_gbps") is not None:
+            values["hbm_bytes_per_s"] = float(roof["copy_gbps"]) * 1e9
+        if roof.get("matmul_tflops") is not None:
+            values["mma_flops_per_s"] = float(roof["matmul_tflops"]) * 1e12
+    names = {f.name for f in fields(Constants)}
+    values.update({k: v for k, v in measured.items() if k in names})
+    return values
