@@ -97,8 +97,10 @@ def _gemv(row, eps, DT: tl.constexpr, HAS_NORM: tl.constexpr, EPILOGUE: tl.const
     K = _int(row, 14, ALIGNED)
     pid_n = _int(row, 18)
     for t in range(_int(row, 19)):
+        # (the code-index pointer of a gather item is never claimed aligned: it points at row (step-1)*B of the
+        # int64 codes, 8-byte aligned for odd B; 16 scalar index loads per tile need no vectorising)
         gemv_tile(_int(row, 17), pid_n + t, _ptr(row, 6, DT, ALIGNED), _ptr(row, 7, DT, ALIGNED),
-                  _ptr(row, 8, DT, ALIGNED), _ptr(row, 9, DT, ALIGNED), _ptr(row, 10, tl.int64, ALIGNED),
+                  _ptr(row, 8, DT, ALIGNED), _ptr(row, 9, DT, ALIGNED), _ptr(row, 10, tl.int64),
                   _ptr(row, 11, DT, ALIGNED), _int(row, 12), _int(row, 13), K, _int(row, 15, ALIGNED), K,
                   _int(row, 16, ALIGNED), K, eps, HAS_NORM, EPILOGUE, GATHER, GATHER, 16, 16, BLOCK_K, UPCAST,
                   DOT_PRECISION)

@@ -204,6 +204,20 @@ def test_one_launch_per_frame(monkeypatch):
     assert today == (G - 1) * (5 * layers + 2) + 1  # 5 per layer + lm_head + sampler per step, + rvq_embed
 
 
+@pytest.mark.parametrize("B", [1, 2, 3])
+def test_odd_batches_launch_the_registered_aligned_specialisation(B):
+    """Every batch size of a layout whose sizes are multiples of 16 launches ALIGNED=True, the only specialisation
+    the sm_90a static check registers (ALIGNED=False spills there, and loses cp.async pipelining). A gather item's
+    code-index pointer is row (step-1)*B of the int64 codes, 8-byte aligned for odd B: it must not count."""
+    from omni_fast.kernels.launch import STATIC_CASES
+    from omni_fast.kernels.mtp_persistent import mtp_frame_kernel  # (importing it registers its static cases)
+
+    registered = {c.constexprs["ALIGNED"] for c in STATIC_CASES if c.kernel is mtp_frame_kernel}
+    _, pers = _models()
+    frame = PersistentFrame(pers, B, torch.float32, torch.device(DEVICE), (False, 0, 1.0, 1.0), False, False)
+    assert frame.aligned and registered == {True}
+
+
 # --- GPU ----------------------------------------------------------------------------------------------------------
 
 

@@ -68,11 +68,13 @@ class PersistentFrame:
                    L=G, V=V, top_k=int(sampling[1]) if sampling[0] else 0, gb=_addr(gb), gs=_addr(gs), gr=_addr(gr),
                    seed_stride=1 if per_row else 0)
         self.params = torch.tensor([prm[k] for k in K.PARAMS], dtype=torch.long, device=device)
-        # 16-byte alignment of every address and every row size / stride the GEMV items use (the kernel's ALIGNED)
+        # 16-byte alignment of every address and every row size / stride the GEMV items use (the kernel's ALIGNED);
+        # not the code-index pointer (field 10: row (step-1)*B of the int64 codes, 8-byte aligned for odd B), which
+        # the kernel never claims aligned (else every odd B, B = 1 included, lost ALIGNED: spills, no cp.async)
         gemv = [K.OP[o] for o in ("norm", "gather", "swiglu", "o", "down")]
         rows_ = self.items.cpu()
         g_rows = rows_[torch.isin(rows_[:, 0], torch.tensor(gemv))]
-        self.aligned = bool((g_rows[:, 6:12] % 16 == 0).all() and (g_rows[:, [14, 15, 16]] % 16 == 0).all()
+        self.aligned = bool((g_rows[:, [6, 7, 8, 9, 11]] % 16 == 0).all() and (g_rows[:, [14, 15, 16]] % 16 == 0).all()
                             and all(prm[k] % 16 == 0 for k in ("cos", "sin", "resid", "codes"))
                             and d % 16 == 0)
         self.grid = 1 if interpreting() else grid
