@@ -2,6 +2,8 @@
 emulator) vs reference draw for draw, the chunked two-stage sampler, GPU draws. Also: test_sampling_behaviour.py,
 test_sampling_rvq.py."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -300,6 +302,27 @@ def test_cuda_kernel_per_row_seeds_emulated(cuda_emu):
     shared = _emu_sample(cuda_emu, logits, seed=7, offset=2, top_k=30)
     assert torch.equal(shared, ref.sample(logits, seed=torch.tensor([7]), offset=torch.tensor([2]), top_k=30))
     assert shared[0] == got[0]  # row 0 of a shared seed = that seed's stream
+
+
+def test_cuda_kernel_16bit_loads_emulated(cuda_emu):
+    """sampling.cu reads fp16 / bf16 logits as raw 16-bit values (no CUDA header under NVRTC, like rope.cu and
+    moe_routing.cu); its host branch converts every bit pattern as torch does (the device branch is one PTX cvt).
+    And no NVRTC-compiled source includes a header outside its nvcc-only (``#ifndef __CUDACC_RTC__``) part, other
+    than the project's own."""
+    import ctypes
+    import re
+
+    for name, dtype in (("emu_load_fp16", torch.float16), ("emu_load_bf16", torch.bfloat16)):
+        fn = getattr(cuda_emu, name)
+        fn.argtypes, fn.restype = [ctypes.c_ushort], ctypes.c_float
+        bits = torch.arange(1 << 16, dtype=torch.int32)
+        want = bits.to(torch.int16).view(dtype).float()
+        got = torch.tensor([fn(int(b)) for b in bits.tolist()])
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()]), name
+    for src in sorted((Path(__file__).resolve().parent.parent / "kernels" / "cuda").glob("*.cu")):
+        text = re.sub(r"#ifndef __CUDACC_RTC__.*?#endif", "", src.read_text(), flags=re.S)
+        includes = re.findall(r'#include\s*[<"]([^>"]+)', text)
+        assert all(i.startswith(("sampling.h", "moe.h", "omni_fast_cuda.h")) for i in includes), (src.name, includes)
 
 
 # --- distribution -----------------------------------------------------------------------------------------------

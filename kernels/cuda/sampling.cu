@@ -7,10 +7,9 @@
 // One block (256 threads) per row. logits [B, V] (row stride given, unit stride in V), seed/offset int64 [1] or
 // [B] (stride 0 or 1), prev_ids int64 [B, L], suppress int64 [R, 2] ranges [lo, hi); out int64 [B].
 // Compiled at run time by NVRTC through CuPy (kernels/cuda_sampling.py); the C-ABI launcher at the bottom
-// (declared in sampling.h) is for C/C++ serving stacks (nvcc), hidden from NVRTC.
-
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+// (declared in sampling.h) is for C/C++ serving stacks (nvcc), hidden from NVRTC. No CUDA header is included (as in
+// rope.cu and moe_routing.cu): fp16/bf16 logits are raw 16-bit values converted with PTX. NVRTC finds no toolkit
+// header by itself, CuPy cannot bundle cuda_bf16.h, and its bundled cuda_fp16.h need not match a toolkit's bf16 one.
 
 #include "sampling.h"
 
@@ -48,9 +47,26 @@ __device__ __forceinline__ of_i64 of_key(float x) {
   return (of_i64)(xi < 0 ? (xi ^ 0x7FFFFFFF) : xi);
 }
 
+struct of_fp16 { unsigned short bits; };  // the logits' 16-bit formats, as stored (torch's float16 / bfloat16)
+struct of_bf16 { unsigned short bits; };
+
 __device__ __forceinline__ float of_load(const float* p) { return *p; }
-__device__ __forceinline__ float of_load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float of_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float of_load(const of_fp16* p) {
+#ifdef __CUDA_ARCH__
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
+  return f;
+#else  // host compilers (the CPU emulator, tests/cuda_emu): the same exact conversion in integer arithmetic
+  const unsigned h = p->bits, sign = (h & 0x8000u) << 16, ex = (h >> 10) & 31u;
+  unsigned man = h & 1023u, e = 113u;
+  if (ex == 31u) return __uint_as_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
+  if (ex != 0u) return __uint_as_float(sign | ((ex + 112u) << 23) | (man << 13));
+  if (man == 0u) return __uint_as_float(sign);
+  while (!(man & 1024u)) { man <<= 1; --e; }  // subnormal: normalise the mantissa
+  return __uint_as_float(sign | (e << 23) | ((man & 1023u) << 13));
+#endif
+}
+__device__ __forceinline__ float of_load(const of_bf16* p) { return __uint_as_float(((unsigned)p->bits) << 16); }
 
 template <typename T>
 __device__ __forceinline__ float of_score(const T* row, int j, const of_i64* prev_row, const OfParams& p) {
@@ -229,10 +245,10 @@ extern "C" __global__ void __launch_bounds__(OF_THREADS)
 omni_fast_sample_f32(const float* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
 
 extern "C" __global__ void __launch_bounds__(OF_THREADS)
-omni_fast_sample_f16(const __half* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
+omni_fast_sample_f16(const of_fp16* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
 
 extern "C" __global__ void __launch_bounds__(OF_THREADS)
-omni_fast_sample_bf16(const __nv_bfloat16* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
+omni_fast_sample_bf16(const of_bf16* logits, OF_ARGS) { of_sample_row(logits, out, OF_PACK); }
 
 #ifndef __CUDACC_RTC__
 extern "C" int omni_fast_sample_launch(const void* logits, of_i64* out, int B, int dtype, const OfParams* p,
@@ -245,9 +261,9 @@ extern "C" int omni_fast_sample_launch(const void* logits, of_i64* out, int B, i
   if (dtype == 0)
     omni_fast_sample_f32<<<B, OF_THREADS, 0, stream>>>((const float*)logits, OF_UNPACK);
   else if (dtype == 1)
-    omni_fast_sample_f16<<<B, OF_THREADS, 0, stream>>>((const __half*)logits, OF_UNPACK);
+    omni_fast_sample_f16<<<B, OF_THREADS, 0, stream>>>((const of_fp16*)logits, OF_UNPACK);
   else
-    omni_fast_sample_bf16<<<B, OF_THREADS, 0, stream>>>((const __nv_bfloat16*)logits, OF_UNPACK);
+    omni_fast_sample_bf16<<<B, OF_THREADS, 0, stream>>>((const of_bf16*)logits, OF_UNPACK);
 #undef OF_UNPACK
   return (int)cudaGetLastError();
 }

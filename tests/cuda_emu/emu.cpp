@@ -19,3 +19,7 @@ extern "C" void emu_sample_f32(int B, const float* logits, of_i64* out, of_i64 s
                          penalty_on, temperature_on, top_k_on, top_p_on);
   });
 }
+
+// The 16-bit logits' conversion (host branch of of_load) for every bit pattern, against torch's.
+extern "C" float emu_load_fp16(unsigned short bits) { return of_load(reinterpret_cast<const of_fp16*>(&bits)); }
+extern "C" float emu_load_bf16(unsigned short bits) { return of_load(reinterpret_cast<const of_bf16*>(&bits)); }
