@@ -5,6 +5,8 @@
   CPU that is fp32 and fp16; on a GPU bf16 joins them.
 - :func:`guarded_allocations`: tensors allocated inside a block get guard bytes before and after; writes out of
   bounds show up in ``violations()`` (memcheck for writes where no sanitizer runs).
+- :class:`HostSyncs`: counts, on any device, what a CUDA-graph capture of a block would fail on (host reads of
+  device values; tensors made from host data), so the CPU suite can check a captured body before a GPU does.
 - :func:`assert_matches_reference`: FlashAttention's rule. The kernel's error against an fp64 (or fp32) reference
   may be at most ``factor`` times the error of the reference run in the kernel's dtype, plus a small ``atol``
   for outputs whose reference error is zero.
@@ -115,6 +117,53 @@ def assert_graph_replay_matches(run) -> None:
         out = run()
     graph.replay()
     torch.testing.assert_close(out, eager)
+
+
+# --- host syncs: what a CUDA-graph capture forbids, seen on the CPU -------------------------------------------------
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "allclose"})
+
+
+class HostSyncs:
+    """``with HostSyncs() as s: ...``: ``s.count`` (a Counter by ATen op name) of the ops inside the block that read
+    device values on the host (:data:`HOST_SYNC_OPS`: ``.item()``, ``int(t)``, ``bool(t)``, ``nonzero``,
+    ``torch.equal``: a stream sync on CUDA, an error inside a capture) and, with ``host_data=True``, of
+    ``lift_fresh`` (a tensor made from host data, ``torch.tensor(...)``: a host-to-device copy on CUDA, which waits
+    for the stream and so fails a capture too); ``s.where`` holds the first stack of each. Runs on any device (a
+    ``TorchDispatchMode``): the CPU suite checks a CUDA-graph body with it. Not seen: ``.tolist()`` / ``.cpu()`` of a
+    CPU tensor (no ATen op runs); the GPU tests' ``torch.cuda.set_sync_debug_mode("error")`` sees those."""
+
+    def __init__(self, host_data: bool = False):
+        from collections import Counter
+
+        self.ops = HOST_SYNC_OPS | ({"lift_fresh"} if host_data else set())
+        self.count: Counter = Counter()
+        self.where: dict[str, str] = {}
+        self._mode = None
+
+    def __enter__(self) -> "HostSyncs":
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name.split("::")[-1]
+                if name in outer.ops:
+                    outer.count[name] += 1
+                    outer.where.setdefault(name, "".join(traceback.format_stack(limit=14)[:-2]))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def report(self) -> str:
+        return "\n".join(f"{name} x{n}, first at:\n{self.where[name]}" for name, n in self.count.items())
 
 
 # --- guarded allocations: out-of-bounds writes caught without compute-sanitizer ------------------------------------

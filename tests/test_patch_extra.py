@@ -16,11 +16,10 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import omni_fast
 from omni_fast.ops._dispatch import DispatchedOp
-from omni_fast.testing import run_unpatched_then_patched, seeded_weights_
+from omni_fast.testing import HostSyncs, run_unpatched_then_patched, seeded_weights_
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -168,34 +167,6 @@ def test_patch_backend_pins_the_thinker_on_triton_under_a_reference_context(omni
 
 
 # ----------------------------------------------------------------------------------------------------- host syncs
-_SYNC_OPS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "allclose"}
-
-
-class _CountSyncs(TorchDispatchMode):
-    """Counts ATen ops that read device values on the host (a stream sync on CUDA)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in _SYNC_OPS:
-            self.count[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def cuda_like_validation(monkeypatch):
-    """Skip the ops' CPU-only value checks (on CUDA they are skipped, so they are not syncs of the patched path)."""
-    from omni_fast import validation
-
-    original = validation.values_checkable
-    for name, module in list(sys.modules.items()):
-        if name.startswith("omni_fast") and getattr(module, "values_checkable", None) is original:
-            monkeypatch.setattr(module, "values_checkable", lambda t, check_values=None: bool(check_values))
-
-
 def test_patched_thinker_forward_has_no_host_sync_per_layer(cuda_like_validation):
     """Decode steps of a patched 2-layer thinker text model: float positions (as transformers builds them) cost ONE
     sync per forward, not one per layer (the whole-number check runs in the rotary module), integer positions
@@ -210,7 +181,7 @@ def test_patched_thinker_forward_has_no_host_sync_per_layer(cuda_like_validation
                           position_ids=torch.arange(4.0).view(1, 1, 4).expand(3, 1, 4))
             counts = []
             for pos in (torch.full((3, 1, 1), 4.0), torch.full((3, 1, 1), 5, dtype=torch.long)):
-                with _CountSyncs() as syncs:
+                with HostSyncs() as syncs:
                     thinker.model(input_ids=torch.tensor([[9]]), position_ids=pos, **with_cache(cache),
                                   use_cache=True)
                 counts.append(sum(syncs.count.values()))

@@ -1,0 +1,75 @@
+"""The bodies the model modules capture as CUDA graphs, run on the CPU (Triton interpreter) under
+:class:`omni_fast.testing.HostSyncs`: no host read of a device value and no tensor made from host data once warmed
+up, the two things that fail a capture (or silently bake a host value into it) and that no CPU test saw before a GPU
+run: the text decoder's step (ops path and phase-fused), the MTP frame (unfused, fused, persistent; greedy and
+sampled), a Code2Wav stream push (plain and the first after a reset) and the DiT solve (+ padded vocoder off). The
+ops' CPU-only value checks are switched off as on CUDA (``cuda_like_validation``)."""
+
+import pytest
+import torch
+
+import omni_fast.models  # noqa: F401  (imported before the fixture switches the value checks off)
+import omni_fast.models.persistent  # noqa: F401
+from omni_fast.models import CodePredictor
+from omni_fast.models import dit_solve
+from omni_fast.models.text_decoder import MoeTextDecoder
+from omni_fast.testing import DEVICE, HostSyncs
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU's check; on a GPU the capture tests run")
+
+
+def _assert_capturable(body) -> None:
+    body()  # warm-up: caches and constants built outside, as capture()'s warm-up does
+    with torch.no_grad(), HostSyncs(host_data=True) as syncs:
+        body()
+    assert not syncs.count, syncs.report()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_text_decoder_step_body(cuda_like_validation, fused):
+    from test_text_decoder import _left_padded, _model, _prefill, _text_positions
+
+    m, head = _model("talker")
+    mask = _left_padded([6, 3], 6)
+    pos3 = _text_positions(mask)
+    dec = MoeTextDecoder.from_transformers(m, head, backend="triton", fused=fused)
+    dec.load_prefill(_prefill(m, mask, pos3), mask, max_new_tokens=4, use_graph=False)
+    st = dec._state
+    st.x[:2].normal_()
+    st.pos[:, :2].copy_(pos3[:, :, -1] + 1)
+    _assert_capturable(lambda: dec._body(st))
+
+
+@pytest.mark.parametrize("path,sampling", [("unfused", (False, 0, 1.0, 1.0)), ("fused", (True, 5, 0.8, 0.9)),
+                                           ("persistent", (True, 5, 0.8, 0.9))])
+def test_mtp_frame_body(cuda_like_validation, path, sampling):
+    from test_persistent import _models
+
+    base, pers = _models()
+    cp = pers if path == "persistent" else base
+    x, c0 = torch.randn(3, cp.config.hidden_size), torch.randint(0, 32, (3,))
+    seed = torch.tensor([5])
+    _assert_capturable(lambda: cp.frame(x, c0, None, seed, sampling, None, path != "unfused"))
+
+
+def test_code2wav_push_bodies(cuda_like_validation):
+    from _code2wav_helpers import _hf_model
+
+    model = omni_fast.models.Code2Wav.from_transformers(_hf_model(0), backend="triton")
+    stream = model.stream(2, cuda_graphs=False)
+    codes = torch.randint(0, 16, (2, 4, 3))
+    stream.push(codes)  # the first push creates the states (eager, as with graphs on)
+    _assert_capturable(lambda: stream._step(codes[..., :2], False))
+    stream.reset([1])
+    _assert_capturable(lambda: stream._step(codes[..., :1], True))
+
+
+def test_dit_solve_body(cuda_like_validation):
+    from test_dit_solve import _dit
+
+    dit = _dit(layers=1)
+    with torch.no_grad():
+        graph = dit_solve._SolveGraph(dit, 1, 4, 2, torch.float32, torch.device("cpu"), (2, 0.5, -1.0), "triton")
+    _assert_capturable(graph._run)
