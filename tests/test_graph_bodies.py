@@ -2,7 +2,7 @@
 :class:`omni_fast.testing.HostSyncs`: no host read of a device value and no tensor made from host data once warmed
 up, the two things that fail a capture (or silently bake a host value into it) and that no CPU test saw before a GPU
 run: the text decoder's step (ops path and phase-fused), the MTP frame (unfused, fused, persistent; greedy and
-sampled), a Code2Wav stream push (plain and the first after a reset) and the DiT solve (+ padded vocoder off). The
+sampled), a Code2Wav stream push (plain and the first after a reset), the DiT solve, and the compat entry points. The
 ops' CPU-only value checks are switched off as on CUDA (``cuda_like_validation``)."""
 
 import pytest
@@ -73,3 +73,33 @@ def test_dit_solve_body(cuda_like_validation):
     with torch.no_grad():
         graph = dit_solve._SolveGraph(dit, 1, 4, 2, torch.float32, torch.device("cpu"), (2, 0.5, -1.0), "triton")
     _assert_capturable(graph._run)
+
+
+def test_compat_entry_points_in_a_graph(cuda_like_validation):
+    """The drop-in calls the first GPU run captures (flash-attn's kvcache decode with rotary / paged cache / ALiBi /
+    softcap, vLLM's fused_topk + fused_experts, the vLLM fork's varlen FA3 call with out= and sinks)."""
+    from omni_fast.compat import flash_attn as fa
+    from omni_fast.compat import vllm
+    from omni_fast.compat import vllm_flash_attn as vfa
+    from test_compat_flash_attn import _tables
+    from test_compat_vllm import _moe_inputs
+
+    dt, i32, Hq, Hk, D = torch.float16, torch.int32, 8, 2, 64
+    table = torch.randperm(8).view(2, 4).to(i32)
+    kc = torch.randn(8, 16, Hk, D, dtype=dt)
+    vc = torch.randn_like(kc)
+    cos, sin = (t.to(dt) for t in _tables(64, 32))
+    q, k, v = (torch.randn(2, 1, h, D, dtype=dt) for h in (Hq, Hk, Hk))
+    lens = torch.tensor([10, 40], dtype=i32)
+    slopes = torch.rand(Hq)
+    _assert_capturable(lambda: fa.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, lens, block_table=table,
+                                                          causal=True, softcap=30.0, alibi_slopes=slopes))
+    x, w1, w2, logits = (t.to(dt) if t.dim() == 3 or i == 0 else t
+                         for i, t in enumerate(_moe_inputs(T=4, H=64, inter=32, E=4)))
+    _assert_capturable(lambda: vllm.fused_experts(x, w1, w2, *vllm.fused_topk(x, logits, 2, True)[:2]))
+    qv, cu_q, sinks = torch.randn(3, Hq, D, dtype=dt), torch.tensor([0, 1, 3], dtype=i32), torch.randn(Hq, dtype=dt)
+    out = torch.zeros(5, Hq, D, dtype=dt)
+    _assert_capturable(lambda: vfa.flash_attn_varlen_func(
+        q=qv, k=kc, v=vc, out=out[:3], cu_seqlens_q=cu_q, max_seqlen_q=2, seqused_k=lens, max_seqlen_k=40,
+        softmax_scale=D ** -0.5, causal=True, window_size=(-1, -1), block_table=table, softcap=0, fa_version=3,
+        scheduler_metadata=None, s_aux=sinks, num_splits=0))
