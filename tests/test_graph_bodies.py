@@ -10,7 +10,9 @@ import torch
 
 import omni_fast.models  # noqa: F401  (imported before the fixture switches the value checks off)
 import omni_fast.models.persistent  # noqa: F401
-from omni_fast.models import CodePredictor
+from omni_fast.compat import flash_attn as fa
+from omni_fast.compat import vllm
+from omni_fast.compat import vllm_flash_attn as vfa
 from omni_fast.models import dit_solve
 from omni_fast.models.text_decoder import MoeTextDecoder
 from omni_fast.testing import DEVICE, HostSyncs
@@ -78,9 +80,6 @@ def test_dit_solve_body(cuda_like_validation):
 def test_compat_entry_points_in_a_graph(cuda_like_validation):
     """The drop-in calls the first GPU run captures (flash-attn's kvcache decode with rotary / paged cache / ALiBi /
     softcap, vLLM's fused_topk + fused_experts, the vLLM fork's varlen FA3 call with out= and sinks)."""
-    from omni_fast.compat import flash_attn as fa
-    from omni_fast.compat import vllm
-    from omni_fast.compat import vllm_flash_attn as vfa
     from test_compat_flash_attn import _tables
     from test_compat_vllm import _moe_inputs
 
