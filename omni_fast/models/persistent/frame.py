@@ -19,7 +19,10 @@ from ...kernels.sampling import NWAY, block_size
 from .schedule import FrameShape, build_frame, check_schedule
 
 NUM_WARPS = 4  # the GEMV / attention kernels' warps (the sampler's 8 spill with everything else inlined)
-SPIN_LIMIT = 1 << 26  # spins per wait before the watchdog gives up (~seconds on a GPU: a hang, never a slow frame)
+# Spins per wait before the watchdog gives up. One spin is an L2 round trip or two (~0.1-1 us), so 2^22 is ~0.4-4 s:
+# a hang, never a slow frame (a wait lasts at most one frame, ~ms). (2^26 was up to a minute: a deadlock on the
+# first GPU run would have eaten most of the tests step's time box and its 60 s per-test limit.)
+SPIN_LIMIT = 1 << 22
 
 
 class PersistentError(RuntimeError):
