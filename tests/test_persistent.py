@@ -218,6 +218,18 @@ def test_odd_batches_launch_the_registered_aligned_specialisation(B):
     assert frame.aligned and registered == {True}
 
 
+def test_attention_pointers_count_for_alignment():
+    """The attention items claim their pointers aligned too (qkv, caches, output, q/k norm weights): one that is not
+    16-byte aligned (a norm weight viewed at an odd float offset of packed storage) turns ALIGNED off."""
+    _, pers = _models()
+    layer = pers.layers[-1]
+    packed = torch.zeros(layer.k_norm.numel() + 1, dtype=layer.k_norm.dtype, device=layer.k_norm.device)
+    packed[1:].copy_(layer.k_norm)
+    layer.k_norm.data = packed[1:]
+    frame = PersistentFrame(pers, 2, torch.float32, torch.device(DEVICE), (False, 0, 1.0, 1.0), False, False)
+    assert not frame.aligned
+
+
 # --- GPU ----------------------------------------------------------------------------------------------------------
 
 

@@ -74,10 +74,16 @@ class PersistentFrame:
         # 16-byte alignment of every address and every row size / stride the GEMV items use (the kernel's ALIGNED);
         # not the code-index pointer (field 10: row (step-1)*B of the int64 codes, 8-byte aligned for odd B), which
         # the kernel never claims aligned (else every odd B, B = 1 included, lost ALIGNED: spills, no cp.async)
+        # The attention items claim their six pointers (fields 6-11: qkv, caches, output, q/k norm weights) aligned
+        # too (_attention's A), so they are checked as well: a q/k norm weight that is a view into packed storage
+        # must turn ALIGNED off, not make the kernel assume 16-byte vector loads.
         gemv = [K.OP[o] for o in ("norm", "gather", "swiglu", "o", "down")]
+        attn = [K.OP[o] for o in ("attn_prefill", "attn_decode")]
         rows_ = self.items.cpu()
         g_rows = rows_[torch.isin(rows_[:, 0], torch.tensor(gemv))]
+        a_rows = rows_[torch.isin(rows_[:, 0], torch.tensor(attn))]
         self.aligned = bool((g_rows[:, [6, 7, 8, 9, 11]] % 16 == 0).all() and (g_rows[:, [14, 15, 16]] % 16 == 0).all()
+                            and (a_rows[:, 6:12] % 16 == 0).all()
                             and all(prm[k] % 16 == 0 for k in ("cos", "sin", "resid", "codes"))
                             and d % 16 == 0)
         self.grid = 1 if interpreting() else grid
