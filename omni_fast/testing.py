@@ -120,13 +120,32 @@ def assert_graph_replay_matches(run) -> None:
 
 
 # --- host syncs: what a CUDA-graph capture forbids, seen on the CPU -------------------------------------------------
-HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "allclose"})
+# Ops whose output size (or result) is a device value: the host waits for it. masked_select / unique / bincount
+# size their output from the data; boolean-mask indexing (``x[mask]``) and ``repeat_interleave`` without
+# ``output_size`` are listed by _host_sync_name (their other forms do not sync).
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "allclose", "masked_select",
+                           "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount"})
+
+
+def _host_sync_name(name: str, overload: str, args, kwargs) -> str | None:
+    """The name HostSyncs counts an ATen call under, or None: a :data:`HOST_SYNC_OPS` op, ``index`` with a bool /
+    uint8 index tensor (``x[mask]``: a nonzero inside) or ``repeat_interleave(repeats_tensor)`` with no
+    ``output_size`` (the output length is ``repeats.sum()``)."""
+    if name in HOST_SYNC_OPS:
+        return name
+    if name == "index" and len(args) > 1:
+        if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+            return "index (bool mask)"
+    if name == "repeat_interleave" and "Tensor" in overload and kwargs.get("output_size") is None:
+        return "repeat_interleave (no output_size)"
+    return None
 
 
 class HostSyncs:
     """``with HostSyncs() as s: ...``: ``s.count`` (a Counter by ATen op name) of the ops inside the block that read
     device values on the host (:data:`HOST_SYNC_OPS`: ``.item()``, ``int(t)``, ``bool(t)``, ``nonzero``,
-    ``torch.equal``: a stream sync on CUDA, an error inside a capture) and, with ``host_data=True``, of
+    ``torch.equal``, ops whose output size is data (``x[mask]``, ``masked_select``, ``unique``, ``bincount``,
+    ``repeat_interleave`` without ``output_size``): a stream sync on CUDA, an error inside a capture) and, with ``host_data=True``, of
     ``lift_fresh`` (a tensor made from host data, ``torch.tensor(...)``: a host-to-device copy on CUDA, which waits
     for the stream and so fails a capture too); ``s.where`` holds the first stack of each. Runs on any device (a
     ``TorchDispatchMode``): the CPU suite checks a CUDA-graph body with it. Not seen: ``.tolist()`` / ``.cpu()`` of a
@@ -150,7 +169,8 @@ class HostSyncs:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func._schema.name.split("::")[-1]
-                if name in outer.ops:
+                name = name if name in outer.ops else _host_sync_name(name, func._overloadname, args, kwargs or {})
+                if name is not None:
                     outer.count[name] += 1
                     outer.where.setdefault(name, "".join(traceback.format_stack(limit=14)[:-2]))
                 return func(*args, **(kwargs or {}))

@@ -102,3 +102,24 @@ def test_compat_entry_points_in_a_graph(cuda_like_validation):
         q=qv, k=kc, v=vc, out=out[:3], cu_seqlens_q=cu_q, max_seqlen_q=2, seqused_k=lens, max_seqlen_k=40,
         softmax_scale=D ** -0.5, causal=True, window_size=(-1, -1), block_table=table, softcap=0, fa_version=3,
         scheduler_metadata=None, s_aux=sinks, num_splits=0))
+
+
+def test_host_syncs_sees_what_a_capture_fails_on():
+    """The checker itself: each host read and data-sized output is counted (else every test above passes
+    vacuously), their capturable forms are not."""
+    x, r = torch.arange(6.0), torch.ones(6, dtype=torch.long)
+    mask = x > 2
+    syncs = [lambda: x.max().item(), lambda: bool(x.sum()), lambda: torch.equal(x, x), lambda: mask.nonzero(),
+             lambda: x[mask], lambda: torch.masked_select(x, mask), lambda: torch.unique(x),
+             lambda: torch.bincount(r), lambda: torch.repeat_interleave(r), lambda: x.repeat_interleave(r)]
+    for i, op in enumerate(syncs):
+        with HostSyncs() as s:
+            op()
+        assert sum(s.count.values()) >= 1, i
+    with HostSyncs() as s:
+        x[r[:2]], x.repeat_interleave(r, output_size=6), x.masked_fill(mask, 0.0), torch.where(mask, x, 0.0)
+        torch.tensor([1.0])  # host data: counted only with host_data=True
+    assert not s.count, s.report()
+    with HostSyncs(host_data=True) as s:
+        torch.tensor([1.0])
+    assert s.count == {"lift_fresh": 1}
