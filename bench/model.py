@@ -284,6 +284,7 @@ def calibrate(measurements) -> dict:
     result carries the two measured ceilings (``roofline``: copy GB/s, bf16 matmul TFLOP/s); their median over the
     families replaces ``hbm_bytes_per_s`` / ``mma_flops_per_s`` (files without a roofline, e.g. ``pipeline.json``,
     or unreadable ones are left out). Nothing global changes: ``--calibrate FILE`` applies the result."""
+    import math
     import statistics
 
     from omni_fast.bench.costmodel import constants
@@ -298,7 +299,9 @@ def calibrate(measurements) -> dict:
             roofs[str(f)] = data["roofline"]
     merged = {}
     for key in ("copy_gbps", "matmul_tflops"):
-        seen = [float(r[key]) for r in roofs.values() if isinstance(r.get(key), (int, float))]
+        # a failed measurement (0, NaN, inf, or a bool) is no ceiling: a zero one would divide the predictions by 0
+        seen = [float(r[key]) for r in roofs.values() if isinstance(r.get(key), (int, float))
+                and not isinstance(r[key], bool) and math.isfinite(r[key]) and r[key] > 0]
         if seen:
             merged[key] = statistics.median(seen)
     calibrated = replace(constants.DEFAULT, **constants.measured_values({"roofline": merged}))

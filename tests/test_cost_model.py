@@ -235,6 +235,10 @@ def test_session_calibration_hook_reads_the_bench_ceilings(tmp_path):
     finally:
         constants.calibrate()
     assert model.calibrate([pipe / "pipeline.json"])["roofline"] == {}
+    bad = tmp_path / "failed.json"  # a failed measurement is no ceiling (a zero one would divide by zero)
+    bad.write_text(json.dumps({"roofline": {"copy_gbps": 0.0, "matmul_tflops": float("nan")}}))
+    assert model.calibrate([*files, bad])["roofline"] == {"copy_gbps": 3000.0, "matmul_tflops": 720.0}
+    assert model.calibrate([bad])["roofline"] == {}
 
 
 def _both_counts(build, warmup=False):
