@@ -170,6 +170,31 @@ def test_bad_generation_arguments(pipe, kw, match):
         pipe.generate(Request(text=[5]), max_new_tokens=2.0)
 
 
+@pytest.mark.parametrize("minimum", [0, 1, 4])
+def test_talker_min_new_tokens_counts_codes_per_row(pipe, monkeypatch, minimum):
+    """transformers' ``min_new_tokens``: the first ``minimum`` codes of every row cannot be a stop code, the next
+    one can. The codec sampler here stops a row as soon as its EOS logit is not masked, so each row of the batch
+    (rows with different prompts) ends with exactly ``minimum`` codes + EOS."""
+    real, made = qwen3_omni.make_sampler, []
+
+    def fake(do_sample, **kw):
+        sampler = real(do_sample, **kw)
+        made.append(sampler)
+        if len(made) != 2:  # the thinker's and the MTP's samplers as they are
+            return sampler
+
+        def eager_to_stop(logits):
+            return torch.where(logits[:, CODEC_EOS].isfinite(), CODEC_EOS, sampler(logits))
+
+        eager_to_stop.do_sample = sampler.do_sample
+        return eager_to_stop
+
+    monkeypatch.setattr(qwen3_omni, "make_sampler", fake)
+    out = pipe.generate([Request(text=[5]), Request(text=[6, 7, 8])], max_new_tokens=2, talker_max_new_tokens=8,
+                        talker_min_new_tokens=minimum)
+    assert [(o["timing"].talker_tokens, o["timing"].frames) for o in out] == [(minimum + 1, minimum)] * 2
+
+
 def test_shortest_audio_and_lower_precision_run(pipe):
     """The shortest accepted waveform (one STFT window) and a float16 one run end to end."""
     out = pipe.generate([Request(text=[5], audio=_wave(MIN_AUDIO_SAMPLES / 16000)),
