@@ -239,6 +239,11 @@ def test_session_calibration_hook_reads_the_bench_ceilings(tmp_path):
     bad.write_text(json.dumps({"roofline": {"copy_gbps": 0.0, "matmul_tflops": float("nan")}}))
     assert model.calibrate([*files, bad])["roofline"] == {"copy_gbps": 3000.0, "matmul_tflops": 720.0}
     assert model.calibrate([bad])["roofline"] == {}
+    now = constants.current()
+    for roof in ({"copy_gbps": 0.0}, {"matmul_tflops": float("nan")}, {"copy_gbps": "fast"}):
+        with pytest.raises(ValueError, match=f"roofline.{next(iter(roof))}"):
+            constants.calibrate({"roofline": roof})
+    assert constants.current() is now  # a refused calibration changes nothing
 
 
 def _both_counts(build, warmup=False):

@@ -7,6 +7,7 @@ results), so the model's predictions can be checked and tightened once a GPU run
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -99,11 +100,14 @@ def measured_values(measured: dict) -> dict:
         return {**measured_values({k: v for k, v in measured.items() if k != "constants"}),
                 **measured_values(measured["constants"])}
     roof = measured.get("roofline") if isinstance(measured.get("roofline"), dict) else None
-    if roof:
-        if roof.get("copy_gbps") is not None:
-            values["hbm_bytes_per_s"] = float(roof["copy_gbps"]) * 1e9
-        if roof.get("matmul_tflops") is not None:
-            values["mma_flops_per_s"] = float(roof["matmul_tflops"]) * 1e12
+    for key, name, unit in (("copy_gbps", "hbm_bytes_per_s", 1e9), ("matmul_tflops", "mma_flops_per_s", 1e12)):
+        got = roof.get(key) if roof else None
+        if got is None:
+            continue
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not (math.isfinite(got) and got > 0):
+            # a failed measurement: a zero ceiling would divide every prediction by zero
+            raise ValueError(f"roofline.{key} must be a positive finite number, got {got!r}")
+        values[name] = float(got) * unit
     names = {f.name for f in fields(Constants)}
     values.update({k: v for k, v in measured.items() if k in names})
     return values
