@@ -137,6 +137,15 @@ def test_talker_min_new_tokens_matches_transformers(pipe, minimum, monkeypatch):
     _check_stream(pipe, [req], False, monkeypatch, talker_min_new_tokens=minimum)
 
 
+@pytest.mark.parametrize("minimum", [3, 5])
+def test_talker_min_new_tokens_in_a_batch_matches_transformers(pipe, minimum, monkeypatch):
+    """A batch whose rows stop at different times: with 3 the demo's request stops at its 4th code (the first it
+    may) while the image row runs to ``talker_max_new_tokens``; with 5 it runs on. Same codes and waveforms as
+    transformers' batched ``generate`` (one new-token count for the batch)."""
+    req = Request(text="Please answer in a friendly voice: what did I just say?", audio=synthetic_speech(2.0))
+    _check_stream(pipe, [req, _request("image")], False, monkeypatch, talker_min_new_tokens=minimum)
+
+
 def test_audio_in_video_block_layout(pipe):
     """The audio-in-video block in the processor's chunk order (worked out by hand for :func:`_request`'s video:
     grid (3, 2, 4) -> 2 tokens per 2 s step; 62 audio tokens, 50 per 2 s chunk), and the chunking against
