@@ -289,6 +289,8 @@ def calibrate(measurements) -> dict:
 
     from omni_fast.bench.costmodel import constants
 
+    if isinstance(measurements, (str, Path)):  # (iterating it would read one "file" per character, silently)
+        raise TypeError(f"measurements must be a list of JSON file paths, got the single path {measurements!r}")
     roofs = {}
     for f in measurements:
         try:

@@ -239,6 +239,8 @@ def test_session_calibration_hook_reads_the_bench_ceilings(tmp_path):
     bad.write_text(json.dumps({"roofline": {"copy_gbps": 0.0, "matmul_tflops": float("nan")}}))
     assert model.calibrate([*files, bad])["roofline"] == {"copy_gbps": 3000.0, "matmul_tflops": 720.0}
     assert model.calibrate([bad])["roofline"] == {}
+    with pytest.raises(TypeError, match="measurements"):
+        model.calibrate(str(files[0]))
     now = constants.current()
     for roof in ({"copy_gbps": 0.0}, {"matmul_tflops": float("nan")}, {"copy_gbps": "fast"}):
         with pytest.raises(ValueError, match=f"roofline.{next(iter(roof))}"):
