@@ -258,6 +258,14 @@ class Code2WavStream:
         self._graphs: dict[int, _GraphStep] = {}  # per bucket size
         self._fresh_graphs: dict[int, _GraphStep] = {}  # per bucket size, for the first push after a reset
         self._pool = None
+        cfg, dev = model.config, model.device
+        # constants of a push's index math, made once here so a push spends no arange / mul on them: the codebook
+        # offsets of the embedding lookup, W-1 as a device scalar (the int32 cache_seqlens come from one clamp) and
+        # -(W-1) .. max bucket, whose slices are every push's frame and row offsets (_push_consts)
+        keep = cfg.sliding_window - 1
+        self._code_offsets = torch.arange(cfg.num_quantizers, device=dev).view(1, -1, 1) * cfg.codebook_size
+        self._keep = torch.tensor(keep, device=dev)
+        self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
         # zeros before a reset row's audio (the same for any push length; 555 with the real config)
         self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
 
@@ -349,7 +357,8 @@ class Code2WavStream:
         their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
         t = codes.shape[-1]
-        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes))
+        # ref.embed_codes with the offsets made once: mean of the G offset embeddings [B, t, H]
+        h = self._pre_transformer(F.embedding(codes + self._code_offsets, m.sd["code_embedding.weight"]).mean(1))
         wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
         st.pos += t
         st.frames += t
@@ -364,6 +373,15 @@ class Code2WavStream:
         if lead > 0:
             x[..., :lead].masked_fill_(self.state.fresh[:, None, None], 0)
         return x
+
+    def _push_consts(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a push of ``t`` frames: ``(arange(t), arange(W-1) + t - (W-1))`` int64 on the device, as views of
+        the stream's constant ``-(W-1) .. max bucket`` (no launch); a longer push (never a graph's: its pieces are
+        buckets) makes them."""
+        keep = self.model.config.sliding_window - 1
+        if keep + t > self._offsets.numel():
+            return torch.arange(t, device=self._offsets.device), torch.arange(t - keep, t, device=self._offsets.device)
+        return self._offsets[keep:keep + t], self._offsets[t:t + keep]
 
     def _pre_transformer(self, h: torch.Tensor) -> torch.Tensor:
         """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches.
@@ -384,12 +402,13 @@ class Code2WavStream:
         nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
         keep = cfg.sliding_window - 1  # a frame sees the previous W - 1 frames
         dev = h.device
-        n = st.pos.clamp(max=keep)  # [B] valid cache rows per row (on the device: no host sync)
-        cache_seqlens = n.to(torch.int32)
-        # per row, the working-cache rows that become its state: [B, W-1] -> gather index [B, W-1, Hk, D]
-        keep_rows = (n + t - keep).clamp(min=0)[:, None] + torch.arange(keep, device=dev)
-        keep_rows = keep_rows[:, :, None, None].expand(B, keep, nk, D)
-        positions = (st.pos[:, None] + torch.arange(t, device=dev)).reshape(-1)  # [B * t], batch-major
+        frame, tail = self._push_consts(t)
+        # n_b = min(pos[b], W-1) valid cache rows per row, int32 (on the device: no host sync; one clamp, no cast)
+        cache_seqlens = torch.clamp(st.pos, max=self._keep, out=torch.empty(B, dtype=torch.int32, device=dev))
+        # per row, the working-cache rows that become its state, max(n_b + t - (W-1), 0) + j for j < W-1:
+        # = clamp(pos, W-1-t, W-1) + (j + t - (W-1)) -> gather index [B, W-1, Hk, D]
+        keep_rows = (st.pos.clamp(keep - t, keep)[:, None] + tail)[:, :, None, None].expand(B, keep, nk, D)
+        positions = (st.pos[:, None] + frame).reshape(-1)  # [B * t], batch-major
         eps = cfg.rms_norm_eps
         h = h.reshape(N, H)  # the residual stream, updated in place by add_rms_norm_
         first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
