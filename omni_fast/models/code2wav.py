@@ -266,6 +266,7 @@ class Code2WavStream:
         self._code_offsets = torch.arange(cfg.num_quantizers, device=dev).view(1, -1, 1) * cfg.codebook_size
         self._keep = torch.tensor(keep, device=dev)
         self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # conv states to move (_flush_states)
         # zeros before a reset row's audio (the same for any push length; 555 with the real config)
         self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
 
@@ -444,34 +445,44 @@ class Code2WavStream:
             torch.gather(work, 3, keep_rows.expand(stack.shape), out=stack)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
-    def _keep_state(self, name: str, new: torch.Tensor) -> None:
-        """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
-        conv = self.state.conv
-        old = conv.get(name)
-        if new is old:  # the op updated it in place (update_state)
-            return
-        if old is not None and old.shape == new.shape:
-            if new.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to copy
-                old.copy_(new)
+    # Conv states: a stream's first push creates them (the ops return each new state); every later push runs the
+    # convs with state_out=False, queues (state, input) and moves the queued states with one update_conv_states
+    # launch per decoder block, after their convs have read them (4 launches a push with the real config instead of
+    # a copy per stateful conv, ~20, plus a concatenation where a push is shorter than the context). The queued
+    # inputs are never written in place before the flush (a lead mask writes a conv's output before any conv
+    # reads it).
+
+    def _state(self, name: str, x: torch.Tensor, new: torch.Tensor | None) -> None:
+        """After conv ``name`` read ``x``: queue its state's move, or (first push: ``new``) keep its first state."""
+        if new is None:
+            state = self.state.conv[name]
+            if state.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to move
+                self._pending.append((state, x))
         else:
-            conv[name] = new
+            self.state.conv[name] = new
+
+    def _flush_states(self) -> None:
+        if self._pending:
+            ops.update_conv_states([s for s, _ in self._pending], [x for _, x in self._pending],
+                                   backend=self.model.backend)
+            self._pending.clear()
 
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
                                    groups=groups, snake=snake, residual=residual, state=state,
-                                   update_state=state is not None, backend=self.model.backend)
-        self._keep_state(name, new)
+                                   state_out=state is None, backend=self.model.backend)
+        self._state(name, x, new if state is None else None)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                             snake=snake, state=state, update_state=state is not None,
+                                             snake=snake, state=state, state_out=state is None,
                                              backend=self.model.backend)
-        self._keep_state(name, new)
+        self._state(name, x, new if state is None else None)
         return y
 
     def _convnet(self, x: torch.Tensor, leads: list[int] | None = None) -> torch.Tensor:
@@ -482,6 +493,7 @@ class Code2WavStream:
         on the output. (Nothing before the first decoder block has a lead: the upsamplers have ``k = s``.)"""
         cfg, sd = self.model.config, self.model.sd
         mask = (lambda x, i: self._mask_lead(x, leads[i])) if leads is not None else (lambda x, i: x)
+        self._pending.clear()  # (left over only by a push that raised)
         for i, f in enumerate(cfg.upsampling_ratios):
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
@@ -497,8 +509,11 @@ class Code2WavStream:
                 # conv2 (k1) has no context, so y's lead needs no mask; the unit's output feeds a stateful conv
                 x = mask(self._conv(u + "conv2.conv", y, snake=(sd[u + "act2.alpha"], sd[u + "act2.beta"]),
                                     residual=x), i)
+            if i + 1 < len(cfg.upsample_rates):  # (the last block's states move with the output conv's)
+                self._flush_states()
         n = len(cfg.upsample_rates)
         x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
+        self._flush_states()
         x = x.clamp(min=-1, max=1)
         return mask(x, n - 1) if n else x
 
