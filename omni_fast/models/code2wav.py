@@ -42,12 +42,11 @@ from .. import ops
 from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
-from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _new_state, _restore_state,
                              _row_mask, _stacked_kv)
-from .code2wav_weights import _check_state_dict, _expected_shapes, _fuse_layer
+from .code2wav_weights import _check_state_dict, _expected_shapes, _fold_gamma, _fuse_layer
 from .cuda_graphs import capture
 
 class Code2Wav:
@@ -71,6 +70,7 @@ class Code2Wav:
         for name in self._transposed_names():
             sd[name] = pack_conv_transpose1d_weight(sd[name])
         self._fused = [_fuse_layer(cfg, sd, f"pre_transformer.layers.{i}.") for i in range(cfg.num_hidden_layers)]
+        self._pwconv2 = [_fold_gamma(sd, f"upsample.{i}.1.") for i in range(len(cfg.upsampling_ratios))]
         self.sd = sd
         self.dtype = sd["code_embedding.weight"].dtype
         self.device = sd["code_embedding.weight"].device
@@ -358,7 +358,7 @@ class Code2WavStream:
         their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
         t = codes.shape[-1]
-        # ref.embed_codes with the offsets made once: mean of the G offset embeddings [B, t, H]
+        # reference.code2wav.embed_codes with the offsets made once: mean of the G offset embeddings [B, t, H]
         h = self._pre_transformer(F.embedding(codes + self._code_offsets, m.sd["code_embedding.weight"]).mean(1))
         wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
         st.pos += t
@@ -485,6 +485,15 @@ class Code2WavStream:
         self._state(name, x, new if state is None else None)
         return y
 
+    def _convnext_pointwise(self, i: int, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+        """``reference.code2wav.convnext_pointwise`` of upsampler ``i``, its gamma folded into pwconv2
+        (``Code2Wav._pwconv2``): no elementwise gamma launch. ``[B, C, T]``."""
+        sd, p = self.model.sd, f"upsample.{i}.1."
+        h = dw.permute(0, 2, 1)
+        h = F.layer_norm(h, (h.shape[-1],), sd[p + "norm.weight"], sd[p + "norm.bias"], 1e-6)
+        h = F.gelu(F.linear(h, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"]))
+        return x + F.linear(h, *self.model._pwconv2[i]).permute(0, 2, 1)
+
     def _convnet(self, x: torch.Tensor, leads: list[int] | None = None) -> torch.Tensor:
         """The upsamplers and the decoder on x ``[B, H, t]``; returns the new samples ``[B, 1, n]``.
 
@@ -498,7 +507,7 @@ class Code2WavStream:
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
             dw = self._conv(p + "1.dwconv.conv", x, groups=x.shape[1])
-            x = ref.convnext_pointwise(sd, p + "1.", x, dw)
+            x = self._convnext_pointwise(i, x, dw)
         x = self._conv("decoder.0.conv", x)
         for i, r in enumerate(cfg.upsample_rates):
             p = f"decoder.{i + 1}.block."
