@@ -19,11 +19,11 @@ def _want(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_update_conv_states_equals_the_concatenation(backend, dtype):
     """Odd channel counts (more than one channel block), contexts 1 .. 70 (more than one context chunk), pushes
-    shorter than, equal to and longer than the context, a T = 0 input, an empty context, strided inputs and
-    states, more pairs than one launch takes (8): exact, every dtype."""
+    shorter than, equal to and longer than the context, a T = 0 input, an empty context, no channels, strided
+    inputs and states, more pairs than one launch takes (8): exact, every dtype."""
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 1, 4), (70, 6, 2), (5, 6, 6), (17, 18, 40), (1, 54, 5), (66, 70, 71), (9, 3, 0), (4, 0, 3),
-              (2, 7, 7), (33, 9, 1), (8, 2, 2)]  # (C, ctx, T)
+              (2, 7, 7), (0, 5, 3), (33, 9, 1), (8, 2, 2)]  # (C, ctx, T)
     B = 3
     states, inputs = [], []
     for i, (c, ctx, t) in enumerate(shapes):
@@ -101,3 +101,17 @@ def test_update_conv_states_bad_input():
         ops.causal_conv1d(x, w, state=torch.zeros(1, 4, 2, device=DEVICE), update_state=True, state_out=False)
     with pytest.raises(TypeError, match="state_out"):
         ops.causal_conv1d(x, w, state=torch.zeros(1, 4, 2, device=DEVICE), state_out=0)
+
+
+def test_update_conv_states_writes_nothing_outside_the_states():
+    """Guard bytes around every state (and input): the Triton kernel writes inside the states only."""
+    from omni_fast.testing import guarded_allocations
+
+    with guarded_allocations() as guards:
+        states = [torch.empty(2, c, ctx, device=DEVICE).normal_() for c, ctx in ((19, 3), (5, 54), (40, 1))]
+        inputs = [torch.empty(2, c, t, device=DEVICE).normal_() for c, t in ((19, 1), (5, 70), (40, 9))]
+        assert len(guards.slabs) == 6  # every state and input is guarded
+        want = [_want(s, x) for s, x in zip(states, inputs)]
+        omni_fast.ops.update_conv_states(states, inputs, backend="triton")
+    assert not guards.violations()
+    assert all(torch.equal(s, w) for s, w in zip(states, want))

@@ -345,7 +345,7 @@ def update_conv_states(states, inputs, *, backend: str | None = None) -> None:
     ``state_out=False``, after all of them. One launch per 8 pairs on the Triton backend.
 
     states / inputs: sequences of equal length of ``[B, C_i, ctx_i]`` and ``[B, C_i, T_i]`` tensors (one float dtype,
-    one device, any strides; pairs with ``ctx_i = 0`` are skipped). A state must not share memory with any input or
+    one device, any strides; empty states, e.g. ``ctx_i = 0``, are skipped). A state must not share memory with any input or
     another state."""
     if not isinstance(states, (list, tuple)) or not isinstance(inputs, (list, tuple)):
         raise TypeError("states and inputs must be lists (or tuples) of tensors")
@@ -357,7 +357,7 @@ def update_conv_states(states, inputs, *, backend: str | None = None) -> None:
         check_tensor(f"inputs[{i}]", x, dtypes=FLOAT_DTYPES, ndim=3, device=state.device)
         if state.shape[:2] != x.shape[:2]:
             raise ValueError(f"states[{i}] {list(state.shape)} and inputs[{i}] {list(x.shape)} must agree in [B, C]")
-        if state.shape[-1]:
+        if state.numel():  # (nothing to move without context, channels or rows)
             pairs.append((state, x))
     if not pairs:
         return
