@@ -1,5 +1,6 @@
 """Code2Wav streaming state moves: ``ops.update_conv_states`` (several convs' contexts in one launch) against the
-reference and against each conv's own ``update_state=True``; the convs' ``state_out=False``; bad input."""
+reference and against each conv's own ``update_state=True``; the convs' ``state_out=False``; bad input; streams with
+the fast path ``code2wav_state_moves`` equal to the default streams."""
 
 import pytest
 import torch
@@ -7,7 +8,12 @@ import torch
 import omni_fast
 from omni_fast.testing import DEVICE, KERNEL_DTYPES
 
-from _code2wav_helpers import _snake_params  # noqa: E402  (skips without transformers, as every Code2Wav test)
+from _code2wav_helpers import (  # noqa: E402  (skips without transformers, as every Code2Wav test)
+    _check_utterances,
+    _hf_model,
+    _run_with_resets,
+    _snake_params,
+)
 
 
 def _want(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -115,3 +121,26 @@ def test_update_conv_states_writes_nothing_outside_the_states():
         omni_fast.ops.update_conv_states(states, inputs, backend="triton")
     assert not guards.violations()
     assert all(torch.equal(s, w) for s, w in zip(states, want))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stream_with_state_moves_equals_the_default_stream(backend):
+    """The fast path code2wav_state_moves (read when a stream is made): B = 3 rows with resets (some twice), one
+    frame and several frames per push (shorter and longer than the convs' contexts), odd layouts: bit-equal to the
+    default stream, and every row's utterances equal their one-shot decodes."""
+    from omni_fast import fast_paths
+
+    layout, schedule = ((0, [(3, []), (1, []), (2, [1]), (1, [2]), (4, [1, 0]), (1, [])]) if backend == "reference"
+                        else (1, [(2, []), (1, [1]), (3, [0]), (1, [])]))
+    hf = _hf_model(layout, num_hidden_layers=1 if backend == "triton" else 2)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend=backend)
+    codes = torch.randint(0, 16, (3, 4, sum(f for f, _ in schedule)))
+    runs = []
+    for on in (False, True):
+        with fast_paths.enable("code2wav_state_moves", on):
+            stream = model.stream(3, cuda_graphs=False)
+        assert stream._move_states is on
+        runs.append(_run_with_resets(model, codes, schedule, stream=stream))
+    (wav, starts), (wav_moves, starts_moves) = runs
+    assert torch.equal(wav_moves, wav) and starts_moves == starts
+    _check_utterances(model, codes, wav_moves, starts_moves, rtol=1e-4, atol=5e-5)

@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import fast_paths, ops
 from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
@@ -266,7 +266,9 @@ class Code2WavStream:
         self._code_offsets = torch.arange(cfg.num_quantizers, device=dev).view(1, -1, 1) * cfg.codebook_size
         self._keep = torch.tensor(keep, device=dev)
         self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # conv states to move (_flush_states)
+        # the fast path code2wav_state_moves (opt-in until its gpu test has passed): conv states to move together
+        self._move_states = fast_paths.enabled("code2wav_state_moves")
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (state, input) to move (_flush_states)
         # zeros before a reset row's audio (the same for any push length; 555 with the real config)
         self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
 
@@ -445,21 +447,22 @@ class Code2WavStream:
             torch.gather(work, 3, keep_rows.expand(stack.shape), out=stack)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
-    # Conv states: a stream's first push creates them (the ops return each new state); every later push runs the
-    # convs with state_out=False, queues (state, input) and moves the queued states with one update_conv_states
-    # launch per decoder block, after their convs have read them (4 launches a push with the real config instead of
-    # a copy per stateful conv, ~20, plus a concatenation where a push is shorter than the context). The queued
-    # inputs are never written in place before the flush (a lead mask writes a conv's output before any conv
+    # Conv states: a stream's first push creates them (the ops return each new state); every later push has each
+    # conv write its new state in place (update_state=True: a copy per stateful conv, and a concatenation where a
+    # push is shorter than the context) or, with the fast path code2wav_state_moves, runs the convs with
+    # state_out=False, queues (state, input) and moves the queued states with one update_conv_states launch per
+    # decoder block, after their convs have read them (4 launches a push with the real config instead of ~20). The
+    # queued inputs are never written in place before the flush (a lead mask writes a conv's output before any conv
     # reads it).
 
-    def _state(self, name: str, x: torch.Tensor, new: torch.Tensor | None) -> None:
-        """After conv ``name`` read ``x``: queue its state's move, or (first push: ``new``) keep its first state."""
-        if new is None:
-            state = self.state.conv[name]
-            if state.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to move
-                self._pending.append((state, x))
-        else:
-            self.state.conv[name] = new
+    def _state(self, name: str, x: torch.Tensor, new: torch.Tensor) -> None:
+        """After conv ``name`` read ``x`` and returned ``new``: keep its first state, or queue its move."""
+        conv = self.state.conv
+        state = conv.get(name)
+        if state is None:
+            conv[name] = new
+        elif self._move_states and state.numel():  # (a layer without context has an empty state: nothing to move)
+            self._pending.append((state, x))
 
     def _flush_states(self) -> None:
         if self._pending:
@@ -472,17 +475,20 @@ class Code2WavStream:
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
                                    groups=groups, snake=snake, residual=residual, state=state,
-                                   state_out=state is None, backend=self.model.backend)
-        self._state(name, x, new if state is None else None)
+                                   update_state=state is not None and not self._move_states,
+                                   state_out=state is None or not self._move_states, backend=self.model.backend)
+        self._state(name, x, new)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                             snake=snake, state=state, state_out=state is None,
+                                             snake=snake, state=state,
+                                             update_state=state is not None and not self._move_states,
+                                             state_out=state is None or not self._move_states,
                                              backend=self.model.backend)
-        self._state(name, x, new if state is None else None)
+        self._state(name, x, new)
         return y
 
     def _convnext_pointwise(self, i: int, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
