@@ -173,7 +173,11 @@ def demo(args) -> int:
     print(f"input: {args.seconds:.1f} s synthetic spoken-like waveform (16 kHz) + prompt {args.prompt!r}")
     print("text: ", end="", flush=True)
     audio, timing = [], None
+    min_frames = getattr(args, "talker_min_new_tokens", None)  # callers building args by hand may omit it
+    if min_frames is None:
+        min_frames = 0 if args.checkpoint else min(RANDOM_MIN_FRAMES, args.talker_max_new_tokens - 1)
     for ev in pipe.stream(req, max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
+                          talker_min_new_tokens=min_frames,
                           speaker=args.speaker):
         if ev.kind == "text":
             print(ev.text if ev.text is not None else ev.token_ids, end="", flush=True)
@@ -218,20 +222,23 @@ def _latency_table(t, on_gpu: bool) -> str:
 # decoding or gigabytes of synthetic input.
 MAX_NEW_TOKENS = 100_000
 MAX_SECONDS = 3600.0
+# A random-weight talker often picks a stop code first (the tiny Qwen2.5-Omni one does, greedily): the demo asks for
+# a few codec frames first (Qwen3-Omni: ~1 s at 12.5 frames per second) so every stage, the vocoder included, runs.
+RANDOM_MIN_FRAMES = 12
 # The shortest input the pipeline takes: one STFT window (models.qwen3_omni.MIN_AUDIO_SAMPLES at 16 kHz; not imported
 # here, that module pulls in transformers).
 MIN_SECONDS = 400 / 16000
 
 
-def _positive_int(maximum: int):
-    """argparse ``type=``: a positive integer <= maximum (argparse names the option in its error, exit 2)."""
+def _positive_int(maximum: int, minimum: int = 1):
+    """argparse ``type=``: an integer in [minimum, maximum] (argparse names the option in its error, exit 2)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a positive integer)") from None
-        if not 1 <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be an integer in [1, {maximum}], got {value}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{minimum}, {maximum}], got {value}")
         return value
     return parse
 
@@ -288,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=24, help="thinker text tokens")
     d.add_argument("--talker-max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=40,
                    help="talker codec frames (12.5 per second)")
+    d.add_argument("--talker-min-new-tokens", type=_positive_int(MAX_NEW_TOKENS, minimum=0), default=None,
+                   help="no stop before this many codec tokens (transformers' talker_min_new_tokens; default: "
+                        f"{RANDOM_MIN_FRAMES} with random weights, whose talker may stop at once, 0 with --checkpoint)")
     d.add_argument("--prompt", default="Please answer in a friendly voice: what did I just say?")
     d.add_argument("--seconds", type=_positive_seconds, default=2.0, help="length of the synthetic input waveform")
     d.add_argument("--raw-out", metavar="PATH", type=_output_file,

@@ -239,3 +239,15 @@ def test_cheap_count_units_are_flagged():
     slow = [n for n in UNITS if n.startswith(("mtp-frame", "code2wav-push", "bigvgan-")) or "-step-" in n or
             n.endswith("T4096") and n.startswith("moe-")]
     assert len(slow) == 25 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
+
+
+def test_whatif_cli_parses_its_arguments(capsys):
+    """``python -m omni_fast.bench.costmodel.whatif --help`` prints usage (it used to parse ``--help`` as T)."""
+    from omni_fast.bench.costmodel import whatif
+
+    with pytest.raises(SystemExit) as got:
+        whatif.main(["--help"])
+    assert got.value.code == 0 and "tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as got:
+        whatif.main(["0"])
+    assert got.value.code == 2

@@ -45,7 +45,7 @@ def _generate_inputs(pipe, reqs) -> tuple[torch.Tensor, dict]:
     return prompt.ids, dict(kw, attention_mask=prompt.mask)
 
 
-def _transformers_generate(pipe, reqs, max_new_tokens, talker_max_new_tokens):
+def _transformers_generate(pipe, reqs, max_new_tokens, talker_max_new_tokens, **talker):
     """transformers' generate on the pipeline's own prompt: per row (text ids, codes, waveform); seed 7 for the
     DiT (its noise is drawn row after row, as the pipeline's Token2Wav does)."""
     model, st = pipe.model, pipe.stages()
@@ -59,7 +59,8 @@ def _transformers_generate(pipe, reqs, max_new_tokens, talker_max_new_tokens):
         text, wavs = model.generate(
             input_ids=ids, **kw, thinker_max_new_tokens=max_new_tokens, thinker_do_sample=False,
             thinker_eos_token_id=st.text_eos, talker_do_sample=False, talker_max_new_tokens=talker_max_new_tokens,
-            talker_repetition_penalty=1.0, talker_eos_token_id=list(st.codec_stop_ids), speaker="Chelsie")
+            talker_repetition_penalty=1.0, talker_eos_token_id=list(st.codec_stop_ids), speaker="Chelsie",
+            **talker)
     finally:
         del model.talker.generate
     S = ids.shape[1]
@@ -67,10 +68,11 @@ def _transformers_generate(pipe, reqs, max_new_tokens, talker_max_new_tokens):
     return [(text[i, S:].tolist(), codes[0][i, S + 2:].tolist(), wavs[i]) for i in range(len(reqs))]
 
 
-def _check_stream(pipe, reqs, patched: bool, monkeypatch):
+def _check_stream(pipe, reqs, patched: bool, monkeypatch, **talker):
     """The pipeline (unpatched, or a patched pipeline over the same model) against :func:`_transformers_generate`:
-    per row the same text ids, talker codes and waveform (bit for bit: same codes and DiT noise)."""
-    want = _transformers_generate(pipe, reqs, 5, 10)
+    per row the same text ids, talker codes and waveform (bit for bit: same codes and DiT noise). ``talker``:
+    ``talker_*`` options both take."""
+    want = _transformers_generate(pipe, reqs, 5, 10, **talker)
     seen = []
     real_step = qwen25.Token2WavCodec.step
     monkeypatch.setattr(qwen25.Token2WavCodec, "step",
@@ -80,7 +82,7 @@ def _check_stream(pipe, reqs, patched: bool, monkeypatch):
     try:
         torch.manual_seed(7)
         outs = pipe.generate(reqs, max_new_tokens=5, talker_max_new_tokens=10, speaker="chelsie",
-                             graph_decode=patched)
+                             graph_decode=patched, **talker)
     finally:
         pipe.set_patched(False)
     codes, n = seen[0]
@@ -122,6 +124,17 @@ def test_batch_matches_transformers_generate(pipe, monkeypatch):
     ``generate`` passes the mask on every release and the talker runs on its M-RoPE positions (grids, audio in
     video, seconds per grid; the padding discounted)."""
     _check_stream(pipe, [_request("image"), _request("audio_in_video")], False, monkeypatch)
+
+
+@pytest.mark.parametrize("minimum", [3, 9])
+def test_talker_min_new_tokens_matches_transformers(pipe, minimum, monkeypatch):
+    """``talker_min_new_tokens`` (transformers routes it to the talker's ``min_new_tokens``): no stop code (codec
+    EOS or pad) before that many codes, then the same codes and waveform as transformers. 3: the tiny greedy talker
+    stops right after; 9: it runs to ``talker_max_new_tokens`` (10). Without it this request gets no code at all
+    (the demo's request: its first greedy code is a stop code)."""
+    req = Request(text="Please answer in a friendly voice: what did I just say?", audio=synthetic_speech(2.0))
+    assert pipe.generate(req, max_new_tokens=5, talker_max_new_tokens=10)[0]["audio"].numel() == 0
+    _check_stream(pipe, [req], False, monkeypatch, talker_min_new_tokens=minimum)
 
 
 def test_audio_in_video_block_layout(pipe):

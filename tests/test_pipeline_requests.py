@@ -160,6 +160,7 @@ def test_bad_request_in_a_batch_names_its_index(pipe):
     (dict(talker_max_new_tokens=0), "talker_max_new_tokens"), (dict(first_chunk=0), "first_chunk"),
     (dict(chunk=0), "chunk"), (dict(left_context=-1), "left_context"), (dict(prefill_chunk=-2), "prefill_chunk"),
     (dict(prefill_chunk=0), "prefill_chunk"), (dict(talker_repetition_penalty=0.0), "talker_repetition_penalty"),
+    (dict(talker_min_new_tokens=-1), "talker_min_new_tokens"),
 ])
 def test_bad_generation_arguments(pipe, kw, match):
     """``max_new_tokens=0`` is an error (the first text token is what starts the talker), not an empty answer."""

@@ -11,7 +11,6 @@ Predicted from a model, not measured.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -104,5 +103,17 @@ def moe_prefill(T: int = 4096) -> None:
             print(f"{label:8} {model} T={T}: GEMMs {total * 1e6:.0f} us predicted ({parts})")
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.costmodel.whatif",
+                                     description="MoE prefill GEMMs before / vLLM-like / after (predicted, H100 model)")
+    parser.add_argument("tokens", nargs="?", type=int, default=4096, help="tokens T of the prefill (default 4096)")
+    args = parser.parse_args(argv)
+    if args.tokens < 1:
+        parser.error(f"argument tokens: must be >= 1, got {args.tokens}")
+    moe_prefill(args.tokens)
+
+
 if __name__ == "__main__":
-    moe_prefill(int(sys.argv[1]) if len(sys.argv) > 1 else 4096)
+    main()

@@ -249,9 +249,9 @@ class Qwen3Omni:
     @checked_stream
     @torch.no_grad()
     def stream(self, requests: Request | list[Request], *, max_new_tokens: int = 32, talker_max_new_tokens: int = 64,
-               speaker: str = "ethan", do_sample: bool = False, talker_do_sample: bool = False,
-               talker_repetition_penalty: float = 1.0, first_chunk: int = 1, chunk: int = 12,
-               left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
+               talker_min_new_tokens: int = 0, speaker: str = "ethan", do_sample: bool = False,
+               talker_do_sample: bool = False, talker_repetition_penalty: float = 1.0, first_chunk: int = 1,
+               chunk: int = 12, left_context: int = 25, prefill_chunk: int | None = None, static_cache: bool = False,
                graph_decode: bool | None = None, seed: int = 0) -> Iterator[Event]:
         """Yield text deltas and audio chunks for a batch of requests as they are produced, then a "done" event
         per request with its :class:`RequestTiming`.
@@ -259,9 +259,11 @@ class Qwen3Omni:
         Greedy by default (``do_sample``/``talker_do_sample`` switch to transformers' default sampling: thinker
         top-k 50, talker top-k 50 at temperature 0.9, MTP top-k 50 / top-p 0.8). ``first_chunk``/``chunk``/
         ``left_context``: the codec streaming schedule in frames (12.5 frames per second of audio).
-        ``prefill_chunk``: run the thinker prefill in chunks of this many tokens (bounded activation memory for
-        long audio/image prompts; None: one chunk). ``static_cache``: preallocated KV caches (transformers'
-        ``StaticCache``, sized prompt + max new tokens) for the thinker and the talker instead of growing ones.
+        ``talker_min_new_tokens`` (transformers' ``talker_min_new_tokens`` -> ``min_new_tokens``): no row's talker
+        stops before this many codec tokens (0: no minimum). ``prefill_chunk``: run the thinker prefill in chunks
+        of this many tokens (bounded activation memory for long audio/image prompts; None: one chunk).
+        ``static_cache``: preallocated KV caches (transformers' ``StaticCache``, sized prompt + max new tokens) for
+        the thinker and the talker instead of growing ones.
         ``graph_decode`` (default: the model is patched and on CUDA): thinker and talker decode steps run on omni-fast's
         :class:`~omni_fast.models.text_decoder.MoeTextDecoder` (own static KV cache, fused ops, one CUDA-graph replay
         per step on CUDA, eager elsewhere) instead of transformers' text models; prefill stays on transformers.
@@ -270,6 +272,7 @@ class Qwen3Omni:
         if not reqs:
             return
         opts = StreamOptions(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
+                             talker_min_new_tokens=talker_min_new_tokens,
                              speaker=speaker, do_sample=do_sample, talker_do_sample=talker_do_sample,
                              talker_repetition_penalty=talker_repetition_penalty, first_chunk=first_chunk,
                              chunk=chunk, left_context=left_context, prefill_chunk=prefill_chunk,

@@ -64,9 +64,9 @@ def check_request(req, name: str = "request") -> None:
                          "None")
 
 
-def check_stream_options(*, max_new_tokens, talker_max_new_tokens, speaker, do_sample, talker_do_sample,
-                         talker_repetition_penalty, first_chunk, chunk, left_context, prefill_chunk, static_cache,
-                         graph_decode, seed) -> dict:
+def check_stream_options(*, max_new_tokens, talker_max_new_tokens, talker_min_new_tokens, speaker, do_sample,
+                         talker_do_sample, talker_repetition_penalty, first_chunk, chunk, left_context,
+                         prefill_chunk, static_cache, graph_decode, seed) -> dict:
     """The keyword arguments of ``stream`` (see :meth:`omni_fast.models.Qwen3Omni.stream`), returned as plain Python
     values (numpy and 0-d tensor numbers accepted, as everywhere: see :mod:`omni_fast.validation`)."""
     if not isinstance(speaker, str):
@@ -74,6 +74,8 @@ def check_stream_options(*, max_new_tokens, talker_max_new_tokens, speaker, do_s
     sizes = dict(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
                  first_chunk=first_chunk, chunk=chunk)
     out = {name: check_positive_int(name, v, maximum=MAX_STREAM_TOKENS) for name, v in sizes.items()}
+    out["talker_min_new_tokens"] = check_positive_int("talker_min_new_tokens", talker_min_new_tokens, minimum=0,
+                                                      maximum=MAX_STREAM_TOKENS)
     out["left_context"] = check_positive_int("left_context", left_context, minimum=0, maximum=MAX_STREAM_TOKENS)
     out["prefill_chunk"] = None if prefill_chunk is None else check_positive_int(
         "prefill_chunk", prefill_chunk, maximum=MAX_PREFILL_CHUNK)

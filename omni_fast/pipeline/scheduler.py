@@ -47,6 +47,7 @@ class StreamOptions:
 
     max_new_tokens: int = 32
     talker_max_new_tokens: int = 64
+    talker_min_new_tokens: int = 0
     speaker: str = "ethan"
     do_sample: bool = False
     talker_do_sample: bool = False
@@ -218,13 +219,27 @@ class StreamRun:
             yield Event(i, "done", timing=tm)
 
     # -------------------------------------------------------------------------------------------------- talker
+    def _codec_pick(self, logits: torch.Tensor, history: list[list[int]]) -> torch.Tensor:
+        """The next codec id per row (``logits [B, V]``; ``history``: each row's codes so far, ``[]`` at the
+        prefill). ``talker_min_new_tokens``: transformers' ``min_new_tokens`` for the talker: a row with fewer codes
+        than that cannot pick a stop id (its logits are -inf), so a random-weight talker still speaks."""
+        logits, o = logits.float(), self.o
+        short = [len(history[i]) < o.talker_min_new_tokens if history else o.talker_min_new_tokens > 0
+                 for i in range(logits.shape[0])]
+        if any(short):
+            stops = torch.tensor(sorted(self.codec_stops), device=logits.device)
+            rows = torch.tensor(short, device=logits.device)
+            logits = logits.clone()
+            logits[:, stops] = torch.where(rows[:, None], float("-inf"), logits[:, stops])
+        return self.a.codec_pick(logits, history, self.codec_sampler, o.talker_repetition_penalty)
+
     def _talk(self, prompt, ctx) -> Iterator[Event]:
         """Talker prefill, then the interleaved decode: thinker tokens, talker frames, codec chunks."""
         a, o, B, dev, clk = self.a, self.o, self.B, self.dev, self.clocks
         yield from self._text_up_to(-1)
         t0 = now(dev)
         logits, hidden, tctx = a.talker_prefill(prompt, ctx, self.token, self.speaker_id, o)
-        c0 = a.codec_pick(logits.float(), [], self.codec_sampler, o.talker_repetition_penalty)
+        c0 = self._codec_pick(logits, [])
         talker_prefill = now(dev) - t0
         for tm in clk.timings:
             tm.talker_ttft = talker_prefill
@@ -257,7 +272,7 @@ class StreamRun:
             t0 = now(dev)
             text_in = a.talker_input(step, self.generated, self.text_done)
             logits, hidden = talker.step(feedback + text_in)
-            c0 = a.codec_pick(logits.float(), self.codes_hist, self.codec_sampler, o.talker_repetition_penalty)
+            c0 = self._codec_pick(logits, self.codes_hist)
             for i, c in enumerate(c0.tolist()):
                 if not speech_done[i]:
                     self.codes_hist[i].append(c)
