@@ -452,12 +452,13 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
 
 
 def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None, *,
-                  update_state: bool = False):
+                  update_state: bool = False, state_out: bool = True):
     """Dense or depthwise causal conv; arguments as :func:`omni_fast.reference.code2wav.causal_conv1d` (validated).
 
     x ``[B, C_in, T]``, weight ``[C_out, C_in/groups, k]`` (any strides; packed is fastest), state
     ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``;
-    ``update_state``: the new state is written into ``state`` and an empty placeholder returned.
+    ``update_state``: the new state is written into ``state`` and an empty placeholder returned; ``state_out=False``:
+    neither (the caller moves it, :mod:`.code2wav_states`).
 
     ``padding`` (non-causal, no state): ``nn.Conv1d(padding=p)``'s zero padding of ``p`` samples on both sides
     instead of the causal left context. The kernels read ``cat(zeros[ctx], x)`` and zeros past the end of x, so this
@@ -494,14 +495,18 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                       *xin.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
                      out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
                      KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
+    if not state_out:
+        return out, x.new_empty(0)
     return out, (_new_state(x, state, ctx, update_state) if padding is None else None)
 
 
-def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state, *, update_state: bool = False):
+def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state, *, update_state: bool = False,
+                            state_out: bool = True):
     """Causal transposed conv (k = m * stride); arguments as the reference's (validated).
 
     x ``[B, C_in, L]``, weight ``[C_in, C_out, k]`` (packed with :func:`pack_transposed` to avoid a copy), state
-    ``[B, C_in, m-1]`` or None. Returns ``(y [B, C_out, (L' - m + 1) * stride], new_state)``, ``L'`` = L + state.
+    ``[B, C_in, m-1]`` or None. Returns ``(y [B, C_out, (L' - m + 1) * stride], new_state)``, ``L'`` = L + state
+    (``update_state`` / ``state_out`` as :func:`causal_conv1d`).
     """
     B, c_in, L = x.shape
     _, c_out, k = weight.shape
@@ -525,6 +530,8 @@ def causal_conv_transpose1d(x, weight, bias, stride, alpha, beta, state, *, upda
                   row_stride, s_ci, -stride * s_k),
                  out=out, bias=bias, residual=None, ci_g=c_in, device=x.device,
                  KSIZE=m, PHASES=stride, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
+    if not state_out:
+        return out, x.new_empty(0)
     if update_state:  # (validated: a state is given; as a conv1d state with the transposed conv's context)
         return out, _new_state(x, state, m - 1, True)
     return out, _new_state_transposed(x, state, m - 1)

@@ -99,8 +99,9 @@ class StaticCase:
 
     def attrs(self, arg_names: Sequence[str]) -> dict:
         """``ASTSource`` attributes declaring 16-divisibility, as the JIT would at run time."""
+        # (tuple arguments, whose signature is a tuple of types, get no divisibility hints)
         return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names)
-                if self.signature.get(name, "").startswith("*") or name in self.aligned}
+                if str(self.signature.get(name, "")).startswith("*") or name in self.aligned}
 
 
 STATIC_CASES: list[StaticCase] = []

@@ -84,6 +84,11 @@ PATHS: tuple[FastPath, ...] = (
               "tests/test_fused_step.py::test_gpu_fused_graph_replay_equals_eager",
               "tests/test_fused_step.py::test_gpu_thinker_real_config_bf16_matches_ops_path",
               "tests/test_guarded_allocations.py::test_gpu_fused_decode_step_real_shapes_writes_inside[8]")),
+    FastPath("code2wav_state_moves", "OMNI_FAST_CODE2WAV_STATE_MOVES",
+             "Code2Wav streaming moves its conv states after the convs, up to 8 per launch (ops.update_conv_states, "
+             "kernels/code2wav_states.py): 4 launches a push instead of ~20 copies (read when a stream is made; "
+             "docs/code2wav.md)",
+             ("tests/test_code2wav_gpu.py::test_gpu_state_moves_equal_per_conv_copies_bf16",)),
     FastPath("fused_pdl", "OMNI_FAST_PDL",
              "the phase-fused step's three launches per layer chained by programmatic dependent launch, each "
              "phase prefetching its weights into L2 before the wait (sm_90+; kernels/talker_fused.py)",

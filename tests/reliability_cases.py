@@ -33,6 +33,16 @@ def _t(*shape, dtype=torch.float32, seed=0):
     return torch.randint(0, 3, shape, generator=g).to(dtype)
 
 
+def _update_conv_states(backend, states, inputs):
+    """``ops.update_conv_states`` on copies of the states, returned (an in-place op: both backends start equal)."""
+    from omni_fast import ops
+
+    if isinstance(states, list):
+        states = [s.clone() if isinstance(s, torch.Tensor) else s for s in states]
+    ops.update_conv_states(states, inputs, backend=backend)
+    return states
+
+
 def _under_backend(fn: Callable) -> Callable:
     """A peer-signature function (no ``backend`` argument) called with ``backend=`` under :func:`use_backend`."""
     def call(backend, **kw):
@@ -234,6 +244,8 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         "causal_conv_transpose1d": (ops.causal_conv_transpose1d, lambda: dict(
             x=_t(1, 4, 5), weight=_t(4, 3, 4, seed=1), bias=_t(3, seed=2), stride=2,
             snake=(_t(4, seed=3) * 0.1, _t(4, seed=4) * 0.1), state=_t(1, 4, 1, seed=5)), True),
+        "update_conv_states": (_update_conv_states, lambda: dict(
+            states=[_t(2, 3, 4), _t(2, 5, 1, seed=1)], inputs=[_t(2, 3, 2, seed=2), _t(2, 5, 6, seed=3)]), True),
         # Qwen2.5-Omni Token2Wav ops (BigVGAN activation and convs, the DiT's block attention)
         "anti_aliased_snake": (ops.anti_aliased_snake, lambda: dict(
             x=_t(1, 3, 9), alpha=_t(3, seed=1) * 0.1, beta=_t(3, seed=2) * 0.1, up_filter=torch.rand(12),

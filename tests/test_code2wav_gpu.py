@@ -187,3 +187,31 @@ def test_gpu_model_bf16_one_shot_and_streamed():
     assert_matches_reference(_stream(model, codes, [1, 5, 10, 24]), exact, want, factor=3.0, name="streamed")
 
 
+
+
+@pytest.mark.gpu
+def test_gpu_state_moves_equal_per_conv_copies_bf16():
+    """The fast path code2wav_state_moves (conv states moved up to 8 per launch, kernels/code2wav_states.py) on the
+    real config in bf16 with CUDA graphs (the default), 1- and 4-frame pushes and a row reset: bit-equal to the
+    per-conv copies. And the op at the real shapes (B = 32, one-frame push contexts) equals the concatenation."""
+    from omni_fast import fast_paths
+
+    hf = _real_hf_model().to(torch.bfloat16)
+    model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
+    codes = torch.randint(0, 2048, (2, 16, 13), device=DEVICE)
+    schedule = [(1, []), (1, []), (4, []), (1, [1]), (4, []), (1, []), (1, [])]
+    outs = []
+    for on in (False, True):
+        with fast_paths.enable("code2wav_state_moves", on):
+            stream = model.stream(2)
+        assert stream.cuda_graphs and stream._move_states is on
+        outs.append(_run_with_resets(model, codes, schedule, stream=stream)[0])
+    assert torch.equal(outs[0], outs[1])
+    # (C, ctx, T): upsampler dwconvs, decoder.0, block 1's transposed conv and residual units, the output conv
+    shapes = [(1024, 6, 2), (1024, 6, 4), (1024, 6, 4), (1536, 1, 4), (768, 6, 32), (768, 18, 32), (768, 54, 32),
+              (96, 6, 1920)]
+    states = [torch.randn(32, c, ctx, device=DEVICE, dtype=torch.bfloat16) for c, ctx, _ in shapes]
+    inputs = [torch.randn(32, c, t, device=DEVICE, dtype=torch.bfloat16) for c, _, t in shapes]
+    want = [torch.cat((s, x), -1)[..., x.shape[-1]:] for s, x in zip(states, inputs)]
+    omni_fast.ops.update_conv_states(states, inputs, backend="triton")
+    assert all(torch.equal(s, w) for s, w in zip(states, want))

@@ -30,6 +30,8 @@ CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64",
          "talker-step-fused-B1", "talker-step-fused-B8", "thinker-step-fused-B1", "thinker-step-fused-B8",
          "mtp-frame-B1", "mtp-frame-B64", "mtp-frame-persistent-B1", "mtp-frame-persistent-B64",
          "code2wav-push-B1-F1", "code2wav-push-B1-F4", "code2wav-push-B32-F1", "code2wav-push-B32-F4",
+         "code2wav-push-moves-B1-F1", "code2wav-push-moves-B1-F4", "code2wav-push-moves-B32-F1",
+         "code2wav-push-moves-B32-F4",
          "moe-thinker-T4096", "moe-talker-T4096",
          "dit-step-T500", "dit-step-tf32-T500", "bigvgan-amp-block-C768-T2500"]
 UNITS = {u.name: u for u in all_units()}
@@ -256,7 +258,7 @@ def _both_counts(build, warmup=False):
     return executed, trace(fn, warmup=warmup, execute=False).launches()
 
 
-@pytest.mark.parametrize("kind", ["mtp", "mtp-persistent", "code2wav", "moe", "talker-step",
+@pytest.mark.parametrize("kind", ["mtp", "mtp-persistent", "code2wav", "code2wav-moves", "moe", "talker-step",
                                   "talker-step-fused", "thinker-step-fused"])
 def test_cheap_count_equals_executed_count(kind):
     """The rule behind ``Unit.cheap_count``: launch counts do not depend on values, so skipping the Triton programs
@@ -271,6 +273,7 @@ def test_cheap_count_equals_executed_count(kind):
     build, warmup = {"mtp": (lambda: _mtp_call(2, layers=1, groups=4), True),
                      "mtp-persistent": (lambda: _mtp_call(2, layers=1, groups=4, persistent=True), True),
                      "code2wav": (lambda: _code2wav_call(1, 1, layers=1, warm=2), False),
+                     "code2wav-moves": (lambda: _code2wav_call(1, 1, layers=1, warm=2, moves=True), False),
                      "moe": (lambda: _moe_call("talker", 40, MOE_TINY["talker"], torch.float32), False),
                      "talker-step": (lambda: _step_call("talker", 2, layers=2), False),
                      "talker-step-fused": (lambda: _step_call("talker", 2, layers=2, fused=True), False),
@@ -283,7 +286,7 @@ def test_cheap_count_units_are_flagged():
     """The units too slow to count with the kernels run use the cheap count (so the gate above stays cheap)."""
     slow = [n for n in UNITS if n.startswith(("mtp-frame", "code2wav-push", "bigvgan-")) or "-step-" in n or
             n.endswith("T4096") and n.startswith("moe-")]
-    assert len(slow) == 21 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
+    assert len(slow) == 25 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
 
 
 def test_whatif_cli_parses_its_arguments(capsys):

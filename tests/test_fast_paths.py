@@ -14,7 +14,7 @@ from omni_fast._layout import REPO_ROOT
 
 NAMES = ["gemv_splitk", "moe_splitk", "moe_starting_configs", "split_head_dim", "token2wav", "dit_tf32",
          "persistent_mtp",
-         "fused_step", "fused_pdl"]
+         "fused_step", "code2wav_state_moves", "fused_pdl"]
 
 
 def _first_light_ids() -> set[str]:

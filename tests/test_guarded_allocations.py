@@ -75,14 +75,17 @@ def test_fused_decode_step_writes_inside_its_tensors():
     assert g.violations() == []
 
 
-def test_code2wav_stream_writes_inside_its_tensors():
+@pytest.mark.parametrize("moves", [False, True], ids=["default", "state_moves"])
+def test_code2wav_stream_writes_inside_its_tensors(moves):
     """Code2Wav streaming through the Triton kernels (a batch of 2, chunks of 1 / 2 / 5 frames: conv states,
-    the sliding-window KV cache, the SnakeBeta-fused convs and transposed convs) keeps every guard."""
+    the sliding-window KV cache, the SnakeBeta-fused convs and transposed convs; the conv states moved per conv or,
+    with the fast path code2wav_state_moves, several per launch) keeps every guard."""
     import omni_fast.models
     from _code2wav_helpers import _hf_model, _stream
+    from omni_fast import fast_paths
 
     hf = _hf_model(1, num_hidden_layers=1)
-    with guarded_allocations() as g:
+    with guarded_allocations() as g, fast_paths.enable("code2wav_state_moves", moves):
         model = omni_fast.models.Code2Wav.from_transformers(hf, backend="triton")
         _stream(model, torch.randint(0, 16, (2, 4, 8)), [1, 2, 5])
     assert len(g.slabs) > 10 and g.violations() == []

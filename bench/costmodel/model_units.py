@@ -78,9 +78,10 @@ def _mtp_call(B: int, layers: int = 5, groups: int = 16, persistent: bool = Fals
                                     fused=True)
 
 
-def _code2wav_call(B: int, frames: int, layers: int = 8, warm: int = 30):
+def _code2wav_call(B: int, frames: int, layers: int = 8, warm: int = 30, moves: bool = False):
     """A tiny Code2Wav stream warmed up with ``warm`` frames, then the push of ``frames`` (the real 8 layers unless
-    given: tests compare counts on fewer)."""
+    given: tests compare counts on fewer). ``moves``: the stream made with the fast path code2wav_state_moves."""
+    from omni_fast import fast_paths
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeCode2Wav
 
@@ -96,7 +97,8 @@ def _code2wav_call(B: int, frames: int, layers: int = 8, warm: int = 30):
     g = torch.Generator().manual_seed(1)
     warm = torch.randint(0, 16, (B, 16, warm), generator=g)
     nxt = torch.randint(0, 16, (B, 16, frames), generator=g)
-    stream = model.stream(B)
+    with fast_paths.enable("code2wav_state_moves", moves):  # (read when the stream is made)
+        stream = model.stream(B)
     stream.push(warm)
     return lambda: stream.push(nxt)
 
@@ -138,6 +140,10 @@ def model_units() -> list[Unit]:
             out.append(Unit(f"code2wav-push-B{B}-F{frames}", "code2wav", "graph",
                             launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f), cheap_count=True,
                             min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames)))
+            # the opt-in fast path code2wav_state_moves (conv states moved 8 per launch)
+            out.append(Unit(f"code2wav-push-moves-B{B}-F{frames}", "code2wav", "graph",
+                            launch=lambda B=B, f=frames: _code2wav_call(min(B, 2), f, moves=True), cheap_count=True,
+                            min_bytes=nbytes, flops=flops, params=dict(B=B, frames=frames, moves=True)))
     return out
 
 

@@ -38,16 +38,15 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import fast_paths, ops
 from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
-from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _new_state, _restore_state,
                              _row_mask, _stacked_kv)
-from .code2wav_weights import _check_state_dict, _expected_shapes, _fuse_layer
+from .code2wav_weights import _check_state_dict, _expected_shapes, _fold_gamma, _fuse_layer
 from .cuda_graphs import capture
 
 class Code2Wav:
@@ -71,6 +70,7 @@ class Code2Wav:
         for name in self._transposed_names():
             sd[name] = pack_conv_transpose1d_weight(sd[name])
         self._fused = [_fuse_layer(cfg, sd, f"pre_transformer.layers.{i}.") for i in range(cfg.num_hidden_layers)]
+        self._pwconv2 = [_fold_gamma(sd, f"upsample.{i}.1.") for i in range(len(cfg.upsampling_ratios))]
         self.sd = sd
         self.dtype = sd["code_embedding.weight"].dtype
         self.device = sd["code_embedding.weight"].device
@@ -258,6 +258,17 @@ class Code2WavStream:
         self._graphs: dict[int, _GraphStep] = {}  # per bucket size
         self._fresh_graphs: dict[int, _GraphStep] = {}  # per bucket size, for the first push after a reset
         self._pool = None
+        cfg, dev = model.config, model.device
+        # constants of a push's index math, made once here so a push spends no arange / mul on them: the codebook
+        # offsets of the embedding lookup, W-1 as a device scalar (the int32 cache_seqlens come from one clamp) and
+        # -(W-1) .. max bucket, whose slices are every push's frame and row offsets (_push_consts)
+        keep = cfg.sliding_window - 1
+        self._code_offsets = torch.arange(cfg.num_quantizers, device=dev).view(1, -1, 1) * cfg.codebook_size
+        self._keep = torch.tensor(keep, device=dev)
+        self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
+        # the fast path code2wav_state_moves (opt-in until its gpu test has passed): conv states to move together
+        self._move_states = fast_paths.enabled("code2wav_state_moves")
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (state, input) to move (_flush_states)
         # zeros before a reset row's audio (the same for any push length; 555 with the real config)
         self.lead_samples = (model._lead_samples(self._min_reset_frames()) or [0])[-1]
 
@@ -349,7 +360,8 @@ class Code2WavStream:
         their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
         t = codes.shape[-1]
-        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes))
+        # reference.code2wav.embed_codes with the offsets made once: mean of the G offset embeddings [B, t, H]
+        h = self._pre_transformer(F.embedding(codes + self._code_offsets, m.sd["code_embedding.weight"]).mean(1))
         wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
         st.pos += t
         st.frames += t
@@ -364,6 +376,15 @@ class Code2WavStream:
         if lead > 0:
             x[..., :lead].masked_fill_(self.state.fresh[:, None, None], 0)
         return x
+
+    def _push_consts(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a push of ``t`` frames: ``(arange(t), arange(W-1) + t - (W-1))`` int64 on the device, as views of
+        the stream's constant ``-(W-1) .. max bucket`` (no launch); a longer push (never a graph's: its pieces are
+        buckets) makes them."""
+        keep = self.model.config.sliding_window - 1
+        if keep + t > self._offsets.numel():
+            return torch.arange(t, device=self._offsets.device), torch.arange(t - keep, t, device=self._offsets.device)
+        return self._offsets[keep:keep + t], self._offsets[t:t + keep]
 
     def _pre_transformer(self, h: torch.Tensor) -> torch.Tensor:
         """h ``[B, t, H]`` -> normed hidden states ``[B, t, H]``, attending through the per-layer KV caches.
@@ -384,12 +405,13 @@ class Code2WavStream:
         nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
         keep = cfg.sliding_window - 1  # a frame sees the previous W - 1 frames
         dev = h.device
-        n = st.pos.clamp(max=keep)  # [B] valid cache rows per row (on the device: no host sync)
-        cache_seqlens = n.to(torch.int32)
-        # per row, the working-cache rows that become its state: [B, W-1] -> gather index [B, W-1, Hk, D]
-        keep_rows = (n + t - keep).clamp(min=0)[:, None] + torch.arange(keep, device=dev)
-        keep_rows = keep_rows[:, :, None, None].expand(B, keep, nk, D)
-        positions = (st.pos[:, None] + torch.arange(t, device=dev)).reshape(-1)  # [B * t], batch-major
+        frame, tail = self._push_consts(t)
+        # n_b = min(pos[b], W-1) valid cache rows per row, int32 (on the device: no host sync; one clamp, no cast)
+        cache_seqlens = torch.clamp(st.pos, max=self._keep, out=torch.empty(B, dtype=torch.int32, device=dev))
+        # per row, the working-cache rows that become its state, max(n_b + t - (W-1), 0) + j for j < W-1:
+        # = clamp(pos, W-1-t, W-1) + (j + t - (W-1)) -> gather index [B, W-1, Hk, D]
+        keep_rows = (st.pos.clamp(keep - t, keep)[:, None] + tail)[:, :, None, None].expand(B, keep, nk, D)
+        positions = (st.pos[:, None] + frame).reshape(-1)  # [B * t], batch-major
         eps = cfg.rms_norm_eps
         h = h.reshape(N, H)  # the residual stream, updated in place by add_rms_norm_
         first_norm = ("pre_transformer.layers.0.input_layernorm.weight" if m._fused
@@ -425,35 +447,58 @@ class Code2WavStream:
             torch.gather(work, 3, keep_rows.expand(stack.shape), out=stack)
         return x.view(B, t, H)  # the last layer's next_norm is the final pre_transformer.norm
 
-    def _keep_state(self, name: str, new: torch.Tensor) -> None:
-        """Store a layer's new state: in place once it exists (fixed addresses for CUDA graphs)."""
+    # Conv states: a stream's first push creates them (the ops return each new state); every later push has each
+    # conv write its new state in place (update_state=True: a copy per stateful conv, and a concatenation where a
+    # push is shorter than the context) or, with the fast path code2wav_state_moves, runs the convs with
+    # state_out=False, queues (state, input) and moves the queued states with one update_conv_states launch per
+    # decoder block, after their convs have read them (4 launches a push with the real config instead of ~20). The
+    # queued inputs are never written in place before the flush (a lead mask writes a conv's output before any conv
+    # reads it).
+
+    def _state(self, name: str, x: torch.Tensor, new: torch.Tensor) -> None:
+        """After conv ``name`` read ``x`` and returned ``new``: keep its first state, or queue its move."""
         conv = self.state.conv
-        old = conv.get(name)
-        if new is old:  # the op updated it in place (update_state)
-            return
-        if old is not None and old.shape == new.shape:
-            if new.numel():  # a layer without context (k = 1, or k = stride) has an empty state: nothing to copy
-                old.copy_(new)
-        else:
+        state = conv.get(name)
+        if state is None:
             conv[name] = new
+        elif self._move_states and state.numel():  # (a layer without context has an empty state: nothing to move)
+            self._pending.append((state, x))
+
+    def _flush_states(self) -> None:
+        if self._pending:
+            ops.update_conv_states([s for s, _ in self._pending], [x for _, x in self._pending],
+                                   backend=self.model.backend)
+            self._pending.clear()
 
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
                                    groups=groups, snake=snake, residual=residual, state=state,
-                                   update_state=state is not None, backend=self.model.backend)
-        self._keep_state(name, new)
+                                   update_state=state is not None and not self._move_states,
+                                   state_out=state is None or not self._move_states, backend=self.model.backend)
+        self._state(name, x, new)
         return y
 
     def _convt(self, name: str, x: torch.Tensor, stride: int, snake=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv_transpose1d(x, sd[name + ".weight"], sd.get(name + ".bias"), stride=stride,
-                                             snake=snake, state=state, update_state=state is not None,
+                                             snake=snake, state=state,
+                                             update_state=state is not None and not self._move_states,
+                                             state_out=state is None or not self._move_states,
                                              backend=self.model.backend)
-        self._keep_state(name, new)
+        self._state(name, x, new)
         return y
+
+    def _convnext_pointwise(self, i: int, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+        """``reference.code2wav.convnext_pointwise`` of upsampler ``i``, its gamma folded into pwconv2
+        (``Code2Wav._pwconv2``): no elementwise gamma launch. ``[B, C, T]``."""
+        sd, p = self.model.sd, f"upsample.{i}.1."
+        h = dw.permute(0, 2, 1)
+        h = F.layer_norm(h, (h.shape[-1],), sd[p + "norm.weight"], sd[p + "norm.bias"], 1e-6)
+        h = F.gelu(F.linear(h, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"]))
+        return x + F.linear(h, *self.model._pwconv2[i]).permute(0, 2, 1)
 
     def _convnet(self, x: torch.Tensor, leads: list[int] | None = None) -> torch.Tensor:
         """The upsamplers and the decoder on x ``[B, H, t]``; returns the new samples ``[B, 1, n]``.
@@ -463,11 +508,12 @@ class Code2WavStream:
         on the output. (Nothing before the first decoder block has a lead: the upsamplers have ``k = s``.)"""
         cfg, sd = self.model.config, self.model.sd
         mask = (lambda x, i: self._mask_lead(x, leads[i])) if leads is not None else (lambda x, i: x)
+        self._pending.clear()  # (left over only by a push that raised)
         for i, f in enumerate(cfg.upsampling_ratios):
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
             dw = self._conv(p + "1.dwconv.conv", x, groups=x.shape[1])
-            x = ref.convnext_pointwise(sd, p + "1.", x, dw)
+            x = self._convnext_pointwise(i, x, dw)
         x = self._conv("decoder.0.conv", x)
         for i, r in enumerate(cfg.upsample_rates):
             p = f"decoder.{i + 1}.block."
@@ -478,8 +524,11 @@ class Code2WavStream:
                 # conv2 (k1) has no context, so y's lead needs no mask; the unit's output feeds a stateful conv
                 x = mask(self._conv(u + "conv2.conv", y, snake=(sd[u + "act2.alpha"], sd[u + "act2.beta"]),
                                     residual=x), i)
+            if i + 1 < len(cfg.upsample_rates):  # (the last block's states move with the output conv's)
+                self._flush_states()
         n = len(cfg.upsample_rates)
         x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
+        self._flush_states()
         x = x.clamp(min=-1, max=1)
         return mask(x, n - 1) if n else x
 

@@ -37,6 +37,14 @@ def _fuse_layer(cfg: Code2WavConfig, sd: dict, prefix: str) -> dict:
     return w
 
 
+def _fold_gamma(sd: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ConvNeXt block's ``(gamma * pwconv2.weight, gamma * pwconv2.bias)`` (gamma per output channel), made once:
+    the fold of the layer scales above (one rounding of the weight dtype), so the block's pointwise MLP ends in its
+    GEMM and the residual add, without an elementwise gamma launch. Copies; ``sd`` keeps the originals."""
+    gamma = sd[prefix + "gamma"]
+    return sd[prefix + "pwconv2.weight"] * gamma[:, None], sd[prefix + "pwconv2.bias"] * gamma
+
+
 def _fuse(sd: dict, names: list[str]) -> torch.Tensor:
     fused = torch.cat([sd[n] for n in names], 0)
     for n, part in zip(names, fused.split([sd[n].shape[0] for n in names], 0)):

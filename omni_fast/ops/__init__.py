@@ -12,7 +12,7 @@ blocks), ``moe_experts`` (routed experts from given weights/ids). ``tests/test_c
 
 from .attention import flash_attn_varlen, flash_attn_with_kvcache
 from .bigvgan import anti_aliased_snake, padded_conv1d
-from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta
+from .code2wav import causal_conv1d, causal_conv_transpose1d, snake_beta, update_conv_states
 from .dit import ada_layer_norm, block_attention, block_attention_plan, dit_qkv_rope, gated_ada_layer_norm
 from .moe import align_moe_blocks, moe_block, moe_experts, route_topk
 from .quant import QuantizedExperts
@@ -47,6 +47,7 @@ __all__ = [
     "align_moe_blocks",
     "causal_conv1d",
     "causal_conv_transpose1d",
+    "update_conv_states",
     "flash_attn_varlen",
     "flash_attn_with_kvcache",
     "moe_align_block_size",
