@@ -56,11 +56,15 @@ def test_mtp_frame_body(cuda_like_validation, path, sampling):
     _assert_capturable(lambda: cp.frame(x, c0, None, seed, sampling, None, path != "unfused"))
 
 
-def test_code2wav_push_bodies(cuda_like_validation):
+@pytest.mark.parametrize("moves", [False, True])
+def test_code2wav_push_bodies(cuda_like_validation, fast_path, moves):
+    """Plain and, with ``code2wav_state_moves``, the convs' states moved several per launch after them."""
     from _code2wav_helpers import _hf_model
 
+    fast_path("code2wav_state_moves", moves)  # (read when the stream is made)
     model = omni_fast.models.Code2Wav.from_transformers(_hf_model(0), backend="triton")
     stream = model.stream(2, cuda_graphs=False)
+    assert stream._move_states == moves
     codes = torch.randint(0, 16, (2, 4, 3))
     stream.push(codes)  # the first push creates the states (eager, as with graphs on)
     _assert_capturable(lambda: stream._step(codes[..., :2], False))
