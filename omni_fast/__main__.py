@@ -236,7 +236,8 @@ def _positive_int(maximum: int, minimum: int = 1):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a positive integer)") from None
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (an integer in [{minimum}, {maximum}])"
+                                             ) from None
         if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"must be an integer in [{minimum}, {maximum}], got {value}")
         return value

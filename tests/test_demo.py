@@ -77,7 +77,7 @@ def test_demo_with_checkpoint_dir(tmp_path):
     (["demo", "--checkpoint", "/no/such/dir"], "not a directory with a config.json"),
     (["demo", "--backend", "bogus"], "invalid choice"),
     (["demo", "--talker-min-new-tokens", "-1"], "--talker-min-new-tokens: must be an integer in [0, "),
-    (["demo", "--talker-min-new-tokens", "x"], "--talker-min-new-tokens: invalid int value"),
+    (["demo", "--talker-min-new-tokens", "x"], "--talker-min-new-tokens: invalid int value: 'x' (an integer in [0, "),
 ])
 def test_demo_rejects_bad_arguments(argv, match, capsys):
     from omni_fast.__main__ import main
