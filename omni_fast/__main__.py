@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="talker codec frames (12.5 per second)")
     d.add_argument("--talker-min-new-tokens", type=_positive_int(MAX_NEW_TOKENS, minimum=0), default=None,
                    help="no stop before this many codec tokens (transformers' talker_min_new_tokens; default: "
-                        f"{RANDOM_MIN_FRAMES} with random weights, whose talker may stop at once, 0 with --checkpoint)")
+                        f"{RANDOM_MIN_FRAMES} (at most --talker-max-new-tokens - 1) with random weights, whose talker "
+                        "may stop at once, 0 with --checkpoint)")
     d.add_argument("--prompt", default="Please answer in a friendly voice: what did I just say?")
     d.add_argument("--seconds", type=_positive_seconds, default=2.0, help="length of the synthetic input waveform")
     d.add_argument("--raw-out", metavar="PATH", type=_output_file,
