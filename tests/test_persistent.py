@@ -15,8 +15,8 @@ import torch
 
 from omni_fast.kernels.launch import interpreting
 from omni_fast.models import CodePredictor
-from omni_fast.models.persistent import (FrameShape, PersistentFrame, ScheduleError, build_frame, check_schedule,
-                                         co_resident_grid)
+from omni_fast.models.persistent import (FrameShape, PersistentError, PersistentFrame, ScheduleError, build_frame,
+                                         check_schedule, co_resident_grid)
 from omni_fast.testing import DEVICE  # the interpreter's CPU, or CUDA on a GPU machine (unmarked tests run there)
 
 SMALL = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -157,6 +157,7 @@ def test_watchdog_flags_a_wait_that_never_completes():
     _, pers = _models()
     frame = PersistentFrame(pers, 2, torch.float32, torch.device(DEVICE), (False, 0, 1.0, 1.0), False, False)
     victim = next(i for i, it in enumerate(frame.schedule.items) if it.op == "swiglu")
+    wait = frame.items[victim, 1:3].clone()
     frame.items[victim, 1:3] = torch.tensor([0, 10**6])  # wait for 10^6 signals of a counter that gets 2
     h, c0 = torch.randn(2, 64, device=DEVICE), torch.randint(0, 32, (2,), device=DEVICE)
     seed = torch.zeros(1, dtype=torch.long, device=DEVICE)
@@ -167,8 +168,14 @@ def test_watchdog_flags_a_wait_that_never_completes():
     # the victim may time out first)
     assert frame.error() == victim + 1 if interpreting() else frame.error() >= 1
     assert frame.ws["counters"].any()  # left as they were: reset() is the way back
+    # the next call refuses (no silent garbage frames after a trip), without a host sync of its own
+    with pytest.raises(PersistentError, match=f"item {frame.error() - 1} waited"):
+        frame(h, c0, None, seed, spin_limit=20)
     frame.reset()
     assert frame.error() == 0 and not frame.ws["counters"].any()
+    frame.items[victim, 1:3] = wait  # the schedule's own wait again: the frame runs after reset()
+    frame(h, c0, None, seed)
+    assert frame.error() == 0
 
 
 def _count_launches(monkeypatch):

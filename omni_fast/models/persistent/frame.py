@@ -144,6 +144,7 @@ class PersistentFrame:
                  *, spin_limit: int = SPIN_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, H]`` (model dtype, contiguous), c0 int64 ``[B]``, c0_embed ``[B, H]`` or None (as built), seed
         int64 ``[1]`` or ``[B]`` (as built). Returns ``codes`` int64 ``[B, G]`` and ``next_input`` ``[B, H]``."""
+        self._raise_earlier_error()
         s, ws, m = self.shape, self.ws, self.model
         B, H, G = s.B, s.hidden, s.groups
         codes = torch.empty(B, G, dtype=torch.long, device=x.device)
@@ -177,7 +178,34 @@ class PersistentFrame:
             # first GPU launch: one program per SM (co-resident whenever the kernel runs at all); from now on the
             # occupancy of the compiled kernel
             self._compiled = compiled
+        self._watch_error()
         return codes, nxt
+
+    # The watchdog's flag, seen without a host sync: after each eager launch the flag is copied to pinned host
+    # memory behind an event; the next call raises if that copy has landed and holds an error. Without this, every
+    # frame after a watchdog trip would skip its work and return garbage codes until reset(), silently. (The frame
+    # that tripped still returns undefined codes: only a sync could stop it. Replays of a captured CUDA graph do not
+    # come through here: error() is the check there.)
+    def _watch_error(self) -> None:
+        err = self.ws["err"]
+        if not err.is_cuda:  # the live flag itself: reading it later costs no sync on the CPU
+            self._err_seen = (err, None)
+        elif not torch.cuda.is_current_stream_capturing():
+            host = torch.empty(1, dtype=err.dtype, pin_memory=True)
+            host.copy_(err, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._err_seen = (host, event)
+
+    def _raise_earlier_error(self) -> None:
+        host, event = getattr(self, "_err_seen", (None, None))
+        if host is None or (event is not None and not event.query()):
+            return
+        flag = host.tolist()[0]  # host memory (pinned, or the CPU's own flag): no device read, no sync
+        if flag:
+            raise PersistentError(f"the persistent MTP frame's watchdog fired in an earlier call (item {flag - 1} "
+                                  "waited longer than the spin limit): its codes and every later frame's are not "
+                                  "valid; call reset() (a hang: please report it with the batch size and device)")
 
     def error(self) -> int:
         """0, or the index + 1 of the first item whose wait timed out (a host sync: call it in tests / on
@@ -187,6 +215,7 @@ class PersistentFrame:
     def reset(self) -> None:
         self.ws["counters"].zero_()
         self.ws["err"].zero_()
+        self._err_seen = (None, None)
 
 
 def _addr(t: torch.Tensor, elems: int = 0) -> int:
