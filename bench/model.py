@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model"
@@ -280,10 +279,11 @@ def main(argv=None) -> int:
 
 def calibrate(measurements) -> dict:
     """The GPU session's calibration hook (first light's ``06_calibrate``, :func:`omni_fast.bench.session_tools.
-    calibrate`): the constants the session's measured JSONs imply, as a dict of every constant. Each bench family's
+    calibrate`): the constants the session's measured JSONs imply. Each bench family's
     result carries the two measured ceilings (``roofline``: copy GB/s, bf16 matmul TFLOP/s); their median over the
     families replaces ``hbm_bytes_per_s`` / ``mma_flops_per_s`` (files without a roofline, e.g. ``pipeline.json``,
-    or unreadable ones are left out). Nothing global changes: ``--calibrate FILE`` applies the result."""
+    or unreadable ones are left out); ``constants`` holds those measured fields only. Nothing global changes:
+    ``--calibrate FILE`` applies the result."""
     import math
     import statistics
 
@@ -306,9 +306,11 @@ def calibrate(measurements) -> dict:
                 and not isinstance(r[key], bool) and math.isfinite(r[key]) and r[key] > 0]
         if seen:
             merged[key] = statistics.median(seen)
-    calibrated = replace(constants.DEFAULT, **constants.measured_values({"roofline": merged}))
+    # only the constants this run measured: an older calibration.json applied later must not pin the others to
+    # the defaults of the day it was written
     return {"note": "measured ceilings of this GPU run; apply with python -m omni_fast.bench.model --calibrate",
-            "roofline": merged, "from": sorted(roofs), "constants": calibrated.as_dict()}
+            "roofline": merged, "from": sorted(roofs),
+            "constants": constants.measured_values({"roofline": merged})}
 
 
 if __name__ == "__main__":

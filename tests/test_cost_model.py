@@ -229,6 +229,7 @@ def test_session_calibration_hook_reads_the_bench_ceilings(tmp_path):
     assert got["from"] == sorted(str(f) for f in files)
     assert got["constants"]["hbm_bytes_per_s"] == pytest.approx(3000e9)
     assert got["constants"]["mma_flops_per_s"] == pytest.approx(720e12)
+    assert set(got["constants"]) == {"hbm_bytes_per_s", "mma_flops_per_s"}  # the measured ones only
     assert constants.current() is before
     out.write_text(json.dumps(rec))
     try:
