@@ -64,9 +64,9 @@ def check_request(req, name: str = "request") -> None:
                          "None")
 
 
-def check_stream_options(*, max_new_tokens, talker_max_new_tokens, talker_min_new_tokens, speaker, do_sample,
-                         talker_do_sample, talker_repetition_penalty, first_chunk, chunk, left_context,
-                         prefill_chunk, static_cache, graph_decode, seed) -> dict:
+def check_stream_options(*, max_new_tokens, talker_max_new_tokens, speaker, do_sample, talker_do_sample,
+                         talker_repetition_penalty, first_chunk, chunk, left_context, prefill_chunk, static_cache,
+                         graph_decode, seed, talker_min_new_tokens=0) -> dict:
     """The keyword arguments of ``stream`` (see :meth:`omni_fast.models.Qwen3Omni.stream`), returned as plain Python
     values (numpy and 0-d tensor numbers accepted, as everywhere: see :mod:`omni_fast.validation`)."""
     if not isinstance(speaker, str):
