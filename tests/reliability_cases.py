@@ -131,7 +131,7 @@ def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], 
             seqused_k=torch.tensor([2, 5], dtype=i32), max_seqlen_k=5, softmax_scale=None, causal=True,
             window_size=None, block_table=torch.tensor([[2, 0], [1, 0]], dtype=i32), softcap=0.0,
             scheduler_metadata=None, q_descale=torch.ones(2, 1), num_splits=0, fa_version=3,
-            return_softmax_lse=True, s_aux=_t(2, seed=3)), True),
+            return_softmax_lse=True, s_aux=_t(2, seed=3), output_scale=None, dynamic_causal=None), True),
         # packed k/v with cu_seqlens_k (vLLM's encoder attention), FA2
         "compat.vllm_flash_attn.flash_attn_varlen_func[packed]": (
             _under_backend(vfa.flash_attn_varlen_func), lambda: dict(
