@@ -185,6 +185,13 @@ def test_fused_experts_expert_map_and_router_weight_on_input():
     out = vllm.fused_experts(x, w1[:6], w2[:6], w1_, ids1, apply_router_weight_on_input=True)
     torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w1_, ids1, weight_on_input=True),
                                rtol=1e-4, atol=1e-4)
+    # vLLM 0.34: any top-k; each pair's weight scales that pair's expert input (GEMM1 is linear)
+    out = vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w, ids, weight_on_input=True),
+                               rtol=1e-4, atol=1e-4)
+    out = vllm.fused_experts(x, local1, local2, w, ids, expert_map=emap, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out.double(), dense_experts(x, local1, local2, w, ids, emap, weight_on_input=True),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_moe_sum():
@@ -311,7 +318,8 @@ def _bad_calls():
     return [
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, quant_config=quant), NotImplementedError, "use_int8_w8a8"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, global_num_experts=7), ValueError, "global_num_experts"),
-        (lambda: vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True), ValueError, "top-1"),
+        (lambda: vllm.fused_experts(x, w1, w2, w[:4], ids, apply_router_weight_on_input=True), ValueError,
+         "topk_weights"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, activation="relu"), ValueError, "activation"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, 1.5), TypeError, "activation"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, True, inplace=True), TypeError, "inplace given twice"),

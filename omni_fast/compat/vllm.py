@@ -49,8 +49,8 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
     ``[0, global_num_experts)``, e.g. the -1 of padding rows, contribute zero, as vLLM >= 0.12 skips them);
     ``expert_map`` int32 ``[global_num_experts]`` maps global ids to local rows of w1/w2 (-1 = not here: zero).
     ``activation``: a ``MoEActivation`` (vLLM's enum or ours) or its string; ``SILU`` runs.
-    ``apply_router_weight_on_input`` (top-1 only): the router weight scales the expert's input instead of its
-    output. ``quant_config``: a ``FusedMoEQuantConfig`` (or any object with its attributes) with ``use_fp8_w8a8`` /
+    ``apply_router_weight_on_input``: the router weight scales the expert's input instead of its output (any
+    top-k, as vLLM 0.34). ``quant_config``: a ``FusedMoEQuantConfig`` (or any object with its attributes) with ``use_fp8_w8a8`` /
     ``use_int4_w4a16`` and vLLM's layouts (:mod:`omni_fast.compat.vllm_quant`). Returns a new ``[T, H]`` tensor.
 
     v0.11 calls: ``inplace`` (the result is also written into hidden_states, which is returned) and
@@ -79,21 +79,31 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
                          f"{'expert_map size' if expert_map is not None else 'number of experts in w1'}), got "
                          f"{global_num_experts}")
     topk_weights, topk_ids = _skip_invalid_ids(topk_weights, topk_ids, expected)
+    hidden_in, topk_weights, topk_ids, fold = hidden_states, topk_weights, topk_ids, 0
     if check_bool("apply_router_weight_on_input", apply_router_weight_on_input):
-        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2)
-        if topk_weights.shape[1] != 1:
-            raise ValueError(f"apply_router_weight_on_input needs top-1 routing (topk_weights [T, 1]), got "
-                             f"{list(topk_weights.shape)}")
-        # linear first GEMM: (w * x) W1 == w * (x W1); the output side then gets weight 1
-        hidden_in = hidden_states * topk_weights.to(hidden_states.dtype)
-        topk_weights = torch.ones_like(topk_weights)
-    else:
-        hidden_in = hidden_states
+        hidden_in, topk_weights, topk_ids, fold = _weights_on_input(hidden_states, topk_weights, topk_ids)
     out = _moe.moe_experts(hidden_in, experts if experts is not None else w1, None if experts is not None else w2,
                            topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+    if fold:  # one row per (token, slot): sum each token's k rows
+        out = out.view(hidden_states.shape[0], fold, -1).sum(1)
     if check_bool("inplace", inplace):  # computed apart, then copied: out never aliases the input it reads
         return hidden_states.copy_(out)
     return out
+
+
+def _weights_on_input(hidden_states, topk_weights, topk_ids):
+    """``apply_router_weight_on_input``: the weight scales the expert's input (the first GEMM is linear:
+    ``(w x) W1 == w (x W1)``, which is where vLLM 0.34 applies it) and the output side gets weight 1.
+    Top-1: the input is scaled in place of a copy (one elementwise launch). Top-k > 1 (vLLM 0.34 accepts it; each
+    pair has its own weight): one scaled row per pair, ``[T*k, H]``, routed top-1, summed back by the caller
+    (``fold = k``; k times the activation bytes, 2 extra launches). Returns (hidden_in, weights, ids, fold)."""
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2)
+    T, k = topk_weights.shape
+    scaled = hidden_states[:, None, :] * topk_weights.to(hidden_states.dtype)[:, :, None]  # [T, k, H]
+    ones = torch.ones(T * k, 1, dtype=topk_weights.dtype, device=topk_weights.device)
+    if k == 1:
+        return scaled.view(T, -1), ones, topk_ids, 0
+    return scaled.view(T * k, -1), ones, topk_ids.reshape(T * k, 1), k
 
 
 def _skip_invalid_ids(topk_weights, topk_ids, num_ids: int):
