@@ -230,7 +230,8 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
             e_score_correction_bias=None, is_padding=None), True),
         "moe_align_block_size": (_under_backend(ops.moe_align_block_size), lambda: dict(
             topk_ids=torch.tensor([[0, 1], [2, 1]], dtype=i32), block_size=4, num_experts=4, expert_map=None,
-            pad_sorted_ids=False, ignore_invalid_experts=False, return_scatter_idx=False), False),  # run order unspecified
+            pad_sorted_ids=False, ignore_invalid_experts=False, return_scatter_idx=False),
+            False),  # the order inside a run is unspecified
         "moe_block": (ops.moe_block, lambda: dict(
             hidden_states=_t(2, 8), gate_weight=_t(4, 8, seed=3), w13=_t(4, 8, 8, seed=1) * 0.1,
             w2=_t(4, 8, 4, seed=2) * 0.1, top_k=2, renormalize=True, out=None), True),

@@ -16,7 +16,7 @@ where that is unambiguous (``docs/compat.md`` lists what changed):
   ignore_invalid_experts=False, return_scatter_idx=False)`` -> ``(sorted_ids, expert_ids, num_tokens_post_pad
   [, scatter_idx])`` with vLLM's sizes and sentinels
 - ``moe_sum(input, output, topk_ids=None, expert_map=None)`` -> None
-- the ``quant_config`` builders of ``fused_moe/config.py`` (v0.11 signatures): :mod:`omni_fast.compat.vllm_config`
+- the ``quant_config`` builders of ``fused_moe/config.py`` (0.34's signatures): :mod:`omni_fast.compat.vllm_config`
 
 Weights: ``w1`` ``[E, 2I, H]`` (gate rows then up rows, vLLM's ``w13``), ``w2`` ``[E, H, I]``. Quantized MoE:
 ``quant_config`` with ``use_fp8_w8a8`` (block-scaled, per-channel or per-tensor) or ``use_int4_w4a16`` and vLLM's
@@ -46,12 +46,13 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
     """``out[t] = sum_j w[t,j] * w2_e(act(w1_e x[t]))`` over the routed experts ``e = topk_ids[t, j]``.
 
     hidden_states ``[T, H]``; topk_weights fp32 / topk_ids int ``[T, k]`` (global expert ids; ids outside
-    ``[0, global_num_experts)``, e.g. the -1 of padding rows, contribute zero, as vLLM >= 0.12 skips them);
+    ``[0, global_num_experts)``, e.g. the -1 of padding rows, contribute zero, as vLLM 0.34 skips them);
     ``expert_map`` int32 ``[global_num_experts]`` maps global ids to local rows of w1/w2 (-1 = not here: zero).
     ``activation``: a ``MoEActivation`` (vLLM's enum or ours) or its string; ``SILU`` runs.
     ``apply_router_weight_on_input``: the router weight scales the expert's input instead of its output (any
-    top-k, as vLLM 0.34). ``quant_config``: a ``FusedMoEQuantConfig`` (or any object with its attributes) with ``use_fp8_w8a8`` /
-    ``use_int4_w4a16`` and vLLM's layouts (:mod:`omni_fast.compat.vllm_quant`). Returns a new ``[T, H]`` tensor.
+    top-k, as vLLM 0.34). ``quant_config``: a ``FusedMoEQuantConfig`` (or any object with its attributes) with
+    ``use_fp8_w8a8`` / ``use_int4_w4a16`` and vLLM's layouts (:mod:`omni_fast.compat.vllm_quant`). Returns a
+    new ``[T, H]`` tensor.
 
     v0.11 calls: ``inplace`` (the result is also written into hidden_states, which is returned) and
     ``allow_deep_gemm`` (no effect) are keyword-only; a positional v0.11 call (a bool where ``activation`` is) is
@@ -107,7 +108,7 @@ def _weights_on_input(hidden_states, topk_weights, topk_ids):
 
 
 def _skip_invalid_ids(topk_weights, topk_ids, num_ids: int):
-    """Pairs whose id is outside ``[0, num_ids)`` (vLLM >= 0.12: ``ignore_invalid_experts=True``, e.g. the -1 ids
+    """Pairs whose id is outside ``[0, num_ids)`` (vLLM 0.34: ``ignore_invalid_experts=True``, e.g. the -1 ids
     of padding rows) get weight 0 and id 0: they add zero (3 small elementwise launches, no host sync)."""
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=2)
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=tuple(topk_ids.shape))
@@ -260,7 +261,8 @@ def moe_sum(input, output, topk_ids=None, expert_map=None):  # noqa: A002 - vLLM
     torch.sum(torch.where(skip[..., None], 0, input), dim=1, out=output)
 
 
-__all__ = ["VLLM_VERSION", "MoEActivation", "fused_experts", "fused_topk", "moe_align_block_size", "moe_sum", "topk_softmax",
+__all__ = ["VLLM_VERSION", "MoEActivation", "fused_experts", "fused_topk", "moe_align_block_size", "moe_sum",
+           "topk_softmax",
            # vLLM's quant_config builders (vllm/model_executor/layers/fused_moe/config.py): omni_fast.compat.vllm_config
            "FUSED_MOE_UNQUANTIZED_CONFIG", "FusedMoEQuantConfig", "FusedMoEQuantDesc", "GroupShape",
            "biased_moe_quant_config", "fp8_w8a8_moe_quant_config", "int4_w4a16_moe_quant_config",

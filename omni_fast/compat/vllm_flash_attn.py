@@ -5,8 +5,9 @@ github.com/vllm-project/flash-attention (file ``vllm_flash_attn/flash_attn_inter
 ``max_seqlen_q`` before ``cu_seqlens_q``, ``cu_seqlens_k`` optional beside ``seqused_k``, ``window_size=None``,
 ``out=``, ``fa_version``, FA3-only arguments. This module has the fork's public functions with its exact parameter
 lists, defaults and return arity as vLLM 0.34.0 ships it (``vllm/vllm_flash_attn/flash_attn_interface.py`` of the
-0.34.0 sdist, built from the fork at ``d8dca8f0``; earlier read at ``617264c1``, 2026-08-06); :func:`flash_attn_with_kvcache`, which the fork removed in its PR #107 (2025-11-13; vLLM releases
-built before then, the v0.11 line, ship it), as it was at ``8e1b01d5`` just before. vLLM itself imports
+0.34.0 sdist, built from the fork at ``d8dca8f0``; earlier read at ``617264c1``, 2026-08-06);
+:func:`flash_attn_with_kvcache`, which the fork removed in its PR #107 (2025-11-13; vLLM releases built before
+then, the v0.11 line, ship it), as it was at ``8e1b01d5`` just before. vLLM itself imports
 ``flash_attn_varlen_func`` and ``get_scheduler_metadata`` (``vllm/v1/attention/backends/fa_utils.py``) and the
 two version helpers (``is_fa_version_supported``, ``fa_version_unsupported_reason``); the fork's own
 ``get_flash_attn_version`` does not exist (vLLM's is in ``fa_utils``). vLLM 0.34 also imports

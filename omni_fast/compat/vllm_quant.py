@@ -1,12 +1,14 @@
-"""vLLM's quantized fused-MoE arguments (``quant_config`` of ``fused_experts``, vLLM v0.11 line) mapped onto
-:class:`omni_fast.ops.QuantizedExperts`.
+"""vLLM's quantized fused-MoE arguments (``quant_config`` of ``fused_experts``, vLLM v0.11 line to 0.34.0) mapped
+onto :class:`omni_fast.ops.QuantizedExperts`.
 
-vLLM v0.11's ``fused_experts(..., quant_config=None, ...)`` carries the quantization in a ``FusedMoEQuantConfig``
-object; ``fused_experts`` reads its properties ``use_fp8_w8a8``, ``use_int8_w8a8``, ``use_int8_w8a16``,
-``use_int4_w4a16``, ``ocp_mx_scheme``, ``per_act_token_quant``, ``w1_scale``, ``w2_scale``, ``w1_zp``, ``w2_zp``,
-``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``, ``w2_bias``. They are read here by attribute (vLLM need not
-be installed: any object with those attributes works). Layouts, as vLLM's Triton fused MoE reads them
-(``fused_moe.py`` at commit ``13cb3e4``; ``E`` experts, ``I`` intermediate, ``H`` hidden):
+vLLM's ``fused_experts(..., quant_config=None)`` (v0.11 and 0.34 alike) carries the quantization in a
+``FusedMoEQuantConfig`` object; ``fused_experts`` reads its properties ``use_fp8_w8a8``, ``use_int8_w8a8``,
+``use_int8_w8a16``, ``use_int4_w4a16``, ``ocp_mx_scheme``, ``per_act_token_quant``, ``w1_scale``, ``w2_scale``,
+``w1_zp``, ``w2_zp``, ``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``, ``w2_bias`` (0.34 adds
+``gemm1_alpha`` / ``gemm1_beta`` / ``gemm1_clamp_limit`` and ``is_scale_transposed``: refused here when set). They
+are read here by attribute (vLLM need not be installed: any object with those attributes works). Layouts, as vLLM's
+Triton fused MoE reads them (``fused_moe.py`` at commit ``13cb3e4``, unchanged in 0.34.0; ``E`` experts, ``I``
+intermediate, ``H`` hidden):
 
 ``use_fp8_w8a8`` -- ``w1`` float8_e4m3fn ``[E, 2I, H]`` (gate rows then up rows), ``w2`` ``[E, H, I]``, and
 
