@@ -235,6 +235,11 @@ def test_fused_experts_newest_call_forms():
     torch.testing.assert_close(h.double(), exp, rtol=1e-4, atol=1e-4)
     h = x.clone()
     assert vllm.fused_experts(h, w1, w2, w, ids, True, "silu", expert_map=emap) is h  # positional + keyword
+    plain = vllm.FUSED_MOE_UNQUANTIZED_CONFIG
+    out = vllm.fused_experts(x, w1, w2, w, ids, False, "silu", quant_config=plain)  # v0.11 order + keyword
+    torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="activation given twice"):  # two values read as activations
+        vllm.fused_experts(x, w1, w2, w, ids, False, "silu", "silu")
     padded = ids.clone()
     padded[1] = -1  # a padding row (topk_softmax with is_padding)
     padded[3, 0] = 6  # past the last expert
@@ -290,6 +295,27 @@ def test_torch_compile_fullgraph():
         w, ids, _ = vllm.fused_topk(x, logits, 2, True)
         s, e, n = vllm.moe_align_block_size(ids, 4, 4)
         return vllm.fused_experts(x, w1, w2, w, ids).sum() + s.sum() + e.sum() + n.sum()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, logits), f(x, logits))
+
+
+def test_torch_compile_fullgraph_newest_forms():
+    """vLLM 0.34's forms trace without graph breaks too: biased + padded routing into out-parameters, sigmoid
+    scoring, scatter_idx, the pad-aware moe_sum, padding ids and router weights on the input in fused_experts."""
+    x, w1, w2, logits = _moe_inputs()
+    bias = torch.linspace(-0.1, 0.1, 4, device=DEVICE)
+    pad = torch.tensor([False, False, True, False, False], device=DEVICE)
+
+    def f(x, logits):
+        w = torch.empty(5, 2, device=DEVICE)
+        ids, tei = (torch.empty(5, 2, dtype=torch.int32, device=DEVICE) for _ in range(2))
+        vllm.topk_softmax(w, ids, tei, logits, True, bias, pad)
+        ws, _, _ = vllm.fused_topk(x, logits, 2, True, scoring_func="sigmoid")
+        s, e, n, sc = vllm.moe_align_block_size(ids, 4, 4, return_scatter_idx=True)
+        out = vllm.fused_experts(x, w1, w2, w, ids, vllm.MoEActivation.SILU, True)
+        summed = torch.empty(5, 32, device=DEVICE)
+        vllm.moe_sum(out[:, None, :].expand(5, 2, 32), summed, ids)
+        return summed.sum() + ws.sum() + s.sum() + e.sum() + n.sum() + sc.sum()
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, logits), f(x, logits))
 
