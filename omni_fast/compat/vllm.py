@@ -109,7 +109,8 @@ def _weights_on_input(hidden_states, topk_weights, topk_ids):
 
 def _skip_invalid_ids(topk_weights, topk_ids, num_ids: int):
     """Pairs whose id is outside ``[0, num_ids)`` (vLLM 0.34: ``ignore_invalid_experts=True``, e.g. the -1 ids
-    of padding rows) get weight 0 and id 0: they add zero (3 small elementwise launches, no host sync)."""
+    of padding rows) get weight 0 and id 0: they add zero (5 tiny elementwise launches over ``[T, k]``, no host
+    sync)."""
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=2)
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=tuple(topk_ids.shape))
     valid = (topk_ids >= 0) & (topk_ids < num_ids)
@@ -221,8 +222,9 @@ def moe_align_block_size(topk_ids, block_size, num_experts, expert_map=None, pad
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=(1, 2))
     block_size = check_positive_int("block_size", block_size, maximum=_moe.MAX_BLOCK_SIZE)
     num_experts = check_positive_int("num_experts", num_experts, maximum=_moe.MAX_EXPERTS)
-    ids = topk_ids
-    valid = (ids >= 0) & (ids < num_experts)
+    ids, valid = topk_ids, None
+    if scatter or (expert_map is not None and ignore):  # else the kernels skip invalid ids on their own
+        valid = (ids >= 0) & (ids < num_experts)
     if expert_map is not None and ignore:  # the kernel maps first: remote pairs are not counted at all
         check_tensor("expert_map", expert_map, dtypes=(torch.int32,), shape=(num_experts,), device=ids.device)
         local = expert_map[torch.where(valid, ids, 0).long()]
