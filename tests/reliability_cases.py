@@ -131,7 +131,7 @@ def _vllm_flash_attn_entries() -> dict[str, tuple[Callable, Callable[[], dict], 
             seqused_k=torch.tensor([2, 5], dtype=i32), max_seqlen_k=5, softmax_scale=None, causal=True,
             window_size=None, block_table=torch.tensor([[2, 0], [1, 0]], dtype=i32), softcap=0.0,
             scheduler_metadata=None, q_descale=torch.ones(2, 1), num_splits=0, fa_version=3,
-            return_softmax_lse=True, s_aux=_t(2, seed=3)), True),
+            return_softmax_lse=True, s_aux=_t(2, seed=3), output_scale=None, dynamic_causal=None), True),
         # packed k/v with cu_seqlens_k (vLLM's encoder attention), FA2
         "compat.vllm_flash_attn.flash_attn_varlen_func[packed]": (
             _under_backend(vfa.flash_attn_varlen_func), lambda: dict(
@@ -226,10 +226,12 @@ def _entries() -> dict[str, tuple[Callable, Callable[[], dict], bool]]:
         # vLLM's forms (the same objects as omni_fast.compat.vllm's): no backend argument, run under use_backend
         "topk_softmax": (_vllm_topk_softmax, lambda: dict(
             topk_weights=torch.empty(3, 2), topk_ids=torch.empty(3, 2, dtype=i32),
-            token_expert_indices=torch.empty(3, 2, dtype=i32), gating_output=_t(3, 6), renormalize=False), True),
+            token_expert_indices=torch.empty(3, 2, dtype=i32), gating_output=_t(3, 6), renormalize=False,
+            e_score_correction_bias=None, is_padding=None), True),
         "moe_align_block_size": (_under_backend(ops.moe_align_block_size), lambda: dict(
             topk_ids=torch.tensor([[0, 1], [2, 1]], dtype=i32), block_size=4, num_experts=4, expert_map=None,
-            pad_sorted_ids=False, ignore_invalid_experts=False), False),  # order inside a run is unspecified
+            pad_sorted_ids=False, ignore_invalid_experts=False, return_scatter_idx=False),
+            False),  # the order inside a run is unspecified
         "moe_block": (ops.moe_block, lambda: dict(
             hidden_states=_t(2, 8), gate_weight=_t(4, 8, seed=3), w13=_t(4, 8, 8, seed=1) * 0.1,
             w2=_t(4, 8, 4, seed=2) * 0.1, top_k=2, renormalize=True, out=None), True),

@@ -96,7 +96,7 @@ def test_old_fused_moe_name_raises_with_the_new_name():
 
 def test_vllm_call_forms_on_ops():
     """The calls vLLM users write: out-parameter routing with vLLM's default ``renormalize=False``, alignment with
-    vLLM's length and sentinels (padding = numel, unused blocks 0)."""
+    vLLM's length and sentinels (padding = numel, unused blocks -1, as vLLM 0.34)."""
     torch.manual_seed(0)
     logits = torch.randn(5, 8)
     w, ids, tei = torch.empty(5, 2), torch.empty(5, 2, dtype=torch.int32), torch.empty(5, 2, dtype=torch.int32)
@@ -112,8 +112,8 @@ def test_vllm_call_forms_on_ops():
     assert expert_ids.numel() == -(-sorted_ids.numel() // bs)
     n = int(npost)
     assert torch.all(sorted_ids[:n][sorted_ids[:n] != ids.numel()] < ids.numel())
-    assert torch.all(expert_ids[n // bs:] == 0)
-    # the native forms: tuple return, renormalised by default; -1 for unused blocks
+    assert torch.all(expert_ids[n // bs:] == -1)
+    # the native forms: tuple return, renormalised by default; also -1 for unused blocks (whole blocks long)
     w2, i2 = ops.route_topk(logits, 2)
     torch.testing.assert_close(w2, top.values / top.values.sum(-1, keepdim=True))
     _, e2, _ = ops.align_moe_blocks(ids, bs, E)

@@ -16,26 +16,31 @@ from omni_fast.compat import vllm
 from omni_fast.testing import DEVICE, assert_graph_replay_matches
 
 _REQ = inspect.Parameter.empty
+_KW = inspect.Parameter.KEYWORD_ONLY
+# vLLM 0.34.0's signatures (read in its sdist); keyword-only entries (3rd item) are v0.11's, kept for old callers
 SIGNATURES = {
     "fused_experts": [("hidden_states", _REQ), ("w1", _REQ), ("w2", _REQ), ("topk_weights", _REQ),
-                      ("topk_ids", _REQ), ("inplace", False), ("activation", "silu"),
+                      ("topk_ids", _REQ), ("activation", vllm.MoEActivation.SILU),
                       ("apply_router_weight_on_input", False), ("global_num_experts", -1), ("expert_map", None),
-                      ("quant_config", None), ("allow_deep_gemm", False)],
+                      ("quant_config", None), ("inplace", False, _KW), ("allow_deep_gemm", False, _KW)],
     "fused_topk": [("hidden_states", _REQ), ("gating_output", _REQ), ("topk", _REQ), ("renormalize", _REQ),
-                   ("indices_type", None)],
+                   ("indices_type", None), ("scoring_func", "softmax")],
     "topk_softmax": [("topk_weights", _REQ), ("topk_ids", _REQ), ("token_expert_indices", _REQ),
-                     ("gating_output", _REQ), ("renormalize", False)],
+                     ("gating_output", _REQ), ("renormalize", False), ("e_score_correction_bias", None),
+                     ("is_padding", None)],
     "moe_align_block_size": [("topk_ids", _REQ), ("block_size", _REQ), ("num_experts", _REQ), ("expert_map", None),
-                             ("pad_sorted_ids", False), ("ignore_invalid_experts", False)],
-    "moe_sum": [("input", _REQ), ("output", _REQ)],
+                             ("pad_sorted_ids", False), ("ignore_invalid_experts", False),
+                             ("return_scatter_idx", False)],
+    "moe_sum": [("input", _REQ), ("output", _REQ), ("topk_ids", None), ("expert_map", None)],
 }
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_signature_is_vllm(name):
     params = list(inspect.signature(getattr(vllm, name)).parameters.values())
-    assert [(p.name, p.default) for p in params] == SIGNATURES[name]
-    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    assert [(p.name, p.default) for p in params] == [entry[:2] for entry in SIGNATURES[name]]
+    assert [p.kind for p in params] == [entry[2] if len(entry) > 2 else inspect.Parameter.POSITIONAL_OR_KEYWORD
+                                        for entry in SIGNATURES[name]]
 
 
 # --- dense expectations -----------------------------------------------------------------------------------------
@@ -116,7 +121,7 @@ def test_moe_align_block_size_layout(T, k, E, block, pad):
     used = int(((counts + block - 1) // block * block).sum())
     assert int(npost) == used
     assert bool((sorted_ids[used:] == numel).all()), "padding past the used length is the sentinel numel"
-    assert bool((expert_ids[-(-used // block):] == 0).all()), "unused blocks hold 0, as vLLM's wrapper"
+    assert bool((expert_ids[-(-used // block):] == -1).all()), "unused blocks hold -1 (vLLM 0.34's kernel)"
     flat = ids.reshape(-1)
     seen = sorted_ids[:used][sorted_ids[:used] < numel]
     assert sorted(seen.tolist()) == list(range(numel)), "every pair exactly once"
@@ -127,16 +132,29 @@ def test_moe_align_block_size_layout(T, k, E, block, pad):
 
 
 def test_moe_align_expert_map_and_invalid_ids():
+    """vLLM 0.34: ids outside [0, E) are never counted; with ignore_invalid_experts the expert_map is applied
+    first, so pairs of remote experts are not counted either and blocks hold local ids (no -1 inside the used
+    length); without it every valid pair is counted and the blocks are mapped afterwards (-1 = remote)."""
     E = 4
     ids = torch.tensor([[0, 3], [1, -1], [3, 2]], dtype=torch.int32, device=DEVICE)
     emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)  # experts 1 and 3 live here
-    sorted_ids, expert_ids, npost = vllm.moe_align_block_size(ids, 2, E, emap, ignore_invalid_experts=True)
+    sorted_ids, expert_ids, npost, scatter = vllm.moe_align_block_size(ids, 2, E, emap, ignore_invalid_experts=True,
+                                                                       return_scatter_idx=True)
     used = int(npost)
-    assert used == 2 * 4  # experts 0, 1, 2, 3 have one pair each (the -1 pair is skipped) -> 4 blocks of 2
+    assert used == 2 * 2  # local expert 0 (global 1): pair 2; local 1 (global 3): pairs 1 and 4
+    assert expert_ids[:used // 2].tolist() == [0, 1] and bool((expert_ids[used // 2:] == -1).all())
+    assert sorted_ids[:used].tolist() == [2, 6, 1, 4]
+    assert scatter.shape == (6, 1) and scatter.view(-1).tolist() == [-1, 1, 2, -1, 4, -1]
+    sorted_ids, expert_ids, npost = vllm.moe_align_block_size(ids, 2, E, emap)
+    used = int(npost)
+    assert used == 2 * 4  # global experts 0, 1, 2, 3: one valid pair each (the -1 pair is skipped)
     assert expert_ids[:used // 2].tolist() == [-1, 0, -1, 1]
+    assert bool((expert_ids[used // 2:] == emap[-1]).all()), "vLLM indexes expert_map with the -1 of unused blocks"
     assert 3 not in sorted_ids[:used].tolist(), "the invalid pair (index 3) is dropped"
-    with pytest.raises(ValueError, match="topk_ids"):
-        vllm.moe_align_block_size(ids, 2, E, emap)
+    with pytest.raises(ValueError, match="ignore_invalid_experts"):
+        vllm.moe_align_block_size(ids, 2, E, emap, return_scatter_idx=True)
+    _, _, _, scatter = vllm.moe_align_block_size(ids, 2, E, return_scatter_idx=True)
+    assert scatter.view(-1).tolist() == [0, 1, 2, -1, 4, 5]
 
 
 # --- experts ----------------------------------------------------------------------------------------------------
@@ -167,6 +185,13 @@ def test_fused_experts_expert_map_and_router_weight_on_input():
     out = vllm.fused_experts(x, w1[:6], w2[:6], w1_, ids1, apply_router_weight_on_input=True)
     torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w1_, ids1, weight_on_input=True),
                                rtol=1e-4, atol=1e-4)
+    # vLLM 0.34: any top-k; each pair's weight scales that pair's expert input (GEMM1 is linear)
+    out = vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w, ids, weight_on_input=True),
+                               rtol=1e-4, atol=1e-4)
+    out = vllm.fused_experts(x, local1, local2, w, ids, expert_map=emap, apply_router_weight_on_input=True)
+    torch.testing.assert_close(out.double(), dense_experts(x, local1, local2, w, ids, emap, weight_on_input=True),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_moe_sum():
@@ -174,6 +199,90 @@ def test_moe_sum():
     out = torch.empty(4, 8, device=DEVICE)
     assert vllm.moe_sum(inp, out) is None
     torch.testing.assert_close(out, inp.sum(1))
+
+
+def test_moe_sum_pad_aware():
+    """vLLM 0.34: with topk_ids, slots whose id is negative (padding rows) or whose expert_map entry is negative
+    are left out of the sum (even when they hold NaN)."""
+    inp = torch.randn(4, 3, 8, device=DEVICE)
+    ids = torch.tensor([[0, 1, 2], [-1, 1, 3], [2, 2, -1], [3, 0, 1]], dtype=torch.int32, device=DEVICE)
+    inp[ids < 0] = float("nan")
+    out = torch.empty(4, 8, device=DEVICE)
+    assert vllm.moe_sum(inp, out, ids) is None
+    torch.testing.assert_close(out, (inp.nan_to_num() * (ids >= 0)[..., None]).sum(1))
+    emap = torch.tensor([0, -1, 1, -1], dtype=torch.int32, device=DEVICE)
+    vllm.moe_sum(inp, out, ids, emap)
+    keep = (ids >= 0) & (emap[ids.clamp(min=0).long()] >= 0)
+    torch.testing.assert_close(out, (inp.nan_to_num() * keep[..., None]).sum(1))
+
+
+def test_fused_experts_newest_call_forms():
+    """vLLM 0.34's fused_experts: activation is the 6th parameter (a MoEActivation; its string works too), no
+    inplace (a new tensor), ids outside [0, E) contribute zero; v0.11's calls (positional inplace, keyword
+    inplace / allow_deep_gemm, a full 10-argument positional call) give the same result."""
+    x, w1, w2, logits = _moe_inputs(E=6)
+    w, ids, _ = vllm.fused_topk(x, logits, 2, True)
+    exp = dense_experts(x, w1, w2, w, ids)
+    for act in (vllm.MoEActivation.SILU, "silu"):
+        out = vllm.fused_experts(x, w1, w2, w, ids, act)
+        torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-4)
+        assert out.data_ptr() != x.data_ptr()
+    emap = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32, device=DEVICE)
+    v011 = vllm.fused_experts(x, w1, w2, w, ids, False, "silu", False, 6, emap)  # v0.11's positional order
+    torch.testing.assert_close(v011.double(), exp, rtol=1e-4, atol=1e-4)
+    h = x.clone()
+    assert vllm.fused_experts(h, w1, w2, w, ids, inplace=True, allow_deep_gemm=True) is h
+    torch.testing.assert_close(h.double(), exp, rtol=1e-4, atol=1e-4)
+    h = x.clone()
+    assert vllm.fused_experts(h, w1, w2, w, ids, True, "silu", expert_map=emap) is h  # positional + keyword
+    plain = vllm.FUSED_MOE_UNQUANTIZED_CONFIG
+    out = vllm.fused_experts(x, w1, w2, w, ids, False, "silu", quant_config=plain)  # v0.11 order + keyword
+    torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="activation given twice"):  # two values read as activations
+        vllm.fused_experts(x, w1, w2, w, ids, False, "silu", "silu")
+    padded = ids.clone()
+    padded[1] = -1  # a padding row (topk_softmax with is_padding)
+    padded[3, 0] = 6  # past the last expert
+    out = vllm.fused_experts(x, w1, w2, w, padded)
+    keep = (padded >= 0) & (padded < 6)
+    torch.testing.assert_close(out.double(), dense_experts(x, w1, w2, w * keep, padded.clamp(0, 5)),
+                               rtol=1e-4, atol=1e-4)
+    assert float(out[1].abs().max()) == 0.0
+
+
+def test_topk_softmax_bias_and_padding():
+    """vLLM 0.34: e_score_correction_bias moves the choice only (weights are the unbiased probabilities,
+    renormalised over them); is_padding rows get id -1, their weights and source rows are still written."""
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 6, 8, 3
+    logits = torch.randn(T, E, generator=g).to(DEVICE)
+    bias = (torch.randn(E, generator=g) * 0.3).to(DEVICE)
+    pad = torch.tensor([False, True, False, False, True, False], device=DEVICE)
+    w = torch.empty(T, k, device=DEVICE)
+    ids, tei = (torch.empty(T, k, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    for renorm in (False, True):
+        vllm.topk_softmax(w, ids, tei, logits, renorm, bias, pad)
+        probs = logits.double().softmax(-1)
+        choice = (probs + bias.double()).topk(k, dim=-1).indices
+        exp_w = probs.gather(1, choice)
+        if renorm:
+            exp_w = exp_w / exp_w.sum(-1, keepdim=True)
+        torch.testing.assert_close(w.double(), exp_w, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ids.long(), torch.where(pad[:, None], -1, choice))
+        assert torch.equal(tei, torch.arange(T * k, dtype=torch.int32, device=DEVICE).view(k, T).t())
+    vllm.topk_softmax(w, ids, tei, logits, False, None, pad)  # padding without bias: the fused kernel's choice
+    assert bool((ids[pad] == -1).all()) and bool((ids[~pad] >= 0).all())
+
+
+def test_fused_topk_sigmoid():
+    x, _, _, logits = _moe_inputs(E=8)
+    for renorm in (False, True):
+        w, ids, tei = vllm.fused_topk(x, logits, 3, renorm, torch.int64, scoring_func="sigmoid")
+        top = logits.double().sigmoid().topk(3, dim=-1)
+        exp = top.values / top.values.sum(-1, keepdim=True) if renorm else top.values
+        torch.testing.assert_close(w.double(), exp, rtol=1e-5, atol=1e-6)
+        assert ids.dtype == torch.int64 and torch.equal(ids, top.indices)
+        assert torch.equal(tei, torch.arange(15, dtype=torch.int32, device=DEVICE).view(3, 5).t())
 
 
 # --- torch.compile, CUDA graphs ---------------------------------------------------------------------------------
@@ -186,6 +295,27 @@ def test_torch_compile_fullgraph():
         w, ids, _ = vllm.fused_topk(x, logits, 2, True)
         s, e, n = vllm.moe_align_block_size(ids, 4, 4)
         return vllm.fused_experts(x, w1, w2, w, ids).sum() + s.sum() + e.sum() + n.sum()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, logits), f(x, logits))
+
+
+def test_torch_compile_fullgraph_newest_forms():
+    """vLLM 0.34's forms trace without graph breaks too: biased + padded routing into out-parameters, sigmoid
+    scoring, scatter_idx, the pad-aware moe_sum, padding ids and router weights on the input in fused_experts."""
+    x, w1, w2, logits = _moe_inputs()
+    bias = torch.linspace(-0.1, 0.1, 4, device=DEVICE)
+    pad = torch.tensor([False, False, True, False, False], device=DEVICE)
+
+    def f(x, logits):
+        w = torch.empty(5, 2, device=DEVICE)
+        ids, tei = (torch.empty(5, 2, dtype=torch.int32, device=DEVICE) for _ in range(2))
+        vllm.topk_softmax(w, ids, tei, logits, True, bias, pad)
+        ws, _, _ = vllm.fused_topk(x, logits, 2, True, scoring_func="sigmoid")
+        s, e, n, sc = vllm.moe_align_block_size(ids, 4, 4, return_scatter_idx=True)
+        out = vllm.fused_experts(x, w1, w2, w, ids, vllm.MoEActivation.SILU, True)
+        summed = torch.empty(5, 32, device=DEVICE)
+        vllm.moe_sum(out[:, None, :].expand(5, 2, 32), summed, ids)
+        return summed.sum() + ws.sum() + s.sum() + e.sum() + n.sum() + sc.sum()
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, logits), f(x, logits))
 
@@ -214,9 +344,18 @@ def _bad_calls():
     return [
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, quant_config=quant), NotImplementedError, "use_int8_w8a8"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, global_num_experts=7), ValueError, "global_num_experts"),
-        (lambda: vllm.fused_experts(x, w1, w2, w, ids, apply_router_weight_on_input=True), ValueError, "top-1"),
+        (lambda: vllm.fused_experts(x, w1, w2, w[:4], ids, apply_router_weight_on_input=True), ValueError,
+         "topk_weights"),
         (lambda: vllm.fused_experts(x, w1, w2, w, ids, activation="relu"), ValueError, "activation"),
-        (lambda: vllm.fused_experts(x, w1, w2, w, ids + 9), ValueError, "topk_ids"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, 1.5), TypeError, "activation"),
+        (lambda: vllm.fused_experts(x, w1, w2, w, ids, True, inplace=True), TypeError, "inplace given twice"),
+        (lambda: vllm.fused_topk(x, logits, 2, True, scoring_func="softplus"), ValueError, "scoring_func"),
+        (lambda: vllm.topk_softmax(w, ids, ids.clone(), logits, True, torch.zeros(4, dtype=torch.float16)),
+         TypeError, "e_score_correction_bias must have dtype"),
+        (lambda: vllm.topk_softmax(w, ids, ids.clone(), logits, True, None, torch.zeros(5, dtype=torch.int32)),
+         TypeError, "is_padding must have dtype"),
+        (lambda: vllm.moe_sum(torch.zeros(4, 3, 8), torch.zeros(8, 4).t()), ValueError, "output"),
+        (lambda: vllm.moe_sum(torch.zeros(4, 3, 8), torch.zeros(4, 8), ids[:3]), ValueError, "topk_ids"),
         (lambda: vllm.fused_experts(x[:, :8], w1, w2, w, ids), ValueError, "w13|w1"),
         (lambda: vllm.topk_softmax(w, ids, ids.clone(), logits[:4]), ValueError, "topk_weights must have shape"),
         (lambda: vllm.topk_softmax(w, ids, ids.long(), logits), TypeError, "token_expert_indices must have dtype"),
@@ -228,7 +367,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("i", range(13))
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
 def test_bad_input_names_the_argument(i):
     call, exc, match = _bad_calls()[i]
     with pytest.raises(exc, match=match):

@@ -1,5 +1,5 @@
-"""omni_fast.compat.vllm_flash_attn: the signatures of vLLM's FlashAttention fork (``vllm.vllm_flash_attn``, read
-at vllm-project/flash-attention 617264c1; ``flash_attn_with_kvcache`` at 8e1b01d5) and its semantics, on the
+"""omni_fast.compat.vllm_flash_attn: the signatures of vLLM's FlashAttention fork (``vllm.vllm_flash_attn``, as
+vLLM 0.34.0 ships it, fork d8dca8f0; ``flash_attn_with_kvcache`` at 8e1b01d5) and its semantics, on the
 omni-fast kernels, checked against :mod:`omni_fast.reference.attention` on random inputs. No fork code is used.
 Under the CPU interpreter every call runs the Triton kernels."""
 
@@ -47,8 +47,11 @@ SIGNATURES = {  # name -> ([(param, default)], index of the first keyword-only p
         ("max_seqlen_k", _REQ), ("cu_seqlens_k", None), ("seqused_k", None), ("q_v", None), ("dropout_p", 0.0),
         ("softmax_scale", None), ("causal", False), ("window_size", None), ("softcap", 0.0), ("alibi_slopes", None),
         ("deterministic", False), ("return_attn_probs", False), ("block_table", None),
-        ("return_softmax_lse", False), ("out", None)] + _FA3_TAIL + [("num_splits", 0), ("fa_version", 2)]
-        + _CP_TAIL, None),
+        ("return_softmax_lse", False), ("out", None)] + _FA3_TAIL + [("num_splits", 0), ("output_scale", None),
+                                                                     ("fa_version", 2)]
+        + _CP_TAIL + [("mask_mod", None), ("block_sparse_tensors", None), ("aux_tensors", None),
+                      ("aux_tensor_leading_dims", None), ("dynamic_causal", None), ("gather_kv_indices", None),
+                      ("gather_kv_valid_length", None)], None),
     "flash_attn_with_kvcache": ([
         ("q", _REQ), ("k_cache", _REQ), ("v_cache", _REQ), ("k", None), ("v", None), ("rotary_cos", None),
         ("rotary_sin", None), ("cache_seqlens", None), ("cache_batch_idx", None), ("cache_leftpad", None),
@@ -61,8 +64,14 @@ SIGNATURES = {  # name -> ([(param, default)], index of the first keyword-only p
         ("headdim_v", None), ("cu_seqlens_q", None), ("cu_seqlens_k_new", None), ("cache_leftpad", None),
         ("page_size", None), ("max_seqlen_k_new", 0), ("causal", False), ("window_size", (-1, -1)),
         ("has_softcap", False), ("num_splits", 0), ("pack_gqa", None), ("sm_margin", 0)], None),
-    "is_fa_version_supported": ([("fa_version", _REQ), ("device", None)], None),
-    "fa_version_unsupported_reason": ([("fa_version", _REQ), ("device", None)], None),
+    "is_fa_version_supported": ([("fa_version", _REQ), ("device", None)], 1),  # device: the old fork's, kept
+    "fa_version_unsupported_reason": ([("fa_version", _REQ), ("device", None)], 1),
+    "compile_flash_attn_varlen_func_from_specs": ([
+        ("q_shape", _REQ), ("k_shape", _REQ), ("v_shape", _REQ), ("q_dtype", _REQ), ("v_stride", None),
+        ("k_stride", None), ("cu_seqlens_q_shape", None), ("cu_seqlens_k_shape", None), ("max_seqlen_q", None),
+        ("max_seqlen_k", None), ("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", None),
+        ("deterministic", False), ("return_softmax_lse", False), ("num_splits", 0), ("fa_version", 2),
+        ("seqused_k_shape", None), ("page_table_shape", None), ("softcap", None)], 0),
     "sparse_attn_func": (_SPARSE + _SPARSE_TAIL + [("return_softmax_lse", False), ("out", None)], 14),
     "sparse_attn_varlen_func": (_SPARSE + [("cu_seqlens_q", _REQ), ("cu_seqlens_k", _REQ), ("max_seqlen_q", _REQ),
                                            ("max_seqlen_k", _REQ)] + _SPARSE_TAIL
@@ -85,8 +94,9 @@ def test_module_exports_what_vllm_imports():
     version helpers from flash_attn_interface; the fork's __init__ also exports the sparse functions."""
     for name in ("flash_attn_varlen_func", "get_scheduler_metadata", "is_fa_version_supported",
                  "fa_version_unsupported_reason", "sparse_attn_func", "sparse_attn_varlen_func",
-                 "flash_attn_with_kvcache"):
+                 "flash_attn_with_kvcache", "compile_flash_attn_varlen_func_from_specs"):
         assert name in vfa.__all__ and callable(getattr(vfa, name))
+    assert vfa.FA2_AVAILABLE and vfa.FA3_AVAILABLE and not vfa.FA4_AVAILABLE  # vLLM 0.34's __init__ imports them
     assert vfa.DEFAULT_FA_VERSION == 2
 
 
@@ -111,6 +121,17 @@ def test_version_helpers():
         vfa.is_fa_version_supported(5)
     with pytest.raises(TypeError, match="fa_version"):
         vfa.fa_version_unsupported_reason("3")
+
+
+def test_compile_from_specs_is_fa4_only():
+    """vLLM 0.34's FA4 compile-only entry: other versions are a ValueError (as the fork); FA4 is not offered."""
+    spec = dict(q_shape=(2, 4, 64), k_shape=(8, 16, 1, 64), v_shape=(8, 16, 1, 64), q_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FA4"):
+        vfa.compile_flash_attn_varlen_func_from_specs(**spec)
+    with pytest.raises(NotImplementedError, match="FA4"):
+        vfa.compile_flash_attn_varlen_func_from_specs(**spec, fa_version=4)
+    with pytest.raises(TypeError):
+        vfa.compile_flash_attn_varlen_func_from_specs((2, 4, 64), (8, 16, 1, 64), (8, 16, 1, 64), torch.bfloat16)
 
 
 def test_get_scheduler_metadata_is_none_and_ignorable():
@@ -340,6 +361,12 @@ def test_out_sharing_k_storage_is_rejected():
      NotImplementedError, "scheduler_metadata"),
     (dict(q=lambda kw: kw["q"].to(torch.float8_e4m3fn)), NotImplementedError, "fp8 q"),
     (dict(return_softmax_lse=1), TypeError, "return_softmax_lse"),
+    (dict(output_scale=lambda kw: torch.ones(1)), ValueError, "output_scale"),  # FA4 only (vLLM 0.34)
+    (dict(gather_kv_indices=lambda kw: torch.zeros(5, 2, dtype=I32), fa_version=3), ValueError, "gather_kv_indices"),
+    (dict(mask_mod=lambda kw: (lambda *a: True)), NotImplementedError, "mask_mod"),
+    (dict(aux_tensors=lambda kw: [torch.zeros(1)], fa_version=3), NotImplementedError, "aux_tensors"),
+    (dict(dynamic_causal=lambda kw: torch.zeros(2, dtype=I32)), NotImplementedError, "dynamic_causal"),
+    (dict(block_sparse_tensors=lambda kw: (torch.zeros(1),)), NotImplementedError, "block_sparse_tensors"),
     (dict(cu_seqlens_q=lambda kw: torch.tensor([0, 2, 5])), TypeError, "cu_seqlens_q"),
 ])
 def test_bad_input_names_the_argument(over, exc, match):

@@ -21,25 +21,73 @@ from omni_fast.testing import DEVICE  # noqa: E402
 
 # vLLM v0.11's parameters, in order, with their defaults (inspect.Parameter.empty = required)
 _R = inspect.Parameter.empty
+_G1 = [("gemm1_alpha", None), ("gemm1_beta", None), ("gemm1_clamp_limit", None)]
+_G1_CLAMP_FIRST = [("gemm1_clamp_limit", None), ("gemm1_alpha", None), ("gemm1_beta", None)]
+# vLLM 0.34.0's builder signatures (fused_moe/config.py of its sdist); mxfp4_w4a4 is v0.11's (gone in 0.34)
 SIGNATURES = {
     "fp8_w8a8_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", None), ("a2_scale", None),
-                                  ("per_act_token_quant", False), ("per_out_ch_quant", False),
-                                  ("block_shape", None)],
-    "int4_w4a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", _R), ("w2_zp", _R),
-                                    ("block_shape", None)],
+                                  ("w1_bias", None), ("w2_bias", None), ("per_act_token_quant", False),
+                                  ("per_out_ch_quant", False), ("block_shape", None), ("a1_gscale", None),
+                                  ("a2_gscale", None), ("g1_alphas", None), ("g2_alphas", None),
+                                  ("is_scale_transposed", False)] + _G1,
+    "int4_w4a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", None), ("w2_zp", None),
+                                    ("w1_bias", None), ("w2_bias", None), ("block_shape", None), ("a1_gscale", None),
+                                    ("a2_gscale", None)] + _G1_CLAMP_FIRST,
     "int8_w8a8_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", _R), ("a2_scale", _R),
-                                   ("per_act_token_quant", False)],
-    "int8_w8a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", _R), ("w2_zp", _R),
-                                    ("block_shape", None)],
+                                   ("w1_bias", None), ("w2_bias", None), ("per_act_token_quant", False)],
+    "int8_w8a16_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("w1_zp", None), ("w2_zp", None),
+                                    ("w1_bias", None), ("w2_bias", None), ("block_shape", None), ("a1_gscale", None),
+                                    ("a2_gscale", None)] + _G1_CLAMP_FIRST,
     "mxfp4_w4a4_moe_quant_config": [("w1_scale", _R), ("w2_scale", _R), ("a1_scale", None), ("a2_scale", None),
                                     ("w1_bias", None), ("w2_bias", None), ("block_shape", None)],
     "nvfp4_moe_quant_config": [("g1_alphas", _R), ("g2_alphas", _R), ("a1_gscale", _R), ("a2_gscale", _R),
-                               ("w1_scale", _R), ("w2_scale", _R)],
-    "biased_moe_quant_config": [("w1_bias", _R), ("w2_bias", _R)],
+                               ("w1_scale", _R), ("w2_scale", _R), ("w1_bias", None), ("w2_bias", None),
+                               ("is_scale_swizzled", True)] + _G1,
+    "biased_moe_quant_config": [("w1_bias", _R), ("w2_bias", _R)] + _G1,
 }
 MAKE = [("quant_dtype", None), ("per_act_token_quant", False), ("per_out_ch_quant", False), ("block_shape", None)] + [
     (n, None) for n in ("w1_scale", "w2_scale", "a1_scale", "a2_scale", "g1_alphas", "g2_alphas", "a1_gscale",
-                        "a2_gscale", "w1_bias", "w2_bias", "w1_zp", "w2_zp")]
+                        "a2_gscale", "w1_bias", "w2_bias", "w1_zp", "w2_zp", "weight_dtype")] + [
+    ("is_scale_swizzled", True), ("is_scale_transposed", False)] + _G1
+
+
+def test_v011_positional_builder_calls_still_work():
+    """v0.11's positional orders: fp8 (w1_scale, w2_scale, a1_scale, a2_scale, per_act_token_quant,
+    per_out_ch_quant, block_shape) and int4 (w1_scale, w2_scale, w1_zp, w2_zp, block_shape) give the configs of
+    the keyword calls; a value given both ways is a TypeError."""
+    s1, s2, a = torch.ones(2, 4), torch.ones(2, 3), torch.ones(1)
+    old = vllm.fp8_w8a8_moe_quant_config(s1, s2, a, a, True, False)
+    new = vllm.fp8_w8a8_moe_quant_config(s1, s2, a, a, per_act_token_quant=True)
+    assert (old.per_act_token_quant, old.per_out_ch_quant, old.block_shape, old.w1_bias) == (True, False, None, None)
+    assert old.per_act_token_quant == new.per_act_token_quant and old.a1_scale is a
+    old = vllm.fp8_w8a8_moe_quant_config(s1, s2, None, None, False, False, [2, 16])
+    assert old.block_shape == [2, 16] and not old.per_act_token_quant and old.w2_bias is None
+    with pytest.raises(TypeError, match="block_shape given twice"):
+        vllm.fp8_w8a8_moe_quant_config(s1, s2, None, None, False, False, [2, 16], block_shape=[2, 16])
+    z = torch.zeros(2, 2, 1, dtype=torch.uint8)
+    old = vllm.int4_w4a16_moe_quant_config(s1, s2, z, z, [0, 16])
+    assert old.block_shape == [0, 16] and old.use_int4_w4a16 and old.w1_zp is z and old.w1_bias is None
+    assert vllm.int4_w4a16_moe_quant_config(s1, s2).w1_zp is None  # 0.34: zero points optional
+
+
+def test_new_arguments_are_stored_and_refused_by_fused_experts():
+    """0.34's builders take biases and SwiGLU variants (gemm1_*); fused_experts refuses them, naming them."""
+    x, w1, w2 = torch.randn(3, 32), torch.randn(2, 32, 32).to(torch.float8_e4m3fn), torch.randn(2, 32, 16).to(
+        torch.float8_e4m3fn)
+    w, ids = torch.full((3, 1), 1.0), torch.zeros(3, 1, dtype=torch.int32)
+    cfg = vllm.fp8_w8a8_moe_quant_config(torch.ones(2), torch.ones(2), gemm1_clamp_limit=7.0)
+    assert cfg.gemm1_clamp_limit == 7.0 and cfg.is_scale_swizzled and not cfg.is_scale_transposed
+    with pytest.raises(NotImplementedError, match="gemm1_clamp_limit"):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=cfg)
+    cfg = vllm.fp8_w8a8_moe_quant_config(torch.ones(2), torch.ones(2), w1_bias=torch.zeros(2, 32))
+    with pytest.raises(NotImplementedError, match="w1_bias"):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=cfg)
+    with pytest.raises(NotImplementedError, match="is_scale_transposed"):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=vllm.fp8_w8a8_moe_quant_config(
+            torch.ones(2), torch.ones(2), is_scale_transposed=True))
+    assert vllm.FusedMoEQuantConfig.make(torch.float8_e4m3fn, weight_dtype="int4")._w1.dtype == "int4"
+    with pytest.raises(ValueError, match="weight_dtype"):
+        vllm.FusedMoEQuantConfig.make(weight_dtype="int3")
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import enum
 import inspect
 import re
 from pathlib import Path
@@ -129,8 +130,9 @@ def _check_signature(doc_sig: str, fn) -> list[str]:
         if default:
             try:
                 ok = ast.literal_eval(default) == p.default
-            except ValueError:  # e.g. torch.bfloat16
-                ok = default == f"torch.{p.default}".replace("torch.torch.", "torch.")
+            except ValueError:  # e.g. torch.bfloat16, or an enum member as MoEActivation.SILU
+                ok = default == f"torch.{p.default}".replace("torch.torch.", "torch.") or (
+                    isinstance(p.default, enum.Enum) and default == f"{type(p.default).__name__}.{p.default.name}")
             if not ok:
                 problems.append(f"{name}: documented default {default}, code {p.default!r}")
         elif p.default is not inspect.Parameter.empty and not partial:

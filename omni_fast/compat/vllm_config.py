@@ -1,4 +1,5 @@
-"""vLLM v0.11's ``FusedMoEQuantConfig`` and its builder functions, so that vLLM-style code
+"""vLLM's ``FusedMoEQuantConfig`` and its builder functions (vLLM 0.34.0's signatures; v0.11's positional calls of
+the fp8 / int4 builders still work), so that vLLM-style code
 
 .. code-block:: python
 
@@ -8,8 +9,8 @@
 runs unchanged after importing these names from :mod:`omni_fast.compat.vllm` instead of
 ``vllm.model_executor.layers.fused_moe.config`` / ``.fused_moe``.
 
-Written from vLLM's ``vllm/model_executor/layers/fused_moe/config.py`` of the v0.11 line (the release whose builders
-have the signatures below, read with the public-source search; not copied): a config is four descriptors
+Written from vLLM's ``vllm/model_executor/layers/fused_moe/config.py`` (v0.11 line, then checked against 0.34.0's
+sdist on 2026-12-07; not copied): a config is four descriptors
 (``_a1``, ``_a2``, ``_w1``, ``_w2``: dtype, group shape, scale, global scale / alpha, zero point, bias) behind
 read-only properties (``quant_dtype``, ``use_fp8_w8a8``, ``use_int4_w4a16``, ``per_act_token_quant``,
 ``block_shape``, ``w1_scale``, ``w1_zp``, ``a1_scale``, ...), with vLLM's values for the same arguments.
@@ -18,9 +19,11 @@ config built here and vLLM's own config object are interchangeable there.
 
 Builders:
 
-- ``fp8_w8a8_moe_quant_config(w1_scale, w2_scale, a1_scale=None, a2_scale=None, per_act_token_quant=False,
-  per_out_ch_quant=False, block_shape=None)`` (FP8 block, per channel, per tensor; see ``docs/compat.md``);
-- ``int4_w4a16_moe_quant_config(w1_scale, w2_scale, w1_zp, w2_zp, block_shape=None)``;
+- ``fp8_w8a8_moe_quant_config(w1_scale, w2_scale, a1_scale=None, a2_scale=None, w1_bias=None, w2_bias=None,
+  per_act_token_quant=False, per_out_ch_quant=False, block_shape=None, a1_gscale=None, ..., gemm1_clamp_limit=None)``
+  (FP8 block, per channel, per tensor; see ``docs/compat.md``);
+- ``int4_w4a16_moe_quant_config(w1_scale, w2_scale, w1_zp=None, w2_zp=None, w1_bias=None, w2_bias=None,
+  block_shape=None, ...)``;
 - ``int8_w8a8_moe_quant_config``, ``int8_w8a16_moe_quant_config``, ``mxfp4_w4a4_moe_quant_config``,
   ``nvfp4_moe_quant_config``, ``biased_moe_quant_config`` (vLLM's signatures): schemes ``fused_experts`` does not
   run, so they raise ``NotImplementedError`` naming the builder at once;
@@ -79,6 +82,12 @@ class FusedMoEQuantConfig:
     _a2: FusedMoEQuantDesc
     _w1: FusedMoEQuantDesc
     _w2: FusedMoEQuantDesc
+    # vLLM 0.34's extra fields: scale layouts and SwiGLU variants (fused_experts runs the defaults only)
+    is_scale_swizzled: bool = True
+    is_scale_transposed: bool = False
+    gemm1_alpha: float | None = None
+    gemm1_beta: float | None = None
+    gemm1_clamp_limit: float | None = None
 
     def __post_init__(self):
         if self.per_act_token_quant and self.block_shape is not None:
@@ -175,12 +184,18 @@ class FusedMoEQuantConfig:
     @staticmethod
     def make(quant_dtype=None, per_act_token_quant=False, per_out_ch_quant=False, block_shape=None, w1_scale=None,
              w2_scale=None, a1_scale=None, a2_scale=None, g1_alphas=None, g2_alphas=None, a1_gscale=None,
-             a2_gscale=None, w1_bias=None, w2_bias=None, w1_zp=None, w2_zp=None) -> "FusedMoEQuantConfig":
+             a2_gscale=None, w1_bias=None, w2_bias=None, w1_zp=None, w2_zp=None, weight_dtype=None,
+             is_scale_swizzled=True, is_scale_transposed=False, gemm1_alpha=None, gemm1_beta=None,
+             gemm1_clamp_limit=None) -> "FusedMoEQuantConfig":
         """vLLM's general builder: every descriptor gets ``quant_dtype``; activations are grouped by
         ``block_shape``, else per token (``per_act_token_quant``) / per tensor (quantized) / none; weights by
         ``block_shape``, else per output channel (``per_out_ch_quant``) / none."""
-        if isinstance(quant_dtype, str) and quant_dtype not in ("nvfp4", "mxfp4"):
-            raise ValueError(f"quant_dtype must be a torch dtype, 'nvfp4', 'mxfp4' or None, got {quant_dtype!r}")
+        if isinstance(quant_dtype, str) and quant_dtype not in _STR_DTYPES:
+            raise ValueError(f"quant_dtype must be a torch dtype, one of {_STR_DTYPES} or None, got {quant_dtype!r}")
+        if isinstance(weight_dtype, str) and weight_dtype not in _STR_DTYPES + ("int4",):
+            raise ValueError(f"weight_dtype must be a torch dtype, one of {_STR_DTYPES + ('int4',)} or None, got "
+                             f"{weight_dtype!r}")
+        weight_dtype = quant_dtype if weight_dtype is None else weight_dtype
         per_act, per_out = check_bool("per_act_token_quant", per_act_token_quant), check_bool(
             "per_out_ch_quant", per_out_ch_quant)
         block = _check_block_shape(block_shape)
@@ -195,8 +210,14 @@ class FusedMoEQuantConfig:
         return FusedMoEQuantConfig(
             _a1=FusedMoEQuantDesc(quant_dtype, a_shape, a1_scale, a1_gscale),
             _a2=FusedMoEQuantDesc(quant_dtype, a_shape, a2_scale, a2_gscale),
-            _w1=FusedMoEQuantDesc(quant_dtype, w_shape, w1_scale, g1_alphas, w1_zp, w1_bias),
-            _w2=FusedMoEQuantDesc(quant_dtype, w_shape, w2_scale, g2_alphas, w2_zp, w2_bias))
+            _w1=FusedMoEQuantDesc(weight_dtype, w_shape, w1_scale, g1_alphas, w1_zp, w1_bias),
+            _w2=FusedMoEQuantDesc(weight_dtype, w_shape, w2_scale, g2_alphas, w2_zp, w2_bias),
+            is_scale_swizzled=check_bool("is_scale_swizzled", is_scale_swizzled),
+            is_scale_transposed=check_bool("is_scale_transposed", is_scale_transposed), gemm1_alpha=gemm1_alpha,
+            gemm1_beta=gemm1_beta, gemm1_clamp_limit=gemm1_clamp_limit)
+
+
+_STR_DTYPES = ("nvfp4", "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8")  # vLLM 0.34's string quant dtypes
 
 
 def _check_block_shape(block_shape) -> list[int] | None:
@@ -217,31 +238,77 @@ def _check_tensors(required: dict, optional: dict) -> None:
 
 
 def fp8_w8a8_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, a1_scale: torch.Tensor | None = None,
-                              a2_scale: torch.Tensor | None = None, per_act_token_quant: bool = False,
-                              per_out_ch_quant: bool = False, block_shape: list[int] | None = None
+                              a2_scale: torch.Tensor | None = None, w1_bias: torch.Tensor | None = None,
+                              w2_bias: torch.Tensor | None = None, per_act_token_quant: bool = False,
+                              per_out_ch_quant: bool = False, block_shape: list[int] | None = None,
+                              a1_gscale: torch.Tensor | None = None, a2_gscale: torch.Tensor | None = None,
+                              g1_alphas: torch.Tensor | None = None, g2_alphas: torch.Tensor | None = None,
+                              is_scale_transposed: bool = False, gemm1_alpha: float | None = None,
+                              gemm1_beta: float | None = None, gemm1_clamp_limit: float | None = None
                               ) -> FusedMoEQuantConfig:
-    """FP8 (e4m3) weights and activations. ``block_shape=[bn, bk]``: block-scaled weights, activations dynamic
-    per token and ``bk`` group; else per-channel (``w1_scale [E, 2I]``) or per-tensor (``[E]``) weight scales,
-    ``a1_scale`` / ``a2_scale`` static (one fp32 value) or None (dynamic). Shapes are checked by ``fused_experts``
-    against ``w1`` / ``w2`` (layouts: ``docs/compat.md``)."""
-    _check_tensors(dict(w1_scale=w1_scale, w2_scale=w2_scale), dict(a1_scale=a1_scale, a2_scale=a2_scale))
+    """FP8 (e4m3) weights and activations (vLLM 0.34's signature). ``block_shape=[bn, bk]``: block-scaled weights,
+    activations dynamic per token and ``bk`` group; else per-channel (``w1_scale [E, 2I]``) or per-tensor (``[E]``)
+    weight scales, ``a1_scale`` / ``a2_scale`` static (one fp32 value) or None (dynamic). Shapes are checked by
+    ``fused_experts`` against ``w1`` / ``w2`` (layouts: ``docs/compat.md``); biases are stored (``fused_experts``
+    then raises ``NotImplementedError``). A v0.11 positional call ``(w1_scale, w2_scale, a1_scale, a2_scale,
+    per_act_token_quant, per_out_ch_quant, block_shape)`` puts bools where the biases are: read in that order."""
+    if isinstance(w1_bias, bool):  # v0.11's positional per_act_token_quant (a bias is never a bool)
+        w1_bias, w2_bias, per_act_token_quant, per_out_ch_quant, block_shape = _fp8_v011(
+            w1_bias, w2_bias, per_act_token_quant, per_out_ch_quant, block_shape)
+    _check_tensors(dict(w1_scale=w1_scale, w2_scale=w2_scale),
+                   dict(a1_scale=a1_scale, a2_scale=a2_scale, w1_bias=w1_bias, w2_bias=w2_bias, a1_gscale=a1_gscale,
+                        a2_gscale=a2_gscale, g1_alphas=g1_alphas, g2_alphas=g2_alphas))
     return FusedMoEQuantConfig.make(torch.float8_e4m3fn, per_act_token_quant=per_act_token_quant,
                                     per_out_ch_quant=per_out_ch_quant, block_shape=block_shape, w1_scale=w1_scale,
-                                    w2_scale=w2_scale, a1_scale=a1_scale, a2_scale=a2_scale)
+                                    w2_scale=w2_scale, a1_scale=a1_scale, a2_scale=a2_scale, w1_bias=w1_bias,
+                                    w2_bias=w2_bias, a1_gscale=a1_gscale, a2_gscale=a2_gscale, g1_alphas=g1_alphas,
+                                    g2_alphas=g2_alphas, is_scale_transposed=is_scale_transposed,
+                                    gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta, gemm1_clamp_limit=gemm1_clamp_limit)
 
 
-def int4_w4a16_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_zp: torch.Tensor | None,
-                                w2_zp: torch.Tensor | None, block_shape: list[int] | None = None
-                                ) -> FusedMoEQuantConfig:
-    """INT4 weights (uint8 ``[E, N, K/2]``, two values per byte), 16-bit activations; ``block_shape=[0, group]``
-    (required by ``fused_experts``); scales ``[E, N, K/group]``; zero points uint8 ``[E, N/2, K/group]`` or None
-    (symmetric, zero point 8)."""
-    _check_tensors(dict(w1_scale=w1_scale, w2_scale=w2_scale), dict(w1_zp=w1_zp, w2_zp=w2_zp))
+def _fp8_v011(per_act, w2_bias_slot, per_act_slot, per_out, block_shape):
+    """v0.11 positional (…, per_act_token_quant, per_out_ch_quant, block_shape) shifted into (w1_bias, w2_bias,
+    per_act_token_quant) -> (w1_bias, w2_bias, per_act_token_quant, per_out_ch_quant, block_shape)."""
+    if isinstance(w2_bias_slot, bool):  # v0.11's positional per_out_ch_quant
+        if per_out:
+            raise TypeError("fp8_w8a8_moe_quant_config: per_out_ch_quant given twice (v0.11 positional and keyword)")
+        per_out = w2_bias_slot
+    elif w2_bias_slot is not None:
+        raise TypeError("fp8_w8a8_moe_quant_config: a bool 5th argument (v0.11's per_act_token_quant) cannot go with "
+                        "a w2_bias tensor")
+    if isinstance(per_act_slot, (list, tuple)):  # v0.11's positional block_shape
+        if block_shape is not None:
+            raise TypeError("fp8_w8a8_moe_quant_config: block_shape given twice (v0.11 positional and keyword)")
+        block_shape = per_act_slot
+    elif per_act_slot is not False:
+        raise TypeError("fp8_w8a8_moe_quant_config: per_act_token_quant given twice (v0.11 positional and keyword)")
+    return None, None, per_act, per_out, block_shape
+
+
+def int4_w4a16_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_zp: torch.Tensor | None = None,
+                                w2_zp: torch.Tensor | None = None, w1_bias: torch.Tensor | None = None,
+                                w2_bias: torch.Tensor | None = None, block_shape: list[int] | None = None,
+                                a1_gscale: torch.Tensor | None = None, a2_gscale: torch.Tensor | None = None,
+                                gemm1_clamp_limit: float | None = None, gemm1_alpha: float | None = None,
+                                gemm1_beta: float | None = None) -> FusedMoEQuantConfig:
+    """INT4 weights (uint8 ``[E, N, K/2]``, two values per byte), 16-bit activations (vLLM 0.34's signature);
+    ``block_shape=[0, group]`` (required by ``fused_experts``); scales ``[E, N, K/group]``; zero points uint8
+    ``[E, N/2, K/group]`` or None (symmetric, zero point 8). A v0.11 positional call ``(w1_scale, w2_scale, w1_zp,
+    w2_zp, block_shape)`` puts a list where ``w1_bias`` is: read as the block shape."""
+    if isinstance(w1_bias, (list, tuple)):  # v0.11's positional block_shape (a bias is never a list)
+        if block_shape is not None:
+            raise TypeError("int4_w4a16_moe_quant_config: block_shape given twice (v0.11 positional and keyword)")
+        w1_bias, block_shape = None, w1_bias
+    _check_tensors(dict(w1_scale=w1_scale, w2_scale=w2_scale),
+                   dict(w1_zp=w1_zp, w2_zp=w2_zp, w1_bias=w1_bias, w2_bias=w2_bias, a1_gscale=a1_gscale,
+                        a2_gscale=a2_gscale))
     block = _check_block_shape(block_shape)
     shape = GroupShape(*block) if block is not None else None
-    return FusedMoEQuantConfig(_a1=FusedMoEQuantDesc(shape=shape), _a2=FusedMoEQuantDesc(shape=shape),
-                               _w1=FusedMoEQuantDesc("int4", shape, w1_scale, None, w1_zp),
-                               _w2=FusedMoEQuantDesc("int4", shape, w2_scale, None, w2_zp))
+    return FusedMoEQuantConfig(_a1=FusedMoEQuantDesc(shape=shape, alpha_or_gscale=a1_gscale),
+                               _a2=FusedMoEQuantDesc(shape=shape, alpha_or_gscale=a2_gscale),
+                               _w1=FusedMoEQuantDesc("int4", shape, w1_scale, None, w1_zp, w1_bias),
+                               _w2=FusedMoEQuantDesc("int4", shape, w2_scale, None, w2_zp, w2_bias),
+                               gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta, gemm1_clamp_limit=gemm1_clamp_limit)
 
 
 def _unsupported(name: str, scheme: str):
@@ -249,28 +316,33 @@ def _unsupported(name: str, scheme: str):
                               "(supported: fp8_w8a8_moe_quant_config, int4_w4a16_moe_quant_config)")
 
 
-def int8_w8a8_moe_quant_config(w1_scale, w2_scale, a1_scale, a2_scale, per_act_token_quant=False):
+def int8_w8a8_moe_quant_config(w1_scale, w2_scale, a1_scale, a2_scale, w1_bias=None, w2_bias=None,
+                               per_act_token_quant=False):
     """vLLM's INT8 W8A8 builder: not supported (raises ``NotImplementedError``)."""
     _unsupported("int8_w8a8_moe_quant_config", "INT8 W8A8")
 
 
-def int8_w8a16_moe_quant_config(w1_scale, w2_scale, w1_zp, w2_zp, block_shape=None):
+def int8_w8a16_moe_quant_config(w1_scale, w2_scale, w1_zp=None, w2_zp=None, w1_bias=None, w2_bias=None,
+                                block_shape=None, a1_gscale=None, a2_gscale=None, gemm1_clamp_limit=None,
+                                gemm1_alpha=None, gemm1_beta=None):
     """vLLM's INT8 W8A16 builder: not supported (raises ``NotImplementedError``)."""
     _unsupported("int8_w8a16_moe_quant_config", "INT8 W8A16")
 
 
 def mxfp4_w4a4_moe_quant_config(w1_scale, w2_scale, a1_scale=None, a2_scale=None, w1_bias=None, w2_bias=None,
                                 block_shape=None):
-    """vLLM's MXFP4 builder: not supported (raises ``NotImplementedError``)."""
+    """vLLM v0.11's MXFP4 builder (gone in 0.34): not supported (raises ``NotImplementedError``)."""
     _unsupported("mxfp4_w4a4_moe_quant_config", "MXFP4 W4A4")
 
 
-def nvfp4_moe_quant_config(g1_alphas, g2_alphas, a1_gscale, a2_gscale, w1_scale, w2_scale):
+def nvfp4_moe_quant_config(g1_alphas, g2_alphas, a1_gscale, a2_gscale, w1_scale, w2_scale, w1_bias=None,
+                           w2_bias=None, is_scale_swizzled=True, gemm1_alpha=None, gemm1_beta=None,
+                           gemm1_clamp_limit=None):
     """vLLM's NVFP4 builder: not supported (raises ``NotImplementedError``)."""
     _unsupported("nvfp4_moe_quant_config", "NVFP4")
 
 
-def biased_moe_quant_config(w1_bias, w2_bias):
+def biased_moe_quant_config(w1_bias, w2_bias, gemm1_alpha=None, gemm1_beta=None, gemm1_clamp_limit=None):
     """vLLM's unquantized-with-biases builder: not supported (raises ``NotImplementedError``)."""
     _unsupported("biased_moe_quant_config", "an expert bias (w1_bias / w2_bias)")
 

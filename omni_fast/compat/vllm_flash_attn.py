@@ -4,12 +4,15 @@ vLLM's FlashAttention backend does not call flash-attn 2.8 but its own fork, the
 github.com/vllm-project/flash-attention (file ``vllm_flash_attn/flash_attn_interface.py``), with other signatures:
 ``max_seqlen_q`` before ``cu_seqlens_q``, ``cu_seqlens_k`` optional beside ``seqused_k``, ``window_size=None``,
 ``out=``, ``fa_version``, FA3-only arguments. This module has the fork's public functions with its exact parameter
-lists, defaults and return arity, read at commit ``617264c1`` (2026-08-06, package version 2.7.2.post1), the
-fork's newest; :func:`flash_attn_with_kvcache`, which the fork removed in its PR #107 (2025-11-13; vLLM releases
-built before then, the v0.11 line, ship it), as it was at ``8e1b01d5`` just before. vLLM itself imports
+lists, defaults and return arity as vLLM 0.34.0 ships it (``vllm/vllm_flash_attn/flash_attn_interface.py`` of the
+0.34.0 sdist, built from the fork at ``d8dca8f0``; earlier read at ``617264c1``, 2026-08-06);
+:func:`flash_attn_with_kvcache`, which the fork removed in its PR #107 (2025-11-13; vLLM releases built before
+then, the v0.11 line, ship it), as it was at ``8e1b01d5`` just before. vLLM itself imports
 ``flash_attn_varlen_func`` and ``get_scheduler_metadata`` (``vllm/v1/attention/backends/fa_utils.py``) and the
 two version helpers (``is_fa_version_supported``, ``fa_version_unsupported_reason``); the fork's own
-``get_flash_attn_version`` does not exist (vLLM's is in ``fa_utils``).
+``get_flash_attn_version`` does not exist (vLLM's is in ``fa_utils``). vLLM 0.34 also imports
+``compile_flash_attn_varlen_func_from_specs`` (FA4's ahead-of-time compile; raises here, FA4 is not offered) and
+the package exports ``FA2_AVAILABLE`` / ``FA3_AVAILABLE``.
 
 Semantics (the fork's): returns ``out``, or ``(out, softmax_lse)`` with ``return_softmax_lse=True`` (lse fp32
 ``[Hq, Tq]`` for varlen, ``[B, Hq, Sq]`` for the KV cache); ``return_attn_probs`` is ignored, as there.
@@ -40,7 +43,7 @@ from .. import ops
 from ..validation import FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_positive_int, check_tensor
 
 __version__ = "2.7.2.post1"  # the fork's package version at the commits named above
-VLLM_FLASH_ATTN_COMMIT = "617264c1c7955c9e84817654ebeedff069f3c5f1"
+VLLM_FLASH_ATTN_COMMIT = "d8dca8f06c7458a0c0e79dd9400c0446a4e77b9c"  # vLLM 0.34.0's pin (its cmake)
 KVCACHE_COMMIT = "8e1b01d56210dc72030a2d0d41c2d8d266ba6309"  # the last with flash_attn_with_kvcache
 DEFAULT_FA_VERSION = 2
 FA_VERSIONS = (2, 3)  # what the fork's flash_attn_varlen_func runs (4 is a separate CuTe DSL package)
@@ -59,17 +62,38 @@ def _version(fa_version) -> int:
     return v
 
 
-def fa_version_unsupported_reason(fa_version: int, device=None) -> Optional[str]:
-    """None when ``fa_version`` runs here (2 and 3, on any device the omni-fast backends run on), else why not."""
+def fa_version_unsupported_reason(fa_version: int, *, device=None) -> Optional[str]:
+    """None when ``fa_version`` runs here (2 and 3, on any device the omni-fast backends run on), else why not.
+    ``device``: the pre-0.34 fork's second parameter, keyword-only now (vLLM 0.34's takes ``fa_version`` only)."""
     if _version(fa_version) == 4:
         return ("FA4 (the CuTe DSL kernels for Blackwell) is not offered by omni_fast.compat.vllm_flash_attn; "
                 "fa_version 2 and 3 run the same omni-fast kernels")
     return None
 
 
-def is_fa_version_supported(fa_version: int, device=None) -> bool:
+def is_fa_version_supported(fa_version: int, *, device=None) -> bool:
     """Whether :func:`flash_attn_varlen_func` runs with this ``fa_version`` (2 and 3: yes; 4: no)."""
-    return fa_version_unsupported_reason(fa_version, device) is None
+    return fa_version_unsupported_reason(fa_version, device=device) is None
+
+
+FA2_AVAILABLE = True  # the fork's flags (vLLM 0.34's package __init__ imports the first two)
+FA3_AVAILABLE = True
+FA4_AVAILABLE = False
+
+
+def compile_flash_attn_varlen_func_from_specs(
+    *, q_shape, k_shape, v_shape, q_dtype, v_stride=None, k_stride=None, cu_seqlens_q_shape=None,
+    cu_seqlens_k_shape=None, max_seqlen_q=None, max_seqlen_k=None, dropout_p: float = 0.0, softmax_scale=None,
+    causal=False, window_size: Optional[List[int]] = None, deterministic=False, return_softmax_lse=False,
+    num_splits: int = 0, fa_version: int = DEFAULT_FA_VERSION, seqused_k_shape=None, page_table_shape=None,
+    softcap: Optional[float] = None,
+) -> None:
+    """vLLM 0.34's FA4 ahead-of-time compile: ``ValueError`` for ``fa_version != 4`` (as the fork), else
+    ``NotImplementedError`` (FA4 is not offered; vLLM only calls this after ``is_fa_version_supported(4)``)."""
+    if _version(fa_version) != 4:
+        raise ValueError(f"Compile-only FlashAttention is only supported for FA4, got fa_version={fa_version}")
+    raise NotImplementedError("compile_flash_attn_varlen_func_from_specs: FA4 (the CuTe DSL kernels) is not offered "
+                              "by omni_fast.compat.vllm_flash_attn")
 
 
 def _varlen_version(fa_version) -> int:
@@ -171,6 +195,21 @@ def _fa2_rules(fa: int, scheduler_metadata, q_descale, k_descale, v_descale, s_a
             raise FA2Unsupported(f"FA2 (fa_version=2) does not support num_splits > 1, got num_splits={num_splits}")
 
 
+class FA4Only(NotImplementedError, ValueError):
+    """An FA4-only argument of vLLM 0.34's varlen call given with ``fa_version`` 2 or 3: the fork asserts
+    (``output_scale``, ``gather_kv_*``) or raises ``NotImplementedError`` (``mask_mod``, ``aux_tensors``) there, or
+    ignores it (``block_sparse_tensors``, ``aux_tensor_leading_dims``, ``dynamic_causal``; refused here rather
+    than silently dropped, as ``q_v``). Both a ``NotImplementedError`` and a ``ValueError``."""
+
+
+def _fa4_only(fa: int, **named) -> None:
+    """Non-None FA4-only arguments raise :class:`FA4Only` naming the first."""
+    for arg, value in named.items():
+        if value is not None:
+            raise FA4Only(f"{arg} is only supported by FA4 (fa_version=4; not offered by "
+                          f"omni_fast.compat.vllm_flash_attn), got fa_version={fa}")
+
+
 def _dropout(fa: int, dropout_p) -> None:
     """FA2 would apply dropout (refused here: inference only); FA3 takes no dropout and ignores the value."""
     p = check_float("dropout_p", dropout_p, minimum=0.0, maximum=1.0)
@@ -205,11 +244,19 @@ def flash_attn_varlen_func(
     k_descale=None,
     v_descale=None,
     num_splits: int = 0,
+    output_scale=None,
     fa_version: int = DEFAULT_FA_VERSION,
     s_aux=None,
     cp_world_size=1,
     cp_rank=0,
     cp_tot_seqused_k=None,
+    mask_mod=None,
+    block_sparse_tensors=None,
+    aux_tensors=None,
+    aux_tensor_leading_dims=None,
+    dynamic_causal=None,
+    gather_kv_indices=None,
+    gather_kv_valid_length=None,
 ):
     """Packed sequences, vLLM's call: q ``[Tq, Hq, D]``, cu_seqlens_q int32 ``[B + 1]``; keys either packed k/v
     ``[Tk, Hk, D]`` with ``cu_seqlens_k`` int32 ``[B + 1]``, or paged k/v ``[num_blocks, page, Hk, D]`` with
@@ -223,6 +270,10 @@ def flash_attn_varlen_func(
     fa = _varlen_version(fa_version)
     check_inference_only(name, q=q, k=k, v=v)
     _not_implemented(q, k, q_v, cp_world_size, cp_rank, cp_tot_seqused_k)
+    _fa4_only(fa, output_scale=output_scale, gather_kv_indices=gather_kv_indices,
+              gather_kv_valid_length=gather_kv_valid_length, mask_mod=mask_mod, aux_tensors=aux_tensors,
+              block_sparse_tensors=block_sparse_tensors, aux_tensor_leading_dims=aux_tensor_leading_dims,
+              dynamic_causal=dynamic_causal)
     _check_tensor_or_none(scheduler_metadata=scheduler_metadata, q_descale=q_descale, k_descale=k_descale,
                           v_descale=v_descale, s_aux=s_aux, out=out)
     num_splits = check_positive_int("num_splits", num_splits, minimum=0)
@@ -329,6 +380,7 @@ def sparse_attn_varlen_func(q, k, v, block_count, block_offset, column_count, co
                               "sparsity) is not implemented in omni_fast.compat.vllm_flash_attn")
 
 
-__all__ = ["DEFAULT_FA_VERSION", "FA2Unsupported", "VLLM_FLASH_ATTN_COMMIT", "fa_version_unsupported_reason",
+__all__ = ["DEFAULT_FA_VERSION", "FA2Unsupported", "FA4Only", "FA2_AVAILABLE", "FA3_AVAILABLE", "FA4_AVAILABLE",
+           "VLLM_FLASH_ATTN_COMMIT", "compile_flash_attn_varlen_func_from_specs", "fa_version_unsupported_reason",
            "flash_attn_varlen_func", "flash_attn_with_kvcache", "get_scheduler_metadata", "is_fa_version_supported",
            "sparse_attn_func", "sparse_attn_varlen_func"]

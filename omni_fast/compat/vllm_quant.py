@@ -1,12 +1,14 @@
-"""vLLM's quantized fused-MoE arguments (``quant_config`` of ``fused_experts``, vLLM v0.11 line) mapped onto
-:class:`omni_fast.ops.QuantizedExperts`.
+"""vLLM's quantized fused-MoE arguments (``quant_config`` of ``fused_experts``, vLLM v0.11 line to 0.34.0) mapped
+onto :class:`omni_fast.ops.QuantizedExperts`.
 
-vLLM v0.11's ``fused_experts(..., quant_config=None, ...)`` carries the quantization in a ``FusedMoEQuantConfig``
-object; ``fused_experts`` reads its properties ``use_fp8_w8a8``, ``use_int8_w8a8``, ``use_int8_w8a16``,
-``use_int4_w4a16``, ``ocp_mx_scheme``, ``per_act_token_quant``, ``w1_scale``, ``w2_scale``, ``w1_zp``, ``w2_zp``,
-``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``, ``w2_bias``. They are read here by attribute (vLLM need not
-be installed: any object with those attributes works). Layouts, as vLLM's Triton fused MoE reads them
-(``fused_moe.py`` at commit ``13cb3e4``; ``E`` experts, ``I`` intermediate, ``H`` hidden):
+vLLM's ``fused_experts(..., quant_config=None)`` (v0.11 and 0.34 alike) carries the quantization in a
+``FusedMoEQuantConfig`` object; ``fused_experts`` reads its properties ``use_fp8_w8a8``, ``use_int8_w8a8``,
+``use_int8_w8a16``, ``use_int4_w4a16``, ``ocp_mx_scheme``, ``per_act_token_quant``, ``w1_scale``, ``w2_scale``,
+``w1_zp``, ``w2_zp``, ``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``, ``w2_bias`` (0.34 adds
+``gemm1_alpha`` / ``gemm1_beta`` / ``gemm1_clamp_limit`` and ``is_scale_transposed``: refused here when set). They
+are read here by attribute (vLLM need not be installed: any object with those attributes works). Layouts, as vLLM's
+Triton fused MoE reads them (``fused_moe.py`` at commit ``13cb3e4``, unchanged in 0.34.0; ``E`` experts, ``I``
+intermediate, ``H`` hidden):
 
 ``use_fp8_w8a8`` -- ``w1`` float8_e4m3fn ``[E, 2I, H]`` (gate rows then up rows), ``w2`` ``[E, H, I]``, and
 
@@ -44,6 +46,7 @@ from ..validation import check_tensor
 _UNSUPPORTED = ("use_int8_w8a8", "use_int8_w8a16", "use_fp8_w8a16", "use_mxfp4_w4a4", "use_mxfp4_w4a16",
                 "use_nvfp4_w4a4", "use_nvfp4_w4a16", "use_mxfp4_w4a8")
 _ALL_FLAGS = ("use_fp8_w8a8", "use_int4_w4a16") + _UNSUPPORTED
+_SWIGLU_VARIANTS = ("gemm1_alpha", "gemm1_beta", "gemm1_clamp_limit")  # vLLM 0.34's clamped / scaled SwiGLU
 _VLLM_NAMES = (("w13_input_scale", "a1_scale"), ("w2_input_scale", "a2_scale"), ("w13_scale", "w1_scale"),
                ("w13_zero", "w1_zp"), ("w2_zero", "w2_zp"), ("w13", "w1"))
 
@@ -56,18 +59,21 @@ def is_quantized(quant_config) -> bool:
     """Whether a vLLM quant_config asks for a quantized MoE (flags, a quantized dtype, scales or biases)."""
     if quant_config is None:
         return False
-    return any(bool(_get(quant_config, f)) for f in _ALL_FLAGS) or any(
+    return any(bool(_get(quant_config, f)) for f in _ALL_FLAGS + ("is_scale_transposed",)) or any(
         _get(quant_config, n) is not None for n in ("quant_dtype", "ocp_mx_scheme", "w1_scale", "w2_scale",
-                                                    "w1_bias", "w2_bias"))
+                                                    "w1_bias", "w2_bias") + _SWIGLU_VARIANTS)
 
 
 def experts_from_vllm(w1, w2, quant_config) -> QuantizedExperts:
     """vLLM's (w1, w2, quant_config) -> a :class:`QuantizedExperts` (see the module docstring)."""
     set_flags = [f for f in _UNSUPPORTED if bool(_get(quant_config, f))]
-    set_flags += [n for n in ("ocp_mx_scheme", "w1_bias", "w2_bias") if _get(quant_config, n) is not None]
+    set_flags += [n for n in ("ocp_mx_scheme", "w1_bias", "w2_bias") + _SWIGLU_VARIANTS
+                  if _get(quant_config, n) is not None]
+    set_flags += ["is_scale_transposed"] if bool(_get(quant_config, "is_scale_transposed")) else []
     if set_flags:
         raise NotImplementedError(f"quant_config sets {', '.join(set_flags)}: not supported by "
-                                  "omni_fast.compat.vllm.fused_experts (supported: use_fp8_w8a8, use_int4_w4a16)")
+                                  "omni_fast.compat.vllm.fused_experts (supported: use_fp8_w8a8, use_int4_w4a16, "
+                                  "plain SiLU-and-mul)")
     fp8, int4 = bool(_get(quant_config, "use_fp8_w8a8")), bool(_get(quant_config, "use_int4_w4a16"))
     if fp8 == int4:
         raise NotImplementedError("quant_config must set exactly one of use_fp8_w8a8 / use_int4_w4a16 (got "
