@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import pinned_backend
+from ..validation import records_grad
 
 
 def _supported(module) -> bool:
@@ -49,9 +50,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     quant = quantized_experts(self)
     if quant is not None:  # quantized experts (models.quantized): only the fused op can run them
         return _fused(self, hidden_states, top_k_index, top_k_weights, quant, None, quant.num_experts)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj))
-    if needs_grad or not _supported(self):
+    if records_grad(hidden_states, top_k_weights, self.gate_up_proj, self.down_proj) or not _supported(self):
         # The fused op has no autograd formula: training (or an unsupported layout) takes the eager loop.
         return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     return _fused(self, hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,

@@ -18,6 +18,7 @@ import torch
 
 from .. import fast_paths
 from ..backend import pinned_backend
+from ..validation import records_grad
 from . import token2wav_synth
 
 # New fast paths are opt-in until a GPU run passes their gpu-marked tests (project rule): patch() swaps these pieces
@@ -49,7 +50,7 @@ def aa_activation_supported(module) -> bool:
 def aa_activation_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """``[B, C, T]`` -> ``[B, C, T]``: the whole anti-aliased SnakeBeta in one fused launch (fp32 inside)."""
     act = self.act
-    if (torch.is_grad_enabled() and (hidden_states.requires_grad or act.alpha.requires_grad)) \
+    if records_grad(hidden_states, act.alpha) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
             or act.alpha.dtype != hidden_states.dtype:
         return self._omni_fast_forward(hidden_states)
@@ -71,7 +72,7 @@ def amp_block_supported(module) -> bool:
 def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """transformers' AMP block loop with each conv one :func:`omni_fast.ops.padded_conv1d` launch (the second of each pair
     adds the residual). The activations are the modules themselves (patched separately)."""
-    if (torch.is_grad_enabled() and (hidden_states.requires_grad or self.convs1[0].weight.requires_grad)) \
+    if records_grad(hidden_states, self.convs1[0].weight) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
             or self.convs1[0].weight.dtype != hidden_states.dtype:
         return self._omni_fast_forward(hidden_states)
@@ -97,7 +98,7 @@ def set_dit_block(attention, block_size: int, look_backward: int, look_ahead: in
 def dit_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None):
     """transformers' ``DiTAttention.forward`` (projections, RoPE on the first head only, output projection) with the
     masked SDPA replaced by :func:`omni_fast.ops.block_attention` (the mask argument is the same rule)."""
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or self.to_q.weight.requires_grad) \
+    if records_grad(hidden_states, self.to_q.weight) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return self._omni_fast_forward(hidden_states, position_embeddings, attention_mask)
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb, deinterleave_head_dim
@@ -125,7 +126,7 @@ ADA_NORMS = ("Qwen2_5_OmniAdaLayerNormZero", "Qwen2_5_OmniAdaLayerNormZero_Final
 def ada_norm_forward(self, hidden_states, emb=None):
     """transformers' AdaLN (zero / final): the timestep projection as it is, then LayerNorm + shift / scale in one
     :func:`omni_fast.ops.ada_layer_norm` launch. Returns what transformers' forward returns."""
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or self.linear.weight.requires_grad) \
+    if records_grad(hidden_states, self.linear.weight) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) or hidden_states.dim() != 3:
         return self._omni_fast_forward(hidden_states, emb)
     from .. import ops

@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from ..backend import pinned_backend
+from ..validation import records_grad
 
 CLASS = "Qwen2_5OmniToken2WavModel"
 BUCKETS_ATTR = "_omni_fast_code_buckets"  # on the patched Token2Wav: its bucket policy (unpatch removes it)
@@ -71,8 +72,7 @@ def refusal(token2wav, code, conditioning, reference_mel, num_steps, guidance_sc
     if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         return "code / conditioning / reference_mel not all tensors"
     weights = _params(dit)
-    if torch.is_grad_enabled() and (weights.requires_grad or _params(vocoder).requires_grad
-                                    or conditioning.requires_grad or reference_mel.requires_grad):
+    if records_grad(weights, _params(vocoder), conditioning, reference_mel):
         return "autograd is recording (the graph is inference-only)"
     if code.dtype not in (torch.int64, torch.int32) or code.dim() != 2 or code.shape[1] == 0:
         return f"code is not a non-empty [B, n] int tensor (shape {tuple(code.shape)}, {code.dtype})"
