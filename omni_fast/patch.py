@@ -64,7 +64,7 @@ from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
-from .integrations.patch_parts import part_of as _part_of, report_lines, root_part as _root_part
+from .integrations.patch_parts import count_line, part_of as _part_of, report_lines, root_part as _root_part
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -490,11 +490,9 @@ def _patch_encoder_attention(module, part, selected, backend, attention_ready, s
                     "(cu_seqlens)")
         else:
             what = "attention -> omni_fast (per window, as transformers calls it)"
-        key = (part, f"{cls}: {what}")
-        counts[key] = counts.get(key, 0) + 1
+        count_line(counts, left, True, (part, f"{cls}: {what}"))
     else:
-        key = (part, f"{cls}: attention" + ("" if not selected else f" ({_NO_ATTENTION})"))
-        left[key] = left.get(key, 0) + 1
+        count_line(counts, left, False, (part, f"{cls}: attention" + ("" if not selected else f" ({_NO_ATTENTION})")))
 
 
 def _frame_words() -> str:

@@ -26,6 +26,12 @@ def part_of(root: str, path: str) -> str:
     return part
 
 
+def count_line(bucket: dict, left: dict, swapped: bool, key: tuple, n: int = 1) -> None:
+    """Add ``n`` to the report line ``key`` in ``bucket`` (swapped) or ``left`` (left as is)."""
+    target = bucket if swapped else left
+    target[key] = target.get(key, 0) + n
+
+
 def report_lines(model: nn.Module, root: str, wanted: set, counts: dict, left: dict) -> tuple[list, list]:
     """(replaced, left) report lines from the tallies ``{(part, what): n}``; a selected part with nothing replaced
     that the model has is named as left."""

@@ -19,6 +19,7 @@ import torch
 from .. import fast_paths
 from ..backend import pinned_backend
 from ..validation import records_grad
+from .patch_parts import count_line
 from . import token2wav_synth
 
 # New fast paths are opt-in until a GPU run passes their gpu-marked tests (project rule): patch() swaps these pieces
@@ -153,12 +154,6 @@ def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_c
     with torch.no_grad():  # (transformers' sample is @torch.no_grad too)
         return dit_solve.sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
                                 guidance_scale, sway_coefficient, backend=pinned_backend(self))
-
-
-def count_line(bucket: dict, left: dict, swapped: bool, key: tuple, n: int = 1) -> None:
-    """Add ``n`` to the report line ``key`` in ``bucket`` (swapped) or ``left`` (left as is)."""
-    target = bucket if swapped else left
-    target[key] = target.get(key, 0) + n
 
 
 def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,

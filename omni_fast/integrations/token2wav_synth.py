@@ -21,6 +21,7 @@ import torch
 
 from ..backend import pinned_backend
 from ..validation import records_grad
+from .patch_parts import count_line
 
 CLASS = "Qwen2_5OmniToken2WavModel"
 BUCKETS_ATTR = "_omni_fast_code_buckets"  # on the patched Token2Wav: its bucket policy (unpatch removes it)
@@ -127,6 +128,4 @@ def patch_forward(module, wanted: bool, backend, bucket: dict, left: dict, part:
     if wanted and swap:
         swap_forward(module, token2wav_forward)
         pin(module, backend)
-    from .token2wav import count_line
-
     count_line(bucket, left, swap, (part, f"{CLASS}.forward: DiT ODE solve + BigVGAN vocoder {what}"))
