@@ -150,6 +150,14 @@ def solve(dit, noise, code, cond, spk, lens, *, num_steps: int, guidance_scale: 
     return y
 
 
+def _tf32_flag() -> tuple[str, object]:
+    """The cuBLAS fp32-math flag of this torch (``fp32_precision`` where it exists, else ``allow_tf32``) and its
+    TF32 value: the one place that decides which flag :func:`_matmul_math` sets and the graph key reads."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return "fp32_precision", "tf32"
+    return "allow_tf32", True
+
+
 @contextlib.contextmanager
 def _matmul_math(tf32: bool):
     """cuBLAS fp32 GEMMs as TF32 inside (fast path ``dit_tf32``), restored after; a captured graph keeps the math
@@ -158,7 +166,7 @@ def _matmul_math(tf32: bool):
         yield
         return
     m = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "tf32") if hasattr(m, "fp32_precision") else ("allow_tf32", True)
+    name, value = _tf32_flag()
     old = getattr(m, name)
     setattr(m, name, value)
     try:
@@ -246,8 +254,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
     tf32 = fast_paths.enabled("dit_tf32") and conditioning.dtype == torch.float32
     # the ambient cuBLAS fp32 math too: a graph captured under the user's own TF32 setting keeps it when replayed
-    m = torch.backends.cuda.matmul
-    ambient = getattr(m, "fp32_precision", None) or m.allow_tf32
+    ambient = getattr(torch.backends.cuda.matmul, _tf32_flag()[0])
     key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
            tf32, ambient)
     graph = cache.get(key)
