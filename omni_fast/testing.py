@@ -119,15 +119,42 @@ def assert_graph_replay_matches(run) -> None:
     torch.testing.assert_close(out, eager)
 
 
+# --- value checks as on CUDA ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cuda_like_value_checks():
+    """Inside: the ops' data-dependent input checks (a kernel + a host sync; run only on CPU tensors, see
+    :func:`omni_fast.validation.values_checkable`) behave as on CUDA tensors: skipped unless a call passes
+    ``check_values=True``. For what runs on a GPU without checks: the cost model's traces, :class:`HostSyncs`
+    checks of CUDA-graph bodies on the CPU."""
+    import sys
+
+    from . import validation
+
+    original = validation.values_checkable
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("omni_fast") and getattr(m, "values_checkable", None) is original]
+    for m in patched:
+        m.values_checkable = _cuda_values_checkable
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.values_checkable = original
+
+
+def _cuda_values_checkable(t, check_values=None) -> bool:
+    return bool(check_values)
+
+
 # --- host syncs: what a CUDA-graph capture forbids, seen on the CPU -------------------------------------------------
 # Ops whose output size (or result) is a device value: the host waits for it. masked_select / unique / bincount
 # size their output from the data; boolean-mask indexing (``x[mask]``) and ``repeat_interleave`` without
-# ``output_size`` are listed by _host_sync_name (their other forms do not sync).
+# ``output_size`` are listed by host_sync_name (their other forms do not sync).
 HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "allclose", "masked_select",
                            "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount"})
 
 
-def _host_sync_name(name: str, overload: str, args, kwargs) -> str | None:
+def host_sync_name(name: str, overload: str, args, kwargs) -> str | None:
     """The name HostSyncs counts an ATen call under, or None: a :data:`HOST_SYNC_OPS` op, ``index`` with a bool /
     uint8 index tensor (``x[mask]``: a nonzero inside) or ``repeat_interleave(repeats_tensor)`` with no
     ``output_size`` (the output length is ``repeats.sum()``)."""
@@ -169,7 +196,7 @@ class HostSyncs:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func._schema.name.split("::")[-1]
-                name = name if name in outer.ops else _host_sync_name(name, func._overloadname, args, kwargs or {})
+                name = name if name in outer.ops else host_sync_name(name, func._overloadname, args, kwargs or {})
                 if name is not None:
                     outer.count[name] += 1
                     outer.where.setdefault(name, "".join(traceback.format_stack(limit=14)[:-2]))

@@ -274,18 +274,29 @@ def pre_transformer_layer(cfg: Code2WavConfig, sd: Mapping[str, torch.Tensor], p
     return h, (k, v)
 
 
-def embed_codes(cfg: Code2WavConfig, table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """codes ``[B, G, T]`` -> mean of the G offset embeddings ``[B, T, H]``."""
-    offset = torch.arange(cfg.num_quantizers, device=codes.device).view(1, -1, 1) * cfg.codebook_size
-    return F.embedding(codes + offset, table).mean(1)
+def codebook_offsets(cfg: Code2WavConfig, device=None) -> torch.Tensor:
+    """int64 ``[1, G, 1]``: codebook ``g``'s first row in the shared embedding table (``g * codebook_size``)."""
+    return torch.arange(cfg.num_quantizers, device=device).view(1, -1, 1) * cfg.codebook_size
 
 
-def convnext_pointwise(sd: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """The ConvNeXt block after its depthwise conv: LayerNorm, MLP (GELU), gamma, + input. ``[B, C, T]``."""
+def embed_codes(cfg: Code2WavConfig, table: torch.Tensor, codes: torch.Tensor,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """codes ``[B, G, T]`` -> mean of the G offset embeddings ``[B, T, H]``. ``offsets``: :func:`codebook_offsets`
+    made once by the caller (a stream: no arange per push)."""
+    offsets = codebook_offsets(cfg, codes.device) if offsets is None else offsets
+    return F.embedding(codes + offsets, table).mean(1)
+
+
+def convnext_pointwise(sd: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor, dw: torch.Tensor,
+                       pwconv2: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The ConvNeXt block after its depthwise conv: LayerNorm, MLP (GELU), gamma, + input. ``[B, C, T]``.
+    ``pwconv2``: ``(gamma * weight, gamma * bias)`` folded once by the caller (a stream: no gamma launch)."""
     h = dw.permute(0, 2, 1)
     h = F.layer_norm(h, (h.shape[-1],), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"], 1e-6)
     h = F.linear(h, sd[prefix + "pwconv1.weight"], sd[prefix + "pwconv1.bias"])
     h = F.gelu(h)
+    if pwconv2 is not None:
+        return x + F.linear(h, *pwconv2).permute(0, 2, 1)
     h = F.linear(h, sd[prefix + "pwconv2.weight"], sd[prefix + "pwconv2.bias"])
     h = sd[prefix + "gamma"] * h
     return x + h.permute(0, 2, 1)
@@ -329,6 +340,7 @@ def code2wav_forward(cfg: Code2WavConfig, sd: Mapping[str, torch.Tensor], codes:
 
 __all__ = [
     "Code2WavConfig", "SNAKE_EPS", "snake_beta", "causal_conv1d", "causal_conv_transpose1d", "conv1d_context",
-    "conv_transpose1d_context", "code2wav_forward", "embed_codes", "pre_transformer_layer", "convnext_pointwise",
+    "conv_transpose1d_context", "code2wav_forward", "codebook_offsets", "embed_codes", "pre_transformer_layer",
+    "convnext_pointwise",
     "rope_cos_sin", "sliding_window_mask", "attention",
 ]

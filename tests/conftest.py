@@ -54,17 +54,13 @@ def build_cuda_emu(tmp_path_factory):
 
 
 @pytest.fixture
-def cuda_like_validation(monkeypatch):
+def cuda_like_validation():
     """The ops' CPU-only value checks off, as on CUDA tensors (there they are skipped, so they are neither syncs of
     a patched path nor in a CUDA-graph body): for :class:`omni_fast.testing.HostSyncs` checks on the CPU."""
-    import sys
+    from omni_fast.testing import cuda_like_value_checks
 
-    from omni_fast import validation
-
-    original = validation.values_checkable
-    for name, module in list(sys.modules.items()):
-        if name.startswith("omni_fast") and getattr(module, "values_checkable", None) is original:
-            monkeypatch.setattr(module, "values_checkable", lambda t, check_values=None: bool(check_values))
+    with cuda_like_value_checks():
+        yield
 
 
 @pytest.fixture

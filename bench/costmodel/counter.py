@@ -12,7 +12,8 @@ What counts as a launch:
   :func:`omni_fast.kernels.launch.launch` skips empty grids before that), named ``triton:<jit function name>``;
 - every torch operator that runs a device kernel, seen by a ``TorchDispatchMode`` at the aten level, named
   ``aten:<op>``: view / alias ops (their schema returns an alias), allocations (``empty*``), and
-  ``_local_scalar_dense`` (``.item()``: a host sync, counted under ``sync:item`` instead) launch nothing. Custom ops
+  ``_local_scalar_dense`` (``.item()``) launch nothing. Host syncs (``.item()``, ``nonzero``, ``x[mask]``, ...: the
+  ops :func:`omni_fast.testing.host_sync_name` names) are counted in ``syncs``. Custom ops
   (``omni_fast::*``) are not launches themselves: the mode re-enters so the ops inside them are seen. Torch ops that
   the interpreter runs to move a Triton kernel's arguments are not counted.
 
@@ -25,7 +26,6 @@ reuse within the launch). Requires ``TRITON_INTERPRET=1`` before the first kerne
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from omni_fast import validation as _validation
+from omni_fast.testing import cuda_like_value_checks, host_sync_name
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "resize_",
               "lift_fresh", "_to_copy_noop", "is_nonzero", "sym_size", "sym_stride", "sym_numel", "dim", "size",
@@ -92,9 +92,9 @@ class _TorchCounter(TorchDispatchMode):
             return func(*args, **kwargs)
         if not self.state["in_triton"]:
             name = func._schema.name.split("::")[-1]
-            if name == "_local_scalar_dense":
+            if host_sync_name(name, func._overloadname, args, kwargs) is not None:  # omni_fast.testing.HostSyncs' rule
                 self.tr.syncs += 1
-            elif name not in _NO_KERNEL and not _is_view(func):
+            if name != "_local_scalar_dense" and name not in _NO_KERNEL and not _is_view(func):
                 self.tr.stats(f"aten:{name}").launches += 1
         return func(*args, **kwargs)
 
@@ -122,11 +122,6 @@ def _as_h100() -> list:
 
     mod.choose_splits = choose_splits
     return [(mod, "choose_splits", orig)]
-
-
-def _cuda_values_checkable(t, check_values=None) -> bool:
-    """``values_checkable`` as on a CUDA tensor: value checks (a kernel + a host sync) only when asked for."""
-    return bool(check_values)
 
 
 def _masked_ptrs(ptrs, mask) -> np.ndarray:
@@ -227,10 +222,8 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
     hooks = _builder_hooks(cur, unique, saved)
     ip.InterpretedFunction.run = _launch_hook(tr, state, cur, unique, run0)
     # Data-dependent input checks run only on CPU tensors (omni_fast.validation.values_checkable): count as on CUDA.
-    checkers = [(m, m.values_checkable) for name, m in list(sys.modules.items())
-                if name.startswith("omni_fast") and getattr(m, "values_checkable", None) is _validation.values_checkable]
-    for m, _ in checkers:
-        m.values_checkable = _cuda_values_checkable
+    checks = cuda_like_value_checks()
+    checks.__enter__()
     h100 = _as_h100()
     # omni_fast's custom ops call their backend's implementation directly, so the mode sees the ops inside.
     call0 = DispatchedOp.__call__
@@ -243,8 +236,7 @@ def _instrument(tr: Trace, state: dict, count_bytes: bool, unique: bool):
         yield
     finally:
         ip.InterpretedFunction.run = run0
-        for m, fn in checkers:
-            m.values_checkable = fn
+        checks.__exit__(None, None, None)
         for m, name, fn in h100:
             setattr(m, name, fn)
         DispatchedOp.__call__ = call0

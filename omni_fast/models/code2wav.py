@@ -42,6 +42,7 @@ from .. import fast_paths, ops
 from ..backend import graph_capturable
 from ..ops import mtp_layers
 from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
+from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _new_state, _restore_state,
@@ -263,7 +264,7 @@ class Code2WavStream:
         # offsets of the embedding lookup, W-1 as a device scalar (the int32 cache_seqlens come from one clamp) and
         # -(W-1) .. max bucket, whose slices are every push's frame and row offsets (_push_consts)
         keep = cfg.sliding_window - 1
-        self._code_offsets = torch.arange(cfg.num_quantizers, device=dev).view(1, -1, 1) * cfg.codebook_size
+        self._code_offsets = ref.codebook_offsets(cfg, dev)
         self._keep = torch.tensor(keep, device=dev)
         self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
         # the fast path code2wav_state_moves (opt-in until its gpu test has passed): conv states to move together
@@ -360,8 +361,7 @@ class Code2WavStream:
         their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
         t = codes.shape[-1]
-        # reference.code2wav.embed_codes with the offsets made once: mean of the G offset embeddings [B, t, H]
-        h = self._pre_transformer(F.embedding(codes + self._code_offsets, m.sd["code_embedding.weight"]).mean(1))
+        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes, self._code_offsets))
         wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
         st.pos += t
         st.frames += t
@@ -491,15 +491,6 @@ class Code2WavStream:
         self._state(name, x, new)
         return y
 
-    def _convnext_pointwise(self, i: int, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-        """``reference.code2wav.convnext_pointwise`` of upsampler ``i``, its gamma folded into pwconv2
-        (``Code2Wav._pwconv2``): no elementwise gamma launch. ``[B, C, T]``."""
-        sd, p = self.model.sd, f"upsample.{i}.1."
-        h = dw.permute(0, 2, 1)
-        h = F.layer_norm(h, (h.shape[-1],), sd[p + "norm.weight"], sd[p + "norm.bias"], 1e-6)
-        h = F.gelu(F.linear(h, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"]))
-        return x + F.linear(h, *self.model._pwconv2[i]).permute(0, 2, 1)
-
     def _convnet(self, x: torch.Tensor, leads: list[int] | None = None) -> torch.Tensor:
         """The upsamplers and the decoder on x ``[B, H, t]``; returns the new samples ``[B, 1, n]``.
 
@@ -513,7 +504,7 @@ class Code2WavStream:
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
             dw = self._conv(p + "1.dwconv.conv", x, groups=x.shape[1])
-            x = self._convnext_pointwise(i, x, dw)
+            x = ref.convnext_pointwise(sd, p + "1.", x, dw, pwconv2=self.model._pwconv2[i])  # gamma folded
         x = self._conv("decoder.0.conv", x)
         for i, r in enumerate(cfg.upsample_rates):
             p = f"decoder.{i + 1}.block."

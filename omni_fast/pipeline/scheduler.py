@@ -119,6 +119,7 @@ class StreamRun:
         self.thinker_time, self.thinker_steps = 0.0, 0
         self.text_ahead = getattr(adapter, "text_ahead", 1)
         self.codec_stops = set(getattr(adapter, "codec_stop_ids", (adapter.codec_eos,)))
+        self._stop_ids = None  # the stop ids as a device tensor, made at the first talker_min_new_tokens mask
 
     # ------------------------------------------------------------------------------------------------- thinker
     def events(self) -> Iterator[Event]:
@@ -227,8 +228,9 @@ class StreamRun:
         short = [len(history[i]) < o.talker_min_new_tokens if history else o.talker_min_new_tokens > 0
                  for i in range(logits.shape[0])]
         if any(short):
-            stops = torch.tensor(sorted(self.codec_stops), device=logits.device)
-            rows = torch.tensor(short, device=logits.device)
+            if self._stop_ids is None:
+                self._stop_ids = torch.tensor(sorted(self.codec_stops), device=logits.device)
+            stops, rows = self._stop_ids, torch.tensor(short, device=logits.device)
             logits = logits.clone()
             logits[:, stops] = torch.where(rows[:, None], float("-inf"), logits[:, stops])
         return self.a.codec_pick(logits, history, self.codec_sampler, o.talker_repetition_penalty)

@@ -191,11 +191,12 @@ class PersistentFrame:
         if not err.is_cuda:  # the live flag itself: reading it later costs no sync on the CPU
             self._err_seen = (err, None)
         elif not torch.cuda.is_current_stream_capturing():
-            host = torch.empty(1, dtype=err.dtype, pin_memory=True)
+            if getattr(self, "_err_host", None) is None:  # one pinned word and one event per frame object
+                self._err_host = (torch.empty(1, dtype=err.dtype, pin_memory=True), torch.cuda.Event())
+            host, event = self._err_host
             host.copy_(err, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
-            self._err_seen = (host, event)
+            self._err_seen = self._err_host
 
     def _raise_earlier_error(self) -> None:
         host, event = getattr(self, "_err_seen", (None, None))
