@@ -300,3 +300,28 @@ def test_whatif_cli_parses_its_arguments(capsys):
     with pytest.raises(SystemExit) as got:
         whatif.main(["0"])
     assert got.value.code == 2
+
+
+def test_model_cli_with_units_keeps_the_other_units_rows(tmp_path, monkeypatch, capsys):
+    """``python -m omni_fast.bench.model UNIT`` (the docs' before/after command) replaces that unit's row in the
+    default model.json and keeps every other row (it used to rewrite the file with the one unit); a subset never
+    writes a partial table into BENCHMARKS.md."""
+    from omni_fast.bench import model
+
+    results = model.RESULTS
+    for name in ("model.json", "launch_counts.json"):
+        (tmp_path / name).write_text((results / name).read_text())
+    monkeypatch.setattr(model, "RESULTS", tmp_path)
+    monkeypatch.setattr(model, "COUNTS", tmp_path / "launch_counts.json")
+    monkeypatch.setattr(model, "update_benchmarks", lambda text: pytest.fail("BENCHMARKS.md rewritten"))
+    saved = json.loads((tmp_path / "model.json").read_text())["units"]
+    assert len(saved) == len(UNITS)
+    assert model.main(["code2wav-push-B1-F1", "--saved-only", "--no-static"]) == 0
+    rows = json.loads((tmp_path / "model.json").read_text())["units"]
+    assert [r["unit"] for r in rows] == [r["unit"] for r in saved]
+    changed = [r["unit"] for r, s in zip(rows, saved) if r != s]
+    assert changed == ["code2wav-push-B1-F1"]  # --no-static changed its row, only its row
+    assert model.main(["code2wav-push-B1-F1", "--saved-only", "--json", str(tmp_path / "one.json"),
+                       "--update-benchmarks"]) == 1
+    assert [r["unit"] for r in json.loads((tmp_path / "one.json").read_text())["units"]] == ["code2wav-push-B1-F1"]
+    assert "not done" in capsys.readouterr().out
