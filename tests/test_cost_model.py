@@ -325,3 +325,25 @@ def test_model_cli_with_units_keeps_the_other_units_rows(tmp_path, monkeypatch, 
                        "--update-benchmarks"]) == 1
     assert [r["unit"] for r in json.loads((tmp_path / "one.json").read_text())["units"]] == ["code2wav-push-B1-F1"]
     assert "not done" in capsys.readouterr().out
+
+
+def test_statics_cli_under_the_interpreter_gives_facts_not_errors():
+    """``python -m omni_fast.bench.costmodel.statics NAME`` (the command the gate above names) with
+    ``TRITON_INTERPRET=1`` set, as everywhere here: real facts (it compiled under the interpreter and gave an
+    AttributeError row, merged as such); ``--help`` prints usage instead of compiling nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from omni_fast._layout import REPO_ROOT
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    name = "sample_kernel[bf16,V2048,topk,topp]"
+    run = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", name], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout.strip().splitlines()[-1])[name]
+    assert "error" not in row and row["regs"] > 0, row
+    run = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", "--help"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "static_sm90a.json" in run.stdout, run.stdout
