@@ -576,3 +576,21 @@ def test_scale_default_is_inverse_sqrt_head_dim():
     a = fa.flash_attn_func(q, q, q)
     b = fa.flash_attn_func(q, q, q, softmax_scale=1 / math.sqrt(16))
     torch.testing.assert_close(a, b)
+
+
+def test_module_swap_recipe(monkeypatch):
+    """docs/compat.md's recipe for code that imports ``flash_attn`` itself: the two module names installed, then the
+    imports such code writes (the package, its ``flash_attn_interface`` module, ``__version__`` for version gates)
+    work and call the omni-fast functions."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flash_attn", fa)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", fa)
+    flash_attn = importlib.import_module("flash_attn")
+    from flash_attn.flash_attn_interface import flash_attn_func  # noqa: F401 (the import is what is tested)
+
+    assert flash_attn.__version__.startswith(fa.FLASH_ATTN_VERSION + ".")
+    assert flash_attn_func is fa.flash_attn_func and flash_attn.flash_attn_with_kvcache is fa.flash_attn_with_kvcache
+    q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), fa.flash_attn_func(q, k, v, causal=True))

@@ -33,6 +33,9 @@ from .. import ops
 from ..validation import FLOAT_DTYPES, check_inference_only, check_tensor
 
 FLASH_ATTN_VERSION = "2.8"
+# flash-attn's package attribute: code that gets this module as ``flash_attn`` (docs/compat.md's module swap) reads
+# ``flash_attn.__version__`` for its version gates; 2.8.3 is the 2.8 line's newest release (same signatures).
+__version__ = "2.8.3"
 
 
 def _inference_only(name: str, dropout_p, **tensors) -> None:
