@@ -559,6 +559,10 @@ def test_kvcache_bad_input_names_the_argument(over, exc, match):
      "v must have shape"),
     (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16), rand(1, 2, 2, 16), dropout_p="x"), TypeError,
      "dropout_p"),
+    (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16).half(), rand(1, 2, 2, 16)), TypeError,
+     "^k must have the same dtype as q"),  # (was named k_cache, the KV-cache op's name underneath)
+    (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16), rand(1, 2, 2, 16).half()), TypeError,
+     "^v must have the same dtype as q"),
     (lambda: fa.flash_attn_varlen_func(rand(3, 2, 16), rand(3, 2, 16), rand(3, 2, 16), _cu([3]), _cu([3]), 3, 3,
                                        block_table=torch.zeros(1, 1, dtype=torch.int32)), ValueError,
      "k must have 4 dimensions"),

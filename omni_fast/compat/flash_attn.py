@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..validation import FLOAT_DTYPES, check_inference_only, check_tensor
+from ..validation import FLOAT_DTYPES, check_inference_only, check_same_dtype, check_tensor
 
 FLASH_ATTN_VERSION = "2.8"
 # flash-attn's package attribute: code that gets this module as ``flash_attn`` (docs/compat.md's module swap) reads
@@ -66,6 +66,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
     check_tensor("k", k, shape=(q.shape[0], None, None, q.shape[3]))
     check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
+    check_same_dtype(q=q, k=k, v=v)
     out, lse = ops.flash_attn_with_kvcache(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                            return_softmax_lse=True, flash_attn_lse=True)
