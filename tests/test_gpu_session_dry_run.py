@@ -166,3 +166,13 @@ def test_memcheck_step_probes_the_sanitizer_first(tmp_path):
     got = session_tools.summarize_memcheck(ctx, tmp_path, {"status": "failed"})
     assert got["status"] == "skipped" and got["sanitizer"] == "unavailable"
     assert "Device not supported" in got["reason"]
+
+
+def test_a_python_without_torch_is_named_before_any_install(tmp_path):
+    """``bash scripts/gpu_session.sh first-light --dry-run`` with the default ``python3`` lacking torch: one line
+    naming PYTHON, exit 2 (it pip-installed omni-fast into that python and failed inside its setuptools)."""
+    env = dict(os.environ, PYTHON="false", OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", "scripts/gpu_session.sh", "first-light", "--dry-run"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "set PYTHON" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "out" / "install.log").exists()
