@@ -197,7 +197,7 @@ def demo(args) -> int:
     print(f"wrote {args.out}: {wav.numel() / 24000:.2f} s of 24 kHz 16-bit mono audio ({len(audio)} streamed chunks)")
     if note:
         print(f"  level: {note}" + ("" if args.checkpoint else " (random weights: the speech is noise)"))
-    print(_latency_table(timing, on_gpu))
+    print(_latency_table(timing, on_gpu, qwen3=getattr(args, "model", "qwen3-omni") == "qwen3-omni"))
     return 0
 
 
@@ -205,15 +205,19 @@ REPORT = {"preprocessing": 72, "thinker TTFT": 88, "talker TTFT": 57, "MTP per f
           "first audio packet": 234, "thinker tokens/s": 75, "talker tokens/s": 140, "RTF": 0.47}
 
 
-def _latency_table(t, on_gpu: bool) -> str:
-    lines = ["", "latency (this run" + ("" if on_gpu else ", CPU: not speed") + ")   vs technical report (conc. 1)"]
+def _latency_table(t, on_gpu: bool, qwen3: bool = True) -> str:
+    """The latency table; the report column (Qwen3-Omni's technical report) only for Qwen3-Omni. Qwen2.5-Omni has no
+    MTP: its talker's code is the whole frame, so the pipeline's frame stage is named "frame step" there."""
+    lines = ["", "latency (this run" + ("" if on_gpu else ", CPU: not speed") + ")" +
+             ("   vs technical report (conc. 1)" if qwen3 else "   (Qwen2.5-Omni: no report figures to compare)")]
+    rename = {} if qwen3 else {"MTP per frame": "frame step", "MTP": "frame step"}
     for name, value in t.table():
-        ref = REPORT.get(name)
+        ref = REPORT.get(name) if qwen3 else None
         ref_s = "" if ref is None else (f"{ref} ms" if "ms" in value else f"{ref}")
-        lines.append(f"  {name:<20} {value:>14}   {ref_s}")
+        lines.append(f"  {rename.get(name, name):<20} {value:>14}   {ref_s}".rstrip())
     total = sum(t.stages.values()) or 1.0
     lines += ["", f"where the time went ({t.total * 1e3:.1f} ms wall, stages run interleaved):"]
-    for name, sec in sorted(t.stages.items(), key=lambda kv: -kv[1]):
+    for name, sec in sorted(((rename.get(n, n), s) for n, s in t.stages.items()), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<16} {sec * 1e3:9.1f} ms  {100 * sec / total:5.1f} %  " + "#" * int(40 * sec / total))
     return "\n".join(lines)
 

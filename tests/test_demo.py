@@ -214,6 +214,8 @@ def test_demo_qwen2_5_omni_writes_wav(tmp_path):
     text = proc.stdout
     assert "Qwen2.5-Omni" in text and "NOT speed" in text and "first audio packet" in text
     assert "Qwen2_5OmniTalkerModel: decode steps" in text  # the patch report
+    latency = text[text.index("latency ("):]  # Qwen3-Omni's report figures and MTP rows are not Qwen2.5's
+    assert "technical report" not in latency and "MTP" not in latency and "frame step" in latency
     with wave.open(str(out), "rb") as f:
         assert f.getframerate() == 24000 and f.getnframes() > 0
 
