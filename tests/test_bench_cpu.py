@@ -120,6 +120,10 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
     assert "| toy T=64 | peer | skipped |" in saved.with_suffix(".md").read_text()
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
+    # a mistyped --providers name: the run fails and says so (it gave an empty, "clean" run)
+    assert harness.run_gpu([case], preset="quick", providers=["eager", "eagr"], out_dir=tmp_path / "typo") == 1
+    assert "no case has the provider(s) ['eagr']" in capsys.readouterr().out
+    assert harness.run_gpu([case], preset="quick", providers=["eager"], out_dir=tmp_path / "ok") == 0
 
 
 def test_peers_are_optional():
