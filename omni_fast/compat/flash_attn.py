@@ -38,6 +38,12 @@ FLASH_ATTN_VERSION = "2.8"
 __version__ = "2.8.3"
 
 
+def _contiguous_last(x):
+    """flash-attn's ``maybe_contiguous`` (applied to q, k, v by every 2.8 function, and by vLLM's fork): a copy
+    only when the last dimension is strided; anything else as it is (the checks below name it)."""
+    return x.contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
+
+
 def _inference_only(name: str, dropout_p, **tensors) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
@@ -61,6 +67,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
     """
     _inference_only("flash_attn_func", dropout_p, q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
     # named here as flash-attn names them (the KV-cache op below would call them k_cache / v_cache)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
@@ -101,6 +108,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     the grid is then sized by the token count, no host sync).
     """
     _inference_only("flash_attn_varlen_func", dropout_p, q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
     out, lse = ops.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                      return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -136,6 +144,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     then attend q ``[B, Sq, Hq, D]`` to keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out
     ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))  # (not the caches: written in place, flash-attn asserts)
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                        window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
