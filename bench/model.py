@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--static", action="store_true", help="recompile the sm_90a facts (~5 min; else the saved ones)")
     p.add_argument("--calibrate", type=Path, default=None, help="JSON of measured constants / a bench result")
     args = p.parse_args(argv)
+    if args.calibrate is not None and not args.calibrate.is_file():
+        p.error(f"--calibrate: no such file: {args.calibrate}")
     if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is first imported: re-run with it
         import subprocess
 
@@ -240,7 +242,11 @@ def main(argv=None) -> int:
     from omni_fast.bench.costmodel.statics import facts
 
     if args.calibrate:
-        constants.calibrate(args.calibrate)
+        try:
+            constants.calibrate(args.calibrate)
+        except ValueError as exc:  # (a JSON error is a ValueError too)
+            print(f"--calibrate {args.calibrate}: {exc}", file=sys.stderr)
+            return 2
     units = _select(all_units(), args.units)
     if not units:
         print(f"no unit matches {args.units}")

@@ -347,3 +347,26 @@ def test_statics_cli_under_the_interpreter_gives_facts_not_errors():
     run = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", "--help"], env=env,
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "static_sm90a.json" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("bad", [{"hbm_bytes_per_s": "fast"}, {"mma_flops_per_s": 0}, {"sms": float("nan")},
+                                 {"graph_node_s": -1e-6}, {"sms": True}])
+def test_calibrate_refuses_a_bad_constant_naming_it(bad):
+    """A measured constant that is not a positive finite number (a latency may be 0) is refused by name; it failed
+    later, inside a prediction, with a TypeError or a division by zero."""
+    from omni_fast.bench.costmodel import constants
+
+    try:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            constants.calibrate(bad)
+        assert constants.calibrate({"sync_s": 0}).sync_s == 0
+    finally:
+        constants.calibrate(None)
+
+
+def test_model_cli_names_a_missing_calibration_file(capsys):
+    from omni_fast.bench import model
+
+    with pytest.raises(SystemExit) as exc:
+        model.main(["rope-thinker-T1", "--calibrate", "/nonexistent/calibration.json"])
+    assert exc.value.code == 2 and "--calibrate: no such file" in capsys.readouterr().err
