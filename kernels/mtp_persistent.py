@@ -6,8 +6,12 @@ residual as in :mod:`.mtp_gemv`), attention per (sequence, kv head), sampling pe
 Program ``p`` of ``P`` takes items ``p, p + P, p + 2P, ...``. Before an item it waits until each of its (at most
 two) counters reaches its target (an acquire read of the counter); after it, every thread of the program passes a
 barrier and one release ``atomic_add`` bumps the item's counter. A wait that spins more than ``spin_limit`` times
-(or sees another program's error) writes ``item index + 1`` into the error flag and the program exits: the kernel
-never hangs. The last item zeroes the counters for the next launch.
+writes ``item index + 1`` into the error flag; from then on (and in a launch that starts with the flag set) every
+wait returns at once and the programs DRAIN: they walk their remaining items running only the ``rvq`` items, which
+write the call's outputs from the codes buffer (every entry a valid code), signal nothing and exit. So the kernel
+never hangs, and a tripped launch still returns defined, in-range codes (no uninitialised ids reach the embedding
+gathers downstream). The last item zeroes the counters for the next launch (drained too after a trip:
+``PersistentFrame.reset``).
 
 Every item reuses the tile function of today's one-op kernels (:func:`.mtp_gemv.gemv_tile`,
 :func:`.mtp_layers.attention_tile`, :func:`.sampling.sample_row`, :func:`.rvq.rvq_tile`), so each output element is
@@ -87,6 +91,8 @@ def _wait(ctr_ptr, err_ptr, row, f: tl.constexpr, item, spin_limit):
             n += 1
         if v < target:
             tl.atomic_cas(err_ptr, 0, (item + 1).to(tl.int32), sem="relaxed", scope="gpu")
+            ok = 0
+        if e != 0:
             ok = 0
     return ok
 
@@ -267,7 +273,12 @@ def mtp_frame_kernel(
                 tl.atomic_add(ctr_ptr + sig, 1, sem="release", scope="gpu")
             i += step
         else:
-            i = n_items  # watchdog: leave (the error flag says which item timed out)
+            # drain (the wait timed out, or the error flag is set): no waiting; only the items that write the
+            # call's outputs run, so a tripped frame still returns defined, in-range outputs
+            if tl.load(row) == 9:
+                _rvq(row, prm, c0_ptr, codes_out_ptr, next_ptr, DT, G, BLOCK_G, RVQ_BLOCK)
+                tl.debug_barrier()
+            i += step
 
 
 def _static_signature(dt: str) -> dict:

@@ -188,7 +188,10 @@ def sample_row(
         best = tl.maximum(best, bm)
 
     if GREEDY:
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
+        # (every id stored below is clamped into [0, V): a pick is an id whose score equals the block max, so it is
+        # in range by construction, but the clamp keeps that true whatever the floating-point max does with NaN or
+        # denormal scores; the ids index embedding tables next, where out of range means an illegal read)
+        tl.store(out_ptr + row, tl.minimum(best_idx, V - 1).to(tl.int64))
     else:
         m = best
         m_exp = tl.where(m == float("-inf"), 0.0, m)  # every id suppressed: no NaN from exp(-inf - -inf)
@@ -220,7 +223,7 @@ def sample_row(
             bi = tl.min(tl.where(r == bm, offs, 2147483647), 0)
             best_idx = tl.where(bm > best, bi, best_idx)
             best = tl.maximum(best, bm)
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
+        tl.store(out_ptr + row, tl.minimum(best_idx, V - 1).to(tl.int64))
 
 
 def block_size(V: int) -> int:

@@ -75,6 +75,7 @@ PATHS: tuple[FastPath, ...] = (
              "patch() builds the code predictor (docs/persistent.md)",
              ("tests/test_persistent.py::test_gpu_persistent_matches_fused_bf16[1]",
               "tests/test_persistent.py::test_gpu_watchdog_with_a_full_grid",
+              "tests/test_persistent_watchdog.py::test_gpu_graph_replay_that_trips_is_reported_and_defined",
               "tests/test_guarded_allocations.py::test_gpu_persistent_mtp_real_shapes_writes_inside[64]")),
     FastPath("fused_step", "OMNI_FAST_FUSED_STEP",
              "thinker and talker decode steps as 3 phase-fused launches per layer (MoeTextDecoder(fused=True)) "

@@ -273,8 +273,17 @@ def test_gpu_watchdog_with_a_full_grid():
     frame(h, c0, None, seed)  # compile; from now on the co-resident grid
     assert frame.error() == 0
     victim = next(i for i, it in enumerate(frame.schedule.items) if it.op == "down")
+    wait = frame.items[victim, 1:3].clone()
     frame.items[victim, 1:3] = torch.tensor([0, 10**6], device="cuda")
-    frame(h, c0, None, seed, spin_limit=1 << 16)
+    codes, nxt = frame(h, c0, None, seed, spin_limit=1 << 16)
     torch.cuda.synchronize()
     assert frame.error() >= 1  # some program timed out (the victim, or one waiting behind it) and all returned
+    # every program drained: the outputs are written, in range (tests/test_persistent_watchdog.py on the CPU)
+    assert torch.equal(codes[:, 0], c0) and ((codes >= 0) & (codes < 2048)).all() and torch.isfinite(nxt).all()
+    with pytest.raises(PersistentError):  # the copy of the flag has landed (synchronized above)
+        frame(h, c0, None, seed)
+    frame.items[victim, 1:3] = wait
     frame.reset()
+    frame(h, c0, None, seed)
+    torch.cuda.synchronize()
+    assert frame.error() == 0

@@ -79,14 +79,17 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
         raise ValueError(f"global_num_experts must be -1 or {expected} (the "
                          f"{'expert_map size' if expert_map is not None else 'number of experts in w1'}), got "
                          f"{global_num_experts}")
-    topk_weights, topk_ids = _skip_invalid_ids(topk_weights, topk_ids, expected)
+    check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=2)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=tuple(topk_ids.shape))
     hidden_in, topk_weights, topk_ids, fold = hidden_states, topk_weights, topk_ids, 0
     if check_bool("apply_router_weight_on_input", apply_router_weight_on_input):
         hidden_in, topk_weights, topk_ids, fold = _weights_on_input(hidden_states, topk_weights, topk_ids)
-    out = _moe.moe_experts(hidden_in, experts if experts is not None else w1, None if experts is not None else w2,
-                           topk_weights, topk_ids, activation=activation, expert_map=expert_map)
+    # check_ids=False: pairs whose id is outside [0, expected) (vLLM 0.34's skipped ids) contribute exactly zero
+    # inside every backend of the native op (no masking launches, no host sync; see omni_fast.ops.moe._experts)
+    out = _moe._experts(hidden_in, experts if experts is not None else w1, None if experts is not None else w2,
+                        topk_weights, topk_ids, activation, expert_map, check_ids=False)
     if fold:  # one row per (token, slot): sum each token's k rows
-        out = out.view(hidden_states.shape[0], fold, -1).sum(1)
+        out = out.view(hidden_states.shape[0], fold, hidden_states.shape[1]).sum(1)
     if check_bool("inplace", inplace):  # computed apart, then copied: out never aliases the input it reads
         return hidden_states.copy_(out)
     return out
@@ -94,27 +97,18 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
 
 def _weights_on_input(hidden_states, topk_weights, topk_ids):
     """``apply_router_weight_on_input``: the weight scales the expert's input (the first GEMM is linear:
-    ``(w x) W1 == w (x W1)``, which is where vLLM 0.34 applies it) and the output side gets weight 1.
+    ``(w x) W1 == w (x W1)``, which is where vLLM 0.34 applies it) and the output side gets weight 1. Pairs with
+    an invalid id keep it: the experts drop them (a NaN weight there scales a row nobody reads).
     Top-1: the input is scaled in place of a copy (one elementwise launch). Top-k > 1 (vLLM 0.34 accepts it; each
     pair has its own weight): one scaled row per pair, ``[T*k, H]``, routed top-1, summed back by the caller
     (``fold = k``; k times the activation bytes, 2 extra launches). Returns (hidden_in, weights, ids, fold)."""
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, ndim=2)
-    T, k = topk_weights.shape
+    (T, k), H = topk_weights.shape, hidden_states.shape[1]  # shapes spelled out: T may be 0
     scaled = hidden_states[:, None, :] * topk_weights.to(hidden_states.dtype)[:, :, None]  # [T, k, H]
     ones = torch.ones(T * k, 1, dtype=topk_weights.dtype, device=topk_weights.device)
     if k == 1:
-        return scaled.view(T, -1), ones, topk_ids, 0
-    return scaled.view(T * k, -1), ones, topk_ids.reshape(T * k, 1), k
-
-
-def _skip_invalid_ids(topk_weights, topk_ids, num_ids: int):
-    """Pairs whose id is outside ``[0, num_ids)`` (vLLM 0.34: ``ignore_invalid_experts=True``, e.g. the -1 ids
-    of padding rows) get weight 0 and id 0: they add zero (5 tiny elementwise launches over ``[T, k]``, no host
-    sync)."""
-    check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=2)
-    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=tuple(topk_ids.shape))
-    valid = (topk_ids >= 0) & (topk_ids < num_ids)
-    return torch.where(valid, topk_weights, 0), torch.where(valid, topk_ids, 0)
+        return scaled.view(T, H), ones, topk_ids, 0
+    return scaled.view(T * k, H), ones, topk_ids.reshape(T * k, 1), k
 
 
 def topk_softmax(topk_weights, topk_ids, token_expert_indices, gating_output, renormalize=False,

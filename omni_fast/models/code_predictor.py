@@ -369,6 +369,7 @@ class CodePredictor(torch.nn.Module):
                 self._persistent.clear()
             frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
                                                             seed.numel() > 1, c0_embed is not None)
+        self._last_persistent = frame  # (a _FrameGraph being built watches the frame its body launches)
         return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
     def _constants(self, device, B, dtype) -> dict:
@@ -485,16 +486,22 @@ class _FrameGraph:
         self.seed = torch.zeros(bucket if per_row else 1, dtype=torch.long, device=device)
         run = self._run = lambda: model.frame(self.x, self.c0, self.c0_embed, self.seed, sampling,  # noqa: E731
                                               None, fused)
+        model._last_persistent = None
         if torch.device(device).type != "cuda":
             # No CUDA: emulate replay (same static buffers, padding and outputs) by running the frame eagerly; this
             # lets the CPU tests cover the bucket logic.
             self.graph = None
             self.codes, self.next_input = run()
-            return
-        # (the warm-up compiles the kernels and fills the constant caches)
-        self.graph, (self.codes, self.next_input) = capture(run, device)
+        else:
+            # (the warm-up compiles the kernels and fills the constant caches)
+            self.graph, (self.codes, self.next_input) = capture(run, device)
+        # The persistent frame the body launched (None on the graph-of-kernels path): a replay runs no Python, so
+        # run() does the frame's watchdog check and records its flag copy around each replay.
+        self.watched = model.__dict__.pop("_last_persistent", None)
 
     def run(self, x, c0, c0_embed, seed):
+        if self.graph is not None and self.watched is not None:
+            self.watched.check()  # PersistentError once an earlier replay's (or eager call's) trip has landed
         B = x.shape[0]
         self.x[:B].copy_(x)
         self.c0[:B].copy_(c0)
@@ -510,6 +517,8 @@ class _FrameGraph:
             self.next_input.copy_(nxt)
         else:
             self.graph.replay()
+            if self.watched is not None:
+                self.watched.watch.record()  # the flag's copy + event after the replay: no sync, no allocation
         return self.codes[:B].clone(), self.next_input[:B].clone()
 
 

@@ -208,13 +208,16 @@ def _check_experts(hidden_states, w13, w2, activation, expert_map) -> tuple[int,
     return E, num_global, inter
 
 
-def _check_routing(topk_weights, topk_ids, T: int, num_global: int, dev) -> None:
+def _check_routing(topk_weights, topk_ids, T: int, num_global: int, dev, check_ids: bool = True) -> None:
+    """topk_ids int / topk_weights float ``[T, k]`` on ``dev``, ``1 <= k <= num_global``; with ``check_ids`` the
+    ids' values lie in ``[0, num_global)`` (where values are checkable: see :func:`_experts`)."""
     check_tensor("topk_ids", topk_ids, dtypes=INT_DTYPES, ndim=2, device=dev)
     k = topk_ids.shape[1]
     check_tensor("topk_ids", topk_ids, shape=(T, k))
     check_positive_int("top_k (topk_ids.shape[1])", k, maximum=num_global)
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, shape=(T, k), device=dev)
-    check_index_range("topk_ids", topk_ids, 0, num_global)
+    if check_ids:
+        check_index_range("topk_ids", topk_ids, 0, num_global)
 
 
 def _check_out(out, hidden_states, **inputs) -> torch.Tensor:
@@ -236,17 +239,34 @@ def moe_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     hidden_states ``[T, H]`` (fp16/bf16/fp32), w13 ``[E, 2I, H]`` (gate rows then up rows; transformers'
     ``gate_up_proj``), w2 ``[E, H, I]`` (``down_proj``), same dtype; topk_weights float ``[T, k]``; topk_ids int
     ``[T, k]`` global expert ids. ``expert_map`` (int32 ``[E_global]``, values in ``[-1, E)``) maps global ids to
-    the rows of w13/w2 held here; pairs routed to -1 contribute zero. Returns ``out`` ``[T, H]``.
+    the rows of w13/w2 held here; pairs routed to -1 contribute zero. Ids outside ``[0, E_global)`` raise
+    ``ValueError`` where values are checkable (CPU tensors; vLLM's ``fused_experts`` skips them instead, through
+    the internal :func:`_experts`). Returns ``out`` ``[T, H]``.
 
     Quantized experts: ``w13`` a :class:`~omni_fast.ops.quant.QuantizedExperts` (FP8 block W8A8 or INT4 W4A16)
     and ``w2=None`` (:mod:`omni_fast.ops.moe_quant`).
     """
+    return _experts(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, out, backend)
+
+
+def _experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", expert_map=None, out=None,
+             backend=None, *, check_ids: bool = True) -> torch.Tensor:
+    """:func:`moe_experts`, with the internal switch ``check_ids``.
+
+    ``check_ids=True`` (the native op): ids outside ``[0, E_global)`` raise ``ValueError`` where values are
+    checkable (CPU tensors outside tracing). ``check_ids=False`` (vLLM's ``fused_experts``,
+    :mod:`omni_fast.compat.vllm`): such pairs (e.g. the -1 of padding rows) contribute exactly zero, whatever their
+    weight, with no extra launch and no host sync, because every backend of the op already drops them: Triton
+    (float and quantized: the alignment does not count them, the combine skips their rows), reference (float and
+    quantized: :func:`omni_fast.reference.moe.fused_moe` leaves them out), and ``"cuda"`` (this op has no CUDA C++
+    twin: it runs the Triton path).
+    """
     if isinstance(w13, QuantizedExperts):
         return fused_moe_quantized(hidden_states, w13, w2, topk_weights, topk_ids, activation=activation,
-                                   expert_map=expert_map, out=out, backend=backend)
+                                   expert_map=expert_map, out=out, backend=backend, check_ids=check_ids)
     E, num_global, _ = _check_experts(hidden_states, w13, w2, activation, expert_map)
     T = hidden_states.shape[0]
-    _check_routing(topk_weights, topk_ids, T, num_global, hidden_states.device)
+    _check_routing(topk_weights, topk_ids, T, num_global, hidden_states.device, check_ids)
     out = _check_out(out, hidden_states, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                      expert_map=expert_map)
     topk_weights, topk_ids = topk_weights.contiguous(), topk_ids.contiguous()

@@ -78,8 +78,10 @@ def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add,
 
 
 def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, activation="silu", expert_map=None,
-                        out=None, backend=None) -> torch.Tensor:
-    """:func:`omni_fast.ops.moe_experts` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``."""
+                        out=None, backend=None, check_ids: bool = True) -> torch.Tensor:
+    """:func:`omni_fast.ops.moe_experts` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``.
+    ``check_ids=False``: ids outside ``[0, E_global)`` contribute zero instead of raising (see
+    :func:`omni_fast.ops.moe._experts`)."""
     from .moe import ACTIVATIONS, _check_expert_map, _check_out, _check_routing
 
     check_tensor("hidden_states", hidden_states, dtypes=ACT_DTYPES, ndim=2, last_dim_contiguous=True)
@@ -90,7 +92,7 @@ def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, a
     if expert_map is not None:
         _check_expert_map(expert_map, None, experts.num_experts, hidden_states.device)
         num_global = expert_map.numel()
-    _check_routing(topk_weights, topk_ids, hidden_states.shape[0], num_global, hidden_states.device)
+    _check_routing(topk_weights, topk_ids, hidden_states.shape[0], num_global, hidden_states.device, check_ids)
     out = _check_out(out, hidden_states)
     return _call(hidden_states, experts, topk_weights.contiguous(), topk_ids.contiguous(), expert_map, None, out,
                  backend)

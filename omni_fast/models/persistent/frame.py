@@ -17,6 +17,7 @@ from ...kernels.launch import interpreting, launch
 from ...kernels.mtp_gemv import gemv_blocks
 from ...kernels.sampling import NWAY, block_size
 from .schedule import FrameShape, build_frame, check_schedule
+from .watch import FlagWatch
 
 NUM_WARPS = 4  # the GEMV / attention kernels' warps (the sampler's 8 spill with everything else inlined)
 # Spins per wait before the watchdog gives up. One spin is an L2 round trip or two (~0.1-1 us), so 2^22 is ~0.4-4 s:
@@ -26,7 +27,8 @@ SPIN_LIMIT = 1 << 22
 
 
 class PersistentError(RuntimeError):
-    """The persistent kernel's watchdog fired: a wait did not complete within the spin limit."""
+    """The persistent kernel's watchdog fired in an earlier launch (eager or a graph replay): a wait did not complete
+    within the spin limit. Raised by the next call once the flag's copy has reached the host; :meth:`reset`."""
 
 
 class PersistentFrame:
@@ -87,6 +89,10 @@ class PersistentFrame:
                             and all(prm[k] % 16 == 0 for k in ("cos", "sin", "resid", "codes"))
                             and d % 16 == 0)
         self.grid = 1 if interpreting() else grid
+        self.spin_limit = SPIN_LIMIT  # per frame: a graph captures the value of its capture time
+        # the error flag seen from the host without a sync; eager calls record it themselves, a graph that
+        # captured this frame records it after each replay (code_predictor._FrameGraph)
+        self.watch = FlagWatch(ws["err"])
 
     # --- item table ---------------------------------------------------------------------------------------------
 
@@ -141,10 +147,14 @@ class PersistentFrame:
     # --- one frame ----------------------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, c0: torch.Tensor, c0_embed: torch.Tensor | None, seed: torch.Tensor,
-                 *, spin_limit: int = SPIN_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+                 *, spin_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, H]`` (model dtype, contiguous), c0 int64 ``[B]``, c0_embed ``[B, H]`` or None (as built), seed
-        int64 ``[1]`` or ``[B]`` (as built). Returns ``codes`` int64 ``[B, G]`` and ``next_input`` ``[B, H]``."""
-        self._raise_earlier_error()
+        int64 ``[1]`` or ``[B]`` (as built). Returns ``codes`` int64 ``[B, G]`` and ``next_input`` ``[B, H]``
+        (defined even when this launch's watchdog trips: column 0 is ``c0``, every other code lies in
+        ``[0, vocab)``, ``next_input`` is a finite embedding sum of valid ids; docs/persistent.md, Watchdog).
+        ``spin_limit``: spins per wait (default :attr:`spin_limit`). Raises :class:`PersistentError` when an
+        earlier launch tripped (seen without a host sync)."""
+        self.check()
         s, ws, m = self.shape, self.ws, self.model
         B, H, G = s.B, s.hidden, s.groups
         codes = torch.empty(B, G, dtype=torch.long, device=x.device)
@@ -157,7 +167,8 @@ class PersistentFrame:
         grid = self.grid or co_resident_grid(self, x.device)
         compiled = launch(
             K.mtp_frame_kernel, (grid,),
-            self.items, self.items.shape[0], ws["counters"], ws["err"], int(spin_limit), self.params,
+            self.items, self.items.shape[0], ws["counters"], ws["err"],
+            int(self.spin_limit if spin_limit is None else spin_limit), self.params,
             x, c0, c0_embed if c0_embed is not None else x, seed, codes, nxt,
             float(m.config.rms_norm_eps), float(d**-0.5), 1.0 / float(temperature), 1.0 - float(top_p),
             BK_H=gemv_blocks(0, 0, H)["BLOCK_K"], BK_O=gemv_blocks(0, 0, s.nq * d)["BLOCK_K"],
@@ -178,35 +189,21 @@ class PersistentFrame:
             # first GPU launch: one program per SM (co-resident whenever the kernel runs at all); from now on the
             # occupancy of the compiled kernel
             self._compiled = compiled
-        self._watch_error()
+        # The flag's copy, for the next call's check (inside a capture this does nothing: the graph's replays
+        # record it). Without the check, every frame after a trip would skip its work (drain: defined, in-range
+        # but meaningless outputs) until reset(), silently.
+        self.watch.record()
         return codes, nxt
 
-    # The watchdog's flag, seen without a host sync: after each eager launch the flag is copied to pinned host
-    # memory behind an event; the next call raises if that copy has landed and holds an error. Without this, every
-    # frame after a watchdog trip would skip its work and return garbage codes until reset(), silently. (The frame
-    # that tripped still returns undefined codes: only a sync could stop it. Replays of a captured CUDA graph do not
-    # come through here: error() is the check there.)
-    def _watch_error(self) -> None:
-        err = self.ws["err"]
-        if not err.is_cuda:  # the live flag itself: reading it later costs no sync on the CPU
-            self._err_seen = (err, None)
-        elif not torch.cuda.is_current_stream_capturing():
-            if getattr(self, "_err_host", None) is None:  # one pinned word and one event per frame object
-                self._err_host = (torch.empty(1, dtype=err.dtype, pin_memory=True), torch.cuda.Event())
-            host, event = self._err_host
-            host.copy_(err, non_blocking=True)
-            event.record()
-            self._err_seen = self._err_host
-
-    def _raise_earlier_error(self) -> None:
-        host, event = getattr(self, "_err_seen", (None, None))
-        if host is None or (event is not None and not event.query()):
-            return
-        flag = host.tolist()[0]  # host memory (pinned, or the CPU's own flag): no device read, no sync
+    def check(self) -> None:
+        """Raise :class:`PersistentError` if an earlier launch's (or replay's) flag copy has landed holding an
+        error. No host sync: a copy still in flight is looked at by a later call."""
+        flag = self.watch.tripped()
         if flag:
             raise PersistentError(f"the persistent MTP frame's watchdog fired in an earlier call (item {flag - 1} "
-                                  "waited longer than the spin limit): its codes and every later frame's are not "
-                                  "valid; call reset() (a hang: please report it with the batch size and device)")
+                                  "waited longer than the spin limit): its codes (defined and in range, but not "
+                                  "the model's) and every later frame's are not valid; call reset() (a hang: "
+                                  "please report it with the batch size and device)")
 
     def error(self) -> int:
         """0, or the index + 1 of the first item whose wait timed out (a host sync: call it in tests / on
@@ -214,9 +211,11 @@ class PersistentFrame:
         return int(self.ws["err"].item())
 
     def reset(self) -> None:
+        """Zero the counters and the error flag (stream-ordered after the launch that tripped) and forget the
+        recorded flag: the next frame runs the whole schedule again."""
         self.ws["counters"].zero_()
         self.ws["err"].zero_()
-        self._err_seen = (None, None)
+        self.watch.clear()
 
 
 def _addr(t: torch.Tensor, elems: int = 0) -> int:
