@@ -20,10 +20,11 @@ def test_bench_cli_on_cpu():
     # The static report is left out here: tests/test_static_sm90.py runs the same check (and it takes a while).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static",
+                          "--providers", "eager"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    assert "--providers eager: not used without a GPU" in out  # (was ignored silently)
     assert "speed needs a GPU" in out
     assert "thinker rope T=1 " in out and "FAIL" not in out
     assert "Checks: all passed" in out
