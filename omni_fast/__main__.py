@@ -200,28 +200,33 @@ def demo(args) -> int:
     if not audio:  # (an empty WAV said nothing about why)
         print(f"  no speech: the talker made no codec frame (it stopped at once, or --talker-max-new-tokens "
               f"{args.talker_max_new_tokens} allows at most {args.talker_max_new_tokens - 1})")
-    print(_latency_table(timing, on_gpu, qwen3=getattr(args, "model", "qwen3-omni") == "qwen3-omni"))
+    print(_latency_table(timing, on_gpu))
     return 0
 
 
 REPORT = {"preprocessing": 72, "thinker TTFT": 88, "talker TTFT": 57, "MTP per frame": 14, "codec per code": 3,
           "first audio packet": 234, "thinker tokens/s": 75, "talker tokens/s": 140, "RTF": 0.47}
+# Per model family: (the reference column's heading, the published numbers by row). Qwen3-Omni: its technical
+# report's single-concurrency budget (/work/shared/qwen-omni-facts.md). Qwen2.5-Omni publishes no per-stage latency:
+# its column is "-" throughout (no number is made up).
+REFERENCES = {"qwen3-omni": ("vs technical report (conc. 1)", REPORT),
+              "qwen2.5-omni": ("reference: - (Qwen2.5-Omni publishes no per-stage latency)", {})}
 
 
-def _latency_table(t, on_gpu: bool, qwen3: bool = True) -> str:
-    """The latency table; the report column (Qwen3-Omni's technical report) only for Qwen3-Omni. Qwen2.5-Omni has no
-    MTP: its talker's code is the whole frame, so the pipeline's frame stage is named "frame step" there."""
-    lines = ["", "latency (this run" + ("" if on_gpu else ", CPU: not speed") + ")" +
-             ("   vs technical report (conc. 1)" if qwen3 else "   (Qwen2.5-Omni: no report figures to compare)")]
-    rename = {} if qwen3 else {"MTP per frame": "frame step", "MTP": "frame step"}
+def _latency_table(t, on_gpu: bool) -> str:
+    """The request's latency rows (its family's: ``t.table()``) beside the published numbers where they exist,
+    then the batch's stage split."""
+    heading, report = REFERENCES.get(t.family, REFERENCES["qwen3-omni"])
+    lines = ["", "latency (this run" + ("" if on_gpu else ", CPU: not speed") + ")   " + heading]
     for name, value in t.table():
-        ref = REPORT.get(name) if qwen3 else None
-        ref_s = "" if ref is None else (f"{ref} ms" if "ms" in value else f"{ref}")
-        lines.append(f"  {rename.get(name, name):<20} {value:>14}   {ref_s}".rstrip())
+        ref = report.get(name)
+        ref_s = ("" if report else "-") if ref is None else (f"{ref} ms" if "ms" in value else f"{ref}")
+        lines.append(f"  {name:<20} {value:>14}   {ref_s}")
     total = sum(t.stages.values()) or 1.0
     lines += ["", f"where the time went ({t.total * 1e3:.1f} ms wall, stages run interleaved):"]
-    for name, sec in sorted(((rename.get(n, n), s) for n, s in t.stages.items()), key=lambda kv: -kv[1]):
-        lines.append(f"  {name:<16} {sec * 1e3:9.1f} ms  {100 * sec / total:5.1f} %  " + "#" * int(40 * sec / total))
+    width = max([16, *map(len, t.stages)])
+    for name, sec in sorted(t.stages.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<{width}} {sec * 1e3:9.1f} ms  {100 * sec / total:5.1f} %  " + "#" * int(40 * sec / total))
     return "\n".join(lines)
 
 

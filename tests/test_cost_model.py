@@ -33,7 +33,8 @@ CHEAP = ["moe-thinker-T1", "moe-thinker-T64", "moe-talker-T1", "moe-talker-T64",
          "code2wav-push-moves-B1-F1", "code2wav-push-moves-B1-F4", "code2wav-push-moves-B32-F1",
          "code2wav-push-moves-B32-F4",
          "moe-thinker-T4096", "moe-talker-T4096",
-         "dit-step-T500", "dit-step-tf32-T500", "bigvgan-amp-block-C768-T2500"]
+         "dit-step-T500", "dit-step-tf32-T500", "bigvgan-amp-block-C768-T2500", "bigvgan-T500",
+         "bigvgan-padded-T500-S528"]
 UNITS = {u.name: u for u in all_units()}
 
 
@@ -287,7 +288,7 @@ def test_cheap_count_units_are_flagged():
     """The units too slow to count with the kernels run use the cheap count (so the gate above stays cheap)."""
     slow = [n for n in UNITS if n.startswith(("mtp-frame", "code2wav-push", "bigvgan-")) or "-step-" in n or
             n.endswith("T4096") and n.startswith("moe-")]
-    assert len(slow) == 25 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
+    assert len(slow) == 27 and slow == [n for n in UNITS if UNITS[n].cheap_count] and set(slow) <= set(CHEAP)
 
 
 def test_whatif_cli_parses_its_arguments(capsys):
@@ -370,3 +371,19 @@ def test_model_cli_names_a_missing_calibration_file(capsys):
     with pytest.raises(SystemExit) as exc:
         model.main(["rope-thinker-T1", "--calibrate", "/nonexistent/calibration.json"])
     assert exc.value.code == 2 and "--calibrate: no such file" in capsys.readouterr().err
+
+
+def test_token2wav_padding_table():
+    """The Token2Wav padding table (docs/token2wav.md): the buckets each rule picks, finer buckets never predicted
+    slower, and the vocoder on the real length never computing more than in the graph on the bucket (predicted)."""
+    from omni_fast.bench.costmodel import token2wav_padding as tp
+
+    rows = {r["codes"]: r for r in tp.rows((25, 33, 130, 250))}
+    assert [(rows[n]["old"], rows[n]["new"]) for n in (25, 33, 130, 250)] == [(36, 36), (72, 48), (264, 156),
+                                                                              (264, 264)]
+    for r in rows.values():
+        assert r["dit_fp32_new"] <= r["dit_fp32_old"] and r["dit_tf32_new"] <= r["dit_tf32_old"]
+        assert r["voc_graph_new"] <= r["voc_graph_old"] and r["dit_tf32_new"] < r["dit_fp32_new"]
+    assert rows[25]["voc_eager_real"] > rows[25]["voc_graph_new"]  # short: the eager launches are not hidden
+    assert rows[130]["voc_eager_real"] < rows[130]["voc_graph_new"]
+    assert "| 250 (5 s) | 264 / 264 |" in tp.markdown(list(rows.values()))

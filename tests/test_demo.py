@@ -226,8 +226,9 @@ def test_demo_qwen2_5_omni_writes_wav(tmp_path):
     text = proc.stdout
     assert "Qwen2.5-Omni" in text and "NOT speed" in text and "first audio packet" in text
     assert "Qwen2_5OmniTalkerModel: decode steps" in text  # the patch report
-    latency = text[text.index("latency ("):]  # Qwen3-Omni's report figures and MTP rows are not Qwen2.5's
-    assert "technical report" not in latency and "MTP" not in latency and "frame step" in latency
+    # its own latency rows (no MTP, no Code2Wav), no Qwen3-Omni report numbers
+    assert "DiT solve per code" in text and "BigVGAN per code" in text and "talker per code" in text
+    assert "MTP per frame" not in text and "codec per code" not in text and "technical report" not in text
     with wave.open(str(out), "rb") as f:
         assert f.getframerate() == 24000 and f.getnframes() > 0
 
@@ -254,3 +255,56 @@ def test_demo_qwen2_5_omni_checkpoint_dir(tmp_path):
     bad = subprocess.run(argv + ["--speaker", "nobody"], capture_output=True, text=True, timeout=60,
                          env=_cpu_env(), cwd=tmp_path)
     assert bad.returncode == 2 and "argument --speaker: invalid choice 'nobody'" in bad.stderr
+
+
+QWEN3_ONLY_ROWS = {"MTP per frame", "codec per code"}
+
+
+def test_latency_table_qwen2_5_omni_has_its_own_rows_each_timed_by_the_run():
+    """The Qwen2.5-Omni table: its own stages (talker per code, Token2Wav per code and its two parts), no Qwen3-Omni
+    rows, every time row a timing from the run, and "-" for the reference (no published per-stage latency)."""
+    import torch
+
+    from omni_fast.__main__ import _latency_table
+    from omni_fast.models import Qwen25Omni, Request
+
+    pipe = Qwen25Omni.random(patch=False)
+    torch.manual_seed(0)
+    out = pipe.generate([Request(text=[5, 6, 7])], max_new_tokens=4, talker_max_new_tokens=5,
+                        talker_min_new_tokens=4, speaker="chelsie")[0]
+    t = out["timing"]
+    assert t.family == "qwen2.5-omni" and t.frames > 0 and set(t.codec_parts) == {"DiT solve", "BigVGAN"}
+    rows = dict(t.table())
+    assert not QWEN3_ONLY_ROWS & set(rows)
+    assert {"talker per code", "Token2Wav per code", "DiT solve per code", "BigVGAN per code"} <= set(rows)
+    for name, value in rows.items():  # every time / rate row holds a number this run measured (not a default 0)
+        if value.endswith(" ms") or name.endswith("tokens/s") or name == "RTF":
+            assert float(value.split()[0]) > 0, (name, value)
+    # the parts are read inside the codec's own clock: their sum is at most its time
+    assert sum(t.codec_parts.values()) <= t.codec_per_code
+    assert {"Token2Wav DiT solve", "Token2Wav BigVGAN", "codec embedding"} <= set(t.stages)
+    assert not {"MTP", "Code2Wav", "Token2Wav"} & set(t.stages)
+    text = _latency_table(t, on_gpu=False)
+    assert "Qwen2.5-Omni publishes no per-stage latency" in text
+    table = text.split("where the time went")[0].strip().splitlines()[1:]
+    assert len(table) == len(rows) and all(line.rstrip().endswith("   -") for line in table)
+
+
+def test_latency_table_qwen3_omni_rows_and_report_numbers_unchanged():
+    """Qwen3-Omni's table keeps its rows and the technical report's numbers beside them."""
+    from omni_fast.__main__ import _latency_table
+    from omni_fast.pipeline.requests import RequestTiming
+
+    t = RequestTiming(preprocessing=0.01, thinker_ttft=0.02, mtp_per_frame=0.003, codec_per_code=0.001, total=0.1,
+                      stages={"thinker prefill": 0.02, "MTP": 0.01, "Code2Wav": 0.01})
+    assert t.family == "qwen3-omni" and not t.codec_parts
+    assert [name for name, _ in t.table()] == [
+        "preprocessing", "thinker TTFT", "talker TTFT", "MTP per frame", "codec per code", "first audio packet",
+        "last audio packet", "thinker tokens/s", "talker tokens/s", "RTF", "text tokens", "codec frames", "audio",
+        "total"]
+    lines = _latency_table(t, on_gpu=True).splitlines()
+    assert lines[1] == "latency (this run)   vs technical report (conc. 1)"
+    rows = {line[2:22].strip(): line for line in lines[2:16]}
+    assert rows["MTP per frame"].endswith("   14 ms") and rows["codec per code"].endswith("   3 ms")
+    assert rows["RTF"].endswith("   0.47") and rows["text tokens"].endswith("   ")
+    assert "  thinker prefill       20.0 ms" in "\n".join(lines)  # the stage column keeps its width

@@ -230,3 +230,35 @@ def test_bad_media(pipe, reqs, error, match):
     """Media the Qwen2.5 adapter refuses as the Qwen3 one does (the same shared checks), before any work."""
     with pytest.raises(error, match=match):
         list(pipe.stream(reqs))
+
+
+def test_token2wav_codec_vocoder_runs_on_the_real_mel(pipe, fast_path):
+    """The pipeline's Token2Wav on a patched model (token2wav fast path, reference backend): the DiT's solve on its
+    length bucket graph, then BigVGAN on the row's REAL mel (not the bucket's), each timed (``parts``); the waveform
+    is transformers' forward's for the same noise (1e-6 absolute, the routed forward's tolerance)."""
+    import omni_fast
+    from omni_fast.integrations import token2wav_synth
+
+    t2w = pipe.model.token2wav
+    codec = qwen25.Token2WavCodec(t2w, pipe.speakers["Chelsie"], 2)
+    codes = torch.randint(0, 200, (2, 1, 7), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    want = codec.step(codes, [7, 5])  # unpatched: transformers' sample and vocoder
+    fast_path("token2wav")
+    omni_fast.patch(pipe.model, backend="reference")
+    mels = []
+    vocoder = t2w.code2wav_bigvgan_model
+    real = vocoder.forward
+    vocoder.forward = lambda mel, **kw: mels.append(mel.shape[-1]) or real(mel, **kw)
+    try:
+        token2wav_synth.set_code_buckets(t2w, (16,))  # both rows in one 24-code bucket (48 mel frames)
+        torch.manual_seed(5)
+        got = codec.step(codes, [7, 5])
+        graphs = [k for k in t2w.code2wav_dit_model.__dict__.get("_omni_fast_dit_graphs", {}) if k != "weights"]
+    finally:
+        del vocoder.forward
+        omni_fast.unpatch(pipe.model)
+    repeats = pipe.config.token2wav_config.dit_config.repeats
+    assert mels == [7 * repeats, 5 * repeats] and [k[1] for k in graphs] == [24]
+    assert set(codec.parts) == {"DiT solve", "BigVGAN"} and all(v > 0 for v in codec.parts.values())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

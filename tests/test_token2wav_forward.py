@@ -63,6 +63,8 @@ def test_patched_forward_equals_transformers_two_lengths(t2w, fast_path):
                    for r in report.replaced)
         token2wav_synth.set_code_buckets(t2w, (24, 4))
         assert token2wav_synth.code_buckets(t2w) == (4, 24)
+        # the DiT's patched sample (the pipeline calls it directly) takes the same buckets
+        assert t2w.code2wav_dit_model.__dict__[token2wav_synth.BUCKETS_ATTR] == (4, 24)
         for n, w in zip(lengths, want):
             got = _call(t2w, n, num_steps=2)
             assert t2w.__dict__[token2wav_synth.FALLBACK_ATTR] is None  # ran on synthesize
@@ -73,6 +75,7 @@ def test_patched_forward_equals_transformers_two_lengths(t2w, fast_path):
     finally:
         omni_fast.unpatch(t2w)
     assert "forward" not in t2w.__dict__ and token2wav_synth.BUCKETS_ATTR not in t2w.__dict__
+    assert token2wav_synth.BUCKETS_ATTR not in t2w.code2wav_dit_model.__dict__
     assert torch.equal(_call(t2w, 3, num_steps=2), want[0])  # unpatched: transformers' own numbers, bit for bit
 
 

@@ -8,6 +8,9 @@ weights on the CPU); the model uses the analytic minimum (weights read once, KV 
 
 from __future__ import annotations
 
+import math
+import types
+
 import torch
 
 from .units import Unit
@@ -212,6 +215,57 @@ def _amp_block_call():
     return call
 
 
+VOCODER_FRAMES = 500  # BigVGAN on the DiT unit's mel (250 codes, 5 s of audio)
+
+
+def _vocoder_call(padded: bool):
+    """The whole BigVGAN (the real 6 upsamplers x 3 AMP blocks x 3 dilations, tiny channels, x2 upsamplers) with
+    the omni-fast swaps: eager on the real mel (1 frame; the pipeline's Token2Wav), or
+    :func:`omni_fast.models.bigvgan_padded.vocode` on a 2-frame bucket holding 1 real frame (the routed forward's
+    graph, ``dit_solve.synthesize``)."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniBigVGANConfig
+
+    from omni_fast.bench.cases.token2wav import _swap_bigvgan
+    from omni_fast.models import bigvgan_padded
+
+    cfg = Qwen2_5OmniBigVGANConfig(upsample_initial_channel=64, upsample_rates=[2] * 6, upsample_kernel_sizes=[4] * 6)
+    torch.manual_seed(0)
+    voc = q25.Qwen2_5OmniToken2WavBigVGANModel._from_config(cfg, dtype=torch.float32).eval()
+    _swap_bigvgan(voc)
+    mel = torch.randn(1, cfg.mel_dim, 1 + padded, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([1], dtype=torch.int32)
+
+    def call():
+        with torch.no_grad():
+            return bigvgan_padded.vocode(voc, mel, lens) if padded else voc(mel)
+    return call
+
+
+def _vocoder_units() -> list[Unit]:
+    """BigVGAN after the DiT solve, ``VOCODER_FRAMES`` real mel frames: eager on exactly those (the pipeline's
+    Token2Wav: 20 us of host per Triton launch, hidden behind the GPU once the mel is long enough), and inside the
+    solve's graph on its padded bucket (the routed forward: 250 codes -> the 264-code bucket, 528 frames)."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (Qwen2_5OmniBigVGANConfig,
+                                                                             Qwen2_5OmniDiTConfig)
+
+    from omni_fast.bench.cases.token2wav import _bigvgan_macs
+    from omni_fast.models import dit_solve
+
+    cfg, dit = Qwen2_5OmniBigVGANConfig(), Qwen2_5OmniDiTConfig()
+    hop = math.prod(cfg.upsample_rates)
+    L = VOCODER_FRAMES
+    S = dit.repeats * dit_solve._page_aligned(dit_solve.bucket_for(L // dit.repeats),
+                                              types.SimpleNamespace(block_size=dit.block_size, repeats=dit.repeats))
+    out = []
+    for name, mode, frames in ((f"bigvgan-T{L}", "eager", L), (f"bigvgan-padded-T{L}-S{S}", "graph", S)):
+        macs, weights = _bigvgan_macs(cfg, frames)
+        out.append(Unit(name, "token2wav", mode, launch=lambda p=mode == "graph": _vocoder_call(p), cheap_count=True,
+                        min_bytes=4.0 * (weights + frames * cfg.mel_dim + frames * hop), flops=2.0 * macs,
+                        math="fp32", params=dict(frames=L, computed_frames=frames)))
+    return out
+
+
 def token2wav_units() -> list[Unit]:
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
 
@@ -229,4 +283,4 @@ def token2wav_units() -> list[Unit]:
             Unit(f"dit-step-tf32-T{L}", "token2wav", "graph", math="tf32", **dit),
             Unit(f"bigvgan-amp-block-C{C}-T{T}", "token2wav", "eager", launch=_amp_block_call, cheap_count=True,
                  min_bytes=4.0 * (amp_w + 2 * C * T), flops=2.0 * 6 * C * C * k * T, math="fp32",
-                 params=dict(AMP))]
+                 params=dict(AMP))] + _vocoder_units()

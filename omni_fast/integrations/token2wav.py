@@ -145,7 +145,8 @@ def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_c
                guidance_scale=0.5, sway_coefficient=-1.0):
     """transformers' ``Qwen2_5OmniToken2WavDiTModel.sample`` as :func:`omni_fast.models.dit_solve.sample`: the whole
     ODE solve replayed as one CUDA graph per length bucket (the same noise and steps for a given seed). A float
-    dtype other than fp16/bf16/fp32 runs transformers' own sample."""
+    dtype other than fp16/bf16/fp32 runs transformers' own sample. Buckets: ``dit_solve.CODE_BUCKETS``, or what
+    :func:`omni_fast.integrations.token2wav_synth.set_code_buckets` set."""
     if reference_mel_spectrogram.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return self._omni_fast_sample(conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
                                       guidance_scale, sway_coefficient)
@@ -153,7 +154,8 @@ def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_c
 
     with torch.no_grad():  # (transformers' sample is @torch.no_grad too)
         return dit_solve.sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
-                                guidance_scale, sway_coefficient, backend=pinned_backend(self))
+                                guidance_scale, sway_coefficient, backend=pinned_backend(self),
+                                buckets=self.__dict__.get(token2wav_synth.BUCKETS_ATTR, dit_solve.CODE_BUCKETS))
 
 
 def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,

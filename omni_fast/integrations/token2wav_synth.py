@@ -31,8 +31,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def set_code_buckets(token2wav, buckets) -> None:
     """The length buckets (codec tokens per solve, any positive ints) the patched ``token2wav`` (a
-    ``Qwen2_5OmniToken2WavModel`` whose forward :func:`omni_fast.patch` swapped) rounds a call up to; a call longer
-    than the largest takes the next power of two. Every bucket is rounded up to whole attention blocks. Raises
+    ``Qwen2_5OmniToken2WavModel`` whose forward :func:`omni_fast.patch` swapped) and its DiT's patched ``sample``
+    round a call up to; a call longer than the largest takes the next power of two. Every bucket is rounded up to whole attention blocks. Raises
     ValueError on an unpatched module (the setting belongs to the patch: ``unpatch`` drops it)."""
     if type(token2wav).__name__ != CLASS or "_omni_fast_forward" not in getattr(token2wav, "__dict__", {}):
         raise ValueError(f"token2wav must be a {CLASS} whose forward omni_fast.patch swapped (token2wav fast path "
@@ -43,6 +43,8 @@ def set_code_buckets(token2wav, buckets) -> None:
     if not buckets or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in buckets):
         raise ValueError(f"buckets must be a non-empty iterable of positive ints, got {buckets!r}")
     token2wav.__dict__[BUCKETS_ATTR] = tuple(sorted(int(b) for b in buckets))
+    # the DiT's own (patched) sample too: the pipeline calls it directly (then the vocoder on the real length)
+    token2wav.code2wav_dit_model.__dict__[BUCKETS_ATTR] = token2wav.__dict__[BUCKETS_ATTR]
 
 
 def code_buckets(token2wav) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ import torch
 
 from ..integrations.hf_compat import (generate_passes_mask, output_cache, thinker_multimodal, thinker_text_model,
                                       with_cache)
-from .device import host_to_device, int_positions, lease_from, new_cache
+from .device import host_to_device, int_positions, lease_from, new_cache, now
 from .multimodal import batch_audio_in_video, chunked_audio_video_order, media_ids, patchify_visual
 from .requests import Event, check_request, check_stream_args, mel_features
 from .scheduler import StageAdapter, TextDecode
@@ -92,28 +92,45 @@ class ProjectedDecode:
 
 class Token2WavCodec:
     """Token2Wav on each row's own codes once the speech has ended (``takes_lengths``: the scheduler passes the
-    rows' frame counts). Codes outside the DiT's codec vocabulary raise ValueError naming ``codes``."""
+    rows' frame counts). Codes outside the DiT's codec vocabulary raise ValueError naming ``codes``.
+
+    Each row runs transformers' ``Qwen2_5OmniToken2WavModel.forward`` as its two calls, the DiT's ``sample`` (the
+    ODE solve; patched: one CUDA graph per length bucket) then the BigVGAN vocoder on the row's real mel (patched:
+    its AMP blocks and anti-aliased activations on omni-fast ops), with the device clock read between them:
+    ``parts`` holds the last step's seconds of each (``"DiT solve"``, ``"BigVGAN"``), the pipeline's latency
+    rows. The vocoder on the real length, not the solve's padded bucket: docs/token2wav.md, "Where the vocoder
+    runs"."""
 
     takes_lengths = True
 
     def __init__(self, token2wav, speaker: dict, num_steps: int):
         self.token2wav, self.speaker, self.num_steps, self.done = token2wav, speaker, num_steps, 0
         self.vocab = token2wav.config.dit_config.num_embeds
+        self.parts: dict[str, float] = {}
 
     def ready(self, n_frames: int, final: bool) -> bool:
         return final
 
     def step(self, codes: torch.Tensor, frames_per_row: list[int]) -> torch.Tensor:
-        rows = []
-        cond = self.speaker["cond"].float()[None].to(codes.device)
-        ref = self.speaker["ref_mel"].float()[None].to(codes.device)
+        rows, dev = [], codes.device
+        cond = self.speaker["cond"].float()[None].to(dev)
+        ref = self.speaker["ref_mel"].float()[None].to(dev)
+        dit, vocoder = self.token2wav.code2wav_dit_model, self.token2wav.code2wav_bigvgan_model
+        self.parts = {"DiT solve": 0.0, "BigVGAN": 0.0}
+        t0 = now(dev)
         for i, n in enumerate(frames_per_row):
             row = codes[i, 0, :n][None]
             if n and int(row.max()) >= self.vocab:
                 raise ValueError(f"codes: the talker produced code {int(row.max())}, outside Token2Wav's codec "
                                  f"vocabulary [0, {self.vocab}) (dit_config.num_embeds): mismatched checkpoint parts")
-            wav = self.token2wav(row, conditioning=cond, reference_mel=ref, num_steps=self.num_steps) if n else \
-                codes.new_zeros(0, dtype=torch.float32)
+            if not n:
+                rows.append(codes.new_zeros(0, dtype=torch.float32))
+                continue
+            mel = dit.sample(cond, ref, row, num_steps=self.num_steps)  # transformers' forward, its first call
+            t1 = now(dev)
+            wav = vocoder(mel)  # ... and its second (.squeeze().cpu() of the clamped waveform)
+            t0, self.parts["DiT solve"] = now(dev), self.parts["DiT solve"] + t1 - t0
+            self.parts["BigVGAN"] += t0 - t1
             rows.append(wav.reshape(-1).float())
         self.done = codes.shape[-1]
         out = torch.zeros(len(rows), max((r.numel() for r in rows), default=0), device=codes.device)
@@ -126,6 +143,8 @@ class Qwen25Stages(StageAdapter):
     """The Qwen2.5-Omni adapter over the pipeline ``pipe`` (a :class:`omni_fast.models.Qwen25Omni`)."""
 
     family = "qwen2.5-omni"
+    frame_stage = "codec embedding"  # one codebook: the frame step only embeds the talker's code (no MTP)
+    codec_stage = "Token2Wav"  # timed as its parts, "DiT solve" and "BigVGAN" (Token2WavCodec.parts)
     text_ahead = 2  # talker step k reads the thinker's hidden state at text token k + 1
     last_code_is_frame = True  # one codebook: talker_max_new_tokens codes, as transformers' generate
 

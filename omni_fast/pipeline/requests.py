@@ -61,6 +61,11 @@ class RequestTiming:
 
     ``stages``: the batch-level split (seconds per stage for the whole batch, the same for every request of it; the
     demo's "where the time went"). Without a talker (a text-only checkpoint) the audio fields stay 0 / NaN.
+
+    ``family``: the model family that ran (``"qwen3-omni"`` | ``"qwen2.5-omni"``): :meth:`table` prints that
+    family's rows. ``codec_parts``: per codec part (Qwen2.5-Omni's Token2Wav: ``"DiT solve"``, ``"BigVGAN"``), its
+    time in the calls that carried the request's codes / its codes (the ``codec_per_code`` rule, split); empty when
+    the codec times no parts (Qwen3-Omni's Code2Wav).
     """
 
     preprocessing: float = 0.0
@@ -82,9 +87,14 @@ class RequestTiming:
     audio_seconds: float = 0.0
     total: float = 0.0
     stages: dict = field(default_factory=dict)  # batch-level stage -> seconds (the same for every row of a batch)
+    family: str = "qwen3-omni"
+    codec_parts: dict = field(default_factory=dict)  # codec part -> seconds per code (Qwen2.5-Omni's Token2Wav)
 
     def table(self) -> list[tuple[str, str]]:
+        """(row name, value) of the family's latency table: only what this family's pipeline times."""
         ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
+        if self.family == "qwen2.5-omni":
+            return self._table25(ms)
         return [("preprocessing", ms(self.preprocessing)), ("thinker TTFT", ms(self.thinker_ttft)),
                 ("talker TTFT", ms(self.talker_ttft)), ("MTP per frame", ms(self.mtp_per_frame)),
                 ("codec per code", ms(self.codec_per_code)), ("first audio packet", ms(self.first_packet)),
@@ -92,6 +102,21 @@ class RequestTiming:
                 ("thinker tokens/s", f"{self.thinker_tokens_per_s:.1f}"),
                 ("talker tokens/s", f"{self.talker_tokens_per_s:.1f}"), ("RTF", f"{self.rtf:.3f}"),
                 ("text tokens", str(self.text_tokens)), ("codec frames", str(self.frames)),
+                ("audio", f"{self.audio_seconds:.2f} s"), ("total", ms(self.total))]
+
+    def _table25(self, ms) -> list[tuple[str, str]]:
+        """Qwen2.5-Omni: one codebook (no MTP), the talker timed per code, Token2Wav (DiT ODE solve, then
+        BigVGAN) per code, whole and split."""
+        steps = self.talker_tokens - 1  # decode steps (the first code comes from the prefill)
+        parts = [(f"{name} per code", ms(sec)) for name, sec in self.codec_parts.items()]
+        return [("preprocessing", ms(self.preprocessing)), ("thinker TTFT", ms(self.thinker_ttft)),
+                ("talker TTFT", ms(self.talker_ttft)),
+                ("talker per code", ms(self.talker_decode / steps if steps > 0 else 0.0)),
+                ("Token2Wav per code", ms(self.codec_per_code)), *parts,
+                ("first audio packet", ms(self.first_packet)), ("last audio packet", ms(self.last_audio)),
+                ("thinker tokens/s", f"{self.thinker_tokens_per_s:.1f}"),
+                ("talker tokens/s", f"{self.talker_tokens_per_s:.1f}"), ("RTF", f"{self.rtf:.3f}"),
+                ("text tokens", str(self.text_tokens)), ("codec codes", str(self.frames)),
                 ("audio", f"{self.audio_seconds:.2f} s"), ("total", ms(self.total))]
 
 
@@ -229,16 +254,23 @@ class Clocks:
     """The per-request clocks of one stream (see :class:`RequestTiming`): each row is charged the decode time of
     the batch steps it took part in (a row that finished idles on pad tokens and is not charged)."""
 
-    def __init__(self, batch: int, t_start: float):
+    def __init__(self, batch: int, t_start: float, family: str = "qwen3-omni"):
         self.t_start = t_start
-        self.timings = [RequestTiming() for _ in range(batch)]
+        self.timings = [RequestTiming(family=family) for _ in range(batch)]
         self.thinker, self.talker, self.mtp, self.codec = ([0.0] * batch for _ in range(4))
+        self.codec_parts = [{} for _ in range(batch)]  # per row: codec part -> seconds (codecs that time parts)
         self.last_text = [0.0] * batch  # seconds from the start to the row's last text token
 
     @staticmethod
     def charge(acc: list[float], dt: float, rows) -> None:
         for i in rows:
             acc[i] += dt
+
+    def charge_parts(self, parts: dict, rows) -> None:
+        """Charge a codec call's parts (name -> seconds) to ``rows``, as :meth:`charge` does its whole time."""
+        for i in rows:
+            for name, sec in parts.items():
+                self.codec_parts[i][name] = self.codec_parts[i].get(name, 0.0) + sec
 
     def audio_out(self, rows, now: float) -> None:
         """Rows whose audio chunk reached the host at ``now`` (seconds from the start)."""
@@ -256,6 +288,7 @@ class Clocks:
             tm.frames = n_frames[i] if n_frames else 0
             tm.mtp_per_frame = self.mtp[i] / tm.frames if tm.frames else 0.0
             tm.codec_per_code = self.codec[i] / tm.frames if tm.frames else 0.0
+            tm.codec_parts = {name: sec / tm.frames if tm.frames else 0.0 for name, sec in self.codec_parts[i].items()}
             tm.thinker_decode, tm.talker_decode = self.thinker[i], self.talker[i]
             tm.thinker_tokens_per_s = (tm.text_tokens - 1) / self.thinker[i] if self.thinker[i] > 0 else 0.0
             tm.talker_tokens_per_s = (tm.talker_tokens - 1) / self.talker[i] if self.talker[i] > 0 else 0.0

@@ -25,7 +25,11 @@ The adapter (one per model family, e.g. :class:`omni_fast.pipeline.qwen3.Qwen3St
 - optional: ``text_ahead`` (default 1): talker step ``k`` needs text tokens ``0 .. k + text_ahead`` (Qwen2.5-Omni:
   2, its talker reads the thinker's hidden state of token ``k + 1``, known once token ``k + 2`` is); and
   ``codec_stop_ids`` (default ``(codec_eos,)``): the codec ids that end a row's speech; ``last_code_is_frame``
-  (default False): the talker's last code is a whole frame (one codebook; Qwen3-Omni's needs an MTP pass).
+  (default False): the talker's last code is a whole frame (one codebook; Qwen3-Omni's needs an MTP pass);
+  ``family`` (default ``"qwen3-omni"``: the latency table :meth:`RequestTiming.table` prints); ``frame_stage`` /
+  ``codec_stage`` (default ``"MTP"`` / ``"Code2Wav"``): the names of the frame and codec stages in ``stages``. A
+  codec with a ``parts`` dict (part name -> seconds of its last ``step``) has its time split into those parts
+  (``stages``: ``"<codec_stage> <part>"``; per request: ``RequestTiming.codec_parts``).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ class StreamRun:
     def events(self) -> Iterator[Event]:
         a, o, B, dev = self.a, self.o, self.B, self.dev
         t_start = now(dev)
-        self.clocks = clk = Clocks(B, t_start)
+        self.clocks = clk = Clocks(B, t_start, getattr(a, "family", "qwen3-omni"))
         prompt = a.prepare(self.reqs)
         self.t_pre = now(dev)
         for tm in clk.timings:
@@ -245,7 +249,7 @@ class StreamRun:
         talker_prefill = now(dev) - t0
         for tm in clk.timings:
             tm.talker_ttft = talker_prefill
-        self.talker_time, self.frame_time, self.codec_time = 0.0, 0.0, 0.0
+        self.talker_time, self.frame_time, self.codec_time, self.codec_parts = 0.0, 0.0, 0.0, {}
         self.codes_hist = [[int(x)] for x in c0.tolist()]
         speech_done = [c in self.codec_stops for c in c0.tolist()]
         t0 = now(dev) if self.graph else 0.0
@@ -291,7 +295,15 @@ class StreamRun:
         yield from self._thinker_tail()  # text longer than the speech budget (the RTF clock has stopped)
         yield from self._finish(self.codes_hist, self.n_frames, self.audio_len,
                                 self._stages(**{"talker prefill": talker_prefill, "talker decode": self.talker_time,
-                                                "MTP": self.frame_time, "Code2Wav": self.codec_time}))
+                                                getattr(a, "frame_stage", "MTP"): self.frame_time,
+                                                **self._codec_stages()}))
+
+    def _codec_stages(self) -> dict:
+        """The codec's batch seconds: one stage, or one per part when the codec times parts."""
+        name = getattr(self.a, "codec_stage", "Code2Wav")
+        if not self.codec_parts:
+            return {name: self.codec_time}
+        return {f"{name} {part}": sec for part, sec in self.codec_parts.items()}
 
     def _text_up_to(self, step: int) -> Iterator[Event]:
         """Run the thinker until talker step ``step`` (-1: its prefill) has its text input: the talker's step k
@@ -313,6 +325,9 @@ class StreamRun:
                else codec.step(codes)).float()
         dt = now(self.dev) - t0
         self.codec_time += dt
+        parts = getattr(codec, "parts", None) or {}
+        for part, sec in parts.items():
+            self.codec_parts[part] = self.codec_parts.get(part, 0.0) + sec
         per_frame = wav.shape[-1] / max(len(frames) - start, 1)
         events, rows = [], []
         for i in range(self.B):
@@ -326,4 +341,5 @@ class StreamRun:
             events.append(Event(i, "audio", audio=chunk_wav))
         self.clocks.audio_out(rows, time.perf_counter() - self.clocks.t_start)  # (the chunks are on the host)
         self.clocks.charge(self.clocks.codec, dt, rows)
+        self.clocks.charge_parts(parts, rows)
         return events
