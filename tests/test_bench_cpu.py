@@ -20,10 +20,11 @@ def test_bench_cli_on_cpu():
     # The static report is left out here: tests/test_static_sm90.py runs the same check (and it takes a while).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static",
+                          "--providers", "eager"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    assert "--providers eager: not used without a GPU" in out  # (was ignored silently)
     assert "speed needs a GPU" in out
     assert "thinker rope T=1 " in out and "FAIL" not in out
     assert "Checks: all passed" in out
@@ -120,6 +121,10 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
     assert "| toy T=64 | peer | skipped |" in saved.with_suffix(".md").read_text()
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
+    # a mistyped --providers name: the run fails and says so (it gave an empty, "clean" run)
+    assert harness.run_gpu([case], preset="quick", providers=["eager", "eagr"], out_dir=tmp_path / "typo") == 1
+    assert "no case has the provider(s) ['eagr']" in capsys.readouterr().out
+    assert harness.run_gpu([case], preset="quick", providers=["eager"], out_dir=tmp_path / "ok") == 0
 
 
 def test_peers_are_optional():

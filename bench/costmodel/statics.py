@@ -98,5 +98,17 @@ def by_kernel(all_facts: dict) -> dict[str, dict]:
     return out
 
 
+def main(argv: list[str]) -> int:
+    """``python -m omni_fast.bench.costmodel.statics [NAME...]``: the sm_90a facts of the registered
+    specialisations whose name contains a NAME (all when none) as one JSON line, to merge into
+    bench/results/model/static_sm90a.json. Runs with or without ``TRITON_INTERPRET=1`` (the compile itself runs in
+    a process without it: under the interpreter every row would be an error)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return 0
+    print(json.dumps(facts(argv)))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile_all(sys.argv[1:])))
+    sys.exit(main(sys.argv[1:]))
