@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     if gpu:
         return harness.run_gpu(cases, preset=args.preset, providers=args.providers,
                                out_dir=args.out or harness.RESULTS_DIR, deadline_s=args.deadline_s)
+    if args.providers:  # (silently ignored before: a user asking for one provider got every check)
+        print(f"--providers {' '.join(args.providers)}: not used without a GPU (the CPU run checks each case against "
+              "its reference; --preset smoke calls the providers)")
     return harness.run_cpu(cases, static=not args.no_static)
 
 

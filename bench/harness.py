@@ -394,7 +394,10 @@ def run_gpu(cases: list[Case], *, preset: str, providers: Sequence[str] = (), ou
     path = save(result, out_dir)
     partial.unlink(missing_ok=True)
     print(f"Saved {path} (+ .md, .png)")
-    return 1 if any("error" in r for r in rows) else 0
+    unknown = sorted(set(providers) - {r["provider"] for r in rows}) if incomplete is None else []
+    if unknown:  # a mistyped --providers name must not pass as a clean (empty) run, as in run_smoke
+        print(f"no case has the provider(s) {unknown}", flush=True)
+    return 1 if unknown or any("error" in r for r in rows) else 0
 
 
 def _describe(exc: BaseException) -> str:

@@ -6,7 +6,8 @@ A cost model of omni-fast's units of work, with no GPU (see :mod:`omni_fast.benc
   compiles every Triton kernel for sm_90a (registers, spills, shared memory, occupancy, wgmma / mma / FMA, TMA),
   reads the byte traces saved by ``--trace`` (and the sm_90a facts saved in ``static_sm90a.json``; ``--static``
   recompiles them), and prints per unit the floor, the predicted H100 time and
-  floor / predicted. Writes ``bench/results/model/model.json`` (or ``--json PATH``).
+  floor / predicted. Writes ``bench/results/model/model.json`` (or ``--json PATH``); with UNITS, their rows
+  replace theirs there and the other units' rows are kept.
 - ``--trace`` (expensive, ~10-20 min on one core): runs the units at real (or exactly scaled) shapes under the
   instrumented interpreter and saves per-kernel bytes / FLOPs / CTAs to ``bench/results/model/traces.json``.
 - ``--markdown``: print the BENCHMARKS.md section; ``--write-baseline``: save the launch counts as the CI gate's
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m omni_fast.bench.model", description=__doc__.split("\n\n")[1])
     p.add_argument("units", nargs="*")
     p.add_argument("--trace", action="store_true", help="trace bytes at real / scaled shapes (slow)")
-    p.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/model/model.json)")
+    p.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/model/model.json, "
+                   "where the rows of the selected UNITS replace theirs)")
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
     p.add_argument("--update-benchmarks", action="store_true",
                    help="write the table into BENCHMARKS.md (replacing its cost-model section)")
@@ -226,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--static", action="store_true", help="recompile the sm_90a facts (~5 min; else the saved ones)")
     p.add_argument("--calibrate", type=Path, default=None, help="JSON of measured constants / a bench result")
     args = p.parse_args(argv)
+    if args.calibrate is not None and not args.calibrate.is_file():
+        p.error(f"--calibrate: no such file: {args.calibrate}")
     if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is first imported: re-run with it
         import subprocess
 
@@ -238,7 +242,11 @@ def main(argv=None) -> int:
     from omni_fast.bench.costmodel.statics import facts
 
     if args.calibrate:
-        constants.calibrate(args.calibrate)
+        try:
+            constants.calibrate(args.calibrate)
+        except ValueError as exc:  # (a JSON error is a ValueError too)
+            print(f"--calibrate {args.calibrate}: {exc}", file=sys.stderr)
+            return 2
     units = _select(all_units(), args.units)
     if not units:
         print(f"no unit matches {args.units}")
@@ -265,16 +273,47 @@ def main(argv=None) -> int:
         base.update({name: c["counts"] for name, c in counted.items()})
         BASELINE.write_text(json.dumps(base, indent=1, sort_keys=True))
     rows = evaluate(units, statics, counted=counted)
-    out = args.json or RESULTS / "model.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"note": "predicted from a model, not measured", "constants":
-                               constants.current().as_dict(), "units": rows},
-                              indent=1, default=str))
     print(markdown(rows) if args.markdown else table(rows))
+    subset = len(units) < len(all_units())
+    written = write_results(args.json or RESULTS / "model.json", rows, [u.name for u in all_units()],
+                            merge=subset and args.json is None)
     if args.update_benchmarks:
-        update_benchmarks(markdown(rows))
-    print(f"wrote {out} (predicted from a model, not measured)")
+        if written is None or (subset and args.json is not None):
+            print("--update-benchmarks: not done (BENCHMARKS.md's table needs every unit: run without UNITS, or "
+                  "without --json so the selected rows merge into bench/results/model/model.json)")
+            return 1
+        update_benchmarks(markdown(written))
     return 0
+
+
+def write_results(out: Path, rows: list, order: list, merge: bool) -> list | None:
+    """Write ``rows`` (with the constants in force) to ``out``; returns the rows written, None when nothing was.
+
+    ``merge`` (a subset of the units into the default file): the selected units' rows replace theirs in the saved
+    file and every other unit's row is kept (in ``order``), so ``python -m omni_fast.bench.model UNIT`` for a
+    before/after does not cut the committed results down to one unit. Saved rows made with other constants (a
+    ``--calibrate`` run) are not mixed with these: the file is then left as it is.
+    """
+    from omni_fast.bench.costmodel import constants
+
+    consts = json.loads(json.dumps(constants.current().as_dict(), default=str))
+    if merge and out.exists():
+        saved = json.loads(out.read_text())
+        if saved.get("constants") != consts:
+            print(f"not written: {out} holds rows made with other constants; run every unit, or pass --json PATH")
+            return None
+        by_name = {r["unit"]: r for r in saved.get("units", [])}
+        by_name.update({r["unit"]: r for r in rows})
+        rows = [by_name[n] for n in order if n in by_name]
+        note = f"merged: {len(by_name) - len(rows)} rows of unknown units dropped" if len(rows) < len(by_name) \
+            else "merged with the saved rows of the other units"
+    else:
+        note = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"note": "predicted from a model, not measured", "constants": consts, "units": rows},
+                              indent=1, default=str))
+    print(f"wrote {out}" + (f" ({note})" if note else "") + " (predicted from a model, not measured)")
+    return rows
 
 
 def calibrate(measurements) -> dict:

@@ -31,6 +31,7 @@ a CPU machine); the GPU image runs Triton 3.6, whose files these are (named ``tr
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -113,14 +114,23 @@ def static_problems() -> list[str]:
 def main(argv=None) -> int:
     from omni_fast.kernels.moe_gemm import CONFIG_DIR, CONFIG_FAMILY
 
+    p = argparse.ArgumentParser(prog="python -m omni_fast.bench.moe_starting_configs",
+                                description="(re)write the untuned H100/H200 MoE starting configs under "
+                                "omni_fast/configs/moe/ (predicted, not measured)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 when the shipped files differ (writes nothing)")
+    mode.add_argument("--report", action="store_true", help="print predicted before (heuristic) / after (file)")
+    mode.add_argument("--static", action="store_true",
+                      help="exit 1 unless every prefill config compiles for sm_90a (no spills, <= 227 KB, "
+                      "wgmma n >= 128)")
+    args = p.parse_args(argv)  # (a typo or --help used to fall through to rewriting the files)
     folder = Path(CONFIG_DIR) / CONFIG_FAMILY
-    argv = argv if argv is not None else sys.argv[1:]
-    if "--report" in argv:
+    if args.report:
         report()
         return 0
-    if "--static" in argv:
+    if args.static:
         return 1 if static_problems() else 0
-    check = "--check" in argv
+    check = args.check
     bad = 0
     for name, content in files().items():
         path = folder / name

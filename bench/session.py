@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -316,7 +317,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", default=None, help="only these step numbers, e.g. 3,4 (a rerun)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every time box (e.g. 0.8)")
     args = parser.parse_args(argv)
-    only = {int(s) for s in args.steps.split(",")} if args.steps else None
+    # checked here, before any work: a typo used to end in a traceback, or (a zero / negative / NaN scale) in
+    # every step "timeout", a device call lost
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        parser.error(f"--time-scale must be a positive number, got {args.time_scale}")
+    numbers = sorted({int(s.key[:2]) for s in SESSIONS[args.session]()})
+    try:
+        only = {int(s) for s in args.steps.split(",")} if args.steps else None
+    except ValueError:
+        parser.error(f"--steps must be step numbers separated by commas (of {numbers}), got {args.steps!r}")
+    if only is not None and not only <= set(numbers):
+        parser.error(f"--steps {args.steps}: {args.session} has the steps {numbers}")
     return run_session(args.session, args.out, dry=args.dry_run, work=args.work, only=only, scale=args.time_scale)
 
 

@@ -170,7 +170,11 @@ class StaticPrune:
 
 
 def _cli() -> int:
-    """``python -m omni_fast.bench.tune_moe_quant [--jobs N]``: specs (JSON list) on stdin -> facts on stdout."""
+    """``python -m omni_fast.bench.tune_moe_quant [--jobs N]``: specs (JSON list) on stdin -> facts on stdout
+    (the sm_90a compile worker of ``python -m omni_fast.bench.tune_moe --format ...``, the command to run)."""
+    if "-h" in sys.argv or "--help" in sys.argv:  # (it used to wait for stdin, then fail on empty JSON)
+        print(_cli.__doc__)
+        return 0
     jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else 1
     print(json.dumps(compile_facts(json.loads(sys.stdin.read()), jobs)))
     return 0

@@ -197,6 +197,9 @@ def demo(args) -> int:
     print(f"wrote {args.out}: {wav.numel() / 24000:.2f} s of 24 kHz 16-bit mono audio ({len(audio)} streamed chunks)")
     if note:
         print(f"  level: {note}" + ("" if args.checkpoint else " (random weights: the speech is noise)"))
+    if not audio:  # (an empty WAV said nothing about why)
+        print(f"  no speech: the talker made no codec frame (it stopped at once, or --talker-max-new-tokens "
+              f"{args.talker_max_new_tokens} allows at most {args.talker_max_new_tokens - 1})")
     print(_latency_table(timing, on_gpu))
     return 0
 
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="out.wav", type=_output_file, help="output WAV path (24 kHz, 16-bit mono)")
     d.add_argument("--max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=24, help="thinker text tokens")
     d.add_argument("--talker-max-new-tokens", type=_positive_int(MAX_NEW_TOKENS), default=40,
-                   help="talker codec frames (12.5 per second)")
+                   help="talker codec tokens: at most this - 1 frames of speech, as transformers' "
+                        "talker_max_new_tokens (12.5 frames per second)")
     d.add_argument("--talker-min-new-tokens", type=_positive_int(MAX_NEW_TOKENS, minimum=0), default=None,
                    help="no stop before this many codec tokens (transformers' talker_min_new_tokens; default: "
                         f"{RANDOM_MIN_FRAMES} (at most --talker-max-new-tokens - 1) with random weights, whose talker "

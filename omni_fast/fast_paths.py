@@ -12,7 +12,8 @@ it does and the gpu-marked test ids that must pass before it becomes the default
   ``print(omni_fast.fast_paths.table())`` shows them.
 
 The environment variables keep their meaning: ``OMNI_FAST_<X>=1`` in the environment when omni-fast is imported
-turns the path on (any other value, or none, leaves it off); ``enable`` overrides it afterwards. Switches are read
+turns the path on (any other value, or none, leaves it off; a value other than ``0`` or empty warns that it does);
+``enable`` overrides it afterwards. Switches are read
 where work is set up or launched (the kernel's config, the decoder's construction), so a CUDA graph or a compiled
 function keeps the path it was captured with; the model-level paths (``persistent_mtp``, ``fused_step``) are read
 when the pipeline / ``patch`` builds its code predictor or decoder (cached per setting).
@@ -101,6 +102,12 @@ _BY_NAME = {p.name: p for p in PATHS}
 
 def _from_env(path: FastPath) -> bool:
     value = os.environ.get(path.env)
+    if value is not None and value.strip() not in ("", "0", "1"):
+        # "true" / "yes" / "on" leave the path off: say so rather than run the slow path silently
+        import warnings
+
+        warnings.warn(f"{path.env}={value!r}: only '1' turns the fast path {path.name!r} on; it is off",
+                      UserWarning, stacklevel=2)
     return path.default if value is None else value == "1"
 
 

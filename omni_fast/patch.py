@@ -64,7 +64,8 @@ from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
-from .integrations.patch_parts import count_line, part_of as _part_of, report_lines, root_part as _root_part
+from .integrations.patch_parts import (count_line, part_of as _part_of, report_lines, root_part as _root_part,
+                                       warn_if_nothing_replaced)
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -105,7 +106,7 @@ class PatchReport:
     left: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = ["omni-fast patch report", "  replaced:"] + [f"    {r}" for r in self.replaced]
+        lines = ["omni-fast patch report", "  replaced:"] + [f"    {r}" for r in (self.replaced or ["(nothing)"])]
         lines += ["  left as is:"] + [f"    {r}" for r in (self.left or ["(nothing)"])]
         return "\n".join(lines)
 
@@ -391,6 +392,7 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
     saved_configs: list[tuple[object, str, object]] = []
     counts, left = _patch_modules(model, root, wanted, backend, saved_configs)
     report = PatchReport(*report_lines(model, root, wanted, counts, left))
+    warn_if_nothing_replaced(model, report.replaced, report.left, None if parts is None else wanted)
     for path, module in model.named_modules():  # the selected parts cannot be (un)patched on their own now
         if _part_of(root, path) in wanted:
             module.__dict__[_MEMBER] = True

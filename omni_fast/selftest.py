@@ -46,7 +46,11 @@ def _cases(torch, ops, dev):
     ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m omni_fast.selftest", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+                            ).parse_args(argv)  # (--help ran the checks; a stray argument is an error)
     import torch
 
     if not torch.cuda.is_available():

@@ -302,3 +302,16 @@ def guarded_allocations(guard_bytes: int = 4096, device_type: str | None = None)
     finally:
         for name, fn in orig.items():
             setattr(torch, name, fn)
+        _forget_dynamo_torch_map()
+
+
+def _forget_dynamo_torch_map() -> None:
+    """torch.compile's table of torch functions is built once per process, at its first use: built inside the block
+    it holds the wrappers, so after the block a compiled ``torch.empty(...)`` was "a function marked as skipped"
+    (every later fullgraph compile of the process failed). Dropped here, so the next compile rebuilds it."""
+    import sys
+
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    clear = getattr(rules, "clear_lru_cache", None)
+    if clear is not None:
+        clear()

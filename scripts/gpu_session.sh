@@ -40,6 +40,12 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  # (it went on to pip-install omni-fast into that python and failed on its setuptools, far from the cause)
+  echo "gpu_session.sh: $PY cannot import torch; set PYTHON to a python that has torch (e.g. PYTHON=.venv/bin/python," \
+    "the one make setup creates)" >&2
+  exit 2
+fi
 if ! "$PY" -c "import omni_fast.kernels" >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
     || { cat "$OUT/install.log"; exit 1; }

@@ -20,10 +20,11 @@ def test_bench_cli_on_cpu():
     # The static report is left out here: tests/test_static_sm90.py runs the same check (and it takes a while).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "omni_fast.bench", "rope", "--preset", "quick", "--no-static",
+                          "--providers", "eager"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    assert "--providers eager: not used without a GPU" in out  # (was ignored silently)
     assert "speed needs a GPU" in out
     assert "thinker rope T=1 " in out and "FAIL" not in out
     assert "Checks: all passed" in out
@@ -120,6 +121,10 @@ def test_gpu_pipeline_with_fake_events(tmp_path, monkeypatch, capsys):
     assert rows["peer"]["skipped"] == "needs the peer" and "ms" not in rows["peer"] and "error" not in rows["peer"]
     assert "| toy T=64 | peer | skipped |" in saved.with_suffix(".md").read_text()
     assert saved.with_suffix(".png").is_file() and saved.with_suffix(".md").is_file()
+    # a mistyped --providers name: the run fails and says so (it gave an empty, "clean" run)
+    assert harness.run_gpu([case], preset="quick", providers=["eager", "eagr"], out_dir=tmp_path / "typo") == 1
+    assert "no case has the provider(s) ['eagr']" in capsys.readouterr().out
+    assert harness.run_gpu([case], preset="quick", providers=["eager"], out_dir=tmp_path / "ok") == 0
 
 
 def test_peers_are_optional():
@@ -154,6 +159,23 @@ def test_static_check_filter_matching_nothing_fails():
     from omni_fast.bench import static_check
 
     assert static_check.main(["no-such-kernel-name"]) == 1
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3", "two"])
+def test_static_check_jobs_must_be_a_positive_integer(jobs, capsys):
+    from omni_fast.bench import static_check
+
+    with pytest.raises(SystemExit) as exit_:
+        static_check._cli(["--jobs", jobs, "mtp_frame"])
+    assert exit_.value.code == 2 and "--jobs must be a positive integer" in capsys.readouterr().err
+
+
+def test_statics_names_matching_nothing_are_an_error(capsys):
+    """`python -m omni_fast.bench.costmodel.statics NAME` with a name no specialisation has printed {} and exit 0."""
+    from omni_fast.bench.costmodel import statics
+
+    assert statics.main(["no-such-kernel-name"]) == 2
+    assert "no-such-kernel-name" in capsys.readouterr().err
 
 
 def test_compiled_providers_do_not_keep_their_case_alive():

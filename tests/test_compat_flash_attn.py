@@ -559,6 +559,10 @@ def test_kvcache_bad_input_names_the_argument(over, exc, match):
      "v must have shape"),
     (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16), rand(1, 2, 2, 16), dropout_p="x"), TypeError,
      "dropout_p"),
+    (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16).half(), rand(1, 2, 2, 16)), TypeError,
+     "^k must have the same dtype as q"),  # (was named k_cache, the KV-cache op's name underneath)
+    (lambda: fa.flash_attn_func(rand(1, 2, 2, 16), rand(1, 2, 2, 16), rand(1, 2, 2, 16).half()), TypeError,
+     "^v must have the same dtype as q"),
     (lambda: fa.flash_attn_varlen_func(rand(3, 2, 16), rand(3, 2, 16), rand(3, 2, 16), _cu([3]), _cu([3]), 3, 3,
                                        block_table=torch.zeros(1, 1, dtype=torch.int32)), ValueError,
      "k must have 4 dimensions"),
@@ -576,3 +580,43 @@ def test_scale_default_is_inverse_sqrt_head_dim():
     a = fa.flash_attn_func(q, q, q)
     b = fa.flash_attn_func(q, q, q, softmax_scale=1 / math.sqrt(16))
     torch.testing.assert_close(a, b)
+
+
+def test_module_swap_recipe(monkeypatch):
+    """docs/compat.md's recipe for code that imports ``flash_attn`` itself: the two module names installed, then the
+    imports such code writes (the package, its ``flash_attn_interface`` module, ``__version__`` for version gates)
+    work and call the omni-fast functions."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flash_attn", fa)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", fa)
+    flash_attn = importlib.import_module("flash_attn")
+    from flash_attn.flash_attn_interface import flash_attn_func  # noqa: F401 (the import is what is tested)
+
+    assert flash_attn.__version__.startswith(fa.FLASH_ATTN_VERSION + ".")
+    assert flash_attn_func is fa.flash_attn_func and flash_attn.flash_attn_with_kvcache is fa.flash_attn_with_kvcache
+    q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), fa.flash_attn_func(q, k, v, causal=True))
+
+
+def test_strided_last_dimension_is_copied_as_flash_attn_does():
+    """flash-attn 2.8 makes q, k, v contiguous in the last dimension (``maybe_contiguous``) in every function; here
+    such inputs raised ValueError. The KV caches are written in place and must stay unit-stride, as in flash-attn."""
+    B, S, H, D = 1, 5, 2, 16
+    strided = [rand(B, S, H, 2 * D)[..., ::2] for _ in range(3)]
+    q, k, v = strided
+    dense = [t.contiguous() for t in strided]
+    torch.testing.assert_close(fa.flash_attn_func(q, k, v, causal=True), fa.flash_attn_func(*dense, causal=True))
+    cu = _cu([S])
+    torch.testing.assert_close(fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, S, S),
+                               fa.flash_attn_varlen_func(dense[0][0], dense[1][0], dense[2][0], cu, cu, S, S))
+    kc, vc = torch.zeros(B, 8, H, D, device=DEVICE), torch.zeros(B, 8, H, D, device=DEVICE)
+    seq = torch.full((B,), 2, dtype=torch.int32, device=DEVICE)
+    got = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seq, causal=True)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    want = fa.flash_attn_with_kvcache(dense[0], kc2, vc2, dense[1], dense[2], cache_seqlens=seq, causal=True)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    with pytest.raises(ValueError, match="k_cache"):
+        fa.flash_attn_with_kvcache(dense[0], rand(B, 8, H, 2 * D)[..., ::2], vc, cache_seqlens=seq)

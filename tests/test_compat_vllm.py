@@ -380,3 +380,41 @@ def test_unquantized_config_object_is_accepted():
     plain = SimpleNamespace(use_fp8_w8a8=False, use_int8_w8a8=False, quant_dtype=None, w1_bias=None)
     torch.testing.assert_close(vllm.fused_experts(x, w1, w2, w, ids, quant_config=plain),
                                vllm.fused_experts(x, w1, w2, w, ids))
+
+
+def test_docs_moe_recipe_runs_against_vllm_module_names(monkeypatch):
+    """docs/compat.md's vLLM MoE recipe, run as written against stand-in modules under vLLM 0.34's names (vLLM is
+    not installed here): afterwards vLLM's lookups find omni-fast's functions, and a router-style call through
+    ``vllm._custom_ops.topk_softmax`` (the in-place output form) routes as ``ops.route_topk`` does."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    from omni_fast import ops
+
+    names = ["vllm", "vllm._custom_ops", "vllm.model_executor", "vllm.model_executor.layers",
+             "vllm.model_executor.layers.fused_moe", "vllm.model_executor.layers.fused_moe.fused_moe",
+             "vllm.model_executor.layers.fused_moe.router",
+             "vllm.model_executor.layers.fused_moe.router.fused_topk_router"]
+    for name in names:
+        mod = types.ModuleType(name)
+        mod.__path__ = []  # a package, so the submodule imports resolve through sys.modules
+        monkeypatch.setitem(sys.modules, name, mod)
+        if "." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, mod)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "compat.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "vops.topk_softmax" in b]
+    exec(compile(block, "docs/compat.md", "exec"), {})
+    vops = sys.modules["vllm._custom_ops"]
+    assert vops.topk_softmax is vllm.topk_softmax and vops.moe_sum is vllm.moe_sum
+    assert sys.modules["vllm.model_executor.layers.fused_moe.fused_moe"].fused_experts is vllm.fused_experts
+    assert sys.modules["vllm.model_executor.layers.fused_moe.router.fused_topk_router"].fused_topk is vllm.fused_topk
+    logits = torch.randn(6, 8, device=DEVICE)
+    w = torch.empty(6, 2, device=DEVICE)
+    ids = torch.empty(6, 2, dtype=torch.int32, device=DEVICE)
+    vops.topk_softmax(w, ids, torch.empty(6, 2, dtype=torch.int32, device=DEVICE), logits, True)
+    want_w, want_ids = ops.route_topk(logits, top_k=2)
+    torch.testing.assert_close(w, want_w)
+    assert torch.equal(ids, want_ids.to(ids.dtype))

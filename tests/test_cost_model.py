@@ -303,6 +303,76 @@ def test_whatif_cli_parses_its_arguments(capsys):
     assert got.value.code == 2
 
 
+def test_model_cli_with_units_keeps_the_other_units_rows(tmp_path, monkeypatch, capsys):
+    """``python -m omni_fast.bench.model UNIT`` (the docs' before/after command) replaces that unit's row in the
+    default model.json and keeps every other row (it used to rewrite the file with the one unit); a subset never
+    writes a partial table into BENCHMARKS.md."""
+    from omni_fast.bench import model
+
+    results = model.RESULTS
+    for name in ("model.json", "launch_counts.json"):
+        (tmp_path / name).write_text((results / name).read_text())
+    monkeypatch.setattr(model, "RESULTS", tmp_path)
+    monkeypatch.setattr(model, "COUNTS", tmp_path / "launch_counts.json")
+    monkeypatch.setattr(model, "update_benchmarks", lambda text: pytest.fail("BENCHMARKS.md rewritten"))
+    saved = json.loads((tmp_path / "model.json").read_text())["units"]
+    assert len(saved) == len(UNITS)
+    assert model.main(["code2wav-push-B1-F1", "--saved-only", "--no-static"]) == 0
+    rows = json.loads((tmp_path / "model.json").read_text())["units"]
+    assert [r["unit"] for r in rows] == [r["unit"] for r in saved]
+    changed = [r["unit"] for r, s in zip(rows, saved) if r != s]
+    assert changed == ["code2wav-push-B1-F1"]  # --no-static changed its row, only its row
+    assert model.main(["code2wav-push-B1-F1", "--saved-only", "--json", str(tmp_path / "one.json"),
+                       "--update-benchmarks"]) == 1
+    assert [r["unit"] for r in json.loads((tmp_path / "one.json").read_text())["units"]] == ["code2wav-push-B1-F1"]
+    assert "not done" in capsys.readouterr().out
+
+
+def test_statics_cli_under_the_interpreter_gives_facts_not_errors():
+    """``python -m omni_fast.bench.costmodel.statics NAME`` (the command the gate above names) with
+    ``TRITON_INTERPRET=1`` set, as everywhere here: real facts (it compiled under the interpreter and gave an
+    AttributeError row, merged as such); ``--help`` prints usage instead of compiling nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from omni_fast._layout import REPO_ROOT
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    name = "sample_kernel[bf16,V2048,topk,topp]"
+    run = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", name], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout.strip().splitlines()[-1])[name]
+    assert "error" not in row and row["regs"] > 0, row
+    run = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", "--help"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "static_sm90a.json" in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("bad", [{"hbm_bytes_per_s": "fast"}, {"mma_flops_per_s": 0}, {"sms": float("nan")},
+                                 {"graph_node_s": -1e-6}, {"sms": True}])
+def test_calibrate_refuses_a_bad_constant_naming_it(bad):
+    """A measured constant that is not a positive finite number (a latency may be 0) is refused by name; it failed
+    later, inside a prediction, with a TypeError or a division by zero."""
+    from omni_fast.bench.costmodel import constants
+
+    try:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            constants.calibrate(bad)
+        assert constants.calibrate({"sync_s": 0}).sync_s == 0
+    finally:
+        constants.calibrate(None)
+
+
+def test_model_cli_names_a_missing_calibration_file(capsys):
+    from omni_fast.bench import model
+
+    with pytest.raises(SystemExit) as exc:
+        model.main(["rope-thinker-T1", "--calibrate", "/nonexistent/calibration.json"])
+    assert exc.value.code == 2 and "--calibrate: no such file" in capsys.readouterr().err
+
+
 def test_token2wav_padding_table():
     """The Token2Wav padding table (docs/token2wav.md): the buckets each rule picks, finer buckets never predicted
     slower, and the vocoder on the real length never computing more than in the graph on the bucket (predicted)."""

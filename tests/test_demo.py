@@ -36,6 +36,18 @@ def test_demo_writes_wav(tmp_path):
         assert len(f.readframes(f.getnframes())) == 2 * f.getnframes()
 
 
+def test_demo_without_speech_says_why(tmp_path):
+    """``--talker-max-new-tokens 1`` allows no frame (transformers' rule: at most N - 1): the demo wrote an empty
+    WAV and said nothing about it."""
+    out = tmp_path / "out.wav"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omni_fast", "demo", "--out", str(out), "--max-new-tokens", "1",
+         "--talker-max-new-tokens", "1", "--seconds", "0.5"],
+        capture_output=True, text=True, timeout=120, env=_cpu_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no speech: the talker made no codec frame" in proc.stdout and "allows at most 0" in proc.stdout
+
+
 def test_synthetic_speech_and_wav_writer(tmp_path):
     import torch
 

@@ -175,3 +175,12 @@ def test_compat_tables_are_the_signatures():
                                          ("route_topk(router_logits, ...)", True)])
 def test_signature_checker_catches_drift(doc_sig, ok):
     assert (not _check_signature(doc_sig, omni_fast.ops.route_topk)) == ok
+
+
+def test_first_light_test_count_is_the_list():
+    """BENCHMARKS.md's first-light table gives the number of tests in tests/gpu_first_light.txt (it said 56 while
+    the list held 57)."""
+    ids = [s for s in (ROOT / "tests" / "gpu_first_light.txt").read_text().splitlines()
+           if s.strip() and not s.lstrip().startswith("#")]
+    row = next(line for line in (ROOT / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| 03_tests |"))
+    assert f"({len(ids)} tests)" in row, (len(ids), row)

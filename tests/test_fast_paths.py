@@ -96,6 +96,8 @@ def test_environment_variables_at_import():
                          cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str(sorted(n for n in NAMES if n != "token2wav"))
+    # "true" leaves token2wav off, and says so (it was silent)
+    assert "OMNI_FAST_TOKEN2WAV='true': only '1' turns the fast path 'token2wav' on; it is off" in out.stderr
 
 
 def test_kernels_read_the_registry(fast_path):

@@ -166,3 +166,24 @@ def test_memcheck_step_probes_the_sanitizer_first(tmp_path):
     got = session_tools.summarize_memcheck(ctx, tmp_path, {"status": "failed"})
     assert got["status"] == "skipped" and got["sanitizer"] == "unavailable"
     assert "Device not supported" in got["reason"]
+
+
+def test_a_python_without_torch_is_named_before_any_install(tmp_path):
+    """``bash scripts/gpu_session.sh first-light --dry-run`` with the default ``python3`` lacking torch: one line
+    naming PYTHON, exit 2 (it pip-installed omni-fast into that python and failed inside its setuptools)."""
+    env = dict(os.environ, PYTHON="false", OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", "scripts/gpu_session.sh", "first-light", "--dry-run"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "set PYTHON" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "out" / "install.log").exists()
+
+
+@pytest.mark.parametrize("args,match", [(["--steps", "99"], "has the steps"), (["--steps", "x"], "step numbers"),
+                                        (["--time-scale", "0"], "positive"), (["--time-scale", "nan"], "positive")])
+def test_bad_steps_or_time_scale_are_refused_before_any_step(args, match, tmp_path, capsys, monkeypatch):
+    """``--steps 99`` / ``--steps x`` ended in a traceback; ``--time-scale 0`` (or negative, NaN) ran every step into
+    an instant "timeout": each a device call lost. Now an argparse error (exit 2) before any step."""
+    monkeypatch.setattr(session, "run_session", lambda *a, **k: pytest.fail("the session started"))
+    with pytest.raises(SystemExit) as exc:
+        session.main(["first-light", "--dry-run", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2 and match in capsys.readouterr().err

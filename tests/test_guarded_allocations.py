@@ -143,3 +143,22 @@ def test_gpu_fused_decode_step_real_shapes_writes_inside(B):
                     dec.step(e, nxt[0] + i)
             torch.cuda.synchronize()
         assert g.slabs and g.violations() == [], fused
+
+
+def test_torch_compile_after_a_block_that_compiled_first():
+    """The process's first torch.compile inside the block used to leave compile broken for the whole process
+    ("Attempted to call function marked as skipped": torch.empty): tests/test_compat_vllm.py's fullgraph tests
+    failed when run after tests/test_reliability_sweep.py. A fresh process, so the block's compile is the first."""
+    import subprocess
+    import sys
+
+    from omni_fast._layout import REPO_ROOT
+
+    code = ("import torch\n"
+            "from omni_fast.testing import guarded_allocations\n"
+            "with guarded_allocations():\n"
+            "    torch.compile(lambda x: x + 1, backend='eager')(torch.ones(2))\n"
+            "f = torch.compile(lambda x: torch.empty(2).fill_(1) + x, backend='eager', fullgraph=True)\n"
+            "print(f(torch.ones(2)).tolist())\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "[2.0, 2.0]", res.stderr[-2000:]

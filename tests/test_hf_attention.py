@@ -390,3 +390,18 @@ def test_autograd_runs_through_the_pure_pytorch_path(case):
     e_grads = torch.autograd.grad((expect.square() * w).sum(), (q, k, v))
     for got, want in zip(grads, e_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_keyword_traces_without_a_dynamo_warning():
+    """``torch.compile`` of a patched forward (which passes the cache by ``with_cache``) warned "Dynamo detected a
+    call to a functools.lru_cache-wrapped function ... Silent incorrectness" at hf_compat.py: the keyword is a
+    plain memo now."""
+    import warnings
+
+    from omni_fast.integrations.hf_compat import cache_keyword
+
+    fn = torch.compile(lambda x: with_cache(x, a=1)[cache_keyword()] + 1, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(fn(torch.ones(2)), torch.full((2,), 2.0))
+    assert not [w for w in seen if "lru_cache" in str(w.message)], [str(w.message)[:200] for w in seen]

@@ -109,3 +109,12 @@ def test_prefill_tiles_pass_the_sm90_static_check():
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "wgmma m64n128k16" in res.stdout and "wgmma m64n256k16" in res.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--chek"], ["--check", "--report"]])
+def test_cli_help_or_a_typo_writes_nothing(argv, monkeypatch):
+    """``--help`` or a mistyped flag used to fall through to rewriting the shipped files."""
+    monkeypatch.setattr(msc, "files", lambda: pytest.fail("would (re)write the config files"))
+    with pytest.raises(SystemExit) as exc:
+        msc.main(argv)
+    assert exc.value.code == (0 if argv == ["--help"] else 2)

@@ -149,3 +149,13 @@ def test_wheel_ships_sources_data_and_metadata(wheel):
                   "Provides-Extra: cuda", "Requires-Dist: cupy-cuda13x; extra == \"cuda\""):
         assert field in text, field
     assert any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_selftest_help_prints_usage_without_running(capsys, monkeypatch):
+    """``python -m omni_fast.selftest --help`` ran every check (it took no arguments at all)."""
+    from omni_fast import selftest
+
+    monkeypatch.setattr(selftest, "_cases", lambda *a: pytest.fail("the checks ran"))
+    with pytest.raises(SystemExit) as exc:
+        selftest.main(["--help"])
+    assert exc.value.code == 0 and "usage: python -m omni_fast.selftest" in capsys.readouterr().out

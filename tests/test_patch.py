@@ -293,7 +293,9 @@ def test_qwen2_5_omni_full_model_patch(kernel_calls):
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-5, atol=1e-5)
     replaced, left = "\n".join(report.replaced), "\n".join(report.left)
     assert "[thinker] Qwen2_5OmniAttention" in replaced and "[talker] Qwen2_5OmniAttention" in replaced
-    assert "[code2wav] no omni-fast replacement yet" in left
+    # Token2Wav's swaps are opt-in: the report names each piece and the switch, not "no replacement yet"
+    assert "[code2wav] Qwen2_5OmniToken2WavModel.forward" in left and "OMNI_FAST_TOKEN2WAV=1" in left
+    assert "no omni-fast replacement yet" not in left
 
 
 def test_nested_patches_deepcopy_and_weight_changes():
@@ -346,3 +348,19 @@ def test_patch_refuses_a_backend_that_cannot_run_here():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         omni_fast.patch(model, backend="cuda")
+
+
+def test_a_patch_that_replaces_nothing_warns(omni):
+    """A model omni-fast does not know (or ``parts=[]``) used to give a silent, empty report."""
+    with pytest.warns(UserWarning, match=r"replaced nothing in Linear \(no Qwen3-Omni"):
+        report = omni_fast.patch(torch.nn.Linear(2, 2))
+    assert "replaced:\n    (nothing)" in str(report)
+    with pytest.warns(UserWarning, match=r"parts=\[\]"):
+        omni_fast.patch(omni, parts=[])
+    omni_fast.unpatch(omni)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        omni_fast.patch(omni, parts=["audio"], backend="reference")
+    omni_fast.unpatch(omni)

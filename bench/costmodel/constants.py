@@ -109,5 +109,14 @@ def measured_values(measured: dict) -> dict:
             raise ValueError(f"roofline.{key} must be a positive finite number, got {got!r}")
         values[name] = float(got) * unit
     names = {f.name for f in fields(Constants)}
-    values.update({k: v for k, v in measured.items() if k in names})
+    for k, v in measured.items():
+        if k not in names:
+            continue
+        # a string or NaN failed deep in a prediction (TypeError at a division); only the latency fields may be 0
+        latency = k.endswith("_s") and not k.endswith("_per_s")  # seconds per event, not a rate
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (
+            v > 0 or (v == 0 and latency))
+        if not ok:
+            raise ValueError(f"{k} must be a {'non-negative' if latency else 'positive'} finite number, got {v!r}")
+        values[k] = v
     return values

@@ -81,7 +81,10 @@ def facts(only: list[str] | None = None) -> dict:
         return _compile_all(only)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", *only], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ValueError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else
+                         f"statics exited with {res.returncode}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -98,5 +101,25 @@ def by_kernel(all_facts: dict) -> dict[str, dict]:
     return out
 
 
+def main(argv: list[str]) -> int:
+    """``python -m omni_fast.bench.costmodel.statics [NAME...]``: the sm_90a facts of the registered
+    specialisations whose name contains a NAME (all when none) as one JSON line, to merge into
+    bench/results/model/static_sm90a.json. Runs with or without ``TRITON_INTERPRET=1`` (the compile itself runs in
+    a process without it: under the interpreter every row would be an error)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return 0
+    try:
+        found = facts(argv)
+        missing = [a for a in argv if not any(a in name for name in found)]
+        if missing:  # a typo printed {} with exit 0: nothing to merge, and no word why
+            raise ValueError(f"statics: no registered specialisation name contains {missing}")
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(found))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile_all(sys.argv[1:])))
+    sys.exit(main(sys.argv[1:]))

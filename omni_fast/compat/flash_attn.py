@@ -30,9 +30,18 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..validation import FLOAT_DTYPES, check_inference_only, check_tensor
+from ..validation import FLOAT_DTYPES, check_inference_only, check_same_dtype, check_tensor
 
 FLASH_ATTN_VERSION = "2.8"
+# flash-attn's package attribute: code that gets this module as ``flash_attn`` (docs/compat.md's module swap) reads
+# ``flash_attn.__version__`` for its version gates; 2.8.3 is the 2.8 line's newest release (same signatures).
+__version__ = "2.8.3"
+
+
+def _contiguous_last(x):
+    """flash-attn's ``maybe_contiguous`` (applied to q, k, v by every 2.8 function, and by vLLM's fork): a copy
+    only when the last dimension is strided; anything else as it is (the checks below name it)."""
+    return x.contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
 
 
 def _inference_only(name: str, dropout_p, **tensors) -> None:
@@ -58,11 +67,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
     """
     _inference_only("flash_attn_func", dropout_p, q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
     # named here as flash-attn names them (the KV-cache op below would call them k_cache / v_cache)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, last_dim_contiguous=True)
     check_tensor("k", k, shape=(q.shape[0], None, None, q.shape[3]))
     check_tensor("v", v, dtypes=FLOAT_DTYPES, shape=tuple(k.shape), device=q.device, last_dim_contiguous=True)
+    check_same_dtype(q=q, k=k, v=v)
     out, lse = ops.flash_attn_with_kvcache(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                            return_softmax_lse=True, flash_attn_lse=True)
@@ -97,6 +108,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     the grid is then sized by the token count, no host sync).
     """
     _inference_only("flash_attn_varlen_func", dropout_p, q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))
     out, lse = ops.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                                      return_lse=True, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -132,6 +144,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     then attend q ``[B, Sq, Hq, D]`` to keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out
     ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
+    q, k, v = (_contiguous_last(t) for t in (q, k, v))  # (not the caches: written in place, flash-attn asserts)
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                        window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,

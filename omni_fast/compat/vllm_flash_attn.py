@@ -40,6 +40,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from .. import ops
+from .flash_attn import _contiguous_last  # the fork's maybe_contiguous, as flash-attn's
 from ..validation import FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_positive_int, check_tensor
 
 __version__ = "2.7.2.post1"  # the fork's package version at the commits named above
@@ -148,11 +149,6 @@ def _window(window_size) -> Tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be None or a pair (left, right), got {window_size!r}") from None
     return left, right
-
-
-def _contiguous_last(x):
-    """The fork's ``maybe_contiguous``: a copy only when the last dimension is strided."""
-    return x.contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
 
 
 def _check_tensor_or_none(**named) -> None:

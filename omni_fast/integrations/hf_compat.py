@@ -36,12 +36,17 @@ def check_transformers_version(version: str | None = None) -> None:
                            f"transformers {version} is installed: pip install -U 'transformers>={floor}'")
 
 
-@functools.lru_cache(maxsize=None)
+_CACHE_KEYWORD: list[str] = []  # memo (not functools.lru_cache: torch.compile of a patched forward warned about it)
+
+
 def cache_keyword() -> str:
     """``"cache"`` on transformers >= 5.24, else ``"past_key_values"``: the keyword that carries the KV cache."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
+    if not _CACHE_KEYWORD:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    return "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+        fields = getattr(BaseModelOutputWithPast, "__dataclass_fields__", {})
+        _CACHE_KEYWORD.append("cache" if "cache" in fields else "past_key_values")
+    return _CACHE_KEYWORD[0]
 
 
 def with_cache(cache, **kwargs) -> dict:

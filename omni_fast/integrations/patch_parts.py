@@ -38,7 +38,25 @@ def report_lines(model: nn.Module, root: str, wanted: set, counts: dict, left: d
     replaced = [f"[{part}] {what} (x{n})" for (part, what), n in sorted(counts.items())]
     kept = [f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")")
             for (part, what), n in sorted(left.items())]
-    for part in sorted(wanted - {p for p, _ in counts}):
+    for part in sorted(wanted - {p for p, _ in counts} - {p for p, _ in left}):  # (the lines above say why)
         if any(part_of(root, p) == part for p, _ in model.named_modules()):
             kept.append(f"[{part}] no omni-fast replacement yet (runs as transformers wrote it)")
     return replaced, kept
+
+
+def warn_if_nothing_replaced(model: nn.Module, replaced: list, left: list, parts) -> None:
+    """A patch that swapped nothing in says so (a model omni-fast does not know, e.g. another family's, an empty
+    ``parts``, or only opt-in swaps): its report alone is easy to miss, and the model then runs as before."""
+    if replaced:
+        return
+    import warnings
+
+    known = [line for line in left if "no omni-fast replacement yet" not in line]
+    if parts is not None and not parts:
+        why = "parts=[]"
+    elif known:
+        why = "left as is: " + known[0] + (f"; and {len(known) - 1} more in the report" if len(known) > 1 else "")
+    else:
+        why = "no Qwen3-Omni / Qwen2.5-Omni module omni-fast knows"
+    warnings.warn(f"omni_fast.patch replaced nothing in {type(model).__name__} ({why}); it runs as before",
+                  UserWarning, stacklevel=4)  # the caller of patch()
