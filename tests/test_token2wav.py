@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 import omni_fast  # noqa: E402
+from omni_fast.integrations import token2wav_synth  # noqa: E402
 from omni_fast.models.presets import tiny_qwen2_5_omni_config  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noqa: E402
 
@@ -74,7 +75,10 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, fast_path):
         assert "sample" in model.token2wav.code2wav_dit_model.__dict__
         assert any(r.startswith("[code2wav] Qwen2_5OmniToken2WavModel.forward") for r in report.replaced)
         # the pieces as transformers' forward reaches them (what the swapped forward falls back to); the swapped
-        # forward itself (dit_solve.synthesize): tests/test_token2wav_forward.py
+        # forward itself (dit_solve.synthesize): tests/test_token2wav_forward.py. Buckets (4,): the 3 codes' solve
+        # on one padded 24-frame attention block (the default smallest bucket, 16 codes, rounds up to 48 frames:
+        # twice the interpreter work, same code path; the default buckets: test_dit.py[13])
+        token2wav_synth.set_code_buckets(model.token2wav, (4,))
         got = _token2wav(model, forward=model.token2wav._omni_fast_forward)
     finally:
         omni_fast.unpatch(model)
