@@ -161,6 +161,23 @@ def test_static_check_filter_matching_nothing_fails():
     assert static_check.main(["no-such-kernel-name"]) == 1
 
 
+@pytest.mark.parametrize("jobs", ["0", "-3", "two"])
+def test_static_check_jobs_must_be_a_positive_integer(jobs, capsys):
+    from omni_fast.bench import static_check
+
+    with pytest.raises(SystemExit) as exit_:
+        static_check._cli(["--jobs", jobs, "mtp_frame"])
+    assert exit_.value.code == 2 and "--jobs must be a positive integer" in capsys.readouterr().err
+
+
+def test_statics_names_matching_nothing_are_an_error(capsys):
+    """`python -m omni_fast.bench.costmodel.statics NAME` with a name no specialisation has printed {} and exit 0."""
+    from omni_fast.bench.costmodel import statics
+
+    assert statics.main(["no-such-kernel-name"]) == 2
+    assert "no-such-kernel-name" in capsys.readouterr().err
+
+
 def test_compiled_providers_do_not_keep_their_case_alive():
     import gc
     import weakref

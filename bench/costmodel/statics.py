@@ -81,7 +81,10 @@ def facts(only: list[str] | None = None) -> dict:
         return _compile_all(only)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "omni_fast.bench.costmodel.statics", *only], env=env, cwd=REPO_ROOT,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ValueError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else
+                         f"statics exited with {res.returncode}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -106,7 +109,15 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(main.__doc__)
         return 0
-    print(json.dumps(facts(argv)))
+    try:
+        found = facts(argv)
+        missing = [a for a in argv if not any(a in name for name in found)]
+        if missing:  # a typo printed {} with exit 0: nothing to merge, and no word why
+            raise ValueError(f"statics: no registered specialisation name contains {missing}")
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(found))
     return 0
 
 
