@@ -102,8 +102,9 @@ _BY_NAME = {p.name: p for p in PATHS}
 
 def _from_env(path: FastPath) -> bool:
     value = os.environ.get(path.env)
-    if value is not None and value.strip() not in ("", "0", "1"):
-        # "true" / "yes" / "on" leave the path off: say so rather than run the slow path silently
+    if value is not None and value not in ("", "0", "1"):
+        # "true" / "yes" / "on" (and " 1", "1\n": compared as written) leave the path off: say so rather than run
+        # the slow path silently
         import warnings
 
         warnings.warn(f"{path.env}={value!r}: only '1' turns the fast path {path.name!r} on; it is off",

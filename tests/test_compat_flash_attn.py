@@ -620,3 +620,32 @@ def test_strided_last_dimension_is_copied_as_flash_attn_does():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
     with pytest.raises(ValueError, match="k_cache"):
         fa.flash_attn_with_kvcache(dense[0], rand(B, 8, H, 2 * D)[..., ::2], vc, cache_seqlens=seq)
+
+
+def test_strided_index_tensors_as_flash_attn_does():
+    """A block_table (or cache_batch_idx) with a strided last dimension: flash-attn 2.8's kvcache call copies it
+    (``maybe_contiguous``), its varlen call refuses it; here the kernels read page j of row b at
+    ``b * stride(0) + j``, so a strided table attended to other rows' pages silently (review of session 6)."""
+    from omni_fast.compat import vllm_flash_attn as vfa
+
+    g = torch.Generator().manual_seed(11)
+    B, H, D, page, n_pages = 2, 2, 16, 16, 8
+    q = torch.randn(B, 1, H, D, generator=g).to(DEVICE)
+    kc, vc = (torch.randn(n_pages, page, H, D, generator=g).to(DEVICE) for _ in range(2))
+    wide = torch.randperm(n_pages, generator=g).to(torch.int32).reshape(B, 4).to(DEVICE)
+    table = wide[:, ::2]  # stride (4, 2)
+    seq = torch.tensor([20, 30], dtype=torch.int32, device=DEVICE)
+    for fn in (fa.flash_attn_with_kvcache, vfa.flash_attn_with_kvcache):
+        got = fn(q, kc, vc, cache_seqlens=seq, block_table=table)
+        torch.testing.assert_close(got, fn(q, kc, vc, cache_seqlens=seq, block_table=table.contiguous()))
+    caches = [torch.randn(4, 32, H, D, generator=g).to(DEVICE) for _ in range(2)]
+    idx = torch.tensor([3, 9, 1, 9], dtype=torch.int32, device=DEVICE)[::2]  # [3, 1], stride 2
+    torch.testing.assert_close(fa.flash_attn_with_kvcache(q, *caches, cache_seqlens=seq, cache_batch_idx=idx),
+                               fa.flash_attn_with_kvcache(q, *caches, cache_seqlens=seq,
+                                                          cache_batch_idx=idx.contiguous()))
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table"):
+        fa.flash_attn_varlen_func(q[:, 0], kc, vc, cu_q, cu_k, 1, 30, block_table=table, seqused_k=seq)
+    with pytest.raises(ValueError, match="block_table"):
+        omni_fast.ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seq, block_table=table)

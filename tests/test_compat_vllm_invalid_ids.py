@@ -155,3 +155,26 @@ def test_no_masking_launch_and_no_host_sync(cuda_like_validation):
         with torch.no_grad(), HostSyncs(host_data=True) as syncs:
             body()
         assert not syncs.count, (name, syncs.report())
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nan_weights_on_remote_pairs_add_zero(backend, on_input):
+    """Valid ids whose expert lives on another rank (``expert_map`` -1) are dropped like invalid ids: vLLM writes
+    zeros for their blocks before any routed weight is applied, so a NaN weight there must not reach the output
+    (0 * NaN), in either place the weight is applied."""
+    g = torch.Generator().manual_seed(5)
+    T, k = 5, 2
+    x = torch.randn(T, H, generator=g).to(DEVICE)
+    ids = torch.stack([torch.randperm(E_GLOBAL, generator=g)[:k] for _ in range(T)]).to(torch.int32).to(DEVICE)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    emap = torch.tensor(EMAP, dtype=torch.int32, device=DEVICE)
+    remote = emap[ids.long()] < 0
+    assert bool(remote.any()) and not bool(remote.all())
+    w1, w2 = _weights(E_LOCAL)
+    kw = dict(global_num_experts=E_GLOBAL, expert_map=emap, apply_router_weight_on_input=on_input)
+    with omni_fast.use_backend(backend):
+        got = vllm.fused_experts(x, w1, w2, torch.where(remote, float("nan"), w), ids, **kw)
+        want = vllm.fused_experts(x, w1, w2, torch.where(remote, 0.0, w), ids, **kw)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want)

@@ -110,6 +110,22 @@ def test_sway_none_and_beyond_the_largest_bucket(dit):
     assert dit_solve.bucket_for(11, (4,)) == 16 and dit_solve.bucket_for(4, (4, 8)) == 4
 
 
+def test_default_buckets_four_per_octave():
+    """docs/token2wav.md's padding table and graph count rest on these: 16 ... 4096, four per octave (ratio ~2^(1/4),
+    at most 21 % between neighbours after rounding to ints), powers of two kept; 23 page-aligned graphs (12
+    codes a block) cover 25-1500 codes (0.5-30 s), 7 with the former powers of two."""
+    b = dit_solve.CODE_BUCKETS
+    assert b[0] == 16 and b[-1] == 4096 and len(b) == 33 and list(b) == sorted(set(b))
+    assert {16 << i for i in range(9)} <= set(b)
+    assert all(hi / lo <= 1.22 for lo, hi in zip(b, b[1:]))
+    assert dit_solve.bucket_for(250) == 256 and dit_solve.bucket_for(4097) == 8192
+
+    def graphs(buckets):
+        return len({-(-dit_solve.bucket_for(n, buckets) // 12) * 12 for n in range(25, 1501)})
+
+    assert graphs(b) == 23 and graphs(tuple(16 << i for i in range(9))) == 7
+
+
 def test_new_weights_drop_the_graphs(dit):
     cond, ref, code = _inputs(dit, 1, 3)
     _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,), backend="reference")

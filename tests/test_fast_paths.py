@@ -100,6 +100,21 @@ def test_environment_variables_at_import():
     assert "OMNI_FAST_TOKEN2WAV='true': only '1' turns the fast path 'token2wav' on; it is off" in out.stderr
 
 
+@pytest.mark.parametrize("value,on,warns", [("1", True, False), ("0", False, False), ("", False, False),
+                                            (" 1", False, True), ("1\n", False, True), ("yes", False, True)])
+def test_environment_value_warns_whenever_it_is_not_taken_as_written(monkeypatch, value, on, warns):
+    """Only '1' turns a path on, compared as written: a value that looks like '1' once stripped (" 1", "1\n") is
+    off too, so it warns like "yes" (the check stripped it: off, silently)."""
+    import warnings
+
+    path = fast_paths._BY_NAME["token2wav"]
+    monkeypatch.setenv(path.env, value)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert fast_paths._from_env(path) is on
+    assert bool([w for w in seen if "only '1' turns" in str(w.message)]) is warns
+
+
 def test_kernels_read_the_registry(fast_path):
     from omni_fast.integrations import token2wav
     from omni_fast.kernels import flash_attn, moe_gemm, mtp_gemv, talker_fused

@@ -364,3 +364,19 @@ def test_a_patch_that_replaces_nothing_warns(omni):
         warnings.simplefilter("error")
         omni_fast.patch(omni, parts=["audio"], backend="reference")
     omni_fast.unpatch(omni)
+
+
+
+def test_nothing_replaced_names_the_selected_parts_not_the_unselected_ones():
+    """Qwen2.5-Omni has no code predictor: the warning said 'left as is: [audio] ...; part not selected', a line
+    about a part nobody asked for."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
+
+    torch.manual_seed(0)
+    model = q25.Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_omni_config())
+    with pytest.warns(UserWarning, match=r"parts=\['code_predictor'\]: nothing there") as seen:
+        omni_fast.patch(model, parts=["code_predictor"], backend="reference")
+    assert not [w for w in seen if "part not selected" in str(w.message)]
+    omni_fast.unpatch(model)

@@ -228,3 +228,42 @@ def test_gpu_graph_replay_that_trips_is_reported_and_defined():
     torch.cuda.synchronize()
     assert frame.error() == 0
     assert torch.equal(g[0], eager[0]) and torch.equal(g[1], eager[1])
+
+
+def test_reset_persistent_heals_what_a_user_holds():
+    """After a trip the user resets through what they hold (the CodePredictor, the pipeline, a patched model: the
+    error message names the call), never through private attributes; anything else is a TypeError naming obj."""
+    from omni_fast.models.persistent import reset_persistent
+
+    torch.manual_seed(8)
+    base, pers = _models()
+    B = 2
+    h, c0, _ = _inputs(B, 5)
+    kw = dict(do_sample=False, backend="triton", use_graph=False)
+    want = base.predict_frame(h, c0, **kw)
+    assert torch.equal(pers.predict_frame(h, c0, **kw)[0], want[0])
+    (frame,) = pers._persistent.values()
+    frame.spin_limit = 20
+    victim = _victim(frame, "swiglu", 1)
+    wait = frame.items[victim, 1:3].clone()
+    frame.items[victim, 1:3] = torch.tensor([0, 10**6])
+    pers.predict_frame(h, c0, **kw)  # trips (drains)
+    with pytest.raises(PersistentError, match="reset_persistent"):
+        pers.predict_frame(h, c0, **kw)
+    frame.items[victim, 1:3] = wait
+    # the patched-model form: patch keeps the CodePredictor in the talker's __dict__ (under a sub-module here)
+    model = torch.nn.Module()
+    model.talker = torch.nn.Module()
+    model.talker.__dict__["_omni_fast_cp_cache"] = ("weights key", pers)
+    assert reset_persistent(model) == 1
+    got = pers.predict_frame(h, c0, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert reset_persistent(pers) == 1 and pers.reset_persistent() == 1
+    from types import SimpleNamespace
+
+    from omni_fast.models.components import OmniCodePredictor
+
+    assert reset_persistent(SimpleNamespace(code_predictor=OmniCodePredictor(pers), model=None)) == 1  # pipeline
+    for wrong in (3, torch.nn.Linear(2, 2), base.config):
+        with pytest.raises(TypeError, match="obj must be"):
+            reset_persistent(wrong)

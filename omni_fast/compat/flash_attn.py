@@ -145,6 +145,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))  # (not the caches: written in place, flash-attn asserts)
+    # ... and, as flash-attn 2.8 here, the index tensors (a strided block_table / cache_batch_idx is copied)
+    cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                        window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,

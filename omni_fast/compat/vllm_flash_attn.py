@@ -349,6 +349,7 @@ def flash_attn_with_kvcache(
                           v_descale=v_descale, s_aux=s_aux, out=out)
     _fa2_rules(2, scheduler_metadata, q_descale, k_descale, v_descale, s_aux, 0)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
+    cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)  # as the fork
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                        cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                                        window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,

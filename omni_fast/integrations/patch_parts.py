@@ -51,11 +51,14 @@ def warn_if_nothing_replaced(model: nn.Module, replaced: list, left: list, parts
         return
     import warnings
 
-    known = [line for line in left if "no omni-fast replacement yet" not in line]
+    # the reasons of the selected parts (a "part not selected" line says nothing about why they were empty)
+    known = [line for line in left if "no omni-fast replacement yet" not in line and "part not selected" not in line]
     if parts is not None and not parts:
         why = "parts=[]"
     elif known:
         why = "left as is: " + known[0] + (f"; and {len(known) - 1} more in the report" if len(known) > 1 else "")
+    elif parts is not None:
+        why = f"parts={sorted(parts)}: nothing there that omni-fast replaces"
     else:
         why = "no Qwen3-Omni / Qwen2.5-Omni module omni-fast knows"
     warnings.warn(f"omni_fast.patch replaced nothing in {type(model).__name__} ({why}); it runs as before",

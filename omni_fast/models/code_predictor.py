@@ -357,6 +357,13 @@ class CodePredictor(torch.nn.Module):
             nxt = rvq(torch.cat((consts["rows"][:, None], codes_t[:, 1:]), 1), tables)
         return codes_t, nxt
 
+    def reset_persistent(self) -> int:
+        """After a :class:`~omni_fast.models.persistent.PersistentError`: reset every persistent frame this model
+        built (counters, error flag, recorded flag; stream-ordered, no host sync). Returns how many."""
+        for frame in self._persistent.values():
+            frame.reset()
+        return len(self._persistent)
+
     def _persistent_frame(self, x, c0, c0_embed, seed, sampling):
         """The frame as one launch of the persistent kernel (:mod:`omni_fast.models.persistent`), one compiled
         schedule + workspace per (weights, B, dtype, device, sampling, seed form, codebook-0 source)."""

@@ -35,7 +35,7 @@ from .cuda_graphs import capture, weights_key
 # Codec tokens per solve (mel frames = x repeats): four buckets per octave, 16 ... 4096 (16, 19, 23, 27, 32, 38, ...),
 # each rounded up to whole attention blocks when used. Every op of the solve (and of the vocoder in the same graph)
 # runs over the bucket, so the padding is paid in full: powers of two padded 0.5-30 s replies by 48 % on average
-# (up to 2.2x), these by 11 % (predicted; docs/token2wav.md, "Padding: what the bucket costs").
+# (up to 2.2x), these by 9 % (predicted; docs/token2wav.md, "Padding: what the bucket costs").
 CODE_BUCKETS = tuple(sorted({round(16 * 2 ** (i / 4)) for i in range(33)}))
 _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
 

@@ -273,7 +273,9 @@ def _check_alibi(alibi_slopes, B: int, Hq: int, device) -> None:
 
 
 def _check_block_table(block_table, B: int, n_pages: int, device) -> None:
-    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=device)
+    # unit stride in the last dim: the kernels read page j of row b at ``b * stride(0) + j`` (a strided table gave
+    # other rows' pages, silently); flash-attn 2.8's varlen checks the same, its kvcache call copies it (compat)
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=device, last_dim_contiguous=True)
     if block_table.shape[0] != B:
         raise ValueError(f"block_table must have shape [{B}, max_blocks], got {list(block_table.shape)}")
     if n_pages == 0 and block_table.numel() > 0:  # the kernels clamp page numbers into [0, n_pages)

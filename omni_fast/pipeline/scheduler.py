@@ -299,11 +299,13 @@ class StreamRun:
                                                 **self._codec_stages()}))
 
     def _codec_stages(self) -> dict:
-        """The codec's batch seconds: one stage, or one per part when the codec times parts."""
+        """The codec's batch seconds: one stage, or one per part when the codec times parts, plus the rest of its
+        time (its host-side checks and assembly around the parts) as ``"<codec> other"``: the split adds up."""
         name = getattr(self.a, "codec_stage", "Code2Wav")
         if not self.codec_parts:
             return {name: self.codec_time}
-        return {f"{name} {part}": sec for part, sec in self.codec_parts.items()}
+        parts = {f"{name} {part}": sec for part, sec in self.codec_parts.items()}
+        return {**parts, f"{name} other": max(self.codec_time - sum(self.codec_parts.values()), 0.0)}
 
     def _text_up_to(self, step: int) -> Iterator[Event]:
         """Run the thinker until talker step ``step`` (-1: its prefill) has its text input: the talker's step k

@@ -202,7 +202,9 @@ class PersistentFrame:
         if flag:
             raise PersistentError(f"the persistent MTP frame's watchdog fired in an earlier call (item {flag - 1} "
                                   "waited longer than the spin limit): its codes (defined and in range, but not "
-                                  "the model's) and every later frame's are not valid; call reset() (a hang: "
+                                  "the model's) and every later frame's are not valid; call "
+                                  "omni_fast.models.persistent.reset_persistent(x) with x the CodePredictor, the "
+                                  "Qwen3Omni pipeline or the patched model (or this frame's reset()) (a hang: "
                                   "please report it with the batch size and device)")
 
     def error(self) -> int:
