@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 import omni_fast  # noqa: E402
+from omni_fast.integrations import token2wav_synth  # noqa: E402
 from omni_fast.models.presets import tiny_qwen2_5_omni_config  # noqa: E402
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noqa: E402
 
@@ -14,6 +15,14 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noq
 @pytest.fixture(scope="module")
 def model():
     config = tiny_qwen2_5_omni_config()
+    # BigVGAN cut to the real vocoder's first two upsampling stages (rates 5, 3; kernels 11, 7) with all of its AMP
+    # blocks (resblock kernels 3 / 7 / 11 x dilations 1 / 3 / 5, 18 anti-aliased activations per stage, + the final
+    # one): every module class patch() swaps, every conv shape / dilation / residual the swapped AMP forward passes,
+    # and a signal longer than one interpreter tile (90 samples at stage 2). The last four stages (rate 2, kernel 4)
+    # repeat the same pieces on longer signals: ~90% of the interpreter launches' work for no new code path (the
+    # kernels themselves on odd shapes: test_bigvgan.py; the six-stage vocoder: test_bigvgan_padded.py).
+    big = config.token2wav_config.bigvgan_config
+    big.upsample_rates, big.upsample_kernel_sizes = [5, 3], [11, 7]
     torch.manual_seed(0)
     m = q25.Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
@@ -66,14 +75,19 @@ def test_patch_swaps_bigvgan_activations_and_unpatch_restores(model, fast_path):
         assert "sample" in model.token2wav.code2wav_dit_model.__dict__
         assert any(r.startswith("[code2wav] Qwen2_5OmniToken2WavModel.forward") for r in report.replaced)
         # the pieces as transformers' forward reaches them (what the swapped forward falls back to); the swapped
-        # forward itself (dit_solve.synthesize): tests/test_token2wav_forward.py
+        # forward itself (dit_solve.synthesize): tests/test_token2wav_forward.py. Buckets (4,): the 3 codes' solve
+        # on one padded 24-frame attention block (the default smallest bucket, 16 codes, rounds up to 48 frames:
+        # twice the interpreter work, same code path; the default buckets: test_dit.py[13])
+        token2wav_synth.set_code_buckets(model.token2wav, (4,))
         got = _token2wav(model, forward=model.token2wav._omni_fast_forward)
     finally:
         omni_fast.unpatch(model)
     # fp32 end to end; the fused ops sum the same terms in another order (fp32 rounding, ~1e-7 relative per op),
-    # through the DiT's RK4 steps and BigVGAN's 6 upsampling stages x 18 AMP activations: measured max |diff|
-    # 2.3e-9 on a waveform of max |x| 6.2e-3 (4e-7 relative). The bound is 1e-6 absolute (1.6e-4 of the peak): 400x
-    # the measured error, far below any audible difference, and still catches a wrong tap or a wrong mask.
+    # through the DiT's RK4 steps and the vocoder's 2 upsampling stages x 18 AMP activations: measured max |diff|
+    # 1.2e-7 on a waveform of max |x| 0.45 (2.7e-7 relative; the six-stage vocoder: 2.3e-9 on a peak of 6.2e-3).
+    # The bound is 1e-6 absolute (2.2e-6 of the peak): 8x the measured error, far below any audible difference, and
+    # it catches a wrong tap or a wrong mask (a replicate-padding edge off by one: 4e-3; one AMP block's two
+    # activations swapped: 1.5e-2).
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert not any("forward" in a.__dict__ for a in acts) and "forward" not in model.token2wav.__dict__
     assert "sample" not in model.token2wav.code2wav_dit_model.__dict__
