@@ -91,6 +91,49 @@ def test_patched_dit_ode_solve_matches_transformers(codes, fast_path):
     assert torch.equal(solve(), want)
 
 
+@pytest.mark.parametrize("apply_cfg", [True, False])
+def test_patched_dit_forward_runs_the_swapped_layers(apply_cfg, fast_path, monkeypatch):
+    """The swapped ``DiTAttention.forward`` and AdaLN forwards as transformers' DiT ``forward`` reaches them (a caller
+    with its own solver calls the DiT directly; the patched ``sample`` above runs dit_solve's own layer code, so it
+    never executes these): one evaluation, 13 codes (26 frames: a full and a partial 24-frame block), batch 2."""
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    fast_path("token2wav")
+    cfg = tiny_qwen2_5_omni_config().token2wav_config
+    torch.manual_seed(0)
+    t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()
+    dit, dc = t2w.code2wav_dit_model, cfg.dit_config
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    codes = 13
+    frames = codes * dit.repeats
+    args = dict(hidden_states=torch.randn(2, frames, dc.mel_dim, generator=g),
+                condition_vector=torch.randn(2, 10, dc.mel_dim, generator=g),
+                speaker_embedding=torch.randn(2, frames, dc.enc_emb_dim, generator=g),
+                quantized_code=torch.randint(0, 290, (2, codes), generator=g), time_step=torch.tensor(0.3),
+                apply_cfg=apply_cfg)
+    with torch.no_grad():
+        want = dit(**args)
+        omni_fast.patch(t2w, backend="triton")
+        try:
+            calls = []  # the omni-fast ops the swapped forwards launch, counted
+            for name in ("block_attention", "ada_layer_norm"):
+                op = getattr(omni_fast.ops, name)
+                monkeypatch.setattr(omni_fast.ops, name,
+                                    (lambda f, n: lambda *a, **k: calls.append(n) or f(*a, **k))(op, name))
+            got = dit(**args)
+        finally:
+            omni_fast.unpatch(t2w)
+    n = len(dit.transformer_blocks)
+    assert calls.count("block_attention") == n and calls.count("ada_layer_norm") == n + 1  # + the final norm
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ AdaLN modulation
 def _ada_transformers(x, shift, scale):
     """transformers' ``Qwen2_5_OmniAdaLayerNormZero_Final`` math (its LayerNorm module, then the modulation)."""
