@@ -45,24 +45,32 @@ def test_block_attention_bad_input():
         omni_fast.ops.block_attention(q, q, q, block_size=4, look_ahead=-1)
 
 
+def _tiny_dit(seed: int):
+    """(Token2Wav model, its DiT, the DiT config, a generator) of the tiny Qwen2.5-Omni preset, fp32, with the DiT's
+    non-norm weights N(0, 0.05) from ``seed`` (the generator continues from there for the test's inputs)."""
+    from omni_fast.models.presets import tiny_qwen2_5_omni_config
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
+
+    cfg = tiny_qwen2_5_omni_config().token2wav_config
+    torch.manual_seed(0)
+    t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()
+    dit = t2w.code2wav_dit_model
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return t2w, dit, cfg.dit_config, g
+
+
 @pytest.mark.parametrize("codes", [3, 13])  # one partial block / two blocks, the second partial
 def test_patched_dit_ode_solve_matches_transformers(codes, fast_path):
     """The whole flow-matching solve (RK4 steps, classifier-free guidance doubling the batch, batch 2) with the DiT
     attention and the AdaLN modulations swapped: same noise (the seed before ``sample``) and steps, fp32 rounding-level agreement."""
     from omni_fast.integrations import token2wav_synth
-    from omni_fast.models.presets import tiny_qwen2_5_omni_config
-    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
 
     fast_path("token2wav")  # opt-in until GPU-tested
-    cfg = tiny_qwen2_5_omni_config().token2wav_config
-    torch.manual_seed(0)
-    t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()
-    dit, dc = t2w.code2wav_dit_model, cfg.dit_config
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    t2w, dit, dc, g = _tiny_dit(0)
     code = torch.randint(0, 290, (2, codes), generator=g)
     cond, ref_mel = torch.randn(2, dc.enc_emb_dim, generator=g), torch.randn(2, 10, dc.mel_dim, generator=g)
 
@@ -96,19 +104,8 @@ def test_patched_dit_forward_runs_the_swapped_layers(apply_cfg, fast_path, monke
     """The swapped ``DiTAttention.forward`` and AdaLN forwards as transformers' DiT ``forward`` reaches them (a caller
     with its own solver calls the DiT directly; the patched ``sample`` above runs dit_solve's own layer code, so it
     never executes these): one evaluation, 13 codes (26 frames: a full and a partial 24-frame block), batch 2."""
-    from omni_fast.models.presets import tiny_qwen2_5_omni_config
-    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
-
     fast_path("token2wav")
-    cfg = tiny_qwen2_5_omni_config().token2wav_config
-    torch.manual_seed(0)
-    t2w = q25.Qwen2_5OmniToken2WavModel._from_config(cfg, dtype=torch.float32).eval()
-    dit, dc = t2w.code2wav_dit_model, cfg.dit_config
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    t2w, dit, dc, g = _tiny_dit(1)
     codes = 13
     frames = codes * dit.repeats
     args = dict(hidden_states=torch.randn(2, frames, dc.mel_dim, generator=g),
