@@ -49,6 +49,14 @@ def _assert_defined(model, frame, codes, nxt, c0, e0, exact=True):
         torch.testing.assert_close(nxt, want, rtol=2e-2, atol=2e-2)
 
 
+def _greedy_frame(torch_seed: int, B: int, c0_embed: bool):
+    """(today's CodePredictor, the persistent one, a greedy fp32 PersistentFrame of batch B, its seed tensor)."""
+    torch.manual_seed(torch_seed)
+    base, pers = _models()
+    frame = PersistentFrame(pers, B, torch.float32, torch.device(DEVICE), GREEDY, False, c0_embed)
+    return base, pers, frame, torch.zeros(1, dtype=torch.long, device=DEVICE)
+
+
 def _victim(frame, op, after_step):
     """The first ``op`` item after the samplers of step ``after_step`` (0: from the start)."""
     items = frame.schedule.items
@@ -60,11 +68,8 @@ def _victim(frame, op, after_step):
 @pytest.mark.parametrize("victim_op,after_step,c0_embed", [("norm", 0, True), ("swiglu", 1, False),
                                                            ("sample", 1, False), ("rvq", 3, False)])
 def test_tripped_frame_returns_defined_codes_then_refuses_until_reset(victim_op, after_step, c0_embed):
-    torch.manual_seed(6)
-    base, pers = _models()
     B = 3
-    frame = PersistentFrame(pers, B, torch.float32, torch.device(DEVICE), GREEDY, False, c0_embed)
-    seed = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    base, pers, frame, seed = _greedy_frame(6, B, c0_embed)
     h1, c01, e01 = _inputs(B, 1)
     good = frame(h1, c01, e01 if c0_embed else None, seed)  # fills the codes buffer with this frame's codes
     # (the codes of the steps the trip cuts off are left in the codes buffer from the frame above)
@@ -92,11 +97,8 @@ def test_tripped_frame_returns_defined_codes_then_refuses_until_reset(victim_op,
 def test_a_launch_with_the_flag_already_set_drains_at_once():
     """A launch that starts with the flag set (a graph replayed before the host saw an earlier trip) runs no item
     that waits, whatever the counters say, and still writes defined outputs."""
-    torch.manual_seed(7)
-    _, pers = _models()
     B = 2
-    frame = PersistentFrame(pers, B, torch.float32, torch.device(DEVICE), GREEDY, False, False)
-    seed = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    _, pers, frame, seed = _greedy_frame(7, B, False)
     h, c0, _ = _inputs(B, 3)
     first = frame(h, c0, None, seed)
     stale = frame.ws["codes"].clone()
