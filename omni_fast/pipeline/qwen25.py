@@ -117,7 +117,6 @@ class Token2WavCodec:
         ref = self.speaker["ref_mel"].float()[None].to(dev)
         dit, vocoder = self.token2wav.code2wav_dit_model, self.token2wav.code2wav_bigvgan_model
         self.parts = {"DiT solve": 0.0, "BigVGAN": 0.0}
-        t0 = now(dev)
         for i, n in enumerate(frames_per_row):
             row = codes[i, 0, :n][None]
             if n and int(row.max()) >= self.vocab:
@@ -126,11 +125,13 @@ class Token2WavCodec:
             if not n:
                 rows.append(codes.new_zeros(0, dtype=torch.float32))
                 continue
+            t0 = now(dev)
             mel = dit.sample(cond, ref, row, num_steps=self.num_steps)  # transformers' forward, its first call
             t1 = now(dev)
             wav = vocoder(mel)  # ... and its second (.squeeze().cpu() of the clamped waveform)
-            t0, self.parts["DiT solve"] = now(dev), self.parts["DiT solve"] + t1 - t0
-            self.parts["BigVGAN"] += t0 - t1
+            t2 = now(dev)
+            self.parts["DiT solve"] += t1 - t0
+            self.parts["BigVGAN"] += t2 - t1
             rows.append(wav.reshape(-1).float())
         self.done = codes.shape[-1]
         out = torch.zeros(len(rows), max((r.numel() for r in rows), default=0), device=codes.device)
