@@ -369,6 +369,12 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
     _check_module(model, "patch")
     if parts is not None and (isinstance(parts, (str, bytes)) or not hasattr(parts, "__iter__")):
         raise TypeError(f"parts must be an iterable of names from {PARTS}, got {parts!r}")
+    if parts is not None:
+        parts = tuple(parts)  # read once (a generator), each entry a name: not a crash hashing or sorting them
+        for entry in parts:
+            if not isinstance(entry, str):
+                raise TypeError(f"parts must be an iterable of names from {PARTS}, got entry {entry!r} "
+                                f"({type(entry).__name__})")
     check_transformers_version()  # an older transformers: one clear error here, not a failure deep in a forward
     with _LOCK:
         return _patch(model, backend, parts)

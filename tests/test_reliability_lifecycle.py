@@ -125,3 +125,11 @@ def test_patch_rejects_bad_parts(model):
         omni_fast.patch(model, parts="thinker")
     with pytest.raises(ValueError, match="parts must be a subset"):
         omni_fast.patch(model, parts=("thinker", "nope"))
+
+
+@pytest.mark.parametrize("parts", [[None, "thinker"], [1, "bogus"], [["thinker"]], ("thinker", b"talker")])
+def test_patch_rejects_parts_that_are_not_names(model, parts):
+    """Each entry of parts must be a part name (str): not a crash sorting / hashing mixed entries."""
+    with pytest.raises(TypeError, match=r"parts must be an iterable of names .* got entry"):
+        omni_fast.patch(model, parts=parts)
+    assert not model.__dict__.get("_omni_fast_patched", False)
