@@ -174,6 +174,16 @@ def test_missing_config_names_the_file(copy):
         _load(path)
 
 
+@pytest.mark.parametrize("model_type,hint", [("qwen2_5_omni", "Qwen25Omni.from_pretrained"), ("llama", "qwen3_omni_moe")])
+def test_other_model_type_refused_naming_it(copy, model_type, hint):
+    """A checkpoint of another model (a Qwen2.5-Omni one read as Qwen3-Omni failed with an AttributeError deep in
+    transformers' model construction) is refused up front, naming the file, its model_type and what to use."""
+    path, _ = copy
+    _edit_config(path, lambda cfg: cfg.update(model_type=model_type))
+    with pytest.raises(ValueError, match=rf"config\.json: model_type '{model_type}'.*{hint}"):
+        _load(path)
+
+
 def test_unparsable_config_names_the_file(copy):
     path, _ = copy
     (path / "config.json").write_text("{not json")

@@ -98,6 +98,12 @@ def load_config(path: str):
         raise CheckpointError(f"{file}: not readable JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: must hold a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type is not None and model_type != "qwen3_omni_moe":  # transformers only warns, then fails deep inside
+        hint = (" (Qwen2.5-Omni: load it with omni_fast.models.Qwen25Omni.from_pretrained)"
+                if model_type == "qwen2_5_omni" else "")
+        raise CheckpointError(f"{file}: model_type {model_type!r} is not a Qwen3-Omni checkpoint ('qwen3_omni_moe' "
+                              f"expected){hint}")
     try:
         config = Qwen3OmniMoeConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds: name the file

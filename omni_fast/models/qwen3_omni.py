@@ -148,7 +148,7 @@ class Qwen3Omni:
         refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
         NaN)."""
         from .checkpoint import check_finite as _check_finite
-        from .checkpoint import load_strict
+        from .checkpoint import load_config, load_strict
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -156,9 +156,7 @@ class Qwen3Omni:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
         if quant is not None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = load_config(os.fspath(path))  # validated: model_type, settings (errors name the file)
             model = load_quantized(os.fspath(path), config, quant, dtype=dtype, device=device)
         else:
             model = load_strict(os.fspath(path), strict=bool(strict), dtype=dtype)
