@@ -201,6 +201,20 @@ def test_unsupported_quantization_configs_name_the_method(tmp_path):
         Qwen3Omni.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("qcfg,exc,match", [
+    ("fp8", TypeError, "quantization_config must be a JSON object.*str"),
+    (["fp8"], TypeError, "quantization_config must be a JSON object.*list"),
+    (dict(FP8_CONFIG, weight_block_size=128), ValueError, "weight_block_size=128"),
+    (dict(FP8_CONFIG, weight_block_size=[128, 0]), ValueError, r"weight_block_size=\[128, 0\]"),
+    (dict(FP8_CONFIG, weight_block_size=["a", "b"]), ValueError, "weight_block_size"),
+])
+def test_malformed_quantization_configs_name_the_setting(qcfg, exc, match):
+    """A quantization_config that is not an object, or an fp8 weight_block_size that is not two positive
+    integers: a TypeError / ValueError naming the setting (was an AttributeError / a bare int() or len() error)."""
+    with pytest.raises(exc, match=match):
+        parse_quantization_config(qcfg)
+
+
 def test_quantized_checkpoint_generates_text_and_audio(tmp_path):
     """The whole pipeline on a W4A16 checkpoint: thinker and talker decode (MoeTextDecoder) on the quantized
     experts; greedy tokens as transformers' generate of the same (patched) model."""

@@ -58,13 +58,18 @@ def parse_quantization_config(qcfg: dict) -> dict:
 
     Raises ValueError naming the method (and the unsupported field) for anything but the two supported formats.
     """
+    if not isinstance(qcfg, dict):
+        raise TypeError(f"quantization_config must be a JSON object (a dict with quant_method), got "
+                        f"{type(qcfg).__name__} {qcfg!r}")
     method = qcfg.get("quant_method")
     if method == "fp8":
         fmt, act, block = qcfg.get("fmt", "e4m3"), qcfg.get("activation_scheme", "dynamic"), \
             qcfg.get("weight_block_size")
-        if fmt != "e4m3" or act != "dynamic" or block is None or len(block) != 2:
+        two_sizes = isinstance(block, (list, tuple)) and len(block) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        if fmt != "e4m3" or act != "dynamic" or not two_sizes:
             raise ValueError(f"quantization_config quant_method 'fp8' is supported with fmt 'e4m3', "
-                             f"activation_scheme 'dynamic' and a 2-D weight_block_size; got fmt={fmt!r}, "
+                             f"activation_scheme 'dynamic' and a weight_block_size of two positive integers; got fmt={fmt!r}, "
                              f"activation_scheme={act!r}, weight_block_size={block!r}")
         return {"format": "fp8_block", "block": (int(block[0]), int(block[1])), "symmetric": True}
     if method == "compressed-tensors":
