@@ -140,6 +140,23 @@ def check_seed(name: str, value) -> int:
     return value
 
 
+def check_device(name: str, device) -> torch.device:
+    """A model's device: None (CUDA when available, else the CPU), a string / ``torch.device`` / CUDA index that
+    torch parses, and CUDA only where CUDA is available: checked before anything is built or loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {type(device).__name__} "
+                        f"({device!r})")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must be a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {device!r}: CUDA is not available here (use device='cpu')")
+    return parsed
+
+
 def check_inference_only(op_name: str, **tensors: torch.Tensor | None) -> None:
     """Raise when autograd would record a call of an op that has no backward (it would silently give wrong grads)."""
     if not torch.is_grad_enabled():

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from omni_fast.models import Qwen3Omni
+from omni_fast.models import Qwen25Omni, Qwen3Omni
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -182,6 +182,26 @@ def test_other_model_type_refused_naming_it(copy, model_type, hint):
     _edit_config(path, lambda cfg: cfg.update(model_type=model_type))
     with pytest.raises(ValueError, match=rf"config\.json: model_type '{model_type}'.*{hint}"):
         _load(path)
+
+
+@pytest.mark.parametrize("device,exc,match", [
+    ("gpu", ValueError, "device must be a torch device.*'gpu'"),
+    (1.5, TypeError, "device must be a torch device.*float"),
+    pytest.param("cuda", ValueError, "device 'cuda'.*CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_bad_device_refused_before_loading(saved, device, exc, match, monkeypatch):
+    """A device that does not parse, or CUDA where there is none: an error naming device before any weight is read
+    (was torch's RuntimeError, or an AssertionError 'Torch not compiled with CUDA' after the whole load)."""
+    from omni_fast.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "scan_shards", lambda *a: pytest.fail("weights read before the device check"))
+    with pytest.raises(exc, match=match):
+        Qwen3Omni.from_pretrained(saved[0], device=device, patch=False)
+    with pytest.raises(exc, match=match):
+        Qwen3Omni.random("tiny", device=device, patch=False)
+    with pytest.raises(exc, match=match):
+        Qwen25Omni.random(device=device, patch=False)
 
 
 def test_unparsable_config_names_the_file(copy):

@@ -17,6 +17,7 @@ import torch
 
 from ..pipeline.qwen25 import Qwen25Stages
 from ..pipeline.requests import ByteTokenizer, make_sampler
+from ..validation import check_device
 from .qwen3_omni import Qwen3Omni
 
 
@@ -89,7 +90,7 @@ class Qwen25Omni:
         if preset != "tiny":
             raise ValueError(f"preset must be 'tiny' (the Qwen2.5-Omni pipeline has no full random preset), got "
                              f"{preset!r}")
-        device = torch.device(device or "cpu")
+        device = check_device("device", device or "cpu")
         config = tiny_qwen2_5_omni_config()
         torch.manual_seed(seed)
         with torch.device(device):
@@ -117,7 +118,7 @@ class Qwen25Omni:
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device("device", device)  # before anything is read or built
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         speakers = kwargs.pop("speakers", None)
         if speakers is None and not os.path.isfile(os.path.join(path, "spk_dict.pt")):

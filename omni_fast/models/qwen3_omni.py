@@ -39,7 +39,7 @@ import torch
 from ..pipeline.qwen3 import Qwen3Stages
 from ..pipeline.requests import ByteTokenizer, Event, Request, make_sampler
 from ..pipeline.scheduler import StreamOptions, StreamRun
-from ..validation import check_positive_int
+from ..validation import check_device, check_positive_int
 from .components import HFCode2Wav, HFCodePredictor, OmniCodePredictor, pick
 from .positions import PositionSpec
 from .quantized import load_quantized, read_quantization_config
@@ -152,7 +152,7 @@ class Qwen3Omni:
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device("device", device)  # before anything is read or built
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
         if quant is not None:
@@ -190,7 +190,7 @@ class Qwen3Omni:
 
         if preset not in ("tiny", "full"):
             raise ValueError(f"preset must be 'tiny' or 'full', got {preset!r}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device("device", device)  # before anything is read or built
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if preset == "full":
             if thinker_layers is not None:
