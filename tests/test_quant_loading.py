@@ -201,6 +201,24 @@ def test_unsupported_quantization_configs_name_the_method(tmp_path):
         Qwen3Omni.from_pretrained(tmp_path)
 
 
+def test_save_pretrained_of_quantized_model_refused(tmp_path):
+    """transformers' save_pretrained cannot write omni-fast's quantized experts (non-persistent buffers): it wrote a
+    checkpoint with no expert weights at all, silently. The model and its parts refuse, naming the format, and
+    write nothing; the model still runs."""
+    _, float_dir = _float_checkpoint(tmp_path)
+    _quantize_checkpoint(float_dir, tmp_path / "quant", "int4", symmetric=True)
+    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="reference")
+    for name, module in (("model", omni.model), ("thinker", omni.model.thinker), ("talker", omni.model.talker)):
+        with pytest.raises(ValueError, match="save_pretrained.*quantized experts.*int4_w4a16"):
+            module.save_pretrained(tmp_path / name)
+        assert not (tmp_path / name).exists(), name
+    omni_fast.unpatch(omni.model)
+    with pytest.raises(ValueError, match="save_pretrained.*quantized experts"):
+        omni.model.save_pretrained(tmp_path / "unpatched")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(_thinker_logits(omni.model, ids)).all()
+
+
 @pytest.mark.parametrize("qcfg,exc,match", [
     ("fp8", TypeError, "quantization_config must be a JSON object.*str"),
     (["fp8"], TypeError, "quantization_config must be a JSON object.*list"),

@@ -39,6 +39,7 @@ import re
 
 import torch
 
+from .._bound import BoundMethod
 from ..ops.quant import QuantizedExperts
 from ..reference import moe_quant as rq
 
@@ -329,7 +330,21 @@ def load_quantized(path: str, config, spec: dict, *, dtype: torch.dtype, device:
     for t in texts:
         t._experts_implementation = EXPERTS_NAME  # the experts run only through omni-fast's fused MoE
     model._quantization_spec = dict(spec)  # (not _omni_fast_*: unpatch drops those)
+    for module in model.modules():  # the model and its parts (thinker, talker) that hold quantized experts
+        if callable(getattr(module, "save_pretrained", None)) and any(
+                "_quantized_experts_facts" in m.__dict__ for m in module.modules()):
+            module.save_pretrained = BoundMethod(_refuse_save_pretrained, module)
     return model.eval()
+
+
+def _refuse_save_pretrained(self, *args, **kwargs):
+    """transformers' ``save_pretrained`` writes the state dict, which has no quantized experts (they are
+    non-persistent buffers in omni-fast's layout): it would write a checkpoint without expert weights, silently."""
+    fmt = next(m.__dict__["_quantized_experts_facts"]["format"] for m in self.modules()
+               if "_quantized_experts_facts" in m.__dict__)
+    raise ValueError(f"save_pretrained: this {type(self).__name__} holds omni-fast quantized experts ({fmt}, loaded "
+                     "by Qwen3Omni.from_pretrained) that transformers' save_pretrained cannot write (the checkpoint "
+                     "would have no expert weights); keep the quantized checkpoint directory it was loaded from")
 
 
 def read_quantization_config(path: str) -> dict | None:
