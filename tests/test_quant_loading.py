@@ -219,6 +219,31 @@ def test_save_pretrained_of_quantized_model_refused(tmp_path):
     assert torch.isfinite(_thinker_logits(omni.model, ids)).all()
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8t"])
+def test_dtype_cast_keeps_the_quantized_format(tmp_path, fmt):
+    """``model.to(torch.bfloat16)`` / ``.float()`` (the usual step before inference) cast the e4m3 weights and the
+    fp32 scales with the rest of the model (they were float buffers): the forward then refused them (TypeError
+    naming w13). The quantized tensors keep their format; the model runs in the new dtype."""
+    _, float_dir = _float_checkpoint(tmp_path)
+    _quantize_checkpoint(float_dir, tmp_path / "quant", fmt)
+    omni = Qwen3Omni.from_pretrained(tmp_path / "quant", dtype=torch.float32, device="cpu", backend="reference")
+    model = omni.model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    want = _thinker_logits(model, ids)
+    before = {n: quantized_experts(m) for n, m in model.named_modules() if quantized_experts(m) is not None}
+    model.to(torch.bfloat16)
+    got = _thinker_logits(model, ids).float()
+    torch.testing.assert_close(got, want, atol=0.1 * want.abs().max().item(), rtol=0)
+    model.float()
+    for name, q in before.items():
+        now = quantized_experts(model.get_submodule(name))
+        for field in ("w13", "w2", "w13_scale", "w2_scale", "w13_input_scale", "w2_input_scale"):
+            a, b = getattr(q, field), getattr(now, field)
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a.view(-1).float(),
+                                                                                    b.view(-1).float())), field
+    assert torch.isfinite(_thinker_logits(model, ids)).all()  # (the float weights went through bf16: not equal)
+
+
 @pytest.mark.parametrize("qcfg,exc,match", [
     ("fp8", TypeError, "quantization_config must be a JSON object.*str"),
     (["fp8"], TypeError, "quantization_config must be a JSON object.*list"),

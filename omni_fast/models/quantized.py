@@ -223,13 +223,24 @@ def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device, loa
 # --- the experts module -------------------------------------------------------------------------------------------
 
 
+# Floating tensors of the format (e4m3 weights, fp32 scales) are held as integer views of the same width: a module
+# dtype cast (``model.to(torch.bfloat16)``, ``.half()``) converts floating buffers only, so the format's dtypes
+# survive it as the packed int32 weights do; ``.to(device)`` still moves them.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def attach_quantized_experts(module: torch.nn.Module, q: QuantizedExperts) -> None:
-    """Give a transformers experts module quantized weights: buffers ``quant_w13`` ... (moved by ``.to()``) and
-    the format facts; its float ``gate_up_proj`` / ``down_proj`` become None."""
+    """Give a transformers experts module quantized weights: buffers ``quant_w13`` ... (moved by ``.to()``, never
+    cast by a dtype change: floating ones are stored as their bits) and the format facts; its float ``gate_up_proj``
+    / ``down_proj`` become None."""
+    dtypes = {}
     for name in _BUFFERS:
-        module.register_buffer(f"quant_{name}", getattr(q, name), persistent=False)
+        t = getattr(q, name)
+        if t is not None and t.is_floating_point():
+            dtypes[name], t = t.dtype, t.view(_BITS[t.element_size()])
+        module.register_buffer(f"quant_{name}", t, persistent=False)
     module._quantized_experts_facts = {"format": q.format, "block": q.block, "group_size": q.group_size,
-                               "symmetric": q.symmetric}
+                                       "symmetric": q.symmetric, "dtypes": dtypes}
     for name in ("gate_up_proj", "down_proj"):
         if name in module._parameters:
             module._parameters[name] = None
@@ -241,6 +252,7 @@ def quantized_experts(module: torch.nn.Module) -> QuantizedExperts | None:
     if facts is None:
         return None
     tensors = {name: getattr(module, f"quant_{name}") for name in _BUFFERS}
+    tensors.update({name: tensors[name].view(dtype) for name, dtype in facts["dtypes"].items()})
     return QuantizedExperts(facts["format"], **tensors, block=facts["block"], group_size=facts["group_size"],
                             symmetric=facts["symmetric"])  # (input scales: None buffers unless static fp8)
 
