@@ -244,6 +244,21 @@ def test_dtype_cast_keeps_the_quantized_format(tmp_path, fmt):
     assert torch.isfinite(_thinker_logits(model, ids)).all()  # (the float weights went through bf16: not equal)
 
 
+def test_from_pretrained_dtype_forms(tmp_path):
+    """dtype as transformers takes it (a torch.dtype, a name, "auto" = the config's dtype) for float and quantized
+    checkpoints alike (the quantized path crashed on names: 'Invalid device string'); anything else an error naming
+    dtype before loading."""
+    _, float_dir = _float_checkpoint(tmp_path)
+    _quantize_checkpoint(float_dir, tmp_path / "quant", "fp8")
+    for path in (float_dir, tmp_path / "quant"):
+        for dtype, want in (("bfloat16", torch.bfloat16), ("auto", torch.float32), (torch.float16, torch.float16)):
+            model = Qwen3Omni.from_pretrained(path, dtype=dtype, device="cpu", patch=False).model
+            assert model.thinker.lm_head.weight.dtype == want, (path, dtype)
+        for dtype, exc in (("int8", ValueError), (torch.int8, ValueError), ("bf16", ValueError), (5, TypeError)):
+            with pytest.raises(exc, match="dtype"):
+                Qwen3Omni.from_pretrained(path, dtype=dtype, device="cpu", patch=False)
+
+
 @pytest.mark.parametrize("qcfg,exc,match", [
     ("fp8", TypeError, "quantization_config must be a JSON object.*str"),
     (["fp8"], TypeError, "quantization_config must be a JSON object.*list"),

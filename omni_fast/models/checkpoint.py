@@ -84,6 +84,34 @@ def validate_config(config, file: str) -> None:
                 raise bad(where, attr, "a non-empty list of positive integers", rates)
 
 
+def resolve_dtype(dtype, default: torch.dtype, path: str) -> torch.dtype:
+    """``from_pretrained``'s ``dtype`` as transformers takes it, resolved once for the float and the quantized
+    loaders: None -> ``default``; a floating ``torch.dtype``; its name (``"bfloat16"``); ``"auto"`` -> the dtype
+    ``path/config.json`` names (``dtype`` / ``torch_dtype``), else ``default``. TypeError / ValueError naming dtype."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        name = dtype
+        if name == "auto":
+            try:
+                with open(os.path.join(path, CONFIG_NAME)) as f:
+                    raw = json.load(f)
+                name = raw.get("dtype") or raw.get("torch_dtype")
+            except (OSError, ValueError, AttributeError):
+                name = None  # the config's own checks name the file
+            if not isinstance(name, str) or not isinstance(getattr(torch, name, None), torch.dtype):
+                return default
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a floating torch.dtype or its name ('bfloat16', 'float16', 'float32') "
+                             f"or 'auto', got {name!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, its name or 'auto', got {type(dtype).__name__} ({dtype!r})")
+    if not dtype.is_floating_point or dtype.itemsize < 2:  # (float8: the quantized formats hold their own)
+        raise ValueError(f"dtype must be a floating dtype of 16 bits or more for the model, got {dtype}")
+    return dtype
+
+
 def load_config(path: str):
     """The directory's ``config.json`` as a transformers ``Qwen3OmniMoeConfig``, validated."""
     from transformers import Qwen3OmniMoeConfig
@@ -229,5 +257,5 @@ def check_finite(model: torch.nn.Module, prefix: str = "") -> None:
                               + ", ".join(prefix + n for n in bad[:20]))
 
 
-__all__ = ["CheckpointError", "check_finite", "check_tensors", "load_config", "load_strict", "scan_shards",
-           "validate_config"]
+__all__ = ["CheckpointError", "check_finite", "check_tensors", "load_config", "load_strict", "resolve_dtype",
+           "scan_shards", "validate_config"]

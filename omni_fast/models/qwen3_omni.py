@@ -139,7 +139,9 @@ class Qwen3Omni:
         """A local transformers-format checkpoint directory (config.json + safetensors shards); nothing is fetched
         from a hub (``local_files_only``). A tokenizer in the directory is loaded when present. A checkpoint with
         FP8-block or compressed-tensors W4A16 experts keeps them quantized (:mod:`omni_fast.models.quantized`, which
-        checks its own keys); another ``quantization_config`` raises a ValueError naming its method.
+        checks its own keys); another ``quantization_config`` raises a ValueError naming its method. ``dtype``: a
+        floating ``torch.dtype``, its name or ``"auto"`` (config.json's dtype), as transformers takes it (default
+        bf16 on CUDA, fp32 on a CPU); ``device`` is checked before anything is read.
 
         ``strict`` (default): the config is validated up front (errors name the setting and the file), and a
         missing, unexpected, wrongly shaped or non-float tensor, a key the index lists but its shard lacks, or a
@@ -148,12 +150,12 @@ class Qwen3Omni:
         refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
         NaN)."""
         from .checkpoint import check_finite as _check_finite
-        from .checkpoint import load_config, load_strict
+        from .checkpoint import load_config, load_strict, resolve_dtype
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         device = check_device("device", device)  # before anything is read or built
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32, os.fspath(path))
         quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
         if quant is not None:
             config = load_config(os.fspath(path))  # validated: model_type, settings (errors name the file)
