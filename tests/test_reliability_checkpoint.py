@@ -204,6 +204,14 @@ def test_bad_device_refused_before_loading(saved, device, exc, match, monkeypatc
         Qwen25Omni.random(device=device, patch=False)
 
 
+@pytest.mark.parametrize("load", [Qwen3Omni.from_pretrained, Qwen25Omni.from_pretrained])
+@pytest.mark.parametrize("path", [None, 3, ["ckpt"]])
+def test_path_that_is_not_a_path_names_it(load, path):
+    """path must be a str / os.PathLike: was os.stat's TypeError, or for an int a file-descriptor lookup."""
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        load(path, device="cpu")
+
+
 def test_unparsable_config_names_the_file(copy):
     path, _ = copy
     (path / "config.json").write_text("{not json")

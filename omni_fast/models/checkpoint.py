@@ -84,6 +84,17 @@ def validate_config(config, file: str) -> None:
                 raise bad(where, attr, "a non-empty list of positive integers", rates)
 
 
+def checkpoint_dir(path) -> str:
+    """``from_pretrained``'s ``path`` as a str: a str / os.PathLike (TypeError otherwise: an int would be taken for a
+    file descriptor) naming an existing directory (FileNotFoundError otherwise)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a local checkpoint directory), got "
+                        f"{type(path).__name__} ({path!r})")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    return os.fspath(path)
+
+
 def resolve_dtype(dtype, default: torch.dtype, path: str) -> torch.dtype:
     """``from_pretrained``'s ``dtype`` as transformers takes it, resolved once for the float and the quantized
     loaders: None -> ``default``; a floating ``torch.dtype``; its name (``"bfloat16"``); ``"auto"`` -> the dtype
@@ -257,5 +268,5 @@ def check_finite(model: torch.nn.Module, prefix: str = "") -> None:
                               + ", ".join(prefix + n for n in bad[:20]))
 
 
-__all__ = ["CheckpointError", "check_finite", "check_tensors", "load_config", "load_strict", "resolve_dtype",
+__all__ = ["CheckpointError", "check_finite", "check_tensors", "checkpoint_dir", "load_config", "load_strict", "resolve_dtype",
            "scan_shards", "validate_config"]

@@ -116,8 +116,9 @@ class Qwen25Omni:
         nothing is fetched (``local_files_only``). A tokenizer in the directory is loaded when present."""
         from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        from .checkpoint import checkpoint_dir
+
+        path = checkpoint_dir(path)  # a str naming an existing directory
         device = check_device("device", device)  # before anything is read or built
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         speakers = kwargs.pop("speakers", None)

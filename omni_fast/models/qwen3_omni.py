@@ -150,18 +150,17 @@ class Qwen3Omni:
         refuse Code2Wav weights holding NaN/inf (they would give a NaN waveform: the vocoder's final clamp passes
         NaN)."""
         from .checkpoint import check_finite as _check_finite
-        from .checkpoint import load_config, load_strict, resolve_dtype
+        from .checkpoint import checkpoint_dir, load_config, load_strict, resolve_dtype
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        path = checkpoint_dir(path)  # a str naming an existing directory
         device = check_device("device", device)  # before anything is read or built
-        dtype = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32, os.fspath(path))
+        dtype = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32, path)
         quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
         if quant is not None:
-            config = load_config(os.fspath(path))  # validated: model_type, settings (errors name the file)
-            model = load_quantized(os.fspath(path), config, quant, dtype=dtype, device=device)
+            config = load_config(path)  # validated: model_type, settings (errors name the file)
+            model = load_quantized(path, config, quant, dtype=dtype, device=device)
         else:
-            model = load_strict(os.fspath(path), strict=bool(strict), dtype=dtype)
+            model = load_strict(path, strict=bool(strict), dtype=dtype)
         if check_finite and hasattr(model, "code2wav"):
             _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
