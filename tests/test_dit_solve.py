@@ -222,6 +222,9 @@ def test_every_bucket_graph_shares_one_memory_pool(monkeypatch):
     from test_bigvgan_padded import _token2wav
 
     pools, handles = _fake_capture(monkeypatch)
+    held, replay = [], dit_solve._SolveGraph._replay
+    monkeypatch.setattr(dit_solve._SolveGraph, "_replay",
+                        lambda self, *a: held.append(self.shared.lock._is_owned()) or replay(self, *a))
     t2w = _token2wav()
     dit = t2w.code2wav_dit_model
     mel, wave = _solve_calls(t2w, (12, 24), num_steps=2, backend="reference")
@@ -238,6 +241,7 @@ def test_every_bucket_graph_shares_one_memory_pool(monkeypatch):
         assert got.data_ptr() not in statics
         torch.testing.assert_close(got, saved[n], atol=0, rtol=0)
     assert all(torch.equal(first[n], saved[n]) for n in first)  # earlier results untouched by later replays
+    assert len(held) == 7 and all(held)  # every replay (and its output copies) inside the pool's lock
     torch.testing.assert_close(wave(3), w, atol=0, rtol=0)
     assert len(pools) == 3  # no capture since the first three
     with torch.no_grad():

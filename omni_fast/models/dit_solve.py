@@ -15,6 +15,9 @@ mel, the code embeddings, the RoPE table, the ``[S, S]`` block mask). Here:
 - the initial noise is drawn with transformers' own call (``torch.randn([B, L, mel_dim])`` on the global RNG)
   outside the graph, so a seed gives transformers' noise.
 
+All of a DiT's graphs (every bucket; :func:`sample`'s and :func:`synthesize`'s) share ONE memory pool
+(:class:`_SharedPool`: why that is safe, and the replay contract that keeps it so).
+
 Without CUDA, "replay" runs the captured function eagerly on the same static buffers (the bucket, padding and
 length logic stay testable on the CPU).
 """
