@@ -33,16 +33,24 @@ def rvq_tile(
     D, stride_cn, stride_cg, stride_on, scale,
     G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row ``n``, D block ``pid_d`` of :func:`rvq_embed_kernel` (shared with the persistent frame kernel)."""
+    """Row ``n``, D block ``pid_d`` of :func:`rvq_embed_kernel` (shared with the persistent frame kernel).
+
+    Bounded by construction: whatever value a code load returns (a garbage id, or in the persistent frame's drain a
+    racy read of an id a late sampler is storing: not a value anyone need have written), every address formed,
+    masked lane or not, lies in group ``g``'s rows ``[0, group_rows[g])`` (a table of at least one row)."""
     n = n.to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for g in range(G):
         code = tl.load(codes_ptr + n * stride_cn + g * stride_cg).to(tl.int64)
-        # an out-of-range code (unchecked on CUDA: no host sync) adds nothing instead of reading out of bounds
-        valid = (code >= 0) & (code < tl.load(group_rows_ptr + g))
-        row = tl.load(group_base_ptr + g) + code * tl.load(group_stride_ptr + g)
+        rows = tl.load(group_rows_ptr + g)
+        # an out-of-range code (unchecked on CUDA: no host sync) adds nothing (the mask) ...
+        valid = (code >= 0) & (code < rows)
+        # ... and the row gathered is the code clamped to [0, rows): the address depends on ONE use of the loaded
+        # value, so it stays in bounds even if the compiler re-read the code for the mask (a racy read may differ)
+        safe = tl.maximum(tl.minimum(code, rows - 1), 0)
+        row = tl.load(group_base_ptr + g) + safe * tl.load(group_stride_ptr + g)
         acc += tl.load(table_ptr + row + offs_d, mask=offs_d < tl.where(valid, D, 0), other=0.0).to(tl.float32)
     tl.store(out_ptr + n * stride_on + offs_d, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
