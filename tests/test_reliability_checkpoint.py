@@ -212,6 +212,13 @@ def test_path_that_is_not_a_path_names_it(load, path):
         load(path, device="cpu")
 
 
+@pytest.mark.parametrize("flag", ["strict", "check_finite"])
+def test_flags_must_be_bools(saved, flag):
+    """strict="no" was read as True (bool of a non-empty string): flags take bools only."""
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        Qwen3Omni.from_pretrained(saved[0], device="cpu", patch=False, **{flag: "no"})
+
+
 def test_unparsable_config_names_the_file(copy):
     path, _ = copy
     (path / "config.json").write_text("{not json")

@@ -39,7 +39,7 @@ import torch
 from ..pipeline.qwen3 import Qwen3Stages
 from ..pipeline.requests import ByteTokenizer, Event, Request, make_sampler
 from ..pipeline.scheduler import StreamOptions, StreamRun
-from ..validation import check_device, check_positive_int
+from ..validation import check_bool, check_device, check_positive_int
 from .components import HFCode2Wav, HFCodePredictor, OmniCodePredictor, pick
 from .positions import PositionSpec
 from .quantized import load_quantized, read_quantization_config
@@ -154,13 +154,14 @@ class Qwen3Omni:
 
         path = checkpoint_dir(path)  # a str naming an existing directory
         device = check_device("device", device)  # before anything is read or built
+        strict, check_finite = check_bool("strict", strict), check_bool("check_finite", check_finite)
         dtype = resolve_dtype(dtype, torch.bfloat16 if device.type == "cuda" else torch.float32, path)
         quant = read_quantization_config(path)  # FP8-block / W4A16 experts stay quantized (models.quantized)
         if quant is not None:
             config = load_config(path)  # validated: model_type, settings (errors name the file)
             model = load_quantized(path, config, quant, dtype=dtype, device=device)
         else:
-            model = load_strict(path, strict=bool(strict), dtype=dtype)
+            model = load_strict(path, strict=strict, dtype=dtype)
         if check_finite and hasattr(model, "code2wav"):
             _check_finite(model.code2wav, "code2wav.")
         model = model.to(device)
