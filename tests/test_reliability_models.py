@@ -116,3 +116,22 @@ def test_code2wav_check_finite_option():
     Code2Wav.from_transformers(module)  # off by default: a load-time choice
     with pytest.raises(ValueError, match="non-finite"):
         Code2Wav.from_transformers(module, check_finite=True)
+
+
+def test_pipelines_refuse_a_model_they_cannot_run():
+    """Qwen3Omni / Qwen25Omni take the whole transformers model of their family: a part (the thinker), the other
+    family's model or a path string was an AttributeError deep in the constructor, or (Qwen2.5-Omni's model in
+    Qwen3Omni) accepted silently. A TypeError naming model and what to pass instead."""
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    from omni_fast.models import Qwen25Omni, Qwen3Omni
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+
+    omni3 = q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config())
+    omni25 = Qwen25Omni.random(patch=False).model
+    for pipeline, bad, hint in ((Qwen3Omni, omni3.thinker, "Qwen3OmniMoeForConditionalGeneration"),
+                                (Qwen3Omni, omni25, "Qwen25Omni"), (Qwen3Omni, "/some/checkpoint", "from_pretrained"),
+                                (Qwen25Omni, omni3, "Qwen3Omni"), (Qwen25Omni, omni25.thinker,
+                                                                   "Qwen2_5OmniForConditionalGeneration")):
+        with pytest.raises(TypeError, match=f"model must be .*{hint}"):
+            pipeline(bad, patch=False)

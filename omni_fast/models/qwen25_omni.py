@@ -18,7 +18,7 @@ import torch
 from ..pipeline.qwen25 import Qwen25Stages
 from ..pipeline.requests import ByteTokenizer, make_sampler
 from ..validation import check_device
-from .qwen3_omni import Qwen3Omni
+from .qwen3_omni import Qwen3Omni, check_pipeline_model
 
 
 class Qwen25Omni:
@@ -33,6 +33,7 @@ class Qwen25Omni:
                  speakers: dict | None = None, token2wav_steps: int = 10):
         from ..validation import check_positive_int
 
+        check_pipeline_model(model, "Qwen2_5OmniForConditionalGeneration")
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device

@@ -46,6 +46,23 @@ from .quantized import load_quantized, read_quantization_config
 from .request_checks import checked_generate, checked_stream
 
 
+_PIPELINES = {"Qwen3OmniMoeForConditionalGeneration": "Qwen3Omni", "Qwen2_5OmniForConditionalGeneration": "Qwen25Omni"}
+
+
+def check_pipeline_model(model, expected: str) -> None:
+    """``model`` is transformers' whole ``expected`` model (or a subclass): TypeError naming model and what to use
+    (a part, the other family's model, a checkpoint path) instead of an AttributeError deep in a constructor."""
+    if any(c.__name__ == expected for c in type(model).__mro__):
+        return
+    pipeline = _PIPELINES[expected]
+    other = next((p for c in type(model).__mro__ for n, p in _PIPELINES.items() if c.__name__ == n), None)
+    hint = (f"a path: use {pipeline}.from_pretrained(path)" if isinstance(model, (str, os.PathLike))
+            else f"this model is {other}'s: use {other}(model)" if other is not None
+            else "a part alone is not enough; omni_fast.patch(part) runs a part on omni-fast kernels")
+    raise TypeError(f"model must be a transformers {expected} (thinker, talker and vocoder), got "
+                    f"{type(model).__name__} ({hint})")
+
+
 class Qwen3Omni:
     """Thinker -> talker -> MTP -> streaming Code2Wav for a transformers ``Qwen3OmniMoeForConditionalGeneration``.
 
@@ -53,6 +70,7 @@ class Qwen3Omni:
     """
 
     def __init__(self, model, *, patch: bool = True, backend: str | None = None, tokenizer=None):
+        check_pipeline_model(model, "Qwen3OmniMoeForConditionalGeneration")
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
