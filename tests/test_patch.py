@@ -190,6 +190,29 @@ def test_thinker_alone_generate_parity(omni, kernel_calls):
     assert not any("_omni_fast_backend" in m.__dict__ for m in thinker.modules())
 
 
+def test_generate_under_inference_mode_then_outside_it(omni):
+    """A patched generate under torch.inference_mode() (a warm-up, a server) left the decoder's KV cache as inference
+    tensors; the next plain generate (no_grad, as transformers runs it) crashed writing them in place ('Inplace update
+    to inference tensor outside InferenceMode'). Unpatched, both work: so must patched, with the same tokens."""
+    thinker = omni.thinker
+    ids = _prompt(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+
+    def run(inference: bool):
+        with torch.inference_mode(inference):
+            return thinker.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                    eos_token_id=None)
+
+    want = run(False)
+    omni_fast.patch(thinker)
+    try:
+        got = [run(True), run(False), run(True)]
+    finally:
+        omni_fast.unpatch(thinker)
+    assert all(torch.equal(g, want) for g in got)
+
+
 def test_talker_alone_generate_parity(omni, kernel_calls):
     """The talker with its code predictor, fed as the full model feeds it: same codebook-0 ids and residual codes."""
     talker = omni.talker

@@ -250,9 +250,12 @@ class MoeTextDecoder:
                or not 0 < i < len(self.layers)]
         if bad:
             raise ValueError(f"record_layers must hold layer outputs 1 .. {len(self.layers) - 1}, got {sorted(bad)}")
+        # buffers made under torch.inference_mode() cannot be written outside it: a plain generate after one run
+        # under inference_mode gets fresh ones
         if (st is None or st.bucket != bucket or st.fractional != bool(fractional_positions)
                 or st.capacity < needed or (st.graph is not None) != bool(use_graph)
-                or set(st.recorded) != set(self.record_layers)):
+                or set(st.recorded) != set(self.record_layers)
+                or (st.x.is_inference() and not torch.is_inference_mode_enabled())):
             self._state = None  # free the previous buffers (and graph) before allocating new ones
             capacity = -(-needed // CAPACITY_ALIGN) * CAPACITY_ALIGN
             st = self._state = _State(self, bucket, capacity, bool(fractional_positions))
