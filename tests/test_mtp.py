@@ -156,6 +156,23 @@ def test_graph_buckets_emulated_on_cpu():
             torch.testing.assert_close(eager[1], graph[1], rtol=0, atol=0)
 
 
+def test_graph_frame_under_inference_mode_then_outside_it():
+    """A frame graph's static buffers made under torch.inference_mode() cannot be written outside it ('Inplace
+    update to inference tensor'): a frame outside after one inside (a patched talker's generate under inference_mode,
+    then a plain one) crashed on CUDA. Checked through the CPU emulation of the graph path."""
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m, emb)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 48, generator=g)
+    c0 = torch.randint(0, emb.num_embeddings, (2,), generator=g)
+    want = cp.predict_frame(h, c0, use_graph=False, backend="reference", do_sample=False)
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            got = cp.predict_frame(h, c0, use_graph=True, backend="reference", do_sample=False)
+        assert torch.equal(got[0], want[0]), inference
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
 def test_graphs_dropped_when_weights_move_or_change():
     """A captured frame reads the weights by address: after an in-place update, a .to(dtype) or a reload the cached
     graphs are dropped and re-captured (checked through the CPU emulation: new graph objects, eager results)."""

@@ -469,8 +469,10 @@ class CodePredictor(torch.nn.Module):
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
         # ambient choice must not replay under another
+        # (and its static buffers, made under torch.inference_mode() or not: inference tensors cannot be written
+        # outside it, so each mode has its own graph)
         key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
-               self.persistent, fused)
+               self.persistent, fused, torch.is_inference_mode_enabled())
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
