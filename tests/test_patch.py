@@ -213,6 +213,26 @@ def test_generate_under_inference_mode_then_outside_it(omni):
     assert all(torch.equal(g, want) for g in got)
 
 
+def test_assisted_generate_prompt_lookup(omni):
+    """Assisted decoding (prompt_lookup_num_tokens: candidate tokens verified several per forward, rejected ones
+    cropped) crashed patched (AttributeError: FastTalkerCache has no is_croppable); unpatched it runs. The decoder
+    takes the candidates one step each and rewinds on crop: the same greedy tokens."""
+    thinker = omni.thinker
+    i = TINY_IDS
+    ids = torch.tensor([[i["im_start_token_id"], i["user_token_id"], 5, 6, 5, 6, 5, 6, i["im_end_token_id"],
+                         i["im_start_token_id"], i["assistant_token_id"]]])
+
+    def run():
+        return thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                eos_token_id=None, prompt_lookup_num_tokens=2)
+
+    want, got, _ = run_unpatched_then_patched(thinker, run)
+    assert torch.equal(got, want)
+    plain = thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None)
+    assert torch.equal(got, plain)  # greedy assisted decoding is exact
+
+
 def test_talker_alone_generate_parity(omni, kernel_calls):
     """The talker with its code predictor, fed as the full model feeds it: same codebook-0 ids and residual codes."""
     talker = omni.talker

@@ -78,6 +78,7 @@ class FastTalkerCache:
     as transformers' ``DynamicCache`` would (the outer talker forward builds the positions from it)."""
 
     is_compileable = False
+    is_croppable = True  # crop() rewinds the decoder: assisted decoding drops rejected candidates with it
 
     def __init__(self, decoder, seq_length: int):
         self.decoder, self.seen = decoder, int(seq_length)
@@ -90,8 +91,10 @@ class FastTalkerCache:
         self.decoder.reorder_rows(beam_idx)
 
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` tokens (negative: drop ``-max_length``), as ``DynamicCache.crop``."""
-        keep = max_length if max_length >= 0 else self.seen + max_length
+        """As ``DynamicCache.crop``: negative drops ``-max_length`` tokens, 0 drops none (transformers >= 5.24 passes
+        ``-tokens_to_remove``, 0 when assisted decoding accepted every candidate), positive keeps the first
+        ``max_length`` (older releases)."""
+        keep = max_length if max_length > 0 else self.seen + max_length
         if 0 <= keep < self.seen:
             self.decoder.rewind(self.seen - keep)
             self.seen = keep
@@ -203,28 +206,29 @@ def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
 
 
 def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_embeds, kwargs=None):
-    """One token per row: ``inputs_embeds [B, 1, H]`` (or ``input_ids [B, 1]``), ``position_ids`` ``[3, B, 1]`` /
-    ``[B, 1]`` / ``[4, B, 1]`` (transformers' layouts) or None (continue from the cache length)."""
+    """``T`` tokens per row, one decoder step each (``T`` 1, or the candidates of assisted decoding):
+    ``inputs_embeds [B, T, H]`` (or ``input_ids [B, T]``), ``position_ids`` ``[3, B, T]`` / ``[B, T]`` /
+    ``[4, B, T]`` (transformers' layouts) or None (continue from the cache length)."""
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] != 1:
-        raise ValueError(f"inputs_embeds: omni-fast's decode takeover takes one token per row after the prefill, "
-                         f"got shape {tuple(inputs_embeds.shape)} (a continued prompt or assisted decoding on a "
-                         f"cache the decoder holds: pass a fresh cache, or omni_fast.unpatch the model)")
-    B = inputs_embeds.shape[0]
+    asked = _hidden_request(model, kwargs or {})
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] < 1 or (
+            inputs_embeds.shape[1] > 1 and isinstance(asked, frozenset)):
+        raise ValueError(f"inputs_embeds: omni-fast's decode takeover takes [B, T, H] tokens after the prefill (one "
+                         f"when hidden states are asked for), got shape {tuple(inputs_embeds.shape)} (pass a fresh "
+                         f"cache, or omni_fast.unpatch the model)")
+    B, T = inputs_embeds.shape[:2]
     if position_ids is None:
-        pos = torch.full((3, B), cache.seen, dtype=torch.long, device=inputs_embeds.device)
+        pos = cache.seen + torch.arange(T, device=inputs_embeds.device).expand(3, B, T)
     else:
         pos = position_ids[None] if position_ids.dim() == 2 else position_ids
-        pos = (pos[1:] if pos.shape[0] == 4 else pos)[..., -1].expand(3, B)
+        pos = (pos[1:] if pos.shape[0] == 4 else pos)[..., -T:].expand(3, B, T)
     dec = cache.decoder
-    if dec.steps_left < 1:
-        dec.reserve(max(cache.seen, INITIAL_STEPS))  # doubling: few re-captures however long generate runs
-    _, hidden = dec.step(inputs_embeds[:, 0], pos)
-    cache.seen += 1
-    hidden = hidden[:, None]
+    if dec.steps_left < T:
+        dec.reserve(max(cache.seen, INITIAL_STEPS, T))  # doubling: few re-captures however long generate runs
+    hidden = torch.stack([dec.step(inputs_embeds[:, t], pos[..., t])[1] for t in range(T)], dim=1)
+    cache.seen += T
     extra = {}
-    asked = _hidden_request(model, kwargs or {})
     if isinstance(asked, frozenset):  # transformers' layout: N + 1 entries, None where not kept
         n = len(model.layers)
         extra["hidden_states"] = tuple(
