@@ -195,8 +195,12 @@ def test_decoder_bad_input(model):
     with pytest.raises(ValueError, match="steps"):
         dec.reserve(-1)
     fast = qwen25_talker.FastTalkerCache(dec, 3)
-    with pytest.raises(ValueError, match="inputs_embeds"):
-        qwen25_talker._decode_step(model.talker.model, fast, None, None, torch.randn(1, 2, 32))
+    for bad in (torch.randn(1, 0, 32), torch.randn(2, 32)):
+        with pytest.raises(ValueError, match="inputs_embeds"):
+            qwen25_talker._decode_step(model.talker.model, fast, None, None, bad)
+    # several tokens (assisted decoding's candidates): one decoder step each, the cache grows past max_new_tokens
+    out = qwen25_talker._decode_step(model.talker.model, fast, None, None, torch.randn(1, 2, 32))
+    assert out.last_hidden_state.shape == (1, 2, 32) and fast.get_seq_length() == 5
 
 
 @pytest.mark.gpu
