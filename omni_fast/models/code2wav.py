@@ -472,11 +472,12 @@ class Code2WavStream:
                                    backend=self.model.backend)
             self._pending.clear()
 
-    def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
+    def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None,
+              clamp=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
-                                   groups=groups, snake=snake, residual=residual, state=state,
+                                   groups=groups, snake=snake, residual=residual, state=state, clamp=clamp,
                                    update_state=state is not None and not self._move_states,
                                    state_out=state is None or not self._move_states, backend=self.model.backend)
         self._state(name, x, new)
@@ -520,9 +521,10 @@ class Code2WavStream:
             if i + 1 < len(cfg.upsample_rates):  # (the last block's states move with the output conv's)
                 self._flush_states()
         n = len(cfg.upsample_rates)
-        x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
+        # the reference's final clamp(-1, 1), in the output conv's epilogue (no launch of its own)
+        x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]),
+                       clamp=1.0)
         self._flush_states()
-        x = x.clamp(min=-1, max=1)
         return mask(x, n - 1) if n else x
 
 
