@@ -55,6 +55,30 @@ def _tile_tag(cfg: triton.Config) -> str:
     return f"{kw['BLOCK_N']}x{kw['BLOCK_T']}x{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
+def _register_reduce_cases(dt: str):
+    """The split-K reduction (:func:`.code2wav.splitk_reduce_kernel`) for each of its time tiles, any strides, and
+    the output conv's clamped reduction."""
+    reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
+                    "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
+                    "stride_ot"]
+    reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T", "CLAMP"], dt)
+    reduce_sig["ws_ptr"] = "*fp32"
+    for bt in _REDUCE_BLOCKS_T:
+        bc, bt = _reduce_block(bt)
+        flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt, CLAMP=None)
+        sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
+        static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
+                    aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
+    static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
+                dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128, CLAMP=None))
+    # the output conv's reduction (a one-sample-row conv split over its 96 input channels), clamped
+    bc, bt = _reduce_block(16)
+    sig, cx = _specialise(reduce_sig, dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=False, BLOCK_C=bc,
+                                           BLOCK_T=bt, CLAMP=1.0), ("stride_wst", "stride_rt", "stride_ot"))
+    static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt},clamp]", splitk_reduce_kernel, sig, cx,
+                aligned=("stride_wsk", "stride_wsb"))
+
+
 def _register_static_cases():
     # (name, KSIZE, PHASES, HAS_STATE, SNAKE, RESIDUAL, extra ones, C_out % 16 == 0): decoder.0 (1024->1536 k7),
     # a residual unit's dilated k7 (SnakeBeta in; dilation 3 or 9, so not a constexpr) and k1 (SnakeBeta in,
@@ -100,25 +124,7 @@ def _register_static_cases():
                 cfg = _GEMM_CONFIGS[0]
                 static_case(f"code2wav.conv_gemm[{name},{dt},any strides,{_tile_tag(cfg)}]", conv_gemm_kernel,
                             base, dict(flags, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
-                        "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
-                        "stride_ot"]
-        reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T", "CLAMP"], dt)
-        reduce_sig["ws_ptr"] = "*fp32"
-        for bt in _REDUCE_BLOCKS_T:
-            bc, bt = _reduce_block(bt)
-            flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt, CLAMP=None)
-            sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
-            static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
-                        aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
-        static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
-                    dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128, CLAMP=None))
-        # the output conv's reduction (a one-sample-row conv split over its 96 input channels), clamped
-        bc, bt = _reduce_block(16)
-        sig, cx = _specialise(reduce_sig, dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=False, BLOCK_C=bc,
-                                               BLOCK_T=bt, CLAMP=1.0), ("stride_wst", "stride_rt", "stride_ot"))
-        static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt},clamp]", splitk_reduce_kernel, sig, cx,
-                    aligned=("stride_wsk", "stride_wsb"))
+        _register_reduce_cases(dt)
         dw_sig = _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt)
         bc, bt = _DW_BLOCK
         for st in (False, True):
