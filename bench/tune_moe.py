@@ -54,23 +54,38 @@ SMEM_LIMIT = 227 * 1024
 OUT_DIR = Path(omni_fast.__file__).resolve().parent / "configs" / "moe"
 
 
+def tile_axes(quick: bool) -> dict:
+    """The search axes both MoE tuners share, in enumeration order (config key -> values). The quantized tuner
+    (:func:`omni_fast.bench.tune_moe_quant.search_space`) takes these and swaps in what its formats need."""
+    return dict(BLOCK_SIZE_N=(32, 64, 128) if quick else (32, 64, 128, 256),
+                BLOCK_SIZE_K=(64, 128) if quick else (64, 128, 256),
+                GROUP_SIZE_M=(1, 8) if quick else (1, 8, 16, 32),
+                num_warps=(4, 8),
+                num_stages=(3, 4) if quick else (2, 3, 4, 5),
+                USE_TMA=(False, True))
+
+
+def pipeline_smem(cfg: dict, gated: bool, act_bytes: float, weight_bytes: float) -> float:
+    """Shared memory of the software pipeline: ``num_stages`` x (A tile + one B tile, two when ``gated``)."""
+    bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    return cfg["num_stages"] * (bm * bk * act_bytes + (2 if gated else 1) * bk * bn * weight_bytes)
+
+
+def configs_within(axes: dict, block_m: int, smem) -> list[dict]:
+    """Every combination of ``axes`` (first axis outermost) with ``BLOCK_SIZE_M=block_m`` whose ``smem(cfg)``
+    fits :data:`SMEM_LIMIT`."""
+    out = []
+    for values in itertools.product(*axes.values()):
+        cfg = dict(BLOCK_SIZE_M=block_m, **dict(zip(axes, values)))
+        if smem(cfg) <= SMEM_LIMIT:
+            out.append(cfg)
+    return out
+
+
 def search_space(quick: bool, block_m: int, gated: bool, elem: int) -> list[dict]:
     """Launch configs to time for one GEMM: tile sizes, grouping, warps, stages, and the weight path (``USE_TMA``:
     TMA tensor descriptors or pointer loads; every tile here is within TMA's 256-element box limit)."""
-    ns = (32, 64, 128) if quick else (32, 64, 128, 256)
-    ks = (64, 128) if quick else (64, 128, 256)
-    groups = (1, 8) if quick else (1, 8, 16, 32)
-    warps = (4, 8)
-    stages = (3, 4) if quick else (2, 3, 4, 5)
-    out = []
-    for bn, bk, gm, w, st, tma in itertools.product(ns, ks, groups, warps, stages, (False, True)):
-        b_tiles = 2 if gated else 1
-        smem = st * (block_m * bk + b_tiles * bk * bn) * elem
-        if smem > SMEM_LIMIT:
-            continue
-        out.append(dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=w,
-                        num_stages=st, USE_TMA=tma))
-    return out
+    return configs_within(tile_axes(quick), block_m, lambda cfg: pipeline_smem(cfg, gated, elem, elem))
 
 
 def block_ms(T: int, E: int, k: int) -> tuple[int, ...]:

@@ -29,7 +29,6 @@ on the shapes, so each candidate is compiled once per run.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -38,10 +37,12 @@ import sys
 import torch
 
 from omni_fast._layout import REPO_ROOT
+from omni_fast.bench import tune_moe  # the shared search axes and shared-memory rule (no import cycle: it
+                                      # imports this module only inside its --format setup)
 
 FORMATS = ("fp8_block", "fp8_channel", "int4_w4a16")
 ALIASES = {"int4": "int4_w4a16", "fp8": "fp8_block"}
-SMEM_LIMIT = 227 * 1024
+SMEM_LIMIT = tune_moe.SMEM_LIMIT
 # bytes per weight in shared memory (int4: packed int32 words, 8 weights per 4 bytes)
 _WEIGHT_BYTES = {"fp8_block": 1.0, "fp8_channel": 1.0, "int4_w4a16": 0.5}
 
@@ -57,27 +58,23 @@ def k_tiles(fmt: str, gk: int, quick: bool) -> tuple[int, ...]:
         return (gk,)
     if fmt == "int4_w4a16":
         return tuple(bk for bk in (32, 64, 128) if bk <= gk and gk % bk == 0) or (gk,)
-    return (64, 128) if quick else (64, 128, 256)
+    return tune_moe.tile_axes(quick)["BLOCK_SIZE_K"]  # fp8_channel: the unquantized tuner's
 
 
 def smem_bytes(cfg: dict, gated: bool, fmt: str, act_elem: int) -> float:
     """Shared memory of the software pipeline: ``num_stages`` x (A tile + one or two B tiles)."""
-    bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
-    return cfg["num_stages"] * (bm * bk * act_elem + (2 if gated else 1) * bk * bn * _WEIGHT_BYTES[fmt])
+    return tune_moe.pipeline_smem(cfg, gated, act_elem, _WEIGHT_BYTES[fmt])
 
 
 def search_space(fmt: str, gk: int, quick: bool, block_m: int, gated: bool, act_elem: int) -> list[dict]:
-    """The candidates for one GEMM of ``fmt`` (``gk``: :func:`group_k`), pruned by :func:`smem_bytes`."""
-    ns = (32, 64, 128) if quick else (16, 32, 64, 128, 256)
-    groups = (1, 8) if quick else (1, 8, 16, 32)
-    stages = (3, 4) if quick else (2, 3, 4, 5)
-    out = []
-    for bn, bk, gm, w, st in itertools.product(ns, k_tiles(fmt, gk, quick), groups, (4, 8), stages):
-        cfg = dict(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=w,
-                   num_stages=st, USE_TMA=False)
-        if smem_bytes(cfg, gated, fmt, act_elem) <= SMEM_LIMIT:
-            out.append(cfg)
-    return out
+    """The candidates for one GEMM of ``fmt`` (``gk``: :func:`group_k`), pruned by :func:`smem_bytes`: the
+    unquantized tuner's axes (:func:`omni_fast.bench.tune_moe.tile_axes`) with ``BLOCK_SIZE_K`` from
+    :func:`k_tiles`, ``BLOCK_SIZE_N`` 16 too in the full space (narrow tiles suit the smaller weights), and
+    pointer loads only (``USE_TMA=False``: the quantized kernel has no TMA path)."""
+    axes = dict(tune_moe.tile_axes(quick), BLOCK_SIZE_K=k_tiles(fmt, gk, quick), USE_TMA=(False,))
+    if not quick:
+        axes["BLOCK_SIZE_N"] = (16, *axes["BLOCK_SIZE_N"])
+    return tune_moe.configs_within(axes, block_m, lambda cfg: smem_bytes(cfg, gated, fmt, act_elem))
 
 
 def random_experts(fmt: str, E: int, N: int, H: int, device, *, block=(128, 128), group_size: int = 128,

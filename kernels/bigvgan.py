@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .code2wav import _snake, _snake_mode, _snake_params
-from .launch import interpreting, launch, static_case
+from .launch import clamp, interpreting, launch, static_case
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, len
     padding starts there and the outputs past it are zeros."""
     b = tl.program_id(2).to(tl.int64)
     if HAS_LENS:
-        t_in = tl.minimum(tl.maximum(tl.load(lens_ptr + b).to(tl.int32), 1), t_in)
+        t_in = clamp(tl.load(lens_ptr + b).to(tl.int32), 1, t_in)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_c = offs_c < n_ch
@@ -49,7 +49,7 @@ def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, len
         # the upsampled sample this low-pass tap reads (replicate padding at both ends: clamped)
         m_raw = RATIO * offs_t + (kd - P_D)
         lo, hi = m_raw < 0, m_raw > t_up - 1
-        m = tl.minimum(tl.maximum(m_raw, 0), t_up - 1)
+        m = clamp(m_raw, 0, t_up - 1)
         u = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
         # The up taps k with (m + P_U - k) % RATIO == 0 are phase, phase + RATIO, ...: inside the signal the phase
         # is a constant of kd; only a clamped m (the first / last upsampled sample) has another one.
@@ -59,7 +59,7 @@ def aa_snake_kernel(x_ptr, alpha_ptr, beta_ptr, fup_ptr, fdown_ptr, out_ptr, len
             k_hi = (P_U - 1 + RATIO) % RATIO + i * RATIO
             f = tl.where(lo, tl.load(fup_ptr + k_lo), tl.where(hi, tl.load(fup_ptr + k_hi), tl.load(fup_ptr + k_mid)))
             k = tl.where(lo, k_lo, tl.where(hi, k_hi, k_mid))
-            src = tl.minimum(tl.maximum((m + P_U - k) // RATIO - P_X, 0), t_in - 1)  # (m + P_U - k >= 0)
+            src = clamp((m + P_U - k) // RATIO - P_X, 0, t_in - 1)  # (m + P_U - k >= 0)
             v = tl.load(x_rows[:, None] + (src * stride_xt)[None, :], mask=mask_c[:, None] & mask_t[None, :],
                         other=0.0).to(tl.float32)
             u += f.to(tl.float32)[None, :] * v

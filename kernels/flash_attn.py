@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import fast_paths
 from .flash_attn_parts import LOG2E, add_sink, attend_range, clamped_span, packed_block, rotary_rows
-from .launch import interpreting, launch
+from .launch import clamp, interpreting, launch
 
 UNBOUNDED = 1 << 30  # window bound meaning "no limit" (keeps int32 arithmetic far from overflow)
 MAX_HEAD_DIM = 256
@@ -117,7 +117,7 @@ def attn_fwd_kernel(
             key_room = kv_limit - k_start
     if SEQUSED:
         len_k = tl.load(seqused_k_ptr + b) + k_extra
-    len_k = tl.minimum(tl.maximum(len_k, 0), key_room)
+    len_k = clamp(len_k, 0, key_room)
     if PAGED:
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
@@ -127,12 +127,12 @@ def attn_fwd_kernel(
     else:
         cb = b
         if CACHE_IDX:
-            cb = tl.minimum(tl.maximum(tl.load(cbi_ptr + b), 0), num_blocks - 1)
+            cb = clamp(tl.load(cbi_ptr + b), 0, num_blocks - 1)
         k_base = k_ptr + cb.to(tl.int64) * stride_kb + kvh * stride_kh
         v_base = v_ptr + cb.to(tl.int64) * stride_vb + kvh * stride_vh
     k_lo = b * 0
     if LEFTPAD:
-        k_lo = tl.minimum(tl.maximum(tl.load(lp_ptr + b), 0), len_k)
+        k_lo = clamp(tl.load(lp_ptr + b), 0, len_k)
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
     km_row_ptr = km_ptr + b.to(tl.int64) * stride_km
     if ALIGN > 1:
@@ -194,8 +194,8 @@ def attn_fwd_kernel(
     full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     full_hi = tl.minimum(tok_lo + (len_k - len_q) + win_right + 1, len_k)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    mid_lo = clamp(full_lo, lo, hi)
+    mid_hi = clamp(full_hi, mid_lo, hi)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

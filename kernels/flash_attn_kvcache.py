@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .flash_attn import attn_fwd, block_sizes, combine
 from .flash_attn_parts import rotary_rows
-from .launch import interpreting, launch, static_case
+from .launch import clamp, interpreting, launch, static_case
 
 SPLIT_ALIGN = 128  # split boundaries are multiples of every BLOCK_N, so no key is visited by two splits
 MAX_SPLITS = 64  # the combine kernel holds [MAX_SPLITS, BLOCK_D] fp32 partials (64 x 128: 64 registers a thread)
@@ -55,17 +55,17 @@ def append_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, bt_ptr, cbi_ptr,
     s = pid % seqlen_new
     pos = tl.load(seqlens_ptr + b) + s
     ok = (pos >= 0) & (pos < capacity)
-    t = tl.minimum(tl.maximum(pos, 0), capacity - 1)  # in range for the address arithmetic; the store is masked
+    t = clamp(pos, 0, capacity - 1)  # in range for the address arithmetic; the store is masked
     if PAGED:
         blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + t // page_size)
         ok = ok & (blk >= 0) & (blk < num_blocks)
-        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+        blk = clamp(blk, 0, num_blocks - 1).to(tl.int64)
         row_k = blk * stride_kcb + (t % page_size) * stride_kct
         row_v = blk * stride_vcb + (t % page_size) * stride_vct
     else:
         cb = b
         if CACHE_IDX:
-            cb = tl.minimum(tl.maximum(tl.load(cbi_ptr + b), 0), num_blocks - 1)
+            cb = clamp(tl.load(cbi_ptr + b), 0, num_blocks - 1)
         row_k = cb.to(tl.int64) * stride_kcb + t.to(tl.int64) * stride_kct
         row_v = cb.to(tl.int64) * stride_vcb + t.to(tl.int64) * stride_vct
     heads = tl.where(ok, n_heads, 0)  # none when the row is out of range (a vector mask: the interpreter needs it)

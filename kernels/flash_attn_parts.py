@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import clamp
+
 LOG2E = 1.4426950408889634
 
 
@@ -28,7 +30,7 @@ def kv_tile(base_ptr, bt_row_ptr, offs_n, mask_n, stride_blk, stride_t, page_siz
     """
     if PAGED:
         blk = tl.load(bt_row_ptr + offs_n // page_size, mask=mask_n, other=0)
-        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+        blk = clamp(blk, 0, num_blocks - 1).to(tl.int64)
         row_off = blk * stride_blk + (offs_n % page_size).to(tl.int64) * stride_t
     else:
         row_off = offs_n.to(tl.int64) * stride_t
@@ -169,7 +171,7 @@ def rotary_rows(row_ptrs, x, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, rot_
         partner = tl.where(first, offs_d + ROT_DIM // 2, offs_d - ROT_DIM // 2)
         cidx = tl.where(first, offs_d, offs_d - ROT_DIM // 2)
     m = mask_rows[:, None] & in_rot[None, :]
-    pos = tl.minimum(tl.maximum(pos, 0), rot_len - 1).to(tl.int64)
+    pos = clamp(pos, 0, rot_len - 1).to(tl.int64)
     xp = tl.load(row_ptrs[:, None] + partner[None, :], mask=m, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + pos[:, None] * stride_cos + cidx[None, :], mask=m, other=1.0).to(tl.float32)
     s = tl.load(sin_ptr + pos[:, None] * stride_sin + cidx[None, :], mask=m, other=0.0).to(tl.float32)
@@ -182,8 +184,8 @@ def rotary_rows(row_ptrs, x, pos, cos_ptr, sin_ptr, stride_cos, stride_sin, rot_
 def clamped_span(cu_ptr, b, limit):
     """(start, length) of sequence ``b`` from the prefix sums ``cu_ptr``, clamped into ``[0, limit]`` (an end before
     its start: an empty sequence), so malformed values never address outside the buffer."""
-    start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), limit)
-    length = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), start), limit) - start
+    start = clamp(tl.load(cu_ptr + b), 0, limit)
+    length = clamp(tl.load(cu_ptr + b + 1), start, limit) - start
     return start, length
 
 

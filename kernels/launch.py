@@ -7,6 +7,7 @@
   (``python -m omni_fast.bench.static_check``) can compile it for Hopper on a CPU-only machine.
 - :func:`tuned_config` reads per-device tuned configs from ``omni_fast/configs/<family>/*.json``.
 - :func:`pdl_enter` / :func:`pdl_meta`: Hopper programmatic dependent launch (PDL) for kernels that opt in.
+- :func:`clamp`: the one in-kernel clamp of indices / lengths read from device tensors into their buffer.
 """
 
 from __future__ import annotations
@@ -167,6 +168,16 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if cnt is None:
         cnt = _TILE_COUNTERS[device] = torch.zeros(MAX_TILE_COUNTERS, dtype=torch.int32, device=device)
     return cnt
+
+
+# --- shared in-kernel helpers ----------------------------------------------------------------------------------------
+@triton.jit
+def clamp(x, lo, hi):
+    """``x`` clamped into ``[lo, hi]`` elementwise (``hi`` wins where ``lo > hi``), any int or float tensor/scalar:
+    indices and lengths read from device tensors whose values the host does not check (block tables, sequence
+    lengths, positions) stay inside the buffer they address. Inlined: the same code as the spelled-out
+    ``minimum(maximum(x, lo), hi)`` (the kernels' sm_90a facts are unchanged by it)."""
+    return tl.minimum(tl.maximum(x, lo), hi)
 
 
 # --- programmatic dependent launch (Hopper) -------------------------------------------------------------------------

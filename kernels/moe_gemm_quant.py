@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, launch, static_case
+from .launch import clamp, interpreting, launch, static_case
 from .moe_gemm import _KEYS, _grouped_tile, _split, _store_tile, _tile_rows, default_config, run_experts
 
 FP8_MAX = 448.0
@@ -58,7 +58,7 @@ def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
     """A tile ``[BM, BK]`` (one activation group per row) -> (e4m3 tile, fp32 row scales ``[BM]``)."""
     a = a.to(tl.float32)
     a_s = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
-    x = tl.minimum(tl.maximum(a / a_s[:, None], -448.0), 448.0)
+    x = clamp(a / a_s[:, None], -448.0, 448.0)
     if EMULATE_FP8:
         x = _round_e4m3(x)
     return x.to(tl.float8e4nv), a_s
@@ -67,7 +67,7 @@ def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
 @triton.jit
 def _quant_a_rows(a, a_s, EMULATE_FP8: tl.constexpr):
     """A tile ``[BM, BK]`` with fixed fp32 row scales ``[BM]`` -> e4m3 tile (fp8_channel)."""
-    x = tl.minimum(tl.maximum(a.to(tl.float32) / a_s[:, None], -448.0), 448.0)
+    x = clamp(a.to(tl.float32) / a_s[:, None], -448.0, 448.0)
     if EMULATE_FP8:
         x = _round_e4m3(x)
     return x.to(tl.float8e4nv)

@@ -8,10 +8,11 @@ two) counters reaches its target (an acquire read of the counter); after it, eve
 barrier and one release ``atomic_add`` bumps the item's counter. A wait that spins more than ``spin_limit`` times
 writes ``item index + 1`` into the error flag; from then on (and in a launch that starts with the flag set) every
 wait returns at once and the programs DRAIN: they walk their remaining items running only the ``rvq`` items, which
-write the call's outputs from the codes buffer (every entry a valid code), signal nothing and exit. So the kernel
-never hangs, and a tripped launch still returns defined, in-range codes (no uninitialised ids reach the embedding
-gathers downstream). The last item zeroes the counters for the next launch (drained too after a trip:
-``PersistentFrame.reset``).
+write the call's outputs from the codes buffer (every entry written is a valid code; a drained read may race a
+late sampler's store, so every id is clamped where it forms an address or leaves the kernel), signal nothing and
+exit. So the kernel never hangs, and a tripped launch still returns defined, in-range codes (no uninitialised ids
+reach the embedding gathers downstream). The last item zeroes the counters for the next launch (drained too after
+a trip: ``PersistentFrame.reset``).
 
 Every item reuses the tile function of today's one-op kernels (:func:`.mtp_gemv.gemv_tile`,
 :func:`.mtp_layers.attention_tile`, :func:`.sampling.sample_row`, :func:`.rvq.rvq_tile`), so each output element is
@@ -172,6 +173,9 @@ def _prefill(row, prm, x_ptr, c0_ptr, c0e_ptr, DT: tl.constexpr, BLOCK_H: tl.con
         tl.store(_ptr(prm, P_E0, DT) + r * H + offs, e, mask=m)
         tl.store(codes + r, r)
     else:
+        # the caller's id (value-checked only on the CPU: no host sync) gathers inside codebook 0 whatever it is: this
+        # item waits on nothing, so it runs in a drained launch too (docs/persistent.md, Watchdog)
+        c0 = tl.maximum(tl.minimum(c0, tl.load(_ptr(prm, P_GR, tl.int64)) - 1), 0)
         e = tl.load(_ptr(prm, P_TABLE, DT) + c0 * H + offs, mask=m)
         tl.store(codes + r, c0)
     tl.store(resid + (2 * r + 1) * H + offs, e, mask=m)
@@ -192,7 +196,10 @@ def _sample(row, prm, seed_ptr, inv_temperature, one_minus_top_p, DT: tl.constex
 @triton.jit
 def _rvq(row, prm, c0_ptr, codes_out_ptr, next_ptr, DT: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
          RVQ_BLOCK: tl.constexpr):
-    """Row r, D block j of the next Talker input; block 0 also writes ``codes_out[r] = (c0[r], codes[1:, r])``."""
+    """Row r, D block j of the next Talker input; block 0 also writes ``codes_out[r] = (c0[r], codes[1:, r])``.
+    Both bounded whatever the codes buffer yields (a drained item's read may race a late sampler's store): the
+    gathers by :func:`.rvq.rvq_tile`'s clamp, the ids copied out clamped to ``[0, V)`` (the samplers' own range, so
+    a no-op on every value a sampler stores)."""
     r = tl.load(row + 6)
     j = _int(row, 7)
     B = tl.load(prm + P_B)
@@ -203,6 +210,7 @@ def _rvq(row, prm, c0_ptr, codes_out_ptr, next_ptr, DT: tl.constexpr, G: tl.cons
     if j == 0:
         g = tl.arange(0, BLOCK_G)
         c = tl.load(codes + g * B + r, mask=(g > 0) & (g < G), other=0)
+        c = tl.maximum(tl.minimum(c, tl.load(prm + P_V) - 1), 0)
         c = tl.where(g == 0, tl.load(c0_ptr + r), c)
         tl.store(codes_out_ptr + r * G + g, c, mask=g < G)
 

@@ -42,7 +42,13 @@ def rvq_tile(
 ):
     """Row ``n``, D block ``pid_d`` of :func:`rvq_embed_kernel` (shared with the persistent frame kernel).
     ``OFFSETS``: ``group_base_ptr`` holds each group's first row (``group_stride_ptr`` / ``group_rows_ptr`` unused;
-    ``row_stride`` / ``n_rows`` are the table's); otherwise element offsets, row strides and row counts per group."""
+    ``row_stride`` / ``n_rows`` are the table's: group ``g`` owns rows ``first_g ..`` to the table's end); otherwise
+    element offsets, row strides and row counts per group.
+
+    Bounded by construction: whatever value a code load returns (a garbage id, or in the persistent frame's drain a
+    racy read of an id a late sampler is storing: not a value anyone need have written), every address formed,
+    masked lane or not, lies in group ``g``'s rows ``[0, group_rows[g])`` (a table of at least one row; with
+    ``OFFSETS`` the first row is clamped into the table too)."""
     n = n.to(tl.int64)
     c_row = codes_ptr + (n // T) * stride_ca + (n % T) * stride_ct
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -50,14 +56,21 @@ def rvq_tile(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for g in range(G):
         code = tl.load(c_row + g * stride_cg).to(tl.int64)
-        # an out-of-range code (unchecked on CUDA: no host sync) adds nothing instead of reading out of bounds
         if OFFSETS:
-            first = tl.load(group_base_ptr + g).to(tl.int64)
-            valid = (code >= 0) & (first + code < n_rows)
-            row = (first + code) * row_stride
+            first = tl.maximum(tl.minimum(tl.load(group_base_ptr + g).to(tl.int64), n_rows - 1), 0)
+            rows = n_rows - first
+            base = first * row_stride
+            stride = row_stride
         else:
-            valid = (code >= 0) & (code < tl.load(group_rows_ptr + g))
-            row = tl.load(group_base_ptr + g) + code * tl.load(group_stride_ptr + g)
+            rows = tl.load(group_rows_ptr + g)
+            base = tl.load(group_base_ptr + g)
+            stride = tl.load(group_stride_ptr + g)
+        # an out-of-range code (unchecked on CUDA: no host sync) adds nothing (the mask) ...
+        valid = (code >= 0) & (code < rows)
+        # ... and the row gathered is the code clamped to [0, rows): the address depends on ONE use of the loaded
+        # value, so it stays in bounds even if the compiler re-read the code for the mask (a racy read may differ)
+        safe = tl.maximum(tl.minimum(code, rows - 1), 0)
+        row = base + safe * stride
         acc += tl.load(table_ptr + row + offs_d, mask=offs_d < tl.where(valid, D, 0), other=0.0).to(tl.float32)
     tl.store(out_ptr + n * stride_on + offs_d, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import fast_paths
 from .flash_attn_parts import attend_range
-from .launch import interpreting, launch, pdl_enter, pdl_meta, prefetch_l2, static_case
+from .launch import clamp, interpreting, launch, pdl_enter, pdl_meta, prefetch_l2, static_case
 from .moe_routing import topk_softmax_rows
 from .mtp_gemv import PLAIN as _PLAIN, SWIGLU as _SWIGLU, gemv_tile
 from .rope import mrope_cos_sin, norm_rope_halves
@@ -137,7 +137,7 @@ def _qkv_epilogue(qkv_ptr, cache, nw, seqlens_ptr, pos_ptr, inv_freq_ptr, pid_m,
                 slot = tl.load(seqlens_ptr + row)
                 slots = offs_j[None, :] * 0 + slot  # a vector mask (the interpreter needs it)
                 ok = mask_j[None, :] & (slots >= 0) & (slots < capacity)
-                slot = tl.minimum(tl.maximum(slot, 0), capacity - 1).to(tl.int64)
+                slot = clamp(slot, 0, capacity - 1).to(tl.int64)
                 c = cache + row.to(tl.int64) * stride_cb + slot * stride_ct + n * 2 * HALF + offs_j[None, :]
                 tl.store(c, x1, mask=ok)
                 tl.store(c + HALF, x2, mask=ok)
@@ -201,12 +201,12 @@ def attn_phase_kernel(
     S = tl.num_programs(2)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     if PDL:  # the prefetch's key range from a read before the wait: a hint only, recomputed below after it
-        pre_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
+        pre_k = clamp(tl.load(seqlens_ptr + b) + 1, 1, capacity)
         pre_lo = tl.minimum(s * split_len, pre_k)
         _attn_prefetch(kc_ptr, vc_ptr, wo_ptr, b, h, s, S, pre_lo, tl.minimum(pre_lo + split_len, pre_k), H, n_q,
                        stride_cb, stride_ct, GROUP, D, DT)
     pdl_enter(PDL)
-    len_k = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b) + 1, 1), capacity)
+    len_k = clamp(tl.load(seqlens_ptr + b) + 1, 1, capacity)
     lo = tl.minimum(s * split_len, len_k)
     hi = tl.minimum(lo + split_len, len_k)
     offs_r = tl.arange(0, 16)  # one real query row (row 0): tl.dot's smallest M tile

@@ -63,6 +63,7 @@ PATHS: tuple[FastPath, ...] = (
              ("tests/test_dit_solve.py::test_graph_replay_equals_eager_on_cuda",
               "tests/test_dit_layers.py::test_fused_pieces_on_cuda",
               "tests/test_bigvgan_padded.py::test_solve_and_vocoder_graph_on_cuda",
+              "tests/test_dit_solve.py::test_shared_pool_alternating_buckets_on_cuda",
               "tests/test_token2wav_forward.py::test_patched_forward_graph_on_cuda")),
     FastPath("dit_tf32", "OMNI_FAST_DIT_TF32",
              "the Qwen2.5-Omni Token2Wav solve's cuBLAS GEMMs (the DiT's, and the vocoder's inside synthesize's "

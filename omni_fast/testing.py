@@ -5,6 +5,8 @@
   CPU that is fp32 and fp16; on a GPU bf16 joins them.
 - :func:`guarded_allocations`: tensors allocated inside a block get guard bytes before and after; writes out of
   bounds show up in ``violations()`` (memcheck for writes where no sanitizer runs).
+- :func:`interpreter_loads`: every address a kernel's loads form on the interpreter, masked-off lanes included, to
+  check a kernel that promises its gathers stay in bounds whatever the index values (reads have no guard bytes).
 - :class:`HostSyncs`: counts, on any device, what a CUDA-graph capture of a block would fail on (host reads of
   device values; tensors made from host data), so the CPU suite can check a captured body before a GPU does.
 - :func:`assert_matches_reference`: FlashAttention's rule. The kernel's error against an fp64 (or fp32) reference
@@ -303,6 +305,61 @@ def guarded_allocations(guard_bytes: int = 4096, device_type: str | None = None)
         for name, fn in orig.items():
             setattr(torch, name, fn)
         _forget_dynamo_torch_map()
+
+
+# --- loads on the interpreter: every lane's address, masked or not -----------------------------------------------
+class InterpreterLoads:
+    """What :func:`interpreter_loads` saw: ``(element dtype, byte addresses of every lane)`` per load."""
+
+    def __init__(self):
+        self.loads: list[tuple[object, object]] = []
+
+    def outside(self, tensors, floating: bool = True) -> list[str]:
+        """The loads of floating-point elements (``floating``; else of every element type) with a lane, MASKED OR
+        NOT, whose element does not lie wholly inside one of ``tensors``' storage. For kernels that promise bounded
+        addresses; an ordinary masked tail load forms addresses past the end and would be listed."""
+        import numpy as np
+
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors]
+        bad = []
+        for dtype, addrs in self.loads:
+            if floating and not dtype.is_floating():
+                continue
+            a = np.asarray(addrs, dtype=np.uint64).reshape(-1)
+            inside = np.zeros(a.shape, dtype=bool)
+            for lo, hi in spans:
+                inside |= (a >= lo) & (a + dtype.primitive_bitwidth // 8 <= hi)
+            if not inside.all():
+                bad.append(f"{dtype} load: {int((~inside).sum())} of {a.size} lanes outside, e.g. address "
+                           f"{int(a[~inside][0]):#x}")
+        return bad
+
+
+@contextlib.contextmanager
+def interpreter_loads():
+    """Inside the block, every load a Triton kernel issues on the interpreter (``TRITON_INTERPRET=1``; nothing is
+    seen of a compiled kernel) is recorded with the address of each lane, masked-off lanes included (the interpreter
+    dereferences only the active ones, so a masked lane's wild address goes unseen otherwise; on a GPU it would be
+    safe only as long as the mask and the address agree). Yields an :class:`InterpreterLoads`."""
+    from triton.runtime import interpreter
+
+    rec = InterpreterLoads()
+    builder = interpreter.interpreter_builder
+    inner = builder.create_masked_load  # (its parameters differ between Triton versions: passed on as given)
+
+    def load(ptrs, *args, **kw):
+        rec.loads.append((ptrs.get_element_ty(), ptrs.data.copy()))
+        return inner(ptrs, *args, **kw)
+
+    own = "create_masked_load" in vars(builder)  # (already wrapped on the instance: nested blocks)
+    builder.create_masked_load = load  # create_load goes through it too
+    try:
+        yield rec
+    finally:
+        if own:
+            builder.create_masked_load = inner
+        else:
+            del builder.create_masked_load
 
 
 def _forget_dynamo_torch_map() -> None:

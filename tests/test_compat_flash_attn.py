@@ -539,7 +539,8 @@ def _kv(**over):
     (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), ValueError, "cache_leftpad must have shape"),
     (dict(alibi_slopes=torch.zeros(3)), ValueError, "alibi_slopes must have shape"),
     (dict(alibi_slopes=torch.zeros(4, dtype=torch.float16)), TypeError, "alibi_slopes must have dtype"),
-    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a finite number"),
+    (dict(softcap="1"), TypeError, "softcap must be a float"),
     (dict(cache_seqlens=None), ValueError, "cache_seqlens is required"),
     (dict(k=rand(2, 1, 2, 32), v=rand(2, 2, 2, 32)), ValueError, "v must have shape"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
@@ -573,6 +574,54 @@ def test_kvcache_bad_input_names_the_argument(over, exc, match):
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- causal and softcap take what flash-attn's C++ bool / float take --------------------------------------------
+
+
+def _compat_calls(causal, softcap):
+    """Every compat entry point taking causal/softcap, on fixed inputs (fresh caches for the KV-cache call)."""
+    torch.manual_seed(0)
+    qkv, qkv_v, cu = rand(2, 4, 3, 2, 16), rand(5, 3, 2, 16), _cu([2, 3])
+    q, k, v = qkv_v[:, 0], qkv_v[:, 1], qkv_v[:, 2]
+    kv_args = (rand(2, 2, 2, 16), torch.zeros(2, 8, 2, 16, device=DEVICE), torch.zeros(2, 8, 2, 16, device=DEVICE),
+               rand(2, 2, 2, 16), rand(2, 2, 2, 16))
+    return [fa.flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, softcap=softcap),
+            fa.flash_attn_qkvpacked_func(qkv, causal=causal, softcap=softcap),
+            fa.flash_attn_kvpacked_func(qkv[:, :, 0], qkv[:, :, 1:], causal=causal, softcap=softcap),
+            fa.flash_attn_varlen_func(q, k, v, cu, cu, 3, 3, causal=causal, softcap=softcap),
+            fa.flash_attn_varlen_qkvpacked_func(qkv_v, cu, 3, causal=causal, softcap=softcap),
+            fa.flash_attn_varlen_kvpacked_func(q, qkv_v[:, 1:], cu, cu, 3, 3, causal=causal, softcap=softcap),
+            fa.flash_attn_with_kvcache(*kv_args, cache_seqlens=3, causal=causal, softcap=softcap)]
+
+
+@pytest.mark.parametrize("causal,as_bool", [
+    (1, True), (0, False), (2, True), (1.0, True), (None, False), (torch.tensor(1), True),
+    (torch.tensor([0]), False), (torch.tensor(True), True)])
+def test_causal_takes_any_truth_value_as_flash_attn(causal, as_bool):
+    """flash-attn hands causal to a C++ bool (torch's op schema, pybind11 for the KV cache): 1, 0.0, None, a
+    one-element tensor all convert; ours gives what the bool gives."""
+    for got, want in zip(_compat_calls(causal, 0.0), _compat_calls(as_bool, 0.0)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, -30, -1e-3])
+def test_negative_softcap_is_off_as_flash_attn(softcap):
+    """flash-attn caps only when softcap > 0 (its C++ ``if (softcap > 0.0)``): a negative one is no cap."""
+    for got, want in zip(_compat_calls(True, softcap), _compat_calls(True, 0.0)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", ["yes", "", [1], (), torch.tensor([1, 1]), torch.zeros(0), object()])
+def test_causal_without_a_truth_value_is_refused_as_flash_attn(causal):
+    """What flash-attn's bool conversion refuses (a str, a list/tuple, a tensor of another size than one)."""
+    q = rand(1, 2, 2, 16)
+    calls = [lambda: fa.flash_attn_func(q, q, q, causal=causal),
+             lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], _cu([2]), _cu([2]), 2, 2, causal=causal),
+             lambda: _kv(causal=causal)]
+    for call in calls:
+        with pytest.raises(TypeError, match="^causal must be a bool"):
+            call()
 
 
 def test_scale_default_is_inverse_sqrt_head_dim():

@@ -361,6 +361,9 @@ def test_out_sharing_k_storage_is_rejected():
      NotImplementedError, "scheduler_metadata"),
     (dict(q=lambda kw: kw["q"].to(torch.float8_e4m3fn)), NotImplementedError, "fp8 q"),
     (dict(return_softmax_lse=1), TypeError, "return_softmax_lse"),
+    (dict(causal="yes"), TypeError, "causal"),
+    (dict(causal=lambda kw: torch.tensor([1, 0])), TypeError, "causal"),
+    (dict(softcap=float("nan")), ValueError, "softcap"),
     (dict(output_scale=lambda kw: torch.ones(1)), ValueError, "output_scale"),  # FA4 only (vLLM 0.34)
     (dict(gather_kv_indices=lambda kw: torch.zeros(5, 2, dtype=I32), fa_version=3), ValueError, "gather_kv_indices"),
     (dict(mask_mod=lambda kw: (lambda *a: True)), NotImplementedError, "mask_mod"),
@@ -372,6 +375,25 @@ def test_out_sharing_k_storage_is_rejected():
 def test_bad_input_names_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):
         vfa.flash_attn_varlen_func(**_varlen_kw(**over))
+
+
+@pytest.mark.parametrize("fa_version", [2, 3])
+def test_causal_and_softcap_as_the_forks_ops_take_them(fa_version):
+    """The fork's ops take causal as a C++ bool (1 / None / a one-element tensor convert) and cap only when
+    softcap > 0 (negative = off), FA2 and FA3 alike; its KV-cache call too."""
+    kw = _varlen_kw(fa_version=fa_version)
+    for causal, as_bool in ((1, True), (0.0, False), (None, False), (torch.tensor([1]), True)):
+        torch.testing.assert_close(vfa.flash_attn_varlen_func(**kw, causal=causal, softcap=-2.0),
+                                   vfa.flash_attn_varlen_func(**kw, causal=as_bool, softcap=0.0), rtol=0, atol=0)
+    q, k = rand(2, 2, 2, 16), rand(2, 2, 1, 16)
+
+    def kv(causal, softcap):
+        caches = torch.zeros(2, 8, 1, 16, device=DEVICE), torch.zeros(2, 8, 1, 16, device=DEVICE)
+        return vfa.flash_attn_with_kvcache(q, *caches, k, k, cache_seqlens=3, causal=causal, softcap=softcap,
+                                           fa_version=fa_version)
+    torch.testing.assert_close(kv(1, -1.0), kv(True, 0.0), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="causal"):
+        kv("no", 0.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -165,6 +165,129 @@ def test_graph_replay_equals_eager_on_cuda():
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # TF32 / cuDNN paths may differ from SDPA's
 
 
+def _fake_capture(monkeypatch):
+    """Every ``_SolveGraph`` takes the capture path on the CPU: ``capture`` records the pool it is given and returns
+    a fake graph whose replay reruns the captured function into its static outputs; ``graph_pool_handle`` hands
+    out a new token per call. Returns (pools given to captures, handles made)."""
+    pools, handles = [], []
+
+    class FakeGraph:
+        def __init__(self, fn):
+            self.fn, self.out = fn, fn()
+
+        def replay(self):
+            for static, new in zip(self.out, self.fn()):
+                static.copy_(new)
+
+    def capture(fn, device, *, pool=None, **kw):
+        pools.append(pool)
+        graph = FakeGraph(fn)
+        return graph, graph.out
+
+    monkeypatch.setattr(dit_solve, "_captures", lambda device: True)
+    monkeypatch.setattr(dit_solve, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: handles.append(object()) or handles[-1])
+    return pools, handles
+
+
+def _solve_calls(t2w, buckets, **kw):
+    """(mel(codes), wave(codes)): ``dit_solve.sample`` / ``synthesize`` on the tiny Token2Wav, seeded per length."""
+    from test_bigvgan_padded import _synth_inputs
+
+    dit, voc = t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model
+
+    def call(codes, vocoder):
+        code, cond, ref = _synth_inputs(t2w, codes, device=next(dit.parameters()).device)
+        torch.manual_seed(codes)
+        with torch.no_grad():
+            if vocoder:
+                return dit_solve.synthesize(dit, voc, cond, ref, code, buckets=buckets, **kw)
+            return dit_solve.sample(dit, cond, ref, code, buckets=buckets, **kw)
+
+    return (lambda n: call(n, False)), (lambda n: call(n, True))
+
+
+def _graphs(dit):
+    return [g for name in (dit_solve._CACHE, dit_solve._CACHE + "_wave") for k, g in dit.__dict__.get(name, {}).items()
+            if k != "weights"]
+
+
+def test_every_bucket_graph_shares_one_memory_pool(monkeypatch):
+    """All of a DiT's solve graphs (every bucket, ``sample``'s and ``synthesize``'s) are captured into ONE pool,
+    made once; callers get clones, never a graph's static outputs, so replays in any order leave earlier results
+    alone and give each call its own; once every graph died (new weights), the next capture takes a NEW pool (torch
+    asserts a use count > 0 when a capture joins an existing pool)."""
+    import gc
+
+    from test_bigvgan_padded import _token2wav
+
+    pools, handles = _fake_capture(monkeypatch)
+    held, replay = [], dit_solve._SolveGraph._replay
+    monkeypatch.setattr(dit_solve._SolveGraph, "_replay",
+                        lambda self, *a: held.append(self.shared.lock._is_owned()) or replay(self, *a))
+    t2w = _token2wav()
+    dit = t2w.code2wav_dit_model
+    mel, wave = _solve_calls(t2w, (12, 24), num_steps=2, backend="reference")
+    first = {n: mel(n) for n in (3, 13)}  # buckets 12 and 24 (tiny DiT: blocks of 24 frames = 12 codes)
+    w = wave(3)
+    assert len(pools) == 3 and len(handles) == 1 and all(p is handles[0] for p in pools)
+    graphs = _graphs(dit)
+    assert sorted(g.noise.shape[1] for g in graphs) == [24, 24, 48] and all(g.shared.handle is handles[0]
+                                                                            for g in graphs)
+    saved = {n: t.clone() for n, t in first.items()}
+    statics = {g.out[0].data_ptr() for g in graphs}
+    for n in (13, 3, 13, 3):  # alternating buckets, replays only
+        got = mel(n)
+        assert got.data_ptr() not in statics
+        torch.testing.assert_close(got, saved[n], atol=0, rtol=0)
+    assert all(torch.equal(first[n], saved[n]) for n in first)  # earlier results untouched by later replays
+    assert len(held) == 7 and all(held)  # every replay (and its output copies) inside the pool's lock
+    torch.testing.assert_close(wave(3), w, atol=0, rtol=0)
+    assert len(pools) == 3  # no capture since the first three
+    with torch.no_grad():
+        dit.proj_out.bias.add_(0.0)  # new weights (version bump): the sample cache is dropped on its next call
+    mel(3)
+    assert len(pools) == 4 and pools[-1] is handles[0]  # the waveform graph still lives in the pool: joined
+    del graphs
+    for name in (dit_solve._CACHE, dit_solve._CACHE + "_wave"):
+        dit.__dict__[name].clear()
+    gc.collect()  # (a graph's closure refers to it: freed by the collector)
+    mel(13)
+    assert len(handles) == 2 and pools[-1] is handles[1]  # every graph died: a new pool
+
+
+@pytest.mark.gpu
+def test_shared_pool_alternating_buckets_on_cuda():
+    """Real captures of two buckets (and a solve + vocoder graph) in ONE memory pool, replayed in alternating
+    order: every replay equals the eager (uncaptured, unpadded) solve, and results returned earlier are not
+    overwritten by another bucket's replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from test_bigvgan_padded import _token2wav
+
+    t2w = _token2wav("cuda")
+    dit = t2w.code2wav_dit_model
+    mel, wave = _solve_calls(t2w, (12, 24), num_steps=3)
+    got = {n: mel(n) for n in (3, 13)}  # captures: bucket 12, then 24
+    w = wave(3)
+    graphs = _graphs(dit)
+    assert len(graphs) == 3 and all(g.graph is not None for g in graphs)
+    assert len({g.graph.pool() for g in graphs}) == 1  # one pool
+    want = {}
+    for n in (3, 13):
+        from test_bigvgan_padded import _synth_inputs
+
+        code, cond, ref = _synth_inputs(t2w, n, "cuda")
+        want[n] = _eager(dit, cond, ref, code, n, num_steps=3)
+    kept = {n: t.clone() for n, t in got.items()}
+    for n in (13, 3, 13, 3, 13):
+        torch.testing.assert_close(mel(n), want[n], **TOL)
+        torch.testing.assert_close(wave(3), w, atol=1e-6, rtol=0)  # a third graph's replay in between
+    for n in (3, 13):
+        torch.testing.assert_close(got[n], want[n], **TOL)
+        assert torch.equal(got[n], kept[n])  # the first results, still intact after the later replays
+
+
 def test_tf32_fast_path_wraps_the_solve_and_keys_its_graph(dit, fast_path, monkeypatch):
     """dit_tf32: the solve runs with cuBLAS fp32 GEMMs as TF32 (the flag seen inside the DiT forward, restored
     after), in its own graph (a graph keeps the math it was captured with); off: IEEE fp32 as transformers. On the

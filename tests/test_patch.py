@@ -352,7 +352,8 @@ def test_patch_refuses_a_backend_that_cannot_run_here():
 
 def test_a_patch_that_replaces_nothing_warns(omni):
     """A model omni-fast does not know (or ``parts=[]``) used to give a silent, empty report."""
-    with pytest.warns(UserWarning, match=r"replaced nothing in Linear \(no Qwen3-Omni"):
+    with pytest.warns(UserWarning, match=r"replaced nothing in Linear \(Linear is not a supported Qwen-Omni model; "
+                                         r"omni_fast.patch takes transformers' Qwen3OmniMoeForConditionalGeneration"):
         report = omni_fast.patch(torch.nn.Linear(2, 2))
     assert "replaced:\n    (nothing)" in str(report)
     with pytest.warns(UserWarning, match=r"parts=\[\]"):
@@ -365,6 +366,26 @@ def test_a_patch_that_replaces_nothing_warns(omni):
         omni_fast.patch(omni, parts=["audio"], backend="reference")
     omni_fast.unpatch(omni)
 
+
+
+def test_a_module_of_another_family_is_named_as_not_a_qwen_omni_model():
+    """Not "[thinker] no omni-fast replacement yet": the report and the warning name the class and what is
+    supported; a wrapper or subclass around a Qwen-Omni module is not called unsupported."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.warns(UserWarning, match="Sequential is not a supported Qwen-Omni model"):
+        report = omni_fast.patch(model)
+    omni_fast.unpatch(model)
+    assert report.replaced == [] and len(report.left) == 1
+    line = report.left[0]
+    assert line.startswith("[model] Sequential is not a supported Qwen-Omni model") and "nothing replaced" in line
+    assert "Qwen3OmniMoeForConditionalGeneration" in line and "Qwen2_5OmniForConditionalGeneration" in line
+    assert "no omni-fast replacement yet" not in str(report)
+    from omni_fast.integrations.patch_parts import is_qwen_omni
+
+    assert not is_qwen_omni(model)
+    fake = type("Qwen3OmniMoeThinkerTextMLP", (torch.nn.Module,), {})
+    assert is_qwen_omni(torch.nn.Sequential(torch.nn.Sequential(fake())))  # a wrapper around a Qwen-Omni module
+    assert is_qwen_omni(type("MyThinker", (fake,), {})())  # a subclass of one
 
 
 def test_nothing_replaced_names_the_selected_parts_not_the_unselected_ones():

@@ -114,6 +114,43 @@ def test_a_launch_with_the_flag_already_set_drains_at_once():
     frame.reset()
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="records the interpreter's load addresses")
+def test_drained_rvq_items_stay_in_bounds_whatever_they_read():
+    """On a GPU a drained ``rvq`` item may read a codes entry while a late sampler stores it: a racy read, not
+    bound to any value written. Whatever it yields (here: the codes buffer poisoned with negative ids, the codebook
+    size, ids of the next codebook's rows, 2^31 - 1, the int64 ends), every gather address, masked-off lanes too,
+    lies inside the table (rvq_tile's clamp into each codebook), a bad id adds nothing to ``next_input``, and the
+    ids copied out are clamped into [0, vocab). The prefill items (no wait: they run in a drained launch too) clamp
+    the caller's c0 (value-checked only on the CPU) into codebook 0 the same way."""
+    from omni_fast.testing import interpreter_loads
+
+    B = 3
+    _, pers, frame, seed = _greedy_frame(11, B, False)
+    h, c0, _ = _inputs(B, 12)
+    frame(h, c0, None, seed)
+    V, V0, G = pers.config.vocab_size, pers.codec_vocab_size, frame.shape.groups
+    big = 2**63 - 1
+    poison = torch.tensor([-5, V, V + 3, 2**31 - 1, -big - 1, big, big // V, -1, V - 1])
+    buf = frame.ws["codes"]
+    buf[1:] = poison[torch.arange((G - 1) * B) % len(poison)].view(G - 1, B)
+    before = buf.clone()
+    c0[1:] = torch.tensor([V0 + 2**40, -7])  # unchecked on CUDA: the caller's ids reach the kernel as they are
+    frame.ws["err"].fill_(1)  # drain from the start: only the rvq items and the prefill items (no wait) run
+    frame.watch.clear()
+    with interpreter_loads() as loads:
+        codes, nxt = frame(h, c0, None, seed, spin_limit=20)
+    assert torch.equal(buf[0], c0.clamp(0, V0 - 1)) and torch.equal(buf[1:], before[1:])
+    # per row: the prefill's x row and table[c0], then G gathers (one D block: hidden 64 = RVQ_BLOCK, no tail lanes)
+    assert sum(d.is_floating() for d, _ in loads.loads) == B * (2 + G)
+    assert not loads.outside([pers.table, h]), loads.outside([pers.table, h])
+    assert torch.equal(codes[:, 0], c0)  # (the contract: the caller's column 0 as given)
+    assert torch.equal(codes[:, 1:], before[1:].T.clamp(0, V - 1))
+    tables = [pers.table[:V0]] + [pers.table[V0 + g * V: V0 + (g + 1) * V] for g in range(G - 1)]
+    want = ops.rvq_embed(buf.T, tables, check_values=False, backend="triton")  # a bad id adds nothing
+    assert torch.equal(nxt, want)
+    frame.reset()
+
+
 def test_sampler_ids_stay_in_range_for_nan_logits():
     """The ids feed embedding gathers: NaN (or any) scores must never give an id outside [0, V)."""
     logits = torch.full((3, 40), float("nan"), device=DEVICE)

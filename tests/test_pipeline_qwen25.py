@@ -232,33 +232,89 @@ def test_bad_media(pipe, reqs, error, match):
         list(pipe.stream(reqs))
 
 
-def test_token2wav_codec_vocoder_runs_on_the_real_mel(pipe, fast_path):
-    """The pipeline's Token2Wav on a patched model (token2wav fast path, reference backend): the DiT's solve on its
-    length bucket graph, then BigVGAN on the row's REAL mel (not the bucket's), each timed (``parts``); the waveform
-    is transformers' forward's for the same noise (1e-6 absolute, the routed forward's tolerance)."""
+def _patched_codec_step(pipe, fast_path, codes, lens, calls=None):
+    """The pipeline's Token2Wav step on the model patched (token2wav fast path, reference backend, one 24-code
+    bucket), unpatched after; ``calls`` (a dict) counts the eager vocoder's calls (their mel lengths) and the
+    one-graph ``synthesize`` calls (their code lengths). Returns (waveforms, the DiT's cached graph keys)."""
     import omni_fast
     from omni_fast.integrations import token2wav_synth
+    from omni_fast.models import dit_solve
 
+    calls = {} if calls is None else calls
+    calls.update(eager=[], graph=[])
     t2w = pipe.model.token2wav
     codec = qwen25.Token2WavCodec(t2w, pipe.speakers["Chelsie"], 2)
-    codes = torch.randint(0, 200, (2, 1, 7), generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(5)
-    want = codec.step(codes, [7, 5])  # unpatched: transformers' sample and vocoder
     fast_path("token2wav")
     omni_fast.patch(pipe.model, backend="reference")
-    mels = []
-    vocoder = t2w.code2wav_bigvgan_model
+    vocoder, synthesize = t2w.code2wav_bigvgan_model, dit_solve.synthesize
     real = vocoder.forward
-    vocoder.forward = lambda mel, **kw: mels.append(mel.shape[-1]) or real(mel, **kw)
+    vocoder.forward = lambda mel, **kw: calls["eager"].append(mel.shape[-1]) or real(mel, **kw)
+    dit_solve.synthesize = lambda *a, **kw: calls["graph"].append(a[4].shape[1]) or synthesize(*a, **kw)
     try:
-        token2wav_synth.set_code_buckets(t2w, (16,))  # both rows in one 24-code bucket (48 mel frames)
+        token2wav_synth.set_code_buckets(t2w, (16,))  # rows of up to 24 codes in one bucket (48 mel frames)
         torch.manual_seed(5)
-        got = codec.step(codes, [7, 5])
-        graphs = [k for k in t2w.code2wav_dit_model.__dict__.get("_omni_fast_dit_graphs", {}) if k != "weights"]
+        with torch.no_grad():  # as the pipeline's stream runs it (the graph refuses autograd)
+            got = codec.step(codes, lens)
+        dit = t2w.code2wav_dit_model
+        graphs = [k for name in (dit_solve._CACHE, dit_solve._CACHE + "_wave")
+                  for k in dit.__dict__.get(name, {}) if k != "weights"]
     finally:
         del vocoder.forward
+        dit_solve.synthesize = synthesize
         omni_fast.unpatch(pipe.model)
+    return got, graphs, codec
+
+
+def _unpatched_codec_step(pipe, codes, lens):
+    codec = qwen25.Token2WavCodec(pipe.model.token2wav, pipe.speakers["Chelsie"], 2)
+    torch.manual_seed(5)
+    return codec.step(codes, lens)  # unpatched: transformers' sample and vocoder
+
+
+def test_token2wav_codec_vocoder_runs_on_the_real_mel(pipe, fast_path, monkeypatch):
+    """The pipeline's Token2Wav on a patched model (token2wav fast path, reference backend) for rows above the
+    crossover (set to 0 here): the DiT's solve on its length bucket graph, then BigVGAN on the row's REAL mel (not
+    the bucket's), each timed (``parts``); the waveform is transformers' forward's for the same noise (1e-6
+    absolute, the routed forward's tolerance)."""
+    monkeypatch.setattr(qwen25, "GRAPHED_VOCODER_MAX_CODES", 0)
+    codes = torch.randint(0, 200, (2, 1, 7), generator=torch.Generator().manual_seed(3))
+    want = _unpatched_codec_step(pipe, codes, [7, 5])
+    calls = {}
+    got, graphs, codec = _patched_codec_step(pipe, fast_path, codes, [7, 5], calls)
     repeats = pipe.config.token2wav_config.dit_config.repeats
-    assert mels == [7 * repeats, 5 * repeats] and [k[1] for k in graphs] == [24]
+    assert calls == dict(eager=[7 * repeats, 5 * repeats], graph=[]) and [k[1] for k in graphs] == [24]
     assert set(codec.parts) == {"DiT solve", "BigVGAN"} and all(v > 0 for v in codec.parts.values())
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_token2wav_codec_graphs_the_vocoder_of_short_rows_only(pipe, fast_path, monkeypatch):
+    """Per row: at most ``GRAPHED_VOCODER_MAX_CODES`` codes -> DiT + BigVGAN in ONE graph (the patched forward's
+    ``synthesize``, vocoder on the padded bucket), longer -> the DiT's sample graph then BigVGAN eagerly on the real
+    mel; the same waveform either way (transformers' forward's, 1e-6). The crossover is lowered to 6 so that a short
+    (5 codes) and a long (7) row of the tiny model fall on either side; an unpatched model always runs the pieces."""
+    assert qwen25.GRAPHED_VOCODER_MAX_CODES == 45  # the cost model's prediction (test below), until first light
+    codes = torch.randint(0, 200, (2, 1, 7), generator=torch.Generator().manual_seed(3))
+    want = _unpatched_codec_step(pipe, codes, [7, 5])
+    calls = {}
+    monkeypatch.setattr(qwen25, "GRAPHED_VOCODER_MAX_CODES", 6)
+    got, graphs, codec = _patched_codec_step(pipe, fast_path, codes, [7, 5], calls)
+    repeats = pipe.config.token2wav_config.dit_config.repeats
+    assert calls == dict(eager=[7 * repeats], graph=[5])  # the long row eager, the short one graphed
+    assert sorted(k[1] for k in graphs) == [24, 24]  # one sample graph, one solve + vocoder graph
+    assert set(codec.parts) == {"DiT solve", "BigVGAN", qwen25.ONE_GRAPH} and min(codec.parts.values()) > 0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # both rows short: all on the one graph, the same waveform
+    monkeypatch.setattr(qwen25, "GRAPHED_VOCODER_MAX_CODES", 45)
+    got, _, codec = _patched_codec_step(pipe, fast_path, codes, [7, 5], calls)
+    assert calls == dict(eager=[], graph=[7, 5]) and set(codec.parts) == {qwen25.ONE_GRAPH}
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_graphed_vocoder_crossover_is_the_cost_models():
+    """``GRAPHED_VOCODER_MAX_CODES`` is what the cost model predicts (H100 constants, default buckets): the graph
+    cheaper up to it, eager at every length above (checked to 200 codes here; the CLI checks to 1500). Calibrated
+    on first light, this pin moves with it."""
+    from omni_fast.bench.costmodel.token2wav_padding import vocoder_crossover
+
+    c = vocoder_crossover(hi=200)
+    assert c["max_graph_codes"] == qwen25.GRAPHED_VOCODER_MAX_CODES and c["eager_wins_above"]

@@ -5,7 +5,7 @@ import torch
 
 import omni_fast
 from omni_fast.reference import rvq as ref_rvq
-from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
+from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference, interpreter_loads
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,6 +106,28 @@ def test_rvq_unchecked_bad_codes_add_nothing():
     got = omni_fast.ops.rvq_embed(torch.tensor([[1, 2, 5]], device=DEVICE), big, offsets=offs, check_values=False,
                                   backend="triton")  # 5 + offset 10 = row 15: past the table's 15 rows
     torch.testing.assert_close(got, (tables[0][1] + tables[1][2])[None], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="records the interpreter's load addresses")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_rvq_gathers_stay_in_their_tables_whatever_the_codes(dtype):
+    """rvq_tile's clamp: any code value (negative, the table's row count, 2^31 - 1, near the int64 ends, whose
+    unclamped row offset would wrap) forms only addresses inside the tables, masked-off lanes included; the masked
+    rule still holds (a bad code adds nothing, as in the reference backend). The persistent frame's drain relies on
+    it: tests/test_persistent_watchdog.py."""
+    g = torch.Generator().manual_seed(4)
+    tables = [torch.randn(v, 16, generator=g) for v in (5, 7, 6)]  # D = the kernel's BLOCK_D: no masked tail lanes
+    info = torch.iinfo(dtype)
+    poison = [-5, -1, 5, 7, 6, info.max, info.min, info.max // 3]
+    codes = torch.tensor([[p, 3, 2] for p in poison] + [[1, p, p] for p in poison], dtype=dtype)
+    big, offs = torch.cat(tables), torch.tensor([0, 5, 12])
+    for tabs, kw in ((tables, {}), (big, dict(offsets=offs))):
+        with interpreter_loads() as loads:
+            got = omni_fast.ops.rvq_embed(codes, tabs, check_values=False, backend="triton", **kw)
+        assert loads.loads and not loads.outside(tables if isinstance(tabs, list) else [big]), \
+            loads.outside(tables if isinstance(tabs, list) else [big])
+        want = omni_fast.ops.rvq_embed(codes, tabs, check_values=False, backend="reference", **kw)
+        assert torch.equal(got, want)
 
 
 def test_rvq_compile_traces():

@@ -130,6 +130,8 @@ def test_patched_model_pickles_and_deep_copies_after_a_call(t2w, patched):
         assert twin.forward.__self__ is twin and not _graphs(twin)
         torch.testing.assert_close(_call(twin, 3, num_steps=2), want, **TOL)
         assert twin.__dict__[token2wav_synth.FALLBACK_ATTR] is None and len(_graphs(twin)) == 1
+        pools = [m.code2wav_dit_model.__dict__[dit_solve._POOL] for m in (t2w, twin)]
+        assert pools[0] is not pools[1]  # the memory pool (and its lock) is the module's own, not shared
 
 
 def test_refusal_reasons(t2w):

@@ -89,6 +89,18 @@ def rows(lengths=LENGTHS) -> list[dict]:
     return out
 
 
+def vocoder_crossover(lo: int = 1, hi: int = 1500) -> dict:
+    """Where BigVGAN in the graph (on the padded bucket) stops being predicted cheaper than eager on the real mel:
+    ``max_graph_codes`` (the largest length the graph wins, ``lo .. hi`` codes; the pipeline's
+    ``GRAPHED_VOCODER_MAX_CODES``) and ``eager_wins_above`` (whether eager wins at EVERY length above it up to
+    ``hi``: a single crossover), with the two predicted times on either side."""
+    table = rows(range(lo, hi + 1))
+    graph = [r["codes"] for r in table if r["voc_graph_new"] < r["voc_eager_real"]]
+    n = max(graph, default=lo - 1)
+    side = {r["codes"]: (r["voc_graph_new"], r["voc_eager_real"]) for r in table if r["codes"] in (n, n + 1)}
+    return dict(max_graph_codes=n, eager_wins_above=graph == list(range(lo, n + 1)), at=side)
+
+
 def markdown(table: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     lines = ["| codes (s of audio) | bucket old / new | DiT solve fp32 old / new (ms) | DiT solve tf32 old / new (ms) "
@@ -126,6 +138,10 @@ def main(argv=None) -> int:
           f"{pct('dit_fp32_old', 'dit_fp32_exact')} / {pct('dit_fp32_new', 'dit_fp32_exact')}; BigVGAN in graph new vs "
           f"old {pct('voc_graph_new', 'voc_graph_old')}, eager real length vs graph old "
           f"{pct('voc_eager_real', 'voc_graph_old')}, vs graph new {pct('voc_eager_real', 'voc_graph_new')}")
+    c = vocoder_crossover()
+    at = "; ".join(f"{k} codes: graph {g * 1e3:.2f} ms, eager {e * 1e3:.2f} ms" for k, (g, e) in c["at"].items())
+    print(f"vocoder crossover: BigVGAN in the graph up to {c['max_graph_codes']} codes, eager above "
+          f"({'at every length' if c['eager_wins_above'] else 'NOT at every length'} to 1500; {at})")
     print("\n(predicted from a model, not measured)")
     return 0
 

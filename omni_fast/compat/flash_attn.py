@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..validation import FLOAT_DTYPES, check_inference_only, check_same_dtype, check_tensor
+from ..validation import FLOAT_DTYPES, check_float, check_inference_only, check_same_dtype, check_tensor
 
 FLASH_ATTN_VERSION = "2.8"
 # flash-attn's package attribute: code that gets this module as ``flash_attn`` (docs/compat.md's module swap) reads
@@ -42,6 +42,29 @@ def _contiguous_last(x):
     """flash-attn's ``maybe_contiguous`` (applied to q, k, v by every 2.8 function, and by vLLM's fork): a copy
     only when the last dimension is strided; anything else as it is (the checks below name it)."""
     return x.contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
+
+
+def _fa_causal(causal) -> bool:
+    """flash-attn's ``causal``: it reaches a C++ ``bool`` (torch's op schema for the fixed-length and varlen calls,
+    pybind11 for the KV-cache call, and vLLM's fork's ops), which converts any object with a truth value through
+    the number protocol: ``1``, ``0.0``, a numpy scalar, ``None`` (False), a one-element tensor (a host sync, as
+    there). A str, a list/tuple or a tensor of another size is refused there and here (TypeError)."""
+    if causal is None:
+        return False
+    if hasattr(type(causal), "__bool__"):  # str, list, tuple, dict have none (their truth is their length)
+        try:
+            return bool(causal)
+        except (RuntimeError, ValueError):  # a tensor / array of more or fewer than one element
+            pass
+    shape = f" of shape {tuple(causal.shape)}" if isinstance(causal, torch.Tensor) else ""
+    raise TypeError(f"causal must be a bool (or a value with a truth value, as flash-attn converts it), got "
+                    f"{type(causal).__name__}{shape} ({causal!r})")
+
+
+def _fa_softcap(softcap) -> float:
+    """flash-attn's ``softcap``: a finite real number; its kernels cap only when it is > 0, so a negative value is
+    off, as 0.0 (returned as 0.0 for the native ops, which refuse negatives)."""
+    return max(check_float("softcap", softcap), 0.0)
 
 
 def _inference_only(name: str, dropout_p, **tensors) -> None:
@@ -67,6 +90,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
     """
     _inference_only("flash_attn_func", dropout_p, q=q, k=k, v=v)
+    causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     # named here as flash-attn names them (the KV-cache op below would call them k_cache / v_cache)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, last_dim_contiguous=True)
@@ -108,6 +132,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     the grid is then sized by the token count, no host sync).
     """
     _inference_only("flash_attn_varlen_func", dropout_p, q=q, k=k, v=v)
+    causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))
     out, lse = ops.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
@@ -144,6 +169,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     then attend q ``[B, Sq, Hq, D]`` to keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out
     ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
+    causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))  # (not the caches: written in place, flash-attn asserts)
     # ... and, as flash-attn 2.8 here, the index tensors (a strided block_table / cache_batch_idx is copied)
     cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)

@@ -41,6 +41,7 @@ import torch
 
 from .. import ops
 from .flash_attn import _contiguous_last  # the fork's maybe_contiguous, as flash-attn's
+from .flash_attn import _fa_causal, _fa_softcap  # the fork's ops take them as flash-attn's (bool / softcap > 0)
 from ..validation import FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_positive_int, check_tensor
 
 __version__ = "2.7.2.post1"  # the fork's package version at the commits named above
@@ -290,6 +291,7 @@ def flash_attn_varlen_func(
         raise ValueError("alibi_slopes is not supported with fa_version=3 (as in the fork: Alibi is not supported "
                          "in FA3); use fa_version=2")
     return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
+    causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
     # paged: the kernel takes the key counts from seqused_k; cu_seqlens_q stands in for the unused cu_seqlens_k
     # (the fork passes an uninitialised tensor of its shape): no allocation, no launch
@@ -348,6 +350,7 @@ def flash_attn_with_kvcache(
     _check_tensor_or_none(scheduler_metadata=scheduler_metadata, q_descale=q_descale, k_descale=k_descale,
                           v_descale=v_descale, s_aux=s_aux, out=out)
     _fa2_rules(2, scheduler_metadata, q_descale, k_descale, v_descale, s_aux, 0)
+    causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
     cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)  # as the fork
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,

@@ -5,6 +5,23 @@ from __future__ import annotations
 
 from torch import nn
 
+# transformers' Qwen-Omni class-name prefixes (Qwen2.5-Omni's AdaLayerNorm classes are spelt Qwen2_5_Omni...)
+_FAMILY_PREFIXES = ("Qwen3OmniMoe", "Qwen2_5Omni", "Qwen2_5_Omni")
+SUPPORTED_MODELS = ("Qwen3OmniMoeForConditionalGeneration (or its thinker, talker, code predictor, Code2Wav, audio "
+                    "or vision encoder alone)", "Qwen2_5OmniForConditionalGeneration (or its thinker, talker, "
+                    "Token2Wav, audio or vision encoder alone)")
+
+
+def is_qwen_omni(model: nn.Module) -> bool:
+    """Whether the tree holds a transformers Qwen-Omni module (by class name, subclasses and wrappers included)."""
+    return any(c.__name__.startswith(_FAMILY_PREFIXES) for m in model.modules() for c in type(m).__mro__)
+
+
+def not_supported(model: nn.Module) -> str:
+    """Why a model that is no Qwen-Omni model gets nothing: its class, and what :func:`omni_fast.patch` takes."""
+    return (f"{type(model).__name__} is not a supported Qwen-Omni model; omni_fast.patch takes transformers' "
+            f"{' and '.join(SUPPORTED_MODELS)}")
+
 
 def root_part(model: nn.Module) -> str:
     """The part the patched module itself is (a whole model counts as its thinker)."""
@@ -36,6 +53,8 @@ def report_lines(model: nn.Module, root: str, wanted: set, counts: dict, left: d
     """(replaced, left) report lines from the tallies ``{(part, what): n}``; a selected part with nothing replaced
     that the model has is named as left."""
     replaced = [f"[{part}] {what} (x{n})" for (part, what), n in sorted(counts.items())]
+    if not replaced and not left and not is_qwen_omni(model):  # no part to name: the model is another family's
+        return replaced, [f"[model] {not_supported(model)}: nothing replaced"]
     kept = [f"[{part}] {what} (x{n}" + ("; part not selected)" if part not in wanted else ")")
             for (part, what), n in sorted(left.items())]
     for part in sorted(wanted - {p for p, _ in counts} - {p for p, _ in left}):  # (the lines above say why)
@@ -53,13 +72,15 @@ def warn_if_nothing_replaced(model: nn.Module, replaced: list, left: list, parts
 
     # the reasons of the selected parts (a "part not selected" line says nothing about why they were empty)
     known = [line for line in left if "no omni-fast replacement yet" not in line and "part not selected" not in line]
-    if parts is not None and not parts:
+    if not is_qwen_omni(model):
+        why = not_supported(model)
+    elif parts is not None and not parts:
         why = "parts=[]"
     elif known:
         why = "left as is: " + known[0] + (f"; and {len(known) - 1} more in the report" if len(known) > 1 else "")
     elif parts is not None:
         why = f"parts={sorted(parts)}: nothing there that omni-fast replaces"
     else:
-        why = "no Qwen3-Omni / Qwen2.5-Omni module omni-fast knows"
+        why = "no module in it that omni-fast replaces"
     warnings.warn(f"omni_fast.patch replaced nothing in {type(model).__name__} ({why}); it runs as before",
                   UserWarning, stacklevel=4)  # the caller of patch()

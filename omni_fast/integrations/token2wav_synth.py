@@ -34,7 +34,7 @@ def set_code_buckets(token2wav, buckets) -> None:
     ``Qwen2_5OmniToken2WavModel`` whose forward :func:`omni_fast.patch` swapped) and its DiT's patched ``sample``
     round a call up to; a call longer than the largest takes the next power of two. Every bucket is rounded up to whole attention blocks. Raises
     ValueError on an unpatched module (the setting belongs to the patch: ``unpatch`` drops it)."""
-    if type(token2wav).__name__ != CLASS or "_omni_fast_forward" not in getattr(token2wav, "__dict__", {}):
+    if not patched(token2wav):
         raise ValueError(f"token2wav must be a {CLASS} whose forward omni_fast.patch swapped (token2wav fast path "
                          f"on), got {type(token2wav).__name__}")
     if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
@@ -107,18 +107,33 @@ def token2wav_forward(self, code, conditioning, reference_mel, num_steps=10, gui
     code int ``[B, n]``, conditioning ``[B, enc_emb_dim]``, reference_mel ``[B, T_ref, mel_dim]`` -> the waveform
     ``[B, n * repeats * prod(upsample_rates)]`` clamped to [-1, 1], ``.squeeze().cpu()`` as transformers returns it.
     A call :func:`refusal` names a reason for runs transformers' forward (the reason kept in ``FALLBACK_ATTR``)."""
-    reason = refusal(self, code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient)
-    self.__dict__[FALLBACK_ATTR] = reason
-    if reason is not None:
+    waveform = graphed_waveform(self, code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient)
+    if waveform is None:
         return self._omni_fast_forward(code, conditioning, reference_mel, num_steps=num_steps,
                                        guidance_scale=guidance_scale, sway_coefficient=sway_coefficient, **kwargs)
+    return waveform.squeeze().cpu()
+
+
+def patched(token2wav) -> bool:
+    """Whether :func:`omni_fast.patch` swapped this ``Qwen2_5OmniToken2WavModel``'s forward (fast path on)."""
+    return type(token2wav).__name__ == CLASS and "_omni_fast_forward" in getattr(token2wav, "__dict__", {})
+
+
+def graphed_waveform(token2wav, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5,
+                     sway_coefficient=-1.0) -> torch.Tensor | None:
+    """The patched forward's graph on a patched ``token2wav``: the clamped waveform ``[B, n * repeats *
+    prod(upsample_rates)]`` ON THE DEVICE (no ``.cpu()``), or None where :func:`refusal` names a reason (kept in
+    ``FALLBACK_ATTR``; the caller runs the pieces)."""
+    reason = refusal(token2wav, code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient)
+    token2wav.__dict__[FALLBACK_ATTR] = reason
+    if reason is not None:
+        return None
     from ..models import dit_solve
 
     with torch.no_grad():
-        waveform = dit_solve.synthesize(self.code2wav_dit_model, self.code2wav_bigvgan_model, conditioning,
-                                        reference_mel, code, int(num_steps), guidance_scale, sway_coefficient,
-                                        buckets=code_buckets(self), backend=pinned_backend(self))
-    return waveform.squeeze().cpu()
+        return dit_solve.synthesize(token2wav.code2wav_dit_model, token2wav.code2wav_bigvgan_model, conditioning,
+                                    reference_mel, code, int(num_steps), guidance_scale, sway_coefficient,
+                                    buckets=code_buckets(token2wav), backend=pinned_backend(token2wav))
 
 
 def patch_forward(module, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward, pin,

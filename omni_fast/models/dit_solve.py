@@ -15,6 +15,9 @@ mel, the code embeddings, the RoPE table, the ``[S, S]`` block mask). Here:
 - the initial noise is drawn with transformers' own call (``torch.randn([B, L, mel_dim])`` on the global RNG)
   outside the graph, so a seed gives transformers' noise.
 
+All of a DiT's graphs (every bucket; :func:`sample`'s and :func:`synthesize`'s) share ONE memory pool
+(:class:`_SharedPool`: why that is safe, and the replay contract that keeps it so).
+
 Without CUDA, "replay" runs the captured function eagerly on the same static buffers (the bucket, padding and
 length logic stay testable on the CPU).
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 
 import torch
 
@@ -38,6 +43,7 @@ from .cuda_graphs import capture, weights_key
 # (up to 2.2x), these by 9 % (predicted; docs/token2wav.md, "Padding: what the bucket costs").
 CODE_BUCKETS = tuple(sorted({round(16 * 2 ** (i / 4)) for i in range(33)}))
 _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
+_POOL = "_omni_fast_dit_pool"  # on the DiT module: the one _SharedPool of all its solve graphs (both caches)
 
 
 class _GraphCache(dict):
@@ -46,6 +52,59 @@ class _GraphCache(dict):
 
     def __reduce__(self):
         return _GraphCache, ()
+
+
+class _SharedPool:
+    """ONE CUDA-graph memory pool for all of a DiT's solve graphs (every bucket, :func:`sample`'s and
+    :func:`synthesize`'s), as ``Code2WavStream`` shares one per stream; pickles / deep-copies as a fresh one.
+
+    Why sharing is safe. A graph captured into a shared pool may be handed the blocks that an EARLIER capture freed
+    (its scratch), never blocks still alive: each graph's static outputs (``_SolveGraph.out``, allocated in the pool
+    during its capture) stay alive with the graph, and its static inputs are allocated before the capture, outside
+    the pool. So a replay overwrites its own scratch (possibly another graph's scratch: harmless) and its own
+    outputs, and may overwrite the static OUTPUTS of a graph captured after it (they can sit in its scratch). The
+    contract that makes this safe, whatever the replay order:
+
+    - replays never overlap: :func:`_solve` holds ``lock`` from the cache lookup (and any capture) to the end of the
+      replay and makes the current stream wait for ``done`` (the previous replay's end, recorded on its stream), so
+      calls from several threads or streams are serialised on the device as on the host;
+    - a replay's outputs are consumed before the next replay: ``_SolveGraph.run`` clones them (the slices the
+      caller gets) on the replay's stream right after it, inside the lock. Nothing outside ``run`` reads ``out``.
+
+    What it saves: the pool is the largest solve's peak activations (plus every graph's small static outputs)
+    instead of the sum over the ~23 buckets a 0.5-30 s workload captures (not measured: no GPU has run it).
+    """
+
+    def __init__(self):
+        self.handle, self.done, self.lock = None, None, threading.RLock()
+        self.graphs = weakref.WeakSet()  # the live graphs captured into ``handle``
+
+    def __reduce__(self):
+        return _SharedPool, ()
+
+    def pool(self, graph) -> object:
+        """The pool handle ``graph`` is captured into: the live graphs' one, or a new one when none lives (torch
+        asserts a pool's use count > 0 when a capture joins it: a pool whose graphs all died, e.g. dropped after new
+        weights, is never joined again)."""
+        if not self.graphs:
+            self.handle = torch.cuda.graph_pool_handle()
+        self.graphs.add(graph)
+        return self.handle
+
+    def wait(self, device) -> None:
+        """The current stream waits for the previous replay (and its output copies), wherever it ran."""
+        if self.done is not None and torch.device(device).type == "cuda":
+            torch.cuda.current_stream(device).wait_event(self.done)
+
+    def record(self, device) -> None:
+        if torch.device(device).type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(device))
+
+
+def _captures(device) -> bool:
+    """Whether solves on ``device`` are captured as CUDA graphs (elsewhere: emulated replay)."""
+    return torch.device(device).type == "cuda"
 
 
 def bucket_for(codes: int, buckets=CODE_BUCKETS) -> int:
@@ -183,7 +242,8 @@ class _SolveGraph:
     """One captured solve for (batch, bucket, steps, guidance, sway, dtype, device, backend), optionally followed by
     the vocoder on the padded mel (:func:`synthesize`): static inputs, the graph, the static outputs."""
 
-    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None, tf32=False):
+    def __init__(self, dit, batch, codes, spk_rows, dtype, device, settings, backend, vocoder=None, tf32=False, *,
+                 pool: _SharedPool | None = None):
         cfg = dit.config
         S = codes * dit.repeats
         self.noise = torch.zeros(batch, S, dit.mel_dim, device=device, dtype=dtype)
@@ -199,16 +259,25 @@ class _SolveGraph:
             if vocoder is None:
                 return (y,)
             return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
-        self._run, self.tf32 = run, tf32
-        if torch.device(device).type != "cuda":  # emulated replay: the same function on the same buffers
+        self._run, self.tf32, self.device = run, tf32, device
+        self.shared = pool if pool is not None else _SharedPool()
+        if not _captures(device):  # emulated replay: the same function on the same buffers
             with _matmul_math(tf32):
                 self.graph, self.out = None, run()
             return
         with _matmul_math(tf32):
-            self.graph, self.out = capture(run, device)
+            self.graph, self.out = capture(run, device, pool=self.shared.pool(self))
 
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
-        """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors."""
+        """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors: the
+        static outputs are cloned right after the replay (the shared pool's contract, :class:`_SharedPool`)."""
+        with self.shared.lock:
+            self.shared.wait(self.device)
+            out = self._replay(noise, code, cond, spk, length)
+            self.shared.record(self.device)
+        return out
+
+    def _replay(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         L, n = noise.shape[1], code.shape[1]
         self.noise.zero_()
         self.noise[:, :L].copy_(noise)
@@ -246,26 +315,35 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     ref = torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0) if cfg else reference_mel
     spk = dit.input_embed.spk_encoder(ref)  # step-invariant: once per solve, outside the graph
     codes = _page_aligned(bucket_for(n, buckets), dit)
-    if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
-        dit_layers.fuse_weights(dit)
     settings = (steps, float(guidance_scale), None if sway_coefficient is None else float(sway_coefficient))
-    # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
-    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", _GraphCache())
-    weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
-    if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
-        cache.clear()
-        cache["weights"] = weights
     # the backend as requested now: a graph captured under one ambient choice must not replay under another
     tf32 = fast_paths.enabled("dit_tf32") and conditioning.dtype == torch.float32
     # the ambient cuBLAS fp32 math too: a graph captured under the user's own TF32 setting keeps it when replayed
     ambient = getattr(torch.backends.cuda.matmul, _tf32_flag()[0])
     key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
            tf32, ambient)
-    graph = cache.get(key)
-    if graph is None:
-        graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device, settings,
-                                         backend, vocoder, tf32)
-    return graph.run(noise, code, conditioning, spk, L)
+    shared = dit.__dict__.setdefault(_POOL, _SharedPool())  # one pool for both caches' graphs, every bucket
+    with shared.lock:  # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool)
+        cache = _graph_cache(dit, vocoder)
+        graph = cache.get(key)
+        if graph is None:
+            graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device,
+                                             settings, backend, vocoder, tf32, pool=shared)
+        return graph.run(noise, code, conditioning, spk, L)
+
+
+def _graph_cache(dit, vocoder) -> _GraphCache:
+    """The DiT's graph cache for mel-only (``vocoder`` None) or mel + waveform graphs, emptied when the weights
+    changed; fuses the DiT's weights first where it can."""
+    if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
+        dit_layers.fuse_weights(dit)
+    # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
+    cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", _GraphCache())
+    weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
+    if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
+        cache.clear()
+        cache["weights"] = weights
+    return cache
 
 
 def sample(dit, conditioning, reference_mel, code, num_steps: int = 10, guidance_scale: float = 0.5,

@@ -105,8 +105,9 @@ def rvq_embed(
     tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
     the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel never
     reads outside the tables: a code that lands outside its table (past the big table's end with ``offsets``, or
-    outside its own table in a list) adds nothing; with ``offsets`` one that only passes its group's end reads the
-    next group's row. The reference backend follows the same rule, so unchecked bad codes give the same result on
+    outside its own table in a list) adds nothing (and the address the kernel forms is clamped into the table, masked
+    or not: any code value is safe); with ``offsets`` one that only passes its group's end reads the next group's
+    row. The reference backend follows the same rule, so unchecked bad codes give the same result on
     both.
     """
     if not isinstance(reduce, str) or reduce not in ("sum", "mean"):

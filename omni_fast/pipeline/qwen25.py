@@ -90,6 +90,18 @@ class ProjectedDecode:
         return self.decode.step(self.proj(embeds))
 
 
+# Per reply length, where the pipeline's BigVGAN runs when the model's Token2Wav is patched (fast path token2wav):
+# a row of at most this many codes runs DiT solve + vocoder as ONE graph (dit_solve.synthesize: the vocoder on the
+# padded bucket, no host step between them), a longer one the DiT's sample graph and then BigVGAN eagerly on the real
+# mel (no padding computed, but ~261 launches from the host). PREDICTED by the cost model, calibrate on first light:
+# `python -m omni_fast.bench.costmodel.token2wav_padding` (H100 constants, default CODE_BUCKETS; units
+# bigvgan-padded-T500-S528 in the graph vs bigvgan-T500 eager) has the graph cheaper for 1-45 codes (45: 4.0 vs
+# 4.6 ms; 25: 3.1 vs 4.6) and eager for every length from 46 to 1500 (46: 4.9 vs 4.6 ms); the eager side rests on
+# the model's ~20 us of host per Triton launch, which no GPU has measured. docs/token2wav.md, "Where the vocoder runs".
+GRAPHED_VOCODER_MAX_CODES = 45
+ONE_GRAPH = "DiT solve + BigVGAN"  # the part name of rows run as one graph (the two parts cannot be split)
+
+
 class Token2WavCodec:
     """Token2Wav on each row's own codes once the speech has ended (``takes_lengths``: the scheduler passes the
     rows' frame counts). Codes outside the DiT's codec vocabulary raise ValueError naming ``codes``.
@@ -98,8 +110,9 @@ class Token2WavCodec:
     ODE solve; patched: one CUDA graph per length bucket) then the BigVGAN vocoder on the row's real mel (patched:
     its AMP blocks and anti-aliased activations on omni-fast ops), with the device clock read between them:
     ``parts`` holds the last step's seconds of each (``"DiT solve"``, ``"BigVGAN"``), the pipeline's latency
-    rows. The vocoder on the real length, not the solve's padded bucket: docs/token2wav.md, "Where the vocoder
-    runs"."""
+    rows. On a patched Token2Wav a row of at most :data:`GRAPHED_VOCODER_MAX_CODES` codes runs both in ONE graph
+    instead (the patched forward's, on the device; part ``"DiT solve + BigVGAN"``): the same waveform, the vocoder
+    on the padded bucket (docs/token2wav.md, "Where the vocoder runs"). ``parts`` holds the parts the step used."""
 
     takes_lengths = True
 
@@ -115,29 +128,40 @@ class Token2WavCodec:
         rows, dev = [], codes.device
         cond = self.speaker["cond"].float()[None].to(dev)
         ref = self.speaker["ref_mel"].float()[None].to(dev)
-        dit, vocoder = self.token2wav.code2wav_dit_model, self.token2wav.code2wav_bigvgan_model
-        self.parts = {"DiT solve": 0.0, "BigVGAN": 0.0}
+        self.parts = {}
         for i, n in enumerate(frames_per_row):
             row = codes[i, 0, :n][None]
             if n and int(row.max()) >= self.vocab:
                 raise ValueError(f"codes: the talker produced code {int(row.max())}, outside Token2Wav's codec "
                                  f"vocabulary [0, {self.vocab}) (dit_config.num_embeds): mismatched checkpoint parts")
-            if not n:
-                rows.append(codes.new_zeros(0, dtype=torch.float32))
-                continue
-            t0 = now(dev)
-            mel = dit.sample(cond, ref, row, num_steps=self.num_steps)  # transformers' forward, its first call
-            t1 = now(dev)
-            wav = vocoder(mel)  # ... and its second (.squeeze().cpu() of the clamped waveform)
-            t2 = now(dev)
-            self.parts["DiT solve"] += t1 - t0
-            self.parts["BigVGAN"] += t2 - t1
-            rows.append(wav.reshape(-1).float())
+            rows.append(self._row(row, cond, ref) if n else codes.new_zeros(0, dtype=torch.float32))
         self.done = codes.shape[-1]
         out = torch.zeros(len(rows), max((r.numel() for r in rows), default=0), device=codes.device)
         for i, r in enumerate(rows):
             out[i, :r.numel()] = r
         return out
+
+    def _row(self, row: torch.Tensor, cond: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """One row's waveform (flat, fp32) from its codes ``[1, n]``, its parts' seconds added to ``parts``."""
+        from ..integrations import token2wav_synth
+
+        dev, t2w = row.device, self.token2wav
+        t0 = now(dev)
+        if row.shape[1] <= GRAPHED_VOCODER_MAX_CODES and token2wav_synth.patched(t2w):
+            wav = token2wav_synth.graphed_waveform(t2w, row, cond, ref, self.num_steps)
+            if wav is not None:  # (None: the graph refuses this call, e.g. autograd on; the pieces below run it)
+                self._add(ONE_GRAPH, now(dev) - t0)
+                return wav.reshape(-1).float()
+        mel = t2w.code2wav_dit_model.sample(cond, ref, row, num_steps=self.num_steps)  # forward's first call
+        t1 = now(dev)
+        wav = t2w.code2wav_bigvgan_model(mel)  # ... and its second (.squeeze().cpu() of the clamped waveform)
+        t2 = now(dev)
+        self._add("DiT solve", t1 - t0)
+        self._add("BigVGAN", t2 - t1)
+        return wav.reshape(-1).float()
+
+    def _add(self, part: str, seconds: float) -> None:
+        self.parts[part] = self.parts.get(part, 0.0) + seconds
 
 
 class Qwen25Stages(StageAdapter):
@@ -145,7 +169,7 @@ class Qwen25Stages(StageAdapter):
 
     family = "qwen2.5-omni"
     frame_stage = "codec embedding"  # one codebook: the frame step only embeds the talker's code (no MTP)
-    codec_stage = "Token2Wav"  # timed as its parts, "DiT solve" and "BigVGAN" (Token2WavCodec.parts)
+    codec_stage = "Token2Wav"  # timed as its parts, "DiT solve" and "BigVGAN" or both in one graph (.parts)
     text_ahead = 2  # talker step k reads the thinker's hidden state at text token k + 1
     last_code_is_frame = True  # one codebook: talker_max_new_tokens codes, as transformers' generate
 

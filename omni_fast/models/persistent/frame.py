@@ -63,7 +63,7 @@ class PersistentFrame:
         esz = table.element_size()
         first = [0] + [V0 + g * V for g in range(G - 1)]
         base = [f * H for f in first]
-        rows = [table.shape[0] - f for f in first]
+        rows = [V0] + [V] * (G - 1)  # each group's own codebook: rvq_tile clamps every gathered id into it
         if c0_embed:  # group 0: row b of the e0 buffer (the given embeddings), addressed from the table's pointer
             base[0], rows[0] = (ws["e0"].data_ptr() - table.data_ptr()) // esz, B
         gb, gs, gr = (torch.tensor(v, dtype=torch.long, device=device) for v in (base, [H] * G, rows))
