@@ -698,3 +698,32 @@ def test_strided_index_tensors_as_flash_attn_does():
         fa.flash_attn_varlen_func(q[:, 0], kc, vc, cu_q, cu_k, 1, 30, block_table=table, seqused_k=seq)
     with pytest.raises(ValueError, match="block_table"):
         omni_fast.ops.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seq, block_table=table)
+
+
+def test_other_flags_take_truth_values_as_flash_attn():
+    """rotary_interleaved (a C++ bool there), return_softmax_lse and return_attn_probs (Python truth there) convert
+    as causal does: 1 / 0 / None / a one-element tensor give what the bool gives; a list is refused by name."""
+    q = rand(1, 2, 2, 16)
+    assert isinstance(fa.flash_attn_func(q, q, q, return_attn_probs=1), tuple)
+    assert torch.is_tensor(fa.flash_attn_func(q, q, q, return_attn_probs=None))
+    assert len(fa.flash_attn_varlen_func(q[0], q[0], q[0], _cu([2]), _cu([2]), 2, 2,
+                                         return_attn_probs=torch.tensor(1))) == 3
+    assert len(_kv(return_softmax_lse=1)) == 2
+    assert torch.is_tensor(_kv(return_softmax_lse=0))
+    cos, sin = torch.rand(8, 8, device=DEVICE), torch.rand(8, 8, device=DEVICE)
+
+    def rotated(flag):
+        k_cache = torch.zeros(1, 8, 2, 16, device=DEVICE)
+        v_cache = torch.zeros(1, 8, 2, 16, device=DEVICE)
+        out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, q, q, cos, sin, cache_seqlens=1,
+                                         rotary_interleaved=flag)
+        return out, k_cache
+
+    for flag, as_bool in ((1, True), (0, False), (None, False)):
+        for got, want in zip(rotated(flag), rotated(as_bool)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name in ("rotary_interleaved", "return_softmax_lse"):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            _kv(**{name: [1]})
+    with pytest.raises(TypeError, match="^return_attn_probs must be a bool"):
+        fa.flash_attn_func(q, q, q, return_attn_probs="yes")

@@ -360,7 +360,7 @@ def test_out_sharing_k_storage_is_rejected():
           k_descale=lambda kw: torch.ones(2, 1), v_descale=lambda kw: torch.ones(2, 1)),
      NotImplementedError, "scheduler_metadata"),
     (dict(q=lambda kw: kw["q"].to(torch.float8_e4m3fn)), NotImplementedError, "fp8 q"),
-    (dict(return_softmax_lse=1), TypeError, "return_softmax_lse"),
+    (dict(return_softmax_lse=[1]), TypeError, "return_softmax_lse"),
     (dict(causal="yes"), TypeError, "causal"),
     (dict(causal=lambda kw: torch.tensor([1, 0])), TypeError, "causal"),
     (dict(softcap=float("nan")), ValueError, "softcap"),

@@ -44,21 +44,29 @@ def _contiguous_last(x):
     return x.contiguous() if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1 else x
 
 
-def _fa_causal(causal) -> bool:
-    """flash-attn's ``causal``: it reaches a C++ ``bool`` (torch's op schema for the fixed-length and varlen calls,
-    pybind11 for the KV-cache call, and vLLM's fork's ops), which converts any object with a truth value through
-    the number protocol: ``1``, ``0.0``, a numpy scalar, ``None`` (False), a one-element tensor (a host sync, as
-    there). A str, a list/tuple or a tensor of another size is refused there and here (TypeError)."""
-    if causal is None:
+def _fa_bool(name: str, value) -> bool:
+    """A flash-attn flag (``causal``, ``rotary_interleaved``, ``return_softmax_lse``, ``return_attn_probs``,
+    ``deterministic``) as flash-attn converts it: ``causal`` / ``rotary_interleaved`` reach a C++ ``bool`` (torch's
+    op schema for the fixed-length and varlen calls, pybind11 for the KV-cache call, and vLLM's fork's ops), which
+    converts any object with a truth value through the number protocol: ``1``, ``0.0``, a numpy scalar, ``None``
+    (False), a one-element tensor (a host sync, as there); the return flags are read as Python truth values. A str,
+    a list/tuple or a tensor of another size is refused here (TypeError naming ``name``): flash-attn's C++ refuses
+    them, and a non-empty list taken as True would be a silent surprise."""
+    if value is None:
         return False
-    if hasattr(type(causal), "__bool__"):  # str, list, tuple, dict have none (their truth is their length)
+    if hasattr(type(value), "__bool__"):  # str, list, tuple, dict have none (their truth is their length)
         try:
-            return bool(causal)
+            return bool(value)
         except (RuntimeError, ValueError):  # a tensor / array of more or fewer than one element
             pass
-    shape = f" of shape {tuple(causal.shape)}" if isinstance(causal, torch.Tensor) else ""
-    raise TypeError(f"causal must be a bool (or a value with a truth value, as flash-attn converts it), got "
-                    f"{type(causal).__name__}{shape} ({causal!r})")
+    shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    raise TypeError(f"{name} must be a bool (or a value with a truth value, as flash-attn converts it), got "
+                    f"{type(value).__name__}{shape} ({value!r})")
+
+
+def _fa_causal(causal) -> bool:
+    """flash-attn's ``causal`` (:func:`_fa_bool`)."""
+    return _fa_bool("causal", causal)
 
 
 def _fa_softcap(softcap) -> float:
@@ -78,7 +86,7 @@ def _inference_only(name: str, dropout_p, **tensors) -> None:
 
 def _probs(out, lse, q, return_attn_probs: bool):
     """flash-attn's return arity: ``out`` or ``(out, lse, S_dmask)`` (S_dmask empty without dropout)."""
-    if not return_attn_probs:
+    if not _fa_bool("return_attn_probs", return_attn_probs):
         return out
     return out, lse, torch.empty((0,), dtype=q.dtype, device=q.device)
 
@@ -170,6 +178,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
     causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
+    rotary_interleaved = _fa_bool("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = _fa_bool("return_softmax_lse", return_softmax_lse)
     q, k, v = (_contiguous_last(t) for t in (q, k, v))  # (not the caches: written in place, flash-attn asserts)
     # ... and, as flash-attn 2.8 here, the index tensors (a strided block_table / cache_batch_idx is copied)
     cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)

@@ -41,8 +41,8 @@ import torch
 
 from .. import ops
 from .flash_attn import _contiguous_last  # the fork's maybe_contiguous, as flash-attn's
-from .flash_attn import _fa_causal, _fa_softcap  # the fork's ops take them as flash-attn's (bool / softcap > 0)
-from ..validation import FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_positive_int, check_tensor
+from .flash_attn import _fa_bool, _fa_causal, _fa_softcap  # the fork's ops take them as flash-attn's (bool / softcap > 0)
+from ..validation import FLOAT_DTYPES, check_float, check_inference_only, check_positive_int, check_tensor
 
 __version__ = "2.7.2.post1"  # the fork's package version at the commits named above
 VLLM_FLASH_ATTN_COMMIT = "d8dca8f06c7458a0c0e79dd9400c0446a4e77b9c"  # vLLM 0.34.0's pin (its cmake)
@@ -290,7 +290,7 @@ def flash_attn_varlen_func(
     if fa == 3 and alibi_slopes is not None:
         raise ValueError("alibi_slopes is not supported with fa_version=3 (as in the fork: Alibi is not supported "
                          "in FA3); use fa_version=2")
-    return_softmax_lse = check_bool("return_softmax_lse", return_softmax_lse)
+    return_softmax_lse = _fa_bool("return_softmax_lse", return_softmax_lse)
     causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
     # paged: the kernel takes the key counts from seqused_k; cu_seqlens_q stands in for the unused cu_seqlens_k
@@ -351,6 +351,8 @@ def flash_attn_with_kvcache(
                           v_descale=v_descale, s_aux=s_aux, out=out)
     _fa2_rules(2, scheduler_metadata, q_descale, k_descale, v_descale, s_aux, 0)
     causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
+    rotary_interleaved = _fa_bool("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = _fa_bool("return_softmax_lse", return_softmax_lse)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
     cache_batch_idx, block_table = _contiguous_last(cache_batch_idx), _contiguous_last(block_table)  # as the fork
     return ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
