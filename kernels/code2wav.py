@@ -111,8 +111,10 @@ def _load_activated(x_ptr, s_ptr, alpha_ptr, beta_ptr, stride_xc, stride_xt, str
 @triton.jit
 def _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
               stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
-              PHASES: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Row ``n`` -> (phase ``r``, channel ``co``); add bias and residual in fp32; one rounding on store.
+              PHASES: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, CLAMP: tl.constexpr = None):
+    """Row ``n`` -> (phase ``r``, channel ``co``); add bias and residual in fp32, clamp to ``[-CLAMP, CLAMP]``
+    (unless None; NaN passes, as ``torch.clamp``); one rounding on store (rounding is monotonic and the bounds are
+    what a caller passes, e.g. 1.0, exact in every dtype: the same as clamping the rounded output).
     Channel offsets are 64-bit row pointers, time offsets 32-bit (see :func:`_load_window`)."""
     r = offs_n // co_g
     ch = g * co_g + offs_n % co_g
@@ -124,6 +126,9 @@ def _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_pt
     if RESIDUAL:
         res_rows = res_ptr + b * stride_rb + ch64 * stride_rc
         acc += tl.load(res_rows[:, None] + t_out * stride_rt, mask=mask, other=0.0).to(tl.float32)
+    if CLAMP is not None:
+        acc = tl.minimum(tl.maximum(acc, -CLAMP, propagate_nan=tl.PropagateNan.ALL), CLAMP,
+                         propagate_nan=tl.PropagateNan.ALL)
     out_rows = out_ptr + b * stride_ob + ch64 * stride_oc
     tl.store(out_rows[:, None] + t_out * stride_ot, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -141,6 +146,7 @@ def conv_gemm_kernel(
     KSIZE: tl.constexpr, PHASES: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SNAKE: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+    CLAMP: tl.constexpr = None,
 ):
     """One ``[BLOCK_N, BLOCK_T]`` output tile of the implicit GEMM (see the module docstring). Grid:
     ``(cdiv(n_cols, BLOCK_T), cdiv(n_rows_g, BLOCK_N), B * n_groups * SPLIT_K)``. ``n_cols_bucket`` (unused in the
@@ -193,8 +199,8 @@ def conv_gemm_kernel(
             acc = tl.dot(w, xt, acc)
     if SPLIT_K == 1:
         _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr, out_ptr,
-                  stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, PHASES, HAS_BIAS, RESIDUAL)
-    else:  # fp32 partial sum into the workspace; bias and residual come with the reduction
+                  stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, PHASES, HAS_BIAS, RESIDUAL, CLAMP)
+    else:  # fp32 partial sum into the workspace; bias, residual and clamp come with the reduction
         _epilogue(acc, b, g, offs_n, offs_t, mask_n, mask_t, n_rows_g, co_g, bias_ptr, res_ptr,
                   out_ptr + ks * stride_ok, stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
                   PHASES, False, False)
@@ -205,9 +211,9 @@ def splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, n_ch, n_t,
                          stride_wsk, stride_wsb, stride_wsc, stride_wst,
                          stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, CLAMP: tl.constexpr = None):
     """Sum the ``SPLIT_K`` fp32 partials ``[SPLIT_K, B, C, T]`` in a fixed order (deterministic), add bias and
-    residual, store. Grid ``(cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
+    residual, clamp (``CLAMP``, see :func:`_epilogue`), store. Grid ``(cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
     b = tl.program_id(2).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -220,7 +226,7 @@ def splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, n_ch, n_t,
     for k in tl.static_range(SPLIT_K):
         acc += tl.load(ptrs + k * stride_wsk, mask=mask, other=0.0)
     _epilogue(acc, b, 0, offs_c, offs_t, mask_c, mask_t, n_ch, n_ch, bias_ptr, res_ptr, out_ptr,
-              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, 1, HAS_BIAS, RESIDUAL)
+              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, 1, HAS_BIAS, RESIDUAL, CLAMP)
 
 
 @triton.jit
@@ -230,7 +236,7 @@ def dwconv_kernel(
     stride_xb, stride_xc, stride_xt, stride_sb, stride_sc, stride_st, stride_wc, stride_wk,
     stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot,
     KSIZE: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr,
-    RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, CLAMP: tl.constexpr = None,
 ):
     """Depthwise causal conv (groups = C_in = C_out), a ``[BLOCK_C, BLOCK_T]`` tile. Grid:
     ``(cdiv(n_cols, BLOCK_T), cdiv(C, BLOCK_C), B)``."""
@@ -253,7 +259,7 @@ def dwconv_kernel(
         w = tl.load(w_ptr + offs_c * stride_wc + j * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
         acc += w[:, None] * xt
     _epilogue(acc, b, 0, offs_c, offs_t, mask_c, mask_t, n_ch, n_ch, bias_ptr, res_ptr, out_ptr,
-              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, 1, HAS_BIAS, RESIDUAL)
+              stride_rb, stride_rc, stride_rt, stride_ob, stride_oc, stride_ot, 1, HAS_BIAS, RESIDUAL, CLAMP)
 
 
 @triton.jit
@@ -339,17 +345,19 @@ def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 
 def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tuple, *, out: torch.Tensor, bias,
-                 residual, ci_g: int, device, **meta) -> None:
+                 residual, ci_g: int, device, clamp: float | None = None, **meta) -> None:
     """Launch :func:`conv_gemm_kernel`: under the interpreter one fixed config; on a GPU the autotuned kernel, or
     for short inputs (streaming chunks) a fixed tile with split-K (fp32 workspace + :func:`splitk_reduce_kernel`).
 
     ``head``: the pointer arguments before ``res_ptr``; ``ints``: the integer arguments from ``t_in`` to
     ``stride_wk``; residual/output pointers and strides are filled in here. (``launch.autotune``'s interpreter
     stand-in loses the kernel object -- ``functools.update_wrapper`` copies the InterpretedFunction's ``fn``
-    attribute over its own -- so the interpreter path launches the raw kernel.)
+    attribute over its own -- so the interpreter path launches the raw kernel.) ``clamp``: the output clamped to
+    ``[-clamp, clamp]`` in the epilogue (the reduction's with split-K).
     """
     res = residual if residual is not None else out
     has_bias = bias is not None
+    clamped = {} if clamp is None else dict(CLAMP=float(clamp))  # (absent = None: the same compiles as before)
     small = interpreting() or n_cols <= _SMALL_COLS
     cfg = (_INTERP_GEMM if interpreting() else _SMALL_GEMM).kwargs
     split = 1
@@ -358,7 +366,7 @@ def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tupl
         split = _choose_split_k(tiles, triton.cdiv(ci_g, cfg["BLOCK_K"]), device)
     if split == 1:
         full = (*head, res, out, *ints, *res.stride(), *out.stride(), 0)
-        flags = dict(meta, HAS_BIAS=has_bias, RESIDUAL=residual is not None)
+        flags = dict(meta, HAS_BIAS=has_bias, RESIDUAL=residual is not None, **clamped)
         if small:
             grid = (triton.cdiv(n_cols, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_N"]), n_batch)
             extra = {} if interpreting() else dict(num_warps=_SMALL_GEMM.num_warps, num_stages=_SMALL_GEMM.num_stages)
@@ -377,7 +385,8 @@ def _launch_gemm(n_cols: int, n_rows: int, n_batch: int, head: tuple, ints: tupl
     bc, bt = _INTERP_DW if interpreting() else _reduce_block(t_out)
     launch(splitk_reduce_kernel, (triton.cdiv(t_out, bt), triton.cdiv(c_out, bc), B),
            ws, bias if has_bias else ws, res, out, c_out, t_out, *ws.stride(), *res.stride(), *out.stride(),
-           SPLIT_K=split, HAS_BIAS=has_bias, RESIDUAL=residual is not None, BLOCK_C=bc, BLOCK_T=bt, num_warps=4,
+           SPLIT_K=split, HAS_BIAS=has_bias, RESIDUAL=residual is not None, BLOCK_C=bc, BLOCK_T=bt, **clamped,
+           num_warps=4,
            device=device)
 
 
@@ -452,13 +461,14 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
 
 
 def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None, *,
-                  update_state: bool = False, state_out: bool = True):
+                  update_state: bool = False, state_out: bool = True, clamp: float | None = None):
     """Dense or depthwise causal conv; arguments as :func:`omni_fast.reference.code2wav.causal_conv1d` (validated).
 
     x ``[B, C_in, T]``, weight ``[C_out, C_in/groups, k]`` (any strides; packed is fastest), state
     ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``;
     ``update_state``: the new state is written into ``state`` and an empty placeholder returned; ``state_out=False``:
-    neither (the caller moves it, :mod:`.code2wav_states`).
+    neither (the caller moves it, :mod:`.code2wav_states`). ``clamp``: y clamped to ``[-clamp, clamp]`` in the
+    epilogue (Code2Wav's final ``clamp(-1, 1)``: no launch of its own).
 
     ``padding`` (non-causal, no state): ``nn.Conv1d(padding=p)``'s zero padding of ``p`` samples on both sides
     instead of the causal left context. The kernels read ``cat(zeros[ctx], x)`` and zeros past the end of x, so this
@@ -483,7 +493,7 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                T, ctx, n_cols, c_out, dilation, stride, *x.stride(), *st.stride(), weight.stride(0), weight.stride(2),
                *res.stride(), *out.stride(),
                KSIZE=k, HAS_STATE=has_state, HAS_BIAS=bias is not None, SNAKE=_snake_mode(x, snake),
-               RESIDUAL=residual is not None,
+               RESIDUAL=residual is not None, **({} if clamp is None else dict(CLAMP=float(clamp))),
                BLOCK_C=bc, BLOCK_T=bt, num_warps=_DW_WARPS, device=x.device)
     else:
         co_g = c_out // groups
@@ -493,7 +503,7 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
                      (xin, st, weight, bias if bias is not None else x, alpha if snake else x, beta if snake else x),
                      (t_in, ctx_in, n_cols, _length_bucket(n_cols), co_g, ci_g, co_g, groups, dilation, stride, 0,
                       *xin.stride(), *st.stride(), weight.stride(0), weight.stride(1), weight.stride(2)),
-                     out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device,
+                     out=out, bias=bias, residual=residual, ci_g=ci_g, device=x.device, clamp=clamp,
                      KSIZE=k, PHASES=1, HAS_STATE=has_state, SNAKE=_snake_mode(x, snake), **_flags(x))
     if not state_out:
         return out, x.new_empty(0)

@@ -17,12 +17,12 @@ _GEMM_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta
                    "stride_wn", "stride_wc", "stride_wk",
                    "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot", "stride_ok"]
 _GEMM_CONSTEXPRS = ["KSIZE", "PHASES", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "UPCAST", "IEEE", "BLOCK_N",
-                    "BLOCK_T", "BLOCK_K", "SPLIT_K"]
+                    "BLOCK_T", "BLOCK_K", "SPLIT_K", "CLAMP"]
 _DW_SIG_NAMES = ["x_ptr", "state_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "beta_ptr", "res_ptr", "out_ptr",
                  "t_in", "ctx", "n_cols", "n_ch", "dil", "conv_stride",
                  "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st", "stride_wc",
                  "stride_wk", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc", "stride_ot"]
-_DW_CONSTEXPRS = ["KSIZE", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "BLOCK_C", "BLOCK_T"]
+_DW_CONSTEXPRS = ["KSIZE", "HAS_STATE", "HAS_BIAS", "SNAKE", "RESIDUAL", "BLOCK_C", "BLOCK_T", "CLAMP"]
 
 
 def _signature(names, constexprs, dt):
@@ -55,10 +55,35 @@ def _tile_tag(cfg: triton.Config) -> str:
     return f"{kw['BLOCK_N']}x{kw['BLOCK_T']}x{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
+def _register_reduce_cases(dt: str):
+    """The split-K reduction (:func:`.code2wav.splitk_reduce_kernel`) for each of its time tiles, any strides, and
+    the output conv's clamped reduction."""
+    reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
+                    "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
+                    "stride_ot"]
+    reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T", "CLAMP"], dt)
+    reduce_sig["ws_ptr"] = "*fp32"
+    for bt in _REDUCE_BLOCKS_T:
+        bc, bt = _reduce_block(bt)
+        flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt, CLAMP=None)
+        sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
+        static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
+                    aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
+    static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
+                dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128, CLAMP=None))
+    # the output conv's reduction (a one-sample-row conv split over its 96 input channels), clamped
+    bc, bt = _reduce_block(16)
+    sig, cx = _specialise(reduce_sig, dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=False, BLOCK_C=bc,
+                                           BLOCK_T=bt, CLAMP=1.0), ("stride_wst", "stride_rt", "stride_ot"))
+    static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt},clamp]", splitk_reduce_kernel, sig, cx,
+                aligned=("stride_wsk", "stride_wsb"))
+
+
 def _register_static_cases():
     # (name, KSIZE, PHASES, HAS_STATE, SNAKE, RESIDUAL, extra ones, C_out % 16 == 0): decoder.0 (1024->1536 k7),
     # a residual unit's dilated k7 (SnakeBeta in; dilation 3 or 9, so not a constexpr) and k1 (SnakeBeta in,
-    # residual out), the output conv (96->1, k7: one output row), the decoder-block transposed convs (k=2r: 2 taps,
+    # residual out), the output conv (96->1, k7: one output row; the model's final clamp(-1, 1) in its epilogue,
+    # CLAMP=1.0, in the split reduction's with split-K), the decoder-block transposed convs (k=2r: 2 taps,
     # r phases, SnakeBeta in) and the upsample transposed conv (k=s=2: 1 tap).
     gemm = [("conv k7 1024->1536", 7, 1, False, False, False, ("dil",), True),
             ("resunit conv k7 snake", 7, 1, True, True, False, (), True),
@@ -74,8 +99,9 @@ def _register_static_cases():
     for dt in ("bf16", "fp16"):
         for name, k, ph, st, sn, res, ones, c16 in gemm:
             aligned = [a for a in _GEMM_ALIGNED if a not in ones and (c16 or a not in ("stride_rb", "stride_ob"))]
+            clamp = 1.0 if name.startswith("out conv") else None
             flags = dict(KSIZE=k, PHASES=ph, HAS_STATE=st, HAS_BIAS=True, SNAKE=2 if sn else 0, RESIDUAL=res,
-                         UPCAST=False, IEEE=False, SPLIT_K=1)
+                         UPCAST=False, IEEE=False, SPLIT_K=1, CLAMP=clamp)
             base = _signature(_GEMM_SIG_NAMES, _GEMM_CONSTEXPRS, dt)
             # every config the autotuner may pick (bf16; fp16 and the other transposed-conv rates compile to the
             # same code but for the dtype / the PHASES constant, so they get the first config only)
@@ -89,7 +115,7 @@ def _register_static_cases():
             small = _SMALL_GEMM
             sig = dict(base, res_ptr="*fp32", out_ptr="*fp32")
             sig, cx = _specialise(sig, dict(flags, HAS_STATE=True, HAS_BIAS=False, RESIDUAL=False,
-                                            SPLIT_K=_MAX_SPLIT_K, **small.kwargs),
+                                            SPLIT_K=_MAX_SPLIT_K, CLAMP=None, **small.kwargs),
                                   [o for o in _GEMM_ONES + ones if o != "stride_rt"])
             static_case(f"code2wav.conv_gemm[{name},{dt},split_k={_MAX_SPLIT_K},{_tile_tag(small)}]",
                         conv_gemm_kernel, sig, cx, num_warps=small.num_warps, num_stages=small.num_stages,
@@ -98,23 +124,12 @@ def _register_static_cases():
                 cfg = _GEMM_CONFIGS[0]
                 static_case(f"code2wav.conv_gemm[{name},{dt},any strides,{_tile_tag(cfg)}]", conv_gemm_kernel,
                             base, dict(flags, **cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        reduce_names = ["ws_ptr", "bias_ptr", "res_ptr", "out_ptr", "n_ch", "n_t", "stride_wsk", "stride_wsb",
-                        "stride_wsc", "stride_wst", "stride_rb", "stride_rc", "stride_rt", "stride_ob", "stride_oc",
-                        "stride_ot"]
-        reduce_sig = _signature(reduce_names, ["SPLIT_K", "HAS_BIAS", "RESIDUAL", "BLOCK_C", "BLOCK_T"], dt)
-        reduce_sig["ws_ptr"] = "*fp32"
-        for bt in _REDUCE_BLOCKS_T:
-            bc, bt = _reduce_block(bt)
-            flags = dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=bc, BLOCK_T=bt)
-            sig, cx = _specialise(reduce_sig, flags, ("stride_wst", "stride_rt", "stride_ot"))
-            static_case(f"code2wav.splitk_reduce[{dt},{bc}x{bt}]", splitk_reduce_kernel, sig, cx,
-                        aligned=("n_ch", "stride_wsk", "stride_wsb", "stride_rb", "stride_ob"))
-        static_case(f"code2wav.splitk_reduce[{dt},any strides]", splitk_reduce_kernel, reduce_sig,
-                    dict(SPLIT_K=_MAX_SPLIT_K, HAS_BIAS=True, RESIDUAL=True, BLOCK_C=8, BLOCK_T=128))
+        _register_reduce_cases(dt)
         dw_sig = _signature(_DW_SIG_NAMES, _DW_CONSTEXPRS, dt)
         bc, bt = _DW_BLOCK
         for st in (False, True):
-            flags = dict(KSIZE=7, HAS_STATE=st, HAS_BIAS=True, SNAKE=False, RESIDUAL=False, BLOCK_C=bc, BLOCK_T=bt)
+            flags = dict(KSIZE=7, HAS_STATE=st, HAS_BIAS=True, SNAKE=False, RESIDUAL=False, BLOCK_C=bc, BLOCK_T=bt,
+                         CLAMP=None)
             sig, cx = _specialise(dw_sig, flags, ("stride_xt", "stride_st", "stride_wc", "stride_rt", "stride_ot",
                                                   "dil", "conv_stride"))
             static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st}]", dwconv_kernel, sig, cx,

@@ -206,7 +206,7 @@ def _rvq(row, prm, c0_ptr, codes_out_ptr, next_ptr, DT: tl.constexpr, G: tl.cons
     H = _int(prm, P_H)
     codes = _ptr(prm, P_CODES, tl.int64)
     rvq_tile(r, j, codes, _ptr(prm, P_TABLE, DT), _ptr(prm, P_GB, tl.int64), _ptr(prm, P_GS, tl.int64),
-             _ptr(prm, P_GR, tl.int64), next_ptr, H, 1, B.to(tl.int32), H, 1.0, G, RVQ_BLOCK)
+             _ptr(prm, P_GR, tl.int64), next_ptr, H, 1, 1, 0, B.to(tl.int32), H, 1.0, 0, 0, G, RVQ_BLOCK, False)
     if j == 0:
         g = tl.arange(0, BLOCK_G)
         c = tl.load(codes + g * B + r, mask=(g > 0) & (g < G), other=0)

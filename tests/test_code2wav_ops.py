@@ -120,6 +120,32 @@ def test_kernel_split_k(monkeypatch, split):
     _check_conv(1, 40, 20, 9, 7, dtype=torch.float16, snake=True, residual=True)
 
 
+@pytest.mark.parametrize("case", ["dense", "depthwise", "split_k", "fp16"])
+def test_kernel_clamp_equals_clamping_the_output(monkeypatch, case):
+    """``clamp=c`` (Code2Wav's final ``clamp(-1, 1)`` fused into the output conv's epilogue, the split reduction's
+    with split-K) equals ``y.clamp(-c, c)`` exactly, NaN passing through, on both backends."""
+    from omni_fast.kernels import code2wav as kernels
+
+    if case == "split_k":
+        monkeypatch.setattr(kernels, "_INTERP_GEMM", kernels.triton.Config({"BLOCK_N": 16, "BLOCK_T": 16,
+                                                                            "BLOCK_K": 16}))
+        monkeypatch.setattr(kernels, "_FORCE_SPLIT_K", 3)
+    g = torch.Generator().manual_seed(7)
+    c_in, groups = (6, 6) if case == "depthwise" else (40, 1)
+    dt = torch.float16 if case == "fp16" else torch.float32
+    x = (torch.randn(2, c_in, 11, generator=g) * 3).to(DEVICE, dt)
+    x[0, 1, 4] = float("nan")
+    w = (torch.randn(c_in if groups > 1 else 3, c_in // groups, 7, generator=g) * 0.3).to(DEVICE, dt)
+    kw = dict(bias=torch.randn(w.shape[0], generator=g).to(DEVICE, dt), groups=groups,
+              snake=tuple((torch.randn(c_in, generator=g) * 0.1).to(DEVICE, dt) for _ in range(2)),
+              state=torch.randn(2, c_in, 6, generator=g).to(DEVICE, dt))
+    for be in ("reference", "triton"):
+        y, _ = omni_fast.ops.causal_conv1d(x, w, clamp=0.5, backend=be, **kw)
+        want, _ = omni_fast.ops.causal_conv1d(x, w, backend=be, **kw)
+        assert y.isnan().any() and (y.nan_to_num().abs() <= 0.5).all()
+        torch.testing.assert_close(y, want.clamp(-0.5, 0.5), rtol=0, atol=0, equal_nan=True)
+
+
 def test_kernel_unpacked_weights_give_the_same_result():
     x = torch.randn(2, 6, 19, device=DEVICE)
     w = torch.randn(5, 6, 7, device=DEVICE)
@@ -341,6 +367,9 @@ def _conv_call(**over):
     (dict(x=torch.randint(0, 3, (2, 6, 9))), TypeError, "x must have dtype"),
     (dict(dilation=0), ValueError, "dilation must be (>= 1|in \\[1, )"),
     (dict(weight=torch.randn(5, 6, 0)), ValueError, "kernel size of at least 1"),
+    (dict(clamp=-1.0), ValueError, "clamp"),
+    (dict(clamp=float("nan")), ValueError, "clamp"),
+    (dict(clamp="1"), TypeError, "clamp"),
 ])
 def test_conv_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):

@@ -48,6 +48,31 @@ def test_rvq_triton_matches_reference(dtype, N, G, D):
         assert_matches_reference(got, exact, same)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,G,T,D", [(1, 16, 1, 32), (2, 16, 4, 40), (3, 5, 7, 1100), (2, 16, 0, 8)])
+def test_rvq_code2wav_layout_triton_matches_embed_codes(dtype, B, G, T, D):
+    """Code2Wav's embedding as the stream runs it: ``[B, G, T]`` codes read through a transposed view (no copy),
+    one table with int64 ``[G]`` (or int32, or strided) row offsets, the mean; equals
+    ``reference.code2wav.embed_codes`` within the dtype's rounding, and exactly in fp32 with G = 16, D = 32."""
+    from omni_fast.reference import code2wav as ref_c2w
+
+    g = torch.Generator().manual_seed(B * 100 + T)
+    V = 11
+    cfg = ref_c2w.Code2WavConfig(codebook_size=V, num_quantizers=G, hidden_size=D)
+    table = torch.randn(G * V, D, generator=g).to(DEVICE, dtype)
+    codes = torch.randint(0, V, (B, G, T), generator=g).to(DEVICE)
+    offsets = ref_c2w.codebook_offsets(cfg, DEVICE).view(-1)
+    want = ref_c2w.embed_codes(cfg, table, codes)
+    exact = ref_c2w.embed_codes(cfg, table.double(), codes)
+    for offs in (offsets, offsets.int(), torch.stack((offsets, offsets), -1)[:, 0]):  # (the last one strided)
+        got = omni_fast.ops.rvq_embed(codes.transpose(1, 2), table, reduce="mean", offsets=offs,
+                                      check_values=False, backend="triton")
+        assert got.shape == (B, T, D)
+        assert_matches_reference(got, exact, want)
+        if dtype == torch.float32 and G == 16 and D == 32:  # fp32 sum in group order, then the exact /16
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call,err,match", [
     (lambda t, c: omni_fast.ops.rvq_embed(c + 100, t), ValueError, "codes"),
     (lambda t, c: omni_fast.ops.rvq_embed(c - 100, t), ValueError, "codes"),

@@ -264,7 +264,7 @@ class Code2WavStream:
         # offsets of the embedding lookup, W-1 as a device scalar (the int32 cache_seqlens come from one clamp) and
         # -(W-1) .. max bucket, whose slices are every push's frame and row offsets (_push_consts)
         keep = cfg.sliding_window - 1
-        self._code_offsets = ref.codebook_offsets(cfg, dev)
+        self._code_offsets = ref.codebook_offsets(cfg, dev).view(-1)
         self._keep = torch.tensor(keep, device=dev)
         self._offsets = torch.arange(-keep, max(self.graph_buckets), device=dev)
         # the fast path code2wav_state_moves (opt-in until its gpu test has passed): conv states to move together
@@ -361,7 +361,9 @@ class Code2WavStream:
         their leads (:meth:`_mask_lead`), then clear ``state.fresh``."""
         m, st = self.model, self.state
         t = codes.shape[-1]
-        h = self._pre_transformer(ref.embed_codes(m.config, m.sd["code_embedding.weight"], codes, self._code_offsets))
+        # the mean of the G offset embeddings (reference.code2wav.embed_codes) in one launch, codes read in place
+        h = self._pre_transformer(ops.rvq_embed(codes.transpose(1, 2), m.sd["code_embedding.weight"], reduce="mean",
+                                                offsets=self._code_offsets, check_values=False, backend=m.backend))
         wav = self._convnet(h.permute(0, 2, 1), m._lead_samples(t) if fresh else None)
         st.pos += t
         st.frames += t
@@ -470,11 +472,12 @@ class Code2WavStream:
                                    backend=self.model.backend)
             self._pending.clear()
 
-    def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None):
+    def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None,
+              clamp=None):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
-                                   groups=groups, snake=snake, residual=residual, state=state,
+                                   groups=groups, snake=snake, residual=residual, state=state, clamp=clamp,
                                    update_state=state is not None and not self._move_states,
                                    state_out=state is None or not self._move_states, backend=self.model.backend)
         self._state(name, x, new)
@@ -518,9 +521,10 @@ class Code2WavStream:
             if i + 1 < len(cfg.upsample_rates):  # (the last block's states move with the output conv's)
                 self._flush_states()
         n = len(cfg.upsample_rates)
-        x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]))
+        # the reference's final clamp(-1, 1), in the output conv's epilogue (no launch of its own)
+        x = self._conv(f"decoder.{n + 2}.conv", x, snake=(sd[f"decoder.{n + 1}.alpha"], sd[f"decoder.{n + 1}.beta"]),
+                       clamp=1.0)
         self._flush_states()
-        x = x.clamp(min=-1, max=1)
         return mask(x, n - 1) if n else x
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import code2wav as ref
-from ..validation import (FLOAT_DTYPES, check_bool, check_output, check_positive_int, check_same_dtype,
-                          check_tensor)
+from ..validation import (FLOAT_DTYPES, check_bool, check_float, check_output, check_positive_int,
+                          check_same_dtype, check_tensor)
 
 # Bound on stride / dilation / kernel span, checked before any allocation: the streaming state holds
 # (k - 1) * dilation samples per channel (Code2Wav's largest is 9 * 9 = 81; a huge dilation would allocate TBs).
@@ -73,7 +73,7 @@ def _state_result(x, ctx: int, update_state: bool, state_out: bool = True) -> to
 
 
 def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, state_out,
-               backend):
+               clamp, backend):
     B, c_in, T = x.shape
     ctx = ref.conv1d_context(weight.shape[-1], dilation, stride)
     y = x.new_empty(B, weight.shape[0], -(-T // stride))
@@ -83,9 +83,9 @@ def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual,
 @dispatched_op("causal_conv1d", mutates_args=("state",), fake=_conv_fake)
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
              groups: int, alpha: torch.Tensor | None, beta: torch.Tensor | None, residual: torch.Tensor | None,
-             state: torch.Tensor | None, update_state: bool, state_out: bool, backend: str
+             state: torch.Tensor | None, update_state: bool, state_out: bool, clamp: float | None, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal conv1d (+ SnakeBeta in, + residual out); returns (y, new_state or an empty placeholder)."""
+    """Causal conv1d (+ SnakeBeta in, + residual out, clamped); returns (y, new_state or an empty placeholder)."""
 
 
 def _kept(new: torch.Tensor, state, update_state: bool, state_out: bool) -> torch.Tensor:
@@ -100,19 +100,20 @@ def _kept(new: torch.Tensor, state, update_state: bool, state_out: bool) -> torc
 
 @_conv_op.impl("reference")
 def _conv_reference(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state,
-                    state_out):
+                    state_out, clamp):
     snake = (alpha, beta) if alpha is not None else None
     y, new = ref.causal_conv1d(x, weight, bias, stride=stride, dilation=dilation, groups=groups, snake=snake,
                                residual=residual, state=state)
-    return y, _kept(new, state, update_state, state_out)
+    return (y if clamp is None else y.clamp(-clamp, clamp)), _kept(new, state, update_state, state_out)
 
 
 @_conv_op.impl("triton")
-def _conv_triton(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, state_out):
+def _conv_triton(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, state_out,
+                 clamp):
     from ..kernels import code2wav as kernels
 
     return kernels.causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state,
-                                 update_state=update_state, state_out=state_out)
+                                 update_state=update_state, state_out=state_out, clamp=clamp)
 
 
 def _convt_fake(x, weight, bias, stride, alpha, beta, state, update_state, state_out, backend):
@@ -240,9 +241,10 @@ def causal_conv1d(
     state: torch.Tensor | None = None,
     update_state: bool = False,
     state_out: bool = True,
+    clamp: float | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' causal conv1d with an optional fused input SnakeBeta and output residual.
+    """transformers' causal conv1d with an optional fused input SnakeBeta, output residual and output clamp.
 
     x ``[B, C_in, T]``; weight ``[C_out, C_in/groups, k]``; bias ``[C_out]``; snake ``(alpha, beta)`` ``[C_in]``;
     residual ``[B, C_out, ceil(T/stride)]``; state ``[B, C_in, (k-1)*dilation]`` raw inputs (``stride=1`` only).
@@ -250,7 +252,9 @@ def causal_conv1d(
     ``update_state=True``: the new state is written into ``state`` in place (it must not overlap any input) and
     returned as ``state`` itself (a stream's fixed buffer: one copy per push, no new tensor). ``state_out=False``
     (with a state): ``state`` is left as it is and an empty placeholder returned; move it later with
-    :func:`update_conv_states` (``x`` must then stay unchanged until that call).
+    :func:`update_conv_states` (``x`` must then stay unchanged until that call). ``clamp``: y clamped to
+    ``[-clamp, clamp]`` after the bias and residual (``y.clamp(-clamp, clamp)``, NaN passes: Code2Wav's final
+    ``clamp(-1, 1)`` fused into its output conv).
     """
     _check_x(x)
     _check_channels(x)
@@ -286,9 +290,11 @@ def causal_conv1d(
     update_state = _check_state(state, x, ref.conv1d_context(k, dilation, stride), f"k={k}, dilation={dilation}",
                                 update_state, state_out, weight=weight, bias=bias, residual=residual, alpha=alpha,
                                 beta=beta)
+    if clamp is not None:
+        clamp = check_float("clamp", clamp, minimum=0.0)
     be = _conv_op.resolve((x, weight), backend)
     y, new = _conv_op(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state,
-                      bool(state_out), be)
+                      bool(state_out), clamp, be)
     return y, (state if update_state else new)
 
 

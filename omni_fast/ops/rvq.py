@@ -75,17 +75,17 @@ def _rvq_triton(codes, tables, offsets, mean):
 
     G = codes.shape[-1]
     D = tables[0].shape[-1]
-    flat = codes.reshape(-1, G)
-    out = tables[0].new_empty((flat.shape[0], D))
-    if len(tables) == 1 and (G > 1 or offsets is not None):
-        table = tables[0]
-        stride = torch.full((G,), table.stride(0), dtype=torch.long, device=table.device)
-        first = offsets.long() if offsets is not None else torch.zeros_like(stride)  # each group's first row
-        base, rows = stride * first, table.shape[0] - first
+    # [A, T, G] views of any strides (Code2Wav's transposed [B, G, T] codes: no copy; [N, G]: T = 1, a constant
+    # to the JIT); more leading dims flatten
+    codes3 = codes.reshape(1, 1, G) if codes.dim() == 1 else codes.unsqueeze(1) if codes.dim() == 2 else \
+        codes.flatten(0, -3)
+    out = tables[0].new_empty((codes3.shape[0] * codes3.shape[1], D))
+    if len(tables) == 1 and (G > 1 or offsets is not None):  # one table: the groups' first rows, read in-kernel
+        first = offsets.contiguous() if offsets is not None else torch.zeros(G, dtype=torch.long, device=codes.device)
+        kernels_rvq.rvq_embed(codes3, tables[0], first, None, None, bool(mean), out)
     else:
-        table = tables[0]
         base, stride, rows = _list_bases(tables)
-    kernels_rvq.rvq_embed(flat, table, base, stride, rows, bool(mean), out)
+        kernels_rvq.rvq_embed(codes3, tables[0], base, stride, rows, bool(mean), out)
     return out.reshape(*codes.shape[:-1], D)
 
 
