@@ -110,6 +110,20 @@ def test_sway_none_and_beyond_the_largest_bucket(dit):
     assert dit_solve.bucket_for(11, (4,)) == 16 and dit_solve.bucket_for(4, (4, 8)) == 4
 
 
+def test_solve_under_inference_mode_then_outside_it(dit):
+    """A solve graph's static buffers made under torch.inference_mode() cannot be written outside it ('Inplace
+    update to inference tensor'): a Token2Wav request outside after one inside crashed (CPU emulation of the
+    replay; on CUDA the same buffers). Each mode gets its own graph, with the same mel."""
+    dit.__dict__.pop(dit_solve._CACHE, None)
+    cond, ref, code = _inputs(dit, 1, 5)
+    want = _hf(dit, cond, ref, code, 3, num_steps=2)
+    for inference in (True, False, True, False):
+        with torch.inference_mode(inference):
+            got = _ours(dit, cond, ref, code, 3, num_steps=2, buckets=(8,), backend="reference")
+        torch.testing.assert_close(got, want, **TOL)
+    assert len([k for k in dit.__dict__[dit_solve._CACHE] if k != "weights"]) == 2
+
+
 def test_default_buckets_four_per_octave():
     """docs/token2wav.md's padding table and graph count rest on these: 16 ... 4096, four per octave (ratio ~2^(1/4),
     at most 21 % between neighbours after rounding to ints), powers of two kept; 23 page-aligned graphs (12
@@ -310,7 +324,7 @@ def test_tf32_fast_path_wraps_the_solve_and_keys_its_graph(dit, fast_path, monke
     fast = _ours(dit, cond, ref, code, 5, num_steps=2, backend="reference")
     assert seen and set(seen) == {"tf32"} and torch.backends.cuda.matmul.fp32_precision == before
     keys = [k for k in dit.__dict__[dit_solve._CACHE] if k != "weights"]
-    assert sorted(k[-2] for k in keys) == [False, True]  # two graphs: fp32 and tf32
+    assert sorted(k[-3] for k in keys) == [False, True]  # two graphs: fp32 and tf32
     torch.testing.assert_close(fast, plain, atol=0, rtol=0)  # (CPU: the flag is CUDA's)
 
 
