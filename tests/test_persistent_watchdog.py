@@ -306,3 +306,48 @@ def test_reset_persistent_heals_what_a_user_holds():
     for wrong in (3, torch.nn.Linear(2, 2), base.config):
         with pytest.raises(TypeError, match="obj must be"):
             reset_persistent(wrong)
+
+
+def test_frame_made_under_inference_mode_runs_and_resets_outside_it():
+    """A persistent frame first built under torch.inference_mode() (a warm-up, a server) kept its workspace as
+    inference tensors: frames outside it still ran (the kernel writes by address), but reset_persistent outside it
+    crashed ('Inplace update to inference tensor outside InferenceMode'). Eager and graph (CPU emulation) frames,
+    in both orders, give the same codes."""
+    from omni_fast.models.persistent import reset_persistent
+
+    torch.manual_seed(9)
+    base, pers = _models()
+    h, c0, _ = _inputs(2, 5)
+    kw = dict(do_sample=False, backend="triton")
+    want = base.predict_frame(h, c0, use_graph=False, **kw)
+    for first in (True, False):
+        pers._persistent.clear()
+        pers._graphs.clear()
+        for inference in (first, not first, first):
+            for use_graph in (False, True):
+                with torch.inference_mode(inference):
+                    got = pers.predict_frame(h, c0, use_graph=use_graph, **kw)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (inference, use_graph)
+            with torch.inference_mode(not inference):
+                assert reset_persistent(pers) == 1
+
+
+def test_flag_watch_host_word_made_under_inference_mode(monkeypatch):
+    """The pinned host word is made by the first record(): made under torch.inference_mode(), the copy_ of a later
+    record() outside it raised. (CUDA path, on the CPU: a stand-in for pinned memory and the event.)"""
+    import types
+
+    from omni_fast.models.persistent import watch as W
+
+    fake = types.SimpleNamespace(empty=lambda *a, pin_memory=False, **k: torch.empty(*a, **k),
+                                 cuda=types.SimpleNamespace(Event=_FakeEvent), inference_mode=torch.inference_mode)
+    monkeypatch.setattr(W, "torch", fake)
+    flag = torch.zeros(1, dtype=torch.int32)
+    watch = FlagWatch(flag)
+    watch._live = False  # as for a CUDA flag
+    with torch.inference_mode():
+        watch.record()
+    flag.fill_(3)
+    watch.record()
+    watch._event.done = True
+    assert watch.tripped() == 3

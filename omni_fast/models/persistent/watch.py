@@ -32,7 +32,10 @@ class FlagWatch:
             if self.flag.is_cuda and torch.cuda.is_current_stream_capturing():
                 return
             if self._event is None:
-                self._host = torch.empty(1, dtype=self.flag.dtype, pin_memory=True)
+                # an ordinary tensor even when made under torch.inference_mode(): copy_ into an inference tensor
+                # outside it raises (a later call outside inference mode)
+                with torch.inference_mode(False):
+                    self._host = torch.empty(1, dtype=self.flag.dtype, pin_memory=True)
                 self._event = torch.cuda.Event()
             self._host.copy_(self.flag, non_blocking=True)
             self._event.record()
