@@ -58,6 +58,7 @@ def test_graph_bucket_decomposition(monkeypatch):
     class FakeGraph:
         def __init__(self, stream, frames, fresh=False):
             self.stream, self.frames, self.fresh = stream, frames, fresh
+            self.codes = torch.zeros(frames)  # (a static input buffer, made in the current inference mode)
 
         def __call__(self, codes):
             assert codes.shape[-1] == self.frames
@@ -84,6 +85,45 @@ def test_graph_bucket_decomposition(monkeypatch):
     torch.testing.assert_close(wav[..., s.lead_samples:], model(more), rtol=1e-4, atol=5e-5)
     s.finish()
     assert not s._graphs and not s._fresh_graphs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stream_under_inference_mode_then_outside_it(graphs, monkeypatch):
+    """A stream pushed under torch.inference_mode() (a server's request) holds its state as inference tensors; the
+    next push or reset outside it (another request on the long-lived stream) crashed updating them in place
+    ('Inplace update to inference tensor outside InferenceMode'). The state becomes ordinary tensors once, the
+    graphs that read it are dropped (CPU stand-in for the graphs: the eager step); same audio as one shot."""
+    from omni_fast.models import code2wav as mod
+
+    made = []
+
+    class FakeGraph:
+        def __init__(self, stream, frames, fresh=False):
+            self.stream, self.fresh, self.codes = stream, fresh, torch.zeros(frames)
+            made.append(torch.is_inference_mode_enabled())
+
+        def __call__(self, codes):
+            self.codes.copy_(codes[0, 0])  # a replay writes its static input
+            return self.stream._step(codes, self.fresh)
+
+    monkeypatch.setattr(mod, "_GraphStep", FakeGraph)
+    _, model = _models(0)
+    codes = torch.randint(0, 16, (1, 4, 15))
+    for modes in ((True, False, True, False, True), (False, True, False, True, False)):
+        with torch.inference_mode(modes[0]):
+            s = model.stream(1, graph_buckets=(1, 2))
+        s.cuda_graphs = graphs
+        out = []
+        for i, inference in enumerate(modes):
+            with torch.inference_mode(inference):
+                out.append(s.push(codes[..., 3 * i: 3 * i + 3]))
+        torch.testing.assert_close(torch.cat(out, -1), model(codes), rtol=1e-4, atol=5e-5)
+        with torch.inference_mode(not modes[-1]):
+            s.reset([0])
+        with torch.inference_mode(modes[-1]):
+            wav = s.push(codes[..., :3])
+        torch.testing.assert_close(wav[..., s.lead_samples:], model(codes[..., :3]), rtol=1e-4, atol=5e-5)
+    assert not graphs or (True in made and False in made)
 
 
 def test_graph_steps_bookkeeping_with_resets(monkeypatch):

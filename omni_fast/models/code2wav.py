@@ -45,8 +45,8 @@ from ..ops.code2wav import pack_conv1d_weight, pack_conv_transpose1d_weight
 from ..reference import code2wav as ref
 from ..reference.code2wav import Code2WavConfig
 from ..validation import INT_DTYPES, check_index_range, check_positive_int, check_tensor
-from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _new_state, _restore_state,
-                             _row_mask, _stacked_kv)
+from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _leave_inference_mode,
+                             _new_state, _restore_state, _row_mask, _stacked_kv)
 from .code2wav_weights import _check_state_dict, _expected_shapes, _fold_gamma, _fuse_layer
 from .cuda_graphs import capture
 
@@ -293,6 +293,7 @@ class Code2WavStream:
         m, st = self.model, self.state
         if st.finished:
             raise RuntimeError("push after finish(): start a new stream")
+        self._leave_inference_mode()
         m._check_codes(codes, st.batch_size, check_values=check_values)
         B, _, t = codes.shape
         if t == 0:
@@ -335,6 +336,7 @@ class Code2WavStream:
         st = self.state
         if st.finished:
             raise RuntimeError("reset after finish(): start a new stream")
+        self._leave_inference_mode()
         mask = _row_mask(rows, st.batch_size, st.pos.device)
         st.pos.masked_fill_(mask, 0)
         for k, v in st.kv:
@@ -345,6 +347,17 @@ class Code2WavStream:
         if st.frames > 0:  # mid-stream: the reset rows' next push masks their lead
             st.fresh.logical_or_(mask)
             st.reset_pending = True
+
+    def _leave_inference_mode(self) -> None:
+        """A push / reset outside ``torch.inference_mode()`` after pushes under it: the state's inference tensors
+        become ordinary copies (once), and graphs whose buffers are inference tensors (or read the replaced state)
+        are dropped, to be captured again (in-place updates of inference tensors raise outside inference mode)."""
+        if torch.is_inference_mode_enabled():
+            return
+        stale = _leave_inference_mode(self.state)
+        for graphs in (self._graphs, self._fresh_graphs):
+            for n in [n for n, g in graphs.items() if stale or g.codes.is_inference()]:
+                del graphs[n]
 
     def finish(self) -> torch.Tensor:
         """End the stream and free its CUDA graphs (to start a new utterance in a long-lived stream, use

@@ -130,3 +130,23 @@ def _restore_state(st: StreamState, snap: dict) -> None:
     for (k, v), (saved_k, saved_v) in zip(st.kv, snap["kv"]):
         k.copy_(saved_k)
         v.copy_(saved_v)
+
+
+def _leave_inference_mode(st: StreamState) -> bool:
+    """Outside ``torch.inference_mode()``, replace the state's inference tensors (made by pushes under it) with
+    ordinary copies, once: a push or reset updates the state in place, which an inference tensor refuses outside
+    inference mode. Returns whether anything was replaced (then the stream's CUDA graphs, which read the old
+    buffers by address, are stale). Inside inference mode, or for an ordinary state: nothing, False."""
+    tensors = [st.pos, st.fresh, st.kv_stack, *st.conv.values(), *(t for pair in st.kv for t in pair)]
+    if torch.is_inference_mode_enabled() or not any(t is not None and t.is_inference() for t in tensors):
+        return False
+    with torch.inference_mode(False):  # (only allocations and copies here: grad mode does not matter)
+        stack = _stacked_kv(st)
+        st.pos, st.fresh = st.pos.clone(), st.fresh.clone()
+        st.conv = {name: c.clone() for name, c in st.conv.items()}
+        if stack is not None:  # keep kv as views of one stack (one copy in / one gather out per push)
+            st.kv_stack = stack.clone()
+            st.kv = [(st.kv_stack[0, i], st.kv_stack[1, i]) for i in range(len(st.kv))]
+        else:
+            st.kv = [(k.clone(), v.clone()) for k, v in st.kv]
+    return True
