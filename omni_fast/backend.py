@@ -40,7 +40,9 @@ def triton_interpreter_enabled() -> bool:
 
 
 def _check_name(name: str, where: str) -> str:
-    if not isinstance(name, str) or name.lower() not in _CHOICES:
+    if not isinstance(name, str):  # a wrong type is a TypeError naming the argument (the project's rule)
+        raise TypeError(f"{where} must be a str, one of {_CHOICES}, got {type(name).__name__}")
+    if name.lower() not in _CHOICES:
         raise ValueError(f"{where} must be one of {_CHOICES}, got {name!r}")
     return name.lower()
 

@@ -386,7 +386,7 @@ def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -
     if unknown:
         raise ValueError(f"parts must be a subset of {PARTS}, got unknown {sorted(unknown)}")
     if backend is not None:
-        requested_backend(backend)  # validates the name now (ValueError), not at the first forward
+        requested_backend(backend)  # validates the name now (TypeError / ValueError), not at the first forward
     if backend is not None:
         _check_backend_runs_here(model, backend)
     # A fresh patch of this tree: undo an earlier one of the tree itself or of any of its parts first.

@@ -208,6 +208,13 @@ def test_bad_backend_names():
     with pytest.raises(ValueError, match="use_backend"):
         with omni_fast.use_backend("fast"):
             pass
+    # not a str at all: a TypeError naming the argument (was a ValueError)
+    with pytest.raises(TypeError, match="backend must be a str"):
+        omni_fast.ops.mrope(torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.zeros(1, dtype=torch.long),
+                            mrope_section=(2, 1, 1), backend=3)
+    with pytest.raises(TypeError, match=r"use_backend\(name\) must be a str"):
+        with omni_fast.use_backend(3):
+            pass
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="CPU-only behaviour")
