@@ -64,8 +64,8 @@ from ._bound import BoundMethod, original_method
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
-from .integrations.patch_parts import (count_line, part_of as _part_of, report_lines, root_part as _root_part,
-                                       warn_if_nothing_replaced)
+from .integrations.patch_parts import (count_line, is_qwen25, part_of as _part_of, report_lines,
+                                       root_part as _root_part, warn_if_nothing_replaced)
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
 
 PARTS = ("thinker", "talker", "code_predictor", "code2wav", "audio", "vision")
@@ -360,7 +360,8 @@ def _check_module(model, what: str) -> None:
 def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] | None = None) -> PatchReport:
     """Swap omni-fast kernels into a transformers Qwen3-Omni / Qwen2.5-Omni model (or one of its parts).
 
-    ``parts`` limits the patch to some of ``PARTS`` (all when None); ``backend`` pins the backend of the swapped-in
+    ``parts`` limits the patch to some of ``PARTS`` (all when None; a Qwen2.5-Omni model also takes ``"token2wav"``,
+    its name of the part ``"code2wav"``); ``backend`` pins the backend of the swapped-in
     ops (default: auto). Idempotent: a patched model is unpatched first. Returns a :class:`PatchReport`.
     A part of a model patched as a whole cannot be patched or unpatched on its own (ValueError: unpatch the model,
     or use ``parts``); patching a model whose parts were patched on their own unpatches those first. Thread-safe
@@ -382,9 +383,15 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
 
 def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -> PatchReport:
     wanted = set(PARTS if parts is None else parts)
+    qwen25 = "token2wav" in wanted and is_qwen25(model)
+    if qwen25:  # Qwen2.5-Omni's name of its waveform part (its Token2Wav is the part "code2wav")
+        wanted = (wanted - {"token2wav"}) | {"code2wav"}
     unknown = wanted - set(PARTS)
     if unknown:
-        raise ValueError(f"parts must be a subset of {PARTS}, got unknown {sorted(unknown)}")
+        hint = ("; Qwen3-Omni's waveform part is 'code2wav' ('token2wav' names Qwen2.5-Omni's)"
+                if "token2wav" in unknown else "")
+        raise ValueError(f"parts must be a subset of {PARTS} (Qwen2.5-Omni also takes 'token2wav' for its "
+                         f"Token2Wav, the part 'code2wav'), got unknown {sorted(unknown)}{hint}")
     if backend is not None:
         requested_backend(backend)  # validates the name now (TypeError / ValueError), not at the first forward
     if backend is not None:

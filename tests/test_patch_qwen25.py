@@ -223,3 +223,21 @@ def test_talker_graph_decode_cuda(model):
         omni_fast.unpatch(m)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch.testing.assert_close(torch.cat(got[2]), torch.cat(want[2]), atol=1e-6, rtol=0)
+
+
+def test_parts_token2wav_names_the_qwen25_waveform_part(model):
+    """Qwen2.5-Omni's waveform model is Token2Wav: ``parts=("token2wav",)`` patches it (the part ``code2wav``, the
+    same report), where it was refused as an unknown part."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # (with the token2wav fast path off nothing is replaced: a warning)
+            warnings.simplefilter("ignore")
+            by_alias = omni_fast.patch(model, parts=("token2wav",))
+            omni_fast.unpatch(model)
+            by_name = omni_fast.patch(model, parts=("code2wav",))
+    finally:
+        omni_fast.unpatch(model)
+    assert by_alias.replaced == by_name.replaced and by_alias.left == by_name.left
+    # the Token2Wav's modules are the selected part (replaced, or left only as an opt-in fast path)
+    assert any("[code2wav]" in r and "part not selected" not in r for r in by_alias.replaced + by_alias.left)

@@ -125,6 +125,9 @@ def test_patch_rejects_bad_parts(model):
         omni_fast.patch(model, parts="thinker")
     with pytest.raises(ValueError, match="parts must be a subset"):
         omni_fast.patch(model, parts=("thinker", "nope"))
+    # 'token2wav' is Qwen2.5-Omni's name: for Qwen3-Omni the error names the valid parts and its waveform part
+    with pytest.raises(ValueError, match=r"parts must be a subset of \('thinker'.*'code2wav'.*Qwen3-Omni's waveform"):
+        omni_fast.patch(model, parts=("token2wav",))
 
 
 @pytest.mark.parametrize("parts", [[None, "thinker"], [1, "bogus"], [["thinker"]], ("thinker", b"talker")])

@@ -17,6 +17,11 @@ def is_qwen_omni(model: nn.Module) -> bool:
     return any(c.__name__.startswith(_FAMILY_PREFIXES) for m in model.modules() for c in type(m).__mro__)
 
 
+def is_qwen25(model: nn.Module) -> bool:
+    """Whether the tree holds a transformers Qwen2.5-Omni module (by class name, as :func:`is_qwen_omni`)."""
+    return any(c.__name__.startswith(_FAMILY_PREFIXES[1:]) for m in model.modules() for c in type(m).__mro__)
+
+
 def not_supported(model: nn.Module) -> str:
     """Why a model that is no Qwen-Omni model gets nothing: its class, and what :func:`omni_fast.patch` takes."""
     return (f"{type(model).__name__} is not a supported Qwen-Omni model; omni_fast.patch takes transformers' "
