@@ -136,6 +136,23 @@ def test_new_weights_drop_the_graphs(dit):
     assert dit.__dict__[dit_solve._CACHE]["weights"] != before
 
 
+def test_inference_mode_then_no_grad(dit):
+    """A solve under torch.inference_mode() and then one outside it (transformers' generate runs under no_grad):
+    static buffers made under inference_mode cannot be written outside it, so each mode has its own graph (was
+    RuntimeError 'Inplace update to inference tensor outside InferenceMode' on the second call); same result."""
+    dit.__dict__.pop(dit_solve._CACHE, None)
+    cond, ref, code = _inputs(dit, 1, 3)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        first = dit_solve.sample(dit, cond, ref, code, num_steps=2, buckets=(4,), backend="reference")
+    again = _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,), backend="reference")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        third = dit_solve.sample(dit, cond, ref, code, num_steps=2, buckets=(4,), backend="reference")
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(third, first, atol=0, rtol=0)
+
+
 def test_bad_input(dit):
     cond, ref, code = _inputs(dit, 1, 3)
     with pytest.raises(ValueError, match="num_steps"):

@@ -306,3 +306,22 @@ def test_reset_persistent_heals_what_a_user_holds():
     for wrong in (3, torch.nn.Linear(2, 2), base.config):
         with pytest.raises(TypeError, match="obj must be"):
             reset_persistent(wrong)
+
+
+def test_frame_built_under_inference_mode_runs_and_resets_outside_it():
+    """A frame first built under torch.inference_mode() (the pipeline's / generate's) keeps normal workspace tensors:
+    a call outside it and reset_persistent() (what the watchdog's error tells the user to call) work, as inside it
+    (was RuntimeError 'Inplace update to inference tensor outside InferenceMode' from reset's counter zeroing)."""
+    torch.manual_seed(8)
+    _, pers = _models()
+    h, c0, _ = _inputs(2, 5)
+    kw = dict(do_sample=False, backend="triton", use_graph=False)
+    with torch.inference_mode():
+        inside = pers.predict_frame(h, c0, **kw)
+    (frame,) = pers._persistent.values()
+    assert not any(t.is_inference() for t in frame.ws.values())
+    outside = pers.predict_frame(h, c0, **kw)
+    assert pers.reset_persistent() == 1
+    with torch.inference_mode():
+        assert pers.reset_persistent() == 1
+    assert torch.equal(inside[0], outside[0]) and torch.equal(inside[1], outside[1])

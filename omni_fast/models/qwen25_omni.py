@@ -91,7 +91,7 @@ class Qwen25Omni:
         if preset != "tiny":
             raise ValueError(f"preset must be 'tiny' (the Qwen2.5-Omni pipeline has no full random preset), got "
                              f"{preset!r}")
-        device = check_device("device", device or "cpu")
+        device = check_device("device", "cpu" if device is None else device)  # (0 is cuda:0, not "none")
         config = tiny_qwen2_5_omni_config()
         torch.manual_seed(seed)
         with torch.device(device):

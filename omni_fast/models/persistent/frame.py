@@ -32,6 +32,9 @@ class PersistentError(RuntimeError):
 
 
 class PersistentFrame:
+    # its workspace, parameters and schedule are normal tensors even when built under torch.inference_mode(): reset()
+    # and later calls write them in place, inside the mode or outside it
+    @torch.inference_mode(False)
     def __init__(self, model, B: int, dtype: torch.dtype, device, sampling: tuple, per_row: bool, c0_embed: bool,
                  *, tiles: int | None = None, grid: int | None = None):
         c = model.config
