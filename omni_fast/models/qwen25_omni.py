@@ -33,7 +33,7 @@ class Qwen25Omni:
                  speakers: dict | None = None, token2wav_steps: int = 10):
         from ..validation import check_positive_int
 
-        check_pipeline_model(model, "Qwen2_5OmniForConditionalGeneration")
+        model = check_pipeline_model(model, "Qwen2_5OmniForConditionalGeneration")
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
