@@ -461,14 +461,17 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
 
 
 def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, padding=None, *,
-                  update_state: bool = False, state_out: bool = True, clamp: float | None = None):
+                  update_state: bool = False, state_out: bool = True, clamp: float | None = None,
+                  out: torch.Tensor | None = None):
     """Dense or depthwise causal conv; arguments as :func:`omni_fast.reference.code2wav.causal_conv1d` (validated).
 
     x ``[B, C_in, T]``, weight ``[C_out, C_in/groups, k]`` (any strides; packed is fastest), state
     ``[B, C_in, (k-1)*dilation]`` or None. Returns ``(y [B, C_out, ceil(T/stride)], new_state)``;
     ``update_state``: the new state is written into ``state`` and an empty placeholder returned; ``state_out=False``:
     neither (the caller moves it, :mod:`.code2wav_states`). ``clamp``: y clamped to ``[-clamp, clamp]`` in the
-    epilogue (Code2Wav's final ``clamp(-1, 1)``: no launch of its own).
+    epilogue (Code2Wav's final ``clamp(-1, 1)``: no launch of its own). ``out``: the ``[B, C_out, n_cols]`` tensor
+    to write y into, any strides (the kernels store through them: e.g. a transposed view of a ``[B, n_cols, C_out]``
+    buffer for a channels-last consumer); returned as y.
 
     ``padding`` (non-causal, no state): ``nn.Conv1d(padding=p)``'s zero padding of ``p`` samples on both sides
     instead of the causal left context. The kernels read ``cat(zeros[ctx], x)`` and zeros past the end of x, so this
@@ -481,7 +484,8 @@ def causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residu
         ctx, n_cols = (k - 1) * dilation + 1 - stride, -(-T // stride)
     else:
         ctx, n_cols = padding, max((T + 2 * padding - (k - 1) * dilation - 1) // stride + 1, 0)
-    out = torch.empty(B, c_out, n_cols, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(B, c_out, n_cols, device=x.device, dtype=x.dtype)
     snake = alpha is not None
     has_state = state is not None
     st = state if has_state else x

@@ -137,6 +137,13 @@ def _register_static_cases():
                         aligned=("n_ch", "stride_xb", "stride_sb", "stride_wk", "stride_rb", "stride_ob"))
             static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st},any strides]", dwconv_kernel, dw_sig,
                         flags, num_warps=_DW_WARPS)
+            # what Code2WavStream launches: the output channels-last (channels_last_out=True, read by the ConvNeXt
+            # LayerNorm without a copy): unit channel strides out (and res, which is out without a residual)
+            sig, cx = _specialise(dw_sig, flags, ("stride_xt", "stride_st", "stride_wc", "stride_rc", "stride_oc",
+                                                  "dil", "conv_stride"))
+            static_case(f"code2wav.dwconv[convnext 1024 k7,{dt},state={st},channels-last out]", dwconv_kernel, sig,
+                        cx, num_warps=_DW_WARPS, aligned=("n_ch", "stride_xb", "stride_sb", "stride_wk", "stride_rb",
+                                                          "stride_rt", "stride_ob", "stride_ot"))
         snake_sig = _signature(["x_ptr", "state_ptr", "alpha_ptr", "beta_ptr", "out_ptr", "n_ch", "t_in", "ctx",
                                 "stride_xb", "stride_xc", "stride_xt", "stride_sb", "stride_sc", "stride_st",
                                 "stride_ob", "stride_oc", "stride_ot"], ["BLOCK_C", "BLOCK_T", "MODE", "HAS_STATE"], dt)

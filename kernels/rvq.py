@@ -48,7 +48,8 @@ def rvq_tile(
     Bounded by construction: whatever value a code load returns (a garbage id, or in the persistent frame's drain a
     racy read of an id a late sampler is storing: not a value anyone need have written), every address formed,
     masked lane or not, lies in group ``g``'s rows ``[0, group_rows[g])`` (a table of at least one row; with
-    ``OFFSETS`` the first row is clamped into the table too)."""
+    ``OFFSETS`` the first row is clamped into the table too, and a group whose first row lies outside it adds
+    nothing)."""
     n = n.to(tl.int64)
     c_row = codes_ptr + (n // T) * stride_ca + (n % T) * stride_ct
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -56,9 +57,10 @@ def rvq_tile(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for g in range(G):
         code = tl.load(c_row + g * stride_cg).to(tl.int64)
-        if OFFSETS:
-            first = tl.maximum(tl.minimum(tl.load(group_base_ptr + g).to(tl.int64), n_rows - 1), 0)
-            rows = n_rows - first
+        if OFFSETS:  # group g: table rows first .. the end; an (unchecked) first outside the table: no rows
+            given = tl.load(group_base_ptr + g).to(tl.int64)
+            first = tl.maximum(tl.minimum(given, n_rows - 1), 0)
+            rows = tl.where(given == first, n_rows - first, 0)
             base = first * row_stride
             stride = row_stride
         else:

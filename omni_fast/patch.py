@@ -383,8 +383,7 @@ def patch(model: nn.Module, *, backend: str | None = None, parts: Iterable[str] 
 
 def _patch(model: nn.Module, backend: str | None, parts: Iterable[str] | None) -> PatchReport:
     wanted = set(PARTS if parts is None else parts)
-    qwen25 = "token2wav" in wanted and is_qwen25(model)
-    if qwen25:  # Qwen2.5-Omni's name of its waveform part (its Token2Wav is the part "code2wav")
+    if "token2wav" in wanted and is_qwen25(model):  # Qwen2.5-Omni's name of its waveform part "code2wav"
         wanted = (wanted - {"token2wav"}) | {"code2wav"}
     unknown = wanted - set(PARTS)
     if unknown:

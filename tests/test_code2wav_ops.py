@@ -107,6 +107,25 @@ def test_kernel_non_contiguous_input():
     assert state.is_contiguous() and torch.equal(state, x[..., -6:])
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", ["depthwise", "dense"])
+def test_channels_last_out_gives_the_same_values_in_the_transposed_layout(backend, case):
+    """``channels_last_out=True`` (Code2Wav's ConvNeXt depthwise conv, read channels-last by its LayerNorm): the same
+    y, bit for bit, stored as a ``[B, T, C_out]`` buffer; the state (in place or returned) is unchanged."""
+    x = torch.randn(2, 6, 9, device=DEVICE)
+    w = torch.randn(6, 1, 7, device=DEVICE) if case == "depthwise" else torch.randn(5, 6, 7, device=DEVICE)
+    kw = dict(bias=torch.randn(w.shape[0], device=DEVICE), groups=6 if case == "depthwise" else 1, backend=backend)
+    st = torch.randn(2, 6, 6, device=DEVICE)
+    for state, update in ((None, False), (st, False), (st, True)):
+        want, want_state = omni_fast.ops.causal_conv1d(x, w, state=state, **kw)
+        buf = None if state is None else state.clone()
+        y, new = omni_fast.ops.causal_conv1d(x, w, state=buf, update_state=update, channels_last_out=True, **kw)
+        assert y.shape == want.shape and y.transpose(1, 2).is_contiguous() and torch.equal(y, want)
+        assert torch.equal(buf if update else new, want_state)
+    with pytest.raises(TypeError, match="channels_last_out"):
+        omni_fast.ops.causal_conv1d(x, w, channels_last_out="yes", **kw)
+
+
 @pytest.mark.parametrize("split", [3])
 def test_kernel_split_k(monkeypatch, split):
     """The streaming path's split reduction (fp32 partials + a deterministic reduce kernel) equals the reference."""

@@ -110,6 +110,21 @@ def test_counter_sees_triton_and_torch_kernels_not_views():
     assert tr.syncs == 1
 
 
+def test_counter_sees_the_copy_an_op_makes_of_a_strided_input():
+    """native_layer_norm copies a non-contiguous input inside itself (counter.HIDDEN_COPY_INPUTS): one hidden
+    copy launch with its bytes (read + write), none for a contiguous input; what the Code2Wav ConvNeXt did."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 16, 5)  # [B, C, T] channels-first, normed over C
+    w, b = torch.ones(16), torch.zeros(16)
+    tr = trace(lambda: F.layer_norm(x.permute(0, 2, 1), (16,), w, b), bytes=True, unique=True)
+    assert tr.launches() == {"aten:native_layer_norm": 1, "aten:copy_[native_layer_norm]": 1}
+    copy = tr.kernels["aten:copy_[native_layer_norm]"]
+    assert copy.loaded == copy.stored == copy.unique_loaded == copy.unique_stored == x.numel() * 4
+    xl = x.transpose(1, 2).contiguous()  # channels-last: contiguous, no copy
+    assert trace(lambda: F.layer_norm(xl, (16,), w, b)).launches() == {"aten:native_layer_norm": 1}
+
+
 def test_counter_moe_t1_kernels_and_bytes():
     from omni_fast import ops
     from omni_fast.reference import moe as ref

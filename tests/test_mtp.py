@@ -508,3 +508,13 @@ def test_weights_key_of_inference_tensors():
     with torch.inference_mode():
         lin = torch.nn.Linear(4, 4)
     assert weights_key(lin) == weights_key(lin)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of CUDA where there is none")
+@pytest.mark.parametrize("device,exc", [(0, ValueError), ("gpu", ValueError), (1.5, TypeError)])
+def test_from_state_dict_device_checked_naming_it(device, exc):
+    """device=0 is cuda:0 (it silently built on the weights' CPU device: `device or ref.device`); without CUDA it is
+    refused before anything is built, as the pipelines' loaders do; a non-device names the argument too."""
+    m, emb = _hf_predictor(0, torch.float32, seed=1)
+    with pytest.raises(exc, match="^device"):
+        CodePredictor.from_state_dict(m.config, m.state_dict(), codec_embedding=emb, device=device)

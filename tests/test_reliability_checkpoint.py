@@ -189,6 +189,10 @@ def test_other_model_type_refused_naming_it(copy, model_type, hint):
     (1.5, TypeError, "device must be a torch device.*float"),
     pytest.param("cuda", ValueError, "device 'cuda'.*CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
+    # the CUDA index 0 (torch.device(0) is the accelerator's device 0; a CPU-only torch refuses to parse it):
+    # Qwen25Omni.random read it as no device and built on the CPU
+    pytest.param(0, ValueError, r"device (0: CUDA is not available|must be a torch device.*got 0)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_bad_device_refused_before_loading(saved, device, exc, match, monkeypatch):
     """A device that does not parse, or CUDA where there is none: an error naming device before any weight is read

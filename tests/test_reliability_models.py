@@ -135,3 +135,16 @@ def test_pipelines_refuse_a_model_they_cannot_run():
                                                                    "Qwen2_5OmniForConditionalGeneration")):
         with pytest.raises(TypeError, match=f"model must be .*{hint}"):
             pipeline(bad, patch=False)
+
+
+def test_pipeline_takes_a_compiled_model_as_its_original():
+    """A ``torch.compile`` wrapper of the whole model was refused (its class is OptimizedModule); the pipeline drives
+    the parts itself, so it takes the original module (compiling nothing)."""
+    from omni_fast.models import Qwen25Omni
+
+    tiny = Qwen25Omni.random(patch=False)
+    model = tiny.model
+    pipe = Qwen25Omni(torch.compile(model), patch=False, speakers=tiny.speakers)
+    assert pipe.model is model
+    with pytest.raises(TypeError, match="model must be"):
+        Qwen25Omni(torch.compile(model.thinker), patch=False)

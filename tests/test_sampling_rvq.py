@@ -108,6 +108,26 @@ def test_rvq_unchecked_bad_codes_add_nothing():
     torch.testing.assert_close(got, (tables[0][1] + tables[1][2])[None], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_rvq_unchecked_bad_offsets_add_nothing(backend):
+    """Unchecked offsets (as on CUDA by default): a group whose first row ``offsets[g]`` lies outside the one table
+    (at or past its end, or negative) adds nothing, as a code past the table's end does; both backends agree (the
+    Triton kernel clamped such a first row into the table, so an offset past the end added the table's last row;
+    the reference raised IndexError)."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(15, 16, generator=g).to(DEVICE)
+    codes = torch.tensor([[1, 2, 0], [0, 2, 1], [3, 2, 1]], device=DEVICE)
+    for offs, want in (([0, 5, 15], [big[1] + big[7], big[0] + big[7], big[3] + big[7]]),
+                       ([-1, 5, 10], [big[7] + big[10], big[7] + big[11], big[7] + big[11]]),
+                       ([0, 40, 10], [big[1] + big[10], big[0] + big[11], big[3] + big[11]])):
+        with interpreter_loads() as loads:
+            got = omni_fast.ops.rvq_embed(codes, big, offsets=torch.tensor(offs, device=DEVICE),
+                                          check_values=False, backend=backend)
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-6, atol=1e-6, msg=f"offsets {offs}")
+        if backend == "triton" and DEVICE.type == "cpu":
+            assert not loads.outside([big]), loads.outside([big])
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="records the interpreter's load addresses")
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_rvq_gathers_stay_in_their_tables_whatever_the_codes(dtype):

@@ -13,7 +13,9 @@ What counts as a launch:
 - every torch operator that runs a device kernel, seen by a ``TorchDispatchMode`` at the aten level, named
   ``aten:<op>``: view / alias ops (their schema returns an alias), allocations (``empty*``), and
   ``_local_scalar_dense`` (``.item()``) launch nothing. Host syncs (``.item()``, ``nonzero``, ``x[mask]``, ...: the
-  ops :func:`omni_fast.testing.host_sync_name` names) are counted in ``syncs``. Custom ops
+  ops :func:`omni_fast.testing.host_sync_name` names) are counted in ``syncs``. A copy that an aten op makes
+  inside itself (a strided input to an op that needs it contiguous, :data:`HIDDEN_COPY_INPUTS`) counts as an
+  ``aten:copy_[<op>]`` launch, with its bytes under ``bytes=True``. Custom ops
   (``omni_fast::*``) are not launches themselves: the mode re-enters so the ops inside them are seen. Torch ops that
   the interpreter runs to move a Triton kernel's arguments are not counted.
 
@@ -75,6 +77,29 @@ class Trace:
         return self.kernels.setdefault(name, KernelStats())
 
 
+# Hidden copies: aten ops whose CUDA kernel needs a contiguous input and makes one itself (``expect_contiguous`` /
+# ``.contiguous()`` inside the op, below the dispatcher: no mode sees it, yet the GPU runs a copy kernel and moves
+# the tensor twice). Per op, the positions of the inputs it copies when they are not contiguous; the counter adds
+# one ``aten:copy_[<op>]`` launch per copied input, with its bytes (read + write) under ``bytes=True``. The strided
+# inputs the units pass to other aten ops need no copy (checked on code2wav-push, thinker/talker-step: elementwise
+# ops through TensorIterator, mm / addmm through cuBLAS's transposes, gather / copy_ take any strides).
+# - native_layer_norm: ``X->expect_contiguous()`` (aten/src/ATen/native/cuda/layer_norm_kernel.cu, and the CPU
+#   kernel too); Code2Wav's ConvNeXt LayerNorm on the channels-first depthwise conv's permuted output did this.
+# - _softmax / _log_softmax: ``input_.contiguous()`` in the CUDA host_softmax (aten/src/ATen/native/cuda/SoftMax.cu);
+#   no unit passes them a strided input today (the samplers are Triton), listed so a new caller is seen.
+HIDDEN_COPY_INPUTS: dict[str, tuple[int, ...]] = {
+    "native_layer_norm": (0,),
+    "_softmax": (0,),
+    "_log_softmax": (0,),
+}
+
+
+def hidden_copies(name: str, args) -> list[torch.Tensor]:
+    """The inputs of aten op ``name`` (``args`` as dispatched) that its kernel copies to contiguous first."""
+    picked = (args[i] for i in HIDDEN_COPY_INPUTS.get(name, ()) if i < len(args))
+    return [a for a in picked if isinstance(a, torch.Tensor) and a.numel() and not a.is_contiguous()]
+
+
 def _is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
@@ -96,6 +121,14 @@ class _TorchCounter(TorchDispatchMode):
                 self.tr.syncs += 1
             if name != "_local_scalar_dense" and name not in _NO_KERNEL and not _is_view(func):
                 self.tr.stats(f"aten:{name}").launches += 1
+            for t in hidden_copies(name, args):  # (HIDDEN_COPY_INPUTS)
+                st = self.tr.stats(f"aten:copy_[{name}]")
+                st.launches += 1
+                if self.state.get("bytes"):
+                    n = t.numel() * t.element_size()
+                    st.loaded, st.stored = st.loaded + n, st.stored + n
+                    if self.state.get("unique"):
+                        st.unique_loaded, st.unique_stored = st.unique_loaded + n, st.unique_stored + n
         return func(*args, **kwargs)
 
 
@@ -293,7 +326,7 @@ def trace(fn: Callable, *args, bytes: bool = False, unique: bool = False, torch_
                 contextlib.nullcontext()
             with torch.no_grad(), scratch:
                 fn(*args, **kwargs)
-        state = {"in_triton": False}
+        state = {"in_triton": False, "bytes": bytes, "unique": unique}
         mode = _TorchCounter(tr, state) if torch_ops else contextlib.nullcontext()
         with torch.no_grad(), _instrument(tr, state, bytes, unique), mode:
             fn(*args, **kwargs)

@@ -13,7 +13,8 @@ Per kernel ``i`` (its launches averaged: bytes, FLOPs and CTAs per launch), with
 
 Unit time: ``sum_i g_i`` in a CUDA graph; eager, ``sum_i max(host_i, g_i)`` with ``host_i`` the Python launch
 cost (``eager_triton_s`` / ``eager_aten_s``), plus ``sync_s`` per host sync. Torch ops inside a traced unit carry
-no bytes (small glue). A unit with no byte trace: its kernels' GPU work is the floor spread evenly, so
+no bytes (small glue), but for the hidden copies the counter adds (``counter.HIDDEN_COPY_INPUTS``: their bytes).
+A unit with no byte trace: its kernels' GPU work is the floor spread evenly, so
 predicted = ``floor + n * graph_node_s`` (graph) or ``max(n_host_cost, floor + n * graph_node_s)`` (eager).
 
 Floor: ``max(min_bytes / hbm_bytes_per_s, flops / mma_flops_per_s)`` (the rate x ``fma_fraction`` for a unit whose

@@ -486,11 +486,12 @@ class Code2WavStream:
             self._pending.clear()
 
     def _conv(self, name: str, x: torch.Tensor, *, dilation: int = 1, groups: int = 1, snake=None, residual=None,
-              clamp=None):
+              clamp=None, channels_last_out: bool = False):
         sd = self.model.sd
         state = self.state.conv.get(name)
         y, new = ops.causal_conv1d(x, sd[name + ".weight"], sd.get(name + ".bias"), dilation=dilation,
                                    groups=groups, snake=snake, residual=residual, state=state, clamp=clamp,
+                                   channels_last_out=channels_last_out,
                                    update_state=state is not None and not self._move_states,
                                    state_out=state is None or not self._move_states, backend=self.model.backend)
         self._state(name, x, new)
@@ -519,7 +520,8 @@ class Code2WavStream:
         for i, f in enumerate(cfg.upsampling_ratios):
             p = f"upsample.{i}."
             x = self._convt(p + "0.conv", x, f)
-            dw = self._conv(p + "1.dwconv.conv", x, groups=x.shape[1])
+            # written channels-last: the LayerNorm reads dw.permute(0, 2, 1) contiguous, with no hidden copy
+            dw = self._conv(p + "1.dwconv.conv", x, groups=x.shape[1], channels_last_out=True)
             x = ref.convnext_pointwise(sd, p + "1.", x, dw, pwconv2=self.model._pwconv2[i])  # gamma folded
         x = self._conv("decoder.0.conv", x)
         for i, r in enumerate(cfg.upsample_rates):

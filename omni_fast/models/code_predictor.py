@@ -55,8 +55,8 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
-from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_float, check_positive_int, check_seed,
-                          check_tensor, values_checkable)
+from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_device, check_float, check_positive_int,
+                          check_seed, check_tensor, values_checkable)
 from .cuda_graphs import capture, weights_key
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -167,7 +167,7 @@ class CodePredictor(torch.nn.Module):
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype
-        device = device or ref.device
+        device = ref.device if device is None else check_device("device", device)  # (0 is cuda:0, not None)
         c0 = _table(codec_embedding)
         self = cls(config, dtype=dtype, device=device, codec_vocab_size=0 if c0 is None else c0.shape[0],
                    fused=fused, persistent=persistent)

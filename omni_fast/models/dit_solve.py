@@ -322,7 +322,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     ambient = getattr(torch.backends.cuda.matmul, _tf32_flag()[0])
     # and the inference mode: static buffers made under torch.inference_mode() cannot be written outside it
     key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
-           tf32, ambient, torch.is_inference_mode_enabled())
+           torch.is_inference_mode_enabled(), tf32, ambient)
     shared = dit.__dict__.setdefault(_POOL, _SharedPool())  # one pool for both caches' graphs, every bucket
     with shared.lock:  # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool)
         cache = _graph_cache(dit, vocoder)

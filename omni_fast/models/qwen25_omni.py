@@ -33,7 +33,7 @@ class Qwen25Omni:
                  speakers: dict | None = None, token2wav_steps: int = 10):
         from ..validation import check_positive_int
 
-        check_pipeline_model(model, "Qwen2_5OmniForConditionalGeneration")
+        model = check_pipeline_model(model, "Qwen2_5OmniForConditionalGeneration")
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -91,7 +91,7 @@ class Qwen25Omni:
         if preset != "tiny":
             raise ValueError(f"preset must be 'tiny' (the Qwen2.5-Omni pipeline has no full random preset), got "
                              f"{preset!r}")
-        device = check_device("device", device or "cpu")
+        device = check_device("device", "cpu" if device is None else device)  # (0 is cuda:0, not "none")
         config = tiny_qwen2_5_omni_config()
         torch.manual_seed(seed)
         with torch.device(device):

@@ -49,11 +49,15 @@ from .request_checks import checked_generate, checked_stream
 _PIPELINES = {"Qwen3OmniMoeForConditionalGeneration": "Qwen3Omni", "Qwen2_5OmniForConditionalGeneration": "Qwen25Omni"}
 
 
-def check_pipeline_model(model, expected: str) -> None:
+def check_pipeline_model(model, expected: str):
     """``model`` is transformers' whole ``expected`` model (or a subclass): TypeError naming model and what to use
-    (a part, the other family's model, a checkpoint path) instead of an AttributeError deep in a constructor."""
+    (a part, the other family's model, a checkpoint path) instead of an AttributeError deep in a constructor.
+    Returns the model, unwrapped from a ``torch.compile`` wrapper (the pipeline drives the model's parts itself, so
+    the wrapper's compiled forward would never run)."""
+    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
     if any(c.__name__ == expected for c in type(model).__mro__):
-        return
+        return model
     pipeline = _PIPELINES[expected]
     other = next((p for c in type(model).__mro__ for n, p in _PIPELINES.items() if c.__name__ == n), None)
     hint = (f"a path: use {pipeline}.from_pretrained(path)" if isinstance(model, (str, os.PathLike))
@@ -70,7 +74,7 @@ class Qwen3Omni:
     """
 
     def __init__(self, model, *, patch: bool = True, backend: str | None = None, tokenizer=None):
-        check_pipeline_model(model, "Qwen3OmniMoeForConditionalGeneration")
+        model = check_pipeline_model(model, "Qwen3OmniMoeForConditionalGeneration")
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device

@@ -72,19 +72,27 @@ def _state_result(x, ctx: int, update_state: bool, state_out: bool = True) -> to
     return x.new_empty(0) if update_state or not state_out else x.new_empty(x.shape[0], x.shape[1], ctx)
 
 
+def _conv_out(x: torch.Tensor, c_out: int, t_out: int, channels_last_out: bool) -> torch.Tensor:
+    """A new ``[B, C_out, t_out]`` output; ``channels_last_out``: a transposed view of a ``[B, t_out, C_out]``
+    buffer (``y.transpose(1, 2)`` is contiguous)."""
+    if channels_last_out:
+        return x.new_empty(x.shape[0], t_out, c_out).transpose(1, 2)
+    return x.new_empty(x.shape[0], c_out, t_out)
+
+
 def _conv_fake(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, state_out,
-               clamp, backend):
+               clamp, channels_last_out, backend):
     B, c_in, T = x.shape
     ctx = ref.conv1d_context(weight.shape[-1], dilation, stride)
-    y = x.new_empty(B, weight.shape[0], -(-T // stride))
+    y = _conv_out(x, weight.shape[0], -(-T // stride), channels_last_out)
     return y, _state_result(x, ctx, update_state, state_out)
 
 
 @dispatched_op("causal_conv1d", mutates_args=("state",), fake=_conv_fake)
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, dilation: int,
              groups: int, alpha: torch.Tensor | None, beta: torch.Tensor | None, residual: torch.Tensor | None,
-             state: torch.Tensor | None, update_state: bool, state_out: bool, clamp: float | None, backend: str
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             state: torch.Tensor | None, update_state: bool, state_out: bool, clamp: float | None,
+             channels_last_out: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal conv1d (+ SnakeBeta in, + residual out, clamped); returns (y, new_state or an empty placeholder)."""
 
 
@@ -100,20 +108,24 @@ def _kept(new: torch.Tensor, state, update_state: bool, state_out: bool) -> torc
 
 @_conv_op.impl("reference")
 def _conv_reference(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state,
-                    state_out, clamp):
+                    state_out, clamp, channels_last_out):
     snake = (alpha, beta) if alpha is not None else None
     y, new = ref.causal_conv1d(x, weight, bias, stride=stride, dilation=dilation, groups=groups, snake=snake,
                                residual=residual, state=state)
-    return (y if clamp is None else y.clamp(-clamp, clamp)), _kept(new, state, update_state, state_out)
+    y = y if clamp is None else y.clamp(-clamp, clamp)
+    if channels_last_out:  # (the reference computes channels-first: one copy into the asked layout)
+        y = _conv_out(x, y.shape[1], y.shape[2], True).copy_(y)
+    return y, _kept(new, state, update_state, state_out)
 
 
 @_conv_op.impl("triton")
 def _conv_triton(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state, state_out,
-                 clamp):
+                 clamp, channels_last_out):
     from ..kernels import code2wav as kernels
 
     return kernels.causal_conv1d(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state,
-                                 update_state=update_state, state_out=state_out, clamp=clamp)
+                                 update_state=update_state, state_out=state_out, clamp=clamp,
+                                 out=_conv_out(x, weight.shape[0], -(-x.shape[-1] // stride), channels_last_out))
 
 
 def _convt_fake(x, weight, bias, stride, alpha, beta, state, update_state, state_out, backend):
@@ -242,6 +254,7 @@ def causal_conv1d(
     update_state: bool = False,
     state_out: bool = True,
     clamp: float | None = None,
+    channels_last_out: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' causal conv1d with an optional fused input SnakeBeta, output residual and output clamp.
@@ -254,7 +267,10 @@ def causal_conv1d(
     (with a state): ``state`` is left as it is and an empty placeholder returned; move it later with
     :func:`update_conv_states` (``x`` must then stay unchanged until that call). ``clamp``: y clamped to
     ``[-clamp, clamp]`` after the bias and residual (``y.clamp(-clamp, clamp)``, NaN passes: Code2Wav's final
-    ``clamp(-1, 1)`` fused into its output conv).
+    ``clamp(-1, 1)`` fused into its output conv). ``channels_last_out``: y (same shape and values) is a transposed
+    view of a ``[B, ceil(T/stride), C_out]`` buffer, so ``y.transpose(1, 2)`` is contiguous: a consumer that works
+    channels-last (Code2Wav's ConvNeXt LayerNorm) then reads it without a copy (the kernels store through y's
+    strides: no extra launch on the Triton backend).
     """
     _check_x(x)
     _check_channels(x)
@@ -292,9 +308,10 @@ def causal_conv1d(
                                 beta=beta)
     if clamp is not None:
         clamp = check_float("clamp", clamp, minimum=0.0)
+    channels_last_out = check_bool("channels_last_out", channels_last_out)
     be = _conv_op.resolve((x, weight), backend)
     y, new = _conv_op(x, weight, bias, stride, dilation, groups, alpha, beta, residual, state, update_state,
-                      bool(state_out), clamp, be)
+                      bool(state_out), clamp, channels_last_out, be)
     return y, (state if update_state else new)
 
 

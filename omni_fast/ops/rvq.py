@@ -29,17 +29,19 @@ def _rvq_reference(codes, tables, offsets, mean):
     single = len(tables) == 1 and codes.shape[-1] > 1 or offsets is not None
     G = codes.shape[-1]
     c = codes.long()
+    # The Triton kernel's rule for unchecked codes and offsets (check_values=False), so that both backends agree: a
+    # code outside [0, rows_g) adds nothing; with one table, group g has rows_g = V - first_g, none when first_g is
+    # outside [0, V). Valid codes give exactly omni_fast.reference.rvq.rvq_embed (no host sync here).
     if single:  # group g reads row c + first_g of one big table
+        V = tables[0].shape[0]
         first = offsets.long() if offsets is not None else torch.zeros(G, dtype=torch.long, device=codes.device)
-        rows = tables[0].shape[0] - first
+        rows = torch.where((first >= 0) & (first < V), V - first, 0)
     else:
         rows = torch.tensor([t.shape[0] for t in tables], dtype=torch.long, device=codes.device)
-    # The Triton kernel's rule for unchecked codes (check_values=False), so that both backends agree: a code outside
-    # [0, rows_g) adds nothing. Valid codes give exactly omni_fast.reference.rvq.rvq_embed (no host sync here).
     bad = (c < 0) | (c >= rows)
     c = torch.where(bad, torch.zeros_like(c), c)
     if single:
-        emb = torch.nn.functional.embedding(c + first, tables[0])  # [..., G, D]
+        emb = torch.nn.functional.embedding(c + first.clamp(0, max(V - 1, 0)), tables[0])  # [..., G, D]
     else:
         emb = torch.stack([torch.nn.functional.embedding(c[..., g], tables[g]) for g in range(G)], dim=-2)
     emb = torch.where(bad[..., None], torch.zeros((), dtype=emb.dtype, device=emb.device), emb)
@@ -105,10 +107,10 @@ def rvq_embed(
     tensor ``[sum V_g, D]`` with ``offsets`` (int ``[G]``: the first row of each group; zeros when omitted). reduce: ``"sum"`` (the Talker input) or ``"mean"`` (Code2Wav). Code ranges are checked when
     the codes live on the CPU (or ``check_values=True``); unchecked (CUDA, no host sync), the Triton kernel never
     reads outside the tables: a code that lands outside its table (past the big table's end with ``offsets``, or
-    outside its own table in a list) adds nothing (and the address the kernel forms is clamped into the table, masked
-    or not: any code value is safe); with ``offsets`` one that only passes its group's end reads the next group's
-    row. The reference backend follows the same rule, so unchecked bad codes give the same result on
-    both.
+    outside its own table in a list) adds nothing, as does every code of a group whose (unchecked) offset lies
+    outside the table (and the address the kernel forms is clamped into the table, masked or not: any code value is
+    safe); with ``offsets`` one that only passes its group's end reads the next group's row. The reference backend
+    follows the same rule, so unchecked bad codes and offsets give the same result on both.
     """
     if not isinstance(reduce, str) or reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")

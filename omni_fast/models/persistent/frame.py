@@ -32,6 +32,9 @@ class PersistentError(RuntimeError):
 
 
 class PersistentFrame:
+    # its workspace, parameters and schedule are normal tensors even when built under torch.inference_mode(): reset()
+    # and later calls write them in place, inside the mode or outside it
+    @torch.inference_mode(False)
     def __init__(self, model, B: int, dtype: torch.dtype, device, sampling: tuple, per_row: bool, c0_embed: bool,
                  *, tiles: int | None = None, grid: int | None = None):
         c = model.config
@@ -45,19 +48,16 @@ class PersistentFrame:
         self.summary = check_schedule(self.schedule, hazards=len(self.schedule.items) <= 4000)
         kw = dict(dtype=dtype, device=device)
         H, G, V, d = s.hidden, s.groups, s.vocab, s.head_dim
-        # ordinary tensors even under torch.inference_mode(): the kernel writes them by address in either mode, and
-        # reset()'s zero_ of an inference tensor outside it would raise ('Inplace update to inference tensor')
-        with torch.inference_mode(False):
-            self.ws = ws = {
-                "resid": torch.zeros(2 * B, H, **kw), "qkv": torch.zeros(2 * B, s.qkv_cols, **kw),
-                "attn": torch.zeros(2 * B, s.nq * d, **kw), "act": torch.zeros(2 * B, s.inter, **kw),
-                "logits": torch.zeros(B, V, **kw), "e0": torch.zeros(max(B, 1), H, **kw),
-                "kc": torch.zeros(s.layers, B, s.nk, G, d, **kw), "vc": torch.zeros(s.layers, B, s.nk, G, d, **kw),
-                "codes": torch.zeros(G, B, dtype=torch.long, device=device),
-                "offsets": torch.arange(G, dtype=torch.long, device=device),
-                "counters": torch.zeros(max(len(self.schedule.counters), 1), dtype=torch.int32, device=device),
-                "err": torch.zeros(1, dtype=torch.int32, device=device),
-            }
+        self.ws = ws = {
+            "resid": torch.zeros(2 * B, H, **kw), "qkv": torch.zeros(2 * B, s.qkv_cols, **kw),
+            "attn": torch.zeros(2 * B, s.nq * d, **kw), "act": torch.zeros(2 * B, s.inter, **kw),
+            "logits": torch.zeros(B, V, **kw), "e0": torch.zeros(max(B, 1), H, **kw),
+            "kc": torch.zeros(s.layers, B, s.nk, G, d, **kw), "vc": torch.zeros(s.layers, B, s.nk, G, d, **kw),
+            "codes": torch.zeros(G, B, dtype=torch.long, device=device),
+            "offsets": torch.arange(G, dtype=torch.long, device=device),
+            "counters": torch.zeros(max(len(self.schedule.counters), 1), dtype=torch.int32, device=device),
+            "err": torch.zeros(1, dtype=torch.int32, device=device),
+        }
         consts = model._constants(device, B, dtype)
         self.cos, self.sin = consts["cos"], consts["sin"]
         self.items = self._encode().to(device)

@@ -32,9 +32,7 @@ class FlagWatch:
             if self.flag.is_cuda and torch.cuda.is_current_stream_capturing():
                 return
             if self._event is None:
-                # an ordinary tensor even when made under torch.inference_mode(): copy_ into an inference tensor
-                # outside it raises (a later call outside inference mode)
-                with torch.inference_mode(False):
+                with torch.inference_mode(False):  # written by every later record(), in the mode or not
                     self._host = torch.empty(1, dtype=self.flag.dtype, pin_memory=True)
                 self._event = torch.cuda.Event()
             self._host.copy_(self.flag, non_blocking=True)
