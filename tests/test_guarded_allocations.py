@@ -51,7 +51,9 @@ def test_mtp_frame_writes_inside_its_tensors(persistent):
     h, c0 = torch.randn(3, 64, device=DEVICE), torch.randint(0, 32, (3,), device=DEVICE)
     with guarded_allocations() as g:
         cp.predict_frame(h, c0, top_k=8, top_p=0.8, seed=3, backend="triton", use_graph=False)
-    assert len(g.slabs) > 5 and g.violations() == []
+    # (> 4: the frame's own allocations are guarded at all; the c0 embedding's three helper tensors went when it
+    # moved to rvq_embed's in-kernel offsets)
+    assert len(g.slabs) > 4 and g.violations() == []
 
 
 def test_fused_decode_step_writes_inside_its_tensors():

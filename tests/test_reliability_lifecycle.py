@@ -82,7 +82,8 @@ def test_patched_model_pickles_and_loads_back_patched(model):
     buf.seek(0)
     twin = torch.load(buf, weights_only=False)
     assert twin.__dict__.get("_omni_fast_patched")
-    attn = twin.thinker.model.language_model.layers[0].self_attn
+    text = twin.thinker.model  # (transformers >= 5.2x nests the text model as .language_model; 5.17 does not)
+    attn = getattr(text, "language_model", text).layers[0].self_attn
     assert attn.forward.__self__ is attn  # re-bound to the loaded module, not the saved one
     torch.testing.assert_close(_thinker_logits(twin), want, rtol=1e-4, atol=1e-5)
     clean = _state(model)

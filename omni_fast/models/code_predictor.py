@@ -472,7 +472,7 @@ class CodePredictor(torch.nn.Module):
         # (and its static buffers, made under torch.inference_mode() or not: inference tensors cannot be written
         # outside it, so each mode has its own graph)
         key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
-               self.persistent, fused, torch.is_inference_mode_enabled())
+               self.persistent, torch.is_inference_mode_enabled(), fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
