@@ -219,14 +219,16 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
                          f"cache, or omni_fast.unpatch the model)")
     B, T = inputs_embeds.shape[:2]
     if position_ids is None:
-        pos = cache.seen + torch.arange(T, device=inputs_embeds.device).expand(3, B, T)
+        pos = torch.arange(cache.seen, cache.seen + T, device=inputs_embeds.device).expand(3, B, T)  # one launch
     else:
         pos = position_ids[None] if position_ids.dim() == 2 else position_ids
         pos = (pos[1:] if pos.shape[0] == 4 else pos)[..., -T:].expand(3, B, T)
     dec = cache.decoder
     if dec.steps_left < T:
         dec.reserve(max(cache.seen, INITIAL_STEPS, T))  # doubling: few re-captures however long generate runs
-    hidden = torch.stack([dec.step(inputs_embeds[:, t], pos[..., t])[1] for t in range(T)], dim=1)
+    steps = [dec.step(inputs_embeds[:, t], pos[..., t])[1] for t in range(T)]
+    # (one token, the every-step case: a view, no copy; the candidates of assisted decoding: stacked)
+    hidden = steps[0][:, None] if T == 1 else torch.stack(steps, dim=1)
     cache.seen += T
     extra = {}
     if isinstance(asked, frozenset):  # transformers' layout: N + 1 entries, None where not kept
