@@ -12,14 +12,15 @@ SUPPORTED_MODELS = ("Qwen3OmniMoeForConditionalGeneration (or its thinker, talke
                     "Token2Wav, audio or vision encoder alone)")
 
 
-def is_qwen_omni(model: nn.Module) -> bool:
-    """Whether the tree holds a transformers Qwen-Omni module (by class name, subclasses and wrappers included)."""
-    return any(c.__name__.startswith(_FAMILY_PREFIXES) for m in model.modules() for c in type(m).__mro__)
+def is_qwen_omni(model: nn.Module, prefixes: tuple[str, ...] = _FAMILY_PREFIXES) -> bool:
+    """Whether the tree holds a transformers Qwen-Omni module (by class name, subclasses and wrappers included;
+    ``prefixes``: the families' class-name prefixes to look for)."""
+    return any(c.__name__.startswith(prefixes) for m in model.modules() for c in type(m).__mro__)
 
 
 def is_qwen25(model: nn.Module) -> bool:
-    """Whether the tree holds a transformers Qwen2.5-Omni module (by class name, as :func:`is_qwen_omni`)."""
-    return any(c.__name__.startswith(_FAMILY_PREFIXES[1:]) for m in model.modules() for c in type(m).__mro__)
+    """Whether the tree holds a transformers Qwen2.5-Omni module."""
+    return is_qwen_omni(model, _FAMILY_PREFIXES[1:])
 
 
 def not_supported(model: nn.Module) -> str:
