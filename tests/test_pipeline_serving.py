@@ -1,0 +1,90 @@
+"""The pipeline used the way a server uses it (issue: serving audit, session 8): requests from several Python
+threads at once on one pipeline object, streams closed midway, one object reused across batch sizes. Tiny random
+model on the CPU (reference backend); each test well under a second after the module's one model build."""
+
+import sys
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import omni_fast  # noqa: E402
+from omni_fast.integrations.hf_compat import thinker_text_model  # noqa: E402
+from omni_fast.models.qwen3_omni import Qwen3Omni, Request  # noqa: E402
+from omni_fast.pipeline.scheduler import StreamOptions  # noqa: E402
+
+KW = dict(max_new_tokens=6, talker_max_new_tokens=8, talker_min_new_tokens=6, first_chunk=1, chunk=3)
+REQS = [Request(text=[5, 6, 7, 8, 9]), Request(text=[11, 3, 4])]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    base = Qwen3Omni.random("tiny", patch=False)
+    patched = Qwen3Omni(base.model, patch=True, tokenizer=base.tokenizer, backend="reference")
+    yield patched
+    omni_fast.unpatch(base.model)
+
+
+def _run_threads(fn, n=2):
+    """``fn(i)`` in ``n`` threads at once (a tiny switch interval, so that they interleave); the errors raised."""
+    errors, old = [], sys.getswitchinterval()
+
+    def work(i):
+        try:
+            fn(i)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    return errors
+
+
+def test_prefill_keeps_its_own_layer_output_while_another_thread_runs_the_layer(pipe):
+    """The thinker prefill keeps the talker's accepted layer output with a forward hook on that (shared) layer: a
+    request of another thread running the layer meanwhile was kept too, and the talker prompt then failed with a
+    size mismatch (or took the other request's rows). Now the hook keeps only its own thread's output."""
+    stages = pipe.stages()
+    prompt = stages.prepare([REQS[0]])
+    accept = pipe.config.talker_config.accept_hidden_layer
+    text_model = thinker_text_model(stages.model.thinker)
+    layer, main, ran = text_model.layers[accept - 1], threading.get_ident(), []
+
+    def other_request(module, args, kwargs):  # while the main thread's prefill runs the layer, another one runs it
+        if threading.get_ident() == main and not ran:
+            ran.append(True)
+            other = {k: (None if "past_key" in k else v) for k, v in kwargs.items()}
+            t = threading.Thread(target=lambda: module(*args, **other))
+            t.start()
+            t.join()
+
+    handle = layer.register_forward_pre_hook(other_request, with_kwargs=True)
+    try:
+        _, ctx = stages.thinker_prefill(prompt, StreamOptions())
+    finally:
+        handle.remove()
+    assert ran
+    assert ctx.hidden_states[accept].shape[:2] == prompt.ids.shape
+
+
+def test_concurrent_requests_from_threads_get_their_own_results(pipe):
+    """Two threads generating different requests on one pipeline get the results each gets alone (text and audio;
+    leased decoders and codec streams, graph decode on its eager CPU path)."""
+    want = [pipe.generate(r, graph_decode=True, **KW)[0] for r in REQS]
+
+    def one(i):
+        for _ in range(2):
+            got = pipe.generate(REQS[i], graph_decode=True, **KW)[0]
+            assert got["token_ids"] == want[i]["token_ids"]
+            torch.testing.assert_close(got["audio"], want[i]["audio"], rtol=0, atol=1e-5)
+
+    assert _run_threads(one) == []
