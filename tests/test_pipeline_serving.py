@@ -88,3 +88,27 @@ def test_concurrent_requests_from_threads_get_their_own_results(pipe):
             torch.testing.assert_close(got["audio"], want[i]["audio"], rtol=0, atol=1e-5)
 
     assert _run_threads(one) == []
+
+
+def test_a_free_decoder_is_leased_to_one_thread_only():
+    """Two threads' streams looking for a free decoder / codec stream at once: both saw the same free entry and both
+    took it (one KV cache, two requests). Now the check and the take are one step: the second thread builds its
+    own. (The free entry's dead weakref waits for both threads to have checked it: deterministic, ~0.3 s.)"""
+    from omni_fast.pipeline.device import Lease, lease_from
+
+    both_checked = threading.Barrier(2, timeout=0.3)
+
+    def dead():  # a stream that ended: no holder (and a pause, so that the other thread checks meanwhile)
+        try:
+            both_checked.wait()
+        except threading.BrokenBarrierError:
+            pass
+
+    entries, leases, got = [["shared decoder", dead]], [Lease(), Lease()], [None, None]
+
+    def take(i):
+        got[i] = lease_from(entries, leases[i], lambda: f"new decoder {i}")
+
+    assert _run_threads(take) == []
+    assert sorted(got) in (["new decoder 0", "shared decoder"], ["new decoder 1", "shared decoder"])
+    assert len(entries) == 2 and {e[1]() for e in entries} == set(leases)
