@@ -112,3 +112,31 @@ def test_a_free_decoder_is_leased_to_one_thread_only():
     assert _run_threads(take) == []
     assert sorted(got) in (["new decoder 0", "shared decoder"], ["new decoder 1", "shared decoder"])
     assert len(entries) == 2 and {e[1]() for e in entries} == set(leases)
+
+
+def test_patched_generate_keeps_its_decoder_while_another_generate_runs(pipe):
+    """omni_fast.patch's decode takeover kept ONE decoder per text model: a second generate on the model (another
+    server thread's, here run between two steps of the first through its streamer) loaded its prefill into that
+    decoder, and the first one continued on the other prompt's KV (other tokens). Now each generate's cache leases
+    a decoder of its own (~0.3 s)."""
+    thinker = pipe.model.thinker  # patched by the fixture: its decode steps run on MoeTextDecoder
+    a, b = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 3, 4, 20]])
+    kw = dict(max_new_tokens=6, do_sample=False)
+    want_a, want_b = thinker.generate(input_ids=a, **kw), thinker.generate(input_ids=b, **kw)
+
+    class OtherRequestBetweenSteps:
+        def __init__(self):
+            self.calls, self.other = 0, None
+
+        def put(self, _ids):
+            self.calls += 1
+            if self.calls == 2:
+                self.other = thinker.generate(input_ids=b, **kw)
+
+        def end(self):
+            pass
+
+    streamer = OtherRequestBetweenSteps()
+    got_a = thinker.generate(input_ids=a, streamer=streamer, **kw)
+    assert torch.equal(streamer.other, want_b)
+    assert torch.equal(got_a, want_a)
