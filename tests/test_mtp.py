@@ -177,8 +177,7 @@ def test_graph_frames_from_threads_do_not_mix():
     """Requests of several server threads share the code predictor: a frame's copy into the graph's static inputs,
     its replay and the copy of its outputs now happen as one (ReplayGuard); before, another thread's copy-in landed
     in between and a request got the other's codes (CPU emulation of the graph path; ~0.3 s)."""
-    import sys
-    import threading
+    from _thread_helpers import run_threads
 
     m, emb = _hf_predictor(1, torch.float32, seed=4)
     cp = CodePredictor.from_transformers(m, emb)
@@ -186,22 +185,14 @@ def test_graph_frames_from_threads_do_not_mix():
     hs = [torch.randn(2, 48, generator=g) for _ in range(2)]
     c0s = [torch.randint(0, emb.num_embeddings, (2,), generator=g) for _ in range(2)]
     want = [cp.predict_frame(h, c, use_graph=False, backend="reference", do_sample=False) for h, c in zip(hs, c0s)]
-    mixed, old = [], sys.getswitchinterval()
+    mixed = []
 
     def work(i):
         for _ in range(20):
             got = cp.predict_frame(hs[i], c0s[i], use_graph=True, backend="reference", do_sample=False)
             mixed.append(not torch.equal(got[0], want[i][0]))
 
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    assert run_threads(work) == []
     assert len(mixed) == 40 and not any(mixed)
     assert len(cp._graphs) == 1
 

@@ -3,7 +3,6 @@ threads at once on one pipeline object, streams closed midway, one object reused
 model on the CPU (reference backend); each test well under a second after the module's one model build."""
 
 import gc
-import sys
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 import omni_fast  # noqa: E402
+from _thread_helpers import run_threads  # noqa: E402
 from omni_fast.integrations.hf_compat import thinker_text_model  # noqa: E402
 from omni_fast.models.qwen3_omni import Qwen3Omni, Request  # noqa: E402
 from omni_fast.pipeline.scheduler import StreamOptions  # noqa: E402
@@ -26,28 +26,6 @@ def pipe():
     patched = Qwen3Omni(base.model, patch=True, tokenizer=base.tokenizer, backend="reference")
     yield patched
     omni_fast.unpatch(base.model)
-
-
-def _run_threads(fn, n=2):
-    """``fn(i)`` in ``n`` threads at once (a tiny switch interval, so that they interleave); the errors raised."""
-    errors, old = [], sys.getswitchinterval()
-
-    def work(i):
-        try:
-            fn(i)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            errors.append(e)
-
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
-    return errors
 
 
 def test_prefill_keeps_its_own_layer_output_while_another_thread_runs_the_layer(pipe):
@@ -88,7 +66,7 @@ def test_concurrent_requests_from_threads_get_their_own_results(pipe):
             assert got["token_ids"] == want[i]["token_ids"]
             torch.testing.assert_close(got["audio"], want[i]["audio"], rtol=0, atol=1e-5)
 
-    assert _run_threads(one) == []
+    assert run_threads(one) == []
 
 
 def test_a_free_decoder_is_leased_to_one_thread_only():
@@ -110,7 +88,7 @@ def test_a_free_decoder_is_leased_to_one_thread_only():
     def take(i):
         got[i] = lease_from(entries, leases[i], lambda: f"new decoder {i}")
 
-    assert _run_threads(take) == []
+    assert run_threads(take) == []
     assert sorted(got) in (["new decoder 0", "shared decoder"], ["new decoder 1", "shared decoder"])
     assert len(entries) == 2 and {e[1]() for e in entries} == set(leases)
 
