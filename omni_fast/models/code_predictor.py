@@ -363,9 +363,10 @@ class CodePredictor(torch.nn.Module):
     def reset_persistent(self) -> int:
         """After a :class:`~omni_fast.models.persistent.PersistentError`: reset every persistent frame this model
         built (counters, error flag, recorded flag; stream-ordered, no host sync). Returns how many."""
-        for frame in self._persistent.values():
-            frame.reset()
-        return len(self._persistent)
+        with self._shared.hold(self.table.device):  # (another thread's request may be building a frame)
+            for frame in self._persistent.values():
+                frame.reset()
+            return len(self._persistent)
 
     def _persistent_frame(self, x, c0, c0_embed, seed, sampling):
         """The frame as one launch of the persistent kernel (:mod:`omni_fast.models.persistent`), one compiled
