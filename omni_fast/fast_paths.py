@@ -7,7 +7,9 @@ it does and the gpu-marked test ids that must pass before it becomes the default
 - ``enabled(name)``: is it on now (a plain Python bool: reading it costs a dict lookup, no host sync, nothing a
   CUDA graph capture or ``torch.compile`` trace could trip on);
 - ``enable(name, on=True)``: switch it now; also a context manager that restores the previous setting on exit
-  (``with fast_paths.enable("fused_step"): ...``);
+  (``with fast_paths.enable("fused_step"): ...``). The switches are process-wide: a block in one thread switches
+  the path for every thread while it is inside; blocks of several threads that overlap restore correctly in any
+  order;
 - ``status()``: one row per path (name, env var, on/off, default, what it does, gpu tests);
   ``print(omni_fast.fast_paths.table())`` shows them.
 
@@ -22,6 +24,7 @@ when the pipeline / ``patch`` builds its code predictor or decoder (cached per s
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from .validation import check_bool
@@ -114,6 +117,8 @@ def _from_env(path: FastPath) -> bool:
 
 
 _STATE: dict[str, bool] = {p.name: _from_env(p) for p in PATHS}
+_BLOCKS: dict[str, list] = {p.name: [] for p in PATHS}  # the `with enable(...)` blocks inside now, oldest first
+_BLOCKS_LOCK = threading.Lock()
 
 
 def _check_name(name) -> str:
@@ -143,10 +148,23 @@ class enable:  # noqa: N801 - used like a function (and like torch.set_grad_enab
         _STATE[name] = on
 
     def __enter__(self) -> "enable":
+        with _BLOCKS_LOCK:
+            _BLOCKS[self.name].append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _STATE[self.name] = self.previous
+        # Blocks of several threads overlap without nesting (A enters, B enters, A leaves): a block that leaves
+        # while a later one is still inside hands its previous setting to that one, which restores it when it
+        # leaves, so the switch ends as it was before the first block whatever the order
+        with _BLOCKS_LOCK:
+            blocks = _BLOCKS[self.name]
+            i = next((j for j, b in enumerate(blocks) if b is self), None)
+            if i is not None:
+                del blocks[i]
+                if i < len(blocks):  # a later block is still inside
+                    blocks[i].previous = self.previous
+                    return
+            _STATE[self.name] = self.previous
 
     def __repr__(self) -> str:
         return f"enable({self.name!r}, {_STATE[self.name]})"

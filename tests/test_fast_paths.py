@@ -60,6 +60,21 @@ def test_enable_as_function_and_context_manager():
     assert [r["name"] for r in fast_paths.status()] == NAMES
 
 
+def test_overlapping_blocks_restore_in_any_order():
+    """Blocks of two server threads overlap without nesting (thread A enters, B enters, A leaves, B leaves): A's
+    exit restored "off" while B was still inside, and B's exit then restored A's "on", so the path stayed on after
+    both had ended. Now a block leaving before a later one hands its previous setting to it (deterministic: the
+    two blocks entered and left by hand in one thread; ~0 s)."""
+    before = fast_paths.enabled("fused_step")
+    for first_out in ("a", "b"):
+        a = fast_paths.enable("fused_step", not before).__enter__()
+        b = fast_paths.enable("fused_step", not before).__enter__()
+        (a if first_out == "a" else b).__exit__(None, None, None)
+        assert fast_paths.enabled("fused_step") is (not before), first_out  # the other block is still inside
+        (b if first_out == "a" else a).__exit__(None, None, None)
+        assert fast_paths.enabled("fused_step") is before, first_out
+
+
 def test_fixture_switches_for_one_test(fast_path):
     fast_path("token2wav")
     fast_path("token2wav", False)

@@ -173,6 +173,30 @@ def test_graph_frame_under_inference_mode_then_outside_it():
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
+def test_graph_frames_from_threads_do_not_mix():
+    """Requests of several server threads share the code predictor: a frame's copy into the graph's static inputs,
+    its replay and the copy of its outputs now happen as one (ReplayGuard); before, another thread's copy-in landed
+    in between and a request got the other's codes (CPU emulation of the graph path; ~0.3 s)."""
+    from _thread_helpers import run_threads
+
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m, emb)
+    g = torch.Generator().manual_seed(3)
+    hs = [torch.randn(2, 48, generator=g) for _ in range(2)]
+    c0s = [torch.randint(0, emb.num_embeddings, (2,), generator=g) for _ in range(2)]
+    want = [cp.predict_frame(h, c, use_graph=False, backend="reference", do_sample=False) for h, c in zip(hs, c0s)]
+    mixed = []
+
+    def work(i):
+        for _ in range(20):
+            got = cp.predict_frame(hs[i], c0s[i], use_graph=True, backend="reference", do_sample=False)
+            mixed.append(not torch.equal(got[0], want[i][0]))
+
+    assert run_threads(work) == []
+    assert len(mixed) == 40 and not any(mixed)
+    assert len(cp._graphs) == 1
+
+
 def test_graphs_dropped_when_weights_move_or_change():
     """A captured frame reads the weights by address: after an in-place update, a .to(dtype) or a reload the cached
     graphs are dropped and re-captured (checked through the CPU emulation: new graph objects, eager results)."""

@@ -346,3 +346,34 @@ def test_flag_watch_host_word_made_under_inference_mode(monkeypatch):
     watch.record()
     watch._event.done = True
     assert watch.tripped() == 3
+
+
+def test_reset_persistent_while_another_thread_builds_a_frame():
+    """A server thread building a new persistent frame (another batch size) while reset_persistent walked the frames
+    changed the dict under the walk ("dictionary changed size during iteration"). reset_persistent now walks them
+    under the code predictor's ReplayGuard, which frame builds take too (stand-in frames; ~0 s)."""
+    import threading
+
+    from omni_fast.models import CodePredictor
+
+    cp = CodePredictor()
+    built = []
+
+    def another_thread_builds():  # what _persistent_frame does: a new entry, under the guard
+        with cp._shared.hold("cpu"):
+            cp._persistent["another batch size"] = Frame()
+            built.append(True)
+
+    class Frame:
+        def reset(self):
+            t = threading.Thread(target=another_thread_builds)
+            t.start()
+            t.join(timeout=0.2)  # under the guard the build waits for the walk to end
+
+    cp._persistent["one batch size"] = Frame()
+    assert cp.reset_persistent() == 1
+    for _ in range(50):
+        if built:
+            break
+        threading.Event().wait(0.01)
+    assert built and len(cp._persistent) == 2

@@ -49,7 +49,7 @@ from ..validation import records_grad
 from .hf_compat import cache_keyword, output_cache, pop_cache, with_cache
 
 INITIAL_STEPS = 512  # decode room at the prefill; doubled (one re-capture) whenever generate runs past it
-DECODER_ATTR = "_omni_fast_talker_decoder"  # (key, MoeTextDecoder) cached on the text model (unpatch drops it)
+DECODER_ATTR = "_omni_fast_talker_decoder"  # (key, leased decoders) cached on the text model (unpatch drops it)
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,10 @@ class FastTalkerCache:
     is_compileable = False
     is_croppable = True  # crop() rewinds the decoder: assisted decoding drops rejected candidates with it
 
-    def __init__(self, decoder, seq_length: int):
-        self.decoder, self.seen = decoder, int(seq_length)
+    def __init__(self, decoder, seq_length: int, lease=None):
+        # lease: held while this cache lives, so no other generate (another thread's, or one run between this
+        # one's steps) is handed the same decoder and overwrites its KV (fast_decoder)
+        self.decoder, self.seen, self.lease = decoder, int(seq_length), lease
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
@@ -103,25 +105,37 @@ class FastTalkerCache:
         return f"FastTalkerCache(seen={self.seen})"
 
 
-def fast_decoder(model: torch.nn.Module):
-    """The :class:`MoeTextDecoder` of a text model in :data:`FAMILIES`, built from its current weights (no head: the
+def fast_decoder(model: torch.nn.Module, lease=None):
+    """A :class:`MoeTextDecoder` of a text model in :data:`FAMILIES`, built from its current weights (no head: the
     outer model applies ``codec_head`` / ``lm_head``), recording the layer outputs :func:`answered_hidden_states`
     names, and rebuilt when the weights change (``.to()``, ``load_state_dict``) or the ``fused_step`` /
     ``fused_pdl`` fast paths are switched (:func:`~omni_fast.models.text_decoder.opt_in_decoder`: the phase-fused
-    step only where the decoder supports it)."""
+    step only where the decoder supports it).
+
+    ``lease`` (a :class:`~omni_fast.pipeline.device.Lease` a generate's cache holds): a decoder no live generate
+    holds, now leased to it (:func:`~omni_fast.pipeline.device.lease_from`: generates of several threads, or one
+    run between another's steps, each get their own KV cache; decoders keep their graphs between generates).
+    None: the first decoder (built if there is none), e.g. to look at it."""
     from .. import fast_paths
     from ..models.cuda_graphs import weights_key
     from ..models.text_decoder import opt_in_decoder
+    from ..pipeline.device import Lease, lease_from
 
     record = frozenset(i for i in answered_hidden_states(model) if 0 < i < len(model.layers))
     key = (weights_key(model), fast_paths.enabled("fused_step"), fast_paths.enabled("fused_pdl"), record)
     cached = model.__dict__.get(DECODER_ATTR)
     if cached is None or cached[0] != key:
+        cached = model.__dict__[DECODER_ATTR] = (key, [])  # [[decoder, weakref to its lease], ...]
+    entries = cached[1]
+    if lease is None and entries:
+        return entries[0][0]
+
+    def build():
         dec = opt_in_decoder(model, None, backend=pinned_backend(model))
         dec.record_layers = record
-        cached = (key, dec)
-        model.__dict__[DECODER_ATTR] = cached
-    return cached[1]
+        return dec
+
+    return lease_from(entries, Lease() if lease is None else lease, build)  # (a fresh Lease ends at once)
 
 
 def prefill_forward(model: torch.nn.Module):
@@ -198,10 +212,14 @@ def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
     B, S = inputs_embeds.shape[:2]
     mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
     mask = torch.ones(B, S, dtype=torch.long, device=inputs_embeds.device) if mask is None else mask[:, -S:]
-    dec = fast_decoder(self)
+    from ..pipeline.device import Lease
+
+    lease = Lease()
+    dec = fast_decoder(self, lease)
     fractional = position_ids is not None and position_ids.is_floating_point()
     dec.load_prefill(output_cache(out), mask, max_new_tokens=INITIAL_STEPS, fractional_positions=fractional)
-    setattr(out, cache_keyword(), FastTalkerCache(dec, S))  # transformers' KV is dropped: the decoder has a copy
+    # transformers' KV is dropped: the decoder has a copy (its own while this cache lives)
+    setattr(out, cache_keyword(), FastTalkerCache(dec, S, lease))
     return out
 
 

@@ -57,7 +57,7 @@ from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
 from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_device, check_float, check_positive_int,
                           check_seed, check_tensor, values_checkable)
-from .cuda_graphs import capture, weights_key
+from .cuda_graphs import ReplayGuard, capture, weights_key
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -150,6 +150,9 @@ class CodePredictor(torch.nn.Module):
         self._graphs: dict[tuple, _FrameGraph] = {}
         self._graphs_weights: tuple | None = None  # weights_key(self) the graphs were captured with
         self._consts: dict[tuple, Any] = {}
+        # The frame graphs' static buffers and the persistent frames' workspaces are shared by every request: one
+        # frame at a time through them, from the copy-in to the copy-out (threads of a server, any streams)
+        self._shared = ReplayGuard()
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -360,9 +363,10 @@ class CodePredictor(torch.nn.Module):
     def reset_persistent(self) -> int:
         """After a :class:`~omni_fast.models.persistent.PersistentError`: reset every persistent frame this model
         built (counters, error flag, recorded flag; stream-ordered, no host sync). Returns how many."""
-        for frame in self._persistent.values():
-            frame.reset()
-        return len(self._persistent)
+        with self._shared.hold(self.table.device):  # (another thread's request may be building a frame)
+            for frame in self._persistent.values():
+                frame.reset()
+            return len(self._persistent)
 
     def _persistent_frame(self, x, c0, c0_embed, seed, sampling):
         """The frame as one launch of the persistent kernel (:mod:`omni_fast.models.persistent`), one compiled
@@ -370,14 +374,15 @@ class CodePredictor(torch.nn.Module):
         from .persistent import PersistentFrame
 
         key = (weights_key(self), x.shape[0], x.dtype, str(x.device), sampling, seed.numel() > 1, c0_embed is None)
-        frame = self._persistent.get(key)
-        if frame is None:
-            if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
-                self._persistent.clear()
-            frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
-                                                            seed.numel() > 1, c0_embed is not None)
-        self._last_persistent = frame  # (a _FrameGraph being built watches the frame its body launches)
-        return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
+        with self._shared.hold(x.device):
+            frame = self._persistent.get(key)
+            if frame is None:
+                if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                    self._persistent.clear()
+                frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
+                                                                seed.numel() > 1, c0_embed is not None)
+            self._last_persistent = frame  # (a _FrameGraph being built watches the frame its body launches)
+            return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
     def _constants(self, device, B, dtype) -> dict:
         key = (str(device), B, dtype)
@@ -460,11 +465,6 @@ class CodePredictor(torch.nn.Module):
         B = x.shape[0]
         # Buckets 1, 2, 4, ..., 64 (and, above, the next power of two: one batch keeps its RNG row indices).
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << (B - 1).bit_length()
-        # A graph reads the weights by address: moved (.to()), reloaded or updated weights make every graph stale.
-        weights = weights_key(self)
-        if weights != self._graphs_weights:
-            self._graphs.clear()
-            self._graphs_weights = weights
         # One shared seed ([1]: rows keyed by their index) or per-row seeds ([B]: no row index): two graphs.
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
@@ -473,11 +473,18 @@ class CodePredictor(torch.nn.Module):
         # outside it, so each mode has its own graph)
         key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
                self.persistent, torch.is_inference_mode_enabled(), fused)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
-                                                    fused, per_row)
-        return graph.run(x, c0, c0_embed, seed)
+        with self._shared.hold(x.device):  # the lookup, any capture, the copies in, the replay, the copies out
+            # A graph reads the weights by address: moved (.to()), reloaded or updated weights make every graph
+            # stale.
+            weights = weights_key(self)
+            if weights != self._graphs_weights:
+                self._graphs.clear()
+                self._graphs_weights = weights
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
+                                                        fused, per_row)
+            return graph.run(x, c0, c0_embed, seed)
 
 
 class _FrameGraph:

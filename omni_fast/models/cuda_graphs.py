@@ -1,9 +1,12 @@
-"""The one CUDA-graph capture routine of the model modules (MTP frame, text decode step, Code2Wav stream step), and
-the weights identity (:func:`weights_key`) their graph caches are keyed on."""
+"""The one CUDA-graph capture routine of the model modules (MTP frame, text decode step, Code2Wav stream step), the
+weights identity (:func:`weights_key`) their graph caches are keyed on, and the :class:`ReplayGuard` of graphs that
+several requests share."""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import threading
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,6 +20,15 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     state (it runs on the current stream, before the capture). ``outputs`` are ``fn``'s return values during the
     capture: the static buffers each replay rewrites. ``pool``: a ``torch.cuda.graph_pool_handle()`` shared by
     graphs that never replay concurrently.
+
+    The capture is ``thread_local`` (``cudaStreamCaptureModeThreadLocal``), not torch's default ``global``: under
+    ``global`` a capture forbids the capture-unsafe CUDA calls (``cudaMalloc`` of a caching allocator that grows, a
+    synchronize, an event query) on EVERY thread of the process, so another request's thread of a server that
+    allocates while this request captures its first graph fails with "operation not permitted when stream is
+    capturing", and the capture is invalidated too. ``thread_local`` still refuses such calls on the capturing
+    thread (where they would be bugs of the captured body) and leaves the other threads alone; their work runs
+    on their own streams and the caching allocator's general pool, not on this capture's side stream and private
+    pool (PyTorch's own cudagraph trees capture the same way).
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -27,7 +39,7 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     if after_warmup is not None:
         after_warmup()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 
@@ -39,3 +51,39 @@ def weights_key(*modules: torch.nn.Module) -> tuple:
     # inference tensors (made under torch.inference_mode) have no version counter and cannot change in place
     return tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version)
                  for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+class ReplayGuard:
+    """One user at a time for what several requests share: a graph's static input/output buffers (or a memory pool,
+    or a persistent kernel's workspace), from the copy-in to the copy-out of the result.
+
+    ``with guard.hold(device):`` takes the lock (host order: threads of a server), makes the current stream wait
+    for the previous holder's work (its event: threads may run on different streams), and records the end of this
+    holder's work on the current stream when it leaves (also after an exception: what was queued must still be
+    waited for). Re-entrant (a capture inside a replay path takes it again). No host sync. Pickles and deep-copies
+    as a fresh guard (its lock and event belong to this process and device)."""
+
+    def __init__(self):
+        self.lock, self.done = threading.RLock(), None
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def wait(self, device) -> None:
+        """The current stream waits for the previous holder's work (and its output copies), wherever it ran."""
+        if self.done is not None and torch.device(device).type == "cuda":
+            torch.cuda.current_stream(device).wait_event(self.done)
+
+    def record(self, device) -> None:
+        if torch.device(device).type == "cuda":
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(device))
+
+    @contextlib.contextmanager
+    def hold(self, device) -> Iterator[None]:
+        with self.lock:
+            self.wait(device)
+            try:
+                yield
+            finally:
+                self.record(device)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import weakref
 
 import torch
@@ -35,7 +34,7 @@ from .. import fast_paths
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from . import bigvgan_padded, dit_layers
-from .cuda_graphs import capture, weights_key
+from .cuda_graphs import ReplayGuard, capture, weights_key
 
 # Codec tokens per solve (mel frames = x repeats): four buckets per octave, 16 ... 4096 (16, 19, 23, 27, 32, 38, ...),
 # each rounded up to whole attention blocks when used. Every op of the solve (and of the vocoder in the same graph)
@@ -54,7 +53,7 @@ class _GraphCache(dict):
         return _GraphCache, ()
 
 
-class _SharedPool:
+class _SharedPool(ReplayGuard):
     """ONE CUDA-graph memory pool for all of a DiT's solve graphs (every bucket, :func:`sample`'s and
     :func:`synthesize`'s), as ``Code2WavStream`` shares one per stream; pickles / deep-copies as a fresh one.
 
@@ -76,11 +75,9 @@ class _SharedPool:
     """
 
     def __init__(self):
-        self.handle, self.done, self.lock = None, None, threading.RLock()
+        super().__init__()  # the lock and the previous replay's event (ReplayGuard)
+        self.handle = None
         self.graphs = weakref.WeakSet()  # the live graphs captured into ``handle``
-
-    def __reduce__(self):
-        return _SharedPool, ()
 
     def pool(self, graph) -> object:
         """The pool handle ``graph`` is captured into: the live graphs' one, or a new one when none lives (torch
@@ -90,16 +87,6 @@ class _SharedPool:
             self.handle = torch.cuda.graph_pool_handle()
         self.graphs.add(graph)
         return self.handle
-
-    def wait(self, device) -> None:
-        """The current stream waits for the previous replay (and its output copies), wherever it ran."""
-        if self.done is not None and torch.device(device).type == "cuda":
-            torch.cuda.current_stream(device).wait_event(self.done)
-
-    def record(self, device) -> None:
-        if torch.device(device).type == "cuda":
-            self.done = torch.cuda.Event()
-            self.done.record(torch.cuda.current_stream(device))
 
 
 def _captures(device) -> bool:
@@ -271,11 +258,8 @@ class _SolveGraph:
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors: the
         static outputs are cloned right after the replay (the shared pool's contract, :class:`_SharedPool`)."""
-        with self.shared.lock:
-            self.shared.wait(self.device)
-            out = self._replay(noise, code, cond, spk, length)
-            self.shared.record(self.device)
-        return out
+        with self.shared.hold(self.device):
+            return self._replay(noise, code, cond, spk, length)
 
     def _replay(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         L, n = noise.shape[1], code.shape[1]

@@ -3,6 +3,7 @@ caches, and the leases that give each live stream its own decoders and codec str
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 
@@ -71,14 +72,20 @@ class Lease:
     again once it is gone (the generator finished or was garbage-collected)."""
 
 
+_LEASES = threading.Lock()  # the check and the take of a free entry are one step (streams of several threads)
+
+
 def lease_from(entries: list, lease: Lease, build):
     """The first object of ``entries`` (``[[object, weakref to its lease], ...]``) no live stream holds, now
     leased to ``lease``; else a new one from ``build()``, appended. Objects keep their caches and captured graphs
-    between streams; interleaved streams get one each."""
-    for entry in entries:
-        if entry[1]() is None:  # its stream ended (or was dropped)
-            entry[1] = weakref.ref(lease)
-            return entry[0]
+    between streams; interleaved streams, and streams of several threads, get one each (``build`` runs outside
+    the lock: a capture does not hold up the other threads' leases)."""
+    with _LEASES:
+        for entry in entries:
+            if entry[1]() is None:  # its stream ended (or was dropped)
+                entry[1] = weakref.ref(lease)
+                return entry[0]
     obj = build()
-    entries.append([obj, weakref.ref(lease)])
+    with _LEASES:
+        entries.append([obj, weakref.ref(lease)])
     return obj

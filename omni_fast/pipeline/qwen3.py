@@ -10,6 +10,7 @@ stage implementations and the leased decoders; this adapter reads them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -355,8 +356,12 @@ def prefill_text_model(lm, inputs_embeds, mask, positions, cache, visual_mask, d
     kept: list[torch.Tensor] = []
     hook = None
     if accept_layer < n_layers:
+        owner = threading.get_ident()
+
         def keep(_module, _args, output):
-            kept.append(output[0] if isinstance(output, tuple) else output)
+            # the layer is shared: another thread's request running it meanwhile is not this prefill's
+            if threading.get_ident() == owner:
+                kept.append(output[0] if isinstance(output, tuple) else output)
 
         hook = lm.layers[accept_layer - 1].register_forward_hook(keep) if accept_layer > 0 else None
     outs, out = [], None
