@@ -50,6 +50,7 @@ def _fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
     monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
     monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     return current, captures
 
 
@@ -86,3 +87,25 @@ def test_replay_guard_orders_holders_on_the_device(monkeypatch):
     assert guard.done is not first
     fresh = pickle.loads(pickle.dumps(guard))
     assert isinstance(fresh, cuda_graphs.ReplayGuard) and fresh.done is None
+
+
+def test_replay_guard_nested_or_capturing_holds_neither_wait_nor_record(monkeypatch):
+    """A hold inside a hold (a persistent frame launched by the body of a frame graph being captured) and a hold
+    while the current stream captures (a caller's graph around ours) neither wait on nor record an event: waiting
+    inside a capture on an event recorded outside it is not allowed; the outermost hold orders the work."""
+    current, _ = _fake_cuda(monkeypatch)
+    guard = cuda_graphs.ReplayGuard()
+    with guard.hold("cuda"):
+        pass
+    first = guard.done
+    with guard.hold("cuda"):
+        assert current.waited == [first]
+        with guard.hold("cuda"):  # nested: no second wait, no record
+            assert current.waited == [first] and guard.done is first
+        assert guard.done is first
+    second = guard.done
+    assert second is not first and guard.depth == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with guard.hold("cuda"):
+        pass
+    assert current.waited == [first] and guard.done is second

@@ -60,30 +60,46 @@ class ReplayGuard:
     ``with guard.hold(device):`` takes the lock (host order: threads of a server), makes the current stream wait
     for the previous holder's work (its event: threads may run on different streams), and records the end of this
     holder's work on the current stream when it leaves (also after an exception: what was queued must still be
-    waited for). Re-entrant (a capture inside a replay path takes it again). No host sync. Pickles and deep-copies
-    as a fresh guard (its lock and event belong to this process and device)."""
+    waited for). Re-entrant: a nested hold (a persistent frame launched by the body of a frame graph being
+    captured takes it again) neither waits nor records, the outermost one orders the work; nor does a hold while
+    the current stream captures (a caller's own graph around ours): waiting there on an event recorded outside the
+    capture is not allowed, and the capture runs nothing, its replays are what the caller orders. No host sync.
+    Pickles and deep-copies as a fresh guard (its lock and event belong to this process and device)."""
 
     def __init__(self):
-        self.lock, self.done = threading.RLock(), None
+        self.lock, self.done, self.depth = threading.RLock(), None, 0
 
     def __reduce__(self):
         return type(self), ()
 
     def wait(self, device) -> None:
         """The current stream waits for the previous holder's work (and its output copies), wherever it ran."""
-        if self.done is not None and torch.device(device).type == "cuda":
+        if self.done is not None and _ordered(device):
             torch.cuda.current_stream(device).wait_event(self.done)
 
     def record(self, device) -> None:
-        if torch.device(device).type == "cuda":
+        if _ordered(device):
             self.done = torch.cuda.Event()
             self.done.record(torch.cuda.current_stream(device))
 
     @contextlib.contextmanager
     def hold(self, device) -> Iterator[None]:
         with self.lock:
-            self.wait(device)
+            outer = self.depth == 0  # (depth changes only under the lock)
+            self.depth += 1
             try:
-                yield
+                if outer:
+                    self.wait(device)
+                try:
+                    yield
+                finally:
+                    if outer:
+                        self.record(device)
             finally:
-                self.record(device)
+                self.depth -= 1
+
+
+def _ordered(device) -> bool:
+    """Whether a hold on ``device`` orders the device work with an event: a CUDA device whose current stream is not
+    being captured."""
+    return torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing()
