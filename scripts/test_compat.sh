@@ -38,7 +38,7 @@ PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cachep
   tests/test_bigvgan.py tests/test_dit.py tests/test_token2wav.py tests/test_quant_loading.py \
   tests/test_patch_qwen25.py tests/test_pipeline_qwen25.py tests/test_fused_step.py tests/test_patch_qwen3_talker.py \
   tests/test_graph_bodies.py tests/test_docs.py tests/test_reliability_checkpoint.py tests/test_reliability_models.py \
-  tests/test_reliability_lifecycle.py \
+  tests/test_reliability_lifecycle.py tests/test_pipeline_serving.py \
   tests/test_packaging.py::test_cache_keyword_matches_installed_transformers \
   tests/test_packaging.py::test_patch_refuses_an_old_transformers
 
