@@ -8,6 +8,11 @@ from omni_fast.reference import attention as ref
 from omni_fast.testing import DEVICE, assert_matches_reference
 
 
+def rand(*shape):
+    """Standard normal fp32 on the test device."""
+    return torch.randn(*shape, device=DEVICE)
+
+
 def _cu(lens):
     return torch.tensor([0] + list(lens), device=DEVICE).cumsum(0).to(torch.int32)
 
