@@ -159,3 +159,21 @@ def test_a_request_failed_or_closed_midway_leaves_the_model_exact(pipe, monkeypa
     got = pipe.generate(REQS[0], graph_decode=True, **KW)[0]
     assert got["token_ids"] == want["token_ids"]
     torch.testing.assert_close(got["audio"], want["audio"], rtol=0, atol=1e-5)
+
+
+def test_stage_clock_waits_for_the_current_stream_only(monkeypatch):
+    """The stage clock waits for the request thread's current stream, not the whole device (a server thread on a
+    stream of its own would otherwise wait for every other thread's work at each stage boundary); CUDA faked."""
+    from omni_fast.pipeline import device as pdev
+
+    synced = []
+
+    class _Stream:
+        def synchronize(self):
+            synced.append("stream")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("device"))
+    assert isinstance(pdev.now(torch.device("cuda", 0)), float) and synced == ["stream"]
+    pdev.now(torch.device("cpu"))
+    assert synced == ["stream"]

@@ -11,9 +11,12 @@ import torch
 
 
 def now(device: torch.device) -> float:
-    """A stage clock: ``perf_counter`` after the device has finished its queued work (on CUDA)."""
+    """A stage clock: ``perf_counter`` after the current stream has finished its queued work (on CUDA). The current
+    stream, not the device: a request's work is ordered on its thread's current stream (capture side streams and
+    the replay guards join it), and a server thread running its requests on a stream of its own
+    (``torch.cuda.stream``) then does not wait for the other threads' work at every stage boundary."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
 
 
