@@ -182,7 +182,8 @@ def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
     if _is_tracing():
         return
-    if torch._debug_has_internal_overlap(t) == 1 or not _non_overlapping(t):  # 1 = definitely overlapping
+    # (by strides only: a meta tensor, whose every address is 0, overlaps itself only when expanded)
+    if (t.device.type != "meta" and torch._debug_has_internal_overlap(t) == 1) or not _non_overlapping(t):
         raise ValueError(f"{name} has internally overlapping memory (an expanded view?): it cannot be written in "
                          f"place; pass a contiguous copy")
 
@@ -216,6 +217,8 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
     (same row stride, unit column stride: e.g. ``buf[:, :8]`` and ``buf[:, 8:]``); other interleavings whose ranges
     intersect are refused (conservative; pass a copy)."""
     if _is_tracing() or a.numel() == 0 or b.numel() == 0:
+        return
+    if a.device != b.device or a.device.type == "meta":  # no memory in common (meta tensors have none: all at 0)
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return

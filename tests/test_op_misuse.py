@@ -1,0 +1,94 @@
+"""Misuse of the public ops that the one-argument sweep (tests/reliability_cases.py) does not reach: inputs that
+require grad where the op would drop them silently, meta tensors (shape propagation), and out= buffers of the
+quantized MoE path that share memory with an input. Tiny shapes, reference backend unless a kernel is the point."""
+
+import pytest
+import torch
+
+from omni_fast import ops
+
+I32 = torch.int32
+
+
+def _moe_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=g)
+    w13, w2 = torch.randn(4, 32, 16, generator=g) * 0.1, torch.randn(4, 16, 16, generator=g) * 0.1
+    return x, w13, w2, torch.rand(3, 2, generator=g), torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=I32)
+
+
+def _fp8_experts():
+    g = torch.Generator().manual_seed(1)
+    w13 = (torch.randn(4, 32, 16, generator=g) * 0.1).to(torch.float8_e4m3fn)
+    w2 = (torch.randn(4, 16, 16, generator=g) * 0.1).to(torch.float8_e4m3fn)
+    return ops.QuantizedExperts.fp8_channel(w13, w2, torch.rand(4, 32, 1, generator=g) / 10 + 1e-2,
+                                            torch.rand(4, 16, 1, generator=g) / 10 + 1e-2)
+
+
+# --- inputs that require grad: the MoE output was a fresh tensor outside the graph (no error, grads lost) ----------
+
+
+@pytest.mark.parametrize("arg", ["hidden_states", "w13", "w2", "topk_weights"])
+def test_moe_experts_refuses_inputs_that_require_grad(arg):
+    x, w13, w2, tw, ids = _moe_inputs()
+    kw = dict(hidden_states=x, w13=w13, w2=w2, topk_weights=tw)
+    kw[arg] = kw[arg].clone().requires_grad_()
+    with pytest.raises(ValueError, match=f"inference-only.*{arg}"):
+        ops.moe_experts(kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"], ids, backend="reference")
+    with torch.no_grad():  # the documented way: no graph is recorded, the call runs
+        ops.moe_experts(kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"], ids, backend="reference")
+
+
+def test_moe_block_and_quantized_experts_refuse_inputs_that_require_grad():
+    x, w13, w2, tw, ids = _moe_inputs()
+    xg, gate = x.clone().requires_grad_(), torch.randn(4, 16).requires_grad_()
+    with pytest.raises(ValueError, match="inference-only.*hidden_states"):
+        ops.moe_block(xg, gate.detach(), w13, w2, 2, backend="reference")
+    with pytest.raises(ValueError, match="inference-only.*gate_weight"):
+        ops.moe_block(x, gate, w13, w2, 2, backend="reference")
+    with pytest.raises(ValueError, match="inference-only.*hidden_states"):
+        ops.moe_block(xg, gate.detach(), _fp8_experts(), None, 2, backend="reference")
+    with pytest.raises(ValueError, match="inference-only.*topk_weights"):
+        ops.moe_experts(x, _fp8_experts(), None, tw.requires_grad_(), ids, backend="reference")
+
+
+def test_kvcache_append_and_conv_states_refuse_new_tokens_that_require_grad():
+    """The appended k/v and the conv-state inputs are copied into buffers outside the graph: their grads were lost."""
+    q, kc, vc = torch.randn(2, 1, 2, 8), torch.randn(2, 5, 1, 8), torch.randn(2, 5, 1, 8)
+    k, v = torch.randn(2, 1, 1, 8).requires_grad_(), torch.randn(2, 1, 1, 8)
+    with pytest.raises(ValueError, match="inference-only.*k"):
+        ops.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([1, 3], dtype=I32),
+                                    backend="reference")
+    with pytest.raises(ValueError, match="inference-only.*inputs\\[0\\]"):
+        ops.update_conv_states([torch.randn(2, 3, 4)], [torch.randn(2, 3, 2).requires_grad_()], backend="reference")
+
+
+# --- meta tensors: every meta tensor has address 0, which read as "overlapping" --------------------------------------
+
+
+def test_meta_tensors_are_not_reported_as_overlapping():
+    m = dict(device="meta")
+    out = ops.flash_attn_with_kvcache(torch.empty(2, 1, 2, 8, **m), torch.empty(2, 5, 1, 8, **m),
+                                      torch.empty(2, 5, 1, 8, **m), torch.empty(2, 1, 1, 8, **m),
+                                      torch.empty(2, 1, 1, 8, **m), cache_seqlens=torch.zeros(2, dtype=I32, **m),
+                                      backend="reference")
+    assert out.shape == (2, 1, 2, 8) and out.device.type == "meta"
+    ops.topk_softmax(torch.empty(3, 2, **m), torch.empty(3, 2, dtype=I32, **m), torch.empty(3, 2, dtype=I32, **m),
+                     torch.empty(3, 6, **m), False)
+    with pytest.raises(ValueError, match="overlapping"):  # a stride-0 output still overlaps itself
+        ops.mrope(torch.empty(1, 2, 8, **m).expand(3, 2, 8), torch.empty(3, 1, 8, **m),
+                  torch.zeros(3, dtype=I32, **m), mrope_section=(4, 0, 0))
+
+
+# --- quantized MoE out=: written while the inputs are read -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_quantized_moe_out_must_not_overlap_an_input(backend):
+    x, _, _, _, ids = _moe_inputs()
+    experts = _fp8_experts()
+    with pytest.raises(ValueError, match="out must not overlap hidden_states"):
+        ops.moe_block(x, torch.randn(4, 16), experts, None, 2, out=x, backend=backend)
+    buf = torch.rand(64)  # out's last row and topk_weights share memory (the combine reads it while writing out)
+    with pytest.raises(ValueError, match="out must not overlap topk_weights"):
+        ops.moe_experts(x, experts, None, buf[40:46].view(3, 2), ids, out=buf[:48].view(3, 16), backend=backend)
