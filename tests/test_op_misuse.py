@@ -92,3 +92,12 @@ def test_quantized_moe_out_must_not_overlap_an_input(backend):
     buf = torch.rand(64)  # out's last row and topk_weights share memory (the combine reads it while writing out)
     with pytest.raises(ValueError, match="out must not overlap topk_weights"):
         ops.moe_experts(x, experts, None, buf[40:46].view(3, 2), ids, out=buf[:48].view(3, 16), backend=backend)
+
+
+def test_update_conv_states_names_the_list_index_after_an_empty_state():
+    """Empty states are skipped: the errors named the index among the non-empty pairs (states[0] for states[1])."""
+    empty, s1, x1 = torch.randn(2, 3, 0), torch.randn(2, 5, 4), torch.randn(2, 5, 2)
+    with pytest.raises(ValueError, match=r"states\[1\] must not overlap inputs\[1\]"):
+        ops.update_conv_states([empty, s1], [torch.randn(2, 3, 2), s1[:, :, :2]], backend="reference")
+    with pytest.raises(TypeError, match=r"inputs\[1\] must have the same dtype"):
+        ops.update_conv_states([empty, s1], [torch.randn(2, 3, 2), x1.double().half()], backend="reference")
