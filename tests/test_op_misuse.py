@@ -101,3 +101,29 @@ def test_update_conv_states_names_the_list_index_after_an_empty_state():
         ops.update_conv_states([empty, s1], [torch.randn(2, 3, 2), s1[:, :, :2]], backend="reference")
     with pytest.raises(TypeError, match=r"inputs\[1\] must have the same dtype"):
         ops.update_conv_states([empty, s1], [torch.randn(2, 3, 2), x1.double().half()], backend="reference")
+
+
+# --- empty dimensions past the first (the sweep empties dim 0 only) ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_padded_conv1d_refuses_an_empty_kernel_or_an_input_shorter_than_it(backend):
+    """k = 0: the Triton backend returned 10 samples of garbage for 7 inputs, the reference a RuntimeError; an input
+    too short for the kernel (or empty): the reference raised torch's RuntimeError, Triton returned [] or bias-only
+    samples (nn.Conv1d refuses both)."""
+    w = torch.randn(5, 4, 3)
+    with pytest.raises(ValueError, match="weight needs a kernel size of at least 1"):
+        ops.padded_conv1d(torch.randn(1, 4, 7), torch.randn(5, 4, 0), padding=1, backend=backend)
+    for x, padding in ((torch.randn(1, 4, 1), 0), (torch.randn(1, 4, 0), 2)):
+        with pytest.raises(ValueError, match="x has 1 samples|x has 0 samples"):
+            ops.padded_conv1d(x, w, padding=padding, backend=backend)
+    assert ops.padded_conv1d(torch.randn(0, 4, 7), w, padding=1, backend=backend).shape == (0, 5, 7)
+
+
+def test_moe_block_with_an_empty_hidden_dimension_is_a_named_error():
+    """hidden_states [T, 0]: ``reshape(-1, 0)`` raised torch's RuntimeError before any check."""
+    _, w13, w2, _, _ = _moe_inputs()
+    with pytest.raises(ValueError, match="w13 must have shape"):
+        ops.moe_block(torch.randn(3, 0), torch.randn(4, 0), w13, w2, 2, backend="reference")
+    with pytest.raises(ValueError, match="hidden size"):
+        ops.moe_block(torch.randn(3, 0), torch.randn(4, 0), _fp8_experts(), None, 2, backend="reference")

@@ -179,6 +179,12 @@ def _states_triton(states, inputs):
 # --- validation ----------------------------------------------------------------------------------------------------
 
 
+def _check_kernel_size(k: int) -> None:
+    """A conv weight's kernel size (its last dimension) is at least 1 (k = 0 spans -1 samples)."""
+    if k < 1:
+        raise ValueError("weight needs a kernel size of at least 1")
+
+
 def _check_x(x: torch.Tensor) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
 
@@ -291,8 +297,7 @@ def causal_conv1d(
     if ci_g * groups != c_in:
         raise ValueError(f"channel mismatch: weight expects {ci_g * groups} input channels ({ci_g} per group x "
                          f"{groups} groups), x has C_in={c_in}")
-    if k < 1:
-        raise ValueError("weight needs a kernel size of at least 1")
+    _check_kernel_size(k)
     if stride > (k - 1) * dilation + 1:
         raise ValueError(f"stride={stride} must not exceed the effective kernel size {(k - 1) * dilation + 1}")
     _check_bias(bias, c_out, x)
@@ -344,8 +349,7 @@ def causal_conv_transpose1d(
     w_in, c_out, k = weight.shape
     if c_out == 0:
         raise ValueError(f"weight must have at least one output channel, got shape {list(weight.shape)}")
-    if k < 1:
-        raise ValueError("weight needs a kernel size of at least 1")
+    _check_kernel_size(k)
     if w_in != c_in:
         raise ValueError(f"channel mismatch: weight [C_in, C_out, k] expects C_in={w_in}, x has C_in={c_in}")
     if k % stride:

@@ -19,6 +19,8 @@ checks of index tensors run only where they cost no sync (CPU tensors, outside t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference import moe as ref
@@ -335,7 +337,7 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
     shape = hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1])
+    x = hidden_states.reshape(math.prod(shape[:-1]), shape[-1])  # (-1 is ambiguous when H = 0)
     E, num_global, _ = _check_experts(x, w13, w2, activation, expert_map)
     H = x.shape[1]
     check_tensor("gate_weight", gate_weight, dtypes=(x.dtype,), shape=(num_global, H), device=x.device,

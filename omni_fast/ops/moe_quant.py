@@ -10,6 +10,8 @@ Routing, alignment, ``expert_map`` and the deterministic combine are the float p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference import moe_quant as ref_quant
@@ -117,7 +119,7 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
     shape = hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1])
+    x = hidden_states.reshape(math.prod(shape[:-1]), shape[-1])  # (-1 is ambiguous when H = 0)
     check_quantized("w13", experts, w2, x)
     num_global = experts.num_experts
     if expert_map is not None:
