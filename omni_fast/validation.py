@@ -112,7 +112,8 @@ def check_float(name: str, value, *, minimum: float | None = None, maximum: floa
     if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
     value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+    # comparisons, not math.isnan: under torch.compile(dynamic=True) a default float is a SymFloat, which they guard on
+    if value != value or (value in (math.inf, -math.inf) and not allow_inf):
         raise ValueError(f"{name} must be a finite number, got {value}")
     low_bad = minimum is not None and (value <= minimum if min_open else value < minimum)
     if low_bad or (maximum is not None and value > maximum):

@@ -127,3 +127,26 @@ def test_moe_block_with_an_empty_hidden_dimension_is_a_named_error():
         ops.moe_block(torch.randn(3, 0), torch.randn(4, 0), w13, w2, 2, backend="reference")
     with pytest.raises(ValueError, match="hidden size"):
         ops.moe_block(torch.randn(3, 0), torch.randn(4, 0), _fp8_experts(), None, 2, backend="reference")
+
+
+# --- torch.compile(dynamic=True): a default float argument is a SymFloat there -------------------------------------
+
+
+def test_ops_compile_fullgraph_with_dynamic_shapes():
+    """Under ``dynamic=True`` dynamo makes the ops' default floats (softcap, theta, eps, temperature) symbolic, and
+    ``math.isnan`` of a SymFloat in check_float broke the graph ("torch.* op returned non-Tensor")."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 1, 4], dtype=I32)
+
+    def f(q, k, v, x, logits):
+        o = ops.flash_attn_varlen(q, k, v, cu, cu, None, None, causal=True, backend="reference")
+        rq, _ = ops.mrope(q, k, torch.arange(q.shape[0]), mrope_section=(4, 0, 0), inplace=False, backend="reference")
+        y = ops.ada_layer_norm(x, x[:, 0], x[:, 1], backend="reference")
+        return o, rq, y, ops.sample(logits, seed=3, backend="reference")
+
+    args = (torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8), torch.randn(2, 5, 7), torch.randn(2, 9))
+    with torch.no_grad():
+        got = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)(*args)
+        want = f(*args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
