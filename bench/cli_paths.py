@@ -1,5 +1,6 @@
-"""Argument checks shared by the bench CLIs (``python -m omni_fast.bench``, ``python -m omni_fast.bench.model``):
-an output path that cannot be written is an argparse error before any work, not a traceback after it."""
+"""Argument checks shared by the bench CLIs (``python -m omni_fast.bench``, ``.model``, ``.static_check``,
+``.tune_moe``): a bad count, time limit or output path is an argparse error naming the flag before any work, not a
+traceback (or a silently odd run) after it."""
 
 from __future__ import annotations
 
@@ -29,4 +30,18 @@ def positive_seconds(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or size (tokens, experts, jobs, ...): an integer >= 1 (0 or less compiled, tuned
+    or timed nothing, or failed deep inside a run)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value

@@ -167,7 +167,7 @@ def test_static_check_jobs_must_be_a_positive_integer(jobs, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         static_check._cli(["--jobs", jobs, "mtp_frame"])
-    assert exit_.value.code == 2 and "--jobs must be a positive integer" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --jobs/-j: must be a positive integer" in capsys.readouterr().err
 
 
 def test_statics_names_matching_nothing_are_an_error(capsys):
