@@ -46,10 +46,11 @@ def main(argv=None) -> int:
     if not cases:
         print("no benchmark cases selected")
         return 1
-    unused = [f for f, v in (("--out", args.out), ("--deadline-s", args.deadline_s)) if v is not None]
+    unused = [f for f, v in (("--out", args.out), ("--deadline-s", args.deadline_s),
+                             ("--providers", args.list and args.providers or None)) if v is not None]
     if unused and (args.list or args.preset == "smoke" or not gpu):  # (silently ignored before)
         why = "with --list" if args.list else "by --preset smoke" if args.preset == "smoke" else "without a GPU"
-        print(f"{', '.join(unused)}: not used {why} (only a timed GPU run saves results and has a deadline)")
+        print(f"{', '.join(unused)}: not used {why} (nothing is timed or saved)")
     if args.list:
         for c in cases:
             print(f"  {c.op:<10} {c.name:<44} bound={c.bound}")
