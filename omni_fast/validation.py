@@ -202,8 +202,14 @@ def _non_overlapping(t: torch.Tensor) -> bool:
 
 
 def check_output(name: str, out: torch.Tensor, **inputs) -> None:
-    """An in-place / ``out=`` tensor: no internally overlapping elements, and no memory shared with any of the
-    named ``inputs`` (None entries are skipped)."""
+    """An in-place / ``out=`` tensor: writable here (not an inference tensor outside ``torch.inference_mode()``), no
+    internally overlapping elements, and no memory shared with any of the named ``inputs`` (None entries are
+    skipped)."""
+    if not _is_tracing() and out.is_inference() and not torch.is_inference_mode_enabled():  # (dynamo: no is_inference)
+        # (torch refuses the write in the reference backend; a kernel's raw pointer would write it anyway)
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be written "
+                         f"outside it: call this under torch.inference_mode(), or pass a tensor made outside it "
+                         f"(e.g. {name}.clone() outside inference mode)")
     check_no_internal_overlap(name, out)
     for other, t in inputs.items():
         if isinstance(t, torch.Tensor):

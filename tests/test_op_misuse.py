@@ -150,3 +150,27 @@ def test_ops_compile_fullgraph_with_dynamic_shapes():
         want = f(*args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# --- inference tensors written outside torch.inference_mode() ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_writing_an_inference_tensor_outside_inference_mode_is_a_named_error(backend):
+    """A cache / state / out= buffer made under torch.inference_mode() (a server's warm-up) and written outside it:
+    the reference raised torch's RuntimeError ("Inplace update to inference tensor ...") from inside the op, the
+    Triton kernels wrote it anyway (the two backends disagreed); now a ValueError naming the buffer on both."""
+    with torch.inference_mode():
+        kc, vc, state, out = torch.randn(2, 5, 1, 8), torch.randn(2, 5, 1, 8), torch.randn(2, 3, 4), torch.empty(3, 16)
+    q, k, v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8)
+    lens = torch.tensor([1, 3], dtype=I32)
+    with pytest.raises(ValueError, match="k_cache is an inference tensor"):
+        ops.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend=backend)
+    with pytest.raises(ValueError, match=r"states\[0\] is an inference tensor"):
+        ops.update_conv_states([state], [torch.randn(2, 3, 2)], backend=backend)
+    x, w13, w2, tw, ids = _moe_inputs()
+    with pytest.raises(ValueError, match="out is an inference tensor"):
+        ops.moe_experts(x, w13, w2, tw, ids, out=out, backend=backend)
+    with torch.inference_mode():  # where they were made, they are written
+        ops.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend=backend)
+        ops.update_conv_states([state], [torch.randn(2, 3, 2)], backend=backend)
