@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from omni_fast.bench.cli_paths import output_path_problem, positive_seconds
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench", description=__doc__.split("\n\n")[1])
@@ -20,13 +22,16 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quick", choices=("quick", "full", "smoke"))
     parser.add_argument("--providers", nargs="+", default=(), help="only these providers (e.g. eager omni_fast)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    parser.add_argument("--deadline-s", type=float, default=None,
+    parser.add_argument("--deadline-s", type=positive_seconds, default=None,
                         help="on a GPU: stop starting new cases after this many seconds (the rest are reported as "
                              "skipped); what was measured is saved (the time-boxed GPU session uses it)")
     parser.add_argument("--list", action="store_true", help="list the selected cases (no setup, no timing) and exit")
     parser.add_argument("--no-static", action="store_true",
                         help="without a GPU: skip the static sm_90a report (python -m omni_fast.bench.static_check prints it)")
     args = parser.parse_args(argv)
+    problem = args.out is not None and output_path_problem(args.out, folder=True)
+    if problem:
+        parser.error(f"--out: {problem}")
 
     import torch
 
@@ -41,6 +46,11 @@ def main(argv=None) -> int:
     if not cases:
         print("no benchmark cases selected")
         return 1
+    unused = [f for f, v in (("--out", args.out), ("--deadline-s", args.deadline_s),
+                             ("--providers", args.list and args.providers or None)) if v is not None]
+    if unused and (args.list or args.preset == "smoke" or not gpu):  # (silently ignored before)
+        why = "with --list" if args.list else "by --preset smoke" if args.preset == "smoke" else "without a GPU"
+        print(f"{', '.join(unused)}: not used {why} (nothing is timed or saved)")
     if args.list:
         for c in cases:
             print(f"  {c.op:<10} {c.name:<44} bound={c.bound}")

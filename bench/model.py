@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from omni_fast.bench.cli_paths import output_path_problem
+
 RESULTS = Path(__file__).resolve().parent / "results" / "model"
 TRACES = RESULTS / "traces.json"
 BASELINE = RESULTS / "launch_baseline.json"
@@ -224,12 +226,17 @@ def main(argv=None) -> int:
     p.add_argument("--write-baseline", action="store_true", help="save launch counts as the CI baseline")
     p.add_argument("--reuse-counts", action="store_true", help="launch counts from launch_counts.json where saved")
     p.add_argument("--saved-only", action="store_true", help="only the units launch_counts.json has (no counting)")
-    p.add_argument("--no-static", action="store_true", help="no sm_90a facts")
-    p.add_argument("--static", action="store_true", help="recompile the sm_90a facts (~5 min; else the saved ones)")
+    facts_src = p.add_mutually_exclusive_group()  # (both: --static was dropped without a word)
+    facts_src.add_argument("--no-static", action="store_true", help="no sm_90a facts")
+    facts_src.add_argument("--static", action="store_true",
+                           help="recompile the sm_90a facts (~5 min; else the saved ones)")
     p.add_argument("--calibrate", type=Path, default=None, help="JSON of measured constants / a bench result")
     args = p.parse_args(argv)
     if args.calibrate is not None and not args.calibrate.is_file():
         p.error(f"--calibrate: no such file: {args.calibrate}")
+    problem = args.json is not None and output_path_problem(args.json, folder=False)
+    if problem:  # (was an IsADirectoryError traceback once every unit had been counted)
+        p.error(f"--json: {problem}")
     if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is first imported: re-run with it
         import subprocess
 

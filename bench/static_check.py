@@ -200,25 +200,14 @@ def main(only: list[str] | None = None, jobs: int = 1) -> int:
     return run(only, jobs)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type of ``--jobs``: 0 or a negative count compiled nothing (or failed in the pool) without saying so."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--jobs must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--jobs must be a positive integer, got {value}")
-    return value
-
-
 def _cli(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.static_check")
     parser.add_argument("only", nargs="*", help="compile only specialisations whose name contains one of these")
-    parser.add_argument("--jobs", "-j", type=_positive_int, default=1, help="compile in this many processes (>= 1)")
+    from omni_fast.bench.cli_paths import positive_int
+
+    parser.add_argument("--jobs", "-j", type=positive_int, default=1, help="compile in this many processes (>= 1)")
     args = parser.parse_args(argv)
     return main(args.only, args.jobs)
 

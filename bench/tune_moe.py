@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 import omni_fast
+from omni_fast.bench.cli_paths import output_path_problem, positive_int, positive_seconds
 
 # (N = expert intermediate) -> (hidden, top_k): the Qwen3-Omni thinker, talker, and the talker with the
 # experts' intermediate split in two (tensor parallel 2).
@@ -255,29 +256,42 @@ def _quant_setup(args, fmt: str, space):
     return quant, space, prune, config_key(types.SimpleNamespace(format=fmt, block=quant["block"]))
 
 
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """The cross-flag rules argparse's types cannot see (before the GPU check: the same errors on any machine)."""
+    if args.top_k is not None and args.top_k > args.experts:
+        p.error(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: not a torch device: {args.device!r}")
+    problem = output_path_problem(args.out_dir, folder=True)
+    if problem:
+        p.error(f"--out-dir: {problem}")
+
+
 def main(argv=None, *, bench=None, space=None) -> int:
     """The CLI. ``bench`` and ``space``: see :func:`tune_bucket` (tests inject a stub timer and a tiny space)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=sorted(SHAPES, reverse=True), help="expert intermediate sizes")
-    p.add_argument("--experts", type=int, default=128)
+    p = argparse.ArgumentParser(prog="python -m omni_fast.bench.tune_moe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=positive_int, nargs="+", default=sorted(SHAPES, reverse=True), help="expert intermediate sizes")
+    p.add_argument("--experts", type=positive_int, default=128)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    p.add_argument("--tokens", type=int, nargs="+", default=list(BUCKETS))
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=list(BUCKETS))
     p.add_argument("--quick", action="store_true", help="a smaller search space")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"default: {OUT_DIR}")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default: the model's for --n)")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the model's for --n)")
-    p.add_argument("--max-configs", type=int, default=None,
+    p.add_argument("--hidden", type=positive_int, default=None, help="hidden size (default: the model's for --n)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="experts per token (default: the model's for --n)")
+    p.add_argument("--max-configs", type=positive_int, default=None,
                    help="per GEMM and BLOCK_M, time only the K candidates nearest the fallback heuristic")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=positive_seconds, default=None,
                    help="stop after this many seconds: buckets not started are left out of the file (it is written "
                         "after every bucket), a bucket in progress keeps the best config it timed")
     p.add_argument("--device", default="cuda", help="default cuda; anything else only for tests (interpreter)")
     p.add_argument("--format", default=None, help="quantized experts: fp8_block, fp8_channel or int4_w4a16 (int4); "
                    "default: the float experts in --dtype")
-    p.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("BN", "BK"), help="fp8_block's block")
-    p.add_argument("--group-size", type=int, default=128, help="int4_w4a16's group (asymmetric)")
+    p.add_argument("--block", type=positive_int, nargs=2, default=(128, 128), metavar=("BN", "BK"), help="fp8_block's block")
+    p.add_argument("--group-size", type=positive_int, default=128, help="int4_w4a16's group (asymmetric)")
     p.add_argument("--no-prune", action="store_true", help="quantized: skip the sm_90a static prune")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the static prune")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="processes for the static prune")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     from omni_fast.bench import tune_moe_quant as tq
@@ -285,6 +299,7 @@ def main(argv=None, *, bench=None, space=None) -> int:
     fmt = tq.ALIASES.get(args.format, args.format)
     if fmt is not None and fmt not in tq.FORMATS:
         p.error(f"--format must be one of {tq.FORMATS} (or int4, fp8), got {args.format!r}")
+    _check_args(p, args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("omni_fast.bench.tune_moe: needs a CUDA GPU (none found); nothing tuned. Without tuned files the kernels use "

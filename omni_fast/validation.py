@@ -112,7 +112,8 @@ def check_float(name: str, value, *, minimum: float | None = None, maximum: floa
     if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
     value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+    # comparisons, not math.isnan: under torch.compile(dynamic=True) a default float is a SymFloat, which they guard on
+    if value != value or (value in (math.inf, -math.inf) and not allow_inf):
         raise ValueError(f"{name} must be a finite number, got {value}")
     low_bad = minimum is not None and (value <= minimum if min_open else value < minimum)
     if low_bad or (maximum is not None and value > maximum):
@@ -182,7 +183,8 @@ def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
     if _is_tracing():
         return
-    if torch._debug_has_internal_overlap(t) == 1 or not _non_overlapping(t):  # 1 = definitely overlapping
+    # (by strides only: a meta tensor, whose every address is 0, overlaps itself only when expanded)
+    if (t.device.type != "meta" and torch._debug_has_internal_overlap(t) == 1) or not _non_overlapping(t):
         raise ValueError(f"{name} has internally overlapping memory (an expanded view?): it cannot be written in "
                          f"place; pass a contiguous copy")
 
@@ -200,8 +202,14 @@ def _non_overlapping(t: torch.Tensor) -> bool:
 
 
 def check_output(name: str, out: torch.Tensor, **inputs) -> None:
-    """An in-place / ``out=`` tensor: no internally overlapping elements, and no memory shared with any of the
-    named ``inputs`` (None entries are skipped)."""
+    """An in-place / ``out=`` tensor: writable here (not an inference tensor outside ``torch.inference_mode()``), no
+    internally overlapping elements, and no memory shared with any of the named ``inputs`` (None entries are
+    skipped)."""
+    if not _is_tracing() and out.is_inference() and not torch.is_inference_mode_enabled():  # (dynamo: no is_inference)
+        # (torch refuses the write in the reference backend; a kernel's raw pointer would write it anyway)
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be written "
+                         f"outside it: call this under torch.inference_mode(), or pass a tensor made outside it "
+                         f"(e.g. {name}.clone() outside inference mode)")
     check_no_internal_overlap(name, out)
     for other, t in inputs.items():
         if isinstance(t, torch.Tensor):
@@ -216,6 +224,8 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
     (same row stride, unit column stride: e.g. ``buf[:, :8]`` and ``buf[:, 8:]``); other interleavings whose ranges
     intersect are refused (conservative; pass a copy)."""
     if _is_tracing() or a.numel() == 0 or b.numel() == 0:
+        return
+    if a.device != b.device or a.device.type == "meta":  # no memory in common (meta tensors have none: all at 0)
         return
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return

@@ -167,7 +167,7 @@ def test_static_check_jobs_must_be_a_positive_integer(jobs, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         static_check._cli(["--jobs", jobs, "mtp_frame"])
-    assert exit_.value.code == 2 and "--jobs must be a positive integer" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --jobs/-j: must be a positive integer" in capsys.readouterr().err
 
 
 def test_statics_names_matching_nothing_are_an_error(capsys):
@@ -193,3 +193,33 @@ def test_compiled_providers_do_not_keep_their_case_alive():
     del fn, w
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-5", "0", "soon"])
+def test_bench_deadline_must_be_a_positive_number(bad, capsys):
+    """``--deadline-s nan`` never fired and ``-5`` skipped every case of a GPU run: both were accepted."""
+    from omni_fast.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["rope", "--list", "--deadline-s", bad])
+    assert exit_.value.code == 2 and "--deadline-s: must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_bench_out_must_be_a_folder(tmp_path, capsys):
+    """``--out FILE`` failed with a NotADirectoryError traceback after the roofline measurement of a GPU run."""
+    from omni_fast.bench.__main__ import main
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["rope", "--list", "--out", str(tmp_path / "a_file" / "sub")])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only path")
+def test_bench_says_which_options_a_run_without_timing_does_not_use(tmp_path, capsys):
+    """Without a GPU (and with --list) nothing is timed or saved: --out and --deadline-s were ignored silently."""
+    from omni_fast.bench.__main__ import main
+
+    assert main(["rope", "--list", "--out", str(tmp_path / "res"), "--deadline-s", "60", "--providers", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "--out, --deadline-s, --providers: not used with --list" in out and not (tmp_path / "res").exists()

@@ -402,3 +402,26 @@ def test_token2wav_padding_table():
     assert rows[25]["voc_eager_real"] > rows[25]["voc_graph_new"]  # short: the eager launches are not hidden
     assert rows[130]["voc_eager_real"] < rows[130]["voc_graph_new"]
     assert "| 250 (5 s) | 264 / 264 |" in tp.markdown(list(rows.values()))
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_model_cli_refuses_a_json_path_it_cannot_write_before_running(where, tmp_path, monkeypatch, capsys):
+    """``--json DIR`` raised IsADirectoryError after every unit had been counted (minutes); now an argparse error
+    before any work."""
+    from omni_fast.bench import model
+
+    monkeypatch.setattr(model, "count_units", lambda *a, **k: pytest.fail("counted before the --json check"))
+    (tmp_path / "f").write_text("")
+    path = tmp_path if where == "folder" else tmp_path / "f" / "out.json"
+    with pytest.raises(SystemExit) as exc:
+        model.main(["rope-thinker-T1", "--no-static", "--json", str(path)])
+    assert exc.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_model_cli_static_and_no_static_exclude_each_other(capsys):
+    """``--static --no-static`` ran without the facts (``--static`` silently dropped)."""
+    from omni_fast.bench import model
+
+    with pytest.raises(SystemExit) as exc:
+        model.main(["rope-thinker-T1", "--static", "--no-static"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

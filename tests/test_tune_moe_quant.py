@@ -143,3 +143,20 @@ def test_cli_dry_run_with_the_static_prune(tmp_path):
     path = tmp_path / f"{moe_gemm.config_file_stem(4, 64, 'fp8_w8a8,block_shape=[128,128]', torch.device('cpu'))}.json"
     table = json.loads(path.read_text())
     assert list(table) == ["3"] and table["3"]["BLOCK_SIZE_K"] == 128 and not table["3"]["USE_TMA"]
+
+
+@pytest.mark.parametrize("bad", [["--tokens", "0"], ["--experts", "-1"], ["--n", "0"], ["--top-k", "0"],
+                                 ["--hidden", "0"], ["--max-configs", "0"], ["--budget-s", "nan"], ["--jobs", "0"],
+                                 ["--block", "0", "128"], ["--group-size", "-4"], ["--top-k", "9", "--experts", "8"],
+                                 ["--device", "no-such-device"], ["--out-dir", "FILE"]])
+def test_tune_moe_cli_refuses_bad_numbers_before_any_work(bad, tmp_path, capsys):
+    """They were taken as given (``--budget-s nan`` never stopped, ``--tokens 0`` / ``--top-k 0`` failed deep in a
+    GPU run, ``--device`` / ``--out-dir`` gave tracebacks); now argparse errors naming the flag, GPU or not."""
+    from omni_fast.bench import tune_moe
+
+    (tmp_path / "FILE").write_text("")
+    bad = [str(tmp_path / "FILE") if b == "FILE" else b for b in bad]
+    with pytest.raises(SystemExit) as exit_:
+        tune_moe.main(["--device", "cpu", *bad] if "--device" not in bad else bad)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and bad[-2 if bad[0] == "--top-k" else 0] in err, err

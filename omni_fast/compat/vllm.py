@@ -36,7 +36,8 @@ from .vllm_config import (FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEQuantConfig, Fus
                           biased_moe_quant_config, fp8_w8a8_moe_quant_config, int4_w4a16_moe_quant_config,
                           int8_w8a8_moe_quant_config, int8_w8a16_moe_quant_config, mxfp4_w4a4_moe_quant_config,
                           nvfp4_moe_quant_config)
-from ..validation import FLOAT_DTYPES, INT_DTYPES, check_bool, check_output, check_positive_int, check_tensor
+from ..validation import (FLOAT_DTYPES, INT_DTYPES, check_bool, check_inference_only, check_output, check_positive_int,
+                          check_tensor)
 
 VLLM_VERSION = "0.34.0"  # the release whose signatures these are (v0.11-style calls still work)
 
@@ -69,6 +70,7 @@ def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids, activation=MoEA
                                                             call["global_num_experts"])
         expert_map, quant_config = call["expert_map"], call["quant_config"]
     activation = activation_name(activation)
+    check_inference_only("fused_experts", hidden_states=hidden_states, w1=w1, w2=w2, topk_weights=topk_weights)
     check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     check_tensor("w1", w1, ndim=3)
     experts = _vq.experts_from_vllm(w1, w2, quant_config) if _vq.is_quantized(quant_config) else None

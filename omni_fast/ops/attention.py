@@ -22,8 +22,8 @@ import torch
 
 from ..reference import attention as ref
 from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, as_int, check_bool, check_cu_seqlens, check_float,
-                          check_index_range, check_output, check_positive_int, check_same_dtype, check_tensor,
-                          host_copies, values_checkable)
+                          check_index_range, check_inference_only, check_output, check_positive_int, check_same_dtype,
+                          check_tensor, host_copies, values_checkable)
 from ._dispatch import dispatched_op
 
 MAX_HEAD_DIM = 256
@@ -135,8 +135,7 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend to ``cache_seqlens[b] + k_extra`` cached keys (``k_extra`` without cache_seqlens): (out
     ``[B, Sq, Hq, D]``, lse fp32 ``[Hq, B, Sq]``, the kernel's head-major layout: the public function transposes it
-    only when the caller asks for it, so decode steps at B > 1 pay no copy launch per layer); ``fa_lse`` /
-    ``alibi_lse_shift`` as :func:`_varlen_op`."""
+    only when asked, so decode steps at B > 1 pay no copy launch per layer); fa_lse, alibi_lse_shift as _varlen_op."""
 
 
 @_kvcache_op.impl("reference")
@@ -507,8 +506,9 @@ def _kvcache_scalars(window_size, softmax_scale, head_dim: int, softcap, causal,
 
 
 def _check_kvcache_writes(q, k_cache, v_cache, k, v, out, **index) -> None:
-    """The caches when k/v are appended (no self-overlap: an expanded cache), then ``out=``: nothing shared."""
+    """The caches when k/v are appended (no self-overlap, no grad: copied in outside autograd), then ``out=``."""
     if k is not None:
+        check_inference_only("flash_attn_with_kvcache", k=k, v=v, k_cache=k_cache, v_cache=v_cache)
         check_output("k_cache", k_cache, q=q, k=k, v=v, **index)
         check_output("v_cache", v_cache, k_cache=k_cache, q=q, k=k, v=v, **index)
     if out is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..reference import bigvgan as ref
 from ..validation import FLOAT_DTYPES, check_positive_int, check_same_dtype, check_tensor
 from ._dispatch import dispatched_op
-from .code2wav import MAX_CONV_SPAN, _check_bias, _check_x
+from .code2wav import MAX_CONV_SPAN, _check_bias, _check_kernel_size, _check_x
 
 
 def _aa_fake(x, alpha, beta, f_up, f_down, ratio, seq_lens, backend):
@@ -119,7 +119,7 @@ def padded_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``nn.Conv1d(padding=padding)`` (zeros on both sides) of x ``[B, C_in, T]``, weight ``[C_out, C_in/groups,
     k]``, bias ``[C_out]``; ``residual`` ``[B, C_out, T_out]`` added to the output (fp32, one rounding). All floats
     in one dtype; fp32 accumulation. Returns ``[B, C_out, T_out]``, ``T_out = (T + 2p - (k-1)*dilation - 1) //
-    stride + 1``."""
+    stride + 1``; ``T = 0`` or ``T_out < 1`` raise ``ValueError`` (as ``nn.Conv1d``)."""
     _check_x(x)
     B, c_in, T = x.shape
     # bounded before anything is sized from them, as the causal convs' (MAX_CONV_SPAN)
@@ -133,8 +133,13 @@ def padded_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if c_in % groups or c_out % groups or ci_g * groups != c_in:
         raise ValueError(f"channel mismatch: weight [{c_out}, {ci_g}, {k}] with groups={groups} does not fit "
                          f"x's C_in={c_in}")
+    _check_kernel_size(k)
     _check_bias(bias, c_out, x)
-    t_out = max((T + 2 * padding - (k - 1) * dilation - 1) // stride + 1, 0)
+    t_out = (T + 2 * padding - (k - 1) * dilation - 1) // stride + 1
+    if (T == 0 or t_out < 1) and x.shape[0]:  # (nn.Conv1d refuses both; the backends disagreed)
+        raise ValueError(f"x has {T} samples: padded by {padding} on each side that is shorter than the kernel's span "
+                         f"{(k - 1) * dilation + 1} (or empty), so there is no output sample")
+    t_out = max(t_out, 0)
     if residual is not None:
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES, shape=(B, c_out, t_out), device=x.device)
         check_same_dtype(x=x, residual=residual)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import code2wav as ref
-from ..validation import (FLOAT_DTYPES, check_bool, check_float, check_output, check_positive_int,
-                          check_same_dtype, check_tensor)
+from ..validation import (FLOAT_DTYPES, check_bool, check_float, check_inference_only, check_output,
+                          check_positive_int, check_same_dtype, check_tensor)
 
 # Bound on stride / dilation / kernel span, checked before any allocation: the streaming state holds
 # (k - 1) * dilation samples per channel (Code2Wav's largest is 9 * 9 = 81; a huge dilation would allocate TBs).
@@ -179,6 +179,12 @@ def _states_triton(states, inputs):
 # --- validation ----------------------------------------------------------------------------------------------------
 
 
+def _check_kernel_size(k: int) -> None:
+    """A conv weight's kernel size (its last dimension) is at least 1 (k = 0 spans -1 samples)."""
+    if k < 1:
+        raise ValueError("weight needs a kernel size of at least 1")
+
+
 def _check_x(x: torch.Tensor) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
 
@@ -291,8 +297,7 @@ def causal_conv1d(
     if ci_g * groups != c_in:
         raise ValueError(f"channel mismatch: weight expects {ci_g * groups} input channels ({ci_g} per group x "
                          f"{groups} groups), x has C_in={c_in}")
-    if k < 1:
-        raise ValueError("weight needs a kernel size of at least 1")
+    _check_kernel_size(k)
     if stride > (k - 1) * dilation + 1:
         raise ValueError(f"stride={stride} must not exceed the effective kernel size {(k - 1) * dilation + 1}")
     _check_bias(bias, c_out, x)
@@ -344,8 +349,7 @@ def causal_conv_transpose1d(
     w_in, c_out, k = weight.shape
     if c_out == 0:
         raise ValueError(f"weight must have at least one output channel, got shape {list(weight.shape)}")
-    if k < 1:
-        raise ValueError("weight needs a kernel size of at least 1")
+    _check_kernel_size(k)
     if w_in != c_in:
         raise ValueError(f"channel mismatch: weight [C_in, C_out, k] expects C_in={w_in}, x has C_in={c_in}")
     if k % stride:
@@ -369,7 +373,7 @@ def update_conv_states(states, inputs, *, backend: str | None = None) -> None:
 
     states / inputs: sequences of equal length of ``[B, C_i, ctx_i]`` and ``[B, C_i, T_i]`` tensors (one float dtype,
     one device, any strides; empty states, e.g. ``ctx_i = 0``, are skipped). A state must not share memory with any input or
-    another state."""
+    another state. Inference-only: states or inputs that require grad (with grad mode on) raise ``ValueError``."""
     if not isinstance(states, (list, tuple)) or not isinstance(inputs, (list, tuple)):
         raise TypeError("states and inputs must be lists (or tuples) of tensors")
     if len(states) != len(inputs):
@@ -381,17 +385,20 @@ def update_conv_states(states, inputs, *, backend: str | None = None) -> None:
         if state.shape[:2] != x.shape[:2]:
             raise ValueError(f"states[{i}] {list(state.shape)} and inputs[{i}] {list(x.shape)} must agree in [B, C]")
         if state.numel():  # (nothing to move without context, channels or rows)
-            pairs.append((state, x))
+            pairs.append((i, state, x))  # i: the caller's index, for the messages
     if not pairs:
         return
-    first = pairs[0][0]
-    for i, (state, x) in enumerate(pairs):
-        check_same_dtype(**{"states[0]": first, f"states[{i}]": state, f"inputs[{i}]": x})
+    # the states are written in place from the inputs: grads of either would be lost without a word
+    check_inference_only("update_conv_states", **{f"{n}[{i}]": t for i, s, x in pairs for n, t in
+                                                  (("states", s), ("inputs", x))})
+    i0, first, _ = pairs[0]
+    for i, state, x in pairs:
+        check_same_dtype(**{f"states[{i0}]": first, f"states[{i}]": state, f"inputs[{i}]": x})
         check_tensor(f"states[{i}]", state, device=first.device, shape=(first.shape[0],) + tuple(state.shape[1:]))
-        others = {f"inputs[{j}]": t for j, (_, t) in enumerate(pairs)}
-        others.update({f"states[{j}]": t for j, (t, _) in enumerate(pairs) if j != i})
+        others = {f"inputs[{j}]": t for j, _, t in pairs}
+        others.update({f"states[{j}]": t for j, t, _ in pairs if j != i})
         check_output(f"states[{i}]", state, **others)
-    s, x = [p[0] for p in pairs], [p[1] for p in pairs]
+    s, x = [p[1] for p in pairs], [p[2] for p in pairs]
     _states_op(s, x, _states_op.resolve(s + x, backend))
 
 

@@ -19,11 +19,13 @@ checks of index tensors run only where they cost no sync (CPU tensors, outside t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference import moe as ref
-from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, check_bool, check_index_range, check_output,
-                          check_positive_int, check_same_dtype, check_tensor)
+from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, check_bool, check_index_range, check_inference_only,
+                          check_output, check_positive_int, check_same_dtype, check_tensor)
 from ._dispatch import dispatched_op
 from .moe_quant import fused_moe_quantized, moe_block_quantized
 from .quant import QuantizedExperts
@@ -241,7 +243,8 @@ def moe_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     ``[T, k]`` global expert ids. ``expert_map`` (int32 ``[E_global]``, values in ``[-1, E)``) maps global ids to
     the rows of w13/w2 held here; pairs routed to -1 contribute zero. Ids outside ``[0, E_global)`` raise
     ``ValueError`` where values are checkable (CPU tensors; vLLM's ``fused_experts`` skips them instead, through
-    the internal :func:`_experts`). Returns ``out`` ``[T, H]``.
+    the internal :func:`_experts`). Returns ``out`` ``[T, H]``. Inference-only: inputs that require grad (with
+    grad mode on) raise ``ValueError``.
 
     Quantized experts: ``w13`` a :class:`~omni_fast.ops.quant.QuantizedExperts` (FP8 block W8A8 or INT4 W4A16)
     and ``w2=None`` (:mod:`omni_fast.ops.moe_quant`).
@@ -261,6 +264,8 @@ def _experts(hidden_states, w13, w2, topk_weights, topk_ids, activation="silu", 
     quantized: :func:`omni_fast.reference.moe.fused_moe` leaves them out), and ``"cuda"`` (this op has no CUDA C++
     twin: it runs the Triton path).
     """
+    # the output is written into a fresh (or given) buffer outside autograd: grads would be lost without a word
+    check_inference_only("moe_experts", hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights)
     if isinstance(w13, QuantizedExperts):
         return fused_moe_quantized(hidden_states, w13, w2, topk_weights, topk_ids, activation=activation,
                                    expert_map=expert_map, out=out, backend=backend, check_ids=check_ids)
@@ -320,7 +325,10 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     ``shared_w13 [2Is, H]`` (shared gate_proj rows then up_proj rows), ``shared_w2 [H, Is]`` and
     ``shared_gate_weight [1, H]`` adds the talker's shared expert ``sigmoid(x @ g.T) * SwiGLU_shared(x)``.
     ``w13`` may be a :class:`~omni_fast.ops.quant.QuantizedExperts` with ``w2=None`` (shared expert in float).
+    Inference-only: inputs that require grad (with grad mode on) raise ``ValueError``.
     """
+    check_inference_only("moe_block", hidden_states=hidden_states, gate_weight=gate_weight, w13=w13, w2=w2,
+                         shared_w13=shared_w13, shared_w2=shared_w2, shared_gate_weight=shared_gate_weight)
     if isinstance(w13, QuantizedExperts):
         return moe_block_quantized(hidden_states, gate_weight, w13, w2, top_k, renormalize=renormalize,
                                    shared_w13=shared_w13, shared_w2=shared_w2, shared_gate_weight=shared_gate_weight,
@@ -329,7 +337,7 @@ def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, w13: torch
     if hidden_states.dim() < 1:
         raise ValueError("hidden_states must have a hidden dimension")
     shape = hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1])
+    x = hidden_states.reshape(math.prod(shape[:-1]), shape[-1])  # (-1 is ambiguous when H = 0)
     E, num_global, _ = _check_experts(x, w13, w2, activation, expert_map)
     H = x.shape[1]
     check_tensor("gate_weight", gate_weight, dtypes=(x.dtype,), shape=(num_global, H), device=x.device,
