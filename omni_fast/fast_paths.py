@@ -119,6 +119,7 @@ def _from_env(path: FastPath) -> bool:
 _STATE: dict[str, bool] = {p.name: _from_env(p) for p in PATHS}
 _BLOCKS: dict[str, list] = {p.name: [] for p in PATHS}  # the `with enable(...)` blocks inside now, oldest first
 _BLOCKS_LOCK = threading.Lock()
+_SWITCHES = 0  # enable() calls so far: each block's place in the chain of previous settings
 
 
 def _check_name(name) -> str:
@@ -144,12 +145,17 @@ class enable:  # noqa: N801 - used like a function (and like torch.set_grad_enab
     def __init__(self, name: str, on: bool = True):
         self.name = _check_name(name)
         on = check_bool("on", on)
-        self.previous = _STATE[name]
-        _STATE[name] = on
+        global _SWITCHES
+        with _BLOCKS_LOCK:  # the previous setting, the switch and its order: one step (threads)
+            self.previous, self.order = _STATE[name], _SWITCHES
+            _STATE[name], _SWITCHES = on, _SWITCHES + 1
 
     def __enter__(self) -> "enable":
+        # in the order of the switches, not of the entries: another thread may switch between this one's switch
+        # (__init__) and its entry, and the hand-over in __exit__ follows the chain of previous settings
         with _BLOCKS_LOCK:
-            _BLOCKS[self.name].append(self)
+            blocks = _BLOCKS[self.name]
+            blocks.insert(next((j for j, b in enumerate(blocks) if b.order > self.order), len(blocks)), self)
         return self
 
     def __exit__(self, *exc) -> None:

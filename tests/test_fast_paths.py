@@ -75,6 +75,21 @@ def test_overlapping_blocks_restore_in_any_order():
         assert fast_paths.enabled("fused_step") is before, first_out
 
 
+def test_blocks_entered_in_another_order_than_switched_restore():
+    """Thread A switches (``enable(...)`` runs), thread B switches and enters its block, then A enters: the blocks
+    were kept in the order they were entered, so A leaving first restored "off" while B was inside, and B then
+    restored A's "on" for good. Blocks now keep the order of their switches (deterministic, by hand; ~0 s)."""
+    before = fast_paths.enabled("fused_step")
+    a = fast_paths.enable("fused_step", not before)
+    b = fast_paths.enable("fused_step", not before)
+    b.__enter__()
+    a.__enter__()
+    a.__exit__(None, None, None)
+    assert fast_paths.enabled("fused_step") is (not before)  # B is still inside
+    b.__exit__(None, None, None)
+    assert fast_paths.enabled("fused_step") is before
+
+
 def test_fixture_switches_for_one_test(fast_path):
     fast_path("token2wav")
     fast_path("token2wav", False)
