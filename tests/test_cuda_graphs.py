@@ -7,6 +7,8 @@ from omni_fast.models import cuda_graphs
 
 
 class _Stream:
+    device = "cuda:0"
+
     def __init__(self, *a, **k):
         self.waited = []
 
@@ -18,6 +20,11 @@ class _Stream:
 
 
 class _Event:
+    made = 0  # events created (the guard re-records one)
+
+    def __init__(self):
+        _Event.made += 1
+
     def record(self, stream=None):
         self.stream = stream
 
@@ -27,8 +34,10 @@ class _Graph:
 
 
 def _fake_cuda(monkeypatch):
-    """torch.cuda's stream / graph / event objects replaced; returns (current stream, the kwargs of each capture)."""
+    """torch.cuda's stream / graph / event objects replaced; returns (current stream, the kwargs of each capture).
+    ``current_stream()`` answers ``torch.cuda._fake_current[0]`` (a test switches it: another thread's stream)."""
     current, captures = _Stream(), []
+    monkeypatch.setattr(torch.cuda, "_fake_current", [current], raising=False)
 
     class _GraphContext:
         def __init__(self, graph, **kwargs):
@@ -45,7 +54,7 @@ def _fake_cuda(monkeypatch):
             pass
 
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: torch.cuda._fake_current[0])
     monkeypatch.setattr(torch.cuda, "stream", _StreamContext)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
     monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
@@ -81,10 +90,11 @@ def test_replay_guard_orders_holders_on_the_device(monkeypatch):
     except RuntimeError:
         pass
     first = guard.done
-    assert isinstance(first, _Event) and current.waited == []
+    assert isinstance(first, _Event) and current.waited == [] and first.stream is current
+    other = torch.cuda._fake_current[0] = _Stream()  # another thread's stream
     with guard.hold("cuda"):
-        assert current.waited == [first] and guard.lock._is_owned()
-    assert guard.done is not first
+        assert other.waited == [first] and guard.lock._is_owned()
+    assert guard.done.stream is other
     fresh = pickle.loads(pickle.dumps(guard))
     assert isinstance(fresh, cuda_graphs.ReplayGuard) and fresh.done is None
 
@@ -98,14 +108,36 @@ def test_replay_guard_nested_or_capturing_holds_neither_wait_nor_record(monkeypa
     with guard.hold("cuda"):
         pass
     first = guard.done
+    other = torch.cuda._fake_current[0] = _Stream()  # another thread's stream
     with guard.hold("cuda"):
-        assert current.waited == [first]
+        assert other.waited == [first]
         with guard.hold("cuda"):  # nested: no second wait, no record
-            assert current.waited == [first] and guard.done is first
-        assert guard.done is first
-    second = guard.done
-    assert second is not first and guard.depth == 0
+            assert other.waited == [first] and guard.done.stream is current
+        assert guard.done.stream is current
+    assert guard.done.stream is other and guard.depth == 0
+    torch.cuda._fake_current[0] = current
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with guard.hold("cuda"):
         pass
-    assert current.waited == [first] and guard.done is second
+    assert current.waited == [] and guard.done.stream is other
+
+
+def test_replay_guard_host_work_per_hold(monkeypatch):
+    """Every MTP frame takes the guard: one event is re-recorded (a wait binds to the record before it), not one
+    made (and destroyed) per hold, and a holder on the stream that recorded last does not wait (stream order
+    already puts the previous holder's work first); a holder on another stream waits (~0 s)."""
+    current, _ = _fake_cuda(monkeypatch)
+    guard, made = cuda_graphs.ReplayGuard(), _Event.made
+    for _ in range(3):
+        with guard.hold("cuda"):
+            pass
+    assert _Event.made - made == 1 and current.waited == []
+    other = torch.cuda._fake_current[0] = _Stream()
+    with guard.hold("cuda"):
+        pass
+    assert other.waited == [guard.done] and _Event.made - made == 1 and guard.done.stream is other
+    cuda1 = torch.cuda._fake_current[0] = _Stream()
+    cuda1.device = "cuda:1"  # an event records on its own device's streams: a new one there
+    with guard.hold("cuda:1"):
+        pass
+    assert _Event.made - made == 2 and guard.done.stream is cuda1

@@ -64,10 +64,15 @@ class ReplayGuard:
     captured takes it again) neither waits nor records, the outermost one orders the work; nor does a hold while
     the current stream captures (a caller's own graph around ours): waiting there on an event recorded outside the
     capture is not allowed, and the capture runs nothing, its replays are what the caller orders. No host sync.
-    Pickles and deep-copies as a fresh guard (its lock and event belong to this process and device)."""
+    Pickles and deep-copies as a fresh guard (its lock and event belong to this process and device).
+
+    Host work per hold (every MTP frame takes one): one capture-status query and one event record; a holder on
+    another stream than the previous one also one stream wait. One event is re-recorded (a wait binds to the
+    record before it: CUDA's cudaStreamWaitEvent semantics), not one created and destroyed per hold."""
 
     def __init__(self):
         self.lock, self.done, self.depth = threading.RLock(), None, 0
+        self.stream = None  # the stream ``done`` was last recorded on (a holder on it is ordered already)
 
     def __reduce__(self):
         return type(self), ()
@@ -75,12 +80,17 @@ class ReplayGuard:
     def wait(self, device) -> None:
         """The current stream waits for the previous holder's work (and its output copies), wherever it ran."""
         if self.done is not None and _ordered(device):
-            torch.cuda.current_stream(device).wait_event(self.done)
+            stream = torch.cuda.current_stream(device)
+            if stream != self.stream:  # (on the same stream the previous holder's work is before ours anyway)
+                stream.wait_event(self.done)
 
     def record(self, device) -> None:
         if _ordered(device):
-            self.done = torch.cuda.Event()
-            self.done.record(torch.cuda.current_stream(device))
+            stream = torch.cuda.current_stream(device)
+            if self.done is None or self.stream is None or self.stream.device != stream.device:
+                self.done = torch.cuda.Event()  # (an event records on streams of the device it was made on)
+            self.done.record(stream)
+            self.stream = stream
 
     @contextlib.contextmanager
     def hold(self, device) -> Iterator[None]:
