@@ -10,7 +10,10 @@ class _Stream:
     device = "cuda:0"
 
     def __init__(self, *a, **k):
-        self.waited = []
+        self.waited, self.synced = [], 0
+
+    def synchronize(self):
+        self.synced += 1
 
     def wait_stream(self, other):
         pass
@@ -141,3 +144,42 @@ def test_replay_guard_host_work_per_hold(monkeypatch):
     with guard.hold("cuda:1"):
         pass
     assert _Event.made - made == 2 and guard.done.stream is cuda1
+
+
+def test_replay_guard_drains_before_what_holders_shared_is_dropped(monkeypatch):
+    """Dropping graphs (new weights) or persistent frames (a full cache) frees their static inputs / workspaces to
+    the stream that allocated them, whose next allocation reuses them at once, while a holder on another thread's
+    stream may still replay with them: inside the hold (ordered after every earlier holder) the host first waits
+    for the current stream. Nothing to wait for without an earlier CUDA holder, outside a hold, or on the CPU."""
+    current, _ = _fake_cuda(monkeypatch)
+    guard = cuda_graphs.ReplayGuard()
+    with guard.hold("cuda"):
+        guard.drain("cuda")  # no earlier holder
+    assert current.synced == 0
+    guard.drain("cuda")  # outside a hold: the stream is not ordered after the holders
+    with guard.hold("cpu"):
+        guard.drain("cpu")
+    assert current.synced == 0
+    with guard.hold("cuda"):
+        guard.drain("cuda")
+    assert current.synced == 1
+
+
+def test_code_predictor_drains_before_dropping_graphs(monkeypatch):
+    """CodePredictor's graph path drains its guard before it drops the frame graphs of stale weights (CPU
+    emulation of the graph path with drain recorded; ~0.1 s)."""
+    from omni_fast.models import CodePredictor
+
+    cfg = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_code_groups=3)
+    cp = CodePredictor(cfg, codec_vocab_size=32)  # (zero weights: what is checked is when graphs are dropped)
+    drained = []
+    monkeypatch.setattr(cp._shared, "drain", lambda device: drained.append(len(cp._graphs)))
+    x = torch.randn(1, cp.config.hidden_size)
+    c0 = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=False)
+        assert drained == [] and len(cp._graphs) == 1
+        cp.table.add_(0)  # an in-place update: the graphs are stale
+        cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=False)
+    assert drained == [1] and len(cp._graphs) == 1

@@ -378,6 +378,7 @@ class CodePredictor(torch.nn.Module):
             frame = self._persistent.get(key)
             if frame is None:
                 if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                    self._shared.drain(x.device)  # (another stream's launch may still use a workspace)
                     self._persistent.clear()
                 frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
                                                                 seed.numel() > 1, c0_embed is not None)
@@ -478,6 +479,8 @@ class CodePredictor(torch.nn.Module):
             # stale.
             weights = weights_key(self)
             if weights != self._graphs_weights:
+                if self._graphs:
+                    self._shared.drain(x.device)  # (another stream's replay may still read their static inputs)
                 self._graphs.clear()
                 self._graphs_weights = weights
             graph = self._graphs.get(key)

@@ -92,6 +92,15 @@ class ReplayGuard:
             self.done.record(stream)
             self.stream = stream
 
+    def drain(self, device) -> None:
+        """Inside a hold, before dropping what the holders shared (graphs and their static inputs, persistent
+        frames' workspaces): the host waits for the current stream, which the hold ordered after every earlier
+        holder's work. The caching allocator hands a freed block to the next allocation on the stream that made
+        it at once, and a holder of another thread's stream may still be replaying with it. A host sync, only on
+        these rare drops (new weights, a full cache)."""
+        if self.depth and self.done is not None and _ordered(device):
+            torch.cuda.current_stream(device).synchronize()
+
     @contextlib.contextmanager
     def hold(self, device) -> Iterator[None]:
         with self.lock:
