@@ -469,18 +469,15 @@ class CodePredictor(torch.nn.Module):
         # One shared seed ([1]: rows keyed by their index) or per-row seeds ([B]: no row index): two graphs.
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
         # the backend as requested now (argument, use_backend block or environment): a graph captured under one
-        # ambient choice must not replay under another
-        # (and its static buffers, made under torch.inference_mode() or not: inference tensors cannot be written
-        # outside it, so each mode has its own graph)
+        # ambient choice must not replay under another (and its static buffers, made under torch.inference_mode()
+        # or not: inference tensors cannot be written outside it, so each mode has its own graph)
         key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
                self.persistent, torch.is_inference_mode_enabled(), fused)
         with self._shared.hold(x.device):  # the lookup, any capture, the copies in, the replay, the copies out
-            # A graph reads the weights by address: moved (.to()), reloaded or updated weights make every graph
-            # stale.
+            # graphs read the weights by address: moved (.to()), reloaded or updated weights make them all stale
             weights = weights_key(self)
             if weights != self._graphs_weights:
-                if self._graphs:
-                    self._shared.drain(x.device)  # (another stream's replay may still read their static inputs)
+                self._shared.drain(x.device)  # (another stream's replay may still read their static inputs)
                 self._graphs.clear()
                 self._graphs_weights = weights
             graph = self._graphs.get(key)
