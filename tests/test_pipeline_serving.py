@@ -177,3 +177,22 @@ def test_stage_clock_waits_for_the_current_stream_only(monkeypatch):
     assert isinstance(pdev.now(torch.device("cuda", 0)), float) and synced == ["stream"]
     pdev.now(torch.device("cpu"))
     assert synced == ["stream"]
+
+
+def test_patched_model_pickles_after_a_generate(pipe):
+    """The decode takeover's leased decoders are kept on the text model with a weakref to each one's lease: torch.save
+    of a patched model after any generate (or right after patch with fused_step on, which builds the decoder)
+    raised "cannot pickle 'weakref.ReferenceType' object" (the docs say a patched model pickles). The leased
+    decoders now pickle and deep-copy as none: the twin builds its own for its weights (~0.5 s)."""
+    import copy
+    import io
+
+    thinker = pipe.model.thinker
+    ids, kw = torch.tensor([[5, 6, 7, 8]]), dict(max_new_tokens=3, do_sample=False)
+    want = thinker.generate(input_ids=ids, **kw)
+    buf = io.BytesIO()
+    torch.save(thinker, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    assert torch.equal(twin.generate(input_ids=ids, **kw), want)
+    assert torch.equal(copy.deepcopy(thinker).generate(input_ids=ids, **kw), want)

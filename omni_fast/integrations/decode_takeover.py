@@ -105,6 +105,14 @@ class FastTalkerCache:
         return f"FastTalkerCache(seen={self.seen})"
 
 
+class _Leased(list):
+    """The decoders of :func:`fast_decoder`: ``[[decoder, weakref to its lease], ...]``. Pickles and deep-copies as
+    none (a weakref cannot be pickled, and a copy of the model builds decoders of its own weights when used)."""
+
+    def __reduce__(self):
+        return _Leased, ()
+
+
 def fast_decoder(model: torch.nn.Module, lease=None):
     """A :class:`MoeTextDecoder` of a text model in :data:`FAMILIES`, built from its current weights (no head: the
     outer model applies ``codec_head`` / ``lm_head``), recording the layer outputs :func:`answered_hidden_states`
@@ -125,7 +133,7 @@ def fast_decoder(model: torch.nn.Module, lease=None):
     key = (weights_key(model), fast_paths.enabled("fused_step"), fast_paths.enabled("fused_pdl"), record)
     cached = model.__dict__.get(DECODER_ATTR)
     if cached is None or cached[0] != key:
-        cached = model.__dict__[DECODER_ATTR] = (key, [])  # [[decoder, weakref to its lease], ...]
+        cached = model.__dict__[DECODER_ATTR] = (key, _Leased())  # [[decoder, weakref to its lease], ...]
     entries = cached[1]
     if lease is None and entries:
         return entries[0][0]
