@@ -10,8 +10,8 @@ threshold is the smallest score whose cumulative mass (of all kept scores <= it)
 
 Shapes: logits ``[B, V]`` (unit stride in V; fp32/fp16/bf16), seed/offset int64 ``[1]`` or ``[B]``, prev_ids int64
 ``[B, L]``, suppress int64 ``[R, 2]`` ranges ``[lo, hi)``; out int64 ``[B]``. NaN logits are -inf (converted in
-:func:`row_scores`, where every kernel here, the chunked sampler and the persistent frame read them). The row is streamed in blocks of
-``BLOCK`` ids; when V <= BLOCK (the MTP's V = 2048) every pass re-reads one block from L1.
+:func:`row_scores`, where every kernel here, the chunked sampler and the persistent frame read them). The row is
+streamed in blocks of ``BLOCK`` ids; when V <= BLOCK (the MTP's V = 2048) every pass re-reads one block from L1.
 """
 
 from __future__ import annotations
