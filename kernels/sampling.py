@@ -9,8 +9,9 @@ threshold is the smallest score whose cumulative mass (of all kept scores <= it)
 :mod:`omni_fast.reference.sampling` (stream = the row index for one shared seed, 0 for per-row seeds).
 
 Shapes: logits ``[B, V]`` (unit stride in V; fp32/fp16/bf16), seed/offset int64 ``[1]`` or ``[B]``, prev_ids int64
-``[B, L]``, suppress int64 ``[R, 2]`` ranges ``[lo, hi)``; out int64 ``[B]``. The row is streamed in blocks of
-``BLOCK`` ids; when V <= BLOCK (the MTP's V = 2048) every pass re-reads one block from L1.
+``[B, L]``, suppress int64 ``[R, 2]`` ranges ``[lo, hi)``; out int64 ``[B]``. NaN logits are -inf (converted in
+:func:`row_scores`, where every kernel here, the chunked sampler and the persistent frame read them). The row is
+streamed in blocks of ``BLOCK`` ids; when V <= BLOCK (the MTP's V = 2048) every pass re-reads one block from L1.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def ordered_key(x):
 @triton.jit
 def row_scores(row_ptr, offs, V, prev_row_ptr, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature,
                PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr):
-    """fp32 scores of ids ``offs`` after penalty, suppression and temperature; -inf outside [0, V)."""
+    """fp32 scores of ids ``offs`` after penalty, suppression and temperature; -inf outside [0, V) and for NaN
+    logits (the samplers' one load of the logits: a NaN is -inf for every pass, reference.sampling's rule)."""
     valid = offs < V
     x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)  # NaN -> -inf before the penalty, as the reference
     if PENALTY:
         hit = offs < 0
         for l in range(n_prev):

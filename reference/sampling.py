@@ -27,6 +27,12 @@ backends' ``log`` may round differently: probability ~1e-6 per draw).
 
 ``greedy=True``: ``argmax s`` after penalty and suppression (transformers applies no warper when not sampling),
 ties to the lowest id.
+
+NaN logits: a NaN is -inf, converted where the logits are read (before the penalty): never drawn (greedy
+included, unlike ``torch.argmax``, which picks a NaN), never counted by top-k or top-p, out of the softmax. A row
+draws exactly what the same row with its NaNs replaced by -inf draws; a row of only NaN and -inf therefore gives id
+0, as a row of only -inf does (every backend; transformers' own chain would poison the softmax instead). +inf
+logits are not covered by this rule.
 """
 
 from __future__ import annotations
@@ -112,8 +118,10 @@ def apply_processors(
     repetition_penalty: float = 1.0,
     prev_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 ``[B, V]`` scores after repetition penalty and suppression (before the warpers)."""
-    s = logits.to(torch.float32).clone()
+    """fp32 ``[B, V]`` scores after repetition penalty and suppression (before the warpers); NaN logits are -inf
+    (module doc)."""
+    s = logits.to(torch.float32)
+    s = torch.where(s.isnan(), torch.full_like(s, float("-inf")), s)  # a new tensor: the caller's stays untouched
     B, V = s.shape
     if prev_ids is not None and repetition_penalty != 1.0 and prev_ids.numel():
         hit = torch.zeros(B, V + 1, dtype=torch.bool, device=s.device)

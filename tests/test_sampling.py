@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.generation import logits_process as lp  # noqa: E402
 
-from _sampling_helpers import _warp  # noqa: E402
+from _sampling_helpers import _warp, emu_library, emu_sample, use_small_chunks  # noqa: E402
 
 
 # --- reference vs transformers ---------------------------------------------------------------------------------
@@ -101,13 +101,7 @@ def test_triton_ties_multiblock_and_fp16():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """The two-stage sampler (kernels/sampling_chunked.py) at interpreter-sized chunks: 128 ids, 16 candidates
-    each (the GPU's 4096 / 64 cost ~20 s per chunk on the interpreter); V > 128 then runs several chunks."""
-    from omni_fast.kernels import sampling_chunked
-
-    monkeypatch.setattr(sampling_chunked, "CHUNK", 128)
-    monkeypatch.setattr(sampling_chunked, "KC", 16)
-    return sampling_chunked
+    return use_small_chunks(monkeypatch)
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=10, top_p=0.8), dict(top_k=16, top_p=1.0, temperature=0.6),
@@ -243,32 +237,7 @@ def test_gpu_chunked_sampler_real_vocab(dtype):
 
 @pytest.fixture(scope="module")
 def cuda_emu(build_cuda_emu):
-    """kernels/cuda/sampling.cu compiled for the host with tests/cuda_emu (threads + barriers for a block)."""
-    import ctypes
-
-    lib = build_cuda_emu("emu.cpp")
-    P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
-    lib.emu_sample_f32.argtypes = [I, P, P, L, I, P, I, P, I, P, L, I, F, F, P, I, F, I, F, I, I, I, I, I]
-    return lib
-
-
-def _emu_sample(lib, logits, *, temperature=1.0, top_k=0, top_p=1.0, suppress_ranges=None, repetition_penalty=1.0,
-                prev_ids=None, seed=0, offset=0, greedy=False):
-    B, V = logits.shape
-    out = torch.full((B,), -7, dtype=torch.long)
-    seed_t = seed.long().reshape(-1).contiguous() if isinstance(seed, torch.Tensor) else torch.tensor([seed])
-    seed_stride = 1 if seed_t.numel() > 1 else 0
-    off_t = torch.tensor([offset], dtype=torch.long)
-    pen = prev_ids is not None and repetition_penalty != 1.0
-    sup = None if suppress_ranges is None else torch.tensor(suppress_ranges, dtype=torch.long)
-    lib.emu_sample_f32(
-        B, logits.data_ptr(), out.data_ptr(), logits.stride(0), V, seed_t.data_ptr(), seed_stride, off_t.data_ptr(), 0,
-        prev_ids.data_ptr() if pen else out.data_ptr(), prev_ids.stride(0) if pen else 0,
-        prev_ids.shape[1] if pen else 0, repetition_penalty, 1.0 / repetition_penalty,
-        sup.data_ptr() if sup is not None else out.data_ptr(), 0 if sup is None else sup.shape[0], 1.0 / temperature,
-        top_k, 1.0 - top_p, int(greedy), int(pen), int(temperature != 1.0 and not greedy), int(0 < top_k < V),
-        int(top_p < 1.0))
-    return out
+    return emu_library(build_cuda_emu)
 
 
 @pytest.mark.parametrize("V,kw", [
@@ -285,7 +254,7 @@ def test_cuda_kernel_logic_emulated(cuda_emu, V, kw):
     if V == 64:
         logits = logits.round()  # ties
     prev = torch.randint(-1, V, (2, 3), generator=g) if "repetition_penalty" in kw else None
-    got = _emu_sample(cuda_emu, logits, prev_ids=prev, seed=-77, offset=5, **kw)
+    got = emu_sample(cuda_emu, logits, prev_ids=prev, seed=-77, offset=5, **kw)
     want = ref.sample(logits, prev_ids=prev, seed=torch.tensor([-77]), offset=torch.tensor([5]), **kw)
     assert torch.equal(got, want)
 
@@ -296,10 +265,10 @@ def test_cuda_kernel_per_row_seeds_emulated(cuda_emu):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 40, generator=g).expand(2, -1).contiguous() * 0.1  # flat: many ids are likely
     seeds = torch.tensor([7, 7])
-    got = _emu_sample(cuda_emu, logits, seed=seeds, offset=2, top_k=30)
+    got = emu_sample(cuda_emu, logits, seed=seeds, offset=2, top_k=30)
     want = ref.sample(logits, seed=seeds, offset=torch.tensor([2]), top_k=30)
     assert torch.equal(got, want) and got[0] == got[1]
-    shared = _emu_sample(cuda_emu, logits, seed=7, offset=2, top_k=30)
+    shared = emu_sample(cuda_emu, logits, seed=7, offset=2, top_k=30)
     assert torch.equal(shared, ref.sample(logits, seed=torch.tensor([7]), offset=torch.tensor([2]), top_k=30))
     assert shared[0] == got[0]  # row 0 of a shared seed = that seed's stream
 

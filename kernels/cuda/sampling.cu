@@ -5,7 +5,8 @@
 // where logf/expf may round differently across backends).
 //
 // One block (256 threads) per row. logits [B, V] (row stride given, unit stride in V), seed/offset int64 [1] or
-// [B] (stride 0 or 1), prev_ids int64 [B, L], suppress int64 [R, 2] ranges [lo, hi); out int64 [B].
+// [B] (stride 0 or 1), prev_ids int64 [B, L], suppress int64 [R, 2] ranges [lo, hi); out int64 [B]. NaN logits are
+// -inf (of_score), so a NaN is never drawn nor counted by top-k / top-p.
 // Compiled at run time by NVRTC through CuPy (kernels/cuda_sampling.py); the C-ABI launcher at the bottom
 // (declared in sampling.h) is for C/C++ serving stacks (nvcc), hidden from NVRTC. No CUDA header is included (as in
 // rope.cu and moe_routing.cu): fp16/bf16 logits are raw 16-bit values converted with PTX. NVRTC finds no toolkit
@@ -71,6 +72,7 @@ __device__ __forceinline__ float of_load(const of_bf16* p) { return __uint_as_fl
 template <typename T>
 __device__ __forceinline__ float of_score(const T* row, int j, const of_i64* prev_row, const OfParams& p) {
   float x = of_load(row + j);
+  if (x != x) x = OF_NEG_INF;  // NaN -> -inf (reference/sampling.py's rule): the sampler's one read of the logits
   if (p.penalty_on) {
     bool hit = false;
     for (int l = 0; l < p.n_prev; ++l) hit |= prev_row[l] == (of_i64)j;

@@ -148,7 +148,8 @@ def sample(
     copies nothing). One seed value is shared by the batch (rows are told apart by their index); a ``[B]`` seed
     (B > 1) gives every row its own stream, independent of the row's place in the batch. ``seed=None`` takes a
     seed from torch's default generator (a host value: not inside a capture). ``greedy``: argmax after penalty
-    and suppression.
+    and suppression. NaN logits are -inf on every backend (never drawn, never counted by top-k / top-p, out of the
+    softmax; a row of only NaN and -inf gives id 0, as a row of only -inf); see :mod:`omni_fast.reference.sampling`.
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     B, V = logits.shape
