@@ -185,3 +185,25 @@ def test_code_predictor_drains_before_dropping_graphs(monkeypatch):
         cp.table.add_(0)  # an in-place update: the graphs are stale
         cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=False)
     assert drained == [0, 1] and len(cp._graphs) == 1
+
+
+def test_code_predictor_graph_cache_is_bounded(monkeypatch):
+    """Sampling settings are baked into the frame graphs: a server whose requests each bring their own temperature
+    captured one more graph per setting without bound; past 32 the cache is drained and dropped (~0.3 s)."""
+    from omni_fast.models import CodePredictor
+
+    cfg = dict(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_code_groups=3)
+    cp = CodePredictor(cfg, codec_vocab_size=32)
+    drained = []
+    monkeypatch.setattr(cp._shared, "drain", lambda device: drained.append(len(cp._graphs)))
+    x, c0 = torch.randn(1, cp.config.hidden_size), torch.zeros(1, dtype=torch.long)
+    sizes = []
+    with torch.no_grad():
+        for i in range(40):
+            cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=True, temperature=0.5 + i / 64,
+                             seed=1)
+            sizes.append(len(cp._graphs))
+        cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=True, temperature=0.5 + 39 / 64, seed=1)
+    assert max(sizes) == 32 and sizes[32] == 1 and drained == [0, 32]  # (the first frame's drain: no graph yet)
+    assert len(cp._graphs) == 8  # a setting still cached replays without a drop

@@ -126,14 +126,20 @@ def test_default_buckets_four_per_octave():
     assert graphs(b) == 23 and graphs(tuple(16 << i for i in range(9))) == 7
 
 
-def test_new_weights_drop_the_graphs(dit):
+def test_new_weights_drop_the_graphs(dit, monkeypatch):
+    """... after draining the shared guard (another stream's replay may still read the dropped graphs' buffers)."""
     cond, ref, code = _inputs(dit, 1, 3)
     _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,), backend="reference")
-    before = dit.__dict__[dit_solve._CACHE]["weights"]
+    cache = dit.__dict__[dit_solve._CACHE]
+    before, graphs = cache["weights"], len(cache)
+    drained = []
+    monkeypatch.setattr(dit.__dict__[dit_solve._POOL], "drain", lambda device: drained.append(len(cache)),
+                        raising=False)
     with torch.no_grad():
         dit.proj_out.bias.add_(0.0)  # in-place update: version bump
     _ours(dit, cond, ref, code, 0, num_steps=2, buckets=(4,), backend="reference")
     assert dit.__dict__[dit_solve._CACHE]["weights"] != before
+    assert drained == [graphs]  # drained once, before the stale graphs were dropped
 
 
 def test_inference_mode_then_no_grad(dit):

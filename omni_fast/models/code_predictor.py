@@ -259,8 +259,8 @@ class CodePredictor(torch.nn.Module):
         Returns ``codes`` int64 ``[B, G]`` (``codes[:, 0] = c0``) and ``next_input`` ``[B, H]``, the sum of the G
         codebook embeddings (codebook 0 from ``codec_embedding`` or ``c0_embed``), accumulated in fp32 and
         rounded once like transformers' ``.sum(1)``. ``use_graph`` (default: on CUDA) replays one captured CUDA
-        graph per batch bucket (sampling settings are baked into the graph: one graph per (bucket, settings);
-        the graphs are dropped when the weights move or change); on a CPU ``use_graph=True`` emulates the replay.
+        graph per batch bucket (sampling settings are baked in: one graph per (bucket, settings), at most 32 kept;
+        all are dropped when the weights move or change); on a CPU ``use_graph=True`` emulates the replay.
         ``backend`` runs the whole frame as in a ``use_backend(backend)`` block (per-op fallback from cuda to
         triton). ``fused`` overrides the model's layer path for this call.
         """
@@ -468,15 +468,15 @@ class CodePredictor(torch.nn.Module):
         bucket = next((b for b in BATCH_BUCKETS if b >= B), None) or 1 << (B - 1).bit_length()
         # One shared seed ([1]: rows keyed by their index) or per-row seeds ([B]: no row index): two graphs.
         per_row = isinstance(seed, torch.Tensor) and seed.numel() > 1
-        # the backend as requested now (argument, use_backend block or environment): a graph captured under one
-        # ambient choice must not replay under another (and its static buffers, made under torch.inference_mode()
-        # or not: inference tensors cannot be written outside it, so each mode has its own graph)
+        # the backend as requested now (argument, use_backend block, environment): a graph of one ambient choice
+        # never replays under another; nor one of inference mode outside it (inference tensors as static buffers)
         key = (bucket, sampling, c0_embed is None, per_row, str(x.device), x.dtype, requested_backend(),
                self.persistent, torch.is_inference_mode_enabled(), fused)
         with self._shared.hold(x.device):  # the lookup, any capture, the copies in, the replay, the copies out
-            # graphs read the weights by address: moved (.to()), reloaded or updated weights make them all stale
+            # graphs read the weights by address: moved (.to()), reloaded or updated weights make them all stale;
+            # > 32 graphs (settings are baked in: a server's per-request temperatures) are dropped too, bounded
             weights = weights_key(self)
-            if weights != self._graphs_weights:
+            if weights != self._graphs_weights or (len(self._graphs) >= 32 and key not in self._graphs):
                 self._shared.drain(x.device)  # (another stream's replay may still read their static inputs)
                 self._graphs.clear()
                 self._graphs_weights = weights

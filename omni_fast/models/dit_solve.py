@@ -308,8 +308,9 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     key = (B, codes, settings, conditioning.dtype, str(code.device), backend or requested_backend(), id(vocoder),
            torch.is_inference_mode_enabled(), tf32, ambient)
     shared = dit.__dict__.setdefault(_POOL, _SharedPool())  # one pool for both caches' graphs, every bucket
-    with shared.lock:  # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool)
-        cache = _graph_cache(dit, vocoder)
+    # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool), the device ordered too
+    with shared.hold(code.device):
+        cache = _graph_cache(dit, vocoder, shared, code.device)
         graph = cache.get(key)
         if graph is None:
             graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device,
@@ -317,15 +318,17 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
         return graph.run(noise, code, conditioning, spk, L)
 
 
-def _graph_cache(dit, vocoder) -> _GraphCache:
+def _graph_cache(dit, vocoder, shared: ReplayGuard, device) -> _GraphCache:
     """The DiT's graph cache for mel-only (``vocoder`` None) or mel + waveform graphs, emptied when the weights
-    changed; fuses the DiT's weights first where it can."""
+    changed (after ``shared.drain``: another stream's replay may still read the graphs' buffers); fuses the DiT's
+    weights first where it can."""
     if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
         dit_layers.fuse_weights(dit)
     # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
     cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", _GraphCache())
     weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
+        shared.drain(device)
         cache.clear()
         cache["weights"] = weights
     return cache
