@@ -207,3 +207,35 @@ def test_code_predictor_graph_cache_is_bounded(monkeypatch):
         cp.predict_frame(x, c0, use_graph=True, backend="reference", do_sample=True, temperature=0.5 + 39 / 64, seed=1)
     assert max(sizes) == 32 and sizes[32] == 1 and drained == [0, 32]  # (the first frame's drain: no graph yet)
     assert len(cp._graphs) == 8  # a setting still cached replays without a drop
+
+
+def test_captures_of_two_threads_never_overlap(monkeypatch):
+    """PyTorch supports one capture at a time (torch.cuda.graph synchronises the device and empties the caching
+    allocator on entry): two server threads capturing their first graphs at once take turns (~0.1 s)."""
+    import threading
+    import time
+
+    _fake_cuda(monkeypatch)
+    inside, most = [0], [0]
+
+    class _Counting:
+        def __init__(self, graph, **kwargs):
+            pass
+
+        def __enter__(self):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.02)  # (a capture that takes a while: the other thread arrives meanwhile)
+
+        def __exit__(self, *exc):
+            inside[0] -= 1
+            return False
+
+    monkeypatch.setattr(torch.cuda, "graph", _Counting)
+    threads = [threading.Thread(target=cuda_graphs.capture, args=(lambda: None, "cuda"), kwargs=dict(warmup=0))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and inside[0] == 0

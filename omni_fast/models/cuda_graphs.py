@@ -28,7 +28,10 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     capturing", and the capture is invalidated too. ``thread_local`` still refuses such calls on the capturing
     thread (where they would be bugs of the captured body) and leaves the other threads alone; their work runs
     on their own streams and the caching allocator's general pool, not on this capture's side stream and private
-    pool (PyTorch's own cudagraph trees capture the same way).
+    pool (PyTorch's own cudagraph trees capture the same way). Captures of several threads (one request's first
+    decode step, another's first MTP frame) are serialised by one process-wide lock: PyTorch supports one capture
+    at a time (``torch.cuda.graph`` synchronises the device and empties the allocator's cache on entry, which must
+    not happen while another stream captures); the warm-ups and every replay run outside that lock.
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -39,9 +42,14 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     if after_warmup is not None:
         after_warmup()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with _CAPTURES, torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
+
+
+# One capture at a time in the process (see capture()). Lock order: a ReplayGuard's lock, then this one; nothing
+# takes a ReplayGuard while holding it but the capturing thread's own re-entrant holds.
+_CAPTURES = threading.RLock()
 
 
 def weights_key(*modules: torch.nn.Module) -> tuple:
