@@ -196,3 +196,40 @@ def test_patched_model_pickles_after_a_generate(pipe):
     twin = torch.load(buf, weights_only=False)
     assert torch.equal(twin.generate(input_ids=ids, **kw), want)
     assert torch.equal(copy.deepcopy(thinker).generate(input_ids=ids, **kw), want)
+
+
+@pytest.mark.gpu
+def test_gpu_frames_from_threads_on_their_own_streams():
+    """Two server threads, each on a CUDA stream of its own, capture their first frame graphs at the same time
+    (buckets 2 and 4) and replay them 20 times each, greedy and seeded: every frame equals the eager frame. The
+    real-device check of the ReplayGuard's event ordering, the capture lock and the thread_local capture mode."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from test_mtp import _hf_predictor
+
+    from omni_fast.models import CodePredictor
+
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m.cuda(), emb.cuda())
+    g = torch.Generator().manual_seed(3)
+    hs = [torch.randn(B, 48, generator=g).cuda() for B in (2, 3)]
+    c0s = [torch.randint(0, emb.num_embeddings, (B,), generator=g).cuda() for B in (2, 3)]
+    kws = [dict(do_sample=False), dict(seed=11)]
+    want = [[cp.predict_frame(h, c, use_graph=False, **kw) for kw in kws] for h, c in zip(hs, c0s)]
+    got = [[], []]
+    torch.cuda.synchronize()
+
+    def work(i):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(20):
+                for kw in kws:
+                    codes, nxt = cp.predict_frame(hs[i], c0s[i], use_graph=True, **kw)
+                    got[i].append((codes.clone(), nxt.clone()))
+            torch.cuda.current_stream().synchronize()
+
+    assert run_threads(work) == []
+    for i in range(2):
+        assert len(got[i]) == 40
+        for j, (codes, nxt) in enumerate(got[i]):
+            assert torch.equal(codes, want[i][j % 2][0]), (i, j)
+            torch.testing.assert_close(nxt, want[i][j % 2][1], rtol=0, atol=0)
