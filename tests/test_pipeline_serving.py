@@ -233,3 +233,48 @@ def test_gpu_frames_from_threads_on_their_own_streams():
         for j, (codes, nxt) in enumerate(got[i]):
             assert torch.equal(codes, want[i][j % 2][0]), (i, j)
             torch.testing.assert_close(nxt, want[i][j % 2][1], rtol=0, atol=0)
+
+
+def test_a_stream_resumed_on_another_cuda_stream_waits_for_the_last_resume(monkeypatch):
+    """A stream generator resumed by a server thread on another CUDA stream first waits for the work its previous
+    resume queued (an event recorded at each yield); resumed on the same stream it does not wait; closing it closes
+    the stream's own generator at once (CUDA streams and events faked; ~0 s)."""
+    from omni_fast.pipeline.device import resumed_in_order
+
+    log = []
+
+    class _Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.stream))
+
+    class _Event:
+        stream = None
+
+        def record(self, stream):
+            self.stream = stream.name
+
+    streams = {"a": _Stream("a"), "b": _Stream("b")}
+    current = ["a"]
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[current[0]])
+    closed = []
+
+    def inner():
+        try:
+            for i in range(4):
+                log.append(("work", current[0]))
+                yield i
+        finally:
+            closed.append(True)
+
+    gen = resumed_in_order(inner(), torch.device("cuda"))
+    assert next(gen) == 0 and next(gen) == 1  # the same stream: no wait
+    current[0] = "b"
+    assert next(gen) == 2  # another thread's stream: it waits for a's last record first
+    assert log == [("work", "a"), ("work", "a"), ("wait", "b", "a"), ("work", "b")]
+    gen.close()
+    assert closed == [True]
+    assert list(resumed_in_order(iter([1, 2]), torch.device("cpu"))) == [1, 2]

@@ -36,6 +36,7 @@ from typing import Iterator
 
 import torch
 
+from ..pipeline.device import resumed_in_order
 from ..pipeline.qwen3 import Qwen3Stages
 from ..pipeline.requests import ByteTokenizer, Event, Request, make_sampler
 from ..pipeline.scheduler import StreamOptions, StreamRun
@@ -299,7 +300,8 @@ class Qwen3Omni:
                              talker_repetition_penalty=talker_repetition_penalty, first_chunk=first_chunk,
                              chunk=chunk, left_context=left_context, prefill_chunk=prefill_chunk,
                              static_cache=static_cache, graph_decode=graph_decode, seed=seed)
-        yield from StreamRun(self.stages(), reqs, opts).events()
+        run = StreamRun(self.stages(), reqs, opts)
+        yield from resumed_in_order(run.events(), run.dev)  # (a server thread on its own stream may resume it)
 
     def stages(self):
         """The stage adapter of this model family (:mod:`omni_fast.pipeline`)."""

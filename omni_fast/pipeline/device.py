@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from typing import Iterator
 
 import torch
 
@@ -18,6 +19,31 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
+
+
+def resumed_in_order(events: Iterator, device: torch.device) -> Iterator:
+    """``events`` (a stream's generator) re-yielded so that a resume on another CUDA stream than the last one (a
+    server thread that took the request over, on a stream of its own) first waits for the work the last resume
+    queued (one event, re-recorded at each yield: a wait binds to the record before it; no host sync). Closing this
+    generator closes ``events`` at once (its leases end). Elsewhere: ``events`` as they are."""
+    if device.type != "cuda":
+        yield from events
+        return
+    done, last = torch.cuda.Event(), None
+    try:
+        while True:
+            stream = torch.cuda.current_stream(device)
+            if last is not None and last != stream:
+                stream.wait_event(done)
+            try:
+                item = next(events)
+            except StopIteration:
+                return
+            done.record(stream)
+            last = stream
+            yield item
+    finally:
+        getattr(events, "close", lambda: None)()
 
 
 def new_cache(config, static: bool, max_len: int):
