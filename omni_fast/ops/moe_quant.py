@@ -68,12 +68,6 @@ def check_quantized(name: str, experts, w2, hidden_states: torch.Tensor) -> None
         raise ValueError(f"{name} has hidden size {experts.hidden_size}, hidden_states has {hidden_states.shape[-1]}")
 
 
-def _named_tensors(experts: QuantizedExperts) -> dict:
-    """The container's tensors by name (``w13``, ``w13_scale``, ...), for the out= overlap check."""
-    names = ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero", "w13_input_scale", "w2_input_scale")
-    return {n: getattr(experts, n) for n in names}
-
-
 def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add, out, backend) -> torch.Tensor:
     q = experts
     block_n = q.block[0] if q.format == "fp8_block" else 1
@@ -102,7 +96,7 @@ def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, a
         num_global = expert_map.numel()
     _check_routing(topk_weights, topk_ids, hidden_states.shape[0], num_global, hidden_states.device, check_ids)
     out = _check_out(out, hidden_states, topk_weights=topk_weights, topk_ids=topk_ids, expert_map=expert_map,
-                     **_named_tensors(experts))
+                     **experts.named_tensors())
     return _call(hidden_states, experts, topk_weights.contiguous(), topk_ids.contiguous(), expert_map, None, out,
                  backend)
 
@@ -134,7 +128,7 @@ def moe_block_quantized(hidden_states, gate_weight, experts, w2, top_k, *, renor
         check_tensor("out", out, dtypes=(x.dtype,), shape=tuple(shape), device=x.device, contiguous=True)
         out = out.view(-1, x.shape[1])
     out = float_moe._check_out(out, x, gate_weight=gate_weight, shared_w13=shared_w13, shared_w2=shared_w2,
-                               shared_gate_weight=shared_gate_weight, expert_map=expert_map, **_named_tensors(experts))
+                               shared_gate_weight=shared_gate_weight, expert_map=expert_map, **experts.named_tensors())
     logits = torch.nn.functional.linear(x, gate_weight)
     weights, ids = float_moe.route_topk(logits, top_k, renormalize, backend=backend)
     weights = weights.to(x.dtype)  # transformers rounds the routing weights to the model dtype

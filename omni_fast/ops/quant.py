@@ -154,10 +154,14 @@ class QuantizedExperts:
         """``(E, I, H)``."""
         return self.num_experts, self.intermediate_size, self.hidden_size
 
+    def named_tensors(self) -> dict[str, torch.Tensor | None]:
+        """Every tensor field by name (``w13``, ``w13_scale``, ...; None where absent), e.g. for overlap checks."""
+        names = ("w13", "w2", "w13_scale", "w2_scale", "w13_zero", "w2_zero", "w13_input_scale", "w2_input_scale")
+        return {n: getattr(self, n) for n in names}
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every tensor held (for device / dispatch checks)."""
-        return tuple(t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale, self.w13_zero, self.w2_zero,
-                                 self.w13_input_scale, self.w2_input_scale) if t is not None)
+        return tuple(t for t in self.named_tensors().values() if t is not None)
 
     def nbytes(self) -> int:
         """Bytes held in memory (weights, scales, zero points; a broadcast view counts its distinct elements)."""
