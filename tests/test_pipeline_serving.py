@@ -244,6 +244,8 @@ def test_a_stream_resumed_on_another_cuda_stream_waits_for_the_last_resume(monke
     log = []
 
     class _Stream:
+        device = "cuda:0"
+
         def __init__(self, name):
             self.name = name
 
@@ -260,6 +262,7 @@ def test_a_stream_resumed_on_another_cuda_stream_waits_for_the_last_resume(monke
     current = ["a"]
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[current[0]])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     closed = []
 
     def inner():

@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from ..models.cuda_graphs import ReplayGuard
+
 
 def now(device: torch.device) -> float:
     """A stage clock: ``perf_counter`` after the current stream has finished its queued work (on CUDA). The current
@@ -24,23 +26,20 @@ def now(device: torch.device) -> float:
 def resumed_in_order(events: Iterator, device: torch.device) -> Iterator:
     """``events`` (a stream's generator) re-yielded so that a resume on another CUDA stream than the last one (a
     server thread that took the request over, on a stream of its own) first waits for the work the last resume
-    queued (one event, re-recorded at each yield: a wait binds to the record before it; no host sync). Closing this
-    generator closes ``events`` at once (its leases end). Elsewhere: ``events`` as they are."""
+    queued: each resume is one :class:`~omni_fast.models.cuda_graphs.ReplayGuard` hold (an event re-recorded per
+    resume, a wait only across streams, no host sync). Closing this generator closes ``events`` at once (its
+    leases end). Elsewhere: ``events`` as they are."""
     if device.type != "cuda":
         yield from events
         return
-    done, last = torch.cuda.Event(), None
+    order = ReplayGuard()
     try:
         while True:
-            stream = torch.cuda.current_stream(device)
-            if last is not None and last != stream:
-                stream.wait_event(done)
-            try:
-                item = next(events)
-            except StopIteration:
-                return
-            done.record(stream)
-            last = stream
+            with order.hold(device):
+                try:
+                    item = next(events)
+                except StopIteration:
+                    return
             yield item
     finally:
         getattr(events, "close", lambda: None)()
