@@ -257,9 +257,9 @@ class _SolveGraph:
 
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors: the
-        static outputs are cloned right after the replay (the shared pool's contract, :class:`_SharedPool`)."""
-        with self.shared.hold(self.device):
-            return self._replay(noise, code, cond, spk, length)
+        static outputs are cloned right after the replay (the shared pool's contract, :class:`_SharedPool`). Called
+        inside :func:`_solve`'s hold of ``self.shared``, which covers the lookup, any capture and this replay."""
+        return self._replay(noise, code, cond, spk, length)
 
     def _replay(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         L, n = noise.shape[1], code.shape[1]
