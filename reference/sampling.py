@@ -121,7 +121,7 @@ def apply_processors(
     """fp32 ``[B, V]`` scores after repetition penalty and suppression (before the warpers); NaN logits are -inf
     (module doc)."""
     s = logits.to(torch.float32)
-    s = torch.where(s.isnan(), torch.full_like(s, float("-inf")), s)  # a new tensor: the caller's stays untouched
+    s = s.masked_fill(s.isnan(), float("-inf"))  # a new tensor: the caller's stays untouched
     B, V = s.shape
     if prev_ids is not None and repetition_penalty != 1.0 and prev_ids.numel():
         hit = torch.zeros(B, V + 1, dtype=torch.bool, device=s.device)
