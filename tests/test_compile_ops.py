@@ -1,0 +1,73 @@
+"""torch.compile(fullgraph=True) of the public ops, under dynamic=True and dynamic=False, against eager.
+
+A serving engine compiles the model that calls our ops (vLLM: ``torch.compile(dynamic=...)``, fullgraph where it
+can), so every entry point must trace without a graph break and give the eager result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import omni_fast
+from omni_fast import ops
+
+DYNAMIC = [pytest.param(True, id="dynamic"), pytest.param(False, id="static")]
+
+
+def _compiled(fn, dynamic):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+
+
+# --- sample(suppress_ranges=...) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_sample_suppress_ranges_traces_in_every_form(dynamic):
+    """(lo, hi) ints passed to the compiled function: dynamo cannot sort SymInts ("sort with non-constant keys",
+    dynamic=True); 0-d tensor ends: ``int()`` of a traced value ("Could not guard on data-dependent expression")."""
+    logits = torch.randn(3, 20)
+    r = torch.tensor([[0, 4], [10, 12], [15, 15]])
+
+    def from_ints(x, lo, hi):
+        return ops.sample(x, seed=3, suppress_ranges=[(lo, hi), (10, 12)], backend="reference")
+
+    def from_0d(x, t):
+        return ops.sample(x, seed=3, suppress_ranges=[(t[0, 0], t[0, 1]), (t[1, 0], 12)], backend="reference")
+
+    def from_tensor(x, t):
+        return ops.sample(x, seed=3, greedy=True, suppress_ranges=t, backend="reference")
+
+    for fn, args in ((from_ints, (logits, 2, 5)), (from_0d, (logits, r)), (from_tensor, (logits, r)),
+                     (from_tensor, (logits, r[:0])), (from_tensor, (logits, r.int()))):
+        got = _compiled(fn, dynamic)(*args)
+        assert torch.equal(got, fn(*args)), fn.__name__
+
+
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_sample_suppress_ranges_checks_under_compile_as_in_eager(dynamic):
+    """Python int ends are checked at trace time (comparisons become guards), as in eager; values inside tensors
+    cannot be (data-dependent): the kernels' rule applies, ``[lo, hi)`` with lo >= hi is empty and a row with
+    every id suppressed gives id 0, as on a device tensor in eager."""
+    logits = torch.randn(2, 8)
+
+    def from_ints(x, lo, hi):
+        return ops.sample(x, seed=1, suppress_ranges=[(lo, hi)], backend="reference")
+
+    fn = _compiled(from_ints, dynamic)
+    assert torch.equal(fn(logits, 1, 3), from_ints(logits, 1, 3))
+    # fullgraph=True reports an error raised while tracing as dynamo's Unsupported("Observed exception"), quoting it
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="lo <= hi"):
+        fn(logits, 3, 1)
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="whole vocabulary"):
+        fn(logits, 0, 8)
+    assert torch.equal(fn(logits, 2, 6), from_ints(logits, 2, 6))
+
+    def from_tensor(x, t):
+        return ops.sample(x, seed=1, suppress_ranges=t, backend="reference")
+
+    fn = _compiled(from_tensor, dynamic)
+    assert fn(logits, torch.tensor([[-5, 100]])).tolist() == [0, 0]  # every id suppressed: id 0
+    empty = torch.tensor([[6, 2]])  # lo > hi: suppresses nothing
+    assert torch.equal(fn(logits, empty), ops.sample(logits, seed=1, backend="reference"))
