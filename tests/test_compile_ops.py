@@ -71,3 +71,58 @@ def test_sample_suppress_ranges_checks_under_compile_as_in_eager(dynamic):
     assert fn(logits, torch.tensor([[-5, 100]])).tolist() == [0, 0]  # every id suppressed: id 0
     empty = torch.tensor([[6, 2]])  # lo > hi: suppresses nothing
     assert torch.equal(fn(logits, empty), ops.sample(logits, seed=1, backend="reference"))
+
+
+# --- use_backend inside the compiled region ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_use_backend_block_inside_a_compiled_region(dynamic):
+    """``with use_backend(...)`` inside the compiled function: ContextVar.set is not traceable ("Unsupported method
+    call"). The block's choice holds for the ops inside it, nested blocks and the code after them, and the ambient
+    choice outside the region is left as it was."""
+    from omni_fast.backend import requested_backend
+
+    code = {"triton": 1, "cuda": 2, "reference": 3, "auto": 4}
+
+    def f(x):
+        out = [x + code[requested_backend()]]
+        with omni_fast.use_backend("reference"):
+            out.append(x + code[requested_backend()])
+            with omni_fast.use_backend("triton"):
+                out.append(x + code[requested_backend()])
+            out.append(x + code[requested_backend()])
+        out.append(x + code[requested_backend()])
+        return torch.stack(out)
+
+    x = torch.zeros(2)
+    assert _compiled(f, dynamic)(x)[:, 0].tolist() == f(x)[:, 0].tolist() == [4, 3, 1, 3, 4]
+    with omni_fast.use_backend("cuda"):  # an ambient block is read when the region is traced (docs/ARCHITECTURE.md)
+        assert _compiled(f, dynamic)(x)[:, 0].tolist() == f(x)[:, 0].tolist() == [2, 3, 1, 3, 2]
+    assert requested_backend() == "auto"
+
+
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_an_op_in_a_use_backend_block_runs_that_backend_when_compiled(dynamic, monkeypatch):
+    from omni_fast.ops import sampling
+
+    ran = []
+    monkeypatch.setitem(sampling._sample_op._impls, "reference",
+                        lambda *a: (ran.append("reference"), sampling._sample_reference(*a))[1])
+
+    def f(x):
+        with omni_fast.use_backend("reference"):
+            return ops.sample(x, seed=2)
+
+    logits = torch.randn(2, 16)
+    assert torch.equal(_compiled(f, dynamic)(logits), ops.sample(logits, seed=2, backend="reference"))
+    assert "reference" in ran  # TRITON_INTERPRET=1: "auto" would have run triton
+
+
+def test_use_backend_checks_its_name_when_traced():
+    def f(x):
+        with omni_fast.use_backend("tpu"):
+            return x + 1
+
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="use_backend"):
+        _compiled(f, False)(torch.zeros(1))
