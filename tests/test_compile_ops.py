@@ -73,6 +73,24 @@ def test_sample_suppress_ranges_checks_under_compile_as_in_eager(dynamic):
     assert torch.equal(fn(logits, empty), ops.sample(logits, seed=1, backend="reference"))
 
 
+
+@pytest.mark.parametrize("dynamic", DYNAMIC)
+def test_sample_without_a_seed_traces(dynamic):
+    """seed=None drew a host int (``.item()``), then range-checked it: "Could not guard on data-dependent
+    expression" under fullgraph. Now a tensor drawn from torch's default generator: the same draw in eager, and
+    in the graph (aot_eager runs the same generator; inductor has its own RNG, random all the same)."""
+    logits = torch.randn(2, 9)
+
+    def f(x):
+        return ops.sample(x, backend="reference")
+
+    fn = _compiled(f, dynamic)
+    torch.manual_seed(0)
+    want = f(logits)
+    torch.manual_seed(0)
+    assert torch.equal(fn(logits), want)
+
+
 # --- use_backend inside the compiled region ---------------------------------------------------------------------
 
 
@@ -126,3 +144,4 @@ def test_use_backend_checks_its_name_when_traced():
 
     with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="use_backend"):
         _compiled(f, False)(torch.zeros(1))
+

@@ -173,7 +173,8 @@ def sample(
     keep a CUDA-graph replay free of host copies; advance ``offset`` between draws; ``offset=None`` is 0 and
     copies nothing). One seed value is shared by the batch (rows are told apart by their index); a ``[B]`` seed
     (B > 1) gives every row its own stream, independent of the row's place in the batch. ``seed=None`` takes a
-    seed from torch's default generator (a host value: not inside a capture). ``greedy``: argmax after penalty
+    seed from torch's default generator (drawn on the CPU and copied to the device: not inside a CUDA-graph
+    capture; inside a ``torch.compile`` region it is a draw of the graph). ``greedy``: argmax after penalty
     and suppression. NaN logits are -inf on every backend (never drawn, never counted by top-k / top-p, out of the
     softmax; a row of only NaN and -inf gives id 0, as a row of only -inf); see :mod:`omni_fast.reference.sampling`.
 
@@ -201,8 +202,8 @@ def sample(
             raise ValueError(f"prev_ids must have one row per logits row (B={B}), got shape {tuple(prev_ids.shape)}")
         prev_ids = prev_ids.long().contiguous()
     suppress = _suppress_tensor(suppress_ranges, logits.device, V)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+    if seed is None:  # one draw of torch's default generator, kept a tensor: no host int, so torch.compile traces it
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(logits.device)
     seed_t = _rng_tensor("seed", seed, B, logits.device)
     # offset=None: a cached device zero (graph-capturable); an int seed/offset is copied to the device per call
     # (pass device tensors inside a capture)
