@@ -49,8 +49,11 @@ def _check_name(name: str, where: str) -> str:
 # The use_backend blocks opened inside the region torch.compile is tracing, innermost last. Only a trace writes it:
 # dynamo records the appends / pops as side effects of the trace (a trace given up leaves it untouched, and a
 # finished graph leaves it as it found it, blocks being balanced), and reads it at trace time, so a block's choice
-# is a constant of the graph. Eager code never writes it (there, the ContextVar below), so it is empty outside a
-# compiled region.
+# is a constant of the graph. Eager code never writes it (there, the ContextVar below). One exception: a graph break
+# inside a block (no fullgraph) applies the append when the graph before the break returns, so the eager code up to
+# the resumed graph sees the block (right for this thread) -- and so would another thread's ops in that window:
+# module state, not thread-local, because dynamo cannot guard a threading.local (an internal "Guard failed on the
+# same frame" assertion in torch 2.13).
 _TRACED_BLOCKS: list[str] = []
 
 

@@ -120,6 +120,30 @@ def test_use_backend_block_inside_a_compiled_region(dynamic):
     assert requested_backend() == "auto"
 
 
+
+def test_use_backend_block_across_a_graph_break():
+    """Without fullgraph, a graph break inside the block: the code after the break (the resumed graph) still runs
+    on the block's backend, the code after the block does not, and nothing is left behind."""
+    from omni_fast import backend
+
+    code = {"triton": 1, "cuda": 2, "reference": 3, "auto": 4}
+
+    def f(x):
+        out = [x + code[backend.requested_backend()]]
+        with omni_fast.use_backend("reference"):
+            out.append(x + code[backend.requested_backend()])
+            torch._dynamo.graph_break()
+            out.append(x + code[backend.requested_backend()])
+        out.append(x + code[backend.requested_backend()])
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    fn = torch.compile(f, backend="aot_eager")
+    for _ in range(2):
+        assert fn(torch.zeros(1))[:, 0].tolist() == [4, 3, 3, 4]
+        assert backend._TRACED_BLOCKS == [] and backend.requested_backend() == "auto"
+
+
 @pytest.mark.parametrize("dynamic", DYNAMIC)
 def test_an_op_in_a_use_backend_block_runs_that_backend_when_compiled(dynamic, monkeypatch):
     from omni_fast.ops import sampling
