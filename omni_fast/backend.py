@@ -20,10 +20,9 @@ inside traced code. ``DispatchedOp.backends`` lists what an op implements.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -47,14 +46,40 @@ def _check_name(name: str, where: str) -> str:
     return name.lower()
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the ops called inside the block on backend ``name`` (``triton``, ``cuda``, ``reference`` or ``auto``)."""
-    token = _current.set(_check_name(name, "use_backend(name)"))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+# The use_backend blocks opened inside the region torch.compile is tracing, innermost last. Only a trace writes it:
+# dynamo records the appends / pops as side effects of the trace (a trace given up leaves it untouched, and a
+# finished graph leaves it as it found it, blocks being balanced), and reads it at trace time, so a block's choice
+# is a constant of the graph. Eager code never writes it (there, the ContextVar below). One exception: a graph break
+# inside a block (no fullgraph) applies the append when the graph before the break returns, so the eager code up to
+# the resumed graph sees the block (right for this thread) -- and so would another thread's ops in that window:
+# module state, not thread-local, because dynamo cannot guard a threading.local (an internal "Guard failed on the
+# same frame" assertion in torch 2.13).
+_TRACED_BLOCKS: list[str] = []
+
+
+class use_backend:  # noqa: N801 (a function in form: ``with use_backend("reference"):``)
+    """Run the ops called inside the block on backend ``name`` (``triton``, ``cuda``, ``reference`` or ``auto``).
+
+    Also inside a function compiled by ``torch.compile`` (``fullgraph=True`` included): there the block's choice
+    is fixed when the function is traced (the ops' backend is an argument of the graph's op calls); eager blocks
+    are a ContextVar (thread- and task-local), which dynamo cannot trace, so a traced block keeps its own stack.
+    """
+
+    def __init__(self, name: str):
+        self.name = _check_name(name, "use_backend(name)")
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        if torch.compiler.is_compiling():
+            _TRACED_BLOCKS.append(self.name)
+        else:
+            self._token = _current.set(self.name)
+
+    def __exit__(self, *exc) -> None:
+        if torch.compiler.is_compiling():
+            _TRACED_BLOCKS.pop()
+        else:
+            _current.reset(self._token)
 
 
 PIN_ATTR = "_omni_fast_backend"  # where omni_fast.patch(model, backend=...) pins its backend on a module
@@ -83,6 +108,8 @@ def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for by the call, the context or the environment (``"auto"`` when none)."""
     if explicit is not None:
         return _check_name(explicit, "backend")
+    if _TRACED_BLOCKS:  # a use_backend block inside the region torch.compile traces (never true in eager code)
+        return _TRACED_BLOCKS[-1]
     ctx = _context_backend()
     if ctx is not None:
         return ctx

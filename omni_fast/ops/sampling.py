@@ -54,17 +54,46 @@ _RANGE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _check_ranges(pairs, V: int) -> None:
-    """(lo, hi) pairs: lo <= hi, and not every id of the vocabulary suppressed (no id could be drawn)."""
+    """(lo, hi) pairs: lo <= hi, and not every id of the vocabulary suppressed (no id could be drawn).
+
+    Comparisons only, no ``sorted``: under ``torch.compile(dynamic=True)`` ints passed to the compiled function are
+    SymInts, which dynamo cannot sort; a comparison of them is a guard of the graph instead, so a call that breaks
+    a rule recompiles and raises here, as in eager."""
     for lo, hi in pairs:
         if lo > hi:
             raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
-    covered = 0  # ids [0, covered) suppressed so far, merging the ranges in order
-    for lo, hi in sorted(pairs):
-        if lo > covered:
-            return
-        covered = max(covered, hi)
+    covered, grew = 0, True  # ids [0, covered) suppressed: grown by every range starting inside it, until none does
+    while grew:
+        grew = False
+        for lo, hi in pairs:
+            if lo <= covered and hi > covered:
+                covered, grew = hi, True
         if covered >= V:
             raise ValueError(f"suppress_ranges suppress the whole vocabulary (V={V}): no id could be drawn")
+
+
+def _range_end(name: str, value):
+    """One end of a (lo, hi) pair: an int (see :func:`as_int`), or, while torch.compile traces, a 0-d integer
+    tensor kept as it is: its value is data-dependent (``int()`` of it cannot be traced), so it is not checked."""
+    if isinstance(value, torch.Tensor) and torch.compiler.is_compiling():
+        if value.dim() == 0 and value.dtype in INT_DTYPES + (torch.int8, torch.int16, torch.uint8):
+            return value
+    return as_int(name, value)
+
+
+def _pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
+    """int64 ``[R, 2]`` on ``device`` from (lo, hi) pairs of ints, SymInts or (traced) 0-d tensors."""
+    if not torch.compiler.is_compiling():
+        key = (pairs, str(device))
+        t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
+        if t is None:
+            t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
+        return t
+    if not any(isinstance(v, torch.Tensor) for pair in pairs for v in pair):
+        return torch.tensor(pairs, dtype=torch.long, device=device)  # part of the graph (no cache: no side effect)
+    ends = [v.to(device=device, dtype=torch.long) if isinstance(v, torch.Tensor)
+            else torch.full((), v, dtype=torch.long, device=device) for pair in pairs for v in pair]
+    return torch.stack(ends).reshape(-1, 2)
 
 
 def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | None:
@@ -85,16 +114,13 @@ def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | Non
     for i, pair in enumerate(ranges):
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise ValueError(f"suppress_ranges[{i}] must be a (lo, hi) pair, got {pair!r}")
-        pairs.append((as_int(f"suppress_ranges[{i}][0]", pair[0]), as_int(f"suppress_ranges[{i}][1]", pair[1])))
+        pairs.append((_range_end(f"suppress_ranges[{i}][0]", pair[0]), _range_end(f"suppress_ranges[{i}][1]", pair[1])))
     pairs = tuple(pairs)
     if not pairs:
         return None
-    _check_ranges(pairs, V)
-    key = (pairs, str(device))
-    t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
-    if t is None:
-        t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
-    return t
+    if not any(isinstance(v, torch.Tensor) for pair in pairs for v in pair):
+        _check_ranges(pairs, V)
+    return _pairs_tensor(pairs, device)
 
 
 _ZERO_CACHE: dict[str, torch.Tensor] = {}
@@ -147,9 +173,16 @@ def sample(
     keep a CUDA-graph replay free of host copies; advance ``offset`` between draws; ``offset=None`` is 0 and
     copies nothing). One seed value is shared by the batch (rows are told apart by their index); a ``[B]`` seed
     (B > 1) gives every row its own stream, independent of the row's place in the batch. ``seed=None`` takes a
-    seed from torch's default generator (a host value: not inside a capture). ``greedy``: argmax after penalty
+    seed from torch's default generator (drawn on the CPU and copied to the device: not inside a CUDA-graph
+    capture; inside a ``torch.compile`` region it is a draw of the graph). ``greedy``: argmax after penalty
     and suppression. NaN logits are -inf on every backend (never drawn, never counted by top-k / top-p, out of the
     softmax; a row of only NaN and -inf gives id 0, as a row of only -inf); see :mod:`omni_fast.reference.sampling`.
+
+    suppress_ranges rules (lo <= hi, not the whole vocabulary: a ``ValueError``) are checked on Python ints, also
+    while ``torch.compile`` traces (there, with ``dynamic=True``, as guards of the graph), and on CPU tensors in
+    eager. Values it cannot read without a host sync or a data-dependent branch (a device tensor; while compiling,
+    any tensor, or pairs with 0-d tensor ends) are not checked; the kernels' rule holds for them: ``[lo, hi)`` is clamped to the
+    vocabulary, lo >= hi suppresses nothing, and a row with every id suppressed gives id 0.
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     B, V = logits.shape
@@ -169,8 +202,8 @@ def sample(
             raise ValueError(f"prev_ids must have one row per logits row (B={B}), got shape {tuple(prev_ids.shape)}")
         prev_ids = prev_ids.long().contiguous()
     suppress = _suppress_tensor(suppress_ranges, logits.device, V)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
+    if seed is None:  # one draw of torch's default generator, kept a tensor: no host int, so torch.compile traces it
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(logits.device)
     seed_t = _rng_tensor("seed", seed, B, logits.device)
     # offset=None: a cached device zero (graph-capturable); an int seed/offset is copied to the device per call
     # (pass device tensors inside a capture)
