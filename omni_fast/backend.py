@@ -20,6 +20,7 @@ inside traced code. ``DispatchedOp.backends`` lists what an op implements.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 from typing import Iterable
@@ -57,8 +58,11 @@ def _check_name(name: str, where: str) -> str:
 _TRACED_BLOCKS: list[str] = []
 
 
-class use_backend:  # noqa: N801 (a function in form: ``with use_backend("reference"):``)
+class use_backend(contextlib.ContextDecorator):  # noqa: N801 (a function in form: ``with use_backend("reference"):``)
     """Run the ops called inside the block on backend ``name`` (``triton``, ``cuda``, ``reference`` or ``auto``).
+
+    Also a decorator (``@use_backend("reference")``), as it was when it was a ``contextlib.contextmanager``: each
+    call of the decorated function opens a block of its own (recursive and concurrent calls included).
 
     Also inside a function compiled by ``torch.compile`` (``fullgraph=True`` included): there the block's choice
     is fixed when the function is traced (the ops' backend is an argument of the graph's op calls); eager blocks
@@ -68,6 +72,10 @@ class use_backend:  # noqa: N801 (a function in form: ``with use_backend("refere
     def __init__(self, name: str):
         self.name = _check_name(name, "use_backend(name)")
         self._token: contextvars.Token | None = None
+
+    def _recreate_cm(self) -> "use_backend":
+        # ContextDecorator reuses the instance per call unless this makes a fresh one: one token per open block
+        return type(self)(self.name)
 
     def __enter__(self) -> None:
         if torch.compiler.is_compiling():

@@ -76,3 +76,25 @@ def test_model_backend_is_applied_as_an_ambient_choice(monkeypatch):
     codes, nxt = cp.predict_frame(torch.randn(2, 32), torch.tensor([1, 9]), seed=3, backend="reference")
     assert codes.shape == (2, 3) and nxt.shape == (2, 32)
     assert seen == [(None, "reference")] * 2  # G - 1 = 2 draws
+
+
+def test_use_backend_as_a_decorator_opens_a_block_per_call():
+    """``@use_backend(...)`` worked while it was a contextlib.contextmanager; a recursive call nests its own block
+    (one shared instance would overwrite the outer call's token and leave the choice set after the return)."""
+    from omni_fast.backend import requested_backend
+
+    seen = []
+
+    @omni_fast.use_backend("reference")
+    def f(depth):
+        seen.append(requested_backend())
+        if depth:
+            f(depth - 1)
+        seen.append(requested_backend())
+
+    before = requested_backend()
+    with omni_fast.use_backend("triton"):
+        f(2)
+        assert requested_backend() == "triton"
+    assert seen == ["reference"] * 6
+    assert requested_backend() == before
