@@ -105,6 +105,9 @@ def collect_env() -> dict:
     info["compute_sanitizer"] = shutil.which("compute-sanitizer")
     info["smi_idle"] = nvidia_smi()
     if torch.cuda.is_available():
+        from omni_fast.kernels import cuda_cupy
+
+        info["cupy_compile"] = cuda_cupy.compile_check() if info["cupy"] else None  # NVRTC + CUDA headers
         p = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info()
         info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,

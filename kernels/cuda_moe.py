@@ -13,11 +13,11 @@ kernels on the CPU emulator (``tests/cuda_emu``).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
+from . import cuda_cupy
 from .moe_align import max_padded_tokens
 
 SOURCE = Path(__file__).resolve().parent / "cuda" / "moe_routing.cu"
@@ -27,35 +27,11 @@ MAX_EXPERTS_ALIGN = 1024  # OF_MOE_ALIGN_THREADS
 _TOPK = {torch.float32: "omni_fast_topk_softmax_kernel_fp32", torch.float16: "omni_fast_topk_softmax_kernel_fp16",
          torch.bfloat16: "omni_fast_topk_softmax_kernel_bf16"}
 _IDS = {torch.int32: "i32", torch.int64: "i64"}
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise ImportError("backend 'cuda' runs the CUDA C++ kernels through CuPy, which is not installed: pip "
-                          "install cupy-cuda12x or cupy-cuda13x (matching the CUDA runtime), or use backend='triton'"
-                          ) from exc
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def _module():
-    return _cupy().RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(name: str, device_index: int):
-    with _cupy().cuda.Device(device_index):
-        return _module().get_function(name)
+_OPTIONS = ("--std=c++17",)
 
 
 def _run(name: str, device: torch.device, grid, block, args) -> None:
-    cupy = _cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(name, index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        kernel(grid, block, args)
+    cuda_cupy.run(SOURCE, _OPTIONS, name, device, grid, block, args)
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:

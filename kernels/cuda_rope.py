@@ -11,39 +11,18 @@ Shapes: q ``[T, Hq, D]``, k ``[T, Hk, D]`` (fp16/bf16/fp32, unit stride in D, D 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
+
+from . import cuda_cupy
 
 SOURCE = Path(__file__).resolve().parent / "cuda" / "rope.cu"
 MAX_HEAD_DIM = 256  # OF_MAX_HALF * 2 in rope.cu
 _KERNELS = {torch.bfloat16: "omni_fast_mrope_kernel_bf16", torch.float16: "omni_fast_mrope_kernel_fp16",
             torch.float32: "omni_fast_mrope_kernel_fp32"}
 _WEIGHT_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise ImportError(
-            "backend 'cuda' runs the CUDA C++ kernels through CuPy, which is not installed: pip install "
-            "cupy-cuda12x or cupy-cuda13x (matching the CUDA runtime), or use backend='triton'") from exc
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def _module():
-    """The CuPy RawModule of rope.cu (NVRTC compiles it for the current device on first lookup)."""
-    cupy = _cupy()
-    return cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, device_index: int):
-    with _cupy().cuda.Device(device_index):
-        return _module().get_function(_KERNELS[dtype])
+_OPTIONS = ("--std=c++17",)
 
 
 def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -66,7 +45,6 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
         # The kernel takes one weight dtype. Widening to fp32 is exact and changes no result: the kernel multiplies
         # the normalised value by the weight in fp32 either way.
         q_weight, k_weight = q_weight.float(), k_weight.float()
-    cupy = _cupy()
     heads = n_q + k.shape[1]
     warps = min(heads, 8)  # one warp per head, at most 8 per block (as the C launcher)
     i32, i64 = np.int32, np.int64
@@ -80,7 +58,4 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
         i32(n_q), i32(k.shape[1]), i32(D // 2), i32(mrope_section[0]), i32(mrope_section[1]), i32(mrope_section[2]),
         i32(bool(interleaved)), np.float32(attention_scaling), np.float32(eps),
     )
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(q.dtype, index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream):
-        kernel((T,), (32 * warps,), args)
+    cuda_cupy.run(SOURCE, _OPTIONS, _KERNELS[q.dtype], q.device, (T,), (32 * warps,), args)

@@ -2,7 +2,8 @@
 # The versions of the GPU image, next to (not over) the venv's newer ones, installed with --no-deps into .compat/:
 # - the transformers-facing tests against its transformers (requirements-compat.txt);
 # - the sm_90a static check compiled by its Triton (TRITON_COMPAT below): register use and spills differ between
-#   Triton versions, and the GPU sessions compile with this one.
+#   Triton versions, and the GPU sessions compile with this one; before it, tests/test_gpu_api.py with that Triton
+#   (the launch options, compiled-kernel fields and helpers that only GPU code paths use).
 #   bash scripts/test_compat.sh [PYTHON]
 # Without network (nothing to install and none installed before) it says so and exits 0: the main suite has run.
 set -euo pipefail
@@ -48,4 +49,6 @@ if ! install_once "$TDIR" "$TRITON_COMPAT"; then
   exit 0
 fi
 echo "[compat] sm_90a static check with $(PYTHONPATH="$TDIR" "$PY" -c 'import triton; print("triton", triton.__version__)')"
+# the Triton APIs only GPU paths use (launch options, compiled-kernel fields, host-side helpers): this Triton has them
+PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_gpu_api.py
 PYTHONPATH="$TDIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m omni_fast.bench.static_check | grep -v " ok$"

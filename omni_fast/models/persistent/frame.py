@@ -229,15 +229,19 @@ def _addr(t: torch.Tensor, elems: int = 0) -> int:
 
 def co_resident_grid(frame: PersistentFrame, device) -> int:
     """The largest grid whose programs are all resident at once on ``device`` (deadlock freedom needs that): SMs x
-    blocks per SM from the compiled kernel's registers, shared memory and warps; never more than the items."""
+    blocks per SM from the compiled kernel's registers, shared memory and warps; never more than the items.
+    One program per SM (always co-resident) while any of those is unknown: no compiled kernel yet, or one without
+    a register count (Triton sets ``CompiledKernel.n_regs`` when it loads the binary, at the first launch; taken as
+    1 register, the thread limit alone would decide, more programs than the registers allow: a deadlock)."""
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
     per_sm = 1
     compiled = getattr(frame, "_compiled", None)
-    if compiled is not None:
-        warps = compiled.metadata.num_warps
-        regs = max(int(getattr(compiled, "n_regs", 0) or 0), 1)
-        smem = int(getattr(compiled.metadata, "shared", 0) or 0)
+    meta = getattr(compiled, "metadata", None)
+    regs = getattr(compiled, "n_regs", None)
+    warps = getattr(meta, "num_warps", None)
+    if isinstance(regs, int) and regs > 0 and isinstance(warps, int) and warps > 0:
+        smem = int(getattr(meta, "shared", 0) or 0)
         by_regs = props.regs_per_multiprocessor // (((regs * 32 + 255) // 256) * 256 * warps)
         by_threads = props.max_threads_per_multi_processor // (32 * warps)
         by_smem = (props.shared_memory_per_multiprocessor // smem) if smem else by_threads
