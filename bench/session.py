@@ -89,7 +89,7 @@ def _env_step(ctx, d):
 
 
 def _static_step(ctx, d):
-    # ~240 specialisations: one compiling process per core (16 on the GPU machines)
+    # ~365 specialisations (2 cores here: ~2 min; 16 cores: well inside the box): one compiling process per core
     return [ctx.py, "-m", "omni_fast.bench.static_check", "--jobs", str(os.cpu_count() or 1)] + \
         ([DRY_STATIC] if ctx.dry else [])
 
