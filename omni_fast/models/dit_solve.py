@@ -238,22 +238,26 @@ class _SolveGraph:
         self.cond = torch.zeros(batch, cfg.enc_emb_dim, device=device, dtype=dtype)
         self.spk = torch.zeros(spk_rows, cfg.enc_dim, device=device, dtype=dtype)
         self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
-        steps, guidance, sway = settings
-
-        def run():
-            y = solve(dit, self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
-                      guidance_scale=guidance, sway_coefficient=sway, backend=backend)
-            if vocoder is None:
-                return (y,)
-            return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
-        self._run, self.tf32, self.device = run, tf32, device
+        # the DiT weakly (it keeps this graph in its cache: a cycle would hold the DiT's weights, this graph and its
+        # pool until a full gc); no closure over self either (the same cycle through the graph itself)
+        self._dit, self.vocoder, self.settings, self.backend = weakref.ref(dit), vocoder, settings, backend
+        self.tf32, self.device = tf32, device
         self.shared = pool if pool is not None else _SharedPool()
         if not _captures(device):  # emulated replay: the same function on the same buffers
             with _matmul_math(tf32):
-                self.graph, self.out = None, run()
+                self.graph, self.out = None, self._run()
             return
         with _matmul_math(tf32):
-            self.graph, self.out = capture(run, device, pool=self.shared.pool(self))
+            self.graph, self.out = capture(self._run, device, pool=self.shared.pool(self))
+
+    def _run(self) -> tuple[torch.Tensor, ...]:
+        """The solve (and vocoder) on the static buffers: what the graph captures."""
+        steps, guidance, sway = self.settings
+        y = solve(self._dit(), self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
+                  guidance_scale=guidance, sway_coefficient=sway, backend=self.backend)
+        if self.vocoder is None:
+            return (y,)
+        return y, bigvgan_padded.vocode(self.vocoder, y.permute(0, 2, 1), self.lens, backend=self.backend)
 
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors: the
