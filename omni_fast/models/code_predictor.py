@@ -378,7 +378,7 @@ class CodePredictor(torch.nn.Module):
         with self._shared.hold(x.device):
             frame = self._persistent.get(key)
             if frame is None:
-                if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                if len(self._persistent) >= 32 or any(k[0] != key[0] for k in self._persistent):  # full, or stale
                     self._shared.drain(x.device)  # (another stream's launch may still use a workspace)
                     self._persistent.clear()
                 frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,

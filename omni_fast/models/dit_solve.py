@@ -42,6 +42,9 @@ from .cuda_graphs import ReplayGuard, capture, weights_key
 # (up to 2.2x), these by 9 % (predicted; docs/token2wav.md, "Padding: what the bucket costs").
 CODE_BUCKETS = tuple(sorted({round(16 * 2 ** (i / 4)) for i in range(33)}))
 _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
+# Solve graphs kept per DiT and cache (mel-only / mel + waveform), least recently used dropped first: a server's
+# requests vary the key (batch size, length bucket, num_steps, guidance_scale, sway_coefficient)
+MAX_SOLVE_GRAPHS = 64
 _POOL = "_omni_fast_dit_pool"  # on the DiT module: the one _SharedPool of all its solve graphs (both caches)
 
 
@@ -315,11 +318,25 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool), the device ordered too
     with shared.hold(code.device):
         cache = _graph_cache(dit, vocoder, shared, code.device)
-        graph = cache.get(key)
+        graph = cache.pop(key, None)  # (re-inserted below: the dict's order is the least recently used first)
         if graph is None:
+            _evict(cache, shared, code.device)
             graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device,
                                              settings, backend, vocoder, tf32, pool=shared)
+        else:
+            cache[key] = graph
         return graph.run(noise, code, conditioning, spk, L)
+
+
+def _evict(cache: _GraphCache, shared: ReplayGuard, device) -> None:
+    """Before a new graph joins ``cache``: keep at most :data:`MAX_SOLVE_GRAPHS` (the keys come from requests: batch
+    size, bucket, steps, guidance and sway values), dropping the least recently used ones after ``shared.drain``
+    (another stream's replay may still read a dropped graph's buffers; a capture syncs the device anyway)."""
+    graphs = [k for k in cache if k != "weights"]
+    if len(graphs) >= MAX_SOLVE_GRAPHS:
+        shared.drain(device)
+        for k in graphs[:len(graphs) - MAX_SOLVE_GRAPHS + 1]:
+            del cache[k]
 
 
 def _graph_cache(dit, vocoder, shared: ReplayGuard, device) -> _GraphCache:

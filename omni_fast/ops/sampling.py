@@ -50,7 +50,13 @@ def _sample_cuda(*args):
     return cuda_sampling.sample(*args)
 
 
+# suppress_ranges lists as device tensors, per (pairs, device): a warmed-up call copies nothing host -> device (CUDA-
+# graph capturable). The keys come from the callers (a server's per-request banned ids): at most MAX_RANGE_SETS kept,
+# all dropped when full (after a device sync: another stream's kernel may still read one), except the ones a CUDA
+# graph captured, which its replays read by address: those stay (one per captured set of ranges).
+MAX_RANGE_SETS = 256
 _RANGE_CACHE: dict[tuple, torch.Tensor] = {}
+_CAPTURED_RANGES: dict[tuple, torch.Tensor] = {}
 
 
 def _check_ranges(pairs, V: int) -> None:
@@ -91,9 +97,18 @@ def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | Non
         return None
     _check_ranges(pairs, V)
     key = (pairs, str(device))
-    t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
+    t = _CAPTURED_RANGES.get(key)
     if t is None:
+        t = _RANGE_CACHE.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if t is None:
+        if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not capturing:
+            for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
+                torch.cuda.synchronize(dev)
+            _RANGE_CACHE.clear()
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
+    if capturing:
+        _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
     return t
 
 
