@@ -41,7 +41,10 @@ def no_gc():
 
 
 def _freed(make):
-    """Whether the object ``make()`` returns (after using it) is freed by reference counting alone once dropped."""
+    """Whether the object ``make()`` returns (after using it) is freed by reference counting alone once dropped.
+    ``make`` runs once before, untracked: a module's first (lazy) import inside it can leave the import's frames,
+    and through them ``make``'s locals, in a reference cycle (transformers' lazy modules do; once per process)."""
+    make()
     with no_gc():
         ref = weakref.ref(make())
         return ref() is None
@@ -123,9 +126,12 @@ def test_patched_model_generate_then_unpatch_freed_without_gc():
     assert _freed(make)
 
 
-def test_abandoned_stream_releases_its_leases_at_once():
-    """A client gone mid-stream: the generator dropped (or closed) frees its codec stream lease at once, and the
-    pipeline and its model are freed by reference counting when dropped."""
+def test_abandoned_stream_releases_its_leases_at_once(monkeypatch):
+    """A client gone mid-stream: the generator dropped (or closed) frees its codec stream lease at once, as does a
+    stream that raised once its exception is dropped; the pipeline and its model are freed by reference counting
+    when dropped."""
+    from omni_fast.models.code2wav import Code2WavStream
+
     def make():
         pipe = Qwen3Omni.random("tiny", patch=True, backend="reference")
         req = Request(text=[5, 6, 7, 8, 9])
@@ -141,6 +147,22 @@ def test_abandoned_stream_releases_its_leases_at_once():
                 gen.close()
             del gen
             assert held() == [False]
+        pushes, push = [], Code2WavStream.push
+
+        def failing_push(self, *args, **kwargs):  # the second chunk fails mid-stream
+            pushes.append(1)
+            if len(pushes) == 2:
+                raise RuntimeError("device error")
+            return push(self, *args, **kwargs)
+
+        monkeypatch.setattr(Code2WavStream, "push", failing_push)
+        try:  # (not pytest.raises: its ExceptionInfo is a reference cycle that would keep the pipeline)
+            list(pipe.stream(req, **GREEDY, first_chunk=1, chunk=1))
+            raise AssertionError("the failing push did not raise")
+        except RuntimeError as exc:
+            assert str(exc) == "device error"
+        assert held() == [False]
+        monkeypatch.undo()
         model = pipe.model
         del pipe
         return model
