@@ -42,6 +42,7 @@ CUDA C++ version run on triton under ``"cuda"``: :func:`omni_fast.backend.resolv
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -377,7 +378,7 @@ class CodePredictor(torch.nn.Module):
         with self._shared.hold(x.device):
             frame = self._persistent.get(key)
             if frame is None:
-                if len(self._persistent) > 32:  # stale weights / settings: keep the cache bounded
+                if len(self._persistent) >= 32 or any(k[0] != key[0] for k in self._persistent):  # full, or stale
                     self._shared.drain(x.device)  # (another stream's launch may still use a workspace)
                     self._persistent.clear()
                 frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
@@ -500,20 +501,20 @@ class _FrameGraph:
         # Per-row seeds [bucket], or one shared seed [1] (row i of the bucket keeps RNG row index i, so padding does
         # not change the real rows' draws). The ops resolve the ambient backend (predict_frame's use_backend block).
         self.seed = torch.zeros(bucket if per_row else 1, dtype=torch.long, device=device)
-        run = self._run = lambda: model.frame(self.x, self.c0, self.c0_embed, self.seed, sampling,  # noqa: E731
-                                              None, fused)
+        self.model, self.sampling, self.fused = weakref.ref(model), sampling, fused  # weak: no cycle (gc-only free)
         model._last_persistent = None
+        # No CUDA: emulated replay (the frame run eagerly on the same static buffers: the CPU tests cover the bucket
+        # logic). On CUDA the capture's warm-up compiles the kernels and fills the constant caches.
         if torch.device(device).type != "cuda":
-            # No CUDA: emulate replay (same static buffers, padding and outputs) by running the frame eagerly; this
-            # lets the CPU tests cover the bucket logic.
-            self.graph = None
-            self.codes, self.next_input = run()
+            self.graph, (self.codes, self.next_input) = None, self._run()
         else:
-            # (the warm-up compiles the kernels and fills the constant caches)
-            self.graph, (self.codes, self.next_input) = capture(run, device)
+            self.graph, (self.codes, self.next_input) = capture(self._run, device)
         # The persistent frame the body launched (None on the graph-of-kernels path): a replay runs no Python, so
         # run() does the frame's watchdog check and records its flag copy around each replay.
         self.watched = model.__dict__.pop("_last_persistent", None)
+
+    def _run(self):  # the frame body on the static buffers: what the graph captures
+        return self.model().frame(self.x, self.c0, self.c0_embed, self.seed, self.sampling, None, self.fused)
 
     def run(self, x, c0, c0_embed, seed):
         if self.graph is not None and self.watched is not None:
@@ -528,9 +529,8 @@ class _FrameGraph:
         else:
             self.seed.fill_(int(seed))
         if self.graph is None:
-            codes, nxt = self._run()
-            self.codes.copy_(codes)
-            self.next_input.copy_(nxt)
+            for static, new in zip((self.codes, self.next_input), self._run()):
+                static.copy_(new)
         else:
             self.graph.replay()
             if self.watched is not None:

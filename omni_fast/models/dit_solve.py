@@ -42,6 +42,9 @@ from .cuda_graphs import ReplayGuard, capture, weights_key
 # (up to 2.2x), these by 9 % (predicted; docs/token2wav.md, "Padding: what the bucket costs").
 CODE_BUCKETS = tuple(sorted({round(16 * 2 ** (i / 4)) for i in range(33)}))
 _CACHE = "_omni_fast_dit_graphs"  # on the DiT module: {key: _SolveGraph}, plus the weights key they were built on
+# Solve graphs kept per DiT and cache (mel-only / mel + waveform), least recently used dropped first: a server's
+# requests vary the key (batch size, length bucket, num_steps, guidance_scale, sway_coefficient)
+MAX_SOLVE_GRAPHS = 64
 _POOL = "_omni_fast_dit_pool"  # on the DiT module: the one _SharedPool of all its solve graphs (both caches)
 
 
@@ -238,22 +241,26 @@ class _SolveGraph:
         self.cond = torch.zeros(batch, cfg.enc_emb_dim, device=device, dtype=dtype)
         self.spk = torch.zeros(spk_rows, cfg.enc_dim, device=device, dtype=dtype)
         self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
-        steps, guidance, sway = settings
-
-        def run():
-            y = solve(dit, self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
-                      guidance_scale=guidance, sway_coefficient=sway, backend=backend)
-            if vocoder is None:
-                return (y,)
-            return y, bigvgan_padded.vocode(vocoder, y.permute(0, 2, 1), self.lens, backend=backend)
-        self._run, self.tf32, self.device = run, tf32, device
+        # the DiT weakly (it keeps this graph in its cache: a cycle would hold the DiT's weights, this graph and its
+        # pool until a full gc); no closure over self either (the same cycle through the graph itself)
+        self._dit, self.vocoder, self.settings, self.backend = weakref.ref(dit), vocoder, settings, backend
+        self.tf32, self.device = tf32, device
         self.shared = pool if pool is not None else _SharedPool()
         if not _captures(device):  # emulated replay: the same function on the same buffers
             with _matmul_math(tf32):
-                self.graph, self.out = None, run()
+                self.graph, self.out = None, self._run()
             return
         with _matmul_math(tf32):
-            self.graph, self.out = capture(run, device, pool=self.shared.pool(self))
+            self.graph, self.out = capture(self._run, device, pool=self.shared.pool(self))
+
+    def _run(self) -> tuple[torch.Tensor, ...]:
+        """The solve (and vocoder) on the static buffers: what the graph captures."""
+        steps, guidance, sway = self.settings
+        y = solve(self._dit(), self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
+                  guidance_scale=guidance, sway_coefficient=sway, backend=self.backend)
+        if self.vocoder is None:
+            return (y,)
+        return y, bigvgan_padded.vocode(self.vocoder, y.permute(0, 2, 1), self.lens, backend=self.backend)
 
     def run(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
         """(mel state ``[B, L, mel]``,) or (that, waveform ``[B, L * samples per frame]``), fresh tensors: the
@@ -311,11 +318,25 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool), the device ordered too
     with shared.hold(code.device):
         cache = _graph_cache(dit, vocoder, shared, code.device)
-        graph = cache.get(key)
+        graph = cache.pop(key, None)  # (re-inserted below: the dict's order is the least recently used first)
         if graph is None:
+            _evict(cache, shared, code.device)
             graph = cache[key] = _SolveGraph(dit, B, codes, spk.shape[0], conditioning.dtype, code.device,
                                              settings, backend, vocoder, tf32, pool=shared)
+        else:
+            cache[key] = graph
         return graph.run(noise, code, conditioning, spk, L)
+
+
+def _evict(cache: _GraphCache, shared: ReplayGuard, device) -> None:
+    """Before a new graph joins ``cache``: keep at most :data:`MAX_SOLVE_GRAPHS` (the keys come from requests: batch
+    size, bucket, steps, guidance and sway values), dropping the least recently used ones after ``shared.drain``
+    (another stream's replay may still read a dropped graph's buffers; a capture syncs the device anyway)."""
+    graphs = [k for k in cache if k != "weights"]
+    if len(graphs) >= MAX_SOLVE_GRAPHS:
+        shared.drain(device)
+        for k in graphs[:len(graphs) - MAX_SOLVE_GRAPHS + 1]:
+            del cache[k]
 
 
 def _graph_cache(dit, vocoder, shared: ReplayGuard, device) -> _GraphCache:

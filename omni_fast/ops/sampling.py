@@ -50,7 +50,13 @@ def _sample_cuda(*args):
     return cuda_sampling.sample(*args)
 
 
+# suppress_ranges lists as device tensors, per (pairs, device): a warmed-up call copies nothing host -> device (CUDA-
+# graph capturable). The keys come from the callers (a server's per-request banned ids): at most MAX_RANGE_SETS kept,
+# all dropped when full (after a device sync: another stream's kernel may still read one), except the ones a CUDA
+# graph captured, which its replays read by address: those stay (one per captured set of ranges).
+MAX_RANGE_SETS = 256
 _RANGE_CACHE: dict[tuple, torch.Tensor] = {}
+_CAPTURED_RANGES: dict[tuple, torch.Tensor] = {}
 
 
 def _check_ranges(pairs, V: int) -> None:
@@ -84,16 +90,32 @@ def _range_end(name: str, value):
 def _pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     """int64 ``[R, 2]`` on ``device`` from (lo, hi) pairs of ints, SymInts or (traced) 0-d tensors."""
     if not torch.compiler.is_compiling():
-        key = (pairs, str(device))
-        t = _RANGE_CACHE.get(key)  # cached: a warmed-up call copies nothing to the device (CUDA-graph capturable)
-        if t is None:
-            t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
-        return t
+        return _cached_pairs_tensor(pairs, device)
     if not any(isinstance(v, torch.Tensor) for pair in pairs for v in pair):
         return torch.tensor(pairs, dtype=torch.long, device=device)  # part of the graph (no cache: no side effect)
     ends = [v.to(device=device, dtype=torch.long) if isinstance(v, torch.Tensor)
             else torch.full((), v, dtype=torch.long, device=device) for pair in pairs for v in pair]
     return torch.stack(ends).reshape(-1, 2)
+
+
+def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
+    """:func:`_pairs_tensor` of ints, cached: a warmed-up call copies nothing to the device (CUDA-graph capturable).
+    At most MAX_RANGE_SETS kept (all dropped when full, after the devices finish reading them); a tensor a captured
+    graph reads is kept apart for good."""
+    key = (pairs, str(device))
+    t = _CAPTURED_RANGES.get(key)
+    if t is None:
+        t = _RANGE_CACHE.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if t is None:
+        if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not capturing:
+            for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
+                torch.cuda.synchronize(dev)
+            _RANGE_CACHE.clear()
+        t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
+    if capturing:
+        _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
+    return t
 
 
 def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | None:

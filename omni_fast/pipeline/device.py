@@ -117,3 +117,20 @@ def lease_from(entries: list, lease: Lease, build):
     with _LEASES:
         entries.append([obj, weakref.ref(lease)])
     return obj
+
+
+def entries_for(table: dict, key, keep: int, device: torch.device) -> list:
+    """``table[key]``: the lease entries (``[[object, weakref to its lease], ...]``, for :func:`lease_from`) of one
+    key, e.g. a batch size, made empty when new; ``key`` becomes the most recently used. At most ``keep`` keys stay:
+    the least recently used keys whose objects no live stream holds are dropped (request-driven keys must not grow
+    without bound; a key in use stays until its streams end, so ``table`` may briefly hold more). On CUDA the host
+    waits for the device before the dropped objects are freed: their last replays may still run on another
+    thread's stream (a sync only on a drop: a new key beyond ``keep``, whose first use captures graphs anyway)."""
+    with _LEASES:
+        entries = table.pop(key, None)
+        table[key] = entries = [] if entries is None else entries
+        idle = [k for k, v in table.items() if k != key and all(e[1]() is None for e in v)]
+        dropped = [table.pop(k) for k in idle[:max(0, len(table) - keep)]]
+    if dropped and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return entries

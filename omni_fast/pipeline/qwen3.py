@@ -19,11 +19,16 @@ from ..models.components import ExactStreamingCodec, StreamingCodec
 from ..models.positions import PositionSpec, rope_positions
 from ..integrations.decode_takeover import prefill_forward
 from ..integrations.hf_compat import output_cache, thinker_text_model, with_cache
-from .device import host_to_device, int_positions, lease_from, new_cache, to_device
+from .device import entries_for, host_to_device, int_positions, lease_from, new_cache, to_device
 from .multimodal import (audio_video_order, batch_audio_in_video, encode_audio, encode_visual, media_ids,
                          merge_visual)
 from .requests import Event, check_request, check_stream_args
 from .scheduler import StageAdapter, TextDecode
+
+
+# Batch sizes whose Code2Wav streams the pipeline keeps for later requests (each: up to the most streams of that size
+# that ran at once, with their states and, on CUDA, their graphs and memory pool): least recently used dropped first
+MAX_CODEC_BATCH_SIZES = 8
 
 
 def talker_ids(tcfg) -> dict:
@@ -332,12 +337,13 @@ class Qwen3Stages(StageAdapter):
     def _codec_stream(self, batch_size: int, lease):
         """A Code2Wav stream of ``batch_size`` rows that no live stream holds, leased to ``lease``: streams (their
         states and CUDA graphs) outlive requests, so new requests capture no graph after a stream's first reuse;
-        dropped when the fast Code2Wav is rebuilt (new weights)."""
+        dropped when the fast Code2Wav is rebuilt (new weights), and those of the least recently used batch sizes
+        beyond :data:`MAX_CODEC_BATCH_SIZES` (when no live stream holds them)."""
         pipe = self.pipe
         code2wav = pipe.fast_code2wav
         if pipe._codec_streams is None or pipe._codec_streams[0] is not code2wav:
             pipe._codec_streams = (code2wav, {})
-        entries = pipe._codec_streams[1].setdefault(batch_size, [])
+        entries = entries_for(pipe._codec_streams[1], batch_size, MAX_CODEC_BATCH_SIZES, pipe.device)
         return lease_from(entries, lease, lambda: ExactStreamingCodec.new_stream(code2wav, batch_size))
 
 

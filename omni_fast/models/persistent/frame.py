@@ -9,6 +9,8 @@ nothing: the inputs and outputs are kernel arguments, so a CUDA graph can captur
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 
@@ -41,7 +43,9 @@ class PersistentFrame:
         # one 16-column tile per item while there are few rows (spread the weights over every SM), 4 from B > 16
         # (the rows give enough items; fewer counter operations per frame)
         tiles = tiles or (1 if B <= 16 else 4)
-        self.model, self.B, self.sampling, self.per_row, self.c0_embed = model, B, sampling, per_row, c0_embed
+        # the model weakly (it keeps its frames: a cycle would hold both, workspace and weights, until a full gc)
+        self._model = weakref.ref(model)
+        self.B, self.sampling, self.per_row, self.c0_embed = B, sampling, per_row, c0_embed
         self.shape = s = FrameShape.of(c, B, tiles=tiles, rvq_block=min(triton.next_power_of_2(max(c.hidden_size, 16)),
                                                                           1024))
         self.schedule = build_frame(s, c0_embed=c0_embed)
@@ -98,6 +102,11 @@ class PersistentFrame:
         self.watch = FlagWatch(ws["err"])
 
     # --- item table ---------------------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        """The :class:`~omni_fast.models.CodePredictor` this frame was built for (held weakly: it holds its frames)."""
+        return self._model()
 
     def _encode(self) -> torch.Tensor:
         rows = [self._row(it) for it in self.schedule.items]
