@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .launch import cupy_stream
 from .moe_align import max_padded_tokens
 
 SOURCE = Path(__file__).resolve().parent / "cuda" / "moe_routing.cu"
@@ -51,11 +52,9 @@ def _kernel(name: str, device_index: int):
 
 
 def _run(name: str, device: torch.device, grid, block, args) -> None:
-    cupy = _cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(name, index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        kernel(grid, block, args)
+    _cupy()  # (the clear error when CuPy is missing)
+    with cupy_stream(device) as index:
+        _kernel(name, index)(grid, block, args)
 
 
 def _check_device(name: str, t: torch.Tensor) -> None:

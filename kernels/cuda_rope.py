@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .launch import cupy_stream
+
 SOURCE = Path(__file__).resolve().parent / "cuda" / "rope.cu"
 MAX_HEAD_DIM = 256  # OF_MAX_HALF * 2 in rope.cu
 _KERNELS = {torch.bfloat16: "omni_fast_mrope_kernel_bf16", torch.float16: "omni_fast_mrope_kernel_fp16",
@@ -66,7 +68,7 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
         # The kernel takes one weight dtype. Widening to fp32 is exact and changes no result: the kernel multiplies
         # the normalised value by the weight in fp32 either way.
         q_weight, k_weight = q_weight.float(), k_weight.float()
-    cupy = _cupy()
+    _cupy()  # (the clear error when CuPy is missing)
     heads = n_q + k.shape[1]
     warps = min(heads, 8)  # one warp per head, at most 8 per block (as the C launcher)
     i32, i64 = np.int32, np.int64
@@ -80,7 +82,5 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
         i32(n_q), i32(k.shape[1]), i32(D // 2), i32(mrope_section[0]), i32(mrope_section[1]), i32(mrope_section[2]),
         i32(bool(interleaved)), np.float32(attention_scaling), np.float32(eps),
     )
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(q.dtype, index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream):
-        kernel((T,), (32 * warps,), args)
+    with cupy_stream(q.device) as index:
+        _kernel(q.dtype, index)((T,), (32 * warps,), args)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .launch import cupy_stream
+
 _SRC = Path(__file__).resolve().parent / "cuda" / "sampling.cu"
 _THREADS = 256
 _NAMES = {torch.float32: "omni_fast_sample_f32", torch.float16: "omni_fast_sample_f16",
@@ -30,13 +32,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
            repetition_penalty: float, prev_ids: torch.Tensor | None, seed: torch.Tensor, offset: torch.Tensor,
            greedy: bool) -> torch.Tensor:
     """int64 ``[B]`` ids drawn from ``logits`` ``[B, V]`` (validated by omni_fast.ops.sample)."""
-    import cupy
-
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
-    fn = _module(logits.device.index or 0).get_function(_NAMES[logits.dtype])
     penalty_on = prev_ids is not None and prev_ids.numel() > 0 and repetition_penalty != 1.0
     n_sup = 0 if suppress is None else suppress.shape[0]
     dummy = out.data_ptr()
@@ -51,7 +50,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, s
         np.int32(penalty_on), np.int32(temperature != 1.0 and not greedy), np.int32(0 < top_k < V),
         np.int32(top_p < 1.0),
     )
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(logits.device).cuda_stream)
-    with cupy.cuda.Device(logits.device.index or 0), stream:
-        fn((B,), (_THREADS,), args)
+    with cupy_stream(logits.device) as index:
+        _module(index).get_function(_NAMES[logits.dtype])((B,), (_THREADS,), args)
     return out

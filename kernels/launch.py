@@ -1,6 +1,7 @@
 """The one launcher / autotune helper shared by every Triton kernel.
 
-- :func:`launch` starts a kernel on the tensors' device and skips empty grids (T = 0 is a valid call).
+- :func:`launch` starts a kernel on the tensors' device and skips empty grids (T = 0 is a valid call);
+  :func:`cupy_stream` is the same device and stream rule for the CuPy launches of the CUDA C++ kernels.
 - :func:`autotune` is ``triton.autotune`` on a GPU; under the CPU interpreter (``TRITON_INTERPRET=1``), where
   ``triton.autotune`` cannot time anything, it runs one fixed config (the first, or ``interpreter_config``).
 - :func:`static_case` registers a kernel with an example signature so the sm_90a static check
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .._device import on_device
 from ..backend import triton_interpreter_enabled
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs"
@@ -46,9 +48,22 @@ def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device |
         grid = tuple(int(g) for g in grid)
         if min(grid) <= 0:
             return
-    guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(device):  # Triton launches on the current device's current stream: make it the tensors'
         return kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def cupy_stream(device: torch.device):
+    """The context of a CuPy launch (``kernels/cuda_*.py``) on ``device``'s tensors: CuPy's current device is
+    ``device`` and its current stream torch's current stream of ``device`` (so the launch is ordered with torch's
+    work and captured into CUDA graphs), whatever the current device was. Yields the device index (the key of the
+    per-device compiled kernels). The stream is wrapped inside ``cupy.cuda.Device``: an ``ExternalStream`` made
+    outside it belongs to the device current then, and CuPy would launch on another device's stream."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        yield index
 
 
 class _FixedConfigKernel:

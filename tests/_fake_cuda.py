@@ -24,6 +24,7 @@ class FakeStream:
     def __init__(self, index: int):
         self.device = torch.device("cuda", index)
         self.waited, self.waited_streams, self.synced, self.capturing = [], [], 0, False
+        self.cuda_stream = id(self)  # (the handle CuPy wraps)
 
     def synchronize(self):
         self.synced += 1

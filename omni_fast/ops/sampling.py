@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .._device import capturing
 from ..reference import sampling as ref
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_float, check_positive_int, check_seed,
                           check_tensor, values_checkable)
@@ -107,7 +108,7 @@ def _device_zero(device: torch.device) -> torch.Tensor:
     t = _ZERO_CACHE.get(key)
     if t is None:
         t = torch.zeros(1, dtype=torch.long, device=device)
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing(t.device):  # (asked of t's device: the current one may be another)
             return t  # from the graph's pool, zeroed only on replay: not for eager calls, so not cached
         t = _ZERO_CACHE.setdefault(key, t)
     return t

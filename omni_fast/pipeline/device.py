@@ -61,9 +61,9 @@ class AsyncHostCopy:
             self.host, self.event = t, None
             return
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self.host.copy_(t, non_blocking=True)
+        self.host.copy_(t, non_blocking=True)  # (queued on t's device's current stream)
         self.event = torch.cuda.Event()
-        self.event.record()
+        self.event.record(torch.cuda.current_stream(t.device))  # that stream: the current device may be another
 
     def tolist(self) -> list:
         if self.event is not None:

@@ -1,0 +1,113 @@
+"""Several GPUs on a CPU: what omni-fast asks CUDA for when the tensors' device is not the current device
+(tests/_fake_cuda.py: two devices, cuda:0 current, the tensors on cuda:1). Each test failed before its fix.
+docs/reliability.md, "Several GPUs"; the real thing: tests/test_multi_gpu.py (2 GPUs)."""
+
+import sys
+import types
+
+import torch
+from _fake_cuda import FakeCuda
+
+
+class _OnCuda1:
+    """Stands in for a CUDA tensor on cuda:1 (what the code under test reads of it)."""
+
+    is_cuda = True
+    device = torch.device("cuda:1")
+    dtype = torch.int32
+    shape = (1,)
+
+
+class _HostWord:
+    def copy_(self, src, non_blocking=False):
+        self.src = src
+
+
+def test_launch_runs_on_the_tensors_device(monkeypatch):
+    """The one launcher switches to the tensors' device around the launch (Triton launches on the current device's
+    current stream) and back."""
+    from omni_fast.kernels.launch import launch
+
+    fake = FakeCuda(monkeypatch)
+    seen = []
+
+    class _Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(fake.current_stream())
+
+    launch(_Kernel(), (1,), device=torch.device("cuda:1"))
+    assert seen == [fake.streams[1]] and fake.current == 0
+
+
+def test_persistent_flag_watch_records_on_the_flags_device(monkeypatch):
+    """The persistent kernel's flag copy (queued on the flag's device) and the event the host polls: the event was
+    recorded on the CURRENT device's stream, so with the model on cuda:1 and cuda:0 current it completed without
+    waiting for the copy, and the host read a word not yet written (a missed trip, or garbage read as one)."""
+    from omni_fast.models.persistent.watch import FlagWatch
+
+    fake = FakeCuda(monkeypatch)
+    event = fake.Event()
+    watch = FlagWatch(_OnCuda1(), host=_HostWord(), event=event)
+    watch.record()
+    assert event.stream is fake.streams[1]
+    fake.streams[1].capturing = True  # cuda:1 captures (cuda:0 does not): nothing recorded, nothing queried
+    event.stream = None
+    watch.record()
+    assert event.stream is None and watch.tripped() == 0
+
+
+def test_async_host_copy_records_on_the_tensors_device(monkeypatch):
+    """The pipeline's non-blocking device-to-host copies (sampled ids, codes): the event ``tolist`` waits for was
+    recorded on the current device's stream while the copy ran on the tensor's: ``tolist`` could read the pinned
+    buffer before the copy landed."""
+    from omni_fast.pipeline import device as pdev
+
+    fake = FakeCuda(monkeypatch)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _HostWord())  # (no pinned memory without CUDA)
+    copy = pdev.AsyncHostCopy(_OnCuda1())
+    assert copy.event.stream is fake.streams[1] and copy.host.src.device == torch.device("cuda:1")
+
+
+def test_cupy_launches_on_the_tensors_device_and_stream(monkeypatch):
+    """The CUDA C++ kernels (CuPy): the sampler wrapped torch's stream in an ``ExternalStream`` BEFORE entering the
+    tensors' device, so the stream was taken as the current device's (cuda:0) and the launch on cuda:1 went to
+    CuPy's stream of cuda:1 (the legacy stream: not ordered with torch's work, not captured). One helper now
+    (``launch.cupy_stream``) for the three CuPy launchers."""
+    from omni_fast.kernels import launch
+
+    fake = FakeCuda(monkeypatch)
+    made = []
+
+    class _Device:
+        active = [None]
+
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.prev, _Device.active[0] = _Device.active[0], self.index
+
+        def __exit__(self, *exc):
+            _Device.active[0] = self.prev
+
+    class _ExternalStream:
+        def __init__(self, ptr, device_id=-1):
+            made.append((ptr, device_id if device_id != -1 else _Device.active[0]))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=_Device, ExternalStream=_ExternalStream))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    with launch.cupy_stream(torch.device("cuda:1")) as index:
+        assert index == 1 and _Device.active[0] == 1
+    assert made == [(fake.streams[1].cuda_stream, 1)]
+    import inspect
+
+    from omni_fast.kernels import cuda_moe, cuda_rope, cuda_sampling
+    for module in (cuda_moe, cuda_rope, cuda_sampling):  # every CuPy launch goes through it
+        source = inspect.getsource(module)
+        assert "cupy_stream(" in source and "ExternalStream" not in source, module.__name__
