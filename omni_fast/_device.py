@@ -39,3 +39,13 @@ def capturing(device) -> bool:
         return False
     with torch.cuda.device(torch.device(device)):
         return torch.cuda.is_current_stream_capturing()
+
+
+def devices_of(*modules: torch.nn.Module) -> list[torch.device]:
+    """The devices of the modules' parameters and buffers, in first-seen order: one for a model on one device,
+    several for a model that transformers' ``device_map`` split (its layers on cuda:0 and cuda:1)."""
+    seen: dict[torch.device, None] = {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            seen.setdefault(t.device)
+    return list(seen)
