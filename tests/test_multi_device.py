@@ -111,3 +111,19 @@ def test_cupy_launches_on_the_tensors_device_and_stream(monkeypatch):
     for module in (cuda_moe, cuda_rope, cuda_sampling):  # every CuPy launch goes through it
         source = inspect.getsource(module)
         assert "cupy_stream(" in source and "ExternalStream" not in source, module.__name__
+
+
+def test_stream_resumes_run_on_the_models_device(monkeypatch):
+    """The pipeline's ``stream`` on a model on cuda:1, consumed by a thread whose current device is cuda:0: every
+    resume runs with cuda:1 current (its events, streams and captures land there), and the consumer's device is
+    its own again at each yield (a with-block around the whole generator would leak while it is suspended)."""
+    from omni_fast.pipeline.device import resumed_in_order
+
+    fake = FakeCuda(monkeypatch)
+
+    def events():
+        for _ in range(2):
+            yield fake.current
+
+    seen = [(item, fake.current) for item in resumed_in_order(events(), torch.device("cuda:1"))]
+    assert seen == [(1, 0), (1, 0)]
