@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from . import ops
-from ._bound import (_MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward,  # (_MISSING: old pickles)
-                     swap_sample)
+# (_MISSING: unpatch's marker; importable here for pickles made when it lived in this module)
+from ._bound import _MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
