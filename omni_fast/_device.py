@@ -3,16 +3,20 @@
 A model split with transformers' ``device_map="auto"`` (thinker layers on cuda:0 and cuda:1, the talker and
 Code2Wav on cuda:1), or a serving worker whose ``torch.cuda.current_device()`` is not the device of the tensors it
 passes, calls omni-fast with tensors on a device that is not the current one. FlashAttention's and vLLM's ops
-guard their tensors' device (a C++ ``CUDAGuard``); omni-fast does the same with the two helpers here:
+guard their tensors' device (a C++ ``CUDAGuard``); omni-fast does the same with the helpers here:
 
 - :func:`on_device`: ``torch.cuda.device(device)`` for a CUDA device, nothing elsewhere. The one launcher
-  (``kernels/launch.py``) enters it around every Triton launch and CuPy launch; every model-level entry point that
+  (``kernels/launch.py``) enters it around every Triton launch (``launch.cupy_stream`` selects the same device and
+  its current stream for the CuPy launches); every model-level entry point that
   captures or replays CUDA graphs, records events or makes streams (``CodePredictor.predict_frame``,
-  ``MoeTextDecoder.load_prefill`` / ``step``, ``Code2WavStream.push``, the Token2Wav DiT solves, the pipelines'
-  ``stream``) enters it ONCE around its body, so everything below it that asks CUDA for "the current" stream,
-  event device or capture status asks the tensors' device.
+  ``MoeTextDecoder.step``, ``Code2WavStream.push``, the Token2Wav DiT solves, the pipelines' ``stream`` per resume)
+  enters it ONCE around its body, so everything below it that asks CUDA for "the current" stream, event device or
+  capture status asks the tensors' device. The lower-level pieces take the device they are given
+  (``cuda_graphs.capture`` enters it and captures on a stream of it: ``MoeTextDecoder.load_prefill`` / ``reserve``
+  capture through it; ``ReplayGuard.hold(device)``).
 - :func:`capturing`: whether the current stream of a given device is being captured (torch's
   ``is_current_stream_capturing`` asks the current device only).
+- :func:`devices_of`: the devices a module's weights sit on (a ``device_map`` split shows as several).
 
 Rules in docs/reliability.md ("Several GPUs").
 """

@@ -11,7 +11,11 @@ from .cuda_graphs import capture
 
 
 class FrameGraph:
-    """One captured frame for a batch bucket: static inputs, one ``torch.cuda.CUDAGraph``, static outputs."""
+    """One captured frame for a batch bucket: static inputs, one ``torch.cuda.CUDAGraph``, static outputs.
+
+    ``model``: the :class:`~omni_fast.models.CodePredictor`; ``x`` ``[bucket, H]`` (``dtype``), ``c0`` int64
+    ``[bucket]``, ``c0_embed`` ``[bucket, H]`` or None, ``seed`` int64 ``[bucket]`` (per row) or ``[1]``; outputs
+    ``codes`` int64 ``[bucket, G]`` and ``next_input`` ``[bucket, H]``. On a CPU the replay is emulated eagerly."""
 
     def __init__(self, model, bucket: int, device, dtype, embed_c0: bool, sampling, fused: bool,
                  per_row: bool):
