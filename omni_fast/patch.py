@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._device import devices_of
 # (_MISSING: unpatch's marker; importable here for pickles made when it lived in this module)
 from ._bound import _MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample
 from .backend import PIN_ATTR, pinned_backend, requested_backend
@@ -284,10 +285,12 @@ def _code2wav_forward(self, codes, **kwargs):
     The fast model is built from the module's current weights and rebuilt when they change (``.to()``,
     ``load_state_dict``, a deep copy). Codes outside ``[0, codebook_size)`` (a talker special token that reached the
     vocoder) go to transformers' forward, which embeds them into a neighbouring codebook's rows: omni-fast refuses
-    such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check.
+    such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check. A
+    module whose weights sit on several devices (a ``device_map`` split) runs transformers' forward too.
     """
     unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
-    if unsupported_dtype or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
+    split = len(devices_of(self)) > 1  # (device_map split the vocoder: transformers' forward and its hooks)
+    if unsupported_dtype or split or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
         return type(self).forward(self, codes, **kwargs)
     from .models import Code2Wav
     from .models.talker_step import weights_key

@@ -510,3 +510,32 @@ def test_patch_keeps_accelerate_device_hooks(omni, kernel_calls):
     assert "_omni_fast_code2wav" in code2wav.__dict__ and kernel_calls["qk_norm_mrope"] > 0  # omni-fast ran inside
     omni_fast.unpatch(model)
     assert code2wav.forward is hook_forward and not isinstance(code2wav._old_forward, BoundMethod)
+
+
+def test_code2wav_split_over_devices_keeps_transformers_forward(omni, monkeypatch):
+    """A Code2Wav module whose weights device_map split over two GPUs (seen as two devices here): omni-fast's
+    Code2Wav reads every weight on one device and refuses such weights by name, so the patched forward runs
+    transformers' (before: the patched forward raised that ValueError where the unpatched model ran)."""
+    import sys
+
+    from omni_fast.models import Code2Wav
+
+    patch_module = sys.modules["omni_fast.patch"]  # (the package's ``patch`` attribute is the function)
+    code2wav = omni.code2wav
+    sd = dict(code2wav.state_dict())
+    moved = next(k for k in sd if k.startswith("upsample."))
+    sd[moved] = sd[moved].to("meta")
+    with pytest.raises(ValueError, match=f"{moved} is torch.float32 on meta; all weights must share"):
+        Code2Wav.from_state_dict(code2wav.config, sd)
+    groups, size = omni.config.code2wav_config.num_quantizers, omni.config.code2wav_config.codebook_size
+    codes = torch.randint(0, size, (1, groups, 5), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(patch_module, "devices_of", lambda *m: [torch.device("cpu"), torch.device("cuda:1")])
+    with torch.no_grad():
+        want = code2wav(codes)
+        omni_fast.patch(code2wav, backend="reference")
+        try:
+            got = code2wav(codes)
+            assert "_omni_fast_code2wav" not in code2wav.__dict__
+        finally:
+            omni_fast.unpatch(code2wav)
+    _assert_audio_close(got, want)  # (transformers' forward, its pre-transformer on the patched RoPE kernel)
