@@ -1,6 +1,7 @@
 """The one launcher / autotune helper shared by every Triton kernel.
 
-- :func:`launch` starts a kernel on the tensors' device and skips empty grids (T = 0 is a valid call).
+- :func:`launch` starts a kernel on the tensors' device and skips empty grids (T = 0 is a valid call)
+  (:mod:`.cuda_cupy` ``run`` is the same device and stream rule for the CuPy launches of the CUDA C++ kernels).
 - :func:`autotune` is ``triton.autotune`` on a GPU; under the CPU interpreter (``TRITON_INTERPRET=1``), where
   ``triton.autotune`` cannot time anything, it runs one fixed config (the first, or ``interpreter_config``).
 - :func:`static_case` registers a kernel with an example signature so the sm_90a static check
@@ -12,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .._device import on_device
 from ..backend import triton_interpreter_enabled
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "omni_fast" / "configs"
@@ -46,8 +47,7 @@ def launch(kernel, grid: Sequence[int] | Callable, *args, device: torch.device |
         grid = tuple(int(g) for g in grid)
         if min(grid) <= 0:
             return
-    guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with on_device(device):  # Triton launches on the current device's current stream: make it the tensors'
         return kernel[grid](*args, **meta)
 
 

@@ -3,7 +3,8 @@
 ``types.MethodType(fn, module)`` pickles as ``getattr(module, fn.__name__)``: a name the module does not have (the
 swapped-in function lives in omni-fast), so a patched model saved with ``torch.save`` could not be loaded back.
 :class:`BoundMethod` pickles as (the module-level function, the instance) instead, and :func:`original_method`
-captures what an attribute was before a swap in the same picklable form.
+captures what an attribute was before a swap in the same picklable form. The swap helpers :func:`omni_fast.patch`
+uses (:func:`swap_attr`, :func:`swap_forward`, :func:`swap_sample`) live here too, with what ``unpatch`` restores.
 """
 
 from __future__ import annotations
@@ -49,3 +50,56 @@ def original_method(instance, name: str):
     if name in instance.__dict__:
         return instance.__dict__[name]
     return BoundMethod(getattr(type(instance), name), instance)
+
+
+class _Missing:
+    """Marks an instance attribute that did not exist before the patch; survives deepcopy and pickling."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
+
+
+def remember(module, name: str) -> None:
+    """Save the instance attribute ``name`` (or its absence) for :func:`unpatch`."""
+    module.__dict__.setdefault("_omni_fast_saved_attrs", {}).setdefault(name, module.__dict__.get(name, _MISSING))
+
+
+def swap_attr(module, name: str, value) -> None:
+    remember(module, name)
+    object.__setattr__(module, name, value)
+
+
+def swap_forward(module, new_forward) -> None:
+    """``module``'s forward -> ``new_forward`` (bound to it); what ran before stays callable as
+    ``module._omni_fast_forward`` (transformers' code, for the swapped forward's fallbacks).
+
+    A module with accelerate's hook (transformers' ``device_map="auto"``, CPU / disk offload: ``add_hook_to_module``
+    makes ``forward`` a wrapper that moves the inputs to the module's execution device, loads offloaded weights,
+    then calls ``_old_forward``) keeps its hook: the inner ``_old_forward`` is swapped, so the hook still runs
+    around omni-fast's forward. Swapping ``forward`` itself dropped the hook: inputs arrived on another device
+    than the weights (a model split over two GPUs failed, or an offloaded module ran on unloaded weights)."""
+    if "_omni_fast_forward" in module.__dict__:  # already swapped by an enclosing patch: never wrap twice
+        return
+    hooked = "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+    name = "_old_forward" if hooked else "forward"
+    # what the swapped forward calls to run transformers' code; picklable (see omni_fast._bound)
+    module.__dict__["_omni_fast_forward"] = original_method(module, name)
+    swap_attr(module, name, BoundMethod(new_forward, module))
+
+
+def swap_sample(module, new_sample) -> None:
+    """The Token2Wav DiT's ``sample`` (its whole ODE solve) -> ``new_sample``; transformers' stays callable as
+    ``module._omni_fast_sample``."""
+    if "_omni_fast_sample" in module.__dict__:
+        return
+    module.__dict__["_omni_fast_sample"] = original_method(module, "sample")
+    swap_attr(module, "sample", BoundMethod(new_sample, module))

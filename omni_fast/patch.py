@@ -60,7 +60,9 @@ import torch
 from torch import nn
 
 from . import ops
-from ._bound import BoundMethod, original_method
+from ._device import devices_of
+# (_MISSING: unpatch's marker; importable here for pickles made when it lived in this module)
+from ._bound import _MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
@@ -283,10 +285,12 @@ def _code2wav_forward(self, codes, **kwargs):
     The fast model is built from the module's current weights and rebuilt when they change (``.to()``,
     ``load_state_dict``, a deep copy). Codes outside ``[0, codebook_size)`` (a talker special token that reached the
     vocoder) go to transformers' forward, which embeds them into a neighbouring codebook's rows: omni-fast refuses
-    such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check.
+    such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check. A
+    module whose weights sit on several devices (a ``device_map`` split) runs transformers' forward too.
     """
     unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
-    if unsupported_dtype or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
+    split = len(devices_of(self)) > 1  # (device_map split the vocoder: transformers' forward and its hooks)
+    if unsupported_dtype or split or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
         return type(self).forward(self, codes, **kwargs)
     from .models import Code2Wav
     from .models.talker_step import weights_key
@@ -297,49 +301,6 @@ def _code2wav_forward(self, codes, **kwargs):
         cached = (key, Code2Wav.from_transformers(self, backend=pinned_backend(self)))
         self.__dict__["_omni_fast_code2wav"] = cached
     return cached[1](codes)
-
-
-class _Missing:
-    """Marks an instance attribute that did not exist before the patch; survives deepcopy and pickling."""
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return "_MISSING"
-
-
-_MISSING = _Missing()
-
-
-def _remember(module: nn.Module, name: str) -> None:
-    """Save the instance attribute ``name`` (or its absence) for :func:`unpatch`."""
-    module.__dict__.setdefault("_omni_fast_saved_attrs", {}).setdefault(name, module.__dict__.get(name, _MISSING))
-
-
-def _swap_attr(module: nn.Module, name: str, value) -> None:
-    _remember(module, name)
-    object.__setattr__(module, name, value)
-
-
-def _swap_forward(module: nn.Module, new_forward) -> None:
-    if "_omni_fast_forward" in module.__dict__:  # already swapped by an enclosing patch: never wrap twice
-        return
-    # what the swapped forward calls to run transformers' code; picklable (see omni_fast._bound)
-    module.__dict__["_omni_fast_forward"] = original_method(module, "forward")
-    _swap_attr(module, "forward", BoundMethod(new_forward, module))
-
-
-def _swap_sample(module: nn.Module, new_sample) -> None:
-    """The Token2Wav DiT's ``sample`` (its whole ODE solve) -> ``new_sample``; transformers' stays callable as
-    ``module._omni_fast_sample``."""
-    if "_omni_fast_sample" in module.__dict__:
-        return
-    module.__dict__["_omni_fast_sample"] = original_method(module, "sample")
-    _swap_attr(module, "sample", BoundMethod(new_sample, module))
 
 
 # patch / unpatch rewrite the attributes of a whole module tree: one at a time (re-entrant: patch unpatches first)
@@ -426,7 +387,7 @@ def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None
         bucket = counts if part in wanted else left
         if cls in _MROPE_ROTARY or cls in _PLAIN_ROTARY:
             if part in wanted:
-                _swap_forward(module, _rotary_forward)
+                swap_forward(module, _rotary_forward)
             key = (part, f"{cls}: positions handed to the attention layers' {_rotary_users(path, rope_kernels)}")
             bucket[key] = 1
         elif cls in _ROPE_ATTENTION:
@@ -439,21 +400,21 @@ def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None
             key = (part, f"{cls}: routed experts -> omni_fast fused MoE")
             bucket[key] = bucket.get(key, 0) + 1
         elif cls == "Qwen3OmniMoeCode2Wav" and part in wanted:
-            if "forward" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
+            if "_omni_fast_forward" not in module.__dict__:
                 _pin(module, backend)
-                _swap_attr(module, "forward", BoundMethod(_code2wav_forward, module))
+                swap_forward(module, _code2wav_forward)  # (inside accelerate's device hook when it has one)
             counts[(part, f"{cls}: whole vocoder (forward; chunked_decode runs on it) "
                           "-> omni_fast.models.Code2Wav")] = 1
         elif cls in _TOKEN2WAV:  # Qwen2.5-Omni Token2Wav (opt-in until GPU-tested): integrations.token2wav
             from .integrations import token2wav
 
-            token2wav.patch_piece(module, cls, part in wanted, backend, bucket, left, part, _swap_forward, _pin,
-                                  swap_sample=_swap_sample)
+            token2wav.patch_piece(module, cls, part in wanted, backend, bucket, left, part, swap_forward, _pin,
+                                  swap_sample=swap_sample)
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
 
             if "prepare_inputs_for_generation" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
-                _remember(module, "prepare_inputs_for_generation")
+                remember(module, "prepare_inputs_for_generation")
                 _pin(module, backend)  # read by the swapped-in frame step (models.talker_step)
                 install_on_talker(module)
             counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
@@ -461,7 +422,7 @@ def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None
         elif cls in _TAKEOVER and part in wanted:  # decode steps -> models.MoeTextDecoder
             from .integrations.decode_takeover import install
 
-            counts[(part, install(module, _swap_forward, lambda m: _pin(m, backend), root=model))] = 1
+            counts[(part, install(module, swap_forward, lambda m: _pin(m, backend), root=model))] = 1
         elif cls.endswith(("AudioAttention", "VisionAttention")):
             _patch_encoder_attention(module, part, part in wanted, backend, attention_ready, saved_configs, counts,
                                      left)
@@ -470,7 +431,7 @@ def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None
                 type(m).__name__ in _MROPE_ROTARY for m in module.modules()):
             if "get_rope_index" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 module.__dict__["_omni_fast_get_rope_index"] = original_method(module, "get_rope_index")
-                _swap_attr(module, "get_rope_index", BoundMethod(_integer_rope_index, module))
+                swap_attr(module, "get_rope_index", BoundMethod(_integer_rope_index, module))
     return counts, left
 
 
@@ -478,7 +439,7 @@ def _patch_rope_attention(module, part, selected, backend, attention_ready, rope
     """An attention layer with RoPE (q/k norm): the fused forward, and the omni_fast attention when registered."""
     cls = type(module).__name__
     if selected:
-        _swap_forward(module, _attention_forward)
+        swap_forward(module, _attention_forward)
         _pin(module, backend)
         if attention_ready:
             _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
@@ -499,7 +460,7 @@ def _patch_encoder_attention(module, part, selected, backend, attention_ready, s
         _set(saved_configs, module.config, "_attn_implementation", ATTENTION_NAME)
         _pin(module, backend)  # read by the omni_fast attention function
         if cls in _ENCODER_ATTENTION:
-            _swap_forward(module, _encoder_attention_forward)
+            swap_forward(module, _encoder_attention_forward)
             what = ("attention over all windows/frames -> one omni_fast flash_attn_varlen launch per layer "
                     "(cu_seqlens)")
         else:

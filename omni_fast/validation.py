@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._device import capturing
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)  # model-level inputs (the kernels themselves take FLOAT_DTYPES)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -181,7 +183,7 @@ def records_grad(*tensors: torch.Tensor, module: torch.nn.Module | None = None) 
 
 def check_no_internal_overlap(name: str, t: torch.Tensor) -> None:
     """An output written in place must not have elements that alias each other (e.g. an expanded view)."""
-    if _is_tracing():
+    if _is_tracing(t.device):
         return
     # (by strides only: a meta tensor, whose every address is 0, overlaps itself only when expanded)
     if (t.device.type != "meta" and torch._debug_has_internal_overlap(t) == 1) or not _non_overlapping(t):
@@ -205,7 +207,7 @@ def check_output(name: str, out: torch.Tensor, **inputs) -> None:
     """An in-place / ``out=`` tensor: writable here (not an inference tensor outside ``torch.inference_mode()``), no
     internally overlapping elements, and no memory shared with any of the named ``inputs`` (None entries are
     skipped)."""
-    if not _is_tracing() and out.is_inference() and not torch.is_inference_mode_enabled():  # (dynamo: no is_inference)
+    if not _is_tracing(out.device) and out.is_inference() and not torch.is_inference_mode_enabled():  # (dynamo: no is_inference)
         # (torch refuses the write in the reference backend; a kernel's raw pointer would write it anyway)
         raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be written "
                          f"outside it: call this under torch.inference_mode(), or pass a tensor made outside it "
@@ -223,7 +225,7 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
     Exact for disjoint storages, disjoint address ranges and side-by-side column blocks of one row-major buffer
     (same row stride, unit column stride: e.g. ``buf[:, :8]`` and ``buf[:, 8:]``); other interleavings whose ranges
     intersect are refused (conservative; pass a copy)."""
-    if _is_tracing() or a.numel() == 0 or b.numel() == 0:
+    if _is_tracing(a.device) or a.numel() == 0 or b.numel() == 0:
         return
     if a.device != b.device or a.device.type == "meta":  # no memory in common (meta tensors have none: all at 0)
         return
@@ -271,16 +273,19 @@ def _column_blocks_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def values_checkable(t: torch.Tensor, check_values: bool | None = None) -> bool:
     """Whether a data-dependent check (which syncs the host on CUDA) may run on ``t`` now."""
-    if _is_tracing():
+    if _is_tracing(t.device):
         return False
     if check_values is not None:
         return check_values
     return t.device.type == "cpu"
 
 
-def _is_tracing() -> bool:
+def _is_tracing(device=None) -> bool:
+    """torch.compile traces, or ``device``'s current stream (the current device's when None) is captured."""
     if torch.compiler.is_compiling():
         return True
+    if device is not None:  # asked of the tensors' device: a capture on cuda:1 is not seen from cuda:0
+        return capturing(device)
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

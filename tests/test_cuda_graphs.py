@@ -2,79 +2,28 @@
 graph, stream and event objects faked (what is checked is what we ask CUDA for, not CUDA itself); ~0.01 s."""
 
 import torch
+from _fake_cuda import FakeCuda, FakeStream
 
 from omni_fast.models import cuda_graphs
 
 
-class _Stream:
-    device = "cuda:0"
-
-    def __init__(self, *a, **k):
-        self.waited, self.synced = [], 0
-
-    def synchronize(self):
-        self.synced += 1
-
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        self.waited.append(event)
-
-
-class _Event:
-    made = 0  # events created (the guard re-records one)
-
-    def __init__(self):
-        _Event.made += 1
-
-    def record(self, stream=None):
-        self.stream = stream
-
-
-class _Graph:
-    pass
-
-
 def _fake_cuda(monkeypatch):
-    """torch.cuda's stream / graph / event objects replaced; returns (current stream, the kwargs of each capture).
-    ``current_stream()`` answers ``torch.cuda._fake_current[0]`` (a test switches it: another thread's stream)."""
-    current, captures = _Stream(), []
-    monkeypatch.setattr(torch.cuda, "_fake_current", [current], raising=False)
-
-    class _GraphContext:
-        def __init__(self, graph, **kwargs):
-            captures.append(kwargs)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    class _StreamContext(_GraphContext):
-        def __init__(self, stream):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: torch.cuda._fake_current[0])
-    monkeypatch.setattr(torch.cuda, "stream", _StreamContext)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
-    monkeypatch.setattr(torch.cuda, "graph", _GraphContext)
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    return current, captures
+    """torch.cuda faked (tests/_fake_cuda.py: two devices, cuda:0 current); returns (the fake, cuda:0's current
+    stream, the captures). A test switches ``fake.streams[0]`` to play another thread's stream."""
+    fake = FakeCuda(monkeypatch)
+    return fake, fake.streams[0], fake.captures
 
 
 def test_capture_is_thread_local(monkeypatch):
     """The capture asks for cudaStreamCaptureModeThreadLocal: under torch's default ("global") another thread of a
     server that allocates or synchronises while a request captures its first graph failed, and so did the
     capture. The warm-up runs first, the capture once, the pool is passed on."""
-    _, captures = _fake_cuda(monkeypatch)
+    fake, _, captures = _fake_cuda(monkeypatch)
     calls = []
     graph, out = cuda_graphs.capture(lambda: calls.append(1) or len(calls), "cuda", warmup=2, pool="pool")
-    assert isinstance(graph, _Graph) and out == 3 and len(calls) == 3
-    assert captures == [dict(pool="pool", capture_error_mode="thread_local")]
+    assert out == 3 and len(calls) == 3
+    assert [{k: v for k, v in c.items() if k != "on"} for c in captures] == [
+        dict(pool="pool", capture_error_mode="thread_local")]
 
 
 def test_replay_guard_orders_holders_on_the_device(monkeypatch):
@@ -82,7 +31,7 @@ def test_replay_guard_orders_holders_on_the_device(monkeypatch):
     when the previous holder raised; on a CPU there is no event. Pickles as a fresh guard."""
     import pickle
 
-    current, _ = _fake_cuda(monkeypatch)
+    fake, current, _ = _fake_cuda(monkeypatch)
     guard = cuda_graphs.ReplayGuard()
     with guard.hold("cpu"):
         pass
@@ -93,8 +42,8 @@ def test_replay_guard_orders_holders_on_the_device(monkeypatch):
     except RuntimeError:
         pass
     first = guard.done
-    assert isinstance(first, _Event) and current.waited == [] and first.stream is current
-    other = torch.cuda._fake_current[0] = _Stream()  # another thread's stream
+    assert isinstance(first, fake.Event) and current.waited == [] and first.stream is current
+    other = fake.streams[0] = FakeStream(0)  # another thread's stream
     with guard.hold("cuda"):
         assert other.waited == [first] and guard.lock._is_owned()
     assert guard.done.stream is other
@@ -106,20 +55,20 @@ def test_replay_guard_nested_or_capturing_holds_neither_wait_nor_record(monkeypa
     """A hold inside a hold (a persistent frame launched by the body of a frame graph being captured) and a hold
     while the current stream captures (a caller's graph around ours) neither wait on nor record an event: waiting
     inside a capture on an event recorded outside it is not allowed; the outermost hold orders the work."""
-    current, _ = _fake_cuda(monkeypatch)
+    fake, current, _ = _fake_cuda(monkeypatch)
     guard = cuda_graphs.ReplayGuard()
     with guard.hold("cuda"):
         pass
     first = guard.done
-    other = torch.cuda._fake_current[0] = _Stream()  # another thread's stream
+    other = fake.streams[0] = FakeStream(0)  # another thread's stream
     with guard.hold("cuda"):
         assert other.waited == [first]
         with guard.hold("cuda"):  # nested: no second wait, no record
             assert other.waited == [first] and guard.done.stream is current
         assert guard.done.stream is current
     assert guard.done.stream is other and guard.depth == 0
-    torch.cuda._fake_current[0] = current
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fake.streams[0] = current
+    current.capturing = True
     with guard.hold("cuda"):
         pass
     assert current.waited == [] and guard.done.stream is other
@@ -129,21 +78,20 @@ def test_replay_guard_host_work_per_hold(monkeypatch):
     """Every MTP frame takes the guard: one event is re-recorded (a wait binds to the record before it), not one
     made (and destroyed) per hold, and a holder on the stream that recorded last does not wait (stream order
     already puts the previous holder's work first); a holder on another stream waits (~0 s)."""
-    current, _ = _fake_cuda(monkeypatch)
-    guard, made = cuda_graphs.ReplayGuard(), _Event.made
+    fake, current, _ = _fake_cuda(monkeypatch)
+    guard = cuda_graphs.ReplayGuard()
     for _ in range(3):
         with guard.hold("cuda"):
             pass
-    assert _Event.made - made == 1 and current.waited == []
-    other = torch.cuda._fake_current[0] = _Stream()
+    assert fake.events == 1 and current.waited == []
+    other = fake.streams[0] = FakeStream(0)
     with guard.hold("cuda"):
         pass
-    assert other.waited == [guard.done] and _Event.made - made == 1 and guard.done.stream is other
-    cuda1 = torch.cuda._fake_current[0] = _Stream()
-    cuda1.device = "cuda:1"  # an event records on its own device's streams: a new one there
+    assert other.waited == [guard.done] and fake.events == 1 and guard.done.stream is other
+    cuda1 = fake.streams[1]  # an event records on its own device's streams: a new one there
     with guard.hold("cuda:1"):
         pass
-    assert _Event.made - made == 2 and guard.done.stream is cuda1
+    assert fake.events == 2 and guard.done.stream is cuda1
 
 
 def test_replay_guard_drains_before_what_holders_shared_is_dropped(monkeypatch):
@@ -151,7 +99,7 @@ def test_replay_guard_drains_before_what_holders_shared_is_dropped(monkeypatch):
     the stream that allocated them, whose next allocation reuses them at once, while a holder on another thread's
     stream may still replay with them: inside the hold (ordered after every earlier holder) the host first waits
     for the current stream. Nothing to wait for without an earlier CUDA holder, outside a hold, or on the CPU."""
-    current, _ = _fake_cuda(monkeypatch)
+    _, current, _ = _fake_cuda(monkeypatch)
     guard = cuda_graphs.ReplayGuard()
     with guard.hold("cuda"):
         guard.drain("cuda")  # no earlier holder
@@ -239,3 +187,59 @@ def test_captures_of_two_threads_never_overlap(monkeypatch):
     for t in threads:
         t.join()
     assert most[0] == 1 and inside[0] == 0
+
+
+# --- several GPUs (docs/reliability.md, "Several GPUs") -------------------------------------------------------------
+
+
+def test_capture_lands_on_the_tensors_device_not_the_current_one(monkeypatch):
+    """A model on cuda:1 captured from a thread whose current device is cuda:0 (a serving worker, or transformers'
+    device_map="auto" with the talker on cuda:1): the warm-up, the synchronisation on entry and the capture run on
+    cuda:1, and the body's kernels (launched on their tensors' device) land on the capturing stream. Before, the
+    capture ran on a stream of cuda:0 (torch.cuda.graph's default stream, made on the current device) while the
+    kernels ran eagerly on cuda:1: an empty graph whose replays never refreshed the outputs."""
+    fake, _, captures = _fake_cuda(monkeypatch)
+    seen = []
+    cuda_graphs.capture(lambda: seen.append(fake.kernel("cuda:1")), "cuda:1", warmup=1)
+    (warm_stream, warm_capturing), (stream, was_capturing) = seen
+    assert captures[0]["on"].device == torch.device("cuda:1") and stream is captures[0]["on"] and was_capturing
+    assert warm_stream.device == torch.device("cuda:1") and not warm_capturing
+    assert warm_stream is not fake.streams[1]  # (the warm-up ran on a side stream)
+    assert fake.synced == [1] and fake.current == 0  # torch.cuda.graph's entry sync: cuda:1; the current device back
+
+
+def test_captures_for_two_devices_each_capture_on_their_own(monkeypatch):
+    """torch.cuda.graph's default capture stream is ONE per process, made on the device current at the first
+    capture: a thinker decoder captured on cuda:0, then a talker's graph on cuda:1 (its current device set right)
+    captured on the cuda:0 stream. Each capture now brings a stream of its own device."""
+    fake, _, captures = _fake_cuda(monkeypatch)
+    seen = []
+    cuda_graphs.capture(lambda: seen.append(fake.kernel("cuda:0")), "cuda:0", warmup=0)
+    with torch.cuda.device(1):
+        cuda_graphs.capture(lambda: seen.append(fake.kernel("cuda:1")), "cuda:1", warmup=0)
+    assert [s.device.index for s, _ in seen] == [0, 1] and all(c for _, c in seen)
+    assert [c["on"].device.index for c in captures] == [0, 1]
+
+
+def test_replay_guard_asks_its_own_device_whether_it_captures(monkeypatch):
+    """The guard's capture-status query was asked of the current device: holds on cuda:1 from a thread whose current
+    device (cuda:0) was capturing (a caller's graph there) skipped the event wait and record on cuda:1, so two
+    holders on two cuda:1 streams were not ordered; and holds on cuda:1 while cuda:1's stream captured (current
+    device cuda:0) waited on an event inside that capture, which CUDA refuses. Now: cuda:1 is asked."""
+    fake, _, _ = _fake_cuda(monkeypatch)
+    fake.streams[0].capturing = True  # cuda:0 captures; the guard's device does not
+    guard = cuda_graphs.ReplayGuard()
+    first = fake.streams[1]
+    with guard.hold("cuda:1"):
+        pass
+    assert guard.done is not None and guard.done.stream is first
+    event = guard.done
+    other = fake.streams[1] = FakeStream(1)  # another thread's stream on cuda:1
+    with guard.hold("cuda:1"):
+        pass
+    assert other.waited == [event]  # ordered after the first holder
+    assert guard.done.stream is other
+    fake.streams[0].capturing, other.capturing = False, True  # now cuda:1's current stream captures
+    with guard.hold("cuda:1"):
+        guard.drain("cuda:1")
+    assert len(other.waited) == 1 and other.synced == 0 and guard.done.stream is other

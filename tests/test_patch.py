@@ -5,11 +5,15 @@ downloaded), with random weights large enough that routing and attention are not
 conftest the swapped-in ops run on the Triton interpreter (backend "auto" on CPU with TRITON_INTERPRET=1).
 """
 
+import copy
+import functools
+
 import pytest
 import torch
 
 import omni_fast
 from omni_fast import ops
+from omni_fast._bound import BoundMethod
 from omni_fast.backend import requested_backend
 from omni_fast.testing import run_unpatched_then_patched, seeded_weights_
 
@@ -447,3 +451,91 @@ def test_nothing_replaced_names_the_selected_parts_not_the_unselected_ones():
         omni_fast.patch(model, parts=["code_predictor"], backend="reference")
     assert not [w for w in seen if "part not selected" in str(w.message)]
     omni_fast.unpatch(model)
+
+
+def _add_device_hook(module, calls: list) -> None:
+    """accelerate's ``add_hook_to_module`` as transformers' ``device_map="auto"`` uses it: ``forward`` becomes a
+    wrapper running the hook's ``pre_forward`` (which moves the inputs to the module's execution device) around
+    ``_old_forward``. accelerate's own function when it is installed, else the same mechanism written out."""
+    try:
+        from accelerate.hooks import ModelHook, add_hook_to_module
+    except ImportError:
+        ModelHook, add_hook_to_module = object, None
+
+    class _Hook(ModelHook):
+        no_grad = False
+
+        def init_hook(self, m):
+            return m
+
+        def pre_forward(self, m, *args, **kwargs):
+            calls.append(type(m).__name__)
+            return args, kwargs
+
+        def post_forward(self, m, output):
+            return output
+
+    if add_hook_to_module is not None:
+        add_hook_to_module(module, _Hook())
+        return
+    module._hf_hook, module._old_forward = _Hook(), module.forward
+
+    def new_forward(m, *args, **kwargs):
+        args, kwargs = m._hf_hook.pre_forward(m, *args, **kwargs)
+        return m._hf_hook.post_forward(m, m._old_forward(*args, **kwargs))
+
+    module.forward = functools.update_wrapper(functools.partial(new_forward, module), module._old_forward)
+
+
+def test_patch_keeps_accelerate_device_hooks(omni, kernel_calls):
+    """A model dispatched with device_map="auto" has accelerate's hooks on its blocks (the Code2Wav module, decoder
+    layers, ...): patch swapped ``forward`` itself, so the hook that moves the inputs to the module's device no
+    longer ran (codes from the talker on cuda:0 reached Code2Wav's weights on cuda:1). Now the hook's inner
+    ``_old_forward`` is swapped: the hook runs, then omni-fast's forward; unpatch gives the hook back transformers'
+    forward."""
+    model = copy.deepcopy(omni)
+    calls = []
+    code2wav, attention = model.code2wav, model.thinker.model.language_model.layers[0].self_attn \
+        if hasattr(model.thinker.model, "language_model") else model.thinker.model.layers[0].self_attn
+    for module in (code2wav, attention):
+        _add_device_hook(module, calls)
+    hook_forward = code2wav.forward
+    omni_fast.patch(model, backend="reference")
+    groups, size = model.config.code2wav_config.num_quantizers, model.config.code2wav_config.codebook_size
+    codes = torch.randint(0, size, (1, groups, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        code2wav(codes)
+        model.thinker(input_ids=_prompt(), attention_mask=torch.ones_like(_prompt()))
+    assert type(code2wav).__name__ in calls and type(attention).__name__ in calls
+    assert "_omni_fast_code2wav" in code2wav.__dict__ and kernel_calls["qk_norm_mrope"] > 0  # omni-fast ran inside
+    omni_fast.unpatch(model)
+    assert code2wav.forward is hook_forward and not isinstance(code2wav._old_forward, BoundMethod)
+
+
+def test_code2wav_split_over_devices_keeps_transformers_forward(omni, monkeypatch):
+    """A Code2Wav module whose weights device_map split over two GPUs (seen as two devices here): omni-fast's
+    Code2Wav reads every weight on one device and refuses such weights by name, so the patched forward runs
+    transformers' (before: the patched forward raised that ValueError where the unpatched model ran)."""
+    import sys
+
+    from omni_fast.models import Code2Wav
+
+    patch_module = sys.modules["omni_fast.patch"]  # (the package's ``patch`` attribute is the function)
+    code2wav = omni.code2wav
+    sd = dict(code2wav.state_dict())
+    moved = next(k for k in sd if k.startswith("upsample."))
+    sd[moved] = sd[moved].to("meta")
+    with pytest.raises(ValueError, match=f"{moved} is torch.float32 on meta; all weights must share"):
+        Code2Wav.from_state_dict(code2wav.config, sd)
+    groups, size = omni.config.code2wav_config.num_quantizers, omni.config.code2wav_config.codebook_size
+    codes = torch.randint(0, size, (1, groups, 5), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(patch_module, "devices_of", lambda *m: [torch.device("cpu"), torch.device("cuda:1")])
+    with torch.no_grad():
+        want = code2wav(codes)
+        omni_fast.patch(code2wav, backend="reference")
+        try:
+            got = code2wav(codes)
+            assert "_omni_fast_code2wav" not in code2wav.__dict__
+        finally:
+            omni_fast.unpatch(code2wav)
+    _assert_audio_close(got, want)  # (transformers' forward, its pre-transformer on the patched RoPE kernel)

@@ -138,9 +138,14 @@ def test_decode_steps_answer_the_last_hidden_state(omni, decoders):
     assert hs[-1] is last.last_hidden_state and torch.equal(hs[0], steps[-1]) and all(h is None for h in hs[1:-1])
 
 
-@pytest.mark.parametrize("case", ["no_cache", "attentions", "middle_hidden_state", "autograd"])
-def test_fallbacks_run_transformers_forward(omni, decoders, case):
-    """Calls the decoder does not serve run transformers' forward (its own cache, its outputs)."""
+@pytest.mark.parametrize("case", ["no_cache", "attentions", "middle_hidden_state", "autograd", "several_devices"])
+def test_fallbacks_run_transformers_forward(omni, decoders, case, monkeypatch):
+    """Calls the decoder does not serve run transformers' forward (its own cache, its outputs). "several_devices":
+    a text model whose weights device_map split over two GPUs (seen as two devices here): the decoder runs on one
+    device, so transformers decodes (before, the takeover built a decoder whose layers' weights sat on cuda:0 and
+    cuda:1 and its first step failed on mixed devices)."""
+    if case == "several_devices":
+        monkeypatch.setattr(decode_takeover, "devices_of", lambda *m: [torch.device("cpu"), torch.device("cuda:1")])
     talker = omni.talker.model
     prompt, steps, mask = _inputs()
     kw = {"attentions": dict(output_attentions=True), "middle_hidden_state": dict(output_hidden_states=[1])}.get(
@@ -214,6 +219,17 @@ def test_thinker_beam_search_and_crop(omni, decoders):
     cache.crop(0)  # transformers >= 5.24: remove 0 tokens (assisted decoding accepted every candidate)
     assert cache.get_seq_length() == 7
     decoders.clear()
+
+
+def test_decoder_refuses_weights_on_several_devices(omni):
+    """MoeTextDecoder keeps one static KV cache and captures one graph per step: a text model split over devices
+    (one layer moved to the meta device here, as device_map moves layers to cuda:1) is refused by name."""
+    import copy
+
+    text = copy.deepcopy(omni.talker.model)
+    text.layers[1].to("meta")
+    with pytest.raises(ValueError, match=r"several devices \(cpu, meta"):
+        MoeTextDecoder.from_transformers(text, omni.talker.codec_head)
 
 
 @pytest.mark.gpu

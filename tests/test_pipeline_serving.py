@@ -239,43 +239,36 @@ def test_a_stream_resumed_on_another_cuda_stream_waits_for_the_last_resume(monke
     """A stream generator resumed by a server thread on another CUDA stream first waits for the work its previous
     resume queued (an event recorded at each yield); resumed on the same stream it does not wait; closing it closes
     the stream's own generator at once (CUDA streams and events faked; ~0 s)."""
+    from _fake_cuda import FakeCuda, FakeStream
+
     from omni_fast.pipeline.device import resumed_in_order
 
     log = []
 
-    class _Stream:
-        device = "cuda:0"
-
+    class _Stream(FakeStream):
         def __init__(self, name):
+            super().__init__(0)
             self.name = name
 
         def wait_event(self, event):
-            log.append(("wait", self.name, event.stream))
+            log.append(("wait", self.name, event.stream.name))
 
-    class _Event:
-        stream = None
-
-        def record(self, stream):
-            self.stream = stream.name
-
+    fake = FakeCuda(monkeypatch, devices=1)
     streams = {"a": _Stream("a"), "b": _Stream("b")}
-    current = ["a"]
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[current[0]])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake.streams[0] = streams["a"]
     closed = []
 
     def inner():
         try:
             for i in range(4):
-                log.append(("work", current[0]))
+                log.append(("work", fake.current_stream().name))
                 yield i
         finally:
             closed.append(True)
 
     gen = resumed_in_order(inner(), torch.device("cuda"))
     assert next(gen) == 0 and next(gen) == 1  # the same stream: no wait
-    current[0] = "b"
+    fake.streams[0] = streams["b"]
     assert next(gen) == 2  # another thread's stream: it waits for a's last record first
     assert log == [("work", "a"), ("work", "a"), ("wait", "b", "a"), ("work", "b")]
     gen.close()

@@ -35,7 +35,10 @@ transformers' own code (the outer ``*ForConditionalGeneration.forward`` is not r
 transformers' forward runs instead (and keeps its own cache) when: no cache object is passed in (a plain forward),
 the cache passed in already holds tokens (a continued prompt) or is not a ``DynamicCache`` / ``StaticCache``,
 ``use_cache=False``, attentions or router logits are asked for, hidden states are asked for that the family does not
-keep (above), or autograd is recording.
+keep (above), autograd is recording, or the text model's weights are on several devices (transformers'
+``device_map="auto"`` splitting the thinker's layers over two GPUs: the decoder keeps one static KV cache and one
+graph per step on one device; patch's report says so). A text model on one device that is not the current one is
+taken over: the decoder captures and replays on its own device.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._device import devices_of
 from ..backend import pinned_backend
 from ..validation import records_grad
 from .hf_compat import cache_keyword, output_cache, pop_cache, with_cache
@@ -200,6 +204,8 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
         return False
     if _hidden_request(model, kwargs) == "refuse":
         return False
+    if len(devices_of(model)) > 1:  # a device_map split: transformers' decode (and accelerate's hooks) move data
+        return False
     return not records_grad(inputs_embeds, module=model)
 
 
@@ -284,6 +290,10 @@ def install(model: torch.nn.Module, swap_forward, pin, root: torch.nn.Module | N
               + " per step")
     line = (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
             f"({_family(model).words}{hidden}; one graph replay per token on CUDA)")
+    devices = devices_of(model)
+    if len(devices) > 1:
+        return (f"{type(model).__name__}: decode steps stay on transformers while its weights are on several "
+                f"devices ({', '.join(map(str, devices))}: MoeTextDecoder runs on one)")
     if not fast_paths.enabled("fused_step"):
         return line + "; phase-fused step off (opt-in fast path fused_step)"
     why = fast_decoder(model).fused_fallback  # built now (cached) to say whether the fused step applies

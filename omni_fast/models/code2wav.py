@@ -48,6 +48,7 @@ from ..validation import INT_DTYPES, check_index_range, check_positive_int, chec
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _leave_inference_mode,
                              _new_state, _restore_state, _row_mask, _stacked_kv)
 from .code2wav_weights import _check_state_dict, _expected_shapes, _fold_gamma, _fuse_layer
+from .._device import on_device
 from .cuda_graphs import capture
 
 class Code2Wav:
@@ -305,21 +306,22 @@ class Code2WavStream:
         if not self.cuda_graphs or st.frames == 0:
             return self._step(codes, fresh)
         outs, i = [], 0
-        while i < t:
-            n = max([b for b in self.graph_buckets if b <= t - i] or [1])
-            if fresh and n < self._min_reset_frames():  # (never with the real config) one eager piece
-                n = t - i
-            piece = codes[..., i:i + n]
-            if n in self.graph_buckets:
-                graphs = self._fresh_graphs if fresh else self._graphs
-                graph = graphs.get(n)
-                if graph is None:
-                    graph = graphs[n] = _GraphStep(self, n, fresh)
-                outs.append(graph(piece))
-            else:
-                outs.append(self._step(piece, fresh))
-            fresh = False
-            i += n
+        with on_device(m.device):  # captures and replays on the model's device, whichever is current
+            while i < t:
+                n = max([b for b in self.graph_buckets if b <= t - i] or [1])
+                if fresh and n < self._min_reset_frames():  # (never with the real config) one eager piece
+                    n = t - i
+                piece = codes[..., i:i + n]
+                if n in self.graph_buckets:
+                    graphs = self._fresh_graphs if fresh else self._graphs
+                    graph = graphs.get(n)
+                    if graph is None:
+                        graph = graphs[n] = _GraphStep(self, n, fresh)
+                    outs.append(graph(piece))
+                else:
+                    outs.append(self._step(piece, fresh))
+                fresh = False
+                i += n
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
     @torch.no_grad()

@@ -42,7 +42,6 @@ CUDA C++ version run on triton under ``"cuda"``: :func:`omni_fast.backend.resolv
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._device import on_device
 from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled, use_backend
 from ..ops import mtp_layers
 from ..reference import rope as ref_rope
@@ -58,7 +58,8 @@ from ..reference import rvq as ref_rvq
 from ..reference.rope import rope_inv_freq
 from ..validation import (INT_DTYPES, REAL_DTYPES, check_bool, check_device, check_float, check_positive_int,
                           check_seed, check_tensor, values_checkable)
-from .cuda_graphs import ReplayGuard, capture, weights_key
+from .cuda_graphs import ReplayGuard, weights_key
+from .frame_graph import FrameGraph
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -148,7 +149,7 @@ class CodePredictor(torch.nn.Module):
         self.lm_head = torch.nn.Parameter(torch.empty(G - 1, V, H, **kw), requires_grad=False)
         offs = [0] + [self.codec_vocab_size + g * V for g in range(G - 1)]
         self.register_buffer("offsets", torch.tensor(offs, dtype=torch.long, device=device), persistent=False)
-        self._graphs: dict[tuple, _FrameGraph] = {}
+        self._graphs: dict[tuple, FrameGraph] = {}
         self._graphs_weights: tuple | None = None  # weights_key(self) the graphs were captured with
         self._consts: dict[tuple, Any] = {}
         # The frame graphs' static buffers and the persistent frames' workspaces are shared by every request: one
@@ -277,7 +278,9 @@ class CodePredictor(torch.nn.Module):
         x = talker_hidden.to(self.table.dtype)
         # The model-level backend is an ambient choice (a use_backend block), not a per-op pin: ops without a CUDA
         # C++ version fall back to triton under "cuda", and the sampler / RoPE take their CUDA twins.
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+        # (on the model's device: the frame graphs capture, replay and record events there, the current device
+        # may be another: docs/reliability.md, "Several GPUs")
+        with on_device(x.device), use_backend(backend) if backend is not None else contextlib.nullcontext():
             if use_graph is None:
                 use_graph = (talker_hidden.device.type == "cuda" and not torch.compiler.is_compiling()
                              and graph_capturable())
@@ -383,7 +386,7 @@ class CodePredictor(torch.nn.Module):
                     self._persistent.clear()
                 frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
                                                                 seed.numel() > 1, c0_embed is not None)
-            self._last_persistent = frame  # (a _FrameGraph being built watches the frame its body launches)
+            self._last_persistent = frame  # (a FrameGraph being built watches the frame its body launches)
             return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
     def _constants(self, device, B, dtype) -> dict:
@@ -483,59 +486,9 @@ class CodePredictor(torch.nn.Module):
                 self._graphs_weights = weights
             graph = self._graphs.get(key)
             if graph is None:
-                graph = self._graphs[key] = _FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
-                                                        fused, per_row)
+                graph = self._graphs[key] = FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
+                                                       fused, per_row)
             return graph.run(x, c0, c0_embed, seed)
-
-
-class _FrameGraph:
-    """One captured frame for a batch bucket: static inputs, one ``torch.cuda.CUDAGraph``, static outputs."""
-
-    def __init__(self, model: CodePredictor, bucket: int, device, dtype, embed_c0: bool, sampling, fused: bool,
-                 per_row: bool):
-        H = model.config.hidden_size
-        self.bucket = bucket
-        self.x = torch.zeros(bucket, H, device=device, dtype=dtype)
-        self.c0 = torch.zeros(bucket, dtype=torch.long, device=device)
-        self.c0_embed = None if embed_c0 else torch.zeros(bucket, H, device=device, dtype=dtype)
-        # Per-row seeds [bucket], or one shared seed [1] (row i of the bucket keeps RNG row index i, so padding does
-        # not change the real rows' draws). The ops resolve the ambient backend (predict_frame's use_backend block).
-        self.seed = torch.zeros(bucket if per_row else 1, dtype=torch.long, device=device)
-        self.model, self.sampling, self.fused = weakref.ref(model), sampling, fused  # weak: no cycle (gc-only free)
-        model._last_persistent = None
-        # No CUDA: emulated replay (the frame run eagerly on the same static buffers: the CPU tests cover the bucket
-        # logic). On CUDA the capture's warm-up compiles the kernels and fills the constant caches.
-        if torch.device(device).type != "cuda":
-            self.graph, (self.codes, self.next_input) = None, self._run()
-        else:
-            self.graph, (self.codes, self.next_input) = capture(self._run, device)
-        # The persistent frame the body launched (None on the graph-of-kernels path): a replay runs no Python, so
-        # run() does the frame's watchdog check and records its flag copy around each replay.
-        self.watched = model.__dict__.pop("_last_persistent", None)
-
-    def _run(self):  # the frame body on the static buffers: what the graph captures
-        return self.model().frame(self.x, self.c0, self.c0_embed, self.seed, self.sampling, None, self.fused)
-
-    def run(self, x, c0, c0_embed, seed):
-        if self.graph is not None and self.watched is not None:
-            self.watched.check()  # PersistentError once an earlier replay's (or eager call's) trip has landed
-        B = x.shape[0]
-        self.x[:B].copy_(x)
-        self.c0[:B].copy_(c0)
-        if self.c0_embed is not None:
-            self.c0_embed[:B].copy_(c0_embed)
-        if isinstance(seed, torch.Tensor):
-            self.seed[:B].copy_(seed)
-        else:
-            self.seed.fill_(int(seed))
-        if self.graph is None:
-            for static, new in zip((self.codes, self.next_input), self._run()):
-                static.copy_(new)
-        else:
-            self.graph.replay()
-            if self.watched is not None:
-                self.watched.watch.record()  # the flag's copy + event after the replay: no sync, no allocation
-        return self.codes[:B].clone(), self.next_input[:B].clone()
 
 
 class _Fns:

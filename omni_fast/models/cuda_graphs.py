@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .._device import capturing, on_device
+
 
 def capture(fn: Callable[[], object], device: torch.device | str | None = None, *, warmup: int = 2, pool=None,
             after_warmup: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -32,18 +34,27 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     decode step, another's first MTP frame) are serialised by one process-wide lock: PyTorch supports one capture
     at a time (``torch.cuda.graph`` synchronises the device and empties the allocator's cache on entry, which must
     not happen while another stream captures); the warm-ups and every replay run outside that lock.
+
+    Several GPUs: everything happens on ``device`` (the device of the tensors ``fn`` works on), whatever the
+    current device is: the warm-up's side stream, the synchronisation on entry and the capture stream. The capture
+    stream is passed explicitly (the side stream): ``torch.cuda.graph``'s default is ONE stream per process, made on
+    whichever device was current at the first capture, so a later capture for another device would capture on a
+    stream of the wrong device, where none of ``fn``'s kernels (launched on their tensors' device) land: an empty
+    graph whose replays leave the outputs of the capture run unchanged. A replay needs no guard (torch replays on
+    the capture device's current stream).
     """
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    if after_warmup is not None:
-        after_warmup()
-    graph = torch.cuda.CUDAGraph()
-    with _CAPTURES, torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = fn()
+    with on_device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURES, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            out = fn()
     return graph, out
 
 
@@ -73,6 +84,10 @@ class ReplayGuard:
     the current stream captures (a caller's own graph around ours): waiting there on an event recorded outside the
     capture is not allowed, and the capture runs nothing, its replays are what the caller orders. No host sync.
     Pickles and deep-copies as a fresh guard (its lock and event belong to this process and device).
+
+    ``device`` is the device of the shared buffers: "the current stream" above is ``device``'s current stream and
+    the capture status is asked of it, whatever the thread's current device is (docs/reliability.md, "Several
+    GPUs").
 
     Host work per hold (every MTP frame takes one): one capture-status query and one event record; a holder on
     another stream than the previous one also one stream wait. One event is re-recorded (a wait binds to the
@@ -128,5 +143,6 @@ class ReplayGuard:
 
 def _ordered(device) -> bool:
     """Whether a hold on ``device`` orders the device work with an event: a CUDA device whose current stream is not
-    being captured."""
-    return torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing()
+    being captured (asked of ``device``, not of the current device: a model on cuda:1 held from a thread whose
+    current device is cuda:0)."""
+    return torch.device(device).type == "cuda" and not capturing(device)

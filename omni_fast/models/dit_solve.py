@@ -34,6 +34,7 @@ from .. import fast_paths
 from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from . import bigvgan_padded, dit_layers
+from .._device import on_device
 from .cuda_graphs import ReplayGuard, capture, weights_key
 
 # Codec tokens per solve (mel frames = x repeats): four buckets per octave, 16 ... 4096 (16, 19, 23, 27, 32, 38, ...),
@@ -316,7 +317,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
            torch.is_inference_mode_enabled(), tf32, ambient)
     shared = dit.__dict__.setdefault(_POOL, _SharedPool())  # one pool for both caches' graphs, every bucket
     # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool), the device ordered too
-    with shared.hold(code.device):
+    with on_device(code.device), shared.hold(code.device):  # (on the DiT's device, whichever is current)
         cache = _graph_cache(dit, vocoder, shared, code.device)
         graph = cache.pop(key, None)  # (re-inserted below: the dict's order is the least recently used first)
         if graph is None:

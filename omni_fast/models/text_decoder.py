@@ -49,6 +49,7 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
 from ..validation import check_bool
+from .._device import devices_of, on_device
 from .cuda_graphs import capture
 from .fused_step import FusedWorkspace, fused_body, unsupported as fused_unsupported
 from .quantized import quantized_experts
@@ -190,7 +191,14 @@ class MoeTextDecoder:
         in transformers before 5.2x) with the thinker's ``lm_head``, ``Qwen3OmniMoeTalkerModel`` (``talker.model``)
         with the talker's ``codec_head``, or ``Qwen2_5OmniTalkerModel`` (``talker.model``: dense SwiGLU, q/k/v bias,
         no q/k norm, contiguous M-RoPE) with ``codec_head`` or None (no logits); ``fused``: see the class doc. The
-        weights are shared with the module (later in-place updates are seen; ``.to()`` needs a new decoder)."""
+        weights are shared with the module (later in-place updates are seen; ``.to()`` needs a new decoder). They
+        must sit on one device (ValueError otherwise: a ``device_map`` split; the decode takeover of ``patch`` then
+        leaves the decode to transformers). That device need not be the current one: the decoder captures, replays
+        and launches on it."""
+        devices = devices_of(text_model, *([lm_head] if isinstance(lm_head, torch.nn.Module) else []))
+        if len(devices) > 1:  # one static KV cache and one graph per step: the weights must share one device
+            raise ValueError(f"the text model's weights are on several devices ({', '.join(map(str, devices))}, "
+                             "e.g. split by device_map): MoeTextDecoder runs on one device")
         cfg = text_model.config
         rotary = text_model.rotary_emb
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -292,12 +300,13 @@ class MoeTextDecoder:
         if st.steps_left <= 0:
             raise RuntimeError(f"the KV cache is full ({st.capacity} tokens): load_prefill with a larger "
                                "max_new_tokens")
-        st.x[:B].copy_(input_embeds)
-        st.pos[:, :B].copy_(positions.expand(3, B))
-        if st.graph is not None:
-            st.graph.replay()
-        else:
-            st.logits, st.hidden = self._body(st)
+        with on_device(self.device):  # (the decoder's device, whichever is current: docs/reliability.md)
+            st.x[:B].copy_(input_embeds)
+            st.pos[:, :B].copy_(positions.expand(3, B))
+            if st.graph is not None:
+                st.graph.replay()
+            else:
+                st.logits, st.hidden = self._body(st)
         st.steps_left -= 1
         return None if st.logits is None else st.logits[:B].clone(), st.hidden[:B].clone()
 

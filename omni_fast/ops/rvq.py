@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from .._device import capturing
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_index_range, check_tensor,
                           values_checkable)
 from ._dispatch import dispatched_op
@@ -66,7 +67,7 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
         if len(_LIST_BASES) > 256:
             _LIST_BASES.clear()
         _LIST_BASES[key] = hit
-    if tables[0].is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(tables[0].device):
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
     return hit
 

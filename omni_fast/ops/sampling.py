@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .._device import capturing
 from ..reference import sampling as ref
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_float, check_positive_int, check_seed,
                           check_tensor, values_checkable)
@@ -106,14 +107,14 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     t = _CAPTURED_RANGES.get(key)
     if t is None:
         t = _RANGE_CACHE.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
     if t is None:
-        if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not capturing:
+        if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not in_capture:
             for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
                 torch.cuda.synchronize(dev)
             _RANGE_CACHE.clear()
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
-    if capturing:
+    if in_capture:
         _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
     return t
 
@@ -155,7 +156,7 @@ def _device_zero(device: torch.device) -> torch.Tensor:
     t = _ZERO_CACHE.get(key)
     if t is None:
         t = torch.zeros(1, dtype=torch.long, device=device)
-        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        if capturing(t.device):  # (asked of t's device: the current one may be another)
             return t  # from the graph's pool, zeroed only on replay: not for eager calls, so not cached
         t = _ZERO_CACHE.setdefault(key, t)
     return t

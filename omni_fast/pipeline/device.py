@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from .._device import on_device
 from ..models.cuda_graphs import ReplayGuard
 
 
@@ -27,15 +28,18 @@ def resumed_in_order(events: Iterator, device: torch.device) -> Iterator:
     """``events`` (a stream's generator) re-yielded so that a resume on another CUDA stream than the last one (a
     server thread that took the request over, on a stream of its own) first waits for the work the last resume
     queued: each resume is one :class:`~omni_fast.models.cuda_graphs.ReplayGuard` hold (an event re-recorded per
-    resume, a wait only across streams, no host sync). Closing this generator closes ``events`` at once (its
-    leases end). Elsewhere: ``events`` as they are."""
+    resume, a wait only across streams, no host sync), run with ``device`` as the current device (the work of
+    each resume lands there whatever the resuming thread's current device is; its own is back at each yield).
+    Closing this generator closes ``events`` at once (its leases end). Elsewhere: ``events`` as they are."""
     if device.type != "cuda":
         yield from events
         return
     order = ReplayGuard()
     try:
         while True:
-            with order.hold(device):
+            # each resume on the model's device (docs/reliability.md, "Several GPUs"): entered per resume, not
+            # around the whole generator, whose suspended block would switch its consumer's device meanwhile
+            with on_device(device), order.hold(device):
                 try:
                     item = next(events)
                 except StopIteration:
@@ -61,9 +65,9 @@ class AsyncHostCopy:
             self.host, self.event = t, None
             return
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self.host.copy_(t, non_blocking=True)
+        self.host.copy_(t, non_blocking=True)  # (queued on t's device's current stream)
         self.event = torch.cuda.Event()
-        self.event.record()
+        self.event.record(torch.cuda.current_stream(t.device))  # that stream: the current device may be another
 
     def tolist(self) -> list:
         if self.event is not None:

@@ -98,7 +98,7 @@ class PersistentFrame:
         self.grid = 1 if interpreting() else grid
         self.spin_limit = SPIN_LIMIT  # per frame: a graph captures the value of its capture time
         # the error flag seen from the host without a sync; eager calls record it themselves, a graph that
-        # captured this frame records it after each replay (code_predictor._FrameGraph)
+        # captured this frame records it after each replay (models.frame_graph.FrameGraph)
         self.watch = FlagWatch(ws["err"])
 
     # --- item table ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..._device import capturing
+
 
 class FlagWatch:
     """Watches ``flag`` (int32 ``[1]``, 0 = fine) for the host.
@@ -26,17 +28,22 @@ class FlagWatch:
         self._recorded = False
 
     def record(self) -> None:
-        """Queue the flag's copy behind the work queued so far on the current stream (no sync, no allocation
-        after the first call)."""
+        """Queue the flag's copy behind the work queued so far on the current stream of the flag's device (no sync,
+        no allocation after the first call). That device's stream, not the current device's: the copy runs there,
+        and an event recorded on another device's stream would complete without waiting for it (the host would read
+        the word before the flag landed)."""
         if not self._live:
-            if self.flag.is_cuda and torch.cuda.is_current_stream_capturing():
+            if self.flag.is_cuda and capturing(self.flag.device):
                 return
             if self._event is None:
                 with torch.inference_mode(False):  # written by every later record(), in the mode or not
                     self._host = torch.empty(1, dtype=self.flag.dtype, pin_memory=True)
                 self._event = torch.cuda.Event()
             self._host.copy_(self.flag, non_blocking=True)
-            self._event.record()
+            if self.flag.is_cuda:
+                self._event.record(torch.cuda.current_stream(self.flag.device))
+            else:  # (a test's CPU flag with a ready-made event)
+                self._event.record()
         self._recorded = True
 
     def tripped(self) -> int:
@@ -46,7 +53,7 @@ class FlagWatch:
             return 0
         if self._live:
             return int(self.flag.tolist()[0])  # the CPU's own flag
-        if self.flag.is_cuda and torch.cuda.is_current_stream_capturing():
+        if self.flag.is_cuda and capturing(self.flag.device):
             return 0  # an event query is not allowed while a stream captures: the replays check
         if not self._event.query():
             return 0  # still in flight: the next call looks again
