@@ -259,3 +259,60 @@ def test_persistent_frames_of_old_weights_dropped(monkeypatch):
         cp.norm.mul_(1.0)  # in place: the weights key changes
     cp._persistent_frame(h, c0, None, seed, (False, 0, 1.0, 1.0))
     assert len(cp._persistent) == 1
+
+
+# --- the drops' device syncs: never while another thread captures --------------------------------------------------
+
+
+def _sync_seen_during_a_capture(monkeypatch, call) -> list:
+    """Run ``call`` on a worker thread while another thread is inside the process's one capture (it holds
+    ``cuda_graphs._CAPTURES``, as :func:`~omni_fast.models.cuda_graphs.capture` does): for each device-wide sync
+    (a faked ``torch.cuda.synchronize``) whether that capture was still under way."""
+    import threading
+
+    from omni_fast.models import cuda_graphs
+
+    capturing, entered, release = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(capturing.is_set()))
+
+    def capture_thread():
+        with cuda_graphs._CAPTURES:
+            capturing.set()
+            entered.set()
+            release.wait(10)
+            capturing.clear()
+
+    capturer = threading.Thread(target=capture_thread)
+    capturer.start()
+    assert entered.wait(10)
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join(0.5)  # (an unguarded sync has happened by now)
+    release.set()
+    worker.join(10)
+    capturer.join(10)
+    return seen
+
+
+def test_codec_stream_drop_sync_waits_for_a_capture(monkeypatch):
+    """entries_for's drop synchronised the whole device while another thread could be capturing a graph (its first
+    decode step or MTP frame): a device-wide sync while any stream of the device captures is an error that also
+    invalidates that capture (thread_local mode does not allow it either). The sync now takes the capture lock."""
+    table = {1: [], 2: []}
+    seen = _sync_seen_during_a_capture(
+        monkeypatch, lambda: pipeline_device.entries_for(table, 3, 1, torch.device("cuda")))
+    assert list(table) == [3] and seen == [False]
+
+
+def test_suppress_range_cache_drop_sync_waits_for_a_capture(monkeypatch):
+    """The same for the suppress-range cache's drop when full (a stand-in for its CUDA tensors)."""
+
+    class _OnCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+
+    monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 2, raising=False)
+    monkeypatch.setattr(sampling, "_RANGE_CACHE", {"a": _OnCuda(), "b": _OnCuda()})
+    seen = _sync_seen_during_a_capture(
+        monkeypatch, lambda: sampling._cached_pairs_tensor(((0, 1),), torch.device("cpu")))
+    assert list(sampling._RANGE_CACHE) == [(((0, 1),), "cpu")] and seen == [False]

@@ -52,6 +52,17 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
 _CAPTURES = threading.RLock()
 
 
+def synchronize(device) -> None:
+    """The host waits for every stream of CUDA ``device`` (``torch.cuda.synchronize``), never during another
+    thread's capture: synchronising the device while any of its streams captures is an error that also invalidates
+    that capture, in every capture mode (CUDA forbids synchronising or querying a handle that encompasses a
+    capturing stream, the device or context included). So under the one capture lock (:func:`capture`): it waits
+    for a capture under way to end. For rare drops of what other threads' streams may still read (a full cache);
+    never call it while this thread captures."""
+    with _CAPTURES:
+        torch.cuda.synchronize(device)
+
+
 def weights_key(*modules: torch.nn.Module) -> tuple:
     """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
     built from them (a :class:`CodePredictor`, a ``Code2Wav``), or a CUDA graph that reads them by address, is

@@ -109,8 +109,10 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if t is None:
         if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not capturing:
+            from ..models.cuda_graphs import synchronize  # (after another thread's capture: a sync would break it)
+
             for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
-                torch.cuda.synchronize(dev)
+                synchronize(dev)
             _RANGE_CACHE.clear()
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
     if capturing:
