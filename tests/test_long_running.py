@@ -316,3 +316,64 @@ def test_suppress_range_cache_drop_sync_waits_for_a_capture(monkeypatch):
     seen = _sync_seen_during_a_capture(
         monkeypatch, lambda: sampling._cached_pairs_tensor(((0, 1),), torch.device("cpu")))
     assert list(sampling._RANGE_CACHE) == [(((0, 1),), "cpu")] and seen == [False]
+
+
+# --- the weak references to the model: pickling, and a graph kept after its model ----------------------------------
+
+
+def test_code_predictor_with_persistent_frames_pickles():
+    """``torch.save`` of a CodePredictor (or a patched model holding one) that ran persistent frames worked while a
+    frame held its model strongly; the weak reference made it "cannot pickle 'weakref.ReferenceType' object". It
+    pickles and deep-copies as the model again (the copy's frames refer to the copy)."""
+    import copy
+    import io
+
+    from omni_fast.bench.cases.mtp import _build
+    from test_persistent import SMALL
+
+    cp = CodePredictor.from_transformers(*_build("cpu", torch.float32, SMALL), persistent=True)
+    cp._persistent["k"] = PersistentFrame(cp, 2, torch.float32, torch.device("cpu"), (False, 0, 1.0, 1.0), False,
+                                          False)
+    buf = io.BytesIO()
+    torch.save(cp, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    assert twin._persistent["k"].model is twin
+    twin = copy.deepcopy(cp)
+    assert twin._persistent["k"].model is twin
+
+
+def test_frame_graph_kept_after_its_model_raises_instead_of_replaying():
+    """A frame graph replays kernels that read its CodePredictor's weights by address: kept by a caller after the
+    predictor was dropped (its weights freed), a replay read freed memory without a word on CUDA (and failed with
+    "'NoneType' object has no attribute 'frame'" on the CPU). Now a ReferenceError, before any replay."""
+    from test_mtp import _hf_predictor
+
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m, emb)
+    h, c0 = torch.randn(3, 48), torch.randint(0, emb.num_embeddings, (3,))
+    cp.predict_frame(h, c0, use_graph=True, backend="reference", do_sample=False)
+    (graph,) = cp._graphs.values()
+    replays = []
+    graph.graph = type("FakeGraph", (), {"replay": lambda self: replays.append(1)})()  # (as on CUDA)
+    graph.watched = None
+    graph.run(h, c0, None, 0)
+    assert replays == [1]
+    del cp
+    with pytest.raises(ReferenceError, match="CodePredictor"):
+        graph.run(h, c0, None, 0)
+    assert replays == [1]
+
+
+def test_solve_graph_kept_after_its_dit_raises_instead_of_replaying():
+    """The same for a DiT solve graph (its replay reads the DiT's weights)."""
+    from test_dit_solve import _dit
+
+    dit = _dit()
+    cond, ref, code = _dit_inputs(dit)
+    with torch.no_grad():
+        dit_solve.sample(dit, cond, ref, code, num_steps=2, buckets=(4,), backend="reference")
+    (graph,) = [g for k, g in dit.__dict__[dit_solve._CACHE].items() if k != "weights"]
+    del dit
+    with pytest.raises(ReferenceError, match="DiT"):
+        graph.run(graph.noise, graph.code, graph.cond, graph.spk, graph.noise.shape[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -141,3 +142,29 @@ def _ordered(device) -> bool:
     """Whether a hold on ``device`` orders the device work with an event: a CUDA device whose current stream is not
     being captured."""
     return torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+class ModelRef:
+    """A weak reference from what a model caches (a captured graph, a persistent frame) to that model: a strong one
+    is a cycle, which keeps a dropped model's weights and graphs until a full garbage collection. ``ref()`` is the
+    model or None; :meth:`get` the model, or a ``ReferenceError`` once it was freed (a graph kept past its model
+    must not replay: it reads the freed weights by address). Pickles and deep-copies as the model itself, as the
+    strong reference did (through the memo: a copied model's caches refer to the copy)."""
+
+    __slots__ = ("_ref", "what")
+
+    def __init__(self, model, what: str):
+        self._ref, self.what = (weakref.ref(model) if model is not None else None), what
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def get(self):
+        model = self()
+        if model is None:
+            raise ReferenceError(f"the {self.what} this was built for was freed (its weights with it): a graph or "
+                                 f"frame kept past its model cannot run; build it again from a live model")
+        return model
+
+    def __reduce__(self):
+        return ModelRef, (self(), self.what)
