@@ -377,3 +377,23 @@ def test_solve_graph_kept_after_its_dit_raises_instead_of_replaying():
     del dit
     with pytest.raises(ReferenceError, match="DiT"):
         graph.run(graph.noise, graph.code, graph.cond, graph.spk, graph.noise.shape[1])
+
+
+def test_suppress_ranges_a_capture_read_survive_the_cache_drop(monkeypatch):
+    """The range tensor a CUDA graph captured is read by address on every replay: the full cache's drop must not
+    free it (``_CAPTURED_RANGES``; untested before). (A CPU tensor stands in for the device one; the capture status
+    is faked.)"""
+    monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 2, raising=False)
+    monkeypatch.setattr(sampling, "_RANGE_CACHE", {})
+    monkeypatch.setattr(sampling, "_CAPTURED_RANGES", {})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    pairs = ((3, 5),)
+    warmed = sampling._RANGE_CACHE[(pairs, str(cuda))] = torch.tensor(pairs)  # the warm-up's copy
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # the capture's lookup
+    capturing[0] = False
+    for i in range(4):  # later requests' new ranges: the cache fills and is dropped
+        sampling._cached_pairs_tensor(((i, i + 2),), cpu)
+    assert (pairs, str(cuda)) not in sampling._RANGE_CACHE
+    assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # what the graph reads: kept
