@@ -62,16 +62,18 @@ _CAPTURED_RANGES: dict[tuple, torch.Tensor] = {}
 def _check_ranges(pairs, V: int) -> None:
     """(lo, hi) pairs: lo <= hi, and not every id of the vocabulary suppressed (no id could be drawn).
 
-    Comparisons only, no ``sorted``: under ``torch.compile(dynamic=True)`` ints passed to the compiled function are
+    Comparisons only while tracing: under ``torch.compile(dynamic=True)`` ints passed to the compiled function are
     SymInts, which dynamo cannot sort; a comparison of them is a guard of the graph instead, so a call that breaks
-    a rule recompiles and raises here, as in eager."""
+    a rule recompiles and raises here, as in eager. Eager (every call) sorts first: the covered prefix then grows
+    in one pass, where unsorted ranges can take one pass per range (R^2 steps; a trace pays that once)."""
     for lo, hi in pairs:
         if lo > hi:
             raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
+    ordered = pairs if torch.compiler.is_compiling() else sorted(pairs)
     covered, grew = 0, True  # ids [0, covered) suppressed: grown by every range starting inside it, until none does
     while grew:
         grew = False
-        for lo, hi in pairs:
+        for lo, hi in ordered:
             if lo <= covered and hi > covered:
                 covered, grew = hi, True
         if covered >= V:
