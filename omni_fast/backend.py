@@ -32,6 +32,9 @@ _CHOICES = BACKENDS + ("auto",)
 _ENV = "OMNI_FAST_BACKEND"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("omni_fast_backend", default=None)
+# The tokens of the eager use_backend blocks open in this context, innermost last: per context, not per object, so
+# one use_backend object may be open several times at once (nested, recursive, several threads or tasks)
+_tokens: contextvars.ContextVar[tuple] = contextvars.ContextVar("omni_fast_backend_tokens", default=())
 
 
 def triton_interpreter_enabled() -> bool:
@@ -62,7 +65,8 @@ class use_backend(contextlib.ContextDecorator):  # noqa: N801 (a function in for
     """Run the ops called inside the block on backend ``name`` (``triton``, ``cuda``, ``reference`` or ``auto``).
 
     Also a decorator (``@use_backend("reference")``), as it was when it was a ``contextlib.contextmanager``: each
-    call of the decorated function opens a block of its own (recursive and concurrent calls included).
+    call of the decorated function opens a block of its own (recursive and concurrent calls included). One object
+    may be entered again while open (nested, or by several threads at once): each entry is a block of its own.
 
     Also inside a function compiled by ``torch.compile`` (``fullgraph=True`` included): there the block's choice
     is fixed when the function is traced (the ops' backend is an argument of the graph's op calls); eager blocks
@@ -70,24 +74,21 @@ class use_backend(contextlib.ContextDecorator):  # noqa: N801 (a function in for
     """
 
     def __init__(self, name: str):
-        self.name = _check_name(name, "use_backend(name)")
-        self._token: contextvars.Token | None = None
-
-    def _recreate_cm(self) -> "use_backend":
-        # ContextDecorator reuses the instance per call unless this makes a fresh one: one token per open block
-        return type(self)(self.name)
+        self.name = _check_name(name, "use_backend(name)")  # the only state: entering again is safe (_tokens)
 
     def __enter__(self) -> None:
         if torch.compiler.is_compiling():
             _TRACED_BLOCKS.append(self.name)
         else:
-            self._token = _current.set(self.name)
+            _tokens.set(_tokens.get() + (_current.set(self.name),))
 
     def __exit__(self, *exc) -> None:
         if torch.compiler.is_compiling():
             _TRACED_BLOCKS.pop()
         else:
-            _current.reset(self._token)
+            tokens = _tokens.get()  # blocks close innermost first in a context: the last token is this block's
+            _tokens.set(tokens[:-1])
+            _current.reset(tokens[-1])
 
 
 PIN_ATTR = "_omni_fast_backend"  # where omni_fast.patch(model, backend=...) pins its backend on a module

@@ -98,3 +98,46 @@ def test_use_backend_as_a_decorator_opens_a_block_per_call():
         assert requested_backend() == "triton"
     assert seen == ["reference"] * 6
     assert requested_backend() == before
+
+
+def test_one_use_backend_object_entered_again_inside_itself_and_by_threads():
+    """A use_backend object kept and entered again while open (a module-level ``REF = use_backend("reference")``
+    used by a recursive function, or by a server's threads at once) kept one token on the object: the inner entry
+    overwrote the outer's, so the outer exit raised and left "reference" set for the rest of the thread (before the
+    class, the inner entry raised and the outer block closed cleanly). Tokens are per context now."""
+    import threading
+
+    from omni_fast.backend import requested_backend
+
+    ref = omni_fast.use_backend("reference")
+    seen = []
+
+    def f(depth):
+        with ref:
+            seen.append(requested_backend())
+            if depth:
+                f(depth - 1)
+            seen.append(requested_backend())
+
+    before = requested_backend()
+    f(2)
+    assert seen == ["reference"] * 6 and requested_backend() == before
+
+    inside, leave, errors = threading.Barrier(2), threading.Barrier(2), []
+
+    def worker():  # both threads open the same object, then close it in the opposite order of their entries
+        try:
+            start = requested_backend()
+            inside.wait(10)
+            with ref:
+                leave.wait(10)
+            errors.append(requested_backend() == start or f"left {requested_backend()!r} set")
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [True, True]

@@ -259,3 +259,141 @@ def test_persistent_frames_of_old_weights_dropped(monkeypatch):
         cp.norm.mul_(1.0)  # in place: the weights key changes
     cp._persistent_frame(h, c0, None, seed, (False, 0, 1.0, 1.0))
     assert len(cp._persistent) == 1
+
+
+# --- the drops' device syncs: never while another thread captures --------------------------------------------------
+
+
+def _sync_seen_during_a_capture(monkeypatch, call) -> list:
+    """Run ``call`` on a worker thread while another thread is inside the process's one capture (it holds
+    ``cuda_graphs._CAPTURES``, as :func:`~omni_fast.models.cuda_graphs.capture` does): for each device-wide sync
+    (a faked ``torch.cuda.synchronize``) whether that capture was still under way."""
+    import threading
+
+    from omni_fast.models import cuda_graphs
+
+    capturing, entered, release = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(capturing.is_set()))
+
+    def capture_thread():
+        with cuda_graphs._CAPTURES:
+            capturing.set()
+            entered.set()
+            release.wait(10)
+            capturing.clear()
+
+    capturer = threading.Thread(target=capture_thread)
+    capturer.start()
+    assert entered.wait(10)
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join(0.5)  # (an unguarded sync has happened by now)
+    release.set()
+    worker.join(10)
+    capturer.join(10)
+    return seen
+
+
+def test_codec_stream_drop_sync_waits_for_a_capture(monkeypatch):
+    """entries_for's drop synchronised the whole device while another thread could be capturing a graph (its first
+    decode step or MTP frame): a device-wide sync while any stream of the device captures is an error that also
+    invalidates that capture (thread_local mode does not allow it either). The sync now takes the capture lock."""
+    table = {1: [], 2: []}
+    seen = _sync_seen_during_a_capture(
+        monkeypatch, lambda: pipeline_device.entries_for(table, 3, 1, torch.device("cuda")))
+    assert list(table) == [3] and seen == [False]
+
+
+def test_suppress_range_cache_drop_sync_waits_for_a_capture(monkeypatch):
+    """The same for the suppress-range cache's drop when full (a stand-in for its CUDA tensors)."""
+
+    class _OnCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+
+    monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 2, raising=False)
+    monkeypatch.setattr(sampling, "_RANGE_CACHE", {"a": _OnCuda(), "b": _OnCuda()})
+    seen = _sync_seen_during_a_capture(
+        monkeypatch, lambda: sampling._cached_pairs_tensor(((0, 1),), torch.device("cpu")))
+    assert list(sampling._RANGE_CACHE) == [(((0, 1),), "cpu")] and seen == [False]
+
+
+# --- the weak references to the model: pickling, and a graph kept after its model ----------------------------------
+
+
+def test_code_predictor_with_persistent_frames_pickles():
+    """``torch.save`` of a CodePredictor (or a patched model holding one) that ran persistent frames worked while a
+    frame held its model strongly; the weak reference made it "cannot pickle 'weakref.ReferenceType' object". It
+    pickles and deep-copies as the model again (the copy's frames refer to the copy)."""
+    import copy
+    import io
+
+    from omni_fast.bench.cases.mtp import _build
+    from test_persistent import SMALL
+
+    cp = CodePredictor.from_transformers(*_build("cpu", torch.float32, SMALL), persistent=True)
+    cp._persistent["k"] = PersistentFrame(cp, 2, torch.float32, torch.device("cpu"), (False, 0, 1.0, 1.0), False,
+                                          False)
+    buf = io.BytesIO()
+    torch.save(cp, buf)
+    buf.seek(0)
+    twin = torch.load(buf, weights_only=False)
+    assert twin._persistent["k"].model is twin
+    twin = copy.deepcopy(cp)
+    assert twin._persistent["k"].model is twin
+
+
+def test_frame_graph_kept_after_its_model_raises_instead_of_replaying():
+    """A frame graph replays kernels that read its CodePredictor's weights by address: kept by a caller after the
+    predictor was dropped (its weights freed), a replay read freed memory without a word on CUDA (and failed with
+    "'NoneType' object has no attribute 'frame'" on the CPU). Now a ReferenceError, before any replay."""
+    from test_mtp import _hf_predictor
+
+    m, emb = _hf_predictor(1, torch.float32, seed=4)
+    cp = CodePredictor.from_transformers(m, emb)
+    h, c0 = torch.randn(3, 48), torch.randint(0, emb.num_embeddings, (3,))
+    cp.predict_frame(h, c0, use_graph=True, backend="reference", do_sample=False)
+    (graph,) = cp._graphs.values()
+    replays = []
+    graph.graph = type("FakeGraph", (), {"replay": lambda self: replays.append(1)})()  # (as on CUDA)
+    graph.watched = None
+    graph.run(h, c0, None, 0)
+    assert replays == [1]
+    del cp
+    with pytest.raises(ReferenceError, match="CodePredictor"):
+        graph.run(h, c0, None, 0)
+    assert replays == [1]
+
+
+def test_solve_graph_kept_after_its_dit_raises_instead_of_replaying():
+    """The same for a DiT solve graph (its replay reads the DiT's weights)."""
+    from test_dit_solve import _dit
+
+    dit = _dit()
+    cond, ref, code = _dit_inputs(dit)
+    with torch.no_grad():
+        dit_solve.sample(dit, cond, ref, code, num_steps=2, buckets=(4,), backend="reference")
+    (graph,) = [g for k, g in dit.__dict__[dit_solve._CACHE].items() if k != "weights"]
+    del dit
+    with pytest.raises(ReferenceError, match="DiT"):
+        graph.run(graph.noise, graph.code, graph.cond, graph.spk, graph.noise.shape[1])
+
+
+def test_suppress_ranges_a_capture_read_survive_the_cache_drop(monkeypatch):
+    """The range tensor a CUDA graph captured is read by address on every replay: the full cache's drop must not
+    free it (``_CAPTURED_RANGES``; untested before). (A CPU tensor stands in for the device one; the capture status
+    is faked.)"""
+    monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 2, raising=False)
+    monkeypatch.setattr(sampling, "_RANGE_CACHE", {})
+    monkeypatch.setattr(sampling, "_CAPTURED_RANGES", {})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    pairs = ((3, 5),)
+    warmed = sampling._RANGE_CACHE[(pairs, str(cuda))] = torch.tensor(pairs)  # the warm-up's copy
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # the capture's lookup
+    capturing[0] = False
+    for i in range(4):  # later requests' new ranges: the cache fills and is dropped
+        sampling._cached_pairs_tensor(((i, i + 2),), cpu)
+    assert (pairs, str(cuda)) not in sampling._RANGE_CACHE
+    assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # what the graph reads: kept

@@ -2,6 +2,7 @@
 (5, 6). One test per defect found by the hostile review; the hypothesis sweep is tests/test_reliability_sweep.py."""
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -236,6 +237,29 @@ def test_sample_suppress_ranges_rules():
     with pytest.raises(ValueError, match="whole vocabulary"):
         ops.sample(logits, suppress_ranges=torch.tensor([[0, 12]]), seed=0)
     ops.sample(logits, suppress_ranges=[(0, 4), (5, 10)], seed=0)  # id 4 left: fine
+
+
+def test_sample_suppress_ranges_check_is_not_quadratic_in_eager():
+    """The whole-vocabulary check (run on every eager call) went over the ranges once per range that grew the
+    covered prefix when they came out of order: R passes of R ranges (R = 2,000 single ids, shuffled: ~1,000 passes,
+    every sampled token). Eager sorts first (only a compiled trace cannot sort SymInts): a bounded number of passes,
+    the same answers."""
+    from omni_fast.ops import sampling
+
+    class Counted(tuple):  # the caller's pairs: counts the passes over them
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    R = 2000
+    pairs = [(i, i + 1) for i in range(R)]
+    random.Random(0).shuffle(pairs)
+    sampling._check_ranges(Counted(pairs), R + 1)  # id R left
+    assert Counted.passes <= 3
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        sampling._check_ranges(Counted(pairs[::-1]), R)
 
 
 @pytest.mark.parametrize("name, value", [("repetition_penalty", math.inf), ("repetition_penalty", math.nan),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -61,6 +62,17 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
 # One capture at a time in the process (see capture()). Lock order: a ReplayGuard's lock, then this one; nothing
 # takes a ReplayGuard while holding it but the capturing thread's own re-entrant holds.
 _CAPTURES = threading.RLock()
+
+
+def synchronize(device) -> None:
+    """The host waits for every stream of CUDA ``device`` (``torch.cuda.synchronize``), never during another
+    thread's capture: synchronising the device while any of its streams captures is an error that also invalidates
+    that capture, in every capture mode (CUDA forbids synchronising or querying a handle that encompasses a
+    capturing stream, the device or context included). So under the one capture lock (:func:`capture`): it waits
+    for a capture under way to end. For rare drops of what other threads' streams may still read (a full cache);
+    never call it while this thread captures."""
+    with _CAPTURES:
+        torch.cuda.synchronize(device)
 
 
 def weights_key(*modules: torch.nn.Module) -> tuple:
@@ -146,3 +158,29 @@ def _ordered(device) -> bool:
     being captured (asked of ``device``, not of the current device: a model on cuda:1 held from a thread whose
     current device is cuda:0)."""
     return torch.device(device).type == "cuda" and not capturing(device)
+
+
+class ModelRef:
+    """A weak reference from what a model caches (a captured graph, a persistent frame) to that model: a strong one
+    is a cycle, which keeps a dropped model's weights and graphs until a full garbage collection. ``ref()`` is the
+    model or None; :meth:`get` the model, or a ``ReferenceError`` once it was freed (a graph kept past its model
+    must not replay: it reads the freed weights by address). Pickles and deep-copies as the model itself, as the
+    strong reference did (through the memo: a copied model's caches refer to the copy)."""
+
+    __slots__ = ("_ref", "what")
+
+    def __init__(self, model, what: str):
+        self._ref, self.what = (weakref.ref(model) if model is not None else None), what
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def get(self):
+        model = self()
+        if model is None:
+            raise ReferenceError(f"the {self.what} this was built for was freed (its weights with it): a graph or "
+                                 f"frame kept past its model cannot run; build it again from a live model")
+        return model
+
+    def __reduce__(self):
+        return ModelRef, (self(), self.what)

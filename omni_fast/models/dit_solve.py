@@ -35,7 +35,7 @@ from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from . import bigvgan_padded, dit_layers
 from .._device import on_device
-from .cuda_graphs import ReplayGuard, capture, weights_key
+from .cuda_graphs import ModelRef, ReplayGuard, capture, weights_key
 
 # Codec tokens per solve (mel frames = x repeats): four buckets per octave, 16 ... 4096 (16, 19, 23, 27, 32, 38, ...),
 # each rounded up to whole attention blocks when used. Every op of the solve (and of the vocoder in the same graph)
@@ -244,7 +244,7 @@ class _SolveGraph:
         self.lens = torch.full((batch,), S, device=device, dtype=torch.int32)
         # the DiT weakly (it keeps this graph in its cache: a cycle would hold the DiT's weights, this graph and its
         # pool until a full gc); no closure over self either (the same cycle through the graph itself)
-        self._dit, self.vocoder, self.settings, self.backend = weakref.ref(dit), vocoder, settings, backend
+        self._dit, self.vocoder, self.settings, self.backend = ModelRef(dit, "DiT"), vocoder, settings, backend
         self.tf32, self.device = tf32, device
         self.shared = pool if pool is not None else _SharedPool()
         if not _captures(device):  # emulated replay: the same function on the same buffers
@@ -257,7 +257,7 @@ class _SolveGraph:
     def _run(self) -> tuple[torch.Tensor, ...]:
         """The solve (and vocoder) on the static buffers: what the graph captures."""
         steps, guidance, sway = self.settings
-        y = solve(self._dit(), self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
+        y = solve(self._dit.get(), self.noise, self.code, self.cond, self.spk, self.lens, num_steps=steps,
                   guidance_scale=guidance, sway_coefficient=sway, backend=self.backend)
         if self.vocoder is None:
             return (y,)
@@ -270,6 +270,7 @@ class _SolveGraph:
         return self._replay(noise, code, cond, spk, length)
 
     def _replay(self, noise, code, cond, spk, length) -> tuple[torch.Tensor, ...]:
+        self._dit.get()  # a ReferenceError, not a replay over freed weights, for a graph kept past its DiT
         L, n = noise.shape[1], code.shape[1]
         self.noise.zero_()
         self.noise[:, :L].copy_(noise)

@@ -5,11 +5,9 @@ the capture, the replays and the persistent flag's event records all run on the 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from .cuda_graphs import capture
+from .cuda_graphs import ModelRef, capture
 
 
 class FrameGraph:
@@ -29,7 +27,7 @@ class FrameGraph:
         # Per-row seeds [bucket], or one shared seed [1] (row i of the bucket keeps RNG row index i, so padding does
         # not change the real rows' draws). The ops resolve the ambient backend (predict_frame's use_backend block).
         self.seed = torch.zeros(bucket if per_row else 1, dtype=torch.long, device=device)
-        self.model, self.sampling, self.fused = weakref.ref(model), sampling, fused  # weak: no cycle (gc-only free)
+        self.model, self.sampling, self.fused = ModelRef(model, "CodePredictor"), sampling, fused  # weak: no cycle
         model._last_persistent = None
         # No CUDA: emulated replay (the frame run eagerly on the same static buffers: the CPU tests cover the bucket
         # logic). On CUDA the capture's warm-up compiles the kernels and fills the constant caches.
@@ -42,9 +40,10 @@ class FrameGraph:
         self.watched = model.__dict__.pop("_last_persistent", None)
 
     def _run(self):  # the frame body on the static buffers: what the graph captures
-        return self.model().frame(self.x, self.c0, self.c0_embed, self.seed, self.sampling, None, self.fused)
+        return self.model.get().frame(self.x, self.c0, self.c0_embed, self.seed, self.sampling, None, self.fused)
 
     def run(self, x, c0, c0_embed, seed):
+        self.model.get()  # a ReferenceError, not a replay over freed weights, for a graph kept past its predictor
         if self.graph is not None and self.watched is not None:
             self.watched.check()  # PersistentError once an earlier replay's (or eager call's) trip has landed
         B = x.shape[0]

@@ -63,16 +63,18 @@ _CAPTURED_RANGES: dict[tuple, torch.Tensor] = {}
 def _check_ranges(pairs, V: int) -> None:
     """(lo, hi) pairs: lo <= hi, and not every id of the vocabulary suppressed (no id could be drawn).
 
-    Comparisons only, no ``sorted``: under ``torch.compile(dynamic=True)`` ints passed to the compiled function are
+    Comparisons only while tracing: under ``torch.compile(dynamic=True)`` ints passed to the compiled function are
     SymInts, which dynamo cannot sort; a comparison of them is a guard of the graph instead, so a call that breaks
-    a rule recompiles and raises here, as in eager."""
+    a rule recompiles and raises here, as in eager. Eager (every call) sorts first: the covered prefix then grows
+    in one pass, where unsorted ranges can take one pass per range (R^2 steps; a trace pays that once)."""
     for lo, hi in pairs:
         if lo > hi:
             raise ValueError(f"suppress_ranges entries must be (lo, hi) with lo <= hi, got ({lo}, {hi})")
+    ordered = pairs if torch.compiler.is_compiling() else sorted(pairs)
     covered, grew = 0, True  # ids [0, covered) suppressed: grown by every range starting inside it, until none does
     while grew:
         grew = False
-        for lo, hi in pairs:
+        for lo, hi in ordered:
             if lo <= covered and hi > covered:
                 covered, grew = hi, True
         if covered >= V:
@@ -110,8 +112,10 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
     if t is None:
         if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not in_capture:
+            from ..models.cuda_graphs import synchronize  # (after another thread's capture: a sync would break it)
+
             for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
-                torch.cuda.synchronize(dev)
+                synchronize(dev)
             _RANGE_CACHE.clear()
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
     if in_capture:

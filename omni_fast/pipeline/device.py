@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from .._device import on_device
-from ..models.cuda_graphs import ReplayGuard
+from ..models.cuda_graphs import ReplayGuard, synchronize
 
 
 def now(device: torch.device) -> float:
@@ -129,12 +129,13 @@ def entries_for(table: dict, key, keep: int, device: torch.device) -> list:
     the least recently used keys whose objects no live stream holds are dropped (request-driven keys must not grow
     without bound; a key in use stays until its streams end, so ``table`` may briefly hold more). On CUDA the host
     waits for the device before the dropped objects are freed: their last replays may still run on another
-    thread's stream (a sync only on a drop: a new key beyond ``keep``, whose first use captures graphs anyway)."""
+    thread's stream (a sync only on a drop: a new key beyond ``keep``, whose first use captures graphs anyway;
+    after any capture under way on another thread, which a device sync would break)."""
     with _LEASES:
         entries = table.pop(key, None)
         table[key] = entries = [] if entries is None else entries
         idle = [k for k, v in table.items() if k != key and all(e[1]() is None for e in v)]
         dropped = [table.pop(k) for k in idle[:max(0, len(table) - keep)]]
     if dropped and device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)  # (not during another thread's capture: cuda_graphs.synchronize)
     return entries

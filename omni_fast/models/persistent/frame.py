@@ -9,8 +9,6 @@ nothing: the inputs and outputs are kernel arguments, so a CUDA graph can captur
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 
@@ -18,6 +16,7 @@ from ...kernels import mtp_persistent as K
 from ...kernels.launch import interpreting, launch
 from ...kernels.mtp_gemv import gemv_blocks
 from ...kernels.sampling import NWAY, block_size
+from ..cuda_graphs import ModelRef
 from .schedule import FrameShape, build_frame, check_schedule
 from .watch import FlagWatch
 
@@ -44,7 +43,7 @@ class PersistentFrame:
         # (the rows give enough items; fewer counter operations per frame)
         tiles = tiles or (1 if B <= 16 else 4)
         # the model weakly (it keeps its frames: a cycle would hold both, workspace and weights, until a full gc)
-        self._model = weakref.ref(model)
+        self._model = ModelRef(model, "CodePredictor")
         self.B, self.sampling, self.per_row, self.c0_embed = B, sampling, per_row, c0_embed
         self.shape = s = FrameShape.of(c, B, tiles=tiles, rvq_block=min(triton.next_power_of_2(max(c.hidden_size, 16)),
                                                                           1024))
@@ -105,8 +104,9 @@ class PersistentFrame:
 
     @property
     def model(self):
-        """The :class:`~omni_fast.models.CodePredictor` this frame was built for (held weakly: it holds its frames)."""
-        return self._model()
+        """The :class:`~omni_fast.models.CodePredictor` this frame was built for (held weakly: it holds its frames;
+        a ``ReferenceError`` once it was freed: the item table holds its weights' addresses)."""
+        return self._model.get()
 
     def _encode(self) -> torch.Tensor:
         rows = [self._row(it) for it in self.schedule.items]
