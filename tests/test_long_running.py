@@ -390,7 +390,7 @@ def test_suppress_ranges_a_capture_read_survive_the_cache_drop(monkeypatch):
     pairs = ((3, 5),)
     warmed = sampling._RANGE_CACHE[(pairs, str(cuda))] = torch.tensor(pairs)  # the warm-up's copy
     capturing = [True]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(sampling, "capturing", lambda device: torch.device(device).type == "cuda" and capturing[0])
     assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # the capture's lookup
     capturing[0] = False
     for i in range(4):  # later requests' new ranges: the cache fills and is dropped
