@@ -318,6 +318,22 @@ def test_suppress_range_cache_drop_sync_waits_for_a_capture(monkeypatch):
     assert list(sampling._RANGE_CACHE) == [(((0, 1),), "cpu")] and seen == [False]
 
 
+
+def test_rvq_table_offsets_drop_waits_for_the_devices(monkeypatch):
+    """``rvq_embed``'s table-offset cache, when full, was cleared with no sync at all: a kernel another thread had
+    queued could still read an offset tensor whose block the allocator handed out again. One helper for both
+    caches now (``cuda_graphs.clear_when_full``): the devices first (under the capture lock), then the drop."""
+    from omni_fast.ops import rvq
+
+    class _OnCuda:
+        is_cuda, device = True, torch.device("cuda", 0)
+
+    monkeypatch.setattr(rvq, "MAX_TABLE_SETS", 2, raising=False)
+    monkeypatch.setattr(rvq, "_LIST_BASES", {"a": (_OnCuda(),) * 3, "b": (_OnCuda(),) * 3})
+    tables = [torch.zeros(4, 2), torch.zeros(4, 2)]
+    seen = _sync_seen_during_a_capture(monkeypatch, lambda: rvq._list_bases(tables))
+    assert len(rvq._LIST_BASES) == 1 and seen == [False]
+
 # --- the weak references to the model: pickling, and a graph kept after its model ----------------------------------
 
 

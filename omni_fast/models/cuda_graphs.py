@@ -75,6 +75,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clear_when_full(cache: dict, limit: int) -> None:
+    """Empty ``cache`` (values: tensors or tuples of tensors that launches read by address) once it holds ``limit``
+    entries, after the host waited for every CUDA device they sit on (:func:`synchronize`: a kernel queued by
+    another thread may still read one, and the caching allocator would hand its block to the next allocation at
+    once). Caches of small device tensors whose keys callers pick (``ops.sample``'s suppress ranges, ``rvq_embed``'s
+    table offsets); call it outside a capture (a sync there breaks it: the caller keeps the cache until later)."""
+    if len(cache) < limit:
+        return
+    values = [v for entry in cache.values() for v in (entry if isinstance(entry, tuple) else (entry,))]
+    for device in {v.device for v in values if v.is_cuda}:
+        synchronize(device)
+    cache.clear()
+
+
 def weights_key(*modules: torch.nn.Module) -> tuple:
     """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
     built from them (a :class:`CodePredictor`, a ``Code2Wav``), or a CUDA graph that reads them by address, is

@@ -50,6 +50,7 @@ def _rvq_reference(codes, tables, offsets, mean):
     return emb.mean(-2) if mean else emb.sum(-2)
 
 
+MAX_TABLE_SETS = 257  # table sets whose offsets are kept (keys change with model loads, not with requests)
 _LIST_BASES: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _CAPTURED_BASES: dict[tuple, tuple[torch.Tensor, ...]] = {}  # read by a CUDA graph: never evicted
 
@@ -59,15 +60,18 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     # makes no host-to-device copy (and so can be captured in a CUDA graph).
     key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0), t.shape[0]) for t in tables)
     hit = _CAPTURED_BASES.get(key) or _LIST_BASES.get(key)
+    in_capture = capturing(tables[0].device)
     if hit is None:
         size = tables[0].element_size()
         base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
         hit = tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device)
                     for v in (base, [t.stride(0) for t in tables], [t.shape[0] for t in tables]))
-        if len(_LIST_BASES) > 256:
-            _LIST_BASES.clear()
+        if not in_capture:  # (a full cache's drop syncs the devices first, which a capture forbids: kept till later)
+            from ..models.cuda_graphs import clear_when_full
+
+            clear_when_full(_LIST_BASES, MAX_TABLE_SETS)
         _LIST_BASES[key] = hit
-    if capturing(tables[0].device):
+    if in_capture:
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
     return hit
 

@@ -111,12 +111,10 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
         t = _RANGE_CACHE.get(key)
     in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
     if t is None:
-        if len(_RANGE_CACHE) >= MAX_RANGE_SETS and not in_capture:
-            from ..models.cuda_graphs import synchronize  # (after another thread's capture: a sync would break it)
+        if not in_capture:
+            from ..models.cuda_graphs import clear_when_full
 
-            for dev in {v.device for v in _RANGE_CACHE.values() if v.is_cuda}:
-                synchronize(dev)
-            _RANGE_CACHE.clear()
+            clear_when_full(_RANGE_CACHE, MAX_RANGE_SETS)
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
     if in_capture:
         _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
