@@ -243,3 +243,21 @@ def test_replay_guard_asks_its_own_device_whether_it_captures(monkeypatch):
     with guard.hold("cuda:1"):
         guard.drain("cuda:1")
     assert len(other.waited) == 1 and other.synced == 0 and guard.done.stream is other
+
+
+def test_captures_of_one_device_share_one_capture_stream(monkeypatch):
+    """Graphs that share a memory pool (a DiT's ~23 solve buckets, a Code2Wav stream's chunk sizes) reuse each
+    other's freed scratch only when captured on the SAME stream: the caching allocator hands a freed block back to
+    its own stream only (torch.cuda.graph's docs: "if the previous capture used an explicit stream argument, you
+    should pass the same stream argument to this capture"). A fresh side stream per capture (torch's pool of 32,
+    round robin) made the shared pool the sum of the graphs' activations again. One capture stream per device now,
+    and never a warm-up's stream (warm-ups run outside the capture lock: another thread's would land in a capture)."""
+    fake, _, captures = _fake_cuda(monkeypatch)
+    warm = []
+    for dev in ("cuda:1", "cuda:1", "cuda:0", "cuda:1"):
+        cuda_graphs.capture(lambda: warm.append(fake.kernel(dev)[0]), dev, warmup=1, pool="pool")
+    ons = [c["on"] for c in captures]
+    assert ons[0] is ons[1] is ons[3] and ons[2] is not ons[0]
+    assert [s.device.index for s in ons] == [1, 1, 0, 1]
+    assert not any(w is on for w in warm[0::2] for on in ons)  # (warm[1::2]: the capture calls)
+    assert all(w is on for w, on in zip(warm[1::2], ons))

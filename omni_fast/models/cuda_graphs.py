@@ -38,11 +38,13 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
 
     Several GPUs: everything happens on ``device`` (the device of the tensors ``fn`` works on), whatever the
     current device is: the warm-up's side stream, the synchronisation on entry and the capture stream. The capture
-    stream is passed explicitly (the side stream): ``torch.cuda.graph``'s default is ONE stream per process, made on
-    whichever device was current at the first capture, so a later capture for another device would capture on a
-    stream of the wrong device, where none of ``fn``'s kernels (launched on their tensors' device) land: an empty
-    graph whose replays leave the outputs of the capture run unchanged. A replay needs no guard (torch replays on
-    the capture device's current stream).
+    stream is passed explicitly (:func:`_capture_stream`, ONE per device, as torch keeps one per process):
+    ``torch.cuda.graph``'s default is ONE stream per process, made on whichever device was current at the first
+    capture, so a later capture for another device would capture on a stream of the wrong device, where none of
+    ``fn``'s kernels (launched on their tensors' device) land: an empty graph whose replays leave the outputs of the
+    capture run unchanged. A replay needs no guard (torch replays on the capture device's current stream). Nothing
+    executes during a capture, and ``torch.cuda.graph`` synchronises the device on entry: the capture stream needs
+    no wait on the caller's stream, nor the caller's on it.
     """
     with on_device(device):
         side = torch.cuda.Stream(device)
@@ -54,7 +56,8 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with _CAPTURES, torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+        with _CAPTURES, torch.cuda.graph(graph, pool=pool, stream=_capture_stream(),
+                                         capture_error_mode="thread_local"):
             out = fn()
     return graph, out
 
@@ -62,6 +65,23 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
 # One capture at a time in the process (see capture()). Lock order: a ReplayGuard's lock, then this one; nothing
 # takes a ReplayGuard while holding it but the capturing thread's own re-entrant holds.
 _CAPTURES = threading.RLock()
+
+# The capture stream of each device (index -> stream), made by its first capture, used only under _CAPTURES.
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """The current device's capture stream (called under ``_CAPTURES``, inside :func:`capture`'s device). One per
+    device, reused: graphs sharing a ``pool`` reuse each other's freed scratch only when captured on the same
+    stream (the caching allocator hands a freed block back to its own stream only; torch.cuda.graph's note), and
+    a fresh side stream per capture (torch's pool of 32, round robin) made a shared pool the sum of its graphs'
+    activations. Never a warm-up's stream: warm-ups run outside the lock, and another thread's kernels launched on
+    a capturing stream would be captured into this graph."""
+    index = torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return stream
 
 
 def synchronize(device) -> None:
