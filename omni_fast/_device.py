@@ -38,10 +38,17 @@ def on_device(device) -> contextlib.AbstractContextManager:
 
 def capturing(device) -> bool:
     """Whether the current stream of ``device`` (a CUDA device; False for any other) is being captured into a CUDA
-    graph. Asked of that device, not of the current one: a capture on cuda:1 is not seen from cuda:0."""
-    if device is None or torch.device(device).type != "cuda":
+    graph. Asked of that device, not of the current one: a capture on cuda:1 is not seen from cuda:0. Asked of the
+    current device (one GPU: always) it is torch's one query, no device switch: it runs on every op call's value
+    check (``validation.values_checkable``), every ``ReplayGuard`` hold and every persistent flag watch."""
+    if device is None:
         return False
-    with torch.cuda.device(torch.device(device)):
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
         return torch.cuda.is_current_stream_capturing()
 
 

@@ -48,6 +48,7 @@ class FakeCuda:
         self.captures = []  # per capture: its kwargs plus "on" (the capture stream)
         self.synced = []  # devices torch.cuda.synchronize() waited for
         self.events = 0  # events made
+        self.entered = []  # the devices torch.cuda.device(d) entered, in order
         self.default_capture_stream = None
         fake = self
 
@@ -74,6 +75,7 @@ class FakeCuda:
                 self.idx = fake.index(d)
 
             def __enter__(self):
+                fake.entered.append(self.idx)
                 self.prev, fake.current = fake.current, self.idx
 
             def __exit__(self, *exc):

@@ -144,3 +144,20 @@ def test_stream_resumes_run_on_the_models_device(monkeypatch):
 
     seen = [(item, fake.current) for item in resumed_in_order(events(), torch.device("cuda:1"))]
     assert seen == [(1, 0), (1, 0)]
+
+
+def test_capture_status_of_the_current_device_enters_no_device_context(monkeypatch):
+    """``capturing(device)`` runs on every op call's value check (validation.values_checkable), every ReplayGuard
+    hold and every flag watch: asked of the current device (one GPU: always), it is torch's one query, as before the
+    multi-GPU change, not a torch.cuda.device enter and exit around it (a Python object and two device exchanges per
+    op call). Another device is still asked with that device current."""
+    from omni_fast._device import capturing
+
+    fake = FakeCuda(monkeypatch)
+    fake.streams[1].capturing = True
+    assert not capturing("cuda:0") and not capturing(torch.device("cuda")) and not capturing("cpu")
+    assert fake.entered == []
+    assert capturing("cuda:1") and fake.entered == [1] and fake.current == 0
+    with torch.cuda.device(1):
+        assert capturing("cuda:1") and capturing("cuda") and not capturing("cuda:0")
+    assert fake.entered == [1, 1, 0] and fake.current == 0
