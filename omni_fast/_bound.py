@@ -93,7 +93,26 @@ def swap_forward(module, new_forward) -> None:
     name = "_old_forward" if hooked else "forward"
     # what the swapped forward calls to run transformers' code; picklable (see omni_fast._bound)
     module.__dict__["_omni_fast_forward"] = original_method(module, name)
-    swap_attr(module, name, BoundMethod(new_forward, module))
+    ours = BoundMethod(new_forward, module)
+    module.__dict__["_omni_fast_swapped"] = (name, ours)  # for unswap_forward: where it went, and what
+    swap_attr(module, name, ours)
+
+
+def unswap_forward(module) -> None:
+    """Run by ``unpatch`` before it restores the saved attributes: when accelerate's hook was added or removed
+    since :func:`swap_forward`, omni-fast's forward is no longer where it was put, and transformers' forward goes
+    where it is now. ``remove_hook_from_module`` made ``forward`` the swapped ``_old_forward`` (omni-fast's) and
+    deleted ``_old_forward``: ``forward`` becomes transformers' again (what the removal does to an unpatched module),
+    no ``_old_forward`` comes back. ``add_hook_to_module`` kept the swapped ``forward`` as its ``_old_forward`` and
+    made ``forward`` its wrapper: ``_old_forward`` becomes transformers', the hook stays. The attribute accelerate
+    rewrote is accelerate's: not restored."""
+    name, ours = module.__dict__.get("_omni_fast_swapped", (None, None))
+    if name is None or module.__dict__.get(name) is ours:
+        return  # where swap_forward put it: the saved attributes restore it
+    module.__dict__.get("_omni_fast_saved_attrs", {}).pop(name, None)
+    other = "forward" if name == "_old_forward" else "_old_forward"
+    if module.__dict__.get(other) is ours:
+        module.__dict__[other] = module.__dict__["_omni_fast_forward"]
 
 
 def swap_sample(module, new_sample) -> None:

@@ -62,7 +62,8 @@ from torch import nn
 from . import ops
 from ._device import devices_of
 # (_MISSING: unpatch's marker; importable here for pickles made when it lived in this module)
-from ._bound import _MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample
+from ._bound import (_MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample,
+                     unswap_forward)
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
 from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
@@ -552,6 +553,7 @@ def _unpatch(model: nn.Module) -> None:
     for module in model.modules():
         for config, attr, old in reversed(module.__dict__.get("_omni_fast_saved_configs", [])):
             _restore(config, attr, old)
+        unswap_forward(module)  # (accelerate's hook added or removed since the patch)
         for name, original in module.__dict__.get("_omni_fast_saved_attrs", {}).items():
             if original is _MISSING:
                 module.__dict__.pop(name, None)

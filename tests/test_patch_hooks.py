@@ -1,0 +1,136 @@
+"""accelerate's device hooks (transformers' ``device_map``) changed on a module AFTER ``omni_fast.patch``:
+``unpatch`` must still give the module transformers' forward, with whatever hook it has then (~0.1 s, no model).
+
+accelerate's ``add_hook_to_module`` keeps the module's forward as ``_old_forward`` and makes ``forward`` a wrapper
+around it; ``remove_hook_from_module`` puts ``_old_forward`` back as ``forward`` and deletes it. ``patch`` swaps
+``_old_forward`` on a hooked module, ``forward`` on another (omni_fast._bound.swap_forward). accelerate's own
+functions when installed, else the same three steps written out."""
+
+import importlib
+
+import pytest
+import torch
+
+from omni_fast._bound import swap_forward
+
+
+def _unpatch(module):
+    importlib.import_module("omni_fast.patch")._unpatch(module)  # (the package's ``patch`` is the function)
+
+
+def _hooks(calls):
+    try:
+        from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    except ImportError:
+        ModelHook, add_hook_to_module, remove_hook_from_module = object, None, None
+
+    class _Hook(ModelHook):
+        no_grad = False
+
+        def init_hook(self, m):
+            return m
+
+        def pre_forward(self, m, *args, **kwargs):
+            calls.append("hook")
+            return args, kwargs
+
+        def post_forward(self, m, output):
+            return output
+
+        def detach_hook(self, m):
+            return m
+
+    def add(m):
+        if add_hook_to_module is not None:
+            return add_hook_to_module(m, _Hook())
+        if not ("_hf_hook" in m.__dict__ and "_old_forward" in m.__dict__):
+            m._old_forward = m.forward
+        m._hf_hook = _Hook()
+
+        def wrapper(*args, **kwargs):
+            args, kwargs = m._hf_hook.pre_forward(m, *args, **kwargs)
+            return m._hf_hook.post_forward(m, m._old_forward(*args, **kwargs))
+
+        m.forward = wrapper
+
+    def remove(m):
+        if remove_hook_from_module is not None:
+            return remove_hook_from_module(m)
+        del m._hf_hook
+        m.forward = m._old_forward
+        del m._old_forward
+
+    return add, remove
+
+
+def _fast(self, x):
+    """The swapped-in forward: transformers' (``_omni_fast_forward``) plus one, to tell them apart."""
+    return self._omni_fast_forward(x) + 1
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 3)
+    return m, torch.randn(2, 3)
+
+
+def test_hook_removed_after_patch(linear):
+    """remove_hook_from_module after patch made ``forward`` omni-fast's swapped-in method (it was ``_old_forward``);
+    unpatch then restored ``_old_forward`` only, leaving that method as ``forward`` with its state deleted
+    ('no attribute _omni_fast_forward' at the next call). Now: transformers' forward, as remove_hook_from_module
+    leaves an unpatched module, and no stray ``_old_forward``."""
+    m, x = linear
+    want = m(x)
+    calls = []
+    add, remove = _hooks(calls)
+    add(m)
+    swap_forward(m, _fast)
+    torch.testing.assert_close(m(x), want + 1)
+    remove(m)
+    torch.testing.assert_close(m(x), want + 1)  # (omni-fast's forward, now without the hook)
+    _unpatch(m)
+    torch.testing.assert_close(m(x), want)
+    assert "_old_forward" not in m.__dict__ and not any(k.startswith("_omni_fast") for k in m.__dict__)
+
+
+def test_hook_added_after_patch(linear):
+    """add_hook_to_module after patch (a model dispatched after it) wraps omni-fast's swapped ``forward`` (now its
+    ``_old_forward``); unpatch popped ``forward``, dropping the hook (inputs no longer moved to the weights'
+    device) and leaving omni-fast's method as ``_old_forward``. Now the hook stays around transformers' forward."""
+    m, x = linear
+    want = m(x)
+    calls = []
+    add, _ = _hooks(calls)
+    swap_forward(m, _fast)
+    add(m)
+    torch.testing.assert_close(m(x), want + 1)
+    _unpatch(m)
+    calls.clear()
+    torch.testing.assert_close(m(x), want)
+    assert calls == ["hook"]
+
+
+def test_hook_kept_through_patch_and_unpatch(linear):
+    """The usual order (hooked, patched, unpatched): the hook runs around omni-fast's forward, then transformers'."""
+    m, x = linear
+    want = m(x)
+    calls = []
+    add, _ = _hooks(calls)
+    add(m)
+    hook_forward = m.forward
+    swap_forward(m, _fast)
+    torch.testing.assert_close(m(x), want + 1)
+    _unpatch(m)
+    calls.clear()
+    torch.testing.assert_close(m(x), want)
+    assert calls == ["hook"] and m.forward is hook_forward
+
+
+def test_plain_module_unpatch_leaves_no_instance_forward(linear):
+    m, x = linear
+    want = m(x)
+    swap_forward(m, _fast)
+    _unpatch(m)
+    torch.testing.assert_close(m(x), want)
+    assert "forward" not in m.__dict__
