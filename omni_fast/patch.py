@@ -198,9 +198,12 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     batch, seq = hidden_states.shape[:2]
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
                  if isinstance(position_embeddings, RotaryWithPositions) else None)
-    if rope_args is None or records_grad(hidden_states, module=self):
-        # transformers' own forward: for positions the kernel cannot take, and with autograd recording (the
-        # kernels are inference-only). Keywords, since the attention classes order their parameters differently.
+    norms = [getattr(getattr(self, n, None), "weight", None) for n in ("q_norm", "k_norm")]
+    if rope_args is None or records_grad(hidden_states, module=self) or any(w is not None and w.is_meta for w in norms):
+        # transformers' own forward: for positions the kernel cannot take, with autograd recording (the kernels are
+        # inference-only), and for q/k norms offloaded by device_map (weights on meta: their hooks load them only
+        # when the norms' forwards run, which the fused kernel skips). Keywords, since the attention classes order
+        # their parameters differently.
         return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
                                        attention_mask=attention_mask, **with_cache(cache, **kwargs))
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

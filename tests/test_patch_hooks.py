@@ -185,3 +185,29 @@ def test_offloaded_code2wav_runs_transformers_forward():
             omni_fast.unpatch(model)
     err = (got - want).norm() / want.norm()  # (the patched RoPE's fp32 rounding, amplified: test_patch's bound)
     assert err < 1e-3, err
+
+
+def test_offloaded_attention_layers_run_transformers_attention():
+    """A text model whose layers device_map offloaded (CPU / disk: each submodule's weights on meta outside its own
+    hooked forward): the patched attention forward read ``q_norm.weight`` / ``k_norm.weight`` directly (for the
+    fused q/k norm + RoPE kernel) without calling the norms, whose hooks never loaded them: 'q_weight must be on
+    device cpu, got meta' where the unpatched model ran. Such a layer now runs transformers' attention forward."""
+    import omni_fast
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+    from omni_fast.testing import seeded_weights_
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    torch.manual_seed(0)
+    model = seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config()))
+    thinker = model.thinker.model
+    text = getattr(thinker, "language_model", thinker)
+    embeds = text.embed_tokens(torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        want = text(inputs_embeds=embeds).last_hidden_state
+        _offload(text.layers)
+        omni_fast.patch(model, backend="reference")
+        try:
+            got = text(inputs_embeds=embeds).last_hidden_state
+        finally:
+            omni_fast.unpatch(model)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
