@@ -211,3 +211,38 @@ def test_offloaded_attention_layers_run_transformers_attention():
         finally:
             omni_fast.unpatch(model)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_offloaded_code_predictor_runs_transformers_code_predictor():
+    """A talker whose code predictor device_map offloaded (weights on meta outside each submodule's hooked forward):
+    the patched frame step copied those weights into omni-fast's CodePredictor ('Cannot copy out of meta tensor'
+    at the first frame, where the unpatched talker ran). Transformers' code predictor runs while it is offloaded:
+    the same codes."""
+    import omni_fast
+    from omni_fast.models.presets import TINY_CODEC_IDS, TINY_IDS, tiny_qwen3_omni_config
+    from omni_fast.testing import seeded_weights_
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as q3
+
+    torch.manual_seed(0)
+    talker = seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(tiny_qwen3_omni_config())).talker
+    gen, hidden = torch.Generator().manual_seed(1), talker.config.text_config.hidden_size
+    embeds, trailing, pad = (torch.randn(1, n, hidden, generator=gen) for n in (9, 3, 1))
+    vocab, eos = talker.config.text_config.vocab_size, TINY_CODEC_IDS["codec_eos_token_id"]
+
+    def run():
+        out = talker.generate(
+            inputs_embeds=embeds, trailing_text_hidden=trailing, tts_pad_embed=pad,
+            talker_input_ids=torch.full((1, 9), TINY_IDS["tts_pad_token_id"]),
+            attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=4, do_sample=False, eos_token_id=eos,
+            output_hidden_states=True, return_dict_in_generate=True,
+            suppress_tokens=[i for i in range(vocab - 1024, vocab) if i != eos])
+        return out.sequences, torch.stack([h[-1] for h in out.hidden_states if h[-1] is not None], dim=1)
+
+    want = run()
+    _offload(talker.code_predictor)
+    omni_fast.patch(talker, backend="reference")
+    try:
+        got = run()
+    finally:
+        omni_fast.unpatch(talker)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -65,16 +65,21 @@ class TalkerStep:
         return codes, self.next_input(codec_sum, generation_step)
 
 
-def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor:
+def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor | None:
     """The talker's :class:`CodePredictor`: the one given to :func:`install_on_talker` (used as it is), else built
     from the talker's current weights (rebuilt when they change), its frame persistent while the ``persistent_mtp``
-    fast path is on (:mod:`omni_fast.fast_paths`; read per frame, so switching it applies to the next frame)."""
+    fast path is on (:mod:`omni_fast.fast_paths`; read per frame, so switching it applies to the next frame).
+    None while weights it would copy are offloaded by device_map (CPU / disk: on meta outside their modules' own
+    hooked forwards; copying them raised 'Cannot copy out of meta tensor'): transformers' code predictor runs."""
     fixed = talker.__dict__.get("_omni_fast_cp_fixed")
     if fixed is not None:
         return fixed
     key = weights_key(talker.code_predictor, talker.get_input_embeddings())
     cached = talker.__dict__.get("_omni_fast_cp_cache")
     if cached is None or cached[0] != key:
+        modules = (talker.code_predictor, talker.get_input_embeddings())
+        if any(t.is_meta for m in modules for t in m.state_dict().values()):
+            return None  # (checked on a rebuild only: offloaded weights are new tensors at every load)
         cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
         talker.__dict__["_omni_fast_cp_cache"] = cached
     return follow_fast_paths(cached[1])
@@ -98,9 +103,9 @@ def _prepare_inputs_with_fast_mtp(self, input_ids, attention_mask=None, inputs_e
     parameter: ``generate`` inspects the signature for it (BoundMethod presents this function's signature).
     """
     named = dict(attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration)
-    if is_first_iteration or not kwargs.get("use_cache", True):
+    cp = None if is_first_iteration or not kwargs.get("use_cache", True) else _fast_code_predictor(self)
+    if cp is None:
         return type(self).prepare_inputs_for_generation(self, input_ids, **named, **kwargs)
-    cp = _fast_code_predictor(self)
     hidden_states = kwargs.pop("hidden_states", None)
     inputs = super(type(self), self).prepare_inputs_for_generation(input_ids, **named, **kwargs)
     last_ids = input_ids[:, -1]
@@ -125,7 +130,8 @@ def install_on_talker(talker: torch.nn.Module, code_predictor: CodePredictor | N
     ``inputs_embeds`` / ``residual_codes`` exactly as transformers does. Greedy decoding gives identical results;
     sampling draws from the same distribution with omni-fast's RNG (a fresh seed per frame from torch's generator).
     Without ``code_predictor`` it is built from the talker's weights, and rebuilt whenever they change (``.to()``,
-    ``load_state_dict``). Returns the :class:`CodePredictor` in use now.
+    ``load_state_dict``). Returns the :class:`CodePredictor` in use now (None while the talker's code predictor is
+    offloaded by device_map: transformers' runs then).
     """
     talker.__dict__["_omni_fast_cp_fixed"] = code_predictor
     talker.prepare_inputs_for_generation = BoundMethod(_prepare_inputs_with_fast_mtp, talker)  # picklable
