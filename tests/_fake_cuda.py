@@ -5,6 +5,8 @@ itself. The fake follows torch's rules where they matter for several GPUs:
 
 - ``torch.cuda.device(d)`` switches the current device; ``torch.cuda.stream(s)`` makes ``s`` the current stream of
   its device AND switches the current device to it (torch's ``set_stream``), both restored on exit;
+- ``torch.cuda.Stream()`` is a new stream, or with ``pool=N`` one of N per device drawn round robin (torch's stream
+  pool: 32 per device and priority, so two draws may be the same CUDA stream);
 - ``torch.cuda.Stream()`` / ``Event.record()`` / ``current_stream()`` / ``is_current_stream_capturing()`` without a
   device mean the CURRENT device;
 - ``torch.cuda.graph(g)`` without ``stream=`` captures on ONE default stream per process, made on the device current
@@ -42,8 +44,9 @@ class FakeStream:
 class FakeCuda:
     """Installs the fake with ``devices`` devices, ``current`` the current one; see the module doc."""
 
-    def __init__(self, monkeypatch, devices: int = 2, current: int = 0):
+    def __init__(self, monkeypatch, devices: int = 2, current: int = 0, pool: int | None = None):
         self.current = current
+        self.pools, self.drawn = {}, {}  # torch.cuda.Stream(): the streams made / the draws, per device
         self.streams = {i: FakeStream(i) for i in range(devices)}  # the current stream of each device
         self.captures = []  # per capture: its kwargs plus "on" (the capture stream)
         self.synced = []  # devices torch.cuda.synchronize() waited for
@@ -67,8 +70,18 @@ class FakeCuda:
                 return True
 
         class Stream(FakeStream):
+            def __new__(cls, device=None, *a, **k):  # torch's pool: ``pool`` streams per device, round robin
+                idx = fake.index(device)
+                made, drawn = fake.pools.setdefault(idx, []), fake.drawn.get(idx, 0)
+                fake.drawn[idx] = drawn + 1
+                if pool is None or len(made) < pool:
+                    made.append(super().__new__(cls))
+                    return made[-1]
+                return made[drawn % pool]
+
             def __init__(self, device=None, *a, **k):
-                super().__init__(fake.index(device))
+                if not hasattr(self, "device"):  # (a pool stream drawn again keeps its state)
+                    super().__init__(fake.index(device))
 
         class device:
             def __init__(self, d):

@@ -261,3 +261,16 @@ def test_captures_of_one_device_share_one_capture_stream(monkeypatch):
     assert [s.device.index for s in ons] == [1, 1, 0, 1]
     assert not any(w is on for w in warm[0::2] for on in ons)  # (warm[1::2]: the capture calls)
     assert all(w is on for w, on in zip(warm[1::2], ons))
+
+
+def test_warm_ups_never_run_on_the_capture_stream(monkeypatch):
+    """torch.cuda.Stream() draws from a pool (32 per device, round robin): a warm-up's side stream can be the very
+    CUDA stream the per-device capture stream is. Warm-ups run outside the capture lock, so another thread's
+    warm-up on it while a capture runs would be captured into that graph: a warm-up stream equal to the capture
+    stream is drawn again (here a pool of 2, so every second draw collided)."""
+    fake = FakeCuda(monkeypatch, pool=2)
+    warm = []
+    for _ in range(4):
+        cuda_graphs.capture(lambda: warm.append(fake.kernel("cuda:1")[0]), "cuda:1", warmup=1)
+    ons = [c["on"] for c in fake.captures]
+    assert all(on is ons[0] for on in ons) and not any(w is ons[0] for w in warm[0::2])

@@ -47,7 +47,7 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     no wait on the caller's stream, nor the caller's on it.
     """
     with on_device(device):
-        side = torch.cuda.Stream(device)
+        side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
@@ -68,6 +68,20 @@ _CAPTURES = threading.RLock()
 
 # The capture stream of each device (index -> stream), made by its first capture, used only under _CAPTURES.
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream() -> torch.cuda.Stream:
+    """A side stream of the current device for a warm-up, never the device's capture stream: torch.cuda.Stream()
+    draws from torch's pool (32 per device, round robin), so a draw may be that very CUDA stream, and a warm-up runs
+    outside the capture lock: on the capture stream while another thread captures, its kernels would be captured
+    into that graph. A colliding draw is made again (the next one in the round is another stream)."""
+    avoid = _CAPTURE_STREAMS.get(torch.cuda.current_device())
+    side = torch.cuda.Stream()
+    for _ in range(2):
+        if avoid is None or side != avoid:
+            break
+        side = torch.cuda.Stream()
+    return side
 
 
 def _capture_stream() -> torch.cuda.Stream:
