@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 # Suite files the side part runs last (in this venv), not the suite: compat + wheel took ~12 of the suite's ~21
 # minutes, so the second core idled for the rest. These are self-contained (their own subprocesses or compiles,
-# counters, tiny models; ~5 min together on one thread); they keep both cores busy to the end. Each part prints its
+# counters, tiny models; ~6 min together on one thread); they keep both cores busy to the end. Each part prints its
 # time: move a file when one part ends minutes before the other.
 BALANCE=(tests/test_static_sm90.py tests/test_gpu_session_dry_run.py tests/test_persistent.py
-         tests/test_persistent_watchdog.py tests/test_cost_model.py tests/test_bench_smoke.py)
+         tests/test_persistent_watchdog.py tests/test_cost_model.py tests/test_bench_smoke.py tests/test_long_running.py)
 
 side() {  # the compat and wheel parts, then BALANCE; non-zero when any failed
   local rc=0 t0=$SECONDS
