@@ -60,7 +60,6 @@ import torch
 from torch import nn
 
 from . import ops
-from ._device import devices_of
 # (_MISSING: unpatch's marker; importable here for pickles made when it lived in this module)
 from ._bound import (_MISSING, BoundMethod, original_method, remember, swap_attr, swap_forward, swap_sample,
                      unswap_forward)
@@ -292,14 +291,14 @@ def _code2wav_forward(self, codes, **kwargs):
     such codes, and the patched model keeps transformers' behaviour. One host sync per call for that check. A
     module whose weights sit on several devices (a ``device_map`` split) runs transformers' forward too.
     """
-    unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
-    split = len(devices_of(self)) > 1  # (device_map split the vocoder: transformers' forward and its hooks)
-    if unsupported_dtype or split or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
-        return type(self).forward(self, codes, **kwargs)
     from .models import Code2Wav
-    from .models.talker_step import weights_key
+    from .models.cuda_graphs import key_devices, weights_key
 
     key = weights_key(self)
+    unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    split = len(key_devices(key)) > 1  # (device_map split the vocoder: transformers' forward and its hooks)
+    if unsupported_dtype or split or (codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size)):
+        return type(self).forward(self, codes, **kwargs)
     cached = self.__dict__.get("_omni_fast_code2wav")
     if cached is None or cached[0] != key:
         cached = (key, Code2Wav.from_transformers(self, backend=pinned_backend(self)))

@@ -516,11 +516,8 @@ def test_code2wav_split_over_devices_keeps_transformers_forward(omni, monkeypatc
     """A Code2Wav module whose weights device_map split over two GPUs (seen as two devices here): omni-fast's
     Code2Wav reads every weight on one device and refuses such weights by name, so the patched forward runs
     transformers' (before: the patched forward raised that ValueError where the unpatched model ran)."""
-    import sys
+    from omni_fast.models import Code2Wav, cuda_graphs
 
-    from omni_fast.models import Code2Wav
-
-    patch_module = sys.modules["omni_fast.patch"]  # (the package's ``patch`` attribute is the function)
     code2wav = omni.code2wav
     sd = dict(code2wav.state_dict())
     moved = next(k for k in sd if k.startswith("upsample."))
@@ -529,7 +526,7 @@ def test_code2wav_split_over_devices_keeps_transformers_forward(omni, monkeypatc
         Code2Wav.from_state_dict(code2wav.config, sd)
     groups, size = omni.config.code2wav_config.num_quantizers, omni.config.code2wav_config.codebook_size
     codes = torch.randint(0, size, (1, groups, 5), generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(patch_module, "devices_of", lambda *m: [torch.device("cpu"), torch.device("cuda:1")])
+    monkeypatch.setattr(cuda_graphs, "key_devices", lambda key: {torch.device("cpu"), torch.device("cuda:1")})
     with torch.no_grad():
         want = code2wav(codes)
         omni_fast.patch(code2wav, backend="reference")

@@ -132,6 +132,13 @@ def weights_key(*modules: torch.nn.Module) -> tuple:
                  for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
+def key_devices(key: tuple) -> set[torch.device]:
+    """The devices of the tensors a :func:`weights_key` was taken of: several for a module ``device_map`` split,
+    ``meta`` among them for one it offloaded (CPU / disk). Read off the key its callers compute anyway (one pass
+    over the module's tensors per call, not two)."""
+    return {device for _, _, device, _ in key}
+
+
 class ReplayGuard:
     """One user at a time for what several requests share: a graph's static input/output buffers (or a memory pool,
     or a persistent kernel's workspace), from the copy-in to the copy-out of the result.

@@ -18,7 +18,7 @@ from .._bound import BoundMethod
 from ..backend import pinned_backend
 from ..validation import REAL_DTYPES, check_positive_int, check_tensor
 from .code_predictor import CodePredictor
-from .cuda_graphs import weights_key  # noqa: F401 (re-exported: models build their caches on it)
+from .cuda_graphs import key_devices, weights_key  # noqa: F401 (weights_key re-exported: models build their caches on it)
 
 
 class TalkerStep:
@@ -77,8 +77,7 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor | None:
     key = weights_key(talker.code_predictor, talker.get_input_embeddings())
     cached = talker.__dict__.get("_omni_fast_cp_cache")
     if cached is None or cached[0] != key:
-        modules = (talker.code_predictor, talker.get_input_embeddings())
-        if any(t.is_meta for m in modules for t in m.state_dict().values()):
+        if torch.device("meta") in key_devices(key):
             return None  # (checked on a rebuild only: offloaded weights are new tensors at every load)
         cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
         talker.__dict__["_omni_fast_cp_cache"] = cached
