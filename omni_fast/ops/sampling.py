@@ -90,11 +90,12 @@ def _range_end(name: str, value):
     return as_int(name, value)
 
 
-def _pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
-    """int64 ``[R, 2]`` on ``device`` from (lo, hi) pairs of ints, SymInts or (traced) 0-d tensors."""
+def _pairs_tensor(pairs: tuple, device: torch.device, tensor_ends: bool) -> torch.Tensor:
+    """int64 ``[R, 2]`` on ``device`` from (lo, hi) pairs of ints, SymInts or (``tensor_ends``: traced) 0-d
+    tensors."""
     if not torch.compiler.is_compiling():
         return _cached_pairs_tensor(pairs, device)
-    if not any(isinstance(v, torch.Tensor) for pair in pairs for v in pair):
+    if not tensor_ends:
         return torch.tensor(pairs, dtype=torch.long, device=device)  # part of the graph (no cache: no side effect)
     ends = [v.to(device=device, dtype=torch.long) if isinstance(v, torch.Tensor)
             else torch.full((), v, dtype=torch.long, device=device) for pair in pairs for v in pair]
@@ -143,9 +144,10 @@ def _suppress_tensor(ranges, device: torch.device, V: int) -> torch.Tensor | Non
     pairs = tuple(pairs)
     if not pairs:
         return None
-    if not any(isinstance(v, torch.Tensor) for pair in pairs for v in pair):
+    tensor_ends = any(isinstance(v, torch.Tensor) for pair in pairs for v in pair)  # (only while tracing)
+    if not tensor_ends:
         _check_ranges(pairs, V)
-    return _pairs_tensor(pairs, device)
+    return _pairs_tensor(pairs, device, tensor_ends)
 
 
 _ZERO_CACHE: dict[str, torch.Tensor] = {}
