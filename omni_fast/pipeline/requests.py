@@ -134,18 +134,29 @@ class Event:
 
 
 # ----------------------------------------------------------------------------------------------- front ends
+def _nan_as_minus_inf(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with every NaN replaced by -inf (a new tensor: the caller's stays untouched)."""
+    return logits.masked_fill(logits.isnan(), float("-inf"))
+
+
 def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0,
                  generator: torch.Generator | None = None):
-    """logits ``[B, V]`` -> ids ``[B]``: greedy, or top-k / top-p sampling at ``temperature``."""
+    """logits ``[B, V]`` -> ids ``[B]``: greedy, or top-k / top-p sampling at ``temperature``.
+
+    NaN logits follow the project's sampling rule (reference/sampling.py, as ``ops.sample``): a NaN is -inf, never
+    drawn; a row of only NaN and -inf gives id 0. Why not torch's behaviour (transformers'): ``argmax`` picks a NaN,
+    and ``torch.multinomial`` over a NaN softmax raises on the CPU but trips a device-side assert on CUDA, which
+    kills the server's CUDA context for every request, not just the one whose model overflowed. Rows without NaN
+    draw exactly what they drew before (the same generator calls)."""
     if not do_sample:
         def greedy(logits: torch.Tensor) -> torch.Tensor:
-            return logits.argmax(-1)
+            return _nan_as_minus_inf(logits).argmax(-1)  # a row of only -inf: id 0 (argmax's first maximum)
 
         greedy.do_sample = False
         return greedy
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits / max(temperature, 1e-5)
+        logits = _nan_as_minus_inf(logits) / max(temperature, 1e-5)
         if top_k and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -154,6 +165,9 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) > top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        # a row with nothing left to draw (only -inf): all its weight on id 0, not a NaN softmax
+        dead = logits.amax(-1, keepdim=True) == float("-inf")
+        logits = logits.masked_fill(dead & (torch.arange(logits.shape[-1], device=logits.device) == 0), 0.0)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
     # the settings, for stages that sample on their own (components.OmniCodePredictor)
