@@ -413,3 +413,89 @@ def test_suppress_ranges_a_capture_read_survive_the_cache_drop(monkeypatch):
         sampling._cached_pairs_tensor(((i, i + 2),), cpu)
     assert (pairs, str(cuda)) not in sampling._RANGE_CACHE
     assert sampling._cached_pairs_tensor(pairs, cuda) is warmed  # what the graph reads: kept
+
+
+
+# --- a cache drop between another thread's lookup and its launch -------------------------------------------------
+
+
+class _CachedOnCuda:
+    """A small CUDA tensor of a cache, to the caching allocator: made on ``stream``; ``record_stream`` adds a stream
+    whose work queued by the free must end before its block is handed out again."""
+
+    is_cuda = True
+
+    def __init__(self, stream):
+        self.device, self.made_on, self.uses = stream.device, stream, set()
+
+    def record_stream(self, stream):
+        self.uses.add(stream)
+
+
+def _reused_under_a_pending_launch(monkeypatch, cache: dict, key, lookup, fill, parts: int = 1) -> bool:
+    """An earlier request made ``cache[key]`` (``parts`` tensors) on the device's stream S0. Thread A, on its own
+    stream S1, looks it up (``lookup``); thread B then fills the cache with new keys (``fill``) until it is dropped,
+    after its device sync; A launches its kernel on S1 and drops its last reference (the interleaving, step by step
+    on one thread). Returns whether the caching allocator could hand the block out to the next allocation on S0
+    while A's launch on S1 may still read it: freed with S1 neither its stream nor recorded on it."""
+    import weakref
+
+    from _fake_cuda import FakeCuda
+
+    fake = FakeCuda(monkeypatch, devices=1)
+    made = [_CachedOnCuda(fake.current_stream(0)) for _ in range(parts)]
+    cache[key] = made[0] if parts == 1 else tuple(made)
+    unsafe, launched = [], []
+
+    def freed(made_on, uses):
+        unsafe.append(any(s is not made_on and s not in uses for s in launched))
+
+    for entry in made:
+        weakref.finalize(entry, freed, entry.made_on, entry.uses)
+    del made, entry
+    with torch.cuda.stream(fake.Stream(0)):
+        got = lookup()  # thread A: a hit
+        fill()  # thread B: the cache fills up and is dropped (its sync comes before A's launch)
+        assert key not in cache
+        launched.append(fake.kernel(torch.device("cuda", 0))[0])  # thread A's launch reads ``got`` on S1
+        del got  # ... and A drops the last reference
+    assert len(unsafe) == parts, "the cached tensors were not freed"
+    return any(unsafe)
+
+
+def test_suppress_ranges_dropped_under_another_threads_launch_outlive_it(monkeypatch):
+    """A suppress-range tensor another thread looked up just before a full-cache drop was freed when that thread's
+    launch (on its own stream) dropped it: the drop's device sync came before the launch, so the caching allocator
+    could hand its block to the next allocation on the stream that made it while the kernel still read it. The
+    lookup now records its stream on the tensor (``cuda_graphs.record_use``)."""
+    monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 3, raising=False)
+    monkeypatch.setattr(sampling, "_RANGE_CACHE", {})
+    monkeypatch.setattr(sampling, "_CAPTURED_RANGES", {})
+    monkeypatch.setattr(sampling, "capturing", lambda device: False)
+    cuda, pairs = torch.device("cuda", 0), ((3, 5),)
+
+    def fill():
+        for i in range(3):
+            sampling._cached_pairs_tensor(((i, i + 2),), torch.device("cpu"))
+
+    assert not _reused_under_a_pending_launch(monkeypatch, sampling._RANGE_CACHE, (pairs, str(cuda)),
+                                              lambda: sampling._cached_pairs_tensor(pairs, cuda), fill)
+
+
+def test_rvq_table_offsets_dropped_under_another_threads_launch_outlive_it(monkeypatch):
+    """The same for ``rvq_embed``'s table offsets (three tensors per table set)."""
+    from omni_fast.ops import rvq
+
+    monkeypatch.setattr(rvq, "MAX_TABLE_SETS", 2, raising=False)
+    monkeypatch.setattr(rvq, "_LIST_BASES", {})
+    monkeypatch.setattr(rvq, "_CAPTURED_BASES", {})
+    monkeypatch.setattr(rvq, "capturing", lambda device: False)
+    tables = [torch.zeros(4, 2), torch.zeros(5, 2)]
+    key = (tables[0].device, tables[0].dtype) + tuple((t.data_ptr(), t.stride(0), t.shape[0]) for t in tables)
+
+    def fill():
+        for n in (6, 7):
+            rvq._list_bases([torch.zeros(n, 2), torch.zeros(n, 2)])
+
+    assert not _reused_under_a_pending_launch(monkeypatch, rvq._LIST_BASES, key, lambda: rvq._list_bases(tables),
+                                              fill, parts=3)

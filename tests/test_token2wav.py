@@ -1,10 +1,15 @@
 """``omni_fast.patch`` on a tiny random transformers Qwen2.5-Omni: the Token2Wav pieces it swaps in (BigVGAN's
 anti-aliased activations and AMP-block convs) against the unpatched model, and ``unpatch``."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 import omni_fast  # noqa: E402
 from omni_fast.integrations import token2wav_synth  # noqa: E402
@@ -14,6 +19,10 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as q25  # noq
 
 @pytest.fixture(scope="module")
 def model():
+    return _build()
+
+
+def _build():
     config = tiny_qwen2_5_omni_config()
     # BigVGAN cut to the real vocoder's first two upsampling stages (rates 5, 3; kernels 11, 7) with all of its AMP
     # blocks (resblock kernels 3 / 7 / 11 x dilations 1 / 3 / 5, 18 anti-aliased activations per stage, + the final
@@ -106,3 +115,47 @@ def test_unsupported_activation_variant_is_left_and_reported(fast_path):
         assert "forward" not in act.__dict__
     finally:
         omni_fast.unpatch(holder)
+
+
+@pytest.mark.parametrize("offload", ["all", "some"])
+def test_offloaded_token2wav_runs_transformers_pieces(fast_path, offload, monkeypatch):
+    """A Token2Wav that accelerate's device_map offloaded (CPU / disk: each submodule's weights on meta outside its
+    own hooked forward, which loads them for that forward only). The patched pieces that read weights of their
+    submodules directly would read meta tensors: the DiT's ``sample`` (its solve graph fuses and reads every
+    weight), the BigVGAN anti-aliased activations (SnakeBeta's alpha / beta) and AMP blocks (the convs' weights),
+    and the whole-forward graph when only some submodules are offloaded (its refusal looked at the first weight of
+    the DiT and of the vocoder only). Each now runs transformers' forward while its weights are on meta (the
+    pieces that call their submodules, DiTAttention and the AdaLN norms, run patched: the hooks load those
+    weights): the unpatched waveform. ``all``: the whole Token2Wav offloaded; ``some``: the DiT's layers and the
+    vocoder's AMP blocks only."""
+    from test_patch_hooks import _offload
+
+    fast_path("token2wav")
+    m = _build()
+    want = _token2wav(m)
+    t2w = m.token2wav
+    for part in ([t2w] if offload == "all" else [t2w.code2wav_dit_model.transformer_blocks,
+                                                  t2w.code2wav_bigvgan_model.resblocks]):
+        _offload(part)
+    assert any(p.is_meta for p in t2w.parameters())
+    torch.testing.assert_close(_token2wav(m), want, atol=0, rtol=0)  # (the offload as accelerate runs it)
+    calls = {}
+    for name in ("block_attention", "ada_layer_norm", "anti_aliased_snake", "padded_conv1d"):
+        op = getattr(omni_fast.ops, name)
+        monkeypatch.setattr(omni_fast.ops, name, lambda *a, _op=op, _n=name, **k: (
+            calls.__setitem__(_n, calls.get(_n, 0) + 1), _op(*a, **k))[1])
+    report = omni_fast.patch(m, backend="reference")
+    try:
+        assert any("AntiAliasedActivation1d" in r for r in report.replaced)
+        got = _token2wav(m)
+        reason = t2w.__dict__[token2wav_synth.FALLBACK_ATTR]
+    finally:
+        omni_fast.unpatch(m)
+    assert "device_map" in reason or "devices" in reason, reason
+    # every AMP block's convs offloaded: no fused conv; the activations fused only where not offloaded (``some``:
+    # the final one); the DiT's attention and AdaLN patched (their submodules' hooks load the weights)
+    snakes = 0 if offload == "all" else 1
+    assert calls.get("padded_conv1d", 0) == 0 and calls.get("anti_aliased_snake", 0) == snakes, calls
+    assert calls["block_attention"] and calls["ada_layer_norm"], calls
+    # DiTAttention / AdaLN patched: the fused ops sum in another order (the bound of the test above)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -48,12 +48,21 @@ def aa_activation_supported(module) -> bool:
     return int(down.stride) == ratio and k_up % ratio == 0 and (k_up - ratio) // 2 >= ratio - 1
 
 
+def offloaded(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of the tensors a patched forward reads directly sits on the meta device: accelerate's CPU / disk
+    offload (``device_map``) keeps a submodule's weights there outside its own hooked forward, which loads them for
+    that forward only, so a patched forward that reads a SUBMODULE's weights without calling it would hand meta
+    tensors to the op. Such a call runs transformers' forward (which calls the submodules: their hooks load them)."""
+    return any(t is not None and t.is_meta for t in tensors)
+
+
 def aa_activation_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """``[B, C, T]`` -> ``[B, C, T]``: the whole anti-aliased SnakeBeta in one fused launch (fp32 inside)."""
     act = self.act
     if records_grad(hidden_states, act.alpha) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
-            or act.alpha.dtype != hidden_states.dtype:
+            or act.alpha.dtype != hidden_states.dtype \
+            or offloaded(act.alpha, act.beta, self.upsample.filter, self.downsample.filter):
         return self._omni_fast_forward(hidden_states)
     from .. import ops
 
@@ -75,7 +84,8 @@ def amp_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     adds the residual). The activations are the modules themselves (patched separately)."""
     if records_grad(hidden_states, self.convs1[0].weight) \
             or hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
-            or self.convs1[0].weight.dtype != hidden_states.dtype:
+            or self.convs1[0].weight.dtype != hidden_states.dtype \
+            or offloaded(*(t for c in (*self.convs1, *self.convs2) for t in (c.weight, c.bias))):
         return self._omni_fast_forward(hidden_states)
     from .. import ops
 
@@ -145,17 +155,22 @@ def dit_sample(self, conditioning_vector, reference_mel_spectrogram, quantized_c
                guidance_scale=0.5, sway_coefficient=-1.0):
     """transformers' ``Qwen2_5OmniToken2WavDiTModel.sample`` as :func:`omni_fast.models.dit_solve.sample`: the whole
     ODE solve replayed as one CUDA graph per length bucket (the same noise and steps for a given seed). A float
-    dtype other than fp16/bf16/fp32 runs transformers' own sample. Buckets: ``dit_solve.CODE_BUCKETS``, or what
+    dtype other than fp16/bf16/fp32, or a DiT whose weights are not all on one device (offloaded by device_map: on
+    meta; or split; :class:`~omni_fast.models.dit_solve.WeightsElsewhere`) runs transformers' own sample. Buckets: ``dit_solve.CODE_BUCKETS``, or what
     :func:`omni_fast.integrations.token2wav_synth.set_code_buckets` set."""
     if reference_mel_spectrogram.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return self._omni_fast_sample(conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
                                       guidance_scale, sway_coefficient)
     from ..models import dit_solve
 
-    with torch.no_grad():  # (transformers' sample is @torch.no_grad too)
-        return dit_solve.sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
-                                guidance_scale, sway_coefficient, backend=pinned_backend(self),
-                                buckets=self.__dict__.get(token2wav_synth.BUCKETS_ATTR, dit_solve.CODE_BUCKETS))
+    try:
+        with torch.no_grad():  # (transformers' sample is @torch.no_grad too)
+            return dit_solve.sample(self, conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
+                                    guidance_scale, sway_coefficient, backend=pinned_backend(self),
+                                    buckets=self.__dict__.get(token2wav_synth.BUCKETS_ATTR, dit_solve.CODE_BUCKETS))
+    except dit_solve.WeightsElsewhere:  # (raised before the noise draw: transformers' sample draws the same noise)
+        return self._omni_fast_sample(conditioning_vector, reference_mel_spectrogram, quantized_code, num_steps,
+                                      guidance_scale, sway_coefficient)
 
 
 def patch_piece(module, cls: str, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward,

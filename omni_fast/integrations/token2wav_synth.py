@@ -87,7 +87,7 @@ def refusal(token2wav, code, conditioning, reference_mel, num_steps, guidance_sc
     if dtype not in _FLOATS or {conditioning.dtype, weights.dtype, _params(vocoder).dtype} != {dtype}:
         return "dtypes differ (inputs, DiT, vocoder) or are not fp32/fp16/bf16"
     devices = {t.device for t in tensors.values()} | {weights.device, _params(vocoder).device}
-    if len(devices) != 1:
+    if len(devices) != 1:  # (weights on meta: offloaded by device_map; the other weights: dit_solve.WeightsElsewhere)
         return f"tensors on several devices ({sorted(map(str, devices))})"
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 2:
         return f"num_steps={num_steps!r} (the graph needs an int >= 2)"
@@ -122,18 +122,24 @@ def patched(token2wav) -> bool:
 def graphed_waveform(token2wav, code, conditioning, reference_mel, num_steps=10, guidance_scale=0.5,
                      sway_coefficient=-1.0) -> torch.Tensor | None:
     """The patched forward's graph on a patched ``token2wav``: the clamped waveform ``[B, n * repeats *
-    prod(upsample_rates)]`` ON THE DEVICE (no ``.cpu()``), or None where :func:`refusal` names a reason (kept in
-    ``FALLBACK_ATTR``; the caller runs the pieces)."""
+    prod(upsample_rates)]`` ON THE DEVICE (no ``.cpu()``), or None where :func:`refusal` names a reason, or where
+    the weights are not all on one device (``dit_solve.WeightsElsewhere``: offloaded by device_map, or split; found
+    in the walk over the weights the graph cache takes anyway, which the refusal's cheap checks skip) (the reason
+    kept in ``FALLBACK_ATTR``; the caller runs the pieces)."""
     reason = refusal(token2wav, code, conditioning, reference_mel, num_steps, guidance_scale, sway_coefficient)
     token2wav.__dict__[FALLBACK_ATTR] = reason
     if reason is not None:
         return None
     from ..models import dit_solve
 
-    with torch.no_grad():
-        return dit_solve.synthesize(token2wav.code2wav_dit_model, token2wav.code2wav_bigvgan_model, conditioning,
-                                    reference_mel, code, int(num_steps), guidance_scale, sway_coefficient,
-                                    buckets=code_buckets(token2wav), backend=pinned_backend(token2wav))
+    try:
+        with torch.no_grad():
+            return dit_solve.synthesize(token2wav.code2wav_dit_model, token2wav.code2wav_bigvgan_model, conditioning,
+                                        reference_mel, code, int(num_steps), guidance_scale, sway_coefficient,
+                                        buckets=code_buckets(token2wav), backend=pinned_backend(token2wav))
+    except dit_solve.WeightsElsewhere as e:  # (offloaded or split weights, found before anything ran or was drawn)
+        token2wav.__dict__[FALLBACK_ATTR] = str(e)
+        return None
 
 
 def patch_forward(module, wanted: bool, backend, bucket: dict, left: dict, part: str, swap_forward, pin,

@@ -114,13 +114,34 @@ def clear_when_full(cache: dict, limit: int) -> None:
     entries, after the host waited for every CUDA device they sit on (:func:`synchronize`: a kernel queued by
     another thread may still read one, and the caching allocator would hand its block to the next allocation at
     once). Caches of small device tensors whose keys callers pick (``ops.sample``'s suppress ranges, ``rvq_embed``'s
-    table offsets); call it outside a capture (a sync there breaks it: the caller keeps the cache until later)."""
+    table offsets); call it outside a capture (a sync there breaks it: the caller keeps the cache until later). The
+    sync covers launches queued before it; a thread that looked a tensor up before the drop and launches after it is
+    covered by the stream its lookup recorded (:func:`record_use`)."""
     if len(cache) < limit:
         return
     values = [v for entry in cache.values() for v in (entry if isinstance(entry, tuple) else (entry,))]
     for device in {v.device for v in values if v.is_cuda}:
         synchronize(device)
     cache.clear()
+
+
+def record_use(tensors) -> None:
+    """Tell the caching allocator that the current stream of each CUDA tensor's device is about to read it
+    (``Tensor.record_stream``): when the tensor is freed, its block goes back to the allocator only once the work
+    queued on that stream by then is done. For the small tensors of a cache whose drop (:func:`clear_when_full`)
+    another thread may run between this thread's lookup and its launch: the drop's device sync comes BEFORE the
+    launch, and the launching thread then holds the last reference; without the record, dropping it after the
+    launch hands its block at once to the next allocation on the stream that made it (another thread's), whose
+    writes may land while the launch on this stream still reads it. On the stream that made it, or once recorded,
+    torch's record is a no-op check (one allocator lookup per tensor): no sync, no event until the free. Call it
+    after the lookup, outside a capture (the tensors a capture reads are kept for good) and outside torch.compile
+    tracing (a cache lookup is not traced: the traced path builds its tensors in the graph)."""
+    stream = None
+    for t in tensors:
+        if t.is_cuda:
+            if stream is None or stream.device != t.device:
+                stream = torch.cuda.current_stream(t.device)
+            t.record_stream(stream)
 
 
 def weights_key(*modules: torch.nn.Module) -> tuple:

@@ -80,6 +80,11 @@ def fusable(dit) -> bool:
                and lin.bias.dtype == w0.dtype for lin in lins)
 
 
+def fused_now(dit) -> FusedWeights | None:
+    """The :class:`FusedWeights` :func:`fuse_weights` last built for the DiT (None before its first call)."""
+    return dit.__dict__.get(_FUSED)
+
+
 @torch.no_grad()
 def fuse_weights(dit) -> FusedWeights:
     """The DiT's :class:`FusedWeights`, built on first use and whenever the parameters stopped being their slices

@@ -35,7 +35,7 @@ from ..backend import requested_backend
 from ..validation import check_positive_int, check_tensor
 from . import bigvgan_padded, dit_layers
 from .._device import on_device
-from .cuda_graphs import ModelRef, ReplayGuard, capture, weights_key
+from .cuda_graphs import ModelRef, ReplayGuard, capture, key_devices, weights_key
 
 # Codec tokens per solve (mel frames = x repeats): four buckets per octave, 16 ... 4096 (16, 19, 23, 27, 32, 38, ...),
 # each rounded up to whole attention blocks when used. Every op of the solve (and of the vocoder in the same graph)
@@ -303,6 +303,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     if L > dit.config.max_position_embeddings:
         raise ValueError(f"Requested mel length ({L}) exceeds `dit_config.max_position_embeddings` "
                          f"({dit.config.max_position_embeddings}). Provide shorter `quantized_code`.")
+    weights = _resident_weights(dit, vocoder)  # (before the noise draw and the fusing: a refusal changes nothing)
     noise = torch.randn([B, L, dit.mel_dim], dtype=reference_mel.dtype, device=code.device)  # transformers' draw
     cfg = guidance_scale >= 1e-5
     ref = torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0) if cfg else reference_mel
@@ -319,7 +320,7 @@ def _solve(dit, conditioning, reference_mel, code, num_steps, guidance_scale, sw
     shared = dit.__dict__.setdefault(_POOL, _SharedPool())  # one pool for both caches' graphs, every bucket
     # weights, cache, any capture, the replay: one solve at a time per DiT (_SharedPool), the device ordered too
     with on_device(code.device), shared.hold(code.device):  # (on the DiT's device, whichever is current)
-        cache = _graph_cache(dit, vocoder, shared, code.device)
+        cache = _graph_cache(dit, vocoder, shared, code.device, weights)
         graph = cache.pop(key, None)  # (re-inserted below: the dict's order is the least recently used first)
         if graph is None:
             _evict(cache, shared, code.device)
@@ -341,15 +342,36 @@ def _evict(cache: _GraphCache, shared: ReplayGuard, device) -> None:
             del cache[k]
 
 
-def _graph_cache(dit, vocoder, shared: ReplayGuard, device) -> _GraphCache:
+class WeightsElsewhere(ValueError):
+    """The DiT's (and vocoder's) weights are not all on one device: offloaded by accelerate's ``device_map`` (CPU /
+    disk: on the meta device outside each submodule's own hooked forward, which loads them for that forward only),
+    or split over devices. The solve graph reads every weight directly, on one device: the patched callers run
+    transformers' forward instead (raised before anything was drawn, fused or run)."""
+
+
+def _resident_weights(dit, vocoder) -> tuple:
+    """``(fused, key)``: the DiT's fused weights before this call (or None) and the :func:`weights_key` of the DiT
+    (and vocoder), the one walk over their tensors per solve; :class:`WeightsElsewhere` unless they sit on one
+    device that is not meta."""
+    fused = dit_layers.fused_now(dit)
+    key = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
+    devices = key_devices(key)
+    if len(devices) != 1 or torch.device("meta") in devices:
+        why = "offloaded by device_map (on meta)" if torch.device("meta") in devices else "split over devices"
+        raise WeightsElsewhere(f"DiT / vocoder weights {why}: {sorted(map(str, devices))}")
+    return fused, key
+
+
+def _graph_cache(dit, vocoder, shared: ReplayGuard, device, weights: tuple) -> _GraphCache:
     """The DiT's graph cache for mel-only (``vocoder`` None) or mel + waveform graphs, emptied when the weights
     changed (after ``shared.drain``: another stream's replay may still read the graphs' buffers); fuses the DiT's
-    weights first where it can."""
-    if dit_layers.fusable(dit):  # before the weights key and any capture (it rebinds parameters to fused slices)
-        dit_layers.fuse_weights(dit)
+    weights first where it can. ``weights``: :func:`_resident_weights` (taken before the fusing, retaken when it
+    rebound the parameters to fused slices: on first use, or after ``.to()`` / reassigned parameters)."""
+    fused, weights = weights
+    if dit_layers.fusable(dit) and dit_layers.fuse_weights(dit) is not fused:  # (before any capture)
+        weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     # (mel-only and mel + waveform graphs in separate caches: alternating calls must not drop each other's)
     cache = dit.__dict__.setdefault(_CACHE if vocoder is None else _CACHE + "_wave", _GraphCache())
-    weights = weights_key(dit) if vocoder is None else weights_key(dit, vocoder)
     if cache.get("weights") != weights:  # graphs read the weights by address: stale after .to() / reload
         shared.drain(device)
         cache.clear()

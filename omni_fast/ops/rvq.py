@@ -73,6 +73,10 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
         _LIST_BASES[key] = hit
     if in_capture:
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
+    elif hit[0].is_cuda:  # (a full-cache drop by another thread before our launch: cuda_graphs.record_use)
+        from ..models.cuda_graphs import record_use
+
+        record_use(hit)
     return hit
 
 

@@ -105,7 +105,9 @@ def _pairs_tensor(pairs: tuple, device: torch.device, tensor_ends: bool) -> torc
 def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     """:func:`_pairs_tensor` of ints, cached: a warmed-up call copies nothing to the device (CUDA-graph capturable).
     At most MAX_RANGE_SETS kept (all dropped when full, after the devices finish reading them); a tensor a captured
-    graph reads is kept apart for good."""
+    graph reads is kept apart for good; outside a capture the current stream is recorded on the tensor
+    (:func:`~omni_fast.models.cuda_graphs.record_use`), which keeps its block from reuse while this call's launch
+    may read it, even when another thread drops the cache before that launch."""
     key = (pairs, str(device))
     t = _CAPTURED_RANGES.get(key)
     if t is None:
@@ -119,6 +121,12 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
         t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
     if in_capture:
         _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
+    elif t.is_cuda:
+        # another thread's full-cache drop may come between this lookup and the launch (its sync before the launch):
+        # the launch's stream is recorded so that the block outlives what it queues (cuda_graphs.record_use)
+        from ..models.cuda_graphs import record_use
+
+        record_use((t,))
     return t
 
 
