@@ -153,23 +153,6 @@ def tuned_config(family: str, file_stem: str, num_tokens: int) -> dict | None:
     return dict(buckets[best])
 
 
-_TILE_COUNTERS: dict = {}
-MAX_TILE_COUNTERS = 1 << 14
-
-
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """int32 ``[MAX_TILE_COUNTERS]`` counters on ``device``, zero between launches: the split-K kernels
-    (``mtp_gemv`` residual GEMV, ``moe_gemm`` with ``SPLIT_K``) take one ticket per split on their output tile's
-    counter and the last one resets it, so launches in one stream share the buffer (two streams at once would
-    not). Allocated (zeroed) on first use per device."""
-    if tiles > MAX_TILE_COUNTERS:
-        raise ValueError(f"{tiles} split-K tiles in one launch, more than the {MAX_TILE_COUNTERS} counters")
-    cnt = _TILE_COUNTERS.get(device)
-    if cnt is None:
-        cnt = _TILE_COUNTERS[device] = torch.zeros(MAX_TILE_COUNTERS, dtype=torch.int32, device=device)
-    return cnt
-
-
 # --- shared in-kernel helpers ----------------------------------------------------------------------------------------
 @triton.jit
 def clamp(x, lo, hi):

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from .. import fast_paths
-from .launch import CONFIG_DIR, device_name, interpreting, launch, tile_counters, tuned_config
+from .launch import CONFIG_DIR, device_name, interpreting, launch, tuned_config
+from .tile_counters import tile_counters
 from .moe_align import moe_align_block_size
 from .tma import stacked_matrix_descriptor
 

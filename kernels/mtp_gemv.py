@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import fast_paths
-from .launch import interpreting, launch, static_case, tile_counters
+from .launch import interpreting, launch, static_case
+from .tile_counters import tile_counters
 
 PLAIN, SWIGLU, RESIDUAL = 0, 1, 2
 

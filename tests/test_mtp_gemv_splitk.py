@@ -6,7 +6,7 @@ replay (gpu)."""
 import pytest
 import torch
 
-from omni_fast.kernels import launch, mtp_gemv
+from omni_fast.kernels import mtp_gemv, tile_counters
 from omni_fast.ops import mtp_layers
 from omni_fast.testing import DEVICE, KERNEL_DTYPES, assert_matches_reference
 
@@ -43,7 +43,8 @@ def test_splitk_residual_matches_reference(M, N, K, dtype):
     mtp_layers.linear_residual_(same, x, w, backend="reference")
     mtp_layers._linear_residual_reference(exact, x.double(), w.double())
     assert_matches_reference(tri, exact, same, name=f"split-K linear_residual_ M{M} N{N} K{K}")
-    assert not launch._TILE_COUNTERS.get(torch.device(DEVICE), torch.zeros(1)).any()  # every tile reset its counter
+    cnt = tile_counters.eager_counters(DEVICE)
+    assert cnt is None or not cnt.any()  # every tile reset its counter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -92,7 +93,7 @@ def test_gpu_splitk_real_shapes_bf16(M):
             mtp_gemv.linear_residual_(r, x, w, split_k=True)
             assert torch.equal(r, tri)
         torch.cuda.synchronize()
-        assert not launch._TILE_COUNTERS[x.device].any()
+        assert not tile_counters.eager_counters(x.device).any()
         static = resid.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -101,3 +102,34 @@ def test_gpu_splitk_real_shapes_bf16(M):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static, tri)
+
+
+@pytest.mark.gpu
+def test_gpu_splitk_on_two_streams_at_once_bf16():
+    """Split-K launches on two streams at once (two server threads) and a graph replayed beside them: each on its
+    own tile counters (kernels/tile_counters.py), every result bit-identical to the same call run alone. With one
+    set per device their tickets mixed (a tile reduced before all its splits landed)."""
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    cases = [_inputs(64, 1024, K, torch.bfloat16, seed=K) for K in (2048, 3072)]
+    alone = []
+    for resid, x, w in cases:
+        alone.append(resid.clone())
+        mtp_gemv.linear_residual_(alone[-1], x, w, split_k=True)
+    static = cases[0][0].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mtp_gemv.linear_residual_(static, cases[0][1], cases[0][2], split_k=True)
+    outs = [[c[0].clone() for _ in range(50)] for c in cases]
+    torch.cuda.synchronize()
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for i in range(50):  # interleaved launches on the two streams: their kernels overlap on the device
+        for (resid, x, w), s, out in zip(cases, streams, outs):
+            with torch.cuda.stream(s):
+                mtp_gemv.linear_residual_(out[i], x, w, split_k=True)
+        static.copy_(cases[0][0])
+        graph.replay()
+    torch.cuda.synchronize()
+    for out, want in zip(outs, alone):
+        assert all(torch.equal(o, want) for o in out)
+    assert torch.equal(static, alone[0])

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from .._device import capturing, on_device
+from ..kernels import tile_counters
 
 
 def capture(fn: Callable[[], object], device: torch.device | str | None = None, *, warmup: int = 2, pool=None,
@@ -49,16 +50,19 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     with on_device(device):
         side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), tile_counters.recorded() as counters_needed:
             for _ in range(warmup):
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with _CAPTURES, torch.cuda.graph(graph, pool=pool, stream=_capture_stream(),
-                                         capture_error_mode="thread_local"):
+        # split-K launches in the graph count on counters of its own (another stream's launches or another graph's
+        # replays may run beside its replays), made zeroed before the capture and kept with the graph
+        with tile_counters.for_capture(counters_needed) as graph_counters, _CAPTURES, \
+                torch.cuda.graph(graph, pool=pool, stream=_capture_stream(), capture_error_mode="thread_local"):
             out = fn()
+        graph.omni_fast_tile_counters = graph_counters
     return graph, out
 
 
