@@ -65,7 +65,7 @@ from ._bound import (_MISSING, BoundMethod, original_method, remember, swap_attr
                      unswap_forward)
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
-from .integrations.hf_compat import check_transformers_version, pop_cache, with_cache
+from .integrations.hf_compat import check_transformers_version, is_paged_cache, pop_cache, with_cache
 from .integrations.patch_parts import (count_line, is_qwen25, part_of as _part_of, report_lines,
                                        root_part as _root_part, warn_if_nothing_replaced)
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
@@ -192,7 +192,13 @@ def _integer_rope_index(self, *args, **kwargs):
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
     """The transformers attention forward with q/k norm + RoPE done by one omni-fast kernel. The KV cache comes as
     ``cache`` (transformers >= 5.24) or ``past_key_values`` (older): it is updated here, never handed on to the
-    attention function."""
+    attention function. transformers' continuous batching (``generate_batch``: a ``PagedAttentionCache``) runs
+    transformers' own forward, with the keywords as they came: that cache is written with per-batch indices only
+    transformers hands over (5.24+: ``cache.update(..., kwargs=kwargs)``; 5.17: ``read_index`` / ``write_index``
+    beside ``past_key_values``)."""
+    if is_paged_cache(kwargs.get("cache")) or is_paged_cache(kwargs.get("past_key_values")):
+        return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
+                                       attention_mask=attention_mask, **kwargs)
     cache = pop_cache(kwargs)
     batch, seq = hidden_states.shape[:2]
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)

@@ -157,6 +157,7 @@ def test_module_swap_recipe(monkeypatch):
     from flash_attn.flash_attn_interface import flash_attn_func  # noqa: F401 (the import is what is tested)
 
     assert flash_attn.__version__.startswith(fa.FLASH_ATTN_VERSION + ".")
+    assert flash_attn.__version__ == "2.8.3.post2"  # pip's newest flash-attn, whose interface this module mirrors
     assert flash_attn_func is fa.flash_attn_func and flash_attn.flash_attn_with_kvcache is fa.flash_attn_with_kvcache
     q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
     torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), fa.flash_attn_func(q, k, v, causal=True))

@@ -216,6 +216,17 @@ def test_moe_sum_pad_aware():
     torch.testing.assert_close(out, (inp.nan_to_num() * keep[..., None]).sum(1))
 
 
+def test_moe_activation_helpers_are_vllms():
+    """vLLM 0.34's MoEActivation.from_str alias and without_mul (missing before)."""
+    A = vllm.MoEActivation
+    assert A.from_str("gelu_pytorch_tanh") is A.GELU_TANH and A.from_str("silu") is A.SILU
+    assert [a.without_mul() for a in (A.SILU, A.GELU, A.GELU_TANH, A.RELU2)] == [
+        A.SILU_NO_MUL, A.GELU_NO_MUL, A.GELU_TANH_NO_MUL, A.RELU2_NO_MUL]
+    assert A.SWIGLUOAI.without_mul() is A.SWIGLUOAI and A.SILU_NO_MUL.without_mul() is A.SILU_NO_MUL
+    with pytest.raises(ValueError, match="Unknown MoE activation"):
+        A.from_str("tanh")
+
+
 def test_fused_experts_newest_call_forms():
     """vLLM 0.34's fused_experts: activation is the 6th parameter (a MoEActivation; its string works too), no
     inplace (a new tensor), ids outside [0, E) contribute zero; v0.11's calls (positional inplace, keyword

@@ -161,6 +161,44 @@ def test_make_flags_of_other_schemes():
     assert vllm.FusedMoEQuantConfig.make("nvfp4").use_nvfp4_w4a4
 
 
+def test_vllm_034_config_properties():
+    """vLLM 0.34's properties, method and field of FusedMoEQuantConfig (missing before: AttributeError), its
+    ``use_mxfp4_w4a4`` (activations *and* weights mxfp4) and ``config_name`` (fp8_w8a16; None for OCP MX)."""
+    make, Desc = vllm.FusedMoEQuantConfig.make, vllm.FusedMoEQuantDesc
+    fp8_w = make(weight_dtype=torch.float8_e4m3fn)
+    assert fp8_w.use_fp8_w8a16 and not fp8_w.use_fp8_w8a8 and fp8_w.weight_quant_dtype == torch.float8_e4m3fn
+    assert fp8_w.config_name(torch.bfloat16) == "fp8_w8a16" and fp8_w.ocp_mx_scheme is None
+    assert make(weight_dtype="nvfp4").use_nvfp4_w4a16 and make(weight_dtype="mxfp4").use_mxfp4_w4a16
+    mx = make("mxfp4")
+    assert mx.use_mxfp4_w4a4 and mx.ocp_mx_scheme == "w_mxfp4_a_mxfp4" and mx.config_name(torch.bfloat16) is None
+    assert make(weight_dtype="mxfp4").ocp_mx_scheme == "w_mxfp4"
+    assert make("mxfp6_e3m2", weight_dtype="mxfp4").ocp_mx_scheme == "w_mxfp4_a_mxfp6_e3m2"
+    assert make("mxfp6_e2m3").ocp_mx_scheme == "w_mxfp6_e2m3_a_mxfp6_e2m3"
+    assert make("mxfp6_e2m3", weight_dtype="mxfp6_e3m2").ocp_mx_scheme is None  # no such scheme in 0.34
+    assert not make("mxfp4", weight_dtype="nvfp4").use_mxfp4_w4a4 and make("mxfp8").ocp_mx_scheme is None
+    w4a8 = vllm.FusedMoEQuantConfig(_a1=Desc("fp8"), _a2=Desc("fp8"), _w1=Desc("mxfp4"), _w2=Desc("mxfp4"))
+    assert w4a8.use_mxfp4_w4a8 and w4a8.ocp_mx_scheme == "w_mxfp4_a_fp8"
+    s = torch.ones(E)
+    fp8 = vllm.fp8_w8a8_moe_quant_config(s, s)
+    assert fp8.ocp_mx_scheme is None and fp8.mx_alignment == 0 and fp8.weight_quant_dtype == torch.float8_e4m3fn
+    assert fp8.act_scale_is_tensor_wide(None) and not fp8.act_scale_is_tensor_wide(torch.ones(1))
+    tok = vllm.fp8_w8a8_moe_quant_config(torch.ones(E, 8), torch.ones(E, 8), per_act_token_quant=True)
+    assert not tok.act_scale_is_tensor_wide(None) and not vllm.FUSED_MOE_UNQUANTIZED_CONFIG.act_scale_is_tensor_wide(None)
+    assert vllm.FusedMoEQuantConfig(Desc(), Desc(), Desc(), Desc(), mx_alignment=256).mx_alignment == 256
+
+
+@pytest.mark.parametrize("weight_dtype, flag", [(torch.float8_e4m3fn, "use_fp8_w8a16"), ("mxfp4", "use_mxfp4_w4a16"),
+                                                ("nvfp4", "use_nvfp4_w4a16")])
+def test_weight_only_schemes_are_refused_by_fused_experts(weight_dtype, flag):
+    """A weight-only config built by ``make(weight_dtype=...)`` (16-bit activations): fused_experts raises naming
+    the scheme (before: no flag said it was quantized, so the experts ran unquantized, the config ignored)."""
+    x, w, ids = _routing()
+    w1 = torch.ones(E, 2 * INTER, H, device=DEVICE)
+    w2 = torch.ones(E, H, INTER, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=flag):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=vllm.FusedMoEQuantConfig.make(weight_dtype=weight_dtype))
+
+
 # --- fused_experts: the builder's config == the same tensors in an attribute object ------------------------------
 
 

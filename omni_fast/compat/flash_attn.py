@@ -34,8 +34,10 @@ from ..validation import FLOAT_DTYPES, check_float, check_inference_only, check_
 
 FLASH_ATTN_VERSION = "2.8"
 # flash-attn's package attribute: code that gets this module as ``flash_attn`` (docs/compat.md's module swap) reads
-# ``flash_attn.__version__`` for its version gates; 2.8.3 is the 2.8 line's newest release (same signatures).
-__version__ = "2.8.3"
+# ``flash_attn.__version__`` for its version gates: the newest release (PyPI, checked 2026-12-07), whose
+# ``flash_attn_interface.py`` is 2.8.3's and 2.8.3.post1's, byte for byte (the post releases changed the backward
+# kernels and the build only).
+__version__ = "2.8.3.post2"
 
 
 def _contiguous_last(x):

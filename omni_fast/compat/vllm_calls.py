@@ -45,8 +45,14 @@ class MoEActivation(Enum):
         """True for ``act(gate) * up`` activations (w1 holds 2I rows), False for the ``*_no_mul`` ones."""
         return not self.value.endswith("_no_mul")
 
+    def without_mul(self) -> "MoEActivation":
+        """The non-gated (``*_no_mul``) variant where vLLM 0.34 has one (SILU, GELU, GELU_TANH, RELU2), else self."""
+        return MoEActivation.__members__.get(f"{self.name}_NO_MUL", self)
+
     @classmethod
     def from_str(cls, s: str) -> "MoEActivation":
+        """By value; vLLM 0.34's alias ``"gelu_pytorch_tanh"`` is ``GELU_TANH``."""
+        s = {"gelu_pytorch_tanh": "gelu_tanh"}.get(s, s)
         for member in cls:
             if member.value == s:
                 return member

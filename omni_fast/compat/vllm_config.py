@@ -88,6 +88,7 @@ class FusedMoEQuantConfig:
     gemm1_alpha: float | None = None
     gemm1_beta: float | None = None
     gemm1_clamp_limit: float | None = None
+    mx_alignment: int = 0  # vLLM 0.34: the OCP MX kernels' row alignment (stored; nothing here reads it)
 
     def __post_init__(self):
         if self.per_act_token_quant and self.block_shape is not None:
@@ -106,6 +107,7 @@ class FusedMoEQuantConfig:
     g1_alphas = _desc_field("_w1", "alpha_or_gscale", "w1's global scales (nvfp4)")
     g2_alphas = _desc_field("_w2", "alpha_or_gscale", "w2's global scales (nvfp4)")
     quant_dtype = _desc_field("_a1", "dtype", "the activations' quantized dtype (None: 16-bit activations)")
+    weight_quant_dtype = _desc_field("_w1", "dtype", "the weights' quantized dtype (a torch dtype, 'int4', ...)")
 
     @property
     def is_quantized(self) -> bool:
@@ -151,22 +153,58 @@ class FusedMoEQuantConfig:
     def use_int4_w4a16(self) -> bool:
         return self._a1.dtype is None and self._w1.dtype == "int4"
 
+    def _weight_only(self, dtype) -> bool:
+        return self._a1.dtype is None and self._w1.dtype == dtype
+
+    @property
+    def use_fp8_w8a16(self) -> bool:
+        return self._weight_only(torch.float8_e4m3fn)
+
+    @property
+    def use_nvfp4_w4a16(self) -> bool:
+        return self._weight_only("nvfp4")
+
+    @property
+    def use_mxfp4_w4a16(self) -> bool:
+        return self._weight_only("mxfp4")
+
     @property
     def use_mxfp4_w4a4(self) -> bool:
-        return self.quant_dtype == "mxfp4"
+        return self._a1.dtype == "mxfp4" and self._w1.dtype == "mxfp4"
+
+    @property
+    def use_mxfp4_w4a8(self) -> bool:
+        return self._a1.dtype == "fp8" and self._w1.dtype == "mxfp4"
 
     @property
     def use_nvfp4_w4a4(self) -> bool:
         return self.quant_dtype == "nvfp4"
 
+    @property
+    def ocp_mx_scheme(self) -> str | None:
+        """vLLM 0.34's OCP MX scheme name (``"w_mxfp4"``, ``"w_mxfp4_a_mxfp4"``, ``"w_mxfp6_e3m2_a_fp8"``, ...):
+        weights mxfp4 / mxfp6 with 16-bit activations, activations of the weights' dtype or ``"fp8"``, or mxfp6
+        activations with mxfp4 weights; None otherwise (``fused_experts`` refuses a config that has one)."""
+        a, w = self._a1.dtype, self._w1.dtype
+        if w not in _OCP_MX_WEIGHTS or not (a is None or isinstance(a, str)):
+            return None
+        if a is None or a in (w, "fp8") or (w == "mxfp4" and a in _OCP_MX_WEIGHTS):
+            return f"w_{w}" if a is None else f"w_{w}_a_{a}"
+        return None
+
+    def act_scale_is_tensor_wide(self, scale: torch.Tensor | None) -> bool:
+        """vLLM 0.34: whether an activation scale is reduced over the whole (routed) tensor at run time: no static
+        ``scale``, per-tensor activations, fp8 or int8 W8A8."""
+        return scale is None and self.is_per_tensor and (self.use_fp8_w8a8 or self.use_int8_w8a8)
+
     def config_name(self, dtype: torch.dtype) -> str | None:
-        """The ``dtype=`` part of vLLM's tuned-config file names (``fp8_w8a8``, ``int4_w4a16``, ...; ``float32``
-        for fp32 activations; None for 16-bit unquantized)."""
-        for flag, name in (("use_fp8_w8a8", "fp8_w8a8"), ("use_int8_w8a16", "int8_w8a16"),
-                           ("use_int4_w4a16", "int4_w4a16"), ("use_mxfp4_w4a4", "mxfp4_w4a4")):
+        """The ``dtype=`` part of vLLM's tuned-config file names (``fp8_w8a8``, ``fp8_w8a16``, ``int8_w8a16``,
+        ``int4_w4a16``; ``float32`` for fp32 activations; None for OCP MX schemes and 16-bit unquantized)."""
+        for flag, name in (("use_fp8_w8a8", "fp8_w8a8"), ("use_fp8_w8a16", "fp8_w8a16"),
+                           ("use_int8_w8a16", "int8_w8a16"), ("use_int4_w4a16", "int4_w4a16")):
             if getattr(self, flag):
                 return name
-        return "float32" if dtype == torch.float32 else None
+        return "float32" if dtype == torch.float32 and self.ocp_mx_scheme is None else None
 
     def scale_shape(self, max_tokens: int, hidden_dim: int) -> tuple[int, int] | None:
         """Shape of a dynamic activation scale: ``(T, cdiv(H, bk))`` blocked, ``(T, 1)`` per token, ``(1, 1)``
@@ -218,6 +256,7 @@ class FusedMoEQuantConfig:
 
 
 _STR_DTYPES = ("nvfp4", "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8")  # vLLM 0.34's string quant dtypes
+_OCP_MX_WEIGHTS = ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3")  # the weight dtypes of vLLM 0.34's OCP MX schemes
 
 
 def _check_block_shape(block_shape) -> list[int] | None:
