@@ -199,6 +199,18 @@ def test_weight_only_schemes_are_refused_by_fused_experts(weight_dtype, flag):
         vllm.fused_experts(x, w1, w2, w, ids, quant_config=vllm.FusedMoEQuantConfig.make(weight_dtype=weight_dtype))
 
 
+@pytest.mark.parametrize("weight_dtype", ["mxfp8", torch.float8_e5m2])
+def test_weight_only_dtypes_without_a_flag_are_refused(weight_dtype):
+    """A weight-only config whose dtype no ``use_*`` flag or OCP MX scheme names (``make(weight_dtype="mxfp8")``,
+    fp8 e5m2): still quantized weights, so fused_experts refuses it (before: ``is_quantized`` looked at flags,
+    activation dtype and scales only, and the experts ran unquantized, the config ignored)."""
+    x, w, ids = _routing()
+    w1 = torch.ones(E, 2 * INTER, H, device=DEVICE)
+    w2 = torch.ones(E, H, INTER, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="weight_quant_dtype"):
+        vllm.fused_experts(x, w1, w2, w, ids, quant_config=vllm.FusedMoEQuantConfig.make(weight_dtype=weight_dtype))
+
+
 # --- fused_experts: the builder's config == the same tensors in an attribute object ------------------------------
 
 

@@ -3,9 +3,10 @@ onto :class:`omni_fast.ops.QuantizedExperts`.
 
 vLLM's ``fused_experts(..., quant_config=None)`` (v0.11 and 0.34 alike) carries the quantization in a
 ``FusedMoEQuantConfig`` object; ``fused_experts`` reads its properties ``use_fp8_w8a8``, ``use_int8_w8a8``,
-``use_int8_w8a16``, ``use_int4_w4a16``, ``ocp_mx_scheme``, ``per_act_token_quant``, ``w1_scale``, ``w2_scale``,
-``w1_zp``, ``w2_zp``, ``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``, ``w2_bias`` (0.34 adds
-``gemm1_alpha`` / ``gemm1_beta`` / ``gemm1_clamp_limit`` and ``is_scale_transposed``: refused here when set). They
+``use_int8_w8a16``, ``use_int4_w4a16``, ``ocp_mx_scheme``, ``weight_quant_dtype``, ``per_act_token_quant``,
+``w1_scale``, ``w2_scale``, ``w1_zp``, ``w2_zp``, ``a1_scale``, ``a2_scale``, ``block_shape``, ``w1_bias``,
+``w2_bias`` (0.34 adds ``gemm1_alpha`` / ``gemm1_beta`` / ``gemm1_clamp_limit`` and ``is_scale_transposed``: refused
+here when set). They
 are read here by attribute (vLLM need not be installed: any object with those attributes works). Layouts, as vLLM's
 Triton fused MoE reads them (``fused_moe.py`` at commit ``13cb3e4``, unchanged in 0.34.0; ``E`` experts, ``I``
 intermediate, ``H`` hidden):
@@ -60,8 +61,8 @@ def is_quantized(quant_config) -> bool:
     if quant_config is None:
         return False
     return any(bool(_get(quant_config, f)) for f in _ALL_FLAGS + ("is_scale_transposed",)) or any(
-        _get(quant_config, n) is not None for n in ("quant_dtype", "ocp_mx_scheme", "w1_scale", "w2_scale",
-                                                    "w1_bias", "w2_bias") + _SWIGLU_VARIANTS)
+        _get(quant_config, n) is not None for n in ("quant_dtype", "weight_quant_dtype", "ocp_mx_scheme", "w1_scale",
+                                                    "w2_scale", "w1_bias", "w2_bias") + _SWIGLU_VARIANTS)
 
 
 def experts_from_vllm(w1, w2, quant_config) -> QuantizedExperts:
@@ -75,9 +76,10 @@ def experts_from_vllm(w1, w2, quant_config) -> QuantizedExperts:
                                   "omni_fast.compat.vllm.fused_experts (supported: use_fp8_w8a8, use_int4_w4a16, "
                                   "plain SiLU-and-mul)")
     fp8, int4 = bool(_get(quant_config, "use_fp8_w8a8")), bool(_get(quant_config, "use_int4_w4a16"))
-    if fp8 == int4:
+    if fp8 == int4:  # (neither: e.g. weights of a dtype no flag names, make(weight_dtype="mxfp8"))
         raise NotImplementedError("quant_config must set exactly one of use_fp8_w8a8 / use_int4_w4a16 (got "
-                                  f"{'both' if fp8 else 'neither'}; quant_dtype={_get(quant_config, 'quant_dtype')!r})")
+                                  f"{'both' if fp8 else 'neither'}; quant_dtype={_get(quant_config, 'quant_dtype')!r}, "
+                                  f"weight_quant_dtype={_get(quant_config, 'weight_quant_dtype')!r})")
     for name, t in (("w1_scale", _get(quant_config, "w1_scale")), ("w2_scale", _get(quant_config, "w2_scale"))):
         if t is None:
             raise ValueError(f"{name} is required by {'use_fp8_w8a8' if fp8 else 'use_int4_w4a16'}")
