@@ -42,6 +42,15 @@ class _CaptureState(threading.local):
 _STATE = _CaptureState()
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` with its index: ``"cuda"`` is the current CUDA device (the launches pass
+    their tensors' device, always indexed; ``torch.device("cuda")`` would be another dict key and never equal it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _zeroed(device: torch.device, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int32, device=device)
 
@@ -51,7 +60,7 @@ def tile_counters(device: torch.device | str, tiles: int) -> torch.Tensor:
     ``device``; see the module doc for whose they are."""
     if tiles > MAX_TILE_COUNTERS:
         raise ValueError(f"{tiles} split-K tiles in one launch, more than the {MAX_TILE_COUNTERS} counters")
-    device = torch.device(device)
+    device = _indexed(device)
     if capturing(device):
         return _graph_counters(device, tiles)
     if _STATE.need is not None:  # a warm-up before a capture: the graph will need as many
@@ -70,7 +79,7 @@ def _eager_key(device: torch.device) -> tuple:
 def eager_counters(device: torch.device | str) -> torch.Tensor | None:
     """The counters eager split-K launches on the current stream of ``device`` use (None before the first): all
     zero between launches (the tests check every tile reset its counter)."""
-    return _EAGER.get(_eager_key(torch.device(device)))
+    return _EAGER.get(_eager_key(_indexed(device)))
 
 
 def _graph_counters(device: torch.device, tiles: int) -> torch.Tensor:

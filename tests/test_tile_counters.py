@@ -87,3 +87,13 @@ def test_a_capture_omni_fast_does_not_run_keeps_its_counters_for_good(fake):
 def test_too_many_tiles_is_refused():
     with pytest.raises(ValueError, match="split-K tiles"):
         tc.tile_counters("cpu", tc.MAX_TILE_COUNTERS + 1)
+
+
+def test_a_cuda_device_without_index_is_the_current_one(fake):
+    """``torch.device("cuda")`` (``omni_fast.testing.DEVICE`` on a GPU) names the current device: the same set as
+    ``cuda:0``'s. Before, it was another key: ``eager_counters(DEVICE)`` found nothing on a GPU, so the tests'
+    "every tile reset its counter" check (``cnt is None or not cnt.any()``) passed without looking."""
+    a = tc.tile_counters(CUDA0, 8)
+    assert tc.eager_counters("cuda") is a and tc.tile_counters(torch.device("cuda"), 8) is a
+    graph, _ = cuda_graphs.capture(lambda: tc.tile_counters("cuda", 8), CUDA0, warmup=1)
+    assert len(graph.omni_fast_tile_counters) == 1  # the capture's launch took the set made before it
