@@ -10,9 +10,16 @@ or never reduced): silently wrong sums. So the counters belong to whatever order
 - a launch captured into a CUDA graph: a set of the graph's own. Under :func:`omni_fast.models.cuda_graphs.capture`
   the warm-ups record how many counters each device needs (:func:`recorded`), the capture makes them zeroed BEFORE it
   begins (no memset node in the graph) and keeps them on the graph (:func:`for_capture`); a capture omni-fast does
-  not run (a serving stack capturing our ops) gets counters made inside it (one memset node of that graph, zeroed
-  at each replay's start) and kept for good in :data:`_KEPT_FOR_FOREIGN_GRAPHS`: such a graph reads them by address
-  on every replay, and we cannot see when it is freed (one small tensor per capture that launched split-K).
+  not run (a serving stack capturing our ops; torch.compile's ``mode="reduce-overhead"`` CUDA-graph trees) gets
+  counters made inside it for each split-K launch (one memset node of that graph before the launch, zeroed at
+  each replay) and kept for good in :data:`_KEPT_FOR_FOREIGN_GRAPHS`: such a graph reads them by address on every
+  replay, and we cannot see when it is freed, nor where one capture ends and the next begins (one int32
+  ``[tiles]`` tensor per split-K launch captured: a model of 48 MoE layers, two split-K GEMMs each, keeps 96 per
+  graph). To CUDA-graph trees they are the graph's temporaries: its replays may write them, as any temporary.
+
+One rule for the graphs of :func:`~omni_fast.models.cuda_graphs.capture`: all their split-K launches share one set,
+so their body must not fork split-K launches onto side streams that run in parallel inside the graph (no body in
+omni-fast does; a foreign capture's launches each have their own set, forked or not).
 """
 
 from __future__ import annotations
