@@ -74,8 +74,10 @@ def tile_counters(device: torch.device | str, tiles: int) -> torch.Tensor:
         _STATE.need[device] = max(_STATE.need.get(device, 0), tiles)
     key = _eager_key(device)
     cnt = _EAGER.get(key)
-    if cnt is None:
-        cnt = _EAGER[key] = _zeroed(device, MAX_TILE_COUNTERS)
+    if cnt is None:  # (kept for good: made outside any pool CUDA-graph trees route a warm-up's allocations into)
+        from ..models.cuda_graphs import made_outside_pools
+
+        cnt = _EAGER[key] = made_outside_pools(lambda: _zeroed(device, MAX_TILE_COUNTERS), device)
     return cnt
 
 

@@ -19,7 +19,8 @@ class _Counters:
 
     def __init__(self, device, n, fake):
         self.device, self.n = torch.device(device), n
-        self.in_capture = fake.current_stream(device).capturing
+        self.made_on = fake.current_stream(device)
+        self.in_capture = self.made_on.capturing
 
     def numel(self):
         return self.n
@@ -42,6 +43,16 @@ def test_each_stream_counts_on_its_own_counters(fake):
         b = tc.tile_counters(CUDA0, 12)
     assert b is not a and tc.tile_counters("cuda:1", 12) not in (a, b)
     assert tc.eager_counters(CUDA0) is a and a.n == tc.MAX_TILE_COUNTERS
+
+
+def test_eager_counters_are_made_outside_the_launching_streams_pool(fake):
+    """torch.compile's CUDA-graph trees route every allocation of their warm-up stream into a graph's private pool,
+    whose blocks they later hand to other graphs: counters kept for good are made on a side stream (the general
+    pool), and the launching stream waits for their zeroing. Before, they were made on the launching stream."""
+    launching = fake.current_stream(CUDA0)
+    cnt = tc.tile_counters(CUDA0, 12)
+    assert cnt.made_on is not launching and cnt.made_on in launching.waited_streams
+    assert cnt.made_on is not cuda_graphs._CAPTURE_STREAMS.get(0)
 
 
 def test_a_graph_counts_on_counters_of_its_own_made_before_its_capture(fake):

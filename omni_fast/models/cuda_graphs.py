@@ -129,6 +129,26 @@ def clear_when_full(cache: dict, limit: int) -> None:
     cache.clear()
 
 
+def made_outside_pools(make: Callable[[], object], device) -> object:
+    """``make()``, which allocates device tensors that outlive the call (a cache entry, split-K counters), run with a
+    side stream of CUDA ``device`` current (never its capture stream), the current stream then waiting for it; on
+    other devices just ``make()``. Why: torch.compile's CUDA-graph trees (``mode="reduce-overhead"``) run their
+    warm-up with every allocation of their stream routed into a graph's private pool
+    (``_cuda_beginAllocateCurrentStreamToPool``), whose blocks they free and hand to other graphs when they restore a
+    checkpoint of that pool: a kept tensor made there would be overwritten by another graph's replay. An allocation
+    on another stream comes from the general pool. Outside a capture only (a capture's tensors are its own)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return make()
+    with on_device(device):
+        current, side = torch.cuda.current_stream(), _warmup_stream()
+        side.wait_stream(current)  # (make may read what the current stream wrote)
+        with torch.cuda.stream(side):
+            out = make()
+        current.wait_stream(side)
+    return out
+
+
 def record_use(tensors) -> None:
     """Tell the caching allocator that the current stream of each CUDA tensor's device is about to read it
     (``Tensor.record_stream``): when the tensor is freed, its block goes back to the allocator only once the work

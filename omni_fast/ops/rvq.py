@@ -64,12 +64,15 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     if hit is None:
         size = tables[0].element_size()
         base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
-        hit = tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device)
-                    for v in (base, [t.stride(0) for t in tables], [t.shape[0] for t in tables]))
-        if not in_capture:  # (a full cache's drop syncs the devices first, which a capture forbids: kept till later)
-            from ..models.cuda_graphs import clear_when_full
+        values = (base, [t.stride(0) for t in tables], [t.shape[0] for t in tables])
+        make = lambda: tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device) for v in values)  # noqa: E731
+        if in_capture:
+            hit = make()
+        else:  # (a full cache's drop syncs the devices first, which a capture forbids: kept till later)
+            from ..models.cuda_graphs import clear_when_full, made_outside_pools
 
             clear_when_full(_LIST_BASES, MAX_TABLE_SETS)
+            hit = made_outside_pools(make, tables[0].device)  # kept: not in a CUDA-graph trees warm-up's pool
         _LIST_BASES[key] = hit
     if in_capture:
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive

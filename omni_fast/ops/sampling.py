@@ -114,11 +114,15 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
         t = _RANGE_CACHE.get(key)
     in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
     if t is None:
-        if not in_capture:
-            from ..models.cuda_graphs import clear_when_full
+        make = lambda: torch.tensor(pairs, dtype=torch.long, device=device)  # noqa: E731
+        if in_capture:
+            t = make()
+        else:
+            from ..models.cuda_graphs import clear_when_full, made_outside_pools
 
             clear_when_full(_RANGE_CACHE, MAX_RANGE_SETS)
-        t = _RANGE_CACHE.setdefault(key, torch.tensor(pairs, dtype=torch.long, device=device))
+            t = made_outside_pools(make, device)  # kept: not in a CUDA-graph trees warm-up's pool
+        t = _RANGE_CACHE.setdefault(key, t)
     if in_capture:
         _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
     elif t.is_cuda:
@@ -167,9 +171,11 @@ def _device_zero(device: torch.device) -> torch.Tensor:
     key = str(device)
     t = _ZERO_CACHE.get(key)
     if t is None:
-        t = torch.zeros(1, dtype=torch.long, device=device)
-        if capturing(t.device):  # (asked of t's device: the current one may be another)
-            return t  # from the graph's pool, zeroed only on replay: not for eager calls, so not cached
+        if capturing(device):  # (asked of the tensors' device: the current one may be another)
+            return torch.zeros(1, dtype=torch.long, device=device)  # the graph's, zeroed on replay: not cached
+        from ..models.cuda_graphs import made_outside_pools
+
+        t = made_outside_pools(lambda: torch.zeros(1, dtype=torch.long, device=device), device)
         t = _ZERO_CACHE.setdefault(key, t)
     return t
 
