@@ -63,3 +63,20 @@ def test_the_callers_logits_stay_untouched():
     make_sampler(True, generator=torch.Generator().manual_seed(0))(logits)
     make_sampler(False)(logits)
     assert torch.equal(logits.isnan(), kept.isnan()) and torch.equal(logits.nan_to_num(), kept.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_plus_inf_is_the_only_candidate_of_its_row(settings, dtype):
+    """An fp16 overflow (+inf) made the whole softmax row NaN: torch.multinomial raised (CUDA: a device-side
+    assert). Now a row draws among its +inf ids alone; the other rows as before."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    logits[0, 9] = float("inf")
+    logits[1, [4, 50]] = float("inf")
+    seen = set()
+    for seed in range(30):
+        ids = make_sampler(True, **settings, generator=torch.Generator().manual_seed(seed))(logits)
+        assert ids[0] == 9 and ids[1] in (4, 50)
+        seen.add(int(ids[1]))
+    assert seen == {4, 50} or settings.get("top_p", 1.0) < 1.0  # both drawn (top-p may keep the first alone)
+    assert make_sampler(False)(logits)[:2].tolist() == [9, 4]

@@ -134,9 +134,13 @@ class Event:
 
 
 # ----------------------------------------------------------------------------------------------- front ends
-def _nan_as_minus_inf(logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` with every NaN replaced by -inf (a new tensor: the caller's stays untouched)."""
-    return logits.masked_fill(logits.isnan(), float("-inf"))
+def _scores(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 ``logits / temperature`` (a new tensor: the caller's stays untouched; fp32 as transformers' ``generate``
+    casts the logits), every NaN -inf and every +inf the largest finite fp32: a row with +inf draws among its +inf
+    ids alone (a +inf in the softmax would make the whole row NaN, which ``torch.multinomial`` on CUDA answers with a
+    device-side assert, as it does a NaN)."""
+    s = logits.float() / temperature
+    return s.nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
 
 
 def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0,
@@ -144,19 +148,20 @@ def make_sampler(do_sample: bool, *, top_k: int = 50, top_p: float = 1.0, temper
     """logits ``[B, V]`` -> ids ``[B]``: greedy, or top-k / top-p sampling at ``temperature``.
 
     NaN logits follow the project's sampling rule (reference/sampling.py, as ``ops.sample``): a NaN is -inf, never
-    drawn; a row of only NaN and -inf gives id 0. Why not torch's behaviour (transformers'): ``argmax`` picks a NaN,
+    drawn; a row of only NaN and -inf gives id 0. A +inf logit (an fp16 overflow) is the only candidate of its row
+    (several: drawn among them). Scores are fp32, as transformers' ``generate`` casts the logits. Why not torch's behaviour (transformers'): ``argmax`` picks a NaN,
     and ``torch.multinomial`` over a NaN softmax raises on the CPU but trips a device-side assert on CUDA, which
     kills the server's CUDA context for every request, not just the one whose model overflowed. Rows without NaN
     draw exactly what they drew before (the same generator calls)."""
     if not do_sample:
         def greedy(logits: torch.Tensor) -> torch.Tensor:
-            return _nan_as_minus_inf(logits).argmax(-1)  # a row of only -inf: id 0 (argmax's first maximum)
+            return _scores(logits).argmax(-1)  # a row of only -inf: id 0 (argmax's first maximum)
 
         greedy.do_sample = False
         return greedy
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        logits = _nan_as_minus_inf(logits) / max(temperature, 1e-5)
+        logits = _scores(logits, max(temperature, 1e-5))
         if top_k and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
