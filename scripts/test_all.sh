@@ -25,7 +25,7 @@ side() {  # the compat and wheel parts, then BALANCE; non-zero when any failed
   echo "[side] wheel part: $((SECONDS - t0)) s"; t0=$SECONDS
   if [ "${1:-}" = balance ]; then
     echo "[side] suite files run here to balance the cores: ${BALANCE[*]}"
-    "$PY" -m pytest -q -ra -p no:cacheprovider "${BALANCE[@]}" || rc=$?
+    "$PY" -m pytest -q -ra -p no:cacheprovider --durations=25 "${BALANCE[@]}" || rc=$?
     echo "[side] balance part: $((SECONDS - t0)) s"
   fi
   return "$rc"
@@ -33,7 +33,7 @@ side() {  # the compat and wheel parts, then BALANCE; non-zero when any failed
 
 if [ "${OMNI_FAST_TEST_SERIAL:-0}" = 1 ]; then
   rc=0
-  "$PY" -m pytest -q -ra tests || rc=$?
+  "$PY" -m pytest -q -ra --durations=25 tests || rc=$?
   side || rc=$?
   exit "$rc"
 fi
@@ -51,7 +51,7 @@ SIDE=$!
 set +m
 suite_rc=0
 T0=$SECONDS
-"$PY" -m pytest -q -ra tests "${BALANCE[@]/#/--ignore=}" || suite_rc=$?
+"$PY" -m pytest -q -ra --durations=25 tests "${BALANCE[@]/#/--ignore=}" || suite_rc=$?
 echo "[suite] $((SECONDS - T0)) s"
 side_rc=0
 wait "$SIDE" || side_rc=$?

@@ -31,8 +31,11 @@ if ! install_once "$DIR" -r requirements-compat.txt; then
 fi
 VERSION=$(PYTHONPATH="$DIR" "$PY" -c "import transformers; print(transformers.__version__)")
 echo "[compat] transformers $VERSION"
-PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cacheprovider \
-  tests/test_patch.py tests/test_patch_extra.py tests/test_pipeline.py tests/test_pipeline_requests.py \
+# minus the tests marked hf_free (kernels against omni-fast's own reference: the same under any transformers; the
+# mark is checked by tests/test_compat_selection.py)
+PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -ra -p no:cacheprovider --durations=25 \
+  -m 'not hf_free' tests/test_patch.py tests/test_patch_extra.py tests/test_pipeline.py \
+  tests/test_pipeline_requests.py \
   tests/test_text_decoder.py tests/test_mtp.py \
   tests/test_encoder_varlen.py tests/test_hf_attention.py tests/test_moe_transformers.py tests/test_demo.py \
   tests/test_positions.py tests/test_moe_reference.py tests/test_bench_smoke.py \

@@ -20,6 +20,9 @@ from omni_fast.testing import DEVICE  # noqa: E402,F401
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: longer interpreter runs")
+    config.addinivalue_line("markers", "hf_free: never reaches transformers (a kernel against omni-fast's reference); "
+                            "scripts/test_compat.sh skips it (-m 'not hf_free'), tests/test_compat_selection.py "
+                            "checks the claim")
 
 
 def pytest_collection_modifyitems(config, items):
