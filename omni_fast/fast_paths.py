@@ -47,7 +47,8 @@ PATHS: tuple[FastPath, ...] = (
     FastPath("gemv_splitk", "OMNI_FAST_GEMV_SPLITK",
              "split-K of the MTP residual GEMVs (o/down projections) over more programs per column tile "
              "(kernels/mtp_gemv.py)",
-             ("tests/test_mtp_gemv_splitk.py::test_gpu_splitk_real_shapes_bf16[1]",)),
+             ("tests/test_mtp_gemv_splitk.py::test_gpu_splitk_real_shapes_bf16[1]",
+              "tests/test_mtp_gemv_splitk.py::test_gpu_splitk_on_two_streams_at_once_bf16")),
     FastPath("moe_splitk", "OMNI_FAST_MOE_SPLITK",
              "split-K of the decode MoE GEMMs still short of one program per SM (the talker's shared expert; "
              "kernels/moe_gemm.py)",
