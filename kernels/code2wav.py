@@ -405,6 +405,8 @@ def packed_transposed_strides(weight: torch.Tensor) -> tuple[int, int, int]:
 
 
 def is_packed_transposed(weight: torch.Tensor) -> bool:
+    """Whether a transposed-conv weight ``[C_in, C_out, k]`` already has the packed strides
+    (:func:`packed_transposed_strides`), so the launch can use it without a :func:`pack_transposed` copy."""
     # Size-1 dims are skipped: their strides address nothing, and torch keeps whatever stride they had (so the
     # permute-contiguous-permute of a C_in = C_out = 1 weight keeps its torch strides); the launch passes
     # packed_transposed_strides, which the kernel's row arithmetic (rows n = r * C_out + co) relies on.

@@ -352,6 +352,8 @@ def alignment(tensors, strides) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` (the ``PREC`` constexpr) for q's dtype: "ieee" for fp32 (exact fp32 products),
+    "tf32" otherwise (it only affects fp32 operands, so fp16/bf16 dots are unchanged)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -60,6 +60,11 @@ def topk_softmax_rows(x, mask_t, offs_e, mask_e, TOP_K: tl.constexpr, RENORMALIZ
 def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_lt, num_experts,
                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid ``(cdiv(T, BLOCK_T),)``: one program routes ``BLOCK_T`` tokens (see the module doc).
+
+    ``logits_ptr`` ``[T, E]`` (fp32/fp16/bf16, row stride ``stride_lt``, unit stride in E), ``weights_ptr`` fp32 and
+    ``ids_ptr`` int32 ``[T, TOP_K]`` (contiguous). ``BLOCK_E`` = next power of 2 >= E, ``BLOCK_K`` = next power of 2
+    >= ``TOP_K``; ``RENORMALIZE`` divides the k picked weights by their sum."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)

@@ -30,6 +30,9 @@ from .rope import norm_rope_halves
 @triton.jit
 def add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, y_ptr, H, stride_h, stride_d, stride_y, eps,
                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(N,)``: one program per token row of :func:`add_rms_norm_`. ``h_ptr`` / ``d_ptr`` / ``y_ptr`` ``[N, H]``
+    (fp16/bf16, unit stride in H; ``d_ptr`` unused without ``HAS_DELTA``), ``w_ptr`` ``[H]``; with ``HAS_DELTA``
+    ``h += delta`` is rounded to h's dtype and stored back before the norm. ``BLOCK`` >= H (the whole row)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -48,6 +51,8 @@ def add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, y_ptr, H, stride_h, stride_d, strid
 
 @triton.jit
 def silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+    """Grid ``(N, cdiv(I, BLOCK))``: one program per (token row, block of ``BLOCK`` of I) of :func:`silu_mul`.
+    ``gu_ptr`` ``[N, 2I]`` (gate columns then up columns), ``out_ptr`` ``[N, I]`` (fp16/bf16, unit stride in I)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I

@@ -87,6 +87,12 @@ def mrope_kernel(
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr, INTERLEAVED: tl.constexpr,
     HALF: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr,
 ):
+    """Grid ``(T,)``: one program rotates (with ``NORM``: RMS-normalises first) every q and k head of one token, in
+    place. ``q_ptr`` ``[T, Hq, D]`` / ``k_ptr`` ``[T, Hk, D]`` (fp16/bf16, unit stride in D), ``pos_ptr`` int32/int64
+    ``[3, T]`` (row stride ``stride_pos_row``; 0 for ``[T]``), ``inv_freq_ptr`` fp32 ``[HALF]``, ``qw_ptr`` /
+    ``kw_ptr`` ``[D]`` (unused without ``NORM``). ``SEC_T/H/W``: the mrope sections (frequencies per position row),
+    ``INTERLEAVED``: Qwen3's interleaved section layout; ``HALF = D / 2``, ``BLOCK_J`` >= HALF, ``BLOCK_H``: heads
+    per inner step."""
     tok = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_J)
     mask_j = offs_j < HALF

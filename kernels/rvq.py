@@ -29,6 +29,10 @@ def rvq_embed_kernel(
     D, T, stride_ca, stride_ct, stride_cg, stride_on, scale, row_stride, n_rows,
     G: tl.constexpr, BLOCK_D: tl.constexpr, OFFSETS: tl.constexpr = False,
 ):
+    """Grid ``(N, cdiv(D, BLOCK_D))``: one program sums the G gathered rows of output row ``n`` over one block of D
+    (:func:`rvq_tile`; the layouts in the module doc). ``codes_ptr`` int32/int64 ``[A, T, G]`` (strides
+    ``stride_ca/ct/cg``), ``table_ptr`` fp32/fp16/bf16, ``group_*_ptr`` integer ``[G]``, ``out_ptr`` ``[N, D]`` (the
+    table's dtype; row stride ``stride_on``, unit stride in D); ``scale`` 1 or 1/G; ``G``: codebooks per row."""
     rvq_tile(tl.program_id(0), tl.program_id(1), codes_ptr, table_ptr, group_base_ptr, group_stride_ptr,
              group_rows_ptr, out_ptr, D, T, stride_ca, stride_ct, stride_cg, stride_on, scale, row_stride, n_rows,
              G, BLOCK_D, OFFSETS)

@@ -95,6 +95,11 @@ def sample_kernel(
     GREEDY: tl.constexpr, PENALTY: tl.constexpr, TEMPERATURE: tl.constexpr, TOP_K: tl.constexpr,
     TOP_P: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, NWAY: tl.constexpr,
 ):
+    """Grid ``(B,)``: one program samples one row (:func:`sample_row`; shapes in the module doc). ``logits_ptr``
+    ``[B, V]`` fp32/fp16/bf16 (row stride ``stride_row``), ``out_ptr`` int64 ``[B]``, ``seed_ptr`` / ``offset_ptr``
+    int64 ``[1]`` (stride 0) or ``[B]`` (stride 1), ``prev_ptr`` int64 ``[B, n_prev]``, ``sup_ptr`` int64
+    ``[n_sup, 2]``. Constexprs switch the passes: ``GREEDY`` (argmax only), ``PENALTY``, ``TEMPERATURE``, ``TOP_K``,
+    ``TOP_P``; the row is read in ``NUM_BLOCKS`` blocks of ``BLOCK`` ids; ``NWAY`` thresholds per search pass."""
     sample_row(tl.program_id(0), logits_ptr, stride_row, V, out_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
                prev_ptr, stride_prev, n_prev, penalty, inv_penalty, sup_ptr, n_sup, inv_temperature, top_k,
                one_minus_top_p, GREEDY, PENALTY, TEMPERATURE, TOP_K, TOP_P, BLOCK, NUM_BLOCKS, NWAY)
