@@ -139,6 +139,9 @@ def _pick_model(args):
 
 
 def demo(args) -> int:
+    """The ``demo`` subcommand: build the pipeline ``args`` asks for (checkpoint or random weights), stream one
+    synthetic spoken request through it (text to stdout), write the speech to ``args.out`` (a 24 kHz 16-bit mono
+    WAV; ``args.raw_out``: the raw fp32 waveform as .npy) and print the latency table. Returns the exit code (0)."""
     from transformers.utils import logging as hf_logging
 
     from .models import Request
@@ -293,6 +296,9 @@ def _checkpoint_dir(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``omni-fast`` command line (``argv``: the arguments, default ``sys.argv[1:]``): parse and check the
+    arguments (a bad one exits through argparse), re-run under the Triton interpreter when ``--backend triton`` has
+    no GPU, then run the subcommand. Returns the process exit code."""
     parser = argparse.ArgumentParser(prog="omni-fast", description="omni-fast: fast Qwen-Omni inference")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="stream speech from the Qwen3-Omni pipeline on a synthetic request")

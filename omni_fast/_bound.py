@@ -74,6 +74,8 @@ def remember(module, name: str) -> None:
 
 
 def swap_attr(module, name: str, value) -> None:
+    """Set the instance attribute ``name`` of ``module`` to ``value`` (bypassing ``nn.Module.__setattr__``), having
+    saved what was there (:func:`remember`) so that ``unpatch`` restores it."""
     remember(module, name)
     object.__setattr__(module, name, value)
 

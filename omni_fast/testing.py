@@ -29,6 +29,7 @@ _ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-
 
 
 def ulp(dtype: torch.dtype) -> float:
+    """One unit in the last place at 1.0 for ``dtype`` (fp32, fp16, bf16 or fp64): e.g. 2**-7 for bf16."""
     return _ULP[dtype]
 
 

@@ -125,6 +125,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: tor
 
 
 def default_scale(head_dim: int, softmax_scale: float | None) -> float:
+    """The softmax scale: ``softmax_scale`` when given, else ``1 / sqrt(head_dim)``."""
     return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 

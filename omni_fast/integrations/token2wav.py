@@ -103,6 +103,8 @@ DIT_BLOCK_ATTR = "_omni_fast_dit_block"  # (block_size, look_backward, look_ahea
 
 
 def set_dit_block(attention, block_size: int, look_backward: int, look_ahead: int) -> None:
+    """Record on a patched ``DiTAttention`` the block mask :func:`dit_attention_forward` passes to
+    :func:`omni_fast.ops.block_attention` (block size in frames, blocks visible behind and ahead)."""
     attention.__dict__[DIT_BLOCK_ATTR] = (int(block_size), int(look_backward), int(look_ahead))
 
 

@@ -87,4 +87,5 @@ def vocode(bigvgan, mel: torch.Tensor, lens: torch.Tensor, *, backend: str | Non
 
 
 def samples_per_frame(bigvgan) -> int:
+    """Output waveform samples per mel frame of ``bigvgan``: the product of its upsampling strides."""
     return math.prod(int(u[0].stride[0]) for u in bigvgan.ups)

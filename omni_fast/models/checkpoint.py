@@ -229,6 +229,8 @@ def check_tensors(path: str, config, found: dict[str, tuple[str, str, tuple[int,
 
 
 def report(path: str, problems: list[str]) -> None:
+    """Raise one :class:`CheckpointError` listing ``problems`` (the first 40, then a count) for the checkpoint at
+    ``path``; nothing when the list is empty."""
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise CheckpointError(f"checkpoint {path} does not match its config ({len(problems)} problem(s)):\n  "

@@ -66,6 +66,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 @dataclass(frozen=True)
 class CodePredictorConfig:
+    """The MTP code predictor's sizes (defaults: Qwen3-Omni's): hidden size H, MLP width, layers, q / kv heads of
+    ``head_dim``, codec vocabulary V, codebooks per frame G, RMSNorm eps and RoPE theta."""
+
     hidden_size: int = 1024
     intermediate_size: int = 3072
     num_hidden_layers: int = 5

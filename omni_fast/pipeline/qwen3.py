@@ -32,6 +32,8 @@ MAX_CODEC_BATCH_SIZES = 8
 
 
 def talker_ids(tcfg) -> dict:
+    """The talker config's special token ids and ``position_id_per_seconds``, as :class:`PositionSpec` fields
+    (they override the thinker's when the talker's TM-RoPE positions are computed)."""
     return dict(image_token_id=tcfg.image_token_id, video_token_id=tcfg.video_token_id,
                 audio_token_id=tcfg.audio_token_id, vision_start_token_id=tcfg.vision_start_token_id,
                 audio_start_token_id=tcfg.audio_start_token_id,

@@ -33,6 +33,9 @@ class PersistentError(RuntimeError):
 
 
 class PersistentFrame:
+    """One MTP frame as one launch of the persistent kernel, for a fixed (model, batch B, dtype, device, sampling,
+    seed form, codebook-0 source): see the module doc. Calling it runs the frame (:meth:`__call__`)."""
+
     # its workspace, parameters and schedule are normal tensors even when built under torch.inference_mode(): reset()
     # and later calls write them in place, inside the mode or outside it
     @torch.inference_mode(False)

@@ -82,6 +82,9 @@ class Item:
 
 @dataclass
 class Schedule:
+    """One frame's work items in queue order (:class:`Item`) and the names of their counters (index -> name), for
+    the frame shape ``shape``; made by :func:`build_frame`, checked by :func:`check_schedule`."""
+
     shape: FrameShape
     items: list[Item]
     counters: list[str]  # counter index -> name
@@ -230,7 +233,7 @@ def build_frame(s: FrameShape, *, c0_embed: bool = False) -> Schedule:
 
 
 class ScheduleError(AssertionError):
-    pass
+    """A schedule breaks one of the properties :func:`check_schedule` proves (the message names the first)."""
 
 
 def check_schedule(sched: Schedule, *, hazards: bool = True) -> dict:
