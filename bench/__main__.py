@@ -17,6 +17,8 @@ from omni_fast.bench.cli_paths import output_path_problem, positive_seconds
 
 
 def main(argv=None) -> int:
+    """The ``python -m omni_fast.bench`` command line (the module doc; ``argv``: default ``sys.argv[1:]``): list,
+    smoke-run, time (GPU) or check (CPU, Triton interpreter) the selected cases. Returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("ops", nargs="*", help="op families to run (default: all)")
     parser.add_argument("--preset", default="quick", choices=("quick", "full", "smoke"))

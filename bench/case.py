@@ -23,6 +23,11 @@ import torch
 
 @dataclass
 class Case:
+    """One benchmark case (see the module doc): an op family and name, its shape ``params``, ``setup(device)``
+    building ``{provider: zero-arg callable}`` on bound inputs, the useful ``flops`` and fewest HBM ``bytes`` of one
+    call (for TFLOP/s, GB/s and % of roofline), the roofline it is held to, an optional CPU ``check``, tags and
+    work ``units``."""
+
     op: str  # op family, e.g. "rope"; the CLI selects by it
     name: str  # e.g. "thinker T=1024"
     params: dict  # shape parameters, written to the JSON

@@ -155,6 +155,8 @@ def measure_roofline(device: torch.device) -> dict:
 
 
 def n_copies(case: Case) -> int:
+    """How many input copies the harness rotates through for ``case``: enough that together they exceed
+    ``ROTATE_BYTES`` (L2 does not hold them), clamped to ``[MIN_COPIES, MAX_COPIES]``; ``MIN_COPIES`` without bytes."""
     if case.bytes <= 0:
         return MIN_COPIES
     return int(min(max(math.ceil(ROTATE_BYTES / case.bytes), MIN_COPIES), MAX_COPIES))
@@ -252,15 +254,19 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def format_row(row: dict) -> str:
+    """One result row (a :func:`bench_case` dict) as a fixed-width console line under :func:`header`."""
     return "  ".join(f"{_cell(row, k, f):<{w}}" if i < 2 else f"{_cell(row, k, f):>{w}}"
                      for i, ((_, k, f), w) in enumerate(zip(COLUMNS, WIDTHS)))
 
 
 def header() -> str:
+    """The console table's header line (``COLUMNS``' headings at ``WIDTHS``)."""
     return "  ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, ((h, _, _), w) in enumerate(zip(COLUMNS, WIDTHS)))
 
 
 def markdown(result: dict) -> str:
+    """A GPU run's report as markdown: device, date, commit, versions, preset, the measured roofline, a legend and
+    one table row per (case, provider) of ``result["rows"]``."""
     rf = result["roofline"]
     lines = [f"# omni-fast benchmark: {result['device']}", "",
              f"{result['date']}, commit `{result['commit']}`, torch {result['torch']}, triton {result['triton']}, "
@@ -310,6 +316,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def git_commit() -> str:
+    """The short HEAD commit of the benchmark's checkout, ``-dirty`` appended when tracked files changed;
+    ``"unknown"`` when git cannot tell."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -71,6 +71,9 @@ def _scaled(tr_kernels: dict, scale: dict, half: dict | None = None) -> dict:
 
 
 def run_traces(units) -> dict:
+    """Trace ``units`` (those with a ``trace``) at real / scaled shapes under the instrumented interpreter: per-kernel
+    bytes, FLOPs and CTAs, scaled to the real shape by the unit's rule. Each unit's entry is written to ``TRACES`` as
+    soon as it is done; returns every saved entry ``{unit name: {"kernels", "syncs", "scale", "unique"}}``."""
     from omni_fast.bench.costmodel.counter import trace
 
     saved = json.loads(TRACES.read_text()) if TRACES.exists() else {}
@@ -164,6 +167,8 @@ def _fmt_s(s: float) -> str:
 
 
 def table(rows) -> str:
+    """The evaluated ``rows`` as a markdown table: launches, CTAs, HBM MB, GFLOP, floor, predicted time and
+    floor / predicted per unit."""
     lines = ["| unit | mode | launches (triton + torch) | CTAs (max) | HBM MB (traced / min) | GFLOP | floor | "
              "predicted | floor / predicted |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -215,6 +220,8 @@ def update_benchmarks(section: str, path: Path = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
+    """The ``python -m omni_fast.bench.model`` command line (the module doc); re-runs itself with
+    ``TRITON_INTERPRET=1`` when unset. Returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m omni_fast.bench.model", description=__doc__.split("\n\n")[1])
     p.add_argument("units", nargs="*")
     p.add_argument("--trace", action="store_true", help="trace bytes at real / scaled shapes (slow)")

@@ -31,6 +31,9 @@ H100_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_9
 
 @dataclass
 class Report:
+    """One static case's sm_90a facts from compiling it (registers per thread, spill bytes, shared memory per
+    block, wgmma / TMA use) or its compile error; :attr:`ok` is no error, no spill and shared memory in the limit."""
+
     name: str
     regs: int | None = None
     spill_bytes: int | None = None  # spill stores + spill loads, bytes per thread
@@ -95,6 +98,9 @@ def _jit_function(kernel):
 
 
 def compile_case(case) -> Report:
+    """Compile one registered static case (``omni_fast.kernels.launch.static_case``: kernel, signature,
+    constexprs, warps, stages) for sm_90a and read its :class:`Report` from the PTX and ptxas; an error is
+    reported in it, never raised."""
     import triton
     from triton.backends.compiler import GPUTarget
 

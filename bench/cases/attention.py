@@ -293,6 +293,8 @@ def _varlen_case(name, lens, hq, hk, d, causal, window, params, tags, dtype=torc
 
 
 def cases(preset: str = "quick") -> list[Case]:
+    """The benchmark cases of the attention shapes of the module doc (audio windows, vision frames, thinker prefill /
+    chunked prefill / decode, Code2Wav sliding window) at ``preset``'s sizes (bf16; smoke: fp32, tiny)."""
     shapes, dims = SHAPES[preset], DIMS[preset]
     dt = dims["dtype"]
     elem = float(dt.itemsize)

@@ -262,6 +262,8 @@ def _check() -> None:
 
 
 def cases(preset: str = "quick") -> list[Case]:
+    """The benchmark cases of Code2Wav streaming pushes, pre-transformer pushes and one-shot decodes (module doc) at
+    ``preset``'s batches / chunks (bf16 real config; smoke: fp32, tiny)."""
     p = PRESETS[preset]
     tiny, warm = p["tiny"], p["warm"]
     out = [_streaming_case(c, b, tiny, warm) for c, b in p["stream"]]

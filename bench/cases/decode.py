@@ -143,6 +143,8 @@ def _check():
 
 
 def cases(preset: str) -> list[Case]:
+    """The benchmark cases of one decode step of the talker then the thinker per batch B of ``preset`` (bf16 real
+    shapes; smoke: fp32, tiny)."""
     p = PRESETS[preset]
     tiny, prompt, batches = p["tiny"], p["prompt"], p["batches"]
     out = []

@@ -130,6 +130,8 @@ def _check():
 
 
 def cases(preset: str) -> list[Case]:
+    """The benchmark cases of one MTP frame per batch B of ``preset`` (bf16 real shapes; smoke: fp32, tiny); ``units``:
+    frames."""
     model, batches = MODELS[preset], BATCHES[preset]
     step = _step_params(model["cfg"])
     hidden, _, layers, *_, groups = _dims(model["cfg"])

@@ -255,6 +255,8 @@ def check() -> None:
 
 
 def cases(preset: str) -> list[Case]:
+    """The benchmark cases of the whole pipeline at each concurrency of ``preset`` (one request batch per call; no bytes
+    / FLOPs: an end-to-end time)."""
     text_tokens, frames = PRESETS[preset]["sizes"] or (TEXT_TOKENS, FRAMES)
     return [Case(op="pipeline", name=f"pipeline conc={c}", params={"concurrency": c, "text_tokens": text_tokens,
                                                                     "frames": frames,
@@ -320,6 +322,8 @@ def measure(concurrency=(1, 4, 6), thinker_layers: int | None = None, repeats: i
 
 
 def markdown(result: dict) -> str:
+    """The report-style run's ``result`` (from :func:`measure`) as markdown: the technical report's numbers, the
+    issue's targets and one row per (provider, concurrency) of the latency breakdown (``KEYS``)."""
     lines = [f"# Qwen3-Omni pipeline, random weights, {result['device']} (thinker {result['thinker_layers']} of 48 "
              f"layers; {result.get('audio_seconds', 2.0):g} s audio + text in, {result['text_tokens']} text tokens, "
              f"{result['frames']} frames per request)", "",
@@ -339,6 +343,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """The report-style runner (module doc): on a GPU, measure and write ``pipeline.json`` / ``pipeline.md`` under
+    ``--out``/<device>; without one, run the CPU :func:`check`. Returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.cases.pipeline")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 6])
     parser.add_argument("--thinker-layers", type=int, default=None)

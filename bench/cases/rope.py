@@ -152,6 +152,8 @@ def _bytes(T, hq, hk, three_rows, norm, d=HEAD_DIM, elem=2):
 
 
 def cases(preset: str = "quick") -> list[Case]:
+    """The benchmark cases of TM-RoPE, plain and fused with the q/k norm, on thinker / talker / MTP q ``[T, Hq, D]`` and
+    k ``[T, Hk, D]`` at ``preset``'s T (bf16; smoke: fp32)."""
     dims = DIMS[preset]
     d, elem = dims["head_dim"], dims["dtype"].itemsize
     out = []

@@ -194,6 +194,8 @@ def _bigvgan_case(frames: int, tiny: bool) -> Case:
 
 
 def cases(preset: str = "quick") -> list[Case]:
+    """The DiT step, DiT solve and BigVGAN benchmark cases (module doc) at ``preset``'s sizes (fp32, real configs;
+    smoke: tiny)."""
     p = PRESETS[preset]
     out = [_dit_step_case(b, n, p["tiny"]) for b, n in p["dit"]]
     out += [_dit_solve_case(b, n, p["tiny"], p["steps"]) for b, n in p["dit"]]

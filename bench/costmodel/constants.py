@@ -14,6 +14,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Constants:
+    """The cost model's device constants (H100 SXM by default), each field with its source in a comment;
+    :func:`current` gives the ones in force, :func:`calibrate` replaces them from a GPU run."""
+
     device: str = "NVIDIA H100 80GB HBM3 (SXM)"
     # Device copy bandwidth, bytes/s (read + write counted): ~3.0 TB/s measured on the lent H100s
     # (/work/shared/qwen-omni-facts.md, "Physical limits on an H100 SXM"; NVIDIA's datasheet says 3.35 TB/s peak).

@@ -115,6 +115,8 @@ def _code2wav_min(B: int, frames: int) -> tuple[float, float]:
 
 
 def model_units() -> list[Unit]:
+    """The whole-model units: the MTP frame (graph and persistent, B 1 / 64), thinker / talker decode steps (plain
+    and phase-fused, B 1 / 8) and Code2Wav streaming pushes (B 1 / 32, 1 / 4 frames, plain and state moves)."""
     from omni_fast.bench.cases.mtp import _step_params
 
     out = []
@@ -151,6 +153,8 @@ def model_units() -> list[Unit]:
 
 
 def all_units() -> list[Unit]:
+    """Every unit the cost model reports, in report order (MoE, quantized MoE, attention, small ops, whole-model,
+    Token2Wav)."""
     from .units import attention_units, moe_units, quant_moe_units, small_units
 
     return (moe_units() + quant_moe_units() + attention_units() + small_units() + model_units()
@@ -267,6 +271,8 @@ def _vocoder_units() -> list[Unit]:
 
 
 def token2wav_units() -> list[Unit]:
+    """Qwen2.5-Omni Token2Wav units (fp32, as transformers runs it): a DiT step (IEEE fp32 and the ``dit_tf32``
+    fast path), one BigVGAN AMP block, and the vocoder eager / in a graph on a padded bucket."""
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
 
     from omni_fast.bench.cases.token2wav import _dit_costs

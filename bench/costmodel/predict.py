@@ -29,6 +29,9 @@ from .constants import Constants, current
 
 
 def tc_efficiency(tc: str | None, c: Constants) -> float:
+    """Fraction of ``c.mma_flops_per_s`` a kernel's dots reach, from its instruction ``tc`` (a
+    :func:`.statics.tensor_core` string): ``fma_fraction`` for "fma" / None, ``mma_sync_fraction`` for "mma.sync",
+    and for "wgmma m64nNk16" the shared-memory bound ``min(1, intensity * smem_bytes_per_clk / tc_flops_per_clk)``."""
     if not tc or tc == "fma":
         return c.fma_fraction
     if tc == "mma.sync":

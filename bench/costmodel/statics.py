@@ -32,6 +32,8 @@ def occupancy(regs: int, smem: int, warps: int) -> int:
 
 
 def tensor_core(ptx: str) -> str:
+    """The dot instruction a compiled kernel's PTX uses: ``"wgmma m64nNkK"`` (the widest N it issues),
+    ``"mma.sync"``, or ``"fma"`` when neither appears."""
     shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k(\d+)", ptx)
     if shapes:
         n, k = max((int(n), int(k)) for n, k in shapes)

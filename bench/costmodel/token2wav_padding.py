@@ -102,6 +102,8 @@ def vocoder_crossover(lo: int = 1, hi: int = 1500) -> dict:
 
 
 def markdown(table: list[dict]) -> str:
+    """The :func:`rows` table as markdown: per length in codes, the old / new bucket and the predicted DiT solve
+    (fp32, tf32) and BigVGAN times in ms."""
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     lines = ["| codes (s of audio) | bucket old / new | DiT solve fp32 old / new (ms) | DiT solve tf32 old / new (ms) "
              "| BigVGAN in graph old / new (ms) | BigVGAN eager, real length (ms) |", "|---|---|---|---|---|---|"]
@@ -128,6 +130,7 @@ def summary(lo: int = 25, hi: int = 1500) -> dict:
 
 
 def main(argv=None) -> int:
+    """Print the table, the sums over 25-1500 codes and the vocoder's graph / eager crossover (module doc)."""
     argparse.ArgumentParser(prog="python -m omni_fast.bench.costmodel.token2wav_padding",
                             description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(markdown(rows()))

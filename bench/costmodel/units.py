@@ -34,6 +34,10 @@ BF16 = torch.bfloat16
 
 @dataclass
 class Unit:
+    """One unit of work of the cost model (module doc): how to count its launches (``launch``, tiny config), how
+    to trace its bytes (``trace`` and the scaling rule ``scale``), and its analytic ``min_bytes`` / ``flops`` at the
+    real shape."""
+
     name: str
     group: str  # moe, attention, rope, sampler, mtp, step, code2wav
     mode: str  # "graph" (runs inside a CUDA graph) or "eager"
@@ -155,6 +159,8 @@ def _moe_tier(model: str, T: int) -> str:
 
 
 def moe_units() -> list[Unit]:
+    """The fused-MoE units: thinker and talker experts at T = 1, 8, 64 and 4096 tokens (bf16), traced at the real
+    shape or by the exact ``inter`` rule."""
     out = []
     for model in ("thinker", "talker"):
         for T in (1, 8, 64, 4096):
@@ -289,6 +295,8 @@ def _attn_flops(lens, hq, d, causal) -> float:
 
 
 def attention_units() -> list[Unit]:
+    """The flash-attention units (bf16): thinker causal prefill at 4096 tokens, decode against a cached KV, and the
+    encoders' windowed / per-frame attention; traced at the real shape or with heads divided (the ``heads`` rule)."""
     out = []
     T, hq, hk, d = 4096, 32, 4, 128
     out.append(Unit("attn-prefill-4096", "attention", "eager",
@@ -362,6 +370,8 @@ def _sample_call(B, V, dtype=torch.float32, chunk: int | None = None):
 
 
 def small_units() -> list[Unit]:
+    """The small ops: thinker TM-RoPE + q/k norm at T = 1 / 4096, and the sampler (thinker B = 1, V = 152064;
+    MTP B = 64, V = 2048)."""
     out = []
     for T in (1, 4096):
         out.append(Unit(f"rope-thinker-T{T}", "rope", "graph" if T == 1 else "eager",

@@ -104,6 +104,8 @@ def moe_prefill(T: int = 4096) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m omni_fast.bench.costmodel.whatif [T]``: print the predicted MoE prefill GEMM times at T tokens
+    (default 4096) for each config (module doc)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.costmodel.whatif",
