@@ -95,7 +95,8 @@ def _probs(out, lse, q, return_attn_probs: bool):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]`` -> out ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``).
+    """q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hk, D]`` (one dtype: fp16, bf16 or fp32) -> out ``[B, Sq, Hq, D]`` in
+    q's dtype (lse fp32 ``[B, Hq, Sq]``).
 
     Runs as a KV-cache attention over k/v with no lengths (every sequence sees all Sk keys): no copy of k/v.
     """
@@ -116,7 +117,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """qkv ``[B, S, 3, H, D]`` -> out ``[B, S, H, D]`` (views of qkv, no copy)."""
+    """qkv ``[B, S, 3, H, D]`` (fp16/bf16/fp32) -> out ``[B, S, H, D]`` in qkv's dtype (q/k/v are views of qkv, no
+    copy)."""
     _check_packed("qkv", qkv, 5, 3)
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs)
@@ -124,7 +126,8 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """q ``[B, Sq, Hq, D]``, kv ``[B, Sk, 2, Hk, D]`` -> out ``[B, Sq, Hq, D]``."""
+    """q ``[B, Sq, Hq, D]``, kv ``[B, Sk, 2, Hk, D]`` (one dtype: fp16/bf16/fp32) -> out ``[B, Sq, Hq, D]`` in q's
+    dtype."""
     _check_packed("kv", kv, 5, 2)
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
@@ -134,8 +137,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, seqused_k=None):
     """Packed sequences: q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` (or pages ``[num_blocks, page, Hk, D]`` with
-    ``block_table`` int32 ``[B, max_blocks]``), cu_seqlens int32 ``[B + 1]`` -> out ``[Tq, Hq, D]``
-    (lse ``[Hq, Tq]``).
+    ``block_table`` int32 ``[B, max_blocks]``), one dtype (fp16, bf16 or fp32), cu_seqlens int32 ``[B + 1]`` -> out
+    ``[Tq, Hq, D]`` in q's dtype (lse fp32 ``[Hq, Tq]``).
 
     ``seqused_k`` (keyword-only, not in flash-attn 2.8's Python signature; its C++ op and vLLM's fork take it):
     int32 ``[B]`` key counts replacing ``cu_seqlens_k``'s. ``max_seqlen_q`` may also be None (omni-fast extension:
@@ -154,7 +157,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
-    """qkv ``[T, 3, H, D]``, one cu_seqlens for queries and keys -> out ``[T, H, D]``."""
+    """qkv ``[T, 3, H, D]`` (fp16/bf16/fp32), one cu_seqlens (int32 ``[B + 1]``) for queries and keys -> out
+    ``[T, H, D]`` in qkv's dtype."""
     _check_packed("qkv", qkv, 4, 3)
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -164,7 +168,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """q ``[Tq, Hq, D]``, kv ``[Tk, 2, Hk, D]`` -> out ``[Tq, Hq, D]``."""
+    """q ``[Tq, Hq, D]``, kv ``[Tk, 2, Hk, D]`` (one dtype: fp16/bf16/fp32), cu_seqlens_q/k int32 ``[B + 1]`` -> out
+    ``[Tq, Hq, D]`` in q's dtype."""
     _check_packed("kv", kv, 4, 2)
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -175,9 +180,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """Append k/v (any length, rotated by rotary_cos/sin when given) to the cache at ``cache_seqlens`` in place,
-    then attend q ``[B, Sq, Hq, D]`` to keys ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out
-    ``[B, Sq, Hq, D]`` (lse ``[B, Hq, Sq]``). See :func:`omni_fast.ops.flash_attn_with_kvcache`."""
+    """Append k/v ``[B, Snew, Hk, D]`` (any length, rotated by rotary_cos/sin when given) to the caches
+    ``[B_cache, S, Hk, D]`` (or pages ``[num_blocks, page, Hk, D]`` with ``block_table`` int32 ``[B, max_blocks]``)
+    at ``cache_seqlens`` (int32 ``[B]`` or an int) in place, then attend q ``[B, Sq, Hq, D]`` to keys
+    ``cache_leftpad[b] .. cache_seqlens[b] + Snew`` -> out ``[B, Sq, Hq, D]`` in q's dtype (lse fp32
+    ``[B, Hq, Sq]``). q, k/v and the caches share one dtype (fp16, bf16 or fp32). See
+    :func:`omni_fast.ops.flash_attn_with_kvcache`."""
     check_inference_only("flash_attn_with_kvcache", q=q, k=k, v=v)
     causal, softcap = _fa_causal(causal), _fa_softcap(softcap)
     rotary_interleaved = _fa_bool("rotary_interleaved", rotary_interleaved)

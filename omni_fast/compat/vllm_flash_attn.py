@@ -340,8 +340,9 @@ def flash_attn_with_kvcache(
     ``cache_seqlens``, rotary, ``cache_batch_idx``, ``cache_leftpad``, paged caches, ``num_splits``) plus the
     keyword-only ``out=`` and FA3 arguments. The fork always ran its FA2 kernel here, whatever ``fa_version``:
     so do we (flash-attn 2.8's lse, ``s_aux`` refused, dropout n/a); ``fa_version`` must still be 2 or 3.
-    Returns out ``[B, Sq, Hq, D]`` (``out`` itself when given), with ``return_softmax_lse`` also lse
-    ``[B, Hq, Sq]``.
+    q ``[B, Sq, Hq, D]``, caches ``[B_cache, S, Hk, D]`` (or paged ``[num_blocks, page, Hk, D]``), new k/v
+    ``[B, Snew, Hk, D]``, one dtype (fp16, bf16 or fp32). Returns out ``[B, Sq, Hq, D]`` in q's dtype (``out``
+    itself when given), with ``return_softmax_lse`` also lse fp32 ``[B, Hq, Sq]``.
     """
     name = "flash_attn_with_kvcache"
     _varlen_version(fa_version)

@@ -27,13 +27,15 @@ from ._dispatch import dispatched_op
 
 
 def pack_conv1d_weight(weight: torch.Tensor) -> torch.Tensor:
-    """conv1d weight ``[C_out, C_in/g, k]`` -> same shape and values, memory order ``[k][C_out][C_in]`` (C_in
-    contiguous: the Triton kernels' coalesced layout, see :mod:`omni_fast.kernels.code2wav`)."""
+    """conv1d weight ``[C_out, C_in/g, k]`` (any dtype) -> same shape, dtype and values, memory order
+    ``[k][C_out][C_in]`` (C_in contiguous: the Triton kernels' coalesced layout, see
+    :mod:`omni_fast.kernels.code2wav`)."""
     return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
 def pack_conv_transpose1d_weight(weight: torch.Tensor) -> torch.Tensor:
-    """transposed-conv weight ``[C_in, C_out, k]`` -> same shape and values, memory order ``[k][C_out][C_in]``."""
+    """transposed-conv weight ``[C_in, C_out, k]`` (any dtype) -> same shape, dtype and values, memory order
+    ``[k][C_out][C_in]``."""
     return weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
 
 
@@ -334,7 +336,8 @@ def causal_conv_transpose1d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' causal transposed conv (``k - stride`` samples trimmed at both ends), optional input SnakeBeta.
 
-    x ``[B, C_in, L]``; weight ``[C_in, C_out, k]`` with ``k = m * stride`` (Code2Wav: m = 1 or 2); bias
+    x ``[B, C_in, L]`` (fp16/bf16/fp32; weight, bias, snake and state in x's dtype); weight ``[C_in, C_out, k]``
+    with ``k = m * stride`` (Code2Wav: m = 1 or 2); bias
     ``[C_out]``; snake ``[C_in]`` pairs; state ``[B, C_in, m-1]`` raw inputs. Returns
     ``(y [B, C_out, (L' - m + 1) * stride], new_state [B, C_in, m-1])`` with ``L' = L (+ m - 1 with a state)``.
     ``update_state=True``: the new state is written into ``state`` in place; ``state_out=False``: left for

@@ -59,7 +59,8 @@ def _triton(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, topk_w
 
 
 def check_quantized(name: str, experts, w2, hidden_states: torch.Tensor) -> None:
-    """``experts`` is a QuantizedExperts (already self-consistent) on x's device with H = x.shape[-1]; w2 None."""
+    """``experts`` is a QuantizedExperts (already self-consistent) on the device of ``hidden_states`` ``[..., H]``
+    with hidden size H; w2 None. Raises ValueError naming ``name`` otherwise."""
     if w2 is not None:
         raise ValueError(f"w2 must be None when {name} is a QuantizedExperts (it holds both expert GEMMs)")
     if experts.device != hidden_states.device:
@@ -81,7 +82,9 @@ def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add,
 
 def fused_moe_quantized(hidden_states, experts, w2, topk_weights, topk_ids, *, activation="silu", expert_map=None,
                         out=None, backend=None, check_ids: bool = True) -> torch.Tensor:
-    """:func:`omni_fast.ops.moe_experts` with ``w13`` = QuantizedExperts (see there); returns out ``[T, H]``.
+    """:func:`omni_fast.ops.moe_experts` with ``w13`` = QuantizedExperts (see there): hidden_states ``[T, H]``
+    (fp16/bf16/fp32), topk_weights float ``[T, k]``, topk_ids int32/int64 ``[T, k]``; returns out ``[T, H]`` in
+    hidden_states' dtype.
     ``check_ids=False``: ids outside ``[0, E_global)`` contribute zero instead of raising (see
     :func:`omni_fast.ops.moe._experts`)."""
     from .moe import ACTIVATIONS, _check_expert_map, _check_out, _check_routing

@@ -49,7 +49,8 @@ def _add_rms_norm_triton(*args):
 
 def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, *, eps: float = 1e-6,
                   backend: str | None = None) -> torch.Tensor:
-    """``h`` ``[N, H]`` (row-contiguous): ``h += delta`` in place (skipped when None); returns RMSNorm(h) ``[N, H]``."""
+    """``h`` ``[N, H]`` (row-contiguous; fp16/bf16/fp32, delta ``[N, H]`` and weight ``[H]`` in h's dtype):
+    ``h += delta`` in place (skipped when None); returns RMSNorm(h) * weight ``[N, H]`` in h's dtype."""
     check_tensor("h", h, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     N, H = h.shape
     if delta is not None:
@@ -86,7 +87,8 @@ def _silu_mul_triton(gu):
 
 
 def silu_mul(gu: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """``gu`` ``[N, 2I]`` (gate columns, then up columns) -> ``silu(gate) * up`` ``[N, I]`` (transformers' MLP)."""
+    """``gu`` ``[N, 2I]`` (fp16/bf16/fp32; gate columns, then up columns) -> ``silu(gate) * up`` ``[N, I]`` in gu's
+    dtype (transformers' MLP)."""
     check_tensor("gu", gu, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
     if gu.shape[1] % 2:
         raise ValueError(f"gu must have an even number of columns (gate and up), got {tuple(gu.shape)}")

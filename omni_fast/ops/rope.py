@@ -127,7 +127,9 @@ def qk_norm_mrope(
     inv_freq: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head RMSNorm of q and k (weights ``[D]``, ``eps``) and TM-RoPE in one pass; returns (q, k)."""
+    """Qwen3's per-head RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]`` (one dtype: fp16/bf16/fp32; weights
+    ``[D]`` fp16/bf16/fp32, ``eps``) and TM-RoPE in one pass; positions and the rest as :func:`mrope`. Returns
+    (q, k)."""
     positions, section = _validate(q, k, positions, mrope_section)
     D = q.shape[-1]
     check_tensor("q_weight", q_weight, dtypes=FLOAT_DTYPES, shape=(D,), device=q.device, contiguous=True)
