@@ -319,7 +319,7 @@ def attention_units() -> list[Unit]:
                                 unique=not big, statics={"attn_fwd_kernel": "bf16,thinker 32/4 d128 decode"},
                                 min_bytes=2 * B * (2 * cached * kh * d + 2 * qh * d + 2 * kh * d),
                                 flops=4.0 * B * (cached + 1) * qh * d, params=dict(B=B, cache=cached, hq=qh, hk=kh)))
-    audio = [104] * 9 + [78]  # 60 s of audio: 780 tokens in 104-token windows
+    audio = [104] * 7 + [52]  # 60 s of audio: 13 tokens a second, 780 in 104-token windows (the last one partial)
     vision = [1024, 1024]  # two temporal patches of a 512x512 frame pair (32x32 patches each)
     for name, lens, h, dd in (("audio", audio, 20, 64), ("vision", vision, 16, 72)):
         out.append(Unit(f"attn-encoder-{name}", "attention", "eager",
