@@ -86,7 +86,8 @@ def run_traces(units) -> dict:
         half = None
         if u.scale.get("rule") == "inter":  # the second point of the affine rule: I * 2 / s
             s2 = u.scale["s"] // 2 if u.scale["s"] % 2 == 0 else u.scale["s"] / 2  # the divisor of 2I / s
-            half = {n: s.as_dict() for n, s in trace(u.trace(s2), bytes=True).kernels.items()}
+            half = {n: s.as_dict() for n, s in trace(u.trace(s2), bytes=True, unique=u.unique,
+                                                     warmup=u.warmup).kernels.items()}  # as the first point
         kernels = _scaled(kernels, u.scale, half)
         saved[u.name] = {"kernels": kernels, "syncs": tr.syncs, "scale": u.scale, "unique": u.unique}
         print(f"traced {u.name} in {time.time() - t0:.0f} s of interpreter wall time (not a speed)", flush=True)

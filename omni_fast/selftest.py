@@ -1,4 +1,4 @@
-"""``python -m omni_fast.selftest``: one op per family on its default backend against the pure-PyTorch reference.
+"""``python -m omni_fast.selftest``: one op per family on its Triton kernel against the pure-PyTorch reference.
 
 A check that an installation works (the wheel's kernels, their launcher and their CUDA sources are where the code
 looks for them), not a test suite: tiny shapes, fp32, one call each. On a CPU the Triton kernels run on Triton's

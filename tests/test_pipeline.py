@@ -518,3 +518,13 @@ def test_graph_defaults_follow_the_backend(monkeypatch):
         assert not graph_capturable() and graph_capturable("cuda")
     monkeypatch.setenv("OMNI_FAST_BACKEND", "reference")
     assert not graph_capturable()
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--thinker-layers", "--concurrency"])
+def test_pipeline_bench_refuses_counts_below_one(flag, capsys):
+    """0 or negative repeats / layers / concurrency measured nothing (or failed late on a GPU): argparse refuses."""
+    from omni_fast.bench.cases import pipeline as bench_pipeline
+
+    with pytest.raises(SystemExit):
+        bench_pipeline.main([flag, "0"])
+    assert "must be >= 1" in capsys.readouterr().err

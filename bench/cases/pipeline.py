@@ -342,13 +342,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1 (0 layers, repeats or concurrent requests measure nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     """The report-style runner (module doc): on a GPU, measure and write ``pipeline.json`` / ``pipeline.md`` under
     ``--out``/<device>; without one, run the CPU :func:`check`. Returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m omni_fast.bench.cases.pipeline")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 6])
-    parser.add_argument("--thinker-layers", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=_positive, nargs="+", default=[1, 4, 6])
+    parser.add_argument("--thinker-layers", type=_positive, default=None)
+    parser.add_argument("--repeats", type=_positive, default=3)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
                         help="which to run (default: all; the time-boxed GPU session runs omni_fast only)")
     from omni_fast.bench.harness import RESULTS_DIR
