@@ -52,6 +52,14 @@ def capturing(device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
+def offloaded(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of the tensors a patched forward reads directly sits on the meta device: accelerate's CPU / disk
+    offload (``device_map``) keeps a submodule's weights there outside its own hooked forward, which loads them for
+    that forward only, so a patched forward that reads a SUBMODULE's weights without calling it would hand meta
+    tensors to the op. Such a call runs transformers' forward (which calls the submodules: their hooks load them)."""
+    return any(t is not None and t.is_meta for t in tensors)
+
+
 def devices_of(*modules: torch.nn.Module) -> list[torch.device]:
     """The devices of the modules' parameters and buffers, in first-seen order: one for a model on one device,
     several for a model that transformers' ``device_map`` split (its layers on cuda:0 and cuda:1)."""

@@ -65,7 +65,8 @@ from ._bound import (_MISSING, BoundMethod, original_method, remember, swap_attr
                      unswap_forward)
 from .backend import PIN_ATTR, pinned_backend, requested_backend
 from .validation import records_grad, values_checkable
-from .integrations.hf_compat import check_transformers_version, is_paged_cache, pop_cache, with_cache
+from ._device import offloaded
+from .integrations.hf_compat import carries_paged_cache, check_transformers_version, pop_cache, with_cache
 from .integrations.patch_parts import (count_line, is_qwen25, part_of as _part_of, report_lines,
                                        root_part as _root_part, warn_if_nothing_replaced)
 from .integrations.transformers import ATTENTION_NAME, EXPERTS_NAME, register_transformers
@@ -196,7 +197,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     transformers' own forward, with the keywords as they came: that cache is written with per-batch indices only
     transformers hands over (5.24+: ``cache.update(..., kwargs=kwargs)``; 5.17: ``read_index`` / ``write_index``
     beside ``past_key_values``)."""
-    if is_paged_cache(kwargs.get("cache")) or is_paged_cache(kwargs.get("past_key_values")):
+    if carries_paged_cache(kwargs):
         return self._omni_fast_forward(hidden_states, position_embeddings=tuple(position_embeddings),
                                        attention_mask=attention_mask, **kwargs)
     cache = pop_cache(kwargs)
@@ -204,7 +205,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     rope_args = (position_embeddings.rope_kwargs(batch, seq, self.head_dim)
                  if isinstance(position_embeddings, RotaryWithPositions) else None)
     norms = [getattr(getattr(self, n, None), "weight", None) for n in ("q_norm", "k_norm")]
-    if rope_args is None or records_grad(hidden_states, module=self) or any(w is not None and w.is_meta for w in norms):
+    if rope_args is None or records_grad(hidden_states, module=self) or offloaded(*norms):
         # transformers' own forward: for positions the kernel cannot take, with autograd recording (the kernels are
         # inference-only), and for q/k norms offloaded by device_map (weights on meta: their hooks load them only
         # when the norms' forwards run, which the fused kernel skips). Keywords, since the attention classes order

@@ -50,7 +50,7 @@ import torch
 from .._device import devices_of
 from ..backend import pinned_backend
 from ..validation import records_grad
-from .hf_compat import cache_keyword, is_paged_cache, output_cache, pop_cache, with_cache
+from .hf_compat import cache_keyword, carries_paged_cache, output_cache, pop_cache, with_cache
 
 INITIAL_STEPS = 512  # decode room at the prefill; doubled (one re-capture) whenever generate runs past it
 DECODER_ATTR = "_omni_fast_talker_decoder"  # (key, leased decoders) cached on the text model (unpatch drops it)
@@ -212,7 +212,7 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
 def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                        use_cache=None, **kwargs):
     """The text model's ``forward`` with the decode steps on omni-fast (bound to the module by patch)."""
-    if is_paged_cache(kwargs.get("cache")) or is_paged_cache(kwargs.get("past_key_values")):
+    if carries_paged_cache(kwargs):
         # continuous batching (generate_batch): transformers' forward with the keywords as they came (5.17 hands
         # the paged cache on as ``cache=`` for the attention function, beside ``past_key_values=None``)
         return self._omni_fast_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -72,6 +72,12 @@ def is_paged_cache(cache) -> bool:
     return any(c.__name__ == "PagedAttentionCache" for c in type(cache).__mro__)
 
 
+def carries_paged_cache(kwargs: dict) -> bool:
+    """Whether a forward's keywords carry a ``PagedAttentionCache`` (continuous batching), under either name a
+    release passes it by (5.24+: ``cache``; 5.17: ``past_key_values``)."""
+    return is_paged_cache(kwargs.get("cache")) or is_paged_cache(kwargs.get("past_key_values"))
+
+
 @functools.lru_cache(maxsize=None)
 def generate_drops_all_ones_mask() -> bool:
     """Whether ``GenerationMixin.generate`` drops an all-ones (no padding) ``attention_mask`` before calling the
@@ -104,6 +110,6 @@ def thinker_multimodal(thinker):
     return thinker.model if hasattr(thinker.model, "audio_tower") else thinker
 
 
-__all__ = ["MIN_TRANSFORMERS", "cache_keyword", "check_transformers_version", "generate_drops_all_ones_mask",
-           "generate_passes_mask", "is_paged_cache", "output_cache", "pop_cache", "thinker_multimodal",
-           "thinker_text_model", "with_cache"]
+__all__ = ["MIN_TRANSFORMERS", "cache_keyword", "carries_paged_cache", "check_transformers_version",
+           "generate_drops_all_ones_mask", "generate_passes_mask", "is_paged_cache", "output_cache", "pop_cache",
+           "thinker_multimodal", "thinker_text_model", "with_cache"]

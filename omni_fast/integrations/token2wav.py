@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import fast_paths
+from .._device import offloaded
 from ..backend import pinned_backend
 from ..validation import records_grad
 from .patch_parts import count_line
@@ -46,14 +47,6 @@ def aa_activation_supported(module) -> bool:
         return False
     ratio, k_up = int(up.ratio), int(up.filter.numel())
     return int(down.stride) == ratio and k_up % ratio == 0 and (k_up - ratio) // 2 >= ratio - 1
-
-
-def offloaded(*tensors: torch.Tensor | None) -> bool:
-    """Whether any of the tensors a patched forward reads directly sits on the meta device: accelerate's CPU / disk
-    offload (``device_map``) keeps a submodule's weights there outside its own hooked forward, which loads them for
-    that forward only, so a patched forward that reads a SUBMODULE's weights without calling it would hand meta
-    tensors to the op. Such a call runs transformers' forward (which calls the submodules: their hooks load them)."""
-    return any(t is not None and t.is_meta for t in tensors)
 
 
 def aa_activation_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
