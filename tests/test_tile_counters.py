@@ -7,6 +7,7 @@ import pytest
 import torch
 from _fake_cuda import FakeCuda
 
+from omni_fast import _device
 from omni_fast.kernels import tile_counters as tc
 from omni_fast.models import cuda_graphs
 
@@ -52,7 +53,7 @@ def test_eager_counters_are_made_outside_the_launching_streams_pool(fake):
     launching = fake.current_stream(CUDA0)
     cnt = tc.tile_counters(CUDA0, 12)
     assert cnt.made_on is not launching and cnt.made_on in launching.waited_streams
-    assert cnt.made_on is not cuda_graphs._CAPTURE_STREAMS.get(0)
+    assert cnt.made_on is not _device._CAPTURE_STREAMS.get(0)
 
 
 def test_a_graph_counts_on_counters_of_its_own_made_before_its_capture(fake):

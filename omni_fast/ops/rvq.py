@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from .._cache_memory import clear_when_full, made_outside_pools, record_use
 from .._device import capturing
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_index_range, check_tensor,
                           values_checkable)
@@ -69,16 +70,12 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
         if in_capture:
             hit = make()
         else:  # (a full cache's drop syncs the devices first, which a capture forbids: kept till later)
-            from ..models.cuda_graphs import clear_when_full, made_outside_pools
-
             clear_when_full(_LIST_BASES, MAX_TABLE_SETS)
             hit = made_outside_pools(make, tables[0].device)  # kept: not in a CUDA-graph trees warm-up's pool
         _LIST_BASES[key] = hit
     if in_capture:
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
-    elif hit[0].is_cuda:  # (a full-cache drop by another thread before our launch: cuda_graphs.record_use)
-        from ..models.cuda_graphs import record_use
-
+    elif hit[0].is_cuda:  # (a full-cache drop by another thread before our launch: _cache_memory.record_use)
         record_use(hit)
     return hit
 
