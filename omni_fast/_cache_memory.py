@@ -2,6 +2,8 @@
 suppress ranges and zero offset, ``rvq_embed``'s table offsets, the split-K tile counters. Later launches read them
 by address, so where they are made and when they may be freed decide whether those launches read the right bytes.
 
+- :func:`made_to_keep`: the one rule for where a kept tensor is made (inside a capture that is running, else
+  outside the CUDA-graph pools), with a bounded cache's drop when full;
 - :func:`made_outside_pools`: ``make()`` on a side stream, the general pool's;
 - :func:`clear_when_full`: a bounded cache emptied after the devices finished reading it;
 - :func:`record_use`: a looked-up tensor's block kept from reuse until this stream's launch is done.
@@ -17,6 +19,30 @@ from typing import Callable
 import torch
 
 from ._device import on_device, side_stream, synchronize
+
+
+def made_to_keep(make: Callable[[], object], device, in_capture: bool, cache: dict | None = None,
+                 limit: int = 0) -> object:
+    """``make()``, which allocates device tensors on ``device`` that a cache keeps past this call, made where they
+    stay valid; ``in_capture``: whether ``device``'s current stream is being captured (the caller asked
+    ``_device.capturing(device)``, and decides by it what it keeps).
+
+    - In a capture: ``make()`` on the capturing stream, inside the capture. The graph reads the tensors by address on
+      every replay (the caller keeps them for good, or not at all: then they are the graph's temporaries, remade at
+      each replay). Nothing else is allowed there: a device sync (the cache's drop) breaks the capture, and a side
+      stream made to wait for the capturing stream would join the capture.
+    - Else: when ``cache`` is given, it is emptied first once it holds ``limit`` entries (:func:`clear_when_full`);
+      then :func:`made_outside_pools`. Why not on the current stream: torch.compile's CUDA-graph trees
+      (``mode="reduce-overhead"``) route every allocation of their stream during a warm-up into a graph's private
+      pool, whose blocks a later replay of another graph frees and overwrites: a cached tensor made there would be
+      overwritten. Made on a side stream, its block belongs to that stream: every later lookup on another stream
+      records its use (:func:`record_use`), or a drop would hand the block at once to that side stream's next
+      allocation while the launch still reads it."""
+    if in_capture:
+        return make()
+    if cache is not None:
+        clear_when_full(cache, limit)
+    return made_outside_pools(make, device)
 
 
 def clear_when_full(cache: dict, limit: int) -> None:
