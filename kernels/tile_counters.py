@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from .._cache_memory import made_outside_pools
 from .._device import capturing
 
 MAX_TILE_COUNTERS = 1 << 14
@@ -75,8 +76,6 @@ def tile_counters(device: torch.device | str, tiles: int) -> torch.Tensor:
     key = _eager_key(device)
     cnt = _EAGER.get(key)
     if cnt is None:  # (kept for good: made outside any pool CUDA-graph trees route a warm-up's allocations into)
-        from ..models.cuda_graphs import made_outside_pools
-
         cnt = _EAGER[key] = made_outside_pools(lambda: _zeroed(device, MAX_TILE_COUNTERS), device)
     return cnt
 

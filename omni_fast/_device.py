@@ -19,11 +19,18 @@ guard their tensors' device (a C++ ``CUDAGuard``); omni-fast does the same with 
 - :func:`devices_of`: the devices a module's weights sit on (a ``device_map`` split shows as several).
 
 Rules in docs/reliability.md ("Several GPUs").
+
+Captures and syncs of the process (here, below both the kernel modules and ``models/cuda_graphs``, so that the
+kernels' and ops' caches reach them without importing the model layer): :data:`CAPTURE_LOCK`, the one capture at a
+time that ``cuda_graphs.capture`` holds; :func:`capture_stream`, each device's one capture stream;
+:func:`side_stream`, a side stream that is never a capture stream; :func:`synchronize`, a device sync that waits for
+a capture under way (docs/reliability.md, "Long-running servers").
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -68,3 +75,51 @@ def devices_of(*modules: torch.nn.Module) -> list[torch.device]:
         for t in (*m.parameters(), *m.buffers()):
             seen.setdefault(t.device)
     return list(seen)
+
+
+# One capture at a time in the process (``cuda_graphs.capture``: PyTorch supports one). Lock order: a ReplayGuard's
+# lock, then this one; nothing takes a ReplayGuard while holding it but the capturing thread's own re-entrant holds.
+CAPTURE_LOCK = threading.RLock()
+
+# The capture stream of each device (index -> stream), made by its first capture, used only under CAPTURE_LOCK.
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream() -> torch.cuda.Stream:
+    """A side stream of the current device (a capture's warm-up, a cache entry made outside the graph pools), never
+    the device's capture stream: torch.cuda.Stream() draws from torch's pool (32 per device, round robin), so a draw
+    may be that very CUDA stream, and a side stream's work runs outside the capture lock: on the capture stream
+    while another thread captures, its kernels would be captured into that graph. A colliding draw is made again
+    (the next one in the round is another stream)."""
+    avoid = _CAPTURE_STREAMS.get(torch.cuda.current_device())
+    side = torch.cuda.Stream()
+    for _ in range(2):
+        if avoid is None or side != avoid:
+            break
+        side = torch.cuda.Stream()
+    return side
+
+
+def capture_stream() -> torch.cuda.Stream:
+    """The current device's capture stream (called under :data:`CAPTURE_LOCK`, inside ``cuda_graphs.capture``'s
+    device). One per device, reused: graphs sharing a ``pool`` reuse each other's freed scratch only when captured
+    on the same stream (the caching allocator hands a freed block back to its own stream only; torch.cuda.graph's
+    note), and a fresh side stream per capture (torch's pool of 32, round robin) made a shared pool the sum of its
+    graphs' activations. Never a side stream's (:func:`side_stream`): warm-ups run outside the lock, and another
+    thread's kernels launched on a capturing stream would be captured into this graph."""
+    index = torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return stream
+
+
+def synchronize(device) -> None:
+    """The host waits for every stream of CUDA ``device`` (``torch.cuda.synchronize``), never during another
+    thread's capture: synchronising the device while any of its streams captures is an error that also invalidates
+    that capture, in every capture mode (CUDA forbids synchronising or querying a handle that encompasses a
+    capturing stream, the device or context included). So under :data:`CAPTURE_LOCK`: it waits for a capture under
+    way to end. For rare drops of what other threads' streams may still read (a full cache); never call it while
+    this thread captures."""
+    with CAPTURE_LOCK:
+        torch.cuda.synchronize(device)

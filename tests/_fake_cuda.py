@@ -114,9 +114,9 @@ class FakeCuda:
                 return False
 
         self.Stream, self.Event = Stream, Event
-        from omni_fast.models import cuda_graphs  # (its per-device capture streams: this fake's own)
+        from omni_fast import _device  # (its per-device capture streams: this fake's own)
 
-        monkeypatch.setattr(cuda_graphs, "_CAPTURE_STREAMS", {})
+        monkeypatch.setattr(_device, "_CAPTURE_STREAMS", {})
         for name, value in dict(Stream=Stream, Event=Event, device=device, graph=graph,
                                 stream=lambda s: _StreamCtx(self, s),
                                 CUDAGraph=_Graph, current_stream=self.current_stream,

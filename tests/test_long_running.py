@@ -266,18 +266,18 @@ def test_persistent_frames_of_old_weights_dropped(monkeypatch):
 
 def _sync_seen_during_a_capture(monkeypatch, call) -> list:
     """Run ``call`` on a worker thread while another thread is inside the process's one capture (it holds
-    ``cuda_graphs._CAPTURES``, as :func:`~omni_fast.models.cuda_graphs.capture` does): for each device-wide sync
+    ``_device.CAPTURE_LOCK``, as :func:`~omni_fast.models.cuda_graphs.capture` does): for each device-wide sync
     (a faked ``torch.cuda.synchronize``) whether that capture was still under way."""
     import threading
 
-    from omni_fast.models import cuda_graphs
+    from omni_fast import _device
 
     capturing, entered, release = threading.Event(), threading.Event(), threading.Event()
     seen = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(capturing.is_set()))
 
     def capture_thread():
-        with cuda_graphs._CAPTURES:
+        with _device.CAPTURE_LOCK:
             capturing.set()
             entered.set()
             release.wait(10)
@@ -322,7 +322,7 @@ def test_suppress_range_cache_drop_sync_waits_for_a_capture(monkeypatch):
 def test_rvq_table_offsets_drop_waits_for_the_devices(monkeypatch):
     """``rvq_embed``'s table-offset cache, when full, was cleared with no sync at all: a kernel another thread had
     queued could still read an offset tensor whose block the allocator handed out again. One helper for both
-    caches now (``cuda_graphs.clear_when_full``): the devices first (under the capture lock), then the drop."""
+    caches now (``_cache_memory.clear_when_full``): the devices first (under the capture lock), then the drop."""
     from omni_fast.ops import rvq
 
     class _OnCuda:
@@ -467,7 +467,7 @@ def test_suppress_ranges_dropped_under_another_threads_launch_outlive_it(monkeyp
     """A suppress-range tensor another thread looked up just before a full-cache drop was freed when that thread's
     launch (on its own stream) dropped it: the drop's device sync came before the launch, so the caching allocator
     could hand its block to the next allocation on the stream that made it while the kernel still read it. The
-    lookup now records its stream on the tensor (``cuda_graphs.record_use``)."""
+    lookup now records its stream on the tensor (``_cache_memory.record_use``)."""
     monkeypatch.setattr(sampling, "MAX_RANGE_SETS", 3, raising=False)
     monkeypatch.setattr(sampling, "_RANGE_CACHE", {})
     monkeypatch.setattr(sampling, "_CAPTURED_RANGES", {})

@@ -7,6 +7,8 @@ import pytest
 import torch
 from _fake_cuda import FakeCuda
 
+from omni_fast import _device
+from omni_fast._cache_memory import made_to_keep
 from omni_fast.kernels import tile_counters as tc
 from omni_fast.models import cuda_graphs
 
@@ -16,6 +18,8 @@ CUDA0 = torch.device("cuda", 0)
 class _Counters:
     """Stands in for an int32 CUDA tensor: its device, its length, and whether a capture was under way when it was
     made (a memset node of that graph)."""
+
+    is_cuda = True
 
     def __init__(self, device, n, fake):
         self.device, self.n = torch.device(device), n
@@ -52,7 +56,25 @@ def test_eager_counters_are_made_outside_the_launching_streams_pool(fake):
     launching = fake.current_stream(CUDA0)
     cnt = tc.tile_counters(CUDA0, 12)
     assert cnt.made_on is not launching and cnt.made_on in launching.waited_streams
-    assert cnt.made_on is not cuda_graphs._CAPTURE_STREAMS.get(0)
+    assert cnt.made_on is not _device._CAPTURE_STREAMS.get(0)
+
+
+def test_cached_tensors_are_made_in_a_running_capture_else_outside_the_pools(fake):
+    """``_cache_memory.made_to_keep``, the one rule of the suppress-range, zero-offset and rvq table-offset caches:
+    outside a capture a full cache is dropped after a device sync, then the entry is made on a side stream (never
+    the capture stream) that the launching stream waits for; in a running capture it is made on the capturing
+    stream (the graph's own), and a full cache is kept (a device sync there would break the capture)."""
+    launching = fake.current_stream(CUDA0)
+    make = lambda: _Counters(CUDA0, 1, fake)  # noqa: E731
+    cache = {"a": make(), "b": make()}
+    kept = made_to_keep(make, CUDA0, False, cache, 2)
+    assert cache == {} and fake.synced == [0]
+    assert kept.made_on is not launching and kept.made_on in launching.waited_streams and not kept.in_capture
+    cache = {"a": kept, "b": make()}
+    launching.capturing = True
+    captured = made_to_keep(make, CUDA0, True, cache, 2)
+    assert captured.made_on is launching and captured.in_capture
+    assert len(cache) == 2 and fake.synced == [0]
 
 
 def test_a_graph_counts_on_counters_of_its_own_made_before_its_capture(fake):

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .._device import capturing, on_device
+from .._device import CAPTURE_LOCK, capture_stream, capturing, on_device, side_stream
 from ..kernels import tile_counters
 
 
@@ -33,13 +33,14 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     thread (where they would be bugs of the captured body) and leaves the other threads alone; their work runs
     on their own streams and the caching allocator's general pool, not on this capture's side stream and private
     pool (PyTorch's own cudagraph trees capture the same way). Captures of several threads (one request's first
-    decode step, another's first MTP frame) are serialised by one process-wide lock: PyTorch supports one capture
-    at a time (``torch.cuda.graph`` synchronises the device and empties the allocator's cache on entry, which must
-    not happen while another stream captures); the warm-ups and every replay run outside that lock.
+    decode step, another's first MTP frame) are serialised by one process-wide lock (``_device.CAPTURE_LOCK``, which
+    ``_device.synchronize`` takes too): PyTorch supports one capture at a time (``torch.cuda.graph`` synchronises the
+    device and empties the allocator's cache on entry, which must not happen while another stream captures); the
+    warm-ups and every replay run outside that lock.
 
     Several GPUs: everything happens on ``device`` (the device of the tensors ``fn`` works on), whatever the
     current device is: the warm-up's side stream, the synchronisation on entry and the capture stream. The capture
-    stream is passed explicitly (:func:`_capture_stream`, ONE per device, as torch keeps one per process):
+    stream is passed explicitly (``_device.capture_stream``, ONE per device, as torch keeps one per process):
     ``torch.cuda.graph``'s default is ONE stream per process, made on whichever device was current at the first
     capture, so a later capture for another device would capture on a stream of the wrong device, where none of
     ``fn``'s kernels (launched on their tensors' device) land: an empty graph whose replays leave the outputs of the
@@ -48,7 +49,7 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
     no wait on the caller's stream, nor the caller's on it.
     """
     with on_device(device):
-        side = _warmup_stream()
+        side = side_stream()
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), tile_counters.recorded() as counters_needed:
             for _ in range(warmup):
@@ -59,113 +60,11 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
         graph = torch.cuda.CUDAGraph()
         # split-K launches in the graph count on counters of its own (another stream's launches or another graph's
         # replays may run beside its replays), made zeroed before the capture and kept with the graph
-        with tile_counters.for_capture(counters_needed) as graph_counters, _CAPTURES, \
-                torch.cuda.graph(graph, pool=pool, stream=_capture_stream(), capture_error_mode="thread_local"):
+        with tile_counters.for_capture(counters_needed) as graph_counters, CAPTURE_LOCK, \
+                torch.cuda.graph(graph, pool=pool, stream=capture_stream(), capture_error_mode="thread_local"):
             out = fn()
         graph.omni_fast_tile_counters = graph_counters
     return graph, out
-
-
-# One capture at a time in the process (see capture()). Lock order: a ReplayGuard's lock, then this one; nothing
-# takes a ReplayGuard while holding it but the capturing thread's own re-entrant holds.
-_CAPTURES = threading.RLock()
-
-# The capture stream of each device (index -> stream), made by its first capture, used only under _CAPTURES.
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _warmup_stream() -> torch.cuda.Stream:
-    """A side stream of the current device for a warm-up, never the device's capture stream: torch.cuda.Stream()
-    draws from torch's pool (32 per device, round robin), so a draw may be that very CUDA stream, and a warm-up runs
-    outside the capture lock: on the capture stream while another thread captures, its kernels would be captured
-    into that graph. A colliding draw is made again (the next one in the round is another stream)."""
-    avoid = _CAPTURE_STREAMS.get(torch.cuda.current_device())
-    side = torch.cuda.Stream()
-    for _ in range(2):
-        if avoid is None or side != avoid:
-            break
-        side = torch.cuda.Stream()
-    return side
-
-
-def _capture_stream() -> torch.cuda.Stream:
-    """The current device's capture stream (called under ``_CAPTURES``, inside :func:`capture`'s device). One per
-    device, reused: graphs sharing a ``pool`` reuse each other's freed scratch only when captured on the same
-    stream (the caching allocator hands a freed block back to its own stream only; torch.cuda.graph's note), and
-    a fresh side stream per capture (torch's pool of 32, round robin) made a shared pool the sum of its graphs'
-    activations. Never a warm-up's stream: warm-ups run outside the lock, and another thread's kernels launched on
-    a capturing stream would be captured into this graph."""
-    index = torch.cuda.current_device()
-    stream = _CAPTURE_STREAMS.get(index)
-    if stream is None:
-        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
-    return stream
-
-
-def synchronize(device) -> None:
-    """The host waits for every stream of CUDA ``device`` (``torch.cuda.synchronize``), never during another
-    thread's capture: synchronising the device while any of its streams captures is an error that also invalidates
-    that capture, in every capture mode (CUDA forbids synchronising or querying a handle that encompasses a
-    capturing stream, the device or context included). So under the one capture lock (:func:`capture`): it waits
-    for a capture under way to end. For rare drops of what other threads' streams may still read (a full cache);
-    never call it while this thread captures."""
-    with _CAPTURES:
-        torch.cuda.synchronize(device)
-
-
-def clear_when_full(cache: dict, limit: int) -> None:
-    """Empty ``cache`` (values: tensors or tuples of tensors that launches read by address) once it holds ``limit``
-    entries, after the host waited for every CUDA device they sit on (:func:`synchronize`: a kernel queued by
-    another thread may still read one, and the caching allocator would hand its block to the next allocation at
-    once). Caches of small device tensors whose keys callers pick (``ops.sample``'s suppress ranges, ``rvq_embed``'s
-    table offsets); call it outside a capture (a sync there breaks it: the caller keeps the cache until later). The
-    sync covers launches queued before it; a thread that looked a tensor up before the drop and launches after it is
-    covered by the stream its lookup recorded (:func:`record_use`)."""
-    if len(cache) < limit:
-        return
-    values = [v for entry in cache.values() for v in (entry if isinstance(entry, tuple) else (entry,))]
-    for device in {v.device for v in values if v.is_cuda}:
-        synchronize(device)
-    cache.clear()
-
-
-def made_outside_pools(make: Callable[[], object], device) -> object:
-    """``make()``, which allocates device tensors that outlive the call (a cache entry, split-K counters), run with a
-    side stream of CUDA ``device`` current (never its capture stream), the current stream then waiting for it; on
-    other devices just ``make()``. Why: torch.compile's CUDA-graph trees (``mode="reduce-overhead"``) run their
-    warm-up with every allocation of their stream routed into a graph's private pool
-    (``_cuda_beginAllocateCurrentStreamToPool``), whose blocks they free and hand to other graphs when they restore a
-    checkpoint of that pool: a kept tensor made there would be overwritten by another graph's replay. An allocation
-    on another stream comes from the general pool. Outside a capture only (a capture's tensors are its own)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return make()
-    with on_device(device):
-        current, side = torch.cuda.current_stream(), _warmup_stream()
-        side.wait_stream(current)  # (make may read what the current stream wrote)
-        with torch.cuda.stream(side):
-            out = make()
-        current.wait_stream(side)
-    return out
-
-
-def record_use(tensors) -> None:
-    """Tell the caching allocator that the current stream of each CUDA tensor's device is about to read it
-    (``Tensor.record_stream``): when the tensor is freed, its block goes back to the allocator only once the work
-    queued on that stream by then is done. For the small tensors of a cache whose drop (:func:`clear_when_full`)
-    another thread may run between this thread's lookup and its launch: the drop's device sync comes BEFORE the
-    launch, and the launching thread then holds the last reference; without the record, dropping it after the
-    launch hands its block at once to the next allocation on the stream that made it (another thread's), whose
-    writes may land while the launch on this stream still reads it. On the stream that made it, or once recorded,
-    torch's record is a no-op check (one allocator lookup per tensor): no sync, no event until the free. Call it
-    after the lookup, outside a capture (the tensors a capture reads are kept for good) and outside torch.compile
-    tracing (a cache lookup is not traced: the traced path builds its tensors in the graph)."""
-    stream = None
-    for t in tensors:
-        if t.is_cuda:
-            if stream is None or stream.device != t.device:
-                stream = torch.cuda.current_stream(t.device)
-            t.record_stream(stream)
 
 
 def weights_key(*modules: torch.nn.Module) -> tuple:

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from .._cache_memory import made_to_keep, record_use
 from .._device import capturing
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_index_range, check_tensor,
                           values_checkable)
@@ -65,20 +66,13 @@ def _list_bases(tables: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
         size = tables[0].element_size()
         base = [(t.data_ptr() - tables[0].data_ptr()) // size for t in tables]
         values = (base, [t.stride(0) for t in tables], [t.shape[0] for t in tables])
-        make = lambda: tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device) for v in values)  # noqa: E731
-        if in_capture:
-            hit = make()
-        else:  # (a full cache's drop syncs the devices first, which a capture forbids: kept till later)
-            from ..models.cuda_graphs import clear_when_full, made_outside_pools
-
-            clear_when_full(_LIST_BASES, MAX_TABLE_SETS)
-            hit = made_outside_pools(make, tables[0].device)  # kept: not in a CUDA-graph trees warm-up's pool
+        # (full: dropped first, outside a capture only, a sync there breaks it; made where it stays valid)
+        hit = made_to_keep(lambda: tuple(torch.tensor(v, dtype=torch.long, device=tables[0].device) for v in values),
+                           tables[0].device, in_capture, _LIST_BASES, MAX_TABLE_SETS)
         _LIST_BASES[key] = hit
     if in_capture:
         _CAPTURED_BASES[key] = hit  # the graph reads these addresses on every replay: keep them alive
-    elif hit[0].is_cuda:  # (a full-cache drop by another thread before our launch: cuda_graphs.record_use)
-        from ..models.cuda_graphs import record_use
-
+    elif hit[0].is_cuda:  # (a full-cache drop by another thread before our launch: _cache_memory.record_use)
         record_use(hit)
     return hit
 

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .._cache_memory import made_to_keep, record_use
 from .._device import capturing
 from ..reference import sampling as ref
 from ..validation import (FLOAT_DTYPES, INT_DTYPES, as_int, check_bool, check_float, check_positive_int, check_seed,
@@ -106,30 +107,22 @@ def _cached_pairs_tensor(pairs: tuple, device: torch.device) -> torch.Tensor:
     """:func:`_pairs_tensor` of ints, cached: a warmed-up call copies nothing to the device (CUDA-graph capturable).
     At most MAX_RANGE_SETS kept (all dropped when full, after the devices finish reading them); a tensor a captured
     graph reads is kept apart for good; outside a capture the current stream is recorded on the tensor
-    (:func:`~omni_fast.models.cuda_graphs.record_use`), which keeps its block from reuse while this call's launch
+    (:func:`~omni_fast._cache_memory.record_use`), which keeps its block from reuse while this call's launch
     may read it, even when another thread drops the cache before that launch."""
     key = (pairs, str(device))
     t = _CAPTURED_RANGES.get(key)
     if t is None:
         t = _RANGE_CACHE.get(key)
     in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
-    if t is None:
-        make = lambda: torch.tensor(pairs, dtype=torch.long, device=device)  # noqa: E731
-        if in_capture:
-            t = make()
-        else:
-            from ..models.cuda_graphs import clear_when_full, made_outside_pools
-
-            clear_when_full(_RANGE_CACHE, MAX_RANGE_SETS)
-            t = made_outside_pools(make, device)  # kept: not in a CUDA-graph trees warm-up's pool
+    if t is None:  # (full: dropped first, outside a capture; made where a kept tensor stays valid: made_to_keep)
+        t = made_to_keep(lambda: torch.tensor(pairs, dtype=torch.long, device=device), device, in_capture,
+                         _RANGE_CACHE, MAX_RANGE_SETS)
         t = _RANGE_CACHE.setdefault(key, t)
     if in_capture:
         _CAPTURED_RANGES[key] = t  # the graph reads this tensor on every replay: keep it alive
     elif t.is_cuda:
         # another thread's full-cache drop may come between this lookup and the launch (its sync before the launch):
-        # the launch's stream is recorded so that the block outlives what it queues (cuda_graphs.record_use)
-        from ..models.cuda_graphs import record_use
-
+        # the launch's stream is recorded so that the block outlives what it queues (_cache_memory.record_use)
         record_use((t,))
     return t
 
@@ -171,11 +164,10 @@ def _device_zero(device: torch.device) -> torch.Tensor:
     key = str(device)
     t = _ZERO_CACHE.get(key)
     if t is None:
-        if capturing(device):  # (asked of the tensors' device: the current one may be another)
-            return torch.zeros(1, dtype=torch.long, device=device)  # the graph's, zeroed on replay: not cached
-        from ..models.cuda_graphs import made_outside_pools
-
-        t = made_outside_pools(lambda: torch.zeros(1, dtype=torch.long, device=device), device)
+        in_capture = capturing(device)  # (asked of the tensors' device: the current one may be another)
+        t = made_to_keep(lambda: torch.zeros(1, dtype=torch.long, device=device), device, in_capture)
+        if in_capture:
+            return t  # the graph's, zeroed on replay: not cached
         t = _ZERO_CACHE.setdefault(key, t)
     return t
 

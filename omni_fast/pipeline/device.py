@@ -10,8 +10,8 @@ from typing import Iterator
 
 import torch
 
-from .._device import on_device
-from ..models.cuda_graphs import ReplayGuard, synchronize
+from .._device import on_device, synchronize
+from ..models.cuda_graphs import ReplayGuard
 
 
 def now(device: torch.device) -> float:
@@ -137,5 +137,5 @@ def entries_for(table: dict, key, keep: int, device: torch.device) -> list:
         idle = [k for k, v in table.items() if k != key and all(e[1]() is None for e in v)]
         dropped = [table.pop(k) for k in idle[:max(0, len(table) - keep)]]
     if dropped and device.type == "cuda":
-        synchronize(device)  # (not during another thread's capture: cuda_graphs.synchronize)
+        synchronize(device)  # (not during another thread's capture: _device.synchronize)
     return entries
