@@ -299,7 +299,7 @@ def _code2wav_forward(self, codes, **kwargs):
     module whose weights sit on several devices (a ``device_map`` split) runs transformers' forward too.
     """
     from .models import Code2Wav
-    from .models.cuda_graphs import key_devices, weights_key
+    from .models.cuda_graphs import key_devices, record_copy_use, weights_key
 
     key = weights_key(self)
     unsupported_dtype = next(self.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16)
@@ -310,6 +310,7 @@ def _code2wav_forward(self, codes, **kwargs):
     if cached is None or cached[0] != key:
         cached = (key, Code2Wav.from_transformers(self, backend=pinned_backend(self)))
         self.__dict__["_omni_fast_code2wav"] = cached
+    record_copy_use(cached[1], cached[1].device)  # (a hot swap may drop it while this stream still reads it)
     return cached[1](codes)
 
 

@@ -137,3 +137,62 @@ def test_a_watched_module_still_pickles_and_copies(tmp_path):
     with torch.inference_mode():
         twin.load_state_dict(_halved(twin))
     assert weights_key(twin) != before
+
+
+# --- the old copy dropped while another stream still reads it -------------------------------------------------------
+
+
+def test_a_dropped_copy_is_recorded_on_the_streams_that_used_it(monkeypatch):
+    """A copy (here a stand-in with a dict, a list and a tuple of tensors, as Code2Wav keeps them) made on stream S0
+    is looked up by a request on S1; a hot swap then drops it from its cache, and the request's last reference goes
+    while its kernels on S1 may still be queued. The caching allocator hands a freed block straight to the next
+    allocation of the stream that made it unless the block was recorded on S1: every lookup records its stream,
+    once per stream (torch's record_stream)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fake_cuda import FakeCuda
+
+    from omni_fast.models import cuda_graphs
+
+    fake = FakeCuda(monkeypatch, devices=1)
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append((id(self), stream)))
+    monkeypatch.setattr(cuda_graphs, "capturing", lambda device: False)
+    class Copy:  # (a plain object with tensors in its attributes, as Code2Wav)
+        def __init__(self, **attrs):
+            vars(self).update(attrs)
+
+    copy = Copy(sd={"w": torch.zeros(2)}, layers=[{"qkv": torch.zeros(3)}], folded=(torch.zeros(1),),
+                           device=torch.device("cuda", 0))
+    tensors = {id(t) for t in (copy.sd["w"], copy.layers[0]["qkv"], copy.folded[0])}
+    s1 = fake.Stream(0)
+    with torch.cuda.stream(s1):
+        for _ in range(3):  # a request's frames
+            cuda_graphs.record_copy_use(copy, copy.device)
+    assert {t for t, s in recorded if s is s1} == tensors  # every tensor, on the request's stream
+    assert len(recorded) == len(tensors)  # once per stream, not per lookup
+    cuda_graphs.record_copy_use(copy, torch.device("cpu"))  # (a CPU copy: nothing to record)
+    assert len(recorded) == len(tensors)
+
+
+def test_the_cached_copies_record_their_lookups(monkeypatch):
+    """The talker's CodePredictor and the patched Code2Wav go through record_copy_use at each lookup."""
+    from omni_fast.models import cuda_graphs, talker_step
+
+    seen = []
+    monkeypatch.setattr(talker_step, "record_copy_use", lambda copy, device: seen.append(type(copy).__name__))
+    monkeypatch.setattr(cuda_graphs, "record_copy_use", lambda copy, device: seen.append(type(copy).__name__))
+    model = _tiny(False)
+    talker_step._fast_code_predictor(model.talker)
+    c2w = model.code2wav
+    codes = torch.zeros(1, c2w.config.num_quantizers, 2, dtype=torch.long)
+    with torch.no_grad():
+        omni_fast.patch(c2w, backend="reference")
+        try:
+            c2w(codes)
+        finally:
+            omni_fast.unpatch(c2w)
+    assert seen == ["CodePredictor", "Code2Wav"]

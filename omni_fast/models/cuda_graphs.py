@@ -168,6 +168,46 @@ def record_use(tensors) -> None:
             t.record_stream(stream)
 
 
+_USED_ON: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()  # copy -> streams recorded on it
+_USED_ON_LOCK = threading.Lock()
+
+
+def record_copy_use(copy: object, device: torch.device) -> None:
+    """:func:`record_use` for a copy built from a module's weights (the patched Code2Wav, the talker's
+    CodePredictor) at each lookup, recording its tensors once per stream that uses it (later lookups on that stream:
+    one ``current_stream`` and a set check). Its cache drops it when the weights change (a hot swap) while a request
+    of another thread may still hold it, or have kernels reading it queued on its own stream; the last reference
+    then freed its blocks straight back to the stream that MADE them, whose next allocation (the new copy's
+    requests) could overwrite weights a queued kernel still read. ``copy``: an nn.Module (its parameters and
+    buffers) or an object whose attributes hold tensors, or dicts / lists / tuples of them. Not during a capture
+    (what a graph reads is kept with the graph)."""
+    device = torch.device(device)
+    if device.type != "cuda" or capturing(device):
+        return
+    stream = torch.cuda.current_stream(device)
+    seen = _USED_ON.get(copy)
+    if seen is not None and stream in seen:
+        return
+    record_use(_copy_tensors(copy))
+    with _USED_ON_LOCK:
+        _USED_ON.setdefault(copy, set()).add(stream)
+
+
+def _copy_tensors(copy: object) -> list:
+    if isinstance(copy, torch.nn.Module):
+        return [*copy.parameters(), *copy.buffers()]
+    found, todo = [], list(vars(copy).values())
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return found
+
+
 def weights_key(*modules: torch.nn.Module) -> tuple:
     """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
     built from them (a :class:`CodePredictor`, a ``Code2Wav``), or a CUDA graph that reads them by address, is
