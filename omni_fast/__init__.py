@@ -3,6 +3,8 @@
 - :mod:`omni_fast.ops`: the public ops (TM-RoPE, ...), each dispatching to triton | cuda | reference.
 - :func:`use_backend`: pick the backend for a block of code (``with omni_fast.use_backend("reference"):``).
 - :mod:`omni_fast.fast_paths`: the opt-in fast paths and their switches (``omni_fast.fast_paths.status()``).
+- :func:`weights_changed`: after writing weights through ``.data`` (or in place into inference tensors), so the
+  copies omni-fast built from them are rebuilt (docs/reliability.md, "Hot-swapped weights").
 - :mod:`omni_fast.reference`: pure-PyTorch ground truth; :mod:`omni_fast.kernels`: the Triton kernels.
 """
 
@@ -13,6 +15,8 @@ from . import ops
 from .integrations.transformers import register_transformers
 from .patch import PatchReport, patch, unpatch
 from . import models
+from .models.cuda_graphs import weights_changed
 
 
-__all__ = ["BACKENDS", "PatchReport", "fast_paths", "models", "ops", "patch", "register_transformers", "unpatch", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "PatchReport", "fast_paths", "models", "ops", "patch", "register_transformers", "unpatch", "use_backend",
+           "weights_changed", "__version__"]

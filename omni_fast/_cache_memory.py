@@ -6,7 +6,8 @@ by address, so where they are made and when they may be freed decide whether tho
   outside the CUDA-graph pools), with a bounded cache's drop when full;
 - :func:`made_outside_pools`: ``make()`` on a side stream, the general pool's;
 - :func:`clear_when_full`: a bounded cache emptied after the devices finished reading it;
-- :func:`record_use`: a looked-up tensor's block kept from reuse until this stream's launch is done.
+- :func:`record_use`: a looked-up tensor's block kept from reuse until this stream's launch is done;
+- :func:`record_copy_use`: the same for a copy built from a module's weights, once per stream that uses it.
 
 Here, below ``kernels/`` and ``ops/`` (and ``models/cuda_graphs``, which captures), so that they import it at module
 top. Rules in docs/reliability.md ("Long-running servers: what is kept").
@@ -14,11 +15,13 @@ top. Rules in docs/reliability.md ("Long-running servers: what is kept").
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Callable
 
 import torch
 
-from ._device import on_device, side_stream, synchronize
+from ._device import capturing, on_device, side_stream, synchronize
 
 
 def made_to_keep(make: Callable[[], object], device, in_capture: bool, cache: dict | None = None,
@@ -98,3 +101,43 @@ def record_use(tensors) -> None:
             if stream is None or stream.device != t.device:
                 stream = torch.cuda.current_stream(t.device)
             t.record_stream(stream)
+
+
+_USED_ON: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()  # copy -> streams recorded on it
+_USED_ON_LOCK = threading.Lock()
+
+
+def record_copy_use(copy: object, device: torch.device) -> None:
+    """:func:`record_use` for a copy built from a module's weights (the patched Code2Wav, the talker's
+    CodePredictor) at each lookup, recording its tensors once per stream that uses it (later lookups on that stream:
+    one ``current_stream`` and a set check). Its cache drops it when the weights change (a hot swap) while a request
+    of another thread may still hold it, or have kernels reading it queued on its own stream; the last reference
+    then freed its blocks straight back to the stream that MADE them, whose next allocation (the new copy's
+    requests) could overwrite weights a queued kernel still read. ``copy``: an nn.Module (its parameters and
+    buffers) or an object whose attributes hold tensors, or dicts / lists / tuples of them. Not during a capture
+    (what a graph reads is kept with the graph)."""
+    device = torch.device(device)
+    if device.type != "cuda" or capturing(device):
+        return
+    stream = torch.cuda.current_stream(device)
+    seen = _USED_ON.get(copy)
+    if seen is not None and stream in seen:
+        return
+    record_use(_copy_tensors(copy))
+    with _USED_ON_LOCK:
+        _USED_ON.setdefault(copy, set()).add(stream)
+
+
+def _copy_tensors(copy: object) -> list:
+    if isinstance(copy, torch.nn.Module):
+        return [*copy.parameters(), *copy.buffers()]
+    found, todo = [], list(vars(copy).values())
+    while todo:
+        item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return found

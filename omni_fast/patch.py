@@ -299,6 +299,7 @@ def _code2wav_forward(self, codes, **kwargs):
     module whose weights sit on several devices (a ``device_map`` split) runs transformers' forward too.
     """
     from .models import Code2Wav
+    from ._cache_memory import record_copy_use
     from .models.cuda_graphs import key_devices, weights_key
 
     key = weights_key(self)
@@ -310,6 +311,7 @@ def _code2wav_forward(self, codes, **kwargs):
     if cached is None or cached[0] != key:
         cached = (key, Code2Wav.from_transformers(self, backend=pinned_backend(self)))
         self.__dict__["_omni_fast_code2wav"] = cached
+    record_copy_use(cached[1], cached[1].device)  # (a hot swap may drop it while this stream still reads it)
     return cached[1](codes)
 
 

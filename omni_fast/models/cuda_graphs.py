@@ -70,10 +70,66 @@ def capture(fn: Callable[[], object], device: torch.device | str | None = None, 
 def weights_key(*modules: torch.nn.Module) -> tuple:
     """Identity of the modules' current weights (storage, dtype, device, in-place version of every tensor): a model
     built from them (a :class:`CodePredictor`, a ``Code2Wav``), or a CUDA graph that reads them by address, is
-    stale once this changes (``.to()``, ``load_state_dict``, an in-place update)."""
-    # inference tensors (made under torch.inference_mode) have no version counter and cannot change in place
-    return tuple((t.data_ptr(), t.dtype, t.device, 0 if t.is_inference() else t._version)
+    stale once this changes (``.to()``, ``load_state_dict``, an in-place update). Writes autograd does not count
+    (``param.data.copy_(...)``; in place on an inference tensor) change it only once announced with
+    :func:`weights_changed`, except ``load_state_dict`` (counted by a post hook this registers on the modules)."""
+    for m in modules:
+        if not m.__dict__.get(_WATCHED, False):
+            _watch_loads(m)
+    return tuple((t.data_ptr(), t.dtype, t.device, _writes(t))
                  for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+_WATCHED = "_omni_fast_loads_watched"  # on a module whose load_state_dict counts the writes of its inference tensors
+_WRITES = "_omni_fast_writes"  # on an inference tensor: its writes announced (it has no version counter)
+
+
+def _writes(t: torch.Tensor) -> int:
+    """The in-place writes to ``t`` so far: autograd's version counter; for an inference tensor (made under
+    torch.inference_mode: no counter, yet writable in place inside inference mode, e.g. by ``load_state_dict``) the
+    writes announced by :func:`weights_changed` and the load hook."""
+    return getattr(t, _WRITES, 0) if t.is_inference() else t._version
+
+
+def _watch_loads(module: torch.nn.Module) -> None:
+    """Make ``load_state_dict`` of ``module`` or of any submodule (or of a parent: torch runs every loaded
+    submodule's post hooks) count as a write of their inference tensors, which the version counter misses: a model
+    built under inference_mode and reloaded there (a hot swap) kept its cached copies of the old weights."""
+    for sub in module.modules():
+        if not sub.__dict__.get(_WATCHED, False):
+            sub.register_load_state_dict_post_hook(_loaded)
+            sub.__dict__[_WATCHED] = True
+
+
+def _loaded(module: torch.nn.Module, incompatible_keys) -> None:
+    """load_state_dict post hook (module-level: hooked modules still pickle)."""
+    _announce(t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_inference())
+
+
+def _announce(tensors) -> None:
+    for t in tensors:
+        if t.is_inference():
+            setattr(t, _WRITES, _writes(t) + 1)
+        else:
+            torch.autograd.graph.increment_version(t)
+
+
+def weights_changed(*weights: torch.nn.Module | torch.Tensor) -> None:
+    """Announce that the values of these modules' parameters and buffers (or of these tensors) changed in a way
+    autograd's version counter does not see: ``param.data.copy_(new)`` (vLLM's ``default_weight_loader``, many EMA
+    and RL weight-sync loops), any in-place op through ``.data``, an in-place write to an inference tensor. Every
+    omni-fast copy built from them (the patched Code2Wav, the talker's code predictor, text decoders, the DiT's
+    fused weights, graphs keyed on them) is rebuilt at its next call; without this they kept the old values.
+    ``load_state_dict``, ``with torch.no_grad(): p.copy_(new)`` and new tensors (``.to()``, assignment) need no call.
+    Bumps each tensor's version counter (for an inference tensor: omni-fast's count of its writes); no device
+    work. TypeError for anything but modules and tensors."""
+    for w in weights:
+        if isinstance(w, torch.nn.Module):
+            _announce((*w.parameters(), *w.buffers()))
+        elif isinstance(w, torch.Tensor):
+            _announce((w,))
+        else:
+            raise TypeError(f"weights must be torch.nn.Module or torch.Tensor objects, got {type(w).__name__}")
 
 
 def key_devices(key: tuple) -> set[torch.device]:

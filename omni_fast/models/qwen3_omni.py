@@ -128,6 +128,7 @@ class Qwen3Omni:
         frame is one persistent launch while the ``persistent_mtp`` fast path is on (read here, before each stream)."""
         import omni_fast
 
+        from .._cache_memory import record_copy_use
         from .talker_step import follow_fast_paths, weights_key
 
         if not self.has_talker:
@@ -143,6 +144,8 @@ class Qwen3Omni:
                     talker.code_predictor, talker.get_input_embeddings()), backend=self.backend),
                 omni_fast.models.Code2Wav.from_transformers(self.model.code2wav, backend=self.backend))
         _, self.code_predictor, self.fast_code2wav = self._fast_stages
+        for copy in (self.code_predictor.cp, self.fast_code2wav):  # (a hot swap may drop them mid-request)
+            record_copy_use(copy, self.fast_code2wav.device)
         follow_fast_paths(self.code_predictor.cp)
 
     def _transformers_stages(self) -> None:

@@ -18,6 +18,7 @@ from .._bound import BoundMethod
 from ..backend import pinned_backend
 from ..validation import REAL_DTYPES, check_positive_int, check_tensor
 from .code_predictor import CodePredictor
+from .._cache_memory import record_copy_use
 from .cuda_graphs import key_devices, weights_key  # noqa: F401 (weights_key re-exported: models build their caches on it)
 
 
@@ -81,6 +82,7 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor | None:
             return None  # (checked on a rebuild only: offloaded weights are new tensors at every load)
         cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
         talker.__dict__["_omni_fast_cp_cache"] = cached
+    record_copy_use(cached[1], cached[1].norm.device)  # (a hot swap may drop it while this stream still reads it)
     return follow_fast_paths(cached[1])
 
 
