@@ -311,6 +311,26 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int, *, check_
         raise ValueError(f"{name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 
 
+def check_varlen_keys(cu_k: torch.Tensor, table: torch.Tensor | None, used: torch.Tensor | None, num_blocks: int,
+                      page: int) -> None:
+    """Host copies of a varlen attention's key indices (``flash_attn_varlen``): ``block_table`` (``table``, paged
+    keys ``[num_blocks, page, Hk, D]``) in ``[0, num_blocks)``, and every sequence's key count (``seqused_k``, or
+    else a paged ``cu_seqlens_k`` span) in ``[0, room]``: a block-table row's ``max_blocks * page`` rows, or for
+    packed keys the rows from ``cu_seqlens_k[b]`` on. The kernels clamp counts beyond that (attending to fewer keys
+    than asked, silently), so they are refused here."""
+    if table is not None:
+        check_index_range("block_table", table, 0, num_blocks, check_values=True)
+    counts, name = (used, "seqused_k") if used is not None else (cu_k[1:] - cu_k[:-1], "cu_seqlens_k's span")
+    if table is None and used is None:
+        return  # packed spans: check_cu_seqlens has checked them
+    room = torch.full_like(counts, table.shape[1] * page) if table is not None else cu_k[-1] - cu_k[:-1]
+    bad = (counts < 0) | (counts > room)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{b}] = {int(counts[b])} must lie in [0, {int(room[b])}] (the keys sequence {b} "
+                         f"has: {'its block_table row' if table is not None else 'k rows from cu_seqlens_k[b] on'})")
+
+
 def check_cu_seqlens(
     name: str, cu: torch.Tensor, total: int, *, device=None, check_values: bool | None = None
 ) -> int:

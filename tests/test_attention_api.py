@@ -89,6 +89,33 @@ def test_varlen_bad_input(over, exc, match):
         _varlen(**over)
 
 
+def test_varlen_key_counts_beyond_the_keys_are_refused():
+    """Paged keys: a sequence's key count (``seqused_k[b]``, or ``cu_seqlens_k``'s span) beyond its block-table row
+    (max_blocks * page rows) or negative was clamped by the kernel and the reference without a word (attention
+    over fewer keys than asked); the kvcache call's ``cache too small`` check has always caught the same. Packed
+    keys: ``seqused_k[b]`` past the keys after ``cu_seqlens_k[b]``. ``check_values=False`` still clamps."""
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
+    q, kc = torch.randn(2, 2, 16), torch.randn(4, 4, 1, 16)  # 4 pages of 4 rows
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # 8 rows per sequence
+
+    def paged(seqused=None, cu_k=None, **kw):
+        return flash_attn_varlen(q, kc, kc, cu_q, cu_q if cu_k is None else cu_k, 1, None, block_table=table,
+                                 seqused_k=seqused, backend="reference", **kw)
+
+    paged(torch.tensor([8, 3], dtype=torch.int32))  # a full row is fine
+    for used in ([9, 3], [3, -1]):
+        with pytest.raises(ValueError, match="seqused_k"):
+            paged(torch.tensor(used, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        paged(cu_k=torch.tensor([0, 9, 12], dtype=torch.int32))
+    paged(torch.tensor([9, 3], dtype=torch.int32), check_values=False)
+    cu = _cu([3, 4]).cpu()
+    packed = dict(q=torch.randn(7, 2, 16), k=torch.randn(7, 1, 16), v=torch.randn(7, 1, 16))
+    flash_attn_varlen(*packed.values(), cu, cu, 4, None, seqused_k=torch.tensor([3, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seqused_k"):  # sequence 1's keys start at row 3 of 7
+        flash_attn_varlen(*packed.values(), cu, cu, 4, None, seqused_k=torch.tensor([3, 5], dtype=torch.int32))
+
+
 def _kvcache(**over):
     a = dict(q=torch.randn(2, 3, 4, 16), k_cache=torch.zeros(2, 8, 2, 16), v_cache=torch.zeros(2, 8, 2, 16),
              cache_seqlens=torch.tensor([0, 5], dtype=torch.int32), k=torch.randn(2, 3, 2, 16),

@@ -241,3 +241,40 @@ def test_parts_token2wav_names_the_qwen25_waveform_part(model):
     assert by_alias.replaced == by_name.replaced and by_alias.left == by_name.left
     # the Token2Wav's modules are the selected part (replaced, or left only as an opt-in fast path)
     assert any("[code2wav]" in r and "part not selected" not in r for r in by_alias.replaced + by_alias.left)
+
+
+def test_sliding_window_talker_keeps_transformers_decode():
+    """A talker config with sliding-window layers (``use_sliding_window=True``: ``layer_types`` "sliding_attention"
+    from ``max_window_layers`` on): :class:`MoeTextDecoder` attends to the whole cache, so the decode takeover
+    leaves such a text model's steps to transformers and the report says so. Before, patch reported the takeover
+    and the patched forward then raised ``ValueError: only full-attention layers are supported`` from inside
+    ``MoeTextDecoder.from_transformers`` at the first prefill with a cache."""
+    cfg = tiny_qwen2_5_omni_config().talker_config
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 1
+    cfg.layer_types = ["full_attention"] + ["sliding_attention"] * (cfg.num_hidden_layers - 1)
+    torch.manual_seed(0)
+    talker = seeded_weights_(q25.Qwen2_5OmniTalkerForConditionalGeneration._from_config(cfg, dtype=torch.float32),
+                             1).eval()
+    text = talker.model
+    assert text.layers[-1].self_attn.sliding_window == 3
+    g = torch.Generator().manual_seed(11)
+    prompt, steps = torch.randn(2, 6, 32, generator=g), torch.randn(3, 2, 1, 32, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+    def run():
+        with torch.no_grad():
+            out = text(inputs_embeds=prompt, attention_mask=mask,
+                       **with_cache(DynamicCache(config=text.config), use_cache=True))
+            hidden, cache, m = [out.last_hidden_state[:, -1]], output_cache(out), mask
+            for x in steps:  # past the window of 3
+                m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+                out = text(inputs_embeds=x, attention_mask=m, position_ids=(m.cumsum(1)[:, -1:] - 1).expand(3, 2, 1),
+                           **with_cache(cache, use_cache=True))
+                hidden.append(out.last_hidden_state[:, -1])
+                cache = output_cache(out)
+        return torch.stack(hidden), cache
+
+    (want, _), (got, cache), report = run_unpatched_then_patched(talker, run)
+    assert not isinstance(cache, qwen25_talker.FastTalkerCache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any("decode steps stay on transformers" in r and "sliding" in r for r in report.replaced + report.left)

@@ -35,7 +35,8 @@ transformers' own code (the outer ``*ForConditionalGeneration.forward`` is not r
 transformers' forward runs instead (and keeps its own cache) when: no cache object is passed in (a plain forward),
 the cache passed in already holds tokens (a continued prompt) or is not a ``DynamicCache`` / ``StaticCache``,
 ``use_cache=False``, attentions or router logits are asked for, hidden states are asked for that the family does not
-keep (above), autograd is recording, or the text model's weights are on several devices (transformers'
+keep (above), autograd is recording, the text model has sliding-window layers (``layer_types`` other than
+"full_attention": the decoder attends to the whole cache), or the text model's weights are on several devices (transformers'
 ``device_map="auto"`` splitting the thinker's layers over two GPUs: the decoder keeps one static KV cache and one
 graph per step on one device; patch's report says so). A text model on one device that is not the current one is
 taken over: the decoder captures and replays on its own device.
@@ -206,7 +207,17 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
         return False
     if len(devices_of(model)) > 1:  # a device_map split: transformers' decode (and accelerate's hooks) move data
         return False
+    if sliding_layers(model):  # MoeTextDecoder attends to the whole cache (from_transformers refuses them)
+        return False
     return not records_grad(inputs_embeds, module=model)
+
+
+def sliding_layers(model) -> list | None:
+    """The text model's ``layer_types`` when some are not full attention (Qwen2.5-Omni's talker with
+    ``use_sliding_window``), else None: :class:`MoeTextDecoder` has no sliding window, so such a model keeps
+    transformers' decode."""
+    types = list(getattr(model.config, "layer_types", None) or ())
+    return types if any(t != "full_attention" for t in types) else None
 
 
 def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -295,6 +306,9 @@ def install(model: torch.nn.Module, swap_forward, pin, root: torch.nn.Module | N
               + " per step")
     line = (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
             f"({_family(model).words}{hidden}; one graph replay per token on CUDA)")
+    if sliding_layers(model):
+        return (f"{type(model).__name__}: decode steps stay on transformers: sliding-window layers (layer_types "
+                f"{sliding_layers(model)}; MoeTextDecoder attends to the whole cache)")
     devices = devices_of(model)
     if len(devices) > 1:
         return (f"{type(model).__name__}: decode steps stay on transformers while its weights are on several "

@@ -23,7 +23,7 @@ import torch
 from ..reference import attention as ref
 from ..validation import (FLOAT_DTYPES, INT32_MAX, INT_DTYPES, as_int, check_bool, check_cu_seqlens, check_float,
                           check_index_range, check_inference_only, check_output, check_positive_int, check_same_dtype,
-                          check_tensor, host_copies, values_checkable)
+                          check_tensor, check_varlen_keys, host_copies, values_checkable)
 from ._dispatch import dispatched_op
 
 MAX_HEAD_DIM = 256
@@ -310,12 +310,12 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if check_bool("flash_attn_lse", flash_attn_lse):
             raise ValueError("sinks cannot be combined with flash_attn_lse=True (flash-attn 2.8 has no sinks)")
     if values_checkable(cu_seqlens_q, check_values):
-        cu_q, cu_k, *table = host_copies(cu_seqlens_q, cu_seqlens_k, *([block_table] if paged else []))
+        cu_q, cu_k, *ix = host_copies(cu_seqlens_q, cu_seqlens_k, *filter(torch.is_tensor, (block_table, seqused_k)))
         check_cu_seqlens("cu_seqlens_q", cu_q, Tq, check_values=True)
         # paged: cu_seqlens_k only counts keys (its total is not k's first dim)
         check_cu_seqlens("cu_seqlens_k", cu_k, int(cu_k[-1]) if paged else k.shape[0], check_values=True)
-        if table:
-            check_index_range("block_table", table[0], 0, k.shape[0], check_values=True)
+        check_varlen_keys(cu_k, ix[0] if paged else None, ix[-1] if seqused_k is not None else None, k.shape[0],
+                          k.shape[1])
         if max_seqlen_q is not None and B > 0:
             longest = int((cu_q[1:] - cu_q[:-1]).max())
             if longest > max_seqlen_q:
