@@ -424,13 +424,18 @@ def _patch_modules(model: nn.Module, root: str, wanted: set, backend: str | None
                                   swap_sample=swap_sample)
         elif cls == "Qwen3OmniMoeTalkerForConditionalGeneration" and "code_predictor" in wanted:
             from .models import install_on_talker
+            from .models.code_predictor import unsupported_setting
 
-            if "prepare_inputs_for_generation" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
+            unsupported = unsupported_setting(module.code_predictor.config)
+            if unsupported is not None:  # (the frame step would fall back at every frame: say so, install nothing)
+                left[("code_predictor", f"per-frame code_predictor.generate (its config has {unsupported})")] = 1
+            elif "prepare_inputs_for_generation" not in module.__dict__.get("_omni_fast_saved_attrs", {}):
                 remember(module, "prepare_inputs_for_generation")
                 _pin(module, backend)  # read by the swapped-in frame step (models.talker_step)
                 install_on_talker(module)
-            counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
-                                      + _frame_words())] = 1
+            if unsupported is None:
+                counts[("code_predictor", "per-frame code_predictor.generate -> omni_fast.models.CodePredictor "
+                                          + _frame_words())] = 1
         elif cls in _TAKEOVER and part in wanted:  # decode steps -> models.MoeTextDecoder
             from .integrations.decode_takeover import install
 

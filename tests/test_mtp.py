@@ -391,6 +391,48 @@ def test_state_dict_with_another_number_of_codebooks_is_refused():
             CodePredictor.from_state_dict(cfg, m.state_dict(), codec_embedding=emb)
 
 
+UNSUPPORTED = [(dict(attention_bias=True), "attention_bias"), (dict(hidden_act="gelu"), "hidden_act"),
+               (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}), "rope_type"),
+               (dict(sliding_window=3, max_window_layers=0), "sliding_window")]
+
+
+@pytest.mark.parametrize("setting,name", UNSUPPORTED)
+def test_settings_the_predictor_does_not_compute_are_refused(setting, name):
+    """A code-predictor config asking for what CodePredictor does not compute (biases, another activation or RoPE,
+    a window shorter than a frame) is refused by name; it ran silently as the default before (the biases' keys were
+    never read). A window no shorter than the frame changes nothing and is accepted."""
+    from omni_fast.models.code_predictor import unsupported_setting
+
+    cfg = Qwen3OmniMoeTalkerCodePredictorConfig(**dict(TINY[1], **setting))
+    assert name in unsupported_setting(cfg)
+    with pytest.raises(ValueError, match=name):
+        CodePredictor.from_state_dict(cfg, {})
+    long = Qwen3OmniMoeTalkerCodePredictorConfig(**dict(TINY[1], sliding_window=TINY[1]["num_code_groups"] + 1,
+                                                        max_window_layers=0))
+    assert "sliding_attention" in long.layer_types and unsupported_setting(long) is None
+
+
+def test_patch_leaves_an_unsupported_predictor_to_transformers():
+    """patch() on a talker whose code predictor has biases says so under "left as is" and installs nothing: the
+    frames stay transformers' (before: omni-fast's predictor ran without the biases)."""
+    import omni_fast
+    from omni_fast.models.talker_step import _fast_code_predictor
+
+    talker, _ = _tiny_talker()
+    talker.code_predictor.config.attention_bias = True  # (the modules' biases: what such a checkpoint loads)
+    for layer in talker.code_predictor.model.layers:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(layer.self_attn, proj)
+            lin.bias = torch.nn.Parameter(torch.randn(lin.out_features, dtype=lin.weight.dtype))
+    assert _fast_code_predictor(talker) is None
+    report = omni_fast.patch(talker, parts=("code_predictor",))
+    try:
+        assert any("attention_bias" in line for line in report.left), report
+        assert "prepare_inputs_for_generation" not in talker.__dict__
+    finally:
+        omni_fast.unpatch(talker)
+
+
 # --- fused layer ops: Triton vs reference ---------------------------------------------------------------------
 
 

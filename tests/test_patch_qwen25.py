@@ -243,20 +243,25 @@ def test_parts_token2wav_names_the_qwen25_waveform_part(model):
     assert any("[code2wav]" in r and "part not selected" not in r for r in by_alias.replaced + by_alias.left)
 
 
-def test_sliding_window_talker_keeps_transformers_decode():
+@pytest.mark.parametrize("setting", ["sliding", "hidden_act"])
+def test_talker_config_the_decoder_does_not_compute_keeps_transformers_decode(setting):
     """A talker config with sliding-window layers (``use_sliding_window=True``: ``layer_types`` "sliding_attention"
-    from ``max_window_layers`` on): :class:`MoeTextDecoder` attends to the whole cache, so the decode takeover
-    leaves such a text model's steps to transformers and the report says so. Before, patch reported the takeover
-    and the patched forward then raised ``ValueError: only full-attention layers are supported`` from inside
-    ``MoeTextDecoder.from_transformers`` at the first prefill with a cache."""
+    from ``max_window_layers`` on; :class:`MoeTextDecoder` attends to the whole cache) or another MLP activation:
+    the decode takeover leaves such a text model's steps to transformers and the report says so. Before, patch
+    reported the takeover and the patched forward then raised ``ValueError`` (``only full-attention layers are
+    supported`` / ``the dense MLP must be SwiGLU``) from inside ``MoeTextDecoder.from_transformers`` at the first
+    prefill with a cache."""
     cfg = tiny_qwen2_5_omni_config().talker_config
-    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 1
-    cfg.layer_types = ["full_attention"] + ["sliding_attention"] * (cfg.num_hidden_layers - 1)
+    if setting == "sliding":
+        cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 3, 1
+        cfg.layer_types = ["full_attention"] + ["sliding_attention"] * (cfg.num_hidden_layers - 1)
+    else:
+        cfg.hidden_act = "gelu"
     torch.manual_seed(0)
     talker = seeded_weights_(q25.Qwen2_5OmniTalkerForConditionalGeneration._from_config(cfg, dtype=torch.float32),
                              1).eval()
     text = talker.model
-    assert text.layers[-1].self_attn.sliding_window == 3
+    assert setting != "sliding" or text.layers[-1].self_attn.sliding_window == 3
     g = torch.Generator().manual_seed(11)
     prompt, steps = torch.randn(2, 6, 32, generator=g), torch.randn(3, 2, 1, 32, generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -277,4 +282,5 @@ def test_sliding_window_talker_keeps_transformers_decode():
     (want, _), (got, cache), report = run_unpatched_then_patched(talker, run)
     assert not isinstance(cache, qwen25_talker.FastTalkerCache)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert any("decode steps stay on transformers" in r and "sliding" in r for r in report.replaced + report.left)
+    word = "sliding" if setting == "sliding" else "hidden_act 'gelu'"
+    assert any("decode steps stay on transformers" in r and word in r for r in report.replaced + report.left)

@@ -207,17 +207,22 @@ def _takes_over(model, cache, inputs_embeds, use_cache, kwargs) -> bool:
         return False
     if len(devices_of(model)) > 1:  # a device_map split: transformers' decode (and accelerate's hooks) move data
         return False
-    if sliding_layers(model):  # MoeTextDecoder attends to the whole cache (from_transformers refuses them)
+    if not_computed(model):  # sliding windows, another activation (MoeTextDecoder.from_transformers refuses them)
         return False
     return not records_grad(inputs_embeds, module=model)
 
 
-def sliding_layers(model) -> list | None:
-    """The text model's ``layer_types`` when some are not full attention (Qwen2.5-Omni's talker with
-    ``use_sliding_window``), else None: :class:`MoeTextDecoder` has no sliding window, so such a model keeps
-    transformers' decode."""
+def not_computed(model) -> str | None:
+    """What of the text model's config :class:`MoeTextDecoder` does not compute, or None: sliding-window layers
+    (Qwen2.5-Omni's talker with ``use_sliding_window``; it attends to the whole cache) or an MLP / expert activation
+    other than SiLU. Such a model keeps transformers' decode."""
     types = list(getattr(model.config, "layer_types", None) or ())
-    return types if any(t != "full_attention" for t in types) else None
+    if any(t != "full_attention" for t in types):
+        return f"sliding-window layers (layer_types {types}; MoeTextDecoder attends to the whole cache)"
+    act = getattr(model.config, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act {act!r} (MoeTextDecoder's MLPs and experts are SiLU SwiGLU)"
+    return None
 
 
 def text_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -306,9 +311,8 @@ def install(model: torch.nn.Module, swap_forward, pin, root: torch.nn.Module | N
               + " per step")
     line = (f"{type(model).__name__}: decode steps after transformers' prefill -> omni_fast.models.MoeTextDecoder "
             f"({_family(model).words}{hidden}; one graph replay per token on CUDA)")
-    if sliding_layers(model):
-        return (f"{type(model).__name__}: decode steps stay on transformers: sliding-window layers (layer_types "
-                f"{sliding_layers(model)}; MoeTextDecoder attends to the whole cache)")
+    if not_computed(model):
+        return f"{type(model).__name__}: decode steps stay on transformers: {not_computed(model)}"
     devices = devices_of(model)
     if len(devices) > 1:
         return (f"{type(model).__name__}: decode steps stay on transformers while its weights are on several "

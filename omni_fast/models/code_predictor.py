@@ -64,6 +64,27 @@ from .frame_graph import FrameGraph
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def unsupported_setting(config: Any) -> str | None:
+    """What in a transformers code-predictor config (or a dict of its fields) :class:`CodePredictor` would not
+    compute as transformers does, or None. It runs Qwen3-Omni's predictor: SiLU SwiGLU MLP, projections without
+    biases, default RoPE of ``rope_theta``, full attention over the frame. Settings the config allows beyond that
+    were silently dropped (the biases' state-dict keys were never read, other RoPE types ran as the default); a
+    sliding window no shorter than the frame (``num_code_groups + 1`` positions) changes nothing and is accepted."""
+    get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    if get("hidden_act", "silu") != "silu":
+        return f"hidden_act {get('hidden_act')!r} (the predictor's MLP is SiLU SwiGLU)"
+    if get("attention_bias", False):
+        return "attention_bias=True (the predictor's projections have no biases)"
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, Mapping) else None
+    if kind not in (None, "default"):
+        return f"rope_type {kind!r} (the predictor runs the default RoPE)"
+    window, frame = get("sliding_window"), get("num_code_groups", CodePredictorConfig.num_code_groups) + 1
+    if "sliding_attention" in (get("layer_types") or ()) and window is not None and window < frame:
+        return f"sliding_window={window} shorter than a frame ({frame} positions; the predictor attends to all)"
+    return None
+
+
 @dataclass(frozen=True)
 class CodePredictorConfig:
     """The MTP code predictor's sizes (defaults: Qwen3-Omni's): hidden size H, MLP width, layers, q / kv heads of
@@ -82,9 +103,13 @@ class CodePredictorConfig:
 
     @classmethod
     def from_any(cls, config: Any) -> "CodePredictorConfig":
-        """From this class, a dict, or a transformers ``Qwen3OmniMoeTalkerCodePredictorConfig``."""
+        """From this class, a dict, or a transformers ``Qwen3OmniMoeTalkerCodePredictorConfig``. ValueError for
+        settings the predictor does not run (:func:`unsupported_setting`)."""
         if isinstance(config, cls):
             return config
+        reason = unsupported_setting(config)
+        if reason is not None:
+            raise ValueError(f"config: {reason}")
         get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
         rope = get("rope_parameters") or {}
         theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
@@ -172,6 +197,7 @@ class CodePredictor(torch.nn.Module):
         (:mod:`omni_fast.models.persistent`, docs/persistent.md); fp64 and the reference backend keep the op path.
         None (default): off, unless the pipeline / ``patch`` that built it follow the ``persistent_mtp`` fast path
         (:attr:`persistent`)."""
+        config = CodePredictorConfig.from_any(config)  # (its refusals before any key is read)
         sd = {_strip(k): v for k, v in sd.items()}
         ref = sd["model.norm.weight"]
         dtype = dtype or ref.dtype

@@ -17,7 +17,7 @@ import torch
 from .._bound import BoundMethod
 from ..backend import pinned_backend
 from ..validation import REAL_DTYPES, check_positive_int, check_tensor
-from .code_predictor import CodePredictor
+from .code_predictor import CodePredictor, unsupported_setting
 from .._cache_memory import record_copy_use
 from .cuda_graphs import key_devices, weights_key  # noqa: F401 (weights_key re-exported: models build their caches on it)
 
@@ -71,7 +71,9 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor | None:
     from the talker's current weights (rebuilt when they change), its frame persistent while the ``persistent_mtp``
     fast path is on (:mod:`omni_fast.fast_paths`; read per frame, so switching it applies to the next frame).
     None while weights it would copy are offloaded by device_map (CPU / disk: on meta outside their modules' own
-    hooked forwards; copying them raised 'Cannot copy out of meta tensor'): transformers' code predictor runs."""
+    hooked forwards; copying them raised 'Cannot copy out of meta tensor'), or while its config asks for what
+    :class:`CodePredictor` does not compute (:func:`~omni_fast.models.code_predictor.unsupported_setting`):
+    transformers' code predictor runs."""
     fixed = talker.__dict__.get("_omni_fast_cp_fixed")
     if fixed is not None:
         return fixed
@@ -80,6 +82,8 @@ def _fast_code_predictor(talker: torch.nn.Module) -> CodePredictor | None:
     if cached is None or cached[0] != key:
         if torch.device("meta") in key_devices(key):
             return None  # (checked on a rebuild only: offloaded weights are new tensors at every load)
+        if unsupported_setting(talker.code_predictor.config) is not None:
+            return None  # (a config setting it would not compute as transformers does)
         cached = (key, CodePredictor.from_transformers(talker.code_predictor, talker.get_input_embeddings()))
         talker.__dict__["_omni_fast_cp_cache"] = cached
     record_copy_use(cached[1], cached[1].norm.device)  # (a hot swap may drop it while this stream still reads it)

@@ -93,6 +93,8 @@ class _Layer:
         experts = getattr(mlp, "experts", None)
         self.moe = experts is not None
         if self.moe:
+            if getattr(config, "hidden_act", "silu") != "silu":  # (the experts run SiLU SwiGLU)
+                raise ValueError(f"the experts must be SwiGLU (hidden_act 'silu'), got hidden_act {config.hidden_act!r}")
             quant = quantized_experts(experts)  # FP8 / INT4 experts of a quantized checkpoint (models.quantized)
             if quant is None and not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
                 raise TypeError(f"expected transformers' fused experts (gate_up_proj [E, 2I, H]), got "
