@@ -263,7 +263,10 @@ def adjust_config(experts, up_cfg: dict, down_cfg: dict) -> None:
         cfg["USE_TMA"] = False
 
 
-SCALE_PARTS = 64  # programs of amax_scale_kernel = partial scales each GEMM program reads (256 bytes)
+# Programs of amax_scale_kernel = partial scales each GEMM program reads: 256 on a device (about two CTAs per SM of
+# an H100, 8 KB of bf16 loads each per step: the reduction runs near bandwidth at prefill; 1 KB of partials per
+# GEMM program, from L2); 16 under the interpreter, whose programs run one after another.
+SCALE_PARTS = 16 if interpreting() else 256
 
 
 def per_tensor_scale(a: torch.Tensor, rows: torch.Tensor | None = None, npost: torch.Tensor | None = None,
@@ -276,7 +279,7 @@ def per_tensor_scale(a: torch.Tensor, rows: torch.Tensor | None = None, npost: t
     indirect = rows is not None
     launch(amax_scale_kernel, (SCALE_PARTS,), a, rows if indirect else part, npost if indirect else part, part,
            rows.numel() if indirect else a.shape[0], a.shape[1], a.stride(0), num_valid, INDIRECT=indirect,
-           BLOCK_R=8, BLOCK_K=256, num_warps=4, device=a.device)
+           BLOCK_R=16, BLOCK_K=256, num_warps=4, device=a.device)
     return part
 
 
@@ -367,23 +370,33 @@ class _Spec:
 
 # The thinker's shapes (E128, H2048, I768; the talker's I384 shares every compile: shapes are runtime arguments)
 # at the T of each default_config tier. fp8: 128x128 blocks; int4: group 128 asymmetric (the general case: zero
-# points) and group 32 symmetric; fp8_channel: per-channel weights, dynamic per-token activations. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
+# points) and group 32 symmetric; fp8_channel: per-channel weights, dynamic per-token activations, and (gk = -1)
+# dynamic per-tensor ones (A_PARTS partial scales). Strides and N/K are multiples of 16 at run time (``aligned``),
+# as in moe_gemm.
 _QUANT_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
 for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4_w4a16", 128, True, _QUANT_TIERS),
                                  ("int4_w4a16", 32, False, _QUANT_TIERS[::3]),
-                                 ("fp8_channel", 0, False, _QUANT_TIERS[::3])):
+                                 ("fp8_channel", 0, False, _QUANT_TIERS[::3]),
+                                 ("fp8_channel", -1, False, _QUANT_TIERS[::3])):
     for _T, _tier in _tiers:
         _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
         adjust_config(_Spec(_fmt, _gk), _up, _down)
         for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
             _k = _FORMATS[_fmt]
             _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=max(_gk, 1), HAS_ZERO=_zero,
-                           STATIC_A=False, A_PARTS=1, GATED=_gated,
+                           STATIC_A=_gk < 0, A_PARTS=SCALE_PARTS if _gk < 0 else 1, GATED=_gated,
                            MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
                            DOT_PRECISION="tf32",
                            **{k: _c[k] for k in _KEYS[:4]})
-            _label = {"int4": f"g{_gk}{',asym' if _zero else ''}", "fp8": "block128x128"}.get(_k, "channel,dynamic")
+            _label = {"int4": f"g{_gk}{',asym' if _zero else ''}", "fp8": "block128x128"}.get(
+                _k, "channel,per-tensor dynamic" if _gk < 0 else "channel,dynamic")
             static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,
                         _signature("bf16", _k, "bf16" if _k == "int4" else "fp32", "bf16" if _gated else "fp32"),
                         _consts, num_warps=_c["num_warps"], num_stages=_c["num_stages"],
                         aligned=("N", "K", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_cm"))
+for _indirect in (False, True):  # the per-tensor scale's reduction: over hidden_states, over the rows GEMM1 wrote
+    static_case(f"amax_scale_kernel[bf16,{'sorted rows' if _indirect else 'all rows'}]", amax_scale_kernel,
+                {"a_ptr": "*bf16", "rows_ptr": "*i32", "npost_ptr": "*i32", "part_ptr": "*fp32", "num_rows": "i32",
+                 "K": "i32", "stride_am": "i32", "num_valid": "i32", "INDIRECT": "constexpr", "BLOCK_R": "constexpr",
+                 "BLOCK_K": "constexpr"}, dict(INDIRECT=_indirect, BLOCK_R=16, BLOCK_K=256), num_warps=4,
+                aligned=("K", "stride_am"))
