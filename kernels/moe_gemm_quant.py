@@ -65,9 +65,13 @@ def _quant_a_fp8(a, EMULATE_FP8: tl.constexpr):
 
 
 @triton.jit
-def _quant_a_rows(a, a_s, EMULATE_FP8: tl.constexpr):
-    """A tile ``[BM, BK]`` with fixed fp32 row scales ``[BM]`` -> e4m3 tile (fp8_channel)."""
-    x = clamp(a.to(tl.float32) / a_s[:, None], -448.0, 448.0)
+def _quant_a_rows(a, a_s, a_inv, STATIC_A: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """A tile ``[BM, BK]`` with fixed fp32 row scales ``[BM]`` -> e4m3 tile (fp8_channel): per-tensor (STATIC_A)
+    ``a * a_inv`` (vLLM's per-tensor quantization multiplies by the reciprocal), per-token ``a / a_s``."""
+    if STATIC_A:
+        x = clamp(a.to(tl.float32) * a_inv[:, None], -448.0, 448.0)
+    else:
+        x = clamp(a.to(tl.float32) / a_s[:, None], -448.0, 448.0)
     if EMULATE_FP8:
         x = _round_e4m3(x)
     return x.to(tl.float8e4nv)
@@ -82,6 +86,39 @@ def _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_K:
         a = tl.load(a_rows[:, None] + (k0 + offs_k)[None, :], mask=mask, other=0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
     return tl.maximum(amax, 1e-10) / 448.0
+
+
+@triton.jit
+def amax_scale_kernel(a_ptr, rows_ptr, npost_ptr, part_ptr, num_rows, K, stride_am, num_valid,
+                      INDIRECT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial per-tensor fp8 scales: program p writes ``part[p] = amax(|A[r, :]|) / 448`` over its rows ``r``
+    (grid-stride by ``BLOCK_R``; 0 when it has none), so ``max(part)`` is vLLM's ``amax(|A|) / 448`` (its kernel
+    also takes the max of per-row ``amax / 448``; the division is IEEE, as there).
+
+    Direct: rows ``0 .. num_rows-1`` of A. INDIRECT: the rows the gate/up GEMM wrote, ``rows_ptr[i]`` (the
+    alignment's sorted ids) for ``i < min(npost, num_rows)`` with ``rows_ptr[i] < num_valid`` (padding sentinels and
+    never-written rows are left out). No atomics, no zero-initialised buffer: the reader takes the max.
+    """
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_R
+    n = num_rows
+    if INDIRECT:
+        n = tl.minimum(tl.load(npost_ptr), num_rows)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for r0 in range(pid * BLOCK_R, n, step):
+        r_mask = r0 + offs_r < n
+        rows = r0 + offs_r
+        if INDIRECT:
+            rows = tl.load(rows_ptr + r0 + offs_r, mask=r_mask, other=0)
+            r_mask = r_mask & (rows >= 0) & (rows < num_valid)
+        for k0 in range(0, K, BLOCK_K):
+            mask = r_mask[:, None] & (offs_k < K - k0)[None, :]
+            a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + (k0 + offs_k)[None, :], mask=mask,
+                        other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+    tl.store(part_ptr + pid, tl.math.div_rn(tl.max(amax, axis=0), 448.0))
 
 
 @triton.jit
@@ -128,7 +165,7 @@ def moe_gemm_quant_kernel(
     N, K, num_valid, num_pid_m, top_k, num_experts,
     stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_ase, stride_cm, up_srow,
     FORMAT: tl.constexpr, QUANT_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
-    STATIC_A: tl.constexpr,
+    STATIC_A: tl.constexpr, A_PARTS: tl.constexpr,
     GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, A_PER_TOKEN: tl.constexpr, UPCAST: tl.constexpr,
     EMULATE_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
@@ -157,9 +194,16 @@ def moe_gemm_quant_kernel(
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)  # unused (and dropped) unless GATED
     row_s = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)  # fp8c's activation scales (loop-invariant)
+    row_inv = row_s  # their IEEE reciprocals (per-tensor scales; 0 for a zero scale)
     if FORMAT == "fp8c":
         if STATIC_A:
-            row_s += tl.load(as_ptr + expert * stride_ase)
+            if A_PARTS == 1:
+                row_s += tl.load(as_ptr + expert * stride_ase)
+            else:
+                row_s += tl.max(tl.load(as_ptr + tl.arange(0, A_PARTS)), axis=0)
+            positive = row_s > 0  # (1 / 0 is never taken: the where would keep an inf's warnings and NaNs away)
+            row_inv = tl.where(positive, tl.math.div_rn(tl.full((BLOCK_SIZE_M,), 1.0, tl.float32),
+                                                        tl.where(positive, row_s, 1.0)), 0.0)
         else:
             row_s = _row_amax_scale(a_rows, row_mask, offs_k, K, BLOCK_SIZE_M, BLOCK_SIZE_K)
     for k0 in range(0, K, BLOCK_SIZE_K):
@@ -168,7 +212,7 @@ def moe_gemm_quant_kernel(
         if FORMAT == "fp8":
             a_q, a_s = _quant_a_fp8(a, EMULATE_FP8)
         elif FORMAT == "fp8c":
-            a_q = _quant_a_rows(a, row_s, EMULATE_FP8)
+            a_q = _quant_a_rows(a, row_s, row_inv, STATIC_A, EMULATE_FP8)
         elif UPCAST:
             a = a.to(tl.float32)
         b, b_s = _quant_b_tile(b_base, s_base, z_base, 0, 0, k0, offs_k, offs_n, mask_k, mask_n, K, stride_bn,
@@ -190,12 +234,13 @@ def moe_gemm_quant_kernel(
                 acc_up = tl.dot(a_q, b, acc_up)
             else:
                 acc_up = tl.dot(a, b, acc_up, input_precision=DOT_PRECISION)
-    if FORMAT == "fp8c":  # the constant-along-K scales, once: a_s per row, w_s per output column (gate, up)
+    if FORMAT == "fp8c":  # the constant-along-K scales, once: a_s per row, then w_s per output column (gate, up),
+        # in vLLM's order (``accumulator * a_scale * b_scale``)
         w_s = tl.load(s_base + offs_n * stride_sn, mask=mask_n, other=0.0)
-        acc = acc * (row_s[:, None] * w_s[None, :])
+        acc = acc * row_s[:, None] * w_s[None, :]
         if GATED:
             w_s = tl.load(s_base + (up_srow + offs_n) * stride_sn, mask=mask_n, other=0.0)
-            acc_up = acc_up * (row_s[:, None] * w_s[None, :])
+            acc_up = acc_up * row_s[:, None] * w_s[None, :]
     _store_tile(acc, acc_up, c_ptrs, c_mask, topk_weights_ptr, pair, row_mask, GATED, MUL_ROUTED_WEIGHT)
 
 
@@ -218,6 +263,26 @@ def adjust_config(experts, up_cfg: dict, down_cfg: dict) -> None:
         cfg["USE_TMA"] = False
 
 
+# Programs of amax_scale_kernel = partial scales each GEMM program reads: 256 on a device (about two CTAs per SM of
+# an H100, 8 KB of bf16 loads each per step: the reduction runs near bandwidth at prefill; 1 KB of partials per
+# GEMM program, from L2); 16 under the interpreter, whose programs run one after another.
+SCALE_PARTS = 16 if interpreting() else 256
+
+
+def per_tensor_scale(a: torch.Tensor, rows: torch.Tensor | None = None, npost: torch.Tensor | None = None,
+                     num_valid: int = 0) -> torch.Tensor:
+    """vLLM's dynamic per-tensor fp8 scale of A ``[n, K]`` (16/32-bit, unit stride along K) as
+    :data:`SCALE_PARTS` fp32 partials (the scale is their max; one launch, no host sync, no zero fill): over all
+    rows, or with ``rows`` (int32 sorted ids) / ``npost`` (int32 ``[1]``) over the rows ``rows[i] < num_valid``,
+    ``i < npost`` (what the gate/up GEMM wrote)."""
+    part = torch.empty(SCALE_PARTS, dtype=torch.float32, device=a.device)
+    indirect = rows is not None
+    launch(amax_scale_kernel, (SCALE_PARTS,), a, rows if indirect else part, npost if indirect else part, part,
+           rows.numel() if indirect else a.shape[0], a.shape[1], a.stride(0), num_valid, INDIRECT=indirect,
+           BLOCK_R=16, BLOCK_K=256, num_warps=4, device=a.device)
+    return part
+
+
 def _gemm_for(experts):
     """The ``gemm`` launcher :func:`run_experts` calls, bound to ``experts`` (``b`` is "w13" or "w2")."""
     fmt = _FORMATS[experts.format]
@@ -226,7 +291,12 @@ def _gemm_for(experts):
              mul_weight, a_per_token, cfg):
         b, s = getattr(experts, which), getattr(experts, which + "_scale")
         z = getattr(experts, which + "_zero")
-        a_scale = getattr(experts, which + "_input_scale")
+        a_scale, a_parts = getattr(experts, which + "_input_scale"), 1
+        if a_scale is None and experts.dynamic_scale == "per_tensor":
+            # the gate/up GEMM's input: all of hidden_states (vLLM quantizes it whole); the down GEMM's: the rows
+            # the gate/up GEMM wrote (the rest of ``a`` was never written)
+            a_scale = per_tensor_scale(a) if a_per_token else per_tensor_scale(a, sorted_ids, npost, num_valid)
+            a_parts = SCALE_PARTS
         quant_n = experts.block[0] if fmt == "fp8" else 1
         up_srow = -(-N // quant_n) if fmt == "fp8" else N
         num_pid_m = expert_ids.numel()
@@ -237,7 +307,7 @@ def _gemm_for(experts):
                a.stride(0), b.stride(0), b.stride(1), s.stride(0), s.stride(1),
                a_scale.stride(0) if a_scale is not None else 0, c.stride(0), up_srow,
                FORMAT=fmt, QUANT_N=quant_n, GROUP_K=max(_group_k(experts), 1), HAS_ZERO=z is not None,
-               STATIC_A=a_scale is not None, GATED=gated,
+               STATIC_A=a_scale is not None, A_PARTS=a_parts, GATED=gated,
                MUL_ROUTED_WEIGHT=mul_weight, A_PER_TOKEN=a_per_token, UPCAST=interpreting(),
                EMULATE_FP8=interpreting(), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
@@ -283,7 +353,7 @@ def _signature(dt: str, fmt: str, scale_dt: str, w_dt: str) -> dict:
     for name in ("N", "K", "num_valid", "num_pid_m", "top_k", "num_experts", "stride_am", "stride_be", "stride_bn",
                  "stride_se", "stride_sn", "stride_ase", "stride_cm", "up_srow"):
         sig[name] = "i32"
-    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "STATIC_A", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
+    for name in ("FORMAT", "QUANT_N", "GROUP_K", "HAS_ZERO", "STATIC_A", "A_PARTS", "GATED", "MUL_ROUTED_WEIGHT", "A_PER_TOKEN", "UPCAST",
                  "EMULATE_FP8", "DOT_PRECISION", "BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"):
         sig[name] = "constexpr"
     return sig
@@ -300,23 +370,33 @@ class _Spec:
 
 # The thinker's shapes (E128, H2048, I768; the talker's I384 shares every compile: shapes are runtime arguments)
 # at the T of each default_config tier. fp8: 128x128 blocks; int4: group 128 asymmetric (the general case: zero
-# points) and group 32 symmetric; fp8_channel: per-channel weights, dynamic per-token activations. Strides and N/K are multiples of 16 at run time (``aligned``), as in moe_gemm.
+# points) and group 32 symmetric; fp8_channel: per-channel weights, dynamic per-token activations, and (gk = -1)
+# dynamic per-tensor ones (A_PARTS partial scales). Strides and N/K are multiples of 16 at run time (``aligned``),
+# as in moe_gemm.
 _QUANT_TIERS = ((1, "decode"), (400, "rows<=32"), (1024, "rows<=128"), (4096, "prefill"))
 for _fmt, _gk, _zero, _tiers in (("fp8_block", 128, False, _QUANT_TIERS), ("int4_w4a16", 128, True, _QUANT_TIERS),
                                  ("int4_w4a16", 32, False, _QUANT_TIERS[::3]),
-                                 ("fp8_channel", 0, False, _QUANT_TIERS[::3])):
+                                 ("fp8_channel", 0, False, _QUANT_TIERS[::3]),
+                                 ("fp8_channel", -1, False, _QUANT_TIERS[::3])):
     for _T, _tier in _tiers:
         _up, _down = _split(default_config(_T, 128, 8, 2048, 768, torch.bfloat16))
         adjust_config(_Spec(_fmt, _gk), _up, _down)
         for _part, _c, _gated in (("gate_up", _up, True), ("down", _down, False)):
             _k = _FORMATS[_fmt]
             _consts = dict(FORMAT=_k, QUANT_N=128 if _k == "fp8" else 1, GROUP_K=max(_gk, 1), HAS_ZERO=_zero,
-                           STATIC_A=False, GATED=_gated,
+                           STATIC_A=_gk < 0, A_PARTS=SCALE_PARTS if _gk < 0 else 1, GATED=_gated,
                            MUL_ROUTED_WEIGHT=not _gated, A_PER_TOKEN=_gated, UPCAST=False, EMULATE_FP8=False,
                            DOT_PRECISION="tf32",
                            **{k: _c[k] for k in _KEYS[:4]})
-            _label = {"int4": f"g{_gk}{',asym' if _zero else ''}", "fp8": "block128x128"}.get(_k, "channel,dynamic")
+            _label = {"int4": f"g{_gk}{',asym' if _zero else ''}", "fp8": "block128x128"}.get(
+                _k, "channel,per-tensor dynamic" if _gk < 0 else "channel,dynamic")
             static_case(f"moe_gemm_quant_kernel[{_fmt},bf16,{_label},{_tier},{_part}]", moe_gemm_quant_kernel,
                         _signature("bf16", _k, "bf16" if _k == "int4" else "fp32", "bf16" if _gated else "fp32"),
                         _consts, num_warps=_c["num_warps"], num_stages=_c["num_stages"],
                         aligned=("N", "K", "stride_am", "stride_be", "stride_bn", "stride_se", "stride_cm"))
+for _indirect in (False, True):  # the per-tensor scale's reduction: over hidden_states, over the rows GEMM1 wrote
+    static_case(f"amax_scale_kernel[bf16,{'sorted rows' if _indirect else 'all rows'}]", amax_scale_kernel,
+                {"a_ptr": "*bf16", "rows_ptr": "*i32", "npost_ptr": "*i32", "part_ptr": "*fp32", "num_rows": "i32",
+                 "K": "i32", "stride_am": "i32", "num_valid": "i32", "INDIRECT": "constexpr", "BLOCK_R": "constexpr",
+                 "BLOCK_K": "constexpr"}, dict(INDIRECT=_indirect, BLOCK_R=16, BLOCK_K=256), num_warps=4,
+                aligned=("K", "stride_am"))

@@ -6,8 +6,11 @@ and the routed experts on them (dequantize, then :func:`omni_fast.reference.moe.
   The reference runs each expert on the fake-quantized activations (what the W8A8 kernel multiplies), so it
   models the format, not just the weights.
 - ``fp8_channel``: weight value ``w * scale[n]`` (per output channel; a per-tensor scale is the same on every row);
-  activations fake-quantized per token over the whole K row (dynamic, :func:`fake_quant_fp8_groups` with one
-  group) or with the expert's static per-tensor ``input_scale`` (:func:`fake_quant_fp8_static`).
+  activations fake-quantized with the expert's static per-tensor ``input_scale`` (:func:`fake_quant_fp8_static`),
+  or dynamically: per token over the whole K row (``dynamic_scale="per_token"``, :func:`fake_quant_fp8_groups`
+  with one group) or per tensor (``"per_tensor"``, vLLM's ``scaled_fp8_quant`` without a scale: one scale
+  ``amax(|A|) / 448`` over the GEMM's whole input, :func:`per_tensor_scale`; the gate/up GEMM's input is every
+  hidden_states row, the down GEMM's every routed (token, expert) row of the SwiGLU output in the model dtype).
 - ``int4_w4a16``: weight value ``(q - zero) * scale[n, k // g]``, ``q`` unpacked from compressed-tensors'
   ``pack-quantized`` int32 words (value ``k`` in bits ``4*(k % 8)``, stored ``q + 8``). Activations stay 16-bit.
 
@@ -73,9 +76,24 @@ def fake_quant_fp8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fake_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x ``[n, K]`` quantized to e4m3 with one static fp32 scale (0-d or ``[1]``), dequantized: fp32 ``[n, K]``."""
+    """x ``[n, K]`` quantized to e4m3 with one per-tensor fp32 scale ``s`` (0-d or ``[1]``; static, or dynamic from
+    :func:`per_tensor_scale`), dequantized: fp32 ``[n, K]``.
+
+    vLLM's per-tensor quantization (``static_scaled_fp8_quant`` and ``dynamic_scaled_fp8_quant`` in its
+    ``csrc/quantization/w8a8/fp8/common.cu``): ``q = e4m3(clamp(x * (1 / s), -448, 448))``, the reciprocal taken
+    once in fp32, round to nearest even. ``s = 0`` (an all-zero input): vLLM's ``0 * inf`` NaNs clamp to 448, and
+    the GEMM's ``acc * 0`` gives 0; here ``1 / s`` is taken as 0, so ``q = 0`` and the product is the same 0.
+    """
     s = scale.float().reshape(())
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    return (x.float() * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+
+def per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """vLLM's dynamic per-tensor fp8 scale of x ``[n, K]``: fp32 0-d ``amax(|x|) / 448`` (no floor; its kernel
+    takes ``max`` over rows of ``row_amax / 448``, the same value; an empty x gives 0, which nothing reads)."""
+    amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    return amax / FP8_MAX
 
 
 # --- FP8 per channel / per tensor ---------------------------------------------------------------------------------
@@ -145,12 +163,14 @@ def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = True, scale_dty
 
 def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, format: str, *, block=(128, 128), group_size: int = 128,
                      symmetric: bool = True, scale_dtype: torch.dtype = torch.float32, per_tensor: bool = False,
-                     input_scales: tuple[torch.Tensor, torch.Tensor] | None = None):
+                     input_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     dynamic_scale: str = "per_token"):
     """Float experts w13 ``[E, 2I, H]`` / w2 ``[E, H, I]`` -> :class:`QuantizedExperts` of ``format``.
 
     fp8_block quantizes gate_proj and up_proj separately (their own block grids, as a checkpoint holds them).
     fp8_channel: per row, or with ``per_tensor`` one scale per linear (gate, up, down) held as broadcast views;
-    ``input_scales`` = (w13 ``[E]``, w2 ``[E]``) static activation scales, else dynamic.
+    ``input_scales`` = (w13 ``[E]``, w2 ``[E]``) static activation scales (either may be None), else dynamic
+    (``dynamic_scale`` "per_token" or "per_tensor").
     """
     from omni_fast.ops.quant import QuantizedExperts
 
@@ -169,7 +189,8 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, format: str, *, block=
         else:
             s13, s2 = torch.cat([parts[0][1], parts[1][1]], 1), parts[2][1]
         a13, a2 = (None, None) if input_scales is None else input_scales
-        return QuantizedExperts.fp8_channel(torch.cat([parts[0][0], parts[1][0]], 1), parts[2][0], s13, s2, a13, a2)
+        return QuantizedExperts.fp8_channel(torch.cat([parts[0][0], parts[1][0]], 1), parts[2][0], s13, s2, a13, a2,
+                                            dynamic_scale)
     if format == "int4_w4a16":
         p13, s13, z13 = quantize_int4(w13, group_size, symmetric, scale_dtype)
         p2, s2, z2 = quantize_int4(w2, group_size, symmetric, scale_dtype)
@@ -205,26 +226,52 @@ def _w8a8_expert(group: int):
     return expert
 
 
-def _w8a8_channel_expert(a13: torch.Tensor | None, a2: torch.Tensor | None):
-    """fp8_channel: activations per token over the whole row (dynamic) or with expert e's static scales."""
+def _quant_rows(x: torch.Tensor, scales: torch.Tensor | None, e: int) -> torch.Tensor:
+    """fp8_channel's activation quantization (in x's dtype): per token when ``scales`` is None, else expert e's
+    per-tensor scale."""
+    return (fake_quant_fp8_groups(x, max(x.shape[1], 1)) if scales is None else
+            fake_quant_fp8_static(x, scales[e])).to(x.dtype)
 
-    def quant(x, scales, e):
-        return (fake_quant_fp8_groups(x, max(x.shape[1], 1)) if scales is None else
-                fake_quant_fp8_static(x, scales[e])).to(x.dtype)
+
+def _w8a8_channel_expert(a13: torch.Tensor | None, a2: torch.Tensor | None, probe: list | None = None):
+    """fp8_channel: activations per token over the whole row (dynamic) or with expert e's per-tensor scales.
+    ``probe``: collect each expert's SwiGLU output amax (fp32 0-d) there and return zeros (the down GEMM's
+    per-tensor scale needs every expert's intermediate first)."""
 
     def expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = F.linear(quant(x, a13, e), w13).chunk(2, dim=-1)
-        return F.linear(quant(F.silu(gate) * up, a2, e), w2)
+        gate, up = F.linear(_quant_rows(x, a13, e), w13).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        if probe is not None:
+            probe.append(per_tensor_scale(act))
+            return torch.zeros(x.shape[0], w2.shape[0], dtype=x.dtype, device=x.device)
+        return F.linear(_quant_rows(act, a2, e), w2)
 
     expert.takes_index = True
     return expert
 
 
-def _expert_fn(experts):
+def _per_tensor_inputs(hidden_states, experts, w13, w2, topk_weights, topk_ids, expert_map):
+    """fp8_channel with ``dynamic_scale="per_tensor"``: the (w13, w2) input scales ``[E]`` of this call, vLLM's
+    way: the gate/up GEMM's over all of hidden_states; the down GEMM's over the SwiGLU outputs of every routed
+    pair (a first pass through the experts; pairs vLLM skips -- ids outside ``[0, E_global)``, remote experts --
+    count as zeros: vLLM's intermediate cache holds never-written memory there). Static scales are kept."""
+    E = experts.num_experts
+    a13, a2 = experts.w13_input_scale, experts.w2_input_scale
+    if a13 is None:
+        a13 = per_tensor_scale(hidden_states).expand(E)
+    if a2 is None:
+        found = [torch.zeros((), device=hidden_states.device)]
+        ref.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, "silu", expert_map,
+                      expert=_w8a8_channel_expert(a13, None, probe=found))
+        a2 = torch.stack(found).amax().expand(E)
+    return a13, a2
+
+
+def _expert_fn(experts, scales=None):
     if experts.format == "fp8_block":
         return _w8a8_expert(experts.block[1])
     if experts.format == "fp8_channel":
-        return _w8a8_channel_expert(experts.w13_input_scale, experts.w2_input_scale)
+        return _w8a8_channel_expert(*(scales or (experts.w13_input_scale, experts.w2_input_scale)))
     return ref._swiglu_expert
 
 
@@ -236,8 +283,11 @@ def fused_moe(hidden_states: torch.Tensor, experts, topk_weights: torch.Tensor, 
     Pass fp32 ``hidden_states`` for the "exact" result that the kernels' tolerances are measured against.
     """
     w13, w2 = dequantize_experts(experts, hidden_states.dtype)
+    scales = None
+    if experts.format == "fp8_channel" and experts.dynamic_scale == "per_tensor":
+        scales = _per_tensor_inputs(hidden_states, experts, w13, w2, topk_weights, topk_ids, expert_map)
     return ref.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map,
-                         expert=_expert_fn(experts))
+                         expert=_expert_fn(experts, scales))
 
 
 def moe_block(hidden_states: torch.Tensor, gate_weight: torch.Tensor, experts, top_k: int,

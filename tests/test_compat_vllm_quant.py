@@ -136,13 +136,8 @@ def test_fp8_per_tensor_static_and_expert_map():
     _close(out, dense(x, d1, d2, w, ids, static(a1), static(a2), expert_map=emap))
 
 
-def test_fp8_per_tensor_dynamic_is_per_token():
-    """vLLM quantizes dynamic activations per tensor unless per_act_token_quant; omni-fast per token (documented:
-    never coarser). The result equals the per-token expectation."""
-    (w1, s1, d1), (w2, s2, d2) = _fp8_channel_weights(True)
-    x, w, ids = _routing(5)
-    cfg = _cfg(use_fp8_w8a8=True, w1_scale=s1, w2_scale=s2)
-    _close(vllm.fused_experts(x, w1, w2, w, ids, quant_config=cfg), dense(x, d1, d2, w, ids, per_token, per_token))
+# Dynamic per-tensor activations (vLLM's per-tensor path without per_act_token_quant): vLLM's formula in full in
+# tests/test_compat_vllm_quant_pertensor.py.
 
 
 # --- INT4 W4A16 ----------------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ intermediate, ``H`` hidden):
 - no ``block_shape``: ``w1_scale`` per tensor (``E`` values: ``[E]``, ``[E, 1]`` or ``[E, 1, 1]``; gate and up
   share it, as vLLM requantizes them) or per channel (``[E, 2I]`` or ``[E, 2I, 1]``), ``w2_scale`` likewise; ``a1_scale``
   / ``a2_scale`` static per-tensor (one value each) or None for dynamic activations -> ``fp8_channel`` (zero-copy:
-  per-tensor scales become stride-0 views). Dynamic activations are quantized per token; vLLM quantizes them per
-  tensor (one scale over all tokens) unless ``per_act_token_quant``: per token is never coarser, and results
-  differ within e4m3 rounding.
+  per-tensor scales become stride-0 views). Dynamic activations are quantized as vLLM's ``scaled_fp8_quant``
+  quantizes them: per token with ``per_act_token_quant`` (``dynamic_scale="per_token"``), else per tensor
+  (``"per_tensor"``: one scale ``amax(|A|) / 448`` over the GEMM's whole input, computed on the device).
 
 ``use_int4_w4a16`` -- ``w1`` uint8 (or int8) ``[E, 2I, H/2]``, two 4-bit values per byte along K (low nibble =
 even k), unsigned ``u`` in [0, 15]; ``block_shape=[0, g]``; ``w1_scale`` ``[E, 2I, H/g]`` (fp16 / bf16 / fp32);
@@ -125,8 +125,11 @@ def _fp8(w1, w2, cfg) -> QuantizedExperts:
                              "straddling the gate and up rows is not supported)")
         return QuantizedExperts.fp8_block(w1, w2, s1, s2, (bn, bk))
     a1, a2 = _input_scale("a1_scale", a1, E), _input_scale("a2_scale", a2, E)  # each GEMM on its own
+    # vLLM's activation granularity is per_act_token_quant alone (scaled_fp8_quant's use_per_token_if_dynamic),
+    # whatever the weight scales' shape
+    dynamic = "per_token" if bool(_get(cfg, "per_act_token_quant")) else "per_tensor"
     return QuantizedExperts.fp8_channel(w1, w2, _row_scale("w1_scale", s1, E, two_i),
-                                        _row_scale("w2_scale", s2, E, hidden), a1, a2)
+                                        _row_scale("w2_scale", s2, E, hidden), a1, a2, dynamic)
 
 
 def _row_scale(name: str, s: torch.Tensor, E: int, rows: int) -> torch.Tensor:

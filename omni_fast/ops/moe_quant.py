@@ -3,8 +3,8 @@
 
 One custom op ``omni_fast::fused_moe_quant_`` (backends ``reference``: dequantize then the float reference, see
 :mod:`omni_fast.reference.moe_quant`; ``triton``: :mod:`omni_fast.kernels.moe_gemm_quant`). The container is
-passed through the op as its tensors plus (format, block_n, group_k; symmetric = no zero points) so the op stays
-traceable and CUDA-graph capturable. Activations are fp16, bf16 or fp32 (fp32: CPU runs and tests).
+passed through the op as its tensors plus (format, block_n, group_k, dynamic_scale; symmetric = no zero points) so
+the op stays traceable and CUDA-graph capturable. Activations are fp16, bf16 or fp32 (fp32: CPU runs and tests).
 Routing, alignment, ``expert_map`` and the deterministic combine are the float path's.
 """
 
@@ -23,11 +23,11 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, group_k, a13=None,
-             a2=None) -> QuantizedExperts:
+             a2=None, dynamic_scale="per_token") -> QuantizedExperts:
     if fmt == "fp8_block":
         return QuantizedExperts.fp8_block(w13, w2, w13_scale, w2_scale, (block_n, group_k))
     if fmt == "fp8_channel":
-        return QuantizedExperts.fp8_channel(w13, w2, w13_scale, w2_scale, a13, a2)
+        return QuantizedExperts.fp8_channel(w13, w2, w13_scale, w2_scale, a13, a2, dynamic_scale)
     return QuantizedExperts.int4(w13, w2, w13_scale, w2_scale, group_k, w13_zero, w2_zero)
 
 
@@ -35,26 +35,26 @@ def _rebuild(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, fmt, block_n, grou
 def _fused_moe_quant_op(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor,
                         w2_scale: torch.Tensor, w13_zero: torch.Tensor | None, w2_zero: torch.Tensor | None,
                         fmt: str, block_n: int, group_k: int, w13_input_scale: torch.Tensor | None,
-                        w2_input_scale: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                        expert_map: torch.Tensor | None, add: torch.Tensor | None, out: torch.Tensor,
-                        backend: str) -> None:
+                        w2_input_scale: torch.Tensor | None, dynamic_scale: str, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, expert_map: torch.Tensor | None, add: torch.Tensor | None,
+                        out: torch.Tensor, backend: str) -> None:
     """out = the routed quantized experts' weighted sum (+ add)."""
 
 
 @_fused_moe_quant_op.impl("reference")
-def _reference(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, topk_weights, topk_ids, expert_map,
-               add, out):
-    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2)
+def _reference(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, dyn, topk_weights, topk_ids,
+               expert_map, add, out):
+    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, dyn)
     y = ref_quant.fused_moe(x, experts, topk_weights, topk_ids, "silu", expert_map)
     out.copy_(y if add is None else y + add)
 
 
 @_fused_moe_quant_op.impl("triton")
-def _triton(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, topk_weights, topk_ids, expert_map, add,
-            out):
+def _triton(x, w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, dyn, topk_weights, topk_ids, expert_map,
+            add, out):
     from ..kernels import moe_gemm_quant
 
-    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2)
+    experts = _rebuild(w13, w2, s13, s2, z13, z2, fmt, block_n, group_k, a13, a2, dyn)
     moe_gemm_quant.fused_moe(x, experts, topk_weights, topk_ids, "silu", expert_map, out, add=add)
 
 
@@ -75,8 +75,8 @@ def _call(x, experts: QuantizedExperts, topk_weights, topk_ids, expert_map, add,
     group_k = {"fp8_block": (q.block or (0, 0))[1], "int4_w4a16": q.group_size}.get(q.format, 0)
     be = _fused_moe_quant_op.resolve((x,) + q.tensors(), backend)
     _fused_moe_quant_op(x, q.w13, q.w2, q.w13_scale, q.w2_scale, q.w13_zero, q.w2_zero, q.format, block_n,
-                        group_k, q.w13_input_scale, q.w2_input_scale, topk_weights, topk_ids, expert_map, add, out,
-                        be)
+                        group_k, q.w13_input_scale, q.w2_input_scale, q.dynamic_scale, topk_weights, topk_ids,
+                        expert_map, add, out, be)
     return out
 
 

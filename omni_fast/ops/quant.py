@@ -39,11 +39,20 @@ vLLM's ``use_fp8_w8a8`` without ``block_shape``):
   channel ``weight_scale [N, 1]`` stacked). A per-tensor scale is the same scale on every row of its linear: a
   broadcast view (stride 0 along the rows, e.g. ``s[:, None, None].expand(E, H, 1)``) is accepted, so no per-row
   copy is made; the weight value is ``w * scale[n]`` either way.
-- ``w13_input_scale`` / ``w2_input_scale`` (each GEMM on its own): None for dynamic per-token activations (scale
-  ``amax(row) / 448`` over the whole K row, computed inside the GEMM), or fp32 ``[E]`` static per-tensor scales (the checkpoint's
-  ``input_scale``; a broadcast ``[1]`` -> ``[E]`` view is accepted). Activations are ``e4m3(x / s)`` (clamped
-  to +-448); the e4m3 x e4m3 products accumulate in fp32 over the whole K (the scales are constant along K) and
-  are scaled once by ``a_s * w_s[n]``.
+- ``w13_input_scale`` / ``w2_input_scale`` (each GEMM on its own): fp32 ``[E]`` static per-tensor scales (the
+  checkpoint's ``input_scale``; a broadcast ``[1]`` -> ``[E]`` view is accepted), or None for dynamic activations,
+  quantized as ``dynamic_scale`` says:
+
+  - ``"per_token"`` (default): scale ``max(amax(row), 1e-10) / 448`` over the whole K row, computed inside the
+    GEMM; activations ``e4m3(x / s)``.
+  - ``"per_tensor"`` (vLLM's ``use_fp8_w8a8`` without ``per_act_token_quant``, vLLM's ``scaled_fp8_quant``
+    dynamic path): one scale ``s = amax(|A|) / 448`` over the GEMM's whole input (no floor; every hidden_states
+    row for the gate/up GEMM, every (token, expert) row the gate/up GEMM wrote for the down GEMM), computed on
+    the device by one reduction launch per GEMM (:func:`omni_fast.kernels.moe_gemm_quant.per_tensor_scale`).
+
+  Per-tensor scales, static or dynamic, quantize as vLLM's: ``e4m3(clamp(x * (1 / s), +-448))`` (``s = 0``: zeros,
+  so the GEMM gives 0, as vLLM's). The e4m3 x e4m3 products accumulate in fp32 over the whole K (the scales are
+  constant along K) and are scaled once by ``a_s`` then ``w_s[n]``.
 
 Everything stays quantized in memory: nothing here holds a dequantized copy.
 """
@@ -58,6 +67,7 @@ import torch
 from ..validation import check_bool, check_tensor
 
 FORMATS = ("fp8_block", "int4_w4a16", "fp8_channel")
+DYNAMIC_SCALES = ("per_token", "per_tensor")  # fp8_channel's dynamic activation granularity
 FP8_DTYPES = (torch.float8_e4m3fn,)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,7 +82,9 @@ class QuantizedExperts:
 
     Build it with the keyword constructor (validated), or with :meth:`fp8_block` / :meth:`int4` for readability.
     ``block`` is ``(bn, bk)`` for ``fp8_block`` and ``None`` otherwise; ``group_size`` is ``g`` for ``int4_w4a16``
-    and ``None`` otherwise; ``symmetric`` says whether zero points are absent (they must be when it is True).
+    and ``None`` otherwise; ``symmetric`` says whether zero points are absent (they must be when it is True);
+    ``dynamic_scale`` (fp8_channel only; ``"per_token"`` elsewhere) is how dynamic activations (input scale None)
+    are scaled: ``"per_token"`` or ``"per_tensor"``. A plain str, so the op passes it as a constant (traceable).
     """
 
     format: str
@@ -87,6 +99,7 @@ class QuantizedExperts:
     symmetric: bool = True
     w13_input_scale: torch.Tensor | None = None
     w2_input_scale: torch.Tensor | None = None
+    dynamic_scale: str = "per_token"
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -95,6 +108,11 @@ class QuantizedExperts:
         if self.format != "fp8_channel" and (self.w13_input_scale is not None or self.w2_input_scale is not None):
             raise ValueError(f"w13_input_scale / w2_input_scale are for fp8_channel (static activation scales); "
                              f"{self.format} quantizes activations {'per token group' if self.format == 'fp8_block' else 'not at all'}")
+        if self.dynamic_scale not in DYNAMIC_SCALES:
+            raise ValueError(f"dynamic_scale must be one of {DYNAMIC_SCALES}, got {self.dynamic_scale!r}")
+        if self.format != "fp8_channel" and self.dynamic_scale != "per_token":
+            raise ValueError(f"dynamic_scale={self.dynamic_scale!r} is for fp8_channel; {self.format} quantizes "
+                             f"activations {'per token group' if self.format == 'fp8_block' else 'not at all'}")
         if self.format == "fp8_block":
             _validate_fp8(self)
         elif self.format == "fp8_channel":
@@ -120,12 +138,12 @@ class QuantizedExperts:
                    symmetric=symmetric)
 
     @classmethod
-    def fp8_channel(cls, w13, w2, w13_scale, w2_scale, w13_input_scale=None, w2_input_scale=None
-                    ) -> "QuantizedExperts":
-        """FP8 experts with per-channel (or broadcast per-tensor) weight scales; activations dynamic per token
-        (input scales None) or static per tensor (fp32 ``[E]`` input scales)."""
+    def fp8_channel(cls, w13, w2, w13_scale, w2_scale, w13_input_scale=None, w2_input_scale=None,
+                    dynamic_scale: str = "per_token") -> "QuantizedExperts":
+        """FP8 experts with per-channel (or broadcast per-tensor) weight scales; activations static per tensor
+        (fp32 ``[E]`` input scales) or dynamic (input scales None) per token or per tensor (``dynamic_scale``)."""
         return cls("fp8_channel", w13, w2, w13_scale, w2_scale, w13_input_scale=w13_input_scale,
-                   w2_input_scale=w2_input_scale)
+                   w2_input_scale=w2_input_scale, dynamic_scale=dynamic_scale)
 
     @property
     def static_input(self) -> bool:
@@ -174,12 +192,13 @@ class QuantizedExperts:
         return QuantizedExperts(self.format, pick(self.w13), pick(self.w2), pick(self.w13_scale),
                                 pick(self.w2_scale), pick(self.w13_zero), pick(self.w2_zero), self.block,
                                 self.group_size, self.symmetric, pick(self.w13_input_scale),
-                                pick(self.w2_input_scale))
+                                pick(self.w2_input_scale), self.dynamic_scale)
 
     def __repr__(self) -> str:
         E, inter, hidden = self.shape
         extra = {"fp8_block": f"block={self.block}",
-                 "fp8_channel": "activations=" + "/".join("dynamic per token" if a is None else "static" for a in (
+                 "fp8_channel": "activations=" + "/".join(
+                     "dynamic " + self.dynamic_scale.replace("_", " ") if a is None else "static" for a in (
                      self.w13_input_scale, self.w2_input_scale))}.get(
             self.format, f"group_size={self.group_size}, symmetric={self.symmetric}")
         return f"QuantizedExperts({self.format}, E={E}, I={inter}, H={hidden}, {extra}, {self.nbytes()} bytes)"
