@@ -29,11 +29,12 @@ def _int4_config(symmetric: bool) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def _fp8_ct_config(strategy: str, static: bool) -> dict:
+def _fp8_ct_config(strategy: str, static: bool, act_strategy: str | None = None) -> dict:
     """compressed-tensors float-quantized: llm-compressor's FP8_DYNAMIC (channel weights, dynamic per-token
-    activations) or FP8 (per-tensor weights, static per-tensor activations) scheme."""
-    acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor" if static else "token",
-                            dynamic=not static)
+    activations) or FP8 (per-tensor weights, static per-tensor activations) scheme; ``act_strategy`` "tensor" with
+    ``static`` False: dynamic per-tensor activations."""
+    acts = QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                            strategy=act_strategy or ("tensor" if static else "token"), dynamic=not static)
     scheme = QuantizationScheme(targets=["Linear"], input_activations=acts, weights=QuantizationArgs(
         num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False))
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized",
@@ -41,7 +42,8 @@ def _fp8_ct_config(strategy: str, static: bool) -> dict:
     return cfg.model_dump(mode="json")
 
 
-FP8C = {"fp8c": ("channel", False), "fp8t": ("tensor", True)}  # test names -> (weight strategy, static input)
+# test names -> (weight strategy, static input[, activation strategy]); fp8td: dynamic per-tensor activations
+FP8C = {"fp8c": ("channel", False), "fp8t": ("tensor", True), "fp8td": ("channel", False, "tensor")}
 INPUT_SCALE = 0.01  # a static activation scale (the same for gate_proj and up_proj: one input, as observed)
 
 
@@ -79,7 +81,7 @@ def _quantize_checkpoint(src, dst, fmt: str, symmetric: bool = True):
         if fmt == "fp8":
             out[key], out[prefix + "weight_scale_inv"] = rq.quantize_fp8_block(t, (128, 128))
         elif fmt in FP8C:  # compressed-tensors' names and shapes: weight_scale [N, 1] / [1], input_scale [1]
-            strategy, static = FP8C[fmt]
+            strategy, static = FP8C[fmt][:2]
             out[key], scale = rq.quantize_fp8_channel(t, per_tensor=strategy == "tensor")
             out[prefix + "weight_scale"] = scale.reshape(-1, 1) if strategy == "channel" else scale.reshape(1)
             if static:
@@ -98,11 +100,12 @@ def _thinker_logits(model, ids):
         return model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
-_FORMAT_OF = {"fp8": "fp8_block", "int4": "int4_w4a16", "fp8c": "fp8_channel", "fp8t": "fp8_channel"}
+_FORMAT_OF = {"fp8": "fp8_block", "int4": "int4_w4a16", "fp8c": "fp8_channel", "fp8t": "fp8_channel",
+              "fp8td": "fp8_channel"}
 
 
 @pytest.mark.parametrize("fmt,symmetric", [("fp8", True), ("int4", True), ("int4", False), ("fp8c", True),
-                                           ("fp8t", True)])
+                                           ("fp8t", True), ("fp8td", True)])
 def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
     float_model, float_dir = _float_checkpoint(tmp_path)
     qdir = tmp_path / "quant"
@@ -115,6 +118,7 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
         q = quantized_experts(module)
         assert q is not None and q.format == _FORMAT_OF[fmt], name
         assert q.static_input == (fmt == "fp8t"), name
+        assert q.dynamic_scale == ("per_tensor" if fmt == "fp8td" else "per_token"), name
         assert module.gate_up_proj is None and module.down_proj is None  # no float copy of the experts
         assert q.symmetric == symmetric and q.num_experts == 8 and q.intermediate_size == 32
     assert not any(".experts." in n for n, _ in model.named_parameters())
@@ -126,6 +130,8 @@ def test_quantized_checkpoint_loads_and_runs(tmp_path, fmt, symmetric):
         extra = dict(per_tensor=FP8C[fmt][0] == "tensor")
         if FP8C[fmt][1]:
             extra["input_scales"] = (torch.full((8,), INPUT_SCALE), torch.full((8,), INPUT_SCALE))
+        if fmt == "fp8td":
+            extra["dynamic_scale"] = "per_tensor"
     else:
         extra = dict(group_size=GROUP, symmetric=symmetric, scale_dtype=torch.bfloat16)
     ref = rq.quantize_experts(fl[module_name].gate_up_proj.detach(), fl[module_name].down_proj.detach(),

@@ -12,7 +12,8 @@ Supported ``quantization_config`` (config.json):
   int8 ``[N, K/g]``), ``X.weight_shape`` -> ``int4_w4a16`` experts.
 - ``{"quant_method": "compressed-tensors", "format": "float-quantized", ...}`` with one scheme of 8-bit float
   weights, strategy ``tensor`` or ``channel`` (llm-compressor's FP8 / FP8_DYNAMIC), and 8-bit float input
-  activations either dynamic per ``token`` or static per ``tensor``: ``X.weight`` float8_e4m3fn ``[N, K]``,
+  activations dynamic per ``token``, dynamic per ``tensor`` (one scale over each GEMM's input, as vLLM) or static
+  per ``tensor``: ``X.weight`` float8_e4m3fn ``[N, K]``,
   ``X.weight_scale`` ``[1]`` (tensor) or ``[N, 1]`` (channel), ``X.input_scale`` ``[1]`` (static) ->
   ``fp8_channel`` experts. Per-tensor scales are written out per row at load (``2I + H`` fp32 per expert, ~0.1%
   of its FP8 weights); the static input scale of gate_proj and up_proj (one input, so llm-compressor observes the
@@ -118,15 +119,16 @@ def _parse_float_quantized(w, a) -> dict:
     elif a is None:
         bad = "no input activation scheme (weight-only FP8)"
     elif a.num_bits != 8 or a.type != "float" or not a.symmetric or \
-            (a.strategy, bool(a.dynamic)) not in (("token", True), ("tensor", False)):
+            (a.strategy, bool(a.dynamic)) not in (("token", True), ("tensor", True), ("tensor", False)):
         bad = (f"input activations {a.type} {a.num_bits}-bit strategy {a.strategy!r} dynamic={a.dynamic!r} (dynamic "
-               "per token or static per tensor expected)")
+               "per token, dynamic or static per tensor expected)")
     if bad is not None:
         raise ValueError(f"quantization_config quant_method 'compressed-tensors' format 'float-quantized' is "
                          f"supported for FP8 W8A8 (per-tensor / per-channel e4m3 weights, e4m3 activations dynamic "
-                         f"per token or static per tensor); this one has {bad}")
+                         f"per token, dynamic or static per tensor); this one has {bad}")
+    # dynamic per tensor: one scale over each GEMM's whole input, computed on the device (as vLLM runs it)
     return {"format": "fp8_channel", "weight_strategy": str(w.strategy), "static_input": not a.dynamic,
-            "symmetric": True}
+            "symmetric": True, "dynamic_scale": "per_tensor" if a.strategy == "tensor" and a.dynamic else "per_token"}
 
 
 # --- tensors ------------------------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def build_quantized_experts(per_expert: dict[int, dict], spec: dict, device, loa
     if spec["format"] == "fp8_block":
         return QuantizedExperts.fp8_block(*stacked[:4], block=spec["block"])
     if spec["format"] == "fp8_channel":
-        return QuantizedExperts.fp8_channel(*stacked[:4], stacked[6], stacked[7])
+        return QuantizedExperts.fp8_channel(*stacked[:4], stacked[6], stacked[7],
+                                            dynamic_scale=spec.get("dynamic_scale", "per_token"))
     return QuantizedExperts.int4(*stacked[:4], group_size=spec["group_size"], w13_zero=stacked[4],
                                  w2_zero=stacked[5], symmetric=spec["symmetric"])
 
@@ -240,7 +243,7 @@ def attach_quantized_experts(module: torch.nn.Module, q: QuantizedExperts) -> No
             dtypes[name], t = t.dtype, t.view(_BITS[t.element_size()])
         module.register_buffer(f"quant_{name}", t, persistent=False)
     module._quantized_experts_facts = {"format": q.format, "block": q.block, "group_size": q.group_size,
-                                       "symmetric": q.symmetric, "dtypes": dtypes}
+                                       "symmetric": q.symmetric, "dynamic_scale": q.dynamic_scale, "dtypes": dtypes}
     for name in ("gate_up_proj", "down_proj"):
         if name in module._parameters:
             module._parameters[name] = None
@@ -254,7 +257,8 @@ def quantized_experts(module: torch.nn.Module) -> QuantizedExperts | None:
     tensors = {name: getattr(module, f"quant_{name}") for name in _BUFFERS}
     tensors.update({name: tensors[name].view(dtype) for name, dtype in facts["dtypes"].items()})
     return QuantizedExperts(facts["format"], **tensors, block=facts["block"], group_size=facts["group_size"],
-                            symmetric=facts["symmetric"])  # (input scales: None buffers unless static fp8)
+                            symmetric=facts["symmetric"], dynamic_scale=facts.get("dynamic_scale", "per_token"))
+    # (input scales: None buffers unless static fp8; facts pickled before dynamic_scale existed: per token)
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
