@@ -127,9 +127,11 @@ def fast_decoder(model: torch.nn.Module, lease=None):
 
     ``lease`` (a :class:`~omni_fast.pipeline.device.Lease` a generate's cache holds): a decoder no live generate
     holds, now leased to it (:func:`~omni_fast.pipeline.device.lease_from`: generates of several threads, or one
-    run between another's steps, each get their own KV cache; decoders keep their graphs between generates).
-    None: the first decoder (built if there is none), e.g. to look at it."""
+    run between another's steps, each get their own KV cache; decoders keep their graphs between generates) and
+    recorded on the current stream (a swap drops the old weights' decoders while a generate of another thread may
+    still read its own). None: the first decoder (built if there is none), e.g. to look at it."""
     from .. import fast_paths
+    from .._cache_memory import record_copy_use
     from ..models.cuda_graphs import weights_key
     from ..models.text_decoder import opt_in_decoder
     from ..pipeline.device import Lease, lease_from
@@ -141,6 +143,7 @@ def fast_decoder(model: torch.nn.Module, lease=None):
         cached = model.__dict__[DECODER_ATTR] = (key, _Leased())  # [[decoder, weakref to its lease], ...]
     entries = cached[1]
     if lease is None and entries:
+        record_copy_use(entries[0][0], entries[0][0].device)  # (as a lease records it: lease_from)
         return entries[0][0]
 
     def build():
