@@ -320,3 +320,26 @@ def test_the_pipeline_code_predictor_records_each_frame_stream(monkeypatch):
     with torch.no_grad():
         pipe.code_predictor.frame(hidden, torch.zeros(1, dtype=torch.long), lambda logits: logits.argmax(-1))
     assert seen == ["CodePredictor"]
+
+
+def test_a_decode_takeover_step_records_its_decoder(monkeypatch):
+    """A generate whose cache holds a takeover decoder (the Qwen2.5 pipeline's talker decode; transformers'
+    generate) may be resumed on another stream than its prefill's lookup: each step records the decoder on the
+    current stream (once per stream). Before: only the lookup did."""
+    from transformers.cache_utils import DynamicCache
+
+    from omni_fast.integrations import decode_takeover
+    from omni_fast.integrations.hf_compat import with_cache
+
+    text_model = _tiny(False).talker.model
+    dec = decode_takeover.fast_decoder(text_model)
+    mask, H = torch.ones(1, 3, dtype=torch.long), text_model.config.hidden_size
+    cache = DynamicCache(config=text_model.config)
+    with torch.no_grad():
+        text_model(inputs_embeds=torch.randn(1, 3, H), attention_mask=mask, use_cache=True, **with_cache(cache))
+        dec.load_prefill(cache, mask, max_new_tokens=4)
+        seen = []
+        monkeypatch.setattr(decode_takeover, "record_copy_use", lambda copy, device: seen.append(copy))
+        decode_takeover._decode_step(text_model, decode_takeover.FastTalkerCache(dec, 3), None, None,
+                                     torch.randn(1, 1, H))
+    assert seen == [dec]
