@@ -7,7 +7,8 @@ by address, so where they are made and when they may be freed decide whether tho
 - :func:`made_outside_pools`: ``make()`` on a side stream, the general pool's;
 - :func:`clear_when_full`: a bounded cache emptied after the devices finished reading it;
 - :func:`record_use`: a looked-up tensor's block kept from reuse until this stream's launch is done;
-- :func:`record_copy_use`: the same for a copy built from a module's weights, once per stream that uses it.
+- :func:`record_copy_use`: the same for a copy built from a module's weights (or a leased decoder, a codec stream),
+  once per stream that uses it; :func:`copy_changed` when such an object made new tensors since.
 
 Here, below ``kernels/`` and ``ops/`` (and ``models/cuda_graphs``, which captures), so that they import it at module
 top. Rules in docs/reliability.md ("Long-running servers: what is kept").
@@ -109,13 +110,16 @@ _USED_ON_LOCK = threading.Lock()
 
 def record_copy_use(copy: object, device: torch.device) -> None:
     """:func:`record_use` for a copy built from a module's weights (the patched Code2Wav, the talker's
-    CodePredictor) at each lookup, recording its tensors once per stream that uses it (later lookups on that stream:
-    one ``current_stream`` and a set check). Its cache drops it when the weights change (a hot swap) while a request
-    of another thread may still hold it, or have kernels reading it queued on its own stream; the last reference
-    then freed its blocks straight back to the stream that MADE them, whose next allocation (the new copy's
-    requests) could overwrite weights a queued kernel still read. ``copy``: an nn.Module (its parameters and
-    buffers) or an object whose attributes hold tensors, or dicts / lists / tuples of them. Not during a capture
-    (what a graph reads is kept with the graph)."""
+    CodePredictor, a text decoder's ``gate_up`` / ``shared_w13`` concatenations) or an object leased to one request
+    at a time (a decoder's KV state, a codec stream's buffers), at each lookup, recording its tensors once per stream
+    that uses it (later lookups on that stream: one ``current_stream`` and a set check). Its cache drops it when the
+    weights change (a hot swap) while a request of another thread may still hold it, or have kernels reading it
+    queued on its own stream; the last reference then freed its blocks straight back to the stream that MADE them,
+    whose next allocation (the new copy's requests) could overwrite what a queued kernel still read. Views of the
+    module's weights are recorded too: after a reassignment (``load_state_dict(assign=True)``, ``.to()``) the copy
+    holds the last reference to the old weights. ``copy``: an nn.Module, or an object whose attributes hold tensors,
+    nn.Modules (their parameters and buffers), dicts / lists / tuples of them, or omni-fast objects holding them
+    (:func:`_copy_tensors`). Not during a capture (what a graph reads is kept with the graph)."""
     device = torch.device(device)
     if device.type != "cuda" or capturing(device):
         return
@@ -128,16 +132,38 @@ def record_copy_use(copy: object, device: torch.device) -> None:
         _USED_ON.setdefault(copy, set()).add(stream)
 
 
+def copy_changed(copy: object) -> None:
+    """``copy`` (of :func:`record_copy_use`) holds tensors made since its lookups recorded it (a decoder's new KV
+    state, a codec stream's new graph buffers: made on the stream current then): every stream's next lookup records
+    all its tensors again. Host only."""
+    with _USED_ON_LOCK:
+        _USED_ON.pop(copy, None)
+
+
 def _copy_tensors(copy: object) -> list:
-    if isinstance(copy, torch.nn.Module):
-        return [*copy.parameters(), *copy.buffers()]
-    found, todo = [], list(vars(copy).values())
+    """The tensors ``copy`` holds, each object walked once (cycles: a workspace that points back at its decoder):
+    an nn.Module's parameters and buffers; the attribute values of ``copy`` itself and of the omni-fast objects
+    found in them (a decoder's layers and state), through dicts, lists and tuples. Other objects (configs,
+    generators, graphs: their memory is their pool's) are skipped."""
+    found, walked, todo = [], set(), [copy]
     while todo:
         item = todo.pop()
+        if id(item) in walked:
+            continue
+        walked.add(id(item))
         if isinstance(item, torch.Tensor):
             found.append(item)
+        elif isinstance(item, torch.nn.Module) and not _ours(item):
+            found.extend([*item.parameters(), *item.buffers()])
         elif isinstance(item, dict):
             todo.extend(item.values())
         elif isinstance(item, (list, tuple)):
             todo.extend(item)
+        elif item is copy or _ours(item):
+            todo.extend(getattr(item, "__dict__", {}).values())  # (an omni-fast module: its dicts of parameters too)
     return found
+
+
+def _ours(item: object) -> bool:
+    return not isinstance(item, type) and type(item).__module__.startswith("omni_fast.") \
+        and isinstance(getattr(item, "__dict__", None), dict)

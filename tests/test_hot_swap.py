@@ -197,3 +197,149 @@ def test_the_cached_copies_record_their_lookups(monkeypatch):
         finally:
             omni_fast.unpatch(c2w)
     assert seen == ["CodePredictor", "Code2Wav"]
+
+
+def _fake_records(monkeypatch):
+    """Faked CUDA (one device) where every tensor is a CUDA tensor and ``record_stream`` logs ``(id, stream)``."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fake_cuda import FakeCuda
+
+    from omni_fast import _cache_memory
+
+    fake, recorded = FakeCuda(monkeypatch, devices=1), []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append((id(self), stream)))
+    monkeypatch.setattr(_cache_memory, "capturing", lambda device: False)
+    return fake, recorded
+
+
+def test_a_text_decoder_records_its_copies_and_its_state(monkeypatch):
+    """A leased text decoder holds copies of the weights (the talker's ``shared_w13`` gate|up concatenation, the
+    dense layers' ``gate_up``) and its KV state: a swap drops it from its cache while the last request may still
+    have kernels reading them queued on its stream. Recorded: every tensor of its layers and of its state (before:
+    only the attributes' own tensors, not the layers' nor the state's); a new state (load_prefill, reserve) makes
+    every stream record it anew (it was made on the stream current then)."""
+    from omni_fast import _cache_memory
+    from omni_fast.models import text_decoder
+    from omni_fast.models.text_decoder import MoeTextDecoder
+
+    talker = _tiny(False).talker
+    dec = MoeTextDecoder.from_transformers(talker.model, talker.codec_head)
+    assert dec.layers[0].shared_w13 is not None
+    dec._state = text_decoder._State(dec, 1, 16, False)  # (what load_prefill makes)
+    changed = []
+    monkeypatch.setattr(text_decoder, "copy_changed", changed.append)
+    mask = torch.ones(1, 3, dtype=torch.long)
+    from transformers.cache_utils import DynamicCache
+
+    from omni_fast.integrations.hf_compat import with_cache
+
+    cache = DynamicCache(config=talker.model.config)
+    with torch.no_grad():
+        talker.model(inputs_embeds=torch.randn(1, 3, talker.model.config.hidden_size), attention_mask=mask,
+                     use_cache=True, **with_cache(cache))
+    dec.load_prefill(cache, mask, max_new_tokens=40)  # (a larger state than the one above: made anew)
+    assert changed == [dec]
+
+    fake, recorded = _fake_records(monkeypatch)
+    st = dec._state
+    want = {id(dec.layers[0].shared_w13), id(dec.layers[0].q), id(st.caches[0][0]), id(st.cache_seqlens)}
+    s1 = fake.Stream(0)
+    with torch.cuda.stream(s1):
+        _cache_memory.record_copy_use(dec, torch.device("cuda", 0))
+        n = len(recorded)
+        _cache_memory.record_copy_use(dec, torch.device("cuda", 0))
+    assert want <= {t for t, s in recorded if s is s1}
+    assert len(recorded) == n  # once per stream
+    _cache_memory.copy_changed(dec)
+    with torch.cuda.stream(s1):
+        _cache_memory.record_copy_use(dec, torch.device("cuda", 0))
+    assert len(recorded) == 2 * n  # recorded anew after a change
+
+
+def test_the_leased_decoders_record_their_lookups(monkeypatch):
+    """Every lookup of a leased text decoder (the decode takeover's ``fast_decoder``, the pipeline's thinker and
+    talker decoders) and codec stream records it on the current stream, and the lease lists it (to record it on
+    each stream a generator resumes on). Before: none did."""
+    from omni_fast.models import Qwen3Omni
+    from omni_fast.integrations import decode_takeover
+    from omni_fast.pipeline import device as pipeline_device
+
+    seen = []
+    monkeypatch.setattr(pipeline_device, "record_copy_use", lambda copy, device: seen.append(type(copy).__name__))
+    pipe = Qwen3Omni.random("tiny", patch=True)
+    lease = pipeline_device.Lease()
+    stages = pipe.stages()
+    stages._decoder("thinker", lease)
+    stages._decoder("talker", lease)
+    stages._codec_stream(1, lease)
+    decode_takeover.fast_decoder(stages.model.talker.model, lease)
+    want = ["MoeTextDecoder", "MoeTextDecoder", "Code2WavStream", "MoeTextDecoder"]
+    assert seen == want
+    assert [type(o).__name__ for o, _ in lease.held] == want
+    seen.clear()
+    lease.record()
+    assert seen == want
+
+
+def test_a_generator_resumed_on_another_stream_records_its_lease_there(monkeypatch):
+    """A stream generator looked its decoders up on stream a, then a server thread resumes it on stream b: b's
+    kernels read them too, so the first resume on b records the lease on b (once per new stream, not per resume).
+    Before: only the lookup's stream was recorded."""
+    from omni_fast.pipeline import device as pipeline_device
+
+    fake, _ = _fake_records(monkeypatch)
+    recorded = []
+
+    class _Lease(pipeline_device.Lease):
+        def record(self):
+            recorded.append(fake.current_stream())
+
+    a, b = fake.streams[0], fake.Stream(0)
+    gen = pipeline_device.resumed_in_order(iter(range(4)), torch.device("cuda"), _Lease())
+    assert next(gen) == 0 and next(gen) == 1
+    fake.streams[0] = b
+    assert next(gen) == 2 and next(gen) == 3
+    assert recorded == [a, b]
+
+
+def test_the_pipeline_code_predictor_records_each_frame_stream(monkeypatch):
+    """The Qwen3-Omni pipeline reads its code predictor stage at each frame (it may have been swapped since the
+    request began, and the request resumed on another stream): the frame records it on the current stream."""
+    from omni_fast.models import Qwen3Omni
+    from omni_fast.models import components
+
+    pipe = Qwen3Omni.random("tiny", patch=True)
+    seen = []
+    monkeypatch.setattr(components, "record_copy_use", lambda copy, device: seen.append(type(copy).__name__))
+    talker = pipe.model.talker
+    hidden = torch.randn(1, 1, talker.model.config.hidden_size)
+    with torch.no_grad():
+        pipe.code_predictor.frame(hidden, torch.zeros(1, dtype=torch.long), lambda logits: logits.argmax(-1))
+    assert seen == ["CodePredictor"]
+
+
+def test_a_decode_takeover_step_records_its_decoder(monkeypatch):
+    """A generate whose cache holds a takeover decoder (the Qwen2.5 pipeline's talker decode; transformers'
+    generate) may be resumed on another stream than its prefill's lookup: each step records the decoder on the
+    current stream (once per stream). Before: only the lookup did."""
+    from transformers.cache_utils import DynamicCache
+
+    from omni_fast.integrations import decode_takeover
+    from omni_fast.integrations.hf_compat import with_cache
+
+    text_model = _tiny(False).talker.model
+    dec = decode_takeover.fast_decoder(text_model)
+    mask, H = torch.ones(1, 3, dtype=torch.long), text_model.config.hidden_size
+    cache = DynamicCache(config=text_model.config)
+    with torch.no_grad():
+        text_model(inputs_embeds=torch.randn(1, 3, H), attention_mask=mask, use_cache=True, **with_cache(cache))
+        dec.load_prefill(cache, mask, max_new_tokens=4)
+        seen = []
+        monkeypatch.setattr(decode_takeover, "record_copy_use", lambda copy, device: seen.append(copy))
+        decode_takeover._decode_step(text_model, decode_takeover.FastTalkerCache(dec, 3), None, None,
+                                     torch.randn(1, 1, H))
+    assert seen == [dec]

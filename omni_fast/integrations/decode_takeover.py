@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._cache_memory import record_copy_use
 from .._device import devices_of
 from ..backend import pinned_backend
 from ..validation import records_grad
@@ -127,8 +128,9 @@ def fast_decoder(model: torch.nn.Module, lease=None):
 
     ``lease`` (a :class:`~omni_fast.pipeline.device.Lease` a generate's cache holds): a decoder no live generate
     holds, now leased to it (:func:`~omni_fast.pipeline.device.lease_from`: generates of several threads, or one
-    run between another's steps, each get their own KV cache; decoders keep their graphs between generates).
-    None: the first decoder (built if there is none), e.g. to look at it."""
+    run between another's steps, each get their own KV cache; decoders keep their graphs between generates) and
+    recorded on the current stream (a swap drops the old weights' decoders while a generate of another thread may
+    still read its own). None: the first decoder (built if there is none), e.g. to look at it."""
     from .. import fast_paths
     from ..models.cuda_graphs import weights_key
     from ..models.text_decoder import opt_in_decoder
@@ -141,6 +143,7 @@ def fast_decoder(model: torch.nn.Module, lease=None):
         cached = model.__dict__[DECODER_ATTR] = (key, _Leased())  # [[decoder, weakref to its lease], ...]
     entries = cached[1]
     if lease is None and entries:
+        record_copy_use(entries[0][0], entries[0][0].device)  # (as a lease records it: lease_from)
         return entries[0][0]
 
     def build():
@@ -279,6 +282,9 @@ def _decode_step(model, cache: FastTalkerCache, input_ids, position_ids, inputs_
     dec = cache.decoder
     if dec.steps_left < T:
         dec.reserve(max(cache.seen, INITIAL_STEPS, T))  # doubling: few re-captures however long generate runs
+    # a generate (the Qwen2.5 pipeline's talker) resumed on another stream than its prefill's: recorded there too
+    # (once per stream; later steps one set check), a swap may drop the decoder while these steps are queued
+    record_copy_use(dec, dec.device)
     steps = [dec.step(inputs_embeds[:, t], pos[..., t])[1] for t in range(T)]
     # (one token, the every-step case: a view, no copy; the candidates of assisted decoding: stacked)
     hidden = steps[0][:, None] if T == 1 else torch.stack(steps, dim=1)

@@ -48,6 +48,7 @@ from ..validation import INT_DTYPES, check_index_range, check_positive_int, chec
 from .code2wav_state import (StreamState, _check_state_format, _clone_state, _kv_shape, _leave_inference_mode,
                              _new_state, _restore_state, _row_mask, _stacked_kv)
 from .code2wav_weights import _check_state_dict, _expected_shapes, _fold_gamma, _fuse_layer
+from .._cache_memory import copy_changed
 from .._device import on_device
 from .cuda_graphs import capture
 
@@ -317,6 +318,7 @@ class Code2WavStream:
                     graph = graphs.get(n)
                     if graph is None:
                         graph = graphs[n] = _GraphStep(self, n, fresh)
+                        copy_changed(self)  # (its buffers: recorded anew by each stream leasing this one)
                     outs.append(graph(piece))
                 else:
                     outs.append(self._step(piece, fresh))
@@ -357,6 +359,8 @@ class Code2WavStream:
         if torch.is_inference_mode_enabled():
             return
         stale = _leave_inference_mode(self.state)
+        if stale:
+            copy_changed(self)  # (new state tensors, made on this stream)
         for graphs in (self._graphs, self._fresh_graphs):
             for n in [n for n, g in graphs.items() if stale or g.codes.is_inference()]:
                 del graphs[n]

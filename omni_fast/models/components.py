@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._cache_memory import record_copy_use
 from ..backend import graph_capturable
 from ..integrations.hf_compat import output_cache, with_cache
 
@@ -167,6 +168,9 @@ class OmniCodePredictor:
     def frame(self, past_hidden: torch.Tensor, c0: torch.Tensor, sampler: Sampler):
         do_sample = bool(getattr(sampler, "do_sample", False))
         seed = int(torch.randint(0, 2**62, (), generator=getattr(sampler, "generator", None))) if do_sample else 0
+        # the pipeline's stages may be swapped (new weights) mid-request, and a stream resumed on another CUDA
+        # stream: recorded where it runs (once per stream; later frames one set check)
+        record_copy_use(self.cp, self.cp.norm.device)
         codes, summed = self.cp.predict_frame(
             past_hidden[:, 0], c0, do_sample=do_sample, top_k=getattr(sampler, "top_k", 50),
             top_p=getattr(sampler, "top_p", 1.0), temperature=getattr(sampler, "temperature", 1.0), seed=seed,

@@ -304,7 +304,8 @@ class Qwen3Omni:
                              chunk=chunk, left_context=left_context, prefill_chunk=prefill_chunk,
                              static_cache=static_cache, graph_decode=graph_decode, seed=seed)
         run = StreamRun(self.stages(), reqs, opts)
-        yield from resumed_in_order(run.events(), run.dev)  # (a server thread on its own stream may resume it)
+        # (a server thread on its own stream may resume it: each new stream records the run's leased decoders)
+        yield from resumed_in_order(run.events(), run.dev, run.lease)
 
     def stages(self):
         """The stage adapter of this model family (:mod:`omni_fast.pipeline`)."""

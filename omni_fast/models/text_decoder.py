@@ -49,6 +49,7 @@ from ..ops import mtp_layers
 from ..reference import rope as ref_rope
 from .code_predictor import BATCH_BUCKETS
 from ..validation import check_bool
+from .._cache_memory import copy_changed
 from .._device import devices_of, on_device
 from .cuda_graphs import capture
 from .fused_step import FusedWorkspace, fused_body, unsupported as fused_unsupported
@@ -269,6 +270,7 @@ class MoeTextDecoder:
             self._state = None  # free the previous buffers (and graph) before allocating new ones
             capacity = -(-needed // CAPACITY_ALIGN) * CAPACITY_ALIGN
             st = self._state = _State(self, bucket, capacity, bool(fractional_positions))
+            copy_changed(self)  # (made on this stream: the streams that recorded the old state record it anew)
             if use_graph:
                 self._capture(st)
         st.batch = B
@@ -362,6 +364,7 @@ class MoeTextDecoder:
         new.cache_seqlens.copy_(st.cache_seqlens)
         new.batch, new.steps_left = st.batch, capacity - used
         self._state = new
+        copy_changed(self)
 
     def recorded(self, index: int) -> torch.Tensor:
         """transformers' ``hidden_states[index]`` of the last :meth:`step`: the residual after layer ``index - 1``,

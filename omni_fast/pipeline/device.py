@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from .._cache_memory import record_copy_use
 from .._device import on_device, synchronize
 from ..models.cuda_graphs import ReplayGuard
 
@@ -24,22 +25,29 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def resumed_in_order(events: Iterator, device: torch.device) -> Iterator:
+def resumed_in_order(events: Iterator, device: torch.device, lease: "Lease | None" = None) -> Iterator:
     """``events`` (a stream's generator) re-yielded so that a resume on another CUDA stream than the last one (a
     server thread that took the request over, on a stream of its own) first waits for the work the last resume
     queued: each resume is one :class:`~omni_fast.models.cuda_graphs.ReplayGuard` hold (an event re-recorded per
     resume, a wait only across streams, no host sync), run with ``device`` as the current device (the work of
     each resume lands there whatever the resuming thread's current device is; its own is back at each yield).
-    Closing this generator closes ``events`` at once (its leases end). Elsewhere: ``events`` as they are."""
+    A resume on another stream than the last one also records what ``lease`` holds on it (:meth:`Lease.record`: a
+    hot swap may drop those decoders while this stream's kernels still read them); one ``current_stream`` per
+    resume otherwise. Closing this generator closes ``events`` at once (its leases end). Elsewhere: ``events`` as
+    they are."""
     if device.type != "cuda":
         yield from events
         return
-    order = ReplayGuard()
+    order, last = ReplayGuard(), None
     try:
         while True:
             # each resume on the model's device (docs/reliability.md, "Several GPUs"): entered per resume, not
             # around the whole generator, whose suspended block would switch its consumer's device meanwhile
             with on_device(device), order.hold(device):
+                stream = torch.cuda.current_stream(device)
+                if lease is not None and stream != last:
+                    lease.record()
+                    last = stream
                 try:
                     item = next(events)
                 except StopIteration:
@@ -101,25 +109,53 @@ def int_positions(pos: torch.Tensor) -> torch.Tensor:
 
 class Lease:
     """A token a ``stream`` generator holds while it runs; what is leased to it (decoders, codec streams) is free
-    again once it is gone (the generator finished or was garbage-collected)."""
+    again once it is gone (the generator finished or was garbage-collected). It also lists what was leased to it,
+    with the device, to record them on each CUDA stream the generator resumes on (:meth:`record`)."""
+
+    def __init__(self):
+        self.held: list[tuple[object, torch.device]] = []
+
+    def __reduce__(self):  # (a copy, e.g. of a generate's cache, is a new token holding nothing yet, as before)
+        return Lease, ()
+
+    def use(self, obj, device) -> None:
+        """``obj`` is leased to this token: recorded on the current stream of ``device`` now
+        (:func:`~omni_fast._cache_memory.record_copy_use`: a hot swap drops the decoders of the old weights from
+        their cache while this generator may still have kernels reading them queued) and on each later
+        :meth:`record`."""
+        if device is None:
+            return
+        record_copy_use(obj, device)
+        if not any(o is obj for o, _ in self.held):
+            self.held.append((obj, device))
+
+    def record(self) -> None:
+        """Record what this token holds on the current streams of their devices (once per stream each)."""
+        for obj, device in self.held:
+            record_copy_use(obj, device)
 
 
 _LEASES = threading.Lock()  # the check and the take of a free entry are one step (streams of several threads)
 
 
-def lease_from(entries: list, lease: Lease, build):
+def lease_from(entries: list, lease: Lease, build, device=None):
     """The first object of ``entries`` (``[[object, weakref to its lease], ...]``) no live stream holds, now
     leased to ``lease``; else a new one from ``build()``, appended. Objects keep their caches and captured graphs
     between streams; interleaved streams, and streams of several threads, get one each (``build`` runs outside
-    the lock: a capture does not hold up the other threads' leases)."""
+    the lock: a capture does not hold up the other threads' leases). ``device``: the object's (default: its
+    ``device`` attribute; neither: nothing to record), where :meth:`Lease.use` records it on the current stream."""
+    obj = None
     with _LEASES:
         for entry in entries:
             if entry[1]() is None:  # its stream ended (or was dropped)
                 entry[1] = weakref.ref(lease)
-                return entry[0]
-    obj = build()
-    with _LEASES:
-        entries.append([obj, weakref.ref(lease)])
+                obj = entry[0]
+                break
+    if obj is None:
+        obj = build()
+        with _LEASES:
+            entries.append([obj, weakref.ref(lease)])
+    lease.use(obj, getattr(obj, "device", None) if device is None else device)
     return obj
 
 

@@ -346,7 +346,7 @@ class Qwen3Stages(StageAdapter):
         if pipe._codec_streams is None or pipe._codec_streams[0] is not code2wav:
             pipe._codec_streams = (code2wav, {})
         entries = entries_for(pipe._codec_streams[1], batch_size, MAX_CODEC_BATCH_SIZES, pipe.device)
-        return lease_from(entries, lease, lambda: ExactStreamingCodec.new_stream(code2wav, batch_size))
+        return lease_from(entries, lease, lambda: ExactStreamingCodec.new_stream(code2wav, batch_size), code2wav.device)
 
 
 def prefill_text_model(lm, inputs_embeds, mask, positions, cache, visual_mask, deepstack, chunk, accept_layer):
