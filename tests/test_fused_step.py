@@ -45,24 +45,26 @@ def _steps(decs, B, H, pos, steps, seed=5, dtype=torch.float32):
 def test_fused_step_matches_ops_path_greedy_tokens(max_new_tokens):
     """Batch 3 (bucket 4), left padding (cache lengths 6 / 3 / 5), three different TM-RoPE rows, 3 steps: the
     greedy tokens are identical, logits and hidden equal up to summation order; the counters end at zero. A cache
-    of 1152 takes 2 attention splits (the second one empty: weight 0)."""
+    of 1152 takes 2 attention splits (the second one empty: weight 0), in one step: every step runs the same split
+    layout (the keys stay in the first split), and the steps' carry is the 4-token case's."""
+    steps = 3 if max_new_tokens == 4 else 1
     m, head = _model("talker", seed=3, **TALKER)
     mask = _left_padded([6, 3, 5], 6)
     pos3 = _text_positions(mask, rows=(0, 1, 3))
     ops, fused = _decoders(m, head, mask, pos3, max_new_tokens=max_new_tokens)
     assert fused._state.fused.attn_part.shape[2] == (1 if max_new_tokens == 4 else 2)
-    want, got = _steps([ops, fused], 3, m.config.hidden_size, pos3[:, :, -1] + 1, steps=3)
+    want, got = _steps([ops, fused], 3, m.config.hidden_size, pos3[:, :, -1] + 1, steps=steps)
     for (lw, hw), (lg, hg) in zip(want, got):
         assert torch.equal(lg.argmax(-1), lw.argmax(-1))
         torch.testing.assert_close(lg, lw, rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(hg, hw, rtol=1e-5, atol=2e-5)
-    assert fused.cache_seqlens.tolist() == [9, 6, 8]
+    assert fused.cache_seqlens.tolist() == [6 + steps, 3 + steps, 5 + steps]
     ws = fused._state.fused
     assert ws.counters.abs().sum().item() == ws.head_counters.abs().sum().item() == 0  # reset by the last programs
     # the KV caches hold the same keys / values
     for (kc, vc), (kf, vf) in zip(ops._state.caches, fused._state.caches):
-        torch.testing.assert_close(kf[:3, :9], kc[:3, :9], rtol=1e-5, atol=2e-5)
-        torch.testing.assert_close(vf[:3, :9], vc[:3, :9], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(kf[:3, :6 + steps], kc[:3, :6 + steps], rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(vf[:3, :6 + steps], vc[:3, :6 + steps], rtol=1e-5, atol=2e-5)
 
 
 def test_fused_step_long_cache_two_splits():

@@ -117,7 +117,8 @@ def test_a_cuda_pin_takes_the_cuda_twins_and_triton_elsewhere(omni, monkeypatch)
     """patch(backend="cuda"): an op with a CUDA C++ twin (RoPE, routing, sampling) resolves to "cuda", every other
     op (attention, GEMMs, MTP layers, convs) to "triton" (omni_fast.backend's one fallback rule) -- never a
     "backend 'cuda' is not implemented" error. CPU stand-in: the pin is set by hand (patch refuses "cuda" for CPU
-    tensors), and a call that resolves to "cuda" is recorded, then run on triton (the interpreter)."""
+    tensors), and every call's resolution is recorded, then the call runs on the reference backend: the resolutions
+    are what is checked (on the interpreter's kernels the recorded set was the same, ~30 s later)."""
     seen = {}
     real = DispatchedOp.resolve
 
@@ -129,7 +130,7 @@ def test_a_cuda_pin_takes_the_cuda_twins_and_triton_elsewhere(omni, monkeypatch)
                 raise
             be = "cuda"  # what a GPU runs
         seen.setdefault(self.name, set()).add((be, "cuda" in self.backends))
-        return "triton" if be == "cuda" else be
+        return "reference"  # (the kernels themselves: their own tests; here only the resolution counts)
 
     extra, block = _qwen3_audio_inputs()
     ids = _prompt(block)

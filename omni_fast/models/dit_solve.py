@@ -247,9 +247,9 @@ class _SolveGraph:
         self._dit, self.vocoder, self.settings, self.backend = ModelRef(dit, "DiT"), vocoder, settings, backend
         self.tf32, self.device = tf32, device
         self.shared = pool if pool is not None else _SharedPool()
-        if not _captures(device):  # emulated replay: the same function on the same buffers
-            with _matmul_math(tf32):
-                self.graph, self.out = None, self._run()
+        if not _captures(device):  # emulated replay: the same function on the same buffers, first run at the first
+            # replay (it makes ``out``): a capture-time run too only doubled a first solve's interpreter time
+            self.graph, self.out = None, None
             return
         with _matmul_math(tf32):
             self.graph, self.out = capture(self._run, device, pool=self.shared.pool(self))
@@ -282,8 +282,11 @@ class _SolveGraph:
         if self.graph is None:
             with _matmul_math(self.tf32):
                 fresh = self._run()
-            for static, new in zip(self.out, fresh):
-                static.copy_(new)
+            if self.out is None:  # the first emulated replay: its outputs are the static ones
+                self.out = fresh
+            else:
+                for static, new in zip(self.out, fresh):
+                    static.copy_(new)
         else:
             self.graph.replay()
         per = self.out[1].shape[-1] // self.noise.shape[1] if len(self.out) > 1 else 0
