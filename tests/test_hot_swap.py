@@ -343,3 +343,37 @@ def test_a_decode_takeover_step_records_its_decoder(monkeypatch):
         decode_takeover._decode_step(text_model, decode_takeover.FastTalkerCache(dec, 3), None, None,
                                      torch.randn(1, 1, H))
     assert seen == [dec]
+
+
+def test_code_predictor_tensors_made_later_are_recorded_at_the_next_lookup(monkeypatch):
+    """A CodePredictor makes tensors after its first lookups (eager-frame constants per batch size, frame graphs'
+    static buffers, persistent workspaces), on the stream current then: another stream that recorded it before must
+    record them at its next lookup (before: once per stream, so a swap could free them to the making stream while
+    that other stream's kernels still read them)."""
+    from omni_fast import _cache_memory
+    from omni_fast.models.talker_step import _fast_code_predictor
+
+    talker = _tiny(False).talker
+    cp = _fast_code_predictor(talker)
+    fake, recorded = _fake_records(monkeypatch)
+    s1, s2 = fake.Stream(0), fake.Stream(0)
+    with torch.cuda.stream(s1):
+        _cache_memory.record_copy_use(cp, torch.device("cuda", 0))
+    with torch.cuda.stream(s2):
+        consts = cp._constants(torch.device("cpu"), 3, torch.float32)  # (made on s2: a batch of 3's eager frame)
+    with torch.cuda.stream(s1):
+        _cache_memory.record_copy_use(cp, torch.device("cuda", 0))
+    assert {id(consts["rows"]), id(consts["cos"])} <= {t for t, s in recorded if s is s1}
+
+
+def test_a_submodule_attached_later_counts_its_loads():
+    """Inference tensors have no version counter: a load into them counts through a load_state_dict hook. A
+    submodule attached after the first key (a swapped block) is hooked at the next key (before: only the tree the
+    first call saw, so reloading the new block in inference mode left the key, and every copy, as they were)."""
+    with torch.inference_mode():
+        parent = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        weights_key(parent)
+        parent.append(torch.nn.Linear(2, 2))
+        before = weights_key(parent)
+        parent[1].load_state_dict({k: v + 1 for k, v in parent[1].state_dict().items()})
+        assert weights_key(parent) != before

@@ -433,6 +433,30 @@ def test_patch_leaves_an_unsupported_predictor_to_transformers():
         omni_fast.unpatch(talker)
 
 
+def test_pipeline_runs_transformers_frames_for_an_unsupported_predictor():
+    """The Qwen3Omni pipeline on a model whose code predictor's config CodePredictor does not compute (here
+    ``hidden_act='gelu'``): its frame stage is transformers' own loop (before: the constructor raised ValueError
+    after patching the model, which stayed patched), the vocoder stays omni-fast's, and a request speaks."""
+    import omni_fast
+    from omni_fast.models import Qwen3Omni
+    from omni_fast.models.components import HFCodePredictor
+    from omni_fast.models.presets import tiny_qwen3_omni_config
+    from omni_fast.pipeline.requests import Request
+    from omni_fast.testing import seeded_weights_
+
+    config = tiny_qwen3_omni_config()
+    config.talker_config.code_predictor_config.hidden_act = "gelu"
+    torch.manual_seed(0)
+    model = seeded_weights_(q3.Qwen3OmniMoeForConditionalGeneration(config)).eval()
+    pipe = Qwen3Omni(model, patch=True, backend="reference")
+    try:
+        assert isinstance(pipe.code_predictor, HFCodePredictor) and pipe.fast_code2wav is not None
+        out = pipe.generate(Request(text=[5, 6, 7]), max_new_tokens=3, talker_max_new_tokens=4)[0]
+        assert out["audio"].numel() > 0
+    finally:
+        omni_fast.unpatch(model)
+
+
 # --- fused layer ops: Triton vs reference ---------------------------------------------------------------------
 
 

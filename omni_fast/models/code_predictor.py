@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .._cache_memory import copy_changed
 from .._device import on_device
 from ..backend import graph_capturable, requested_backend, triton_interpreter_enabled, use_backend
 from ..ops import mtp_layers
@@ -415,6 +416,7 @@ class CodePredictor(torch.nn.Module):
                     self._persistent.clear()
                 frame = self._persistent[key] = PersistentFrame(self, x.shape[0], x.dtype, x.device, sampling,
                                                                 seed.numel() > 1, c0_embed is not None)
+                copy_changed(self)  # (new tensors, made on this stream: every stream's next lookup records them)
             self._last_persistent = frame  # (a FrameGraph being built watches the frame its body launches)
             return frame(x.contiguous(), c0, None if c0_embed is None else c0_embed.to(x.dtype).contiguous(), seed)
 
@@ -436,6 +438,7 @@ class CodePredictor(torch.nn.Module):
                 "sin": sin,
             }
             self._consts[key] = got
+            copy_changed(self)  # (new tensors, made on this stream: every stream's next lookup records them)
         return got
 
     def _step(self, h, start, caches, consts, lm_head, backend):
@@ -517,6 +520,7 @@ class CodePredictor(torch.nn.Module):
             if graph is None:
                 graph = self._graphs[key] = FrameGraph(self, bucket, x.device, x.dtype, c0_embed is None, sampling,
                                                        fused, per_row)
+                copy_changed(self)  # (its static buffers: every stream's next lookup records them)
             return graph.run(x, c0, c0_embed, seed)
 
 

@@ -73,9 +73,8 @@ def weights_key(*modules: torch.nn.Module) -> tuple:
     stale once this changes (``.to()``, ``load_state_dict``, an in-place update). Writes autograd does not count
     (``param.data.copy_(...)``; in place on an inference tensor) change it only once announced with
     :func:`weights_changed`, except ``load_state_dict`` (counted by a post hook this registers on the modules)."""
-    for m in modules:
-        if not m.__dict__.get(_WATCHED, False):
-            _watch_loads(m)
+    for m in modules:  # (every call: a submodule attached since, e.g. a swapped block, is hooked too)
+        _watch_loads(m)
     return tuple((t.data_ptr(), t.dtype, t.device, _writes(t))
                  for m in modules for t in (*m.parameters(), *m.buffers()))
 

@@ -12,8 +12,8 @@ Supported ``quantization_config`` (config.json):
   int8 ``[N, K/g]``), ``X.weight_shape`` -> ``int4_w4a16`` experts.
 - ``{"quant_method": "compressed-tensors", "format": "float-quantized", ...}`` with one scheme of 8-bit float
   weights, strategy ``tensor`` or ``channel`` (llm-compressor's FP8 / FP8_DYNAMIC), and 8-bit float input
-  activations dynamic per ``token``, dynamic per ``tensor`` (one scale over each GEMM's input, as vLLM) or static
-  per ``tensor``: ``X.weight`` float8_e4m3fn ``[N, K]``,
+  activations dynamic per ``token``, dynamic per ``tensor`` (one scale over each GEMM's input: vLLM's per-tensor
+  dynamic quantization; vLLM itself loads such MoE checkpoints with per-tensor weights only) or static per ``tensor``: ``X.weight`` float8_e4m3fn ``[N, K]``,
   ``X.weight_scale`` ``[1]`` (tensor) or ``[N, 1]`` (channel), ``X.input_scale`` ``[1]`` (static) ->
   ``fp8_channel`` experts. Per-tensor scales are written out per row at load (``2I + H`` fp32 per expert, ~0.1%
   of its FP8 weights); the static input scale of gate_proj and up_proj (one input, so llm-compressor observes the

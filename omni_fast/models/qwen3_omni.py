@@ -41,6 +41,7 @@ from ..pipeline.qwen3 import Qwen3Stages
 from ..pipeline.requests import ByteTokenizer, Event, Request, make_sampler
 from ..pipeline.scheduler import StreamOptions, StreamRun
 from ..validation import check_bool, check_device, check_positive_int
+from .code_predictor import unsupported_setting
 from .components import HFCode2Wav, HFCodePredictor, OmniCodePredictor, pick
 from .positions import PositionSpec
 from .quantized import load_quantized, read_quantization_config
@@ -138,15 +139,19 @@ class Qwen3Omni:
         key = weights_key(talker.code_predictor, talker.get_input_embeddings(), self.model.code2wav)
         if self._fast_stages is None or self._fast_stages[0] != key:
             self._fast_stages = None  # free the old copies first
-            self._fast_stages = (
-                key,
-                OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
-                    talker.code_predictor, talker.get_input_embeddings()), backend=self.backend),
-                omni_fast.models.Code2Wav.from_transformers(self.model.code2wav, backend=self.backend))
+            # a code-predictor config CodePredictor does not compute (unsupported_setting): transformers' frame loop
+            frames = (HFCodePredictor(talker.code_predictor, talker.get_input_embeddings())
+                      if unsupported_setting(talker.code_predictor.config) is not None else
+                      OmniCodePredictor(omni_fast.models.CodePredictor.from_transformers(
+                          talker.code_predictor, talker.get_input_embeddings()), backend=self.backend))
+            self._fast_stages = (key, frames,
+                                 omni_fast.models.Code2Wav.from_transformers(self.model.code2wav, backend=self.backend))
         _, self.code_predictor, self.fast_code2wav = self._fast_stages
-        for copy in (self.code_predictor.cp, self.fast_code2wav):  # (a hot swap may drop them mid-request)
-            record_copy_use(copy, self.fast_code2wav.device)
-        follow_fast_paths(self.code_predictor.cp)
+        record_copy_use(self.fast_code2wav, self.fast_code2wav.device)  # (a hot swap may drop it mid-request)
+        cp = getattr(self.code_predictor, "cp", None)
+        if cp is not None:
+            record_copy_use(cp, cp.norm.device)
+            follow_fast_paths(cp)
 
     def _transformers_stages(self) -> None:
         self.fast_code2wav = None
