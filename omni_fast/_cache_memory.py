@@ -135,7 +135,10 @@ def record_copy_use(copy: object, device: torch.device) -> None:
 def copy_changed(copy: object) -> None:
     """``copy`` (of :func:`record_copy_use`) holds tensors made since its lookups recorded it (a decoder's new KV
     state, a codec stream's new graph buffers: made on the stream current then): every stream's next lookup records
-    all its tensors again. Host only."""
+    all its tensors again. Host only; nothing while torch.compile traces (the traced code's tensors are the
+    graph's, and a lock cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return
     with _USED_ON_LOCK:
         _USED_ON.pop(copy, None)
 
