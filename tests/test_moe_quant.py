@@ -66,7 +66,7 @@ def _to(q, device):
     mv = (lambda t: None if t is None else t.to(device))
     return QuantizedExperts(q.format, mv(q.w13), mv(q.w2), mv(q.w13_scale), mv(q.w2_scale), mv(q.w13_zero),
                             mv(q.w2_zero), q.block, q.group_size, q.symmetric, mv(q.w13_input_scale),
-                            mv(q.w2_input_scale))
+                            mv(q.w2_input_scale), dynamic_scale=q.dynamic_scale)
 
 
 def _check(out, x, q, weights, ids, expert_map=None):
@@ -177,10 +177,12 @@ def test_quantized_moe_block_traces_under_torch_compile(fmt, kw):
 @pytest.mark.parametrize("T", [1, 333, 4096])
 @pytest.mark.parametrize("fmt,kw", [("fp8_block", dict(block=(128, 128))),
                                     ("int4_w4a16", dict(group_size=128, symmetric=False)),
-                                    ("fp8_channel", dict()), ("fp8_channel", dict(per_tensor=True, static=True))],
-                         ids=["fp8", "int4", "fp8ch", "fp8t-static"])
+                                    ("fp8_channel", dict()), ("fp8_channel", dict(per_tensor=True, static=True)),
+                                    ("fp8_channel", dict(per_tensor=True, dynamic_scale="per_tensor"))],
+                         ids=["fp8", "int4", "fp8ch", "fp8t-static", "fp8t-dynamic"])
 def test_fused_moe_quant_real_shapes_bf16(fmt, kw, T):
-    """The thinker's experts (E 128, top-8, H 2048, I 768) in bf16 on a GPU: decode, mid and prefill tiles."""
+    """The thinker's experts (E 128, top-8, H 2048, I 768) in bf16 on a GPU: decode, mid and prefill tiles
+    (fp8t-dynamic: vLLM's dynamic per-tensor activations, the 256-partial scale reduction before each GEMM)."""
     torch.manual_seed(T)
     E, k, H, I = 128, 8, 2048, 768
     q = _experts(fmt, kw, E, H, I)
